@@ -1,0 +1,239 @@
+"""The composition root: ``create_app(settings)`` wires stores, services and routers. Nothing here
+runs at import time; every engine, key and client is created inside the app's lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import structlog
+from fastapi import FastAPI
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from trustplane import __version__, metrics
+from trustplane.audit.sink import SqlAuditSink, write_events
+from trustplane.clients.http import registration_router
+from trustplane.clients.remote_jwks import RemoteJwksCache
+from trustplane.clients.service import GENERATION as CLIENTS_GENERATION
+from trustplane.clients.service import ClientService
+from trustplane.clients.store import SqlClientStore, SqlInitialAccessTokenStore
+from trustplane.keys.crypto import decode_kek, load_or_create_kek_file
+from trustplane.keys.service import GENERATION as KEYS_GENERATION
+from trustplane.keys.service import KeyService
+from trustplane.keys.store import SqlKeyStore
+from trustplane.logging import configure_logging
+from trustplane.oauth.client_auth import ClientAuthenticator
+from trustplane.oauth.discovery import server_metadata
+from trustplane.oauth.http import OAuthHttp
+from trustplane.oauth.introspection import IntrospectionService
+from trustplane.oauth.openapi import protocol_paths
+from trustplane.oauth.replay import RedisReplayCache, SqlReplayCache
+from trustplane.oauth.revocations import SqlRevocationStore
+from trustplane.oauth.scopes import Vocabulary, load_vocabulary
+from trustplane.oauth.token_endpoint import TokenEndpoint
+from trustplane.settings import Settings, SettingsError
+from trustplane.storage import generations
+from trustplane.storage.db import Database
+from trustplane.storage.migrate import pending
+from trustplane.storage.writer import GroupCommitWriter
+
+log = structlog.get_logger("trustplane")
+MAINTENANCE_INTERVAL = 60.0
+
+
+def key_encryption_key(settings: Settings) -> bytes:
+    """The KEK from settings; on the embedded default only, a generated file in the data directory."""
+    if settings.key_encryption_key is not None:
+        return decode_kek(settings.key_encryption_key.get_secret_value())
+    if not settings.is_embedded:
+        raise SettingsError(
+            "invalid setting TRUSTPLANE_KEY_ENCRYPTION_KEY: required when the database is not the "
+            "embedded SQLite file (generate one with `trustplane keys new-kek`)"
+        )
+    return load_or_create_kek_file(settings.data_dir)
+
+
+@dataclass
+class Services:
+    """Everything the app holds; tests and the CLI build the same object."""
+
+    settings: Settings
+    db: Database
+    writer: GroupCommitWriter
+    vocabulary: Vocabulary
+    keys: KeyService
+    clients: ClientService
+    replay: SqlReplayCache | RedisReplayCache
+    sql_replay: SqlReplayCache
+    remote_jwks: RemoteJwksCache
+    authenticator: ClientAuthenticator
+    token_endpoint: TokenEndpoint
+    introspection: IntrospectionService
+
+    @classmethod
+    def build(cls, settings: Settings, db: Database | None = None) -> Services:
+        db = db or Database(settings.effective_database_url)
+        writer = GroupCommitWriter(db)
+        vocabulary = load_vocabulary(settings.scopes_file)
+        audit = SqlAuditSink(writer)
+        sql_replay = SqlReplayCache(writer, db)
+        replay: SqlReplayCache | RedisReplayCache = (
+            RedisReplayCache(settings.redis_url) if settings.redis_url else sql_replay
+        )
+        keys = KeyService(db, SqlKeyStore(), settings, key_encryption_key(settings), write_events)
+        clients = ClientService(
+            db, SqlClientStore(), SqlInitialAccessTokenStore(), settings, vocabulary, write_events
+        )
+        remote = RemoteJwksCache()
+        auth = ClientAuthenticator(settings, clients.registry, replay, remote)
+        token = TokenEndpoint(settings, auth, keys, vocabulary, audit)
+        introspection = IntrospectionService(
+            settings, db, auth, keys, clients.registry, SqlRevocationStore(), audit
+        )
+        return cls(
+            settings,
+            db,
+            writer,
+            vocabulary,
+            keys,
+            clients,
+            replay,
+            sql_replay,
+            remote,
+            auth,
+            token,
+            introspection,
+        )
+
+    async def start(self) -> None:
+        if await pending(self.db):
+            raise RuntimeError("the database schema is not up to date: run `trustplane migrate`")
+        self.writer.start()
+        await self.keys.ensure()
+        await self.keys.load()
+        await self.clients.load()
+        metrics.ACTIVE_CLIENTS.set(len(self.clients.registry))
+
+    async def stop(self) -> None:
+        await self.writer.stop()
+        await self.remote_jwks.aclose()
+        if isinstance(self.replay, RedisReplayCache):
+            await self.replay.aclose()
+        await self.db.dispose()
+
+    async def refresh_caches(self, seen: dict[str, int]) -> None:
+        """Reload what another process changed (generation counters moved)."""
+        async with self.db.read() as conn:
+            current = await generations.read_all(conn)
+        if current.get(KEYS_GENERATION) != seen.get(KEYS_GENERATION):
+            await self.keys.load()
+            metrics.CACHE_RELOADS.labels(cache="keys").inc()
+        if current.get(CLIENTS_GENERATION) != seen.get(CLIENTS_GENERATION):
+            await self.clients.load()
+            metrics.ACTIVE_CLIENTS.set(len(self.clients.registry))
+            metrics.CACHE_RELOADS.labels(cache="clients").inc()
+        seen.clear()
+        seen.update(current)
+
+    async def maintenance(self) -> None:
+        """Scheduled key rotation, removal of expired retired keys, pruning of expired jtis."""
+        await self.keys.maybe_rotate()
+        await self.keys.prune()
+        await self.sql_replay.prune()
+        async with self.db.transaction() as conn:
+            await SqlRevocationStore().prune(conn, int(time.time()))
+
+
+async def _every(interval: float, fn: Any, name: str) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await fn()
+        except Exception as exc:  # keep the loop alive; the failure is logged and retried
+            log.error("background_task_failed", task=name, error=repr(exc))
+
+
+def create_app(settings: Settings, *, services: Services | None = None) -> FastAPI:
+    configure_logging(settings.log_level, settings.log_format)
+    svc = services or Services.build(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await svc.start()
+        seen: dict[str, int] = {}
+        await svc.refresh_caches(seen)
+        tasks = [
+            asyncio.create_task(
+                _every(settings.cache_refresh_interval, lambda: svc.refresh_caches(seen), "cache")
+            ),
+            asyncio.create_task(_every(MAINTENANCE_INTERVAL, svc.maintenance, "maintenance")),
+        ]
+        log.info("trustplane_started", issuer=settings.issuer, version=__version__)
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await svc.stop()
+
+    app = FastAPI(
+        title="trustplane",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.services = svc
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    _mount(app, svc)
+    return app
+
+
+def _mount(app: FastAPI, svc: Services) -> None:
+    metadata_json = orjson.dumps(server_metadata(svc.settings, svc.vocabulary))
+    protocol = OAuthHttp(svc.token_endpoint, svc.introspection, svc.keys, metadata_json)
+    app.include_router(registration_router(svc.clients, svc.settings.issuer))
+    for route in protocol.routes():
+        app.router.routes.append(route)
+    app.router.routes.append(Route("/metrics", _metrics, methods=["GET"]))
+    app.router.routes.append(Route("/healthz", _health, methods=["GET"]))
+
+
+async def _metrics(_request: Request) -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _health(request: Request) -> Response:
+    svc: Services = request.app.state.services
+    ready = svc.keys.ring.signer is not None
+    return Response(
+        orjson.dumps({"status": "ok" if ready else "starting"}),
+        200 if ready else 503,
+        media_type="application/json",
+    )
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        schema.setdefault("paths", {}).update(protocol_paths())
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def create_app_from_env() -> FastAPI:
+    """uvicorn factory for multi-worker runs: settings come from the environment."""
+    from trustplane.settings import load_settings
+
+    return create_app(load_settings())

@@ -1,0 +1,1 @@
+"""Audit events: the fixed envelope every component emits, and the sink they go through."""

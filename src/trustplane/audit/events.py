@@ -1,0 +1,67 @@
+"""The audit event envelope, kept stable so that the tamper-evident ledger can adopt it unchanged.
+
+Event types are named ``component:subject:action``. Identifiers only: no names, e-mails or free text
+in the envelope (personal payload goes to ``payload``, which the ledger will keep outside its hashed
+leaves so that it can be purged).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class AuditEventType(StrEnum):
+    TOKEN_ISSUED = "oauth:token:issued"
+    TOKEN_REFUSED = "oauth:token:refused"
+    TOKEN_REVOKED = "oauth:token:revoked"
+    CLIENT_REGISTERED = "oauth:client:registered"
+    CLIENT_UPDATED = "oauth:client:updated"
+    CLIENT_DISABLED = "oauth:client:disabled"
+    CLIENT_DELETED = "oauth:client:deleted"
+    CLIENT_REGISTRATION_REFUSED = "oauth:client:refused"
+    REGISTRATION_TOKEN_CREATED = "oauth:registration_token:created"
+    KEY_CREATED = "keys:key:created"
+    KEY_ACTIVATED = "keys:key:activated"
+    KEY_RETIRED = "keys:key:retired"
+    KEY_REMOVED = "keys:key:removed"
+
+
+@dataclass(slots=True, frozen=True)
+class AuditEvent:
+    """One audit record. ``time`` is epoch milliseconds; lists are kept in a stable order."""
+
+    type: AuditEventType
+    issuer: str
+    subject: str | None = None
+    client_id: str | None = None
+    actor_chain: tuple[str, ...] = ()
+    partner: str | None = None
+    audience: str | None = None
+    scopes: tuple[str, ...] = ()
+    authorization_details_digest: str | None = None
+    mandate_id: str | None = None
+    mandate_version: int | None = None
+    transaction_id: str | None = None
+    correlation_id: str | None = None
+    jti: str | None = None
+    decision: str | None = None
+    reason: str | None = None
+    reason_ids: tuple[str, ...] = ()
+    policy_bundle_version: str | None = None
+    service: str = "trustplane.oauth"
+    region: str | None = None
+    payload: dict[str, Any] = field(default_factory=dict)
+    time: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
+    event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["type"] = str(self.type)
+        out["actor_chain"] = list(self.actor_chain)
+        out["scopes"] = list(self.scopes)
+        out["reason_ids"] = list(self.reason_ids)
+        return out

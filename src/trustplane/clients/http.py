@@ -1,0 +1,116 @@
+"""Dynamic client registration (RFC 7591) and management (RFC 7592), as a FastAPI router so that the
+endpoints appear in the OpenAPI document. Bodies are read raw and validated by the service, so every
+bad body gets ``invalid_client_metadata`` / ``invalid_redirect_uri`` instead of a framework 422."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from trustplane import metrics
+from trustplane.clients.metadata import ClientMetadataIn
+from trustplane.clients.service import ClientService, Registration
+from trustplane.errors import InvalidClientMetadataError, InvalidTokenError, OAuth2Error
+from trustplane.oauth.http import NO_STORE, error_response, json_response
+
+MAX_BODY = 64 * 1024
+_BODY_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": ClientMetadataIn.model_json_schema()}},
+    }
+}
+
+
+def bearer_token(request: Request) -> str:
+    """RFC 6750 §2.1 only: tokens in the query string or the body are not accepted."""
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise InvalidTokenError(
+            "a bearer token is required", headers={"WWW-Authenticate": 'Bearer realm="trustplane"'}
+        )
+    return value.strip()
+
+
+async def json_body(request: Request) -> Any:
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise InvalidClientMetadataError("the body must be application/json")
+    raw = await request.body()
+    if len(raw) > MAX_BODY:
+        raise InvalidClientMetadataError("the body is too large")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidClientMetadataError("the body is not valid JSON") from None
+
+
+def registration_router(service: ClientService, issuer: str) -> APIRouter:
+    router = APIRouter(tags=["registration"])
+
+    def response_body(reg: Registration) -> dict[str, Any]:
+        body = reg.client.public_metadata()
+        body["registration_client_uri"] = f"{issuer}/register/{reg.client.client_id}"
+        if reg.client_secret:
+            body.update(client_secret=reg.client_secret, client_secret_expires_at=0)
+        if reg.registration_access_token:
+            body["registration_access_token"] = reg.registration_access_token
+        return body
+
+    def failed(exc: OAuth2Error, endpoint: str) -> Response:
+        if isinstance(exc, InvalidTokenError) and "WWW-Authenticate" not in exc.headers:
+            exc.headers["WWW-Authenticate"] = 'Bearer realm="trustplane", error="invalid_token"'
+        metrics.REGISTRATIONS.labels(outcome=exc.error).inc()
+        return error_response(exc, endpoint)
+
+    @router.post(
+        "/register",
+        status_code=201,
+        openapi_extra=_BODY_DOC,
+        summary="Register a client (RFC 7591)",
+    )
+    async def register(request: Request) -> Response:
+        try:
+            token = bearer_token(request)
+            reg = await service.register(await json_body(request), initial_access_token=token)
+        except OAuth2Error as exc:
+            return failed(exc, "registration")
+        metrics.REGISTRATIONS.labels(outcome="registered").inc()
+        return json_response(response_body(reg), 201, NO_STORE)
+
+    @router.get("/register/{client_id}", summary="Read a client's registration (RFC 7592)")
+    async def read(client_id: str, request: Request) -> Response:
+        try:
+            client = await service.authorize_management(client_id, bearer_token(request))
+        except OAuth2Error as exc:
+            return failed(exc, "registration")
+        return json_response(response_body(Registration(client, None, None)), 200, NO_STORE)
+
+    @router.put(
+        "/register/{client_id}",
+        openapi_extra=_BODY_DOC,
+        summary="Replace a client's metadata (RFC 7592)",
+    )
+    async def update(client_id: str, request: Request) -> Response:
+        try:
+            client = await service.authorize_management(client_id, bearer_token(request))
+            updated = await service.update(client, await json_body(request))
+        except OAuth2Error as exc:
+            return failed(exc, "registration")
+        return json_response(response_body(Registration(updated, None, None)), 200, NO_STORE)
+
+    @router.delete(
+        "/register/{client_id}", status_code=204, summary="Deregister a client (RFC 7592)"
+    )
+    async def deregister(client_id: str, request: Request) -> Response:
+        try:
+            await service.authorize_management(client_id, bearer_token(request))
+            await service.delete(client_id)
+        except OAuth2Error as exc:
+            return failed(exc, "registration")
+        return Response(status_code=204, headers=NO_STORE)
+
+    return router

@@ -1,0 +1,134 @@
+"""Client metadata validation (RFC 7591 §2 plus trustplane's institutional fields).
+
+Shape errors and semantic errors both become ``invalid_client_metadata``, except redirect URIs, which
+get ``invalid_redirect_uri`` (RFC 7591 §3.2.2). The result is the normalised metadata that is stored
+and echoed back; fields we do not understand are ignored, as RFC 7591 §2 requires.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from stdnum import lei as stdnum_lei
+
+from trustplane.errors import InvalidClientMetadataError, InvalidRedirectUriError
+from trustplane.jose.jwk import JWKError, import_public_jwks
+from trustplane.oauth.scopes import Vocabulary
+from trustplane.settings import Settings, is_loopback_host
+
+#: Grants this server implements; later grant handlers add themselves here.
+SUPPORTED_GRANT_TYPES: set[str] = {"client_credentials"}
+SECRET_METHODS = frozenset({"client_secret_basic", "client_secret_post"})
+
+
+class ClientMetadataIn(BaseModel):
+    """The registration request body (RFC 7591 §2). Unknown members are ignored."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    client_name: str | None = Field(default=None, min_length=1, max_length=200)
+    lei: str = Field(description="ISO 17442 LEI of the legal entity that owns the client")
+    token_endpoint_auth_method: Literal[
+        "private_key_jwt", "client_secret_basic", "client_secret_post"
+    ] = "private_key_jwt"
+    jwks: dict[str, Any] | None = None
+    jwks_uri: str | None = Field(default=None, max_length=2000)
+    grant_types: list[str] = Field(default_factory=lambda: ["client_credentials"], max_length=8)
+    response_types: list[str] = Field(default_factory=list, max_length=4)
+    scope: str = Field(min_length=1, max_length=2000)
+    allowed_resources: list[str] = Field(min_length=1, max_length=32)
+    introspection_resources: list[str] = Field(default_factory=list, max_length=32)
+    redirect_uris: list[str] = Field(default_factory=list, max_length=16)
+
+
+def validate_metadata(raw: Any, settings: Settings, vocabulary: Vocabulary) -> dict[str, Any]:
+    """Return normalised metadata or raise the RFC 7591 error naming the first problem."""
+    if not isinstance(raw, dict):
+        raise InvalidClientMetadataError("the request body must be a JSON object")
+    try:
+        meta = ClientMetadataIn.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "body"
+        raise InvalidClientMetadataError(f"{field}: {first['msg']}") from None
+    if not stdnum_lei.is_valid(meta.lei):
+        raise InvalidClientMetadataError(
+            "lei: not a valid ISO 17442 LEI (length, charset or check digits)"
+        )
+    if meta.token_endpoint_auth_method not in settings.client_auth_methods:
+        raise InvalidClientMetadataError(
+            f"token_endpoint_auth_method {meta.token_endpoint_auth_method!r} is not enabled here"
+        )
+    _check_keys(meta, settings)
+    _check_grants(meta)
+    _check_scopes_and_resources(meta, vocabulary)
+    for uri in meta.redirect_uris:
+        check_redirect_uri(uri)
+    return meta.model_dump(exclude_none=True)
+
+
+def _check_keys(meta: ClientMetadataIn, settings: Settings) -> None:
+    if meta.jwks is not None and meta.jwks_uri is not None:
+        raise InvalidClientMetadataError("jwks and jwks_uri must not both be present")
+    if meta.token_endpoint_auth_method == "private_key_jwt" and not (meta.jwks or meta.jwks_uri):
+        raise InvalidClientMetadataError("private_key_jwt needs jwks or jwks_uri")
+    if meta.token_endpoint_auth_method in SECRET_METHODS and (meta.jwks or meta.jwks_uri):
+        raise InvalidClientMetadataError("a client_secret client must not register keys")
+    if meta.jwks is not None:
+        try:
+            import_public_jwks(meta.jwks)
+        except JWKError as exc:
+            raise InvalidClientMetadataError(f"jwks: {exc}") from None
+    if meta.jwks_uri is not None:
+        try:
+            parts = urlsplit(meta.jwks_uri)
+            parts.port  # noqa: B018 - raises ValueError on a malformed port
+        except ValueError:
+            raise InvalidClientMetadataError("jwks_uri must be a valid URL") from None
+        insecure_ok = settings.allow_insecure_loopback_jwks_uri and is_loopback_host(parts.hostname)
+        if parts.scheme != "https" and not (parts.scheme == "http" and insecure_ok):
+            raise InvalidClientMetadataError("jwks_uri must be an https URL")
+        if not parts.hostname or parts.fragment:
+            raise InvalidClientMetadataError("jwks_uri must be an absolute URL without fragment")
+
+
+def _check_grants(meta: ClientMetadataIn) -> None:
+    if not meta.grant_types:
+        raise InvalidClientMetadataError("grant_types must not be empty")
+    unsupported = [g for g in meta.grant_types if g not in SUPPORTED_GRANT_TYPES]
+    if unsupported:
+        raise InvalidClientMetadataError(f"unsupported grant_types: {', '.join(unsupported)}")
+    if meta.response_types and "authorization_code" not in meta.grant_types:
+        raise InvalidClientMetadataError("response_types need the authorization_code grant")
+
+
+def _check_scopes_and_resources(meta: ClientMetadataIn, vocabulary: Vocabulary) -> None:
+    unknown = [s for s in meta.scope.split() if s not in vocabulary.scopes]
+    if unknown:
+        raise InvalidClientMetadataError(f"scope: not in the vocabulary: {', '.join(unknown)}")
+    for field in ("allowed_resources", "introspection_resources"):
+        bad = [r for r in getattr(meta, field) if r not in vocabulary.resources]
+        if bad:
+            raise InvalidClientMetadataError(f"{field}: unknown resource(s): {', '.join(bad)}")
+
+
+def check_redirect_uri(uri: str) -> None:
+    """Exact-match URIs only: absolute, no fragment, no wildcard; https, or http on a loopback IP."""
+    try:
+        parts = urlsplit(uri)
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        raise InvalidRedirectUriError("redirect_uris must be valid absolute URIs") from None
+    if "*" in uri:
+        raise InvalidRedirectUriError("redirect_uris must not contain wildcards")
+    if parts.fragment or "#" in uri:
+        raise InvalidRedirectUriError("redirect_uris must not contain a fragment")
+    if not parts.scheme or not parts.hostname:
+        raise InvalidRedirectUriError("redirect_uris must be absolute URIs")
+    if parts.scheme == "https":
+        return
+    if parts.scheme == "http" and parts.hostname in ("127.0.0.1", "::1"):
+        return
+    raise InvalidRedirectUriError("redirect_uris must use https (http only on 127.0.0.1 or [::1])")

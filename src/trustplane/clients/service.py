@@ -1,0 +1,220 @@
+"""Client registration and management, and the in-memory registry the hot path reads.
+
+The registry is a dict swapped whole on reload: a write in this process reloads at once; other
+processes notice the bumped generation within ``cache_refresh_interval`` seconds.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from trustplane.audit.events import AuditEvent, AuditEventType
+from trustplane.clients.metadata import SECRET_METHODS, validate_metadata
+from trustplane.clients.model import Client, ClientStatus, hash_secret, new_secret, secret_matches
+from trustplane.clients.store import ClientStore, SqlInitialAccessTokenStore
+from trustplane.errors import InvalidClientMetadataError, InvalidTokenError
+from trustplane.oauth.scopes import Vocabulary
+from trustplane.settings import Settings
+from trustplane.storage import generations
+from trustplane.storage.db import Database
+
+GENERATION = "clients"
+AuditWriter = Callable[[AsyncConnection, list[AuditEvent]], Awaitable[object]]
+
+
+class ClientNotFoundError(LookupError):
+    """No client with that id."""
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """What registration hands back once: the client plus its one-time-visible credentials."""
+
+    client: Client
+    client_secret: str | None
+    registration_access_token: str | None
+
+
+class ClientRegistry:
+    """Read-only view for the hot path: ``get`` is a dict lookup."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, Client] = {}
+
+    def get(self, client_id: str) -> Client | None:
+        return self._by_id.get(client_id)
+
+    def replace_all(self, clients: list[Client]) -> None:
+        self._by_id = {c.client_id: c for c in clients}
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+
+class ClientService:
+    def __init__(
+        self,
+        db: Database,
+        store: ClientStore,
+        tokens: SqlInitialAccessTokenStore,
+        settings: Settings,
+        vocabulary: Vocabulary,
+        audit_writer: AuditWriter,
+    ) -> None:
+        self._db, self._store, self._tokens = db, store, tokens
+        self._settings, self._vocabulary, self._audit = settings, vocabulary, audit_writer
+        self.registry = ClientRegistry()
+
+    async def load(self) -> None:
+        async with self._db.read() as conn:
+            self.registry.replace_all(await self._store.list(conn))
+
+    async def list(self) -> list[Client]:
+        async with self._db.read() as conn:
+            return await self._store.list(conn)
+
+    async def get(self, client_id: str) -> Client:
+        async with self._db.read() as conn:
+            client = await self._store.get(conn, client_id)
+        if client is None:
+            raise ClientNotFoundError(client_id)
+        return client
+
+    async def create_initial_access_token(
+        self, description: str, ttl: int | None = None, max_uses: int | None = None
+    ) -> str:
+        """RFC 7591 §3: the bearer token that protects the registration endpoint."""
+        token = secrets.token_urlsafe(32)
+        now = int(time.time())
+        expires = now + (ttl or self._settings.initial_access_token_lifetime)
+        async with self._db.transaction() as conn:
+            await self._tokens.add(conn, hash_secret(token), description, now, expires, max_uses)
+            await self._audit(
+                conn,
+                [
+                    self._event(
+                        AuditEventType.REGISTRATION_TOKEN_CREATED, None, description=description
+                    )
+                ],
+            )
+        return token
+
+    async def register(
+        self, raw: Any, *, initial_access_token: str | None, issue_registration_token: bool = True
+    ) -> Registration:
+        """RFC 7591 §3.1. ``initial_access_token`` None means a trusted caller (the CLI)."""
+        metadata = validate_metadata(raw, self._settings, self._vocabulary)
+        now = int(time.time())
+        secret = new_secret() if metadata["token_endpoint_auth_method"] in SECRET_METHODS else None
+        rat = secrets.token_urlsafe(32) if issue_registration_token else None
+        client = Client.build(
+            "tp-" + secrets.token_urlsafe(16),
+            metadata,
+            ClientStatus.ACTIVE,
+            secret_hash=hash_secret(secret) if secret else None,
+            registration_token_hash=hash_secret(rat) if rat else None,
+            created_at=now,
+            updated_at=now,
+        )
+        async with self._db.transaction() as conn:
+            if initial_access_token is not None and not await self._tokens.use(
+                conn, hash_secret(initial_access_token), now
+            ):
+                raise InvalidTokenError("the initial access token is invalid, expired or used up")
+            await self._store.add(conn, client)
+            await generations.bump(conn, GENERATION)
+            await self._audit(conn, [self._event(AuditEventType.CLIENT_REGISTERED, client)])
+        await self.load()
+        return Registration(client, secret, rat)
+
+    async def authorize_management(self, client_id: str, registration_token: str) -> Client:
+        """RFC 7592 §2: the registration access token must match this client's."""
+        client = self.registry.get(client_id)
+        if client is None:
+            client = await self._get_or_none(client_id)
+        if client is None or not secret_matches(registration_token, client.registration_token_hash):
+            raise InvalidTokenError("the registration access token is not valid for this client")
+        return client
+
+    async def update(self, client: Client, raw: Any) -> Client:
+        """RFC 7592 §2.2: full replacement of the metadata; the body must name the same client."""
+        if not isinstance(raw, dict) or raw.get("client_id") != client.client_id:
+            raise InvalidClientMetadataError("client_id in the body must match the client")
+        forbidden = {
+            "registration_access_token",
+            "registration_client_uri",
+            "client_secret_expires_at",
+            "client_id_issued_at",
+        } & raw.keys()
+        if forbidden:
+            raise InvalidClientMetadataError(f"must not be sent: {', '.join(sorted(forbidden))}")
+        secret_sent = raw.get("client_secret")
+        if secret_sent is not None and not secret_matches(str(secret_sent), client.secret_hash):
+            raise InvalidClientMetadataError("client_secret does not match")
+        metadata = validate_metadata(raw, self._settings, self._vocabulary)
+        if metadata["token_endpoint_auth_method"] != client.auth_method:
+            raise InvalidClientMetadataError(
+                "token_endpoint_auth_method cannot be changed; register anew"
+            )
+        updated = Client.build(
+            client.client_id,
+            metadata,
+            client.status,
+            secret_hash=client.secret_hash,
+            registration_token_hash=client.registration_token_hash,
+            created_at=client.created_at,
+            updated_at=int(time.time()),
+        )
+        await self._write(updated, AuditEventType.CLIENT_UPDATED)
+        return updated
+
+    async def set_status(self, client_id: str, status: ClientStatus) -> Client:
+        client = await self.get(client_id)
+        updated = replace(client, status=status, updated_at=int(time.time()))
+        event = (
+            AuditEventType.CLIENT_DISABLED
+            if status is ClientStatus.DISABLED
+            else AuditEventType.CLIENT_UPDATED
+        )
+        await self._write(updated, event)
+        return updated
+
+    async def delete(self, client_id: str) -> None:
+        async with self._db.transaction() as conn:
+            client = await self._store.get(conn, client_id)
+            if client is None or not await self._store.delete(conn, client_id):
+                raise ClientNotFoundError(client_id)
+            await generations.bump(conn, GENERATION)
+            await self._audit(conn, [self._event(AuditEventType.CLIENT_DELETED, client)])
+        await self.load()
+
+    async def _write(self, client: Client, event: AuditEventType) -> None:
+        async with self._db.transaction() as conn:
+            if not await self._store.replace(conn, client):
+                raise ClientNotFoundError(client.client_id)
+            await generations.bump(conn, GENERATION)
+            await self._audit(conn, [self._event(event, client)])
+        await self.load()
+
+    async def _get_or_none(self, client_id: str) -> Client | None:
+        async with self._db.read() as conn:
+            return await self._store.get(conn, client_id)
+
+    def _event(self, type_: AuditEventType, client: Client | None, **payload: Any) -> AuditEvent:
+        return AuditEvent(
+            type=type_,
+            issuer=self._settings.issuer,
+            client_id=client.client_id if client else None,
+            subject=client.client_id if client else None,
+            scopes=tuple(sorted(client.scopes)) if client else (),
+            service="trustplane.clients",
+            payload={"lei": client.lei, "status": client.status.value, **payload}
+            if client
+            else payload,
+        )

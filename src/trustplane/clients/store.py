@@ -1,0 +1,120 @@
+"""Client storage. Stores never commit; the caller's unit of work does."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import orjson
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from trustplane.clients.model import Client, ClientStatus
+from trustplane.clients.tables import clients, initial_access_tokens
+
+
+class ClientStore(Protocol):
+    async def get(self, conn: AsyncConnection, client_id: str) -> Client | None:
+        """The client, whatever its status; None if unknown."""
+
+    async def list(self, conn: AsyncConnection) -> list[Client]:
+        """Every client, ordered by client_id."""
+
+    async def add(self, conn: AsyncConnection, client: Client) -> None:
+        """Insert; the client_id must be new."""
+
+    async def replace(self, conn: AsyncConnection, client: Client) -> bool:
+        """Overwrite metadata/status/hashes of an existing client; False if it does not exist."""
+
+    async def delete(self, conn: AsyncConnection, client_id: str) -> bool:
+        """Remove; False if it did not exist."""
+
+
+def _from_row(row: dict[str, object]) -> Client:
+    return Client.build(
+        str(row["client_id"]),
+        orjson.loads(str(row["metadata"])),
+        ClientStatus(str(row["status"])),
+        secret_hash=row["secret_hash"],
+        registration_token_hash=row["registration_token_hash"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _values(client: Client) -> dict[str, object]:
+    return {
+        "metadata": orjson.dumps(client.metadata).decode(),
+        "status": client.status.value,
+        "secret_hash": client.secret_hash,
+        "registration_token_hash": client.registration_token_hash,
+        "updated_at": client.updated_at,
+    }
+
+
+class SqlClientStore:
+    async def get(self, conn: AsyncConnection, client_id: str) -> Client | None:
+        row = (
+            (await conn.execute(select(clients).where(clients.c.client_id == client_id)))
+            .mappings()
+            .first()
+        )
+        return _from_row(dict(row)) if row else None
+
+    async def list(self, conn: AsyncConnection) -> list[Client]:
+        rows = (await conn.execute(select(clients).order_by(clients.c.client_id))).mappings().all()
+        return [_from_row(dict(r)) for r in rows]
+
+    async def add(self, conn: AsyncConnection, client: Client) -> None:
+        await conn.execute(
+            insert(clients).values(
+                client_id=client.client_id, created_at=client.created_at, **_values(client)
+            )
+        )
+
+    async def replace(self, conn: AsyncConnection, client: Client) -> bool:
+        result = await conn.execute(
+            update(clients).where(clients.c.client_id == client.client_id).values(**_values(client))
+        )
+        return bool(result.rowcount == 1)
+
+    async def delete(self, conn: AsyncConnection, client_id: str) -> bool:
+        result = await conn.execute(delete(clients).where(clients.c.client_id == client_id))
+        return bool(result.rowcount == 1)
+
+
+class SqlInitialAccessTokenStore:
+    """Initial access tokens for RFC 7591 registration: hashed, expiring, optionally limited uses."""
+
+    async def add(
+        self,
+        conn: AsyncConnection,
+        token_hash: str,
+        description: str,
+        now: int,
+        expires_at: int,
+        max_uses: int | None,
+    ) -> None:
+        await conn.execute(
+            insert(initial_access_tokens).values(
+                token_hash=token_hash,
+                description=description,
+                created_at=now,
+                expires_at=expires_at,
+                max_uses=max_uses,
+                uses=0,
+            )
+        )
+
+    async def use(self, conn: AsyncConnection, token_hash: str, now: int) -> bool:
+        """Count one use atomically; False if unknown, expired or used up (nothing written)."""
+        t = initial_access_tokens.c
+        result = await conn.execute(
+            update(initial_access_tokens)
+            .where(
+                t.token_hash == token_hash,
+                t.expires_at > now,
+                (t.max_uses.is_(None)) | (t.uses < t.max_uses),
+            )
+            .values(uses=t.uses + 1)
+        )
+        return bool(result.rowcount == 1)

@@ -1,0 +1,28 @@
+"""Registered clients and the initial access tokens that allow registering them. Secrets are hashed."""
+
+from sqlalchemy import BigInteger, Column, Integer, String, Table, Text
+
+from trustplane.storage.metadata import metadata
+
+clients = Table(
+    "clients",
+    metadata,
+    Column("client_id", String(128), primary_key=True),
+    Column("metadata", Text, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("secret_hash", String(64)),
+    Column("registration_token_hash", String(64)),
+    Column("created_at", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+initial_access_tokens = Table(
+    "initial_access_tokens",
+    metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("description", String(200), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Column("max_uses", Integer),
+    Column("uses", Integer, nullable=False, default=0),
+)

@@ -1,0 +1,126 @@
+"""Typed protocol errors, one class per wire ``error`` code.
+
+Each error carries a client-facing ``description`` and a log-only ``debug`` text (the fosite split): the
+description goes on the wire, the debug text only into logs and the audit trail.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class OAuth2Error(Exception):
+    """RFC 6749 §5.2 error response. Subclasses fix ``error`` and the HTTP status."""
+
+    error: ClassVar[str] = "server_error"
+    status_code: ClassVar[int] = 400
+
+    def __init__(
+        self, description: str = "", *, debug: str = "", headers: dict[str, str] | None = None
+    ):
+        super().__init__(description or self.error)
+        self.description = description
+        self.debug = debug or description
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, str]:
+        out = {"error": self.error}
+        if self.description:
+            out["error_description"] = self.description
+        return out
+
+
+class InvalidRequestError(OAuth2Error):
+    """RFC 6749 §5.2: missing/duplicated/malformed parameter, or more than one auth method."""
+
+    error = "invalid_request"
+
+
+class InvalidClientError(OAuth2Error):
+    """RFC 6749 §5.2: client authentication failed. 401; Basic callers get ``WWW-Authenticate``."""
+
+    error = "invalid_client"
+    status_code = 401
+
+
+class InvalidGrantError(OAuth2Error):
+    """RFC 6749 §5.2: the grant or assertion is invalid, expired, revoked or reused."""
+
+    error = "invalid_grant"
+
+
+class UnauthorizedClientError(OAuth2Error):
+    """RFC 6749 §5.2: this client may not use this grant type (or act on that token, RFC 7009)."""
+
+    error = "unauthorized_client"
+
+
+class UnsupportedGrantTypeError(OAuth2Error):
+    """RFC 6749 §5.2: the grant type is not supported by this server."""
+
+    error = "unsupported_grant_type"
+
+
+class InvalidScopeError(OAuth2Error):
+    """RFC 6749 §5.2: scope missing, unknown, not allowed for the client or the resource."""
+
+    error = "invalid_scope"
+
+
+class InvalidTargetError(OAuth2Error):
+    """RFC 8707 §2: the resource is invalid, unknown, or not allowed for this client."""
+
+    error = "invalid_target"
+
+
+class UnsupportedTokenTypeError(OAuth2Error):
+    """RFC 7009 §2.2.1: the server does not support revoking this token type."""
+
+    error = "unsupported_token_type"
+
+
+class AccessDeniedError(OAuth2Error):
+    """RFC 6749 §4.1.2.1: the resource owner or the policy refused the request."""
+
+    error = "access_denied"
+    status_code = 403
+
+
+class InvalidTokenError(OAuth2Error):
+    """RFC 6750 §3.1: the bearer token is missing, malformed, expired or revoked. 401."""
+
+    error = "invalid_token"
+    status_code = 401
+
+
+class InsufficientScopeError(OAuth2Error):
+    """RFC 6750 §3.1: the token lacks the scope the request needs. 403."""
+
+    error = "insufficient_scope"
+    status_code = 403
+
+
+class InvalidClientMetadataError(OAuth2Error):
+    """RFC 7591 §3.2.2: a registration metadata field is invalid."""
+
+    error = "invalid_client_metadata"
+
+
+class InvalidRedirectUriError(OAuth2Error):
+    """RFC 7591 §3.2.2: a redirect URI is invalid (scheme, fragment, wildcard)."""
+
+    error = "invalid_redirect_uri"
+
+
+class ServerError(OAuth2Error):
+    """RFC 6749 §5.2 has no 500 code; used only when a dependency fails closed."""
+
+    error = "server_error"
+    status_code = 500
+
+
+class TemporarilyUnavailableError(OAuth2Error):
+    """A dependency (database, replay cache) is unavailable: fail closed, 503."""
+
+    error = "temporarily_unavailable"
+    status_code = 503

@@ -1,0 +1,21 @@
+"""Prometheus metrics. Every refusal path increments a counter labelled by its wire error code."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+TOKENS_ISSUED = Counter("trustplane_tokens_issued_total", "Access tokens issued", ["grant_type"])
+TOKEN_REFUSED = Counter("trustplane_token_refused_total", "Token requests refused", ["error"])
+INTROSPECTIONS = Counter("trustplane_introspections_total", "Introspection answers", ["active"])
+REVOCATIONS = Counter("trustplane_revocations_total", "Revocation requests", ["outcome"])
+REGISTRATIONS = Counter(
+    "trustplane_registrations_total", "Registration endpoint outcomes", ["outcome"]
+)
+PROTOCOL_ERRORS = Counter(
+    "trustplane_protocol_errors_total", "Error responses", ["endpoint", "error"]
+)
+WRITER_BATCH = Histogram(
+    "trustplane_group_commit_batch_size",
+    "Writes per group commit",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
+CACHE_RELOADS = Counter("trustplane_cache_reloads_total", "In-memory cache reloads", ["cache"])
+ACTIVE_CLIENTS = Gauge("trustplane_clients", "Registered clients in the in-memory registry")

@@ -1,0 +1,186 @@
+"""Client authentication at the token, introspection and revocation endpoints.
+
+``private_key_jwt`` follows RFC 7523 §3 as tightened by draft-ietf-oauth-rfc7523bis:
+- ``iss`` = ``sub`` = client_id; ``aud`` is exactly our issuer identifier, as a single string;
+- ``exp`` required and at most 5 minutes (plus skew) ahead; ``iat``/``nbf`` not beyond the skew;
+- ``jti`` required, accepted once until the assertion expires;
+- ES256, EdDSA, PS256 only; a ``typ`` naming another kind of JWT is refused;
+- the key is the client's registered key: ``jku``, ``x5u``, ``jwk``, ``x5c`` are never looked at.
+``client_secret_basic`` / ``client_secret_post`` only for clients registered with that method.
+Exactly one method per request (RFC 6749 §2.3).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from dataclasses import dataclass
+from typing import Any, TypeGuard
+from urllib.parse import unquote
+
+from trustplane.clients.model import Client, secret_matches
+from trustplane.clients.remote_jwks import RemoteJwksCache
+from trustplane.clients.service import ClientRegistry
+from trustplane.errors import InvalidClientError, InvalidRequestError
+from trustplane.jose.jws import JWSError, ParsedJWS, parse
+from trustplane.oauth.form import Form
+from trustplane.oauth.replay import ReplayCache
+from trustplane.settings import MAX_ASSERTION_LIFETIME, Settings
+
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+#: ``typ`` values that say "this is a client assertion" (or say nothing specific).
+ASSERTION_TYPS = frozenset({"JWT", "client-authentication+jwt"})
+MAX_JTI = 256
+
+
+@dataclass(frozen=True, slots=True)
+class AuthenticatedClient:
+    client: Client
+    method: str
+    assertion_jti: str | None = None
+
+
+class ClientAuthenticator:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: ClientRegistry,
+        replay: ReplayCache,
+        remote_jwks: RemoteJwksCache,
+    ) -> None:
+        self._settings, self._registry, self._replay, self._remote = (
+            settings,
+            registry,
+            replay,
+            remote_jwks,
+        )
+        self._basic_challenge = {"WWW-Authenticate": 'Basic realm="trustplane", charset="UTF-8"'}
+
+    async def authenticate(self, form: Form, authorization: str | None) -> AuthenticatedClient:
+        basic = authorization is not None and authorization[:6].lower() == "basic "
+        methods = [
+            name
+            for name, present in (
+                ("client_secret_basic", basic),
+                ("client_secret_post", "client_secret" in form),
+                ("private_key_jwt", "client_assertion" in form or "client_assertion_type" in form),
+            )
+            if present
+        ]
+        if len(methods) > 1:
+            raise InvalidRequestError("use exactly one client authentication method")
+        if not methods:
+            raise InvalidClientError("client authentication is required")
+        if basic:
+            assert authorization is not None
+            return self._basic(authorization)
+        if methods[0] == "client_secret_post":
+            return self._secret(
+                form.require("client_id"), form.require("client_secret"), "client_secret_post"
+            )
+        return await self._private_key_jwt(form)
+
+    def _basic(self, authorization: str) -> AuthenticatedClient:
+        """RFC 6749 §2.3.1: credentials are form-urlencoded, then base64. Failure: 401 + challenge."""
+        try:
+            decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode("utf-8")
+            raw_id, raw_secret = decoded.split(":", 1)
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            raise InvalidClientError(
+                "malformed Basic credentials", headers=self._basic_challenge
+            ) from None
+        try:
+            return self._secret(unquote(raw_id), unquote(raw_secret), "client_secret_basic")
+        except InvalidClientError as exc:
+            exc.headers.update(self._basic_challenge)
+            raise
+
+    def _secret(self, client_id: str, secret: str, method: str) -> AuthenticatedClient:
+        client = self._client(client_id, method)
+        if not secret_matches(secret, client.secret_hash):
+            raise InvalidClientError(
+                "client authentication failed", debug=f"{client_id}: wrong secret"
+            )
+        return AuthenticatedClient(client, method)
+
+    def _client(self, client_id: str, method: str) -> Client:
+        client = self._registry.get(client_id)
+        if client is None or not client.active:
+            raise InvalidClientError(
+                "client authentication failed", debug=f"{client_id}: unknown or disabled"
+            )
+        if client.auth_method != method or method not in self._settings.client_auth_methods:
+            raise InvalidClientError(
+                "client authentication failed",
+                debug=f"{client_id}: used {method}, registered {client.auth_method}",
+            )
+        return client
+
+    async def _private_key_jwt(self, form: Form) -> AuthenticatedClient:
+        if form.get("client_assertion_type") != ASSERTION_TYPE:
+            raise InvalidRequestError(f"client_assertion_type must be {ASSERTION_TYPE}")
+        try:
+            jws = parse(form.require("client_assertion"))
+            claims = jws.claims()
+        except JWSError as exc:
+            raise InvalidClientError("client assertion is malformed", debug=str(exc)) from None
+        client_id = claims.get("iss")
+        if not isinstance(client_id, str) or claims.get("sub") != client_id:
+            raise InvalidClientError("client assertion iss and sub must both be the client_id")
+        if form.get("client_id") not in (None, client_id):
+            raise InvalidClientError("client_id does not match the client assertion")
+        client = self._client(client_id, "private_key_jwt")
+        self._check_header(jws)
+        await self._check_signature(client, jws)
+        jti, exp = self._check_claims(claims)
+        if not await self._replay.consume(client_id, jti, exp + self._settings.clock_skew):
+            raise InvalidClientError(
+                "client assertion was already used", debug=f"{client_id}: jti replay"
+            )
+        return AuthenticatedClient(client, "private_key_jwt", jti)
+
+    def _check_header(self, jws: ParsedJWS) -> None:
+        typ = jws.header.get("typ")
+        if typ is not None and typ not in ASSERTION_TYPS:
+            raise InvalidClientError(f"client assertion typ {typ!r} names another kind of JWT")
+        if jws.alg not in self._settings.allowed_signing_algorithms:
+            raise InvalidClientError(f"algorithm {jws.alg} is not allowed")
+
+    async def _check_signature(self, client: Client, jws: ParsedJWS) -> None:
+        kid = jws.header.get("kid")
+        kid = kid if isinstance(kid, str) else None
+        keys = client.keys
+        if client.jwks_uri:
+            keys = tuple(await self._remote.keys(client.jwks_uri, kid))
+        candidates = [key for k, alg, key in keys if alg == jws.alg and (kid is None or k == kid)]
+        if not any(jws.verify(key) for key in candidates):
+            raise InvalidClientError(
+                "client assertion signature is invalid", debug=f"{client.client_id}: kid={kid}"
+            )
+
+    def _check_claims(self, claims: dict[str, Any]) -> tuple[str, int]:
+        now, skew = int(time.time()), self._settings.clock_skew
+        if claims.get("aud") != self._settings.issuer:
+            raise InvalidClientError("client assertion aud must be exactly the issuer identifier")
+        exp = claims.get("exp")
+        if not _is_time(exp):
+            raise InvalidClientError("client assertion exp is required")
+        if exp <= now - skew:
+            raise InvalidClientError("client assertion has expired")
+        if exp > now + MAX_ASSERTION_LIFETIME + skew:
+            raise InvalidClientError(
+                f"client assertion exp is more than {MAX_ASSERTION_LIFETIME} s ahead"
+            )
+        for name in ("iat", "nbf"):
+            value = claims.get(name)
+            if value is not None and (not _is_time(value) or value > now + skew):
+                raise InvalidClientError(f"client assertion {name} is in the future")
+        jti = claims.get("jti")
+        if not isinstance(jti, str) or not jti or len(jti) > MAX_JTI:
+            raise InvalidClientError("client assertion jti is required")
+        return jti, int(exp)
+
+
+def _is_time(value: object) -> TypeGuard[int | float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)

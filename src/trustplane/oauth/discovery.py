@@ -1,0 +1,40 @@
+"""Authorization server metadata (RFC 8414). ``issuer`` is byte-equal to the configured issuer; no
+algorithm list ever names ``none`` or an HMAC algorithm."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trustplane.clients.metadata import SUPPORTED_GRANT_TYPES
+from trustplane.oauth.scopes import Vocabulary
+from trustplane.settings import Settings
+
+PATHS = {
+    "token_endpoint": "/token",
+    "introspection_endpoint": "/introspect",
+    "revocation_endpoint": "/revoke",
+    "registration_endpoint": "/register",
+    "jwks_uri": "/jwks",
+}
+
+
+def server_metadata(settings: Settings, vocabulary: Vocabulary) -> dict[str, Any]:
+    methods = list(settings.client_auth_methods)
+    algs = list(settings.allowed_signing_algorithms)
+    doc: dict[str, Any] = {"issuer": settings.issuer}
+    doc.update({name: settings.issuer + path for name, path in PATHS.items()})
+    doc.update(
+        {
+            "scopes_supported": sorted(vocabulary.scopes),
+            "response_types_supported": [],
+            "grant_types_supported": sorted(SUPPORTED_GRANT_TYPES),
+            "token_endpoint_auth_methods_supported": methods,
+            "token_endpoint_auth_signing_alg_values_supported": algs,
+            "introspection_endpoint_auth_methods_supported": methods,
+            "introspection_endpoint_auth_signing_alg_values_supported": algs,
+            "revocation_endpoint_auth_methods_supported": methods,
+            "revocation_endpoint_auth_signing_alg_values_supported": algs,
+            "access_token_signing_alg_values_supported": [settings.signing_algorithm],
+        }
+    )
+    return doc

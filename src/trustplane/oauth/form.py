@@ -1,0 +1,58 @@
+"""``application/x-www-form-urlencoded`` request bodies, parsed once with the RFC 6749 rules.
+
+RFC 6749 §3.1/§3.2: parameters sent without a value are treated as omitted, and a parameter MUST NOT
+be included more than once (``resource`` is the exception, RFC 8707 §2).
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl
+
+from trustplane.errors import InvalidRequestError
+
+MAX_BODY = 64 * 1024
+FORM_TYPE = "application/x-www-form-urlencoded"
+REPEATABLE = frozenset({"resource", "audience"})
+
+
+class Form:
+    __slots__ = ("_multi", "_single")
+
+    def __init__(self, single: dict[str, str], multi: dict[str, list[str]]) -> None:
+        self._single, self._multi = single, multi
+
+    @classmethod
+    def parse(cls, body: bytes, content_type: str | None) -> Form:
+        if content_type is None or content_type.split(";", 1)[0].strip().lower() != FORM_TYPE:
+            raise InvalidRequestError(f"the request body must be {FORM_TYPE}")
+        if len(body) > MAX_BODY:
+            raise InvalidRequestError("the request body is too large")
+        try:
+            pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=False, max_num_fields=64)
+        except (UnicodeDecodeError, ValueError):
+            raise InvalidRequestError("the request body is not valid form encoding") from None
+        single: dict[str, str] = {}
+        multi: dict[str, list[str]] = {}
+        for name, value in pairs:
+            if name in REPEATABLE:
+                multi.setdefault(name, []).append(value)
+            elif name in single:
+                raise InvalidRequestError(f"parameter {name!r} is repeated")
+            else:
+                single[name] = value
+        return cls(single, multi)
+
+    def get(self, name: str) -> str | None:
+        return self._single.get(name)
+
+    def require(self, name: str) -> str:
+        value = self._single.get(name)
+        if value is None:
+            raise InvalidRequestError(f"parameter {name!r} is required")
+        return value
+
+    def get_all(self, name: str) -> list[str]:
+        return self._multi.get(name, [])
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._single or name in self._multi

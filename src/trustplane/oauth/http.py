@@ -1,0 +1,98 @@
+"""Thin Starlette handlers for the protocol hot paths: read the body once, call the framework-free
+service, return a ``Response`` directly (no request models, no JSON encoder detours)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import orjson
+import structlog
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from trustplane import metrics
+from trustplane.errors import OAuth2Error, TemporarilyUnavailableError
+from trustplane.keys.service import KeyService, NoActiveKeyError
+from trustplane.oauth.form import Form
+from trustplane.oauth.introspection import IntrospectionService
+from trustplane.oauth.token_endpoint import TokenEndpoint
+from trustplane.storage.writer import WriterUnavailable
+
+log = structlog.get_logger("trustplane.oauth")
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+
+def json_response(
+    body: object, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    return Response(orjson.dumps(body), status, headers=headers, media_type="application/json")
+
+
+def error_response(exc: OAuth2Error, endpoint: str) -> Response:
+    """The one renderer of RFC 6749 §5.2 error bodies."""
+    metrics.PROTOCOL_ERRORS.labels(endpoint=endpoint, error=exc.error).inc()
+    return json_response(exc.body(), exc.status_code, {**NO_STORE, **exc.headers})
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def protocol_endpoint(endpoint: str, fn: Callable[[Request], Awaitable[Response]]) -> Handler:
+    """Map typed errors to their wire form, and dependency failures to a fail-closed 503."""
+
+    async def handler(request: Request) -> Response:
+        try:
+            return await fn(request)
+        except OAuth2Error as exc:
+            return error_response(exc, endpoint)
+        except (WriterUnavailable, NoActiveKeyError, ConnectionError, OSError) as exc:
+            log.error("dependency_unavailable", endpoint=endpoint, error=repr(exc))
+            return error_response(TemporarilyUnavailableError("try again shortly"), endpoint)
+
+    return handler
+
+
+@dataclass(frozen=True, slots=True)
+class OAuthHttp:
+    token_endpoint: TokenEndpoint
+    introspection: IntrospectionService
+    keys: KeyService
+    metadata_json: bytes
+
+    async def token(self, request: Request) -> Response:
+        form = Form.parse(await request.body(), request.headers.get("content-type"))
+        body = await self.token_endpoint.handle(form, request.headers.get("authorization"))
+        return json_response(body, headers=NO_STORE)
+
+    async def introspect(self, request: Request) -> Response:
+        form = Form.parse(await request.body(), request.headers.get("content-type"))
+        body = await self.introspection.introspect(form, request.headers.get("authorization"))
+        return json_response(body, headers=NO_STORE)
+
+    async def revoke(self, request: Request) -> Response:
+        form = Form.parse(await request.body(), request.headers.get("content-type"))
+        await self.introspection.revoke(form, request.headers.get("authorization"))
+        return Response(b"", 200, headers=NO_STORE)
+
+    async def jwks(self, _request: Request) -> Response:
+        return Response(
+            self.keys.ring.jwks_json,
+            headers={"Cache-Control": "public, max-age=300"},
+            media_type="application/jwk-set+json",
+        )
+
+    async def server_metadata(self, _request: Request) -> Response:
+        return Response(self.metadata_json, media_type="application/json")
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/token", protocol_endpoint("token", self.token), methods=["POST"]),
+            Route(
+                "/introspect", protocol_endpoint("introspection", self.introspect), methods=["POST"]
+            ),
+            Route("/revoke", protocol_endpoint("revocation", self.revoke), methods=["POST"]),
+            Route("/jwks", self.jwks, methods=["GET"]),
+            Route("/.well-known/oauth-authorization-server", self.server_metadata, methods=["GET"]),
+        ]

@@ -1,0 +1,100 @@
+"""Token introspection (RFC 7662) and revocation (RFC 7009) of our JWT access tokens.
+
+Introspection callers authenticate like any client. A caller may see a token issued to itself, or a
+token whose audience is one of its ``introspection_resources`` (a resource server asking about tokens
+meant for it). Anything else, and anything not currently valid, is ``{"active": false}`` and nothing
+more (RFC 7662 §2.2), so introspection cannot be used to probe other parties' tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trustplane import metrics
+from trustplane.audit.events import AuditEvent, AuditEventType
+from trustplane.audit.sink import AuditSink, write_events
+from trustplane.clients.service import ClientRegistry
+from trustplane.errors import UnauthorizedClientError
+from trustplane.keys.service import KeyService
+from trustplane.oauth.client_auth import ClientAuthenticator
+from trustplane.oauth.form import Form
+from trustplane.oauth.revocations import SqlRevocationStore
+from trustplane.oauth.tokens import VerifiedClaims, read_access_token
+from trustplane.settings import Settings
+from trustplane.storage.db import Database
+
+INACTIVE: dict[str, Any] = {"active": False}
+EXPOSED_CLAIMS = ("scope", "client_id", "sub", "aud", "iss", "exp", "iat", "nbf", "jti", "lei")
+
+
+class IntrospectionService:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        authenticator: ClientAuthenticator,
+        keys: KeyService,
+        registry: ClientRegistry,
+        revocations: SqlRevocationStore,
+        audit: AuditSink,
+    ) -> None:
+        self._settings, self._db, self._auth, self._keys = settings, db, authenticator, keys
+        self._registry, self._revocations, self._audit = registry, revocations, audit
+
+    async def introspect(self, form: Form, authorization: str | None) -> dict[str, Any]:
+        caller = (await self._auth.authenticate(form, authorization)).client
+        claims = await self._live_claims(form.require("token"))
+        visible = claims is not None and (
+            claims["client_id"] == caller.client_id
+            or claims["aud"] in caller.introspection_resources
+        )
+        metrics.INTROSPECTIONS.labels(active=str(visible).lower()).inc()
+        if not visible or claims is None:
+            return INACTIVE
+        out = {"active": True, "token_type": "Bearer"}
+        out.update({k: claims[k] for k in EXPOSED_CLAIMS if k in claims})
+        return out
+
+    async def revoke(self, form: Form, authorization: str | None) -> None:
+        """RFC 7009 §2.1: unknown or already-invalid tokens are a 200 no-op; another client's token is
+        refused with ``unauthorized_client``. ``token_type_hint`` is only a hint and is not trusted."""
+        caller = (await self._auth.authenticate(form, authorization)).client
+        claims = read_access_token(
+            self._keys.ring, form.require("token"), issuer=self._settings.issuer
+        )
+        if claims is None:
+            metrics.REVOCATIONS.labels(outcome="ignored").inc()
+            return
+        if claims["client_id"] != caller.client_id:
+            metrics.REVOCATIONS.labels(outcome="refused").inc()
+            raise UnauthorizedClientError("a client may revoke only its own tokens")
+        event = AuditEvent(
+            type=AuditEventType.TOKEN_REVOKED,
+            issuer=self._settings.issuer,
+            subject=claims["sub"],
+            client_id=caller.client_id,
+            audience=claims["aud"],
+            jti=claims["jti"],
+            payload={"exp": claims["exp"]},
+        )
+        async with (
+            self._db.transaction() as conn
+        ):  # the revocation and its audit record, atomically
+            fresh = await self._revocations.revoke(
+                conn, claims["jti"], caller.client_id, claims["exp"]
+            )
+            if fresh:
+                await write_events(conn, [event])
+        metrics.REVOCATIONS.labels(outcome="revoked" if fresh else "repeat").inc()
+
+    async def _live_claims(self, token: str) -> VerifiedClaims | None:
+        claims = read_access_token(self._keys.ring, token, issuer=self._settings.issuer)
+        if claims is None:
+            return None
+        client = self._registry.get(str(claims.get("client_id")))
+        if client is None or not client.active:
+            return None  # disabling a client ends its tokens' life at once
+        async with self._db.read() as conn:
+            if await self._revocations.is_revoked(conn, str(claims["jti"])):
+                return None
+        return claims

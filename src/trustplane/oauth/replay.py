@@ -1,0 +1,102 @@
+"""Single-use ``jti`` values (RFC 7523 §3 item 7): a client assertion is accepted once until it expires.
+
+Default store: a database table keyed by (issuer, jti), written through the group-commit writer so the
+consumption is durable before the token is returned. With ``TRUSTPLANE_REDIS_URL`` set: Redis
+``SET NX EXAT``. Either way, two racing requests with the same assertion: exactly one wins.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from sqlalchemy import BigInteger, Column, PrimaryKeyConstraint, String, Table, delete
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from trustplane.storage.db import Database
+from trustplane.storage.metadata import metadata
+from trustplane.storage.writer import GroupCommitWriter
+
+KIND = "replay"
+
+used_jtis = Table(
+    "used_jtis",
+    metadata,
+    Column("issuer", String(256), nullable=False),
+    Column("jti", String(256), nullable=False),
+    Column("expires_at", BigInteger, nullable=False, index=True),
+    PrimaryKeyConstraint("issuer", "jti"),
+)
+
+
+class ReplayCache(Protocol):
+    async def consume(self, issuer: str, jti: str, expires_at: int) -> bool:
+        """True exactly once per (issuer, jti) until ``expires_at``; durable when it returns True."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Use:
+    issuer: str
+    jti: str
+    expires_at: int
+
+
+async def consume_batch(conn: AsyncConnection, uses: Sequence[_Use]) -> list[bool]:
+    """One upsert for the whole batch. A row is (re)claimed only if absent or already expired; the
+    first of several identical uses within a batch wins, the rest lose without touching the database."""
+    now = int(time.time())
+    first: dict[tuple[str, str], int] = {}
+    for i, use in enumerate(uses):
+        first.setdefault((use.issuer, use.jti), i)
+    rows = [
+        {"issuer": uses[i].issuer, "jti": uses[i].jti, "expires_at": uses[i].expires_at}
+        for i in first.values()
+    ]
+    dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    base = dialect_insert(used_jtis).values(rows)
+    stmt = base.on_conflict_do_update(
+        index_elements=["issuer", "jti"],
+        set_={"expires_at": base.excluded.expires_at},
+        where=used_jtis.c.expires_at < now,
+    ).returning(used_jtis.c.issuer, used_jtis.c.jti)
+    won = {(r.issuer, r.jti) for r in await conn.execute(stmt)}
+    return [first[(u.issuer, u.jti)] == i and (u.issuer, u.jti) in won for i, u in enumerate(uses)]
+
+
+class SqlReplayCache:
+    def __init__(self, writer: GroupCommitWriter, db: Database) -> None:
+        self._writer, self._db = writer, db
+        writer.register(KIND, consume_batch)
+
+    async def consume(self, issuer: str, jti: str, expires_at: int) -> bool:
+        return bool(await self._writer.submit(KIND, _Use(issuer, jti, expires_at)))
+
+    async def prune(self) -> int:
+        """Forget jtis whose assertions have expired (they would be refused on ``exp`` anyway)."""
+        async with self._db.transaction() as conn:
+            result = await conn.execute(
+                delete(used_jtis).where(used_jtis.c.expires_at < time.time())
+            )
+        return int(result.rowcount or 0)
+
+
+class RedisReplayCache:
+    def __init__(self, url: str) -> None:
+        from redis.asyncio import Redis
+
+        self._redis = Redis.from_url(url)
+
+    async def consume(self, issuer: str, jti: str, expires_at: int) -> bool:
+        key = f"trustplane:jti:{len(issuer)}:{issuer}:{jti}"
+        ttl_at = max(expires_at, int(time.time()) + 1)
+        return bool(await self._redis.set(key, b"1", nx=True, exat=ttl_at))
+
+    async def prune(self) -> int:
+        return 0  # Redis expires keys itself
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()

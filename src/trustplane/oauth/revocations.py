@@ -1,0 +1,45 @@
+"""Revoked access tokens, by ``jti`` (RFC 7009). Rows live until the token would have expired anyway."""
+
+from __future__ import annotations
+
+import time
+
+from sqlalchemy import BigInteger, Column, String, Table, delete, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from trustplane.storage.metadata import metadata
+
+revoked_tokens = Table(
+    "revoked_tokens",
+    metadata,
+    Column("jti", String(64), primary_key=True),
+    Column("client_id", String(128), nullable=False),
+    Column("expires_at", BigInteger, nullable=False, index=True),
+    Column("revoked_at", BigInteger, nullable=False),
+)
+
+
+class SqlRevocationStore:
+    async def revoke(
+        self, conn: AsyncConnection, jti: str, client_id: str, expires_at: int
+    ) -> bool:
+        """True if this call revoked it (False: it already was)."""
+        dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+        result = await conn.execute(
+            dialect_insert(revoked_tokens)
+            .values(
+                jti=jti, client_id=client_id, expires_at=expires_at, revoked_at=int(time.time())
+            )
+            .on_conflict_do_nothing(index_elements=["jti"])
+        )
+        return bool(result.rowcount == 1)
+
+    async def is_revoked(self, conn: AsyncConnection, jti: str) -> bool:
+        row = await conn.execute(select(revoked_tokens.c.jti).where(revoked_tokens.c.jti == jti))
+        return row.first() is not None
+
+    async def prune(self, conn: AsyncConnection, now: int) -> int:
+        result = await conn.execute(delete(revoked_tokens).where(revoked_tokens.c.expires_at < now))
+        return int(result.rowcount or 0)

@@ -1,0 +1,115 @@
+"""The scope vocabulary: business verbs on material objects, each bound to the resource servers
+(audiences) that accept it. Configuration, not code: a TOML file (``TRUSTPLANE_SCOPES_FILE``), with
+``default_scopes.toml`` shipped as the default.
+
+Generic names (``read``, ``write``, ``admin``, ``*_all``, ...) are refused when the file is loaded: a
+scope that cannot be explained to an auditor does not get into the vocabulary.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from importlib import resources as pkg_resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+SCOPE_NAME = re.compile(r"^[a-z][a-z0-9_]*:[a-z][a-z0-9_]*$")
+GENERIC_WORDS = frozenset(
+    {
+        "read",
+        "write",
+        "admin",
+        "all",
+        "any",
+        "full",
+        "full_access",
+        "root",
+        "superuser",
+        "manage",
+        "api",
+    }
+)
+
+
+class VocabularyError(ValueError):
+    """The vocabulary file is invalid; the message names the offending entry."""
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    name: str
+    description: str
+    resources: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Vocabulary:
+    scopes: dict[str, Scope]
+    resources: dict[str, str]
+
+    def accepts(self, resource: str, scope: str) -> bool:
+        entry = self.scopes.get(scope)
+        return entry is not None and resource in entry.resources
+
+
+def check_scope_name(name: str) -> None:
+    words = re.split(r"[:_]", name)
+    if (
+        name in GENERIC_WORDS
+        or name.endswith("_all")
+        or any(w in GENERIC_WORDS for w in words)
+        or "*" in name
+    ):
+        raise VocabularyError(f"scope {name!r} is too generic: name a business verb on an object")
+    if not SCOPE_NAME.match(name):
+        raise VocabularyError(f"scope {name!r} must look like 'object:verb' (e.g. 'order:create')")
+
+
+def check_resource_uri(uri: str) -> None:
+    """RFC 8707 §2: an absolute URI without a fragment."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        raise VocabularyError(f"resource {uri!r} is not a valid URI") from None
+    if not parts.scheme or not parts.netloc or parts.fragment or "#" in uri:
+        raise VocabularyError(f"resource {uri!r} must be an absolute URI without a fragment")
+
+
+def parse_vocabulary(data: dict[str, Any]) -> Vocabulary:
+    resources_in = data.get("resources", {})
+    scopes_in = data.get("scopes", {})
+    if not isinstance(resources_in, dict) or not isinstance(scopes_in, dict) or not scopes_in:
+        raise VocabularyError(
+            'vocabulary needs [resources."URI"] tables and [scopes."name"] tables'
+        )
+    resources: dict[str, str] = {}
+    for uri, spec in resources_in.items():
+        check_resource_uri(uri)
+        resources[uri] = str((spec or {}).get("description", ""))
+    scopes: dict[str, Scope] = {}
+    for name, spec in scopes_in.items():
+        check_scope_name(name)
+        bound = spec.get("resources") if isinstance(spec, dict) else None
+        if not isinstance(bound, list) or not bound:
+            raise VocabularyError(f"scope {name!r} must list the resources that accept it")
+        unknown = [r for r in bound if r not in resources]
+        if unknown:
+            raise VocabularyError(f"scope {name!r} names unknown resource(s): {', '.join(unknown)}")
+        scopes[name] = Scope(name, str(spec.get("description", "")), frozenset(bound))
+    return Vocabulary(scopes, resources)
+
+
+def load_vocabulary(path: Path | None) -> Vocabulary:
+    try:
+        if path is None:
+            text = (
+                pkg_resources.files("trustplane.oauth").joinpath("default_scopes.toml").read_text()
+            )
+        else:
+            text = path.read_text(encoding="utf-8")
+        return parse_vocabulary(tomllib.loads(text))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise VocabularyError(f"cannot read scope vocabulary {path}: {exc}") from exc

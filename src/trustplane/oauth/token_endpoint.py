@@ -1,0 +1,133 @@
+"""The token endpoint (RFC 6749 §3.2): authenticate the client, dispatch on ``grant_type``, issue.
+
+Every outcome is an audit event, durable before the response: ``oauth:token:issued`` with the token's
+jti, audience and scopes, or ``oauth:token:refused`` with the wire error and the log-only reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from trustplane import metrics
+from trustplane.audit.events import AuditEvent, AuditEventType
+from trustplane.audit.sink import AuditSink
+from trustplane.errors import (
+    InvalidRequestError,
+    OAuth2Error,
+    UnauthorizedClientError,
+    UnsupportedGrantTypeError,
+)
+from trustplane.keys.service import KeyService
+from trustplane.oauth.client_auth import AuthenticatedClient, ClientAuthenticator
+from trustplane.oauth.form import Form
+from trustplane.oauth.resources import select_resource, select_scopes
+from trustplane.oauth.scopes import Vocabulary
+from trustplane.oauth.tokens import IssuedToken, issue_access_token
+from trustplane.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a grant handler decided: the token to return."""
+
+    token: IssuedToken
+
+
+GrantHandler = Callable[[Form, AuthenticatedClient], Awaitable[Grant]]
+
+
+class TokenEndpoint:
+    def __init__(
+        self,
+        settings: Settings,
+        authenticator: ClientAuthenticator,
+        keys: KeyService,
+        vocabulary: Vocabulary,
+        audit: AuditSink,
+    ) -> None:
+        self._settings, self._auth, self._keys = settings, authenticator, keys
+        self._vocabulary, self._audit = vocabulary, audit
+        self.grants: dict[str, GrantHandler] = {"client_credentials": self._client_credentials}
+
+    async def handle(self, form: Form, authorization: str | None) -> dict[str, Any]:
+        """Return the RFC 6749 §5.1 body or raise the typed error (already audited)."""
+        client: AuthenticatedClient | None = None
+        grant_type = form.get("grant_type")
+        try:
+            if grant_type is None:
+                raise InvalidRequestError("grant_type is required")
+            client = await self._auth.authenticate(form, authorization)
+            handler = self.grants.get(grant_type)
+            if handler is None:
+                raise UnsupportedGrantTypeError(f"grant_type {grant_type!r} is not supported"[:200])
+            grant = await handler(form, client)
+        except OAuth2Error as exc:
+            metrics.TOKEN_REFUSED.labels(error=exc.error).inc()
+            await self._audit.emit(self._refused(exc, form, client, grant_type))
+            raise
+        await self._audit.emit(self._issued(grant.token, grant_type))
+        metrics.TOKENS_ISSUED.labels(grant_type=grant_type).inc()
+        body: dict[str, Any] = {
+            "access_token": grant.token.token,
+            "token_type": "Bearer",
+            "expires_in": grant.token.expires_in,
+            "scope": grant.token.claims["scope"],
+        }
+        return body
+
+    async def _client_credentials(self, form: Form, auth: AuthenticatedClient) -> Grant:
+        """RFC 6749 §4.4: the client acts for itself; ``sub`` = ``client_id``."""
+        client = auth.client
+        if "client_credentials" not in client.grant_types:
+            raise UnauthorizedClientError("this client may not use the client_credentials grant")
+        resource = select_resource(form.get_all("resource"), client, self._vocabulary)
+        scopes = select_scopes(form.get("scope"), client, resource, self._vocabulary)
+        token = issue_access_token(
+            self._keys.ring,
+            issuer=self._settings.issuer,
+            subject=client.client_id,
+            client_id=client.client_id,
+            audience=resource,
+            scopes=scopes,
+            lifetime=self._settings.access_token_lifetime,
+            extra={"lei": client.lei},
+        )
+        return Grant(token)
+
+    def _issued(self, token: IssuedToken, grant_type: str) -> AuditEvent:
+        c = token.claims
+        return AuditEvent(
+            type=AuditEventType.TOKEN_ISSUED,
+            issuer=self._settings.issuer,
+            subject=c["sub"],
+            client_id=c["client_id"],
+            audience=c["aud"],
+            scopes=tuple(c["scope"].split()),
+            jti=c["jti"],
+            transaction_id=c.get("txn"),
+            decision="allow",
+            payload={"grant_type": grant_type, "exp": c["exp"]},
+        )
+
+    def _refused(
+        self,
+        exc: OAuth2Error,
+        form: Form,
+        client: AuthenticatedClient | None,
+        grant_type: str | None,
+    ) -> AuditEvent:
+        client_id = client.client.client_id if client else None
+        return AuditEvent(
+            type=AuditEventType.TOKEN_REFUSED,
+            issuer=self._settings.issuer,
+            subject=client_id,
+            client_id=client_id,
+            audience=next(iter(form.get_all("resource")), None),
+            scopes=tuple((form.get("scope") or "").split())[:32],
+            jti=client.assertion_jti if client else None,
+            decision="deny",
+            reason=exc.error,
+            payload={"grant_type": (grant_type or "")[:64], "detail": exc.debug[:500]},
+        )

@@ -1,0 +1,165 @@
+"""Settings: environment (prefix ``TRUSTPLANE_``) over an optional TOML file over defaults.
+
+A wrong setting raises :class:`SettingsError` carrying one line that names the setting, so the CLI can
+stop start-up with that line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+SigningAlgorithm = Literal["ES256", "EdDSA", "PS256"]
+ClientAuthMethod = Literal["private_key_jwt", "client_secret_basic", "client_secret_post"]
+
+#: RFC 9068 tokens are short-lived receipts: nobody may configure a lifetime above this.
+MAX_ACCESS_TOKEN_LIFETIME = 900
+#: draft-ietf-oauth-rfc7523bis: a client assertion may be valid for at most this long.
+MAX_ASSERTION_LIFETIME = 300
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+class SettingsError(Exception):
+    """A setting is wrong; ``str(self)`` is one line meant for the operator."""
+
+
+def is_loopback_host(host: str | None) -> bool:
+    return host is not None and (host in LOOPBACK_HOSTS or host.startswith("127."))
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """Reads the file named by ``TRUSTPLANE_CONFIG`` (if any); keys are the setting names."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None) -> None:
+        super().__init__(settings_cls)
+        self._data: dict[str, Any] = {}
+        if path is not None:
+            try:
+                self._data = tomllib.loads(path.read_text(encoding="utf-8"))
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise SettingsError(f"cannot read config file {path}: {exc}") from exc
+            unknown = set(self._data) - set(settings_cls.model_fields)
+            if unknown:
+                raise SettingsError(
+                    f"config file {path}: unknown setting(s) {', '.join(sorted(unknown))}"
+                )
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+class Settings(BaseSettings):
+    """Every knob of a trustplane deployment. See README "Configuration" for the table."""
+
+    model_config = SettingsConfigDict(env_prefix="TRUSTPLANE_", extra="forbid", frozen=True)
+
+    issuer: str = Field(default="", description="Defaults to http://HOST:PORT (loopback only)")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    workers: int = Field(default=1, ge=1, le=64)
+    data_dir: Path = Path(".trustplane")
+    database_url: str = ""
+    redis_url: str = ""
+
+    access_token_lifetime: int = Field(default=300, ge=30, le=MAX_ACCESS_TOKEN_LIFETIME)
+    clock_skew: int = Field(default=60, ge=0, le=300)
+    signing_algorithm: SigningAlgorithm = "ES256"
+    allowed_signing_algorithms: tuple[SigningAlgorithm, ...] = ("ES256", "EdDSA", "PS256")
+    client_auth_methods: tuple[ClientAuthMethod, ...] = ("private_key_jwt",)
+
+    key_encryption_key: SecretStr | None = None
+    key_rotation_interval: int = Field(default=90 * 86400, ge=0)
+    key_next_publication: int = Field(default=86400, ge=0)
+
+    scopes_file: Path | None = None
+    cache_refresh_interval: float = Field(default=1.0, gt=0, le=60)
+    initial_access_token_lifetime: int = Field(default=86400, ge=60)
+    allow_insecure_loopback_jwks_uri: bool = False
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "console"] = "json"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        config = os.environ.get("TRUSTPLANE_CONFIG")
+        toml = _TomlSource(settings_cls, Path(config) if config else None)
+        return (init_settings, env_settings, toml)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_issuer(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("issuer"):
+            host = data.get("host", "127.0.0.1")
+            data = {**data, "issuer": f"http://{'[' + host + ']' if ':' in host else host}:{data.get('port', 8000)}"}
+        return data
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer_is_https_url(cls, value: str) -> str:
+        """RFC 8414 §2: https, no query, no fragment. Plain http only on a loopback host."""
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError on a malformed port
+        except ValueError:
+            raise ValueError("must be an absolute URL") from None
+        if parts.query or parts.fragment or not parts.hostname:
+            raise ValueError("must be an absolute URL without query or fragment")
+        if parts.scheme != "https" and not (
+            parts.scheme == "http" and is_loopback_host(parts.hostname)
+        ):
+            raise ValueError("must use https (plain http is allowed only on a loopback host)")
+        if value.endswith("/"):
+            raise ValueError("must not end with '/'")
+        return value
+
+    @field_validator("key_encryption_key")
+    @classmethod
+    def _kek_is_32_bytes(cls, value: SecretStr | None) -> SecretStr | None:
+        from trustplane.keys.crypto import decode_kek
+
+        if value is not None:
+            decode_kek(value.get_secret_value())
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.signing_algorithm not in self.allowed_signing_algorithms:
+            raise ValueError("signing_algorithm must be one of allowed_signing_algorithms")
+        if not self.client_auth_methods:
+            raise ValueError("client_auth_methods must not be empty")
+        return self
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'trustplane.db'}"
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.effective_database_url.startswith("sqlite")
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings, turning every validation failure into one :class:`SettingsError` line."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = ".".join(str(p) for p in first["loc"]) or "settings"
+        env = f"TRUSTPLANE_{name.split('.')[0].upper()}"
+        raise SettingsError(f"invalid setting {env}: {first['msg']}") from None

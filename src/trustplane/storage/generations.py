@@ -1,0 +1,44 @@
+"""Cross-process cache invalidation: a counter per cached thing, bumped in the writing transaction.
+
+Each process keeps clients and keys in memory and polls these counters every
+``cache_refresh_interval`` seconds; a process that wrote reloads at once.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Column, String, Table, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from trustplane.storage.metadata import metadata
+
+cache_generations = Table(
+    "cache_generations",
+    metadata,
+    Column("name", String(32), primary_key=True),
+    Column("generation", BigInteger, nullable=False),
+)
+
+
+async def bump(conn: AsyncConnection, name: str) -> None:
+    """Increment ``name``'s generation inside the caller's transaction."""
+    result = await conn.execute(
+        update(cache_generations)
+        .where(cache_generations.c.name == name)
+        .values(generation=cache_generations.c.generation + 1)
+    )
+    if result.rowcount == 0:
+        dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+        await conn.execute(
+            dialect_insert(cache_generations)
+            .values(name=name, generation=1)
+            .on_conflict_do_update(
+                index_elements=["name"], set_={"generation": cache_generations.c.generation + 1}
+            )
+        )
+
+
+async def read_all(conn: AsyncConnection) -> dict[str, int]:
+    rows = await conn.execute(select(cache_generations.c.name, cache_generations.c.generation))
+    return {name: int(gen) for name, gen in rows}
