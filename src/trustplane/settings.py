@@ -106,7 +106,10 @@ class Settings(BaseSettings):
     def _default_issuer(cls, data: Any) -> Any:
         if isinstance(data, dict) and not data.get("issuer"):
             host = data.get("host", "127.0.0.1")
-            data = {**data, "issuer": f"http://{'[' + host + ']' if ':' in host else host}:{data.get('port', 8000)}"}
+            data = {
+                **data,
+                "issuer": f"http://{'[' + host + ']' if ':' in host else host}:{data.get('port', 8000)}",
+            }
         return data
 
     @field_validator("issuer")
