@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from trustplane import __version__, metrics
 from trustplane.audit.sink import SqlAuditSink, write_events
@@ -161,7 +162,45 @@ async def _every(interval: float, fn: Any, name: str) -> None:
             log.error("background_task_failed", task=name, error=repr(exc))
 
 
-def create_app(settings: Settings, *, services: Services | None = None) -> FastAPI:
+class TrustplaneApp:
+    """The ASGI entry point. The protocol hot paths (token, introspection, revocation, JWKS, metadata)
+    go straight to their handlers; everything else (registration, docs, metrics) goes through FastAPI.
+
+    FastAPI's middleware stack costs about as much per request as verifying the client assertion, so
+    the hot paths skip it; their handlers catch their own errors (``oauth.http.protocol_endpoint``).
+    """
+
+    def __init__(self, api: FastAPI, fast_routes: list[Route]) -> None:
+        self.api = api
+        self.router = api.router
+        self.state = api.state
+        self._fast = {
+            (route.path, method): _asgi(route.endpoint)
+            for route in fast_routes
+            for method in (route.methods or ())
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            handler = self._fast.get((scope["path"], scope["method"]))
+            if handler is not None:
+                await handler(scope, receive, send)
+                return
+        await self.api(scope, receive, send)
+
+    def openapi(self) -> dict[str, Any]:
+        return self.api.openapi()
+
+
+def _asgi(endpoint: Any) -> ASGIApp:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        response = await endpoint(Request(scope, receive))
+        await response(scope, receive, send)
+
+    return app
+
+
+def create_app(settings: Settings, *, services: Services | None = None) -> TrustplaneApp:
     configure_logging(settings.log_level, settings.log_format)
     svc = services or Services.build(settings)
 
@@ -194,18 +233,19 @@ def create_app(settings: Settings, *, services: Services | None = None) -> FastA
     )
     app.state.services = svc
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
-    _mount(app, svc)
-    return app
+    return TrustplaneApp(app, _mount(app, svc))
 
 
-def _mount(app: FastAPI, svc: Services) -> None:
+def _mount(app: FastAPI, svc: Services) -> list[Route]:
+    """Add every route to FastAPI (one routing table, 405s, docs); return the hot-path ones."""
     metadata_json = orjson.dumps(server_metadata(svc.settings, svc.vocabulary))
     protocol = OAuthHttp(svc.token_endpoint, svc.introspection, svc.keys, metadata_json)
     app.include_router(registration_router(svc.clients, svc.settings.issuer))
-    for route in protocol.routes():
-        app.router.routes.append(route)
+    fast = protocol.routes()
+    app.router.routes.extend(fast)
     app.router.routes.append(Route("/metrics", _metrics, methods=["GET"]))
     app.router.routes.append(Route("/healthz", _health, methods=["GET"]))
+    return fast
 
 
 async def _metrics(_request: Request) -> Response:
@@ -232,7 +272,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
-def create_app_from_env() -> FastAPI:
+def create_app_from_env() -> TrustplaneApp:
     """uvicorn factory for multi-worker runs: settings come from the environment."""
     from trustplane.settings import load_settings
 

@@ -13,6 +13,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from trustplane import __version__
@@ -33,7 +34,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(clients_app, name="clients")
 app.add_typer(regtoken_app, name="registration-token")
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever the terminal width
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
 
 
@@ -41,7 +42,7 @@ def _settings(**overrides: Any) -> Settings:
     try:
         return load_settings(**{k: v for k, v in overrides.items() if v is not None})
     except SettingsError as exc:
-        err.print(f"[red]trustplane:[/red] {exc}", highlight=False)
+        err.print(f"[red]trustplane:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
 
 
@@ -49,7 +50,7 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
     except SettingsError as exc:
-        err.print(f"[red]trustplane:[/red] {exc}", highlight=False)
+        err.print(f"[red]trustplane:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
 
 
@@ -181,6 +182,19 @@ def keys_rotate() -> None:
         f"active signing key is now {kid}; running servers pick it up within "
         f"{settings.cache_refresh_interval:g} s"
     )
+
+
+@keys_app.command("prune")
+def keys_prune(as_json: JsonFlag = False) -> None:
+    """Remove retired keys whose tokens have all expired (running servers also do this every minute)."""
+    settings = _settings()
+    removed = _run(_with_services(settings, lambda svc: svc.keys.prune()))
+    if as_json:
+        _emit_json({"removed": removed})
+    elif removed:
+        out.print(f"removed {', '.join(removed)}; running servers drop them from the JWKS")
+    else:
+        out.print("no retired key is due for removal")
 
 
 @keys_app.command("new-kek")

@@ -7,6 +7,7 @@ stop start-up with that line instead of a traceback.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +15,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import SettingsError as PydanticSettingsError
 
 SigningAlgorithm = Literal["ES256", "EdDSA", "PS256"]
 ClientAuthMethod = Literal["private_key_jwt", "client_secret_basic", "client_secret_post"]
@@ -43,11 +45,14 @@ class _TomlSource(PydanticBaseSettingsSource):
             try:
                 self._data = tomllib.loads(path.read_text(encoding="utf-8"))
             except (OSError, tomllib.TOMLDecodeError) as exc:
-                raise SettingsError(f"cannot read config file {path}: {exc}") from exc
+                raise SettingsError(
+                    f"invalid setting TRUSTPLANE_CONFIG: cannot read config file {path}: {exc}"
+                ) from exc
             unknown = set(self._data) - set(settings_cls.model_fields)
             if unknown:
                 raise SettingsError(
-                    f"config file {path}: unknown setting(s) {', '.join(sorted(unknown))}"
+                    f"invalid setting TRUSTPLANE_CONFIG: config file {path}: "
+                    f"unknown setting(s) {', '.join(sorted(unknown))}"
                 )
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
@@ -143,9 +148,9 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.signing_algorithm not in self.allowed_signing_algorithms:
-            raise ValueError("signing_algorithm must be one of allowed_signing_algorithms")
+            raise ValueError("signing_algorithm: must be one of allowed_signing_algorithms")
         if not self.client_auth_methods:
-            raise ValueError("client_auth_methods must not be empty")
+            raise ValueError("client_auth_methods: must not be empty")
         return self
 
     @property
@@ -162,7 +167,14 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        name = ".".join(str(p) for p in first["loc"]) or "settings"
+        # The default issuer is derived from host and port: blame a bad port, not the issuer.
+        first = sorted(exc.errors(), key=lambda e: e["loc"][:1] == ("issuer",))[0]
+        name, message = ".".join(str(p) for p in first["loc"]), str(first["msg"])
+        if not name:  # a cross-field rule: its message starts with "field: "
+            name, _, message = message.removeprefix("Value error, ").partition(": ")
         env = f"TRUSTPLANE_{name.split('.')[0].upper()}"
-        raise SettingsError(f"invalid setting {env}: {first['msg']}") from None
+        raise SettingsError(f"invalid setting {env}: {message}") from None
+    except PydanticSettingsError as exc:  # an environment value for a list setting is not JSON
+        field = re.search(r'field "(\w+)"', str(exc))
+        env = f"TRUSTPLANE_{field.group(1).upper()}" if field else "TRUSTPLANE_*"
+        raise SettingsError(f"invalid setting {env}: must be a JSON array of strings") from None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
@@ -59,9 +59,13 @@ class AuditEvent:
     event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["type"] = str(self.type)
+        """Plain JSON-ready dict (``dataclasses.asdict`` deep-copies and is slow on the hot path)."""
+        out = {name: getattr(self, name) for name in _FIELDS}
+        out["type"] = self.type.value
         out["actor_chain"] = list(self.actor_chain)
         out["scopes"] = list(self.scopes)
         out["reason_ids"] = list(self.reason_ids)
         return out
+
+
+_FIELDS = tuple(f.name for f in fields(AuditEvent))

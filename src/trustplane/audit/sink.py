@@ -53,7 +53,12 @@ class SqlAuditSink:
 
     async def emit(self, event: AuditEvent) -> None:
         await self._writer.submit(KIND, event)
-        log.info(str(event.type), client_id=event.client_id, jti=event.jti, reason=event.reason)
+        if event.decision == "deny":
+            log.info(
+                event.type.value, client_id=event.client_id, jti=event.jti, reason=event.reason
+            )
+        else:
+            log.debug(event.type.value, client_id=event.client_id, jti=event.jti)
 
 
 async def emit_now(db: Database, event: AuditEvent) -> None:

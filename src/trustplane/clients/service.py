@@ -108,9 +108,18 @@ class ClientService:
     async def register(
         self, raw: Any, *, initial_access_token: str | None, issue_registration_token: bool = True
     ) -> Registration:
-        """RFC 7591 §3.1. ``initial_access_token`` None means a trusted caller (the CLI)."""
-        metadata = validate_metadata(raw, self._settings, self._vocabulary)
+        """RFC 7591 §3.1. ``initial_access_token`` None means a trusted caller (the CLI).
+
+        The token is checked before the metadata, so an unauthenticated caller learns nothing about
+        the validation rules; it is consumed only in the transaction that stores the client."""
         now = int(time.time())
+        if initial_access_token is not None:
+            async with self._db.read() as conn:
+                if not await self._tokens.usable(conn, hash_secret(initial_access_token), now):
+                    raise InvalidTokenError(
+                        "the initial access token is invalid, expired or used up"
+                    )
+        metadata = validate_metadata(raw, self._settings, self._vocabulary)
         secret = new_secret() if metadata["token_endpoint_auth_method"] in SECRET_METHODS else None
         rat = secrets.token_urlsafe(32) if issue_registration_token else None
         client = Client.build(
@@ -136,7 +145,7 @@ class ClientService:
     async def authorize_management(self, client_id: str, registration_token: str) -> Client:
         """RFC 7592 §2: the registration access token must match this client's."""
         client = self.registry.get(client_id)
-        if client is None:
+        if client is None and client_id.isprintable():  # PostgreSQL refuses a NUL outright
             client = await self._get_or_none(client_id)
         if client is None or not secret_matches(registration_token, client.registration_token_hash):
             raise InvalidTokenError("the registration access token is not valid for this client")

@@ -105,6 +105,18 @@ class SqlInitialAccessTokenStore:
             )
         )
 
+    async def usable(self, conn: AsyncConnection, token_hash: str, now: int) -> bool:
+        """Read-only check: known, not expired, not used up (``use`` is still the atomic gate)."""
+        t = initial_access_tokens.c
+        row = await conn.execute(
+            select(t.token_hash).where(
+                t.token_hash == token_hash,
+                t.expires_at > now,
+                (t.max_uses.is_(None)) | (t.uses < t.max_uses),
+            )
+        )
+        return row.first() is not None
+
     async def use(self, conn: AsyncConnection, token_hash: str, now: int) -> bool:
         """Count one use atomically; False if unknown, expired or used up (nothing written)."""
         t = initial_access_tokens.c

@@ -30,7 +30,8 @@ def algorithm_for(jwk: dict[str, Any]) -> str:
     """The single signature algorithm this key may be used with (``alg`` must agree if present)."""
     kty = jwk.get("kty")
     crv = jwk.get("crv") if kty != "RSA" else None
-    alg = ALGORITHMS_FOR.get((str(kty), crv))
+    # A non-string "crv" (e.g. a JSON array) is unhashable: refuse it instead of raising TypeError.
+    alg = ALGORITHMS_FOR.get((str(kty), crv)) if isinstance(crv, str | None) else None
     if alg is None:
         raise JWKError(f"unsupported key type {kty!r}{f' curve {crv!r}' if crv else ''}")
     if "alg" in jwk and jwk["alg"] != alg:

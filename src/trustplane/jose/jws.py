@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,8 @@ MAX_COMPACT_LENGTH = 16 * 1024
 _SHA256 = hashes.SHA256()
 _PSS = padding.PSS(mgf=padding.MGF1(_SHA256), salt_length=32)
 _ECDSA = ec.ECDSA(_SHA256)
+#: RFC 7515 §2: the URL-safe alphabet only (the decoder would silently accept or skip anything else).
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 
 class JWSError(ValueError):
@@ -42,6 +45,8 @@ def b64url_encode(data: bytes) -> str:
 def b64url_decode(text: str) -> bytes:
     if "=" in text:
         raise JWSError("base64url must not be padded")
+    if not _BASE64URL.fullmatch(text) or len(text) % 4 == 1:
+        raise JWSError("invalid base64url")
     try:
         return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError) as exc:
@@ -156,7 +161,11 @@ class Signer:
 
 
 def _signer(key: PrivateKey, alg: str) -> Callable[[bytes], bytes]:
-    if alg == "ES256" and isinstance(key, ec.EllipticCurvePrivateKey):
+    if (
+        alg == "ES256"
+        and isinstance(key, ec.EllipticCurvePrivateKey)
+        and isinstance(key.curve, ec.SECP256R1)
+    ):
         ec_key = key
 
         def sign_es256(data: bytes) -> bytes:

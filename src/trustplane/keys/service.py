@@ -37,6 +37,10 @@ GENERATION = "keys"
 AuditWriter = Callable[[AsyncConnection, list[AuditEvent]], Awaitable[object]]
 
 
+class _NotDue(Exception):
+    """Raised inside the rotation transaction to roll it back when another process rotated first."""
+
+
 class NoActiveKeyError(Exception):
     """The key ring has no active key: run ``trustplane migrate`` / ``serve`` to create one."""
 
@@ -110,23 +114,31 @@ class KeyService:
 
     async def maybe_rotate(self) -> str | None:
         """Scheduled rotation: rotate when the active key is older than the configured interval and
-        the next key has been published for at least ``key_next_publication`` seconds."""
-        interval = self._settings.key_rotation_interval
-        if interval == 0:
-            return None
+        the next key has been published for at least ``key_next_publication`` seconds. Checked on the
+        in-memory ring first, so the common case (not due) writes nothing."""
         now = int(time.time())
-        async with self._db.transaction() as conn:
-            await generations.bump(conn, GENERATION)
-            keys = await self._store.list(conn)
-            active = next((k for k in keys if k.state is KeyState.ACTIVE), None)
-            nxt = next((k for k in keys if k.state is KeyState.NEXT), None)
-            if active is None or (active.activated_at or 0) + interval > now:
-                return None
-            if nxt is not None and nxt.created_at + self._settings.key_next_publication > now:
-                return None
-            kid = await self._rotate_locked(conn, now, "schedule")
+        if not self._rotation_due(self.ring.keys, now):
+            return None
+        try:
+            async with self._db.transaction() as conn:
+                await generations.bump(
+                    conn, GENERATION
+                )  # lock, then re-check: another process won?
+                if not self._rotation_due(tuple(await self._store.list(conn)), now):
+                    raise _NotDue
+                kid: str | None = await self._rotate_locked(conn, now, "schedule")
+        except _NotDue:
+            kid = None
         await self.load()
         return kid
+
+    def _rotation_due(self, keys: tuple[StoredKey, ...], now: int) -> bool:
+        interval = self._settings.key_rotation_interval
+        active = next((k for k in keys if k.state is KeyState.ACTIVE), None)
+        nxt = next((k for k in keys if k.state is KeyState.NEXT), None)
+        if interval == 0 or active is None or (active.activated_at or 0) + interval > now:
+            return False
+        return nxt is None or nxt.created_at + self._settings.key_next_publication <= now
 
     async def prune(self) -> list[str]:
         """Remove retired keys whose tokens have all expired."""

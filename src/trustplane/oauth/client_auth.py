@@ -17,7 +17,7 @@ import binascii
 import time
 from dataclasses import dataclass
 from typing import Any, TypeGuard
-from urllib.parse import unquote
+from urllib.parse import unquote_plus
 
 from trustplane.clients.model import Client, secret_matches
 from trustplane.clients.remote_jwks import RemoteJwksCache
@@ -91,7 +91,9 @@ class ClientAuthenticator:
                 "malformed Basic credentials", headers=self._basic_challenge
             ) from None
         try:
-            return self._secret(unquote(raw_id), unquote(raw_secret), "client_secret_basic")
+            return self._secret(
+                unquote_plus(raw_id), unquote_plus(raw_secret), "client_secret_basic"
+            )
         except InvalidClientError as exc:
             exc.headers.update(self._basic_challenge)
             raise
@@ -142,7 +144,7 @@ class ClientAuthenticator:
 
     def _check_header(self, jws: ParsedJWS) -> None:
         typ = jws.header.get("typ")
-        if typ is not None and typ not in ASSERTION_TYPS:
+        if typ is not None and (not isinstance(typ, str) or typ not in ASSERTION_TYPS):
             raise InvalidClientError(f"client assertion typ {typ!r} names another kind of JWT")
         if jws.alg not in self._settings.allowed_signing_algorithms:
             raise InvalidClientError(f"algorithm {jws.alg} is not allowed")
@@ -177,8 +179,11 @@ class ClientAuthenticator:
             if value is not None and (not _is_time(value) or value > now + skew):
                 raise InvalidClientError(f"client assertion {name} is in the future")
         jti = claims.get("jti")
-        if not isinstance(jti, str) or not jti or len(jti) > MAX_JTI:
-            raise InvalidClientError("client assertion jti is required")
+        # printable only: a NUL cannot be stored in PostgreSQL and would fail the replay batch
+        if not isinstance(jti, str) or not jti or len(jti) > MAX_JTI or not jti.isprintable():
+            raise InvalidClientError(
+                f"client assertion jti is required: a printable string of at most {MAX_JTI} characters"
+            )
         return jti, int(exp)
 
 

@@ -13,7 +13,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from trustplane import metrics
-from trustplane.errors import OAuth2Error, TemporarilyUnavailableError
+from trustplane.errors import OAuth2Error, ServerError, TemporarilyUnavailableError
 from trustplane.keys.service import KeyService, NoActiveKeyError
 from trustplane.oauth.form import Form
 from trustplane.oauth.introspection import IntrospectionService
@@ -50,6 +50,9 @@ def protocol_endpoint(endpoint: str, fn: Callable[[Request], Awaitable[Response]
         except (WriterUnavailable, NoActiveKeyError, ConnectionError, OSError) as exc:
             log.error("dependency_unavailable", endpoint=endpoint, error=repr(exc))
             return error_response(TemporarilyUnavailableError("try again shortly"), endpoint)
+        except Exception:  # a bug: log it with the traceback, answer in the protocol's shape
+            log.exception("unhandled_error", endpoint=endpoint)
+            return error_response(ServerError("internal error"), endpoint)
 
     return handler
 
@@ -62,7 +65,11 @@ class OAuthHttp:
     metadata_json: bytes
 
     async def token(self, request: Request) -> Response:
-        form = Form.parse(await request.body(), request.headers.get("content-type"))
+        try:
+            form = Form.parse(await request.body(), request.headers.get("content-type"))
+        except OAuth2Error as exc:
+            await self.token_endpoint.refuse_unparsed(exc)
+            raise
         body = await self.token_endpoint.handle(form, request.headers.get("authorization"))
         return json_response(body, headers=NO_STORE)
 

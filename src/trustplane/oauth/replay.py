@@ -7,14 +7,22 @@ consumption is durable before the token is returned. With ``TRUSTPLANE_REDIS_URL
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from sqlalchemy import BigInteger, Column, PrimaryKeyConstraint, String, Table, delete
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    TextClause,
+    delete,
+    text,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane.storage.db import Database
@@ -45,25 +53,32 @@ class _Use:
     expires_at: int
 
 
+@functools.lru_cache(maxsize=128)
+def _upsert(n: int) -> TextClause:
+    """One statement per batch size, so SQLAlchemy's compiled cache is hit (a multi-row ``insert()``
+    construct would be compiled anew on every batch). Same SQL on SQLite and PostgreSQL."""
+    rows = ", ".join(f"(:i{k}, :j{k}, :e{k})" for k in range(n))
+    return text(
+        f"INSERT INTO used_jtis (issuer, jti, expires_at) VALUES {rows} "  # noqa: S608 - placeholders only
+        "ON CONFLICT (issuer, jti) DO UPDATE SET expires_at = excluded.expires_at "
+        "WHERE used_jtis.expires_at < :now RETURNING issuer, jti"
+    )
+
+
 async def consume_batch(conn: AsyncConnection, uses: Sequence[_Use]) -> list[bool]:
     """One upsert for the whole batch. A row is (re)claimed only if absent or already expired; the
     first of several identical uses within a batch wins, the rest lose without touching the database."""
-    now = int(time.time())
     first: dict[tuple[str, str], int] = {}
     for i, use in enumerate(uses):
         first.setdefault((use.issuer, use.jti), i)
-    rows = [
-        {"issuer": uses[i].issuer, "jti": uses[i].jti, "expires_at": uses[i].expires_at}
-        for i in first.values()
-    ]
-    dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-    base = dialect_insert(used_jtis).values(rows)
-    stmt = base.on_conflict_do_update(
-        index_elements=["issuer", "jti"],
-        set_={"expires_at": base.excluded.expires_at},
-        where=used_jtis.c.expires_at < now,
-    ).returning(used_jtis.c.issuer, used_jtis.c.jti)
-    won = {(r.issuer, r.jti) for r in await conn.execute(stmt)}
+    params: dict[str, object] = {"now": int(time.time())}
+    for k, i in enumerate(first.values()):
+        params[f"i{k}"], params[f"j{k}"], params[f"e{k}"] = (
+            uses[i].issuer,
+            uses[i].jti,
+            uses[i].expires_at,
+        )
+    won = {(r[0], r[1]) for r in await conn.execute(_upsert(len(first)), params)}
     return [first[(u.issuer, u.jti)] == i and (u.issuer, u.jti) in won for i, u in enumerate(uses)]
 
 

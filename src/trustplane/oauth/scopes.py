@@ -88,16 +88,19 @@ def parse_vocabulary(data: dict[str, Any]) -> Vocabulary:
     resources: dict[str, str] = {}
     for uri, spec in resources_in.items():
         check_resource_uri(uri)
-        resources[uri] = str((spec or {}).get("description", ""))
+        if not isinstance(spec, dict):
+            raise VocabularyError(f"resource {uri!r} must be a table (with a description)")
+        resources[uri] = str(spec.get("description", ""))
     scopes: dict[str, Scope] = {}
     for name, spec in scopes_in.items():
         check_scope_name(name)
         bound = spec.get("resources") if isinstance(spec, dict) else None
         if not isinstance(bound, list) or not bound:
             raise VocabularyError(f"scope {name!r} must list the resources that accept it")
-        unknown = [r for r in bound if r not in resources]
+        unknown = [r for r in bound if not isinstance(r, str) or r not in resources]
         if unknown:
-            raise VocabularyError(f"scope {name!r} names unknown resource(s): {', '.join(unknown)}")
+            names = ", ".join(str(r) for r in unknown)
+            raise VocabularyError(f"scope {name!r} names unknown resource(s): {names}")
         scopes[name] = Scope(name, str(spec.get("description", "")), frozenset(bound))
     return Vocabulary(scopes, resources)
 

@@ -77,6 +77,12 @@ class TokenEndpoint:
         }
         return body
 
+    async def refuse_unparsed(self, exc: OAuth2Error) -> None:
+        """A body that is not a valid form never reaches :meth:`handle`; it is a refusal all the
+        same, and is audited like one."""
+        metrics.TOKEN_REFUSED.labels(error=exc.error).inc()
+        await self._audit.emit(self._refused(exc, Form({}, {}), None, None))
+
     async def _client_credentials(self, form: Form, auth: AuthenticatedClient) -> Grant:
         """RFC 6749 §4.4: the client acts for itself; ``sub`` = ``client_id``."""
         client = auth.client

@@ -5,7 +5,9 @@ consumed, and the issuance is in the audit trail. Committing once per request ca
 database's commit rate (an fsync each on SQLite). Instead each request submits its write and awaits a
 future; one task drains everything queued, runs it in a single transaction grouped by kind (one
 multi-row statement per kind), commits, and only then resolves the futures. Nobody is answered before
-their write is durable, and a failed commit fails every request in the batch (fail closed).
+their write is durable. If a batch's transaction fails, its items are retried one by one, so a single
+poison item (a value the database refuses) fails alone instead of failing unrelated requests; an item
+whose own transaction fails is told ``WriterUnavailable`` (fail closed) and nothing of it is committed.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from trustplane import metrics
 from trustplane.storage.db import Database
 
 log = structlog.get_logger(__name__)
@@ -48,6 +51,8 @@ class GroupCommitWriter:
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._max_batch = max_batch
         self._task: asyncio.Task[None] | None = None
+        self._conn: AsyncConnection | None = None
+        self._stopping = False
         self.batches = 0
         self.items = 0
 
@@ -61,18 +66,21 @@ class GroupCommitWriter:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="group-commit")
 
     async def stop(self) -> None:
-        """Finish what is queued, then stop."""
+        """Refuse new writes, finish what is queued, then stop."""
         if self._task is None:
             return
+        self._stopping = True
         await self._queue.join()
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
+        self._stopping = False
+        await self._drop_connection()
 
     async def submit(self, kind: str, payload: Any) -> Any:
         """Queue one write and wait until it is committed; returns the handler's result for it."""
-        if self._task is None:
+        if self._task is None or self._stopping:
             raise WriterUnavailable("writer is not running")
         if kind not in self._handlers:
             raise KeyError(f"no handler registered for {kind!r}")
@@ -91,26 +99,46 @@ class GroupCommitWriter:
                 for _ in batch:
                     self._queue.task_done()
 
+    async def _connection(self) -> AsyncConnection:
+        """The writer keeps one connection: no pool checkout or reset round trip per batch."""
+        if self._conn is None:
+            self._conn = await self._db.engine.connect()
+        return self._conn
+
+    async def _drop_connection(self) -> None:
+        """After a failure the connection may be broken; the next batch opens a fresh one."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
     async def _flush(self, batch: list[_Item]) -> None:
         by_kind: dict[str, list[_Item]] = {}
         for item in batch:
             by_kind.setdefault(item.kind, []).append(item)
         results: list[tuple[_Item, Any]] = []
         try:
-            async with self._db.transaction() as conn:
+            conn = await self._connection()
+            async with conn.begin():
                 for kind in self._order:
                     items = by_kind.get(kind)
                     if items:
                         out = await self._handlers[kind](conn, [i.payload for i in items])
                         results.extend(zip(items, out, strict=True))
-        except Exception as exc:  # fail closed: nobody in the batch is told "done"
+        except Exception as exc:  # fail closed: nobody in the failed transaction is told "done"
             log.error("group_commit_failed", error=repr(exc), batch=len(batch))
+            await self._drop_connection()
+            if len(batch) > 1:  # isolate a poison item: retry one by one so only it fails
+                for item in batch:
+                    await self._flush([item])
+                return
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(WriterUnavailable(repr(exc)))
             return
         self.batches += 1
         self.items += len(batch)
+        metrics.WRITER_BATCH.observe(len(batch))
         for item, result in results:
             if not item.future.done():
                 item.future.set_result(result)
