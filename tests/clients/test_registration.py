@@ -1,0 +1,425 @@
+"""Dynamic client registration (RFC 7591) and management (RFC 7592) over HTTP.
+
+Registration needs an initial access token (RFC 7591 §3); bad metadata is ``invalid_client_metadata``
+or ``invalid_redirect_uri`` (§3.2.2) and writes nothing. Management needs the client's registration
+access token; anything else is ``invalid_token`` (RFC 7592 §3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from tests.conftest import EXECUTION, LEI, ClientKit, jwks_for, new_ec_key
+from tests.protocol_server import DATABASES, Server, basic, running_server
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=DATABASES)
+async def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Server]:
+    async with running_server(request, tmp_path_factory) as started:
+        yield started
+
+
+def metadata(**overrides: Any) -> dict[str, Any]:
+    """Valid private_key_jwt metadata; a member set to None is removed."""
+    body: dict[str, Any] = {
+        "client_name": "registered over http",
+        "lei": LEI,
+        "scope": "order:create order:cancel",
+        "allowed_resources": [EXECUTION],
+        "jwks": jwks_for(new_ec_key()),
+    }
+    body.update(overrides)
+    return {k: v for k, v in body.items() if v is not None}
+
+
+def secret_metadata(method: str = "client_secret_basic", **overrides: Any) -> dict[str, Any]:
+    return metadata(**{"token_endpoint_auth_method": method, "jwks": None, **overrides})
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def initial_token(server: Server, **kw: Any) -> str:
+    return await server.services.clients.create_initial_access_token("tests", **kw)
+
+
+async def client_count(server: Server) -> int:
+    return len(await server.services.clients.list())
+
+
+def error_of(response: httpx.Response) -> tuple[int, str]:
+    return response.status_code, response.json().get("error")
+
+
+async def registered(server: Server, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    response = await server.http.post(
+        "/register", json=body or metadata(), headers=bearer(await initial_token(server))
+    )
+    assert response.status_code == 201, response.text
+    return dict(response.json())
+
+
+# --------------------------------------------------------------------------- RFC 7591: the token
+
+AuthCase = Callable[[Server], Awaitable[dict[str, str]]]
+
+
+async def _no_authorization(s: Server) -> dict[str, str]:
+    return {}
+
+
+async def _basic_scheme(s: Server) -> dict[str, str]:
+    return basic("someone", await initial_token(s))
+
+
+async def _empty_bearer(s: Server) -> dict[str, str]:
+    return {"Authorization": "Bearer "}
+
+
+async def _unknown_token(s: Server) -> dict[str, str]:
+    return bearer("not-an-initial-access-token")
+
+
+async def _expired_token(s: Server) -> dict[str, str]:
+    return bearer(await initial_token(s, ttl=-1))
+
+
+async def _used_up_token(s: Server) -> dict[str, str]:
+    token = await initial_token(s, max_uses=1)
+    first = await s.http.post("/register", json=metadata(), headers=bearer(token))
+    assert first.status_code == 201, first.text
+    return bearer(token)
+
+
+async def _registration_access_token(s: Server) -> dict[str, str]:
+    """A client's registration access token is not an initial access token."""
+    return bearer((await registered(s))["registration_access_token"])
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(_no_authorization, id="no-authorization"),
+        pytest.param(_basic_scheme, id="basic-scheme"),
+        pytest.param(_empty_bearer, id="empty-bearer"),
+        pytest.param(_unknown_token, id="unknown-token"),
+        pytest.param(_expired_token, id="expired-token"),
+        pytest.param(_used_up_token, id="used-up-token"),
+        pytest.param(_registration_access_token, id="registration-access-token"),
+    ],
+)
+async def test_registration_without_valid_initial_token(server: Server, case: AuthCase) -> None:
+    headers = await case(server)
+    before = await client_count(server)
+    response = await server.http.post("/register", json=metadata(), headers=headers)
+    assert error_of(response) == (401, "invalid_token"), response.text
+    assert response.headers["www-authenticate"].startswith("Bearer ")
+    assert await client_count(server) == before
+
+
+# --------------------------------------------------------------------------- RFC 7591: metadata
+
+
+def _jwk(**extra: Any) -> dict[str, Any]:
+    return {"keys": [{**jwks_for(new_ec_key())["keys"][0], **extra}]}
+
+
+def body(doc: Any) -> dict[str, Any]:
+    return {"json": doc}
+
+
+BAD_METADATA = [
+    pytest.param(
+        body(metadata(jwks=_jwk(d="AAAA"))), "invalid_client_metadata", id="jwks-private-d"
+    ),
+    pytest.param(
+        body(metadata(jwks={"keys": [{"kty": "oct", "k": "c2VjcmV0"}]})),
+        "invalid_client_metadata",
+        id="jwks-symmetric-key",
+    ),
+    pytest.param(
+        body(metadata(jwks_uri="https://keys.example/jwks")),
+        "invalid_client_metadata",
+        id="jwks-and-jwks_uri",
+    ),
+    pytest.param(
+        body(metadata(jwks=None, jwks_uri="http://keys.example/jwks")),
+        "invalid_client_metadata",
+        id="jwks_uri-not-https",
+    ),
+    pytest.param(
+        body(metadata(jwks=_jwk(crv=["P-256"]))), "invalid_client_metadata", id="jwk-crv-array"
+    ),
+    pytest.param(
+        body(metadata(jwks={"keys": ["x"]})), "invalid_client_metadata", id="jwk-not-object"
+    ),
+    pytest.param(
+        body(metadata(jwks=None)), "invalid_client_metadata", id="private_key_jwt-no-keys"
+    ),
+    pytest.param(
+        body(secret_metadata(jwks=jwks_for(new_ec_key()))),
+        "invalid_client_metadata",
+        id="secret-client-with-keys",
+    ),
+    pytest.param(
+        body(metadata(lei="5493001KJTIIGC8Y1R13")), "invalid_client_metadata", id="lei-check-digits"
+    ),
+    pytest.param(body(metadata(lei="not-a-lei")), "invalid_client_metadata", id="lei-malformed"),
+    pytest.param(body(metadata(lei=None)), "invalid_client_metadata", id="lei-missing"),
+    pytest.param(
+        body(metadata(scope="order:teleport")), "invalid_client_metadata", id="unknown-scope"
+    ),
+    pytest.param(
+        body(metadata(allowed_resources=["https://unknown.example/api"])),
+        "invalid_client_metadata",
+        id="unknown-resource",
+    ),
+    pytest.param(
+        body(metadata(grant_types=["password"])), "invalid_client_metadata", id="unsupported-grant"
+    ),
+    pytest.param(
+        body(metadata(token_endpoint_auth_method="none")),
+        "invalid_client_metadata",
+        id="auth-method-none",
+    ),
+    pytest.param(
+        body(metadata(client_name=42)), "invalid_client_metadata", id="client_name-number"
+    ),
+    pytest.param(body([metadata()]), "invalid_client_metadata", id="json-array"),
+    pytest.param(
+        {"content": b"{not json", "headers": {"content-type": "application/json"}},
+        "invalid_client_metadata",
+        id="non-json-body",
+    ),
+    pytest.param(
+        {"content": b'{"lei": "\xff\xfe"}', "headers": {"content-type": "application/json"}},
+        "invalid_client_metadata",
+        id="invalid-utf8",
+    ),
+    pytest.param(
+        {
+            "content": b'{"pad": "' + b"x" * 70_000 + b'"}',
+            "headers": {"content-type": "application/json"},
+        },
+        "invalid_client_metadata",
+        id="body-over-64-KiB",
+    ),
+    pytest.param(
+        {"data": {"lei": LEI, "scope": "order:create"}},
+        "invalid_client_metadata",
+        id="form-content-type",
+    ),
+    pytest.param({"content": b"", "headers": {}}, "invalid_client_metadata", id="no-content-type"),
+    pytest.param(
+        body(metadata(redirect_uris=["http://client.example/cb"])),
+        "invalid_redirect_uri",
+        id="redirect-http-not-loopback",
+    ),
+    pytest.param(
+        body(metadata(redirect_uris=["https://client.example/cb#frag"])),
+        "invalid_redirect_uri",
+        id="redirect-fragment",
+    ),
+    pytest.param(
+        body(metadata(redirect_uris=["https://*.client.example/cb"])),
+        "invalid_redirect_uri",
+        id="redirect-wildcard",
+    ),
+    pytest.param(
+        body(metadata(redirect_uris=["/cb"])), "invalid_redirect_uri", id="redirect-relative"
+    ),
+]
+
+
+@pytest.mark.parametrize(("request_kwargs", "error"), BAD_METADATA)
+async def test_bad_metadata_is_refused_and_nothing_is_written(
+    server: Server, request_kwargs: dict[str, Any], error: str
+) -> None:
+    token = await initial_token(server, max_uses=1)
+    before = await client_count(server)
+    kwargs = {**request_kwargs, "headers": {**request_kwargs.get("headers", {}), **bearer(token)}}
+    response = await server.http.post("/register", **kwargs)
+    assert error_of(response) == (400, error), response.text
+    assert await client_count(server) == before
+    # the single-use initial access token was not spent either
+    again = await server.http.post("/register", json=metadata(), headers=bearer(token))
+    assert again.status_code == 201, again.text
+
+
+# --------------------------------------------------------------------------- RFC 7591: success
+
+
+async def test_registered_private_key_jwt_client_gets_tokens(server: Server) -> None:
+    key = new_ec_key()
+    sent = metadata(jwks=jwks_for(key), introspection_resources=[EXECUTION])
+    before = await client_count(server)
+    response = await server.http.post(
+        "/register", json=sent, headers=bearer(await initial_token(server))
+    )
+    assert response.status_code == 201, response.text
+    assert response.headers["cache-control"] == "no-store"
+    reg = response.json()
+    client_id = reg["client_id"]
+    assert reg["registration_client_uri"] == f"{server.issuer}/register/{client_id}"
+    assert reg["registration_access_token"]
+    assert "client_secret" not in reg
+    assert {name: reg[name] for name in sent} == sent
+    assert reg["token_endpoint_auth_method"] == "private_key_jwt"
+    assert reg["grant_types"] == ["client_credentials"]
+    assert await client_count(server) == before + 1
+    kit = ClientKit(client_id, key, server.issuer)
+    assert (await server.token(kit)).status_code == 200
+
+
+@pytest.mark.parametrize("method", ["client_secret_basic", "client_secret_post"])
+async def test_registered_secret_client_gets_tokens(server: Server, method: str) -> None:
+    reg = await registered(server, secret_metadata(method))
+    client_id, secret = reg["client_id"], reg["client_secret"]
+    assert reg["token_endpoint_auth_method"] == method
+    assert reg["client_secret_expires_at"] == 0
+    form = {"grant_type": "client_credentials", "scope": "order:create", "resource": EXECUTION}
+    if method == "client_secret_basic":
+        response = await server.http.post("/token", data=form, headers=basic(client_id, secret))
+    else:
+        form |= {"client_id": client_id, "client_secret": secret}
+        response = await server.http.post("/token", data=form)
+    assert response.status_code == 200, response.text
+
+
+# --------------------------------------------------------------------------- RFC 7592
+
+
+async def test_read_with_registration_access_token(server: Server) -> None:
+    reg = await registered(server, secret_metadata())
+    response = await server.http.get(
+        reg["registration_client_uri"], headers=bearer(reg["registration_access_token"])
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["cache-control"] == "no-store"
+    read = response.json()
+    assert read["client_id"] == reg["client_id"]
+    assert read["registration_client_uri"] == reg["registration_client_uri"]
+    assert read["scope"] == reg["scope"]
+    assert "client_secret" not in read
+    assert "registration_access_token" not in read
+
+
+ManagementCase = Callable[[dict[str, Any], dict[str, Any]], tuple[str, dict[str, str]]]
+
+REFUSED_MANAGEMENT = [
+    pytest.param(lambda a, b: (a["client_id"], {}), id="no-token"),
+    pytest.param(lambda a, b: (a["client_id"], bearer("wrong")), id="wrong-token"),
+    pytest.param(
+        lambda a, b: (a["client_id"], bearer(b["registration_access_token"])),
+        id="another-clients-token",
+    ),
+    pytest.param(
+        lambda a, b: ("tp-unknown", bearer(a["registration_access_token"])), id="unknown-client"
+    ),
+    pytest.param(
+        lambda a, b: ("tp-%00", bearer(a["registration_access_token"])), id="NUL-in-client_id"
+    ),
+    pytest.param(
+        lambda a, b: ("x" * 300, bearer(a["registration_access_token"])), id="overlong-client_id"
+    ),
+]
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
+@pytest.mark.parametrize("case", REFUSED_MANAGEMENT)
+async def test_management_without_the_clients_token(
+    server: Server, case: ManagementCase, method: str
+) -> None:
+    a, b = await registered(server), await registered(server)
+    client_id, headers = case(a, b)
+    body = metadata(client_id=a["client_id"]) if method == "PUT" else None
+    response = await server.http.request(
+        method, f"/register/{client_id}", json=body, headers=headers
+    )
+    assert error_of(response) == (401, "invalid_token"), response.text
+    assert response.headers["www-authenticate"].startswith("Bearer ")
+    assert server.services.clients.registry.get(a["client_id"]) is not None
+
+
+async def test_put_replaces_metadata(server: Server) -> None:
+    key = new_ec_key()
+    reg = await registered(server, metadata(jwks=jwks_for(key)))
+    replacement = metadata(
+        client_id=reg["client_id"], client_name="renamed", scope="order:create", jwks=jwks_for(key)
+    )
+    response = await server.http.put(
+        reg["registration_client_uri"],
+        json=replacement,
+        headers=bearer(reg["registration_access_token"]),
+    )
+    assert response.status_code == 200, response.text
+    updated = response.json()
+    assert (updated["client_name"], updated["scope"]) == ("renamed", "order:create")
+    kit = ClientKit(reg["client_id"], key, server.issuer)
+    assert error_of(await server.token(kit, scope="order:cancel")) == (400, "invalid_scope")
+    assert (await server.token(kit, scope="order:create")).status_code == 200
+
+
+PutCase = Callable[[dict[str, Any]], dict[str, Any]]
+
+REFUSED_PUT = [
+    pytest.param(lambda r: metadata(client_id="tp-another"), id="client_id-differs"),
+    pytest.param(lambda r: metadata(), id="client_id-missing"),
+    pytest.param(
+        lambda r: metadata(
+            client_id=r["client_id"], registration_access_token=r["registration_access_token"]
+        ),
+        id="registration_access_token-sent",
+    ),
+    pytest.param(
+        lambda r: metadata(client_id=r["client_id"], client_id_issued_at=r["client_id_issued_at"]),
+        id="client_id_issued_at-sent",
+    ),
+    pytest.param(lambda r: secret_metadata(client_id=r["client_id"]), id="auth-method-changed"),
+    pytest.param(
+        lambda r: metadata(client_id=r["client_id"], lei="5493001KJTIIGC8Y1R13"), id="invalid-lei"
+    ),
+    pytest.param(lambda r: [r["client_id"]], id="json-array"),
+]
+
+
+@pytest.mark.parametrize("case", REFUSED_PUT)
+async def test_put_refused_leaves_client_unchanged(server: Server, case: PutCase) -> None:
+    reg = await registered(server)
+    response = await server.http.put(
+        reg["registration_client_uri"],
+        json=case(reg),
+        headers=bearer(reg["registration_access_token"]),
+    )
+    assert error_of(response) == (400, "invalid_client_metadata"), response.text
+    client = server.services.clients.registry.get(reg["client_id"])
+    assert client is not None
+    assert client.metadata["client_name"] == reg["client_name"]
+    assert client.auth_method == "private_key_jwt"
+
+
+async def test_delete_ends_the_client(server: Server) -> None:
+    key = new_ec_key()
+    reg = await registered(server, metadata(jwks=jwks_for(key)))
+    kit = ClientKit(reg["client_id"], key, server.issuer)
+    assert (await server.token(kit)).status_code == 200
+    before = await client_count(server)
+    headers = bearer(reg["registration_access_token"])
+    response = await server.http.delete(reg["registration_client_uri"], headers=headers)
+    assert response.status_code == 204, response.text
+    assert await client_count(server) == before - 1
+    assert error_of(await server.token(kit)) == (401, "invalid_client")
+    read = await server.http.get(reg["registration_client_uri"], headers=headers)
+    assert error_of(read) == (401, "invalid_token")
+    again = await server.http.delete(reg["registration_client_uri"], headers=headers)
+    assert error_of(again) == (401, "invalid_token")

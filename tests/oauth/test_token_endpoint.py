@@ -1,0 +1,317 @@
+"""The token endpoint over HTTP (RFC 6749 §3.2, §4.4, §5; RFC 8707; RFC 9068): one case per MUST.
+
+Every refusal is asserted by status and exact ``error`` code; no input may produce a 500.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+from urllib.parse import urlencode
+
+import httpx
+import jwt
+import pytest
+import pytest_asyncio
+
+from tests.conftest import CLEARING, EXECUTION, LEI, ClientKit, register_kit
+from tests.protocol_server import DATABASES, Server, running_server, store_client
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+FORM = "application/x-www-form-urlencoded"
+Pairs = list[tuple[str, str]]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=DATABASES)
+async def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Server]:
+    async with running_server(request, tmp_path_factory) as started:
+        yield started
+
+
+def error_of(response: httpx.Response) -> tuple[int, str]:
+    return response.status_code, response.json().get("error")
+
+
+# --------------------------------------------------------------------------- success
+
+
+async def test_issued_token_response_and_jwt(server: Server) -> None:
+    response = await server.token(scope="order:create order:cancel")
+    assert response.status_code == 200, response.text
+    assert response.headers["cache-control"] == "no-store"
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"access_token", "token_type", "expires_in", "scope"}
+    assert (body["token_type"], body["expires_in"]) == ("Bearer", 300)
+    assert body["scope"] == "order:create order:cancel"
+
+    jwks = (await server.http.get("/jwks")).json()
+    header = jwt.get_unverified_header(body["access_token"])
+    assert header["typ"] == "at+jwt"
+    assert header["alg"] in ("ES256", "EdDSA", "PS256")
+    assert header["kid"] in {key["kid"] for key in jwks["keys"]}
+    claims = jwt.decode(
+        body["access_token"],
+        jwt.PyJWKSet.from_dict(jwks)[header["kid"]],
+        algorithms=[header["alg"]],
+        audience=EXECUTION,
+        issuer=server.issuer,
+        options={"require": ["iss", "sub", "aud", "exp", "iat", "jti"]},
+    )
+    assert claims["aud"] == EXECUTION  # one audience, a string, not an array
+    assert claims["sub"] == claims["client_id"] == server.kit.client_id
+    assert claims["scope"] == "order:create order:cancel"
+    assert claims["lei"] == LEI
+    assert claims["exp"] - claims["iat"] == 300
+    assert isinstance(claims["jti"], str)
+    assert len(claims["jti"]) >= 16
+
+
+async def test_each_token_has_its_own_jti(server: Server) -> None:
+    tokens = [await server.access_token() for _ in range(2)]
+    jtis = {jwt.decode(t, options={"verify_signature": False})["jti"] for t in tokens}
+    assert len(jtis) == 2
+
+
+async def test_form_content_type_with_charset_is_accepted(server: Server) -> None:
+    pairs = [
+        ("grant_type", "client_credentials"),
+        ("scope", "order:create"),
+        ("resource", EXECUTION),
+    ]
+    pairs += list(server.kit.auth().items())
+    response = await server.http.post(
+        "/token", content=urlencode(pairs), headers={"content-type": f"{FORM}; charset=UTF-8"}
+    )
+    assert response.status_code == 200, response.text
+
+
+# --------------------------------------------------------------------------- malformed requests
+
+
+def base(kit: ClientKit, **drop_or_set: str | None) -> Pairs:
+    values: dict[str, str | None] = {
+        "grant_type": "client_credentials",
+        "scope": "order:create",
+        "resource": EXECUTION,
+        **kit.auth(),
+    }
+    values.update(drop_or_set)
+    return [(k, v) for k, v in values.items() if v is not None]
+
+
+def raw(body: str | bytes, content_type: str | None = FORM) -> dict[str, Any]:
+    headers = {"content-type": content_type} if content_type else {}
+    return {"content": body, "headers": headers}
+
+
+RequestCase = Callable[[ClientKit], dict[str, Any]]
+
+MALFORMED = [
+    pytest.param(
+        lambda k: raw(urlencode(base(k)), None), 400, "invalid_request", id="no-content-type"
+    ),
+    pytest.param(lambda k: {"json": dict(base(k))}, 400, "invalid_request", id="json-body"),
+    pytest.param(
+        lambda k: raw(urlencode(base(k)), "text/plain"), 400, "invalid_request", id="text-plain"
+    ),
+    pytest.param(
+        lambda k: {"data": dict(base(k)), "files": {"f": b"x"}},
+        400,
+        "invalid_request",
+        id="multipart-form-data",
+    ),
+    pytest.param(
+        lambda k: raw(urlencode([*base(k), ("grant_type", "client_credentials")])),
+        400,
+        "invalid_request",
+        id="repeated-grant_type",
+    ),
+    pytest.param(
+        lambda k: raw(urlencode([*base(k), ("scope", "order:cancel")])),
+        400,
+        "invalid_request",
+        id="repeated-scope",
+    ),
+    pytest.param(
+        lambda k: raw(urlencode([*base(k), ("client_assertion", k.assertion())])),
+        400,
+        "invalid_request",
+        id="repeated-client_assertion",
+    ),
+    pytest.param(
+        lambda k: raw(urlencode(base(k, grant_type=None))),
+        400,
+        "invalid_request",
+        id="missing-grant_type",
+    ),
+    pytest.param(
+        lambda k: raw(urlencode(base(k, grant_type=""))),
+        400,
+        "invalid_request",
+        id="empty-grant_type",
+    ),
+    pytest.param(
+        lambda k: raw(urlencode(base(k, grant_type="urn:example:magic"))),
+        400,
+        "unsupported_grant_type",
+        id="unknown-grant_type",
+    ),
+    pytest.param(
+        lambda k: raw(urlencode(base(k, grant_type="password"))),
+        400,
+        "unsupported_grant_type",
+        id="password-grant_type",
+    ),
+    pytest.param(
+        lambda k: raw(urlencode(base(k, grant_type="authorization_code"))),
+        400,
+        "unsupported_grant_type",
+        id="authorization_code-grant_type",
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "status", "error"), MALFORMED)
+async def test_malformed_token_request(
+    server: Server, case: RequestCase, status: int, error: str
+) -> None:
+    response = await server.http.post("/token", **case(server.kit))
+    assert error_of(response) == (status, error), response.text
+    assert response.headers["cache-control"] == "no-store"
+
+
+HOSTILE = [
+    pytest.param(
+        lambda k: raw(urlencode([*base(k), ("pad", "x" * 70_000)])),
+        400,
+        "invalid_request",
+        id="body-over-64-KiB",
+    ),
+    pytest.param(
+        lambda k: raw(urlencode(base(k)).encode() + b"&note=\xff\xfe\xc3"),
+        400,
+        "invalid_request",
+        id="invalid-utf8",
+    ),
+    pytest.param(
+        lambda k: raw(urlencode([*base(k), *((f"f{i}", "1") for i in range(100))])),
+        400,
+        "invalid_request",
+        id="100-fields",
+    ),
+    pytest.param(
+        lambda k: raw(b"\x00\x01\x02&&&=%%%"), 400, "invalid_request", id="binary-garbage"
+    ),
+    pytest.param(lambda k: raw(b""), 400, "invalid_request", id="empty-body"),
+    pytest.param(
+        lambda k: raw(urlencode(base(k, scope="%ff"))), 400, "invalid_scope", id="scope-bad-percent"
+    ),
+    pytest.param(
+        lambda k: raw(urlencode(base(k, scope=" ".join(f"s{i}:x" for i in range(1000))))),
+        400,
+        "invalid_scope",
+        id="thousand-scopes",
+    ),
+    pytest.param(
+        lambda k: raw(urlencode(base(k, client_assertion="é.é.é"))),
+        401,
+        "invalid_client",
+        id="non-ascii-assertion",
+    ),
+    pytest.param(
+        lambda k: raw(
+            urlencode(
+                [
+                    *base(k, client_assertion=None, client_assertion_type=None),
+                    ("client_id", "\x00"),
+                    ("client_secret", "\x00"),
+                ]
+            )
+        ),
+        401,
+        "invalid_client",
+        id="NUL-client_id-and-secret",
+    ),
+    pytest.param(
+        lambda k: {
+            "content": urlencode(base(k, client_assertion=None, client_assertion_type=None)),
+            "headers": {"content-type": FORM, "authorization": "Bearer abc"},
+        },
+        401,
+        "invalid_client",
+        id="bearer-instead-of-client-auth",
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "status", "error"), HOSTILE)
+async def test_hostile_input_never_500(
+    server: Server, case: RequestCase, status: int, error: str
+) -> None:
+    response = await server.http.post("/token", **case(server.kit))
+    assert error_of(response) == (status, error), response.text
+
+
+# --------------------------------------------------------------------------- grant, scope, resource
+
+
+async def test_client_not_registered_for_client_credentials(server: Server) -> None:
+    """Registration accepts only client_credentials today, so the stored metadata is edited."""
+    kit = await register_kit(server.services)
+    client = server.services.clients.registry.get(kit.client_id)
+    assert client is not None
+    metadata = {**client.metadata, "grant_types": ["authorization_code"]}
+    await store_client(server.services, dataclasses.replace(client, metadata=metadata))
+    assert error_of(await server.token(kit)) == (400, "unauthorized_client")
+
+
+SCOPES = [
+    pytest.param(None, id="missing"),
+    pytest.param("   ", id="blank"),
+    pytest.param("order:teleport", id="unknown"),
+    pytest.param("order:create order:teleport", id="one-of-two-unknown"),
+    pytest.param("report:view", id="not-allowed-for-client"),
+    pytest.param("settlement:submit", id="not-accepted-by-resource"),
+    pytest.param("order:create settlement:submit", id="one-not-accepted-by-resource"),
+]
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+async def test_invalid_scope(server: Server, scope: str | None) -> None:
+    response = await server.token(scope=scope)
+    assert error_of(response) == (400, "invalid_scope"), response.text
+
+
+RESOURCES = [
+    pytest.param([EXECUTION, CLEARING], id="two-resources"),
+    pytest.param([EXECUTION, EXECUTION], id="same-resource-twice"),
+    pytest.param("https://unknown.example/api", id="unknown"),
+    pytest.param("https://reporting.example/api", id="not-allowed-for-client"),
+    pytest.param("/api", id="relative"),
+    pytest.param("execution.example/api", id="no-scheme"),
+    pytest.param(EXECUTION + "#orders", id="fragment"),
+    pytest.param(EXECUTION + "/", id="not-byte-equal"),
+    pytest.param(None, id="missing-with-several-allowed"),
+]
+
+
+@pytest.mark.parametrize("resource", RESOURCES)
+async def test_invalid_target(server: Server, resource: str | list[str] | None) -> None:
+    response = await server.token(resource=resource)
+    assert error_of(response) == (400, "invalid_target"), response.text
+
+
+async def test_single_allowed_resource_is_the_default(server: Server) -> None:
+    kit = await register_kit(
+        server.services,
+        scope="settlement:submit",
+        allowed_resources=[CLEARING],
+        introspection_resources=[],
+    )
+    token = await server.access_token(kit, resource=None, scope="settlement:submit")
+    assert jwt.decode(token, options={"verify_signature": False})["aud"] == CLEARING

@@ -1,0 +1,312 @@
+"""GroupCommitWriter: per-item results, batching, fail-closed batches, draining on stop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from trustplane.storage import generations
+from trustplane.storage.db import Database
+from trustplane.storage.writer import GroupCommitWriter, WriterUnavailable
+
+
+class Recorder:
+    """A handler that writes one generation row per payload and records each batch it is given.
+
+    While ``gate`` is clear the handler waits, so that later submissions pile up in the queue."""
+
+    def __init__(self, name: str, log: list[tuple[str, list[Any]]]) -> None:
+        self.name, self.log = name, log
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def __call__(self, conn: AsyncConnection, payloads: Sequence[Any]) -> list[str]:
+        self.log.append((self.name, list(payloads)))
+        await self.gate.wait()
+        for payload in payloads:
+            await generations.bump(conn, f"{self.name}-{payload}")
+        return [f"{self.name}:{p}" for p in payloads]
+
+
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[Database]:
+    database = Database(db_url)
+    yield database
+    await database.dispose()
+
+
+@pytest.fixture
+async def writer(db: Database) -> AsyncIterator[GroupCommitWriter]:
+    w = GroupCommitWriter(db)
+    yield w
+    await w.stop()
+
+
+async def committed(db: Database) -> dict[str, int]:
+    async with db.read() as conn:
+        return await generations.read_all(conn)
+
+
+async def settle(count: int) -> None:
+    """Let ``count`` submitted tasks reach the queue (no clock involved: just scheduler turns)."""
+    for _ in range(10 * count + 10):
+        await asyncio.sleep(0)
+
+
+async def test_each_submitter_gets_its_own_result_in_order(
+    db: Database, writer: GroupCommitWriter
+) -> None:
+    log: list[tuple[str, list[Any]]] = []
+    rows = Recorder("row", log)
+    writer.register("row", rows)
+    writer.start()
+
+    results = await asyncio.gather(*(writer.submit("row", i) for i in range(20)))
+
+    assert results == [f"row:{i}" for i in range(20)]
+    assert sorted(p for _, batch in log for p in batch) == list(range(20))
+    assert writer.items == 20
+    assert {f"row-{i}" for i in range(20)} <= (await committed(db)).keys()
+
+
+async def test_concurrent_submissions_share_a_batch(
+    db: Database, writer: GroupCommitWriter
+) -> None:
+    log: list[tuple[str, list[Any]]] = []
+    rows = Recorder("row", log)
+    writer.register("row", rows)
+    writer.start()
+    rows.gate.clear()
+    first = asyncio.create_task(writer.submit("row", 0))
+    await settle(1)  # batch [0] is now held inside the handler
+    rest = [asyncio.create_task(writer.submit("row", i)) for i in range(1, 30)]
+    await settle(30)
+
+    rows.gate.set()
+    results = await asyncio.gather(first, *rest)
+
+    assert results == [f"row:{i}" for i in range(30)]
+    assert [batch for _, batch in log] == [[0], list(range(1, 30))]
+    assert (writer.batches, writer.items) == (2, 30)
+
+
+async def test_kinds_run_in_registration_order_within_a_batch(writer: GroupCommitWriter) -> None:
+    log: list[tuple[str, list[Any]]] = []
+    gatekeeper, first, second = Recorder("gk", log), Recorder("a", log), Recorder("b", log)
+    writer.register("gk", gatekeeper)
+    writer.register("a", first)
+    writer.register("b", second)
+    writer.start()
+    gatekeeper.gate.clear()
+    held = asyncio.create_task(writer.submit("gk", 0))
+    await settle(1)
+    tasks = [
+        asyncio.create_task(writer.submit(kind, n))
+        for kind, n in (("b", 1), ("a", 2), ("b", 3), ("a", 4))
+    ]
+    await settle(4)
+
+    gatekeeper.gate.set()
+    results = await asyncio.gather(held, *tasks)
+
+    assert results == ["gk:0", "b:1", "a:2", "b:3", "a:4"]
+    assert log == [("gk", [0]), ("a", [2, 4]), ("b", [1, 3])]
+
+
+class WritesThenFails:
+    """A handler that writes its rows and then raises: the rows must not survive."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[Any]] = []
+
+    async def __call__(self, conn: AsyncConnection, payloads: Sequence[Any]) -> list[Any]:
+        self.calls.append(list(payloads))
+        for payload in payloads:
+            await generations.bump(conn, f"doomed-{payload}")
+        raise RuntimeError("disk on fire")
+
+
+async def _hold_then_batch(
+    writer: GroupCommitWriter, gatekeeper: Recorder, submissions: list[tuple[str, Any]]
+) -> list[Any]:
+    """Hold one batch in the handler, queue ``submissions`` behind it (one batch), release."""
+    gatekeeper.gate.clear()
+    held = asyncio.create_task(writer.submit("gk", "held"))
+    await settle(1)
+    tasks = [asyncio.create_task(writer.submit(kind, payload)) for kind, payload in submissions]
+    await settle(len(tasks))
+    gatekeeper.gate.set()
+    assert await held == "gk:held"
+    return list(await asyncio.gather(*tasks, return_exceptions=True))
+
+
+async def test_a_failing_handler_fails_every_item_and_commits_nothing(
+    db: Database, writer: GroupCommitWriter
+) -> None:
+    gatekeeper, doomed = Recorder("gk", []), WritesThenFails()
+    writer.register("gk", gatekeeper)
+    writer.register("doomed", doomed)
+    writer.start()
+
+    outcomes = await _hold_then_batch(writer, gatekeeper, [("doomed", i) for i in range(5)])
+
+    assert [type(o) for o in outcomes] == [WriterUnavailable] * 5
+    assert all(str(o) == "RuntimeError('disk on fire')" for o in outcomes)
+    assert doomed.calls[0] == [0, 1, 2, 3, 4]  # they really were one batch
+    state = await committed(db)
+    assert "gk-held" in state
+    assert not any(name.startswith("doomed-") for name in state)
+    assert writer.items == 1
+    # The writer survives a failed batch.
+    writer.register("row", Recorder("row", []))
+    assert await writer.submit("row", 99) == "row:99"
+    assert "row-99" in await committed(db)
+
+
+async def test_a_poison_item_fails_alone_and_the_rest_of_its_batch_commits(
+    db: Database, writer: GroupCommitWriter
+) -> None:
+    """A batch mixing good writes with one the database refuses: the batch's transaction fails,
+    the writer retries the items one by one, so only the poison item gets WriterUnavailable and
+    every other submitter gets its result with its row committed."""
+    gatekeeper, rows, doomed = Recorder("gk", []), Recorder("row", []), WritesThenFails()
+    writer.register("gk", gatekeeper)
+    writer.register("row", rows)
+    writer.register("doomed", doomed)
+    writer.start()
+    submissions = [("row", 0), ("row", 1), ("doomed", "x"), ("row", 2), ("gk", "late")]
+
+    outcomes = await _hold_then_batch(writer, gatekeeper, submissions)
+
+    state = await committed(db)
+    assert isinstance(outcomes[2], WriterUnavailable)
+    assert "doomed-x" not in state
+    assert doomed.calls == [["x"], ["x"]]  # once in the batch, once alone
+    good = [(k, p, o) for (k, p), o in zip(submissions, outcomes, strict=True) if k != "doomed"]
+    assert [o for _, _, o in good] == [f"{k}:{p}" for k, p, _ in good]
+    assert {f"{k}-{p}" for k, p, _ in good} <= state.keys()
+
+
+async def test_submit_while_stopping_is_refused(writer: GroupCommitWriter) -> None:
+    gatekeeper = Recorder("gk", [])
+    writer.register("gk", gatekeeper)
+    writer.start()
+    gatekeeper.gate.clear()
+    held = asyncio.create_task(writer.submit("gk", 0))
+    await settle(1)
+    stopping = asyncio.create_task(writer.stop())
+    await settle(1)
+
+    with pytest.raises(WriterUnavailable):
+        await writer.submit("gk", 1)
+    gatekeeper.gate.set()
+    assert await held == "gk:0"
+    await stopping
+
+
+async def test_a_handler_returning_the_wrong_number_of_results_fails_closed(
+    db: Database, writer: GroupCommitWriter
+) -> None:
+    async def short(conn: AsyncConnection, payloads: Sequence[Any]) -> list[Any]:
+        await generations.bump(conn, "short")
+        return []
+
+    writer.register("short", short)
+    writer.start()
+
+    with pytest.raises(WriterUnavailable):
+        await writer.submit("short", 1)
+    assert "short" not in await committed(db)
+
+
+async def test_unknown_kind_is_a_key_error(writer: GroupCommitWriter) -> None:
+    writer.register("row", Recorder("row", []))
+    writer.start()
+
+    with pytest.raises(KeyError, match=r"no handler registered for 'nope'"):
+        await writer.submit("nope", 1)
+    assert writer.items == 0
+
+
+async def test_submit_before_start_is_refused(writer: GroupCommitWriter) -> None:
+    writer.register("row", Recorder("row", []))
+
+    with pytest.raises(WriterUnavailable, match=r"^writer is not running$"):
+        await writer.submit("row", 1)
+
+
+async def test_stop_drains_what_is_queued(db: Database, writer: GroupCommitWriter) -> None:
+    log: list[tuple[str, list[Any]]] = []
+    rows = Recorder("row", log)
+    writer.register("row", rows)
+    writer.start()
+    rows.gate.clear()
+    tasks = [asyncio.create_task(writer.submit("row", i)) for i in range(10)]
+    await settle(10)
+    stopping = asyncio.create_task(writer.stop())
+    await settle(1)
+    assert not stopping.done()
+
+    rows.gate.set()
+    await stopping
+
+    assert [t.result() for t in tasks] == [f"row:{i}" for i in range(10)]
+    assert {f"row-{i}" for i in range(10)} <= (await committed(db)).keys()
+    with pytest.raises(WriterUnavailable):
+        await writer.submit("row", 11)
+    await writer.stop()  # stopping twice is harmless
+
+
+# --------------------------------------------------------------------------- generations
+
+
+async def test_generation_bump_and_read_all(db: Database) -> None:
+    async with db.read() as conn:
+        assert await generations.read_all(conn) == {}
+
+    async with db.transaction() as conn:
+        await generations.bump(conn, "keys")
+    async with db.transaction() as conn:
+        await generations.bump(conn, "keys")
+        await generations.bump(conn, "clients")
+        await generations.bump(conn, "keys")
+
+    assert await committed(db) == {"keys": 3, "clients": 1}
+
+
+async def test_generation_bump_is_rolled_back_with_its_transaction(db: Database) -> None:
+    async with db.transaction() as conn:
+        await generations.bump(conn, "keys")
+
+    async def bump_then_fail() -> None:
+        async with db.transaction() as conn:
+            await generations.bump(conn, "keys")
+            await generations.bump(conn, "clients")
+            raise RuntimeError("abort")
+
+    with pytest.raises(RuntimeError, match=r"^abort$"):
+        await bump_then_fail()
+
+    assert await committed(db) == {"keys": 1}
+
+
+@pytest.mark.postgres
+async def test_racing_first_bumps_on_postgresql(pg_url: str) -> None:
+    """Two transactions creating the same counter at once: both count, neither fails."""
+    dbs = [Database(pg_url), Database(pg_url)]
+    try:
+
+        async def bump(db: Database) -> None:
+            async with db.transaction() as conn:
+                await generations.bump(conn, "race")
+
+        await asyncio.gather(*(bump(dbs[i % 2]) for i in range(10)))
+
+        assert (await committed(dbs[0]))["race"] == 10
+    finally:
+        for db in dbs:
+            await db.dispose()
