@@ -72,7 +72,9 @@ async def consume_batch(conn: AsyncConnection, uses: Sequence[_Use]) -> list[boo
     for i, use in enumerate(uses):
         first.setdefault((use.issuer, use.jti), i)
     params: dict[str, object] = {"now": int(time.time())}
-    for k, i in enumerate(first.values()):
+    # Sorted, so that two processes upserting overlapping batches lock rows in the same order and
+    # cannot deadlock on PostgreSQL.
+    for k, i in enumerate(first[key] for key in sorted(first)):
         params[f"i{k}"], params[f"j{k}"], params[f"e{k}"] = (
             uses[i].issuer,
             uses[i].jti,

@@ -1,0 +1,129 @@
+"""Single-use things stay single-use across processes: two live servers share one PostgreSQL database
+(and, in the Redis variant, one Redis replay cache), and many requests race for the same thing."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from sqlalchemy import select
+
+from tests.conftest import (
+    EXECUTION,
+    LEI,
+    REDIS_URL,
+    jwks_for,
+    new_ec_key,
+    require_service,
+    run_sync,
+)
+from tests.e2e.conftest import LiveServer, register_client, running_servers
+from trustplane.audit.tables import audit_events
+from trustplane.clients.tables import clients
+from trustplane.storage.db import Database
+
+pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
+
+RACERS = 40
+
+
+@pytest.fixture(
+    scope="module", params=["sql-replay", pytest.param("redis-replay", marks=pytest.mark.redis)]
+)
+def cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[LiveServer]]:
+    """Two servers, one PostgreSQL database, one KEK, one issuer."""
+    database_url: str = request.getfixturevalue("module_pg_url")
+    settings = {}
+    if request.param == "redis-replay":
+        require_service("Redis", "127.0.0.1", 6379)
+        settings["redis_url"] = REDIS_URL
+    with running_servers(tmp_path_factory.mktemp("cluster")) as servers:
+        yield servers.start_cluster(2, database_url, **settings)
+
+
+async def race(
+    servers: list[LiveServer], path: str, count: int, **request: Any
+) -> list[httpx.Response]:
+    """``count`` identical requests, alternating between the servers, released at the same moment
+    (connections are opened first so that the race is not decided by TCP set-up)."""
+    limits = httpx.Limits(max_connections=count, max_keepalive_connections=count)
+    http = [httpx.AsyncClient(base_url=s.base_url, timeout=30, limits=limits) for s in servers]
+    try:
+        await asyncio.gather(*(http[i % len(http)].get("/healthz") for i in range(count)))
+        start = asyncio.Event()
+
+        async def one(i: int) -> httpx.Response:
+            await start.wait()
+            return await http[i % len(http)].post(path, **request)
+
+        tasks = [asyncio.create_task(one(i)) for i in range(count)]
+        await asyncio.sleep(0)
+        start.set()
+        return await asyncio.gather(*tasks)
+    finally:
+        await asyncio.gather(*(client.aclose() for client in http))
+
+
+async def fetch_all(database_url: str, query: Any) -> list[Any]:
+    db = Database(database_url)
+    try:
+        async with db.read() as conn:
+            return list((await conn.execute(query)).scalars())
+    finally:
+        await db.dispose()
+
+
+def statuses(responses: list[httpx.Response]) -> collections.Counter[int]:
+    return collections.Counter(r.status_code for r in responses)
+
+
+def test_one_assertion_wins_once_across_servers(cluster: list[LiveServer]) -> None:
+    kit = register_client(*cluster)
+    form = {
+        "grant_type": "client_credentials",
+        "scope": "order:create",
+        "resource": EXECUTION,
+        **kit.auth(),
+    }
+
+    responses = run_sync(race(cluster, "/token", RACERS, data=form))
+
+    assert statuses(responses) == {200: 1, 401: RACERS - 1}
+    assert {r.json()["error"] for r in responses if r.status_code == 401} == {"invalid_client"}
+    (winner,) = (r.json()["access_token"] for r in responses if r.status_code == 200)
+    issued = audit_events.c
+    query = select(issued.jti).where(
+        issued.type == "oauth:token:issued", issued.client_id == kit.client_id
+    )
+    rows = run_sync(fetch_all(cluster[0].env["TRUSTPLANE_DATABASE_URL"], query))
+    assert rows == [jwt.decode(winner, options={"verify_signature": False})["jti"]]
+
+
+@pytest.mark.parametrize("cluster", ["sql-replay"], indirect=True)
+def test_single_use_registration_token_registers_once(cluster: list[LiveServer]) -> None:
+    created = cluster[0].cli_json("registration-token", "create", "--uses", "1")
+    name = f"registration race {uuid.uuid4().hex}"
+    metadata = {
+        "client_name": name,
+        "lei": LEI,
+        "scope": "order:create",
+        "allowed_resources": [EXECUTION],
+        "jwks": jwks_for(new_ec_key()),
+    }
+    bearer = {"Authorization": f"Bearer {created['initial_access_token']}"}
+
+    responses = run_sync(race(cluster, "/register", 20, json=metadata, headers=bearer))
+
+    assert statuses(responses) == {201: 1, 401: 19}
+    assert {r.json()["error"] for r in responses if r.status_code == 401} == {"invalid_token"}
+    (registered,) = (r.json()["client_id"] for r in responses if r.status_code == 201)
+    query = select(clients.c.client_id).where(clients.c.metadata.contains(f'"{name}"'))
+    assert run_sync(fetch_all(cluster[0].env["TRUSTPLANE_DATABASE_URL"], query)) == [registered]
