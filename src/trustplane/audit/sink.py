@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 import orjson
 import structlog
-from sqlalchemy import insert, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane.audit.events import AuditEvent
 from trustplane.audit.tables import audit_events
 from trustplane.storage.db import Database
+from trustplane.storage.driver_sql import values_clause
 from trustplane.storage.writer import GroupCommitWriter
 
 log = structlog.get_logger("trustplane.audit")
@@ -25,22 +27,32 @@ class AuditSink(Protocol):
     async def emit(self, event: AuditEvent) -> None: ...
 
 
-def _row(event: AuditEvent) -> dict[str, Any]:
-    return {
-        "event_id": event.event_id,
-        "type": str(event.type),
-        "time_ms": event.time,
-        "client_id": event.client_id,
-        "subject": event.subject,
-        "jti": event.jti,
-        "transaction_id": event.transaction_id,
-        "body": orjson.dumps(event.to_dict()).decode(),
-    }
+_COLUMNS = ("event_id", "type", "time_ms", "client_id", "subject", "jti", "transaction_id", "body")
+
+
+def _row(event: AuditEvent) -> tuple[Any, ...]:
+    return (
+        event.event_id,
+        event.type.value,
+        event.time,
+        event.client_id,
+        event.subject,
+        event.jti,
+        event.transaction_id,
+        orjson.dumps(event.to_dict()).decode(),
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _insert_sql(dialect: str) -> str:
+    values = values_clause(dialect, len(_COLUMNS), 1)
+    return f"INSERT INTO audit_events ({', '.join(_COLUMNS)}) VALUES {values}"  # noqa: S608 - constants
 
 
 async def write_events(conn: AsyncConnection, events: Sequence[AuditEvent]) -> list[None]:
-    """Batch handler for the group-commit writer: one multi-row insert."""
-    await conn.execute(insert(audit_events), [_row(e) for e in events])
+    """Append events in the caller's transaction (and batch handler for the group-commit writer):
+    one driver-level executemany."""
+    await conn.exec_driver_sql(_insert_sql(conn.dialect.name), [_row(e) for e in events])
     return [None] * len(events)
 
 

@@ -11,7 +11,7 @@ import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy import (
     BigInteger,
@@ -19,13 +19,12 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     String,
     Table,
-    TextClause,
     delete,
-    text,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane.storage.db import Database
+from trustplane.storage.driver_sql import placeholder, values_clause
 from trustplane.storage.metadata import metadata
 from trustplane.storage.writer import GroupCommitWriter
 
@@ -53,15 +52,13 @@ class _Use:
     expires_at: int
 
 
-@functools.lru_cache(maxsize=128)
-def _upsert(n: int) -> TextClause:
-    """One statement per batch size, so SQLAlchemy's compiled cache is hit (a multi-row ``insert()``
-    construct would be compiled anew on every batch). Same SQL on SQLite and PostgreSQL."""
-    rows = ", ".join(f"(:i{k}, :j{k}, :e{k})" for k in range(n))
-    return text(
-        f"INSERT INTO used_jtis (issuer, jti, expires_at) VALUES {rows} "  # noqa: S608 - placeholders only
+@functools.lru_cache(maxsize=256)
+def _upsert(dialect: str, n: int) -> str:
+    """One statement per batch size and dialect: claim each (issuer, jti) unless a live row holds it."""
+    return (
+        f"INSERT INTO used_jtis (issuer, jti, expires_at) VALUES {values_clause(dialect, 3, n)} "  # noqa: S608 - placeholders only
         "ON CONFLICT (issuer, jti) DO UPDATE SET expires_at = excluded.expires_at "
-        "WHERE used_jtis.expires_at < :now RETURNING issuer, jti"
+        f"WHERE used_jtis.expires_at < {placeholder(dialect, 3 * n + 1)} RETURNING issuer, jti"
     )
 
 
@@ -71,16 +68,16 @@ async def consume_batch(conn: AsyncConnection, uses: Sequence[_Use]) -> list[boo
     first: dict[tuple[str, str], int] = {}
     for i, use in enumerate(uses):
         first.setdefault((use.issuer, use.jti), i)
-    params: dict[str, object] = {"now": int(time.time())}
     # Sorted, so that two processes upserting overlapping batches lock rows in the same order and
     # cannot deadlock on PostgreSQL.
-    for k, i in enumerate(first[key] for key in sorted(first)):
-        params[f"i{k}"], params[f"j{k}"], params[f"e{k}"] = (
-            uses[i].issuer,
-            uses[i].jti,
-            uses[i].expires_at,
-        )
-    won = {(r[0], r[1]) for r in await conn.execute(_upsert(len(first)), params)}
+    params: list[object] = []
+    for key in sorted(first):
+        use = uses[first[key]]
+        params += (use.issuer, use.jti, use.expires_at)
+    params.append(int(time.time()))
+    sql = _upsert(conn.dialect.name, len(first))
+    rows: Any = await conn.exec_driver_sql(sql, tuple(params))
+    won = {(str(issuer), str(jti)) for issuer, jti in rows}
     return [first[(u.issuer, u.jti)] == i and (u.issuer, u.jti) in won for i, u in enumerate(uses)]
 
 
