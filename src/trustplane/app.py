@@ -36,6 +36,7 @@ from trustplane.oauth.discovery import server_metadata
 from trustplane.oauth.http import OAuthHttp
 from trustplane.oauth.introspection import IntrospectionService
 from trustplane.oauth.openapi import protocol_paths
+from trustplane.oauth.outcomes import OutcomeRecorder
 from trustplane.oauth.replay import RedisReplayCache, SqlReplayCache
 from trustplane.oauth.revocations import SqlRevocationStore
 from trustplane.oauth.scopes import Vocabulary, load_vocabulary
@@ -95,7 +96,7 @@ class Services:
         )
         remote = RemoteJwksCache()
         auth = ClientAuthenticator(settings, clients.registry, replay, remote)
-        token = TokenEndpoint(settings, auth, keys, vocabulary, audit)
+        token = TokenEndpoint(settings, auth, keys, vocabulary, audit, OutcomeRecorder(writer))
         introspection = IntrospectionService(
             settings, db, auth, keys, clients.registry, SqlRevocationStore(), audit
         )

@@ -116,7 +116,8 @@ async def _not_registered_for_grant(s: Server) -> httpx.Response:
 
 REFUSALS = [
     pytest.param(_bad_signature, "invalid_client", False, id="invalid_client-signature"),
-    pytest.param(_replayed_assertion, "invalid_client", False, id="invalid_client-replay"),
+    # A replay is refused after the signature was verified: the event names the client and the jti.
+    pytest.param(_replayed_assertion, "invalid_client", True, id="invalid_client-replay"),
     pytest.param(_no_client_authentication, "invalid_client", False, id="invalid_client-none"),
     pytest.param(_missing_grant_type, "invalid_request", False, id="invalid_request-grant_type"),
     pytest.param(_two_auth_methods, "invalid_request", False, id="invalid_request-two-methods"),

@@ -25,7 +25,7 @@ from trustplane.clients.service import ClientRegistry
 from trustplane.errors import InvalidClientError, InvalidRequestError
 from trustplane.jose.jws import JWSError, ParsedJWS, parse
 from trustplane.oauth.form import Form
-from trustplane.oauth.replay import ReplayCache
+from trustplane.oauth.replay import ReplayCache, ReplayUse
 from trustplane.settings import MAX_ASSERTION_LIFETIME, Settings
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -36,9 +36,13 @@ MAX_JTI = 256
 
 @dataclass(frozen=True, slots=True)
 class AuthenticatedClient:
+    """``pending_use`` is set when the caller asked to consume the assertion's ``jti`` itself (the
+    token endpoint does, to commit it together with the audit record); otherwise it is consumed."""
+
     client: Client
     method: str
     assertion_jti: str | None = None
+    pending_use: ReplayUse | None = None
 
 
 class ClientAuthenticator:
@@ -57,7 +61,9 @@ class ClientAuthenticator:
         )
         self._basic_challenge = {"WWW-Authenticate": 'Basic realm="trustplane", charset="UTF-8"'}
 
-    async def authenticate(self, form: Form, authorization: str | None) -> AuthenticatedClient:
+    async def authenticate(
+        self, form: Form, authorization: str | None, *, defer_replay: bool = False
+    ) -> AuthenticatedClient:
         basic = authorization is not None and authorization[:6].lower() == "basic "
         methods = [
             name
@@ -79,7 +85,7 @@ class ClientAuthenticator:
             return self._secret(
                 form.require("client_id"), form.require("client_secret"), "client_secret_post"
             )
-        return await self._private_key_jwt(form)
+        return await self._private_key_jwt(form, defer_replay)
 
     def _basic(self, authorization: str) -> AuthenticatedClient:
         """RFC 6749 §2.3.1: credentials are form-urlencoded, then base64. Failure: 401 + challenge."""
@@ -119,7 +125,7 @@ class ClientAuthenticator:
             )
         return client
 
-    async def _private_key_jwt(self, form: Form) -> AuthenticatedClient:
+    async def _private_key_jwt(self, form: Form, defer_replay: bool) -> AuthenticatedClient:
         if form.get("client_assertion_type") != ASSERTION_TYPE:
             raise InvalidRequestError(f"client_assertion_type must be {ASSERTION_TYPE}")
         try:
@@ -136,7 +142,10 @@ class ClientAuthenticator:
         self._check_header(jws)
         await self._check_signature(client, jws)
         jti, exp = self._check_claims(claims)
-        if not await self._replay.consume(client_id, jti, exp + self._settings.clock_skew):
+        use = ReplayUse(client_id, jti, int(exp) + self._settings.clock_skew)
+        if defer_replay and self._replay.deferrable:
+            return AuthenticatedClient(client, "private_key_jwt", jti, pending_use=use)
+        if not await self._replay.consume(use.issuer, use.jti, use.expires_at):
             raise InvalidClientError(
                 "client assertion was already used", debug=f"{client_id}: jti replay"
             )

@@ -40,16 +40,22 @@ used_jtis = Table(
 )
 
 
-class ReplayCache(Protocol):
-    async def consume(self, issuer: str, jti: str, expires_at: int) -> bool:
-        """True exactly once per (issuer, jti) until ``expires_at``; durable when it returns True."""
-
-
 @dataclass(frozen=True, slots=True)
-class _Use:
+class ReplayUse:
+    """One use of an assertion: ``jti`` from ``issuer``, remembered until ``expires_at``."""
+
     issuer: str
     jti: str
     expires_at: int
+
+
+class ReplayCache(Protocol):
+    #: True if a use can be handed to the group-commit writer together with other rows
+    #: (``consume_batch``) instead of being consumed on its own.
+    deferrable: bool
+
+    async def consume(self, issuer: str, jti: str, expires_at: int) -> bool:
+        """True exactly once per (issuer, jti) until ``expires_at``; durable when it returns True."""
 
 
 @functools.lru_cache(maxsize=256)
@@ -62,7 +68,7 @@ def _upsert(dialect: str, n: int) -> str:
     )
 
 
-async def consume_batch(conn: AsyncConnection, uses: Sequence[_Use]) -> list[bool]:
+async def consume_batch(conn: AsyncConnection, uses: Sequence[ReplayUse]) -> list[bool]:
     """One upsert for the whole batch. A row is (re)claimed only if absent or already expired; the
     first of several identical uses within a batch wins, the rest lose without touching the database."""
     first: dict[tuple[str, str], int] = {}
@@ -82,12 +88,14 @@ async def consume_batch(conn: AsyncConnection, uses: Sequence[_Use]) -> list[boo
 
 
 class SqlReplayCache:
+    deferrable = True
+
     def __init__(self, writer: GroupCommitWriter, db: Database) -> None:
         self._writer, self._db = writer, db
         writer.register(KIND, consume_batch)
 
     async def consume(self, issuer: str, jti: str, expires_at: int) -> bool:
-        return bool(await self._writer.submit(KIND, _Use(issuer, jti, expires_at)))
+        return bool(await self._writer.submit(KIND, ReplayUse(issuer, jti, expires_at)))
 
     async def prune(self) -> int:
         """Forget jtis whose assertions have expired (they would be refused on ``exp`` anyway)."""
@@ -99,6 +107,8 @@ class SqlReplayCache:
 
 
 class RedisReplayCache:
+    deferrable = False
+
     def __init__(self, url: str) -> None:
         from redis.asyncio import Redis
 

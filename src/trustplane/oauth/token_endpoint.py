@@ -14,6 +14,7 @@ from trustplane import metrics
 from trustplane.audit.events import AuditEvent, AuditEventType
 from trustplane.audit.sink import AuditSink
 from trustplane.errors import (
+    InvalidClientError,
     InvalidRequestError,
     OAuth2Error,
     UnauthorizedClientError,
@@ -22,6 +23,7 @@ from trustplane.errors import (
 from trustplane.keys.service import KeyService
 from trustplane.oauth.client_auth import AuthenticatedClient, ClientAuthenticator
 from trustplane.oauth.form import Form
+from trustplane.oauth.outcomes import Outcome, OutcomeRecorder
 from trustplane.oauth.resources import select_resource, select_scopes
 from trustplane.oauth.scopes import Vocabulary
 from trustplane.oauth.tokens import IssuedToken, issue_access_token
@@ -35,6 +37,11 @@ class Grant:
     token: IssuedToken
 
 
+def replayed() -> InvalidClientError:
+    """RFC 7523 §3 item 7: the assertion's jti was used before."""
+    return InvalidClientError("client assertion was already used", debug="jti replay")
+
+
 GrantHandler = Callable[[Form, AuthenticatedClient], Awaitable[Grant]]
 
 
@@ -46,9 +53,10 @@ class TokenEndpoint:
         keys: KeyService,
         vocabulary: Vocabulary,
         audit: AuditSink,
+        outcomes: OutcomeRecorder,
     ) -> None:
         self._settings, self._auth, self._keys = settings, authenticator, keys
-        self._vocabulary, self._audit = vocabulary, audit
+        self._vocabulary, self._audit, self._outcomes = vocabulary, audit, outcomes
         self.grants: dict[str, GrantHandler] = {"client_credentials": self._client_credentials}
 
     async def handle(self, form: Form, authorization: str | None) -> dict[str, Any]:
@@ -58,16 +66,23 @@ class TokenEndpoint:
         try:
             if grant_type is None:
                 raise InvalidRequestError("grant_type is required")
-            client = await self._auth.authenticate(form, authorization)
+            client = await self._auth.authenticate(form, authorization, defer_replay=True)
             handler = self.grants.get(grant_type)
             if handler is None:
                 raise UnsupportedGrantTypeError(f"grant_type {grant_type!r} is not supported"[:200])
             grant = await handler(form, client)
         except OAuth2Error as exc:
-            metrics.TOKEN_REFUSED.labels(error=exc.error).inc()
-            await self._audit.emit(self._refused(exc, form, client, grant_type))
+            await self._refuse(exc, form, client, grant_type)
             raise
-        await self._audit.emit(self._issued(grant.token, grant_type))
+        if client.pending_use is None:
+            await self._audit.emit(self._issued(grant.token, grant_type))
+        else:
+            replay = replayed()
+            issued = self._issued(grant.token, grant_type)
+            refused = self._refused(replay, form, client, grant_type)
+            if not await self._outcomes.record(Outcome(client.pending_use, issued, refused)):
+                metrics.TOKEN_REFUSED.labels(error=replay.error).inc()
+                raise replay
         metrics.TOKENS_ISSUED.labels(grant_type=grant_type).inc()
         body: dict[str, Any] = {
             "access_token": grant.token.token,
@@ -76,6 +91,30 @@ class TokenEndpoint:
             "scope": grant.token.claims["scope"],
         }
         return body
+
+    async def _refuse(
+        self,
+        exc: OAuth2Error,
+        form: Form,
+        client: AuthenticatedClient | None,
+        grant_type: str | None,
+    ) -> None:
+        """Audit a refusal; an authenticated request still consumes its assertion, and a replayed
+        assertion is refused as such (invalid_client) whatever else was wrong with the request."""
+        refused = self._refused(exc, form, client, grant_type)
+        if client is None or client.pending_use is None:
+            metrics.TOKEN_REFUSED.labels(error=exc.error).inc()
+            await self._audit.emit(refused)
+            return
+        replay = replayed()
+        outcome = Outcome(
+            client.pending_use, refused, self._refused(replay, form, client, grant_type)
+        )
+        if await self._outcomes.record(outcome):
+            metrics.TOKEN_REFUSED.labels(error=exc.error).inc()
+            return
+        metrics.TOKEN_REFUSED.labels(error=replay.error).inc()
+        raise replay from exc
 
     async def refuse_unparsed(self, exc: OAuth2Error) -> None:
         """A body that is not a valid form never reaches :meth:`handle`; it is a refusal all the

@@ -1,0 +1,61 @@
+"""The token endpoint's one durable write per request: the client assertion's ``jti`` and the audit
+record of what was decided, committed together through the group-commit writer.
+
+Either both are durable or neither is, and a request pays for one round trip to the writer instead of
+two. The ``jti`` is consumed whatever the decision (an assertion is single-use even when the request
+it came with is refused); if it had already been used, the request is refused as a replay and the
+replay, not the original decision, is what the audit record says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import structlog
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from trustplane.audit.events import AuditEvent
+from trustplane.audit.sink import write_events
+from trustplane.oauth.replay import ReplayUse, consume_batch
+from trustplane.storage.writer import GroupCommitWriter
+
+log = structlog.get_logger("trustplane.audit")
+KIND = "token_outcome"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """``use``: the jti still to consume (None if there is none or it was consumed already).
+    ``event`` is recorded if the use wins; ``replay_event`` if the jti had been used before."""
+
+    use: ReplayUse | None
+    event: AuditEvent
+    replay_event: AuditEvent
+
+
+async def record_batch(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> list[bool]:
+    """Batch handler: one replay upsert for every use, then one insert for the chosen events."""
+    uses = [o.use for o in outcomes if o.use is not None]
+    flags = iter(await consume_batch(conn, uses) if uses else [])
+    won = [next(flags) if o.use is not None else True for o in outcomes]
+    await write_events(
+        conn, [o.event if w else o.replay_event for o, w in zip(outcomes, won, strict=True)]
+    )
+    return won
+
+
+class OutcomeRecorder:
+    def __init__(self, writer: GroupCommitWriter) -> None:
+        self._writer = writer
+        writer.register(KIND, record_batch)
+
+    async def record(self, outcome: Outcome) -> bool:
+        """Durably record the outcome; False if the assertion turned out to be a replay."""
+        won = bool(await self._writer.submit(KIND, outcome))
+        event = outcome.event if won else outcome.replay_event
+        if event.decision == "deny":
+            log.info(
+                event.type.value, client_id=event.client_id, jti=event.jti, reason=event.reason
+            )
+        return won

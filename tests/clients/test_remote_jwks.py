@@ -1,0 +1,164 @@
+"""Clients registered with a ``jwks_uri``: fetched from registration metadata only, cached, refetched
+on an unknown ``kid`` at most once per ``min_refetch``, and anything unusable yields no keys."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import EXECUTION, LEI, ClientKit, jwks_for, new_ec_key
+from trustplane.app import Services
+from trustplane.clients.remote_jwks import MAX_JWKS_BYTES, RemoteJwksCache
+
+
+class JwksServer:
+    """A loopback HTTP server whose answer the test sets; it counts the requests it gets."""
+
+    def __init__(self) -> None:
+        self.body: bytes = b'{"keys": []}'
+        self.status = 200
+        self.hits = 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                server.hits += 1
+                self.send_response(server.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(server.body)))
+                self.end_headers()
+                self.wfile.write(server.body)
+
+            def log_message(self, *args: Any) -> None:
+                return None
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}/jwks.json"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def serve(self, jwks: dict[str, Any]) -> None:
+        self.body = json.dumps(jwks).encode()
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+@pytest.fixture
+def jwks_server() -> Iterator[JwksServer]:
+    server = JwksServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+async def cache() -> Any:
+    remote = RemoteJwksCache(ttl=300.0, min_refetch=60.0)
+    yield remote
+    await remote.aclose()
+
+
+async def test_keys_are_fetched_once_and_cached(
+    jwks_server: JwksServer, cache: RemoteJwksCache
+) -> None:
+    jwks_server.serve(jwks_for(new_ec_key(), kid="a"))
+    first = await cache.keys(jwks_server.url, "a")
+    again = await cache.keys(jwks_server.url, "a")
+    assert [k for k, _, _ in first] == ["a"]
+    assert again == first
+    assert jwks_server.hits == 1
+
+
+async def test_unknown_kid_refetches_but_at_most_once_per_interval(jwks_server: JwksServer) -> None:
+    remote = RemoteJwksCache(ttl=300.0, min_refetch=0.0)
+    jwks_server.serve(jwks_for(new_ec_key(), kid="a"))
+    await remote.keys(jwks_server.url, "a")
+    jwks_server.serve(jwks_for(new_ec_key(), kid="b"))
+    assert [k for k, _, _ in await remote.keys(jwks_server.url, "b")] == ["b"]
+    assert jwks_server.hits == 2
+    await remote.aclose()
+
+    limited = RemoteJwksCache(ttl=300.0, min_refetch=60.0)
+    await limited.keys(jwks_server.url, "b")
+    for _ in range(20):  # a flood of bogus kids does not turn into a flood of fetches
+        assert [k for k, _, _ in await limited.keys(jwks_server.url, "bogus")] == ["b"]
+    assert jwks_server.hits == 3
+    await limited.aclose()
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        pytest.param(500, b'{"keys": []}', id="server-error"),
+        pytest.param(200, b"not json", id="not-json"),
+        pytest.param(200, b'{"keys": "nope"}', id="wrong-shape"),
+        pytest.param(200, b"[" + b" " * MAX_JWKS_BYTES + b"]", id="oversized"),
+    ],
+)
+async def test_unusable_answers_give_no_keys(
+    jwks_server: JwksServer, cache: RemoteJwksCache, status: int, body: bytes
+) -> None:
+    jwks_server.status, jwks_server.body = status, body
+    assert await cache.keys(jwks_server.url, "a") == []
+
+
+async def test_private_members_in_a_remote_jwks_give_no_keys(
+    jwks_server: JwksServer, cache: RemoteJwksCache
+) -> None:
+    jwks = jwks_for(new_ec_key(), kid="a")
+    jwks["keys"][0]["d"] = "c2VjcmV0"
+    jwks_server.serve(jwks)
+    assert await cache.keys(jwks_server.url, "a") == []
+
+
+@pytest.fixture
+def loopback_services_settings(settings_factory: Callable[..., Any]) -> Any:
+    return settings_factory(allow_insecure_loopback_jwks_uri=True)
+
+
+async def test_a_jwks_uri_client_gets_a_token_and_its_key_rotation_is_followed(
+    jwks_server: JwksServer, loopback_services_settings: Any
+) -> None:
+    services = Services.build(loopback_services_settings)
+    await services.start()
+    try:
+        old_key, new_key = new_ec_key(), new_ec_key()
+        jwks_server.serve(jwks_for(old_key, kid="old"))
+        reg = await services.clients.register(
+            {
+                "lei": LEI,
+                "scope": "order:create",
+                "allowed_resources": [EXECUTION],
+                "jwks_uri": jwks_server.url,
+            },
+            initial_access_token=None,
+        )
+        old = ClientKit(reg.client.client_id, old_key, services.settings.issuer, kid="old")
+        new = ClientKit(reg.client.client_id, new_key, services.settings.issuer, kid="new")
+        form = {"grant_type": "client_credentials", "scope": "order:create", "resource": EXECUTION}
+
+        first = await services.token_endpoint.handle(_form({**form, **old.auth()}), None)
+        assert first["scope"] == "order:create"
+
+        jwks_server.serve(jwks_for(new_key, kid="new"))  # the client rotates its key
+        services.remote_jwks._min_refetch = 0.0  # let the unknown kid trigger a refetch now
+        second = await services.token_endpoint.handle(_form({**form, **new.auth()}), None)
+        assert second["scope"] == "order:create"
+        assert jwks_server.hits == 2
+    finally:
+        await services.stop()
+
+
+def _form(data: dict[str, str]) -> Any:
+    from trustplane.oauth.form import Form
+
+    return Form.parse(
+        httpx.QueryParams(data).__str__().encode(), "application/x-www-form-urlencoded"
+    )

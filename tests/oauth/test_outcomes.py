@@ -1,0 +1,76 @@
+"""The token endpoint's single durable write: the assertion's jti and the audit record together."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from tests.conftest import EXECUTION, ClientKit
+from trustplane.app import Services
+from trustplane.audit.events import AuditEvent, AuditEventType
+from trustplane.audit.sink import recent_events
+from trustplane.oauth.outcomes import Outcome
+from trustplane.oauth.replay import ReplayUse
+
+
+def _event(kind: AuditEventType, jti: str) -> AuditEvent:
+    return AuditEvent(
+        type=kind,
+        issuer="http://127.0.0.1:8000",
+        client_id="c",
+        jti=jti,
+        decision="allow" if kind is AuditEventType.TOKEN_ISSUED else "deny",
+    )
+
+
+async def test_a_refused_request_still_consumes_its_assertion(
+    http: httpx.AsyncClient, kit: ClientKit, services: Services
+) -> None:
+    auth = kit.auth()
+    bad = await http.post(
+        "/token",
+        data={
+            "grant_type": "client_credentials",
+            "scope": "report:view",
+            "resource": EXECUTION,
+            **auth,
+        },
+    )
+    again = await http.post(
+        "/token",
+        data={
+            "grant_type": "client_credentials",
+            "scope": "order:create",
+            "resource": EXECUTION,
+            **auth,
+        },
+    )
+
+    assert (bad.status_code, bad.json()["error"]) == (400, "invalid_scope")
+    assert (again.status_code, again.json()["error"]) == (401, "invalid_client")
+    refused = await recent_events(services.db, type_="oauth:token:refused")
+    assert [e["reason"] for e in refused[:2]] == ["invalid_client", "invalid_scope"]
+    assert refused[0]["client_id"] == refused[1]["client_id"] == kit.client_id
+    assert await recent_events(services.db, type_="oauth:token:issued") == []
+
+
+async def test_one_batch_with_the_same_jti_twice_records_one_issue_and_one_replay(
+    services: Services,
+) -> None:
+    use = ReplayUse("client-a", "jti-1", 2**40)
+    outcomes = [
+        Outcome(
+            use,
+            _event(AuditEventType.TOKEN_ISSUED, f"t{i}"),
+            _event(AuditEventType.TOKEN_REFUSED, f"r{i}"),
+        )
+        for i in range(2)
+    ]
+    won = await asyncio.gather(*(services.writer.submit("token_outcome", o) for o in outcomes))
+
+    assert won == [True, False]
+    issued = await recent_events(services.db, type_="oauth:token:issued")
+    refused = await recent_events(services.db, type_="oauth:token:refused")
+    assert [e["jti"] for e in issued] == ["t0"]
+    assert [e["jti"] for e in refused] == ["r1"]
