@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 
 import httpx
 
@@ -63,7 +64,7 @@ async def test_one_batch_with_the_same_jti_twice_records_one_issue_and_one_repla
         Outcome(
             use,
             _event(AuditEventType.TOKEN_ISSUED, f"t{i}"),
-            _event(AuditEventType.TOKEN_REFUSED, f"r{i}"),
+            partial(_event, AuditEventType.TOKEN_REFUSED, f"r{i}"),
         )
         for i in range(2)
     ]

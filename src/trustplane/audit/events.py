@@ -7,8 +7,8 @@ leaves so that it can be purged).
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
@@ -56,7 +56,7 @@ class AuditEvent:
     region: str | None = None
     payload: dict[str, Any] = field(default_factory=dict)
     time: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
-    event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    event_id: str = field(default_factory=lambda: os.urandom(16).hex())
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (``dataclasses.asdict`` deep-copies and is slow on the hot path)."""

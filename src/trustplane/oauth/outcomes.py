@@ -9,13 +9,13 @@ replay, not the original decision, is what the audit record says.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from trustplane.audit.events import AuditEvent
+from trustplane.audit.events import AuditEvent, AuditEventType
 from trustplane.audit.sink import write_events
 from trustplane.oauth.replay import ReplayUse, consume_batch
 from trustplane.storage.writer import GroupCommitWriter
@@ -27,11 +27,12 @@ KIND = "token_outcome"
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """``use``: the jti still to consume (None if there is none or it was consumed already).
-    ``event`` is recorded if the use wins; ``replay_event`` if the jti had been used before."""
+    ``event`` is recorded if the use wins; ``replay_event()`` builds what is recorded instead if the
+    jti had been used before (built only then: replays are rare, the happy path should not pay)."""
 
     use: ReplayUse | None
     event: AuditEvent
-    replay_event: AuditEvent
+    replay_event: Callable[[], AuditEvent]
 
 
 async def record_batch(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> list[bool]:
@@ -40,7 +41,7 @@ async def record_batch(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> li
     flags = iter(await consume_batch(conn, uses) if uses else [])
     won = [next(flags) if o.use is not None else True for o in outcomes]
     await write_events(
-        conn, [o.event if w else o.replay_event for o, w in zip(outcomes, won, strict=True)]
+        conn, [o.event if w else o.replay_event() for o, w in zip(outcomes, won, strict=True)]
     )
     return won
 
@@ -53,8 +54,13 @@ class OutcomeRecorder:
     async def record(self, outcome: Outcome) -> bool:
         """Durably record the outcome; False if the assertion turned out to be a replay."""
         won = bool(await self._writer.submit(KIND, outcome))
-        event = outcome.event if won else outcome.replay_event
-        if event.decision == "deny":
+        event = outcome.event
+        if not won:
+            refused = AuditEventType.TOKEN_REFUSED.value
+            log.info(
+                refused, client_id=event.client_id, jti=event.jti, reason="invalid_client: replay"
+            )
+        elif event.decision == "deny":
             log.info(
                 event.type.value, client_id=event.client_id, jti=event.jti, reason=event.reason
             )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from trustplane import metrics
@@ -77,12 +78,11 @@ class TokenEndpoint:
         if client.pending_use is None:
             await self._audit.emit(self._issued(grant.token, grant_type))
         else:
-            replay = replayed()
-            issued = self._issued(grant.token, grant_type)
-            refused = self._refused(replay, form, client, grant_type)
-            if not await self._outcomes.record(Outcome(client.pending_use, issued, refused)):
-                metrics.TOKEN_REFUSED.labels(error=replay.error).inc()
-                raise replay
+            auth, issued = client, self._issued(grant.token, grant_type)
+            on_replay = partial(self._refused, replayed(), form, auth, grant_type)
+            if not await self._outcomes.record(Outcome(client.pending_use, issued, on_replay)):
+                metrics.TOKEN_REFUSED.labels(error="invalid_client").inc()
+                raise replayed()
         metrics.TOKENS_ISSUED.labels(grant_type=grant_type).inc()
         body: dict[str, Any] = {
             "access_token": grant.token.token,
@@ -106,15 +106,12 @@ class TokenEndpoint:
             metrics.TOKEN_REFUSED.labels(error=exc.error).inc()
             await self._audit.emit(refused)
             return
-        replay = replayed()
-        outcome = Outcome(
-            client.pending_use, refused, self._refused(replay, form, client, grant_type)
-        )
-        if await self._outcomes.record(outcome):
+        on_replay = partial(self._refused, replayed(), form, client, grant_type)
+        if await self._outcomes.record(Outcome(client.pending_use, refused, on_replay)):
             metrics.TOKEN_REFUSED.labels(error=exc.error).inc()
             return
-        metrics.TOKEN_REFUSED.labels(error=replay.error).inc()
-        raise replay from exc
+        metrics.TOKEN_REFUSED.labels(error="invalid_client").inc()
+        raise replayed() from exc
 
     async def refuse_unparsed(self, exc: OAuth2Error) -> None:
         """A body that is not a valid form never reaches :meth:`handle`; it is a refusal all the
