@@ -11,6 +11,7 @@ import structlog
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from trustplane import metrics
 from trustplane.errors import OAuth2Error, ServerError, TemporarilyUnavailableError
@@ -22,6 +23,30 @@ from trustplane.storage.writer import WriterUnavailable
 
 log = structlog.get_logger("trustplane.oauth")
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+
+class NoStoreJSON:
+    """A 200 ``application/json`` answer with ``Cache-Control: no-store``, sent as two raw ASGI
+    messages: the success path of the hot endpoints does not need Starlette's header machinery."""
+
+    __slots__ = ("body",)
+    _HEADERS = (
+        (b"content-type", b"application/json"),
+        (b"cache-control", b"no-store"),
+        (b"pragma", b"no-cache"),
+    )
+
+    def __init__(self, body: object) -> None:
+        self.body = orjson.dumps(body)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [*self._HEADERS, (b"content-length", str(len(self.body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": self.body})
+
+
+#: What a protocol handler returns: a Starlette ``Response`` or a raw :class:`NoStoreJSON`.
+Answer = Response | NoStoreJSON
 
 
 def json_response(
@@ -36,13 +61,13 @@ def error_response(exc: OAuth2Error, endpoint: str) -> Response:
     return json_response(exc.body(), exc.status_code, {**NO_STORE, **exc.headers})
 
 
-Handler = Callable[[Request], Awaitable[Response]]
+Handler = Callable[[Request], Awaitable[Answer]]
 
 
-def protocol_endpoint(endpoint: str, fn: Callable[[Request], Awaitable[Response]]) -> Handler:
+def protocol_endpoint(endpoint: str, fn: Handler) -> Handler:
     """Map typed errors to their wire form, and dependency failures to a fail-closed 503."""
 
-    async def handler(request: Request) -> Response:
+    async def handler(request: Request) -> Answer:
         try:
             return await fn(request)
         except OAuth2Error as exc:
@@ -64,19 +89,19 @@ class OAuthHttp:
     keys: KeyService
     metadata_json: bytes
 
-    async def token(self, request: Request) -> Response:
+    async def token(self, request: Request) -> Answer:
         try:
             form = Form.parse(await request.body(), request.headers.get("content-type"))
         except OAuth2Error as exc:
             await self.token_endpoint.refuse_unparsed(exc)
             raise
         body = await self.token_endpoint.handle(form, request.headers.get("authorization"))
-        return json_response(body, headers=NO_STORE)
+        return NoStoreJSON(body)
 
-    async def introspect(self, request: Request) -> Response:
+    async def introspect(self, request: Request) -> Answer:
         form = Form.parse(await request.body(), request.headers.get("content-type"))
         body = await self.introspection.introspect(form, request.headers.get("authorization"))
-        return json_response(body, headers=NO_STORE)
+        return NoStoreJSON(body)
 
     async def revoke(self, request: Request) -> Response:
         form = Form.parse(await request.body(), request.headers.get("content-type"))
