@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+import pytest_asyncio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import text
@@ -270,3 +271,21 @@ async def register_kit(services: Services, **metadata: Any) -> ClientKit:
 @pytest.fixture
 async def kit(services: Services) -> ClientKit:
     return await register_kit(services)
+
+
+# --------------------------------------------------------------------------- protocol suites
+
+
+PROTOCOL_DATABASES = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=PROTOCOL_DATABASES)
+async def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Any]:
+    """One in-process server per test module and database (see ``tests/protocol_server.py``);
+    modules using it run in a module-scoped event loop."""
+    from tests.protocol_server import running_server
+
+    async with running_server(request, tmp_path_factory) as started:
+        yield started

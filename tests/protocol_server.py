@@ -5,12 +5,9 @@ A negative table needs a running server, not a fresh one per case: every case br
 Building the app once per module and database keeps these suites within their time budget; the
 function-scoped ``http`` fixture costs about half a second of set-up per case and per database.
 
-A module uses it with ``pytestmark = pytest.mark.asyncio(loop_scope="module")`` and a fixture::
-
-    @pytest_asyncio.fixture(scope="module", loop_scope="module", params=DATABASES)
-    async def server(request, tmp_path_factory):
-        async with running_server(request, tmp_path_factory) as started:
-            yield started
+A module uses it with ``pytestmark = pytest.mark.asyncio(loop_scope="module")`` and the ``server``
+fixture from ``tests/conftest.py`` (one server per module and database); a module that needs other
+settings defines its own ``server`` fixture calling :func:`running_server`.
 """
 
 from __future__ import annotations

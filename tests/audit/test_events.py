@@ -5,29 +5,20 @@ token's jti, client, audience and scopes; every refusal is one ``oauth:token:ref
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
 import jwt
 import pytest
-import pytest_asyncio
 
 from tests.conftest import EXECUTION, new_ec_key, register_kit
-from tests.protocol_server import DATABASES, Server, running_server, store_client
+from tests.protocol_server import Server, store_client
 from trustplane.audit.sink import recent_events
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 ISSUED, REFUSED = "oauth:token:issued", "oauth:token:refused"
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module", params=DATABASES)
-async def server(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Server]:
-    async with running_server(request, tmp_path_factory) as started:
-        yield started
 
 
 async def events(server: Server, type_: str) -> list[dict[str, Any]]:

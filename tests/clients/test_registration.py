@@ -7,25 +7,16 @@ access token; anything else is ``invalid_token`` (RFC 7592 §3).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
 import pytest
-import pytest_asyncio
 
 from tests.conftest import EXECUTION, LEI, ClientKit, jwks_for, new_ec_key
-from tests.protocol_server import DATABASES, Server, basic, running_server
+from tests.protocol_server import Server, basic
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module", params=DATABASES)
-async def server(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Server]:
-    async with running_server(request, tmp_path_factory) as started:
-        yield started
 
 
 def metadata(**overrides: Any) -> dict[str, Any]:

@@ -26,12 +26,10 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from tests.conftest import ASSERTION_TYPE, EXECUTION, LEI, ClientKit, new_ec_key, register_kit
 from tests.protocol_server import (
-    DATABASES,
     Server,
     basic,
     register_kit_for,
     register_secret_client,
-    running_server,
     store_client,
 )
 from trustplane.clients.metadata import validate_metadata
@@ -46,14 +44,6 @@ ATTACKER_RSA = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 ATTACKER_JWK = {**public_jwk(ATTACKER), "kid": "attacker", "alg": "ES256", "use": "sig"}
 #: A client_id that needs form-urlencoding in Basic credentials (RFC 6749 client_id is VSCHAR).
 COLON_ID = "tp:colon id"
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module", params=DATABASES)
-async def server(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Server]:
-    async with running_server(request, tmp_path_factory) as started:
-        yield started
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import httpx
 import jwt
@@ -13,21 +13,13 @@ import pytest
 import pytest_asyncio
 
 from tests.conftest import CLEARING, EXECUTION, LEI, ClientKit, new_ec_key, register_kit
-from tests.protocol_server import DATABASES, Server, running_server
+from tests.protocol_server import Server
 from trustplane.clients.model import ClientStatus
 from trustplane.oauth.tokens import issue_access_token
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 INACTIVE = {"active": False}
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module", params=DATABASES)
-async def server(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Server]:
-    async with running_server(request, tmp_path_factory) as started:
-        yield started
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

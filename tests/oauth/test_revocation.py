@@ -3,27 +3,18 @@ tokens are a 200 no-op (§2.2); each revocation is audited once."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import httpx
 import jwt
 import pytest
-import pytest_asyncio
 
 from tests.conftest import EXECUTION, LEI, ClientKit, new_ec_key, register_kit
-from tests.protocol_server import DATABASES, Server, running_server
+from tests.protocol_server import Server
 from trustplane.audit.sink import recent_events
 from trustplane.oauth.tokens import issue_access_token
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module", params=DATABASES)
-async def server(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Server]:
-    async with running_server(request, tmp_path_factory) as started:
-        yield started
 
 
 async def revoke(

@@ -6,30 +6,21 @@ Every refusal is asserted by status and exact ``error`` code; no input may produ
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode
 
 import httpx
 import jwt
 import pytest
-import pytest_asyncio
 
 from tests.conftest import CLEARING, EXECUTION, LEI, ClientKit, register_kit
-from tests.protocol_server import DATABASES, Server, running_server, store_client
+from tests.protocol_server import Server, store_client
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 FORM = "application/x-www-form-urlencoded"
 Pairs = list[tuple[str, str]]
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module", params=DATABASES)
-async def server(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Server]:
-    async with running_server(request, tmp_path_factory) as started:
-        yield started
 
 
 def error_of(response: httpx.Response) -> tuple[int, str]:
