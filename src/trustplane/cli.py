@@ -33,7 +33,7 @@ regtoken_app = typer.Typer(
 app.add_typer(keys_app, name="keys")
 app.add_typer(clients_app, name="clients")
 app.add_typer(regtoken_app, name="registration-token")
-out = Console()
+out = Console(soft_wrap=True)  # banner lines stay whole in logs and narrow terminals
 err = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever the terminal width
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
 
