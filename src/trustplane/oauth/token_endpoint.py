@@ -166,8 +166,9 @@ class TokenEndpoint:
             issuer=self._settings.issuer,
             subject=client_id,
             client_id=client_id,
-            audience=next(iter(form.get_all("resource")), None),
-            scopes=tuple((form.get("scope") or "").split())[:32],
+            # What the caller asked for, unvalidated: bounded so junk cannot bloat the audit trail.
+            audience=next(iter(form.get_all("resource")), "")[:512] or None,
+            scopes=tuple(s[:128] for s in (form.get("scope") or "").split()[:32]),
             jti=client.assertion_jti if client else None,
             decision="deny",
             reason=exc.error,
