@@ -142,3 +142,12 @@ async def test_every_refusal_writes_one_refused_event(
     # a replayed assertion was issued once (its first use), nothing else was
     issued_now = len(await events(server, ISSUED))
     assert issued_now == issued_before + (1 if refuse is _replayed_assertion else 0)
+
+
+async def test_a_refusal_record_bounds_what_the_caller_sent(server: Server) -> None:
+    response = await server.token(resource="https://x.example/" + "a" * 20_000, scope="s" * 5_000)
+
+    assert response.json()["error"] == "invalid_target"
+    newest = (await events(server, REFUSED))[0]
+    assert newest["audience"] == ("https://x.example/" + "a" * 20_000)[:512]
+    assert newest["scopes"] == ["s" * 128]
