@@ -35,6 +35,7 @@ from trustplane.app import Services, create_app
 from trustplane.clients.model import Client
 from trustplane.clients.store import SqlClientStore
 from trustplane.keys.crypto import public_jwk
+from trustplane.oauth.tokens import issue_access_token
 from trustplane.storage.db import Database
 from trustplane.storage.migrate import upgrade
 
@@ -63,6 +64,19 @@ class Server:
         }
         data.update(form)
         return await self.http.post("/token", data={k: v for k, v in data.items() if v is not None})
+
+    def expired_token(self) -> str:
+        """A token we signed for the module's client that expired a minute ago."""
+        return issue_access_token(
+            self.services.keys.ring,
+            issuer=self.issuer,
+            subject=self.kit.client_id,
+            client_id=self.kit.client_id,
+            audience=EXECUTION,
+            scopes=("order:create",),
+            lifetime=-60,
+            extra={"lei": LEI},
+        ).token
 
     async def access_token(self, kit: ClientKit | None = None, **form: Any) -> str:
         response = await self.token(kit, **form)

@@ -66,17 +66,7 @@ async def _others_token_for_resource_caller_may_not_introspect(s: Server, o: Cli
 
 
 async def _expired(s: Server, o: ClientKit) -> str:
-    issued = issue_access_token(
-        s.services.keys.ring,
-        issuer=s.issuer,
-        subject=s.kit.client_id,
-        client_id=s.kit.client_id,
-        audience=EXECUTION,
-        scopes=("order:create",),
-        lifetime=-60,
-        extra={"lei": LEI},
-    )
-    return issued.token
+    return s.expired_token()
 
 
 async def _revoked(s: Server, o: ClientKit) -> str:

@@ -9,10 +9,9 @@ import httpx
 import jwt
 import pytest
 
-from tests.conftest import EXECUTION, LEI, ClientKit, new_ec_key, register_kit
+from tests.conftest import EXECUTION, ClientKit, new_ec_key, register_kit
 from tests.protocol_server import Server
 from trustplane.audit.sink import recent_events
-from trustplane.oauth.tokens import issue_access_token
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -88,16 +87,7 @@ async def _foreign_signed(s: Server) -> str:
 
 
 async def _expired(s: Server) -> str:
-    return issue_access_token(
-        s.services.keys.ring,
-        issuer=s.issuer,
-        subject=s.kit.client_id,
-        client_id=s.kit.client_id,
-        audience=EXECUTION,
-        scopes=("order:create",),
-        lifetime=-60,
-        extra={"lei": LEI},
-    ).token
+    return s.expired_token()
 
 
 @pytest.mark.parametrize(
