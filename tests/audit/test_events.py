@@ -10,11 +10,13 @@ from typing import Any
 
 import httpx
 import jwt
+import orjson
 import pytest
 
 from tests.conftest import EXECUTION, new_ec_key, register_kit
 from tests.protocol_server import Server, store_client
-from trustplane.audit.sink import recent_events
+from trustplane.audit.events import AuditEvent, AuditEventType
+from trustplane.audit.sink import _row, recent_events
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -151,3 +153,14 @@ async def test_a_refusal_record_bounds_what_the_caller_sent(server: Server) -> N
     newest = (await events(server, REFUSED))[0]
     assert newest["audience"] == ("https://x.example/" + "a" * 20_000)[:512]
     assert newest["scopes"] == ["s" * 128]
+
+
+async def test_the_stored_body_is_the_envelope_as_a_dict() -> None:
+    event = AuditEvent(
+        type=AuditEventType.TOKEN_ISSUED,
+        issuer="https://as.example",
+        scopes=("a", "b"),
+        actor_chain=("x",),
+        payload={"k": 1},
+    )
+    assert orjson.loads(_row(event)[-1]) == event.to_dict()

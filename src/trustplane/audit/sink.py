@@ -39,7 +39,7 @@ def _row(event: AuditEvent) -> tuple[Any, ...]:
         event.subject,
         event.jti,
         event.transaction_id,
-        orjson.dumps(event.to_dict()).decode(),
+        orjson.dumps(event).decode(),  # orjson serialises the dataclass as to_dict() would
     )
 
 
