@@ -29,24 +29,12 @@ async def test_a_refused_request_still_consumes_its_assertion(
     http: httpx.AsyncClient, kit: ClientKit, services: Services
 ) -> None:
     auth = kit.auth()
-    bad = await http.post(
-        "/token",
-        data={
-            "grant_type": "client_credentials",
-            "scope": "report:view",
-            "resource": EXECUTION,
-            **auth,
-        },
-    )
-    again = await http.post(
-        "/token",
-        data={
-            "grant_type": "client_credentials",
-            "scope": "order:create",
-            "resource": EXECUTION,
-            **auth,
-        },
-    )
+
+    async def token(scope: str) -> httpx.Response:
+        form = {"grant_type": "client_credentials", "scope": scope, "resource": EXECUTION}
+        return await http.post("/token", data={**form, **auth})
+
+    bad, again = await token("report:view"), await token("order:create")
 
     assert (bad.status_code, bad.json()["error"]) == (400, "invalid_scope")
     assert (again.status_code, again.json()["error"]) == (401, "invalid_client")
