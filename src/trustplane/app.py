@@ -39,7 +39,7 @@ from trustplane.oauth.openapi import protocol_paths
 from trustplane.oauth.outcomes import OutcomeRecorder
 from trustplane.oauth.replay import RedisReplayCache, SqlReplayCache
 from trustplane.oauth.revocations import SqlRevocationStore
-from trustplane.oauth.scopes import Vocabulary, load_vocabulary
+from trustplane.oauth.scopes import Vocabulary, load_vocabulary, with_internal_apis
 from trustplane.oauth.token_endpoint import TokenEndpoint
 from trustplane.settings import Settings, SettingsError
 from trustplane.storage import generations
@@ -84,7 +84,7 @@ class Services:
     def build(cls, settings: Settings, db: Database | None = None) -> Services:
         db = db or Database(settings.effective_database_url)
         writer = GroupCommitWriter(db)
-        vocabulary = load_vocabulary(settings.scopes_file)
+        vocabulary = with_internal_apis(load_vocabulary(settings.scopes_file), settings.issuer)
         audit = SqlAuditSink(writer)
         sql_replay = SqlReplayCache(writer, db)
         replay: SqlReplayCache | RedisReplayCache = (

@@ -8,7 +8,12 @@ from typing import Any
 
 import pytest
 
-from trustplane.oauth.scopes import VocabularyError, load_vocabulary, parse_vocabulary
+from trustplane.oauth.scopes import (
+    VocabularyError,
+    load_vocabulary,
+    parse_vocabulary,
+    with_internal_apis,
+)
 
 EXECUTION = "https://execution.example/api"
 CLEARING = "https://clearing.example/api"
@@ -184,3 +189,21 @@ def test_unreadable_or_invalid_files_are_refused(tmp_path: Path) -> None:
         load_vocabulary(broken)
     with pytest.raises(VocabularyError, match=r"^cannot read scope vocabulary .*missing.toml"):
         load_vocabulary(tmp_path / "missing.toml")
+
+
+def test_internal_apis_are_added_under_the_issuer() -> None:
+    vocab = with_internal_apis(load_vocabulary(None), "https://as.example/")
+    assert vocab.accepts("https://as.example/audit", "audit:query")
+    assert vocab.accepts("https://as.example/access/v1", "decision:evaluate")
+    assert not vocab.accepts("https://as.example/audit", "decision:evaluate")
+    assert "order:create" in vocab.scopes
+
+
+def test_a_configured_scope_cannot_take_an_internal_name(tmp_path: Path) -> None:
+    path = tmp_path / "v.toml"
+    path.write_text(
+        '[resources."https://x.example/api"]\ndescription = "x"\n'
+        '[scopes."audit:query"]\nresources = ["https://x.example/api"]\n'
+    )
+    with pytest.raises(VocabularyError, match="reserved"):
+        with_internal_apis(load_vocabulary(path), "https://as.example")

@@ -105,6 +105,54 @@ def parse_vocabulary(data: dict[str, Any]) -> Vocabulary:
     return Vocabulary(scopes, resources)
 
 
+@dataclass(frozen=True, slots=True)
+class InternalApi:
+    """One of trustplane's own protected APIs: its audience is the issuer URL plus ``path``."""
+
+    path: str
+    description: str
+    scopes: dict[str, str]
+
+
+INTERNAL_APIS = (
+    InternalApi(
+        "/audit",
+        "trustplane audit ledger: queries, entries, proofs and exports",
+        {"audit:query": "Query the audit ledger: entries, proofs, transactions, exports"},
+    ),
+    InternalApi(
+        "/access/v1",
+        "trustplane policy decision point (OpenID AuthZEN Authorization API)",
+        {
+            "decision:evaluate": "Ask the policy decision point for access decisions",
+            "policy:simulate": "Replay recorded decisions against a candidate policy bundle",
+        },
+    ),
+)
+
+
+def internal_audience(issuer: str, path: str) -> str:
+    return issuer.rstrip("/") + path
+
+
+def with_internal_apis(vocabulary: Vocabulary, issuer: str) -> Vocabulary:
+    """Add trustplane's own APIs (audiences under the issuer URL) to a configured vocabulary.
+
+    A client reaches them only if its registration lists the audience and the scope, like any other
+    resource; nothing is granted by default."""
+    resources = dict(vocabulary.resources)
+    scopes = dict(vocabulary.scopes)
+    for api in INTERNAL_APIS:
+        audience = internal_audience(issuer, api.path)
+        resources[audience] = api.description
+        for name, description in api.scopes.items():
+            check_scope_name(name)
+            if name in scopes:
+                raise VocabularyError(f"scope {name!r} is reserved for trustplane's own {api.path}")
+            scopes[name] = Scope(name, description, frozenset({audience}))
+    return Vocabulary(scopes, resources)
+
+
 def load_vocabulary(path: Path | None) -> Vocabulary:
     try:
         if path is None:
