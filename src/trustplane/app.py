@@ -26,6 +26,11 @@ from trustplane.clients.remote_jwks import RemoteJwksCache
 from trustplane.clients.service import GENERATION as CLIENTS_GENERATION
 from trustplane.clients.service import ClientService
 from trustplane.clients.store import SqlClientStore, SqlInitialAccessTokenStore
+from trustplane.federation.http import federation_router
+from trustplane.federation.jwt_bearer import JWT_BEARER, JwtBearerGrant
+from trustplane.federation.service import GENERATION as PARTNERS_GENERATION
+from trustplane.federation.service import FederationService
+from trustplane.federation.store import SqlPartnerStore
 from trustplane.keys.crypto import decode_kek, load_or_create_kek_file
 from trustplane.keys.service import GENERATION as KEYS_GENERATION
 from trustplane.keys.service import KeyService
@@ -49,6 +54,13 @@ from trustplane.storage.writer import GroupCommitWriter
 
 log = structlog.get_logger("trustplane")
 MAINTENANCE_INTERVAL = 60.0
+
+
+def partner_jwks(settings: Settings) -> RemoteJwksCache:
+    """The cache of partners' ``jwks_uri`` key sets (separate from clients': its own intervals)."""
+    return RemoteJwksCache(
+        ttl=settings.federation_jwks_ttl, min_refetch=settings.federation_jwks_min_refetch
+    )
 
 
 def key_encryption_key(settings: Settings) -> bytes:
@@ -79,6 +91,7 @@ class Services:
     authenticator: ClientAuthenticator
     token_endpoint: TokenEndpoint
     introspection: IntrospectionService
+    federation: FederationService
 
     @classmethod
     def build(cls, settings: Settings, db: Database | None = None) -> Services:
@@ -100,6 +113,12 @@ class Services:
         introspection = IntrospectionService(
             settings, db, auth, keys, clients.registry, SqlRevocationStore(), audit
         )
+        federation = FederationService(
+            db, SqlPartnerStore(), settings, vocabulary, write_events, partner_jwks(settings)
+        )
+        token.grants[JWT_BEARER] = JwtBearerGrant(
+            settings, federation.registry, keys, vocabulary, replay
+        )
         return cls(
             settings,
             db,
@@ -113,6 +132,7 @@ class Services:
             auth,
             token,
             introspection,
+            federation,
         )
 
     async def start(self) -> None:
@@ -123,10 +143,12 @@ class Services:
         await self.keys.load()
         await self.clients.load()
         metrics.ACTIVE_CLIENTS.set(len(self.clients.registry))
+        await self.federation.load()
 
     async def stop(self) -> None:
         await self.writer.stop()
         await self.remote_jwks.aclose()
+        await self.federation.registry.aclose()
         if isinstance(self.replay, RedisReplayCache):
             await self.replay.aclose()
         await self.db.dispose()
@@ -142,6 +164,9 @@ class Services:
             await self.clients.load()
             metrics.ACTIVE_CLIENTS.set(len(self.clients.registry))
             metrics.CACHE_RELOADS.labels(cache="clients").inc()
+        if current.get(PARTNERS_GENERATION) != seen.get(PARTNERS_GENERATION):
+            await self.federation.load()
+            metrics.CACHE_RELOADS.labels(cache="partners").inc()
         seen.clear()
         seen.update(current)
 
@@ -242,6 +267,9 @@ def _mount(app: FastAPI, svc: Services) -> list[Route]:
     metadata_json = orjson.dumps(server_metadata(svc.settings, svc.vocabulary))
     protocol = OAuthHttp(svc.token_endpoint, svc.introspection, svc.keys, metadata_json)
     app.include_router(registration_router(svc.clients, svc.settings.issuer))
+    app.include_router(
+        federation_router(svc.federation, svc.keys, svc.clients.registry, svc.settings.issuer)
+    )
     fast = protocol.routes()
     app.router.routes.extend(fast)
     app.router.routes.append(Route("/metrics", _metrics, methods=["GET"]))

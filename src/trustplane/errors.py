@@ -16,12 +16,20 @@ class OAuth2Error(Exception):
     status_code: ClassVar[int] = 400
 
     def __init__(
-        self, description: str = "", *, debug: str = "", headers: dict[str, str] | None = None
+        self,
+        description: str = "",
+        *,
+        debug: str = "",
+        headers: dict[str, str] | None = None,
+        reason_id: str | None = None,
+        partner: str | None = None,
     ):
         super().__init__(description or self.error)
         self.description = description
         self.debug = debug or description
         self.headers = headers or {}
+        # audit-only: a stable reason (``reason_ids``) and the federated partner concerned, if any
+        self.reason_id, self.partner = reason_id, partner
 
     def body(self) -> dict[str, str]:
         out = {"error": self.error}

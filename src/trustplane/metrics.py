@@ -19,3 +19,9 @@ WRITER_BATCH = Histogram(
 )
 CACHE_RELOADS = Counter("trustplane_cache_reloads_total", "In-memory cache reloads", ["cache"])
 ACTIVE_CLIENTS = Gauge("trustplane_clients", "Registered clients in the in-memory registry")
+PARTNER_ASSERTIONS = Counter(
+    "trustplane_partner_assertions_total",
+    "Partner-signed JWTs verified or refused, by partner and reason",
+    ["partner", "outcome"],
+)
+PARTNERS = Gauge("trustplane_partners", "Partners in the in-memory trust registry")

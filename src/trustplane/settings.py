@@ -90,6 +90,15 @@ class Settings(BaseSettings):
     initial_access_token_lifetime: int = Field(default=86400, ge=60)
     allow_insecure_loopback_jwks_uri: bool = False
 
+    # --- federation: partner trust registry and the jwt-bearer grant (trustplane.federation)
+    #: Hosts a partner's ``jwks_uri`` may point at (https only); nothing else is ever fetched.
+    federation_jwks_hosts: tuple[str, ...] = ()
+    federation_jwks_ttl: float = Field(default=300.0, gt=0, le=86400)
+    #: An unknown ``kid`` refetches a partner's JWKS at most once per this many seconds.
+    federation_jwks_min_refetch: float = Field(default=60.0, ge=0, le=3600)
+    #: Development and tests only: accept http partner issuers and jwks_uris on loopback hosts.
+    federation_allow_insecure_loopback: bool = False
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] = "json"
 

@@ -58,7 +58,10 @@ async def test_metadata_issuer_is_byte_equal_and_endpoints_are_under_it(server: 
     assert {name: doc[name] for name in ENDPOINTS} == {
         name: server.issuer + path for name, path in ENDPOINTS.items()
     }
-    assert doc["grant_types_supported"] == ["client_credentials"]
+    assert doc["grant_types_supported"] == [
+        "client_credentials",
+        "urn:ietf:params:oauth:grant-type:jwt-bearer",
+    ]
     assert doc["token_endpoint_auth_methods_supported"] == list(
         server.services.settings.client_auth_methods
     )

@@ -28,6 +28,9 @@ class AuditEventType(StrEnum):
     KEY_ACTIVATED = "keys:key:activated"
     KEY_RETIRED = "keys:key:retired"
     KEY_REMOVED = "keys:key:removed"
+    PARTNER_ADDED = "federation:partner:added"
+    PARTNER_UPDATED = "federation:partner:updated"
+    PARTNER_DISABLED = "federation:partner:disabled"
 
 
 @dataclass(slots=True, frozen=True)

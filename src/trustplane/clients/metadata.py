@@ -19,7 +19,10 @@ from trustplane.oauth.scopes import Vocabulary
 from trustplane.settings import Settings, is_loopback_host
 
 #: Grants this server implements; later grant handlers add themselves here.
-SUPPORTED_GRANT_TYPES: set[str] = {"client_credentials"}
+SUPPORTED_GRANT_TYPES: set[str] = {
+    "client_credentials",
+    "urn:ietf:params:oauth:grant-type:jwt-bearer",  # RFC 7523 §2.1, trustplane.federation
+}
 SECRET_METHODS = frozenset({"client_secret_basic", "client_secret_post"})
 
 

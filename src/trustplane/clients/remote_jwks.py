@@ -22,10 +22,15 @@ KeyList = list[tuple[str | None, str, PublicKey]]
 
 class RemoteJwksCache:
     def __init__(
-        self, *, ttl: float = 300.0, min_refetch: float = 60.0, timeout: float = 5.0
+        self,
+        *,
+        ttl: float = 300.0,
+        min_refetch: float = 60.0,
+        timeout: float = 5.0,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._ttl, self._min_refetch = ttl, min_refetch
-        self._http = httpx.AsyncClient(timeout=timeout, follow_redirects=False)
+        self._http = httpx.AsyncClient(timeout=timeout, follow_redirects=False, transport=transport)
         self._cache: dict[str, tuple[float, KeyList]] = {}
 
     async def keys(self, uri: str, kid: str | None) -> KeyList:

@@ -1,7 +1,8 @@
-"""The token endpoint's one durable write per request: the client assertion's ``jti`` and the audit
-record of what was decided, committed together through the group-commit writer.
+"""The token endpoint's one durable write per request: the client assertion's ``jti`` (and the
+grant's own single-use assertion, e.g. a partner's JWT-bearer assertion) and the audit record of what
+was decided, committed together through the group-commit writer.
 
-Either both are durable or neither is, and a request pays for one round trip to the writer instead of
+Either all are durable or none is, and a request pays for one round trip to the writer instead of
 two. The ``jti`` is consumed whatever the decision (an assertion is single-use even when the request
 it came with is refused); if it had already been used, the request is refused as a replay and the
 replay, not the original decision, is what the audit record says.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import IntEnum
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -24,26 +26,57 @@ log = structlog.get_logger("trustplane.audit")
 KIND = "token_outcome"
 
 
+class Recorded(IntEnum):
+    """What :meth:`OutcomeRecorder.record` found. ``REPLAYED``/``RECORDED`` compare equal to
+    False/True (the client assertion lost / every use won)."""
+
+    REPLAYED = 0
+    RECORDED = 1
+    #: The client assertion was fresh but the grant's own assertion had been used before.
+    GRANT_REPLAYED = 2
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """``use``: the jti still to consume (None if there is none or it was consumed already).
-    ``event`` is recorded if the use wins; ``replay_event()`` builds what is recorded instead if the
-    jti had been used before (built only then: replays are rare, the happy path should not pay)."""
+    """``use``: the client assertion's jti still to consume (None if there is none or it was
+    consumed already); ``grant_use``: the grant's own assertion jti, if the grant has one.
+    ``event`` is recorded if every use wins; ``replay_event()`` / ``grant_replay_event()`` build what
+    is recorded instead (built only then: replays are rare, the happy path should not pay)."""
 
     use: ReplayUse | None
     event: AuditEvent
     replay_event: Callable[[], AuditEvent]
+    grant_use: ReplayUse | None = None
+    grant_replay_event: Callable[[], AuditEvent] | None = None
 
 
-async def record_batch(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> list[bool]:
+def _result(client_won: bool, grant_won: bool) -> Recorded:
+    if not client_won:
+        return Recorded.REPLAYED
+    return Recorded.RECORDED if grant_won else Recorded.GRANT_REPLAYED
+
+
+async def record_batch(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> list[Recorded]:
     """Batch handler: one replay upsert for every use, then one insert for the chosen events."""
-    uses = [o.use for o in outcomes if o.use is not None]
+    uses = [u for o in outcomes for u in (o.use, o.grant_use) if u is not None]
     flags = iter(await consume_batch(conn, uses) if uses else [])
-    won = [next(flags) if o.use is not None else True for o in outcomes]
-    await write_events(
-        conn, [o.event if w else o.replay_event() for o, w in zip(outcomes, won, strict=True)]
-    )
-    return won
+    results = [
+        _result(
+            next(flags) if o.use is not None else True,
+            next(flags) if o.grant_use is not None else True,
+        )
+        for o in outcomes
+    ]
+    await write_events(conn, [_chosen(o, r) for o, r in zip(outcomes, results, strict=True)])
+    return results
+
+
+def _chosen(outcome: Outcome, result: Recorded) -> AuditEvent:
+    if result is Recorded.RECORDED:
+        return outcome.event
+    if result is Recorded.GRANT_REPLAYED and outcome.grant_replay_event is not None:
+        return outcome.grant_replay_event()
+    return outcome.replay_event()
 
 
 class OutcomeRecorder:
@@ -51,17 +84,16 @@ class OutcomeRecorder:
         self._writer = writer
         writer.register(KIND, record_batch)
 
-    async def record(self, outcome: Outcome) -> bool:
-        """Durably record the outcome; False if the assertion turned out to be a replay."""
-        won = bool(await self._writer.submit(KIND, outcome))
+    async def record(self, outcome: Outcome) -> Recorded:
+        """Durably record the outcome; say whether an assertion turned out to be a replay."""
+        result = Recorded(await self._writer.submit(KIND, outcome))
         event = outcome.event
-        if not won:
+        if result is not Recorded.RECORDED:
             refused = AuditEventType.TOKEN_REFUSED.value
-            log.info(
-                refused, client_id=event.client_id, jti=event.jti, reason="invalid_client: replay"
-            )
+            what = "client assertion" if result is Recorded.REPLAYED else "grant assertion"
+            log.info(refused, client_id=event.client_id, jti=event.jti, reason=f"{what} replay")
         elif event.decision == "deny":
             log.info(
                 event.type.value, client_id=event.client_id, jti=event.jti, reason=event.reason
             )
-        return won
+        return result

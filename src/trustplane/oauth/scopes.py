@@ -128,6 +128,11 @@ INTERNAL_APIS = (
             "policy:simulate": "Replay recorded decisions against a candidate policy bundle",
         },
     ),
+    InternalApi(
+        "/federation",
+        "trustplane partner trust registry admin API",
+        {"partner:administer": "Add, update, list, show and disable partner trust profiles"},
+    ),
 )
 
 

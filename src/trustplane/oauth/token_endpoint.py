@@ -16,6 +16,7 @@ from trustplane.audit.events import AuditEvent, AuditEventType
 from trustplane.audit.sink import AuditSink
 from trustplane.errors import (
     InvalidClientError,
+    InvalidGrantError,
     InvalidRequestError,
     OAuth2Error,
     UnauthorizedClientError,
@@ -24,7 +25,8 @@ from trustplane.errors import (
 from trustplane.keys.service import KeyService
 from trustplane.oauth.client_auth import AuthenticatedClient, ClientAuthenticator
 from trustplane.oauth.form import Form
-from trustplane.oauth.outcomes import Outcome, OutcomeRecorder
+from trustplane.oauth.outcomes import Outcome, OutcomeRecorder, Recorded
+from trustplane.oauth.replay import ReplayUse
 from trustplane.oauth.resources import select_resource, select_scopes
 from trustplane.oauth.scopes import Vocabulary
 from trustplane.oauth.tokens import IssuedToken, issue_access_token
@@ -33,9 +35,13 @@ from trustplane.settings import Settings
 
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """What a grant handler decided: the token to return."""
+    """What a grant handler decided: the token to return. ``pending_use`` is the grant's own
+    single-use assertion (a partner's JWT-bearer assertion) still to consume together with the
+    outcome; if it turns out to be a replay, ``replay_error`` is raised instead."""
 
     token: IssuedToken
+    pending_use: ReplayUse | None = None
+    replay_error: OAuth2Error | None = None
 
 
 def replayed() -> InvalidClientError:
@@ -75,14 +81,10 @@ class TokenEndpoint:
         except OAuth2Error as exc:
             await self._refuse(exc, form, client, grant_type)
             raise
-        if client.pending_use is None:
+        if client.pending_use is None and grant.pending_use is None:
             await self._audit.emit(self._issued(grant.token, grant_type))
         else:
-            auth, issued = client, self._issued(grant.token, grant_type)
-            on_replay = partial(self._refused, replayed(), form, auth, grant_type)
-            if not await self._outcomes.record(Outcome(client.pending_use, issued, on_replay)):
-                metrics.TOKEN_REFUSED.labels(error="invalid_client").inc()
-                raise replayed()
+            await self._record_issue(grant, form, client, grant_type)
         metrics.TOKENS_ISSUED.labels(grant_type=grant_type).inc()
         body: dict[str, Any] = {
             "access_token": grant.token.token,
@@ -91,6 +93,26 @@ class TokenEndpoint:
             "scope": grant.token.claims["scope"],
         }
         return body
+
+    async def _record_issue(
+        self, grant: Grant, form: Form, auth: AuthenticatedClient, grant_type: str
+    ) -> None:
+        """Consume the assertion jti(s) and record the issue in one write; a replay refuses."""
+        grant_error = grant.replay_error or InvalidGrantError("the assertion was already used")
+        outcome = Outcome(
+            auth.pending_use,
+            self._issued(grant.token, grant_type),
+            partial(self._refused, replayed(), form, auth, grant_type),
+            grant.pending_use,
+            partial(self._refused, grant_error, form, auth, grant_type),
+        )
+        result = await self._outcomes.record(outcome)
+        if result is Recorded.REPLAYED:
+            metrics.TOKEN_REFUSED.labels(error="invalid_client").inc()
+            raise replayed()
+        if result is Recorded.GRANT_REPLAYED:
+            metrics.TOKEN_REFUSED.labels(error=grant_error.error).inc()
+            raise grant_error
 
     async def _refuse(
         self,
@@ -107,7 +129,10 @@ class TokenEndpoint:
             await self._audit.emit(refused)
             return
         on_replay = partial(self._refused, replayed(), form, client, grant_type)
-        if await self._outcomes.record(Outcome(client.pending_use, refused, on_replay)):
+        if (
+            await self._outcomes.record(Outcome(client.pending_use, refused, on_replay))
+            is Recorded.RECORDED
+        ):
             metrics.TOKEN_REFUSED.labels(error=exc.error).inc()
             return
         metrics.TOKEN_REFUSED.labels(error="invalid_client").inc()
@@ -149,8 +174,9 @@ class TokenEndpoint:
             scopes=tuple(c["scope"].split()),
             jti=c["jti"],
             transaction_id=c.get("txn"),
+            partner=c.get("partner"),
             decision="allow",
-            payload={"grant_type": grant_type, "exp": c["exp"]},
+            payload={"grant_type": grant_type, "exp": c["exp"], **_origin(c)},
         )
 
     def _refused(
@@ -170,7 +196,15 @@ class TokenEndpoint:
             audience=next(iter(form.get_all("resource")), "")[:512] or None,
             scopes=tuple(s[:128] for s in (form.get("scope") or "").split()[:32]),
             jti=client.assertion_jti if client else None,
+            partner=exc.partner,
             decision="deny",
             reason=exc.error,
+            reason_ids=(exc.reason_id,) if exc.reason_id else (),
             payload={"grant_type": (grant_type or "")[:64], "detail": exc.debug[:500]},
         )
+
+
+def _origin(claims: dict[str, Any]) -> dict[str, Any]:
+    """A federated subject's origin (partner issuer and subject), kept in the issue record."""
+    origin = claims.get("origin")
+    return {"origin": origin} if origin is not None else {}

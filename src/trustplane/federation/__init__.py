@@ -1,0 +1,1 @@
+"""Federation: the partner trust registry and the assertions partners' issuers sign."""
