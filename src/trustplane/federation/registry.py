@@ -131,7 +131,7 @@ class PartnerRegistry:
     """Trust profiles by partner id and by issuer; swapped whole on reload (``generation`` counts)."""
 
     def __init__(self, settings: Settings, remote_jwks: RemoteJwksCache) -> None:
-        self._settings, self._remote = settings, remote_jwks
+        self._settings, self.remote_jwks = settings, remote_jwks
         self._by_id: dict[str, TrustProfile] = {}
         self._by_issuer: dict[str, TrustProfile] = {}
         self._remote_ok: dict[str, bool] = {}
@@ -158,7 +158,7 @@ class PartnerRegistry:
         return len(self._by_id)
 
     async def aclose(self) -> None:
-        await self._remote.aclose()
+        await self.remote_jwks.aclose()
 
     async def verify_partner_jwt(
         self,
@@ -244,7 +244,7 @@ class PartnerRegistry:
         if partner.jwks_uri is not None:
             if not self._remote_ok.get(partner.partner_id, False):
                 return []  # the allow-list changed since the profile was stored
-            keys = tuple(await self._remote.keys(partner.jwks_uri, kid))
+            keys = tuple(await self.remote_jwks.keys(partner.jwks_uri, kid))
         return [
             key
             for k, key_alg, key in keys
