@@ -19,6 +19,7 @@ from __future__ import annotations
 from trustplane import metrics
 from trustplane.errors import (
     InvalidGrantError,
+    OAuth2Error,
     InvalidScopeError,
     InvalidTargetError,
     UnauthorizedClientError,
@@ -66,18 +67,11 @@ class JwtBearerGrant:
         if JWT_BEARER not in client.grant_types:
             raise UnauthorizedClientError("this client may not use the jwt-bearer grant")
         verified = await self._verify(form.require("assertion"))
-        pid = verified.partner.partner_id
-        resource = select_resource(form.get_all("resource"), client, self._vocabulary)
-        if resource not in verified.partner.allowed_audiences:
-            raise InvalidTargetError(
-                "resource is not allowed for this partner", debug=resource, partner=pid
-            )
-        scopes = select_scopes(form.get("scope"), client, resource, self._vocabulary)
-        outside = [s for s in scopes if s not in verified.partner.allowed_scopes]
-        if outside:
-            raise InvalidScopeError(
-                f"scope {outside[0]!r} is not allowed for this partner"[:200], partner=pid
-            )
+        try:
+            resource, scopes = self._target(form, auth, verified)
+        except OAuth2Error as exc:
+            exc.partner = verified.partner.partner_id  # the audit record names the partner
+            raise
         pending = await self._consume(verified)
         token = issue_access_token(
             self._keys.ring,
@@ -89,8 +83,24 @@ class JwtBearerGrant:
             lifetime=self._settings.access_token_lifetime,
             extra=verified.issued_claims(),
         )
-        metrics.PARTNER_ASSERTIONS.labels(partner=pid, outcome="accepted").inc()
+        metrics.PARTNER_ASSERTIONS.labels(
+            partner=verified.partner.partner_id, outcome="accepted"
+        ).inc()
         return Grant(token, pending, assertion_replayed(verified))
+
+    def _target(
+        self, form: Form, auth: AuthenticatedClient, verified: VerifiedPartnerToken
+    ) -> tuple[str, tuple[str, ...]]:
+        """The audience and scopes: allowed for the client, the vocabulary AND the partner."""
+        partner = verified.partner
+        resource = select_resource(form.get_all("resource"), auth.client, self._vocabulary)
+        if resource not in partner.allowed_audiences:
+            raise InvalidTargetError("resource is not allowed for this partner", debug=resource)
+        scopes = select_scopes(form.get("scope"), auth.client, resource, self._vocabulary)
+        outside = [s for s in scopes if s not in partner.allowed_scopes]
+        if outside:
+            raise InvalidScopeError(f"scope {outside[0]!r} is not allowed for this partner"[:200])
+        return resource, scopes
 
     async def _verify(self, assertion: str) -> VerifiedPartnerToken:
         try:

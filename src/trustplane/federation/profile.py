@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
+from cryptography.hazmat.primitives.asymmetric import rsa
 from jsonschema import Draft202012Validator
 from stdnum import lei as stdnum_lei
 
@@ -175,9 +176,8 @@ def _check_keys(
         name = kid or "(no kid)"
         if alg not in doc["algorithms"]:
             errors.append(f"keys.jwks: key {name} is an {alg} key, not in algorithms")
-        bits = getattr(key, "key_size", None)
-        if alg == "PS256" and bits is not None and bits < doc["min_rsa_bits"]:
-            errors.append(f"keys.jwks: key {name} has {bits} bits, below min_rsa_bits")
+        if isinstance(key, rsa.RSAPublicKey) and key.key_size < doc["min_rsa_bits"]:
+            errors.append(f"keys.jwks: key {name} has {key.key_size} bits, below min_rsa_bits")
     return keys
 
 

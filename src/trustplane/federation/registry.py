@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, NewType, TypeGuard
 
+from cryptography.hazmat.primitives.asymmetric import rsa
+
 from trustplane.clients.remote_jwks import RemoteJwksCache
 from trustplane.federation.profile import (
     TOKEN_TYPE_ACCESS_TOKEN,
@@ -250,7 +252,7 @@ class PartnerRegistry:
             for k, key_alg, key in keys
             if key_alg == alg
             and (kid is None or k == kid)
-            and getattr(key, "key_size", partner.min_rsa_bits) >= partner.min_rsa_bits
+            and (not isinstance(key, rsa.RSAPublicKey) or key.key_size >= partner.min_rsa_bits)
         ]
 
     def _check_times(

@@ -1,0 +1,81 @@
+"""Test partners: a key pair, a trust profile document, and assertions minted with PyJWT."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from tests.conftest import EXECUTION, LEI, jwks_for, new_ec_key
+
+JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"
+PARTNER_LEI = "529900T8BM49AURSDO55"  # a valid LEI (check digits 55)
+
+
+@dataclass
+class Partner:
+    """One federated partner: ``partner_id``, its issuer and its ES256 signing key."""
+
+    partner_id: str
+    issuer: str
+    audience: str  # our issuer: the assertion's aud
+    key: ec.EllipticCurvePrivateKey = field(default_factory=new_ec_key)
+    kid: str = "p1"
+
+    def profile(self, **overrides: Any) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "partner_id": self.partner_id,
+            "name": f"partner {self.partner_id}",
+            "lei": PARTNER_LEI,
+            "issuers": [self.issuer],
+            "keys": {"jwks": jwks_for(self.key, self.kid)},
+            "algorithms": ["ES256"],
+            "max_assertion_lifetime": 300,
+            "required_claims": ["desk"],
+            "claim_mappings": {"desk": "desk", "product_class": "product"},
+            "allowed_scopes": ["order:create", "order:cancel"],
+            "allowed_audiences": [EXECUTION],
+            "allowed_products": ["bond"],
+            "accepted_token_types": [TOKEN_TYPE_JWT],
+        }
+        doc.update(overrides)
+        return {k: v for k, v in doc.items() if v is not None}
+
+    def assertion(self, **overrides: Any) -> str:
+        """A fresh assertion; ``None`` removes a claim; ``_headers``/``_key``/``_alg`` adjust signing."""
+        now = int(time.time())
+        claims: dict[str, Any] = {
+            "iss": self.issuer,
+            "sub": "trader-42",
+            "aud": self.audience,
+            "iat": now,
+            "exp": now + 120,
+            "jti": uuid.uuid4().hex,
+            "desk": "rates-emea",
+        }
+        headers: dict[str, Any] = {"kid": self.kid}
+        headers.update(overrides.pop("_headers", {}))
+        key = overrides.pop("_key", self.key)
+        alg = overrides.pop("_alg", "ES256")
+        for name, value in overrides.items():
+            if value is None:
+                claims.pop(name, None)
+            else:
+                claims[name] = value
+        return jwt.encode(claims, key, algorithm=alg, headers=headers)
+
+
+def client_metadata(**overrides: Any) -> dict[str, Any]:
+    """Registration metadata of a client allowed to use the jwt-bearer grant."""
+    meta: dict[str, Any] = {
+        "lei": LEI,
+        "grant_types": ["client_credentials", JWT_BEARER],
+        "scope": "order:create order:cancel settlement:submit",
+    }
+    meta.update(overrides)
+    return meta

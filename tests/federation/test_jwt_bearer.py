@@ -1,0 +1,364 @@
+"""The JWT-bearer grant (RFC 7523 §2.1, §3, §3.1) for partner assertions, over HTTP: one case per MUST,
+each asserting the exact status and error code AND the deny record in the audit trail."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+import pytest_asyncio
+
+from tests.conftest import (
+    CLEARING,
+    EXECUTION,
+    PROTOCOL_DATABASES,
+    ClientKit,
+    jwks_for,
+    register_kit,
+)
+from tests.federation.partners import JWT_BEARER, PARTNER_LEI, Partner, client_metadata
+from tests.protocol_server import Server, running_server
+from trustplane.audit.sink import recent_events
+from trustplane.clients.remote_jwks import RemoteJwksCache
+from trustplane.federation.registry import REPLAY_NAMESPACE
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+REMOTE_HOST = "keys.partner-c.example"
+
+
+@dataclass
+class Federation:
+    server: Server
+    kit: ClientKit
+    a: Partner
+    b: Partner
+    remote: Partner
+    disabled: Partner
+    outbound: list[httpx.Request]
+
+    async def grant(self, assertion: str, kit: ClientKit | None = None, **form: Any) -> Any:
+        """POST /token with the jwt-bearer grant; returns (response, the client assertion's jti)."""
+        auth = (kit or self.kit).auth()
+        jti = jwt.decode(auth["client_assertion"], options={"verify_signature": False})["jti"]
+        data = {
+            "grant_type": JWT_BEARER,
+            "assertion": assertion,
+            "scope": "order:create",
+            "resource": EXECUTION,
+            **auth,
+            **form,
+        }
+        data = {k: v for k, v in data.items() if v is not None}
+        return await self.server.http.post("/token", data=data), jti
+
+    async def refusal(self, client_jti: str) -> dict[str, Any]:
+        """The audit record of the refused request (matched by its client assertion's jti)."""
+        events = await recent_events(self.server.services.db, 20, "oauth:token:refused")
+        (event,) = [e for e in events if e["jti"] == client_jti]
+        return event
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=PROTOCOL_DATABASES)
+async def fed(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Federation]:
+    async with running_server(
+        request, tmp_path_factory, federation_jwks_hosts=(REMOTE_HOST,)
+    ) as server:
+        svc, issuer = server.services, server.issuer
+        outbound: list[httpx.Request] = []
+
+        remote = Partner("partner-c", "https://idp.partner-c.example", issuer)
+
+        def recorded(req: httpx.Request) -> httpx.Response:
+            """Every outbound request is recorded (tests assert on the list); only the partner's
+            own jwks_uri gets an answer."""
+            outbound.append(req)
+            if str(req.url) == f"https://{REMOTE_HOST}/jwks":
+                return httpx.Response(200, json=jwks_for(remote.key, remote.kid))
+            return httpx.Response(404)
+
+        svc.federation.registry.remote_jwks = RemoteJwksCache(
+            transport=httpx.MockTransport(recorded)
+        )
+        a = Partner("partner-a", "https://idp.partner-a.example", issuer)
+        b = Partner("partner-b", "https://idp.partner-b.example", issuer)
+        disabled = Partner("partner-d", "https://idp.partner-d.example", issuer)
+        for p in (a, disabled):
+            await svc.federation.add(p.profile(), changed_by="test")
+        await svc.federation.add(b.profile(allowed_scopes=["order:create"]), changed_by="test")
+        await svc.federation.add(
+            remote.profile(keys={"jwks_uri": f"https://{REMOTE_HOST}/jwks"}), changed_by="test"
+        )
+        await svc.federation.disable("partner-d", changed_by="test", reason="offboarded")
+        kit = await register_kit(svc, **client_metadata())
+        yield Federation(server, kit, a, b, remote, disabled, outbound)
+
+
+def error_of(response: httpx.Response) -> tuple[int, str]:
+    return response.status_code, response.json().get("error")
+
+
+# --------------------------------------------------------------------------- success
+
+
+async def test_issued_token_preserves_the_origin_and_adds_mapped_attributes(
+    fed: Federation,
+) -> None:
+    assertion = fed.a.assertion(product_class="bond", txn="txn-0001")
+    response, _ = await fed.grant(assertion, scope="order:create order:cancel")
+
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["token_type"], body["scope"]) == ("Bearer", "order:create order:cancel")
+    jwks = jwt.PyJWKSet.from_dict((await fed.server.http.get("/jwks")).json())
+    token = body["access_token"]
+    header = jwt.get_unverified_header(token)
+    claims = jwt.decode(
+        token,
+        jwks[header["kid"]],
+        algorithms=[header["alg"]],
+        audience=EXECUTION,
+        issuer=fed.server.issuer,
+    )
+    assert header["typ"] == "at+jwt"
+    assert claims["sub"] == "partner:partner-a:trader-42"
+    assert claims["origin"] == {"iss": fed.a.issuer, "sub": "trader-42"}
+    assert claims["partner"] == "partner-a"
+    assert claims["lei"] == PARTNER_LEI
+    assert claims["client_id"] == fed.kit.client_id
+    assert (claims["desk"], claims["product"], claims["txn"]) == ("rates-emea", "bond", "txn-0001")
+    issued = await recent_events(fed.server.services.db, 1, "oauth:token:issued")
+    assert issued[0]["jti"] == claims["jti"]
+    assert issued[0]["partner"] == "partner-a"
+    assert issued[0]["subject"] == "partner:partner-a:trader-42"
+    assert issued[0]["payload"]["origin"] == claims["origin"]
+
+
+async def test_same_sub_from_two_partners_gives_two_distinct_subjects(fed: Federation) -> None:
+    subjects = []
+    for partner in (fed.a, fed.b):
+        response, _ = await fed.grant(partner.assertion(sub="same-user"))
+        assert response.status_code == 200, response.text
+        token = response.json()["access_token"]
+        subjects.append(jwt.decode(token, options={"verify_signature": False})["sub"])
+    assert subjects == ["partner:partner-a:same-user", "partner:partner-b:same-user"]
+
+
+async def test_partner_jti_lives_in_its_own_replay_namespace(fed: Federation) -> None:
+    """A partner jti equal to a client-assertion jti does not collide with it."""
+    auth = fed.kit.auth()
+    shared = jwt.decode(auth["client_assertion"], options={"verify_signature": False})["jti"]
+    data = {
+        "grant_type": JWT_BEARER,
+        "assertion": fed.a.assertion(jti=shared),
+        "scope": "order:create",
+        "resource": EXECUTION,
+        **auth,
+    }
+    response = await fed.server.http.post("/token", data=data)
+    assert response.status_code == 200, response.text
+    assert REPLAY_NAMESPACE.startswith("partner-assertion:")
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def _expired(f: Federation) -> str:
+    now = int(time.time())
+    return f.a.assertion(iat=now - 400, exp=now - 200)
+
+
+def _too_long(f: Federation) -> str:
+    now = int(time.time())
+    return f.a.assertion(iat=now, exp=now + 301)
+
+
+def _far_exp_without_iat(f: Federation) -> str:
+    return f.a.assertion(iat=None, exp=int(time.time()) + 3600)
+
+
+INVALID_GRANT_CASES = {
+    "untrusted issuer": (
+        lambda f: f.a.assertion(iss="https://idp.stranger.example"),
+        "untrusted_issuer",
+        None,
+    ),
+    "partner A's key with partner B's iss": (
+        lambda f: f.a.assertion(iss=f.b.issuer),
+        "signature",
+        "partner-b",
+    ),
+    "partner B's key with partner B's kid and A's iss": (
+        lambda f: f.b.assertion(iss=f.a.issuer, _headers={"kid": "p1"}),
+        "signature",
+        "partner-a",
+    ),
+    "expired": (_expired, "expired", "partner-a"),
+    "lifetime over the profile maximum": (_too_long, "lifetime", "partner-a"),
+    "exp beyond the maximum, no iat": (_far_exp_without_iat, "lifetime", "partner-a"),
+    "iat in the future": (
+        lambda f: f.a.assertion(iat=int(time.time()) + 600, exp=int(time.time()) + 700),
+        "not_yet_valid",
+        "partner-a",
+    ),
+    "missing required claim (profile)": (
+        lambda f: f.a.assertion(desk=None),
+        "missing_claim",
+        "partner-a",
+    ),
+    "missing exp": (lambda f: f.a.assertion(exp=None), "missing_claim", "partner-a"),
+    "missing sub": (lambda f: f.a.assertion(sub=None), "missing_claim", "partner-a"),
+    "missing jti": (lambda f: f.a.assertion(jti=None), "missing_claim", "partner-a"),
+    "wrong aud": (
+        lambda f: f.a.assertion(aud="https://other-as.example"),
+        "audience",
+        "partner-a",
+    ),
+    "aud with a second audience": (
+        lambda f: f.a.assertion(aud=[f.a.audience, "https://other-as.example"]),
+        "audience",
+        "partner-a",
+    ),
+    "disabled partner": (lambda f: f.disabled.assertion(), "partner_disabled", "partner-d"),
+    "typ of an access token": (
+        lambda f: f.a.assertion(_headers={"typ": "at+jwt"}),
+        "token_type",
+        "partner-a",
+    ),
+    "typ of an ID token": (
+        lambda f: f.a.assertion(_headers={"typ": "id_token+jwt"}),
+        "token_type",
+        "partner-a",
+    ),
+    "HS256 with the partner's public key bytes": (
+        lambda f: f.a.assertion(_alg="HS256", _key="not-a-key-but-a-secret-of-32-bytes!!"),
+        "algorithm",
+        None,
+    ),
+    "product outside the profile": (
+        lambda f: f.a.assertion(product_class="equity"),
+        "product_not_allowed",
+        "partner-a",
+    ),
+    "not a JWT": (lambda f: "not.a.jwt", "malformed", None),
+}
+
+
+@pytest.mark.parametrize("case", list(INVALID_GRANT_CASES))
+async def test_bad_assertion_is_invalid_grant_and_audited(fed: Federation, case: str) -> None:
+    make, reason_id, partner = INVALID_GRANT_CASES[case]
+    response, client_jti = await fed.grant(make(fed))
+
+    assert error_of(response) == (400, "invalid_grant"), response.text
+    event = await fed.refusal(client_jti)
+    assert (event["decision"], event["reason"]) == ("deny", "invalid_grant")
+    assert event["reason_ids"] == [reason_id]
+    assert event["partner"] == partner
+    assert event["client_id"] == fed.kit.client_id
+
+
+@pytest.mark.parametrize("header", ["jku", "x5u", "jwk", "x5c"])
+async def test_key_or_url_in_header_is_refused_without_any_outbound_request(
+    fed: Federation, header: str
+) -> None:
+    values: dict[str, Any] = {
+        "jku": "https://keys.partner-c.example/jwks",
+        "x5u": "https://keys.partner-c.example/cert.pem",
+        "jwk": {"kty": "EC", "crv": "P-256", "x": "AA", "y": "AA"},
+        "x5c": ["MIIB"],
+    }
+    response, client_jti = await fed.grant(fed.remote.assertion(_headers={header: values[header]}))
+
+    assert error_of(response) == (400, "invalid_grant")
+    event = await fed.refusal(client_jti)
+    assert event["reason_ids"] == ["key_in_header"]
+    assert fed.outbound == []
+
+
+async def test_partner_with_jwks_uri_fetches_only_its_allow_listed_uri(fed: Federation) -> None:
+    """Control for the test above: the remote partner's keys are fetched from its profile's URI
+    (once: then cached), and a header URL is still never followed."""
+    fed.outbound.clear()
+    first, _ = await fed.grant(fed.remote.assertion())
+    second, _ = await fed.grant(fed.remote.assertion())
+    jku, _ = await fed.grant(fed.remote.assertion(_headers={"jku": "https://evil.example/k"}))
+
+    assert first.status_code == second.status_code == 200, first.text
+    assert error_of(jku) == (400, "invalid_grant")
+    assert [str(r.url) for r in fed.outbound] == [f"https://{REMOTE_HOST}/jwks"]
+
+
+async def test_replayed_partner_assertion_is_invalid_grant(fed: Federation) -> None:
+    assertion = fed.a.assertion()
+    first, _ = await fed.grant(assertion)
+    again, client_jti = await fed.grant(assertion)
+
+    assert first.status_code == 200, first.text
+    assert error_of(again) == (400, "invalid_grant")
+    event = await fed.refusal(client_jti)
+    assert (event["reason_ids"], event["partner"]) == (["replay"], "partner-a")
+
+
+async def test_scope_outside_the_profile_is_invalid_scope(fed: Federation) -> None:
+    """order:cancel is allowed for the client and the resource, but not in partner B's profile."""
+    response, client_jti = await fed.grant(fed.b.assertion(), scope="order:create order:cancel")
+    assert error_of(response) == (400, "invalid_scope")
+    assert "partner" in response.json()["error_description"]
+    event = await fed.refusal(client_jti)
+    assert (event["reason"], event["partner"]) == ("invalid_scope", "partner-b")
+
+
+async def test_scope_the_resource_does_not_accept_is_invalid_scope(fed: Federation) -> None:
+    response, client_jti = await fed.grant(fed.a.assertion(), scope="settlement:submit")
+    assert error_of(response) == (400, "invalid_scope")
+    event = await fed.refusal(client_jti)
+    assert (event["reason"], event["partner"]) == ("invalid_scope", "partner-a")
+
+
+async def test_audience_outside_the_profile_is_invalid_target(fed: Federation) -> None:
+    """CLEARING is allowed for the client and accepts settlement:submit; not in partner A's profile."""
+    response, client_jti = await fed.grant(
+        fed.a.assertion(), scope="settlement:submit", resource=CLEARING
+    )
+    assert error_of(response) == (400, "invalid_target")
+    assert "partner" in response.json()["error_description"]
+    event = await fed.refusal(client_jti)
+    assert (event["reason"], event["partner"]) == ("invalid_target", "partner-a")
+
+
+async def test_a_refused_scope_does_not_consume_the_partner_assertion(fed: Federation) -> None:
+    assertion = fed.a.assertion()
+    refused, _ = await fed.grant(assertion, scope="settlement:submit", resource=CLEARING)
+    accepted, _ = await fed.grant(assertion)
+    assert error_of(refused) == (400, "invalid_target")
+    assert accepted.status_code == 200, accepted.text
+
+
+async def test_client_without_the_grant_type_is_unauthorized_client(fed: Federation) -> None:
+    other = await register_kit(fed.server.services)  # client_credentials only
+    response, client_jti = await fed.grant(fed.a.assertion(), kit=other)
+    assert error_of(response) == (400, "unauthorized_client")
+    assert (await fed.refusal(client_jti))["reason"] == "unauthorized_client"
+
+
+async def test_missing_assertion_is_invalid_request(fed: Federation) -> None:
+    response, client_jti = await fed.grant(None)  # type: ignore[arg-type]
+    assert error_of(response) == (400, "invalid_request")
+    assert (await fed.refusal(client_jti))["reason"] == "invalid_request"
+
+
+async def test_unauthenticated_client_is_invalid_client(fed: Federation) -> None:
+    data = {
+        "grant_type": JWT_BEARER,
+        "assertion": fed.a.assertion(),
+        "scope": "order:create",
+        "resource": EXECUTION,
+    }
+    response = await fed.server.http.post("/token", data=data)
+    assert error_of(response) == (401, "invalid_client")
