@@ -81,7 +81,8 @@ async def test_add_show_update_list_disable(server: Server) -> None:
         "federation:partner:added",
     ]
     changed_by = {e["payload"]["changed_by"] for e in events}
-    assert len(changed_by) == 1 and changed_by.pop().startswith("tp-")
+    assert len(changed_by) == 1
+    assert changed_by.pop().startswith("tp-")
 
 
 async def test_invalid_documents_are_400_with_every_problem(server: Server) -> None:

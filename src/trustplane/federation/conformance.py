@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,7 @@ import orjson
 
 from trustplane.federation.profile import ALWAYS_REQUIRED, TrustProfile
 from trustplane.federation.registry import KEY_HEADERS, TYP_TOKEN_TYPES
-from trustplane.jose.jwk import PRIVATE_MEMBERS, JWKError, import_public_jwk, thumbprint
+from trustplane.jose.jwk import PRIVATE_MEMBERS, JWKError, PublicKey, import_public_jwk, thumbprint
 from trustplane.jose.jws import JWSError, parse
 from trustplane.settings import is_loopback_host
 
@@ -231,7 +232,7 @@ class ConformanceChecker:
         if any(m in key for m in PRIVATE_MEMBERS):
             return Check(name, False, "not checked: the key carries private members")
         try:
-            alg, _ = import_public_jwk(key)
+            alg, _ = _import(key)
         except JWKError as exc:
             return Check(name, False, str(exc))
         if alg not in self._profile.algorithms:
@@ -312,12 +313,19 @@ class ConformanceChecker:
             if not isinstance(key, dict) or (kid is not None and key.get("kid") != kid):
                 continue
             try:
-                alg, public = import_public_jwk(key)
+                alg, public = _import(key)
             except JWKError:
                 continue
             if alg == jws.alg and jws.verify(public):
                 return Check(name, True, f"kid {key.get('kid')!r}")
         return Check(name, False, f"no published {jws.alg} key (kid {kid!r}) verifies it")
+
+
+def _import(key: dict[str, Any]) -> tuple[str, PublicKey]:
+    """The key, refused (not warned about) if weak: the report says why."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return import_public_jwk(key)
 
 
 def well_known_urls(issuer: str) -> list[str]:

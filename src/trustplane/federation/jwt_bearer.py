@@ -19,9 +19,9 @@ from __future__ import annotations
 from trustplane import metrics
 from trustplane.errors import (
     InvalidGrantError,
-    OAuth2Error,
     InvalidScopeError,
     InvalidTargetError,
+    OAuth2Error,
     UnauthorizedClientError,
 )
 from trustplane.federation.profile import TOKEN_TYPE_JWT
