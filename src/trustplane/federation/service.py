@@ -64,7 +64,6 @@ class FederationService:
             stored = await self._store.list_current(conn)
         self.registry.replace_all([p for p in (self._rebuild(s) for s in stored) if p])
         metrics.PARTNERS.set(len(self.registry))
-        log.debug("partners_loaded", partners=len(self.registry))
 
     async def current(self) -> list[StoredProfile]:
         """The current version of every partner."""
