@@ -130,6 +130,12 @@ def test_jwt_bearer_over_http_with_the_cli(live_server: LiveServers) -> None:
     assert claims["sub"] == "partner:arranger-e2e:alice@arranger"
     assert claims["origin"] == {"iss": partner.issuer, "sub": "alice@arranger"}
     assert (claims["partner"], claims["desk"]) == ("arranger-e2e", "rates-emea")
+    introspected = httpx.post(
+        f"{server.base_url}/introspect", data={"token": token, **kit.auth()}, timeout=10
+    ).json()
+    assert introspected["active"] is True
+    assert (introspected["sub"], introspected["origin"]) == (claims["sub"], claims["origin"])
+    assert introspected["partner"] == "arranger-e2e"
     assert (replay.status_code, replay.json()["error"]) == (400, "invalid_grant")
     assert refusal_reasons(server, kit.client_id)[-1] == ["replay"]
 

@@ -25,6 +25,8 @@ from trustplane.storage.db import Database
 
 INACTIVE: dict[str, Any] = {"active": False}
 EXPOSED_CLAIMS = ("scope", "client_id", "sub", "aud", "iss", "exp", "iat", "nbf", "jti", "lei")
+#: Federated tokens (jwt-bearer): where the subject came from, unflattened.
+FEDERATION_CLAIMS = ("origin", "partner", "txn")
 
 
 class IntrospectionService:
@@ -52,7 +54,7 @@ class IntrospectionService:
         if not visible or claims is None:
             return INACTIVE
         out = {"active": True, "token_type": "Bearer"}
-        out.update({k: claims[k] for k in EXPOSED_CLAIMS if k in claims})
+        out.update({k: claims[k] for k in EXPOSED_CLAIMS + FEDERATION_CLAIMS if k in claims})
         return out
 
     async def revoke(self, form: Form, authorization: str | None) -> None:
