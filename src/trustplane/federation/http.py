@@ -33,15 +33,21 @@ from trustplane.oauth.tokens import VerifiedClaims, read_access_token
 ADMIN_PATH = "/federation"
 ADMIN_SCOPE = "partner:administer"
 DOCUMENT_TYPES = ("application/json", "application/yaml", "application/x-yaml", "text/yaml")
-_BODY_DOC: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {"schema": {"$ref": "/federation/trust-profile.schema.json"}},
-            "application/yaml": {"schema": {"type": "string"}},
-        },
+
+
+def _body_doc() -> dict[str, Any]:
+    """The request body in the OpenAPI document: the trust profile schema inlined (OpenAPI 3.1
+    schemas are JSON Schema 2020-12), without the keywords that make it a standalone document."""
+    inline = {k: v for k, v in schema().items() if k not in ("$schema", "$id")}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": inline},
+                "application/yaml": {"schema": {"type": "string"}},
+            },
+        }
     }
-}
 
 
 def stored_body(stored: StoredProfile) -> dict[str, Any]:
@@ -127,6 +133,7 @@ def federation_router(
     service: FederationService, keys: KeyService, clients: ClientRegistry, issuer: str
 ) -> APIRouter:
     router = APIRouter(prefix=ADMIN_PATH, tags=["federation"])
+    body_doc = _body_doc()
     auth = AdminAuth(keys, clients, service, issuer)
     schema_json = orjson.dumps(schema())
 
@@ -143,7 +150,7 @@ def federation_router(
 
         return await _guarded(run)
 
-    @router.post("/partners", status_code=201, openapi_extra=_BODY_DOC, summary="Add a partner")
+    @router.post("/partners", status_code=201, openapi_extra=body_doc, summary="Add a partner")
     async def add_partner(request: Request) -> Response:
         async def run() -> Response:
             claims = await auth.require(request)
@@ -170,7 +177,7 @@ def federation_router(
         return await _guarded(run)
 
     @router.put(
-        "/partners/{partner_id}", openapi_extra=_BODY_DOC, summary="Store a new profile version"
+        "/partners/{partner_id}", openapi_extra=body_doc, summary="Store a new profile version"
     )
     async def update_partner(partner_id: str, request: Request) -> Response:
         async def run() -> Response:
