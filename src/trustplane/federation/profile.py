@@ -117,7 +117,9 @@ def validate_profile(
     shape = sorted(_validator().iter_errors(raw), key=lambda e: list(e.absolute_path))
     if shape:
         raise ProfileError([f"{_path(e.absolute_path)}: {e.message}" for e in shape])
-    doc: dict[str, Any] = {"status": "active", "min_rsa_bits": 2048, **raw}
+    doc: dict[str, Any] = dict(raw)
+    doc.setdefault("status", ProfileStatus.ACTIVE.value)
+    doc.setdefault("min_rsa_bits", 2048)
     errors: list[str] = []
     keys = _check_keys(doc, settings, errors)
     _check_semantics(doc, settings, vocabulary, errors)
