@@ -11,7 +11,7 @@ from tests.conftest import EXECUTION, ClientKit
 from trustplane.app import Services
 from trustplane.audit.events import AuditEvent, AuditEventType
 from trustplane.audit.sink import recent_events
-from trustplane.oauth.outcomes import Outcome
+from trustplane.oauth.outcomes import Outcome, Recorded
 from trustplane.oauth.replay import ReplayUse
 
 
@@ -63,3 +63,27 @@ async def test_one_batch_with_the_same_jti_twice_records_one_issue_and_one_repla
     refused = await recent_events(services.db, type_="oauth:token:refused")
     assert [e["jti"] for e in issued] == ["t0"]
     assert [e["jti"] for e in refused] == ["r1"]
+
+
+async def test_a_grant_assertion_replayed_within_one_batch_records_one_issue_and_one_refusal(
+    services: Services,
+) -> None:
+    """Two requests with fresh client assertions but one partner assertion (jwt-bearer grant)."""
+    grant_use = ReplayUse("partner-assertion:https://idp.example", "p-jti", 2**40)
+    outcomes = [
+        Outcome(
+            ReplayUse("client-a", f"c-jti-{i}", 2**40),
+            _event(AuditEventType.TOKEN_ISSUED, f"t{i}"),
+            partial(_event, AuditEventType.TOKEN_REFUSED, f"client-replay-{i}"),
+            grant_use,
+            partial(_event, AuditEventType.TOKEN_REFUSED, f"grant-replay-{i}"),
+        )
+        for i in range(2)
+    ]
+    results = await asyncio.gather(*(services.writer.submit("token_outcome", o) for o in outcomes))
+
+    assert results == [Recorded.RECORDED, Recorded.GRANT_REPLAYED]
+    issued = await recent_events(services.db, type_="oauth:token:issued")
+    refused = await recent_events(services.db, type_="oauth:token:refused")
+    assert [e["jti"] for e in issued] == ["t0"]
+    assert [e["jti"] for e in refused] == ["grant-replay-1"]
