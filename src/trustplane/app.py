@@ -31,6 +31,8 @@ from trustplane.keys.service import GENERATION as KEYS_GENERATION
 from trustplane.keys.service import KeyService
 from trustplane.keys.store import SqlKeyStore
 from trustplane.logging import configure_logging
+from trustplane.mandates import wiring as mandates_wiring
+from trustplane.mandates.service import MandateService
 from trustplane.oauth.client_auth import ClientAuthenticator
 from trustplane.oauth.discovery import server_metadata
 from trustplane.oauth.http import OAuthHttp
@@ -41,6 +43,7 @@ from trustplane.oauth.replay import RedisReplayCache, SqlReplayCache
 from trustplane.oauth.revocations import SqlRevocationStore
 from trustplane.oauth.scopes import Vocabulary, load_vocabulary, with_internal_apis
 from trustplane.oauth.token_endpoint import TokenEndpoint
+from trustplane.rar.registry import AuthorizationDetailsRegistry
 from trustplane.settings import Settings, SettingsError
 from trustplane.storage import generations
 from trustplane.storage.db import Database
@@ -79,6 +82,8 @@ class Services:
     authenticator: ClientAuthenticator
     token_endpoint: TokenEndpoint
     introspection: IntrospectionService
+    rar: AuthorizationDetailsRegistry
+    mandates: MandateService
 
     @classmethod
     def build(cls, settings: Settings, db: Database | None = None) -> Services:
@@ -90,15 +95,17 @@ class Services:
         replay: SqlReplayCache | RedisReplayCache = (
             RedisReplayCache(settings.redis_url) if settings.redis_url else sql_replay
         )
-        keys = KeyService(db, SqlKeyStore(), settings, key_encryption_key(settings), write_events)
+        kek = key_encryption_key(settings)
+        keys = KeyService(db, SqlKeyStore(), settings, kek, write_events)
         clients = ClientService(
             db, SqlClientStore(), SqlInitialAccessTokenStore(), settings, vocabulary, write_events
         )
         remote = RemoteJwksCache()
         auth = ClientAuthenticator(settings, clients.registry, replay, remote)
         token = TokenEndpoint(settings, auth, keys, vocabulary, audit, OutcomeRecorder(writer))
+        rar, mandates = mandates_wiring.build(settings, db, keys, clients.registry)
         introspection = IntrospectionService(
-            settings, db, auth, keys, clients.registry, SqlRevocationStore(), audit
+            settings, db, auth, keys, clients.registry, SqlRevocationStore(), audit, mandates
         )
         return cls(
             settings,
@@ -113,6 +120,8 @@ class Services:
             auth,
             token,
             introspection,
+            rar,
+            mandates,
         )
 
     async def start(self) -> None:
@@ -126,6 +135,7 @@ class Services:
 
     async def stop(self) -> None:
         await self.writer.stop()
+        await self.mandates.events.aclose()
         await self.remote_jwks.aclose()
         if isinstance(self.replay, RedisReplayCache):
             await self.replay.aclose()
@@ -142,6 +152,7 @@ class Services:
             await self.clients.load()
             metrics.ACTIVE_CLIENTS.set(len(self.clients.registry))
             metrics.CACHE_RELOADS.labels(cache="clients").inc()
+        mandates_wiring.refresh(self.mandates, current, seen)
         seen.clear()
         seen.update(current)
 
@@ -150,6 +161,7 @@ class Services:
         await self.keys.maybe_rotate()
         await self.keys.prune()
         await self.sql_replay.prune()
+        await self.mandates.publish_events()
         async with self.db.transaction() as conn:
             await SqlRevocationStore().prune(conn, int(time.time()))
 
@@ -242,6 +254,7 @@ def _mount(app: FastAPI, svc: Services) -> list[Route]:
     metadata_json = orjson.dumps(server_metadata(svc.settings, svc.vocabulary))
     protocol = OAuthHttp(svc.token_endpoint, svc.introspection, svc.keys, metadata_json)
     app.include_router(registration_router(svc.clients, svc.settings.issuer))
+    app.include_router(mandates_wiring.router(svc))
     fast = protocol.routes()
     app.router.routes.extend(fast)
     app.router.routes.append(Route("/metrics", _metrics, methods=["GET"]))

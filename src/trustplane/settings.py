@@ -90,6 +90,17 @@ class Settings(BaseSettings):
     initial_access_token_lifetime: int = Field(default=86400, ge=60)
     allow_insecure_loopback_jwks_uri: bool = False
 
+    # mandates, RAR authorization_details types, security events (issue 5, mandates)
+    authorization_details_types_dir: Path | None = None
+    mandate_default_lifetime: int = Field(default=90 * 86400, ge=3600, le=5 * 366 * 86400)
+    mandate_cache_size: int = Field(default=100_000, ge=0, le=10_000_000)
+    nats_url: str = ""
+    nats_stream: str = Field(default="TRUSTPLANE_SECURITY_EVENTS", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    nats_subject: str = Field(
+        default="trustplane.security_events", pattern=r"^[A-Za-z0-9_.-]{1,128}$"
+    )
+    security_event_audience: tuple[str, ...] = ()
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] = "json"
 

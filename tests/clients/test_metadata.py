@@ -166,6 +166,7 @@ def test_minimal_private_key_jwt_client_is_normalised(vocabulary: Vocabulary) ->
         "allowed_resources": [EXECUTION],
         "introspection_resources": [],
         "redirect_uris": [],
+        "authorization_details_types": [],
     }
 
 

@@ -28,6 +28,12 @@ class AuditEventType(StrEnum):
     KEY_ACTIVATED = "keys:key:activated"
     KEY_RETIRED = "keys:key:retired"
     KEY_REMOVED = "keys:key:removed"
+    MANDATE_CREATED = "mandates:mandate:created"
+    MANDATE_ACCEPTED = "mandates:mandate:accepted"
+    MANDATE_AMENDED = "mandates:mandate:amended"
+    MANDATE_SUSPENDED = "mandates:mandate:suspended"
+    MANDATE_RESUMED = "mandates:mandate:resumed"
+    MANDATE_REVOKED = "mandates:mandate:revoked"
 
 
 @dataclass(slots=True, frozen=True)

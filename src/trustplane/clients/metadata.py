@@ -16,6 +16,7 @@ from stdnum import lei as stdnum_lei
 from trustplane.errors import InvalidClientMetadataError, InvalidRedirectUriError
 from trustplane.jose.jwk import JWKError, import_public_jwks
 from trustplane.oauth.scopes import Vocabulary
+from trustplane.rar.registry import known_types
 from trustplane.settings import Settings, is_loopback_host
 
 #: Grants this server implements; later grant handlers add themselves here.
@@ -41,6 +42,7 @@ class ClientMetadataIn(BaseModel):
     allowed_resources: list[str] = Field(min_length=1, max_length=32)
     introspection_resources: list[str] = Field(default_factory=list, max_length=32)
     redirect_uris: list[str] = Field(default_factory=list, max_length=16)
+    authorization_details_types: list[str] = Field(default_factory=list, max_length=32)
 
 
 def validate_metadata(raw: Any, settings: Settings, vocabulary: Vocabulary) -> dict[str, Any]:
@@ -64,6 +66,7 @@ def validate_metadata(raw: Any, settings: Settings, vocabulary: Vocabulary) -> d
     _check_keys(meta, settings)
     _check_grants(meta)
     _check_scopes_and_resources(meta, vocabulary)
+    _check_details_types(meta, settings)
     for uri in meta.redirect_uris:
         check_redirect_uri(uri)
     return meta.model_dump(exclude_none=True)
@@ -112,6 +115,17 @@ def _check_scopes_and_resources(meta: ClientMetadataIn, vocabulary: Vocabulary) 
         bad = [r for r in getattr(meta, field) if r not in vocabulary.resources]
         if bad:
             raise InvalidClientMetadataError(f"{field}: unknown resource(s): {', '.join(bad)}")
+
+
+def _check_details_types(meta: ClientMetadataIn, settings: Settings) -> None:
+    """RFC 9396 §10: the ``authorization_details`` types the client may request."""
+    unknown = set(meta.authorization_details_types) - known_types(
+        settings.authorization_details_types_dir
+    )
+    if unknown:
+        raise InvalidClientMetadataError(
+            f"authorization_details_types: unknown type(s): {', '.join(sorted(unknown))}"
+        )
 
 
 def check_redirect_uri(uri: str) -> None:

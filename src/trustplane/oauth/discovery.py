@@ -7,6 +7,7 @@ from typing import Any
 
 from trustplane.clients.metadata import SUPPORTED_GRANT_TYPES
 from trustplane.oauth.scopes import Vocabulary
+from trustplane.rar.registry import known_types
 from trustplane.settings import Settings
 
 PATHS = {
@@ -35,6 +36,9 @@ def server_metadata(settings: Settings, vocabulary: Vocabulary) -> dict[str, Any
             "revocation_endpoint_auth_methods_supported": methods,
             "revocation_endpoint_auth_signing_alg_values_supported": algs,
             "access_token_signing_alg_values_supported": [settings.signing_algorithm],
+            "authorization_details_types_supported": sorted(
+                known_types(settings.authorization_details_types_dir)
+            ),
         }
     )
     return doc

@@ -128,6 +128,14 @@ INTERNAL_APIS = (
             "policy:simulate": "Replay recorded decisions against a candidate policy bundle",
         },
     ),
+    InternalApi(
+        "/mandates",
+        "trustplane mandate store: create, accept, amend, suspend, revoke, list, history",
+        {
+            "mandate:view": "Read mandates, their versions and their history",
+            "mandate:administer": "Create, accept, amend, suspend, resume and revoke mandates",
+        },
+    ),
 )
 
 
