@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from trustplane import __version__, metrics
 from trustplane.audit.sink import SqlAuditSink, write_events
+from trustplane.authorize import wiring as authorize_wiring
 from trustplane.clients.http import registration_router
 from trustplane.clients.remote_jwks import RemoteJwksCache
 from trustplane.clients.service import GENERATION as CLIENTS_GENERATION
@@ -84,6 +85,7 @@ class Services:
     introspection: IntrospectionService
     rar: AuthorizationDetailsRegistry
     mandates: MandateService
+    authorization: authorize_wiring.Authorization
 
     @classmethod
     def build(cls, settings: Settings, db: Database | None = None) -> Services:
@@ -107,6 +109,9 @@ class Services:
         introspection = IntrospectionService(
             settings, db, auth, keys, clients.registry, SqlRevocationStore(), audit, mandates
         )
+        authorization = authorize_wiring.build(
+            settings, db, kek, keys, clients.registry, vocabulary, rar, mandates, audit, token
+        )
         return cls(
             settings,
             db,
@@ -122,6 +127,7 @@ class Services:
             introspection,
             rar,
             mandates,
+            authorization,
         )
 
     async def start(self) -> None:
@@ -162,6 +168,7 @@ class Services:
         await self.keys.prune()
         await self.sql_replay.prune()
         await self.mandates.publish_events()
+        await self.authorization.prune()
         async with self.db.transaction() as conn:
             await SqlRevocationStore().prune(conn, int(time.time()))
 
@@ -255,6 +262,7 @@ def _mount(app: FastAPI, svc: Services) -> list[Route]:
     protocol = OAuthHttp(svc.token_endpoint, svc.introspection, svc.keys, metadata_json)
     app.include_router(registration_router(svc.clients, svc.settings.issuer))
     app.include_router(mandates_wiring.router(svc))
+    app.router.routes.extend(svc.authorization.http.routes())
     fast = protocol.routes()
     app.router.routes.extend(fast)
     app.router.routes.append(Route("/metrics", _metrics, methods=["GET"]))

@@ -426,3 +426,9 @@ def _when(ts: int | None) -> str:
 
 def main() -> None:
     app()
+
+
+# component command groups live in their own modules (they import the helpers above)
+from trustplane.users.cli import users_app  # noqa: E402
+
+app.add_typer(users_app, name="users")

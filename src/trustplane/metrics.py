@@ -19,3 +19,9 @@ WRITER_BATCH = Histogram(
 )
 CACHE_RELOADS = Counter("trustplane_cache_reloads_total", "In-memory cache reloads", ["cache"])
 ACTIVE_CLIENTS = Gauge("trustplane_clients", "Registered clients in the in-memory registry")
+AUTHORIZATIONS = Counter(
+    "trustplane_authorizations_total", "Authorization endpoint outcomes", ["outcome"]
+)
+LOGINS = Counter(
+    "trustplane_logins_total", "Login attempts at the authorization endpoint", ["outcome"]
+)

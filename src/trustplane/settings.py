@@ -90,6 +90,13 @@ class Settings(BaseSettings):
     initial_access_token_lifetime: int = Field(default=86400, ge=60)
     allow_insecure_loopback_jwks_uri: bool = False
 
+    # authorization endpoint, login and consent, codes, refresh tokens (issue 5)
+    authorization_code_lifetime: int = Field(default=60, ge=5, le=60)
+    refresh_token_lifetime: int = Field(default=8 * 3600, ge=300, le=30 * 86400)
+    session_lifetime: int = Field(default=3600, ge=60, le=86400)
+    login_max_failures: int = Field(default=5, ge=1, le=100)
+    login_lockout: int = Field(default=60, ge=1, le=3600)
+
     # mandates, RAR authorization_details types, security events (issue 5, mandates)
     authorization_details_types_dir: Path | None = None
     mandate_default_lifetime: int = Field(default=90 * 86400, ge=3600, le=5 * 366 * 86400)

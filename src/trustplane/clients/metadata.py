@@ -20,7 +20,7 @@ from trustplane.rar.registry import known_types
 from trustplane.settings import Settings, is_loopback_host
 
 #: Grants this server implements; later grant handlers add themselves here.
-SUPPORTED_GRANT_TYPES: set[str] = {"client_credentials"}
+SUPPORTED_GRANT_TYPES: set[str] = {"client_credentials", "authorization_code", "refresh_token"}
 SECRET_METHODS = frozenset({"client_secret_basic", "client_secret_post"})
 
 
@@ -105,6 +105,12 @@ def _check_grants(meta: ClientMetadataIn) -> None:
         raise InvalidClientMetadataError(f"unsupported grant_types: {', '.join(unsupported)}")
     if meta.response_types and "authorization_code" not in meta.grant_types:
         raise InvalidClientMetadataError("response_types need the authorization_code grant")
+    if any(rt != "code" for rt in meta.response_types):
+        raise InvalidClientMetadataError("response_types: only 'code' is supported")
+    if "authorization_code" in meta.grant_types and not meta.redirect_uris:
+        raise InvalidClientMetadataError("the authorization_code grant needs redirect_uris")
+    if "refresh_token" in meta.grant_types and "authorization_code" not in meta.grant_types:
+        raise InvalidClientMetadataError("refresh_token is only issued with authorization_code")
 
 
 def _check_scopes_and_resources(meta: ClientMetadataIn, vocabulary: Vocabulary) -> None:

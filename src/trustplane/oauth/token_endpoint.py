@@ -7,7 +7,7 @@ jti, audience and scopes, or ``oauth:token:refused`` with the wire error and the
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -33,9 +33,13 @@ from trustplane.settings import Settings
 
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """What a grant handler decided: the token to return."""
+    """What a grant handler decided: the token to return, extra response members (RFC 6749 §5.1
+    ``refresh_token``, RFC 9396 §7 ``authorization_details``) and what the audit record names."""
 
     token: IssuedToken
+    response: dict[str, Any] = field(default_factory=dict)
+    mandate: tuple[str, int] | None = None
+    details_digest: str | None = None
 
 
 def replayed() -> InvalidClientError:
@@ -76,9 +80,9 @@ class TokenEndpoint:
             await self._refuse(exc, form, client, grant_type)
             raise
         if client.pending_use is None:
-            await self._audit.emit(self._issued(grant.token, grant_type))
+            await self._audit.emit(self._issued(grant, grant_type))
         else:
-            auth, issued = client, self._issued(grant.token, grant_type)
+            auth, issued = client, self._issued(grant, grant_type)
             on_replay = partial(self._refused, replayed(), form, auth, grant_type)
             if not await self._outcomes.record(Outcome(client.pending_use, issued, on_replay)):
                 metrics.TOKEN_REFUSED.labels(error="invalid_client").inc()
@@ -90,6 +94,7 @@ class TokenEndpoint:
             "expires_in": grant.token.expires_in,
             "scope": grant.token.claims["scope"],
         }
+        body.update(grant.response)
         return body
 
     async def _refuse(
@@ -138,8 +143,9 @@ class TokenEndpoint:
         )
         return Grant(token)
 
-    def _issued(self, token: IssuedToken, grant_type: str) -> AuditEvent:
-        c = token.claims
+    def _issued(self, grant: Grant, grant_type: str) -> AuditEvent:
+        c = grant.token.claims
+        mandate_id, mandate_version = grant.mandate or (None, None)
         return AuditEvent(
             type=AuditEventType.TOKEN_ISSUED,
             issuer=self._settings.issuer,
@@ -149,6 +155,9 @@ class TokenEndpoint:
             scopes=tuple(c["scope"].split()),
             jti=c["jti"],
             transaction_id=c.get("txn"),
+            authorization_details_digest=grant.details_digest,
+            mandate_id=mandate_id,
+            mandate_version=mandate_version,
             decision="allow",
             payload={"grant_type": grant_type, "exp": c["exp"]},
         )
