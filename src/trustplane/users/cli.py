@@ -49,7 +49,7 @@ def users_add(
 ) -> None:
     """Create a user bound to a legal entity."""
     password = _password(password_stdin)
-    user = _call(lambda svc: svc.users.add(username, name, lei, password))
+    user = _call(lambda svc: svc.authorization.users.add(username, name, lei, password))
     if as_json:
         _emit_json(user.public())
     else:
@@ -59,7 +59,7 @@ def users_add(
 @users_app.command("list")
 def users_list(as_json: JsonFlag = False) -> None:
     """List users."""
-    users = _call(lambda svc: svc.users.list())
+    users = _call(lambda svc: svc.authorization.users.list())
     if as_json:
         _emit_json([u.public() for u in users])
         return
@@ -80,7 +80,7 @@ def users_list(as_json: JsonFlag = False) -> None:
 @users_app.command("show")
 def users_show(username: str, as_json: JsonFlag = False) -> None:
     """Show one user."""
-    body = _call(lambda svc: svc.users.get(username)).public()
+    body = _call(lambda svc: svc.authorization.users.get(username)).public()
     if as_json:
         _emit_json(body)
         return
@@ -95,7 +95,7 @@ def users_disable(username: str) -> None:
     """Disable a user: no further logins; consent in an open session is refused."""
     from trustplane.users.model import UserStatus
 
-    _call(lambda svc: svc.users.set_status(username, UserStatus.DISABLED))
+    _call(lambda svc: svc.authorization.users.set_status(username, UserStatus.DISABLED))
     out.print(f"user {username} is now disabled")
 
 
@@ -104,7 +104,7 @@ def users_enable(username: str) -> None:
     """Re-enable a user (also clears a lockout)."""
     from trustplane.users.model import UserStatus
 
-    _call(lambda svc: svc.users.set_status(username, UserStatus.ACTIVE))
+    _call(lambda svc: svc.authorization.users.set_status(username, UserStatus.ACTIVE))
     out.print(f"user {username} is now active")
 
 
@@ -112,14 +112,14 @@ def users_enable(username: str) -> None:
 def users_set_password(username: str, password_stdin: PasswordStdin = False) -> None:
     """Set a new password (also clears a lockout)."""
     password = _password(password_stdin)
-    _call(lambda svc: svc.users.set_password(username, password))
+    _call(lambda svc: svc.authorization.users.set_password(username, password))
     out.print(f"password of {username} changed")
 
 
 @users_app.command("enable-totp")
 def users_enable_totp(username: str, as_json: JsonFlag = False) -> None:
     """Enrol (or re-enrol) a TOTP authenticator; prints the seed and otpauth:// URI once."""
-    enrolment = _call(lambda svc: svc.users.enable_totp(username))
+    enrolment = _call(lambda svc: svc.authorization.users.enable_totp(username))
     if as_json:
         _emit_json({"secret": enrolment.secret, "otpauth_uri": enrolment.uri})
         return
