@@ -33,7 +33,8 @@ from trustplane.authorize.login import Identity, LoginFailedError, LoginStep
 from trustplane.authorize.request import AuthorizationRequest, ErrorPage, RedirectError
 from trustplane.authorize.sealing import Sealer
 from trustplane.authorize.service import AuthorizationService
-from trustplane.errors import OAuth2Error
+from trustplane.errors import InvalidRequestError, OAuth2Error
+from trustplane.mandates.errors import MandateError
 from trustplane.oauth.form import FORM_TYPE, Form
 from trustplane.settings import Settings
 
@@ -135,9 +136,10 @@ class AuthorizeHttp:
                 return await self._error_page(ErrorPage("Choose approve or deny."))
         except ErrorPage as exc:
             return await self._error_page(exc)
-        except OAuth2Error as exc:  # e.g. the mandate could not be created from these terms
-            await self._service.refused(pending.target, exc)
-            return _redirect(self._service.error_redirect(pending.target, exc))
+        except MandateError as exc:  # the terms cannot become a mandate (e.g. scopes changed)
+            refused = InvalidRequestError("the mandate could not be recorded", debug=str(exc))
+            await self._service.refused(pending.target, refused)
+            return _redirect(self._service.error_redirect(pending.target, refused))
         return _redirect(target)
 
     # ------------------------------------------------------------------ pieces
