@@ -432,3 +432,6 @@ def main() -> None:
 from trustplane.users.cli import users_app  # noqa: E402
 
 app.add_typer(users_app, name="users")
+from trustplane.mandates.cli import mandates_app  # noqa: E402
+
+app.add_typer(mandates_app, name="mandates")

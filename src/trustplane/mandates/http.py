@@ -103,6 +103,32 @@ async def _body(request: Request, model: type[_Strict]) -> Any:
         raise InvalidRequestError(f"{field}: {first['msg']}") from None
 
 
+def _integer(query: dict[str, str], name: str, low: int, high: int) -> int | None:
+    if name not in query:
+        return None
+    value = query[name]
+    if not value.isdigit() or not low <= int(value) <= high:
+        raise InvalidRequestError(f"{name} must be an integer from {low} to {high}")
+    return int(value)
+
+
+def _filter(query: dict[str, str]) -> MandateFilter:
+    unknown = set(query) - {"grantor", "grantee", "status", "expiring_within_days", "limit"}
+    if unknown:
+        raise InvalidRequestError(f"unknown query parameter(s): {', '.join(sorted(unknown))}")
+    status = query.get("status")
+    if status is not None and status not in MandateStatus.__members__.values():
+        raise InvalidRequestError(f"status must be one of {', '.join(MandateStatus)}")
+    days = _integer(query, "expiring_within_days", 0, 3660)
+    return MandateFilter(
+        grantor_lei=query.get("grantor"),
+        grantee_client_id=query.get("grantee"),
+        status=MandateStatus(status) if status is not None else None,
+        expiring_within=days * 86400 if days is not None else None,
+        limit=_integer(query, "limit", 1, 1000) or 200,
+    )
+
+
 def mandates_router(svc: Any) -> APIRouter:
     router = APIRouter(prefix="/mandates", tags=["mandates"])
     audience = internal_audience(svc.settings.issuer, "/mandates")
@@ -132,22 +158,12 @@ def mandates_router(svc: Any) -> APIRouter:
             return json_response({"error": error, "error_description": str(exc)}, code, NO_STORE)
 
     @router.get("")
-    async def list_mandates(
-        request: Request,
-        grantor: str | None = None,
-        grantee: str | None = None,
-        status: MandateStatus | None = None,
-        expiring_within_days: int | None = None,
-        limit: int = 200,
-    ) -> Response:
+    async def list_mandates(request: Request) -> Response:
+        """Query: grantor, grantee, status, expiring_within_days, limit (default 200)."""
+
         async def run() -> Any:
             await caller(request, VIEW)
-            if expiring_within_days is not None and not 0 <= expiring_within_days <= 3660:
-                raise InvalidRequestError("expiring_within_days must be between 0 and 3660")
-            if not 1 <= limit <= 1000:
-                raise InvalidRequestError("limit must be between 1 and 1000")
-            within = expiring_within_days * 86400 if expiring_within_days is not None else None
-            flt = MandateFilter(grantor, grantee, status, within, limit)
+            flt = _filter(dict(request.query_params))
             return {"mandates": [m.to_dict() for m in await mandates.list(flt)]}
 
         return await answer(run)

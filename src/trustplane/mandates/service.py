@@ -217,7 +217,8 @@ class MandateService:
         now = now_s() if now is None else now
         flt = MandateFilter(grantor_lei, client_id, MandateStatus.ACTIVE)
         for mandate in await self.list(flt, now):
-            if mandate.effective_from > now or mandate.grantor_person not in (None, grantor_person):
+            other_person = mandate.grantor_person not in (None, grantor_person)
+            if mandate.effective_from > now or (grantor_person is not None and other_person):
                 continue
             if set(scopes) <= set(mandate.scopes) and self._registry.covers(
                 mandate.authorization_details, authorization_details
