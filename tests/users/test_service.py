@@ -75,7 +75,7 @@ async def test_lockout_after_repeated_failures_then_reset(
     assert locked.locked_until > time.time()
     with pytest.raises(LoginFailedError, match="locked"):  # the right password does not help now
         await users.authenticate("alice", PASSWORD, None)
-    assert (await recent_events(services.db, type_="users:user:locked"))
+    assert await recent_events(services.db, type_="users:user:locked")
     await users.set_password("alice", PASSWORD + "!")  # an administrator resets it
     assert (await users.authenticate("alice", PASSWORD + "!", None)).user.failed_logins == 0
 
