@@ -24,9 +24,7 @@ from typing import Any
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
-from stdnum import lei as stdnum_lei
 
-from trustplane.audit.events import AuditEvent, AuditEventType
 from trustplane.audit.sink import write_events
 from trustplane.clients.model import Client
 from trustplane.clients.service import ClientRegistry
@@ -39,7 +37,6 @@ from trustplane.mandates.errors import (
     MandateUnusableError,
 )
 from trustplane.mandates.model import (
-    DEFAULT_REVOCATION_PATH,
     LegalBasis,
     Mandate,
     MandateAction,
@@ -50,6 +47,7 @@ from trustplane.mandates.model import (
     resolve_status,
 )
 from trustplane.mandates.store import Head, SqlMandateStore, Version
+from trustplane.mandates.terms import as_mandate, audit_event, new_version, terms_of
 from trustplane.rar.registry import AuthorizationDetailsRegistry
 from trustplane.settings import Settings
 from trustplane.storage import generations
@@ -57,14 +55,6 @@ from trustplane.storage.db import Database
 
 log = structlog.get_logger("trustplane.mandates")
 GENERATION = "mandates"
-_AUDIT = {
-    MandateAction.CREATED: AuditEventType.MANDATE_CREATED,
-    MandateAction.ACCEPTED: AuditEventType.MANDATE_ACCEPTED,
-    MandateAction.AMENDED: AuditEventType.MANDATE_AMENDED,
-    MandateAction.SUSPENDED: AuditEventType.MANDATE_SUSPENDED,
-    MandateAction.RESUMED: AuditEventType.MANDATE_RESUMED,
-    MandateAction.REVOKED: AuditEventType.MANDATE_REVOKED,
-}
 #: What each action requires of the recorded status, and what it leaves.
 _TRANSITIONS = {
     MandateAction.ACCEPTED: ({MandateStatus.PROPOSED}, MandateStatus.ACTIVE),
@@ -122,7 +112,7 @@ class MandateService:
             raise MandateUnusableError(mandate_id, version, status.value)
         if now < head.effective_from:
             raise MandateUnusableError(mandate_id, version, "not_yet_effective")
-        return self._mandate(await self._version(mandate_id, version), head, now)
+        return as_mandate(await self._version(mandate_id, version), head, now)
 
     async def is_usable(self, mandate_id: str, version: int, now: int | None = None) -> bool:
         try:
@@ -178,7 +168,7 @@ class MandateService:
             found = await self._store.versions(conn, mandate_id, version or head.current_version)
         if not found:
             raise MandateNotFoundError(f"no mandate {mandate_id} v{version}")
-        return self._mandate(found[0], head, now_s() if now is None else now)
+        return as_mandate(found[0], head, now_s() if now is None else now)
 
     async def list(self, flt: MandateFilter | None = None, now: int | None = None) -> list[Mandate]:
         """Current versions of the mandates matching ``flt``, newest first."""
@@ -188,7 +178,7 @@ class MandateService:
             out = []
             for head in heads:
                 version = (await self._store.versions(conn, head.id, head.current_version))[0]
-                out.append(self._mandate(version, head, now))
+                out.append(as_mandate(version, head, now))
         return out
 
     async def history(self, mandate_id: str, now: int | None = None) -> MandateHistory:
@@ -199,7 +189,7 @@ class MandateService:
                 raise MandateNotFoundError(f"no mandate {mandate_id}")
             versions = await self._store.versions(conn, mandate_id)
             changes = await self._store.changes(conn, mandate_id)
-        return MandateHistory([self._mandate(v, head, now) for v in versions], changes)
+        return MandateHistory([as_mandate(v, head, now) for v in versions], changes)
 
     async def find_covering(
         self,
@@ -225,33 +215,6 @@ class MandateService:
             ):
                 return mandate
         return None
-
-    def _mandate(self, v: Version, head: Head, now: int) -> Mandate:
-        return Mandate(
-            id=v.mandate_id,
-            version=v.version,
-            grantor_lei=v.grantor_lei,
-            grantor_person=v.grantor_person,
-            grantee_client_id=v.grantee_client_id,
-            grantee_lei=v.grantee_lei,
-            scopes=v.scopes,
-            authorization_details=v.authorization_details,
-            effective_from=v.effective_from,
-            effective_until=v.effective_until,
-            legal_basis=v.legal_basis,
-            document_ref=v.document_ref,
-            status=resolve_status(
-                head.status, v.version, head.current_version, v.effective_until, now
-            ),
-            accepted_by=v.accepted_by,
-            accepted_at=v.accepted_at,
-            created_by=v.created_by,
-            created_at=v.created_at,
-            revocation_path=v.revocation_path,
-            recorded_status=head.status,
-            current_version=head.current_version,
-            status_reason=head.status_reason,
-        )
 
     # ------------------------------------------------------------------ writes
 
@@ -292,7 +255,9 @@ class MandateService:
         :meth:`accept`)."""
         now = now_s()
         mandate_id = "mdt_" + secrets.token_hex(12)
-        version = self._new_version(mandate_id, 1, terms, actor, accepted_by, now)
+        version = new_version(
+            self._registry, self._clients, mandate_id, 1, terms, actor, accepted_by, now
+        )
         status = MandateStatus.ACTIVE if accepted_by else MandateStatus.PROPOSED
         head = Head(
             mandate_id, 1, status, None, version.grantor_lei, version.grantee_client_id,
@@ -301,10 +266,10 @@ class MandateService:
         change = MandateChange(mandate_id, 1, MandateAction.CREATED, status, actor, None, now)
         async with self._db.transaction() as conn:
             await self._store.save(conn, head, version, change)
-            await self._audit(conn, version, change)
+            await write_events(conn, [audit_event(self._settings.issuer, version, change)])
         self._remember_head(head)
         log.info("mandate_created", mandate_id=mandate_id, status=status.value)
-        return self._mandate(version, head, now)
+        return as_mandate(version, head, now)
 
     async def accept(self, mandate_id: str, *, accepted_by: str, actor: str) -> Mandate:
         return await self._transition(mandate_id, MandateAction.ACCEPTED, actor, None, accepted_by)
@@ -349,9 +314,11 @@ class MandateService:
             if head.status is MandateStatus.REVOKED:
                 raise MandateStateError(f"mandate {mandate_id} is revoked and cannot be amended")
             old = (await self._store.versions(conn, mandate_id, head.current_version))[0]
-            terms = _terms_of(old, changes)
+            terms = terms_of(old, changes)
             number = head.current_version + 1
-            version = self._new_version(mandate_id, number, terms, actor, accepted_by, now)
+            version = new_version(
+                self._registry, self._clients, mandate_id, number, terms, actor, accepted_by, now
+            )
             new_head = replace(
                 head, current_version=number, effective_from=version.effective_from,
                 effective_until=version.effective_until, updated_at=now, status_reason=reason,
@@ -360,8 +327,10 @@ class MandateService:
                 mandate_id, number, MandateAction.AMENDED, head.status, actor, reason, now
             )
             await self._store.save(conn, new_head, version, change)
-            await self._audit(conn, version, change, previous_version=old.version)
-            previous = self._mandate(old, new_head, now)
+            await write_events(
+                conn, [audit_event(self._settings.issuer, version, change, old.version)]
+            )
+            previous = as_mandate(old, new_head, now)
             claims = {"mandate_version": number, "mandate_status": MandateStatus.SUPERSEDED.value}
             await self._security_event(conn, previous, sets.TOKEN_CLAIMS_CHANGE, reason, claims)
             await generations.bump(conn, GENERATION)
@@ -395,8 +364,8 @@ class MandateService:
             )
             await self._store.save(conn, new_head, None, change)
             version = (await self._store.versions(conn, mandate_id, head.current_version))[0]
-            await self._audit(conn, version, change)
-            mandate = self._mandate(version, new_head, now)
+            await write_events(conn, [audit_event(self._settings.issuer, version, change)])
+            mandate = as_mandate(version, new_head, now)
             if action is MandateAction.REVOKED:
                 await self._security_event(conn, mandate, sets.SESSION_REVOKED, reason)
             elif action is not MandateAction.ACCEPTED:
@@ -418,7 +387,7 @@ class MandateService:
         await self.publish_events()
         log.info("mandate_changed", mandate_id=head.id, version=head.current_version,
                  status=head.status.value)  # fmt: skip
-        return self._mandate(version, head, now)
+        return as_mandate(version, head, now)
 
     async def publish_events(self) -> int:
         try:
@@ -439,117 +408,3 @@ class MandateService:
             mandate, event_type, initiator="admin", reason=reason, claims=claims
         )
         await self.events.record(conn, mandate, event_type, jti, token)
-
-    async def _audit(
-        self,
-        conn: AsyncConnection,
-        version: Version,
-        change: MandateChange,
-        previous_version: int | None = None,
-    ) -> None:
-        payload: dict[str, Any] = {"actor": change.actor, "status": change.status.value,
-                                   "legal_basis": version.legal_basis.value}  # fmt: skip
-        if version.document_ref:
-            payload["document_ref"] = version.document_ref
-        if previous_version is not None:
-            payload["previous_version"] = previous_version
-        event = AuditEvent(
-            type=_AUDIT[change.action],
-            issuer=self._settings.issuer,
-            subject=version.grantor_person,
-            client_id=version.grantee_client_id,
-            partner=version.grantor_lei,
-            scopes=version.scopes,
-            authorization_details_digest=version.details_digest or None,
-            mandate_id=version.mandate_id,
-            mandate_version=change.version,
-            reason=change.reason,
-            service="trustplane.mandates",
-            payload=payload,
-        )
-        await write_events(conn, [event])
-
-    def _new_version(
-        self,
-        mandate_id: str,
-        number: int,
-        terms: MandateTerms,
-        actor: str,
-        accepted_by: str | None,
-        now: int,
-    ) -> Version:
-        client = self._check_terms(terms, now)
-        details = (
-            self._registry.validate(list(terms.authorization_details), client)
-            if terms.authorization_details
-            else ()
-        )
-        return Version(
-            mandate_id=mandate_id,
-            version=number,
-            grantor_lei=terms.grantor_lei,
-            grantor_person=terms.grantor_person,
-            grantee_client_id=client.client_id,
-            grantee_lei=client.lei,
-            scopes=tuple(sorted(set(terms.scopes))),
-            authorization_details=details,
-            details_digest=self._registry.digest(details) or "",
-            effective_from=terms.effective_from if terms.effective_from is not None else now,
-            effective_until=terms.effective_until,
-            legal_basis=terms.legal_basis,
-            document_ref=terms.document_ref,
-            revocation_path=terms.revocation_path or DEFAULT_REVOCATION_PATH,
-            accepted_by=accepted_by,
-            accepted_at=now if accepted_by else None,
-            created_by=actor,
-            created_at=now,
-        )
-
-    def _check_terms(self, terms: MandateTerms, now: int) -> Client:
-        client = self._clients.get(terms.grantee_client_id)
-        if client is None or not client.active:
-            raise MandateInvalidError(
-                f"grantee client {terms.grantee_client_id!r} is not an active client"
-            )
-        if (
-            not stdnum_lei.is_valid(terms.grantor_lei)
-            or terms.grantor_lei != terms.grantor_lei.upper()
-        ):
-            raise MandateInvalidError("grantor_lei is not a valid ISO 17442 LEI")
-        if not terms.scopes:
-            raise MandateInvalidError("a mandate needs at least one scope")
-        outside = sorted(set(terms.scopes) - client.scopes)
-        if outside:
-            raise MandateInvalidError(
-                f"scopes not registered for the grantee client: {', '.join(outside)}"
-            )
-        start = terms.effective_from if terms.effective_from is not None else now
-        if terms.effective_until is not None and terms.effective_until <= max(start, now):
-            raise MandateInvalidError(
-                "effective_until must be after effective_from and in the future"
-            )
-        if terms.legal_basis is not LegalBasis.MANDATE and not terms.document_ref:
-            raise MandateInvalidError(f"legal basis {terms.legal_basis.value} needs a document_ref")
-        if terms.document_ref is not None and not 0 < len(terms.document_ref) <= 500:
-            raise MandateInvalidError("document_ref must be 1 to 500 characters")
-        return client
-
-
-def _terms_of(old: Version, changes: dict[str, Any]) -> MandateTerms:
-    values: dict[str, Any] = {
-        "grantor_lei": old.grantor_lei,
-        "grantee_client_id": old.grantee_client_id,
-        "scopes": old.scopes,
-        "authorization_details": old.authorization_details,
-        "effective_from": old.effective_from,
-        "effective_until": old.effective_until,
-        "legal_basis": old.legal_basis,
-        "document_ref": old.document_ref,
-        "grantor_person": old.grantor_person,
-        "revocation_path": old.revocation_path,
-    }
-    values.update(changes)
-    values["scopes"] = tuple(values["scopes"])
-    values["authorization_details"] = tuple(values["authorization_details"])
-    values["legal_basis"] = LegalBasis(values["legal_basis"])
-    return MandateTerms(**values)
