@@ -110,7 +110,17 @@ class Services:
             settings, db, auth, keys, clients.registry, SqlRevocationStore(), audit, mandates
         )
         authorization = authorize_wiring.build(
-            settings, db, kek, keys, clients.registry, vocabulary, rar, mandates, audit, token
+            settings,
+            db,
+            kek,
+            keys,
+            clients.registry,
+            vocabulary,
+            rar,
+            mandates,
+            audit,
+            token,
+            introspection,
         )
         return cls(
             settings,

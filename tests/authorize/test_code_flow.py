@@ -490,3 +490,26 @@ async def test_authorization_endpoint_path_is_not_confused_by_hosts(setup: Setup
     page = await flow.login(await flow.start(), "alice")
     answer = await flow.decide(page)
     assert urlsplit(answer.headers["location"]).netloc == "client.example"
+
+
+async def test_revoking_a_refresh_token_ends_its_family(setup: Setup) -> None:
+    """RFC 7009 §2.1: refresh tokens MUST be revocable; the access tokens of the grant go too."""
+    first = await tokens(setup)
+    other = await register_code_client(setup.server)
+    refused = await setup.server.http.post(
+        "/revoke", data={"token": first["refresh_token"], **other.auth()}
+    )
+    assert (refused.status_code, refused.json()["error"]) == (400, "unauthorized_client")
+    for _ in range(2):  # the second revocation is a successful no-op
+        revoked = await setup.server.http.post(
+            "/revoke",
+            data={
+                "token": first["refresh_token"],
+                "token_type_hint": "refresh_token",
+                **setup.kit.auth(),
+            },
+        )
+        assert revoked.status_code == 200
+    response = await setup.token(refresh_form(first["refresh_token"]))
+    assert (response.status_code, response.json()["error"]) == (400, "invalid_grant")
+    assert (await introspect(setup, first["access_token"]))["active"] is False

@@ -222,6 +222,30 @@ class DelegatedGrants:
             raise InvalidScopeError("a refresh may only narrow the granted scopes")
         return GrantContext(**{**_fields(grant), "scopes": names})
 
+    async def revoke(self, token: str, client_id: str) -> bool:
+        """RFC 7009 §2.1 for refresh tokens: the family ends, and with it the access tokens issued
+        from the same grant. False if ``token`` is not one of our refresh tokens; another client's
+        is ``unauthorized_client``; an already revoked one is a successful no-op."""
+        async with self._db.read() as conn:
+            stored = await self._refresh.get(conn, token)
+        if stored is None:
+            return False
+        if stored.grant.client_id != client_id:
+            raise UnauthorizedClientError("a client may revoke only its own tokens")
+        if stored.revoked_at is None:
+            async with self._db.transaction() as conn:
+                revoked = await self._revoke_family(conn, stored.family_id, int(time.time()))
+                event = self._event(
+                    AuditEventType.REFRESH_FAMILY_REVOKED,
+                    stored.grant,
+                    decision=None,
+                    reason="revoked by the client (RFC 7009)",
+                    family_id=stored.family_id,
+                    revoked_jtis=revoked,
+                )
+                await write_events(conn, [event])
+        return True
+
     async def _family_reused(self, family_id: str, grant: GrantContext) -> None:
         async with self._db.transaction() as conn:
             revoked = await self._revoke_family(conn, family_id, int(time.time()))
@@ -290,7 +314,14 @@ class DelegatedGrants:
             details_digest=self._details.digest(grant.authorization_details),
         )
 
-    def _event(self, type_: AuditEventType, grant: GrantContext, **payload: Any) -> AuditEvent:
+    def _event(
+        self,
+        type_: AuditEventType,
+        grant: GrantContext,
+        decision: str | None = "deny",
+        reason: str = "invalid_grant",
+        **payload: Any,
+    ) -> AuditEvent:
         return AuditEvent(
             type=type_,
             issuer=self._settings.issuer,
@@ -301,8 +332,8 @@ class DelegatedGrants:
             authorization_details_digest=self._details.digest(grant.authorization_details),
             mandate_id=grant.mandate_id,
             mandate_version=grant.mandate_version,
-            decision="deny",
-            reason="invalid_grant",
+            decision=decision,
+            reason=reason,
             payload=payload,
         )
 

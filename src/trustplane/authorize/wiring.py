@@ -15,6 +15,7 @@ from trustplane.authorize.store import SqlCodeStore, SqlRefreshStore
 from trustplane.clients.service import ClientRegistry
 from trustplane.keys.service import KeyService
 from trustplane.mandates.service import MandateService
+from trustplane.oauth.introspection import IntrospectionService
 from trustplane.oauth.revocations import SqlRevocationStore
 from trustplane.oauth.scopes import Vocabulary
 from trustplane.oauth.token_endpoint import TokenEndpoint
@@ -53,6 +54,7 @@ def build(
     mandates: MandateService,
     audit: AuditSink,
     token_endpoint: TokenEndpoint,
+    introspection: IntrospectionService,
 ) -> Authorization:
     """Wire users, the authorization endpoint and the two grants (registered on the token endpoint)."""
     users = UserService(db, SqlUserStore(), settings, kek, write_events)
@@ -64,5 +66,6 @@ def build(
         settings, db, keys, mandates, details, codes, SqlRefreshStore(), SqlRevocationStore()
     )
     token_endpoint.grants.update(grants.handlers())
+    introspection.refresh_tokens = grants
     http = AuthorizeHttp(settings, service, LocalLogin(users), Sealer(kek))
     return Authorization(db, users, service, grants, http)

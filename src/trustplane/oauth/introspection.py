@@ -8,7 +8,7 @@ more (RFC 7662 §2.2), so introspection cannot be used to probe other parties' t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from trustplane import metrics
 from trustplane.audit.events import AuditEvent, AuditEventType
@@ -27,6 +27,14 @@ if TYPE_CHECKING:
     from trustplane.mandates.service import MandateService
 
 INACTIVE: dict[str, Any] = {"active": False}
+
+
+class RefreshRevoker(Protocol):
+    async def revoke(self, token: str, client_id: str) -> bool:
+        """True if ``token`` was a refresh token of ``client_id`` and is now revoked."""
+        ...
+
+
 EXPOSED_CLAIMS = (
     "scope",
     "client_id",
@@ -59,6 +67,8 @@ class IntrospectionService:
         self._settings, self._db, self._auth, self._keys = settings, db, authenticator, keys
         self._registry, self._revocations, self._audit = registry, revocations, audit
         self._mandates = mandates
+        #: Revokes refresh tokens (RFC 7009 MUST); set by ``trustplane.authorize.wiring``.
+        self.refresh_tokens: RefreshRevoker | None = None
 
     async def introspect(self, form: Form, authorization: str | None) -> dict[str, Any]:
         caller = (await self._auth.authenticate(form, authorization)).client
@@ -78,10 +88,13 @@ class IntrospectionService:
         """RFC 7009 §2.1: unknown or already-invalid tokens are a 200 no-op; another client's token is
         refused with ``unauthorized_client``. ``token_type_hint`` is only a hint and is not trusted."""
         caller = (await self._auth.authenticate(form, authorization)).client
-        claims = read_access_token(
-            self._keys.ring, form.require("token"), issuer=self._settings.issuer
-        )
+        token = form.require("token")
+        claims = read_access_token(self._keys.ring, token, issuer=self._settings.issuer)
         if claims is None:
+            refresh = self.refresh_tokens
+            if refresh is not None and await refresh.revoke(token, caller.client_id):
+                metrics.REVOCATIONS.labels(outcome="revoked").inc()
+                return
             metrics.REVOCATIONS.labels(outcome="ignored").inc()
             return
         if claims["client_id"] != caller.client_id:
