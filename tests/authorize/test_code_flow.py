@@ -13,7 +13,8 @@ from sqlalchemy import update
 from tests.authorize.conftest import Setup, register_code_client
 from tests.authorize.flow import REDIRECT_URI, TRADE, hidden_fields, query_of
 from tests.conftest import EXECUTION
-from trustplane.authorize.store import authorization_codes, digest
+from trustplane.authorize.pkce import s256
+from trustplane.authorize.store import SqlCodeStore, authorization_codes, digest
 from trustplane.oauth.tokens import read_access_token
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -513,3 +514,44 @@ async def test_revoking_a_refresh_token_ends_its_family(setup: Setup) -> None:
     response = await setup.token(refresh_form(first["refresh_token"]))
     assert (response.status_code, response.json()["error"]) == (400, "invalid_grant")
     assert (await introspect(setup, first["access_token"]))["active"] is False
+
+
+async def test_plain_downgrade_at_the_token_endpoint_is_invalid_grant(setup: Setup) -> None:
+    """The challenge itself as verifier (what ``plain`` would accept) does not match S256."""
+    flow = setup.flow()
+    code = await flow.code("alice")
+    response = await setup.token(flow.redeem_form(code, code_verifier=s256(flow.verifier)))
+    assert (response.status_code, response.json()["error"]) == (400, "invalid_grant")
+
+
+async def test_code_redemption_checks_the_mandate(setup: Setup) -> None:
+    flow = setup.flow()
+    code = await flow.code("alice")
+    async with setup.server.services.db.read() as conn:
+        stored = await SqlCodeStore().get(conn, code)
+    assert stored is not None
+    await setup.server.services.mandates.suspend(stored.grant.mandate_id, actor="test")
+    response = await setup.token(flow.redeem_form(code))
+    assert (response.status_code, response.json()["error"]) == (400, "invalid_grant")
+    await setup.server.services.mandates.resume(stored.grant.mandate_id, actor="test")
+
+
+async def test_refresh_after_amendment_is_refused_and_tokens_keep_their_version(
+    setup: Setup,
+) -> None:
+    """Amending creates version 2: the refresh of a version-1 grant is refused (superseded); the
+    next consent finds version 2 if it still covers the request."""
+    first = await tokens(setup)
+    ring, issuer = setup.server.services.keys.ring, setup.server.issuer
+    claims = read_access_token(ring, first["access_token"], issuer=issuer)
+    assert claims is not None
+    mandate = claims["mandate"]
+    amended = await setup.server.services.mandates.amend(
+        mandate["id"], actor="test", changes={"scopes": ["order:create", "order:cancel"]}
+    )
+    assert amended.version == mandate["version"] + 1
+    response = await setup.token(refresh_form(first["refresh_token"]))
+    assert (response.status_code, response.json()["error"]) == (400, "invalid_grant")
+    again = read_access_token(ring, (await tokens(setup))["access_token"], issuer=issuer)
+    assert again is not None
+    assert again["mandate"] == {"id": mandate["id"], "version": amended.version}
