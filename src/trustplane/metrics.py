@@ -25,3 +25,12 @@ AUTHORIZATIONS = Counter(
 LOGINS = Counter(
     "trustplane_logins_total", "Login attempts at the authorization endpoint", ["outcome"]
 )
+MANDATE_CHECKS = Counter(
+    "trustplane_mandate_checks_total",
+    "Mandate usability checks (code redemption, refresh, introspection) by outcome",
+    ["outcome"],
+)
+MANDATE_CHANGES = Counter("trustplane_mandate_changes_total", "Mandate changes", ["action"])
+SECURITY_EVENTS = Counter(
+    "trustplane_security_events_total", "Security events stored and published", ["outcome"]
+)

@@ -101,7 +101,7 @@ class Settings(BaseSettings):
     authorization_details_types_dir: Path | None = None
     mandate_default_lifetime: int = Field(default=90 * 86400, ge=3600, le=5 * 366 * 86400)
     mandate_cache_size: int = Field(default=100_000, ge=0, le=10_000_000)
-    nats_url: str = ""
+    nats_url: str = Field(default="", pattern=r"^((nats|tls|ws|wss)://\S+)?$")
     nats_stream: str = Field(default="TRUSTPLANE_SECURITY_EVENTS", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     nats_subject: str = Field(
         default="trustplane.security_events", pattern=r"^[A-Za-z0-9_.-]{1,128}$"

@@ -352,3 +352,24 @@ async def test_another_process_sees_a_revocation_after_its_cache_refresh(
             await other.mandates.check_usable(m.id, 1)
     finally:
         await other.stop()
+
+
+async def test_checks_and_changes_are_counted(services: Services, client_id: str) -> None:
+    from prometheus_client import REGISTRY
+
+    def sample(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    m = await services.mandates.create(terms(client_id), actor="admin", accepted_by="alice")
+    before = {
+        "usable": sample("trustplane_mandate_checks_total", outcome="usable"),
+        "revoked": sample("trustplane_mandate_checks_total", outcome="revoked"),
+        "change": sample("trustplane_mandate_changes_total", action="revoked"),
+    }
+    await services.mandates.check_usable(m.id, 1)
+    await services.mandates.revoke(m.id, actor="alice")
+    assert not await services.mandates.is_usable(m.id, 1)
+
+    assert sample("trustplane_mandate_checks_total", outcome="usable") == before["usable"] + 1
+    assert sample("trustplane_mandate_checks_total", outcome="revoked") == before["revoked"] + 1
+    assert sample("trustplane_mandate_changes_total", action="revoked") == before["change"] + 1

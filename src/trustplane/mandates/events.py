@@ -21,6 +21,7 @@ import structlog
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from trustplane import metrics
 from trustplane.jose.jws import Signer
 from trustplane.keys.service import KeyService
 from trustplane.mandates.model import Mandate
@@ -106,6 +107,7 @@ class SecurityEvents:
                 created_at=int(time.time()),
             )
         )
+        metrics.SECURITY_EVENTS.labels(outcome="stored").inc()
 
     async def publish_pending(self, db: Database) -> int:
         """Publish unpublished SETs in order; returns how many were acknowledged. A failure stops the
@@ -131,6 +133,7 @@ class SecurityEvents:
             try:
                 await self.publisher.publish(event_type, jti, token)
             except Exception as exc:  # NATS down: keep the row, try again later
+                metrics.SECURITY_EVENTS.labels(outcome="publish_failed").inc()
                 log.warning("security_event_publish_failed", jti=jti, error=repr(exc))
                 break
             async with db.transaction() as conn:
@@ -139,6 +142,7 @@ class SecurityEvents:
                     .where(security_events.c.seq == seq)
                     .values(published_at=int(time.time()))
                 )
+            metrics.SECURITY_EVENTS.labels(outcome="published").inc()
             done += 1
         return done
 

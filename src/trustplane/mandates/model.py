@@ -19,7 +19,7 @@ record knows how it could have been ended.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -169,7 +169,6 @@ class MandateFilter:
     status: MandateStatus | None = None
     expiring_within: int | None = None
     limit: int = 200
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def resolve_status(

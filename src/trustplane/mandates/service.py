@@ -25,6 +25,7 @@ from typing import Any
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from trustplane import metrics
 from trustplane.audit.sink import write_events
 from trustplane.clients.model import Client
 from trustplane.clients.service import ClientRegistry
@@ -67,6 +68,15 @@ _TRANSITIONS = {
 }
 
 
+def _unusable_reason(head: Head | None, version: int, now: int) -> str | None:
+    if head is None or not 1 <= version <= head.current_version:
+        return "not_found"
+    status = resolve_status(head.status, version, head.current_version, head.effective_until, now)
+    if status is not MandateStatus.ACTIVE:
+        return status.value
+    return "not_yet_effective" if now < head.effective_from else None
+
+
 def cli_actor() -> str:
     return f"cli:{getpass.getuser()}"
 
@@ -103,15 +113,10 @@ class MandateService:
         (``.to_oauth()`` is the ``invalid_grant`` to answer with)."""
         now = now_s() if now is None else now
         head = await self._head(mandate_id)
-        if head is None or not 1 <= version <= head.current_version:
-            raise MandateUnusableError(mandate_id, version, "not_found")
-        status = resolve_status(
-            head.status, version, head.current_version, head.effective_until, now
-        )
-        if status is not MandateStatus.ACTIVE:
-            raise MandateUnusableError(mandate_id, version, status.value)
-        if now < head.effective_from:
-            raise MandateUnusableError(mandate_id, version, "not_yet_effective")
+        reason = _unusable_reason(head, version, now)
+        metrics.MANDATE_CHECKS.labels(outcome=reason or "usable").inc()
+        if head is None or reason is not None:
+            raise MandateUnusableError(mandate_id, version, reason or "not_found")
         return as_mandate(await self._version(mandate_id, version), head, now)
 
     async def is_usable(self, mandate_id: str, version: int, now: int | None = None) -> bool:
@@ -268,6 +273,7 @@ class MandateService:
             await self._store.save(conn, head, version, change)
             await write_events(conn, [audit_event(self._settings.issuer, version, change)])
         self._remember_head(head)
+        metrics.MANDATE_CHANGES.labels(action=MandateAction.CREATED.value).inc()
         log.info("mandate_created", mandate_id=mandate_id, status=status.value)
         return as_mandate(version, head, now)
 
@@ -334,7 +340,7 @@ class MandateService:
             claims = {"mandate_version": number, "mandate_status": MandateStatus.SUPERSEDED.value}
             await self._security_event(conn, previous, sets.TOKEN_CLAIMS_CHANGE, reason, claims)
             await generations.bump(conn, GENERATION)
-        return await self._committed(new_head, version, now)
+        return await self._committed(new_head, version, now, MandateAction.AMENDED)
 
     async def _transition(
         self,
@@ -373,7 +379,7 @@ class MandateService:
                 await self._security_event(conn, mandate, sets.TOKEN_CLAIMS_CHANGE, reason, claims)
             await generations.bump(conn, GENERATION)
         self._versions.pop((mandate_id, head.current_version), None)  # acceptance filled in
-        return await self._committed(new_head, version, now)
+        return await self._committed(new_head, version, now, action)
 
     async def _locked(self, conn: AsyncConnection, mandate_id: str) -> Head:
         head = await self._store.lock(conn, mandate_id)
@@ -381,9 +387,12 @@ class MandateService:
             raise MandateNotFoundError(f"no mandate {mandate_id}")
         return head
 
-    async def _committed(self, head: Head, version: Version, now: int) -> Mandate:
+    async def _committed(
+        self, head: Head, version: Version, now: int, action: MandateAction
+    ) -> Mandate:
         """After commit: this process sees the change at once; others via the generation."""
         self._remember_head(head)
+        metrics.MANDATE_CHANGES.labels(action=action.value).inc()
         await self.publish_events()
         log.info("mandate_changed", mandate_id=head.id, version=head.current_version,
                  status=head.status.value)  # fmt: skip
