@@ -268,3 +268,30 @@ async def test_registration_checks_details_types(server: Server) -> None:
 
     with pytest.raises(InvalidClientMetadataError, match="unknown type\\(s\\): loan"):
         await register_kit(server.services, authorization_details_types=["loan"])
+
+
+async def test_racing_amend_requests_one_wins_the_rest_conflict(
+    server: Server, admin: ClientKit, grantee_id: str
+) -> None:
+    import asyncio
+
+    auth = await bearer(server, admin)
+    mid = (await create(server, admin, grantee_id, accepted_by="alice"))["id"]
+    scopes = [["order:cancel"], ["order:create", "order:cancel"], ["order:create"]]
+
+    responses = await asyncio.gather(
+        *(
+            server.http.post(
+                f"/mandates/{mid}/amend",
+                json={"scopes": scopes[i % 3], "expected_version": 1},
+                headers=auth,
+            )
+            for i in range(6)
+        )
+    )
+
+    codes = sorted(r.status_code for r in responses)
+    assert codes == [200, 409, 409, 409, 409, 409], [r.text for r in responses]
+    assert {r.json()["error"] for r in responses if r.status_code == 409} == {"conflict"}
+    history = (await server.http.get(f"/mandates/{mid}/history", headers=auth)).json()
+    assert [v["version"] for v in history["versions"]] == [1, 2]
