@@ -177,6 +177,7 @@ class Services:
         await self.keys.maybe_rotate()
         await self.keys.prune()
         await self.sql_replay.prune()
+        await self.mandates.notify_expired()
         await self.mandates.publish_events()
         await self.authorization.prune()
         async with self.db.transaction() as conn:

@@ -34,6 +34,7 @@ class AuditEventType(StrEnum):
     MANDATE_SUSPENDED = "mandates:mandate:suspended"
     MANDATE_RESUMED = "mandates:mandate:resumed"
     MANDATE_REVOKED = "mandates:mandate:revoked"
+    MANDATE_EXPIRED = "mandates:mandate:expired"
     # authorization endpoint, login, codes, refresh tokens (issue 5)
     CONSENT_GRANTED = "oauth:consent:granted"
     CONSENT_DENIED = "oauth:consent:denied"

@@ -59,6 +59,7 @@ class MandateAction(StrEnum):
     SUSPENDED = "suspended"
     RESUMED = "resumed"
     REVOKED = "revoked"
+    EXPIRED = "expired"
 
 
 @dataclass(frozen=True, slots=True)

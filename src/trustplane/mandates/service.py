@@ -37,6 +37,7 @@ from trustplane.mandates.errors import (
     MandateStateError,
     MandateUnusableError,
 )
+from trustplane.mandates.expiry import notify_expired
 from trustplane.mandates.model import (
     LegalBasis,
     Mandate,
@@ -328,6 +329,7 @@ class MandateService:
             new_head = replace(
                 head, current_version=number, effective_from=version.effective_from,
                 effective_until=version.effective_until, updated_at=now, status_reason=reason,
+                expiry_notified_at=None,
             )  # fmt: skip
             change = MandateChange(
                 mandate_id, number, MandateAction.AMENDED, head.status, actor, reason, now
@@ -397,6 +399,14 @@ class MandateService:
         log.info("mandate_changed", mandate_id=head.id, version=head.current_version,
                  status=head.status.value)  # fmt: skip
         return as_mandate(version, head, now)
+
+    async def notify_expired(self, now: int | None = None) -> int:
+        """Maintenance: announce newly expired mandates (see :mod:`trustplane.mandates.expiry`)."""
+        now = now_s() if now is None else now
+        done = await notify_expired(self._db, self._store, self.events, self._settings.issuer, now)
+        if done:
+            await self.publish_events()
+        return done
 
     async def publish_events(self) -> int:
         try:

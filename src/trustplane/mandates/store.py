@@ -39,6 +39,7 @@ class Head:
     effective_until: int | None
     created_at: int
     updated_at: int
+    expiry_notified_at: int | None = None  # when the expiry security event was stored
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +83,9 @@ class MandateStore(Protocol):
         """All versions in order, or just ``version``."""
 
     async def changes(self, conn: AsyncConnection, mandate_id: str) -> list[MandateChange]: ...
+
+    async def expired_unnotified(self, conn: AsyncConnection, now: int, limit: int) -> list[str]:
+        """Ids of mandates past ``effective_until``, not revoked, whose expiry event is not out."""
 
     async def heads(self, conn: AsyncConnection, flt: MandateFilter, now: int) -> list[Head]: ...
 
@@ -130,6 +134,7 @@ class SqlMandateStore:
             "effective_from": head.effective_from,
             "effective_until": head.effective_until,
             "updated_at": head.updated_at,
+            "expiry_notified_at": head.expiry_notified_at,
         }
         updated = await conn.execute(
             update(mandates).where(mandates.c.id == head.id).values(**values)
@@ -198,6 +203,21 @@ class SqlMandateStore:
             )
             for r in rows
         ]
+
+    async def expired_unnotified(self, conn: AsyncConnection, now: int, limit: int) -> list[str]:
+        """Ids of mandates past ``effective_until``, not revoked, whose expiry event is not out."""
+        c = mandates.c
+        rows = await conn.execute(
+            select(c.id)
+            .where(
+                c.effective_until <= now,
+                c.expiry_notified_at.is_(None),
+                c.status.in_([MandateStatus.ACTIVE.value, MandateStatus.SUSPENDED.value]),
+            )
+            .order_by(c.effective_until)
+            .limit(limit)
+        )
+        return [str(r) for r in rows.scalars()]
 
     async def heads(self, conn: AsyncConnection, flt: MandateFilter, now: int) -> list[Head]:
         query = select(*_HEAD_COLUMNS).where(*_conditions(flt, now))

@@ -26,6 +26,7 @@ mandates = Table(
     Column("effective_until", BigInteger),
     Column("created_at", BigInteger, nullable=False),
     Column("updated_at", BigInteger, nullable=False),
+    Column("expiry_notified_at", BigInteger),
     Column("row_version", Integer, nullable=False),
     Index("ix_mandates_grantor_grantee_status", "grantor_lei", "grantee_client_id", "status"),
     Index("ix_mandates_grantee_client_id", "grantee_client_id"),

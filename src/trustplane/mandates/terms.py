@@ -30,6 +30,7 @@ _AUDIT = {
     MandateAction.SUSPENDED: AuditEventType.MANDATE_SUSPENDED,
     MandateAction.RESUMED: AuditEventType.MANDATE_RESUMED,
     MandateAction.REVOKED: AuditEventType.MANDATE_REVOKED,
+    MandateAction.EXPIRED: AuditEventType.MANDATE_EXPIRED,
 }
 
 

@@ -72,6 +72,7 @@ def upgrade() -> None:
         sa.Column("effective_until", sa.BigInteger(), nullable=True),
         sa.Column("created_at", sa.BigInteger(), nullable=False),
         sa.Column("updated_at", sa.BigInteger(), nullable=False),
+        sa.Column("expiry_notified_at", sa.BigInteger(), nullable=True),
         sa.Column("row_version", sa.Integer(), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_mandates")),
     )
