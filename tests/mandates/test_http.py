@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
@@ -295,3 +296,60 @@ async def test_racing_amend_requests_one_wins_the_rest_conflict(
     assert {r.json()["error"] for r in responses if r.status_code == 409} == {"conflict"}
     history = (await server.http.get(f"/mandates/{mid}/history", headers=auth)).json()
     assert [v["version"] for v in history["versions"]] == [1, 2]
+
+
+JUNK: list[Any] = [
+    None,
+    0,
+    -1,
+    2**63,
+    1.5,
+    True,
+    "",
+    "x" * 600,
+    "\u0000",
+    [],
+    [{}],
+    {},
+    {"type": 1},
+    ["a"] * 40,
+]
+
+
+async def test_seeded_mutations_never_answer_5xx_nor_write_partially(
+    server: Server, admin: ClientKit, grantee_id: str
+) -> None:
+    """Each mutated body (a member dropped, replaced by junk, or a junk member added) gets a 2xx or
+    a 4xx with an error code, never a 5xx; a refused create writes nothing."""
+    import random
+
+    rng = random.Random(9396)
+    auth = await bearer(server, admin)
+    valid = body(grantee_id)
+    mid = (await create(server, admin, grantee_id, accepted_by="alice"))["id"]
+    before = len(
+        (await server.http.get("/mandates", params={"limit": "1000"}, headers=auth)).json()[
+            "mandates"
+        ]
+    )
+    created = 0
+    for _ in range(120):
+        mutated = copy.deepcopy(valid)
+        key = rng.choice([*valid, "extra"])
+        if rng.random() < 0.3 and key in mutated:
+            del mutated[key]
+        else:
+            mutated[key] = copy.deepcopy(rng.choice(JUNK))
+        path = rng.choice(["/mandates", f"/mandates/{mid}/amend"])
+        response = await server.http.post(path, json=mutated, headers=auth)
+        assert response.status_code < 500, (path, mutated, response.text)
+        if response.status_code >= 400:
+            assert isinstance(response.json().get("error"), str), response.text
+        elif path == "/mandates":
+            created += 1
+    after = len(
+        (await server.http.get("/mandates", params={"limit": "1000"}, headers=auth)).json()[
+            "mandates"
+        ]
+    )
+    assert after == before + created

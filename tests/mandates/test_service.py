@@ -200,6 +200,11 @@ INVALID_TERMS = [
     ({"effective_until": 1_000}, "must be after effective_from and in the future"),
     ({"effective_from": 2_000_000_000, "effective_until": 1_999_999_999}, "must be after"),
     ({"legal_basis": LegalBasis.STANDING_INSTRUCTION}, "standing_instruction needs a document_ref"),
+    ({"document_ref": "SI\x00-1"}, "document_ref must be 1 to 500 printable characters"),
+    ({"document_ref": "x" * 501}, "document_ref must be 1 to 500 printable"),
+    ({"grantor_person": "alice\nbob"}, "grantor_person must be 1 to 500 printable"),
+    ({"effective_until": 2**63}, "effective_until must be between 0 and 253402300799"),
+    ({"effective_from": -5}, "effective_from must be between 0"),
 ]
 
 
@@ -373,3 +378,16 @@ async def test_checks_and_changes_are_counted(services: Services, client_id: str
     assert sample("trustplane_mandate_checks_total", outcome="usable") == before["usable"] + 1
     assert sample("trustplane_mandate_checks_total", outcome="revoked") == before["revoked"] + 1
     assert sample("trustplane_mandate_changes_total", action="revoked") == before["change"] + 1
+
+
+async def test_control_characters_in_reasons_and_actors_are_refused(
+    services: Services, client_id: str
+) -> None:
+    m = await services.mandates.create(terms(client_id), actor="admin", accepted_by="alice")
+    with pytest.raises(MandateInvalidError, match="reason must be"):
+        await services.mandates.revoke(m.id, actor="ops", reason="bad\x00reason")
+    with pytest.raises(MandateInvalidError, match="actor must be"):
+        await services.mandates.suspend(m.id, actor="")
+    with pytest.raises(MandateInvalidError, match="accepted_by must be"):
+        await services.mandates.create(terms(client_id), actor="admin", accepted_by="a\tb")
+    assert (await services.mandates.get(m.id)).status is MandateStatus.ACTIVE

@@ -49,7 +49,7 @@ from trustplane.mandates.model import (
     resolve_status,
 )
 from trustplane.mandates.store import Head, SqlMandateStore, Version
-from trustplane.mandates.terms import as_mandate, audit_event, new_version, terms_of
+from trustplane.mandates.terms import as_mandate, audit_event, check_text, new_version, terms_of
 from trustplane.rar.registry import AuthorizationDetailsRegistry
 from trustplane.settings import Settings
 from trustplane.storage import generations
@@ -260,6 +260,7 @@ class MandateService:
         """A new mandate, version 1: active if ``accepted_by`` is given, else proposed (waiting for
         :meth:`accept`)."""
         now = now_s()
+        check_text(actor=actor, accepted_by=accepted_by)
         mandate_id = "mdt_" + secrets.token_hex(12)
         version = new_version(
             self._registry, self._clients, mandate_id, 1, terms, actor, accepted_by, now
@@ -312,6 +313,7 @@ class MandateService:
         if unknown:
             raise MandateInvalidError(f"cannot amend {', '.join(sorted(unknown))}")
         now = now_s()
+        check_text(actor=actor, accepted_by=accepted_by, reason=reason)
         async with self._db.transaction() as conn:
             head = await self._locked(conn, mandate_id)
             if expected_version is not None and head.current_version != expected_version:
@@ -354,6 +356,7 @@ class MandateService:
     ) -> Mandate:
         sources, target = _TRANSITIONS[action]
         now = now_s()
+        check_text(actor=actor, reason=reason, accepted_by=accepted_by)
         async with self._db.transaction() as conn:
             head = await self._locked(conn, mandate_id)
             if head.status not in sources:

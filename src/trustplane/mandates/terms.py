@@ -72,7 +72,29 @@ def new_version(
     )
 
 
+#: 9999-12-31T23:59:59Z: later dates are typos, and would not fit every database's integer.
+MAX_TIME = 253_402_300_799
+TEXT_LIMIT = 500
+
+
+def check_text(**fields: str | None) -> None:
+    """Free-text fields (people, references, reasons, actors): one printable line, bounded.
+    Control characters would corrupt logs and exports, and PostgreSQL refuses NUL outright."""
+    for name, value in fields.items():
+        if value is not None and (not value.isprintable() or not 0 < len(value) <= TEXT_LIMIT):
+            raise MandateInvalidError(f"{name} must be 1 to {TEXT_LIMIT} printable characters")
+
+
 def check_terms(clients: ClientRegistry, terms: MandateTerms, now: int) -> Client:
+    check_text(
+        grantor_person=terms.grantor_person,
+        document_ref=terms.document_ref,
+        revocation_path=terms.revocation_path,
+    )
+    for name in ("effective_from", "effective_until"):
+        value = getattr(terms, name)
+        if value is not None and not 0 <= value <= MAX_TIME:
+            raise MandateInvalidError(f"{name} must be between 0 and {MAX_TIME} (epoch seconds)")
     client = clients.get(terms.grantee_client_id)
     if client is None or not client.active:
         raise MandateInvalidError(
@@ -92,8 +114,6 @@ def check_terms(clients: ClientRegistry, terms: MandateTerms, now: int) -> Clien
         raise MandateInvalidError("effective_until must be after effective_from and in the future")
     if terms.legal_basis is not LegalBasis.MANDATE and not terms.document_ref:
         raise MandateInvalidError(f"legal basis {terms.legal_basis.value} needs a document_ref")
-    if terms.document_ref is not None and not 0 < len(terms.document_ref) <= 500:
-        raise MandateInvalidError("document_ref must be 1 to 500 characters")
     return client
 
 
