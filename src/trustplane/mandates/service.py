@@ -15,6 +15,7 @@ process bumps the ``mandates`` generation counter and every process drops its ca
 from __future__ import annotations
 
 import getpass
+import re
 import secrets
 import time
 from collections import OrderedDict
@@ -67,6 +68,15 @@ _TRANSITIONS = {
         MandateStatus.REVOKED,
     ),
 }
+
+
+MANDATE_ID = re.compile(r"mdt_[0-9a-f]{24}")
+
+
+def _check_id(mandate_id: str) -> None:
+    if not MANDATE_ID.fullmatch(mandate_id):
+        shown = mandate_id[:64] if mandate_id.isprintable() else repr(mandate_id[:64])
+        raise MandateNotFoundError(f"no mandate {shown}")
 
 
 def _unusable_reason(head: Head | None, version: int, now: int) -> str | None:
@@ -132,6 +142,8 @@ class MandateService:
         self._heads.clear()
 
     async def _head(self, mandate_id: str) -> Head | None:
+        if not MANDATE_ID.fullmatch(mandate_id):
+            return None  # never a database round trip (nor a NUL byte sent to PostgreSQL)
         head = self._heads.get(mandate_id)
         if head is not None:
             self._heads.move_to_end(mandate_id)
@@ -167,6 +179,7 @@ class MandateService:
     async def get(
         self, mandate_id: str, version: int | None = None, now: int | None = None
     ) -> Mandate:
+        _check_id(mandate_id)
         async with self._db.read() as conn:
             head = await self._store.head(conn, mandate_id)
             if head is None:
@@ -189,6 +202,7 @@ class MandateService:
 
     async def history(self, mandate_id: str, now: int | None = None) -> MandateHistory:
         now = now_s() if now is None else now
+        _check_id(mandate_id)
         async with self._db.read() as conn:
             head = await self._store.head(conn, mandate_id)
             if head is None:
@@ -387,6 +401,7 @@ class MandateService:
         return await self._committed(new_head, version, now, action)
 
     async def _locked(self, conn: AsyncConnection, mandate_id: str) -> Head:
+        _check_id(mandate_id)
         head = await self._store.lock(conn, mandate_id)
         if head is None:
             raise MandateNotFoundError(f"no mandate {mandate_id}")
