@@ -292,3 +292,29 @@ def test_invalid_type_files_are_refused_at_load(
 def test_missing_directory_is_refused(tmp_path: Path) -> None:
     with pytest.raises(RegistryConfigError, match="is not a directory"):
         AuthorizationDetailsRegistry.load(tmp_path / "nope")
+
+
+@pytest.mark.parametrize(
+    "requested",
+    [r for _, r in BROADER if r["type"] == "trade_instruction"],
+    ids=[n for n, r in BROADER if r["type"] == "trade_instruction"],
+)
+def test_over_broad_against_a_grant_is_invalid_authorization_details(
+    registry: AuthorizationDetailsRegistry, requested: dict[str, Any]
+) -> None:
+    with pytest.raises(
+        InvalidAuthorizationDetailsError,
+        match=r"\[0\] \(trade_instruction\) exceeds what was granted",
+    ) as caught:
+        registry.narrow([requested], BOTH, [TRADE])
+    assert caught.value.error == "invalid_authorization_details"
+
+
+def test_narrow_within_the_grant(registry: AuthorizationDetailsRegistry) -> None:
+    narrower = with_(TRADE, "isins", ["US0378331005"])
+    assert registry.narrow(json.dumps([narrower]), BOTH, [TRADE]) == (narrower,)
+    assert registry.narrow(None, BOTH, [TRADE]) == (TRADE,)
+    with pytest.raises(InvalidAuthorizationDetailsError, match="exceeds what was granted"):
+        registry.narrow([SETTLEMENT], BOTH, [TRADE])
+    with pytest.raises(InvalidAuthorizationDetailsError, match="is not a 'isin'"):
+        registry.narrow([with_(TRADE, "isins", ["XX"])], BOTH, [TRADE])

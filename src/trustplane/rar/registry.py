@@ -122,6 +122,21 @@ class AuthorizationDetailsRegistry:
             for r in requested
         )
 
+    def narrow(
+        self, raw: str | Sequence[Any] | None, client: Client, granted: Sequence[dict[str, Any]]
+    ) -> tuple[dict[str, Any], ...]:
+        """RFC 9396 §6.2: details requested against an existing grant (a refresh, a token exchange)
+        must be valid and within what was granted. Absent means "all of it"."""
+        requested = self.validate(raw, client)
+        if not requested:
+            return tuple(granted)
+        for index, detail in enumerate(requested):
+            if not self.covers(granted, [detail]):
+                raise InvalidAuthorizationDetailsError(
+                    f"authorization_details[{index}] ({detail['type']}) exceeds what was granted"
+                )
+        return requested
+
     def _covers_one(self, granted: dict[str, Any], requested: dict[str, Any]) -> bool:
         kind = self.types.get(str(requested.get("type")))
         return kind is not None and _within(kind.schema, granted, requested)
