@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from trustplane import __version__, metrics
 from trustplane.audit.sink import SqlAuditSink, write_events
+from trustplane.authorize import wiring as authorize_wiring
 from trustplane.clients.http import registration_router
 from trustplane.clients.remote_jwks import RemoteJwksCache
 from trustplane.clients.service import GENERATION as CLIENTS_GENERATION
@@ -36,6 +37,8 @@ from trustplane.keys.service import GENERATION as KEYS_GENERATION
 from trustplane.keys.service import KeyService
 from trustplane.keys.store import SqlKeyStore
 from trustplane.logging import configure_logging
+from trustplane.mandates import wiring as mandates_wiring
+from trustplane.mandates.service import MandateService
 from trustplane.oauth.client_auth import ClientAuthenticator
 from trustplane.oauth.discovery import server_metadata
 from trustplane.oauth.http import OAuthHttp
@@ -46,6 +49,7 @@ from trustplane.oauth.replay import RedisReplayCache, SqlReplayCache
 from trustplane.oauth.revocations import SqlRevocationStore
 from trustplane.oauth.scopes import Vocabulary, load_vocabulary, with_internal_apis
 from trustplane.oauth.token_endpoint import TokenEndpoint
+from trustplane.rar.registry import AuthorizationDetailsRegistry
 from trustplane.settings import Settings, SettingsError
 from trustplane.storage import generations
 from trustplane.storage.db import Database
@@ -92,6 +96,9 @@ class Services:
     token_endpoint: TokenEndpoint
     introspection: IntrospectionService
     federation: FederationService
+    rar: AuthorizationDetailsRegistry
+    mandates: MandateService
+    authorization: authorize_wiring.Authorization
 
     @classmethod
     def build(cls, settings: Settings, db: Database | None = None) -> Services:
@@ -103,15 +110,30 @@ class Services:
         replay: SqlReplayCache | RedisReplayCache = (
             RedisReplayCache(settings.redis_url) if settings.redis_url else sql_replay
         )
-        keys = KeyService(db, SqlKeyStore(), settings, key_encryption_key(settings), write_events)
+        kek = key_encryption_key(settings)
+        keys = KeyService(db, SqlKeyStore(), settings, kek, write_events)
         clients = ClientService(
             db, SqlClientStore(), SqlInitialAccessTokenStore(), settings, vocabulary, write_events
         )
         remote = RemoteJwksCache()
         auth = ClientAuthenticator(settings, clients.registry, replay, remote)
         token = TokenEndpoint(settings, auth, keys, vocabulary, audit, OutcomeRecorder(writer))
+        rar, mandates = mandates_wiring.build(settings, db, keys, clients.registry)
         introspection = IntrospectionService(
-            settings, db, auth, keys, clients.registry, SqlRevocationStore(), audit
+            settings, db, auth, keys, clients.registry, SqlRevocationStore(), audit, mandates
+        )
+        authorization = authorize_wiring.build(
+            settings,
+            db,
+            kek,
+            keys,
+            clients.registry,
+            vocabulary,
+            rar,
+            mandates,
+            audit,
+            token,
+            introspection,
         )
         federation = FederationService(
             db, SqlPartnerStore(), settings, vocabulary, write_events, partner_jwks(settings)
@@ -133,6 +155,9 @@ class Services:
             token,
             introspection,
             federation,
+            rar,
+            mandates,
+            authorization,
         )
 
     async def start(self) -> None:
@@ -147,6 +172,7 @@ class Services:
 
     async def stop(self) -> None:
         await self.writer.stop()
+        await self.mandates.events.aclose()
         await self.remote_jwks.aclose()
         await self.federation.registry.aclose()
         if isinstance(self.replay, RedisReplayCache):
@@ -167,6 +193,7 @@ class Services:
         if current.get(PARTNERS_GENERATION) != seen.get(PARTNERS_GENERATION):
             await self.federation.load()
             metrics.CACHE_RELOADS.labels(cache="partners").inc()
+        mandates_wiring.refresh(self.mandates, current, seen)
         seen.clear()
         seen.update(current)
 
@@ -175,6 +202,9 @@ class Services:
         await self.keys.maybe_rotate()
         await self.keys.prune()
         await self.sql_replay.prune()
+        await self.mandates.notify_expired()
+        await self.mandates.publish_events()
+        await self.authorization.prune()
         async with self.db.transaction() as conn:
             await SqlRevocationStore().prune(conn, int(time.time()))
 
@@ -270,6 +300,8 @@ def _mount(app: FastAPI, svc: Services) -> list[Route]:
     app.include_router(
         federation_router(svc.federation, svc.keys, svc.clients.registry, svc.settings.issuer)
     )
+    app.include_router(mandates_wiring.router(svc))
+    app.router.routes.extend(svc.authorization.http.routes())
     fast = protocol.routes()
     app.router.routes.extend(fast)
     app.router.routes.append(Route("/metrics", _metrics, methods=["GET"]))

@@ -251,6 +251,12 @@ def clients_add(
     redirect_uri: Annotated[
         list[str] | None, typer.Option(help="Redirect URI (repeatable).")
     ] = None,
+    authorization_details_type: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="RFC 9396 authorization_details type the client may request (repeatable)."
+        ),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Register a client directly (no initial access token needed: you hold the database)."""
@@ -263,6 +269,7 @@ def clients_add(
         "grant_types": grant_type or ["client_credentials"],
         "introspection_resources": introspection_resource or [],
         "redirect_uris": redirect_uri or [],
+        "authorization_details_types": authorization_details_type or [],
     }
     if name:
         raw["client_name"] = name
@@ -428,3 +435,12 @@ def _when(ts: int | None) -> str:
 
 def main() -> None:
     app()
+
+
+# component command groups live in their own modules (they import the helpers above)
+from trustplane.users.cli import users_app  # noqa: E402
+
+app.add_typer(users_app, name="users")
+from trustplane.mandates.cli import mandates_app  # noqa: E402
+
+app.add_typer(mandates_app, name="mandates")

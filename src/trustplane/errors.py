@@ -132,3 +132,16 @@ class TemporarilyUnavailableError(OAuth2Error):
 
     error = "temporarily_unavailable"
     status_code = 503
+
+
+class InvalidAuthorizationDetailsError(OAuth2Error):
+    """RFC 9396 §5: ``authorization_details`` is malformed, names an unknown type, carries a value
+    its type does not allow, or asks for a type the client is not registered for."""
+
+    error = "invalid_authorization_details"
+
+
+class UnsupportedResponseTypeError(OAuth2Error):
+    """RFC 6749 §4.1.2.1: only ``response_type=code`` is supported (RFC 9700 §2.1.2)."""
+
+    error = "unsupported_response_type"

@@ -25,3 +25,18 @@ PARTNER_ASSERTIONS = Counter(
     ["partner", "outcome"],
 )
 PARTNERS = Gauge("trustplane_partners", "Partners in the in-memory trust registry")
+AUTHORIZATIONS = Counter(
+    "trustplane_authorizations_total", "Authorization endpoint outcomes", ["outcome"]
+)
+LOGINS = Counter(
+    "trustplane_logins_total", "Login attempts at the authorization endpoint", ["outcome"]
+)
+MANDATE_CHECKS = Counter(
+    "trustplane_mandate_checks_total",
+    "Mandate usability checks (code redemption, refresh, introspection) by outcome",
+    ["outcome"],
+)
+MANDATE_CHANGES = Counter("trustplane_mandate_changes_total", "Mandate changes", ["action"])
+SECURITY_EVENTS = Counter(
+    "trustplane_security_events_total", "Security events stored and published", ["outcome"]
+)

@@ -98,6 +98,23 @@ class Settings(BaseSettings):
     federation_jwks_min_refetch: float = Field(default=60.0, ge=0, le=3600)
     #: Development and tests only: accept http partner issuers and jwks_uris on loopback hosts.
     federation_allow_insecure_loopback: bool = False
+    # authorization endpoint, login and consent, codes, refresh tokens (issue 5)
+    authorization_code_lifetime: int = Field(default=60, ge=5, le=60)
+    refresh_token_lifetime: int = Field(default=8 * 3600, ge=300, le=30 * 86400)
+    session_lifetime: int = Field(default=3600, ge=60, le=86400)
+    login_max_failures: int = Field(default=5, ge=1, le=100)
+    login_lockout: int = Field(default=60, ge=1, le=3600)
+
+    # mandates, RAR authorization_details types, security events (issue 5, mandates)
+    authorization_details_types_dir: Path | None = None
+    mandate_default_lifetime: int = Field(default=90 * 86400, ge=3600, le=5 * 366 * 86400)
+    mandate_cache_size: int = Field(default=100_000, ge=0, le=10_000_000)
+    nats_url: str = Field(default="", pattern=r"^((nats|tls|ws|wss)://\S+)?$")
+    nats_stream: str = Field(default="TRUSTPLANE_SECURITY_EVENTS", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    nats_subject: str = Field(
+        default="trustplane.security_events", pattern=r"^[A-Za-z0-9_.-]{1,128}$"
+    )
+    security_event_audience: tuple[str, ...] = ()
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] = "json"

@@ -97,7 +97,9 @@ REFUSALS: list[tuple[str, dict[str, Any], dict[str, Any], type[OAuth2Error], str
     ("unknown-introspection-resource", {"introspection_resources": ["https://unknown.example/api"]}, {}, META, "^introspection_resources: unknown resource\\(s\\)"),
     ("no-resources", {"allowed_resources": []}, {}, META, "^allowed_resources: List should have at least 1 item"),
     ("unsupported-grant", {"grant_types": ["client_credentials", "password"]}, {}, META, "^unsupported grant_types: password$"),
-    ("unsupported-grant-authorization-code", {"grant_types": ["authorization_code"]}, {}, META, "^unsupported grant_types: authorization_code$"),
+    ("authorization-code-without-redirect-uris", {"grant_types": ["authorization_code"]}, {}, META, "^the authorization_code grant needs redirect_uris$"),
+    ("refresh-token-without-authorization-code", {"grant_types": ["client_credentials", "refresh_token"]}, {}, META, "^refresh_token is only issued with authorization_code$"),
+    ("response-types-other-than-code", {"grant_types": ["authorization_code"], "redirect_uris": ["https://client.example/cb"], "response_types": ["code", "token"]}, {}, META, "^response_types: only 'code' is supported$"),
     ("empty-grants", {"grant_types": []}, {}, META, "^grant_types must not be empty$"),
     ("response-types-without-code-grant", {"response_types": ["code"]}, {}, META, "^response_types need the authorization_code grant$"),
     # auth methods
@@ -166,6 +168,7 @@ def test_minimal_private_key_jwt_client_is_normalised(vocabulary: Vocabulary) ->
         "allowed_resources": [EXECUTION],
         "introspection_resources": [],
         "redirect_uris": [],
+        "authorization_details_types": [],
     }
 
 

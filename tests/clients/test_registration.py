@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import EXECUTION, LEI, ClientKit, jwks_for, new_ec_key
+from tests.conftest import EXECUTION, LEI, ClientKit, jwks_for, new_ec_key, register_kit
 from tests.protocol_server import Server, basic
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -414,3 +414,50 @@ async def test_delete_ends_the_client(server: Server) -> None:
     assert error_of(read) == (401, "invalid_token")
     again = await server.http.delete(reg["registration_client_uri"], headers=headers)
     assert error_of(again) == (401, "invalid_token")
+
+
+# --------------------------------------------------------------------------- trustplane's own APIs
+
+INTERNAL_GRANTS = [
+    pytest.param({"allowed_resources": ["{issuer}/audit"]}, id="audit-audience"),
+    pytest.param({"introspection_resources": ["{issuer}/mandates"]}, id="mandates-introspection"),
+    pytest.param(
+        {"scope": "order:create decision:evaluate", "allowed_resources": [EXECUTION]},
+        id="pdp-scope",
+    ),
+]
+
+
+def _with_issuer(changes: dict[str, Any], issuer: str) -> dict[str, Any]:
+    def fill(value: Any) -> Any:
+        return [fill(v) for v in value] if isinstance(value, list) else value.format(issuer=issuer)
+
+    return {k: fill(v) for k, v in changes.items()}
+
+
+@pytest.mark.parametrize("changes", INTERNAL_GRANTS)
+async def test_dynamic_registration_cannot_grant_trustplanes_own_apis(
+    server: Server, changes: dict[str, Any]
+) -> None:
+    """An initial access token is not an admin credential: the audit ledger, the PDP, the mandate
+    store and the partner registry are granted only by an operator (`trustplane clients add`)."""
+    issuer = server.services.settings.issuer.rstrip("/")
+    before = await client_count(server)
+    response = await server.http.post(
+        "/register",
+        json=metadata(**_with_issuer(changes, issuer)),
+        headers=bearer(await initial_token(server)),
+    )
+    assert error_of(response) == (400, "invalid_client_metadata"), response.text
+    assert "operator" in response.json()["error_description"]
+    assert await client_count(server) == before
+
+    reg = await registered(server)
+    body = metadata(client_id=reg["client_id"], **_with_issuer(changes, issuer))
+    put = await server.http.put(
+        reg["registration_client_uri"], json=body, headers=bearer(reg["registration_access_token"])
+    )
+    assert error_of(put) == (400, "invalid_client_metadata"), put.text
+
+    kit = await register_kit(server.services, **_with_issuer(changes, issuer))
+    assert kit.client_id in {c.client_id for c in await server.services.clients.list()}

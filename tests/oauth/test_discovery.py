@@ -19,6 +19,7 @@ ALLOWED_ALGS = {"ES256", "EdDSA", "PS256"}
 #: RFC 7518 §6.2.2, §6.3.2, §6.4.1 and RFC 8037 §2: members that carry private key material.
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}
 ENDPOINTS = {
+    "authorization_endpoint": "/authorize",
     "token_endpoint": "/token",
     "introspection_endpoint": "/introspect",
     "revocation_endpoint": "/revoke",
@@ -59,7 +60,9 @@ async def test_metadata_issuer_is_byte_equal_and_endpoints_are_under_it(server: 
         name: server.issuer + path for name, path in ENDPOINTS.items()
     }
     assert doc["grant_types_supported"] == [
+        "authorization_code",
         "client_credentials",
+        "refresh_token",
         "urn:ietf:params:oauth:grant-type:jwt-bearer",
     ]
     assert doc["token_endpoint_auth_methods_supported"] == list(

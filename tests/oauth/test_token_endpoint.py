@@ -161,8 +161,14 @@ MALFORMED = [
     pytest.param(
         lambda k: raw(urlencode(base(k, grant_type="authorization_code"))),
         400,
-        "unsupported_grant_type",
-        id="authorization_code-grant_type",
+        "unauthorized_client",
+        id="authorization_code-grant-not-registered",
+    ),
+    pytest.param(
+        lambda k: raw(urlencode(base(k, grant_type="refresh_token"))),
+        400,
+        "unauthorized_client",
+        id="refresh_token-grant-not-registered",
     ),
 ]
 
@@ -252,7 +258,7 @@ async def test_hostile_input_never_500(
 
 
 async def test_client_not_registered_for_client_credentials(server: Server) -> None:
-    """Registration accepts only client_credentials today, so the stored metadata is edited."""
+    """A client registered for the code flow only (stored directly: no redirect URIs needed here)."""
     kit = await register_kit(server.services)
     client = server.services.clients.registry.get(kit.client_id)
     assert client is not None

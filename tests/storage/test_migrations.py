@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -82,7 +83,7 @@ async def test_upgrade_on_an_empty_database_reaches_head(empty_db: Database) -> 
     await upgrade(empty_db)
 
     assert await pending(empty_db) is False
-    assert await _current(empty_db) == _head() == "0002_federation"
+    assert await _current(empty_db) == _head()
     assert await _tables(empty_db) == set(metadata.tables) | {"alembic_version"}
 
 
@@ -109,3 +110,17 @@ async def test_comparison_detects_a_missing_index(empty_db: Database) -> None:
     diffs = await _diffs(empty_db)
 
     assert [(d[0], d[1].name) for d in diffs] == [("add_index", "ix_signing_keys_state")]
+
+
+async def test_processes_starting_together_migrate_once(empty_db: Database) -> None:
+    """Servers started together on a fresh database: one migrates, the others wait and find
+    nothing to do (without the lock, SQLite's DDL outside a transaction made the second one fail
+    with 'table already exists')."""
+    others = [Database(empty_db.url) for _ in range(3)]
+    try:
+        await asyncio.gather(upgrade(empty_db), *(upgrade(db) for db in others))
+    finally:
+        for db in others:
+            await db.dispose()
+    assert await pending(empty_db) is False
+    assert await _current(empty_db) == _head()

@@ -31,6 +31,25 @@ class AuditEventType(StrEnum):
     PARTNER_ADDED = "federation:partner:added"
     PARTNER_UPDATED = "federation:partner:updated"
     PARTNER_DISABLED = "federation:partner:disabled"
+    MANDATE_CREATED = "mandates:mandate:created"
+    MANDATE_ACCEPTED = "mandates:mandate:accepted"
+    MANDATE_AMENDED = "mandates:mandate:amended"
+    MANDATE_SUSPENDED = "mandates:mandate:suspended"
+    MANDATE_RESUMED = "mandates:mandate:resumed"
+    MANDATE_REVOKED = "mandates:mandate:revoked"
+    MANDATE_EXPIRED = "mandates:mandate:expired"
+    # authorization endpoint, login, codes, refresh tokens (issue 5)
+    CONSENT_GRANTED = "oauth:consent:granted"
+    CONSENT_DENIED = "oauth:consent:denied"
+    AUTHORIZATION_REFUSED = "oauth:authorization:refused"
+    CODE_ISSUED = "oauth:code:issued"
+    CODE_REUSED = "oauth:code:reused"
+    REFRESH_FAMILY_REVOKED = "oauth:refresh_family:revoked"
+    USER_CREATED = "users:user:created"
+    USER_UPDATED = "users:user:updated"
+    USER_LOGIN_SUCCEEDED = "users:login:succeeded"
+    USER_LOGIN_FAILED = "users:login:failed"
+    USER_LOCKED = "users:user:locked"
 
 
 @dataclass(slots=True, frozen=True)

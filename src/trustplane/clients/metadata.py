@@ -16,11 +16,14 @@ from stdnum import lei as stdnum_lei
 from trustplane.errors import InvalidClientMetadataError, InvalidRedirectUriError
 from trustplane.jose.jwk import JWKError, import_public_jwks
 from trustplane.oauth.scopes import Vocabulary
+from trustplane.rar.registry import known_types
 from trustplane.settings import Settings, is_loopback_host
 
 #: Grants this server implements; later grant handlers add themselves here.
 SUPPORTED_GRANT_TYPES: set[str] = {
     "client_credentials",
+    "authorization_code",
+    "refresh_token",
     "urn:ietf:params:oauth:grant-type:jwt-bearer",  # RFC 7523 §2.1, trustplane.federation
 }
 SECRET_METHODS = frozenset({"client_secret_basic", "client_secret_post"})
@@ -44,10 +47,16 @@ class ClientMetadataIn(BaseModel):
     allowed_resources: list[str] = Field(min_length=1, max_length=32)
     introspection_resources: list[str] = Field(default_factory=list, max_length=32)
     redirect_uris: list[str] = Field(default_factory=list, max_length=16)
+    authorization_details_types: list[str] = Field(default_factory=list, max_length=32)
 
 
-def validate_metadata(raw: Any, settings: Settings, vocabulary: Vocabulary) -> dict[str, Any]:
-    """Return normalised metadata or raise the RFC 7591 error naming the first problem."""
+def validate_metadata(
+    raw: Any, settings: Settings, vocabulary: Vocabulary, *, operator: bool = False
+) -> dict[str, Any]:
+    """Return normalised metadata or raise the RFC 7591 error naming the first problem.
+
+    ``operator``: the caller is the operator (the CLI), who alone may grant trustplane's own APIs
+    (audit ledger, PDP, mandates, federation admin); a dynamic registration may not."""
     if not isinstance(raw, dict):
         raise InvalidClientMetadataError("the request body must be a JSON object")
     try:
@@ -67,6 +76,9 @@ def validate_metadata(raw: Any, settings: Settings, vocabulary: Vocabulary) -> d
     _check_keys(meta, settings)
     _check_grants(meta)
     _check_scopes_and_resources(meta, vocabulary)
+    if not operator:
+        _check_no_internal_apis(meta, vocabulary)
+    _check_details_types(meta, settings)
     for uri in meta.redirect_uris:
         check_redirect_uri(uri)
     return meta.model_dump(exclude_none=True)
@@ -105,6 +117,12 @@ def _check_grants(meta: ClientMetadataIn) -> None:
         raise InvalidClientMetadataError(f"unsupported grant_types: {', '.join(unsupported)}")
     if meta.response_types and "authorization_code" not in meta.grant_types:
         raise InvalidClientMetadataError("response_types need the authorization_code grant")
+    if any(rt != "code" for rt in meta.response_types):
+        raise InvalidClientMetadataError("response_types: only 'code' is supported")
+    if "authorization_code" in meta.grant_types and not meta.redirect_uris:
+        raise InvalidClientMetadataError("the authorization_code grant needs redirect_uris")
+    if "refresh_token" in meta.grant_types and "authorization_code" not in meta.grant_types:
+        raise InvalidClientMetadataError("refresh_token is only issued with authorization_code")
 
 
 def _check_scopes_and_resources(meta: ClientMetadataIn, vocabulary: Vocabulary) -> None:
@@ -115,6 +133,31 @@ def _check_scopes_and_resources(meta: ClientMetadataIn, vocabulary: Vocabulary) 
         bad = [r for r in getattr(meta, field) if r not in vocabulary.resources]
         if bad:
             raise InvalidClientMetadataError(f"{field}: unknown resource(s): {', '.join(bad)}")
+
+
+def _check_no_internal_apis(meta: ClientMetadataIn, vocabulary: Vocabulary) -> None:
+    internal = vocabulary.internal
+    resources = sorted(
+        {r for r in [*meta.allowed_resources, *meta.introspection_resources] if r in internal}
+    )
+    scopes = [s for s in meta.scope.split() if vocabulary.scopes[s].resources <= internal]
+    if resources or scopes:
+        named = ", ".join([*resources, *scopes])
+        raise InvalidClientMetadataError(
+            f"{named}: trustplane's own APIs are granted by an operator "
+            "(`trustplane clients add`), not by dynamic registration"
+        )
+
+
+def _check_details_types(meta: ClientMetadataIn, settings: Settings) -> None:
+    """RFC 9396 §10: the ``authorization_details`` types the client may request."""
+    unknown = set(meta.authorization_details_types) - known_types(
+        settings.authorization_details_types_dir
+    )
+    if unknown:
+        raise InvalidClientMetadataError(
+            f"authorization_details_types: unknown type(s): {', '.join(sorted(unknown))}"
+        )
 
 
 def check_redirect_uri(uri: str) -> None:

@@ -119,7 +119,9 @@ class ClientService:
                     raise InvalidTokenError(
                         "the initial access token is invalid, expired or used up"
                     )
-        metadata = validate_metadata(raw, self._settings, self._vocabulary)
+        metadata = validate_metadata(
+            raw, self._settings, self._vocabulary, operator=initial_access_token is None
+        )
         secret = new_secret() if metadata["token_endpoint_auth_method"] in SECRET_METHODS else None
         rat = secrets.token_urlsafe(32) if issue_registration_token else None
         client = Client.build(

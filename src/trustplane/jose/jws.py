@@ -154,6 +154,14 @@ class Signer:
         self._header_b64 = b64url_encode(orjson.dumps(header))
         self._sign = _signer(key, alg)
 
+    def with_typ(self, typ: str) -> Signer:
+        """The same key and ``kid`` under another ``typ`` (e.g. ``secevent+jwt``, RFC 8417 §2.3)."""
+        other = object.__new__(Signer)
+        other.alg, other.kid, other._sign = self.alg, self.kid, self._sign
+        header = {"alg": self.alg, "kid": self.kid, "typ": typ}
+        other._header_b64 = b64url_encode(orjson.dumps(header))
+        return other
+
     def sign(self, claims: dict[str, Any]) -> str:
         signing_input = f"{self._header_b64}.{b64url_encode(orjson.dumps(claims))}"
         signature = self._sign(signing_input.encode("ascii"))

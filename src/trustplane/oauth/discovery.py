@@ -7,9 +7,11 @@ from typing import Any
 
 from trustplane.clients.metadata import SUPPORTED_GRANT_TYPES
 from trustplane.oauth.scopes import Vocabulary
+from trustplane.rar.registry import known_types
 from trustplane.settings import Settings
 
 PATHS = {
+    "authorization_endpoint": "/authorize",
     "token_endpoint": "/token",
     "introspection_endpoint": "/introspect",
     "revocation_endpoint": "/revoke",
@@ -26,7 +28,10 @@ def server_metadata(settings: Settings, vocabulary: Vocabulary) -> dict[str, Any
     doc.update(
         {
             "scopes_supported": sorted(vocabulary.scopes),
-            "response_types_supported": [],
+            "response_types_supported": ["code"],
+            "response_modes_supported": ["query"],
+            "code_challenge_methods_supported": ["S256"],
+            "authorization_response_iss_parameter_supported": True,
             "grant_types_supported": sorted(SUPPORTED_GRANT_TYPES),
             "token_endpoint_auth_methods_supported": methods,
             "token_endpoint_auth_signing_alg_values_supported": algs,
@@ -35,6 +40,9 @@ def server_metadata(settings: Settings, vocabulary: Vocabulary) -> dict[str, Any
             "revocation_endpoint_auth_methods_supported": methods,
             "revocation_endpoint_auth_signing_alg_values_supported": algs,
             "access_token_signing_alg_values_supported": [settings.signing_algorithm],
+            "authorization_details_types_supported": sorted(
+                known_types(settings.authorization_details_types_dir)
+            ),
         }
     )
     return doc

@@ -8,7 +8,7 @@ more (RFC 7662 §2.2), so introspection cannot be used to probe other parties' t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from trustplane import metrics
 from trustplane.audit.events import AuditEvent, AuditEventType
@@ -23,8 +23,33 @@ from trustplane.oauth.tokens import VerifiedClaims, read_access_token
 from trustplane.settings import Settings
 from trustplane.storage.db import Database
 
+if TYPE_CHECKING:
+    from trustplane.mandates.service import MandateService
+
 INACTIVE: dict[str, Any] = {"active": False}
-EXPOSED_CLAIMS = ("scope", "client_id", "sub", "aud", "iss", "exp", "iat", "nbf", "jti", "lei")
+
+
+class RefreshRevoker(Protocol):
+    async def revoke(self, token: str, client_id: str) -> bool:
+        """True if ``token`` was a refresh token of ``client_id`` and is now revoked."""
+        ...
+
+
+EXPOSED_CLAIMS = (
+    "scope",
+    "client_id",
+    "sub",
+    "aud",
+    "iss",
+    "exp",
+    "iat",
+    "nbf",
+    "jti",
+    "lei",
+    "act",
+    "mandate",
+    "authorization_details",
+)
 #: Federated tokens (jwt-bearer): where the subject came from, unflattened.
 FEDERATION_CLAIMS = ("origin", "partner", "txn")
 
@@ -39,9 +64,13 @@ class IntrospectionService:
         registry: ClientRegistry,
         revocations: SqlRevocationStore,
         audit: AuditSink,
+        mandates: MandateService | None = None,
     ) -> None:
         self._settings, self._db, self._auth, self._keys = settings, db, authenticator, keys
         self._registry, self._revocations, self._audit = registry, revocations, audit
+        self._mandates = mandates
+        #: Revokes refresh tokens (RFC 7009 MUST); set by ``trustplane.authorize.wiring``.
+        self.refresh_tokens: RefreshRevoker | None = None
 
     async def introspect(self, form: Form, authorization: str | None) -> dict[str, Any]:
         caller = (await self._auth.authenticate(form, authorization)).client
@@ -61,10 +90,13 @@ class IntrospectionService:
         """RFC 7009 §2.1: unknown or already-invalid tokens are a 200 no-op; another client's token is
         refused with ``unauthorized_client``. ``token_type_hint`` is only a hint and is not trusted."""
         caller = (await self._auth.authenticate(form, authorization)).client
-        claims = read_access_token(
-            self._keys.ring, form.require("token"), issuer=self._settings.issuer
-        )
+        token = form.require("token")
+        claims = read_access_token(self._keys.ring, token, issuer=self._settings.issuer)
         if claims is None:
+            refresh = self.refresh_tokens
+            if refresh is not None and await refresh.revoke(token, caller.client_id):
+                metrics.REVOCATIONS.labels(outcome="revoked").inc()
+                return
             metrics.REVOCATIONS.labels(outcome="ignored").inc()
             return
         if claims["client_id"] != caller.client_id:
@@ -89,6 +121,11 @@ class IntrospectionService:
                 await write_events(conn, [event])
         metrics.REVOCATIONS.labels(outcome="revoked" if fresh else "repeat").inc()
 
+    async def live_claims(self, token: str) -> VerifiedClaims | None:
+        """Our token, valid now: signature, issuer, expiry, client active, not revoked, mandate usable
+        (what trustplane's own APIs check before looking at audience and scope)."""
+        return await self._live_claims(token)
+
     async def _live_claims(self, token: str) -> VerifiedClaims | None:
         claims = read_access_token(self._keys.ring, token, issuer=self._settings.issuer)
         if claims is None:
@@ -99,4 +136,18 @@ class IntrospectionService:
         async with self._db.read() as conn:
             if await self._revocations.is_revoked(conn, str(claims["jti"])):
                 return None
+        if not await self._mandate_usable(claims.get("mandate")):
+            return None  # revoked, suspended, expired or superseded mandate: inactive at once
         return claims
+
+    async def _mandate_usable(self, ref: Any) -> bool:
+        """A token without a ``mandate`` claim rests on no mandate; one with a claim we cannot
+        check (malformed, or no mandate service) fails closed."""
+        if ref is None:
+            return True
+        if self._mandates is None or not isinstance(ref, dict):
+            return False
+        mandate_id, version = ref.get("id"), ref.get("version")
+        if not isinstance(mandate_id, str) or not isinstance(version, int):
+            return False
+        return await self._mandates.is_usable(mandate_id, version)

@@ -61,9 +61,16 @@ def protocol_paths() -> dict[str, Any]:
         "/token": _form_post(
             "Token endpoint (RFC 6749 §3.2)",
             {
-                "grant_type": {"type": "string", "enum": ["client_credentials"]},
+                "grant_type": {
+                    "type": "string",
+                    "enum": ["client_credentials", "authorization_code", "refresh_token"],
+                },
                 "scope": {"type": "string"},
                 "resource": {"type": "string"},
+                "code": {"type": "string"},
+                "redirect_uri": {"type": "string"},
+                "code_verifier": {"type": "string"},
+                "refresh_token": {"type": "string"},
             },
             ["grant_type"],
             json_ok,

@@ -49,6 +49,8 @@ class Scope:
 class Vocabulary:
     scopes: dict[str, Scope]
     resources: dict[str, str]
+    #: trustplane's own APIs (audiences under the issuer): granted only by an operator.
+    internal: frozenset[str] = frozenset()
 
     def accepts(self, resource: str, scope: str) -> bool:
         entry = self.scopes.get(scope)
@@ -133,6 +135,14 @@ INTERNAL_APIS = (
         "trustplane partner trust registry admin API",
         {"partner:administer": "Add, update, list, show and disable partner trust profiles"},
     ),
+    InternalApi(
+        "/mandates",
+        "trustplane mandate store: create, accept, amend, suspend, revoke, list, history",
+        {
+            "mandate:view": "Read mandates, their versions and their history",
+            "mandate:administer": "Create, accept, amend, suspend, resume and revoke mandates",
+        },
+    ),
 )
 
 
@@ -143,19 +153,22 @@ def internal_audience(issuer: str, path: str) -> str:
 def with_internal_apis(vocabulary: Vocabulary, issuer: str) -> Vocabulary:
     """Add trustplane's own APIs (audiences under the issuer URL) to a configured vocabulary.
 
-    A client reaches them only if its registration lists the audience and the scope, like any other
-    resource; nothing is granted by default."""
+    A client reaches them only if its registration lists the audience and the scope, and only an
+    operator can register that (``trustplane clients add``): dynamic registration (RFC 7591) and
+    self-management (RFC 7592) refuse them, so an initial access token is not an admin credential."""
     resources = dict(vocabulary.resources)
     scopes = dict(vocabulary.scopes)
+    internal: set[str] = set()
     for api in INTERNAL_APIS:
         audience = internal_audience(issuer, api.path)
+        internal.add(audience)
         resources[audience] = api.description
         for name, description in api.scopes.items():
             check_scope_name(name)
             if name in scopes:
                 raise VocabularyError(f"scope {name!r} is reserved for trustplane's own {api.path}")
             scopes[name] = Scope(name, description, frozenset({audience}))
-    return Vocabulary(scopes, resources)
+    return Vocabulary(scopes, resources, vocabulary.internal | internal)
 
 
 def load_vocabulary(path: Path | None) -> Vocabulary:

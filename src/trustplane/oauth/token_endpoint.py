@@ -7,7 +7,7 @@ jti, audience and scopes, or ``oauth:token:refused`` with the wire error and the
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -37,11 +37,16 @@ from trustplane.settings import Settings
 class Grant:
     """What a grant handler decided: the token to return. ``pending_use`` is the grant's own
     single-use assertion (a partner's JWT-bearer assertion) still to consume together with the
-    outcome; if it turns out to be a replay, ``replay_error`` is raised instead."""
+    outcome; if it turns out to be a replay, ``replay_error`` is raised instead. ``response``: extra
+    response members (RFC 6749 §5.1 ``refresh_token``, RFC 9396 §7 ``authorization_details``);
+    ``mandate`` and ``details_digest``: what the audit record names."""
 
     token: IssuedToken
     pending_use: ReplayUse | None = None
     replay_error: OAuth2Error | None = None
+    response: dict[str, Any] = field(default_factory=dict)
+    mandate: tuple[str, int] | None = None
+    details_digest: str | None = None
 
 
 def replayed() -> InvalidClientError:
@@ -82,7 +87,7 @@ class TokenEndpoint:
             await self._refuse(exc, form, client, grant_type)
             raise
         if client.pending_use is None and grant.pending_use is None:
-            await self._audit.emit(self._issued(grant.token, grant_type))
+            await self._audit.emit(self._issued(grant, grant_type))
         else:
             await self._record_issue(grant, form, client, grant_type)
         metrics.TOKENS_ISSUED.labels(grant_type=grant_type).inc()
@@ -92,6 +97,7 @@ class TokenEndpoint:
             "expires_in": grant.token.expires_in,
             "scope": grant.token.claims["scope"],
         }
+        body.update(grant.response)
         return body
 
     async def _record_issue(
@@ -101,7 +107,7 @@ class TokenEndpoint:
         grant_error = grant.replay_error or InvalidGrantError("the assertion was already used")
         outcome = Outcome(
             auth.pending_use,
-            self._issued(grant.token, grant_type),
+            self._issued(grant, grant_type),
             partial(self._refused, replayed(), form, auth, grant_type),
             grant.pending_use,
             partial(self._refused, grant_error, form, auth, grant_type),
@@ -163,8 +169,9 @@ class TokenEndpoint:
         )
         return Grant(token)
 
-    def _issued(self, token: IssuedToken, grant_type: str) -> AuditEvent:
-        c = token.claims
+    def _issued(self, grant: Grant, grant_type: str) -> AuditEvent:
+        c = grant.token.claims
+        mandate_id, mandate_version = grant.mandate or (None, None)
         return AuditEvent(
             type=AuditEventType.TOKEN_ISSUED,
             issuer=self._settings.issuer,
@@ -175,6 +182,9 @@ class TokenEndpoint:
             jti=c["jti"],
             transaction_id=c.get("txn"),
             partner=c.get("partner"),
+            authorization_details_digest=grant.details_digest,
+            mandate_id=mandate_id,
+            mandate_version=mandate_version,
             decision="allow",
             payload={"grant_type": grant_type, "exp": c["exp"], **_origin(c)},
         )

@@ -1,12 +1,15 @@
 """Imports every component's tables so that ``metadata`` is complete (for Alembic and tests)."""
 
 from trustplane.audit import tables as _audit_tables  # noqa: F401
+from trustplane.authorize import store as _authorize_store  # noqa: F401
 from trustplane.clients import tables as _client_tables  # noqa: F401
 from trustplane.federation import tables as _federation_tables  # noqa: F401
 from trustplane.keys import tables as _key_tables  # noqa: F401
+from trustplane.mandates import tables as _mandate_tables  # noqa: F401
 from trustplane.oauth import replay as _replay  # noqa: F401
 from trustplane.oauth import revocations as _revocations  # noqa: F401
 from trustplane.storage import generations as _generations  # noqa: F401
 from trustplane.storage.metadata import metadata
+from trustplane.users import store as _user_store  # noqa: F401
 
 __all__ = ["metadata"]

@@ -1,0 +1,342 @@
+"""The ``authorization_code`` (RFC 6749 §4.1.3, RFC 7636 §4.6) and ``refresh_token`` (RFC 6749 §6)
+grants, as handlers for :class:`trustplane.oauth.token_endpoint.TokenEndpoint`.
+
+Codes: single use, at most 60 s, bound to the client, the redirect URI and the PKCE challenge. A
+second redemption (also a concurrent one: the loser of the conditional UPDATE) is ``invalid_grant``
+and revokes what the first one issued (RFC 6749 §4.1.2, RFC 9700 §4.5): its access token (by jti)
+and its refresh family.
+
+Refresh tokens: rotated on every use (RFC 9700 §4.14.2); presenting a rotated token again is
+``invalid_grant`` and revokes the whole family and the access tokens issued from it. Racing refreshes
+with one token: one wins the conditional UPDATE, the other is treated as the reuse it is
+indistinguishable from. The family keeps the absolute expiry of its first token.
+
+The mandate is checked (``check_usable``) at code redemption and at every refresh: a revoked,
+suspended, expired or superseded mandate is ``invalid_grant``. The consumption of a code (or the
+rotation of a refresh token) and the new refresh token are one transaction, durable before the
+token is returned.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from trustplane.audit.events import AuditEvent, AuditEventType
+from trustplane.audit.sink import write_events
+from trustplane.authorize import pkce
+from trustplane.authorize.store import (
+    GrantContext,
+    SqlCodeStore,
+    SqlRefreshStore,
+    StoredCode,
+    new_secret_value,
+)
+from trustplane.errors import (
+    InvalidGrantError,
+    InvalidScopeError,
+    InvalidTargetError,
+    UnauthorizedClientError,
+)
+from trustplane.keys.service import KeyService
+from trustplane.mandates.errors import MandateUnusableError
+from trustplane.mandates.service import MandateService
+from trustplane.oauth.client_auth import AuthenticatedClient
+from trustplane.oauth.form import Form
+from trustplane.oauth.revocations import SqlRevocationStore
+from trustplane.oauth.token_endpoint import Grant, GrantHandler
+from trustplane.oauth.tokens import IssuedToken, issue_access_token, new_jti
+from trustplane.rar.registry import AuthorizationDetailsRegistry
+from trustplane.settings import Settings
+from trustplane.storage.db import Database
+
+
+class DelegatedGrants:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        keys: KeyService,
+        mandates: MandateService,
+        details: AuthorizationDetailsRegistry,
+        codes: SqlCodeStore,
+        refresh: SqlRefreshStore,
+        revocations: SqlRevocationStore,
+    ) -> None:
+        self._settings, self._db, self._keys = settings, db, keys
+        self._mandates, self._details = mandates, details
+        self._codes, self._refresh, self._revocations = codes, refresh, revocations
+
+    def handlers(self) -> dict[str, GrantHandler]:
+        return {"authorization_code": self.authorization_code, "refresh_token": self.refresh_token}
+
+    # ------------------------------------------------------------------ authorization_code
+
+    async def authorization_code(self, form: Form, auth: AuthenticatedClient) -> Grant:
+        client = auth.client
+        if "authorization_code" not in client.grant_types:
+            raise UnauthorizedClientError("this client may not use the authorization_code grant")
+        code = form.require("code")
+        async with self._db.read() as conn:
+            stored = await self._codes.get(conn, code)
+        if stored is None:
+            raise InvalidGrantError("the authorization code is invalid")
+        if stored.used_at is not None:
+            await self._code_reused(stored)
+            raise InvalidGrantError("the authorization code was already used")
+        now = int(time.time())
+        self._check_code(stored, form, client.client_id, now)
+        await self._check_mandate(stored.grant, now)
+        issued = self._issue(stored.grant)
+        with_refresh = "refresh_token" in client.grant_types
+        refresh, family = (new_secret_value(), new_jti()) if with_refresh else (None, None)
+        async with self._db.transaction() as conn:
+            won = await self._codes.consume(
+                conn,
+                code,
+                now,
+                access_jti=issued.claims["jti"],
+                access_exp=issued.claims["exp"],
+                family_id=family,
+            )
+            if won and refresh is not None and family is not None:
+                expires = now + self._settings.refresh_token_lifetime
+                await self._refresh.create(
+                    conn,
+                    refresh,
+                    family,
+                    stored.grant,
+                    now=now,
+                    expires_at=expires,
+                    access_jti=issued.claims["jti"],
+                    access_exp=issued.claims["exp"],
+                )
+        if not won:  # lost the race to a concurrent redemption: that is reuse too
+            async with self._db.read() as conn:
+                latest = await self._codes.get(conn, code)
+            if latest is not None and latest.used_at is not None:
+                await self._code_reused(latest)
+                raise InvalidGrantError("the authorization code was already used")
+            raise InvalidGrantError("the authorization code has expired")
+        return self._grant(issued, stored.grant, refresh)
+
+    def _check_code(self, stored: StoredCode, form: Form, client_id: str, now: int) -> None:
+        if stored.grant.client_id != client_id:
+            raise InvalidGrantError(
+                "the authorization code was issued to another client",
+                debug=f"code of {stored.grant.client_id} presented by {client_id}",
+            )
+        if stored.expires_at <= now:
+            raise InvalidGrantError("the authorization code has expired")
+        redirect_uri = form.get("redirect_uri")
+        if (stored.redirect_uri_given or redirect_uri is not None) and (
+            redirect_uri != stored.redirect_uri
+        ):
+            raise InvalidGrantError("redirect_uri does not match the authorization request")
+        verifier = form.get("code_verifier")
+        if stored.code_challenge is None:
+            if verifier is not None:  # RFC 9700 §2.1.1: no verifier without a challenge
+                raise InvalidGrantError("code_verifier sent for a code issued without PKCE")
+            return
+        if verifier is None:
+            raise InvalidGrantError("code_verifier is required (PKCE)")
+        if not pkce.verifier_matches(verifier, stored.code_challenge):
+            raise InvalidGrantError("code_verifier does not match the code_challenge")
+
+    async def _code_reused(self, stored: StoredCode) -> None:
+        """Revoke what the first redemption issued: its access token and its refresh family."""
+        now = int(time.time())
+        async with self._db.transaction() as conn:
+            revoked = []
+            if stored.access_jti is not None and stored.access_exp is not None:
+                await self._revocations.revoke(
+                    conn, stored.access_jti, stored.grant.client_id, stored.access_exp
+                )
+                revoked.append(stored.access_jti)
+            if stored.family_id is not None:
+                revoked += await self._revoke_family(conn, stored.family_id, now)
+            await write_events(
+                conn,
+                [
+                    self._event(
+                        AuditEventType.CODE_REUSED,
+                        stored.grant,
+                        revoked_jtis=sorted(set(revoked)),
+                        family_id=stored.family_id,
+                    )
+                ],
+            )
+
+    # ------------------------------------------------------------------ refresh_token
+
+    async def refresh_token(self, form: Form, auth: AuthenticatedClient) -> Grant:
+        client = auth.client
+        if "refresh_token" not in client.grant_types:
+            raise UnauthorizedClientError("this client may not use the refresh_token grant")
+        token = form.require("refresh_token")
+        async with self._db.read() as conn:
+            stored = await self._refresh.get(conn, token)
+        now = int(time.time())
+        if stored is None or stored.grant.client_id != client.client_id:
+            raise InvalidGrantError("the refresh token is invalid")
+        if stored.revoked_at is not None:
+            raise InvalidGrantError("the refresh token has been revoked")
+        if stored.rotated_at is not None:
+            await self._family_reused(stored.family_id, stored.grant)
+            raise InvalidGrantError("the refresh token was already used")
+        if stored.expires_at <= now:
+            raise InvalidGrantError("the refresh token has expired")
+        grant = self._narrow(stored.grant, form)
+        await self._check_mandate(stored.grant, now)
+        issued = self._issue(grant)
+        successor = new_secret_value()
+        async with self._db.transaction() as conn:
+            won = await self._refresh.rotate(conn, token, now)
+            if won:
+                await self._refresh.create(
+                    conn,
+                    successor,
+                    stored.family_id,
+                    stored.grant,
+                    now=now,
+                    expires_at=stored.expires_at,
+                    access_jti=issued.claims["jti"],
+                    access_exp=issued.claims["exp"],
+                )
+        if not won:
+            await self._family_reused(stored.family_id, stored.grant)
+            raise InvalidGrantError("the refresh token was already used")
+        return self._grant(issued, grant, successor)
+
+    def _narrow(self, grant: GrantContext, form: Form) -> GrantContext:
+        """RFC 6749 §6: a refresh may ask for fewer scopes, never more; RFC 8707 §2.2: the resource,
+        if sent, must be the one audience the grant is for."""
+        resources = form.get_all("resource")
+        if resources and resources != [grant.resource]:
+            raise InvalidTargetError("resource must be the audience this grant was issued for")
+        requested = form.get("scope")
+        if requested is None:
+            return grant
+        names = tuple(dict.fromkeys(requested.split()))
+        if not names or not set(names) <= set(grant.scopes):
+            raise InvalidScopeError("a refresh may only narrow the granted scopes")
+        return GrantContext(**{**_fields(grant), "scopes": names})
+
+    async def revoke(self, token: str, client_id: str) -> bool:
+        """RFC 7009 §2.1 for refresh tokens: the family ends, and with it the access tokens issued
+        from the same grant. False if ``token`` is not one of our refresh tokens; another client's
+        is ``unauthorized_client``; an already revoked one is a successful no-op."""
+        async with self._db.read() as conn:
+            stored = await self._refresh.get(conn, token)
+        if stored is None:
+            return False
+        if stored.grant.client_id != client_id:
+            raise UnauthorizedClientError("a client may revoke only its own tokens")
+        if stored.revoked_at is None:
+            async with self._db.transaction() as conn:
+                revoked = await self._revoke_family(conn, stored.family_id, int(time.time()))
+                event = self._event(
+                    AuditEventType.REFRESH_FAMILY_REVOKED,
+                    stored.grant,
+                    decision=None,
+                    reason="revoked by the client (RFC 7009)",
+                    family_id=stored.family_id,
+                    revoked_jtis=revoked,
+                )
+                await write_events(conn, [event])
+        return True
+
+    async def _family_reused(self, family_id: str, grant: GrantContext) -> None:
+        async with self._db.transaction() as conn:
+            revoked = await self._revoke_family(conn, family_id, int(time.time()))
+            await write_events(
+                conn,
+                [
+                    self._event(
+                        AuditEventType.REFRESH_FAMILY_REVOKED,
+                        grant,
+                        family_id=family_id,
+                        reason="refresh token reuse",
+                        revoked_jtis=revoked,
+                    )
+                ],
+            )
+
+    async def _revoke_family(self, conn: Any, family_id: str, now: int) -> list[str]:
+        jtis = []
+        for jti, exp, client_id in await self._refresh.revoke_family(conn, family_id, now):
+            if exp > now:
+                await self._revocations.revoke(conn, jti, client_id, exp)
+            jtis.append(jti)
+        return jtis
+
+    # ------------------------------------------------------------------ shared
+
+    async def _check_mandate(self, grant: GrantContext, now: int) -> None:
+        try:
+            await self._mandates.check_usable(grant.mandate_id, grant.mandate_version, now)
+        except MandateUnusableError as exc:
+            raise exc.to_oauth() from None
+
+    def _issue(self, grant: GrantContext) -> IssuedToken:
+        """RFC 9068 access token for the user (``sub``), bound to the mandate version."""
+        extra: dict[str, Any] = {
+            "lei": grant.user_lei,
+            "mandate": {"id": grant.mandate_id, "version": grant.mandate_version},
+        }
+        if grant.authorization_details:
+            extra["authorization_details"] = list(grant.authorization_details)
+        if grant.auth_time is not None:
+            extra["auth_time"] = grant.auth_time
+        if grant.acr is not None:
+            extra["acr"] = grant.acr
+        return issue_access_token(
+            self._keys.ring,
+            issuer=self._settings.issuer,
+            subject=grant.user_id,
+            client_id=grant.client_id,
+            audience=grant.resource,
+            scopes=grant.scopes,
+            lifetime=self._settings.access_token_lifetime,
+            extra=extra,
+        )
+
+    def _grant(self, issued: IssuedToken, grant: GrantContext, refresh: str | None) -> Grant:
+        response: dict[str, Any] = {}
+        if refresh is not None:
+            response["refresh_token"] = refresh
+        if grant.authorization_details:  # RFC 9396 §7: the token response says what was granted
+            response["authorization_details"] = list(grant.authorization_details)
+        return Grant(
+            issued,
+            response=response,
+            mandate=(grant.mandate_id, grant.mandate_version),
+            details_digest=self._details.digest(grant.authorization_details),
+        )
+
+    def _event(
+        self,
+        type_: AuditEventType,
+        grant: GrantContext,
+        decision: str | None = "deny",
+        reason: str = "invalid_grant",
+        **payload: Any,
+    ) -> AuditEvent:
+        return AuditEvent(
+            type=type_,
+            issuer=self._settings.issuer,
+            subject=grant.user_id,
+            client_id=grant.client_id,
+            audience=grant.resource,
+            scopes=grant.scopes,
+            authorization_details_digest=self._details.digest(grant.authorization_details),
+            mandate_id=grant.mandate_id,
+            mandate_version=grant.mandate_version,
+            decision=decision,
+            reason=reason,
+            payload=payload,
+        )
+
+
+def _fields(grant: GrantContext) -> dict[str, Any]:
+    return {name: getattr(grant, name) for name in GrantContext.__slots__}

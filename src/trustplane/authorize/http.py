@@ -1,0 +1,283 @@
+"""The authorization endpoint's pages (server-rendered, Jinja2 with autoescape):
+
+- ``GET|POST /authorize``: validate (error page or error redirect), then the login or consent page;
+- ``POST /authorize/login``: check the credentials, 303 back to the flow;
+- ``GET /authorize/continue``: the login or consent page for a pending request;
+- ``POST /authorize/consent``: approve or deny, 303 to the client's redirect URI.
+
+Every page: ``Cache-Control: no-store``, ``Content-Security-Policy`` with ``frame-ancestors 'none'``
+(and ``X-Frame-Options: DENY``), ``Referrer-Policy: no-referrer``. Every form carries a CSRF token
+bound to the session cookie; a POST without it (or with a wrong one) gets a 403 page and changes
+nothing. Every POST answers 303.
+
+The session cookie (``__Host-`` prefixed when the issuer is https) is sealed, ``HttpOnly``,
+``SameSite=Lax``, ``Secure`` unless the issuer is plain http on loopback. The pending request rides
+in a sealed hidden field bound to the session id, so any process of a deployment can continue it.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import replace
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import structlog
+from jinja2 import Environment, PackageLoader, select_autoescape
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from trustplane import metrics
+from trustplane.authorize.login import Identity, LoginFailedError, LoginStep
+from trustplane.authorize.request import AuthorizationRequest, ErrorPage, RedirectError
+from trustplane.authorize.sealing import Sealer
+from trustplane.authorize.service import AuthorizationService
+from trustplane.errors import InvalidRequestError, OAuth2Error
+from trustplane.mandates.errors import MandateError
+from trustplane.oauth.form import FORM_TYPE, Form
+from trustplane.settings import Settings
+
+log = structlog.get_logger("trustplane.authorize")
+#: How long a user has to log in and decide.
+REQUEST_LIFETIME = 600
+
+
+class AuthorizeHttp:
+    def __init__(
+        self, settings: Settings, service: AuthorizationService, login: LoginStep, sealer: Sealer
+    ) -> None:
+        self._settings, self._service, self._login, self._sealer = (
+            settings,
+            service,
+            login,
+            sealer,
+        )
+        https = urlsplit(settings.issuer).scheme == "https"
+        self._secure = https
+        self._cookie = "__Host-trustplane_session" if https else "trustplane_session"
+        self._templates = Environment(
+            loader=PackageLoader("trustplane.authorize", "templates"),
+            autoescape=select_autoescape(default=True, default_for_string=True),
+        )
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/authorize", self.authorize, methods=["GET", "POST"]),
+            Route("/authorize/continue", self.resume, methods=["GET"]),
+            Route("/authorize/login", self.login, methods=["POST"]),
+            Route("/authorize/consent", self.consent, methods=["POST"]),
+        ]
+
+    # ------------------------------------------------------------------ endpoints
+
+    async def authorize(self, request: Request) -> Response:
+        """RFC 6749 §3.1: GET, and POST with a form body."""
+        try:
+            if request.method == "POST":
+                form = Form.parse(await request.body(), request.headers.get("content-type"))
+            else:
+                form = Form.parse(request.url.query.encode(), FORM_TYPE)
+        except OAuth2Error as exc:
+            return await self._error_page(ErrorPage(f"The request is malformed: {exc.description}"))
+        try:
+            parsed = self._service.parse(form)
+        except ErrorPage as exc:
+            return await self._error_page(exc)
+        except RedirectError as exc:
+            await self._service.refused(exc.target, exc.error)
+            status = 303 if request.method == "POST" else 302
+            return _redirect(self._service.error_redirect(exc.target, exc.error), status)
+        session, fresh = self._session(request)
+        return await self._page(parsed, session, fresh, failed=False)
+
+    async def resume(self, request: Request) -> Response:
+        session, fresh = self._session(request)
+        pending = self._pending(request.query_params.get("request"), session)
+        if pending is None:
+            return await self._error_page(_expired())
+        failed = request.query_params.get("failed") == "1"
+        return await self._page(pending, session, fresh, failed=failed)
+
+    async def login(self, request: Request) -> Response:
+        checked = await self._checked_post(request)
+        if isinstance(checked, Response):
+            return checked
+        form, session, pending, blob = checked
+        try:
+            who = await self._login.authenticate(_fields(form))
+        except LoginFailedError as exc:
+            log.info("login_failed", step=self._login.name, reason=str(exc))
+            metrics.LOGINS.labels(outcome="failed").inc()
+            return _redirect(f"/authorize/continue?request={quote(blob)}&failed=1")
+        metrics.LOGINS.labels(outcome="succeeded").inc()
+        # a new session id at login (no session fixation); the pending request moves with it
+        session = {"sid": secrets.token_urlsafe(32), "who": _identity_dict(who)}
+        moved = self._seal_request(replace(pending, force_login=False), session["sid"])
+        response = _redirect(f"/authorize/continue?request={quote(moved)}")
+        self._set_cookie(response, session)
+        return response
+
+    async def consent(self, request: Request) -> Response:
+        checked = await self._checked_post(request)
+        if isinstance(checked, Response):
+            return checked
+        form, session, pending, blob = checked
+        who = await self._identity(session)
+        if who is None:  # logged out, expired, or disabled meanwhile: log in again
+            return _redirect(f"/authorize/continue?request={quote(blob)}")
+        try:
+            decision = form.get("decision")
+            if decision == "approve":
+                target = await self._service.approve(pending, who)
+            elif decision == "deny":
+                target = await self._service.deny(pending, who)
+            else:
+                return await self._error_page(ErrorPage("Choose approve or deny."))
+        except ErrorPage as exc:
+            return await self._error_page(exc)
+        except MandateError as exc:  # the terms cannot become a mandate (e.g. scopes changed)
+            refused = InvalidRequestError("the mandate could not be recorded", debug=str(exc))
+            await self._service.refused(pending.target, refused)
+            return _redirect(self._service.error_redirect(pending.target, refused))
+        return _redirect(target)
+
+    # ------------------------------------------------------------------ pieces
+
+    async def _checked_post(
+        self, request: Request
+    ) -> Response | tuple[Form, dict[str, Any], AuthorizationRequest, str]:
+        """A form POST with a valid CSRF token and a pending request of this session."""
+        try:
+            form = Form.parse(await request.body(), request.headers.get("content-type"))
+        except OAuth2Error as exc:
+            return await self._error_page(ErrorPage(f"The form is malformed: {exc.description}"))
+        session = self._sealer.open("session", request.cookies.get(self._cookie))
+        if session is None or not self._sealer.csrf_ok(session["sid"], form.get("csrf")):
+            return await self._error_page(
+                ErrorPage(
+                    "This form has expired or was not sent from this site. Start again from the "
+                    "application.",
+                    debug="csrf token missing or wrong",
+                    status=403,
+                )
+            )
+        blob = form.get("request") or ""
+        pending = self._pending(blob, session)
+        if pending is None:
+            return await self._error_page(_expired())
+        return form, session, pending, blob
+
+    async def _page(
+        self, pending: AuthorizationRequest, session: dict[str, Any], fresh: bool, *, failed: bool
+    ) -> Response:
+        who = None if pending.force_login else await self._identity(session)
+        common = {
+            "csrf": self._sealer.csrf_token(session["sid"]),
+            "request": self._seal_request(pending, session["sid"]),
+        }
+        if who is None:
+            client = self._service.client(pending)
+            html = self._render(
+                self._login.template,
+                client_name=client.metadata.get("client_name") or client.client_id,
+                failed=failed,
+                **common,
+            )
+        else:
+            view = await self._service.consent_view(pending, who)
+            html = self._render("consent.html", view=view, **common)
+        response = _html(html)
+        if fresh:
+            self._set_cookie(response, session)
+        return response
+
+    def _session(self, request: Request) -> tuple[dict[str, Any], bool]:
+        """The current session, or a new anonymous one (True: the cookie must be set)."""
+        session = self._sealer.open("session", request.cookies.get(self._cookie))
+        if session is not None:
+            return session, False
+        return {"sid": secrets.token_urlsafe(32)}, True
+
+    async def _identity(self, session: dict[str, Any]) -> Identity | None:
+        raw = session.get("who")
+        if not isinstance(raw, dict):
+            return None
+        return await self._login.still_valid(Identity(**raw))
+
+    def _pending(self, blob: str | None, session: dict[str, Any]) -> AuthorizationRequest | None:
+        data = self._sealer.open("request", blob)
+        if data is None or data.get("sid") != session["sid"]:
+            return None
+        return AuthorizationRequest.from_dict(data["req"])
+
+    def _seal_request(self, pending: AuthorizationRequest, sid: str) -> str:
+        return self._sealer.seal(
+            "request", {"sid": sid, "req": pending.to_dict()}, REQUEST_LIFETIME
+        )
+
+    def _set_cookie(self, response: Response, session: dict[str, Any]) -> None:
+        lifetime = self._settings.session_lifetime
+        response.set_cookie(
+            self._cookie,
+            self._sealer.seal("session", session, lifetime),
+            max_age=lifetime,
+            path="/",
+            secure=self._secure,
+            httponly=True,
+            samesite="lax",
+        )
+
+    def _render(self, template: str, **context: Any) -> str:
+        return self._templates.get_template(template).render(
+            issuer=self._settings.issuer, **context
+        )
+
+    async def _error_page(self, exc: ErrorPage) -> Response:
+        await self._service.refused(None, exc)
+        log.info("authorization_error_page", reason=exc.debug, status=exc.status)
+        metrics.AUTHORIZATIONS.labels(outcome="error_page").inc()
+        return _html(self._render("error.html", message=exc.message), exc.status)
+
+
+SECURITY_HEADERS = {
+    "Cache-Control": "no-store",
+    "Pragma": "no-cache",
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def _html(body: str, status: int = 200) -> Response:
+    return HTMLResponse(body, status, headers=SECURITY_HEADERS)
+
+
+def _redirect(location: str, status: int = 303) -> Response:
+    return RedirectResponse(location, status, headers=SECURITY_HEADERS)
+
+
+def _expired() -> ErrorPage:
+    return ErrorPage(
+        "This sign-in has expired or belongs to another browser session. Start again from the "
+        "application.",
+        debug="pending request missing, expired or bound to another session",
+    )
+
+
+def _fields(form: Form) -> dict[str, str]:
+    names = ("username", "password", "otp")
+    return {name: value for name in names if (value := form.get(name)) is not None}
+
+
+def _identity_dict(who: Identity) -> dict[str, Any]:
+    return {
+        "user_id": who.user_id,
+        "lei": who.lei,
+        "display_name": who.display_name,
+        "auth_time": who.auth_time,
+        "acr": who.acr,
+    }

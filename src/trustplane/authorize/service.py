@@ -1,0 +1,241 @@
+"""The authorization endpoint's decisions, framework-free: validate the request, describe what
+would be granted, and on approval create (or reuse) the mandate and issue the code.
+
+Codes: 256-bit random, stored as SHA-256, valid ``authorization_code_lifetime`` seconds (at most 60),
+bound to the client, the redirect URI, the PKCE challenge, the resource, the scopes, the
+authorization details, the user and the mandate version.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlencode
+
+from trustplane import metrics
+from trustplane.audit.events import AuditEvent, AuditEventType
+from trustplane.audit.sink import AuditSink, write_events
+from trustplane.authorize.login import Identity
+from trustplane.authorize.request import (
+    AuthorizationRequest,
+    ErrorPage,
+    Redirect,
+    RedirectError,
+    parse_request,
+)
+from trustplane.authorize.store import GrantContext, SqlCodeStore, new_secret_value
+from trustplane.clients.model import Client
+from trustplane.clients.service import ClientRegistry
+from trustplane.errors import AccessDeniedError, OAuth2Error
+from trustplane.mandates.service import MandateService
+from trustplane.oauth.form import Form
+from trustplane.oauth.scopes import Vocabulary
+from trustplane.rar.registry import AuthorizationDetailsRegistry
+from trustplane.settings import Settings
+from trustplane.storage.db import Database
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentView:
+    """Everything the consent page states, in business language."""
+
+    client_name: str
+    client_id: str
+    client_lei: str
+    resource: str
+    resource_description: str
+    scopes: list[tuple[str, str]]
+    details: list[list[tuple[str, str]]]
+    effective_from: str
+    effective_until: str
+    user_name: str
+    user_lei: str
+    covering: dict[str, Any] | None
+
+
+def _day(ts: int | None) -> str:
+    if ts is None:
+        return "open-ended (until revoked)"
+    return datetime.fromtimestamp(ts, UTC).strftime("%d %b %Y %H:%M UTC")
+
+
+def with_params(uri: str, params: dict[str, str | None]) -> str:
+    """Add query parameters to a redirect URI that may already have a query (RFC 6749 §3.1.2)."""
+    query = urlencode({k: v for k, v in params.items() if v is not None})
+    return f"{uri}{'&' if '?' in uri else '?'}{query}"
+
+
+class AuthorizationService:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        registry: ClientRegistry,
+        vocabulary: Vocabulary,
+        details: AuthorizationDetailsRegistry,
+        mandates: MandateService,
+        codes: SqlCodeStore,
+        audit: AuditSink,
+    ) -> None:
+        self._settings, self._db, self._registry = settings, db, registry
+        self._vocabulary, self._details, self._mandates = vocabulary, details, mandates
+        self._codes, self._audit = codes, audit
+
+    def parse(self, form: Form) -> AuthorizationRequest:
+        return parse_request(form, self._registry, self._vocabulary, self._details)
+
+    def client(self, request: AuthorizationRequest) -> Client:
+        client = self._registry.get(request.client_id)
+        if client is None or not client.active:  # disabled while the user was on the page
+            raise ErrorPage("The application that sent you here is no longer available.")
+        return client
+
+    # ------------------------------------------------------------------ responses
+
+    def error_redirect(self, target: Redirect, exc: OAuth2Error) -> str:
+        """RFC 6749 §4.1.2.1 error response, with ``iss`` (RFC 9207 §2)."""
+        metrics.PROTOCOL_ERRORS.labels(endpoint="authorization", error=exc.error).inc()
+        return with_params(
+            target.redirect_uri,
+            {
+                "error": exc.error,
+                "error_description": exc.description or None,
+                "state": target.state,
+                "iss": self._settings.issuer,
+            },
+        )
+
+    async def refused(self, target: Redirect | None, exc: OAuth2Error | ErrorPage) -> None:
+        """Audit a refused authorization request (error page or error redirect)."""
+        reason = exc.error if isinstance(exc, OAuth2Error) else "error_page"
+        await self._audit.emit(
+            AuditEvent(
+                type=AuditEventType.AUTHORIZATION_REFUSED,
+                issuer=self._settings.issuer,
+                client_id=target.client_id if target else None,
+                decision="deny",
+                reason=reason,
+                payload={"detail": exc.debug[:500]},
+            )
+        )
+
+    # ------------------------------------------------------------------ consent
+
+    async def consent_view(self, request: AuthorizationRequest, who: Identity) -> ConsentView:
+        client = self.client(request)
+        covering = await self._covering(request, who)
+        now = int(time.time())
+        until = None if covering is not None else self._default_until(now)
+        return ConsentView(
+            client_name=str(client.metadata.get("client_name") or client.client_id),
+            client_id=client.client_id,
+            client_lei=client.lei,
+            resource=request.resource,
+            resource_description=self._vocabulary.resources.get(request.resource, ""),
+            scopes=[(s, self._vocabulary.scopes[s].description) for s in request.scopes],
+            details=[self._details.describe(d) for d in request.authorization_details],
+            effective_from=_day(covering.effective_from if covering else now),
+            effective_until=_day(covering.effective_until if covering else until),
+            user_name=who.display_name,
+            user_lei=who.lei,
+            covering=None if covering is None else {"id": covering.id, "version": covering.version},
+        )
+
+    def _default_until(self, now: int) -> int:
+        return now + self._settings.mandate_default_lifetime
+
+    async def _covering(self, request: AuthorizationRequest, who: Identity) -> Any:
+        """A mandate this person granted, or one of their legal entity as a whole."""
+        return await self._mandates.find_covering(
+            who.lei,
+            request.client_id,
+            request.scopes,
+            request.authorization_details,
+            grantor_person=who.user_id,
+        )
+
+    async def approve(self, request: AuthorizationRequest, who: Identity) -> str:
+        """Reuse the mandate that covers the request, or create one from this consent; issue the
+        code bound to that mandate version; return the redirect with ``code``, ``state``, ``iss``."""
+        client = self.client(request)
+        mandate = await self._covering(request, who)
+        reused = mandate is not None
+        if mandate is None:
+            mandate = await self._mandates.create_from_consent(
+                grantor_lei=who.lei,
+                grantor_person=who.user_id,
+                client=client,
+                scopes=request.scopes,
+                authorization_details=request.authorization_details,
+                accepted_by=who.user_id,
+                effective_until=self._default_until(int(time.time())),
+            )
+        grant = GrantContext(
+            client.client_id,
+            who.user_id,
+            who.lei,
+            mandate.id,
+            mandate.version,
+            request.resource,
+            request.scopes,
+            request.authorization_details,
+            who.auth_time,
+            who.acr,
+        )
+        code = new_secret_value()
+        now = int(time.time())
+        event = self._event(AuditEventType.CONSENT_GRANTED, grant, reused_mandate=reused)
+        async with self._db.transaction() as conn:
+            await self._codes.create(
+                conn,
+                code,
+                grant,
+                redirect_uri=request.target.redirect_uri,
+                redirect_uri_given=request.redirect_uri_given,
+                code_challenge=request.code_challenge,
+                expires_at=now + self._settings.authorization_code_lifetime,
+            )
+            await write_events(conn, [event, self._event(AuditEventType.CODE_ISSUED, grant)])
+        metrics.AUTHORIZATIONS.labels(outcome="approved").inc()
+        return with_params(
+            request.target.redirect_uri,
+            {"code": code, "state": request.target.state, "iss": self._settings.issuer},
+        )
+
+    async def deny(self, request: AuthorizationRequest, who: Identity) -> str:
+        await self._audit.emit(
+            AuditEvent(
+                type=AuditEventType.CONSENT_DENIED,
+                issuer=self._settings.issuer,
+                subject=who.user_id,
+                client_id=request.client_id,
+                audience=request.resource,
+                scopes=request.scopes,
+                authorization_details_digest=self._details.digest(request.authorization_details),
+                decision="deny",
+                reason="access_denied",
+            )
+        )
+        metrics.AUTHORIZATIONS.labels(outcome="denied").inc()
+        denied = AccessDeniedError("the resource owner denied the request")
+        return self.error_redirect(request.target, denied)
+
+    def _event(self, type_: AuditEventType, grant: GrantContext, **payload: Any) -> AuditEvent:
+        return AuditEvent(
+            type=type_,
+            issuer=self._settings.issuer,
+            subject=grant.user_id,
+            client_id=grant.client_id,
+            audience=grant.resource,
+            scopes=grant.scopes,
+            authorization_details_digest=self._details.digest(grant.authorization_details),
+            mandate_id=grant.mandate_id,
+            mandate_version=grant.mandate_version,
+            decision="allow",
+            payload={"acr": grant.acr, **payload},
+        )
+
+
+__all__ = ["AuthorizationService", "ConsentView", "ErrorPage", "RedirectError"]

@@ -1,0 +1,71 @@
+"""Builds this package's services for the composition root (``trustplane.app``) in one call."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from trustplane.audit.sink import AuditSink, write_events
+from trustplane.authorize.grants import DelegatedGrants
+from trustplane.authorize.http import AuthorizeHttp
+from trustplane.authorize.login import LocalLogin
+from trustplane.authorize.sealing import Sealer
+from trustplane.authorize.service import AuthorizationService
+from trustplane.authorize.store import SqlCodeStore, SqlRefreshStore
+from trustplane.clients.service import ClientRegistry
+from trustplane.keys.service import KeyService
+from trustplane.mandates.service import MandateService
+from trustplane.oauth.introspection import IntrospectionService
+from trustplane.oauth.revocations import SqlRevocationStore
+from trustplane.oauth.scopes import Vocabulary
+from trustplane.oauth.token_endpoint import TokenEndpoint
+from trustplane.rar.registry import AuthorizationDetailsRegistry
+from trustplane.settings import Settings
+from trustplane.storage.db import Database
+from trustplane.users.service import UserService
+from trustplane.users.store import SqlUserStore
+
+
+@dataclass
+class Authorization:
+    db: Database
+    users: UserService
+    service: AuthorizationService
+    grants: DelegatedGrants
+    http: AuthorizeHttp
+
+    async def prune(self) -> int:
+        """Delete codes and refresh tokens expired for more than a day (kept that long so that a
+        late replay is still recognised as reuse and revokes what it should)."""
+        before = int(time.time()) - 86400
+        async with self.db.transaction() as conn:
+            codes = await SqlCodeStore().prune(conn, before)
+            return codes + await SqlRefreshStore().prune(conn, before)
+
+
+def build(
+    settings: Settings,
+    db: Database,
+    kek: bytes,
+    keys: KeyService,
+    registry: ClientRegistry,
+    vocabulary: Vocabulary,
+    details: AuthorizationDetailsRegistry,
+    mandates: MandateService,
+    audit: AuditSink,
+    token_endpoint: TokenEndpoint,
+    introspection: IntrospectionService,
+) -> Authorization:
+    """Wire users, the authorization endpoint and the two grants (registered on the token endpoint)."""
+    users = UserService(db, SqlUserStore(), settings, kek, write_events)
+    codes = SqlCodeStore()
+    service = AuthorizationService(
+        settings, db, registry, vocabulary, details, mandates, codes, audit
+    )
+    grants = DelegatedGrants(
+        settings, db, keys, mandates, details, codes, SqlRefreshStore(), SqlRevocationStore()
+    )
+    token_endpoint.grants.update(grants.handlers())
+    introspection.refresh_tokens = grants
+    http = AuthorizeHttp(settings, service, LocalLogin(users), Sealer(kek))
+    return Authorization(db, users, service, grants, http)

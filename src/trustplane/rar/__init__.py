@@ -1,0 +1,1 @@
+"""Rich Authorization Requests (RFC 9396): the ``authorization_details`` type registry."""

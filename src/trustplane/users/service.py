@@ -1,0 +1,230 @@
+"""Local users: creation and maintenance (CLI), and the password + optional TOTP check at login.
+
+A failed login looks the same whatever failed (unknown user, wrong password, wrong or replayed
+one-time code, disabled or locked account) and costs the same: one argon2id verification. After
+``login_max_failures`` consecutive failures the account is locked for ``login_lockout`` seconds,
+doubling with every further failure (at most an hour); a successful login resets the count.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from trustplane.audit.events import AuditEvent, AuditEventType
+from trustplane.settings import Settings
+from trustplane.storage.db import Database
+from trustplane.users import passwords, totp
+from trustplane.users.model import (
+    User,
+    UserError,
+    UserStatus,
+    check_lei,
+    new_user_id,
+    normalise_username,
+)
+from trustplane.users.store import SqlUserStore
+
+EventWriter = Callable[[AsyncConnection, Sequence[AuditEvent]], Awaitable[object]]
+ACR_PASSWORD = "urn:trustplane:acr:password"
+ACR_MFA = "urn:trustplane:acr:password+totp"
+
+
+class LoginFailedError(Exception):
+    """The credentials were not accepted. Deliberately says nothing about which part failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoginResult:
+    user: User
+    auth_time: int
+    acr: str
+    amr: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TotpEnrolment:
+    secret: str
+    uri: str
+
+
+class UserService:
+    def __init__(
+        self, db: Database, store: SqlUserStore, settings: Settings, kek: bytes, events: EventWriter
+    ) -> None:
+        self._db, self._store, self._settings = db, store, settings
+        self._kek, self._events = kek, events
+
+    # ------------------------------------------------------------------ administration
+
+    async def add(self, username: str, display_name: str, lei: str, password: str) -> User:
+        name, entity = normalise_username(username), check_lei(lei)
+        if not display_name.strip() or len(display_name) > 200:
+            raise UserError("display name: 1-200 characters")
+        try:
+            password_hash = passwords.hash_password(password)
+        except passwords.WeakPasswordError as exc:
+            raise UserError(str(exc)) from None
+        now = int(time.time())
+        user = User(
+            new_user_id(),
+            name,
+            display_name.strip(),
+            entity,
+            UserStatus.ACTIVE,
+            False,
+            created_at=now,
+        )
+        async with self._db.transaction() as conn:
+            if await self._store.get(conn, username=name) is not None:
+                raise UserError(f"user {name!r} already exists")
+            await self._store.add(conn, user, password_hash, now)
+            await self._events(conn, [self._event(AuditEventType.USER_CREATED, user, lei=entity)])
+        return user
+
+    async def list(self) -> list[User]:
+        async with self._db.read() as conn:
+            return await self._store.list(conn)
+
+    async def get(self, username: str) -> User:
+        async with self._db.read() as conn:
+            user = await self._store.get(conn, username=normalise_username(username))
+        if user is None:
+            raise UserError(f"no user {username!r}")
+        return user
+
+    async def by_id(self, user_id: str) -> User | None:
+        async with self._db.read() as conn:
+            return await self._store.get(conn, user_id=user_id)
+
+    async def set_status(self, username: str, status: UserStatus) -> User:
+        user = await self.get(username)
+        await self._update(user, "status", status=status.value, failed_logins=0, locked_until=0)
+        return replace(user, status=status)
+
+    async def set_password(self, username: str, password: str) -> None:
+        user = await self.get(username)
+        try:
+            password_hash = passwords.hash_password(password)
+        except passwords.WeakPasswordError as exc:
+            raise UserError(str(exc)) from None
+        await self._update(
+            user, "password", password_hash=password_hash, failed_logins=0, locked_until=0
+        )
+
+    async def enable_totp(self, username: str) -> TotpEnrolment:
+        """A fresh TOTP seed (replacing any earlier one); shown once, stored encrypted."""
+        user = await self.get(username)
+        secret = totp.new_secret()
+        await self._update(
+            user, "totp", totp_secret=self._seal(user.user_id, secret), totp_last_step=None
+        )
+        return TotpEnrolment(secret, totp.provisioning_uri(secret, user.username, "trustplane"))
+
+    async def _update(self, user: User, what: str, **values: object) -> None:
+        async with self._db.transaction() as conn:
+            await self._store.update(conn, user.user_id, int(time.time()), **values)
+            await self._events(conn, [self._event(AuditEventType.USER_UPDATED, user, change=what)])
+
+    # ------------------------------------------------------------------ login
+
+    async def authenticate(self, username: str, password: str, otp: str | None) -> LoginResult:
+        """Check the password (always, also for unknown users) and, if enrolled, the one-time code."""
+        now = int(time.time())
+        try:
+            name = normalise_username(username)
+        except UserError:
+            name = ""
+        async with self._db.read() as conn:
+            creds = await self._store.credentials(conn, name) if name else None
+        password_ok = passwords.verify_password(password, creds.password_hash if creds else None)
+        if creds is None:
+            raise LoginFailedError("unknown user")
+        user = creds.user
+        step = None
+        if creds.totp_secret is not None:
+            step = totp.verify(
+                self._open(user.user_id, creds.totp_secret),
+                (otp or "").strip(),
+                after_step=creds.totp_last_step or -1,
+            )
+        reason = (
+            "disabled"
+            if not user.active
+            else "locked"
+            if user.locked_until > now
+            else "password"
+            if not password_ok
+            else "totp"
+            if creds.totp_secret is not None and step is None
+            else None
+        )
+        if reason is None:
+            async with self._db.transaction() as conn:
+                if await self._store.record_success(conn, user.user_id, now, step):
+                    await self._events(
+                        conn,
+                        [
+                            self._event(
+                                AuditEventType.USER_LOGIN_SUCCEEDED, user, totp=step is not None
+                            )
+                        ],
+                    )
+                    if passwords.needs_rehash(creds.password_hash):
+                        await self._store.update(
+                            conn, user.user_id, now, password_hash=passwords.hasher().hash(password)
+                        )
+                    acr, amr = (
+                        (ACR_MFA, ("pwd", "otp")) if step is not None else (ACR_PASSWORD, ("pwd",))
+                    )
+                    return LoginResult(user, now, acr, amr)
+            reason = "totp replay"
+        await self._failed(user, now, reason)
+        raise LoginFailedError(reason)
+
+    async def _failed(self, user: User, now: int, reason: str) -> None:
+        s = self._settings
+        async with self._db.transaction() as conn:
+            events = [self._event(AuditEventType.USER_LOGIN_FAILED, user, reason=reason)]
+            if reason != "locked":  # attempts during a lock do not extend it
+                count = await self._store.record_failure(
+                    conn, user.user_id, now, s.login_max_failures, s.login_lockout
+                )
+                if count >= s.login_max_failures:
+                    events.append(self._event(AuditEventType.USER_LOCKED, user, failures=count))
+            await self._events(conn, events)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _seal(self, user_id: str, secret: str) -> bytes:
+        nonce = os.urandom(12)
+        return nonce + AESGCM(self._kek).encrypt(
+            nonce, secret.encode(), b"totp:" + user_id.encode()
+        )
+
+    def _open(self, user_id: str, blob: bytes) -> str:
+        try:
+            return (
+                AESGCM(self._kek)
+                .decrypt(blob[:12], blob[12:], b"totp:" + user_id.encode())
+                .decode()
+            )
+        except InvalidTag:
+            raise UserError("the TOTP seed cannot be decrypted with this KEK") from None
+
+    def _event(self, type_: AuditEventType, user: User, **payload: object) -> AuditEvent:
+        return AuditEvent(
+            type=type_,
+            issuer=self._settings.issuer,
+            subject=user.user_id,
+            decision="deny" if type_ is AuditEventType.USER_LOGIN_FAILED else None,
+            reason=str(payload.get("reason")) if "reason" in payload else None,
+            service="trustplane.users",
+            payload={"username": user.username, **payload},
+        )
