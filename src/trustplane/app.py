@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from trustplane import __version__, metrics
+from trustplane.audit.http import audit_router
+from trustplane.audit.ledger import Ledger
 from trustplane.audit.sink import SqlAuditSink, write_events
 from trustplane.clients.http import registration_router
 from trustplane.clients.remote_jwks import RemoteJwksCache
@@ -79,6 +81,7 @@ class Services:
     authenticator: ClientAuthenticator
     token_endpoint: TokenEndpoint
     introspection: IntrospectionService
+    ledger: Ledger
 
     @classmethod
     def build(cls, settings: Settings, db: Database | None = None) -> Services:
@@ -90,7 +93,8 @@ class Services:
         replay: SqlReplayCache | RedisReplayCache = (
             RedisReplayCache(settings.redis_url) if settings.redis_url else sql_replay
         )
-        keys = KeyService(db, SqlKeyStore(), settings, key_encryption_key(settings), write_events)
+        kek = key_encryption_key(settings)
+        keys = KeyService(db, SqlKeyStore(), settings, kek, write_events)
         clients = ClientService(
             db, SqlClientStore(), SqlInitialAccessTokenStore(), settings, vocabulary, write_events
         )
@@ -113,12 +117,14 @@ class Services:
             auth,
             token,
             introspection,
+            Ledger(settings, db, kek),
         )
 
     async def start(self) -> None:
         if await pending(self.db):
             raise RuntimeError("the database schema is not up to date: run `trustplane migrate`")
         self.writer.start()
+        await self.ledger.start()
         await self.keys.ensure()
         await self.keys.load()
         await self.clients.load()
@@ -126,6 +132,10 @@ class Services:
 
     async def stop(self) -> None:
         await self.writer.stop()
+        with contextlib.suppress(
+            Exception
+        ):  # what stays pending is durable: the next start integrates
+            await self.ledger.integrate_all()
         await self.remote_jwks.aclose()
         if isinstance(self.replay, RedisReplayCache):
             await self.replay.aclose()
@@ -150,6 +160,7 @@ class Services:
         await self.keys.maybe_rotate()
         await self.keys.prune()
         await self.sql_replay.prune()
+        await self.ledger.purge()
         async with self.db.transaction() as conn:
             await SqlRevocationStore().prune(conn, int(time.time()))
 
@@ -215,6 +226,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Trust
                 _every(settings.cache_refresh_interval, lambda: svc.refresh_caches(seen), "cache")
             ),
             asyncio.create_task(_every(MAINTENANCE_INTERVAL, svc.maintenance, "maintenance")),
+            asyncio.create_task(svc.ledger.run()),
         ]
         log.info("trustplane_started", issuer=settings.issuer, version=__version__)
         try:
@@ -239,14 +251,32 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Trust
 
 def _mount(app: FastAPI, svc: Services) -> list[Route]:
     """Add every route to FastAPI (one routing table, 405s, docs); return the hot-path ones."""
-    metadata_json = orjson.dumps(server_metadata(svc.settings, svc.vocabulary))
-    protocol = OAuthHttp(svc.token_endpoint, svc.introspection, svc.keys, metadata_json)
+    protocol = OAuthHttp(svc.token_endpoint, svc.introspection, svc.keys, _metadata_json(svc))
     app.include_router(registration_router(svc.clients, svc.settings.issuer))
+    app.include_router(
+        audit_router(svc.ledger, svc.keys, svc.clients.registry, svc.settings, svc.db)
+    )
     fast = protocol.routes()
     app.router.routes.extend(fast)
     app.router.routes.append(Route("/metrics", _metrics, methods=["GET"]))
     app.router.routes.append(Route("/healthz", _health, methods=["GET"]))
     return fast
+
+
+def _metadata_json(svc: Services) -> Callable[[], bytes]:
+    """RFC 8414 metadata, built once the audit log's key is known (it is created on first start)."""
+    built: list[bytes] = []
+
+    def metadata() -> bytes:
+        if not built:
+            key = svc.ledger.loaded_verifier_key()
+            body = orjson.dumps(server_metadata(svc.settings, svc.vocabulary, key))
+            if key is None:
+                return body
+            built.append(body)
+        return built[0]
+
+    return metadata
 
 
 async def _metrics(_request: Request) -> Response:
