@@ -124,8 +124,8 @@ class Services:
         if await pending(self.db):
             raise RuntimeError("the database schema is not up to date: run `trustplane migrate`")
         self.writer.start()
-        await self.ledger.start()
         await self.keys.ensure()
+        await self.ledger.start()
         await self.keys.load()
         await self.clients.load()
         metrics.ACTIVE_CLIENTS.set(len(self.clients.registry))

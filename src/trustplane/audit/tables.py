@@ -92,3 +92,37 @@ audit_log_keys = Table(
 
 #: Tables whose rows are never updated or deleted (enforced by triggers).
 APPEND_ONLY = ("audit_leaves", "audit_tree", "audit_checkpoints")
+
+_PG_FUNCTION = """
+CREATE OR REPLACE FUNCTION trustplane_ledger_append_only() RETURNS trigger AS $$
+BEGIN
+    RAISE EXCEPTION 'audit ledger table % is append-only: % refused', TG_TABLE_NAME, TG_OP
+        USING ERRCODE = 'insufficient_privilege';
+END
+$$ LANGUAGE plpgsql
+"""
+
+
+def append_only_ddl(dialect: str) -> list[str]:
+    """The triggers that refuse UPDATE/DELETE of leaves, tree nodes and checkpoints, and UPDATE of
+    payloads (the retention purge deletes payload rows). Created by migration ``0002_ledger``."""
+    if dialect == "postgresql":
+        run = "FOR EACH ROW EXECUTE FUNCTION trustplane_ledger_append_only()"
+        return [
+            _PG_FUNCTION,
+            *(
+                f"CREATE TRIGGER {t}_append_only BEFORE UPDATE OR DELETE ON {t} {run}"
+                for t in APPEND_ONLY
+            ),
+            f"CREATE TRIGGER audit_payloads_no_update BEFORE UPDATE ON audit_payloads {run}",
+        ]
+    return [
+        *(
+            f"CREATE TRIGGER {t}_no_{op.lower()} BEFORE {op} ON {t} BEGIN SELECT RAISE(ABORT, "
+            f"'audit ledger table {t} is append-only: {op} refused'); END"
+            for t in APPEND_ONLY
+            for op in ("UPDATE", "DELETE")
+        ),
+        "CREATE TRIGGER audit_payloads_no_update BEFORE UPDATE ON audit_payloads BEGIN "
+        "SELECT RAISE(ABORT, 'audit ledger payloads are never updated'); END",
+    ]

@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from alembic import op
 
 from trustplane.audit.canonical import dict_entry_parts
+from trustplane.audit.tables import append_only_ddl
 
 revision = "0002_ledger"
 down_revision = "0001"
@@ -21,16 +22,6 @@ branch_labels = None
 depends_on = None
 
 _ID = sa.Integer().with_variant(sa.BigInteger(), "postgresql")
-APPEND_ONLY = ("audit_leaves", "audit_tree", "audit_checkpoints")
-
-_PG_FUNCTION = """
-CREATE OR REPLACE FUNCTION trustplane_ledger_append_only() RETURNS trigger AS $$
-BEGIN
-    RAISE EXCEPTION 'audit ledger table % is append-only: % refused', TG_TABLE_NAME, TG_OP
-        USING ERRCODE = 'insufficient_privilege';
-END
-$$ LANGUAGE plpgsql
-"""
 
 
 def _create_tables() -> None:
@@ -106,29 +97,8 @@ def _create_tables() -> None:
 
 
 def _create_triggers() -> None:
-    if op.get_bind().dialect.name == "postgresql":
-        op.execute(_PG_FUNCTION)
-        for table in APPEND_ONLY:
-            op.execute(
-                f"CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table} "
-                "FOR EACH ROW EXECUTE FUNCTION trustplane_ledger_append_only()"
-            )
-        op.execute(
-            "CREATE TRIGGER audit_payloads_no_update BEFORE UPDATE ON audit_payloads "
-            "FOR EACH ROW EXECUTE FUNCTION trustplane_ledger_append_only()"
-        )
-        return
-    for table in APPEND_ONLY:
-        for operation in ("UPDATE", "DELETE"):
-            op.execute(
-                f"CREATE TRIGGER {table}_no_{operation.lower()} BEFORE {operation} ON {table} "
-                f"BEGIN SELECT RAISE(ABORT, 'audit ledger table {table} is append-only: "
-                f"{operation} refused'); END"
-            )
-    op.execute(
-        "CREATE TRIGGER audit_payloads_no_update BEFORE UPDATE ON audit_payloads "
-        "BEGIN SELECT RAISE(ABORT, 'audit ledger payloads are never updated'); END"
-    )
+    for statement in append_only_ddl(op.get_bind().dialect.name):
+        op.execute(statement)
 
 
 def _carry_over_interim_rows() -> None:
