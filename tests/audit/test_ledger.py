@@ -121,7 +121,7 @@ async def test_the_database_refuses_changes_to_ledger_rows(
 ) -> None:
     await append(services.db, [event(0)])
     await services.ledger.integrate_all()
-    with pytest.raises((DBAPIError, IntegrityError), match="append-only|never updated"):
+    with pytest.raises((DBAPIError, IntegrityError), match=r"append-only|never updated"):
         async with services.db.transaction() as conn:
             await conn.execute(text(statement))
 
