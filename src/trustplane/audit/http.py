@@ -86,14 +86,14 @@ class AuditAuth:
             return not await SqlRevocationStore().is_revoked(conn, str(claims.get("jti")))
 
 
-Endpoint = Callable[[Request], Awaitable[Response]]
+Endpoint = Callable[..., Awaitable[Response]]
 
 
 def _guarded(fn: Endpoint) -> Endpoint:
     @functools.wraps(fn)
-    async def handler(request: Request) -> Response:
+    async def handler(*args: Any, **kwargs: Any) -> Response:
         try:
-            return await fn(request)
+            return await fn(*args, **kwargs)
         except OAuth2Error as exc:
             return error_response(exc, "audit")
         except LedgerError as exc:
@@ -106,6 +106,12 @@ def _guarded(fn: Endpoint) -> Endpoint:
             return error_response(ServerError("internal error"), "audit")
 
     return handler
+
+
+def _query(*names: str, integer: bool = True) -> dict[str, Any]:
+    """OpenAPI description of query parameters parsed by hand (so bad values get RFC errors)."""
+    schema = {"type": "integer", "minimum": 0} if integer else {"type": "string", "maxLength": 256}
+    return {"parameters": [{"name": n, "in": "query", "schema": schema} for n in names]}
 
 
 def _int(request: Request, name: str, default: int | None = None, minimum: int = 0) -> int:
@@ -155,7 +161,11 @@ def audit_router(
     async def public_key(request: Request) -> Response:
         return Response(await ledger.verifier_key() + "\n", media_type="text/plain; charset=utf-8")
 
-    @router.get("/proof/inclusion", summary="RFC 9162 inclusion proof (admin)")
+    @router.get(
+        "/proof/inclusion",
+        summary="RFC 9162 inclusion proof (admin)",
+        openapi_extra=_query("index", "tree_size"),
+    )
     @_guarded
     async def inclusion(request: Request) -> Response:
         await auth.require(request)
@@ -164,7 +174,11 @@ def audit_router(
         body = {"leaf_index": index, "tree_size": size, "audit_path": [b64(h) for h in path]}
         return json_response(body, 200, NO_STORE)
 
-    @router.get("/proof/consistency", summary="RFC 9162 consistency proof (admin)")
+    @router.get(
+        "/proof/consistency",
+        summary="RFC 9162 consistency proof (admin)",
+        openapi_extra=_query("first", "second"),
+    )
     @_guarded
     async def consistency(request: Request) -> Response:
         await auth.require(request)
@@ -173,7 +187,11 @@ def audit_router(
         body = {"first": first, "second": second, "consistency": [b64(h) for h in path]}
         return json_response(body, 200, NO_STORE)
 
-    @router.get("/entries", summary="Entries start..end inclusive, at most 1000 (admin)")
+    @router.get(
+        "/entries",
+        summary="Entries start..end inclusive, at most 1000 (admin)",
+        openapi_extra=_query("start", "end"),
+    )
     @_guarded
     async def entries(request: Request) -> Response:
         await auth.require(request)
@@ -189,9 +207,8 @@ def audit_router(
 
     @router.get("/transactions/{txn}", summary="The chain of authority of one transaction (admin)")
     @_guarded
-    async def transaction(request: Request) -> Response:
+    async def transaction(txn: str, request: Request) -> Response:
         await auth.require(request)
-        txn = str(request.path_params["txn"])
         if not txn or len(txn) > 128:
             raise InvalidRequestError("the transaction id must be 1 to 128 characters")
         latest, found = await ledger.search({"transaction_id": txn}, 0, MAX_ENTRIES)
@@ -203,7 +220,14 @@ def audit_router(
         }
         return json_response(body, 200, NO_STORE)
 
-    @router.get("/events", summary="Filtered, paginated entries with inclusion proofs (admin)")
+    @router.get(
+        "/events",
+        summary="Filtered, paginated entries with inclusion proofs (admin)",
+        openapi_extra={
+            "parameters": _query(*FILTERS, integer=False)["parameters"]
+            + _query("since", "until", "after", "limit")["parameters"]
+        },
+    )
     @_guarded
     async def events(request: Request) -> Response:
         await auth.require(request)
