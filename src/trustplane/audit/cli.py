@@ -12,7 +12,6 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, TextIO
 
@@ -22,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from trustplane.audit.ledger import Ledger, entry_record
-from trustplane.audit.verify import Report, check_consistency, read_export, verify_export
+from trustplane.audit.verify import Report, check_consistency, verify_export_file
 
 audit_app = typer.Typer(help="The tamper-evident audit ledger.", no_args_is_help=True)
 out = Console(soft_wrap=True)
@@ -239,19 +238,22 @@ def verify(
     export_file: Annotated[Path, typer.Argument(help="A JSONL or CSV export.")],
     checkpoint_file: Annotated[Path, typer.Option("--checkpoint", help="The signed checkpoint.")],
     key: Annotated[str, typer.Option("--public-key", help="Verifier key, or a file holding it.")],
+    workers: Annotated[
+        int | None, typer.Option(help="Processes for a large JSONL export (default: CPU count).")
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Verify an export offline: checkpoint signature, every leaf, the root or each inclusion proof,
     every payload commitment. Trusts nothing from the server. Exit 1 if anything fails."""
     try:
         note = checkpoint_file.read_text(encoding="utf-8")
-        records: Iterator[dict[str, Any]] = read_export(export_file)
+        export_file.stat()
     except OSError as exc:
         err.print(f"[red]trustplane:[/red] {exc}")
         raise typer.Exit(2) from None
     started = time.perf_counter()
     try:
-        report = verify_export(records, note, _key_text(key))
+        report = verify_export_file(export_file, note, _key_text(key), workers)
     except (ValueError, KeyError, OSError) as exc:
         err.print(f"[red]trustplane:[/red] the export is malformed: {exc}")
         raise typer.Exit(1) from None
