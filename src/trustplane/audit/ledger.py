@@ -96,6 +96,8 @@ class Ledger:
         self.origin = settings.audit_origin
         self._signer: Signer | None = None
         self._lock = asyncio.Lock()
+        #: A tree size known to exist (sizes only grow): proofs up to it skip reading the state.
+        self._known_size = 0
 
     # ------------------------------------------------------------------ the log key
 
@@ -202,6 +204,7 @@ class Ledger:
             await store.write_state(conn, new_size, root, now, new=False)
             await store.add_checkpoint(conn, new_size, root, note, now)
         seconds = time.perf_counter() - started
+        self._known_size = max(self._known_size, new_size)
         INTEGRATED.inc(len(rows))
         TREE_SIZE.set(new_size)
         INTEGRATION_SECONDS.observe(seconds)
@@ -240,27 +243,30 @@ class Ledger:
             )
         return SignedCheckpoint(*row) if row else None
 
-    async def _size(self, conn: Any) -> int:
+    async def _size(self, conn: Any, wanted: int = 0) -> int:
+        if wanted and wanted <= self._known_size:
+            return self._known_size
         state = await store.read_state(conn)
-        return state[0] if state else 0
+        self._known_size = max(self._known_size, state[0] if state else 0)
+        return self._known_size
 
     async def inclusion(self, index: int, size: int) -> list[bytes]:
         """RFC 9162 §2.1.3.1 inclusion proof of leaf ``index`` in the tree of ``size``."""
         async with self._db.read() as conn:
-            if size > await self._size(conn) or not 0 <= index < size:
+            if size > await self._size(conn, size) or not 0 <= index < size:
                 raise LedgerError(f"no leaf {index} in a tree of size {size} (or size too large)")
             ranges = merkle.inclusion_ranges(index, size)
             nodes = await store.read_nodes(conn, list(merkle.needed_nodes(ranges)))
-        return merkle.range_hashes(ranges, nodes)
+        return _hashes(ranges, nodes)
 
     async def consistency(self, first: int, second: int) -> list[bytes]:
         """RFC 9162 §2.1.4.1 consistency proof between the trees of sizes ``first`` <= ``second``."""
         async with self._db.read() as conn:
-            if second > await self._size(conn) or not 0 < first <= second:
+            if second > await self._size(conn, second) or not 0 < first <= second:
                 raise LedgerError(f"no consistency proof from {first} to {second}")
             ranges = merkle.consistency_ranges(first, second)
             nodes = await store.read_nodes(conn, list(merkle.needed_nodes(ranges)))
-        return merkle.range_hashes(ranges, nodes)
+        return _hashes(ranges, nodes)
 
     async def entries(self, start: int, end: int) -> list[StoredEntry]:
         if not 0 <= start < end or end - start > MAX_ENTRIES:
@@ -281,19 +287,19 @@ class Ledger:
     ) -> tuple[SignedCheckpoint, list[ProvenEntry]]:
         """Entries matching ``filters`` with index >= ``after``, each with its inclusion proof
         against the latest checkpoint (entries not yet integrated are not returned)."""
-        checkpoint = await self.checkpoint(size)
-        if checkpoint is None:
-            raise LedgerError("the log has no checkpoint yet")
         async with self._db.read() as conn:
+            row = await (
+                store.latest_checkpoint(conn) if size is None else store.checkpoint_at(conn, size)
+            )
+            if row is None:
+                raise LedgerError("the log has no checkpoint yet")
+            checkpoint = SignedCheckpoint(*row)
             found = await store.entries_where(conn, filters, after, checkpoint.size, limit)
             ranges = [merkle.inclusion_ranges(e.index, checkpoint.size) for e in found]
             nodes = await store.read_nodes(
                 conn, list(merkle.needed_nodes(r for rs in ranges for r in rs))
             )
-        proven = [
-            ProvenEntry(e, merkle.range_hashes(rs, nodes))
-            for e, rs in zip(found, ranges, strict=True)
-        ]
+        proven = [ProvenEntry(e, _hashes(rs, nodes)) for e, rs in zip(found, ranges, strict=True)]
         return checkpoint, proven
 
     # ------------------------------------------------------------------ retention
@@ -346,6 +352,16 @@ class Ledger:
             reason_ids=tuple(f"{t}={n}" for t, n in sorted(purged.items())),
             payload={"purged": purged, "retention_days": self.retention()},
         )
+
+
+def _hashes(ranges: list[merkle.Range], nodes: dict[int, bytes]) -> list[bytes]:
+    try:
+        return merkle.range_hashes(ranges, nodes)
+    except KeyError:
+        log.error("audit_tree_nodes_missing", ranges=len(ranges))
+        raise LedgerError(
+            "tree nodes needed for this proof are missing from the database"
+        ) from None
 
 
 def _now() -> int:

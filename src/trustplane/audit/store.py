@@ -20,6 +20,7 @@ from trustplane.audit.tables import (
     audit_log_keys,
     audit_log_state,
     audit_payloads,
+    audit_tree,
 )
 from trustplane.storage.driver_sql import values_clause
 
@@ -216,23 +217,31 @@ async def entries_where(
     conn: AsyncConnection, filters: dict[str, Any], after: int, below: int, limit: int
 ) -> list[StoredEntry]:
     """Leaves matching equality ``filters`` (column -> value) and ``since``/``until`` time bounds,
-    with ``after <= index < below``, in index order, at most ``limit``."""
-    query = select(audit_leaves.c.idx).where(
-        audit_leaves.c.idx >= after, audit_leaves.c.idx < below
+    with ``after <= index < below``, in index order, at most ``limit``: one query."""
+    leaves = audit_leaves
+    query = (
+        select(
+            leaves.c.idx,
+            leaves.c.entry,
+            audit_tree.c.hash,
+            audit_payloads.c.payload,
+            audit_payloads.c.salt,
+        )
+        .select_from(
+            leaves.join(audit_tree, audit_tree.c.id == leaves.c.idx).outerjoin(
+                audit_payloads, audit_payloads.c.idx == leaves.c.idx
+            )
+        )
+        .where(leaves.c.idx >= after, leaves.c.idx < below)
     )
     for name, value in filters.items():
         if name == "since":
-            query = query.where(audit_leaves.c.time_ms >= value)
+            query = query.where(leaves.c.time_ms >= value)
         elif name == "until":
-            query = query.where(audit_leaves.c.time_ms < value)
+            query = query.where(leaves.c.time_ms < value)
         else:
-            query = query.where(audit_leaves.c[name] == value)
-    query = query.order_by(audit_leaves.c.idx).limit(limit)
-    ids = [int(r[0]) for r in (await conn.execute(query)).all()]
-    if not ids:
-        return []
-    sql = f"{_ENTRY_SELECT}WHERE l.idx IN ({_in_list(conn.dialect.name, len(ids))}) ORDER BY l.idx"
-    return _entries((await conn.exec_driver_sql(sql, tuple(ids))).all())
+            query = query.where(leaves.c[name] == value)
+    return _entries((await conn.execute(query.order_by(leaves.c.idx).limit(limit))).all())
 
 
 async def latest_where(
