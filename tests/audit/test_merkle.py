@@ -118,7 +118,7 @@ def _alterations(proof: list[bytes], data: st.DataObject) -> list[list[bytes]]:
         bit = data.draw(st.integers(0, 255))
         flipped = bytearray(proof[i])
         flipped[bit // 8] ^= 1 << (bit % 8)
-        out += [[*proof[:i], bytes(flipped), *proof[i + 1:]], proof[:-1], proof[1:]]
+        out += [[*proof[:i], bytes(flipped), *proof[i + 1 :]], proof[:-1], proof[1:]]
         if len(proof) > 1 and proof[0] != proof[1]:
             out.append([proof[1], proof[0], *proof[2:]])
     return out
