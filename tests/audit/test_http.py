@@ -147,6 +147,11 @@ async def test_a_token_without_the_scope_is_403_insufficient_scope(server: Serve
         assert response.headers["www-authenticate"] == (
             'Bearer realm="trustplane", error="insufficient_scope", scope="audit:query"'
         )
+    from trustplane.audit.sink import recent_events
+
+    refused = await recent_events(server.services.db, limit=5, type_="audit:ledger:queried")
+    assert refused[0]["client_id"] == kit.client_id
+    assert (refused[0]["decision"], refused[0]["reason"]) == ("deny", "insufficient_scope")
 
 
 async def test_inclusion_and_consistency_proofs_verify(server: Server) -> None:
@@ -262,3 +267,18 @@ async def test_protected_answers_are_not_cached(server: Server) -> None:
     response = await server.http.get("/audit/events", headers=bearer(token))
     assert response.status_code == 200
     assert response.headers["cache-control"] == "no-store"
+
+
+async def test_reading_the_ledger_is_itself_recorded(server: Server) -> None:
+    from trustplane.audit.sink import recent_events
+
+    kit = await auditor(server)
+    token = await audit_token(server, kit)
+    response = await server.http.get(
+        "/audit/events", params={"subject": "x"}, headers=bearer(token)
+    )
+    assert response.status_code == 200
+    [newest] = await recent_events(server.services.db, limit=1, type_="audit:ledger:queried")
+    assert newest["client_id"] == kit.client_id
+    assert newest["decision"] == "allow"
+    assert newest["payload"] == {"path": "/audit/events", "query": "subject=x"}

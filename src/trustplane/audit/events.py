@@ -30,6 +30,7 @@ class AuditEventType(StrEnum):
     KEY_REMOVED = "keys:key:removed"
     AUDIT_PAYLOADS_PURGED = "audit:payload:purged"
     AUDIT_LOG_KEY_CREATED = "audit:log_key:created"
+    AUDIT_LEDGER_QUERIED = "audit:ledger:queried"
 
 
 @dataclass(slots=True, frozen=True)

@@ -19,7 +19,9 @@ import structlog
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from trustplane.audit.events import AuditEvent, AuditEventType
 from trustplane.audit.ledger import MAX_ENTRIES, Ledger, LedgerError, b64, entry_record
+from trustplane.audit.sink import emit_now
 from trustplane.clients.service import ClientRegistry
 from trustplane.errors import (
     InsufficientScopeError,
@@ -66,13 +68,32 @@ class AuditAuth:
                 headers={"WWW-Authenticate": f'{REALM}, error="invalid_token"'},
             )
         if SCOPE not in str(claims.get("scope", "")).split():
+            await self._record(request, claims, "insufficient_scope")
             raise InsufficientScopeError(
                 f"the access token lacks the scope {SCOPE}",
                 headers={
                     "WWW-Authenticate": f'{REALM}, error="insufficient_scope", scope="{SCOPE}"'
                 },
             )
+        await self._record(request, claims, None)
         return claims
+
+    async def _record(self, request: Request, claims: VerifiedClaims, refused: str | None) -> None:
+        """Reading the ledger is itself recorded (who looked at what), durably, before answering.
+        Only authenticated callers: anonymous junk must not be able to grow the ledger."""
+        event = AuditEvent(
+            type=AuditEventType.AUDIT_LEDGER_QUERIED,
+            issuer=self._settings.issuer,
+            subject=str(claims.get("sub")),
+            client_id=str(claims.get("client_id")),
+            audience=self.audience,
+            jti=str(claims.get("jti")),
+            decision="deny" if refused else "allow",
+            reason=refused,
+            service="trustplane.audit",
+            payload={"path": request.url.path[:256], "query": str(request.query_params)[:512]},
+        )
+        await emit_now(self._db, event)
 
     def _for_us(self, claims: VerifiedClaims) -> bool:
         aud = claims.get("aud")
