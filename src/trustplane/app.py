@@ -132,9 +132,8 @@ class Services:
 
     async def stop(self) -> None:
         await self.writer.stop()
-        with contextlib.suppress(
-            Exception
-        ):  # what stays pending is durable: the next start integrates
+        # integrate what is pending; if that fails it stays durable and the next start integrates it
+        with contextlib.suppress(Exception):
             await self.ledger.integrate_all()
         await self.remote_jwks.aclose()
         if isinstance(self.replay, RedisReplayCache):
