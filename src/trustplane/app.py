@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from trustplane import __version__, metrics
+from trustplane.audit.http import audit_router
+from trustplane.audit.ledger import Ledger
 from trustplane.audit.sink import SqlAuditSink, write_events
 from trustplane.authorize import wiring as authorize_wiring
 from trustplane.clients.http import registration_router
@@ -99,6 +101,7 @@ class Services:
     rar: AuthorizationDetailsRegistry
     mandates: MandateService
     authorization: authorize_wiring.Authorization
+    ledger: Ledger
 
     @classmethod
     def build(cls, settings: Settings, db: Database | None = None) -> Services:
@@ -158,6 +161,7 @@ class Services:
             rar,
             mandates,
             authorization,
+            Ledger(settings, db, kek),
         )
 
     async def start(self) -> None:
@@ -165,6 +169,7 @@ class Services:
             raise RuntimeError("the database schema is not up to date: run `trustplane migrate`")
         self.writer.start()
         await self.keys.ensure()
+        await self.ledger.start()
         await self.keys.load()
         await self.clients.load()
         metrics.ACTIVE_CLIENTS.set(len(self.clients.registry))
@@ -173,6 +178,9 @@ class Services:
     async def stop(self) -> None:
         await self.writer.stop()
         await self.mandates.events.aclose()
+        # integrate what is pending; if that fails it stays durable and the next start integrates it
+        with contextlib.suppress(Exception):
+            await self.ledger.integrate_all()
         await self.remote_jwks.aclose()
         await self.federation.registry.aclose()
         if isinstance(self.replay, RedisReplayCache):
@@ -205,6 +213,7 @@ class Services:
         await self.mandates.notify_expired()
         await self.mandates.publish_events()
         await self.authorization.prune()
+        await self.ledger.purge()
         async with self.db.transaction() as conn:
             await SqlRevocationStore().prune(conn, int(time.time()))
 
@@ -270,6 +279,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Trust
                 _every(settings.cache_refresh_interval, lambda: svc.refresh_caches(seen), "cache")
             ),
             asyncio.create_task(_every(MAINTENANCE_INTERVAL, svc.maintenance, "maintenance")),
+            asyncio.create_task(svc.ledger.run()),
         ]
         log.info("trustplane_started", issuer=settings.issuer, version=__version__)
         try:
@@ -294,9 +304,11 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Trust
 
 def _mount(app: FastAPI, svc: Services) -> list[Route]:
     """Add every route to FastAPI (one routing table, 405s, docs); return the hot-path ones."""
-    metadata_json = orjson.dumps(server_metadata(svc.settings, svc.vocabulary))
-    protocol = OAuthHttp(svc.token_endpoint, svc.introspection, svc.keys, metadata_json)
+    protocol = OAuthHttp(svc.token_endpoint, svc.introspection, svc.keys, _metadata_json(svc))
     app.include_router(registration_router(svc.clients, svc.settings.issuer))
+    app.include_router(
+        audit_router(svc.ledger, svc.keys, svc.clients.registry, svc.settings, svc.db)
+    )
     app.include_router(
         federation_router(svc.federation, svc.keys, svc.clients.registry, svc.settings.issuer)
     )
@@ -307,6 +319,22 @@ def _mount(app: FastAPI, svc: Services) -> list[Route]:
     app.router.routes.append(Route("/metrics", _metrics, methods=["GET"]))
     app.router.routes.append(Route("/healthz", _health, methods=["GET"]))
     return fast
+
+
+def _metadata_json(svc: Services) -> Callable[[], bytes]:
+    """RFC 8414 metadata, built once the audit log's key is known (it is created on first start)."""
+    built: list[bytes] = []
+
+    def metadata() -> bytes:
+        if not built:
+            key = svc.ledger.loaded_verifier_key()
+            body = orjson.dumps(server_metadata(svc.settings, svc.vocabulary, key))
+            if key is None:
+                return body
+            built.append(body)
+        return built[0]
+
+    return metadata
 
 
 async def _metrics(_request: Request) -> Response:

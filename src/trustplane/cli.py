@@ -18,6 +18,7 @@ from rich.table import Table
 
 from trustplane import __version__
 from trustplane.federation.cli import partners_app
+from trustplane.audit.cli import audit_app
 from trustplane.settings import Settings, SettingsError, load_settings
 
 T = TypeVar("T")
@@ -35,6 +36,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(clients_app, name="clients")
 app.add_typer(regtoken_app, name="registration-token")
 app.add_typer(partners_app, name="partners")
+app.add_typer(audit_app, name="audit")
 out = Console(soft_wrap=True)  # banner lines stay whole in logs and narrow terminals
 err = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever the terminal width
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]

@@ -119,6 +119,43 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] = "json"
 
+    # --- audit ledger (docs/ledger.md) ---
+    audit_log_origin: str = Field(
+        default="",
+        description="Checkpoint origin = log key name; default: issuer host/path + /audit",
+    )
+    audit_integrate_interval: float = Field(default=0.2, gt=0, le=10)
+    audit_integrate_batch: int = Field(default=2048, ge=1, le=50_000)
+    audit_retention_days: dict[str, int] = Field(
+        default_factory=dict,
+        description='Event type (or "*" for the rest) -> days a payload is kept',
+    )
+
+    @field_validator("audit_log_origin")
+    @classmethod
+    def _origin_is_a_key_name(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[^\s+]+", value):
+            raise ValueError("must be non-empty without spaces or '+' (it names the log's key)")
+        return value
+
+    @field_validator("audit_retention_days")
+    @classmethod
+    def _retention_keys_are_types(cls, value: dict[str, int]) -> dict[str, int]:
+        for key, days in value.items():
+            if key != "*" and not re.fullmatch(r"[a-z][a-z0-9_]*(:[a-z][a-z0-9_]*){2}", key):
+                raise ValueError(f"{key!r} is not an event type (component:subject:action) or '*'")
+            if days < 1:
+                raise ValueError(f"{key!r}: a retention period is at least 1 day")
+        return value
+
+    @property
+    def audit_origin(self) -> str:
+        """The log's origin line and key name (C2SP: a schema-less URL identifying the log)."""
+        if self.audit_log_origin:
+            return self.audit_log_origin
+        parts = urlsplit(self.issuer)
+        return f"{parts.netloc}{parts.path}/audit"
+
     @classmethod
     def settings_customise_sources(
         cls,

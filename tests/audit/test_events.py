@@ -15,8 +15,9 @@ import pytest
 
 from tests.conftest import EXECUTION, new_ec_key, register_kit
 from tests.protocol_server import Server, store_client
+from trustplane.audit.canonical import payload_matches
 from trustplane.audit.events import AuditEvent, AuditEventType
-from trustplane.audit.sink import _row, recent_events
+from trustplane.audit.sink import pending_row, recent_events
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -155,7 +156,7 @@ async def test_a_refusal_record_bounds_what_the_caller_sent(server: Server) -> N
     assert newest["scopes"] == ["s" * 128]
 
 
-async def test_the_stored_body_is_the_envelope_as_a_dict() -> None:
+async def test_the_stored_entry_is_the_envelope_with_the_payload_committed() -> None:
     event = AuditEvent(
         type=AuditEventType.TOKEN_ISSUED,
         issuer="https://as.example",
@@ -163,4 +164,11 @@ async def test_the_stored_body_is_the_envelope_as_a_dict() -> None:
         actor_chain=("x",),
         payload={"k": 1},
     )
-    assert orjson.loads(_row(event)[-1]) == event.to_dict()
+    entry, payload, salt = pending_row(event)
+    body = orjson.loads(entry)
+    expected = event.to_dict()
+    del expected["payload"]
+    assert {k: v for k, v in body.items() if k != "payload_hash"} == expected
+    assert orjson.loads(payload) == {"k": 1}
+    assert payload_matches(body, payload.encode(), salt)
+    assert not payload_matches(body, b'{"k":2}', salt)

@@ -1,8 +1,8 @@
 """The audit event envelope, kept stable so that the tamper-evident ledger can adopt it unchanged.
 
 Event types are named ``component:subject:action``. Identifiers only: no names, e-mails or free text
-in the envelope (personal payload goes to ``payload``, which the ledger will keep outside its hashed
-leaves so that it can be purged).
+in the envelope (personal payload goes to ``payload``, which the ledger keeps outside its hashed leaves,
+committed to by a salted hash, so that it can be purged). See ``audit/canonical.py`` for the entry.
 """
 
 from __future__ import annotations
@@ -50,6 +50,9 @@ class AuditEventType(StrEnum):
     USER_LOGIN_SUCCEEDED = "users:login:succeeded"
     USER_LOGIN_FAILED = "users:login:failed"
     USER_LOCKED = "users:user:locked"
+    AUDIT_PAYLOADS_PURGED = "audit:payload:purged"
+    AUDIT_LOG_KEY_CREATED = "audit:log_key:created"
+    AUDIT_LEDGER_QUERIED = "audit:ledger:queried"
 
 
 @dataclass(slots=True, frozen=True)
@@ -76,6 +79,8 @@ class AuditEvent:
     policy_bundle_version: str | None = None
     service: str = "trustplane.oauth"
     region: str | None = None
+    #: Why the access happened (e.g. "settlement", "regulatory-report"): an identifier, not free text.
+    purpose: str | None = None
     payload: dict[str, Any] = field(default_factory=dict)
     time: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
     event_id: str = field(default_factory=lambda: os.urandom(16).hex())

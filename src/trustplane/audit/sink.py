@@ -1,24 +1,30 @@
-"""Where audit events go. ``emit`` returns only once the event is durable."""
+"""Where audit events go: the ledger's append path. ``emit`` returns only once the event is durable.
+
+An append canonicalises the event (:mod:`trustplane.audit.canonical`) and inserts it into the ledger's
+pending table in the caller's transaction (or the group-commit writer's). It is acknowledged when that
+commits. The sequencer (:mod:`trustplane.audit.ledger`) later gives it its leaf index and puts it in
+the Merkle tree, off the request path.
+"""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 import orjson
 import structlog
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from trustplane.audit import store
+from trustplane.audit.canonical import entry_parts
 from trustplane.audit.events import AuditEvent
-from trustplane.audit.tables import audit_events
 from trustplane.storage.db import Database
-from trustplane.storage.driver_sql import values_clause
 from trustplane.storage.writer import GroupCommitWriter
 
 log = structlog.get_logger("trustplane.audit")
 KIND = "audit"
+#: Entries this process appended (the sequencer polls it to integrate early when many are waiting).
+APPENDED = [0]
 
 
 class AuditSink(Protocol):
@@ -27,37 +33,22 @@ class AuditSink(Protocol):
     async def emit(self, event: AuditEvent) -> None: ...
 
 
-_COLUMNS = ("event_id", "type", "time_ms", "client_id", "subject", "jti", "transaction_id", "body")
-
-
-def _row(event: AuditEvent) -> tuple[Any, ...]:
-    return (
-        event.event_id,
-        event.type.value,
-        event.time,
-        event.client_id,
-        event.subject,
-        event.jti,
-        event.transaction_id,
-        orjson.dumps(event).decode(),  # orjson serialises the dataclass as to_dict() would
-    )
-
-
-@functools.lru_cache(maxsize=4)
-def _insert_sql(dialect: str) -> str:
-    values = values_clause(dialect, len(_COLUMNS), 1)
-    return f"INSERT INTO audit_events ({', '.join(_COLUMNS)}) VALUES {values}"  # noqa: S608 - constants
+def pending_row(event: AuditEvent) -> tuple[str, str, bytes]:
+    """(canonical entry, payload, salt) as stored in the pending table."""
+    entry, payload, salt = entry_parts(event)
+    return entry.decode(), payload.decode(), salt
 
 
 async def write_events(conn: AsyncConnection, events: Sequence[AuditEvent]) -> list[None]:
     """Append events in the caller's transaction (and batch handler for the group-commit writer):
-    one driver-level executemany."""
-    await conn.exec_driver_sql(_insert_sql(conn.dialect.name), [_row(e) for e in events])
+    one driver-level multi-row insert into the ledger's pending table."""
+    await store.append_pending(conn, [pending_row(e) for e in events])
+    APPENDED[0] += len(events)
     return [None] * len(events)
 
 
 class SqlAuditSink:
-    """Appends to the ``audit_events`` table through the group-commit writer."""
+    """Appends to the ledger through the group-commit writer."""
 
     def __init__(self, writer: GroupCommitWriter) -> None:
         self._writer = writer
@@ -79,12 +70,29 @@ async def emit_now(db: Database, event: AuditEvent) -> None:
         await write_events(conn, [event])
 
 
+def event_body(entry: str, payload: str | None) -> dict[str, Any]:
+    """An entry as a dict with its payload back in (``None`` once purged)."""
+    body: dict[str, Any] = orjson.loads(entry)
+    body["payload"] = orjson.loads(payload) if payload is not None else None
+    return body
+
+
 async def recent_events(
     db: Database, limit: int = 100, type_: str | None = None
 ) -> list[dict[str, Any]]:
-    query = select(audit_events.c.body).order_by(audit_events.c.seq.desc()).limit(limit)
-    if type_:
-        query = query.where(audit_events.c.type == type_)
+    """The newest events, integrated or still pending, newest first (tests and the CLI)."""
+    out: list[dict[str, Any]] = []
     async with db.read() as conn:
-        rows = (await conn.execute(query)).scalars().all()
-    return [orjson.loads(r) for r in rows]
+        # Pending first, then leaves: an entry integrated in between is seen twice (dropped below),
+        # never missed.
+        for entry, payload in await store.pending_bodies(conn, 100_000):
+            body = event_body(entry, payload)
+            if type_ is None or body["type"] == type_:
+                out.append(body)
+        filters = {"type": type_} if type_ else {}
+        seen = {body["event_id"] for body in out}
+        for stored in await store.latest_where(conn, filters, limit + len(seen)):
+            body = event_body(stored.entry, stored.payload)
+            if body["event_id"] not in seen:
+                out.append(body)
+    return out[:limit]

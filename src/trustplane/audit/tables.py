@@ -1,27 +1,128 @@
-"""Interim audit table: one row per event, append-only. The Merkle ledger replaces it."""
+"""The ledger's tables.
 
-from sqlalchemy import BigInteger, Column, Index, Integer, String, Table, Text
+- ``audit_pending``: appended entries, durable, not yet in the tree (the append path's only write).
+- ``audit_leaves``: the integrated entries, by leaf index, with the envelope columns queries filter on.
+- ``audit_tree``: the hash of every perfect subtree, keyed by ``merkle.node_id(level, index)``.
+- ``audit_payloads``: the personal payload and its salt, beside the leaf; purged by retention.
+- ``audit_checkpoints``: every signed checkpoint; ``audit_log_state`` the current size and root.
+- ``audit_log_keys``: the log's Ed25519 key (private part encrypted under the KEK).
+
+Leaves, tree nodes and checkpoints are append-only: database triggers (migration ``0002_ledger``) refuse
+UPDATE and DELETE; payload rows may only be deleted (the purge), never updated.
+"""
+
+from sqlalchemy import BigInteger, Column, Index, Integer, LargeBinary, String, Table, Text
 
 from trustplane.storage.metadata import metadata
 
-audit_events = Table(
-    "audit_events",
+_ID = Integer().with_variant(BigInteger(), "postgresql")
+
+audit_pending = Table(
+    "audit_pending",
     metadata,
-    Column(
-        "seq",
-        Integer().with_variant(BigInteger(), "postgresql"),
-        primary_key=True,
-        autoincrement=True,
-    ),
-    Column("event_id", String(32), nullable=False, unique=True),
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("entry", Text, nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("salt", LargeBinary, nullable=False),
+)
+
+audit_leaves = Table(
+    "audit_leaves",
+    metadata,
+    Column("idx", BigInteger, primary_key=True, autoincrement=False),
+    Column("entry", Text, nullable=False),
+    Column("event_id", String(32), nullable=False),
     Column("type", String(64), nullable=False),
     Column("time_ms", BigInteger, nullable=False),
-    Column("client_id", String(128)),
     Column("subject", String(256)),
-    Column("jti", String(256)),
+    Column("client_id", String(128)),
+    Column("partner", String(256)),
     Column("transaction_id", String(128)),
-    Column("body", Text, nullable=False),
-    Index("ix_audit_events_type_time", "type", "time_ms"),
-    Index("ix_audit_events_client_time", "client_id", "time_ms"),
-    Index("ix_audit_events_transaction_id", "transaction_id"),
+    Column("integrated_at", BigInteger, nullable=False),
+    Index("ix_audit_leaves_transaction", "transaction_id", "idx"),
+    Index("ix_audit_leaves_subject", "subject", "idx"),
+    Index("ix_audit_leaves_client", "client_id", "idx"),
+    Index("ix_audit_leaves_partner", "partner", "idx"),
+    Index("ix_audit_leaves_type_time", "type", "time_ms"),
+    Index("ix_audit_leaves_time", "time_ms"),
+    Index("ix_audit_leaves_event_id", "event_id"),
 )
+
+audit_tree = Table(
+    "audit_tree",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=False),
+    Column("hash", LargeBinary, nullable=False),
+)
+
+audit_payloads = Table(
+    "audit_payloads",
+    metadata,
+    Column("idx", BigInteger, primary_key=True, autoincrement=False),
+    Column("payload", Text, nullable=False),
+    Column("salt", LargeBinary, nullable=False),
+)
+
+audit_checkpoints = Table(
+    "audit_checkpoints",
+    metadata,
+    Column("tree_size", BigInteger, primary_key=True, autoincrement=False),
+    Column("root", LargeBinary, nullable=False),
+    Column("note", Text, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+)
+
+audit_log_state = Table(
+    "audit_log_state",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("tree_size", BigInteger, nullable=False),
+    Column("root", LargeBinary, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+audit_log_keys = Table(
+    "audit_log_keys",
+    metadata,
+    Column("name", String(256), primary_key=True),
+    Column("public_key", LargeBinary, nullable=False),
+    Column("private_key", LargeBinary, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+)
+
+#: Tables whose rows are never updated or deleted (enforced by triggers).
+APPEND_ONLY = ("audit_leaves", "audit_tree", "audit_checkpoints")
+
+_PG_FUNCTION = """
+CREATE OR REPLACE FUNCTION trustplane_ledger_append_only() RETURNS trigger AS $$
+BEGIN
+    RAISE EXCEPTION 'audit ledger table % is append-only: % refused', TG_TABLE_NAME, TG_OP
+        USING ERRCODE = 'insufficient_privilege';
+END
+$$ LANGUAGE plpgsql
+"""
+
+
+def append_only_ddl(dialect: str) -> list[str]:
+    """The triggers that refuse UPDATE/DELETE of leaves, tree nodes and checkpoints, and UPDATE of
+    payloads (the retention purge deletes payload rows). Created by migration ``0002_ledger``."""
+    if dialect == "postgresql":
+        run = "FOR EACH ROW EXECUTE FUNCTION trustplane_ledger_append_only()"
+        return [
+            _PG_FUNCTION,
+            *(
+                f"CREATE TRIGGER {t}_append_only BEFORE UPDATE OR DELETE ON {t} {run}"
+                for t in APPEND_ONLY
+            ),
+            f"CREATE TRIGGER audit_payloads_no_update BEFORE UPDATE ON audit_payloads {run}",
+        ]
+    return [
+        *(
+            f"CREATE TRIGGER {t}_no_{op.lower()} BEFORE {op} ON {t} BEGIN SELECT RAISE(ABORT, "
+            f"'audit ledger table {t} is append-only: {op} refused'); END"
+            for t in APPEND_ONLY
+            for op in ("UPDATE", "DELETE")
+        ),
+        "CREATE TRIGGER audit_payloads_no_update BEFORE UPDATE ON audit_payloads BEGIN "
+        "SELECT RAISE(ABORT, 'audit ledger payloads are never updated'); END",
+    ]

@@ -20,7 +20,9 @@ PATHS = {
 }
 
 
-def server_metadata(settings: Settings, vocabulary: Vocabulary) -> dict[str, Any]:
+def server_metadata(
+    settings: Settings, vocabulary: Vocabulary, audit_verifier_key: str | None = None
+) -> dict[str, Any]:
     methods = list(settings.client_auth_methods)
     algs = list(settings.allowed_signing_algorithms)
     doc: dict[str, Any] = {"issuer": settings.issuer}
@@ -45,4 +47,8 @@ def server_metadata(settings: Settings, vocabulary: Vocabulary) -> dict[str, Any
             ),
         }
     )
+    if audit_verifier_key:  # the audit ledger's checkpoints and the key that signs them (C2SP)
+        doc["audit_checkpoint_endpoint"] = settings.issuer + "/audit/checkpoint"
+        doc["audit_log_origin"] = settings.audit_origin
+        doc["audit_log_verifier_key"] = audit_verifier_key
     return doc

@@ -87,7 +87,7 @@ class OAuthHttp:
     token_endpoint: TokenEndpoint
     introspection: IntrospectionService
     keys: KeyService
-    metadata_json: bytes
+    metadata_json: Callable[[], bytes]
 
     async def token(self, request: Request) -> Answer:
         try:
@@ -116,7 +116,7 @@ class OAuthHttp:
         )
 
     async def server_metadata(self, _request: Request) -> Response:
-        return Response(self.metadata_json, media_type="application/json")
+        return Response(self.metadata_json(), media_type="application/json")
 
     def routes(self) -> list[Route]:
         return [

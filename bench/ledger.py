@@ -1,0 +1,386 @@
+#!/usr/bin/env python3
+"""Audit ledger benchmark, on SQLite and PostgreSQL (issue 4's targets printed beside each number).
+
+1. Sustained appends: ``--writers`` concurrent tasks emit events through the real sink (group-commit
+   writer, canonical entry, salted payload commitment, pending insert) for ``--seconds`` while the
+   sequencer integrates in the background. Reports appends/s, appends per CPU-second of this process
+   (the "per core" figure), p50/p99 acknowledgement latency, and the hot-path cost of building one
+   entry next to a plain ``orjson.dumps`` of the event (the baseline of the same run).
+2. Integration latency: duration and size of each integration transaction during that run.
+3. A log of ``--entries`` (default 1,000,000), built through a BULK PATH: entries and tree nodes are
+   computed in Python exactly as the sequencer does and inserted with executemany (SQLite) or COPY
+   (PostgreSQL), one signed checkpoint at the end. Said so in the output.
+4. Inclusion proof time at that size (random leaves, one DB round trip for the nodes + hashing), and
+   the extrapolation to 10M (proof length grows with log2 n; the B-tree gains at most one level).
+5. Export (entries -> JSONL file) and offline verify (signature, every leaf, root, payload commitments)
+   throughput in leaves/s.
+6. Transaction query p99 at that size: ``Ledger.search(transaction_id)`` with an inclusion proof per
+   event, as ``GET /audit/transactions/{txn}`` does.
+
+  python bench/ledger.py                          # both databases, 1M entries
+  python bench/ledger.py --db sqlite --entries 200000 --seconds 5
+
+Numbers from a shared, loaded 2-vCPU machine are indicative only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import secrets
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from trustplane.app import Services
+from trustplane.audit import merkle
+from trustplane.audit.canonical import entry_parts
+from trustplane.audit.events import AuditEvent, AuditEventType
+from trustplane.audit.note import Checkpoint
+from trustplane.audit.sink import SqlAuditSink
+from trustplane.audit.verify import verify_export_file
+from trustplane.keys.crypto import new_kek_text
+from trustplane.logging import configure_logging
+from trustplane.settings import Settings
+from trustplane.storage.db import Database
+from trustplane.storage.migrate import upgrade
+
+PG_ADMIN = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+TXN_SIZE = 8  # events per transaction in the bulk log
+CHUNK = 20_000
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def row(name: str, value: str, target: str = "") -> None:
+    print(f"  {name:<44} {value:>22}   {target}")
+
+
+def make_event(n: int, txn: str | None = None) -> AuditEvent:
+    return AuditEvent(
+        type=AuditEventType.TOKEN_ISSUED,
+        issuer="https://as.northwind.example",
+        subject=f"client-{n % 997}",
+        client_id=f"client-{n % 997}",
+        audience="https://execution.example/api",
+        scopes=("order:create",),
+        jti=secrets.token_urlsafe(16),
+        transaction_id=txn or f"txn-{n // TXN_SIZE}",
+        decision="allow",
+        payload={"grant_type": "client_credentials", "exp": 1_900_000_000 + n},
+    )
+
+
+# --------------------------------------------------------------------------- databases
+
+
+async def fresh_database(kind: str, tmp: Path) -> tuple[str, Any]:
+    if kind == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp / 'ledger.db'}"
+        drop = None
+    else:
+        name = f"tp_bench_{os.getpid()}_{secrets.token_hex(3)}"
+        admin = create_async_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+        async with admin.connect() as conn:
+            await conn.execute(text(f'CREATE DATABASE "{name}"'))
+        url = PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+
+        async def drop() -> None:
+            async with admin.connect() as conn:
+                await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            await admin.dispose()
+
+    db = Database(url)
+    await upgrade(db)
+    await db.dispose()
+    return url, drop
+
+
+def settings_for(url: str, tmp: Path) -> Settings:
+    return Settings(
+        issuer="https://as.northwind.example",
+        database_url=url,
+        data_dir=tmp,
+        key_encryption_key=new_kek_text(),
+        log_level="error",
+        audit_integrate_interval=0.2,
+    )
+
+
+# --------------------------------------------------------------------------- 1 + 2: appends
+
+
+async def sustained_appends(svc: Services, writers: int, seconds: float) -> None:
+    sink = SqlAuditSink.__new__(SqlAuditSink)  # the sink already registered on svc's writer
+    sink._writer = svc.writer
+    latencies: list[float] = []
+    integrations: list[tuple[float, int]] = []
+    stop = time.monotonic() + seconds
+    count = 0
+
+    async def writer(w: int) -> None:
+        nonlocal count
+        n = w
+        while time.monotonic() < stop:
+            started = time.perf_counter()
+            await sink.emit(make_event(n))
+            latencies.append(time.perf_counter() - started)
+            count += 1
+            n += writers
+
+    async def sequencer() -> None:
+        while True:
+            await asyncio.sleep(svc.settings.audit_integrate_interval)
+            while (done := await svc.ledger.integrate()) is not None:
+                integrations.append((done.seconds, done.count))
+
+    seq = asyncio.create_task(sequencer())
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(writer(w) for w in range(writers)))
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    seq.cancel()
+    await asyncio.gather(seq, return_exceptions=True)
+    await svc.ledger.integrate_all()
+
+    events = [make_event(i) for i in range(20_000)]
+    t0 = time.perf_counter()
+    for e in events:
+        entry_parts(e)
+    entry_us = (time.perf_counter() - t0) / len(events) * 1e6
+    t0 = time.perf_counter()
+    for e in events:
+        orjson.dumps(e)
+    plain_us = (time.perf_counter() - t0) / len(events) * 1e6
+
+    print(f"sustained appends ({writers} concurrent writers, {seconds:g} s, sequencer running):")
+    row("appends/s (wall)", f"{count / wall:,.0f}")
+    row("appends per CPU-second of this process", f"{count / cpu:,.0f}", ">= 2,500/s per core")
+    row(
+        "ack latency p50 / p99",
+        f"{pct(latencies, 0.5) * 1e3:.1f} / {pct(latencies, 0.99) * 1e3:.1f} ms",
+    )
+    row("entry build (JCS + salted commitment)", f"{entry_us:.1f} us", "")
+    row("baseline: orjson.dumps(event)", f"{plain_us:.1f} us", f"ratio {entry_us / plain_us:.1f}x")
+    durations = [d for d, _ in integrations]
+    sizes = [c for _, c in integrations]
+    print("integration (during the run):")
+    row("integrations / entries", f"{len(integrations)} / {sum(sizes):,}")
+    row(
+        "duration p50 / p99",
+        f"{pct(durations, 0.5) * 1e3:.1f} / {pct(durations, 0.99) * 1e3:.1f} ms",
+    )
+    row(
+        "entries per integration p50 / max",
+        f"{pct([float(s) for s in sizes], 0.5):.0f} / {max(sizes, default=0)}",
+    )
+    row(
+        "append -> signed checkpoint (upper bound)",
+        f"{(svc.settings.audit_integrate_interval + pct(durations, 0.99)) * 1e3:.0f} ms",
+        "interval + p99 duration",
+    )
+
+
+# --------------------------------------------------------------------------- 3: bulk 1M
+
+
+async def bulk_build(svc: Services, entries: int) -> None:
+    """Append ``entries`` leaves after the current tree, as the sequencer would, but in bulk."""
+    db, ledger = svc.db, svc.ledger
+    signer = await ledger.signer()
+    await ledger.integrate_all()
+    async with db.read() as conn:
+        size = (await conn.execute(text("SELECT tree_size FROM audit_log_state"))).scalar() or 0
+        ids = merkle.frontier_ids(size)
+        frontier = {}
+        for i in ids:
+            h = (
+                await conn.execute(text("SELECT hash FROM audit_tree WHERE id = :i"), {"i": i})
+            ).scalar()
+            frontier[i] = bytes(h)
+    builder = merkle.TreeBuilder(size, frontier)
+    started = time.perf_counter()
+    now = int(time.time())
+    for first in range(0, entries, CHUNK):
+        leaves, nodes, payloads = [], [], []
+        for n in range(first, min(entries, first + CHUNK)):
+            index = builder.size
+            entry, payload, salt = entry_parts(make_event(n))
+            e = orjson.loads(entry)
+            leaves.append(
+                (
+                    index,
+                    entry.decode(),
+                    e["event_id"],
+                    e["type"],
+                    e["time"],
+                    e["subject"],
+                    e["client_id"],
+                    None,
+                    e["transaction_id"],
+                    now,
+                )
+            )
+            nodes.extend(builder.append(merkle.leaf_hash(entry)))
+            payloads.append((index, payload.decode(), salt))
+        async with db.transaction() as conn:
+            await _bulk_insert(conn, leaves, nodes, payloads)
+        if (first // CHUNK) % 10 == 9:
+            print(f"  bulk path: {first + len(leaves):,} / {entries:,}", flush=True)
+    root = builder.root()
+    note = signer.sign(Checkpoint(ledger.origin, builder.size, root).body())
+    async with db.transaction() as conn:
+        await conn.execute(
+            text("UPDATE audit_log_state SET tree_size = :n, root = :r, updated_at = :t"),
+            {"n": builder.size, "r": root, "t": now},
+        )
+        await conn.execute(
+            text(
+                "INSERT INTO audit_checkpoints (tree_size, root, note, created_at) VALUES (:n, :r, :note, :t)"
+            ),
+            {"n": builder.size, "r": root, "note": note, "t": now},
+        )
+        if svc.db.dialect == "postgresql":
+            await conn.execute(text("ANALYZE"))
+    print(
+        f"\r  built {entries:,} entries through the BULK PATH (not the sequencer) in "
+        f"{time.perf_counter() - started:.0f} s; tree size {builder.size:,}"
+    )
+
+
+async def _bulk_insert(conn: Any, leaves: list[Any], nodes: list[Any], payloads: list[Any]) -> None:
+    if conn.dialect.name == "postgresql":
+        raw = (await conn.get_raw_connection()).driver_connection
+        columns = (
+            "idx",
+            "entry",
+            "event_id",
+            "type",
+            "time_ms",
+            "subject",
+            "client_id",
+            "partner",
+            "transaction_id",
+            "integrated_at",
+        )
+        await raw.copy_records_to_table("audit_leaves", records=leaves, columns=columns)
+        await raw.copy_records_to_table("audit_tree", records=nodes, columns=("id", "hash"))
+        await raw.copy_records_to_table(
+            "audit_payloads", records=payloads, columns=("idx", "payload", "salt")
+        )
+        return
+    await conn.exec_driver_sql(
+        "INSERT INTO audit_leaves (idx, entry, event_id, type, time_ms, subject, client_id, partner, "
+        "transaction_id, integrated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        leaves,
+    )
+    await conn.exec_driver_sql("INSERT INTO audit_tree (id, hash) VALUES (?, ?)", nodes)
+    await conn.exec_driver_sql(
+        "INSERT INTO audit_payloads (idx, payload, salt) VALUES (?, ?, ?)", payloads
+    )
+
+
+# --------------------------------------------------------------------------- 4, 5, 6
+
+
+async def proofs_and_queries(svc: Services, tmp: Path, samples: int) -> None:
+    ledger = svc.ledger
+    latest = await ledger.checkpoint()
+    assert latest is not None
+    size = latest.size
+    times = []
+    for _ in range(samples):
+        index = random.randrange(size)
+        t0 = time.perf_counter()
+        await ledger.inclusion(index, size)
+        times.append(time.perf_counter() - t0)
+    p50, p99 = pct(times, 0.5) * 1e3, pct(times, 0.99) * 1e3
+    factor = (10_000_000 - 1).bit_length() / max(1, (size - 1).bit_length())
+    print(f"at {size:,} entries:")
+    row("inclusion proof p50 / p99", f"{p50:.2f} / {p99:.2f} ms", "<= 2 ms")
+    row(
+        "extrapolated to 10M (x log2 ratio)",
+        f"{p50 * factor:.2f} / {p99 * factor:.2f} ms",
+        "<= 2 ms (estimate)",
+    )
+
+    txn_times = []
+    for _ in range(samples):
+        txn = f"txn-{random.randrange(size // TXN_SIZE)}"
+        t0 = time.perf_counter()
+        await ledger.search({"transaction_id": txn}, 0, 1000)
+        txn_times.append(time.perf_counter() - t0)
+    row(
+        "transaction query (+ proofs) p50 / p99",
+        f"{pct(txn_times, 0.5) * 1e3:.2f} / {pct(txn_times, 0.99) * 1e3:.2f} ms",
+        "p99 <= 20 ms",
+    )
+
+    export = tmp / "export.jsonl"
+    from trustplane.audit.ledger import entry_record
+
+    t0 = time.perf_counter()
+    with export.open("wb") as handle:
+        async for item in ledger.iter_entries(0, size, chunk=20_000):
+            handle.write(orjson.dumps(entry_record(item)) + b"\n")
+    export_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    report = verify_export_file(export, latest.note, await ledger.verifier_key())
+    verify_s = time.perf_counter() - t0
+    assert report.ok, report.failures
+    row("export (DB -> JSONL)", f"{size / export_s:,.0f} leaves/s")
+    row(
+        f"offline verify ({os.cpu_count()} processes, as the CLI)",
+        f"{size / verify_s:,.0f} leaves/s",
+        ">= 200k leaves/s",
+    )
+    export.unlink()
+
+
+async def run(kind: str, args: argparse.Namespace) -> None:
+    print(f"\n=== {kind} ===")
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        url, drop = await fresh_database(kind, tmp)
+        svc = Services.build(settings_for(url, tmp))
+        await svc.start()
+        try:
+            await sustained_appends(svc, args.writers, args.seconds)
+            await bulk_build(svc, args.entries)
+            await proofs_and_queries(svc, tmp, args.samples)
+        finally:
+            await svc.stop()
+            if drop is not None:
+                await drop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
+    parser.add_argument("--entries", type=int, default=1_000_000)
+    parser.add_argument("--writers", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--samples", type=int, default=1000)
+    args = parser.parse_args()
+    configure_logging("error", "console")
+    print(f"ledger benchmark: {os.cpu_count()} CPUs (shared and loaded: numbers are indicative)")
+    for kind in ["sqlite", "postgresql"] if args.db == "both" else [args.db]:
+        asyncio.run(run(kind, args))
+
+
+if __name__ == "__main__":
+    main()

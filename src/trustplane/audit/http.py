@@ -1,0 +1,266 @@
+"""The ledger's HTTP API.
+
+Public, as transparency logs serve them: ``GET /audit/checkpoint`` (the latest signed checkpoint,
+C2SP signed-note) and ``GET /audit/public-key`` (the note verifier key). Everything else (proofs,
+entries, transactions, queries) needs a bearer access token issued by this server for the audience
+``{issuer}/audit`` with scope ``audit:query`` (RFC 6750 §2.1 header only; §3.1 errors).
+
+JSON shapes follow RFC 6962/9162 where they have one: ``audit_path`` for inclusion, ``consistency``
+for consistency proofs, ``get-entries`` with an inclusive ``end``; hashes are standard base64.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from trustplane.audit.events import AuditEvent, AuditEventType
+from trustplane.audit.ledger import MAX_ENTRIES, Ledger, LedgerError, b64, entry_record
+from trustplane.audit.sink import emit_now
+from trustplane.clients.service import ClientRegistry
+from trustplane.errors import (
+    InsufficientScopeError,
+    InvalidRequestError,
+    InvalidTokenError,
+    OAuth2Error,
+    ServerError,
+    TemporarilyUnavailableError,
+)
+from trustplane.keys.service import KeyService
+from trustplane.oauth.http import NO_STORE, error_response, json_response
+from trustplane.oauth.revocations import SqlRevocationStore
+from trustplane.oauth.scopes import internal_audience
+from trustplane.oauth.tokens import VerifiedClaims, read_access_token
+from trustplane.settings import Settings
+from trustplane.storage.db import Database
+
+log = structlog.get_logger("trustplane.audit")
+SCOPE = "audit:query"
+MAX_QUERY = 500
+REALM = 'Bearer realm="trustplane"'
+FILTERS = ("subject", "client_id", "partner", "type", "transaction_id")
+
+
+class AuditAuth:
+    """Admin authentication for the ledger API: our own live access token, right audience and scope."""
+
+    def __init__(
+        self, keys: KeyService, registry: ClientRegistry, settings: Settings, db: Database
+    ) -> None:
+        self._keys, self._registry, self._settings, self._db = keys, registry, settings, db
+        self.audience = internal_audience(settings.issuer, "/audit")
+
+    async def require(self, request: Request) -> VerifiedClaims:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise InvalidTokenError(
+                "a bearer token is required", headers={"WWW-Authenticate": REALM}
+            )
+        claims = read_access_token(self._keys.ring, token.strip(), issuer=self._settings.issuer)
+        if claims is None or not self._for_us(claims) or not await self._live(claims):
+            raise InvalidTokenError(
+                "the access token is invalid, expired, revoked or not for this API",
+                headers={"WWW-Authenticate": f'{REALM}, error="invalid_token"'},
+            )
+        if SCOPE not in str(claims.get("scope", "")).split():
+            await self._record(request, claims, "insufficient_scope")
+            raise InsufficientScopeError(
+                f"the access token lacks the scope {SCOPE}",
+                headers={
+                    "WWW-Authenticate": f'{REALM}, error="insufficient_scope", scope="{SCOPE}"'
+                },
+            )
+        await self._record(request, claims, None)
+        return claims
+
+    async def _record(self, request: Request, claims: VerifiedClaims, refused: str | None) -> None:
+        """Reading the ledger is itself recorded (who looked at what), durably, before answering.
+        Only authenticated callers: anonymous junk must not be able to grow the ledger."""
+        event = AuditEvent(
+            type=AuditEventType.AUDIT_LEDGER_QUERIED,
+            issuer=self._settings.issuer,
+            subject=str(claims.get("sub")),
+            client_id=str(claims.get("client_id")),
+            audience=self.audience,
+            jti=str(claims.get("jti")),
+            decision="deny" if refused else "allow",
+            reason=refused,
+            service="trustplane.audit",
+            payload={"path": request.url.path[:256], "query": str(request.query_params)[:512]},
+        )
+        await emit_now(self._db, event)
+
+    def _for_us(self, claims: VerifiedClaims) -> bool:
+        aud = claims.get("aud")
+        return aud == self.audience or (isinstance(aud, list) and self.audience in aud)
+
+    async def _live(self, claims: VerifiedClaims) -> bool:
+        client = self._registry.get(str(claims.get("client_id")))
+        if client is None or not client.active:
+            return False
+        async with self._db.read() as conn:
+            return not await SqlRevocationStore().is_revoked(conn, str(claims.get("jti")))
+
+
+Endpoint = Callable[..., Awaitable[Response]]
+
+
+def _guarded(fn: Endpoint) -> Endpoint:
+    @functools.wraps(fn)
+    async def handler(*args: Any, **kwargs: Any) -> Response:
+        try:
+            return await fn(*args, **kwargs)
+        except OAuth2Error as exc:
+            return error_response(exc, "audit")
+        except LedgerError as exc:
+            return error_response(InvalidRequestError(str(exc)), "audit")
+        except (ConnectionError, OSError) as exc:
+            log.error("dependency_unavailable", endpoint="audit", error=repr(exc))
+            return error_response(TemporarilyUnavailableError("try again shortly"), "audit")
+        except Exception:
+            log.exception("unhandled_error", endpoint="audit")
+            return error_response(ServerError("internal error"), "audit")
+
+    return handler
+
+
+def _query(*names: str, integer: bool = True) -> dict[str, Any]:
+    """OpenAPI description of query parameters parsed by hand (so bad values get RFC errors)."""
+    schema = {"type": "integer", "minimum": 0} if integer else {"type": "string", "maxLength": 256}
+    return {"parameters": [{"name": n, "in": "query", "schema": schema} for n in names]}
+
+
+def _int(request: Request, name: str, default: int | None = None, minimum: int = 0) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        if default is None:
+            raise InvalidRequestError(f"the query parameter {name} is required")
+        return default
+    if not raw.isdigit() or len(raw) > 18 or int(raw) < minimum:
+        raise InvalidRequestError(f"{name} must be a decimal integer >= {minimum}")
+    return int(raw)
+
+
+def _filters(request: Request) -> dict[str, Any]:
+    unknown = set(request.query_params) - {*FILTERS, "since", "until", "after", "limit"}
+    if unknown:
+        raise InvalidRequestError(f"unknown query parameter(s): {', '.join(sorted(unknown))}")
+    out: dict[str, Any] = {k: request.query_params[k] for k in FILTERS if k in request.query_params}
+    if any(len(v) > 256 for v in out.values()):
+        raise InvalidRequestError("a filter value is too long")
+    for bound in ("since", "until"):
+        if bound in request.query_params:
+            out[bound] = _int(request, bound)
+    return out
+
+
+def audit_router(
+    ledger: Ledger, keys: KeyService, registry: ClientRegistry, settings: Settings, db: Database
+) -> APIRouter:
+    router = APIRouter(prefix="/audit", tags=["audit ledger"])
+    auth = AuditAuth(keys, registry, settings, db)
+
+    @router.get("/checkpoint", summary="The latest signed checkpoint (C2SP tlog-checkpoint)")
+    @_guarded
+    async def checkpoint(request: Request) -> Response:
+        latest = await ledger.checkpoint()
+        if latest is None:
+            raise TemporarilyUnavailableError("the log has no checkpoint yet")
+        return Response(
+            latest.note,
+            media_type="text/plain; charset=utf-8",
+            headers={"Cache-Control": "no-cache"},
+        )
+
+    @router.get("/public-key", summary="The log's signed-note verifier key")
+    @_guarded
+    async def public_key(request: Request) -> Response:
+        return Response(await ledger.verifier_key() + "\n", media_type="text/plain; charset=utf-8")
+
+    @router.get(
+        "/proof/inclusion",
+        summary="RFC 9162 inclusion proof (admin)",
+        openapi_extra=_query("index", "tree_size"),
+    )
+    @_guarded
+    async def inclusion(request: Request) -> Response:
+        await auth.require(request)
+        index, size = _int(request, "index"), _int(request, "tree_size", minimum=1)
+        path = await ledger.inclusion(index, size)
+        body = {"leaf_index": index, "tree_size": size, "audit_path": [b64(h) for h in path]}
+        return json_response(body, 200, NO_STORE)
+
+    @router.get(
+        "/proof/consistency",
+        summary="RFC 9162 consistency proof (admin)",
+        openapi_extra=_query("first", "second"),
+    )
+    @_guarded
+    async def consistency(request: Request) -> Response:
+        await auth.require(request)
+        first, second = _int(request, "first", minimum=1), _int(request, "second", minimum=1)
+        path = await ledger.consistency(first, second)
+        body = {"first": first, "second": second, "consistency": [b64(h) for h in path]}
+        return json_response(body, 200, NO_STORE)
+
+    @router.get(
+        "/entries",
+        summary="Entries start..end inclusive, at most 1000 (admin)",
+        openapi_extra=_query("start", "end"),
+    )
+    @_guarded
+    async def entries(request: Request) -> Response:
+        await auth.require(request)
+        start, end = _int(request, "start"), _int(request, "end")
+        if end < start:
+            raise InvalidRequestError("end must be >= start")
+        latest = await ledger.checkpoint()
+        size = latest.size if latest else 0
+        if start >= size:
+            raise InvalidRequestError(f"start must be below the tree size {size}")
+        found = await ledger.entries(start, min(end + 1, size, start + MAX_ENTRIES))
+        return json_response({"entries": [entry_record(e) for e in found]}, 200, NO_STORE)
+
+    @router.get("/transactions/{txn}", summary="The chain of authority of one transaction (admin)")
+    @_guarded
+    async def transaction(txn: str, request: Request) -> Response:
+        await auth.require(request)
+        if not txn or len(txn) > 128:
+            raise InvalidRequestError("the transaction id must be 1 to 128 characters")
+        latest, found = await ledger.search({"transaction_id": txn}, 0, MAX_ENTRIES)
+        body = {
+            "transaction_id": txn,
+            "tree_size": latest.size,
+            "checkpoint": latest.note,
+            "entries": [entry_record(p.entry, p.proof) for p in found],
+        }
+        return json_response(body, 200, NO_STORE)
+
+    @router.get(
+        "/events",
+        summary="Filtered, paginated entries with inclusion proofs (admin)",
+        openapi_extra={
+            "parameters": _query(*FILTERS, integer=False)["parameters"]
+            + _query("since", "until", "after", "limit")["parameters"]
+        },
+    )
+    @_guarded
+    async def events(request: Request) -> Response:
+        await auth.require(request)
+        filters = _filters(request)
+        after, limit = _int(request, "after", 0), _int(request, "limit", 100, minimum=1)
+        latest, found = await ledger.search(filters, after, min(limit, MAX_QUERY))
+        body = {
+            "tree_size": latest.size,
+            "checkpoint": latest.note,
+            "entries": [entry_record(p.entry, p.proof) for p in found],
+            "next": found[-1].entry.index + 1 if len(found) == min(limit, MAX_QUERY) else None,
+        }
+        return json_response(body, 200, NO_STORE)
+
+    return router

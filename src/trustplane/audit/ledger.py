@@ -1,0 +1,372 @@
+"""The ledger service: the log key, the sequencer, checkpoints, proofs, queries and the retention purge.
+
+Appends do not come through here (see :mod:`trustplane.audit.sink`): they land in the pending table in
+the caller's transaction. :meth:`Ledger.integrate` then, in one transaction and as the only sequencer
+(PostgreSQL advisory lock / SQLite write lock), takes the oldest pending rows, gives them the next leaf
+indices, inserts the leaves, payloads and every perfect-subtree node that became complete, deletes the
+pending rows, and signs a checkpoint for the new size. A crash anywhere rolls all of it back, so the
+sequence has no gaps and no duplicates, and an acknowledged entry is either pending or integrated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import structlog
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from prometheus_client import Counter, Gauge, Histogram
+
+from trustplane.audit import merkle, store
+from trustplane.audit.events import AuditEvent, AuditEventType
+from trustplane.audit.note import Checkpoint, Signer
+from trustplane.audit.sink import APPENDED, write_events
+from trustplane.audit.store import StoredEntry
+from trustplane.keys.crypto import decrypt_private_key, encrypt_private_key
+from trustplane.settings import Settings
+from trustplane.storage.db import Database
+
+log = structlog.get_logger("trustplane.audit")
+POLL = 0.02
+MAX_ENTRIES = 1000
+
+INTEGRATED = Counter("trustplane_audit_integrated_total", "Ledger entries integrated into the tree")
+TREE_SIZE = Gauge("trustplane_audit_tree_size", "Ledger tree size after the last integration")
+INTEGRATION_SECONDS = Histogram(
+    "trustplane_audit_integration_seconds",
+    "Duration of one integration transaction",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+SEQUENCER_FAILURES = Counter("trustplane_audit_sequencer_failures_total", "Failed integrations")
+PURGED = Counter("trustplane_audit_payloads_purged_total", "Payloads purged by retention", ["type"])
+
+
+class LedgerError(ValueError):
+    """A request the ledger cannot answer as asked (index or size out of range); the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Integration:
+    first: int
+    count: int
+    size: int
+    root: bytes
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class SignedCheckpoint:
+    size: int
+    root: bytes
+    note: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProvenEntry:
+    entry: StoredEntry
+    proof: list[bytes] = field(default_factory=list)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def entry_record(item: StoredEntry, proof: Sequence[bytes] | None = None) -> dict[str, Any]:
+    """The JSON shape of one entry in API answers and JSONL exports (see docs/ledger.md)."""
+    out: dict[str, Any] = {
+        "index": item.index,
+        "entry": orjson.loads(item.entry),
+        "leaf_hash": b64(item.leaf_hash),
+        "payload": orjson.loads(item.payload) if item.payload is not None else None,
+        "salt": b64(item.salt) if item.salt is not None else None,
+    }
+    if proof is not None:
+        out["inclusion_proof"] = [b64(h) for h in proof]
+    return out
+
+
+class Ledger:
+    def __init__(self, settings: Settings, db: Database, kek: bytes) -> None:
+        self._settings, self._db, self._kek = settings, db, kek
+        self.origin = settings.audit_origin
+        self._signer: Signer | None = None
+        self._lock = asyncio.Lock()
+        #: A tree size known to exist (sizes only grow): proofs up to it skip reading the state.
+        self._known_size = 0
+
+    # ------------------------------------------------------------------ the log key
+
+    @property
+    def _aad(self) -> str:
+        return f"audit-log:{self.origin}"
+
+    async def signer(self) -> Signer:
+        """The log's Ed25519 key, created (and its creation audited) on first use."""
+        if self._signer is None:
+            async with self._db.read() as conn:
+                stored = await store.read_log_key(conn, self.origin)
+            if stored is None:
+                stored = await self._create_key()
+            key = decrypt_private_key(stored[1], self._kek, self._aad)
+            if not isinstance(key, ed25519.Ed25519PrivateKey):
+                raise LedgerError("the stored log key is not an Ed25519 key")
+            self._signer = Signer(self.origin, key)
+        return self._signer
+
+    async def _create_key(self) -> tuple[bytes, bytes]:
+        key = ed25519.Ed25519PrivateKey.generate()
+        signer = Signer(self.origin, key)
+        blob = encrypt_private_key(key, self._kek, self._aad)
+        event = AuditEvent(
+            type=AuditEventType.AUDIT_LOG_KEY_CREATED,
+            issuer=self._settings.issuer,
+            service="trustplane.audit",
+            payload={"verifier_key": signer.verifier_key},
+        )
+        try:
+            async with self._db.transaction() as conn:
+                await store.add_log_key(conn, self.origin, signer.public_key, blob, _now())
+                await write_events(conn, [event])
+        except Exception:  # another process created it first: use theirs
+            async with self._db.read() as conn:
+                stored = await store.read_log_key(conn, self.origin)
+            if stored is None:
+                raise
+            return stored
+        log.info("audit_log_key_created", origin=self.origin, verifier_key=signer.verifier_key)
+        return signer.public_key, blob
+
+    def loaded_verifier_key(self) -> str | None:
+        return self._signer.verifier_key if self._signer else None
+
+    async def verifier_key(self) -> str:
+        return (await self.signer()).verifier_key
+
+    # ------------------------------------------------------------------ the sequencer
+
+    async def start(self) -> None:
+        await self.signer()
+        await self.integrate_all()
+
+    async def integrate(self, max_batch: int | None = None) -> Integration | None:
+        """Integrate up to ``max_batch`` pending entries; None if there were none or another process
+        is the sequencer right now."""
+        signer = await self.signer()
+        limit = max_batch or self._settings.audit_integrate_batch
+        started = time.perf_counter()
+        async with self._lock, self._db.transaction() as conn:
+            if not await store.lock_sequencer(conn):
+                return None
+            state = await store.read_state(conn)
+            now = _now()
+            if state is None:  # a new log: the empty tree gets its checkpoint too
+                state = (0, merkle.EMPTY_ROOT)
+                await store.write_state(conn, 0, merkle.EMPTY_ROOT, now, new=True)
+                note = signer.sign(Checkpoint(self.origin, 0, merkle.EMPTY_ROOT).body())
+                await store.add_checkpoint(conn, 0, merkle.EMPTY_ROOT, note, now)
+            size = state[0]
+            rows = await store.take_pending(conn, limit)
+            if not rows:
+                return None
+            frontier = await store.read_nodes(conn, merkle.frontier_ids(size))
+            builder = merkle.TreeBuilder(size, frontier)
+            leaves, nodes, payloads = [], [], []
+            for offset, (_id, entry, payload, salt) in enumerate(rows):
+                index = size + offset
+                e = orjson.loads(entry)
+                leaves.append(
+                    (
+                        index,
+                        entry,
+                        e["event_id"],
+                        e["type"],
+                        e["time"],
+                        e.get("subject"),
+                        e.get("client_id"),
+                        e.get("partner"),
+                        e.get("transaction_id"),
+                        now,
+                    )
+                )
+                nodes.extend(builder.append(merkle.leaf_hash(entry.encode())))
+                payloads.append((index, payload, salt))
+            await store.insert_integrated(conn, leaves, nodes, payloads)
+            if await store.drop_pending(conn, [r[0] for r in rows]) != len(rows):
+                raise RuntimeError("pending entries changed under the sequencer lock")
+            root = builder.root()
+            new_size = builder.size
+            note = signer.sign(Checkpoint(self.origin, new_size, root).body())
+            await store.write_state(conn, new_size, root, now, new=False)
+            await store.add_checkpoint(conn, new_size, root, note, now)
+        seconds = time.perf_counter() - started
+        self._known_size = max(self._known_size, new_size)
+        INTEGRATED.inc(len(rows))
+        TREE_SIZE.set(new_size)
+        INTEGRATION_SECONDS.observe(seconds)
+        return Integration(size, len(rows), new_size, root, seconds)
+
+    async def integrate_all(self) -> int:
+        """Integrate until nothing is pending (or another process holds the sequencer lock)."""
+        total = 0
+        while (done := await self.integrate()) is not None:
+            total += done.count
+        return total
+
+    async def run(self) -> None:
+        """The background sequencer: integrate every ``audit_integrate_interval`` seconds, or sooner
+        when this process has appended half a batch since the last integration."""
+        interval = self._settings.audit_integrate_interval
+        threshold = max(1, self._settings.audit_integrate_batch // 2)
+        seen, last = APPENDED[0], time.monotonic()
+        while True:
+            await asyncio.sleep(POLL)
+            if APPENDED[0] - seen < threshold and time.monotonic() - last < interval:
+                continue
+            seen, last = APPENDED[0], time.monotonic()
+            try:
+                await self.integrate_all()
+            except Exception as exc:  # keep sequencing; the entries stay pending and durable
+                SEQUENCER_FAILURES.inc()
+                log.error("audit_integration_failed", error=repr(exc))
+
+    # ------------------------------------------------------------------ reading
+
+    async def checkpoint(self, size: int | None = None) -> SignedCheckpoint | None:
+        async with self._db.read() as conn:
+            row = await (
+                store.latest_checkpoint(conn) if size is None else store.checkpoint_at(conn, size)
+            )
+        return SignedCheckpoint(*row) if row else None
+
+    async def _size(self, conn: Any, wanted: int = 0) -> int:
+        if wanted and wanted <= self._known_size:
+            return self._known_size
+        state = await store.read_state(conn)
+        self._known_size = max(self._known_size, state[0] if state else 0)
+        return self._known_size
+
+    async def inclusion(self, index: int, size: int) -> list[bytes]:
+        """RFC 9162 §2.1.3.1 inclusion proof of leaf ``index`` in the tree of ``size``."""
+        async with self._db.read() as conn:
+            if size > await self._size(conn, size) or not 0 <= index < size:
+                raise LedgerError(f"no leaf {index} in a tree of size {size} (or size too large)")
+            ranges = merkle.inclusion_ranges(index, size)
+            nodes = await store.read_nodes(conn, list(merkle.needed_nodes(ranges)))
+        return _hashes(ranges, nodes)
+
+    async def consistency(self, first: int, second: int) -> list[bytes]:
+        """RFC 9162 §2.1.4.1 consistency proof between the trees of sizes ``first`` <= ``second``."""
+        async with self._db.read() as conn:
+            if second > await self._size(conn, second) or not 0 < first <= second:
+                raise LedgerError(f"no consistency proof from {first} to {second}")
+            ranges = merkle.consistency_ranges(first, second)
+            nodes = await store.read_nodes(conn, list(merkle.needed_nodes(ranges)))
+        return _hashes(ranges, nodes)
+
+    async def entries(self, start: int, end: int) -> list[StoredEntry]:
+        if not 0 <= start < end or end - start > MAX_ENTRIES:
+            raise LedgerError(f"entries need 0 <= start < end and at most {MAX_ENTRIES} at once")
+        async with self._db.read() as conn:
+            return await store.entries_range(conn, start, end)
+
+    async def iter_entries(
+        self, start: int, end: int, chunk: int = 5000
+    ) -> AsyncIterator[StoredEntry]:
+        for first in range(start, end, chunk):
+            async with self._db.read() as conn:
+                for item in await store.entries_range(conn, first, min(end, first + chunk)):
+                    yield item
+
+    async def search(
+        self, filters: dict[str, Any], after: int = 0, limit: int = 100, size: int | None = None
+    ) -> tuple[SignedCheckpoint, list[ProvenEntry]]:
+        """Entries matching ``filters`` with index >= ``after``, each with its inclusion proof
+        against the latest checkpoint (entries not yet integrated are not returned)."""
+        async with self._db.read() as conn:
+            row = await (
+                store.latest_checkpoint(conn) if size is None else store.checkpoint_at(conn, size)
+            )
+            if row is None:
+                raise LedgerError("the log has no checkpoint yet")
+            checkpoint = SignedCheckpoint(*row)
+            found = await store.entries_where(conn, filters, after, checkpoint.size, limit)
+            ranges = [merkle.inclusion_ranges(e.index, checkpoint.size) for e in found]
+            nodes = await store.read_nodes(
+                conn, list(merkle.needed_nodes(r for rs in ranges for r in rs))
+            )
+        proven = [ProvenEntry(e, _hashes(rs, nodes)) for e, rs in zip(found, ranges, strict=True)]
+        return checkpoint, proven
+
+    # ------------------------------------------------------------------ retention
+
+    def retention(self) -> dict[str, int]:
+        return dict(self._settings.audit_retention_days)
+
+    async def due(self, now_ms: int | None = None) -> dict[str, int]:
+        """Payloads past their retention period, by configured type."""
+        now_ms = now_ms or _now_ms()
+        async with self._db.read() as conn:
+            return {
+                str(t): await store.due_payloads(conn, t, now_ms - days * 86_400_000)
+                for t, days in await self._periods(conn)
+            }
+
+    async def _periods(self, conn: Any) -> list[tuple[str | None, int]]:
+        periods = self.retention()
+        default = periods.pop("*", None)
+        out: list[tuple[str | None, int]] = list(periods.items())
+        if default is not None:
+            out += [(t, default) for t in await store.leaf_types(conn) if t not in periods]
+        return out
+
+    async def purge(self, now_ms: int | None = None) -> dict[str, int]:
+        """Delete the payloads past retention (their leaves stay, so every proof still verifies) and
+        record the purge itself as an audit event, in the same transaction."""
+        now_ms = now_ms or _now_ms()
+        purged: dict[str, int] = {}
+        async with self._db.transaction() as conn:
+            for type_, days in await self._periods(conn):
+                count = await store.purge_payloads(conn, type_, now_ms - days * 86_400_000)
+                if count:
+                    purged[str(type_)] = count
+            if purged:
+                await write_events(conn, [self._purge_event(purged)])
+        for type_, count in purged.items():
+            PURGED.labels(type=type_).inc(count)
+        if purged:
+            log.info("audit_payloads_purged", counts=purged)
+        return purged
+
+    def _purge_event(self, purged: dict[str, int]) -> AuditEvent:
+        return AuditEvent(
+            type=AuditEventType.AUDIT_PAYLOADS_PURGED,
+            issuer=self._settings.issuer,
+            service="trustplane.audit",
+            decision="allow",
+            reason="retention",
+            reason_ids=tuple(f"{t}={n}" for t, n in sorted(purged.items())),
+            payload={"purged": purged, "retention_days": self.retention()},
+        )
+
+
+def _hashes(ranges: list[merkle.Range], nodes: dict[int, bytes]) -> list[bytes]:
+    try:
+        return merkle.range_hashes(ranges, nodes)
+    except KeyError:
+        log.error("audit_tree_nodes_missing", ranges=len(ranges))
+        raise LedgerError(
+            "tree nodes needed for this proof are missing from the database"
+        ) from None
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000

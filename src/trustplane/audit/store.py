@@ -1,0 +1,314 @@
+"""SQL for the ledger. Stores never commit: every function runs in the caller's transaction.
+
+The append (:func:`append_pending`) is one driver-level multi-row INSERT of already-canonical rows; it is
+the only ledger write on a request path. Everything else runs in the sequencer's transaction or reads.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from trustplane.audit.tables import (
+    audit_checkpoints,
+    audit_leaves,
+    audit_log_keys,
+    audit_log_state,
+    audit_payloads,
+    audit_tree,
+)
+from trustplane.storage.driver_sql import values_clause
+
+#: pg_try_advisory_xact_lock key of the sequencer: "tp-audit" as a 64-bit integer.
+SEQUENCER_LOCK = int.from_bytes(b"tp-audit", "big") & 0x7FFF_FFFF_FFFF_FFFF
+_CHUNK = 500
+
+_LEAF_COLUMNS = (
+    "idx",
+    "entry",
+    "event_id",
+    "type",
+    "time_ms",
+    "subject",
+    "client_id",
+    "partner",
+    "transaction_id",
+    "integrated_at",
+)
+
+
+def _rows(result: Any) -> Sequence[Any]:
+    """Rows of a driver-level statement (untyped: the columns are known from the SQL)."""
+    rows: Sequence[Any] = result.all()
+    return rows
+
+
+@functools.lru_cache(maxsize=32)
+def _insert_sql(dialect: str, table: str, columns: tuple[str, ...]) -> str:
+    values = values_clause(dialect, len(columns), 1)
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES {values}"  # noqa: S608 - constants
+
+
+def _in_list(dialect: str, count: int, first: int = 1) -> str:
+    if dialect == "postgresql":
+        return ", ".join(f"${first + i}" for i in range(count))
+    return ", ".join("?" * count)
+
+
+async def append_pending(conn: AsyncConnection, rows: Sequence[tuple[str, str, bytes]]) -> None:
+    """(entry, payload, salt) rows into ``audit_pending``: durable once the caller commits."""
+    sql = _insert_sql(conn.dialect.name, "audit_pending", ("entry", "payload", "salt"))
+    await conn.exec_driver_sql(sql, list(rows))
+
+
+async def lock_sequencer(conn: AsyncConnection) -> bool:
+    """Become the one sequencer for this transaction. PostgreSQL: a transaction-level advisory lock
+    (False if another process holds it). SQLite: the first statement is a write, which takes the
+    database write lock for the whole transaction (the caller waits for it: busy_timeout)."""
+    if conn.dialect.name == "postgresql":
+        got = await conn.exec_driver_sql(f"SELECT pg_try_advisory_xact_lock({SEQUENCER_LOCK})")
+        return bool(got.scalar())
+    await conn.exec_driver_sql("UPDATE audit_log_state SET updated_at = updated_at WHERE id = 1")
+    return True
+
+
+async def read_state(conn: AsyncConnection) -> tuple[int, bytes] | None:
+    row = (
+        await conn.execute(
+            select(audit_log_state.c.tree_size, audit_log_state.c.root).where(
+                audit_log_state.c.id == 1
+            )
+        )
+    ).first()
+    return (int(row[0]), bytes(row[1])) if row else None
+
+
+async def write_state(
+    conn: AsyncConnection, size: int, root: bytes, now: int, *, new: bool
+) -> None:
+    if new:
+        await conn.execute(
+            audit_log_state.insert().values(id=1, tree_size=size, root=root, updated_at=now)
+        )
+    else:
+        await conn.execute(
+            audit_log_state.update()
+            .where(audit_log_state.c.id == 1)
+            .values(tree_size=size, root=root, updated_at=now)
+        )
+
+
+async def take_pending(conn: AsyncConnection, limit: int) -> list[tuple[int, str, str, bytes]]:
+    """The oldest pending rows (id, entry, payload, salt); they are deleted by :func:`drop_pending`."""
+    result = await conn.exec_driver_sql(
+        f"SELECT id, entry, payload, salt FROM audit_pending ORDER BY id LIMIT {int(limit)}"  # noqa: S608
+    )
+    return [(int(r[0]), r[1], r[2], bytes(r[3])) for r in _rows(result)]
+
+
+async def drop_pending(conn: AsyncConnection, ids: Sequence[int]) -> int:
+    dropped = 0
+    for i in range(0, len(ids), _CHUNK):
+        chunk = list(ids[i : i + _CHUNK])
+        sql = f"DELETE FROM audit_pending WHERE id IN ({_in_list(conn.dialect.name, len(chunk))})"  # noqa: S608
+        result = await conn.exec_driver_sql(sql, tuple(chunk))
+        dropped += int(result.rowcount or 0)
+    return dropped
+
+
+async def count_pending(conn: AsyncConnection) -> int:
+    return int((await conn.exec_driver_sql("SELECT count(*) FROM audit_pending")).scalar() or 0)
+
+
+async def insert_integrated(
+    conn: AsyncConnection,
+    leaves: Sequence[tuple[Any, ...]],
+    nodes: Sequence[tuple[int, bytes]],
+    payloads: Sequence[tuple[int, str, bytes]],
+) -> None:
+    dialect = conn.dialect.name
+    await conn.exec_driver_sql(_insert_sql(dialect, "audit_leaves", _LEAF_COLUMNS), list(leaves))
+    await conn.exec_driver_sql(_insert_sql(dialect, "audit_tree", ("id", "hash")), list(nodes))
+    if payloads:
+        sql = _insert_sql(dialect, "audit_payloads", ("idx", "payload", "salt"))
+        await conn.exec_driver_sql(sql, list(payloads))
+
+
+async def read_nodes(conn: AsyncConnection, ids: Sequence[int]) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    ids = sorted(set(ids))
+    for i in range(0, len(ids), _CHUNK):
+        chunk = ids[i : i + _CHUNK]
+        sql = f"SELECT id, hash FROM audit_tree WHERE id IN ({_in_list(conn.dialect.name, len(chunk))})"  # noqa: S608
+        for row in _rows(await conn.exec_driver_sql(sql, tuple(chunk))):
+            out[int(row[0])] = bytes(row[1])
+    return out
+
+
+async def add_checkpoint(
+    conn: AsyncConnection, size: int, root: bytes, note: str, now: int
+) -> None:
+    await conn.execute(
+        audit_checkpoints.insert().values(tree_size=size, root=root, note=note, created_at=now)
+    )
+
+
+async def latest_checkpoint(conn: AsyncConnection) -> tuple[int, bytes, str] | None:
+    row = (
+        await conn.execute(
+            select(
+                audit_checkpoints.c.tree_size, audit_checkpoints.c.root, audit_checkpoints.c.note
+            )
+            .order_by(audit_checkpoints.c.tree_size.desc())
+            .limit(1)
+        )
+    ).first()
+    return (int(row[0]), bytes(row[1]), str(row[2])) if row else None
+
+
+async def checkpoint_at(conn: AsyncConnection, size: int) -> tuple[int, bytes, str] | None:
+    row = (
+        await conn.execute(
+            select(
+                audit_checkpoints.c.tree_size, audit_checkpoints.c.root, audit_checkpoints.c.note
+            ).where(audit_checkpoints.c.tree_size == size)
+        )
+    ).first()
+    return (int(row[0]), bytes(row[1]), str(row[2])) if row else None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEntry:
+    """One integrated entry: canonical ``entry`` text, its leaf hash, and the payload (None: purged)."""
+
+    index: int
+    entry: str
+    leaf_hash: bytes
+    payload: str | None
+    salt: bytes | None
+
+
+_ENTRY_SELECT = (
+    "SELECT l.idx, l.entry, t.hash, p.payload, p.salt FROM audit_leaves l "
+    "JOIN audit_tree t ON t.id = l.idx LEFT JOIN audit_payloads p ON p.idx = l.idx "
+)
+
+
+def _entries(rows: Sequence[Any]) -> list[StoredEntry]:
+    return [
+        StoredEntry(int(r[0]), r[1], bytes(r[2]), r[3], bytes(r[4]) if r[4] is not None else None)
+        for r in rows
+    ]
+
+
+async def entries_range(conn: AsyncConnection, start: int, end: int) -> list[StoredEntry]:
+    """Leaves ``[start, end)`` in index order (level-0 tree nodes have id = index)."""
+    p = _in_list(conn.dialect.name, 2).split(", ")
+    sql = f"{_ENTRY_SELECT}WHERE l.idx >= {p[0]} AND l.idx < {p[1]} ORDER BY l.idx"
+    return _entries((await conn.exec_driver_sql(sql, (start, end))).all())
+
+
+async def entries_where(
+    conn: AsyncConnection, filters: dict[str, Any], after: int, below: int, limit: int
+) -> list[StoredEntry]:
+    """Leaves matching equality ``filters`` (column -> value) and ``since``/``until`` time bounds,
+    with ``after <= index < below``, in index order, at most ``limit``: one query."""
+    leaves = audit_leaves
+    query = (
+        select(
+            leaves.c.idx,
+            leaves.c.entry,
+            audit_tree.c.hash,
+            audit_payloads.c.payload,
+            audit_payloads.c.salt,
+        )
+        .select_from(
+            leaves.join(audit_tree, audit_tree.c.id == leaves.c.idx).outerjoin(
+                audit_payloads, audit_payloads.c.idx == leaves.c.idx
+            )
+        )
+        .where(leaves.c.idx >= after, leaves.c.idx < below)
+    )
+    for name, value in filters.items():
+        if name == "since":
+            query = query.where(leaves.c.time_ms >= value)
+        elif name == "until":
+            query = query.where(leaves.c.time_ms < value)
+        else:
+            query = query.where(leaves.c[name] == value)
+    return _entries((await conn.execute(query.order_by(leaves.c.idx).limit(limit))).all())
+
+
+async def latest_where(
+    conn: AsyncConnection, filters: dict[str, Any], limit: int
+) -> list[StoredEntry]:
+    """The newest leaves matching equality ``filters``, newest first."""
+    query = select(audit_leaves.c.idx)
+    for name, value in filters.items():
+        query = query.where(audit_leaves.c[name] == value)
+    ids = [
+        int(r[0])
+        for r in (await conn.execute(query.order_by(audit_leaves.c.idx.desc()).limit(limit))).all()
+    ]
+    if not ids:
+        return []
+    sql = f"{_ENTRY_SELECT}WHERE l.idx IN ({_in_list(conn.dialect.name, len(ids))}) ORDER BY l.idx DESC"
+    return _entries((await conn.exec_driver_sql(sql, tuple(ids))).all())
+
+
+async def pending_bodies(conn: AsyncConnection, limit: int) -> list[tuple[str, str]]:
+    """(entry, payload) of pending entries, newest first."""
+    result = await conn.exec_driver_sql(
+        f"SELECT entry, payload FROM audit_pending ORDER BY id DESC LIMIT {int(limit)}"  # noqa: S608
+    )
+    return [(r[0], r[1]) for r in _rows(result)]
+
+
+async def purge_payloads(conn: AsyncConnection, type_: str | None, cutoff_ms: int) -> int:
+    """Delete the payloads of leaves of ``type_`` (None: every type) older than ``cutoff_ms``."""
+    leaves = select(audit_leaves.c.idx).where(audit_leaves.c.time_ms < cutoff_ms)
+    if type_ is not None:
+        leaves = leaves.where(audit_leaves.c.type == type_)
+    result = await conn.execute(audit_payloads.delete().where(audit_payloads.c.idx.in_(leaves)))
+    return int(result.rowcount or 0)
+
+
+async def due_payloads(conn: AsyncConnection, type_: str | None, cutoff_ms: int) -> int:
+    query = (
+        select(text("count(*)"))
+        .select_from(audit_payloads.join(audit_leaves, audit_leaves.c.idx == audit_payloads.c.idx))
+        .where(audit_leaves.c.time_ms < cutoff_ms)
+    )
+    if type_ is not None:
+        query = query.where(audit_leaves.c.type == type_)
+    return int((await conn.execute(query)).scalar() or 0)
+
+
+async def leaf_types(conn: AsyncConnection) -> list[str]:
+    return [str(r[0]) for r in (await conn.execute(select(audit_leaves.c.type).distinct())).all()]
+
+
+async def read_log_key(conn: AsyncConnection, name: str) -> tuple[bytes, bytes] | None:
+    row = (
+        await conn.execute(
+            select(audit_log_keys.c.public_key, audit_log_keys.c.private_key).where(
+                audit_log_keys.c.name == name
+            )
+        )
+    ).first()
+    return (bytes(row[0]), bytes(row[1])) if row else None
+
+
+async def add_log_key(
+    conn: AsyncConnection, name: str, public: bytes, private: bytes, now: int
+) -> None:
+    await conn.execute(
+        audit_log_keys.insert().values(
+            name=name, public_key=public, private_key=private, created_at=now
+        )
+    )

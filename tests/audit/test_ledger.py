@@ -1,0 +1,365 @@
+"""The ledger on real databases (SQLite and PostgreSQL): appends become leaves with proofs that verify
+against signed checkpoints; the tamper cases of issue 4 are detected; the purge keeps every proof."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import orjson
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from tests.audit.ledger_helpers import (
+    append,
+    drop_triggers,
+    event,
+    export,
+    restore_triggers,
+    truncate_log,
+)
+from trustplane.app import Services
+from trustplane.audit import merkle
+from trustplane.audit.events import AuditEventType
+from trustplane.audit.ledger import Ledger, LedgerError
+from trustplane.audit.note import Checkpoint, Signer, Verifier, open_checkpoint
+from trustplane.audit.sink import recent_events
+from trustplane.audit.verify import check_consistency, verify_export
+from trustplane.settings import Settings
+from trustplane.storage.db import Database
+
+
+async def checkpoint_of(ledger: Ledger) -> Checkpoint:
+    latest = await ledger.checkpoint()
+    assert latest is not None
+    return open_checkpoint(latest.note, Verifier.parse(await ledger.verifier_key()))
+
+
+async def test_appends_become_leaves_whose_proofs_verify(services: Services) -> None:
+    ledger, db = services.ledger, services.db
+    seen: list[Checkpoint] = [await checkpoint_of(ledger)]
+    for batch in range(4):
+        await append(db, [event(batch * 10 + i) for i in range(10)])
+        assert (await ledger.integrate_all()) == 10
+        seen.append(await checkpoint_of(ledger))
+    final = seen[-1]
+    start = seen[0].size  # the start-up events (log key, signing keys) come first
+    assert final.size == start + 40
+    assert final.origin == "127.0.0.1:8000/audit"
+    records, _note = await export(ledger)
+    assert [r["index"] for r in records] == list(range(start + 40))
+    for record in records:
+        leaf = merkle.leaf_hash(orjson.dumps(record["entry"], option=orjson.OPT_SORT_KEYS))
+        assert base64.b64decode(record["leaf_hash"]) == leaf
+        proof = await ledger.inclusion(record["index"], final.size)
+        assert merkle.verify_inclusion(record["index"], final.size, leaf, proof, final.root)
+    for old in seen[1:]:
+        proof = await ledger.consistency(old.size, final.size)
+        assert merkle.verify_consistency(old.size, final.size, old.root, final.root, proof)
+
+
+async def test_an_append_is_pending_and_visible_until_integrated(services: Services) -> None:
+    before = (await checkpoint_of(services.ledger)).size
+    await append(services.db, [event(1, jti="pending-jti")])
+    assert (await checkpoint_of(services.ledger)).size == before
+    assert [e["jti"] for e in await recent_events(services.db, limit=1)] == ["pending-jti"]
+    await services.ledger.integrate_all()
+    assert (await checkpoint_of(services.ledger)).size == before + 1
+    [newest] = await recent_events(services.db, limit=1)
+    assert newest["jti"] == "pending-jti"
+    assert newest["payload"] == {"n": 1, "email": "trader1@northwind.example"}
+
+
+async def test_personal_payload_is_not_in_the_leaf(services: Services) -> None:
+    await append(services.db, [event(7)])
+    await services.ledger.integrate_all()
+    records, _ = await export(services.ledger)
+    entry = records[-1]["entry"]
+    assert "payload" not in entry
+    assert len(entry["payload_hash"]) == 64
+    assert "trader7" not in orjson.dumps(entry).decode()
+
+
+async def test_out_of_range_proofs_are_refused(services: Services) -> None:
+    await append(services.db, [event(i) for i in range(3)])
+    await services.ledger.integrate_all()
+    n = (await checkpoint_of(services.ledger)).size
+    with pytest.raises(LedgerError):
+        await services.ledger.inclusion(n, n)
+    with pytest.raises(LedgerError):
+        await services.ledger.inclusion(0, n + 1)
+    with pytest.raises(LedgerError):
+        await services.ledger.consistency(2, n + 1)
+    with pytest.raises(LedgerError):
+        await services.ledger.consistency(0, n)
+    with pytest.raises(LedgerError):
+        await services.ledger.consistency(n, n - 1)
+
+
+# --------------------------------------------------------------------------- append-only
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE audit_leaves SET entry = 'x' WHERE idx = 0",
+        "DELETE FROM audit_leaves WHERE idx = 0",
+        "UPDATE audit_tree SET hash = hash",
+        "DELETE FROM audit_tree",
+        "UPDATE audit_checkpoints SET note = 'x'",
+        "DELETE FROM audit_checkpoints",
+        "UPDATE audit_payloads SET payload = '{}'",
+    ],
+)
+async def test_the_database_refuses_changes_to_ledger_rows(
+    services: Services, statement: str
+) -> None:
+    await append(services.db, [event(0)])
+    await services.ledger.integrate_all()
+    with pytest.raises((DBAPIError, IntegrityError), match=r"append-only|never updated"):
+        async with services.db.transaction() as conn:
+            await conn.execute(text(statement))
+
+
+# --------------------------------------------------------------------------- tamper tests
+
+
+@pytest.fixture(autouse=True)
+async def _triggers_back(services: Services) -> AsyncIterator[None]:
+    """Tamper tests drop the triggers; the PostgreSQL database is shared by the session."""
+    yield
+    await restore_triggers(services.db)
+
+
+async def _log_of(services: Services, n: int = 12) -> tuple[list[dict[str, Any]], str, str]:
+    await append(services.db, [event(i) for i in range(n)])
+    await services.ledger.integrate_all()
+    records, note = await export(services.ledger)
+    return records, note, await services.ledger.verifier_key()
+
+
+async def test_an_untouched_export_verifies(services: Services) -> None:
+    records, note, key = await _log_of(services)
+    report = verify_export(records, note, key)
+    assert report.ok, report.failures
+    assert any("recomputed root equals the signed root" in line for line in report.proved)
+    assert any("payloads match" in line for line in report.proved)
+
+
+async def test_one_changed_byte_fails_verification_and_names_the_index(services: Services) -> None:
+    records, _, _ = await _log_of(services)
+    target = records[-5]
+    stored = orjson.dumps(target["entry"], option=orjson.OPT_SORT_KEYS).decode()
+    jti = target["entry"]["jti"]
+    altered = stored.replace(jti, ("0" if jti[0] != "0" else "1") + jti[1:])
+    assert len(altered) == len(stored)
+    assert sum(a != b for a, b in zip(altered, stored, strict=False)) == 1
+    await drop_triggers(services.db)
+    async with services.db.transaction() as conn:
+        await conn.execute(
+            text("UPDATE audit_leaves SET entry = :e WHERE idx = :i"),
+            {"e": altered, "i": target["index"]},
+        )
+    records, note = await export(services.ledger)
+    report = verify_export(records, note, await services.ledger.verifier_key())
+    assert not report.ok
+    assert report.failed_indices == [target["index"]]
+    assert any(f.startswith(f"entry {target['index']}:") for f in report.failures)
+    assert any("root recomputed from the export differs" in f for f in report.failures)
+
+
+async def test_two_swapped_entries_are_detected(services: Services) -> None:
+    records, _, _ = await _log_of(services)
+    await drop_triggers(services.db)
+    async with services.db.transaction() as conn:
+        for idx, other in ((-2, -5), (-5, -2)):
+            body = orjson.dumps(records[other]["entry"], option=orjson.OPT_SORT_KEYS).decode()
+            await conn.execute(
+                text("UPDATE audit_leaves SET entry = :e WHERE idx = :i"),
+                {"e": body, "i": records[idx]["index"]},
+            )
+    swapped, note = await export(services.ledger)
+    report = verify_export(swapped, note, await services.ledger.verifier_key())
+    assert not report.ok
+    assert sorted(report.failed_indices) == [records[-5]["index"], records[-2]["index"]]
+
+
+async def test_a_swap_that_also_rewrites_the_tree_is_caught_by_the_signed_root(
+    services: Services,
+) -> None:
+    records, note, key = await _log_of(services)
+    records[2], records[5] = {**records[5], "index": 2}, {**records[2], "index": 5}
+    for record in records:  # recorded leaf hashes rewritten to match the moved entries
+        entry = orjson.dumps(record["entry"], option=orjson.OPT_SORT_KEYS)
+        record["leaf_hash"] = base64.b64encode(merkle.leaf_hash(entry)).decode()
+    report = verify_export(records, note, key)
+    assert not report.ok
+    assert report.failures == ["the root recomputed from the export differs from the signed root"]
+
+
+async def test_deleting_the_newest_entries_is_reported_by_the_monitor(services: Services) -> None:
+    records, seen_note, key = await _log_of(services, 12)
+    seen = len(records)
+    await truncate_log(services.db, keep=seen - 5)
+    await append(services.db, [event(100 + i) for i in range(9)])  # the log grows past it again
+    await services.ledger.integrate_all()
+    latest = await services.ledger.checkpoint()
+    assert latest is not None
+    assert latest.size == seen + 4
+
+    report, accepted = check_consistency(
+        seen_note, latest.note, key, _sync(services.ledger.consistency)
+    )
+
+    assert not report.ok
+    assert accepted is None
+    assert f"not consistent with the checkpoint seen at size {seen}" in report.failures[0]
+
+
+async def test_a_truncated_log_is_reported_as_shrunk(services: Services) -> None:
+    records, seen_note, key = await _log_of(services, 12)
+    await truncate_log(services.db, keep=len(records) - 7)
+    await services.ledger.integrate_all()
+    # the attacker cannot sign: the newest checkpoint left is an older, smaller one
+    latest = await services.ledger.checkpoint()
+    assert latest is not None
+    assert latest.size < len(records)
+    report, _ = check_consistency(seen_note, latest.note, key, _sync(services.ledger.consistency))
+    assert report.failures == [
+        f"the log shrank from {len(records)} to {latest.size} entries (truncation)"
+    ]
+
+
+async def test_the_monitor_accepts_an_honest_extension(services: Services) -> None:
+    _, seen_note, key = await _log_of(services, 5)
+    await append(services.db, [event(i) for i in range(6)])
+    await services.ledger.integrate_all()
+    latest = await services.ledger.checkpoint()
+    assert latest is not None
+    report, accepted = check_consistency(
+        seen_note, latest.note, key, _sync(services.ledger.consistency)
+    )
+    assert report.ok
+    assert accepted is not None
+    assert accepted.size == latest.size
+    assert "extends the log at size" in report.proved[-1]
+
+
+async def test_a_checkpoint_signed_by_another_key_is_rejected(services: Services) -> None:
+    records, note, key = await _log_of(services)
+    body = Checkpoint.parse(note.split("\n\n")[0] + "\n").body()
+    forged = Signer(services.ledger.origin, ed25519.Ed25519PrivateKey.generate()).sign(body)
+    report = verify_export(records, forged, key)
+    assert not report.ok
+    assert report.failures == [
+        f"checkpoint rejected: the note is not signed by the expected key {services.ledger.origin}"
+    ]
+    monitor, _ = check_consistency(note, forged, key, _sync(services.ledger.consistency))
+    assert not monitor.ok
+
+
+def _sync(fn: Callable[[int, int], Any]) -> Callable[[int, int], list[bytes]]:
+    """The monitor's fetch is synchronous; run the ledger's coroutine in a fresh thread loop."""
+    from tests.conftest import run_sync
+
+    return lambda a, b: list(run_sync(_fresh(fn, a, b)))
+
+
+async def _fresh(fn: Callable[[int, int], Any], a: int, b: int) -> list[bytes]:
+    ledger: Ledger = fn.__self__  # type: ignore[attr-defined]
+    db = Database(ledger._db.url)
+    try:
+        return await Ledger(ledger._settings, db, ledger._kek).consistency(a, b)
+    finally:
+        await db.dispose()
+
+
+# --------------------------------------------------------------------------- retention
+
+
+@pytest.fixture
+async def retaining(settings_factory: Callable[..., Settings]) -> AsyncIterator[Services]:
+    settings = settings_factory(audit_retention_days={"oauth:token:issued": 30, "*": 365})
+    svc = Services.build(settings)
+    await svc.start()
+    yield svc
+    await svc.stop()
+
+
+async def test_purge_removes_old_payloads_and_every_proof_still_verifies(
+    retaining: Services,
+) -> None:
+    now = time.time_ns() // 1_000_000
+    day = 86_400_000
+    old = [event(i, time=now - 40 * day) for i in range(4)]
+    young = [event(10 + i, time=now - 10 * day) for i in range(3)]
+    old_refusal = [event(20, type=AuditEventType.TOKEN_REFUSED, time=now - 40 * day)]
+    await append(retaining.db, old + young + old_refusal)
+    await retaining.ledger.integrate_all()
+    due = await retaining.ledger.due()
+    assert due["oauth:token:issued"] == 4
+    assert due["oauth:token:refused"] == 0
+
+    purged = await retaining.ledger.purge()
+
+    assert purged == {"oauth:token:issued": 4}
+    async with retaining.db.read() as conn:
+        left = (await conn.execute(text("SELECT payload FROM audit_payloads"))).scalars().all()
+    assert not any("trader0@" in p or "trader3@" in p for p in left)
+    assert any("trader10@" in p for p in left)
+    assert any("trader20@" in p for p in left)
+    [purge_event] = await recent_events(retaining.db, type_="audit:payload:purged")
+    assert purge_event["reason"] == "retention"
+    assert purge_event["reason_ids"] == ["oauth:token:issued=4"]
+    await retaining.ledger.integrate_all()
+    records, note = await export(retaining.ledger)
+    report = verify_export(records, note, await retaining.ledger.verifier_key())
+    assert report.ok, report.failures
+    assert any("4 payloads are purged" in line for line in report.not_proved)
+    assert await retaining.ledger.purge() == {}  # nothing left to purge, and no event for nothing
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+async def test_concurrent_sequencers_leave_no_gap_and_no_duplicate(services: Services) -> None:
+    """Two sequencers (separate engines, as two processes would have) integrate while appends keep
+    arriving: one log, every entry once, in a contiguous sequence."""
+    url, settings, kek = services.db.url, services.settings, services.ledger._kek
+    dbs = [Database(url), Database(url)]
+    ledgers = [Ledger(settings, db, kek) for db in dbs]
+    appended: list[str] = []
+    stop = asyncio.Event()
+
+    async def appender(offset: int) -> None:
+        for batch in range(15):
+            events = [event(offset + batch * 10 + i) for i in range(10)]
+            await append(dbs[offset % 2], events)
+            appended.extend(e.event_id for e in events)
+            await asyncio.sleep(0)
+
+    async def sequencer(ledger: Ledger) -> None:
+        while not stop.is_set():
+            await ledger.integrate(37)
+            await asyncio.sleep(0.001)
+
+    try:
+        runners = [asyncio.create_task(sequencer(ledger)) for ledger in ledgers]
+        await asyncio.gather(appender(0), appender(1000))
+        stop.set()
+        await asyncio.gather(*runners)
+        await ledgers[0].integrate_all()
+    finally:
+        for db in dbs:
+            await db.dispose()
+    records, note = await export(services.ledger)
+    assert [r["index"] for r in records] == list(range(len(records)))
+    ids = [r["entry"]["event_id"] for r in records]
+    assert len(ids) == len(set(ids))
+    assert set(appended) <= set(ids)
+    assert verify_export(records, note, await services.ledger.verifier_key()).ok
