@@ -7,7 +7,10 @@ as unknown fields (§12.1.1 "receivers MUST ignore unknown fields"):
 
 - an entity may carry ``"parents": [entity, ...]`` (Cedar membership, e.g. a client's legal entity);
 - a property value ``{"__entity": {"type": T, "id": I}}`` is a reference to another entity (the
-  Cedar JSON escape).
+  Cedar JSON escape); it may carry that entity's own ``properties`` and ``parents`` (an order's
+  instrument and whether it is restricted, say).
+
+Values nest at most ``MAX_DEPTH`` levels: deeper input is a 400, not a recursion error.
 
 Action ``properties`` are not used by trustplane's policies (put request data in ``context``).
 """
@@ -33,6 +36,7 @@ log = structlog.get_logger("trustplane.pep")
 MAX_EVALUATIONS = 100
 MAX_PARENTS = 16
 MAX_ID_LENGTH = 512
+MAX_DEPTH = 16
 SEMANTICS = ("execute_all", "deny_on_first_deny", "permit_on_first_permit")
 
 
@@ -54,27 +58,31 @@ def _text(entity: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
-def _value(value: Any) -> Any:
+def _value(value: Any, depth: int = 0) -> Any:
+    if depth > MAX_DEPTH:
+        raise InvalidRequestError(f"values may nest at most {MAX_DEPTH} levels deep")
     if isinstance(value, dict):
         ref = value.get("__entity")
         if len(value) == 1 and isinstance(ref, dict):
-            return Entity(_text(ref, "type", "__entity"), _text(ref, "id", "__entity"))
-        return {k: _value(v) for k, v in value.items()}
+            return entity_from_json(ref, "__entity", depth=depth + 1)
+        return {k: _value(v, depth + 1) for k, v in value.items()}
     if isinstance(value, list):
-        return [_value(v) for v in value]
+        return [_value(v, depth + 1) for v in value]
     return value
 
 
 def entity_from_json(value: object, where: str, *, depth: int = 0) -> Entity:
+    if depth > MAX_DEPTH:
+        raise InvalidRequestError(f"entities may nest at most {MAX_DEPTH} levels deep")
     raw = _object(value, where)
     properties = _object(raw.get("properties"), f"{where}.properties", required=False)
     parents = raw.get("parents", [])
-    if not isinstance(parents, list) or len(parents) > MAX_PARENTS or (parents and depth > 2):
-        raise InvalidRequestError(f"{where}.parents must be a short array of entities")
+    if not isinstance(parents, list) or len(parents) > MAX_PARENTS:
+        raise InvalidRequestError(f"{where}.parents must be an array of at most {MAX_PARENTS}")
     return Entity(
         _text(raw, "type", where),
         _text(raw, "id", where),
-        {k: _value(v) for k, v in properties.items()},
+        {k: _value(v, depth + 1) for k, v in properties.items()},
         tuple(
             entity_from_json(p, f"{where}.parents[{i}]", depth=depth + 1)
             for i, p in enumerate(parents)
@@ -149,7 +157,7 @@ def decision_to_json(decision: Decision) -> dict[str, Any]:
 
 def _value_to_json(value: Any) -> Any:
     if isinstance(value, Entity):
-        return {"__entity": {"type": value.type, "id": value.id}}
+        return {"__entity": entity_to_json(value)}
     if isinstance(value, Mapping):
         return {k: _value_to_json(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
