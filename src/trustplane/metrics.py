@@ -19,3 +19,12 @@ WRITER_BATCH = Histogram(
 )
 CACHE_RELOADS = Counter("trustplane_cache_reloads_total", "In-memory cache reloads", ["cache"])
 ACTIVE_CLIENTS = Gauge("trustplane_clients", "Registered clients in the in-memory registry")
+
+# policy decision point
+POLICY_DECISIONS = Counter("trustplane_policy_decisions_total", "Policy decisions", ["decision"])
+POLICY_FAIL_CLOSED = Counter(
+    "trustplane_policy_fail_closed_total", "Denies forced by an error (fail closed)", ["reason"]
+)
+POLICY_CACHE = Counter(
+    "trustplane_policy_token_cache_total", "Token-endpoint decision cache lookups", ["result"]
+)

@@ -82,7 +82,7 @@ async def test_upgrade_on_an_empty_database_reaches_head(empty_db: Database) -> 
     await upgrade(empty_db)
 
     assert await pending(empty_db) is False
-    assert await _current(empty_db) == _head() == "0001"
+    assert await _current(empty_db) == _head() == "0002_policy"
     assert await _tables(empty_db) == set(metadata.tables) | {"alembic_version"}
 
 

@@ -28,6 +28,12 @@ class AuditEventType(StrEnum):
     KEY_ACTIVATED = "keys:key:activated"
     KEY_RETIRED = "keys:key:retired"
     KEY_REMOVED = "keys:key:removed"
+    # policy decision point
+    POLICY_DECISION_ALLOWED = "policy:decision:allowed"
+    POLICY_DECISION_DENIED = "policy:decision:denied"
+    POLICY_BUNDLE_PUBLISHED = "policy:bundle:published"
+    POLICY_BUNDLE_ACTIVATED = "policy:bundle:activated"
+    POLICY_BUNDLE_ROLLED_BACK = "policy:bundle:rolled_back"
 
 
 @dataclass(slots=True, frozen=True)

@@ -66,6 +66,7 @@ class FailReason(StrEnum):
     NO_ACTIVE_BUNDLE = "no_active_bundle"
     PDP_UNREACHABLE = "pdp_unreachable"
     DEFAULT_DENY = "default_deny"
+    AUDIT_UNAVAILABLE = "audit_unavailable"
 
 
 @dataclass(frozen=True, slots=True)
