@@ -41,6 +41,10 @@ from trustplane.oauth.replay import RedisReplayCache, SqlReplayCache
 from trustplane.oauth.revocations import SqlRevocationStore
 from trustplane.oauth.scopes import Vocabulary, load_vocabulary, with_internal_apis
 from trustplane.oauth.token_endpoint import TokenEndpoint
+from trustplane.policy.admin_http import simulation_router
+from trustplane.policy.enforcement import TokenPolicy
+from trustplane.policy.service import GENERATION as POLICY_GENERATION
+from trustplane.policy.service import PolicyService, build_policy
 from trustplane.settings import Settings, SettingsError
 from trustplane.storage import generations
 from trustplane.storage.db import Database
@@ -79,6 +83,7 @@ class Services:
     authenticator: ClientAuthenticator
     token_endpoint: TokenEndpoint
     introspection: IntrospectionService
+    policy: PolicyService
 
     @classmethod
     def build(cls, settings: Settings, db: Database | None = None) -> Services:
@@ -96,7 +101,9 @@ class Services:
         )
         remote = RemoteJwksCache()
         auth = ClientAuthenticator(settings, clients.registry, replay, remote)
+        policy = build_policy(settings, db, writer)
         token = TokenEndpoint(settings, auth, keys, vocabulary, audit, OutcomeRecorder(writer))
+        token.policy = TokenPolicy(policy.engine) if settings.policy_token_enforcement else None
         introspection = IntrospectionService(
             settings, db, auth, keys, clients.registry, SqlRevocationStore(), audit
         )
@@ -113,6 +120,7 @@ class Services:
             auth,
             token,
             introspection,
+            policy,
         )
 
     async def start(self) -> None:
@@ -123,6 +131,8 @@ class Services:
         await self.keys.load()
         await self.clients.load()
         metrics.ACTIVE_CLIENTS.set(len(self.clients.registry))
+        await self.policy.ensure_default()
+        await self.policy.load()
 
     async def stop(self) -> None:
         await self.writer.stop()
@@ -142,6 +152,9 @@ class Services:
             await self.clients.load()
             metrics.ACTIVE_CLIENTS.set(len(self.clients.registry))
             metrics.CACHE_RELOADS.labels(cache="clients").inc()
+        if current.get(POLICY_GENERATION) != seen.get(POLICY_GENERATION):
+            await self.policy.load()
+            metrics.CACHE_RELOADS.labels(cache="policy").inc()
         seen.clear()
         seen.update(current)
 
@@ -242,6 +255,7 @@ def _mount(app: FastAPI, svc: Services) -> list[Route]:
     metadata_json = orjson.dumps(server_metadata(svc.settings, svc.vocabulary))
     protocol = OAuthHttp(svc.token_endpoint, svc.introspection, svc.keys, metadata_json)
     app.include_router(registration_router(svc.clients, svc.settings.issuer))
+    app.include_router(simulation_router(svc.policy, svc.keys, svc.clients.registry, svc.settings))
     fast = protocol.routes()
     app.router.routes.extend(fast)
     app.router.routes.append(Route("/metrics", _metrics, methods=["GET"]))

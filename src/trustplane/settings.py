@@ -93,6 +93,13 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] = "json"
 
+    # --- policy decision point (trustplane.policy)
+    policy_served_regions: tuple[str, ...] = Field(
+        default=("eu",), min_length=1, description="Data regions this deployment serves"
+    )
+    policy_token_enforcement: bool = True
+    policy_simulation_max_records: int = Field(default=5_000_000, ge=1)
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from trustplane.audit.events import AuditEvent, AuditEventType
 from trustplane.audit.sink import write_events
 from trustplane.oauth.replay import ReplayUse, consume_batch
+from trustplane.policy.recorder import DecisionRecord, write_decisions
 from trustplane.storage.writer import GroupCommitWriter
 
 log = structlog.get_logger("trustplane.audit")
@@ -28,11 +29,14 @@ KIND = "token_outcome"
 class Outcome:
     """``use``: the jti still to consume (None if there is none or it was consumed already).
     ``event`` is recorded if the use wins; ``replay_event()`` builds what is recorded instead if the
-    jti had been used before (built only then: replays are rare, the happy path should not pay)."""
+    jti had been used before (built only then: replays are rare, the happy path should not pay).
+    ``decisions``: the policy decisions taken for this request, recorded in the same transaction
+    whatever the outcome (a decision was made even if the request then turned out to be a replay)."""
 
     use: ReplayUse | None
     event: AuditEvent
     replay_event: Callable[[], AuditEvent]
+    decisions: tuple[DecisionRecord, ...] = ()
 
 
 async def record_batch(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> list[bool]:
@@ -43,6 +47,9 @@ async def record_batch(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> li
     await write_events(
         conn, [o.event if w else o.replay_event() for o, w in zip(outcomes, won, strict=True)]
     )
+    decisions = [d for o in outcomes for d in o.decisions]
+    if decisions:
+        await write_decisions(conn, decisions)
     return won
 
 

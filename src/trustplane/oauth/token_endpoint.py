@@ -14,6 +14,7 @@ from typing import Any
 from trustplane import metrics
 from trustplane.audit.events import AuditEvent, AuditEventType
 from trustplane.audit.sink import AuditSink
+from trustplane.clients.model import Client
 from trustplane.errors import (
     InvalidClientError,
     InvalidRequestError,
@@ -28,14 +29,18 @@ from trustplane.oauth.outcomes import Outcome, OutcomeRecorder
 from trustplane.oauth.resources import select_resource, select_scopes
 from trustplane.oauth.scopes import Vocabulary
 from trustplane.oauth.tokens import IssuedToken, issue_access_token
+from trustplane.policy.enforcement import ScopeDenied, TokenPolicy
+from trustplane.policy.recorder import DecisionRecord
 from trustplane.settings import Settings
 
 
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """What a grant handler decided: the token to return."""
+    """What a grant handler decided: the token to return, and the policy decisions that allowed it
+    (recorded in the same transaction as the issuance)."""
 
     token: IssuedToken
+    decisions: tuple[DecisionRecord, ...] = ()
 
 
 def replayed() -> InvalidClientError:
@@ -55,9 +60,11 @@ class TokenEndpoint:
         vocabulary: Vocabulary,
         audit: AuditSink,
         outcomes: OutcomeRecorder,
+        policy: TokenPolicy | None = None,
     ) -> None:
         self._settings, self._auth, self._keys = settings, authenticator, keys
         self._vocabulary, self._audit, self._outcomes = vocabulary, audit, outcomes
+        self.policy = policy
         self.grants: dict[str, GrantHandler] = {"client_credentials": self._client_credentials}
 
     async def handle(self, form: Form, authorization: str | None) -> dict[str, Any]:
@@ -75,12 +82,13 @@ class TokenEndpoint:
         except OAuth2Error as exc:
             await self._refuse(exc, form, client, grant_type)
             raise
-        if client.pending_use is None:
+        if client.pending_use is None and not grant.decisions:
             await self._audit.emit(self._issued(grant.token, grant_type))
         else:
             auth, issued = client, self._issued(grant.token, grant_type)
             on_replay = partial(self._refused, replayed(), form, auth, grant_type)
-            if not await self._outcomes.record(Outcome(client.pending_use, issued, on_replay)):
+            outcome = Outcome(client.pending_use, issued, on_replay, grant.decisions)
+            if not await self._outcomes.record(outcome):
                 metrics.TOKEN_REFUSED.labels(error="invalid_client").inc()
                 raise replayed()
         metrics.TOKENS_ISSUED.labels(grant_type=grant_type).inc()
@@ -102,12 +110,14 @@ class TokenEndpoint:
         """Audit a refusal; an authenticated request still consumes its assertion, and a replayed
         assertion is refused as such (invalid_client) whatever else was wrong with the request."""
         refused = self._refused(exc, form, client, grant_type)
-        if client is None or client.pending_use is None:
+        decisions = exc.records if isinstance(exc, ScopeDenied) else ()
+        if client is None or (client.pending_use is None and not decisions):
             metrics.TOKEN_REFUSED.labels(error=exc.error).inc()
             await self._audit.emit(refused)
             return
         on_replay = partial(self._refused, replayed(), form, client, grant_type)
-        if await self._outcomes.record(Outcome(client.pending_use, refused, on_replay)):
+        outcome = Outcome(client.pending_use, refused, on_replay, decisions)
+        if await self._outcomes.record(outcome):
             metrics.TOKEN_REFUSED.labels(error=exc.error).inc()
             return
         metrics.TOKEN_REFUSED.labels(error="invalid_client").inc()
@@ -126,6 +136,7 @@ class TokenEndpoint:
             raise UnauthorizedClientError("this client may not use the client_credentials grant")
         resource = select_resource(form.get_all("resource"), client, self._vocabulary)
         scopes = select_scopes(form.get("scope"), client, resource, self._vocabulary)
+        decisions = self.authorize_scopes(client, scopes, resource, "client_credentials")
         token = issue_access_token(
             self._keys.ring,
             issuer=self._settings.issuer,
@@ -136,7 +147,19 @@ class TokenEndpoint:
             lifetime=self._settings.access_token_lifetime,
             extra={"lei": client.lei},
         )
-        return Grant(token)
+        return Grant(token, decisions)
+
+    def authorize_scopes(
+        self, client: Client, scopes: tuple[str, ...], resource: str, grant_type: str
+    ) -> tuple[DecisionRecord, ...]:
+        """Ask the policy decision point whether ``client`` may obtain ``scopes`` for ``resource``.
+
+        Every grant calls this after choosing audience and scopes, and passes the result into its
+        :class:`Grant`. A deny raises ``ScopeDenied`` (``invalid_scope``, RFC 6749 §5.2) carrying the
+        decision records, which the refusal records with the same write."""
+        if self.policy is None:
+            return ()
+        return self.policy.check(client, scopes, resource, grant_type)
 
     def _issued(self, token: IssuedToken, grant_type: str) -> AuditEvent:
         c = token.claims

@@ -24,6 +24,7 @@ from trustplane.policy.bundle import (
     default_bundle,
 )
 from trustplane.policy.engine import PolicyEngine
+from trustplane.policy.recorder import DecisionRecorder
 from trustplane.policy.store import (
     Activation,
     ActivationConflict,
@@ -32,8 +33,10 @@ from trustplane.policy.store import (
     UnknownBundle,
 )
 from trustplane.policy.testing import CaseResult, run_cases
+from trustplane.settings import Settings
 from trustplane.storage import generations
 from trustplane.storage.db import Database
+from trustplane.storage.writer import GroupCommitWriter
 
 log = structlog.get_logger("trustplane.policy")
 GENERATION = "policy"
@@ -83,13 +86,13 @@ class PolicyService:
         issuer: str,
         served_regions: tuple[str, ...],
     ) -> None:
-        self._db, self._store, self.engine = db, store, engine
+        self.db, self._store, self.engine = db, store, engine
         self._issuer, self.served_regions = issuer, served_regions
         self._compiled: dict[str, CompiledBundle] = {}
 
     async def ensure_default(self) -> None:
         """First start: publish and activate the built-in bundle when no bundle is active."""
-        async with self._db.read() as conn:
+        async with self.db.read() as conn:
             if await self._store.active_version(conn) is not None:
                 return
         published = await self.publish(default_bundle(), BUILTIN_CHANGE_REF, "trustplane")
@@ -100,7 +103,7 @@ class PolicyService:
 
     async def load(self) -> None:
         """Load the active bundle into the engine (compiled once per version)."""
-        async with self._db.read() as conn:
+        async with self.db.read() as conn:
             version = await self._store.active_version(conn)
             if version is None or version == self.engine.version:
                 return
@@ -118,7 +121,7 @@ class PolicyService:
         if not change_ref.strip() or not author.strip():
             raise PublishRefused(["a change reference and an author are required"])
         compiled, results = check_bundle(source)
-        async with self._db.transaction() as conn:
+        async with self.db.transaction() as conn:
             record, created = await self._store.publish(conn, source, change_ref[:64], author[:128])
             if created:
                 await write_events(
@@ -136,7 +139,7 @@ class PolicyService:
         return Published(record, created, results)
 
     async def activate(self, version: str, actor: str, change_ref: str | None) -> Activation:
-        async with self._db.transaction() as conn:
+        async with self.db.transaction() as conn:
             full = await self._store.resolve(conn, version)
             current = await self._store.active_version(conn)
             activation = await self._store.activate(
@@ -148,7 +151,7 @@ class PolicyService:
 
     async def rollback(self, actor: str, change_ref: str | None) -> Activation:
         """Re-activate the bundle that was active before the newest activation."""
-        async with self._db.transaction() as conn:
+        async with self.db.transaction() as conn:
             current = await self._store.active_version(conn)
             history = await self._store.history(conn, limit=1)
             if not history or history[0].version != current or history[0].previous_version is None:
@@ -166,11 +169,11 @@ class PolicyService:
         return activation
 
     async def list(self) -> tuple[list[BundleRecord], list[Activation]]:
-        async with self._db.read() as conn:
+        async with self.db.read() as conn:
             return await self._store.all(conn), await self._store.history(conn)
 
     async def get(self, version: str) -> BundleRecord:
-        async with self._db.read() as conn:
+        async with self.db.read() as conn:
             record = await self._store.get(conn, await self._store.resolve(conn, version))
         if record is None:
             raise UnknownBundle(f"version {version!r} is not published")
@@ -194,3 +197,14 @@ class PolicyService:
             service="trustplane.policy",
             payload={"change_ref": change_ref},
         )
+
+
+def build_policy(settings: Settings, db: Database, writer: GroupCommitWriter) -> PolicyService:
+    """The policy component as the app wires it: engine recording through the group-commit writer."""
+    regions = tuple(settings.policy_served_regions)
+    engine = PolicyEngine(
+        issuer=settings.issuer, served_regions=regions, recorder=DecisionRecorder(writer)
+    )
+    return PolicyService(
+        db, SqlBundleStore(), engine, issuer=settings.issuer, served_regions=regions
+    )
