@@ -21,6 +21,8 @@ import httpx
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, ValidationError
 
 from trustplane.jose.jwk import PrivateKey
@@ -240,6 +242,10 @@ def create_app(config: Config) -> FastAPI:
     @app.get("/healthz")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     app.state.books = books
     return app

@@ -43,6 +43,7 @@ from trustplane.oauth.scopes import Vocabulary, load_vocabulary, with_internal_a
 from trustplane.oauth.token_endpoint import TokenEndpoint
 from trustplane.policy.admin_http import simulation_router
 from trustplane.policy.enforcement import TokenPolicy
+from trustplane.policy.http import AuthzenHttp, authzen_paths
 from trustplane.policy.service import GENERATION as POLICY_GENERATION
 from trustplane.policy.service import PolicyService, build_policy
 from trustplane.settings import Settings, SettingsError
@@ -257,6 +258,8 @@ def _mount(app: FastAPI, svc: Services) -> list[Route]:
     app.include_router(registration_router(svc.clients, svc.settings.issuer))
     app.include_router(simulation_router(svc.policy, svc.keys, svc.clients.registry, svc.settings))
     fast = protocol.routes()
+    authzen = AuthzenHttp(svc.policy.engine, svc.keys, svc.clients.registry, svc.settings.issuer)
+    fast += authzen.routes()
     app.router.routes.extend(fast)
     app.router.routes.append(Route("/metrics", _metrics, methods=["GET"]))
     app.router.routes.append(Route("/healthz", _health, methods=["GET"]))
@@ -283,6 +286,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
         schema.setdefault("paths", {}).update(protocol_paths())
+        schema["paths"].update(authzen_paths())
         app.openapi_schema = schema
     return app.openapi_schema
 
