@@ -70,6 +70,11 @@ class CompiledBundle:
     schema: cedarpy.Schema
     policy_ids: tuple[str, ...]
 
+    @property
+    def uses_regions(self) -> bool:
+        """Whether the schema declares the ``served_regions`` context attribute the engine fills."""
+        return "served_regions" in self.source.files[SCHEMA_FILE]
+
 
 def content_version(files: Mapping[str, str]) -> str:
     listing = "".join(

@@ -88,14 +88,15 @@ def _add(entity: Entity, out: dict[tuple[str, str], dict[str, Any]]) -> None:
         raise ValueError(f"entity {entity.uid} appears twice with different attributes")
 
 
-def cedar_input(request: DecisionRequest, served_regions: Sequence[str]) -> CedarInput:
-    """The Cedar request and entities; business actions get the deployment's ``served_regions``
-    (a fact of this PDP, not of the caller: it overrides whatever the caller sent)."""
+def cedar_input(request: DecisionRequest, served_regions: Sequence[str] | None) -> CedarInput:
+    """The Cedar request and entities. When the bundle's schema uses ``served_regions``, every action
+    but ``token:obtain`` gets the deployment's regions there (a fact of this PDP, not of the caller:
+    it overrides whatever the caller sent)."""
     entities: dict[tuple[str, str], dict[str, Any]] = {}
     _add(request.subject, entities)
     _add(request.resource, entities)
     context = {str(k): _value(v, entities) for k, v in request.context.items()}
-    if request.action != TOKEN_ACTION:
+    if served_regions is not None and request.action != TOKEN_ACTION:
         context["served_regions"] = list(served_regions)
     cedar = {
         "principal": _uid(request.subject),
@@ -119,11 +120,18 @@ def classify(error: str) -> FailReason:
     return FailReason.ENGINE_ERROR
 
 
+def _detail(error: str) -> str:
+    """The diagnostic without the entity document Cedar echoes back (it can be long)."""
+    if error.startswith("failed to parse entities from:"):
+        error = "failed to parse entities: " + error.rsplit("]: ", 1)[-1]
+    return error[:300]
+
+
 def outcome_of(result: cedarpy.AuthzResult) -> Outcome:
     diagnostics = result.diagnostics
     errors = diagnostics.errors
     if errors:
-        return Outcome(False, (), classify(errors[0]), errors[0][:300])
+        return Outcome(False, (), classify(errors[0]), _detail(errors[0]))
     decision = result.decision
     names = diagnostics.id_annotations_by_reason
     reasons = tuple(sorted(names.get(p, p) for p in diagnostics.reasons))
@@ -211,9 +219,10 @@ class PolicyEngine:
         bundle = self.bundle
         inputs: list[CedarInput | None] = []
         outcomes: list[Outcome | None] = []
+        regions = self._served if bundle is None or bundle.uses_regions else None
         for request in requests:
             try:
-                inputs.append(cedar_input(request, self._served))
+                inputs.append(cedar_input(request, regions))
                 outcomes.append(None)
             except (TypeError, ValueError) as exc:
                 inputs.append(None)
