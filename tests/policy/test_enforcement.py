@@ -114,7 +114,8 @@ async def test_cached_decisions_are_still_recorded_and_a_bundle_switch_misses(
         assert (await token(http, kit, "order:create", EXECUTION)).status_code == 200
     assert (cache("hit") - hits, cache("miss") - misses) == (2, 1)
     rows = await decisions(services)
-    assert len(rows) == 3 and len({r.decision_id for r in rows}) == 3
+    assert len(rows) == 3
+    assert len({r.decision_id for r in rows}) == 3
 
     v1 = (await services.policy.publish(variant(1), "CR-1", "alice")).record.version
     await services.policy.activate(v1, "alice", "CR-1")

@@ -59,7 +59,9 @@ async def record(services: Services) -> dict[str, Decision]:
 
 async def test_known_flips_are_reported_exactly(services: Services) -> None:
     recorded = await record(services)
-    assert recorded["7m"].allowed and recorded["8m"].allowed and not recorded["report_us"].allowed
+    assert recorded["7m"].allowed
+    assert recorded["8m"].allowed
+    assert not recorded["report_us"].allowed
     compiled = compile_bundle(candidate())
     report = await simulate(services.db, compiled)
     data = report.to_dict()
@@ -94,7 +96,8 @@ async def test_since_limits_the_replay(services: Services) -> None:
     report = await simulate(
         services.db, compile_bundle(candidate()), since_ms=time.time_ns() // 1_000_000 + 60_000
     )
-    assert report.total == 0 and report.flip_rate == 0.0
+    assert report.total == 0
+    assert report.flip_rate == 0.0
 
 
 async def test_requests_that_never_reached_the_engine_are_skipped(services: Services) -> None:

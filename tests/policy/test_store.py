@@ -66,7 +66,8 @@ async def test_first_start_publishes_and_activates_the_default(
         ("active", BUILTIN_CHANGE_REF, "trustplane")
     ]
     assert svc.engine.version == default_bundle().version == records[0].version
-    assert history[0].version == records[0].version and history[0].previous_version is None
+    assert history[0].version == records[0].version
+    assert history[0].previous_version is None
     await svc.ensure_default()  # a second start changes nothing
     assert len((await svc.list())[0]) == 1
 
@@ -75,9 +76,12 @@ async def test_publish_is_idempotent_and_audited(db: Database, tmp_path: Path) -
     svc = service(db, tmp_path)
     first = await svc.publish(variant(1), "CR-1042", "alice")
     again = await svc.publish(variant(1), "CR-9999", "bob")
-    assert first.created and not again.created
-    assert again.record.change_ref == "CR-1042" and again.record.author == "alice"
-    assert first.record.status == "published" and len(first.tests) > 0
+    assert first.created
+    assert not again.created
+    assert again.record.change_ref == "CR-1042"
+    assert again.record.author == "alice"
+    assert first.record.status == "published"
+    assert len(first.tests) > 0
     events = await recent_events(db, 10, "policy:bundle:published")
     assert [(e["policy_bundle_version"], e["payload"]["change_ref"]) for e in events] == [
         (first.record.version, "CR-1042")
