@@ -22,6 +22,13 @@ def candidate() -> BundleSource:
         'forbid (principal, action in Action::"business", resource)\nunless '
         '{ action == Action::"report:view" } unless',
     )
+    tests = files["tests/default.yaml"].replace(
+        "reasons: [mandate.amount_limit]",
+        "reasons: [mandate.amount_limit, order.large_ticket_approval]",
+    )
+    head, _, tail = tests.partition("name: a report whose data lives in a served region")
+    tail = tail.replace("reasons: [entity.own]", "reasons: [entity.own, report.view_anywhere]", 1)
+    files["tests/default.yaml"] = head + "name: a report whose data lives in a served region" + tail
     return BundleSource(files)
 
 

@@ -10,19 +10,22 @@ import asyncio
 import dataclasses
 import json
 import re
+import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TextIO, TypeVar, cast
 
 import cedarpy
+import structlog
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from trustplane.logging import configure_logging
 from trustplane.policy.bundle import BundleError, BundleSource, compile_bundle, load_dir
 from trustplane.policy.service import PolicyService, PublishRefused, check_bundle
 from trustplane.policy.store import ActivationConflict, UnknownBundle
@@ -71,6 +74,10 @@ async def _with_policy(fn: Callable[[PolicyService], Awaitable[T]]) -> T:
     from trustplane.storage.migrate import pending
 
     settings = _settings()
+    configure_logging(settings.log_level, settings.log_format)
+    structlog.configure(
+        logger_factory=structlog.PrintLoggerFactory(cast(TextIO, _Stderr()))
+    )  # stdout is output
     db = Database(settings.effective_database_url)
     try:
         if await pending(db):
@@ -83,6 +90,16 @@ async def _with_policy(fn: Callable[[PolicyService], Awaitable[T]]) -> T:
         return await fn(service)
     finally:
         await db.dispose()
+
+
+class _Stderr:
+    """Writes to whatever ``sys.stderr`` is at the time (test runners swap it)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 def _emit(data: Any) -> None:
@@ -142,6 +159,10 @@ def publish(
 ) -> None:
     """Validate, run the tests, and store the bundle under its content version."""
     source = _load(path)
+    try:
+        check_bundle(source)  # refuse before touching the database
+    except PublishRefused as exc:
+        raise _problems("publish refused:", exc.problems, as_json) from None
 
     async def go(service: PolicyService) -> dict[str, Any]:
         published = await service.publish(source, change_ref, author)
