@@ -22,7 +22,8 @@ ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
 
 class ClientAuth(Protocol):
-    client_id: str
+    @property
+    def client_id(self) -> str: ...
 
     def apply(self, form: dict[str, str], headers: dict[str, str]) -> None:
         """Add the credentials to an outgoing form request."""
