@@ -9,6 +9,8 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
+from prometheus_client import REGISTRY
+from sqlalchemy import text
 
 from tests.conftest import LEI, ClientKit, register_kit
 from tests.protocol_server import Server
@@ -109,6 +111,9 @@ async def test_metadata_document(server: Server) -> None:
 
 
 async def test_single_evaluation_allow(server: Server, token: str) -> None:
+    labels = {"endpoint": "evaluation", "decision": "allow"}
+    before = REGISTRY.get_sample_value("trustplane_authzen_decisions_total", labels) or 0.0
+
     response = await post(server, "evaluation", evaluation(), token, **{"X-Request-ID": "req-1"})
 
     assert response.status_code == 200, response.text
@@ -119,6 +124,27 @@ async def test_single_evaluation_allow(server: Server, token: str) -> None:
     assert len(body["context"]["decision_id"]) == 32
     assert response.headers["x-request-id"] == "req-1"
     assert response.headers["cache-control"] == "no-store"
+    assert REGISTRY.get_sample_value("trustplane_authzen_decisions_total", labels) == before + 1
+
+
+async def test_decisions_are_recorded_with_the_request_id(server: Server, token: str) -> None:
+    body = {**evaluation(), "evaluations": [{}, {"resource": order(owner=OTHER_LEI)}]}
+
+    response = await post(server, "evaluations", body, token, **{"X-Request-ID": "trace-42"})
+
+    ids = [e["context"]["decision_id"] for e in response.json()["evaluations"]]
+    async with server.services.db.read() as conn:
+        rows = (
+            await conn.execute(
+                text(
+                    "SELECT decision_id, allowed, correlation_id FROM policy_decisions "
+                    "WHERE correlation_id = 'trace-42' ORDER BY decision_id"
+                )
+            )
+        ).all()
+    assert sorted((r[0], bool(r[1]), r[2]) for r in rows) == sorted(
+        [(ids[0], True, "trace-42"), (ids[1], False, "trace-42")]
+    )
 
 
 @pytest.mark.parametrize(

@@ -36,7 +36,7 @@ from trustplane.errors import (
     OAuth2Error,
 )
 from trustplane.keys.service import KeyService
-from trustplane.oauth.http import Answer, json_response, protocol_endpoint
+from trustplane.oauth.http import Answer, Handler, json_response, protocol_endpoint
 from trustplane.oauth.scopes import internal_audience
 from trustplane.oauth.tokens import VerifiedClaims, read_access_token
 from trustplane.pep.authzen import (
@@ -77,10 +77,9 @@ class AuthzenHttp:
     async def evaluation(self, request: Request) -> Answer:
         self._authenticate(request)
         body = await _json_body(request)
-        one = request_from_json(body, "", _request_id(request))
-        decision = await self._decide(one)
-        AUTHZEN_DECISIONS.labels(endpoint="evaluation", decision=str(decision.allowed)).inc()
-        return _answer(decision_to_json(decision), request)
+        decision = await self._decide(request_from_json(body, "", _request_id(request)))
+        _count("evaluation", [decision])
+        return _answer(decision_to_json(decision))
 
     async def evaluations(self, request: Request) -> Answer:
         self._authenticate(request)
@@ -88,12 +87,11 @@ class AuthzenHttp:
         batch = evaluations_from_json(body, _request_id(request))
         if batch is None:  # §7.1: no evaluations array, the single-evaluation behaviour
             decision = await self._decide(request_from_json(body, "", _request_id(request)))
-            return _answer(decision_to_json(decision), request)
-        requests, semantic = batch
-        decisions = await self._batch(requests, semantic)
-        for decision in decisions:
-            AUTHZEN_DECISIONS.labels(endpoint="evaluations", decision=str(decision.allowed)).inc()
-        return _answer({"evaluations": [decision_to_json(d) for d in decisions]}, request)
+            _count("evaluations", [decision])
+            return _answer(decision_to_json(decision))
+        decisions = await self._batch(*batch)
+        _count("evaluations", decisions)
+        return _answer({"evaluations": [decision_to_json(d) for d in decisions]})
 
     async def _decide(self, one: DecisionRequest) -> Decision:
         return await self.pdp.decide(
@@ -153,7 +151,7 @@ class AuthzenHttp:
         ]
 
 
-def _endpoint(name: str, fn: Any) -> Any:
+def _endpoint(name: str, fn: Handler) -> Handler:
     """``protocol_endpoint`` error mapping, plus the ``X-Request-ID`` echo on every answer."""
     inner = protocol_endpoint(name, fn)
 
@@ -172,8 +170,13 @@ def _request_id(request: Request) -> str | None:
     return value[:MAX_REQUEST_ID] if value else None
 
 
-def _answer(body: dict[str, Any], request: Request) -> Response:
+def _answer(body: dict[str, Any]) -> Response:
     return json_response(body, 200, {"Cache-Control": "no-store"})
+
+
+def _count(endpoint: str, decisions: Sequence[Decision]) -> None:
+    for decision in decisions:
+        AUTHZEN_DECISIONS.labels(endpoint, "allow" if decision.allowed else "deny").inc()
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
