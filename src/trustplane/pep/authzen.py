@@ -264,13 +264,14 @@ class AuthzenClient:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if correlation_id:
             headers["X-Request-ID"] = correlation_id
+        content = orjson.dumps(payload)
         try:
-            headers["Authorization"] = f"Bearer {await self._access_token()}"
-            response = await self._http.post(
-                self.pdp + path, content=orjson.dumps(payload), headers=headers
-            )
-            if response.status_code == 401:
-                self._token = None  # expired or revoked early: the next call gets a fresh one
+            for attempt in (1, 2):
+                headers["Authorization"] = f"Bearer {await self._access_token()}"
+                response = await self._http.post(self.pdp + path, content=content, headers=headers)
+                if response.status_code != 401 or attempt == 2:
+                    break
+                self._token = None  # expired or revoked early: retry once with a fresh token
             if response.status_code != 200:
                 return {"error": f"status {response.status_code}"}
             return orjson.loads(response.content)
