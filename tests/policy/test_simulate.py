@@ -111,3 +111,15 @@ async def test_requests_that_never_reached_the_engine_are_skipped(services: Serv
     await services.policy.engine.decide(client(), "order:create", order(), {"bad": 1.5})
     report = await simulate(services.db, compile_bundle(candidate()))
     assert (report.total, report.skipped, report.replayed) == (1, 1, 0)
+
+
+async def test_worker_processes_give_the_same_report(services: Services) -> None:
+    for _ in range(3):
+        await record(services)
+    compiled = compile_bundle(candidate())
+    one = (await simulate(services.db, compiled)).to_dict()
+    two = (await simulate(services.db, compiled, workers=2)).to_dict()
+    for key in ("total", "replayed", "unchanged", "reasons_changed", "flips", "by_reason"):
+        assert one[key] == two[key], key
+    assert one["flips"] == {"allow_to_deny": 6, "deny_to_allow": 3}
+    assert len(two["examples"]["allow_to_deny"]) == 5

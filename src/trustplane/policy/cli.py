@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import re
 import sys
 import time
@@ -373,6 +374,9 @@ def simulate(
         typer.Option("--max-flip-rate", min=0.0, max=1.0, help="Exit 1 above this flip rate."),
     ] = None,
     examples: Annotated[int, typer.Option(min=0, max=100, help="Examples per direction.")] = 5,
+    workers: Annotated[
+        int, typer.Option(min=1, max=64, help="Worker processes (default: the CPU count).")
+    ] = max(1, os.cpu_count() or 1),
     as_json: JsonFlag = False,
 ) -> None:
     """Replay recorded decisions against a candidate bundle; report allow->deny and deny->allow."""
@@ -404,6 +408,7 @@ def simulate(
                 compiled,
                 since_ms=since_ms,
                 examples=examples,
+                workers=workers if total >= 20_000 else 1,
                 progress=lambda n: progress.advance(task, n),
             )
 

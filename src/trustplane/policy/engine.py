@@ -166,13 +166,18 @@ def group_by_entities(
         yield indices, list(merged.values())
 
 
+def _with_json_context(request: dict[str, Any]) -> dict[str, Any]:
+    return {**request, "context": orjson.dumps(request["context"]).decode()}
+
+
 def evaluate_inputs(
     bundle: CompiledBundle, inputs: Sequence[CedarInput | None]
 ) -> list[Outcome | None]:
     """Evaluate prepared inputs (``None`` entries are skipped and stay ``None``)."""
     outcomes: list[Outcome | None] = [None] * len(inputs)
     for indices, entities in group_by_entities(inputs):
-        requests = [inputs[i].request for i in indices]  # type: ignore[union-attr]
+        # The context goes to Cedar as JSON text: orjson here instead of cedarpy's json.dumps.
+        requests = [_with_json_context(inputs[i].request) for i in indices]  # type: ignore[union-attr]
         try:
             results = cedarpy.is_authorized_batch(
                 requests, bundle.policies, orjson.dumps(entities).decode(), schema=bundle.schema

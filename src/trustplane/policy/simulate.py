@@ -15,9 +15,11 @@ deny->allow.
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +27,7 @@ import orjson
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from trustplane.policy.bundle import CompiledBundle
+from trustplane.policy.bundle import BundleSource, CompiledBundle, compile_bundle
 from trustplane.policy.engine import CedarInput, evaluate_inputs
 from trustplane.policy.tables import policy_decisions
 from trustplane.storage.db import Database
@@ -77,6 +79,16 @@ class SimulationReport:
         if max_flips is not None and self.flip_count > max_flips:
             return True
         return max_flip_rate is not None and self.flip_rate > max_flip_rate
+
+    def merge(self, other: SimulationReport) -> None:
+        """Add a partial report (from another worker) to this one."""
+        for name in ("total", "replayed", "skipped", "unchanged", "reasons_changed"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for direction in (ALLOW_TO_DENY, DENY_TO_ALLOW):
+            self.flips[direction] += other.flips[direction]
+            self.by_reason[direction].update(other.by_reason[direction])
+            room = self.examples_per_direction - len(self.examples[direction])
+            self.examples[direction].extend(other.examples[direction][: max(0, room)])
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -200,13 +212,78 @@ async def simulate(
     until_ms: int | None = None,
     limit: int | None = None,
     examples: int = 5,
+    workers: int = 1,
     progress: Callable[[int], None] | None = None,
 ) -> SimulationReport:
-    """Replay recorded decisions (optionally from ``since_ms``) against ``candidate``."""
-    simulator = Simulator(candidate, examples=examples)
-    async with db.read() as conn:
-        async for chunk in recorded_chunks(conn, since_ms, until_ms, limit):
-            await asyncio.to_thread(simulator.feed, chunk)  # keep a serving event loop responsive
-            if progress is not None:
-                progress(len(chunk))
-    return simulator.report
+    """Replay recorded decisions (optionally from ``since_ms``) against ``candidate``.
+
+    ``workers > 1`` evaluates chunks in that many worker processes (the engine holds the GIL while
+    it evaluates, so threads would not help); the database is read by this process meanwhile."""
+    started = time.perf_counter()
+    if workers <= 1:
+        simulator = Simulator(candidate, examples=examples)
+        async with db.read() as conn:
+            async for chunk in recorded_chunks(conn, since_ms, until_ms, limit):
+                await asyncio.to_thread(simulator.feed, chunk)  # keep a serving loop responsive
+                if progress is not None:
+                    progress(len(chunk))
+        report = simulator.report
+    else:
+        report = await _simulate_parallel(
+            db, candidate, since_ms, until_ms, limit, examples, workers, progress
+        )
+    report.elapsed_s = time.perf_counter() - started
+    return report
+
+
+async def _simulate_parallel(
+    db: Database,
+    candidate: CompiledBundle,
+    since_ms: int | None,
+    until_ms: int | None,
+    limit: int | None,
+    examples: int,
+    workers: int,
+    progress: Callable[[int], None] | None,
+) -> SimulationReport:
+    report = SimulationReport(candidate.version, examples)
+    loop = asyncio.get_running_loop()
+    context = multiprocessing.get_context("spawn")  # never fork a process that runs threads
+    files = dict(candidate.source.files)
+    with ProcessPoolExecutor(workers, context, _init_worker, (files, examples)) as pool:
+        pending: set[asyncio.Future[tuple[int, SimulationReport]]] = set()
+
+        def collect(done: set[asyncio.Future[tuple[int, SimulationReport]]]) -> None:
+            for future in done:
+                size, partial = future.result()
+                report.merge(partial)
+                if progress is not None:
+                    progress(size)
+
+        async with db.read() as conn:
+            async for chunk in recorded_chunks(conn, since_ms, until_ms, limit):
+                pending.add(loop.run_in_executor(pool, _feed_in_worker, chunk))
+                if len(pending) >= 2 * workers:
+                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    collect(done)
+        if pending:
+            done, _ = await asyncio.wait(pending)
+            collect(done)
+    return report
+
+
+_worker_bundle: CompiledBundle | None = None
+_worker_examples = 5
+
+
+def _init_worker(files: dict[str, str], examples: int) -> None:
+    global _worker_bundle, _worker_examples
+    _worker_bundle = compile_bundle(BundleSource(files))
+    _worker_examples = examples
+
+
+def _feed_in_worker(rows: list[Recorded]) -> tuple[int, SimulationReport]:
+    assert _worker_bundle is not None
+    simulator = Simulator(_worker_bundle, examples=_worker_examples)
+    simulator.feed(rows)
+    return len(rows), simulator.report
