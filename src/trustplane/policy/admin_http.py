@@ -38,8 +38,12 @@ class CandidateFiles(BaseModel):
 class SimulationRequest(BaseModel):
     version: str | None = Field(default=None, max_length=64)
     bundle: CandidateFiles | None = None
-    since: int | None = Field(default=None, ge=0, description="Epoch seconds; default: all")
-    until: int | None = Field(default=None, ge=0, description="Epoch seconds; default: now")
+    since: int | None = Field(
+        default=None, ge=0, le=10**11, description="Epoch seconds; default: all"
+    )
+    until: int | None = Field(
+        default=None, ge=0, le=10**11, description="Epoch seconds; default: now"
+    )
     max_flips: int | None = Field(default=None, ge=0)
     max_flip_rate: float | None = Field(default=None, ge=0, le=1)
     examples: int = Field(default=5, ge=0, le=100)
