@@ -11,6 +11,10 @@ Sections (each a function returning rows; ``SECTIONS`` lists them in order):
   inputs) through the group-commit writer on SQLite, at --concurrency in-flight decisions.
 - ``section_simulation``: --sim-records recorded decisions in SQLite replayed against a candidate
   bundle (``trustplane.policy.simulate``): decisions/s and the projected time for 1M. Target <= 180 s.
+- ``section_pep``: PEP token validation + in-process decide per request, new and reused tokens, with
+  the raw ES256 verify and ``decide`` alone as baselines (``bench/pdp_http.py``). Target p50 <= 350 us.
+- ``section_authzen_http``: AuthZEN single and batch evaluations over HTTP against a real
+  ``trustplane serve`` with wrk (``bench/pdp_http.py``).
 
   python bench/pdp.py                       # defaults: 3,000 decisions, 200,000 recorded
   python bench/pdp.py --sim-records 1000000
@@ -267,10 +271,32 @@ def section_simulation(args: argparse.Namespace) -> list[Row]:
         return rows
 
 
+def _rows(measured: list[dict[str, Any]]) -> list[Row]:
+    return [
+        Row(r["name"], r["ops_s"], r["p50_us"], r["p99_us"], r.get("note", "")) for r in measured
+    ]
+
+
+def section_pep(args: argparse.Namespace) -> list[Row]:
+    """PEP validate + decide per request (bench/pdp_http.py: baselines and both token modes)."""
+    from pdp_http import bench_pep_validate_decide
+
+    return _rows(bench_pep_validate_decide(args.decisions))
+
+
+def section_authzen_http(args: argparse.Namespace) -> list[Row]:
+    """AuthZEN over HTTP against a real server with wrk (bench/pdp_http.py)."""
+    from pdp_http import bench_authzen_http
+
+    return _rows(bench_authzen_http(args.http_duration, args.http_connections))
+
+
 SECTIONS: list[Callable[[argparse.Namespace], list[Row]]] = [
     section_engine,
     section_decide_recorded,
     section_simulation,
+    section_pep,
+    section_authzen_http,
 ]
 
 
@@ -303,6 +329,8 @@ def main() -> None:
     parser.add_argument(
         "--sim-workers", type=int, default=os.cpu_count() or 1, help="simulation processes"
     )
+    parser.add_argument("--http-duration", type=int, default=10, help="wrk seconds (AuthZEN)")
+    parser.add_argument("--http-connections", type=int, default=16, help="wrk connections")
     parser.add_argument(
         "--only", action="append", default=[], help="run only sections whose name contains this"
     )

@@ -53,41 +53,51 @@ def _object(value: object, where: str, *, required: bool = True) -> dict[str, An
 
 def _text(entity: dict[str, Any], key: str, where: str) -> str:
     value = entity.get(key)
-    if not isinstance(value, str) or not value or len(value) > MAX_ID_LENGTH:
+    if type(value) is not str or not value or len(value) > MAX_ID_LENGTH:
         raise InvalidRequestError(f"{where}.{key} must be a non-empty string")
     return value
 
 
+#: JSON scalars need no conversion; checked by exact type on the hot path (bool is not int here).
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
 def _value(value: Any, depth: int = 0) -> Any:
+    if type(value) in _SCALARS:
+        return value
     if depth > MAX_DEPTH:
         raise InvalidRequestError(f"values may nest at most {MAX_DEPTH} levels deep")
-    if isinstance(value, dict):
+    if type(value) is dict:
         ref = value.get("__entity")
-        if len(value) == 1 and isinstance(ref, dict):
+        if len(value) == 1 and type(ref) is dict:
             return entity_from_json(ref, "__entity", depth=depth + 1)
         return {k: _value(v, depth + 1) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_value(v, depth + 1) for v in value]
-    return value
+    return [_value(v, depth + 1) for v in value]  # orjson gives nothing else than a list here
 
 
 def entity_from_json(value: object, where: str, *, depth: int = 0) -> Entity:
+    if type(value) is not dict:
+        raise InvalidRequestError(f"{where} must be a JSON object")
     if depth > MAX_DEPTH:
         raise InvalidRequestError(f"entities may nest at most {MAX_DEPTH} levels deep")
-    raw = _object(value, where)
-    properties = _object(raw.get("properties"), f"{where}.properties", required=False)
-    parents = raw.get("parents", [])
-    if not isinstance(parents, list) or len(parents) > MAX_PARENTS:
-        raise InvalidRequestError(f"{where}.parents must be an array of at most {MAX_PARENTS}")
-    return Entity(
-        _text(raw, "type", where),
-        _text(raw, "id", where),
-        {k: _value(v, depth + 1) for k, v in properties.items()},
-        tuple(
+    properties = value.get("properties")
+    if properties is None:
+        attributes: dict[str, Any] = {}
+    elif type(properties) is dict:
+        attributes = {k: _value(v, depth + 1) for k, v in properties.items()}
+    else:
+        raise InvalidRequestError(f"{where}.properties must be a JSON object")
+    parents = value.get("parents")
+    if parents is None:
+        members: tuple[Entity, ...] = ()
+    elif type(parents) is list and len(parents) <= MAX_PARENTS:
+        members = tuple(
             entity_from_json(p, f"{where}.parents[{i}]", depth=depth + 1)
             for i, p in enumerate(parents)
-        ),
-    )
+        )
+    else:
+        raise InvalidRequestError(f"{where}.parents must be an array of at most {MAX_PARENTS}")
+    return Entity(_text(value, "type", where), _text(value, "id", where), attributes, members)
 
 
 def action_from_json(value: object, where: str) -> str:
