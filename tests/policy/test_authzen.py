@@ -14,6 +14,7 @@ from sqlalchemy import text
 
 from tests.conftest import LEI, ClientKit, register_kit
 from tests.protocol_server import Server
+from trustplane.clients.model import ClientStatus
 from trustplane.oauth.tokens import issue_access_token
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -376,6 +377,19 @@ async def test_expired_token_is_invalid_token(server: Server) -> None:
 
     assert response.status_code == 401
     assert response.json()["error"] == "invalid_token"
+
+
+async def test_disabling_the_caller_ends_its_token_at_once(server: Server) -> None:
+    """The caller's signature is verified once per token, but its client is checked every call."""
+    kit, token = await caller(server)
+    assert (await post(server, "evaluation", evaluation(), token)).status_code == 200
+
+    await server.services.clients.set_status(kit.client_id, ClientStatus.DISABLED)
+    response = await post(server, "evaluation", evaluation(), token)
+
+    assert response.status_code == 401
+    assert response.json()["error"] == "invalid_token"
+    assert "not active" in response.json()["error_description"]
 
 
 async def test_foreign_signature_is_invalid_token(server: Server, token: str) -> None:

@@ -18,8 +18,9 @@ parsed with orjson, and the answer written directly.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -50,6 +51,7 @@ from trustplane.policy.model import Decision, DecisionPoint, DecisionRequest
 SCOPE = "decision:evaluate"
 MAX_BODY = 256 * 1024
 MAX_REQUEST_ID = 256
+VERIFIED_CACHE_SIZE = 10_000
 AUTHZEN_DECISIONS = Counter(
     "trustplane_authzen_decisions_total", "AuthZEN decisions answered", ["endpoint", "decision"]
 )
@@ -61,6 +63,7 @@ class AuthzenHttp:
     keys: KeyService
     registry: ClientRegistry
     issuer: str
+    verified_tokens: dict[str, VerifiedClaims] = field(default_factory=dict)
 
     @property
     def audience(self) -> str:
@@ -120,9 +123,7 @@ class AuthzenHttp:
             raise InvalidRequestError(QUERY_OR_FORM_TOKEN)
         headers = request.headers
         token = bearer_token(headers.get("authorization"), len(headers.getlist("authorization")))
-        claims = read_access_token(self.keys.ring, token, issuer=self.issuer)
-        if claims is None:
-            raise InvalidTokenError("the access token is invalid or expired")
+        claims = self._verified(token)
         if claims.get("aud") != self.audience:
             raise InvalidTokenError(f"the access token is not meant for {self.audience}")
         client = self.registry.get(str(claims.get("client_id")))
@@ -130,6 +131,20 @@ class AuthzenHttp:
             raise InvalidTokenError("the access token's client is not active")
         if SCOPE not in str(claims.get("scope", "")).split():
             raise InsufficientScopeError(f"the access token lacks scope {SCOPE}")
+        return claims
+
+    def _verified(self, token: str) -> VerifiedClaims:
+        """Our own token, signature checked once per token string and remembered until it expires
+        (a PEP reuses its token for its lifetime); audience, client and scope are checked per call."""
+        claims = self.verified_tokens.get(token)
+        if claims is None or claims["exp"] <= time.time():
+            claims = read_access_token(self.keys.ring, token, issuer=self.issuer)
+            if claims is None:
+                self.verified_tokens.pop(token, None)
+                raise InvalidTokenError("the access token is invalid or expired")
+            if len(self.verified_tokens) >= VERIFIED_CACHE_SIZE:
+                self.verified_tokens.pop(next(iter(self.verified_tokens)))
+            self.verified_tokens[token] = claims
         return claims
 
     async def configuration(self, _request: Request) -> Response:
