@@ -8,6 +8,9 @@ verified-token cache hit a client reusing its token for its lifetime gets). Base
 the raw ``cryptography`` ES256 verify and the engine's ``decide`` alone, so the PEP's own overhead
 is visible as a difference.
 
+``bench_authzen_handler``: the AuthZEN handler called as ASGI in process (no network, an engine that
+does not record): the HTTP layer's own cost per decision, to compare with ``decide`` alone.
+
 ``bench_authzen_http``: a real ``trustplane serve`` (SQLite, one worker) on loopback, driven by wrk
 with a valid bearer token: single evaluations, and batches of 10; every decision is recorded durably
 by the decision point before the answer. Reports decisions/s and request latency p50/p99.
@@ -351,6 +354,95 @@ def bench_authzen_http(duration: int = 10, connections: int = 16, batch: int = 1
     return rows
 
 
+async def _handler_rows(n: int) -> list[Row]:
+    """The AuthZEN handler as an ASGI call (no network, no uvicorn) over an engine that does not
+    record: what the HTTP layer itself costs per decision, next to ``decide`` alone."""
+    from trustplane.app import Services
+    from trustplane.policy.http import AuthzenHttp
+    from trustplane.settings import Settings
+    from trustplane.storage.migrate import upgrade
+
+    with tempfile.TemporaryDirectory(prefix="tp-bench-handler-") as tmp:
+        url = f"sqlite+aiosqlite:///{tmp}/t.db"
+        settings = Settings(issuer="http://127.0.0.1:9", database_url=url, data_dir=Path(tmp))
+        svc = Services.build(settings)
+        await upgrade(svc.db)
+        await svc.start()
+        try:
+            return await _handler_measure(svc, AuthzenHttp, n)
+        finally:
+            await svc.stop()
+
+
+async def _handler_measure(svc: Any, authzen_http: Any, n: int) -> list[Row]:
+    from trustplane.oauth.tokens import issue_access_token
+
+    audience = f"{svc.settings.issuer}/access/v1"
+    client = await svc.clients.register(
+        {
+            "lei": LEI,
+            "scope": "decision:evaluate",
+            "allowed_resources": [audience],
+            "jwks": {"keys": [{**public_jwk(ec.generate_private_key(ec.SECP256R1())), "kid": "k"}]},
+        },
+        initial_access_token=None,
+    )
+    token = issue_access_token(
+        svc.keys.ring,
+        issuer=svc.settings.issuer,
+        subject=client.client.client_id,
+        client_id=client.client.client_id,
+        audience=audience,
+        scopes=("decision:evaluate",),
+        lifetime=600,
+    ).token
+    engine = PolicyEngine(issuer=svc.settings.issuer, served_regions=["eu"])
+    engine.activate(compile_bundle(default_bundle()))
+    app = authzen_http(engine, svc.keys, svc.clients.registry, svc.settings.issuer)
+    handler = next(r.endpoint for r in app.routes() if r.path == "/access/v1/evaluation")
+    body = json.dumps(_evaluation_json()).encode()
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/access/v1/evaluation",
+        "query_string": b"",
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"authorization", f"Bearer {token}".encode()),
+        ],
+    }
+    from starlette.requests import Request
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    statuses: list[int] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    async def call() -> None:
+        response = await handler(Request(scope, receive))
+        await response(scope, receive, send)
+
+    for _ in range(200):
+        await call()
+    samples = []
+    for _ in range(n):
+        started = time.perf_counter_ns()
+        await call()
+        samples.append(time.perf_counter_ns() - started)
+    assert set(statuses) == {200}, statuses
+    return [
+        {"name": "AuthZEN handler in process (no network, no recording)", **percentiles(samples)}
+    ]
+
+
+def bench_authzen_handler(n: int = 3000) -> list[Row]:
+    return asyncio.run(_handler_rows(n))
+
+
 def print_rows(rows: list[Row]) -> None:
     print(f"{'benchmark':<52} {'ops/s':>10} {'p50 us':>9} {'p99 us':>9}  note")
     for row in rows:
@@ -371,6 +463,7 @@ def main() -> None:
     if args.only in (None, "pep"):
         rows += bench_pep_validate_decide(args.n)
     if args.only in (None, "authzen"):
+        rows += bench_authzen_handler(args.n)
         rows += bench_authzen_http(args.duration, args.connections)
     print_rows(rows)
 
