@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -166,6 +167,45 @@ async def test_another_process_picks_up_an_activation(db: Database, tmp_path: Pa
 
 @pytest.mark.postgres
 async def test_racing_activations_exactly_one_wins(pg_url: str, tmp_path: Path) -> None:
+    """Six transactions that all saw the default active try to switch to six bundles at once."""
+    db = Database(pg_url)
+    try:
+        svc = service(db, tmp_path)
+        await svc.ensure_default()
+        versions = [
+            (await svc.publish(variant(i), f"CR-{i}", "a")).record.version for i in range(6)
+        ]
+        store, start = SqlBundleStore(), asyncio.Event()
+
+        async def activate(version: str) -> str:
+            async with db.transaction() as conn:
+                current = await store.active_version(conn)
+                await start.wait()  # every transaction has read the same active bundle
+                await store.activate(conn, version, expected=current, actor="r", change_ref=None)
+            return version
+
+        tasks = [asyncio.create_task(activate(v)) for v in versions]
+        await asyncio.sleep(0.5)
+        start.set()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        winners = [r for r in results if isinstance(r, str)]
+        assert len(winners) == 1, results
+        assert all(isinstance(r, ActivationConflict) for r in results if r not in winners)
+        assert await active_count(db) == 1
+        async with db.read() as conn:
+            assert await store.active_version(conn) == winners[0]
+            assert [a.version for a in await store.history(conn)] == [
+                winners[0],
+                default_bundle().version,
+            ]
+    finally:
+        await db.dispose()
+
+
+@pytest.mark.postgres
+async def test_racing_service_activations_never_lose_an_update(pg_url: str, tmp_path: Path) -> None:
+    """Through the service (each reads the active bundle itself): whatever interleaving, the
+    activations that succeed form one chain and the last of them is the active bundle."""
     db = Database(pg_url)
     try:
         svcs = [service(db, tmp_path) for _ in range(6)]
@@ -177,13 +217,16 @@ async def test_racing_activations_exactly_one_wins(pg_url: str, tmp_path: Path) 
             *(s.activate(v, "racer", None) for s, v in zip(svcs, versions, strict=True)),
             return_exceptions=True,
         )
-        winners = [r for r in results if not isinstance(r, BaseException)]
-        losers = [r for r in results if isinstance(r, BaseException)]
-        assert len(winners) == 1, results
-        assert all(isinstance(r, ActivationConflict) for r in losers), losers
+        assert all(
+            isinstance(r, ActivationConflict) for r in results if isinstance(r, BaseException)
+        )
         assert await active_count(db) == 1
         async with db.read() as conn:
-            assert await SqlBundleStore().active_version(conn) == winners[0].version
+            history = list(reversed(await SqlBundleStore().history(conn)))
+            active = await SqlBundleStore().active_version(conn)
+        for before, after in itertools.pairwise(history):
+            assert after.previous_version == before.version
+        assert history[-1].version == active
     finally:
         await db.dispose()
 
