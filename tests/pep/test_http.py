@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+import structlog.testing
 from fastapi import Depends, FastAPI, Request
 from prometheus_client import REGISTRY
 
@@ -377,3 +378,17 @@ async def test_introspection_failure_fails_closed(issuer: FakeIssuer) -> None:
     assert response.status_code == 503
     assert response.json()["error"] == "temporarily_unavailable"
     assert handled == []
+
+
+async def test_a_policy_deny_is_logged_with_its_decision(harness: Harness) -> None:
+    with structlog.testing.capture_logs() as logs:
+        response = await harness.order(
+            harness.issuer.token(), body={"owner": OTHER_LEI}, headers={"X-Request-ID": "t-9"}
+        )
+
+    refused = [entry for entry in logs if entry["event"] == "pep_refused"]
+    assert len(refused) == 1
+    assert refused[0]["reason_ids"] == ("default_deny",)
+    assert refused[0]["client_id"] == "client-1"
+    assert refused[0]["correlation_id"] == "t-9"
+    assert refused[0]["decision_id"] in response.json()["error_description"]

@@ -94,21 +94,34 @@ class PolicyEnforcer:
         be in the token first: a token without it never reaches the PDP."""
         if scope is not None and scope not in token.scopes:
             error = InsufficientScopeError(f"the token lacks scope {scope}")
-            raise self._refuse(error, "scope", scope)
+            raise self._refuse(error, "scope", scope, client_id=token.client_id, action=action)
         decision = await self.pdp.decide(
             self._subject(token), action, resource, context, correlation_id=correlation_id
         )
         if decision.allowed:
             metrics.PEP_ALLOWED.inc()
             return decision
+        facts: dict[str, Any] = {
+            "client_id": token.client_id,
+            "action": action,
+            "resource": resource.uid,
+            "decision_id": decision.decision_id,
+            "reason_ids": decision.reason_ids,
+            "correlation_id": correlation_id,
+        }
         if FailReason.PDP_UNREACHABLE.value in decision.reason_ids:
-            raise self._refuse(TemporarilyUnavailableError("try again shortly"), "pdp_unreachable")
+            unavailable = TemporarilyUnavailableError("try again shortly")
+            raise self._refuse(unavailable, "pdp_unreachable", **facts)
         description = f"denied by policy (decision {decision.decision_id})"
         reason = decision.reason_ids[0] if decision.reason_ids else "deny"
-        raise self._refuse(InsufficientScopeError(description), reason, scope or action)
+        raise self._refuse(InsufficientScopeError(description), reason, scope or action, **facts)
 
-    def _refuse(self, exc: OAuth2Error, reason: str, scope: str | None = None) -> OAuth2Error:
+    def _refuse(
+        self, exc: OAuth2Error, reason: str, scope: str | None = None, **facts: Any
+    ) -> OAuth2Error:
+        """Count, log (one line per refusal: what was refused and why) and add the challenge."""
         metrics.PEP_REFUSED.labels(error=exc.error, reason=reason[:64]).inc()
+        log.info("pep_refused", realm=self.realm, error=exc.error, reason=reason, **facts)
         if isinstance(exc, TemporarilyUnavailableError):
             exc.headers = {**exc.headers, "Retry-After": "1"}
             return exc
