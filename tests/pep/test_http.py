@@ -392,3 +392,33 @@ async def test_a_policy_deny_is_logged_with_its_decision(harness: Harness) -> No
     assert refused[0]["client_id"] == "client-1"
     assert refused[0]["correlation_id"] == "t-9"
     assert refused[0]["decision_id"] in response.json()["error_description"]
+
+
+async def test_plain_starlette_handler(issuer: FakeIssuer) -> None:
+    """Without FastAPI: the dependency is an awaitable of the request; ``install`` renders refusals."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    validator = TokenValidator(
+        audience=AUDIENCE, issuers=[TrustedIssuer(ISSUER)], http=issuer.http()
+    )
+    pep = Pep(PolicyEnforcer(validator, engine(), realm="execution"))
+    guard = pep.require("order:create", resource=order_of, context=context_of)
+
+    async def create(request: Request) -> JSONResponse:
+        grant = await guard(request)
+        return JSONResponse({"reasons": list(grant.decision.reason_ids)})
+
+    app = Starlette(routes=[Route("/orders", create, methods=["POST"])])
+    pep.install(app)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://rs") as c:
+        allowed = await c.post(
+            "/orders", json=BODY, headers={"Authorization": f"Bearer {issuer.token()}"}
+        )
+        refused = await c.post("/orders", json=BODY)
+
+    assert allowed.status_code == 200
+    assert allowed.json() == {"reasons": ["entity.own"]}
+    assert refused.status_code == 401
+    assert refused.headers["www-authenticate"] == 'Bearer realm="execution"'
