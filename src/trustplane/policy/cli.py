@@ -85,9 +85,7 @@ async def _with_policy(fn: Callable[[PolicyService], Awaitable[T]]) -> T:
             raise _fail("database schema is not up to date: run `trustplane migrate`", 2)
         regions = tuple(settings.policy_served_regions)
         engine = PolicyEngine(issuer=settings.issuer, served_regions=regions, observe=False)
-        service = PolicyService(
-            db, SqlBundleStore(), engine, issuer=settings.issuer, served_regions=regions
-        )
+        service = PolicyService(db, SqlBundleStore(), engine, issuer=settings.issuer)
         return await fn(service)
     finally:
         await db.dispose()

@@ -166,6 +166,11 @@ def group_by_entities(
         yield indices, list(merged.values())
 
 
+def _present(item: CedarInput | None) -> CedarInput:
+    assert item is not None  # group_by_entities only yields indices of present inputs
+    return item
+
+
 def _with_json_context(request: dict[str, Any]) -> dict[str, Any]:
     return {**request, "context": orjson.dumps(request["context"]).decode()}
 
@@ -177,7 +182,7 @@ def evaluate_inputs(
     outcomes: list[Outcome | None] = [None] * len(inputs)
     for indices, entities in group_by_entities(inputs):
         # The context goes to Cedar as JSON text: orjson here instead of cedarpy's json.dumps.
-        requests = [_with_json_context(inputs[i].request) for i in indices]  # type: ignore[union-attr]
+        requests = [_with_json_context(_present(inputs[i]).request) for i in indices]
         try:
             results = cedarpy.is_authorized_batch(
                 requests, bundle.policies, orjson.dumps(entities).decode(), schema=bundle.schema
@@ -233,15 +238,18 @@ class PolicyEngine:
                 inputs.append(None)
                 outcomes.append(failed(FailReason.INVALID_REQUEST, str(exc)))
         if bundle is None:
-            outcomes = [o or failed(FailReason.NO_ACTIVE_BUNDLE) for o in outcomes]
+            evaluated: list[Outcome | None] = [failed(FailReason.NO_ACTIVE_BUNDLE)] * len(inputs)
         else:
             evaluated = evaluate_inputs(bundle, inputs)
-            outcomes = [o or e for o, e in zip(outcomes, evaluated, strict=True)]
+        final = [
+            o or e or failed(FailReason.NO_DECISION)
+            for o, e in zip(outcomes, evaluated, strict=True)
+        ]
         latency_us = (time.perf_counter_ns() - started) // 1000 // max(1, len(requests))
         version = bundle.version if bundle else NO_BUNDLE
         return [
-            self.record(r, i, o, version, latency_us)  # type: ignore[arg-type]
-            for r, i, o in zip(requests, inputs, outcomes, strict=True)
+            self.record(r, i, o, version, latency_us)
+            for r, i, o in zip(requests, inputs, final, strict=True)
         ]
 
     def record(

@@ -84,10 +84,9 @@ class PolicyService:
         engine: PolicyEngine,
         *,
         issuer: str,
-        served_regions: tuple[str, ...],
     ) -> None:
         self.db, self._store, self.engine = db, store, engine
-        self._issuer, self.served_regions = issuer, served_regions
+        self._issuer = issuer
         self._compiled: dict[str, CompiledBundle] = {}
 
     async def ensure_default(self) -> None:
@@ -205,6 +204,4 @@ def build_policy(settings: Settings, db: Database, writer: GroupCommitWriter) ->
     engine = PolicyEngine(
         issuer=settings.issuer, served_regions=regions, recorder=DecisionRecorder(writer)
     )
-    return PolicyService(
-        db, SqlBundleStore(), engine, issuer=settings.issuer, served_regions=regions
-    )
+    return PolicyService(db, SqlBundleStore(), engine, issuer=settings.issuer)
