@@ -7,15 +7,21 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import select
 
 from tests.conftest import ClientKit, register_kit
 from tests.policy.test_store import variant
 from trustplane.app import Services
+from trustplane.audit.events import AuditEvent, AuditEventType
 from trustplane.audit.sink import recent_events
+from trustplane.oauth.outcomes import Outcome
+from trustplane.oauth.replay import ReplayUse
 from trustplane.policy.bundle import BundleSource, default_bundle
+from trustplane.policy.enforcement import TokenPolicy
 from trustplane.policy.tables import policy_decisions
+from trustplane.storage.writer import WriterUnavailable
 
 ALLOCATION = "https://allocation.example/api"
 EXECUTION = "https://execution.example/api"
@@ -159,3 +165,32 @@ async def test_a_disabled_engine_bundle_fails_closed(
     assert (response.status_code, response.json()["error"]) == (400, "invalid_scope")
     denied = await recent_events(services.db, 5, "policy:decision:denied")
     assert denied[0]["reason_ids"] == ["no_active_bundle"]
+
+
+async def test_decisions_and_issuance_commit_together_or_not_at_all(services: Services) -> None:
+    """The decision records ride in the outcome's transaction: if they cannot be written, neither
+    is the issuance (nor the jti), and the request fails closed."""
+    client = services.clients.registry.get((await register_kit(services)).client_id)
+    assert client is not None
+    records = TokenPolicy(services.policy.engine).check(client, ("order:create",), EXECUTION, "cc")
+
+    def issued(jti: str) -> AuditEvent:
+        return AuditEvent(type=AuditEventType.TOKEN_ISSUED, issuer="i", client_id="c", jti=jti)
+
+    first = Outcome(
+        ReplayUse(client.client_id, "jti-1", 2**40), issued("t-1"), lambda: issued("x"), records
+    )
+    assert await services.writer.submit("token_outcome", first) is True
+    # The same decision records again: their insert fails, so the whole outcome must fail.
+    second = Outcome(
+        ReplayUse(client.client_id, "jti-2", 2**40), issued("t-2"), lambda: issued("x"), records
+    )
+    with pytest.raises(WriterUnavailable):
+        await services.writer.submit("token_outcome", second)
+    events = await recent_events(services.db, 50, "oauth:token:issued")
+    assert [e["jti"] for e in events] == ["t-1"]
+    assert len(await decisions(services)) == 1
+    replay = Outcome(
+        ReplayUse(client.client_id, "jti-2", 2**40), issued("t-3"), lambda: issued("x")
+    )
+    assert await services.writer.submit("token_outcome", replay) is True  # jti-2 was not consumed
