@@ -10,7 +10,6 @@ from typing import Any
 
 import httpx
 import pytest
-import structlog.testing
 from fastapi import Depends, FastAPI, Request
 from prometheus_client import REGISTRY
 
@@ -23,6 +22,7 @@ from trustplane.pep import (
     TokenValidator,
     TrustedIssuer,
 )
+from trustplane.pep import enforcer as enforcer_module
 from trustplane.pep.http import Grant, Pep
 from trustplane.policy.bundle import compile_bundle, default_bundle
 from trustplane.policy.engine import PolicyEngine
@@ -380,18 +380,29 @@ async def test_introspection_failure_fails_closed(issuer: FakeIssuer) -> None:
     assert handled == []
 
 
-async def test_a_policy_deny_is_logged_with_its_decision(harness: Harness) -> None:
-    with structlog.testing.capture_logs() as logs:
-        response = await harness.order(
-            harness.issuer.token(), body={"owner": OTHER_LEI}, headers={"X-Request-ID": "t-9"}
-        )
+async def test_a_policy_deny_is_logged_with_its_decision(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    logged: list[tuple[str, dict[str, Any]]] = []
 
-    refused = [entry for entry in logs if entry["event"] == "pep_refused"]
-    assert len(refused) == 1
-    assert refused[0]["reason_ids"] == ("default_deny",)
-    assert refused[0]["client_id"] == "client-1"
-    assert refused[0]["correlation_id"] == "t-9"
-    assert refused[0]["decision_id"] in response.json()["error_description"]
+    class Recorder:
+        def info(self, event: str, **fields: Any) -> None:
+            logged.append((event, fields))
+
+    # The module's logger may be a cached structlog logger (configured by another test's app), so
+    # capture_logs() cannot see it: replace it for this test.
+    monkeypatch.setattr(enforcer_module, "log", Recorder())
+
+    response = await harness.order(
+        harness.issuer.token(), body={"owner": OTHER_LEI}, headers={"X-Request-ID": "t-9"}
+    )
+
+    assert [event for event, _ in logged] == ["pep_refused"]
+    fields = logged[0][1]
+    assert fields["reason_ids"] == ("default_deny",)
+    assert fields["client_id"] == "client-1"
+    assert fields["correlation_id"] == "t-9"
+    assert fields["decision_id"] in response.json()["error_description"]
 
 
 async def test_plain_starlette_handler(issuer: FakeIssuer) -> None:
