@@ -315,7 +315,9 @@ class PolicyEngine:
             event_id=decision.decision_id,
         )
         stored = (
-            {"request": cedar.request, "entities": list(cedar.entities.values())}
+            orjson.dumps(
+                {"request": cedar.request, "entities": list(cedar.entities.values())}
+            ).decode()
             if cedar is not None
             else None
         )

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane.audit.events import AuditEvent
@@ -39,14 +38,15 @@ _COLUMNS = (
 
 @dataclass(frozen=True, slots=True)
 class DecisionRecord:
-    """One decision to make durable. ``inputs`` is None when the request never reached the engine
-    (it could not be built), so there is nothing to replay."""
+    """One decision to make durable. ``inputs`` is the replayable input as JSON text (serialised once,
+    so a cached decision recorded again reuses it), or None when the request never reached the
+    engine (it could not be built) and there is nothing to replay."""
 
     event: AuditEvent
     action: str
     resource: str
     latency_us: int
-    inputs: dict[str, Any] | None
+    inputs: str | None
 
     def row(self) -> tuple[Any, ...]:
         e = self.event
@@ -61,7 +61,7 @@ class DecisionRecord:
             " ".join(e.reason_ids)[:500],
             self.latency_us,
             e.correlation_id,
-            orjson.dumps(self.inputs).decode() if self.inputs is not None else None,
+            self.inputs,
         )
 
 
