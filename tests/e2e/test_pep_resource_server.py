@@ -397,3 +397,29 @@ def test_unreachable_pdp_fails_closed(world: World) -> None:
         )
     finally:
         dead.stop()
+
+
+def test_tokens_signed_after_a_key_rotation_are_accepted(world: World) -> None:
+    """trustplane publishes the next key before it signs anything, so the PEP already holds it when
+    `trustplane keys rotate` makes it active."""
+    first = world.token()
+    before = jwt.get_unverified_header(first)["kid"]
+    assert world.example.post("/orders", ORDER, first).status_code == 201  # keys are cached now
+    jwks_fetches = (
+        f'trustplane_pep_jwks_fetches_total{{issuer="{world.server.issuer}",outcome="ok"}}'
+    )
+
+    def metric() -> str:
+        return httpx.get(f"{world.example.base_url}/metrics", timeout=5.0).text
+
+    fetched = [line for line in metric().splitlines() if line.startswith(jwks_fetches)]
+    world.server.cli("keys", "rotate")
+
+    def rotated_token() -> str | None:
+        token = world.token()
+        return token if jwt.get_unverified_header(token)["kid"] != before else None
+
+    token = wait_until(rotated_token, PROPAGATION_TIMEOUT, "the server to sign with the new key")
+
+    assert world.example.post("/orders", ORDER, token).status_code == 201
+    assert [line for line in metric().splitlines() if line.startswith(jwks_fetches)] == fetched
