@@ -33,6 +33,8 @@ log = structlog.get_logger("trustplane.policy")
 TOKEN_ACTION = "token:obtain"
 NO_BUNDLE = "none"
 MAX_BATCH = 1000
+_ALLOWED = metrics.POLICY_DECISIONS.labels(decision="allow")
+_DENIED = metrics.POLICY_DECISIONS.labels(decision="deny")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +59,12 @@ def _uid(entity: Entity) -> dict[str, str]:
     return {"type": entity.type, "id": entity.id}
 
 
+_PLAIN = frozenset({str, int, bool})
+
+
 def _value(value: Any, out: dict[tuple[str, str], dict[str, Any]]) -> Any:
+    if value.__class__ in _PLAIN:  # the common case first: this runs for every attribute
+        return value
     if isinstance(value, Entity):
         _add(value, out)
         return {"__entity": _uid(value)}
@@ -65,7 +72,11 @@ def _value(value: Any, out: dict[tuple[str, str], dict[str, Any]]) -> Any:
         return {str(k): _value(v, out) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
         items = [_value(v, out) for v in value]
-        return sorted(items, key=orjson.dumps) if isinstance(value, set | frozenset) else items
+        if not isinstance(value, set | frozenset):
+            return items
+        if all(item.__class__ is str for item in items):
+            return sorted(items)
+        return sorted(items, key=orjson.dumps)  # a stable order makes equal sets equal documents
     if isinstance(value, bool | int | str):
         return value
     raise TypeError(f"unsupported attribute value of type {type(value).__name__}")
@@ -180,7 +191,12 @@ def evaluate_inputs(
 ) -> list[Outcome | None]:
     """Evaluate prepared inputs (``None`` entries are skipped and stay ``None``)."""
     outcomes: list[Outcome | None] = [None] * len(inputs)
-    for indices, entities in group_by_entities(inputs):
+    groups: Iterable[tuple[list[int], list[dict[str, Any]]]]
+    if len(inputs) == 1 and inputs[0] is not None:
+        groups = [([0], list(inputs[0].entities.values()))]
+    else:
+        groups = group_by_entities(inputs)
+    for indices, entities in groups:
         # The context goes to Cedar as JSON text: orjson here instead of cedarpy's json.dumps.
         requests = [_with_json_context(_present(inputs[i]).request) for i in indices]
         try:
@@ -270,7 +286,7 @@ class PolicyEngine:
     def _observe_outcome(
         self, request: DecisionRequest, outcome: Outcome, decision_id: str
     ) -> None:
-        metrics.POLICY_DECISIONS.labels(decision="allow" if outcome.allowed else "deny").inc()
+        (_ALLOWED if outcome.allowed else _DENIED).inc()
         if outcome.failure is not None:
             metrics.POLICY_FAIL_CLOSED.labels(reason=outcome.failure.value).inc()
             log.warning(
