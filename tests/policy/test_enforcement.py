@@ -194,3 +194,24 @@ async def test_decisions_and_issuance_commit_together_or_not_at_all(services: Se
         ReplayUse(client.client_id, "jti-2", 2**40), issued("t-3"), lambda: issued("x")
     )
     assert await services.writer.submit("token_outcome", replay) is True  # jti-2 was not consumed
+
+
+async def test_a_fail_closed_deny_is_not_cached(
+    services: Services, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An engine error refuses the scope once; the next request is decided again and succeeds."""
+    from trustplane.policy import engine as engine_module
+
+    kit = await register_kit(services)
+    real = engine_module.cedarpy.is_authorized_batch
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("engine crashed")
+
+    monkeypatch.setattr(engine_module.cedarpy, "is_authorized_batch", broken)
+    refused = await token(http, kit, "order:create", EXECUTION)
+    assert (refused.status_code, refused.json()["error"]) == (400, "invalid_scope")
+    monkeypatch.setattr(engine_module.cedarpy, "is_authorized_batch", real)
+    assert (await token(http, kit, "order:create", EXECUTION)).status_code == 200
+    denied = await recent_events(services.db, 5, "policy:decision:denied")
+    assert denied[0]["reason_ids"] == ["engine_error"]

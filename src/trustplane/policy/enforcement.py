@@ -94,6 +94,8 @@ class TokenPolicy:
         correlation_id: str | None = None,
     ) -> tuple[DecisionRecord, ...]:
         """Return the decision records (all allows), or raise :class:`ScopeDenied` carrying them."""
+        if not scopes:
+            return ()
         key: _Key = (
             self._engine.version,
             client.client_id,
@@ -115,7 +117,7 @@ class TokenPolicy:
             requests = token_requests(client, scopes, audience, grant_type, correlation_id)
             pairs = self._engine.evaluate(requests)
             records = tuple(r for _, r in pairs)
-            if correlation_id is None and records[0].event.policy_bundle_version == key[0]:
+            if correlation_id is None and _cacheable(records, key[0]):
                 self._remember(key, _Cached(records))
         denied = [_decision(r) for r in records if r.event.decision != "allow"]
         if denied:
@@ -137,6 +139,12 @@ class TokenPolicy:
 
     def clear(self) -> None:
         self._cache.clear()
+
+
+def _cacheable(records: Sequence[DecisionRecord], version: str) -> bool:
+    """Only real policy outcomes of the version the key names: a fail-closed deny (engine error,
+    no bundle, ...) may be transient and must be decided again next time."""
+    return all(r.event.reason is None and r.event.policy_bundle_version == version for r in records)
 
 
 def _fresh(record: DecisionRecord) -> DecisionRecord:
