@@ -164,6 +164,7 @@ class Services:
         await self.keys.maybe_rotate()
         await self.keys.prune()
         await self.sql_replay.prune()
+        await self.policy.prune()
         async with self.db.transaction() as conn:
             await SqlRevocationStore().prune(conn, int(time.time()))
 

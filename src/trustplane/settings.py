@@ -99,6 +99,7 @@ class Settings(BaseSettings):
     )
     policy_token_enforcement: bool = True
     policy_simulation_max_records: int = Field(default=5_000_000, ge=1)
+    policy_decision_retention_days: int = Field(default=90, ge=1)
 
     @classmethod
     def settings_customise_sources(

@@ -123,3 +123,18 @@ async def test_worker_processes_give_the_same_report(services: Services) -> None
         assert one[key] == two[key], key
     assert one["flips"] == {"allow_to_deny": 6, "deny_to_allow": 3}
     assert len(two["examples"]["allow_to_deny"]) == 5
+
+
+async def test_retention_prunes_old_decision_inputs_only(services: Services) -> None:
+    import time
+
+    from trustplane.audit.sink import recent_events
+
+    await record(services)
+    now = time.time_ns() // 1_000_000
+    assert await services.policy.prune(now) == 0
+    ninety_one_days = 91 * 86_400_000
+    assert await services.policy.prune(now + ninety_one_days) == 8
+    report = await simulate(services.db, compile_bundle(candidate()))
+    assert report.total == 0
+    assert len(await recent_events(services.db, 50, "policy:decision:allowed")) == 4

@@ -9,9 +9,11 @@ bundle version: requests never parse policies or the schema.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import structlog
+from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane.audit.events import AuditEvent, AuditEventType
@@ -32,6 +34,7 @@ from trustplane.policy.store import (
     SqlBundleStore,
     UnknownBundle,
 )
+from trustplane.policy.tables import policy_decisions
 from trustplane.policy.testing import CaseResult, run_cases
 from trustplane.settings import Settings
 from trustplane.storage import generations
@@ -84,9 +87,11 @@ class PolicyService:
         engine: PolicyEngine,
         *,
         issuer: str,
+        retention_days: int = 90,
     ) -> None:
         self.db, self._store, self.engine = db, store, engine
         self._issuer = issuer
+        self._retention_ms = retention_days * 86_400_000
         self._compiled: dict[str, CompiledBundle] = {}
 
     async def ensure_default(self) -> None:
@@ -167,6 +172,17 @@ class PolicyService:
         await self.load()
         return activation
 
+    async def prune(self, now_ms: int | None = None) -> int:
+        """Delete recorded decision inputs older than the retention period (the audit events stay;
+        only what simulation replays goes). Returns the number of rows removed."""
+        now_ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        cutoff = now_ms - self._retention_ms
+        async with self.db.transaction() as conn:
+            result = await conn.execute(
+                delete(policy_decisions).where(policy_decisions.c.time_ms < cutoff)
+            )
+        return int(result.rowcount or 0)
+
     async def list(self) -> tuple[list[BundleRecord], list[Activation]]:
         async with self.db.read() as conn:
             return await self._store.all(conn), await self._store.history(conn)
@@ -204,4 +220,10 @@ def build_policy(settings: Settings, db: Database, writer: GroupCommitWriter) ->
     engine = PolicyEngine(
         issuer=settings.issuer, served_regions=regions, recorder=DecisionRecorder(writer)
     )
-    return PolicyService(db, SqlBundleStore(), engine, issuer=settings.issuer)
+    return PolicyService(
+        db,
+        SqlBundleStore(),
+        engine,
+        issuer=settings.issuer,
+        retention_days=settings.policy_decision_retention_days,
+    )
