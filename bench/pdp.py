@@ -286,7 +286,9 @@ async def _simulation(args: argparse.Namespace, db_url: str, workers: int) -> Ro
 
 def section_simulation(args: argparse.Namespace) -> list[Row]:
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [asyncio.run(_simulation(args, f"sqlite+aiosqlite:///{tmp}/sim1.db", 1))]
+        rows = []
+        if args.sim_workers == 1 or not args.sim_parallel_only:
+            rows.append(asyncio.run(_simulation(args, f"sqlite+aiosqlite:///{tmp}/sim1.db", 1)))
         if args.sim_workers > 1:
             url = f"sqlite+aiosqlite:///{tmp}/simN.db"
             rows.append(asyncio.run(_simulation(args, url, args.sim_workers)))
@@ -347,6 +349,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64, help="in-flight recorded decides")
     parser.add_argument(
         "--sim-records", type=int, default=200_000, help="recorded decisions to replay"
+    )
+    parser.add_argument(
+        "--sim-parallel-only", action="store_true", help="skip the one-process simulation run"
     )
     parser.add_argument(
         "--sim-workers", type=int, default=os.cpu_count() or 1, help="simulation processes"
