@@ -51,6 +51,11 @@ from trustplane.oauth.replay import RedisReplayCache, SqlReplayCache
 from trustplane.oauth.revocations import SqlRevocationStore
 from trustplane.oauth.scopes import Vocabulary, load_vocabulary, with_internal_apis
 from trustplane.oauth.token_endpoint import TokenEndpoint
+from trustplane.policy.admin_http import simulation_router
+from trustplane.policy.enforcement import TokenPolicy
+from trustplane.policy.http import AuthzenHttp, authzen_paths
+from trustplane.policy.service import GENERATION as POLICY_GENERATION
+from trustplane.policy.service import PolicyService, build_policy
 from trustplane.rar.registry import AuthorizationDetailsRegistry
 from trustplane.settings import Settings, SettingsError
 from trustplane.storage import generations
@@ -102,6 +107,7 @@ class Services:
     mandates: MandateService
     authorization: authorize_wiring.Authorization
     ledger: Ledger
+    policy: PolicyService
 
     @classmethod
     def build(cls, settings: Settings, db: Database | None = None) -> Services:
@@ -120,8 +126,10 @@ class Services:
         )
         remote = RemoteJwksCache()
         auth = ClientAuthenticator(settings, clients.registry, replay, remote)
+        policy = build_policy(settings, db, writer)
         token = TokenEndpoint(settings, auth, keys, vocabulary, audit, OutcomeRecorder(writer))
         rar, mandates = mandates_wiring.build(settings, db, keys, clients.registry)
+        token.policy = TokenPolicy(policy.engine) if settings.policy_token_enforcement else None
         introspection = IntrospectionService(
             settings, db, auth, keys, clients.registry, SqlRevocationStore(), audit, mandates
         )
@@ -142,7 +150,12 @@ class Services:
             db, SqlPartnerStore(), settings, vocabulary, write_events, partner_jwks(settings)
         )
         token.grants[JWT_BEARER] = JwtBearerGrant(
-            settings, federation.registry, keys, vocabulary, replay
+            settings,
+            federation.registry,
+            keys,
+            vocabulary,
+            replay,
+            authorize=token.authorize_scopes,
         )
         return cls(
             settings,
@@ -162,6 +175,7 @@ class Services:
             mandates,
             authorization,
             Ledger(settings, db, kek),
+            policy,
         )
 
     async def start(self) -> None:
@@ -174,6 +188,8 @@ class Services:
         await self.clients.load()
         metrics.ACTIVE_CLIENTS.set(len(self.clients.registry))
         await self.federation.load()
+        await self.policy.ensure_default()
+        await self.policy.load()
 
     async def stop(self) -> None:
         await self.writer.stop()
@@ -202,6 +218,9 @@ class Services:
             await self.federation.load()
             metrics.CACHE_RELOADS.labels(cache="partners").inc()
         mandates_wiring.refresh(self.mandates, current, seen)
+        if current.get(POLICY_GENERATION) != seen.get(POLICY_GENERATION):
+            await self.policy.load()
+            metrics.CACHE_RELOADS.labels(cache="policy").inc()
         seen.clear()
         seen.update(current)
 
@@ -214,6 +233,7 @@ class Services:
         await self.mandates.publish_events()
         await self.authorization.prune()
         await self.ledger.purge()
+        await self.policy.prune()
         async with self.db.transaction() as conn:
             await SqlRevocationStore().prune(conn, int(time.time()))
 
@@ -314,7 +334,10 @@ def _mount(app: FastAPI, svc: Services) -> list[Route]:
     )
     app.include_router(mandates_wiring.router(svc))
     app.router.routes.extend(svc.authorization.http.routes())
+    app.include_router(simulation_router(svc.policy, svc.keys, svc.clients.registry, svc.settings))
     fast = protocol.routes()
+    authzen = AuthzenHttp(svc.policy.engine, svc.keys, svc.clients.registry, svc.settings.issuer)
+    fast += authzen.routes()
     app.router.routes.extend(fast)
     app.router.routes.append(Route("/metrics", _metrics, methods=["GET"]))
     app.router.routes.append(Route("/healthz", _health, methods=["GET"]))
@@ -357,6 +380,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
         schema.setdefault("paths", {}).update(protocol_paths())
+        schema["paths"].update(authzen_paths())
         app.openapi_schema = schema
     return app.openapi_schema
 

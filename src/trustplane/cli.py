@@ -17,8 +17,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from trustplane import __version__
-from trustplane.federation.cli import partners_app
 from trustplane.audit.cli import audit_app
+from trustplane.federation.cli import partners_app
+from trustplane.policy.cli import policy_app
 from trustplane.settings import Settings, SettingsError, load_settings
 
 T = TypeVar("T")
@@ -37,6 +38,7 @@ app.add_typer(clients_app, name="clients")
 app.add_typer(regtoken_app, name="registration-token")
 app.add_typer(partners_app, name="partners")
 app.add_typer(audit_app, name="audit")
+app.add_typer(policy_app, name="policy")
 out = Console(soft_wrap=True)  # banner lines stay whole in logs and narrow terminals
 err = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever the terminal width
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]

@@ -40,3 +40,12 @@ MANDATE_CHANGES = Counter("trustplane_mandate_changes_total", "Mandate changes",
 SECURITY_EVENTS = Counter(
     "trustplane_security_events_total", "Security events stored and published", ["outcome"]
 )
+
+# policy decision point
+POLICY_DECISIONS = Counter("trustplane_policy_decisions_total", "Policy decisions", ["decision"])
+POLICY_FAIL_CLOSED = Counter(
+    "trustplane_policy_fail_closed_total", "Denies forced by an error (fail closed)", ["reason"]
+)
+POLICY_CACHE = Counter(
+    "trustplane_policy_token_cache_total", "Token-endpoint decision cache lookups", ["result"]
+)

@@ -156,6 +156,14 @@ class Settings(BaseSettings):
         parts = urlsplit(self.issuer)
         return f"{parts.netloc}{parts.path}/audit"
 
+    # --- policy decision point (trustplane.policy)
+    policy_served_regions: tuple[str, ...] = Field(
+        default=("eu",), min_length=1, description="Data regions this deployment serves"
+    )
+    policy_token_enforcement: bool = True
+    policy_simulation_max_records: int = Field(default=5_000_000, ge=1)
+    policy_decision_retention_days: int = Field(default=90, ge=1)
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -53,6 +53,12 @@ class AuditEventType(StrEnum):
     AUDIT_PAYLOADS_PURGED = "audit:payload:purged"
     AUDIT_LOG_KEY_CREATED = "audit:log_key:created"
     AUDIT_LEDGER_QUERIED = "audit:ledger:queried"
+    # policy decision point
+    POLICY_DECISION_ALLOWED = "policy:decision:allowed"
+    POLICY_DECISION_DENIED = "policy:decision:denied"
+    POLICY_BUNDLE_PUBLISHED = "policy:bundle:published"
+    POLICY_BUNDLE_ACTIVATED = "policy:bundle:activated"
+    POLICY_BUNDLE_ROLLED_BACK = "policy:bundle:rolled_back"
 
 
 @dataclass(slots=True, frozen=True)

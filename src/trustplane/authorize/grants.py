@@ -32,6 +32,7 @@ from trustplane.authorize.store import (
     StoredCode,
     new_secret_value,
 )
+from trustplane.clients.model import Client
 from trustplane.errors import (
     InvalidGrantError,
     InvalidScopeError,
@@ -44,8 +45,9 @@ from trustplane.mandates.service import MandateService
 from trustplane.oauth.client_auth import AuthenticatedClient
 from trustplane.oauth.form import Form
 from trustplane.oauth.revocations import SqlRevocationStore
-from trustplane.oauth.token_endpoint import Grant, GrantHandler
+from trustplane.oauth.token_endpoint import Grant, GrantHandler, ScopeCheck
 from trustplane.oauth.tokens import IssuedToken, issue_access_token, new_jti
+from trustplane.policy.recorder import DecisionRecord
 from trustplane.rar.registry import AuthorizationDetailsRegistry
 from trustplane.settings import Settings
 from trustplane.storage.db import Database
@@ -62,8 +64,11 @@ class DelegatedGrants:
         codes: SqlCodeStore,
         refresh: SqlRefreshStore,
         revocations: SqlRevocationStore,
+        *,
+        authorize: ScopeCheck | None = None,
     ) -> None:
         self._settings, self._db, self._keys = settings, db, keys
+        self._authorize = authorize
         self._mandates, self._details = mandates, details
         self._codes, self._refresh, self._revocations = codes, refresh, revocations
 
@@ -87,6 +92,7 @@ class DelegatedGrants:
         now = int(time.time())
         self._check_code(stored, form, client.client_id, now)
         await self._check_mandate(stored.grant, now)
+        decisions = self._decide(client, stored.grant, "authorization_code")
         issued = self._issue(stored.grant)
         with_refresh = "refresh_token" in client.grant_types
         refresh, family = (new_secret_value(), new_jti()) if with_refresh else (None, None)
@@ -118,7 +124,7 @@ class DelegatedGrants:
                 await self._code_reused(latest)
                 raise InvalidGrantError("the authorization code was already used")
             raise InvalidGrantError("the authorization code has expired")
-        return self._grant(issued, stored.grant, refresh)
+        return self._grant(issued, stored.grant, refresh, decisions)
 
     def _check_code(self, stored: StoredCode, form: Form, client_id: str, now: int) -> None:
         if stored.grant.client_id != client_id:
@@ -188,6 +194,7 @@ class DelegatedGrants:
             raise InvalidGrantError("the refresh token has expired")
         grant = self._narrow(stored.grant, form)
         await self._check_mandate(stored.grant, now)
+        decisions = self._decide(client, grant, "refresh_token")
         issued = self._issue(grant)
         successor = new_secret_value()
         async with self._db.transaction() as conn:
@@ -206,7 +213,7 @@ class DelegatedGrants:
         if not won:
             await self._family_reused(stored.family_id, stored.grant)
             raise InvalidGrantError("the refresh token was already used")
-        return self._grant(issued, grant, successor)
+        return self._grant(issued, grant, successor, decisions)
 
     def _narrow(self, grant: GrantContext, form: Form) -> GrantContext:
         """RFC 6749 §6: a refresh may ask for fewer scopes, never more; RFC 8707 §2.2: the resource,
@@ -301,7 +308,22 @@ class DelegatedGrants:
             extra=extra,
         )
 
-    def _grant(self, issued: IssuedToken, grant: GrantContext, refresh: str | None) -> Grant:
+    def _decide(
+        self, client: Client, grant: GrantContext, grant_type: str
+    ) -> tuple[DecisionRecord, ...]:
+        """The PDP decides before anything single-use is consumed: a deny (``invalid_scope``)
+        leaves the code or refresh token as it was."""
+        if self._authorize is None:
+            return ()
+        return self._authorize(client, grant.scopes, grant.resource, grant_type)
+
+    def _grant(
+        self,
+        issued: IssuedToken,
+        grant: GrantContext,
+        refresh: str | None,
+        decisions: tuple[DecisionRecord, ...] = (),
+    ) -> Grant:
         response: dict[str, Any] = {}
         if refresh is not None:
             response["refresh_token"] = refresh
@@ -312,6 +334,7 @@ class DelegatedGrants:
             response=response,
             mandate=(grant.mandate_id, grant.mandate_version),
             details_digest=self._details.digest(grant.authorization_details),
+            decisions=decisions,
         )
 
     def _event(

@@ -63,7 +63,15 @@ def build(
         settings, db, registry, vocabulary, details, mandates, codes, audit
     )
     grants = DelegatedGrants(
-        settings, db, keys, mandates, details, codes, SqlRefreshStore(), SqlRevocationStore()
+        settings,
+        db,
+        keys,
+        mandates,
+        details,
+        codes,
+        SqlRefreshStore(),
+        SqlRevocationStore(),
+        authorize=token_endpoint.authorize_scopes,
     )
     token_endpoint.grants.update(grants.handlers())
     introspection.refresh_tokens = grants

@@ -32,7 +32,7 @@ from trustplane.oauth.form import Form
 from trustplane.oauth.replay import ReplayCache, ReplayUse
 from trustplane.oauth.resources import select_resource, select_scopes
 from trustplane.oauth.scopes import Vocabulary
-from trustplane.oauth.token_endpoint import Grant
+from trustplane.oauth.token_endpoint import Grant, ScopeCheck
 from trustplane.oauth.tokens import issue_access_token
 from trustplane.settings import Settings
 
@@ -58,8 +58,11 @@ class JwtBearerGrant:
         keys: KeyService,
         vocabulary: Vocabulary,
         replay: ReplayCache,
+        *,
+        authorize: ScopeCheck | None = None,
     ) -> None:
         self._settings, self._registry, self._keys = settings, registry, keys
+        self._authorize = authorize
         self._vocabulary, self._replay = vocabulary, replay
 
     async def __call__(self, form: Form, auth: AuthenticatedClient) -> Grant:
@@ -72,6 +75,7 @@ class JwtBearerGrant:
         except OAuth2Error as exc:
             exc.partner = verified.partner.partner_id  # the audit record names the partner
             raise
+        decisions = self._authorize(client, scopes, resource, JWT_BEARER) if self._authorize else ()
         pending = await self._consume(verified)
         token = issue_access_token(
             self._keys.ring,
@@ -86,7 +90,7 @@ class JwtBearerGrant:
         metrics.PARTNER_ASSERTIONS.labels(
             partner=verified.partner.partner_id, outcome="accepted"
         ).inc()
-        return Grant(token, pending, assertion_replayed(verified))
+        return Grant(token, pending, assertion_replayed(verified), decisions=decisions)
 
     def _target(
         self, form: Form, auth: AuthenticatedClient, verified: VerifiedPartnerToken

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from trustplane.audit.events import AuditEvent, AuditEventType
 from trustplane.audit.sink import write_events
 from trustplane.oauth.replay import ReplayUse, consume_batch
+from trustplane.policy.recorder import DecisionRecord, write_decisions
 from trustplane.storage.writer import GroupCommitWriter
 
 log = structlog.get_logger("trustplane.audit")
@@ -41,13 +42,16 @@ class Outcome:
     """``use``: the client assertion's jti still to consume (None if there is none or it was
     consumed already); ``grant_use``: the grant's own assertion jti, if the grant has one.
     ``event`` is recorded if every use wins; ``replay_event()`` / ``grant_replay_event()`` build what
-    is recorded instead (built only then: replays are rare, the happy path should not pay)."""
+    is recorded instead (built only then: replays are rare, the happy path should not pay).
+    ``decisions``: the policy decisions taken for this request, recorded in the same transaction
+    whatever the outcome (a decision was made even if the request then turned out to be a replay)."""
 
     use: ReplayUse | None
     event: AuditEvent
     replay_event: Callable[[], AuditEvent]
     grant_use: ReplayUse | None = None
     grant_replay_event: Callable[[], AuditEvent] | None = None
+    decisions: tuple[DecisionRecord, ...] = ()
 
 
 def _result(client_won: bool, grant_won: bool) -> Recorded:
@@ -68,6 +72,9 @@ async def record_batch(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> li
         for o in outcomes
     ]
     await write_events(conn, [_chosen(o, r) for o, r in zip(outcomes, results, strict=True)])
+    decisions = [d for o in outcomes for d in o.decisions]
+    if decisions:
+        await write_decisions(conn, decisions)
     return results
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from trustplane import metrics
 from trustplane.audit.events import AuditEvent, AuditEventType
 from trustplane.audit.sink import AuditSink
+from trustplane.clients.model import Client
 from trustplane.errors import (
     InvalidClientError,
     InvalidGrantError,
@@ -30,6 +31,8 @@ from trustplane.oauth.replay import ReplayUse
 from trustplane.oauth.resources import select_resource, select_scopes
 from trustplane.oauth.scopes import Vocabulary
 from trustplane.oauth.tokens import IssuedToken, issue_access_token
+from trustplane.policy.enforcement import ScopeDenied, TokenPolicy
+from trustplane.policy.recorder import DecisionRecord
 from trustplane.settings import Settings
 
 
@@ -39,7 +42,8 @@ class Grant:
     single-use assertion (a partner's JWT-bearer assertion) still to consume together with the
     outcome; if it turns out to be a replay, ``replay_error`` is raised instead. ``response``: extra
     response members (RFC 6749 §5.1 ``refresh_token``, RFC 9396 §7 ``authorization_details``);
-    ``mandate`` and ``details_digest``: what the audit record names."""
+    ``mandate`` and ``details_digest``: what the audit record names. ``decisions``: the policy
+    decisions that allowed it (recorded in the same transaction as the issuance)."""
 
     token: IssuedToken
     pending_use: ReplayUse | None = None
@@ -47,6 +51,7 @@ class Grant:
     response: dict[str, Any] = field(default_factory=dict)
     mandate: tuple[str, int] | None = None
     details_digest: str | None = None
+    decisions: tuple[DecisionRecord, ...] = ()
 
 
 def replayed() -> InvalidClientError:
@@ -55,6 +60,9 @@ def replayed() -> InvalidClientError:
 
 
 GrantHandler = Callable[[Form, AuthenticatedClient], Awaitable[Grant]]
+#: ``TokenEndpoint.authorize_scopes``: the PDP check every grant makes once it knows the audience and
+#: scopes, before it consumes anything single-use (a code, a refresh token, a partner assertion).
+ScopeCheck = Callable[[Client, tuple[str, ...], str, str], tuple[DecisionRecord, ...]]
 
 
 class TokenEndpoint:
@@ -66,9 +74,11 @@ class TokenEndpoint:
         vocabulary: Vocabulary,
         audit: AuditSink,
         outcomes: OutcomeRecorder,
+        policy: TokenPolicy | None = None,
     ) -> None:
         self._settings, self._auth, self._keys = settings, authenticator, keys
         self._vocabulary, self._audit, self._outcomes = vocabulary, audit, outcomes
+        self.policy = policy
         self.grants: dict[str, GrantHandler] = {"client_credentials": self._client_credentials}
 
     async def handle(self, form: Form, authorization: str | None) -> dict[str, Any]:
@@ -86,7 +96,7 @@ class TokenEndpoint:
         except OAuth2Error as exc:
             await self._refuse(exc, form, client, grant_type)
             raise
-        if client.pending_use is None and grant.pending_use is None:
+        if client.pending_use is None and grant.pending_use is None and not grant.decisions:
             await self._audit.emit(self._issued(grant, grant_type))
         else:
             await self._record_issue(grant, form, client, grant_type)
@@ -111,6 +121,7 @@ class TokenEndpoint:
             partial(self._refused, replayed(), form, auth, grant_type),
             grant.pending_use,
             partial(self._refused, grant_error, form, auth, grant_type),
+            grant.decisions,
         )
         result = await self._outcomes.record(outcome)
         if result is Recorded.REPLAYED:
@@ -130,15 +141,14 @@ class TokenEndpoint:
         """Audit a refusal; an authenticated request still consumes its assertion, and a replayed
         assertion is refused as such (invalid_client) whatever else was wrong with the request."""
         refused = self._refused(exc, form, client, grant_type)
-        if client is None or client.pending_use is None:
+        decisions = exc.records if isinstance(exc, ScopeDenied) else ()
+        if client is None or (client.pending_use is None and not decisions):
             metrics.TOKEN_REFUSED.labels(error=exc.error).inc()
             await self._audit.emit(refused)
             return
         on_replay = partial(self._refused, replayed(), form, client, grant_type)
-        if (
-            await self._outcomes.record(Outcome(client.pending_use, refused, on_replay))
-            is Recorded.RECORDED
-        ):
+        outcome = Outcome(client.pending_use, refused, on_replay, decisions=decisions)
+        if await self._outcomes.record(outcome) is Recorded.RECORDED:
             metrics.TOKEN_REFUSED.labels(error=exc.error).inc()
             return
         metrics.TOKEN_REFUSED.labels(error="invalid_client").inc()
@@ -157,6 +167,7 @@ class TokenEndpoint:
             raise UnauthorizedClientError("this client may not use the client_credentials grant")
         resource = select_resource(form.get_all("resource"), client, self._vocabulary)
         scopes = select_scopes(form.get("scope"), client, resource, self._vocabulary)
+        decisions = self.authorize_scopes(client, scopes, resource, "client_credentials")
         token = issue_access_token(
             self._keys.ring,
             issuer=self._settings.issuer,
@@ -167,7 +178,19 @@ class TokenEndpoint:
             lifetime=self._settings.access_token_lifetime,
             extra={"lei": client.lei},
         )
-        return Grant(token)
+        return Grant(token, decisions=decisions)
+
+    def authorize_scopes(
+        self, client: Client, scopes: tuple[str, ...], resource: str, grant_type: str
+    ) -> tuple[DecisionRecord, ...]:
+        """Ask the policy decision point whether ``client`` may obtain ``scopes`` for ``resource``.
+
+        Every grant calls this after choosing audience and scopes, and passes the result into its
+        :class:`Grant`. A deny raises ``ScopeDenied`` (``invalid_scope``, RFC 6749 §5.2) carrying the
+        decision records, which the refusal records with the same write."""
+        if self.policy is None:
+            return ()
+        return self.policy.check(client, scopes, resource, grant_type)
 
     def _issued(self, grant: Grant, grant_type: str) -> AuditEvent:
         c = grant.token.claims

@@ -1,0 +1,26 @@
+"""The PEP SDK for resource servers: validate trustplane (RFC 9068) access tokens, then ask a policy
+decision point, in process or over OpenID AuthZEN. See docs/pep.md.
+
+The core (``TokenValidator``, ``PolicyEnforcer``, ``AuthzenClient``) is framework-free; the
+FastAPI/Starlette dependency lives in ``trustplane.pep.http``.
+"""
+
+from trustplane.pep.authzen import AuthzenClient
+from trustplane.pep.client_auth import ClientSecretBasic, PrivateKeyJwt
+from trustplane.pep.enforcer import PolicyEnforcer, client_subject
+from trustplane.pep.introspection import RevocationCheck
+from trustplane.pep.keys import ConfigurationError, TrustedIssuer
+from trustplane.pep.validator import AccessToken, TokenValidator
+
+__all__ = [
+    "AccessToken",
+    "AuthzenClient",
+    "ClientSecretBasic",
+    "ConfigurationError",
+    "PolicyEnforcer",
+    "PrivateKeyJwt",
+    "RevocationCheck",
+    "TokenValidator",
+    "TrustedIssuer",
+    "client_subject",
+]

@@ -1,0 +1,71 @@
+"""RFC 6750 mechanics shared by every bearer-protected endpoint: reading the token from the request
+(header only) and writing the ``WWW-Authenticate`` challenge of a refusal. Framework-free."""
+
+from __future__ import annotations
+
+import re
+
+from trustplane.errors import (
+    InsufficientScopeError,
+    InvalidRequestError,
+    InvalidTokenError,
+    OAuth2Error,
+)
+
+#: RFC 6750 §2.1 b64token.
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+#: RFC 6750 §3: error_description and scope use %x20-21 / %x23-5B / %x5D-7E (no quote, no backslash).
+_UNSAFE = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
+QUERY_OR_FORM_TOKEN = (
+    "access tokens are accepted only in the Authorization header (RFC 6750 §2.1), "
+    "never in the query string or the request body"
+)
+
+
+class MissingToken(InvalidTokenError):
+    """RFC 6750 §3.1: the request carries no authentication at all. 401 with a bare challenge and no
+    error code (the client may simply not have known that authentication is needed)."""
+
+    def body(self) -> dict[str, str]:
+        return {"error_description": self.description} if self.description else {}
+
+
+def bearer_token(authorization: str | None, header_count: int = 1) -> str:
+    """The token of an ``Authorization: Bearer`` header (scheme case-insensitive, RFC 9110 §11.1).
+
+    Raises :class:`MissingToken` when there is no header, :class:`InvalidRequestError` when it is
+    malformed, repeated, or uses another scheme."""
+    if authorization is None:
+        raise MissingToken("a bearer access token is required")
+    if header_count > 1:
+        raise InvalidRequestError("more than one Authorization header")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer":
+        raise MissingToken("a bearer access token is required")
+    token = token.strip(" ")
+    if not _B64TOKEN.fullmatch(token):
+        raise InvalidRequestError("malformed bearer token in the Authorization header")
+    return token
+
+
+def challenge(realm: str, exc: OAuth2Error, scope: str | None = None) -> str:
+    """The ``WWW-Authenticate`` value for a refusal (RFC 6750 §3)."""
+    parts = [f'Bearer realm="{_safe(realm)}"']
+    if not isinstance(exc, MissingToken):
+        parts.append(f'error="{exc.error}"')
+        if exc.description:
+            parts.append(f'error_description="{_safe(exc.description)}"')
+        if scope and isinstance(exc, InsufficientScopeError):
+            parts.append(f'scope="{_safe(scope)}"')
+    return ", ".join(parts)
+
+
+def with_challenge(exc: OAuth2Error, realm: str, scope: str | None = None) -> OAuth2Error:
+    """``exc`` with its ``WWW-Authenticate`` header set (401, 403 and 400 of a bearer request)."""
+    if isinstance(exc, InvalidTokenError | InsufficientScopeError | InvalidRequestError):
+        exc.headers = {**exc.headers, "WWW-Authenticate": challenge(realm, exc, scope)}
+    return exc
+
+
+def _safe(text: str) -> str:
+    return _UNSAFE.sub("?", text)[:300]

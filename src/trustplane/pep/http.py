@@ -1,0 +1,129 @@
+"""FastAPI/Starlette integration of the PEP: a dependency per protected operation.
+
+    pep = Pep(enforcer)
+    pep.install(app)   # renders refusals as RFC 6750 answers
+
+    @app.post("/orders")
+    async def create_order(
+        body: OrderIn,
+        grant: Grant = Depends(pep.require("order:create", resource=order_of, context=context_of)),
+    ): ...
+
+``resource`` and ``context`` are functions of the request (sync or async); they may read the JSON
+body (Starlette caches it, so FastAPI still parses it for the handler). The handler runs only after
+the token validated and the PDP allowed the action on that resource.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from trustplane.errors import OAuth2Error
+from trustplane.pep.enforcer import PolicyEnforcer
+from trustplane.pep.validator import AccessToken
+from trustplane.policy.model import Decision, Entity
+
+ResourceFn = Callable[[Request], Entity | Awaitable[Entity]]
+ContextFn = Callable[[Request, AccessToken], Mapping[str, Any] | Awaitable[Mapping[str, Any]]]
+FORM = "application/x-www-form-urlencoded"
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a protected handler receives: the validated token and the PDP's allow decision."""
+
+    token: AccessToken
+    decision: Decision
+
+
+class Refused(Exception):
+    def __init__(self, error: OAuth2Error) -> None:
+        super().__init__(error.error)
+        self.error = error
+
+
+def refusal_response(error: OAuth2Error) -> Response:
+    headers = {"Cache-Control": "no-store", **error.headers}
+    return Response(orjson.dumps(error.body()), error.status_code, headers, "application/json")
+
+
+async def _render(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, Refused)
+    return refusal_response(exc.error)
+
+
+async def _resolve(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+class Pep:
+    def __init__(self, enforcer: PolicyEnforcer, *, correlation_header: str = "x-request-id"):
+        self.enforcer = enforcer
+        self._correlation = correlation_header
+
+    def install(self, app: Any) -> None:
+        """Register the refusal renderer on a FastAPI or Starlette app."""
+        app.add_exception_handler(Refused, _render)
+
+    async def token(self, request: Request) -> AccessToken:
+        """Dependency: only the validated token (for handlers that decide nothing themselves)."""
+        try:
+            return await self.enforcer.authenticate(
+                request.headers.get("authorization"),
+                header_count=len(request.headers.getlist("authorization")),
+                token_elsewhere=await _token_elsewhere(request),
+            )
+        except OAuth2Error as exc:
+            raise Refused(exc) from None
+
+    def require(
+        self,
+        action: str,
+        *,
+        resource: ResourceFn,
+        context: ContextFn | None = None,
+        scope: str | None = None,
+    ) -> Callable[[Request], Awaitable[Grant]]:
+        """Dependency: the token must carry ``scope`` (default: the action, which in trustplane's
+        vocabulary is the scope name) and the PDP must allow ``action`` on ``resource``."""
+        required_scope = scope if scope is not None else action
+
+        async def dependency(request: Request) -> Grant:
+            token = await self.token(request)
+            try:
+                target = await _resolve(resource(request))
+                facts = await _resolve(context(request, token)) if context else {}
+                decision = await self.enforcer.authorize(
+                    token,
+                    action,
+                    target,
+                    facts,
+                    scope=required_scope,
+                    correlation_id=request.headers.get(self._correlation),
+                )
+            except OAuth2Error as exc:
+                raise Refused(exc) from None
+            return Grant(token, decision)
+
+        return dependency
+
+
+async def _token_elsewhere(request: Request) -> bool:
+    """RFC 6750 §2.2/§2.3 methods, which this PEP refuses: an ``access_token`` query parameter, or
+    an ``access_token`` field in a form-encoded body."""
+    if "access_token" in request.query_params:
+        return True
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != FORM:
+        return False
+    body = await request.body()
+    return b"access_token" in body and any(
+        key == "access_token" for key, _ in parse_qsl(body.decode("latin-1"))
+    )

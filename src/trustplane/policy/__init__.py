@@ -1,0 +1,1 @@
+"""The policy decision point: Cedar policies as versioned bundles, decisions recorded, simulation."""

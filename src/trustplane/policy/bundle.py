@@ -1,0 +1,160 @@
+"""Policy bundles: a Cedar schema, Cedar policies and test cases, versioned by content hash.
+
+A bundle is a directory (or the same files stored in the database)::
+
+    schema.cedarschema      the trading domain's entity types, actions and context types
+    *.cedar                 policies; every policy carries a unique ``@id("...")``
+    tests/*.yaml|yml|json   cases: request -> expected decision and reason ids
+
+The version is the SHA-256 over a canonical listing of the files (sorted relative POSIX paths, each
+with the SHA-256 of its bytes), so the same content always has the same version whatever the
+directory, file order or time. Compiling a bundle parses the schema and the policies once, validates
+the policies against the schema (Cedar's strict validator) and checks the ``@id`` rule; the handles it
+returns are what the engine evaluates with, for as long as the bundle is active.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources as pkg_resources
+from pathlib import Path
+
+import cedarpy
+
+SCHEMA_FILE = "schema.cedarschema"
+TEST_SUFFIXES = (".yaml", ".yml", ".json")
+MAX_FILE_BYTES = 1 << 20
+MAX_FILES = 200
+
+
+class BundleError(ValueError):
+    """The bundle is not usable; ``problems`` lists every reason, one line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class BundleSource:
+    """The files of a bundle (relative POSIX path -> text) and their content hash."""
+
+    files: Mapping[str, str]
+
+    @property
+    def version(self) -> str:
+        return content_version(self.files)
+
+    @property
+    def policy_text(self) -> str:
+        return "\n".join(self.files[name] for name in self.policy_files)
+
+    @property
+    def policy_files(self) -> list[str]:
+        return sorted(n for n in self.files if n.endswith(".cedar") and "/" not in n)
+
+    @property
+    def test_files(self) -> list[str]:
+        return sorted(n for n in self.files if n.startswith("tests/") and n.endswith(TEST_SUFFIXES))
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledBundle:
+    """Pre-parsed handles for one bundle version: parse once per activation, never per request."""
+
+    source: BundleSource
+    version: str
+    policies: cedarpy.PolicySet
+    schema: cedarpy.Schema
+    policy_ids: tuple[str, ...]
+
+    @property
+    def uses_regions(self) -> bool:
+        """Whether the schema declares the ``served_regions`` context attribute the engine fills."""
+        return "served_regions" in self.source.files[SCHEMA_FILE]
+
+
+def content_version(files: Mapping[str, str]) -> str:
+    listing = "".join(
+        f"{name}\0{hashlib.sha256(files[name].encode()).hexdigest()}\n" for name in sorted(files)
+    )
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def load_dir(path: Path) -> BundleSource:
+    """Read a bundle directory; unrelated files (README, editor backups) are not part of it."""
+    if not path.is_dir():
+        raise BundleError([f"{path}: not a directory"])
+    names = [p for p in sorted(path.rglob("*")) if p.is_file() and _belongs(p.relative_to(path))]
+    if len(names) > MAX_FILES:
+        raise BundleError([f"{path}: more than {MAX_FILES} bundle files"])
+    files: dict[str, str] = {}
+    for file in names:
+        if file.stat().st_size > MAX_FILE_BYTES:
+            raise BundleError([f"{file}: larger than {MAX_FILE_BYTES} bytes"])
+        try:
+            files[file.relative_to(path).as_posix()] = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BundleError([f"{file}: {exc}"]) from None
+    return BundleSource(files)
+
+
+def _belongs(rel: Path) -> bool:
+    parts = rel.parts
+    if len(parts) == 1:
+        return rel.name == SCHEMA_FILE or rel.suffix == ".cedar"
+    return len(parts) == 2 and parts[0] == "tests" and rel.suffix in TEST_SUFFIXES
+
+
+def default_bundle() -> BundleSource:
+    """The bundle shipped inside the package (a copy of the repository's ``policies/``)."""
+    root = pkg_resources.files("trustplane.policy").joinpath("default_bundle")
+    with pkg_resources.as_file(root) as path:
+        return load_dir(Path(path))
+
+
+def compile_bundle(source: BundleSource) -> CompiledBundle:
+    """Parse and validate; raise :class:`BundleError` naming every problem found."""
+    if SCHEMA_FILE not in source.files:
+        raise BundleError([f"{SCHEMA_FILE} is missing"])
+    if not source.policy_files:
+        raise BundleError(["the bundle has no .cedar policy file"])
+    try:
+        schema = cedarpy.Schema.from_str(source.files[SCHEMA_FILE])
+    except ValueError as exc:
+        raise BundleError([f"{SCHEMA_FILE}: {_first_line(exc)}"]) from None
+    problems: list[str] = []
+    ids: list[str] = []
+    for name in source.policy_files:
+        problems.extend(_check_file(name, source.files[name], schema, ids))
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    problems.extend(f"policy @id {i!r} is used more than once" for i in duplicates)
+    if problems:
+        raise BundleError(problems)
+    policies = cedarpy.PolicySet.from_str(source.policy_text)
+    return CompiledBundle(source, source.version, policies, schema, tuple(ids))
+
+
+def _check_file(name: str, text: str, schema: cedarpy.Schema, ids: list[str]) -> list[str]:
+    try:
+        parsed = cedarpy.PolicySet.from_str(text)
+    except ValueError as exc:
+        return [f"{name}: does not parse: {_first_line(exc)}"]
+    result = cedarpy.validate_policies(text, schema)
+    if not result.validation_passed:
+        names = result.id_annotations_by_policy_id
+        return [f"{name}: {names.get(e.policy_id, e.policy_id)}: {e.error}" for e in result.errors]
+    tree = parsed.to_pst()
+    found = [
+        p.annotations.get("id") for p in (*tree.static_policies.values(), *tree.templates.values())
+    ]
+    if not all(found):
+        return [f"{name}: every policy needs a non-empty @id(...) annotation"]
+    ids.extend(str(i) for i in found)
+    return []
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__

@@ -1,0 +1,373 @@
+"""The in-process decision point over Cedar (``cedarpy``).
+
+The active bundle's ``PolicySet`` and ``Schema`` handles are parsed once when the bundle is activated
+and reused for every request; only the request's few entities are parsed per call (microseconds).
+Switching bundles swaps one reference, so a decision always runs against one whole bundle.
+
+Fail closed, always: a request that cannot be built (a required context attribute missing, an entity
+not conforming to the schema, an unknown action), an evaluation error in any policy (Cedar skips an
+erroring policy, which for a ``forbid`` would turn into an allow), a ``NoDecision``, an exception from
+the engine, or no active bundle all give a deny whose reason id says which, and increment
+``trustplane_policy_fail_closed_total``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cedarpy
+import orjson
+import structlog
+
+from trustplane import metrics
+from trustplane.audit.events import AuditEvent, AuditEventType
+from trustplane.policy.bundle import CompiledBundle
+from trustplane.policy.model import Decision, DecisionRequest, Entity, FailReason
+from trustplane.policy.recorder import DecisionRecord, DecisionRecorder
+
+log = structlog.get_logger("trustplane.policy")
+TOKEN_ACTION = "token:obtain"
+NO_BUNDLE = "none"
+MAX_BATCH = 1000
+_ALLOWED = metrics.POLICY_DECISIONS.labels(decision="allow")
+_DENIED = metrics.POLICY_DECISIONS.labels(decision="deny")
+
+
+@dataclass(frozen=True, slots=True)
+class CedarInput:
+    """One request in Cedar's JSON form; ``entities`` maps each uid to its entity document."""
+
+    request: dict[str, Any]
+    entities: dict[tuple[str, str], dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the engine concluded for one request, before it is recorded."""
+
+    allowed: bool
+    reason_ids: tuple[str, ...]
+    failure: FailReason | None = None
+    detail: str = ""
+
+
+def _uid(entity: Entity) -> dict[str, str]:
+    return {"type": entity.type, "id": entity.id}
+
+
+_PLAIN = frozenset({str, int, bool})
+
+
+def _value(value: Any, out: dict[tuple[str, str], dict[str, Any]]) -> Any:
+    if value.__class__ in _PLAIN:  # the common case first: this runs for every attribute
+        return value
+    if isinstance(value, Entity):
+        _add(value, out)
+        return {"__entity": _uid(value)}
+    if isinstance(value, Mapping):
+        return {str(k): _value(v, out) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        items = [_value(v, out) for v in value]
+        if not isinstance(value, set | frozenset):
+            return items
+        if all(item.__class__ is str for item in items):
+            return sorted(items)
+        return sorted(items, key=orjson.dumps)  # a stable order makes equal sets equal documents
+    if isinstance(value, bool | int | str):
+        return value
+    raise TypeError(f"unsupported attribute value of type {type(value).__name__}")
+
+
+def _add(entity: Entity, out: dict[tuple[str, str], dict[str, Any]]) -> None:
+    """Add an entity (with its attributes and parents) to the request's entity set. An entity that
+    appears twice must say the same thing both times; a bare reference adds nothing."""
+    if not entity.attributes and not entity.parents:
+        return
+    doc = {
+        "uid": _uid(entity),
+        "attrs": {str(k): _value(v, out) for k, v in entity.attributes.items()},
+        "parents": [_uid(p) for p in entity.parents],
+    }
+    for parent in entity.parents:
+        _add(parent, out)
+    key = (entity.type, entity.id)
+    if out.setdefault(key, doc) != doc:
+        raise ValueError(f"entity {entity.uid} appears twice with different attributes")
+
+
+def cedar_input(request: DecisionRequest, served_regions: Sequence[str] | None) -> CedarInput:
+    """The Cedar request and entities. When the bundle's schema uses ``served_regions``, every action
+    but ``token:obtain`` gets the deployment's regions there (a fact of this PDP, not of the caller:
+    it overrides whatever the caller sent)."""
+    entities: dict[tuple[str, str], dict[str, Any]] = {}
+    _add(request.subject, entities)
+    _add(request.resource, entities)
+    context = {str(k): _value(v, entities) for k, v in request.context.items()}
+    if served_regions is not None and request.action != TOKEN_ACTION:
+        context["served_regions"] = list(served_regions)
+    cedar = {
+        "principal": _uid(request.subject),
+        "action": {"type": "Action", "id": request.action},
+        "resource": _uid(request.resource),
+        "context": context,
+    }
+    return CedarInput(cedar, entities)
+
+
+def classify(error: str) -> FailReason:
+    """Map a Cedar diagnostic to the fail-closed reason recorded with the deny."""
+    if "failed to build request" in error:
+        if "attribute" in error:
+            return FailReason.MISSING_ATTRIBUTE
+        return FailReason.INVALID_REQUEST
+    if "does not conform to the schema" in error or "does not exist" in error:
+        return FailReason.MISSING_ATTRIBUTE
+    if "failed to parse entities" in error:
+        return FailReason.INVALID_REQUEST
+    return FailReason.ENGINE_ERROR
+
+
+def _detail(error: str) -> str:
+    """The diagnostic without the entity document Cedar echoes back (it can be long)."""
+    if error.startswith("failed to parse entities from:"):
+        error = "failed to parse entities: " + error.rsplit("]: ", 1)[-1]
+    return error[:300]
+
+
+def outcome_of(result: cedarpy.AuthzResult) -> Outcome:
+    diagnostics = result.diagnostics
+    errors = diagnostics.errors
+    if errors:
+        return Outcome(False, (), classify(errors[0]), _detail(errors[0]))
+    decision = result.decision
+    names = diagnostics.id_annotations_by_reason
+    reasons = tuple(sorted(names.get(p, p) for p in diagnostics.reasons))
+    if decision is cedarpy.Decision.Allow:
+        return Outcome(True, reasons)
+    if decision is cedarpy.Decision.Deny:
+        return Outcome(False, reasons or (FailReason.DEFAULT_DENY.value,))
+    return Outcome(False, (), FailReason.NO_DECISION)
+
+
+def failed(reason: FailReason, detail: str = "") -> Outcome:
+    return Outcome(False, (), reason, detail[:300])
+
+
+def group_by_entities(
+    inputs: Sequence[CedarInput | None],
+) -> Iterable[tuple[list[int], list[dict[str, Any]]]]:
+    """Batches of request indices whose entity sets agree (same uid -> same document), with the
+    union of their entities: one ``is_authorized_batch`` call each."""
+    indices: list[int] = []
+    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    for i, item in enumerate(inputs):
+        if item is None:
+            continue
+        clash = any(merged.get(k, doc) != doc for k, doc in item.entities.items())
+        if indices and (clash or len(indices) >= MAX_BATCH):
+            yield indices, list(merged.values())
+            indices, merged = [], {}
+        indices.append(i)
+        merged.update(item.entities)
+    if indices:
+        yield indices, list(merged.values())
+
+
+def _present(item: CedarInput | None) -> CedarInput:
+    assert item is not None  # group_by_entities only yields indices of present inputs
+    return item
+
+
+def _with_json_context(request: dict[str, Any]) -> dict[str, Any]:
+    return {**request, "context": orjson.dumps(request["context"]).decode()}
+
+
+def evaluate_inputs(
+    bundle: CompiledBundle, inputs: Sequence[CedarInput | None]
+) -> list[Outcome | None]:
+    """Evaluate prepared inputs (``None`` entries are skipped and stay ``None``)."""
+    outcomes: list[Outcome | None] = [None] * len(inputs)
+    groups: Iterable[tuple[list[int], list[dict[str, Any]]]]
+    if len(inputs) == 1 and inputs[0] is not None:
+        groups = [([0], list(inputs[0].entities.values()))]
+    else:
+        groups = group_by_entities(inputs)
+    for indices, entities in groups:
+        # The context goes to Cedar as JSON text: orjson here instead of cedarpy's json.dumps.
+        requests = [_with_json_context(_present(inputs[i]).request) for i in indices]
+        try:
+            results = cedarpy.is_authorized_batch(
+                requests, bundle.policies, orjson.dumps(entities).decode(), schema=bundle.schema
+            )
+            batch = [outcome_of(r) for r in results]
+        except Exception as exc:  # the engine must never turn an error into an allow
+            batch = [failed(FailReason.ENGINE_ERROR, repr(exc))] * len(indices)
+        for i, outcome in zip(indices, batch, strict=True):
+            outcomes[i] = outcome
+    return outcomes
+
+
+class PolicyEngine:
+    """Implements :class:`~trustplane.policy.model.DecisionPoint` in process."""
+
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        served_regions: Sequence[str],
+        recorder: DecisionRecorder | None = None,
+        observe: bool = True,
+    ) -> None:
+        """``observe=False`` (bundle tests, simulation): no metrics, no fail-closed log lines."""
+        self._issuer = issuer
+        self._observe = observe
+        self._served = tuple(served_regions)
+        self._recorder = recorder
+        self.bundle: CompiledBundle | None = None
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version if self.bundle else NO_BUNDLE
+
+    def activate(self, bundle: CompiledBundle) -> None:
+        """Switch to ``bundle`` (one reference swap: in-flight decisions finish on the old one)."""
+        self.bundle = bundle
+
+    def evaluate(
+        self, requests: Sequence[DecisionRequest]
+    ) -> list[tuple[Decision, DecisionRecord]]:
+        """Decide without writing: the decisions and the records that must be made durable."""
+        started = time.perf_counter_ns()
+        bundle = self.bundle
+        inputs: list[CedarInput | None] = []
+        outcomes: list[Outcome | None] = []
+        regions = self._served if bundle is None or bundle.uses_regions else None
+        for request in requests:
+            try:
+                inputs.append(cedar_input(request, regions))
+                outcomes.append(None)
+            except (TypeError, ValueError) as exc:
+                inputs.append(None)
+                outcomes.append(failed(FailReason.INVALID_REQUEST, str(exc)))
+        if bundle is None:
+            evaluated: list[Outcome | None] = [failed(FailReason.NO_ACTIVE_BUNDLE)] * len(inputs)
+        else:
+            evaluated = evaluate_inputs(bundle, inputs)
+        final = [
+            o or e or failed(FailReason.NO_DECISION)
+            for o, e in zip(outcomes, evaluated, strict=True)
+        ]
+        latency_us = (time.perf_counter_ns() - started) // 1000 // max(1, len(requests))
+        version = bundle.version if bundle else NO_BUNDLE
+        return [
+            self.record(r, i, o, version, latency_us)
+            for r, i, o in zip(requests, inputs, final, strict=True)
+        ]
+
+    def record(
+        self,
+        request: DecisionRequest,
+        cedar: CedarInput | None,
+        outcome: Outcome,
+        version: str,
+        latency_us: int,
+    ) -> tuple[Decision, DecisionRecord]:
+        decision_id = os.urandom(16).hex()
+        reason_ids = (outcome.failure.value,) if outcome.failure else outcome.reason_ids
+        decision = Decision(outcome.allowed, reason_ids, version, decision_id)
+        if self._observe:
+            self._observe_outcome(request, outcome, decision_id)
+        return decision, self._record(request, cedar, decision, outcome, latency_us)
+
+    def _observe_outcome(
+        self, request: DecisionRequest, outcome: Outcome, decision_id: str
+    ) -> None:
+        (_ALLOWED if outcome.allowed else _DENIED).inc()
+        if outcome.failure is not None:
+            metrics.POLICY_FAIL_CLOSED.labels(reason=outcome.failure.value).inc()
+            log.warning(
+                "policy_fail_closed",
+                reason=outcome.failure.value,
+                detail=outcome.detail,
+                action=request.action,
+                principal=request.subject.uid,
+                resource=request.resource.uid,
+                decision_id=decision_id,
+            )
+
+    def _record(
+        self,
+        request: DecisionRequest,
+        cedar: CedarInput | None,
+        decision: Decision,
+        outcome: Outcome,
+        latency_us: int,
+    ) -> DecisionRecord:
+        mandate = request.context.get("mandate")
+        mandate = mandate if isinstance(mandate, Mapping) else {}
+        event = AuditEvent(
+            type=AuditEventType.POLICY_DECISION_ALLOWED
+            if decision.allowed
+            else AuditEventType.POLICY_DECISION_DENIED,
+            issuer=self._issuer,
+            subject=request.subject.uid,
+            client_id=request.subject.id if request.subject.type == "Client" else None,
+            correlation_id=request.correlation_id,
+            mandate_id=str(mandate["id"]) if "id" in mandate else None,
+            decision="allow" if decision.allowed else "deny",
+            reason=outcome.failure.value if outcome.failure else None,
+            reason_ids=decision.reason_ids,
+            policy_bundle_version=decision.bundle_version,
+            service="trustplane.policy",
+            payload={
+                "action": request.action,
+                "resource": request.resource.uid,
+                "latency_us": latency_us,
+            },
+            event_id=decision.decision_id,
+        )
+        stored = (
+            orjson.dumps(
+                {"request": cedar.request, "entities": list(cedar.entities.values())}
+            ).decode()
+            if cedar is not None
+            else None
+        )
+        return DecisionRecord(event, request.action, request.resource.uid, latency_us, stored)
+
+    async def decide(
+        self,
+        subject: Entity,
+        action: str,
+        resource: Entity,
+        context: Mapping[str, Any],
+        *,
+        correlation_id: str | None = None,
+    ) -> Decision:
+        request = DecisionRequest(subject, action, resource, context, correlation_id)
+        return (await self.decide_many([request]))[0]
+
+    async def decide_many(self, requests: Sequence[DecisionRequest]) -> list[Decision]:
+        """Decide and make every decision's record durable before answering; if the records cannot
+        be written, every answer is a deny (a decision that leaves no trace is not given)."""
+        pairs = self.evaluate(requests)
+        if self._recorder is None:
+            return [d for d, _ in pairs]
+        try:
+            await self._recorder.record([r for _, r in pairs])
+        except Exception as exc:
+            log.error("policy_decision_not_recorded", error=repr(exc), count=len(pairs))
+            metrics.POLICY_FAIL_CLOSED.labels(reason=FailReason.AUDIT_UNAVAILABLE.value).inc(
+                len(pairs)
+            )
+            return [
+                Decision(
+                    False, (FailReason.AUDIT_UNAVAILABLE.value,), d.bundle_version, d.decision_id
+                )
+                for d, _ in pairs
+            ]
+        return [d for d, _ in pairs]

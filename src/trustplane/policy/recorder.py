@@ -1,0 +1,97 @@
+"""Recording decisions: the audit event (identifiers only) plus, in ``policy_decisions``, the inputs
+simulation needs to replay the decision (the Cedar request and the entities it was evaluated with).
+
+Both are written in one transaction: through the group-commit writer for :meth:`PolicyEngine.decide`,
+or inside the token endpoint's own outcome transaction (``oauth.outcomes``), so a token request pays
+for no extra write.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from trustplane.audit.events import AuditEvent
+from trustplane.audit.sink import write_events
+from trustplane.storage.driver_sql import values_clause
+from trustplane.storage.writer import GroupCommitWriter
+
+KIND = "policy_decision"
+_COLUMNS = (
+    "decision_id",
+    "time_ms",
+    "bundle_version",
+    "action",
+    "principal",
+    "resource",
+    "allowed",
+    "reason_ids",
+    "latency_us",
+    "correlation_id",
+    "inputs",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionRecord:
+    """One decision to make durable. ``inputs`` is the replayable input as JSON text (serialised once,
+    so a cached decision recorded again reuses it), or None when the request never reached the
+    engine (it could not be built) and there is nothing to replay."""
+
+    event: AuditEvent
+    action: str
+    resource: str
+    latency_us: int
+    inputs: str | None
+
+    def row(self) -> tuple[Any, ...]:
+        e = self.event
+        return (
+            e.event_id,
+            e.time,
+            e.policy_bundle_version or "none",
+            self.action[:64],
+            (e.subject or "")[:300],
+            self.resource[:300],
+            e.decision == "allow",
+            " ".join(e.reason_ids)[:500],
+            self.latency_us,
+            e.correlation_id,
+            self.inputs,
+        )
+
+
+@functools.lru_cache(maxsize=4)
+def _insert_sql(dialect: str) -> str:
+    values = values_clause(dialect, len(_COLUMNS), 1)
+    return f"INSERT INTO policy_decisions ({', '.join(_COLUMNS)}) VALUES {values}"  # noqa: S608 - constants
+
+
+async def write_decisions(conn: AsyncConnection, records: Sequence[DecisionRecord]) -> list[None]:
+    """Write audit events and decision inputs in the caller's transaction (and batch handler)."""
+    if records:
+        await write_events(conn, [r.event for r in records])
+        await conn.exec_driver_sql(_insert_sql(conn.dialect.name), [r.row() for r in records])
+    return [None] * len(records)
+
+
+async def _write_batches(
+    conn: AsyncConnection, batches: Sequence[Sequence[DecisionRecord]]
+) -> list[None]:
+    await write_decisions(conn, [r for batch in batches for r in batch])
+    return [None] * len(batches)
+
+
+class DecisionRecorder:
+    """Makes decision records durable through the group-commit writer."""
+
+    def __init__(self, writer: GroupCommitWriter) -> None:
+        self._writer = writer
+        writer.register(KIND, _write_batches)
+
+    async def record(self, records: Sequence[DecisionRecord]) -> None:
+        await self._writer.submit(KIND, list(records))
