@@ -42,6 +42,7 @@ async def checkpoint_of(ledger: Ledger) -> Checkpoint:
 
 async def test_appends_become_leaves_whose_proofs_verify(services: Services) -> None:
     ledger, db = services.ledger, services.db
+    await ledger.integrate_all()  # what start-up wrote (log key, signing keys, the builtin bundle)
     seen: list[Checkpoint] = [await checkpoint_of(ledger)]
     for batch in range(4):
         await append(db, [event(batch * 10 + i) for i in range(10)])
@@ -64,6 +65,7 @@ async def test_appends_become_leaves_whose_proofs_verify(services: Services) -> 
 
 
 async def test_an_append_is_pending_and_visible_until_integrated(services: Services) -> None:
+    await services.ledger.integrate_all()  # what start-up wrote
     before = (await checkpoint_of(services.ledger)).size
     await append(services.db, [event(1, jti="pending-jti")])
     assert (await checkpoint_of(services.ledger)).size == before

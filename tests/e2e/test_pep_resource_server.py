@@ -423,3 +423,67 @@ def test_tokens_signed_after_a_key_rotation_are_accepted(world: World) -> None:
 
     assert world.example.post("/orders", ORDER, token).status_code == 201
     assert [line for line in metric().splitlines() if line.startswith(jwks_fetches)] == fetched
+
+
+def test_a_revoked_mandate_stops_its_tokens_at_the_resource_server(world: World) -> None:
+    """Issue 5 point 6 at the edge: a person's token is accepted by the resource server's PEP until
+    the mandate behind it is revoked; then introspection says inactive and the PEP refuses it."""
+    from tests.authorize.flow import REDIRECT_URI, TRADE, pkce_pair, query_of
+    from tests.e2e.test_authorization_flow import (
+        USER_LEI,
+        Callback,
+        add_user,
+        approve,
+        register_code_client,
+        user_agent,
+    )
+
+    server = world.server
+    add_user(server, "alice-pep")
+    kit = register_code_client(server)
+    verifier, code_challenge = pkce_pair()
+    detail = {**TRADE, "accounts": ["ACC-9"]}  # ACC-9 belongs to the user's own legal entity
+    params = {
+        "response_type": "code",
+        "client_id": kit.client_id,
+        "redirect_uri": REDIRECT_URI,
+        "scope": "order:create",
+        "resource": EXECUTION,
+        "state": "pep",
+        "code_challenge": code_challenge,
+        "code_challenge_method": "S256",
+        "authorization_details": json.dumps([detail]),
+    }
+    callback = Callback()
+    with user_agent(server, callback) as agent:
+        approve(agent, str(httpx.URL(f"{server.base_url}/authorize", params=params)), "alice-pep")
+    code = query_of(str(callback.hits[0]))["code"]
+    issued = httpx.post(
+        f"{server.base_url}/token",
+        data={
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": REDIRECT_URI,
+            "code_verifier": verifier,
+            **kit.auth(),
+        },
+        timeout=10,
+    )
+    assert issued.status_code == 200, issued.text
+    token = issued.json()["access_token"]
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["lei"] == USER_LEI
+    order = {**ORDER, "account": "ACC-9"}
+    accepted = world.example.post("/orders", order, token)
+    assert accepted.status_code == 201, accepted.text
+
+    server.cli("mandates", "revoke", claims["mandate"]["id"], "--reason", "client offboarded")
+
+    refused = wait_until(
+        lambda: (r := world.example.post("/orders", order, token)).status_code == 401 and r,
+        INTROSPECTION_TTL + PROPAGATION_TIMEOUT,
+        "the mandate revocation to reach the resource server",
+        step=0.5,
+    )
+    assert refused.json()["error"] == "invalid_token"
+    assert 'error="invalid_token"' in refused.headers["www-authenticate"]

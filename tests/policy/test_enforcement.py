@@ -16,7 +16,7 @@ from tests.policy.test_store import variant
 from trustplane.app import Services
 from trustplane.audit.events import AuditEvent, AuditEventType
 from trustplane.audit.sink import recent_events
-from trustplane.oauth.outcomes import Outcome
+from trustplane.oauth.outcomes import Outcome, Recorded
 from trustplane.oauth.replay import ReplayUse
 from trustplane.policy.bundle import BundleSource, default_bundle
 from trustplane.policy.enforcement import TokenPolicy
@@ -178,12 +178,18 @@ async def test_decisions_and_issuance_commit_together_or_not_at_all(services: Se
         return AuditEvent(type=AuditEventType.TOKEN_ISSUED, issuer="i", client_id="c", jti=jti)
 
     first = Outcome(
-        ReplayUse(client.client_id, "jti-1", 2**40), issued("t-1"), lambda: issued("x"), records
+        ReplayUse(client.client_id, "jti-1", 2**40),
+        issued("t-1"),
+        lambda: issued("x"),
+        decisions=records,
     )
-    assert await services.writer.submit("token_outcome", first) is True
+    assert await services.writer.submit("token_outcome", first) == Recorded.RECORDED
     # The same decision records again: their insert fails, so the whole outcome must fail.
     second = Outcome(
-        ReplayUse(client.client_id, "jti-2", 2**40), issued("t-2"), lambda: issued("x"), records
+        ReplayUse(client.client_id, "jti-2", 2**40),
+        issued("t-2"),
+        lambda: issued("x"),
+        decisions=records,
     )
     with pytest.raises(WriterUnavailable):
         await services.writer.submit("token_outcome", second)
@@ -193,7 +199,8 @@ async def test_decisions_and_issuance_commit_together_or_not_at_all(services: Se
     replay = Outcome(
         ReplayUse(client.client_id, "jti-2", 2**40), issued("t-3"), lambda: issued("x")
     )
-    assert await services.writer.submit("token_outcome", replay) is True  # jti-2 was not consumed
+    # jti-2 was not consumed
+    assert await services.writer.submit("token_outcome", replay) == Recorded.RECORDED
 
 
 async def test_a_fail_closed_deny_is_not_cached(
