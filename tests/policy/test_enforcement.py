@@ -178,12 +178,18 @@ async def test_decisions_and_issuance_commit_together_or_not_at_all(services: Se
         return AuditEvent(type=AuditEventType.TOKEN_ISSUED, issuer="i", client_id="c", jti=jti)
 
     first = Outcome(
-        ReplayUse(client.client_id, "jti-1", 2**40), issued("t-1"), lambda: issued("x"), records
+        ReplayUse(client.client_id, "jti-1", 2**40),
+        issued("t-1"),
+        lambda: issued("x"),
+        decisions=records,
     )
     assert await services.writer.submit("token_outcome", first) is True
     # The same decision records again: their insert fails, so the whole outcome must fail.
     second = Outcome(
-        ReplayUse(client.client_id, "jti-2", 2**40), issued("t-2"), lambda: issued("x"), records
+        ReplayUse(client.client_id, "jti-2", 2**40),
+        issued("t-2"),
+        lambda: issued("x"),
+        decisions=records,
     )
     with pytest.raises(WriterUnavailable):
         await services.writer.submit("token_outcome", second)

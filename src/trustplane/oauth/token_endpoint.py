@@ -52,6 +52,10 @@ class Grant:
     mandate: tuple[str, int] | None = None
     details_digest: str | None = None
     decisions: tuple[DecisionRecord, ...] = ()
+    #: RFC 8693 token exchange: the ``act`` chain (outermost first) and what the issue record names
+    #: beyond the envelope (the subject token's issuer and jti, the token types).
+    actor_chain: tuple[str, ...] = ()
+    audit: dict[str, Any] = field(default_factory=dict)
 
 
 def replayed() -> InvalidClientError:
@@ -205,11 +209,12 @@ class TokenEndpoint:
             jti=c["jti"],
             transaction_id=c.get("txn"),
             partner=c.get("partner"),
+            actor_chain=grant.actor_chain,
             authorization_details_digest=grant.details_digest,
             mandate_id=mandate_id,
             mandate_version=mandate_version,
             decision="allow",
-            payload={"grant_type": grant_type, "exp": c["exp"], **_origin(c)},
+            payload={"grant_type": grant_type, "exp": c["exp"], **_origin(c), **grant.audit},
         )
 
     def _refused(
@@ -226,7 +231,8 @@ class TokenEndpoint:
             subject=client_id,
             client_id=client_id,
             # What the caller asked for, unvalidated: bounded so junk cannot bloat the audit trail.
-            audience=next(iter(form.get_all("resource")), "")[:512] or None,
+            audience=next(iter(form.get_all("resource") + form.get_all("audience")), "")[:512]
+            or None,
             scopes=tuple(s[:128] for s in (form.get("scope") or "").split()[:32]),
             jti=client.assertion_jti if client else None,
             partner=exc.partner,
