@@ -190,6 +190,7 @@ class TokenExchangeGrant:
             lifetime=lifetime,
             extra=self._claims(req, act),
         )
+        prv_mandate = issued.claims["prv"].get("mandate")  # a partner's mandate reference
         metrics.TOKEN_EXCHANGES.labels(subject_token_type=_short(subject.token_type)).inc()
         return Grant(
             issued,
@@ -206,6 +207,7 @@ class TokenExchangeGrant:
                     "subject_token_type": subject.token_type,
                     "derived_token": {"iss": self._settings.issuer, "jti": issued.claims["jti"]},
                     "act": act,
+                    **({"subject_mandate": prv_mandate} if prv_mandate else {}),
                 }
             },
         )
