@@ -164,6 +164,8 @@ class Deployment:
         return json.loads(proc.stdout)
 
     def start(self) -> None:
+        if self.data_dir.exists():
+            raise StepFailed(f"{self.data_dir} already exists: give an empty --workdir")
         self.data_dir.mkdir(parents=True)
         (self.data_dir / "scopes.toml").write_text(scopes_toml(VOCABULARY[self.name]))
         log = (self.data_dir / "server.log").open("wb")
@@ -207,6 +209,32 @@ class Deployment:
         )
         expect(response.status_code == 201, f"{self.name}: registration: {response.text}")
         return PrivateKeyJwt(response.json()["client_id"], key, "k1", self.issuer)
+
+    def auditor(self) -> PrivateKeyJwt:
+        """An operator-registered client (``trustplane clients add``) that may read the ledger."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        jwks = self.data_dir / "auditor-jwks.json"
+        jwks.write_text(json.dumps({"keys": [{**public_jwk(key), "kid": "k1", "alg": "ES256"}]}))
+        made = self.cli(
+            "clients", "add", "--lei", ARRANGER, "--name", "compliance", "--jwks-file", str(jwks),
+            "--grant-type", "client_credentials", "--scope", "audit:query",
+            "--resource", f"{self.issuer}/audit",
+        )  # fmt: skip
+        return PrivateKeyJwt(made["client_id"], key, "k1", self.issuer)
+
+    def ledger(self, auditor: PrivateKeyJwt, txn: str) -> list[dict[str, Any]]:
+        """``GET /audit/transactions/{txn}``: every ledger entry of the transaction, in order."""
+        token = self.token(
+            auditor, grant_type="client_credentials", scope="audit:query",
+            resource=f"{self.issuer}/audit",
+        )["access_token"]  # fmt: skip
+        response = httpx.get(
+            f"{self.issuer}/audit/transactions/{txn}",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=10,
+        )
+        expect(response.status_code == 200, f"{self.name} ledger: {response.text}")
+        return list(response.json()["entries"])
 
     def token(self, client: PrivateKeyJwt, **form: str) -> dict[str, Any]:
         data = dict(form)
@@ -297,9 +325,7 @@ def check_chain(token: dict[str, Any], arranger: Deployment, broker: Deployment)
     expect(token["origin"]["iss"] == arranger.issuer, "the origin was flattened")
 
 
-async def validate(
-    audience: str, trusted: Deployment, token: str, scope: str
-) -> dict[str, Any]:
+async def validate(audience: str, trusted: Deployment, token: str, scope: str) -> dict[str, Any]:
     """A PEP: the SDK validates signature (keys fetched from the issuer's JWKS over HTTP), typ, iss,
     aud and times; then the handler's scope."""
     async with httpx.AsyncClient(timeout=10) as http:
@@ -357,6 +383,7 @@ def run(workdir: Path) -> None:
             allowed_scopes=["settlement:submit"],
             allowed_audiences=[CLEARING_SETTLEMENT],
         )
+        auditors = {d.name: d.auditor() for d in (arranger, broker)}
         show("arranger order service", orders.client_id)
         show("broker execution service", execution.client_id)
         time.sleep(1.0)  # the servers pick up new clients and partners within the refresh interval
@@ -365,7 +392,9 @@ def run(workdir: Path) -> None:
         alice = consent(arranger, orders)
         alice_claims = claims_of(alice["access_token"])
         expect("mandate" in alice_claims, "Alice's token has no mandate")
-        show("Alice's token", {k: alice_claims[k] for k in ("iss", "sub", "aud", "scope", "mandate")})
+        show(
+            "Alice's token", {k: alice_claims[k] for k in ("iss", "sub", "aud", "scope", "mandate")}
+        )
 
         step("2", "the arranger exchanges Alice's token for a broker-audience token")
         to_broker = arranger.token(
@@ -382,7 +411,9 @@ def run(workdir: Path) -> None:
         expect(t1["act"]["sub"] == orders.client_id, "act is not the arranger's order service")
         expect(t1["mandate"] == alice_claims["mandate"], "mandate not kept")
         expect(t1["authorization_details"] == [ORDER], "details not narrowed to the order")
-        show("broker token", {k: t1[k] for k in ("iss", "sub", "aud", "scope", "act", "txn", "prv")})
+        show(
+            "broker token", {k: t1[k] for k in ("iss", "sub", "aud", "scope", "act", "txn", "prv")}
+        )
 
         step("3", "the broker's execution API (PEP) validates the token")
         checked = asyncio.run(
@@ -412,8 +443,27 @@ def run(workdir: Path) -> None:
         check_chain(verified, arranger, broker)
         show("chain", f"{verified['act']['sub']} -> {verified['act']['act']['sub']}")
         show("origin", verified["origin"])
+        step("6", "compliance: each deployment's ledger for the transaction (original -> derived)")
+        for d, derived in ((arranger, t1), (broker, t2)):
+            entries = d.ledger(auditors[d.name], t2["txn"])
+            issued = [e for e in entries if e["entry"]["type"] == "oauth:token:issued"]
+            expect(len(issued) == 1, f"{d.name}: {len(issued)} issuance entries for the txn")
+            entry = issued[0]["entry"]
+            exchange = (issued[0]["payload"] or {})["exchange"]
+            expect(exchange["derived_token"]["jti"] == derived["jti"], "derived token not named")
+            original = {"iss": derived["prv"]["iss"], "jti": derived["prv"]["jti"]}
+            expect(exchange["subject_token"] == original, "original token not named")
+            expect(all("inclusion_proof" in e for e in entries), "entries without inclusion proofs")
+            show(
+                f"{d.name} ledger",
+                {
+                    "entries": [e["entry"]["type"] for e in entries],
+                    "actor_chain": entry["actor_chain"],
+                    "original": exchange["subject_token"],
+                    "derived": exchange["derived_token"],
+                },
+            )
         print(f"\nOK: transaction {t2['txn']} ran through three deployments.", flush=True)
-        print(f"    ledger: GET {arranger.issuer}/audit/transactions/{t2['txn']} (and at the broker)")
     except Exception:
         for d in deployments:
             print(f"\n--- {d.name} log (tail) ---\n{d.log()[-2000:]}", file=sys.stderr)
@@ -438,7 +488,9 @@ def workspace(path: str | None, keep: bool) -> Iterator[Path]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", help="where the three data directories go (default: a temp dir)")
+    parser.add_argument(
+        "--workdir", help="where the three data directories go (default: a temp dir)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args()
     with workspace(args.workdir, args.keep) as workdir:
