@@ -16,7 +16,7 @@ from tests.policy.test_store import variant
 from trustplane.app import Services
 from trustplane.audit.events import AuditEvent, AuditEventType
 from trustplane.audit.sink import recent_events
-from trustplane.oauth.outcomes import Outcome
+from trustplane.oauth.outcomes import Outcome, Recorded
 from trustplane.oauth.replay import ReplayUse
 from trustplane.policy.bundle import BundleSource, default_bundle
 from trustplane.policy.enforcement import TokenPolicy
@@ -183,7 +183,7 @@ async def test_decisions_and_issuance_commit_together_or_not_at_all(services: Se
         lambda: issued("x"),
         decisions=records,
     )
-    assert await services.writer.submit("token_outcome", first) is True
+    assert await services.writer.submit("token_outcome", first) is Recorded.RECORDED
     # The same decision records again: their insert fails, so the whole outcome must fail.
     second = Outcome(
         ReplayUse(client.client_id, "jti-2", 2**40),
@@ -199,7 +199,7 @@ async def test_decisions_and_issuance_commit_together_or_not_at_all(services: Se
     replay = Outcome(
         ReplayUse(client.client_id, "jti-2", 2**40), issued("t-3"), lambda: issued("x")
     )
-    assert await services.writer.submit("token_outcome", replay) is True  # jti-2 was not consumed
+    assert await services.writer.submit("token_outcome", replay) is Recorded.RECORDED  # jti-2 was not consumed
 
 
 async def test_a_fail_closed_deny_is_not_cached(

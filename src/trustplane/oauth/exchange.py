@@ -63,7 +63,13 @@ from trustplane.oauth.revocations import SqlRevocationStore
 from trustplane.oauth.scopes import Vocabulary
 from trustplane.oauth.token_endpoint import Grant
 from trustplane.oauth.tokens import issue_access_token, new_jti, read_access_token
-from trustplane.policy.enforcement import ScopeDenied
+from trustplane.policy.enforcement import (
+    CACHE_SIZE,
+    ScopeDenied,
+    cacheable,
+    decision_of,
+    fresh_record,
+)
 from trustplane.policy.engine import EXCHANGE_ACTION, PolicyEngine
 from trustplane.policy.model import DecisionRequest, Entity
 from trustplane.policy.recorder import DecisionRecord
@@ -152,6 +158,9 @@ class TokenExchangeGrant:
         self._vocabulary, self._clients, self._partners = vocabulary, clients, partners
         self._mandates, self._details, self._replay = mandates, details, replay
         self._revocations, self._engine = revocations, engine
+        #: Decisions by everything the request is built from (see ``policy.enforcement``: Cedar is
+        #: a pure function of its request; a bundle switch or a registration change misses).
+        self._cache: dict[tuple[Any, ...], tuple[DecisionRecord, ...]] = {}
 
     async def __call__(self, form: Form, auth: AuthenticatedClient) -> Grant:
         client = auth.client
@@ -443,7 +452,7 @@ class TokenExchangeGrant:
             "actor_issuer": req.actor.iss,
             "actor_chain": list(req.chain),
         }
-        requests = [
+        requests = [  # built lazily would save little: Entity construction is cheap next to Cedar
             DecisionRequest(
                 principal,
                 EXCHANGE_ACTION,
@@ -453,12 +462,23 @@ class TokenExchangeGrant:
             )
             for scope in req.scopes
         ]
-        pairs = self._engine.evaluate(requests)
+        key = (self._engine.version, client.client_id, client.updated_at, client.lei,
+               client.scopes, req.scopes, req.resource, req.subject.subject, req.subject.issuer,
+               req.subject.token_type, req.actor.sub, req.actor.iss, req.chain)  # fmt: skip
+        cached = self._cache.get(key)
+        if cached is not None:
+            metrics.POLICY_CACHE.labels(result="hit").inc()
+            found = [fresh_record(r) for r in cached]
+        else:
+            metrics.POLICY_CACHE.labels(result="miss").inc()
+            found = [r for _, r in self._engine.evaluate(requests)]
+            if cacheable(found, key[0]):
+                if len(self._cache) >= CACHE_SIZE:
+                    self._cache.clear()
+                self._cache[key] = tuple(found)
         # the decisions belong to the transaction: the ledger's per-transaction view lists them
-        records = tuple(
-            replace(r, event=replace(r.event, transaction_id=req.txn)) for _, r in pairs
-        )
-        denied = [d for d, _ in pairs if not d.allowed]
+        records = tuple(replace(r, event=replace(r.event, transaction_id=req.txn)) for r in found)
+        denied = [decision_of(r) for r in records if r.event.decision != "allow"]
         if denied:
             log.info(
                 "token_exchange_denied",
