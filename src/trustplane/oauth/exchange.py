@@ -210,6 +210,8 @@ class TokenExchangeGrant:
             details_digest=self._details.digest(req.details),
             decisions=decisions,
             actor_chain=req.chain,
+            unrevoked=(subject.jti,) if subject.partner is None else (),
+            revoked_error=_bad("the subject_token has been revoked", "revoked"),
             audit={
                 "exchange": {
                     "subject_token": {"iss": subject.issuer, "jti": subject.jti},
@@ -310,9 +312,7 @@ class TokenExchangeGrant:
         owner = self._clients.get(str(claims.get("client_id")))
         if owner is None or not owner.active:
             raise _bad("the subject_token's client is no longer active", "client_inactive")
-        async with self._db.read() as conn:
-            if await self._revocations.is_revoked(conn, str(claims["jti"])):
-                raise _bad("the subject_token has been revoked", "revoked")
+        # revocation is checked with the outcome, in the same transaction (Grant.unrevoked)
         mandate = await self._mandate(claims.get("mandate"), now)
         return Subject(
             TOKEN_TYPE_ACCESS_TOKEN, self._settings.issuer, str(claims["sub"]),

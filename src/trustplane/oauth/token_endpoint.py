@@ -56,6 +56,10 @@ class Grant:
     #: beyond the envelope (the subject token's issuer and jti, the token types).
     actor_chain: tuple[str, ...] = ()
     audit: dict[str, Any] = field(default_factory=dict)
+    #: jtis of our own tokens the grant rests on: checked against revocations in the outcome's
+    #: transaction; ``revoked_error`` is raised (and recorded) if one is revoked.
+    unrevoked: tuple[str, ...] = ()
+    revoked_error: OAuth2Error | None = None
 
 
 def replayed() -> InvalidClientError:
@@ -100,7 +104,12 @@ class TokenEndpoint:
         except OAuth2Error as exc:
             await self._refuse(exc, form, client, grant_type)
             raise
-        if client.pending_use is None and grant.pending_use is None and not grant.decisions:
+        if (
+            client.pending_use is None
+            and grant.pending_use is None
+            and not grant.decisions
+            and not grant.unrevoked
+        ):
             await self._audit.emit(self._issued(grant, grant_type))
         else:
             await self._record_issue(grant, form, client, grant_type)
@@ -119,6 +128,7 @@ class TokenEndpoint:
     ) -> None:
         """Consume the assertion jti(s) and record the issue in one write; a replay refuses."""
         grant_error = grant.replay_error or InvalidGrantError("the assertion was already used")
+        revoked_error = grant.revoked_error or InvalidGrantError("the grant's token was revoked")
         outcome = Outcome(
             auth.pending_use,
             self._issued(grant, grant_type),
@@ -126,6 +136,8 @@ class TokenEndpoint:
             grant.pending_use,
             partial(self._refused, grant_error, form, auth, grant_type),
             grant.decisions,
+            grant.unrevoked,
+            partial(self._refused, revoked_error, form, auth, grant_type),
         )
         result = await self._outcomes.record(outcome)
         if result is Recorded.REPLAYED:
@@ -134,6 +146,9 @@ class TokenEndpoint:
         if result is Recorded.GRANT_REPLAYED:
             metrics.TOKEN_REFUSED.labels(error=grant_error.error).inc()
             raise grant_error
+        if result is Recorded.REVOKED:
+            metrics.TOKEN_REFUSED.labels(error=revoked_error.error).inc()
+            raise revoked_error
 
     async def _refuse(
         self,
