@@ -4,6 +4,7 @@ per refusal with the exact status and error code AND the deny record in the audi
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -280,6 +281,12 @@ def _expired(ex: Exchange) -> str:
     return ex.own(lifetime=-10)
 
 
+def _partner_expired_within_skew(ex: Exchange) -> str:
+    """Past its exp but within the clock skew the registry grants partners: nothing left to issue."""
+    now = int(time.time())
+    return ex.partner_access(ex.a, iat=now - 100, exp=now - 5)
+
+
 CASES: dict[str, tuple[Any, dict[str, Any], int, str, str | None]] = {
     # name: (subject token maker, extra form, status, error, reason_id)
     "untrusted issuer": (
@@ -299,6 +306,9 @@ CASES: dict[str, tuple[Any, dict[str, Any], int, str, str | None]] = {
         400, "invalid_target", None,
     ),
     "expired subject token": (_expired, {}, 400, "invalid_request", "expired"),
+    "partner token past exp (within the skew)": (
+        _partner_expired_within_skew, {}, 400, "invalid_request", "expired",
+    ),
     "subject token for another audience": (
         lambda ex: ex.own(aud="https://elsewhere.example/api"),
         {}, 400, "invalid_request", "audience",

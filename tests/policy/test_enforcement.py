@@ -199,7 +199,8 @@ async def test_decisions_and_issuance_commit_together_or_not_at_all(services: Se
     replay = Outcome(
         ReplayUse(client.client_id, "jti-2", 2**40), issued("t-3"), lambda: issued("x")
     )
-    assert await services.writer.submit("token_outcome", replay) is Recorded.RECORDED  # jti-2 was not consumed
+    # jti-2 was not consumed
+    assert await services.writer.submit("token_outcome", replay) is Recorded.RECORDED
 
 
 async def test_a_fail_closed_deny_is_not_cached(

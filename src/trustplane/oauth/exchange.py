@@ -186,9 +186,11 @@ class TokenExchangeGrant:
         req.chain = _chain(act)
         txn = subject.claims.get("txn")
         req.txn = txn if isinstance(txn, str) else new_jti()
+        lifetime = min(self._settings.access_token_lifetime, subject.exp - now)
+        if lifetime <= 0:  # a partner token within the clock skew of its exp: nothing left to give
+            raise _bad("the subject_token has expired", "expired", partner=partner_id)
         decisions = self._decide(req)
         pending = await self._consume(subject)
-        lifetime = min(self._settings.access_token_lifetime, subject.exp - now)
         issued = issue_access_token(
             self._keys.ring,
             issuer=self._settings.issuer,
