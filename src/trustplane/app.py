@@ -43,6 +43,7 @@ from trustplane.mandates import wiring as mandates_wiring
 from trustplane.mandates.service import MandateService
 from trustplane.oauth.client_auth import ClientAuthenticator
 from trustplane.oauth.discovery import server_metadata
+from trustplane.oauth.exchange import TOKEN_EXCHANGE, TokenExchangeGrant
 from trustplane.oauth.http import OAuthHttp
 from trustplane.oauth.introspection import IntrospectionService
 from trustplane.oauth.openapi import protocol_paths
@@ -157,6 +158,10 @@ class Services:
             replay,
             authorize=token.authorize_scopes,
         )
+        token.grants[TOKEN_EXCHANGE] = TokenExchangeGrant(
+            settings, db, keys, vocabulary, clients.registry, federation.registry, mandates, rar,
+            replay, SqlRevocationStore(), policy.engine if token.policy else None,
+        )  # fmt: skip
         return cls(
             settings,
             db,

@@ -19,6 +19,11 @@ WRITER_BATCH = Histogram(
 )
 CACHE_RELOADS = Counter("trustplane_cache_reloads_total", "In-memory cache reloads", ["cache"])
 ACTIVE_CLIENTS = Gauge("trustplane_clients", "Registered clients in the in-memory registry")
+TOKEN_EXCHANGES = Counter(
+    "trustplane_token_exchanges_total",
+    "RFC 8693 token exchanges that issued a token, by subject token type",
+    ["subject_token_type"],
+)
 PARTNER_ASSERTIONS = Counter(
     "trustplane_partner_assertions_total",
     "Partner-signed JWTs verified or refused, by partner and reason",

@@ -64,6 +64,7 @@ async def test_metadata_issuer_is_byte_equal_and_endpoints_are_under_it(server: 
         "client_credentials",
         "refresh_token",
         "urn:ietf:params:oauth:grant-type:jwt-bearer",
+        "urn:ietf:params:oauth:grant-type:token-exchange",
     ]
     assert doc["token_endpoint_auth_methods_supported"] == list(
         server.services.settings.client_auth_methods

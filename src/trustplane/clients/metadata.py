@@ -25,6 +25,7 @@ SUPPORTED_GRANT_TYPES: set[str] = {
     "authorization_code",
     "refresh_token",
     "urn:ietf:params:oauth:grant-type:jwt-bearer",  # RFC 7523 §2.1, trustplane.federation
+    "urn:ietf:params:oauth:grant-type:token-exchange",  # RFC 8693, trustplane.oauth.exchange
 }
 SECRET_METHODS = frozenset({"client_secret_basic", "client_secret_post"})
 

@@ -63,7 +63,13 @@ def protocol_paths() -> dict[str, Any]:
             {
                 "grant_type": {
                     "type": "string",
-                    "enum": ["client_credentials", "authorization_code", "refresh_token"],
+                    "enum": [
+                        "client_credentials",
+                        "authorization_code",
+                        "refresh_token",
+                        "urn:ietf:params:oauth:grant-type:jwt-bearer",
+                        "urn:ietf:params:oauth:grant-type:token-exchange",
+                    ],
                 },
                 "scope": {"type": "string"},
                 "resource": {"type": "string"},
@@ -71,6 +77,13 @@ def protocol_paths() -> dict[str, Any]:
                 "redirect_uri": {"type": "string"},
                 "code_verifier": {"type": "string"},
                 "refresh_token": {"type": "string"},
+                "assertion": {"type": "string"},
+                "subject_token": {"type": "string"},
+                "subject_token_type": {"type": "string"},
+                "actor_token": {"type": "string"},
+                "actor_token_type": {"type": "string"},
+                "audience": {"type": "string"},
+                "authorization_details": {"type": "string"},
             },
             ["grant_type"],
             json_ok,

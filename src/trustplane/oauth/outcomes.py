@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from trustplane.audit.events import AuditEvent, AuditEventType
 from trustplane.audit.sink import write_events
 from trustplane.oauth.replay import ReplayUse, consume_batch
+from trustplane.oauth.revocations import revoked_among
 from trustplane.policy.recorder import DecisionRecord, write_decisions
 from trustplane.storage.writer import GroupCommitWriter
 
@@ -35,6 +36,8 @@ class Recorded(IntEnum):
     RECORDED = 1
     #: The client assertion was fresh but the grant's own assertion had been used before.
     GRANT_REPLAYED = 2
+    #: A token the grant rests on (a token exchange's subject token) was revoked (RFC 7009).
+    REVOKED = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,22 +55,33 @@ class Outcome:
     grant_use: ReplayUse | None = None
     grant_replay_event: Callable[[], AuditEvent] | None = None
     decisions: tuple[DecisionRecord, ...] = ()
+    #: jtis of tokens that must not be revoked for ``event`` to stand (checked in the same
+    #: transaction: one query per batch instead of one read per request); ``revoked_event()`` is
+    #: recorded instead if one is.
+    unrevoked: tuple[str, ...] = ()
+    revoked_event: Callable[[], AuditEvent] | None = None
 
 
-def _result(client_won: bool, grant_won: bool) -> Recorded:
+def _result(client_won: bool, grant_won: bool, revoked: bool) -> Recorded:
     if not client_won:
         return Recorded.REPLAYED
-    return Recorded.RECORDED if grant_won else Recorded.GRANT_REPLAYED
+    if not grant_won:
+        return Recorded.GRANT_REPLAYED
+    return Recorded.REVOKED if revoked else Recorded.RECORDED
 
 
 async def record_batch(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> list[Recorded]:
-    """Batch handler: one replay upsert for every use, then one insert for the chosen events."""
+    """Batch handler: one replay upsert for every use, one revocation query for every token the
+    outcomes rest on, then one insert for the chosen events."""
     uses = [u for o in outcomes for u in (o.use, o.grant_use) if u is not None]
     flags = iter(await consume_batch(conn, uses) if uses else [])
+    jtis = {j for o in outcomes for j in o.unrevoked}
+    revoked = await revoked_among(conn, jtis) if jtis else set()
     results = [
         _result(
             next(flags) if o.use is not None else True,
             next(flags) if o.grant_use is not None else True,
+            any(j in revoked for j in o.unrevoked),
         )
         for o in outcomes
     ]
@@ -83,6 +97,8 @@ def _chosen(outcome: Outcome, result: Recorded) -> AuditEvent:
         return outcome.event
     if result is Recorded.GRANT_REPLAYED and outcome.grant_replay_event is not None:
         return outcome.grant_replay_event()
+    if result is Recorded.REVOKED and outcome.revoked_event is not None:
+        return outcome.revoked_event()
     return outcome.replay_event()
 
 
@@ -97,8 +113,11 @@ class OutcomeRecorder:
         event = outcome.event
         if result is not Recorded.RECORDED:
             refused = AuditEventType.TOKEN_REFUSED.value
-            what = "client assertion" if result is Recorded.REPLAYED else "grant assertion"
-            log.info(refused, client_id=event.client_id, jti=event.jti, reason=f"{what} replay")
+            reason = {
+                Recorded.REPLAYED: "client assertion replay",
+                Recorded.GRANT_REPLAYED: "grant assertion replay",
+            }.get(result, "revoked subject token")
+            log.info(refused, client_id=event.client_id, jti=event.jti, reason=reason)
         elif event.decision == "deny":
             log.info(
                 event.type.value, client_id=event.client_id, jti=event.jti, reason=event.reason

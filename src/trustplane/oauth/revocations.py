@@ -43,3 +43,9 @@ class SqlRevocationStore:
     async def prune(self, conn: AsyncConnection, now: int) -> int:
         result = await conn.execute(delete(revoked_tokens).where(revoked_tokens.c.expires_at < now))
         return int(result.rowcount or 0)
+
+
+async def revoked_among(conn: AsyncConnection, jtis: set[str]) -> set[str]:
+    """Which of ``jtis`` are revoked (one query; the token endpoint's outcome batch uses it)."""
+    rows = await conn.execute(select(revoked_tokens.c.jti).where(revoked_tokens.c.jti.in_(jtis)))
+    return {row[0] for row in rows}

@@ -52,6 +52,14 @@ class Grant:
     mandate: tuple[str, int] | None = None
     details_digest: str | None = None
     decisions: tuple[DecisionRecord, ...] = ()
+    #: RFC 8693 token exchange: the ``act`` chain (outermost first) and what the issue record names
+    #: beyond the envelope (the subject token's issuer and jti, the token types).
+    actor_chain: tuple[str, ...] = ()
+    audit: dict[str, Any] = field(default_factory=dict)
+    #: jtis of our own tokens the grant rests on: checked against revocations in the outcome's
+    #: transaction; ``revoked_error`` is raised (and recorded) if one is revoked.
+    unrevoked: tuple[str, ...] = ()
+    revoked_error: OAuth2Error | None = None
 
 
 def replayed() -> InvalidClientError:
@@ -96,7 +104,12 @@ class TokenEndpoint:
         except OAuth2Error as exc:
             await self._refuse(exc, form, client, grant_type)
             raise
-        if client.pending_use is None and grant.pending_use is None and not grant.decisions:
+        if (
+            client.pending_use is None
+            and grant.pending_use is None
+            and not grant.decisions
+            and not grant.unrevoked
+        ):
             await self._audit.emit(self._issued(grant, grant_type))
         else:
             await self._record_issue(grant, form, client, grant_type)
@@ -115,6 +128,7 @@ class TokenEndpoint:
     ) -> None:
         """Consume the assertion jti(s) and record the issue in one write; a replay refuses."""
         grant_error = grant.replay_error or InvalidGrantError("the assertion was already used")
+        revoked_error = grant.revoked_error or InvalidGrantError("the grant's token was revoked")
         outcome = Outcome(
             auth.pending_use,
             self._issued(grant, grant_type),
@@ -122,6 +136,8 @@ class TokenEndpoint:
             grant.pending_use,
             partial(self._refused, grant_error, form, auth, grant_type),
             grant.decisions,
+            grant.unrevoked,
+            partial(self._refused, revoked_error, form, auth, grant_type),
         )
         result = await self._outcomes.record(outcome)
         if result is Recorded.REPLAYED:
@@ -130,6 +146,9 @@ class TokenEndpoint:
         if result is Recorded.GRANT_REPLAYED:
             metrics.TOKEN_REFUSED.labels(error=grant_error.error).inc()
             raise grant_error
+        if result is Recorded.REVOKED:
+            metrics.TOKEN_REFUSED.labels(error=revoked_error.error).inc()
+            raise revoked_error
 
     async def _refuse(
         self,
@@ -205,11 +224,12 @@ class TokenEndpoint:
             jti=c["jti"],
             transaction_id=c.get("txn"),
             partner=c.get("partner"),
+            actor_chain=grant.actor_chain,
             authorization_details_digest=grant.details_digest,
             mandate_id=mandate_id,
             mandate_version=mandate_version,
             decision="allow",
-            payload={"grant_type": grant_type, "exp": c["exp"], **_origin(c)},
+            payload={"grant_type": grant_type, "exp": c["exp"], **_origin(c), **grant.audit},
         )
 
     def _refused(
@@ -226,7 +246,8 @@ class TokenEndpoint:
             subject=client_id,
             client_id=client_id,
             # What the caller asked for, unvalidated: bounded so junk cannot bloat the audit trail.
-            audience=next(iter(form.get_all("resource")), "")[:512] or None,
+            audience=next(iter(form.get_all("resource") + form.get_all("audience")), "")[:512]
+            or None,
             scopes=tuple(s[:128] for s in (form.get("scope") or "").split()[:32]),
             jti=client.assertion_jti if client else None,
             partner=exc.partner,

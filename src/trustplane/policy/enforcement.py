@@ -109,7 +109,7 @@ class TokenPolicy:
         cached = self._cache.get(key)
         if cached is not None and correlation_id is None:
             metrics.POLICY_CACHE.labels(result="hit").inc()
-            records = tuple(_fresh(r) for r in cached.records)
+            records = tuple(fresh_record(r) for r in cached.records)
             for r in records:
                 metrics.POLICY_DECISIONS.labels(decision=r.event.decision or "deny").inc()
         else:
@@ -117,9 +117,9 @@ class TokenPolicy:
             requests = token_requests(client, scopes, audience, grant_type, correlation_id)
             pairs = self._engine.evaluate(requests)
             records = tuple(r for _, r in pairs)
-            if correlation_id is None and _cacheable(records, key[0]):
+            if correlation_id is None and cacheable(records, key[0]):
                 self._remember(key, _Cached(records))
-        denied = [_decision(r) for r in records if r.event.decision != "allow"]
+        denied = [decision_of(r) for r in records if r.event.decision != "allow"]
         if denied:
             log.info(
                 "policy_token_scope_denied",
@@ -141,13 +141,13 @@ class TokenPolicy:
         self._cache.clear()
 
 
-def _cacheable(records: Sequence[DecisionRecord], version: str) -> bool:
+def cacheable(records: Sequence[DecisionRecord], version: str) -> bool:
     """Only real policy outcomes of the version the key names: a fail-closed deny (engine error,
     no bundle, ...) may be transient and must be decided again next time."""
     return all(r.event.reason is None and r.event.policy_bundle_version == version for r in records)
 
 
-def _fresh(record: DecisionRecord) -> DecisionRecord:
+def fresh_record(record: DecisionRecord) -> DecisionRecord:
     """The same decision, recorded again as its own event (own id and time)."""
     e = record.event
     event = AuditEvent(
@@ -167,7 +167,7 @@ def _fresh(record: DecisionRecord) -> DecisionRecord:
     return DecisionRecord(event, record.action, record.resource, 0, record.inputs)
 
 
-def _decision(record: DecisionRecord) -> Decision:
+def decision_of(record: DecisionRecord) -> Decision:
     e = record.event
     return Decision(
         e.decision == "allow", e.reason_ids, e.policy_bundle_version or "none", e.event_id

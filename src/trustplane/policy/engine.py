@@ -31,6 +31,9 @@ from trustplane.policy.recorder import DecisionRecord, DecisionRecorder
 
 log = structlog.get_logger("trustplane.policy")
 TOKEN_ACTION = "token:obtain"
+EXCHANGE_ACTION = "token:exchange"
+#: Actions decided at the token endpoint: the deployment's served regions are not part of them.
+TOKEN_ACTIONS = frozenset({TOKEN_ACTION, EXCHANGE_ACTION})
 NO_BUNDLE = "none"
 MAX_BATCH = 1000
 _ALLOWED = metrics.POLICY_DECISIONS.labels(decision="allow")
@@ -101,13 +104,13 @@ def _add(entity: Entity, out: dict[tuple[str, str], dict[str, Any]]) -> None:
 
 def cedar_input(request: DecisionRequest, served_regions: Sequence[str] | None) -> CedarInput:
     """The Cedar request and entities. When the bundle's schema uses ``served_regions``, every action
-    but ``token:obtain`` gets the deployment's regions there (a fact of this PDP, not of the caller:
+    but ``token:obtain``/``token:exchange`` gets the deployment's regions there (a fact of this PDP, not of the caller:
     it overrides whatever the caller sent)."""
     entities: dict[tuple[str, str], dict[str, Any]] = {}
     _add(request.subject, entities)
     _add(request.resource, entities)
     context = {str(k): _value(v, entities) for k, v in request.context.items()}
-    if served_regions is not None and request.action != TOKEN_ACTION:
+    if served_regions is not None and request.action not in TOKEN_ACTIONS:
         context["served_regions"] = list(served_regions)
     cedar = {
         "principal": _uid(request.subject),

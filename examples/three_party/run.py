@@ -1,0 +1,506 @@
+"""Three deployments, one trade: steps 1-4 of trustplane's reference lifecycle over real HTTP.
+
+    python examples/three_party/run.py [--workdir DIR] [--keep]
+
+Starts three ``trustplane serve`` processes on free loopback ports, each with its own data directory,
+SQLite database and signing keys: the ARRANGER, the BROKER and the CLEARING broker. They are
+federated only by trust profiles (``trustplane partners add``). Then:
+
+1. Alice (Northwind AM) logs in at the arranger and approves the arranger's order service: code +
+   PKCE + consent; the consent becomes mandate M v1 and Alice's token refers to it.
+2. The arranger's order service exchanges Alice's token (RFC 8693) for a broker-audience token:
+   ``act`` = the order service, narrowed authorization_details, a new ``txn``, mandate M kept.
+3. The broker's execution API (a PEP: trustplane.pep.TokenValidator trusting the arranger's issuer)
+   validates that token.
+4. The broker exchanges it AT THE BROKER's deployment (the arranger is a trusted partner there) for a
+   clearing-audience token with ``settlement:submit`` only; ``act`` chain broker -> arranger. The
+   clearing PEP (trusting the broker's issuer) validates it and checks the provenance chain
+   (``prv``: the broker token came from the arranger's token, which came from Alice's).
+
+Every step is printed; the script exits 1 at the first failure (and prints the servers' logs).
+Needs only the trustplane package installed (``pip install -e .``): run it from the repository root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import hashlib
+import html
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from trustplane.keys.crypto import public_jwk
+from trustplane.pep import PrivateKeyJwt, TokenValidator, TrustedIssuer
+
+TRUSTPLANE = shutil.which("trustplane") or str(Path(sys.executable).with_name("trustplane"))
+EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"
+REDIRECT_URI = "https://orders.arranger.example/callback"
+#: Audiences (RFC 8707 resources) of the three parties' APIs.
+ARRANGER_ORDERS = "https://orders.arranger.example/api"
+BROKER_EXECUTION = "https://execution.broker.example/api"
+CLEARING_SETTLEMENT = "https://settlement.clearing.example/api"
+#: ISO 17442 LEIs with valid check digits (example entities).
+NORTHWIND = "529900T8BM49AURSDO55"
+ARRANGER = "5493001KJTIIGC8Y1R12"
+ALICE_PASSWORD = "correct horse battery staple 42"
+TRADE = {
+    "type": "trade_instruction",
+    "actions": ["create_order"],
+    "accounts": ["ACC-1"],
+    "instrument_classes": ["bond"],
+    "max_notional": {"amount": 500_000_000, "currency": "EUR", "minor_units": 2},
+}
+#: Step 2 narrows the consented details to this one order's notional.
+ORDER = {**TRADE, "max_notional": {"amount": 120_000_000, "currency": "EUR", "minor_units": 2}}
+SCOPES = "order:create settlement:submit"
+#: Each deployment's scope vocabulary: business verbs bound to the audiences that accept them.
+VOCABULARY = {
+    "arranger": {ARRANGER_ORDERS: SCOPES, BROKER_EXECUTION: SCOPES},
+    "broker": {BROKER_EXECUTION: SCOPES, CLEARING_SETTLEMENT: "settlement:submit"},
+    "clearing": {CLEARING_SETTLEMENT: "settlement:submit"},
+}
+_HIDDEN = re.compile(r'<input type="hidden" name="(\w+)" value="([^"]*)">')
+
+
+class StepFailed(Exception):
+    pass
+
+
+def step(number: str, text: str) -> None:
+    print(f"\n[{number}] {text}", flush=True)
+
+
+def show(label: str, value: Any) -> None:
+    rendered = json.dumps(value, indent=2) if isinstance(value, dict | list) else str(value)
+    print(f"    {label}: " + rendered.replace("\n", "\n    "), flush=True)
+
+
+def expect(condition: bool, what: str) -> None:
+    if not condition:
+        raise StepFailed(what)
+
+
+def claims_of(token: str) -> dict[str, Any]:
+    """The payload of a JWT, for display (every token is validated by a PEP before it is relied on)."""
+    payload = token.split(".")[1]
+    return dict(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scopes_toml(vocabulary: dict[str, str]) -> str:
+    lines: list[str] = []
+    by_scope: dict[str, list[str]] = {}
+    for resource, scopes in vocabulary.items():
+        lines += [f'[resources."{resource}"]', f'description = "{resource}"', ""]
+        for scope in scopes.split():
+            by_scope.setdefault(scope, []).append(resource)
+    for scope, resources in by_scope.items():
+        lines += [f'[scopes."{scope}"]', f'description = "{scope}"']
+        lines += ["resources = [" + ", ".join(f'"{r}"' for r in resources) + "]", ""]
+    return "\n".join(lines)
+
+
+@dataclass
+class Deployment:
+    name: str
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def issuer(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.workdir / self.name
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TRUSTPLANE_")}
+        env.update(
+            TRUSTPLANE_DATA_DIR=str(self.data_dir),
+            TRUSTPLANE_DATABASE_URL=f"sqlite+aiosqlite:///{self.data_dir / 'trustplane.db'}",
+            TRUSTPLANE_PORT=str(self.port),
+            TRUSTPLANE_SCOPES_FILE=str(self.data_dir / "scopes.toml"),
+            TRUSTPLANE_CACHE_REFRESH_INTERVAL="0.2",
+            TRUSTPLANE_FEDERATION_ALLOW_INSECURE_LOOPBACK="true",  # partners' issuers are http://127.0.0.1
+            TRUSTPLANE_LOG_LEVEL="warning",
+        )
+        return env
+
+    def cli(self, *args: str, stdin: str | None = None) -> Any:
+        proc = subprocess.run(
+            [TRUSTPLANE, *args, "--json"], env=self.env, input=stdin, capture_output=True,
+            text=True, timeout=120, check=False,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            raise StepFailed(f"{self.name}: trustplane {' '.join(args)}: {proc.stderr.strip()}")
+        return json.loads(proc.stdout)
+
+    def start(self) -> None:
+        if self.data_dir.exists():
+            raise StepFailed(f"{self.data_dir} already exists: give an empty --workdir")
+        self.data_dir.mkdir(parents=True)
+        (self.data_dir / "scopes.toml").write_text(scopes_toml(VOCABULARY[self.name]))
+        log = (self.data_dir / "server.log").open("wb")
+        self.process = subprocess.Popen(
+            [TRUSTPLANE, "serve", "--port", str(self.port)], env=self.env, stdout=log,
+            stderr=subprocess.STDOUT, cwd=self.data_dir,
+        )  # fmt: skip
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise StepFailed(f"{self.name} exited early:\n{self.log()[-3000:]}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{self.issuer}/healthz", timeout=1).status_code == 200:
+                    return
+            time.sleep(0.1)
+        raise StepFailed(f"{self.name} not healthy within {timeout:g} s")
+
+    def log(self) -> str:
+        path = self.data_dir / "server.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+    def register(self, **metadata: Any) -> PrivateKeyJwt:
+        """A private_key_jwt client, registered over RFC 7591 with an initial access token."""
+        token = self.cli("registration-token", "create", "--uses", "1")["initial_access_token"]
+        key = ec.generate_private_key(ec.SECP256R1())
+        jwk = {**public_jwk(key), "kid": "k1", "alg": "ES256", "use": "sig"}
+        body = {"lei": ARRANGER, "jwks": {"keys": [jwk]}, **metadata}
+        response = httpx.post(
+            f"{self.issuer}/register", json=body, headers={"Authorization": f"Bearer {token}"}
+        )
+        expect(response.status_code == 201, f"{self.name}: registration: {response.text}")
+        return PrivateKeyJwt(response.json()["client_id"], key, "k1", self.issuer)
+
+    def auditor(self) -> PrivateKeyJwt:
+        """An operator-registered client (``trustplane clients add``) that may read the ledger."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        jwks = self.data_dir / "auditor-jwks.json"
+        jwks.write_text(json.dumps({"keys": [{**public_jwk(key), "kid": "k1", "alg": "ES256"}]}))
+        made = self.cli(
+            "clients", "add", "--lei", ARRANGER, "--name", "compliance", "--jwks-file", str(jwks),
+            "--grant-type", "client_credentials", "--scope", "audit:query",
+            "--resource", f"{self.issuer}/audit",
+        )  # fmt: skip
+        return PrivateKeyJwt(made["client_id"], key, "k1", self.issuer)
+
+    def ledger(self, auditor: PrivateKeyJwt, txn: str) -> list[dict[str, Any]]:
+        """``GET /audit/transactions/{txn}``: every ledger entry of the transaction, in order."""
+        token = self.token(
+            auditor, grant_type="client_credentials", scope="audit:query",
+            resource=f"{self.issuer}/audit",
+        )["access_token"]  # fmt: skip
+        response = httpx.get(
+            f"{self.issuer}/audit/transactions/{txn}",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=10,
+        )
+        expect(response.status_code == 200, f"{self.name} ledger: {response.text}")
+        return list(response.json()["entries"])
+
+    def token(self, client: PrivateKeyJwt, **form: str) -> dict[str, Any]:
+        data = dict(form)
+        headers: dict[str, str] = {}
+        client.apply(data, headers)
+        response = httpx.post(f"{self.issuer}/token", data=data, headers=headers, timeout=10)
+        expect(response.status_code == 200, f"{self.name} /token: {response.text}")
+        return dict(response.json())
+
+    def trust(self, partner: Deployment, partner_id: str, **profile: Any) -> None:
+        """A trust profile for ``partner``: its issuer and its current public keys, inline."""
+        jwks = httpx.get(f"{partner.issuer}/jwks", timeout=10).json()
+        document = {
+            "partner_id": partner_id,
+            "name": partner.name,
+            "lei": ARRANGER,
+            "issuers": [partner.issuer],
+            "keys": {"jwks": {"keys": [k for k in jwks["keys"] if k.get("alg") == "ES256"]}},
+            "algorithms": ["ES256"],
+            "max_assertion_lifetime": 900,
+            "accepted_token_types": [ACCESS_TOKEN],
+            **profile,
+        }
+        path = self.data_dir / f"partner-{partner_id}.json"
+        path.write_text(json.dumps(document))
+        self.cli("partners", "add", str(path))
+
+
+def pkce_pair() -> tuple[str, str]:
+    verifier = secrets.token_urlsafe(48)
+    digest = hashlib.sha256(verifier.encode()).digest()
+    return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def hidden_fields(page: str) -> dict[str, str]:
+    return {name: html.unescape(value) for name, value in _HIDDEN.findall(page)}
+
+
+def consent(arranger: Deployment, client: PrivateKeyJwt) -> dict[str, Any]:
+    """Step 1: Alice's browser (httpx) logs in and approves; the order service redeems the code."""
+    verifier, challenge = pkce_pair()
+    params = {
+        "response_type": "code",
+        "client_id": client.client_id,
+        "redirect_uri": REDIRECT_URI,
+        "scope": SCOPES,
+        "resource": ARRANGER_ORDERS,
+        "state": secrets.token_urlsafe(16),
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+        "authorization_details": json.dumps([TRADE]),
+    }
+    with httpx.Client(base_url=arranger.issuer, follow_redirects=False, timeout=30) as browser:
+        login = browser.get("/authorize", params=params)
+        expect(login.status_code == 200, f"authorize page: {login.status_code} {login.text[:300]}")
+        login_form = {**hidden_fields(login.text), "username": "alice", "password": ALICE_PASSWORD}
+        after_login = browser.post("/authorize/login", data=login_form)
+        expect(after_login.status_code == 303, f"login: {after_login.status_code}")
+        page = browser.get(after_login.headers["location"])
+        expect('action="/authorize/consent"' in page.text, "no consent page after login")
+        approved = browser.post(
+            "/authorize/consent", data={**hidden_fields(page.text), "decision": "approve"}
+        )
+        expect(approved.status_code in (302, 303), f"consent: {approved.status_code}")
+    callback = httpx.URL(approved.headers["location"])
+    expect(str(callback).startswith(REDIRECT_URI), f"redirected to {callback}")
+    expect(callback.params.get("state") == params["state"], "state mismatch")
+    return arranger.token(
+        client,
+        grant_type="authorization_code",
+        code=callback.params["code"],
+        redirect_uri=REDIRECT_URI,
+        code_verifier=verifier,
+    )
+
+
+def check_chain(token: dict[str, Any], arranger: Deployment, broker: Deployment) -> None:
+    """The clearing side's provenance check: who acts (broker for arranger), and that the token
+    derives from an arranger-issued token that itself derives from another arranger token (Alice's)."""
+    act = token["act"]
+    expect(act.get("iss") == broker.issuer, "outermost actor is not the broker")
+    expect(act.get("act", {}).get("iss") == arranger.issuer, "inner actor is not the arranger")
+    expect("act" not in act["act"], "the chain is deeper than broker -> arranger")
+    prv = token["prv"]
+    expect(prv.get("iss") == arranger.issuer, "the subject token was not the arranger's")
+    expect(prv.get("prv", {}).get("iss") == arranger.issuer, "no provenance back to Alice's token")
+    expect(isinstance(prv.get("mandate"), dict), "the mandate reference did not travel")
+    expect(token["origin"]["iss"] == arranger.issuer, "the origin was flattened")
+
+
+async def validate(audience: str, trusted: Deployment, token: str, scope: str) -> dict[str, Any]:
+    """A PEP: the SDK validates signature (keys fetched from the issuer's JWKS over HTTP), typ, iss,
+    aud and times; then the handler's scope."""
+    async with httpx.AsyncClient(timeout=10) as http:
+        validator = TokenValidator(
+            audience=audience, issuers=[TrustedIssuer(trusted.issuer)], http=http
+        )
+        access = await validator.validate(token)
+    expect(scope in access.scopes, f"the token lacks {scope}")
+    return dict(access.claims)
+
+
+def run(workdir: Path) -> None:
+    arranger = Deployment("arranger", workdir)
+    broker = Deployment("broker", workdir)
+    clearing = Deployment("clearing", workdir)
+    deployments = [arranger, broker, clearing]
+    try:
+        step("0", "start three deployments, each with its own data dir, database and keys")
+        for d in deployments:
+            d.start()
+        for d in deployments:
+            d.wait_ready()
+            show(d.name, d.issuer)
+
+        step("0", "register: Alice at the arranger; the order service; the broker's client; trust")
+        arranger.cli(
+            "users", "add", "alice", "--lei", NORTHWIND, "--name", "Alice Trader",
+            "--password-stdin", stdin=ALICE_PASSWORD + "\n",
+        )  # fmt: skip
+        orders = arranger.register(
+            client_name="Arranger order service",
+            grant_types=["authorization_code", EXCHANGE],
+            redirect_uris=[REDIRECT_URI],
+            scope=SCOPES,
+            allowed_resources=[ARRANGER_ORDERS, BROKER_EXECUTION],
+            authorization_details_types=["trade_instruction"],
+        )
+        execution = broker.register(
+            client_name="Broker execution service",
+            grant_types=[EXCHANGE],
+            scope=SCOPES,
+            allowed_resources=[BROKER_EXECUTION, CLEARING_SETTLEMENT],
+            authorization_details_types=["trade_instruction"],
+        )
+        # what the broker lets the arranger's subjects obtain here: clearing, settlement only
+        broker.trust(
+            arranger,
+            "arranger",
+            allowed_scopes=["settlement:submit"],
+            allowed_audiences=[CLEARING_SETTLEMENT],
+        )
+        clearing.trust(
+            broker,
+            "broker",
+            allowed_scopes=["settlement:submit"],
+            allowed_audiences=[CLEARING_SETTLEMENT],
+        )
+        auditors = {d.name: d.auditor() for d in (arranger, broker)}
+        show("arranger order service", orders.client_id)
+        show("broker execution service", execution.client_id)
+        time.sleep(1.0)  # the servers pick up new clients and partners within the refresh interval
+
+        step("1", "Alice authorises the arranger (code + PKCE + consent) -> mandate M")
+        alice = consent(arranger, orders)
+        alice_claims = claims_of(alice["access_token"])
+        expect("mandate" in alice_claims, "Alice's token has no mandate")
+        show(
+            "Alice's token", {k: alice_claims[k] for k in ("iss", "sub", "aud", "scope", "mandate")}
+        )
+
+        step("2", "the arranger exchanges Alice's token for a broker-audience token")
+        to_broker = arranger.token(
+            orders,
+            grant_type=EXCHANGE,
+            subject_token=alice["access_token"],
+            subject_token_type=ACCESS_TOKEN,
+            resource=BROKER_EXECUTION,
+            scope=SCOPES,
+            authorization_details=json.dumps([ORDER]),
+        )
+        expect(to_broker["issued_token_type"] == ACCESS_TOKEN, "issued_token_type")
+        t1 = claims_of(to_broker["access_token"])
+        expect(t1["act"]["sub"] == orders.client_id, "act is not the arranger's order service")
+        expect(t1["mandate"] == alice_claims["mandate"], "mandate not kept")
+        expect(t1["authorization_details"] == [ORDER], "details not narrowed to the order")
+        show(
+            "broker token", {k: t1[k] for k in ("iss", "sub", "aud", "scope", "act", "txn", "prv")}
+        )
+
+        step("3", "the broker's execution API (PEP) validates the token")
+        checked = asyncio.run(
+            validate(BROKER_EXECUTION, arranger, to_broker["access_token"], "order:create")
+        )
+        show("accepted for", f"{checked['sub']} acting through {checked['act']['sub']}")
+
+        step("4", "the broker exchanges for a clearing token (settlement:submit only)")
+        to_clearing = broker.token(
+            execution,
+            grant_type=EXCHANGE,
+            subject_token=to_broker["access_token"],
+            subject_token_type=ACCESS_TOKEN,
+            resource=CLEARING_SETTLEMENT,
+            scope="settlement:submit",
+        )
+        t2 = claims_of(to_clearing["access_token"])
+        expect(t2["scope"] == "settlement:submit", "the clearing token is not narrowed")
+        expect(t2["txn"] == t1["txn"], "the transaction id did not travel")
+        expect(t2["exp"] <= t1["exp"], "the clearing token outlives its subject token")
+        show("clearing token", {k: t2[k] for k in ("iss", "sub", "aud", "scope", "act", "prv")})
+
+        step("4", "the clearing PEP validates the token and the provenance chain")
+        verified = asyncio.run(
+            validate(CLEARING_SETTLEMENT, broker, to_clearing["access_token"], "settlement:submit")
+        )
+        check_chain(verified, arranger, broker)
+        show("chain", f"{verified['act']['sub']} -> {verified['act']['act']['sub']}")
+        show("origin", verified["origin"])
+        step("6", "compliance: each deployment's ledger for the transaction (original -> derived)")
+        for d, derived in ((arranger, t1), (broker, t2)):
+            entries = d.ledger(auditors[d.name], t2["txn"])
+            issued = [e for e in entries if e["entry"]["type"] == "oauth:token:issued"]
+            expect(len(issued) == 1, f"{d.name}: {len(issued)} issuance entries for the txn")
+            entry = issued[0]["entry"]
+            exchange = (issued[0]["payload"] or {})["exchange"]
+            expect(exchange["derived_token"]["jti"] == derived["jti"], "derived token not named")
+            original = {"iss": derived["prv"]["iss"], "jti": derived["prv"]["jti"]}
+            expect(exchange["subject_token"] == original, "original token not named")
+            expect(all("inclusion_proof" in e for e in entries), "entries without inclusion proofs")
+            show(
+                f"{d.name} ledger",
+                {
+                    "entries": [e["entry"]["type"] for e in entries],
+                    "actor_chain": entry["actor_chain"],
+                    "original": exchange["subject_token"],
+                    "derived": exchange["derived_token"],
+                },
+            )
+        print(f"\nOK: transaction {t2['txn']} ran through three deployments.", flush=True)
+    except Exception:
+        for d in deployments:
+            print(f"\n--- {d.name} log (tail) ---\n{d.log()[-2000:]}", file=sys.stderr)
+        raise
+    finally:
+        for d in deployments:
+            d.stop()
+
+
+@contextlib.contextmanager
+def workspace(path: str | None, keep: bool) -> Iterator[Path]:
+    if path is not None:
+        yield Path(path)
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="trustplane-three-party-"))
+    try:
+        yield tmp
+    finally:
+        if not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--workdir", help="where the three data directories go (default: a temp dir)"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = parser.parse_args()
+    with workspace(args.workdir, args.keep) as workdir:
+        try:
+            run(workdir)
+        except StepFailed as exc:
+            print(f"\nFAILED: {exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

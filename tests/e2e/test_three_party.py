@@ -1,0 +1,55 @@
+"""The three-party flow (issue 6 point 5) as a new user runs it: ``examples/three_party/run.py`` starts
+three real ``trustplane serve`` processes (arranger, broker, clearing), each with its own data
+directory, database and keys, and drives steps 1-4 of the reference lifecycle over HTTP. The script
+checks every step itself (act chain, provenance, narrowing, txn, mandate, both ledgers) and exits
+non-zero on the first failure; this test runs it and checks what it reports."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "three_party" / "run.py"
+
+
+def test_three_party_flow_runs_end_to_end(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    out = proc.stdout
+    for number in ("[1]", "[2]", "[3]", "[4]", "[6]"):
+        assert number in out
+    txn = re.search(r"OK: transaction (\S+) ran through three deployments", out)
+    assert txn is not None, out[-2000:]
+    assert '"sub": "partner:arranger:u_' in out  # the clearing token keeps the origin, namespaced
+    # three servers each had their own data directory and database
+    for name in ("arranger", "broker", "clearing"):
+        assert (tmp_path / name / "trustplane.db").exists()
+        assert (tmp_path / name / "server.log").exists()
+
+
+def test_three_party_script_fails_loudly(tmp_path: Path) -> None:
+    """The script's failure path: a work directory that already holds the data directories (a
+    second run into the same place) stops at once with a non-zero exit, not a half-run flow."""
+    (tmp_path / "arranger").mkdir()
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "OK: transaction" not in proc.stdout
+    assert "FAILED: " in proc.stderr
+    assert "already exists" in proc.stderr
