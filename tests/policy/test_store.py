@@ -255,9 +255,29 @@ async def test_racing_rollbacks_roll_back_once(pg_url: str, tmp_path: Path) -> N
         v1 = (await svcs[0].publish(variant(1), "CR-1", "a")).record.version
         await svcs[0].activate(v1, "a", None)
         results = await asyncio.gather(
-            *(s.rollback("r", None) for s in svcs), return_exceptions=True
+            *(s.rollback("r", None, from_version=v1) for s in svcs), return_exceptions=True
         )
         assert sum(not isinstance(r, BaseException) for r in results) == 1, results
+        async with db.read() as conn:
+            assert await SqlBundleStore().active_version(conn) == default_bundle().version
+    finally:
+        await db.dispose()
+
+
+async def test_rollback_from_a_version_that_is_no_longer_active_is_refused(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Two rollbacks in a row undo each other; naming the bundle to roll back from makes the
+    second one a conflict instead (what an operator racing a colleague wants)."""
+    db = Database(db_url)
+    try:
+        svc = service(db, tmp_path)
+        await svc.ensure_default()
+        v1 = (await svc.publish(variant(1), "CR-1", "a")).record.version
+        await svc.activate(v1, "a", None)
+        await svc.rollback("r", None, from_version=v1[:12])
+        with pytest.raises(ActivationConflict, match="not"):
+            await svc.rollback("r", None, from_version=v1[:12])
         async with db.read() as conn:
             assert await SqlBundleStore().active_version(conn) == default_bundle().version
     finally:

@@ -212,12 +212,19 @@ def activate(
 def rollback(
     actor: Annotated[str, typer.Option("--actor", help="Who rolls back.")] = "cli",
     change_ref: Annotated[str | None, typer.Option("--change-ref")] = None,
+    from_version: Annotated[
+        str | None,
+        typer.Option(
+            "--from",
+            help="The bundle you mean to roll back (version or prefix); refused if it is not active.",
+        ),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Re-activate the bundle that was active before the latest activation."""
 
     async def go(service: PolicyService) -> Any:
-        return await service.rollback(actor, change_ref)
+        return await service.rollback(actor, change_ref, from_version=from_version)
 
     _report_activation(go, as_json)
 

@@ -153,10 +153,20 @@ class PolicyService:
         await self.load()
         return activation
 
-    async def rollback(self, actor: str, change_ref: str | None) -> Activation:
-        """Re-activate the bundle that was active before the newest activation."""
+    async def rollback(
+        self, actor: str, change_ref: str | None, *, from_version: str | None = None
+    ) -> Activation:
+        """Re-activate the bundle that was active before the newest activation.
+
+        ``from_version``: the bundle the operator means to roll back (a full version or a prefix);
+        if another activation or rollback got there first, this one is refused instead of rolling
+        back whatever is active now. Without it, two rollbacks in a row undo each other."""
         async with self.db.transaction() as conn:
             current = await self._store.active_version(conn)
+            if from_version is not None and not (current or "").startswith(from_version):
+                raise ActivationConflict(
+                    f"the active bundle is {(current or 'none')[:12]}, not {from_version[:12]}"
+                )
             history = await self._store.history(conn, limit=1)
             if not history or history[0].version != current or history[0].previous_version is None:
                 raise UnknownBundle("there is no previous bundle to roll back to")
