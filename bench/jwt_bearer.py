@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import serialization
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import token_endpoint as te
+from _common import free_port, wait_ready
 
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 PARTNER_ISSUER = "https://idp.bench-partner.example"
@@ -180,7 +181,7 @@ def main() -> None:
         raise SystemExit("wrk is required (apt-get install wrk)")
 
     work = Path(tempfile.mkdtemp(prefix="tp-bench-jwtb-"))
-    port = te.free_port()
+    port = free_port()
     issuer = f"http://127.0.0.1:{port}"
     env = {
         **os.environ,
@@ -203,7 +204,7 @@ def main() -> None:
             env,
             work / "server.log",
         )
-        te.wait_ready(f"{issuer}/healthz")
+        wait_ready(f"{issuer}/healthz")
         store = "postgresql" if pg_name else "sqlite"
         print(
             f"trustplane: {store}, {args.workers} worker(s), {args.connections} connections, "

@@ -28,35 +28,20 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from urllib.parse import urlencode
 
 from cryptography.hazmat.primitives import serialization
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import free_port, wait_ready
+
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 RESOURCE = "https://execution.example/api"
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_ready(url: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1):  # noqa: S310 - loopback only
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"server at {url} did not become ready")
 
 
 def wait_port(port: int, timeout: float = 30.0) -> None:
