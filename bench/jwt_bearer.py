@@ -183,19 +183,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="tp-bench-jwtb-"))
     port = free_port()
     issuer = f"http://127.0.0.1:{port}"
-    env = {
-        **os.environ,
-        "TRUSTPLANE_DATA_DIR": str(work / "data"),
-        "TRUSTPLANE_PORT": str(port),
-        "TRUSTPLANE_LOG_LEVEL": "warning",
-        "TRUSTPLANE_KEY_ROTATION_INTERVAL": "0",
-    }
-    env["TRUSTPLANE_KEY_ENCRYPTION_KEY"] = te.cli("keys", "new-kek", env=env).strip()
-    pg_name = ""
-    if args.database_url:
-        pg_name = f"tp_bench_{uuid.uuid4().hex[:8]}"
-        asyncio.run(te._create_pg_database(args.database_url, pg_name))
-        env["TRUSTPLANE_DATABASE_URL"] = args.database_url.rsplit("/", 1)[0] + f"/{pg_name}"
+    env, pg_name = te.server_env(work, port, args.database_url)
     server, keep = None, False
     try:
         client_id, pems = setup(env, work)

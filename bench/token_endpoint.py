@@ -172,6 +172,25 @@ def cli(*args: str, env: dict[str, str]) -> str:
     ).stdout
 
 
+def server_env(work: Path, port: int, database_url: str) -> tuple[dict[str, str], str]:
+    """The environment of a bench server on ``port`` with its data in ``work``: a new KEK, and on
+    PostgreSQL (``database_url`` given) a fresh database, whose name is returned ("" on SQLite)."""
+    env = {
+        **os.environ,
+        "TRUSTPLANE_DATA_DIR": str(work / "data"),
+        "TRUSTPLANE_PORT": str(port),
+        "TRUSTPLANE_LOG_LEVEL": "warning",
+        "TRUSTPLANE_KEY_ROTATION_INTERVAL": "0",
+    }
+    env["TRUSTPLANE_KEY_ENCRYPTION_KEY"] = cli("keys", "new-kek", env=env).strip()
+    pg_name = ""
+    if database_url:
+        pg_name = f"tp_bench_{uuid.uuid4().hex[:8]}"
+        asyncio.run(_create_pg_database(database_url, pg_name))
+        env["TRUSTPLANE_DATABASE_URL"] = database_url.rsplit("/", 1)[0] + f"/{pg_name}"
+    return env, pg_name
+
+
 async def _create_pg_database(admin_url: str, name: str, drop: bool = False) -> None:
     from sqlalchemy import text
     from sqlalchemy.ext.asyncio import create_async_engine
@@ -264,19 +283,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="tp-bench-"))
     port = free_port()
     issuer = f"http://127.0.0.1:{port}"
-    env = {
-        **os.environ,
-        "TRUSTPLANE_DATA_DIR": str(work / "data"),
-        "TRUSTPLANE_PORT": str(port),
-        "TRUSTPLANE_LOG_LEVEL": "warning",
-        "TRUSTPLANE_KEY_ROTATION_INTERVAL": "0",
-    }
-    env["TRUSTPLANE_KEY_ENCRYPTION_KEY"] = cli("keys", "new-kek", env=env).strip()
-    pg_name = ""
-    if args.database_url:
-        pg_name = f"tp_bench_{uuid.uuid4().hex[:8]}"
-        asyncio.run(_create_pg_database(args.database_url, pg_name))
-        env["TRUSTPLANE_DATABASE_URL"] = args.database_url.rsplit("/", 1)[0] + f"/{pg_name}"
+    env, pg_name = server_env(work, port, args.database_url)
     if args.redis_url:
         env["TRUSTPLANE_REDIS_URL"] = args.redis_url
     store = "postgresql" if pg_name else "sqlite"
