@@ -25,7 +25,6 @@ import asyncio
 import os
 import secrets
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,18 +35,15 @@ from typing import Any
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import free_port
+
 BIN = Path(sys.executable).parent
 RESOURCE = "https://execution.example/api"
 REDIRECT = "https://client.example/cb"
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 LEI = "5493001KJTIIGC8Y1R12"
 USER_LEI = "529900T8BM49AURSDO55"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def prepare(count: int) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import serialization
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import token_endpoint as te
+from _common import free_port, wait_ready
 
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 PARTNER_ISSUER = "https://idp.bench-partner.example"
@@ -180,21 +181,9 @@ def main() -> None:
         raise SystemExit("wrk is required (apt-get install wrk)")
 
     work = Path(tempfile.mkdtemp(prefix="tp-bench-jwtb-"))
-    port = te.free_port()
+    port = free_port()
     issuer = f"http://127.0.0.1:{port}"
-    env = {
-        **os.environ,
-        "TRUSTPLANE_DATA_DIR": str(work / "data"),
-        "TRUSTPLANE_PORT": str(port),
-        "TRUSTPLANE_LOG_LEVEL": "warning",
-        "TRUSTPLANE_KEY_ROTATION_INTERVAL": "0",
-    }
-    env["TRUSTPLANE_KEY_ENCRYPTION_KEY"] = te.cli("keys", "new-kek", env=env).strip()
-    pg_name = ""
-    if args.database_url:
-        pg_name = f"tp_bench_{uuid.uuid4().hex[:8]}"
-        asyncio.run(te._create_pg_database(args.database_url, pg_name))
-        env["TRUSTPLANE_DATABASE_URL"] = args.database_url.rsplit("/", 1)[0] + f"/{pg_name}"
+    env, pg_name = te.server_env(work, port, args.database_url)
     server, keep = None, False
     try:
         client_id, pems = setup(env, work)
@@ -203,7 +192,7 @@ def main() -> None:
             env,
             work / "server.log",
         )
-        te.wait_ready(f"{issuer}/healthz")
+        wait_ready(f"{issuer}/healthz")
         store = "postgresql" if pg_name else "sqlite"
         print(
             f"trustplane: {store}, {args.workers} worker(s), {args.connections} connections, "

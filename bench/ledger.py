@@ -48,6 +48,7 @@ from trustplane.audit.canonical import entry_parts
 from trustplane.audit.events import AuditEvent, AuditEventType
 from trustplane.audit.note import Checkpoint
 from trustplane.audit.sink import SqlAuditSink
+from trustplane.audit.store import LEAF_COLUMNS, insert_integrated
 from trustplane.audit.verify import verify_export_file
 from trustplane.keys.crypto import new_kek_text
 from trustplane.logging import configure_logging
@@ -263,33 +264,13 @@ async def bulk_build(svc: Services, entries: int) -> None:
 async def _bulk_insert(conn: Any, leaves: list[Any], nodes: list[Any], payloads: list[Any]) -> None:
     if conn.dialect.name == "postgresql":
         raw = (await conn.get_raw_connection()).driver_connection
-        columns = (
-            "idx",
-            "entry",
-            "event_id",
-            "type",
-            "time_ms",
-            "subject",
-            "client_id",
-            "partner",
-            "transaction_id",
-            "integrated_at",
-        )
-        await raw.copy_records_to_table("audit_leaves", records=leaves, columns=columns)
+        await raw.copy_records_to_table("audit_leaves", records=leaves, columns=LEAF_COLUMNS)
         await raw.copy_records_to_table("audit_tree", records=nodes, columns=("id", "hash"))
         await raw.copy_records_to_table(
             "audit_payloads", records=payloads, columns=("idx", "payload", "salt")
         )
         return
-    await conn.exec_driver_sql(
-        "INSERT INTO audit_leaves (idx, entry, event_id, type, time_ms, subject, client_id, partner, "
-        "transaction_id, integrated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        leaves,
-    )
-    await conn.exec_driver_sql("INSERT INTO audit_tree (id, hash) VALUES (?, ?)", nodes)
-    await conn.exec_driver_sql(
-        "INSERT INTO audit_payloads (idx, payload, salt) VALUES (?, ?, ?)", payloads
-    )
+    await insert_integrated(conn, leaves, nodes, payloads)
 
 
 # --------------------------------------------------------------------------- 4, 5, 6

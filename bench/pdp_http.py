@@ -28,13 +28,11 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -49,6 +47,9 @@ from trustplane.pep import PolicyEnforcer, TokenValidator, TrustedIssuer
 from trustplane.policy.bundle import compile_bundle, default_bundle
 from trustplane.policy.engine import PolicyEngine
 from trustplane.policy.model import Entity
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import free_port, wait_ready
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -196,23 +197,6 @@ def bench_pep_validate_decide(n: int = 5000) -> list[Row]:
 # --------------------------------------------------------------------------- AuthZEN over HTTP
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_ready(url: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1):  # noqa: S310 - loopback only
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"server at {url} did not become ready")
-
-
 def _cli(env: dict[str, str], *args: str) -> str:
     return subprocess.run(
         [str(BIN / "trustplane"), *args], env=env, capture_output=True, text=True, check=True
@@ -284,7 +268,7 @@ def bench_authzen_http(duration: int = 10, connections: int = 16, batch: int = 1
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="tp-bench-authzen-") as tmp:
         work = Path(tmp)
-        port = _free_port()
+        port = free_port()
         issuer = f"http://127.0.0.1:{port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRUSTPLANE_")}
         env.update(
@@ -319,7 +303,7 @@ def bench_authzen_http(duration: int = 10, connections: int = 16, batch: int = 1
             start_new_session=True,
         )
         try:
-            _wait_ready(f"{issuer}/healthz")
+            wait_ready(f"{issuer}/healthz", timeout=60.0)
             token = _access_token(
                 issuer, client["client_id"], (work / "client" / "key.pem").read_bytes(), "bench-pep"
             )

@@ -28,35 +28,20 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from urllib.parse import urlencode
 
 from cryptography.hazmat.primitives import serialization
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import free_port, wait_ready
+
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 RESOURCE = "https://execution.example/api"
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_ready(url: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1):  # noqa: S310 - loopback only
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"server at {url} did not become ready")
 
 
 def wait_port(port: int, timeout: float = 30.0) -> None:
@@ -187,6 +172,25 @@ def cli(*args: str, env: dict[str, str]) -> str:
     ).stdout
 
 
+def server_env(work: Path, port: int, database_url: str) -> tuple[dict[str, str], str]:
+    """The environment of a bench server on ``port`` with its data in ``work``: a new KEK, and on
+    PostgreSQL (``database_url`` given) a fresh database, whose name is returned ("" on SQLite)."""
+    env = {
+        **os.environ,
+        "TRUSTPLANE_DATA_DIR": str(work / "data"),
+        "TRUSTPLANE_PORT": str(port),
+        "TRUSTPLANE_LOG_LEVEL": "warning",
+        "TRUSTPLANE_KEY_ROTATION_INTERVAL": "0",
+    }
+    env["TRUSTPLANE_KEY_ENCRYPTION_KEY"] = cli("keys", "new-kek", env=env).strip()
+    pg_name = ""
+    if database_url:
+        pg_name = f"tp_bench_{uuid.uuid4().hex[:8]}"
+        asyncio.run(_create_pg_database(database_url, pg_name))
+        env["TRUSTPLANE_DATABASE_URL"] = database_url.rsplit("/", 1)[0] + f"/{pg_name}"
+    return env, pg_name
+
+
 async def _create_pg_database(admin_url: str, name: str, drop: bool = False) -> None:
     from sqlalchemy import text
     from sqlalchemy.ext.asyncio import create_async_engine
@@ -279,19 +283,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="tp-bench-"))
     port = free_port()
     issuer = f"http://127.0.0.1:{port}"
-    env = {
-        **os.environ,
-        "TRUSTPLANE_DATA_DIR": str(work / "data"),
-        "TRUSTPLANE_PORT": str(port),
-        "TRUSTPLANE_LOG_LEVEL": "warning",
-        "TRUSTPLANE_KEY_ROTATION_INTERVAL": "0",
-    }
-    env["TRUSTPLANE_KEY_ENCRYPTION_KEY"] = cli("keys", "new-kek", env=env).strip()
-    pg_name = ""
-    if args.database_url:
-        pg_name = f"tp_bench_{uuid.uuid4().hex[:8]}"
-        asyncio.run(_create_pg_database(args.database_url, pg_name))
-        env["TRUSTPLANE_DATABASE_URL"] = args.database_url.rsplit("/", 1)[0] + f"/{pg_name}"
+    env, pg_name = server_env(work, port, args.database_url)
     if args.redis_url:
         env["TRUSTPLANE_REDIS_URL"] = args.redis_url
     store = "postgresql" if pg_name else "sqlite"

@@ -204,6 +204,21 @@ class _Started:
 # --------------------------------------------------------------------------- clients
 
 
+def sign_jwt(claims: dict[str, Any], key: Any, kid: str, overrides: dict[str, Any]) -> str:
+    """Sign ``claims`` (ES256, header ``kid``) after applying test ``overrides``: a value of ``None``
+    removes that claim, ``_headers``/``_key``/``_alg`` adjust the signing."""
+    headers: dict[str, Any] = {"kid": kid}
+    headers.update(overrides.pop("_headers", {}))
+    alg = overrides.pop("_alg", "ES256")
+    key = overrides.pop("_key", key)
+    for name, value in overrides.items():
+        if value is None:
+            claims.pop(name, None)
+        else:
+            claims[name] = value
+    return jwt.encode(claims, key, algorithm=alg, headers=headers)
+
+
 @dataclass
 class ClientKit:
     """A registered private_key_jwt client and its private key; assertions are built with PyJWT."""
@@ -224,16 +239,7 @@ class ClientKit:
             "exp": now + 60,
             "jti": uuid.uuid4().hex,
         }
-        headers = {"kid": self.kid}
-        headers.update(overrides.pop("_headers", {}))
-        alg = overrides.pop("_alg", "ES256")
-        key = overrides.pop("_key", self.key)
-        for name, value in overrides.items():
-            if value is None:
-                claims.pop(name, None)
-            else:
-                claims[name] = value
-        return jwt.encode(claims, key, algorithm=alg, headers=headers)
+        return sign_jwt(claims, self.key, self.kid, overrides)
 
     def auth(self, **overrides: Any) -> dict[str, str]:
         return {

@@ -50,12 +50,7 @@ async def export(ledger: Ledger) -> tuple[list[dict[str, Any]], str]:
 async def drop_triggers(db: Database) -> None:
     """What an operator with full database access can do: the triggers are a guard, not the proof."""
     async with db.transaction() as conn:
-        if db.is_sqlite:
-            await drop_triggers_in(conn)
-        else:
-            await conn.execute(
-                text("DROP FUNCTION IF EXISTS trustplane_ledger_append_only() CASCADE")
-            )
+        await _drop_guards(db, conn)
 
 
 async def truncate_log(db: Database, keep: int) -> None:
@@ -83,14 +78,17 @@ async def truncate_log(db: Database, keep: int) -> None:
 
 async def restore_triggers(db: Database) -> None:
     async with db.transaction() as conn:
-        if db.is_sqlite:
-            await drop_triggers_in(conn)
-        else:
-            await conn.execute(
-                text("DROP FUNCTION IF EXISTS trustplane_ledger_append_only() CASCADE")
-            )
+        await _drop_guards(db, conn)
         for statement in append_only_ddl(db.dialect):
             await conn.exec_driver_sql(statement)
+
+
+async def _drop_guards(db: Database, conn: Any) -> None:
+    """Drop the append-only guards (SQLite triggers; the PostgreSQL trigger function, CASCADE)."""
+    if db.is_sqlite:
+        await drop_triggers_in(conn)
+    else:
+        await conn.execute(text("DROP FUNCTION IF EXISTS trustplane_ledger_append_only() CASCADE"))
 
 
 async def drop_triggers_in(conn: Any) -> None:

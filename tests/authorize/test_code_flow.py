@@ -31,6 +31,16 @@ async def introspect(setup: Setup, token: str) -> dict[str, object]:
 # --------------------------------------------------------------------------- happy path
 
 
+async def alter_code(setup: Setup, code: str, **values: object) -> None:
+    """Change the stored code row directly (what the endpoints cannot produce)."""
+    async with setup.server.services.db.transaction() as conn:
+        await conn.execute(
+            update(authorization_codes)
+            .where(authorization_codes.c.code_hash == digest(code))
+            .values(**values)
+        )
+
+
 async def test_code_flow_issues_a_mandate_bound_token_and_a_refresh_token(setup: Setup) -> None:
     flow = setup.flow()
     code = await flow.code("alice")
@@ -364,12 +374,7 @@ async def test_code_from_another_client_is_invalid_grant(setup: Setup) -> None:
 async def test_expired_code_is_invalid_grant(setup: Setup) -> None:
     flow = setup.flow()
     code = await flow.code("alice")
-    async with setup.server.services.db.transaction() as conn:
-        await conn.execute(
-            update(authorization_codes)
-            .where(authorization_codes.c.code_hash == digest(code))
-            .values(expires_at=int(time.time()) - 1)
-        )
+    await alter_code(setup, code, expires_at=int(time.time()) - 1)
     response = await setup.token(flow.redeem_form(code))
     assert (response.status_code, response.json()["error"]) == (400, "invalid_grant")
 
@@ -394,12 +399,7 @@ async def test_verifier_for_a_code_issued_without_challenge_is_refused(setup: Se
     """Cannot be produced through /authorize (PKCE is required); the grant checks it anyway."""
     flow = setup.flow()
     code = await flow.code("alice")
-    async with setup.server.services.db.transaction() as conn:
-        await conn.execute(
-            update(authorization_codes)
-            .where(authorization_codes.c.code_hash == digest(code))
-            .values(code_challenge=None)
-        )
+    await alter_code(setup, code, code_challenge=None)
     response = await setup.token(flow.redeem_form(code))
     assert (response.status_code, response.json()["error"]) == (400, "invalid_grant")
     assert "without PKCE" in response.json()["error_description"]

@@ -8,6 +8,7 @@ server whose log shows a traceback fails the test. Every wait here is bounded.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import json
@@ -16,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from tests.authorize.flow import REDIRECT_URI
 from tests.conftest import (
     CLEARING,
     EXECUTION,
@@ -248,6 +250,20 @@ def module_pg_url(pg_database: str) -> str:
     return pg_database
 
 
+#: ``params`` of a module-scoped server fixture run once per database.
+DATABASES = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+
+
+def module_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, name: str
+) -> Iterator[LiveServer]:
+    """Body of a module-scoped ``server`` fixture with ``params=DATABASES``: one server per database
+    for the whole module (starting one costs seconds)."""
+    url = request.getfixturevalue("module_pg_url") if request.param == "postgresql" else None
+    with running_servers(tmp_path_factory.mktemp(name)) as servers:
+        yield servers.start(url)
+
+
 # --------------------------------------------------------------------------- clients
 
 
@@ -288,3 +304,74 @@ def knows_client(server: LiveServer, kit: ClientKit) -> bool:
         f"{server.base_url}/introspect", data={"token": "probe", **kit.auth()}, timeout=10.0
     )
     return response.status_code == 200
+
+
+# --------------------------------------------------------------------------- protocol calls
+
+
+def client_credentials_token(
+    server: LiveServer, kit: ClientKit, scope: str = "order:create", resource: str = EXECUTION
+) -> str:
+    """An access token by client credentials (private_key_jwt); fails the test unless issued."""
+    response = httpx.post(
+        f"{server.base_url}/token",
+        data={
+            "grant_type": "client_credentials",
+            "scope": scope,
+            "resource": resource,
+            **kit.auth(),
+        },
+        timeout=10.0,
+    )
+    assert response.status_code == 200, response.text
+    return str(response.json()["access_token"])
+
+
+def redeem_code(server: LiveServer, kit: ClientKit, code: str, verifier: str) -> httpx.Response:
+    """The authorization_code grant for ``code`` (redirect URI of ``tests.authorize.flow``)."""
+    return httpx.post(
+        f"{server.base_url}/token",
+        data={
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": REDIRECT_URI,
+            "code_verifier": verifier,
+            **kit.auth(),
+        },
+        timeout=10,
+    )
+
+
+def introspect(server: LiveServer, kit: ClientKit, token: str) -> dict[str, Any]:
+    """RFC 7662 introspection of ``token`` as ``kit``; fails the test unless answered 200."""
+    response = httpx.post(
+        f"{server.base_url}/introspect", data={"token": token, **kit.auth()}, timeout=10
+    )
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def race(
+    servers: Sequence[LiveServer], path: str, requests: Sequence[dict[str, Any]]
+) -> list[httpx.Response]:
+    """One POST to ``path`` per entry of ``requests`` (keyword arguments of ``httpx`` ``post``),
+    alternating between the servers, all released at the same moment (connections are opened first
+    so that the race is not decided by TCP set-up)."""
+    count = len(requests)
+    limits = httpx.Limits(max_connections=count, max_keepalive_connections=count)
+    http = [httpx.AsyncClient(base_url=s.base_url, timeout=30, limits=limits) for s in servers]
+    try:
+        await asyncio.gather(*(http[i % len(http)].get("/healthz") for i in range(count)))
+        start = asyncio.Event()
+
+        async def one(i: int) -> httpx.Response:
+            await start.wait()
+            return await http[i % len(http)].post(path, **requests[i])
+
+        tasks = [asyncio.create_task(one(i)) for i in range(count)]
+        await asyncio.sleep(0)
+        start.set()
+        return await asyncio.gather(*tasks)
+    finally:
+        await asyncio.gather(*(client.aclose() for client in http))

@@ -25,7 +25,7 @@ from joserfc.jwk import ECKey
 
 from tests.authorize.flow import PASSWORD, REDIRECT_URI, TRADE, hidden_fields, pkce_pair, query_of
 from tests.conftest import EXECUTION, LEI, ClientKit, jwks_for, new_ec_key, require_service
-from tests.e2e.conftest import TRUSTPLANE, LiveServer, LiveServers, running_servers
+from tests.e2e.conftest import TRUSTPLANE, LiveServer, LiveServers, redeem_code, running_servers
 
 pytestmark = pytest.mark.e2e
 USER_LEI = "529900T8BM49AURSDO55"
@@ -107,6 +107,29 @@ def user_agent(server: LiveServer, callback: Callback) -> httpx.Client:
     )
 
 
+def authorize_url(
+    server: LiveServer,
+    kit: ClientKit,
+    challenge: str,
+    state: str,
+    details: list[dict[str, Any]] | None = None,
+) -> str:
+    """The /authorize URL of a PKCE code request for order:create at EXECUTION (+ RAR details)."""
+    params = {
+        "response_type": "code",
+        "client_id": kit.client_id,
+        "redirect_uri": REDIRECT_URI,
+        "scope": "order:create",
+        "resource": EXECUTION,
+        "state": state,
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+    }
+    if details is not None:
+        params["authorization_details"] = json.dumps(details)
+    return str(httpx.URL(f"{server.base_url}/authorize", params=params))
+
+
 def approve(agent: httpx.Client, authorize_url: str, username: str) -> httpx.Response:
     """Open the authorization URL, post the login form, post the consent form (approve)."""
     login_page = agent.get(authorize_url)
@@ -141,19 +164,8 @@ def test_browser_flow_end_to_end(sqlite_server: tuple[LiveServer, ClientKit]) ->
     server, kit = sqlite_server
     verifier, challenge = pkce_pair()
     callback = Callback()
-    params = {
-        "response_type": "code",
-        "client_id": kit.client_id,
-        "redirect_uri": REDIRECT_URI,
-        "scope": "order:create",
-        "resource": EXECUTION,
-        "state": "xyz-state",
-        "code_challenge": challenge,
-        "code_challenge_method": "S256",
-        "authorization_details": json.dumps([TRADE]),
-    }
     with user_agent(server, callback) as agent:
-        url = str(httpx.URL(f"{server.base_url}/authorize", params=params))
+        url = authorize_url(server, kit, challenge, "xyz-state", [TRADE])
         final = approve(agent, url, "alice")
         assert final.status_code == 200
         assert final.text == "client callback"
@@ -164,17 +176,7 @@ def test_browser_flow_end_to_end(sqlite_server: tuple[LiveServer, ClientKit]) ->
     returned = query_of(str(callback.hits[0]))
     assert returned["state"] == "xyz-state"
     assert returned["iss"] == server.issuer
-    token = httpx.post(
-        f"{server.base_url}/token",
-        data={
-            "grant_type": "authorization_code",
-            "code": returned["code"],
-            "redirect_uri": REDIRECT_URI,
-            "code_verifier": verifier,
-            **kit.auth(),
-        },
-        timeout=10,
-    )
+    token = redeem_code(server, kit, returned["code"], verifier)
     assert token.status_code == 200, token.text
     body = token.json()
     assert body["authorization_details"] == [TRADE]
@@ -192,17 +194,7 @@ def test_browser_flow_end_to_end(sqlite_server: tuple[LiveServer, ClientKit]) ->
     )
     assert refreshed.status_code == 200, refreshed.text
     # the code is single-use: a second redemption is refused and kills what the first issued
-    again = httpx.post(
-        f"{server.base_url}/token",
-        data={
-            "grant_type": "authorization_code",
-            "code": returned["code"],
-            "redirect_uri": REDIRECT_URI,
-            "code_verifier": verifier,
-            **kit.auth(),
-        },
-        timeout=10,
-    )
+    again = redeem_code(server, kit, returned["code"], verifier)
     assert (again.status_code, again.json()["error"]) == (400, "invalid_grant")
     info = httpx.post(
         f"{server.base_url}/introspect",
@@ -278,18 +270,8 @@ def pg_server(servers: LiveServers, module_pg_url: str) -> tuple[LiveServer, Cli
 def code_for(server: LiveServer, kit: ClientKit) -> tuple[str, str]:
     verifier, challenge = pkce_pair()
     callback = Callback()
-    params = {
-        "response_type": "code",
-        "client_id": kit.client_id,
-        "redirect_uri": REDIRECT_URI,
-        "scope": "order:create",
-        "resource": EXECUTION,
-        "state": "s",
-        "code_challenge": challenge,
-        "code_challenge_method": "S256",
-    }
     with user_agent(server, callback) as agent:
-        approve(agent, str(httpx.URL(f"{server.base_url}/authorize", params=params)), "alice")
+        approve(agent, authorize_url(server, kit, challenge, "s"), "alice")
     return query_of(str(callback.hits[0]))["code"], verifier
 
 
@@ -324,17 +306,7 @@ def test_racing_code_redemptions_get_exactly_one_token(
 def test_racing_refreshes_get_exactly_one_token(pg_server: tuple[LiveServer, ClientKit]) -> None:
     server, kit = pg_server
     code, verifier = code_for(server, kit)
-    first = httpx.post(
-        f"{server.base_url}/token",
-        data={
-            "grant_type": "authorization_code",
-            "code": code,
-            "redirect_uri": REDIRECT_URI,
-            "code_verifier": verifier,
-            **kit.auth(),
-        },
-        timeout=10,
-    ).json()
+    first = redeem_code(server, kit, code, verifier).json()
     form = {"grant_type": "refresh_token", "refresh_token": first["refresh_token"]}
     responses = race(server, [{**form, **kit.auth()} for _ in range(RACERS)])
     assert sorted(r.status_code for r in responses) == [200] + [400] * (RACERS - 1)

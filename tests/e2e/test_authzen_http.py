@@ -11,7 +11,13 @@ import httpx
 import pytest
 
 from tests.conftest import LEI, ClientKit
-from tests.e2e.conftest import LiveServer, register_client, running_servers
+from tests.e2e.conftest import (
+    DATABASES,
+    LiveServer,
+    client_credentials_token,
+    module_server,
+    register_client,
+)
 from trustplane.pep import AuthzenClient, PrivateKeyJwt
 from trustplane.pep.authzen import request_to_json
 from trustplane.policy.model import DecisionRequest, Entity
@@ -20,15 +26,11 @@ pytestmark = pytest.mark.e2e
 OTHER_LEI = "529900T8BM49AURSDO55"
 
 
-@pytest.fixture(
-    scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
-)
+@pytest.fixture(scope="module", params=DATABASES)
 def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
-    url = request.getfixturevalue("module_pg_url") if request.param == "postgresql" else None
-    with running_servers(tmp_path_factory.mktemp("authzen")) as servers:
-        yield servers.start(url)
+    yield from module_server(request, tmp_path_factory, "authzen")
 
 
 @pytest.fixture(scope="module")
@@ -41,24 +43,11 @@ def pep_kit(server: LiveServer) -> ClientKit:
     )
 
 
-def token_for(server: LiveServer, kit: ClientKit, scope: str, resource: str) -> str:
-    response = httpx.post(
-        f"{server.base_url}/token",
-        data={
-            "grant_type": "client_credentials",
-            "scope": scope,
-            "resource": resource,
-            **kit.auth(),
-        },
-        timeout=10.0,
-    )
-    assert response.status_code == 200, response.text
-    return str(response.json()["access_token"])
-
-
 @pytest.fixture(scope="module")
 def token(server: LiveServer, pep_kit: ClientKit) -> str:
-    return token_for(server, pep_kit, "decision:evaluate", f"{server.issuer}/access/v1")
+    return client_credentials_token(
+        server, pep_kit, "decision:evaluate", f"{server.issuer}/access/v1"
+    )
 
 
 def order_request(owner: str = LEI) -> DecisionRequest:
@@ -162,7 +151,9 @@ def test_no_token(server: LiveServer) -> None:
 
 def test_token_for_a_business_api_is_invalid_token(server: LiveServer) -> None:
     trader = register_client(server)
-    business = token_for(server, trader, "order:create", "https://execution.example/api")
+    business = client_credentials_token(
+        server, trader, "order:create", "https://execution.example/api"
+    )
 
     response = post(server, "evaluations", request_to_json(order_request()), business)
 

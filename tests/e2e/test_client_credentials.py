@@ -22,21 +22,16 @@ from authlib.oauth2.rfc7523 import PrivateKeyJWT
 from joserfc.jwk import ECKey
 
 from tests.conftest import EXECUTION, LEI, ClientKit, jwks_for, new_ec_key
-from tests.e2e.conftest import LiveServer, register_client, running_servers
+from tests.e2e.conftest import DATABASES, LiveServer, module_server, register_client
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(
-    scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
-)
+@pytest.fixture(scope="module", params=DATABASES)
 def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
-    """One server per database for the whole module (starting one costs seconds)."""
-    url = request.getfixturevalue("module_pg_url") if request.param == "postgresql" else None
-    with running_servers(tmp_path_factory.mktemp("e2e")) as servers:
-        yield servers.start(url)
+    yield from module_server(request, tmp_path_factory, "e2e")
 
 
 @pytest.fixture(scope="module")

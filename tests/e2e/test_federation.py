@@ -3,7 +3,6 @@ partner assertions minted with PyJWT, tokens requested over HTTP; the replay rac
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import json
 import time
@@ -23,6 +22,7 @@ from tests.e2e.conftest import (
     LiveServer,
     LiveServers,
     knows_client,
+    race,
     running_servers,
     wait_until,
 )
@@ -161,27 +161,6 @@ def cluster(
         yield servers.start_cluster(2, database_url)
 
 
-async def race(servers: list[LiveServer], forms: list[dict[str, str]]) -> list[httpx.Response]:
-    """One request per form, alternating servers, released together over pre-opened connections."""
-    count = len(forms)
-    limits = httpx.Limits(max_connections=count, max_keepalive_connections=count)
-    http = [httpx.AsyncClient(base_url=s.base_url, timeout=30, limits=limits) for s in servers]
-    try:
-        await asyncio.gather(*(http[i % len(http)].get("/healthz") for i in range(count)))
-        start = asyncio.Event()
-
-        async def one(i: int) -> httpx.Response:
-            await start.wait()
-            return await http[i % len(http)].post("/token", data=forms[i])
-
-        tasks = [asyncio.create_task(one(i)) for i in range(count)]
-        await asyncio.sleep(0)
-        start.set()
-        return await asyncio.gather(*tasks)
-    finally:
-        await asyncio.gather(*(client.aclose() for client in http))
-
-
 @pytest.mark.postgres
 def test_racing_replays_of_one_partner_assertion_issue_exactly_one_token(
     cluster: list[LiveServer],
@@ -194,7 +173,7 @@ def test_racing_replays_of_one_partner_assertion_issue_exactly_one_token(
     assertion = partner.assertion()
     forms = [grant_form(kit, assertion) for _ in range(RACERS)]  # fresh client assertion each
 
-    responses = run_sync(race(cluster, forms))
+    responses = run_sync(race(cluster, "/token", [{"data": form} for form in forms]))
 
     counts = collections.Counter(r.status_code for r in responses)
     assert counts == {200: 1, 400: RACERS - 1}

@@ -15,11 +15,13 @@ import jwt
 import pytest
 from sqlalchemy import select, update
 
-from tests.conftest import EXECUTION, ClientKit, run_sync
+from tests.conftest import EXECUTION, run_sync
 from tests.e2e.conftest import (
     PROPAGATION_TIMEOUT,
     LiveServer,
     LiveServers,
+    client_credentials_token,
+    introspect,
     register_client,
     wait_until,
 )
@@ -41,22 +43,6 @@ def published_kids(server: LiveServer) -> list[str]:
     return [key["kid"] for key in response.json()["keys"]]
 
 
-def issue(server: LiveServer, kit: ClientKit) -> str:
-    response = httpx.post(
-        f"{server.base_url}/token",
-        data={
-            "grant_type": "client_credentials",
-            "scope": "order:create",
-            "resource": EXECUTION,
-            **kit.auth(),
-        },
-        timeout=10,
-    )
-    assert response.status_code == 200, response.text
-    token: str = response.json()["access_token"]
-    return token
-
-
 def verify(server: LiveServer, token: str) -> dict[str, Any]:
     """PyJWT with a fresh JWKS fetch (no cache), as a relying party that just refreshed would."""
     jwks = jwt.PyJWKClient(f"{server.base_url}/jwks", cache_jwk_set=False, timeout=10)
@@ -68,15 +54,6 @@ def verify(server: LiveServer, token: str) -> dict[str, Any]:
         issuer=server.issuer,
     )
     return claims
-
-
-def introspect(server: LiveServer, kit: ClientKit, token: str) -> dict[str, Any]:
-    response = httpx.post(
-        f"{server.base_url}/introspect", data={"token": token, **kit.auth()}, timeout=10
-    )
-    assert response.status_code == 200, response.text
-    body: dict[str, Any] = response.json()
-    return body
 
 
 async def make_due(database_url: str, kid: str) -> None:
@@ -108,7 +85,7 @@ def test_rotation_and_removal_reach_the_running_server(server: LiveServer) -> No
     kit = register_client(server)
     before = published_kids(server)
     assert len(before) == 2  # active + next, published ahead of use
-    token_a = issue(server, kit)
+    token_a = client_credentials_token(server, kit)
     kid_a = jwt.get_unverified_header(token_a)["kid"]
     (kid_next,) = set(before) - {kid_a}
 
@@ -120,7 +97,7 @@ def test_rotation_and_removal_reach_the_running_server(server: LiveServer) -> No
         "the rotated key set in the running server's JWKS",
     )
     assert set(before) < set(after)
-    token_b = issue(server, kit)
+    token_b = client_credentials_token(server, kit)
     assert jwt.get_unverified_header(token_b)["kid"] == kid_next
     assert verify(server, token_a)["jti"] != verify(server, token_b)["jti"]
     assert introspect(server, kit, token_a)["active"] is True

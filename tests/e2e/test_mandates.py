@@ -29,6 +29,8 @@ from tests.e2e.conftest import (
     PROPAGATION_TIMEOUT,
     LiveServer,
     LiveServers,
+    client_credentials_token,
+    introspect,
     knows_client,
     register_client,
     wait_until,
@@ -82,15 +84,6 @@ def mandate_token(server: LiveServer, kit: ClientKit, ref: dict[str, Any]) -> st
     return token
 
 
-def introspect(server: LiveServer, kit: ClientKit, token: str) -> dict[str, Any]:
-    response = httpx.post(
-        f"{server.base_url}/introspect", data={"token": token, **kit.auth()}, timeout=10
-    )
-    assert response.status_code == 200, response.text
-    body: dict[str, Any] = response.json()
-    return body
-
-
 @pytest.mark.parametrize(
     "database", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 )
@@ -113,16 +106,7 @@ def test_revocation_reaches_every_server_and_the_event_stream(
         introspection_resources=(),
     )
     kit = grantee(a, b)
-    token = httpx.post(
-        f"{a.base_url}/token",
-        data={
-            "grant_type": "client_credentials",
-            "scope": "mandate:view mandate:administer",
-            "resource": api,
-            **admin.auth(),
-        },
-        timeout=10,
-    ).json()["access_token"]
+    token = client_credentials_token(a, admin, "mandate:view mandate:administer", api)
     auth = {"Authorization": f"Bearer {token}"}
 
     created = httpx.post(

@@ -36,6 +36,8 @@ from tests.e2e.conftest import (
     STOP_TIMEOUT,
     LiveServer,
     _die_with_parent,
+    client_credentials_token,
+    redeem_code,
     register_client,
     running_servers,
     wait_until,
@@ -130,18 +132,7 @@ class World:
     tmp: Path
 
     def token(self, scope: str = "order:create", resource: str = EXECUTION) -> str:
-        response = httpx.post(
-            f"{self.server.base_url}/token",
-            data={
-                "grant_type": "client_credentials",
-                "scope": scope,
-                "resource": resource,
-                **self.trader.auth(),
-            },
-            timeout=10.0,
-        )
-        assert response.status_code == 200, response.text
-        return str(response.json()["access_token"])
+        return client_credentials_token(self.server, self.trader, scope, resource)
 
 
 @pytest.fixture(scope="module")
@@ -428,12 +419,13 @@ def test_tokens_signed_after_a_key_rotation_are_accepted(world: World) -> None:
 def test_a_revoked_mandate_stops_its_tokens_at_the_resource_server(world: World) -> None:
     """Issue 5 point 6 at the edge: a person's token is accepted by the resource server's PEP until
     the mandate behind it is revoked; then introspection says inactive and the PEP refuses it."""
-    from tests.authorize.flow import REDIRECT_URI, TRADE, pkce_pair, query_of
+    from tests.authorize.flow import TRADE, pkce_pair, query_of
     from tests.e2e.test_authorization_flow import (
         USER_LEI,
         Callback,
         add_user,
         approve,
+        authorize_url,
         register_code_client,
         user_agent,
     )
@@ -443,32 +435,11 @@ def test_a_revoked_mandate_stops_its_tokens_at_the_resource_server(world: World)
     kit = register_code_client(server)
     verifier, code_challenge = pkce_pair()
     detail = {**TRADE, "accounts": ["ACC-9"]}  # ACC-9 belongs to the user's own legal entity
-    params = {
-        "response_type": "code",
-        "client_id": kit.client_id,
-        "redirect_uri": REDIRECT_URI,
-        "scope": "order:create",
-        "resource": EXECUTION,
-        "state": "pep",
-        "code_challenge": code_challenge,
-        "code_challenge_method": "S256",
-        "authorization_details": json.dumps([detail]),
-    }
     callback = Callback()
     with user_agent(server, callback) as agent:
-        approve(agent, str(httpx.URL(f"{server.base_url}/authorize", params=params)), "alice-pep")
+        approve(agent, authorize_url(server, kit, code_challenge, "pep", [detail]), "alice-pep")
     code = query_of(str(callback.hits[0]))["code"]
-    issued = httpx.post(
-        f"{server.base_url}/token",
-        data={
-            "grant_type": "authorization_code",
-            "code": code,
-            "redirect_uri": REDIRECT_URI,
-            "code_verifier": verifier,
-            **kit.auth(),
-        },
-        timeout=10,
-    )
+    issued = redeem_code(server, kit, code, verifier)
     assert issued.status_code == 200, issued.text
     token = issued.json()["access_token"]
     claims = jwt.decode(token, options={"verify_signature": False})

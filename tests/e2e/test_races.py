@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import uuid
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from tests.conftest import (
     require_service,
     run_sync,
 )
-from tests.e2e.conftest import LiveServer, register_client, running_servers
+from tests.e2e.conftest import LiveServer, race, register_client, running_servers
 from trustplane.audit.sink import recent_events
 from trustplane.clients.tables import clients
 from trustplane.storage.db import Database
@@ -47,29 +46,6 @@ def cluster(
         settings["redis_url"] = REDIS_URL
     with running_servers(tmp_path_factory.mktemp("cluster")) as servers:
         yield servers.start_cluster(2, database_url, **settings)
-
-
-async def race(
-    servers: list[LiveServer], path: str, count: int, **request: Any
-) -> list[httpx.Response]:
-    """``count`` identical requests, alternating between the servers, released at the same moment
-    (connections are opened first so that the race is not decided by TCP set-up)."""
-    limits = httpx.Limits(max_connections=count, max_keepalive_connections=count)
-    http = [httpx.AsyncClient(base_url=s.base_url, timeout=30, limits=limits) for s in servers]
-    try:
-        await asyncio.gather(*(http[i % len(http)].get("/healthz") for i in range(count)))
-        start = asyncio.Event()
-
-        async def one(i: int) -> httpx.Response:
-            await start.wait()
-            return await http[i % len(http)].post(path, **request)
-
-        tasks = [asyncio.create_task(one(i)) for i in range(count)]
-        await asyncio.sleep(0)
-        start.set()
-        return await asyncio.gather(*tasks)
-    finally:
-        await asyncio.gather(*(client.aclose() for client in http))
 
 
 async def fetch_all(database_url: str, query: Any) -> list[Any]:
@@ -102,7 +78,7 @@ def test_one_assertion_wins_once_across_servers(cluster: list[LiveServer]) -> No
         **kit.auth(),
     }
 
-    responses = run_sync(race(cluster, "/token", RACERS, data=form))
+    responses = run_sync(race(cluster, "/token", [{"data": form}] * RACERS))
 
     assert statuses(responses) == {200: 1, 401: RACERS - 1}
     assert {r.json()["error"] for r in responses if r.status_code == 401} == {"invalid_client"}
@@ -128,7 +104,7 @@ def test_single_use_registration_token_registers_once(cluster: list[LiveServer])
     }
     bearer = {"Authorization": f"Bearer {created['initial_access_token']}"}
 
-    responses = run_sync(race(cluster, "/register", 20, json=metadata, headers=bearer))
+    responses = run_sync(race(cluster, "/register", [{"json": metadata, "headers": bearer}] * 20))
 
     assert statuses(responses) == {201: 1, 401: 19}
     assert {r.json()["error"] for r in responses if r.status_code == 401} == {"invalid_token"}

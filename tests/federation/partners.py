@@ -7,10 +7,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tests.conftest import EXECUTION, LEI, jwks_for, new_ec_key
+from tests.conftest import EXECUTION, LEI, jwks_for, new_ec_key, sign_jwt
 
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"
@@ -58,16 +57,7 @@ class Partner:
             "jti": uuid.uuid4().hex,
             "desk": "rates-emea",
         }
-        headers: dict[str, Any] = {"kid": self.kid}
-        headers.update(overrides.pop("_headers", {}))
-        key = overrides.pop("_key", self.key)
-        alg = overrides.pop("_alg", "ES256")
-        for name, value in overrides.items():
-            if value is None:
-                claims.pop(name, None)
-            else:
-                claims[name] = value
-        return jwt.encode(claims, key, algorithm=alg, headers=headers)
+        return sign_jwt(claims, self.key, self.kid, overrides)
 
 
 def client_metadata(**overrides: Any) -> dict[str, Any]:

@@ -28,7 +28,9 @@ from trustplane.storage.driver_sql import values_clause
 SEQUENCER_LOCK = int.from_bytes(b"tp-audit", "big") & 0x7FFF_FFFF_FFFF_FFFF
 _CHUNK = 500
 
-_LEAF_COLUMNS = (
+#: The columns of an audit_leaves row, in the order of the tuples the sequencer (and the bulk
+#: benchmark) writes.
+LEAF_COLUMNS = (
     "idx",
     "entry",
     "event_id",
@@ -132,7 +134,7 @@ async def insert_integrated(
     payloads: Sequence[tuple[int, str, bytes]],
 ) -> None:
     dialect = conn.dialect.name
-    await conn.exec_driver_sql(_insert_sql(dialect, "audit_leaves", _LEAF_COLUMNS), list(leaves))
+    await conn.exec_driver_sql(_insert_sql(dialect, "audit_leaves", LEAF_COLUMNS), list(leaves))
     await conn.exec_driver_sql(_insert_sql(dialect, "audit_tree", ("id", "hash")), list(nodes))
     if payloads:
         sql = _insert_sql(dialect, "audit_payloads", ("idx", "payload", "salt"))

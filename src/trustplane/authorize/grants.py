@@ -30,6 +30,7 @@ from trustplane.authorize.store import (
     SqlCodeStore,
     SqlRefreshStore,
     StoredCode,
+    grant_event,
     new_secret_value,
 )
 from trustplane.clients.model import Client
@@ -345,16 +346,11 @@ class DelegatedGrants:
         reason: str = "invalid_grant",
         **payload: Any,
     ) -> AuditEvent:
-        return AuditEvent(
-            type=type_,
+        return grant_event(
+            type_,
+            grant,
             issuer=self._settings.issuer,
-            subject=grant.user_id,
-            client_id=grant.client_id,
-            audience=grant.resource,
-            scopes=grant.scopes,
-            authorization_details_digest=self._details.digest(grant.authorization_details),
-            mandate_id=grant.mandate_id,
-            mandate_version=grant.mandate_version,
+            details_digest=self._details.digest(grant.authorization_details),
             decision=decision,
             reason=reason,
             payload=payload,

@@ -25,7 +25,7 @@ from trustplane.authorize.request import (
     RedirectError,
     parse_request,
 )
-from trustplane.authorize.store import GrantContext, SqlCodeStore, new_secret_value
+from trustplane.authorize.store import GrantContext, SqlCodeStore, grant_event, new_secret_value
 from trustplane.clients.model import Client
 from trustplane.clients.service import ClientRegistry
 from trustplane.errors import AccessDeniedError, OAuth2Error
@@ -223,16 +223,11 @@ class AuthorizationService:
         return self.error_redirect(request.target, denied)
 
     def _event(self, type_: AuditEventType, grant: GrantContext, **payload: Any) -> AuditEvent:
-        return AuditEvent(
-            type=type_,
+        return grant_event(
+            type_,
+            grant,
             issuer=self._settings.issuer,
-            subject=grant.user_id,
-            client_id=grant.client_id,
-            audience=grant.resource,
-            scopes=grant.scopes,
-            authorization_details_digest=self._details.digest(grant.authorization_details),
-            mandate_id=grant.mandate_id,
-            mandate_version=grant.mandate_version,
+            details_digest=self._details.digest(grant.authorization_details),
             decision="allow",
             payload={"acr": grant.acr, **payload},
         )

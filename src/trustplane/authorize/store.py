@@ -35,6 +35,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from trustplane.audit.events import AuditEvent, AuditEventType
 from trustplane.storage.metadata import metadata
 
 
@@ -135,6 +136,34 @@ class GrantContext:
             row.auth_time,
             row.acr,
         )
+
+
+def grant_event(
+    type_: AuditEventType,
+    grant: GrantContext,
+    *,
+    issuer: str,
+    details_digest: str | None,
+    decision: str | None,
+    reason: str | None = None,
+    payload: dict[str, Any],
+) -> AuditEvent:
+    """The audit record of something done with a grant (consent, code, token): who, for whom,
+    which resource, scopes, details and mandate version. The one mapping of a grant to the envelope."""
+    return AuditEvent(
+        type=type_,
+        issuer=issuer,
+        subject=grant.user_id,
+        client_id=grant.client_id,
+        audience=grant.resource,
+        scopes=grant.scopes,
+        authorization_details_digest=details_digest,
+        mandate_id=grant.mandate_id,
+        mandate_version=grant.mandate_version,
+        decision=decision,
+        reason=reason,
+        payload=payload,
+    )
 
 
 @dataclass(frozen=True, slots=True)

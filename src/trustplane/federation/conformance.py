@@ -18,10 +18,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-import orjson
 
 from trustplane.federation.profile import ALWAYS_REQUIRED, TrustProfile
 from trustplane.federation.registry import KEY_HEADERS, TYP_TOKEN_TYPES
+from trustplane.http_json import JsonFetchError, get_json_object
 from trustplane.jose.jwk import PRIVATE_MEMBERS, JWKError, PublicKey, import_public_jwk, thumbprint
 from trustplane.jose.jws import JWSError, parse
 from trustplane.settings import is_loopback_host
@@ -91,20 +91,9 @@ class ConformanceChecker:
         if problem:
             raise FetchError(f"{url}: {problem}")
         try:
-            response = await self._http.get(url, headers={"Accept": "application/json"})
-        except httpx.HTTPError as exc:
-            raise FetchError(f"{url}: {type(exc).__name__}: {exc}") from None
-        if response.status_code != 200:
-            raise FetchError(f"{url} answered HTTP {response.status_code}")
-        if len(response.content) > MAX_DOCUMENT:
-            raise FetchError(f"{url}: larger than {MAX_DOCUMENT} bytes")
-        try:
-            document = orjson.loads(response.content)
-        except orjson.JSONDecodeError:
-            raise FetchError(f"{url}: not JSON") from None
-        if not isinstance(document, dict):
-            raise FetchError(f"{url}: not a JSON object")
-        return document
+            return await get_json_object(self._http, url, max_bytes=MAX_DOCUMENT)
+        except JsonFetchError as exc:
+            raise FetchError(f"{url}: {exc}") from None
 
     def _url_problem(self, url: str) -> str | None:
         parts = urlsplit(url)

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
-import orjson
 import structlog
 
+from trustplane.http_json import JsonFetchError, get_json_object
 from trustplane.jose.jwk import JWKError, PublicKey, import_public_jwks
 from trustplane.jose.jws import ALGORITHMS
 from trustplane.pep import metrics
@@ -157,15 +157,6 @@ class IssuerKeys:
 
     async def _get_json(self, url: str) -> dict[str, object]:
         try:
-            response = await self._http.get(url, headers={"Accept": "application/json"})
-        except httpx.HTTPError as exc:
-            raise KeySourceError(f"GET {url}: {exc!r}") from None
-        if response.status_code != 200 or len(response.content) > MAX_DOCUMENT_BYTES:
-            raise KeySourceError(f"GET {url} answered {response.status_code}")
-        try:
-            body = orjson.loads(response.content)
-        except orjson.JSONDecodeError:
-            raise KeySourceError(f"GET {url}: not JSON") from None
-        if not isinstance(body, dict):
-            raise KeySourceError(f"GET {url}: not a JSON object")
-        return body
+            return await get_json_object(self._http, url, max_bytes=MAX_DOCUMENT_BYTES)
+        except JsonFetchError as exc:
+            raise KeySourceError(f"GET {url}: {exc}") from None
