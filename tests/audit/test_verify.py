@@ -307,3 +307,18 @@ def test_check_canonical_refuses_an_entry_not_in_rfc8785_form(
     assert verify_export_file(path, note, signer.verifier_key).ok
     strict = verify_export_file(path, note, signer.verifier_key, check_canonical=True)
     assert strict.failures == ["entry 0: not in RFC 8785 canonical form"]
+
+
+def test_a_brace_in_an_earlier_field_takes_the_parsing_path(tmp_path: Path, signer: Signer) -> None:
+    """``{`` before ``payload_hash`` (here in ``client_id``): the commitment is read from a JSON
+    parse of the entry, with the same verdicts."""
+    entry, payload, salt = entry_parts(event(0, client_id='{"payload_hash":"0"}'))
+    stored = StoredEntry(0, entry.decode(), merkle.leaf_hash(entry), payload.decode(), salt)
+    note = signer.sign(Checkpoint(signer.name, 1, merkle.leaf_hash(entry)).body())
+    line = export_line(stored).rstrip(b"\n")
+    report = verify_export_file(write(tmp_path / "e.jsonl", [line]), note, signer.verifier_key)
+    assert report.ok, report.failures
+    assert "1 payloads match their salted commitments" in report.proved
+    tampered = line.replace(b"trader0@", b"trader9@")
+    report = verify_export_file(write(tmp_path / "e.jsonl", [tampered]), note, signer.verifier_key)
+    assert report.failures == ["entry 0: payload does not match its committed hash"]
