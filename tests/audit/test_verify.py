@@ -5,6 +5,7 @@ export` writes (entry and payload verbatim); older lines (entry as a parsed obje
 from __future__ import annotations
 
 import base64
+import itertools
 from pathlib import Path
 
 import orjson
@@ -67,6 +68,7 @@ def older_lines(stored_and_note: tuple[list[StoredEntry], str]) -> list[bytes]:
 @pytest.fixture(params=[1, 3], ids=["one-process", "three-processes"])
 def workers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
     monkeypatch.setattr(verify, "PARALLEL_MIN_BYTES", 1)
+    monkeypatch.setattr(verify, "BLOCK_BYTES", 1000)  # lines straddle blocks and ranges
     return int(request.param)
 
 
@@ -322,3 +324,24 @@ def test_a_brace_in_an_earlier_field_takes_the_parsing_path(tmp_path: Path, sign
     tampered = line.replace(b"trader0@", b"trader9@")
     report = verify_export_file(write(tmp_path / "e.jsonl", [tampered]), note, signer.verifier_key)
     assert report.failures == ["entry 0: payload does not match its committed hash"]
+
+
+@pytest.mark.parametrize("block", [1, 7, 64, 4096])
+@pytest.mark.parametrize("trailing_newline", [True, False])
+def test_byte_ranges_read_every_line_exactly_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block: int, trailing_newline: bool
+) -> None:
+    monkeypatch.setattr(verify, "BLOCK_BYTES", block)
+    lines = [b"x" * (n % 13) + str(n).encode() for n in range(200)]
+    path = tmp_path / "lines"
+    path.write_bytes(b"\n".join(lines) + (b"\n" if trailing_newline else b""))
+    size = path.stat().st_size
+    for parts in (1, 2, 3, 7, 50):
+        bounds = [size * i // parts for i in range(parts + 1)]
+        got = [
+            line
+            for a, b in itertools.pairwise(bounds)
+            for chunk in verify.read_lines(path, a, b)
+            for line in chunk
+        ]
+        assert got == lines, parts

@@ -1,7 +1,12 @@
 """Offline verification of an export, and the monitor's consistency check. Trusts nothing the server
 says: the checkpoint's signature is checked with the key the auditor holds, every leaf hash is
-recomputed from the entry (RFC 8785 canonical form), the root is recomputed from the leaves or each
-inclusion proof is checked against the signed root, and each payload against its salted commitment.
+recomputed from the entry bytes as exported (the JSONL export embeds them verbatim; see
+docs/ledger.md "Export format"), the root is recomputed from the leaves or each inclusion proof is
+checked against the signed root, and each payload against its salted commitment.
+
+Written for throughput (issue 4: >= 200k leaves/s): lines are sliced, not parsed; each check runs
+as one comprehension over a run of entries (:class:`Columns`); the tree is folded from aligned
+perfect blocks of leaves, level by level.
 
 Both produce a :class:`Report` that says what was proved, what was not, and what failed (naming the
 index), so that an auditor never reads "OK" as more than it is.
@@ -529,27 +534,32 @@ BLOCK_BYTES = 4 << 20
 
 def read_lines(path: Path, start: int, end: int) -> Iterator[list[bytes]]:
     """Blocks of the lines of a file that begin in the byte range ``[start, end)``, newline-split
-    (a line straddling ``start`` belongs to the range before; one straddling ``end`` to this one)."""
+    (a line straddling ``start`` belongs to the range before; one straddling ``end`` to this one).
+    Each block is split as read: only the line straddling two blocks is copied."""
     with path.open("rb") as handle:
         if start:
             handle.seek(start - 1)
             handle.readline()  # the rest of the line that began before start
-        pos, rest = handle.tell(), b""
-        while True:
+        pos, rest = handle.tell(), b""  # pos: where ``rest`` (the unfinished line) begins
+        while pos < end:
             block = handle.read(BLOCK_BYTES)
             if not block:
-                if rest and pos < end:
+                if rest:
                     yield [rest]
                 return
-            data = rest + block if rest else block
-            cut = data.rfind(b"\n") + 1
-            limit = end - pos  # lines beginning at offsets below this are ours
-            if limit <= cut:
-                if limit > 0:
-                    yield data[: data.find(b"\n", limit - 1) + 1].split(b"\n")
-                return
-            yield data[:cut].split(b"\n")
-            pos, rest = pos + cut, data[cut:]
+            lines = block.split(b"\n")
+            if rest:
+                lines[0] = rest + lines[0]
+            done = pos + len(rest) + len(block) - len(lines[-1])  # after the last newline
+            rest = lines.pop()
+            if done > end:  # the range ends in this block: keep the lines that begin before end
+                at, keep = pos, 0
+                while at < end:
+                    at += len(lines[keep]) + 1
+                    keep += 1
+                del lines[keep:]
+            yield lines
+            pos = done
 
 
 def verify_export_file(
