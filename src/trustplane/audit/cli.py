@@ -20,7 +20,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from trustplane.audit.ledger import Ledger, entry_record
+from trustplane.audit.ledger import Ledger, b64, export_line
+from trustplane.audit.store import StoredEntry
 from trustplane.audit.verify import Report, check_consistency, verify_export_file
 
 audit_app = typer.Typer(help="The tamper-evident audit ledger.", no_args_is_help=True)
@@ -185,11 +186,11 @@ async def _write(
         transient=True,
     ) as progress:
         task = progress.add_task("export", total=total)
-        async for record in _records(ledger, latest, filters, proofs):
+        async for item, proof in _records(ledger, latest, filters, proofs):
             if writer is not None:
-                writer.writerow(_csv_row(record))
+                writer.writerow(_csv_row(item, proof))
             else:
-                handle.write(orjson.dumps(record).decode() + "\n")
+                handle.write(export_line(item, proof).decode())
             written += 1
             if written % 1000 == 0:
                 progress.update(task, completed=written)
@@ -200,23 +201,24 @@ async def _write(
 async def _records(ledger: Ledger, latest: Any, filters: dict[str, Any], proofs: bool) -> Any:
     if not filters and not proofs:
         async for item in ledger.iter_entries(0, latest.size):
-            yield entry_record(item)
+            yield item, None
         return
     after = 0
     while True:
         _cp, page = await ledger.search(filters, after, 500, size=latest.size)
         for proven in page:
-            yield entry_record(proven.entry, proven.proof)
+            yield proven.entry, proven.proof
         if len(page) < 500:
             return
         after = page[-1].entry.index + 1
 
 
-def _csv_row(record: dict[str, Any]) -> dict[str, Any]:
-    entry = record["entry"]
+def _csv_row(item: StoredEntry, proof: list[bytes] | None) -> dict[str, Any]:
+    """One CSV row: a few envelope fields for reading, then the entry and payload verbatim."""
+    entry = orjson.loads(item.entry)
     return {
-        "index": record["index"],
-        "leaf_hash": record["leaf_hash"],
+        "index": item.index,
+        "leaf_hash": b64(item.leaf_hash),
         "type": entry.get("type"),
         "time": entry.get("time"),
         "event_id": entry.get("event_id"),
@@ -224,12 +226,10 @@ def _csv_row(record: dict[str, Any]) -> dict[str, Any]:
         "client_id": entry.get("client_id"),
         "partner": entry.get("partner"),
         "transaction_id": entry.get("transaction_id"),
-        "entry": orjson.dumps(entry, option=orjson.OPT_SORT_KEYS).decode(),
-        "payload": orjson.dumps(record["payload"], option=orjson.OPT_SORT_KEYS).decode()
-        if record["payload"] is not None
-        else "",
-        "salt": record["salt"] or "",
-        "inclusion_proof": " ".join(record.get("inclusion_proof") or []),
+        "entry": item.entry,
+        "payload": item.payload or "",
+        "salt": b64(item.salt) if item.salt is not None else "",
+        "inclusion_proof": " ".join(b64(h) for h in proof or []),
     }
 
 
@@ -241,6 +241,10 @@ def verify(
     workers: Annotated[
         int | None, typer.Option(help="Processes for a large JSONL export (default: CPU count).")
     ] = None,
+    check_canonical: Annotated[
+        bool,
+        typer.Option(help="Also re-serialise every entry and require RFC 8785 form (slower)."),
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Verify an export offline: checkpoint signature, every leaf, the root or each inclusion proof,
@@ -253,7 +257,9 @@ def verify(
         raise typer.Exit(2) from None
     started = time.perf_counter()
     try:
-        report = verify_export_file(export_file, note, _key_text(key), workers)
+        report = verify_export_file(
+            export_file, note, _key_text(key), workers, check_canonical=check_canonical
+        )
     except (ValueError, KeyError, OSError) as exc:
         err.print(f"[red]trustplane:[/red] the export is malformed: {exc}")
         raise typer.Exit(1) from None

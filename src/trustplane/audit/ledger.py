@@ -90,6 +90,20 @@ def entry_record(item: StoredEntry, proof: Sequence[bytes] | None = None) -> dic
     return out
 
 
+def export_line(item: StoredEntry, proof: Sequence[bytes] | None = None) -> bytes:
+    """One line of a JSONL export (docs/ledger.md, "Export format"): the payload and the entry are
+    embedded verbatim, as stored, the entry last, so that verify hashes the bytes it read."""
+    salt = b'"' + base64.b64encode(item.salt) + b'"' if item.salt is not None else b"null"
+    parts = [b'{"index":', str(item.index).encode(), b',"leaf_hash":"']
+    parts += [base64.b64encode(item.leaf_hash), b'","salt":', salt]
+    if proof is not None:
+        hashes = b'","'.join(base64.b64encode(h) for h in proof)
+        parts += [b',"inclusion_proof":[', b'"' + hashes + b'"' if proof else b"", b"]"]
+    payload = item.payload.encode() if item.payload is not None else b"null"
+    parts += [b',"payload":', payload, b',"entry":', item.entry.encode(), b"}\n"]
+    return b"".join(parts)
+
+
 class Ledger:
     def __init__(self, settings: Settings, db: Database, kek: bytes) -> None:
         self._settings, self._db, self._kek = settings, db, kek
