@@ -15,25 +15,22 @@ group commit; client_credentials verifies one. Reports requests/s, p50/p99, CPU 
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import json
 import multiprocessing as mp
 import os
-import shutil
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlencode
 
 import yaml
 from cryptography.hazmat.primitives import serialization
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import grant_vs_cc as gvc
 import token_endpoint as te
-from _common import free_port, wait_ready
 
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 PARTNER_ISSUER = "https://idp.bench-partner.example"
@@ -97,32 +94,9 @@ def make_bodies(path: Path, n: int, pems: tuple[bytes, bytes], args: dict[str, s
     path.write_text("\n".join(lines) + "\n")
 
 
-def bench(
-    label: str, grant_type: str, pid: int, cli_args: argparse.Namespace, ctx: dict[str, object]
-) -> list[dict[str, float]]:
-    results = []
-    work = Path(str(ctx["work"]))
-    args = {
-        "client_id": str(ctx["client_id"]),
-        "issuer": str(ctx["issuer"]),
-        "grant_type": grant_type,
-    }
-    for rep in range(cli_args.reps + 1):  # rep 0 warms up and is discarded
-        bodies = work / f"{label}-{rep}.bodies"
-        make_bodies(bodies, cli_args.bodies, ctx["pems"], args)  # type: ignore[arg-type]
-        time.sleep(cli_args.rest)
-        duration = cli_args.warmup if rep == 0 else cli_args.duration
-        result = te.run_wrk(f"{ctx['issuer']}/token", bodies, cli_args.connections, duration, pid)
-        bodies.unlink()
-        if rep:
-            results.append(result)
-            print(
-                f"  {label:<18} rep {rep}: {result['rps']:8.0f} req/s  p50 {result['p50_ms']:6.1f} ms"
-                f"  p99 {result['p99_ms']:6.1f} ms  cpu {result['cpu_ms_per_req']:.3f} ms/req"
-                f"  non-2xx {result['non_2xx']:.0f}",
-                flush=True,
-            )
-    return results
+def write_bodies(path: Path, n: int, grant_type: str, ctx: dict[str, Any]) -> None:
+    args = {"client_id": ctx["client_id"], "issuer": ctx["issuer"], "grant_type": grant_type}
+    make_bodies(path, n, ctx["secrets"], args)
 
 
 def partner_profile(public_jwk: dict[str, object]) -> dict[str, object]:
@@ -164,76 +138,13 @@ def setup(env: dict[str, str], work: Path) -> tuple[str, tuple[bytes, bytes]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    gvc.run(
+        gvc.arguments(__doc__),
+        name="jwt_bearer",
+        grant_type=JWT_BEARER,
+        setup=setup,
+        write_bodies=write_bodies,
     )
-    ap.add_argument("--database-url", default="", help="PostgreSQL admin URL (a fresh db is made)")
-    ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--connections", type=int, default=32)
-    ap.add_argument("--duration", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--rest", type=float, default=1.0)
-    ap.add_argument("--bodies", type=int, default=40000, help="pre-generated requests per rep")
-    ap.add_argument("--json", type=Path, help="append a JSON summary line to this file")
-    args = ap.parse_args()
-    if not shutil.which("wrk"):
-        raise SystemExit("wrk is required (apt-get install wrk)")
-
-    work = Path(tempfile.mkdtemp(prefix="tp-bench-jwtb-"))
-    port = free_port()
-    issuer = f"http://127.0.0.1:{port}"
-    env, pg_name = te.server_env(work, port, args.database_url)
-    server, keep = None, False
-    try:
-        client_id, pems = setup(env, work)
-        server = te.start(
-            [str(te.BIN / "trustplane"), "serve", "--workers", str(args.workers)],
-            env,
-            work / "server.log",
-        )
-        wait_ready(f"{issuer}/healthz")
-        store = "postgresql" if pg_name else "sqlite"
-        print(
-            f"trustplane: {store}, {args.workers} worker(s), {args.connections} connections, "
-            f"{args.duration}s x {args.reps}",
-            flush=True,
-        )
-        ctx: dict[str, object] = {
-            "work": work, "issuer": issuer, "client_id": client_id, "pems": pems,
-        }  # fmt: skip
-        cc = bench("client_credentials", "client_credentials", server.pid, args, ctx)
-        jb = bench("jwt-bearer", JWT_BEARER, server.pid, args, ctx)
-        summary = {
-            "store": store,
-            "workers": args.workers,
-            "connections": args.connections,
-            "jwt_bearer_per_s": te.median(jb, "rps"),
-            "jwt_bearer_p50_ms": te.median(jb, "p50_ms"),
-            "jwt_bearer_p99_ms": te.median(jb, "p99_ms"),
-            "jwt_bearer_cpu_ms": te.median(jb, "cpu_ms_per_req"),
-            "client_credentials_per_s": te.median(cc, "rps"),
-            "client_credentials_p50_ms": te.median(cc, "p50_ms"),
-            "client_credentials_p99_ms": te.median(cc, "p99_ms"),
-            "non_2xx": sum(r["non_2xx"] for r in jb + cc),
-        }
-        summary["ratio_to_client_credentials"] = (
-            summary["jwt_bearer_per_s"] / summary["client_credentials_per_s"]
-        )
-        print(json.dumps(summary, indent=2))
-        if summary["non_2xx"]:
-            keep = True
-            print(f"WARNING: {summary['non_2xx']:.0f} non-2xx responses; see {work / 'server.log'}")
-        if args.json:
-            with args.json.open("a") as handle:
-                handle.write(json.dumps(summary) + "\n")
-    finally:
-        if server is not None:
-            te.stop(server)
-        if pg_name:
-            asyncio.run(te._create_pg_database(args.database_url, pg_name, drop=True))
-        if not keep:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

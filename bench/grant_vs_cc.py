@@ -1,0 +1,137 @@
+"""One grant against client_credentials over HTTP, same server, same run: the driver that
+``jwt_bearer.py`` and ``token_exchange.py`` share.
+
+A bench supplies ``setup(env, work) -> (client_id, secrets)`` (register what the grant needs, before
+the server starts) and ``write_bodies(path, n, grant_type, ctx)`` (pre-generate ``n`` single-use
+request bodies for ``grant_type``); this module starts the server, runs warm-up plus ``--reps``
+repetitions of each grant with wrk, and prints and returns the summary with the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import token_endpoint as te
+from _common import free_port, wait_ready
+
+Setup = Callable[[dict[str, str], Path], tuple[str, Any]]
+WriteBodies = Callable[[Path, int, str, dict[str, Any]], None]
+
+
+def arguments(description: str | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--database-url", default="", help="PostgreSQL admin URL (a fresh db is made)")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--rest", type=float, default=1.0)
+    ap.add_argument("--bodies", type=int, default=40000, help="pre-generated requests per rep")
+    ap.add_argument("--json", type=Path, help="append a JSON summary line to this file")
+    args = ap.parse_args()
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is required (apt-get install wrk)")
+    return args
+
+
+def _reps(
+    label: str,
+    grant_type: str,
+    pid: int,
+    args: argparse.Namespace,
+    ctx: dict[str, Any],
+    write_bodies: WriteBodies,
+) -> list[dict[str, float]]:
+    results = []
+    for rep in range(args.reps + 1):  # rep 0 warms up and is discarded
+        bodies = Path(ctx["work"]) / f"{label}-{rep}.bodies"
+        write_bodies(bodies, args.bodies, grant_type, ctx)
+        time.sleep(args.rest)
+        duration = args.warmup if rep == 0 else args.duration
+        result = te.run_wrk(f"{ctx['issuer']}/token", bodies, args.connections, duration, pid)
+        bodies.unlink()
+        if rep:
+            results.append(result)
+            print(
+                f"  {label:<18} rep {rep}: {result['rps']:8.0f} req/s  p50 {result['p50_ms']:6.1f} ms"
+                f"  p99 {result['p99_ms']:6.1f} ms  cpu {result['cpu_ms_per_req']:.3f} ms/req"
+                f"  non-2xx {result['non_2xx']:.0f}",
+                flush=True,
+            )
+    return results
+
+
+def run(
+    args: argparse.Namespace,
+    *,
+    name: str,
+    grant_type: str,
+    setup: Setup,
+    write_bodies: WriteBodies,
+) -> dict[str, Any]:
+    """Serve, measure client_credentials then ``grant_type``, print the summary (keys ``<name>_*``)."""
+    work = Path(tempfile.mkdtemp(prefix=f"tp-bench-{name}-"))
+    port = free_port()
+    issuer = f"http://127.0.0.1:{port}"
+    env, pg_name = te.server_env(work, port, args.database_url)
+    server, keep = None, False
+    try:
+        client_id, secrets = setup(env, work)
+        server = te.start(
+            [str(te.BIN / "trustplane"), "serve", "--workers", str(args.workers)],
+            env,
+            work / "server.log",
+        )
+        wait_ready(f"{issuer}/healthz")
+        store = "postgresql" if pg_name else "sqlite"
+        print(
+            f"trustplane: {store}, {args.workers} worker(s), {args.connections} connections, "
+            f"{args.duration}s x {args.reps}",
+            flush=True,
+        )
+        ctx = {"work": work, "issuer": issuer, "client_id": client_id, "secrets": secrets}
+        cc = _reps("client_credentials", "client_credentials", server.pid, args, ctx, write_bodies)
+        grant = _reps(name, grant_type, server.pid, args, ctx, write_bodies)
+        summary: dict[str, Any] = {
+            "store": store,
+            "workers": args.workers,
+            "connections": args.connections,
+            f"{name}_per_s": te.median(grant, "rps"),
+            f"{name}_p50_ms": te.median(grant, "p50_ms"),
+            f"{name}_p99_ms": te.median(grant, "p99_ms"),
+            f"{name}_cpu_ms": te.median(grant, "cpu_ms_per_req"),
+            "client_credentials_per_s": te.median(cc, "rps"),
+            "client_credentials_p50_ms": te.median(cc, "p50_ms"),
+            "client_credentials_p99_ms": te.median(cc, "p99_ms"),
+            "client_credentials_cpu_ms": te.median(cc, "cpu_ms_per_req"),
+            "non_2xx": sum(r["non_2xx"] for r in grant + cc),
+        }
+        summary["ratio_to_client_credentials"] = (
+            summary[f"{name}_per_s"] / summary["client_credentials_per_s"]
+        )
+        print(json.dumps(summary, indent=2))
+        if summary["non_2xx"]:
+            keep = True
+            print(f"WARNING: {summary['non_2xx']:.0f} non-2xx responses; see {work / 'server.log'}")
+        if args.json:
+            with args.json.open("a") as handle:
+                handle.write(json.dumps(summary) + "\n")
+        return summary
+    finally:
+        if server is not None:
+            te.stop(server)
+        if pg_name:
+            asyncio.run(te._create_pg_database(args.database_url, pg_name, drop=True))
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
