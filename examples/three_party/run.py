@@ -236,6 +236,21 @@ class Deployment:
         expect(response.status_code == 200, f"{self.name} ledger: {response.text}")
         return list(response.json()["entries"])
 
+    def integrated(
+        self, auditor: PrivateKeyJwt, txn: str, event_type: str, timeout: float = 10.0
+    ) -> list[dict[str, Any]]:
+        """The transaction's entries once one of ``event_type`` is in the tree: an append is durable
+        at once but the transaction API shows integrated entries only (the sequencer integrates
+        every 0.2 s), so an auditor reading right after the exchange polls briefly."""
+        deadline = time.monotonic() + timeout
+        while True:
+            entries = self.ledger(auditor, txn)
+            if any(e["entry"]["type"] == event_type for e in entries):
+                return entries
+            if time.monotonic() > deadline:
+                return entries
+            time.sleep(0.2)
+
     def token(self, client: PrivateKeyJwt, **form: str) -> dict[str, Any]:
         data = dict(form)
         headers: dict[str, str] = {}
@@ -445,7 +460,7 @@ def run(workdir: Path) -> None:
         show("origin", verified["origin"])
         step("6", "compliance: each deployment's ledger for the transaction (original -> derived)")
         for d, derived in ((arranger, t1), (broker, t2)):
-            entries = d.ledger(auditors[d.name], t2["txn"])
+            entries = d.integrated(auditors[d.name], t2["txn"], "oauth:token:issued")
             issued = [e for e in entries if e["entry"]["type"] == "oauth:token:issued"]
             expect(len(issued) == 1, f"{d.name}: {len(issued)} issuance entries for the txn")
             entry = issued[0]["entry"]
