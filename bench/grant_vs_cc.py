@@ -135,3 +135,26 @@ def run(
             asyncio.run(te._create_pg_database(args.database_url, pg_name, drop=True))
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def client_form(
+    sign: Callable[[dict[str, object]], str], a: dict[str, str], i: int
+) -> dict[str, str]:
+    """The form of request ``i``: ``a["grant_type"]``, scope, resource and a fresh client assertion
+    (jti ``<prefix>-c<i>``) signed by ``sign``; the grant adds its own parameters."""
+    now = int(time.time())
+    claims: dict[str, object] = {
+        "iss": a["client_id"],
+        "sub": a["client_id"],
+        "aud": a["issuer"],
+        "iat": now,
+        "exp": now + 290,
+        "jti": f"{a['prefix']}-c{i}",
+    }
+    return {
+        "grant_type": a["grant_type"],
+        "scope": "order:create",
+        "resource": te.RESOURCE,
+        "client_assertion_type": te.ASSERTION_TYPE,
+        "client_assertion": sign(claims),
+    }

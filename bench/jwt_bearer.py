@@ -53,24 +53,7 @@ def _sign(name: str, claims: dict[str, object]) -> str:
 
 def _body(i: int) -> str:
     now, a = int(time.time()), _ARGS
-    client = _sign(
-        "client",
-        {
-            "iss": a["client_id"],
-            "sub": a["client_id"],
-            "aud": a["issuer"],
-            "iat": now,
-            "exp": now + 290,
-            "jti": f"{a['prefix']}-c{i}",
-        },
-    )
-    form = {
-        "grant_type": a["grant_type"],
-        "scope": "order:create",
-        "resource": te.RESOURCE,
-        "client_assertion_type": te.ASSERTION_TYPE,
-        "client_assertion": client,
-    }
+    form = gvc.client_form(lambda claims: _sign("client", claims), a, i)
     if a["grant_type"] == JWT_BEARER:
         form["assertion"] = _sign(
             "partner",

@@ -20,7 +20,6 @@ import json
 import multiprocessing as mp
 import os
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -54,25 +53,8 @@ def _sign(name: str, claims: dict[str, object]) -> str:
 
 
 def _body(i: int) -> str:
-    now, a = int(time.time()), _ARGS
-    client = _sign(
-        "client",
-        {
-            "iss": a["client_id"],
-            "sub": a["client_id"],
-            "aud": a["issuer"],
-            "iat": now,
-            "exp": now + 290,
-            "jti": f"{a['prefix']}-c{i}",
-        },
-    )
-    form = {
-        "grant_type": a["grant_type"],
-        "scope": "order:create",
-        "resource": te.RESOURCE,
-        "client_assertion_type": te.ASSERTION_TYPE,
-        "client_assertion": client,
-    }
+    a = _ARGS
+    form = gvc.client_form(lambda claims: _sign("client", claims), a, i)
     if a["grant_type"] == EXCHANGE:
         form["subject_token"] = _SUBJECTS[i % len(_SUBJECTS)]
         form["subject_token_type"] = ACCESS_TOKEN
