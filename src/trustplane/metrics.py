@@ -21,8 +21,8 @@ CACHE_RELOADS = Counter("trustplane_cache_reloads_total", "In-memory cache reloa
 ACTIVE_CLIENTS = Gauge("trustplane_clients", "Registered clients in the in-memory registry")
 TOKEN_EXCHANGES = Counter(
     "trustplane_token_exchanges_total",
-    "RFC 8693 token exchanges that issued a token, by subject token type",
-    ["subject_token_type"],
+    "RFC 8693 token exchanges that issued a token, by subject token type and mode",
+    ["subject_token_type", "mode"],
 )
 PARTNER_ASSERTIONS = Counter(
     "trustplane_partner_assertions_total",

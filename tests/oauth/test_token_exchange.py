@@ -24,6 +24,7 @@ from trustplane.audit.sink import recent_events
 from trustplane.clients.remote_jwks import RemoteJwksCache
 from trustplane.oauth.exchange import TOKEN_EXCHANGE
 from trustplane.oauth.tokens import issue_access_token
+from trustplane.policy.bundle import BundleSource, default_bundle
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 ACCESS = "urn:ietf:params:oauth:token-type:access_token"
@@ -348,6 +349,18 @@ CASES: dict[str, tuple[Any, dict[str, Any], int, str, str | None]] = {
     "missing subject_token_type": (
         lambda ex: ex.own(), {"subject_token_type": None}, 400, "invalid_request", None,
     ),
+    "unknown exchange_mode": (
+        lambda ex: ex.own(), {"exchange_mode": "proxy"}, 400, "invalid_request", None,
+    ),
+    "impersonation with an actor token": (
+        lambda ex: ex.own(),
+        {"exchange_mode": "impersonation", "actor_token": "SERVER_TOKEN", "actor_token_type": ACCESS},
+        400, "invalid_request", "impersonation_actor",
+    ),
+    "impersonation of a delegated token": (
+        lambda ex: ex.own(act={"sub": "arr-oms", "iss": "https://arranger.example"}),
+        {"exchange_mode": "impersonation"}, 400, "invalid_request", "impersonation_of_delegated",
+    ),
     "actor token of another client": (
         lambda ex: ex.own(), {"actor_token": "SERVER_TOKEN", "actor_token_type": ACCESS},
         400, "invalid_request", "actor_client",
@@ -449,3 +462,62 @@ async def test_client_without_the_grant_type_is_unauthorized_client(ex: Exchange
 async def test_discovery_lists_the_grant(ex: Exchange) -> None:
     meta = (await ex.server.http.get("/.well-known/oauth-authorization-server")).json()
     assert TOKEN_EXCHANGE in meta["grant_types_supported"]
+
+
+# --------------------------------------------------------------------------- impersonation
+
+
+def impersonation_for(client_id: str) -> BundleSource:
+    """The default bundle with ``exchange.no_impersonation`` narrowed: ``client_id`` may impersonate
+    for the execution API (and nobody else, anywhere else)."""
+    files = dict(default_bundle().files)
+    rule = files["exchange.cedar"].split('@id("exchange.no_impersonation")')[0]
+    files["exchange.cedar"] = rule + (
+        '@id("exchange.no_impersonation")\n'
+        'forbid (principal, action == Action::"token:exchange", resource)\n'
+        "when { context.impersonation &&\n"
+        f'  !(principal == Client::"{client_id}" && context.audience == "{EXECUTION}") }};\n'
+    )
+    return BundleSource(files)
+
+
+async def test_impersonation_is_refused_by_the_default_bundle(ex: Exchange) -> None:
+    response, client_jti = await ex.post(ex.own(), exchange_mode="impersonation")
+
+    assert error_of(response) == (400, "invalid_scope"), response.text
+    assert "impersonation" in response.json()["error_description"]
+    event = await ex.refusal(client_jti)
+    assert event["reason"] == "invalid_scope"
+    assert "exchange.no_impersonation" in event["payload"]["detail"]
+    denials = await recent_events(ex.server.services.db, 10, "policy:decision:denied")
+    assert any(d["reason_ids"] == ["exchange.no_impersonation"] for d in denials)
+
+
+async def test_impersonation_where_policy_permits_it_issues_no_act(ex: Exchange) -> None:
+    policy = ex.server.services.policy
+    allowed = await policy.publish(impersonation_for(ex.kit.client_id), "CR-IMP", "ops")
+    await policy.activate(allowed.record.version, "ops", "CR-IMP")
+    try:
+        subject = ex.own(txn="txn-imp")
+        response, _ = await ex.post(subject, exchange_mode="impersonation")
+        elsewhere, _ = await ex.post(
+            ex.own(aud=ex.server.issuer, scopes=("order:create", "settlement:submit")),
+            exchange_mode="impersonation", resource=CLEARING, scope="settlement:submit",
+        )  # fmt: skip
+    finally:
+        await policy.rollback("ops", "CR-IMP", from_version=allowed.record.version)
+
+    assert response.status_code == 200, response.text
+    issued = claims_of(response.json()["access_token"])
+    assert "act" not in issued
+    assert (issued["sub"], issued["client_id"]) == ("alice", ex.kit.client_id)
+    assert issued["prv"] == {"iss": ex.server.issuer, "jti": claims_of(subject)["jti"]}
+    assert issued["txn"] == "txn-imp"
+    events = await recent_events(ex.server.services.db, 5, "oauth:token:issued")
+    (event,) = [e for e in events if e["jti"] == issued["jti"]]
+    assert event["actor_chain"] == []
+    exchange = event["payload"]["exchange"]
+    assert (exchange["mode"], exchange["impersonated_by"]) == ("impersonation", ex.kit.client_id)
+    assert "act" not in exchange
+    # the same bundle still refuses impersonation towards another audience
+    assert error_of(elsewhere) == (400, "invalid_scope"), elsewhere.text

@@ -24,6 +24,12 @@ nested inside it, ``txn`` kept (or minted), ``mandate`` kept and re-checked (our
 a partner's mandate reference travels in ``prv``), ``prv`` = ``{iss, jti}`` of the subject token
 with the subject token's own ``prv`` nested (the provenance chain), ``exp`` never after the subject
 token's.
+
+Impersonation: a client that sends ``exchange_mode=impersonation`` (a trustplane extension parameter,
+RFC 8693 §2.1 allows them) asks for a token WITHOUT ``act``: it then speaks as the subject. It is
+issued only when the PDP permits it (``impersonation: true`` in the decision context; the default
+bundle forbids it), never with an ``actor_token``, and never for a subject token that is itself
+delegated (its ``act`` history would be dropped). The ledger records who impersonated whom.
 """
 
 from __future__ import annotations
@@ -90,6 +96,8 @@ KNOWN_REFUSED = frozenset(
         "urn:ietf:params:oauth:token-type:saml2",
     }
 )
+#: ``exchange_mode`` values: delegation (the default, an ``act`` chain) or impersonation (no ``act``).
+DELEGATION, IMPERSONATION = "delegation", "impersonation"
 #: How many ``prv`` / ``act`` levels a token may carry (the PDP decides the allowed depth; this only
 #: bounds the size of what we copy).
 MAX_NESTING = 8
@@ -137,6 +145,7 @@ class _Request:
     details: tuple[dict[str, Any], ...] = ()
     chain: tuple[str, ...] = field(default_factory=tuple)
     txn: str = ""
+    impersonation: bool = False
 
 
 class TokenExchangeGrant:
@@ -173,7 +182,9 @@ class TokenExchangeGrant:
         subject = await self._subject(token, token_type, client, now)
         partner_id = subject.partner.partner.partner_id if subject.partner else None
         try:
+            impersonation = _impersonation(form, subject)
             req = _Request(client, subject, await self._actor(form, client, now))
+            req.impersonation = impersonation
             self._check_may_act(req)
             req.resource = self._resource(form, req)
             req.scopes = self._scopes(form, req)
@@ -182,8 +193,8 @@ class TokenExchangeGrant:
         except OAuth2Error as exc:
             exc.partner = exc.partner or partner_id
             raise
-        act = self._act(req)
-        req.chain = _chain(act)
+        act = None if req.impersonation else self._act(req)
+        req.chain = _chain(act) if act is not None else ()
         txn = subject.claims.get("txn")
         req.txn = txn if isinstance(txn, str) else new_jti()
         lifetime = min(self._settings.access_token_lifetime, subject.exp - now)
@@ -202,7 +213,10 @@ class TokenExchangeGrant:
             extra=self._claims(req, act),
         )
         prv_mandate = issued.claims["prv"].get("mandate")  # a partner's mandate reference
-        metrics.TOKEN_EXCHANGES.labels(subject_token_type=_short(subject.token_type)).inc()
+        mode = IMPERSONATION if req.impersonation else DELEGATION
+        metrics.TOKEN_EXCHANGES.labels(
+            subject_token_type=_short(subject.token_type), mode=mode
+        ).inc()
         return Grant(
             issued,
             pending,
@@ -219,7 +233,8 @@ class TokenExchangeGrant:
                     "subject_token": {"iss": subject.issuer, "jti": subject.jti},
                     "subject_token_type": subject.token_type,
                     "derived_token": {"iss": self._settings.issuer, "jti": issued.claims["jti"]},
-                    "act": act,
+                    "mode": mode,
+                    **({"act": act} if act is not None else {"impersonated_by": client.client_id}),
                     **({"subject_mandate": prv_mandate} if prv_mandate else {}),
                 }
             },
@@ -446,7 +461,7 @@ class TokenExchangeGrant:
             "audience": req.resource,
             "requested_scopes": list(req.scopes),
             "delegation_depth": len(req.chain),
-            "impersonation": False,
+            "impersonation": req.impersonation,
             "subject": req.subject.subject,
             "subject_issuer": req.subject.issuer,
             "subject_token_type": req.subject.token_type,
@@ -466,7 +481,8 @@ class TokenExchangeGrant:
         ]
         key = (self._engine.version, client.client_id, client.updated_at, client.lei,
                client.scopes, req.scopes, req.resource, req.subject.subject, req.subject.issuer,
-               req.subject.token_type, req.actor.sub, req.actor.iss, req.chain)  # fmt: skip
+               req.subject.token_type, req.actor.sub, req.actor.iss, req.chain,
+               req.impersonation)  # fmt: skip
         cached = self._cache.get(key)
         if cached is not None:
             metrics.POLICY_CACHE.labels(result="hit").inc()
@@ -487,18 +503,24 @@ class TokenExchangeGrant:
                 client_id=client.client_id,
                 audience=req.resource,
                 depth=len(req.chain),
+                impersonation=req.impersonation,
                 reason_ids=sorted({i for d in denied for i in d.reason_ids}),
             )
-            raise ScopeDenied(records, denied)
+            refusal = ScopeDenied(records, denied)
+            if req.impersonation:
+                refusal.description = "impersonation is not permitted by policy for this exchange"
+            raise refusal
         return records
 
-    def _claims(self, req: _Request, act: dict[str, Any]) -> dict[str, Any]:
+    def _claims(self, req: _Request, act: dict[str, Any] | None) -> dict[str, Any]:
         subject, claims = req.subject, req.subject.claims
         provenance: dict[str, Any] = {"iss": subject.issuer, "jti": subject.jti}
         previous = claims.get("prv")
         if isinstance(previous, dict):
             provenance["prv"] = _bounded(previous)
-        extra: dict[str, Any] = {"act": act, "prv": provenance}
+        extra: dict[str, Any] = {"prv": provenance}
+        if act is not None:
+            extra["act"] = act
         if subject.partner is not None:
             extra.update(subject.partner.issued_claims())
             if isinstance(claims.get("origin"), dict):  # a partner token that kept its own origin
@@ -526,6 +548,30 @@ class TokenExchangeGrant:
         if not await self._replay.consume(use.issuer, use.jti, use.expires_at):
             raise _replayed(subject)
         return None
+
+
+def _impersonation(form: Form, subject: Subject) -> bool:
+    """``exchange_mode``: ``delegation`` (default) or ``impersonation``, which takes no actor token
+    and no subject token that already carries an ``act`` chain (impersonating it would erase who
+    acted before: the origin must be preserved, not flattened)."""
+    mode = form.get("exchange_mode") or DELEGATION
+    if mode not in (DELEGATION, IMPERSONATION):
+        raise InvalidRequestError(
+            f"exchange_mode {mode[:40]!r} is not supported: use delegation or impersonation"
+        )
+    if mode == DELEGATION:
+        return False
+    if form.get("actor_token") is not None:
+        raise _bad(
+            "an actor_token asks for delegation; impersonation has no actor", "impersonation_actor"
+        )
+    if "act" in subject.claims:
+        raise _bad(
+            "a delegated subject_token (one with act) cannot be impersonated: its actor chain "
+            "would be lost",
+            "impersonation_of_delegated",
+        )
+    return True
 
 
 def _replayed(subject: Subject) -> InvalidRequestError:
