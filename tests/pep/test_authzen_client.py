@@ -11,7 +11,12 @@ import httpx
 import pytest
 
 from trustplane.pep import AuthzenClient, ClientSecretBasic
-from trustplane.pep.authzen import entity_from_json, entity_to_json
+from trustplane.pep.authzen import (
+    entity_from_json,
+    entity_to_json,
+    request_from_json,
+    request_to_json,
+)
 from trustplane.policy.model import DecisionRequest, Entity
 
 PDP = "https://pdp.example"
@@ -151,3 +156,15 @@ def test_entities_round_trip_through_the_wire_format() -> None:
     )
 
     assert entity_from_json(json.loads(json.dumps(entity_to_json(order))), "x") == order
+
+
+def test_the_transaction_id_round_trips_and_is_omitted_when_absent() -> None:
+    subject = Entity("Client", "c-1")
+    resource = Entity("Order", "O-1")
+    with_txn = DecisionRequest(subject, "order:create", resource, {}, None, "txn-7")
+    without = DecisionRequest(subject, "order:create", resource, {})
+
+    assert request_to_json(with_txn)["transaction_id"] == "txn-7"
+    assert "transaction_id" not in request_to_json(without)
+    parsed = request_from_json(request_to_json(with_txn), "", "req-1")
+    assert (parsed.transaction_id, parsed.correlation_id) == ("txn-7", "req-1")

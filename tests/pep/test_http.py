@@ -37,6 +37,7 @@ class CountingPdp:
 
     inner: DecisionPoint
     asked: list[str] = field(default_factory=list)
+    transactions: list[str | None] = field(default_factory=list)
 
     async def decide(
         self,
@@ -46,10 +47,17 @@ class CountingPdp:
         context: Mapping[str, Any],
         *,
         correlation_id: str | None = None,
+        transaction_id: str | None = None,
     ) -> Decision:
         self.asked.append(action)
+        self.transactions.append(transaction_id)
         return await self.inner.decide(
-            subject, action, resource, context, correlation_id=correlation_id
+            subject,
+            action,
+            resource,
+            context,
+            correlation_id=correlation_id,
+            transaction_id=transaction_id,
         )
 
     async def decide_many(self, requests: Sequence[DecisionRequest]) -> list[Decision]:
@@ -145,6 +153,16 @@ async def test_allowed_request_reaches_the_handler(harness: Harness) -> None:
     assert response.json()["decision_id"] == harness.handled[0].decision.decision_id
     assert harness.handled[0].decision.reason_ids == ("entity.own",)
     assert harness.handled[0].token.client_id == "client-1"
+
+
+async def test_the_tokens_txn_goes_to_the_pdp_as_the_transaction(harness: Harness) -> None:
+    """So the PDP records the decision in the transaction's chain of authority."""
+    with_txn = await harness.order(harness.issuer.token(txn="txn-pep-1"))
+    without = await harness.order(harness.issuer.token())
+    not_a_string = await harness.order(harness.issuer.token(txn=42))
+
+    assert with_txn.status_code == without.status_code == not_a_string.status_code == 200
+    assert harness.pdp.transactions == ["txn-pep-1", None, None]
 
 
 async def test_missing_token_is_a_bare_challenge(harness: Harness) -> None:

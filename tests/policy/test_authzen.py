@@ -14,6 +14,7 @@ from sqlalchemy import text
 
 from tests.conftest import LEI, ClientKit, register_kit
 from tests.protocol_server import Server
+from trustplane.audit.sink import recent_events
 from trustplane.clients.model import ClientStatus
 from trustplane.oauth.tokens import issue_access_token
 
@@ -148,6 +149,26 @@ async def test_decisions_are_recorded_with_the_request_id(server: Server, token:
     )
 
 
+async def test_decisions_are_recorded_in_the_transaction(server: Server, token: str) -> None:
+    """trustplane's extension member ``transaction_id`` (a PEP sends its token's ``txn``): the
+    decisions' ledger entries carry it, so the transaction's chain of authority lists them; a batch
+    takes it as a top-level default like subject and context."""
+    single = await post(server, "evaluation", {**evaluation(), "transaction_id": "txn-az-1"}, token)
+    body = {**evaluation(), "transaction_id": "txn-az-2", "evaluations": [{}, {}]}
+    batch = await post(server, "evaluations", body, token)
+
+    assert single.status_code == batch.status_code == 200, single.text + batch.text
+    events = await recent_events(server.services.db, 20, "policy:decision:allowed")
+    by_txn = {
+        txn: sorted(e["event_id"] for e in events if e["transaction_id"] == txn)
+        for txn in ("txn-az-1", "txn-az-2")
+    }
+    assert by_txn["txn-az-1"] == [single.json()["context"]["decision_id"]]
+    assert by_txn["txn-az-2"] == sorted(
+        e["context"]["decision_id"] for e in batch.json()["evaluations"]
+    )
+
+
 @pytest.mark.parametrize(
     ("overrides", "reason"),
     [
@@ -271,6 +292,8 @@ BAD_BODIES: list[tuple[str, Any, str]] = [
     ("parents not an array", evaluation(subject={**client(), "parents": {}}), "parents"),
     ("bad entity ref", evaluation(context={"x": {"__entity": {"type": "A"}}}), "__entity.id"),
     ("too deep", evaluation(context={"x": nested(40)}), "nest"),
+    ("transaction_id a number", evaluation(transaction_id=7), "transaction_id"),
+    ("transaction_id empty", evaluation(transaction_id=""), "transaction_id"),
 ]
 
 

@@ -119,7 +119,17 @@ def request_from_json(
         entity_from_json(raw["resource"], f"{where}resource"),
         _value(_object(raw.get("context"), f"{where}context", required=False)),
         correlation_id,
+        _transaction_id(raw.get("transaction_id"), where),
     )
+
+
+def _transaction_id(value: object, where: str) -> str | None:
+    """trustplane's extension member ``transaction_id`` (a token's ``txn``): optional, a string."""
+    if value is None:
+        return None
+    if type(value) is not str or not value or len(value) > MAX_ID_LENGTH:
+        raise InvalidRequestError(f"{where}transaction_id must be a non-empty string")
+    return value
 
 
 def evaluations_from_json(
@@ -141,7 +151,8 @@ def evaluations_from_json(
         raise InvalidRequestError(
             f"options.evaluations_semantic must be one of {', '.join(SEMANTICS)}"
         )
-    defaults = {k: body[k] for k in ("subject", "action", "resource", "context") if k in body}
+    keys = ("subject", "action", "resource", "context", "transaction_id")
+    defaults = {k: body[k] for k in keys if k in body}
     requests = [
         request_from_json(
             {**defaults, **_object(item, f"evaluations[{i}]")}, f"evaluations[{i}].", correlation_id
@@ -185,12 +196,15 @@ def entity_to_json(entity: Entity) -> dict[str, Any]:
 
 
 def request_to_json(request: DecisionRequest) -> dict[str, Any]:
-    return {
+    body = {
         "subject": entity_to_json(request.subject),
         "action": {"name": request.action},
         "resource": entity_to_json(request.resource),
         "context": _value_to_json(request.context),
     }
+    if request.transaction_id is not None:
+        body["transaction_id"] = request.transaction_id
+    return body
 
 
 def decision_from_json(body: object) -> Decision:
@@ -249,8 +263,11 @@ class AuthzenClient:
         context: Mapping[str, Any],
         *,
         correlation_id: str | None = None,
+        transaction_id: str | None = None,
     ) -> Decision:
-        request = DecisionRequest(subject, action, resource, context, correlation_id)
+        request = DecisionRequest(
+            subject, action, resource, context, correlation_id, transaction_id
+        )
         body = await self._post("/access/v1/evaluation", request_to_json(request), correlation_id)
         try:
             return decision_from_json(body)

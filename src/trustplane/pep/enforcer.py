@@ -48,6 +48,11 @@ def client_subject(token: AccessToken) -> Entity:
     return Entity("Client", token.client_id, attributes, parents)
 
 
+def transaction_of(token: AccessToken) -> str | None:
+    txn = token.claims.get("txn")
+    return txn if isinstance(txn, str) and 0 < len(txn) <= 256 else None
+
+
 class PolicyEnforcer:
     """``realm`` names the protected API in challenges; ``subject`` maps a token to the PDP subject."""
 
@@ -91,12 +96,18 @@ class PolicyEnforcer:
         correlation_id: str | None = None,
     ) -> Decision:
         """Ask the PDP; return the allow decision or raise the refusal. ``scope`` (if given) must
-        be in the token first: a token without it never reaches the PDP."""
+        be in the token first: a token without it never reaches the PDP. The token's ``txn`` (if
+        any) goes with the question, so the PDP records the decision in that transaction."""
         if scope is not None and scope not in token.scopes:
             error = InsufficientScopeError(f"the token lacks scope {scope}")
             raise self._refuse(error, "scope", scope, client_id=token.client_id, action=action)
         decision = await self.pdp.decide(
-            self._subject(token), action, resource, context, correlation_id=correlation_id
+            self._subject(token),
+            action,
+            resource,
+            context,
+            correlation_id=correlation_id,
+            transaction_id=transaction_of(token),
         )
         if decision.allowed:
             metrics.PEP_ALLOWED.inc()

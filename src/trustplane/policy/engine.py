@@ -320,6 +320,7 @@ class PolicyEngine:
             subject=request.subject.uid,
             client_id=request.subject.id if request.subject.type == "Client" else None,
             correlation_id=request.correlation_id,
+            transaction_id=request.transaction_id,
             mandate_id=str(mandate["id"]) if "id" in mandate else None,
             decision="allow" if decision.allowed else "deny",
             reason=outcome.failure.value if outcome.failure else None,
@@ -350,8 +351,11 @@ class PolicyEngine:
         context: Mapping[str, Any],
         *,
         correlation_id: str | None = None,
+        transaction_id: str | None = None,
     ) -> Decision:
-        request = DecisionRequest(subject, action, resource, context, correlation_id)
+        request = DecisionRequest(
+            subject, action, resource, context, correlation_id, transaction_id
+        )
         return (await self.decide_many([request]))[0]
 
     async def decide_many(self, requests: Sequence[DecisionRequest]) -> list[Decision]:

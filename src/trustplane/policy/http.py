@@ -98,7 +98,12 @@ class AuthzenHttp:
 
     async def _decide(self, one: DecisionRequest) -> Decision:
         return await self.pdp.decide(
-            one.subject, one.action, one.resource, one.context, correlation_id=one.correlation_id
+            one.subject,
+            one.action,
+            one.resource,
+            one.context,
+            correlation_id=one.correlation_id,
+            transaction_id=one.transaction_id,
         )
 
     async def _batch(self, requests: Sequence[DecisionRequest], semantic: str) -> list[Decision]:

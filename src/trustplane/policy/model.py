@@ -54,6 +54,9 @@ class DecisionRequest:
     resource: Entity
     context: Mapping[str, Any] = field(default_factory=dict)
     correlation_id: str | None = None
+    #: The business transaction the question belongs to (a token's ``txn``): the decision's ledger
+    #: entry carries it, so the transaction's chain of authority lists the decision.
+    transaction_id: str | None = None
 
 
 class FailReason(StrEnum):
@@ -96,6 +99,7 @@ class DecisionPoint(Protocol):
         context: Mapping[str, Any],
         *,
         correlation_id: str | None = None,
+        transaction_id: str | None = None,
     ) -> Decision: ...
 
     async def decide_many(self, requests: Sequence[DecisionRequest]) -> list[Decision]:
