@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
 
 from tests.pep.conftest import FakeClock
 from trustplane.pep import (
@@ -280,11 +281,16 @@ async def test_service_refuses_a_missing_or_malformed_key(
 async def test_service_refuses_another_payload_and_an_outstanding_request(
     service: IdempotencyService,
 ) -> None:
+    before = counted("in_progress"), counted("mismatch")
     first = await service.begin(SCOPE, ['"k1"'], PRINT)
-    with pytest.raises(RequestOutstandingError):
+    with capture_logs() as logs, pytest.raises(RequestOutstandingError):
         await service.begin(SCOPE, ['"k1"'], PRINT)
     with pytest.raises(KeyReusedError):
         await service.begin(SCOPE, ['"k1"'], OTHER_PRINT)
+    assert (counted("in_progress"), counted("mismatch")) == (before[0] + 1, before[1] + 1)
+    assert [(e["event"], e["outcome"], e["scope"], e["key"]) for e in logs] == [
+        ("pep_idempotency_refused", "in_progress", SCOPE, "k1")
+    ]
 
     assert isinstance(first, Execute)
     await service.complete(first.claim, CREATED)
