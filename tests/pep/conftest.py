@@ -11,7 +11,9 @@ import json
 import socket
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,8 +21,12 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from sqlalchemy import delete
 
+from tests.conftest import PROTOCOL_DATABASES
 from trustplane.keys.crypto import public_jwk
+from trustplane.pep.idempotency_store import SqlIdempotencyStore, idempotency_keys
+from trustplane.storage.db import Database
 
 ISSUER = "https://as.example"
 AUDIENCE = "https://execution.example/api"
@@ -137,3 +143,34 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+class FakeClock:
+    """An injectable clock (Unix seconds) that tests move by hand."""
+
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture(params=PROTOCOL_DATABASES)
+async def idempotency_store(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[SqlIdempotencyStore]:
+    """The SQL idempotency store on a fresh SQLite file, or emptied in the session's PostgreSQL."""
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'resource-server.db'}"
+    else:
+        url = request.getfixturevalue("pg_database")
+    database = Database(url)
+    store = SqlIdempotencyStore(database)
+    await store.create_schema()
+    async with database.transaction() as conn:
+        await conn.execute(delete(idempotency_keys))
+    yield store
+    await database.dispose()

@@ -2,12 +2,32 @@
 decision point, in process or over OpenID AuthZEN. See docs/pep.md.
 
 The core (``TokenValidator``, ``PolicyEnforcer``, ``AuthzenClient``) is framework-free; the
-FastAPI/Starlette dependency lives in ``trustplane.pep.http``.
+FastAPI/Starlette dependency lives in ``trustplane.pep.http``. Idempotency keys: the core
+(``IdempotencyService``, ``SqlIdempotencyStore``) here, ``IdempotentOperation`` in
+``trustplane.pep.idempotency_http``.
 """
 
 from trustplane.pep.authzen import AuthzenClient
 from trustplane.pep.client_auth import ClientSecretBasic, PrivateKeyJwt
 from trustplane.pep.enforcer import PolicyEnforcer, client_subject
+from trustplane.pep.idempotency import (
+    Claim,
+    Execute,
+    IdempotencyError,
+    IdempotencyRecord,
+    IdempotencyService,
+    IdempotencyStore,
+    KeyReusedError,
+    MalformedKeyError,
+    MissingKeyError,
+    Replay,
+    RequestOutstandingError,
+    StoredResponse,
+    fingerprint,
+    parse_key,
+    serialize_key,
+)
+from trustplane.pep.idempotency_store import SqlIdempotencyStore
 from trustplane.pep.introspection import RevocationCheck
 from trustplane.pep.keys import ConfigurationError, TrustedIssuer
 from trustplane.pep.validator import AccessToken, TokenValidator
@@ -15,12 +35,28 @@ from trustplane.pep.validator import AccessToken, TokenValidator
 __all__ = [
     "AccessToken",
     "AuthzenClient",
+    "Claim",
     "ClientSecretBasic",
     "ConfigurationError",
+    "Execute",
+    "IdempotencyError",
+    "IdempotencyRecord",
+    "IdempotencyService",
+    "IdempotencyStore",
+    "KeyReusedError",
+    "MalformedKeyError",
+    "MissingKeyError",
     "PolicyEnforcer",
     "PrivateKeyJwt",
+    "Replay",
+    "RequestOutstandingError",
     "RevocationCheck",
+    "SqlIdempotencyStore",
+    "StoredResponse",
     "TokenValidator",
     "TrustedIssuer",
     "client_subject",
+    "fingerprint",
+    "parse_key",
+    "serialize_key",
 ]

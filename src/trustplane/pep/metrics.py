@@ -17,3 +17,9 @@ PEP_JWKS_FETCHES = Counter(
 PEP_INTROSPECTIONS = Counter(
     "trustplane_pep_introspections_total", "Revocation checks by introspection", ["outcome"]
 )
+PEP_IDEMPOTENCY = Counter(
+    "trustplane_pep_idempotency_total",
+    "Idempotency-Key outcomes: executed, replayed, released, or refused "
+    "(in_progress, mismatch, missing, malformed)",
+    ["outcome"],
+)

@@ -1,0 +1,319 @@
+"""Idempotency keys for non-idempotent operations (draft-ietf-httpapi-idempotency-key-header-07),
+framework-free. See docs/pep.md, "Idempotency keys".
+
+A client sends ``Idempotency-Key: "<unique value>"`` with a POST; a retry of the same request returns
+the stored result instead of executing the operation again:
+
+====================================================  ======  ==========================================
+situation                                             status  problem ``title`` (draft §2.7)
+====================================================  ======  ==========================================
+first request with this key                           (handler's own)
+retry, same key and payload, first one completed      stored status, ``Idempotency-Replayed: true``
+no ``Idempotency-Key`` header                         400     Idempotency-Key is missing
+not an RFC 8941 sf-string, empty, too long, repeated  400     Idempotency-Key is malformed
+same key, another payload (fingerprint)               422     Idempotency-Key is already used
+same key, the first request still in progress         409     A request is outstanding for this ...
+====================================================  ======  ==========================================
+
+Keys are scoped by the caller (operation and client), so two clients' equal keys never meet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import structlog
+
+from trustplane.pep import metrics
+
+log = structlog.get_logger("trustplane.pep")
+
+MAX_KEY_LENGTH = 255
+_MAX_FIELD_LENGTH = 2 * MAX_KEY_LENGTH + 2  # every character escaped, plus the quotes
+PROBLEM_BASE = "https://trustplane.dev/problems/idempotency-key"
+
+
+class IdempotencyError(Exception):
+    """A refused request, rendered as an RFC 9457 problem (``type``, ``title``, ``status``,
+    ``detail``); ``outcome`` labels the metric."""
+
+    status: ClassVar[int]
+    title: ClassVar[str]
+    type_uri: ClassVar[str]
+    outcome: ClassVar[str]
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+    def problem(self) -> dict[str, Any]:
+        return {
+            "type": self.type_uri,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+        }
+
+
+class MissingKeyError(IdempotencyError):
+    """Draft §2.7: the operation requires the header and the request has none (400)."""
+
+    status, outcome = 400, "missing"
+    title = "Idempotency-Key is missing"
+    type_uri = f"{PROBLEM_BASE}/missing"
+
+
+class MalformedKeyError(IdempotencyError):
+    """Draft §2.1: the value MUST be an RFC 8941 String, in one field line (400)."""
+
+    status, outcome = 400, "malformed"
+    title = "Idempotency-Key is malformed"
+    type_uri = f"{PROBLEM_BASE}/malformed"
+
+
+class KeyReusedError(IdempotencyError):
+    """Draft §2.2/§2.7: a key MUST NOT be reused with a different request payload (422)."""
+
+    status, outcome = 422, "mismatch"
+    title = "Idempotency-Key is already used"
+    type_uri = f"{PROBLEM_BASE}/already-used"
+
+
+class RequestOutstandingError(IdempotencyError):
+    """Draft §2.6/§2.7: a retry while the original request is still being processed (409)."""
+
+    status, outcome = 409, "in_progress"
+    title = "A request is outstanding for this Idempotency-Key"
+    type_uri = f"{PROBLEM_BASE}/outstanding"
+
+
+def parse_key(field_value: str) -> str:
+    """The key in an ``Idempotency-Key`` field value: an RFC 8941 §3.3.3 sf-string, parsed per
+    §4.2.5 (printable ASCII, ``\\"`` and ``\\\\`` the only escapes). Surrounding spaces are
+    discarded (§4.2); parameters and anything else after the closing quote are refused."""
+    value = field_value.strip(" ")
+    if len(value) > _MAX_FIELD_LENGTH:
+        raise MalformedKeyError(f"the key is longer than {MAX_KEY_LENGTH} characters")
+    if not value.startswith('"'):
+        raise MalformedKeyError('the key must be a quoted string, e.g. Idempotency-Key: "8e03978e"')
+    chars: list[str] = []
+    escaped = False
+    for position, char in enumerate(value[1:], start=1):
+        if not " " <= char <= "~":
+            raise MalformedKeyError("the key may contain printable ASCII characters only")
+        if escaped:
+            if char not in '"\\':
+                raise MalformedKeyError('only \\" and \\\\ may be escaped in the key')
+            chars.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == '"':
+            if position != len(value) - 1:
+                raise MalformedKeyError("unexpected characters after the closing quote")
+            return _checked("".join(chars))
+        else:
+            chars.append(char)
+    raise MalformedKeyError("the closing quote is missing")
+
+
+def _checked(key: str) -> str:
+    if not key:
+        raise MalformedKeyError("the key is empty")
+    if len(key) > MAX_KEY_LENGTH:
+        raise MalformedKeyError(f"the key is longer than {MAX_KEY_LENGTH} characters")
+    return key
+
+
+def serialize_key(key: str) -> str:
+    """The field value carrying ``key`` (RFC 8941 §4.1.6), for clients and tests."""
+    if not 0 < len(key) <= MAX_KEY_LENGTH or not all(" " <= char <= "~" for char in key):
+        raise ValueError(f"a key is 1 to {MAX_KEY_LENGTH} printable ASCII characters")
+    return '"' + key.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def fingerprint(method: str, path: str, body: bytes) -> str:
+    """The request's fingerprint (draft §2.4): SHA-256 over the method, the path and the raw body
+    bytes; method and path are length-prefixed so that no two requests share an encoding."""
+    digest = hashlib.sha256()
+    for part in (method.upper().encode(), path.encode("utf-8", "surrogatepass")):
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    digest.update(body)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """What a replay returns: the first response's status, body and content type (and Location)."""
+
+    status: int
+    body: bytes
+    content_type: str | None = None
+    location: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """An in-progress claim on (scope, key); ``token`` tells this claimer apart from a later one
+    that took over after the lease ended."""
+
+    scope: str
+    key: str
+    fingerprint: str
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyRecord:
+    """A stored key: in progress while ``response`` is None. Times are Unix seconds."""
+
+    fingerprint: str
+    lease_until: float
+    expires_at: float
+    response: StoredResponse | None
+
+
+@dataclass(frozen=True, slots=True)
+class Execute:
+    """The caller owns the claim: run the operation, then ``complete`` (or ``release``) it."""
+
+    claim: Claim
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """The operation already completed for this key and payload: answer with ``response``."""
+
+    response: StoredResponse
+
+
+class IdempotencyStore(Protocol):
+    """Where keys live. Each method is atomic on its own and durable when it returns: a claim must
+    be visible to concurrent requests before the operation runs, so it cannot share the
+    operation's transaction."""
+
+    async def claim(
+        self, claim: Claim, *, now: float, lease_until: float, expires_at: float
+    ) -> bool:
+        """Make ``claim`` the in-progress owner of (scope, key) and return True when there is no row,
+        or the row's key expired (``expires_at <= now``, whatever its fingerprint), or the row is
+        an in-progress claim with the same fingerprint whose lease ended (``lease_until <= now``:
+        its worker is presumed dead). Otherwise change nothing and return False. Of concurrent
+        callers for one (scope, key), at most one gets True."""
+        ...
+
+    async def get(self, scope: str, key: str) -> IdempotencyRecord | None:
+        """The row of (scope, key), expired or not; None if there is none."""
+        ...
+
+    async def complete(self, claim: Claim, response: StoredResponse) -> bool:
+        """Store ``response`` on the row if ``claim`` still owns it (same token, in progress); True if
+        stored. Afterwards ``get`` returns the response until the key expires."""
+        ...
+
+    async def release(self, claim: Claim) -> bool:
+        """Delete the row if ``claim`` still owns it (same token, in progress); True if deleted.
+        Afterwards the key is new again."""
+        ...
+
+    async def purge(self, before: float) -> int:
+        """Delete every row whose key expired at or before ``before``; the number deleted."""
+        ...
+
+
+class IdempotencyService:
+    """``begin`` claims a key or answers from the store; ``complete`` stores a deterministic
+    outcome (2xx, 4xx) and releases anything else. ``lease``: how long an unfinished claim blocks
+    retries; ``retention``: how long a key is kept (seconds)."""
+
+    def __init__(
+        self,
+        store: IdempotencyStore,
+        *,
+        lease: float = 60.0,
+        retention: float = 24 * 3600.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not 0 < lease < retention:
+            raise ValueError("need 0 < lease < retention")
+        self.store, self.lease, self.retention, self._clock = store, lease, retention, clock
+
+    async def begin(
+        self, scope: str, header_values: Sequence[str], fingerprint: str
+    ) -> Execute | Replay:
+        """Claim the key in ``header_values`` (the request's ``Idempotency-Key`` field lines) for
+        ``scope`` or replay its stored response; raise an :class:`IdempotencyError` otherwise."""
+        key = self._key(scope, header_values)
+        claim = Claim(scope, key, fingerprint, secrets.token_urlsafe(18))
+        for _attempt in range(3):  # a row released or purged between claim and get: claim again
+            now = self._clock()
+            lease_until, expires_at = now + self.lease, now + self.retention
+            if await self.store.claim(
+                claim, now=now, lease_until=lease_until, expires_at=expires_at
+            ):
+                metrics.PEP_IDEMPOTENCY.labels(outcome="executed").inc()
+                return Execute(claim)
+            record = await self.store.get(scope, key)
+            if record is not None:
+                return self._answer(claim, record)
+        raise self._refuse(RequestOutstandingError("the key is changing hands, retry"), scope, key)
+
+    async def complete(self, claim: Claim, response: StoredResponse) -> bool:
+        """Store a 2xx or 4xx response for replays; release the claim on anything else. True if
+        stored."""
+        if response.status // 100 not in (2, 4):
+            await self.release(claim)
+            return False
+        stored = await self.store.complete(claim, response)
+        if not stored:
+            log.warning("pep_idempotency_claim_lost", scope=claim.scope, key=claim.key)
+        return stored
+
+    async def release(self, claim: Claim) -> None:
+        """Forget an unfinished claim (the operation failed): a retry executes again."""
+        await self.store.release(claim)
+        metrics.PEP_IDEMPOTENCY.labels(outcome="released").inc()
+
+    async def purge(self) -> int:
+        """Delete the keys whose retention ended."""
+        return await self.store.purge(self._clock())
+
+    def _key(self, scope: str, header_values: Sequence[str]) -> str:
+        if not header_values:
+            raise self._refuse(
+                MissingKeyError("this operation requires an Idempotency-Key header"), scope
+            )
+        if len(header_values) > 1:
+            raise self._refuse(MalformedKeyError("more than one Idempotency-Key header"), scope)
+        try:
+            return parse_key(header_values[0])
+        except MalformedKeyError as exc:
+            raise self._refuse(exc, scope) from None
+
+    def _answer(self, claim: Claim, record: IdempotencyRecord) -> Replay:
+        if not hmac.compare_digest(record.fingerprint, claim.fingerprint):
+            detail = (
+                "the key was used with another request payload; use a new key for a new request"
+            )
+            raise self._refuse(KeyReusedError(detail), claim.scope, claim.key)
+        if record.response is None:
+            detail = "a request with this key is being processed; retry later"
+            raise self._refuse(RequestOutstandingError(detail), claim.scope, claim.key)
+        metrics.PEP_IDEMPOTENCY.labels(outcome="replayed").inc()
+        return Replay(record.response)
+
+    @staticmethod
+    def _refuse(exc: IdempotencyError, scope: str, key: str | None = None) -> IdempotencyError:
+        """Count and log (one line per refusal) before the caller raises it."""
+        metrics.PEP_IDEMPOTENCY.labels(outcome=exc.outcome).inc()
+        log.info(
+            "pep_idempotency_refused", outcome=exc.outcome, scope=scope, key=key, detail=exc.detail
+        )
+        return exc
