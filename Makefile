@@ -17,8 +17,8 @@ serve: venv
 	$(BIN)/trustplane serve
 
 lint: venv
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff format --check src tests bench examples
 
 types: venv
 	$(BIN)/mypy --strict src/

@@ -10,12 +10,19 @@ federated only by trust profiles (``trustplane partners add``). Then:
    PKCE + consent; the consent becomes mandate M v1 and Alice's token refers to it.
 2. The arranger's order service exchanges Alice's token (RFC 8693) for a broker-audience token:
    ``act`` = the order service, narrowed authorization_details, a new ``txn``, mandate M kept.
-3. The broker's execution API (a PEP: trustplane.pep.TokenValidator trusting the arranger's issuer)
-   validates that token.
+3. The broker's execution API (``services.py``: a FastAPI app behind the PEP SDK, trusting the
+   arranger's issuer) validates that token, checks the order against its authorization_details, asks
+   the BROKER's PDP over AuthZEN, executes, and emits ``trade.executed`` with the transaction envelope.
+   An order above the token's notional is refused (403).
 4. The broker exchanges it AT THE BROKER's deployment (the arranger is a trusted partner there) for a
    clearing-audience token with ``settlement:submit`` only; ``act`` chain broker -> arranger. The
-   clearing PEP (trusting the broker's issuer) validates it and checks the provenance chain
-   (``prv``: the broker token came from the arranger's token, which came from Alice's).
+   clearing's settlement API (trusting the broker's issuer) validates it, checks the provenance chain
+   (``prv``: the broker token came from the arranger's token, which came from Alice's), asks the
+   CLEARING's PDP over AuthZEN (the trade must be executed) and submits the settlement with an
+   ``Idempotency-Key``: a retry returns the stored result; the key with another body is refused (422);
+   no key is refused (400); the broker-audience token is refused there (401).
+6. Compliance reads each deployment's ledger for the transaction: the original and derived token of
+   every exchange, with inclusion proofs.
 
 Every step is printed; the script exits 1 at the first failure (and prints the servers' logs).
 Needs only the trustplane package installed (``pip install -e .``): run it from the repository root.
@@ -24,7 +31,6 @@ Needs only the trustplane package installed (``pip install -e .``): run it from 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import contextlib
 import hashlib
@@ -47,9 +53,19 @@ from typing import Any
 
 import httpx
 from cryptography.hazmat.primitives.asymmetric import ec
+from services import (
+    Books,
+    Membership,
+    PdpAccess,
+    Served,
+    TradeFeed,
+    execution_api,
+    settlement_api,
+)
 
 from trustplane.keys.crypto import public_jwk
-from trustplane.pep import PrivateKeyJwt, TokenValidator, TrustedIssuer
+from trustplane.logging import configure_logging
+from trustplane.pep import PrivateKeyJwt
 
 TRUSTPLANE = shutil.which("trustplane") or str(Path(sys.executable).with_name("trustplane"))
 EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -62,6 +78,9 @@ CLEARING_SETTLEMENT = "https://settlement.clearing.example/api"
 #: ISO 17442 LEIs with valid check digits (example entities).
 NORTHWIND = "529900T8BM49AURSDO55"
 ARRANGER = "5493001KJTIIGC8Y1R12"
+BROKER = "213800BROKERCLR10051"
+CLEARING_ACCOUNT = "CLR-BRK-001"  # the broker's account at the clearing broker
+BOND = "XS0000000001"
 ALICE_PASSWORD = "correct horse battery staple 42"
 TRADE = {
     "type": "trade_instruction",
@@ -72,6 +91,9 @@ TRADE = {
 }
 #: Step 2 narrows the consented details to this one order's notional.
 ORDER = {**TRADE, "max_notional": {"amount": 120_000_000, "currency": "EUR", "minor_units": 2}}
+#: The order the broker executes (1m EUR of a bond on ACC-1), and its settlement instruction.
+ORDER_IN = {"account": "ACC-1", "instrument": BOND, "side": "buy", "amount_minor": 100_000_000,
+            "currency": "EUR"}  # fmt: skip
 SCOPES = "order:create settlement:submit"
 #: Each deployment's scope vocabulary: business verbs bound to the audiences that accept them.
 VOCABULARY = {
@@ -210,17 +232,30 @@ class Deployment:
         expect(response.status_code == 201, f"{self.name}: registration: {response.text}")
         return PrivateKeyJwt(response.json()["client_id"], key, "k1", self.issuer)
 
-    def auditor(self) -> PrivateKeyJwt:
-        """An operator-registered client (``trustplane clients add``) that may read the ledger."""
+    def operator_client(
+        self, name: str, scope: str, api: str
+    ) -> tuple[str, ec.EllipticCurvePrivateKey]:
+        """A client registered by the operator (``trustplane clients add``): only the operator may
+        grant trustplane's own APIs (the ledger, the PDP) as audiences."""
         key = ec.generate_private_key(ec.SECP256R1())
-        jwks = self.data_dir / "auditor-jwks.json"
+        jwks = self.data_dir / f"{name.replace(' ', '-')}-jwks.json"
         jwks.write_text(json.dumps({"keys": [{**public_jwk(key), "kid": "k1", "alg": "ES256"}]}))
         made = self.cli(
-            "clients", "add", "--lei", ARRANGER, "--name", "compliance", "--jwks-file", str(jwks),
-            "--grant-type", "client_credentials", "--scope", "audit:query",
-            "--resource", f"{self.issuer}/audit",
+            "clients", "add", "--lei", ARRANGER, "--name", name, "--jwks-file", str(jwks),
+            "--grant-type", "client_credentials", "--scope", scope,
+            "--resource", f"{self.issuer}{api}",
         )  # fmt: skip
-        return PrivateKeyJwt(made["client_id"], key, "k1", self.issuer)
+        return made["client_id"], key
+
+    def auditor(self) -> PrivateKeyJwt:
+        """A compliance client that may read the ledger (``audit:query``)."""
+        client_id, key = self.operator_client("compliance", "audit:query", "/audit")
+        return PrivateKeyJwt(client_id, key, "k1", self.issuer)
+
+    def pdp_access(self, name: str) -> PdpAccess:
+        """A resource server's registration that may ask this deployment's PDP over AuthZEN."""
+        client_id, key = self.operator_client(name, "decision:evaluate", "/access/v1")
+        return PdpAccess(self.issuer, client_id, key)
 
     def ledger(self, auditor: PrivateKeyJwt, txn: str) -> list[dict[str, Any]]:
         """``GET /audit/transactions/{txn}``: every ledger entry of the transaction, in order."""
@@ -259,13 +294,13 @@ class Deployment:
         expect(response.status_code == 200, f"{self.name} /token: {response.text}")
         return dict(response.json())
 
-    def trust(self, partner: Deployment, partner_id: str, **profile: Any) -> None:
+    def trust(self, partner: Deployment, partner_id: str, lei: str, **profile: Any) -> None:
         """A trust profile for ``partner``: its issuer and its current public keys, inline."""
         jwks = httpx.get(f"{partner.issuer}/jwks", timeout=10).json()
         document = {
             "partner_id": partner_id,
             "name": partner.name,
-            "lei": ARRANGER,
+            "lei": lei,
             "issuers": [partner.issuer],
             "keys": {"jwks": {"keys": [k for k in jwks["keys"] if k.get("alg") == "ES256"]}},
             "algorithms": ["ES256"],
@@ -326,30 +361,24 @@ def consent(arranger: Deployment, client: PrivateKeyJwt) -> dict[str, Any]:
     )
 
 
-def check_chain(token: dict[str, Any], arranger: Deployment, broker: Deployment) -> None:
-    """The clearing side's provenance check: who acts (broker for arranger), and that the token
-    derives from an arranger-issued token that itself derives from another arranger token (Alice's)."""
-    act = token["act"]
-    expect(act.get("iss") == broker.issuer, "outermost actor is not the broker")
-    expect(act.get("act", {}).get("iss") == arranger.issuer, "inner actor is not the arranger")
-    expect("act" not in act["act"], "the chain is deeper than broker -> arranger")
-    prv = token["prv"]
-    expect(prv.get("iss") == arranger.issuer, "the subject token was not the arranger's")
-    expect(prv.get("prv", {}).get("iss") == arranger.issuer, "no provenance back to Alice's token")
-    expect(isinstance(prv.get("mandate"), dict), "the mandate reference did not travel")
-    expect(token["origin"]["iss"] == arranger.issuer, "the origin was flattened")
+def bearer(token: str, **headers: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}", **headers}
 
 
-async def validate(audience: str, trusted: Deployment, token: str, scope: str) -> dict[str, Any]:
-    """A PEP: the SDK validates signature (keys fetched from the issuer's JWKS over HTTP), typ, iss,
-    aud and times; then the handler's scope."""
-    async with httpx.AsyncClient(timeout=10) as http:
-        validator = TokenValidator(
-            audience=audience, issuers=[TrustedIssuer(trusted.issuer)], http=http
-        )
-        access = await validator.validate(token)
-    expect(scope in access.scopes, f"the token lacks {scope}")
-    return dict(access.claims)
+def refused(response: httpx.Response, status: int, what: str) -> str:
+    """Check a refusal's status; return its error code (RFC 6750 JSON or RFC 9457 problem)."""
+    expect(response.status_code == status, f"{what}: {response.status_code} {response.text[:300]}")
+    body = response.json()
+    return str(body.get("error") or body.get("title"))
+
+
+def decided(entry: dict[str, Any]) -> str:
+    """A ledger entry in a word or three: a decision as ``allow <action>``, else its type."""
+    kind = entry["entry"]["type"]
+    if kind.startswith("policy:decision:"):
+        verdict = "allow" if kind.endswith("allowed") else "deny"
+        return f"{verdict} {(entry.get('payload') or {}).get('action', '?')}"
+    return str(kind)
 
 
 def run(workdir: Path) -> None:
@@ -357,6 +386,7 @@ def run(workdir: Path) -> None:
     broker = Deployment("broker", workdir)
     clearing = Deployment("clearing", workdir)
     deployments = [arranger, broker, clearing]
+    services: list[Served] = []
     try:
         step("0", "start three deployments, each with its own data dir, database and keys")
         for d in deployments:
@@ -389,16 +419,41 @@ def run(workdir: Path) -> None:
         broker.trust(
             arranger,
             "arranger",
+            ARRANGER,
             allowed_scopes=["settlement:submit"],
             allowed_audiences=[CLEARING_SETTLEMENT],
         )
         clearing.trust(
             broker,
             "broker",
+            BROKER,
             allowed_scopes=["settlement:submit"],
             allowed_audiences=[CLEARING_SETTLEMENT],
         )
-        auditors = {d.name: d.auditor() for d in (arranger, broker)}
+        auditors = {d.name: d.auditor() for d in deployments}
+        feed = TradeFeed()
+        execution_service = Served(
+            execution_api(
+                audience=BROKER_EXECUTION, trusted_issuer=arranger.issuer, feed=feed,
+                pdp=broker.pdp_access("broker execution API"),
+                books=Books(accounts={"ACC-1": NORTHWIND}, instruments={BOND: ("bond", False)}),
+            ),
+            free_port(),
+        )  # fmt: skip
+        settlement_service = Served(
+            settlement_api(
+                audience=CLEARING_SETTLEMENT, feed=feed,
+                member=Membership(broker.issuer, BROKER, CLEARING_ACCOUNT, arranger.issuer),
+                pdp=clearing.pdp_access("clearing settlement API"),
+                idempotency_db=f"sqlite+aiosqlite:///{clearing.data_dir / 'settlements.db'}",
+            ),
+            free_port(),
+        )  # fmt: skip
+        services = [execution_service, settlement_service]
+        for service in services:
+            service.start()
+        show("broker execution API", execution_service.url)
+        show("clearing settlement API", settlement_service.url)
         show("arranger order service", orders.client_id)
         show("broker execution service", execution.client_id)
         time.sleep(1.0)  # the servers pick up new clients and partners within the refresh interval
@@ -430,11 +485,20 @@ def run(workdir: Path) -> None:
             "broker token", {k: t1[k] for k in ("iss", "sub", "aud", "scope", "act", "txn", "prv")}
         )
 
-        step("3", "the broker's execution API (PEP) validates the token")
-        checked = asyncio.run(
-            validate(BROKER_EXECUTION, arranger, to_broker["access_token"], "order:create")
-        )
-        show("accepted for", f"{checked['sub']} acting through {checked['act']['sub']}")
+        step("3", "the broker's execution API (PEP + broker PDP) executes; emits trade.executed")
+        orders_url = f"{execution_service.url}/orders"
+        executed = httpx.post(orders_url, json=ORDER_IN, headers=bearer(to_broker["access_token"]))
+        expect(executed.status_code == 201, f"order: {executed.status_code} {executed.text}")
+        trade = executed.json()
+        expect(trade["envelope"]["txn"] == t1["txn"], "the trade event lost the transaction id")
+        expect(trade["envelope"]["mandate"] == t1["mandate"], "the trade event lost the mandate")
+        show("trade.executed", {k: trade[k] for k in ("trade_id", "state", "envelope")})
+        too_big = {**ORDER_IN, "amount_minor": 150_000_000}
+        error = refused(
+            httpx.post(orders_url, json=too_big, headers=bearer(to_broker["access_token"])),
+            403, "an order above the token's notional",
+        )  # fmt: skip
+        show("an order above the token's notional (1.2m EUR)", f"403 {error}")
 
         step("4", "the broker exchanges for a clearing token (settlement:submit only)")
         to_clearing = broker.token(
@@ -451,13 +515,35 @@ def run(workdir: Path) -> None:
         expect(t2["exp"] <= t1["exp"], "the clearing token outlives its subject token")
         show("clearing token", {k: t2[k] for k in ("iss", "sub", "aud", "scope", "act", "prv")})
 
-        step("4", "the clearing PEP validates the token and the provenance chain")
-        verified = asyncio.run(
-            validate(CLEARING_SETTLEMENT, broker, to_clearing["access_token"], "settlement:submit")
+        step(
+            "4", "the clearing's settlement API (PEP + provenance + clearing PDP), Idempotency-Key"
         )
-        check_chain(verified, arranger, broker)
-        show("chain", f"{verified['act']['sub']} -> {verified['act']['act']['sub']}")
-        show("origin", verified["origin"])
+        settle_url = f"{settlement_service.url}/settlements"
+        instruction = {"trade_id": trade["trade_id"], "amount_minor": 100_000_000,
+                       "currency": "EUR", "settlement_date": "2026-12-02"}  # fmt: skip
+        key = f'"{secrets.token_hex(16)}"'  # an RFC 8941 sf-string
+        headers = bearer(to_clearing["access_token"], **{"Idempotency-Key": key})
+        first = httpx.post(settle_url, json=instruction, headers=headers)
+        expect(first.status_code == 201, f"settlement: {first.status_code} {first.text}")
+        settlement = first.json()
+        expect(settlement["act"][0]["iss"] == broker.issuer, "settled by someone else")
+        show("settlement", settlement)
+        retry = httpx.post(settle_url, json=instruction, headers=headers)
+        expect(retry.status_code == 201, f"retry: {retry.status_code} {retry.text}")
+        expect(retry.json() == settlement, "the retry did not return the stored result")
+        expect(retry.headers.get("idempotency-replayed") == "true", "the retry was not a replay")
+        show("retry, same key and body", "201, the stored result (Idempotency-Replayed: true)")
+        other = {**instruction, "amount_minor": 90_000_000}
+        error = refused(httpx.post(settle_url, json=other, headers=headers), 422, "reused key")
+        show("same key, another body", f"422 {error}")
+        no_key = bearer(to_clearing["access_token"])
+        error = refused(httpx.post(settle_url, json=instruction, headers=no_key), 400, "no key")
+        show("no Idempotency-Key", f"400 {error}")
+        wrong = bearer(to_broker["access_token"], **{"Idempotency-Key": key})
+        error = refused(httpx.post(settle_url, json=instruction, headers=wrong), 401, "wrong token")
+        show("the broker-audience token at the clearing", f"401 {error}")
+        listed = httpx.get(settle_url).json()
+        expect(len(listed) == 1, f"{len(listed)} settlements for one instruction")
         step("6", "compliance: each deployment's ledger for the transaction (original -> derived)")
         for d, derived in ((arranger, t1), (broker, t2)):
             entries = d.integrated(auditors[d.name], t2["txn"], "oauth:token:issued")
@@ -472,18 +558,29 @@ def run(workdir: Path) -> None:
             show(
                 f"{d.name} ledger",
                 {
-                    "entries": [e["entry"]["type"] for e in entries],
+                    "entries": [decided(e) for e in entries],
                     "actor_chain": entry["actor_chain"],
                     "original": exchange["subject_token"],
                     "derived": exchange["derived_token"],
                 },
             )
+        # the resource servers' PEPs sent the token's txn with each question: their PDPs' decisions
+        # are in the same transaction (the broker's order:create above; the clearing's here)
+        broker_entries = broker.ledger(auditors["broker"], t2["txn"])
+        expect("allow order:create" in map(decided, broker_entries), "no order decision at broker")
+        entries = clearing.integrated(auditors["clearing"], t2["txn"], "policy:decision:allowed")
+        settled = [decided(e) for e in entries]
+        expect("allow settlement:submit" in settled, "no settlement decision at the clearing")
+        expect(all("inclusion_proof" in e for e in entries), "entries without inclusion proofs")
+        show("clearing ledger", {"entries": settled})
         print(f"\nOK: transaction {t2['txn']} ran through three deployments.", flush=True)
     except Exception:
         for d in deployments:
             print(f"\n--- {d.name} log (tail) ---\n{d.log()[-2000:]}", file=sys.stderr)
         raise
     finally:
+        for service in services:
+            service.stop()
         for d in deployments:
             d.stop()
 
@@ -507,7 +604,14 @@ def main() -> int:
         "--workdir", help="where the three data directories go (default: a temp dir)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["debug", "info", "warning", "error"],
+        help="the reference services' log level (default warning)",
+    )
     args = parser.parse_args()
+    configure_logging(args.log_level, "console")  # the reference services' PEP log lines
     with workspace(args.workdir, args.keep) as workdir:
         try:
             run(workdir)

@@ -1,8 +1,10 @@
 """The three-party flow (issue 6 point 5) as a new user runs it: ``examples/three_party/run.py`` starts
 three real ``trustplane serve`` processes (arranger, broker, clearing), each with its own data
-directory, database and keys, and drives steps 1-4 of the reference lifecycle over HTTP. The script
-checks every step itself (act chain, provenance, narrowing, txn, mandate, both ledgers) and exits
-non-zero on the first failure; this test runs it and checks what it reports."""
+directory, database and keys, and two reference services behind the PEP SDK (the broker's execution
+API, the clearing's settlement API), and drives steps 1-4 and 6 of the reference lifecycle over HTTP.
+The script checks every step itself (act chain, provenance, narrowing, txn, mandate, both PDPs, the
+settlement's Idempotency-Key, both ledgers) and exits non-zero on the first failure; this test runs it
+and checks what it reports."""
 
 from __future__ import annotations
 
@@ -32,6 +34,16 @@ def test_three_party_flow_runs_end_to_end(tmp_path: Path) -> None:
     txn = re.search(r"OK: transaction (\S+) ran through three deployments", out)
     assert txn is not None, out[-2000:]
     assert '"sub": "partner:arranger:u_' in out  # the clearing token keeps the origin, namespaced
+    # step 3: the broker's execution API (PEP + broker PDP) executed and refused above the notional
+    assert "trade.executed:" in out
+    assert '"state": "executed"' in out
+    assert "an order above the token's notional (1.2m EUR): 403 insufficient_scope" in out
+    # step 4: the clearing's settlement API, once per Idempotency-Key
+    assert "retry, same key and body: 201, the stored result (Idempotency-Replayed: true)" in out
+    assert "same key, another body: 422 " in out
+    assert "no Idempotency-Key: 400 " in out
+    assert "the broker-audience token at the clearing: 401 invalid_token" in out
+    assert (tmp_path / "clearing" / "settlements.db").exists()
     # three servers each had their own data directory and database
     for name in ("arranger", "broker", "clearing"):
         assert (tmp_path / name / "trustplane.db").exists()
