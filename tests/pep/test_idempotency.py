@@ -4,12 +4,12 @@ the service (on SQLite and PostgreSQL), and racing claims."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
-from structlog.testing import capture_logs
 
 from tests.pep.conftest import FakeClock
 from trustplane.pep import (
@@ -27,6 +27,7 @@ from trustplane.pep import (
     parse_key,
     serialize_key,
 )
+from trustplane.pep import idempotency as idempotency_module
 
 LEASE, RETENTION = 60.0, 24 * 3600.0
 SCOPE = "settlement:submit client-1"
@@ -279,17 +280,27 @@ async def test_service_refuses_a_missing_or_malformed_key(
 
 
 async def test_service_refuses_another_payload_and_an_outstanding_request(
-    service: IdempotencyService,
+    service: IdempotencyService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    logs: list[dict[str, Any]] = []
+
+    class Recorder:
+        def info(self, event: str, **fields: Any) -> None:
+            logs.append({"event": event, **fields})
+
+    # The module's logger may be a cached structlog logger (configured by another test's app), so
+    # structlog's capture_logs() cannot see it: replace it for this test.
+    monkeypatch.setattr(idempotency_module, "log", Recorder())
     before = counted("in_progress"), counted("mismatch")
     first = await service.begin(SCOPE, ['"k1"'], PRINT)
-    with capture_logs() as logs, pytest.raises(RequestOutstandingError):
+    with pytest.raises(RequestOutstandingError):
         await service.begin(SCOPE, ['"k1"'], PRINT)
     with pytest.raises(KeyReusedError):
         await service.begin(SCOPE, ['"k1"'], OTHER_PRINT)
     assert (counted("in_progress"), counted("mismatch")) == (before[0] + 1, before[1] + 1)
     assert [(e["event"], e["outcome"], e["scope"], e["key"]) for e in logs] == [
-        ("pep_idempotency_refused", "in_progress", SCOPE, "k1")
+        ("pep_idempotency_refused", "in_progress", SCOPE, "k1"),
+        ("pep_idempotency_refused", "mismatch", SCOPE, "k1"),
     ]
 
     assert isinstance(first, Execute)

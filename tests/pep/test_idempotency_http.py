@@ -48,6 +48,7 @@ class NoPdp:
         context: Mapping[str, Any],
         *,
         correlation_id: str | None = None,
+        transaction_id: str | None = None,
     ) -> Decision:
         raise AssertionError("the PDP is not consulted")
 
