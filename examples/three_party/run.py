@@ -410,7 +410,7 @@ def run(workdir: Path) -> None:
         )
         execution = broker.register(
             client_name="Broker execution service",
-            grant_types=[EXCHANGE],
+            grant_types=[EXCHANGE, "client_credentials"],
             scope=SCOPES,
             allowed_resources=[BROKER_EXECUTION, CLEARING_SETTLEMENT],
             authorization_details_types=["trade_instruction"],
@@ -542,6 +542,13 @@ def run(workdir: Path) -> None:
         wrong = bearer(to_broker["access_token"], **{"Idempotency-Key": key})
         error = refused(httpx.post(settle_url, json=instruction, headers=wrong), 401, "wrong token")
         show("the broker-audience token at the clearing", f"401 {error}")
+        own = broker.token(
+            execution, grant_type="client_credentials", scope="settlement:submit",
+            resource=CLEARING_SETTLEMENT,
+        )["access_token"]  # fmt: skip
+        flat = bearer(own, **{"Idempotency-Key": f'"{secrets.token_hex(16)}"'})
+        error = refused(httpx.post(settle_url, json=instruction, headers=flat), 403, "no chain")
+        show("the broker's own token (no act chain, no provenance)", f"403 {error}")
         listed = httpx.get(settle_url).json()
         expect(len(listed) == 1, f"{len(listed)} settlements for one instruction")
         step("6", "compliance: each deployment's ledger for the transaction (original -> derived)")

@@ -36,6 +36,7 @@ from trustplane.jose.jwk import PrivateKey
 from trustplane.pep import (
     AccessToken,
     AuthzenClient,
+    ChainRequirement,
     IdempotencyService,
     PolicyEnforcer,
     PrivateKeyJwt,
@@ -45,7 +46,7 @@ from trustplane.pep import (
     client_subject,
 )
 from trustplane.pep.bearer import with_challenge
-from trustplane.pep.http import Grant, Pep, Refused
+from trustplane.pep.http import Grant, Pep
 from trustplane.pep.idempotency_http import IdempotentOperation
 from trustplane.policy.model import Entity
 from trustplane.storage.db import Database
@@ -84,11 +85,6 @@ class TradeFeed:
     def get(self, trade_id: str) -> dict[str, Any] | None:
         with self.lock:
             return self.events.get(trade_id)
-
-
-def refuse(description: str, realm: str, scope: str) -> Refused:
-    """RFC 6750 ``insufficient_scope`` (403) with its challenge, rendered by ``Pep.install``."""
-    return Refused(with_challenge(InsufficientScopeError(description), realm, scope))
 
 
 async def parsed(request: Request, model: type[Body]) -> Body:
@@ -257,29 +253,19 @@ class Membership:
     upstream_issuer: str
 
 
-def provenance_problem(token: AccessToken, member: Membership) -> str | None:
-    """The clearing side's check of the chain of authority, beyond what the signature proves:
-    the member acts (outermost ``act``) for the arranger's actor (inner ``act``), and the token
+def chain_rule(member: Membership) -> ChainRequirement:
+    """The clearing side's rule for the chain of authority, beyond what the signature proves: the
+    member acts (outermost ``act``) for the upstream arranger's actor (inner ``act``); the token
     derives (``prv``) from an upstream token that itself derives from another upstream token (the
-    user's), under a mandate reference; the origin is kept, not flattened."""
-    claims = token.claims
-    chain = actor_chain(claims)
-    if [a.get("iss") for a in chain] != [member.issuer, member.upstream_issuer]:
-        return "the act chain is not member -> upstream"
-    prv = claims.get("prv")
-    if not isinstance(prv, dict) or prv.get("iss") != member.upstream_issuer:
-        return "the token does not derive from an upstream token"
-    inner = prv.get("prv")
-    if not isinstance(inner, dict) or inner.get("iss") != member.upstream_issuer:
-        return "no provenance back to the user's token"
-    if not isinstance(prv.get("mandate"), dict):
-        return "no mandate reference in the provenance"
-    origin = claims.get("origin")
-    if not isinstance(origin, dict) or origin.get("iss") != member.upstream_issuer:
-        return "the origin was flattened"
-    if not isinstance(claims.get("txn"), str):
-        return "no transaction id"
-    return None
+    user's), under a mandate reference; the origin is kept, not flattened; a transaction id."""
+    upstream = member.upstream_issuer
+    return ChainRequirement(
+        actors=(member.issuer, upstream),
+        provenance=(upstream, upstream),
+        origin=upstream,
+        mandate=True,
+        transaction=True,
+    )
 
 
 def settlement_api(
@@ -300,7 +286,13 @@ def settlement_api(
         attributes = {**subject.attributes, "legal_entity": legal_entity}
         return Entity("Client", subject.id, attributes, (legal_entity,))
 
-    enforcer = PolicyEnforcer(validator, pdp.client(http), realm="clearing", subject=member_subject)
+    enforcer = PolicyEnforcer(
+        validator,
+        pdp.client(http),
+        realm="clearing",
+        subject=member_subject,
+        chain=chain_rule(member),
+    )
     pep = Pep(enforcer)
     store = SqlIdempotencyStore(Database(idempotency_db))
     submit_once = IdempotentOperation(IdempotencyService(store), operation="settlement:submit")
@@ -340,10 +332,6 @@ def settlement_api(
             pep.require("settlement:submit", resource=settlement_of, context=context_of)
         ),
     ) -> Response:
-        problem = provenance_problem(grant.token, member)
-        if problem is not None:
-            raise refuse(f"provenance not accepted: {problem}", "clearing", "settlement:submit")
-
         def settle() -> tuple[int, dict[str, Any]]:
             # the policy refused a trade that is not executed; checked again where it is used
             if trade_for(body, grant.token) is None:

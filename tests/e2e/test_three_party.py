@@ -43,6 +43,7 @@ def test_three_party_flow_runs_end_to_end(tmp_path: Path) -> None:
     assert "same key, another body: 422 " in out
     assert "no Idempotency-Key: 400 " in out
     assert "the broker-audience token at the clearing: 401 invalid_token" in out
+    assert "the broker's own token (no act chain, no provenance): 403 insufficient_scope" in out
     assert (tmp_path / "clearing" / "settlements.db").exists()
     # three servers each had their own data directory and database
     for name in ("arranger", "broker", "clearing"):

@@ -30,11 +30,13 @@ from trustplane.pep.idempotency import (
 from trustplane.pep.idempotency_store import SqlIdempotencyStore
 from trustplane.pep.introspection import RevocationCheck
 from trustplane.pep.keys import ConfigurationError, TrustedIssuer
+from trustplane.pep.provenance import ChainRequirement
 from trustplane.pep.validator import AccessToken, TokenValidator
 
 __all__ = [
     "AccessToken",
     "AuthzenClient",
+    "ChainRequirement",
     "Claim",
     "ClientSecretBasic",
     "ConfigurationError",

@@ -10,6 +10,7 @@ token in the query string or body       400     ``invalid_request``         §2.
 malformed or repeated header            400     ``invalid_request``         §3.1
 bad, expired, foreign, revoked token    401     ``invalid_token``           §3.1
 scope missing, or the policy denies     403     ``insufficient_scope``      §3.1
+chain of authority not as required      403     ``insufficient_scope``      §3.1 (valid, not enough)
 issuer keys / introspection / PDP down  503     ``temporarily_unavailable`` fail closed, retryable
 ======================================  ======  ==========================  ==========================
 """
@@ -31,6 +32,7 @@ from trustplane.pep import metrics
 from trustplane.pep.bearer import QUERY_OR_FORM_TOKEN, bearer_token, with_challenge
 from trustplane.pep.introspection import IntrospectionUnavailable
 from trustplane.pep.keys import KeySourceError
+from trustplane.pep.provenance import ChainRequirement
 from trustplane.pep.validator import AccessToken, TokenValidator
 from trustplane.policy.model import Decision, DecisionPoint, Entity, FailReason
 
@@ -54,7 +56,9 @@ def transaction_of(token: AccessToken) -> str | None:
 
 
 class PolicyEnforcer:
-    """``realm`` names the protected API in challenges; ``subject`` maps a token to the PDP subject."""
+    """``realm`` names the protected API in challenges; ``subject`` maps a token to the PDP subject;
+    ``chain``: the chain of authority (``act``, ``prv``, ``origin``, mandate, ``txn``) a delegated
+    token must show before the PDP is asked (see :mod:`trustplane.pep.provenance`)."""
 
     def __init__(
         self,
@@ -63,8 +67,10 @@ class PolicyEnforcer:
         *,
         realm: str,
         subject: SubjectMapper = client_subject,
+        chain: ChainRequirement | None = None,
     ) -> None:
         self.validator, self.pdp, self.realm, self._subject = validator, pdp, realm, subject
+        self.chain = chain
 
     async def authenticate(
         self,
@@ -101,6 +107,12 @@ class PolicyEnforcer:
         if scope is not None and scope not in token.scopes:
             error = InsufficientScopeError(f"the token lacks scope {scope}")
             raise self._refuse(error, "scope", scope, client_id=token.client_id, action=action)
+        problem = self.chain.problem(token.claims) if self.chain is not None else None
+        if problem is not None:
+            error = InsufficientScopeError(
+                f"the token's chain of authority is not accepted: {problem}"
+            )
+            raise self._refuse(error, "provenance", scope, client_id=token.client_id, action=action)
         decision = await self.pdp.decide(
             self._subject(token),
             action,
