@@ -349,6 +349,16 @@ CASES: dict[str, tuple[Any, dict[str, Any], int, str, str | None]] = {
     "missing subject_token_type": (
         lambda ex: ex.own(), {"subject_token_type": None}, 400, "invalid_request", None,
     ),
+    "missing subject_token": (lambda ex: None, {}, 400, "invalid_request", None),
+    "actor_token without actor_token_type (RFC 8693 2.1)": (
+        lambda ex: ex.own(), {"actor_token": "SERVER_TOKEN"}, 400, "invalid_request", None,
+    ),
+    "actor_token_type without actor_token (RFC 8693 2.1)": (
+        lambda ex: ex.own(), {"actor_token_type": ACCESS}, 400, "invalid_request", None,
+    ),
+    "two targets": (
+        lambda ex: ex.own(), {"resource": [EXECUTION, CLEARING]}, 400, "invalid_target", None,
+    ),
     "unknown exchange_mode": (
         lambda ex: ex.own(), {"exchange_mode": "proxy"}, 400, "invalid_request", None,
     ),
