@@ -28,6 +28,7 @@ from trustplane.pep import (
     serialize_key,
 )
 from trustplane.pep import idempotency as idempotency_module
+from trustplane.storage.db import Database
 
 LEASE, RETENTION = 60.0, 24 * 3600.0
 SCOPE = "settlement:submit client-1"
@@ -392,3 +393,23 @@ async def test_racing_takeovers_of_an_abandoned_claim_execute_once(
     outcomes = await race(service)
     assert sum(isinstance(o, Execute) for o in outcomes) == 1
     assert sum(isinstance(o, RequestOutstandingError) for o in outcomes) == 15
+
+
+@pytest.mark.postgres
+async def test_store_retries_once_on_a_dropped_connection(pg_database: str) -> None:
+    """The store's connections are not pre-pinged: a pooled connection the server dropped fails
+    the first try, and the statement runs again on a fresh one."""
+    database = Database(pg_database)
+    store = SqlIdempotencyStore(database)
+    await store.create_schema()
+    try:
+        assert await store.get(SCOPE, "dropped") is None  # one pooled connection now
+        async with database.transaction() as conn:
+            await conn.exec_driver_sql(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        assert await claim(store, claim_of(key="dropped"), 1000.0)
+        assert await store.get(SCOPE, "dropped") is not None
+    finally:
+        await database.dispose()

@@ -5,39 +5,30 @@ The table belongs to the resource server's own database, not to trustplane's: it
 ``await store.create_schema()`` and is not part of trustplane's migration chain. Times are stored
 as Unix milliseconds.
 
-A claim is one transaction of at most two statements: ``INSERT ... ON CONFLICT DO NOTHING`` for a
-new key, then a conditional ``UPDATE`` that takes over an expired key or an abandoned lease. Racing
-claimers serialise on the primary key (PostgreSQL re-checks the UPDATE's condition after the row
-lock; SQLite has one writer), so exactly one wins.
+Every method is one hand-written statement on the database's autocommit engine
+(:attr:`~trustplane.storage.db.Database.autocommit_engine`): the statement is its own transaction,
+so there are no ``BEGIN``/``COMMIT`` round trips, no pool pre-ping and no statement compilation
+(``exec_driver_sql``; see :mod:`trustplane.storage.driver_sql`). A claim is one
+``INSERT ... ON CONFLICT DO UPDATE ... WHERE <takeover> RETURNING``: it inserts a new key, or takes
+over an expired key or an abandoned lease, or changes nothing. Racing claimers serialise on the
+primary key (PostgreSQL re-checks the ``WHERE`` on the row it locked; SQLite has one writer), so
+exactly one wins.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from sqlalchemy import (
-    BigInteger,
-    Column,
-    Integer,
-    LargeBinary,
-    MetaData,
-    String,
-    Table,
-    Text,
-    and_,
-    delete,
-    or_,
-    select,
-    update,
-)
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import Row
+from sqlalchemy import BigInteger, Column, Integer, LargeBinary, MetaData, String, Table, Text
+from sqlalchemy.engine import CursorResult, Row
+from sqlalchemy.exc import DBAPIError
 
 from trustplane.pep.idempotency import Claim, IdempotencyRecord, StoredResponse
 from trustplane.storage.db import Database
 
 IN_PROGRESS, COMPLETED = "in_progress", "completed"
+T = TypeVar("T")
 
 metadata = MetaData()
 
@@ -57,6 +48,30 @@ idempotency_keys = Table(
     Column("body", LargeBinary),
 )
 
+# Written with asyncpg's numbered placeholders; SQLite takes the same numbers as ``?NNN``.
+_CLAIM = """\
+INSERT INTO pep_idempotency_keys AS t
+    (scope, "key", fingerprint, state, claim_token, lease_until, expires_at)
+VALUES ($1, $2, $3, 'in_progress', $4, $5, $6)
+ON CONFLICT (scope, "key") DO UPDATE SET
+    fingerprint = excluded.fingerprint, state = 'in_progress', claim_token = excluded.claim_token,
+    lease_until = excluded.lease_until, expires_at = excluded.expires_at,
+    status = NULL, content_type = NULL, location = NULL, body = NULL
+WHERE t.expires_at <= $7
+    OR (t.state = 'in_progress' AND t.lease_until <= $7 AND t.fingerprint = excluded.fingerprint)
+RETURNING 1"""
+_GET = """\
+SELECT fingerprint, state, lease_until, expires_at, status, body, content_type, location
+FROM pep_idempotency_keys WHERE scope = $1 AND "key" = $2"""
+_COMPLETE = """\
+UPDATE pep_idempotency_keys
+SET state = 'completed', status = $4, body = $5, content_type = $6, location = $7
+WHERE scope = $1 AND "key" = $2 AND claim_token = $3 AND state = 'in_progress'"""
+_RELEASE = """\
+DELETE FROM pep_idempotency_keys
+WHERE scope = $1 AND "key" = $2 AND claim_token = $3 AND state = 'in_progress'"""
+_PURGE = "DELETE FROM pep_idempotency_keys WHERE expires_at <= $1"
+
 
 def _ms(seconds: float) -> int:
     return int(seconds * 1000)
@@ -65,6 +80,17 @@ def _ms(seconds: float) -> int:
 class SqlIdempotencyStore:
     def __init__(self, database: Database) -> None:
         self.db = database
+        qmark = database.dialect != "postgresql"
+        self._sql = {
+            name: sql.replace("$", "?") if qmark else sql
+            for name, sql in [
+                ("claim", _CLAIM),
+                ("get", _GET),
+                ("complete", _COMPLETE),
+                ("release", _RELEASE),
+                ("purge", _PURGE),
+            ]
+        }
 
     async def create_schema(self) -> None:
         """Create the table if it does not exist (the resource server calls this at start-up)."""
@@ -74,85 +100,57 @@ class SqlIdempotencyStore:
     async def claim(
         self, claim: Claim, *, now: float, lease_until: float, expires_at: float
     ) -> bool:
-        row = {
-            "fingerprint": claim.fingerprint,
-            "state": IN_PROGRESS,
-            "claim_token": claim.token,
-            "lease_until": _ms(lease_until),
-            "expires_at": _ms(expires_at),
-        }
-        dialect_insert = pg_insert if self.db.dialect == "postgresql" else sqlite_insert
-        insert = (
-            dialect_insert(idempotency_keys)
-            .values(scope=claim.scope, key=claim.key, **row)
-            .on_conflict_do_nothing(index_elements=["scope", "key"])
+        params = (
+            *(claim.scope, claim.key, claim.fingerprint, claim.token),
+            *(_ms(lease_until), _ms(expires_at), _ms(now)),
         )
-        async with self.db.transaction() as conn:
-            if (await conn.execute(insert)).rowcount == 1:
-                return True
-            result = await conn.execute(_takeover(claim, _ms(now)).values(**_cleared(row)))
-            return bool(result.rowcount == 1)
+        return await self._execute("claim", params, _first) is not None
 
     async def get(self, scope: str, key: str) -> IdempotencyRecord | None:
-        query = select(idempotency_keys).where(_row(scope, key))
-        async with self.db.read() as conn:
-            found = (await conn.execute(query)).first()
+        found = await self._execute("get", (scope, key), _first)
         return None if found is None else _record(found)
 
     async def complete(self, claim: Claim, response: StoredResponse) -> bool:
-        stored = update(idempotency_keys).where(_owned(claim))
-        values = {
-            "state": COMPLETED,
-            "status": response.status,
-            "body": response.body,
-            "content_type": response.content_type,
-            "location": response.location,
-        }
-        async with self.db.transaction() as conn:
-            return bool((await conn.execute(stored.values(**values))).rowcount == 1)
+        params = (
+            *(claim.scope, claim.key, claim.token),
+            *(response.status, response.body, response.content_type, response.location),
+        )
+        return await self._execute("complete", params, _rowcount) == 1
 
     async def release(self, claim: Claim) -> bool:
-        async with self.db.transaction() as conn:
-            result = await conn.execute(delete(idempotency_keys).where(_owned(claim)))
-            return bool(result.rowcount == 1)
+        params = (claim.scope, claim.key, claim.token)
+        return await self._execute("release", params, _rowcount) == 1
 
     async def purge(self, before: float) -> int:
-        expired = delete(idempotency_keys).where(idempotency_keys.c.expires_at <= _ms(before))
-        async with self.db.transaction() as conn:
-            return int((await conn.execute(expired)).rowcount or 0)
+        return await self._execute("purge", (_ms(before),), _rowcount)
+
+    async def _execute(
+        self, name: str, params: tuple[Any, ...], read: Callable[[CursorResult[Any]], T]
+    ) -> T:
+        """Run one statement, committed on its own; once more on a fresh connection if the pooled
+        one was dead (checkouts are not pre-pinged). ``read`` reads the result before the
+        connection goes back to the pool."""
+        for attempt in (1, 2):
+            try:
+                async with self.db.autocommit_engine.connect() as conn:
+                    return read(await conn.exec_driver_sql(self._sql[name], params))
+            except DBAPIError as exc:
+                if attempt == 2 or not exc.connection_invalidated:
+                    raise
+        raise AssertionError("unreachable")
 
 
-def _row(scope: str, key: str) -> Any:
-    return and_(idempotency_keys.c.scope == scope, idempotency_keys.c.key == key)
+def _first(result: CursorResult[Any]) -> Row[Any] | None:
+    return result.first()
 
 
-def _owned(claim: Claim) -> Any:
-    return and_(
-        _row(claim.scope, claim.key),
-        idempotency_keys.c.claim_token == claim.token,
-        idempotency_keys.c.state == IN_PROGRESS,
-    )
-
-
-def _takeover(claim: Claim, now_ms: int) -> Any:
-    """The UPDATE that takes over an expired key, or an abandoned claim of the same payload."""
-    t = idempotency_keys.c
-    abandoned = and_(
-        t.state == IN_PROGRESS, t.lease_until <= now_ms, t.fingerprint == claim.fingerprint
-    )
-    return update(idempotency_keys).where(
-        _row(claim.scope, claim.key), or_(t.expires_at <= now_ms, abandoned)
-    )
-
-
-def _cleared(row: dict[str, Any]) -> dict[str, Any]:
-    return {**row, "status": None, "body": None, "content_type": None, "location": None}
+def _rowcount(result: CursorResult[Any]) -> int:
+    return int(result.rowcount or 0)
 
 
 def _record(row: Row[Any]) -> IdempotencyRecord:
+    fingerprint, state, lease_until, expires_at, status, body, content_type, location = tuple(row)
     response = None
-    if row.state == COMPLETED:
-        response = StoredResponse(row.status, bytes(row.body), row.content_type, row.location)
-    return IdempotencyRecord(
-        row.fingerprint, row.lease_until / 1000, row.expires_at / 1000, response
-    )
+    if state == COMPLETED:
+        response = StoredResponse(status, bytes(body), content_type, location)
+    return IdempotencyRecord(fingerprint, lease_until / 1000, expires_at / 1000, response)
