@@ -37,21 +37,28 @@ class Database:
         self.dialect = make_url(self.url).get_backend_name()
         self._pool_size = pool_size
         self._autocommit: AsyncEngine | None = None
-        self.engine: AsyncEngine = self._create_engine(pre_ping=True)
+        self.engine: AsyncEngine = self._create_engine(
+            {"pool_size": pool_size, "max_overflow": pool_size, "pool_pre_ping": True},
+            sqlite_file_pool=False,
+        )
 
-    def _create_engine(self, *, pre_ping: bool, **options: Any) -> AsyncEngine:
+    def _create_engine(
+        self, pool: dict[str, Any], *, sqlite_file_pool: bool, **options: Any
+    ) -> AsyncEngine:
+        """``pool``: QueuePool options for PostgreSQL, and for a SQLite file if ``sqlite_file_pool``
+        (otherwise SQLAlchemy's defaults)."""
         kwargs: dict[str, Any] = dict(options)
         if self.is_sqlite:
             path = make_url(self.url).database
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-            kwargs["poolclass"] = NullPool if path in (None, "", ":memory:") else None
-            kwargs = {k: v for k, v in kwargs.items() if v is not None}
+            if path in (None, "", ":memory:"):
+                kwargs["poolclass"] = NullPool
+            elif sqlite_file_pool:
+                kwargs.update(pool)
             kwargs["connect_args"] = {"timeout": 30}
         else:
-            kwargs.update(
-                pool_size=self._pool_size, max_overflow=self._pool_size, pool_pre_ping=pre_ping
-            )
+            kwargs.update(pool)
         engine = create_async_engine(self.url, **kwargs)
         if self.is_sqlite:
             event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
@@ -61,13 +68,18 @@ class Database:
     def autocommit_engine(self) -> AsyncEngine:
         """A second engine (its own pool, made on first use) for callers whose every unit of work
         is one statement: each statement commits on its own, with no ``BEGIN``/``COMMIT`` round
-        trips, and PostgreSQL checkouts are not pre-pinged (on asyncpg a ping outside a
-        transaction is three round trips: ``BEGIN``, ``;``, ``ROLLBACK``). Such a caller must
-        retry a statement once when its connection turns out to be dead (SQLAlchemy's
-        ``DBAPIError.connection_invalidated``)."""
+        trips and no rollback when a connection goes back to the pool, and PostgreSQL checkouts
+        are not pre-pinged (on asyncpg a ping outside a transaction is three round trips:
+        ``BEGIN``, ``;``, ``ROLLBACK``). Such a caller must retry a statement once when its
+        connection turns out to be dead (SQLAlchemy's ``DBAPIError.connection_invalidated``).
+        The pool does not overflow: a burst waits for one of ``pool_size`` connections rather
+        than opening and closing extra ones (a thread each on SQLite)."""
         if self._autocommit is None:
             self._autocommit = self._create_engine(
-                pre_ping=False, isolation_level="AUTOCOMMIT", skip_autocommit_rollback=True
+                {"pool_size": self._pool_size, "max_overflow": 0},
+                sqlite_file_pool=True,
+                isolation_level="AUTOCOMMIT",
+                skip_autocommit_rollback=True,
             )
         return self._autocommit
 
