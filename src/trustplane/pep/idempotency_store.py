@@ -17,18 +17,18 @@ exactly one wins.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, TypeVar
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from typing import Any
 
+import asyncpg
 from sqlalchemy import BigInteger, Column, Integer, LargeBinary, MetaData, String, Table, Text
-from sqlalchemy.engine import CursorResult, Row
-from sqlalchemy.exc import DBAPIError
 
 from trustplane.pep.idempotency import Claim, IdempotencyRecord, StoredResponse
 from trustplane.storage.db import Database
 
 IN_PROGRESS, COMPLETED = "in_progress", "completed"
-T = TypeVar("T")
 
 metadata = MetaData()
 
@@ -66,11 +66,25 @@ FROM pep_idempotency_keys WHERE scope = $1 AND "key" = $2"""
 _COMPLETE = """\
 UPDATE pep_idempotency_keys
 SET state = 'completed', status = $4, body = $5, content_type = $6, location = $7
-WHERE scope = $1 AND "key" = $2 AND claim_token = $3 AND state = 'in_progress'"""
+WHERE scope = $1 AND "key" = $2 AND claim_token = $3 AND state = 'in_progress'
+RETURNING 1"""
 _RELEASE = """\
 DELETE FROM pep_idempotency_keys
-WHERE scope = $1 AND "key" = $2 AND claim_token = $3 AND state = 'in_progress'"""
+WHERE scope = $1 AND "key" = $2 AND claim_token = $3 AND state = 'in_progress'
+RETURNING 1"""
 _PURGE = "DELETE FROM pep_idempotency_keys WHERE expires_at <= $1"
+
+# A pooled asyncpg connection that the server (or the network) dropped fails with one of these;
+# InternalClientError ("cannot switch to state ...") when the server's FATAL message was waiting
+# unread on the socket of an idle connection.
+_PG_DISCONNECTS = (
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.InternalClientError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.AdminShutdownError,
+    OSError,
+)
 
 
 def _ms(seconds: float) -> int:
@@ -80,9 +94,10 @@ def _ms(seconds: float) -> int:
 class SqlIdempotencyStore:
     def __init__(self, database: Database) -> None:
         self.db = database
-        qmark = database.dialect != "postgresql"
+        self._pg = database.dialect == "postgresql"
+        self._write_lock = None if self._pg else asyncio.Lock()
         self._sql = {
-            name: sql.replace("$", "?") if qmark else sql
+            name: sql if self._pg else sql.replace("$", "?")
             for name, sql in [
                 ("claim", _CLAIM),
                 ("get", _GET),
@@ -104,52 +119,55 @@ class SqlIdempotencyStore:
             *(claim.scope, claim.key, claim.fingerprint, claim.token),
             *(_ms(lease_until), _ms(expires_at), _ms(now)),
         )
-        return await self._execute("claim", params, _first) is not None
+        return bool(await self._fetch("claim", params))
 
     async def get(self, scope: str, key: str) -> IdempotencyRecord | None:
-        found = await self._execute("get", (scope, key), _first)
-        return None if found is None else _record(found)
+        found = await self._fetch("get", (scope, key))
+        return _record(found[0]) if found else None
 
     async def complete(self, claim: Claim, response: StoredResponse) -> bool:
         params = (
             *(claim.scope, claim.key, claim.token),
             *(response.status, response.body, response.content_type, response.location),
         )
-        return await self._execute("complete", params, _rowcount) == 1
+        return bool(await self._fetch("complete", params))
 
     async def release(self, claim: Claim) -> bool:
-        params = (claim.scope, claim.key, claim.token)
-        return await self._execute("release", params, _rowcount) == 1
+        return bool(await self._fetch("release", (claim.scope, claim.key, claim.token)))
 
     async def purge(self, before: float) -> int:
-        return await self._execute("purge", (_ms(before),), _rowcount)
+        async with self.db.transaction() as conn:  # not on the hot path: the ordinary engine
+            result = await conn.exec_driver_sql(self._sql["purge"], (_ms(before),))
+            return int(result.rowcount or 0)
 
-    async def _execute(
-        self, name: str, params: tuple[Any, ...], read: Callable[[CursorResult[Any]], T]
-    ) -> T:
-        """Run one statement, committed on its own; once more on a fresh connection if the pooled
-        one was dead (checkouts are not pre-pinged). ``read`` reads the result before the
-        connection goes back to the pool."""
+    async def _fetch(self, name: str, params: tuple[Any, ...]) -> list[Sequence[Any]]:
+        """Run one statement, committed on its own, on the driver's own connection object: one
+        round trip on asyncpg, one hop to the connection's thread on aiosqlite (SQLAlchemy's
+        cursor adapter takes four). Once more on a fresh connection if the pooled one was dead
+        (checkouts are not pre-pinged)."""
         for attempt in (1, 2):
-            try:
-                async with self.db.autocommit_engine.connect() as conn:
-                    return read(await conn.exec_driver_sql(self._sql[name], params))
-            except DBAPIError as exc:
-                if attempt == 2 or not exc.connection_invalidated:
-                    raise
+            async with self._writing(name), self.db.autocommit_engine.connect() as conn:
+                driver: Any = (await conn.get_raw_connection()).driver_connection
+                try:
+                    if self._pg:
+                        return list(await driver.fetch(self._sql[name], *params))
+                    return list(await driver.execute_fetchall(self._sql[name], params))
+                except _PG_DISCONNECTS:
+                    if not self._pg or attempt == 2:
+                        raise
+                    await conn.invalidate()
         raise AssertionError("unreachable")
 
+    def _writing(self, name: str) -> contextlib.AbstractAsyncContextManager[Any]:
+        """On SQLite, this process's writes queue here rather than in SQLite's busy handler, which
+        polls the lock with sleeps across threads; other processes still meet the busy timeout."""
+        if name == "get" or self._write_lock is None:
+            return contextlib.nullcontext()
+        return self._write_lock
 
-def _first(result: CursorResult[Any]) -> Row[Any] | None:
-    return result.first()
 
-
-def _rowcount(result: CursorResult[Any]) -> int:
-    return int(result.rowcount or 0)
-
-
-def _record(row: Row[Any]) -> IdempotencyRecord:
-    fingerprint, state, lease_until, expires_at, status, body, content_type, location = tuple(row)
+def _record(row: Sequence[Any]) -> IdempotencyRecord:
+    fingerprint, state, lease_until, expires_at, status, body, content_type, location = row
     response = None
     if state == COMPLETED:
         response = StoredResponse(status, bytes(body), content_type, location)
