@@ -4,6 +4,8 @@ the service (on SQLite and PostgreSQL), and racing claims."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -411,5 +413,27 @@ async def test_store_retries_once_on_a_dropped_connection(pg_database: str) -> N
             )
         assert await claim(store, claim_of(key="dropped"), 1000.0)
         assert await store.get(SCOPE, "dropped") is not None
+    finally:
+        await database.dispose()
+
+
+async def test_sqlite_store_reads_through_its_thread_when_the_inline_read_would_wait(
+    tmp_path: Path,
+) -> None:
+    """A SQLite read runs on the calling thread and never waits for a lock; when it would (e.g.
+    during WAL recovery), it goes through the connection's thread instead."""
+
+    class Busy:
+        def execute(self, *_args: Any) -> Any:
+            raise sqlite3.OperationalError("database is locked")
+
+    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'busy.db'}")
+    store = SqlIdempotencyStore(database)
+    await store.create_schema()
+    try:
+        await claim(store, claim_of(), 1000.0)
+        assert store._read_inline((SCOPE, "k1")) is not None
+        store._reader = Busy()  # type: ignore[assignment]
+        assert (await store.get(SCOPE, "k1")) is not None
     finally:
         await database.dispose()
