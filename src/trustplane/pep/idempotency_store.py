@@ -5,14 +5,14 @@ The table belongs to the resource server's own database, not to trustplane's: it
 ``await store.create_schema()`` and is not part of trustplane's migration chain. Times are stored
 as Unix milliseconds.
 
-Every method is one hand-written statement on the database's autocommit engine
-(:attr:`~trustplane.storage.db.Database.autocommit_engine`): the statement is its own transaction,
-so there are no ``BEGIN``/``COMMIT`` round trips, no pool pre-ping and no statement compilation
-(``exec_driver_sql``; see :mod:`trustplane.storage.driver_sql`). A claim is one
+Every hot-path method is one hand-written statement, in the driver's own parameter style, on the
+database's autocommit engine (:attr:`~trustplane.storage.db.Database.autocommit_engine`): the
+statement is its own transaction, so there are no ``BEGIN``/``COMMIT`` round trips, no pool
+pre-ping and no statement compilation. A claim is one
 ``INSERT ... ON CONFLICT DO UPDATE ... WHERE <takeover> RETURNING``: it inserts a new key, or takes
 over an expired key or an abandoned lease, or changes nothing. Racing claimers serialise on the
 primary key (PostgreSQL re-checks the ``WHERE`` on the row it locked; SQLite has one writer), so
-exactly one wins.
+exactly one wins. ``purge``, off the hot path, uses the ordinary engine.
 """
 
 from __future__ import annotations
