@@ -437,3 +437,24 @@ async def test_sqlite_store_reads_through_its_thread_when_the_inline_read_would_
         assert (await store.get(SCOPE, "k1")) is not None
     finally:
         await database.dispose()
+
+
+async def test_sqlite_group_commit_fails_a_failing_write_alone(tmp_path: Path) -> None:
+    """SQLite writes that arrive together share a transaction; when it fails, each write runs
+    alone, so the others still commit."""
+    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'group.db'}")
+    store = SqlIdempotencyStore(database)
+    await store.create_schema()
+    assert store._writes is not None
+    broken = store._writes.write("UPDATE pep_idempotency_keys SET state = ?", ())  # no parameter
+    try:
+        outcomes = await asyncio.gather(
+            *(claim(store, claim_of(key=f"k{i}"), 1000.0) for i in range(8)),
+            broken,
+            return_exceptions=True,
+        )
+        assert outcomes[:8] == [True] * 8
+        assert isinstance(outcomes[8], sqlite3.ProgrammingError)
+        assert all([await store.get(SCOPE, f"k{i}") for i in range(8)])
+    finally:
+        await database.dispose()

@@ -18,15 +18,15 @@ exactly one wins. ``purge``, off the hot path, uses the ordinary engine.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sqlite3
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import asyncpg
 from sqlalchemy import BigInteger, Column, Integer, LargeBinary, MetaData, String, Table, Text
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from trustplane.pep.idempotency import Claim, IdempotencyRecord, StoredResponse
 from trustplane.storage.db import Database
@@ -98,7 +98,7 @@ class SqlIdempotencyStore:
     def __init__(self, database: Database) -> None:
         self.db = database
         self._pg = database.dialect == "postgresql"
-        self._write_lock = None if self._pg else asyncio.Lock()
+        self._writes = None if self._pg else _GroupCommit(lambda: database.autocommit_engine)
         self._reader = None if self._pg else _inline_reader(database)
         self._sql = {
             name: sql if self._pg else sql.replace("$", "?")
@@ -150,9 +150,11 @@ class SqlIdempotencyStore:
         """Run one statement, committed on its own, on the driver's own connection object: one
         round trip on asyncpg, one hop to the connection's thread on aiosqlite (SQLAlchemy's
         cursor adapter takes four). Once more on a fresh connection if the pooled one was dead
-        (checkouts are not pre-pinged)."""
+        (checkouts are not pre-pinged). SQLite writes are committed in groups."""
+        if self._writes is not None and name != "get":
+            return await self._writes.write(self._sql[name], params)
         for attempt in (1, 2):
-            async with self._writing(name), self.db.autocommit_engine.connect() as conn:
+            async with self.db.autocommit_engine.connect() as conn:
                 driver: Any = (await conn.get_raw_connection()).driver_connection
                 try:
                     if self._pg:
@@ -175,12 +177,70 @@ class SqlIdempotencyStore:
         except sqlite3.OperationalError:
             return None
 
-    def _writing(self, name: str) -> contextlib.AbstractAsyncContextManager[Any]:
-        """On SQLite, this process's writes queue here rather than in SQLite's busy handler, which
-        polls the lock with sleeps across threads; other processes still meet the busy timeout."""
-        if name == "get" or self._write_lock is None:
-            return contextlib.nullcontext()
-        return self._write_lock
+
+Rows = list[Sequence[Any]]
+_Write = tuple[str, tuple[Any, ...], "asyncio.Future[Rows]"]
+
+
+class _GroupCommit:
+    """SQLite writes of this process: those that arrive while a commit is running are committed
+    together in the next transaction (one fsync for all; nobody is answered before their commit).
+    They queue here rather than in SQLite's busy handler, which polls the lock with sleeps across
+    threads; other processes still meet the busy timeout. If a group's transaction fails, its
+    writes are retried one by one, so that one failing write fails alone."""
+
+    def __init__(self, engine: Callable[[], AsyncEngine]) -> None:
+        self._engine = engine
+        self._queue: list[_Write] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def write(self, sql: str, params: tuple[Any, ...]) -> Rows:
+        future: asyncio.Future[Rows] = asyncio.get_running_loop().create_future()
+        self._queue.append((sql, params, future))
+        if self._task is None:
+            self._task = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                group, self._queue = self._queue, []
+                await self._commit(group)
+        finally:
+            self._task = None
+            for _sql, _params, future in self._queue:  # only if this task itself was cancelled
+                future.cancel()
+            self._queue = []
+
+    async def _commit(self, group: list[_Write]) -> None:
+        try:
+            results = await self._run([(sql, params) for sql, params, _future in group])
+        except Exception as exc:
+            if len(group) == 1:
+                if not group[0][2].done():
+                    group[0][2].set_exception(exc)
+                return
+            for write in group:
+                await self._commit([write])
+            return
+        for (_sql, _params, future), rows in zip(group, results, strict=True):
+            if not future.done():  # its request may have been cancelled meanwhile
+                future.set_result(rows)
+
+    async def _run(self, statements: list[tuple[str, tuple[Any, ...]]]) -> list[Rows]:
+        async with self._engine().connect() as conn:
+            driver: Any = (await conn.get_raw_connection()).driver_connection
+            if len(statements) == 1:  # a statement of its own: no BEGIN/COMMIT
+                return [list(await driver.execute_fetchall(*statements[0]))]
+            await driver.execute_fetchall("BEGIN IMMEDIATE")
+            try:
+                results = [list(await driver.execute_fetchall(*stmt)) for stmt in statements]
+                await driver.execute_fetchall("COMMIT")
+            except BaseException:
+                if driver.in_transaction:
+                    await driver.rollback()
+                raise
+            return results
 
 
 def _inline_reader(database: Database) -> sqlite3.Connection | None:
