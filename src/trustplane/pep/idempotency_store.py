@@ -12,7 +12,9 @@ pre-ping and no statement compilation. A claim is one
 ``INSERT ... ON CONFLICT DO UPDATE ... WHERE <takeover> RETURNING``: it inserts a new key, or takes
 over an expired key or an abandoned lease, or changes nothing. Racing claimers serialise on the
 primary key (PostgreSQL re-checks the ``WHERE`` on the row it locked; SQLite has one writer), so
-exactly one wins. ``purge``, off the hot path, uses the ordinary engine.
+exactly one wins. On SQLite, writes that arrive together share one transaction (one fsync) and
+reads run on the calling thread (see :class:`_GroupCommit` and :func:`_inline_reader`). ``purge``,
+off the hot path, uses the ordinary engine.
 """
 
 from __future__ import annotations
@@ -244,6 +246,7 @@ class _GroupCommit:
 
 
 def _inline_reader(database: Database) -> sqlite3.Connection | None:
+    """A read-only connection to a SQLite file for :meth:`SqlIdempotencyStore._read_inline`."""
     path = make_url(database.url).database
     if not path or path == ":memory:":
         return None
