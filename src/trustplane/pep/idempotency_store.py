@@ -204,14 +204,15 @@ class _GroupCommit:
         return await future
 
     async def _drain(self) -> None:
+        group: list[_Write] = []
         try:
             while self._queue:
                 group, self._queue = self._queue, []
                 await self._commit(group)
         finally:
             self._task = None
-            for _sql, _params, future in self._queue:  # only if this task itself was cancelled
-                future.cancel()
+            for _sql, _params, future in group + self._queue:  # if this task was cancelled
+                future.cancel()  # a no-op on the futures already answered
             self._queue = []
 
     async def _commit(self, group: list[_Write]) -> None:
