@@ -6,11 +6,10 @@ Starts bench/idempotency_app.py: one trivial JSON handler behind ``/plain`` (cal
 difference is the idempotency cost alone). Each repetition runs, in the same server:
 
 - ``plain``: ``/plain``, no key (the baseline);
-- ``fresh``: ``/settlements`` with a new key per request: claim (INSERT ... ON CONFLICT) + complete
-  (UPDATE), two committed transactions per request;
-- ``replay``: ``/settlements`` re-sending keys completed before the run, with the same body: the
-  claim attempt (a write transaction that changes nothing) finds the row, one SELECT reads it, the
-  stored response is returned.
+- ``fresh``: ``/settlements`` with a new key per request: a SELECT that finds nothing, the claim
+  (INSERT ... ON CONFLICT DO UPDATE ... RETURNING) and complete (UPDATE), two committed statements;
+- ``replay``: ``/settlements`` re-sending keys completed before the run, with the same body: one
+  SELECT finds the row and the stored response is returned.
 
 The store is SQLite in a temp file (synchronous=FULL, as trustplane configures it) by default, or a
 fresh PostgreSQL database made on the server of --database-url (and dropped at the end), so runs

@@ -4,6 +4,8 @@ the service (on SQLite and PostgreSQL), and racing claims."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,6 +30,7 @@ from trustplane.pep import (
     serialize_key,
 )
 from trustplane.pep import idempotency as idempotency_module
+from trustplane.storage.db import Database
 
 LEASE, RETENTION = 60.0, 24 * 3600.0
 SCOPE = "settlement:submit client-1"
@@ -392,3 +395,66 @@ async def test_racing_takeovers_of_an_abandoned_claim_execute_once(
     outcomes = await race(service)
     assert sum(isinstance(o, Execute) for o in outcomes) == 1
     assert sum(isinstance(o, RequestOutstandingError) for o in outcomes) == 15
+
+
+@pytest.mark.postgres
+async def test_store_retries_once_on_a_dropped_connection(pg_database: str) -> None:
+    """The store's connections are not pre-pinged: a pooled connection the server dropped fails
+    the first try, and the statement runs again on a fresh one."""
+    database = Database(pg_database)
+    store = SqlIdempotencyStore(database)
+    await store.create_schema()
+    try:
+        assert await store.get(SCOPE, "dropped") is None  # one pooled connection now
+        async with database.transaction() as conn:
+            await conn.exec_driver_sql(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        assert await claim(store, claim_of(key="dropped"), 1000.0)
+        assert await store.get(SCOPE, "dropped") is not None
+    finally:
+        await database.dispose()
+
+
+async def test_sqlite_store_reads_through_its_thread_when_the_inline_read_would_wait(
+    tmp_path: Path,
+) -> None:
+    """A SQLite read runs on the calling thread and never waits for a lock; when it would (e.g.
+    during WAL recovery), it goes through the connection's thread instead."""
+
+    class Busy:
+        def execute(self, *_args: Any) -> Any:
+            raise sqlite3.OperationalError("database is locked")
+
+    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'busy.db'}")
+    store = SqlIdempotencyStore(database)
+    await store.create_schema()
+    try:
+        await claim(store, claim_of(), 1000.0)
+        assert store._read_inline((SCOPE, "k1")) is not None
+        store._reader = Busy()  # type: ignore[assignment]
+        assert (await store.get(SCOPE, "k1")) is not None
+    finally:
+        await database.dispose()
+
+
+async def test_sqlite_group_commit_fails_a_failing_write_alone(tmp_path: Path) -> None:
+    """SQLite writes that arrive together share a transaction; when it fails, each write runs
+    alone, so the others still commit."""
+    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'group.db'}")
+    store = SqlIdempotencyStore(database)
+    await store.create_schema()
+    assert store._writes is not None
+    broken = store._writes.write("UPDATE pep_idempotency_keys SET state = ?", ())  # no parameter
+    try:
+        outcomes = await asyncio.gather(
+            *(claim(store, claim_of(key=f"k{i}"), 1000.0) for i in range(8)),
+            broken,
+            return_exceptions=True,
+        )
+        assert outcomes[:8] == [True] * 8
+        assert isinstance(outcomes[8], sqlite3.ProgrammingError)
+        assert all([await store.get(SCOPE, f"k{i}") for i in range(8)])
+    finally:
+        await database.dispose()

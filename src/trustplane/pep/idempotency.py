@@ -229,7 +229,7 @@ class IdempotencyStore(Protocol):
 
 
 class IdempotencyService:
-    """``begin`` claims a key or answers from the store; ``complete`` stores a deterministic
+    """``begin`` answers from the store or claims a key; ``complete`` stores a deterministic
     outcome (2xx, 4xx) and releases anything else. ``lease``: how long an unfinished claim blocks
     retries; ``retention``: how long a key is kept (seconds)."""
 
@@ -252,17 +252,19 @@ class IdempotencyService:
         ``scope`` or replay its stored response; raise an :class:`IdempotencyError` otherwise."""
         key = self._key(scope, header_values)
         claim = Claim(scope, key, fingerprint, secrets.token_urlsafe(18))
-        for _attempt in range(3):  # a row released or purged between claim and get: claim again
+        # Read first: a replay or a refusal is one read and no write. The claim itself stays an
+        # atomic statement; losing it to a concurrent claimer means reading again.
+        for _attempt in range(3):
             now = self._clock()
+            record = await self.store.get(scope, key)
+            if record is not None and not _claimable(record, fingerprint, now):
+                return self._answer(claim, record)
             lease_until, expires_at = now + self.lease, now + self.retention
             if await self.store.claim(
                 claim, now=now, lease_until=lease_until, expires_at=expires_at
             ):
                 metrics.PEP_IDEMPOTENCY.labels(outcome="executed").inc()
                 return Execute(claim)
-            record = await self.store.get(scope, key)
-            if record is not None:
-                return self._answer(claim, record)
         raise self._refuse(RequestOutstandingError("the key is changing hands, retry"), scope, key)
 
     async def complete(self, claim: Claim, response: StoredResponse) -> bool:
@@ -317,3 +319,13 @@ class IdempotencyService:
             "pep_idempotency_refused", outcome=exc.outcome, scope=scope, key=key, detail=exc.detail
         )
         return exc
+
+
+def _claimable(record: IdempotencyRecord, fingerprint: str, now: float) -> bool:
+    """Whether ``IdempotencyStore.claim`` would take this row over: its key expired, or it is an
+    abandoned claim of the same payload whose lease ended."""
+    if record.expires_at <= now:
+        return True
+    return (
+        record.response is None and record.lease_until <= now and record.fingerprint == fingerprint
+    )

@@ -5,34 +5,30 @@ The table belongs to the resource server's own database, not to trustplane's: it
 ``await store.create_schema()`` and is not part of trustplane's migration chain. Times are stored
 as Unix milliseconds.
 
-A claim is one transaction of at most two statements: ``INSERT ... ON CONFLICT DO NOTHING`` for a
-new key, then a conditional ``UPDATE`` that takes over an expired key or an abandoned lease. Racing
-claimers serialise on the primary key (PostgreSQL re-checks the UPDATE's condition after the row
-lock; SQLite has one writer), so exactly one wins.
+Every hot-path method is one hand-written statement, in the driver's own parameter style, on the
+database's autocommit engine (:attr:`~trustplane.storage.db.Database.autocommit_engine`): the
+statement is its own transaction, so there are no ``BEGIN``/``COMMIT`` round trips, no pool
+pre-ping and no statement compilation. A claim is one
+``INSERT ... ON CONFLICT DO UPDATE ... WHERE <takeover> RETURNING``: it inserts a new key, or takes
+over an expired key or an abandoned lease, or changes nothing. Racing claimers serialise on the
+primary key (PostgreSQL re-checks the ``WHERE`` on the row it locked; SQLite has one writer), so
+exactly one wins. On SQLite, writes that arrive together share one transaction (one fsync) and
+reads run on the calling thread (see :class:`_GroupCommit` and :func:`_inline_reader`). ``purge``,
+off the hot path, uses the ordinary engine.
 """
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
+import weakref
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import (
-    BigInteger,
-    Column,
-    Integer,
-    LargeBinary,
-    MetaData,
-    String,
-    Table,
-    Text,
-    and_,
-    delete,
-    or_,
-    select,
-    update,
-)
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import Row
+import asyncpg
+from sqlalchemy import BigInteger, Column, Integer, LargeBinary, MetaData, String, Table, Text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from trustplane.pep.idempotency import Claim, IdempotencyRecord, StoredResponse
 from trustplane.storage.db import Database
@@ -57,6 +53,44 @@ idempotency_keys = Table(
     Column("body", LargeBinary),
 )
 
+# Written with asyncpg's numbered placeholders; SQLite takes the same numbers as ``?NNN``.
+_CLAIM = """\
+INSERT INTO pep_idempotency_keys AS t
+    (scope, "key", fingerprint, state, claim_token, lease_until, expires_at)
+VALUES ($1, $2, $3, 'in_progress', $4, $5, $6)
+ON CONFLICT (scope, "key") DO UPDATE SET
+    fingerprint = excluded.fingerprint, state = 'in_progress', claim_token = excluded.claim_token,
+    lease_until = excluded.lease_until, expires_at = excluded.expires_at,
+    status = NULL, content_type = NULL, location = NULL, body = NULL
+WHERE t.expires_at <= $7
+    OR (t.state = 'in_progress' AND t.lease_until <= $7 AND t.fingerprint = excluded.fingerprint)
+RETURNING 1"""
+_GET = """\
+SELECT fingerprint, state, lease_until, expires_at, status, body, content_type, location
+FROM pep_idempotency_keys WHERE scope = $1 AND "key" = $2"""
+_COMPLETE = """\
+UPDATE pep_idempotency_keys
+SET state = 'completed', status = $4, body = $5, content_type = $6, location = $7
+WHERE scope = $1 AND "key" = $2 AND claim_token = $3 AND state = 'in_progress'
+RETURNING 1"""
+_RELEASE = """\
+DELETE FROM pep_idempotency_keys
+WHERE scope = $1 AND "key" = $2 AND claim_token = $3 AND state = 'in_progress'
+RETURNING 1"""
+_PURGE = "DELETE FROM pep_idempotency_keys WHERE expires_at <= $1"
+
+# A pooled asyncpg connection that the server (or the network) dropped fails with one of these;
+# InternalClientError ("cannot switch to state ...") when the server's FATAL message was waiting
+# unread on the socket of an idle connection.
+_PG_DISCONNECTS = (
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.InternalClientError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.AdminShutdownError,
+    OSError,
+)
+
 
 def _ms(seconds: float) -> int:
     return int(seconds * 1000)
@@ -65,6 +99,19 @@ def _ms(seconds: float) -> int:
 class SqlIdempotencyStore:
     def __init__(self, database: Database) -> None:
         self.db = database
+        self._pg = database.dialect == "postgresql"
+        self._writes = None if self._pg else _GroupCommit(lambda: database.autocommit_engine)
+        self._reader = None if self._pg else _inline_reader(database)
+        self._sql = {
+            name: sql if self._pg else sql.replace("$", "?")
+            for name, sql in [
+                ("claim", _CLAIM),
+                ("get", _GET),
+                ("complete", _COMPLETE),
+                ("release", _RELEASE),
+                ("purge", _PURGE),
+            ]
+        }
 
     async def create_schema(self) -> None:
         """Create the table if it does not exist (the resource server calls this at start-up)."""
@@ -74,85 +121,146 @@ class SqlIdempotencyStore:
     async def claim(
         self, claim: Claim, *, now: float, lease_until: float, expires_at: float
     ) -> bool:
-        row = {
-            "fingerprint": claim.fingerprint,
-            "state": IN_PROGRESS,
-            "claim_token": claim.token,
-            "lease_until": _ms(lease_until),
-            "expires_at": _ms(expires_at),
-        }
-        dialect_insert = pg_insert if self.db.dialect == "postgresql" else sqlite_insert
-        insert = (
-            dialect_insert(idempotency_keys)
-            .values(scope=claim.scope, key=claim.key, **row)
-            .on_conflict_do_nothing(index_elements=["scope", "key"])
+        params = (
+            *(claim.scope, claim.key, claim.fingerprint, claim.token),
+            *(_ms(lease_until), _ms(expires_at), _ms(now)),
         )
-        async with self.db.transaction() as conn:
-            if (await conn.execute(insert)).rowcount == 1:
-                return True
-            result = await conn.execute(_takeover(claim, _ms(now)).values(**_cleared(row)))
-            return bool(result.rowcount == 1)
+        return bool(await self._fetch("claim", params))
 
     async def get(self, scope: str, key: str) -> IdempotencyRecord | None:
-        query = select(idempotency_keys).where(_row(scope, key))
-        async with self.db.read() as conn:
-            found = (await conn.execute(query)).first()
-        return None if found is None else _record(found)
+        found = self._read_inline((scope, key))
+        if found is None:
+            found = await self._fetch("get", (scope, key))
+        return _record(found[0]) if found else None
 
     async def complete(self, claim: Claim, response: StoredResponse) -> bool:
-        stored = update(idempotency_keys).where(_owned(claim))
-        values = {
-            "state": COMPLETED,
-            "status": response.status,
-            "body": response.body,
-            "content_type": response.content_type,
-            "location": response.location,
-        }
-        async with self.db.transaction() as conn:
-            return bool((await conn.execute(stored.values(**values))).rowcount == 1)
+        params = (
+            *(claim.scope, claim.key, claim.token),
+            *(response.status, response.body, response.content_type, response.location),
+        )
+        return bool(await self._fetch("complete", params))
 
     async def release(self, claim: Claim) -> bool:
-        async with self.db.transaction() as conn:
-            result = await conn.execute(delete(idempotency_keys).where(_owned(claim)))
-            return bool(result.rowcount == 1)
+        return bool(await self._fetch("release", (claim.scope, claim.key, claim.token)))
 
     async def purge(self, before: float) -> int:
-        expired = delete(idempotency_keys).where(idempotency_keys.c.expires_at <= _ms(before))
-        async with self.db.transaction() as conn:
-            return int((await conn.execute(expired)).rowcount or 0)
+        async with self.db.transaction() as conn:  # not on the hot path: the ordinary engine
+            result = await conn.exec_driver_sql(self._sql["purge"], (_ms(before),))
+            return int(result.rowcount or 0)
+
+    async def _fetch(self, name: str, params: tuple[Any, ...]) -> list[Sequence[Any]]:
+        """Run one statement, committed on its own, on the driver's own connection object: one
+        round trip on asyncpg, one hop to the connection's thread on aiosqlite (SQLAlchemy's
+        cursor adapter takes four). Once more on a fresh connection if the pooled one was dead
+        (checkouts are not pre-pinged). SQLite writes are committed in groups."""
+        if self._writes is not None and name != "get":
+            return await self._writes.write(self._sql[name], params)
+        for attempt in (1, 2):
+            async with self.db.autocommit_engine.connect() as conn:
+                driver: Any = (await conn.get_raw_connection()).driver_connection
+                try:
+                    if self._pg:
+                        return list(await driver.fetch(self._sql[name], *params))
+                    return list(await driver.execute_fetchall(self._sql[name], params))
+                except _PG_DISCONNECTS:
+                    if not self._pg or attempt == 2:
+                        raise
+                    await conn.invalidate()
+        raise AssertionError("unreachable")
+
+    def _read_inline(self, params: tuple[Any, ...]) -> list[Sequence[Any]] | None:
+        """On a SQLite file, the read runs on the calling thread: a primary-key lookup takes tens
+        of microseconds, less than handing it to aiosqlite's thread and back. The connection never
+        waits for a lock (``busy_timeout=0``); None (take the thread) when it would."""
+        if self._reader is None:
+            return None
+        try:
+            return self._reader.execute(self._sql["get"], params).fetchall()
+        except sqlite3.OperationalError:
+            return None
 
 
-def _row(scope: str, key: str) -> Any:
-    return and_(idempotency_keys.c.scope == scope, idempotency_keys.c.key == key)
+Rows = list[Sequence[Any]]
+_Write = tuple[str, tuple[Any, ...], "asyncio.Future[Rows]"]
 
 
-def _owned(claim: Claim) -> Any:
-    return and_(
-        _row(claim.scope, claim.key),
-        idempotency_keys.c.claim_token == claim.token,
-        idempotency_keys.c.state == IN_PROGRESS,
-    )
+class _GroupCommit:
+    """SQLite writes of this process: those that arrive while a commit is running are committed
+    together in the next transaction (one fsync for all; nobody is answered before their commit).
+    They queue here rather than in SQLite's busy handler, which polls the lock with sleeps across
+    threads; other processes still meet the busy timeout. If a group's transaction fails, its
+    writes are retried one by one, so that one failing write fails alone."""
+
+    def __init__(self, engine: Callable[[], AsyncEngine]) -> None:
+        self._engine = engine
+        self._queue: list[_Write] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def write(self, sql: str, params: tuple[Any, ...]) -> Rows:
+        future: asyncio.Future[Rows] = asyncio.get_running_loop().create_future()
+        self._queue.append((sql, params, future))
+        if self._task is None:
+            self._task = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        group: list[_Write] = []
+        try:
+            while self._queue:
+                group, self._queue = self._queue, []
+                await self._commit(group)
+        finally:
+            self._task = None
+            for _sql, _params, future in group + self._queue:  # if this task was cancelled
+                future.cancel()  # a no-op on the futures already answered
+            self._queue = []
+
+    async def _commit(self, group: list[_Write]) -> None:
+        try:
+            results = await self._run([(sql, params) for sql, params, _future in group])
+        except Exception as exc:
+            if len(group) == 1:
+                if not group[0][2].done():
+                    group[0][2].set_exception(exc)
+                return
+            for write in group:
+                await self._commit([write])
+            return
+        for (_sql, _params, future), rows in zip(group, results, strict=True):
+            if not future.done():  # its request may have been cancelled meanwhile
+                future.set_result(rows)
+
+    async def _run(self, statements: list[tuple[str, tuple[Any, ...]]]) -> list[Rows]:
+        async with self._engine().connect() as conn:
+            driver: Any = (await conn.get_raw_connection()).driver_connection
+            if len(statements) == 1:  # a statement of its own: no BEGIN/COMMIT
+                return [list(await driver.execute_fetchall(*statements[0]))]
+            await driver.execute_fetchall("BEGIN IMMEDIATE")
+            try:
+                results = [list(await driver.execute_fetchall(*stmt)) for stmt in statements]
+                await driver.execute_fetchall("COMMIT")
+            except BaseException:
+                if driver.in_transaction:
+                    await driver.rollback()
+                raise
+            return results
 
 
-def _takeover(claim: Claim, now_ms: int) -> Any:
-    """The UPDATE that takes over an expired key, or an abandoned claim of the same payload."""
-    t = idempotency_keys.c
-    abandoned = and_(
-        t.state == IN_PROGRESS, t.lease_until <= now_ms, t.fingerprint == claim.fingerprint
-    )
-    return update(idempotency_keys).where(
-        _row(claim.scope, claim.key), or_(t.expires_at <= now_ms, abandoned)
-    )
+def _inline_reader(database: Database) -> sqlite3.Connection | None:
+    """A read-only connection to a SQLite file for :meth:`SqlIdempotencyStore._read_inline`."""
+    path = make_url(database.url).database
+    if not path or path == ":memory:":
+        return None
+    reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    reader.execute("PRAGMA busy_timeout = 0")
+    reader.execute("PRAGMA query_only = 1")
+    weakref.finalize(database, reader.close)  # closed with the database object, not before
+    return reader
 
 
-def _cleared(row: dict[str, Any]) -> dict[str, Any]:
-    return {**row, "status": None, "body": None, "content_type": None, "location": None}
-
-
-def _record(row: Row[Any]) -> IdempotencyRecord:
+def _record(row: Sequence[Any]) -> IdempotencyRecord:
+    fingerprint, state, lease_until, expires_at, status, body, content_type, location = row
     response = None
-    if row.state == COMPLETED:
-        response = StoredResponse(row.status, bytes(row.body), row.content_type, row.location)
-    return IdempotencyRecord(
-        row.fingerprint, row.lease_until / 1000, row.expires_at / 1000, response
-    )
+    if state == COMPLETED:
+        response = StoredResponse(status, bytes(body), content_type, location)
+    return IdempotencyRecord(fingerprint, lease_until / 1000, expires_at / 1000, response)
