@@ -310,8 +310,8 @@ def settlement_api(
     async def settlement_of(request: Request) -> Entity:
         owner = Entity("LegalEntity", member.lei)
         account = Entity("Account", member.account, {"owner": owner}, (owner,))
-        return Entity("Settlement", "STL-" + secrets.token_hex(6), {"owner": owner,
-                                                                     "account": account})  # fmt: skip
+        attributes = {"owner": owner, "account": account}
+        return Entity("Settlement", "STL-" + secrets.token_hex(6), attributes)
 
     async def context_of(request: Request, token: AccessToken) -> dict[str, Any]:
         body = await parsed(request, SettlementIn)
