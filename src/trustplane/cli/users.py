@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from trustplane.cli import JsonFlag, _emit_json, _run, _settings, _with_services, err, out
+from trustplane.cli.common import JsonFlag, _emit_json, _run, _settings, _with_services, err, out
 
 users_app: typer.Typer = typer.Typer(
     help="Local users (login at /authorize).", no_args_is_help=True

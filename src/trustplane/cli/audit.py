@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from trustplane.audit.ledger import Ledger, b64, export_line
 from trustplane.audit.store import StoredEntry
 from trustplane.audit.verify import Report, check_consistency, verify_export_file
+from trustplane.cli import common as base
 
 audit_app = typer.Typer(help="The tamper-evident audit ledger.", no_args_is_help=True)
 out = Console(soft_wrap=True)
@@ -47,8 +48,6 @@ CSV_COLUMNS = (
 
 def _with_ledger(fn: Any) -> Any:
     """Run ``fn(services)`` against the configured database (settings errors exit 2)."""
-    from trustplane import cli as base
-
     settings = base._settings()
     return base._run(base._with_services(settings, fn))
 

@@ -1,214 +1,22 @@
-"""The ``trustplane`` command line. Every command reads the same settings as the server; a wrong
-setting ends the command with one line on stderr and exit code 2."""
+"""``trustplane clients ...`` and ``trustplane registration-token ...``: registered clients."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import time
-from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
-from trustplane import __version__
-from trustplane.audit.cli import audit_app
-from trustplane.federation.cli import partners_app
-from trustplane.policy.cli import policy_app
-from trustplane.settings import Settings, SettingsError, load_settings
+from trustplane.cli.common import JsonFlag, _emit_json, _run, _settings, _with_services, err, out
 
-T = TypeVar("T")
-app = typer.Typer(
-    help="trustplane: the identity control plane for institutional trade workflows.",
-    no_args_is_help=True,
-    add_completion=False,
-)
-keys_app = typer.Typer(help="Token-signing keys.", no_args_is_help=True)
 clients_app = typer.Typer(help="Registered clients.", no_args_is_help=True)
 regtoken_app = typer.Typer(
     help="Initial access tokens for dynamic registration.", no_args_is_help=True
 )
-app.add_typer(keys_app, name="keys")
-app.add_typer(clients_app, name="clients")
-app.add_typer(regtoken_app, name="registration-token")
-app.add_typer(partners_app, name="partners")
-app.add_typer(audit_app, name="audit")
-app.add_typer(policy_app, name="policy")
-out = Console(soft_wrap=True)  # banner lines stay whole in logs and narrow terminals
-err = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever the terminal width
-JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
-
-
-def _settings(**overrides: Any) -> Settings:
-    try:
-        return load_settings(**{k: v for k, v in overrides.items() if v is not None})
-    except SettingsError as exc:
-        err.print(f"[red]trustplane:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(2) from None
-
-
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    try:
-        return asyncio.run(coro)
-    except SettingsError as exc:
-        err.print(f"[red]trustplane:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(2) from None
-
-
-async def _with_services(settings: Settings, fn: Callable[[Any], Awaitable[T]]) -> T:
-    from trustplane.app import Services
-    from trustplane.storage.migrate import pending
-
-    svc = Services.build(settings)
-    try:
-        if await pending(svc.db):
-            err.print(
-                "[red]trustplane:[/red] database schema is not up to date: run `trustplane migrate`"
-            )
-            raise typer.Exit(2)
-        return await fn(svc)
-    finally:
-        await svc.db.dispose()
-
-
-def _emit_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, sort_keys=True))
-
-
-@app.command()
-def version() -> None:
-    """Print the version."""
-    out.print(__version__)
-
-
-@app.command()
-def migrate() -> None:
-    """Bring the database schema up to date (Alembic) and create the signing keys if there are none."""
-    settings = _settings()
-    created = _run(_prepare(settings))
-    out.print(f"database at head: {settings.effective_database_url.split('@')[-1]}")
-    if created:
-        out.print("created the active and next signing keys")
-
-
-async def _prepare(settings: Settings) -> bool:
-    from trustplane.app import Services
-    from trustplane.storage.migrate import upgrade
-
-    svc = Services.build(settings)
-    try:
-        await upgrade(svc.db)
-        return await svc.keys.ensure()
-    finally:
-        await svc.db.dispose()
-
-
-@app.command()
-def serve(
-    host: Annotated[str | None, typer.Option(help="Bind address (TRUSTPLANE_HOST).")] = None,
-    port: Annotated[int | None, typer.Option(help="Port (TRUSTPLANE_PORT).")] = None,
-    workers: Annotated[
-        int | None, typer.Option(help="Worker processes (TRUSTPLANE_WORKERS).")
-    ] = None,
-) -> None:
-    """Run the server. First start: migrates the database and generates the signing keys."""
-    import uvicorn
-
-    overrides = {"host": host, "port": port, "workers": workers}
-    settings = _settings(**overrides)
-    for name, value in overrides.items():
-        if value is not None:
-            os.environ[f"TRUSTPLANE_{name.upper()}"] = str(value)
-    created = _run(_prepare(settings))
-    out.print(f"[bold]trustplane {__version__}[/bold]")
-    out.print(f"issuer        {settings.issuer}")
-    out.print(f"JWKS          {settings.issuer}/jwks")
-    out.print(f"metadata      {settings.issuer}/.well-known/oauth-authorization-server")
-    out.print(f"database      {settings.effective_database_url.split('@')[-1]}")
-    if created:
-        out.print("signing keys  generated (active + next)")
-    out.print("register      `trustplane registration-token create` prints an initial access token")
-    out.print(f"              for POST {settings.issuer}/register")
-    uvicorn.run(
-        "trustplane.app:create_app_from_env",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        log_level="warning",
-        access_log=False,
-        proxy_headers=False,
-    )
-
-
-@keys_app.command("list")
-def keys_list(as_json: JsonFlag = False) -> None:
-    """List signing keys and their lifecycle state."""
-    settings = _settings()
-    keys = _run(_with_services(settings, lambda svc: svc.keys.list_all()))
-    rows = [
-        {
-            "kid": k.kid,
-            "alg": k.alg,
-            "state": k.state.value,
-            "created_at": k.created_at,
-            "activated_at": k.activated_at,
-            "retired_at": k.retired_at,
-            "remove_after": k.remove_after,
-        }
-        for k in keys
-    ]
-    if as_json:
-        _emit_json(rows)
-        return
-    table = Table("kid", "alg", "state", "created", "activated", "remove after")
-    for r in rows:
-        table.add_row(
-            r["kid"],
-            r["alg"],
-            r["state"],
-            _when(r["created_at"]),
-            _when(r["activated_at"]),
-            _when(r["remove_after"]),
-        )
-    out.print(table)
-
-
-@keys_app.command("rotate")
-def keys_rotate() -> None:
-    """Rotate now: next -> active, active -> retired (published until its tokens expire), new next."""
-    settings = _settings()
-    kid = _run(_with_services(settings, lambda svc: svc.keys.rotate(reason="cli")))
-    out.print(
-        f"active signing key is now {kid}; running servers pick it up within "
-        f"{settings.cache_refresh_interval:g} s"
-    )
-
-
-@keys_app.command("prune")
-def keys_prune(as_json: JsonFlag = False) -> None:
-    """Remove retired keys whose tokens have all expired (running servers also do this every minute)."""
-    settings = _settings()
-    removed = _run(_with_services(settings, lambda svc: svc.keys.prune()))
-    if as_json:
-        _emit_json({"removed": removed})
-    elif removed:
-        out.print(f"removed {', '.join(removed)}; running servers drop them from the JWKS")
-    else:
-        out.print("no retired key is due for removal")
-
-
-@keys_app.command("new-kek")
-def keys_new_kek() -> None:
-    """Print a fresh key-encryption key for TRUSTPLANE_KEY_ENCRYPTION_KEY (store it in your secret manager)."""
-    from trustplane.keys.crypto import new_kek_text
-
-    print(new_kek_text())
 
 
 @regtoken_app.command("create")
@@ -431,20 +239,3 @@ def _set_status(client_id: str, status: str) -> None:
         err.print(f"[red]trustplane:[/red] no client {client_id!r}")
         raise typer.Exit(1) from None
     out.print(f"client {client_id} is now {status}")
-
-
-def _when(ts: int | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ts)) if ts else "-"
-
-
-def main() -> None:
-    app()
-
-
-# component command groups live in their own modules (they import the helpers above)
-from trustplane.users.cli import users_app  # noqa: E402
-
-app.add_typer(users_app, name="users")
-from trustplane.mandates.cli import mandates_app  # noqa: E402
-
-app.add_typer(mandates_app, name="mandates")

@@ -11,6 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from trustplane.cli import common
 from trustplane.federation.profile import ProfileError, TrustProfile, parse_document
 
 partners_app = typer.Typer(help="Federated partners: trust profiles.", no_args_is_help=True)
@@ -20,10 +21,8 @@ CHANGED_BY = "cli"
 
 
 def _root() -> Any:
-    """The main CLI module (imported late: it imports this one to register the sub-command)."""
-    from trustplane import cli
-
-    return cli
+    """The shared CLI helpers."""
+    return common
 
 
 def _read(path: Path) -> Any:

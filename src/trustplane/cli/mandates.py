@@ -18,7 +18,7 @@ import structlog
 import typer
 from rich.table import Table
 
-from trustplane.cli import JsonFlag, _emit_json, _run, _settings, _with_services, err, out
+from trustplane.cli.common import JsonFlag, _emit_json, _run, _settings, _with_services, err, out
 from trustplane.errors import OAuth2Error
 from trustplane.logging import configure_logging
 from trustplane.mandates.errors import MandateError

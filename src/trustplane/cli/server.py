@@ -1,0 +1,75 @@
+"""``trustplane version``, ``migrate`` and ``serve``: the deployment itself."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+
+from trustplane import __version__
+from trustplane.cli.common import _run, _settings, out
+from trustplane.settings import Settings
+
+
+def version() -> None:
+    """Print the version."""
+    out.print(__version__)
+
+
+def migrate() -> None:
+    """Bring the database schema up to date (Alembic) and create the signing keys if there are none."""
+    settings = _settings()
+    created = _run(_prepare(settings))
+    out.print(f"database at head: {settings.effective_database_url.split('@')[-1]}")
+    if created:
+        out.print("created the active and next signing keys")
+
+
+async def _prepare(settings: Settings) -> bool:
+    from trustplane.app import Services
+    from trustplane.storage.migrate import upgrade
+
+    svc = Services.build(settings)
+    try:
+        await upgrade(svc.db)
+        return await svc.keys.ensure()
+    finally:
+        await svc.db.dispose()
+
+
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (TRUSTPLANE_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (TRUSTPLANE_PORT).")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Worker processes (TRUSTPLANE_WORKERS).")
+    ] = None,
+) -> None:
+    """Run the server. First start: migrates the database and generates the signing keys."""
+    import uvicorn
+
+    overrides = {"host": host, "port": port, "workers": workers}
+    settings = _settings(**overrides)
+    for name, value in overrides.items():
+        if value is not None:
+            os.environ[f"TRUSTPLANE_{name.upper()}"] = str(value)
+    created = _run(_prepare(settings))
+    out.print(f"[bold]trustplane {__version__}[/bold]")
+    out.print(f"issuer        {settings.issuer}")
+    out.print(f"JWKS          {settings.issuer}/jwks")
+    out.print(f"metadata      {settings.issuer}/.well-known/oauth-authorization-server")
+    out.print(f"database      {settings.effective_database_url.split('@')[-1]}")
+    if created:
+        out.print("signing keys  generated (active + next)")
+    out.print("register      `trustplane registration-token create` prints an initial access token")
+    out.print(f"              for POST {settings.issuer}/register")
+    uvicorn.run(
+        "trustplane.app:create_app_from_env",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_level="warning",
+        access_log=False,
+        proxy_headers=False,
+    )
