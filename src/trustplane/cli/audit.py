@@ -12,23 +12,26 @@ import json
 import os
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, TextIO
+from typing import TYPE_CHECKING, Annotated, Any, TextIO, TypeVar
 
 import orjson
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from trustplane.audit.ledger import Ledger, b64, export_line
+from trustplane.audit.ledger import Ledger, SignedCheckpoint, b64, export_line
 from trustplane.audit.store import StoredEntry
 from trustplane.audit.verify import Report, check_consistency, verify_export_file
 from trustplane.cli import common as base
+from trustplane.cli.common import JsonFlag, err, out
+
+if TYPE_CHECKING:
+    from trustplane.app import Services
+
+T = TypeVar("T")
 
 audit_app = typer.Typer(help="The tamper-evident audit ledger.", no_args_is_help=True)
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
-JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
 CSV_COLUMNS = (
     "index",
     "leaf_hash",
@@ -46,7 +49,7 @@ CSV_COLUMNS = (
 )
 
 
-def _with_ledger(fn: Any) -> Any:
+def _with_ledger(fn: Callable[[Services], Awaitable[T]]) -> T:
     """Run ``fn(services)`` against the configured database (settings errors exit 2)."""
     settings = base._settings()
     return base._run(base._with_services(settings, fn))
@@ -101,7 +104,7 @@ def public_key() -> None:
 def integrate(as_json: JsonFlag = False) -> None:
     """Integrate every pending entry now and sign a checkpoint (servers do this continuously)."""
 
-    async def run(svc: Any) -> tuple[int, Any]:
+    async def run(svc: Services) -> tuple[int, Any]:
         count = await svc.ledger.integrate_all()
         return count, await svc.ledger.checkpoint()
 
@@ -149,7 +152,7 @@ def export(
         if v is not None
     }
 
-    async def run(svc: Any) -> tuple[int, int]:
+    async def run(svc: Services) -> tuple[int, int]:
         latest = await svc.ledger.checkpoint()
         if latest is None:
             err.print("[red]trustplane:[/red] the log has no checkpoint yet")
@@ -324,7 +327,7 @@ def _http_source(url: str, token: str | None) -> tuple[str, Any]:
 
 
 def _local_source() -> tuple[str, Any]:
-    async def latest(svc: Any) -> Any:
+    async def latest(svc: Services) -> SignedCheckpoint | None:
         return await svc.ledger.checkpoint()
 
     found = _with_ledger(latest)
@@ -357,7 +360,7 @@ def purge(as_json: JsonFlag = False) -> None:
 def retention(as_json: JsonFlag = False) -> None:
     """Show the retention periods (TRUSTPLANE_AUDIT_RETENTION_DAYS) and the payloads now due."""
 
-    async def run(svc: Any) -> tuple[dict[str, int], dict[str, int]]:
+    async def run(svc: Services) -> tuple[dict[str, int], dict[str, int]]:
         return svc.ledger.retention(), await svc.ledger.due()
 
     periods, due = _with_ledger(run)

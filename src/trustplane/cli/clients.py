@@ -6,12 +6,17 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
 from trustplane.cli.common import JsonFlag, _emit_json, _run, _settings, _with_services, err, out
+
+if TYPE_CHECKING:
+    from trustplane.app import Services
+    from trustplane.clients.model import Client
+    from trustplane.clients.service import Registration
 
 clients_app = typer.Typer(help="Registered clients.", no_args_is_help=True)
 regtoken_app = typer.Typer(
@@ -91,7 +96,7 @@ def clients_add(
         raw["jwks_uri"] = jwks_uri
     from trustplane.errors import OAuth2Error
 
-    async def register(svc: Any) -> Any:
+    async def register(svc: Services) -> Registration:
         return await svc.clients.register(
             raw, initial_access_token=None, issue_registration_token=False
         )
@@ -213,7 +218,7 @@ def clients_assertion(
     )
 
 
-def _lookup(client_id: str) -> Any:
+def _lookup(client_id: str) -> Client:
     from trustplane.clients.service import ClientNotFoundError
 
     settings = _settings()

@@ -11,7 +11,7 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -19,13 +19,17 @@ from rich.markup import escape
 
 from trustplane.settings import Settings, SettingsError, load_settings
 
+if TYPE_CHECKING:
+    from trustplane.app import Services
+
 T = TypeVar("T")
 out = Console(soft_wrap=True)  # banner lines stay whole in logs and narrow terminals
 err = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever the terminal width
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
 
 
-def _settings(**overrides: Any) -> Settings:
+def _settings(**overrides: object) -> Settings:
+    """The deployment's settings; ``overrides`` (command-line options, ``None`` = not given) win."""
     try:
         return load_settings(**{k: v for k, v in overrides.items() if v is not None})
     except SettingsError as exc:
@@ -33,7 +37,7 @@ def _settings(**overrides: Any) -> Settings:
         raise typer.Exit(2) from None
 
 
-def _run(coro: Coroutine[Any, Any, T]) -> T:
+def _run(coro: Coroutine[object, object, T]) -> T:
     try:
         return asyncio.run(coro)
     except SettingsError as exc:
@@ -41,7 +45,8 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         raise typer.Exit(2) from None
 
 
-async def _with_services(settings: Settings, fn: Callable[[Any], Awaitable[T]]) -> T:
+async def _with_services(settings: Settings, fn: Callable[[Services], Awaitable[T]]) -> T:
+    """Build the services on the deployment's database, run ``fn`` on them, dispose."""
     from trustplane.app import Services
     from trustplane.storage.migrate import pending
 
@@ -57,7 +62,7 @@ async def _with_services(settings: Settings, fn: Callable[[Any], Awaitable[T]]) 
         await svc.db.dispose()
 
 
-def _emit_json(data: Any) -> None:
+def _emit_json(data: object) -> None:
     print(json.dumps(data, indent=2, sort_keys=True))
 
 

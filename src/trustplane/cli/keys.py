@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 from rich.table import Table
 
@@ -15,7 +17,7 @@ def keys_list(as_json: JsonFlag = False) -> None:
     """List signing keys and their lifecycle state."""
     settings = _settings()
     keys = _run(_with_services(settings, lambda svc: svc.keys.list_all()))
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "kid": k.kid,
             "alg": k.alg,

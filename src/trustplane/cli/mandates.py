@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import structlog
 import typer
@@ -30,6 +30,9 @@ from trustplane.mandates.model import (
     MandateTerms,
 )
 from trustplane.mandates.service import MandateService, cli_actor
+
+if TYPE_CHECKING:
+    from trustplane.app import Services
 
 T = TypeVar("T")
 mandates_app: typer.Typer = typer.Typer(
@@ -68,7 +71,7 @@ def _details(text: str | None, file: Path | None) -> tuple[dict[str, Any], ...] 
 
 
 def _call(fn: Callable[[MandateService], Awaitable[T]]) -> T:
-    async def run(svc: Any) -> T:
+    async def run(svc: Services) -> T:
         await svc.keys.load()  # security events are signed with the active key
         await svc.clients.load()  # grantee clients are checked against the registry
         try:

@@ -4,8 +4,9 @@ the conformance checker against a partner's metadata (exit code 1 on any failed 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.markup import escape
@@ -14,15 +15,16 @@ from rich.table import Table
 from trustplane.cli import common
 from trustplane.federation.profile import ProfileError, TrustProfile, parse_document
 
+if TYPE_CHECKING:
+    from trustplane.app import Services
+    from trustplane.federation.store import StoredProfile
+
+T = TypeVar("T")
+
 partners_app = typer.Typer(help="Federated partners: trust profiles.", no_args_is_help=True)
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
 FileArg = Annotated[Path, typer.Argument(help="Trust profile document (YAML or JSON).")]
 CHANGED_BY = "cli"
-
-
-def _root() -> Any:
-    """The shared CLI helpers."""
-    return common
 
 
 def _read(path: Path) -> Any:
@@ -34,17 +36,17 @@ def _read(path: Path) -> Any:
         _refused(exc)
 
 
-def _fail(message: str, code: int = 1) -> None:
-    _root().err.print(f"[red]trustplane:[/red] {escape(message)}", highlight=False)
+def _fail(message: str, code: int = 1) -> NoReturn:
+    common.err.print(f"[red]trustplane:[/red] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
-def _refused(exc: ProfileError, as_json: bool = False) -> None:
+def _refused(exc: ProfileError, as_json: bool = False) -> NoReturn:
     if as_json:
-        _root()._emit_json({"valid": False, "errors": exc.errors})
+        common._emit_json({"valid": False, "errors": exc.errors})
         raise typer.Exit(1)
     for problem in exc.errors:
-        _root().err.print(f"[red]invalid:[/red] {escape(problem)}", highlight=False)
+        common.err.print(f"[red]invalid:[/red] {escape(problem)}", highlight=False)
     raise typer.Exit(1)
 
 
@@ -52,32 +54,30 @@ def _profile(path: Path, as_json: bool = False, **overrides: Any) -> TrustProfil
     from trustplane.federation.profile import validate_profile
     from trustplane.oauth.scopes import load_vocabulary, with_internal_apis
 
-    settings = _root()._settings(**overrides)
+    settings = common._settings(**overrides)
     raw = _read(path)
     vocabulary = with_internal_apis(load_vocabulary(settings.scopes_file), settings.issuer)
     try:
         return validate_profile(raw, settings, vocabulary)
     except ProfileError as exc:
         _refused(exc, as_json)
-        raise  # unreachable: _refused exits
 
 
-def _stored(stored: Any) -> dict[str, Any]:
+def _stored(stored: StoredProfile) -> dict[str, Any]:
     from trustplane.federation.http import stored_body
 
     return stored_body(stored)
 
 
-def _service_call(fn: Any) -> Any:
+def _service_call(fn: Callable[[Services], Awaitable[T]]) -> T:
     from trustplane.federation.service import (
         PartnerExistsError,
         PartnerNotFoundError,
         VersionConflictError,
     )
 
-    root = _root()
     try:
-        return root._run(root._with_services(root._settings(), fn))
+        return common._run(common._with_services(common._settings(), fn))
     except ProfileError as exc:
         _refused(exc)
     except PartnerNotFoundError as exc:
@@ -87,7 +87,7 @@ def _service_call(fn: Any) -> Any:
 
 
 def _print_version(stored: dict[str, Any], verb: str) -> None:
-    _root().out.print(
+    common.out.print(
         f"partner {stored['partner_id']} {verb}: version {stored['version']}, {stored['status']}; "
         "running servers pick it up within the cache refresh interval"
     )
@@ -98,9 +98,9 @@ def validate(path: FileArg, as_json: JsonFlag = False) -> None:
     """Validate a trust profile against the schema and this deployment's settings and scopes."""
     profile = _profile(path, as_json)
     if as_json:
-        _root()._emit_json({"valid": True, "partner_id": profile.partner_id})
+        common._emit_json({"valid": True, "partner_id": profile.partner_id})
     else:
-        _root().out.print(f"{path}: valid trust profile for partner {profile.partner_id}")
+        common.out.print(f"{path}: valid trust profile for partner {profile.partner_id}")
 
 
 @partners_app.command("add")
@@ -108,7 +108,7 @@ def add(path: FileArg, as_json: JsonFlag = False) -> None:
     """Add a new partner (version 1). Audited as federation:partner:added."""
     raw = _read(path)
     stored = _stored(_service_call(lambda svc: svc.federation.add(raw, changed_by=CHANGED_BY)))
-    _root()._emit_json(stored) if as_json else _print_version(stored, "added")
+    common._emit_json(stored) if as_json else _print_version(stored, "added")
 
 
 @partners_app.command("update")
@@ -117,11 +117,11 @@ def update(path: FileArg, as_json: JsonFlag = False) -> None:
     raw = _read(path)
     partner_id = str(raw.get("partner_id", "")) if isinstance(raw, dict) else ""
 
-    async def call(svc: Any) -> Any:
+    async def call(svc: Services) -> StoredProfile:
         return await svc.federation.update(partner_id, raw, changed_by=CHANGED_BY)
 
     stored = _stored(_service_call(call))
-    _root()._emit_json(stored) if as_json else _print_version(stored, "updated")
+    common._emit_json(stored) if as_json else _print_version(stored, "updated")
 
 
 @partners_app.command("list")
@@ -129,7 +129,7 @@ def list_partners(as_json: JsonFlag = False) -> None:
     """List partners (current version of each)."""
     rows = [_stored(s) for s in _service_call(lambda svc: svc.federation.current())]
     if as_json:
-        _root()._emit_json(rows)
+        common._emit_json(rows)
         return
     table = Table("partner", "version", "status", "lei", "issuers", "scopes")
     for r in rows:
@@ -142,7 +142,7 @@ def list_partners(as_json: JsonFlag = False) -> None:
             "\n".join(doc["issuers"]),
             " ".join(doc["allowed_scopes"]),
         )
-    _root().out.print(table)
+    common.out.print(table)
 
 
 @partners_app.command("show")
@@ -159,18 +159,16 @@ def show(
     else:
         body = _stored(_service_call(lambda svc: svc.federation.get(partner_id)))
     if as_json:
-        _root()._emit_json(body)
+        common._emit_json(body)
         return
     import yaml
 
     for entry in body if versions else [body]:
-        _root().out.print(
+        common.out.print(
             f"[bold]{entry['partner_id']}[/bold] version {entry['version']} ({entry['status']}), "
-            f"by {escape(entry['changed_by'])} at {_root()._when(entry['created_at'])}"
+            f"by {escape(entry['changed_by'])} at {common._when(entry['created_at'])}"
         )
-        _root().out.print(
-            escape(yaml.safe_dump(entry["profile"], sort_keys=False)), highlight=False
-        )
+        common.out.print(escape(yaml.safe_dump(entry["profile"], sort_keys=False)), highlight=False)
 
 
 @partners_app.command("disable")
@@ -180,7 +178,7 @@ def disable(
 ) -> None:
     """Disable a partner: a new version with status disabled; its assertions are refused at once."""
 
-    async def call(svc: Any) -> Any:
+    async def call(svc: Services) -> StoredProfile:
         return await svc.federation.disable(partner_id, changed_by=CHANGED_BY, reason=reason)
 
     _print_version(_stored(_service_call(call)), "disabled")
@@ -207,7 +205,7 @@ def conformance(
     """Check a partner's metadata, JWKS and a sample token against its profile. Exit 1 on any failure."""
     overrides = {"federation_allow_insecure_loopback": True} if allow_insecure_loopback else {}
     profile = _profile(profile_path, as_json, **overrides)
-    settings = _root()._settings(**overrides)
+    settings = common._settings(**overrides)
     token = sample_token.read_text() if sample_token else None
     checks = asyncio.run(
         _conformance(
@@ -216,7 +214,7 @@ def conformance(
     )
     failed = [c for c in checks if not c.ok]
     if as_json:
-        _root()._emit_json(
+        common._emit_json(
             {
                 "partner_id": profile.partner_id,
                 "ok": not failed,
@@ -228,8 +226,8 @@ def conformance(
         for c in checks:
             mark = "[green]pass[/green]" if c.ok else "[red]FAIL[/red]"
             table.add_row(mark, escape(c.name), escape(c.detail))
-        _root().out.print(table)
-        _root().out.print(
+        common.out.print(table)
+        common.out.print(
             f"{len(checks) - len(failed)} passed, {len(failed)} failed",
             style="red" if failed else "green",
         )

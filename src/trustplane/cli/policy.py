@@ -6,14 +6,13 @@ or a simulation exceeds its threshold (so CI can gate on it); 2 a usage or setti
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import os
 import re
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, TextIO, TypeVar, cast
@@ -21,25 +20,21 @@ from typing import Annotated, Any, TextIO, TypeVar, cast
 import cedarpy
 import structlog
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from trustplane.cli.common import JsonFlag, _run, _settings, err, out
 from trustplane.logging import configure_logging
 from trustplane.policy.bundle import BundleError, BundleSource, compile_bundle, load_dir
 from trustplane.policy.service import PolicyService, PublishRefused, check_bundle
 from trustplane.policy.store import ActivationConflict, UnknownBundle
-from trustplane.settings import Settings, SettingsError, load_settings
 
 T = TypeVar("T")
 policy_app = typer.Typer(
     help="Policy bundles: validate, test, publish, activate, roll back, diff, simulate.",
     no_args_is_help=True,
 )
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
-JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
 BundleDir = Annotated[
     Path, typer.Argument(help="Bundle directory (schema.cedarschema, *.cedar, tests/).")
 ]
@@ -55,17 +50,6 @@ def _load(path: Path) -> BundleSource:
         return load_dir(path)
     except BundleError as exc:
         raise _fail(str(exc), 2) from None
-
-
-def _settings() -> Settings:
-    try:
-        return load_settings()
-    except SettingsError as exc:
-        raise _fail(str(exc), 2) from None
-
-
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
 
 
 async def _with_policy(fn: Callable[[PolicyService], Awaitable[T]]) -> T:

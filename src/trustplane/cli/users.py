@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Annotated, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.table import Table
 
 from trustplane.cli.common import JsonFlag, _emit_json, _run, _settings, _with_services, err, out
+
+if TYPE_CHECKING:
+    from trustplane.app import Services
+
+T = TypeVar("T")
 
 users_app: typer.Typer = typer.Typer(
     help="Local users (login at /authorize).", no_args_is_help=True
@@ -29,7 +35,7 @@ def _password(from_stdin: bool) -> str:
     return str(typer.prompt("Password", hide_input=True, confirmation_prompt=True))
 
 
-def _call(fn: Any) -> Any:
+def _call(fn: Callable[[Services], Awaitable[T]]) -> T:
     from trustplane.users.model import UserError
 
     try:
@@ -85,7 +91,11 @@ def users_show(username: str, as_json: JsonFlag = False) -> None:
         _emit_json(body)
         return
     for key, value in body.items():
-        if key in ("locked_until", "created_at", "last_login_at") and value:
+        if (
+            key in ("locked_until", "created_at", "last_login_at")
+            and isinstance(value, int)
+            and value
+        ):
             value = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(value))
         out.print(f"{key:<14} {value}", highlight=False)
 
