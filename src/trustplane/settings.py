@@ -27,8 +27,22 @@ MAX_ASSERTION_LIFETIME = 300
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
+#: The database URL schemes trustplane has drivers for (plain ones get the async driver).
+DATABASE_SCHEMES = frozenset(
+    {"sqlite", "sqlite+aiosqlite", "postgresql", "postgres", "postgresql+asyncpg"}
+)
+
+
 class SettingsError(Exception):
-    """A setting is wrong; ``str(self)`` is one line meant for the operator."""
+    """A setting is wrong; ``str(self)`` is one line meant for the operator.
+
+    ``setting`` is the field name (``port``) when one setting is to blame, so that a command line
+    that set it with an option can name the option instead of the variable.
+    """
+
+    def __init__(self, message: str, setting: str | None = None) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
 def is_loopback_host(host: str | None) -> bool:
@@ -207,6 +221,29 @@ class Settings(BaseSettings):
             raise ValueError("must not end with '/'")
         return value
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_is_supported(cls, value: str) -> str:
+        """Refuse what SQLAlchemy cannot parse or has no installed driver for, before any connect.
+        The message never repeats the URL: it may hold a password."""
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        if not value:
+            return value
+        try:
+            scheme = make_url(value).drivername
+        except (ArgumentError, ValueError):
+            raise ValueError(
+                "not a database URL: use postgresql://USER@HOST:PORT/NAME or sqlite:///PATH"
+            ) from None
+        if scheme not in DATABASE_SCHEMES:
+            raise ValueError(
+                f"unsupported scheme {scheme!r}: use postgresql://USER@HOST:PORT/NAME or "
+                "sqlite:///PATH"
+            )
+        return value
+
     @field_validator("key_encryption_key")
     @classmethod
     def _kek_is_32_bytes(cls, value: SecretStr | None) -> SecretStr | None:
@@ -243,9 +280,13 @@ def load_settings(**overrides: Any) -> Settings:
         name, message = ".".join(str(p) for p in first["loc"]), str(first["msg"])
         if not name:  # a cross-field rule: its message starts with "field: "
             name, _, message = message.removeprefix("Value error, ").partition(": ")
-        env = f"TRUSTPLANE_{name.split('.')[0].upper()}"
-        raise SettingsError(f"invalid setting {env}: {message}") from None
+        field = name.split(".")[0]
+        raise SettingsError(
+            f"invalid setting TRUSTPLANE_{field.upper()}: {message}", field
+        ) from None
     except PydanticSettingsError as exc:  # an environment value for a list setting is not JSON
-        field = re.search(r'field "(\w+)"', str(exc))
-        env = f"TRUSTPLANE_{field.group(1).upper()}" if field else "TRUSTPLANE_*"
-        raise SettingsError(f"invalid setting {env}: must be a JSON array of strings") from None
+        found = re.search(r'field "(\w+)"', str(exc))
+        env = f"TRUSTPLANE_{found.group(1).upper()}" if found else "TRUSTPLANE_*"
+        raise SettingsError(
+            f"invalid setting {env}: must be a JSON array of strings", found and found.group(1)
+        ) from None

@@ -6,9 +6,12 @@ package's ``__init__``, which imports them all: the imports form a tree, never a
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
-from trustplane.cli import server
+from trustplane.cli import common, server
 from trustplane.cli.audit import audit_app
 from trustplane.cli.clients import clients_app, regtoken_app
 from trustplane.cli.keys import keys_app
@@ -21,7 +24,27 @@ app = typer.Typer(
     help="trustplane: the identity control plane for institutional trade workflows.",
     no_args_is_help=True,
     add_completion=False,
+    cls=common.OneLineErrors,
 )
+
+
+@app.callback()
+def deployment(
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir",
+            help="The deployment's data directory (TRUSTPLANE_DATA_DIR; default .trustplane in "
+            "the current directory).",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Options for every command: where the deployment is."""
+    common.global_options.clear()
+    common.global_options["data_dir"] = data_dir
+
+
 app.command()(server.version)
 app.command()(server.migrate)
 app.command()(server.serve)

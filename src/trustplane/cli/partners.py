@@ -52,11 +52,10 @@ def _refused(exc: ProfileError, as_json: bool = False) -> NoReturn:
 
 def _profile(path: Path, as_json: bool = False, **overrides: Any) -> TrustProfile:
     from trustplane.federation.profile import validate_profile
-    from trustplane.oauth.scopes import load_vocabulary, with_internal_apis
 
     settings = common._settings(**overrides)
     raw = _read(path)
-    vocabulary = with_internal_apis(load_vocabulary(settings.scopes_file), settings.issuer)
+    vocabulary = common.vocabulary(settings)
     try:
         return validate_profile(raw, settings, vocabulary)
     except ProfileError as exc:

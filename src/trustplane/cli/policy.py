@@ -24,7 +24,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from trustplane.cli.common import JsonFlag, _run, _settings, err, out
+from trustplane.cli.common import JsonFlag, _run, _settings, check_schema, err, open_database, out
 from trustplane.logging import configure_logging
 from trustplane.policy.bundle import BundleError, BundleSource, compile_bundle, load_dir
 from trustplane.policy.service import PolicyService, PublishRefused, check_bundle
@@ -55,18 +55,15 @@ def _load(path: Path) -> BundleSource:
 async def _with_policy(fn: Callable[[PolicyService], Awaitable[T]]) -> T:
     from trustplane.policy.engine import PolicyEngine
     from trustplane.policy.store import SqlBundleStore
-    from trustplane.storage.db import Database
-    from trustplane.storage.migrate import pending
 
     settings = _settings()
     configure_logging(settings.log_level, settings.log_format)
     structlog.configure(
         logger_factory=structlog.PrintLoggerFactory(cast(TextIO, _Stderr()))
     )  # stdout is output
-    db = Database(settings.effective_database_url)
+    db = await open_database(settings, create=False)
     try:
-        if await pending(db):
-            raise _fail("database schema is not up to date: run `trustplane migrate`", 2)
+        await check_schema(settings, db)
         regions = tuple(settings.policy_served_regions)
         engine = PolicyEngine(issuer=settings.issuer, served_regions=regions, observe=False)
         service = PolicyService(db, SqlBundleStore(), engine, issuer=settings.issuer)

@@ -8,7 +8,14 @@ from typing import Annotated
 import typer
 
 from trustplane import __version__
-from trustplane.cli.common import _run, _settings, out
+from trustplane.cli.common import (
+    _run,
+    _settings,
+    build_services,
+    global_options,
+    open_database,
+    out,
+)
 from trustplane.settings import Settings
 
 
@@ -27,15 +34,16 @@ def migrate() -> None:
 
 
 async def _prepare(settings: Settings) -> bool:
-    from trustplane.app import Services
+    """Create or upgrade the deployment: the only path that may create its directory and files."""
     from trustplane.storage.migrate import upgrade
 
-    svc = Services.build(settings)
+    db = await open_database(settings, create=True)
     try:
-        await upgrade(svc.db)
+        svc = build_services(settings, db)  # a wrong scopes or types file stops before the schema
+        await upgrade(db)
         return await svc.keys.ensure()
     finally:
-        await svc.db.dispose()
+        await db.dispose()
 
 
 def serve(
@@ -50,7 +58,7 @@ def serve(
 
     overrides = {"host": host, "port": port, "workers": workers}
     settings = _settings(**overrides)
-    for name, value in overrides.items():
+    for name, value in {**global_options, **overrides}.items():
         if value is not None:
             os.environ[f"TRUSTPLANE_{name.upper()}"] = str(value)
     created = _run(_prepare(settings))

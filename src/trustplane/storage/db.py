@@ -5,6 +5,8 @@ Stores never commit: :meth:`Database.transaction` owns the transaction and hands
 
 from __future__ import annotations
 
+import asyncio
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -12,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
@@ -20,6 +23,19 @@ _DRIVERS = {
     "postgresql": "postgresql+asyncpg",
     "postgres": "postgresql+asyncpg",
 }
+
+
+#: How long a start-up check waits for the database before it gives up.
+PROBE_TIMEOUT = 5.0
+
+
+class DatabaseUnavailable(Exception):
+    """The database cannot be opened or reached; ``str(self)`` says why in one line, without
+    credentials. The caller adds which setting to change."""
+
+
+class DatabaseMissing(DatabaseUnavailable):
+    """A SQLite file that was to be opened, not created, does not exist."""
 
 
 def async_url(url: str) -> str:
@@ -83,6 +99,20 @@ class Database:
             )
         return self._autocommit
 
+    async def probe(self) -> None:
+        """Start-up check: connect once and run ``SELECT 1`` within :data:`PROBE_TIMEOUT` seconds, so an
+        unreachable server is one :class:`DatabaseUnavailable` line, not a driver traceback after
+        the driver's own (minute-long) connect timeout."""
+        where, timeout = describe(self.url), PROBE_TIMEOUT
+        try:
+            async with asyncio.timeout(timeout):
+                async with self.engine.connect() as conn:
+                    await conn.exec_driver_sql("SELECT 1")
+        except TimeoutError:
+            raise DatabaseUnavailable(f"no answer from {where} within {timeout:g} s") from None
+        except (OSError, SQLAlchemyError) as exc:
+            raise DatabaseUnavailable(f"cannot connect to {where}: {_reason(exc)}") from None
+
     @property
     def is_sqlite(self) -> bool:
         return self.dialect == "sqlite"
@@ -115,3 +145,52 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     ):
         cursor.execute(f"PRAGMA {pragma}")
     cursor.close()
+
+
+def describe(url: str) -> str:
+    """Where a database is, for messages: ``PostgreSQL at host:port/name`` or the SQLite file;
+    never the user name or password."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        path = sqlite_path(url)
+        return f"SQLite file {path.absolute()}" if path else "in-memory SQLite"
+    port = f":{parsed.port}" if parsed.port else ""
+    return f"PostgreSQL at {parsed.host or 'localhost'}{port}/{parsed.database or ''}"
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a file-backed SQLite URL; ``None`` for PostgreSQL and in-memory SQLite."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def check_sqlite_file(path: Path, *, create: bool) -> None:
+    """Refuse, before SQLite or ``mkdir`` fail with a traceback, a file that cannot be used.
+
+    ``create=False`` (every command but ``migrate`` and ``serve``): the file must exist; nothing is
+    created. ``create=True``: the file, or the nearest existing directory above it, must be
+    writable. Either way every existing ancestor must be a directory.
+    """
+    path = path.absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if existing == path:
+        if not path.is_file():
+            raise DatabaseUnavailable(f"{path} is not a file")
+        if create and not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK | os.X_OK)):
+            raise DatabaseUnavailable(f"{path} (or its directory) is read-only")
+        return
+    if not existing.is_dir():
+        raise DatabaseUnavailable(f"{existing} is a file, not a directory")
+    if not create:
+        raise DatabaseMissing(f"there is no database at {path}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DatabaseUnavailable(f"directory {existing} is read-only")
+
+
+def _reason(exc: BaseException) -> str:
+    """The driver's own words, first line only (SQLAlchemy appends a background link)."""
+    cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    text = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
+    return (text.strip().splitlines() or [type(cause).__name__])[0]
