@@ -15,6 +15,7 @@ from trustplane.cli.common import (
     global_options,
     open_database,
     out,
+    vocabulary,
 )
 from trustplane.settings import Settings
 
@@ -37,6 +38,7 @@ async def _prepare(settings: Settings) -> bool:
     """Create or upgrade the deployment: the only path that may create its directory and files."""
     from trustplane.storage.migrate import upgrade
 
+    vocabulary(settings)  # a refused scope file stops before the data directory is made
     db = await open_database(settings, create=True)
     try:
         svc = build_services(settings, db)  # a wrong scopes or types file stops before the schema
@@ -46,11 +48,20 @@ async def _prepare(settings: Settings) -> bool:
         await db.dispose()
 
 
+def _default(name: str) -> str:
+    """What ``--help`` shows: the built-in default, and the variable that changes it."""
+    return f"TRUSTPLANE_{name.upper()}, else {Settings.model_fields[name].default}"
+
+
 def serve(
-    host: Annotated[str | None, typer.Option(help="Bind address (TRUSTPLANE_HOST).")] = None,
-    port: Annotated[int | None, typer.Option(help="Port (TRUSTPLANE_PORT).")] = None,
+    host: Annotated[
+        str | None,
+        typer.Option(help="Bind address.", show_default=_default("host")),
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Port.", show_default=_default("port"))] = None,
     workers: Annotated[
-        int | None, typer.Option(help="Worker processes (TRUSTPLANE_WORKERS).")
+        int | None,
+        typer.Option(help="Worker processes.", show_default=_default("workers")),
     ] = None,
 ) -> None:
     """Run the server. First start: migrates the database and generates the signing keys."""
