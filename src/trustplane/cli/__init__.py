@@ -25,6 +25,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     cls=common.OneLineErrors,
+    rich_markup_mode=None,
 )
 
 

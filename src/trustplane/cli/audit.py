@@ -265,7 +265,7 @@ def verify(
     except (ValueError, KeyError, OSError) as exc:
         err.print(f"[red]trustplane:[/red] the export is malformed: {exc}")
         raise typer.Exit(1) from None
-    if not as_json:
+    if report.ok and not as_json:  # after a failure, the failure is all there is to say
         err.print(f"verified in {time.perf_counter() - started:.2f} s", highlight=False)
     _print_report(report, as_json)
 
