@@ -504,7 +504,8 @@ async def test_rfc7592_put_cannot_add_the_resource_server_role(
 
     assert error_of(put) == (400, "invalid_client_metadata"), put.text
     stored = server.services.clients.registry.get(reg["client_id"])
-    assert stored is not None and stored.resource_server_for == frozenset()
+    assert stored is not None
+    assert stored.resource_server_for == frozenset()
 
 
 async def test_rfc7592_put_does_not_keep_an_operator_grant(server: Server) -> None:
@@ -514,7 +515,8 @@ async def test_rfc7592_put_does_not_keep_an_operator_grant(server: Server) -> No
         server.services, resource_server_for=[EXECUTION], introspection_resources=[]
     )
     client = server.services.clients.registry.get(kit.client_id)
-    assert client is not None and client.resource_server_for == frozenset({EXECUTION})
+    assert client is not None
+    assert client.resource_server_for == frozenset({EXECUTION})
     body = {**client.metadata, "client_id": kit.client_id}
 
     kept = await server.services.clients.update(

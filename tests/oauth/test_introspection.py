@@ -228,7 +228,8 @@ async def test_dcr_client_with_stored_introspection_resources_cannot_introspect(
     dcr = await _registered_over_http(server)
     await _store_legacy_introspection(server, dcr.client_id, operator=False)
     stored = server.services.clients.registry.get(dcr.client_id)
-    assert stored is not None and stored.resource_server_for == frozenset()
+    assert stored is not None
+    assert stored.resource_server_for == frozenset()
     assert "introspection_resources" not in stored.metadata
     token = await server.access_token(other, resource=EXECUTION)
     before = _refused_count()
