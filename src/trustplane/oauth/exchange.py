@@ -16,23 +16,11 @@ Subject tokens:
 Anything else (``id_token``, ``refresh_token``, SAML, an ID token or client assertion or logout token
 presented as an access token) is ``invalid_request``.
 
-Who may exchange (RFC 8693 §2.1-2.2, §4.4, §5). Holding a bearer token is not a right to exchange
-it, and being able to *call* a resource server (``allowed_resources``) never makes a client that
-resource server. One of OUR access tokens may be exchanged only by
-
-- the client it was issued to (its ``client_id``), when its ``aud`` is this server or one of that
-  client's ``allowed_resources`` (``exchange_right`` = ``subject_client``);
-- a client the token names in ``may_act`` (``sub`` or ``client_id`` = the client, ``iss`` absent
-  or ours; ``may_act``);
-- a client the OPERATOR made the resource server for the token's ``aud``
-  (``resource_server_for``, ``trustplane clients add --resource-server``; ``resource_server``).
-
-Anyone else gets ``invalid_request`` (RFC 8693 §2.2.2: a subject token unacceptable by policy),
-reason ``not_entitled`` in the ledger's deny record and in
-``trustplane_token_rights_refused_total{endpoint="token_exchange"}``. A partner's token (verified by
-the partner registry) must be addressed to this server (``exchange_right`` = ``partner``) or to an
-audience the exchanging client is the operator-made resource server for (``resource_server``); its
-``may_act``, when present, still has to name the actor.
+Who may exchange (RFC 8693 §2.1-2.2, §4.4, §5; ``oauth.exchange_rights``): one of OUR tokens only
+its own client, a client named in its ``may_act``, or the operator-made resource server for its
+``aud``; a partner's token only when addressed to this server or to such a resource server. Being
+able to call a resource server never makes a client that resource server. Anyone else is
+``invalid_request``, reason ``not_entitled``.
 
 A subject token carrying one of our mandates is exchanged only where the PDP agrees that the
 exchanging client is related to the mandate's grantee: the ``token:exchange`` request carries
@@ -90,13 +78,14 @@ from trustplane.mandates.errors import MandateUnusableError
 from trustplane.mandates.model import Mandate
 from trustplane.mandates.service import MandateService
 from trustplane.oauth.client_auth import AuthenticatedClient
+from trustplane.oauth.exchange_rights import own_token_right, partner_token_audience
 from trustplane.oauth.form import Form
 from trustplane.oauth.replay import ReplayCache, ReplayUse
 from trustplane.oauth.resources import select_resource, select_scopes
 from trustplane.oauth.revocations import SqlRevocationStore
 from trustplane.oauth.scopes import Vocabulary
 from trustplane.oauth.token_endpoint import Grant
-from trustplane.oauth.tokens import VerifiedClaims, issue_access_token, new_jti, read_access_token
+from trustplane.oauth.tokens import issue_access_token, new_jti, read_access_token
 from trustplane.policy.enforcement import (
     CACHE_SIZE,
     ScopeDenied,
@@ -124,10 +113,6 @@ KNOWN_REFUSED = frozenset(
         "urn:ietf:params:oauth:token-type:saml2",
     }
 )
-#: The ways a client may be entitled to exchange a subject token (``exchange_right`` in the PDP).
-SUBJECT_CLIENT, MAY_ACT, RESOURCE_SERVER, PARTNER = (
-    "subject_client", "may_act", "resource_server", "partner",
-)  # fmt: skip
 #: ``exchange_mode`` values: delegation (the default, an ``act`` chain) or impersonation (no ``act``).
 DELEGATION, IMPERSONATION = "delegation", "impersonation"
 #: How many ``prv`` / ``act`` levels a token may carry (the PDP decides the allowed depth; this only
@@ -315,9 +300,8 @@ class TokenExchangeGrant:
             return await self._own(token, aud, client, now)
         if isinstance(aud, list) and len(aud) == 1:
             aud = aud[0]
-        expected, right = self._partner_audience(
-            self._settings.issuer if not is_access else aud, client
-        )
+        target = self._settings.issuer if not is_access else aud
+        expected, right = partner_token_audience(target, client, self._settings.issuer)
         accepted = frozenset({token_type})
         try:
             verified = await self._partners.verify_partner_jwt(
@@ -338,62 +322,13 @@ class TokenExchangeGrant:
             scopes, claims, verified, right=right,
         )  # fmt: skip
 
-    def _partner_audience(self, aud: object, client: Client) -> tuple[str, str]:
-        """A partner's token is exchanged here if it is addressed to this server, or to an audience
-        the operator made this client the resource server for; never to one it merely calls.
-        Returns the audience to verify the token against and the exchange right."""
-        if aud == self._settings.issuer:
-            return self._settings.issuer, PARTNER
-        if isinstance(aud, str) and aud in client.resource_server_for:
-            return aud, RESOURCE_SERVER
-        raise _bad(
-            "the subject_token is addressed to an audience this client cannot exchange from",
-            "audience",
-            f"aud={str(aud)[:200]}",
-        )
-
-    def _own_right(self, claims: VerifiedClaims, aud: object, client: Client) -> str:
-        """RFC 8693 §2.1, §4.4, §5: who may exchange one of our access tokens (module docstring).
-        Order matters only for the reason recorded: the token's own client first."""
-        if isinstance(aud, list) and len(aud) == 1:
-            aud = aud[0]
-        if claims.get("client_id") == client.client_id:
-            if aud == self._settings.issuer or aud in client.allowed_resources:
-                return SUBJECT_CLIENT
-            raise _bad(
-                "the subject_token is addressed to an audience this client cannot exchange from",
-                "audience",
-                f"aud={str(aud)[:200]}",
-            )
-        if self._names(claims.get("may_act"), client):
-            return MAY_ACT
-        if isinstance(aud, str) and aud in client.resource_server_for:
-            return RESOURCE_SERVER
-        metrics.TOKEN_RIGHTS_REFUSED.labels(endpoint="token_exchange", reason="not_entitled").inc()
-        raise _bad(
-            "this client may not exchange the subject_token: it was issued to another client, "
-            "does not name this client in may_act, and this client is not the resource server "
-            "for its audience",
-            "not_entitled",
-            f"subject client {str(claims.get('client_id'))[:128]}, aud {str(aud)[:200]}",
-        )
-
-    def _names(self, may_act: object, client: Client) -> bool:
-        """RFC 8693 §4.4: ``may_act`` names this client (``sub`` or ``client_id``; ``iss``, when
-        present, must be this server, where our client ids are defined)."""
-        if not isinstance(may_act, dict):
-            return False
-        if may_act.get("iss", self._settings.issuer) != self._settings.issuer:
-            return False
-        return client.client_id in (may_act.get("sub"), may_act.get("client_id"))
-
     async def _own(self, token: str, aud: object, client: Client, now: int) -> Subject:
         claims = read_access_token(self._keys.ring, token, issuer=self._settings.issuer, now=0)
         if claims is None:
             raise _bad("the subject_token is not a valid access token of this server", "signature")
         if claims["exp"] <= now:
             raise _bad("the subject_token has expired", "expired")
-        right = self._own_right(claims, aud, client)
+        right = own_token_right(claims, aud, client, self._settings.issuer)
         owner = self._clients.get(str(claims.get("client_id")))
         if owner is None or not owner.active:
             raise _bad("the subject_token's client is no longer active", "client_inactive")
