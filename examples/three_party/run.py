@@ -233,19 +233,33 @@ class Deployment:
         return PrivateKeyJwt(response.json()["client_id"], key, "k1", self.issuer)
 
     def operator_client(
-        self, name: str, scope: str, api: str
+        self, name: str, scope: str, api: str, *extra: str
     ) -> tuple[str, ec.EllipticCurvePrivateKey]:
         """A client registered by the operator (``trustplane clients add``): only the operator may
-        grant trustplane's own APIs (the ledger, the PDP) as audiences."""
+        grant trustplane's own APIs (the ledger, the PDP) as audiences, and make a client the
+        resource server for an audience (``--resource-server``: it may exchange and introspect the
+        tokens addressed there). ``api`` is a path of this deployment or an absolute audience."""
         key = ec.generate_private_key(ec.SECP256R1())
         jwks = self.data_dir / f"{name.replace(' ', '-')}-jwks.json"
         jwks.write_text(json.dumps({"keys": [{**public_jwk(key), "kid": "k1", "alg": "ES256"}]}))
+        resource = api if api.startswith("https://") else f"{self.issuer}{api}"
         made = self.cli(
             "clients", "add", "--lei", ARRANGER, "--name", name, "--jwks-file", str(jwks),
-            "--grant-type", "client_credentials", "--scope", scope,
-            "--resource", f"{self.issuer}{api}",
+            "--scope", scope, "--resource", resource, *extra,
+            *(() if "--grant-type" in extra else ("--grant-type", "client_credentials")),
         )  # fmt: skip
         return made["client_id"], key
+
+    def resource_server(self, name: str, audience: str, *resources: str) -> PrivateKeyJwt:
+        """The service behind ``audience``, registered by the operator as its resource server: it
+        exchanges the tokens it is called with (RFC 8693). A client that registers itself (RFC 7591)
+        may call an audience but never becomes its resource server."""
+        extra = [a for r in resources for a in ("--resource", r)]
+        extra += ["--resource-server", audience, "--grant-type", EXCHANGE]
+        extra += ["--grant-type", "client_credentials"]
+        extra += ["--authorization-details-type", "trade_instruction"]
+        client_id, key = self.operator_client(name, SCOPES, audience, *extra)
+        return PrivateKeyJwt(client_id, key, "k1", self.issuer)
 
     def auditor(self) -> PrivateKeyJwt:
         """A compliance client that may read the ledger (``audit:query``)."""
@@ -408,12 +422,10 @@ def run(workdir: Path) -> None:
             allowed_resources=[ARRANGER_ORDERS, BROKER_EXECUTION],
             authorization_details_types=["trade_instruction"],
         )
-        execution = broker.register(
-            client_name="Broker execution service",
-            grant_types=[EXCHANGE, "client_credentials"],
-            scope=SCOPES,
-            allowed_resources=[BROKER_EXECUTION, CLEARING_SETTLEMENT],
-            authorization_details_types=["trade_instruction"],
+        # the broker's operator makes its execution service the resource server of its API: it
+        # exchanges the arranger's tokens it is called with (self-registration could not)
+        execution = broker.resource_server(
+            "Broker execution service", BROKER_EXECUTION, CLEARING_SETTLEMENT
         )
         # what the broker lets the arranger's subjects obtain here: clearing, settlement only
         broker.trust(

@@ -19,6 +19,11 @@ WRITER_BATCH = Histogram(
 )
 CACHE_RELOADS = Counter("trustplane_cache_reloads_total", "In-memory cache reloads", ["cache"])
 ACTIVE_CLIENTS = Gauge("trustplane_clients", "Registered clients in the in-memory registry")
+TOKEN_RIGHTS_REFUSED = Counter(
+    "trustplane_token_rights_refused_total",
+    "Requests refused a right over a token issued to another client (exchange, introspection)",
+    ["endpoint", "reason"],
+)
 TOKEN_EXCHANGES = Counter(
     "trustplane_token_exchanges_total",
     "RFC 8693 token exchanges that issued a token, by subject token type and mode",

@@ -166,7 +166,6 @@ def test_minimal_private_key_jwt_client_is_normalised(vocabulary: Vocabulary) ->
         "response_types": [],
         "scope": "order:create order:cancel",
         "allowed_resources": [EXECUTION],
-        "introspection_resources": [],
         "redirect_uris": [],
         "authorization_details_types": [],
     }
@@ -187,7 +186,6 @@ def test_full_metadata_is_kept(vocabulary: Vocabulary) -> None:
     raw = metadata(
         scope="order:create settlement:submit",
         allowed_resources=[EXECUTION, CLEARING],
-        introspection_resources=[EXECUTION],
         redirect_uris=[
             "https://client.example/cb?x=1",
             "http://127.0.0.1:8080/cb",
@@ -200,8 +198,48 @@ def test_full_metadata_is_kept(vocabulary: Vocabulary) -> None:
 
     assert out["client_name"] == "desk 7"
     assert out["allowed_resources"] == [EXECUTION, CLEARING]
-    assert out["introspection_resources"] == [EXECUTION]
     assert out["redirect_uris"] == raw["redirect_uris"]
+    assert "resource_server_for" not in out
+
+
+# --------------------------------------------------------------------------- operator-only rights
+
+RS_FIELDS = ["resource_server_for", "introspection_resources"]
+
+
+@pytest.mark.parametrize("field", RS_FIELDS)
+def test_registration_cannot_make_a_client_a_resource_server(
+    vocabulary: Vocabulary, field: str
+) -> None:
+    """Trust boundary: rights over other parties' tokens are the operator's to grant."""
+    with pytest.raises(InvalidClientMetadataError) as caught:
+        validate_metadata(metadata(**{field: [EXECUTION]}), settings(), vocabulary)
+
+    assert caught.value.error == "invalid_client_metadata"
+    assert caught.value.description.startswith(f"{field}: rights over other parties' tokens")
+    assert "trustplane clients add --resource-server" in caught.value.description
+
+
+@pytest.mark.parametrize("field", RS_FIELDS)
+def test_an_empty_resource_server_list_grants_nothing_and_is_accepted(
+    vocabulary: Vocabulary, field: str
+) -> None:
+    out = validate_metadata(metadata(**{field: []}), settings(), vocabulary)
+
+    assert "resource_server_for" not in out
+    assert "introspection_resources" not in out
+
+
+@pytest.mark.parametrize("field", RS_FIELDS)
+def test_the_operator_grants_the_resource_server_role_under_one_name(
+    vocabulary: Vocabulary, field: str
+) -> None:
+    out = validate_metadata(
+        metadata(**{field: [EXECUTION, EXECUTION]}), settings(), vocabulary, operator=True
+    )
+
+    assert out["resource_server_for"] == [EXECUTION]
+    assert "introspection_resources" not in out
 
 
 def test_https_jwks_uri_is_accepted(vocabulary: Vocabulary) -> None:

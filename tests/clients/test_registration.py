@@ -252,7 +252,7 @@ async def test_bad_metadata_is_refused_and_nothing_is_written(
 
 async def test_registered_private_key_jwt_client_gets_tokens(server: Server) -> None:
     key = new_ec_key()
-    sent = metadata(jwks=jwks_for(key), introspection_resources=[EXECUTION])
+    sent = metadata(jwks=jwks_for(key))
     before = await client_count(server)
     response = await server.http.post(
         "/register", json=sent, headers=bearer(await initial_token(server))
@@ -461,3 +461,67 @@ async def test_dynamic_registration_cannot_grant_trustplanes_own_apis(
 
     kit = await register_kit(server.services, **_with_issuer(changes, issuer))
     assert kit.client_id in {c.client_id for c in await server.services.clients.list()}
+
+
+# --------------------------------------------------------------------------- rights over others' tokens
+
+RS_GRANTS = [
+    pytest.param({"introspection_resources": [EXECUTION]}, id="introspection_resources"),
+    pytest.param({"resource_server_for": [EXECUTION]}, id="resource_server_for"),
+]
+
+
+@pytest.mark.parametrize("grant", RS_GRANTS)
+async def test_dynamic_registration_cannot_make_itself_a_resource_server(
+    server: Server, grant: dict[str, Any]
+) -> None:
+    """Issue 11 item 2: introspecting (and exchanging as resource server) other clients' tokens is
+    granted by an operator only; RFC 7591 registration asking for it is refused and writes nothing."""
+    before = await client_count(server)
+    response = await server.http.post(
+        "/register", json=metadata(**grant), headers=bearer(await initial_token(server))
+    )
+
+    assert error_of(response) == (400, "invalid_client_metadata"), response.text
+    (field,) = grant
+    assert response.json()["error_description"].startswith(
+        f"{field}: rights over other parties' tokens"
+    )
+    assert "trustplane clients add --resource-server" in response.json()["error_description"]
+    assert await client_count(server) == before
+
+
+@pytest.mark.parametrize("grant", RS_GRANTS)
+async def test_rfc7592_put_cannot_add_the_resource_server_role(
+    server: Server, grant: dict[str, Any]
+) -> None:
+    reg = await registered(server)
+    body = metadata(client_id=reg["client_id"], **grant)
+
+    put = await server.http.put(
+        reg["registration_client_uri"], json=body, headers=bearer(reg["registration_access_token"])
+    )
+
+    assert error_of(put) == (400, "invalid_client_metadata"), put.text
+    stored = server.services.clients.registry.get(reg["client_id"])
+    assert stored is not None
+    assert stored.resource_server_for == frozenset()
+
+
+async def test_rfc7592_put_does_not_keep_an_operator_grant(server: Server) -> None:
+    """The role is not client metadata the client controls: its replacement metadata never carries
+    it (operator clients from `trustplane clients add` have no registration access token at all)."""
+    kit = await register_kit(
+        server.services, resource_server_for=[EXECUTION], introspection_resources=[]
+    )
+    client = server.services.clients.registry.get(kit.client_id)
+    assert client is not None
+    assert client.resource_server_for == frozenset({EXECUTION})
+    body = {**client.metadata, "client_id": kit.client_id}
+
+    kept = await server.services.clients.update(
+        client, {k: v for k, v in body.items() if k != "resource_server_for"}
+    )
+
+    assert kept.resource_server_for == frozenset()
+    assert "resource_server_for" not in kept.metadata

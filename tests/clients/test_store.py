@@ -278,6 +278,7 @@ async def test_update_bumps_and_reloads(services: Services) -> None:
     assert current is not None
     before = await _generation(services)
     body = {**current.metadata, "client_id": kit.client_id, "scope": "order:cancel"}
+    body.pop("resource_server_for")  # the operator's grant: never sent by the client (see below)
 
     updated = await services.clients.update(current, body)
 
@@ -299,6 +300,7 @@ async def test_update_cannot_change_the_auth_method(services: Services) -> None:
         "token_endpoint_auth_method": "client_secret_basic",
     }
     body.pop("jwks")
+    body.pop("resource_server_for")
     before = await _generation(services)
 
     with pytest.raises(

@@ -68,7 +68,6 @@ def register_code_client(server: LiveServer) -> ClientKit:
         "redirect_uris": [REDIRECT_URI],
         "scope": "order:create order:cancel",
         "allowed_resources": [EXECUTION],
-        "introspection_resources": [EXECUTION],
         "authorization_details_types": ["trade_instruction"],
         "jwks": jwks_for(key),
     }

@@ -9,12 +9,16 @@ from collections.abc import Awaitable, Callable
 
 import httpx
 import jwt
+import orjson
 import pytest
 import pytest_asyncio
+from sqlalchemy import select, update
 
-from tests.conftest import CLEARING, EXECUTION, LEI, ClientKit, new_ec_key, register_kit
+from tests.conftest import CLEARING, EXECUTION, LEI, ClientKit, jwks_for, new_ec_key, register_kit
 from tests.protocol_server import Server
+from trustplane import metrics
 from trustplane.clients.model import ClientStatus
+from trustplane.clients.tables import clients
 from trustplane.oauth.tokens import issue_access_token
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -176,3 +180,82 @@ async def test_refused_introspection_request(
 ) -> None:
     response = await server.http.post("/introspect", data=form(server))
     assert (response.status_code, response.json()["error"]) == (status, error), response.text
+
+
+# --------------------------------------------------------------------------- who may introspect
+
+
+async def _registered_over_http(server: Server) -> ClientKit:
+    """A client registered by RFC 7591 (initial access token), as anyone holding one may."""
+    key = new_ec_key()
+    token = await server.services.clients.create_initial_access_token("tests")
+    body = {"lei": LEI, "scope": "order:create", "allowed_resources": [EXECUTION],
+            "jwks": jwks_for(key)}  # fmt: skip
+    response = await server.http.post(
+        "/register", json=body, headers={"Authorization": f"Bearer {token}"}
+    )
+    assert response.status_code == 201, response.text
+    return ClientKit(response.json()["client_id"], key, server.issuer)
+
+
+async def _store_legacy_introspection(server: Server, client_id: str, *, operator: bool) -> None:
+    """Rewrite a stored row as a server before issue 11 wrote it: ``introspection_resources`` in the
+    metadata (self-declared by DCR, or set by ``clients add``, which leaves no registration token)."""
+    async with server.services.db.transaction() as conn:
+        where = clients.c.client_id == client_id
+        raw = (await conn.execute(select(clients.c.metadata).where(where))).scalar_one()
+        stored = {**orjson.loads(raw), "introspection_resources": [EXECUTION]}
+        stored.pop("resource_server_for", None)
+        values: dict[str, object] = {"metadata": orjson.dumps(stored).decode()}
+        if operator:
+            values["registration_token_hash"] = None
+        await conn.execute(update(clients).where(where).values(**values))
+    await server.services.clients.load()
+
+
+def _refused_count() -> float:
+    sample = metrics.TOKEN_RIGHTS_REFUSED.labels(
+        endpoint="introspection", reason="not_resource_server"
+    )
+    return float(sample._value.get())
+
+
+async def test_dcr_client_with_stored_introspection_resources_cannot_introspect(
+    server: Server, other: ClientKit
+) -> None:
+    """Issue 11 item 2: a right a client declared for itself before the fix is not honoured. RFC 7662
+    §2.2: a caller not allowed to introspect this token gets exactly ``{"active": false}``."""
+    dcr = await _registered_over_http(server)
+    await _store_legacy_introspection(server, dcr.client_id, operator=False)
+    stored = server.services.clients.registry.get(dcr.client_id)
+    assert stored is not None
+    assert stored.resource_server_for == frozenset()
+    assert "introspection_resources" not in stored.metadata
+    token = await server.access_token(other, resource=EXECUTION)
+    before = _refused_count()
+
+    response = await introspect(server, token, dcr)
+
+    assert response.status_code == 200, response.text
+    assert response.json() == INACTIVE
+    assert _refused_count() == before + 1
+    assert (await introspect(server, token)).json()["active"] is True  # the operator's RS still can
+
+
+async def test_operator_registered_resource_server_can_introspect(
+    server: Server, other: ClientKit
+) -> None:
+    """``clients add --resource-server`` (and a row ``clients add`` stored before the rename)."""
+    rs = await register_kit(
+        server.services, resource_server_for=[EXECUTION], introspection_resources=[]
+    )
+    legacy = await register_kit(server.services, introspection_resources=[])
+    await _store_legacy_introspection(server, legacy.client_id, operator=True)
+    token = await server.access_token(other, resource=EXECUTION)
+
+    for caller in (rs, legacy):
+        body = (await introspect(server, token, caller)).json()
+        assert body["active"] is True
+        assert (body["client_id"], body["aud"]) == (other.client_id, EXECUTION)
+    outside = await server.access_token(other, resource=CLEARING, scope="settlement:submit")
+    assert (await introspect(server, outside, rs)).json() == INACTIVE

@@ -392,6 +392,26 @@ async def test_refusal_has_the_exact_error_and_a_deny_entry(ex: Exchange, case: 
         assert event["reason_ids"] == [reason_id]
 
 
+async def test_partner_token_for_an_audience_the_client_only_calls_is_refused(
+    ex: Exchange,
+) -> None:
+    """A partner's token addressed to one of our resources is exchanged by that resource's
+    operator-made resource server only; ``allowed_resources`` (may call it) is not enough."""
+    caller = await register_kit(
+        ex.server.services,
+        grant_types=["client_credentials", TOKEN_EXCHANGE],
+        introspection_resources=[],
+    )
+    to_us = ex.partner_access(ex.a, aud=ex.server.issuer)
+
+    refused, client_jti = await ex.post(ex.partner_access(ex.a), kit=caller)
+    allowed, _ = await ex.post(to_us, kit=caller)
+
+    assert error_of(refused) == (400, "invalid_request"), refused.text
+    assert (await ex.refusal(client_jti))["reason_ids"] == ["audience"]
+    assert allowed.status_code == 200, allowed.text
+
+
 async def test_widened_authorization_details_are_refused(ex: Exchange) -> None:
     """The subject token is limited to bond; a request dropping that constraint is wider."""
     wider = {k: v for k, v in TRADE.items() if k != "instrument_classes"}
@@ -481,12 +501,17 @@ def impersonation_for(client_id: str) -> BundleSource:
     """The default bundle with ``exchange.no_impersonation`` narrowed: ``client_id`` may impersonate
     for the execution API (and nobody else, anywhere else)."""
     files = dict(default_bundle().files)
-    rule = files["exchange.cedar"].split('@id("exchange.no_impersonation")')[0]
-    files["exchange.cedar"] = rule + (
-        '@id("exchange.no_impersonation")\n'
-        'forbid (principal, action == Action::"token:exchange", resource)\n'
-        "when { context.impersonation &&\n"
-        f'  !(principal == Client::"{client_id}" && context.audience == "{EXECUTION}") }};\n'
+    before, rule = files["exchange.cedar"].split('@id("exchange.no_impersonation")')
+    after = rule.split("};\n", 1)[1]  # the rules that follow it stay as they are
+    files["exchange.cedar"] = (
+        before
+        + (
+            '@id("exchange.no_impersonation")\n'
+            'forbid (principal, action == Action::"token:exchange", resource)\n'
+            "when { context.impersonation &&\n"
+            f'  !(principal == Client::"{client_id}" && context.audience == "{EXECUTION}") }};\n'
+        )
+        + after
     )
     return BundleSource(files)
 

@@ -62,8 +62,14 @@ def clients_add(
     ] = None,
     jwks_uri: Annotated[str | None, typer.Option(help="URL of the client's JWK Set.")] = None,
     grant_type: Annotated[list[str] | None, typer.Option(help="Grant type (repeatable).")] = None,
-    introspection_resource: Annotated[
-        list[str] | None, typer.Option(help="Resource whose tokens this client may introspect.")
+    resource_server: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--resource-server",
+            "--introspection-resource",
+            help="Audience this client is the resource server for: it may introspect and exchange "
+            "other clients' tokens addressed there (repeatable; operator-only).",
+        ),
     ] = None,
     redirect_uri: Annotated[
         list[str] | None, typer.Option(help="Redirect URI (repeatable).")
@@ -84,7 +90,7 @@ def clients_add(
         "allowed_resources": resource,
         "token_endpoint_auth_method": auth_method,
         "grant_types": grant_type or ["client_credentials"],
-        "introspection_resources": introspection_resource or [],
+        "resource_server_for": resource_server or [],
         "redirect_uris": redirect_uri or [],
         "authorization_details_types": authorization_details_type or [],
     }

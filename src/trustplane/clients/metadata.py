@@ -3,6 +3,12 @@
 Shape errors and semantic errors both become ``invalid_client_metadata``, except redirect URIs, which
 get ``invalid_redirect_uri`` (RFC 7591 §3.2.2). The result is the normalised metadata that is stored
 and echoed back; fields we do not understand are ignored, as RFC 7591 §2 requires.
+
+Rights over other parties' tokens are not client metadata a client may write. ``resource_server_for``
+(the audiences this client is the resource server for: it may introspect tokens addressed there and
+exchange them, RFC 7662 §2.1, RFC 8693 §2.1) is granted by the operator alone
+(``trustplane clients add --resource-server``); RFC 7591 registration and RFC 7592 update refuse it,
+and its former name ``introspection_resources``, with ``invalid_client_metadata``.
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ class ClientMetadataIn(BaseModel):
     response_types: list[str] = Field(default_factory=list, max_length=4)
     scope: str = Field(min_length=1, max_length=2000)
     allowed_resources: list[str] = Field(min_length=1, max_length=32)
+    resource_server_for: list[str] = Field(default_factory=list, max_length=32)
+    #: The former name of ``resource_server_for`` (operator input only, stored under the new name).
     introspection_resources: list[str] = Field(default_factory=list, max_length=32)
     redirect_uris: list[str] = Field(default_factory=list, max_length=16)
     authorization_details_types: list[str] = Field(default_factory=list, max_length=32)
@@ -57,7 +65,8 @@ def validate_metadata(
     """Return normalised metadata or raise the RFC 7591 error naming the first problem.
 
     ``operator``: the caller is the operator (the CLI), who alone may grant trustplane's own APIs
-    (audit ledger, PDP, mandates, federation admin); a dynamic registration may not."""
+    (audit ledger, PDP, mandates, federation admin) and rights over other parties' tokens
+    (``resource_server_for``); a dynamic registration or update may not."""
     if not isinstance(raw, dict):
         raise InvalidClientMetadataError("the request body must be a JSON object")
     try:
@@ -79,10 +88,22 @@ def validate_metadata(
     _check_scopes_and_resources(meta, vocabulary)
     if not operator:
         _check_no_internal_apis(meta, vocabulary)
+        _check_no_resource_server_role(meta)
     _check_details_types(meta, settings)
     for uri in meta.redirect_uris:
         check_redirect_uri(uri)
-    return meta.model_dump(exclude_none=True)
+    return _normalised(meta)
+
+
+def _normalised(meta: ClientMetadataIn) -> dict[str, Any]:
+    """The stored form: the operator's resource-server grant under its one name, only when given."""
+    out = meta.model_dump(exclude_none=True, exclude={"introspection_resources"})
+    granted = list(dict.fromkeys([*meta.resource_server_for, *meta.introspection_resources]))
+    if granted:
+        out["resource_server_for"] = granted
+    else:
+        del out["resource_server_for"]
+    return out
 
 
 def _check_keys(meta: ClientMetadataIn, settings: Settings) -> None:
@@ -130,7 +151,7 @@ def _check_scopes_and_resources(meta: ClientMetadataIn, vocabulary: Vocabulary) 
     unknown = [s for s in meta.scope.split() if s not in vocabulary.scopes]
     if unknown:
         raise InvalidClientMetadataError(f"scope: not in the vocabulary: {', '.join(unknown)}")
-    for field in ("allowed_resources", "introspection_resources"):
+    for field in ("allowed_resources", "resource_server_for", "introspection_resources"):
         bad = [r for r in getattr(meta, field) if r not in vocabulary.resources]
         if bad:
             raise InvalidClientMetadataError(f"{field}: unknown resource(s): {', '.join(bad)}")
@@ -138,9 +159,8 @@ def _check_scopes_and_resources(meta: ClientMetadataIn, vocabulary: Vocabulary) 
 
 def _check_no_internal_apis(meta: ClientMetadataIn, vocabulary: Vocabulary) -> None:
     internal = vocabulary.internal
-    resources = sorted(
-        {r for r in [*meta.allowed_resources, *meta.introspection_resources] if r in internal}
-    )
+    granted = [*meta.allowed_resources, *meta.resource_server_for, *meta.introspection_resources]
+    resources = sorted({r for r in granted if r in internal})
     scopes = [s for s in meta.scope.split() if vocabulary.scopes[s].resources <= internal]
     if resources or scopes:
         named = ", ".join([*resources, *scopes])
@@ -148,6 +168,20 @@ def _check_no_internal_apis(meta: ClientMetadataIn, vocabulary: Vocabulary) -> N
             f"{named}: trustplane's own APIs are granted by an operator "
             "(`trustplane clients add`), not by dynamic registration"
         )
+
+
+def _check_no_resource_server_role(meta: ClientMetadataIn) -> None:
+    """Trust boundary: being able to call a resource server never makes a client that resource
+    server. The role that reads (RFC 7662) and exchanges (RFC 8693) other clients' tokens for an
+    audience is the operator's to give; a registration that asks for it is refused, not trimmed,
+    so the client learns it does not hold the right."""
+    for field in ("resource_server_for", "introspection_resources"):
+        if getattr(meta, field):
+            raise InvalidClientMetadataError(
+                f"{field}: rights over other parties' tokens (introspection, token exchange as "
+                "their resource server) are granted by an operator "
+                "(`trustplane clients add --resource-server`), not by registration"
+            )
 
 
 def _check_details_types(meta: ClientMetadataIn, settings: Settings) -> None:

@@ -1,4 +1,12 @@
-"""The client as the rest of the server sees it: validated metadata plus parsed keys."""
+"""The client as the rest of the server sees it: validated metadata plus parsed keys.
+
+``resource_server_for`` is the one operator-granted right over other clients' tokens: the audiences
+this client is the resource server for (it may introspect tokens addressed there, RFC 7662, and
+exchange them, RFC 8693). Rows stored before that notion existed may carry the self-declarable
+``introspection_resources``; :meth:`Client.build` keeps it as ``resource_server_for`` only for a
+client the operator registered (``trustplane clients add`` never issues a registration access
+token; RFC 7591 registration always does) and drops it for every other client.
+"""
 
 from __future__ import annotations
 
@@ -50,6 +58,9 @@ class Client:
     ) -> Client:
         jwks = metadata.get("jwks")
         keys = tuple(import_public_jwks(jwks)) if jwks else ()
+        metadata = _without_legacy_rights(
+            metadata, operator=kw.get("registration_token_hash") is None
+        )
         return cls(client_id=client_id, metadata=metadata, status=status, keys=keys, **kw)
 
     @property
@@ -77,8 +88,10 @@ class Client:
         return tuple(self.metadata.get("allowed_resources", ()))
 
     @property
-    def introspection_resources(self) -> frozenset[str]:
-        return frozenset(self.metadata.get("introspection_resources", ()))
+    def resource_server_for(self) -> frozenset[str]:
+        """Audiences whose tokens this client may introspect and exchange as their resource
+        server: granted by the operator only (see the module docstring)."""
+        return frozenset(self.metadata.get("resource_server_for", ()))
 
     @property
     def jwks_uri(self) -> str | None:
@@ -91,3 +104,18 @@ class Client:
             "client_id_issued_at": self.created_at,
             **self.metadata,
         }
+
+
+def _without_legacy_rights(metadata: dict[str, Any], *, operator: bool) -> dict[str, Any]:
+    """A stored ``introspection_resources`` (the self-declarable predecessor of
+    ``resource_server_for``) becomes the operator's grant for an operator-registered client and is
+    dropped for a dynamically registered one: a right a client wrote itself is never honoured."""
+    legacy = metadata.get("introspection_resources")
+    if legacy is None:
+        return metadata
+    out = {k: v for k, v in metadata.items() if k != "introspection_resources"}
+    if operator and legacy:
+        out["resource_server_for"] = list(
+            dict.fromkeys([*out.get("resource_server_for", ()), *legacy])
+        )
+    return out

@@ -14,9 +14,24 @@ Subject tokens:
   ``jti`` is single-use, consumed with the outcome like a jwt-bearer assertion.
 
 Anything else (``id_token``, ``refresh_token``, SAML, an ID token or client assertion or logout token
-presented as an access token) is ``invalid_request``. The subject token's ``aud`` must be our issuer
-or one of the exchanging client's ``allowed_resources``: a client may exchange a token addressed to
-this server or to a resource it is itself registered for, never one addressed to somebody else.
+presented as an access token) is ``invalid_request``.
+
+Who may exchange (RFC 8693 §2.1-2.2, §4.4, §5; ``oauth.exchange_rights``): one of OUR tokens only
+its own client, a client named in its ``may_act``, or the operator-made resource server for its
+``aud``; a partner's token only when addressed to this server or to such a resource server. Being
+able to call a resource server never makes a client that resource server. Anyone else is
+``invalid_request``, reason ``not_entitled``.
+
+A subject token carrying one of our mandates is exchanged only where the PDP agrees that the
+exchanging client is related to the mandate's grantee: the ``token:exchange`` request carries
+``context.mandate`` (id, version, grantor, grantee legal entity, grantee client) and the
+``exchange_right``; the default bundle forbids an exchange by a client that is neither the grantee
+client nor a client of the grantee's legal entity (``exchange.mandate_grantee``).
+
+Repeated exchange of one access token by an entitled client is not counted or capped: RFC 8693 lets
+a legitimate actor exchange the token it holds for each downstream call, every derived token ends
+no later than the subject token, each exchange is decided and recorded, and revoking the subject
+token stops further exchanges of it. (A partner assertion, ``jwt``, stays single-use.)
 
 The issued token: ``sub`` of the subject (partner subjects stay namespaced, with ``origin``),
 ``client_id`` of the exchanging client, ``act`` = the current actor with the subject token's ``act``
@@ -60,8 +75,10 @@ from trustplane.federation.registry import (
 from trustplane.jose.jws import JWSError, parse
 from trustplane.keys.service import KeyService
 from trustplane.mandates.errors import MandateUnusableError
+from trustplane.mandates.model import Mandate
 from trustplane.mandates.service import MandateService
 from trustplane.oauth.client_auth import AuthenticatedClient
+from trustplane.oauth.exchange_rights import own_token_right, partner_token_audience
 from trustplane.oauth.form import Form
 from trustplane.oauth.replay import ReplayCache, ReplayUse
 from trustplane.oauth.resources import select_resource, select_scopes
@@ -120,6 +137,11 @@ class Subject:
     claims: dict[str, Any]
     partner: VerifiedPartnerToken | None = None
     mandate: tuple[str, int] | None = None
+    #: How the exchanging client may exchange this token: ``subject_client``, ``may_act``,
+    #: ``resource_server`` or ``partner`` (see the module docstring).
+    right: str = ""
+    #: The mandate version behind the token (our own mandates), for the PDP's grantee relation.
+    terms: Mandate | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,13 +300,8 @@ class TokenExchangeGrant:
             return await self._own(token, aud, client, now)
         if isinstance(aud, list) and len(aud) == 1:
             aud = aud[0]
-        expected = self._settings.issuer if not is_access else aud
-        if not isinstance(expected, str) or not self._usable_audience(expected, client):
-            raise _bad(
-                "the subject_token is addressed to an audience this client cannot exchange from",
-                "audience",
-                f"aud={str(aud)[:200]}",
-            )
+        target = self._settings.issuer if not is_access else aud
+        expected, right = partner_token_audience(target, client, self._settings.issuer)
         accepted = frozenset({token_type})
         try:
             verified = await self._partners.verify_partner_jwt(
@@ -302,17 +319,8 @@ class TokenExchangeGrant:
             scopes = tuple(sorted(verified.partner.allowed_scopes))
         return Subject(
             token_type, verified.issuer, verified.subject, verified.jti, verified.exp,
-            scopes, claims, verified,
+            scopes, claims, verified, right=right,
         )  # fmt: skip
-
-    def _usable_audience(self, aud: object, client: Client) -> bool:
-        """The rule for a subject token's ``aud``: this server, or a resource the exchanging client
-        is registered for (a resource server exchanging the token it was called with)."""
-        if isinstance(aud, list) and len(aud) == 1:
-            aud = aud[0]
-        return isinstance(aud, str) and (
-            aud == self._settings.issuer or aud in client.allowed_resources
-        )
 
     async def _own(self, token: str, aud: object, client: Client, now: int) -> Subject:
         claims = read_access_token(self._keys.ring, token, issuer=self._settings.issuer, now=0)
@@ -320,24 +328,19 @@ class TokenExchangeGrant:
             raise _bad("the subject_token is not a valid access token of this server", "signature")
         if claims["exp"] <= now:
             raise _bad("the subject_token has expired", "expired")
-        if not self._usable_audience(aud, client):
-            raise _bad(
-                "the subject_token is addressed to an audience this client cannot exchange from",
-                "audience",
-                f"aud={str(aud)[:200]}",
-            )
+        right = own_token_right(claims, aud, client, self._settings.issuer)
         owner = self._clients.get(str(claims.get("client_id")))
         if owner is None or not owner.active:
             raise _bad("the subject_token's client is no longer active", "client_inactive")
         # revocation is checked with the outcome, in the same transaction (Grant.unrevoked)
-        mandate = await self._mandate(claims.get("mandate"), now)
+        terms = await self._mandate(claims.get("mandate"), now)
         return Subject(
             TOKEN_TYPE_ACCESS_TOKEN, self._settings.issuer, str(claims["sub"]),
             str(claims["jti"]), int(claims["exp"]), tuple(str(claims["scope"]).split()),
-            dict(claims), None, mandate,
+            dict(claims), None, (terms.id, terms.version) if terms else None, right, terms,
         )  # fmt: skip
 
-    async def _mandate(self, ref: object, now: int) -> tuple[str, int] | None:
+    async def _mandate(self, ref: object, now: int) -> Mandate | None:
         if ref is None:
             return None
         if not isinstance(ref, dict):
@@ -346,14 +349,13 @@ class TokenExchangeGrant:
         if not isinstance(mandate_id, str) or not isinstance(version, int):
             raise _bad("the subject_token's mandate reference is malformed", "mandate")
         try:
-            await self._mandates.check_usable(mandate_id, version, now)
+            return await self._mandates.check_usable(mandate_id, version, now)
         except MandateUnusableError as exc:
             raise _bad(
                 "the mandate behind the subject_token is no longer usable",
                 f"mandate_{exc.reason}",
                 str(exc),
             ) from None
-        return mandate_id, version
 
     # ------------------------------------------------------------------ actor
 
@@ -457,18 +459,7 @@ class TokenExchangeGrant:
             {"legal_entity": legal_entity, "scopes": frozenset(client.scopes)},
             (legal_entity,),
         )
-        context = {
-            "audience": req.resource,
-            "requested_scopes": list(req.scopes),
-            "delegation_depth": len(req.chain),
-            "impersonation": req.impersonation,
-            "subject": req.subject.subject,
-            "subject_issuer": req.subject.issuer,
-            "subject_token_type": req.subject.token_type,
-            "actor": req.actor.sub,
-            "actor_issuer": req.actor.iss,
-            "actor_chain": list(req.chain),
-        }
+        context = exchange_context(req)
         requests = [  # built lazily would save little: Entity construction is cheap next to Cedar
             DecisionRequest(
                 principal,
@@ -482,7 +473,7 @@ class TokenExchangeGrant:
         key = (self._engine.version, client.client_id, client.updated_at, client.lei,
                client.scopes, req.scopes, req.resource, req.subject.subject, req.subject.issuer,
                req.subject.token_type, req.actor.sub, req.actor.iss, req.chain,
-               req.impersonation)  # fmt: skip
+               req.impersonation, req.subject.right, req.subject.mandate)  # fmt: skip
         cached = self._cache.get(key)
         if cached is not None:
             metrics.POLICY_CACHE.labels(result="hit").inc()
@@ -548,6 +539,39 @@ class TokenExchangeGrant:
         if not await self._replay.consume(use.issuer, use.jti, use.expires_at):
             raise _replayed(subject)
         return None
+
+
+def exchange_context(req: _Request) -> dict[str, Any]:
+    """The ``token:exchange`` decision context (``ExchangeContext`` in the default schema).
+
+    ``exchange_right`` says how the exchanging client (the principal) may exchange the subject
+    token; ``mandate``, present when the subject token rests on one of our mandates, names its
+    grantor and grantee (legal entities) and the grantee client, so that policy decides whether the
+    exchanging client is related to the grantee (docs/policy.md)."""
+    subject = req.subject
+    context: dict[str, Any] = {
+        "audience": req.resource,
+        "requested_scopes": list(req.scopes),
+        "delegation_depth": len(req.chain),
+        "impersonation": req.impersonation,
+        "subject": subject.subject,
+        "subject_issuer": subject.issuer,
+        "subject_token_type": subject.token_type,
+        "actor": req.actor.sub,
+        "actor_issuer": req.actor.iss,
+        "actor_chain": list(req.chain),
+        "exchange_right": subject.right,
+    }
+    terms = subject.terms
+    if terms is not None:
+        context["mandate"] = {
+            "id": terms.id,
+            "version": terms.version,
+            "grantor": Entity("LegalEntity", terms.grantor_lei),
+            "grantee": Entity("LegalEntity", terms.grantee_lei),
+            "grantee_client": Entity("Client", terms.grantee_client_id),
+        }
+    return context
 
 
 def _impersonation(form: Form, subject: Subject) -> bool:

@@ -1,9 +1,13 @@
 """Token introspection (RFC 7662) and revocation (RFC 7009) of our JWT access tokens.
 
-Introspection callers authenticate like any client. A caller may see a token issued to itself, or a
-token whose audience is one of its ``introspection_resources`` (a resource server asking about tokens
-meant for it). Anything else, and anything not currently valid, is ``{"active": false}`` and nothing
-more (RFC 7662 §2.2), so introspection cannot be used to probe other parties' tokens.
+Introspection callers authenticate like any client (RFC 7662 §2.1: the endpoint MUST require
+authorization). A caller may see a token issued to itself, or a token whose audience it is the
+resource server for (``resource_server_for``, granted by the operator only: a client can never give
+itself the right to read other parties' tokens by writing it in its registration). Anything else,
+and anything not currently valid, is ``{"active": false}`` and nothing more (RFC 7662 §2.2: "the
+protected resource is not allowed to introspect this particular token"), so introspection cannot be
+used to probe other parties' tokens; such a refusal of a live token is counted in
+``trustplane_token_rights_refused_total{endpoint="introspection"}``.
 """
 
 from __future__ import annotations
@@ -76,11 +80,14 @@ class IntrospectionService:
         caller = (await self._auth.authenticate(form, authorization)).client
         claims = await self._live_claims(form.require("token"))
         visible = claims is not None and (
-            claims["client_id"] == caller.client_id
-            or claims["aud"] in caller.introspection_resources
+            claims["client_id"] == caller.client_id or claims["aud"] in caller.resource_server_for
         )
         metrics.INTROSPECTIONS.labels(active=str(visible).lower()).inc()
         if not visible or claims is None:
+            if claims is not None:
+                metrics.TOKEN_RIGHTS_REFUSED.labels(
+                    endpoint="introspection", reason="not_resource_server"
+                ).inc()
             return INACTIVE
         out = {"active": True, "token_type": "Bearer"}
         out.update({k: claims[k] for k in EXPOSED_CLAIMS + FEDERATION_CLAIMS if k in claims})
