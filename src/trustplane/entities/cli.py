@@ -132,9 +132,14 @@ def entities_list(
         _emit_json({"total": total, "entities": [e.public() for e in entities]})
         return
     table = Table("lei", "legal name", "country", "status", "source")
+    table.columns[0].no_wrap = True
     for e in entities:
         table.add_row(
             e.lei, e.legal_name, e.country or "", e.registration_status or "", e.source.value
         )
     out.print(table)
     out.print(f"{len(entities)} shown of {total} in the directory", highlight=False)
+
+
+if __name__ == "__main__":  # ``python -m trustplane.entities.cli``, before the main CLI mounts it
+    entities_app()

@@ -14,14 +14,11 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import structlog
-
 from trustplane.entities.golden_copy import Skipped, read_golden_copy
 from trustplane.entities.model import LegalEntity, Source, legal_entity
 from trustplane.entities.store import EntityStore
 from trustplane.storage.db import Database
 
-log = structlog.get_logger("trustplane.entities")
 #: How many skipped records an import report lists one by one (all are counted).
 MAX_LISTED = 100
 
@@ -80,13 +77,6 @@ class EntityDirectory:
             if len(batch) >= batch_size:
                 report.imported += await self._write(batch)
         report.imported += await self._write(batch)
-        log.info(
-            "entities_imported",
-            path=str(path),
-            rows=report.rows,
-            imported=report.imported,
-            skipped=report.skipped,
-        )
         return report
 
     async def _write(self, batch: builtins.list[LegalEntity]) -> int:
