@@ -245,3 +245,28 @@ def test_error_page(page: Page, site: Site) -> None:
     alert = page.locator("[role=alert]")
     assert alert.count() == 1
     assert alert.inner_text()
+
+
+def test_docs_render_offline(page: Page, site: Site) -> None:
+    """Swagger UI renders the OpenAPI document with every request answered by this server."""
+    hosts: set[str] = set()
+    page.on("request", lambda request: hosts.add(httpx.URL(request.url).host))
+    page.goto(f"{site.server.base_url}/docs")
+    title = page.locator(".swagger-ui .info .title")
+    title.wait_for(timeout=60_000)
+    assert title.inner_text().startswith("trustplane")
+    assert page.locator(".opblock").count() > 10  # the operations are listed
+    SCREENSHOTS.mkdir(exist_ok=True)
+    page.screenshot(path=SCREENSHOTS / f"docs-{page.width}.png")  # type: ignore[attr-defined]
+    assert hosts == {"127.0.0.1"}
+
+
+def test_index_page(page: Page, site: Site) -> None:
+    page.goto(site.server.base_url + "/")
+    check_layout(page, "index")
+    links = page.locator("main a")
+    assert links.all_inner_texts() == [
+        "Authorization server metadata",
+        "Public signing keys (JWKS)",
+        "API documentation",
+    ]
