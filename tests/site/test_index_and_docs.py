@@ -34,14 +34,16 @@ async def test_index_names_the_operator(
     http: httpx.AsyncClient, settings_factory: Callable[..., Settings]
 ) -> None:
     issuer_host = httpx.URL(str(http.base_url)).host
-    assert f"<header><p id="operator">{issuer_host}<small>" in (await http.get("/")).text  # the default
+    assert (
+        f'<header><p id="operator">{issuer_host}<small>' in (await http.get("/")).text
+    )  # the default
     settings = settings_factory(operator_name="Northbridge Clearing & Co")
     app = Starlette(routes=[index_route(settings, docs_url=None)])
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url=settings.issuer
     ) as client:
         page = (await client.get("/")).text
-    assert "<header><p id="operator">Northbridge Clearing &amp; Co<small>" in page
+    assert '<header><p id="operator">Northbridge Clearing &amp; Co<small>' in page
     assert 'href="/docs"' not in page  # docs on another listener: no link here
 
 
