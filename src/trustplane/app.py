@@ -59,6 +59,7 @@ from trustplane.policy.service import GENERATION as POLICY_GENERATION
 from trustplane.policy.service import PolicyService, build_policy
 from trustplane.rar.registry import AuthorizationDetailsRegistry
 from trustplane.settings import Settings, SettingsError
+from trustplane.site.http import docs_routes, index_route
 from trustplane.storage import generations
 from trustplane.storage.db import Database
 from trustplane.storage.migrate import pending
@@ -319,7 +320,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Trust
         title="trustplane",
         version=__version__,
         lifespan=lifespan,
-        docs_url="/docs",
+        docs_url=None,  # served from the package by docs_routes, not from a CDN
         redoc_url=None,
     )
     app.state.services = svc
@@ -346,6 +347,8 @@ def _mount(app: FastAPI, svc: Services) -> list[Route]:
     app.router.routes.extend(fast)
     app.router.routes.append(Route("/metrics", _metrics, methods=["GET"]))
     app.router.routes.append(Route("/healthz", _health, methods=["GET"]))
+    docs_routes(app)
+    app.router.routes.append(index_route(svc.settings, docs_url="/docs"))
     return fast
 
 

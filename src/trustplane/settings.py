@@ -118,6 +118,9 @@ class Settings(BaseSettings):
     session_lifetime: int = Field(default=3600, ge=60, le=86400)
     login_max_failures: int = Field(default=5, ge=1, le=100)
     login_lockout: int = Field(default=60, ge=1, le=3600)
+    #: Who runs this service, named on every page a person sees (login, consent, errors, ``/``);
+    #: empty: the issuer's host name.
+    operator_name: str = Field(default="", max_length=200)
 
     # mandates, RAR authorization_details types, security events (issue 5, mandates)
     authorization_details_types_dir: Path | None = None

@@ -29,7 +29,9 @@ _INPUT = re.compile(r'<input type="hidden" name="(\w+)" value="([^"]*)">')
 
 
 def hidden_fields(page: str) -> dict[str, str]:
-    return {name: html.unescape(value) for name, value in _INPUT.findall(page)}
+    """The hidden fields of the page's first form (the one-time-code page has a second one)."""
+    first = page.split("</form>", 1)[0]
+    return {name: html.unescape(value) for name, value in _INPUT.findall(first)}
 
 
 def pkce_pair() -> tuple[str, str]:
@@ -84,6 +86,15 @@ class Flow:
         if otp is not None:
             data["otp"] = otp
         posted = await self.http.post("/authorize/login", data=data)
+        assert posted.status_code == 303, posted.text
+        return await self.http.get(posted.headers["location"])
+
+    async def otp(self, page: httpx.Response, code: str) -> httpx.Response:
+        """Post the one-time-code page (the second login step); follow the 303."""
+        assert 'name="otp"' in page.text, page.text
+        posted = await self.http.post(
+            "/authorize/login", data={**hidden_fields(page.text), "otp": code}
+        )
         assert posted.status_code == 303, posted.text
         return await self.http.get(posted.headers["location"])
 

@@ -93,7 +93,7 @@ async def test_consent_page_states_the_terms_in_business_language(setup: Setup) 
     text = page.text
     assert page.status_code == 200
     assert "Arranger Order Service" in text
-    assert 'id="client-lei">5493001KJTIIGC8Y1R12<' in text
+    assert 'id="client-lei">LEI 5493001KJTIIGC8Y1R12<' in text
     assert "Create an order" in text  # the scope's description from the vocabulary
     assert "ACC-1" in text
     assert "bond" in text

@@ -58,9 +58,13 @@ async def test_totp_user_needs_the_one_time_code(setup: Setup) -> None:
     await setup.add_user("tom")
     enrolment = await users.enable_totp("tom")
     flow = setup.flow()
-    page = await flow.login(await flow.start(), "tom")
+    page = await flow.login(await flow.start(), "tom")  # the right password: the code page
+    assert 'name="otp"' in page.text
+    assert 'id="login-failed"' not in page.text
+    page = await flow.otp(page, "000000" if totp.now_code(enrolment.secret) != "000000" else "1")
     assert 'id="login-failed"' in page.text
-    page = await flow.login(page, "tom", otp=totp.now_code(enrolment.secret))
+    assert 'name="otp"' in page.text  # still the code page: no need to type the password again
+    page = await flow.otp(page, totp.now_code(enrolment.secret))
     assert 'action="/authorize/consent"' in page.text
     answer = await flow.decide(page)
     code = query_of(answer.headers["location"])["code"]

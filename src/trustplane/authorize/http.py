@@ -13,11 +13,20 @@ nothing. Every POST answers 303.
 The session cookie (``__Host-`` prefixed when the issuer is https) is sealed, ``HttpOnly``,
 ``SameSite=Lax``, ``Secure`` unless the issuer is plain http on loopback. The pending request rides
 in a sealed hidden field bound to the session id, so any process of a deployment can continue it.
+
+Login takes one or two pages: the password, then, only for users who enrolled an authenticator and
+only after the password was right, the one-time code (kept in the session cookie for
+``LOGIN_STEP_LIFETIME`` seconds). A wrong password answers alike for every user, and the username
+typed is kept in the cookie (not the URL) so the form shows it again.
+
+What a person sees: the operator's name (``operator_name``) on every page, legal names beside LEIs
+(the entity directory), labels before identifiers, errors in ``role="alert"`` boxes.
 """
 
 from __future__ import annotations
 
 import secrets
+import time
 from dataclasses import replace
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -29,7 +38,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from trustplane import metrics
-from trustplane.authorize.login import Identity, LoginFailedError, LoginStep
+from trustplane.authorize.login import Identity, LoginFailedError, LoginStep, NextStep
 from trustplane.authorize.request import AuthorizationRequest, ErrorPage, RedirectError
 from trustplane.authorize.sealing import Sealer
 from trustplane.authorize.service import AuthorizationService
@@ -41,6 +50,12 @@ from trustplane.settings import Settings
 log = structlog.get_logger("trustplane.authorize")
 #: How long a user has to log in and decide.
 REQUEST_LIFETIME = 600
+#: How long the one-time-code page stays usable after a right password.
+LOGIN_STEP_LIFETIME = 300
+#: ``failed=`` values of ``/authorize/continue``: a refused login, or an expired code page.
+FAILURES = ("1", "expired")
+#: Longest username kept for the form after a failed login (longer ones are not valid anyway).
+MAX_USERNAME = 128
 
 
 class AuthorizeHttp:
@@ -54,6 +69,7 @@ class AuthorizeHttp:
             sealer,
         )
         https = urlsplit(settings.issuer).scheme == "https"
+        self._operator = settings.operator_name or urlsplit(settings.issuer).hostname or ""
         self._secure = https
         self._cookie = "__Host-trustplane_session" if https else "trustplane_session"
         self._templates = Environment(
@@ -89,32 +105,57 @@ class AuthorizeHttp:
             status = 303 if request.method == "POST" else 302
             return _redirect(self._service.error_redirect(exc.target, exc.error), status)
         session, fresh = self._session(request)
-        return await self._page(parsed, session, fresh, failed=False)
+        return await self._page(parsed, session, fresh, failed="")
 
     async def resume(self, request: Request) -> Response:
         session, fresh = self._session(request)
         pending = self._pending(request.query_params.get("request"), session)
         if pending is None:
             return await self._error_page(_expired())
-        failed = request.query_params.get("failed") == "1"
-        return await self._page(pending, session, fresh, failed=failed)
+        failed = request.query_params.get("failed")
+        return await self._page(
+            pending, session, fresh, failed=failed if failed in FAILURES else ""
+        )
 
     async def login(self, request: Request) -> Response:
         checked = await self._checked_post(request)
         if isinstance(checked, Response):
             return checked
         form, session, pending, blob = checked
+        stage = form.get("stage")
+        step = _login_step(session) if stage == "otp" else None
+        if stage == "restart":  # "use another account"
+            return self._back(blob, _anonymous(session))
+        if stage == "otp" and step is None:  # the code page expired: the password again
+            return self._back(blob, _anonymous(session), failed="expired")
         try:
-            who = await self._login.authenticate(_fields(form))
+            result = await self._login.authenticate(_fields(form), step and step["state"])
         except LoginFailedError as exc:
-            log.info("login_failed", step=self._login.name, reason=str(exc))
+            log.info(
+                "login_failed", step=self._login.name, stage=stage or "password", reason=str(exc)
+            )
             metrics.LOGINS.labels(outcome="failed").inc()
-            return _redirect(f"/authorize/continue?request={quote(blob)}&failed=1")
+            if step is None:  # keep what was typed, for the form
+                session = {**_anonymous(session), "username": _typed_username(form)}
+            return self._back(blob, session, failed="1")
+        if isinstance(result, NextStep):
+            metrics.LOGINS.labels(outcome="code_requested").inc()
+            expires = int(time.time()) + LOGIN_STEP_LIFETIME
+            kept = {"template": result.template, "state": result.state, "exp": expires}
+            return self._back(blob, {**_anonymous(session), "step": kept})
         metrics.LOGINS.labels(outcome="succeeded").inc()
         # a new session id at login (no session fixation); the pending request moves with it
-        session = {"sid": secrets.token_urlsafe(32), "who": _identity_dict(who)}
+        session = {"sid": secrets.token_urlsafe(32), "who": _identity_dict(result)}
         moved = self._seal_request(replace(pending, force_login=False), session["sid"])
         response = _redirect(f"/authorize/continue?request={quote(moved)}")
+        self._set_cookie(response, session)
+        return response
+
+    def _back(self, blob: str, session: dict[str, Any], *, failed: str = "") -> Response:
+        """303 to the login page of this pending request, with the session's new state."""
+        response = _redirect(
+            f"/authorize/continue?request={quote(blob)}" + (f"&failed={failed}" if failed else "")
+        )
         self._set_cookie(response, session)
         return response
 
@@ -169,28 +210,38 @@ class AuthorizeHttp:
         return form, session, pending, blob
 
     async def _page(
-        self, pending: AuthorizationRequest, session: dict[str, Any], fresh: bool, *, failed: bool
+        self, pending: AuthorizationRequest, session: dict[str, Any], fresh: bool, *, failed: str
     ) -> Response:
-        who = None if pending.force_login else await self._identity(session)
-        common = {
-            "csrf": self._sealer.csrf_token(session["sid"]),
-            "request": self._seal_request(pending, session["sid"]),
-        }
-        if who is None:
-            client = self._service.client(pending)
-            html = self._render(
-                self._login.template,
-                client_name=client.metadata.get("client_name") or client.client_id,
-                failed=failed,
-                **common,
-            )
-        else:
-            view = await self._service.consent_view(pending, who)
-            html = self._render("consent.html", view=view, **common)
+        try:
+            html = await self._page_html(pending, session, failed=failed)
+        except ErrorPage as exc:  # e.g. the client was disabled while the person was on the page
+            return await self._error_page(exc)
         response = _html(html)
         if fresh:
             self._set_cookie(response, session)
         return response
+
+    async def _page_html(
+        self, pending: AuthorizationRequest, session: dict[str, Any], *, failed: str
+    ) -> str:
+        who = None if pending.force_login else await self._identity(session)
+        common = {
+            "csrf": self._sealer.csrf_token(session["sid"]),
+            "request": self._seal_request(pending, session["sid"]),
+            "failed": failed,
+        }
+        if who is not None:
+            view = await self._service.consent_view(pending, who)
+            return self._render("consent.html", view=view, **common)
+        client_name, client_entity = await self._service.requester(pending)
+        step = _login_step(session)
+        return self._render(
+            step["template"] if step else self._login.template,
+            client_name=client_name,
+            client_entity=client_entity,
+            username=step["state"].get("username") if step else session.get("username", ""),
+            **common,
+        )
 
     def _session(self, request: Request) -> tuple[dict[str, Any], bool]:
         """The current session, or a new anonymous one (True: the cookie must be set)."""
@@ -230,7 +281,7 @@ class AuthorizeHttp:
 
     def _render(self, template: str, **context: Any) -> str:
         return self._templates.get_template(template).render(
-            issuer=self._settings.issuer, **context
+            issuer=self._settings.issuer, operator=self._operator, **context
         )
 
     async def _error_page(self, exc: ErrorPage) -> Response:
@@ -266,6 +317,27 @@ def _expired() -> ErrorPage:
         "application.",
         debug="pending request missing, expired or bound to another session",
     )
+
+
+def _login_step(session: dict[str, Any]) -> dict[str, Any] | None:
+    """The second login page's kept state, if a right password asked for it and it is fresh."""
+    step = session.get("step")
+    if not isinstance(step, dict) or not isinstance(step.get("state"), dict):
+        return None
+    expires = step.get("exp")
+    if not isinstance(expires, int) or expires <= time.time():
+        return None
+    return step
+
+
+def _anonymous(session: dict[str, Any]) -> dict[str, Any]:
+    """The session without a pending second step or a kept username (same id: the pending
+    request stays bound to it)."""
+    return {key: value for key, value in session.items() if key not in ("step", "username")}
+
+
+def _typed_username(form: Form) -> str:
+    return (form.get("username") or "")[:MAX_USERNAME]
 
 
 def _fields(form: Form) -> dict[str, str]:

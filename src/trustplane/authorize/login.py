@@ -1,7 +1,10 @@
 """The login step, pluggable: the authorization endpoint asks a :class:`LoginStep` who the resource
-owner is and gets an :class:`Identity` back. ``LocalLogin`` checks local users (password, optional
-TOTP); a later upstream federated login implements the same protocol (its ``template`` would offer
-the upstream provider, its ``authenticate`` would take the upstream callback's fields).
+owner is and gets an :class:`Identity` back, or a :class:`NextStep` when one more page is needed.
+``LocalLogin`` checks local users: the password, then, for users who enrolled an authenticator, the
+one-time code on a second page. Enrolment is not revealed before the password is checked: a wrong
+password fails alike for every user. A later upstream federated login implements the same protocol
+(its ``template`` would offer the upstream provider, its ``authenticate`` would take the upstream
+callback's fields).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from trustplane.users.service import LoginFailedError, UserService
+from trustplane.users.service import LoginFailedError, SecondFactorNeeded, UserService
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,14 +27,27 @@ class Identity:
     acr: str
 
 
+@dataclass(frozen=True, slots=True)
+class NextStep:
+    """The first factor passed; ``template`` collects the next one. ``state`` is kept in the sealed
+    session cookie (short-lived) and handed back to :meth:`LoginStep.authenticate` with that page's
+    fields."""
+
+    template: str
+    state: dict[str, str]
+
+
 class LoginStep(Protocol):
     #: Short name, recorded in audit payloads.
     name: str
-    #: The page template that collects this step's fields.
+    #: The page template that collects this step's first fields.
     template: str
 
-    async def authenticate(self, fields: Mapping[str, str]) -> Identity:
-        """The identity, or :class:`LoginFailedError` (with a log-only reason)."""
+    async def authenticate(
+        self, fields: Mapping[str, str], state: Mapping[str, str] | None = None
+    ) -> Identity | NextStep:
+        """The identity, the next page, or :class:`LoginFailedError` (with a log-only reason).
+        ``state``: what the previous :class:`NextStep` asked to keep, None on the first page."""
         ...
 
     async def still_valid(self, identity: Identity) -> Identity | None:
@@ -43,14 +59,26 @@ class LoginStep(Protocol):
 class LocalLogin:
     name = "local"
     template = "login.html"
+    #: The second page, for users with an authenticator app.
+    otp_template = "login_otp.html"
 
     def __init__(self, users: UserService) -> None:
         self._users = users
 
-    async def authenticate(self, fields: Mapping[str, str]) -> Identity:
-        result = await self._users.authenticate(
-            fields.get("username", ""), fields.get("password", ""), fields.get("otp")
-        )
+    async def authenticate(
+        self, fields: Mapping[str, str], state: Mapping[str, str] | None = None
+    ) -> Identity | NextStep:
+        if state is None:
+            checked = await self._users.check_password(
+                fields.get("username", ""), fields.get("password", "")
+            )
+            if isinstance(checked, SecondFactorNeeded):
+                kept = {"user_id": checked.user_id, "username": checked.username}
+                return NextStep(self.otp_template, kept)
+            result = checked
+        else:
+            after = SecondFactorNeeded(state.get("user_id", ""), state.get("username", ""))
+            result = await self._users.check_one_time_code(after, fields.get("otp", ""))
         user = result.user
         return Identity(user.user_id, user.lei, user.display_name, result.auth_time, result.acr)
 
@@ -61,4 +89,4 @@ class LocalLogin:
         return Identity(user.user_id, user.lei, user.display_name, identity.auth_time, identity.acr)
 
 
-__all__ = ["Identity", "LocalLogin", "LoginFailedError", "LoginStep"]
+__all__ = ["Identity", "LocalLogin", "LoginFailedError", "LoginStep", "NextStep"]

@@ -17,6 +17,8 @@ from urllib.parse import urlencode
 from trustplane import metrics
 from trustplane.audit.events import AuditEvent, AuditEventType
 from trustplane.audit.sink import AuditSink, write_events
+from trustplane.authorize import consent_text
+from trustplane.authorize.consent_text import Instruction, Item, humanise
 from trustplane.authorize.login import Identity
 from trustplane.authorize.request import (
     AuthorizationRequest,
@@ -28,6 +30,7 @@ from trustplane.authorize.request import (
 from trustplane.authorize.store import GrantContext, SqlCodeStore, grant_event, new_secret_value
 from trustplane.clients.model import Client
 from trustplane.clients.service import ClientRegistry
+from trustplane.entities.service import EntityDirectory
 from trustplane.errors import AccessDeniedError, OAuth2Error
 from trustplane.mandates.service import MandateService
 from trustplane.oauth.form import Form
@@ -39,19 +42,18 @@ from trustplane.storage.db import Database
 
 @dataclass(frozen=True, slots=True)
 class ConsentView:
-    """Everything the consent page states, in business language."""
+    """Everything the consent page states, in business language; identifiers ride as ``code``."""
 
     client_name: str
     client_id: str
-    client_lei: str
-    resource: str
-    resource_description: str
-    scopes: list[tuple[str, str]]
-    details: list[list[tuple[str, str]]]
+    client_entity: Item
+    resource: Item
+    scopes: list[Item]
+    details: list[Instruction]
     effective_from: str
     effective_until: str
     user_name: str
-    user_lei: str
+    user_entity: Item
     covering: dict[str, Any] | None
 
 
@@ -78,10 +80,11 @@ class AuthorizationService:
         mandates: MandateService,
         codes: SqlCodeStore,
         audit: AuditSink,
+        entities: EntityDirectory,
     ) -> None:
         self._settings, self._db, self._registry = settings, db, registry
         self._vocabulary, self._details, self._mandates = vocabulary, details, mandates
-        self._codes, self._audit = codes, audit
+        self._codes, self._audit, self._entities = codes, audit, entities
 
     def parse(self, form: Form) -> AuthorizationRequest:
         return parse_request(form, self._registry, self._vocabulary, self._details)
@@ -128,20 +131,35 @@ class AuthorizationService:
         covering = await self._covering(request, who)
         now = int(time.time())
         until = None if covering is not None else self._default_until(now)
+        details = request.authorization_details
+        leis = {who.lei, client.lei, *consent_text.leis_in(self._details, details)}
+        names = await self._entities.lookup(leis)
+        described = self._vocabulary.resources.get(request.resource)
         return ConsentView(
             client_name=str(client.metadata.get("client_name") or client.client_id),
             client_id=client.client_id,
-            client_lei=client.lei,
-            resource=request.resource,
-            resource_description=self._vocabulary.resources.get(request.resource, ""),
-            scopes=[(s, self._vocabulary.scopes[s].description) for s in request.scopes],
-            details=[self._details.describe(d) for d in request.authorization_details],
+            client_entity=consent_text.entity(client.lei, names),
+            resource=Item(described or request.resource, request.resource if described else None),
+            scopes=[self._scope(s) for s in request.scopes],
+            details=[consent_text.instruction(self._details, d, names) for d in details],
             effective_from=_day(covering.effective_from if covering else now),
             effective_until=_day(covering.effective_until if covering else until),
             user_name=who.display_name,
-            user_lei=who.lei,
+            user_entity=consent_text.entity(who.lei, names),
             covering=None if covering is None else {"id": covering.id, "version": covering.version},
         )
+
+    def _scope(self, name: str) -> Item:
+        entry = self._vocabulary.scopes.get(name)
+        return Item(entry.description if entry and entry.description else humanise(name), name)
+
+    async def requester(self, request: AuthorizationRequest) -> tuple[str, Item]:
+        """The client's name and its legal entity (name from the entity directory), for the
+        login page."""
+        client = self.client(request)
+        names = await self._entities.lookup({client.lei})
+        name = str(client.metadata.get("client_name") or client.client_id)
+        return name, consent_text.entity(client.lei, names)
 
     def _default_until(self, now: int) -> int:
         return now + self._settings.mandate_default_lifetime

@@ -13,6 +13,8 @@ from trustplane.authorize.sealing import Sealer
 from trustplane.authorize.service import AuthorizationService
 from trustplane.authorize.store import SqlCodeStore, SqlRefreshStore
 from trustplane.clients.service import ClientRegistry
+from trustplane.entities.service import EntityDirectory
+from trustplane.entities.store import SqlEntityStore
 from trustplane.keys.service import KeyService
 from trustplane.mandates.service import MandateService
 from trustplane.oauth.introspection import IntrospectionService
@@ -30,6 +32,7 @@ from trustplane.users.store import SqlUserStore
 class Authorization:
     db: Database
     users: UserService
+    entities: EntityDirectory
     service: AuthorizationService
     grants: DelegatedGrants
     http: AuthorizeHttp
@@ -59,8 +62,9 @@ def build(
     """Wire users, the authorization endpoint and the two grants (registered on the token endpoint)."""
     users = UserService(db, SqlUserStore(), settings, kek, write_events)
     codes = SqlCodeStore()
+    entities = EntityDirectory(db, SqlEntityStore())
     service = AuthorizationService(
-        settings, db, registry, vocabulary, details, mandates, codes, audit
+        settings, db, registry, vocabulary, details, mandates, codes, audit, entities
     )
     grants = DelegatedGrants(
         settings,
@@ -76,4 +80,4 @@ def build(
     token_endpoint.grants.update(grants.handlers())
     introspection.refresh_tokens = grants
     http = AuthorizeHttp(settings, service, LocalLogin(users), Sealer(kek))
-    return Authorization(db, users, service, grants, http)
+    return Authorization(db, users, entities, service, grants, http)

@@ -3,6 +3,7 @@
 from trustplane.audit import tables as _audit_tables  # noqa: F401
 from trustplane.authorize import store as _authorize_store  # noqa: F401
 from trustplane.clients import tables as _client_tables  # noqa: F401
+from trustplane.entities import store as _entity_store  # noqa: F401
 from trustplane.federation import tables as _federation_tables  # noqa: F401
 from trustplane.keys import tables as _key_tables  # noqa: F401
 from trustplane.mandates import tables as _mandate_tables  # noqa: F401

@@ -49,6 +49,14 @@ class LoginResult:
 
 
 @dataclass(frozen=True, slots=True)
+class SecondFactorNeeded:
+    """The password was right and the account uses TOTP: the one-time code is the next step."""
+
+    user_id: str
+    username: str
+
+
+@dataclass(frozen=True, slots=True)
 class TotpEnrolment:
     secret: str
     uri: str
@@ -135,7 +143,18 @@ class UserService:
     # ------------------------------------------------------------------ login
 
     async def authenticate(self, username: str, password: str, otp: str | None) -> LoginResult:
-        """Check the password (always, also for unknown users) and, if enrolled, the one-time code."""
+        """Both steps at once: the password, then (if enrolled) the one-time code."""
+        checked = await self.check_password(username, password)
+        if isinstance(checked, LoginResult):
+            return checked
+        return await self.check_one_time_code(checked, otp or "")
+
+    async def check_password(
+        self, username: str, password: str
+    ) -> LoginResult | SecondFactorNeeded:
+        """First step: the password (always verified, also for unknown users, so that every
+        failure costs the same). A wrong password fails alike for enrolled and non-enrolled
+        users; only after a right one does an enrolled user learn that a code is needed."""
         now = int(time.time())
         try:
             name = normalise_username(username)
@@ -146,47 +165,51 @@ class UserService:
         password_ok = passwords.verify_password(password, creds.password_hash if creds else None)
         if creds is None:
             raise LoginFailedError("unknown user")
-        user = creds.user
-        step = None
-        if creds.totp_secret is not None:
-            step = totp.verify(
-                self._open(user.user_id, creds.totp_secret),
-                (otp or "").strip(),
-                after_step=creds.totp_last_step or -1,
-            )
-        reason = (
-            "disabled"
-            if not user.active
-            else "locked"
-            if user.locked_until > now
-            else "password"
-            if not password_ok
-            else "totp"
-            if creds.totp_secret is not None and step is None
-            else None
-        )
-        if reason is None:
+        reason = _refusal(creds.user, now) or (None if password_ok else "password")
+        if reason is not None:
+            await self._failed(creds.user, now, reason)
+            raise LoginFailedError(reason)
+        if passwords.needs_rehash(creds.password_hash):
             async with self._db.transaction() as conn:
-                if await self._store.record_success(conn, user.user_id, now, step):
-                    await self._events(
-                        conn,
-                        [
-                            self._event(
-                                AuditEventType.USER_LOGIN_SUCCEEDED, user, totp=step is not None
-                            )
-                        ],
-                    )
-                    if passwords.needs_rehash(creds.password_hash):
-                        await self._store.update(
-                            conn, user.user_id, now, password_hash=passwords.hasher().hash(password)
-                        )
-                    acr, amr = (
-                        (ACR_MFA, ("pwd", "otp")) if step is not None else (ACR_PASSWORD, ("pwd",))
-                    )
-                    return LoginResult(user, now, acr, amr)
-            reason = "totp replay"
+                await self._store.update(
+                    conn, creds.user.user_id, now, password_hash=passwords.hasher().hash(password)
+                )
+        if creds.totp_secret is not None:
+            return SecondFactorNeeded(creds.user.user_id, creds.user.username)
+        return await self._succeeded(creds.user, now, None)
+
+    async def check_one_time_code(self, after: SecondFactorNeeded, otp: str) -> LoginResult:
+        """Second step, for a user whose password was just checked: the TOTP code, single use.
+        A wrong or replayed code counts towards the lockout like a wrong password."""
+        now = int(time.time())
+        async with self._db.read() as conn:
+            creds = await self._store.credentials(conn, after.username)
+        if creds is None or creds.user.user_id != after.user_id:
+            raise LoginFailedError("unknown user")
+        user, step = creds.user, None
+        if creds.totp_secret is not None:
+            secret = self._open(user.user_id, creds.totp_secret)
+            last = creds.totp_last_step or -1
+            step = totp.verify(secret, otp.strip(), after_step=last)
+        reason = _refusal(user, now) or (None if step is not None else "totp")
+        if reason is None:
+            try:
+                return await self._succeeded(user, now, step)
+            except LoginFailedError:
+                reason = "totp replay"
         await self._failed(user, now, reason)
         raise LoginFailedError(reason)
+
+    async def _succeeded(self, user: User, now: int, step: int | None) -> LoginResult:
+        """Record the login (a TOTP step is accepted once: :class:`LoginFailedError` if another
+        login used it first)."""
+        async with self._db.transaction() as conn:
+            if not await self._store.record_success(conn, user.user_id, now, step):
+                raise LoginFailedError("totp replay")
+            event = self._event(AuditEventType.USER_LOGIN_SUCCEEDED, user, totp=step is not None)
+            await self._events(conn, [event])
+        acr, amr = (ACR_MFA, ("pwd", "otp")) if step is not None else (ACR_PASSWORD, ("pwd",))
+        return LoginResult(user, now, acr, amr)
 
     async def _failed(self, user: User, now: int, reason: str) -> None:
         s = self._settings
@@ -228,3 +251,12 @@ class UserService:
             service="trustplane.users",
             payload={"username": user.username, **payload},
         )
+
+
+def _refusal(user: User, now: int) -> str | None:
+    """Why this account may not log in now, whatever the credentials."""
+    if not user.active:
+        return "disabled"
+    if user.locked_until > now:
+        return "locked"
+    return None
