@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib.util
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import pytest
 
 from tests.authorize.flow import PASSWORD, TRADE, pkce_pair
 from tests.conftest import IN_CI, LEI, ClientKit
-from tests.e2e.conftest import LiveServer, running_servers
+from tests.e2e.conftest import TRUSTPLANE, LiveServer, running_servers
 from tests.e2e.test_authorization_flow import (
     USER_LEI,
     add_user,
@@ -82,10 +81,9 @@ def _require_browser() -> None:
 
 
 def import_entities(server: LiveServer) -> None:
-    """``trustplane entities import`` of the golden-copy sample (run as its module until the main
-    CLI mounts the group)."""
+    """``trustplane entities import`` of the golden-copy sample."""
     proc = subprocess.run(
-        [sys.executable, "-m", "trustplane.entities.cli", "import", str(GOLDEN_COPY)],
+        [TRUSTPLANE, "entities", "import", str(GOLDEN_COPY)],
         env=server.env,
         capture_output=True,
         text=True,

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.conftest import KEK, LEI, run_sync
-from trustplane.entities.cli import entities_app
+from trustplane.cli.entities import entities_app
 from trustplane.storage.db import Database
 from trustplane.storage.migrate import upgrade
 
@@ -101,9 +101,11 @@ def test_refusals_exit_1_with_one_line(env: dict[str, str], args: list[str], mes
     assert json.loads(cli(env, "list", "--json"))["total"] == 0
 
 
-def test_an_unmigrated_database_exits_2(tmp_path: Path) -> None:
+def test_a_missing_database_exits_2_and_creates_nothing(tmp_path: Path) -> None:
     env = environment(tmp_path, migrated=False)
-    assert "run `trustplane migrate`" in cli(env, "list", code=2)
+    before = sorted(tmp_path.rglob("*"))
+    assert "there is no database at" in cli(env, "list", code=2)
+    assert sorted(tmp_path.rglob("*")) == before
 
 
 def test_a_wrong_setting_exits_2(env: dict[str, str]) -> None:

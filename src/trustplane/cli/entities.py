@@ -19,10 +19,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from trustplane.cli import common
 from trustplane.entities.model import EntityError
 from trustplane.entities.service import EntityDirectory
 from trustplane.entities.store import SqlEntityStore
-from trustplane.settings import SettingsError, load_settings
+from trustplane.settings import SettingsError
 
 T = TypeVar("T")
 entities_app: typer.Typer = typer.Typer(
@@ -40,13 +41,11 @@ def _fail(message: str, code: int) -> typer.Exit:
 
 
 async def _with_directory(fn: Callable[[EntityDirectory], Awaitable[T]]) -> T:
-    from trustplane.storage.db import Database
-    from trustplane.storage.migrate import pending
-
-    db = Database(load_settings().effective_database_url, pool_size=2)
+    """The existing deployment's directory (``common.open_database`` creates nothing)."""
+    settings = common._settings()
+    db = await common.open_database(settings, create=False)
     try:
-        if await pending(db):
-            raise _fail("database schema is not up to date: run `trustplane migrate`", 2)
+        await common.check_schema(settings, db)
         return await fn(EntityDirectory(db, SqlEntityStore()))
     finally:
         await db.dispose()
@@ -139,7 +138,3 @@ def entities_list(
         )
     out.print(table)
     out.print(f"{len(entities)} shown of {total} in the directory", highlight=False)
-
-
-if __name__ == "__main__":  # ``python -m trustplane.entities.cli``, before the main CLI mounts it
-    entities_app()
