@@ -226,6 +226,10 @@ async def _mandate_unknown(s: Server, a: Api) -> Headers:
     return bearer(mint(s, a, extra={"lei": LEI, "mandate": ref}))
 
 
+async def _mandate_malformed(s: Server, a: Api) -> Headers:
+    return bearer(mint(s, a, extra={"lei": LEI, "mandate": "m-1"}))  # not {"id", "version"}
+
+
 async def _valid(s: Server, a: Api) -> Headers:
     return bearer(mint(s, a))
 
@@ -323,6 +327,13 @@ CASES: list[tuple[str, Make, int, str | None, str]] = [
     (
         "mandate-expired",
         _mandate_expired,
+        401,
+        "invalid_token",
+        "the mandate the access token rests on is no longer usable",
+    ),
+    (
+        "mandate-malformed",
+        _mandate_malformed,
         401,
         "invalid_token",
         "the mandate the access token rests on is no longer usable",

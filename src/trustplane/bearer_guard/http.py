@@ -37,10 +37,11 @@ R = TypeVar("R")
 
 def bearer_request(request: Request) -> BearerRequest:
     headers = request.headers
+    query: bytes = request.scope.get("query_string", b"")  # parsed only when it may hold a token
     return BearerRequest(
         headers.get("authorization"),
         len(headers.getlist("authorization")),
-        "access_token" in request.query_params,
+        b"access_token" in query and "access_token" in request.query_params,
     )
 
 
