@@ -382,7 +382,9 @@ async def _handler_measure(svc: Any, authzen_http: Any, n: int) -> list[Row]:
     ).token
     engine = PolicyEngine(issuer=svc.settings.issuer, served_regions=["eu"])
     engine.activate(compile_bundle(default_bundle()))
-    app = authzen_http(engine, svc.keys, svc.clients.registry, svc.settings.issuer)
+    from trustplane.app import bearer_guard
+
+    app = authzen_http(engine, bearer_guard(svc))
     handler = next(r.endpoint for r in app.routes() if r.path == "/access/v1/evaluation")
     body = json.dumps(_evaluation_json()).encode()
     scope = {

@@ -24,6 +24,7 @@ from trustplane.audit.http import audit_router
 from trustplane.audit.ledger import Ledger
 from trustplane.audit.sink import SqlAuditSink, write_events
 from trustplane.authorize import wiring as authorize_wiring
+from trustplane.bearer_guard import BearerGuard, RevokedTokens
 from trustplane.clients.http import registration_router
 from trustplane.clients.remote_jwks import RemoteJwksCache
 from trustplane.clients.service import GENERATION as CLIENTS_GENERATION
@@ -49,6 +50,7 @@ from trustplane.oauth.introspection import IntrospectionService
 from trustplane.oauth.openapi import protocol_paths
 from trustplane.oauth.outcomes import OutcomeRecorder
 from trustplane.oauth.replay import RedisReplayCache, SqlReplayCache
+from trustplane.oauth.revocations import GENERATION as REVOCATIONS_GENERATION
 from trustplane.oauth.revocations import SqlRevocationStore
 from trustplane.oauth.scopes import Vocabulary, load_vocabulary, with_internal_apis
 from trustplane.oauth.token_endpoint import TokenEndpoint
@@ -110,6 +112,7 @@ class Services:
     authorization: authorize_wiring.Authorization
     ledger: Ledger
     policy: PolicyService
+    revoked: RevokedTokens
 
     @classmethod
     def build(cls, settings: Settings, db: Database | None = None) -> Services:
@@ -132,8 +135,9 @@ class Services:
         token = TokenEndpoint(settings, auth, keys, vocabulary, audit, OutcomeRecorder(writer))
         rar, mandates = mandates_wiring.build(settings, db, keys, clients.registry)
         token.policy = TokenPolicy(policy.engine) if settings.policy_token_enforcement else None
+        revoked = RevokedTokens(db)  # the SQL store, plus the list the bearer guard reads
         introspection = IntrospectionService(
-            settings, db, auth, keys, clients.registry, SqlRevocationStore(), audit, mandates
+            settings, db, auth, keys, clients.registry, revoked, audit, mandates
         )
         authorization = authorize_wiring.build(
             settings,
@@ -182,6 +186,7 @@ class Services:
             authorization,
             Ledger(settings, db, kek),
             policy,
+            revoked,
         )
 
     async def start(self) -> None:
@@ -224,6 +229,9 @@ class Services:
             await self.federation.load()
             metrics.CACHE_RELOADS.labels(cache="partners").inc()
         mandates_wiring.refresh(self.mandates, current, seen)
+        if current.get(REVOCATIONS_GENERATION) != seen.get(REVOCATIONS_GENERATION):
+            await self.revoked.load()
+            metrics.CACHE_RELOADS.labels(cache="revocations").inc()
         if current.get(POLICY_GENERATION) != seen.get(POLICY_GENERATION):
             await self.policy.load()
             metrics.CACHE_RELOADS.labels(cache="policy").inc()
@@ -331,25 +339,33 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Trust
 def _mount(app: FastAPI, svc: Services) -> list[Route]:
     """Add every route to FastAPI (one routing table, 405s, docs); return the hot-path ones."""
     protocol = OAuthHttp(svc.token_endpoint, svc.introspection, svc.keys, _metadata_json(svc))
+    guard = bearer_guard(svc)  # every bearer-protected route of ours goes through this one
     app.include_router(registration_router(svc.clients, svc.settings.issuer))
-    app.include_router(
-        audit_router(svc.ledger, svc.keys, svc.clients.registry, svc.settings, svc.db)
-    )
-    app.include_router(
-        federation_router(svc.federation, svc.keys, svc.clients.registry, svc.settings.issuer)
-    )
-    app.include_router(mandates_wiring.router(svc))
+    app.include_router(audit_router(svc.ledger, guard, svc.settings, svc.db))
+    app.include_router(federation_router(svc.federation, guard))
+    app.include_router(mandates_wiring.router(svc.mandates, guard))
     app.router.routes.extend(svc.authorization.http.routes())
-    app.include_router(simulation_router(svc.policy, svc.keys, svc.clients.registry, svc.settings))
+    app.include_router(simulation_router(svc.policy, guard, svc.settings))
     fast = protocol.routes()
-    authzen = AuthzenHttp(svc.policy.engine, svc.keys, svc.clients.registry, svc.settings.issuer)
-    fast += authzen.routes()
+    fast += AuthzenHttp(svc.policy.engine, guard).routes()
     app.router.routes.extend(fast)
     app.router.routes.append(Route("/metrics", _metrics, methods=["GET"]))
     app.router.routes.append(Route("/healthz", _health, methods=["GET"]))
     docs_routes(app)
     app.router.routes.append(index_route(svc.settings, docs_url="/docs"))
     return fast
+
+
+def bearer_guard(svc: Services) -> BearerGuard:
+    """The one guard of our bearer-protected routes (docs/architecture.md)."""
+    return BearerGuard(
+        issuer=svc.settings.issuer,
+        clock_skew=svc.settings.clock_skew,
+        keys=svc.keys,
+        clients=svc.clients.registry,
+        revoked=svc.revoked,
+        mandates=svc.mandates,
+    )
 
 
 def _metadata_json(svc: Services) -> Callable[[], bytes]:

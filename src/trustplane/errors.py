@@ -6,7 +6,9 @@ description goes on the wire, the debug text only into logs and the audit trail.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 
 class OAuth2Error(Exception):
@@ -31,8 +33,8 @@ class OAuth2Error(Exception):
         # audit-only: a stable reason (``reason_ids``) and the federated partner concerned, if any
         self.reason_id, self.partner = reason_id, partner
 
-    def body(self) -> dict[str, str]:
-        out = {"error": self.error}
+    def body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"error": self.error}
         if self.description:
             out["error_description"] = self.description
         return out
@@ -101,6 +103,12 @@ class InvalidTokenError(OAuth2Error):
     status_code = 401
 
 
+class MissingTokenError(InvalidTokenError):
+    """RFC 6750 §3.1: the request carries no bearer token at all (no header, or another scheme). 401;
+    the challenge is bare (``Bearer realm="..."``, no error code: the client may not have known that
+    authentication is needed), the body still names ``invalid_token`` like every other 401."""
+
+
 class InsufficientScopeError(OAuth2Error):
     """RFC 6750 §3.1: the token lacks the scope the request needs. 403."""
 
@@ -145,3 +153,99 @@ class UnsupportedResponseTypeError(OAuth2Error):
     """RFC 6749 §4.1.2.1: only ``response_type=code`` is supported (RFC 9700 §2.1.2)."""
 
     error = "unsupported_response_type"
+
+
+class ContentTooLargeError(InvalidRequestError):
+    """RFC 9110 §15.5.14: the request content is larger than the endpoint accepts. 413, wire code
+    ``invalid_request``."""
+
+    status_code = 413
+
+
+class NotFoundError(OAuth2Error):
+    """Admin APIs: the named object (mandate, partner) does not exist. 404."""
+
+    error = "not_found"
+    status_code = 404
+
+
+class ConflictError(OAuth2Error):
+    """Admin APIs: the write conflicts with the current version (``expected_version``). 409."""
+
+    error = "conflict"
+    status_code = 409
+
+
+class InvalidStateError(OAuth2Error):
+    """Admin APIs: the object's state does not allow the transition (resume a revoked mandate). 409."""
+
+    error = "invalid_state"
+    status_code = 409
+
+
+class PartnerExistsError(OAuth2Error):
+    """Partner admin API: a partner with that id is already registered. 409."""
+
+    error = "partner_exists"
+    status_code = 409
+
+
+class InvalidTrustProfileError(OAuth2Error):
+    """Partner admin API: the trust profile document is invalid; ``errors`` lists every problem. 400."""
+
+    error = "invalid_trust_profile"
+
+    def __init__(self, description: str, errors: list[str]) -> None:
+        super().__init__(description)
+        self.errors = errors
+
+    def body(self) -> dict[str, Any]:
+        return {**super().body(), "errors": self.errors}
+
+
+class UnknownBundleError(OAuth2Error):
+    """Policy admin API: no published bundle has that version. 404."""
+
+    error = "unknown_bundle"
+    status_code = 404
+
+
+class InvalidBundleError(OAuth2Error):
+    """Policy admin API: a candidate bundle does not validate or its tests fail; ``problems`` lists
+    them. 422."""
+
+    error = "invalid_bundle"
+    status_code = 422
+
+    def __init__(self, description: str, problems: list[str]) -> None:
+        super().__init__(description)
+        self.problems = problems
+
+    def body(self) -> dict[str, Any]:
+        return {**super().body(), "problems": self.problems}
+
+
+#: Turns a component's own exception into the typed wire error that answers it.
+ToWire = Callable[[Any], OAuth2Error]
+
+
+@dataclass(frozen=True)
+class ErrorTable:
+    """How one router answers its errors: the ``endpoint`` label of its metrics and logs, and, per
+    component exception type, the typed wire error (which fixes the status and ``error`` code).
+
+    Typed wire errors (:class:`OAuth2Error`) answer as themselves; a component exception answers as
+    the entry of its nearest class in the table; anything else is not a request problem (the
+    renderer answers 503 for a failed dependency, 500 for a bug)."""
+
+    endpoint: str
+    wire: Mapping[type[Exception], ToWire] = field(default_factory=dict)
+
+    def to_wire(self, exc: Exception) -> OAuth2Error | None:
+        if isinstance(exc, OAuth2Error):
+            return exc
+        for kind in type(exc).__mro__:
+            make = self.wire.get(kind)
+            if make is not None:
+                return make(exc)
+        return None

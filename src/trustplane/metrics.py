@@ -17,6 +17,11 @@ WRITER_BATCH = Histogram(
     "Writes per group commit",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
 )
+BEARER_REFUSED = Counter(
+    "trustplane_bearer_refused_total",
+    "Requests to our bearer-protected APIs refused by the bearer guard",
+    ["api", "error", "reason"],
+)
 CACHE_RELOADS = Counter("trustplane_cache_reloads_total", "In-memory cache reloads", ["cache"])
 ACTIVE_CLIENTS = Gauge("trustplane_clients", "Registered clients in the in-memory registry")
 TOKEN_RIGHTS_REFUSED = Counter(

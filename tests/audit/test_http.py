@@ -145,7 +145,8 @@ async def test_a_token_without_the_scope_is_403_insufficient_scope(server: Serve
         assert response.status_code == 403
         assert response.json()["error"] == "insufficient_scope"
         assert response.headers["www-authenticate"] == (
-            'Bearer realm="trustplane", error="insufficient_scope", scope="audit:query"'
+            'Bearer realm="trustplane", error="insufficient_scope", '
+            'error_description="the access token lacks the scope audit:query", scope="audit:query"'
         )
     from trustplane.audit.sink import recent_events
 

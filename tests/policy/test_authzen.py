@@ -361,7 +361,11 @@ async def test_no_token_is_401_with_a_bare_challenge(server: Server) -> None:
     response = await post(server, "evaluation", evaluation(), None)
 
     assert response.status_code == 401
-    assert challenge(response) == {"realm": pdp_audience(server)}
+    assert challenge(response) == {"realm": "trustplane"}  # the one realm of every API of ours
+    assert response.json() == {
+        "error": "invalid_token",
+        "error_description": "a bearer access token is required",
+    }
 
 
 async def test_token_for_another_audience_is_invalid_token(server: Server) -> None:

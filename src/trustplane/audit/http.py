@@ -3,7 +3,8 @@
 Public, as transparency logs serve them: ``GET /audit/checkpoint`` (the latest signed checkpoint,
 C2SP signed-note) and ``GET /audit/public-key`` (the note verifier key). Everything else (proofs,
 entries, transactions, queries) needs a bearer access token issued by this server for the audience
-``{issuer}/audit`` with scope ``audit:query`` (RFC 6750 §2.1 header only; §3.1 errors).
+``{issuer}/audit`` with scope ``audit:query``, checked by the one bearer guard
+(``trustplane.bearer_guard``: RFC 6750 §2.1 header only; §3.1 errors).
 
 JSON shapes follow RFC 6962/9162 where they have one: ``audit_path`` for inclusion, ``consistency``
 for consistency proofs, ``get-entries`` with an inclusive ``end``; hashes are standard base64.
@@ -11,8 +12,6 @@ for consistency proofs, ``get-entries`` with an inclusive ``end``; hashes are st
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -22,59 +21,40 @@ from starlette.responses import Response
 from trustplane.audit.events import AuditEvent, AuditEventType
 from trustplane.audit.ledger import MAX_ENTRIES, Ledger, LedgerError, b64, entry_record
 from trustplane.audit.sink import emit_now
-from trustplane.clients.service import ClientRegistry
+from trustplane.bearer_guard import BearerGuard, Protected
+from trustplane.bearer_guard.http import NO_STORE, answered, authenticated
 from trustplane.errors import (
+    ErrorTable,
     InsufficientScopeError,
     InvalidRequestError,
-    InvalidTokenError,
-    OAuth2Error,
-    ServerError,
     TemporarilyUnavailableError,
 )
-from trustplane.keys.service import KeyService
-from trustplane.oauth.http import NO_STORE, error_response, json_response
-from trustplane.oauth.revocations import SqlRevocationStore
-from trustplane.oauth.scopes import internal_audience
-from trustplane.oauth.tokens import VerifiedClaims, read_access_token
+from trustplane.oauth.http import json_response
+from trustplane.oauth.tokens import VerifiedClaims
 from trustplane.settings import Settings
 from trustplane.storage.db import Database
 
 log = structlog.get_logger("trustplane.audit")
 SCOPE = "audit:query"
 MAX_QUERY = 500
-REALM = 'Bearer realm="trustplane"'
 FILTERS = ("subject", "client_id", "partner", "type", "transaction_id")
+ERRORS = ErrorTable("audit", {LedgerError: lambda exc: InvalidRequestError(str(exc))})
 
 
 class AuditAuth:
-    """Admin authentication for the ledger API: our own live access token, right audience and scope."""
+    """The bearer guard for the ledger API, and the record of who read the ledger."""
 
-    def __init__(
-        self, keys: KeyService, registry: ClientRegistry, settings: Settings, db: Database
-    ) -> None:
-        self._keys, self._registry, self._settings, self._db = keys, registry, settings, db
-        self.audience = internal_audience(settings.issuer, "/audit")
+    def __init__(self, guard: BearerGuard, settings: Settings, db: Database) -> None:
+        self._guard, self._settings, self._db = guard, settings, db
+        self.route: Protected = guard.route("audit", "/audit", SCOPE)
 
     async def require(self, request: Request) -> VerifiedClaims:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise InvalidTokenError(
-                "a bearer token is required", headers={"WWW-Authenticate": REALM}
-            )
-        claims = read_access_token(self._keys.ring, token.strip(), issuer=self._settings.issuer)
-        if claims is None or not self._for_us(claims) or not await self._live(claims):
-            raise InvalidTokenError(
-                "the access token is invalid, expired, revoked or not for this API",
-                headers={"WWW-Authenticate": f'{REALM}, error="invalid_token"'},
-            )
-        if SCOPE not in str(claims.get("scope", "")).split():
+        claims = await authenticated(self._guard, request, self.route)
+        try:
+            self._guard.require_scopes(claims, self.route)
+        except InsufficientScopeError:
             await self._record(request, claims, "insufficient_scope")
-            raise InsufficientScopeError(
-                f"the access token lacks the scope {SCOPE}",
-                headers={
-                    "WWW-Authenticate": f'{REALM}, error="insufficient_scope", scope="{SCOPE}"'
-                },
-            )
+            raise
         await self._record(request, claims, None)
         return claims
 
@@ -86,7 +66,7 @@ class AuditAuth:
             issuer=self._settings.issuer,
             subject=str(claims.get("sub")),
             client_id=str(claims.get("client_id")),
-            audience=self.audience,
+            audience=self.route.audience,
             jti=str(claims.get("jti")),
             decision="deny" if refused else "allow",
             reason=refused,
@@ -94,39 +74,6 @@ class AuditAuth:
             payload={"path": request.url.path[:256], "query": str(request.query_params)[:512]},
         )
         await emit_now(self._db, event)
-
-    def _for_us(self, claims: VerifiedClaims) -> bool:
-        aud = claims.get("aud")
-        return aud == self.audience or (isinstance(aud, list) and self.audience in aud)
-
-    async def _live(self, claims: VerifiedClaims) -> bool:
-        client = self._registry.get(str(claims.get("client_id")))
-        if client is None or not client.active:
-            return False
-        async with self._db.read() as conn:
-            return not await SqlRevocationStore().is_revoked(conn, str(claims.get("jti")))
-
-
-Endpoint = Callable[..., Awaitable[Response]]
-
-
-def _guarded(fn: Endpoint) -> Endpoint:
-    @functools.wraps(fn)
-    async def handler(*args: Any, **kwargs: Any) -> Response:
-        try:
-            return await fn(*args, **kwargs)
-        except OAuth2Error as exc:
-            return error_response(exc, "audit")
-        except LedgerError as exc:
-            return error_response(InvalidRequestError(str(exc)), "audit")
-        except (ConnectionError, OSError) as exc:
-            log.error("dependency_unavailable", endpoint="audit", error=repr(exc))
-            return error_response(TemporarilyUnavailableError("try again shortly"), "audit")
-        except Exception:
-            log.exception("unhandled_error", endpoint="audit")
-            return error_response(ServerError("internal error"), "audit")
-
-    return handler
 
 
 def _query(*names: str, integer: bool = True) -> dict[str, Any]:
@@ -159,14 +106,12 @@ def _filters(request: Request) -> dict[str, Any]:
     return out
 
 
-def audit_router(
-    ledger: Ledger, keys: KeyService, registry: ClientRegistry, settings: Settings, db: Database
-) -> APIRouter:
+def audit_router(ledger: Ledger, guard: BearerGuard, settings: Settings, db: Database) -> APIRouter:
     router = APIRouter(prefix="/audit", tags=["audit ledger"])
-    auth = AuditAuth(keys, registry, settings, db)
+    auth = AuditAuth(guard, settings, db)
 
     @router.get("/checkpoint", summary="The latest signed checkpoint (C2SP tlog-checkpoint)")
-    @_guarded
+    @answered(ERRORS)
     async def checkpoint(request: Request) -> Response:
         latest = await ledger.checkpoint()
         if latest is None:
@@ -178,7 +123,7 @@ def audit_router(
         )
 
     @router.get("/public-key", summary="The log's signed-note verifier key")
-    @_guarded
+    @answered(ERRORS)
     async def public_key(request: Request) -> Response:
         return Response(await ledger.verifier_key() + "\n", media_type="text/plain; charset=utf-8")
 
@@ -187,7 +132,7 @@ def audit_router(
         summary="RFC 9162 inclusion proof (admin)",
         openapi_extra=_query("index", "tree_size"),
     )
-    @_guarded
+    @answered(ERRORS)
     async def inclusion(request: Request) -> Response:
         await auth.require(request)
         index, size = _int(request, "index"), _int(request, "tree_size", minimum=1)
@@ -200,7 +145,7 @@ def audit_router(
         summary="RFC 9162 consistency proof (admin)",
         openapi_extra=_query("first", "second"),
     )
-    @_guarded
+    @answered(ERRORS)
     async def consistency(request: Request) -> Response:
         await auth.require(request)
         first, second = _int(request, "first", minimum=1), _int(request, "second", minimum=1)
@@ -213,7 +158,7 @@ def audit_router(
         summary="Entries start..end inclusive, at most 1000 (admin)",
         openapi_extra=_query("start", "end"),
     )
-    @_guarded
+    @answered(ERRORS)
     async def entries(request: Request) -> Response:
         await auth.require(request)
         start, end = _int(request, "start"), _int(request, "end")
@@ -227,7 +172,7 @@ def audit_router(
         return json_response({"entries": [entry_record(e) for e in found]}, 200, NO_STORE)
 
     @router.get("/transactions/{txn}", summary="The chain of authority of one transaction (admin)")
-    @_guarded
+    @answered(ERRORS)
     async def transaction(txn: str, request: Request) -> Response:
         await auth.require(request)
         if not txn or len(txn) > 128:
@@ -249,7 +194,7 @@ def audit_router(
             + _query("since", "until", "after", "limit")["parameters"]
         },
     )
-    @_guarded
+    @answered(ERRORS)
     async def events(request: Request) -> Response:
         await auth.require(request)
         filters = _filters(request)

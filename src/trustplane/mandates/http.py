@@ -1,9 +1,10 @@
 """The mandate management API (FastAPI router under ``/mandates``).
 
 Callers present a bearer access token issued by this server for the audience ``{issuer}/mandates``:
-``mandate:view`` to read, ``mandate:administer`` to change. Bodies are read raw and validated here,
-so a bad body gets a 400 ``invalid_request`` (or ``invalid_authorization_details``), never a
-framework 422; state conflicts are 409, unknown mandates 404.
+``mandate:view`` to read, ``mandate:administer`` to change, checked by the one bearer guard (which
+also refuses a token resting on a mandate that is no longer usable). Bodies are read raw and
+validated here, so a bad body gets a 400 ``invalid_request`` (or ``invalid_authorization_details``),
+never a framework 422; state conflicts are 409, unknown mandates 404 (:data:`ERRORS`).
 """
 
 from __future__ import annotations
@@ -16,32 +17,34 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import Response
 
-from trustplane.clients.http import bearer_token
-from trustplane.errors import (
-    InsufficientScopeError,
-    InvalidRequestError,
-    InvalidTokenError,
-    OAuth2Error,
-)
+from trustplane import errors
+from trustplane.bearer_guard import BearerGuard
+from trustplane.bearer_guard.http import NO_STORE, answered, caller
+from trustplane.errors import InvalidRequestError
 from trustplane.mandates.errors import (
     MandateConflictError,
     MandateError,
-    MandateInvalidError,
     MandateNotFoundError,
     MandateStateError,
 )
 from trustplane.mandates.model import LegalBasis, MandateFilter, MandateStatus, MandateTerms
-from trustplane.oauth.http import NO_STORE, error_response, json_response
-from trustplane.oauth.scopes import internal_audience
+from trustplane.mandates.service import MandateService
+from trustplane.oauth.http import json_response
 
 MAX_BODY = 64 * 1024
 VIEW, ADMINISTER = "mandate:view", "mandate:administer"
-_MANDATE_ERRORS: dict[type[MandateError], tuple[int, str]] = {
-    MandateNotFoundError: (404, "not_found"),
-    MandateConflictError: (409, "conflict"),
-    MandateStateError: (409, "invalid_state"),
-    MandateInvalidError: (400, "invalid_request"),
-}
+#: MandateInvalidError and any other MandateError: 400 invalid_request (the nearest class wins).
+ERRORS = errors.ErrorTable(
+    "mandates",
+    {
+        MandateNotFoundError: lambda exc: errors.NotFoundError(str(exc)),
+        MandateConflictError: lambda exc: errors.ConflictError(str(exc)),
+        MandateStateError: lambda exc: errors.InvalidStateError(str(exc)),
+        MandateError: lambda exc: errors.InvalidRequestError(str(exc)),
+    },
+)
+Actor = Callable[[Request, str], Awaitable[str]]
+Endpoint = Callable[..., Awaitable[Response]]
 
 
 class _Strict(BaseModel):
@@ -129,137 +132,105 @@ def _filter(query: dict[str, str]) -> MandateFilter:
     )
 
 
-def mandates_router(svc: Any) -> APIRouter:
+def mandates_router(mandates: MandateService, guard: BearerGuard) -> APIRouter:
     router = APIRouter(prefix="/mandates", tags=["mandates"])
-    audience = internal_audience(svc.settings.issuer, "/mandates")
-    mandates = svc.mandates
+    routes = {scope: guard.route("mandates", "/mandates", scope) for scope in (VIEW, ADMINISTER)}
 
-    async def caller(request: Request, scope: str) -> str:
-        claims = await svc.introspection.live_claims(bearer_token(request))
-        if claims is None or claims.get("aud") != audience:
-            raise InvalidTokenError(
-                f"an active access token for {audience} is required",
-                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
-            )
-        if scope not in str(claims.get("scope", "")).split():
-            raise InsufficientScopeError(
-                f"scope {scope} is required",
-                headers={"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{scope}"'},
-            )
+    async def actor(request: Request, scope: str) -> str:
+        claims = await caller(guard, request, routes[scope])
         return f"client:{claims['client_id']}"
 
-    async def answer(fn: Any, status: int = 200) -> Response:
-        try:
-            return json_response(await fn(), status, NO_STORE)
-        except OAuth2Error as exc:
-            return error_response(exc, "mandates")
-        except MandateError as exc:
-            code, error = _MANDATE_ERRORS.get(type(exc), (400, "invalid_request"))
-            return json_response({"error": error, "error_description": str(exc)}, code, NO_STORE)
-
     @router.get("")
+    @answered(ERRORS)
     async def list_mandates(request: Request) -> Response:
         """Query: grantor, grantee, status, expiring_within_days, limit (default 200)."""
-
-        async def run() -> Any:
-            await caller(request, VIEW)
-            flt = _filter(dict(request.query_params))
-            return {"mandates": [m.to_dict() for m in await mandates.list(flt)]}
-
-        return await answer(run)
+        await actor(request, VIEW)
+        flt = _filter(dict(request.query_params))
+        return _ok({"mandates": [m.to_dict() for m in await mandates.list(flt)]})
 
     @router.post("", status_code=201)
+    @answered(ERRORS)
     async def create(request: Request) -> Response:
-        async def run() -> Any:
-            actor = await caller(request, ADMINISTER)
-            body: CreateIn = await _body(request, CreateIn)
-            terms = MandateTerms(
-                grantor_lei=body.grantor_lei,
-                grantee_client_id=body.grantee_client_id,
-                scopes=tuple(body.scopes),
-                authorization_details=tuple(body.authorization_details),
-                effective_from=body.effective_from,
-                effective_until=body.effective_until,
-                legal_basis=LegalBasis(body.legal_basis),
-                document_ref=body.document_ref,
-                grantor_person=body.grantor_person,
-            )
-            created = await mandates.create(terms, actor=actor, accepted_by=body.accepted_by)
-            return created.to_dict()
-
-        return await answer(run, 201)
+        who = await actor(request, ADMINISTER)
+        body: CreateIn = await _body(request, CreateIn)
+        terms = MandateTerms(
+            grantor_lei=body.grantor_lei,
+            grantee_client_id=body.grantee_client_id,
+            scopes=tuple(body.scopes),
+            authorization_details=tuple(body.authorization_details),
+            effective_from=body.effective_from,
+            effective_until=body.effective_until,
+            legal_basis=LegalBasis(body.legal_basis),
+            document_ref=body.document_ref,
+            grantor_person=body.grantor_person,
+        )
+        created = await mandates.create(terms, actor=who, accepted_by=body.accepted_by)
+        return _ok(created.to_dict(), 201)
 
     @router.get("/{mandate_id}")
+    @answered(ERRORS)
     async def show(request: Request, mandate_id: str, version: int | None = None) -> Response:
-        async def run() -> Any:
-            await caller(request, VIEW)
-            return (await mandates.get(mandate_id, version)).to_dict()
-
-        return await answer(run)
+        await actor(request, VIEW)
+        return _ok((await mandates.get(mandate_id, version)).to_dict())
 
     @router.get("/{mandate_id}/history")
+    @answered(ERRORS)
     async def history(request: Request, mandate_id: str) -> Response:
-        async def run() -> Any:
-            await caller(request, VIEW)
-            found = await mandates.history(mandate_id)
-            return {
+        await actor(request, VIEW)
+        found = await mandates.history(mandate_id)
+        return _ok(
+            {
                 "versions": [m.to_dict() for m in found.versions],
                 "changes": [c.to_dict() for c in found.changes],
             }
-
-        return await answer(run)
+        )
 
     @router.post("/{mandate_id}/accept")
+    @answered(ERRORS)
     async def accept(request: Request, mandate_id: str) -> Response:
-        async def run() -> Any:
-            actor = await caller(request, ADMINISTER)
-            body: AcceptIn = await _body(request, AcceptIn)
-            return (
-                await mandates.accept(mandate_id, accepted_by=body.accepted_by, actor=actor)
-            ).to_dict()
-
-        return await answer(run)
+        who = await actor(request, ADMINISTER)
+        body: AcceptIn = await _body(request, AcceptIn)
+        accepted = await mandates.accept(mandate_id, accepted_by=body.accepted_by, actor=who)
+        return _ok(accepted.to_dict())
 
     @router.post("/{mandate_id}/amend")
+    @answered(ERRORS)
     async def amend(request: Request, mandate_id: str) -> Response:
-        async def run() -> Any:
-            actor = await caller(request, ADMINISTER)
-            body: AmendIn = await _body(request, AmendIn)
-            meta = {"expected_version", "accepted_by", "reason"}
-            changes = body.model_dump(exclude_unset=True, exclude=meta)
-            if not changes:
-                raise InvalidRequestError("nothing to amend")
-            amended = await mandates.amend(
-                mandate_id,
-                actor=actor,
-                changes=changes,
-                expected_version=body.expected_version,
-                accepted_by=body.accepted_by,
-                reason=body.reason,
-            )
-            return amended.to_dict()
-
-        return await answer(run)
+        who = await actor(request, ADMINISTER)
+        body: AmendIn = await _body(request, AmendIn)
+        meta = {"expected_version", "accepted_by", "reason"}
+        changes = body.model_dump(exclude_unset=True, exclude=meta)
+        if not changes:
+            raise InvalidRequestError("nothing to amend")
+        amended = await mandates.amend(
+            mandate_id,
+            actor=who,
+            changes=changes,
+            expected_version=body.expected_version,
+            accepted_by=body.accepted_by,
+            reason=body.reason,
+        )
+        return _ok(amended.to_dict())
 
     for action in ("suspend", "resume", "revoke"):
         router.add_api_route(
-            f"/{{mandate_id}}/{action}", _transition(action, caller, answer, mandates),
+            f"/{{mandate_id}}/{action}", _transition(action, actor, mandates),
             methods=["POST"], name=f"{action}_mandate",
         )  # fmt: skip
     return router
 
 
-def _transition(
-    action: str, caller: Any, answer: Callable[..., Awaitable[Response]], mandates: Any
-) -> Any:
-    async def endpoint(request: Request, mandate_id: str) -> Response:
-        async def run() -> Any:
-            actor = await caller(request, ADMINISTER)
-            body: ReasonIn = await _body(request, ReasonIn)
-            method = getattr(mandates, action)
-            return (await method(mandate_id, actor=actor, reason=body.reason)).to_dict()
+def _ok(body: Any, status: int = 200) -> Response:
+    return json_response(body, status, NO_STORE)
 
-        return await answer(run)
+
+def _transition(action: str, actor: Actor, mandates: MandateService) -> Endpoint:
+    @answered(ERRORS)
+    async def endpoint(request: Request, mandate_id: str) -> Response:
+        who = await actor(request, ADMINISTER)
+        body: ReasonIn = await _body(request, ReasonIn)
+        method = getattr(mandates, action)
+        return _ok((await method(mandate_id, actor=who, reason=body.reason)).to_dict())
 
     endpoint.__doc__ = f"{action.capitalize()} a mandate."
     return endpoint

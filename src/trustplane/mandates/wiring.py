@@ -3,7 +3,7 @@ a few lines only)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from trustplane import metrics
 from trustplane.clients.service import ClientRegistry
@@ -17,6 +17,8 @@ from trustplane.storage.db import Database
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
+
+    from trustplane.bearer_guard import BearerGuard
 
 
 def build(
@@ -44,7 +46,8 @@ def refresh(mandates: MandateService, current: dict[str, int], seen: dict[str, i
         metrics.CACHE_RELOADS.labels(cache="mandates").inc()
 
 
-def router(svc: Any) -> APIRouter:
+def router(mandates: MandateService, guard: BearerGuard) -> APIRouter:
+    """The management API, behind the one bearer guard."""
     from trustplane.mandates.http import mandates_router
 
-    return mandates_router(svc)
+    return mandates_router(mandates, guard)

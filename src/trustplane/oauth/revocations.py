@@ -1,4 +1,7 @@
-"""Revoked access tokens, by ``jti`` (RFC 7009). Rows live until the token would have expired anyway."""
+"""Revoked access tokens, by ``jti`` (RFC 7009). Rows live until the token would have expired anyway.
+
+Every new revocation bumps the ``revocations`` cache generation in the same transaction, so processes
+that keep the revocation list in memory (``trustplane.bearer_guard.revoked``) reload it."""
 
 from __future__ import annotations
 
@@ -9,7 +12,10 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from trustplane.storage import generations
 from trustplane.storage.metadata import metadata
+
+GENERATION = "revocations"
 
 revoked_tokens = Table(
     "revoked_tokens",
@@ -25,7 +31,8 @@ class SqlRevocationStore:
     async def revoke(
         self, conn: AsyncConnection, jti: str, client_id: str, expires_at: int
     ) -> bool:
-        """True if this call revoked it (False: it already was)."""
+        """True if this call revoked it (False: it already was). A new revocation bumps
+        :data:`GENERATION` in the caller's transaction."""
         dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
         result = await conn.execute(
             dialect_insert(revoked_tokens)
@@ -34,7 +41,10 @@ class SqlRevocationStore:
             )
             .on_conflict_do_nothing(index_elements=["jti"])
         )
-        return bool(result.rowcount == 1)
+        fresh = bool(result.rowcount == 1)
+        if fresh:
+            await generations.bump(conn, GENERATION)
+        return fresh
 
     async def is_revoked(self, conn: AsyncConnection, jti: str) -> bool:
         row = await conn.execute(select(revoked_tokens.c.jti).where(revoked_tokens.c.jti == jti))

@@ -2,25 +2,27 @@
 candidate bundle (the same as ``trustplane policy simulate``).
 
 Callers present an access token for the PDP audience ``{issuer}/access/v1`` with scope
-``policy:simulate`` (RFC 6750: 401 ``invalid_token`` for a missing, foreign, expired or revoked token,
-403 ``insufficient_scope`` otherwise). The candidate is either a published version
-(``{"version": "..."}``) or bundle files (``{"bundle": {"files": {"schema.cedarschema": ...}}}``),
-which are validated and tested first (422 ``invalid_bundle`` with the problems if not).
+``policy:simulate``, checked by the one bearer guard before the body is read (RFC 6750: 401
+``invalid_token`` for a missing, foreign, expired or revoked token, 403 ``insufficient_scope``
+otherwise). The candidate is either a published version (``{"version": "..."}``) or bundle files
+(``{"bundle": {"files": {"schema.cedarschema": ...}}}``), which are validated and tested first (422
+``invalid_bundle`` with the problems if not). A body that is not the request model is 400
+``invalid_request`` naming the field; errors are rendered from :data:`ERRORS`.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Header
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+import orjson
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field, ValidationError
+from starlette.responses import Response
 
-from trustplane.clients.service import ClientRegistry
-from trustplane.keys.service import KeyService
-from trustplane.oauth.revocations import SqlRevocationStore
-from trustplane.oauth.scopes import internal_audience
-from trustplane.oauth.tokens import VerifiedClaims, read_access_token
+from trustplane import errors
+from trustplane.bearer_guard import BearerGuard
+from trustplane.bearer_guard.http import NO_STORE, answered, caller
+from trustplane.oauth.http import json_response
 from trustplane.policy.bundle import BundleError, BundleSource, CompiledBundle, compile_bundle
 from trustplane.policy.service import PolicyService, PublishRefused, check_bundle
 from trustplane.policy.simulate import SimulationReport, simulate
@@ -29,6 +31,8 @@ from trustplane.settings import Settings
 
 SCOPE = "policy:simulate"
 MAX_FILES_BYTES = 2 << 20
+#: The JSON body: the files plus JSON escaping and the other members.
+MAX_BODY_BYTES = 3 * MAX_FILES_BYTES
 
 
 class CandidateFiles(BaseModel):
@@ -49,78 +53,50 @@ class SimulationRequest(BaseModel):
     examples: int = Field(default=5, ge=0, le=100)
 
 
-class _Refusal(Exception):
-    def __init__(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None):
-        self.status, self.body, self.headers = status, body, headers or {}
+def _invalid_bundle(exc: PublishRefused | BundleError) -> errors.OAuth2Error:
+    description = "the candidate bundle does not validate or its tests fail"
+    return errors.InvalidBundleError(description, exc.problems)
 
 
-def _bearer_error(status: int, error: str, description: str) -> _Refusal:
-    challenge = f'Bearer error="{error}", error_description="{description}"'
-    if error == "insufficient_scope":
-        challenge += f', scope="{SCOPE}"'
-    return _Refusal(
-        status, {"error": error, "error_description": description}, {"WWW-Authenticate": challenge}
-    )
+ERRORS = errors.ErrorTable(
+    "policy_simulations",
+    {
+        UnknownBundle: lambda exc: errors.UnknownBundleError(str(exc)),
+        PublishRefused: _invalid_bundle,
+        BundleError: _invalid_bundle,
+        ValidationError: lambda exc: errors.InvalidRequestError(_first_problem(exc)),
+    },
+)
 
 
-def simulation_router(
-    policy: PolicyService, keys: KeyService, registry: ClientRegistry, settings: Settings
-) -> APIRouter:
-    audience = internal_audience(settings.issuer, "/access/v1")
-    revocations = SqlRevocationStore()
+def simulation_router(policy: PolicyService, guard: BearerGuard, settings: Settings) -> APIRouter:
+    route = guard.route("policy_simulations", "/access/v1", SCOPE)
     router = APIRouter(prefix="/access/v1", tags=["policy"])
-
-    async def caller(authorization: str | None) -> VerifiedClaims:
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise _Refusal(401, {}, {"WWW-Authenticate": 'Bearer realm="trustplane"'})
-        claims = read_access_token(keys.ring, token.strip(), issuer=settings.issuer)
-        client = registry.get(str(claims.get("client_id"))) if claims else None
-        if claims is None or client is None or not client.active:
-            raise _bearer_error(401, "invalid_token", "the access token is not valid")
-        async with policy.db.read() as conn:
-            if await revocations.is_revoked(conn, str(claims["jti"])):
-                raise _bearer_error(401, "invalid_token", "the access token is not valid")
-        if claims.get("aud") != audience:
-            raise _bearer_error(401, "invalid_token", "the access token is not for this audience")
-        if SCOPE not in str(claims.get("scope", "")).split():
-            raise _bearer_error(403, "insufficient_scope", f"scope {SCOPE} is required")
-        return claims
 
     async def candidate(body: SimulationRequest) -> CompiledBundle:
         if (body.version is None) == (body.bundle is None):
-            raise _Refusal(400, _invalid("give exactly one of 'version' or 'bundle'"))
+            raise errors.InvalidRequestError("give exactly one of 'version' or 'bundle'")
         if body.version is not None:
-            try:
-                record = await policy.get(body.version)
-            except UnknownBundle as exc:
-                raise _Refusal(
-                    404, {"error": "unknown_bundle", "error_description": str(exc)}
-                ) from None
+            record = await policy.get(body.version)
             assert record.source is not None
             return compile_bundle(record.source)
         assert body.bundle is not None
         files = body.bundle.files
         if sum(len(v) for v in files.values()) > MAX_FILES_BYTES:
-            raise _Refusal(413, _invalid("the bundle is too large"))
-        try:
-            compiled, _ = check_bundle(BundleSource(files))
-        except PublishRefused as exc:
-            raise _Refusal(422, _bundle_problems(exc.problems)) from None
-        except BundleError as exc:
-            raise _Refusal(422, _bundle_problems(exc.problems)) from None
+            raise errors.ContentTooLargeError("the bundle is too large")
+        compiled, _ = check_bundle(BundleSource(files))
         return compiled
 
-    @router.post("/simulations", summary="Replay recorded decisions against a candidate bundle")
-    async def create_simulation(
-        body: SimulationRequest,
-        authorization: Annotated[str | None, Header()] = None,
-    ) -> JSONResponse:
-        try:
-            await caller(authorization)
-            compiled = await candidate(body)
-        except _Refusal as refusal:
-            return JSONResponse(refusal.body, refusal.status, refusal.headers)
+    @router.post(
+        "/simulations",
+        summary="Replay recorded decisions against a candidate bundle",
+        openapi_extra=_body_doc(),
+    )
+    @answered(ERRORS)
+    async def create_simulation(request: Request) -> Response:
+        await caller(guard, request, route)
+        body = await _request_body(request)
+        compiled = await candidate(body)
         report: SimulationReport = await simulate(
             policy.db,
             compiled,
@@ -131,18 +107,44 @@ def simulation_router(
         )
         result = report.to_dict()
         result["exceeded"] = report.exceeds(body.max_flips, body.max_flip_rate)
-        return JSONResponse(result, headers={"Cache-Control": "no-store"})
+        return json_response(result, 200, NO_STORE)
 
     return router
 
 
-def _invalid(description: str) -> dict[str, Any]:
-    return {"error": "invalid_request", "error_description": description}
+async def _request_body(request: Request) -> SimulationRequest:
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise errors.InvalidRequestError("Content-Type must be application/json")
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise errors.ContentTooLargeError(f"the request body is larger than {MAX_BODY_BYTES} bytes")
+    try:
+        return SimulationRequest.model_validate(orjson.loads(raw))
+    except orjson.JSONDecodeError:
+        raise errors.InvalidRequestError("the request body is not valid JSON") from None
 
 
-def _bundle_problems(problems: list[str]) -> dict[str, Any]:
-    return {
-        "error": "invalid_bundle",
-        "error_description": "the candidate bundle does not validate or its tests fail",
-        "problems": problems,
-    }
+def _first_problem(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    return f"{'.'.join(str(p) for p in first['loc']) or 'body'}: {first['msg']}"
+
+
+def _body_doc() -> dict[str, Any]:
+    """The request model in the OpenAPI document, its ``$defs`` inlined (the body is read by hand,
+    after the bearer check, so FastAPI does not describe it)."""
+    schema = SimulationRequest.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    content = {"application/json": {"schema": inline(schema)}}
+    return {"requestBody": {"required": True, "content": content}}

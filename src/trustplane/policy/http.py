@@ -7,7 +7,8 @@
 - ``GET /.well-known/authzen-configuration`` (§9): the PDP metadata.
 
 Callers authenticate with a bearer access token this server issued for the audience
-``{issuer}/access/v1`` with scope ``decision:evaluate`` (RFC 6750 errors, in the header only). A deny
+``{issuer}/access/v1`` with scope ``decision:evaluate``, checked by the one bearer guard
+(``trustplane.bearer_guard``: revocation, client, mandate and scope on every call; RFC 6750 errors). A deny
 is a 200 with ``"decision": false`` (§12.1.3); 400 is for bodies that are not the information model,
 with a JSON error naming the field. ``X-Request-ID`` is echoed (§12.1.4) and becomes the decisions'
 correlation id. Decisions are recorded by the decision point; these handlers only translate.
@@ -18,8 +19,7 @@ parsed with orjson, and the answer written directly.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,45 +29,44 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from trustplane.clients.service import ClientRegistry
-from trustplane.errors import (
-    InsufficientScopeError,
-    InvalidRequestError,
-    InvalidTokenError,
-    OAuth2Error,
-)
-from trustplane.keys.service import KeyService
-from trustplane.oauth.http import Answer, Handler, json_response, protocol_endpoint
-from trustplane.oauth.scopes import internal_audience
-from trustplane.oauth.tokens import VerifiedClaims, read_access_token
+from trustplane.bearer_guard import BearerGuard, Protected
+from trustplane.bearer_guard.http import answered, caller
+from trustplane.errors import ErrorTable, InvalidRequestError
+from trustplane.oauth.http import json_response
 from trustplane.pep.authzen import (
     decision_to_json,
     evaluations_from_json,
     request_from_json,
 )
-from trustplane.pep.bearer import QUERY_OR_FORM_TOKEN, bearer_token, with_challenge
 from trustplane.policy.model import Decision, DecisionPoint, DecisionRequest
 
 SCOPE = "decision:evaluate"
 MAX_BODY = 256 * 1024
 MAX_REQUEST_ID = 256
-VERIFIED_CACHE_SIZE = 10_000
 AUTHZEN_DECISIONS = Counter(
     "trustplane_authzen_decisions_total", "AuthZEN decisions answered", ["endpoint", "decision"]
 )
 
 
+Handler = Callable[[Request], Awaitable[Response]]
+
+
 @dataclass(frozen=True, slots=True)
 class AuthzenHttp:
     pdp: DecisionPoint
-    keys: KeyService
-    registry: ClientRegistry
-    issuer: str
-    verified_tokens: dict[str, VerifiedClaims] = field(default_factory=dict)
+    guard: BearerGuard
+    route: Protected = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "route", self.guard.route("authzen", "/access/v1", SCOPE))
+
+    @property
+    def issuer(self) -> str:
+        return self.guard.issuer
 
     @property
     def audience(self) -> str:
-        return internal_audience(self.issuer, "/access/v1")
+        return self.route.audience
 
     def metadata(self) -> dict[str, Any]:
         """§9.1: endpoint parameters only; search endpoints are absent because not served."""
@@ -77,15 +76,15 @@ class AuthzenHttp:
             "access_evaluations_endpoint": f"{self.audience}/evaluations",
         }
 
-    async def evaluation(self, request: Request) -> Answer:
-        self._authenticate(request)
+    async def evaluation(self, request: Request) -> Response:
+        await caller(self.guard, request, self.route)
         body = await _json_body(request)
         decision = await self._decide(request_from_json(body, "", _request_id(request)))
         _count("evaluation", [decision])
         return _answer(decision_to_json(decision))
 
-    async def evaluations(self, request: Request) -> Answer:
-        self._authenticate(request)
+    async def evaluations(self, request: Request) -> Response:
+        await caller(self.guard, request, self.route)
         body = await _json_body(request)
         batch = evaluations_from_json(body, _request_id(request))
         if batch is None:  # §7.1: no evaluations array, the single-evaluation behaviour
@@ -117,41 +116,6 @@ class AuthzenHttp:
                 break
         return decisions
 
-    def _authenticate(self, request: Request) -> VerifiedClaims:
-        try:
-            return self._caller(request)
-        except OAuth2Error as exc:
-            raise with_challenge(exc, self.audience, SCOPE) from None
-
-    def _caller(self, request: Request) -> VerifiedClaims:
-        if "access_token" in request.query_params:
-            raise InvalidRequestError(QUERY_OR_FORM_TOKEN)
-        headers = request.headers
-        token = bearer_token(headers.get("authorization"), len(headers.getlist("authorization")))
-        claims = self._verified(token)
-        if claims.get("aud") != self.audience:
-            raise InvalidTokenError(f"the access token is not meant for {self.audience}")
-        client = self.registry.get(str(claims.get("client_id")))
-        if client is None or not client.active:
-            raise InvalidTokenError("the access token's client is not active")
-        if SCOPE not in str(claims.get("scope", "")).split():
-            raise InsufficientScopeError(f"the access token lacks scope {SCOPE}")
-        return claims
-
-    def _verified(self, token: str) -> VerifiedClaims:
-        """Our own token, signature checked once per token string and remembered until it expires
-        (a PEP reuses its token for its lifetime); audience, client and scope are checked per call."""
-        claims = self.verified_tokens.get(token)
-        if claims is None or claims["exp"] <= time.time():
-            claims = read_access_token(self.keys.ring, token, issuer=self.issuer)
-            if claims is None:
-                self.verified_tokens.pop(token, None)
-                raise InvalidTokenError("the access token is invalid or expired")
-            if len(self.verified_tokens) >= VERIFIED_CACHE_SIZE:
-                self.verified_tokens.pop(next(iter(self.verified_tokens)))
-            self.verified_tokens[token] = claims
-        return claims
-
     async def configuration(self, _request: Request) -> Response:
         return Response(orjson.dumps(self.metadata()), media_type="application/json")
 
@@ -172,13 +136,13 @@ class AuthzenHttp:
 
 
 def _endpoint(name: str, fn: Handler) -> Handler:
-    """``protocol_endpoint`` error mapping, plus the ``X-Request-ID`` echo on every answer."""
-    inner = protocol_endpoint(name, fn)
+    """The one error renderer, plus the ``X-Request-ID`` echo on every answer (§12.1.4)."""
+    inner = answered(ErrorTable(name))(fn)
 
-    async def handler(request: Request) -> Answer:
+    async def handler(request: Request) -> Response:
         response = await inner(request)
         request_id = request.headers.get("x-request-id")
-        if request_id is not None and isinstance(response, Response):
+        if request_id is not None:
             response.headers["X-Request-ID"] = request_id
         return response
 
