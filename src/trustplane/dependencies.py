@@ -21,7 +21,7 @@ from sqlalchemy import exc as sa_exc
 from trustplane.errors import TemporarilyUnavailableError
 from trustplane.settings import Settings
 
-log = structlog.get_logger("trustplane.dependencies")
+LOGGER = "trustplane.dependencies"
 
 RETRY_AFTER = 1
 INCIDENT_LOG_INTERVAL = 60.0
@@ -52,7 +52,7 @@ class IncidentLog:
             return False
         self._last[dependency] = now
         suppressed = self._suppressed.pop(dependency, 0)
-        log.error(
+        structlog.get_logger(LOGGER).error(
             "dependency_unavailable",
             dependency=dependency,
             error=f"{type(error).__name__}: {error}",
@@ -102,7 +102,7 @@ async def warn_unreachable(settings: Settings) -> list[str]:
             await asyncio.wait_for(probe(settings), PROBE_TIMEOUT)
         except Exception as exc:  # any failure is "unreachable": the warning carries it
             failed.append(name)
-            log.warning(
+            structlog.get_logger(LOGGER).warning(
                 "dependency_unreachable_at_start",
                 dependency=name,
                 target=target,
