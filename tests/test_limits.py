@@ -301,3 +301,41 @@ async def test_refusals_are_counted(app: TrustplaneApp) -> None:
     await call(app, "/token", [FORM, (b"content-length", b"99999999")])
     await call(app, "/token", flood(200))
     assert (count("body_declared"), count("headers")) == (declared + 1, headers + 1)
+
+
+# --------------------------------------------------------------------------- audit of entry refusals
+
+
+async def _refused_events(services: Services) -> list[dict[str, Any]]:
+    from trustplane.audit.sink import recent_events
+
+    return await recent_events(services.db, limit=1000, type_="oauth:token:refused")
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ([FORM, (b"content-length", str(200 << 20).encode())], 413),
+        ([FORM, *flood(500)], 431),
+        ([FORM, (b"content-length", b"x")], 400),
+    ],
+    ids=["413", "431", "400"],
+)
+async def test_a_token_request_refused_at_the_entry_is_audited(
+    app: TrustplaneApp, started: Services, headers: list[tuple[bytes, bytes]], status: int
+) -> None:
+    before = len(await _refused_events(started))
+    client = await call(app, "/token", headers)
+    assert client.status == status
+    refused = await _refused_events(started)
+    assert len(refused) == before + 1
+    assert (refused[0]["reason"], refused[0]["decision"]) == ("invalid_request", "deny")
+
+
+async def test_a_failing_audit_hook_does_not_change_the_refusal() -> None:
+    async def broken(_exc: Exception) -> None:
+        raise RuntimeError("database gone")
+
+    app = BoundedRequests(_reading_app(), RequestLimits(max_body=CAP), {"/upload": broken})
+    client = await call(app, "/upload", [(b"content-length", b"99999999")])
+    assert client.status == 413

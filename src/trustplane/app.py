@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +40,7 @@ from trustplane.keys.crypto import decode_kek, load_or_create_kek_file
 from trustplane.keys.service import GENERATION as KEYS_GENERATION
 from trustplane.keys.service import KeyService
 from trustplane.keys.store import SqlKeyStore
-from trustplane.limits import BoundedRequests, RequestLimits, request_limits
+from trustplane.limits import BoundedRequests, RefusalHook, RequestLimits, request_limits
 from trustplane.logging import configure_logging
 from trustplane.mandates import wiring as mandates_wiring
 from trustplane.mandates.service import MandateService
@@ -271,7 +271,11 @@ class TrustplaneApp:
     """
 
     def __init__(
-        self, api: FastAPI, fast_routes: list[Route], limits: RequestLimits | None = None
+        self,
+        api: FastAPI,
+        fast_routes: list[Route],
+        limits: RequestLimits | None = None,
+        hooks: Mapping[str, RefusalHook] | None = None,
     ) -> None:
         self.api = api
         self.router = api.router
@@ -281,7 +285,7 @@ class TrustplaneApp:
             for route in fast_routes
             for method in (route.methods or ())
         }
-        self._bounded = BoundedRequests(self._dispatch, limits or RequestLimits())
+        self._bounded = BoundedRequests(self._dispatch, limits or RequestLimits(), hooks)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -344,7 +348,9 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Trust
     )
     app.state.services = svc
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
-    return TrustplaneApp(app, _mount(app, svc), request_limits(settings))
+    # a token request refused at the entry is audited like one refused by the endpoint
+    hooks = {"/token": svc.token_endpoint.refuse_unparsed}
+    return TrustplaneApp(app, _mount(app, svc), request_limits(settings), hooks)
 
 
 def _mount(app: FastAPI, svc: Services) -> list[Route]:

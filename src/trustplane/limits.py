@@ -18,15 +18,18 @@ answers RFC 9457 ``application/problem+json``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import orjson
+import structlog
 from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from trustplane.errors import InvalidRequestError
 from trustplane.settings import Settings
+
+log = structlog.get_logger("trustplane.limits")
 
 REQUESTS_REFUSED = Counter(
     "trustplane_requests_refused_total",
@@ -54,6 +57,17 @@ class RequestBodyTooLarge(InvalidRequestError):
     ``receive`` so that a handler's own ``OAuth2Error`` mapping answers 413 ``invalid_request``."""
 
     status_code = 413
+
+
+class RequestHeadersTooLarge(InvalidRequestError):
+    """RFC 6585 §5: too many header fields, or too large together."""
+
+    status_code = 431
+
+
+#: Called with the refusal when the entry refuses a request to that path (the token endpoint audits
+#: its refusals, unparsed bodies included); a failing hook is logged, the refusal still sent.
+RefusalHook = Callable[[InvalidRequestError], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +140,13 @@ async def send_refusal(send: Send, status: int, detail: str, path: str, reason: 
     await send({"type": "http.response.body", "body": body})
 
 
+_REFUSALS: dict[int, type[InvalidRequestError]] = {
+    400: InvalidRequestError,
+    413: RequestBodyTooLarge,
+    431: RequestHeadersTooLarge,
+}
+
+
 def header_problem(headers: Sequence[tuple[bytes, bytes]], limits: RequestLimits) -> str | None:
     """Why the header block is refused (431), or None."""
     if len(headers) > limits.max_header_count:
@@ -155,8 +176,11 @@ def _has_body(headers: Sequence[tuple[bytes, bytes]], length: int | None) -> boo
 class BoundedRequests:
     """ASGI middleware applying :class:`RequestLimits` to every HTTP request (see module doc)."""
 
-    def __init__(self, app: ASGIApp, limits: RequestLimits) -> None:
+    def __init__(
+        self, app: ASGIApp, limits: RequestLimits, hooks: Mapping[str, RefusalHook] | None = None
+    ) -> None:
         self.app, self.limits = app, limits
+        self._hooks = dict(hooks or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -166,18 +190,27 @@ class BoundedRequests:
         headers = scope["headers"]
         problem = header_problem(headers, self.limits)
         if problem is not None:
-            await send_refusal(send, 431, problem, path, "headers")
+            await self._refuse(send, 431, problem, path, "headers")
             return
         try:
             length = declared_length(headers)
         except ValueError as exc:
-            await send_refusal(send, 400, str(exc), path, "content_length")
+            await self._refuse(send, 400, str(exc), path, "content_length")
             return
         cap = self.limits.body_cap(path)
         if length is not None and length > cap:
-            await send_refusal(send, 413, _too_large(cap), path, "body_declared")
+            await self._refuse(send, 413, _too_large(cap), path, "body_declared")
             return
         await _Exchange(self.app, cap, path, _has_body(headers, length)).run(scope, receive, send)
+
+    async def _refuse(self, send: Send, status: int, detail: str, path: str, reason: str) -> None:
+        hook = self._hooks.get(path)
+        if hook is not None:
+            try:
+                await hook(_REFUSALS[status](detail))
+            except Exception as exc:  # the refusal stands whatever happens to its record
+                log.error("refusal_hook_failed", path=path, error=repr(exc))
+        await send_refusal(send, status, detail, path, reason)
 
 
 def _too_large(cap: int) -> str:
