@@ -36,6 +36,8 @@ from trustplane.limits import REQUESTS_REFUSED, RequestLimits, refusal, request_
 from trustplane.logging import configure_logging
 from trustplane.settings import Settings, SettingsError, load_settings
 
+WORKER_HEALTHCHECK_TIMEOUT = 60
+
 #: What a taken or forbidden address blames: (setting, CLI flag or None).
 _PUBLIC = ("TRUSTPLANE_PORT", "--port")
 _OPS = ("TRUSTPLANE_OPS_PORT", None)
@@ -99,6 +101,10 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
         access_log=False,
         proxy_headers=False,
         server_header=False,
+        # a spawned worker answers the supervisor's health pings only once it has imported
+        # everything; on a loaded host that takes longer than uvicorn's 5 s, and the supervisor
+        # would kill and respawn workers forever
+        timeout_worker_healthcheck=WORKER_HEALTHCHECK_TIMEOUT,
     )
 
 
