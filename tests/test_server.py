@@ -268,3 +268,39 @@ async def test_listeners_dispatch_by_local_port(apps: tuple[TrustplaneApp, Any, 
         }  # fmt: skip
         await both(scope, receive, send)
     assert seen == [200, 404]
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def test_the_ops_listener_defaults_to_loopback_9464(tmp_path: Path) -> None:
+    settings = make_settings("sqlite://", tmp_path)
+    assert (settings.ops_host, settings.ops_port) == ("127.0.0.1", 9464)
+
+
+def test_an_empty_ops_port_disables_the_listener(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trustplane.settings import load_settings
+
+    monkeypatch.setenv("TRUSTPLANE_OPS_PORT", "")
+    assert load_settings().ops_port == 0
+
+
+def test_the_ops_port_must_differ_from_the_public_one() -> None:
+    from trustplane.settings import load_settings
+
+    with pytest.raises(SettingsError) as exc:
+        load_settings(port=9000, ops_port=9000)
+    assert str(exc.value) == (
+        "invalid setting TRUSTPLANE_OPS_PORT: must differ from TRUSTPLANE_PORT (0 disables it)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("max_body_bytes", "10"), ("max_header_count", "5"), ("ops_port", "70000")],
+)
+def test_limits_out_of_range_name_their_setting(name: str, value: str) -> None:
+    from trustplane.settings import load_settings
+
+    with pytest.raises(SettingsError, match=rf"^invalid setting TRUSTPLANE_{name.upper()}: "):
+        load_settings(**{name: value})
