@@ -169,6 +169,7 @@ class Deployment:
             TRUSTPLANE_DATA_DIR=str(self.data_dir),
             TRUSTPLANE_DATABASE_URL=f"sqlite+aiosqlite:///{self.data_dir / 'trustplane.db'}",
             TRUSTPLANE_PORT=str(self.port),
+            TRUSTPLANE_OPS_PORT="0",  # three servers on one host: no operations listener
             TRUSTPLANE_SCOPES_FILE=str(self.data_dir / "scopes.toml"),
             TRUSTPLANE_CACHE_REFRESH_INTERVAL="0.2",
             TRUSTPLANE_FEDERATION_ALLOW_INSECURE_LOOPBACK="true",  # partners' issuers are http://127.0.0.1

@@ -6,14 +6,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 import structlog
 from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -39,6 +40,7 @@ from trustplane.keys.crypto import decode_kek, load_or_create_kek_file
 from trustplane.keys.service import GENERATION as KEYS_GENERATION
 from trustplane.keys.service import KeyService
 from trustplane.keys.store import SqlKeyStore
+from trustplane.limits import BoundedRequests, RefusalHook, RequestLimits, request_limits
 from trustplane.logging import configure_logging
 from trustplane.mandates import wiring as mandates_wiring
 from trustplane.mandates.service import MandateService
@@ -60,6 +62,7 @@ from trustplane.policy.http import AuthzenHttp, authzen_paths
 from trustplane.policy.service import GENERATION as POLICY_GENERATION
 from trustplane.policy.service import PolicyService, build_policy
 from trustplane.rar.registry import AuthorizationDetailsRegistry
+from trustplane.readiness import ReadinessProbe
 from trustplane.settings import Settings, SettingsError
 from trustplane.site.http import docs_routes, index_route
 from trustplane.storage import generations
@@ -113,6 +116,10 @@ class Services:
     ledger: Ledger
     policy: PolicyService
     revoked: RevokedTokens
+    readiness: ReadinessProbe = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.readiness = ReadinessProbe(self)
 
     @classmethod
     def build(cls, settings: Settings, db: Database | None = None) -> Services:
@@ -262,14 +269,22 @@ async def _every(interval: float, fn: Any, name: str) -> None:
 
 
 class TrustplaneApp:
-    """The ASGI entry point. The protocol hot paths (token, introspection, revocation, JWKS, metadata)
-    go straight to their handlers; everything else (registration, docs, metrics) goes through FastAPI.
+    """The ASGI entry point. Every HTTP request first passes the size limits (``trustplane.limits``:
+    header count and size 431, body 413 by ``Content-Length`` before reading or while streaming).
+    Then the protocol hot paths (token, introspection, revocation, JWKS, metadata) go straight to
+    their handlers; everything else (registration, admin APIs) goes through FastAPI.
 
     FastAPI's middleware stack costs about as much per request as verifying the client assertion, so
     the hot paths skip it; their handlers catch their own errors (``oauth.http.protocol_endpoint``).
     """
 
-    def __init__(self, api: FastAPI, fast_routes: list[Route]) -> None:
+    def __init__(
+        self,
+        api: FastAPI,
+        fast_routes: list[Route],
+        limits: RequestLimits | None = None,
+        hooks: Mapping[str, RefusalHook] | None = None,
+    ) -> None:
         self.api = api
         self.router = api.router
         self.state = api.state
@@ -278,13 +293,19 @@ class TrustplaneApp:
             for route in fast_routes
             for method in (route.methods or ())
         }
+        self._bounded = BoundedRequests(self._dispatch, limits or RequestLimits(), hooks)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            handler = self._fast.get((scope["path"], scope["method"]))
-            if handler is not None:
-                await handler(scope, receive, send)
-                return
+            await self._bounded(scope, receive, send)
+            return
+        await self.api(scope, receive, send)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        handler = self._fast.get((scope["path"], scope["method"]))
+        if handler is not None:
+            await handler(scope, receive, send)
+            return
         await self.api(scope, receive, send)
 
     def openapi(self) -> dict[str, Any]:
@@ -328,12 +349,16 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Trust
         title="trustplane",
         version=__version__,
         lifespan=lifespan,
-        docs_url=None,  # served from the package by docs_routes, not from a CDN
+        # the OpenAPI document and its UI are operations endpoints: ``create_ops_app`` serves them
+        docs_url=None,
+        openapi_url=None,
         redoc_url=None,
     )
     app.state.services = svc
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
-    return TrustplaneApp(app, _mount(app, svc))
+    # a token request refused at the entry is audited like one refused by the endpoint
+    hooks = {"/token": svc.token_endpoint.refuse_unparsed}
+    return TrustplaneApp(app, _mount(app, svc), request_limits(settings), hooks)
 
 
 def _mount(app: FastAPI, svc: Services) -> list[Route]:
@@ -349,10 +374,10 @@ def _mount(app: FastAPI, svc: Services) -> list[Route]:
     fast = protocol.routes()
     fast += AuthzenHttp(svc.policy.engine, guard).routes()
     app.router.routes.extend(fast)
-    app.router.routes.append(Route("/metrics", _metrics, methods=["GET"]))
     app.router.routes.append(Route("/healthz", _health, methods=["GET"]))
-    docs_routes(app)
-    app.router.routes.append(index_route(svc.settings, docs_url="/docs"))
+    app.router.routes.append(Route("/readyz", _ready, methods=["GET"]))
+    # the docs are on the operations listener (``create_ops_app``): the public index does not link them
+    app.router.routes.append(index_route(svc.settings, docs_url=None))
     return fast
 
 
@@ -384,16 +409,50 @@ def _metadata_json(svc: Services) -> Callable[[], bytes]:
     return metadata
 
 
+def create_ops_app(services: Services, openapi: Callable[[], dict[str, Any]]) -> ASGIApp:
+    """The operations listener's app (``TRUSTPLANE_OPS_HOST``/``TRUSTPLANE_OPS_PORT``): metrics,
+    liveness, readiness and the OpenAPI document of the public app with its UI. It has no lifespan
+    of its own: the public app's lifespan starts and stops the shared services."""
+
+    async def openapi_json(_request: Request) -> Response:
+        return Response(orjson.dumps(openapi()), media_type="application/json")
+
+    app = Starlette(
+        routes=[
+            Route("/metrics", _metrics, methods=["GET"]),
+            Route("/healthz", _health, methods=["GET"]),
+            Route("/readyz", _ready, methods=["GET"]),
+            Route("/openapi.json", openapi_json, methods=["GET"]),
+            *docs_routes("trustplane"),
+        ]
+    )
+    app.state.services = services
+    return BoundedRequests(app, request_limits(services.settings))
+
+
 async def _metrics(_request: Request) -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
 async def _health(request: Request) -> Response:
+    """Liveness: the process answers (and has its signing key, or says it is still starting)."""
     svc: Services = request.app.state.services
     ready = svc.keys.ring.signer is not None
     return Response(
         orjson.dumps({"status": "ok" if ready else "starting"}),
         200 if ready else 503,
+        media_type="application/json",
+    )
+
+
+async def _ready(request: Request) -> Response:
+    """Readiness (``trustplane.readiness``): 200 when every check passes, else 503."""
+    svc: Services = request.app.state.services
+    readiness = await svc.readiness.evaluate()
+    return Response(
+        orjson.dumps(readiness.body()),
+        200 if readiness.ready else 503,
+        headers={"Cache-Control": "no-store"},
         media_type="application/json",
     )
 

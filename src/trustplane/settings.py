@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     workers: int = Field(default=1, ge=1, le=64)
+    #: The operations listener (/metrics, /readyz, /healthz, /openapi.json, /docs); port 0 disables it.
+    ops_host: str = "127.0.0.1"
+    ops_port: int = Field(default=9464, ge=0, le=65535)
     data_dir: Path = Path(".trustplane")
     database_url: str = ""
     redis_url: str = ""
@@ -132,6 +135,13 @@ class Settings(BaseSettings):
         default="trustplane.security_events", pattern=r"^[A-Za-z0-9_.-]{1,128}$"
     )
     security_event_audience: tuple[str, ...] = ()
+
+    # --- request limits (trustplane.limits, docs/operations.md)
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=64 << 20)
+    max_authzen_body_bytes: int = Field(default=256 * 1024, ge=1024, le=64 << 20)
+    max_policy_body_bytes: int = Field(default=4 << 20, ge=1024, le=256 << 20)
+    max_header_bytes: int = Field(default=32 * 1024, ge=1024, le=1 << 20)
+    max_header_count: int = Field(default=100, ge=16, le=1000)
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] = "json"
@@ -256,8 +266,15 @@ class Settings(BaseSettings):
             decode_kek(value.get_secret_value())
         return value
 
+    @field_validator("ops_port", mode="before")
+    @classmethod
+    def _empty_ops_port_disables(cls, value: Any) -> Any:
+        return 0 if value in ("", None) else value
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
+        if self.ops_port and self.ops_port == self.port:
+            raise ValueError("ops_port: must differ from TRUSTPLANE_PORT (0 disables it)")
         if self.signing_algorithm not in self.allowed_signing_algorithms:
             raise ValueError("signing_algorithm: must be one of allowed_signing_algorithms")
         if not self.client_auth_methods:

@@ -72,6 +72,7 @@ def settings_env(database_url: str, data_dir: Path, **settings: str) -> dict[str
         TRUSTPLANE_KEY_ENCRYPTION_KEY=KEK,
         TRUSTPLANE_CACHE_REFRESH_INTERVAL=str(REFRESH_INTERVAL),
         TRUSTPLANE_LOG_LEVEL="warning",
+        TRUSTPLANE_OPS_PORT=str(free_port()),  # several servers per test: never the fixed default
     )
     env.update({f"TRUSTPLANE_{name.upper()}": value for name, value in settings.items()})
     return env
@@ -113,6 +114,11 @@ class LiveServer:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def ops_url(self) -> str:
+        """The operations listener (/metrics, /readyz, /docs): a port of its own on loopback."""
+        return f"http://127.0.0.1:{self.env['TRUSTPLANE_OPS_PORT']}"
+
     def cli(self, *args: str) -> str:
         return run_cli(self.env, *args)
 
@@ -135,7 +141,7 @@ class LiveServer:
 
     def wait_ready(self, deadline: float, relaunches: int = 3) -> None:
         """Poll /healthz until 200. A port taken between ``free_port()`` and the bind (another test
-        session on this machine) moves the server to a fresh port, a few times at most."""
+        session on this machine) moves the server to fresh ports, a few times at most."""
         assert self.process is not None
         while True:
             if self.process.poll() is not None:
@@ -159,6 +165,7 @@ class LiveServer:
     def _move_to(self, port: int) -> None:
         self.port = port
         self.env["TRUSTPLANE_PORT"] = str(port)
+        self.env["TRUSTPLANE_OPS_PORT"] = str(free_port())
         if "TRUSTPLANE_ISSUER" not in self.env:  # the issuer is derived from the port
             self.issuer = self.base_url
 

@@ -8,9 +8,10 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import EXECUTION, LEI, ClientKit, register_kit
+from tests.conftest import EXECUTION, LEI, ClientKit, _Started, register_kit
 from tests.federation.partners import Partner
 from tests.protocol_server import Server
+from trustplane.app import create_app, create_ops_app
 from trustplane.audit.sink import recent_events
 from trustplane.oauth.tokens import issue_access_token
 
@@ -158,6 +159,11 @@ async def test_a_revoked_admin_token_is_refused(server: Server) -> None:
 
 
 async def test_admin_routes_are_in_the_openapi_document(server: Server) -> None:
-    paths = (await server.http.get("/openapi.json")).json()["paths"]
+    """The document is served by the operations listener (``create_ops_app``), not the public one."""
+    public = create_app(server.services.settings, services=_Started(server.services))  # type: ignore[arg-type]
+    ops = create_ops_app(server.services, public.openapi)
+    transport = httpx.ASGITransport(app=ops)
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
+        paths = (await http.get("/openapi.json")).json()["paths"]
     assert {"/federation/partners", "/federation/partners/{partner_id}"} <= set(paths)
     assert httpx.codes.OK

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -221,3 +222,151 @@ async def test_concurrent_consumes_from_two_processes_exactly_one_wins(
     finally:
         await a.stop()
         await b.stop()
+
+
+# --------------------------------------------------------------------------- Redis down (issue 11, 8)
+
+DEAD_REDIS = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+
+
+def _unavailable_count(dependency: str) -> float:
+    from prometheus_client import REGISTRY
+
+    value = REGISTRY.get_sample_value(
+        "trustplane_dependency_unavailable_total", {"dependency": dependency}
+    )
+    return value or 0.0
+
+
+async def test_an_unreachable_redis_is_503_with_retry_after(issuer: str) -> None:
+    from trustplane.errors import TemporarilyUnavailableError
+
+    cache = RedisReplayCache(DEAD_REDIS)
+    before = _unavailable_count("redis")
+    try:
+        with pytest.raises(TemporarilyUnavailableError) as exc:
+            await cache.consume(issuer, "jti-1", soon())
+    finally:
+        await cache.aclose()
+    assert (exc.value.status_code, exc.value.error) == (503, "temporarily_unavailable")
+    assert exc.value.headers == {"Retry-After": "1"}
+    assert _unavailable_count("redis") == before + 1
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_the_token_endpoint_answers_503_when_redis_is_down(
+    settings_factory: Any,
+) -> None:
+    import httpx
+
+    from tests.conftest import EXECUTION, _Started, register_kit
+    from trustplane.app import create_app
+
+    svc = Services.build(settings_factory(redis_url=DEAD_REDIS))
+    await svc.start()
+    try:
+        kit = await register_kit(svc, grant_types=["client_credentials"])
+        app = create_app(svc.settings, services=_Started(svc))  # type: ignore[arg-type]
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=svc.settings.issuer) as http:
+            form = {"grant_type": "client_credentials", "scope": "order:create"}
+            response = await http.post("/token", data={**form, "resource": EXECUTION, **kit.auth()})
+    finally:
+        await svc.stop()
+    assert response.status_code == 503
+    assert response.json() == {
+        "error": "temporarily_unavailable",
+        "error_description": "a service this request needs (redis) is unavailable; try again shortly",
+    }
+    assert response.headers["retry-after"] == "1"
+    assert response.headers["cache-control"] == "no-store"
+
+
+def test_a_dependency_incident_is_logged_once_per_interval() -> None:
+    from structlog.testing import capture_logs
+
+    from trustplane.dependencies import IncidentLog
+
+    incidents = IncidentLog(interval=3600)
+    with capture_logs() as logs:
+        for _ in range(50):
+            incidents.failed("redis", ConnectionError("refused"))
+        incidents.failed("database", ConnectionError("gone"))
+    assert [(e["event"], e["dependency"]) for e in logs] == [
+        ("dependency_unavailable", "redis"),
+        ("dependency_unavailable", "database"),
+    ]
+    incidents = IncidentLog(interval=0)
+    with capture_logs() as logs:
+        incidents.failed("redis", ConnectionError("refused"))
+        incidents.failed("redis", ConnectionError("refused"))
+    assert len(logs) == 2
+
+
+async def test_a_lost_database_on_a_protocol_endpoint_is_503() -> None:
+    from sqlalchemy.exc import OperationalError
+    from starlette.requests import Request
+
+    from trustplane.oauth.http import protocol_endpoint
+
+    async def lost(_request: Request) -> Any:
+        raise OperationalError("SELECT 1", {}, ConnectionResetError("connection reset"))
+
+    before = _unavailable_count("database")
+    handler = protocol_endpoint("token", lost)
+    response: Any = await handler(Request({"type": "http", "headers": []}))
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert _unavailable_count("database") == before + 1
+
+
+async def test_a_bug_is_still_a_500() -> None:
+    from starlette.requests import Request
+
+    from trustplane.oauth.http import protocol_endpoint
+
+    async def bug(_request: Request) -> Any:
+        raise KeyError("oops")
+
+    response: Any = await protocol_endpoint("token", bug)(Request({"type": "http", "headers": []}))
+    assert response.status_code == 500
+    assert "retry-after" not in response.headers
+
+
+async def test_unreachable_dependencies_are_warned_at_start(tmp_path: Path) -> None:
+    from structlog.testing import capture_logs
+
+    from trustplane.dependencies import warn_unreachable
+
+    settings = make_settings(
+        "postgresql+asyncpg://postgres@127.0.0.1:1/x",
+        tmp_path,
+        redis_url=DEAD_REDIS,
+        nats_url="nats://127.0.0.1:1",
+    )
+    with capture_logs() as logs:
+        failed = await warn_unreachable(settings)
+    assert failed == ["postgresql", "redis", "nats"]
+    assert [(e["event"], e["dependency"], e["target"]) for e in logs] == [
+        ("dependency_unreachable_at_start", "postgresql", "127.0.0.1:1"),
+        ("dependency_unreachable_at_start", "redis", "127.0.0.1:1"),
+        ("dependency_unreachable_at_start", "nats", "127.0.0.1:1"),
+    ]
+
+
+async def test_reachable_dependencies_are_not_warned(tmp_path: Path) -> None:
+    from structlog.testing import capture_logs
+
+    from trustplane.dependencies import warn_unreachable
+
+    require_service("Redis", "127.0.0.1", 6379)
+    require_service("NATS", "127.0.0.1", 4222)
+    settings = make_settings(
+        f"sqlite+aiosqlite:///{tmp_path / 'x.db'}",
+        tmp_path,
+        redis_url=REDIS_URL,
+        nats_url="nats://127.0.0.1:4222",
+    )
+    with capture_logs() as logs:
+        assert await warn_unreachable(settings) == []
+    assert logs == []

@@ -185,7 +185,7 @@ async def test_malformed_token_request(
 HOSTILE = [
     pytest.param(
         lambda k: raw(urlencode([*base(k), ("pad", "x" * 70_000)])),
-        400,
+        413,  # RFC 9110 §15.5.14, refused by Content-Length before reading (trustplane.limits)
         "invalid_request",
         id="body-over-64-KiB",
     ),

@@ -112,6 +112,8 @@ class Ledger:
         self._lock = asyncio.Lock()
         #: A tree size known to exist (sizes only grow): proofs up to it skip reading the state.
         self._known_size = 0
+        #: ``time.monotonic()`` of the sequencer loop's last successful round (readiness).
+        self._last_progress: float | None = None
 
     # ------------------------------------------------------------------ the log key
 
@@ -237,6 +239,7 @@ class Ledger:
         interval = self._settings.audit_integrate_interval
         threshold = max(1, self._settings.audit_integrate_batch // 2)
         seen, last = APPENDED[0], time.monotonic()
+        self._last_progress = last
         while True:
             await asyncio.sleep(POLL)
             if APPENDED[0] - seen < threshold and time.monotonic() - last < interval:
@@ -247,6 +250,16 @@ class Ledger:
             except Exception as exc:  # keep sequencing; the entries stay pending and durable
                 SEQUENCER_FAILURES.inc()
                 log.error("audit_integration_failed", error=repr(exc))
+            else:
+                self._last_progress = time.monotonic()
+
+    def progress_age(self) -> float | None:
+        """Seconds since the sequencer loop last completed a round without error (a round where
+        another process held the sequencer lock counts: that process is sequencing); None if the
+        loop has not started in this process."""
+        if self._last_progress is None:
+            return None
+        return time.monotonic() - self._last_progress
 
     # ------------------------------------------------------------------ reading
 

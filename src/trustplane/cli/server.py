@@ -65,30 +65,27 @@ def serve(
     ] = None,
 ) -> None:
     """Run the server. First start: migrates the database and generates the signing keys."""
-    import uvicorn
+    from trustplane import server
 
     overrides = {"host": host, "port": port, "workers": workers}
     settings = _settings(**overrides)
     for name, value in {**global_options, **overrides}.items():
         if value is not None:
             os.environ[f"TRUSTPLANE_{name.upper()}"] = str(value)
+    # bound before anything is printed or migrated: a taken port is one line naming its setting
+    sockets = server.bind(settings)
     created = _run(_prepare(settings))
     out.print(f"[bold]trustplane {__version__}[/bold]")
     out.print(f"issuer        {settings.issuer}")
     out.print(f"JWKS          {settings.issuer}/jwks")
     out.print(f"metadata      {settings.issuer}/.well-known/oauth-authorization-server")
     out.print(f"database      {settings.effective_database_url.split('@')[-1]}")
+    if settings.ops_port:
+        out.print(
+            f"operations    http://{settings.ops_host}:{settings.ops_port}/metrics /readyz /docs"
+        )
     if created:
         out.print("signing keys  generated (active + next)")
     out.print("register      `trustplane registration-token create` prints an initial access token")
     out.print(f"              for POST {settings.issuer}/register")
-    uvicorn.run(
-        "trustplane.app:create_app_from_env",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        log_level="warning",
-        access_log=False,
-        proxy_headers=False,
-    )
+    server.run(settings, sockets)

@@ -1,6 +1,11 @@
 """Dynamic client registration (RFC 7591) and management (RFC 7592), as a FastAPI router so that the
 endpoints appear in the OpenAPI document. Bodies are read raw and validated by the service, so every
-bad body gets ``invalid_client_metadata`` / ``invalid_redirect_uri`` instead of a framework 422."""
+bad body gets ``invalid_client_metadata`` / ``invalid_redirect_uri`` instead of a framework 422.
+
+The bearer token (initial access token, RFC 7591 §3; registration access token, RFC 7592 §2) is
+checked before the body is read: an unauthenticated caller is answered 401 without a byte of its body
+being read (the response then closes the connection, :mod:`trustplane.limits`). The body is read with
+a cap of ``MAX_BODY`` (413 ``invalid_request`` past it)."""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from trustplane import metrics
 from trustplane.clients.metadata import ClientMetadataIn
 from trustplane.clients.service import ClientService, Registration
 from trustplane.errors import InvalidClientMetadataError, InvalidTokenError, OAuth2Error
+from trustplane.limits import RequestBodyTooLarge
 from trustplane.oauth.http import NO_STORE, error_response, json_response
 
 MAX_BODY = 64 * 1024
@@ -39,9 +45,13 @@ def bearer_token(request: Request) -> str:
 async def json_body(request: Request) -> Any:
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
         raise InvalidClientMetadataError("the body must be application/json")
-    raw = await request.body()
-    if len(raw) > MAX_BODY:
-        raise InvalidClientMetadataError("the body is too large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise RequestBodyTooLarge(f"the request body is larger than {MAX_BODY} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -75,6 +85,7 @@ def registration_router(service: ClientService, issuer: str) -> APIRouter:
     async def register(request: Request) -> Response:
         try:
             token = bearer_token(request)
+            await service.check_initial_access_token(token)  # before a byte of the body is read
             reg = await service.register(await json_body(request), initial_access_token=token)
         except OAuth2Error as exc:
             return failed(exc, "registration")

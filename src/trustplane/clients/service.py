@@ -144,6 +144,13 @@ class ClientService:
         await self.load()
         return Registration(client, secret, rat)
 
+    async def check_initial_access_token(self, token: str) -> None:
+        """Raise ``InvalidTokenError`` unless ``token`` is usable now (not consumed: :meth:`register`
+        consumes it). Lets the endpoint refuse before it reads the request body."""
+        async with self._db.read() as conn:
+            if not await self._tokens.usable(conn, hash_secret(token), int(time.time())):
+                raise InvalidTokenError("the initial access token is invalid, expired or used up")
+
     async def authorize_management(self, client_id: str, registration_token: str) -> Client:
         """RFC 7592 §2: the registration access token must match this client's."""
         client = self.registry.get(client_id)

@@ -6,9 +6,14 @@ be included more than once (``resource`` is the exception, RFC 8707 §2).
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from typing import Protocol
 from urllib.parse import unquote_plus
 
+from starlette.datastructures import Headers
+
 from trustplane.errors import InvalidRequestError
+from trustplane.limits import RequestBodyTooLarge
 
 MAX_BODY = 64 * 1024
 MAX_FIELDS = 64
@@ -35,6 +40,30 @@ def _unquote(text: str) -> str:
     return unquote_plus(text, errors="strict") if "%" in text or "+" in text else text
 
 
+class _Request(Protocol):
+    @property
+    def headers(self) -> Headers: ...
+
+    def stream(self) -> AsyncIterator[bytes]: ...
+
+
+async def read_form(request: _Request) -> Form:
+    """The one body reader of the form endpoints: the media type is checked before reading, and the
+    read stops at the first chunk that crosses ``MAX_BODY`` (413, ``invalid_request``). The ASGI
+    entry (:mod:`trustplane.limits`) has already refused a larger ``Content-Length``; this bound holds
+    wherever the handler is mounted."""
+    content_type = request.headers.get("content-type")
+    if content_type is None or content_type.split(";", 1)[0].strip().lower() != FORM_TYPE:
+        raise InvalidRequestError(f"the request body must be {FORM_TYPE}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise RequestBodyTooLarge(f"the request body is larger than {MAX_BODY} bytes")
+        chunks.append(chunk)
+    return Form.parse(b"".join(chunks), content_type)
+
+
 class Form:
     __slots__ = ("_multi", "_single")
 
@@ -46,7 +75,7 @@ class Form:
         if content_type is None or content_type.split(";", 1)[0].strip().lower() != FORM_TYPE:
             raise InvalidRequestError(f"the request body must be {FORM_TYPE}")
         if len(body) > MAX_BODY:
-            raise InvalidRequestError("the request body is too large")
+            raise RequestBodyTooLarge(f"the request body is larger than {MAX_BODY} bytes")
         try:
             pairs = _pairs(body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):

@@ -14,9 +14,10 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from trustplane import metrics
-from trustplane.errors import OAuth2Error, ServerError, TemporarilyUnavailableError
+from trustplane.dependencies import database_failure, unavailable
+from trustplane.errors import OAuth2Error, ServerError
 from trustplane.keys.service import KeyService, NoActiveKeyError
-from trustplane.oauth.form import Form
+from trustplane.oauth.form import read_form
 from trustplane.oauth.introspection import IntrospectionService
 from trustplane.oauth.token_endpoint import TokenEndpoint
 from trustplane.storage.writer import WriterUnavailable
@@ -64,18 +65,31 @@ def error_response(exc: OAuth2Error, endpoint: str) -> Response:
 Handler = Callable[[Request], Awaitable[Answer]]
 
 
+def dependency_of(exc: Exception) -> str | None:
+    """The dependency whose failure ``exc`` is (a 503, not a bug), or None."""
+    if isinstance(exc, WriterUnavailable) or database_failure(exc):
+        return "database"
+    if isinstance(exc, NoActiveKeyError):
+        return "signing keys"
+    if isinstance(exc, ConnectionError | OSError | TimeoutError):
+        return "network"
+    return None
+
+
 def protocol_endpoint(endpoint: str, fn: Handler) -> Handler:
-    """Map typed errors to their wire form, and dependency failures to a fail-closed 503."""
+    """Map typed errors to their wire form, and dependency failures to a fail-closed 503 with
+    ``Retry-After`` (logged once per incident, :mod:`trustplane.dependencies`)."""
 
     async def handler(request: Request) -> Answer:
         try:
             return await fn(request)
         except OAuth2Error as exc:
             return error_response(exc, endpoint)
-        except (WriterUnavailable, NoActiveKeyError, ConnectionError, OSError) as exc:
-            log.error("dependency_unavailable", endpoint=endpoint, error=repr(exc))
-            return error_response(TemporarilyUnavailableError("try again shortly"), endpoint)
-        except Exception:  # a bug: log it with the traceback, answer in the protocol's shape
+        except Exception as exc:
+            dependency = dependency_of(exc)
+            if dependency is not None:
+                return error_response(unavailable(dependency, exc, endpoint=endpoint), endpoint)
+            # a bug: log it with the traceback, answer in the protocol's shape
             log.exception("unhandled_error", endpoint=endpoint)
             return error_response(ServerError("internal error"), endpoint)
 
@@ -91,7 +105,7 @@ class OAuthHttp:
 
     async def token(self, request: Request) -> Answer:
         try:
-            form = Form.parse(await request.body(), request.headers.get("content-type"))
+            form = await read_form(request)
         except OAuth2Error as exc:
             await self.token_endpoint.refuse_unparsed(exc)
             raise
@@ -99,12 +113,12 @@ class OAuthHttp:
         return NoStoreJSON(body)
 
     async def introspect(self, request: Request) -> Answer:
-        form = Form.parse(await request.body(), request.headers.get("content-type"))
+        form = await read_form(request)
         body = await self.introspection.introspect(form, request.headers.get("authorization"))
         return NoStoreJSON(body)
 
     async def revoke(self, request: Request) -> Response:
-        form = Form.parse(await request.body(), request.headers.get("content-type"))
+        form = await read_form(request)
         await self.introspection.revoke(form, request.headers.get("authorization"))
         return Response(b"", 200, headers=NO_STORE)
 

@@ -3,6 +3,9 @@
 Default store: a database table keyed by (issuer, jti), written through the group-commit writer so the
 consumption is durable before the token is returned. With ``TRUSTPLANE_REDIS_URL`` set: Redis
 ``SET NX EXAT``. Either way, two racing requests with the same assertion: exactly one wins.
+
+Redis unreachable or timing out fails closed: the use is not accepted and the request is refused 503
+``temporarily_unavailable`` with ``Retry-After`` (:mod:`trustplane.dependencies`), never a 500.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from trustplane.dependencies import unavailable
 from trustplane.storage.db import Database
 from trustplane.storage.driver_sql import placeholder, values_clause
 from trustplane.storage.metadata import metadata
@@ -106,18 +110,36 @@ class SqlReplayCache:
         return int(result.rowcount or 0)
 
 
+#: Bounds on one Redis call, so that a hung Redis costs a request seconds, not minutes.
+REDIS_TIMEOUT = 2.0
+
+
 class RedisReplayCache:
     deferrable = False
 
     def __init__(self, url: str) -> None:
         from redis.asyncio import Redis
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
 
-        self._redis = Redis.from_url(url)
+        self._redis = Redis.from_url(
+            url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT
+        )
+        #: redis-py's own classes (not the builtins): a lost or unreachable Redis.
+        self._down: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError)
 
     async def consume(self, issuer: str, jti: str, expires_at: int) -> bool:
+        """Raises ``TemporarilyUnavailableError`` (503, ``Retry-After``) when Redis cannot answer."""
         key = f"trustplane:jti:{len(issuer)}:{issuer}:{jti}"
         ttl_at = max(expires_at, int(time.time()) + 1)
-        return bool(await self._redis.set(key, b"1", nx=True, exat=ttl_at))
+        try:
+            return bool(await self._redis.set(key, b"1", nx=True, exat=ttl_at))
+        except self._down as exc:
+            raise unavailable("redis", exc, use="replay cache") from exc
+
+    async def ping(self) -> None:
+        """For readiness: raises if Redis does not answer."""
+        await self._redis.ping()
 
     async def prune(self) -> int:
         return 0  # Redis expires keys itself

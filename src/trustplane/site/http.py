@@ -1,7 +1,7 @@
 """``/`` (a small server-rendered index, no script) and ``/docs`` (Swagger UI from the package).
 
 Both are functions a listener mounts: :func:`index_route` on the public one, :func:`docs_routes` on
-whichever serves the OpenAPI document (the public listener, or an operations listener).
+the operations listener, which serves the OpenAPI document.
 """
 
 from __future__ import annotations
@@ -9,12 +9,11 @@ from __future__ import annotations
 from importlib import resources
 from urllib.parse import urlsplit
 
-from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from trustplane import __version__
@@ -53,17 +52,18 @@ def index_route(settings: Settings, *, docs_url: str | None) -> Route:
     return Route("/", index, methods=["GET"])
 
 
-def docs_routes(app: FastAPI, *, docs_url: str = "/docs") -> None:
-    """Serve Swagger UI at ``docs_url`` from the vendored assets under ``/static/swagger-ui``:
-    nothing is loaded from a CDN, and the online validator badge is off, so it works offline.
-    Create ``app`` with ``docs_url=None`` (FastAPI's own page loads from a CDN)."""
-    openapi_url = app.openapi_url or "/openapi.json"
+def docs_routes(
+    title: str, *, openapi_url: str = "/openapi.json", docs_url: str = "/docs"
+) -> list[BaseRoute]:
+    """Swagger UI at ``docs_url`` from the vendored assets under ``/static/swagger-ui``: nothing is
+    loaded from a CDN, and the online validator badge is off, so it works offline. The operations
+    listener (``app.create_ops_app``) mounts these beside the OpenAPI document."""
     assets = f"{STATIC_PATH}/swagger-ui"
 
     async def docs(_request: Request) -> HTMLResponse:
         return get_swagger_ui_html(
             openapi_url=openapi_url,
-            title=f"{app.title} - API",
+            title=f"{title} - API",
             swagger_js_url=f"{assets}/swagger-ui-bundle.js?v={SWAGGER_UI_VERSION}",
             swagger_css_url=f"{assets}/swagger-ui.css?v={SWAGGER_UI_VERSION}",
             swagger_favicon_url=f"{assets}/favicon-32x32.png",
@@ -71,5 +71,7 @@ def docs_routes(app: FastAPI, *, docs_url: str = "/docs") -> None:
         )
 
     static = StaticFiles(directory=str(resources.files("trustplane.site") / "static"))
-    app.router.routes.append(Route(docs_url, docs, methods=["GET"], include_in_schema=False))
-    app.router.routes.append(Mount(STATIC_PATH, app=static, name="static"))
+    return [
+        Route(docs_url, docs, methods=["GET"], include_in_schema=False),
+        Mount(STATIC_PATH, app=static, name="static"),
+    ]

@@ -1,0 +1,156 @@
+"""The services trustplane depends on (database, Redis, NATS): how their failures reach the wire,
+the log and the metrics, and the reachability warnings at start.
+
+A dependency that fails is not a bug of ours and not the client's fault: the request is refused with
+503 ``temporarily_unavailable`` and ``Retry-After`` (RFC 6749 §5.2 body; RFC 9110 §10.2.3), fail
+closed, never a 500. The cause is logged once per incident (:class:`IncidentLog`: the first failure,
+then at most one line per ``INCIDENT_LOG_INTERVAL`` with the number of failures in between) and counted
+in ``trustplane_dependency_unavailable_total{dependency}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from urllib.parse import urlsplit
+
+import structlog
+from prometheus_client import Counter
+from sqlalchemy import exc as sa_exc
+
+from trustplane.errors import TemporarilyUnavailableError
+from trustplane.settings import Settings
+
+LOGGER = "trustplane.dependencies"
+
+RETRY_AFTER = 1
+INCIDENT_LOG_INTERVAL = 60.0
+PROBE_TIMEOUT = 2.0
+
+UNAVAILABLE = Counter(
+    "trustplane_dependency_unavailable_total",
+    "Requests refused 503 because a dependency failed, by dependency",
+    ["dependency"],
+)
+
+
+class IncidentLog:
+    """Rate-limited error logging: one line per dependency per ``interval`` seconds."""
+
+    def __init__(self, interval: float = INCIDENT_LOG_INTERVAL) -> None:
+        self._interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def failed(self, dependency: str, error: BaseException, **context: object) -> bool:
+        """Log ``error`` unless this dependency was logged less than ``interval`` ago; True if
+        logged."""
+        now = time.monotonic()
+        last = self._last.get(dependency)
+        if last is not None and now - last < self._interval:
+            self._suppressed[dependency] = self._suppressed.get(dependency, 0) + 1
+            return False
+        self._last[dependency] = now
+        suppressed = self._suppressed.pop(dependency, 0)
+        structlog.get_logger(LOGGER).error(
+            "dependency_unavailable",
+            dependency=dependency,
+            error=f"{type(error).__name__}: {error}",
+            failures_not_logged=suppressed,
+            **context,
+        )
+        return True
+
+
+INCIDENTS = IncidentLog()
+
+
+def unavailable(
+    dependency: str, error: BaseException, **context: object
+) -> TemporarilyUnavailableError:
+    """Count and (rate-limited) log a dependency failure; the error to raise or render."""
+    UNAVAILABLE.labels(dependency=dependency).inc()
+    INCIDENTS.failed(dependency, error, **context)
+    return TemporarilyUnavailableError(
+        f"a service this request needs ({dependency}) is unavailable; try again shortly",
+        headers={"Retry-After": str(RETRY_AFTER)},
+    )
+
+
+def database_failure(error: BaseException) -> bool:
+    """True for a lost or unreachable database (as opposed to a query the database refused)."""
+    if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:
+        return True
+    return isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.TimeoutError)
+
+
+# --------------------------------------------------------------------------- start-up warnings
+
+
+async def warn_unreachable(settings: Settings) -> list[str]:
+    """One warning line for each configured dependency that does not answer now (the server starts
+    anyway; requests that need it are answered 503). Returns the names that failed."""
+    probes = {"redis": _redis, "nats": _nats}
+    if not settings.is_embedded:
+        probes = {"postgresql": _postgresql, **probes}
+    failed = []
+    for name, probe in probes.items():
+        target = _target(settings, name)
+        if not target:
+            continue
+        try:
+            await asyncio.wait_for(probe(settings), PROBE_TIMEOUT)
+        except Exception as exc:  # any failure is "unreachable": the warning carries it
+            failed.append(name)
+            structlog.get_logger(LOGGER).warning(
+                "dependency_unreachable_at_start",
+                dependency=name,
+                target=target,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+    return failed
+
+
+def _target(settings: Settings, name: str) -> str:
+    """host:port of a dependency's URL (never its credentials), empty if not configured."""
+    url = {
+        "postgresql": settings.effective_database_url,
+        "redis": settings.redis_url,
+        "nats": settings.nats_url,
+    }[name]
+    if not url:
+        return ""
+    parts = urlsplit(url.split(",")[0])
+    return f"{parts.hostname or ''}:{parts.port or ''}"
+
+
+async def _postgresql(settings: Settings) -> None:
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+    from sqlalchemy.pool import NullPool
+
+    from trustplane.storage.db import async_url
+
+    engine = create_async_engine(async_url(settings.effective_database_url), poolclass=NullPool)
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+    finally:
+        await engine.dispose()
+
+
+async def _redis(settings: Settings) -> None:
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(settings.redis_url, socket_connect_timeout=PROBE_TIMEOUT)
+    try:
+        await client.ping()
+    finally:
+        await client.aclose()
+
+
+async def _nats(settings: Settings) -> None:
+    parts = urlsplit(settings.nats_url.split(",")[0])
+    _reader, writer = await asyncio.open_connection(parts.hostname, parts.port or 4222)
+    writer.close()
+    await writer.wait_closed()

@@ -1,0 +1,229 @@
+"""``trustplane serve``: bind the listeners, then run uvicorn with trustplane's limits.
+
+Two listeners: the public one (``TRUSTPLANE_HOST``/``TRUSTPLANE_PORT``: the protocol and admin APIs)
+and the operations one (``TRUSTPLANE_OPS_HOST``/``TRUSTPLANE_OPS_PORT``, default 127.0.0.1:9464, 0
+disables it: ``/metrics``, ``/readyz``, ``/healthz``, ``/openapi.json``, ``/docs``). Both sockets are
+bound before anything is printed, so a taken port ends the command with one line naming the setting
+(exit 2) instead of a banner followed by uvicorn's ``Errno 98``.
+
+Every worker process serves both sockets (the kernel spreads connections over the workers); one ASGI
+app per process (:class:`Listeners`) dispatches by the local port a connection came in on. With
+``workers > 1`` a ``/metrics`` scrape therefore answers with the counters of whichever worker took the
+connection (Prometheus multiprocess mode is not used); run one worker per process behind the load
+balancer when the counters must add up.
+
+Header limits are applied while the request head is parsed (:class:`BoundedHttpToolsProtocol`): the
+``httptools`` parser that uvicorn uses by default has no limit of its own (``h11_max_incomplete_event_size``
+applies to ``h11`` only), so a 1 MB header or 2,000 header fields used to be buffered and handed to the
+app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+import sys
+from typing import Any, ClassVar
+
+import httptools
+import uvicorn
+from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from trustplane.dependencies import warn_unreachable
+from trustplane.limits import REQUESTS_REFUSED, RequestLimits, refusal, request_limits
+from trustplane.logging import configure_logging
+from trustplane.settings import Settings, SettingsError, load_settings
+
+WORKER_HEALTHCHECK_TIMEOUT = 60
+
+#: What a taken or forbidden address blames: (setting, CLI flag or None).
+_PUBLIC = ("TRUSTPLANE_PORT", "--port")
+_OPS = ("TRUSTPLANE_OPS_PORT", None)
+
+
+# --------------------------------------------------------------------------- binding
+
+
+def _bind(host: str, port: int, blame: tuple[str, str | None]) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise SettingsError(_bind_error(host, port, blame, exc)) from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _bind_error(host: str, port: int, blame: tuple[str, str | None], exc: OSError) -> str:
+    setting, flag = blame
+    named = f"{setting} / {flag}" if flag else setting
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        why, todo = (
+            "address already in use",
+            "stop the process that holds it or choose another port",
+        )
+    elif exc.errno == errno.EACCES:
+        why, todo = "permission denied", "choose a port above 1023"
+    else:
+        why, todo = exc.strerror or str(exc), "check the host and port"
+    return f"invalid setting {named}: cannot listen on {where}: {why}; {todo}"
+
+
+def bind(settings: Settings) -> list[socket.socket]:
+    """The public socket, then the operations socket (if enabled), bound but not yet listening.
+    Raises :class:`SettingsError` with one line naming the setting when an address cannot be used."""
+    public = _bind(settings.host, settings.port, _PUBLIC)
+    if not settings.ops_port:
+        return [public]
+    try:
+        return [public, _bind(settings.ops_host, settings.ops_port, _OPS)]
+    except SettingsError:
+        public.close()
+        raise
+
+
+# --------------------------------------------------------------------------- running
+
+
+def uvicorn_config(settings: Settings) -> uvicorn.Config:
+    return uvicorn.Config(
+        "trustplane.server:listeners_from_env",
+        factory=True,
+        workers=settings.workers,
+        http=BoundedHttpToolsProtocol,
+        log_level="warning",
+        access_log=False,
+        proxy_headers=False,
+        server_header=False,
+        # a spawned worker answers the supervisor's health pings only once it has imported
+        # everything; on a loaded host that takes longer than uvicorn's 5 s, and the supervisor
+        # would kill and respawn workers forever
+        timeout_worker_healthcheck=WORKER_HEALTHCHECK_TIMEOUT,
+    )
+
+
+def run(settings: Settings, sockets: list[socket.socket] | None = None) -> None:
+    """Serve until SIGINT/SIGTERM. ``sockets``: from :func:`bind` (bound here if not given)."""
+    sockets = sockets if sockets is not None else bind(settings)
+    configure_logging(settings.log_level, settings.log_format)
+    asyncio.run(warn_unreachable(settings))
+    config = uvicorn_config(settings)
+    if settings.workers > 1:
+        from uvicorn.supervisors import Multiprocess
+
+        Multiprocess(config, sockets=sockets).run()
+        return
+    server = uvicorn.Server(config)
+    server.run(sockets=sockets)
+    if not server.started:
+        sys.exit(3)  # the app failed to start; uvicorn logged why
+
+
+class Listeners:
+    """One process's ASGI app: requests that came in on the operations port go to the operations
+    app, everything else (and the lifespan) to the public app."""
+
+    def __init__(self, public: ASGIApp, ops: ASGIApp | None, ops_port: int) -> None:
+        self.public, self.ops, self.ops_port = public, ops, ops_port
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.ops is not None and scope["type"] == "http":
+            local = scope.get("server")
+            if local is not None and local[1] == self.ops_port:
+                await self.ops(scope, receive, send)
+                return
+        await self.public(scope, receive, send)
+
+
+def listeners_from_env() -> Listeners:
+    """uvicorn factory (each worker process): settings from the environment."""
+    from trustplane.app import create_app, create_ops_app
+
+    settings = load_settings()
+    BoundedHttpToolsProtocol.limits = request_limits(settings)
+    public = create_app(settings)
+    ops = create_ops_app(public.state.services, public.openapi) if settings.ops_port else None
+    return Listeners(public, ops, settings.ops_port)
+
+
+# --------------------------------------------------------------------------- header limits
+
+
+class _HeadTooLarge(Exception):
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's ``httptools`` protocol with limits on the request head while it is parsed, answered
+    431 with the connection closed and nothing more buffered:
+
+    * more than ``max_header_count`` header fields;
+    * header names and values together larger than ``max_header_bytes`` (as at the ASGI entry);
+    * more than twice ``max_header_bytes`` received while the head is still incomplete (the request
+      line and the field being received count here: a 1 MB header value is refused after 64 KiB,
+      not after it has been buffered). Counted per received chunk, so a pipelined request may run one
+      chunk over."""
+
+    limits: ClassVar[RequestLimits] = RequestLimits()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_head = True
+        self._head_received = 0
+        self._field_bytes = 0
+        self._field_count = 0
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._in_head and not self.transport.is_closing():
+            self._head_received += len(data)
+            if self._head_received > 2 * self.limits.max_header_bytes:
+                self._refuse(
+                    f"the request head is larger than {2 * self.limits.max_header_bytes} bytes"
+                )
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        self._head_received = self._field_bytes = self._field_count = 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._field_count += 1
+        self._field_bytes += len(name) + len(value)
+        if self._field_count > self.limits.max_header_count:
+            raise _HeadTooLarge(f"more than {self.limits.max_header_count} header fields")
+        if self._field_bytes > self.limits.max_header_bytes:
+            raise _HeadTooLarge(
+                f"the header fields are larger than {self.limits.max_header_bytes} bytes"
+            )
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        super().on_headers_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn answers every parser error 400; a limit raised by our callbacks is a 431."""
+        error = sys.exc_info()[1]
+        cause = error.__context__ if isinstance(error, httptools.HttpParserCallbackError) else None
+        if isinstance(cause, _HeadTooLarge):
+            self._refuse(cause.detail)
+        else:
+            super().send_400_response(msg)
+
+    def _refuse(self, detail: str) -> None:
+        REQUESTS_REFUSED.labels(reason="headers").inc()
+        url: bytes = getattr(self, "url", b"") or b"/"
+        headers, body = refusal(431, detail, url.split(b"?", 1)[0].decode("latin-1"))
+        head = [b"HTTP/1.1 431 Request Header Fields Too Large\r\n"]
+        head += [name + b": " + value + b"\r\n" for name, value in headers]
+        self.transport.write(b"".join([*head, b"\r\n", body]))
+        self.transport.close()
