@@ -28,7 +28,7 @@ import structlog
 from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from trustplane.errors import InvalidRequestError
+from trustplane.errors import ContentTooLargeError, InvalidRequestError
 from trustplane.settings import Settings
 
 log = structlog.get_logger("trustplane.limits")
@@ -54,11 +54,10 @@ OAUTH_SHAPED_PREFIXES = (
 )
 
 
-class RequestBodyTooLarge(InvalidRequestError):
-    """RFC 9110 §15.5.14: the body is larger than this route accepts. Raised by the bounded
-    ``receive`` so that a handler's own ``OAuth2Error`` mapping answers 413 ``invalid_request``."""
-
-    status_code = 413
+#: RFC 9110 §15.5.14: the body is larger than this route accepts. Raised by the bounded ``receive``
+#: so that a handler's own ``OAuth2Error`` mapping answers 413 ``invalid_request``; the one class of
+#: that wire error (``errors.ContentTooLargeError``), under the name this module's callers use.
+RequestBodyTooLarge = ContentTooLargeError
 
 
 class RequestHeadersTooLarge(InvalidRequestError):
