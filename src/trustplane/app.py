@@ -25,7 +25,11 @@ from trustplane.audit.ledger import Ledger
 from trustplane.audit.sink import SqlAuditSink, write_events
 from trustplane.authorize import wiring as authorize_wiring
 from trustplane.clients.http import registration_router
-from trustplane.clients.remote_jwks import RemoteJwksCache
+from trustplane.clients.remote_jwks import (
+    RemoteJwksCache,
+    client_jwks_cache,
+    partner_jwks_cache,
+)
 from trustplane.clients.service import GENERATION as CLIENTS_GENERATION
 from trustplane.clients.service import ClientService
 from trustplane.clients.store import SqlClientStore, SqlInitialAccessTokenStore
@@ -52,6 +56,7 @@ from trustplane.oauth.replay import RedisReplayCache, SqlReplayCache
 from trustplane.oauth.revocations import SqlRevocationStore
 from trustplane.oauth.scopes import Vocabulary, load_vocabulary, with_internal_apis
 from trustplane.oauth.token_endpoint import TokenEndpoint
+from trustplane.outbound import HostRateLimiter
 from trustplane.policy.admin_http import simulation_router
 from trustplane.policy.enforcement import TokenPolicy
 from trustplane.policy.http import AuthzenHttp, authzen_paths
@@ -68,11 +73,9 @@ log = structlog.get_logger("trustplane")
 MAINTENANCE_INTERVAL = 60.0
 
 
-def partner_jwks(settings: Settings) -> RemoteJwksCache:
+def partner_jwks(settings: Settings, limiter: HostRateLimiter | None = None) -> RemoteJwksCache:
     """The cache of partners' ``jwks_uri`` key sets (separate from clients': its own intervals)."""
-    return RemoteJwksCache(
-        ttl=settings.federation_jwks_ttl, min_refetch=settings.federation_jwks_min_refetch
-    )
+    return partner_jwks_cache(settings, limiter)
 
 
 def key_encryption_key(settings: Settings) -> bytes:
@@ -125,7 +128,9 @@ class Services:
         clients = ClientService(
             db, SqlClientStore(), SqlInitialAccessTokenStore(), settings, vocabulary, write_events
         )
-        remote = RemoteJwksCache()
+        # one per-host rate limit for every fetch the server makes (trustplane.outbound)
+        limiter = HostRateLimiter(settings.outbound_rate_per_host, settings.outbound_burst_per_host)
+        remote = client_jwks_cache(settings, limiter)
         auth = ClientAuthenticator(settings, clients.registry, replay, remote)
         policy = build_policy(settings, db, writer)
         token = TokenEndpoint(settings, auth, keys, vocabulary, audit, OutcomeRecorder(writer))
@@ -148,7 +153,12 @@ class Services:
             introspection,
         )
         federation = FederationService(
-            db, SqlPartnerStore(), settings, vocabulary, write_events, partner_jwks(settings)
+            db,
+            SqlPartnerStore(),
+            settings,
+            vocabulary,
+            write_events,
+            partner_jwks(settings, limiter),
         )
         token.grants[JWT_BEARER] = JwtBearerGrant(
             settings,

@@ -25,6 +25,7 @@ from sqlalchemy import delete
 
 from tests.conftest import PROTOCOL_DATABASES
 from trustplane.keys.crypto import public_jwk
+from trustplane.outbound import OutboundFetcher
 from trustplane.pep.idempotency_store import SqlIdempotencyStore, idempotency_keys
 from trustplane.storage.db import Database
 
@@ -73,8 +74,9 @@ class FakeIssuer:
             return httpx.Response(200, json=self.jwks())
         return httpx.Response(404)
 
-    def http(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(transport=httpx.MockTransport(self.handler))
+    def fetcher(self) -> OutboundFetcher:
+        """The guarded fetcher the PEP uses in production, over the mock transport."""
+        return OutboundFetcher(transport=httpx.MockTransport(self.handler))
 
     def public_pem(self, kid: str = "k1") -> bytes:
         return (

@@ -17,9 +17,9 @@ from trustplane.pep.keys import KeySourceError
 
 @pytest.fixture
 async def validator(issuer: FakeIssuer) -> AsyncIterator[TokenValidator]:
-    v = TokenValidator(audience=AUDIENCE, issuers=[TrustedIssuer(ISSUER)], http=issuer.http())
+    v = TokenValidator(audience=AUDIENCE, issuers=[TrustedIssuer(ISSUER)], fetcher=issuer.fetcher())
     yield v
-    await v.http.aclose()
+    await v.fetcher.aclose()
 
 
 async def test_valid_token_gives_its_claims(validator: TokenValidator, issuer: FakeIssuer) -> None:
@@ -120,7 +120,7 @@ async def test_metadata_naming_another_issuer_is_not_used(issuer: FakeIssuer) ->
     """RFC 8414 §3.3: the metadata's issuer must be identical to the configured one."""
     issuer.metadata_issuer = "https://evil.example"
     validator = TokenValidator(
-        audience=AUDIENCE, issuers=[TrustedIssuer(ISSUER)], http=issuer.http()
+        audience=AUDIENCE, issuers=[TrustedIssuer(ISSUER)], fetcher=issuer.fetcher()
     )
 
     with pytest.raises(KeySourceError):
@@ -135,7 +135,7 @@ async def test_rotation_an_unknown_kid_refetches_once_then_is_rate_limited(
     validator = TokenValidator(
         audience=AUDIENCE,
         issuers=[TrustedIssuer(ISSUER, jwks_uri=f"{ISSUER}/jwks")],
-        http=issuer.http(),
+        fetcher=issuer.fetcher(),
         jwks_min_refetch=0.0,
     )
     await validator.validate(issuer.token())
@@ -151,7 +151,7 @@ async def test_bogus_kids_cost_one_fetch_per_refetch_interval(issuer: FakeIssuer
     validator = TokenValidator(
         audience=AUDIENCE,
         issuers=[TrustedIssuer(ISSUER, jwks_uri=f"{ISSUER}/jwks")],
-        http=issuer.http(),
+        fetcher=issuer.fetcher(),
         jwks_min_refetch=60.0,
     )
     await validator.validate(issuer.token())
@@ -168,7 +168,7 @@ async def test_unreachable_issuer_before_any_key_is_an_outage_not_a_bad_token(
 ) -> None:
     issuer.down = True
     validator = TokenValidator(
-        audience=AUDIENCE, issuers=[TrustedIssuer(ISSUER)], http=issuer.http()
+        audience=AUDIENCE, issuers=[TrustedIssuer(ISSUER)], fetcher=issuer.fetcher()
     )
 
     with pytest.raises(KeySourceError):
@@ -179,7 +179,7 @@ async def test_known_keys_survive_a_failed_refresh(issuer: FakeIssuer) -> None:
     validator = TokenValidator(
         audience=AUDIENCE,
         issuers=[TrustedIssuer(ISSUER, jwks_uri=f"{ISSUER}/jwks")],
-        http=issuer.http(),
+        fetcher=issuer.fetcher(),
         jwks_ttl=0.0,
         jwks_min_refetch=0.0,
     )
@@ -195,7 +195,7 @@ async def test_algorithms_can_be_narrowed_per_issuer(issuer: FakeIssuer) -> None
     validator = TokenValidator(
         audience=AUDIENCE,
         issuers=[TrustedIssuer(ISSUER, algorithms=frozenset({"EdDSA"}))],
-        http=issuer.http(),
+        fetcher=issuer.fetcher(),
     )
 
     with pytest.raises(InvalidTokenError) as caught:

@@ -241,12 +241,15 @@ def conformance(
 async def _conformance(
     profile: TrustProfile, url: str, token: str | None, audience: str, insecure: bool
 ) -> list[Any]:
-    import httpx
+    from trustplane.federation.conformance import MAX_DOCUMENT, ConformanceChecker
+    from trustplane.outbound import OutboundFetcher, OutboundPolicy
 
-    from trustplane.federation.conformance import ConformanceChecker
-
-    async with httpx.AsyncClient(timeout=10.0, follow_redirects=False) as http:
+    policy = OutboundPolicy(allow_loopback=insecure, max_bytes=MAX_DOCUMENT)
+    fetcher = OutboundFetcher(policy)
+    try:
         checker = ConformanceChecker(
-            profile, audience=audience, http=http, allow_insecure_loopback=insecure
+            profile, audience=audience, fetcher=fetcher, allow_insecure_loopback=insecure
         )
         return await checker.run(url, token)
+    finally:
+        await fetcher.aclose()
