@@ -4,6 +4,7 @@ the conformance checker against a partner's metadata (exit code 1 on any failed 
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -241,9 +242,13 @@ def conformance(
 async def _conformance(
     profile: TrustProfile, url: str, token: str | None, audience: str, insecure: bool
 ) -> list[Any]:
+    import structlog
+
     from trustplane.federation.conformance import MAX_DOCUMENT, ConformanceChecker
     from trustplane.outbound import OutboundFetcher, OutboundPolicy
 
+    # the fetcher's refusal lines go to stderr: stdout carries the report (and --json)
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     policy = OutboundPolicy(allow_loopback=insecure, max_bytes=MAX_DOCUMENT)
     fetcher = OutboundFetcher(policy)
     try:

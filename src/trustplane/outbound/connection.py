@@ -18,6 +18,7 @@ from collections.abc import Iterable
 import httpcore
 import httpx
 
+from trustplane.outbound import addresses
 from trustplane.outbound.addresses import Resolver, literal_address, refusal
 from trustplane.outbound.errors import OutboundRefused
 
@@ -25,7 +26,7 @@ from trustplane.outbound.errors import OutboundRefused
 class GuardedBackend(httpcore.AsyncNetworkBackend):
     def __init__(
         self,
-        resolver: Resolver,
+        resolver: Resolver | None = None,
         *,
         allow_loopback: bool = False,
         inner: httpcore.AsyncNetworkBackend | None = None,
@@ -58,7 +59,9 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
             answers = [str(literal)]
         else:
             try:
-                answers = await asyncio.wait_for(self._resolver(host, port), seconds)
+                # looked up at call time, so a test can replace the system resolver
+                resolve = self._resolver or addresses.system_resolver
+                answers = await asyncio.wait_for(resolve(host, port), seconds)
             except TimeoutError:
                 raise httpcore.ConnectTimeout(f"resolving {host} timed out") from None
             except OSError as exc:

@@ -36,7 +36,7 @@ import orjson
 import structlog
 from prometheus_client import Counter
 
-from trustplane.outbound.addresses import Resolver, host_problem, system_resolver
+from trustplane.outbound.addresses import Resolver, host_problem
 from trustplane.outbound.connection import GuardedBackend, GuardedTransport
 from trustplane.outbound.errors import OutboundError, OutboundRefused
 from trustplane.settings import Settings, is_loopback_host
@@ -137,7 +137,7 @@ class OutboundFetcher:
         self,
         policy: OutboundPolicy | None = None,
         *,
-        resolver: Resolver = system_resolver,
+        resolver: Resolver | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         rate_limiter: HostRateLimiter | None = None,
         backend: GuardedBackend | None = None,
