@@ -135,6 +135,7 @@ class Services:
         policy = build_policy(settings, db, writer)
         token = TokenEndpoint(settings, auth, keys, vocabulary, audit, OutcomeRecorder(writer))
         rar, mandates = mandates_wiring.build(settings, db, keys, clients.registry)
+        token.details = rar
         token.policy = TokenPolicy(policy.engine) if settings.policy_token_enforcement else None
         introspection = IntrospectionService(
             settings, db, auth, keys, clients.registry, SqlRevocationStore(), audit, mandates
