@@ -89,7 +89,7 @@ def partner_jwks_cache(
     policy = OutboundPolicy.from_settings(
         settings,
         allow_loopback=settings.federation_allow_insecure_loopback,
-        allowed_hosts=frozenset(settings.federation_jwks_hosts),
+        allowed_hosts=frozenset(h.lower() for h in settings.federation_jwks_hosts),
         max_bytes=MAX_JWKS_BYTES,
     )
     return RemoteJwksCache(

@@ -97,8 +97,8 @@ class GuardedTransport(httpx.AsyncHTTPTransport):
         super().__init__(verify=verify, trust_env=False, retries=0)
         self._pool = httpcore.AsyncConnectionPool(
             ssl_context=httpx.create_ssl_context(verify=verify, trust_env=False),
-            max_connections=50,
-            max_keepalive_connections=10,
+            max_connections=100,  # httpx's defaults: the PEP calls its PDP on the hot path
+            max_keepalive_connections=20,
             keepalive_expiry=5.0,
             network_backend=backend,
         )
