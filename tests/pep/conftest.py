@@ -46,6 +46,7 @@ class FakeIssuer:
     keys: dict[str, ec.EllipticCurvePrivateKey] = field(default_factory=dict)
     requests: list[str] = field(default_factory=list)
     metadata_issuer: str | None = None
+    metadata_jwks_uri: str | None = None
     down: bool = False
 
     def __post_init__(self) -> None:
@@ -69,7 +70,8 @@ class FakeIssuer:
             raise httpx.ConnectError("issuer down")
         if request.url.path == "/.well-known/oauth-authorization-server":
             issuer = self.metadata_issuer or self.issuer
-            return httpx.Response(200, json={"issuer": issuer, "jwks_uri": f"{self.issuer}/jwks"})
+            jwks_uri = self.metadata_jwks_uri or f"{self.issuer}/jwks"
+            return httpx.Response(200, json={"issuer": issuer, "jwks_uri": jwks_uri})
         if request.url.path == "/jwks":
             return httpx.Response(200, json=self.jwks())
         return httpx.Response(404)

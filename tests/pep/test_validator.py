@@ -11,6 +11,7 @@ import pytest
 
 from tests.pep.conftest import AUDIENCE, ISSUER, FakeIssuer, b64url
 from trustplane.errors import InvalidTokenError
+from trustplane.outbound import OutboundFetcher, OutboundPolicy
 from trustplane.pep import ConfigurationError, TokenValidator, TrustedIssuer
 from trustplane.pep.keys import KeySourceError
 
@@ -216,3 +217,42 @@ async def test_algorithms_can_be_narrowed_per_issuer(issuer: FakeIssuer) -> None
 def test_unsafe_configuration_is_refused(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         TrustedIssuer(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("issuer_url", "message"),
+    [
+        ("http://127.0.0.1:9", "must use https"),
+        ("https://127.0.0.1:9", "host 127.0.0.1 is loopback"),
+        ("https://localhost", "host localhost is a local name"),
+    ],
+)
+async def test_a_loopback_issuer_needs_the_development_fetcher(
+    issuer_url: str, message: str
+) -> None:
+    """The PEP's fetches go through the guarded fetcher: a loopback issuer is refused when the
+    validator is configured, not at the first request; the development policy allows it."""
+    with pytest.raises(ConfigurationError, match=message):
+        TokenValidator(audience=AUDIENCE, issuers=[TrustedIssuer(issuer_url)])
+    dev = OutboundFetcher(OutboundPolicy.development())
+    TokenValidator(audience=AUDIENCE, issuers=[TrustedIssuer(issuer_url)], fetcher=dev)
+    await dev.aclose()
+
+
+@pytest.mark.parametrize(
+    "jwks_uri",
+    ["https://169.254.169.254/latest/jwks", "https://10.0.0.1/jwks", "https://[::1]/jwks"],
+)
+async def test_metadata_pointing_the_jwks_at_a_private_address_is_not_followed(
+    issuer: FakeIssuer, jwks_uri: str
+) -> None:
+    """The issuer's metadata names where its keys are; the fetcher refuses a non-public address
+    (nothing is requested there) and the validator fails closed."""
+    issuer.metadata_jwks_uri = jwks_uri
+    validator = TokenValidator(
+        audience=AUDIENCE, issuers=[TrustedIssuer(ISSUER)], fetcher=issuer.fetcher()
+    )
+    with pytest.raises(KeySourceError):
+        await validator.validate(issuer.token())
+    assert issuer.requests == ["/.well-known/oauth-authorization-server"]
+    await validator.fetcher.aclose()
