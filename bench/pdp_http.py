@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from trustplane.jose.jws import Signer
 from trustplane.keys.crypto import public_jwk
-from trustplane.pep import PolicyEnforcer, TokenValidator, TrustedIssuer
+from trustplane.pep import OutboundFetcher, PolicyEnforcer, TokenValidator, TrustedIssuer
 from trustplane.policy.bundle import compile_bundle, default_bundle
 from trustplane.policy.engine import PolicyEngine
 from trustplane.policy.model import Entity
@@ -113,11 +113,13 @@ def _claims() -> dict[str, Any]:
 async def _pep_rows(n: int) -> list[Row]:
     key = ec.generate_private_key(ec.SECP256R1())
     jwks = {"keys": [{**public_jwk(key), "kid": "k1", "alg": "ES256", "use": "sig"}]}
-    http = httpx.AsyncClient(
+    fetcher = OutboundFetcher(
         transport=httpx.MockTransport(lambda _request: httpx.Response(200, json=jwks))
     )
     validator = TokenValidator(
-        audience=AUDIENCE, issuers=[TrustedIssuer(ISSUER, jwks_uri=f"{ISSUER}/jwks")], http=http
+        audience=AUDIENCE,
+        issuers=[TrustedIssuer(ISSUER, jwks_uri=f"{ISSUER}/jwks")],
+        fetcher=fetcher,
     )
     engine = PolicyEngine(issuer=ISSUER, served_regions=["eu"])
     engine.activate(compile_bundle(default_bundle()))
@@ -175,7 +177,7 @@ async def _pep_rows(n: int) -> list[Row]:
             await pep(header)
             samples.append(time.perf_counter_ns() - started)
         rows.append({"name": f"PEP validate+decide, {label}", **percentiles(samples)})
-    await http.aclose()
+    await fetcher.aclose()
     return rows
 
 

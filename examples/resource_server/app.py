@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import httpx
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,6 +27,8 @@ from pydantic import BaseModel, Field, ValidationError
 from trustplane.jose.jwk import PrivateKey
 from trustplane.pep import (
     AuthzenClient,
+    OutboundFetcher,
+    OutboundPolicy,
     PolicyEnforcer,
     PrivateKeyJwt,
     RevocationCheck,
@@ -55,6 +56,8 @@ class Config:
     data_region: str = "eu"
     introspect: bool = False
     pdp_url: str | None = None
+    #: Development only: let the PEP's fetcher reach a trustplane on this machine (loopback).
+    allow_loopback: bool = False
 
     @classmethod
     def from_env(cls) -> Config:
@@ -68,6 +71,7 @@ class Config:
             data_region=os.environ.get("RS_DATA_REGION", "eu"),
             introspect=os.environ.get("RS_INTROSPECT", "") == "1",
             pdp_url=os.environ.get("RS_PDP_URL") or None,
+            allow_loopback=os.environ.get("RS_ALLOW_LOOPBACK", "") == "1",
         )
 
 
@@ -111,18 +115,23 @@ def build_pdp(config: Config, validator: TokenValidator) -> DecisionPoint:
         config.pdp_url or config.issuer,
         token_endpoint=f"{config.issuer}/token",
         auth=auth,
-        http=validator.http,
+        fetcher=validator.fetcher,
     )
 
 
 def enforcer_for(config: Config, audience: str, realm: str) -> PolicyEnforcer:
-    http = httpx.AsyncClient(timeout=5.0, follow_redirects=False)
+    # Every call to the issuer and the PDP goes through the guarded fetcher (trustplane.outbound).
+    policy = OutboundPolicy.development() if config.allow_loopback else OutboundPolicy()
+    fetcher = OutboundFetcher(policy)
     revocation = None
     if config.introspect:
         auth = PrivateKeyJwt(config.client_id, config.client_key, config.client_kid, config.issuer)
-        revocation = RevocationCheck(f"{config.issuer}/introspect", auth, http, ttl=5.0)
+        revocation = RevocationCheck(f"{config.issuer}/introspect", auth, fetcher, ttl=5.0)
     validator = TokenValidator(
-        audience=audience, issuers=[TrustedIssuer(config.issuer)], http=http, revocation=revocation
+        audience=audience,
+        issuers=[TrustedIssuer(config.issuer)],
+        fetcher=fetcher,
+        revocation=revocation,
     )
     return PolicyEnforcer(validator, build_pdp(config, validator), realm=realm)
 

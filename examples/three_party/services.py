@@ -24,7 +24,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import httpx
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -38,6 +37,8 @@ from trustplane.pep import (
     AuthzenClient,
     ChainRequirement,
     IdempotencyService,
+    OutboundFetcher,
+    OutboundPolicy,
     PolicyEnforcer,
     PrivateKeyJwt,
     SqlIdempotencyStore,
@@ -64,11 +65,17 @@ class PdpAccess:
     key: PrivateKey = field(repr=False)
     kid: str = "k1"
 
-    def client(self, http: httpx.AsyncClient) -> AuthzenClient:
+    def client(self, fetcher: OutboundFetcher) -> AuthzenClient:
         auth = PrivateKeyJwt(self.client_id, self.key, self.kid, self.issuer)
         return AuthzenClient(
-            self.issuer, token_endpoint=f"{self.issuer}/token", auth=auth, http=http
+            self.issuer, token_endpoint=f"{self.issuer}/token", auth=auth, fetcher=fetcher
         )
+
+
+def sandbox_fetcher() -> OutboundFetcher:
+    """Every party of this walk-through runs on this machine, so the PEP's guarded fetcher gets the
+    development policy (loopback, plain http); a deployment keeps the default (public https only)."""
+    return OutboundFetcher(OutboundPolicy.development())
 
 
 @dataclass
@@ -154,11 +161,11 @@ def within_details(order: OrderIn, instrument_class: str, claims: Mapping[str, A
 def execution_api(
     *, audience: str, trusted_issuer: str, pdp: PdpAccess, books: Books, feed: TradeFeed
 ) -> FastAPI:
-    http = httpx.AsyncClient(timeout=5.0, follow_redirects=False)
+    fetcher = sandbox_fetcher()
     validator = TokenValidator(
-        audience=audience, issuers=[TrustedIssuer(trusted_issuer)], http=http
+        audience=audience, issuers=[TrustedIssuer(trusted_issuer)], fetcher=fetcher
     )
-    pep = Pep(PolicyEnforcer(validator, pdp.client(http), realm="execution"))
+    pep = Pep(PolicyEnforcer(validator, pdp.client(fetcher), realm="execution"))
     app = FastAPI(title="broker execution API")
     pep.install(app)
 
@@ -276,8 +283,10 @@ def settlement_api(
     feed: TradeFeed,
     idempotency_db: str,
 ) -> FastAPI:
-    http = httpx.AsyncClient(timeout=5.0, follow_redirects=False)
-    validator = TokenValidator(audience=audience, issuers=[TrustedIssuer(member.issuer)], http=http)
+    fetcher = sandbox_fetcher()
+    validator = TokenValidator(
+        audience=audience, issuers=[TrustedIssuer(member.issuer)], fetcher=fetcher
+    )
 
     def member_subject(token: AccessToken) -> Entity:
         """The PDP's subject is the member (the current actor), in the member's legal entity."""
@@ -288,7 +297,7 @@ def settlement_api(
 
     enforcer = PolicyEnforcer(
         validator,
-        pdp.client(http),
+        pdp.client(fetcher),
         realm="clearing",
         subject=member_subject,
         chain=chain_rule(member),

@@ -27,7 +27,11 @@ from trustplane.audit.sink import SqlAuditSink, write_events
 from trustplane.authorize import wiring as authorize_wiring
 from trustplane.bearer_guard import BearerGuard, RevokedTokens
 from trustplane.clients.http import registration_router
-from trustplane.clients.remote_jwks import RemoteJwksCache
+from trustplane.clients.remote_jwks import (
+    RemoteJwksCache,
+    client_jwks_cache,
+    partner_jwks_cache,
+)
 from trustplane.clients.service import GENERATION as CLIENTS_GENERATION
 from trustplane.clients.service import ClientService
 from trustplane.clients.store import SqlClientStore, SqlInitialAccessTokenStore
@@ -56,6 +60,7 @@ from trustplane.oauth.revocations import GENERATION as REVOCATIONS_GENERATION
 from trustplane.oauth.revocations import SqlRevocationStore
 from trustplane.oauth.scopes import Vocabulary, load_vocabulary, with_internal_apis
 from trustplane.oauth.token_endpoint import TokenEndpoint
+from trustplane.outbound import HostRateLimiter
 from trustplane.policy.admin_http import simulation_router
 from trustplane.policy.enforcement import TokenPolicy
 from trustplane.policy.http import AuthzenHttp, authzen_paths
@@ -74,11 +79,9 @@ log = structlog.get_logger("trustplane")
 MAINTENANCE_INTERVAL = 60.0
 
 
-def partner_jwks(settings: Settings) -> RemoteJwksCache:
+def partner_jwks(settings: Settings, limiter: HostRateLimiter | None = None) -> RemoteJwksCache:
     """The cache of partners' ``jwks_uri`` key sets (separate from clients': its own intervals)."""
-    return RemoteJwksCache(
-        ttl=settings.federation_jwks_ttl, min_refetch=settings.federation_jwks_min_refetch
-    )
+    return partner_jwks_cache(settings, limiter)
 
 
 def key_encryption_key(settings: Settings) -> bytes:
@@ -136,11 +139,14 @@ class Services:
         clients = ClientService(
             db, SqlClientStore(), SqlInitialAccessTokenStore(), settings, vocabulary, write_events
         )
-        remote = RemoteJwksCache()
+        # one per-host rate limit for every fetch the server makes (trustplane.outbound)
+        limiter = HostRateLimiter(settings.outbound_rate_per_host, settings.outbound_burst_per_host)
+        remote = client_jwks_cache(settings, limiter)
         auth = ClientAuthenticator(settings, clients.registry, replay, remote)
         policy = build_policy(settings, db, writer)
         token = TokenEndpoint(settings, auth, keys, vocabulary, audit, OutcomeRecorder(writer))
         rar, mandates = mandates_wiring.build(settings, db, keys, clients.registry)
+        token.details = rar
         token.policy = TokenPolicy(policy.engine) if settings.policy_token_enforcement else None
         revoked = RevokedTokens(db)  # the SQL store, plus the list the bearer guard reads
         introspection = IntrospectionService(
@@ -160,7 +166,12 @@ class Services:
             introspection,
         )
         federation = FederationService(
-            db, SqlPartnerStore(), settings, vocabulary, write_events, partner_jwks(settings)
+            db,
+            SqlPartnerStore(),
+            settings,
+            vocabulary,
+            write_events,
+            partner_jwks(settings, limiter),
         )
         token.grants[JWT_BEARER] = JwtBearerGrant(
             settings,

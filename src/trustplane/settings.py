@@ -115,6 +115,14 @@ class Settings(BaseSettings):
     federation_jwks_min_refetch: float = Field(default=60.0, ge=0, le=3600)
     #: Development and tests only: accept http partner issuers and jwks_uris on loopback hosts.
     federation_allow_insecure_loopback: bool = False
+    # --- outbound requests (trustplane.outbound): the guarded fetcher every fetch of ours goes through
+    outbound_connect_timeout: float = Field(default=3.0, gt=0, le=60)
+    outbound_read_timeout: float = Field(default=5.0, gt=0, le=120)
+    #: The whole request, body included: a server trickling bytes cannot hold a fetch open longer.
+    outbound_total_timeout: float = Field(default=10.0, gt=0, le=300)
+    #: Requests per second per host (token bucket); 0 disables the limit.
+    outbound_rate_per_host: float = Field(default=2.0, ge=0, le=1000)
+    outbound_burst_per_host: int = Field(default=10, ge=1, le=10_000)
     # authorization endpoint, login and consent, codes, refresh tokens (issue 5)
     authorization_code_lifetime: int = Field(default=60, ge=5, le=60)
     refresh_token_lifetime: int = Field(default=8 * 3600, ge=300, le=30 * 86400)

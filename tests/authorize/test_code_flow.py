@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from urllib.parse import urlsplit
 
+import orjson
 import pytest
 from sqlalchemy import update
 
@@ -338,6 +339,47 @@ async def test_code_reuse_is_invalid_grant_and_revokes_the_first_tokens(setup: S
         {"grant_type": "refresh_token", "refresh_token": first.json()["refresh_token"]}
     )
     assert (refreshed.status_code, refreshed.json()["error"]) == (400, "invalid_grant")
+
+
+NARROWER = {**TRADE, "max_notional": {**TRADE["max_notional"], "amount": 1_000}}  # type: ignore[dict-item]
+DETAILS_IN_THE_TOKEN_REQUEST = [
+    pytest.param('[{"type": "wire_transfer"}]', id="unknown-type"),
+    pytest.param('[{"type": "settlement_instruction", "actions": ["submit"]}]', id="not-granted"),
+    pytest.param("[{", id="not-json"),
+    pytest.param(
+        orjson.dumps([{**TRADE, "accounts": ["ACC-2"]}]).decode(), id="wider-than-the-grant"
+    ),
+]
+
+
+@pytest.mark.parametrize("details", DETAILS_IN_THE_TOKEN_REQUEST)
+async def test_token_request_details_beyond_the_grant_are_refused_on_code_and_refresh(
+    setup: Setup, details: str
+) -> None:
+    """RFC 9396 §6: authorization_details in the token request must be valid, registered and
+    within the grant, on the code grant and the refresh grant alike; an unknown type is never
+    silently dropped (§5). The refused request consumes nothing: the code still redeems."""
+    flow = setup.flow()
+    code = await flow.code("alice")
+    refused = await setup.token(flow.redeem_form(code, authorization_details=details))
+    assert (refused.status_code, refused.json()["error"]) == (400, "invalid_authorization_details")
+    first = await setup.token(flow.redeem_form(code))
+    assert first.status_code == 200, first.text
+    refresh = {"grant_type": "refresh_token", "refresh_token": first.json()["refresh_token"]}
+    again = await setup.token({**refresh, "authorization_details": details})
+    assert (again.status_code, again.json()["error"]) == (400, "invalid_authorization_details")
+
+
+async def test_token_request_details_may_narrow_the_grant(setup: Setup) -> None:
+    flow = setup.flow()
+    code = await flow.code("alice")
+    narrowed = orjson.dumps([NARROWER]).decode()
+    response = await setup.token(flow.redeem_form(code, authorization_details=narrowed))
+    assert response.status_code == 200, response.text
+    assert response.json()["authorization_details"] == [NARROWER]
+    refresh = {"grant_type": "refresh_token", "refresh_token": response.json()["refresh_token"]}
+    full = await setup.token(refresh)  # the refresh token keeps the whole grant
+    assert full.json()["authorization_details"] == [TRADE]
 
 
 CODE_ERRORS = [

@@ -221,6 +221,54 @@ BAD_METADATA = [
     pytest.param(
         body(metadata(redirect_uris=["/cb"])), "invalid_redirect_uri", id="redirect-relative"
     ),
+    # jwks_uri hosts that can never be fetched (trustplane.outbound): refused at registration
+    *[
+        pytest.param(
+            body(metadata(jwks=None, jwks_uri=f"https://{host}/jwks")),
+            "invalid_client_metadata",
+            id=f"jwks_uri-{label}",
+        )
+        for label, host in [
+            ("metadata-service", "169.254.169.254"),
+            ("loopback", "127.0.0.1:8443"),
+            ("loopback-decimal", "2130706433"),
+            ("loopback-short", "127.1"),
+            ("private-10", "10.1.2.3"),
+            ("private-192-168", "192.168.0.10"),
+            ("shared-100-64", "100.64.0.1"),
+            ("ipv6-loopback", "[::1]"),
+            ("ipv6-mapped-loopback", "[::ffff:127.0.0.1]"),
+            ("ipv6-ula", "[fd00::1]"),
+            ("unspecified", "0.0.0.0"),
+            ("localhost", "localhost"),
+            ("localhost-subdomain", "keys.localhost"),
+            ("internal-name", "metadata.google.internal"),
+        ]
+    ],
+    pytest.param(
+        body(metadata(jwks=None, jwks_uri="https://user:pw@keys.client.example/jwks")),
+        "invalid_client_metadata",
+        id="jwks_uri-credentials",
+    ),
+    # RFC 7591 §2 token_endpoint_auth_signing_alg: only algorithms this server allows
+    *[
+        pytest.param(
+            body(metadata(token_endpoint_auth_signing_alg=alg)),
+            "invalid_client_metadata",
+            id=f"signing-alg-{alg}",
+        )
+        for alg in ["none", "HS256", "RS256", "ES512", "es256"]
+    ],
+    pytest.param(
+        body(metadata(token_endpoint_auth_signing_alg="EdDSA")),
+        "invalid_client_metadata",
+        id="signing-alg-without-a-key-for-it",
+    ),
+    pytest.param(
+        body(secret_metadata(token_endpoint_auth_signing_alg="ES256")),
+        "invalid_client_metadata",
+        id="signing-alg-on-a-secret-client",
+    ),
 ]
 
 
@@ -388,6 +436,16 @@ REFUSED_PUT = [
         lambda r: metadata(client_id=r["client_id"], lei="5493001KJTIIGC8Y1R13"), id="invalid-lei"
     ),
     pytest.param(lambda r: [r["client_id"]], id="json-array"),
+    pytest.param(
+        lambda r: metadata(
+            client_id=r["client_id"], jwks=None, jwks_uri="https://169.254.169.254/latest"
+        ),
+        id="jwks_uri-metadata-service",
+    ),
+    pytest.param(
+        lambda r: metadata(client_id=r["client_id"], token_endpoint_auth_signing_alg="none"),
+        id="signing-alg-none",
+    ),
 ]
 
 

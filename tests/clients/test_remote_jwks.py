@@ -1,5 +1,9 @@
-"""Clients registered with a ``jwks_uri``: fetched from registration metadata only, cached, refetched
-on an unknown ``kid`` at most once per ``min_refetch``, and anything unusable yields no keys."""
+"""Clients registered with a ``jwks_uri``: fetched from registration metadata only, through the
+guarded outbound fetcher, cached, refetched on an unknown ``kid`` at most once per ``min_refetch``,
+and anything unusable or refused yields no keys.
+
+The JWKS servers here are on loopback, so the caches under test use the development policy
+(``allow_insecure_loopback_jwks_uri``); the default policy must never reach them."""
 
 from __future__ import annotations
 
@@ -14,7 +18,9 @@ import pytest
 
 from tests.conftest import EXECUTION, LEI, ClientKit, jwks_for, new_ec_key
 from trustplane.app import Services
-from trustplane.clients.remote_jwks import MAX_JWKS_BYTES, RemoteJwksCache
+from trustplane.clients.remote_jwks import MAX_JWKS_BYTES, RemoteJwksCache, client_jwks_cache
+from trustplane.outbound import OutboundFetcher, OutboundPolicy
+from trustplane.outbound import addresses as outbound_addresses
 
 
 class JwksServer:
@@ -58,9 +64,14 @@ def jwks_server() -> Iterator[JwksServer]:
     server.close()
 
 
+def loopback_cache(ttl: float = 300.0, min_refetch: float = 60.0) -> RemoteJwksCache:
+    fetcher = OutboundFetcher(OutboundPolicy.development(max_bytes=MAX_JWKS_BYTES))
+    return RemoteJwksCache(fetcher, ttl=ttl, min_refetch=min_refetch)
+
+
 @pytest.fixture
 async def cache() -> Any:
-    remote = RemoteJwksCache(ttl=300.0, min_refetch=60.0)
+    remote = loopback_cache()
     yield remote
     await remote.aclose()
 
@@ -77,7 +88,7 @@ async def test_keys_are_fetched_once_and_cached(
 
 
 async def test_unknown_kid_refetches_but_at_most_once_per_interval(jwks_server: JwksServer) -> None:
-    remote = RemoteJwksCache(ttl=300.0, min_refetch=0.0)
+    remote = loopback_cache(min_refetch=0.0)
     jwks_server.serve(jwks_for(new_ec_key(), kid="a"))
     await remote.keys(jwks_server.url, "a")
     jwks_server.serve(jwks_for(new_ec_key(), kid="b"))
@@ -85,7 +96,7 @@ async def test_unknown_kid_refetches_but_at_most_once_per_interval(jwks_server: 
     assert jwks_server.hits == 2
     await remote.aclose()
 
-    limited = RemoteJwksCache(ttl=300.0, min_refetch=60.0)
+    limited = loopback_cache()
     await limited.keys(jwks_server.url, "b")
     for _ in range(20):  # a flood of bogus kids does not turn into a flood of fetches
         assert [k for k, _, _ in await limited.keys(jwks_server.url, "bogus")] == ["b"]
@@ -116,6 +127,37 @@ async def test_private_members_in_a_remote_jwks_give_no_keys(
     jwks["keys"][0]["d"] = "c2VjcmV0"
     jwks_server.serve(jwks)
     assert await cache.keys(jwks_server.url, "a") == []
+
+
+async def test_the_default_policy_never_reaches_a_loopback_jwks_uri(
+    jwks_server: JwksServer, settings_factory: Callable[..., Any]
+) -> None:
+    jwks_server.serve(jwks_for(new_ec_key(), kid="a"))
+    for remote in (RemoteJwksCache(), client_jwks_cache(settings_factory())):
+        assert await remote.keys(jwks_server.url, "a") == []
+        https_url = jwks_server.url.replace("http:", "https:")
+        assert await remote.keys(https_url, "a") == []
+        await remote.aclose()
+    assert jwks_server.hits == 0
+
+
+async def test_a_name_that_resolves_to_a_private_address_gives_no_keys(
+    jwks_server: JwksServer, monkeypatch: pytest.MonkeyPatch, settings_factory: Callable[..., Any]
+) -> None:
+    """Registration accepted the name; at fetch time it resolves to 10.0.0.1 (or to the loopback
+    JWKS server, which would answer): both are refused on the resolved address."""
+    jwks_server.serve(jwks_for(new_ec_key(), kid="a"))
+    port = jwks_server.url.split(":")[2].split("/")[0]
+    for address in ("10.0.0.1", "127.0.0.1"):
+
+        async def resolve(host: str, _port: int, address: str = address) -> list[str]:
+            return [address]
+
+        monkeypatch.setattr(outbound_addresses, "system_resolver", resolve)
+        remote = client_jwks_cache(settings_factory())
+        assert await remote.keys(f"https://keys.client.example:{port}/jwks.json", "a") == []
+        await remote.aclose()
+    assert jwks_server.hits == 0
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from tests.e2e.conftest import (
     module_server,
     register_client,
 )
-from trustplane.pep import AuthzenClient, PrivateKeyJwt
+from trustplane.pep import AuthzenClient, OutboundFetcher, OutboundPolicy, PrivateKeyJwt
 from trustplane.pep.authzen import request_to_json
 from trustplane.policy.model import DecisionRequest, Entity
 
@@ -124,13 +124,16 @@ async def test_the_sdk_client_against_the_live_pdp(server: LiveServer, pep_kit: 
 
     key = load_pem_private_key(pep_kit.pem, None)
     auth = PrivateKeyJwt(pep_kit.client_id, key, pep_kit.kid, server.issuer)  # type: ignore[arg-type]
-    client = AuthzenClient(server.issuer, token_endpoint=f"{server.issuer}/token", auth=auth)
+    fetcher = OutboundFetcher(OutboundPolicy.development())  # the live server is on loopback
+    client = AuthzenClient(
+        server.issuer, token_endpoint=f"{server.issuer}/token", auth=auth, fetcher=fetcher
+    )
     try:
         one = order_request()
         single = await client.decide(one.subject, one.action, one.resource, one.context)
         batch = await client.decide_many([order_request(), order_request(OTHER_LEI)])
     finally:
-        await client.aclose()
+        await fetcher.aclose()
 
     assert single.allowed
     assert single.reason_ids == ("entity.own",)

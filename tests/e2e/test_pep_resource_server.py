@@ -97,6 +97,7 @@ def start_example(server: LiveServer, rs: ClientKit, tmp: Path, **env: str) -> E
         RS_CLIENT_KEY_FILE=str(key_file),
         RS_CLIENT_KID=rs.kid,
         RS_LEI=LEI,
+        RS_ALLOW_LOOPBACK="1",
         **env,
     )
     log_path = tmp / f"example-{port}.log"

@@ -103,7 +103,9 @@ def test_a_conforming_partner_passes_every_check(sandbox: Sandbox, tmp_path: Pat
         {
             "issuer": partner.issuer,
             "jwks_uri": f"{sandbox.base}/good/jwks",
-            "id_token_signing_alg_values_supported": ["ES256", "RS256"],
+            "id_token_signing_alg_values_supported": ["ES256"],
+            "token_endpoint_auth_signing_alg_values_supported": ["ES256"],
+            "id_token_encryption_alg_values_supported": ["RSA-OAEP-256"],
         },
     )
     sandbox.serve("/good/jwks", jwks_for(partner.key, partner.kid))
@@ -168,6 +170,10 @@ def test_deliberately_bad_metadata_jwks_and_sample_fail_each_check(
             "issuer": partner.issuer + "/",  # not byte-equal
             "jwks_uri": f"{sandbox.base}/bad/jwks",
             "id_token_signing_alg_values_supported": ["RS256", "none"],
+            "token_endpoint_auth_signing_alg_values_supported": ["none"],
+            "request_object_signing_alg_values_supported": ["HS256", "RS256"],
+            "dpop_signing_alg_values_supported": "ES256",  # not an array
+            "userinfo_encryption_alg_values_supported": ["none"],
         },
     )
     sandbox.serve("/bad/jwks", _bad_jwks(partner))
@@ -187,7 +193,11 @@ def test_deliberately_bad_metadata_jwks_and_sample_fail_each_check(
     expected = {
         "metadata: issuer equals the profile's (byte for byte)",
         "metadata: advertises an algorithm the profile allows",
-        "metadata: does not advertise 'none'",
+        "metadata: id_token_signing_alg_values_supported",
+        "metadata: token_endpoint_auth_signing_alg_values_supported",
+        "metadata: request_object_signing_alg_values_supported",
+        "metadata: dpop_signing_alg_values_supported",
+        "metadata: userinfo_encryption_alg_values_supported",
         "jwks: kid values present and unique",
         "jwks key p1: no private or symmetric members",
         "jwks key weak: key type and size",
@@ -202,8 +212,56 @@ def test_deliberately_bad_metadata_jwks_and_sample_fail_each_check(
     }
     assert expected <= set(failed), sorted(set(failed))
     assert "1024 bits" in failed["jwks key weak: key type and size"]
+    none = "advertises 'none' (unsigned); RFC 8414 §2 forbids it"
+    assert failed["metadata: token_endpoint_auth_signing_alg_values_supported"] == none
+    assert failed["metadata: id_token_signing_alg_values_supported"] == none
+    assert failed["metadata: userinfo_encryption_alg_values_supported"] == none
+    assert failed["metadata: request_object_signing_alg_values_supported"].startswith(
+        "advertises ['HS256', 'RS256'], outside the profile's algorithms"
+    )
+    assert failed["metadata: dpop_signing_alg_values_supported"] == (
+        "must be a non-empty array of algorithm names"
+    )
     assert "desk" in failed["sample: required claims present"]
     assert "/evil" not in sandbox.seen  # the sample's jku was never followed
+
+
+@pytest.mark.parametrize(
+    ("member", "values", "detail"),
+    [
+        (
+            "token_endpoint_auth_signing_alg_values_supported",
+            ["ES256", "none"],
+            "advertises 'none' (unsigned); RFC 8414 §2 forbids it",
+        ),
+        (
+            "revocation_endpoint_auth_signing_alg_values_supported",
+            ["ES256", "RS256"],
+            "advertises ['RS256'], outside the profile's algorithms ['ES256']",
+        ),
+    ],
+)
+def test_one_bad_alg_member_fails_the_partner_and_is_named(
+    sandbox: Sandbox, tmp_path: Path, member: str, values: list[str], detail: str
+) -> None:
+    """Everything else conforms: the one member is enough to fail, and the finding names it."""
+    partner, url = _tenant(sandbox, "subtle")
+    sandbox.serve(
+        "/.well-known/oauth-authorization-server/subtle",
+        {
+            "issuer": partner.issuer,
+            "jwks_uri": f"{sandbox.base}/subtle/jwks",
+            "id_token_signing_alg_values_supported": ["ES256"],
+            member: values,
+        },
+    )
+    sandbox.serve("/subtle/jwks", jwks_for(partner.key, partner.kid))
+    proc = conformance(
+        tmp_path, partner.profile(), "--metadata-url", url, "--allow-insecure-loopback", "--json"
+    )
+    assert proc.returncode == 1
+    failed = {c["check"]: c["detail"] for c in json.loads(proc.stdout)["checks"] if not c["ok"]}
+    assert failed == {f"metadata: {member}": detail}
 
 
 def test_rich_report_and_exit_code_without_json(sandbox: Sandbox, tmp_path: Path) -> None:

@@ -106,6 +106,18 @@ REFUSALS: dict[str, tuple[Any, str]] = {
         lambda p: p.profile(keys={"jwks_uri": "http://keys.partner.example/jwks"}),
         "keys.jwks_uri: must use https",
     ),
+    "jwks_uri on the metadata service": (
+        lambda p: p.profile(keys={"jwks_uri": "https://169.254.169.254/latest/jwks"}),
+        "keys.jwks_uri: host 169.254.169.254 is link-local; it is never fetched",
+    ),
+    "jwks_uri on a private address": (
+        lambda p: p.profile(keys={"jwks_uri": "https://10.20.30.40/jwks"}),
+        "keys.jwks_uri: host 10.20.30.40 is private; it is never fetched",
+    ),
+    "jwks_uri on localhost": (
+        lambda p: p.profile(keys={"jwks_uri": "https://localhost:8443/jwks"}),
+        "keys.jwks_uri: host localhost is a local name; it is never fetched",
+    ),
     "lifetime over an hour": (lambda p: p.profile(max_assertion_lifetime=7200), "$.max_assertion_lifetime"),
     "unknown scope": (lambda p: p.profile(allowed_scopes=["trade:everything"]), "unknown scope"),
     "unknown audience": (

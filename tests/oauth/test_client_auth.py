@@ -475,3 +475,76 @@ async def test_accepted_secret_authentication(
     data, headers = case(server, secret_clients)
     response = await token_request(server, data, headers)
     assert response.status_code == 200, response.text
+
+
+# --------------------------------------------------------------------------- RFC 7591 §2 signing alg
+
+
+def _two_key_jwks(ec_key: Any, ed_key: Any) -> dict[str, Any]:
+    return {
+        "keys": [
+            {**public_jwk(ec_key), "kid": "ec", "alg": "ES256", "use": "sig"},
+            {**public_jwk(ed_key), "kid": "ed", "alg": "EdDSA", "use": "sig"},
+        ]
+    }
+
+
+@pytest.mark.parametrize("registered", ["EdDSA", "ES256", None])
+async def test_registered_token_endpoint_auth_signing_alg_is_the_only_one_accepted(
+    server: Server, registered: str | None
+) -> None:
+    """Both keys are the client's own; once it registered one algorithm, an assertion signed with
+    the other (by a valid key of the client) is 401 invalid_client."""
+    ec_key, ed_key = new_ec_key(), ed25519.Ed25519PrivateKey.generate()
+    extra = {"token_endpoint_auth_signing_alg": registered} if registered else {}
+    kit = await register_kit(server.services, jwks=_two_key_jwks(ec_key, ed_key), **extra)
+    client = server.services.clients.registry.get(kit.client_id)
+    assert client is not None
+    assert client.metadata.get("token_endpoint_auth_signing_alg") == registered  # stored
+    by_ec = ClientKit(kit.client_id, ec_key, kit.issuer, kid="ec")
+    by_ed = ClientKit(kit.client_id, ed_key, kit.issuer, kid="ed")  # type: ignore[arg-type]
+    ec_answer = await token_request(server, by_ec.auth())
+    ed_answer = await token_request(server, by_ed.auth(_alg="EdDSA"))
+    expected = {
+        "EdDSA": ((401, "invalid_client"), 200),
+        "ES256": (200, (401, "invalid_client")),
+        None: (200, 200),
+    }[registered]
+    observed = tuple(
+        r.status_code if r.status_code == 200 else error_of(r) for r in (ec_answer, ed_answer)
+    )
+    assert observed == expected, (ec_answer.text, ed_answer.text)
+
+
+# --------------------------------------------------------------------------- jwks_uri and SSRF
+
+
+async def test_a_jwks_uri_resolving_to_a_private_address_is_refused_at_fetch_time(
+    server: Server, tripwire: Tripwire, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Registration accepted a public-looking name. When the token endpoint needs the keys, the
+    name resolves to 10.0.0.1, or to the loopback tripwire: the fetch is refused on the resolved
+    address, nothing is contacted, and the client gets 401 invalid_client."""
+    from prometheus_client import REGISTRY
+
+    from trustplane.outbound import addresses
+
+    port = tripwire.url.split(":")[2].split("/")[0]
+    kit = await register_kit(
+        server.services, jwks=None, jwks_uri=f"https://keys.client.example:{port}/jwks.json"
+    )
+    labels = {"purpose": "client_jwks", "outcome": "refused_address"}
+    before = REGISTRY.get_sample_value("trustplane_outbound_fetch_total", labels) or 0.0
+    hits = tripwire.hits
+    for address in ("10.0.0.1", "127.0.0.1", "169.254.169.254"):
+
+        async def resolve(host: str, _port: int, address: str = address) -> list[str]:
+            return [address]
+
+        monkeypatch.setattr(addresses, "system_resolver", resolve)
+        server.services.remote_jwks._cache.clear()
+        response = await token_request(server, kit.auth())
+        assert error_of(response) == (401, "invalid_client"), response.text
+    assert tripwire.hits == hits
+    after = REGISTRY.get_sample_value("trustplane_outbound_fetch_total", labels)
+    assert after == before + 3

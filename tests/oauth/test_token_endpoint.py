@@ -12,7 +12,9 @@ from urllib.parse import urlencode
 
 import httpx
 import jwt
+import orjson
 import pytest
+import pytest_asyncio
 
 from tests.conftest import CLEARING, EXECUTION, LEI, ClientKit, register_kit
 from tests.protocol_server import Server, store_client
@@ -312,3 +314,49 @@ async def test_single_allowed_resource_is_the_default(server: Server) -> None:
     )
     token = await server.access_token(kit, resource=None, scope="settlement:submit")
     assert jwt.decode(token, options={"verify_signature": False})["aud"] == CLEARING
+
+
+# --------------------------------------------------------------------------- RFC 9396 on client_credentials
+
+TRADE = {
+    "type": "trade_instruction",
+    "actions": ["create_order"],
+    "accounts": ["ACC-1"],
+    "instrument_classes": ["bond"],
+    "max_notional": {"amount": 100_000, "currency": "EUR", "minor_units": 2},
+}
+REFUSED_DETAILS = [
+    pytest.param('[{"type": "wire_transfer", "amount": 5}]', id="unknown-type"),
+    pytest.param('[{"type": "settlement_instruction", "actions": ["submit"]}]', id="unregistered"),
+    pytest.param('[{"type": "trade_instruction", "actions": ["teleport"]}]', id="invalid-shape"),
+    pytest.param("[{", id="not-json"),
+    pytest.param("[]", id="empty-array"),
+    pytest.param('{"type": "trade_instruction"}', id="not-an-array"),
+]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def trader(server: Server) -> ClientKit:
+    return await register_kit(server.services, authorization_details_types=["trade_instruction"])
+
+
+@pytest.mark.parametrize("details", REFUSED_DETAILS)
+async def test_client_credentials_refuses_details_it_cannot_honour(
+    server: Server, trader: ClientKit, details: str
+) -> None:
+    """RFC 9396 §5: an unknown type (or malformed details, or a type the client's registration
+    does not name, §6) is 400 invalid_authorization_details, never dropped with a 200."""
+    response = await server.token(trader, authorization_details=details)
+    assert error_of(response) == (400, "invalid_authorization_details"), response.text
+
+
+async def test_client_credentials_grants_registered_details(
+    server: Server, trader: ClientKit
+) -> None:
+    response = await server.token(trader, authorization_details=orjson.dumps([TRADE]).decode())
+    assert response.status_code == 200, response.text
+    assert response.json()["authorization_details"] == [TRADE]  # RFC 9396 §7
+    claims = jwt.decode(response.json()["access_token"], options={"verify_signature": False})
+    assert claims["authorization_details"] == [TRADE]
+    plain = await server.token(trader)
+    assert "authorization_details" not in plain.json()

@@ -25,6 +25,7 @@ from sqlalchemy import delete
 
 from tests.conftest import PROTOCOL_DATABASES
 from trustplane.keys.crypto import public_jwk
+from trustplane.outbound import OutboundFetcher
 from trustplane.pep.idempotency_store import SqlIdempotencyStore, idempotency_keys
 from trustplane.storage.db import Database
 
@@ -45,6 +46,7 @@ class FakeIssuer:
     keys: dict[str, ec.EllipticCurvePrivateKey] = field(default_factory=dict)
     requests: list[str] = field(default_factory=list)
     metadata_issuer: str | None = None
+    metadata_jwks_uri: str | None = None
     down: bool = False
 
     def __post_init__(self) -> None:
@@ -68,13 +70,15 @@ class FakeIssuer:
             raise httpx.ConnectError("issuer down")
         if request.url.path == "/.well-known/oauth-authorization-server":
             issuer = self.metadata_issuer or self.issuer
-            return httpx.Response(200, json={"issuer": issuer, "jwks_uri": f"{self.issuer}/jwks"})
+            jwks_uri = self.metadata_jwks_uri or f"{self.issuer}/jwks"
+            return httpx.Response(200, json={"issuer": issuer, "jwks_uri": jwks_uri})
         if request.url.path == "/jwks":
             return httpx.Response(200, json=self.jwks())
         return httpx.Response(404)
 
-    def http(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(transport=httpx.MockTransport(self.handler))
+    def fetcher(self) -> OutboundFetcher:
+        """The guarded fetcher the PEP uses in production, over the mock transport."""
+        return OutboundFetcher(transport=httpx.MockTransport(self.handler))
 
     def public_pem(self, kid: str = "k1") -> bytes:
         return (

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from trustplane.pep import AuthzenClient, ClientSecretBasic
+from trustplane.pep import AuthzenClient, ClientSecretBasic, OutboundFetcher
 from trustplane.pep.authzen import (
     entity_from_json,
     entity_to_json,
@@ -43,7 +43,7 @@ class ScriptedPdp:
             PDP,
             token_endpoint=f"{PDP}/token",
             auth=ClientSecretBasic("rs", "secret"),
-            http=httpx.AsyncClient(transport=httpx.MockTransport(self.handler)),
+            fetcher=OutboundFetcher(transport=httpx.MockTransport(self.handler)),
         )
 
 

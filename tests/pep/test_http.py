@@ -14,6 +14,7 @@ from fastapi import Depends, FastAPI, Request
 from prometheus_client import REGISTRY
 
 from tests.pep.conftest import AUDIENCE, ISSUER, LEI, FakeIssuer, free_port
+from trustplane.outbound import OutboundFetcher, OutboundPolicy
 from trustplane.pep import (
     AuthzenClient,
     ClientSecretBasic,
@@ -113,7 +114,7 @@ def build(
     validator = TokenValidator(
         audience=AUDIENCE,
         issuers=[TrustedIssuer(ISSUER)],
-        http=issuer.http(),
+        fetcher=issuer.fetcher(),
         revocation=revocation,
     )
     pep = Pep(PolicyEnforcer(validator, pdp, realm="execution"))
@@ -290,7 +291,10 @@ async def test_policy_deny_is_insufficient_scope(
 
 async def test_unreachable_pdp_fails_closed(issuer: FakeIssuer) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
-    pdp = AuthzenClient(dead, token_endpoint=f"{dead}/token", auth=ClientSecretBasic("rs", "s"))
+    fetcher = OutboundFetcher(OutboundPolicy.development())  # the dead PDP is on loopback
+    pdp = AuthzenClient(
+        dead, token_endpoint=f"{dead}/token", auth=ClientSecretBasic("rs", "s"), fetcher=fetcher
+    )
     app, handled = build(issuer, pdp)
     before = REGISTRY.get_sample_value("trustplane_pep_pdp_unavailable_total") or 0.0
 
@@ -300,7 +304,7 @@ async def test_unreachable_pdp_fails_closed(issuer: FakeIssuer) -> None:
             json={"owner": LEI, "restricted": False, "amount_minor": 1},
             headers={"Authorization": f"Bearer {issuer.token()}"},
         )
-    await pdp.aclose()
+    await fetcher.aclose()
 
     assert response.status_code == 503
     assert response.json()["error"] == "temporarily_unavailable"
@@ -340,8 +344,8 @@ class Introspection:
 async def revocation_harness(
     issuer: FakeIssuer, introspection: Introspection, ttl: float
 ) -> tuple[httpx.AsyncClient, list[Grant]]:
-    http = httpx.AsyncClient(transport=httpx.MockTransport(introspection.handler))
-    check = RevocationCheck(f"{ISSUER}/introspect", ClientSecretBasic("rs", "s"), http, ttl=ttl)
+    fetcher = OutboundFetcher(transport=httpx.MockTransport(introspection.handler))
+    check = RevocationCheck(f"{ISSUER}/introspect", ClientSecretBasic("rs", "s"), fetcher, ttl=ttl)
     app, handled = build(issuer, engine(), check)
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://rs")
     return client, handled
@@ -430,7 +434,7 @@ async def test_plain_starlette_handler(issuer: FakeIssuer) -> None:
     from starlette.routing import Route
 
     validator = TokenValidator(
-        audience=AUDIENCE, issuers=[TrustedIssuer(ISSUER)], http=issuer.http()
+        audience=AUDIENCE, issuers=[TrustedIssuer(ISSUER)], fetcher=issuer.fetcher()
     )
     pep = Pep(PolicyEnforcer(validator, engine(), realm="execution"))
     guard = pep.require("order:create", resource=order_of, context=context_of)

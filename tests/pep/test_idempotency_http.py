@@ -80,7 +80,7 @@ class Ledger:
 
 def build(service: IdempotencyService, issuer: FakeIssuer, ledger: Ledger) -> FastAPI:
     validator = TokenValidator(
-        audience=AUDIENCE, issuers=[TrustedIssuer(ISSUER)], http=issuer.http()
+        audience=AUDIENCE, issuers=[TrustedIssuer(ISSUER)], fetcher=issuer.fetcher()
     )
     pep = Pep(PolicyEnforcer(validator, NoPdp(), realm="settlement"))
     app = FastAPI()

@@ -105,7 +105,7 @@ def test_issuers_reads_nested_claims_outermost_first() -> None:
 @pytest.fixture
 async def http(issuer: FakeIssuer) -> AsyncIterator[tuple[httpx.AsyncClient, CountingPdp]]:
     validator = TokenValidator(
-        audience=AUDIENCE, issuers=[TrustedIssuer(ISSUER)], http=issuer.http()
+        audience=AUDIENCE, issuers=[TrustedIssuer(ISSUER)], fetcher=issuer.fetcher()
     )
     pdp = CountingPdp(engine())
     pep = Pep(PolicyEnforcer(validator, pdp, realm="clearing", chain=RULE))

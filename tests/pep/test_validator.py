@@ -11,15 +11,16 @@ import pytest
 
 from tests.pep.conftest import AUDIENCE, ISSUER, FakeIssuer, b64url
 from trustplane.errors import InvalidTokenError
+from trustplane.outbound import OutboundFetcher, OutboundPolicy
 from trustplane.pep import ConfigurationError, TokenValidator, TrustedIssuer
 from trustplane.pep.keys import KeySourceError
 
 
 @pytest.fixture
 async def validator(issuer: FakeIssuer) -> AsyncIterator[TokenValidator]:
-    v = TokenValidator(audience=AUDIENCE, issuers=[TrustedIssuer(ISSUER)], http=issuer.http())
+    v = TokenValidator(audience=AUDIENCE, issuers=[TrustedIssuer(ISSUER)], fetcher=issuer.fetcher())
     yield v
-    await v.http.aclose()
+    await v.fetcher.aclose()
 
 
 async def test_valid_token_gives_its_claims(validator: TokenValidator, issuer: FakeIssuer) -> None:
@@ -120,7 +121,7 @@ async def test_metadata_naming_another_issuer_is_not_used(issuer: FakeIssuer) ->
     """RFC 8414 §3.3: the metadata's issuer must be identical to the configured one."""
     issuer.metadata_issuer = "https://evil.example"
     validator = TokenValidator(
-        audience=AUDIENCE, issuers=[TrustedIssuer(ISSUER)], http=issuer.http()
+        audience=AUDIENCE, issuers=[TrustedIssuer(ISSUER)], fetcher=issuer.fetcher()
     )
 
     with pytest.raises(KeySourceError):
@@ -135,7 +136,7 @@ async def test_rotation_an_unknown_kid_refetches_once_then_is_rate_limited(
     validator = TokenValidator(
         audience=AUDIENCE,
         issuers=[TrustedIssuer(ISSUER, jwks_uri=f"{ISSUER}/jwks")],
-        http=issuer.http(),
+        fetcher=issuer.fetcher(),
         jwks_min_refetch=0.0,
     )
     await validator.validate(issuer.token())
@@ -151,7 +152,7 @@ async def test_bogus_kids_cost_one_fetch_per_refetch_interval(issuer: FakeIssuer
     validator = TokenValidator(
         audience=AUDIENCE,
         issuers=[TrustedIssuer(ISSUER, jwks_uri=f"{ISSUER}/jwks")],
-        http=issuer.http(),
+        fetcher=issuer.fetcher(),
         jwks_min_refetch=60.0,
     )
     await validator.validate(issuer.token())
@@ -168,7 +169,7 @@ async def test_unreachable_issuer_before_any_key_is_an_outage_not_a_bad_token(
 ) -> None:
     issuer.down = True
     validator = TokenValidator(
-        audience=AUDIENCE, issuers=[TrustedIssuer(ISSUER)], http=issuer.http()
+        audience=AUDIENCE, issuers=[TrustedIssuer(ISSUER)], fetcher=issuer.fetcher()
     )
 
     with pytest.raises(KeySourceError):
@@ -179,7 +180,7 @@ async def test_known_keys_survive_a_failed_refresh(issuer: FakeIssuer) -> None:
     validator = TokenValidator(
         audience=AUDIENCE,
         issuers=[TrustedIssuer(ISSUER, jwks_uri=f"{ISSUER}/jwks")],
-        http=issuer.http(),
+        fetcher=issuer.fetcher(),
         jwks_ttl=0.0,
         jwks_min_refetch=0.0,
     )
@@ -195,7 +196,7 @@ async def test_algorithms_can_be_narrowed_per_issuer(issuer: FakeIssuer) -> None
     validator = TokenValidator(
         audience=AUDIENCE,
         issuers=[TrustedIssuer(ISSUER, algorithms=frozenset({"EdDSA"}))],
-        http=issuer.http(),
+        fetcher=issuer.fetcher(),
     )
 
     with pytest.raises(InvalidTokenError) as caught:
@@ -216,3 +217,42 @@ async def test_algorithms_can_be_narrowed_per_issuer(issuer: FakeIssuer) -> None
 def test_unsafe_configuration_is_refused(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         TrustedIssuer(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("issuer_url", "message"),
+    [
+        ("http://127.0.0.1:9", "must use https"),
+        ("https://127.0.0.1:9", "host 127.0.0.1 is loopback"),
+        ("https://localhost", "host localhost is a local name"),
+    ],
+)
+async def test_a_loopback_issuer_needs_the_development_fetcher(
+    issuer_url: str, message: str
+) -> None:
+    """The PEP's fetches go through the guarded fetcher: a loopback issuer is refused when the
+    validator is configured, not at the first request; the development policy allows it."""
+    with pytest.raises(ConfigurationError, match=message):
+        TokenValidator(audience=AUDIENCE, issuers=[TrustedIssuer(issuer_url)])
+    dev = OutboundFetcher(OutboundPolicy.development())
+    TokenValidator(audience=AUDIENCE, issuers=[TrustedIssuer(issuer_url)], fetcher=dev)
+    await dev.aclose()
+
+
+@pytest.mark.parametrize(
+    "jwks_uri",
+    ["https://169.254.169.254/latest/jwks", "https://10.0.0.1/jwks", "https://[::1]/jwks"],
+)
+async def test_metadata_pointing_the_jwks_at_a_private_address_is_not_followed(
+    issuer: FakeIssuer, jwks_uri: str
+) -> None:
+    """The issuer's metadata names where its keys are; the fetcher refuses a non-public address
+    (nothing is requested there) and the validator fails closed."""
+    issuer.metadata_jwks_uri = jwks_uri
+    validator = TokenValidator(
+        audience=AUDIENCE, issuers=[TrustedIssuer(ISSUER)], fetcher=issuer.fetcher()
+    )
+    with pytest.raises(KeySourceError):
+        await validator.validate(issuer.token())
+    assert issuer.requests == ["/.well-known/oauth-authorization-server"]
+    await validator.fetcher.aclose()

@@ -92,9 +92,10 @@ class DelegatedGrants:
             raise InvalidGrantError("the authorization code was already used")
         now = int(time.time())
         self._check_code(stored, form, client.client_id, now)
+        grant = self._narrow_details(stored.grant, form, client)
         await self._check_mandate(stored.grant, now)
-        decisions = self._decide(client, stored.grant, "authorization_code")
-        issued = self._issue(stored.grant)
+        decisions = self._decide(client, grant, "authorization_code")
+        issued = self._issue(grant)
         with_refresh = "refresh_token" in client.grant_types
         refresh, family = (new_secret_value(), new_jti()) if with_refresh else (None, None)
         async with self._db.transaction() as conn:
@@ -125,7 +126,7 @@ class DelegatedGrants:
                 await self._code_reused(latest)
                 raise InvalidGrantError("the authorization code was already used")
             raise InvalidGrantError("the authorization code has expired")
-        return self._grant(issued, stored.grant, refresh, decisions)
+        return self._grant(issued, grant, refresh, decisions)
 
     def _check_code(self, stored: StoredCode, form: Form, client_id: str, now: int) -> None:
         if stored.grant.client_id != client_id:
@@ -193,7 +194,7 @@ class DelegatedGrants:
             raise InvalidGrantError("the refresh token was already used")
         if stored.expires_at <= now:
             raise InvalidGrantError("the refresh token has expired")
-        grant = self._narrow(stored.grant, form)
+        grant = self._narrow_details(self._narrow(stored.grant, form), form, client)
         await self._check_mandate(stored.grant, now)
         decisions = self._decide(client, grant, "refresh_token")
         issued = self._issue(grant)
@@ -229,6 +230,16 @@ class DelegatedGrants:
         if not names or not set(names) <= set(grant.scopes):
             raise InvalidScopeError("a refresh may only narrow the granted scopes")
         return GrantContext(**{**_fields(grant), "scopes": names})
+
+    def _narrow_details(self, grant: GrantContext, form: Form, client: Client) -> GrantContext:
+        """RFC 9396 §6: ``authorization_details`` in the token request must be valid, of types the
+        client registered, and within what the grant holds; otherwise ``invalid_authorization_details``
+        (an unknown type included, §5). Absent: the whole grant."""
+        requested = form.get("authorization_details")
+        if requested is None:
+            return grant
+        details = self._details.narrow(requested, client, grant.authorization_details)
+        return GrantContext(**{**_fields(grant), "authorization_details": details})
 
     async def revoke(self, token: str, client_id: str) -> bool:
         """RFC 7009 §2.1 for refresh tokens: the family ends, and with it the access tokens issued

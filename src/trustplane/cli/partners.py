@@ -4,6 +4,7 @@ the conformance checker against a partner's metadata (exit code 1 on any failed 
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
@@ -237,12 +238,19 @@ def conformance(
 async def _conformance(
     profile: TrustProfile, url: str, token: str | None, audience: str, insecure: bool
 ) -> list[Any]:
-    import httpx
+    import structlog
 
-    from trustplane.federation.conformance import ConformanceChecker
+    from trustplane.federation.conformance import MAX_DOCUMENT, ConformanceChecker
+    from trustplane.outbound import OutboundFetcher, OutboundPolicy
 
-    async with httpx.AsyncClient(timeout=10.0, follow_redirects=False) as http:
+    # the fetcher's refusal lines go to stderr: stdout carries the report (and --json)
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    policy = OutboundPolicy(allow_loopback=insecure, max_bytes=MAX_DOCUMENT)
+    fetcher = OutboundFetcher(policy)
+    try:
         checker = ConformanceChecker(
-            profile, audience=audience, http=http, allow_insecure_loopback=insecure
+            profile, audience=audience, fetcher=fetcher, allow_insecure_loopback=insecure
         )
         return await checker.run(url, token)
+    finally:
+        await fetcher.aclose()

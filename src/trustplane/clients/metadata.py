@@ -22,6 +22,7 @@ from stdnum import lei as stdnum_lei
 from trustplane.errors import InvalidClientMetadataError, InvalidRedirectUriError
 from trustplane.jose.jwk import JWKError, import_public_jwks
 from trustplane.oauth.scopes import Vocabulary
+from trustplane.outbound.addresses import host_problem
 from trustplane.rar.registry import known_types
 from trustplane.settings import Settings, is_loopback_host
 
@@ -48,6 +49,7 @@ class ClientMetadataIn(BaseModel):
     ] = "private_key_jwt"
     jwks: dict[str, Any] | None = None
     jwks_uri: str | None = Field(default=None, max_length=2000)
+    token_endpoint_auth_signing_alg: str | None = Field(default=None, max_length=16)
     grant_types: list[str] = Field(default_factory=lambda: ["client_credentials"], max_length=8)
     response_types: list[str] = Field(default_factory=list, max_length=4)
     scope: str = Field(min_length=1, max_length=2000)
@@ -119,16 +121,50 @@ def _check_keys(meta: ClientMetadataIn, settings: Settings) -> None:
         except JWKError as exc:
             raise InvalidClientMetadataError(f"jwks: {exc}") from None
     if meta.jwks_uri is not None:
-        try:
-            parts = urlsplit(meta.jwks_uri)
-            parts.port  # noqa: B018 - raises ValueError on a malformed port
-        except ValueError:
-            raise InvalidClientMetadataError("jwks_uri must be a valid URL") from None
-        insecure_ok = settings.allow_insecure_loopback_jwks_uri and is_loopback_host(parts.hostname)
-        if parts.scheme != "https" and not (parts.scheme == "http" and insecure_ok):
-            raise InvalidClientMetadataError("jwks_uri must be an https URL")
-        if not parts.hostname or parts.fragment:
-            raise InvalidClientMetadataError("jwks_uri must be an absolute URL without fragment")
+        _check_jwks_uri(meta.jwks_uri, settings)
+    _check_signing_alg(meta, settings)
+
+
+def _check_jwks_uri(uri: str, settings: Settings) -> None:
+    """https, absolute, and a host that can ever be fetched (trustplane.outbound; the fetch-time
+    check on the resolved address is the real guard)."""
+    try:
+        parts = urlsplit(uri)
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        raise InvalidClientMetadataError("jwks_uri must be a valid URL") from None
+    insecure_ok = settings.allow_insecure_loopback_jwks_uri and is_loopback_host(parts.hostname)
+    if parts.scheme != "https" and not (parts.scheme == "http" and insecure_ok):
+        raise InvalidClientMetadataError("jwks_uri must be an https URL")
+    if not parts.hostname or parts.fragment:
+        raise InvalidClientMetadataError("jwks_uri must be an absolute URL without fragment")
+    if parts.username is not None:
+        raise InvalidClientMetadataError("jwks_uri must not carry credentials")
+    problem = host_problem(parts.hostname, allow_loopback=settings.allow_insecure_loopback_jwks_uri)
+    if problem is not None:  # a name resolving to such an address is refused when fetched
+        raise InvalidClientMetadataError(f"jwks_uri: {problem}; it is never fetched")
+
+
+def _check_signing_alg(meta: ClientMetadataIn, settings: Settings) -> None:
+    """RFC 7591 §2 ``token_endpoint_auth_signing_alg``: the one algorithm the client's assertions may
+    use. Only for ``private_key_jwt``, only an algorithm this server allows (never ``none`` or HS*: a
+    server holding no shared secret cannot verify an HMAC), and, with inline keys, one they have."""
+    alg = meta.token_endpoint_auth_signing_alg
+    if alg is None:
+        return
+    if meta.token_endpoint_auth_method != "private_key_jwt":
+        raise InvalidClientMetadataError(
+            "token_endpoint_auth_signing_alg applies to private_key_jwt only"
+        )
+    if alg not in settings.allowed_signing_algorithms:
+        raise InvalidClientMetadataError(
+            f"token_endpoint_auth_signing_alg {alg[:16]!r} is not allowed here "
+            f"(allowed: {', '.join(settings.allowed_signing_algorithms)})"
+        )
+    if meta.jwks is not None and all(a != alg for _, a, _ in import_public_jwks(meta.jwks)):
+        raise InvalidClientMetadataError(
+            f"token_endpoint_auth_signing_alg {alg}: no key in jwks is for that algorithm"
+        )
 
 
 def _check_grants(meta: ClientMetadataIn) -> None:

@@ -1,8 +1,11 @@
-"""Keys of clients registered with a ``jwks_uri`` (registration-time metadata, never a token header).
+"""Keys of clients (and partners) registered with a ``jwks_uri`` (registration-time metadata, never a
+token header).
 
-Fetched over https (no redirects, 5 s timeout, 64 KiB cap), cached for ``ttl`` seconds, refetched on an
-unknown ``kid`` at most once per ``min_refetch`` seconds per URI so a flood of bogus kids cannot turn
-us into a traffic amplifier.
+Fetched through the guarded outbound fetcher (:mod:`trustplane.outbound`: public addresses only,
+https, no redirects, timeouts, a 64 KiB cap enforced while reading, a per-host rate limit), cached for
+``ttl`` seconds, refetched on an unknown ``kid`` at most once per ``min_refetch`` seconds per URI so a
+flood of bogus kids cannot turn us into a traffic amplifier. A fetch that fails or is refused gives no
+keys: the assertion it was for fails ``invalid_client``.
 """
 
 from __future__ import annotations
@@ -10,10 +13,11 @@ from __future__ import annotations
 import time
 
 import httpx
-import orjson
 import structlog
 
 from trustplane.jose.jwk import JWKError, PublicKey, import_public_jwks
+from trustplane.outbound import HostRateLimiter, OutboundError, OutboundFetcher, OutboundPolicy
+from trustplane.settings import Settings
 
 log = structlog.get_logger("trustplane.clients")
 MAX_JWKS_BYTES = 64 * 1024
@@ -21,16 +25,21 @@ KeyList = list[tuple[str | None, str, PublicKey]]
 
 
 class RemoteJwksCache:
+    """``purpose`` labels the fetches (``client_jwks``, ``partner_jwks``). ``transport`` (tests
+    only): a fetcher with the default policy over that transport instead of the network."""
+
     def __init__(
         self,
+        fetcher: OutboundFetcher | None = None,
         *,
+        purpose: str = "client_jwks",
         ttl: float = 300.0,
         min_refetch: float = 60.0,
-        timeout: float = 5.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self._ttl, self._min_refetch = ttl, min_refetch
-        self._http = httpx.AsyncClient(timeout=timeout, follow_redirects=False, transport=transport)
+        self._ttl, self._min_refetch, self._purpose = ttl, min_refetch, purpose
+        policy = OutboundPolicy(max_bytes=MAX_JWKS_BYTES)
+        self._fetcher = fetcher or OutboundFetcher(policy, transport=transport)
         self._cache: dict[str, tuple[float, KeyList]] = {}
 
     async def keys(self, uri: str, kid: str | None) -> KeyList:
@@ -48,13 +57,44 @@ class RemoteJwksCache:
 
     async def _fetch(self, uri: str) -> KeyList:
         try:
-            response = await self._http.get(uri, headers={"Accept": "application/json"})
-            if response.status_code != 200 or len(response.content) > MAX_JWKS_BYTES:
-                raise JWKError(f"jwks_uri answered {response.status_code}")
-            return import_public_jwks(orjson.loads(response.content))
-        except (httpx.HTTPError, orjson.JSONDecodeError, JWKError) as exc:
+            jwks = await self._fetcher.get_json(
+                uri, purpose=self._purpose, max_bytes=MAX_JWKS_BYTES
+            )
+            return import_public_jwks(jwks)
+        except (OutboundError, JWKError) as exc:
             log.warning("jwks_uri_fetch_failed", uri=uri, error=str(exc))
             return []
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        await self._fetcher.aclose()
+
+
+def client_jwks_cache(
+    settings: Settings, limiter: HostRateLimiter | None = None
+) -> RemoteJwksCache:
+    """Clients' ``jwks_uri`` key sets: any public host; loopback only with
+    ``allow_insecure_loopback_jwks_uri`` (development)."""
+    policy = OutboundPolicy.from_settings(
+        settings, allow_loopback=settings.allow_insecure_loopback_jwks_uri, max_bytes=MAX_JWKS_BYTES
+    )
+    fetcher = OutboundFetcher(policy, rate_limiter=limiter)
+    return RemoteJwksCache(fetcher, purpose="client_jwks")
+
+
+def partner_jwks_cache(
+    settings: Settings, limiter: HostRateLimiter | None = None
+) -> RemoteJwksCache:
+    """Partners' ``jwks_uri`` key sets: only hosts in ``federation_jwks_hosts``; loopback only with
+    ``federation_allow_insecure_loopback`` (development). Its own cache intervals."""
+    policy = OutboundPolicy.from_settings(
+        settings,
+        allow_loopback=settings.federation_allow_insecure_loopback,
+        allowed_hosts=frozenset(h.lower() for h in settings.federation_jwks_hosts),
+        max_bytes=MAX_JWKS_BYTES,
+    )
+    return RemoteJwksCache(
+        OutboundFetcher(policy, rate_limiter=limiter),
+        purpose="partner_jwks",
+        ttl=settings.federation_jwks_ttl,
+        min_refetch=settings.federation_jwks_min_refetch,
+    )

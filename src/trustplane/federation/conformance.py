@@ -1,9 +1,16 @@
 """The partner conformance checker: before a partner goes live (and in its CI), fetch its RFC 8414 /
 OpenID metadata and JWKS and check them, and optionally a sample assertion, against its trust profile.
 
-Every check is reported (name, pass/fail, why). Only https is fetched, without redirects, with a size
-cap; plain http on a loopback host only with the explicit ``allow_insecure_loopback`` flag (tests).
-The sample token's header is never used to find a key: it is checked against the published JWKS.
+Every check is reported (name, pass/fail, why). Documents are fetched through the guarded outbound
+fetcher (:mod:`trustplane.outbound`: https, public addresses, no redirects, timeouts, a size cap while
+reading); plain http and loopback only with the explicit ``allow_insecure_loopback`` flag (tests and
+sandboxes on this machine). The sample token's header is never used to find a key: it is checked
+against the published JWKS.
+
+Every ``*_alg_values_supported`` member of the metadata is checked on its own (RFC 8414 §2: ``none``
+MUST NOT appear in ``token_endpoint_auth_signing_alg_values_supported``; we refuse it everywhere): a
+finding names the member. Signing members may list only algorithms the profile allows; encryption
+members (``*_encryption_alg_values_supported``) are key-management algorithms, checked for ``none``.
 """
 
 from __future__ import annotations
@@ -17,24 +24,17 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
-
 from trustplane.federation.profile import ALWAYS_REQUIRED, TrustProfile
 from trustplane.federation.registry import KEY_HEADERS, TYP_TOKEN_TYPES
-from trustplane.http_json import JsonFetchError, get_json_object
 from trustplane.jose.jwk import PRIVATE_MEMBERS, JWKError, PublicKey, import_public_jwk, thumbprint
 from trustplane.jose.jws import JWSError, parse
+from trustplane.outbound import OutboundError, OutboundFetcher, host_problem
 from trustplane.settings import is_loopback_host
 
 MAX_DOCUMENT = 256 * 1024
-#: Metadata members that advertise what the partner signs with (RFC 8414, OIDC Discovery, JARM).
-ALG_MEMBERS = (
-    "id_token_signing_alg_values_supported",
-    "authorization_signing_alg_values_supported",
-    "introspection_signing_alg_values_supported",
-    "userinfo_signing_alg_values_supported",
-    "access_token_signing_alg_values_supported",
-)
+#: Metadata members naming algorithms end with this (RFC 8414 §2, OIDC Discovery, JARM, RFC 9449).
+ALG_SUFFIX = "_alg_values_supported"
+ENCRYPTION_ALG_SUFFIX = "_encryption_alg_values_supported"
 CURVES = {"EC": "P-256", "OKP": "Ed25519"}
 
 
@@ -58,10 +58,10 @@ class ConformanceChecker:
         profile: TrustProfile,
         *,
         audience: str,
-        http: httpx.AsyncClient,
+        fetcher: OutboundFetcher,
         allow_insecure_loopback: bool = False,
     ) -> None:
-        self._profile, self._audience, self._http = profile, audience, http
+        self._profile, self._audience, self._fetcher = profile, audience, fetcher
         self._insecure = allow_insecure_loopback
 
     async def run(self, metadata_url: str, sample_token: str | None = None) -> list[Check]:
@@ -87,21 +87,20 @@ class ConformanceChecker:
         return checks
 
     async def _fetch(self, url: str) -> dict[str, Any]:
-        problem = self._url_problem(url)
-        if problem:
-            raise FetchError(f"{url}: {problem}")
         try:
-            return await get_json_object(self._http, url, max_bytes=MAX_DOCUMENT)
-        except JsonFetchError as exc:
+            return await self._fetcher.get_json(url, purpose="conformance", max_bytes=MAX_DOCUMENT)
+        except OutboundError as exc:
             raise FetchError(f"{url}: {exc}") from None
 
     def _url_problem(self, url: str) -> str | None:
-        parts = urlsplit(url)
-        if parts.scheme == "https":
-            return None
-        if parts.scheme == "http" and self._insecure and is_loopback_host(parts.hostname):
-            return None
-        return "must use https"
+        try:
+            parts = urlsplit(url)
+        except ValueError:
+            return "not a valid URL"
+        insecure_ok = self._insecure and is_loopback_host(parts.hostname)
+        if parts.scheme != "https" and not (parts.scheme == "http" and insecure_ok):
+            return "must use https"
+        return host_problem(parts.hostname or "", allow_loopback=self._insecure)
 
     # ------------------------------------------------------------------ metadata
 
@@ -143,28 +142,48 @@ class ConformanceChecker:
         return Check(name, True, jwks_uri)
 
     def _algorithm_checks(self, metadata: dict[str, Any]) -> list[Check]:
-        advertised: set[str] = set()
-        for member in ALG_MEMBERS:
-            values = metadata.get(member)
-            if isinstance(values, list):
-                advertised.update(str(v) for v in values)
-        allowed = self._profile.algorithms
-        usable = sorted(advertised & allowed)
-        others = sorted(advertised - allowed)
-        return [
+        members = sorted(m for m in metadata if m.endswith(ALG_SUFFIX))
+        checks = [self._alg_member_check(m, metadata[m]) for m in members]
+        signing = {
+            str(v)
+            for m in members
+            if not m.endswith(ENCRYPTION_ALG_SUFFIX) and isinstance(metadata[m], list)
+            for v in metadata[m]
+        }
+        usable = sorted(signing & self._profile.algorithms)
+        checks.append(
             Check(
                 "metadata: advertises an algorithm the profile allows",
                 bool(usable),
-                f"usable {usable}; advertised but not accepted here {others}"
-                if advertised
-                else "no *_signing_alg_values_supported member in the metadata",
-            ),
-            Check(
-                "metadata: does not advertise 'none'",
-                "none" not in advertised,
-                "unsigned tokens are advertised" if "none" in advertised else "ok",
-            ),
-        ]
+                f"usable {usable}" if signing else f"no *{ALG_SUFFIX} member in the metadata",
+            )
+        )
+        return checks
+
+    def _alg_member_check(self, member: str, values: object) -> Check:
+        """One ``*_alg_values_supported`` member: a non-empty array of strings, no ``none``, and for
+        a signing member nothing outside the profile's algorithms (a partner advertising what we
+        refuse is one configuration change away from sending it)."""
+        name = f"metadata: {member}"
+        if (
+            not isinstance(values, list)
+            or not values
+            or not all(isinstance(v, str) for v in values)
+        ):
+            return Check(name, False, "must be a non-empty array of algorithm names")
+        if "none" in values:
+            return Check(name, False, "advertises 'none' (unsigned); RFC 8414 §2 forbids it")
+        if member.endswith(ENCRYPTION_ALG_SUFFIX):
+            return Check(name, True, f"{values} (key management; checked for 'none' only)")
+        refused = sorted(set(values) - self._profile.algorithms)
+        if refused:
+            return Check(
+                name,
+                False,
+                f"advertises {refused}, outside the profile's algorithms "
+                f"{sorted(self._profile.algorithms)}",
+            )
+        return Check(name, True, ", ".join(values))
 
     # ------------------------------------------------------------------ keys
 

@@ -23,6 +23,7 @@ from stdnum import lei as stdnum_lei
 
 from trustplane.jose.jwk import JWKError, PublicKey, import_public_jwks
 from trustplane.oauth.scopes import Vocabulary
+from trustplane.outbound.addresses import host_problem
 from trustplane.settings import Settings, is_loopback_host
 
 SCHEMA_FILE = "trust-profile.schema.json"
@@ -184,11 +185,24 @@ def _check_keys(
 
 
 def jwks_uri_problem(uri: str, settings: Settings) -> str | None:
-    """Why this partner ``jwks_uri`` is not acceptable (None if it is)."""
-    parts = urlsplit(uri)
+    """Why this partner ``jwks_uri`` is not acceptable (None if it is): https, an allow-listed host,
+    and not a host that can never be fetched (an address that is not public, a local name; checked
+    again on the resolved address at every fetch, :mod:`trustplane.outbound`)."""
+    try:
+        parts = urlsplit(uri)
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        return "not a valid URL"
     insecure_ok = settings.federation_allow_insecure_loopback and is_loopback_host(parts.hostname)
     if parts.scheme != "https" and not (parts.scheme == "http" and insecure_ok):
         return "must use https"
+    if not parts.hostname or parts.username is not None or parts.fragment:
+        return "must be an absolute URL without credentials or fragment"
+    problem = host_problem(
+        parts.hostname, allow_loopback=settings.federation_allow_insecure_loopback
+    )
+    if problem is not None:
+        return f"{problem}; it is never fetched"
     if parts.hostname not in settings.federation_jwks_hosts and not insecure_ok:
         return (
             f"host {parts.hostname!r} is not in TRUSTPLANE_FEDERATION_JWKS_HOSTS "

@@ -4,7 +4,8 @@
 - ``iss`` = ``sub`` = client_id; ``aud`` is exactly our issuer identifier, as a single string;
 - ``exp`` required and at most 5 minutes (plus skew) ahead; ``iat``/``nbf`` not beyond the skew;
 - ``jti`` required, accepted once until the assertion expires;
-- ES256, EdDSA, PS256 only; a ``typ`` naming another kind of JWT is refused;
+- ES256, EdDSA, PS256 only, and only the client's registered ``token_endpoint_auth_signing_alg``
+  when it registered one (RFC 7591 §2); a ``typ`` naming another kind of JWT is refused;
 - the key is the client's registered key: ``jku``, ``x5u``, ``jwk``, ``x5c`` are never looked at.
 ``client_secret_basic`` / ``client_secret_post`` only for clients registered with that method.
 Exactly one method per request (RFC 6749 §2.3).
@@ -139,7 +140,7 @@ class ClientAuthenticator:
         if form.get("client_id") not in (None, client_id):
             raise InvalidClientError("client_id does not match the client assertion")
         client = self._client(client_id, "private_key_jwt")
-        self._check_header(jws)
+        self._check_header(client, jws)
         await self._check_signature(client, jws)
         jti, exp = self._check_claims(claims)
         use = ReplayUse(client_id, jti, int(exp) + self._settings.clock_skew)
@@ -151,12 +152,20 @@ class ClientAuthenticator:
             )
         return AuthenticatedClient(client, "private_key_jwt", jti)
 
-    def _check_header(self, jws: ParsedJWS) -> None:
+    def _check_header(self, client: Client, jws: ParsedJWS) -> None:
+        """The algorithm is one we allow and, if the client registered one (RFC 7591 §2
+        ``token_endpoint_auth_signing_alg``), exactly that one."""
         typ = jws.header.get("typ")
         if typ is not None and (not isinstance(typ, str) or typ not in ASSERTION_TYPS):
             raise InvalidClientError(f"client assertion typ {typ!r} names another kind of JWT")
         if jws.alg not in self._settings.allowed_signing_algorithms:
             raise InvalidClientError(f"algorithm {jws.alg} is not allowed")
+        registered = client.metadata.get("token_endpoint_auth_signing_alg")
+        if registered is not None and jws.alg != registered:
+            raise InvalidClientError(
+                f"the client registered token_endpoint_auth_signing_alg {registered}",
+                debug=f"{client.client_id}: assertion signed with {jws.alg}",
+            )
 
     async def _check_signature(self, client: Client, jws: ParsedJWS) -> None:
         kid = jws.header.get("kid")

@@ -16,6 +16,7 @@ from trustplane.audit.events import AuditEvent, AuditEventType
 from trustplane.audit.sink import AuditSink
 from trustplane.clients.model import Client
 from trustplane.errors import (
+    InvalidAuthorizationDetailsError,
     InvalidClientError,
     InvalidGrantError,
     InvalidRequestError,
@@ -33,6 +34,7 @@ from trustplane.oauth.scopes import Vocabulary
 from trustplane.oauth.tokens import IssuedToken, issue_access_token
 from trustplane.policy.enforcement import ScopeDenied, TokenPolicy
 from trustplane.policy.recorder import DecisionRecord
+from trustplane.rar.registry import AuthorizationDetailsRegistry
 from trustplane.settings import Settings
 
 
@@ -87,6 +89,8 @@ class TokenEndpoint:
         self._settings, self._auth, self._keys = settings, authenticator, keys
         self._vocabulary, self._audit, self._outcomes = vocabulary, audit, outcomes
         self.policy = policy
+        #: RFC 9396 types (set by the composition root); None refuses every authorization_details.
+        self.details: AuthorizationDetailsRegistry | None = None
         self.grants: dict[str, GrantHandler] = {"client_credentials": self._client_credentials}
 
     async def handle(self, form: Form, authorization: str | None) -> dict[str, Any]:
@@ -186,7 +190,11 @@ class TokenEndpoint:
             raise UnauthorizedClientError("this client may not use the client_credentials grant")
         resource = select_resource(form.get_all("resource"), client, self._vocabulary)
         scopes = select_scopes(form.get("scope"), client, resource, self._vocabulary)
+        details = self._requested_details(form, client)
         decisions = self.authorize_scopes(client, scopes, resource, "client_credentials")
+        extra: dict[str, Any] = {"lei": client.lei}
+        if details:
+            extra["authorization_details"] = list(details)
         token = issue_access_token(
             self._keys.ring,
             issuer=self._settings.issuer,
@@ -195,9 +203,28 @@ class TokenEndpoint:
             audience=resource,
             scopes=scopes,
             lifetime=self._settings.access_token_lifetime,
-            extra={"lei": client.lei},
+            extra=extra,
         )
-        return Grant(token, decisions=decisions)
+        if not details:
+            return Grant(token, decisions=decisions)
+        assert self.details is not None
+        return Grant(
+            token,
+            decisions=decisions,
+            response={"authorization_details": list(details)},  # RFC 9396 §7
+            details_digest=self.details.digest(details),
+        )
+
+    def _requested_details(self, form: Form, client: Client) -> tuple[dict[str, Any], ...]:
+        """RFC 9396 §6: on client_credentials the client's own registration (its
+        ``authorization_details_types``) decides; an unknown or unregistered type, or malformed
+        details, is ``invalid_authorization_details`` (§5), never silently dropped."""
+        raw = form.get("authorization_details")
+        if raw is None:
+            return ()
+        if self.details is None:
+            raise InvalidAuthorizationDetailsError("authorization_details are not accepted here")
+        return self.details.validate(raw, client)
 
     def authorize_scopes(
         self, client: Client, scopes: tuple[str, ...], resource: str, grant_type: str

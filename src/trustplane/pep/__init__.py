@@ -1,5 +1,7 @@
 """The PEP SDK for resource servers: validate trustplane (RFC 9068) access tokens, then ask a policy
-decision point, in process or over OpenID AuthZEN. See docs/pep.md.
+decision point, in process or over OpenID AuthZEN. See docs/pep.md. Every call the SDK makes (issuer
+metadata, JWKS, token, introspection, PDP) goes through an ``OutboundFetcher``: public addresses
+only unless ``OutboundPolicy.development()`` allows loopback, no redirects, timeouts, size caps.
 
 The core (``TokenValidator``, ``PolicyEnforcer``, ``AuthzenClient``) is framework-free; the
 FastAPI/Starlette dependency lives in ``trustplane.pep.http``. Idempotency keys: the core
@@ -7,6 +9,7 @@ FastAPI/Starlette dependency lives in ``trustplane.pep.http``. Idempotency keys:
 ``trustplane.pep.idempotency_http``.
 """
 
+from trustplane.outbound import OutboundFetcher, OutboundPolicy
 from trustplane.pep.authzen import AuthzenClient
 from trustplane.pep.client_auth import ClientSecretBasic, PrivateKeyJwt
 from trustplane.pep.enforcer import PolicyEnforcer, client_subject
@@ -48,6 +51,8 @@ __all__ = [
     "KeyReusedError",
     "MalformedKeyError",
     "MissingKeyError",
+    "OutboundFetcher",
+    "OutboundPolicy",
     "PolicyEnforcer",
     "PrivateKeyJwt",
     "Replay",

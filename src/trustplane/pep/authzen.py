@@ -22,11 +22,11 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import httpx
 import orjson
 import structlog
 
 from trustplane.errors import InvalidRequestError
+from trustplane.outbound import OutboundError, OutboundFetcher, OutboundPolicy
 from trustplane.pep import metrics
 from trustplane.pep.client_auth import ClientAuth
 from trustplane.pep.keys import check_url
@@ -37,6 +37,8 @@ MAX_EVALUATIONS = 100
 MAX_PARENTS = 16
 MAX_ID_LENGTH = 512
 MAX_DEPTH = 16
+#: A batch answer of MAX_EVALUATIONS decisions is far below this.
+MAX_ANSWER_BYTES = 256 * 1024
 SEMANTICS = ("execute_all", "deny_on_first_deny", "permit_on_first_permit")
 
 
@@ -244,15 +246,16 @@ class AuthzenClient:
         auth: ClientAuth,
         audience: str | None = None,
         scope: str = "decision:evaluate",
-        http: httpx.AsyncClient | None = None,
+        fetcher: OutboundFetcher | None = None,
         timeout: float = 2.0,
     ) -> None:
-        self.pdp = check_url(pdp.rstrip("/"), "PDP URL")
-        self._token_endpoint = check_url(token_endpoint, "token endpoint")
+        self._own_fetcher = fetcher is None
+        policy = OutboundPolicy(read_timeout=timeout, total_timeout=2 * timeout)
+        self._fetcher = fetcher or OutboundFetcher(policy)
+        self.pdp = check_url(pdp.rstrip("/"), "PDP URL", self._fetcher)
+        self._token_endpoint = check_url(token_endpoint, "token endpoint", self._fetcher)
         self._auth, self._scope = auth, scope
         self._audience = audience or f"{self.pdp}/access/v1"
-        self._own_http = http is None
-        self._http = http or httpx.AsyncClient(timeout=timeout, follow_redirects=False)
         self._token: tuple[str, float] | None = None
 
     async def decide(
@@ -295,14 +298,17 @@ class AuthzenClient:
         try:
             for attempt in (1, 2):
                 headers["Authorization"] = f"Bearer {await self._access_token()}"
-                response = await self._http.post(self.pdp + path, content=content, headers=headers)
-                if response.status_code != 401 or attempt == 2:
+                response = await self._fetcher.request(
+                    "POST", self.pdp + path, purpose="pep_pdp", content=content,
+                    headers=headers, max_bytes=MAX_ANSWER_BYTES,
+                )  # fmt: skip
+                if response.status != 401 or attempt == 2:
                     break
                 self._token = None  # expired or revoked early: retry once with a fresh token
-            if response.status_code != 200:
-                return {"error": f"status {response.status_code}"}
-            return orjson.loads(response.content)
-        except (httpx.HTTPError, orjson.JSONDecodeError, ValueError) as exc:
+            if response.status != 200:
+                return {"error": f"status {response.status}"}
+            return response.json()
+        except (OutboundError, ValueError) as exc:
             return {"error": repr(exc)}
 
     async def _access_token(self) -> str:
@@ -312,11 +318,14 @@ class AuthzenClient:
         form["resource"] = self._audience
         headers = {"Accept": "application/json"}
         self._auth.apply(form, headers)
-        response = await self._http.post(self._token_endpoint, data=form, headers=headers)
-        body = orjson.loads(response.content) if response.status_code == 200 else {}
+        response = await self._fetcher.request(
+            "POST", self._token_endpoint, purpose="pep_token", data=form, headers=headers
+        )
+        body = response.json() if response.status == 200 else {}
+        body = body if isinstance(body, dict) else {}
         token, lifetime = body.get("access_token"), body.get("expires_in", 60)
         if not isinstance(token, str) or not isinstance(lifetime, int):
-            raise ValueError(f"token endpoint answered {response.status_code}")
+            raise ValueError(f"token endpoint answered {response.status}")
         # Renew a little early so a token never expires between here and the PDP.
         self._token = (token, time.monotonic() + max(lifetime - 30, lifetime / 2))
         return token
@@ -327,5 +336,5 @@ class AuthzenClient:
         return Decision(False, (FailReason.PDP_UNREACHABLE.value,), "", uuid.uuid4().hex)
 
     async def aclose(self) -> None:
-        if self._own_http:
-            await self._http.aclose()
+        if self._own_fetcher:
+            await self._fetcher.aclose()

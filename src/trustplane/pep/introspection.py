@@ -15,10 +15,9 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
-import httpx
-import orjson
 import structlog
 
+from trustplane.outbound import OutboundError, OutboundFetcher
 from trustplane.pep import metrics
 from trustplane.pep.client_auth import ClientAuth
 from trustplane.pep.keys import check_url
@@ -39,13 +38,13 @@ class RevocationCheck:
         self,
         endpoint: str,
         auth: ClientAuth,
-        http: httpx.AsyncClient,
+        fetcher: OutboundFetcher,
         *,
         ttl: float = 10.0,
         max_cached: int = MAX_CACHED,
     ) -> None:
-        self.endpoint = check_url(endpoint, "introspection endpoint")
-        self._auth, self._http, self._ttl, self._max = auth, http, ttl, max_cached
+        self.endpoint = check_url(endpoint, "introspection endpoint", fetcher)
+        self._auth, self._fetcher, self._ttl, self._max = auth, fetcher, ttl, max_cached
         self._cache: OrderedDict[str, tuple[bool, float]] = OrderedDict()
 
     async def is_active(self, token: str, key: str, exp: int) -> bool:
@@ -68,12 +67,14 @@ class RevocationCheck:
         headers = {"Accept": "application/json"}
         self._auth.apply(form, headers)
         try:
-            response = await self._http.post(self.endpoint, data=form, headers=headers)
-            body = orjson.loads(response.content) if response.status_code == 200 else None
-        except (httpx.HTTPError, orjson.JSONDecodeError) as exc:
-            body, error = None, repr(exc)
+            response = await self._fetcher.request(
+                "POST", self.endpoint, purpose="pep_introspection", data=form, headers=headers
+            )
+            body = response.json() if response.status == 200 else None
+        except OutboundError as exc:
+            body, error = None, f"{exc.outcome}: {exc}"
         else:
-            error = f"status {response.status_code}"
+            error = f"status {response.status}"
         if not isinstance(body, dict) or not isinstance(body.get("active"), bool):
             metrics.PEP_INTROSPECTIONS.labels(outcome="failed").inc()
             log.warning("pep_introspection_failed", endpoint=self.endpoint, error=error)

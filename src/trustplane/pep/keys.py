@@ -1,6 +1,8 @@
 """Signing keys of the trusted issuers: configured explicitly, fetched over HTTP, cached in memory.
 
-Only issuers named in the configuration are ever contacted. Each one's JWKS comes from its configured
+Only issuers named in the configuration are ever contacted, through the guarded outbound fetcher
+(:mod:`trustplane.outbound`: public addresses unless its policy is the development one, no redirects,
+timeouts, a 64 KiB cap while reading). Each one's JWKS comes from its configured
 ``jwks_uri`` or, when that is left out, from the ``jwks_uri`` of that issuer's own RFC 8414 metadata
 (whose ``issuer`` must equal the configured identifier, §3.3). Nothing in a token (``jku``, ``x5u``,
 ``iss`` of an unknown issuer) can make the PEP fetch anything.
@@ -17,12 +19,11 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
-import httpx
 import structlog
 
-from trustplane.http_json import JsonFetchError, get_json_object
 from trustplane.jose.jwk import JWKError, PublicKey, import_public_jwks
 from trustplane.jose.jws import ALGORITHMS
+from trustplane.outbound import OutboundError, OutboundFetcher
 from trustplane.pep import metrics
 from trustplane.settings import is_loopback_host
 
@@ -38,8 +39,9 @@ class KeySourceError(Exception):
     """The issuer's metadata or JWKS could not be fetched or is unusable."""
 
 
-def check_url(url: str, what: str) -> str:
-    """https, or plain http on a loopback host (development and tests only); no fragment."""
+def check_url(url: str, what: str, fetcher: OutboundFetcher | None = None) -> str:
+    """https, or plain http on a loopback host (development and tests only); no fragment. With
+    ``fetcher``: also a URL its policy would fetch (a loopback URL needs the development policy)."""
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -50,6 +52,12 @@ def check_url(url: str, what: str) -> str:
         parts.scheme == "http" and is_loopback_host(parts.hostname)
     ):
         raise ConfigurationError(f"{what} {url!r} must use https (http only on a loopback host)")
+    problem = fetcher.url_problem(url) if fetcher is not None else None
+    if problem is not None:
+        raise ConfigurationError(
+            f"{what} {url!r}: {problem} (a sandbox on this machine needs "
+            "OutboundFetcher(OutboundPolicy.development()))"
+        )
     return url
 
 
@@ -92,13 +100,13 @@ class IssuerKeys:
     def __init__(
         self,
         trusted: TrustedIssuer,
-        http: httpx.AsyncClient,
+        fetcher: OutboundFetcher,
         *,
         ttl: float = 300.0,
         min_refetch: float = 30.0,
     ) -> None:
         self.trusted = trusted
-        self._http, self._ttl, self._min_refetch = http, ttl, min_refetch
+        self._fetcher, self._ttl, self._min_refetch = fetcher, ttl, min_refetch
         self._by_kid: dict[str, tuple[str, PublicKey]] = {}
         self._unnamed: list[tuple[str, PublicKey]] = []
         self._fetched_at = float("-inf")
@@ -140,7 +148,7 @@ class IssuerKeys:
 
     async def _fetch(self) -> list[tuple[str | None, str, PublicKey]]:
         if self._jwks_uri is None:
-            metadata = await self._get_json(metadata_url(self.trusted.issuer))
+            metadata = await self._get_json(metadata_url(self.trusted.issuer), "pep_metadata")
             if metadata.get("issuer") != self.trusted.issuer:
                 raise KeySourceError("metadata issuer does not match the configured issuer")
             uri = metadata.get("jwks_uri")
@@ -151,12 +159,12 @@ class IssuerKeys:
             except ConfigurationError as exc:
                 raise KeySourceError(str(exc)) from None
         try:
-            return import_public_jwks(await self._get_json(self._jwks_uri))
+            return import_public_jwks(await self._get_json(self._jwks_uri, "pep_jwks"))
         except JWKError as exc:
             raise KeySourceError(f"unusable JWKS: {exc}") from None
 
-    async def _get_json(self, url: str) -> dict[str, object]:
+    async def _get_json(self, url: str, purpose: str) -> dict[str, object]:
         try:
-            return await get_json_object(self._http, url, max_bytes=MAX_DOCUMENT_BYTES)
-        except JsonFetchError as exc:
+            return await self._fetcher.get_json(url, purpose=purpose, max_bytes=MAX_DOCUMENT_BYTES)
+        except OutboundError as exc:
             raise KeySourceError(f"GET {url}: {exc}") from None

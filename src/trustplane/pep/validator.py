@@ -23,12 +23,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NewType
 
-import httpx
-
 from trustplane.errors import InvalidTokenError
 from trustplane.jose.jws import JWSError, parse
+from trustplane.outbound import OutboundFetcher, OutboundPolicy
 from trustplane.pep.introspection import RevocationCheck
-from trustplane.pep.keys import ConfigurationError, IssuerKeys, TrustedIssuer
+from trustplane.pep.keys import ConfigurationError, IssuerKeys, TrustedIssuer, check_url
 
 #: Claims of a token whose signature, type, issuer, audience and times have been checked.
 VerifiedClaims = NewType("VerifiedClaims", dict[str, Any])
@@ -67,7 +66,7 @@ class TokenValidator:
         audience: str,
         issuers: Sequence[TrustedIssuer],
         clock_skew: int = 60,
-        http: httpx.AsyncClient | None = None,
+        fetcher: OutboundFetcher | None = None,
         jwks_ttl: float = 300.0,
         jwks_min_refetch: float = 30.0,
         revocation: RevocationCheck | None = None,
@@ -77,10 +76,14 @@ class TokenValidator:
         if not issuers:
             raise ConfigurationError("at least one trusted issuer is required")
         self.audience, self.clock_skew, self.revocation = audience, clock_skew, revocation
-        self._own_http = http is None
-        self.http = http or httpx.AsyncClient(timeout=5.0, follow_redirects=False)
+        self._own_fetcher = fetcher is None
+        self.fetcher = fetcher or OutboundFetcher(OutboundPolicy())
+        for trusted in issuers:
+            check_url(trusted.issuer, "issuer", self.fetcher)
+            if trusted.jwks_uri is not None:
+                check_url(trusted.jwks_uri, "jwks_uri", self.fetcher)
         self._issuers = {
-            t.issuer: IssuerKeys(t, self.http, ttl=jwks_ttl, min_refetch=jwks_min_refetch)
+            t.issuer: IssuerKeys(t, self.fetcher, ttl=jwks_ttl, min_refetch=jwks_min_refetch)
             for t in issuers
         }
         self._verified: dict[str, AccessToken] = {}
@@ -154,5 +157,5 @@ class TokenValidator:
         )
 
     async def aclose(self) -> None:
-        if self._own_http:
-            await self.http.aclose()
+        if self._own_fetcher:
+            await self.fetcher.aclose()

@@ -1,0 +1,104 @@
+"""Connections to vetted addresses only: an ``httpcore`` network backend that resolves the host
+itself, refuses it if ANY address is not public (:func:`~trustplane.outbound.addresses.refusal`), and
+connects to one of the addresses it just checked.
+
+Because the address connected is the address checked, DNS rebinding (a name that answers a public
+address to the check and 127.0.0.1 to the connect) has no second answer to exploit: there is only one
+resolution, here. TLS still runs against the host name: ``httpcore`` calls ``start_tls`` on the
+returned stream with ``server_hostname`` = the URL's host, so SNI and certificate verification use the
+name and the ``Host`` header is unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Iterable
+
+import httpcore
+import httpx
+
+from trustplane.outbound import addresses
+from trustplane.outbound.addresses import Resolver, literal_address, refusal
+from trustplane.outbound.errors import OutboundRefused
+
+
+class GuardedBackend(httpcore.AsyncNetworkBackend):
+    def __init__(
+        self,
+        resolver: Resolver | None = None,
+        *,
+        allow_loopback: bool = False,
+        inner: httpcore.AsyncNetworkBackend | None = None,
+    ) -> None:
+        self._resolver, self._allow_loopback = resolver, allow_loopback
+        self._inner = inner or httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        failure: Exception = httpcore.ConnectError(f"no address for {host}")
+        for address in await self.vetted(host, port, timeout):
+            try:
+                return await self._inner.connect_tcp(
+                    address, port, timeout, local_address, socket_options
+                )
+            except httpcore.ConnectError as exc:  # try the next vetted address
+                failure = exc
+        raise failure
+
+    async def vetted(self, host: str, port: int, seconds: float | None) -> list[str]:
+        """Every address ``host`` resolves to, or :class:`OutboundRefused` if one is not public."""
+        literal = literal_address(host)
+        if literal is not None:
+            answers = [str(literal)]
+        else:
+            try:
+                # looked up at call time, so a test can replace the system resolver
+                resolve = self._resolver or addresses.system_resolver
+                answers = await asyncio.wait_for(resolve(host, port), seconds)
+            except TimeoutError:
+                raise httpcore.ConnectTimeout(f"resolving {host} timed out") from None
+            except OSError as exc:
+                raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from None
+        for answer in answers:
+            address = literal_address(answer)
+            reason = (
+                "not an address"
+                if address is None
+                else refusal(address, allow_loopback=self._allow_loopback)
+            )
+            if reason is not None:
+                raise OutboundRefused("refused_address", f"{host} resolves to {answer}: {reason}")
+        return answers
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise OutboundRefused("refused_address", "unix sockets are never connected")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+class GuardedTransport(httpx.AsyncHTTPTransport):
+    """httpx's own transport (request/response mapping, exception mapping), on a connection pool whose
+    every connection goes through :class:`GuardedBackend`; no proxy from the environment, no retry."""
+
+    def __init__(self, backend: GuardedBackend, verify: ssl.SSLContext | str | bool = True) -> None:
+        super().__init__(verify=verify, trust_env=False, retries=0)
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(verify=verify, trust_env=False),
+            max_connections=100,  # httpx's defaults: the PEP calls its PDP on the hot path
+            max_keepalive_connections=20,
+            keepalive_expiry=5.0,
+            network_backend=backend,
+        )

@@ -1,0 +1,291 @@
+"""The one guarded fetcher every outbound request of trustplane goes through: clients' and partners'
+``jwks_uri``, the partner conformance checker, and the PEP SDK's issuer metadata, JWKS, token,
+introspection and PDP calls.
+
+What holds for every request (docs/operations.md, "Outbound requests"):
+
+- https only; plain http only to a loopback host, and only under an explicit development policy
+  (``allow_insecure_loopback_jwks_uri``, ``federation_allow_insecure_loopback``, the PEP's
+  ``OutboundPolicy.development()``); no credentials or fragment in the URL;
+- the host is in the allow-list where one is configured (``federation_jwks_hosts``); a host that is
+  an address literal or a local name (``localhost``, ``*.internal``) must itself be public;
+- the name is resolved by the guard and refused when ANY address is not public; the connection goes
+  to the address that was checked (:mod:`trustplane.outbound.connection`), so DNS rebinding fails;
+- no redirects (a 3xx is refused, never followed); no proxy taken from the environment;
+- connect, read and total timeouts; the body is read as a stream and the request is abandoned as soon
+  as it passes ``max_bytes`` (a ``Content-Length`` above it is refused before reading), and a
+  compressed body is refused (``Accept-Encoding: identity``), so a small answer cannot inflate;
+- a per-host token bucket (``outbound_rate_per_host``, ``outbound_burst_per_host``);
+- every request counts in ``trustplane_outbound_fetch_total{purpose,outcome}``; a refusal also logs
+  one ``outbound_fetch_refused`` line naming the purpose, host, outcome and reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import httpx
+import orjson
+import structlog
+from prometheus_client import Counter
+
+from trustplane.outbound.addresses import Resolver, host_problem
+from trustplane.outbound.connection import GuardedBackend, GuardedTransport
+from trustplane.outbound.errors import OutboundError, OutboundRefused
+from trustplane.settings import Settings, is_loopback_host
+
+log = structlog.get_logger("trustplane.outbound")
+FETCHES = Counter(
+    "trustplane_outbound_fetch_total",
+    "Outbound HTTP requests by purpose and outcome (ok, refused_url, refused_address, "
+    "rate_limited, redirect, too_large, timeout, error, bad_status, invalid)",
+    ["purpose", "outcome"],
+)
+MAX_TRACKED_HOSTS = 10_000
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundPolicy:
+    """What one fetcher may do. ``allow_loopback``: development only (loopback addresses, and plain
+    http to a loopback host). ``allowed_hosts``: None for any public host. ``rate_per_host``: requests
+    per second per host, 0 for no limit (the PEP: its URLs are the operator's own)."""
+
+    allow_loopback: bool = False
+    allowed_hosts: frozenset[str] | None = None
+    connect_timeout: float = 3.0
+    read_timeout: float = 5.0
+    total_timeout: float = 10.0
+    max_bytes: int = 64 * 1024
+    rate_per_host: float = 0.0
+    burst_per_host: int = 10
+    verify: ssl.SSLContext | str | bool = True
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        allow_loopback: bool,
+        allowed_hosts: frozenset[str] | None = None,
+        max_bytes: int = 64 * 1024,
+    ) -> OutboundPolicy:
+        return cls(
+            allow_loopback=allow_loopback,
+            allowed_hosts=allowed_hosts,
+            connect_timeout=settings.outbound_connect_timeout,
+            read_timeout=settings.outbound_read_timeout,
+            total_timeout=settings.outbound_total_timeout,
+            max_bytes=max_bytes,
+            rate_per_host=settings.outbound_rate_per_host,
+            burst_per_host=settings.outbound_burst_per_host,
+        )
+
+    @classmethod
+    def development(cls, **overrides: Any) -> OutboundPolicy:
+        """Loopback allowed: a sandbox where the issuer, PDP or partner runs on this machine."""
+        return cls(allow_loopback=True, **overrides)
+
+
+class HostRateLimiter:
+    """A token bucket per host: ``burst`` requests at once, refilled at ``rate`` per second."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self._rate, self._burst = rate, burst
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def allow(self, host: str) -> bool:
+        if self._rate <= 0:
+            return True
+        now = time.monotonic()
+        tokens, then = self._buckets.pop(host, (float(self._burst), now))
+        tokens = min(float(self._burst), tokens + (now - then) * self._rate)
+        allowed = tokens >= 1.0
+        self._buckets[host] = (tokens - 1.0 if allowed else tokens, now)
+        if len(self._buckets) > MAX_TRACKED_HOSTS:
+            self._buckets.popitem(last=False)
+        return allowed
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """A complete answer (never a redirect), its body within the size cap."""
+
+    status: int
+    headers: httpx.Headers
+    body: bytes
+
+    def json(self) -> Any:
+        try:
+            return orjson.loads(self.body)
+        except orjson.JSONDecodeError:
+            raise OutboundError("invalid", "not JSON") from None
+
+
+class OutboundFetcher:
+    """``transport`` replaces the network in tests (httpx's mock transport); every rule above except
+    the address check of the connection (there is no connection) still applies to it."""
+
+    def __init__(
+        self,
+        policy: OutboundPolicy | None = None,
+        *,
+        resolver: Resolver | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        rate_limiter: HostRateLimiter | None = None,
+        backend: GuardedBackend | None = None,
+    ) -> None:
+        self.policy = policy = policy or OutboundPolicy()
+        if transport is None:
+            guard = backend or GuardedBackend(resolver, allow_loopback=policy.allow_loopback)
+            transport = GuardedTransport(guard, policy.verify)
+        self._limiter = rate_limiter or HostRateLimiter(policy.rate_per_host, policy.burst_per_host)
+        timeout = httpx.Timeout(
+            policy.read_timeout, connect=policy.connect_timeout, pool=policy.connect_timeout
+        )
+        self._http = httpx.AsyncClient(
+            transport=transport, timeout=timeout, follow_redirects=False, trust_env=False
+        )
+
+    def url_problem(self, url: str) -> str | None:
+        """Why this URL would be refused before any connection (configuration-time checks)."""
+        try:
+            self._check_url(url)
+        except OutboundRefused as exc:
+            return exc.reason
+        return None
+
+    async def get_json(
+        self, url: str, *, purpose: str, max_bytes: int | None = None
+    ) -> dict[str, Any]:
+        """GET a JSON object (200 only) or raise :class:`OutboundError`."""
+        return await self._counted(purpose, url, self._get_json(url, max_bytes))
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        purpose: str,
+        headers: Mapping[str, str] | None = None,
+        content: bytes | None = None,
+        data: Mapping[str, str] | None = None,
+        max_bytes: int | None = None,
+    ) -> Fetched:
+        """Send one request under the policy; any status but a redirect is returned to the caller.
+        Raises :class:`OutboundRefused` or :class:`OutboundError` (already counted and logged)."""
+        work = self._request(method, url, headers, content, data, max_bytes)
+        return await self._counted(purpose, url, work)
+
+    async def _counted(self, purpose: str, url: str, work: Awaitable[T]) -> T:
+        try:
+            async with asyncio.timeout(self.policy.total_timeout):
+                result = await work
+        except TimeoutError:
+            raise self._failed(
+                purpose, url, OutboundError("timeout", "no answer in time")
+            ) from None
+        except httpx.TimeoutException as exc:
+            raise self._failed(purpose, url, OutboundError("timeout", type(exc).__name__)) from None
+        except httpx.HTTPError as exc:
+            error = OutboundError("error", f"{type(exc).__name__}: {exc}")
+            raise self._failed(purpose, url, error) from None
+        except OutboundError as exc:
+            raise self._failed(purpose, url, exc) from None
+        FETCHES.labels(purpose=purpose, outcome="ok").inc()
+        return result
+
+    async def _get_json(self, url: str, max_bytes: int | None) -> dict[str, Any]:
+        headers = {"Accept": "application/json"}
+        fetched = await self._request("GET", url, headers, None, None, max_bytes)
+        if fetched.status != 200:
+            raise OutboundError("bad_status", f"answered HTTP {fetched.status}")
+        document = fetched.json()
+        if not isinstance(document, dict):
+            raise OutboundError("invalid", "not a JSON object")
+        return document
+
+    async def _request(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str] | None,
+        content: bytes | None,
+        data: Mapping[str, str] | None,
+        max_bytes: int | None,
+    ) -> Fetched:
+        host = self._check_url(url)
+        if not self._limiter.allow(host):
+            raise OutboundRefused("rate_limited", f"more than the per-host rate to {host}")
+        request = self._http.build_request(
+            method,
+            url,
+            headers={**(headers or {}), "Accept-Encoding": "identity"},
+            content=content,
+            data=data,
+        )
+        return await self._send(request, max_bytes or self.policy.max_bytes)
+
+    def _check_url(self, url: str) -> str:
+        try:
+            parts = urlsplit(url)
+            host, _ = parts.hostname, parts.port
+        except ValueError:
+            raise OutboundRefused("refused_url", "not a valid URL") from None
+        if not host or parts.username is not None or parts.fragment:
+            raise OutboundRefused(
+                "refused_url", "must be an absolute URL without credentials or fragment"
+            )
+        loopback_dev = self.policy.allow_loopback and is_loopback_host(host)
+        if parts.scheme != "https" and not (parts.scheme == "http" and loopback_dev):
+            raise OutboundRefused("refused_url", "must use https")
+        allowed = self.policy.allowed_hosts
+        if allowed is not None and host not in allowed and not loopback_dev:
+            raise OutboundRefused("refused_url", f"host {host} is not in the allow-list")
+        problem = host_problem(host, allow_loopback=self.policy.allow_loopback)
+        if problem is not None:
+            raise OutboundRefused("refused_url", problem)
+        return host
+
+    async def _send(self, request: httpx.Request, cap: int) -> Fetched:
+        response = await self._http.send(request, stream=True)
+        try:
+            if response.is_redirect or 300 <= response.status_code < 400:
+                raise OutboundRefused(
+                    "redirect", f"answered HTTP {response.status_code}: redirects are not followed"
+                )
+            encoding = response.headers.get("content-encoding", "identity").strip().lower()
+            if encoding != "identity":
+                raise OutboundRefused("invalid", f"a {encoding}-encoded body is not accepted")
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > cap:
+                raise OutboundRefused("too_large", f"larger than {cap} bytes")
+            body = bytearray()
+            async for chunk in response.aiter_bytes():  # identity only: the raw bytes
+                body += chunk
+                if len(body) > cap:
+                    raise OutboundRefused("too_large", f"larger than {cap} bytes")
+            return Fetched(response.status_code, response.headers, bytes(body))
+        finally:
+            await response.aclose()
+
+    def _failed(self, purpose: str, url: str, exc: OutboundError) -> OutboundError:
+        FETCHES.labels(purpose=purpose, outcome=exc.outcome).inc()
+        try:
+            host = urlsplit(url).hostname
+        except ValueError:
+            host = None
+        refused = isinstance(exc, OutboundRefused)
+        event = "outbound_fetch_refused" if refused else "outbound_fetch_failed"
+        log.warning(event, purpose=purpose, host=host, outcome=exc.outcome, reason=exc.reason)
+        return exc
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
