@@ -233,6 +233,7 @@ class TokenExchangeGrant:
             scopes=req.scopes,
             lifetime=lifetime,
             extra=self._claims(req, act),
+            not_after=subject.exp,
         )
         prv_mandate = issued.claims["prv"].get("mandate")  # a partner's mandate reference
         mode = IMPERSONATION if req.impersonation else DELEGATION

@@ -39,8 +39,13 @@ def issue_access_token(
     scopes: tuple[str, ...],
     lifetime: int,
     extra: dict[str, Any] | None = None,
+    not_after: int | None = None,
 ) -> IssuedToken:
+    """``not_after``: an ``exp`` the token must never pass (a derived token never outlives the token
+    it was derived from, whatever second the clock ticks over to between the two readings)."""
     now = int(time.time())
+    if not_after is not None:
+        lifetime = min(lifetime, not_after - now)
     claims: dict[str, Any] = {
         "iss": issuer,
         "sub": subject,
