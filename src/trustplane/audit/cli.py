@@ -20,9 +20,12 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from trustplane.audit.ledger import Ledger, b64, export_line
+from trustplane.audit.export_format import export_line
+from trustplane.audit.ledger import Ledger, b64
+from trustplane.audit.monitor import check_consistency
+from trustplane.audit.parallel_verify import verify_export_file
+from trustplane.audit.report import Report
 from trustplane.audit.store import StoredEntry
-from trustplane.audit.verify import Report, check_consistency, verify_export_file
 
 audit_app = typer.Typer(help="The tamper-evident audit ledger.", no_args_is_help=True)
 out = Console(soft_wrap=True)
