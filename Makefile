@@ -1,9 +1,10 @@
-# Two commands: `make serve` runs trustplane on the embedded default, `make test` runs every check.
+# `make serve` runs trustplane on the embedded default, `make test` runs every check, `make fast` every
+# check but the end-to-end tests (the edit loop).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test lint types unit venv clean bench
+.PHONY: serve test fast lint types unit unit-fast venv clean bench
 
 $(BIN)/trustplane: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,10 +24,16 @@ lint: venv
 types: venv
 	$(BIN)/mypy --strict src/
 
+# --durations: the slowest tests, printed at the end of every run, so that slow ones get noticed.
 unit: venv
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=15
+
+unit-fast: venv
+	$(BIN)/pytest -m "not e2e" --durations=15
 
 test: lint types unit
+
+fast: lint types unit-fast
 
 bench: venv
 	$(BIN)/python bench/token_endpoint.py

@@ -15,8 +15,8 @@ from tests.conftest import EXECUTION, ClientKit, register_kit
 from tests.protocol_server import Server
 from trustplane.audit import merkle
 from trustplane.audit.canonical import canonical_bytes
+from trustplane.audit.export_verifier import verify_export
 from trustplane.audit.note import Verifier, open_checkpoint
-from trustplane.audit.verify import verify_export
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

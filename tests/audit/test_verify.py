@@ -13,12 +13,12 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from tests.audit.ledger_helpers import event
-from trustplane.audit import merkle, verify
+from trustplane.audit import merkle, parallel_verify
 from trustplane.audit.canonical import entry_parts
-from trustplane.audit.ledger import export_line
+from trustplane.audit.export_format import export_line
 from trustplane.audit.note import Checkpoint, Signer
+from trustplane.audit.parallel_verify import verify_export_file
 from trustplane.audit.store import StoredEntry
-from trustplane.audit.verify import verify_export_file
 
 N = 3000
 
@@ -67,8 +67,8 @@ def older_lines(stored_and_note: tuple[list[StoredEntry], str]) -> list[bytes]:
 
 @pytest.fixture(params=[1, 3], ids=["one-process", "three-processes"])
 def workers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
-    monkeypatch.setattr(verify, "PARALLEL_MIN_BYTES", 1)
-    monkeypatch.setattr(verify, "BLOCK_BYTES", 1000)  # lines straddle blocks and ranges
+    monkeypatch.setattr(parallel_verify, "PARALLEL_MIN_BYTES", 1)
+    monkeypatch.setattr(parallel_verify, "BLOCK_BYTES", 1000)  # lines straddle blocks and ranges
     return int(request.param)
 
 
@@ -331,7 +331,7 @@ def test_a_brace_in_an_earlier_field_takes_the_parsing_path(tmp_path: Path, sign
 def test_byte_ranges_read_every_line_exactly_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block: int, trailing_newline: bool
 ) -> None:
-    monkeypatch.setattr(verify, "BLOCK_BYTES", block)
+    monkeypatch.setattr(parallel_verify, "BLOCK_BYTES", block)
     lines = [b"x" * (n % 13) + str(n).encode() for n in range(200)]
     path = tmp_path / "lines"
     path.write_bytes(b"\n".join(lines) + (b"\n" if trailing_newline else b""))
@@ -341,7 +341,7 @@ def test_byte_ranges_read_every_line_exactly_once(
         got = [
             line
             for a, b in itertools.pairwise(bounds)
-            for chunk in verify.read_lines(path, a, b)
+            for chunk in parallel_verify.read_lines(path, a, b)
             for line in chunk
         ]
         assert got == lines, parts

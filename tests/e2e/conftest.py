@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from tests.conftest import (
     new_ec_key,
     run_sync,
     truncate_all,
+    wait_until,
 )
 
 TRUSTPLANE = str(Path(sys.executable).with_name("trustplane"))
@@ -49,18 +50,6 @@ REFRESH_INTERVAL = 0.2
 #: Upper bound for "a running server notices a change": many refresh intervals, never a tight limit.
 PROPAGATION_TIMEOUT = 15.0
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, step: float = 0.1) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(step)
 
 
 def settings_env(database_url: str, data_dir: Path, **settings: str) -> dict[str, str]:

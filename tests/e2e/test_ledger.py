@@ -9,6 +9,7 @@ import json
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,15 @@ from tests.e2e.conftest import (
     LiveServer,
     LiveServers,
     register_client,
+    running_servers,
     wait_until,
 )
 from trustplane.storage.db import Database
 
 pytestmark = pytest.mark.e2e
 DATABASES = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+#: Tokens acknowledged before the SIGKILL: the load is under way, entries wait for integration.
+KILL_AFTER = 40
 
 
 async def _scalar(url: str, sql: str) -> Any:
@@ -57,19 +61,27 @@ async def hammer(
     count: int | None,
     seconds: float,
     workers: int = 12,
+    under_way: tuple[int, asyncio.Event] | None = None,
+    failures_to_stop: int | None = None,
 ) -> tuple[list[str], int]:
     """Token requests from ``workers`` concurrent clients spread over ``servers`` until ``count``
-    answers or ``seconds`` passed; returns the jtis of the tokens issued (each an acknowledged,
-    durable audit entry) and how many requests failed (a killed server refuses connections)."""
+    answers, ``failures_to_stop`` failures or ``seconds`` passed; returns the jtis of the tokens
+    issued (each an acknowledged, durable audit entry) and how many requests failed (a killed
+    server refuses connections). ``under_way``: (n, event) sets the event once n were issued."""
     issued: list[str] = []
     failed = 0
     deadline = time.monotonic() + seconds
     clients = [httpx.AsyncClient(base_url=s.base_url, timeout=10.0) for s in servers]
 
+    def going() -> bool:
+        if failures_to_stop is not None and failed >= failures_to_stop:
+            return False
+        return time.monotonic() < deadline and (count is None or len(issued) + failed < count)
+
     async def worker(n: int) -> None:
         nonlocal failed
         http = clients[n % len(clients)]
-        while time.monotonic() < deadline and (count is None or len(issued) + failed < count):
+        while going():
             form = {
                 "grant_type": "client_credentials",
                 "scope": "order:create",
@@ -85,6 +97,8 @@ async def hammer(
             if response.status_code == 200:
                 token = response.json()["access_token"]
                 issued.append(jwt.decode(token, options={"verify_signature": False})["jti"])
+                if under_way is not None and len(issued) >= under_way[0]:
+                    under_way[1].set()
             else:
                 failed += 1
 
@@ -168,8 +182,20 @@ def test_sigkill_under_load_loses_no_acknowledged_entry(
     assert server.process is not None
 
     async def load_then_kill() -> tuple[list[str], int]:
-        load = asyncio.create_task(hammer([server], kit, count=None, seconds=4.0))
-        await asyncio.sleep(1.5)
+        """Kill once the load is well under way (entries acknowledged); the load then stops at its
+        first refused requests instead of running out its time."""
+        loaded = asyncio.Event()
+        load = asyncio.create_task(
+            hammer(
+                [server],
+                kit,
+                count=None,
+                seconds=30.0,
+                under_way=(KILL_AFTER, loaded),
+                failures_to_stop=12,
+            )
+        )
+        await asyncio.wait_for(loaded.wait(), PROPAGATION_TIMEOUT)
         assert server.process is not None
         server.process.send_signal(signal.SIGKILL)
         return await load
@@ -187,9 +213,21 @@ def test_sigkill_under_load_loses_no_acknowledged_entry(
     assert set(issued) <= set(issued_jtis(records))
 
 
-def test_the_auditor_cli_end_to_end(live_server: LiveServers, tmp_path: Path) -> None:
-    server = live_server.start(audit_integrate_interval="0.1", audit_retention_days='{"*": 3650}')
-    kit = register_client(server)
+@pytest.fixture(scope="module")
+def auditor_server(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[LiveServer, ClientKit]]:
+    """One server and client for the auditor's tests (each exports whatever the log holds by then:
+    neither needs a fresh log)."""
+    with running_servers(tmp_path_factory.mktemp("auditor")) as servers:
+        server = servers.start(audit_integrate_interval="0.1", audit_retention_days='{"*": 3650}')
+        yield server, register_client(server)
+
+
+def test_the_auditor_cli_end_to_end(
+    auditor_server: tuple[LiveServer, ClientKit], tmp_path: Path
+) -> None:
+    server, kit = auditor_server
     run_sync(hammer([server], kit, count=30, seconds=30))
     wait_integrated(server)
     export_and_verify(server, tmp_path, "csv")
@@ -247,10 +285,9 @@ def audit_token(server: LiveServer) -> str:
 
 
 def test_verify_and_monitor_exit_non_zero_on_failure(
-    live_server: LiveServers, tmp_path: Path
+    auditor_server: tuple[LiveServer, ClientKit], tmp_path: Path
 ) -> None:
-    server = live_server.start(audit_integrate_interval="0.1")
-    kit = register_client(server)
+    server, kit = auditor_server
     run_sync(hammer([server], kit, count=5, seconds=30))
     wait_integrated(server)
     export, checkpoint = tmp_path / "export.jsonl", tmp_path / "checkpoint.txt"

@@ -77,7 +77,8 @@ def b64(data: bytes) -> str:
 
 
 def entry_record(item: StoredEntry, proof: Sequence[bytes] | None = None) -> dict[str, Any]:
-    """The JSON shape of one entry in API answers and JSONL exports (see docs/ledger.md)."""
+    """The JSON shape of one entry in API answers (see docs/ledger.md; the JSONL export embeds the
+    stored bytes instead: :mod:`trustplane.audit.export_format`)."""
     out: dict[str, Any] = {
         "index": item.index,
         "entry": orjson.loads(item.entry),
@@ -88,20 +89,6 @@ def entry_record(item: StoredEntry, proof: Sequence[bytes] | None = None) -> dic
     if proof is not None:
         out["inclusion_proof"] = [b64(h) for h in proof]
     return out
-
-
-def export_line(item: StoredEntry, proof: Sequence[bytes] | None = None) -> bytes:
-    """One line of a JSONL export (docs/ledger.md, "Export format"): the payload and the entry are
-    embedded verbatim, as stored, the entry last, so that verify hashes the bytes it read."""
-    salt = b'"' + base64.b64encode(item.salt) + b'"' if item.salt is not None else b"null"
-    parts = [b'{"index":', str(item.index).encode(), b',"leaf_hash":"']
-    parts += [base64.b64encode(item.leaf_hash), b'","salt":', salt]
-    if proof is not None:
-        hashes = b'","'.join(base64.b64encode(h) for h in proof)
-        parts += [b',"inclusion_proof":[', b'"' + hashes + b'"' if proof else b"", b"]"]
-    payload = item.payload.encode() if item.payload is not None else b"null"
-    parts += [b',"payload":', payload, b',"entry":', item.entry.encode(), b"}\n"]
-    return b"".join(parts)
 
 
 class Ledger:

@@ -20,9 +20,12 @@ import orjson
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from trustplane.audit.ledger import Ledger, SignedCheckpoint, b64, export_line
+from trustplane.audit.export_format import export_line
+from trustplane.audit.ledger import Ledger, SignedCheckpoint, b64
+from trustplane.audit.monitor import check_consistency
+from trustplane.audit.parallel_verify import verify_export_file
+from trustplane.audit.report import Report
 from trustplane.audit.store import StoredEntry
-from trustplane.audit.verify import Report, check_consistency, verify_export_file
 from trustplane.cli import common as base
 from trustplane.cli.common import JsonFlag, err, out
 
