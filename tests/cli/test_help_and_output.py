@@ -17,7 +17,7 @@ from typer.testing import CliRunner, Result
 from tests.audit.ledger_helpers import event
 from trustplane.audit import merkle
 from trustplane.audit.canonical import entry_parts
-from trustplane.audit.ledger import export_line
+from trustplane.audit.export_format import export_line
 from trustplane.audit.note import Checkpoint, Signer
 from trustplane.audit.store import StoredEntry
 from trustplane.cli import app
