@@ -14,6 +14,7 @@ from fastapi import Depends, FastAPI, Request
 from prometheus_client import REGISTRY
 
 from tests.pep.conftest import AUDIENCE, ISSUER, LEI, FakeIssuer, free_port
+from trustplane.limits import BoundedRequests
 from trustplane.outbound import OutboundFetcher, OutboundPolicy
 from trustplane.pep import (
     AuthzenClient,
@@ -455,3 +456,46 @@ async def test_plain_starlette_handler(issuer: FakeIssuer) -> None:
     assert allowed.json() == {"reasons": ["entity.own"]}
     assert refused.status_code == 401
     assert refused.headers["www-authenticate"] == 'Bearer realm="execution"'
+
+
+async def test_installed_pep_refuses_a_large_body_before_reading_it(issuer: FakeIssuer) -> None:
+    """The form body is read to look for an ``access_token`` (RFC 6750 §2.2) before the token is
+    checked: ``install`` bounds it. A declared body over the cap is 413 before a byte is read."""
+    app, handled = build(issuer, CountingPdp(engine()))
+    read: list[int] = []
+
+    async def counting(scope: Any, receive: Any, send: Any) -> None:
+        async def counted() -> Any:
+            message = await receive()
+            read.append(len(message.get("body", b"")))
+            return message
+
+        await app(scope, counted, send)
+
+    transport = httpx.ASGITransport(app=counting)
+    async with httpx.AsyncClient(transport=transport, base_url="http://rs.test") as client:
+        big = await client.post(
+            "/orders",
+            content=b"a=" + b"x" * (64 * 1024),
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
+        flood = await client.post("/orders", json={}, headers={f"x-h{i}": "1" for i in range(150)})
+    assert big.status_code == 413
+    assert big.headers["content-type"] == "application/problem+json"
+    assert big.json()["status"] == 413
+    assert sum(read) == 0  # refused on its Content-Length
+    assert flood.status_code == 431
+    assert handled == []
+
+
+def test_limits_none_leaves_bounding_to_the_application(issuer: FakeIssuer) -> None:
+    validator = TokenValidator(
+        audience=AUDIENCE, issuers=[TrustedIssuer(ISSUER)], fetcher=issuer.fetcher()
+    )
+    pep = Pep(PolicyEnforcer(validator, CountingPdp(engine()), realm="execution"), limits=None)
+    app = FastAPI()
+    pep.install(app)
+    assert not any(m.cls is BoundedRequests for m in app.user_middleware)
+    bounded = FastAPI()
+    Pep(pep.enforcer).install(bounded)
+    assert [m.cls for m in bounded.user_middleware] == [BoundedRequests]

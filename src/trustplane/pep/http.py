@@ -1,7 +1,7 @@
 """FastAPI/Starlette integration of the PEP: a dependency per protected operation.
 
     pep = Pep(enforcer)
-    pep.install(app)   # renders refusals as RFC 6750 answers
+    pep.install(app)   # renders refusals as RFC 6750 answers; bounds every request (413/431)
 
     @app.post("/orders")
     async def create_order(
@@ -12,6 +12,14 @@
 ``resource`` and ``context`` are functions of the request (sync or async); they may read the JSON
 body (Starlette caches it, so FastAPI still parses it for the handler). The handler runs only after
 the token validated and the PDP allowed the action on that resource.
+
+Bounded requests (BRIEF, "Trust boundaries"): the PEP reads the body of a form-encoded request to
+refuse an ``access_token`` there (RFC 6750 §2.2), and the resource and context functions may read
+it too, all before the token is checked. So ``install`` also puts :class:`trustplane.limits.
+BoundedRequests` in front of the app: a ``Content-Length`` over the cap is answered 413 before a
+byte is read, a streamed body is cut at the cap, too many or too large headers are 431. The caps are
+the ``limits`` given to :class:`Pep` (``RequestLimits()``: 64 KiB bodies, 100 headers, 32 KiB of
+headers); ``limits=None`` leaves bounding to the application (a server or proxy of its own).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from trustplane.errors import OAuth2Error
+from trustplane.limits import BoundedRequests, RequestLimits
 from trustplane.pep.enforcer import PolicyEnforcer
 from trustplane.pep.validator import AccessToken
 from trustplane.policy.model import Decision, Entity
@@ -65,13 +74,23 @@ async def _resolve(value: Any) -> Any:
 
 
 class Pep:
-    def __init__(self, enforcer: PolicyEnforcer, *, correlation_header: str = "x-request-id"):
+    def __init__(
+        self,
+        enforcer: PolicyEnforcer,
+        *,
+        correlation_header: str = "x-request-id",
+        limits: RequestLimits | None = RequestLimits(),
+    ):
         self.enforcer = enforcer
         self._correlation = correlation_header
+        self.limits = limits
 
     def install(self, app: Any) -> None:
-        """Register the refusal renderer on a FastAPI or Starlette app."""
+        """Register the refusal renderer on a FastAPI or Starlette app and bound its requests'
+        headers and bodies (``limits``; see the module doc). Call it before the app starts."""
         app.add_exception_handler(Refused, _render)
+        if self.limits is not None:
+            app.add_middleware(BoundedRequests, limits=self.limits)
 
     async def token(self, request: Request) -> AccessToken:
         """Dependency: only the validated token (for handlers that decide nothing themselves)."""
