@@ -20,8 +20,9 @@ answers RFC 9457 ``application/problem+json``.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import orjson
 import structlog
@@ -219,6 +220,25 @@ class BoundedRequests:
             except Exception as exc:  # the refusal stands whatever happens to its record
                 log.error("refusal_hook_failed", path=path, error=repr(exc))
         await send_refusal(send, status, detail, path, reason)
+
+
+class StreamingRequest(Protocol):
+    """What :func:`read_body` needs of a request (Starlette's ``Request`` has it)."""
+
+    def stream(self) -> AsyncIterator[bytes]: ...
+
+
+async def read_body(request: StreamingRequest, cap: int) -> bytes:
+    """The body, read chunk by chunk and stopped at the first chunk that crosses ``cap`` (413
+    ``invalid_request``): the one bounded reader of handlers that must hold whatever server they are
+    mounted under to their own cap, inside the entry's."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cap:
+            raise RequestBodyTooLarge(_too_large(cap))
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _too_large(cap: int) -> str:

@@ -19,7 +19,7 @@ from trustplane import metrics
 from trustplane.clients.metadata import ClientMetadataIn
 from trustplane.clients.service import ClientService, Registration
 from trustplane.errors import InvalidClientMetadataError, InvalidTokenError, OAuth2Error
-from trustplane.limits import RequestBodyTooLarge
+from trustplane.limits import read_body
 from trustplane.oauth.http import NO_STORE, error_response, json_response
 
 MAX_BODY = 64 * 1024
@@ -45,13 +45,7 @@ def bearer_token(request: Request) -> str:
 async def json_body(request: Request) -> Any:
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
         raise InvalidClientMetadataError("the body must be application/json")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise RequestBodyTooLarge(f"the request body is larger than {MAX_BODY} bytes")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
+    raw = await read_body(request, MAX_BODY)
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:

@@ -13,7 +13,7 @@ from urllib.parse import unquote_plus
 from starlette.datastructures import Headers
 
 from trustplane.errors import InvalidRequestError
-from trustplane.limits import RequestBodyTooLarge
+from trustplane.limits import RequestBodyTooLarge, read_body
 
 MAX_BODY = 64 * 1024
 MAX_FIELDS = 64
@@ -55,13 +55,7 @@ async def read_form(request: _Request) -> Form:
     content_type = request.headers.get("content-type")
     if content_type is None or content_type.split(";", 1)[0].strip().lower() != FORM_TYPE:
         raise InvalidRequestError(f"the request body must be {FORM_TYPE}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise RequestBodyTooLarge(f"the request body is larger than {MAX_BODY} bytes")
-        chunks.append(chunk)
-    return Form.parse(b"".join(chunks), content_type)
+    return Form.parse(await read_body(request, MAX_BODY), content_type)
 
 
 class Form:
