@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import iso4217
-import iso10383
 from jsonschema import Draft202012Validator, FormatChecker, ValidationError, validators
 from stdnum import bic, isin, lei
 
@@ -31,6 +30,10 @@ def is_mic(value: object) -> bool:
 
 @functools.cache
 def _active_mics() -> frozenset[str]:
+    # imported on the first MIC check: the registry's data module costs ~0.3 s at import, which
+    # every CLI command (none of which checks a MIC) would otherwise pay
+    import iso10383
+
     active = iso10383.Status.active
     return frozenset(m.value.mic for m in iso10383.MIC if m.value.status is active)
 
