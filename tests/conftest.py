@@ -94,19 +94,21 @@ def free_port() -> int:
 # --------------------------------------------------------------------------- databases
 
 
+async def pg_admin(sql: str) -> None:
+    """One statement on the PostgreSQL server's admin database, outside a transaction (CREATE/DROP
+    DATABASE)."""
+    engine = create_async_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    async with engine.connect() as conn:
+        await conn.execute(text(sql))
+    await engine.dispose()
+
+
 @pytest.fixture(scope="session")
 def pg_database() -> Iterator[str]:
     """A throw-away PostgreSQL database for this test session, migrated once."""
     require_service("PostgreSQL", "127.0.0.1", 5432)
     name = f"tp_test_{os.getpid()}_{secrets.token_hex(3)}"
-
-    async def admin(sql: str) -> None:
-        engine = create_async_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-        async with engine.connect() as conn:
-            await conn.execute(text(sql))
-        await engine.dispose()
-
-    run_sync(admin(f'CREATE DATABASE "{name}"'))
+    run_sync(pg_admin(f'CREATE DATABASE "{name}"'))
     url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
 
     async def migrate() -> None:
@@ -116,7 +118,7 @@ def pg_database() -> Iterator[str]:
 
     run_sync(migrate())
     yield url
-    run_sync(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    run_sync(pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 async def truncate_all(url: str) -> None:

@@ -12,11 +12,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from tests.cli.conftest import Outcome, files_under, invoke, one_line, run
-from tests.conftest import KEK, PG_ADMIN_URL, run_sync
+from tests.conftest import KEK, run_sync
 
 MOVE_IT = (
     "run the command where the deployment's .trustplane directory is, or point --data-dir / "
@@ -161,20 +159,13 @@ def test_a_database_without_the_schema_names_the_file(
 
 @pytest.fixture
 def empty_pg_database() -> Iterator[str]:
-    from tests.conftest import require_service
+    from tests.conftest import pg_admin, require_service
 
     require_service("PostgreSQL", "127.0.0.1", 5432)
     name = f"tp_cli_empty_{secrets.token_hex(4)}"
-
-    async def admin(sql: str) -> None:
-        engine = create_async_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-        async with engine.connect() as conn:
-            await conn.execute(text(sql))
-        await engine.dispose()
-
-    run_sync(admin(f'CREATE DATABASE "{name}"'))
+    run_sync(pg_admin(f'CREATE DATABASE "{name}"'))
     yield name
-    run_sync(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    run_sync(pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.mark.postgres
