@@ -74,6 +74,7 @@ from trustplane.storage import generations
 from trustplane.storage.db import Database
 from trustplane.storage.migrate import pending
 from trustplane.storage.writer import GroupCommitWriter
+from trustplane.tls import CertificateSource
 
 log = structlog.get_logger("trustplane")
 MAINTENANCE_INTERVAL = 60.0
@@ -374,7 +375,13 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Trust
 
 def _mount(app: FastAPI, svc: Services) -> list[Route]:
     """Add every route to FastAPI (one routing table, 405s, docs); return the hot-path ones."""
-    protocol = OAuthHttp(svc.token_endpoint, svc.introspection, svc.keys, _metadata_json(svc))
+    # RFC 8705: client certificates from the connection or a trusted proxy (trustplane.tls)
+    certificates = (
+        CertificateSource.from_settings(svc.settings) if svc.settings.mtls_enabled else None
+    )
+    protocol = OAuthHttp(
+        svc.token_endpoint, svc.introspection, svc.keys, _metadata_json(svc), certificates
+    )
     guard = bearer_guard(svc)  # every bearer-protected route of ours goes through this one
     app.include_router(registration_router(svc.clients, svc.settings.issuer))
     app.include_router(audit_router(svc.ledger, guard, svc.settings, svc.db))

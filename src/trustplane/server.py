@@ -16,6 +16,11 @@ Header limits are applied while the request head is parsed (:class:`BoundedHttpT
 ``httptools`` parser that uvicorn uses by default has no limit of its own (``h11_max_incomplete_event_size``
 applies to ``h11`` only), so a 1 MB header or 2,000 header fields used to be buffered and handed to the
 app.
+
+TLS (``TRUSTPLANE_TLS_CERTIFICATE``/``TRUSTPLANE_TLS_KEY``, :mod:`trustplane.tls.context`): both
+listeners speak HTTPS only. uvicorn does not provide the ASGI ``tls`` extension, so our protocol class
+adds it (:meth:`BoundedHttpToolsProtocol.connection_made`): ``scope["extensions"]["tls"]`` carries the
+verified client certificate of the connection, which :func:`trustplane.tls.client_certificate` reads.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+import ssl
 import sys
 from typing import Any, ClassVar
 
@@ -35,6 +41,7 @@ from trustplane.dependencies import warn_unreachable
 from trustplane.limits import REQUESTS_REFUSED, RequestLimits, refusal, request_limits
 from trustplane.logging import configure_logging
 from trustplane.settings import Settings, SettingsError, load_settings
+from trustplane.tls.context import cipher_ids, server_context, tls_extension
 
 WORKER_HEALTHCHECK_TIMEOUT = 60
 
@@ -105,7 +112,14 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
         # everything; on a loaded host that takes longer than uvicorn's 5 s, and the supervisor
         # would kill and respawn workers forever
         timeout_worker_healthcheck=WORKER_HEALTHCHECK_TIMEOUT,
+        ssl_context_factory=_ssl_context if settings.tls_enabled else None,
     )
+
+
+def _ssl_context(_config: uvicorn.Config, _default: object) -> ssl.SSLContext:
+    """uvicorn's ``ssl_context_factory``, run in each worker process (a module-level function, so
+    the worker's pickled configuration can name it): trustplane's context, from the environment."""
+    return server_context(load_settings())
 
 
 def run(settings: Settings, sockets: list[socket.socket] | None = None) -> None:
@@ -173,13 +187,29 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
       chunk over."""
 
     limits: ClassVar[RequestLimits] = RequestLimits()
+    #: Per TLS context: OpenSSL cipher name -> IANA number (the ASGI extension's ``cipher_suite``).
+    _cipher_ids: ClassVar[dict[int, dict[str, int]]] = {}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._tls: dict[str, Any] | None = None
         self._in_head = True
         self._head_received = 0
         self._field_bytes = 0
         self._field_count = 0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        """trustplane's server hook for the ASGI TLS extension (asgiref ``specs/tls.rst``), which
+        uvicorn does not implement: asyncio calls this after the handshake, so the peer certificate
+        (verified against ``tls_client_ca``) is known; it is read once per connection."""
+        super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if isinstance(ssl_object, ssl.SSLObject):
+            context = ssl_object.context
+            ids = self._cipher_ids.get(id(context))
+            if ids is None:
+                ids = self._cipher_ids.setdefault(id(context), cipher_ids(context))
+            self._tls = tls_extension(ssl_object, ids)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -192,6 +222,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        if self._tls is not None:  # ASGI: the extension is present on TLS connections only
+            self.scope["extensions"] = {"tls": self._tls}  # type: ignore[dict-item]
         self._in_head = True
         self._head_received = self._field_bytes = self._field_count = 0
 

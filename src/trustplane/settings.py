@@ -18,7 +18,15 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from pydantic_settings import SettingsError as PydanticSettingsError
 
 SigningAlgorithm = Literal["ES256", "EdDSA", "PS256"]
-ClientAuthMethod = Literal["private_key_jwt", "client_secret_basic", "client_secret_post"]
+ClientAuthMethod = Literal[
+    "private_key_jwt",
+    "client_secret_basic",
+    "client_secret_post",
+    "tls_client_auth",  # RFC 8705 §2.1 (trustplane.tls)
+    "self_signed_tls_client_auth",  # RFC 8705 §2.2
+]
+#: The client authentication methods that need a client certificate (RFC 8705 §2).
+TLS_CLIENT_AUTH_METHODS = frozenset({"tls_client_auth", "self_signed_tls_client_auth"})
 
 #: RFC 9068 tokens are short-lived receipts: nobody may configure a lifetime above this.
 MAX_ACCESS_TOKEN_LIFETIME = 900
@@ -151,6 +159,22 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(default=32 * 1024, ge=1024, le=1 << 20)
     max_header_count: int = Field(default=100, ge=16, le=1000)
 
+    # --- TLS and mutual TLS (trustplane.tls, docs/operations.md "TLS and proxy mode")
+    #: PEM certificate chain and key of the public listener; both set: ``serve`` speaks HTTPS only.
+    tls_certificate: Path | None = None
+    tls_key: Path | None = None
+    #: PEM bundle of the CAs that issue client certificates: the handshake asks for a certificate
+    #: (optional) and verifies it against these; ``tls_client_auth`` validates chains against them.
+    tls_client_ca: Path | None = None
+    #: Behind a TLS-terminating proxy: the header carrying the client certificate (URL-encoded PEM,
+    #: nginx ``$ssl_client_escaped_cert``, or RFC 9440 ``:base64:``), honoured only from
+    #: ``trusted_proxies`` (CIDRs); from any other peer it is ignored and counted.
+    tls_client_cert_header: str = Field(default="", pattern=r"^([A-Za-z0-9-]{1,64})?$")
+    trusted_proxies: tuple[str, ...] = ()
+    #: RFC 8705 §5 ``mtls_endpoint_aliases`` base URL (a host where the proxy asks for certificates);
+    #: empty: the issuer.
+    mtls_base_url: str = ""
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] = "json"
 
@@ -217,9 +241,10 @@ class Settings(BaseSettings):
     def _default_issuer(cls, data: Any) -> Any:
         if isinstance(data, dict) and not data.get("issuer"):
             host = data.get("host", "127.0.0.1")
+            scheme = "https" if data.get("tls_certificate") else "http"
             data = {
                 **data,
-                "issuer": f"http://{'[' + host + ']' if ':' in host else host}:{data.get('port', 8000)}",
+                "issuer": f"{scheme}://{'[' + host + ']' if ':' in host else host}:{data.get('port', 8000)}",
             }
         return data
 
@@ -274,6 +299,32 @@ class Settings(BaseSettings):
             decode_kek(value.get_secret_value())
         return value
 
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies_are_networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        import ipaddress
+
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=True)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not a network (CIDR, e.g. 10.0.0.0/24)") from None
+        return value
+
+    @field_validator("tls_certificate", "tls_key", "tls_client_ca")
+    @classmethod
+    def _readable_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a readable file")
+        return value
+
+    @field_validator("mtls_base_url")
+    @classmethod
+    def _mtls_base_is_https(cls, value: str) -> str:
+        if value and (urlsplit(value).scheme != "https" or value.endswith("/")):
+            raise ValueError("must be an https URL without a trailing '/'")
+        return value
+
     @field_validator("ops_port", mode="before")
     @classmethod
     def _empty_ops_port_disables(cls, value: Any) -> Any:
@@ -287,7 +338,41 @@ class Settings(BaseSettings):
             raise ValueError("signing_algorithm: must be one of allowed_signing_algorithms")
         if not self.client_auth_methods:
             raise ValueError("client_auth_methods: must not be empty")
+        self._consistent_tls()
         return self
+
+    def _consistent_tls(self) -> None:
+        if (self.tls_certificate is None) != (self.tls_key is None):
+            raise ValueError("tls_certificate: tls_certificate and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_certificate is None and not self.proxy_mode:
+            raise ValueError("tls_client_ca: needs tls_certificate or tls_client_cert_header")
+        if bool(self.tls_client_cert_header) != bool(self.trusted_proxies):
+            raise ValueError(
+                "trusted_proxies: tls_client_cert_header and trusted_proxies go together"
+            )
+        mtls = TLS_CLIENT_AUTH_METHODS.intersection(self.client_auth_methods)
+        if mtls and not self.mtls_enabled:
+            raise ValueError(
+                f"client_auth_methods: {', '.join(sorted(mtls))} needs client certificates: set "
+                "tls_certificate with tls_client_ca, or tls_client_cert_header with trusted_proxies"
+            )
+        if "tls_client_auth" in self.client_auth_methods and self.tls_client_ca is None:
+            raise ValueError("client_auth_methods: tls_client_auth needs tls_client_ca")
+
+    @property
+    def tls_enabled(self) -> bool:
+        """``serve`` terminates TLS itself."""
+        return self.tls_certificate is not None
+
+    @property
+    def proxy_mode(self) -> bool:
+        """Client certificates arrive from a trusted TLS-terminating proxy in a header."""
+        return bool(self.tls_client_cert_header and self.trusted_proxies)
+
+    @property
+    def mtls_enabled(self) -> bool:
+        """Client certificates can reach the application (RFC 8705 client auth and binding)."""
+        return self.proxy_mode or (self.tls_enabled and self.tls_client_ca is not None)
 
     @property
     def effective_database_url(self) -> str:

@@ -105,7 +105,7 @@ REFUSALS: list[tuple[str, dict[str, Any], dict[str, Any], type[OAuth2Error], str
     # auth methods
     ("auth-method-not-enabled", SECRET, {"client_auth_methods": ("private_key_jwt",)}, META, "^token_endpoint_auth_method 'client_secret_basic' is not enabled here$"),
     ("auth-method-none", {"token_endpoint_auth_method": "none"}, {}, META, "^token_endpoint_auth_method: Input should be"),
-    ("auth-method-tls", {"token_endpoint_auth_method": "tls_client_auth"}, {}, META, "^token_endpoint_auth_method: Input should be"),
+    ("auth-method-tls-not-enabled", {"token_endpoint_auth_method": "tls_client_auth"}, {}, META, "^token_endpoint_auth_method 'tls_client_auth' is not enabled here$"),
     # JSON types
     ("scope-as-list", {"scope": ["order:create"]}, {}, META, "^scope: Input should be a valid string$"),
     ("lei-as-number", {"lei": 5493001}, {}, META, "^lei: Input should be a valid string$"),

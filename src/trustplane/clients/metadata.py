@@ -13,6 +13,8 @@ and its former name ``introspection_resources``, with ``invalid_client_metadata`
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -25,6 +27,7 @@ from trustplane.oauth.scopes import Vocabulary
 from trustplane.outbound.addresses import host_problem
 from trustplane.rar.registry import known_types
 from trustplane.settings import Settings, is_loopback_host
+from trustplane.tls.verification import SUBJECT_FIELDS, parse_dn
 
 #: Grants this server implements; later grant handlers add themselves here.
 SUPPORTED_GRANT_TYPES: set[str] = {
@@ -34,7 +37,13 @@ SUPPORTED_GRANT_TYPES: set[str] = {
     "urn:ietf:params:oauth:grant-type:jwt-bearer",  # RFC 7523 §2.1, trustplane.federation
     "urn:ietf:params:oauth:grant-type:token-exchange",  # RFC 8693, trustplane.oauth.exchange
 }
+#: A dNSName SAN value: labels of letters, digits and hyphens (no wildcard: matched exactly).
+_DNS_NAME = re.compile(
+    r"([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+)
 SECRET_METHODS = frozenset({"client_secret_basic", "client_secret_post"})
+#: Methods whose credential is a key the client registers (RFC 7523, RFC 8705 §2.2).
+KEY_METHODS = frozenset({"private_key_jwt", "self_signed_tls_client_auth"})
 
 
 class ClientMetadataIn(BaseModel):
@@ -45,7 +54,11 @@ class ClientMetadataIn(BaseModel):
     client_name: str | None = Field(default=None, min_length=1, max_length=200)
     lei: str = Field(description="ISO 17442 LEI of the legal entity that owns the client")
     token_endpoint_auth_method: Literal[
-        "private_key_jwt", "client_secret_basic", "client_secret_post"
+        "private_key_jwt",
+        "client_secret_basic",
+        "client_secret_post",
+        "tls_client_auth",
+        "self_signed_tls_client_auth",
     ] = "private_key_jwt"
     jwks: dict[str, Any] | None = None
     jwks_uri: str | None = Field(default=None, max_length=2000)
@@ -59,6 +72,13 @@ class ClientMetadataIn(BaseModel):
     introspection_resources: list[str] = Field(default_factory=list, max_length=32)
     redirect_uris: list[str] = Field(default_factory=list, max_length=16)
     authorization_details_types: list[str] = Field(default_factory=list, max_length=32)
+    # RFC 8705 §2.1.2, §3.4 (mutual TLS)
+    tls_client_auth_subject_dn: str | None = Field(default=None, min_length=1, max_length=1000)
+    tls_client_auth_san_dns: str | None = Field(default=None, min_length=1, max_length=253)
+    tls_client_auth_san_uri: str | None = Field(default=None, min_length=1, max_length=2000)
+    tls_client_auth_san_ip: str | None = Field(default=None, min_length=1, max_length=45)
+    tls_client_auth_san_email: str | None = Field(default=None, min_length=3, max_length=320)
+    tls_client_certificate_bound_access_tokens: bool | None = None
 
 
 def validate_metadata(
@@ -86,6 +106,7 @@ def validate_metadata(
             f"token_endpoint_auth_method {meta.token_endpoint_auth_method!r} is not enabled here"
         )
     _check_keys(meta, settings)
+    _check_mutual_tls(meta, settings)
     _check_grants(meta)
     _check_scopes_and_resources(meta, vocabulary)
     if not operator:
@@ -111,8 +132,10 @@ def _normalised(meta: ClientMetadataIn) -> dict[str, Any]:
 def _check_keys(meta: ClientMetadataIn, settings: Settings) -> None:
     if meta.jwks is not None and meta.jwks_uri is not None:
         raise InvalidClientMetadataError("jwks and jwks_uri must not both be present")
-    if meta.token_endpoint_auth_method == "private_key_jwt" and not (meta.jwks or meta.jwks_uri):
-        raise InvalidClientMetadataError("private_key_jwt needs jwks or jwks_uri")
+    if meta.token_endpoint_auth_method in KEY_METHODS and not (meta.jwks or meta.jwks_uri):
+        raise InvalidClientMetadataError(
+            f"{meta.token_endpoint_auth_method} needs jwks or jwks_uri"
+        )
     if meta.token_endpoint_auth_method in SECRET_METHODS and (meta.jwks or meta.jwks_uri):
         raise InvalidClientMetadataError("a client_secret client must not register keys")
     if meta.jwks is not None:
@@ -165,6 +188,50 @@ def _check_signing_alg(meta: ClientMetadataIn, settings: Settings) -> None:
         raise InvalidClientMetadataError(
             f"token_endpoint_auth_signing_alg {alg}: no key in jwks is for that algorithm"
         )
+
+
+def _check_mutual_tls(meta: ClientMetadataIn, settings: Settings) -> None:
+    """RFC 8705 §2.1.2: a ``tls_client_auth`` client registers exactly one expected subject value,
+    and no other client registers any; §3.4: certificate-bound tokens need mutual TLS here."""
+    given = [f for f in SUBJECT_FIELDS if getattr(meta, f) is not None]
+    if meta.token_endpoint_auth_method == "tls_client_auth":
+        if len(given) != 1:
+            raise InvalidClientMetadataError(
+                f"tls_client_auth needs exactly one of {', '.join(SUBJECT_FIELDS)}"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        _check_subject_value(given[0], str(getattr(meta, given[0])))
+    elif given:
+        raise InvalidClientMetadataError(f"{given[0]} applies to tls_client_auth only")
+    if meta.tls_client_certificate_bound_access_tokens and not settings.mtls_enabled:
+        raise InvalidClientMetadataError(
+            "tls_client_certificate_bound_access_tokens: this server does not offer mutual TLS"
+        )
+
+
+def _check_subject_value(field: str, value: str) -> None:
+    problem = None
+    if field == "tls_client_auth_subject_dn":
+        try:
+            parse_dn(value)
+        except ValueError:
+            problem = "not an RFC 4514 distinguished name"
+    elif field == "tls_client_auth_san_ip":
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            problem = "not an IPv4 or IPv6 address"
+    elif field == "tls_client_auth_san_dns":
+        if not _DNS_NAME.fullmatch(value):
+            problem = "not a DNS name"
+    elif field == "tls_client_auth_san_uri":
+        parts = urlsplit(value)
+        if not parts.scheme or not (parts.netloc or parts.path) or any(c.isspace() for c in value):
+            problem = "not an absolute URI"
+    elif "@" not in value.strip("@") or any(c.isspace() for c in value):
+        problem = "not an email address"
+    if problem:
+        raise InvalidClientMetadataError(f"{field}: {problem}")
 
 
 def _check_grants(meta: ClientMetadataIn) -> None:

@@ -8,6 +8,9 @@
   when it registered one (RFC 7591 §2); a ``typ`` naming another kind of JWT is refused;
 - the key is the client's registered key: ``jku``, ``x5u``, ``jwk``, ``x5c`` are never looked at.
 ``client_secret_basic`` / ``client_secret_post`` only for clients registered with that method.
+``tls_client_auth`` / ``self_signed_tls_client_auth`` (RFC 8705 §2): the request carries only
+``client_id``; the client certificate of the request (:func:`trustplane.tls.client_certificate`) is
+checked per :mod:`trustplane.tls.verification`. A missing or wrong certificate is ``invalid_client``.
 Exactly one method per request (RFC 6749 §2.3).
 """
 
@@ -20,6 +23,8 @@ from dataclasses import dataclass
 from typing import Any, TypeGuard
 from urllib.parse import unquote_plus
 
+from cryptography import x509
+
 from trustplane.clients.model import Client, secret_matches
 from trustplane.clients.remote_jwks import RemoteJwksCache
 from trustplane.clients.service import ClientRegistry
@@ -27,7 +32,14 @@ from trustplane.errors import InvalidClientError, InvalidRequestError
 from trustplane.jose.jws import JWSError, ParsedJWS, parse
 from trustplane.oauth.form import Form
 from trustplane.oauth.replay import ReplayCache, ReplayUse
-from trustplane.settings import MAX_ASSERTION_LIFETIME, Settings
+from trustplane.settings import MAX_ASSERTION_LIFETIME, TLS_CLIENT_AUTH_METHODS, Settings
+from trustplane.tls.verification import (
+    SUBJECT_FIELDS,
+    CertificateAuthorities,
+    CertificateError,
+    public_key_matches,
+    subject_matches,
+)
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 #: ``typ`` values that say "this is a client assertion" (or say nothing specific).
@@ -44,6 +56,8 @@ class AuthenticatedClient:
     method: str
     assertion_jti: str | None = None
     pending_use: ReplayUse | None = None
+    #: The client certificate the request came with (any method), for RFC 8705 §3 binding.
+    certificate: x509.Certificate | None = None
 
 
 class ClientAuthenticator:
@@ -61,9 +75,36 @@ class ClientAuthenticator:
             remote_jwks,
         )
         self._basic_challenge = {"WWW-Authenticate": 'Basic realm="trustplane", charset="UTF-8"'}
+        ca = settings.tls_client_ca
+        self._authorities = CertificateAuthorities.from_file(ca) if ca is not None else None
 
     async def authenticate(
-        self, form: Form, authorization: str | None, *, defer_replay: bool = False
+        self,
+        form: Form,
+        authorization: str | None,
+        *,
+        defer_replay: bool = False,
+        certificate: x509.Certificate | None = None,
+    ) -> AuthenticatedClient:
+        """The authenticated client. ``certificate``: the request's client certificate
+        (:func:`trustplane.tls.client_certificate`), kept on the result whatever the method."""
+        authenticated = await self._authenticate(form, authorization, defer_replay, certificate)
+        if certificate is None:
+            return authenticated
+        return AuthenticatedClient(
+            authenticated.client,
+            authenticated.method,
+            authenticated.assertion_jti,
+            authenticated.pending_use,
+            certificate,
+        )
+
+    async def _authenticate(
+        self,
+        form: Form,
+        authorization: str | None,
+        defer_replay: bool,
+        certificate: x509.Certificate | None,
     ) -> AuthenticatedClient:
         basic = authorization is not None and authorization[:6].lower() == "basic "
         methods = [
@@ -78,7 +119,7 @@ class ClientAuthenticator:
         if len(methods) > 1:
             raise InvalidRequestError("use exactly one client authentication method")
         if not methods:
-            raise InvalidClientError("client authentication is required")
+            return await self._certificate(form, certificate)
         if basic:
             assert authorization is not None
             return self._basic(authorization)
@@ -125,6 +166,50 @@ class ClientAuthenticator:
                 debug=f"{client_id}: used {method}, registered {client.auth_method}",
             )
         return client
+
+    async def _certificate(
+        self, form: Form, certificate: x509.Certificate | None
+    ) -> AuthenticatedClient:
+        """RFC 8705 §2: ``client_id`` in the request, the client's certificate on the connection."""
+        client_id = form.get("client_id")
+        registered = self._registry.get(client_id) if client_id is not None else None
+        if (
+            client_id is None
+            or registered is None
+            or registered.auth_method not in (TLS_CLIENT_AUTH_METHODS)
+        ):
+            raise InvalidClientError("client authentication is required")
+        client = self._client(client_id, registered.auth_method)
+        if certificate is None:
+            raise InvalidClientError(
+                f"{client.auth_method} needs a client certificate on the connection",
+                debug=f"{client_id}: no client certificate",
+            )
+        try:
+            if client.auth_method == "tls_client_auth":
+                self._check_pki(client, certificate)
+            else:
+                await self._check_self_signed(client, certificate)
+        except CertificateError as exc:
+            raise InvalidClientError(
+                "client authentication failed", debug=f"{client_id}: {exc}"
+            ) from None
+        return AuthenticatedClient(client, client.auth_method)
+
+    def _check_pki(self, client: Client, certificate: x509.Certificate) -> None:
+        if self._authorities is None:  # settings refuse tls_client_auth without tls_client_ca
+            raise CertificateError("no tls_client_ca is configured")
+        self._authorities.verify(certificate)
+        field = next((f for f in SUBJECT_FIELDS if f in client.metadata), None)
+        if field is None or not subject_matches(certificate, field, str(client.metadata[field])):
+            raise CertificateError(f"the certificate does not carry the registered {field}")
+
+    async def _check_self_signed(self, client: Client, certificate: x509.Certificate) -> None:
+        keys = client.keys
+        if client.jwks_uri:
+            keys = tuple(await self._remote.keys(client.jwks_uri, None))
+        if not public_key_matches(certificate, [key for _, _, key in keys]):
+            raise CertificateError("the certificate's key is not one of the client's keys")
 
     async def _private_key_jwt(self, form: Form, defer_replay: bool) -> AuthenticatedClient:
         if form.get("client_assertion_type") != ASSERTION_TYPE:

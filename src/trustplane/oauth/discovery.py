@@ -47,8 +47,28 @@ def server_metadata(
             ),
         }
     )
+    doc.update(mutual_tls_metadata(settings))
     if audit_verifier_key:  # the audit ledger's checkpoints and the key that signs them (C2SP)
         doc["audit_checkpoint_endpoint"] = settings.issuer + "/audit/checkpoint"
         doc["audit_log_origin"] = settings.audit_origin
         doc["audit_log_verifier_key"] = audit_verifier_key
     return doc
+
+
+#: RFC 8705 §5: the endpoints a client authenticates at with its certificate.
+MTLS_ALIASED = ("token_endpoint", "introspection_endpoint", "revocation_endpoint")
+
+
+def mutual_tls_metadata(settings: Settings) -> dict[str, Any]:
+    """RFC 8705 §3.3 and §5 members, only where client certificates reach trustplane (its own TLS
+    with ``tls_client_ca``, or a trusted proxy): ``tls_client_certificate_bound_access_tokens`` and
+    ``mtls_endpoint_aliases`` (at ``mtls_base_url``, or at the issuer). The mTLS values of
+    ``token_endpoint_auth_methods_supported`` come from ``client_auth_methods``, which the settings
+    allow to name them only in that case."""
+    if not settings.mtls_enabled:
+        return {}
+    base = settings.mtls_base_url or settings.issuer
+    return {
+        "tls_client_certificate_bound_access_tokens": True,
+        "mtls_endpoint_aliases": {name: base + PATHS[name] for name in MTLS_ALIASED},
+    }

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import orjson
 import structlog
+from cryptography import x509
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -21,6 +22,7 @@ from trustplane.oauth.form import read_form
 from trustplane.oauth.introspection import IntrospectionService
 from trustplane.oauth.token_endpoint import TokenEndpoint
 from trustplane.storage.writer import WriterUnavailable
+from trustplane.tls import CertificateSource, client_certificate
 
 log = structlog.get_logger("trustplane.oauth")
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
@@ -102,6 +104,13 @@ class OAuthHttp:
     introspection: IntrospectionService
     keys: KeyService
     metadata_json: Callable[[], bytes]
+    #: Where client certificates come from (RFC 8705); None: mutual TLS is not configured.
+    certificates: CertificateSource | None = None
+
+    def _certificate(self, request: Request) -> x509.Certificate | None:
+        if self.certificates is None:
+            return None
+        return client_certificate(request.scope, self.certificates)
 
     async def token(self, request: Request) -> Answer:
         try:
@@ -109,17 +118,23 @@ class OAuthHttp:
         except OAuth2Error as exc:
             await self.token_endpoint.refuse_unparsed(exc)
             raise
-        body = await self.token_endpoint.handle(form, request.headers.get("authorization"))
+        body = await self.token_endpoint.handle(
+            form, request.headers.get("authorization"), self._certificate(request)
+        )
         return NoStoreJSON(body)
 
     async def introspect(self, request: Request) -> Answer:
         form = await read_form(request)
-        body = await self.introspection.introspect(form, request.headers.get("authorization"))
+        body = await self.introspection.introspect(
+            form, request.headers.get("authorization"), self._certificate(request)
+        )
         return NoStoreJSON(body)
 
     async def revoke(self, request: Request) -> Response:
         form = await read_form(request)
-        await self.introspection.revoke(form, request.headers.get("authorization"))
+        await self.introspection.revoke(
+            form, request.headers.get("authorization"), self._certificate(request)
+        )
         return Response(b"", 200, headers=NO_STORE)
 
     async def jwks(self, _request: Request) -> Response:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
 
+from cryptography import x509
+
 from trustplane import metrics
 from trustplane.audit.events import AuditEvent, AuditEventType
 from trustplane.audit.sink import AuditSink, write_events
@@ -76,8 +78,12 @@ class IntrospectionService:
         #: Revokes refresh tokens (RFC 7009 MUST); set by ``trustplane.authorize.wiring``.
         self.refresh_tokens: RefreshRevoker | None = None
 
-    async def introspect(self, form: Form, authorization: str | None) -> dict[str, Any]:
-        caller = (await self._auth.authenticate(form, authorization)).client
+    async def introspect(
+        self, form: Form, authorization: str | None, certificate: x509.Certificate | None = None
+    ) -> dict[str, Any]:
+        caller = (
+            await self._auth.authenticate(form, authorization, certificate=certificate)
+        ).client
         claims = await self._live_claims(form.require("token"))
         visible = claims is not None and (
             claims["client_id"] == caller.client_id or claims["aud"] in caller.resource_server_for
@@ -93,10 +99,14 @@ class IntrospectionService:
         out.update({k: claims[k] for k in EXPOSED_CLAIMS + FEDERATION_CLAIMS if k in claims})
         return out
 
-    async def revoke(self, form: Form, authorization: str | None) -> None:
+    async def revoke(
+        self, form: Form, authorization: str | None, certificate: x509.Certificate | None = None
+    ) -> None:
         """RFC 7009 §2.1: unknown or already-invalid tokens are a 200 no-op; another client's token is
         refused with ``unauthorized_client``. ``token_type_hint`` is only a hint and is not trusted."""
-        caller = (await self._auth.authenticate(form, authorization)).client
+        caller = (
+            await self._auth.authenticate(form, authorization, certificate=certificate)
+        ).client
         token = form.require("token")
         claims = read_access_token(self._keys.ring, token, issuer=self._settings.issuer)
         if claims is None:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from cryptography import x509
+
 from trustplane import metrics
 from trustplane.audit.events import AuditEvent, AuditEventType
 from trustplane.audit.sink import AuditSink
@@ -93,14 +95,18 @@ class TokenEndpoint:
         self.details: AuthorizationDetailsRegistry | None = None
         self.grants: dict[str, GrantHandler] = {"client_credentials": self._client_credentials}
 
-    async def handle(self, form: Form, authorization: str | None) -> dict[str, Any]:
+    async def handle(
+        self, form: Form, authorization: str | None, certificate: x509.Certificate | None = None
+    ) -> dict[str, Any]:
         """Return the RFC 6749 §5.1 body or raise the typed error (already audited)."""
         client: AuthenticatedClient | None = None
         grant_type = form.get("grant_type")
         try:
             if grant_type is None:
                 raise InvalidRequestError("grant_type is required")
-            client = await self._auth.authenticate(form, authorization, defer_replay=True)
+            client = await self._auth.authenticate(
+                form, authorization, defer_replay=True, certificate=certificate
+            )
             handler = self.grants.get(grant_type)
             if handler is None:
                 raise UnsupportedGrantTypeError(f"grant_type {grant_type!r} is not supported"[:200])
