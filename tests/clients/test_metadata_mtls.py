@@ -93,7 +93,7 @@ def test_mtls_methods_need_the_deployment_to_enable_them(
 def test_bound_tokens_need_mutual_tls_here(vocabulary: Vocabulary) -> None:
     with pytest.raises(
         InvalidClientMetadataError,
-        match="^tls_client_certificate_bound_access_tokens: this server does not offer mutual TLS$",
+        match=r"^tls_client_certificate_bound_access_tokens: this server does not offer mutual TLS$",
     ):
         validate_metadata(
             raw(tls_client_certificate_bound_access_tokens=True), settings(), vocabulary
