@@ -80,6 +80,21 @@ def clients_add(
             help="RFC 9396 authorization_details type the client may request (repeatable)."
         ),
     ] = None,
+    tls_subject: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--tls-subject",
+            help="tls_client_auth: the one expected certificate subject (RFC 8705 §2.1.2), as "
+            "dn=RFC4514-DN, dns=NAME, uri=URI, ip=ADDRESS or email=ADDRESS.",
+        ),
+    ] = None,
+    certificate_bound: Annotated[
+        bool,
+        typer.Option(
+            "--certificate-bound-tokens",
+            help="tls_client_certificate_bound_access_tokens (RFC 8705 §3.4).",
+        ),
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Register a client directly (no initial access token needed: you hold the database)."""
@@ -100,6 +115,9 @@ def clients_add(
         raw["jwks"] = json.loads(jwks_file.read_text())
     if jwks_uri:
         raw["jwks_uri"] = jwks_uri
+    raw.update(_tls_subjects(tls_subject or []))
+    if certificate_bound:
+        raw["tls_client_certificate_bound_access_tokens"] = True
     from trustplane.errors import OAuth2Error
 
     async def register(svc: Services) -> Registration:
@@ -121,6 +139,32 @@ def clients_add(
     out.print(f"client_id     {reg.client.client_id}")
     if reg.client_secret:
         out.print(f"client_secret {reg.client_secret}   (shown once; only its hash is stored)")
+
+
+#: ``--tls-subject KIND=VALUE`` -> the RFC 8705 §2.1.2 metadata member.
+TLS_SUBJECT_KINDS = {
+    "dn": "tls_client_auth_subject_dn",
+    "dns": "tls_client_auth_san_dns",
+    "uri": "tls_client_auth_san_uri",
+    "ip": "tls_client_auth_san_ip",
+    "email": "tls_client_auth_san_email",
+}
+
+
+def _tls_subjects(values: list[str]) -> dict[str, str]:
+    """Each ``KIND=VALUE`` as its metadata member; registration refuses more than one."""
+    out: dict[str, str] = {}
+    for value in values:
+        kind, sep, subject = value.partition("=")
+        if not sep or kind not in TLS_SUBJECT_KINDS or TLS_SUBJECT_KINDS[kind] in out:
+            err.print(
+                f"[red]trustplane:[/red] --tls-subject {value!r}: use KIND=VALUE with KIND one of "
+                f"{', '.join(TLS_SUBJECT_KINDS)}, each kind once",
+                highlight=False,
+            )
+            raise typer.Exit(2)
+        out[TLS_SUBJECT_KINDS[kind]] = subject
+    return out
 
 
 @clients_app.command("list")
