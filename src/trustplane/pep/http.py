@@ -36,9 +36,12 @@ from starlette.responses import Response
 
 from trustplane.errors import OAuth2Error
 from trustplane.limits import BoundedRequests, RequestLimits
+from trustplane.pep.bearer import with_challenge
+from trustplane.pep.binding import check_certificate_binding
 from trustplane.pep.enforcer import PolicyEnforcer
 from trustplane.pep.validator import AccessToken
 from trustplane.policy.model import Decision, Entity
+from trustplane.tls import CertificateSource, client_certificate
 
 ResourceFn = Callable[[Request], Entity | Awaitable[Entity]]
 ContextFn = Callable[[Request, AccessToken], Mapping[str, Any] | Awaitable[Mapping[str, Any]]]
@@ -80,10 +83,14 @@ class Pep:
         *,
         correlation_header: str = "x-request-id",
         limits: RequestLimits | None = RequestLimits(),
+        certificates: CertificateSource = CertificateSource(),
     ):
         self.enforcer = enforcer
         self._correlation = correlation_header
         self.limits = limits
+        #: RFC 8705 §3: where a request's client certificate comes from (the TLS connection by
+        #: default; a trusted proxy's header with ``CertificateSource.build(header, proxies)``).
+        self.certificates = certificates
 
     def install(self, app: Any) -> None:
         """Register the refusal renderer on a FastAPI or Starlette app and bound its requests'
@@ -95,13 +102,18 @@ class Pep:
     async def token(self, request: Request) -> AccessToken:
         """Dependency: only the validated token (for handlers that decide nothing themselves)."""
         try:
-            return await self.enforcer.authenticate(
+            token = await self.enforcer.authenticate(
                 request.headers.get("authorization"),
                 header_count=len(request.headers.getlist("authorization")),
                 token_elsewhere=await _token_elsewhere(request),
             )
         except OAuth2Error as exc:
             raise Refused(exc) from None
+        try:  # RFC 8705 §3 (trustplane.pep.binding)
+            check_certificate_binding(token, client_certificate(request.scope, self.certificates))
+        except OAuth2Error as exc:
+            raise Refused(with_challenge(exc, self.enforcer.realm)) from None
+        return token
 
     def require(
         self,
