@@ -14,6 +14,7 @@ import typer
 from trustplane.cli import common, server
 from trustplane.cli.audit import audit_app
 from trustplane.cli.clients import clients_app, regtoken_app
+from trustplane.cli.dev import dev_app
 from trustplane.cli.entities import entities_app
 from trustplane.cli.keys import keys_app
 from trustplane.cli.mandates import mandates_app
@@ -59,6 +60,7 @@ app.add_typer(policy_app, name="policy")
 app.add_typer(users_app, name="users")
 app.add_typer(mandates_app, name="mandates")
 app.add_typer(entities_app, name="entities")
+app.add_typer(dev_app, name="dev")
 
 
 def main() -> None:

@@ -74,6 +74,7 @@ class Issued:
         cert_path, key_path = directory / f"{stem}.crt", directory / f"{stem}.key"
         cert_path.write_bytes(self.cert_pem())
         key_path.touch(mode=0o600)
+        key_path.chmod(0o600)  # also when an existing file is overwritten
         key_path.write_bytes(self.key_pem())
         return cert_path, key_path
 
