@@ -171,7 +171,8 @@ SHORT_KEK = base64.urlsafe_b64encode(b"k" * 31).rstrip(b"=").decode()
         (
             "TRUSTPLANE_CLIENT_AUTH_METHODS",
             '["none"]',
-            "Input should be 'private_key_jwt', 'client_secret_basic' or 'client_secret_post'",
+            "Input should be 'private_key_jwt', 'client_secret_basic', 'client_secret_post', "
+            "'tls_client_auth' or 'self_signed_tls_client_auth'",
         ),
     ],
 )
