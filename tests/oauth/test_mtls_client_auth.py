@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import pytest_asyncio
 from prometheus_client import REGISTRY
 
 from tests.conftest import EXECUTION, LEI, _Started, jwks_for, make_settings, new_ec_key
@@ -27,7 +27,11 @@ from tests.tls.pki import (
     public_jwks,
 )
 from trustplane.app import Services, create_app
+from trustplane.storage.db import Database
+from trustplane.storage.migrate import upgrade
 from trustplane.tls.dev_ca import Issued
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 HEADER = "x-ssl-client-cert"
 PROXY = ("127.0.0.1", 40000)
@@ -68,11 +72,17 @@ def base_metadata(**extra: Any) -> dict[str, Any]:
     }
 
 
-@pytest.fixture
-async def env(db_url: str, tmp_path: Path) -> AsyncIterator[Env]:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
+    """One app for the module: client authentication reads the in-memory registry, no store."""
+    tmp_path = tmp_path_factory.mktemp("mtls")
     pki = build_pki(tmp_path / "pki")
+    url = f"sqlite+aiosqlite:///{tmp_path / 'trustplane.db'}"
+    db = Database(url)
+    await upgrade(db)
+    await db.dispose()
     settings = make_settings(
-        db_url,
+        url,
         tmp_path,
         client_auth_methods=("private_key_jwt", "tls_client_auth", "self_signed_tls_client_auth"),
         tls_client_ca=pki.ca_file,
