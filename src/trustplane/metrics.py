@@ -24,6 +24,12 @@ BEARER_REFUSED = Counter(
 )
 CACHE_RELOADS = Counter("trustplane_cache_reloads_total", "In-memory cache reloads", ["cache"])
 ACTIVE_CLIENTS = Gauge("trustplane_clients", "Registered clients in the in-memory registry")
+CERTIFICATE_CLIENT_AUTH = Counter(
+    "trustplane_certificate_client_auth_total",
+    "RFC 8705 client authentications by method and outcome "
+    "(authenticated, no_certificate, chain, subject, key)",
+    ["method", "outcome"],
+)
 TOKEN_RIGHTS_REFUSED = Counter(
     "trustplane_token_rights_refused_total",
     "Requests refused a right over a token issued to another client (exchange, introspection)",

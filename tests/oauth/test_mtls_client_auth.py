@@ -142,35 +142,48 @@ async def test_self_signed_tls_client_auth(env: Env) -> None:
     assert response.status_code == 200, response.text
 
 
-# (id, client, certificate (attribute of Pki or None), extra form fields)
+TLS, SELF = "tls_client_auth", "self_signed_tls_client_auth"
+
+# (id, client, certificate (attribute of Pki or None), trustplane_certificate_client_auth_total
+# labels counted, or None when the request never got to certificate authentication)
 # fmt: off
-REFUSALS: list[tuple[str, str | None, str | None, dict[str, str]]] = [
-    ("no-certificate", "dn", None, {}),
-    ("certificate-from-another-ca-same-subject", "dn", "stranger", {}),
-    ("self-signed-certificate-for-pki-client", "dn", "self_signed", {}),
-    ("server-certificate-of-the-ca", "dn", "server", {}),
-    ("subject-dn-does-not-match", "other-dn", "client", {}),
-    ("self-signed-without-certificate", "self", None, {}),
-    ("self-signed-with-another-key", "self", "client", {}),
-    ("self-signed-with-same-subject-other-key", "self", "stranger", {}),
-    ("certificate-but-client-uses-private-key-jwt", "pkjwt", "client", {}),
-    ("unknown-client-id", "tp-nobody", "client", {}),
-    ("no-client-id", None, "client", {}),
+REFUSALS: list[tuple[str, str | None, str | None, tuple[str, str] | None]] = [
+    ("no-certificate", "dn", None, (TLS, "no_certificate")),
+    ("certificate-from-another-ca-same-subject", "dn", "stranger", (TLS, "chain")),
+    ("self-signed-certificate-for-pki-client", "dn", "self_signed", (TLS, "chain")),
+    ("server-certificate-of-the-ca", "dn", "server", (TLS, "chain")),
+    ("subject-dn-does-not-match", "other-dn", "client", (TLS, "subject")),
+    ("self-signed-without-certificate", "self", None, (SELF, "no_certificate")),
+    ("self-signed-with-another-key", "self", "client", (SELF, "key")),
+    ("self-signed-with-same-subject-other-key", "self", "stranger", (SELF, "key")),
+    ("certificate-but-client-uses-private-key-jwt", "pkjwt", "client", None),
+    ("unknown-client-id", "tp-nobody", "client", None),
+    ("no-client-id", None, "client", None),
 ]
 # fmt: on
 
 
+def counted(labels: tuple[str, str]) -> float:
+    value = REGISTRY.get_sample_value(
+        "trustplane_certificate_client_auth_total", {"method": labels[0], "outcome": labels[1]}
+    )
+    return value or 0.0
+
+
 @pytest.mark.parametrize(
-    ("client", "cert", "extra"), [pytest.param(*row[1:], id=row[0]) for row in REFUSALS]
+    ("client", "cert", "labels"), [pytest.param(*row[1:], id=row[0]) for row in REFUSALS]
 )
 async def test_refusals(
-    env: Env, client: str | None, cert: str | None, extra: dict[str, str]
+    env: Env, client: str | None, cert: str | None, labels: tuple[str, str] | None
 ) -> None:
     issued = getattr(env.pki, cert) if cert else None
-    response = await env.token(client, issued, **extra)
+    before = counted(labels) if labels else 0.0
+    response = await env.token(client, issued)
 
     assert response.status_code == 401, response.text
     assert response.json()["error"] == "invalid_client"
+    if labels is not None:
+        assert counted(labels) == before + 1
 
 
 async def test_tls_client_using_another_method_is_refused(env: Env) -> None:

@@ -25,6 +25,7 @@ from urllib.parse import unquote_plus
 
 from cryptography import x509
 
+from trustplane import metrics
 from trustplane.clients.model import Client, secret_matches
 from trustplane.clients.remote_jwks import RemoteJwksCache
 from trustplane.clients.service import ClientRegistry
@@ -181,6 +182,7 @@ class ClientAuthenticator:
             raise InvalidClientError("client authentication is required")
         client = self._client(client_id, registered.auth_method)
         if certificate is None:
+            metrics.CERTIFICATE_CLIENT_AUTH.labels(client.auth_method, "no_certificate").inc()
             raise InvalidClientError(
                 f"{client.auth_method} needs a client certificate on the connection",
                 debug=f"{client_id}: no client certificate",
@@ -191,25 +193,29 @@ class ClientAuthenticator:
             else:
                 await self._check_self_signed(client, certificate)
         except CertificateError as exc:
+            metrics.CERTIFICATE_CLIENT_AUTH.labels(client.auth_method, exc.reason).inc()
             raise InvalidClientError(
                 "client authentication failed", debug=f"{client_id}: {exc}"
             ) from None
+        metrics.CERTIFICATE_CLIENT_AUTH.labels(client.auth_method, "authenticated").inc()
         return AuthenticatedClient(client, client.auth_method)
 
     def _check_pki(self, client: Client, certificate: x509.Certificate) -> None:
         if self._authorities is None:  # settings refuse tls_client_auth without tls_client_ca
-            raise CertificateError("no tls_client_ca is configured")
+            raise CertificateError("no tls_client_ca is configured", "chain")
         self._authorities.verify(certificate)
         field = next((f for f in SUBJECT_FIELDS if f in client.metadata), None)
         if field is None or not subject_matches(certificate, field, str(client.metadata[field])):
-            raise CertificateError(f"the certificate does not carry the registered {field}")
+            raise CertificateError(
+                f"the certificate does not carry the registered {field}", "subject"
+            )
 
     async def _check_self_signed(self, client: Client, certificate: x509.Certificate) -> None:
         keys = client.keys
         if client.jwks_uri:
             keys = tuple(await self._remote.keys(client.jwks_uri, None))
         if not public_key_matches(certificate, [key for _, _, key in keys]):
-            raise CertificateError("the certificate's key is not one of the client's keys")
+            raise CertificateError("the certificate's key is not one of the client's keys", "key")
 
     async def _private_key_jwt(self, form: Form, defer_replay: bool) -> AuthenticatedClient:
         if form.get("client_assertion_type") != ASSERTION_TYPE:

@@ -51,7 +51,12 @@ _SPACES = re.compile(r"\s+")
 
 
 class CertificateError(ValueError):
-    """The certificate does not authenticate the client; the message says why (log only)."""
+    """The certificate does not authenticate the client; the message says why (log only),
+    ``reason`` in a word (``chain``, ``subject``, ``key``) for metrics."""
+
+    def __init__(self, message: str, reason: str = "chain") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class CertificateAuthorities:
