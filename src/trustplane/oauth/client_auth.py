@@ -30,10 +30,12 @@ from trustplane.clients.model import Client, secret_matches
 from trustplane.clients.remote_jwks import RemoteJwksCache
 from trustplane.clients.service import ClientRegistry
 from trustplane.errors import InvalidClientError, InvalidRequestError
+from trustplane.jose.jwk import PublicKey
 from trustplane.jose.jws import JWSError, ParsedJWS, parse
 from trustplane.oauth.form import Form
 from trustplane.oauth.replay import ReplayCache, ReplayUse
 from trustplane.settings import MAX_ASSERTION_LIFETIME, TLS_CLIENT_AUTH_METHODS, Settings
+from trustplane.tls import certificate_thumbprint
 from trustplane.tls.verification import (
     SUBJECT_FIELDS,
     CertificateAuthorities,
@@ -211,11 +213,20 @@ class ClientAuthenticator:
             )
 
     async def _check_self_signed(self, client: Client, certificate: x509.Certificate) -> None:
-        keys = client.keys
+        if public_key_matches(certificate, [key for _, _, key in client.keys]):
+            return
         if client.jwks_uri:
-            keys = tuple(await self._remote.keys(client.jwks_uri, None))
-        if not public_key_matches(certificate, [key for _, _, key in keys]):
-            raise CertificateError("the certificate's key is not one of the client's keys", "key")
+            if public_key_matches(certificate, await self._remote_keys(client.jwks_uri, None)):
+                return
+            # a key not in the cached set (a rotated certificate): refetch like an unknown kid, at
+            # most once per min_refetch; the marker names no real kid, so "unknown" is certain
+            marker = "x5t#S256:" + certificate_thumbprint(certificate)
+            if public_key_matches(certificate, await self._remote_keys(client.jwks_uri, marker)):
+                return
+        raise CertificateError("the certificate's key is not one of the client's keys", "key")
+
+    async def _remote_keys(self, uri: str, kid: str | None) -> list[PublicKey]:
+        return [key for _, _, key in await self._remote.keys(uri, kid)]
 
     async def _private_key_jwt(self, form: Form, defer_replay: bool) -> AuthenticatedClient:
         if form.get("client_assertion_type") != ASSERTION_TYPE:
