@@ -170,6 +170,9 @@ def test_direct_tls_discovery(tls_server: TlsServer) -> None:
     ).json()
     assert doc["issuer"] == tls_server.url
     assert doc["mtls_endpoint_aliases"]["token_endpoint"] == f"{tls_server.url}/token"
+    banner = tls_server.server.log()
+    assert "client certs  TLS handshake (optional), verified against " in banner
+    assert "operations    https://127.0.0.1:" in banner
 
 
 def test_curl_walk_through(tls_server: TlsServer) -> None:
@@ -353,6 +356,7 @@ def test_header_spoofed_from_a_non_proxy_address_is_ignored_and_counted(proxied:
     assert response.status_code == 401
     assert response.json()["error"] == "invalid_client"
     assert _ignored(proxied.server) == before + 1
+    assert f"header {HEADER} from trusted proxies 127.0.0.1/32" in proxied.server.log()
 
 
 def _ignored(server: LiveServer) -> float:

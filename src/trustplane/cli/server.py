@@ -81,11 +81,24 @@ def serve(
     out.print(f"metadata      {settings.issuer}/.well-known/oauth-authorization-server")
     out.print(f"database      {settings.effective_database_url.split('@')[-1]}")
     if settings.ops_port:
+        scheme = "https" if settings.tls_enabled else "http"  # TLS covers both listeners
         out.print(
-            f"operations    http://{settings.ops_host}:{settings.ops_port}/metrics /readyz /docs"
+            f"operations    {scheme}://{settings.ops_host}:{settings.ops_port}/metrics /readyz /docs"
         )
+    if settings.tls_enabled or settings.proxy_mode:
+        out.print(f"client certs  {_client_certificates(settings)}")
     if created:
         out.print("signing keys  generated (active + next)")
     out.print("register      `trustplane registration-token create` prints an initial access token")
     out.print(f"              for POST {settings.issuer}/register")
     server.run(settings, sockets)
+
+
+def _client_certificates(settings: Settings) -> str:
+    """Where RFC 8705 client certificates come from, for the banner."""
+    if settings.proxy_mode:
+        proxies = ", ".join(settings.trusted_proxies)
+        return f"header {settings.tls_client_cert_header} from trusted proxies {proxies}"
+    if settings.tls_client_ca is not None:
+        return f"TLS handshake (optional), verified against {settings.tls_client_ca}"
+    return "not requested (no tls_client_ca)"
