@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from tests.tls.pki import CLIENT_DN, Pki, build_pki
 from trustplane.tls.dev_ca import Subject, create_ca, issue
@@ -111,3 +112,44 @@ def test_public_key_matching(pki: Pki) -> None:
     assert public_key_matches(cert, [pki.self_signed.key.public_key()])  # type: ignore[list-item]
     assert not public_key_matches(cert, [pki.client.key.public_key()])  # type: ignore[list-item]
     assert not public_key_matches(cert, [])
+
+
+def test_verified_chain_is_remembered_only_until_not_after(pki: Pki) -> None:
+    """The cache of validated chains never outlives the certificate."""
+    import datetime
+    import time
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    short = (
+        x509.CertificateBuilder()
+        .subject_name(Subject("short-lived").name())
+        .issuer_name(pki.ca.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(seconds=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(pki.ca.key.public_key()),  # type: ignore[arg-type]
+            critical=False,
+        )
+        .sign(pki.ca.key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    authorities = CertificateAuthorities.from_file(pki.ca_file)
+    authorities.verify(short)
+    authorities.verify(short)  # remembered
+
+    time.sleep(2.5)  # notAfter is inclusive to the second (RFC 5280 §4.1.2.5): 1.5 s past it
+    with pytest.raises(CertificateError, match="chain is not valid"):
+        authorities.verify(short)
+
+
+def test_failures_are_not_remembered(pki: Pki) -> None:
+    authorities = CertificateAuthorities.from_file(pki.ca_file)
+    for _ in range(2):
+        with pytest.raises(CertificateError):
+            authorities.verify(pki.stranger.certificate)
