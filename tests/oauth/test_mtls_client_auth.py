@@ -241,3 +241,32 @@ async def test_registration_stores_the_binding_flag(env: Env) -> None:
     client = env.services.clients.registry.get(env.ids["self"])
     assert client is not None
     assert client.metadata["tls_client_certificate_bound_access_tokens"] is True
+
+
+async def test_dynamic_registration_of_a_tls_client_auth_client(env: Env) -> None:
+    """RFC 7591 over HTTP: the RFC 8705 members are accepted, stored and echoed; a second subject
+    member is ``invalid_client_metadata``; the registered client then authenticates by certificate."""
+    iat = await env.services.clients.create_initial_access_token("mtls test")
+    body = base_metadata(
+        token_endpoint_auth_method="tls_client_auth",
+        tls_client_auth_san_uri=CLIENT_URI,
+        tls_client_certificate_bound_access_tokens=True,
+    )
+    body.pop("introspection_resources")  # operator-only
+    headers = {"Authorization": f"Bearer {iat}"}
+
+    created = await env.proxy.post("/register", json=body, headers=headers)
+    refused = await env.proxy.post(
+        "/register", json={**body, "tls_client_auth_san_dns": CLIENT_DNS}, headers=headers
+    )
+
+    assert created.status_code == 201, created.text
+    registered = created.json()
+    assert registered["tls_client_auth_san_uri"] == CLIENT_URI
+    assert registered["tls_client_certificate_bound_access_tokens"] is True
+    assert "client_secret" not in registered
+    assert refused.status_code == 400
+    assert refused.json()["error"] == "invalid_client_metadata"
+    env.ids["registered"] = registered["client_id"]
+    response = await env.token("registered", env.pki.client)
+    assert response.status_code == 200, response.text
