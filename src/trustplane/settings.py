@@ -6,6 +6,8 @@ stop start-up with that line instead of a traceback.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 import tomllib
@@ -43,6 +45,18 @@ class SettingsError(Exception):
     def __init__(self, message: str, setting: str | None = None) -> None:
         super().__init__(message)
         self.setting = setting
+
+
+def decode_kek(text: str) -> bytes:
+    """The key-encryption key from its setting: 32 bytes, base64url (``trustplane.keys.crypto`` uses
+    it; it is parsed here so that a bad value fails when the settings load)."""
+    try:
+        raw = base64.urlsafe_b64decode(text.strip() + "=" * (-len(text.strip()) % 4))
+    except (binascii.Error, ValueError):
+        raise ValueError("must be 32 bytes, base64url-encoded") from None
+    if len(raw) != 32:
+        raise ValueError("must be 32 bytes, base64url-encoded")
+    return raw
 
 
 def is_loopback_host(host: str | None) -> bool:
@@ -268,8 +282,6 @@ class Settings(BaseSettings):
     @field_validator("key_encryption_key")
     @classmethod
     def _kek_is_32_bytes(cls, value: SecretStr | None) -> SecretStr | None:
-        from trustplane.keys.crypto import decode_kek
-
         if value is not None:
             decode_kek(value.get_secret_value())
         return value

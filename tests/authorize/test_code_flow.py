@@ -16,7 +16,7 @@ from tests.authorize.flow import REDIRECT_URI, TRADE, hidden_fields, query_of
 from tests.conftest import EXECUTION
 from trustplane.authorize.pkce import s256
 from trustplane.authorize.store import SqlCodeStore, authorization_codes, digest
-from trustplane.oauth.tokens import read_access_token
+from trustplane.protocol.tokens import read_access_token
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -340,6 +340,22 @@ async def test_code_reuse_is_invalid_grant_and_revokes_the_first_tokens(setup: S
     )
     assert (refreshed.status_code, refreshed.json()["error"]) == (400, "invalid_grant")
 
+
+
+async def test_code_reuse_revocation_reaches_the_bearer_guard_at_once(setup: Setup) -> None:
+    """The grants revoke through the process's one revocation store, the bearer guard's list: the
+    revoked token is refused here without waiting for the next cache reload."""
+    flow = setup.flow()
+    code = await flow.code("alice")
+    first = await setup.token(flow.redeem_form(code))
+    claims = read_access_token(
+        setup.server.services.keys.ring, first.json()["access_token"], issuer=setup.server.issuer
+    )
+    assert claims is not None
+    assert claims["jti"] not in setup.server.services.revoked
+    again = await setup.token(flow.redeem_form(code))
+    assert (again.status_code, again.json()["error"]) == (400, "invalid_grant")
+    assert claims["jti"] in setup.server.services.revoked
 
 NARROWER = {**TRADE, "max_notional": {**TRADE["max_notional"], "amount": 1_000}}  # type: ignore[dict-item]
 DETAILS_IN_THE_TOKEN_REQUEST = [

@@ -44,7 +44,7 @@ from trustplane.authorize.sealing import Sealer
 from trustplane.authorize.service import AuthorizationService
 from trustplane.errors import InvalidRequestError, OAuth2Error
 from trustplane.mandates.errors import MandateError
-from trustplane.oauth.form import FORM_TYPE, Form
+from trustplane.protocol.form import FORM_TYPE, Form
 from trustplane.settings import Settings
 
 log = structlog.get_logger("trustplane.authorize")

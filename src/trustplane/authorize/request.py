@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from trustplane.authorize import pkce
 from trustplane.authorize.redirects import match_redirect_uri
 from trustplane.clients.model import Client
+from trustplane.clients.resources import select_resource, select_scopes
 from trustplane.clients.service import ClientRegistry
 from trustplane.errors import (
     InvalidRequestError,
@@ -22,9 +23,8 @@ from trustplane.errors import (
     UnauthorizedClientError,
     UnsupportedResponseTypeError,
 )
-from trustplane.oauth.form import Form
-from trustplane.oauth.resources import select_resource, select_scopes
-from trustplane.oauth.scopes import Vocabulary
+from trustplane.protocol.form import Form
+from trustplane.protocol.scopes import Vocabulary
 
 MAX_STATE = 1024
 #: Raw ``authorization_details`` larger than this are refused before parsing.

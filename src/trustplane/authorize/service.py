@@ -15,8 +15,8 @@ from typing import Any
 from urllib.parse import urlencode
 
 from trustplane import metrics
-from trustplane.audit.events import AuditEvent, AuditEventType
 from trustplane.audit.sink import AuditSink, write_events
+from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.authorize import consent_text
 from trustplane.authorize.consent_text import Instruction, Item, humanise
 from trustplane.authorize.login import Identity
@@ -33,8 +33,8 @@ from trustplane.clients.service import ClientRegistry
 from trustplane.entities.service import EntityDirectory
 from trustplane.errors import AccessDeniedError, OAuth2Error
 from trustplane.mandates.service import MandateService
-from trustplane.oauth.form import Form
-from trustplane.oauth.scopes import Vocabulary
+from trustplane.protocol.form import Form
+from trustplane.protocol.scopes import Vocabulary
 from trustplane.rar.registry import AuthorizationDetailsRegistry
 from trustplane.settings import Settings
 from trustplane.storage.db import Database

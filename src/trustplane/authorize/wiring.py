@@ -18,9 +18,9 @@ from trustplane.entities.store import SqlEntityStore
 from trustplane.keys.service import KeyService
 from trustplane.mandates.service import MandateService
 from trustplane.oauth.introspection import IntrospectionService
-from trustplane.oauth.revocations import SqlRevocationStore
-from trustplane.oauth.scopes import Vocabulary
 from trustplane.oauth.token_endpoint import TokenEndpoint
+from trustplane.protocol.revocations import RevocationStore
+from trustplane.protocol.scopes import Vocabulary
 from trustplane.rar.registry import AuthorizationDetailsRegistry
 from trustplane.settings import Settings
 from trustplane.storage.db import Database
@@ -58,6 +58,7 @@ def build(
     audit: AuditSink,
     token_endpoint: TokenEndpoint,
     introspection: IntrospectionService,
+    revocations: RevocationStore,
 ) -> Authorization:
     """Wire users, the authorization endpoint and the two grants (registered on the token endpoint)."""
     users = UserService(db, SqlUserStore(), settings, kek, write_events)
@@ -74,7 +75,7 @@ def build(
         details,
         codes,
         SqlRefreshStore(),
-        SqlRevocationStore(),
+        revocations,
         authorize=token_endpoint.authorize_scopes,
     )
     token_endpoint.grants.update(grants.handlers())

@@ -204,7 +204,7 @@ def clients_assertion(
     from cryptography.hazmat.primitives import serialization
 
     from trustplane.jose.jws import Signer
-    from trustplane.oauth.tokens import new_jti
+    from trustplane.protocol.tokens import new_jti
 
     settings = _settings()
     private = serialization.load_pem_private_key(key.read_bytes(), password=None)

@@ -21,8 +21,8 @@ from stdnum import lei as stdnum_lei
 
 from trustplane.errors import InvalidClientMetadataError, InvalidRedirectUriError
 from trustplane.jose.jwk import JWKError, import_public_jwks
-from trustplane.oauth.scopes import Vocabulary
 from trustplane.outbound.addresses import host_problem
+from trustplane.protocol.scopes import Vocabulary
 from trustplane.rar.registry import known_types
 from trustplane.settings import Settings, is_loopback_host
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from trustplane.clients.metadata import SUPPORTED_GRANT_TYPES
-from trustplane.oauth.scopes import Vocabulary
+from trustplane.protocol.scopes import Vocabulary
 from trustplane.rar.registry import known_types
 from trustplane.settings import Settings
 

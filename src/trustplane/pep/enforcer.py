@@ -22,6 +22,7 @@ from typing import Any
 
 import structlog
 
+from trustplane.authzen.model import Decision, DecisionPoint, Entity, FailReason
 from trustplane.errors import (
     InsufficientScopeError,
     InvalidRequestError,
@@ -34,7 +35,6 @@ from trustplane.pep.introspection import IntrospectionUnavailable
 from trustplane.pep.keys import KeySourceError
 from trustplane.pep.provenance import ChainRequirement
 from trustplane.pep.validator import AccessToken, TokenValidator
-from trustplane.policy.model import Decision, DecisionPoint, Entity, FailReason
 
 log = structlog.get_logger("trustplane.pep")
 SubjectMapper = Callable[[AccessToken], Entity]

@@ -34,11 +34,11 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
+from trustplane.authzen.model import Decision, Entity
 from trustplane.errors import OAuth2Error
 from trustplane.limits import BoundedRequests, RequestLimits
 from trustplane.pep.enforcer import PolicyEnforcer
 from trustplane.pep.validator import AccessToken
-from trustplane.policy.model import Decision, Entity
 
 ResourceFn = Callable[[Request], Entity | Awaitable[Entity]]
 ContextFn = Callable[[Request, AccessToken], Mapping[str, Any] | Awaitable[Mapping[str, Any]]]
