@@ -164,7 +164,8 @@ class Services:
             audit,
             token,
             introspection,
-        )
+            authenticator=auth, replay=replay, remote_jwks=remote,  # PAR and request objects
+        )  # fmt: skip
         federation = FederationService(
             db,
             SqlPartnerStore(),

@@ -200,7 +200,6 @@ REDIRECTED_ERRORS = [
     pytest.param({"response_type": "code id_token"}, "unsupported_response_type", id="hybrid"),
     pytest.param({"response_type": None}, "invalid_request", id="response-type-missing"),
     pytest.param({"response_mode": "fragment"}, "invalid_request", id="response-mode"),
-    pytest.param({"request": "eyJ..."}, "invalid_request", id="jar-not-supported"),
     pytest.param({"scope": "settlement:submit"}, "invalid_scope", id="scope-not-allowed"),
     pytest.param({"scope": None}, "invalid_scope", id="scope-missing"),
     pytest.param({"resource": "https://clearing.example/api"}, "invalid_target", id="resource"),

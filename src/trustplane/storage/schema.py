@@ -1,6 +1,7 @@
 """Imports every component's tables so that ``metadata`` is complete (for Alembic and tests)."""
 
 from trustplane.audit import tables as _audit_tables  # noqa: F401
+from trustplane.authorize import par as _authorize_par  # noqa: F401
 from trustplane.authorize import store as _authorize_store  # noqa: F401
 from trustplane.clients import tables as _client_tables  # noqa: F401
 from trustplane.entities import store as _entity_store  # noqa: F401
