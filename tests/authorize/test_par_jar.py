@@ -132,6 +132,14 @@ async def open_uri(flow: Flow, request_uri: str, **extra: str) -> httpx.Response
 
 
 async def finish(flow: Flow, page: httpx.Response) -> dict[str, str]:
+    """Log in (if asked) and approve; the parameters of the redirect back to the client, whose
+    ``state`` is the flow's."""
+    params = await finish_raw(flow, page)
+    assert params["state"] == flow.state
+    return params
+
+
+async def finish_raw(flow: Flow, page: httpx.Response) -> dict[str, str]:
     """Log in (if asked) and approve; the parameters of the redirect back to the client."""
     assert page.status_code == 200, page.text
     if 'action="/authorize/login"' in page.text:
@@ -190,7 +198,8 @@ async def test_only_the_hash_of_the_handle_is_stored(clients: Clients) -> None:
 
 
 async def test_par_with_a_request_object_uses_only_the_object(clients: Clients) -> None:
-    """RFC 9101 §5 / RFC 9126 §3: parameters beside the object never override it."""
+    """RFC 9101 §5 / RFC 9126 §3: parameters beside the object never override it.
+    (ensure-request-object-with-multiple-aud-succeeds: aud is an array holding the issuer)"""
     setup = clients.setup
     flow = setup.flow()
     signed = request_object(setup.kit, flow.params(), aud=[setup.server.issuer, "https://x"])
@@ -201,6 +210,33 @@ async def test_par_with_a_request_object_uses_only_the_object(clients: Clients) 
     token = await setup.token(flow.redeem_form(params["code"]))
     assert token.status_code == 200, token.text
     assert token.json()["scope"] == "order:create"
+
+
+async def test_state_outside_the_object_is_not_used(clients: Clients) -> None:
+    # (state-only-outside-request-object-not-used, ensure-different-state-inside-and-outside-
+    # request-object)
+    setup = clients.setup
+    flow = setup.flow()
+    without_state = request_object(setup.kit, flow.params(state=None))
+    response = await push(clients.server, setup.kit, {"request": without_state, "state": "out"})
+    assert response.status_code == 201, response.text
+    answer = await finish_raw(flow, await open_uri(flow, response.json()["request_uri"]))
+    assert "state" not in answer
+    flow = setup.flow()
+    inside = request_object(setup.kit, flow.params())
+    response = await push(clients.server, setup.kit, {"request": inside, "state": "out"})
+    answer = await finish_raw(flow, await open_uri(flow, response.json()["request_uri"]))
+    assert answer["state"] == flow.state
+
+
+async def test_request_object_nbf_slightly_ahead_is_accepted(clients: Clients) -> None:
+    # clock skew (ensure-request-object-with-nbf-8-seconds-in-the-future-is-accepted)
+    setup = clients.setup
+    flow = setup.flow()
+    ahead = int(time.time()) + 8
+    signed = request_object(setup.kit, flow.params(), nbf=ahead, iat=ahead)
+    response = await push(clients.server, setup.kit, {"request": signed})
+    assert response.status_code == 201, response.text
 
 
 async def test_request_object_at_authorize_runs_the_flow(clients: Clients) -> None:
@@ -256,15 +292,18 @@ async def test_server_metadata_names_par_and_request_objects(clients: Clients) -
 # fmt: off
 PAR_REFUSALS: list[Any] = [
     # RFC 9126 §2.1: the request_uri parameter MUST NOT be pushed
-    # (par-authorization-request-containing-request_uri, unsigned variant)
+    # (par-authorization-request-containing-request_uri-form-param)
     pytest.param({"request_uri": REQUEST_URI_PREFIX + "x" * 43}, 400, "invalid_request", id="request_uri-pushed"),
-    # RFC 9126 §2.1: the redirect_uri is checked at PAR (par-reject-invalid-redirect-uri)
+    # RFC 9126 §2.1: the redirect_uri is checked at PAR (ensure-registered-redirect-uri)
     pytest.param({"redirect_uri": "https://attacker.example/cb"}, 400, "invalid_request", id="redirect-uri-unregistered"),
     pytest.param({"redirect_uri": None}, 400, "invalid_request", id="redirect-uri-missing-two-registered"),
     # RFC 9126 §2.1: validated as /authorize would
+    # (ensure-response-type-token-fails)
     pytest.param({"response_type": "token"}, 400, "unsupported_response_type", id="response-type-token"),
+    # (ensure-response-type-code-idtoken-fails)
+    pytest.param({"response_type": "code id_token"}, 400, "unsupported_response_type", id="response-type-hybrid"),
     pytest.param({"response_type": None}, 400, "invalid_request", id="response-type-missing"),
-    # RFC 7636 / FAPI 2.0: PKCE S256 required (par-ensure-pkce-required? no: ensure-pkce-required)
+    # RFC 7636 / FAPI 2.0: PKCE S256 required (par-ensure-pkce-required)
     pytest.param({"code_challenge": None}, 400, "invalid_request", id="pkce-missing"),
     # (par-plain-pkce-rejected)
     pytest.param({"code_challenge_method": "plain"}, 400, "invalid_request", id="pkce-plain"),
@@ -346,6 +385,7 @@ async def test_par_with_a_json_body_is_invalid_request(clients: Clients) -> None
 
 
 async def test_signed_only_client_must_push_a_request_object(clients: Clients) -> None:
+    # RFC 9101 §10.5 (ensure-unsigned-request-at-par-endpoint-fails)
     kit = clients.signed_only
     flow = clients.setup.flow(kit)
     response = await push(clients.server, kit, flow.params())
@@ -376,11 +416,11 @@ def _times(**offsets: int) -> tuple[str, dict[str, int]]:
 # (id, how to change the object) -> always 400 invalid_request_object
 # fmt: off
 OBJECT_REFUSALS: list[Any] = [
-    # RFC 9101 §6.2 / FAPI: `none` refused (ensure-request-object-signature-algorithm-is-none-fails)
+    # RFC 9101 §6.2 / FAPI: `none` refused (ensure-request-object-signature-algorithm-is-not-none)
     pytest.param("alg-none", id="alg-none"),
-    # (ensure-request-object-signature-algorithm-is-RS256-fails)
+    # (ensure-signed-request-object-with-RS256-fails)
     pytest.param("alg-rs256", id="alg-rs256"),
-    # (ensure-request-object-signature-algorithm-is-bad-fails)
+    # an HMAC: we hold no shared secret
     pytest.param("alg-hs256", id="alg-hs256"),
     # signed by a key the client did not register (ensure-request-object-with-invalid-signature-fails)
     pytest.param("foreign-key", id="foreign-key"),
@@ -391,11 +431,12 @@ OBJECT_REFUSALS: list[Any] = [
     pytest.param({"exp": None}, id="exp-missing"),
     # (ensure-expired-request-object-fails)
     pytest.param(_times(exp=-120, nbf=-300, iat=-300), id="exp-past"),
-    # exp at most 60 min after nbf (ensure-request-object-with-long-exp-fails)
+    # exp at most 60 min after nbf (ensure-request-object-with-exp-over-60-fails; the issue calls it
+    # ensure-request-object-with-long-exp-fails)
     pytest.param(_times(exp=3700), id="exp-over-60-min-after-nbf"),
     # nbf required (ensure-request-object-without-nbf-fails)
     pytest.param({"nbf": None}, id="nbf-missing"),
-    # nbf at most 60 min in the past (ensure-request-object-with-long-nbf-fails)
+    # nbf at most 60 min in the past (ensure-request-object-with-nbf-over-60-fails)
     pytest.param(_times(nbf=-3700, iat=-3700, exp=-3700 + 3000), id="nbf-over-60-min-ago"),
     pytest.param(_times(nbf=600, exp=900), id="nbf-in-future"),
     pytest.param(_times(iat=600), id="iat-in-future"),
@@ -539,6 +580,7 @@ async def test_request_uri_of_another_client_is_refused_and_not_consumed(clients
 
 
 async def test_expired_request_uri_is_refused(clients: Clients) -> None:
+    # RFC 9126 §2.2 expires_in (par-attempt-to-use-expired-request_uri)
     request_uri = await pushed_uri(clients)
     handle = request_uri.removeprefix(REQUEST_URI_PREFIX)
     t = pushed_authorization_requests
@@ -612,6 +654,7 @@ async def test_request_uri_of_a_disabled_client_is_refused(clients: Clients) -> 
 
 async def test_par_only_client_is_refused_without_par(clients: Clients) -> None:
     # RFC 9126 §6 require_pushed_authorization_requests
+    # (ensure-unsigned-authorization-request-without-using-par-fails)
     flow = clients.setup.flow(clients.par_only)
     assert redirected_error(await flow.start(), flow) == "invalid_request"
     signed = request_object(clients.par_only, flow.params())
@@ -635,3 +678,49 @@ async def test_signed_only_client_may_send_the_object_to_authorize(clients: Clie
         params={"client_id": kit.client_id, "request": request_object(kit, flow.params())},
     )
     assert response.status_code == 200, response.text
+
+
+# --------------------------------------------------------------------------- dependencies down
+
+
+async def test_replay_cache_down_at_authorize_is_503_not_500(
+    clients: Clients, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request object's jti cannot be checked: fail closed with 503 + Retry-After."""
+    from trustplane.dependencies import unavailable
+
+    async def down(self: object, issuer: str, jti: str, expires_at: int) -> bool:
+        raise unavailable("redis", ConnectionError("refused"))
+
+    kit = clients.setup.kit
+    flow = clients.setup.flow()
+    signed = request_object(kit, flow.params())
+    monkeypatch.setattr(type(clients.server.services.replay), "consume", down)
+    response = await flow.http.get(
+        "/authorize", params={"client_id": kit.client_id, "request": signed}
+    )
+    assert response.status_code == 503
+    assert response.headers["retry-after"]
+    assert error_page(response) == (503, "temporarily_unavailable")
+
+
+async def test_pushed_request_store_down_is_503_at_authorize_and_par(
+    clients: Clients, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from trustplane.authorize.par import SqlPushedRequestStore
+
+    request_uri = await pushed_uri(clients)
+
+    async def down(*_args: object) -> None:
+        raise OperationalError("UPDATE", {}, ConnectionError("database went away"))
+
+    monkeypatch.setattr(SqlPushedRequestStore, "consume", down)
+    monkeypatch.setattr(SqlPushedRequestStore, "add", down)
+    response = await open_uri(clients.setup.flow(), request_uri)
+    assert error_page(response) == (503, "temporarily_unavailable")
+    assert response.headers["retry-after"]
+    flow = clients.setup.flow()
+    pushed = await push(clients.server, clients.setup.kit, flow.params())
+    assert json_error(pushed) == (503, "temporarily_unavailable")

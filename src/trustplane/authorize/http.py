@@ -48,11 +48,12 @@ from trustplane.authorize.request import AuthorizationRequest, ErrorPage, Redire
 from trustplane.authorize.sealing import Sealer
 from trustplane.authorize.service import AuthorizationService
 from trustplane.clients.model import Client
-from trustplane.errors import InvalidRequestError, OAuth2Error
+from trustplane.dependencies import unavailable
+from trustplane.errors import InvalidRequestError, OAuth2Error, TemporarilyUnavailableError
 from trustplane.mandates.errors import MandateError
 from trustplane.oauth.client_auth import ClientAuthenticator
 from trustplane.oauth.form import FORM_TYPE, Form, read_form
-from trustplane.oauth.http import NO_STORE, json_response, protocol_endpoint
+from trustplane.oauth.http import NO_STORE, dependency_of, json_response, protocol_endpoint
 from trustplane.settings import Settings
 
 log = structlog.get_logger("trustplane.authorize")
@@ -127,10 +128,17 @@ class AuthorizeHttp:
             parsed = await self._service.resolve(form)
         except ErrorPage as exc:
             return await self._error_page(exc)
+        except TemporarilyUnavailableError as exc:  # the replay cache failed closed (Redis)
+            return self._unavailable_page(exc)
         except RedirectError as exc:
             await self._service.refused(exc.target, exc.error)
             status = 303 if request.method == "POST" else 302
             return _redirect(self._service.error_redirect(exc.target, exc.error), status)
+        except Exception as exc:  # the pushed-request table or a client's jwks_uri out of reach
+            dependency = dependency_of(exc)
+            if dependency is None:
+                raise
+            return self._unavailable_page(unavailable(dependency, exc, endpoint="authorization"))
         session, fresh = self._session(request)
         return await self._page(parsed, session, fresh, failed="")
 
@@ -334,6 +342,13 @@ class AuthorizeHttp:
         return self._templates.get_template(template).render(
             issuer=self._settings.issuer, operator=self._operator, **context
         )
+
+    def _unavailable_page(self, exc: OAuth2Error) -> Response:
+        """503 with ``Retry-After``, not audited (the audit trail may be what is down)."""
+        metrics.AUTHORIZATIONS.labels(outcome="unavailable").inc()
+        message = "This service is temporarily unavailable. Try again in a moment."
+        page = self._render("error.html", message=message, error=exc.error)
+        return HTMLResponse(page, 503, headers={**SECURITY_HEADERS, **exc.headers})
 
     async def _error_page(self, exc: ErrorPage) -> Response:
         await self._service.refused(None, exc)
