@@ -165,7 +165,8 @@ class Services:
             token,
             introspection,
             revoked,
-        )
+            authenticator=auth, replay=replay, remote_jwks=remote,  # PAR and request objects
+        )  # fmt: skip
         federation = FederationService(
             db,
             SqlPartnerStore(),

@@ -26,6 +26,8 @@ ClientAuthMethod = Literal["private_key_jwt", "client_secret_basic", "client_sec
 MAX_ACCESS_TOKEN_LIFETIME = 900
 #: draft-ietf-oauth-rfc7523bis: a client assertion may be valid for at most this long.
 MAX_ASSERTION_LIFETIME = 300
+#: RFC 9126 §2.2 leaves the ``request_uri`` lifetime to the server; trustplane never goes beyond this.
+MAX_PAR_LIFETIME = 600
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
@@ -146,6 +148,15 @@ class Settings(BaseSettings):
     #: Who runs this service, named on every page a person sees (login, consent, errors, ``/``);
     #: empty: the issuer's host name.
     operator_name: str = Field(default="", max_length=200)
+    # --- pushed authorization requests (RFC 9126) and request objects (RFC 9101), issue 13
+    #: How long a ``request_uri`` from ``/par`` stays usable (RFC 9126 §2.2; never over 600 s).
+    par_lifetime: int = Field(default=60, ge=5, le=MAX_PAR_LIFETIME)
+    #: Every client must push its authorization requests (RFC 9126 §5); a client can also be made
+    #: to by its own registration (``require_pushed_authorization_requests``).
+    require_pushed_authorization_requests: bool = False
+    #: Every authorization request must come as a signed request object (RFC 9101 §10.5); a client
+    #: can also be made to by its own registration (``require_signed_request_object``).
+    require_signed_request_object: bool = False
 
     # mandates, RAR authorization_details types, security events (issue 5, mandates)
     authorization_details_types_dir: Path | None = None

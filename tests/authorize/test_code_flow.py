@@ -200,7 +200,6 @@ REDIRECTED_ERRORS = [
     pytest.param({"response_type": "code id_token"}, "unsupported_response_type", id="hybrid"),
     pytest.param({"response_type": None}, "invalid_request", id="response-type-missing"),
     pytest.param({"response_mode": "fragment"}, "invalid_request", id="response-mode"),
-    pytest.param({"request": "eyJ..."}, "invalid_request", id="jar-not-supported"),
     pytest.param({"scope": "settlement:submit"}, "invalid_scope", id="scope-not-allowed"),
     pytest.param({"scope": None}, "invalid_scope", id="scope-missing"),
     pytest.param({"resource": "https://clearing.example/api"}, "invalid_target", id="resource"),
@@ -341,7 +340,6 @@ async def test_code_reuse_is_invalid_grant_and_revokes_the_first_tokens(setup: S
     assert (refreshed.status_code, refreshed.json()["error"]) == (400, "invalid_grant")
 
 
-
 async def test_code_reuse_revocation_reaches_the_bearer_guard_at_once(setup: Setup) -> None:
     """The grants revoke through the process's one revocation store, the bearer guard's list: the
     revoked token is refused here without waiting for the next cache reload."""
@@ -356,6 +354,7 @@ async def test_code_reuse_revocation_reaches_the_bearer_guard_at_once(setup: Set
     again = await setup.token(flow.redeem_form(code))
     assert (again.status_code, again.json()["error"]) == (400, "invalid_grant")
     assert claims["jti"] in setup.server.services.revoked
+
 
 NARROWER = {**TRADE, "max_notional": {**TRADE["max_notional"], "amount": 1_000}}  # type: ignore[dict-item]
 DETAILS_IN_THE_TOKEN_REQUEST = [
