@@ -36,6 +36,7 @@ from starlette.responses import Response
 
 from trustplane.errors import OAuth2Error
 from trustplane.limits import BoundedRequests, RequestLimits
+from trustplane.pep.dpop import DpopBinding, DpopRequest
 from trustplane.pep.enforcer import PolicyEnforcer
 from trustplane.pep.validator import AccessToken
 from trustplane.policy.model import Decision, Entity
@@ -99,6 +100,7 @@ class Pep:
                 request.headers.get("authorization"),
                 header_count=len(request.headers.getlist("authorization")),
                 token_elsewhere=await _token_elsewhere(request),
+                dpop=_dpop_request(self.enforcer.dpop, request),
             )
         except OAuth2Error as exc:
             raise Refused(exc) from None
@@ -133,6 +135,15 @@ class Pep:
             return Grant(token, decision)
 
         return dependency
+
+
+def _dpop_request(binding: DpopBinding | None, request: Request) -> DpopRequest | None:
+    """The request as a DPoP proof must name it: the raw path as received (not the decoded one)."""
+    if binding is None:
+        return None
+    raw_path = request.scope.get("raw_path") or request.url.path.encode()
+    url = binding.request_url(request.url.scheme, request.url.netloc, raw_path.decode("latin-1"))
+    return DpopRequest(request.method, url, tuple(request.headers.getlist("dpop")))
 
 
 async def _token_elsewhere(request: Request) -> bool:
