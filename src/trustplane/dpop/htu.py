@@ -11,6 +11,8 @@ a request can be made to.
 
 from __future__ import annotations
 
+import functools
+import re
 import string
 from urllib.parse import urlsplit
 
@@ -21,17 +23,20 @@ _HEX = frozenset(string.hexdigits)
 _UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
 #: RFC 3986 §3.3 pchar plus "/": unreserved, sub-delims, ":" and "@".
 _PATH_SAFE = _UNRESERVED | frozenset("!$&'()*+,;=:@/")
+_CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
 
 
 class HtuError(ValueError):
     """The value is not an absolute http(s) URI that a request could have been sent to."""
 
 
+@functools.lru_cache(maxsize=4096)
 def normalize_htu(uri: str) -> str:
-    """``scheme://host[:port]/path`` in normal form; query and fragment dropped. Raises :class:`HtuError`."""
+    """``scheme://host[:port]/path`` in normal form; query and fragment dropped. Raises
+    :class:`HtuError`. Cached: a server sees few distinct URIs, and clients name them the same way."""
     if len(uri) > MAX_URI_LENGTH:
         raise HtuError("URI too long")
-    if any(ch <= " " or ch == "\x7f" for ch in uri):
+    if _CONTROL_OR_SPACE.search(uri):
         # urlsplit would silently strip tabs and newlines: refuse them instead.
         raise HtuError("URI contains whitespace or control characters")
     try:
