@@ -6,6 +6,7 @@ access token (``ath``) and the token's ``cnf.jkt``."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -339,3 +340,20 @@ class TestNonce:
         assert source.current(self.now) != source.current(self.now + 300)
         assert not source.accepts(source.current(self.now), self.now + 600)
         assert not source.accepts(source.current(self.now + 300), self.now)  # never ahead
+
+
+async def test_a_proof_built_by_joserfc_verifies() -> None:
+    """A second independent implementation: joserfc's own key generation and compact JWS (ES256;
+    joserfc warns that "EdDSA" is deprecated by RFC 9864 in favour of "Ed25519", see the docs)."""
+    from joserfc import jws
+    from joserfc.jwk import ECKey
+
+    key = ECKey.generate_key("P-256")
+    public = key.as_dict(private=False)
+    header = {"alg": "ES256", "typ": "dpop+jwt", "jwk": public}
+    claims = {"jti": "joserfc-1", "htm": "POST", "htu": URL, "iat": int(time.time())}
+    value = jws.serialize_compact(header, json.dumps(claims), key, algorithms=["ES256"])
+
+    proof = await verifier().verify_for_token_endpoint([value], "POST", URL)
+
+    assert proof.jkt == key.thumbprint()

@@ -24,7 +24,13 @@ from jwt.algorithms import ECAlgorithm
 from tests.dpop.conftest import ProofKey, ath_of, hs256_proof
 from tests.pep.conftest import AUDIENCE, ISSUER, FakeIssuer, free_port
 from tests.pep.test_http import context_of, engine, order_of
-from trustplane.pep import DpopBinding, PolicyEnforcer, TokenValidator, TrustedIssuer
+from trustplane.pep import (
+    ConfigurationError,
+    DpopBinding,
+    PolicyEnforcer,
+    TokenValidator,
+    TrustedIssuer,
+)
 from trustplane.pep.http import Grant, Pep
 
 ALGS = "ES256 EdDSA PS256"
@@ -355,3 +361,27 @@ class TestWithoutDpop:
 
         assert response.status_code == 401
         assert response.headers["www-authenticate"] == 'Bearer realm="execution"'
+
+
+class TestPublicOrigin:
+    """Behind a proxy the client calls another origin than the one the server sees: the proof must
+    name the configured public origin, and a proof naming the server's own address is refused."""
+
+    @pytest.fixture
+    def binding(self) -> DpopBinding:
+        return DpopBinding(public_origin="https://Execution.example:443/")
+
+    async def test_the_public_origin_is_what_the_proof_names(self, live: Live) -> None:
+        token = live.bound_token()
+        public = live.key.proof(htu="https://execution.example/orders", ath=ath_of(token))
+        internal = live.proof(token)
+
+        assert (await live.order(token, [public])).status_code == 200
+        assert_refused(await live.order(token, [internal]), "invalid_dpop_proof")
+
+    @pytest.mark.parametrize(
+        "origin", ["https://execution.example/api", "ftp://execution.example", "execution.example"]
+    )
+    def test_an_origin_with_a_path_or_another_scheme_is_refused(self, origin: str) -> None:
+        with pytest.raises(ConfigurationError):
+            DpopBinding(public_origin=origin)

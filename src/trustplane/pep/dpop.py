@@ -25,13 +25,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from trustplane.dpop.errors import InvalidDpopProofError, UseDpopNonceError
+from trustplane.dpop.htu import HtuError, normalize_htu
 from trustplane.dpop.nonce import NonceSource
 from trustplane.dpop.proof import ALGORITHMS, DpopProof, DpopVerifier
 from trustplane.dpop.replay import JtiStore, MemoryJtiStore
 from trustplane.errors import InvalidRequestError, InvalidTokenError, OAuth2Error
 from trustplane.pep.bearer import MissingToken, _safe, challenge
+from trustplane.pep.keys import ConfigurationError
 from trustplane.pep.validator import AccessToken
 
 
@@ -104,7 +107,7 @@ class DpopBinding:
             algorithms=algorithms,
             clock=clock,
         )
-        self.public_origin = public_origin.rstrip("/") if public_origin else None
+        self.public_origin = _origin(public_origin) if public_origin else None
 
     def request_url(self, scheme: str, authority: str, raw_path: str) -> str:
         """The URI a proof must name: ``public_origin`` (or scheme and Host) + the raw path."""
@@ -174,3 +177,14 @@ class DpopBinding:
                 parts.append(f'error_description="{_safe(exc.description)}"')
         parts.append(f'algs="{self.verifier.algs}"')
         return ", ".join(parts)
+
+
+def _origin(value: str) -> str:
+    """``scheme://host[:port]`` of an absolute http(s) URL with no path, query or fragment."""
+    try:
+        normal = normalize_htu(value)
+    except HtuError as exc:
+        raise ConfigurationError(f"public_origin: {exc}") from None
+    if urlsplit(normal).path != "/" or "?" in value or "#" in value:
+        raise ConfigurationError("public_origin must be scheme://host[:port], without a path")
+    return normal.rstrip("/")
