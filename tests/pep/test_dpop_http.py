@@ -294,6 +294,23 @@ async def test_every_refusal_has_its_status_error_and_dpop_challenge(
     assert dpop_challenge(response)["error_description"] == SAID[case.id]
 
 
+@pytest.mark.parametrize("cnf", [{"jkt": 42}, {"jkt": ""}, "jkt", ["jkt"]])
+@pytest.mark.parametrize("scheme", ["Bearer", "DPoP"])
+async def test_a_malformed_binding_is_not_taken_for_no_binding(
+    live: Live, cnf: object, scheme: str
+) -> None:
+    token = live.issuer.token(cnf=cnf)
+    response = await live.order(token, [live.proof(token)], scheme=scheme)
+
+    assert response.status_code == 401
+    assert response.json() == {
+        "error": "invalid_token",
+        "error_description": "the token's cnf claim is malformed"
+        if not isinstance(cnf, dict)
+        else "the token's cnf.jkt is malformed",
+    }
+
+
 async def test_a_replayed_proof_is_refused(live: Live) -> None:
     token = live.bound_token()
     proof = live.proof(token)
@@ -354,6 +371,12 @@ class TestWithoutDpop:
         assert response.status_code == 401
         assert response.json()["error"] == "invalid_token"
         assert response.headers["www-authenticate"].startswith("Bearer ")
+
+    async def test_a_malformed_binding_is_refused(self, live: Live) -> None:
+        response = await live.order(live.issuer.token(cnf={"jkt": 42}), scheme="Bearer")
+
+        assert response.status_code == 401
+        assert response.json()["error"] == "invalid_token"
 
     async def test_the_dpop_scheme_is_not_understood(self, live: Live) -> None:
         token = live.bound_token()

@@ -61,10 +61,20 @@ class ResourceDpopNonceError(UseDpopNonceError):
 
 
 def bound_jkt(token: AccessToken) -> str | None:
-    """The token's ``cnf.jkt`` (RFC 9449 §6.1), if it is DPoP-bound."""
-    cnf = token.claims.get("cnf")
-    jkt = cnf.get("jkt") if isinstance(cnf, dict) else None
-    return jkt if isinstance(jkt, str) else None
+    """The token's ``cnf.jkt`` (RFC 9449 §6.1), if it is DPoP-bound. A ``cnf`` that is not an object,
+    or a ``jkt`` that is not a non-empty string, is refused: a malformed binding must not pass as
+    no binding."""
+    if "cnf" not in token.claims:
+        return None
+    cnf = token.claims["cnf"]
+    if not isinstance(cnf, dict):
+        raise InvalidTokenError("the token's cnf claim is malformed", debug="cnf_malformed")
+    if "jkt" not in cnf:
+        return None
+    jkt = cnf["jkt"]
+    if not isinstance(jkt, str) or not jkt:
+        raise InvalidTokenError("the token's cnf.jkt is malformed", debug="cnf_malformed")
+    return jkt
 
 
 def refuse_unverifiable(token: AccessToken) -> None:
