@@ -89,10 +89,16 @@ def binding() -> DpopBinding:
     return DpopBinding()
 
 
-async def serve(app: FastAPI, issuer: FakeIssuer) -> AsyncIterator[Live]:
+async def serve(app: FastAPI, issuer: FakeIssuer, root_path: str = "") -> AsyncIterator[Live]:
     port = free_port()
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, lifespan="off", ws="none", log_level="critical"
+        app,
+        host="127.0.0.1",
+        port=port,
+        lifespan="off",
+        ws="none",
+        log_level="critical",
+        root_path=root_path,
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
@@ -408,3 +414,54 @@ class TestPublicOrigin:
     def test_an_origin_with_a_path_or_another_scheme_is_refused(self, origin: str) -> None:
         with pytest.raises(ConfigurationError):
             DpopBinding(public_origin=origin)
+
+
+class TestRootPath:
+    """A proxy forwards ``https://api.example/api/orders`` as ``/orders`` to a server started with
+    ``--root-path /api``: the proof names the URL the client called, prefix included."""
+
+    @pytest.fixture
+    async def live(self, issuer: FakeIssuer) -> AsyncIterator[Live]:
+        app = build(issuer, DpopBinding(public_origin="https://api.example"))
+        async for started in serve(app, issuer, root_path="/api"):
+            yield started
+
+    async def test_the_stripped_prefix_is_part_of_htu(self, live: Live) -> None:
+        token = live.bound_token()
+        called = live.key.proof(htu="https://api.example/api/orders", ath=ath_of(token))
+        without_prefix = live.key.proof(htu="https://api.example/orders", ath=ath_of(token))
+
+        assert (await live.order(token, [called])).status_code == 200
+        assert_refused(await live.order(token, [without_prefix]), "invalid_dpop_proof")
+
+
+@pytest.mark.parametrize(
+    ("raw_path", "root_path", "url"),
+    [
+        (b"/api/orders", "/api", "https://api.example/api/orders"),  # uvicorn: prefix kept
+        (b"/orders", "/api", "https://api.example/api/orders"),  # a server that strips it
+        (b"/orders%2Fx?q=1", "", "https://api.example/orders%2Fx"),  # raw, not decoded
+    ],
+)
+def test_the_url_a_proof_must_name(raw_path: bytes, root_path: str, url: str) -> None:
+    from starlette.requests import Request
+
+    from trustplane.pep.http import _dpop_request
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "scheme": "http",
+        "server": ("10.0.0.5", 8000),
+        "path": "/ignored",
+        "raw_path": raw_path,
+        "root_path": root_path,
+        "query_string": b"",
+        "headers": [(b"host", b"10.0.0.5:8000"), (b"dpop", b"p1")],
+    }
+    binding = DpopBinding(public_origin="https://api.example")
+
+    presented = _dpop_request(binding, Request(scope))
+
+    assert presented is not None
+    assert (presented.method, presented.url, presented.proofs) == ("POST", url, ("p1",))

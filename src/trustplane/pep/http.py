@@ -138,11 +138,15 @@ class Pep:
 
 
 def _dpop_request(binding: DpopBinding | None, request: Request) -> DpopRequest | None:
-    """The request as a DPoP proof must name it: the raw path as received (not the decoded one)."""
+    """The request as a DPoP proof must name it: the raw path as received (not the decoded one),
+    under the app's ``root_path`` when a proxy stripped that prefix."""
     if binding is None:
         return None
-    raw_path = request.scope.get("raw_path") or request.url.path.encode()
-    url = binding.request_url(request.url.scheme, request.url.netloc, raw_path.decode("latin-1"))
+    raw_path = (request.scope.get("raw_path") or request.url.path.encode()).decode("latin-1")
+    root = request.scope.get("root_path", "")
+    if root and not raw_path.startswith(root):
+        raw_path = root + raw_path
+    url = binding.request_url(request.url.scheme, request.url.netloc, raw_path)
     return DpopRequest(request.method, url, tuple(request.headers.getlist("dpop")))
 
 
