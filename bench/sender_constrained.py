@@ -16,7 +16,8 @@ belong here as a third section once the token endpoint issues bound tokens (issu
   python bench/sender_constrained.py            # 3,000 requests per row
   python bench/sender_constrained.py -n 10000
 
-Proofs are signed by PyJWT before the clock starts: the rows measure the server side only. Numbers
+Proofs are signed by PyJWT (a dev extra, as for the tests) before the clock starts: the rows measure
+the server side only. Numbers
 from a shared 2-vCPU machine are indicative; compare ratios within one run.
 """
 
