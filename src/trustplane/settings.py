@@ -216,6 +216,16 @@ class Settings(BaseSettings):
         parts = urlsplit(self.issuer)
         return f"{parts.netloc}{parts.path}/audit"
 
+    # --- DPoP, RFC 9449 (trustplane.dpop, docs/sender_constrained.md)
+    #: Every DPoP proof must carry a nonce of this deployment (``use_dpop_nonce`` otherwise).
+    dpop_nonce_required: bool = False
+    #: Seconds per nonce window; a nonce is accepted for one to two windows.
+    dpop_nonce_lifetime: int = Field(default=300, ge=10, le=3600)
+    #: The accepted ``iat`` window of a proof: this many seconds in the past ...
+    dpop_proof_max_age: int = Field(default=60, ge=5, le=300)
+    #: ... and this many ahead (clock offset; FAPI 2.0 accepts up to 10 s, refuses over 60 s).
+    dpop_proof_max_ahead: int = Field(default=10, ge=0, le=60)
+
     # --- policy decision point (trustplane.policy)
     policy_served_regions: tuple[str, ...] = Field(
         default=("eu",), min_length=1, description="Data regions this deployment serves"
