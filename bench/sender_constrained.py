@@ -42,6 +42,7 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from trustplane.authzen.model import Entity
 from trustplane.dpop import DpopVerifier, MemoryJtiStore
 from trustplane.jose.jwk import thumbprint
 from trustplane.jose.jws import Signer
@@ -56,7 +57,6 @@ from trustplane.pep import (
 )
 from trustplane.policy.bundle import compile_bundle, default_bundle
 from trustplane.policy.engine import PolicyEngine
-from trustplane.policy.model import Entity
 
 ISSUER = "https://as.bench"
 AUDIENCE = "https://execution.example/api"

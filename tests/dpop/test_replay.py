@@ -23,8 +23,8 @@ from trustplane.dpop import (
     verifier_from_settings,
 )
 from trustplane.errors import TemporarilyUnavailableError
-from trustplane.keys.crypto import decode_kek
-from trustplane.oauth.replay import RedisReplayCache, SqlReplayCache
+from trustplane.protocol.replay import RedisReplayCache, SqlReplayCache
+from trustplane.settings import decode_kek
 from trustplane.storage.db import Database
 from trustplane.storage.migrate import upgrade
 from trustplane.storage.writer import GroupCommitWriter

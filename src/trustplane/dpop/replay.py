@@ -1,7 +1,7 @@
 """Single use of DPoP proof ``jti`` values (RFC 9449 §11.1), remembered only while the proof's ``iat``
 would still be accepted.
 
-The store is anything with the ``consume`` of :class:`trustplane.oauth.replay.ReplayCache`: on
+The store is anything with the ``consume`` of :class:`trustplane.protocol.replay.ReplayCache`: on
 trustplane, the database or Redis cache the assertion ``jti``s use. Proofs live in a namespace of
 their own (``dpop-proof:<jkt>``, see :data:`REPLAY_NAMESPACE`), so a proof ``jti`` never collides
 with an assertion ``jti`` (whose namespace is a client id or ``partner-assertion:<issuer>``), and one

@@ -89,7 +89,7 @@ class DpopBinding:
     """The DPoP half of a resource server's PEP.
 
     ``replay``: where proof ``jti``s are remembered (default: :class:`MemoryJtiStore`, one process;
-    pass ``trustplane.oauth.replay.RedisReplayCache(url)`` when several processes serve the API).
+    pass ``trustplane.protocol.replay.RedisReplayCache(url)`` when several processes serve the API).
     ``nonce_secret``: when given (16+ bytes, the same on every instance), proofs must carry a nonce
     of this resource server, rotated every ``nonce_lifetime`` seconds (RFC 9449 §9).
     ``public_origin``: the ``https://host[:port]`` clients call (behind a proxy, the request's own
