@@ -26,6 +26,7 @@ from trustplane.audit.ledger import Ledger
 from trustplane.audit.sink import SqlAuditSink, write_events
 from trustplane.authorize import wiring as authorize_wiring
 from trustplane.bearer_guard import BearerGuard, RevokedTokens
+from trustplane.clients.authentication import ClientAuthenticator
 from trustplane.clients.http import registration_router
 from trustplane.clients.remote_jwks import (
     RemoteJwksCache,
@@ -40,7 +41,7 @@ from trustplane.federation.jwt_bearer import JWT_BEARER, JwtBearerGrant
 from trustplane.federation.service import GENERATION as PARTNERS_GENERATION
 from trustplane.federation.service import FederationService
 from trustplane.federation.store import SqlPartnerStore
-from trustplane.keys.crypto import decode_kek, load_or_create_kek_file
+from trustplane.keys.crypto import load_or_create_kek_file
 from trustplane.keys.service import GENERATION as KEYS_GENERATION
 from trustplane.keys.service import KeyService
 from trustplane.keys.store import SqlKeyStore
@@ -48,17 +49,12 @@ from trustplane.limits import BoundedRequests, RefusalHook, RequestLimits, reque
 from trustplane.logging import configure_logging
 from trustplane.mandates import wiring as mandates_wiring
 from trustplane.mandates.service import MandateService
-from trustplane.oauth.client_auth import ClientAuthenticator
 from trustplane.oauth.discovery import server_metadata
 from trustplane.oauth.exchange import TOKEN_EXCHANGE, TokenExchangeGrant
 from trustplane.oauth.http import OAuthHttp
 from trustplane.oauth.introspection import IntrospectionService
 from trustplane.oauth.openapi import protocol_paths
 from trustplane.oauth.outcomes import OutcomeRecorder
-from trustplane.oauth.replay import RedisReplayCache, SqlReplayCache
-from trustplane.oauth.revocations import GENERATION as REVOCATIONS_GENERATION
-from trustplane.oauth.revocations import SqlRevocationStore
-from trustplane.oauth.scopes import Vocabulary, load_vocabulary, with_internal_apis
 from trustplane.oauth.token_endpoint import TokenEndpoint
 from trustplane.outbound import HostRateLimiter
 from trustplane.policy.admin_http import simulation_router
@@ -66,9 +62,12 @@ from trustplane.policy.enforcement import TokenPolicy
 from trustplane.policy.http import AuthzenHttp, authzen_paths
 from trustplane.policy.service import GENERATION as POLICY_GENERATION
 from trustplane.policy.service import PolicyService, build_policy
+from trustplane.protocol.replay import RedisReplayCache, SqlReplayCache
+from trustplane.protocol.revocations import GENERATION as REVOCATIONS_GENERATION
+from trustplane.protocol.scopes import Vocabulary, load_vocabulary, with_internal_apis
 from trustplane.rar.registry import AuthorizationDetailsRegistry
 from trustplane.readiness import ReadinessProbe
-from trustplane.settings import Settings, SettingsError
+from trustplane.settings import Settings, SettingsError, decode_kek
 from trustplane.site.http import docs_routes, index_route
 from trustplane.storage import generations
 from trustplane.storage.db import Database
@@ -149,7 +148,8 @@ class Services:
         rar, mandates = mandates_wiring.build(settings, db, keys, clients.registry)
         token.details = rar
         token.policy = TokenPolicy(policy.engine) if settings.policy_token_enforcement else None
-        revoked = RevokedTokens(db)  # the SQL store, plus the list the bearer guard reads
+        # the one revocation store: the SQL store, plus the list the bearer guard reads
+        revoked = RevokedTokens(db)
         introspection = IntrospectionService(
             settings, db, auth, keys, clients.registry, revoked, audit, mandates
         )
@@ -165,7 +165,9 @@ class Services:
             audit,
             token,
             introspection,
-        )
+            revoked,
+            authenticator=auth, replay=replay, remote_jwks=remote,  # PAR and request objects
+        )  # fmt: skip
         federation = FederationService(
             db,
             SqlPartnerStore(),
@@ -184,7 +186,7 @@ class Services:
         )
         token.grants[TOKEN_EXCHANGE] = TokenExchangeGrant(
             settings, db, keys, vocabulary, clients.registry, federation.registry, mandates, rar,
-            replay, SqlRevocationStore(), policy.engine if token.policy else None,
+            replay, revoked, policy.engine if token.policy else None,
         )  # fmt: skip
         return cls(
             settings,
@@ -268,7 +270,7 @@ class Services:
         await self.ledger.purge()
         await self.policy.prune()
         async with self.db.transaction() as conn:
-            await SqlRevocationStore().prune(conn, int(time.time()))
+            await self.revoked.prune(conn, int(time.time()))
 
 
 async def _every(interval: float, fn: Any, name: str) -> None:
@@ -287,7 +289,7 @@ class TrustplaneApp:
     their handlers; everything else (registration, admin APIs) goes through FastAPI.
 
     FastAPI's middleware stack costs about as much per request as verifying the client assertion, so
-    the hot paths skip it; their handlers catch their own errors (``oauth.http.protocol_endpoint``).
+    the hot paths skip it; their handlers catch their own errors (``protocol.responses.protocol_endpoint``).
     """
 
     def __init__(

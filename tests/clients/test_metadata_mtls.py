@@ -12,7 +12,7 @@ from tests.clients.test_metadata import JWKS, metadata, settings
 from tests.tls.pki import CLIENT_DN, build_pki
 from trustplane.clients.metadata import validate_metadata
 from trustplane.errors import InvalidClientMetadataError
-from trustplane.oauth.scopes import Vocabulary, load_vocabulary
+from trustplane.protocol.scopes import Vocabulary, load_vocabulary
 from trustplane.settings import Settings
 
 TLS = {"token_endpoint_auth_method": "tls_client_auth", "jwks": None}

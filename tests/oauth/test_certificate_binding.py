@@ -10,10 +10,10 @@ import pytest
 
 from tests.conftest import LEI
 from tests.tls.pki import Pki, build_pki
+from trustplane.clients.authentication import AuthenticatedClient
 from trustplane.clients.model import Client, ClientStatus
 from trustplane.errors import InvalidRequestError
 from trustplane.oauth.certificate_binding import certificate_confirmation
-from trustplane.oauth.client_auth import AuthenticatedClient
 from trustplane.tls import certificate_thumbprint
 
 

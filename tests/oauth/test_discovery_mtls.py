@@ -9,7 +9,7 @@ import pytest
 from tests.conftest import make_settings
 from tests.tls.pki import Pki, build_pki
 from trustplane.oauth.discovery import server_metadata
-from trustplane.oauth.scopes import load_vocabulary
+from trustplane.protocol.scopes import load_vocabulary
 
 MTLS_MEMBERS = {"tls_client_certificate_bound_access_tokens", "mtls_endpoint_aliases"}
 

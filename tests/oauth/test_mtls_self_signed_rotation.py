@@ -13,11 +13,11 @@ import pytest
 
 from tests.conftest import EXECUTION, LEI, make_settings
 from tests.tls.pki import public_jwks
+from trustplane.clients.authentication import ClientAuthenticator
 from trustplane.clients.model import Client, ClientStatus
 from trustplane.clients.remote_jwks import RemoteJwksCache
 from trustplane.errors import InvalidClientError
-from trustplane.oauth.client_auth import ClientAuthenticator
-from trustplane.oauth.form import Form
+from trustplane.protocol.form import Form
 from trustplane.tls.dev_ca import Issued, Subject, self_signed
 
 JWKS_URI = "https://keys.desk-7.example/jwks"

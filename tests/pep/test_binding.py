@@ -18,8 +18,9 @@ from tests.pep.conftest import AUDIENCE, ISSUER, FakeIssuer
 from tests.pep.test_http import CountingPdp, engine
 from tests.tls.pki import Pki, build_pki, escaped_pem
 from trustplane.pep import PolicyEnforcer, TokenValidator, TrustedIssuer
+from trustplane.pep.binding import check_certificate_binding
 from trustplane.pep.http import Pep
-from trustplane.pep.validator import AccessToken
+from trustplane.pep.validator import AccessToken, VerifiedClaims
 from trustplane.tls import CertificateSource, certificate_thumbprint
 
 HEADER = "x-ssl-client-cert"
@@ -97,8 +98,18 @@ async def test_unbound_token_needs_no_certificate(rs: Rs) -> None:
     assert (await rs.get(rs.issuer.token())).status_code == 200
 
 
-async def test_dpop_bound_token_is_not_this_checks_business(rs: Rs) -> None:
-    assert (await rs.get(rs.issuer.token(cnf={"jkt": "abc"}))).status_code == 200
+def test_dpop_bound_token_is_not_this_checks_business() -> None:
+    """``cnf.jkt`` is the DPoP verifier's (trustplane.pep.dpop): the certificate check passes it."""
+    claims = VerifiedClaims({"cnf": {"jkt": "abc"}})
+    token = AccessToken("t", ISSUER, "s", "c", AUDIENCE, frozenset(), "j", 0, claims)
+    check_certificate_binding(token, None)
+
+
+async def test_dpop_bound_token_presented_as_bearer_is_still_refused(rs: Rs) -> None:
+    """...by the DPoP check, with the certificate source configured or not."""
+    response = await rs.get(rs.issuer.token(cnf={"jkt": "abc"}))
+    assert response.status_code == 401
+    assert response.json()["error"] == "invalid_token"
 
 
 # (id, cnf claim, certificate sent (Pki attribute or None), sent by the proxy, metric reason)

@@ -11,8 +11,8 @@ gets an unbound token, even if its connection happened to carry a certificate.
 
 from __future__ import annotations
 
+from trustplane.clients.authentication import AuthenticatedClient
 from trustplane.errors import InvalidRequestError
-from trustplane.oauth.client_auth import AuthenticatedClient
 from trustplane.settings import TLS_CLIENT_AUTH_METHODS
 from trustplane.tls import certificate_thumbprint
 

@@ -10,7 +10,7 @@ client offers it (OpenSSL always prefers the highest common version), with OpenS
 A client certificate is *optional* at the handshake (``CERT_OPTIONAL``): a client without one can
 still use ``private_key_jwt`` or DPoP; one that sends a certificate must send one that chains to
 ``tls_client_ca``, or the handshake fails. The application decides, per client and per token,
-whether a certificate is required (:mod:`trustplane.oauth.client_auth`, :mod:`trustplane.pep.binding`).
+whether a certificate is required (:mod:`trustplane.clients.authentication`, :mod:`trustplane.pep.binding`).
 """
 
 from __future__ import annotations

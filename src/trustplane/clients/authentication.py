@@ -32,8 +32,8 @@ from trustplane.clients.service import ClientRegistry
 from trustplane.errors import InvalidClientError, InvalidRequestError
 from trustplane.jose.jwk import PublicKey
 from trustplane.jose.jws import JWSError, ParsedJWS, parse
-from trustplane.oauth.form import Form
-from trustplane.oauth.replay import ReplayCache, ReplayUse
+from trustplane.protocol.form import Form
+from trustplane.protocol.replay import ReplayCache, ReplayUse
 from trustplane.settings import MAX_ASSERTION_LIFETIME, TLS_CLIENT_AUTH_METHODS, Settings
 from trustplane.tls import certificate_thumbprint
 from trustplane.tls.verification import (
