@@ -13,7 +13,6 @@ from typing import Any
 import orjson
 import structlog
 from fastapi import FastAPI
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -442,7 +441,8 @@ def create_ops_app(services: Services, openapi: Callable[[], dict[str, Any]]) ->
 
 
 async def _metrics(_request: Request) -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    """Every worker's counters added up when there are several (``trustplane.metrics``)."""
+    return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE)
 
 
 async def _health(request: Request) -> Response:
