@@ -146,7 +146,7 @@ def _alive(pid: str) -> bool:
 
 def worker_exited(pid: int, path: Path) -> None:
     """A worker is gone (exited, killed, replaced): its ``live*`` gauge values stop counting."""
-    mark_process_dead(pid, str(path))
+    mark_process_dead(pid, str(path))  # type: ignore[no-untyped-call]
 
 
 def finish_multiprocess(path: Path, owned: bool) -> None:
@@ -159,7 +159,7 @@ def finish_multiprocess(path: Path, owned: bool) -> None:
 @functools.cache
 def _multiprocess_registry(path: str) -> CollectorRegistry:
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path)
+    MultiProcessCollector(registry, path)  # type: ignore[no-untyped-call]
     return registry
 
 
