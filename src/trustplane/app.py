@@ -73,6 +73,7 @@ from trustplane.storage import generations
 from trustplane.storage.db import Database
 from trustplane.storage.migrate import pending
 from trustplane.storage.writer import GroupCommitWriter
+from trustplane.tracing import otlp_endpoint
 
 log = structlog.get_logger("trustplane")
 MAINTENANCE_INTERVAL = 60.0
@@ -304,12 +305,19 @@ class TrustplaneApp:
             for method in (route.methods or ())
         }
         self._bounded = BoundedRequests(self._dispatch, limits or RequestLimits(), hooks)
+        self._entry: ASGIApp = self._bounded
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            await self._bounded(scope, receive, send)
+            await self._entry(scope, receive, send)
             return
         await self.api(scope, receive, send)
+
+    def trace(self, tracer: Any) -> None:
+        """A server span around every HTTP request (``trustplane.tracing``; only when it is on)."""
+        from trustplane.tracing.spans import TracingMiddleware
+
+        self._entry = TracingMiddleware(self._bounded, tracer, {path for path, _ in self._fast})
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         handler = self._fast.get((scope["path"], scope["method"]))
@@ -330,9 +338,18 @@ def _asgi(endpoint: Any) -> ASGIApp:
     return app
 
 
-def create_app(settings: Settings, *, services: Services | None = None) -> TrustplaneApp:
-    configure_logging(settings.log_level, settings.log_format)
+def create_app(
+    settings: Settings, *, services: Services | None = None, span_processor: Any = None
+) -> TrustplaneApp:
+    """``span_processor``: tracing on with spans going there (tests), whatever is configured."""
+    traced = span_processor is not None or otlp_endpoint(settings) is not None
+    configure_logging(settings.log_level, settings.log_format, trace_ids=traced)
     svc = services or Services.build(settings)
+    tracer_provider = None
+    if traced:
+        from trustplane.tracing.spans import provider
+
+        tracer_provider = provider(settings, span_processor)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -354,6 +371,8 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Trust
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await svc.stop()
+            if tracer_provider is not None:  # export what is batched
+                await asyncio.to_thread(tracer_provider.shutdown)
 
     app = FastAPI(
         title="trustplane",
@@ -368,7 +387,10 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Trust
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     # a token request refused at the entry is audited like one refused by the endpoint
     hooks = {"/token": svc.token_endpoint.refuse_unparsed}
-    return TrustplaneApp(app, _mount(app, svc), request_limits(settings), hooks)
+    entry = TrustplaneApp(app, _mount(app, svc), request_limits(settings), hooks)
+    if tracer_provider is not None:
+        entry.trace(tracer_provider.get_tracer("trustplane", __version__))
+    return entry
 
 
 def _mount(app: FastAPI, svc: Services) -> list[Route]:
