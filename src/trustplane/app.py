@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from trustplane import __version__, metrics
+from trustplane import __version__, expiry, metrics
 from trustplane.audit.http import audit_router
 from trustplane.audit.ledger import Ledger
 from trustplane.audit.sink import SqlAuditSink, write_events
@@ -219,6 +219,7 @@ class Services:
         await self.federation.load()
         await self.policy.ensure_default()
         await self.policy.load()
+        await expiry.observe(self)
 
     async def stop(self) -> None:
         await self.writer.stop()
@@ -268,6 +269,7 @@ class Services:
         await self.policy.prune()
         async with self.db.transaction() as conn:
             await SqlRevocationStore().prune(conn, int(time.time()))
+        await expiry.observe(self)  # the gauges of what expires soon (deploy/prometheus rules)
 
 
 async def _every(interval: float, fn: Any, name: str) -> None:

@@ -67,6 +67,11 @@ TOKEN_EXCHANGES = Counter(
     "RFC 8693 token exchanges that issued a token, by subject token type and mode",
     ["subject_token_type", "mode"],
 )
+EXCHANGE_CHAIN_DEPTH = Histogram(
+    "trustplane_token_exchange_actor_chain_depth",
+    "Actors in the delegation chain (act claims) of the tokens token exchange issued",
+    buckets=(0, 1, 2, 3, 4, 5, 8),
+)
 PARTNER_ASSERTIONS = Counter(
     "trustplane_partner_assertions_total",
     "Partner-signed JWTs verified or refused, by partner and reason",
