@@ -32,6 +32,10 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _RUN_PREFIX = "run-"
 
 TOKENS_ISSUED = Counter("trustplane_tokens_issued_total", "Access tokens issued", ["grant_type"])
+#: per client for the issuance-spike alert: one series per registered client (bounded by the registry)
+TOKENS_ISSUED_BY_CLIENT = Counter(
+    "trustplane_tokens_issued_by_client_total", "Access tokens issued, by client", ["client_id"]
+)
 TOKEN_REFUSED = Counter("trustplane_token_refused_total", "Token requests refused", ["error"])
 INTROSPECTIONS = Counter("trustplane_introspections_total", "Introspection answers", ["active"])
 REVOCATIONS = Counter("trustplane_revocations_total", "Revocation requests", ["outcome"])
