@@ -25,6 +25,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from tests.conftest import _Started, make_settings, wait_until
 from tests.e2e.conftest import LiveServers, running_servers
 from trustplane.app import Services, TrustplaneApp, create_app
+from trustplane.audit import events
 from trustplane.audit.events import AuditEvent, AuditEventType
 from trustplane.audit.sink import recent_events
 from trustplane.pep import AuthzenClient, ClientSecretBasic, OutboundFetcher
@@ -33,7 +34,7 @@ from trustplane.policy.model import Entity
 from trustplane.settings import SettingsError, load_settings
 from trustplane.storage.db import Database
 from trustplane.tracing import otlp_endpoint
-from trustplane.tracing.spans import add_trace_ids, correlate
+from trustplane.tracing.spans import add_trace_ids, current_trace_id
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -47,9 +48,10 @@ def exporter() -> InMemorySpanExporter:
 
 @pytest.fixture
 async def traced(
-    services: Services, exporter: InMemorySpanExporter
+    services: Services, exporter: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[tuple[httpx.AsyncClient, TrustplaneApp]]:
     """The full app with tracing on, its spans going to ``exporter``."""
+    monkeypatch.setattr(events, "CORRELATION", None)  # turned on below, back off after the test
     app = create_app(
         services.settings,
         services=_Started(services),  # type: ignore[arg-type]
@@ -155,15 +157,24 @@ async def _wait_for_event(services: Services, type_: str) -> dict[str, Any]:
     raise AssertionError(f"no {type_} event")
 
 
-def test_a_callers_correlation_id_wins_over_the_trace_id() -> None:
+def test_a_callers_correlation_id_wins_over_the_trace_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(events, "CORRELATION", current_trace_id)  # as tracing on does
     tracer = TracerProvider().get_tracer("t")
-    own = AuditEvent(AuditEventType.TOKEN_ISSUED, "https://as", correlation_id="req-1")
-    bare = AuditEvent(AuditEventType.TOKEN_ISSUED, "https://as")
-    assert correlate(bare) is bare  # no span: unchanged
+    assert AuditEvent(AuditEventType.TOKEN_ISSUED, "https://as").correlation_id is None  # no span
     with tracer.start_as_current_span("s") as span:
         trace_id = trace.format_trace_id(span.get_span_context().trace_id)
-        assert correlate(own).correlation_id == "req-1"
-        assert correlate(bare).correlation_id == trace_id
+        own = AuditEvent(AuditEventType.TOKEN_ISSUED, "https://as", correlation_id="req-1")
+        explicit_none = AuditEvent(AuditEventType.TOKEN_ISSUED, "https://as", correlation_id=None)
+        bare = AuditEvent(AuditEventType.TOKEN_ISSUED, "https://as")
+    assert own.correlation_id == "req-1"
+    assert explicit_none.correlation_id == trace_id
+    assert bare.correlation_id == trace_id
+
+
+def test_off_events_get_no_correlation_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(events, "CORRELATION", None)
+    with TracerProvider().get_tracer("t").start_as_current_span("s"):
+        assert AuditEvent(AuditEventType.TOKEN_ISSUED, "https://as").correlation_id is None
 
 
 def test_log_lines_carry_the_current_trace_and_span() -> None:

@@ -8,7 +8,7 @@ the Merkle tree, off the request path.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import orjson
@@ -25,9 +25,6 @@ log = structlog.get_logger("trustplane.audit")
 KIND = "audit"
 #: Entries this process appended (the sequencer polls it to integrate early when many are waiting).
 APPENDED = [0]
-#: Set by ``trustplane.tracing`` when tracing is on: stamps the current trace id on an event as its
-#: correlation id. Applied where the request's context is still current (``emit``, ``write_events``).
-CORRELATE: Callable[[AuditEvent], AuditEvent] | None = None
 
 
 class AuditSink(Protocol):
@@ -45,8 +42,6 @@ def pending_row(event: AuditEvent) -> tuple[str, str, bytes]:
 async def write_events(conn: AsyncConnection, events: Sequence[AuditEvent]) -> list[None]:
     """Append events in the caller's transaction (and batch handler for the group-commit writer):
     one driver-level multi-row insert into the ledger's pending table."""
-    if CORRELATE is not None:
-        events = [CORRELATE(e) for e in events]
     await store.append_pending(conn, [pending_row(e) for e in events])
     APPENDED[0] += len(events)
     return [None] * len(events)
@@ -60,10 +55,6 @@ class SqlAuditSink:
         writer.register(KIND, write_events)
 
     async def emit(self, event: AuditEvent) -> None:
-        if (
-            CORRELATE is not None
-        ):  # here: the group-commit writer runs outside the request's context
-            event = CORRELATE(event)
         await self._writer.submit(KIND, event)
         if event.decision == "deny":
             log.info(

@@ -12,7 +12,7 @@ On, :class:`spans.TracingMiddleware` opens a ``SERVER`` span around every reques
 app (refusals by the size limits included), continuing the caller's trace when the request carries a
 W3C ``traceparent`` (and ``tracestate``). While that span is current, every structlog line carries
 ``trace_id`` and ``span_id`` (:func:`spans.add_trace_ids`), and every audit event written without a
-correlation id of its own gets the trace id as its ``correlation_id`` (:func:`spans.correlate`), so an
+correlation id of its own gets the trace id as its ``correlation_id`` (``trustplane.audit.events.CORRELATION``, set when tracing starts), so an
 auditor's entry leads to the trace and back. The PEP SDK sends ``traceparent`` on its calls to the
 PDP, the token endpoint and the introspection endpoint (:func:`spans.inject_headers`).
 

@@ -4,7 +4,6 @@ and the outbound header injection."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any
@@ -20,7 +19,6 @@ from trustplane.tracing import otlp_endpoint
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 
-    from trustplane.audit.events import AuditEvent
     from trustplane.settings import Settings
 
 _W3C = TraceContextTextMapPropagator()
@@ -42,9 +40,9 @@ def provider(settings: Settings, processor: SpanProcessor | None = None) -> Trac
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         processor = BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint))
-    from trustplane.audit import sink
+    from trustplane.audit import events
 
-    sink.CORRELATE = correlate  # from now on audit events carry the trace id (off: never set)
+    events.CORRELATION = current_trace_id  # from now on audit events carry the trace id
     resource = Resource.create(
         {
             "service.name": os.environ.get("OTEL_SERVICE_NAME") or "trustplane",
@@ -117,15 +115,6 @@ def add_trace_ids(_logger: Any, _method: str, event_dict: MutableMapping[str, An
 def current_trace_id() -> str | None:
     context = trace.get_current_span().get_span_context()
     return trace.format_trace_id(context.trace_id) if context.is_valid else None
-
-
-def correlate(event: AuditEvent) -> AuditEvent:
-    """The event with the current trace id as its correlation id, unless it has one already (a
-    caller-supplied request id wins) or no span is current (tracing off: the event unchanged)."""
-    if event.correlation_id is not None:
-        return event
-    trace_id = current_trace_id()
-    return event if trace_id is None else dataclasses.replace(event, correlation_id=trace_id)
 
 
 def inject_headers(headers: MutableMapping[str, str]) -> MutableMapping[str, str]:
