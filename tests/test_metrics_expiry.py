@@ -9,6 +9,7 @@ import math
 import time
 from collections.abc import Callable
 
+import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -17,7 +18,7 @@ from cryptography.x509.oid import NameOID
 from prometheus_client import REGISTRY
 
 from tests.audit.ledger_helpers import append, event
-from tests.conftest import jwks_for, register_kit
+from tests.conftest import EXECUTION, ClientKit, jwks_for, register_kit
 from tests.mandates.conftest import grantee, terms
 from trustplane import expiry
 from trustplane.app import Services
@@ -105,3 +106,22 @@ def test_a_certificate_that_does_not_parse_does_not_count() -> None:
     assert (
         expiry._earliest_cert([{"keys": [{"x5c": ["bm90IGEgY2VydA=="]}]}, None, {"x": 1}]) is None
     )
+
+
+async def test_tokens_issued_are_counted_per_client(
+    http: httpx.AsyncClient, kit: ClientKit
+) -> None:
+    def issued() -> float:
+        sample = REGISTRY.get_sample_value(
+            "trustplane_tokens_issued_by_client_total", {"client_id": kit.client_id}
+        )
+        return sample or 0.0
+
+    before = issued()
+    for _ in range(2):
+        form = {"grant_type": "client_credentials", "scope": "order:create", **kit.auth()}
+        response = await http.post("/token", data={**form, "resource": EXECUTION})
+        assert response.status_code == 200, response.text
+    refused = await http.post("/token", data={"grant_type": "client_credentials", **kit.auth()})
+    assert refused.status_code == 400  # no resource: refused, not counted
+    assert issued() == before + 2
