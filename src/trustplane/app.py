@@ -8,7 +8,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
@@ -74,6 +74,9 @@ from trustplane.storage.db import Database
 from trustplane.storage.migrate import pending
 from trustplane.storage.writer import GroupCommitWriter
 from trustplane.tracing import otlp_endpoint
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import SpanProcessor
 
 log = structlog.get_logger("trustplane")
 MAINTENANCE_INTERVAL = 60.0
@@ -341,7 +344,10 @@ def _asgi(endpoint: Any) -> ASGIApp:
 
 
 def create_app(
-    settings: Settings, *, services: Services | None = None, span_processor: Any = None
+    settings: Settings,
+    *,
+    services: Services | None = None,
+    span_processor: SpanProcessor | None = None,
 ) -> TrustplaneApp:
     """``span_processor``: tracing on with spans going there (tests), whatever is configured."""
     traced = span_processor is not None or otlp_endpoint(settings) is not None

@@ -235,6 +235,21 @@ def test_a_damaged_cursor_is_refused(tmp_path: Path, content: bytes) -> None:
         siem.Cursor(tmp_path / "c.json", "o").load()
 
 
+def test_a_cursor_in_a_missing_directory_is_refused_before_anything_is_sent(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(siem.SiemError, match=r"directory .* does not exist"):
+        siem.Cursor(tmp_path / "nowhere" / "c.json", "o").load()
+
+
+async def test_a_closed_output_ends_the_stream_without_a_traceback() -> None:
+    def closed(_data: bytes) -> None:
+        raise BrokenPipeError
+
+    with pytest.raises(siem.SiemError, match="the output was closed"):
+        await siem.StreamDestination(closed, lambda: None).send([b"x"])
+
+
 # --------------------------------------------------------------------------- the stream
 
 

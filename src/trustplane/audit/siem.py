@@ -162,6 +162,10 @@ class Cursor:
     origin: str
 
     def load(self) -> int | None:
+        """The saved index, or None when there is no cursor file yet (its directory must exist:
+        the first save must not fail after a batch was delivered)."""
+        if not self.path.parent.is_dir():
+            raise SiemError(f"the cursor file's directory {self.path.parent} does not exist")
         try:
             data = orjson.loads(self.path.read_bytes())
         except FileNotFoundError:
@@ -213,11 +217,15 @@ class StreamDestination:
         self._write, self._flush = write, flush
 
     async def send(self, chunks: Sequence[bytes]) -> None:
-        self._write(b"".join(c if c.endswith(b"\n") else c + b"\n" for c in chunks))
-        self._flush()
+        try:
+            self._write(b"".join(c if c.endswith(b"\n") else c + b"\n" for c in chunks))
+            self._flush()
+        except BrokenPipeError:  # the reader went away (`| head`): this batch was not delivered
+            raise SiemError("the output was closed") from None
 
     async def close(self) -> None:
-        self._flush()
+        with contextlib.suppress(BrokenPipeError):
+            self._flush()
 
 
 class SyslogDestination:
