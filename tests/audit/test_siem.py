@@ -417,6 +417,22 @@ async def test_tail_writes_jsonl_to_stdout_from_an_index(services: Services) -> 
     assert [orjson.loads(line)["payload"]["n"] for line in lines] == list(range(4, 12))
 
 
+async def test_tail_writes_syslog_lines_to_stdout(services: Services) -> None:
+    base = await _add(services, 0, 3)
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [TRUSTPLANE, "audit", "tail", "--format", "syslog", "--from", str(base)],
+        env=_env(services),
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    parsed = [_parse(line) for line in done.stdout.splitlines()]
+    assert [int(p["params"]["seq"][0]) for p in parsed] == [base, base + 1, base + 2]
+    assert {p["host"] for p in parsed} == {"127.0.0.1"}  # the issuer's host
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
