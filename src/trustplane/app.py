@@ -8,19 +8,18 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
 from fastapi import FastAPI
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from trustplane import __version__, metrics
+from trustplane import __version__, expiry, metrics
 from trustplane.audit.http import audit_router
 from trustplane.audit.ledger import Ledger
 from trustplane.audit.sink import SqlAuditSink, write_events
@@ -74,6 +73,10 @@ from trustplane.storage.db import Database
 from trustplane.storage.migrate import pending
 from trustplane.storage.writer import GroupCommitWriter
 from trustplane.tls import CertificateSource
+from trustplane.tracing import otlp_endpoint
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import SpanProcessor
 
 log = structlog.get_logger("trustplane")
 MAINTENANCE_INTERVAL = 60.0
@@ -222,6 +225,7 @@ class Services:
         await self.federation.load()
         await self.policy.ensure_default()
         await self.policy.load()
+        await expiry.observe(self)
 
     async def stop(self) -> None:
         await self.writer.stop()
@@ -271,6 +275,7 @@ class Services:
         await self.policy.prune()
         async with self.db.transaction() as conn:
             await self.revoked.prune(conn, int(time.time()))
+        await expiry.observe(self)  # the gauges of what expires soon (deploy/prometheus rules)
 
 
 async def _every(interval: float, fn: Any, name: str) -> None:
@@ -308,12 +313,19 @@ class TrustplaneApp:
             for method in (route.methods or ())
         }
         self._bounded = BoundedRequests(self._dispatch, limits or RequestLimits(), hooks)
+        self._entry: ASGIApp = self._bounded
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            await self._bounded(scope, receive, send)
+            await self._entry(scope, receive, send)
             return
         await self.api(scope, receive, send)
+
+    def trace(self, tracer: Any) -> None:
+        """A server span around every HTTP request (``trustplane.tracing``; only when it is on)."""
+        from trustplane.tracing.spans import TracingMiddleware
+
+        self._entry = TracingMiddleware(self._bounded, tracer, {path for path, _ in self._fast})
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         handler = self._fast.get((scope["path"], scope["method"]))
@@ -334,9 +346,21 @@ def _asgi(endpoint: Any) -> ASGIApp:
     return app
 
 
-def create_app(settings: Settings, *, services: Services | None = None) -> TrustplaneApp:
-    configure_logging(settings.log_level, settings.log_format)
+def create_app(
+    settings: Settings,
+    *,
+    services: Services | None = None,
+    span_processor: SpanProcessor | None = None,
+) -> TrustplaneApp:
+    """``span_processor``: tracing on with spans going there (tests), whatever is configured."""
+    traced = span_processor is not None or otlp_endpoint(settings) is not None
+    configure_logging(settings.log_level, settings.log_format, trace_ids=traced)
     svc = services or Services.build(settings)
+    tracer_provider = None
+    if traced:
+        from trustplane.tracing.spans import provider
+
+        tracer_provider = provider(settings, span_processor)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -358,6 +382,8 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Trust
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await svc.stop()
+            if tracer_provider is not None:  # export what is batched
+                await asyncio.to_thread(tracer_provider.shutdown)
 
     app = FastAPI(
         title="trustplane",
@@ -372,7 +398,10 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Trust
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     # a token request refused at the entry is audited like one refused by the endpoint
     hooks = {"/token": svc.token_endpoint.refuse_unparsed}
-    return TrustplaneApp(app, _mount(app, svc), request_limits(settings), hooks)
+    entry = TrustplaneApp(app, _mount(app, svc), request_limits(settings), hooks)
+    if tracer_provider is not None:
+        entry.trace(tracer_provider.get_tracer("trustplane", __version__))
+    return entry
 
 
 def _mount(app: FastAPI, svc: Services) -> list[Route]:
@@ -451,7 +480,8 @@ def create_ops_app(services: Services, openapi: Callable[[], dict[str, Any]]) ->
 
 
 async def _metrics(_request: Request) -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    """Every worker's counters added up when there are several (``trustplane.metrics``)."""
+    return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE)
 
 
 async def _health(request: Request) -> Response:

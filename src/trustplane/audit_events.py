@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
+
+#: Set by ``trustplane.tracing`` when tracing is on: the current trace id (None outside a request).
+#: An event made without a correlation id of its own takes it, where it is made: in the request.
+CORRELATION: Callable[[], str | None] | None = None
 
 
 class AuditEventType(StrEnum):
@@ -93,6 +98,10 @@ class AuditEvent:
     payload: dict[str, Any] = field(default_factory=dict)
     time: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
     event_id: str = field(default_factory=lambda: os.urandom(16).hex())
+
+    def __post_init__(self) -> None:
+        if self.correlation_id is None and CORRELATION is not None:
+            object.__setattr__(self, "correlation_id", CORRELATION())
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (``dataclasses.asdict`` deep-copies and is slow on the hot path)."""

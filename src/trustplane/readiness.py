@@ -42,7 +42,11 @@ CHECK_TIMEOUT = 2.0
 MIN_FREE_BYTES = 16 << 20
 HEARTBEAT = "readyz_heartbeat"
 
-READY = Gauge("trustplane_ready", "1 if the last readiness evaluation passed, else 0")
+READY = Gauge(
+    "trustplane_ready",
+    "1 if the last readiness evaluation passed, else 0",
+    multiprocess_mode="livemostrecent",
+)
 
 
 class NotReady(Exception):

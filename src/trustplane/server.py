@@ -8,9 +8,10 @@ bound before anything is printed, so a taken port ends the command with one line
 
 Every worker process serves both sockets (the kernel spreads connections over the workers); one ASGI
 app per process (:class:`Listeners`) dispatches by the local port a connection came in on. With
-``workers > 1`` a ``/metrics`` scrape therefore answers with the counters of whichever worker took the
-connection (Prometheus multiprocess mode is not used); run one worker per process behind the load
-balancer when the counters must add up.
+``workers > 1`` the metrics are kept in Prometheus multiprocess mode (:mod:`trustplane.metrics`): the
+supervisor prepares a fresh directory for the run before spawning the workers, marks each worker that
+exits as dead (its live gauges stop counting), and removes the directory at the end; a ``/metrics``
+scrape answers the sum over the workers, whichever one takes the connection.
 
 Header limits are applied while the request head is parsed (:class:`BoundedHttpToolsProtocol`): the
 ``httptools`` parser that uvicorn uses by default has no limit of its own (``h11_max_incomplete_event_size``
@@ -129,14 +130,44 @@ def run(settings: Settings, sockets: list[socket.socket] | None = None) -> None:
     asyncio.run(warn_unreachable(settings))
     config = uvicorn_config(settings)
     if settings.workers > 1:
-        from uvicorn.supervisors import Multiprocess
-
-        Multiprocess(config, sockets=sockets).run()
+        _supervise(config, sockets, settings)
         return
     server = uvicorn.Server(config)
     server.run(sockets=sockets)
     if not server.started:
         sys.exit(3)  # the app failed to start; uvicorn logged why
+
+
+def _supervise(config: uvicorn.Config, sockets: list[socket.socket], settings: Settings) -> None:
+    """uvicorn's supervisor, with the multiprocess metrics directory set up around it."""
+    from uvicorn.supervisors import Multiprocess
+
+    from trustplane import metrics
+
+    path, owned = metrics.prepare_multiprocess(settings.data_dir)
+
+    class Supervisor(Multiprocess):
+        """Marks every worker it replaced (died, or SIGHUP restart) as dead for the live gauges."""
+
+        def keep_subprocess_alive(self) -> None:
+            before = {p.pid for p in self.processes}
+            super().keep_subprocess_alive()
+            self._mark_gone(before)
+
+        def restart_all(self) -> None:
+            before = {p.pid for p in self.processes}
+            super().restart_all()
+            self._mark_gone(before)
+
+        def _mark_gone(self, before: set[int | None]) -> None:
+            for pid in before - {p.pid for p in self.processes}:
+                if pid is not None:
+                    metrics.worker_exited(pid, path)
+
+    try:
+        Supervisor(config, sockets=sockets).run()
+    finally:
+        metrics.finish_multiprocess(path, owned)
 
 
 class Listeners:

@@ -202,6 +202,9 @@ class Settings(BaseSettings):
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] = "json"
+    #: OpenTelemetry traces (trustplane.tracing): the OTLP/HTTP collector's base URL; empty: the
+    #: standard OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT variables, else tracing is off.
+    otel_exporter_otlp_endpoint: str = Field(default="", pattern=r"^(https?://[^\s/?#]+[^\s?#]*)?$")
 
     # --- audit ledger (docs/ledger.md) ---
     audit_log_origin: str = Field(

@@ -36,7 +36,12 @@ POLL = 0.02
 MAX_ENTRIES = 1000
 
 INTEGRATED = Counter("trustplane_audit_integrated_total", "Ledger entries integrated into the tree")
-TREE_SIZE = Gauge("trustplane_audit_tree_size", "Ledger tree size after the last integration")
+# the tree only grows: with several workers the largest size any of them integrated to is current
+TREE_SIZE = Gauge(
+    "trustplane_audit_tree_size",
+    "Ledger tree size after the last integration",
+    multiprocess_mode="max",
+)
 INTEGRATION_SECONDS = Histogram(
     "trustplane_audit_integration_seconds",
     "Duration of one integration transaction",

@@ -10,14 +10,17 @@ from __future__ import annotations
 import csv
 import json
 import os
+import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TextIO, TypeVar
+from urllib.parse import urlsplit
 
 import orjson
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from trustplane.audit.export_format import export_line
@@ -25,6 +28,17 @@ from trustplane.audit.ledger import Ledger, SignedCheckpoint, b64
 from trustplane.audit.monitor import check_consistency
 from trustplane.audit.parallel_verify import verify_export_file
 from trustplane.audit.report import Report
+from trustplane.audit.siem import (
+    Cursor,
+    Destination,
+    SiemError,
+    StreamDestination,
+    SyslogDestination,
+    Tail,
+    jsonl,
+    parse_syslog_url,
+    syslog,
+)
 from trustplane.audit.store import StoredEntry
 from trustplane.cli import common as base
 from trustplane.cli.common import JsonFlag, err, out
@@ -236,6 +250,92 @@ def _csv_row(item: StoredEntry, proof: list[bytes] | None) -> dict[str, Any]:
         "salt": b64(item.salt) if item.salt is not None else "",
         "inclusion_proof": " ".join(b64(h) for h in proof or []),
     }
+
+
+@audit_app.command("tail")
+def tail(
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep streaming new entries until stopped.")
+    ] = False,
+    fmt: Annotated[
+        str, typer.Option("--format", help="jsonl or syslog (RFC 5424); --syslog implies syslog.")
+    ] = "",
+    cursor_file: Annotated[
+        Path | None,
+        typer.Option(help="Resume from and save to this file (the next ledger index)."),
+    ] = None,
+    syslog_url: Annotated[
+        str | None,
+        typer.Option(
+            "--syslog", help="Send to a syslog receiver: tcp://HOST:PORT or tls://HOST:PORT."
+        ),
+    ] = None,
+    syslog_ca: Annotated[
+        Path | None, typer.Option(help="CA bundle that signs the tls:// receiver's certificate.")
+    ] = None,
+    start: Annotated[
+        int | None,
+        typer.Option(
+            "--from", min=0, help="First ledger index (default 0; not with a saved cursor)."
+        ),
+    ] = None,
+    poll: Annotated[
+        float, typer.Option(min=0.05, max=60, help="Seconds between polls with --follow.")
+    ] = 0.5,
+) -> None:
+    """Stream audit events in ledger order to stdout or a syslog receiver (SIEM export). With a
+    cursor file, a restarted tail goes on where the last delivered batch ended: nothing skipped."""
+    fmt = fmt or ("syslog" if syslog_url else "jsonl")
+    try:
+        if fmt not in ("jsonl", "syslog"):
+            raise SiemError("--format must be jsonl or syslog")
+        if syslog_url is not None:
+            if fmt != "syslog":
+                raise SiemError("--syslog sends RFC 5424 messages: --format must be syslog")
+            tls = parse_syslog_url(syslog_url)[2]
+            if syslog_ca is not None and not tls:
+                raise SiemError("--syslog-ca is for a tls:// receiver")
+        context = _tls_context(syslog_ca)
+    except SiemError as exc:
+        base.fail(str(exc))
+    settings = base._settings()
+    origin = settings.audit_origin
+    hostname = urlsplit(settings.issuer).hostname or "-"
+    encode = jsonl if fmt == "jsonl" else (lambda item: syslog(item, hostname))
+    cursor = Cursor(cursor_file, origin) if cursor_file is not None else None
+
+    async def run(svc: Services) -> int:
+        saved = cursor.load() if cursor is not None else None
+        if saved is not None and start is not None:
+            raise SiemError(f"--from conflicts with the cursor saved in {cursor_file}")
+        destination: Destination = (
+            await SyslogDestination.connect(syslog_url, context)
+            if syslog_url is not None
+            else StreamDestination(sys.stdout.buffer.write, sys.stdout.buffer.flush)
+        )
+        try:
+            streamer = Tail(svc.db, destination, encode, cursor, follow, poll)
+            return await streamer.run(saved if saved is not None else start or 0)
+        finally:
+            await destination.close()
+
+    try:
+        delivered_to = _with_ledger(run)
+    except SiemError as exc:
+        err.print(f"[red]trustplane:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    err.print(f"delivered up to ledger index {delivered_to}", highlight=False)
+
+
+def _tls_context(ca: Path | None) -> ssl.SSLContext | None:
+    if ca is None:
+        return None
+    try:
+        return ssl.create_default_context(cafile=str(ca))
+    except (OSError, ssl.SSLError) as exc:
+        raise SiemError(f"cannot read --syslog-ca {ca}: {exc}") from None
 
 
 @audit_app.command("verify")

@@ -240,6 +240,7 @@ class TokenExchangeGrant:
         metrics.TOKEN_EXCHANGES.labels(
             subject_token_type=_short(subject.token_type), mode=mode
         ).inc()
+        metrics.EXCHANGE_CHAIN_DEPTH.observe(len(req.chain))
         return Grant(
             issued,
             pending,

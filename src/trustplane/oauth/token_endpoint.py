@@ -124,6 +124,7 @@ class TokenEndpoint:
         else:
             await self._record_issue(grant, form, client, grant_type)
         metrics.TOKENS_ISSUED.labels(grant_type=grant_type).inc()
+        metrics.TOKENS_ISSUED_BY_CLIENT.labels(client_id=client.client.client_id).inc()
         body: dict[str, Any] = {
             "access_token": grant.token.token,
             "token_type": "Bearer",

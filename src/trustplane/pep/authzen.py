@@ -17,6 +17,7 @@ from trustplane.outbound import OutboundError, OutboundFetcher, OutboundPolicy
 from trustplane.pep import metrics
 from trustplane.pep.client_auth import ClientAuth
 from trustplane.pep.keys import check_url
+from trustplane.tracing.spans import inject_headers
 
 log = structlog.get_logger("trustplane.pep")
 #: A batch answer of MAX_EVALUATIONS decisions is far below this.
@@ -92,6 +93,7 @@ class AuthzenClient:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if correlation_id:
             headers["X-Request-ID"] = correlation_id
+        inject_headers(headers)  # W3C traceparent of the caller's span, if any
         content = orjson.dumps(payload)
         try:
             for attempt in (1, 2):
@@ -116,6 +118,7 @@ class AuthzenClient:
         form["resource"] = self._audience
         headers = {"Accept": "application/json"}
         self._auth.apply(form, headers)
+        inject_headers(headers)
         response = await self._fetcher.request(
             "POST", self._token_endpoint, purpose="pep_token", data=form, headers=headers
         )

@@ -21,6 +21,7 @@ from trustplane.outbound import OutboundError, OutboundFetcher
 from trustplane.pep import metrics
 from trustplane.pep.client_auth import ClientAuth
 from trustplane.pep.keys import check_url
+from trustplane.tracing.spans import inject_headers
 
 log = structlog.get_logger("trustplane.pep")
 MAX_CACHED = 50_000
@@ -66,6 +67,7 @@ class RevocationCheck:
         form = {"token": token, "token_type_hint": "access_token"}
         headers = {"Accept": "application/json"}
         self._auth.apply(form, headers)
+        inject_headers(headers)  # W3C traceparent of the caller's span, if any
         try:
             response = await self._fetcher.request(
                 "POST", self.endpoint, purpose="pep_introspection", data=form, headers=headers
