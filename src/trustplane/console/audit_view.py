@@ -125,14 +125,18 @@ class AuditView:
         more = rows[-1].index + 1 if len(rows) == limit else None
         return Found(checkpoint.size, checked is not None, problem, rows, more)
 
-    async def export(self, filters: dict[str, Any]) -> tuple[str, Iterator[bytes]]:
+    async def export(
+        self, filters: dict[str, Any], size: int | None = None
+    ) -> tuple[str, Iterator[bytes]]:
         """The matching entries as JSONL export lines with their inclusion proofs (the format of
-        ``trustplane audit export``), and the checkpoint note they are proved against."""
-        checkpoint, found = await self._ledger.search(filters, 0, EXPORT_MAX)
+        ``trustplane audit export``) against the checkpoint of ``size`` (default: the latest), and
+        that checkpoint's note. The page links the export and the checkpoint with the same size, so
+        the two downloads always belong together."""
+        checkpoint, found = await self._ledger.search(filters, 0, EXPORT_MAX, size)
         return checkpoint.note, (export_line(p.entry, p.proof) for p in found)
 
-    async def checkpoint_note(self) -> str | None:
-        latest = await self._ledger.checkpoint()
+    async def checkpoint_note(self, size: int | None = None) -> str | None:
+        latest = await self._ledger.checkpoint(size)
         return latest.note if latest else None
 
     async def chain(self, transaction_id: str) -> Chain:

@@ -408,7 +408,7 @@ class ConsoleHttp:
 
         filters = self._filters(request)
         try:
-            _note, lines = await self._audit.export(filters)
+            _note, lines = await self._audit.export(filters, _size(request))
         except LedgerError:
             return self._not_found(who, session, "The log has no signed checkpoint yet.")
         await self._actions.record(
@@ -419,7 +419,7 @@ class ConsoleHttp:
         return Response(body, media_type="application/jsonl", headers=headers)
 
     async def checkpoint(self, request: Request, who: Person, session: Session) -> Response:
-        note = await self._audit.checkpoint_note()
+        note = await self._audit.checkpoint_note(_size(request))
         if note is None:
             return self._not_found(who, session, "The log has no signed checkpoint yet.")
         headers = {**HEADERS, "Content-Disposition": 'attachment; filename="checkpoint.txt"'}
@@ -560,6 +560,11 @@ class ConsoleHttp:
         except ActionRefused as exc:
             return self._html("error.html", 400, who=who, session=session, message=str(exc))
         return _redirect(f"/console/partners/{quote(partner_id)}?done=partner:conformance")
+
+
+def _size(request: Request) -> int | None:
+    raw = request.query_params.get("size", "")
+    return int(raw) if raw.isdigit() and 0 < len(raw) <= 18 else None
 
 
 def _post_path(action: str, target: str) -> str:
