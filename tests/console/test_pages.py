@@ -277,3 +277,12 @@ async def test_partners_page_lists_partners(console: Console) -> None:
     await new_partner(console.services, "p-list")
     page = (await console.agents["ada"].get("/console/partners")).text
     assert "/console/partners/p-list" in page
+
+
+async def test_keys_page(console: Console) -> None:
+    svc = console.services
+    page = (await console.agents["olivia"].get("/console/keys")).text
+    assert page.count("<h1>") == 1
+    for key in await svc.keys.list_all():
+        assert key.kid in page
+    assert "/console/confirm?action=keys:rotate" in page

@@ -3,7 +3,7 @@ the KEK, so every process accepts it) holding the session id, the person's user 
 granted at sign-in, for ``session_lifetime`` seconds. ``HttpOnly``, ``SameSite=Strict``, ``Secure``
 (and ``__Host-``) when the issuer is https.
 
-Sign-out clears the cookie; a copy taken before then stays valid until it expires, so the lifetime is
+Sign-out clears the cookie (and the sign-in session of ``/authorize``); a copy taken before then stays valid until it expires, so the lifetime is
 the bound (docs/console.md). The person's account and roles are read again on every request.
 
 The CSRF token is a MAC of the session id (synchroniser token): a form posted from another origin
@@ -44,6 +44,9 @@ class Sessions:
         self.login_cookie = (
             "__Host-trustplane_console_login" if https else "trustplane_console_login"
         )
+        #: the sign-in session of ``/authorize`` (authorize/http.py): ended with the console's, so
+        #: that signing out of the console signs this browser out of this server
+        self.login_session = "__Host-trustplane_session" if https else "trustplane_session"
         self._sealer, self.lifetime = sealer, lifetime
 
     def read(self, request: Request) -> Session | None:
@@ -70,6 +73,9 @@ class Sessions:
     def end(self, response: Response) -> None:
         response.delete_cookie(
             self.cookie, path="/", secure=self._secure, httponly=True, samesite="strict"
+        )
+        response.delete_cookie(
+            self.login_session, path="/", secure=self._secure, httponly=True, samesite="lax"
         )
 
     def csrf(self, session: Session) -> str:
