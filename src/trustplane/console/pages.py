@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -65,9 +66,18 @@ MANDATE_FIELDS = (
 )
 
 
+def _day(ts: int | None) -> str:
+    if ts is None:
+        return "open-ended"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 def mandate_terms(m: Mandate) -> dict[str, Any]:
     full = m.to_dict()
-    return {name: full[name] for name in MANDATE_FIELDS}
+    terms = {name: full[name] for name in MANDATE_FIELDS}
+    terms["effective_from"] = _day(m.effective_from)
+    terms["effective_until"] = _day(m.effective_until)
+    return terms
 
 
 @dataclass
