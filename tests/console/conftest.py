@@ -11,7 +11,7 @@ import httpx
 import pytest_asyncio
 
 from tests.authorize.flow import PASSWORD, hidden_fields
-from tests.conftest import LEI
+from tests.conftest import LEI, PROTOCOL_DATABASES
 from tests.protocol_server import Server, running_server
 
 USER_LEI = "529900T8BM49AURSDO55"
@@ -69,7 +69,7 @@ async def sign_in(agent: httpx.AsyncClient, username: str, approve: bool = True)
     return await agent.get(callback)
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module", params=["sqlite"])
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=PROTOCOL_DATABASES)
 async def console(request, tmp_path_factory) -> AsyncIterator[Console]:  # type: ignore[no-untyped-def]
     async with running_server(
         request,
