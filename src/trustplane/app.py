@@ -341,6 +341,8 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Trust
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await svc.start()
+        if app.state.console is not None:  # the console's built-in client, registered if missing
+            await app.state.console.ensure_client()
         seen: dict[str, int] = {}
         await svc.refresh_caches(seen)
         tasks = [
@@ -385,11 +387,10 @@ def _mount(app: FastAPI, svc: Services) -> list[Route]:
     app.include_router(mandates_wiring.router(svc.mandates, guard))
     app.router.routes.extend(svc.authorization.http.routes())
     app.include_router(simulation_router(svc.policy, guard, svc.settings))
-    console = console_wiring.build(svc, key_encryption_key(svc.settings))
-    if (
-        console is not None
-    ):  # the operator console (docs/console.md), when TRUSTPLANE_CONSOLE_LEI is set
-        app.router.routes.extend(console.routes())
+    # the operator console (docs/console.md), when TRUSTPLANE_CONSOLE_LEI is set
+    app.state.console = console_wiring.build(svc, key_encryption_key(svc.settings))
+    if app.state.console is not None:
+        app.router.routes.extend(app.state.console.routes())
     fast = protocol.routes()
     fast += AuthzenHttp(svc.policy.engine, guard).routes()
     app.router.routes.extend(fast)

@@ -341,3 +341,18 @@ async def test_static_files(console: Console) -> None:
         assert css.status_code == 200
         assert css.headers["content-type"].startswith("text/css")
         assert (await agent.get("/console/static/other.js")).status_code == 404
+
+
+async def test_the_console_client_is_registered_once_with_only_its_own_audience(
+    console: Console,
+) -> None:
+    svc = console.services
+    mine = [
+        c for c in await svc.clients.list() if c.metadata.get("client_name") == "trustplane console"
+    ]
+    assert len(mine) == 1  # started, and signed in several times
+    meta = mine[0].metadata
+    assert meta["allowed_resources"] == [f"{svc.settings.issuer}/console"]
+    assert meta["redirect_uris"] == [f"{svc.settings.issuer}/console/callback"]
+    assert meta["grant_types"] == ["authorization_code"]
+    assert meta["token_endpoint_auth_method"] == "private_key_jwt"

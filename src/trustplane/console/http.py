@@ -127,6 +127,10 @@ class ConsoleHttp:
             for name in STATIC
         }
 
+    async def ensure_client(self) -> None:
+        """At start: find or register the console's client (docs/console.md, "Sign-in")."""
+        await self._client.ensure()
+
     def routes(self) -> list[Route]:
         page = self._page
         return [

@@ -100,8 +100,9 @@ class ConsoleClient:
         )
 
     async def ensure(self) -> str:
-        """Find the console's client (the oldest, if several processes raced) or register it: on
-        the first sign-in of each process (an operator registration, audited like the CLI's)."""
+        """Find the console's client (the oldest, if several processes raced) or register it (an
+        operator registration, audited like the CLI's): at start, and again at a sign-in if the
+        start did not get that far."""
         mine = sorted(
             (c for c in await self._clients.list() if self._ours(c)),
             key=lambda c: (c.created_at, c.client_id),
@@ -116,8 +117,8 @@ class ConsoleClient:
         return self.client_id
 
     async def authorize_url(self, state: str, challenge: str) -> str:
-        if self.client_id is None:
-            await self.ensure()
+        # every sign-in looks again: processes that raced at first start converge on the oldest
+        await self.ensure()
         query = urlencode(
             {
                 "response_type": "code",
@@ -149,8 +150,8 @@ class ConsoleClient:
     async def redeem(self, code: str, verifier: str) -> SignedIn:
         """RFC 6749 §4.1.3 through the token endpoint service; raises its typed error (audited
         there) when the code is bad, used, expired or bound to another verifier."""
-        if self.client_id is None:
-            await self.ensure()
+        # every sign-in looks again: processes that raced at first start converge on the oldest
+        await self.ensure()
         body = urlencode(
             {
                 "grant_type": "authorization_code",
