@@ -257,8 +257,19 @@ async def test_clients_list_and_registration_history(console: Console) -> None:
     await svc.ledger.integrate_all()
     agent = console.agents["ada"]
     assert client_id in (await agent.get("/console/clients")).text
-    page = (await agent.get(f"/console/clients/{client_id}")).text
-    assert "oauth:client:registered" in page
+    from trustplane.clients.model import ClientStatus
+
+    await svc.clients.set_status(client_id, ClientStatus.DISABLED)
+    await svc.ledger.integrate_all()
+    page = html.unescape((await agent.get(f"/console/clients/{client_id}")).text)
+    history = page.split('id="client-history"', 1)[1].split("</table>", 1)[0]
+    assert "oauth:client:registered" in history
+    assert "oauth:client:disabled" in history
+    disabled = history.split("oauth:client:disabled", 1)[1].split("</tr>", 1)[0]
+    assert "<strong>status</strong>" in disabled
+    assert "active" in disabled
+    assert "disabled" in disabled
+    assert "<strong>scopes</strong>" not in disabled  # only what changed
 
 
 async def test_alerts_fire_on_failed_sign_ins(console: Console) -> None:

@@ -137,9 +137,15 @@ class Pages:
         return sorted(await self._clients.list(), key=lambda c: c.created_at, reverse=True)
 
     async def client(self, client_id: str) -> tuple[Client, list[dict[str, Any]]]:
-        """The client and its registration history from the ledger (newest first)."""
+        """The client and its registration history from the ledger (newest first), each entry with
+        what changed from the one before (the ledger keeps the scopes, the LEI and the status)."""
         client = await self._clients.get(client_id)
-        return client, await self._events({"client_id": client_id}, "oauth:client:")
+        events = await self._events({"client_id": client_id}, "oauth:client:")
+        for event, before in zip(events, [*events[1:], None], strict=True):
+            terms = {k: event.get(k) for k in ("scopes", "lei", "status")}
+            previous = {k: before.get(k) for k in terms} if before is not None else None
+            event["changes"] = field_changes(previous, terms)
+        return client, events
 
     async def partners(self) -> list[StoredProfile]:
         return await self._federation.current()
