@@ -297,3 +297,42 @@ async def test_keys_page(console: Console) -> None:
     for key in await svc.keys.list_all():
         assert key.kid in page
     assert "/console/confirm?action=keys:rotate" in page
+
+
+def _certificate(key, days: int) -> str:  # type: ignore[no-untyped-def]
+    import base64
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "client.example")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .sign(key, hashes.SHA256())
+    )
+    return base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()
+
+
+async def test_overview_lists_client_certificates_that_end_soon(console: Console) -> None:
+    from tests.conftest import jwks_for, new_ec_key, register_kit
+
+    key, later = new_ec_key(), new_ec_key()
+    jwks = jwks_for(key, "cert-soon")
+    jwks["keys"][0]["x5c"] = [_certificate(key, 5)]
+    other = jwks_for(later, "cert-later")["keys"][0]
+    other["x5c"] = [_certificate(later, 200)]
+    jwks["keys"].append(other)
+    kit = await register_kit(console.services, jwks=jwks)
+    page = (await console.agents["ada"].get("/console")).text
+    expiring = page.split('id="expiring"', 1)[1].split("</table>", 1)[0]
+    assert f"{kit.client_id} cert-soon" in expiring
+    assert "cert-later" not in expiring
