@@ -85,6 +85,19 @@ DONE = {
     "policy:rollback": "The previous bundle is active again.",
 }
 
+#: what the confirmation page calls each action
+LABELS = {
+    "mandate:suspend": "Suspend mandate",
+    "mandate:resume": "Resume mandate",
+    "mandate:revoke": "Revoke mandate",
+    "client:disable": "Disable client",
+    "client:enable": "Enable client",
+    "partner:disable": "Disable partner",
+    "keys:rotate": "Rotate the signing key",
+    "policy:activate": "Activate policy bundle",
+    "policy:rollback": "Roll back from policy bundle",
+}
+
 Handler = Callable[[Request, Person, Session], Awaitable[Response]]
 
 
@@ -452,6 +465,7 @@ class ConsoleHttp:
     ) -> Response:
         return self._view(
             request, who, session, "confirm.html", action=action, target=target,
+            label=LABELS[action],
             post=_post_path(action, target), needs_reason=action in NEEDS_REASON,
             allowed=REQUIRED[action] in who.roles, problem=problem,
             back=_back_path(action, target),
