@@ -220,6 +220,8 @@ async def test_revoke_is_done_by_the_mandate_service_and_names_the_person(consol
     page = await agent.get(f"/console/mandates/{mandate_id}?done=mandate:revoke")
     assert "The mandate is revoked." in page.text
     assert 'id="status">revoked' in page.text
+    history = page.text.split('id="history"', 1)[1]
+    assert f'Olivia<span class="sub code">{user_id}</span>' in history  # named, with the id
 
 
 async def test_every_page_has_the_security_headers(console: Console) -> None:

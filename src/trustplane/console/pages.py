@@ -21,6 +21,7 @@ from trustplane.mandates.model import Mandate, MandateFilter, MandateStatus
 from trustplane.mandates.service import MandateHistory, MandateService
 from trustplane.policy.service import PolicyService
 from trustplane.policy.store import Activation, BundleRecord
+from trustplane.users.service import UserService
 
 MANDATE_ID = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 LEI = re.compile(r"^[A-Z0-9]{20}$")
@@ -86,6 +87,8 @@ class MandateView:
     history: MandateHistory
     #: (version, what changed from the previous version)
     diffs: list[tuple[Mandate, list[Change]]]
+    #: user id -> display name, for the people in the history
+    names: dict[str, str]
 
 
 class Pages:
@@ -96,9 +99,10 @@ class Pages:
         federation: FederationService,
         policy: PolicyService,
         ledger: Ledger,
+        users: UserService,
     ) -> None:
         self._mandates, self._clients, self._federation = mandates, clients, federation
-        self._policy, self._ledger = policy, ledger
+        self._policy, self._ledger, self._users = policy, ledger, users
 
     # ------------------------------------------------------------------ mandates
 
@@ -129,7 +133,15 @@ class Pages:
             diffs.append((version, field_changes(previous, terms)))
             previous = terms
         current = await self._mandates.get(mandate_id)
-        return MandateView(current, history, diffs)
+        people = {c.actor for c in history.changes} | {
+            v.grantor_person or "" for v in history.versions
+        }
+        names = {}
+        for user_id in sorted(p for p in people if p.startswith("u_")):
+            user = await self._users.by_id(user_id)
+            if user is not None:
+                names[user_id] = user.display_name
+        return MandateView(current, history, diffs, names)
 
     # ------------------------------------------------------------------ clients, partners
 

@@ -35,7 +35,9 @@ def build(svc: Services, kek: bytes) -> ConsoleHttp | None:
     overview = OverviewService(
         settings, svc.db, svc.ledger, svc.mandates, svc.keys, svc.clients, svc.federation
     )
-    pages = Pages(svc.mandates, svc.clients, svc.federation, svc.policy, svc.ledger)
+    pages = Pages(
+        svc.mandates, svc.clients, svc.federation, svc.policy, svc.ledger, svc.authorization.users
+    )
     actions = Actions(
         settings.issuer, svc.db, svc.mandates, svc.clients, svc.federation, svc.keys, svc.policy
     )
