@@ -17,6 +17,7 @@ from trustplane.clients.model import Client
 from trustplane.clients.service import ClientService
 from trustplane.federation.service import FederationService
 from trustplane.federation.store import StoredProfile
+from trustplane.mandates.errors import MandateError
 from trustplane.mandates.model import Mandate, MandateFilter, MandateStatus
 from trustplane.mandates.service import MandateHistory, MandateService
 from trustplane.policy.service import PolicyService
@@ -113,7 +114,7 @@ class Pages:
         if q and MANDATE_ID.fullmatch(q) and not LEI.fullmatch(q.upper()):
             try:
                 found = await self._mandates.get(q)
-            except Exception:  # not a mandate id: try it as a client id below
+            except MandateError:  # not a mandate id: try it as a client id below
                 found = None
             if found is not None:
                 return [found] if wanted in (None, found.status) else []
