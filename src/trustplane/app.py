@@ -35,6 +35,7 @@ from trustplane.clients.remote_jwks import (
 from trustplane.clients.service import GENERATION as CLIENTS_GENERATION
 from trustplane.clients.service import ClientService
 from trustplane.clients.store import SqlClientStore, SqlInitialAccessTokenStore
+from trustplane.console import wiring as console_wiring
 from trustplane.federation.http import federation_router
 from trustplane.federation.jwt_bearer import JWT_BEARER, JwtBearerGrant
 from trustplane.federation.service import GENERATION as PARTNERS_GENERATION
@@ -131,7 +132,9 @@ class Services:
     def build(cls, settings: Settings, db: Database | None = None) -> Services:
         db = db or Database(settings.effective_database_url)
         writer = GroupCommitWriter(db)
-        vocabulary = with_internal_apis(load_vocabulary(settings.scopes_file), settings.issuer)
+        vocabulary = console_wiring.vocabulary(
+            settings, with_internal_apis(load_vocabulary(settings.scopes_file), settings.issuer)
+        )
         audit = SqlAuditSink(writer)
         sql_replay = SqlReplayCache(writer, db)
         replay: SqlReplayCache | RedisReplayCache = (
@@ -365,6 +368,8 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await svc.start()
+        if app.state.console is not None:  # the console's built-in client, registered if missing
+            await app.state.console.ensure_client()
         seen: dict[str, int] = {}
         await svc.refresh_caches(seen)
         tasks = [
@@ -420,6 +425,10 @@ def _mount(app: FastAPI, svc: Services) -> list[Route]:
     app.include_router(mandates_wiring.router(svc.mandates, guard))
     app.router.routes.extend(svc.authorization.http.routes())
     app.include_router(simulation_router(svc.policy, guard, svc.settings))
+    # the operator console (docs/console.md), when TRUSTPLANE_CONSOLE_LEI is set
+    app.state.console = console_wiring.build(svc, key_encryption_key(svc.settings))
+    if app.state.console is not None:
+        app.router.routes.extend(app.state.console.routes())
     fast = protocol.routes()
     fast += AuthzenHttp(svc.policy.engine, guard).routes()
     app.router.routes.extend(fast)

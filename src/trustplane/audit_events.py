@@ -67,6 +67,11 @@ class AuditEventType(StrEnum):
     POLICY_BUNDLE_PUBLISHED = "policy:bundle:published"
     POLICY_BUNDLE_ACTIVATED = "policy:bundle:activated"
     POLICY_BUNDLE_ROLLED_BACK = "policy:bundle:rolled_back"
+    # operator console (docs/console.md): every sign-in, sign-out and action names the person
+    CONSOLE_SIGNED_IN = "console:session:started"
+    CONSOLE_SIGNED_OUT = "console:session:ended"
+    CONSOLE_ACTION = "console:action:performed"
+    CONSOLE_ACTION_REFUSED = "console:action:refused"
 
 
 @dataclass(slots=True, frozen=True)

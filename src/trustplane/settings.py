@@ -166,6 +166,14 @@ class Settings(BaseSettings):
     #: can also be made to by its own registration (``require_signed_request_object``).
     require_signed_request_object: bool = False
 
+    # --- operator console at /console (docs/console.md); off unless console_lei is set
+    #: LEI of the operator's legal entity, which owns the console's built-in client.
+    console_lei: str = Field(default="", max_length=20)
+    #: username -> console roles ("operator", "compliance", "auditor"): who may use the console.
+    console_roles: dict[str, tuple[Literal["operator", "compliance", "auditor"], ...]] = Field(
+        default_factory=dict
+    )
+
     # mandates, RAR authorization_details types, security events (issue 5, mandates)
     authorization_details_types_dir: Path | None = None
     mandate_default_lifetime: int = Field(default=90 * 86400, ge=3600, le=5 * 366 * 86400)
