@@ -1,4 +1,5 @@
-"""Builds this package's services for the composition root (``trustplane.app``) in one call."""
+"""The authorization component: users, the legal-entity directory, the authorization endpoint with
+its login and consent pages, and the two delegated grants (authorization code, refresh token)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from trustplane.authorize.sealing import Sealer
 from trustplane.authorize.service import AuthorizationService
 from trustplane.authorize.store import SqlCodeStore, SqlRefreshStore
 from trustplane.clients.service import ClientRegistry
+from trustplane.component import Idle, Routes
 from trustplane.entities.service import EntityDirectory
 from trustplane.entities.store import SqlEntityStore
 from trustplane.keys.service import KeyService
@@ -29,13 +31,23 @@ from trustplane.users.store import SqlUserStore
 
 
 @dataclass
-class Authorization:
+class Authorization(Idle):
+    """Nothing cached across processes (codes, refresh tokens, users and entities are read per
+    request); maintenance deletes expired codes and refresh tokens. The pages go through FastAPI."""
+
     db: Database
     users: UserService
     entities: EntityDirectory
     service: AuthorizationService
     grants: DelegatedGrants
     http: AuthorizeHttp
+    name = "authorize"
+
+    def routes(self) -> Routes:
+        return Routes(api=self.http.routes())
+
+    async def maintain(self) -> None:
+        await self.prune()
 
     async def prune(self) -> int:
         """Delete codes and refresh tokens expired for more than a day (kept that long so that a
