@@ -12,7 +12,7 @@ from trustplane.authorize.http import AuthorizeHttp
 from trustplane.authorize.login import LocalLogin
 from trustplane.authorize.sealing import Sealer
 from trustplane.authorize.service import AuthorizationService
-from trustplane.authorize.store import SqlCodeStore, SqlRefreshStore
+from trustplane.authorize.store import CodeStore, RefreshStore, SqlCodeStore, SqlRefreshStore
 from trustplane.clients.service import ClientRegistry
 from trustplane.component import Idle, Routes
 from trustplane.entities.service import EntityDirectory
@@ -41,6 +41,8 @@ class Authorization(Idle):
     service: AuthorizationService
     grants: DelegatedGrants
     http: AuthorizeHttp
+    codes: CodeStore
+    refresh: RefreshStore
     name = "authorize"
 
     def routes(self) -> Routes:
@@ -54,8 +56,8 @@ class Authorization(Idle):
         late replay is still recognised as reuse and revokes what it should)."""
         before = int(time.time()) - 86400
         async with self.db.transaction() as conn:
-            codes = await SqlCodeStore().prune(conn, before)
-            return codes + await SqlRefreshStore().prune(conn, before)
+            codes = await self.codes.prune(conn, before)
+            return codes + await self.refresh.prune(conn, before)
 
 
 def build(
@@ -73,7 +75,7 @@ def build(
 ) -> Authorization:
     """Wire users, the authorization endpoint and the two grants (registered on the token endpoint)."""
     users = UserService(db, SqlUserStore(), settings, kek, write_events)
-    codes = SqlCodeStore()
+    codes, refresh = SqlCodeStore(), SqlRefreshStore()
     entities = EntityDirectory(db, SqlEntityStore())
     service = AuthorizationService(
         settings, db, registry, vocabulary, details, mandates, codes, audit, entities
@@ -85,11 +87,11 @@ def build(
         mandates,
         details,
         codes,
-        SqlRefreshStore(),
+        refresh,
         SqlRevocationStore(),
         authorize=token_endpoint.authorize_scopes,
     )
     token_endpoint.grants.update(grants.handlers())
     introspection.refresh_tokens = grants
     http = AuthorizeHttp(settings, service, LocalLogin(users), Sealer(kek))
-    return Authorization(db, users, entities, service, grants, http)
+    return Authorization(db, users, entities, service, grants, http, codes, refresh)
