@@ -21,7 +21,7 @@ from starlette.routing import Route
 
 from trustplane.jose.jws import Signer, parse
 from trustplane.keys.crypto import generate_private_key
-from trustplane.oauth.tokens import new_jti
+from trustplane.protocol.tokens import new_jti
 
 _public = serialization.load_pem_public_key(Path(os.environ["BASELINE_CLIENT_PUB"]).read_bytes())
 _signer = Signer(generate_private_key("ES256"), "ES256", "baseline", typ="at+jwt")

@@ -103,7 +103,7 @@ async def prepare(count: int) -> dict[str, Any]:
 
 def assertions(client_id: str, key: Any, issuer: str, count: int) -> list[str]:
     from trustplane.jose.jws import Signer
-    from trustplane.oauth.tokens import new_jti
+    from trustplane.protocol.tokens import new_jti
 
     signer = Signer(key, "ES256", "bench", typ="JWT")
     now = int(time.time())

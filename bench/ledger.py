@@ -48,12 +48,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from trustplane.app import Services
 from trustplane.audit import merkle
 from trustplane.audit.canonical import entry_parts
-from trustplane.audit.events import AuditEvent, AuditEventType
 from trustplane.audit.export_format import export_line
 from trustplane.audit.note import Checkpoint
 from trustplane.audit.parallel_verify import verify_export_file
 from trustplane.audit.sink import SqlAuditSink
 from trustplane.audit.store import LEAF_COLUMNS, insert_integrated
+from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.keys.crypto import new_kek_text
 from trustplane.logging import configure_logging
 from trustplane.settings import Settings

@@ -41,10 +41,10 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trustplane.audit.events import AuditEvent
+from trustplane.audit_events import AuditEvent
+from trustplane.authzen.model import DecisionRequest, Entity
 from trustplane.policy.bundle import BundleSource, CompiledBundle, compile_bundle, default_bundle
 from trustplane.policy.engine import PolicyEngine, cedar_input
-from trustplane.policy.model import DecisionRequest, Entity
 from trustplane.policy.recorder import DecisionRecord, DecisionRecorder, write_decisions
 from trustplane.policy.simulate import simulate
 from trustplane.storage.db import Database

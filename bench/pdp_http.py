@@ -41,12 +41,12 @@ import httpx
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from trustplane.authzen.model import Entity
 from trustplane.jose.jws import Signer
 from trustplane.keys.crypto import public_jwk
 from trustplane.pep import OutboundFetcher, PolicyEnforcer, TokenValidator, TrustedIssuer
 from trustplane.policy.bundle import compile_bundle, default_bundle
 from trustplane.policy.engine import PolicyEngine
-from trustplane.policy.model import Entity
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import free_port, wait_ready
@@ -255,8 +255,8 @@ def _access_token(issuer: str, client_id: str, pem: bytes, kid: str) -> str:
 
 
 def _evaluation_json() -> dict[str, Any]:
-    from trustplane.pep.authzen import request_to_json
-    from trustplane.policy.model import DecisionRequest
+    from trustplane.authzen.model import DecisionRequest
+    from trustplane.authzen.wire import request_to_json
 
     order, context = order_request()
     owner = Entity("LegalEntity", LEI)
@@ -361,7 +361,7 @@ async def _handler_rows(n: int) -> list[Row]:
 
 
 async def _handler_measure(svc: Any, authzen_http: Any, n: int) -> list[Row]:
-    from trustplane.oauth.tokens import issue_access_token
+    from trustplane.protocol.tokens import issue_access_token
 
     audience = f"{svc.settings.issuer}/access/v1"
     client = await svc.clients.register(

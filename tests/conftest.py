@@ -30,10 +30,10 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from trustplane.app import Services, create_app
 from trustplane.keys.crypto import new_kek_text, public_jwk
+from trustplane.schema import metadata
 from trustplane.settings import Settings
 from trustplane.storage.db import Database
 from trustplane.storage.migrate import upgrade
-from trustplane.storage.schema import metadata
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 PG_ADMIN_URL = os.environ.get(

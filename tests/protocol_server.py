@@ -35,7 +35,7 @@ from trustplane.app import Services, create_app
 from trustplane.clients.model import Client
 from trustplane.clients.store import SqlClientStore
 from trustplane.keys.crypto import public_jwk
-from trustplane.oauth.tokens import issue_access_token
+from trustplane.protocol.tokens import issue_access_token
 from trustplane.storage.db import Database
 from trustplane.storage.migrate import upgrade
 

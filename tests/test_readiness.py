@@ -165,7 +165,7 @@ async def test_no_signing_key_is_not_ready(
 async def test_an_unreachable_redis_is_not_ready(
     running: Services, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from trustplane.oauth.replay import RedisReplayCache
+    from trustplane.protocol.replay import RedisReplayCache
 
     dead = RedisReplayCache("redis://127.0.0.1:1/0")
     settings: Any = running.settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})

@@ -24,6 +24,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, ValidationError
 
+from trustplane.authzen.model import DecisionPoint, Entity
 from trustplane.jose.jwk import PrivateKey
 from trustplane.pep import (
     AuthzenClient,
@@ -36,7 +37,6 @@ from trustplane.pep import (
     TrustedIssuer,
 )
 from trustplane.pep.http import Grant, Pep
-from trustplane.policy.model import DecisionPoint, Entity
 
 EXECUTION = "https://execution.example/api"
 CLEARING = "https://clearing.example/api"

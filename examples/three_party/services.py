@@ -30,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, Field, ValidationError
 
+from trustplane.authzen.model import Entity
 from trustplane.errors import InsufficientScopeError
 from trustplane.jose.jwk import PrivateKey
 from trustplane.pep import (
@@ -49,7 +50,6 @@ from trustplane.pep import (
 from trustplane.pep.bearer import with_challenge
 from trustplane.pep.http import Grant, Pep
 from trustplane.pep.idempotency_http import IdempotentOperation
-from trustplane.policy.model import Entity
 from trustplane.storage.db import Database
 
 DATA_REGION = "eu"

@@ -26,10 +26,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from trustplane import __version__
 from trustplane.audit import wiring as audit_wiring
 from trustplane.audit.ledger import Ledger
+from trustplane.audit.sink import write_events
 from trustplane.authorize import wiring as authorize_wiring
 from trustplane.bearer_guard import BearerGuard, RevokedTokens
 from trustplane.bearer_guard import wiring as guard_wiring
 from trustplane.clients import wiring as clients_wiring
+from trustplane.clients.authentication import ClientAuthenticator
 from trustplane.clients.remote_jwks import RemoteJwksCache
 from trustplane.clients.service import ClientService
 from trustplane.component import Component
@@ -43,20 +45,19 @@ from trustplane.logging import configure_logging
 from trustplane.mandates import wiring as mandates_wiring
 from trustplane.mandates.service import MandateService
 from trustplane.oauth import wiring as oauth_wiring
-from trustplane.oauth.client_auth import ClientAuthenticator
 from trustplane.oauth.exchange import TOKEN_EXCHANGE, TokenExchangeGrant
 from trustplane.oauth.introspection import IntrospectionService
 from trustplane.oauth.openapi import protocol_paths
 from trustplane.oauth.outcomes import OutcomeRecorder
-from trustplane.oauth.replay import RedisReplayCache, SqlReplayCache
-from trustplane.oauth.revocations import SqlRevocationStore
-from trustplane.oauth.scopes import Vocabulary, load_vocabulary, with_internal_apis
 from trustplane.oauth.token_endpoint import TokenEndpoint
 from trustplane.outbound import HostRateLimiter
 from trustplane.policy import wiring as policy_wiring
 from trustplane.policy.enforcement import TokenPolicy
 from trustplane.policy.http import authzen_paths
 from trustplane.policy.service import PolicyService
+from trustplane.protocol import wiring as protocol_wiring
+from trustplane.protocol.replay import RedisReplayCache, SqlReplayCache
+from trustplane.protocol.scopes import Vocabulary, load_vocabulary, with_internal_apis
 from trustplane.rar.registry import AuthorizationDetailsRegistry
 from trustplane.readiness import ReadinessProbe
 from trustplane.settings import Settings
@@ -114,10 +115,10 @@ class Services:
         writer = GroupCommitWriter(db)
         vocabulary = with_internal_apis(load_vocabulary(settings.scopes_file), settings.issuer)
         kek = keys_wiring.key_encryption_key(settings)
-        keys = keys_wiring.build(settings, db, kek)
+        keys = keys_wiring.build(settings, db, kek, write_events)
         # one per-host rate limit for every fetch the server makes (trustplane.outbound)
         limiter = HostRateLimiter(settings.outbound_rate_per_host, settings.outbound_burst_per_host)
-        clients = clients_wiring.build(settings, db, vocabulary, limiter)
+        clients = clients_wiring.build(settings, db, vocabulary, limiter, write_events)
         registry = clients.service.registry
         rar, mandate_service = mandates_wiring.build(settings, db, keys.service, registry)
         # the one guard of every bearer-protected route: it checks mandates, so it comes after them
@@ -125,9 +126,9 @@ class Services:
         guard = revocations.guard
         mandates = mandates_wiring.Mandates(mandate_service, guard)
         policy = policy_wiring.build(settings, db, writer, guard)
-        federation = federation_wiring.build(settings, db, vocabulary, limiter, guard)
+        federation = federation_wiring.build(settings, db, vocabulary, limiter, guard, write_events)
         audit = audit_wiring.build(settings, db, writer, kek, guard)
-        replay = oauth_wiring.replay(settings, db, writer)
+        replay = protocol_wiring.build(settings, db, writer)
         auth = ClientAuthenticator(settings, registry, replay.replay, clients.remote_jwks)
         # -- the token endpoint and its grants --------------------------------------------------
         token = TokenEndpoint(
@@ -142,7 +143,8 @@ class Services:
         )  # fmt: skip
         authorization = authorize_wiring.build(
             settings, db, kek, keys.service, registry, vocabulary, rar, mandate_service,
-            audit.sink, token, introspection,
+            audit.sink, token, introspection, revocations.revoked,
+            authenticator=auth, replay=replay.replay, remote_jwks=clients.remote_jwks,  # PAR, JAR
         )  # fmt: skip
         token.grants[JWT_BEARER] = JwtBearerGrant(
             settings,
@@ -154,7 +156,7 @@ class Services:
         )
         token.grants[TOKEN_EXCHANGE] = TokenExchangeGrant(
             settings, db, keys.service, vocabulary, registry, federation.service.registry,
-            mandate_service, rar, replay.replay, SqlRevocationStore(),
+            mandate_service, rar, replay.replay, revocations.revoked,
             engine if token.policy else None,
         )  # fmt: skip
         # ----------------------------------------------------------------------------------------
@@ -280,7 +282,7 @@ class TrustplaneApp:
     their handlers; everything else (registration, admin APIs) goes through FastAPI.
 
     FastAPI's middleware stack costs about as much per request as verifying the client assertion, so
-    the hot paths skip it; their handlers catch their own errors (``oauth.http.protocol_endpoint``).
+    the hot paths skip it; their handlers catch their own errors (``protocol.responses.protocol_endpoint``).
     """
 
     def __init__(

@@ -6,6 +6,8 @@ stop start-up with that line instead of a traceback.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 import tomllib
@@ -24,6 +26,8 @@ ClientAuthMethod = Literal["private_key_jwt", "client_secret_basic", "client_sec
 MAX_ACCESS_TOKEN_LIFETIME = 900
 #: draft-ietf-oauth-rfc7523bis: a client assertion may be valid for at most this long.
 MAX_ASSERTION_LIFETIME = 300
+#: RFC 9126 §2.2 leaves the ``request_uri`` lifetime to the server; trustplane never goes beyond this.
+MAX_PAR_LIFETIME = 600
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
@@ -43,6 +47,18 @@ class SettingsError(Exception):
     def __init__(self, message: str, setting: str | None = None) -> None:
         super().__init__(message)
         self.setting = setting
+
+
+def decode_kek(text: str) -> bytes:
+    """The key-encryption key from its setting: 32 bytes, base64url (``trustplane.keys.crypto`` uses
+    it; it is parsed here so that a bad value fails when the settings load)."""
+    try:
+        raw = base64.urlsafe_b64decode(text.strip() + "=" * (-len(text.strip()) % 4))
+    except (binascii.Error, ValueError):
+        raise ValueError("must be 32 bytes, base64url-encoded") from None
+    if len(raw) != 32:
+        raise ValueError("must be 32 bytes, base64url-encoded")
+    return raw
 
 
 def is_loopback_host(host: str | None) -> bool:
@@ -132,6 +148,15 @@ class Settings(BaseSettings):
     #: Who runs this service, named on every page a person sees (login, consent, errors, ``/``);
     #: empty: the issuer's host name.
     operator_name: str = Field(default="", max_length=200)
+    # --- pushed authorization requests (RFC 9126) and request objects (RFC 9101), issue 13
+    #: How long a ``request_uri`` from ``/par`` stays usable (RFC 9126 §2.2; never over 600 s).
+    par_lifetime: int = Field(default=60, ge=5, le=MAX_PAR_LIFETIME)
+    #: Every client must push its authorization requests (RFC 9126 §5); a client can also be made
+    #: to by its own registration (``require_pushed_authorization_requests``).
+    require_pushed_authorization_requests: bool = False
+    #: Every authorization request must come as a signed request object (RFC 9101 §10.5); a client
+    #: can also be made to by its own registration (``require_signed_request_object``).
+    require_signed_request_object: bool = False
 
     # mandates, RAR authorization_details types, security events (issue 5, mandates)
     authorization_details_types_dir: Path | None = None
@@ -190,6 +215,16 @@ class Settings(BaseSettings):
             return self.audit_log_origin
         parts = urlsplit(self.issuer)
         return f"{parts.netloc}{parts.path}/audit"
+
+    # --- DPoP, RFC 9449 (trustplane.dpop, docs/sender_constrained.md)
+    #: Every DPoP proof must carry a nonce of this deployment (``use_dpop_nonce`` otherwise).
+    dpop_nonce_required: bool = False
+    #: Seconds per nonce window; a nonce is accepted for one to two windows.
+    dpop_nonce_lifetime: int = Field(default=300, ge=10, le=3600)
+    #: The accepted ``iat`` window of a proof: this many seconds in the past ...
+    dpop_proof_max_age: int = Field(default=60, ge=5, le=300)
+    #: ... and this many ahead (clock offset; FAPI 2.0 accepts up to 10 s, refuses over 60 s).
+    dpop_proof_max_ahead: int = Field(default=10, ge=0, le=60)
 
     # --- policy decision point (trustplane.policy)
     policy_served_regions: tuple[str, ...] = Field(
@@ -268,8 +303,6 @@ class Settings(BaseSettings):
     @field_validator("key_encryption_key")
     @classmethod
     def _kek_is_32_bytes(cls, value: SecretStr | None) -> SecretStr | None:
-        from trustplane.keys.crypto import decode_kek
-
         if value is not None:
             decode_kek(value.get_secret_value())
         return value

@@ -10,10 +10,10 @@ from typing import Any
 from sqlalchemy import text
 
 from trustplane.audit import merkle
-from trustplane.audit.events import AuditEvent, AuditEventType
 from trustplane.audit.ledger import Ledger, entry_record
 from trustplane.audit.sink import write_events
 from trustplane.audit.tables import APPEND_ONLY, append_only_ddl
+from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.storage.db import Database
 
 ISSUER = "http://127.0.0.1:8000"

@@ -18,7 +18,7 @@ from trustplane.audit.canonical import (
     entry_parts,
     payload_matches,
 )
-from trustplane.audit.events import AuditEvent, AuditEventType
+from trustplane.audit_events import AuditEvent, AuditEventType
 
 #: Any Unicode scalar value (no lone surrogates: they are not Unicode and JCS refuses them).
 TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=40)

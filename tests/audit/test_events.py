@@ -16,8 +16,8 @@ import pytest
 from tests.conftest import EXECUTION, new_ec_key, register_kit
 from tests.protocol_server import Server, store_client
 from trustplane.audit.canonical import payload_matches
-from trustplane.audit.events import AuditEvent, AuditEventType
 from trustplane.audit.sink import pending_row, recent_events
+from trustplane.audit_events import AuditEvent, AuditEventType
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

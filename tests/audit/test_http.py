@@ -129,7 +129,7 @@ async def test_a_token_without_the_scope_is_403_insufficient_scope(server: Serve
     refused = await server.token(kit2, scope="order:create", resource=audience(server))
     assert refused.json()["error"] == "invalid_scope"
     # a token for the audit audience but without audit:query, minted directly by the server's key
-    from trustplane.oauth.tokens import issue_access_token
+    from trustplane.protocol.tokens import issue_access_token
 
     bare = issue_access_token(
         server.services.keys.ring,

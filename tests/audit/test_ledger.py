@@ -25,12 +25,12 @@ from tests.audit.ledger_helpers import (
 )
 from trustplane.app import Services
 from trustplane.audit import merkle
-from trustplane.audit.events import AuditEventType
 from trustplane.audit.export_verifier import verify_export
 from trustplane.audit.ledger import Ledger, LedgerError
 from trustplane.audit.monitor import check_consistency
 from trustplane.audit.note import Checkpoint, Signer, Verifier, open_checkpoint
 from trustplane.audit.sink import recent_events
+from trustplane.audit_events import AuditEventType
 from trustplane.settings import Settings
 from trustplane.storage.db import Database
 

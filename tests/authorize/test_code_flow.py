@@ -16,7 +16,7 @@ from tests.authorize.flow import REDIRECT_URI, TRADE, hidden_fields, query_of
 from tests.conftest import EXECUTION
 from trustplane.authorize.pkce import s256
 from trustplane.authorize.store import SqlCodeStore, authorization_codes, digest
-from trustplane.oauth.tokens import read_access_token
+from trustplane.protocol.tokens import read_access_token
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -200,7 +200,6 @@ REDIRECTED_ERRORS = [
     pytest.param({"response_type": "code id_token"}, "unsupported_response_type", id="hybrid"),
     pytest.param({"response_type": None}, "invalid_request", id="response-type-missing"),
     pytest.param({"response_mode": "fragment"}, "invalid_request", id="response-mode"),
-    pytest.param({"request": "eyJ..."}, "invalid_request", id="jar-not-supported"),
     pytest.param({"scope": "settlement:submit"}, "invalid_scope", id="scope-not-allowed"),
     pytest.param({"scope": None}, "invalid_scope", id="scope-missing"),
     pytest.param({"resource": "https://clearing.example/api"}, "invalid_target", id="resource"),
@@ -339,6 +338,22 @@ async def test_code_reuse_is_invalid_grant_and_revokes_the_first_tokens(setup: S
         {"grant_type": "refresh_token", "refresh_token": first.json()["refresh_token"]}
     )
     assert (refreshed.status_code, refreshed.json()["error"]) == (400, "invalid_grant")
+
+
+async def test_code_reuse_revocation_reaches_the_bearer_guard_at_once(setup: Setup) -> None:
+    """The grants revoke through the process's one revocation store, the bearer guard's list: the
+    revoked token is refused here without waiting for the next cache reload."""
+    flow = setup.flow()
+    code = await flow.code("alice")
+    first = await setup.token(flow.redeem_form(code))
+    claims = read_access_token(
+        setup.server.services.keys.ring, first.json()["access_token"], issuer=setup.server.issuer
+    )
+    assert claims is not None
+    assert claims["jti"] not in setup.server.services.revoked
+    again = await setup.token(flow.redeem_form(code))
+    assert (again.status_code, again.json()["error"]) == (400, "invalid_grant")
+    assert claims["jti"] in setup.server.services.revoked
 
 
 NARROWER = {**TRADE, "max_notional": {**TRADE["max_notional"], "amount": 1_000}}  # type: ignore[dict-item]

@@ -12,7 +12,7 @@ from tests.authorize.conftest import Setup, register_code_client
 from tests.authorize.flow import PASSWORD, REDIRECT_URI, hidden_fields, query_of
 from trustplane.audit.sink import recent_events
 from trustplane.errors import OAuth2Error
-from trustplane.oauth.tokens import read_access_token
+from trustplane.protocol.tokens import read_access_token
 from trustplane.users import totp
 from trustplane.users.model import UserStatus
 

@@ -24,7 +24,7 @@ from tests.mandates.conftest import grantee, terms
 from tests.protocol_server import Server
 from trustplane.clients.model import ClientStatus
 from trustplane.mandates.tables import mandates as mandate_heads
-from trustplane.oauth.tokens import issue_access_token
+from trustplane.protocol.tokens import issue_access_token
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -14,7 +14,7 @@ from trustplane.app import Services
 from trustplane.bearer_guard import RevokedTokens
 from trustplane.bearer_guard.http import render_error
 from trustplane.errors import ErrorTable, InvalidRequestError, NotFoundError
-from trustplane.oauth.revocations import GENERATION, SqlRevocationStore
+from trustplane.protocol.revocations import GENERATION, SqlRevocationStore
 from trustplane.storage import generations
 from trustplane.storage.writer import WriterUnavailable
 

@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import CLEARING, EXECUTION, LEI, jwks_for, make_settings, new_ec_key
 from trustplane.clients.metadata import validate_metadata
 from trustplane.errors import InvalidClientMetadataError, InvalidRedirectUriError, OAuth2Error
-from trustplane.oauth.scopes import Vocabulary, load_vocabulary
+from trustplane.protocol.scopes import Vocabulary, load_vocabulary
 from trustplane.settings import Settings
 
 JWKS = jwks_for(new_ec_key())

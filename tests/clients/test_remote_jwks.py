@@ -199,7 +199,7 @@ async def test_a_jwks_uri_client_gets_a_token_and_its_key_rotation_is_followed(
 
 
 def _form(data: dict[str, str]) -> Any:
-    from trustplane.oauth.form import Form
+    from trustplane.protocol.form import Form
 
     return Form.parse(
         httpx.QueryParams(data).__str__().encode(), "application/x-www-form-urlencoded"

@@ -18,9 +18,9 @@ from tests.e2e.conftest import (
     module_server,
     register_client,
 )
+from trustplane.authzen.model import DecisionRequest, Entity
+from trustplane.authzen.wire import request_to_json
 from trustplane.pep import AuthzenClient, OutboundFetcher, OutboundPolicy, PrivateKeyJwt
-from trustplane.pep.authzen import request_to_json
-from trustplane.policy.model import DecisionRequest, Entity
 
 pytestmark = pytest.mark.e2e
 OTHER_LEI = "529900T8BM49AURSDO55"

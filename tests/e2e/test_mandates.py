@@ -38,7 +38,7 @@ from tests.e2e.conftest import (
 from tests.mandates.conftest import GRANTOR, TRADE
 from trustplane.app import Services
 from trustplane.mandates.events import SESSION_REVOKED
-from trustplane.oauth.tokens import issue_access_token
+from trustplane.protocol.tokens import issue_access_token
 from trustplane.settings import Settings
 
 pytestmark = pytest.mark.e2e

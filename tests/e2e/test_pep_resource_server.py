@@ -42,8 +42,9 @@ from tests.e2e.conftest import (
     running_servers,
     wait_until,
 )
-from trustplane.keys.crypto import decode_kek, decrypt_private_key
+from trustplane.keys.crypto import decrypt_private_key
 from trustplane.keys.store import KeyState, SqlKeyStore
+from trustplane.settings import decode_kek
 from trustplane.storage.db import Database
 
 pytestmark = pytest.mark.e2e

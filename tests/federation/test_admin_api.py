@@ -13,7 +13,7 @@ from tests.federation.partners import Partner
 from tests.protocol_server import Server
 from trustplane.app import create_app, create_ops_app
 from trustplane.audit.sink import recent_events
-from trustplane.oauth.tokens import issue_access_token
+from trustplane.protocol.tokens import issue_access_token
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

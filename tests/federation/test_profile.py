@@ -19,7 +19,7 @@ from trustplane.federation.profile import (
     validate_profile,
 )
 from trustplane.keys.crypto import public_jwk
-from trustplane.oauth.scopes import load_vocabulary, with_internal_apis
+from trustplane.protocol.scopes import load_vocabulary, with_internal_apis
 from trustplane.settings import Settings
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "partners" / "arranger.yaml"

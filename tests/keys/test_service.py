@@ -21,15 +21,14 @@ from trustplane.jose.jwk import PRIVATE_MEMBERS, thumbprint
 from trustplane.keys import service as key_service
 from trustplane.keys.crypto import (
     KeyDecryptionError,
-    decode_kek,
     decrypt_private_key,
     new_kek_text,
     public_jwk,
 )
 from trustplane.keys.store import KeyState, StoredKey
 from trustplane.keys.tables import signing_keys
-from trustplane.oauth.tokens import issue_access_token, read_access_token
-from trustplane.settings import MAX_ACCESS_TOKEN_LIFETIME, Settings
+from trustplane.protocol.tokens import issue_access_token, read_access_token
+from trustplane.settings import MAX_ACCESS_TOKEN_LIFETIME, Settings, decode_kek
 
 T0 = 1_900_000_000
 AUDIENCE = "https://execution.example/api"

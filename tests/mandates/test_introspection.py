@@ -14,7 +14,7 @@ from tests.conftest import EXECUTION
 from tests.mandates.conftest import TRADE, grantee, terms
 from tests.protocol_server import Server
 from trustplane.mandates.model import Mandate
-from trustplane.oauth.tokens import issue_access_token
+from trustplane.protocol.tokens import issue_access_token
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 INACTIVE = {"active": False}

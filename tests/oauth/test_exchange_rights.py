@@ -24,7 +24,7 @@ from tests.protocol_server import Server
 from trustplane import metrics
 from trustplane.audit.sink import recent_events
 from trustplane.oauth.exchange import TOKEN_EXCHANGE
-from trustplane.oauth.tokens import issue_access_token
+from trustplane.protocol.tokens import issue_access_token
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 ACCESS = "urn:ietf:params:oauth:token-type:access_token"

@@ -19,7 +19,7 @@ from tests.protocol_server import Server
 from trustplane import metrics
 from trustplane.clients.model import ClientStatus
 from trustplane.clients.tables import clients
-from trustplane.oauth.tokens import issue_access_token
+from trustplane.protocol.tokens import issue_access_token
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

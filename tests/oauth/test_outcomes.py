@@ -9,10 +9,10 @@ import httpx
 
 from tests.conftest import EXECUTION, ClientKit
 from trustplane.app import Services
-from trustplane.audit.events import AuditEvent, AuditEventType
 from trustplane.audit.sink import recent_events
+from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.oauth.outcomes import Outcome, Recorded
-from trustplane.oauth.replay import ReplayUse
+from trustplane.protocol.replay import ReplayUse
 
 
 def _event(kind: AuditEventType, jti: str) -> AuditEvent:

@@ -23,8 +23,8 @@ from tests.rar.test_registry import TRADE
 from trustplane.audit.sink import recent_events
 from trustplane.clients.remote_jwks import RemoteJwksCache
 from trustplane.oauth.exchange import TOKEN_EXCHANGE
-from trustplane.oauth.tokens import issue_access_token
 from trustplane.policy.bundle import BundleSource, default_bundle
+from trustplane.protocol.tokens import issue_access_token
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 ACCESS = "urn:ietf:params:oauth:token-type:access_token"

@@ -10,14 +10,14 @@ from typing import Any
 import httpx
 import pytest
 
-from trustplane.pep import AuthzenClient, ClientSecretBasic, OutboundFetcher
-from trustplane.pep.authzen import (
+from trustplane.authzen.model import DecisionRequest, Entity
+from trustplane.authzen.wire import (
     entity_from_json,
     entity_to_json,
     request_from_json,
     request_to_json,
 )
-from trustplane.policy.model import DecisionRequest, Entity
+from trustplane.pep import AuthzenClient, ClientSecretBasic, OutboundFetcher
 
 PDP = "https://pdp.example"
 

@@ -14,6 +14,7 @@ from fastapi import Depends, FastAPI, Request
 from prometheus_client import REGISTRY
 
 from tests.pep.conftest import AUDIENCE, ISSUER, LEI, FakeIssuer, free_port
+from trustplane.authzen.model import Decision, DecisionPoint, DecisionRequest, Entity
 from trustplane.limits import BoundedRequests
 from trustplane.outbound import OutboundFetcher, OutboundPolicy
 from trustplane.pep import (
@@ -28,7 +29,6 @@ from trustplane.pep import enforcer as enforcer_module
 from trustplane.pep.http import Grant, Pep
 from trustplane.policy.bundle import compile_bundle, default_bundle
 from trustplane.policy.engine import PolicyEngine
-from trustplane.policy.model import Decision, DecisionPoint, DecisionRequest, Entity
 
 OTHER_LEI = "529900T8BM49AURSDO55"
 

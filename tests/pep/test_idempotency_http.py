@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from tests.pep.conftest import AUDIENCE, ISSUER, FakeIssuer, free_port
+from trustplane.authzen.model import Decision, DecisionRequest, Entity
 from trustplane.pep import (
     AccessToken,
     IdempotencyService,
@@ -31,7 +32,6 @@ from trustplane.pep import (
 )
 from trustplane.pep.http import Pep
 from trustplane.pep.idempotency_http import IdempotentOperation
-from trustplane.policy.model import Decision, DecisionRequest, Entity
 
 pytestmark = pytest.mark.e2e
 KEY = '"8e03978e-40d5-43e8-bc93-6894a57f9324"'

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from trustplane.authzen.model import DecisionRequest, Entity
 from trustplane.policy.bundle import BundleSource, CompiledBundle, compile_bundle, load_dir
-from trustplane.policy.model import DecisionRequest, Entity
 
 REPO_POLICIES = Path(__file__).resolve().parents[2] / "policies"
 NWAM = Entity("LegalEntity", "NWAM0000000000000001")

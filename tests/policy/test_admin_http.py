@@ -9,7 +9,7 @@ from tests.conftest import EXECUTION, ClientKit, register_kit
 from tests.policy.conftest import client, order, trade
 from tests.policy.test_simulate import candidate
 from trustplane.app import Services
-from trustplane.policy.model import DecisionRequest
+from trustplane.authzen.model import DecisionRequest
 
 PATH = "/access/v1/simulations"
 

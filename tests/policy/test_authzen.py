@@ -16,7 +16,7 @@ from tests.conftest import LEI, ClientKit, register_kit
 from tests.protocol_server import Server
 from trustplane.audit.sink import recent_events
 from trustplane.clients.model import ClientStatus
-from trustplane.oauth.tokens import issue_access_token
+from trustplane.protocol.tokens import issue_access_token
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 OTHER_LEI = "529900T8BM49AURSDO55"

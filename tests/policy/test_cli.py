@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 from tests.conftest import KEK, run_sync
 from tests.policy.conftest import REPO_POLICIES
 from tests.policy.test_simulate import candidate
+from trustplane.authzen.model import DecisionRequest
 from trustplane.cli import app
 from trustplane.policy.bundle import BundleSource, default_bundle
-from trustplane.policy.model import DecisionRequest
 from trustplane.storage.db import Database
 from trustplane.storage.migrate import upgrade
 

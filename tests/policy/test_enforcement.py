@@ -14,13 +14,13 @@ from sqlalchemy import select
 from tests.conftest import ClientKit, register_kit
 from tests.policy.test_store import variant
 from trustplane.app import Services
-from trustplane.audit.events import AuditEvent, AuditEventType
 from trustplane.audit.sink import recent_events
+from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.oauth.outcomes import Outcome, Recorded
-from trustplane.oauth.replay import ReplayUse
 from trustplane.policy.bundle import BundleSource, default_bundle
 from trustplane.policy.enforcement import TokenPolicy
 from trustplane.policy.tables import policy_decisions
+from trustplane.protocol.replay import ReplayUse
 from trustplane.storage.writer import WriterUnavailable
 
 ALLOCATION = "https://allocation.example/api"

@@ -12,10 +12,10 @@ from sqlalchemy import select
 from tests.policy.conftest import ARR, client, order, order_request, trade
 from trustplane.app import Services
 from trustplane.audit.sink import recent_events
+from trustplane.authzen.model import DecisionRequest, Entity
 from trustplane.policy import engine as engine_module
 from trustplane.policy.bundle import BundleSource, CompiledBundle, compile_bundle
 from trustplane.policy.engine import PolicyEngine
-from trustplane.policy.model import DecisionRequest, Entity
 from trustplane.policy.tables import policy_decisions
 
 

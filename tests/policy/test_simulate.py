@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from tests.policy.conftest import ARR, client, order, trade
 from trustplane.app import Services
+from trustplane.authzen.model import Decision, DecisionRequest, Entity
 from trustplane.policy.bundle import BundleSource, compile_bundle, default_bundle
-from trustplane.policy.model import Decision, DecisionRequest, Entity
 from trustplane.policy.simulate import simulate
 
 

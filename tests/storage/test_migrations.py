@@ -16,9 +16,9 @@ from sqlalchemy import Connection, inspect, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from tests.conftest import PG_ADMIN_URL, require_service
+from trustplane.schema import metadata
 from trustplane.storage.db import Database
 from trustplane.storage.migrate import alembic_config, pending, upgrade
-from trustplane.storage.schema import metadata
 
 
 async def _admin(sql: str) -> None:

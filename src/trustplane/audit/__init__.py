@@ -1,1 +1,2 @@
-"""Audit events: the fixed envelope every component emits, and the sink they go through."""
+"""The audit sink and the tamper-evident ledger. The event envelope every component emits is
+:mod:`trustplane.audit_events`, kept below every component (docs/architecture.md, "Layers")."""

@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from trustplane.audit.events import AuditEvent
+from trustplane.audit_events import AuditEvent
 
 MAX_SAFE_INTEGER = 2**53 - 1
 SALT_BYTES = 16

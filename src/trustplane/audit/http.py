@@ -18,9 +18,9 @@ import structlog
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from trustplane.audit.events import AuditEvent, AuditEventType
 from trustplane.audit.ledger import MAX_ENTRIES, Ledger, LedgerError, b64, entry_record
 from trustplane.audit.sink import emit_now
+from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.bearer_guard import BearerGuard, Protected
 from trustplane.bearer_guard.http import NO_STORE, answered, authenticated
 from trustplane.errors import (
@@ -29,8 +29,8 @@ from trustplane.errors import (
     InvalidRequestError,
     TemporarilyUnavailableError,
 )
-from trustplane.oauth.http import json_response
-from trustplane.oauth.tokens import VerifiedClaims
+from trustplane.protocol.responses import json_response
+from trustplane.protocol.tokens import VerifiedClaims
 from trustplane.settings import Settings
 from trustplane.storage.db import Database
 

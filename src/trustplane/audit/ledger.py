@@ -23,10 +23,10 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from prometheus_client import Counter, Gauge, Histogram
 
 from trustplane.audit import merkle, store
-from trustplane.audit.events import AuditEvent, AuditEventType
 from trustplane.audit.note import Checkpoint, Signer
 from trustplane.audit.sink import APPENDED, write_events
 from trustplane.audit.store import StoredEntry
+from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.keys.crypto import decrypt_private_key, encrypt_private_key
 from trustplane.settings import Settings
 from trustplane.storage.db import Database

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane.audit import store
 from trustplane.audit.canonical import entry_parts
-from trustplane.audit.events import AuditEvent
+from trustplane.audit_events import AuditEvent
 from trustplane.storage.db import Database
 from trustplane.storage.writer import GroupCommitWriter
 

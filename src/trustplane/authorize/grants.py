@@ -22,8 +22,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from trustplane.audit.events import AuditEvent, AuditEventType
 from trustplane.audit.sink import write_events
+from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.authorize import pkce
 from trustplane.authorize.store import (
     GrantContext,
@@ -33,6 +33,7 @@ from trustplane.authorize.store import (
     grant_event,
     new_secret_value,
 )
+from trustplane.clients.authentication import AuthenticatedClient
 from trustplane.clients.model import Client
 from trustplane.errors import (
     InvalidGrantError,
@@ -43,12 +44,11 @@ from trustplane.errors import (
 from trustplane.keys.service import KeyService
 from trustplane.mandates.errors import MandateUnusableError
 from trustplane.mandates.service import MandateService
-from trustplane.oauth.client_auth import AuthenticatedClient
-from trustplane.oauth.form import Form
-from trustplane.oauth.revocations import SqlRevocationStore
 from trustplane.oauth.token_endpoint import Grant, GrantHandler, ScopeCheck
-from trustplane.oauth.tokens import IssuedToken, issue_access_token, new_jti
 from trustplane.policy.recorder import DecisionRecord
+from trustplane.protocol.form import Form
+from trustplane.protocol.revocations import RevocationStore
+from trustplane.protocol.tokens import IssuedToken, issue_access_token, new_jti
 from trustplane.rar.registry import AuthorizationDetailsRegistry
 from trustplane.settings import Settings
 from trustplane.storage.db import Database
@@ -64,7 +64,7 @@ class DelegatedGrants:
         details: AuthorizationDetailsRegistry,
         codes: SqlCodeStore,
         refresh: SqlRefreshStore,
-        revocations: SqlRevocationStore,
+        revocations: RevocationStore,
         *,
         authorize: ScopeCheck | None = None,
     ) -> None:

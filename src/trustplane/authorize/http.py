@@ -3,7 +3,11 @@
 - ``GET|POST /authorize``: validate (error page or error redirect), then the login or consent page;
 - ``POST /authorize/login``: check the credentials, 303 back to the flow;
 - ``GET /authorize/continue``: the login or consent page for a pending request;
-- ``POST /authorize/consent``: approve or deny, 303 to the client's redirect URI.
+- ``POST /authorize/consent``: approve or deny, 303 to the client's redirect URI;
+- ``POST /par``: pushed authorization requests (RFC 9126), JSON like the token endpoint.
+
+``/authorize`` takes plain parameters, a ``request_uri`` from ``/par``, or a signed ``request``
+object (RFC 9101): :meth:`AuthorizationService.resolve`.
 
 Every page: ``Cache-Control: no-store``, ``Content-Security-Policy`` with ``frame-ancestors 'none'``
 (and ``X-Frame-Options: DENY``), ``Referrer-Policy: no-referrer``. Every form carries a CSRF token
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -42,9 +47,13 @@ from trustplane.authorize.login import Identity, LoginFailedError, LoginStep, Ne
 from trustplane.authorize.request import AuthorizationRequest, ErrorPage, RedirectError
 from trustplane.authorize.sealing import Sealer
 from trustplane.authorize.service import AuthorizationService
-from trustplane.errors import InvalidRequestError, OAuth2Error
+from trustplane.clients.authentication import ClientAuthenticator
+from trustplane.clients.model import Client
+from trustplane.dependencies import unavailable
+from trustplane.errors import InvalidRequestError, OAuth2Error, TemporarilyUnavailableError
 from trustplane.mandates.errors import MandateError
-from trustplane.oauth.form import FORM_TYPE, Form
+from trustplane.protocol.form import FORM_TYPE, Form, read_form
+from trustplane.protocol.responses import NO_STORE, dependency_of, json_response, protocol_endpoint
 from trustplane.settings import Settings
 
 log = structlog.get_logger("trustplane.authorize")
@@ -58,9 +67,21 @@ FAILURES = ("1", "expired")
 MAX_USERNAME = 128
 
 
+#: A check of a pushed authorization request before it is validated and stored (``POST /par``):
+#: called with the HTTP request, the authenticated client and the parsed form; it raises an
+#: :class:`OAuth2Error` to refuse (answered as RFC 6749 §5.2 JSON and audited like every PAR
+#: refusal). The place for the RFC 9449 §10 DPoP proof check at PAR (``DPoP`` header, ``dpop_jkt``).
+ParCheck = Callable[[Request, Client, Form], Awaitable[None]]
+
+
 class AuthorizeHttp:
     def __init__(
-        self, settings: Settings, service: AuthorizationService, login: LoginStep, sealer: Sealer
+        self,
+        settings: Settings,
+        service: AuthorizationService,
+        login: LoginStep,
+        sealer: Sealer,
+        authenticator: ClientAuthenticator | None = None,
     ) -> None:
         self._settings, self._service, self._login, self._sealer = (
             settings,
@@ -68,6 +89,10 @@ class AuthorizeHttp:
             login,
             sealer,
         )
+        #: client authentication at ``/par`` (the token endpoint's); None: no ``/par`` route
+        self._authenticator = authenticator
+        #: checks run at ``/par`` after client authentication, in order (see :data:`ParCheck`)
+        self.par_checks: list[ParCheck] = []
         https = urlsplit(settings.issuer).scheme == "https"
         self._operator = settings.operator_name or urlsplit(settings.issuer).hostname or ""
         self._secure = https
@@ -78,12 +103,15 @@ class AuthorizeHttp:
         )
 
     def routes(self) -> list[Route]:
-        return [
+        routes = [
             Route("/authorize", self.authorize, methods=["GET", "POST"]),
             Route("/authorize/continue", self.resume, methods=["GET"]),
             Route("/authorize/login", self.login, methods=["POST"]),
             Route("/authorize/consent", self.consent, methods=["POST"]),
         ]
+        if self._authenticator is not None:
+            routes.append(Route("/par", protocol_endpoint("par", self.par), methods=["POST"]))
+        return routes
 
     # ------------------------------------------------------------------ endpoints
 
@@ -97,15 +125,46 @@ class AuthorizeHttp:
         except OAuth2Error as exc:
             return await self._error_page(ErrorPage(f"The request is malformed: {exc.description}"))
         try:
-            parsed = self._service.parse(form)
+            parsed = await self._service.resolve(form)
         except ErrorPage as exc:
             return await self._error_page(exc)
+        except TemporarilyUnavailableError as exc:  # the replay cache failed closed (Redis)
+            return self._unavailable_page(exc)
         except RedirectError as exc:
             await self._service.refused(exc.target, exc.error)
             status = 303 if request.method == "POST" else 302
             return _redirect(self._service.error_redirect(exc.target, exc.error), status)
+        except Exception as exc:  # the pushed-request table or a client's jwks_uri out of reach
+            dependency = dependency_of(exc)
+            if dependency is None:
+                raise
+            return self._unavailable_page(unavailable(dependency, exc, endpoint="authorization"))
         session, fresh = self._session(request)
         return await self._page(parsed, session, fresh, failed="")
+
+    async def par(self, request: Request) -> Response:
+        """RFC 9126 §2: authenticate the client (as at ``/token``; an assertion's ``jti`` is
+        consumed), run :attr:`par_checks`, validate and store the request; 201 with the
+        ``request_uri``. Every refusal is audited."""
+        client_id: str | None = None
+        try:
+            form = await read_form(request)
+            client_id = form.get("client_id")
+            assert self._authenticator is not None
+            auth = await self._authenticator.authenticate(
+                form, request.headers.get("authorization")
+            )
+            client_id = auth.client.client_id
+            for check in self.par_checks:
+                await check(request, auth.client, form)
+            request_uri, expires_in = await self._service.push(form, auth.client)
+        except OAuth2Error as exc:
+            await self._service.refused(None, exc, client_id=client_id and client_id[:128])
+            raise
+        metrics.AUTHORIZATIONS.labels(outcome="pushed").inc()
+        return json_response(
+            {"request_uri": request_uri, "expires_in": expires_in}, 201, dict(NO_STORE)
+        )
 
     async def resume(self, request: Request) -> Response:
         session, fresh = self._session(request)
@@ -284,11 +343,18 @@ class AuthorizeHttp:
             issuer=self._settings.issuer, operator=self._operator, **context
         )
 
+    def _unavailable_page(self, exc: OAuth2Error) -> Response:
+        """503 with ``Retry-After``, not audited (the audit trail may be what is down)."""
+        metrics.AUTHORIZATIONS.labels(outcome="unavailable").inc()
+        message = "This service is temporarily unavailable. Try again in a moment."
+        page = self._render("error.html", message=message, error=exc.error)
+        return HTMLResponse(page, 503, headers={**SECURITY_HEADERS, **exc.headers})
+
     async def _error_page(self, exc: ErrorPage) -> Response:
         await self._service.refused(None, exc)
         log.info("authorization_error_page", reason=exc.debug, status=exc.status)
         metrics.AUTHORIZATIONS.labels(outcome="error_page").inc()
-        return _html(self._render("error.html", message=exc.message), exc.status)
+        return _html(self._render("error.html", message=exc.message, error=exc.error), exc.status)
 
 
 SECURITY_HEADERS = {

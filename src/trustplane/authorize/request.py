@@ -9,12 +9,14 @@ Two phases, because what may be done with an error depends on how far validation
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from trustplane.authorize import pkce
 from trustplane.authorize.redirects import match_redirect_uri
 from trustplane.clients.model import Client
+from trustplane.clients.resources import select_resource, select_scopes
 from trustplane.clients.service import ClientRegistry
 from trustplane.errors import (
     InvalidRequestError,
@@ -22,9 +24,8 @@ from trustplane.errors import (
     UnauthorizedClientError,
     UnsupportedResponseTypeError,
 )
-from trustplane.oauth.form import Form
-from trustplane.oauth.resources import select_resource, select_scopes
-from trustplane.oauth.scopes import Vocabulary
+from trustplane.protocol.form import Form
+from trustplane.protocol.scopes import Vocabulary
 
 MAX_STATE = 1024
 #: Raw ``authorization_details`` larger than this are refused before parsing.
@@ -33,11 +34,16 @@ MAX_DETAILS = 8192
 
 class ErrorPage(Exception):
     """An error shown to the user (400) instead of redirected: the client or its redirect URI could
-    not be established. ``message`` is shown; ``debug`` is logged only."""
+    not be established. ``message`` is shown; ``debug`` is logged only; ``error``, when set, is the
+    RFC 6749/9101/9126 error code, shown on the page for the developer (``invalid_request_uri``,
+    ``invalid_request_object``)."""
 
-    def __init__(self, message: str, *, debug: str = "", status: int = 400) -> None:
+    def __init__(
+        self, message: str, *, debug: str = "", status: int = 400, error: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message, self.debug, self.status = message, debug or message, status
+        self.error = error
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,9 +115,17 @@ class DetailsValidator(Protocol):
     ) -> tuple[dict[str, Any], ...]: ...
 
 
-def establish_target(form: Form, registry: ClientRegistry) -> tuple[Client, Redirect, bool]:
-    """Phase 1: the client and the redirect URI, or an :class:`ErrorPage`."""
-    client_id = form.get("client_id")
+#: Called between the phases with the established client and target; raises what refuses the
+#: request there (e.g. "this client must use PAR", as an :class:`RedirectError`).
+Gate = Callable[[Client, Redirect], None]
+
+
+def establish_target(
+    form: Form, registry: ClientRegistry, client_id: str | None = None
+) -> tuple[Client, Redirect, bool]:
+    """Phase 1: the client and the redirect URI, or an :class:`ErrorPage`. ``client_id``: the
+    authenticated client at ``/par`` (the form's own ``client_id`` is then optional)."""
+    client_id = client_id or form.get("client_id")
     if client_id is None:
         raise ErrorPage("The request does not say which application is asking (client_id).")
     client = registry.get(client_id)
@@ -140,9 +154,17 @@ def establish_target(form: Form, registry: ClientRegistry) -> tuple[Client, Redi
 
 
 def parse_request(
-    form: Form, registry: ClientRegistry, vocabulary: Vocabulary, details: DetailsValidator
+    form: Form,
+    registry: ClientRegistry,
+    vocabulary: Vocabulary,
+    details: DetailsValidator,
+    *,
+    client_id: str | None = None,
+    gate: Gate | None = None,
 ) -> AuthorizationRequest:
-    client, target, given = establish_target(form, registry)
+    client, target, given = establish_target(form, registry, client_id)
+    if gate is not None:
+        gate(client, target)
     try:
         return _validate(form, client, target, given, vocabulary, details)
     except OAuth2Error as exc:

@@ -15,26 +15,29 @@ from typing import Any
 from urllib.parse import urlencode
 
 from trustplane import metrics
-from trustplane.audit.events import AuditEvent, AuditEventType
 from trustplane.audit.sink import AuditSink, write_events
+from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.authorize import consent_text
 from trustplane.authorize.consent_text import Instruction, Item, humanise
 from trustplane.authorize.login import Identity
+from trustplane.authorize.par import InvalidRequestUriError, PushedRequests
 from trustplane.authorize.request import (
     AuthorizationRequest,
     ErrorPage,
+    Gate,
     Redirect,
     RedirectError,
     parse_request,
 )
+from trustplane.authorize.request_object import InvalidRequestObjectError, RequestObjects
 from trustplane.authorize.store import CodeStore, GrantContext, grant_event, new_secret_value
 from trustplane.clients.model import Client
 from trustplane.clients.service import ClientRegistry
 from trustplane.entities.service import EntityDirectory
-from trustplane.errors import AccessDeniedError, OAuth2Error
+from trustplane.errors import AccessDeniedError, InvalidRequestError, OAuth2Error
 from trustplane.mandates.service import MandateService
-from trustplane.oauth.form import Form
-from trustplane.oauth.scopes import Vocabulary
+from trustplane.protocol.form import Form
+from trustplane.protocol.scopes import Vocabulary
 from trustplane.rar.registry import AuthorizationDetailsRegistry
 from trustplane.settings import Settings
 from trustplane.storage.db import Database
@@ -69,6 +72,13 @@ def with_params(uri: str, params: dict[str, str | None]) -> str:
     return f"{uri}{'&' if '?' in uri else '?'}{query}"
 
 
+def _par_message(exc: ErrorPage) -> str:
+    """The developer-facing text of a phase-1 failure at ``/par`` (the page text is for people)."""
+    if "redirect_uri" in exc.debug:  # missing (several registered) or not registered
+        return "redirect_uri is missing or not registered for this client"
+    return exc.message
+
+
 class AuthorizationService:
     def __init__(
         self,
@@ -81,13 +91,132 @@ class AuthorizationService:
         codes: CodeStore,
         audit: AuditSink,
         entities: EntityDirectory,
+        pushed: PushedRequests,
+        objects: RequestObjects,
     ) -> None:
         self._settings, self._db, self._registry = settings, db, registry
         self._vocabulary, self._details, self._mandates = vocabulary, details, mandates
         self._codes, self._audit, self._entities = codes, audit, entities
+        self._pushed, self._objects = pushed, objects
 
     def parse(self, form: Form) -> AuthorizationRequest:
+        """Plain parameters only (no ``request``/``request_uri``); see :meth:`resolve`."""
         return parse_request(form, self._registry, self._vocabulary, self._details)
+
+    # ------------------------------------------------------------------ PAR and JAR
+
+    async def resolve(self, form: Form) -> AuthorizationRequest:
+        """``/authorize``: a pushed request (``request_uri``, RFC 9126 §4), a request object
+        (``request``, RFC 9101 §5), or plain parameters (refused when the deployment or the client
+        requires PAR or signed request objects).
+
+        Errors before the redirect URI is known to be the client's are :class:`ErrorPage`: a bad
+        ``request_uri`` (the redirect URI is inside what it names) and a request object that does
+        not verify (its redirect URI cannot be trusted). After that they are redirected."""
+        request_uri, request_object = form.get("request_uri"), form.get("request")
+        if request_uri is not None and request_object is not None:
+            raise ErrorPage(
+                "The request carries both a request_uri and a request object.",
+                error="invalid_request",
+            )
+        if request_uri is None and request_object is None:
+            return parse_request(
+                form, self._registry, self._vocabulary, self._details, gate=self._gate(False)
+            )
+        client = self._named_client(form)
+        if request_uri is not None:
+            try:
+                pending = await self._pushed.redeem(request_uri, client.client_id)
+            except InvalidRequestUriError as exc:
+                raise ErrorPage(
+                    "This sign-in link is not valid: it has expired, was already used, or was "
+                    "not issued to this application. Start again from the application.",
+                    debug=exc.debug,
+                    error=exc.error,
+                ) from None
+            self.client(pending)  # disabled since the push
+            return pending
+        assert request_object is not None
+        try:
+            params = await self._objects.verify(request_object, client)
+        except InvalidRequestObjectError as exc:
+            raise ErrorPage(
+                "The signed request of the application could not be accepted.",
+                debug=exc.debug,
+                error=exc.error,
+            ) from None
+        return parse_request(
+            params,
+            self._registry,
+            self._vocabulary,
+            self._details,
+            client_id=client.client_id,
+            gate=self._gate(True),
+        )
+
+    def _named_client(self, form: Form) -> Client:
+        """RFC 9101 §5 / RFC 9126 §4: ``client_id`` is sent beside ``request``/``request_uri``."""
+        client_id = form.get("client_id")
+        if client_id is None:
+            raise ErrorPage(
+                "The request does not say which application is asking (client_id).",
+                error="invalid_request",
+            )
+        client = self._registry.get(client_id)
+        if client is None or not client.active:
+            raise ErrorPage(
+                "The application that sent you here is not known.", debug=client_id[:200]
+            )
+        return client
+
+    def _gate(self, signed: bool) -> Gate:
+        """What a request that did not come through ``/par`` must satisfy."""
+
+        def gate(client: Client, target: Redirect) -> None:
+            if self._pushed.required(client.metadata):
+                raise RedirectError(
+                    target,
+                    InvalidRequestError(
+                        "this client must push its authorization requests "
+                        "(pushed_authorization_request_endpoint)"
+                    ),
+                )
+            if not signed and self._objects.required(client):
+                raise RedirectError(
+                    target, InvalidRequestError("this client must send a signed request object")
+                )
+
+        return gate
+
+    async def push(self, form: Form, client: Client) -> tuple[str, int]:
+        """``/par`` (RFC 9126 §2): validate as ``/authorize`` would, store, return the
+        ``request_uri`` and its ``expires_in``. Errors are the RFC 6749 §5.2 JSON ones."""
+        if "request_uri" in form:  # RFC 9126 §2.1
+            raise InvalidRequestError(
+                "request_uri must not be sent to the pushed authorization request endpoint"
+            )
+        if form.get("client_id") not in (None, client.client_id):
+            raise InvalidRequestError("client_id is not the authenticated client")
+        raw = form.get("request")
+        if raw is not None:
+            params = await self._objects.verify(raw, client)
+        elif self._objects.required(client):
+            raise InvalidRequestError("this client must send a signed request object (request)")
+        else:
+            params = form
+        try:
+            request = parse_request(
+                params,
+                self._registry,
+                self._vocabulary,
+                self._details,
+                client_id=client.client_id,
+            )
+        except ErrorPage as exc:  # RFC 9126 §2.1: the redirect_uri is checked here
+            raise InvalidRequestError(_par_message(exc), debug=exc.debug) from None
+        except RedirectError as exc:
+            raise exc.error from None
+        return await self._pushed.push(request)
 
     def client(self, request: AuthorizationRequest) -> Client:
         client = self._registry.get(request.client_id)
@@ -110,14 +239,16 @@ class AuthorizationService:
             },
         )
 
-    async def refused(self, target: Redirect | None, exc: OAuth2Error | ErrorPage) -> None:
-        """Audit a refused authorization request (error page or error redirect)."""
-        reason = exc.error if isinstance(exc, OAuth2Error) else "error_page"
+    async def refused(
+        self, target: Redirect | None, exc: OAuth2Error | ErrorPage, client_id: str | None = None
+    ) -> None:
+        """Audit a refused authorization request (error page, error redirect, or ``/par``)."""
+        reason = exc.error if isinstance(exc, OAuth2Error) else (exc.error or "error_page")
         await self._audit.emit(
             AuditEvent(
                 type=AuditEventType.AUTHORIZATION_REFUSED,
                 issuer=self._settings.issuer,
-                client_id=target.client_id if target else None,
+                client_id=target.client_id if target else client_id,
                 decision="deny",
                 reason=reason,
                 payload={"detail": exc.debug[:500]},

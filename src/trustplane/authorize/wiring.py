@@ -10,9 +10,13 @@ from trustplane.audit.sink import AuditSink, write_events
 from trustplane.authorize.grants import DelegatedGrants
 from trustplane.authorize.http import AuthorizeHttp
 from trustplane.authorize.login import LocalLogin
+from trustplane.authorize.par import PushedRequests, SqlPushedRequestStore
+from trustplane.authorize.request_object import RequestObjects
 from trustplane.authorize.sealing import Sealer
 from trustplane.authorize.service import AuthorizationService
 from trustplane.authorize.store import CodeStore, RefreshStore, SqlCodeStore, SqlRefreshStore
+from trustplane.clients.authentication import ClientAuthenticator
+from trustplane.clients.remote_jwks import RemoteJwksCache
 from trustplane.clients.service import ClientRegistry
 from trustplane.component import Idle, Routes
 from trustplane.entities.service import EntityDirectory
@@ -20,9 +24,10 @@ from trustplane.entities.store import SqlEntityStore
 from trustplane.keys.service import KeyService
 from trustplane.mandates.service import MandateService
 from trustplane.oauth.introspection import IntrospectionService
-from trustplane.oauth.revocations import SqlRevocationStore
-from trustplane.oauth.scopes import Vocabulary
 from trustplane.oauth.token_endpoint import TokenEndpoint
+from trustplane.protocol.replay import ReplayCache
+from trustplane.protocol.revocations import RevocationStore
+from trustplane.protocol.scopes import Vocabulary
 from trustplane.rar.registry import AuthorizationDetailsRegistry
 from trustplane.settings import Settings
 from trustplane.storage.db import Database
@@ -57,7 +62,8 @@ class Authorization(Idle):
         before = int(time.time()) - 86400
         async with self.db.transaction() as conn:
             codes = await self.codes.prune(conn, before)
-            return codes + await self.refresh.prune(conn, before)
+            pushed = await SqlPushedRequestStore().prune(conn, before)  # PAR request_uris
+            return codes + pushed + await self.refresh.prune(conn, before)
 
 
 def build(
@@ -72,14 +78,23 @@ def build(
     audit: AuditSink,
     token_endpoint: TokenEndpoint,
     introspection: IntrospectionService,
+    revocations: RevocationStore,
+    *,
+    authenticator: ClientAuthenticator,
+    replay: ReplayCache,
+    remote_jwks: RemoteJwksCache,
 ) -> Authorization:
     """Wire users, the authorization endpoint and the two grants (registered on the token endpoint)."""
     users = UserService(db, SqlUserStore(), settings, kek, write_events)
     codes, refresh = SqlCodeStore(), SqlRefreshStore()
     entities = EntityDirectory(db, SqlEntityStore())
+    # PAR (RFC 9126) and request objects (RFC 9101): client authentication as at /token
+    pushed = PushedRequests(settings, db, SqlPushedRequestStore())
+    objects = RequestObjects(settings, remote_jwks, replay)
     service = AuthorizationService(
-        settings, db, registry, vocabulary, details, mandates, codes, audit, entities
-    )
+        settings, db, registry, vocabulary, details, mandates, codes, audit, entities,
+        pushed, objects,
+    )  # fmt: skip
     grants = DelegatedGrants(
         settings,
         db,
@@ -88,10 +103,10 @@ def build(
         details,
         codes,
         refresh,
-        SqlRevocationStore(),
+        revocations,
         authorize=token_endpoint.authorize_scopes,
     )
     token_endpoint.grants.update(grants.handlers())
     introspection.refresh_tokens = grants
-    http = AuthorizeHttp(settings, service, LocalLogin(users), Sealer(kek))
+    http = AuthorizeHttp(settings, service, LocalLogin(users), Sealer(kek), authenticator)
     return Authorization(db, users, entities, service, grants, http, codes, refresh)

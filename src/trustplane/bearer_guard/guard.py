@@ -52,8 +52,8 @@ from trustplane.errors import (
 )
 from trustplane.jose.jws import JWSError, parse
 from trustplane.keys.service import KeyRing, KeyService
-from trustplane.oauth.scopes import internal_audience
-from trustplane.oauth.tokens import VerifiedClaims
+from trustplane.protocol.scopes import internal_audience
+from trustplane.protocol.tokens import VerifiedClaims
 
 log = structlog.get_logger("trustplane.bearer_guard")
 REALM = "trustplane"

@@ -25,7 +25,7 @@ from trustplane import metrics
 from trustplane.bearer_guard.guard import BearerGuard, BearerRequest, Protected
 from trustplane.errors import ErrorTable, ServerError, TemporarilyUnavailableError
 from trustplane.keys.service import NoActiveKeyError
-from trustplane.oauth.tokens import VerifiedClaims
+from trustplane.protocol.tokens import VerifiedClaims
 from trustplane.storage.writer import WriterUnavailable
 
 log = structlog.get_logger("trustplane.bearer_guard")

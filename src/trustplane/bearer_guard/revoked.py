@@ -4,8 +4,10 @@ The bearer guard asks it on every request, the AuthZEN evaluation hot path inclu
 a dictionary lookup, never a database round trip. It stays right by explicit invalidation, like the
 client registry and the key ring:
 
-- a revocation made through this object (``POST /revoke`` of this process) is in the list before the
-  revoking transaction commits, so this process refuses the token at once;
+- a revocation made through this object (it is the process's one
+  :class:`~trustplane.protocol.revocations.RevocationStore`: ``POST /revoke``, a reused authorization
+  code or refresh token) is in the list before the revoking transaction commits, so this process
+  refuses the token at once;
 - every revocation, by any writer in any process, bumps the ``revocations`` cache generation in its
   own transaction (``SqlRevocationStore.revoke``); each process polls the generations every
   ``cache_refresh_interval`` seconds and reloads the list when it moved (``Services.refresh_caches``).
@@ -22,7 +24,7 @@ import time
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from trustplane.oauth.revocations import SqlRevocationStore, revoked_tokens
+from trustplane.protocol.revocations import SqlRevocationStore, revoked_tokens
 from trustplane.storage.db import Database
 
 

@@ -12,7 +12,7 @@ from trustplane.bearer_guard.revoked import RevokedTokens
 from trustplane.clients.service import ClientRegistry
 from trustplane.component import Idle
 from trustplane.keys.service import KeyService
-from trustplane.oauth.revocations import GENERATION
+from trustplane.protocol.revocations import GENERATION
 from trustplane.settings import Settings
 from trustplane.storage.db import Database
 

@@ -80,6 +80,26 @@ def clients_add(
             help="RFC 9396 authorization_details type the client may request (repeatable)."
         ),
     ] = None,
+    require_par: Annotated[
+        bool,
+        typer.Option(
+            "--require-par",
+            help="The client must push its authorization requests to /par (RFC 9126 "
+            "require_pushed_authorization_requests).",
+        ),
+    ] = False,
+    require_signed_request_object: Annotated[
+        bool,
+        typer.Option(
+            "--require-signed-request-object",
+            help="The client must send its authorization requests as signed request objects "
+            "(RFC 9101 require_signed_request_object; needs its keys).",
+        ),
+    ] = False,
+    request_object_signing_alg: Annotated[
+        str | None,
+        typer.Option(help="The one algorithm the client's request objects may use (ES256, ...)."),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Register a client directly (no initial access token needed: you hold the database)."""
@@ -100,6 +120,12 @@ def clients_add(
         raw["jwks"] = json.loads(jwks_file.read_text())
     if jwks_uri:
         raw["jwks_uri"] = jwks_uri
+    if require_par:
+        raw["require_pushed_authorization_requests"] = True
+    if require_signed_request_object:
+        raw["require_signed_request_object"] = True
+    if request_object_signing_alg:
+        raw["request_object_signing_alg"] = request_object_signing_alg
     from trustplane.errors import OAuth2Error
 
     async def register(svc: Services) -> Registration:
@@ -204,7 +230,7 @@ def clients_assertion(
     from cryptography.hazmat.primitives import serialization
 
     from trustplane.jose.jws import Signer
-    from trustplane.oauth.tokens import new_jti
+    from trustplane.protocol.tokens import new_jti
 
     settings = _settings()
     private = serialization.load_pem_private_key(key.read_bytes(), password=None)

@@ -29,7 +29,7 @@ from trustplane.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
     from trustplane.app import Services
-    from trustplane.oauth.scopes import Vocabulary
+    from trustplane.protocol.scopes import Vocabulary
     from trustplane.storage.db import Database
 
 T = TypeVar("T")
@@ -164,7 +164,7 @@ def _check_kek_file(settings: Settings) -> None:
 def build_services(settings: Settings, db: Database) -> Services:
     """``Services.build`` with a configuration file's error named by its setting."""
     from trustplane.app import Services
-    from trustplane.oauth.scopes import VocabularyError
+    from trustplane.protocol.scopes import VocabularyError
 
     try:
         return Services.build(settings, db)
@@ -174,7 +174,7 @@ def build_services(settings: Settings, db: Database) -> Services:
 
 def vocabulary(settings: Settings) -> Vocabulary:
     """The deployment's scope vocabulary (``TRUSTPLANE_SCOPES_FILE``) with trustplane's own APIs."""
-    from trustplane.oauth.scopes import VocabularyError, load_vocabulary, with_internal_apis
+    from trustplane.protocol.scopes import VocabularyError, load_vocabulary, with_internal_apis
 
     try:
         return with_internal_apis(load_vocabulary(settings.scopes_file), settings.issuer)

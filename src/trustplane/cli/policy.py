@@ -213,9 +213,7 @@ def rollback(
     _report_activation(go, as_json)
 
 
-def _report_activation(
-    go: Callable[[PolicyService], Awaitable[Activation]], as_json: bool
-) -> None:
+def _report_activation(go: Callable[[PolicyService], Awaitable[Activation]], as_json: bool) -> None:
     try:
         activation = _run(_with_policy(go))
     except (ActivationConflict, UnknownBundle) as exc:

@@ -20,7 +20,7 @@ from trustplane.clients.metadata import ClientMetadataIn
 from trustplane.clients.service import ClientService, Registration
 from trustplane.errors import InvalidClientMetadataError, InvalidTokenError, OAuth2Error
 from trustplane.limits import read_body
-from trustplane.oauth.http import NO_STORE, error_response, json_response
+from trustplane.protocol.responses import NO_STORE, error_response, json_response
 
 MAX_BODY = 64 * 1024
 _BODY_DOC: dict[str, Any] = {

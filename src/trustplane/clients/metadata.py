@@ -21,8 +21,8 @@ from stdnum import lei as stdnum_lei
 
 from trustplane.errors import InvalidClientMetadataError, InvalidRedirectUriError
 from trustplane.jose.jwk import JWKError, import_public_jwks
-from trustplane.oauth.scopes import Vocabulary
 from trustplane.outbound.addresses import host_problem
+from trustplane.protocol.scopes import Vocabulary
 from trustplane.rar.registry import known_types
 from trustplane.settings import Settings, is_loopback_host
 
@@ -59,6 +59,11 @@ class ClientMetadataIn(BaseModel):
     introspection_resources: list[str] = Field(default_factory=list, max_length=32)
     redirect_uris: list[str] = Field(default_factory=list, max_length=16)
     authorization_details_types: list[str] = Field(default_factory=list, max_length=32)
+    # --- pushed authorization requests (RFC 9126 §6) and request objects (RFC 9101 §10.5, OpenID
+    # Connect Dynamic Client Registration 1.0 §2 ``request_object_signing_alg``)
+    require_pushed_authorization_requests: bool | None = None
+    require_signed_request_object: bool | None = None
+    request_object_signing_alg: str | None = Field(default=None, max_length=16)
 
 
 def validate_metadata(
@@ -92,6 +97,7 @@ def validate_metadata(
         _check_no_internal_apis(meta, vocabulary)
         _check_no_resource_server_role(meta)
     _check_details_types(meta, settings)
+    _check_request_objects(meta, settings)
     for uri in meta.redirect_uris:
         check_redirect_uri(uri)
     return _normalised(meta)
@@ -164,6 +170,32 @@ def _check_signing_alg(meta: ClientMetadataIn, settings: Settings) -> None:
     if meta.jwks is not None and all(a != alg for _, a, _ in import_public_jwks(meta.jwks)):
         raise InvalidClientMetadataError(
             f"token_endpoint_auth_signing_alg {alg}: no key in jwks is for that algorithm"
+        )
+
+
+def _check_request_objects(meta: ClientMetadataIn, settings: Settings) -> None:
+    """Request objects (RFC 9101) are verified with the client's registered keys only: a client
+    that must send them, or names their algorithm, registers keys; the algorithm is one this server
+    allows (never ``none`` or HS*), and, with inline keys, one they have."""
+    has_keys = bool(meta.jwks or meta.jwks_uri)
+    if meta.require_signed_request_object and not has_keys:
+        raise InvalidClientMetadataError(
+            "require_signed_request_object needs jwks or jwks_uri (request objects are verified "
+            "with the client's registered keys)"
+        )
+    alg = meta.request_object_signing_alg
+    if alg is None:
+        return
+    if not has_keys:
+        raise InvalidClientMetadataError("request_object_signing_alg needs jwks or jwks_uri")
+    if alg not in settings.allowed_signing_algorithms:
+        raise InvalidClientMetadataError(
+            f"request_object_signing_alg {alg[:16]!r} is not allowed here "
+            f"(allowed: {', '.join(settings.allowed_signing_algorithms)})"
+        )
+    if meta.jwks is not None and all(a != alg for _, a, _ in import_public_jwks(meta.jwks)):
+        raise InvalidClientMetadataError(
+            f"request_object_signing_alg {alg}: no key in jwks is for that algorithm"
         )
 
 

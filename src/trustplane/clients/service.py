@@ -14,12 +14,12 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from trustplane.audit.events import AuditEvent, AuditEventType
+from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.clients.metadata import SECRET_METHODS, validate_metadata
 from trustplane.clients.model import Client, ClientStatus, hash_secret, new_secret, secret_matches
 from trustplane.clients.store import ClientStore, SqlInitialAccessTokenStore
 from trustplane.errors import InvalidClientMetadataError, InvalidTokenError
-from trustplane.oauth.scopes import Vocabulary
+from trustplane.protocol.scopes import Vocabulary
 from trustplane.settings import Settings
 from trustplane.storage import generations
 from trustplane.storage.db import Database

@@ -6,13 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from trustplane import metrics
-from trustplane.audit.sink import write_events
 from trustplane.clients.remote_jwks import RemoteJwksCache, client_jwks_cache
-from trustplane.clients.service import GENERATION, ClientService
+from trustplane.clients.service import GENERATION, AuditWriter, ClientService
 from trustplane.clients.store import SqlClientStore, SqlInitialAccessTokenStore
 from trustplane.component import Idle, Routes
-from trustplane.oauth.scopes import Vocabulary
 from trustplane.outbound import HostRateLimiter
+from trustplane.protocol.scopes import Vocabulary
 from trustplane.settings import Settings
 from trustplane.storage.db import Database
 
@@ -49,9 +48,14 @@ class Clients(Idle):
 
 
 def build(
-    settings: Settings, db: Database, vocabulary: Vocabulary, limiter: HostRateLimiter
+    settings: Settings,
+    db: Database,
+    vocabulary: Vocabulary,
+    limiter: HostRateLimiter,
+    audit: AuditWriter,
 ) -> Clients:
+    """``audit`` writes client events in the change's own transaction (``audit.sink.write_events``)."""
     service = ClientService(
-        db, SqlClientStore(), SqlInitialAccessTokenStore(), settings, vocabulary, write_events
+        db, SqlClientStore(), SqlInitialAccessTokenStore(), settings, vocabulary, audit
     )
     return Clients(service, client_jwks_cache(settings, limiter), settings.issuer)

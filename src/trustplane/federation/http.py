@@ -26,7 +26,7 @@ from trustplane.federation.service import (
     VersionConflictError,
 )
 from trustplane.federation.store import StoredProfile
-from trustplane.oauth.http import json_response
+from trustplane.protocol.responses import json_response
 
 ADMIN_PATH = "/federation"
 ADMIN_SCOPE = "partner:administer"

@@ -17,6 +17,8 @@ attributes, and ``txn``/``tctx`` when the assertion carries them.
 from __future__ import annotations
 
 from trustplane import metrics
+from trustplane.clients.authentication import AuthenticatedClient
+from trustplane.clients.resources import select_resource, select_scopes
 from trustplane.errors import (
     InvalidGrantError,
     InvalidScopeError,
@@ -27,13 +29,11 @@ from trustplane.errors import (
 from trustplane.federation.profile import TOKEN_TYPE_JWT
 from trustplane.federation.registry import PartnerRegistry, PartnerTokenError, VerifiedPartnerToken
 from trustplane.keys.service import KeyService
-from trustplane.oauth.client_auth import AuthenticatedClient
-from trustplane.oauth.form import Form
-from trustplane.oauth.replay import ReplayCache, ReplayUse
-from trustplane.oauth.resources import select_resource, select_scopes
-from trustplane.oauth.scopes import Vocabulary
 from trustplane.oauth.token_endpoint import Grant, ScopeCheck
-from trustplane.oauth.tokens import issue_access_token
+from trustplane.protocol.form import Form
+from trustplane.protocol.replay import ReplayCache, ReplayUse
+from trustplane.protocol.scopes import Vocabulary
+from trustplane.protocol.tokens import issue_access_token
 from trustplane.settings import Settings
 
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"

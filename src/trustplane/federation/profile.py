@@ -22,8 +22,8 @@ from jsonschema import Draft202012Validator
 from stdnum import lei as stdnum_lei
 
 from trustplane.jose.jwk import JWKError, PublicKey, import_public_jwks
-from trustplane.oauth.scopes import Vocabulary
 from trustplane.outbound.addresses import host_problem
+from trustplane.protocol.scopes import Vocabulary
 from trustplane.settings import Settings, is_loopback_host
 
 SCHEMA_FILE = "trust-profile.schema.json"

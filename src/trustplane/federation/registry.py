@@ -34,7 +34,7 @@ from trustplane.federation.profile import (
 )
 from trustplane.jose.jwk import PublicKey
 from trustplane.jose.jws import JWSError, ParsedJWS, parse
-from trustplane.oauth.replay import ReplayUse
+from trustplane.protocol.replay import ReplayUse
 from trustplane.settings import Settings
 
 #: Header parameters that name a key or where to get one (RFC 7515 §4.1.2-4.1.6). Never honoured.

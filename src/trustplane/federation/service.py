@@ -11,7 +11,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane import metrics
-from trustplane.audit.events import AuditEvent, AuditEventType
+from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.clients.remote_jwks import RemoteJwksCache
 from trustplane.federation.profile import (
     ProfileError,
@@ -23,8 +23,7 @@ from trustplane.federation.profile import (
 )
 from trustplane.federation.registry import PartnerRegistry
 from trustplane.federation.store import PartnerStore, StoredProfile, VersionConflictError
-from trustplane.oauth.revocations import SqlRevocationStore
-from trustplane.oauth.scopes import Vocabulary
+from trustplane.protocol.scopes import Vocabulary
 from trustplane.settings import Settings
 from trustplane.storage import generations
 from trustplane.storage.db import Database
@@ -83,11 +82,6 @@ class FederationService:
         if not versions:
             raise PartnerNotFoundError(partner_id)
         return versions
-
-    async def is_revoked(self, jti: str) -> bool:
-        """For the admin API's bearer tokens (RFC 7009 revocation applies to them too)."""
-        async with self._db.read() as conn:
-            return await SqlRevocationStore().is_revoked(conn, jti)
 
     async def add(self, raw: Any, *, changed_by: str) -> StoredProfile:
         """Register a new partner (version 1). Raises :class:`ProfileError`, :class:`PartnerExistsError`."""

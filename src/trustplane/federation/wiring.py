@@ -7,13 +7,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from trustplane import metrics
-from trustplane.audit.sink import write_events
 from trustplane.clients.remote_jwks import partner_jwks_cache
 from trustplane.component import Idle, Routes
-from trustplane.federation.service import GENERATION, FederationService
+from trustplane.federation.service import GENERATION, AuditWriter, FederationService
 from trustplane.federation.store import SqlPartnerStore
-from trustplane.oauth.scopes import Vocabulary
 from trustplane.outbound import HostRateLimiter
+from trustplane.protocol.scopes import Vocabulary
 from trustplane.settings import Settings
 from trustplane.storage.db import Database
 
@@ -53,9 +52,11 @@ def build(
     vocabulary: Vocabulary,
     limiter: HostRateLimiter,
     guard: BearerGuard,
+    audit: AuditWriter,
 ) -> Federation:
     """The partners' key sets have their own cache (only ``federation_jwks_hosts``, own intervals)
-    and share the one per-host rate limit of outbound fetches."""
+    and share the one per-host rate limit of outbound fetches. ``audit`` writes partner events in
+    the change's own transaction (``audit.sink.write_events``)."""
     jwks = partner_jwks_cache(settings, limiter)
-    service = FederationService(db, SqlPartnerStore(), settings, vocabulary, write_events, jwks)
+    service = FederationService(db, SqlPartnerStore(), settings, vocabulary, audit, jwks)
     return Federation(service, guard)

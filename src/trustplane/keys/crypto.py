@@ -7,7 +7,6 @@ The key-encryption key (KEK) never touches the database. It comes from ``TRUSTPL
 from __future__ import annotations
 
 import base64
-import binascii
 import os
 import secrets
 from pathlib import Path
@@ -20,6 +19,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from joserfc.jwk import ECKey, OKPKey, RSAKey
 
 from trustplane.jose.jwk import PrivateKey
+from trustplane.settings import decode_kek
 
 KEK_FILE = "kek.b64"
 _NONCE = 12
@@ -27,16 +27,6 @@ _NONCE = 12
 
 class KeyDecryptionError(Exception):
     """The stored private key cannot be decrypted: wrong KEK or tampered ciphertext."""
-
-
-def decode_kek(text: str) -> bytes:
-    try:
-        raw = base64.urlsafe_b64decode(text.strip() + "=" * (-len(text.strip()) % 4))
-    except (binascii.Error, ValueError):
-        raise ValueError("must be 32 bytes, base64url-encoded") from None
-    if len(raw) != 32:
-        raise ValueError("must be 32 bytes, base64url-encoded")
-    return raw
 
 
 def new_kek_text() -> str:

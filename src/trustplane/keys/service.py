@@ -18,7 +18,7 @@ import orjson
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from trustplane.audit.events import AuditEvent, AuditEventType
+from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.jose.jwk import PublicKey, import_public_jwk, thumbprint
 from trustplane.jose.jws import Signer
 from trustplane.keys.crypto import (

@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from trustplane import metrics
-from trustplane.audit.sink import write_events
 from trustplane.component import Idle
-from trustplane.keys.crypto import decode_kek, load_or_create_kek_file
-from trustplane.keys.service import GENERATION, KeyService
+from trustplane.keys.crypto import load_or_create_kek_file
+from trustplane.keys.service import GENERATION, AuditWriter, KeyService
 from trustplane.keys.store import SqlKeyStore
-from trustplane.settings import Settings, SettingsError
+from trustplane.settings import Settings, SettingsError, decode_kek
 from trustplane.storage.db import Database
 
 
@@ -49,5 +48,7 @@ class Keys(Idle):
         await self.service.prune()
 
 
-def build(settings: Settings, db: Database, kek: bytes) -> Keys:
-    return Keys(KeyService(db, SqlKeyStore(), settings, kek, write_events))
+def build(settings: Settings, db: Database, kek: bytes, audit: AuditWriter) -> Keys:
+    """``audit`` writes key events in the key change's own transaction (the audit component's
+    ``write_events``: this package sits below audit and does not import it)."""
+    return Keys(KeyService(db, SqlKeyStore(), settings, kek, audit))

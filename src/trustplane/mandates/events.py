@@ -26,7 +26,7 @@ from trustplane.jose.jws import Signer
 from trustplane.keys.service import KeyService
 from trustplane.mandates.model import Mandate
 from trustplane.mandates.tables import security_events
-from trustplane.oauth.tokens import new_jti
+from trustplane.protocol.tokens import new_jti
 from trustplane.settings import Settings
 from trustplane.storage.db import Database
 

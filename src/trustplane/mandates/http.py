@@ -29,7 +29,7 @@ from trustplane.mandates.errors import (
 )
 from trustplane.mandates.model import LegalBasis, MandateFilter, MandateStatus, MandateTerms
 from trustplane.mandates.service import MandateService
-from trustplane.oauth.http import json_response
+from trustplane.protocol.responses import json_response
 
 MAX_BODY = 64 * 1024
 VIEW, ADMINISTER = "mandate:view", "mandate:administer"

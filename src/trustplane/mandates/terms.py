@@ -7,7 +7,7 @@ from typing import Any
 
 from stdnum import lei as stdnum_lei
 
-from trustplane.audit.events import AuditEvent, AuditEventType
+from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.clients.model import Client
 from trustplane.clients.service import ClientRegistry
 from trustplane.mandates.errors import MandateInvalidError

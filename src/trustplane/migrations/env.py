@@ -2,7 +2,7 @@
 
 from alembic import context
 
-from trustplane.storage.schema import metadata
+from trustplane.schema import metadata
 
 connection = context.config.attributes.get("connection")
 if connection is None:  # pragma: no cover - only via trustplane.storage.migrate

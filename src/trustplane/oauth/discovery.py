@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from trustplane.clients.metadata import SUPPORTED_GRANT_TYPES
-from trustplane.oauth.scopes import Vocabulary
+from trustplane.protocol.scopes import Vocabulary
 from trustplane.rar.registry import known_types
 from trustplane.settings import Settings
 
@@ -45,6 +45,17 @@ def server_metadata(
             "authorization_details_types_supported": sorted(
                 known_types(settings.authorization_details_types_dir)
             ),
+        }
+    )
+    doc.update(
+        {  # pushed authorization requests (RFC 9126 §5) and request objects (RFC 9101 §10)
+            "pushed_authorization_request_endpoint": settings.issuer + "/par",
+            "require_pushed_authorization_requests": settings.require_pushed_authorization_requests,
+            "request_parameter_supported": True,
+            # only request_uris from /par: nothing is ever fetched by reference
+            "request_uri_parameter_supported": False,
+            "request_object_signing_alg_values_supported": algs,
+            "require_signed_request_object": settings.require_signed_request_object,
         }
     )
     if audit_verifier_key:  # the audit ledger's checkpoints and the key that signs them (C2SP)

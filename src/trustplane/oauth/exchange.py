@@ -56,7 +56,10 @@ from typing import Any
 import structlog
 
 from trustplane import metrics
+from trustplane.authzen.model import DecisionRequest, Entity
+from trustplane.clients.authentication import AuthenticatedClient
 from trustplane.clients.model import Client
+from trustplane.clients.resources import select_resource, select_scopes
 from trustplane.clients.service import ClientRegistry
 from trustplane.errors import (
     InvalidRequestError,
@@ -77,15 +80,8 @@ from trustplane.keys.service import KeyService
 from trustplane.mandates.errors import MandateUnusableError
 from trustplane.mandates.model import Mandate
 from trustplane.mandates.service import MandateService
-from trustplane.oauth.client_auth import AuthenticatedClient
 from trustplane.oauth.exchange_rights import own_token_right, partner_token_audience
-from trustplane.oauth.form import Form
-from trustplane.oauth.replay import ReplayCache, ReplayUse
-from trustplane.oauth.resources import select_resource, select_scopes
-from trustplane.oauth.revocations import SqlRevocationStore
-from trustplane.oauth.scopes import Vocabulary
 from trustplane.oauth.token_endpoint import Grant
-from trustplane.oauth.tokens import issue_access_token, new_jti, read_access_token
 from trustplane.policy.enforcement import (
     CACHE_SIZE,
     ScopeDenied,
@@ -94,8 +90,12 @@ from trustplane.policy.enforcement import (
     fresh_record,
 )
 from trustplane.policy.engine import EXCHANGE_ACTION, PolicyEngine
-from trustplane.policy.model import DecisionRequest, Entity
 from trustplane.policy.recorder import DecisionRecord
+from trustplane.protocol.form import Form
+from trustplane.protocol.replay import ReplayCache, ReplayUse
+from trustplane.protocol.revocations import RevocationStore
+from trustplane.protocol.scopes import Vocabulary
+from trustplane.protocol.tokens import issue_access_token, new_jti, read_access_token
 from trustplane.rar.registry import AuthorizationDetailsRegistry
 from trustplane.settings import Settings
 from trustplane.storage.db import Database
@@ -182,7 +182,7 @@ class TokenExchangeGrant:
         mandates: MandateService,
         details: AuthorizationDetailsRegistry,
         replay: ReplayCache,
-        revocations: SqlRevocationStore,
+        revocations: RevocationStore,
         engine: PolicyEngine | None,
     ) -> None:
         self._settings, self._db, self._keys = settings, db, keys

@@ -22,7 +22,7 @@ from __future__ import annotations
 from trustplane import metrics
 from trustplane.clients.model import Client
 from trustplane.errors import InvalidRequestError
-from trustplane.oauth.tokens import VerifiedClaims
+from trustplane.protocol.tokens import VerifiedClaims
 
 SUBJECT_CLIENT, MAY_ACT, RESOURCE_SERVER, PARTNER = (
     "subject_client", "may_act", "resource_server", "partner",

@@ -15,15 +15,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol
 
 from trustplane import metrics
-from trustplane.audit.events import AuditEvent, AuditEventType
 from trustplane.audit.sink import AuditSink, write_events
+from trustplane.audit_events import AuditEvent, AuditEventType
+from trustplane.clients.authentication import ClientAuthenticator
 from trustplane.clients.service import ClientRegistry
 from trustplane.errors import UnauthorizedClientError
 from trustplane.keys.service import KeyService
-from trustplane.oauth.client_auth import ClientAuthenticator
-from trustplane.oauth.form import Form
-from trustplane.oauth.revocations import SqlRevocationStore
-from trustplane.oauth.tokens import VerifiedClaims, read_access_token
+from trustplane.protocol.form import Form
+from trustplane.protocol.revocations import RevocationStore
+from trustplane.protocol.tokens import VerifiedClaims, read_access_token
 from trustplane.settings import Settings
 from trustplane.storage.db import Database
 
@@ -66,7 +66,7 @@ class IntrospectionService:
         authenticator: ClientAuthenticator,
         keys: KeyService,
         registry: ClientRegistry,
-        revocations: SqlRevocationStore,
+        revocations: RevocationStore,
         audit: AuditSink,
         mandates: MandateService | None = None,
     ) -> None:

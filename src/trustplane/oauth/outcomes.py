@@ -17,11 +17,11 @@ from enum import IntEnum
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from trustplane.audit.events import AuditEvent, AuditEventType
 from trustplane.audit.sink import write_events
-from trustplane.oauth.replay import ReplayUse, consume_batch
-from trustplane.oauth.revocations import revoked_among
+from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.policy.recorder import DecisionRecord, write_decisions
+from trustplane.protocol.replay import ReplayUse, consume_batch
+from trustplane.protocol.revocations import revoked_among
 from trustplane.storage.writer import GroupCommitWriter
 
 log = structlog.get_logger("trustplane.audit")

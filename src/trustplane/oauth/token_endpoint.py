@@ -12,9 +12,11 @@ from functools import partial
 from typing import Any
 
 from trustplane import metrics
-from trustplane.audit.events import AuditEvent, AuditEventType
 from trustplane.audit.sink import AuditSink
+from trustplane.audit_events import AuditEvent, AuditEventType
+from trustplane.clients.authentication import AuthenticatedClient, ClientAuthenticator
 from trustplane.clients.model import Client
+from trustplane.clients.resources import select_resource, select_scopes
 from trustplane.errors import (
     InvalidAuthorizationDetailsError,
     InvalidClientError,
@@ -25,15 +27,13 @@ from trustplane.errors import (
     UnsupportedGrantTypeError,
 )
 from trustplane.keys.service import KeyService
-from trustplane.oauth.client_auth import AuthenticatedClient, ClientAuthenticator
-from trustplane.oauth.form import Form
 from trustplane.oauth.outcomes import Outcome, OutcomeRecorder, Recorded
-from trustplane.oauth.replay import ReplayUse
-from trustplane.oauth.resources import select_resource, select_scopes
-from trustplane.oauth.scopes import Vocabulary
-from trustplane.oauth.tokens import IssuedToken, issue_access_token
 from trustplane.policy.enforcement import ScopeDenied, TokenPolicy
 from trustplane.policy.recorder import DecisionRecord
+from trustplane.protocol.form import Form
+from trustplane.protocol.replay import ReplayUse
+from trustplane.protocol.scopes import Vocabulary
+from trustplane.protocol.tokens import IssuedToken, issue_access_token
 from trustplane.rar.registry import AuthorizationDetailsRegistry
 from trustplane.settings import Settings
 

@@ -6,12 +6,15 @@ only unless ``OutboundPolicy.development()`` allows loopback, no redirects, time
 The core (``TokenValidator``, ``PolicyEnforcer``, ``AuthzenClient``) is framework-free; the
 FastAPI/Starlette dependency lives in ``trustplane.pep.http``. Idempotency keys: the core
 (``IdempotencyService``, ``SqlIdempotencyStore``) here, ``IdempotentOperation`` in
-``trustplane.pep.idempotency_http``.
+``trustplane.pep.idempotency_http``. DPoP-bound tokens (RFC 9449): ``DpopBinding`` given to the
+``PolicyEnforcer`` (see ``trustplane.pep.dpop`` and docs/sender_constrained.md).
 """
 
+from trustplane.dpop.replay import MemoryJtiStore
 from trustplane.outbound import OutboundFetcher, OutboundPolicy
 from trustplane.pep.authzen import AuthzenClient
 from trustplane.pep.client_auth import ClientSecretBasic, PrivateKeyJwt
+from trustplane.pep.dpop import DpopBinding, DpopRequest
 from trustplane.pep.enforcer import PolicyEnforcer, client_subject
 from trustplane.pep.idempotency import (
     Claim,
@@ -43,6 +46,8 @@ __all__ = [
     "Claim",
     "ClientSecretBasic",
     "ConfigurationError",
+    "DpopBinding",
+    "DpopRequest",
     "Execute",
     "IdempotencyError",
     "IdempotencyRecord",
@@ -50,6 +55,7 @@ __all__ = [
     "IdempotencyStore",
     "KeyReusedError",
     "MalformedKeyError",
+    "MemoryJtiStore",
     "MissingKeyError",
     "OutboundFetcher",
     "OutboundPolicy",

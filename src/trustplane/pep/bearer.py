@@ -35,17 +35,28 @@ def bearer_token(authorization: str | None, header_count: int = 1) -> str:
 
     Raises :class:`MissingToken` when there is no header, :class:`InvalidRequestError` when it is
     malformed, repeated, or uses another scheme."""
+    return presented_token(authorization, header_count)[1]
+
+
+def presented_token(
+    authorization: str | None, header_count: int = 1, *, dpop: bool = False
+) -> tuple[str, str]:
+    """``(scheme, token)`` of the Authorization header, the scheme lower-cased: ``bearer``, or
+    ``dpop`` (RFC 9449 §7.1, same token68 syntax) when ``dpop`` is accepted. Errors as
+    :func:`bearer_token`."""
+    wanted = "an access token is required" if dpop else "a bearer access token is required"
     if authorization is None:
-        raise MissingToken("a bearer access token is required")
+        raise MissingToken(wanted)
     if header_count > 1:
         raise InvalidRequestError("more than one Authorization header")
     scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer":
-        raise MissingToken("a bearer access token is required")
+    scheme = scheme.lower()
+    if scheme != "bearer" and not (dpop and scheme == "dpop"):
+        raise MissingToken(wanted)
     token = token.strip(" ")
     if not _B64TOKEN.fullmatch(token):
-        raise InvalidRequestError("malformed bearer token in the Authorization header")
-    return token
+        raise InvalidRequestError(f"malformed {scheme} token in the Authorization header")
+    return scheme, token
 
 
 def challenge(realm: str, exc: OAuth2Error, scope: str | None = None) -> str:
@@ -61,7 +72,10 @@ def challenge(realm: str, exc: OAuth2Error, scope: str | None = None) -> str:
 
 
 def with_challenge(exc: OAuth2Error, realm: str, scope: str | None = None) -> OAuth2Error:
-    """``exc`` with its ``WWW-Authenticate`` header set (401, 403 and 400 of a bearer request)."""
+    """``exc`` with its ``WWW-Authenticate`` header set (401, 403 and 400 of a bearer request). A
+    challenge already set (a DPoP one, :mod:`trustplane.pep.dpop`) is kept."""
+    if "WWW-Authenticate" in exc.headers:
+        return exc
     if isinstance(exc, InvalidTokenError | InsufficientScopeError | InvalidRequestError):
         exc.headers = {**exc.headers, "WWW-Authenticate": challenge(realm, exc, scope)}
     return exc

@@ -22,6 +22,7 @@ from typing import Any
 
 import structlog
 
+from trustplane.authzen.model import Decision, DecisionPoint, Entity, FailReason
 from trustplane.errors import (
     InsufficientScopeError,
     InvalidRequestError,
@@ -29,12 +30,12 @@ from trustplane.errors import (
     TemporarilyUnavailableError,
 )
 from trustplane.pep import metrics
-from trustplane.pep.bearer import QUERY_OR_FORM_TOKEN, bearer_token, with_challenge
+from trustplane.pep.bearer import QUERY_OR_FORM_TOKEN, presented_token, with_challenge
+from trustplane.pep.dpop import DpopBinding, DpopRequest, refuse_unverifiable
 from trustplane.pep.introspection import IntrospectionUnavailable
 from trustplane.pep.keys import KeySourceError
 from trustplane.pep.provenance import ChainRequirement
 from trustplane.pep.validator import AccessToken, TokenValidator
-from trustplane.policy.model import Decision, DecisionPoint, Entity, FailReason
 
 log = structlog.get_logger("trustplane.pep")
 SubjectMapper = Callable[[AccessToken], Entity]
@@ -58,7 +59,8 @@ def transaction_of(token: AccessToken) -> str | None:
 class PolicyEnforcer:
     """``realm`` names the protected API in challenges; ``subject`` maps a token to the PDP subject;
     ``chain``: the chain of authority (``act``, ``prv``, ``origin``, mandate, ``txn``) a delegated
-    token must show before the PDP is asked (see :mod:`trustplane.pep.provenance`)."""
+    token must show before the PDP is asked (see :mod:`trustplane.pep.provenance`); ``dpop``: accept
+    DPoP-bound tokens and verify their proofs (:mod:`trustplane.pep.dpop`)."""
 
     def __init__(
         self,
@@ -68,9 +70,10 @@ class PolicyEnforcer:
         realm: str,
         subject: SubjectMapper = client_subject,
         chain: ChainRequirement | None = None,
+        dpop: DpopBinding | None = None,
     ) -> None:
         self.validator, self.pdp, self.realm, self._subject = validator, pdp, realm, subject
-        self.chain = chain
+        self.chain, self.dpop = chain, dpop
 
     async def authenticate(
         self,
@@ -78,17 +81,28 @@ class PolicyEnforcer:
         *,
         header_count: int = 1,
         token_elsewhere: bool = False,
+        dpop: DpopRequest | None = None,
     ) -> AccessToken:
         """The validated token of a request. ``token_elsewhere``: the request also carries an
-        ``access_token`` in its query string or form body, which is refused outright."""
+        ``access_token`` in its query string or form body, which is refused outright. ``dpop``: the
+        request's method, URI and ``DPoP`` headers, for a DPoP-bound token's proof."""
+        scheme = None
         try:
             if token_elsewhere:
                 raise InvalidRequestError(QUERY_OR_FORM_TOKEN, debug="token_elsewhere")
-            return await self.validator.validate(bearer_token(authorization, header_count))
+            scheme, raw = presented_token(authorization, header_count, dpop=self.dpop is not None)
+            token = await self.validator.validate(raw)
+            if self.dpop is None:
+                refuse_unverifiable(token)
+            else:
+                await self.dpop.check(scheme, token, dpop, self.realm)
+            return token
         except (KeySourceError, IntrospectionUnavailable) as exc:
             log.error("pep_issuer_unavailable", error=str(exc))
             raise self._refuse(TemporarilyUnavailableError("try again shortly"), "issuer") from None
         except OAuth2Error as exc:
+            if self.dpop is not None:
+                self.dpop.challenged(exc, self.realm, scheme)
             raise self._refuse(exc, exc.debug) from None
 
     async def authorize(

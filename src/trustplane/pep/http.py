@@ -35,11 +35,12 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 
+from trustplane.authzen.model import Decision, Entity
 from trustplane.errors import OAuth2Error
 from trustplane.limits import BoundedRequests, RequestLimits
+from trustplane.pep.dpop import DpopBinding, DpopRequest
 from trustplane.pep.enforcer import PolicyEnforcer
 from trustplane.pep.validator import AccessToken
-from trustplane.policy.model import Decision, Entity
 
 ResourceFn = Callable[[Request], Entity | Awaitable[Entity]]
 ContextFn = Callable[[Request, AccessToken], Mapping[str, Any] | Awaitable[Mapping[str, Any]]]
@@ -100,6 +101,7 @@ class Pep:
                 request.headers.get("authorization"),
                 header_count=len(request.headers.getlist("authorization")),
                 token_elsewhere=await _token_elsewhere(request),
+                dpop=_dpop_request(self.enforcer.dpop, request),
             )
         except OAuth2Error as exc:
             raise Refused(exc) from None
@@ -134,6 +136,19 @@ class Pep:
             return Grant(token, decision)
 
         return dependency
+
+
+def _dpop_request(binding: DpopBinding | None, request: Request) -> DpopRequest | None:
+    """The request as a DPoP proof must name it: the raw path as received (not the decoded one),
+    under the app's ``root_path`` when a proxy stripped that prefix."""
+    if binding is None:
+        return None
+    raw_path = (request.scope.get("raw_path") or request.url.path.encode()).decode("latin-1")
+    root = request.scope.get("root_path", "")
+    if root and not raw_path.startswith(root):
+        raw_path = root + raw_path
+    url = binding.request_url(request.url.scheme, request.url.netloc, raw_path)
+    return DpopRequest(request.method, url, tuple(request.headers.getlist("dpop")))
 
 
 async def _token_elsewhere(request: Request) -> bool:

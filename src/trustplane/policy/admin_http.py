@@ -22,11 +22,11 @@ from starlette.responses import Response
 from trustplane import errors
 from trustplane.bearer_guard import BearerGuard
 from trustplane.bearer_guard.http import NO_STORE, answered, caller
-from trustplane.oauth.http import json_response
 from trustplane.policy.bundle import BundleError, BundleSource, CompiledBundle, compile_bundle
 from trustplane.policy.service import PolicyService, PublishRefused, check_bundle
 from trustplane.policy.simulate import SimulationReport, simulate
 from trustplane.policy.store import UnknownBundle
+from trustplane.protocol.responses import json_response
 from trustplane.settings import Settings
 
 SCOPE = "policy:simulate"

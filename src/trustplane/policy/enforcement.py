@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import structlog
 
 from trustplane import metrics
-from trustplane.audit.events import AuditEvent
+from trustplane.audit_events import AuditEvent
+from trustplane.authzen.model import Decision, DecisionRequest, Entity
 from trustplane.clients.model import Client
 from trustplane.errors import InvalidScopeError
 from trustplane.policy.engine import TOKEN_ACTION, PolicyEngine
-from trustplane.policy.model import Decision, DecisionRequest, Entity
 from trustplane.policy.recorder import DecisionRecord
 
 log = structlog.get_logger("trustplane.policy")

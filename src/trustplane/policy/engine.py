@@ -24,9 +24,9 @@ import orjson
 import structlog
 
 from trustplane import metrics
-from trustplane.audit.events import AuditEvent, AuditEventType
+from trustplane.audit_events import AuditEvent, AuditEventType
+from trustplane.authzen.model import Decision, DecisionRequest, Entity, FailReason
 from trustplane.policy.bundle import CompiledBundle
-from trustplane.policy.model import Decision, DecisionRequest, Entity, FailReason
 from trustplane.policy.recorder import DecisionRecord, DecisionRecorder
 
 log = structlog.get_logger("trustplane.policy")
@@ -215,7 +215,7 @@ def evaluate_inputs(
 
 
 class PolicyEngine:
-    """Implements :class:`~trustplane.policy.model.DecisionPoint` in process."""
+    """Implements :class:`~trustplane.authzen.model.DecisionPoint` in process."""
 
     def __init__(
         self,

@@ -29,16 +29,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from trustplane.bearer_guard import BearerGuard, Protected
-from trustplane.bearer_guard.http import answered, caller
-from trustplane.errors import ErrorTable, InvalidRequestError
-from trustplane.oauth.http import json_response
-from trustplane.pep.authzen import (
+from trustplane.authzen.model import Decision, DecisionPoint, DecisionRequest
+from trustplane.authzen.wire import (
     decision_to_json,
     evaluations_from_json,
     request_from_json,
 )
-from trustplane.policy.model import Decision, DecisionPoint, DecisionRequest
+from trustplane.bearer_guard import BearerGuard, Protected
+from trustplane.bearer_guard.http import answered, caller
+from trustplane.errors import ErrorTable, InvalidRequestError
+from trustplane.protocol.responses import json_response
 
 SCOPE = "decision:evaluate"
 MAX_BODY = 256 * 1024

@@ -15,8 +15,8 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from trustplane.audit.events import AuditEvent
 from trustplane.audit.sink import write_events
+from trustplane.audit_events import AuditEvent
 from trustplane.storage.driver_sql import values_clause
 from trustplane.storage.writer import GroupCommitWriter
 

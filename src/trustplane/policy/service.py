@@ -16,8 +16,8 @@ import structlog
 from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from trustplane.audit.events import AuditEvent, AuditEventType
 from trustplane.audit.sink import write_events
+from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.policy.bundle import (
     BundleError,
     BundleSource,

@@ -25,9 +25,9 @@ from typing import Any
 import orjson
 import yaml
 
+from trustplane.authzen.model import DecisionRequest, Entity
 from trustplane.policy.bundle import BundleError, CompiledBundle
 from trustplane.policy.engine import PolicyEngine
-from trustplane.policy.model import DecisionRequest, Entity
 
 DEFAULT_REGIONS = ("eu",)
 

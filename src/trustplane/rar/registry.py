@@ -14,18 +14,17 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from jsonschema import SchemaError
 from jsonschema.exceptions import best_match
 
-from trustplane.clients.model import Client
 from trustplane.errors import InvalidAuthorizationDetailsError
 from trustplane.rar.formats import TypeValidator, format_checker
 
@@ -33,6 +32,14 @@ from trustplane.rar.formats import TypeValidator, format_checker
 MAX_TEXT = 16 * 1024
 MAX_DETAILS = 16
 TYPE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+class RegisteredClient(Protocol):
+    """What the registry reads of a client (a :class:`trustplane.clients.model.Client`): its registered
+    metadata, whose ``authorization_details_types`` are the only types it may request (RFC 9396 §5)."""
+
+    @property
+    def metadata(self) -> Mapping[str, Any]: ...
 
 
 class RegistryConfigError(ValueError):
@@ -74,7 +81,7 @@ class AuthorizationDetailsRegistry:
         return tuple(sorted(self.types))
 
     def validate(
-        self, raw: str | Sequence[Any] | None, client: Client
+        self, raw: str | Sequence[Any] | None, client: RegisteredClient
     ) -> tuple[dict[str, Any], ...]:
         """Parse and check the ``authorization_details`` request parameter for ``client``.
 
@@ -123,7 +130,10 @@ class AuthorizationDetailsRegistry:
         )
 
     def narrow(
-        self, raw: str | Sequence[Any] | None, client: Client, granted: Sequence[dict[str, Any]]
+        self,
+        raw: str | Sequence[Any] | None,
+        client: RegisteredClient,
+        granted: Sequence[dict[str, Any]],
     ) -> tuple[dict[str, Any], ...]:
         """RFC 9396 §6.2: details requested against an existing grant (a refresh, a token exchange)
         must be valid and within what was granted. Absent means "all of it"."""

@@ -17,7 +17,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from trustplane.audit.events import AuditEvent, AuditEventType
+from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.settings import Settings
 from trustplane.storage.db import Database
 from trustplane.users import passwords, totp

@@ -1,11 +1,16 @@
 """Revoked access tokens, by ``jti`` (RFC 7009). Rows live until the token would have expired anyway.
 
 Every new revocation bumps the ``revocations`` cache generation in the same transaction, so processes
-that keep the revocation list in memory (``trustplane.bearer_guard.revoked``) reload it."""
+that keep the revocation list in memory (``trustplane.bearer_guard.revoked``) reload it.
+
+The server holds ONE :class:`RevocationStore`, built by the composition root (``trustplane.app``):
+``bearer_guard.RevokedTokens``, this SQL store plus the in-memory list, so that a revocation made by
+any component of this process is refused by the bearer guard at once."""
 
 from __future__ import annotations
 
 import time
+from typing import Protocol
 
 from sqlalchemy import BigInteger, Column, String, Table, delete, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -25,6 +30,27 @@ revoked_tokens = Table(
     Column("expires_at", BigInteger, nullable=False, index=True),
     Column("revoked_at", BigInteger, nullable=False),
 )
+
+
+class RevocationStore(Protocol):
+    """Revoked access tokens by ``jti``. Every method runs in the caller's transaction (the unit of
+    work owns it; a store never commits)."""
+
+    async def revoke(
+        self, conn: AsyncConnection, jti: str, client_id: str, expires_at: int
+    ) -> bool:
+        """Revoke ``jti`` until ``expires_at`` (idempotent). True if this call revoked it, False if it
+        already was. After commit, :meth:`is_revoked` is true for it in every process."""
+        ...
+
+    async def is_revoked(self, conn: AsyncConnection, jti: str) -> bool:
+        """Whether ``jti`` is revoked, as the database says now (no cache)."""
+        ...
+
+    async def prune(self, conn: AsyncConnection, now: int) -> int:
+        """Forget revocations of tokens that expired before ``now`` (they are refused as expired
+        anyway); returns how many rows went."""
+        ...
 
 
 class SqlRevocationStore:

@@ -3,6 +3,9 @@
 Event types are named ``component:subject:action``. Identifiers only: no names, e-mails or free text
 in the envelope (personal payload goes to ``payload``, which the ledger keeps outside its hashed leaves,
 committed to by a salted hash, so that it can be purged). See ``audit/canonical.py`` for the entry.
+
+A top-level module, below every component: keys, clients and users record events without depending
+on the ledger (``trustplane.audit``), which sits above the bearer guard.
 """
 
 from __future__ import annotations

@@ -25,8 +25,8 @@ from trustplane.clients.remote_jwks import RemoteJwksCache
 from trustplane.clients.service import ClientRegistry
 from trustplane.errors import InvalidClientError, InvalidRequestError
 from trustplane.jose.jws import JWSError, ParsedJWS, parse
-from trustplane.oauth.form import Form
-from trustplane.oauth.replay import ReplayCache, ReplayUse
+from trustplane.protocol.form import Form
+from trustplane.protocol.replay import ReplayCache, ReplayUse
 from trustplane.settings import MAX_ASSERTION_LIFETIME, Settings
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"

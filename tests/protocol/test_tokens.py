@@ -8,7 +8,7 @@ import jwt
 import pytest
 
 from trustplane.app import Services
-from trustplane.oauth.tokens import issue_access_token
+from trustplane.protocol.tokens import issue_access_token
 
 pytestmark = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 from trustplane.clients.model import Client
 from trustplane.errors import InvalidScopeError, InvalidTargetError
-from trustplane.oauth.scopes import Vocabulary
+from trustplane.protocol.scopes import Vocabulary
 
 MAX_SCOPES = 32
 

@@ -175,7 +175,9 @@ def load_vocabulary(path: Path | None) -> Vocabulary:
     try:
         if path is None:
             text = (
-                pkg_resources.files("trustplane.oauth").joinpath("default_scopes.toml").read_text()
+                pkg_resources.files("trustplane.protocol")
+                .joinpath("default_scopes.toml")
+                .read_text()
             )
         else:
             text = path.read_text(encoding="utf-8")

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from trustplane.oauth.scopes import (
+from trustplane.protocol.scopes import (
     VocabularyError,
     load_vocabulary,
     parse_vocabulary,

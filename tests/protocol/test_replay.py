@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from tests.conftest import REDIS_URL, make_settings, require_service, truncate_all
 from trustplane.app import Services
-from trustplane.oauth.replay import RedisReplayCache, SqlReplayCache, used_jtis
+from trustplane.protocol.replay import RedisReplayCache, SqlReplayCache, used_jtis
 from trustplane.storage.db import Database
 from trustplane.storage.migrate import upgrade
 from trustplane.storage.writer import GroupCommitWriter
@@ -307,7 +307,7 @@ async def test_a_lost_database_on_a_protocol_endpoint_is_503() -> None:
     from sqlalchemy.exc import OperationalError
     from starlette.requests import Request
 
-    from trustplane.oauth.http import protocol_endpoint
+    from trustplane.protocol.responses import protocol_endpoint
 
     async def lost(_request: Request) -> Any:
         raise OperationalError("SELECT 1", {}, ConnectionResetError("connection reset"))
@@ -323,7 +323,7 @@ async def test_a_lost_database_on_a_protocol_endpoint_is_503() -> None:
 async def test_a_bug_is_still_a_500() -> None:
     from starlette.requests import Request
 
-    from trustplane.oauth.http import protocol_endpoint
+    from trustplane.protocol.responses import protocol_endpoint
 
     async def bug(_request: Request) -> Any:
         raise KeyError("oops")
