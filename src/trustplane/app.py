@@ -73,13 +73,11 @@ MAINTENANCE_INTERVAL = 60.0
 #: How long shutdown waits for a background round in progress before cancelling it.
 SHUTDOWN_GRACE = 10.0
 
-key_encryption_key = keys_wiring.key_encryption_key
-
 
 @dataclass
 class Services:
-    """Every component, in start order, and the services they hold by name (what the HTTP layer,
-    the CLI and the tests use); tests and the CLI build the same object."""
+    """Every component (``components``, in start order) and, by name, the services they hold that
+    the HTTP layer, the CLI and the tests use; tests and the CLI build the same object."""
 
     settings: Settings
     db: Database
