@@ -4,7 +4,6 @@ and PostgreSQL) and fails on its own fault; the answer is cached for a second.""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,13 +20,13 @@ from trustplane.storage.db import Database
 @pytest.fixture
 async def running(services: Services) -> AsyncIterator[Services]:
     """The services with the ledger's sequencer loop running (as in the app's lifespan)."""
-    task = asyncio.create_task(services.ledger.run())
+    stopping = asyncio.Event()
+    task = asyncio.create_task(services.ledger.run(stopping))
     await asyncio.sleep(0)  # the loop marks its start before its first wait
     assert services.ledger.progress_age() is not None
     yield services
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    stopping.set()  # as the lifespan does: never cancelled inside its transaction
+    await task
 
 
 class Clock:

@@ -1,18 +1,21 @@
-"""The composition root: ``create_app(settings)`` wires stores, services and routers. Nothing here
-runs at import time; every engine, key and client is created inside the app's lifespan."""
+"""The composition root: ``create_app(settings)`` wires the components and their routers. Nothing
+here runs at import time; every engine, key and client is created inside the app's lifespan.
+
+Each component is built by its package's ``wiring.py`` and has the shape of
+:class:`trustplane.component.Component`; this module only orders them and runs a few loops over
+them (docs/architecture.md, "How to add a component")."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -20,56 +23,47 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from trustplane import __version__, expiry, metrics
-from trustplane.audit.http import audit_router
+from trustplane.audit import wiring as audit_wiring
 from trustplane.audit.ledger import Ledger
-from trustplane.audit.sink import SqlAuditSink, write_events
+from trustplane.audit.sink import write_events
 from trustplane.authorize import wiring as authorize_wiring
 from trustplane.bearer_guard import BearerGuard, RevokedTokens
+from trustplane.bearer_guard import wiring as guard_wiring
+from trustplane.clients import wiring as clients_wiring
 from trustplane.clients.authentication import ClientAuthenticator
-from trustplane.clients.http import registration_router
-from trustplane.clients.remote_jwks import (
-    RemoteJwksCache,
-    client_jwks_cache,
-    partner_jwks_cache,
-)
-from trustplane.clients.service import GENERATION as CLIENTS_GENERATION
+from trustplane.clients.remote_jwks import RemoteJwksCache
 from trustplane.clients.service import ClientService
-from trustplane.clients.store import SqlClientStore, SqlInitialAccessTokenStore
+from trustplane.component import Component
 from trustplane.console import wiring as console_wiring
-from trustplane.federation.http import federation_router
+from trustplane.federation import wiring as federation_wiring
 from trustplane.federation.jwt_bearer import JWT_BEARER, JwtBearerGrant
-from trustplane.federation.service import GENERATION as PARTNERS_GENERATION
 from trustplane.federation.service import FederationService
-from trustplane.federation.store import SqlPartnerStore
-from trustplane.keys.crypto import load_or_create_kek_file
-from trustplane.keys.service import GENERATION as KEYS_GENERATION
+from trustplane.keys import wiring as keys_wiring
 from trustplane.keys.service import KeyService
-from trustplane.keys.store import SqlKeyStore
 from trustplane.limits import BoundedRequests, RefusalHook, RequestLimits, request_limits
 from trustplane.logging import configure_logging
 from trustplane.mandates import wiring as mandates_wiring
 from trustplane.mandates.service import MandateService
-from trustplane.oauth.discovery import server_metadata
+from trustplane.oauth import wiring as oauth_wiring
 from trustplane.oauth.exchange import TOKEN_EXCHANGE, TokenExchangeGrant
-from trustplane.oauth.http import OAuthHttp
 from trustplane.oauth.introspection import IntrospectionService
 from trustplane.oauth.openapi import protocol_paths
 from trustplane.oauth.outcomes import OutcomeRecorder
 from trustplane.oauth.token_endpoint import TokenEndpoint
 from trustplane.outbound import HostRateLimiter
-from trustplane.policy.admin_http import simulation_router
+from trustplane.policy import wiring as policy_wiring
 from trustplane.policy.enforcement import TokenPolicy
-from trustplane.policy.http import AuthzenHttp, authzen_paths
-from trustplane.policy.service import GENERATION as POLICY_GENERATION
-from trustplane.policy.service import PolicyService, build_policy
+from trustplane.policy.http import authzen_paths
+from trustplane.policy.service import PolicyService
+from trustplane.protocol import wiring as protocol_wiring
 from trustplane.protocol.replay import RedisReplayCache, SqlReplayCache
-from trustplane.protocol.revocations import GENERATION as REVOCATIONS_GENERATION
 from trustplane.protocol.scopes import Vocabulary, load_vocabulary, with_internal_apis
 from trustplane.rar.registry import AuthorizationDetailsRegistry
 from trustplane.readiness import ReadinessProbe
-from trustplane.settings import Settings, SettingsError, decode_kek
+from trustplane.settings import Settings
 from trustplane.site.http import docs_routes, index_route
 from trustplane.storage import generations
+from trustplane.storage import wiring as storage_wiring
 from trustplane.storage.db import Database
 from trustplane.storage.migrate import pending
 from trustplane.storage.writer import GroupCommitWriter
@@ -81,28 +75,14 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("trustplane")
 MAINTENANCE_INTERVAL = 60.0
-
-
-def partner_jwks(settings: Settings, limiter: HostRateLimiter | None = None) -> RemoteJwksCache:
-    """The cache of partners' ``jwks_uri`` key sets (separate from clients': its own intervals)."""
-    return partner_jwks_cache(settings, limiter)
-
-
-def key_encryption_key(settings: Settings) -> bytes:
-    """The KEK from settings; on the embedded default only, a generated file in the data directory."""
-    if settings.key_encryption_key is not None:
-        return decode_kek(settings.key_encryption_key.get_secret_value())
-    if not settings.is_embedded:
-        raise SettingsError(
-            "invalid setting TRUSTPLANE_KEY_ENCRYPTION_KEY: required when the database is not the "
-            "embedded SQLite file (generate one with `trustplane keys new-kek`)"
-        )
-    return load_or_create_kek_file(settings.data_dir)
+#: How long shutdown waits for a background round in progress before cancelling it.
+SHUTDOWN_GRACE = 10.0
 
 
 @dataclass
 class Services:
-    """Everything the app holds; tests and the CLI build the same object."""
+    """Every component (``components``, in start order) and, by name, the services they hold that
+    the HTTP layer, the CLI and the tests use; tests and the CLI build the same object."""
 
     settings: Settings
     db: Database
@@ -123,6 +103,10 @@ class Services:
     ledger: Ledger
     policy: PolicyService
     revoked: RevokedTokens
+    guard: BearerGuard
+    #: Start order; closed in reverse. The writer is last: it starts when everything that writes
+    #: through it is ready and closes first, so its queue is flushed before the ledger integrates.
+    components: tuple[Component, ...]
     readiness: ReadinessProbe = field(init=False)
 
     def __post_init__(self) -> None:
@@ -135,159 +119,171 @@ class Services:
         vocabulary = console_wiring.vocabulary(
             settings, with_internal_apis(load_vocabulary(settings.scopes_file), settings.issuer)
         )
-        audit = SqlAuditSink(writer)
-        sql_replay = SqlReplayCache(writer, db)
-        replay: SqlReplayCache | RedisReplayCache = (
-            RedisReplayCache(settings.redis_url) if settings.redis_url else sql_replay
-        )
-        kek = key_encryption_key(settings)
-        keys = KeyService(db, SqlKeyStore(), settings, kek, write_events)
-        clients = ClientService(
-            db, SqlClientStore(), SqlInitialAccessTokenStore(), settings, vocabulary, write_events
-        )
+        kek = keys_wiring.key_encryption_key(settings)
+        keys = keys_wiring.build(settings, db, kek, write_events)
         # one per-host rate limit for every fetch the server makes (trustplane.outbound)
         limiter = HostRateLimiter(settings.outbound_rate_per_host, settings.outbound_burst_per_host)
-        remote = client_jwks_cache(settings, limiter)
-        auth = ClientAuthenticator(settings, clients.registry, replay, remote)
-        policy = build_policy(settings, db, writer)
-        token = TokenEndpoint(settings, auth, keys, vocabulary, audit, OutcomeRecorder(writer))
-        rar, mandates = mandates_wiring.build(settings, db, keys, clients.registry)
+        clients = clients_wiring.build(settings, db, vocabulary, limiter, write_events)
+        registry = clients.service.registry
+        rar, mandate_service = mandates_wiring.build(settings, db, keys.service, registry)
+        # the one guard of every bearer-protected route: it checks mandates, so it comes after them
+        revocations = guard_wiring.build(settings, db, keys.service, registry, mandate_service)
+        guard = revocations.guard
+        mandates = mandates_wiring.Mandates(mandate_service, guard)
+        policy = policy_wiring.build(settings, db, writer, guard)
+        federation = federation_wiring.build(settings, db, vocabulary, limiter, guard, write_events)
+        audit = audit_wiring.build(settings, db, writer, kek, guard)
+        replay = protocol_wiring.build(settings, db, writer)
+        auth = ClientAuthenticator(settings, registry, replay.replay, clients.remote_jwks)
+        # -- the token endpoint and its grants --------------------------------------------------
+        token = TokenEndpoint(
+            settings, auth, keys.service, vocabulary, audit.sink, OutcomeRecorder(writer)
+        )
         token.details = rar
-        token.policy = TokenPolicy(policy.engine) if settings.policy_token_enforcement else None
-        # the one revocation store: the SQL store, plus the list the bearer guard reads
-        revoked = RevokedTokens(db)
+        engine = policy.service.engine
+        token.policy = TokenPolicy(engine) if settings.policy_token_enforcement else None
         introspection = IntrospectionService(
-            settings, db, auth, keys, clients.registry, revoked, audit, mandates
-        )
-        authorization = authorize_wiring.build(
-            settings,
-            db,
-            kek,
-            keys,
-            clients.registry,
-            vocabulary,
-            rar,
-            mandates,
-            audit,
-            token,
-            introspection,
-            revoked,
-            authenticator=auth, replay=replay, remote_jwks=remote,  # PAR and request objects
+            settings, db, auth, keys.service, registry, revocations.revoked, audit.sink,
+            mandate_service,
         )  # fmt: skip
-        federation = FederationService(
-            db,
-            SqlPartnerStore(),
-            settings,
-            vocabulary,
-            write_events,
-            partner_jwks(settings, limiter),
-        )
+        authorization = authorize_wiring.build(
+            settings, db, kek, keys.service, registry, vocabulary, rar, mandate_service,
+            audit.sink, token, introspection, revocations.revoked,
+            authenticator=auth, replay=replay.replay, remote_jwks=clients.remote_jwks,  # PAR, JAR
+        )  # fmt: skip
         token.grants[JWT_BEARER] = JwtBearerGrant(
             settings,
-            federation.registry,
-            keys,
+            federation.service.registry,
+            keys.service,
             vocabulary,
-            replay,
+            replay.replay,
             authorize=token.authorize_scopes,
         )
         token.grants[TOKEN_EXCHANGE] = TokenExchangeGrant(
-            settings, db, keys, vocabulary, clients.registry, federation.registry, mandates, rar,
-            replay, revoked, policy.engine if token.policy else None,
+            settings, db, keys.service, vocabulary, registry, federation.service.registry,
+            mandate_service, rar, replay.replay, revocations.revoked,
+            engine if token.policy else None,
         )  # fmt: skip
-        return cls(
-            settings,
-            db,
-            writer,
-            vocabulary,
+        # ----------------------------------------------------------------------------------------
+        metadata = oauth_wiring.metadata_json(
+            settings, vocabulary, audit.ledger.loaded_verifier_key
+        )
+        # RFC 8705: client certificates from the connection or a trusted proxy (trustplane.tls)
+        certificates = CertificateSource.from_settings(settings) if settings.mtls_enabled else None
+        endpoints = oauth_wiring.Endpoints(
+            token, introspection, keys.service, metadata, certificates
+        )
+        components: tuple[Component, ...] = (
             keys,
             clients,
-            replay,
-            sql_replay,
-            remote,
-            auth,
-            token,
-            introspection,
+            audit,
             federation,
-            rar,
             mandates,
             authorization,
-            Ledger(settings, db, kek),
             policy,
-            revoked,
+            revocations,
+            replay,
+            endpoints,
+            storage_wiring.Writer(writer),
+        )
+        return cls(
+            settings=settings,
+            db=db,
+            writer=writer,
+            vocabulary=vocabulary,
+            keys=keys.service,
+            clients=clients.service,
+            replay=replay.replay,
+            sql_replay=replay.sql,
+            remote_jwks=clients.remote_jwks,
+            authenticator=auth,
+            token_endpoint=token,
+            introspection=introspection,
+            federation=federation.service,
+            rar=rar,
+            mandates=mandate_service,
+            authorization=authorization,
+            ledger=audit.ledger,
+            policy=policy.service,
+            revoked=revocations.revoked,
+            guard=guard,
+            components=components,
         )
 
     async def start(self) -> None:
         if await pending(self.db):
             raise RuntimeError("the database schema is not up to date: run `trustplane migrate`")
-        self.writer.start()
-        await self.keys.ensure()
-        await self.ledger.start()
-        await self.keys.load()
-        await self.clients.load()
-        metrics.ACTIVE_CLIENTS.set(len(self.clients.registry))
-        await self.federation.load()
-        await self.policy.ensure_default()
-        await self.policy.load()
-        await expiry.observe(self)
+        for component in self.components:
+            await component.start()
+        await expiry.observe(self)  # the gauges of what expires soon (deploy/prometheus rules)
 
     async def stop(self) -> None:
-        await self.writer.stop()
-        await self.mandates.events.aclose()
-        # integrate what is pending; if that fails it stays durable and the next start integrates it
-        with contextlib.suppress(Exception):
-            await self.ledger.integrate_all()
-        await self.remote_jwks.aclose()
-        await self.federation.registry.aclose()
-        if isinstance(self.replay, RedisReplayCache):
-            await self.replay.aclose()
+        """Close every component in reverse start order (one failing does not keep the others
+        open), then dispose of the database."""
+        for component in reversed(self.components):
+            try:
+                await component.close()
+            except Exception as exc:
+                log.error("component_close_failed", component=component.name, error=repr(exc))
         await self.db.dispose()
 
     async def refresh_caches(self, seen: dict[str, int]) -> None:
-        """Reload what another process changed (generation counters moved)."""
+        """Reload what another process changed: each component whose watched generation counters
+        moved since ``seen``. A component whose reload fails keeps its old counters in ``seen``,
+        so the next poll retries it."""
         async with self.db.read() as conn:
             current = await generations.read_all(conn)
-        if current.get(KEYS_GENERATION) != seen.get(KEYS_GENERATION):
-            await self.keys.load()
-            metrics.CACHE_RELOADS.labels(cache="keys").inc()
-        if current.get(CLIENTS_GENERATION) != seen.get(CLIENTS_GENERATION):
-            await self.clients.load()
-            metrics.ACTIVE_CLIENTS.set(len(self.clients.registry))
-            metrics.CACHE_RELOADS.labels(cache="clients").inc()
-        if current.get(PARTNERS_GENERATION) != seen.get(PARTNERS_GENERATION):
-            await self.federation.load()
-            metrics.CACHE_RELOADS.labels(cache="partners").inc()
-        mandates_wiring.refresh(self.mandates, current, seen)
-        if current.get(REVOCATIONS_GENERATION) != seen.get(REVOCATIONS_GENERATION):
-            await self.revoked.load()
-            metrics.CACHE_RELOADS.labels(cache="revocations").inc()
-        if current.get(POLICY_GENERATION) != seen.get(POLICY_GENERATION):
-            await self.policy.load()
-            metrics.CACHE_RELOADS.labels(cache="policy").inc()
+        failed: set[str] = set()
+        for component in self.components:
+            if all(current.get(name) == seen.get(name) for name in component.watches):
+                continue
+            try:
+                await component.reload()
+            except Exception as exc:
+                log.error("cache_reload_failed", component=component.name, error=repr(exc))
+                failed.update(component.watches)
+        kept = {name: seen[name] for name in failed if name in seen}
         seen.clear()
-        seen.update(current)
+        seen.update({k: v for k, v in current.items() if k not in failed}, **kept)
 
     async def maintenance(self) -> None:
-        """Scheduled key rotation, removal of expired retired keys, pruning of expired jtis."""
-        await self.keys.maybe_rotate()
-        await self.keys.prune()
-        await self.sql_replay.prune()
-        await self.mandates.notify_expired()
-        await self.mandates.publish_events()
-        await self.authorization.prune()
-        await self.ledger.purge()
-        await self.policy.prune()
-        async with self.db.transaction() as conn:
-            await self.revoked.prune(conn, int(time.time()))
-        await expiry.observe(self)  # the gauges of what expires soon (deploy/prometheus rules)
+        """Every component's periodic upkeep (rotation, pruning, retries); one failing does not
+        skip the others. Then the gauges of what expires soon (deploy/prometheus rules)."""
+        for component in self.components:
+            try:
+                await component.maintain()
+            except Exception as exc:
+                log.error("maintenance_failed", component=component.name, error=repr(exc))
+        await expiry.observe(self)
 
 
-async def _every(interval: float, fn: Any, name: str) -> None:
-    while True:
-        await asyncio.sleep(interval)
+async def _every(
+    interval: float, fn: Callable[[], Awaitable[None]], name: str, stopping: asyncio.Event
+) -> None:
+    """Call ``fn`` every ``interval`` seconds until ``stopping`` is set (a call in progress
+    finishes: it is not cancelled inside a transaction)."""
+    while not await _stopped_within(stopping, interval):
         try:
             await fn()
         except Exception as exc:  # keep the loop alive; the failure is logged and retried
             log.error("background_task_failed", task=name, error=repr(exc))
+
+
+async def _stopped_within(stopping: asyncio.Event, seconds: float) -> bool:
+    """Wait up to ``seconds``; True as soon as ``stopping`` is set."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stopping.wait(), seconds)
+    return stopping.is_set()
+
+
+async def _stop_tasks(tasks: list[asyncio.Task[None]], stopping: asyncio.Event) -> None:
+    """Let each background task finish its round; cancel what overstays the grace period."""
+    stopping.set()
+    _done, late = await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE)
+    for task in late:
+        log.warning("background_task_cancelled", task=task.get_name())
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class TrustplaneApp:
@@ -341,7 +337,7 @@ class TrustplaneApp:
         return self.api.openapi()
 
 
-def _asgi(endpoint: Any) -> ASGIApp:
+def _asgi(endpoint: Callable[[Request], Awaitable[ASGIApp]]) -> ASGIApp:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         response = await endpoint(Request(scope, receive))
         await response(scope, receive, send)
@@ -372,20 +368,26 @@ def create_app(
             await app.state.console.ensure_client()
         seen: dict[str, int] = {}
         await svc.refresh_caches(seen)
+        stopping = asyncio.Event()
+
+        async def refresh() -> None:
+            await svc.refresh_caches(seen)
+
         tasks = [
             asyncio.create_task(
-                _every(settings.cache_refresh_interval, lambda: svc.refresh_caches(seen), "cache")
+                _every(settings.cache_refresh_interval, refresh, "cache", stopping), name="cache"
             ),
-            asyncio.create_task(_every(MAINTENANCE_INTERVAL, svc.maintenance, "maintenance")),
-            asyncio.create_task(svc.ledger.run()),
+            asyncio.create_task(
+                _every(MAINTENANCE_INTERVAL, svc.maintenance, "maintenance", stopping),
+                name="maintenance",
+            ),
+            *(asyncio.create_task(c.run(stopping), name=c.name) for c in svc.components),
         ]
         log.info("trustplane_started", issuer=settings.issuer, version=__version__)
         try:
             yield
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await _stop_tasks(tasks, stopping)
             await svc.stop()
             if tracer_provider is not None:  # export what is batched
                 await asyncio.to_thread(tracer_provider.shutdown)
@@ -410,27 +412,21 @@ def create_app(
 
 
 def _mount(app: FastAPI, svc: Services) -> list[Route]:
-    """Add every route to FastAPI (one routing table, 405s, docs); return the hot-path ones."""
-    # RFC 8705: client certificates from the connection or a trusted proxy (trustplane.tls)
-    certificates = (
-        CertificateSource.from_settings(svc.settings) if svc.settings.mtls_enabled else None
-    )
-    protocol = OAuthHttp(
-        svc.token_endpoint, svc.introspection, svc.keys, _metadata_json(svc), certificates
-    )
-    guard = bearer_guard(svc)  # every bearer-protected route of ours goes through this one
-    app.include_router(registration_router(svc.clients, svc.settings.issuer))
-    app.include_router(audit_router(svc.ledger, guard, svc.settings, svc.db))
-    app.include_router(federation_router(svc.federation, guard))
-    app.include_router(mandates_wiring.router(svc.mandates, guard))
-    app.router.routes.extend(svc.authorization.http.routes())
-    app.include_router(simulation_router(svc.policy, guard, svc.settings))
+    """Add every component's routes to FastAPI (one routing table, 405s, docs); return the hot-path
+    ones, which ``TrustplaneApp`` serves without FastAPI's middleware."""
+    fast: list[Route] = []
+    for component in svc.components:
+        routes = component.routes()
+        for route in routes.api:
+            if isinstance(route, APIRouter):
+                app.include_router(route)
+            else:
+                app.router.routes.append(route)
+        fast += routes.fast
     # the operator console (docs/console.md), when TRUSTPLANE_CONSOLE_LEI is set
-    app.state.console = console_wiring.build(svc, key_encryption_key(svc.settings))
+    app.state.console = console_wiring.build(svc, keys_wiring.key_encryption_key(svc.settings))
     if app.state.console is not None:
         app.router.routes.extend(app.state.console.routes())
-    fast = protocol.routes()
-    fast += AuthzenHttp(svc.policy.engine, guard).routes()
     app.router.routes.extend(fast)
     app.router.routes.append(Route("/healthz", _health, methods=["GET"]))
     app.router.routes.append(Route("/readyz", _ready, methods=["GET"]))
@@ -441,30 +437,7 @@ def _mount(app: FastAPI, svc: Services) -> list[Route]:
 
 def bearer_guard(svc: Services) -> BearerGuard:
     """The one guard of our bearer-protected routes (docs/architecture.md)."""
-    return BearerGuard(
-        issuer=svc.settings.issuer,
-        clock_skew=svc.settings.clock_skew,
-        keys=svc.keys,
-        clients=svc.clients.registry,
-        revoked=svc.revoked,
-        mandates=svc.mandates,
-    )
-
-
-def _metadata_json(svc: Services) -> Callable[[], bytes]:
-    """RFC 8414 metadata, built once the audit log's key is known (it is created on first start)."""
-    built: list[bytes] = []
-
-    def metadata() -> bytes:
-        if not built:
-            key = svc.ledger.loaded_verifier_key()
-            body = orjson.dumps(server_metadata(svc.settings, svc.vocabulary, key))
-            if key is None:
-                return body
-            built.append(body)
-        return built[0]
-
-    return metadata
+    return svc.guard
 
 
 def create_ops_app(services: Services, openapi: Callable[[], dict[str, Any]]) -> ASGIApp:

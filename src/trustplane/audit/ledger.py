@@ -225,14 +225,16 @@ class Ledger:
             total += done.count
         return total
 
-    async def run(self) -> None:
+    async def run(self, stopping: asyncio.Event | None = None) -> None:
         """The background sequencer: integrate every ``audit_integrate_interval`` seconds, or sooner
-        when this process has appended half a batch since the last integration."""
+        when this process has appended half a batch since the last integration. Returns once
+        ``stopping`` is set, between rounds: a round is never abandoned inside its transaction
+        (on SQLite a connection dropped mid-write can keep the write lock until it is collected)."""
         interval = self._settings.audit_integrate_interval
         threshold = max(1, self._settings.audit_integrate_batch // 2)
         seen, last = APPENDED[0], time.monotonic()
         self._last_progress = last
-        while True:
+        while stopping is None or not stopping.is_set():
             await asyncio.sleep(POLL)
             if APPENDED[0] - seen < threshold and time.monotonic() - last < interval:
                 continue

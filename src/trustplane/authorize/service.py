@@ -30,7 +30,7 @@ from trustplane.authorize.request import (
     parse_request,
 )
 from trustplane.authorize.request_object import InvalidRequestObjectError, RequestObjects
-from trustplane.authorize.store import GrantContext, SqlCodeStore, grant_event, new_secret_value
+from trustplane.authorize.store import CodeStore, GrantContext, grant_event, new_secret_value
 from trustplane.clients.model import Client
 from trustplane.clients.service import ClientRegistry
 from trustplane.entities.service import EntityDirectory
@@ -88,7 +88,7 @@ class AuthorizationService:
         vocabulary: Vocabulary,
         details: AuthorizationDetailsRegistry,
         mandates: MandateService,
-        codes: SqlCodeStore,
+        codes: CodeStore,
         audit: AuditSink,
         entities: EntityDirectory,
         pushed: PushedRequests,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from sqlalchemy import (
@@ -186,6 +186,78 @@ class StoredRefresh:
     expires_at: int
     rotated_at: int | None
     revoked_at: int | None
+
+
+class CodeStore(Protocol):
+    """Authorization codes (RFC 6749 §4.1.2), by the hash of their value."""
+
+    async def create(
+        self,
+        conn: AsyncConnection,
+        code: str,
+        grant: GrantContext,
+        *,
+        redirect_uri: str,
+        redirect_uri_given: bool,
+        code_challenge: str | None,
+        expires_at: int,
+    ) -> None:
+        """Store a new, unused code for ``grant``."""
+
+    async def get(self, conn: AsyncConnection, code: str) -> StoredCode | None:
+        """The code whatever its state (used, expired), so that a replay can be recognised;
+        None if unknown."""
+
+    async def consume(
+        self,
+        conn: AsyncConnection,
+        code: str,
+        now: int,
+        *,
+        access_jti: str,
+        access_exp: int,
+        family_id: str | None,
+    ) -> bool:
+        """Mark the code used and record what it produced; True only for the first caller, and
+        only before expiry (RFC 6749 §4.1.2: a code is used once)."""
+
+    async def prune(self, conn: AsyncConnection, before: int) -> int:
+        """Delete codes that expired before ``before``; returns how many."""
+
+
+class RefreshStore(Protocol):
+    """Refresh tokens (RFC 6749 §6), by the hash of their value, rotated on every use and grouped
+    in families: the tokens descended from one authorization code."""
+
+    async def create(
+        self,
+        conn: AsyncConnection,
+        token: str,
+        family_id: str,
+        grant: GrantContext,
+        *,
+        now: int,
+        expires_at: int,
+        access_jti: str,
+        access_exp: int,
+    ) -> None:
+        """Store a new token of ``family_id`` with the access token issued alongside it."""
+
+    async def get(self, conn: AsyncConnection, token: str) -> StoredRefresh | None:
+        """The token whatever its state (rotated, revoked, expired); None if unknown."""
+
+    async def rotate(self, conn: AsyncConnection, token: str, now: int) -> bool:
+        """Mark the token rotated; True only for the first caller, and only if it is neither
+        rotated nor revoked (a second use is reuse: the caller revokes the family)."""
+
+    async def revoke_family(
+        self, conn: AsyncConnection, family_id: str, now: int
+    ) -> list[tuple[str, int, str]]:
+        """Revoke every token of the family; returns ``(jti, exp, client_id)`` of the access tokens
+        issued alongside them, for the caller to revoke too."""
+
+    async def prune(self, conn: AsyncConnection, before: int) -> int:
+        """Delete tokens that expired before ``before``; returns how many."""
 
 
 class SqlCodeStore:

@@ -1,4 +1,5 @@
-"""Builds this package's services for the composition root (``trustplane.app``) in one call."""
+"""The authorization component: users, the legal-entity directory, the authorization endpoint with
+its login and consent pages, and the two delegated grants (authorization code, refresh token)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ from trustplane.authorize.par import PushedRequests, SqlPushedRequestStore
 from trustplane.authorize.request_object import RequestObjects
 from trustplane.authorize.sealing import Sealer
 from trustplane.authorize.service import AuthorizationService
-from trustplane.authorize.store import SqlCodeStore, SqlRefreshStore
+from trustplane.authorize.store import CodeStore, RefreshStore, SqlCodeStore, SqlRefreshStore
 from trustplane.clients.authentication import ClientAuthenticator
 from trustplane.clients.remote_jwks import RemoteJwksCache
 from trustplane.clients.service import ClientRegistry
+from trustplane.component import Idle, Routes
 from trustplane.entities.service import EntityDirectory
 from trustplane.entities.store import SqlEntityStore
 from trustplane.keys.service import KeyService
@@ -34,22 +36,34 @@ from trustplane.users.store import SqlUserStore
 
 
 @dataclass
-class Authorization:
+class Authorization(Idle):
+    """Nothing cached across processes (codes, refresh tokens, users and entities are read per
+    request); maintenance deletes expired codes and refresh tokens. The pages go through FastAPI."""
+
     db: Database
     users: UserService
     entities: EntityDirectory
     service: AuthorizationService
     grants: DelegatedGrants
     http: AuthorizeHttp
+    codes: CodeStore
+    refresh: RefreshStore
+    name = "authorize"
+
+    def routes(self) -> Routes:
+        return Routes(api=self.http.routes())
+
+    async def maintain(self) -> None:
+        await self.prune()
 
     async def prune(self) -> int:
         """Delete codes and refresh tokens expired for more than a day (kept that long so that a
         late replay is still recognised as reuse and revokes what it should)."""
         before = int(time.time()) - 86400
         async with self.db.transaction() as conn:
-            codes = await SqlCodeStore().prune(conn, before)
+            codes = await self.codes.prune(conn, before)
             pushed = await SqlPushedRequestStore().prune(conn, before)  # PAR request_uris
-            return codes + pushed + await SqlRefreshStore().prune(conn, before)
+            return codes + pushed + await self.refresh.prune(conn, before)
 
 
 def build(
@@ -72,7 +86,7 @@ def build(
 ) -> Authorization:
     """Wire users, the authorization endpoint and the two grants (registered on the token endpoint)."""
     users = UserService(db, SqlUserStore(), settings, kek, write_events)
-    codes = SqlCodeStore()
+    codes, refresh = SqlCodeStore(), SqlRefreshStore()
     entities = EntityDirectory(db, SqlEntityStore())
     # PAR (RFC 9126) and request objects (RFC 9101): client authentication as at /token
     pushed = PushedRequests(settings, db, SqlPushedRequestStore())
@@ -88,11 +102,11 @@ def build(
         mandates,
         details,
         codes,
-        SqlRefreshStore(),
+        refresh,
         revocations,
         authorize=token_endpoint.authorize_scopes,
     )
     token_endpoint.grants.update(grants.handlers())
     introspection.refresh_tokens = grants
     http = AuthorizeHttp(settings, service, LocalLogin(users), Sealer(kek), authenticator)
-    return Authorization(db, users, entities, service, grants, http)
+    return Authorization(db, users, entities, service, grants, http, codes, refresh)

@@ -13,7 +13,7 @@ import os
 import ssl
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TextIO, TypeVar
 from urllib.parse import urlsplit
@@ -47,6 +47,8 @@ if TYPE_CHECKING:
     from trustplane.app import Services
 
 T = TypeVar("T")
+#: Fetches a consistency proof between two tree sizes (from the server or the local database).
+ConsistencyFetch = Callable[[int, int], list[bytes]]
 
 audit_app = typer.Typer(help="The tamper-evident audit ledger.", no_args_is_help=True)
 CSV_COLUMNS = (
@@ -121,7 +123,7 @@ def public_key() -> None:
 def integrate(as_json: JsonFlag = False) -> None:
     """Integrate every pending entry now and sign a checkpoint (servers do this continuously)."""
 
-    async def run(svc: Services) -> tuple[int, Any]:
+    async def run(svc: Services) -> tuple[int, SignedCheckpoint | None]:
         count = await svc.ledger.integrate_all()
         return count, await svc.ledger.checkpoint()
 
@@ -189,7 +191,12 @@ def export(
 
 
 async def _write(
-    ledger: Ledger, latest: Any, filters: dict[str, Any], proofs: bool, fmt: str, handle: TextIO
+    ledger: Ledger,
+    latest: SignedCheckpoint,
+    filters: dict[str, Any],
+    proofs: bool,
+    fmt: str,
+    handle: TextIO,
 ) -> int:
     writer = csv.DictWriter(handle, CSV_COLUMNS) if fmt == "csv" else None
     if writer is not None:
@@ -217,7 +224,9 @@ async def _write(
     return written
 
 
-async def _records(ledger: Ledger, latest: Any, filters: dict[str, Any], proofs: bool) -> Any:
+async def _records(
+    ledger: Ledger, latest: SignedCheckpoint, filters: dict[str, Any], proofs: bool
+) -> AsyncIterator[tuple[StoredEntry, list[bytes] | None]]:
     if not filters and not proofs:
         async for item in ledger.iter_entries(0, latest.size):
             yield item, None
@@ -404,7 +413,7 @@ def monitor(
     _print_report(report, as_json)
 
 
-def _http_source(url: str, token: str | None) -> tuple[str, Any]:
+def _http_source(url: str, token: str | None) -> tuple[str, ConsistencyFetch]:
     import base64
 
     import httpx
@@ -429,7 +438,7 @@ def _http_source(url: str, token: str | None) -> tuple[str, Any]:
     return response.text, fetch
 
 
-def _local_source() -> tuple[str, Any]:
+def _local_source() -> tuple[str, ConsistencyFetch]:
     async def latest(svc: Services) -> SignedCheckpoint | None:
         return await svc.ledger.checkpoint()
 

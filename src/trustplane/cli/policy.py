@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, TextIO, TypeVar, cast
+from typing import TYPE_CHECKING, Annotated, Any, TextIO, TypeVar, cast
 
 import cedarpy
 import structlog
@@ -28,7 +28,10 @@ from trustplane.cli.common import JsonFlag, _run, _settings, check_schema, err, 
 from trustplane.logging import configure_logging
 from trustplane.policy.bundle import BundleError, BundleSource, compile_bundle, load_dir
 from trustplane.policy.service import PolicyService, PublishRefused, check_bundle
-from trustplane.policy.store import ActivationConflict, UnknownBundle
+from trustplane.policy.store import Activation, ActivationConflict, UnknownBundle
+
+if TYPE_CHECKING:
+    from trustplane.policy.simulate import SimulationReport
 
 T = TypeVar("T")
 policy_app = typer.Typer(
@@ -183,7 +186,7 @@ def activate(
 ) -> None:
     """Make a published bundle the active one (every process switches within the refresh interval)."""
 
-    async def go(service: PolicyService) -> Any:
+    async def go(service: PolicyService) -> Activation:
         return await service.activate(version, actor, change_ref)
 
     _report_activation(go, as_json)
@@ -204,13 +207,13 @@ def rollback(
 ) -> None:
     """Re-activate the bundle that was active before the latest activation."""
 
-    async def go(service: PolicyService) -> Any:
+    async def go(service: PolicyService) -> Activation:
         return await service.rollback(actor, change_ref, from_version=from_version)
 
     _report_activation(go, as_json)
 
 
-def _report_activation(go: Callable[[PolicyService], Awaitable[Any]], as_json: bool) -> None:
+def _report_activation(go: Callable[[PolicyService], Awaitable[Activation]], as_json: bool) -> None:
     try:
         activation = _run(_with_policy(go))
     except (ActivationConflict, UnknownBundle) as exc:
@@ -376,7 +379,7 @@ def simulate(
     except PublishRefused as exc:
         raise _problems("candidate bundle refused:", exc.problems, as_json) from None
 
-    async def go(service: PolicyService) -> Any:
+    async def go(service: PolicyService) -> SimulationReport:
         async with service.db.read() as conn:
             total = await count_recorded(conn, since_ms)
         with Progress(

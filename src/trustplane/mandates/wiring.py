@@ -1,12 +1,17 @@
-"""How the mandate component plugs into the composition root (kept here so ``app.py`` changes by
-a few lines only)."""
+"""The mandates component: mandates and their cached heads, the RAR type registry, the security
+event stream (SETs, optionally to NATS), and the management API.
+
+Built in two steps because the one bearer guard checks mandates: :func:`build` makes the service,
+the composition root makes the guard with it, then :class:`Mandates` gets both."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from trustplane import metrics
 from trustplane.clients.service import ClientRegistry
+from trustplane.component import Idle, Routes
 from trustplane.keys.service import KeyService
 from trustplane.mandates.events import NatsPublisher, SecurityEvents
 from trustplane.mandates.service import GENERATION, MandateService
@@ -16,8 +21,6 @@ from trustplane.settings import Settings, SettingsError
 from trustplane.storage.db import Database
 
 if TYPE_CHECKING:
-    from fastapi import APIRouter
-
     from trustplane.bearer_guard import BearerGuard
 
 
@@ -39,15 +42,28 @@ def build(
     return registry, MandateService(db, SqlMandateStore(), settings, registry, clients, events)
 
 
-def refresh(mandates: MandateService, current: dict[str, int], seen: dict[str, int]) -> None:
-    """Another process changed a mandate: drop cached mandate heads."""
-    if current.get(GENERATION) != seen.get(GENERATION):
-        mandates.invalidate()
-        metrics.CACHE_RELOADS.labels(cache="mandates").inc()
+@dataclass
+class Mandates(Idle):
+    """Drops cached mandate heads when the ``mandates`` generation moves; maintenance notifies
+    expired mandates and retries undelivered security events; closes the event publisher."""
 
+    service: MandateService
+    guard: BearerGuard
+    name = "mandates"
+    watches = (GENERATION,)
 
-def router(mandates: MandateService, guard: BearerGuard) -> APIRouter:
-    """The management API, behind the one bearer guard."""
-    from trustplane.mandates.http import mandates_router
+    def routes(self) -> Routes:
+        from trustplane.mandates.http import mandates_router
 
-    return mandates_router(mandates, guard)
+        return Routes(api=[mandates_router(self.service, self.guard)])
+
+    async def reload(self) -> None:
+        self.service.invalidate()
+        metrics.CACHE_RELOADS.labels(cache=self.name).inc()
+
+    async def maintain(self) -> None:
+        await self.service.notify_expired()
+        await self.service.publish_events()
+
+    async def close(self) -> None:
+        await self.service.events.aclose()

@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import orjson
+from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -93,7 +94,7 @@ class Pep:
         #: default; a trusted proxy's header with ``CertificateSource.build(header, proxies)``).
         self.certificates = certificates
 
-    def install(self, app: Any) -> None:
+    def install(self, app: Starlette) -> None:
         """Register the refusal renderer on a FastAPI or Starlette app and bound its requests'
         headers and bodies (``limits``; see the module doc). Call it before the app starts."""
         app.add_exception_handler(Refused, _render)

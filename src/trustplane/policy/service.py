@@ -31,6 +31,7 @@ from trustplane.policy.store import (
     Activation,
     ActivationConflict,
     BundleRecord,
+    BundleStore,
     SqlBundleStore,
     UnknownBundle,
 )
@@ -83,7 +84,7 @@ class PolicyService:
     def __init__(
         self,
         db: Database,
-        store: SqlBundleStore,
+        store: BundleStore,
         engine: PolicyEngine,
         *,
         issuer: str,

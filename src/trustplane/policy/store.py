@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from sqlalchemy import insert, select, update
@@ -69,6 +69,44 @@ _SUMMARY = [
     policy_bundles.c.created_at,
     policy_bundles.c.status,
 ]
+
+
+class BundleStore(Protocol):
+    """Published policy bundles and the one active bundle (semantics in the module docstring)."""
+
+    async def publish(
+        self, conn: AsyncConnection, source: BundleSource, change_ref: str, author: str
+    ) -> tuple[BundleRecord, bool]:
+        """Store the bundle under its content version; returns (record, created)."""
+
+    async def get(self, conn: AsyncConnection, version: str) -> BundleRecord | None:
+        """The bundle with its files; None if not published."""
+
+    async def resolve(self, conn: AsyncConnection, prefix: str) -> str:
+        """The full version from an unambiguous prefix of at least 8 characters, else
+        :class:`UnknownBundle`."""
+
+    async def all(self, conn: AsyncConnection) -> list[BundleRecord]:
+        """Every published bundle without its files, newest first."""
+
+    async def active_version(self, conn: AsyncConnection) -> str | None:
+        """The active bundle's version; None before the first activation."""
+
+    async def activate(
+        self,
+        conn: AsyncConnection,
+        version: str,
+        *,
+        expected: str | None,
+        actor: str,
+        change_ref: str | None,
+        action: str = "activate",
+    ) -> Activation:
+        """Compare-and-set the active bundle from ``expected`` to ``version`` and record the
+        activation; :class:`ActivationConflict` (changing nothing) if ``expected`` is not active."""
+
+    async def history(self, conn: AsyncConnection, limit: int = 50) -> list[Activation]:
+        """Activations, newest first."""
 
 
 class SqlBundleStore:

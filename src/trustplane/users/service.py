@@ -29,7 +29,7 @@ from trustplane.users.model import (
     new_user_id,
     normalise_username,
 )
-from trustplane.users.store import SqlUserStore
+from trustplane.users.store import UserStore
 
 EventWriter = Callable[[AsyncConnection, Sequence[AuditEvent]], Awaitable[object]]
 ACR_PASSWORD = "urn:trustplane:acr:password"
@@ -64,7 +64,7 @@ class TotpEnrolment:
 
 class UserService:
     def __init__(
-        self, db: Database, store: SqlUserStore, settings: Settings, kek: bytes, events: EventWriter
+        self, db: Database, store: UserStore, settings: Settings, kek: bytes, events: EventWriter
     ) -> None:
         self._db, self._store, self._settings = db, store, settings
         self._kek, self._events = kek, events

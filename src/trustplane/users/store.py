@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import (
     BigInteger,
@@ -63,6 +63,40 @@ def _user(row: Any) -> User:
         created_at=row.created_at,
         last_login_at=row.last_login_at,
     )
+
+
+class UserStore(Protocol):
+    """Local users (login at the authorization endpoint). Password hashes and TOTP secrets are
+    read only through :meth:`credentials`, never as part of a :class:`User`."""
+
+    async def add(self, conn: AsyncConnection, user: User, password_hash: str, now: int) -> None:
+        """Insert; the user id and the username must be new."""
+
+    async def credentials(self, conn: AsyncConnection, username: str) -> Credentials | None:
+        """What a login check needs; None if there is no such username."""
+
+    async def get(
+        self, conn: AsyncConnection, *, user_id: str | None = None, username: str | None = None
+    ) -> User | None:
+        """By ``user_id`` if given, else by ``username``; None if unknown."""
+
+    async def list(self, conn: AsyncConnection) -> list[User]:
+        """Every user, ordered by username."""
+
+    async def update(self, conn: AsyncConnection, user_id: str, now: int, **values: Any) -> bool:
+        """Set columns of one user; False if there is no such user."""
+
+    async def record_failure(
+        self, conn: AsyncConnection, user_id: str, now: int, max_failures: int, base_lockout: int
+    ) -> int:
+        """Count one failed login atomically (locking the account past ``max_failures``);
+        returns the new count."""
+
+    async def record_success(
+        self, conn: AsyncConnection, user_id: str, now: int, totp_step: int | None
+    ) -> bool:
+        """Reset the failure count; with a TOTP step, True only if it is newer than the last
+        accepted one (of two logins racing with one code, one wins)."""
 
 
 class SqlUserStore:
