@@ -36,7 +36,6 @@ from trustplane.clients.service import GENERATION as CLIENTS_GENERATION
 from trustplane.clients.service import ClientService
 from trustplane.clients.store import SqlClientStore, SqlInitialAccessTokenStore
 from trustplane.federation.http import federation_router
-from trustplane.federation.jwt_bearer import JWT_BEARER, JwtBearerGrant
 from trustplane.federation.service import GENERATION as PARTNERS_GENERATION
 from trustplane.federation.service import FederationService
 from trustplane.federation.store import SqlPartnerStore
@@ -50,19 +49,17 @@ from trustplane.mandates import wiring as mandates_wiring
 from trustplane.mandates.service import MandateService
 from trustplane.oauth.client_auth import ClientAuthenticator
 from trustplane.oauth.discovery import server_metadata
-from trustplane.oauth.exchange import TOKEN_EXCHANGE, TokenExchangeGrant
 from trustplane.oauth.http import OAuthHttp
 from trustplane.oauth.introspection import IntrospectionService
 from trustplane.oauth.openapi import protocol_paths
-from trustplane.oauth.outcomes import OutcomeRecorder
 from trustplane.oauth.replay import RedisReplayCache, SqlReplayCache
 from trustplane.oauth.revocations import GENERATION as REVOCATIONS_GENERATION
 from trustplane.oauth.revocations import SqlRevocationStore
 from trustplane.oauth.scopes import Vocabulary, load_vocabulary, with_internal_apis
 from trustplane.oauth.token_endpoint import TokenEndpoint
+from trustplane.oauth.wiring import build_token_endpoint
 from trustplane.outbound import HostRateLimiter
 from trustplane.policy.admin_http import simulation_router
-from trustplane.policy.enforcement import TokenPolicy
 from trustplane.policy.http import AuthzenHttp, authzen_paths
 from trustplane.policy.service import GENERATION as POLICY_GENERATION
 from trustplane.policy.service import PolicyService, build_policy
@@ -144,27 +141,15 @@ class Services:
         remote = client_jwks_cache(settings, limiter)
         auth = ClientAuthenticator(settings, clients.registry, replay, remote)
         policy = build_policy(settings, db, writer)
-        token = TokenEndpoint(settings, auth, keys, vocabulary, audit, OutcomeRecorder(writer))
         rar, mandates = mandates_wiring.build(settings, db, keys, clients.registry)
-        token.details = rar
-        token.policy = TokenPolicy(policy.engine) if settings.policy_token_enforcement else None
         revoked = RevokedTokens(db)  # the SQL store, plus the list the bearer guard reads
-        introspection = IntrospectionService(
-            settings, db, auth, keys, clients.registry, revoked, audit, mandates
-        )
         authorization = authorize_wiring.build(
-            settings,
-            db,
-            kek,
-            keys,
-            clients.registry,
-            vocabulary,
-            rar,
-            mandates,
-            audit,
-            token,
-            introspection,
+            settings, db, kek, clients.registry, vocabulary, rar, mandates, audit
         )
+        introspection = IntrospectionService(
+            settings, db, auth, keys, clients.registry, revoked, audit, mandates,
+            refresh_tokens=authorization.revocations,
+        )  # fmt: skip
         federation = FederationService(
             db,
             SqlPartnerStore(),
@@ -173,17 +158,11 @@ class Services:
             write_events,
             partner_jwks(settings, limiter),
         )
-        token.grants[JWT_BEARER] = JwtBearerGrant(
-            settings,
-            federation.registry,
-            keys,
-            vocabulary,
-            replay,
-            authorize=token.authorize_scopes,
-        )
-        token.grants[TOKEN_EXCHANGE] = TokenExchangeGrant(
-            settings, db, keys, vocabulary, clients.registry, federation.registry, mandates, rar,
-            replay, SqlRevocationStore(), policy.engine if token.policy else None,
+        token = build_token_endpoint(
+            settings=settings, db=db, writer=writer, keys=keys, vocabulary=vocabulary,
+            audit=audit, authenticator=auth, replay=replay, engine=policy.engine, details=rar,
+            mandates=mandates, clients=clients.registry, partners=federation.registry,
+            codes=authorization.codes, delegated=authorization.revocations,
         )  # fmt: skip
         return cls(
             settings,

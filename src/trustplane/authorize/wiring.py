@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 
 from trustplane.audit.sink import AuditSink, write_events
-from trustplane.authorize.grants import DelegatedGrants
+from trustplane.authorize.grants import DelegatedRevocations
 from trustplane.authorize.http import AuthorizeHttp
 from trustplane.authorize.login import LocalLogin
 from trustplane.authorize.sealing import Sealer
@@ -15,12 +15,9 @@ from trustplane.authorize.store import SqlCodeStore, SqlRefreshStore
 from trustplane.clients.service import ClientRegistry
 from trustplane.entities.service import EntityDirectory
 from trustplane.entities.store import SqlEntityStore
-from trustplane.keys.service import KeyService
 from trustplane.mandates.service import MandateService
-from trustplane.oauth.introspection import IntrospectionService
 from trustplane.oauth.revocations import SqlRevocationStore
 from trustplane.oauth.scopes import Vocabulary
-from trustplane.oauth.token_endpoint import TokenEndpoint
 from trustplane.rar.registry import AuthorizationDetailsRegistry
 from trustplane.settings import Settings
 from trustplane.storage.db import Database
@@ -34,7 +31,10 @@ class Authorization:
     users: UserService
     entities: EntityDirectory
     service: AuthorizationService
-    grants: DelegatedGrants
+    #: For the code and refresh grants (``oauth.wiring.build_token_endpoint``) and for RFC 7009
+    #: revocation of refresh tokens (the introspection service).
+    codes: SqlCodeStore
+    revocations: DelegatedRevocations
     http: AuthorizeHttp
 
     async def prune(self) -> int:
@@ -50,34 +50,26 @@ def build(
     settings: Settings,
     db: Database,
     kek: bytes,
-    keys: KeyService,
     registry: ClientRegistry,
     vocabulary: Vocabulary,
     details: AuthorizationDetailsRegistry,
     mandates: MandateService,
     audit: AuditSink,
-    token_endpoint: TokenEndpoint,
-    introspection: IntrospectionService,
 ) -> Authorization:
-    """Wire users, the authorization endpoint and the two grants (registered on the token endpoint)."""
+    """Wire users and the authorization endpoint; expose the code store and the refresh families
+    the two grants of the token endpoint are built with."""
     users = UserService(db, SqlUserStore(), settings, kek, write_events)
     codes = SqlCodeStore()
     entities = EntityDirectory(db, SqlEntityStore())
     service = AuthorizationService(
         settings, db, registry, vocabulary, details, mandates, codes, audit, entities
     )
-    grants = DelegatedGrants(
-        settings,
-        db,
-        keys,
-        mandates,
-        details,
-        codes,
-        SqlRefreshStore(),
-        SqlRevocationStore(),
-        authorize=token_endpoint.authorize_scopes,
+    revocations = DelegatedRevocations(
+        settings=settings,
+        db=db,
+        refresh=SqlRefreshStore(),
+        revocations=SqlRevocationStore(),
+        details=details,
     )
-    token_endpoint.grants.update(grants.handlers())
-    introspection.refresh_tokens = grants
     http = AuthorizeHttp(settings, service, LocalLogin(users), Sealer(kek))
-    return Authorization(db, users, entities, service, grants, http)
+    return Authorization(db, users, entities, service, codes, revocations, http)

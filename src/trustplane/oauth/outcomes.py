@@ -1,24 +1,32 @@
-"""The token endpoint's one durable write per request: the client assertion's ``jti`` (and the
-grant's own single-use assertion, e.g. a partner's JWT-bearer assertion) and the audit record of what
-was decided, committed together through the group-commit writer.
+"""The token endpoint's one durable write per request: the single-use things the request rests on,
+the policy decisions and the audit record of what was decided, committed together through the
+group-commit writer.
+
+What must hold for an issuance to stand is a tuple of small :data:`Condition` s, each with the
+error to answer if it fails: the client assertion's ``jti`` (and a grant's own single-use
+assertion, e.g. a partner's JWT-bearer assertion) not used before (:class:`ConsumeJti`), the token a
+grant rests on (a token exchange's subject token) not revoked (:class:`NotRevoked`). They are
+evaluated in the writer's batch: one replay upsert for every ``jti`` of the batch, one revocation
+query for every token the batch rests on, then one insert for the chosen events.
 
 Either all are durable or none is, and a request pays for one round trip to the writer instead of
-two. The ``jti`` is consumed whatever the decision (an assertion is single-use even when the request
-it came with is refused); if it had already been used, the request is refused as a replay and the
-replay, not the original decision, is what the audit record says.
+several. Every ``jti`` is consumed whatever the decision (an assertion is single-use even when the
+request it came with is refused); if a condition fails, the request is refused with that
+condition's error, and the refusal, not the original decision, is what the audit record says.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from enum import IntEnum
+from typing import ClassVar
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane.audit.events import AuditEvent, AuditEventType
 from trustplane.audit.sink import write_events
+from trustplane.errors import OAuth2Error
 from trustplane.oauth.replay import ReplayUse, consume_batch
 from trustplane.oauth.revocations import revoked_among
 from trustplane.policy.recorder import DecisionRecord, write_decisions
@@ -28,78 +36,71 @@ log = structlog.get_logger("trustplane.audit")
 KIND = "token_outcome"
 
 
-class Recorded(IntEnum):
-    """What :meth:`OutcomeRecorder.record` found. ``REPLAYED``/``RECORDED`` compare equal to
-    False/True (the client assertion lost / every use won)."""
+@dataclass(frozen=True, slots=True)
+class ConsumeJti:
+    """An assertion's ``jti`` (RFC 7523 §3 item 7): holds if this is its first use."""
 
-    REPLAYED = 0
-    RECORDED = 1
-    #: The client assertion was fresh but the grant's own assertion had been used before.
-    GRANT_REPLAYED = 2
-    #: A token the grant rests on (a token exchange's subject token) was revoked (RFC 7009).
-    REVOKED = 3
+    kind: ClassVar[str] = "consume_jti"
+    key: ReplayUse
+    error: OAuth2Error
 
 
 @dataclass(frozen=True, slots=True)
+class NotRevoked:
+    """One of our tokens (by ``jti``) the grant rests on: holds if it is not revoked (RFC 7009)."""
+
+    kind: ClassVar[str] = "not_revoked"
+    key: str
+    error: OAuth2Error
+
+
+Condition = ConsumeJti | NotRevoked
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Outcome:
-    """``use``: the client assertion's jti still to consume (None if there is none or it was
-    consumed already); ``grant_use``: the grant's own assertion jti, if the grant has one.
-    ``event`` is recorded if every use wins; ``replay_event()`` / ``grant_replay_event()`` build what
-    is recorded instead (built only then: replays are rare, the happy path should not pay).
+    """``event`` is recorded if every condition holds; otherwise ``refused(error)`` of the first
+    that failed (built only then: failures are rare, the happy path should not pay).
     ``decisions``: the policy decisions taken for this request, recorded in the same transaction
     whatever the outcome (a decision was made even if the request then turned out to be a replay)."""
 
-    use: ReplayUse | None
     event: AuditEvent
-    replay_event: Callable[[], AuditEvent]
-    grant_use: ReplayUse | None = None
-    grant_replay_event: Callable[[], AuditEvent] | None = None
+    refused: Callable[[OAuth2Error], AuditEvent]
+    conditions: tuple[Condition, ...] = ()
     decisions: tuple[DecisionRecord, ...] = ()
-    #: jtis of tokens that must not be revoked for ``event`` to stand (checked in the same
-    #: transaction: one query per batch instead of one read per request); ``revoked_event()`` is
-    #: recorded instead if one is.
-    unrevoked: tuple[str, ...] = ()
-    revoked_event: Callable[[], AuditEvent] | None = None
 
 
-def _result(client_won: bool, grant_won: bool, revoked: bool) -> Recorded:
-    if not client_won:
-        return Recorded.REPLAYED
-    if not grant_won:
-        return Recorded.GRANT_REPLAYED
-    return Recorded.REVOKED if revoked else Recorded.RECORDED
-
-
-async def record_batch(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> list[Recorded]:
-    """Batch handler: one replay upsert for every use, one revocation query for every token the
-    outcomes rest on, then one insert for the chosen events."""
-    uses = [u for o in outcomes for u in (o.use, o.grant_use) if u is not None]
-    flags = iter(await consume_batch(conn, uses) if uses else [])
-    jtis = {j for o in outcomes for j in o.unrevoked}
+async def record_batch(
+    conn: AsyncConnection, outcomes: Sequence[Outcome]
+) -> list[Condition | None]:
+    """Batch handler: the first failed condition of each outcome (None: all hold). Every ``jti``
+    is consumed, also those of an outcome whose earlier condition failed."""
+    uses = [c.key for o in outcomes for c in o.conditions if isinstance(c, ConsumeJti)]
+    won = iter(await consume_batch(conn, uses) if uses else [])
+    jtis = {c.key for o in outcomes for c in o.conditions if isinstance(c, NotRevoked)}
     revoked = await revoked_among(conn, jtis) if jtis else set()
-    results = [
-        _result(
-            next(flags) if o.use is not None else True,
-            next(flags) if o.grant_use is not None else True,
-            any(j in revoked for j in o.unrevoked),
-        )
-        for o in outcomes
-    ]
-    await write_events(conn, [_chosen(o, r) for o, r in zip(outcomes, results, strict=True)])
+    failed = [_first_failed(o, won, revoked) for o in outcomes]
+    await write_events(
+        conn,
+        [
+            o.event if f is None else o.refused(f.error)
+            for o, f in zip(outcomes, failed, strict=True)
+        ],
+    )
     decisions = [d for o in outcomes for d in o.decisions]
     if decisions:
         await write_decisions(conn, decisions)
-    return results
+    return failed
 
 
-def _chosen(outcome: Outcome, result: Recorded) -> AuditEvent:
-    if result is Recorded.RECORDED:
-        return outcome.event
-    if result is Recorded.GRANT_REPLAYED and outcome.grant_replay_event is not None:
-        return outcome.grant_replay_event()
-    if result is Recorded.REVOKED and outcome.revoked_event is not None:
-        return outcome.revoked_event()
-    return outcome.replay_event()
+def _first_failed(outcome: Outcome, won: Iterator[bool], revoked: set[str]) -> Condition | None:
+    first: Condition | None = None
+    for condition in outcome.conditions:
+        # a use's flag is drawn whatever failed before it, so the flags stay aligned with the uses
+        holds = next(won) if isinstance(condition, ConsumeJti) else condition.key not in revoked
+        if not holds and first is None:
+            first = condition
+    return first
 
 
 class OutcomeRecorder:
@@ -107,19 +108,16 @@ class OutcomeRecorder:
         self._writer = writer
         writer.register(KIND, record_batch)
 
-    async def record(self, outcome: Outcome) -> Recorded:
-        """Durably record the outcome; say whether an assertion turned out to be a replay."""
-        result = Recorded(await self._writer.submit(KIND, outcome))
+    async def record(self, outcome: Outcome) -> Condition | None:
+        """Durably record the outcome; return the condition that failed, if one did."""
+        failed: Condition | None = await self._writer.submit(KIND, outcome)
         event = outcome.event
-        if result is not Recorded.RECORDED:
+        if failed is not None:
             refused = AuditEventType.TOKEN_REFUSED.value
-            reason = {
-                Recorded.REPLAYED: "client assertion replay",
-                Recorded.GRANT_REPLAYED: "grant assertion replay",
-            }.get(result, "revoked subject token")
+            reason = f"{failed.kind}: {failed.error.debug}"
             log.info(refused, client_id=event.client_id, jti=event.jti, reason=reason)
         elif event.decision == "deny":
             log.info(
                 event.type.value, client_id=event.client_id, jti=event.jti, reason=event.reason
             )
-        return result
+        return failed
