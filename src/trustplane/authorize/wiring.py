@@ -6,9 +6,9 @@ import time
 from dataclasses import dataclass
 
 from trustplane.audit.sink import AuditSink, write_events
-from trustplane.authorize.grants import DelegatedRevocations
 from trustplane.authorize.http import AuthorizeHttp
 from trustplane.authorize.login import LocalLogin
+from trustplane.authorize.revocation import DelegatedRevocations
 from trustplane.authorize.sealing import Sealer
 from trustplane.authorize.service import AuthorizationService
 from trustplane.authorize.store import SqlCodeStore, SqlRefreshStore

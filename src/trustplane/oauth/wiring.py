@@ -8,11 +8,8 @@ what it needs in its constructor, built here and listed in ``grants``. Every gra
 from __future__ import annotations
 
 from trustplane.audit.sink import AuditSink
-from trustplane.authorize.grants import (
-    AuthorizationCodeGrant,
-    DelegatedRevocations,
-    RefreshTokenGrant,
-)
+from trustplane.authorize.grants import AuthorizationCodeGrant, RefreshTokenGrant
+from trustplane.authorize.revocation import DelegatedRevocations
 from trustplane.authorize.store import SqlCodeStore
 from trustplane.clients.service import ClientRegistry
 from trustplane.federation.jwt_bearer import JwtBearerGrant
