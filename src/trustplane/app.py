@@ -36,7 +36,6 @@ from trustplane.clients.service import ClientService
 from trustplane.component import Component
 from trustplane.console import wiring as console_wiring
 from trustplane.federation import wiring as federation_wiring
-from trustplane.federation.jwt_bearer import JWT_BEARER, JwtBearerGrant
 from trustplane.federation.service import FederationService
 from trustplane.keys import wiring as keys_wiring
 from trustplane.keys.service import KeyService
@@ -45,14 +44,11 @@ from trustplane.logging import configure_logging
 from trustplane.mandates import wiring as mandates_wiring
 from trustplane.mandates.service import MandateService
 from trustplane.oauth import wiring as oauth_wiring
-from trustplane.oauth.exchange import TOKEN_EXCHANGE, TokenExchangeGrant
 from trustplane.oauth.introspection import IntrospectionService
 from trustplane.oauth.openapi import protocol_paths
-from trustplane.oauth.outcomes import OutcomeRecorder
 from trustplane.oauth.token_endpoint import TokenEndpoint
 from trustplane.outbound import HostRateLimiter
 from trustplane.policy import wiring as policy_wiring
-from trustplane.policy.enforcement import TokenPolicy
 from trustplane.policy.http import authzen_paths
 from trustplane.policy.service import PolicyService
 from trustplane.protocol import wiring as protocol_wiring
@@ -68,6 +64,7 @@ from trustplane.storage.db import Database
 from trustplane.storage.migrate import pending
 from trustplane.storage.writer import GroupCommitWriter
 from trustplane.tls import CertificateSource
+from trustplane.token_wiring import build_token_endpoint
 from trustplane.tracing import otlp_endpoint
 
 if TYPE_CHECKING:
@@ -136,33 +133,22 @@ class Services:
         replay = protocol_wiring.build(settings, db, writer)
         auth = ClientAuthenticator(settings, registry, replay.replay, clients.remote_jwks)
         # -- the token endpoint and its grants --------------------------------------------------
-        token = TokenEndpoint(
-            settings, auth, keys.service, vocabulary, audit.sink, OutcomeRecorder(writer)
-        )
-        token.details = rar
-        engine = policy.service.engine
-        token.policy = TokenPolicy(engine) if settings.policy_token_enforcement else None
-        introspection = IntrospectionService(
-            settings, db, auth, keys.service, registry, revocations.revoked, audit.sink,
-            mandate_service,
-        )  # fmt: skip
         authorization = authorize_wiring.build(
-            settings, db, kek, keys.service, registry, vocabulary, rar, mandate_service,
-            audit.sink, token, introspection, revocations.revoked,
+            settings, db, kek, registry, vocabulary, rar, mandate_service, audit.sink,
+            revocations.revoked,
             authenticator=auth, replay=replay.replay, remote_jwks=clients.remote_jwks,  # PAR, JAR
         )  # fmt: skip
-        token.grants[JWT_BEARER] = JwtBearerGrant(
-            settings,
-            federation.service.registry,
-            keys.service,
-            vocabulary,
-            replay.replay,
-            authorize=token.authorize_scopes,
-        )
-        token.grants[TOKEN_EXCHANGE] = TokenExchangeGrant(
-            settings, db, keys.service, vocabulary, registry, federation.service.registry,
-            mandate_service, rar, replay.replay, revocations.revoked,
-            engine if token.policy else None,
+        introspection = IntrospectionService(
+            settings, db, auth, keys.service, registry, revocations.revoked, audit.sink,
+            mandate_service, refresh_tokens=authorization.revocations,
+        )  # fmt: skip
+        token = build_token_endpoint(
+            settings=settings, db=db, writer=writer, keys=keys.service, vocabulary=vocabulary,
+            audit=audit.sink, authenticator=auth, replay=replay.replay,
+            engine=policy.service.engine, details=rar, mandates=mandate_service,
+            clients=registry, partners=federation.service.registry,
+            codes=authorization.codes, delegated=authorization.revocations,
+            revocations=revocations.revoked,
         )  # fmt: skip
         # ----------------------------------------------------------------------------------------
         metadata = oauth_wiring.metadata_json(

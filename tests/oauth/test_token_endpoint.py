@@ -18,6 +18,14 @@ import pytest_asyncio
 
 from tests.conftest import CLEARING, EXECUTION, LEI, ClientKit, register_kit
 from tests.protocol_server import Server, store_client
+from trustplane.audit.sink import SqlAuditSink
+from trustplane.clients.authentication import AuthenticatedClient
+from trustplane.clients.metadata import SUPPORTED_GRANT_TYPES
+from trustplane.grant.contract import Granted
+from trustplane.grant.outcomes import OutcomeRecorder
+from trustplane.oauth.token_endpoint import TokenEndpoint
+from trustplane.protocol.form import Form
+from trustplane.storage.writer import GroupCommitWriter
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -267,6 +275,33 @@ async def test_client_not_registered_for_client_credentials(server: Server) -> N
     metadata = {**client.metadata, "grant_types": ["authorization_code"]}
     await store_client(server.services, dataclasses.replace(client, metadata=metadata))
     assert error_of(await server.token(kit)) == (400, "unauthorized_client")
+
+
+async def test_the_endpoint_serves_exactly_the_grants_the_metadata_lists(server: Server) -> None:
+    """Built once with every grant (``oauth.wiring.build_token_endpoint``): what it serves is what
+    RFC 8414 metadata and registration (``SUPPORTED_GRANT_TYPES``) say."""
+    meta = (await server.http.get("/.well-known/oauth-authorization-server")).json()
+    served = sorted(server.services.token_endpoint.grant_types)
+    assert served == meta["grant_types_supported"] == sorted(SUPPORTED_GRANT_TYPES)
+
+
+async def test_two_grants_for_one_grant_type_are_refused_at_construction(server: Server) -> None:
+    class Twin:
+        grant_type = "client_credentials"
+        label = "client_credentials"
+
+        async def handle(self, form: Form, auth: AuthenticatedClient) -> Granted:
+            raise AssertionError("never called")
+
+    writer = GroupCommitWriter(server.services.db)  # not started: nothing is written
+    with pytest.raises(ValueError, match="two grants for grant_type 'client_credentials'"):
+        TokenEndpoint(
+            settings=server.services.settings,
+            authenticator=server.services.authenticator,
+            audit=SqlAuditSink(writer),
+            outcomes=OutcomeRecorder(writer),
+            grants=[Twin(), Twin()],
+        )
 
 
 SCOPES = [

@@ -14,6 +14,7 @@ import jwt
 import orjson
 import pytest
 import pytest_asyncio
+from prometheus_client import REGISTRY
 
 from tests.conftest import CLEARING, EXECUTION, LEI, PROTOCOL_DATABASES, ClientKit, register_kit
 from tests.federation.partners import TOKEN_TYPE_JWT, Partner
@@ -492,6 +493,31 @@ async def test_client_without_the_grant_type_is_unauthorized_client(ex: Exchange
 async def test_discovery_lists_the_grant(ex: Exchange) -> None:
     meta = (await ex.server.http.get("/.well-known/oauth-authorization-server")).json()
     assert TOKEN_EXCHANGE in meta["grant_types_supported"]
+
+
+def counted(name: str, labels: dict[str, str]) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_a_repeated_exchange_is_decided_from_the_one_token_policy_cache(
+    ex: Exchange,
+) -> None:
+    """The exchange asks the one ``TokenPolicy``: the same inputs again are a cache hit, still
+    recorded as a decision of its own (own id, the transaction id) and counted as one."""
+    subject = ex.own(txn="txn-cached")
+    first, _ = await ex.post(subject)
+    hits = counted("trustplane_policy_token_cache_total", {"result": "hit"})
+    allowed = counted("trustplane_policy_decisions_total", {"decision": "allow"})
+    second, _ = await ex.post(subject)
+
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert counted("trustplane_policy_token_cache_total", {"result": "hit"}) == hits + 1
+    assert counted("trustplane_policy_decisions_total", {"decision": "allow"}) == allowed + 1
+    decisions = await recent_events(ex.server.services.db, 20, "policy:decision:allowed")
+    mine = [d for d in decisions if d["transaction_id"] == "txn-cached"]
+    assert len({d["event_id"] for d in mine}) == 2
+    assert mine[0]["payload"]["cached"] is True
+    assert {d["payload"]["action"] for d in mine} == {"token:exchange"}
 
 
 # --------------------------------------------------------------------------- impersonation

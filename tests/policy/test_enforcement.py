@@ -16,7 +16,8 @@ from tests.policy.test_store import variant
 from trustplane.app import Services
 from trustplane.audit.sink import recent_events
 from trustplane.audit_events import AuditEvent, AuditEventType
-from trustplane.oauth.outcomes import Outcome, Recorded
+from trustplane.errors import InvalidClientError
+from trustplane.grant.outcomes import ConsumeJti, Outcome
 from trustplane.policy.bundle import BundleSource, default_bundle
 from trustplane.policy.enforcement import TokenPolicy
 from trustplane.policy.tables import policy_decisions
@@ -177,18 +178,21 @@ async def test_decisions_and_issuance_commit_together_or_not_at_all(services: Se
     def issued(jti: str) -> AuditEvent:
         return AuditEvent(type=AuditEventType.TOKEN_ISSUED, issuer="i", client_id="c", jti=jti)
 
+    def use(jti: str) -> tuple[ConsumeJti, ...]:
+        return (ConsumeJti(ReplayUse(client.client_id, jti, 2**40), InvalidClientError()),)
+
     first = Outcome(
-        ReplayUse(client.client_id, "jti-1", 2**40),
-        issued("t-1"),
-        lambda: issued("x"),
+        event=issued("t-1"),
+        refused=lambda _: issued("x"),
+        conditions=use("jti-1"),
         decisions=records,
     )
-    assert await services.writer.submit("token_outcome", first) == Recorded.RECORDED
+    assert await services.writer.submit("token_outcome", first) is None
     # The same decision records again: their insert fails, so the whole outcome must fail.
     second = Outcome(
-        ReplayUse(client.client_id, "jti-2", 2**40),
-        issued("t-2"),
-        lambda: issued("x"),
+        event=issued("t-2"),
+        refused=lambda _: issued("x"),
+        conditions=use("jti-2"),
         decisions=records,
     )
     with pytest.raises(WriterUnavailable):
@@ -196,11 +200,9 @@ async def test_decisions_and_issuance_commit_together_or_not_at_all(services: Se
     events = await recent_events(services.db, 50, "oauth:token:issued")
     assert [e["jti"] for e in events] == ["t-1"]
     assert len(await decisions(services)) == 1
-    replay = Outcome(
-        ReplayUse(client.client_id, "jti-2", 2**40), issued("t-3"), lambda: issued("x")
-    )
+    replay = Outcome(event=issued("t-3"), refused=lambda _: issued("x"), conditions=use("jti-2"))
     # jti-2 was not consumed
-    assert await services.writer.submit("token_outcome", replay) == Recorded.RECORDED
+    assert await services.writer.submit("token_outcome", replay) is None
 
 
 async def test_a_fail_closed_deny_is_not_cached(

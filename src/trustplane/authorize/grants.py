@@ -1,5 +1,5 @@
 """The ``authorization_code`` (RFC 6749 §4.1.3, RFC 7636 §4.6) and ``refresh_token`` (RFC 6749 §6)
-grants, as handlers for :class:`trustplane.oauth.token_endpoint.TokenEndpoint`.
+grants, served by :class:`trustplane.oauth.token_endpoint.TokenEndpoint` (``oauth.grant``).
 
 Codes: single use, at most 60 s, bound to the client, the redirect URI and the PKCE challenge. A
 second redemption (also a concurrent one: the loser of the conditional UPDATE) is ``invalid_grant``
@@ -20,17 +20,14 @@ token is returned.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, ClassVar
 
-from trustplane.audit.sink import write_events
-from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.authorize import pkce
+from trustplane.authorize.revocation import DelegatedRevocations
 from trustplane.authorize.store import (
+    CodeStore,
     GrantContext,
-    SqlCodeStore,
-    SqlRefreshStore,
     StoredCode,
-    grant_event,
     new_secret_value,
 )
 from trustplane.clients.authentication import AuthenticatedClient
@@ -39,56 +36,137 @@ from trustplane.errors import (
     InvalidGrantError,
     InvalidScopeError,
     InvalidTargetError,
-    UnauthorizedClientError,
 )
-from trustplane.keys.service import KeyService
+from trustplane.grant.contract import Granted, TokenIssuer
 from trustplane.mandates.errors import MandateUnusableError
 from trustplane.mandates.service import MandateService
-from trustplane.oauth.token_endpoint import Grant, GrantHandler, ScopeCheck
+from trustplane.policy.enforcement import TokenPolicy
 from trustplane.policy.recorder import DecisionRecord
 from trustplane.protocol.form import Form
-from trustplane.protocol.revocations import RevocationStore
-from trustplane.protocol.tokens import IssuedToken, issue_access_token, new_jti
+from trustplane.protocol.tokens import IssuedToken, new_jti
 from trustplane.rar.registry import AuthorizationDetailsRegistry
 from trustplane.settings import Settings
 from trustplane.storage.db import Database
 
 
-class DelegatedGrants:
+class _DelegatedGrant:
+    """What the two grants share: the mandate check, details narrowing, the policy, issuance."""
+
     def __init__(
         self,
+        *,
         settings: Settings,
         db: Database,
-        keys: KeyService,
+        tokens: TokenIssuer,
+        policy: TokenPolicy,
         mandates: MandateService,
         details: AuthorizationDetailsRegistry,
-        codes: SqlCodeStore,
-        refresh: SqlRefreshStore,
-        revocations: RevocationStore,
-        *,
-        authorize: ScopeCheck | None = None,
+        revocations: DelegatedRevocations,
     ) -> None:
-        self._settings, self._db, self._keys = settings, db, keys
-        self._authorize = authorize
-        self._mandates, self._details = mandates, details
-        self._codes, self._refresh, self._revocations = codes, refresh, revocations
+        self._settings, self._db, self._tokens, self._policy = settings, db, tokens, policy
+        self._mandates, self._details, self._revocations = mandates, details, revocations
+        self._refresh = revocations.refresh
 
-    def handlers(self) -> dict[str, GrantHandler]:
-        return {"authorization_code": self.authorization_code, "refresh_token": self.refresh_token}
+    async def _check_mandate(self, grant: GrantContext, now: int) -> None:
+        try:
+            await self._mandates.check_usable(grant.mandate_id, grant.mandate_version, now)
+        except MandateUnusableError as exc:
+            raise exc.to_oauth() from None
 
-    # ------------------------------------------------------------------ authorization_code
+    def _narrow_details(self, grant: GrantContext, form: Form, client: Client) -> GrantContext:
+        """RFC 9396 §6: ``authorization_details`` in the token request must be valid, of types the
+        client registered, and within what the grant holds; otherwise ``invalid_authorization_details``
+        (an unknown type included, §5). Absent: the whole grant."""
+        requested = form.get("authorization_details")
+        if requested is None:
+            return grant
+        details = self._details.narrow(requested, client, grant.authorization_details)
+        return GrantContext(**{**_fields(grant), "authorization_details": details})
 
-    async def authorization_code(self, form: Form, auth: AuthenticatedClient) -> Grant:
+    def _decide(
+        self, client: Client, grant: GrantContext, grant_type: str
+    ) -> tuple[DecisionRecord, ...]:
+        """The PDP decides before anything single-use is consumed: a deny (``invalid_scope``)
+        leaves the code or refresh token as it was."""
+        return self._policy.check(client, grant.scopes, grant.resource, grant_type)
+
+    def _issue(self, grant: GrantContext) -> IssuedToken:
+        """RFC 9068 access token for the user (``sub``), bound to the mandate version."""
+        extra: dict[str, Any] = {
+            "lei": grant.user_lei,
+            "mandate": {"id": grant.mandate_id, "version": grant.mandate_version},
+        }
+        if grant.authorization_details:
+            extra["authorization_details"] = list(grant.authorization_details)
+        if grant.auth_time is not None:
+            extra["auth_time"] = grant.auth_time
+        if grant.acr is not None:
+            extra["acr"] = grant.acr
+        return self._tokens.issue(
+            subject=grant.user_id,
+            client_id=grant.client_id,
+            audience=grant.resource,
+            scopes=grant.scopes,
+            extra=extra,
+        )
+
+    def _granted(
+        self,
+        issued: IssuedToken,
+        grant: GrantContext,
+        refresh: str | None,
+        decisions: tuple[DecisionRecord, ...],
+    ) -> Granted:
+        response: dict[str, Any] = {}
+        if refresh is not None:
+            response["refresh_token"] = refresh
+        if grant.authorization_details:  # RFC 9396 §7: the token response says what was granted
+            response["authorization_details"] = list(grant.authorization_details)
+        return Granted(
+            token=issued,
+            response=response,
+            mandate=(grant.mandate_id, grant.mandate_version),
+            details_digest=self._details.digest(grant.authorization_details),
+            decisions=decisions,
+        )
+
+
+class AuthorizationCodeGrant(_DelegatedGrant):
+    grant_type: ClassVar[str] = "authorization_code"
+    label: ClassVar[str] = "authorization_code"
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        db: Database,
+        tokens: TokenIssuer,
+        policy: TokenPolicy,
+        mandates: MandateService,
+        details: AuthorizationDetailsRegistry,
+        revocations: DelegatedRevocations,
+        codes: CodeStore,
+    ) -> None:
+        super().__init__(
+            settings=settings,
+            db=db,
+            tokens=tokens,
+            policy=policy,
+            mandates=mandates,
+            details=details,
+            revocations=revocations,
+        )
+        self._codes = codes
+
+    async def handle(self, form: Form, auth: AuthenticatedClient) -> Granted:
         client = auth.client
-        if "authorization_code" not in client.grant_types:
-            raise UnauthorizedClientError("this client may not use the authorization_code grant")
         code = form.require("code")
         async with self._db.read() as conn:
             stored = await self._codes.get(conn, code)
         if stored is None:
             raise InvalidGrantError("the authorization code is invalid")
         if stored.used_at is not None:
-            await self._code_reused(stored)
+            await self._revocations.code_reused(stored)
             raise InvalidGrantError("the authorization code was already used")
         now = int(time.time())
         self._check_code(stored, form, client.client_id, now)
@@ -123,10 +201,10 @@ class DelegatedGrants:
             async with self._db.read() as conn:
                 latest = await self._codes.get(conn, code)
             if latest is not None and latest.used_at is not None:
-                await self._code_reused(latest)
+                await self._revocations.code_reused(latest)
                 raise InvalidGrantError("the authorization code was already used")
             raise InvalidGrantError("the authorization code has expired")
-        return self._grant(issued, grant, refresh, decisions)
+        return self._granted(issued, grant, refresh, decisions)
 
     def _check_code(self, stored: StoredCode, form: Form, client_id: str, now: int) -> None:
         if stored.grant.client_id != client_id:
@@ -151,36 +229,13 @@ class DelegatedGrants:
         if not pkce.verifier_matches(verifier, stored.code_challenge):
             raise InvalidGrantError("code_verifier does not match the code_challenge")
 
-    async def _code_reused(self, stored: StoredCode) -> None:
-        """Revoke what the first redemption issued: its access token and its refresh family."""
-        now = int(time.time())
-        async with self._db.transaction() as conn:
-            revoked = []
-            if stored.access_jti is not None and stored.access_exp is not None:
-                await self._revocations.revoke(
-                    conn, stored.access_jti, stored.grant.client_id, stored.access_exp
-                )
-                revoked.append(stored.access_jti)
-            if stored.family_id is not None:
-                revoked += await self._revoke_family(conn, stored.family_id, now)
-            await write_events(
-                conn,
-                [
-                    self._event(
-                        AuditEventType.CODE_REUSED,
-                        stored.grant,
-                        revoked_jtis=sorted(set(revoked)),
-                        family_id=stored.family_id,
-                    )
-                ],
-            )
 
-    # ------------------------------------------------------------------ refresh_token
+class RefreshTokenGrant(_DelegatedGrant):
+    grant_type: ClassVar[str] = "refresh_token"
+    label: ClassVar[str] = "refresh_token"
 
-    async def refresh_token(self, form: Form, auth: AuthenticatedClient) -> Grant:
+    async def handle(self, form: Form, auth: AuthenticatedClient) -> Granted:
         client = auth.client
-        if "refresh_token" not in client.grant_types:
-            raise UnauthorizedClientError("this client may not use the refresh_token grant")
         token = form.require("refresh_token")
         async with self._db.read() as conn:
             stored = await self._refresh.get(conn, token)
@@ -190,7 +245,7 @@ class DelegatedGrants:
         if stored.revoked_at is not None:
             raise InvalidGrantError("the refresh token has been revoked")
         if stored.rotated_at is not None:
-            await self._family_reused(stored.family_id, stored.grant)
+            await self._revocations.family_reused(stored.family_id, stored.grant)
             raise InvalidGrantError("the refresh token was already used")
         if stored.expires_at <= now:
             raise InvalidGrantError("the refresh token has expired")
@@ -213,9 +268,9 @@ class DelegatedGrants:
                     access_exp=issued.claims["exp"],
                 )
         if not won:
-            await self._family_reused(stored.family_id, stored.grant)
+            await self._revocations.family_reused(stored.family_id, stored.grant)
             raise InvalidGrantError("the refresh token was already used")
-        return self._grant(issued, grant, successor, decisions)
+        return self._granted(issued, grant, successor, decisions)
 
     def _narrow(self, grant: GrantContext, form: Form) -> GrantContext:
         """RFC 6749 §6: a refresh may ask for fewer scopes, never more; RFC 8707 §2.2: the resource,
@@ -230,142 +285,6 @@ class DelegatedGrants:
         if not names or not set(names) <= set(grant.scopes):
             raise InvalidScopeError("a refresh may only narrow the granted scopes")
         return GrantContext(**{**_fields(grant), "scopes": names})
-
-    def _narrow_details(self, grant: GrantContext, form: Form, client: Client) -> GrantContext:
-        """RFC 9396 §6: ``authorization_details`` in the token request must be valid, of types the
-        client registered, and within what the grant holds; otherwise ``invalid_authorization_details``
-        (an unknown type included, §5). Absent: the whole grant."""
-        requested = form.get("authorization_details")
-        if requested is None:
-            return grant
-        details = self._details.narrow(requested, client, grant.authorization_details)
-        return GrantContext(**{**_fields(grant), "authorization_details": details})
-
-    async def revoke(self, token: str, client_id: str) -> bool:
-        """RFC 7009 §2.1 for refresh tokens: the family ends, and with it the access tokens issued
-        from the same grant. False if ``token`` is not one of our refresh tokens; another client's
-        is ``unauthorized_client``; an already revoked one is a successful no-op."""
-        async with self._db.read() as conn:
-            stored = await self._refresh.get(conn, token)
-        if stored is None:
-            return False
-        if stored.grant.client_id != client_id:
-            raise UnauthorizedClientError("a client may revoke only its own tokens")
-        if stored.revoked_at is None:
-            async with self._db.transaction() as conn:
-                revoked = await self._revoke_family(conn, stored.family_id, int(time.time()))
-                event = self._event(
-                    AuditEventType.REFRESH_FAMILY_REVOKED,
-                    stored.grant,
-                    decision=None,
-                    reason="revoked by the client (RFC 7009)",
-                    family_id=stored.family_id,
-                    revoked_jtis=revoked,
-                )
-                await write_events(conn, [event])
-        return True
-
-    async def _family_reused(self, family_id: str, grant: GrantContext) -> None:
-        async with self._db.transaction() as conn:
-            revoked = await self._revoke_family(conn, family_id, int(time.time()))
-            await write_events(
-                conn,
-                [
-                    self._event(
-                        AuditEventType.REFRESH_FAMILY_REVOKED,
-                        grant,
-                        family_id=family_id,
-                        reason="refresh token reuse",
-                        revoked_jtis=revoked,
-                    )
-                ],
-            )
-
-    async def _revoke_family(self, conn: Any, family_id: str, now: int) -> list[str]:
-        jtis = []
-        for jti, exp, client_id in await self._refresh.revoke_family(conn, family_id, now):
-            if exp > now:
-                await self._revocations.revoke(conn, jti, client_id, exp)
-            jtis.append(jti)
-        return jtis
-
-    # ------------------------------------------------------------------ shared
-
-    async def _check_mandate(self, grant: GrantContext, now: int) -> None:
-        try:
-            await self._mandates.check_usable(grant.mandate_id, grant.mandate_version, now)
-        except MandateUnusableError as exc:
-            raise exc.to_oauth() from None
-
-    def _issue(self, grant: GrantContext) -> IssuedToken:
-        """RFC 9068 access token for the user (``sub``), bound to the mandate version."""
-        extra: dict[str, Any] = {
-            "lei": grant.user_lei,
-            "mandate": {"id": grant.mandate_id, "version": grant.mandate_version},
-        }
-        if grant.authorization_details:
-            extra["authorization_details"] = list(grant.authorization_details)
-        if grant.auth_time is not None:
-            extra["auth_time"] = grant.auth_time
-        if grant.acr is not None:
-            extra["acr"] = grant.acr
-        return issue_access_token(
-            self._keys.ring,
-            issuer=self._settings.issuer,
-            subject=grant.user_id,
-            client_id=grant.client_id,
-            audience=grant.resource,
-            scopes=grant.scopes,
-            lifetime=self._settings.access_token_lifetime,
-            extra=extra,
-        )
-
-    def _decide(
-        self, client: Client, grant: GrantContext, grant_type: str
-    ) -> tuple[DecisionRecord, ...]:
-        """The PDP decides before anything single-use is consumed: a deny (``invalid_scope``)
-        leaves the code or refresh token as it was."""
-        if self._authorize is None:
-            return ()
-        return self._authorize(client, grant.scopes, grant.resource, grant_type)
-
-    def _grant(
-        self,
-        issued: IssuedToken,
-        grant: GrantContext,
-        refresh: str | None,
-        decisions: tuple[DecisionRecord, ...] = (),
-    ) -> Grant:
-        response: dict[str, Any] = {}
-        if refresh is not None:
-            response["refresh_token"] = refresh
-        if grant.authorization_details:  # RFC 9396 §7: the token response says what was granted
-            response["authorization_details"] = list(grant.authorization_details)
-        return Grant(
-            issued,
-            response=response,
-            mandate=(grant.mandate_id, grant.mandate_version),
-            details_digest=self._details.digest(grant.authorization_details),
-            decisions=decisions,
-        )
-
-    def _event(
-        self,
-        type_: AuditEventType,
-        grant: GrantContext,
-        decision: str | None = "deny",
-        reason: str = "invalid_grant",
-        **payload: Any,
-    ) -> AuditEvent:
-        return grant_event(
-            type_,
-            grant,
-            issuer=self._settings.issuer,
-            details_digest=self._details.digest(grant.authorization_details),
-            decision=decision,
-            reason=reason,
-            payload=payload,
-        )
 
 
 def _fields(grant: GrantContext) -> dict[str, Any]:

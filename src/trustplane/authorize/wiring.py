@@ -1,5 +1,6 @@
 """The authorization component: users, the legal-entity directory, the authorization endpoint with
-its login and consent pages, and the two delegated grants (authorization code, refresh token)."""
+its login and consent pages (and PAR, request objects), and what the two delegated grants of the
+token endpoint are built with (the code store, the refresh families)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ import time
 from dataclasses import dataclass
 
 from trustplane.audit.sink import AuditSink, write_events
-from trustplane.authorize.grants import DelegatedGrants
 from trustplane.authorize.http import AuthorizeHttp
 from trustplane.authorize.login import LocalLogin
 from trustplane.authorize.par import PushedRequests, SqlPushedRequestStore
 from trustplane.authorize.request_object import RequestObjects
+from trustplane.authorize.revocation import DelegatedRevocations
 from trustplane.authorize.sealing import Sealer
 from trustplane.authorize.service import AuthorizationService
 from trustplane.authorize.store import CodeStore, RefreshStore, SqlCodeStore, SqlRefreshStore
@@ -21,10 +22,7 @@ from trustplane.clients.service import ClientRegistry
 from trustplane.component import Idle, Routes
 from trustplane.entities.service import EntityDirectory
 from trustplane.entities.store import SqlEntityStore
-from trustplane.keys.service import KeyService
 from trustplane.mandates.service import MandateService
-from trustplane.oauth.introspection import IntrospectionService
-from trustplane.oauth.token_endpoint import TokenEndpoint
 from trustplane.protocol.replay import ReplayCache
 from trustplane.protocol.revocations import RevocationStore
 from trustplane.protocol.scopes import Vocabulary
@@ -37,15 +35,14 @@ from trustplane.users.store import SqlUserStore
 
 @dataclass
 class Authorization(Idle):
-    """Nothing cached across processes (codes, refresh tokens, users and entities are read per
-    request); maintenance deletes expired codes and refresh tokens. The pages go through FastAPI."""
-
     db: Database
     users: UserService
     entities: EntityDirectory
     service: AuthorizationService
-    grants: DelegatedGrants
+    #: For RFC 7009 revocation of refresh tokens (the introspection service) and the refresh grant.
+    revocations: DelegatedRevocations
     http: AuthorizeHttp
+    #: For the code and refresh grants (``trustplane.token_wiring.build_token_endpoint``).
     codes: CodeStore
     refresh: RefreshStore
     name = "authorize"
@@ -70,21 +67,19 @@ def build(
     settings: Settings,
     db: Database,
     kek: bytes,
-    keys: KeyService,
     registry: ClientRegistry,
     vocabulary: Vocabulary,
     details: AuthorizationDetailsRegistry,
     mandates: MandateService,
     audit: AuditSink,
-    token_endpoint: TokenEndpoint,
-    introspection: IntrospectionService,
     revocations: RevocationStore,
     *,
     authenticator: ClientAuthenticator,
     replay: ReplayCache,
     remote_jwks: RemoteJwksCache,
 ) -> Authorization:
-    """Wire users, the authorization endpoint and the two grants (registered on the token endpoint)."""
+    """Wire users and the authorization endpoint; expose the code store and the refresh families
+    the two grants of the token endpoint are built with."""
     users = UserService(db, SqlUserStore(), settings, kek, write_events)
     codes, refresh = SqlCodeStore(), SqlRefreshStore()
     entities = EntityDirectory(db, SqlEntityStore())
@@ -95,18 +90,8 @@ def build(
         settings, db, registry, vocabulary, details, mandates, codes, audit, entities,
         pushed, objects,
     )  # fmt: skip
-    grants = DelegatedGrants(
-        settings,
-        db,
-        keys,
-        mandates,
-        details,
-        codes,
-        refresh,
-        revocations,
-        authorize=token_endpoint.authorize_scopes,
+    delegated = DelegatedRevocations(
+        settings=settings, db=db, refresh=refresh, revocations=revocations, details=details
     )
-    token_endpoint.grants.update(grants.handlers())
-    introspection.refresh_tokens = grants
     http = AuthorizeHttp(settings, service, LocalLogin(users), Sealer(kek), authenticator)
-    return Authorization(db, users, entities, service, grants, http, codes, refresh)
+    return Authorization(db, users, entities, service, delegated, http, codes, refresh)

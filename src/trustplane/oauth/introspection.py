@@ -71,12 +71,14 @@ class IntrospectionService:
         revocations: RevocationStore,
         audit: AuditSink,
         mandates: MandateService | None = None,
+        *,
+        refresh_tokens: RefreshRevoker | None = None,
     ) -> None:
         self._settings, self._db, self._auth, self._keys = settings, db, authenticator, keys
         self._registry, self._revocations, self._audit = registry, revocations, audit
         self._mandates = mandates
-        #: Revokes refresh tokens (RFC 7009 MUST); set by ``trustplane.authorize.wiring``.
-        self.refresh_tokens: RefreshRevoker | None = None
+        #: Revokes refresh tokens (RFC 7009 MUST; ``authorize.grants.DelegatedRevocations``).
+        self._refresh_tokens = refresh_tokens
 
     async def introspect(
         self, form: Form, authorization: str | None, certificate: x509.Certificate | None = None
@@ -110,7 +112,7 @@ class IntrospectionService:
         token = form.require("token")
         claims = read_access_token(self._keys.ring, token, issuer=self._settings.issuer)
         if claims is None:
-            refresh = self.refresh_tokens
+            refresh = self._refresh_tokens
             if refresh is not None and await refresh.revoke(token, caller.client_id):
                 metrics.REVOCATIONS.labels(outcome="revoked").inc()
                 return

@@ -10,13 +10,19 @@ client registration time, legal entity, registered scopes, requested scopes, aud
 and Cedar evaluation is a pure function of its request (it has no clock, no I/O), so the outcome for
 a key can be reused. A bundle switch changes the version, a registration update changes
 ``updated_at``; both miss the cache. Every decision is still recorded with its own decision id.
+
+A token exchange (RFC 8693) asks :meth:`TokenPolicy.check_exchange` instead: ``token:exchange`` with
+the exchange's context, cached the same way under a key that adds everything that context is built
+from. One cache, one set of metrics (``trustplane_policy_token_cache_total``,
+``trustplane_policy_decisions_total``) for both.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import replace
+from typing import Any
 
 import structlog
 
@@ -25,12 +31,13 @@ from trustplane.audit_events import AuditEvent
 from trustplane.authzen.model import Decision, DecisionRequest, Entity
 from trustplane.clients.model import Client
 from trustplane.errors import InvalidScopeError
-from trustplane.policy.engine import TOKEN_ACTION, PolicyEngine
+from trustplane.policy.engine import EXCHANGE_ACTION, TOKEN_ACTION, PolicyEngine
 from trustplane.policy.recorder import DecisionRecord
 
 log = structlog.get_logger("trustplane.policy")
 CACHE_SIZE = 4096
-_Key = tuple[str, str, int, str, frozenset[str], tuple[str, ...], str, str]
+#: A cache key: the action, then everything the action's requests are built from.
+_Key = tuple[Hashable, ...]
 
 
 class ScopeDenied(InvalidScopeError):
@@ -44,11 +51,40 @@ class ScopeDenied(InvalidScopeError):
             debug=f"policy deny: {' '.join(reasons)} (bundle {denied[0].bundle_version[:12]})",
         )
         self.records = tuple(records)
+        self.denied = tuple(denied)
 
 
-@dataclass(frozen=True, slots=True)
-class _Cached:
-    records: tuple[DecisionRecord, ...]
+def client_principal(client: Client) -> Entity:
+    """The requesting client as the principal of a token request."""
+    legal_entity = Entity("LegalEntity", client.lei)
+    return Entity(
+        "Client",
+        client.client_id,
+        {"legal_entity": legal_entity, "scopes": frozenset(client.scopes)},
+        (legal_entity,),
+    )
+
+
+def scope_requests(
+    client: Client,
+    action: str,
+    scopes: Sequence[str],
+    audience: str,
+    context: dict[str, Any],
+    correlation_id: str | None = None,
+) -> list[DecisionRequest]:
+    """One request per scope, on ``Scope::"<name>"``, all with the same context."""
+    principal = client_principal(client)
+    return [
+        DecisionRequest(
+            principal,
+            action,
+            Entity("Scope", scope, {"name": scope, "audience": audience}),
+            context,
+            correlation_id,
+        )
+        for scope in scopes
+    ]
 
 
 def token_requests(
@@ -58,30 +94,18 @@ def token_requests(
     grant_type: str,
     correlation_id: str | None,
 ) -> list[DecisionRequest]:
-    legal_entity = Entity("LegalEntity", client.lei)
-    principal = Entity(
-        "Client",
-        client.client_id,
-        {"legal_entity": legal_entity, "scopes": frozenset(client.scopes)},
-        (legal_entity,),
-    )
     context = {"audience": audience, "requested_scopes": list(scopes), "grant_type": grant_type}
-    return [
-        DecisionRequest(
-            principal,
-            TOKEN_ACTION,
-            Entity("Scope", scope, {"name": scope, "audience": audience}),
-            context,
-            correlation_id,
-        )
-        for scope in scopes
-    ]
+    return scope_requests(client, TOKEN_ACTION, scopes, audience, context, correlation_id)
 
 
 class TokenPolicy:
-    def __init__(self, engine: PolicyEngine, *, cache_size: int = CACHE_SIZE) -> None:
+    """The one policy check of the token endpoint, asked by every grant. ``engine`` None: token
+    enforcement is off (``TRUSTPLANE_POLICY_TOKEN_ENFORCEMENT=false``), every check allows and
+    records nothing."""
+
+    def __init__(self, engine: PolicyEngine | None, *, cache_size: int = CACHE_SIZE) -> None:
         self._engine = engine
-        self._cache: dict[_Key, _Cached] = {}
+        self._cache: dict[_Key, tuple[DecisionRecord, ...]] = {}
         self._cache_size = cache_size
 
     def check(
@@ -93,11 +117,14 @@ class TokenPolicy:
         *,
         correlation_id: str | None = None,
     ) -> tuple[DecisionRecord, ...]:
-        """Return the decision records (all allows), or raise :class:`ScopeDenied` carrying them."""
-        if not scopes:
+        """``token:obtain``: return the decision records (all allows), or raise
+        :class:`ScopeDenied` carrying them."""
+        engine = self._engine
+        if engine is None or not scopes:
             return ()
         key: _Key = (
-            self._engine.version,
+            TOKEN_ACTION,
+            engine.version,
             client.client_id,
             client.updated_at,
             client.lei,
@@ -106,19 +133,12 @@ class TokenPolicy:
             audience,
             grant_type,
         )
-        cached = self._cache.get(key)
-        if cached is not None and correlation_id is None:
-            metrics.POLICY_CACHE.labels(result="hit").inc()
-            records = tuple(fresh_record(r) for r in cached.records)
-            for r in records:
-                metrics.POLICY_DECISIONS.labels(decision=r.event.decision or "deny").inc()
-        else:
-            metrics.POLICY_CACHE.labels(result="miss").inc()
-            requests = token_requests(client, scopes, audience, grant_type, correlation_id)
-            pairs = self._engine.evaluate(requests)
-            records = tuple(r for _, r in pairs)
-            if correlation_id is None and cacheable(records, key[0]):
-                self._remember(key, _Cached(records))
+        records = self._decide(
+            engine,
+            key,
+            lambda: token_requests(client, scopes, audience, grant_type, correlation_id),
+            cache=correlation_id is None,
+        )
         denied = [decision_of(r) for r in records if r.event.decision != "allow"]
         if denied:
             log.info(
@@ -132,7 +152,72 @@ class TokenPolicy:
             raise ScopeDenied(records, denied)
         return records
 
-    def _remember(self, key: _Key, value: _Cached) -> None:
+    def check_exchange(
+        self,
+        client: Client,
+        scopes: Sequence[str],
+        audience: str,
+        context: dict[str, Any],
+        inputs: tuple[Hashable, ...],
+        *,
+        transaction_id: str,
+    ) -> tuple[DecisionRecord, ...]:
+        """``token:exchange`` (RFC 8693), one request per scope with ``context``; ``inputs`` is
+        everything besides the client, the scopes and the audience that ``context`` is built from
+        (the cache key). The records name ``transaction_id``: the ledger's per-transaction view
+        lists them. Return them (all allows), or raise :class:`ScopeDenied` carrying them."""
+        engine = self._engine
+        if engine is None:
+            return ()
+        key: _Key = (
+            EXCHANGE_ACTION,
+            engine.version,
+            client.client_id,
+            client.updated_at,
+            client.lei,
+            client.scopes,
+            tuple(scopes),
+            audience,
+            *inputs,
+        )
+        found = self._decide(
+            engine,
+            key,
+            lambda: scope_requests(client, EXCHANGE_ACTION, scopes, audience, context),
+            cache=True,
+        )
+        records = tuple(
+            replace(r, event=replace(r.event, transaction_id=transaction_id)) for r in found
+        )
+        denied = [decision_of(r) for r in records if r.event.decision != "allow"]
+        if denied:
+            raise ScopeDenied(records, denied)
+        return records
+
+    def _decide(
+        self,
+        engine: PolicyEngine,
+        key: _Key,
+        requests: Callable[[], list[DecisionRequest]],
+        *,
+        cache: bool,
+    ) -> tuple[DecisionRecord, ...]:
+        """Cedar is a pure function of its request: the records of an earlier evaluation of the
+        same key are reused (each recorded again as its own decision)."""
+        cached = self._cache.get(key) if cache else None
+        if cached is not None:
+            metrics.POLICY_CACHE.labels(result="hit").inc()
+            records = tuple(fresh_record(r) for r in cached)
+            for r in records:
+                metrics.POLICY_DECISIONS.labels(decision=r.event.decision or "deny").inc()
+            return records
+        metrics.POLICY_CACHE.labels(result="miss").inc()
+        records = tuple(r for _, r in engine.evaluate(requests()))
+        if cache and cacheable(records, engine.version):
+            self._remember(key, records)
+        return records
+
+    def _remember(self, key: _Key, value: tuple[DecisionRecord, ...]) -> None:
         if len(self._cache) >= self._cache_size:
             self._cache.clear()  # a bounded cache; a full one starts over (keys are cheap to rebuild)
         self._cache[key] = value

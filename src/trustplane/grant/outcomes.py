@@ -1,0 +1,123 @@
+"""The token endpoint's one durable write per request: the single-use things the request rests on,
+the policy decisions and the audit record of what was decided, committed together through the
+group-commit writer.
+
+What must hold for an issuance to stand is a tuple of small :data:`Condition` s, each with the
+error to answer if it fails: the client assertion's ``jti`` (and a grant's own single-use
+assertion, e.g. a partner's JWT-bearer assertion) not used before (:class:`ConsumeJti`), the token a
+grant rests on (a token exchange's subject token) not revoked (:class:`NotRevoked`). They are
+evaluated in the writer's batch: one replay upsert for every ``jti`` of the batch, one revocation
+query for every token the batch rests on, then one insert for the chosen events.
+
+Either all are durable or none is, and a request pays for one round trip to the writer instead of
+several. Every ``jti`` is consumed whatever the decision (an assertion is single-use even when the
+request it came with is refused); if a condition fails, the request is refused with that
+condition's error, and the refusal, not the original decision, is what the audit record says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import structlog
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from trustplane.audit.sink import write_events
+from trustplane.audit_events import AuditEvent, AuditEventType
+from trustplane.errors import OAuth2Error
+from trustplane.policy.recorder import DecisionRecord, write_decisions
+from trustplane.protocol.replay import ReplayUse, consume_batch
+from trustplane.protocol.revocations import revoked_among
+from trustplane.storage.writer import GroupCommitWriter
+
+log = structlog.get_logger("trustplane.audit")
+KIND = "token_outcome"
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumeJti:
+    """An assertion's ``jti`` (RFC 7523 §3 item 7): holds if this is its first use."""
+
+    kind: ClassVar[str] = "consume_jti"
+    key: ReplayUse
+    error: OAuth2Error
+
+
+@dataclass(frozen=True, slots=True)
+class NotRevoked:
+    """One of our tokens (by ``jti``) the grant rests on: holds if it is not revoked (RFC 7009)."""
+
+    kind: ClassVar[str] = "not_revoked"
+    key: str
+    error: OAuth2Error
+
+
+Condition = ConsumeJti | NotRevoked
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Outcome:
+    """``event`` is recorded if every condition holds; otherwise ``refused(error)`` of the first
+    that failed (built only then: failures are rare, the happy path should not pay).
+    ``decisions``: the policy decisions taken for this request, recorded in the same transaction
+    whatever the outcome (a decision was made even if the request then turned out to be a replay)."""
+
+    event: AuditEvent
+    refused: Callable[[OAuth2Error], AuditEvent]
+    conditions: tuple[Condition, ...] = ()
+    decisions: tuple[DecisionRecord, ...] = ()
+
+
+async def record_batch(
+    conn: AsyncConnection, outcomes: Sequence[Outcome]
+) -> list[Condition | None]:
+    """Batch handler: the first failed condition of each outcome (None: all hold). Every ``jti``
+    is consumed, also those of an outcome whose earlier condition failed."""
+    uses = [c.key for o in outcomes for c in o.conditions if isinstance(c, ConsumeJti)]
+    won = iter(await consume_batch(conn, uses) if uses else [])
+    jtis = {c.key for o in outcomes for c in o.conditions if isinstance(c, NotRevoked)}
+    revoked = await revoked_among(conn, jtis) if jtis else set()
+    failed = [_first_failed(o, won, revoked) for o in outcomes]
+    await write_events(
+        conn,
+        [
+            o.event if f is None else o.refused(f.error)
+            for o, f in zip(outcomes, failed, strict=True)
+        ],
+    )
+    decisions = [d for o in outcomes for d in o.decisions]
+    if decisions:
+        await write_decisions(conn, decisions)
+    return failed
+
+
+def _first_failed(outcome: Outcome, won: Iterator[bool], revoked: set[str]) -> Condition | None:
+    first: Condition | None = None
+    for condition in outcome.conditions:
+        # a use's flag is drawn whatever failed before it, so the flags stay aligned with the uses
+        holds = next(won) if isinstance(condition, ConsumeJti) else condition.key not in revoked
+        if not holds and first is None:
+            first = condition
+    return first
+
+
+class OutcomeRecorder:
+    def __init__(self, writer: GroupCommitWriter) -> None:
+        self._writer = writer
+        writer.register(KIND, record_batch)
+
+    async def record(self, outcome: Outcome) -> Condition | None:
+        """Durably record the outcome; return the condition that failed, if one did."""
+        failed: Condition | None = await self._writer.submit(KIND, outcome)
+        event = outcome.event
+        if failed is not None:
+            refused = AuditEventType.TOKEN_REFUSED.value
+            reason = f"{failed.kind}: {failed.error.debug}"
+            log.info(refused, client_id=event.client_id, jti=event.jti, reason=reason)
+        elif event.decision == "deny":
+            log.info(
+                event.type.value, client_id=event.client_id, jti=event.jti, reason=event.reason
+            )
+        return failed
