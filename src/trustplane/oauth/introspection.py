@@ -140,12 +140,9 @@ class IntrospectionService:
                 await write_events(conn, [event])
         metrics.REVOCATIONS.labels(outcome="revoked" if fresh else "repeat").inc()
 
-    async def live_claims(self, token: str) -> VerifiedClaims | None:
-        """Our token, valid now: signature, issuer, expiry, client active, not revoked, mandate usable
-        (what trustplane's own APIs check before looking at audience and scope)."""
-        return await self._live_claims(token)
-
     async def _live_claims(self, token: str) -> VerifiedClaims | None:
+        """Our token, valid now: signature, issuer, expiry, client active, not revoked (read from the
+        database, so a revocation by any instance counts at once), mandate usable."""
         claims = read_access_token(self._keys.ring, token, issuer=self._settings.issuer)
         if claims is None:
             return None
