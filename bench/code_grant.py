@@ -155,6 +155,7 @@ def main() -> None:
     os.environ.update(
         TRUSTPLANE_DATA_DIR=str(work),
         TRUSTPLANE_PORT=str(port),
+        TRUSTPLANE_OPS_PORT=str(free_port()),  # not the default 9464: it may be taken
         TRUSTPLANE_LOG_LEVEL="warning",
         TRUSTPLANE_CACHE_REFRESH_INTERVAL="0.2",
     )

@@ -274,7 +274,10 @@ def bench_authzen_http(duration: int = 10, connections: int = 16, batch: int = 1
         issuer = f"http://127.0.0.1:{port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRUSTPLANE_")}
         env.update(
-            TRUSTPLANE_DATA_DIR=str(work), TRUSTPLANE_PORT=str(port), TRUSTPLANE_LOG_LEVEL="warning"
+            TRUSTPLANE_DATA_DIR=str(work),
+            TRUSTPLANE_PORT=str(port),
+            TRUSTPLANE_OPS_PORT=str(free_port()),
+            TRUSTPLANE_LOG_LEVEL="warning",
         )
         _cli(env, "migrate")
         _cli(env, "clients", "keygen", "--out", str(work / "client"), "--kid", "bench-pep")

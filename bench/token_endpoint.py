@@ -179,6 +179,8 @@ def server_env(work: Path, port: int, database_url: str) -> tuple[dict[str, str]
         **os.environ,
         "TRUSTPLANE_DATA_DIR": str(work / "data"),
         "TRUSTPLANE_PORT": str(port),
+        # its own operations listener: the default 127.0.0.1:9464 may be another server's
+        "TRUSTPLANE_OPS_PORT": str(free_port()),
         "TRUSTPLANE_LOG_LEVEL": "warning",
         "TRUSTPLANE_KEY_ROTATION_INTERVAL": "0",
     }
