@@ -8,7 +8,7 @@ a fapi2 deployment ``"profile": "default"`` is refused (``invalid_client_metadat
 What the profile adds to the default behaviour (section numbers of the final text; docs/fapi2.md
 has the whole table, including what the default profile already does for everyone):
 
-- §5.3.2.1 clause 6: client authentication ``private_key_jwt``, ``tls_client_auth`` or
+- §5.3.2.1: client authentication ``private_key_jwt``, ``tls_client_auth`` or
   ``self_signed_tls_client_auth`` only (:data:`FAPI2_AUTH_METHODS`): refused at registration
   (``invalid_client_metadata``), at load (``client_auth_methods``) and at the endpoints
   (``invalid_client``);

@@ -29,7 +29,7 @@ ClientAuthMethod = Literal[
 ]
 #: The client authentication methods that need a client certificate (RFC 8705 §2).
 TLS_CLIENT_AUTH_METHODS = frozenset({"tls_client_auth", "self_signed_tls_client_auth"})
-#: FAPI 2.0 Security Profile §5.3.2.1 clause 6: the only client authentication under ``fapi2``
+#: FAPI 2.0 Security Profile §5.3.2.1: the only client authentication under ``fapi2``
 #: (the profile's rules: :mod:`trustplane.profile`).
 FAPI2_AUTH_METHODS = frozenset({"private_key_jwt", *TLS_CLIENT_AUTH_METHODS})
 

@@ -271,7 +271,7 @@ async def test_authorization_requests_without_par_fail(fapi2: Server) -> None:
 
 
 async def test_registration_cannot_opt_out_or_use_a_secret(fapi2: Server) -> None:
-    """A client cannot be made looser than the deployment; §5.3.2.1 clause 6 at registration."""
+    """A client cannot be made looser than the deployment; §5.3.2.1 at registration."""
     base: dict[str, Any] = {
         "lei": LEI,
         "scope": "order:create",
@@ -348,7 +348,7 @@ async def test_a_default_client_still_rotates_its_refresh_token(default: Server)
 
 
 async def test_opted_in_secret_client_is_refused(default: Server) -> None:
-    """§5.3.2.1 clause 6: registration refuses a fapi2 client with a shared secret
+    """§5.3.2.1: registration refuses a fapi2 client with a shared secret
     (``invalid_client_metadata``); one that became fapi2 afterwards is ``invalid_client``."""
     with pytest.raises(InvalidClientMetadataError, match="fapi2"):
         await register_secret_client(default.services, profile="fapi2")

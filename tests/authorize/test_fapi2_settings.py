@@ -13,7 +13,7 @@ from trustplane.settings import SettingsError, load_settings
 @pytest.mark.parametrize(
     ("overrides", "setting"),
     [
-        # §5.3.2.1 clause 6: no shared secrets under fapi2
+        # §5.3.2.1: no shared secrets under fapi2
         (
             {"client_auth_methods": '["private_key_jwt","client_secret_basic"]'},
             "client_auth_methods",

@@ -172,7 +172,7 @@ class ClientAuthenticator:
                 debug=f"{client_id}: used {method}, registered {client.auth_method}",
             )
         if method not in FAPI2_AUTH_METHODS and client_is_fapi2(self._settings, client.metadata):
-            # FAPI 2.0 Security Profile §5.3.2.1 clause 6 (a client registered before it opted in)
+            # FAPI 2.0 Security Profile §5.3.2.1 (a client registered before it opted in)
             raise InvalidClientError(
                 "client authentication failed",
                 debug=f"{client_id}: {method} is not allowed under the fapi2 profile",
