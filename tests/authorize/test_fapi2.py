@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.authorize.conftest import USER_LEI, register_code_client
 from tests.authorize.flow import PASSWORD, REDIRECT_URI, Flow, query_of
@@ -32,6 +33,7 @@ from tests.protocol_server import (
     running_server,
     store_client,
 )
+from trustplane.authorize.store import SqlCodeStore
 from trustplane.errors import InvalidClientMetadataError
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -121,6 +123,10 @@ async def test_code_flow_under_fapi2(fapi2: Server) -> None:
     kit = await one_uri_client(fapi2)
     flow, returned = await code_flow(fapi2, kit)
     assert returned["iss"] == fapi2.issuer
+    async with fapi2.services.db.read() as conn:  # §5.3.2.2: codes live at most 60 s
+        stored = await SqlCodeStore().get(conn, returned["code"])
+    assert stored is not None
+    assert stored.expires_at <= int(time.time()) + 60
     first = await token(fapi2, kit, flow.redeem_form(returned["code"]))
     assert first.status_code == 200, first.text
     body = first.json()
@@ -250,6 +256,36 @@ async def test_request_object_over_60_seconds_ahead_fails(fapi2: Server, claim: 
     kit = await one_uri_client(fapi2)
     flow = flow_of(fapi2, kit)
     signed = request_object(kit, flow.params(), **{claim: int(time.time()) + 61})
+    response = await push(fapi2, kit, {"client_id": kit.client_id, "request": signed})
+    assert json_error(response) == (400, "invalid_request_object")
+
+
+ALG_ROWS = [
+    # (conformance test, signing overrides for PyJWT)
+    ("ensure-signed-client-assertion-with-RS256-fails", "RS256"),
+    ("hs256-is-never-a-fapi2-algorithm", "HS256"),
+]
+
+
+@pytest.mark.parametrize(("name", "alg"), ALG_ROWS, ids=[r[0] for r in ALG_ROWS])
+async def test_client_assertions_outside_fapi2_algorithms_fail(
+    fapi2: Server, name: str, alg: str
+) -> None:
+    """§5.4.1: PS256, ES256, EdDSA only (client assertion at /par)."""
+    kit = await one_uri_client(fapi2)
+    flow = flow_of(fapi2, kit)
+    key: Any = rsa.generate_private_key(65537, 2048) if alg == "RS256" else b"k" * 32
+    response = await fapi2.http.post("/par", data={**flow.params(), **kit.auth(_alg=alg, _key=key)})
+    assert json_error(response) == (401, "invalid_client")
+
+
+@pytest.mark.parametrize("alg", ["RS256", "none"])
+async def test_request_objects_outside_fapi2_algorithms_fail(fapi2: Server, alg: str) -> None:
+    """ensure-request-object-signature-algorithm-is-not-none, and RS256 (§5.4.1)."""
+    kit = await one_uri_client(fapi2)
+    flow = flow_of(fapi2, kit)
+    key: Any = rsa.generate_private_key(65537, 2048) if alg == "RS256" else None
+    signed = request_object(kit, flow.params(), _alg=alg, _key=key)
     response = await push(fapi2, kit, {"client_id": kit.client_id, "request": signed})
     assert json_error(response) == (400, "invalid_request_object")
 
