@@ -260,6 +260,13 @@ async def test_request_object_over_60_seconds_ahead_fails(fapi2: Server, claim: 
     assert json_error(response) == (400, "invalid_request_object")
 
 
+async def test_par_without_client_authentication_fails(fapi2: Server) -> None:
+    """§5.3.2.2: pushed authorization requests without client authentication are refused."""
+    kit = await one_uri_client(fapi2)
+    response = await fapi2.http.post("/par", data=flow_of(fapi2, kit).params())
+    assert json_error(response) == (401, "invalid_client")
+
+
 ALG_ROWS = [
     # (conformance test, signing overrides for PyJWT)
     ("ensure-signed-client-assertion-with-RS256-fails", "RS256"),
@@ -325,6 +332,11 @@ async def test_registration_cannot_opt_out_or_use_a_secret(fapi2: Server) -> Non
         )
     registered = await clients.register({**base, "profile": "fapi2"}, initial_access_token=None)
     assert registered.client.metadata["profile"] == "fapi2"
+    # nor by an RFC 7592 update
+    raw = {**registered.client.metadata, "client_id": registered.client.client_id}
+    with pytest.raises(InvalidClientMetadataError, match="cannot opt out"):
+        await clients.update(registered.client, {**raw, "profile": "default"})
+    assert (await clients.update(registered.client, raw)).metadata["profile"] == "fapi2"
 
 
 async def test_dynamic_registration_refusal_is_invalid_client_metadata(fapi2: Server) -> None:
