@@ -20,6 +20,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from pydantic_settings import SettingsError as PydanticSettingsError
 
 SigningAlgorithm = Literal["ES256", "EdDSA", "PS256"]
+#: The deployment's security profile (:mod:`trustplane.profile`, docs/fapi2.md).
+Profile = Literal["default", "fapi2"]
 ClientAuthMethod = Literal[
     "private_key_jwt",
     "client_secret_basic",
@@ -111,7 +113,7 @@ class Settings(BaseSettings):
     issuer: str = Field(default="", description="Defaults to http://HOST:PORT (loopback only)")
     #: ``default`` or ``fapi2`` (FAPI 2.0 Security Profile, docs/fapi2.md); a client can opt into
     #: fapi2 on a default deployment, never out of it on a fapi2 one (:mod:`trustplane.profile`).
-    profile: Literal["default", "fapi2"] = "default"
+    profile: Profile = "default"
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     workers: int = Field(default=1, ge=1, le=64)

@@ -4,10 +4,12 @@ refused) derived from ``clock_skew``."""
 
 from __future__ import annotations
 
+from typing import get_args
+
 import pytest
 
-from trustplane.profile import future_tolerance
-from trustplane.settings import SettingsError, load_settings
+from trustplane.profile import FAPI2_ALGORITHMS, future_tolerance
+from trustplane.settings import SettingsError, SigningAlgorithm, load_settings
 
 
 @pytest.mark.parametrize(
@@ -50,3 +52,11 @@ def test_future_tolerance_is_the_fapi2_window(skew: int, default: int, fapi2: in
     settings = load_settings(clock_skew=skew)
     assert future_tolerance(settings, False) == default
     assert future_tolerance(settings, True) == fapi2
+
+
+def test_no_configurable_algorithm_is_outside_fapi2() -> None:
+    """§5.4.1: PS256, ES256, EdDSA only; ``allowed_signing_algorithms`` cannot name anything else,
+    so the fapi2 profile needs no algorithm rule of its own (this keeps it that way)."""
+    assert set(get_args(SigningAlgorithm)) <= FAPI2_ALGORITHMS
+    with pytest.raises(SettingsError):
+        load_settings(allowed_signing_algorithms=("ES256", "RS256"))

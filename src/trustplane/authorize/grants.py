@@ -6,11 +6,12 @@ second redemption (also a concurrent one: the loser of the conditional UPDATE) i
 and revokes what the first one issued (RFC 6749 §4.1.2, RFC 9700 §4.5): its access token (by jti)
 and its refresh family.
 
-Refresh tokens: rotated on every use (RFC 9700 §4.14.2; not under the fapi2 profile, FAPI 2.0
-Security Profile §5.3.2.1 clause 10: there the token stays valid and is not returned again); presenting a rotated token again is
+Refresh tokens: rotated on every use (RFC 9700 §4.14.2); presenting a rotated token again is
 ``invalid_grant`` and revokes the whole family and the access tokens issued from it. Racing refreshes
 with one token: one wins the conditional UPDATE, the other is treated as the reuse it is
-indistinguishable from. The family keeps the absolute expiry of its first token.
+indistinguishable from. The family keeps the absolute expiry of its first token. Under the fapi2
+profile there is no rotation (FAPI 2.0 Security Profile §5.3.2.1 clause 10): the token stays valid
+and is not returned again.
 
 The mandate is checked (``check_usable``) at code redemption and at every refresh: a revoked,
 suspended, expired or superseded mandate is ``invalid_grant``. The consumption of a code (or the

@@ -27,7 +27,7 @@ from trustplane.outbound.addresses import host_problem
 from trustplane.profile import registration_problem
 from trustplane.protocol.scopes import Vocabulary
 from trustplane.rar.registry import known_types
-from trustplane.settings import Settings, is_loopback_host
+from trustplane.settings import Profile, Settings, is_loopback_host
 from trustplane.tls.verification import SUBJECT_FIELDS, parse_dn
 
 #: Grants this server implements; later grant handlers add themselves here.
@@ -86,7 +86,7 @@ class ClientMetadataIn(BaseModel):
     require_signed_request_object: bool | None = None
     request_object_signing_alg: str | None = Field(default=None, max_length=16)
     # --- the fapi2 profile (trustplane.profile, docs/fapi2.md): a client may opt in, never out
-    profile: Literal["default", "fapi2"] | None = None
+    profile: Profile | None = None
 
 
 def validate_metadata(
