@@ -20,6 +20,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from pydantic_settings import SettingsError as PydanticSettingsError
 
 SigningAlgorithm = Literal["ES256", "EdDSA", "PS256"]
+#: The deployment's security profile (:mod:`trustplane.profile`, docs/fapi2.md).
+Profile = Literal["default", "fapi2"]
 ClientAuthMethod = Literal[
     "private_key_jwt",
     "client_secret_basic",
@@ -29,6 +31,9 @@ ClientAuthMethod = Literal[
 ]
 #: The client authentication methods that need a client certificate (RFC 8705 §2).
 TLS_CLIENT_AUTH_METHODS = frozenset({"tls_client_auth", "self_signed_tls_client_auth"})
+#: FAPI 2.0 Security Profile §5.3.2.1: the only client authentication under ``fapi2``
+#: (the profile's rules: :mod:`trustplane.profile`).
+FAPI2_AUTH_METHODS = frozenset({"private_key_jwt", *TLS_CLIENT_AUTH_METHODS})
 
 #: RFC 9068 tokens are short-lived receipts: nobody may configure a lifetime above this.
 MAX_ACCESS_TOKEN_LIFETIME = 900
@@ -106,6 +111,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TRUSTPLANE_", extra="forbid", frozen=True)
 
     issuer: str = Field(default="", description="Defaults to http://HOST:PORT (loopback only)")
+    #: ``default`` or ``fapi2`` (FAPI 2.0 Security Profile, docs/fapi2.md); a client can opt into
+    #: fapi2 on a default deployment, never out of it on a fapi2 one (:mod:`trustplane.profile`).
+    profile: Profile = "default"
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     workers: int = Field(default=1, ge=1, le=64)
@@ -383,7 +391,30 @@ class Settings(BaseSettings):
         if not self.client_auth_methods:
             raise ValueError("client_auth_methods: must not be empty")
         self._consistent_tls()
+        self._consistent_profile()
         return self
+
+    def _consistent_profile(self) -> None:
+        """``profile = "fapi2"`` refuses settings that would break the FAPI 2.0 Security Profile
+        rather than quietly overriding them (docs/fapi2.md)."""
+        if self.profile != "fapi2":
+            return
+        loose = sorted(set(self.client_auth_methods) - FAPI2_AUTH_METHODS)
+        if loose:
+            raise ValueError(
+                f"client_auth_methods: {', '.join(loose)} is not allowed under profile fapi2 "
+                "(FAPI 2.0 Security Profile §5.3.2.1: private_key_jwt or mutual TLS only)"
+            )
+        if not 10 <= self.clock_skew <= 60:
+            raise ValueError(
+                "clock_skew: must be 10..60 under profile fapi2 (FAPI 2.0 Security Profile "
+                "§5.3.2.1: iat/nbf up to 10 s ahead accepted, over 60 s refused)"
+            )
+
+    @property
+    def par_required(self) -> bool:
+        """RFC 9126 §5 deployment-wide: set, or forced by the fapi2 profile (§5.3.2.2)."""
+        return self.require_pushed_authorization_requests or self.profile == "fapi2"
 
     def _consistent_tls(self) -> None:
         if (self.tls_certificate is None) != (self.tls_key is None):

@@ -9,7 +9,9 @@ and its refresh family.
 Refresh tokens: rotated on every use (RFC 9700 §4.14.2); presenting a rotated token again is
 ``invalid_grant`` and revokes the whole family and the access tokens issued from it. Racing refreshes
 with one token: one wins the conditional UPDATE, the other is treated as the reuse it is
-indistinguishable from. The family keeps the absolute expiry of its first token.
+indistinguishable from. The family keeps the absolute expiry of its first token. Under the fapi2
+profile there is no rotation (FAPI 2.0 Security Profile §5.3.2.1 clause 10): the token stays valid
+and is not returned again.
 
 The mandate is checked (``check_usable``) at code redemption and at every refresh: a revoked,
 suspended, expired or superseded mandate is ``invalid_grant``. The consumption of a code (or the
@@ -28,6 +30,7 @@ from trustplane.authorize.store import (
     CodeStore,
     GrantContext,
     StoredCode,
+    StoredRefresh,
     new_secret_value,
 )
 from trustplane.clients.authentication import AuthenticatedClient
@@ -42,6 +45,7 @@ from trustplane.mandates.errors import MandateUnusableError
 from trustplane.mandates.service import MandateService
 from trustplane.policy.enforcement import TokenPolicy
 from trustplane.policy.recorder import DecisionRecord
+from trustplane.profile import rotates_refresh_tokens
 from trustplane.protocol.form import Form
 from trustplane.protocol.tokens import IssuedToken, new_jti
 from trustplane.rar.registry import AuthorizationDetailsRegistry
@@ -253,6 +257,9 @@ class RefreshTokenGrant(_DelegatedGrant):
         await self._check_mandate(stored.grant, now)
         decisions = self._decide(client, grant, "refresh_token")
         issued = self._issue(grant)
+        if not rotates_refresh_tokens(self._settings, client.metadata):
+            await self._keep(token, stored, issued, now)
+            return self._granted(issued, grant, None, decisions)
         successor = new_secret_value()
         async with self._db.transaction() as conn:
             won = await self._refresh.rotate(conn, token, now)
@@ -271,6 +278,28 @@ class RefreshTokenGrant(_DelegatedGrant):
             await self._revocations.family_reused(stored.family_id, stored.grant)
             raise InvalidGrantError("the refresh token was already used")
         return self._granted(issued, grant, successor, decisions)
+
+    async def _keep(self, token: str, stored: StoredRefresh, issued: IssuedToken, now: int) -> None:
+        """The fapi2 profile (FAPI 2.0 Security Profile §5.3.2.1 clause 10): no rotation, the
+        refresh token stays valid and is not returned again (RFC 6749 §6). The new access token is
+        recorded in the family (a row whose token value is never disclosed, marked used) so that
+        revoking the family revokes it too; a revocation that committed meanwhile wins."""
+        async with self._db.transaction() as conn:
+            current = await self._refresh.get(conn, token)
+            if current is None or current.revoked_at is not None:
+                raise InvalidGrantError("the refresh token has been revoked")
+            record = new_secret_value()
+            await self._refresh.create(
+                conn,
+                record,
+                stored.family_id,
+                stored.grant,
+                now=now,
+                expires_at=stored.expires_at,
+                access_jti=issued.claims["jti"],
+                access_exp=issued.claims["exp"],
+            )
+            await self._refresh.rotate(conn, record, now)
 
     def _narrow(self, grant: GrantContext, form: Form) -> GrantContext:
         """RFC 6749 §6: a refresh may ask for fewer scopes, never more; RFC 8707 §2.2: the resource,

@@ -13,7 +13,8 @@ refused with ``invalid_request_object`` (RFC 9101 §6.2):
 - ``iss`` = the client_id, ``aud`` = our issuer identifier (or a list holding it), ``client_id`` in
   the object = the client's (RFC 9101 §5: the one outside, at ``/authorize``, must match too);
 - ``exp`` and ``nbf`` required (FAPI 2.0 Security Profile §5.3.2.1): not expired, ``nbf`` not in the
-  future (beyond ``clock_skew``) and at most 60 minutes in the past, ``exp`` at most 60 minutes after
+  future (beyond ``clock_skew``; under the fapi2 profile 10..60 s, §5.3.2.1 clause 14) and at most
+  60 minutes in the past, ``exp`` at most 60 minutes after
   ``nbf``; an ``iat`` in the future is refused too;
 - no ``request`` or ``request_uri`` inside (RFC 9101 §4);
 - ``jti``, when present, accepted once until the object expires (the replay cache of client
@@ -34,6 +35,7 @@ from trustplane.clients.model import Client
 from trustplane.clients.remote_jwks import RemoteJwksCache
 from trustplane.errors import OAuth2Error
 from trustplane.jose.jws import JWSError, ParsedJWS, parse
+from trustplane.profile import client_is_fapi2, future_tolerance
 from trustplane.protocol.form import REPEATABLE, Form
 from trustplane.protocol.replay import ReplayCache
 from trustplane.settings import Settings
@@ -131,6 +133,8 @@ class RequestObjects:
 
     def _check_claims(self, client: Client, claims: dict[str, Any]) -> int:
         now, skew = int(time.time()), self._settings.clock_skew
+        # fapi2: FAPI 2.0 Security Profile §5.3.2.1 clause 14 (10 s ahead accepted, > 60 s refused)
+        ahead = future_tolerance(self._settings, client_is_fapi2(self._settings, client.metadata))
         if claims.get("iss") != client.client_id:
             raise InvalidRequestObjectError("request object iss must be the client_id")
         aud = claims.get("aud")
@@ -146,7 +150,7 @@ class RequestObjects:
             raise InvalidRequestObjectError("request object nbf is required")
         if exp <= now - skew:
             raise InvalidRequestObjectError("the request object has expired")
-        if nbf > now + skew:
+        if nbf > now + ahead:
             raise InvalidRequestObjectError("the request object is not valid yet (nbf)")
         if nbf < now - MAX_NBF_AGE:
             raise InvalidRequestObjectError(
@@ -154,7 +158,7 @@ class RequestObjects:
             )
         if exp - nbf > MAX_LIFETIME:
             raise InvalidRequestObjectError("request object exp is more than 60 minutes after nbf")
-        if iat is not None and (not _is_time(iat) or iat > now + skew):
+        if iat is not None and (not _is_time(iat) or iat > now + ahead):
             raise InvalidRequestObjectError("request object iat is in the future")
         return int(exp)
 

@@ -36,6 +36,7 @@ from trustplane.clients.service import ClientRegistry
 from trustplane.entities.service import EntityDirectory
 from trustplane.errors import AccessDeniedError, InvalidRequestError, OAuth2Error
 from trustplane.mandates.service import MandateService
+from trustplane.profile import client_is_fapi2
 from trustplane.protocol.form import Form
 from trustplane.protocol.scopes import Vocabulary
 from trustplane.rar.registry import AuthorizationDetailsRegistry
@@ -173,7 +174,9 @@ class AuthorizationService:
         """What a request that did not come through ``/par`` must satisfy."""
 
         def gate(client: Client, target: Redirect) -> None:
-            if self._pushed.required(client.metadata):
+            # the fapi2 profile (deployment or client): FAPI 2.0 Security Profile §5.3.2.2
+            fapi2 = client_is_fapi2(self._settings, client.metadata)
+            if fapi2 or self._pushed.required(client.metadata):
                 raise RedirectError(
                     target,
                     InvalidRequestError(
@@ -216,6 +219,9 @@ class AuthorizationService:
             raise InvalidRequestError(_par_message(exc), debug=exc.debug) from None
         except RedirectError as exc:
             raise exc.error from None
+        if not request.redirect_uri_given and client_is_fapi2(self._settings, client.metadata):
+            # FAPI 2.0 Security Profile §5.3.2.2: redirect_uri is required in the pushed request
+            raise InvalidRequestError("redirect_uri is required under the fapi2 profile")
         return await self._pushed.push(request)
 
     def client(self, request: AuthorizationRequest) -> Client:

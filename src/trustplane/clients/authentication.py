@@ -2,7 +2,8 @@
 
 ``private_key_jwt`` follows RFC 7523 §3 as tightened by draft-ietf-oauth-rfc7523bis:
 - ``iss`` = ``sub`` = client_id; ``aud`` is exactly our issuer identifier, as a single string;
-- ``exp`` required and at most 5 minutes (plus skew) ahead; ``iat``/``nbf`` not beyond the skew;
+- ``exp`` required and at most 5 minutes (plus skew) ahead; ``iat``/``nbf`` not beyond the skew
+  (under the fapi2 profile: the skew clamped to 10..60 s, :func:`trustplane.profile.future_tolerance`);
 - ``jti`` required, accepted once until the assertion expires;
 - ES256, EdDSA, PS256 only, and only the client's registered ``token_endpoint_auth_signing_alg``
   when it registered one (RFC 7591 §2); a ``typ`` naming another kind of JWT is refused;
@@ -11,7 +12,8 @@
 ``tls_client_auth`` / ``self_signed_tls_client_auth`` (RFC 8705 §2): the request carries only
 ``client_id``; the client certificate of the request (:func:`trustplane.tls.client_certificate`) is
 checked per :mod:`trustplane.tls.verification`. A missing or wrong certificate is ``invalid_client``.
-Exactly one method per request (RFC 6749 §2.3).
+Exactly one method per request (RFC 6749 §2.3). A client under the fapi2 profile authenticates with
+``private_key_jwt`` or a certificate only (FAPI 2.0 Security Profile §5.3.2.1).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from trustplane.clients.service import ClientRegistry
 from trustplane.errors import InvalidClientError, InvalidRequestError
 from trustplane.jose.jwk import PublicKey
 from trustplane.jose.jws import JWSError, ParsedJWS, parse
+from trustplane.profile import FAPI2_AUTH_METHODS, client_is_fapi2, future_tolerance
 from trustplane.protocol.form import Form
 from trustplane.protocol.replay import ReplayCache, ReplayUse
 from trustplane.settings import MAX_ASSERTION_LIFETIME, TLS_CLIENT_AUTH_METHODS, Settings
@@ -168,6 +171,12 @@ class ClientAuthenticator:
                 "client authentication failed",
                 debug=f"{client_id}: used {method}, registered {client.auth_method}",
             )
+        if method not in FAPI2_AUTH_METHODS and client_is_fapi2(self._settings, client.metadata):
+            # FAPI 2.0 Security Profile §5.3.2.1 (a client registered before it opted in)
+            raise InvalidClientError(
+                "client authentication failed",
+                debug=f"{client_id}: {method} is not allowed under the fapi2 profile",
+            )
         return client
 
     async def _certificate(
@@ -244,7 +253,7 @@ class ClientAuthenticator:
         client = self._client(client_id, "private_key_jwt")
         self._check_header(client, jws)
         await self._check_signature(client, jws)
-        jti, exp = self._check_claims(claims)
+        jti, exp = self._check_claims(claims, client)
         use = ReplayUse(client_id, jti, int(exp) + self._settings.clock_skew)
         if defer_replay and self._replay.deferrable:
             return AuthenticatedClient(client, "private_key_jwt", jti, pending_use=use)
@@ -281,8 +290,10 @@ class ClientAuthenticator:
                 "client assertion signature is invalid", debug=f"{client.client_id}: kid={kid}"
             )
 
-    def _check_claims(self, claims: dict[str, Any]) -> tuple[str, int]:
+    def _check_claims(self, claims: dict[str, Any], client: Client) -> tuple[str, int]:
         now, skew = int(time.time()), self._settings.clock_skew
+        # fapi2: FAPI 2.0 Security Profile §5.3.2.1 clause 14 (10 s ahead accepted, > 60 s refused)
+        ahead = future_tolerance(self._settings, client_is_fapi2(self._settings, client.metadata))
         if claims.get("aud") != self._settings.issuer:
             raise InvalidClientError("client assertion aud must be exactly the issuer identifier")
         exp = claims.get("exp")
@@ -296,7 +307,7 @@ class ClientAuthenticator:
             )
         for name in ("iat", "nbf"):
             value = claims.get(name)
-            if value is not None and (not _is_time(value) or value > now + skew):
+            if value is not None and (not _is_time(value) or value > now + ahead):
                 raise InvalidClientError(f"client assertion {name} is in the future")
         jti = claims.get("jti")
         # printable only: a NUL cannot be stored in PostgreSQL and would fail the replay batch

@@ -24,9 +24,10 @@ from stdnum import lei as stdnum_lei
 from trustplane.errors import InvalidClientMetadataError, InvalidRedirectUriError
 from trustplane.jose.jwk import JWKError, import_public_jwks
 from trustplane.outbound.addresses import host_problem
+from trustplane.profile import registration_problem
 from trustplane.protocol.scopes import Vocabulary
 from trustplane.rar.registry import known_types
-from trustplane.settings import Settings, is_loopback_host
+from trustplane.settings import Profile, Settings, is_loopback_host
 from trustplane.tls.verification import SUBJECT_FIELDS, parse_dn
 
 #: Grants this server implements; later grant handlers add themselves here.
@@ -84,6 +85,8 @@ class ClientMetadataIn(BaseModel):
     require_pushed_authorization_requests: bool | None = None
     require_signed_request_object: bool | None = None
     request_object_signing_alg: str | None = Field(default=None, max_length=16)
+    # --- the fapi2 profile (trustplane.profile, docs/fapi2.md): a client may opt in, never out
+    profile: Profile | None = None
 
 
 def validate_metadata(
@@ -110,6 +113,9 @@ def validate_metadata(
         raise InvalidClientMetadataError(
             f"token_endpoint_auth_method {meta.token_endpoint_auth_method!r} is not enabled here"
         )
+    problem = registration_problem(settings, meta.profile, meta.token_endpoint_auth_method)
+    if problem is not None:  # the fapi2 profile (FAPI 2.0 Security Profile §5.3.2.1)
+        raise InvalidClientMetadataError(problem)
     _check_keys(meta, settings)
     _check_mutual_tls(meta, settings)
     _check_grants(meta)

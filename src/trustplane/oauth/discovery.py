@@ -51,7 +51,8 @@ def server_metadata(
     doc.update(
         {  # pushed authorization requests (RFC 9126 §5) and request objects (RFC 9101 §10)
             "pushed_authorization_request_endpoint": settings.issuer + "/par",
-            "require_pushed_authorization_requests": settings.require_pushed_authorization_requests,
+            # forced by the fapi2 profile (FAPI 2.0 Security Profile §5.3.2.2, docs/fapi2.md)
+            "require_pushed_authorization_requests": settings.par_required,
             "request_parameter_supported": True,
             # only request_uris from /par: nothing is ever fetched by reference
             "request_uri_parameter_supported": False,
