@@ -10,7 +10,14 @@ import httpx
 import pytest
 
 from tests.conftest import EXECUTION
-from tests.e2e.conftest import LiveServer, LiveServers, register_client
+from tests.e2e.conftest import (
+    LiveServer,
+    LiveServers,
+    client_credentials_token,
+    register_client,
+)
+from tests.e2e.test_authzen_http import order_request, post
+from trustplane.authzen.wire import request_to_json
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 
@@ -62,3 +69,30 @@ def test_changes_are_pushed_to_the_other_instance(live_server: LiveServers, pg_u
     before = kids()
     a.cli("keys", "rotate")
     _seen_within(lambda: kids() != before, PUSHED_WITHIN)
+
+
+def test_revocation_on_one_instance_is_pushed_to_the_other(
+    live_server: LiveServers, pg_url: str
+) -> None:
+    """The bearer guard's revocation list is in memory: a token revoked at instance A is refused by
+    instance B's AuthZEN endpoint within a moment, not at B's next poll."""
+    a, b = live_server.start_cluster(2, pg_url, cache_refresh_interval="60")
+    api = f"{a.issuer}/access/v1"
+    kit = register_client(a, b, scopes=("decision:evaluate",), resources=(api,))
+    token = client_credentials_token(a, kit, "decision:evaluate", api)
+    body = request_to_json(order_request())
+
+    def evaluation_status() -> int:
+        return post(b, "evaluation", body, token).status_code
+
+    assert evaluation_status() == 200
+    revoked = httpx.post(
+        f"{a.base_url}/revoke",
+        data={"token": token, "token_type_hint": "access_token", **kit.auth()},
+        timeout=10,
+    )
+    assert revoked.status_code == 200, revoked.text
+    took = _seen_within(lambda: evaluation_status() == 401, PUSHED_WITHIN)
+    assert took < PUSHED_WITHIN
+    refused = post(b, "evaluation", body, token)
+    assert refused.json()["error"] == "invalid_token"
