@@ -101,3 +101,17 @@ async def test_refresh_loop(woken: bool) -> None:
         assert not wake.is_set()
     else:
         assert len(calls) >= 3
+
+
+async def test_sqlite_has_no_listener_and_bump_still_counts(sqlite_url: str) -> None:
+    """SQLite: no notifications (polling only); bump counts as before, the announce is a no-op."""
+    db = Database(sqlite_url)
+    try:
+        assert notify.listener_for(db) is None
+        async with db.transaction() as conn:
+            await generations.bump(conn, "clients")
+            await generations.bump(conn, "clients")
+        async with db.read() as conn:
+            assert (await generations.read_all(conn))["clients"] == 2
+    finally:
+        await db.dispose()
