@@ -14,8 +14,11 @@ $(BIN)/trustplane: pyproject.toml
 
 venv: $(BIN)/trustplane
 
+# one worker per core on the embedded default (docs/operations.md "Several workers on SQLite")
+WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
+
 serve: venv
-	$(BIN)/trustplane serve
+	$(BIN)/trustplane serve --workers $(WORKERS)
 
 lint: venv
 	$(BIN)/ruff check src tests bench examples

@@ -58,7 +58,7 @@ from trustplane.rar.registry import AuthorizationDetailsRegistry
 from trustplane.readiness import ReadinessProbe
 from trustplane.settings import Settings
 from trustplane.site.http import docs_routes, index_route
-from trustplane.storage import generations
+from trustplane.storage import generations, notify
 from trustplane.storage import wiring as storage_wiring
 from trustplane.storage.db import Database
 from trustplane.storage.migrate import pending
@@ -359,9 +359,18 @@ def create_app(
         async def refresh() -> None:
             await svc.refresh_caches(seen)
 
+        # pushed invalidation on PostgreSQL (LISTEN/NOTIFY), the poll as fallback: storage/notify.py
+        listener = notify.listener_for(svc.db)
+        wake = listener.changed if listener is not None else None
         tasks = [
             asyncio.create_task(
-                _every(settings.cache_refresh_interval, refresh, "cache", stopping), name="cache"
+                notify.refresh_loop(settings.cache_refresh_interval, refresh, stopping, wake),
+                name="cache",
+            ),
+            *(
+                [asyncio.create_task(listener.run(stopping), name="cache-listener")]
+                if listener
+                else []
             ),
             asyncio.create_task(
                 _every(MAINTENANCE_INTERVAL, svc.maintenance, "maintenance", stopping),

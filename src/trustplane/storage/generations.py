@@ -1,7 +1,8 @@
 """Cross-process cache invalidation: a counter per cached thing, bumped in the writing transaction.
 
-Each process keeps clients and keys in memory and polls these counters every
-``cache_refresh_interval`` seconds; a process that wrote reloads at once.
+Each process keeps clients and keys in memory and reads these counters when told that one moved
+(PostgreSQL ``NOTIFY``, :mod:`trustplane.storage.notify`) and every ``cache_refresh_interval`` seconds
+(the fallback, and the only mechanism on SQLite); a process that wrote reloads at once.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane.storage.metadata import metadata
+from trustplane.storage.notify import announce
 
 cache_generations = Table(
     "cache_generations",
@@ -22,7 +24,8 @@ cache_generations = Table(
 
 
 async def bump(conn: AsyncConnection, name: str) -> None:
-    """Increment ``name``'s generation inside the caller's transaction."""
+    """Increment ``name``'s generation inside the caller's transaction; on PostgreSQL the other
+    processes are notified when it commits."""
     result = await conn.execute(
         update(cache_generations)
         .where(cache_generations.c.name == name)
@@ -37,6 +40,7 @@ async def bump(conn: AsyncConnection, name: str) -> None:
                 index_elements=["name"], set_={"generation": cache_generations.c.generation + 1}
             )
         )
+    await announce(conn, name)
 
 
 async def read_all(conn: AsyncConnection) -> dict[str, int]:
