@@ -1,0 +1,79 @@
+"""The shared-signals component: the SSF transmitter (every deployment) and receiver, their routes,
+the push deliverer as its background loop, and the two in-transaction hooks: the revocation
+observer (a revoked token's SETs go into the outbox with the revocation) and the audit-sink
+observer (tokens issued from another token are indexed with their issuance record)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from trustplane.audit import sink
+from trustplane.bearer_guard import RevokedTokens
+from trustplane.component import Idle, Routes
+from trustplane.federation.registry import PartnerRegistry
+from trustplane.keys.service import KeyService
+from trustplane.outbound import OutboundFetcher, OutboundPolicy
+from trustplane.settings import Settings
+from trustplane.ssf.receiver import Derivations, Receiver
+from trustplane.ssf.transmitter import Transmitter
+from trustplane.storage.db import Database
+
+if TYPE_CHECKING:
+    from trustplane.bearer_guard import BearerGuard
+
+
+@dataclass
+class SharedSignals(Idle):
+    transmitter: Transmitter
+    receiver: Receiver
+    derivations: Derivations
+    guard: BearerGuard
+    db: Database
+    fetcher: OutboundFetcher
+    name = "ssf"
+
+    def routes(self) -> Routes:
+        from trustplane.ssf.http import ssf_router
+
+        return Routes(api=[ssf_router(self.transmitter, self.receiver, self.guard)])
+
+    async def start(self) -> None:
+        if self.derivations.observe not in sink.OBSERVERS:
+            sink.OBSERVERS.append(self.derivations.observe)
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        await self.transmitter.run(stopping)
+
+    async def maintain(self) -> None:
+        async with self.db.transaction() as conn:
+            await self.derivations.prune(conn, int(time.time()))
+
+    async def close(self) -> None:
+        if self.derivations.observe in sink.OBSERVERS:
+            sink.OBSERVERS.remove(self.derivations.observe)
+        await self.fetcher.aclose()
+
+
+def build(
+    settings: Settings,
+    db: Database,
+    keys: KeyService,
+    revoked: RevokedTokens,
+    partners: PartnerRegistry,
+    guard: BearerGuard,
+) -> SharedSignals:
+    """Pushes go through their own guarded fetcher: public addresses only (loopback with
+    ``ssf_allow_insecure_loopback``), no redirects, timeouts and size caps as every fetch; no
+    per-host rate (a push is caused by a revocation, not by a caller, and a backlog must drain)."""
+    policy = OutboundPolicy.from_settings(
+        settings, allow_loopback=settings.ssf_allow_insecure_loopback
+    )
+    fetcher = OutboundFetcher(replace(policy, rate_per_host=0.0))
+    transmitter = Transmitter(settings, db, keys, fetcher)
+    revoked.observers.append(transmitter.on_revoked)
+    receiver = Receiver(db, settings.issuer, partners, revoked, settings.clock_skew)
+    derivations = Derivations(settings.issuer)
+    return SharedSignals(transmitter, receiver, derivations, guard, db, fetcher)
