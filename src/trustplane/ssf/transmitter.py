@@ -52,6 +52,8 @@ MAX_DESCRIPTION = 256
 MAX_EVENTS = 1000
 CLAIM_LEASE_MS = 30_000
 PUSH_BATCH = 100
+#: After a wake: look at once, then again after these pauses until something was due (seconds).
+WAKE_RETRIES = (0.0, 0.005, 0.01, 0.02, 0.04, 0.08)
 
 
 class StreamError(ValueError):
@@ -282,18 +284,25 @@ class Transmitter:
     async def run(self, stopping: asyncio.Event) -> None:
         """The push deliverer: every ``ssf_push_interval`` or when a SET was queued here."""
         while not stopping.is_set():
+            woken = False
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), self._settings.ssf_push_interval)
+                woken = await asyncio.wait_for(self.wake.wait(), self._settings.ssf_push_interval)
             self.wake.clear()
             if stopping.is_set():
                 return
-            try:
-                await self.deliver_due()
-            except Exception as exc:  # logged; the rows stay and are retried
-                log.error("ssf_push_round_failed", error=repr(exc))
+            # A wake comes from inside the queuing transaction, before its commit: if the round
+            # finds nothing yet, look again shortly rather than a whole interval later.
+            for pause in WAKE_RETRIES if woken else (0.0,):
+                await asyncio.sleep(pause)
+                try:
+                    if await self.deliver_due():
+                        break
+                except Exception as exc:  # logged; the rows stay and are retried
+                    log.error("ssf_push_round_failed", error=repr(exc))
+                    break
 
     async def deliver_due(self) -> int:
-        """Post every due SET of an enabled push stream once; returns how many were accepted."""
+        """Post every due SET of an enabled push stream once; returns how many it attempted."""
         now_ms = int(time.time() * 1000)
         async with self._db.read() as conn:
             rows = (
@@ -308,15 +317,16 @@ class Transmitter:
                     .limit(PUSH_BATCH)
                 )
             ).all()
-        accepted = 0
+        attempted = 0
         for row in rows:
             config = orjson.loads(row.config)
             if config["delivery"]["method"] != PUSH:
                 continue
             if not await self._claim(row.id, row.next_attempt_ms, now_ms):
                 continue  # another process has it
-            accepted += await self._push(row, config["delivery"])
-        return accepted
+            await self._push(row, config["delivery"])
+            attempted += 1
+        return attempted
 
     async def _claim(self, row_id: int, seen: int, now_ms: int) -> bool:
         async with self._db.transaction() as conn:
@@ -327,7 +337,7 @@ class Transmitter:
             )
         return bool(result.rowcount == 1)
 
-    async def _push(self, row: Any, delivery: dict[str, Any]) -> int:
+    async def _push(self, row: Any, delivery: dict[str, Any]) -> None:
         headers = {"Content-Type": "application/secevent+jwt", "Accept": "application/json"}
         if delivery.get("authorization_header"):
             headers["Authorization"] = str(delivery["authorization_header"])
@@ -341,12 +351,12 @@ class Transmitter:
             )
         except OutboundError as exc:
             await self._retry(row, f"{exc.outcome}: {exc.reason}")
-            return 0
+            return
         if answer.status == 202:
             async with self._db.transaction() as conn:
                 await conn.execute(delete(ssf_outbox).where(ssf_outbox.c.id == row.id))
             self.pushed += 1
-            return 1
+            return
         if answer.status == 400:
             # RFC 8935 §2.3: the receiver refused this SET for good (bad issuer, audience, key...);
             # sending it again cannot change that. Logged with the receiver's error code.
@@ -355,9 +365,8 @@ class Transmitter:
             async with self._db.transaction() as conn:
                 await conn.execute(delete(ssf_outbox).where(ssf_outbox.c.id == row.id))
             self.failed_pushes += 1
-            return 0
+            return
         await self._retry(row, f"HTTP {answer.status}")
-        return 0
 
     async def _retry(self, row: Any, error: str) -> None:
         attempts = int(row.attempts) + 1
