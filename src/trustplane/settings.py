@@ -149,6 +149,8 @@ class Settings(BaseSettings):
     ssf_poll_wait: float = Field(default=5.0, ge=0, le=60)
     #: Development and tests only: push to http receivers on loopback hosts.
     ssf_allow_insecure_loopback: bool = False
+    #: How often the receiver retries subscribing to partners' transmitters that failed.
+    ssf_subscribe_interval: float = Field(default=60.0, gt=0, le=86400)
     # --- outbound requests (trustplane.outbound): the guarded fetcher every fetch of ours goes through
     outbound_connect_timeout: float = Field(default=3.0, gt=0, le=60)
     outbound_read_timeout: float = Field(default=5.0, gt=0, le=120)

@@ -79,6 +79,8 @@ class TrustProfile:
     document: dict[str, Any]
     #: the partner's SSF transmitter configuration URL (``ssf.configuration_url``), if it has one
     ssf_configuration: str | None = None
+    #: our client id at the partner's transmitter (``ssf.client_id``): the receiver subscribes
+    ssf_client_id: str | None = None
     keys: tuple[tuple[str | None, str, PublicKey], ...] = field(default=(), compare=False)
     version: int = 0
 
@@ -158,6 +160,7 @@ def build_profile(
         jwks_uri=doc["keys"].get("jwks_uri"),
         document=doc,
         ssf_configuration=doc.get("ssf", {}).get("configuration_url"),
+        ssf_client_id=doc.get("ssf", {}).get("client_id"),
         keys=tuple(keys),
         version=version,
     )

@@ -152,6 +152,10 @@ class PartnerRegistry:
     def get(self, partner_id: str) -> TrustProfile | None:
         return self._by_id.get(partner_id)
 
+    def profiles(self) -> list[TrustProfile]:
+        """Every partner's current profile (the snapshot of the last load)."""
+        return list(self._by_id.values())
+
     def partner_for_issuer(self, issuer: str) -> TrustProfile | None:
         """The partner owning this ``iss`` (byte-equal), whatever its status; None if untrusted."""
         return self._by_issuer.get(issuer)

@@ -18,6 +18,7 @@ from trustplane.keys.service import KeyService
 from trustplane.outbound import OutboundFetcher, OutboundPolicy
 from trustplane.settings import Settings
 from trustplane.ssf.receiver import Derivations, Receiver
+from trustplane.ssf.subscriber import Subscriber
 from trustplane.ssf.transmitter import Transmitter
 from trustplane.storage.db import Database
 
@@ -30,9 +31,10 @@ class SharedSignals(Idle):
     transmitter: Transmitter
     receiver: Receiver
     derivations: Derivations
+    subscriber: Subscriber
     guard: BearerGuard
     db: Database
-    fetcher: OutboundFetcher
+    fetchers: tuple[OutboundFetcher, ...]
     name = "ssf"
 
     def routes(self) -> Routes:
@@ -45,7 +47,8 @@ class SharedSignals(Idle):
             sink.OBSERVERS.append(self.derivations.observe)
 
     async def run(self, stopping: asyncio.Event) -> None:
-        await self.transmitter.run(stopping)
+        """The push deliverer and the partners' subscriptions, until shutdown."""
+        await asyncio.gather(self.transmitter.run(stopping), self.subscriber.run(stopping))
 
     async def maintain(self) -> None:
         async with self.db.transaction() as conn:
@@ -54,7 +57,8 @@ class SharedSignals(Idle):
     async def close(self) -> None:
         if self.derivations.observe in sink.OBSERVERS:
             sink.OBSERVERS.remove(self.derivations.observe)
-        await self.fetcher.aclose()
+        for fetcher in self.fetchers:
+            await fetcher.aclose()
 
 
 def build(
@@ -76,4 +80,20 @@ def build(
     revoked.observers.append(transmitter.on_revoked)
     receiver = Receiver(db, settings.issuer, partners, revoked, settings.clock_skew)
     derivations = Derivations(settings.issuer)
-    return SharedSignals(transmitter, receiver, derivations, guard, db, fetcher)
+    # subscriptions: partners' issuers (http on loopback only as federation allows it)
+    partner_fetcher = OutboundFetcher(
+        OutboundPolicy.from_settings(
+            settings, allow_loopback=settings.federation_allow_insecure_loopback
+        )
+    )
+    subscriber = Subscriber(
+        settings.issuer,
+        receiver.endpoint,
+        partners,
+        keys,
+        partner_fetcher,
+        settings.ssf_subscribe_interval,
+    )
+    return SharedSignals(
+        transmitter, receiver, derivations, subscriber, guard, db, (fetcher, partner_fetcher)
+    )
