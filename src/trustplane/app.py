@@ -176,8 +176,9 @@ class Services:
         )
         # shared signals: SETs on revocation, and partners' SETs revoking derived tokens
         ssf = ssf_wiring.build(
-            settings, db, keys.service, revocations.revoked, federation.service.registry, guard
-        )
+            settings, db, keys.service, revocations.revoked, federation.service.registry, guard,
+            mandate_service.events,
+        )  # fmt: skip
         components: tuple[Component, ...] = (
             keys,
             clients,

@@ -224,3 +224,23 @@ async def test_a_refused_set_revokes_nothing(world: World) -> None:
     forged = world.set_for(world.a, revoked_event(), sub_id, _key=new_ec_key())
     assert (await world.push(forged)).status_code == 400
     assert await world.active(derived)
+
+
+async def test_a_partner_mandate_event_revokes_the_tokens_resting_on_it(world: World) -> None:
+    """The partner's token names its mandate (``mandate`` claim, kept in ``prv``); the partner's
+    CAEP events about that mandate use an RFC 9493 complex subject with the mandate as session."""
+    on_m1 = await world.exchange(world.partner_access(world.a, mandate={"id": "m-1", "version": 2}))
+    on_m2 = await world.exchange(world.partner_access(world.a, mandate={"id": "m-2", "version": 1}))
+    sub_id = {"format": "complex", "session": {"format": "opaque", "id": "m-1"}}
+
+    def change(status: str) -> dict[str, Any]:
+        body = {"event_timestamp": int(time.time()), "claims": {"mandate_status": status}}
+        return {TOKEN_CLAIMS_CHANGE: body}
+
+    resumed = await world.push(world.set_for(world.a, change("active"), sub_id))
+    assert resumed.status_code == 202
+    assert await world.active(on_m1)  # a resumed mandate takes nothing away
+    suspended = await world.push(world.set_for(world.a, change("suspended"), sub_id))
+    assert suspended.status_code == 202, suspended.text
+    assert not await world.active(on_m1)
+    assert await world.active(on_m2)

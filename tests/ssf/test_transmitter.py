@@ -18,6 +18,7 @@ import pytest_asyncio
 from sqlalchemy import delete, select
 
 from tests.conftest import EXECUTION, LEI, free_port, register_kit, wait_until
+from tests.mandates.conftest import grantee, terms
 from tests.protocol_server import DATABASES, Server, running_server
 from trustplane.protocol.tokens import issue_access_token
 from trustplane.ssf.tables import ssf_outbox, ssf_streams
@@ -26,6 +27,7 @@ from trustplane.ssf.transmitter import (
     PUSH,
     SESSION_REVOKED,
     STREAM_UPDATED,
+    TOKEN_CLAIMS_CHANGE,
     VERIFICATION,
 )
 
@@ -482,3 +484,32 @@ async def test_no_set_without_a_committed_revocation(server: Server) -> None:
 async def outbox_rows_in(conn: Any, stream_id: str) -> list[Any]:
     rows = await conn.execute(select(ssf_outbox).where(ssf_outbox.c.stream_id == stream_id))
     return list(rows.all())
+
+
+async def test_mandate_events_are_relayed_to_the_streams_that_asked(server: Server) -> None:
+    """A mandate suspended, resumed and revoked: the mandates' CAEP events (RFC 9493 complex subject,
+    the mandate as the session) reach a stream asking for both event types, re-signed for it."""
+    both = await create(server, {"events_requested": [SESSION_REVOKED, TOKEN_CLAIMS_CHANGE]})
+    only_revoked = await create(server, {"events_requested": [SESSION_REVOKED]})
+    svc = server.services
+    client = await grantee(svc)
+    mandate = await svc.mandates.create(terms(client.client_id), actor="test", accepted_by="alice")
+    await svc.mandates.suspend(mandate.id, actor="test", reason="review")
+    await svc.mandates.resume(mandate.id, actor="test")
+    await svc.mandates.revoke(mandate.id, actor="test", reason="ended")
+    sets = [
+        decode_set(server, t, server.kit.client_id)
+        for t in (await poll(server, both))["sets"].values()
+    ]
+    events = [(next(iter(c["events"])), c["events"][next(iter(c["events"]))]) for c in sets]
+    assert [e[0] for e in events] == [TOKEN_CLAIMS_CHANGE, TOKEN_CLAIMS_CHANGE, SESSION_REVOKED]
+    assert events[0][1]["claims"] == {"mandate_status": "suspended"}
+    assert events[1][1]["claims"] == {"mandate_status": "active"}
+    for claims in sets:
+        assert claims["sub_id"]["format"] == "complex"
+        assert claims["sub_id"]["session"] == {"format": "opaque", "id": mandate.id}
+        assert claims["mandate"]["id"] == mandate.id
+    only = (await poll(server, only_revoked))["sets"].values()
+    assert [
+        next(iter(jwt.decode(t, options={"verify_signature": False})["events"])) for t in only
+    ] == [SESSION_REVOKED]

@@ -91,6 +91,8 @@ class Derivations:
             iss, jti, sub = origin["iss"], None, origin.get("sub")
         else:
             return None
+        mandate = exchange.get("subject_mandate") if isinstance(exchange, dict) else None
+        mandate_id = mandate.get("id") if isinstance(mandate, dict) else None
         exp = payload.get("exp")
         return {
             "jti": event.jti,
@@ -99,6 +101,7 @@ class Derivations:
             "origin_iss": iss[:512],
             "origin_jti": str(jti)[:256] if jti is not None else None,
             "origin_sub": str(sub)[:512] if sub is not None else None,
+            "origin_mandate": str(mandate_id)[:128] if mandate_id is not None else None,
         }
 
     async def prune(self, conn: AsyncConnection, now: int) -> int:
@@ -151,6 +154,8 @@ class Receiver:
         for event_type, body in events.items():
             if event_type not in ACTED_ON:
                 continue  # verification, stream-updated and others: accepted, nothing to do
+            if _restores(event_type, body):
+                continue  # a resumed mandate: nothing derived from it needs to go
             subject = claims.get("sub_id")
             if subject is None and isinstance(body, dict):
                 subject = body.get("subject")  # CAEP drafts put the subject in the event
@@ -169,16 +174,24 @@ class Receiver:
         if not isinstance(subject, dict):
             raise SetRefused("invalid_request", "the event has no subject (sub_id)")
         fmt = subject.get("format")
-        if fmt not in ("jwt_id", "iss_sub"):
-            return []  # a subject format we index nothing by: accepted, nothing matches
-        if subject.get("iss") != issuer:
-            raise SetRefused(
-                "access_denied", "a transmitter may only signal about its own issuer's subjects"
+        session = subject.get("session")
+        if fmt == "complex" and isinstance(session, dict) and session.get("format") == "opaque":
+            # a mandate event (RFC 9493 complex subject, the mandate as the session): mandate ids
+            # are the transmitter's own, so the SET's iss scopes them
+            key, column = session.get("id"), ssf_derivations.c.origin_mandate
+        elif fmt in ("jwt_id", "iss_sub"):
+            if subject.get("iss") != issuer:
+                raise SetRefused(
+                    "access_denied", "a transmitter may only signal about its own issuer's subjects"
+                )
+            key = subject.get("jti") if fmt == "jwt_id" else subject.get("sub")
+            column = (
+                ssf_derivations.c.origin_jti if fmt == "jwt_id" else ssf_derivations.c.origin_sub
             )
-        key = subject.get("jti") if fmt == "jwt_id" else subject.get("sub")
+        else:
+            return []  # a subject format we index nothing by: accepted, nothing matches
         if not isinstance(key, str) or not key:
             raise SetRefused("invalid_request", f"a {fmt} subject needs its identifier")
-        column = ssf_derivations.c.origin_jti if fmt == "jwt_id" else ssf_derivations.c.origin_sub
         revoked: list[str] = []
         async with self._db.transaction() as conn:
             rows = (
@@ -206,6 +219,14 @@ class Receiver:
                 ).all()
                 depth += 1
         return revoked
+
+
+def _restores(event_type: str, body: Any) -> bool:
+    """A ``token-claims-change`` saying the mandate is active again (resumed) takes nothing away."""
+    if event_type != TOKEN_CLAIMS_CHANGE or not isinstance(body, dict):
+        return False
+    claims = body.get("claims")
+    return isinstance(claims, dict) and claims.get("mandate_status") == "active"
 
 
 def _refusal(exc: PartnerTokenError) -> SetRefused:

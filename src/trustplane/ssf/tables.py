@@ -49,6 +49,9 @@ ssf_derivations = Table(
     Column("origin_iss", String(512), nullable=False),
     Column("origin_jti", String(256)),
     Column("origin_sub", String(512)),
+    #: the mandate the origin token rested on (its issuer's mandate id), if it named one
+    Column("origin_mandate", String(128)),
     Index("ix_ssf_derivations_jti", "origin_iss", "origin_jti"),
+    Index("ix_ssf_derivations_mandate", "origin_iss", "origin_mandate"),
     Index("ix_ssf_derivations_sub", "origin_iss", "origin_sub"),
 )

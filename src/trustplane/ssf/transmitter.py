@@ -26,6 +26,7 @@ import structlog
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from trustplane.jose.jws import parse
 from trustplane.keys.service import KeyService
 from trustplane.outbound import OutboundError, OutboundFetcher
 from trustplane.settings import Settings
@@ -44,7 +45,7 @@ TOKEN_CLAIMS_CHANGE = CAEP + "token-claims-change"
 VERIFICATION = SSF + "verification"
 STREAM_UPDATED = SSF + "stream-updated"
 #: What a stream can ask for (verification and stream-updated are always delivered, SSF 1.0 §8.1.4).
-EVENTS_SUPPORTED = (SESSION_REVOKED,)
+EVENTS_SUPPORTED = (SESSION_REVOKED, TOKEN_CLAIMS_CHANGE)
 ALWAYS_DELIVERED = (VERIFICATION, STREAM_UPDATED)
 STATUSES = ("enabled", "paused", "disabled")
 MAX_STREAMS_PER_CLIENT = 10
@@ -247,6 +248,26 @@ class Transmitter:
         if queued:
             self.wake.set()
 
+    async def on_mandate_event(self, conn: AsyncConnection, event_type: str, token: str) -> None:
+        """The mandates' security-event observer (``SecurityEvents.observers``), in the change's
+        transaction: the CAEP event about a mandate (revoked: ``session-revoked``; suspended,
+        resumed, amended, expired: ``token-claims-change``) goes to every stream that asked for
+        it, re-signed for the stream's audience, with the same subject and event body."""
+        set_claims = parse(token).claims()  # signed by us a moment ago
+        body = set_claims.get("events", {}).get(event_type)
+        if not isinstance(body, dict):
+            return
+        extra = {"mandate": set_claims["mandate"]} if "mandate" in set_claims else {}
+        rows = await conn.execute(select(ssf_streams).where(ssf_streams.c.status != "disabled"))
+        queued = 0
+        for row in rows.all():
+            stream = _stream(row)
+            if stream.delivers(event_type):
+                await self._enqueue(conn, stream, event_type, body, set_claims["sub_id"], extra)
+                queued += 1
+        if queued:
+            self.wake.set()
+
     async def _enqueue(
         self,
         conn: AsyncConnection,
@@ -254,6 +275,7 @@ class Transmitter:
         event_type: str,
         payload: Mapping[str, Any],
         subject: dict[str, Any],
+        extra: Mapping[str, Any] | None = None,
     ) -> str:
         now = int(time.time())
         jti = secrets.token_hex(16)
@@ -264,6 +286,7 @@ class Transmitter:
             "jti": jti,
             "sub_id": subject,
             "events": {event_type: dict(payload)},
+            **(extra or {}),
         }
         token = self._keys.ring.require_signer().with_typ(SET_TYPE).sign(claims)
         await conn.execute(

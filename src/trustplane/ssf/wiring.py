@@ -15,6 +15,7 @@ from trustplane.bearer_guard import RevokedTokens
 from trustplane.component import Idle, Routes
 from trustplane.federation.registry import PartnerRegistry
 from trustplane.keys.service import KeyService
+from trustplane.mandates.events import SecurityEvents
 from trustplane.outbound import OutboundFetcher, OutboundPolicy
 from trustplane.settings import Settings
 from trustplane.ssf.receiver import Derivations, Receiver
@@ -68,6 +69,7 @@ def build(
     revoked: RevokedTokens,
     partners: PartnerRegistry,
     guard: BearerGuard,
+    mandate_events: SecurityEvents,
 ) -> SharedSignals:
     """Pushes go through their own guarded fetcher: public addresses only (loopback with
     ``ssf_allow_insecure_loopback``), no redirects, timeouts and size caps as every fetch; no
@@ -78,6 +80,7 @@ def build(
     fetcher = OutboundFetcher(replace(policy, rate_per_host=0.0))
     transmitter = Transmitter(settings, db, keys, fetcher)
     revoked.observers.append(transmitter.on_revoked)
+    mandate_events.observers.append(transmitter.on_mandate_event)
     receiver = Receiver(db, settings.issuer, partners, revoked, settings.clock_skew)
     derivations = Derivations(settings.issuer)
     # subscriptions: partners' issuers (http on loopback only as federation allows it)

@@ -54,14 +54,19 @@ def upgrade() -> None:
         sa.Column("origin_iss", sa.String(length=512), nullable=False),
         sa.Column("origin_jti", sa.String(length=256), nullable=True),
         sa.Column("origin_sub", sa.String(length=512), nullable=True),
+        sa.Column("origin_mandate", sa.String(length=128), nullable=True),
         sa.PrimaryKeyConstraint("jti"),
     )
     op.create_index("ix_ssf_derivations_expires_at", "ssf_derivations", ["expires_at"])
     op.create_index("ix_ssf_derivations_jti", "ssf_derivations", ["origin_iss", "origin_jti"])
     op.create_index("ix_ssf_derivations_sub", "ssf_derivations", ["origin_iss", "origin_sub"])
+    op.create_index(
+        "ix_ssf_derivations_mandate", "ssf_derivations", ["origin_iss", "origin_mandate"]
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_ssf_derivations_mandate", table_name="ssf_derivations")
     op.drop_index("ix_ssf_derivations_sub", table_name="ssf_derivations")
     op.drop_index("ix_ssf_derivations_jti", table_name="ssf_derivations")
     op.drop_index("ix_ssf_derivations_expires_at", table_name="ssf_derivations")
