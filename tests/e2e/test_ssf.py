@@ -1,12 +1,13 @@
-"""Cross-issuer revocation over the OpenID Shared Signals Framework, on two real ``trustplane serve``
-processes on loopback (issue 14 item 5).
+"""Cross-issuer revocation over the OpenID Shared Signals Framework, on three real ``trustplane
+serve`` processes on loopback (issue 14 item 5, lifecycle step 5 across three issuers).
 
 A (the arranger) issues a token; B (the broker) trusts A by a trust profile with an ``ssf`` member
-and exchanges A's token for its own (RFC 8693). B's receiver subscribes itself to A's transmitter
-(a push stream, RFC 8935), with a token A issues to B's client there (private_key_jwt by B's own
-signing key, which A knows from B's jwks_uri). Revoking the token at A (RFC 7009) makes B's derived
-token inactive at B's introspection. The bound is measured over
-``ROUNDS`` revocations (p50/p99 printed, p99 asserted under ``BOUND``)."""
+and exchanges A's token for its own (RFC 8693); C (the clearing) trusts B the same way and exchanges
+B's token. Each receiver subscribes itself to its partner's transmitter (a push stream, RFC 8935),
+with a token the partner issues to its client there (private_key_jwt by its own signing key, which
+the partner knows from its jwks_uri). Revoking the token at A (RFC 7009) makes B's derived token
+inactive at B, and B's revocation travels on to C. The bound is measured over ``ROUNDS``
+revocations (p50/p99 printed for B and C, p99 asserted under ``BOUND``)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ import pytest
 
 from tests.conftest import EXECUTION, LEI, ClientKit, jwks_for, new_ec_key, wait_until
 from tests.e2e.conftest import (
-    PROPAGATION_TIMEOUT,
     LiveServer,
     LiveServers,
     client_credentials_token,
@@ -52,12 +52,13 @@ def operator_client(server: LiveServer, name: str, *args: str) -> ClientKit:
     return ClientKit(made["client_id"], key, server.issuer, kid=kid)
 
 
-def trust(b: LiveServer, a: LiveServer, client_id: str) -> None:
-    """B's trust profile for A: A's issuer and keys, A's access tokens, A's SSF transmitter."""
+def trust(b: LiveServer, a: LiveServer, partner_id: str, client_id: str) -> None:
+    """B's trust profile for A: A's issuer and keys, A's access tokens, A's SSF transmitter and
+    B's client there (B's receiver then subscribes by itself)."""
     jwks = httpx.get(f"{a.base_url}/jwks", timeout=10).json()
     document = {
-        "partner_id": "arranger",
-        "name": "arranger",
+        "partner_id": partner_id,
+        "name": partner_id,
         "lei": PARTNER_LEI,
         "issuers": [a.issuer],
         "keys": {"jwks": {"keys": [k for k in jwks["keys"] if k.get("alg") == "ES256"]}},
@@ -71,7 +72,7 @@ def trust(b: LiveServer, a: LiveServer, client_id: str) -> None:
             "client_id": client_id,
         },
     }
-    path = Path(b.env["TRUSTPLANE_DATA_DIR"]) / "partner-arranger.json"
+    path = Path(b.env["TRUSTPLANE_DATA_DIR"]) / f"partner-{partner_id}.json"
     path.write_text(json.dumps(document))
     b.cli("partners", "add", str(path))
 
@@ -82,93 +83,110 @@ def token(server: LiveServer, kit: ClientKit, **form: str) -> dict[str, Any]:
     return dict(answer.json())
 
 
-def test_revocation_at_one_issuer_reaches_the_derived_token_at_another(
-    live_server: LiveServers,
-) -> None:
-    a = live_server.start(
-        ssf_allow_insecure_loopback="true", allow_insecure_loopback_jwks_uri="true"
-    )
-    b = live_server.start(federation_allow_insecure_loopback="true", ssf_subscribe_interval="0.5")
-
-    # A: the client whose tokens travel; and B's subscription client, which A's operator registers
-    # with B's published keys (B authenticates with its own signing key: private_key_jwt)
-    arranger = register_client(a, resources=(EXECUTION,), introspection_resources=())
-    made = a.cli_json(
-        "clients", "add", "--lei", LEI, "--name", "broker-ssf", "--jwks-uri", f"{b.issuer}/jwks",
-        "--scope", "ssf:stream", "--resource", f"{a.issuer}/ssf",
-        "--grant-type", "client_credentials",
+def link(upstream: LiveServer, downstream: LiveServer, partner_id: str) -> ClientKit:
+    """``downstream`` trusts ``upstream`` and subscribes to its transmitter; returns the downstream
+    resource server of EXECUTION, which exchanges upstream's tokens."""
+    # the upstream operator registers the downstream's subscription client with the downstream's
+    # published keys (it authenticates with its own signing key: private_key_jwt)
+    made = upstream.cli_json(
+        "clients", "add", "--lei", LEI, "--name", f"{partner_id}-ssf",
+        "--jwks-uri", f"{downstream.issuer}/jwks", "--scope", "ssf:stream",
+        "--resource", f"{upstream.issuer}/ssf", "--grant-type", "client_credentials",
     )  # fmt: skip
-    # B: trusts A (naming A's transmitter and B's client there: B's receiver subscribes itself);
-    # the resource server of EXECUTION exchanges A's tokens
-    trust(b, a, client_id=made["client_id"])
-    execution = operator_client(
-        b, "broker-execution", "--scope", "order:create", "--resource", EXECUTION,
+    trust(downstream, upstream, partner_id, made["client_id"])
+    return operator_client(
+        downstream, f"{partner_id}-execution", "--scope", "order:create", "--resource", EXECUTION,
         "--resource-server", EXECUTION, "--grant-type", EXCHANGE,
         "--grant-type", "client_credentials",
     )  # fmt: skip
 
-    def derived_pair() -> tuple[str, str]:
-        at_a = client_credentials_token(a, arranger)
-        at_b = token(
-            b, execution, grant_type=EXCHANGE, subject_token=at_a, subject_token_type=ACCESS,
-            resource=EXECUTION, scope="order:create",
-        )["access_token"]  # fmt: skip
-        return at_a, at_b
 
-    # B knows its client and trusts A once an exchange succeeds (both load within the refresh)
-    wait_until(lambda: _exchanges(b, execution, a, arranger), PROPAGATION_TIMEOUT, "B trusts A")
+def exchange(server: LiveServer, kit: ClientKit, subject_token: str) -> str:
+    return str(
+        token(
+            server, kit, grant_type=EXCHANGE, subject_token=subject_token,
+            subject_token_type=ACCESS, resource=EXECUTION, scope="order:create",
+        )["access_token"]
+    )  # fmt: skip
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+def test_revocation_at_one_issuer_reaches_the_tokens_derived_at_the_next_two(
+    live_server: LiveServers,
+) -> None:
+    settings = {
+        "ssf_allow_insecure_loopback": "true",  # push to http://127.0.0.1 receivers
+        "allow_insecure_loopback_jwks_uri": "true",  # subscription clients' jwks_uri
+        "federation_allow_insecure_loopback": "true",  # partners' http://127.0.0.1 issuers
+        "ssf_subscribe_interval": "0.5",
+    }
+    a, b, c = (live_server.start(**settings) for _ in range(3))
+    arranger = register_client(a, resources=(EXECUTION,), introspection_resources=())
+    at_b_exec = link(a, b, "arranger")  # B exchanges A's tokens
+    at_c_exec = link(b, c, "broker")  # C exchanges B's tokens
+
+    def chain() -> tuple[str, str, str]:
+        at_a = client_credentials_token(a, arranger)
+        at_b = exchange(b, at_b_exec, at_a)
+        return at_a, at_b, exchange(c, at_c_exec, at_b)
+
+    def revoke(at_a: str) -> None:
+        answer = httpx.post(
+            f"{a.base_url}/revoke", data={"token": at_a, **arranger.auth()}, timeout=10
+        )
+        assert answer.status_code == 200
 
     def subscribed() -> bool:
-        """A revocation at A reaches B: B's receiver has subscribed (a SET is only made for the
-        streams that exist when the token is revoked, so each probe uses a fresh pair)."""
-        at_a, at_b = derived_pair()
-        httpx.post(f"{a.base_url}/revoke", data={"token": at_a, **arranger.auth()}, timeout=10)
+        """A revocation at A reaches C: both receivers have subscribed (a SET is only made for
+        the streams that exist when the token is revoked, so each probe uses a fresh chain)."""
+        try:
+            at_a, _, at_c = chain()
+        except AssertionError:  # clients and partners are still loading
+            return False
+        revoke(at_a)
         deadline = time.monotonic() + 2
         while time.monotonic() < deadline:
-            if not introspect(b, execution, at_b)["active"]:
+            if not introspect(c, at_c_exec, at_c)["active"]:
                 return True
             time.sleep(0.05)
         return False
 
-    wait_until(subscribed, 30, "B's receiver to subscribe at A", step=0.5)
+    wait_until(subscribed, 45, "B and C to subscribe upstream", step=0.5)
 
-    at_a, at_b = derived_pair()
-    claims = jwt.decode(at_b, options={"verify_signature": False})
-    assert claims["prv"]["iss"] == a.issuer
-    assert claims["prv"]["jti"] == jwt.decode(at_a, options={"verify_signature": False})["jti"]
-    assert introspect(b, execution, at_b)["active"] is True
+    at_a, at_b, at_c = chain()
+    claims_b = jwt.decode(at_b, options={"verify_signature": False})
+    claims_c = jwt.decode(at_c, options={"verify_signature": False})
+    assert claims_b["prv"]["iss"] == a.issuer
+    assert claims_b["prv"]["jti"] == jwt.decode(at_a, options={"verify_signature": False})["jti"]
+    assert claims_c["prv"]["iss"] == b.issuer
+    assert claims_c["prv"]["jti"] == claims_b["jti"]
 
-    latencies: list[float] = []
+    at_b_latency: list[float] = []
+    at_c_latency: list[float] = []
     for _ in range(ROUNDS):
-        at_a, at_b = derived_pair()
-        assert introspect(b, execution, at_b)["active"] is True
+        at_a, at_b, at_c = chain()
+        assert introspect(b, at_b_exec, at_b)["active"] is True
+        assert introspect(c, at_c_exec, at_c)["active"] is True
         started = time.monotonic()
-        revoked = httpx.post(
-            f"{a.base_url}/revoke", data={"token": at_a, **arranger.auth()}, timeout=10
-        )
-        assert revoked.status_code == 200
-        deadline = started + 10
-        while introspect(b, execution, at_b)["active"]:
-            assert time.monotonic() < deadline, "the derived token stayed active at B"
+        revoke(at_a)
+        pending = {"b": (b, at_b_exec, at_b, at_b_latency), "c": (c, at_c_exec, at_c, at_c_latency)}
+        while pending:
+            assert time.monotonic() < started + 10, f"still active at {sorted(pending)}"
+            for name, (server, kit, derived, latencies) in list(pending.items()):
+                if not introspect(server, kit, derived)["active"]:
+                    latencies.append(time.monotonic() - started)
+                    del pending[name]
             time.sleep(0.005)
-        latencies.append(time.monotonic() - started)
-    latencies.sort()
-    p50 = statistics.median(latencies)
-    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
-    print(f"revocation at A -> derived token inactive at B over {ROUNDS}: "
-          f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms")  # fmt: skip
-    assert p99 < BOUND
-    # an unrelated token derived from A's other, unrevoked token stays active
-    _, alive = derived_pair()
-    assert introspect(b, execution, alive)["active"] is True
-
-
-def _exchanges(b: LiveServer, kit: ClientKit, a: LiveServer, arranger: ClientKit) -> bool:
-    subject = client_credentials_token(a, arranger)
-    answer = httpx.post(
-        f"{b.base_url}/token",
-        data={"grant_type": EXCHANGE, "subject_token": subject, "subject_token_type": ACCESS,
-              "resource": EXECUTION, "scope": "order:create", **kit.auth()},
-        timeout=10,
-    )  # fmt: skip
-    return answer.status_code == 200
+    for name, latencies in (("B", at_b_latency), ("C", at_c_latency)):
+        p50, p99 = statistics.median(latencies), percentile(latencies, 0.99)
+        print(f"revocation at A -> derived token inactive at {name} over {ROUNDS}: "
+              f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms")  # fmt: skip
+        assert p99 < BOUND
+    # a chain from an unrevoked token stays active
+    _, alive_b, alive_c = chain()
+    assert introspect(b, at_b_exec, alive_b)["active"] is True
+    assert introspect(c, at_c_exec, alive_c)["active"] is True
