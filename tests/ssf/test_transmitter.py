@@ -408,7 +408,7 @@ async def test_push_with_the_receiver_down_is_retried_with_backoff_and_nothing_l
     # schedule moves by at least that and at most that plus one deliverer round and some slack
     for n, (before, after) in enumerate(itertools.pairwise(scheduled), start=1):
         delay = BASE * 2**n * 1000
-        assert delay <= after - before <= delay + 600, scheduled
+        assert delay <= after - before <= delay + 1500, scheduled
     receiver = Receiver(port)
     await receiver.start()
     try:
