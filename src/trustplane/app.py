@@ -58,6 +58,7 @@ from trustplane.rar.registry import AuthorizationDetailsRegistry
 from trustplane.readiness import ReadinessProbe
 from trustplane.settings import Settings
 from trustplane.site.http import docs_routes, index_route
+from trustplane.ssf import wiring as ssf_wiring
 from trustplane.storage import generations, notify
 from trustplane.storage import wiring as storage_wiring
 from trustplane.storage.db import Database
@@ -159,6 +160,11 @@ class Services:
         endpoints = oauth_wiring.Endpoints(
             token, introspection, keys.service, metadata, certificates
         )
+        # shared signals: SETs on revocation, and partners' SETs revoking derived tokens
+        ssf = ssf_wiring.build(
+            settings, db, keys.service, revocations.revoked, federation.service.registry, guard,
+            mandate_service.events,
+        )  # fmt: skip
         components: tuple[Component, ...] = (
             keys,
             clients,
@@ -170,6 +176,7 @@ class Services:
             revocations,
             replay,
             endpoints,
+            ssf,
             storage_wiring.Writer(writer),
         )
         return cls(

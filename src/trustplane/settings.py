@@ -147,6 +147,18 @@ class Settings(BaseSettings):
     federation_jwks_min_refetch: float = Field(default=60.0, ge=0, le=3600)
     #: Development and tests only: accept http partner issuers and jwks_uris on loopback hosts.
     federation_allow_insecure_loopback: bool = False
+    # --- shared signals (trustplane.ssf): the SSF 1.0 transmitter and receiver (docs/ssf.md)
+    #: How often the push deliverer looks for due SETs (a revocation in this process wakes it).
+    ssf_push_interval: float = Field(default=0.25, gt=0, le=60)
+    #: Exponential backoff of a failed push: first retry after this, doubling up to ``ssf_retry_max``.
+    ssf_retry_base: float = Field(default=1.0, gt=0, le=3600)
+    ssf_retry_max: float = Field(default=300.0, gt=0, le=86400)
+    #: RFC 8936 long poll: how long a poll without ``returnImmediately`` waits for a SET.
+    ssf_poll_wait: float = Field(default=5.0, ge=0, le=60)
+    #: Development and tests only: push to http receivers on loopback hosts.
+    ssf_allow_insecure_loopback: bool = False
+    #: How often the receiver retries subscribing to partners' transmitters that failed.
+    ssf_subscribe_interval: float = Field(default=60.0, gt=0, le=86400)
     # --- outbound requests (trustplane.outbound): the guarded fetcher every fetch of ours goes through
     outbound_connect_timeout: float = Field(default=3.0, gt=0, le=60)
     outbound_read_timeout: float = Field(default=5.0, gt=0, le=120)

@@ -71,6 +71,7 @@ APIS = [
         "policy_simulations",
     ),
     Api("authzen", "POST", "/access/v1/evaluation", "/access/v1", "decision:evaluate", _evaluation),
+    Api("ssf", "GET", "/ssf/stream", "/ssf", "ssf:stream"),
 ]
 
 

@@ -137,7 +137,38 @@ REFUSALS: dict[str, tuple[Any, str]] = {
         "$.accepted_token_types[0]",
     ),
     "bad status": (lambda p: p.profile(status="paused"), "$.status"),
+    "ssf: not the configuration path": (
+        lambda p: p.profile(ssf={"configuration_url": "https://idp.x.example/ssf"}), "$.ssf.configuration_url",
+    ),
+    "ssf: unknown member": (
+        lambda p: p.profile(ssf={"configuration_url": SSF_URL, "poll": True}), "$.ssf",
+    ),
+    "ssf: no configuration_url": (lambda p: p.profile(ssf={}), "$.ssf"),
+    "ssf: another host than the issuers'": (
+        lambda p: p.profile(ssf={"configuration_url": "https://evil.example/.well-known/ssf-configuration"}),
+        "ssf.configuration_url: must be on the host of one of the partner's issuers",
+    ),
+    "ssf: over http": (
+        lambda p: p.profile(ssf={"configuration_url": "http://idp.x.example/.well-known/ssf-configuration"}),
+        "ssf.configuration_url: must use https",
+    ),
 }  # fmt: skip
+SSF_URL = "https://idp.x.example/.well-known/ssf-configuration"
+
+
+def test_ssf_member_is_kept(settings: Settings) -> None:
+    doc = Partner("partner-x", "https://idp.x.example", ISSUER).profile(
+        ssf={"configuration_url": SSF_URL}
+    )
+    profile = _validate(doc, settings)
+    assert profile.ssf_configuration == SSF_URL
+    assert profile.document["ssf"] == {"configuration_url": SSF_URL}
+    assert (
+        _validate(
+            Partner("p-y", "https://idp.y.example", ISSUER).profile(), settings
+        ).ssf_configuration
+        is None
+    )
 
 
 @pytest.mark.parametrize("case", list(REFUSALS))

@@ -8,7 +8,7 @@ the Merkle tree, off the request path.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import orjson
@@ -25,6 +25,10 @@ log = structlog.get_logger("trustplane.audit")
 KIND = "audit"
 #: Entries this process appended (the sequencer polls it to integrate early when many are waiting).
 APPENDED = [0]
+#: Called in the appending transaction with the events appended (the shared-signals receiver indexes
+#: tokens issued from a partner's token here: trustplane.ssf). Each filters on its own issuer.
+EventObserver = Callable[[AsyncConnection, Sequence[AuditEvent]], Awaitable[None]]
+OBSERVERS: list[EventObserver] = []
 
 
 class AuditSink(Protocol):
@@ -43,6 +47,8 @@ async def write_events(conn: AsyncConnection, events: Sequence[AuditEvent]) -> l
     """Append events in the caller's transaction (and batch handler for the group-commit writer):
     one driver-level multi-row insert into the ledger's pending table."""
     await store.append_pending(conn, [pending_row(e) for e in events])
+    for observer in OBSERVERS:
+        await observer(conn, events)
     APPENDED[0] += len(events)
     return [None] * len(events)
 

@@ -20,12 +20,16 @@ size by the revocations of one access-token lifetime.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane.protocol.revocations import SqlRevocationStore, revoked_tokens
 from trustplane.storage.db import Database
+
+#: Called in the revoking transaction for every new revocation: (conn, jti, client_id, expires_at).
+RevocationObserver = Callable[[AsyncConnection, str, str, int], Awaitable[None]]
 
 
 class RevokedTokens(SqlRevocationStore):
@@ -41,6 +45,9 @@ class RevokedTokens(SqlRevocationStore):
             str, int
         ] = {}  # revoked by this process (kept across reloads until expiry)
         self._loaded = False
+        #: the shared-signals transmitter (trustplane.ssf) writes its SETs here, in the same
+        #: transaction as the revocation, so a committed revocation always has its events
+        self.observers: list[RevocationObserver] = []
 
     async def revoke(
         self, conn: AsyncConnection, jti: str, client_id: str, expires_at: int
@@ -51,6 +58,9 @@ class RevokedTokens(SqlRevocationStore):
         fresh = await super().revoke(conn, jti, client_id, expires_at)
         self._local[jti] = expires_at
         self._listed[jti] = expires_at
+        if fresh:
+            for observer in self.observers:
+                await observer(conn, jti, client_id, expires_at)
         return fresh
 
     async def listed(self, jti: str) -> bool:

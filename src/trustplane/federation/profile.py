@@ -77,6 +77,10 @@ class TrustProfile:
     min_rsa_bits: int
     jwks_uri: str | None
     document: dict[str, Any]
+    #: the partner's SSF transmitter configuration URL (``ssf.configuration_url``), if it has one
+    ssf_configuration: str | None = None
+    #: our client id at the partner's transmitter (``ssf.client_id``): the receiver subscribes
+    ssf_client_id: str | None = None
     keys: tuple[tuple[str | None, str, PublicKey], ...] = field(default=(), compare=False)
     version: int = 0
 
@@ -123,6 +127,10 @@ def validate_profile(
     doc.setdefault("min_rsa_bits", 2048)
     errors: list[str] = []
     keys = _check_keys(doc, settings, errors)
+    if "ssf" in doc:
+        problem = ssf_configuration_problem(doc["ssf"]["configuration_url"], doc, settings)
+        if problem:
+            errors.append(f"ssf.configuration_url: {problem}")
     _check_semantics(doc, settings, vocabulary, errors)
     if errors:
         raise ProfileError(errors)
@@ -151,6 +159,8 @@ def build_profile(
         min_rsa_bits=int(doc.get("min_rsa_bits", 2048)),
         jwks_uri=doc["keys"].get("jwks_uri"),
         document=doc,
+        ssf_configuration=doc.get("ssf", {}).get("configuration_url"),
+        ssf_client_id=doc.get("ssf", {}).get("client_id"),
         keys=tuple(keys),
         version=version,
     )
@@ -182,6 +192,26 @@ def _check_keys(
         if isinstance(key, rsa.RSAPublicKey) and key.key_size < doc["min_rsa_bits"]:
             errors.append(f"keys.jwks: key {name} has {key.key_size} bits, below min_rsa_bits")
     return keys
+
+
+def ssf_configuration_problem(uri: str, doc: dict[str, Any], settings: Settings) -> str | None:
+    """Why the partner's SSF configuration URL is not acceptable: https (http only on loopback in
+    development), no credentials or query, and on the host of one of the partner's issuers (SSF
+    1.0 §7.2: the configuration is published under the transmitter's issuer)."""
+    try:
+        parts = urlsplit(uri)
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        return "not a valid URL"
+    insecure_ok = settings.federation_allow_insecure_loopback and is_loopback_host(parts.hostname)
+    if parts.scheme != "https" and not (parts.scheme == "http" and insecure_ok):
+        return "must use https"
+    if not parts.hostname or parts.username is not None or parts.query:
+        return "must be an absolute URL without credentials or query"
+    hosts = {urlsplit(i).netloc.lower() for i in doc["issuers"]}
+    if parts.netloc.lower() not in hosts:
+        return "must be on the host of one of the partner's issuers"
+    return None
 
 
 def jwks_uri_problem(uri: str, settings: Settings) -> str | None:

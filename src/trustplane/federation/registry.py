@@ -152,6 +152,10 @@ class PartnerRegistry:
     def get(self, partner_id: str) -> TrustProfile | None:
         return self._by_id.get(partner_id)
 
+    def profiles(self) -> list[TrustProfile]:
+        """Every partner's current profile (the snapshot of the last load)."""
+        return list(self._by_id.values())
+
     def partner_for_issuer(self, issuer: str) -> TrustProfile | None:
         """The partner owning this ``iss`` (byte-equal), whatever its status; None if untrusted."""
         return self._by_issuer.get(issuer)
@@ -194,6 +198,27 @@ class PartnerRegistry:
         current = int(time.time()) if now is None else now
         exp = self._check_times(claims, partner, expected_audience, current)
         return self._verified(claims, partner, token_type, exp)
+
+    async def verify_signed(self, token: str) -> tuple[TrustProfile, dict[str, Any], str | None]:
+        """A JWS signed by an active partner's key (any ``typ``: the caller checks it): the partner,
+        the claims and the ``typ`` header. Used for Security Event Tokens (trustplane.ssf); keys
+        come only from the trust profile, as for assertions. Raises :class:`PartnerTokenError`."""
+        try:
+            jws = parse(token)
+            claims = jws.claims()
+        except JWSError as exc:
+            raise PartnerTokenError("malformed", f"not an acceptable JWS: {exc}"[:200]) from None
+        named = [h for h in KEY_HEADERS if h in jws.header]
+        if named:
+            raise PartnerTokenError("key_in_header", f"header parameter {named[0]} is refused")
+        partner = self._partner(claims.get("iss"))
+        if jws.alg not in partner.algorithms:
+            raise PartnerTokenError(
+                "algorithm", f"algorithm {jws.alg} is not allowed", partner=partner.partner_id
+            )
+        await self._check_signature(jws, partner)
+        typ = jws.header.get("typ")
+        return partner, claims, typ if isinstance(typ, str) else None
 
     def _partner(self, issuer: object) -> TrustProfile:
         partner = self.partner_for_issuer(issuer) if isinstance(issuer, str) else None

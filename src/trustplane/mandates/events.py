@@ -15,6 +15,7 @@ the JetStream ``Nats-Msg-Id`` header (the SET's ``jti``) lets the stream drop du
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -36,6 +37,9 @@ SESSION_REVOKED = CAEP + "session-revoked"
 TOKEN_CLAIMS_CHANGE = CAEP + "token-claims-change"
 SET_TYP = "secevent+jwt"
 PUBLISH_BATCH = 100
+#: Called in the change's transaction with (conn, event type, the signed SET): the shared-signals
+#: transmitter (trustplane.ssf) relays mandate events to its streams from there.
+EventObserver = Callable[[AsyncConnection, str, str], Awaitable[None]]
 
 
 def subject(mandate: Mandate) -> dict[str, Any]:
@@ -56,6 +60,7 @@ class SecurityEvents:
     def __init__(self, settings: Settings, keys: KeyService, publisher: NatsPublisher | None):
         self._settings, self._keys, self.publisher = settings, keys, publisher
         self._signer: tuple[Signer, Signer] | None = None  # (token signer, its SET twin)
+        self.observers: list[EventObserver] = []
 
     def build(
         self,
@@ -108,6 +113,8 @@ class SecurityEvents:
             )
         )
         metrics.SECURITY_EVENTS.labels(outcome="stored").inc()
+        for observer in self.observers:
+            await observer(conn, event_type, token)
 
     async def publish_pending(self, db: Database) -> int:
         """Publish unpublished SETs in order; returns how many were acknowledged. A failure stops the

@@ -143,6 +143,11 @@ INTERNAL_APIS = (
             "mandate:administer": "Create, accept, amend, suspend, resume and revoke mandates",
         },
     ),
+    InternalApi(
+        "/ssf",
+        "trustplane shared signals transmitter: SSF 1.0 streams, status, verification, poll",
+        {"ssf:stream": "Manage one's own shared-signals streams and poll their events"},
+    ),
 )
 
 

@@ -1,0 +1,238 @@
+"""The SSF receiver: a partner's Security Event Tokens make the tokens we derived from its tokens
+inactive.
+
+What "derived" means is recorded when we issue: every access token issued here from a partner's
+token (token exchange of a partner access token or assertion: ``prv`` = its ``iss`` + ``jti``;
+jwt-bearer: ``origin`` = its ``iss`` + ``sub``) or from one of our own tokens (a local exchange) is
+indexed in ``ssf_derivations``, in the same transaction as its issuance record
+(:func:`Derivations.observe`, an observer of the audit sink).
+
+A SET (pushed to ``POST /ssf/receiver``, RFC 8935) is accepted only when it is a JWS with ``typ``
+``secevent+jwt``, signed by an active partner with a key of its trust profile, ``aud`` names our
+receiver endpoint, and its subject belongs to the partner that signed it (a partner cannot revoke
+another issuer's tokens). Then, in one transaction, every local token derived from the subject (and
+every local token derived from those, transitively) is revoked: the bearer guard and introspection
+refuse it, and our own transmitter tells our receivers in turn (the revocation observer), so a
+revocation travels down a chain of issuers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from sqlalchemy import delete, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from trustplane.audit_events import AuditEvent, AuditEventType
+from trustplane.bearer_guard import RevokedTokens
+from trustplane.federation.registry import PartnerRegistry, PartnerTokenError
+from trustplane.ssf.tables import ssf_derivations
+from trustplane.ssf.transmitter import SESSION_REVOKED, SET_TYPE, TOKEN_CLAIMS_CHANGE
+from trustplane.storage.db import Database
+
+log = structlog.get_logger("trustplane.ssf")
+#: How deep a local chain of exchanges is followed (our exchanges are bounded far below this).
+MAX_CHAIN = 16
+ACTED_ON = (SESSION_REVOKED, TOKEN_CLAIMS_CHANGE)
+
+
+class SetRefused(Exception):
+    """RFC 8935 §2.3: the SET is refused; ``err`` is the error code of the answer."""
+
+    def __init__(self, err: str, description: str) -> None:
+        super().__init__(description)
+        self.err, self.description = err, description
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    jti: str
+    partner_id: str
+    events: tuple[str, ...]
+    revoked: tuple[str, ...]
+
+
+class Derivations:
+    """The index of tokens issued here from another token (see the module docstring)."""
+
+    def __init__(self, issuer: str) -> None:
+        self.issuer = issuer
+
+    async def observe(self, conn: AsyncConnection, events: Sequence[AuditEvent]) -> None:
+        """Audit sink observer: index the issued tokens that rest on another token."""
+        rows = [row for e in events if (row := self._row(e)) is not None]
+        if not rows:
+            return
+        insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+        await conn.execute(
+            insert(ssf_derivations).values(rows).on_conflict_do_nothing(index_elements=["jti"])
+        )
+
+    def _row(self, event: AuditEvent) -> dict[str, Any] | None:
+        if event.type is not AuditEventType.TOKEN_ISSUED or event.issuer != self.issuer:
+            return None
+        payload = event.payload
+        if event.jti is None or event.client_id is None or not isinstance(payload, dict):
+            return None
+        exchange = payload.get("exchange")
+        origin = payload.get("origin")
+        subject = exchange.get("subject_token") if isinstance(exchange, dict) else None
+        if isinstance(subject, dict) and isinstance(subject.get("iss"), str):
+            iss, jti, sub = subject["iss"], subject.get("jti"), None
+            if isinstance(origin, dict) and origin.get("iss") == iss:
+                sub = origin.get("sub")
+        elif isinstance(origin, dict) and isinstance(origin.get("iss"), str):
+            iss, jti, sub = origin["iss"], None, origin.get("sub")
+        else:
+            return None
+        mandate = exchange.get("subject_mandate") if isinstance(exchange, dict) else None
+        mandate_id = mandate.get("id") if isinstance(mandate, dict) else None
+        exp = payload.get("exp")
+        return {
+            "jti": event.jti,
+            "client_id": event.client_id,
+            "expires_at": int(exp) if isinstance(exp, int) else int(time.time()) + 86400,
+            "origin_iss": iss[:512],
+            "origin_jti": str(jti)[:256] if jti is not None else None,
+            "origin_sub": str(sub)[:512] if sub is not None else None,
+            "origin_mandate": str(mandate_id)[:128] if mandate_id is not None else None,
+        }
+
+    async def prune(self, conn: AsyncConnection, now: int) -> int:
+        result = await conn.execute(
+            delete(ssf_derivations).where(ssf_derivations.c.expires_at < now)
+        )
+        return int(result.rowcount or 0)
+
+
+class Receiver:
+    def __init__(
+        self,
+        db: Database,
+        issuer: str,
+        partners: PartnerRegistry,
+        revoked: RevokedTokens,
+        clock_skew: int,
+    ) -> None:
+        self._db, self._partners, self._revoked = db, partners, revoked
+        self.issuer = issuer
+        self.endpoint = f"{issuer.rstrip('/')}/ssf/receiver"
+        self._skew = clock_skew
+        self.received = 0
+
+    async def receive(self, token: str) -> Received:
+        """Verify one SET and act on it, or raise :class:`SetRefused`."""
+        try:
+            partner, claims, typ = await self._partners.verify_signed(token)
+        except PartnerTokenError as exc:
+            raise _refusal(exc) from None
+        if typ != SET_TYPE:
+            raise SetRefused("invalid_request", f"the SET's typ must be {SET_TYPE}")
+        if partner.ssf_configuration is None:
+            raise SetRefused(
+                "access_denied", "the partner's trust profile names no shared signals transmitter"
+            )
+        aud = claims.get("aud")
+        audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+        if self.endpoint not in audiences:
+            raise SetRefused("invalid_audience", "the SET is not addressed to this receiver")
+        jti, events, iat = claims.get("jti"), claims.get("events"), claims.get("iat")
+        if not isinstance(jti, str) or not jti or not isinstance(events, dict) or not events:
+            raise SetRefused("invalid_request", "a SET needs jti and a non-empty events object")
+        if not isinstance(iat, int) or iat > int(time.time()) + self._skew:
+            raise SetRefused("invalid_request", "iat is missing or in the future")
+        if "exp" in claims:  # RFC 8417 §2.2: a SET SHOULD NOT carry exp (it is not an access token)
+            raise SetRefused("invalid_request", "a SET must not carry exp")
+        issuer = str(claims["iss"])
+        revoked: list[str] = []
+        for event_type, body in events.items():
+            if event_type not in ACTED_ON:
+                continue  # verification, stream-updated and others: accepted, nothing to do
+            if _restores(event_type, body):
+                continue  # a resumed mandate: nothing derived from it needs to go
+            subject = claims.get("sub_id")
+            if subject is None and isinstance(body, dict):
+                subject = body.get("subject")  # CAEP drafts put the subject in the event
+            revoked.extend(await self._revoke(issuer, subject))
+        self.received += 1
+        log.info(
+            "ssf_set_received",
+            jti=jti[:64],
+            partner=partner.partner_id,
+            events=sorted(events)[:8],
+            revoked=len(revoked),
+        )
+        return Received(jti, partner.partner_id, tuple(events), tuple(revoked))
+
+    async def _revoke(self, issuer: str, subject: Any) -> list[str]:
+        if not isinstance(subject, dict):
+            raise SetRefused("invalid_request", "the event has no subject (sub_id)")
+        fmt = subject.get("format")
+        session = subject.get("session")
+        if fmt == "complex" and isinstance(session, dict) and session.get("format") == "opaque":
+            # a mandate event (RFC 9493 complex subject, the mandate as the session): mandate ids
+            # are the transmitter's own, so the SET's iss scopes them
+            key, column = session.get("id"), ssf_derivations.c.origin_mandate
+        elif fmt in ("jwt_id", "iss_sub"):
+            if subject.get("iss") != issuer:
+                raise SetRefused(
+                    "access_denied", "a transmitter may only signal about its own issuer's subjects"
+                )
+            key = subject.get("jti") if fmt == "jwt_id" else subject.get("sub")
+            column = (
+                ssf_derivations.c.origin_jti if fmt == "jwt_id" else ssf_derivations.c.origin_sub
+            )
+        else:
+            return []  # a subject format we index nothing by: accepted, nothing matches
+        if not isinstance(key, str) or not key:
+            raise SetRefused("invalid_request", f"a {fmt} subject needs its identifier")
+        revoked: list[str] = []
+        async with self._db.transaction() as conn:
+            rows = (
+                await conn.execute(
+                    select(ssf_derivations).where(
+                        ssf_derivations.c.origin_iss == issuer, column == key
+                    )
+                )
+            ).all()
+            now = int(time.time())
+            depth = 0
+            while rows and depth < MAX_CHAIN:
+                for row in rows:
+                    if row.expires_at >= now:
+                        await self._revoked.revoke(conn, row.jti, row.client_id, row.expires_at)
+                    revoked.append(row.jti)
+                jtis = [r.jti for r in rows]
+                rows = (  # tokens exchanged here from the ones just revoked
+                    await conn.execute(
+                        select(ssf_derivations).where(
+                            ssf_derivations.c.origin_iss == self.issuer,
+                            ssf_derivations.c.origin_jti.in_(jtis),
+                        )
+                    )
+                ).all()
+                depth += 1
+        return revoked
+
+
+def _restores(event_type: str, body: Any) -> bool:
+    """A ``token-claims-change`` saying the mandate is active again (resumed) takes nothing away."""
+    if event_type != TOKEN_CLAIMS_CHANGE or not isinstance(body, dict):
+        return False
+    claims = body.get("claims")
+    return isinstance(claims, dict) and claims.get("mandate_status") == "active"
+
+
+def _refusal(exc: PartnerTokenError) -> SetRefused:
+    reason = exc.reason_id
+    if reason in ("untrusted_issuer", "partner_disabled"):
+        return SetRefused("invalid_issuer", str(exc))
+    if reason in ("signature", "algorithm", "key_in_header"):
+        return SetRefused("invalid_key", str(exc))
+    return SetRefused("invalid_request", str(exc))

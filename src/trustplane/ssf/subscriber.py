@@ -1,0 +1,198 @@
+"""The receiver's subscriptions: for every active partner whose trust profile names its SSF
+transmitter and our client id there (``ssf.configuration_url``, ``ssf.client_id``), make sure a push
+stream to our receiver endpoint exists at the partner.
+
+One round per partner: fetch the transmitter configuration (its ``issuer`` must be one of the
+partner's issuers, SSF 1.0 §7.2) and the partner's OAuth metadata (RFC 8414) for its token endpoint;
+get an access token for ``{issuer}/ssf`` with scope ``ssf:stream`` by client credentials,
+authenticating with ``private_key_jwt`` signed by our deployment's active signing key (the partner
+registered our client with our ``jwks_uri``, so our key rotation needs nothing from them); list our
+streams there and create a push stream (RFC 8935) for ``session-revoked`` and
+``token-claims-change`` to ``{our issuer}/ssf/receiver`` unless one exists. Every request goes
+through the guarded fetcher. A partner that fails is retried at the next round (``ssf_subscribe_
+interval``); a new or changed profile is picked up when the registry reloads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import structlog
+
+from trustplane.federation.profile import TrustProfile
+from trustplane.federation.registry import PartnerRegistry
+from trustplane.keys.service import KeyService
+from trustplane.outbound import OutboundError, OutboundFetcher
+from trustplane.ssf.transmitter import PUSH, SESSION_REVOKED, TOKEN_CLAIMS_CHANGE
+
+log = structlog.get_logger("trustplane.ssf")
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+REQUESTED = [SESSION_REVOKED, TOKEN_CLAIMS_CHANGE]
+
+
+class SubscriptionError(Exception):
+    """One partner's subscription round failed (logged; retried next round)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    partner_id: str
+    #: the profile version it was made for (a new version subscribes again)
+    version: int
+    stream_id: str | None
+    error: str | None = None
+
+
+class Subscriber:
+    def __init__(
+        self,
+        issuer: str,
+        receiver_endpoint: str,
+        partners: PartnerRegistry,
+        keys: KeyService,
+        fetcher: OutboundFetcher,
+        interval: float,
+    ) -> None:
+        self._issuer, self._endpoint = issuer, receiver_endpoint
+        self._partners, self._keys, self._fetcher = partners, keys, fetcher
+        self._interval = interval
+        self.subscriptions: dict[str, Subscription] = {}
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        seen = -1
+        next_round = 0.0
+        while not stopping.is_set():
+            now = time.monotonic()
+            if self._partners.generation != seen or now >= next_round:
+                seen = self._partners.generation
+                next_round = now + self._interval
+                await self.round()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), 0.2)
+
+    async def round(self) -> None:
+        """Subscribe where a profile asks for it and no stream is known for its version."""
+        for partner in self._partners.profiles():
+            if not (partner.active and partner.ssf_configuration and partner.ssf_client_id):
+                self.subscriptions.pop(partner.partner_id, None)
+                continue
+            known = self.subscriptions.get(partner.partner_id)
+            if known is not None and known.version == partner.version and known.stream_id:
+                continue
+            try:
+                stream_id = await self.subscribe(partner)
+            except SubscriptionError as exc:
+                log.warning("ssf_subscribe_failed", partner=partner.partner_id, error=str(exc))
+                self.subscriptions[partner.partner_id] = Subscription(
+                    partner.partner_id, partner.version, None, str(exc)[:300]
+                )
+                continue
+            self.subscriptions[partner.partner_id] = Subscription(
+                partner.partner_id, partner.version, stream_id
+            )
+            log.info("ssf_subscribed", partner=partner.partner_id, stream_id=stream_id)
+
+    async def subscribe(self, partner: TrustProfile) -> str:
+        if partner.ssf_configuration is None or partner.ssf_client_id is None:
+            raise SubscriptionError("the trust profile names no transmitter or client id")
+        config = await self._json("GET", partner.ssf_configuration)
+        issuer = config.get("issuer")
+        if issuer not in partner.issuers:
+            raise SubscriptionError("the transmitter's issuer is not one of the partner's issuers")
+        if PUSH not in (config.get("delivery_methods_supported") or []):
+            raise SubscriptionError("the transmitter does not deliver by push")
+        endpoint = config.get("configuration_endpoint")
+        if not isinstance(endpoint, str):
+            raise SubscriptionError("the transmitter has no configuration_endpoint")
+        metadata = await self._json(
+            "GET", f"{str(issuer).rstrip('/')}/.well-known/oauth-authorization-server"
+        )
+        token_endpoint = metadata.get("token_endpoint")
+        if not isinstance(token_endpoint, str):
+            raise SubscriptionError("the partner's metadata has no token_endpoint")
+        token = await self._token(str(issuer), token_endpoint, partner.ssf_client_id)
+        bearer = {"Authorization": f"Bearer {token}"}
+        streams = await self._json("GET", endpoint, headers=bearer, expect=(200,))
+        for stream in streams if isinstance(streams, list) else []:
+            delivery = stream.get("delivery") if isinstance(stream, dict) else None
+            if isinstance(delivery, dict) and delivery.get("endpoint_url") == self._endpoint:
+                return str(stream.get("stream_id"))
+        body = {
+            "delivery": {"method": PUSH, "endpoint_url": self._endpoint},
+            "events_requested": REQUESTED,
+            "description": f"trustplane receiver {self._issuer}"[:256],
+        }
+        created = await self._json(
+            "POST",
+            endpoint,
+            headers={**bearer, "Content-Type": "application/json"},
+            content=orjson.dumps(body),
+            expect=(200, 201),
+        )
+        stream_id = created.get("stream_id") if isinstance(created, dict) else None
+        if not isinstance(stream_id, str):
+            raise SubscriptionError("the transmitter answered the stream creation without an id")
+        return stream_id
+
+    async def _token(self, issuer: str, token_endpoint: str, client_id: str) -> str:
+        now = int(time.time())
+        assertion = (
+            self._keys.ring.require_signer()
+            .with_typ("JWT")
+            .sign(
+                {
+                    "iss": client_id,
+                    "sub": client_id,
+                    "aud": issuer,
+                    "iat": now,
+                    "exp": now + 60,
+                    "jti": secrets.token_hex(16),
+                }
+            )
+        )
+        form = {
+            "grant_type": "client_credentials",
+            "scope": "ssf:stream",
+            "resource": f"{issuer.rstrip('/')}/ssf",
+            "client_assertion_type": ASSERTION_TYPE,
+            "client_assertion": assertion,
+        }
+        answer = await self._json("POST", token_endpoint, data=form, expect=(200,))
+        token = answer.get("access_token") if isinstance(answer, dict) else None
+        if not isinstance(token, str):
+            raise SubscriptionError("the token endpoint answered without an access_token")
+        return token
+
+    async def _json(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: dict[str, str] | None = None,
+        content: bytes | None = None,
+        data: dict[str, str] | None = None,
+        expect: tuple[int, ...] = (200,),
+    ) -> Any:
+        try:
+            answer = await self._fetcher.request(
+                method,
+                url,
+                purpose="ssf_subscribe",
+                headers={"Accept": "application/json", **(headers or {})},
+                content=content,
+                data=data,
+            )
+        except OutboundError as exc:
+            raise SubscriptionError(f"{url[:200]}: {exc.outcome}: {exc.reason}") from None
+        if answer.status not in expect:
+            raise SubscriptionError(f"{url[:200]}: HTTP {answer.status} {answer.body[:200]!r}")
+        try:
+            return answer.json()
+        except OutboundError:
+            raise SubscriptionError(f"{url[:200]}: not JSON") from None

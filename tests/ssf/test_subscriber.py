@@ -1,0 +1,124 @@
+"""The receiver's subscription round against a partner transmitter answered by httpx's mock
+transport (every rule of the guarded fetcher but the socket check still applies): what it sends,
+that it reuses a stream it already has, and that a transmitter claiming another issuer is refused."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import orjson
+import pytest
+
+from tests.conftest import make_settings
+from tests.federation.partners import Partner
+from trustplane.app import Services
+from trustplane.federation.profile import build_profile
+from trustplane.outbound import OutboundFetcher
+from trustplane.ssf.subscriber import ASSERTION_TYPE, REQUESTED, Subscriber
+from trustplane.ssf.transmitter import PUSH
+from trustplane.storage.migrate import upgrade
+
+PARTNER = "https://idp.partner-a.example"
+RECEIVER = "http://127.0.0.1:8000/ssf/receiver"
+
+
+def transmitter(
+    seen: list[httpx.Request], streams: list[dict[str, Any]], issuer: str = PARTNER
+) -> Callable[[httpx.Request], httpx.Response]:
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        path = request.url.path
+        if path == "/.well-known/ssf-configuration":
+            return httpx.Response(200, json={
+                "issuer": issuer, "delivery_methods_supported": [PUSH],
+                "configuration_endpoint": f"{PARTNER}/ssf/stream",
+            })  # fmt: skip
+        if path == "/.well-known/oauth-authorization-server":
+            return httpx.Response(200, json={"token_endpoint": f"{PARTNER}/token"})
+        if path == "/token":
+            return httpx.Response(200, json={"access_token": "at-1", "token_type": "Bearer"})
+        if path == "/ssf/stream" and request.method == "GET":
+            return httpx.Response(200, json=streams)
+        if path == "/ssf/stream" and request.method == "POST":
+            return httpx.Response(201, json={"stream_id": "s-new", **orjson.loads(request.content)})
+        return httpx.Response(404)
+
+    return answer
+
+
+@pytest.fixture
+async def services(tmp_path: Path) -> Any:
+    svc = Services.build(make_settings(f"sqlite+aiosqlite:///{tmp_path / 't.db'}", tmp_path))
+    await upgrade(svc.db)
+    await svc.keys.ensure()
+    await svc.keys.load()
+    yield svc
+    await svc.db.dispose()
+
+
+def subscriber(services: Services, handler: Callable[[httpx.Request], httpx.Response]) -> Any:
+    partner = Partner("partner-a", PARTNER, "x")
+    doc = partner.profile(
+        ssf={"configuration_url": f"{PARTNER}/.well-known/ssf-configuration", "client_id": "c-9"}
+    )
+    profile = build_profile(doc, [], version=1)
+    services.federation.registry.replace_all([profile])
+    fetcher = OutboundFetcher(transport=httpx.MockTransport(handler))
+    made = Subscriber(
+        services.settings.issuer, RECEIVER, services.federation.registry, services.keys, fetcher, 60
+    )
+    return made, profile
+
+
+async def test_a_push_stream_is_created_with_our_signed_client_assertion(
+    services: Services,
+) -> None:
+    seen: list[httpx.Request] = []
+    made, _ = subscriber(services, transmitter(seen, []))
+    await made.round()
+    assert made.subscriptions["partner-a"].stream_id == "s-new"
+    token_request = next(r for r in seen if r.url.path == "/token")
+    form = dict(httpx.QueryParams(token_request.content.decode()))
+    assert form["grant_type"] == "client_credentials"
+    assert form["scope"] == "ssf:stream"
+    assert form["resource"] == f"{PARTNER}/ssf"
+    assert form["client_assertion_type"] == ASSERTION_TYPE
+    jwks = orjson.loads(services.keys.ring.jwks_json)
+    header = jwt.get_unverified_header(form["client_assertion"])
+    key = next(k for k in jwks["keys"] if k["kid"] == header["kid"])
+    claims = jwt.decode(
+        form["client_assertion"], jwt.PyJWK(key).key, algorithms=[header["alg"]], audience=PARTNER
+    )
+    assert claims["iss"] == claims["sub"] == "c-9"
+    create = next(r for r in seen if r.url.path == "/ssf/stream" and r.method == "POST")
+    assert create.headers["authorization"] == "Bearer at-1"
+    body = orjson.loads(create.content)
+    assert body["delivery"] == {"method": PUSH, "endpoint_url": RECEIVER}
+    assert body["events_requested"] == REQUESTED
+    # the next round does nothing: the stream is known for this profile version
+    seen.clear()
+    await made.round()
+    assert seen == []
+
+
+async def test_an_existing_stream_to_our_receiver_is_reused(services: Services) -> None:
+    seen: list[httpx.Request] = []
+    existing = [{"stream_id": "s-old", "delivery": {"method": PUSH, "endpoint_url": RECEIVER}}]
+    made, _ = subscriber(services, transmitter(seen, existing))
+    await made.round()
+    assert made.subscriptions["partner-a"].stream_id == "s-old"
+    assert not [r for r in seen if r.method == "POST" and r.url.path == "/ssf/stream"]
+
+
+async def test_a_transmitter_claiming_another_issuer_is_refused(services: Services) -> None:
+    seen: list[httpx.Request] = []
+    made, _ = subscriber(services, transmitter(seen, [], issuer="https://idp.evil.example"))
+    await made.round()
+    state = made.subscriptions["partner-a"]
+    assert state.stream_id is None
+    assert state.error == "the transmitter's issuer is not one of the partner's issuers"
+    assert [r.url.path for r in seen] == ["/.well-known/ssf-configuration"]  # no token asked
