@@ -50,12 +50,15 @@ async def test_the_whole_path_writes_one_signed_event_per_transition(world: Worl
         # an independent JOSE library verifies each event against the published JWKS
         claims = jwt.decode(event.jws, key.key, algorithms=["ES256"])
         assert jwt.get_unverified_header(event.jws)["typ"] == "trade-event+jwt"
-        assert claims["jti"] == event.event_id and claims["trade_id"] == trade_id
+        assert claims["jti"] == event.event_id
+        assert claims["trade_id"] == trade_id
         envelope = claims["envelope"]
-        assert envelope["txn"] == "txn-1" and envelope["mandate"] == MANDATE
+        assert envelope["txn"] == "txn-1"
+        assert envelope["mandate"] == MANDATE
         assert envelope["act"] == [{"sub": "arranger-svc"}, {"sub": "origin"}]
         assert envelope["authorization_details_digest"]
-        assert len(envelope["decision_ids"]) == 1 and envelope["policy_bundle_version"] == "bundle-7"
+        assert len(envelope["decision_ids"]) == 1
+        assert envelope["policy_bundle_version"] == "bundle-7"
         assert verify_event(event.jws, jwks, issuer="https://settle.example") == claims
     # every transition asked the PDP with the trade's state in the context
     states = [ctx["trade_state"] for _action, _d, ctx in world.pdp.decisions]
@@ -172,14 +175,16 @@ async def test_mandate_revoked_before_settlement_raises_an_exception(world: Worl
     assert (refused.value.status, refused.value.code) == (403, "settlement-exception")
     exception = refused.value.exception
     assert (exception.exception_id, exception.reason, exception.status) == (
-        f"{trade_id}#1",
+        f"{trade_id}.1",
         "mandate_not_usable",
         "open",
     )
     # the PDP was asked with the event as context, and denied (recorded by the PDP)
     action, decision, context = pdp.decisions[-1]
-    assert action == "settlement:submit" and not decision.allowed
-    assert context["mandate_active"] is False and context["event"]["type"] == "allocation.approved"
+    assert action == "settlement:submit"
+    assert not decision.allowed
+    assert context["mandate_active"] is False
+    assert context["event"]["type"] == "allocation.approved"
     assert (await world.store.trade(trade_id)).state == machine.EXCEPTION
     last = (await world.store.events_after(0))[-1]
     assert last.type == "settlement.exception"
@@ -191,16 +196,16 @@ async def test_mandate_revoked_before_settlement_raises_an_exception(world: Worl
         await s.confirm_settlement(caller("clearing", pdp), trade_id, "settled", "k-c")
 
     # operators: list, escalate, re-consent; then the submission re-checks and goes through
-    assert [e.exception_id for e in await s.list_exceptions("open")] == [f"{trade_id}#1"]
+    assert [e.exception_id for e in await s.list_exceptions("open")] == [f"{trade_id}.1"]
     ops = caller("operator", pdp)
-    escalated = await s.resolve_exception(ops, f"{trade_id}#1", "escalate", "ask the desk")
+    escalated = await s.resolve_exception(ops, f"{trade_id}.1", "escalate", "ask the desk")
     assert escalated.status == "escalated"
     world.mandates.revoked.clear()
-    resolved = await s.resolve_exception(ops, f"{trade_id}#1", "reconsent", "M-1 v2 granted")
+    resolved = await s.resolve_exception(ops, f"{trade_id}.1", "reconsent", "M-1 v2 granted")
     assert (resolved.status, resolved.resolution) == ("resolved", "reconsent")
     assert (await world.store.trade(trade_id)).state == machine.ALLOCATION_APPROVED
     with pytest.raises(Refused) as again:
-        await s.resolve_exception(ops, f"{trade_id}#1", "cancel")
+        await s.resolve_exception(ops, f"{trade_id}.1", "cancel")
     assert (again.value.status, again.value.code) == (409, "already-resolved")
     await s.submit_settlement(caller("clearing", pdp), trade_id, {"ssi": "X"}, "k-sub2")
     types = [e.type for e in await world.store.events_after(0)][-4:]
@@ -218,15 +223,15 @@ async def test_an_exception_can_be_cancelled(world: World) -> None:
     s, pdp = world.services, world.pdp
     with pytest.raises(EntitlementLost):
         await s.submit_settlement(caller("clearing", pdp), trade_id, {}, "k")
-    await s.resolve_exception(caller("operator", pdp), f"{trade_id}#1", "cancel")
+    await s.resolve_exception(caller("operator", pdp), f"{trade_id}.1", "cancel")
     assert (await world.store.trade(trade_id)).state == machine.CANCELLED
     with pytest.raises(OutOfOrder):
         await s.submit_settlement(caller("clearing", pdp), trade_id, {}, "k2")
     with pytest.raises(Refused) as bad:
-        await s.resolve_exception(caller("operator", pdp), f"{trade_id}#1", "ignore")
+        await s.resolve_exception(caller("operator", pdp), f"{trade_id}.1", "ignore")
     assert bad.value.status == 400
     with pytest.raises(Refused) as missing:
-        await s.resolve_exception(caller("operator", pdp), "nope#1", "cancel")
+        await s.resolve_exception(caller("operator", pdp), "nope.1", "cancel")
     assert missing.value.status == 404
 
 

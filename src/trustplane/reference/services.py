@@ -284,7 +284,7 @@ class TradeServices:
     ) -> EntitlementLost:
         number = trade.exceptions + 1
         record = ExceptionRecord(
-            f"{trade.trade_id}#{number}",
+            f"{trade.trade_id}.{number}",
             trade.trade_id,
             number,
             trade.state,

@@ -97,7 +97,7 @@ outbox = Table(
 exceptions = Table(
     "ref_exceptions",
     metadata,
-    Column("exception_id", String(80), primary_key=True),  # <trade_id>#<number>
+    Column("exception_id", String(80), primary_key=True),  # <trade_id>.<number>
     Column("trade_id", String(64), nullable=False, index=True),
     Column("number", Integer, nullable=False),
     Column("from_state", String(32), nullable=False),
