@@ -207,6 +207,7 @@ class StoredEvent:
     trade_id: str
     jws: str
     published: bool
+    created_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -670,5 +671,11 @@ class _Lost(Exception):
 def _stored(row: Any) -> StoredEvent:
     m = row._mapping
     return StoredEvent(
-        m["seq"], m["event_id"], m["type"], m["trade_id"], m["jws"], m["published_at"] is not None
+        m["seq"],
+        m["event_id"],
+        m["type"],
+        m["trade_id"],
+        m["jws"],
+        m["published_at"] is not None,
+        m["created_at"] / 1000,
     )
