@@ -244,3 +244,32 @@ async def test_settled_and_failed_exclude_each_other(world: World) -> None:
         await s.confirm_settlement(caller("clearing", pdp), trade_id, "settled", "k2")
     with pytest.raises(DuplicateTransition):
         await s.confirm_settlement(caller("clearing", pdp), trade_id, "failed", "k3")
+
+
+async def test_amend_rechecks_the_mandate_and_cancel_ends_the_trade(world: World) -> None:
+    trade_id = await to_approved(world)
+    s, pdp = world.services, world.pdp
+    await s.submit_settlement(caller("clearing", pdp), trade_id, {"ssi": "A"}, "k")
+    first = await s.amend_settlement(caller("clearing", pdp), trade_id, {"ssi": "B"}, "k1")
+    second = await s.amend_settlement(caller("clearing", pdp), trade_id, {"ssi": "C"}, "k2")
+    assert (first.transition, second.transition) == ("amend#1", "amend#2")
+    assert (await world.store.trade(trade_id)).settlement == {"ssi": "C"}
+    assert (await world.store.events_after(0))[-1].type == "settlement.amended"
+    with pytest.raises(Refused) as bad:
+        await s.amend_settlement(caller("clearing", pdp), trade_id, ["x"], "k3")
+    assert (bad.value.status, bad.value.code) == (400, "invalid-request")
+
+    world.mandates.revoked.add("M-1")
+    with pytest.raises(EntitlementLost) as lost:
+        await s.amend_settlement(caller("clearing", pdp), trade_id, {"ssi": "D"}, "k4")
+    assert lost.value.exception.from_state == machine.SETTLEMENT_SUBMITTED
+    assert (await world.store.trade(trade_id)).settlement == {"ssi": "C"}
+    world.mandates.revoked.clear()
+    await s.resolve_exception(caller("ops", pdp), f"{trade_id}.1", "reconsent")
+    await s.cancel_settlement(caller("clearing", pdp), trade_id, "k5")
+    assert (await world.store.trade(trade_id)).state == machine.CANCELLED
+    assert (await world.store.events_after(0))[-1].type == "settlement.cancelled"
+    with pytest.raises(DuplicateTransition):
+        await s.cancel_settlement(caller("clearing", pdp), trade_id, "k6")
+    with pytest.raises(OutOfOrder):
+        await s.confirm_settlement(caller("clearing", pdp), trade_id, "settled", "k7")

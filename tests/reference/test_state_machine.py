@@ -74,6 +74,15 @@ class TradeMachine(RuleBasedStateMachine):
         c = caller(subject, self.pdp)
         self.attempt(self.services.submit_settlement(c, trade, {"ssi": "X"}, key))
 
+    @rule(trade=trades, key=KEYS)
+    def amend(self, trade: str, key: str) -> None:
+        c = caller("clearing", self.pdp)
+        self.attempt(self.services.amend_settlement(c, trade, {"ssi": key}, key))
+
+    @rule(trade=trades, key=KEYS)
+    def cancel(self, trade: str, key: str) -> None:
+        self.attempt(self.services.cancel_settlement(caller("clearing", self.pdp), trade, key))
+
     @rule(trade=trades, outcome=st.sampled_from(["settled", "failed"]), key=KEYS)
     def confirm(self, trade: str, outcome: str, key: str) -> None:
         c = caller("clearing", self.pdp)
@@ -102,16 +111,19 @@ class TradeMachine(RuleBasedStateMachine):
             per_trade.setdefault(event.trade_id, []).append(event.type)
         for trade_id, types in per_trade.items():
             history = self.run(self.store.history(trade_id))
-            outcomes = [r for r in history if r.transition in ("settle", "fail")]
+            ends = ("settle", "fail", "cancel_settlement")
+            outcomes = [r for r in history if r.transition in ends]
             assert len(outcomes) <= 1, history
             assert sum(r.transition == "submit_settlement" for r in history) <= 1
             state = None
             for record in history:
                 assert record.source == state, (record, history)  # no out-of-order move
-                if record.source in NEXT and record.target not in (
-                    machine.EXCEPTION,
-                    machine.FAILED,
-                    machine.SETTLED,
+                amended = record.transition.startswith("amend#") and record.target == state
+                if (
+                    record.source in NEXT
+                    and not amended
+                    and record.target
+                    not in (machine.EXCEPTION, machine.FAILED, machine.SETTLED, machine.CANCELLED)
                 ):
                     assert record.target == NEXT[record.source], record
                 state = record.target

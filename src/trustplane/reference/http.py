@@ -9,6 +9,8 @@ POST /trades/{id}/execute                   trade:execute          execute
 POST /trades/{id}/allocation                allocation:propose     propose_allocation
 POST /trades/{id}/allocation/approve        allocation:approve     approve_allocation (four eyes)
 POST /trades/{id}/settlement                settlement:submit      submit_settlement (entitlement)
+POST /trades/{id}/settlement/amend          settlement:submit      amend#n (entitlement)
+POST /trades/{id}/settlement/cancel         settlement:cancel      cancel_settlement
 POST /trades/{id}/settlement/confirm        settlement:confirm     settle | fail
 GET  /trades/{id}                           report:read            the trade and its transitions
 GET  /exceptions                            exception:read         open / escalated / resolved
@@ -140,7 +142,9 @@ def build_app(
         scope: str,
         call: Callable[[Caller, dict[str, Any], str], Awaitable[Any]],
         status: int = 200,
+        name: str | None = None,
     ) -> Response:
+        """``name``: the operation the Idempotency-Key is scoped to (default: the scope)."""
         token, caller = await caller_of(request, scope)
 
         async def handler() -> Response:
@@ -154,7 +158,9 @@ def build_app(
             return _json(status, result.as_dict())
 
         try:
-            return await operation(scope).run(request, scope=token.client_id, handler=handler)
+            return await operation(name or scope).run(
+                request, scope=token.client_id, handler=handler
+            )
         except _Unavailable as exc:
             return refusal(exc.refused)
 
@@ -195,6 +201,23 @@ def build_app(
             request,
             "settlement:submit",
             lambda c, b, k: services.submit_settlement(c, trade_id, b.get("instructions"), k),
+        )
+
+    @app.post("/trades/{trade_id}/settlement/amend")
+    async def amend(request: Request, trade_id: str) -> Response:
+        return await transition(
+            request,
+            "settlement:submit",
+            lambda c, b, k: services.amend_settlement(c, trade_id, b.get("instructions"), k),
+            name="settlement:amend",
+        )
+
+    @app.post("/trades/{trade_id}/settlement/cancel")
+    async def cancel(request: Request, trade_id: str) -> Response:
+        return await transition(
+            request,
+            "settlement:cancel",
+            lambda c, b, k: services.cancel_settlement(c, trade_id, k),
         )
 
     @app.post("/trades/{trade_id}/settlement/confirm")

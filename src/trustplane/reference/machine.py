@@ -4,7 +4,8 @@
 
     created --execute--> executed --propose_allocation--> allocation_proposed
         --approve_allocation--> allocation_approved --submit_settlement--> settlement_submitted
-        --settle--> settled | --fail--> failed
+        --settle--> settled | --fail--> failed | --cancel_settlement--> cancelled
+    settlement_submitted --amend#n--> settlement_submitted (new instructions)
 
     executed | allocation_proposed | allocation_approved | settlement_submitted
         --exception--> exception --reconsent--> (the state it left) | --cancel--> cancelled
@@ -64,9 +65,20 @@ SUBMIT = Transition(
 )
 SETTLE = Transition("settle", SETTLEMENT_SUBMITTED, SETTLED, "settlement.settled")
 FAIL = Transition("fail", SETTLEMENT_SUBMITTED, FAILED, "settlement.failed")
+CANCEL_SETTLEMENT = Transition(
+    "cancel_settlement", SETTLEMENT_SUBMITTED, CANCELLED, "settlement.cancelled"
+)
 #: The ordinary path, in order.
 PATH = (EXECUTE, PROPOSE, APPROVE, SUBMIT, SETTLE)
 BY_NAME = {t.name: t for t in (EXECUTE, PROPOSE, APPROVE, SUBMIT, SETTLE, FAIL)}
+
+
+def amend_transition(number: int) -> Transition:
+    """The ``number``-th amendment of a submitted settlement: the state stays, the instructions
+    change; numbered so that each amendment happens once."""
+    return Transition(
+        f"amend#{number}", SETTLEMENT_SUBMITTED, SETTLEMENT_SUBMITTED, "settlement.amended"
+    )
 
 
 def exception_transition(source: str, number: int) -> Transition:

@@ -234,19 +234,55 @@ class TradeServices:
     async def submit_settlement(
         self, caller: Caller, trade_id: str, instructions: Any, key: str | None
     ) -> TransitionRecord:
+        """Submit the settlement of an approved allocation, after the event-time entitlement
+        check (:meth:`_entitled_step`)."""
+        trade = await self._trade(trade_id)
+        return await self._entitled_step(
+            caller, trade, machine.SUBMIT, "allocation.approved", instructions, key
+        )
+
+    async def amend_settlement(
+        self, caller: Caller, trade_id: str, instructions: Any, key: str | None
+    ) -> TransitionRecord:
+        """Replace the instructions of a submitted settlement (transition ``amend#n``, event
+        ``settlement.amended``); the mandate is re-checked as for the submission."""
+        trade = await self._trade(trade_id)
+        history = await self.store.history(trade_id)
+        number = 1 + sum(r.transition.startswith("amend#") for r in history)
+        return await self._entitled_step(
+            caller, trade, machine.amend_transition(number), "settlement.submitted",
+            instructions, key,
+        )  # fmt: skip
+
+    async def cancel_settlement(
+        self, caller: Caller, trade_id: str, key: str | None
+    ) -> TransitionRecord:
+        """Withdraw a submitted settlement: the trade ends ``cancelled``."""
+        return await self._move(
+            caller, "settlement:cancel", trade_id, machine.CANCEL_SETTLEMENT, key
+        )
+
+    async def _entitled_step(
+        self,
+        caller: Caller,
+        trade: Trade,
+        transition: machine.Transition,
+        acting_on: str,
+        instructions: Any,
+        key: str | None,
+    ) -> TransitionRecord:
         """Event-time entitlement: the mandate's status now (introspection at the issuer) and a PDP
-        decision with the trade's last event as context. Entitlement lost: the trade goes to
+        decision with the event acted on as context. Entitlement lost: the trade goes to
         ``exception`` with ``settlement.exception``, and the call is refused."""
         if not isinstance(instructions, dict) or len(orjson.dumps(instructions)) > 4096:
             raise Refused(400, "invalid-request", "instructions must be an object (max 4 KiB)")
-        trade = await self._trade(trade_id)
-        if trade.state != machine.ALLOCATION_APPROVED:
+        if trade.state != transition.source:
             # the compare-and-set's own answer (done, out of order), before any introspection
-            raise await self.store.why(trade_id, machine.SUBMIT)
+            raise await self.store.why(trade.trade_id, transition)
         try:
             status = await self.mandates.check(caller.token, caller.claims, trade.envelope)
         except EntitlementUnavailable as exc:
-            log.error("reference_entitlement_unavailable", trade_id=trade_id, error=str(exc))
+            log.error("reference_entitlement_unavailable", trade_id=trade.trade_id, error=str(exc))
             raise Refused(
                 503, "unavailable", "the mandate's issuer cannot be asked; retry"
             ) from None
@@ -255,9 +291,9 @@ class TradeServices:
             trade_entity(trade),
             {
                 "trade_state": trade.state,
-                "transition": machine.SUBMIT.name,
+                "transition": transition.name,
                 "mandate_active": status.usable,
-                "event": {"type": "allocation.approved", "envelope": trade.envelope},
+                "event": {"type": acting_on, "envelope": trade.envelope},
             },
         )
         if not status.usable:
@@ -270,8 +306,8 @@ class TradeServices:
                 decision_id=decision.decision_id,
             )
         return await self.store.apply(
-            trade_id,
-            machine.SUBMIT,
+            trade.trade_id,
+            transition,
             caller.subject,
             self._envelope(caller, decision),
             key,
