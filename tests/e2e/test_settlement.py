@@ -6,6 +6,8 @@ signed ``settlement.exception`` is in the outbox, never a silent success."""
 
 from __future__ import annotations
 
+import secrets
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +15,15 @@ import httpx
 import jwt
 import pytest
 
-from tests.conftest import EXECUTION, run_sync
+from tests.conftest import EXECUTION, run_sync, wait_until
 from tests.e2e.conftest import LiveServers, client_credentials_token, register_client
+from tests.e2e.test_ledger import audit_token
 from tests.e2e.test_mandates import grantee, mandate_token
 from tests.mandates.conftest import GRANTOR, TRADE
 from tests.reference.conftest import ORDER, RecordingPdp
+from trustplane.authzen.model import Decision, Entity
 from trustplane.outbound import OutboundFetcher, OutboundPolicy
-from trustplane.pep import PrivateKeyJwt, TokenValidator, TrustedIssuer
+from trustplane.pep import AuthzenClient, PrivateKeyJwt, TokenValidator, TrustedIssuer
 from trustplane.reference import machine
 from trustplane.reference.entitlement import IntrospectionMandateCheck
 from trustplane.reference.events import EventSigner
@@ -43,6 +47,11 @@ def test_a_mandate_revoked_before_settlement_raises_an_exception(
         a, scopes=("order:create",), resources=(EXECUTION,), introspection_resources=(EXECUTION,)
     )
     kit = grantee(a)
+    pdp_kit = register_client(
+        a, scopes=("decision:evaluate",), resources=(f"{a.issuer}/access/v1",),
+        introspection_resources=(),
+    )  # fmt: skip
+    txn = f"txn-e2e-{secrets.token_hex(4)}"
     auth = {
         "Authorization": f"Bearer {client_credentials_token(a, admin, 'mandate:view mandate:administer', api)}"
     }
@@ -73,9 +82,26 @@ def test_a_mandate_revoked_before_settlement_raises_an_exception(
         )
         await store.create_schema()
         services, pdp = TradeServices(store, check), RecordingPdp()
+        live_pdp = AuthzenClient(
+            a.issuer,
+            token_endpoint=f"{a.issuer}/token",
+            auth=PrivateKeyJwt(pdp_kit.client_id, pdp_kit.key, pdp_kit.kid, a.issuer),
+            fetcher=fetcher,
+        )
+
+        async def decide(action: str, resource: Entity, context: Mapping[str, Any]) -> Decision:
+            if action == "settlement:submit" and revoke_first:
+                # the entitlement decision goes to the deployment's PDP over AuthZEN, which
+                # records it in the ledger under the transaction. The default bundle's schema
+                # has no Trade entity: a fail-closed deny (reason invalid_request).
+                return await live_pdp.decide(
+                    Entity("Client", kit.client_id), action, resource, context,
+                    transaction_id=txn,
+                )  # fmt: skip
+            return await pdp.decide(action, resource, context)
 
         def as_(who: str) -> Caller:
-            return Caller(who, verified.claims, verified.token, pdp.decide)
+            return Caller(who, verified.claims, verified.token, decide)
 
         trade = await services.create_order(as_("alice"), ORDER, "k")
         await services.execute(as_("broker"), trade.trade_id, "k")
@@ -99,6 +125,7 @@ def test_a_mandate_revoked_before_settlement_raises_an_exception(
         jwks = store.signer.jwks()
         await store.db.dispose()
         await validator.aclose()
+        await live_pdp.aclose()
         await fetcher.aclose()
         last = jwt.decode(events[-1].jws, jwt.PyJWK(jwks["keys"][0]).key, algorithms=["ES256"])
         return outcome, last
@@ -115,3 +142,20 @@ def test_a_mandate_revoked_before_settlement_raises_an_exception(
     assert last["state"] == machine.EXCEPTION
     assert last["envelope"]["mandate"] == {"id": mandate["id"], "version": 1}
     assert last["data"]["mandate"]["usable"] is False
+    decision_id = outcome.extra["decision_id"]
+    assert last["envelope"]["decision_ids"] == [decision_id]
+
+    # the deny is in the deployment's ledger, under the transaction
+    audit = {"Authorization": f"Bearer {audit_token(a)}"}
+
+    def deny_in_ledger() -> Any:
+        answer = httpx.get(f"{a.base_url}/audit/transactions/{txn}", headers=audit, timeout=10)
+        return decision_id in answer.text and answer.json()
+
+    chain = wait_until(deny_in_ledger, 30, "the deny in the ledger")
+    (entry,) = [e for e in chain["entries"] if e["entry"]["event_id"] == decision_id]
+    assert entry["entry"]["type"] == "policy:decision:denied"
+    assert entry["entry"]["decision"] == "deny"
+    assert entry["payload"]["action"] == "settlement:submit"
+    assert entry["payload"]["resource"] == f'Trade::"{outcome.exception.trade_id}"'
+    assert entry["inclusion_proof"]  # against the signed checkpoint of the answer
