@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+from sqlalchemy import delete
 
 from tests.pep.conftest import AUDIENCE, ISSUER, FakeIssuer
 from tests.reference.conftest import MANDATE, ORDER, Mandates, RecordingPdp, fresh_store
@@ -26,6 +27,7 @@ from trustplane.pep import (
     serialize_key,
 )
 from trustplane.pep.http import Pep
+from trustplane.pep.idempotency_store import idempotency_keys
 from trustplane.reference.http import build_app
 from trustplane.reference.services import TradeServices
 from trustplane.reference.store import TradeStore
@@ -84,6 +86,8 @@ async def harness(ref_url: str) -> AsyncIterator[Harness]:
     store = await fresh_store(ref_url)
     idem = SqlIdempotencyStore(store.db)
     await idem.create_schema()
+    async with store.db.transaction() as conn:  # PostgreSQL: the session's database is shared
+        await conn.execute(delete(idempotency_keys))
     pdp, mandates = RecordingPdp(), Mandates()
     validator = TokenValidator(
         audience=AUDIENCE, issuers=[TrustedIssuer(ISSUER)], fetcher=issuer.fetcher()
@@ -214,3 +218,47 @@ async def test_events_long_poll_by_cursor_verified_with_the_jwks(harness: Harnes
     cursor = polled.json()["next"]
     resumed = await h.client.get(f"/events?after={cursor}&wait=0", headers=h.headers())
     assert resumed.json() == {"events": [], "next": cursor}
+
+
+async def test_racing_duplicate_transitions_over_http_one_wins_the_rest_409(
+    harness: Harness,
+) -> None:
+    h = harness
+    created = await h.client.post("/orders", json=ORDER, headers=h.headers(key="o"))
+    trade_id = created.json()["trade_id"]
+    answers = await asyncio.gather(
+        *(
+            h.client.post(f"/trades/{trade_id}/execute", headers=h.headers(f"b{i}", key=f"e{i}"))
+            for i in range(12)
+        )
+    )
+    statuses = sorted(a.status_code for a in answers)
+    assert statuses == [200] + [409] * 11
+    winner = next(a for a in answers if a.status_code == 200).json()
+    for answer in answers:
+        if answer.status_code == 409:
+            body = answer.json()
+            assert body["type"].rsplit("/", 1)[1] in ("duplicate-transition", "out-of-order")
+    report = await h.client.get(f"/trades/{trade_id}", headers=h.headers())
+    executes = [t for t in report.json()["transitions"] if t["transition"] == "execute"]
+    assert executes == [winner]
+
+
+async def test_exception_api_refusals(harness: Harness) -> None:
+    h = harness
+    missing = await h.client.post(
+        "/exceptions/nope.1/resolve", json={"action": "cancel"}, headers=h.headers()
+    )
+    assert missing.status_code == 404
+    assert missing.json()["type"].endswith("/not-found")
+    note = await h.client.post(
+        "/exceptions/nope.1/resolve", json={"action": "cancel", "note": 5}, headers=h.headers()
+    )
+    assert note.status_code == 400
+    no_scope = await h.client.get("/exceptions", headers=h.headers(scope="events:read"))
+    assert no_scope.status_code == 403
+    assert no_scope.json()["error"] == "insufficient_scope"
+    status = await h.client.get("/exceptions?status=closed", headers=h.headers())
+    assert status.status_code == 400
+    cursor = await h.client.get("/events?after=-1", headers=h.headers())
+    assert cursor.status_code == 400
