@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -82,8 +83,8 @@ class OutboxPublisher:
         self._timeout = connect_timeout
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
-        #: seconds from the row's commit to JetStream's ack, for the last drained rows
-        self.ack_latencies: list[float] = []
+        #: seconds from the row's commit to JetStream's ack, for the last 10,000 rows
+        self.ack_latencies: deque[float] = deque(maxlen=10_000)
 
     async def _connect(self) -> JetStreamContext:
         if self._js is None or self._nc is None or not self._nc.is_connected:
