@@ -182,3 +182,28 @@ async def test_a_publisher_killed_mid_drain_loses_nothing_and_duplicates_nothing
     assert await unpublished(store) == 0
     assert await in_streams(js, prefix) == total  # nothing lost, the re-published ones dropped
     await store.db.dispose()
+
+
+async def test_a_failing_handler_gets_the_event_again(tmp_path: Path, prefix: str, js: Any) -> None:
+    store = await new_store(tmp_path / "d.db")
+    await orders(store, 1)
+    publisher = OutboxPublisher(store, NATS, prefix=prefix)
+    assert await publisher.drain_once() == 1
+    consumer = VerifyingConsumer(
+        js, domain="order", durable="flaky", jwks=store.signer.jwks(), issuer=ISSUER,
+        prefix=prefix,
+    )  # fmt: skip
+    seen: list[str] = []
+
+    async def flaky(event: dict[str, Any]) -> None:
+        seen.append(event["jti"])
+        if len(seen) == 1:
+            raise RuntimeError("downstream busy")
+
+    with pytest.raises(RuntimeError, match="busy"):
+        await consumer.consume(flaky, wait=2.0)
+    assert await consumer.consume(flaky, wait=2.0) == 1  # redelivered after the nak, then acked
+    assert seen[0] == seen[1]
+    assert await consumer.consume(flaky, wait=0.5) == 0
+    await publisher.close()
+    await store.db.dispose()
