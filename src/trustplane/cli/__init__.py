@@ -20,6 +20,7 @@ from trustplane.cli.keys import keys_app
 from trustplane.cli.mandates import mandates_app
 from trustplane.cli.partners import partners_app
 from trustplane.cli.policy import policy_app
+from trustplane.cli.reference import reference_app
 from trustplane.cli.users import users_app
 
 app = typer.Typer(
@@ -61,6 +62,7 @@ app.add_typer(users_app, name="users")
 app.add_typer(mandates_app, name="mandates")
 app.add_typer(entities_app, name="entities")
 app.add_typer(dev_app, name="dev")
+app.add_typer(reference_app, name="reference")
 
 
 def main() -> None:

@@ -1,0 +1,295 @@
+"""The reference services over HTTP (FastAPI), thin: authenticate with the PEP SDK, require the
+operation's scope, bind the caller's PDP, run the service call once per ``Idempotency-Key``.
+
+==========================================  =====================  ===============================
+route                                       scope                  transition / answer
+==========================================  =====================  ===============================
+POST /orders                                order:create           create (201, the trade)
+POST /trades/{id}/execute                   trade:execute          execute
+POST /trades/{id}/allocation                allocation:propose     propose_allocation
+POST /trades/{id}/allocation/approve        allocation:approve     approve_allocation (four eyes)
+POST /trades/{id}/settlement                settlement:submit      submit_settlement (entitlement)
+POST /trades/{id}/settlement/amend          settlement:submit      amend#n (entitlement)
+POST /trades/{id}/settlement/cancel         settlement:cancel      cancel_settlement
+POST /trades/{id}/settlement/confirm        settlement:confirm     settle | fail
+GET  /trades/{id}                           report:read            the trade and its transitions
+GET  /exceptions                            exception:read         open / escalated / resolved
+POST /exceptions/{id}/resolve               exception:resolve      reconsent | cancel | escalate
+GET  /events?after=<seq>&wait=<s>           events:read            long-poll of the outbox
+GET  /jwks                                  (public)               the event signing key
+==========================================  =====================  ===============================
+
+Refusals are RFC 9457 problems (``type`` ends with the code): 400 ``invalid-request``, 403
+``denied`` / ``four-eyes`` / ``settlement-exception``, 404 ``not-found``, 409
+``duplicate-transition`` (names the transition that happened: when, by whom, which key) /
+``out-of-order`` / ``already-resolved``, 503 ``unavailable``. Token refusals are the PEP's RFC 6750
+answers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from starlette.responses import Response
+
+from trustplane.authzen.model import Decision, Entity
+from trustplane.errors import InsufficientScopeError
+from trustplane.pep import AccessToken, client_subject, parse_key
+from trustplane.pep.bearer import with_challenge
+from trustplane.pep.enforcer import transaction_of
+from trustplane.pep.http import Pep
+from trustplane.pep.http import Refused as TokenRefused
+from trustplane.pep.idempotency import IdempotencyService
+from trustplane.pep.idempotency_http import HEADER, IdempotentOperation
+from trustplane.reference.services import Caller, Refused, TradeServices
+from trustplane.reference.store import DuplicateTransition, NotFound, OutOfOrder
+
+PROBLEM_BASE = "https://trustplane.dev/problems/reference"
+MAX_TIMEOUT = 30.0
+SubjectMapper = Callable[[AccessToken], Entity]
+
+
+def problem(status: int, code: str, detail: str, **extra: Any) -> Response:
+    body = {"type": f"{PROBLEM_BASE}/{code}", "title": code, "status": status, "detail": detail}
+    body.update(extra)
+    headers = {"Cache-Control": "no-store"}
+    if status == 503:
+        headers["Retry-After"] = "1"
+    return Response(orjson.dumps(body), status, headers, "application/problem+json")
+
+
+def refusal(exc: Exception) -> Response:
+    if isinstance(exc, DuplicateTransition):
+        record = exc.record
+        return problem(
+            409,
+            "duplicate-transition",
+            f"{record.transition} already happened to trade {record.trade_id}",
+            transition=record.as_dict(),
+        )
+    if isinstance(exc, OutOfOrder):
+        return problem(
+            409,
+            "out-of-order",
+            str(exc),
+            state=exc.state,
+            transition=exc.transition,
+            expected=exc.expected,
+        )
+    if isinstance(exc, NotFound):
+        return problem(404, "not-found", f"no such trade or exception: {exc}")
+    assert isinstance(exc, Refused)
+    return problem(exc.status, exc.code, exc.detail, **exc.extra)
+
+
+def _json(status: int, body: Any) -> Response:
+    return Response(orjson.dumps(body), status, {"Cache-Control": "no-store"}, "application/json")
+
+
+def build_app(
+    services: TradeServices,
+    pep: Pep,
+    idempotency: IdempotencyService,
+    *,
+    subject: SubjectMapper = client_subject,
+    title: str = "trustplane reference services",
+) -> FastAPI:
+    app = FastAPI(title=title, openapi_url=None, docs_url=None, redoc_url=None)
+    pep.install(app)
+    operations: dict[str, IdempotentOperation] = {}
+
+    def operation(name: str) -> IdempotentOperation:
+        if name not in operations:
+            operations[name] = IdempotentOperation(idempotency, operation=name)
+        return operations[name]
+
+    async def caller_of(request: Request, scope: str) -> tuple[AccessToken, Caller]:
+        token = await pep.token(request)
+        if scope not in token.scopes:
+            error = InsufficientScopeError(f"the token lacks scope {scope}")
+            raise TokenRefused(with_challenge(error, pep.enforcer.realm, scope))
+        pdp, correlation = pep.enforcer.pdp, request.headers.get("x-request-id")
+
+        async def decide(action: str, resource: Entity, context: Mapping[str, Any]) -> Decision:
+            return await pdp.decide(
+                subject(token),
+                action,
+                resource,
+                context,
+                correlation_id=correlation,
+                transaction_id=transaction_of(token),
+            )
+
+        return token, Caller(token.subject or token.client_id, token.claims, token.token, decide)
+
+    async def body_of(request: Request) -> dict[str, Any]:
+        raw = await request.body()
+        if not raw:
+            return {}
+        try:
+            value = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise Refused(400, "invalid-request", "the body is not JSON") from None
+        if not isinstance(value, dict):
+            raise Refused(400, "invalid-request", "the body must be a JSON object")
+        return value
+
+    async def transition(
+        request: Request,
+        scope: str,
+        call: Callable[[Caller, dict[str, Any], str], Awaitable[Any]],
+        status: int = 200,
+        name: str | None = None,
+    ) -> Response:
+        """``name``: the operation the Idempotency-Key is scoped to (default: the scope)."""
+        token, caller = await caller_of(request, scope)
+
+        async def handler() -> Response:
+            key = parse_key(request.headers[HEADER])
+            try:
+                result = await call(caller, await body_of(request), key)
+            except (Refused, DuplicateTransition, OutOfOrder, NotFound) as exc:
+                if isinstance(exc, Refused) and exc.status >= 500:
+                    raise _Unavailable(exc) from None
+                return refusal(exc)
+            return _json(status, result.as_dict())
+
+        try:
+            return await operation(name or scope).run(
+                request, scope=token.client_id, handler=handler
+            )
+        except _Unavailable as exc:
+            return refusal(exc.refused)
+
+    @app.post("/orders")
+    async def create_order(request: Request) -> Response:
+        return await transition(
+            request,
+            "order:create",
+            lambda c, b, k: services.create_order(c, b, k),
+            201,
+        )
+
+    @app.post("/trades/{trade_id}/execute")
+    async def execute(request: Request, trade_id: str) -> Response:
+        return await transition(
+            request, "trade:execute", lambda c, b, k: services.execute(c, trade_id, k)
+        )
+
+    @app.post("/trades/{trade_id}/allocation")
+    async def propose(request: Request, trade_id: str) -> Response:
+        return await transition(
+            request,
+            "allocation:propose",
+            lambda c, b, k: services.propose_allocation(c, trade_id, b.get("allocations"), k),
+        )
+
+    @app.post("/trades/{trade_id}/allocation/approve")
+    async def approve(request: Request, trade_id: str) -> Response:
+        return await transition(
+            request,
+            "allocation:approve",
+            lambda c, b, k: services.approve_allocation(c, trade_id, k),
+        )
+
+    @app.post("/trades/{trade_id}/settlement")
+    async def submit(request: Request, trade_id: str) -> Response:
+        return await transition(
+            request,
+            "settlement:submit",
+            lambda c, b, k: services.submit_settlement(c, trade_id, b.get("instructions"), k),
+        )
+
+    @app.post("/trades/{trade_id}/settlement/amend")
+    async def amend(request: Request, trade_id: str) -> Response:
+        return await transition(
+            request,
+            "settlement:submit",
+            lambda c, b, k: services.amend_settlement(c, trade_id, b.get("instructions"), k),
+            name="settlement:amend",
+        )
+
+    @app.post("/trades/{trade_id}/settlement/cancel")
+    async def cancel(request: Request, trade_id: str) -> Response:
+        return await transition(
+            request,
+            "settlement:cancel",
+            lambda c, b, k: services.cancel_settlement(c, trade_id, k),
+        )
+
+    @app.post("/trades/{trade_id}/settlement/confirm")
+    async def confirm(request: Request, trade_id: str) -> Response:
+        return await transition(
+            request,
+            "settlement:confirm",
+            lambda c, b, k: services.confirm_settlement(c, trade_id, b.get("outcome"), k),
+        )
+
+    @app.get("/trades/{trade_id}")
+    async def report(request: Request, trade_id: str) -> Response:
+        await caller_of(request, "report:read")
+        try:
+            return _json(200, await services.report(trade_id))
+        except Refused as exc:
+            return refusal(exc)
+
+    @app.get("/exceptions")
+    async def list_exceptions(request: Request, status: str | None = None) -> Response:
+        await caller_of(request, "exception:read")
+        if status not in (None, "open", "escalated", "resolved"):
+            return problem(400, "invalid-request", "status is open, escalated or resolved")
+        found = await services.list_exceptions(status)
+        return _json(200, {"exceptions": [e.as_dict() for e in found]})
+
+    @app.post("/exceptions/{exception_id}/resolve")
+    async def resolve(request: Request, exception_id: str) -> Response:
+        _token, caller = await caller_of(request, "exception:resolve")
+        try:
+            body = await body_of(request)
+            note = body.get("note", "")
+            if not isinstance(note, str) or len(note) > 1000:
+                raise Refused(400, "invalid-request", "note must be a string (max 1000)")
+            record = await services.resolve_exception(
+                caller, exception_id, str(body.get("action")), note
+            )
+        except (Refused, DuplicateTransition, OutOfOrder, NotFound) as exc:
+            return refusal(exc)
+        return _json(200, record.as_dict())
+
+    @app.get("/events")
+    async def events(request: Request, after: int = 0, wait: float = 0.0) -> Response:
+        await caller_of(request, "events:read")
+        if after < 0 or not 0 <= wait <= MAX_TIMEOUT:
+            return problem(400, "invalid-request", f"after >= 0, 0 <= wait <= {MAX_TIMEOUT:g}")
+        found = await services.store.wait_events(after, wait)
+        return _json(
+            200,
+            {
+                "events": [
+                    {"seq": e.seq, "id": e.event_id, "type": e.type, "jws": e.jws} for e in found
+                ],
+                "next": found[-1].seq if found else after,
+            },
+        )
+
+    @app.get("/jwks")
+    async def jwks() -> Response:
+        return Response(
+            orjson.dumps(services.store.signer.jwks()),
+            200,
+            {"Cache-Control": "max-age=300"},
+            "application/jwk-set+json",
+        )
+
+    return app
+
+
+class _Unavailable(Exception):
+    """A 5xx from the service: its claim on the Idempotency-Key is released, so a retry runs."""
+
+    def __init__(self, refused: Refused) -> None:
+        super().__init__(refused.detail)
+        self.refused = refused

@@ -1,0 +1,410 @@
+"""The reference services, framework-free: execution (orders), allocation (propose / approve with
+four eyes), settlement (submit / confirm, with the event-time entitlement check) and reporting,
+plus the operators' exception handling. The HTTP layer (``http.py``) authenticates the caller
+with the PEP SDK and hands each call a :class:`Caller`; every transition asks the PDP itself,
+with the trade's current state in the context, right before the compare-and-set.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import orjson
+import structlog
+
+from trustplane.authzen.model import Decision, Entity
+from trustplane.reference import machine
+from trustplane.reference.entitlement import EntitlementUnavailable, MandateCheck, MandateStatus
+from trustplane.reference.events import Envelope
+from trustplane.reference.store import (
+    ExceptionRecord,
+    NotFound,
+    Trade,
+    TradeStore,
+    TransitionRecord,
+)
+
+log = structlog.get_logger("trustplane.reference")
+Decide = Callable[[str, Entity, Mapping[str, Any]], Awaitable[Decision]]
+SIDES = ("buy", "sell")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who calls: ``subject`` (the token's ``sub``, else its client), the validated token's claims,
+    the raw token (for the event-time introspection) and ``decide``, the PDP bound to this caller."""
+
+    subject: str
+    claims: Mapping[str, Any]
+    token: str | None
+    decide: Decide
+
+
+class Refused(Exception):
+    """A refusal rendered as an RFC 9457 problem: ``status``, ``code`` (the problem type's last
+    segment) and ``detail``; ``extra`` members go into the body."""
+
+    def __init__(self, status: int, code: str, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.status, self.code, self.detail, self.extra = status, code, detail, extra
+
+
+class EntitlementLost(Refused):
+    """The settlement was refused at event time and a ``settlement.exception`` raised."""
+
+    def __init__(self, exception: ExceptionRecord, decision_id: str | None) -> None:
+        super().__init__(
+            403,
+            "settlement-exception",
+            f"entitlement lost since execution ({exception.reason}); exception "
+            f"{exception.exception_id} raised, nothing was settled",
+            exception=exception.as_dict(),
+            decision_id=decision_id,
+        )
+        self.exception = exception
+
+
+def trade_entity(trade: Trade) -> Entity:
+    return Entity(
+        "Trade",
+        trade.trade_id,
+        {
+            "state": trade.state,
+            "account": trade.account,
+            "instrument": trade.instrument,
+            "side": trade.side,
+            "currency": trade.currency,
+        },
+    )
+
+
+def _amount(value: Any, what: str) -> str:
+    try:
+        number = Decimal(str(value))
+    except (InvalidOperation, ValueError):
+        raise Refused(400, "invalid-request", f"{what} must be a decimal number") from None
+    if not number.is_finite() or number <= 0 or len(str(value)) > 40:
+        raise Refused(400, "invalid-request", f"{what} must be a positive decimal number")
+    return str(number)
+
+
+def _text(order: Mapping[str, Any], name: str, limit: int) -> str:
+    value = order.get(name)
+    if not isinstance(value, str) or not 0 < len(value) <= limit:
+        raise Refused(400, "invalid-request", f"{name} must be a string of 1 to {limit} characters")
+    return value
+
+
+class TradeServices:
+    """The four services over one trade store (see docs/settlement.md, "Stores")."""
+
+    def __init__(self, store: TradeStore, mandates: MandateCheck) -> None:
+        self.store, self.mandates = store, mandates
+
+    async def _authorize(
+        self, caller: Caller, action: str, trade: Trade, transition: str, **context: Any
+    ) -> Decision:
+        decision = await caller.decide(
+            action,
+            trade_entity(trade),
+            {"trade_state": trade.state, "transition": transition, **context},
+        )
+        if not decision.allowed:
+            raise Refused(
+                403,
+                "denied",
+                f"{action} denied by policy (decision {decision.decision_id})",
+                decision_id=decision.decision_id,
+            )
+        return decision
+
+    @staticmethod
+    def _envelope(caller: Caller, decision: Decision) -> Envelope:
+        return Envelope.from_claims(
+            caller.claims,
+            decision_ids=(decision.decision_id,),
+            bundle_version=decision.bundle_version,
+        )
+
+    async def _trade(self, trade_id: str) -> Trade:
+        try:
+            return await self.store.trade(trade_id)
+        except NotFound:
+            raise Refused(404, "not-found", f"no trade {trade_id}") from None
+
+    async def _move(
+        self,
+        caller: Caller,
+        action: str,
+        trade_id: str,
+        transition: machine.Transition,
+        key: str | None,
+        **kwargs: Any,
+    ) -> TransitionRecord:
+        trade = await self._trade(trade_id)
+        decision = await self._authorize(caller, action, trade, transition.name)
+        return await self.store.apply(
+            trade_id, transition, caller.subject, self._envelope(caller, decision), key, **kwargs
+        )
+
+    # ----------------------------------------------------------------- execution
+
+    async def create_order(
+        self, caller: Caller, order: Mapping[str, Any], key: str | None
+    ) -> Trade:
+        side = order.get("side")
+        if side not in SIDES:
+            raise Refused(400, "invalid-request", "side must be buy or sell")
+        currency = _text(order, "currency", 3)
+        if len(currency) != 3 or not currency.isalpha() or not currency.isupper():
+            raise Refused(400, "invalid-request", "currency must be an ISO 4217 code")
+        fields = {
+            "account": _text(order, "account", 64),
+            "instrument": _text(order, "instrument", 64),
+            "side": str(side),
+            "quantity": _amount(order.get("quantity"), "quantity"),
+            "amount": _amount(order.get("amount"), "amount"),
+            "currency": currency,
+        }
+        trade_id = str(uuid.uuid4())
+        draft = Trade(
+            trade_id, "none", fields["account"], fields["instrument"], fields["side"],
+            fields["quantity"], fields["amount"], currency, None, {}, None, None, None, 0, 0,
+        )  # fmt: skip
+        decision = await self._authorize(
+            caller, "order:create", draft, "create", amount=fields["amount"]
+        )
+        envelope = self._envelope(caller, decision)
+        trade, _record = await self.store.create(trade_id, fields, caller.subject, envelope, key)
+        return trade
+
+    async def execute(self, caller: Caller, trade_id: str, key: str | None) -> TransitionRecord:
+        return await self._move(caller, "trade:execute", trade_id, machine.EXECUTE, key)
+
+    # ----------------------------------------------------------------- allocation
+
+    async def propose_allocation(
+        self, caller: Caller, trade_id: str, allocations: Any, key: str | None
+    ) -> TransitionRecord:
+        trade = await self._trade(trade_id)
+        if not isinstance(allocations, list) or not 0 < len(allocations) <= 100:
+            raise Refused(400, "invalid-request", "allocations must be a list of 1 to 100 items")
+        total = Decimal(0)
+        for item in allocations:
+            if not isinstance(item, dict) or set(item) != {"account", "quantity"}:
+                raise Refused(400, "invalid-request", "each allocation is {account, quantity}")
+            _text(item, "account", 64)
+            total += Decimal(_amount(item["quantity"], "allocation quantity"))
+        if total != Decimal(trade.quantity):
+            raise Refused(400, "invalid-request", "the allocations must add up to the quantity")
+        decision = await self._authorize(caller, "allocation:propose", trade, machine.PROPOSE.name)
+        return await self.store.apply(
+            trade_id,
+            machine.PROPOSE,
+            caller.subject,
+            self._envelope(caller, decision),
+            key,
+            data={"allocations": allocations},
+            updates={"allocation": allocations, "proposer": caller.subject},
+        )
+
+    async def approve_allocation(
+        self, caller: Caller, trade_id: str, key: str | None
+    ) -> TransitionRecord:
+        trade = await self._trade(trade_id)
+        if trade.proposer is not None and trade.proposer == caller.subject:
+            raise Refused(
+                403,
+                "four-eyes",
+                "the allocation must be approved by someone other than its proposer",
+            )
+        decision = await self._authorize(
+            caller, "allocation:approve", trade, machine.APPROVE.name, proposer=trade.proposer
+        )
+        return await self.store.apply(
+            trade_id, machine.APPROVE, caller.subject, self._envelope(caller, decision), key
+        )
+
+    # ----------------------------------------------------------------- settlement
+
+    async def submit_settlement(
+        self, caller: Caller, trade_id: str, instructions: Any, key: str | None
+    ) -> TransitionRecord:
+        """Submit the settlement of an approved allocation, after the event-time entitlement
+        check (:meth:`_entitled_step`)."""
+        trade = await self._trade(trade_id)
+        return await self._entitled_step(
+            caller, trade, machine.SUBMIT, "allocation.approved", instructions, key
+        )
+
+    async def amend_settlement(
+        self, caller: Caller, trade_id: str, instructions: Any, key: str | None
+    ) -> TransitionRecord:
+        """Replace the instructions of a submitted settlement (transition ``amend#n``, event
+        ``settlement.amended``); the mandate is re-checked as for the submission."""
+        trade = await self._trade(trade_id)
+        history = await self.store.history(trade_id)
+        number = 1 + sum(r.transition.startswith("amend#") for r in history)
+        return await self._entitled_step(
+            caller, trade, machine.amend_transition(number), "settlement.submitted",
+            instructions, key,
+        )  # fmt: skip
+
+    async def cancel_settlement(
+        self, caller: Caller, trade_id: str, key: str | None
+    ) -> TransitionRecord:
+        """Withdraw a submitted settlement: the trade ends ``cancelled``."""
+        return await self._move(
+            caller, "settlement:cancel", trade_id, machine.CANCEL_SETTLEMENT, key
+        )
+
+    async def _entitled_step(
+        self,
+        caller: Caller,
+        trade: Trade,
+        transition: machine.Transition,
+        acting_on: str,
+        instructions: Any,
+        key: str | None,
+    ) -> TransitionRecord:
+        """Event-time entitlement: the mandate's status now (introspection at the issuer) and a PDP
+        decision with the event acted on as context. Entitlement lost: the trade goes to
+        ``exception`` with ``settlement.exception``, and the call is refused."""
+        if not isinstance(instructions, dict) or len(orjson.dumps(instructions)) > 4096:
+            raise Refused(400, "invalid-request", "instructions must be an object (max 4 KiB)")
+        if trade.state != transition.source:
+            # the compare-and-set's own answer (done, out of order), before any introspection
+            raise await self.store.why(trade.trade_id, transition)
+        try:
+            status = await self.mandates.check(caller.token, caller.claims, trade.envelope)
+        except EntitlementUnavailable as exc:
+            log.error("reference_entitlement_unavailable", trade_id=trade.trade_id, error=str(exc))
+            raise Refused(
+                503, "unavailable", "the mandate's issuer cannot be asked; retry"
+            ) from None
+        decision = await caller.decide(
+            "settlement:submit",
+            trade_entity(trade),
+            {
+                "trade_state": trade.state,
+                "transition": transition.name,
+                "mandate_active": status.usable,
+                "event": {"type": acting_on, "envelope": trade.envelope},
+            },
+        )
+        if not status.usable:
+            raise await self._exception(caller, trade, status, decision)
+        if not decision.allowed:
+            raise Refused(
+                403,
+                "denied",
+                f"settlement:submit denied by policy (decision {decision.decision_id})",
+                decision_id=decision.decision_id,
+            )
+        return await self.store.apply(
+            trade.trade_id,
+            transition,
+            caller.subject,
+            self._envelope(caller, decision),
+            key,
+            data={"instructions": instructions, "mandate": status.as_dict()},
+            updates={"settlement": instructions},
+        )
+
+    async def _exception(
+        self, caller: Caller, trade: Trade, status: MandateStatus, decision: Decision
+    ) -> EntitlementLost:
+        number = trade.exceptions + 1
+        record = ExceptionRecord(
+            f"{trade.trade_id}.{number}",
+            trade.trade_id,
+            number,
+            trade.state,
+            status.reason,
+            status.detail,
+            "open",
+            None,
+            0.0,
+        )
+        transition = machine.exception_transition(trade.state, number)
+        await self.store.apply(
+            trade.trade_id,
+            transition,
+            caller.subject,
+            self._envelope(caller, decision),
+            None,
+            data={"mandate": status.as_dict(), "decision_allowed": decision.allowed},
+            exception=record,
+        )
+        log.warning(
+            "reference_settlement_exception",
+            trade_id=trade.trade_id,
+            reason=status.reason,
+            decision_id=decision.decision_id,
+        )
+        return EntitlementLost(
+            await self.store.exception(record.exception_id), decision.decision_id
+        )
+
+    async def confirm_settlement(
+        self, caller: Caller, trade_id: str, outcome: Any, key: str | None
+    ) -> TransitionRecord:
+        if outcome not in ("settled", "failed"):
+            raise Refused(400, "invalid-request", "outcome must be settled or failed")
+        transition = machine.SETTLE if outcome == "settled" else machine.FAIL
+        # settled and failed exclude each other: whichever came first, the other finds the trade
+        # out of its source state (or, if it is the same, already done).
+        return await self._move(caller, "settlement:confirm", trade_id, transition, key)
+
+    # ----------------------------------------------------------------- reporting
+
+    async def report(self, trade_id: str) -> dict[str, Any]:
+        trade = await self._trade(trade_id)
+        history = await self.store.history(trade_id)
+        return {**trade.as_dict(), "transitions": [r.as_dict() for r in history]}
+
+    # ----------------------------------------------------------------- exceptions
+
+    async def list_exceptions(self, status: str | None = None) -> list[ExceptionRecord]:
+        return await self.store.list_exceptions(status)
+
+    async def resolve_exception(
+        self, operator: Caller, exception_id: str, action: str, note: str = ""
+    ) -> ExceptionRecord:
+        """``reconsent``: the trade returns to the state it left (the next step re-checks the
+        mandate); ``cancel``: the trade ends ``cancelled``; ``escalate``: stays open, flagged.
+        Each step is authorized by the PDP and written as a signed event."""
+        if action not in ("reconsent", "cancel", "escalate"):
+            raise Refused(400, "invalid-request", "action must be reconsent, cancel or escalate")
+        try:
+            record = await self.store.exception(exception_id)
+        except NotFound:
+            raise Refused(404, "not-found", f"no exception {exception_id}") from None
+        trade = await self._trade(record.trade_id)
+        decision = await self._authorize(
+            operator, f"exception:{action}", trade, action, exception_id=exception_id
+        )
+        envelope = self._envelope(operator, decision)
+        if action == "escalate":
+            return await self.store.escalate(exception_id, operator.subject, envelope, note)
+        if record.status == "resolved":
+            raise Refused(409, "already-resolved", f"exception {exception_id} is resolved")
+        transition = (
+            machine.reconsent_transition(record.from_state, record.number)
+            if action == "reconsent"
+            else machine.CANCEL
+        )
+        await self.store.apply(
+            record.trade_id,
+            transition,
+            operator.subject,
+            envelope,
+            None,
+            data={"exception_id": exception_id, "resolution": action, "note": note},
+            resolve=(exception_id, action),
+        )
+        return await self.store.exception(exception_id)

@@ -1,0 +1,681 @@
+"""The reference services' store: trades, their transitions, the transactional outbox and the
+exceptions, on the service's own database (SQLite by default, PostgreSQL in production). These
+tables are not part of trustplane's migrations: ``await store.create_schema()`` creates them.
+
+Every state change is one transaction that (1) moves the trade with a compare-and-set on its state
+(``UPDATE ... WHERE state = <source>``), (2) inserts the transition, which a unique constraint on
+(trade_id, transition) makes happen at most once for ever, and (3) inserts the signed event into
+the outbox. Either all three are committed or none: no event without its state change, no state
+change without its event. Racing duplicates: on PostgreSQL the losers' ``UPDATE`` waits for the
+winner's row lock, re-reads the state and matches nothing; SQLite has one writer. A loser is told
+which transition already happened (when, by whom, under which Idempotency-Key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    and_,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from trustplane.reference import machine
+from trustplane.reference.events import Envelope, EventSigner
+from trustplane.storage.db import Database
+
+metadata = MetaData()
+
+trades = Table(
+    "ref_trades",
+    metadata,
+    Column("trade_id", String(64), primary_key=True),
+    Column("state", String(32), nullable=False),
+    Column("account", String(64), nullable=False),
+    Column("instrument", String(64), nullable=False),
+    Column("side", String(8), nullable=False),
+    Column("quantity", String(40), nullable=False),
+    Column("amount", String(40), nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("txn", String(256)),
+    Column("envelope", Text, nullable=False),  # JSON: the envelope of the order
+    Column("proposer", String(256)),  # who proposed the allocation (four-eyes)
+    Column("allocation", Text),  # JSON
+    Column("settlement", Text),  # JSON: the submitted instructions
+    Column("exceptions", Integer, nullable=False, default=0),
+    Column("version", Integer, nullable=False, default=1),
+    Column("created_at", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+transitions = Table(
+    "ref_transitions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("trade_id", String(64), nullable=False),
+    Column("transition", String(64), nullable=False),
+    Column("source", String(32)),
+    Column("target", String(32), nullable=False),
+    Column("actor", String(256), nullable=False),
+    Column("idempotency_key", String(255)),
+    Column("event_id", String(36), nullable=False),
+    Column("at", BigInteger, nullable=False),
+    UniqueConstraint("trade_id", "transition", name="uq_ref_transition_once"),
+)
+
+outbox = Table(
+    "ref_outbox",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("event_id", String(36), nullable=False, unique=True),
+    Column("type", String(64), nullable=False),
+    Column("trade_id", String(64), nullable=False, index=True),
+    Column("txn", String(256), index=True),
+    Column("jws", Text, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("published_at", BigInteger, index=True),
+)
+
+exceptions = Table(
+    "ref_exceptions",
+    metadata,
+    Column("exception_id", String(80), primary_key=True),  # <trade_id>.<number>
+    Column("trade_id", String(64), nullable=False, index=True),
+    Column("number", Integer, nullable=False),
+    Column("from_state", String(32), nullable=False),
+    Column("reason", String(64), nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("status", String(16), nullable=False),  # open | escalated | resolved
+    Column("resolution", String(16)),  # reconsent | cancel
+    Column("created_at", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+
+def _ms(now: float | None = None) -> int:
+    return int((now if now is not None else time.time()) * 1000)
+
+
+class NotFound(Exception):
+    """No such trade (or exception)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TransitionRecord:
+    trade_id: str
+    transition: str
+    source: str | None
+    target: str
+    actor: str
+    idempotency_key: str | None
+    event_id: str
+    at: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "trade_id": self.trade_id,
+            "transition": self.transition,
+            "from": self.source,
+            "to": self.target,
+            "actor": self.actor,
+            "idempotency_key": self.idempotency_key,
+            "event_id": self.event_id,
+            "at": self.at,
+        }
+
+
+class DuplicateTransition(Exception):
+    """The transition already happened to this trade: refused for ever (409)."""
+
+    def __init__(self, record: TransitionRecord) -> None:
+        super().__init__(f"{record.transition} already happened to trade {record.trade_id}")
+        self.record = record
+
+
+class OutOfOrder(Exception):
+    """The trade is not in the transition's source state (409)."""
+
+    def __init__(self, trade_id: str, transition: str, state: str, expected: str) -> None:
+        super().__init__(f"trade {trade_id} is {state}; {transition} needs {expected}")
+        self.trade_id, self.transition, self.state, self.expected = (
+            trade_id,
+            transition,
+            state,
+            expected,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Trade:
+    trade_id: str
+    state: str
+    account: str
+    instrument: str
+    side: str
+    quantity: str
+    amount: str
+    currency: str
+    txn: str | None
+    envelope: dict[str, Any]
+    proposer: str | None
+    allocation: Any
+    settlement: Any
+    exceptions: int
+    version: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "trade_id": self.trade_id,
+            "state": self.state,
+            "account": self.account,
+            "instrument": self.instrument,
+            "side": self.side,
+            "quantity": self.quantity,
+            "amount": self.amount,
+            "currency": self.currency,
+            "txn": self.txn,
+            "envelope": self.envelope,
+            "allocation": self.allocation,
+            "settlement": self.settlement,
+            "version": self.version,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    seq: int
+    event_id: str
+    type: str
+    trade_id: str
+    jws: str
+    published: bool
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ExceptionRecord:
+    exception_id: str
+    trade_id: str
+    number: int
+    from_state: str
+    reason: str
+    detail: str
+    status: str
+    resolution: str | None
+    created_at: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "exception_id": self.exception_id,
+            "trade_id": self.trade_id,
+            "from_state": self.from_state,
+            "reason": self.reason,
+            "detail": self.detail,
+            "status": self.status,
+            "resolution": self.resolution,
+            "created_at": self.created_at,
+        }
+
+
+def _loads(raw: str | None) -> Any:
+    return orjson.loads(raw) if raw is not None else None
+
+
+def _trade(row: Any) -> Trade:
+    m = row._mapping
+    return Trade(
+        m["trade_id"],
+        m["state"],
+        m["account"],
+        m["instrument"],
+        m["side"],
+        m["quantity"],
+        m["amount"],
+        m["currency"],
+        m["txn"],
+        _loads(m["envelope"]),
+        m["proposer"],
+        _loads(m["allocation"]),
+        _loads(m["settlement"]),
+        m["exceptions"],
+        m["version"],
+    )
+
+
+def _transition(row: Any) -> TransitionRecord:
+    m = row._mapping
+    return TransitionRecord(
+        m["trade_id"],
+        m["transition"],
+        m["source"],
+        m["target"],
+        m["actor"],
+        m["idempotency_key"],
+        m["event_id"],
+        m["at"] / 1000,
+    )
+
+
+def _exception(row: Any) -> ExceptionRecord:
+    m = row._mapping
+    return ExceptionRecord(
+        m["exception_id"],
+        m["trade_id"],
+        m["number"],
+        m["from_state"],
+        m["reason"],
+        m["detail"],
+        m["status"],
+        m["resolution"],
+        m["created_at"] / 1000,
+    )
+
+
+class TradeStore:
+    """One service's store. ``signer`` signs the outbox events; ``appended`` wakes long-polls."""
+
+    def __init__(self, db: Database, signer: EventSigner) -> None:
+        self.db, self.signer = db, signer
+        self._appended = asyncio.Event()
+
+    async def create_schema(self) -> None:
+        async with self.db.engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+
+    # ------------------------------------------------------------------ writes
+
+    async def create(
+        self,
+        trade_id: str,
+        order: Mapping[str, str],
+        actor: str,
+        envelope: Envelope,
+        idempotency_key: str | None,
+    ) -> tuple[Trade, TransitionRecord]:
+        """A new trade in state ``created``, its ``create`` transition and ``order.created``."""
+        now = time.time()
+        try:
+            async with self.db.transaction() as conn:
+                await conn.execute(
+                    insert(trades).values(
+                        trade_id=trade_id,
+                        state=machine.CREATED,
+                        account=order["account"],
+                        instrument=order["instrument"],
+                        side=order["side"],
+                        quantity=order["quantity"],
+                        amount=order["amount"],
+                        currency=order["currency"],
+                        txn=envelope.txn,
+                        envelope=orjson.dumps(envelope.as_dict()).decode(),
+                        exceptions=0,
+                        version=1,
+                        created_at=_ms(now),
+                        updated_at=_ms(now),
+                    )
+                )
+                record = await self._record(
+                    conn,
+                    trade_id,
+                    "create",
+                    None,
+                    machine.CREATED,
+                    "order.created",
+                    actor,
+                    idempotency_key,
+                    envelope,
+                    dict(order),
+                    now,
+                )
+        except IntegrityError:
+            raise DuplicateTransition(await self._existing(trade_id, "create")) from None
+        self._notify()
+        return await self.trade(trade_id), record
+
+    async def apply(
+        self,
+        trade_id: str,
+        transition: machine.Transition,
+        actor: str,
+        envelope: Envelope,
+        idempotency_key: str | None,
+        *,
+        data: Mapping[str, Any] | None = None,
+        updates: Mapping[str, Any] | None = None,
+        exception: ExceptionRecord | None = None,
+        resolve: tuple[str, str] | None = None,
+    ) -> TransitionRecord:
+        """Move the trade along ``transition``, record it and its signed event, in one transaction.
+        ``updates``: trade columns set with the move (JSON columns given as objects);
+        ``exception``: the exception row an ``exception#n`` transition opens; ``resolve``:
+        (exception_id, resolution) that a re-consent or cancel closes."""
+        now = time.time()
+        values: dict[str, Any] = {
+            "state": transition.target,
+            "version": trades.c.version + 1,
+            "updated_at": _ms(now),
+        }
+        for name, value in (updates or {}).items():
+            values[name] = (
+                orjson.dumps(value).decode()
+                if name in ("allocation", "settlement") and value is not None
+                else value
+            )
+        if exception is not None:
+            values["exceptions"] = trades.c.exceptions + 1
+        try:
+            async with self.db.transaction() as conn:
+                moved = await conn.execute(
+                    update(trades)
+                    .where(and_(trades.c.trade_id == trade_id, trades.c.state == transition.source))
+                    .values(**values)
+                )
+                if moved.rowcount != 1:
+                    raise _Lost()
+                record = await self._record(
+                    conn,
+                    trade_id,
+                    transition.name,
+                    transition.source,
+                    transition.target,
+                    transition.event,
+                    actor,
+                    idempotency_key,
+                    envelope,
+                    {**(data or {}), **({"exception": exception.as_dict()} if exception else {})},
+                    now,
+                )
+                if exception is not None:
+                    await conn.execute(
+                        insert(exceptions).values(
+                            exception_id=exception.exception_id,
+                            trade_id=trade_id,
+                            number=exception.number,
+                            from_state=exception.from_state,
+                            reason=exception.reason,
+                            detail=exception.detail,
+                            status="open",
+                            created_at=_ms(now),
+                            updated_at=_ms(now),
+                        )
+                    )
+                if resolve is not None:
+                    await self._close_exception(conn, resolve[0], resolve[1], now)
+        except (_Lost, IntegrityError):
+            raise await self.why(trade_id, transition) from None
+        self._notify()
+        return record
+
+    async def escalate(
+        self, exception_id: str, actor: str, envelope: Envelope, note: str
+    ) -> ExceptionRecord:
+        """Mark an open exception escalated (the trade stays in ``exception``), with its event."""
+        now = time.time()
+        async with self.db.transaction() as conn:
+            found = (
+                await conn.execute(
+                    select(exceptions).where(exceptions.c.exception_id == exception_id)
+                )
+            ).first()
+            if found is None:
+                raise NotFound(exception_id)
+            record = _exception(found)
+            if record.status == "resolved":
+                raise DuplicateTransition(await self._existing_in(conn, record))
+            await conn.execute(
+                update(exceptions)
+                .where(exceptions.c.exception_id == exception_id)
+                .values(status="escalated", updated_at=_ms(now))
+            )
+            await self._event(
+                conn,
+                "exception.escalated",
+                record.trade_id,
+                f"escalate#{record.number}",
+                machine.EXCEPTION,
+                envelope,
+                {"exception_id": exception_id, "actor": actor, "note": note},
+                now,
+            )
+        self._notify()
+        return await self.exception(exception_id)
+
+    async def _existing_in(
+        self, conn: AsyncConnection, record: ExceptionRecord
+    ) -> TransitionRecord:
+        rows = (
+            await conn.execute(
+                select(transitions).where(
+                    and_(
+                        transitions.c.trade_id == record.trade_id,
+                        transitions.c.transition.in_([f"reconsent#{record.number}", "cancel"]),
+                    )
+                )
+            )
+        ).all()
+        return _transition(rows[0])
+
+    async def _close_exception(
+        self, conn: AsyncConnection, exception_id: str, resolution: str, now: float
+    ) -> None:
+        closed = await conn.execute(
+            update(exceptions)
+            .where(
+                and_(exceptions.c.exception_id == exception_id, exceptions.c.status != "resolved")
+            )
+            .values(status="resolved", resolution=resolution, updated_at=_ms(now))
+        )
+        if closed.rowcount != 1:
+            raise _Lost()
+
+    async def _record(
+        self,
+        conn: AsyncConnection,
+        trade_id: str,
+        name: str,
+        source: str | None,
+        target: str,
+        event_type: str,
+        actor: str,
+        idempotency_key: str | None,
+        envelope: Envelope,
+        data: Mapping[str, Any],
+        now: float,
+    ) -> TransitionRecord:
+        event_id = await self._event(conn, event_type, trade_id, name, target, envelope, data, now)
+        await conn.execute(
+            insert(transitions).values(
+                trade_id=trade_id,
+                transition=name,
+                source=source,
+                target=target,
+                actor=actor,
+                idempotency_key=idempotency_key,
+                event_id=event_id,
+                at=_ms(now),
+            )
+        )
+        return TransitionRecord(
+            trade_id, name, source, target, actor, idempotency_key, event_id, _ms(now) / 1000
+        )
+
+    async def _event(
+        self,
+        conn: AsyncConnection,
+        event_type: str,
+        trade_id: str,
+        name: str,
+        state: str,
+        envelope: Envelope,
+        data: Mapping[str, Any],
+        now: float,
+    ) -> str:
+        event_id, jws = self.signer.sign(event_type, trade_id, name, state, envelope, data, now=now)
+        await conn.execute(
+            insert(outbox).values(
+                event_id=event_id,
+                type=event_type,
+                trade_id=trade_id,
+                txn=envelope.txn,
+                jws=jws,
+                created_at=_ms(now),
+            )
+        )
+        return event_id
+
+    async def why(self, trade_id: str, transition: machine.Transition) -> Exception:
+        """Why a transition did not apply: it already happened, the trade is elsewhere, or none."""
+        async with self.db.read() as conn:
+            done = (
+                await conn.execute(
+                    select(transitions).where(
+                        and_(
+                            transitions.c.trade_id == trade_id,
+                            transitions.c.transition == transition.name,
+                        )
+                    )
+                )
+            ).first()
+            if done is not None:
+                return DuplicateTransition(_transition(done))
+            row = (
+                await conn.execute(select(trades.c.state).where(trades.c.trade_id == trade_id))
+            ).first()
+        if row is None:
+            return NotFound(trade_id)
+        return OutOfOrder(trade_id, transition.name, row.state, transition.source)
+
+    async def _existing(self, trade_id: str, name: str) -> TransitionRecord:
+        async with self.db.read() as conn:
+            row = (
+                await conn.execute(
+                    select(transitions).where(
+                        and_(transitions.c.trade_id == trade_id, transitions.c.transition == name)
+                    )
+                )
+            ).first()
+        if row is None:
+            raise NotFound(trade_id)
+        return _transition(row)
+
+    def _notify(self) -> None:
+        self._appended.set()
+        self._appended = asyncio.Event()
+
+    # ------------------------------------------------------------------ reads
+
+    async def trade(self, trade_id: str) -> Trade:
+        async with self.db.read() as conn:
+            row = (await conn.execute(select(trades).where(trades.c.trade_id == trade_id))).first()
+        if row is None:
+            raise NotFound(trade_id)
+        return _trade(row)
+
+    async def history(self, trade_id: str) -> list[TransitionRecord]:
+        async with self.db.read() as conn:
+            rows = (
+                await conn.execute(
+                    select(transitions)
+                    .where(transitions.c.trade_id == trade_id)
+                    .order_by(transitions.c.id)
+                )
+            ).all()
+        return [_transition(r) for r in rows]
+
+    async def exception(self, exception_id: str) -> ExceptionRecord:
+        async with self.db.read() as conn:
+            row = (
+                await conn.execute(
+                    select(exceptions).where(exceptions.c.exception_id == exception_id)
+                )
+            ).first()
+        if row is None:
+            raise NotFound(exception_id)
+        return _exception(row)
+
+    async def list_exceptions(self, status: str | None = None) -> list[ExceptionRecord]:
+        query = select(exceptions).order_by(exceptions.c.created_at)
+        if status is not None:
+            query = query.where(exceptions.c.status == status)
+        async with self.db.read() as conn:
+            rows = (await conn.execute(query)).all()
+        return [_exception(r) for r in rows]
+
+    async def events_after(self, after: int, limit: int = 100) -> list[StoredEvent]:
+        async with self.db.read() as conn:
+            rows = (
+                await conn.execute(
+                    select(outbox).where(outbox.c.seq > after).order_by(outbox.c.seq).limit(limit)
+                )
+            ).all()
+        return [_stored(r) for r in rows]
+
+    async def wait_events(self, after: int, wait: float, limit: int = 100) -> list[StoredEvent]:
+        """Long-poll: the events after ``after``, waiting up to ``wait`` seconds for one. Events
+        committed by another process are seen within the poll step (0.25 s)."""
+        deadline = time.monotonic() + wait
+        while True:
+            found = await self.events_after(after, limit)
+            left = deadline - time.monotonic()
+            if found or left <= 0:
+                return found
+            waiter = self._appended
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiter.wait(), min(left, 0.25))
+
+    async def unpublished(self, limit: int = 100) -> list[StoredEvent]:
+        async with self.db.read() as conn:
+            rows = (
+                await conn.execute(
+                    select(outbox)
+                    .where(outbox.c.published_at.is_(None))
+                    .order_by(outbox.c.seq)
+                    .limit(limit)
+                )
+            ).all()
+        return [_stored(r) for r in rows]
+
+    async def mark_published(self, seqs: Sequence[int]) -> None:
+        if not seqs:
+            return
+        async with self.db.transaction() as conn:
+            await conn.execute(
+                update(outbox)
+                .where(and_(outbox.c.seq.in_(list(seqs)), outbox.c.published_at.is_(None)))
+                .values(published_at=_ms())
+            )
+
+
+class _Lost(Exception):
+    """The compare-and-set matched no row: find out why after the rollback."""
+
+
+def _stored(row: Any) -> StoredEvent:
+    m = row._mapping
+    return StoredEvent(
+        m["seq"],
+        m["event_id"],
+        m["type"],
+        m["trade_id"],
+        m["jws"],
+        m["published_at"] is not None,
+        m["created_at"] / 1000,
+    )

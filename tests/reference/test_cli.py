@@ -1,0 +1,103 @@
+"""``trustplane reference exceptions list|resolve`` on the services' store: the exception raised
+by a lost entitlement is listed, escalated and resolved, each step a signed event naming the
+operator; bad input exits non-zero with one line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import jwt
+import pytest
+from typer.testing import CliRunner
+
+from tests.conftest import run_sync
+from tests.reference.conftest import ORDER, Mandates, RecordingPdp, caller
+from trustplane.cli import app
+from trustplane.reference.events import EventSigner
+from trustplane.reference.services import EntitlementLost, TradeServices
+from trustplane.reference.settings import ReferenceSettings, ReferenceSettingsError
+from trustplane.reference.store import TradeStore
+from trustplane.storage.db import Database
+
+
+async def an_exception(url: str, key: Path) -> str:
+    store = TradeStore(Database(url), EventSigner.from_file("https://ref.example", key))
+    await store.create_schema()
+    pdp, mandates = RecordingPdp(), Mandates()
+    s = TradeServices(store, mandates)
+    trade = await s.create_order(caller("alice", pdp), ORDER, "k")
+    await s.execute(caller("b", pdp), trade.trade_id, "k")
+    await s.propose_allocation(
+        caller("alice", pdp), trade.trade_id, [{"account": "S", "quantity": "1000"}], "k"
+    )
+    await s.approve_allocation(caller("bob", pdp), trade.trade_id, "k")
+    mandates.revoked.add("M-1")
+    with pytest.raises(EntitlementLost) as lost:
+        await s.submit_settlement(caller("c", pdp), trade.trade_id, {}, "k")
+    await store.db.dispose()
+    return lost.value.exception.exception_id
+
+
+def test_operators_list_and_resolve_exceptions(tmp_path: Path) -> None:
+    url, key = f"sqlite+aiosqlite:///{tmp_path / 'ref.db'}", tmp_path / "events.pem"
+    exception_id = run_sync(an_exception(url, key))
+    env = {
+        "TRUSTPLANE_REFERENCE_DATABASE_URL": url,
+        "TRUSTPLANE_REFERENCE_EVENT_KEY_FILE": str(key),
+        "TRUSTPLANE_REFERENCE_ISSUER": "https://ref.example",
+        "COLUMNS": "200",
+    }
+    runner = CliRunner()
+    listed = runner.invoke(app, ["reference", "exceptions", "list", "--json"], env=env)
+    assert listed.exit_code == 0, listed.output
+    assert [e["exception_id"] for e in json.loads(listed.stdout)] == [exception_id]
+
+    bad = runner.invoke(
+        app, ["reference", "exceptions", "resolve", exception_id, "--action", "ignore"], env=env
+    )
+    assert bad.exit_code == 1
+    assert "action must be reconsent, cancel or escalate" in bad.output
+    escalated = runner.invoke(
+        app,
+        ["reference", "exceptions", "resolve", exception_id, "--action", "escalate", "--json"],
+        env=env,
+    )
+    assert json.loads(escalated.stdout)["status"] == "escalated"
+    cancelled = runner.invoke(
+        app,
+        ["reference", "exceptions", "resolve", exception_id, "--action", "cancel", "--note", "n"],
+        env=env,
+    )
+    assert cancelled.exit_code == 0
+    assert f"{exception_id}: resolved" in cancelled.stdout
+    again = runner.invoke(
+        app, ["reference", "exceptions", "resolve", exception_id, "--action", "cancel"], env=env
+    )
+    assert again.exit_code == 1
+    assert "is resolved" in again.output
+    status = runner.invoke(app, ["reference", "exceptions", "list", "--status", "x"], env=env)
+    assert status.exit_code == 2
+
+    async def last_events() -> list[dict[str, object]]:
+        store = TradeStore(Database(url), EventSigner.from_file("https://ref.example", key))
+        events = await store.events_after(0)
+        await store.db.dispose()
+        public = store.signer.jwks()["keys"][0]
+        return [jwt.decode(e.jws, jwt.PyJWK(public).key, algorithms=["ES256"]) for e in events]
+
+    claims = asyncio.run(last_events())[-2:]
+    assert [c["type"] for c in claims] == ["exception.escalated", "exception.resolved"]
+    assert claims[1]["envelope"]["sub"].startswith("cli:")
+    assert claims[1]["envelope"]["policy_bundle_version"] == "cli"
+
+
+def test_settings_refuse_what_cannot_work() -> None:
+    assert ReferenceSettings.from_env({}).nats_url is None
+    got = ReferenceSettings.from_env({"TRUSTPLANE_REFERENCE_NATS_URL": "nats://127.0.0.1:4222"})
+    assert got.nats_url == "nats://127.0.0.1:4222"
+    with pytest.raises(ReferenceSettingsError, match="NATS_URL"):
+        ReferenceSettings.from_env({"TRUSTPLANE_REFERENCE_NATS_URL": "http://x"})
+    with pytest.raises(ReferenceSettingsError, match="NATS_PREFIX"):
+        ReferenceSettings.from_env({"TRUSTPLANE_REFERENCE_NATS_PREFIX": "a.b"})
