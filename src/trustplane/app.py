@@ -148,7 +148,7 @@ class Services:
             engine=policy.service.engine, details=rar, mandates=mandate_service,
             clients=registry, partners=federation.service.registry,
             codes=authorization.codes, delegated=authorization.revocations,
-            revocations=revocations.revoked,
+            revocations=revocations.revoked, kek=kek,
         )  # fmt: skip
         # ----------------------------------------------------------------------------------------
         metadata = oauth_wiring.metadata_json(
@@ -157,8 +157,9 @@ class Services:
         # RFC 8705: client certificates from the connection or a trusted proxy (trustplane.tls)
         certificates = CertificateSource.from_settings(settings) if settings.mtls_enabled else None
         endpoints = oauth_wiring.Endpoints(
-            token, introspection, keys.service, metadata, certificates
-        )
+            token, introspection, keys.service, metadata, certificates,
+            mtls_token_url=settings.mtls_base_url + "/token" if settings.mtls_base_url else None,
+        )  # fmt: skip
         components: tuple[Component, ...] = (
             keys,
             clients,
