@@ -27,6 +27,7 @@ from trustplane.audit import wiring as audit_wiring
 from trustplane.audit.ledger import Ledger
 from trustplane.audit.sink import write_events
 from trustplane.authorize import wiring as authorize_wiring
+from trustplane.authorize.dpop_par import dpop_at_par
 from trustplane.bearer_guard import BearerGuard, RevokedTokens
 from trustplane.bearer_guard import wiring as guard_wiring
 from trustplane.clients import wiring as clients_wiring
@@ -150,6 +151,8 @@ class Services:
             codes=authorization.codes, delegated=authorization.revocations,
             revocations=revocations.revoked, kek=kek,
         )  # fmt: skip
+        if token.dpop is not None:  # RFC 9449 §10.1: a DPoP proof at /par binds the code
+            authorization.http.par_checks.append(dpop_at_par(token.dpop, settings.issuer + "/par"))
         # ----------------------------------------------------------------------------------------
         metadata = oauth_wiring.metadata_json(
             settings, vocabulary, audit.ledger.loaded_verifier_key
