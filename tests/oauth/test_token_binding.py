@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import jwt
 import pytest
+import pytest_asyncio
 from fastapi import Depends, FastAPI
 
 from tests.conftest import EXECUTION, register_kit
 from tests.dpop.conftest import ProofKey, ath_of, hs256_proof
-from tests.protocol_server import Server
+from tests.protocol_server import Server, running_server
 from trustplane import metrics
 from trustplane.outbound import OutboundFetcher, OutboundPolicy
 from trustplane.pep import DpopBinding, PolicyEnforcer, TokenValidator, TrustedIssuer
@@ -269,3 +271,41 @@ async def test_a_second_client_gets_its_own_binding(server: Server) -> None:
     )
     assert response.status_code == 200
     assert claims_of(response.json()["access_token"])["cnf"] == {"jkt": key.jkt}
+
+
+# --------------------------------------------------------------------------- server nonces (§8)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def nonced(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Server]:
+    async with running_server(
+        request, tmp_path_factory, "sqlite", dpop_nonce_required=True
+    ) as started:
+        yield started
+
+
+async def test_a_nonce_is_required_then_accepted(nonced: Server) -> None:
+    # RFC 9449 §8 (conformance: fapi2-...-dpop-nonce-... : use_dpop_nonce with DPoP-Nonce)
+    key = ProofKey.generate()
+    first = await dpop_token(nonced, key)
+    assert (first.status_code, first.json()["error"]) == (400, "use_dpop_nonce")
+    nonce = first.headers["dpop-nonce"]
+    assert first.headers["cache-control"] == "no-store"
+    retried = await dpop_token(nonced, key, key.proof(htu=token_url(nonced), nonce=nonce))
+    assert retried.status_code == 200, retried.text
+    assert claims_of(retried.json()["access_token"])["cnf"] == {"jkt": key.jkt}
+
+
+async def test_a_foreign_nonce_is_refused_with_a_fresh_one(nonced: Server) -> None:
+    key = ProofKey.generate()
+    response = await dpop_token(nonced, key, key.proof(htu=token_url(nonced), nonce="x" * 32))
+    assert (response.status_code, response.json()["error"]) == (400, "use_dpop_nonce")
+    assert len(response.headers["dpop-nonce"]) == 32
+
+
+async def test_nonces_do_not_touch_bearer_requests(nonced: Server) -> None:
+    response = await nonced.token()
+    assert response.status_code == 200
+    assert response.json()["token_type"] == "Bearer"
