@@ -60,6 +60,7 @@ async def push(
 
 
 async def test_a_code_bound_by_dpop_jkt_yields_a_bound_token(setup: Setup) -> None:
+    # fapi2-security-profile-final-ensure-dpop-auth-code-binding-success
     key = ProofKey.generate()
     flow = setup.flow()
     code = await flow.code("alice", dpop_jkt=key.jkt)
@@ -87,7 +88,7 @@ async def test_a_code_bound_by_dpop_jkt_yields_a_bound_token(setup: Setup) -> No
 
 @pytest.mark.parametrize("proof", ["none", "other_key"])
 async def test_a_bound_code_needs_a_proof_of_its_key(setup: Setup, proof: str) -> None:
-    # RFC 9449 §10 (conformance: fapi2-...-ensure-dpop-jkt-... / code bound to the DPoP key)
+    # RFC 9449 §10 (fapi2-security-profile-final-ensure-token-endpoint-fails-with-mismatched-dpop-jkt)
     key = ProofKey.generate()
     flow = setup.flow()
     code = await flow.code("alice", dpop_jkt=key.jkt)
@@ -120,6 +121,8 @@ async def test_an_unbound_code_accepts_any_proof_and_none(setup: Setup) -> None:
 
 
 async def test_a_proof_at_par_binds_the_code_to_its_key(setup: Setup) -> None:
+    # fapi2-security-profile-final-ensure-dpopproof-at-par-endpoint-binding-success; the stolen
+    # code: fapi2-security-profile-final-ensure-token-endpoint-fails-with-mismatched-dpop-proof-jkt
     key = ProofKey.generate()
     flow = setup.flow()
     pushed = await push(setup, flow, proof_for(setup, key, "/par"))
@@ -134,6 +137,7 @@ async def test_a_proof_at_par_binds_the_code_to_its_key(setup: Setup) -> None:
 
 async def test_par_dpop_jkt_must_match_the_proof(setup: Setup) -> None:
     # RFC 9449 §10.1: dpop_jkt and a DPoP header at PAR must name the same key
+    # (fapi2-security-profile-final-ensure-mismatched-dpop-jkt-fails)
     key, other = ProofKey.generate(), ProofKey.generate()
     flow = setup.flow()
     response = await push(setup, flow, proof_for(setup, key, "/par"), dpop_jkt=other.jkt)

@@ -126,7 +126,9 @@ def _table() -> list[Any]:
     old = int(time.time()) - 3600
     ahead = int(time.time()) + 3600
     return [
-        # fapi2-security-profile-final-ensure-dpop-proof-... : the header is required to be one JWT
+        # the OpenID conformance suite's fapi2-security-profile-final-dpop-negative-tests sends
+        # malformed, wrongly typed, wrongly signed and mismatching proofs like these;
+        # fapi2-security-profile-final-check-dpop-proof-nbf-exp the iat window
         ("malformed", lambda k, u: "not.a.jwt"),
         ("typ_missing", lambda k, u: k.proof(htu=u, headers={"typ": "JWT"})),
         ("alg_hs256", lambda k, u: hs256_proof(k, b"0" * 32, htu=u)),
@@ -174,7 +176,7 @@ async def test_two_dpop_headers_are_refused(server: Server) -> None:
 
 
 async def test_a_replayed_proof_is_refused(server: Server) -> None:
-    # RFC 9449 §11.1 (conformance: fapi2-...-ensure-dpop-proof-jti-reuse-fails)
+    # RFC 9449 §11.1 (part of fapi2-security-profile-final-dpop-negative-tests)
     key = ProofKey.generate()
     proof = key.proof(htu=token_url(server))
     first = await dpop_token(server, key, proof)
@@ -287,7 +289,7 @@ async def nonced(
 
 
 async def test_a_nonce_is_required_then_accepted(nonced: Server) -> None:
-    # RFC 9449 §8 (conformance: fapi2-...-dpop-nonce-... : use_dpop_nonce with DPoP-Nonce)
+    # RFC 9449 §8: use_dpop_nonce with a DPoP-Nonce header, then the retry with it succeeds
     key = ProofKey.generate()
     first = await dpop_token(nonced, key)
     assert (first.status_code, first.json()["error"]) == (400, "use_dpop_nonce")
