@@ -311,3 +311,51 @@ async def test_nonces_do_not_touch_bearer_requests(nonced: Server) -> None:
     response = await nonced.token()
     assert response.status_code == 200
     assert response.json()["token_type"] == "Bearer"
+
+
+# --------------------------------------------------------------------------- the mTLS alias (RFC 8705 §5)
+
+MTLS_BASE = "https://mtls.as.example"
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def aliased(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Server]:
+    async with running_server(
+        request,
+        tmp_path_factory,
+        "sqlite",
+        tls_client_cert_header="x-ssl-client-cert",
+        trusted_proxies=("127.0.0.0/8",),
+        mtls_base_url=MTLS_BASE,
+    ) as started:
+        yield started
+
+
+async def test_a_proof_sent_to_the_mtls_alias_names_the_alias(aliased: Server) -> None:
+    """A request that came in at ``mtls_endpoint_aliases.token_endpoint`` (its Host) must carry a
+    proof whose ``htu`` is that URL, not the issuer's ``/token``."""
+    doc = (await aliased.http.get("/.well-known/oauth-authorization-server")).json()
+    alias = doc["mtls_endpoint_aliases"]["token_endpoint"]
+    assert alias == MTLS_BASE + "/token"
+    key = ProofKey.generate()
+    data = {
+        "grant_type": "client_credentials",
+        "scope": "order:create",
+        "resource": EXECUTION,
+    }
+    host = {"Host": "mtls.as.example"}
+    ok = await aliased.http.post(
+        "/token",
+        data={**data, **aliased.kit.auth()},
+        headers={**host, "DPoP": key.proof(htu=alias)},
+    )
+    assert ok.status_code == 200, ok.text
+    assert claims_of(ok.json()["access_token"])["cnf"] == {"jkt": key.jkt}
+    wrong = await aliased.http.post(
+        "/token",
+        data={**data, **aliased.kit.auth()},
+        headers={**host, "DPoP": key.proof(htu=token_url(aliased))},
+    )
+    assert (wrong.status_code, wrong.json()["error"]) == (400, "invalid_dpop_proof")
