@@ -27,6 +27,7 @@ from trustplane.audit import wiring as audit_wiring
 from trustplane.audit.ledger import Ledger
 from trustplane.audit.sink import write_events
 from trustplane.authorize import wiring as authorize_wiring
+from trustplane.authorize.dpop_par import dpop_at_par
 from trustplane.bearer_guard import BearerGuard, RevokedTokens
 from trustplane.bearer_guard import wiring as guard_wiring
 from trustplane.clients import wiring as clients_wiring
@@ -149,8 +150,10 @@ class Services:
             engine=policy.service.engine, details=rar, mandates=mandate_service,
             clients=registry, partners=federation.service.registry,
             codes=authorization.codes, delegated=authorization.revocations,
-            revocations=revocations.revoked,
+            revocations=revocations.revoked, kek=kek,
         )  # fmt: skip
+        if token.dpop is not None:  # RFC 9449 §10.1: a DPoP proof at /par binds the code
+            authorization.http.par_checks.append(dpop_at_par(token.dpop, settings.issuer + "/par"))
         # ----------------------------------------------------------------------------------------
         metadata = oauth_wiring.metadata_json(
             settings, vocabulary, audit.ledger.loaded_verifier_key
@@ -158,7 +161,12 @@ class Services:
         # RFC 8705: client certificates from the connection or a trusted proxy (trustplane.tls)
         certificates = CertificateSource.from_settings(settings) if settings.mtls_enabled else None
         endpoints = oauth_wiring.Endpoints(
-            token, introspection, keys.service, metadata, certificates
+            token,
+            introspection,
+            keys.service,
+            metadata,
+            certificates,
+            mtls_token_url=settings.mtls_base_url + "/token" if settings.mtls_base_url else None,
         )
         # shared signals: SETs on revocation, and partners' SETs revoking derived tokens
         ssf = ssf_wiring.build(

@@ -37,6 +37,17 @@ TOKENS_ISSUED_BY_CLIENT = Counter(
     "trustplane_tokens_issued_by_client_total", "Access tokens issued, by client", ["client_id"]
 )
 TOKEN_REFUSED = Counter("trustplane_token_refused_total", "Token requests refused", ["error"])
+#: sender-constrained tokens (RFC 9449, RFC 8705): issued per binding, DPoP refusals per check
+TOKENS_ISSUED_BY_BINDING = Counter(
+    "trustplane_tokens_issued_by_binding_total",
+    "Access tokens issued, by sender binding (none, dpop, mtls, dpop+mtls)",
+    ["binding"],
+)
+TOKEN_BINDING_REFUSED = Counter(
+    "trustplane_token_binding_refused_total",
+    "Token requests refused for their DPoP proof, by reason (dpop_htu, dpop_replay, ...)",
+    ["reason"],
+)
 INTROSPECTIONS = Counter("trustplane_introspections_total", "Introspection answers", ["active"])
 REVOCATIONS = Counter("trustplane_revocations_total", "Revocation requests", ["outcome"])
 REGISTRATIONS = Counter(

@@ -14,6 +14,7 @@ from trustplane.authorize.revocation import DelegatedRevocations
 from trustplane.authorize.store import CodeStore
 from trustplane.clients.authentication import ClientAuthenticator
 from trustplane.clients.service import ClientRegistry
+from trustplane.dpop import verifier_from_settings
 from trustplane.federation.jwt_bearer import JwtBearerGrant
 from trustplane.federation.partner_assertions import PartnerAssertions
 from trustplane.federation.registry import PartnerRegistry
@@ -55,10 +56,12 @@ def build_token_endpoint(
     codes: CodeStore,
     delegated: DelegatedRevocations,
     revocations: RevocationStore,
+    kek: bytes,
 ) -> TokenEndpoint:
     """The endpoint with client_credentials, authorization_code, refresh_token, jwt-bearer and
     token-exchange. ``TRUSTPLANE_POLICY_TOKEN_ENFORCEMENT=false`` turns the policy check of every
-    grant off at once."""
+    grant off at once. ``kek``: the key-encryption key, from which the DPoP nonce key is derived
+    (every instance accepts every instance's nonces); DPoP proof ``jti``s share ``replay``."""
     tokens = TokenIssuer(settings, keys)
     policy = TokenPolicy(engine if settings.policy_token_enforcement else None)
     assertions = PartnerAssertions(registry=partners, replay=replay, clock_skew=settings.clock_skew)
@@ -108,4 +111,6 @@ def build_token_endpoint(
         audit=audit,
         outcomes=OutcomeRecorder(writer),
         grants=grants,
+        dpop=verifier_from_settings(settings, kek, replay),
+        defer_proof_replay=replay.deferrable,
     )

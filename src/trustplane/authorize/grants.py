@@ -13,6 +13,13 @@ indistinguishable from. The family keeps the absolute expiry of its first token.
 profile there is no rotation (FAPI 2.0 Security Profile §5.3.2.1 clause 10): the token stays valid
 and is not returned again.
 
+Sender binding (the request's binding is decided by the token endpoint, ``grant.binding``, and
+every token the grants issue carries it): a code issued for a request with ``dpop_jkt`` (RFC 9449
+§10; or a DPoP proof at PAR) is redeemed only with a DPoP proof of that key, else ``invalid_grant``.
+Refresh tokens are not bound: RFC 9449 §5 and RFC 8705 §4 bind those of public clients only, and
+every trustplane client authenticates (a confidential client's refresh token is already
+sender-constrained by its authentication), so a client may change its DPoP key at refresh.
+
 The mandate is checked (``check_usable``) at code redemption and at every refresh: a revoked,
 suspended, expired or superseded mandate is ``invalid_grant``. The consumption of a code (or the
 rotation of a refresh token) and the new refresh token are one transaction, durable before the
@@ -40,6 +47,7 @@ from trustplane.errors import (
     InvalidScopeError,
     InvalidTargetError,
 )
+from trustplane.grant.binding import current_binding
 from trustplane.grant.contract import Granted, TokenIssuer
 from trustplane.mandates.errors import MandateUnusableError
 from trustplane.mandates.service import MandateService
@@ -218,6 +226,11 @@ class AuthorizationCodeGrant(_DelegatedGrant):
             )
         if stored.expires_at <= now:
             raise InvalidGrantError("the authorization code has expired")
+        if stored.dpop_jkt is not None and current_binding().jkt != stored.dpop_jkt:
+            raise InvalidGrantError(  # RFC 9449 §10
+                "the authorization code is bound to a DPoP key (dpop_jkt); present a proof of it",
+                debug="dpop_jkt: no proof, or a proof of another key, at code redemption",
+            )
         redirect_uri = form.get("redirect_uri")
         if (stored.redirect_uri_given or redirect_uri is not None) and (
             redirect_uri != stored.redirect_uri

@@ -75,6 +75,8 @@ class AuthorizationRequest:
     authorization_details: tuple[dict[str, Any], ...]
     force_login: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    #: RFC 9449 §10: the DPoP key the code is bound to (``dpop_jkt``, or the key of a PAR proof).
+    dpop_jkt: str | None = None
 
     @property
     def client_id(self) -> str:
@@ -92,6 +94,7 @@ class AuthorizationRequest:
             "sc": list(self.scopes),
             "ad": list(self.authorization_details),
             "fl": self.force_login,
+            "dj": self.dpop_jkt,
         }
 
     @classmethod
@@ -104,6 +107,7 @@ class AuthorizationRequest:
             tuple(d["sc"]),
             tuple(d["ad"]),
             bool(d.get("fl")),
+            dpop_jkt=d.get("dj"),
         )
 
 
@@ -199,8 +203,18 @@ def _validate(
         raise InvalidRequestError("authorization_details is too large")
     granted = details.validate(raw_details, client)
     prompt = (form.get("prompt") or "").split()
+    dpop_jkt = form.get("dpop_jkt")
+    if dpop_jkt is not None and not pkce.S256_CHALLENGE.match(dpop_jkt):  # RFC 9449 §10
+        raise InvalidRequestError("dpop_jkt is not a base64url SHA-256 JWK thumbprint")
     return AuthorizationRequest(
-        target, given, challenge, resource, scopes, granted, force_login="login" in prompt
+        target,
+        given,
+        challenge,
+        resource,
+        scopes,
+        granted,
+        force_login="login" in prompt,
+        dpop_jkt=dpop_jkt,
     )
 
 

@@ -351,6 +351,7 @@ class AuthorizationService:
                 redirect_uri_given=request.redirect_uri_given,
                 code_challenge=request.code_challenge,
                 expires_at=now + self._settings.authorization_code_lifetime,
+                dpop_jkt=request.dpop_jkt,  # RFC 9449 §10
             )
             await write_events(conn, [event, self._event(AuditEventType.CODE_ISSUED, grant)])
         metrics.AUTHORIZATIONS.labels(outcome="approved").inc()

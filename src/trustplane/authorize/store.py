@@ -76,6 +76,8 @@ authorization_codes = Table(
     Column("access_jti", String(64)),
     Column("access_exp", BigInteger),
     Column("family_id", String(64)),
+    # RFC 9449 §10: the DPoP key (RFC 7638 thumbprint) the code is bound to
+    Column("dpop_jkt", String(64)),
 )
 
 refresh_tokens = Table(
@@ -177,6 +179,8 @@ class StoredCode:
     access_jti: str | None
     access_exp: int | None
     family_id: str | None
+    #: RFC 9449 §10: redeemed only with a DPoP proof of this key (None: any or no proof).
+    dpop_jkt: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,8 +205,9 @@ class CodeStore(Protocol):
         redirect_uri_given: bool,
         code_challenge: str | None,
         expires_at: int,
+        dpop_jkt: str | None = None,
     ) -> None:
-        """Store a new, unused code for ``grant``."""
+        """Store a new, unused code for ``grant`` (``dpop_jkt``: RFC 9449 §10)."""
 
     async def get(self, conn: AsyncConnection, code: str) -> StoredCode | None:
         """The code whatever its state (used, expired), so that a replay can be recognised;
@@ -271,6 +276,7 @@ class SqlCodeStore:
         redirect_uri_given: bool,
         code_challenge: str | None,
         expires_at: int,
+        dpop_jkt: str | None = None,
     ) -> None:
         await conn.execute(
             insert(authorization_codes).values(
@@ -279,6 +285,7 @@ class SqlCodeStore:
                 redirect_uri_given=redirect_uri_given,
                 code_challenge=code_challenge,
                 expires_at=expires_at,
+                dpop_jkt=dpop_jkt,
                 **grant.columns(),
             )
         )
@@ -298,6 +305,7 @@ class SqlCodeStore:
             row.access_jti,
             row.access_exp,
             row.family_id,
+            row.dpop_jkt,
         )
 
     async def consume(

@@ -130,10 +130,29 @@ class DpopVerifier:
         return None if self.nonces is None else self.nonces.current(self._now(now))
 
     async def verify_for_token_endpoint(
-        self, header_values: Sequence[str], method: str, url: str, now: float | None = None
+        self,
+        header_values: Sequence[str],
+        method: str,
+        url: str,
+        now: float | None = None,
+        *,
+        consume: bool = True,
     ) -> DpopProof:
-        """RFC 9449 §5: the proof of a token request (no access token, so no ``ath``)."""
-        return await self._verify(header_values, method, url, None, None, self._now(now))
+        """RFC 9449 §5: the proof of a token request (no access token, so no ``ath``).
+        ``consume=False``: every check but the ``jti``'s single use, which the caller then commits
+        itself (:meth:`replay_key`, :meth:`replay_expiry`), e.g. with the token endpoint's outcome."""
+        return await self._verify(
+            header_values, method, url, None, None, self._now(now), consume=consume
+        )
+
+    @staticmethod
+    def replay_key(proof: DpopProof) -> str:
+        """The replay namespace of the proof's key (``dpop-proof:<jkt>``)."""
+        return REPLAY_NAMESPACE + proof.jkt
+
+    def replay_expiry(self, proof: DpopProof) -> int:
+        """Until when the proof's ``jti`` must be remembered: past it, ``iat`` is refused anyway."""
+        return proof.iat + self.max_age + self.max_ahead + 1
 
     async def verify_for_resource(
         self,
@@ -160,6 +179,8 @@ class DpopVerifier:
         access_token: str | None,
         bound_jkt: str | None,
         now: float,
+        *,
+        consume: bool = True,
     ) -> DpopProof:
         jws = self._single_jws(header_values)
         key = self._proof_key(jws)
@@ -169,8 +190,10 @@ class DpopVerifier:
         if access_token is not None:
             self._check_token(proof, access_token, bound_jkt)
         self._check_nonce(proof.nonce, now)
-        expires_at = proof.iat + self.max_age + self.max_ahead + 1
-        if not await self.replay.consume(REPLAY_NAMESPACE + key.jkt, proof.jti, expires_at):
+        if not consume:
+            return proof
+        expires_at = self.replay_expiry(proof)
+        if not await self.replay.consume(self.replay_key(proof), proof.jti, expires_at):
             raise refused("the DPoP proof has already been used (jti replayed)", "replay")
         return proof
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from trustplane.clients.authentication import AuthenticatedClient
+from trustplane.grant.binding import current_binding
 from trustplane.grant.outcomes import Condition
 from trustplane.keys.service import KeyService
 from trustplane.policy.recorder import DecisionRecord
@@ -59,7 +60,8 @@ class TokenGrant(Protocol):
 
 class TokenIssuer:
     """The one way a grant signs an RFC 9068 access token: our issuer, the current signing key,
-    the configured lifetime (capped by ``not_after``, the end of what the token derives from)."""
+    the configured lifetime (capped by ``not_after``, the end of what the token derives from), and
+    the request's sender binding (``cnf``, :mod:`trustplane.grant.binding`), whatever the grant."""
 
     def __init__(self, settings: Settings, keys: KeyService) -> None:
         #: Our issuer identifier (``iss``; the audience partners address their assertions to).
@@ -76,6 +78,9 @@ class TokenIssuer:
         extra: dict[str, Any],
         not_after: int | None = None,
     ) -> IssuedToken:
+        binding = current_binding()
+        if binding.cnf is not None:
+            extra = {**extra, **binding.claims()}
         return issue_access_token(
             self._keys.ring,
             issuer=self.issuer,

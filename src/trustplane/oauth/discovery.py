@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from trustplane.clients.metadata import SUPPORTED_GRANT_TYPES
+from trustplane.dpop.proof import ALGORITHMS as DPOP_ALGORITHMS
 from trustplane.protocol.scopes import Vocabulary
 from trustplane.rar.registry import known_types
 from trustplane.settings import Settings
@@ -42,6 +43,8 @@ def server_metadata(
             "revocation_endpoint_auth_methods_supported": methods,
             "revocation_endpoint_auth_signing_alg_values_supported": algs,
             "access_token_signing_alg_values_supported": [settings.signing_algorithm],
+            # RFC 9449 §5.1: DPoP proofs at the token endpoint (every grant) and at PAR
+            "dpop_signing_alg_values_supported": list(DPOP_ALGORITHMS),
             "authorization_details_types_supported": sorted(
                 known_types(settings.authorization_details_types_dir)
             ),

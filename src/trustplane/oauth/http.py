@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from cryptography import x509
 from starlette.requests import Request
@@ -28,6 +29,12 @@ class OAuthHttp:
     metadata_json: Callable[[], bytes]
     #: Where client certificates come from (RFC 8705); None: mutual TLS is not configured.
     certificates: CertificateSource | None = None
+    #: The RFC 8705 §5 alias of the token endpoint, when it is on a host of its own.
+    mtls_token_url: str | None = None
+
+    @property
+    def mtls_host(self) -> str:
+        return urlsplit(self.mtls_token_url).netloc if self.mtls_token_url else ""
 
     def _certificate(self, request: Request) -> x509.Certificate | None:
         if self.certificates is None:
@@ -41,9 +48,22 @@ class OAuthHttp:
             await self.token_endpoint.refuse_unparsed(exc)
             raise
         body = await self.token_endpoint.handle(
-            form, request.headers.get("authorization"), self._certificate(request)
+            form,
+            request.headers.get("authorization"),
+            self._certificate(request),
+            dpop_proofs=request.headers.getlist("dpop"),
+            url=self._token_url(request),
         )
         return NoStoreJSON(body)
+
+    def _token_url(self, request: Request) -> str | None:
+        """The public URL of the token endpoint this request was sent to, for a DPoP proof's
+        ``htu`` (RFC 9449 §4.3): the RFC 8705 §5 alias when the request came in at
+        ``mtls_base_url``'s host, otherwise the issuer's (None)."""
+        if self.mtls_token_url is None:
+            return None
+        host = request.headers.get("host", "")
+        return self.mtls_token_url if host and host == self.mtls_host else None
 
     async def introspect(self, request: Request) -> Answer:
         form = await read_form(request)

@@ -99,6 +99,11 @@ class IntrospectionService:
             return INACTIVE
         out = {"active": True, "token_type": "Bearer"}
         out.update({k: claims[k] for k in EXPOSED_CLAIMS + FEDERATION_CLAIMS if k in claims})
+        cnf = claims.get("cnf")
+        if isinstance(cnf, dict):  # RFC 8705 §3.2, RFC 9449 §6.2: the binding, and DPoP's type
+            out["cnf"] = cnf
+            if "jkt" in cnf:
+                out["token_type"] = "DPoP"
         return out
 
     async def revoke(

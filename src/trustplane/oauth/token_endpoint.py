@@ -4,12 +4,22 @@ The grants it serves are given to its constructor (``oauth.grant.TokenGrant``); 
 signs, and says what must still hold when the outcome is committed (``oauth.outcomes``).
 
 Every outcome is an audit event, durable before the response: ``oauth:token:issued`` with the token's
-jti, audience and scopes, or ``oauth:token:refused`` with the wire error and the log-only reason.
+jti, audience and scopes (and the sender binding: ``binding`` and the ``cnf`` thumbprint), or
+``oauth:token:refused`` with the wire error and the log-only reason.
+
+Sender binding (docs/sender_constrained.md): before the grant runs, the endpoint verifies the
+request's ``DPoP`` proof (RFC 9449 §5; ``htu`` is this endpoint's public URL) and asks
+:func:`~trustplane.oauth.certificate_binding.certificate_confirmation` (RFC 8705 §3); the resulting
+:class:`~trustplane.grant.binding.Binding` is current while the grant runs, so every grant's token
+carries its ``cnf``. The proof's ``jti`` is consumed with the outcome (a ``ConsumeJti`` condition)
+when the replay cache is the database, so a proof, the client assertion and the audit record are one
+write; with Redis it is consumed at verification.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -19,6 +29,8 @@ from trustplane import metrics
 from trustplane.audit.sink import AuditSink
 from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.clients.authentication import AuthenticatedClient, ClientAuthenticator
+from trustplane.dpop.errors import InvalidDpopProofError
+from trustplane.dpop.proof import DpopVerifier
 from trustplane.errors import (
     InvalidClientError,
     InvalidRequestError,
@@ -26,16 +38,26 @@ from trustplane.errors import (
     UnauthorizedClientError,
     UnsupportedGrantTypeError,
 )
+from trustplane.grant.binding import UNBOUND, Binding, bound
 from trustplane.grant.contract import Granted, TokenGrant
 from trustplane.grant.outcomes import Condition, ConsumeJti, Outcome, OutcomeRecorder
+from trustplane.oauth.certificate_binding import certificate_confirmation
 from trustplane.policy.enforcement import ScopeDenied
 from trustplane.protocol.form import Form
+from trustplane.protocol.replay import ReplayUse
 from trustplane.settings import Settings
 
 
 def replayed() -> InvalidClientError:
     """RFC 7523 §3 item 7: the assertion's jti was used before."""
     return InvalidClientError("client assertion was already used", debug="jti replay")
+
+
+def proof_replayed() -> InvalidDpopProofError:
+    """RFC 9449 §11.1: the DPoP proof's jti was used before."""
+    return InvalidDpopProofError(
+        "the DPoP proof has already been used (jti replayed)", debug="dpop_replay"
+    )
 
 
 class TokenEndpoint:
@@ -49,8 +71,14 @@ class TokenEndpoint:
         audit: AuditSink,
         outcomes: OutcomeRecorder,
         grants: Sequence[TokenGrant],
+        dpop: DpopVerifier | None = None,
+        defer_proof_replay: bool = False,
     ) -> None:
+        """``dpop``: verifies DPoP proofs (None: a ``DPoP`` header is refused, as unsupported);
+        ``defer_proof_replay``: consume proof ``jti``s with the outcome (the replay cache is the
+        database, so they can be committed in the outcome's transaction)."""
         self._settings, self._auth = settings, authenticator
+        self._dpop, self._defer_proof_replay = dpop, defer_proof_replay
         self._audit, self._outcomes = audit, outcomes
         self._grants: dict[str, TokenGrant] = {}
         for grant in grants:
@@ -62,11 +90,24 @@ class TokenEndpoint:
     def grant_types(self) -> tuple[str, ...]:
         return tuple(self._grants)
 
+    @property
+    def dpop(self) -> DpopVerifier | None:
+        return self._dpop
+
     async def handle(
-        self, form: Form, authorization: str | None, certificate: x509.Certificate | None = None
+        self,
+        form: Form,
+        authorization: str | None,
+        certificate: x509.Certificate | None = None,
+        *,
+        dpop_proofs: Sequence[str] = (),
+        url: str | None = None,
     ) -> dict[str, Any]:
-        """Return the RFC 6749 §5.1 body or raise the typed error (already audited)."""
+        """Return the RFC 6749 §5.1 body or raise the typed error (already audited).
+        ``dpop_proofs``: the request's ``DPoP`` header values; ``url``: the public URL the request
+        was sent to (the ``htu`` a proof must name; default: the issuer's ``/token``)."""
         client: AuthenticatedClient | None = None
+        binding = UNBOUND
         grant_type = form.get("grant_type")
         try:
             if grant_type is None:
@@ -79,25 +120,57 @@ class TokenEndpoint:
                 raise UnsupportedGrantTypeError(f"grant_type {grant_type!r} is not supported"[:200])
             if grant_type not in client.client.grant_types:
                 raise UnauthorizedClientError(f"this client may not use the {grant.label} grant")
-            granted = await grant.handle(form, client)
+            binding = await self._binding(client, dpop_proofs, url)
+            with bound(binding):
+                granted = await grant.handle(form, client)
         except OAuth2Error as exc:
-            await self._refuse(exc, form, client, grant_type)
+            _count_binding_refusal(exc)
+            await self._refuse(exc, form, client, grant_type, binding.conditions)
             raise
-        conditions = _client_conditions(client) + granted.conditions
+        if binding.cnf is not None:
+            granted = replace(granted, audit={**granted.audit, **binding.audit()})
+        conditions = _client_conditions(client) + binding.conditions + granted.conditions
         if not conditions and not granted.decisions:
             await self._audit.emit(self._issued(granted, grant_type))
         else:
             await self._record_issue(granted, conditions, form, client, grant_type)
         metrics.TOKENS_ISSUED.labels(grant_type=grant_type).inc()
         metrics.TOKENS_ISSUED_BY_CLIENT.labels(client_id=client.client.client_id).inc()
+        metrics.TOKENS_ISSUED_BY_BINDING.labels(binding=binding.kind).inc()
         body: dict[str, Any] = {
             "access_token": granted.token.token,
-            "token_type": "Bearer",
+            "token_type": binding.token_type,
             "expires_in": granted.token.expires_in,
             "scope": granted.token.claims["scope"],
         }
         body.update(granted.response)
         return body
+
+    async def _binding(
+        self, client: AuthenticatedClient, proofs: Sequence[str], url: str | None
+    ) -> Binding:
+        """The request's sender binding: the DPoP proof's key (RFC 9449 §5) and/or the client's
+        certificate (RFC 8705 §3); raises ``invalid_dpop_proof``, ``use_dpop_nonce`` or, for a
+        client that must present a certificate and did not, ``invalid_request``."""
+        cnf = certificate_confirmation(client)
+        if not proofs:
+            return UNBOUND if cnf is None else Binding(cnf=cnf)
+        if self._dpop is None:
+            raise InvalidDpopProofError(
+                "DPoP is not supported by this server", debug="dpop_unsupported"
+            )
+        target = url or self._settings.issuer + "/token"
+        defer = self._defer_proof_replay
+        proof = await self._dpop.verify_for_token_endpoint(
+            proofs, "POST", target, consume=not defer
+        )
+        conditions: tuple[Condition, ...] = ()
+        if defer:
+            use = ReplayUse(
+                self._dpop.replay_key(proof), proof.jti, self._dpop.replay_expiry(proof)
+            )
+            conditions = (ConsumeJti(use, proof_replayed()),)
+        return Binding(cnf={**(cnf or {}), "jkt": proof.jkt}, proof=proof, conditions=conditions)
 
     async def _record_issue(
         self,
@@ -117,6 +190,7 @@ class TokenEndpoint:
         failed = await self._outcomes.record(outcome)
         if failed is not None:
             metrics.TOKEN_REFUSED.labels(error=failed.error.error).inc()
+            _count_binding_refusal(failed.error)
             raise failed.error
 
     async def _refuse(
@@ -125,12 +199,15 @@ class TokenEndpoint:
         form: Form,
         client: AuthenticatedClient | None,
         grant_type: str | None,
+        proof_conditions: tuple[Condition, ...] = (),
     ) -> None:
-        """Audit a refusal; an authenticated request still consumes its assertion, and a replayed
-        assertion is refused as such (invalid_client) whatever else was wrong with the request."""
+        """Audit a refusal; an authenticated request still consumes its assertion (and its DPoP
+        proof), and a replayed assertion is refused as such (invalid_client) whatever else was
+        wrong with the request."""
         refused = self._refused(exc, form, client, grant_type)
         decisions = exc.records if isinstance(exc, ScopeDenied) else ()
         conditions = _client_conditions(client) if client is not None else ()
+        conditions += proof_conditions
         if not conditions and not decisions:
             metrics.TOKEN_REFUSED.labels(error=exc.error).inc()
             await self._audit.emit(refused)
@@ -199,6 +276,12 @@ class TokenEndpoint:
             reason_ids=(exc.reason_id,) if exc.reason_id else (),
             payload={"grant_type": (grant_type or "")[:64], "detail": exc.debug[:500]},
         )
+
+
+def _count_binding_refusal(exc: OAuth2Error) -> None:
+    """Refusals of the binding step, by reason (the DPoP check's slug, or the missing certificate)."""
+    if exc.error in ("invalid_dpop_proof", "use_dpop_nonce"):
+        metrics.TOKEN_BINDING_REFUSED.labels(reason=exc.debug or exc.error).inc()
 
 
 def _client_conditions(client: AuthenticatedClient) -> tuple[Condition, ...]:

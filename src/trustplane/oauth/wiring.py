@@ -32,6 +32,8 @@ class Endpoints(Idle):
     metadata_json: Callable[[], bytes]
     #: RFC 8705 client certificates (connection or trusted proxy); None when mTLS is off
     certificates: CertificateSource | None = None
+    #: RFC 8705 §5 token endpoint alias at ``mtls_base_url`` (a DPoP proof's ``htu`` there)
+    mtls_token_url: str | None = None
     name = "oauth"
 
     def routes(self) -> Routes:
@@ -43,6 +45,7 @@ class Endpoints(Idle):
             self.keys,
             self.metadata_json,
             self.certificates,
+            mtls_token_url=self.mtls_token_url,
         )
         return Routes(fast=http.routes())
 

@@ -88,6 +88,13 @@ class Form:
     def get(self, name: str) -> str | None:
         return self._single.get(name)
 
+    def supply(self, name: str, value: str) -> None:
+        """Set a parameter the request did not send (a ``/par`` check recording what the request
+        proved, e.g. the ``dpop_jkt`` of its DPoP proof); one it sent is never overwritten."""
+        if name in self._single or name in self._multi:
+            raise ValueError(f"parameter {name!r} is already present")
+        self._single[name] = value
+
     def require(self, name: str) -> str:
         value = self._single.get(name)
         if value is None:
