@@ -25,6 +25,7 @@ from tests.authorize.conftest import USER_LEI, register_code_client
 from tests.authorize.flow import PASSWORD, REDIRECT_URI, Flow, query_of
 from tests.authorize.test_par_jar import finish, json_error, open_uri, push, request_object
 from tests.conftest import EXECUTION, LEI, ClientKit, jwks_for, new_ec_key
+from tests.dpop.conftest import ProofKey
 from tests.protocol_server import (
     DATABASES,
     Server,
@@ -80,8 +81,13 @@ async def code_flow(server: Server, kit: ClientKit) -> tuple[Flow, dict[str, str
     return flow, returned
 
 
+#: The clients' DPoP key: under fapi2 every token is sender-constrained (§5.3.2.1).
+PROOF_KEY = ProofKey.generate()
+
+
 async def token(server: Server, kit: ClientKit, form: dict[str, str]) -> httpx.Response:
-    return await server.http.post("/token", data={**form, **kit.auth()})
+    proof = PROOF_KEY.proof(htu=f"{server.issuer}/token")
+    return await server.http.post("/token", data={**form, **kit.auth()}, headers={"DPoP": proof})
 
 
 async def active(server: Server, access_token: str) -> bool:

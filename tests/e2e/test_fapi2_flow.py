@@ -21,6 +21,7 @@ from joserfc.jwk import ECKey
 
 from tests.authorize.flow import REDIRECT_URI, pkce_pair, query_of
 from tests.conftest import EXECUTION, LEI, ClientKit, jwks_for, new_ec_key
+from tests.dpop.conftest import ProofKey
 from tests.e2e.conftest import LiveServer, running_servers
 from tests.e2e.test_authorization_flow import (
     Callback,
@@ -107,6 +108,7 @@ def test_fapi2_code_flow_par_pkce_private_key_jwt(server: LiveServer) -> None:
     assert (first["error"], first["iss"]) == ("invalid_request", server.issuer)
     assert (second["state"], second["iss"]) == ("fapi2-state", server.issuer)
 
+    proof_key = ProofKey.generate()
     auth = FreshPrivateKeyJWT(token_endpoint=server.issuer, headers={"kid": kit.kid}, alg="ES256")
     client = OAuth2Session(
         kit.client_id,
@@ -118,15 +120,20 @@ def test_fapi2_code_flow_par_pkce_private_key_jwt(server: LiveServer) -> None:
         f"{server.base_url}/token",
         authorization_response=str(callback.hits[1]),
         code_verifier=verifier,
+        # FAPI 2.0 §5.3.2.1: sender-constrained tokens only; a DPoP proof built with PyJWT
+        headers={"DPoP": proof_key.proof(htu=f"{server.issuer}/token")},
     )
     client.close()
     assert token["scope"] == "order:create"
+    assert token["token_type"] == "DPoP"
     refresh = token["refresh_token"]
     for _ in range(2):  # no rotation: the same refresh token again, none returned
         again = httpx.post(
             f"{server.base_url}/token",
             data={"grant_type": "refresh_token", "refresh_token": refresh, **kit.auth()},
+            headers={"DPoP": proof_key.proof(htu=f"{server.issuer}/token")},
             timeout=10,
         )
         assert again.status_code == 200, again.text
         assert "refresh_token" not in again.json()
+        assert again.json()["token_type"] == "DPoP"

@@ -359,3 +359,46 @@ async def test_a_proof_sent_to_the_mtls_alias_names_the_alias(aliased: Server) -
         headers={**host, "DPoP": key.proof(htu=token_url(aliased))},
     )
     assert (wrong.status_code, wrong.json()["error"]) == (400, "invalid_dpop_proof")
+
+
+# --------------------------------------------------------------------------- the fapi2 profile
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def fapi2(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Server]:
+    async with running_server(
+        request,
+        tmp_path_factory,
+        "sqlite",
+        profile="fapi2",
+        client_auth_methods=("private_key_jwt",),
+    ) as started:
+        yield started
+
+
+async def test_fapi2_refuses_a_token_request_that_is_not_sender_constrained(fapi2: Server) -> None:
+    # FAPI 2.0 §5.3.2.1: the authorization server shall only issue sender-constrained access
+    # tokens (conformance: fapi2-security-profile-final-ensure-holder-of-key-required / the DPoP
+    # variant's token request without a DPoP header)
+    before = metrics.TOKEN_BINDING_REFUSED.labels(reason="sender_constraint_required")._value.get()
+    data = {
+        "grant_type": "client_credentials",
+        "scope": "order:create",
+        "resource": EXECUTION,
+        **fapi2.kit.auth(),
+    }
+    response = await fapi2.http.post("/token", data=data)
+    assert (response.status_code, response.json()["error"]) == (400, "invalid_request")
+    assert "sender-constrained" in response.json()["error_description"]
+    after = metrics.TOKEN_BINDING_REFUSED.labels(reason="sender_constraint_required")._value.get()
+    assert after == before + 1
+
+
+async def test_fapi2_issues_a_dpop_bound_token(fapi2: Server) -> None:
+    key = ProofKey.generate()
+    response = await dpop_token(fapi2, key)
+    assert response.status_code == 200, response.text
+    assert response.json()["token_type"] == "DPoP"
+    assert claims_of(response.json()["access_token"])["cnf"] == {"jkt": key.jkt}

@@ -43,6 +43,7 @@ from trustplane.grant.contract import Granted, TokenGrant
 from trustplane.grant.outcomes import Condition, ConsumeJti, Outcome, OutcomeRecorder
 from trustplane.oauth.certificate_binding import certificate_confirmation
 from trustplane.policy.enforcement import ScopeDenied
+from trustplane.profile import client_is_fapi2
 from trustplane.protocol.form import Form
 from trustplane.protocol.replay import ReplayUse
 from trustplane.settings import Settings
@@ -121,6 +122,14 @@ class TokenEndpoint:
             if grant_type not in client.client.grant_types:
                 raise UnauthorizedClientError(f"this client may not use the {grant.label} grant")
             binding = await self._binding(client, dpop_proofs, url)
+            if binding.kind == "none" and client_is_fapi2(self._settings, client.client.metadata):
+                # FAPI 2.0 §5.3.2.1: only sender-constrained access tokens (DPoP or mTLS)
+                raise InvalidRequestError(
+                    "this client's profile (fapi2) requires a sender-constrained access token: "
+                    "send a DPoP proof (RFC 9449) or authenticate with a client certificate "
+                    "(RFC 8705)",
+                    reason_id="sender_constraint_required",
+                )
             with bound(binding):
                 granted = await grant.handle(form, client)
         except OAuth2Error as exc:
@@ -282,6 +291,8 @@ def _count_binding_refusal(exc: OAuth2Error) -> None:
     """Refusals of the binding step, by reason (the DPoP check's slug, or the missing certificate)."""
     if exc.error in ("invalid_dpop_proof", "use_dpop_nonce"):
         metrics.TOKEN_BINDING_REFUSED.labels(reason=exc.debug or exc.error).inc()
+    elif exc.reason_id == "sender_constraint_required":
+        metrics.TOKEN_BINDING_REFUSED.labels(reason=exc.reason_id).inc()
 
 
 def _client_conditions(client: AuthenticatedClient) -> tuple[Condition, ...]:
