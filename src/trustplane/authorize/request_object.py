@@ -32,7 +32,7 @@ from typing import Any, TypeGuard
 import orjson
 
 from trustplane.clients.model import Client
-from trustplane.clients.remote_jwks import RemoteJwksCache
+from trustplane.clients.remote_jwks import RemoteJwksCache, signed_with
 from trustplane.errors import OAuth2Error
 from trustplane.jose.jws import JWSError, ParsedJWS, parse
 from trustplane.profile import client_is_fapi2, future_tolerance
@@ -119,16 +119,11 @@ class RequestObjects:
             )
 
     async def _check_signature(self, client: Client, jws: ParsedJWS) -> None:
-        kid = jws.header.get("kid")
-        kid = kid if isinstance(kid, str) else None
-        keys = client.keys
-        if client.jwks_uri:
-            keys = tuple(await self._remote.keys(client.jwks_uri, kid))
-        candidates = [key for k, alg, key in keys if alg == jws.alg and (kid is None or k == kid)]
-        if not any(jws.verify(key) for key in candidates):
+        verified, kid, tried = await signed_with(jws, client.keys, client.jwks_uri, self._remote)
+        if not verified:
             raise InvalidRequestObjectError(
                 "the request object signature is invalid",
-                debug=f"{client.client_id}: kid={kid}, {len(candidates)} candidate key(s)",
+                debug=f"{client.client_id}: kid={kid}, {tried} candidate key(s)",
             )
 
     def _check_claims(self, client: Client, claims: dict[str, Any]) -> int:

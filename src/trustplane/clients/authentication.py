@@ -29,7 +29,7 @@ from cryptography import x509
 
 from trustplane import metrics
 from trustplane.clients.model import Client, secret_matches
-from trustplane.clients.remote_jwks import RemoteJwksCache
+from trustplane.clients.remote_jwks import RemoteJwksCache, signed_with
 from trustplane.clients.service import ClientRegistry
 from trustplane.errors import InvalidClientError, InvalidRequestError
 from trustplane.jose.jwk import PublicKey
@@ -279,13 +279,8 @@ class ClientAuthenticator:
             )
 
     async def _check_signature(self, client: Client, jws: ParsedJWS) -> None:
-        kid = jws.header.get("kid")
-        kid = kid if isinstance(kid, str) else None
-        keys = client.keys
-        if client.jwks_uri:
-            keys = tuple(await self._remote.keys(client.jwks_uri, kid))
-        candidates = [key for k, alg, key in keys if alg == jws.alg and (kid is None or k == kid)]
-        if not any(jws.verify(key) for key in candidates):
+        verified, kid, _ = await signed_with(jws, client.keys, client.jwks_uri, self._remote)
+        if not verified:
             raise InvalidClientError(
                 "client assertion signature is invalid", debug=f"{client.client_id}: kid={kid}"
             )

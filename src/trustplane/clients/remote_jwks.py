@@ -11,17 +11,21 @@ keys: the assertion it was for fails ``invalid_client``.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import httpx
 import structlog
 
 from trustplane.jose.jwk import JWKError, PublicKey, import_public_jwks
+from trustplane.jose.jws import ParsedJWS
 from trustplane.outbound import HostRateLimiter, OutboundError, OutboundFetcher, OutboundPolicy
 from trustplane.settings import Settings
 
 log = structlog.get_logger("trustplane.clients")
 MAX_JWKS_BYTES = 64 * 1024
-KeyList = list[tuple[str | None, str, PublicKey]]
+#: One registered key: its ``kid`` (if any), its JWS algorithm, the key.
+KeyEntry = tuple[str | None, str, PublicKey]
+KeyList = list[KeyEntry]
 
 
 class RemoteJwksCache:
@@ -67,6 +71,22 @@ class RemoteJwksCache:
 
     async def aclose(self) -> None:
         await self._fetcher.aclose()
+
+
+async def signed_with(
+    jws: ParsedJWS, keys: Sequence[KeyEntry], jwks_uri: str | None, remote: RemoteJwksCache
+) -> tuple[bool, str | None, int]:
+    """Whether ``jws`` verifies with one of a client's registered keys: its ``jwks`` (``keys``), or
+    its ``jwks_uri`` through ``remote`` (an unknown ``kid`` refetches, rate-limited). Only keys of
+    the JWS's algorithm, and of its ``kid`` when it names one, are tried. Also returns the ``kid``
+    and how many keys were tried, for the caller's log line. Client assertions and request objects
+    are both checked through here."""
+    kid = jws.header.get("kid")
+    kid = kid if isinstance(kid, str) else None
+    if jwks_uri:
+        keys = await remote.keys(jwks_uri, kid)
+    candidates = [key for k, alg, key in keys if alg == jws.alg and (kid is None or k == kid)]
+    return any(jws.verify(key) for key in candidates), kid, len(candidates)
 
 
 def client_jwks_cache(
