@@ -4,23 +4,34 @@
 
 Starts three ``trustplane serve`` processes on free loopback ports, each with its own data directory,
 SQLite database and signing keys: the ARRANGER, the BROKER and the CLEARING broker. They are
-federated only by trust profiles (``trustplane partners add``). Then:
+federated only by trust profiles (``trustplane partners add``). Every listener speaks HTTPS with a
+certificate of a private CA the script makes at start in ``WORKDIR/pki`` (``trustplane.tls.dev_ca``;
+removed with the work directory). The partner clients (the arranger's order service, the broker's
+execution service) authenticate with private_key_jwt and call over mutual TLS with their client
+certificates; they are registered with ``tls_client_certificate_bound_access_tokens``, so every token
+they obtain, the exchanged ones included, carries ``cnf.x5t#S256`` of their own certificate (RFC 8705
+§3), and Alice's token is DPoP-bound as well (``cnf.jkt``, RFC 9449). Then:
 
 1. Alice (Northwind AM) logs in at the arranger and approves the arranger's order service: code +
-   PKCE + consent; the consent becomes mandate M v1 and Alice's token refers to it.
+   PKCE + consent; the consent becomes mandate M v1 and Alice's token refers to it. The code is
+   bound to her session's DPoP key (``dpop_jkt``) and redeemed with a proof of it. Her order is
+   handed in at the arranger's order intake with ``Authorization: DPoP`` and a proof; the same token
+   as ``Bearer``, a replayed proof or another key's proof are refused (401).
 2. The arranger's order service exchanges Alice's token (RFC 8693) for a broker-audience token:
    ``act`` = the order service, narrowed authorization_details, a new ``txn``, mandate M kept.
 3. The broker's execution API (``services.py``: a FastAPI app behind the PEP SDK, trusting the
    arranger's issuer) validates that token, checks the order against its authorization_details, asks
    the BROKER's PDP over AuthZEN, executes, and emits ``trade.executed`` with the transaction envelope.
-   An order above the token's notional is refused (403).
+   An order above the token's notional is refused (403); the token without the order service's
+   certificate is refused (401 ``invalid_token``).
 4. The broker exchanges it AT THE BROKER's deployment (the arranger is a trusted partner there) for a
    clearing-audience token with ``settlement:submit`` only; ``act`` chain broker -> arranger. The
    clearing's settlement API (trusting the broker's issuer) validates it, checks the provenance chain
    (``prv``: the broker token came from the arranger's token, which came from Alice's), asks the
    CLEARING's PDP over AuthZEN (the trade must be executed) and submits the settlement with an
    ``Idempotency-Key``: a retry returns the stored result; the key with another body is refused (422);
-   no key is refused (400); the broker-audience token is refused there (401).
+   no key is refused (400); the broker-audience token is refused there (401); the clearing token
+   without the broker's certificate, or from the arranger's certificate, is refused (401).
 6. Compliance reads each deployment's ledger for the transaction: the original and derived token of
    every exchange, with inclusion proofs.
 
@@ -64,6 +75,7 @@ from services import (
     ServerTls,
     TradeFeed,
     execution_api,
+    order_intake_api,
     settlement_api,
 )
 
@@ -502,13 +514,18 @@ def refused(response: httpx.Response, status: int, what: str) -> str:
     return str(body.get("error") or body.get("title"))
 
 
-def refused_token(response: httpx.Response, what: str) -> str:
-    """A 401 ``invalid_token`` with its RFC 6750 §3 challenge; returns ``401 <error> (<scheme>)``."""
-    error = refused(response, 401, what)
-    expect(error == "invalid_token", f"{what}: {error}, not invalid_token")
+def refused_token(
+    response: httpx.Response, what: str, because: str, error: str = "invalid_token"
+) -> str:
+    """A 401 with ``error`` and its challenge (RFC 6750 §3, RFC 9449 §7.1), refused ``because``
+    (a part of its error_description); returns ``401 <error> (<scheme> challenge)``."""
+    got = refused(response, 401, what)
+    expect(got == error, f"{what}: {got}, not {error}")
     challenge = response.headers.get("www-authenticate", "")
-    expect('error="invalid_token"' in challenge, f"{what}: challenge {challenge!r}")
-    return f"401 {error} ({challenge.split(' ', 1)[0]} challenge)"
+    expect(f'error="{error}"' in challenge, f"{what}: challenge {challenge!r}")
+    description = str(response.json().get("error_description", ""))
+    expect(because in description, f"{what}: refused for {description!r}")
+    return f"401 {got} ({challenge.split(' ', 1)[0]} challenge)"
 
 
 def decided(entry: dict[str, Any]) -> str:
@@ -529,6 +546,7 @@ def run(workdir: Path) -> None:
     clearing = Deployment("clearing", workdir, pki)
     deployments = [arranger, broker, clearing]
     services: list[Served] = []
+    connections = contextlib.ExitStack()  # the partner clients' mutual-TLS connections
     try:
         step("0", "a private CA for the example; three deployments over HTTPS (mutual TLS)")
         show("private CA", f"{pki.ca_file} ({pki.ca.certificate.subject.rfc4514_string()})")
@@ -597,9 +615,17 @@ def run(workdir: Path) -> None:
             ),
             free_port(), pki.server("settlement-api"),
         )  # fmt: skip
-        services = [execution_service, settlement_service]
+        intake_service = Served(
+            order_intake_api(
+                audience=ARRANGER_ORDERS, issuer=arranger.issuer, ca_file=pki.ca_file,
+                pdp=arranger.pdp_access("arranger order intake"),
+            ),
+            free_port(), pki.server("intake-api"),
+        )  # fmt: skip
+        services = [intake_service, execution_service, settlement_service]
         for service in services:
             service.start()
+        show("arranger order intake", intake_service.url)
         show("broker execution API", execution_service.url)
         show("clearing settlement API", settlement_service.url)
         show("arranger order service", orders.client_id)
@@ -618,6 +644,37 @@ def run(workdir: Path) -> None:
             {k: alice_claims[k] for k in ("iss", "sub", "aud", "scope", "mandate", "cnf")},
         )
         show("Alice's token type", f"{alice['token_type']} (cnf.jkt = the session's DPoP key)")
+
+        step("1", "Alice's order at the arranger's order intake, with her DPoP-bound token")
+        # the order service's calls go over mutual TLS with its certificate
+        as_arranger = connections.enter_context(pki.http(orders_tls))
+        intake_url = f"{intake_service.url}/intake"
+        alice_token = alice["access_token"]
+        proof = session.proof("POST", intake_url, alice_token)
+        with_proof = {"Authorization": f"DPoP {alice_token}", "DPoP": proof}
+        taken = as_arranger.post(intake_url, json=ORDER_IN, headers=with_proof)
+        expect(taken.status_code == 202, f"intake: {taken.status_code} {taken.text}")
+        expect(taken.json()["accepted_for"] == alice_claims["sub"], "intake: another subject")
+        show("DPoP token + proof (+ the order service's certificate)", "202 accepted for Alice")
+        error = refused_token(
+            as_arranger.post(intake_url, json=ORDER_IN, headers=bearer(alice_token)),
+            "Alice's DPoP-bound token as Bearer", "DPoP-bound",
+        )  # fmt: skip
+        show("Alice's DPoP-bound token replayed as Bearer", error)
+        error = refused_token(
+            as_arranger.post(intake_url, json=ORDER_IN, headers=with_proof),
+            "the same proof again", "", "invalid_dpop_proof",
+        )  # fmt: skip
+        show("the same DPoP proof again", error)
+        thief = DpopKey().proof("POST", intake_url, alice_token)
+        error = refused_token(
+            as_arranger.post(
+                intake_url, json=ORDER_IN,
+                headers={"Authorization": f"DPoP {alice_token}", "DPoP": thief},
+            ),
+            "Alice's token with another key's proof", "",
+        )  # fmt: skip
+        show("Alice's token with a proof of another key", error)
 
         step("2", "the arranger exchanges Alice's token for a broker-audience token")
         to_broker = arranger.token(
@@ -644,7 +701,6 @@ def run(workdir: Path) -> None:
 
         step("3", "the broker's execution API (PEP + broker PDP) executes; emits trade.executed")
         orders_url = f"{execution_service.url}/orders"
-        as_arranger = pki.http(orders_tls)  # the order service calls the broker over mutual TLS
         executed = as_arranger.post(
             orders_url, json=ORDER_IN, headers=bearer(to_broker["access_token"])
         )
@@ -665,6 +721,7 @@ def run(workdir: Path) -> None:
                     orders_url, json=ORDER_IN, headers=bearer(to_broker["access_token"])
                 ),
                 "the broker token without the arranger's certificate",
+                "none was presented",
             )
         show("the broker token without the arranger's certificate", error)
 
@@ -700,7 +757,8 @@ def run(workdir: Path) -> None:
                        "currency": "EUR", "settlement_date": "2026-12-02"}  # fmt: skip
         key = f'"{secrets.token_hex(16)}"'  # an RFC 8941 sf-string
         headers = bearer(to_clearing["access_token"], **{"Idempotency-Key": key})
-        as_broker = pki.http(execution_tls)  # the broker calls the clearing over mutual TLS
+        # the broker calls the clearing over mutual TLS with its execution service's certificate
+        as_broker = connections.enter_context(pki.http(execution_tls))
         first = as_broker.post(settle_url, json=instruction, headers=headers)
         expect(first.status_code == 201, f"settlement: {first.status_code} {first.text}")
         settlement = first.json()
@@ -735,11 +793,13 @@ def run(workdir: Path) -> None:
             error = refused_token(
                 no_certificate.post(settle_url, json=instruction, headers=stolen),
                 "the clearing token replayed as a plain Bearer token",
+                "none was presented",
             )
         show("the clearing token replayed as a plain Bearer token (no certificate)", error)
         error = refused_token(
             as_arranger.post(settle_url, json=instruction, headers=stolen),
             "the clearing token from another client's certificate",
+            "another client certificate",
         )
         show("the clearing token sent with the arranger's certificate (stolen)", error)
         listed = as_broker.get(settle_url).json()
@@ -779,6 +839,7 @@ def run(workdir: Path) -> None:
             print(f"\n--- {d.name} log (tail) ---\n{d.log()[-2000:]}", file=sys.stderr)
         raise
     finally:
+        connections.close()
         for service in services:
             service.stop()
         for d in deployments:

@@ -1,6 +1,8 @@
 """The reference services of the three-party example, each a FastAPI app behind trustplane's PEP SDK,
-served by uvicorn on its own loopback port:
+served by uvicorn over HTTPS on its own loopback port (client certificates of the example's CA
+optional at the handshake, read from the connection by the PEP):
 
+- the ARRANGER's order intake (``POST /intake``): Alice's DPoP-bound token with a DPoP proof;
 - the BROKER's execution API (``POST /orders``): accepts the arranger-issued, broker-audience token
   (trusting the arranger's issuer only), checks the order against the token's authorization_details,
   asks the BROKER's PDP over AuthZEN, executes, and emits ``trade.executed`` carrying the transaction
@@ -39,6 +41,7 @@ from trustplane.pep import (
     AccessToken,
     AuthzenClient,
     ChainRequirement,
+    DpopBinding,
     IdempotencyService,
     OutboundFetcher,
     OutboundPolicy,
@@ -118,7 +121,7 @@ def actor_chain(claims: Mapping[str, Any]) -> list[dict[str, Any]]:
     return chain
 
 
-# --------------------------------------------------------------------------- broker: execution
+# --------------------------------------------------------------------------- arranger: order intake
 
 
 class OrderIn(BaseModel):
@@ -127,6 +130,34 @@ class OrderIn(BaseModel):
     side: str = Field(pattern="^(buy|sell)$")
     amount_minor: int = Field(gt=0, lt=2**62)
     currency: str = Field(pattern="^[A-Z]{3}$")
+
+
+def order_intake_api(*, audience: str, issuer: str, pdp: PdpAccess, ca_file: Path) -> FastAPI:
+    """The ARRANGER's order intake (``POST /intake``): where Alice's session at the order service
+    hands in her order with her own token, which is DPoP-bound (``cnf.jkt``). With a
+    ``DpopBinding`` the PEP accepts it only as ``Authorization: DPoP`` with a proof of that key for
+    this request (RFC 9449 §7); as ``Bearer`` it is 401 ``invalid_token`` with a DPoP challenge.
+    Her token is certificate-bound as well (the order service's tokens all are), so the request
+    must also come over the order service's TLS client certificate (RFC 8705 §3)."""
+    fetcher = sandbox_fetcher(ca_file)
+    validator = TokenValidator(audience=audience, issuers=[TrustedIssuer(issuer)], fetcher=fetcher)
+    enforcer = PolicyEnforcer(validator, pdp.client(fetcher), realm="orders", dpop=DpopBinding())
+    pep = Pep(enforcer)
+    app = FastAPI(title="arranger order intake")
+    pep.install(app)
+
+    @app.post("/intake", status_code=202)
+    async def intake(body: OrderIn, token: AccessToken = Depends(pep.token)) -> dict[str, Any]:
+        return {
+            "accepted_for": token.subject,
+            "mandate": token.claims.get("mandate"),
+            "order": body.model_dump(),
+        }
+
+    return app
+
+
+# --------------------------------------------------------------------------- broker: execution
 
 
 @dataclass(frozen=True)
