@@ -538,8 +538,9 @@ def decided(entry: dict[str, Any]) -> str:
 
 
 def run(workdir: Path) -> None:
-    if (workdir / "arranger").exists():
-        raise StepFailed(f"{workdir / 'arranger'} already exists: give an empty --workdir")
+    for name in ("arranger", "broker", "clearing", "pki"):  # before the CA is made
+        if (workdir / name).exists():
+            raise StepFailed(f"{workdir / name} already exists: give an empty --workdir")
     pki = Pki.create(workdir / "pki")
     arranger = Deployment("arranger", workdir, pki)
     broker = Deployment("broker", workdir, pki)
@@ -663,7 +664,7 @@ def run(workdir: Path) -> None:
         show("Alice's DPoP-bound token replayed as Bearer", error)
         error = refused_token(
             as_arranger.post(intake_url, json=ORDER_IN, headers=with_proof),
-            "the same proof again", "", "invalid_dpop_proof",
+            "the same proof again", "already been used", "invalid_dpop_proof",
         )  # fmt: skip
         show("the same DPoP proof again", error)
         thief = DpopKey().proof("POST", intake_url, alice_token)
@@ -672,7 +673,7 @@ def run(workdir: Path) -> None:
                 intake_url, json=ORDER_IN,
                 headers={"Authorization": f"DPoP {alice_token}", "DPoP": thief},
             ),
-            "Alice's token with another key's proof", "",
+            "Alice's token with another key's proof", "not the key",
         )  # fmt: skip
         show("Alice's token with a proof of another key", error)
 
