@@ -276,7 +276,7 @@ class Deployment:
             TRUSTPLANE_OPS_PORT="0",  # three servers on one host: no operations listener
             TRUSTPLANE_SCOPES_FILE=str(self.data_dir / "scopes.toml"),
             TRUSTPLANE_CACHE_REFRESH_INTERVAL="0.2",
-            TRUSTPLANE_FEDERATION_ALLOW_INSECURE_LOOPBACK="true",  # partners' issuers are http://127.0.0.1
+            TRUSTPLANE_FEDERATION_ALLOW_INSECURE_LOOPBACK="true",  # partners on 127.0.0.1 (loopback)
             TRUSTPLANE_LOG_LEVEL="warning",
         )
         return env
