@@ -4,23 +4,34 @@
 
 Starts three ``trustplane serve`` processes on free loopback ports, each with its own data directory,
 SQLite database and signing keys: the ARRANGER, the BROKER and the CLEARING broker. They are
-federated only by trust profiles (``trustplane partners add``). Then:
+federated only by trust profiles (``trustplane partners add``). Every listener speaks HTTPS with a
+certificate of a private CA the script makes at start in ``WORKDIR/pki`` (``trustplane.tls.dev_ca``;
+removed with the work directory). The partner clients (the arranger's order service, the broker's
+execution service) authenticate with private_key_jwt and call over mutual TLS with their client
+certificates; they are registered with ``tls_client_certificate_bound_access_tokens``, so every token
+they obtain, the exchanged ones included, carries ``cnf.x5t#S256`` of their own certificate (RFC 8705
+§3), and Alice's token is DPoP-bound as well (``cnf.jkt``, RFC 9449). Then:
 
 1. Alice (Northwind AM) logs in at the arranger and approves the arranger's order service: code +
-   PKCE + consent; the consent becomes mandate M v1 and Alice's token refers to it.
+   PKCE + consent; the consent becomes mandate M v1 and Alice's token refers to it. The code is
+   bound to her session's DPoP key (``dpop_jkt``) and redeemed with a proof of it. Her order is
+   handed in at the arranger's order intake with ``Authorization: DPoP`` and a proof; the same token
+   as ``Bearer``, a replayed proof or another key's proof are refused (401).
 2. The arranger's order service exchanges Alice's token (RFC 8693) for a broker-audience token:
    ``act`` = the order service, narrowed authorization_details, a new ``txn``, mandate M kept.
 3. The broker's execution API (``services.py``: a FastAPI app behind the PEP SDK, trusting the
    arranger's issuer) validates that token, checks the order against its authorization_details, asks
    the BROKER's PDP over AuthZEN, executes, and emits ``trade.executed`` with the transaction envelope.
-   An order above the token's notional is refused (403).
+   An order above the token's notional is refused (403); the token without the order service's
+   certificate is refused (401 ``invalid_token``).
 4. The broker exchanges it AT THE BROKER's deployment (the arranger is a trusted partner there) for a
    clearing-audience token with ``settlement:submit`` only; ``act`` chain broker -> arranger. The
    clearing's settlement API (trusting the broker's issuer) validates it, checks the provenance chain
    (``prv``: the broker token came from the arranger's token, which came from Alice's), asks the
    CLEARING's PDP over AuthZEN (the trade must be executed) and submits the settlement with an
    ``Idempotency-Key``: a retry returns the stored result; the key with another body is refused (422);
-   no key is refused (400); the broker-audience token is refused there (401).
+   no key is refused (400); the broker-audience token is refused there (401); the clearing token
+   without the broker's certificate, or from the arranger's certificate, is refused (401).
 6. Compliance reads each deployment's ledger for the transaction: the original and derived token of
    every exchange, with inclusion proofs.
 
@@ -42,6 +53,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -52,20 +64,26 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jwt
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from services import (
     Books,
     Membership,
     PdpAccess,
     Served,
+    ServerTls,
     TradeFeed,
     execution_api,
+    order_intake_api,
     settlement_api,
 )
 
+from trustplane.jose.jwk import thumbprint
 from trustplane.keys.crypto import public_jwk
 from trustplane.logging import configure_logging
 from trustplane.pep import PrivateKeyJwt
+from trustplane.tls import certificate_thumbprint, dev_ca
 
 TRUSTPLANE = shutil.which("trustplane") or str(Path(sys.executable).with_name("trustplane"))
 EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -106,6 +124,85 @@ _HIDDEN = re.compile(r'<input type="hidden" name="(\w+)" value="([^"]*)">')
 
 class StepFailed(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A TLS client certificate of the example's private CA and its key (files in the PKI dir)."""
+
+    name: str
+    certificate: x509.Certificate
+    cert_file: Path
+    key_file: Path
+
+    @property
+    def x5t(self) -> str:
+        """RFC 8705 §3.1 ``x5t#S256``: what a token bound to this certificate names in ``cnf``."""
+        return certificate_thumbprint(self.certificate)
+
+
+@dataclass
+class Pki:
+    """The example's private CA, made at start in ``WORKDIR/pki`` (``trustplane.tls.dev_ca``, the
+    module behind ``trustplane dev ca``) and removed with the work directory: one server certificate
+    per listener (IP SAN 127.0.0.1) and one client certificate per partner client."""
+
+    directory: Path
+    ca: dev_ca.Issued
+
+    @classmethod
+    def create(cls, directory: Path) -> Pki:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=False)
+        ca = dev_ca.create_ca("trustplane three-party example CA")
+        ca.write(directory, "ca")
+        return cls(directory, ca)
+
+    @property
+    def ca_file(self) -> Path:
+        return self.directory / "ca.crt"
+
+    def server(self, name: str) -> ServerTls:
+        subject = dev_ca.Subject(f"{name}.example", ips=("127.0.0.1",), dns=("localhost",))
+        cert, key = dev_ca.issue(self.ca, subject, server=True).write(self.directory, name)
+        return ServerTls(cert, key, self.ca_file)
+
+    def client(self, name: str, organization: str) -> Identity:
+        issued = dev_ca.issue(self.ca, dev_ca.Subject(name, organization))
+        cert, key = issued.write(self.directory, name)
+        return Identity(name, issued.certificate, cert, key)
+
+    def http(self, identity: Identity | None = None, **options: Any) -> httpx.Client:
+        """An HTTPS client trusting only this CA; with ``identity``, presenting its certificate."""
+        context = ssl.create_default_context(cafile=self.ca_file)
+        if identity is not None:
+            context.load_cert_chain(identity.cert_file, identity.key_file)
+        return httpx.Client(verify=context, timeout=options.pop("timeout", 10), **options)
+
+
+@dataclass(frozen=True)
+class DpopKey:
+    """A DPoP key (RFC 9449): proofs for one request each, ``jkt`` its RFC 7638 thumbprint."""
+
+    key: ec.EllipticCurvePrivateKey = field(
+        default_factory=lambda: ec.generate_private_key(ec.SECP256R1())
+    )
+
+    @property
+    def jwk(self) -> dict[str, Any]:
+        return public_jwk(self.key)
+
+    @property
+    def jkt(self) -> str:
+        return thumbprint(self.jwk)
+
+    def proof(self, htm: str, htu: str, access_token: str | None = None) -> str:
+        claims: dict[str, Any] = {"jti": secrets.token_urlsafe(16), "htm": htm, "htu": htu}
+        claims["iat"] = int(time.time())
+        if access_token is not None:
+            digest = hashlib.sha256(access_token.encode("ascii")).digest()
+            claims["ath"] = base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+        headers = {"typ": "dpop+jwt", "jwk": self.jwk}
+        return jwt.encode(claims, self.key, algorithm="ES256", headers=headers)
 
 
 def step(number: str, text: str) -> None:
@@ -151,12 +248,13 @@ def scopes_toml(vocabulary: dict[str, str]) -> str:
 class Deployment:
     name: str
     workdir: Path
+    pki: Pki
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
 
     @property
     def issuer(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"https://127.0.0.1:{self.port}"
 
     @property
     def data_dir(self) -> Path:
@@ -169,10 +267,16 @@ class Deployment:
             TRUSTPLANE_DATA_DIR=str(self.data_dir),
             TRUSTPLANE_DATABASE_URL=f"sqlite+aiosqlite:///{self.data_dir / 'trustplane.db'}",
             TRUSTPLANE_PORT=str(self.port),
+            TRUSTPLANE_ISSUER=self.issuer,
+            # HTTPS with the example CA's server certificate; a client certificate is optional at
+            # the handshake and, when sent, must chain to the same CA (RFC 8705 binding and auth)
+            TRUSTPLANE_TLS_CERTIFICATE=str(self.pki.directory / f"{self.name}.crt"),
+            TRUSTPLANE_TLS_KEY=str(self.pki.directory / f"{self.name}.key"),
+            TRUSTPLANE_TLS_CLIENT_CA=str(self.pki.ca_file),
             TRUSTPLANE_OPS_PORT="0",  # three servers on one host: no operations listener
             TRUSTPLANE_SCOPES_FILE=str(self.data_dir / "scopes.toml"),
             TRUSTPLANE_CACHE_REFRESH_INTERVAL="0.2",
-            TRUSTPLANE_FEDERATION_ALLOW_INSECURE_LOOPBACK="true",  # partners' issuers are http://127.0.0.1
+            TRUSTPLANE_FEDERATION_ALLOW_INSECURE_LOOPBACK="true",  # partners on 127.0.0.1 (loopback)
             TRUSTPLANE_LOG_LEVEL="warning",
         )
         return env
@@ -190,6 +294,7 @@ class Deployment:
         if self.data_dir.exists():
             raise StepFailed(f"{self.data_dir} already exists: give an empty --workdir")
         self.data_dir.mkdir(parents=True)
+        self.pki.server(self.name)
         (self.data_dir / "scopes.toml").write_text(scopes_toml(VOCABULARY[self.name]))
         log = (self.data_dir / "server.log").open("wb")
         self.process = subprocess.Popen(
@@ -202,8 +307,8 @@ class Deployment:
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise StepFailed(f"{self.name} exited early:\n{self.log()[-3000:]}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.issuer}/healthz", timeout=1).status_code == 200:
+            with contextlib.suppress(httpx.TransportError), self.pki.http(timeout=1) as http:
+                if http.get(f"{self.issuer}/healthz").status_code == 200:
                     return
             time.sleep(0.1)
         raise StepFailed(f"{self.name} not healthy within {timeout:g} s")
@@ -227,9 +332,10 @@ class Deployment:
         key = ec.generate_private_key(ec.SECP256R1())
         jwk = {**public_jwk(key), "kid": "k1", "alg": "ES256", "use": "sig"}
         body = {"lei": ARRANGER, "jwks": {"keys": [jwk]}, **metadata}
-        response = httpx.post(
-            f"{self.issuer}/register", json=body, headers={"Authorization": f"Bearer {token}"}
-        )
+        with self.pki.http() as http:
+            response = http.post(
+                f"{self.issuer}/register", json=body, headers={"Authorization": f"Bearer {token}"}
+            )
         expect(response.status_code == 201, f"{self.name}: registration: {response.text}")
         return PrivateKeyJwt(response.json()["client_id"], key, "k1", self.issuer)
 
@@ -259,6 +365,7 @@ class Deployment:
         extra += ["--resource-server", audience, "--grant-type", EXCHANGE]
         extra += ["--grant-type", "client_credentials"]
         extra += ["--authorization-details-type", "trade_instruction"]
+        extra += ["--certificate-bound-tokens"]  # RFC 8705 §3: its tokens name its certificate
         client_id, key = self.operator_client(name, SCOPES, audience, *extra)
         return PrivateKeyJwt(client_id, key, "k1", self.issuer)
 
@@ -278,11 +385,11 @@ class Deployment:
             auditor, grant_type="client_credentials", scope="audit:query",
             resource=f"{self.issuer}/audit",
         )["access_token"]  # fmt: skip
-        response = httpx.get(
-            f"{self.issuer}/audit/transactions/{txn}",
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=10,
-        )
+        with self.pki.http() as http:
+            response = http.get(
+                f"{self.issuer}/audit/transactions/{txn}",
+                headers={"Authorization": f"Bearer {token}"},
+            )
         expect(response.status_code == 200, f"{self.name} ledger: {response.text}")
         return list(response.json()["entries"])
 
@@ -301,17 +408,30 @@ class Deployment:
                 return entries
             time.sleep(0.2)
 
-    def token(self, client: PrivateKeyJwt, **form: str) -> dict[str, Any]:
+    def token(
+        self,
+        client: PrivateKeyJwt,
+        identity: Identity | None = None,
+        dpop: DpopKey | None = None,
+        **form: str,
+    ) -> dict[str, Any]:
+        """A token request over HTTPS, authenticated with private_key_jwt; over mutual TLS with
+        ``identity``'s certificate (a certificate-bound client's tokens carry ``cnf.x5t#S256``);
+        with a DPoP proof of ``dpop`` (``cnf.jkt``, ``token_type: DPoP``)."""
         data = dict(form)
         headers: dict[str, str] = {}
         client.apply(data, headers)
-        response = httpx.post(f"{self.issuer}/token", data=data, headers=headers, timeout=10)
+        if dpop is not None:
+            headers["DPoP"] = dpop.proof("POST", f"{self.issuer}/token")
+        with self.pki.http(identity) as http:
+            response = http.post(f"{self.issuer}/token", data=data, headers=headers)
         expect(response.status_code == 200, f"{self.name} /token: {response.text}")
         return dict(response.json())
 
     def trust(self, partner: Deployment, partner_id: str, lei: str, **profile: Any) -> None:
         """A trust profile for ``partner``: its issuer and its current public keys, inline."""
-        jwks = httpx.get(f"{partner.issuer}/jwks", timeout=10).json()
+        with self.pki.http() as http:
+            jwks = http.get(f"{partner.issuer}/jwks").json()
         document = {
             "partner_id": partner_id,
             "name": partner.name,
@@ -338,8 +458,12 @@ def hidden_fields(page: str) -> dict[str, str]:
     return {name: html.unescape(value) for name, value in _HIDDEN.findall(page)}
 
 
-def consent(arranger: Deployment, client: PrivateKeyJwt) -> dict[str, Any]:
-    """Step 1: Alice's browser (httpx) logs in and approves; the order service redeems the code."""
+def consent(
+    arranger: Deployment, client: PrivateKeyJwt, identity: Identity, session: DpopKey
+) -> dict[str, Any]:
+    """Step 1: Alice's browser (httpx) logs in and approves; the order service redeems the code
+    over mutual TLS with a DPoP proof of Alice's session key (the code is bound to that key by
+    ``dpop_jkt``, RFC 9449 §10), so her token is DPoP-bound."""
     verifier, challenge = pkce_pair()
     params = {
         "response_type": "code",
@@ -351,8 +475,9 @@ def consent(arranger: Deployment, client: PrivateKeyJwt) -> dict[str, Any]:
         "code_challenge": challenge,
         "code_challenge_method": "S256",
         "authorization_details": json.dumps([TRADE]),
+        "dpop_jkt": session.jkt,
     }
-    with httpx.Client(base_url=arranger.issuer, follow_redirects=False, timeout=30) as browser:
+    with arranger.pki.http(base_url=arranger.issuer, follow_redirects=False, timeout=30) as browser:
         login = browser.get("/authorize", params=params)
         expect(login.status_code == 200, f"authorize page: {login.status_code} {login.text[:300]}")
         login_form = {**hidden_fields(login.text), "username": "alice", "password": ALICE_PASSWORD}
@@ -369,6 +494,8 @@ def consent(arranger: Deployment, client: PrivateKeyJwt) -> dict[str, Any]:
     expect(callback.params.get("state") == params["state"], "state mismatch")
     return arranger.token(
         client,
+        identity,
+        session,
         grant_type="authorization_code",
         code=callback.params["code"],
         redirect_uri=REDIRECT_URI,
@@ -387,6 +514,20 @@ def refused(response: httpx.Response, status: int, what: str) -> str:
     return str(body.get("error") or body.get("title"))
 
 
+def refused_token(
+    response: httpx.Response, what: str, because: str, error: str = "invalid_token"
+) -> str:
+    """A 401 with ``error`` and its challenge (RFC 6750 §3, RFC 9449 §7.1), refused ``because``
+    (a part of its error_description); returns ``401 <error> (<scheme> challenge)``."""
+    got = refused(response, 401, what)
+    expect(got == error, f"{what}: {got}, not {error}")
+    challenge = response.headers.get("www-authenticate", "")
+    expect(f'error="{error}"' in challenge, f"{what}: challenge {challenge!r}")
+    description = str(response.json().get("error_description", ""))
+    expect(because in description, f"{what}: refused for {description!r}")
+    return f"401 {got} ({challenge.split(' ', 1)[0]} challenge)"
+
+
 def decided(entry: dict[str, Any]) -> str:
     """A ledger entry in a word or three: a decision as ``allow <action>``, else its type."""
     kind = entry["entry"]["type"]
@@ -397,13 +538,19 @@ def decided(entry: dict[str, Any]) -> str:
 
 
 def run(workdir: Path) -> None:
-    arranger = Deployment("arranger", workdir)
-    broker = Deployment("broker", workdir)
-    clearing = Deployment("clearing", workdir)
+    for name in ("arranger", "broker", "clearing", "pki"):  # before the CA is made
+        if (workdir / name).exists():
+            raise StepFailed(f"{workdir / name} already exists: give an empty --workdir")
+    pki = Pki.create(workdir / "pki")
+    arranger = Deployment("arranger", workdir, pki)
+    broker = Deployment("broker", workdir, pki)
+    clearing = Deployment("clearing", workdir, pki)
     deployments = [arranger, broker, clearing]
     services: list[Served] = []
+    connections = contextlib.ExitStack()  # the partner clients' mutual-TLS connections
     try:
-        step("0", "start three deployments, each with its own data dir, database and keys")
+        step("0", "a private CA for the example; three deployments over HTTPS (mutual TLS)")
+        show("private CA", f"{pki.ca_file} ({pki.ca.certificate.subject.rfc4514_string()})")
         for d in deployments:
             d.start()
         for d in deployments:
@@ -415,8 +562,13 @@ def run(workdir: Path) -> None:
             "users", "add", "alice", "--lei", NORTHWIND, "--name", "Alice Trader",
             "--password-stdin", stdin=ALICE_PASSWORD + "\n",
         )  # fmt: skip
+        # the partner clients: private_key_jwt authenticates them, their certificates bind their
+        # tokens (tls_client_certificate_bound_access_tokens, RFC 8705 §3)
+        orders_tls = pki.client("arranger-orders", "Arranger")
+        execution_tls = pki.client("broker-execution", "Broker")
         orders = arranger.register(
             client_name="Arranger order service",
+            tls_client_certificate_bound_access_tokens=True,
             grant_types=["authorization_code", EXCHANGE],
             redirect_uris=[REDIRECT_URI],
             scope=SCOPES,
@@ -450,8 +602,9 @@ def run(workdir: Path) -> None:
                 audience=BROKER_EXECUTION, trusted_issuer=arranger.issuer, feed=feed,
                 pdp=broker.pdp_access("broker execution API"),
                 books=Books(accounts={"ACC-1": NORTHWIND}, instruments={BOND: ("bond", False)}),
+                ca_file=pki.ca_file,
             ),
-            free_port(),
+            free_port(), pki.server("execution-api"),
         )  # fmt: skip
         settlement_service = Served(
             settlement_api(
@@ -459,12 +612,21 @@ def run(workdir: Path) -> None:
                 member=Membership(broker.issuer, BROKER, CLEARING_ACCOUNT, arranger.issuer),
                 pdp=clearing.pdp_access("clearing settlement API"),
                 idempotency_db=f"sqlite+aiosqlite:///{clearing.data_dir / 'settlements.db'}",
+                ca_file=pki.ca_file,
             ),
-            free_port(),
+            free_port(), pki.server("settlement-api"),
         )  # fmt: skip
-        services = [execution_service, settlement_service]
+        intake_service = Served(
+            order_intake_api(
+                audience=ARRANGER_ORDERS, issuer=arranger.issuer, ca_file=pki.ca_file,
+                pdp=arranger.pdp_access("arranger order intake"),
+            ),
+            free_port(), pki.server("intake-api"),
+        )  # fmt: skip
+        services = [intake_service, execution_service, settlement_service]
         for service in services:
             service.start()
+        show("arranger order intake", intake_service.url)
         show("broker execution API", execution_service.url)
         show("clearing settlement API", settlement_service.url)
         show("arranger order service", orders.client_id)
@@ -472,16 +634,53 @@ def run(workdir: Path) -> None:
         time.sleep(1.0)  # the servers pick up new clients and partners within the refresh interval
 
         step("1", "Alice authorises the arranger (code + PKCE + consent) -> mandate M")
-        alice = consent(arranger, orders)
+        session = DpopKey()  # the key of Alice's session at the order service
+        alice = consent(arranger, orders, orders_tls, session)
         alice_claims = claims_of(alice["access_token"])
         expect("mandate" in alice_claims, "Alice's token has no mandate")
+        expect(alice["token_type"] == "DPoP", f"Alice's token is {alice['token_type']}")
+        expect(alice_claims["cnf"].get("jkt") == session.jkt, "Alice's token is not DPoP-bound")
         show(
-            "Alice's token", {k: alice_claims[k] for k in ("iss", "sub", "aud", "scope", "mandate")}
+            "Alice's token",
+            {k: alice_claims[k] for k in ("iss", "sub", "aud", "scope", "mandate", "cnf")},
         )
+        show("Alice's token type", f"{alice['token_type']} (cnf.jkt = the session's DPoP key)")
+
+        step("1", "Alice's order at the arranger's order intake, with her DPoP-bound token")
+        # the order service's calls go over mutual TLS with its certificate
+        as_arranger = connections.enter_context(pki.http(orders_tls))
+        intake_url = f"{intake_service.url}/intake"
+        alice_token = alice["access_token"]
+        proof = session.proof("POST", intake_url, alice_token)
+        with_proof = {"Authorization": f"DPoP {alice_token}", "DPoP": proof}
+        taken = as_arranger.post(intake_url, json=ORDER_IN, headers=with_proof)
+        expect(taken.status_code == 202, f"intake: {taken.status_code} {taken.text}")
+        expect(taken.json()["accepted_for"] == alice_claims["sub"], "intake: another subject")
+        show("DPoP token + proof (+ the order service's certificate)", "202 accepted for Alice")
+        error = refused_token(
+            as_arranger.post(intake_url, json=ORDER_IN, headers=bearer(alice_token)),
+            "Alice's DPoP-bound token as Bearer", "DPoP-bound",
+        )  # fmt: skip
+        show("Alice's DPoP-bound token replayed as Bearer", error)
+        error = refused_token(
+            as_arranger.post(intake_url, json=ORDER_IN, headers=with_proof),
+            "the same proof again", "already been used", "invalid_dpop_proof",
+        )  # fmt: skip
+        show("the same DPoP proof again", error)
+        thief = DpopKey().proof("POST", intake_url, alice_token)
+        error = refused_token(
+            as_arranger.post(
+                intake_url, json=ORDER_IN,
+                headers={"Authorization": f"DPoP {alice_token}", "DPoP": thief},
+            ),
+            "Alice's token with another key's proof", "not the key",
+        )  # fmt: skip
+        show("Alice's token with a proof of another key", error)
 
         step("2", "the arranger exchanges Alice's token for a broker-audience token")
         to_broker = arranger.token(
             orders,
+            orders_tls,
             grant_type=EXCHANGE,
             subject_token=alice["access_token"],
             subject_token_type=ACCESS_TOKEN,
@@ -494,13 +693,18 @@ def run(workdir: Path) -> None:
         expect(t1["act"]["sub"] == orders.client_id, "act is not the arranger's order service")
         expect(t1["mandate"] == alice_claims["mandate"], "mandate not kept")
         expect(t1["authorization_details"] == [ORDER], "details not narrowed to the order")
+        expect(t1.get("cnf") == {"x5t#S256": orders_tls.x5t}, f"broker token cnf: {t1.get('cnf')}")
         show(
-            "broker token", {k: t1[k] for k in ("iss", "sub", "aud", "scope", "act", "txn", "prv")}
+            "broker token",
+            {k: t1[k] for k in ("iss", "sub", "aud", "scope", "act", "txn", "prv", "cnf")},
         )
+        show("broker token bound to", f"the arranger order service's certificate {orders_tls.x5t}")
 
         step("3", "the broker's execution API (PEP + broker PDP) executes; emits trade.executed")
         orders_url = f"{execution_service.url}/orders"
-        executed = httpx.post(orders_url, json=ORDER_IN, headers=bearer(to_broker["access_token"]))
+        executed = as_arranger.post(
+            orders_url, json=ORDER_IN, headers=bearer(to_broker["access_token"])
+        )
         expect(executed.status_code == 201, f"order: {executed.status_code} {executed.text}")
         trade = executed.json()
         expect(trade["envelope"]["txn"] == t1["txn"], "the trade event lost the transaction id")
@@ -508,14 +712,24 @@ def run(workdir: Path) -> None:
         show("trade.executed", {k: trade[k] for k in ("trade_id", "state", "envelope")})
         too_big = {**ORDER_IN, "amount_minor": 150_000_000}
         error = refused(
-            httpx.post(orders_url, json=too_big, headers=bearer(to_broker["access_token"])),
+            as_arranger.post(orders_url, json=too_big, headers=bearer(to_broker["access_token"])),
             403, "an order above the token's notional",
         )  # fmt: skip
         show("an order above the token's notional (1.2m EUR)", f"403 {error}")
+        with pki.http() as no_certificate:
+            error = refused_token(
+                no_certificate.post(
+                    orders_url, json=ORDER_IN, headers=bearer(to_broker["access_token"])
+                ),
+                "the broker token without the arranger's certificate",
+                "none was presented",
+            )
+        show("the broker token without the arranger's certificate", error)
 
         step("4", "the broker exchanges for a clearing token (settlement:submit only)")
         to_clearing = broker.token(
             execution,
+            execution_tls,
             grant_type=EXCHANGE,
             subject_token=to_broker["access_token"],
             subject_token_type=ACCESS_TOKEN,
@@ -526,7 +740,15 @@ def run(workdir: Path) -> None:
         expect(t2["scope"] == "settlement:submit", "the clearing token is not narrowed")
         expect(t2["txn"] == t1["txn"], "the transaction id did not travel")
         expect(t2["exp"] <= t1["exp"], "the clearing token outlives its subject token")
-        show("clearing token", {k: t2[k] for k in ("iss", "sub", "aud", "scope", "act", "prv")})
+        expect(t2.get("cnf") == {"x5t#S256": execution_tls.x5t}, f"clearing cnf: {t2.get('cnf')}")
+        show(
+            "clearing token",
+            {k: t2[k] for k in ("iss", "sub", "aud", "scope", "act", "prv", "cnf")},
+        )
+        show(
+            "clearing token bound to",
+            f"the broker execution service's certificate {execution_tls.x5t}",
+        )
 
         step(
             "4", "the clearing's settlement API (PEP + provenance + clearing PDP), Idempotency-Key"
@@ -536,33 +758,52 @@ def run(workdir: Path) -> None:
                        "currency": "EUR", "settlement_date": "2026-12-02"}  # fmt: skip
         key = f'"{secrets.token_hex(16)}"'  # an RFC 8941 sf-string
         headers = bearer(to_clearing["access_token"], **{"Idempotency-Key": key})
-        first = httpx.post(settle_url, json=instruction, headers=headers)
+        # the broker calls the clearing over mutual TLS with its execution service's certificate
+        as_broker = connections.enter_context(pki.http(execution_tls))
+        first = as_broker.post(settle_url, json=instruction, headers=headers)
         expect(first.status_code == 201, f"settlement: {first.status_code} {first.text}")
         settlement = first.json()
         expect(settlement["act"][0]["iss"] == broker.issuer, "settled by someone else")
         show("settlement", settlement)
-        retry = httpx.post(settle_url, json=instruction, headers=headers)
+        retry = as_broker.post(settle_url, json=instruction, headers=headers)
         expect(retry.status_code == 201, f"retry: {retry.status_code} {retry.text}")
         expect(retry.json() == settlement, "the retry did not return the stored result")
         expect(retry.headers.get("idempotency-replayed") == "true", "the retry was not a replay")
         show("retry, same key and body", "201, the stored result (Idempotency-Replayed: true)")
         other = {**instruction, "amount_minor": 90_000_000}
-        error = refused(httpx.post(settle_url, json=other, headers=headers), 422, "reused key")
+        error = refused(as_broker.post(settle_url, json=other, headers=headers), 422, "reused key")
         show("same key, another body", f"422 {error}")
         no_key = bearer(to_clearing["access_token"])
-        error = refused(httpx.post(settle_url, json=instruction, headers=no_key), 400, "no key")
+        error = refused(as_broker.post(settle_url, json=instruction, headers=no_key), 400, "no key")
         show("no Idempotency-Key", f"400 {error}")
         wrong = bearer(to_broker["access_token"], **{"Idempotency-Key": key})
-        error = refused(httpx.post(settle_url, json=instruction, headers=wrong), 401, "wrong token")
+        error = refused(
+            as_arranger.post(settle_url, json=instruction, headers=wrong), 401, "wrong token"
+        )
         show("the broker-audience token at the clearing", f"401 {error}")
         own = broker.token(
-            execution, grant_type="client_credentials", scope="settlement:submit",
-            resource=CLEARING_SETTLEMENT,
+            execution, execution_tls, grant_type="client_credentials",
+            scope="settlement:submit", resource=CLEARING_SETTLEMENT,
         )["access_token"]  # fmt: skip
         flat = bearer(own, **{"Idempotency-Key": f'"{secrets.token_hex(16)}"'})
-        error = refused(httpx.post(settle_url, json=instruction, headers=flat), 403, "no chain")
+        error = refused(as_broker.post(settle_url, json=instruction, headers=flat), 403, "no chain")
         show("the broker's own token (no act chain, no provenance)", f"403 {error}")
-        listed = httpx.get(settle_url).json()
+        # sender constraint: the clearing token is useless to anyone without the broker's key
+        stolen = bearer(to_clearing["access_token"], **{"Idempotency-Key": key})
+        with pki.http() as no_certificate:
+            error = refused_token(
+                no_certificate.post(settle_url, json=instruction, headers=stolen),
+                "the clearing token replayed as a plain Bearer token",
+                "none was presented",
+            )
+        show("the clearing token replayed as a plain Bearer token (no certificate)", error)
+        error = refused_token(
+            as_arranger.post(settle_url, json=instruction, headers=stolen),
+            "the clearing token from another client's certificate",
+            "another client certificate",
+        )
+        show("the clearing token sent with the arranger's certificate (stolen)", error)
+        listed = as_broker.get(settle_url).json()
         expect(len(listed) == 1, f"{len(listed)} settlements for one instruction")
         step("6", "compliance: each deployment's ledger for the transaction (original -> derived)")
         for d, derived in ((arranger, t1), (broker, t2)):
@@ -599,6 +840,7 @@ def run(workdir: Path) -> None:
             print(f"\n--- {d.name} log (tail) ---\n{d.log()[-2000:]}", file=sys.stderr)
         raise
     finally:
+        connections.close()
         for service in services:
             service.stop()
         for d in deployments:

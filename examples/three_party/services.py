@@ -1,6 +1,8 @@
 """The reference services of the three-party example, each a FastAPI app behind trustplane's PEP SDK,
-served by uvicorn on its own loopback port:
+served by uvicorn over HTTPS on its own loopback port (client certificates of the example's CA
+optional at the handshake, read from the connection by the PEP):
 
+- the ARRANGER's order intake (``POST /intake``): Alice's DPoP-bound token with a DPoP proof;
 - the BROKER's execution API (``POST /orders``): accepts the arranger-issued, broker-audience token
   (trusting the arranger's issuer only), checks the order against the token's authorization_details,
   asks the BROKER's PDP over AuthZEN, executes, and emits ``trade.executed`` carrying the transaction
@@ -18,10 +20,12 @@ The trade feed between them (``TradeFeed``) stands in for the event stream a dep
 from __future__ import annotations
 
 import secrets
+import ssl
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import uvicorn
@@ -37,6 +41,7 @@ from trustplane.pep import (
     AccessToken,
     AuthzenClient,
     ChainRequirement,
+    DpopBinding,
     IdempotencyService,
     OutboundFetcher,
     OutboundPolicy,
@@ -50,7 +55,9 @@ from trustplane.pep import (
 from trustplane.pep.bearer import with_challenge
 from trustplane.pep.http import Grant, Pep
 from trustplane.pep.idempotency_http import IdempotentOperation
+from trustplane.server import BoundedHttpToolsProtocol
 from trustplane.storage.db import Database
+from trustplane.tls.context import FAPI_TLS12_CIPHERS
 
 DATA_REGION = "eu"
 Body = TypeVar("Body", bound=BaseModel)
@@ -72,10 +79,11 @@ class PdpAccess:
         )
 
 
-def sandbox_fetcher() -> OutboundFetcher:
+def sandbox_fetcher(ca_file: Path) -> OutboundFetcher:
     """Every party of this walk-through runs on this machine, so the PEP's guarded fetcher gets the
-    development policy (loopback, plain http); a deployment keeps the default (public https only)."""
-    return OutboundFetcher(OutboundPolicy.development())
+    development policy (loopback addresses) and trusts the example's private CA for the issuers'
+    HTTPS; a deployment keeps the default (public addresses, the system's trust store)."""
+    return OutboundFetcher(OutboundPolicy.development(verify=str(ca_file)))
 
 
 @dataclass
@@ -113,7 +121,7 @@ def actor_chain(claims: Mapping[str, Any]) -> list[dict[str, Any]]:
     return chain
 
 
-# --------------------------------------------------------------------------- broker: execution
+# --------------------------------------------------------------------------- arranger: order intake
 
 
 class OrderIn(BaseModel):
@@ -122,6 +130,34 @@ class OrderIn(BaseModel):
     side: str = Field(pattern="^(buy|sell)$")
     amount_minor: int = Field(gt=0, lt=2**62)
     currency: str = Field(pattern="^[A-Z]{3}$")
+
+
+def order_intake_api(*, audience: str, issuer: str, pdp: PdpAccess, ca_file: Path) -> FastAPI:
+    """The ARRANGER's order intake (``POST /intake``): where Alice's session at the order service
+    hands in her order with her own token, which is DPoP-bound (``cnf.jkt``). With a
+    ``DpopBinding`` the PEP accepts it only as ``Authorization: DPoP`` with a proof of that key for
+    this request (RFC 9449 §7); as ``Bearer`` it is 401 ``invalid_token`` with a DPoP challenge.
+    Her token is certificate-bound as well (the order service's tokens all are), so the request
+    must also come over the order service's TLS client certificate (RFC 8705 §3)."""
+    fetcher = sandbox_fetcher(ca_file)
+    validator = TokenValidator(audience=audience, issuers=[TrustedIssuer(issuer)], fetcher=fetcher)
+    enforcer = PolicyEnforcer(validator, pdp.client(fetcher), realm="orders", dpop=DpopBinding())
+    pep = Pep(enforcer)
+    app = FastAPI(title="arranger order intake")
+    pep.install(app)
+
+    @app.post("/intake", status_code=202)
+    async def intake(body: OrderIn, token: AccessToken = Depends(pep.token)) -> dict[str, Any]:
+        return {
+            "accepted_for": token.subject,
+            "mandate": token.claims.get("mandate"),
+            "order": body.model_dump(),
+        }
+
+    return app
+
+
+# --------------------------------------------------------------------------- broker: execution
 
 
 @dataclass(frozen=True)
@@ -159,12 +195,21 @@ def within_details(order: OrderIn, instrument_class: str, claims: Mapping[str, A
 
 
 def execution_api(
-    *, audience: str, trusted_issuer: str, pdp: PdpAccess, books: Books, feed: TradeFeed
+    *,
+    audience: str,
+    trusted_issuer: str,
+    pdp: PdpAccess,
+    books: Books,
+    feed: TradeFeed,
+    ca_file: Path,
 ) -> FastAPI:
-    fetcher = sandbox_fetcher()
+    fetcher = sandbox_fetcher(ca_file)
     validator = TokenValidator(
         audience=audience, issuers=[TrustedIssuer(trusted_issuer)], fetcher=fetcher
     )
+    # ``Pep``'s default certificate source is the TLS connection (the ASGI ``tls`` extension of
+    # ``Served``'s protocol): a token with ``cnf.x5t#S256`` is accepted only over a connection
+    # authenticated with that certificate (RFC 8705 §3)
     pep = Pep(PolicyEnforcer(validator, pdp.client(fetcher), realm="execution"))
     app = FastAPI(title="broker execution API")
     pep.install(app)
@@ -282,8 +327,9 @@ def settlement_api(
     pdp: PdpAccess,
     feed: TradeFeed,
     idempotency_db: str,
+    ca_file: Path,
 ) -> FastAPI:
-    fetcher = sandbox_fetcher()
+    fetcher = sandbox_fetcher(ca_file)
     validator = TokenValidator(
         audience=audience, issuers=[TrustedIssuer(member.issuer)], fetcher=fetcher
     )
@@ -376,12 +422,38 @@ def settlement_api(
 # --------------------------------------------------------------------------- serving
 
 
-class Served:
-    """A FastAPI app served by uvicorn on a loopback port, in a thread of this process."""
+@dataclass(frozen=True)
+class ServerTls:
+    """A service's TLS listener: its certificate and key, and the CA its clients' certificates must
+    chain to. A client certificate is optional at the handshake (a request without one is refused
+    by the PEP when its token is certificate-bound) and verified against ``client_ca`` when sent."""
 
-    def __init__(self, app: FastAPI, port: int) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    certificate: Path
+    key: Path
+    client_ca: Path
+
+
+class Served:
+    """A FastAPI app served by uvicorn over HTTPS on a loopback port, in a thread of this process.
+
+    uvicorn does not give applications the ASGI ``tls`` extension; trustplane's server protocol
+    (``BoundedHttpToolsProtocol``, the one ``trustplane serve`` uses) adds it, so the PEP reads the
+    verified client certificate of the connection from ``scope["extensions"]["tls"]``."""
+
+    def __init__(self, app: FastAPI, port: int, tls: ServerTls) -> None:
+        self.url = f"https://127.0.0.1:{port}"
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            http=BoundedHttpToolsProtocol,
+            ssl_certfile=tls.certificate,
+            ssl_keyfile=tls.key,
+            ssl_ca_certs=str(tls.client_ca),
+            ssl_cert_reqs=ssl.CERT_OPTIONAL,
+            ssl_ciphers=":".join(FAPI_TLS12_CIPHERS),
+        )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 
