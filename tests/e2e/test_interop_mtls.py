@@ -29,7 +29,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tests.conftest import free_port, wait_until
-from tests.e2e.conftest import START_TIMEOUT, STOP_TIMEOUT, _die_with_parent
+from tests.dpop.conftest import ProofKey
+from tests.e2e.conftest import PROPAGATION_TIMEOUT, START_TIMEOUT, STOP_TIMEOUT, _die_with_parent
 from tests.e2e.test_mtls import (  # the TLS server fixture, reused as is
     TOKEN_FORM,
     TlsServer,
@@ -136,3 +137,32 @@ def test_httpx_client_certificate_token_accepted_only_with_that_certificate(
         assert refused.json()["error"] == "invalid_token"
         challenge = refused.headers["WWW-Authenticate"]
         assert 'error="invalid_token"' in challenge, challenge
+
+
+def test_dpop_bound_certificate_client_still_needs_a_proof(tls_server: TlsServer, pki: Pki) -> None:
+    """RFC 9449 §5.2: ``dpop_bound_access_tokens`` asks for the DPoP header; a certificate binding
+    alone does not satisfy it. With a proof the token carries both confirmations."""
+    client_id = add_client(
+        tls_server.server,
+        "--auth-method",
+        "tls_client_auth",
+        "--tls-subject",
+        f"dn={CLIENT_DN}",
+        "--dpop-bound",
+    )
+    url = f"{tls_server.url}/token"
+    with httpx.Client(verify=tls(pki, "client"), timeout=10) as partner:
+        form = {**TOKEN_FORM, "client_id": client_id}
+        wait_until(
+            lambda: partner.post(url, data=form).status_code == 400,  # 401 until it is loaded
+            PROPAGATION_TIMEOUT,
+            f"server to authenticate {client_id}",
+        )
+        refused = partner.post(url, data=form)
+        assert (refused.status_code, refused.json()["error"]) == (400, "invalid_dpop_proof")
+        key = ProofKey.generate()
+        issued = partner.post(url, data=form, headers={"DPoP": key.proof(htu=url)})
+        assert issued.status_code == 200, issued.text
+    assert issued.json()["token_type"] == "DPoP"
+    claims = jwt.decode(issued.json()["access_token"], options={"verify_signature": False})
+    assert claims["cnf"] == {"x5t#S256": thumbprint(pki.pair("client")[0]), "jkt": key.jkt}
