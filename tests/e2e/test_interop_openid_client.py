@@ -57,28 +57,33 @@ def _unavailable(reason: str) -> None:
 
 def openid_client_dir() -> Path:
     """The npm prefix holding openid-client 6 (installed on first use), or skip with the reason."""
-    if (CACHE / "node_modules" / "openid-client" / "package.json").exists():
+    installed = CACHE / "node_modules" / "openid-client" / "package.json"
+    if installed.exists() and json.loads(installed.read_text())["version"].startswith("6."):
         return CACHE
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
         _unavailable("the openid-client interop test needs node and npm (not installed)")
     assert npm is not None
-    proc = subprocess.run(
-        [
-            npm,
-            "install",
-            "--silent",
-            "--no-audit",
-            "--no-fund",
-            "--prefix",
-            str(CACHE),
-            "openid-client@6",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    try:
+        proc = subprocess.run(
+            [
+                npm,
+                "install",
+                "--silent",
+                "--no-audit",
+                "--no-fund",
+                "--prefix",
+                str(CACHE),
+                "openid-client@6",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        _unavailable("openid-client could not be installed from npm: timed out after 180 s")
+        raise
     if proc.returncode != 0:
         _unavailable(f"openid-client could not be installed from npm: {proc.stderr.strip()[:300]}")
     return CACHE
