@@ -95,6 +95,22 @@ def clients_add(
             help="tls_client_certificate_bound_access_tokens (RFC 8705 §3.4).",
         ),
     ] = False,
+    dpop_bound: Annotated[
+        bool,
+        typer.Option(
+            "--dpop-bound",
+            help="dpop_bound_access_tokens (RFC 9449 §5.2): refuse the client's token requests "
+            "without a DPoP proof.",
+        ),
+    ] = False,
+    profile: Annotated[
+        str | None,
+        typer.Option(
+            "--profile",
+            help="fapi2: hold the client to the FAPI 2.0 profile on a default deployment "
+            "(docs/fapi2.md); a client can be made stricter, never looser.",
+        ),
+    ] = None,
     require_par: Annotated[
         bool,
         typer.Option(
@@ -138,6 +154,10 @@ def clients_add(
     raw.update(_tls_subjects(tls_subject or []))
     if certificate_bound:
         raw["tls_client_certificate_bound_access_tokens"] = True
+    if dpop_bound:
+        raw["dpop_bound_access_tokens"] = True
+    if profile is not None:
+        raw["profile"] = profile
     if require_par:
         raw["require_pushed_authorization_requests"] = True
     if require_signed_request_object:

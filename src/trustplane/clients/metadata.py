@@ -80,6 +80,8 @@ class ClientMetadataIn(BaseModel):
     tls_client_auth_san_ip: str | None = Field(default=None, min_length=1, max_length=45)
     tls_client_auth_san_email: str | None = Field(default=None, min_length=3, max_length=320)
     tls_client_certificate_bound_access_tokens: bool | None = None
+    # RFC 9449 §5.2: every token request of this client must carry a DPoP proof
+    dpop_bound_access_tokens: bool | None = None
     # --- pushed authorization requests (RFC 9126 §6) and request objects (RFC 9101 §10.5, OpenID
     # Connect Dynamic Client Registration 1.0 §2 ``request_object_signing_alg``)
     require_pushed_authorization_requests: bool | None = None

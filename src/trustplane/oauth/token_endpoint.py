@@ -130,6 +130,13 @@ class TokenEndpoint:
                     "(RFC 8705)",
                     reason_id="sender_constraint_required",
                 )
+            if binding.jkt is None and client.client.metadata.get("dpop_bound_access_tokens"):
+                # RFC 9449 §5.2: the client registered dpop_bound_access_tokens; no proof, no token
+                raise InvalidDpopProofError(
+                    "this client registered dpop_bound_access_tokens (RFC 9449 §5.2): send a "
+                    "DPoP proof",
+                    debug="dpop_bound_client_without_proof",
+                )
             with bound(binding):
                 granted = await grant.handle(form, client)
         except OAuth2Error as exc:
