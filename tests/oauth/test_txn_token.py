@@ -178,7 +178,8 @@ async def test_raw_json_parameters_and_new_txn(tx: Txn) -> None:
     response = await tx.post(token, request_details=orjson.dumps(ORDER).decode())
     assert response.status_code == 200, response.text
     claims = tx.verify(response.json()["access_token"])
-    assert isinstance(claims["txn"], str) and len(claims["txn"]) >= 16
+    assert isinstance(claims["txn"], str)
+    assert len(claims["txn"]) >= 16
     assert claims["scope"] == "order:create"
 
 
@@ -197,9 +198,10 @@ async def test_replacement_keeps_txn_and_narrows(tx: Txn) -> None:
     assert after["sub"] == before["sub"]
     assert after["tctx"]["quantity"] == 400
     assert after["tctx"]["order_id"] == "ORD-1"
-    assert after["tctx"]["authorization_details_digest"] == before["tctx"][
-        "authorization_details_digest"
-    ]
+    assert (
+        after["tctx"]["authorization_details_digest"]
+        == before["tctx"]["authorization_details_digest"]
+    )
     assert after["req_wl"] == [tx.gateway.client_id, tx.gateway.client_id]
     assert after["exp"] <= before["exp"]
 
@@ -248,8 +250,8 @@ async def test_replacement_cannot_widen_scope(tx: Txn) -> None:
 async def test_tctx_beyond_authorization_details(tx: Txn, change: dict[str, Any]) -> None:
     response = await tx.post(tx.access(), request_details=b64({**ORDER, **change}))
     assert error_of(response) == (400, "invalid_request")
-    assert "exceed the subject_token's authorization_details" in (
-        response.json()["error_description"]
+    assert (
+        "exceed the subject_token's authorization_details" in (response.json()["error_description"])
     )
 
 
@@ -304,8 +306,10 @@ async def test_expired_or_foreign_txn_token_cannot_be_replaced(tx: Txn) -> None:
     base = {"iss": tx.server.issuer, "aud": tx.server.issuer, "iat": now, "sub": "alice",
             "txn": "t", "scope": "order:create", "req_wl": "x", "tctx": {}, "rctx": {}}  # fmt: skip
     expired = ring.require_signer().with_typ(TXN_TOKEN_TYP).sign({**base, "exp": now - 1})
-    wrong_aud = ring.require_signer().with_typ(TXN_TOKEN_TYP).sign(
-        {**base, "exp": now + 60, "aud": "https://other.example"}
+    wrong_aud = (
+        ring.require_signer()
+        .with_typ(TXN_TOKEN_TYP)
+        .sign({**base, "exp": now + 60, "aud": "https://other.example"})
     )
     wrong_typ = ring.require_signer().sign({**base, "exp": now + 60})  # at+jwt
     for token in (expired, wrong_aud, wrong_typ):

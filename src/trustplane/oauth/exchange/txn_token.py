@@ -168,9 +168,7 @@ class TxnTokenService:
         )
 
     async def _access(self, token: str, client: Client, now: int) -> TxnSubject:
-        subject: Subject = await self._subjects.verify(
-            token, TOKEN_TYPE_ACCESS_TOKEN, client, now
-        )
+        subject: Subject = await self._subjects.verify(token, TOKEN_TYPE_ACCESS_TOKEN, client, now)
         if subject.partner is not None:
             raise unacceptable(
                 "a Txn-Token is issued only for this server's own access tokens", "partner_token"
@@ -341,7 +339,10 @@ def _within_one(tctx: dict[str, Any], detail: dict[str, Any]) -> bool:
     if amount is not None:
         if not isinstance(cap, dict):
             return False
-        if (amount["currency"], amount["minor_units"]) != (cap.get("currency"), cap.get("minor_units")):
+        if (amount["currency"], amount["minor_units"]) != (
+            cap.get("currency"),
+            cap.get("minor_units"),
+        ):
             return False
         if amount["amount"] > cap.get("amount", 0):
             return False
