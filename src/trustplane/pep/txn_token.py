@@ -120,6 +120,6 @@ class TxnTokenValidator:
             tctx,
             rctx,
             workloads,
-            int(exp),
-            claims,  # type: ignore[arg-type]
+            int(exp),  # type: ignore[arg-type]
+            claims,
         )
