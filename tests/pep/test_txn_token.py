@@ -16,7 +16,7 @@ import jwt
 import pytest
 from fastapi import Depends, FastAPI, Request
 
-from tests.pep.conftest import AUDIENCE, ISSUER, FakeIssuer
+from tests.pep.conftest import AUDIENCE, ISSUER, LEI, FakeIssuer
 from trustplane.authzen.model import Decision, DecisionRequest, Entity
 from trustplane.pep import (
     ConfigurationError,
@@ -244,3 +244,43 @@ def test_required_without_validator_is_a_configuration_error(issuer: FakeIssuer)
     pep = Pep(PolicyEnforcer(validator, RecordingPdp(), realm="execution"))
     with pytest.raises(ConfigurationError):
         pep.require("order:create", resource=lambda r: Entity("Order", "O"), txn_token=True)
+
+
+async def test_default_bundle_accepts_tctx_in_the_context(issuer: FakeIssuer) -> None:
+    """The real Cedar engine with the default bundle: the schema declares ``tctx`` (TxnContext), so
+    a request carrying a Txn-Token is decided on its merits, not refused for an unknown attribute."""
+    from tests.pep.test_http import context_of, engine, order_of
+
+    validator = TokenValidator(
+        audience=AUDIENCE, issuers=[TrustedIssuer(ISSUER)], fetcher=issuer.fetcher()
+    )
+    pep = Pep(
+        PolicyEnforcer(validator, engine(), realm="execution"),
+        txn_tokens=TxnTokenValidator(validator, trust_domain=TRUST_DOMAIN),
+    )
+    app = FastAPI()
+    pep.install(app)
+
+    @app.post("/orders")
+    async def create_order(
+        grant: Grant = Depends(
+            pep.require("order:create", resource=order_of, context=context_of, txn_token=True)
+        ),
+    ) -> dict[str, bool]:
+        return {"allowed": grant.decision.allowed}
+
+    tctx = {**TCTX, "amount": {"amount": 1000, "currency": "EUR", "minor_units": 2}}
+    body = {"owner": LEI, "restricted": False, "amount_minor": 1000}
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://rs.test") as client:
+        response = await client.post(
+            "/orders",
+            json=body,
+            headers={
+                "Authorization": f"Bearer {issuer.token(txn='txn-1')}",
+                "Txn-Token": txn_token(issuer, tctx=tctx),
+            },
+        )
+    await validator.aclose()
+    assert response.status_code == 200, response.text
+    assert response.json() == {"allowed": True}
