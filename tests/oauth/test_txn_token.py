@@ -321,3 +321,10 @@ async def test_txn_token_is_not_an_access_token(tx: Txn) -> None:
     txn_token = (await tx.post(tx.access())).json()["access_token"]
     response = await tx.post(txn_token)  # presented as an access_token
     assert error_of(response) == (400, "invalid_request")
+
+
+async def test_audience_must_be_the_trust_domain(tx: Txn) -> None:
+    response = await tx.post(tx.access(), audience="https://other.example")
+    assert error_of(response) == (400, "invalid_target")
+    response = await tx.post(tx.access(), audience=tx.server.issuer)
+    assert response.status_code == 200, response.text

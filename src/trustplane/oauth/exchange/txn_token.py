@@ -40,7 +40,12 @@ from typing import Any
 import orjson
 
 from trustplane.clients.model import Client
-from trustplane.errors import InvalidRequestError, InvalidScopeError, UnauthorizedClientError
+from trustplane.errors import (
+    InvalidRequestError,
+    InvalidScopeError,
+    InvalidTargetError,
+    UnauthorizedClientError,
+)
 from trustplane.grant.contract import Granted
 from trustplane.grant.outcomes import Condition, NotRevoked
 from trustplane.jose.jws import JWSError, parse
@@ -114,6 +119,11 @@ class TxnTokenService:
         token, token_type = form.get("subject_token"), form.get("subject_token_type")
         if not token or not token_type:
             raise InvalidRequestError("subject_token and subject_token_type are required")
+        targets = form.get_all("audience") + form.get_all("resource")
+        if any(target != self.trust_domain for target in targets):
+            raise InvalidTargetError(
+                "a Txn-Token's audience is the trust domain: audience, when sent, must name it"
+            )
         now = int(time.time())
         if token_type == TOKEN_TYPE_TXN_TOKEN:
             base = self._replaced(token, now)
