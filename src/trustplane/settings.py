@@ -125,6 +125,11 @@ class Settings(BaseSettings):
     redis_url: str = ""
 
     access_token_lifetime: int = Field(default=300, ge=30, le=MAX_ACCESS_TOKEN_LIFETIME)
+    # --- Transaction Tokens (draft-ietf-oauth-transaction-tokens-10, docs/token_exchange.md)
+    #: Lifetime of a Txn-Token in seconds (short: it lives for one call chain).
+    txn_token_lifetime: int = Field(default=60, ge=5, le=300)
+    #: The Txn-Token ``aud``: this deployment's trust domain (default: the issuer).
+    trust_domain: str = Field(default="", max_length=2000)
     clock_skew: int = Field(default=60, ge=0, le=300)
     signing_algorithm: SigningAlgorithm = "ES256"
     allowed_signing_algorithms: tuple[SigningAlgorithm, ...] = ("ES256", "EdDSA", "PS256")

@@ -26,6 +26,7 @@ from trustplane.oauth.client_credentials import ClientCredentialsGrant
 from trustplane.oauth.exchange.actor import ActorTokens
 from trustplane.oauth.exchange.grant import TokenExchangeGrant
 from trustplane.oauth.exchange.subject import SubjectTokens
+from trustplane.oauth.exchange.txn_token import TxnTokenService
 from trustplane.oauth.token_endpoint import TokenEndpoint
 from trustplane.policy.enforcement import TokenPolicy
 from trustplane.policy.engine import PolicyEngine
@@ -65,6 +66,9 @@ def build_token_endpoint(
     tokens = TokenIssuer(settings, keys)
     policy = TokenPolicy(engine if settings.policy_token_enforcement else None)
     assertions = PartnerAssertions(registry=partners, replay=replay, clock_skew=settings.clock_skew)
+    subjects = SubjectTokens(
+        issuer=settings.issuer, keys=keys, clients=clients, mandates=mandates, partners=assertions
+    )
     grants: list[TokenGrant] = [
         ClientCredentialsGrant(
             tokens=tokens, policy=policy, vocabulary=vocabulary, details=details
@@ -94,15 +98,13 @@ def build_token_endpoint(
             policy=policy,
             vocabulary=vocabulary,
             details=details,
-            subjects=SubjectTokens(
-                issuer=settings.issuer,
-                keys=keys,
-                clients=clients,
-                mandates=mandates,
-                partners=assertions,
-            ),
+            subjects=subjects,
             actors=ActorTokens(issuer=settings.issuer, keys=keys, db=db, revocations=revocations),
             partners=assertions,
+            # draft-ietf-oauth-transaction-tokens-10: requested_token_type=...:txn_token
+            txn_tokens=TxnTokenService(
+                settings=settings, keys=keys, subjects=subjects, details=details
+            ),
         ),
     ]
     return TokenEndpoint(

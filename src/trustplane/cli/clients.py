@@ -131,6 +131,14 @@ def clients_add(
         str | None,
         typer.Option(help="The one algorithm the client's request objects may use (ES256, ...)."),
     ] = None,
+    txn_token_requester: Annotated[
+        bool,
+        typer.Option(
+            "--txn-token-requester",
+            help="The client may request Transaction Tokens (draft-ietf-oauth-transaction-tokens) "
+            "for the access tokens it receives (operator-only).",
+        ),
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Register a client directly (no initial access token needed: you hold the database)."""
@@ -142,6 +150,7 @@ def clients_add(
         "token_endpoint_auth_method": auth_method,
         "grant_types": grant_type or ["client_credentials"],
         "resource_server_for": resource_server or [],
+        **({"txn_token_requester": True} if txn_token_requester else {}),
         "redirect_uris": redirect_uri or [],
         "authorization_details_types": authorization_details_type or [],
     }

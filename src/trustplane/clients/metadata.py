@@ -71,6 +71,8 @@ class ClientMetadataIn(BaseModel):
     resource_server_for: list[str] = Field(default_factory=list, max_length=32)
     #: The former name of ``resource_server_for`` (operator input only, stored under the new name).
     introspection_resources: list[str] = Field(default_factory=list, max_length=32)
+    #: May request Transaction Tokens (draft-ietf-oauth-transaction-tokens-10): operator-only.
+    txn_token_requester: bool | None = None
     redirect_uris: list[str] = Field(default_factory=list, max_length=16)
     authorization_details_types: list[str] = Field(default_factory=list, max_length=32)
     # RFC 8705 §2.1.2, §3.4 (mutual TLS)
@@ -318,6 +320,12 @@ def _check_no_resource_server_role(meta: ClientMetadataIn) -> None:
     server. The role that reads (RFC 7662) and exchanges (RFC 8693) other clients' tokens for an
     audience is the operator's to give; a registration that asks for it is refused, not trimmed,
     so the client learns it does not hold the right."""
+    if meta.txn_token_requester:
+        raise InvalidClientMetadataError(
+            "txn_token_requester: the right to obtain Transaction Tokens for other clients' "
+            "access tokens is granted by an operator (`trustplane clients add "
+            "--txn-token-requester`), not by registration"
+        )
     for field in ("resource_server_for", "introspection_resources"):
         if getattr(meta, field):
             raise InvalidClientMetadataError(

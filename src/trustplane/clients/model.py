@@ -94,6 +94,11 @@ class Client:
         return frozenset(self.metadata.get("resource_server_for", ()))
 
     @property
+    def txn_token_requester(self) -> bool:
+        """May request Transaction Tokens (oauth.exchange.txn_token): granted by the operator only."""
+        return self.metadata.get("txn_token_requester") is True
+
+    @property
     def jwks_uri(self) -> str | None:
         value = self.metadata.get("jwks_uri")
         return str(value) if value else None

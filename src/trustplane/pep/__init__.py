@@ -37,6 +37,7 @@ from trustplane.pep.idempotency_store import SqlIdempotencyStore
 from trustplane.pep.introspection import RevocationCheck
 from trustplane.pep.keys import ConfigurationError, TrustedIssuer
 from trustplane.pep.provenance import ChainRequirement
+from trustplane.pep.txn_token import TxnToken, TxnTokenValidator
 from trustplane.pep.validator import AccessToken, TokenValidator
 
 __all__ = [
@@ -68,6 +69,8 @@ __all__ = [
     "StoredResponse",
     "TokenValidator",
     "TrustedIssuer",
+    "TxnToken",
+    "TxnTokenValidator",
     "client_subject",
     "fingerprint",
     "parse_key",

@@ -38,10 +38,13 @@ from starlette.responses import Response
 from trustplane.authzen.model import Decision, Entity
 from trustplane.errors import OAuth2Error
 from trustplane.limits import BoundedRequests, RequestLimits
+from trustplane.pep import metrics
 from trustplane.pep.bearer import with_challenge
 from trustplane.pep.binding import check_certificate_binding
 from trustplane.pep.dpop import DpopBinding, DpopRequest
 from trustplane.pep.enforcer import PolicyEnforcer
+from trustplane.pep.keys import ConfigurationError
+from trustplane.pep.txn_token import TXN_TOKEN_HEADER, TxnToken, TxnTokenValidator, bad_txn_token
 from trustplane.pep.validator import AccessToken
 from trustplane.tls import CertificateSource, client_certificate
 
@@ -56,6 +59,8 @@ class Grant:
 
     token: AccessToken
     decision: Decision
+    #: The validated ``Txn-Token`` of the request, if it carried one (its ``tctx`` went to the PDP).
+    txn_token: TxnToken | None = None
 
 
 class Refused(Exception):
@@ -86,6 +91,7 @@ class Pep:
         correlation_header: str = "x-request-id",
         limits: RequestLimits | None = RequestLimits(),
         certificates: CertificateSource = CertificateSource(),
+        txn_tokens: TxnTokenValidator | None = None,
     ):
         self.enforcer = enforcer
         self._correlation = correlation_header
@@ -93,6 +99,10 @@ class Pep:
         #: RFC 8705 §3: where a request's client certificate comes from (the TLS connection by
         #: default; a trusted proxy's header with ``CertificateSource.build(header, proxies)``).
         self.certificates = certificates
+        #: Transaction Tokens (:mod:`trustplane.pep.txn_token`): a ``Txn-Token`` header, when a
+        #: request carries one, is validated beside the access token and its ``tctx`` goes to the
+        #: PDP; ``require(..., txn_token=True)`` makes it mandatory for a route.
+        self.txn_tokens = txn_tokens
 
     def install(self, app: Starlette) -> None:
         """Register the refusal renderer on a FastAPI or Starlette app and bound its requests'
@@ -125,16 +135,24 @@ class Pep:
         resource: ResourceFn,
         context: ContextFn | None = None,
         scope: str | None = None,
+        txn_token: bool = False,
     ) -> Callable[[Request], Awaitable[Grant]]:
         """Dependency: the token must carry ``scope`` (default: the action, which in trustplane's
-        vocabulary is the scope name) and the PDP must allow ``action`` on ``resource``."""
+        vocabulary is the scope name) and the PDP must allow ``action`` on ``resource``.
+        ``txn_token``: the request must also carry a valid ``Txn-Token`` header; the decision
+        context then has its ``tctx``."""
         required_scope = scope if scope is not None else action
+        if txn_token and self.txn_tokens is None:
+            raise ConfigurationError("txn_token=True needs Pep(txn_tokens=TxnTokenValidator(...))")
 
         async def dependency(request: Request) -> Grant:
             token = await self.token(request)
+            txn = await self.txn_token(request, token, required=txn_token)
             try:
                 target = await _resolve(resource(request))
                 facts = await _resolve(context(request, token)) if context else {}
+                if txn is not None:
+                    facts = {**facts, "tctx": txn.tctx}
                 decision = await self.enforcer.authorize(
                     token,
                     action,
@@ -145,9 +163,29 @@ class Pep:
                 )
             except OAuth2Error as exc:
                 raise Refused(exc) from None
-            return Grant(token, decision)
+            return Grant(token, decision, txn)
 
         return dependency
+
+    async def txn_token(
+        self, request: Request, token: AccessToken, *, required: bool = False
+    ) -> TxnToken | None:
+        """The request's validated ``Txn-Token`` (one header at most), None when it has none and
+        none is ``required``; a missing required or a bad one is 401 ``invalid_token``."""
+        values = request.headers.getlist(TXN_TOKEN_HEADER)
+        try:
+            if not values:
+                if required:
+                    raise bad_txn_token("this operation requires a Txn-Token header", "missing")
+                return None
+            if len(values) > 1:
+                raise bad_txn_token("more than one Txn-Token header", "malformed")
+            if self.txn_tokens is None:
+                raise bad_txn_token("this resource server does not accept Txn-Tokens", "disabled")
+            return await self.txn_tokens.validate(values[0].strip(), token)
+        except OAuth2Error as exc:
+            metrics.PEP_REFUSED.labels(error=exc.error, reason=exc.debug[:64]).inc()
+            raise Refused(with_challenge(exc, self.enforcer.realm)) from None
 
 
 def _dpop_request(binding: DpopBinding | None, request: Request) -> DpopRequest | None:

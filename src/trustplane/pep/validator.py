@@ -88,6 +88,10 @@ class TokenValidator:
         }
         self._verified: dict[str, AccessToken] = {}
 
+    def issuer_keys(self, issuer: str) -> IssuerKeys | None:
+        """The cached key set of a trusted issuer (shared with :mod:`trustplane.pep.txn_token`)."""
+        return self._issuers.get(issuer)
+
     async def validate(self, token: str) -> AccessToken:
         """The validated token, or :class:`InvalidTokenError`. Raises ``KeySourceError`` /
         ``IntrospectionUnavailable`` when the issuer cannot be reached (the caller fails closed)."""

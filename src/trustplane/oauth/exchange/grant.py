@@ -34,6 +34,7 @@ from trustplane.oauth.exchange import TOKEN_EXCHANGE
 from trustplane.oauth.exchange.actor import Actor, ActorTokens, check_may_act
 from trustplane.oauth.exchange.claims import act_claim, chain, token_claims
 from trustplane.oauth.exchange.subject import Subject, SubjectTokens, unacceptable
+from trustplane.oauth.exchange.txn_token import TOKEN_TYPE_TXN_TOKEN, TxnTokenService
 from trustplane.policy.enforcement import ScopeDenied, TokenPolicy
 from trustplane.policy.recorder import DecisionRecord
 from trustplane.protocol.form import Form
@@ -74,13 +75,16 @@ class TokenExchangeGrant:
         subjects: SubjectTokens,
         actors: ActorTokens,
         partners: PartnerAssertions,
+        txn_tokens: TxnTokenService | None = None,
     ) -> None:
         self._tokens, self._policy, self._vocabulary = tokens, policy, vocabulary
         self._details, self._subjects, self._actors = details, subjects, actors
-        self._partners = partners
+        self._partners, self._txn_tokens = partners, txn_tokens
 
     async def handle(self, form: Form, auth: AuthenticatedClient) -> Granted:
         client = auth.client
+        if form.get("requested_token_type") == TOKEN_TYPE_TXN_TOKEN and self._txn_tokens:
+            return await self._txn_tokens.handle(form, client)  # oauth.exchange.txn_token
         token, token_type = form.get("subject_token"), form.get("subject_token_type")
         if not token or not token_type:
             raise InvalidRequestError("subject_token and subject_token_type are required")

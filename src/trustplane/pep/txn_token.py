@@ -1,0 +1,125 @@
+"""Validation of a Transaction Token (draft-ietf-oauth-transaction-tokens-10) beside the access
+token, at a resource server. Framework-free; :class:`trustplane.pep.http.Pep` reads the ``Txn-Token``
+header and calls it.
+
+What a Txn-Token must be to pass, in order:
+1. a compact JWS whose header ``typ`` is ``txntoken+jwt``;
+2. ``iss`` is the access token's issuer (trusted by the :class:`TokenValidator`), the algorithm one
+   that issuer may use, and the signature verifies with that issuer's JWKS (the keys the validator
+   already fetched and caches);
+3. ``aud`` is exactly the trust domain this resource server belongs to;
+4. ``exp`` and ``iat`` hold with ``clock_skew`` seconds of tolerance;
+5. ``txn`` and ``sub`` are present; ``txn`` equals the access token's ``txn`` when that has one;
+   ``sub`` equals the access token's ``sub``; ``scope`` is within the access token's scopes;
+6. ``tctx`` and ``rctx``, when present, are JSON objects.
+
+Any failure is ``invalid_token`` (RFC 6750 §3.1, 401) with a description naming the Txn-Token.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from trustplane.errors import InvalidTokenError
+from trustplane.jose.jws import JWSError, parse
+from trustplane.pep.keys import ConfigurationError
+from trustplane.pep.validator import AccessToken, TokenValidator
+
+DRAFT = "draft-ietf-oauth-transaction-tokens-10"
+TXN_TOKEN_TYP = "txntoken+jwt"
+#: The HTTP header that carries the Txn-Token between workloads (draft §8).
+TXN_TOKEN_HEADER = "txn-token"
+
+
+@dataclass(frozen=True, slots=True)
+class TxnToken:
+    """A validated Txn-Token: the transaction the call belongs to and its context."""
+
+    token: str
+    txn: str
+    subject: str
+    scopes: frozenset[str]
+    tctx: dict[str, Any]
+    rctx: dict[str, Any]
+    req_wl: tuple[str, ...]
+    expires_at: int
+    claims: dict[str, Any]
+
+
+def bad_txn_token(description: str, reason: str) -> InvalidTokenError:
+    return InvalidTokenError(f"Txn-Token: {description}", debug=f"txn_token_{reason}")
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+class TxnTokenValidator:
+    """``trust_domain``: the ``aud`` every Txn-Token must carry (the issuing deployment's
+    ``trust_domain`` setting, by default its issuer)."""
+
+    def __init__(self, validator: TokenValidator, *, trust_domain: str) -> None:
+        if not trust_domain:
+            raise ConfigurationError("trust_domain is required")
+        self.validator, self.trust_domain = validator, trust_domain
+
+    async def validate(self, raw: str, access: AccessToken) -> TxnToken:
+        try:
+            jws = parse(raw)
+            claims = jws.claims()
+        except JWSError as exc:
+            raise bad_txn_token(f"malformed: {exc}", "malformed") from None
+        if jws.header.get("typ") != TXN_TOKEN_TYP:
+            raise bad_txn_token(f"typ must be {TXN_TOKEN_TYP}", "typ")
+        iss = claims.get("iss")
+        keys = self.validator.issuer_keys(access.issuer)
+        if iss != access.issuer or keys is None:
+            raise bad_txn_token("not issued by the access token's issuer", "issuer")
+        if jws.alg not in keys.trusted.algorithms:
+            raise bad_txn_token(f"algorithm {jws.alg} is not accepted", "algorithm")
+        kid = jws.header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise bad_txn_token("kid must be a string", "malformed")
+        if not any(jws.verify(key) for key in await keys.candidates(kid, jws.alg)):
+            raise bad_txn_token("the signature does not verify", "signature")
+        return self._check(raw, claims, access, time.time())
+
+    def _check(self, raw: str, claims: dict[str, Any], access: AccessToken, now: float) -> TxnToken:
+        skew = self.validator.clock_skew
+        if claims.get("aud") != self.trust_domain:
+            raise bad_txn_token("aud is not this trust domain", "audience")
+        exp, iat = claims.get("exp"), claims.get("iat")
+        if not _number(exp) or not _number(iat):
+            raise bad_txn_token("exp and iat must be numeric dates", "malformed")
+        if exp + skew <= now:  # type: ignore[operator]
+            raise bad_txn_token("expired", "expired")
+        if iat - skew > now:  # type: ignore[operator]
+            raise bad_txn_token("issued in the future", "not_yet_valid")
+        txn, sub, scope = claims.get("txn"), claims.get("sub"), claims.get("scope", "")
+        if not isinstance(txn, str) or not txn or not isinstance(sub, str) or not sub:
+            raise bad_txn_token("txn and sub are required", "malformed")
+        own_txn = access.claims.get("txn")
+        if isinstance(own_txn, str) and own_txn != txn:
+            raise bad_txn_token("txn differs from the access token's txn", "txn_mismatch")
+        if sub != access.subject:
+            raise bad_txn_token("sub differs from the access token's sub", "sub_mismatch")
+        if not isinstance(scope, str) or not set(scope.split()) <= access.scopes:
+            raise bad_txn_token("scope exceeds the access token's scope", "scope")
+        tctx, rctx = claims.get("tctx", {}), claims.get("rctx", {})
+        if not isinstance(tctx, dict) or not isinstance(rctx, dict):
+            raise bad_txn_token("tctx and rctx must be JSON objects", "malformed")
+        wl = claims.get("req_wl")
+        workloads = tuple(str(w) for w in wl) if isinstance(wl, list) else (str(wl),) if wl else ()
+        return TxnToken(
+            raw,
+            txn,
+            sub,
+            frozenset(scope.split()),
+            tctx,
+            rctx,
+            workloads,
+            int(exp),  # type: ignore[arg-type]
+            claims,
+        )
