@@ -1,8 +1,15 @@
-"""Lifecycle step 5 against a live ``trustplane serve``: a settlement service (the reference
-services, tokens validated by the PEP SDK against the server's JWKS) re-checks the mandate at
-event time through the server's RFC 7662 introspection. While the mandate is live a trade settles;
-after the mandate is revoked through the management API, the next settlement is refused and a
-signed ``settlement.exception`` is in the outbox, never a silent success."""
+"""The reference lifecycle against a live ``trustplane serve``, every step decided by the server's
+own PDP over AuthZEN with the default Cedar bundle (no PDP inside the test): tokens validated by the
+PEP SDK against the server's JWKS, the PDP subject the HTTP layer sends (``client_subject``), the
+mandate re-checked at event time through the server's RFC 7662 introspection.
+
+While the mandate is live the whole path is allowed (create, execute, propose, approve by another
+person, submit, settle) and each allow is a decision of the default bundle (``trade.lifecycle``);
+a token of another transaction is refused at settlement (``trade.transaction``). After the mandate is
+revoked through the management API, the settlement is refused (``trade.mandate_live``), a signed
+``settlement.exception`` is in the outbox and the deny is in the deployment's ledger under the
+transaction; an operator (``exception:resolve``) re-consents, a desk client may not
+(``exception.operator_only``)."""
 
 from __future__ import annotations
 
@@ -15,26 +22,66 @@ import httpx
 import jwt
 import pytest
 
-from tests.conftest import EXECUTION, run_sync, wait_until
-from tests.e2e.conftest import LiveServers, client_credentials_token, register_client
+from tests.conftest import EXECUTION, KEK, LEI, ClientKit, run_sync, wait_until
+from tests.e2e.conftest import LiveServer, LiveServers, client_credentials_token, register_client
 from tests.e2e.test_ledger import audit_token
-from tests.e2e.test_mandates import grantee, mandate_token
+from tests.e2e.test_mandates import grantee
 from tests.mandates.conftest import GRANTOR, TRADE
-from tests.reference.conftest import ORDER, RecordingPdp
+from tests.reference.conftest import ORDER
+from trustplane.app import Services
 from trustplane.authzen.model import Decision, Entity
 from trustplane.outbound import OutboundFetcher, OutboundPolicy
-from trustplane.pep import AuthzenClient, PrivateKeyJwt, TokenValidator, TrustedIssuer
+from trustplane.pep import (
+    AccessToken,
+    AuthzenClient,
+    PrivateKeyJwt,
+    TokenValidator,
+    TrustedIssuer,
+    client_subject,
+)
+from trustplane.protocol.tokens import issue_access_token
 from trustplane.reference import machine
 from trustplane.reference.entitlement import IntrospectionMandateCheck
 from trustplane.reference.events import EventSigner
-from trustplane.reference.services import Caller, EntitlementLost, TradeServices
+from trustplane.reference.services import Caller, EntitlementLost, Refused, TradeServices
 from trustplane.reference.store import TradeStore
+from trustplane.settings import Settings
 from trustplane.storage.db import Database
 
 pytestmark = pytest.mark.e2e
 
+DESK = (
+    "order:create trade:execute allocation:propose allocation:approve settlement:submit "
+    "settlement:confirm"
+)
+OPERATOR = "exception:view exception:resolve"
 
-def test_a_mandate_revoked_before_settlement_raises_an_exception(
+
+def mint(server: LiveServer, kit: ClientKit, scope: str, extra: dict[str, Any]) -> str:
+    """A token as the code/refresh grants issue it (the cluster's key, audience the services)."""
+
+    async def issue() -> str:
+        env = server.env
+        settings = Settings(
+            database_url=env["TRUSTPLANE_DATABASE_URL"], data_dir=Path(env["TRUSTPLANE_DATA_DIR"]),
+            key_encryption_key=KEK, issuer=server.issuer,
+        )  # fmt: skip
+        svc = Services.build(settings)
+        try:
+            ring = await svc.keys.load()
+            return issue_access_token(
+                ring, issuer=server.issuer, subject="alice", client_id=kit.client_id,
+                audience=EXECUTION, scopes=tuple(scope.split()), lifetime=300,
+                extra={"lei": LEI, **extra},
+            ).token  # fmt: skip
+        finally:
+            await svc.db.dispose()
+
+    token: str = run_sync(issue())
+    return token
+
+
+def test_the_lifecycle_is_decided_by_the_live_pdp_and_a_revoked_mandate_raises_an_exception(
     live_server: LiveServers, tmp_path: Path
 ) -> None:
     a = live_server.start()
@@ -51,7 +98,6 @@ def test_a_mandate_revoked_before_settlement_raises_an_exception(
         a, scopes=("decision:evaluate",), resources=(f"{a.issuer}/access/v1",),
         introspection_resources=(),
     )  # fmt: skip
-    txn = f"txn-e2e-{secrets.token_hex(4)}"
     auth = {
         "Authorization": f"Bearer {client_credentials_token(a, admin, 'mandate:view mandate:administer', api)}"
     }
@@ -63,14 +109,20 @@ def test_a_mandate_revoked_before_settlement_raises_an_exception(
     )  # fmt: skip
     assert created.status_code == 201, created.text
     mandate = created.json()
-    token = mandate_token(a, kit, {"id": mandate["id"], "version": 1})
+    ref = {"id": mandate["id"], "version": 1}
+    txns = {flag: f"txn-e2e-{secrets.token_hex(4)}" for flag in (False, True)}
+    tokens = {
+        flag: mint(a, kit, DESK, {"mandate": ref, "authorization_details": [TRADE], "txn": txn})
+        for flag, txn in txns.items()
+    }
+    stranger = mint(a, kit, DESK, {"mandate": ref, "txn": "txn-e2e-another"})
+    operator = mint(a, settlement, OPERATOR, {"txn": txns[True]})
 
-    async def lifecycle(revoke_first: bool) -> tuple[str, Any]:
+    async def lifecycle(revoke_first: bool) -> dict[str, Any]:
         fetcher = OutboundFetcher(OutboundPolicy.development())
         validator = TokenValidator(
             audience=EXECUTION, issuers=[TrustedIssuer(a.issuer)], fetcher=fetcher
         )
-        verified = await validator.validate(token)  # the real token, the server's JWKS
         check = IntrospectionMandateCheck(
             f"{a.base_url}/introspect",
             PrivateKeyJwt(settlement.client_id, settlement.key, settlement.kid, a.issuer),
@@ -81,33 +133,39 @@ def test_a_mandate_revoked_before_settlement_raises_an_exception(
             EventSigner.generate("https://clearing.example"),
         )
         await store.create_schema()
-        services, pdp = TradeServices(store, check), RecordingPdp()
+        services = TradeServices(store, check)
         live_pdp = AuthzenClient(
             a.issuer,
             token_endpoint=f"{a.issuer}/token",
             auth=PrivateKeyJwt(pdp_kit.client_id, pdp_kit.key, pdp_kit.kid, a.issuer),
             fetcher=fetcher,
         )
+        asked: list[tuple[str, Decision]] = []
 
-        async def decide(action: str, resource: Entity, context: Mapping[str, Any]) -> Decision:
-            if action == "settlement:submit" and revoke_first:
-                # the entitlement decision goes to the deployment's PDP over AuthZEN, which
-                # records it in the ledger under the transaction. The default bundle's schema
-                # has no Trade entity: a fail-closed deny (reason invalid_request).
-                return await live_pdp.decide(
-                    Entity("Client", kit.client_id), action, resource, context,
-                    transaction_id=txn,
+        async def caller(who: str, raw: str) -> Caller:
+            token: AccessToken = await validator.validate(raw)  # the server's JWKS
+
+            async def decide(action: str, resource: Entity, context: Mapping[str, Any]) -> Decision:
+                # what reference/http.py sends: the token's client as subject, its txn
+                decision = await live_pdp.decide(
+                    client_subject(token), action, resource, context,
+                    transaction_id=token.claims.get("txn"),
                 )  # fmt: skip
-            return await pdp.decide(action, resource, context)
+                asked.append((action, decision))
+                return decision
 
-        def as_(who: str) -> Caller:
-            return Caller(who, verified.claims, verified.token, decide)
+            return Caller(who, token.claims, token.token, decide)
 
-        trade = await services.create_order(as_("alice"), ORDER, "k")
-        await services.execute(as_("broker"), trade.trade_id, "k")
+        desk = tokens[revoke_first]
+        out: dict[str, Any] = {"asked": asked}
+        trade = await services.create_order(await caller("alice", desk), ORDER, "k1")
+        out["trade_id"] = trade.trade_id
+        await services.execute(await caller("broker", desk), trade.trade_id, "k2")
         allocation = [{"account": "SUB-1", "quantity": "1000"}]
-        await services.propose_allocation(as_("alice"), trade.trade_id, allocation, "k")
-        await services.approve_allocation(as_("bob"), trade.trade_id, "k")
+        await services.propose_allocation(
+            await caller("alice", desk), trade.trade_id, allocation, "k3"
+        )
+        await services.approve_allocation(await caller("bob", desk), trade.trade_id, "k4")
         if revoke_first:
             async with httpx.AsyncClient(timeout=10) as http:
                 revoked = await http.post(
@@ -116,26 +174,65 @@ def test_a_mandate_revoked_before_settlement_raises_an_exception(
                     headers=auth,
                 )
             assert revoked.status_code == 200, revoked.text
+        else:
+            # a token of another transaction does not settle this trade
+            with pytest.raises(Refused) as foreign:
+                await services.submit_settlement(
+                    await caller("clearing", stranger), trade.trade_id, {"ssi": "X"}, "k5"
+                )
+            out["foreign"] = foreign.value
         try:
-            await services.submit_settlement(as_("clearing"), trade.trade_id, {"ssi": "X"}, "k")
-            outcome: Any = (await store.trade(trade.trade_id)).state
+            await services.submit_settlement(
+                await caller("clearing", desk), trade.trade_id, {"ssi": "X"}, "k6"
+            )
+            await services.confirm_settlement(
+                await caller("clearing", desk), trade.trade_id, "settled", "k7"
+            )
+            out["outcome"] = (await store.trade(trade.trade_id)).state
         except EntitlementLost as lost:
-            outcome = lost
-        events = await store.events_after(0)
-        jwks = store.signer.jwks()
+            out["outcome"] = lost
+            events = await store.events_after(0)
+            jwks = store.signer.jwks()
+            out["last"] = jwt.decode(
+                events[-1].jws, jwt.PyJWK(jwks["keys"][0]).key, algorithms=["ES256"]
+            )
+            exception_id = lost.exception.exception_id
+            # a desk client is not an operator; an operator re-consents
+            with pytest.raises(Refused) as not_operator:
+                await services.resolve_exception(
+                    await caller("alice", desk), exception_id, "reconsent"
+                )
+            out["not_operator"] = not_operator.value
+            resolved = await services.resolve_exception(
+                await caller("ops", operator), exception_id, "reconsent"
+            )
+            out["resolved"] = resolved.status
+            out["state_after"] = (await store.trade(trade.trade_id)).state
         await store.db.dispose()
         await validator.aclose()
         await live_pdp.aclose()
         await fetcher.aclose()
-        last = jwt.decode(events[-1].jws, jwt.PyJWK(jwks["keys"][0]).key, algorithms=["ES256"])
-        return outcome, last
+        return out
 
-    outcome, last = run_sync(lifecycle(revoke_first=False))
-    assert outcome == machine.SETTLEMENT_SUBMITTED
-    assert last["type"] == "settlement.submitted"
-    assert last["data"]["mandate"]["reason"] == "active"
+    live = run_sync(lifecycle(revoke_first=False))
+    assert live["outcome"] == machine.SETTLED
+    foreign = live["foreign"]
+    assert (foreign.status, foreign.code) == (403, "denied")
+    allowed = [(action, d.reason_ids) for action, d in live["asked"] if d.allowed]
+    assert allowed == [
+        ("trade:create", ("trade.lifecycle",)),
+        ("trade:execute", ("trade.lifecycle",)),
+        ("trade:propose_allocation", ("trade.lifecycle",)),
+        ("trade:approve_allocation", ("trade.lifecycle",)),
+        ("trade:submit_settlement", ("trade.lifecycle",)),
+        ("trade:confirm_settlement", ("trade.lifecycle",)),
+    ]
+    denied = [(action, d.reason_ids) for action, d in live["asked"] if not d.allowed]
+    assert denied == [("trade:submit_settlement", ("trade.transaction",))]
+    assert all(d.bundle_version and d.decision_id for _, d in live["asked"])
 
-    outcome, last = run_sync(lifecycle(revoke_first=True))
+    lost = run_sync(lifecycle(revoke_first=True))
+    outcome, last = lost["outcome"], lost["last"]
     assert isinstance(outcome, EntitlementLost)
     assert outcome.exception.reason == "mandate_not_usable"
     assert last["type"] == "settlement.exception"
@@ -144,9 +241,20 @@ def test_a_mandate_revoked_before_settlement_raises_an_exception(
     assert last["data"]["mandate"]["usable"] is False
     decision_id = outcome.extra["decision_id"]
     assert last["envelope"]["decision_ids"] == [decision_id]
+    by_id = {d.decision_id: (action, d) for action, d in lost["asked"]}
+    assert by_id[decision_id][1].reason_ids == ("trade.mandate_live",)
+    not_operator = lost["not_operator"]
+    assert (not_operator.status, not_operator.code) == (403, "denied")
+    denied = [(action, d.reason_ids) for action, d in lost["asked"] if not d.allowed]
+    assert denied == [
+        ("trade:submit_settlement", ("trade.mandate_live",)),
+        ("exception:reconsent", ("exception.operator_only",)),
+    ]
+    assert (lost["resolved"], lost["state_after"]) == ("resolved", machine.ALLOCATION_APPROVED)
 
     # the deny is in the deployment's ledger, under the transaction
     audit = {"Authorization": f"Bearer {audit_token(a)}"}
+    txn = txns[True]
 
     def deny_in_ledger() -> Any:
         answer = httpx.get(f"{a.base_url}/audit/transactions/{txn}", headers=audit, timeout=10)
@@ -156,6 +264,7 @@ def test_a_mandate_revoked_before_settlement_raises_an_exception(
     (entry,) = [e for e in chain["entries"] if e["entry"]["event_id"] == decision_id]
     assert entry["entry"]["type"] == "policy:decision:denied"
     assert entry["entry"]["decision"] == "deny"
-    assert entry["payload"]["action"] == "settlement:submit"
+    assert entry["entry"]["reason_ids"] == ["trade.mandate_live"]
+    assert entry["payload"]["action"] == "trade:submit_settlement"
     assert entry["payload"]["resource"] == f'Trade::"{outcome.exception.trade_id}"'
     assert entry["inclusion_proof"]  # against the signed checkpoint of the answer

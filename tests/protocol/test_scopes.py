@@ -40,7 +40,21 @@ def test_the_default_vocabulary_loads() -> None:
         "settlement:amend",
         "report:view",
         "report:export",
+        # the reference settlement services' routes (trustplane.reference.http)
+        "trade:execute",
+        "settlement:cancel",
+        "settlement:confirm",
+        "exception:view",
+        "exception:resolve",
+        "event:subscribe",
     }
+    assert vocab.accepts(EXECUTION, "trade:execute") is True
+    assert vocab.accepts(CLEARING, "trade:execute") is False
+    assert vocab.accepts(CLEARING, "settlement:confirm") is True
+    for shared in ("exception:view", "exception:resolve", "event:subscribe"):
+        assert vocab.scopes[shared].resources == frozenset(
+            {EXECUTION, ALLOCATION, CLEARING, REPORTING}
+        )
     assert set(vocab.resources) == {EXECUTION, ALLOCATION, CLEARING, REPORTING}
     assert vocab.resources[EXECUTION] == "Order entry and execution"
     assert vocab.scopes["order:create"].description == "Create an order"

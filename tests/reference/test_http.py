@@ -34,7 +34,7 @@ from trustplane.reference.store import TradeStore
 
 SCOPES = (
     "order:create trade:execute allocation:propose allocation:approve settlement:submit "
-    "settlement:confirm report:read exception:read exception:resolve events:read"
+    "settlement:confirm report:view exception:view exception:resolve event:subscribe"
 )
 
 
@@ -180,7 +180,7 @@ async def test_refusals(harness: Harness) -> None:
     no_token = await h.client.post("/orders", json=ORDER)
     assert no_token.status_code == 401
     no_scope = await h.client.post(
-        "/orders", json=ORDER, headers=h.headers(key="k", scope="report:read")
+        "/orders", json=ORDER, headers=h.headers(key="k", scope="report:view")
     )
     assert no_scope.status_code == 403
     assert no_scope.json()["error"] == "insufficient_scope"
@@ -190,7 +190,7 @@ async def test_refusals(harness: Harness) -> None:
     missing = await h.client.post("/trades/nope/execute", headers=h.headers(key="k3"))
     assert missing.status_code == 404
     assert missing.json()["type"].endswith("/not-found")
-    h.pdp.deny.add("order:create")
+    h.pdp.deny.add("trade:create")
     denied = await h.client.post("/orders", json=ORDER, headers=h.headers(key="k4"))
     assert denied.status_code == 403
     assert denied.json()["type"].endswith("/denied")
@@ -255,7 +255,7 @@ async def test_exception_api_refusals(harness: Harness) -> None:
         "/exceptions/nope.1/resolve", json={"action": "cancel", "note": 5}, headers=h.headers()
     )
     assert note.status_code == 400
-    no_scope = await h.client.get("/exceptions", headers=h.headers(scope="events:read"))
+    no_scope = await h.client.get("/exceptions", headers=h.headers(scope="event:subscribe"))
     assert no_scope.status_code == 403
     assert no_scope.json()["error"] == "insufficient_scope"
     status = await h.client.get("/exceptions?status=closed", headers=h.headers())

@@ -181,10 +181,10 @@ async def test_mandate_revoked_before_settlement_raises_an_exception(world: Worl
     )
     # the PDP was asked with the event as context, and denied (recorded by the PDP)
     action, decision, context = pdp.decisions[-1]
-    assert action == "settlement:submit"
+    assert action == "trade:submit_settlement"
     assert not decision.allowed
     assert context["mandate_active"] is False
-    assert context["event"]["type"] == "allocation.approved"
+    assert context["event_type"] == "allocation.approved"
     assert (await world.store.trade(trade_id)).state == machine.EXCEPTION
     last = (await world.store.events_after(0))[-1]
     assert last.type == "settlement.exception"

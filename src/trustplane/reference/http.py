@@ -12,10 +12,10 @@ POST /trades/{id}/settlement                settlement:submit      submit_settle
 POST /trades/{id}/settlement/amend          settlement:submit      amend#n (entitlement)
 POST /trades/{id}/settlement/cancel         settlement:cancel      cancel_settlement
 POST /trades/{id}/settlement/confirm        settlement:confirm     settle | fail
-GET  /trades/{id}                           report:read            the trade and its transitions
-GET  /exceptions                            exception:read         open / escalated / resolved
+GET  /trades/{id}                           report:view            the trade and its transitions
+GET  /exceptions                            exception:view         open / escalated / resolved
 POST /exceptions/{id}/resolve               exception:resolve      reconsent | cancel | escalate
-GET  /events?after=<seq>&wait=<s>           events:read            long-poll of the outbox
+GET  /events?after=<seq>&wait=<s>           event:subscribe        long-poll of the outbox
 GET  /jwks                                  (public)               the event signing key
 ==========================================  =====================  ===============================
 
@@ -230,7 +230,7 @@ def build_app(
 
     @app.get("/trades/{trade_id}")
     async def report(request: Request, trade_id: str) -> Response:
-        await caller_of(request, "report:read")
+        await caller_of(request, "report:view")
         try:
             return _json(200, await services.report(trade_id))
         except Refused as exc:
@@ -238,7 +238,7 @@ def build_app(
 
     @app.get("/exceptions")
     async def list_exceptions(request: Request, status: str | None = None) -> Response:
-        await caller_of(request, "exception:read")
+        await caller_of(request, "exception:view")
         if status not in (None, "open", "escalated", "resolved"):
             return problem(400, "invalid-request", "status is open, escalated or resolved")
         found = await services.list_exceptions(status)
@@ -261,7 +261,7 @@ def build_app(
 
     @app.get("/events")
     async def events(request: Request, after: int = 0, wait: float = 0.0) -> Response:
-        await caller_of(request, "events:read")
+        await caller_of(request, "event:subscribe")
         if after < 0 or not 0 <= wait <= MAX_TIMEOUT:
             return problem(400, "invalid-request", f"after >= 0, 0 <= wait <= {MAX_TIMEOUT:g}")
         found = await services.store.wait_events(after, wait)

@@ -31,6 +31,11 @@ from trustplane.reference.store import (
 log = structlog.get_logger("trustplane.reference")
 Decide = Callable[[str, Entity, Mapping[str, Any]], Awaitable[Decision]]
 SIDES = ("buy", "sell")
+#: The PDP actions on a ``Trade`` (the default bundle's ``trade`` action group, docs/policy.md); the
+#: routes' scopes are the OAuth side (docs/settlement.md). ``exception:<action>`` for operators.
+CREATE, EXECUTE, PROPOSE = "trade:create", "trade:execute", "trade:propose_allocation"
+APPROVE, SUBMIT = "trade:approve_allocation", "trade:submit_settlement"
+CANCEL, CONFIRM = "trade:cancel_settlement", "trade:confirm_settlement"
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,24 @@ def trade_entity(trade: Trade) -> Entity:
     )
 
 
+def _context(
+    caller: Caller, trade: Trade, transition: str, extra: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The PDP context of a trade action (the default bundle's ``TradeStepContext``): the trade's
+    state, the transition, who acts, the token's ``txn`` and the trade's (from its order), plus the
+    step's own facts. Absent facts are left out, never sent as null."""
+    txn, trade_txn = caller.claims.get("txn"), trade.envelope.get("txn")
+    context = {
+        "trade_state": trade.state,
+        "transition": transition,
+        "actor": caller.subject,
+        "txn": txn if isinstance(txn, str) else None,
+        "trade_txn": trade_txn if isinstance(trade_txn, str) else None,
+        **extra,
+    }
+    return {k: v for k, v in context.items() if v is not None}
+
+
 def _amount(value: Any, what: str) -> str:
     try:
         number = Decimal(str(value))
@@ -109,9 +132,7 @@ class TradeServices:
         self, caller: Caller, action: str, trade: Trade, transition: str, **context: Any
     ) -> Decision:
         decision = await caller.decide(
-            action,
-            trade_entity(trade),
-            {"trade_state": trade.state, "transition": transition, **context},
+            action, trade_entity(trade), _context(caller, trade, transition, context)
         )
         if not decision.allowed:
             raise Refused(
@@ -136,6 +157,14 @@ class TradeServices:
         except NotFound:
             raise Refused(404, "not-found", f"no trade {trade_id}") from None
 
+    async def _in_state(self, trade_id: str, transition: machine.Transition) -> Trade:
+        """The trade, if it is in the transition's source state; else the store's own answer
+        (done: 409 duplicate-transition, elsewhere: 409 out-of-order) before the PDP is asked."""
+        trade = await self._trade(trade_id)
+        if trade.state != transition.source:
+            raise await self.store.why(trade_id, transition)
+        return trade
+
     async def _move(
         self,
         caller: Caller,
@@ -145,7 +174,7 @@ class TradeServices:
         key: str | None,
         **kwargs: Any,
     ) -> TransitionRecord:
-        trade = await self._trade(trade_id)
+        trade = await self._in_state(trade_id, transition)
         decision = await self._authorize(caller, action, trade, transition.name)
         return await self.store.apply(
             trade_id, transition, caller.subject, self._envelope(caller, decision), key, **kwargs
@@ -175,15 +204,13 @@ class TradeServices:
             trade_id, "none", fields["account"], fields["instrument"], fields["side"],
             fields["quantity"], fields["amount"], currency, None, {}, None, None, None, 0, 0,
         )  # fmt: skip
-        decision = await self._authorize(
-            caller, "order:create", draft, "create", amount=fields["amount"]
-        )
+        decision = await self._authorize(caller, CREATE, draft, "create", amount=fields["amount"])
         envelope = self._envelope(caller, decision)
         trade, _record = await self.store.create(trade_id, fields, caller.subject, envelope, key)
         return trade
 
     async def execute(self, caller: Caller, trade_id: str, key: str | None) -> TransitionRecord:
-        return await self._move(caller, "trade:execute", trade_id, machine.EXECUTE, key)
+        return await self._move(caller, EXECUTE, trade_id, machine.EXECUTE, key)
 
     # ----------------------------------------------------------------- allocation
 
@@ -201,7 +228,9 @@ class TradeServices:
             total += Decimal(_amount(item["quantity"], "allocation quantity"))
         if total != Decimal(trade.quantity):
             raise Refused(400, "invalid-request", "the allocations must add up to the quantity")
-        decision = await self._authorize(caller, "allocation:propose", trade, machine.PROPOSE.name)
+        if trade.state != machine.PROPOSE.source:
+            raise await self.store.why(trade_id, machine.PROPOSE)
+        decision = await self._authorize(caller, PROPOSE, trade, machine.PROPOSE.name)
         return await self.store.apply(
             trade_id,
             machine.PROPOSE,
@@ -215,7 +244,7 @@ class TradeServices:
     async def approve_allocation(
         self, caller: Caller, trade_id: str, key: str | None
     ) -> TransitionRecord:
-        trade = await self._trade(trade_id)
+        trade = await self._in_state(trade_id, machine.APPROVE)
         if trade.proposer is not None and trade.proposer == caller.subject:
             raise Refused(
                 403,
@@ -223,7 +252,7 @@ class TradeServices:
                 "the allocation must be approved by someone other than its proposer",
             )
         decision = await self._authorize(
-            caller, "allocation:approve", trade, machine.APPROVE.name, proposer=trade.proposer
+            caller, APPROVE, trade, machine.APPROVE.name, proposer=trade.proposer
         )
         return await self.store.apply(
             trade_id, machine.APPROVE, caller.subject, self._envelope(caller, decision), key
@@ -258,9 +287,7 @@ class TradeServices:
         self, caller: Caller, trade_id: str, key: str | None
     ) -> TransitionRecord:
         """Withdraw a submitted settlement: the trade ends ``cancelled``."""
-        return await self._move(
-            caller, "settlement:cancel", trade_id, machine.CANCEL_SETTLEMENT, key
-        )
+        return await self._move(caller, CANCEL, trade_id, machine.CANCEL_SETTLEMENT, key)
 
     async def _entitled_step(
         self,
@@ -286,15 +313,21 @@ class TradeServices:
             raise Refused(
                 503, "unavailable", "the mandate's issuer cannot be asked; retry"
             ) from None
+        mandate = trade.envelope.get("mandate")
+        mandate_id = mandate.get("id") if isinstance(mandate, dict) else None
         decision = await caller.decide(
-            "settlement:submit",
+            SUBMIT,
             trade_entity(trade),
-            {
-                "trade_state": trade.state,
-                "transition": transition.name,
-                "mandate_active": status.usable,
-                "event": {"type": acting_on, "envelope": trade.envelope},
-            },
+            _context(
+                caller,
+                trade,
+                transition.name,
+                {
+                    "mandate_active": status.usable,
+                    "mandate_id": mandate_id,
+                    "event_type": acting_on,
+                },
+            ),
         )
         if not status.usable:
             raise await self._exception(caller, trade, status, decision)
@@ -302,7 +335,7 @@ class TradeServices:
             raise Refused(
                 403,
                 "denied",
-                f"settlement:submit denied by policy (decision {decision.decision_id})",
+                f"{SUBMIT} denied by policy (decision {decision.decision_id})",
                 decision_id=decision.decision_id,
             )
         return await self.store.apply(
@@ -358,7 +391,7 @@ class TradeServices:
         transition = machine.SETTLE if outcome == "settled" else machine.FAIL
         # settled and failed exclude each other: whichever came first, the other finds the trade
         # out of its source state (or, if it is the same, already done).
-        return await self._move(caller, "settlement:confirm", trade_id, transition, key)
+        return await self._move(caller, CONFIRM, trade_id, transition, key)
 
     # ----------------------------------------------------------------- reporting
 
@@ -384,6 +417,8 @@ class TradeServices:
             record = await self.store.exception(exception_id)
         except NotFound:
             raise Refused(404, "not-found", f"no exception {exception_id}") from None
+        if action != "escalate" and record.status == "resolved":
+            raise Refused(409, "already-resolved", f"exception {exception_id} is resolved")
         trade = await self._trade(record.trade_id)
         decision = await self._authorize(
             operator, f"exception:{action}", trade, action, exception_id=exception_id
@@ -391,8 +426,6 @@ class TradeServices:
         envelope = self._envelope(operator, decision)
         if action == "escalate":
             return await self.store.escalate(exception_id, operator.subject, envelope, note)
-        if record.status == "resolved":
-            raise Refused(409, "already-resolved", f"exception {exception_id} is resolved")
         transition = (
             machine.reconsent_transition(record.from_state, record.number)
             if action == "reconsent"
