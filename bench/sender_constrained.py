@@ -50,6 +50,7 @@ from typing import Any
 
 import httpx
 import jwt
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
@@ -68,8 +69,11 @@ from trustplane.pep import (
     TokenValidator,
     TrustedIssuer,
 )
+from trustplane.pep.binding import check_certificate_binding
 from trustplane.policy.bundle import compile_bundle, default_bundle
 from trustplane.policy.engine import PolicyEngine
+from trustplane.tls import dev_ca
+from trustplane.tls.certificates import certificate_thumbprint
 
 ISSUER = "https://as.bench"
 AUDIENCE = "https://execution.example/api"
@@ -186,23 +190,30 @@ async def _pep_rows(n: int) -> list[Row]:
     order, context = order_request()
     signer = Signer(issuer_key, "ES256", "k1", "at+jwt")
 
-    async def pep(request: tuple[str, DpopRequest | None]) -> None:
-        header, dpop = request
+    async def pep(request: tuple[str, DpopRequest | None, x509.Certificate | None]) -> None:
+        header, dpop, certificate = request
         token = await enforcer.authenticate(header, dpop=dpop)
+        check_certificate_binding(token, certificate)  # what Pep does after authenticate (8705 §3)
         await enforcer.authorize(token, "order:create", order, context, scope="order:create")
 
     bearer = signer.sign(token_claims())
-    cases: list[tuple[str, list[tuple[str, DpopRequest | None]]]] = [
-        ("Bearer, token reused", [(f"Bearer {bearer}", None)] * n)
+    cases: list[tuple[str, list[tuple[str, DpopRequest | None, x509.Certificate | None]]]] = [
+        ("Bearer, token reused", [(f"Bearer {bearer}", None, None)] * n)
     ]
     for alg in ("ES256", "EdDSA"):
         client = ProofSigner(alg)
         bound = signer.sign(token_claims(cnf={"jkt": _jkt(client.jwk)}))
         requests = [
-            (f"DPoP {bound}", DpopRequest("POST", URL, (proof,)))
+            (f"DPoP {bound}", DpopRequest("POST", URL, (proof,)), None)
             for proof in client.proofs(n, bound)
         ]
         cases.append((f"DPoP {alg}, token reused, new proof", requests))
+    # RFC 8705: a certificate-bound token, the client's certificate from the connection
+    certificate = dev_ca.issue(
+        dev_ca.create_ca("bench CA"), dev_ca.Subject("bench-client")
+    ).certificate
+    mtls = signer.sign(token_claims(cnf={"x5t#S256": certificate_thumbprint(certificate)}))
+    cases.append(("mTLS-bound, token reused", [(f"Bearer {mtls}", None, certificate)] * n))
     for _label, requests in cases:  # warm-up (not timed): JWKS fetch, engine and key caches
         await pep(requests[0])
     # Interleaved (one request of each case in turn), so that the machine's noise hits every row alike.
