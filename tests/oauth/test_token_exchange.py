@@ -582,3 +582,27 @@ async def test_impersonation_where_policy_permits_it_issues_no_act(ex: Exchange)
     assert "act" not in exchange
     # the same bundle still refuses impersonation towards another audience
     assert error_of(elsewhere) == (400, "invalid_scope"), elsewhere.text
+
+
+@pytest.mark.parametrize(
+    "requested",
+    [
+        "urn:ietf:params:oauth:token-type:id_token",
+        "urn:ietf:params:oauth:token-type:refresh_token",
+        "urn:ietf:params:oauth:token-type:saml2",
+        "urn:example:unknown",
+    ],
+)
+async def test_an_unsupported_requested_token_type_is_refused(ex: Exchange, requested: str) -> None:
+    """RFC 8693 §2.1: we issue access tokens and Txn-Tokens only, never silently another type."""
+    response, _ = await ex.post(ex.own(), requested_token_type=requested)
+
+    assert error_of(response) == (400, "invalid_request")
+    assert requested in response.json()["error_description"]
+
+
+async def test_an_access_token_may_be_asked_for_by_name(ex: Exchange) -> None:
+    response, _ = await ex.post(ex.own(), requested_token_type=ACCESS)
+
+    assert response.status_code == 200, response.text
+    assert response.json()["issued_token_type"] == ACCESS

@@ -83,8 +83,17 @@ class TokenExchangeGrant:
 
     async def handle(self, form: Form, auth: AuthenticatedClient) -> Granted:
         client = auth.client
-        if form.get("requested_token_type") == TOKEN_TYPE_TXN_TOKEN and self._txn_tokens:
+        requested = form.get("requested_token_type")
+        if requested == TOKEN_TYPE_TXN_TOKEN:
+            if self._txn_tokens is None:
+                raise InvalidRequestError("this server does not issue transaction tokens")
             return await self._txn_tokens.handle(form, client)  # oauth.exchange.txn_token
+        if requested and requested != TOKEN_TYPE_ACCESS_TOKEN:
+            # RFC 8693 §2.1: we issue access tokens (and Txn-Tokens); never another type than asked
+            raise InvalidRequestError(
+                f"requested_token_type {requested} is not supported: "
+                f"use {TOKEN_TYPE_ACCESS_TOKEN} or {TOKEN_TYPE_TXN_TOKEN}"
+            )
         token, token_type = form.get("subject_token"), form.get("subject_token_type")
         if not token or not token_type:
             raise InvalidRequestError("subject_token and subject_token_type are required")
