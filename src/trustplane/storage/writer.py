@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane import metrics
 from trustplane.storage.db import Database
+from trustplane.storage.turn import WriterTurn
 
 log = structlog.get_logger(__name__)
 
@@ -53,6 +54,7 @@ class GroupCommitWriter:
         self._task: asyncio.Task[None] | None = None
         self._conn: AsyncConnection | None = None
         self._stopping = False
+        self._turn = WriterTurn.for_database(db)  # SQLite: worker processes take turns (turn.py)
         self.batches = 0
         self.items = 0
 
@@ -77,6 +79,8 @@ class GroupCommitWriter:
         self._task = None
         self._stopping = False
         await self._drop_connection()
+        if self._turn is not None:
+            self._turn.close()
 
     async def submit(self, kind: str, payload: Any) -> Any:
         """Queue one write and wait until it is committed; returns the handler's result for it."""
@@ -112,6 +116,9 @@ class GroupCommitWriter:
             with contextlib.suppress(Exception):
                 await conn.close()
 
+    def _my_turn(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return self._turn.hold() if self._turn is not None else contextlib.nullcontext()
+
     async def _flush(self, batch: list[_Item]) -> None:
         by_kind: dict[str, list[_Item]] = {}
         for item in batch:
@@ -119,7 +126,7 @@ class GroupCommitWriter:
         results: list[tuple[_Item, Any]] = []
         try:
             conn = await self._connection()
-            async with conn.begin():
+            async with self._my_turn(), conn.begin():
                 for kind in self._order:
                     items = by_kind.get(kind)
                     if items:
