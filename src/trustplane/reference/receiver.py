@@ -29,6 +29,7 @@ import orjson
 import structlog
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from prometheus_client import Counter
 
 from trustplane.jose.jwk import thumbprint
 from trustplane.jose.jws import b64url_encode
@@ -51,6 +52,19 @@ from trustplane.ssf.receiver import SetRefused
 from trustplane.ssf.transmitter import POLL
 
 log = structlog.get_logger("trustplane.reference")
+SETS = Counter(
+    "trustplane_reference_signal_sets_total",
+    "SETs the settlement's receiver handled, by outcome (acted, refused)",
+    ["outcome"],
+)
+EXCEPTIONS = Counter(
+    "trustplane_reference_signal_exceptions_total",
+    "Exceptions raised on trades in flight by the issuer's signals",
+)
+FAILURES = Counter(
+    "trustplane_reference_signal_failures_total",
+    "Subscription or poll rounds that failed (retried with backoff)",
+)
 #: SETs per poll answer, and the answer's size cap (a SET is well under 2 KiB).
 MAX_EVENTS = 50
 MAX_POLL_BYTES = 256 * 1024
@@ -223,11 +237,15 @@ class SignalReceiver:
             log.warning("reference_signal_refused", jti=jti[:64], err=exc.err, reason=str(exc))
             self._errs[jti] = {"err": exc.err, "description": exc.description[:256]}
             self.refused += 1
+            SETS.labels(outcome="refused").inc()
             return
         for signal in found:
-            self.raised += len(await self._services.raise_on_signal(signal))
+            raised = len(await self._services.raise_on_signal(signal))
+            self.raised += raised
+            EXCEPTIONS.inc(raised)
         self._acks.append(jti)
         self.received += 1
+        SETS.labels(outcome="acted").inc()
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Poll until ``stopping``; any failure (the transmitter, our store) is logged and retried
@@ -250,6 +268,7 @@ class SignalReceiver:
             # what was handled before the failure stays in the acks of the next poll; the rest
             # of the round is delivered again. Subscribe afresh: the stream may be gone.
             backoff = min(max(backoff * 2, 0.5), 30.0)
+            FAILURES.inc()
             log.warning("reference_signals_retry", error=repr(error)[:300], delay=backoff)
             self.subscription = None
             with contextlib.suppress(TimeoutError):
