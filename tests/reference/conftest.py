@@ -22,6 +22,8 @@ from trustplane.reference.store import TradeStore
 from trustplane.storage.db import Database
 
 MANDATE = {"id": "M-1", "version": 1}
+#: The issuer of the callers' tokens (their ``iss``; each caller's token ``jti`` is ``tok-<subject>``).
+ISSUER = "https://as.example"
 ORDER = {
     "account": "ACC-1",
     "instrument": "XS0000000001",
@@ -67,6 +69,8 @@ class Mandates:
 
 def caller(subject: str, pdp: RecordingPdp, **claims: Any) -> Caller:
     base = {
+        "iss": ISSUER,
+        "jti": f"tok-{subject}",
         "sub": subject,
         "client_id": "desk-app",
         "txn": "txn-1",

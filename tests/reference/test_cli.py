@@ -101,3 +101,26 @@ def test_settings_refuse_what_cannot_work() -> None:
         ReferenceSettings.from_env({"TRUSTPLANE_REFERENCE_NATS_URL": "http://x"})
     with pytest.raises(ReferenceSettingsError, match="NATS_PREFIX"):
         ReferenceSettings.from_env({"TRUSTPLANE_REFERENCE_NATS_PREFIX": "a.b"})
+
+
+def test_the_signal_receiver_needs_its_settings(tmp_path: Path) -> None:
+    """``trustplane reference signals`` without a transmitter, or with a key that is not EC P-256,
+    exits 2 with one line (the live receiver: tests/e2e/test_settlement_signals.py)."""
+    runner = CliRunner()
+    base = {
+        "TRUSTPLANE_REFERENCE_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'ref.db'}",
+        "TRUSTPLANE_REFERENCE_EVENT_KEY_FILE": str(tmp_path / "events.pem"),
+    }
+    unset = runner.invoke(app, ["reference", "signals"], env=base)
+    assert unset.exit_code == 2
+    assert "SSF_CONFIGURATION_URL is not set" in unset.output
+    not_ec = tmp_path / "client.pem"
+    not_ec.write_text("not a key")
+    env = {
+        **base,
+        "TRUSTPLANE_REFERENCE_SSF_CONFIGURATION_URL": "https://as.example/.well-known/ssf-configuration",
+        "TRUSTPLANE_REFERENCE_SSF_CLIENT_ID": "c-signals",
+        "TRUSTPLANE_REFERENCE_SSF_CLIENT_KEY_FILE": str(not_ec),
+    }
+    bad_key = runner.invoke(app, ["reference", "signals"], env=env)
+    assert bad_key.exit_code == 2, bad_key.output

@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import hypothesis.strategies as st
+import jwt
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 
-from tests.reference.conftest import ORDER, Mandates, RecordingPdp, caller, fresh_store
+from tests.reference.conftest import ISSUER, ORDER, Mandates, RecordingPdp, caller, fresh_store
 from trustplane.reference import machine
-from trustplane.reference.services import Refused, TradeServices
+from trustplane.reference.services import Refused, Signal, TradeServices
 from trustplane.reference.store import DuplicateTransition, NotFound, OutOfOrder
 
 SUBJECTS = st.sampled_from(["alice", "bob", "carol"])
@@ -95,6 +96,22 @@ class TradeMachine(RuleBasedStateMachine):
         else:
             self.mandates.revoked.discard("M-1")
 
+    @rule(
+        number=st.integers(1, 3),
+        token=st.sampled_from([None, "tok-alice", "tok-bob", "tok-clearing"]),
+    )
+    def signal(self, number: int, token: str | None) -> None:
+        """The issuer revokes the mandate (``token`` None) or a token; SETs are redelivered (the
+        same ``number`` again)."""
+        kind = "mandate_revoked" if token is None else "token_revoked"
+        jti = f"set-{token}-{number}"
+        if token is None:
+            signal = Signal(ISSUER, jti, "session-revoked", kind, "", mandate_id="M-1")
+        else:
+            signal = Signal(ISSUER, jti, "session-revoked", kind, "", token_jti=token)
+        for record in self.run(self.services.raise_on_signal(signal)):
+            assert record.reason == kind
+
     @rule(trade=trades, action=st.sampled_from(["reconsent", "cancel", "escalate"]))
     def resolve(self, trade: str, action: str) -> None:
         record = self.run(self.store.trade(trade))
@@ -130,6 +147,14 @@ class TradeMachine(RuleBasedStateMachine):
             assert self.run(self.store.trade(trade_id)).state == state
             escalations = types.count("exception.escalated")
             assert len(types) == len(history) + escalations  # one event per transition
+        # a SET raises at most one exception per trade, however often it was delivered
+        raised = []
+        for event in events:
+            if event.type == "settlement.exception":
+                data = jwt.decode(event.jws, options={"verify_signature": False})["data"]
+                if "signal" in data:
+                    raised.append((event.trade_id, data["signal"]["jti"]))
+        assert len(raised) == len(set(raised)), raised
 
     def teardown(self) -> None:
         self.run(self.store.db.dispose())

@@ -2,7 +2,9 @@
 
 ``exceptions list`` / ``exceptions resolve`` act on the services' store directly (you hold it, as
 with ``trustplane mandates``); each resolution is a signed event in the outbox with the actor
-``cli:<OS user>``. ``publish`` runs the outbox publisher to NATS JetStream. Settings: the
+``cli:<OS user>``. ``publish`` runs the outbox publisher to NATS JetStream; ``signals`` runs the
+Shared Signals receiver that raises exceptions on the trades in flight when the issuer revokes a
+token or mandate they rest on (beside a service on the same store). Settings: the
 ``TRUSTPLANE_REFERENCE_*`` variables (docs/settlement.md).
 """
 
@@ -144,6 +146,32 @@ def publish() -> None:
             await publisher.run(asyncio.Event())
         finally:
             await publisher.close()
+            await services.store.db.dispose()
+
+    _run(run())
+
+
+@reference_app.command("signals")
+def signals() -> None:
+    """Receive the issuer's revocations (SSF poll, TRUSTPLANE_REFERENCE_SSF_*) until interrupted:
+    the trades in flight that rest on a revoked token or mandate move to exception."""
+    from trustplane.reference.receiver import build_receiver
+
+    settings = _settings()
+    if settings.ssf_configuration_url is None:
+        fail("TRUSTPLANE_REFERENCE_SSF_CONFIGURATION_URL is not set")
+
+    async def run() -> None:
+        services = await _open(settings)
+        try:
+            receiver, fetcher = build_receiver(settings, services)
+        except (ValueError, OSError) as exc:
+            await services.store.db.dispose()
+            fail(str(exc))
+        try:
+            await receiver.run(asyncio.Event())
+        finally:
+            await fetcher.aclose()
             await services.store.db.dispose()
 
     _run(run())

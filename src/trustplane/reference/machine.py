@@ -7,7 +7,7 @@
         --settle--> settled | --fail--> failed | --cancel_settlement--> cancelled
     settlement_submitted --amend#n--> settlement_submitted (new instructions)
 
-    executed | allocation_proposed | allocation_approved | settlement_submitted
+    created | executed | allocation_proposed | allocation_approved | settlement_submitted
         --exception--> exception --reconsent--> (the state it left) | --cancel--> cancelled
 
 A transition is named once per trade and happens at most once: the store holds a unique constraint
@@ -41,8 +41,11 @@ STATES = (
     CANCELLED,
 )
 TERMINAL = frozenset({SETTLED, FAILED, CANCELLED})
-#: The states a trade can leave by an exception (entitlement lost while the trade is in flight).
-IN_FLIGHT = frozenset({EXECUTED, ALLOCATION_PROPOSED, ALLOCATION_APPROVED, SETTLEMENT_SUBMITTED})
+#: The states a trade can leave by an exception (entitlement lost while the trade is in flight: at
+#: settlement time, or signalled by the issuer at any step before a final state).
+IN_FLIGHT = frozenset(
+    {CREATED, EXECUTED, ALLOCATION_PROPOSED, ALLOCATION_APPROVED, SETTLEMENT_SUBMITTED}
+)
 
 
 @dataclass(frozen=True, slots=True)

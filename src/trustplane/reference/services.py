@@ -21,8 +21,11 @@ from trustplane.reference import machine
 from trustplane.reference.entitlement import EntitlementUnavailable, MandateCheck, MandateStatus
 from trustplane.reference.events import Envelope
 from trustplane.reference.store import (
+    Acting,
+    DuplicateTransition,
     ExceptionRecord,
     NotFound,
+    OutOfOrder,
     Trade,
     TradeStore,
     TransitionRecord,
@@ -36,6 +39,8 @@ SIDES = ("buy", "sell")
 CREATE, EXECUTE, PROPOSE = "trade:create", "trade:execute", "trade:propose_allocation"
 APPROVE, SUBMIT = "trade:approve_allocation", "trade:submit_settlement"
 CANCEL, CONFIRM = "trade:cancel_settlement", "trade:confirm_settlement"
+#: How often a signal's exception is retried on a trade that moved meanwhile (each retry re-reads it).
+SIGNAL_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,31 @@ class Caller:
     claims: Mapping[str, Any]
     token: str | None
     decide: Decide
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    """A verified Security Event Token's event about a token or a mandate of issuer ``iss``
+    (exactly one of ``token_jti``, ``mandate_id``): the issuer withdrew it (``signals.py``).
+    ``reason``: ``token_revoked``, ``mandate_revoked`` or ``mandate_<status>``."""
+
+    iss: str
+    jti: str
+    event_type: str
+    reason: str
+    detail: str
+    token_jti: str | None = None
+    mandate_id: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "iss": self.iss,
+            "jti": self.jti,
+            "event_type": self.event_type,
+            "reason": self.reason,
+            "token_jti": self.token_jti,
+            "mandate_id": self.mandate_id,
+        }
 
 
 class Refused(Exception):
@@ -177,7 +207,13 @@ class TradeServices:
         trade = await self._in_state(trade_id, transition)
         decision = await self._authorize(caller, action, trade, transition.name)
         return await self.store.apply(
-            trade_id, transition, caller.subject, self._envelope(caller, decision), key, **kwargs
+            trade_id,
+            transition,
+            caller.subject,
+            self._envelope(caller, decision),
+            key,
+            acting=Acting.from_claims(caller.claims),
+            **kwargs,
         )
 
     # ----------------------------------------------------------------- execution
@@ -206,7 +242,9 @@ class TradeServices:
         )  # fmt: skip
         decision = await self._authorize(caller, CREATE, draft, "create", amount=fields["amount"])
         envelope = self._envelope(caller, decision)
-        trade, _record = await self.store.create(trade_id, fields, caller.subject, envelope, key)
+        trade, _record = await self.store.create(
+            trade_id, fields, caller.subject, envelope, key, Acting.from_claims(caller.claims)
+        )
         return trade
 
     async def execute(self, caller: Caller, trade_id: str, key: str | None) -> TransitionRecord:
@@ -239,6 +277,7 @@ class TradeServices:
             key,
             data={"allocations": allocations},
             updates={"allocation": allocations, "proposer": caller.subject},
+            acting=Acting.from_claims(caller.claims),
         )
 
     async def approve_allocation(
@@ -255,7 +294,12 @@ class TradeServices:
             caller, APPROVE, trade, machine.APPROVE.name, proposer=trade.proposer
         )
         return await self.store.apply(
-            trade_id, machine.APPROVE, caller.subject, self._envelope(caller, decision), key
+            trade_id,
+            machine.APPROVE,
+            caller.subject,
+            self._envelope(caller, decision),
+            key,
+            acting=Acting.from_claims(caller.claims),
         )
 
     # ----------------------------------------------------------------- settlement
@@ -346,6 +390,7 @@ class TradeServices:
             key,
             data={"instructions": instructions, "mandate": status.as_dict()},
             updates={"settlement": instructions},
+            acting=Acting.from_claims(caller.claims),
         )
 
     async def _exception(
@@ -372,6 +417,7 @@ class TradeServices:
             None,
             data={"mandate": status.as_dict(), "decision_allowed": decision.allowed},
             exception=record,
+            acting=Acting.from_claims(caller.claims),
         )
         log.warning(
             "reference_settlement_exception",
@@ -439,5 +485,67 @@ class TradeServices:
             None,
             data={"exception_id": exception_id, "resolution": action, "note": note},
             resolve=(exception_id, action),
+            acting=Acting.from_claims(operator.claims),
         )
         return await self.store.exception(exception_id)
+
+    # ----------------------------------------------------------------- the issuer's signals
+
+    async def raise_on_signal(self, signal: Signal) -> list[ExceptionRecord]:
+        """The issuer withdrew a token or a mandate (a verified SET, ``signals.py``): every trade in
+        flight that rests on it (a transition made with that token, or with a token of that
+        mandate) moves to ``exception`` now (``exception#n``, event ``settlement.exception`` with
+        the SET as evidence, an exception row opened), before anyone acts on it again. At most one
+        exception per trade and SET however often it is delivered; a trade already in exception
+        or final is left alone. The PDP is not asked: taking entitlement away is not a permission.
+        """
+        found = await self.store.resting_on(
+            signal.iss, token_jti=signal.token_jti, mandate_id=signal.mandate_id
+        )
+        raised: list[ExceptionRecord] = []
+        for trade in found:
+            record = await self._signal_exception(trade, signal)
+            if record is not None:
+                raised.append(record)
+        return raised
+
+    async def _signal_exception(self, trade: Trade, signal: Signal) -> ExceptionRecord | None:
+        for _ in range(SIGNAL_ATTEMPTS):
+            if trade.state not in machine.IN_FLIGHT or await self.store.signalled(
+                signal.iss, signal.jti, trade.trade_id
+            ):
+                return None
+            number = trade.exceptions + 1
+            record = ExceptionRecord(
+                f"{trade.trade_id}.{number}", trade.trade_id, number, trade.state,
+                signal.reason, signal.detail, "open", None, 0.0,
+            )  # fmt: skip
+            mandate = trade.envelope.get("mandate")
+            envelope = Envelope(
+                txn=trade.txn,
+                sub=None,
+                client_id=None,
+                mandate=dict(mandate) if isinstance(mandate, dict) else None,
+            )
+            try:
+                await self.store.apply(
+                    trade.trade_id,
+                    machine.exception_transition(trade.state, number),
+                    f"ssf:{signal.iss}"[:256],
+                    envelope,
+                    None,
+                    data={"signal": signal.as_dict()},
+                    exception=record,
+                    signal=(signal.iss, signal.jti),
+                )
+            except (DuplicateTransition, OutOfOrder):
+                trade = await self.store.trade(trade.trade_id)  # it moved meanwhile: look again
+                continue
+            log.warning(
+                "reference_signal_exception",
+                trade_id=trade.trade_id,
+                reason=signal.reason,
+                set_jti=signal.jti[:64],
+            )
+            return await self.store.exception(record.exception_id)
+        return None

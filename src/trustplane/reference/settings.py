@@ -10,6 +10,15 @@
 ``TRUSTPLANE_REFERENCE_NATS_URL``                 publish the outbox to JetStream (unset: only
                                                   ``GET /events``)
 ``TRUSTPLANE_REFERENCE_NATS_PREFIX``              subject and stream prefix (default ``tp``)
+``TRUSTPLANE_REFERENCE_SSF_CONFIGURATION_URL``    the deployment's SSF transmitter,
+                                                  ``{issuer}/.well-known/ssf-configuration``
+                                                  (unset: no signals; docs/settlement.md)
+``TRUSTPLANE_REFERENCE_SSF_CLIENT_ID``            our client there (scope ``ssf:stream`` for
+                                                  ``{issuer}/ssf``, ``private_key_jwt``)
+``TRUSTPLANE_REFERENCE_SSF_CLIENT_KEY_FILE``      its EC P-256 private key, PEM
+``TRUSTPLANE_REFERENCE_SSF_CLIENT_KID``           its ``kid`` (default: the RFC 7638 thumbprint)
+``TRUSTPLANE_REFERENCE_SSF_ALLOW_INSECURE_``      ``true``: the transmitter may be
+``LOOPBACK``                                      ``http://127.0.0.1`` (development only)
 ================================================  ==========================================
 """
 
@@ -36,6 +45,11 @@ class ReferenceSettings:
     issuer: str = "https://reference.invalid"
     nats_url: str | None = None
     nats_prefix: str = "tp"
+    ssf_configuration_url: str | None = None
+    ssf_client_id: str | None = None
+    ssf_client_key_file: Path | None = None
+    ssf_client_kid: str | None = None
+    ssf_allow_insecure_loopback: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ReferenceSettings:
@@ -55,10 +69,32 @@ class ReferenceSettings:
                 f"{PREFIX}NATS_PREFIX must be lower-case letters, digits and _ (max 32)"
             )
         key_file = get("event_key_file")
+        ssf_url, ssf_client, ssf_key = (
+            get("ssf_configuration_url"),
+            get("ssf_client_id"),
+            get("ssf_client_key_file"),
+        )
+        if ssf_url is not None and (ssf_client is None or ssf_key is None):
+            raise ReferenceSettingsError(
+                f"{PREFIX}SSF_CONFIGURATION_URL needs {PREFIX}SSF_CLIENT_ID and "
+                f"{PREFIX}SSF_CLIENT_KEY_FILE"
+            )
+        if ssf_url is not None and not ssf_url.startswith(("https://", "http://")):
+            raise ReferenceSettingsError(f"{PREFIX}SSF_CONFIGURATION_URL must be an https:// URL")
+        loopback = (get("ssf_allow_insecure_loopback") or "false").lower()
+        if loopback not in ("true", "false", "1", "0"):
+            raise ReferenceSettingsError(
+                f"{PREFIX}SSF_ALLOW_INSECURE_LOOPBACK must be true or false"
+            )
         return cls(
             database_url=get("database_url") or defaults.database_url,
             event_key_file=Path(key_file) if key_file else defaults.event_key_file,
             issuer=get("issuer") or defaults.issuer,
             nats_url=nats_url,
             nats_prefix=prefix,
+            ssf_configuration_url=ssf_url,
+            ssf_client_id=ssf_client,
+            ssf_client_key_file=Path(ssf_key) if ssf_key else None,
+            ssf_client_kid=get("ssf_client_kid"),
+            ssf_allow_insecure_loopback=loopback in ("true", "1"),
         )

@@ -32,7 +32,9 @@ from sqlalchemy import (
     UniqueConstraint,
     and_,
     insert,
+    inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.exc import IntegrityError
@@ -78,7 +80,27 @@ transitions = Table(
     Column("idempotency_key", String(255)),
     Column("event_id", String(36), nullable=False),
     Column("at", BigInteger, nullable=False),
+    # the acting token (None for the CLI and for signals): what the trade rests on, so that the
+    # issuer's revocation of the token or its mandate finds the trades in flight (signals.py)
+    Column("token_iss", String(512)),
+    Column("token_jti", String(256), index=True),
+    Column("mandate_id", String(128), index=True),
     UniqueConstraint("trade_id", "transition", name="uq_ref_transition_once"),
+)
+#: Added after the first release: ``create_schema`` adds them to an older ``ref_transitions``.
+ACTING_COLUMNS = ("token_iss", "token_jti", "mandate_id")
+
+signals = Table(
+    "ref_signals",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("iss", String(512), nullable=False),
+    Column("jti", String(256), nullable=False),
+    Column("trade_id", String(64), nullable=False),
+    Column("event_id", String(36), nullable=False),  # the settlement.exception it raised
+    Column("at", BigInteger, nullable=False),
+    # a Security Event Token raises at most one exception per trade, however often it is delivered
+    UniqueConstraint("iss", "jti", "trade_id", name="uq_ref_signal_once"),
 )
 
 outbox = Table(
@@ -116,6 +138,28 @@ def _ms(now: float | None = None) -> int:
 
 class NotFound(Exception):
     """No such trade (or exception)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Acting:
+    """The token a transition was made with: its issuer, ``jti`` and mandate id (any may be None)."""
+
+    token_iss: str | None = None
+    token_jti: str | None = None
+    mandate_id: str | None = None
+
+    @classmethod
+    def from_claims(cls, claims: Mapping[str, Any]) -> Acting:
+        iss, jti, mandate = claims.get("iss"), claims.get("jti"), claims.get("mandate")
+        mandate_id = mandate.get("id") if isinstance(mandate, dict) else None
+        return cls(
+            iss[:512] if isinstance(iss, str) else None,
+            jti[:256] if isinstance(jti, str) else None,
+            mandate_id[:128] if isinstance(mandate_id, str) else None,
+        )
+
+
+NO_TOKEN = Acting()
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,6 +343,7 @@ class TradeStore:
     async def create_schema(self) -> None:
         async with self.db.engine.begin() as conn:
             await conn.run_sync(metadata.create_all)
+            await conn.run_sync(_add_acting_columns)
 
     # ------------------------------------------------------------------ writes
 
@@ -309,8 +354,10 @@ class TradeStore:
         actor: str,
         envelope: Envelope,
         idempotency_key: str | None,
+        acting: Acting = NO_TOKEN,
     ) -> tuple[Trade, TransitionRecord]:
-        """A new trade in state ``created``, its ``create`` transition and ``order.created``."""
+        """A new trade in state ``created``, its ``create`` transition and ``order.created``;
+        ``acting``: the token it was made with."""
         now = time.time()
         try:
             async with self.db.transaction() as conn:
@@ -344,6 +391,7 @@ class TradeStore:
                     envelope,
                     dict(order),
                     now,
+                    acting,
                 )
         except IntegrityError:
             raise DuplicateTransition(await self._existing(trade_id, "create")) from None
@@ -362,11 +410,15 @@ class TradeStore:
         updates: Mapping[str, Any] | None = None,
         exception: ExceptionRecord | None = None,
         resolve: tuple[str, str] | None = None,
+        acting: Acting = NO_TOKEN,
+        signal: tuple[str, str] | None = None,
     ) -> TransitionRecord:
         """Move the trade along ``transition``, record it and its signed event, in one transaction.
         ``updates``: trade columns set with the move (JSON columns given as objects);
         ``exception``: the exception row an ``exception#n`` transition opens; ``resolve``:
-        (exception_id, resolution) that a re-consent or cancel closes."""
+        (exception_id, resolution) that a re-consent or cancel closes; ``acting``: the token the
+        transition is made with; ``signal``: (iss, jti) of the Security Event Token that caused
+        it, recorded so that the same SET never moves this trade again (:meth:`signalled`)."""
         now = time.time()
         values: dict[str, Any] = {
             "state": transition.target,
@@ -402,7 +454,18 @@ class TradeStore:
                     envelope,
                     {**(data or {}), **({"exception": exception.as_dict()} if exception else {})},
                     now,
+                    acting,
                 )
+                if signal is not None:
+                    await conn.execute(
+                        insert(signals).values(
+                            iss=signal[0][:512],
+                            jti=signal[1][:256],
+                            trade_id=trade_id,
+                            event_id=record.event_id,
+                            at=_ms(now),
+                        )
+                    )
                 if exception is not None:
                     await conn.execute(
                         insert(exceptions).values(
@@ -499,6 +562,7 @@ class TradeStore:
         envelope: Envelope,
         data: Mapping[str, Any],
         now: float,
+        acting: Acting,
     ) -> TransitionRecord:
         event_id = await self._event(conn, event_type, trade_id, name, target, envelope, data, now)
         await conn.execute(
@@ -511,6 +575,9 @@ class TradeStore:
                 idempotency_key=idempotency_key,
                 event_id=event_id,
                 at=_ms(now),
+                token_iss=acting.token_iss,
+                token_jti=acting.token_jti,
+                mandate_id=acting.mandate_id,
             )
         )
         return TransitionRecord(
@@ -589,6 +656,49 @@ class TradeStore:
             raise NotFound(trade_id)
         return _trade(row)
 
+    async def resting_on(
+        self, token_iss: str, *, token_jti: str | None = None, mandate_id: str | None = None
+    ) -> list[Trade]:
+        """The trades in flight (:data:`machine.IN_FLIGHT`) that a transition was made with a token
+        of ``token_iss`` whose ``jti`` is ``token_jti``, or which rested on mandate ``mandate_id``
+        (mandate ids are scoped by their issuer)."""
+        if (token_jti is None) == (mandate_id is None):
+            raise ValueError("name either a token jti or a mandate id")
+        match = (
+            transitions.c.token_jti == token_jti
+            if token_jti is not None
+            else transitions.c.mandate_id == mandate_id
+        )
+        ids = (
+            select(transitions.c.trade_id)
+            .where(and_(transitions.c.token_iss == token_iss, match))
+            .distinct()
+        )
+        query = (
+            select(trades)
+            .where(and_(trades.c.trade_id.in_(ids), trades.c.state.in_(sorted(machine.IN_FLIGHT))))
+            .order_by(trades.c.created_at)
+        )
+        async with self.db.read() as conn:
+            rows = (await conn.execute(query)).all()
+        return [_trade(r) for r in rows]
+
+    async def signalled(self, iss: str, jti: str, trade_id: str) -> bool:
+        """Whether the Security Event Token (``iss``, ``jti``) already raised an exception on it."""
+        async with self.db.read() as conn:
+            row = (
+                await conn.execute(
+                    select(signals.c.id).where(
+                        and_(
+                            signals.c.iss == iss[:512],
+                            signals.c.jti == jti[:256],
+                            signals.c.trade_id == trade_id,
+                        )
+                    )
+                )
+            ).first()
+        return row is not None
+
     async def history(self, trade_id: str) -> list[TransitionRecord]:
         async with self.db.read() as conn:
             rows = (
@@ -666,6 +776,26 @@ class TradeStore:
 
 class _Lost(Exception):
     """The compare-and-set matched no row: find out why after the rollback."""
+
+
+def _add_acting_columns(sync_conn: Any) -> None:
+    """A ``ref_transitions`` made before the acting-token columns gets them (nullable: the older
+    transitions rest on no recorded token)."""
+    present = {c["name"] for c in inspect(sync_conn).get_columns("ref_transitions")}
+    for name in ACTING_COLUMNS:
+        if name not in present:
+            column = transitions.c[name]
+            kind = column.type.compile(dialect=sync_conn.dialect)
+            # PostgreSQL: two services upgrading at once must not fail (SQLite has one writer)
+            guard = "IF NOT EXISTS " if sync_conn.dialect.name == "postgresql" else ""
+            sync_conn.execute(text(f"ALTER TABLE ref_transitions ADD COLUMN {guard}{name} {kind}"))
+            if column.index:
+                sync_conn.execute(
+                    text(
+                        f"CREATE INDEX IF NOT EXISTS ix_ref_transitions_{name} "
+                        f"ON ref_transitions ({name})"
+                    )
+                )
 
 
 def _stored(row: Any) -> StoredEvent:

@@ -138,23 +138,13 @@ class Receiver:
             raise SetRefused(
                 "access_denied", "the partner's trust profile names no shared signals transmitter"
             )
-        aud = claims.get("aud")
-        audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
-        if self.endpoint not in audiences:
-            raise SetRefused("invalid_audience", "the SET is not addressed to this receiver")
-        jti, events, iat = claims.get("jti"), claims.get("events"), claims.get("iat")
-        if not isinstance(jti, str) or not jti or not isinstance(events, dict) or not events:
-            raise SetRefused("invalid_request", "a SET needs jti and a non-empty events object")
-        if not isinstance(iat, int) or iat > int(time.time()) + self._skew:
-            raise SetRefused("invalid_request", "iat is missing or in the future")
-        if "exp" in claims:  # RFC 8417 §2.2: a SET SHOULD NOT carry exp (it is not an access token)
-            raise SetRefused("invalid_request", "a SET must not carry exp")
+        jti, events = check_set_claims(claims, self.endpoint, self._skew)
         issuer = str(claims["iss"])
         revoked: list[str] = []
         for event_type, body in events.items():
             if event_type not in ACTED_ON:
                 continue  # verification, stream-updated and others: accepted, nothing to do
-            if _restores(event_type, body):
+            if restores(event_type, body):
                 continue  # a resumed mandate: nothing derived from it needs to go
             subject = claims.get("sub_id")
             if subject is None and isinstance(body, dict):
@@ -221,7 +211,28 @@ class Receiver:
         return revoked
 
 
-def _restores(event_type: str, body: Any) -> bool:
+def check_set_claims(
+    claims: dict[str, Any], audience: str, skew: int
+) -> tuple[str, dict[str, Any]]:
+    """The claims every SET we act on must have (RFC 8417 §2.2, SSF 1.0 §10), after its signature
+    verified: ``aud`` names ``audience``, ``jti``, a non-empty ``events`` object, ``iat`` not in
+    the future beyond ``skew`` seconds, no ``exp``. Returns (jti, events) or raises
+    :class:`SetRefused`. Also used by the reference services' poll receiver."""
+    aud = claims.get("aud")
+    audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+    if audience not in audiences:
+        raise SetRefused("invalid_audience", "the SET is not addressed to this receiver")
+    jti, events, iat = claims.get("jti"), claims.get("events"), claims.get("iat")
+    if not isinstance(jti, str) or not jti or not isinstance(events, dict) or not events:
+        raise SetRefused("invalid_request", "a SET needs jti and a non-empty events object")
+    if not isinstance(iat, int) or iat > int(time.time()) + skew:
+        raise SetRefused("invalid_request", "iat is missing or in the future")
+    if "exp" in claims:  # RFC 8417 §2.2: a SET SHOULD NOT carry exp (it is not an access token)
+        raise SetRefused("invalid_request", "a SET must not carry exp")
+    return jti, events
+
+
+def restores(event_type: str, body: Any) -> bool:
     """A ``token-claims-change`` saying the mandate is active again (resumed) takes nothing away."""
     if event_type != TOKEN_CLAIMS_CHANGE or not isinstance(body, dict):
         return False
