@@ -289,3 +289,22 @@ async def test_a_publisher_killed_mid_drain_loses_nothing_and_duplicates_nothing
         consumer = pyjwt_consumer(js, prefix, jwks, server.issuer)
         assert [e["jti"] for e in await consume_all(consumer)] == ids
         assert consumer.refused == []
+
+
+async def test_serve_publishes_from_its_component_loop(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    prefix: str,
+    js: Any,
+) -> None:
+    """With ``events_nats_url`` set, the running server's ``security_events`` component drains the
+    ledger into the stream by itself (no test-driven publisher)."""
+    settings = {"events_nats_url": NATS, "events_subject_prefix": prefix}
+    async with running_server(request, tmp_path_factory, "sqlite", **settings) as server:
+        await revocations(server, 3)
+        ids = await security_event_ids(server.services.db)
+        for _ in range(300):
+            if await in_stream(js, prefix) == len(ids):
+                break
+            await asyncio.sleep(0.05)
+        assert await in_stream(js, prefix) == len(ids)
