@@ -57,6 +57,7 @@ from trustplane.protocol.replay import RedisReplayCache, SqlReplayCache
 from trustplane.protocol.scopes import Vocabulary, load_vocabulary, with_internal_apis
 from trustplane.rar.registry import AuthorizationDetailsRegistry
 from trustplane.readiness import ReadinessProbe
+from trustplane.security_events import wiring as security_events_wiring
 from trustplane.settings import Settings
 from trustplane.site.http import docs_routes, index_route
 from trustplane.ssf import wiring as ssf_wiring
@@ -185,6 +186,7 @@ class Services:
             replay,
             endpoints,
             ssf,
+            security_events_wiring.build(settings, db, keys.service, guard),
             storage_wiring.Writer(writer),
         )
         return cls(

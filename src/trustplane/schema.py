@@ -14,6 +14,7 @@ from trustplane.mandates import tables as _mandate_tables  # noqa: F401
 from trustplane.policy import tables as _policy_tables  # noqa: F401
 from trustplane.protocol import replay as _replay  # noqa: F401
 from trustplane.protocol import revocations as _revocations  # noqa: F401
+from trustplane.security_events import tables as _security_event_tables  # noqa: F401
 from trustplane.ssf import tables as _ssf_tables  # noqa: F401
 from trustplane.storage import generations as _generations  # noqa: F401
 from trustplane.storage.metadata import metadata

@@ -209,6 +209,10 @@ class Settings(BaseSettings):
         default="trustplane.security_events", pattern=r"^[A-Za-z0-9_.-]{1,128}$"
     )
     security_event_audience: tuple[str, ...] = ()
+    # the authorization server's own signed security events (GET /events, JetStream: docs/events.md)
+    events_nats_url: str = Field(default="", pattern=r"^((nats|tls|ws|wss)://\S+)?$")
+    events_subject_prefix: str = Field(default="tp", pattern=r"^[a-z0-9_-]{1,32}$")
+    events_publish_batch: int = Field(default=100, ge=1, le=10_000)
 
     # --- request limits (trustplane.limits, docs/operations.md)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=64 << 20)

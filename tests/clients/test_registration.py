@@ -485,6 +485,10 @@ async def test_delete_ends_the_client(server: Server) -> None:
 
 INTERNAL_GRANTS = [
     pytest.param({"allowed_resources": ["{issuer}/audit"]}, id="audit-audience"),
+    pytest.param(
+        {"scope": "order:create event:subscribe", "allowed_resources": ["{issuer}/events"]},
+        id="security-events-audience",
+    ),
     pytest.param({"introspection_resources": ["{issuer}/mandates"]}, id="mandates-introspection"),
     pytest.param(
         {"scope": "order:create decision:evaluate", "allowed_resources": [EXECUTION]},

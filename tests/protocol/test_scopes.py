@@ -221,3 +221,25 @@ def test_a_configured_scope_cannot_take_an_internal_name(tmp_path: Path) -> None
     )
     with pytest.raises(VocabularyError, match="reserved"):
         with_internal_apis(load_vocabulary(path), "https://as.example")
+
+
+def test_a_shared_internal_scope_keeps_its_configured_resources() -> None:
+    """``event:subscribe`` names the reference services' event streams and the authorization
+    server's own ``/events``: both audiences accept it; the internal one stays operator-only."""
+    vocab = with_internal_apis(load_vocabulary(None), "https://as.example/")
+    assert vocab.accepts("https://as.example/events", "event:subscribe")
+    assert vocab.accepts("https://execution.example/api", "event:subscribe")
+    assert "https://as.example/events" in vocab.internal
+    assert not vocab.accepts("https://as.example/events", "audit:query")
+
+
+def test_a_shared_internal_scope_absent_from_the_vocabulary_is_internal_only(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "v.toml"
+    path.write_text(
+        '[resources."https://x.example/api"]\ndescription = "x"\n'
+        '[scopes."order:create"]\nresources = ["https://x.example/api"]\n'
+    )
+    vocab = with_internal_apis(load_vocabulary(path), "https://as.example")
+    assert vocab.scopes["event:subscribe"].resources == {"https://as.example/events"}

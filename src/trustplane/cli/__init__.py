@@ -16,6 +16,7 @@ from trustplane.cli.audit import audit_app
 from trustplane.cli.clients import clients_app, regtoken_app
 from trustplane.cli.dev import dev_app
 from trustplane.cli.entities import entities_app
+from trustplane.cli.events import events_app
 from trustplane.cli.keys import keys_app
 from trustplane.cli.mandates import mandates_app
 from trustplane.cli.partners import partners_app
@@ -63,6 +64,7 @@ app.add_typer(mandates_app, name="mandates")
 app.add_typer(entities_app, name="entities")
 app.add_typer(dev_app, name="dev")
 app.add_typer(reference_app, name="reference")
+app.add_typer(events_app, name="events")
 
 
 def main() -> None:

@@ -114,6 +114,9 @@ class InternalApi:
     path: str
     description: str
     scopes: dict[str, str]
+    #: Scope names a configured vocabulary may also bind to its own resource servers: the internal
+    #: audience is added to the configured binding instead of refusing the name.
+    shared: frozenset[str] = frozenset()
 
 
 INTERNAL_APIS = (
@@ -148,6 +151,13 @@ INTERNAL_APIS = (
         "trustplane shared signals transmitter: SSF 1.0 streams, status, verification, poll",
         {"ssf:stream": "Manage one's own shared-signals streams and poll their events"},
     ),
+    InternalApi(
+        "/events",
+        "trustplane security events: signed, long-polled, resumable by cursor (GET /events)",
+        {"event:subscribe": "Read the signed security events of the authorization server"},
+        # the same verb as the reference services' event streams (default_scopes.toml)
+        shared=frozenset({"event:subscribe"}),
+    ),
 )
 
 
@@ -160,7 +170,10 @@ def with_internal_apis(vocabulary: Vocabulary, issuer: str) -> Vocabulary:
 
     A client reaches them only if its registration lists the audience and the scope, and only an
     operator can register that (``trustplane clients add``): dynamic registration (RFC 7591) and
-    self-management (RFC 7592) refuse them, so an initial access token is not an admin credential."""
+    self-management (RFC 7592) refuse them, so an initial access token is not an admin credential.
+    A scope an API ``shares`` (``event:subscribe``) may be bound by the vocabulary to other
+    resource servers too: what a token may do is the pair (audience, scope), and the internal
+    audience stays operator-only."""
     resources = dict(vocabulary.resources)
     scopes = dict(vocabulary.scopes)
     internal: set[str] = set()
@@ -170,7 +183,12 @@ def with_internal_apis(vocabulary: Vocabulary, issuer: str) -> Vocabulary:
         resources[audience] = api.description
         for name, description in api.scopes.items():
             check_scope_name(name)
-            if name in scopes:
+            configured = scopes.get(name)
+            if configured is not None and name in api.shared:
+                bound = configured.resources | {audience}
+                scopes[name] = Scope(name, configured.description, bound)
+                continue
+            if configured is not None:
                 raise VocabularyError(f"scope {name!r} is reserved for trustplane's own {api.path}")
             scopes[name] = Scope(name, description, frozenset({audience}))
     return Vocabulary(scopes, resources, vocabulary.internal | internal)

@@ -16,6 +16,9 @@ Consumers: a durable pull consumer with explicit ack per domain; :class:`Verifyi
 an event only after its JWS verified against the publisher's JWKS (a tampered event is terminated
 and never handed to the handler) and the handler returned; a handler that raises gets the message
 redelivered.
+
+The loop and the consumer are :mod:`trustplane.events.jetstream`'s, shared with the authorization
+server's security events (docs/events.md); this module binds them to the trade outbox.
 """
 
 from __future__ import annotations
@@ -23,24 +26,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import time
-from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
-import nats
-import structlog
-from nats.aio.client import Client
-from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
-from nats.js.client import JetStreamContext
-from nats.js.errors import BadRequestError
-
+from trustplane.events.jetstream import (
+    DUPLICATE_WINDOW,
+    Claim,
+    Handler,
+    JetStreamPublisher,
+    Outgoing,
+    Stream,
+)
+from trustplane.events.jetstream import VerifyingConsumer as _Consumer
+from trustplane.events.jetstream import ensure_streams as _ensure
 from trustplane.reference.events import EventRefused, verify_event
 from trustplane.reference.store import TradeStore
 
-log = structlog.get_logger("trustplane.reference")
 DOMAINS = ("order", "trade", "allocation", "settlement", "exception")
-DUPLICATE_WINDOW = 600.0
+__all__ = ["DOMAINS", "DUPLICATE_WINDOW", "Handler", "OutboxPublisher", "VerifyingConsumer"]
 
 
 def stream_name(prefix: str, domain: str) -> str:
@@ -51,23 +54,38 @@ def subject_of(prefix: str, event_type: str) -> str:
     return f"{prefix}.{event_type}"
 
 
-async def ensure_streams(
-    js: JetStreamContext, prefix: str, duplicate_window: float = DUPLICATE_WINDOW
-) -> None:
+def streams(prefix: str, duplicate_window: float = DUPLICATE_WINDOW) -> list[Stream]:
+    return [Stream(stream_name(prefix, d), (f"{prefix}.{d}.>",), duplicate_window) for d in DOMAINS]
+
+
+async def ensure_streams(js: Any, prefix: str, duplicate_window: float = DUPLICATE_WINDOW) -> None:
     """Create the per-domain streams if they do not exist (idempotent, every process may do it)."""
-    for domain in DOMAINS:
-        config = StreamConfig(
-            name=stream_name(prefix, domain),
-            subjects=[f"{prefix}.{domain}.>"],
-            duplicate_window=duplicate_window,
-        )
+    await _ensure(js, streams(prefix, duplicate_window))
+
+
+class _TradeOutbox:
+    """The outbox table as the generic publisher's :class:`~trustplane.events.jetstream.Outbox`."""
+
+    def __init__(self, store: TradeStore, prefix: str) -> None:
+        self.store, self.prefix = store, prefix
+
+    @contextlib.asynccontextmanager
+    async def claim(self, limit: int) -> AsyncIterator[Claim]:
+        rows = await self.store.unpublished(limit)
+        claim = Claim(
+            [
+                Outgoing(subject_of(self.prefix, r.type), r.jws.encode("ascii"), r.event_id,
+                         r.created_at)
+                for r in rows
+            ]
+        )  # fmt: skip
         try:
-            await js.add_stream(config)
-        except BadRequestError:
-            await js.update_stream(config)
+            yield claim
+        finally:  # what JetStream acked, even on a failure
+            await self.store.mark_published([r.seq for r in rows[: claim.acked]])
 
 
-class OutboxPublisher:
+class OutboxPublisher(JetStreamPublisher):
     """Drains ``store``'s outbox into JetStream at ``nats_url``."""
 
     def __init__(
@@ -79,90 +97,19 @@ class OutboxPublisher:
         batch: int = 100,
         connect_timeout: float = 2.0,
     ) -> None:
-        self.store, self.nats_url, self.prefix, self.batch = store, nats_url, prefix, batch
-        self._timeout = connect_timeout
-        self._nc: Client | None = None
-        self._js: JetStreamContext | None = None
-        #: seconds from the row's commit to JetStream's ack, for the last 10,000 rows
-        self.ack_latencies: deque[float] = deque(maxlen=10_000)
-
-    async def _connect(self) -> JetStreamContext:
-        if self._js is None or self._nc is None or not self._nc.is_connected:
-            await self.close()
-            # nats-py retries a refused first connection for ever: bound it ourselves
-            self._nc = await asyncio.wait_for(
-                nats.connect(
-                    self.nats_url,
-                    connect_timeout=self._timeout,
-                    max_reconnect_attempts=0,
-                    allow_reconnect=False,
-                    error_cb=_quiet,
-                ),
-                self._timeout * 2,
-            )
-            self._js = self._nc.jetstream()
-            await ensure_streams(self._js, self.prefix)
-        return self._js
-
-    async def drain_once(self) -> int:
-        """Publish one batch of unpublished rows; the number published (0 when none is left).
-        Raises when NATS cannot be reached or does not ack (the rows stay unpublished)."""
-        rows = await self.store.unpublished(self.batch)
-        if not rows:
-            return 0
-        js = await self._connect()
-        done: list[int] = []
-        try:
-            for row in rows:
-                await js.publish(
-                    subject_of(self.prefix, row.type),
-                    row.jws.encode("ascii"),
-                    headers={"Nats-Msg-Id": row.event_id},
-                )
-                done.append(row.seq)
-                self.ack_latencies.append(time.time() - row.created_at)
-        finally:
-            await self.store.mark_published(done)  # what JetStream acked, even on a failure
-        return len(done)
-
-    async def run(
-        self, stopping: asyncio.Event, *, idle: float = 0.2, max_backoff: float = 5.0
-    ) -> None:
-        """Drain until ``stopping`` is set; back off (up to ``max_backoff``) while NATS is down."""
-        backoff = idle
-        while not stopping.is_set():
-            try:
-                published = await self.drain_once()
-                backoff = idle
-            except Exception as exc:  # NATS down or timing out: retry, the outbox keeps the rows
-                log.warning("reference_outbox_publish_failed", error=f"{type(exc).__name__}: {exc}")
-                await self.close()
-                published, backoff = 0, min(backoff * 2, max_backoff)
-            if published == 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stopping.wait(), backoff)
-
-    async def close(self) -> None:
-        if self._nc is not None:
-            with contextlib.suppress(Exception):
-                await self._nc.close()
-        self._nc, self._js = None, None
+        super().__init__(
+            _TradeOutbox(store, prefix), nats_url, streams(prefix), batch=batch,
+            connect_timeout=connect_timeout, name="reference",
+        )  # fmt: skip
+        self.store, self.prefix = store, prefix
 
 
-async def _quiet(exc: Exception) -> None:
-    """nats-py's error callback: one log line instead of its traceback per attempt."""
-    log.debug("reference_nats_error", error=f"{type(exc).__name__}: {exc}")
-
-
-Handler = Callable[[dict[str, Any]], Awaitable[None]]
-
-
-class VerifyingConsumer:
+class VerifyingConsumer(_Consumer):
     """A durable pull consumer (explicit ack) on one domain's stream that verifies every event."""
 
     def __init__(
         self,
-        js: JetStreamContext,
+        js: Any,
         *,
         domain: str,
         durable: str,
@@ -171,41 +118,14 @@ class VerifyingConsumer:
         prefix: str = "tp",
         ack_wait: float = 30.0,
     ) -> None:
-        self.js, self.domain, self.durable, self.prefix = js, domain, durable, prefix
-        self.jwks, self.issuer, self.ack_wait = jwks, issuer, ack_wait
-        self.refused: list[str] = []
+        def verify(data: bytes) -> dict[str, Any]:
+            return verify_event(data.decode("ascii", "replace"), jwks, issuer=issuer)
 
-    async def consume(self, handler: Handler, *, batch: int = 100, wait: float = 1.0) -> int:
-        """Fetch one batch, hand each verified event to ``handler``; the number handled."""
-        sub = await self.js.pull_subscribe(
-            f"{self.prefix}.{self.domain}.>",
-            durable=self.durable,
-            stream=stream_name(self.prefix, self.domain),
-            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=self.ack_wait),
-        )
-        try:
-            messages = await sub.fetch(batch, timeout=wait)
-        except nats.errors.TimeoutError:
-            return 0
-        handled = 0
-        for message in messages:
-            try:
-                event = verify_event(
-                    message.data.decode("ascii", "replace"), self.jwks, issuer=self.issuer
-                )
-            except EventRefused as exc:
-                self.refused.append(str(exc))
-                log.warning("reference_event_refused", domain=self.domain, error=str(exc))
-                await message.term()  # never redelivered, never acted on
-                continue
-            try:
-                await handler(event)
-            except Exception:
-                await message.nak()  # redelivered
-                raise
-            await message.ack()
-            handled += 1
-        return handled
+        super().__init__(
+            js, stream_name(prefix, domain), f"{prefix}.{domain}.>", durable, verify,
+            (EventRefused,), ack_wait,
+        )  # fmt: skip
+        self.domain, self.prefix, self.jwks, self.issuer = domain, prefix, jwks, issuer
 
 
 def main(argv: list[str] | None = None) -> None:
