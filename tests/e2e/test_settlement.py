@@ -11,8 +11,9 @@ revoked through the management API, the settlement is refused (``trade.mandate_l
 transaction; an operator (``exception:resolve``) re-consents, a desk client may not
 (``exception.operator_only``).
 
-Each service's outbox is then forwarded to the server's ledger (``LedgerForwarder`` ->
-``POST /audit/events``, the service's own client with ``audit:ingest``): the ledger query by the
+Each service's outbox is then forwarded to the server's ledger (``LedgerForwarder`` in process, and
+``trustplane reference forward --to-ledger`` -> ``POST /audit/events``, the service's own client
+with ``audit:ingest``): the ledger query by the
 transaction shows every transition (the exception and its resolution included) next to the
 decisions, each entry carrying the signed event, which verifies with the service's key; sent again,
 every event is a duplicate and nothing is entered twice."""
@@ -30,13 +31,14 @@ import httpx
 import jwt
 import pytest
 
-from tests.conftest import EXECUTION, KEK, LEI, ClientKit, new_ec_key, run_sync, wait_until
+from tests.conftest import EXECUTION, KEK, LEI, ClientKit, run_sync, wait_until
 from tests.e2e.conftest import (
     LiveServer,
     LiveServers,
     client_credentials_token,
     knows_client,
     register_client,
+    run_cli,
 )
 from tests.e2e.test_ledger import audit_token
 from tests.e2e.test_mandates import grantee
@@ -122,7 +124,8 @@ def test_the_lifecycle_is_decided_by_the_live_pdp_and_a_revoked_mandate_raises_a
         a, scopes=("mandate:view", "mandate:administer"), resources=(api,),
         introspection_resources=(),
     )  # fmt: skip
-    signer = EventSigner(EXECUTION, new_ec_key())  # the events' iss: the services' audience
+    # the events' iss: the services' audience; the key file also serves the CLI's forwarder
+    signer = EventSigner.from_file(EXECUTION, tmp_path / "events.pem")
     settlement = service_client(a, signer)
     kit = grantee(a)
     pdp_kit = register_client(
@@ -239,14 +242,16 @@ def test_the_lifecycle_is_decided_by_the_live_pdp_and_a_revoked_mandate_raises_a
             )
             out["resolved"] = resolved.status
             out["state_after"] = (await store.trade(trade.trade_id)).state
-        # the outbox into the server's ledger, as the service's own client
-        forwarder = LedgerForwarder(
-            store, a.issuer,
-            PrivateKeyJwt(settlement.client_id, settlement.key, settlement.kid, a.issuer),
-            fetcher,
-        )  # fmt: skip
-        out["forwarded"] = await forwarder.forward_all()
-        out["left"] = await store.undelivered_to_ledger()
+        # the outbox into the server's ledger, as the service's own client (the other lifecycle's
+        # by ``trustplane reference forward --to-ledger``, below)
+        if revoke_first:
+            forwarder = LedgerForwarder(
+                store, a.issuer,
+                PrivateKeyJwt(settlement.client_id, settlement.key, settlement.kid, a.issuer),
+                fetcher,
+            )  # fmt: skip
+            out["forwarded"] = await forwarder.forward_all()
+            out["left"] = await store.undelivered_to_ledger()
         out["jws"] = [e.jws for e in await store.events_after(0, 1000)]
         await store.db.dispose()
         await validator.aclose()
@@ -256,7 +261,16 @@ def test_the_lifecycle_is_decided_by_the_live_pdp_and_a_revoked_mandate_raises_a
 
     live = run_sync(lifecycle(revoke_first=False))
     assert live["outcome"] == machine.SETTLED
-    assert (live["forwarded"], live["left"]) == (len(live["jws"]), [])
+    env = {
+        **a.env,
+        "TRUSTPLANE_REFERENCE_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'ref-False.db'}",
+        "TRUSTPLANE_REFERENCE_EVENT_KEY_FILE": str(tmp_path / "events.pem"),
+        "TRUSTPLANE_REFERENCE_ISSUER": EXECUTION,
+    }
+    forward = ("reference", "forward", "--to-ledger", a.issuer, "--client-id",
+               settlement.client_id, "--once", "--allow-loopback", "--json")  # fmt: skip
+    assert json.loads(run_cli(env, *forward)) == {"delivered": len(live["jws"])}
+    assert json.loads(run_cli(env, *forward)) == {"delivered": 0}  # nothing left, nothing again
     foreign = live["foreign"]
     assert (foreign.status, foreign.code) == (403, "denied")
     allowed = [(action, d.reason_ids) for action, d in live["asked"] if d.allowed]
