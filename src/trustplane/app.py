@@ -132,7 +132,7 @@ class Services:
         mandates = mandates_wiring.Mandates(mandate_service, guard)
         policy = policy_wiring.build(settings, db, writer, guard)
         federation = federation_wiring.build(settings, db, vocabulary, limiter, guard, write_events)
-        audit = audit_wiring.build(settings, db, writer, kek, guard)
+        audit = audit_wiring.build(settings, db, writer, kek, guard, registry, clients.remote_jwks)
         replay = protocol_wiring.build(settings, db, writer)
         auth = ClientAuthenticator(settings, registry, replay.replay, clients.remote_jwks)
         # -- the token endpoint and its grants --------------------------------------------------

@@ -67,6 +67,21 @@ class AuditEventType(StrEnum):
     POLICY_BUNDLE_PUBLISHED = "policy:bundle:published"
     POLICY_BUNDLE_ACTIVATED = "policy:bundle:activated"
     POLICY_BUNDLE_ROLLED_BACK = "policy:bundle:rolled_back"
+    # events ingested from the reference settlement services (POST /audit/events, docs/ledger.md):
+    # ``trade:`` + the signed event's ``type`` with ``.`` as ``:``
+    AUDIT_EVENTS_REFUSED = "audit:event:refused"
+    TRADE_ORDER_CREATED = "trade:order:created"
+    TRADE_EXECUTED = "trade:trade:executed"
+    TRADE_ALLOCATION_PROPOSED = "trade:allocation:proposed"
+    TRADE_ALLOCATION_APPROVED = "trade:allocation:approved"
+    TRADE_SETTLEMENT_SUBMITTED = "trade:settlement:submitted"
+    TRADE_SETTLEMENT_AMENDED = "trade:settlement:amended"
+    TRADE_SETTLEMENT_CANCELLED = "trade:settlement:cancelled"
+    TRADE_SETTLEMENT_SETTLED = "trade:settlement:settled"
+    TRADE_SETTLEMENT_FAILED = "trade:settlement:failed"
+    TRADE_SETTLEMENT_EXCEPTION = "trade:settlement:exception"
+    TRADE_EXCEPTION_ESCALATED = "trade:exception:escalated"
+    TRADE_EXCEPTION_RESOLVED = "trade:exception:resolved"
     # operator console (docs/console.md): every sign-in, sign-out and action names the person
     CONSOLE_SIGNED_IN = "console:session:started"
     CONSOLE_SIGNED_OUT = "console:session:ended"

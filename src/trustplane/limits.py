@@ -72,6 +72,10 @@ class RequestHeadersTooLarge(InvalidRequestError):
 RefusalHook = Callable[[InvalidRequestError], Awaitable[None]]
 
 
+#: The body cap of ``POST /audit/events`` (at most 100 events; the forwarder sends under 512 KiB).
+INGEST_BODY_BYTES = 1024 * 1024
+
+
 @dataclass(frozen=True, slots=True)
 class RequestLimits:
     """The caps. ``route_caps``: (path prefix, body cap) pairs overriding ``max_body``; the longest
@@ -101,6 +105,7 @@ def request_limits(settings: Settings) -> RequestLimits:
             ("/access/v1/evaluation", settings.max_authzen_body_bytes),
             ("/access/v1/evaluations", settings.max_authzen_body_bytes),
             ("/access/v1/simulations", settings.max_policy_body_bytes),
+            ("/audit/events", INGEST_BODY_BYTES),  # a batch of signed settlement events
         ),
     )
 

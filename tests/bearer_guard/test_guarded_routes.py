@@ -1,6 +1,6 @@
 """The same refusals, the same way, on every bearer-protected route of ours.
 
-One table of cases runs against every guarded API (ledger, mandates, partner admin, policy
+One table of cases runs against every guarded API (ledger queries and ingest, mandates, partner admin, policy
 simulations, AuthZEN evaluation), on SQLite and PostgreSQL: exact status, exact body, exact
 ``WWW-Authenticate`` parameters (RFC 6750 §3). The revoked-token case is issue 11 item 5's regression
 (the AuthZEN API accepted revoked tokens).
@@ -59,6 +59,15 @@ def _evaluation(_server: Server) -> dict[str, Any]:
 
 APIS = [
     Api("audit", "GET", "/audit/events", "/audit", "audit:query"),
+    Api(
+        "audit-ingest",
+        "POST",
+        "/audit/events",
+        "/audit",
+        "audit:ingest",
+        lambda s: {"events": []},
+        "audit_ingest",
+    ),
     Api("mandates", "GET", "/mandates", "/mandates", "mandate:view"),
     Api("federation", "GET", "/federation/partners", "/federation", "partner:administer"),
     Api(

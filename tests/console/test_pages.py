@@ -162,7 +162,9 @@ async def test_transaction_page_draws_the_chain_with_checked_proofs(console: Con
     stages = dict(
         re.findall(r"<h2>(\w+)</h2>(.*?)</li>\s*(?=<li class=\"stage\">|</ol>)", page, re.S)
     )
-    assert list(stages) == ["Person", "Mandate", "Tokens", "Exchanges", "Decisions", "Events"]
+    assert list(stages) == [
+        "Person", "Mandate", "Tokens", "Exchanges", "Decisions", "Transitions", "Events"
+    ]  # fmt: skip
     assert "u_person" in stages["Person"]
     assert mandate_id in stages["Mandate"]
     assert "jti-first" in stages["Tokens"]

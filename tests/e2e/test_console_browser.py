@@ -1,8 +1,8 @@
 """The console in a real browser (Debian's Chromium driven by Playwright for Python) against a real
 ``trustplane serve`` on loopback: sign-in through the login and consent pages, every page at 1280 and
 390 px (no horizontal overflow, no CSP violation), a revoke with its confirmation step, the same
-revoke with the keyboard only, and an axe-core scan of every page with no serious or critical
-violation. Screenshots go to ``tests/e2e/screenshots/console-*.png`` (git-ignored).
+revoke with the keyboard only, an open settlement exception on the Overview (and its transaction),
+and an axe-core scan of every page with no serious or critical violation. Screenshots go to ``tests/e2e/screenshots/console-*.png`` (git-ignored).
 
 axe-core comes from npm into a cache outside the repository (``$XDG_CACHE_HOME`` or ``~/.cache``,
 ``trustplane-tests/axe-core``) the first time; without npm or the registry the scan is skipped with
@@ -22,14 +22,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.authorize.flow import PASSWORD
 from tests.conftest import IN_CI, LEI, run_sync
 from tests.e2e.conftest import LiveServer, running_servers
 from tests.e2e.test_authorization_flow import USER_LEI, register_code_client
 from tests.e2e.test_pages_browser import CHROMIUM, SCREENSHOTS, _require_browser
+from trustplane.audit.ingest import VerifiedEvent, audit_event
 from trustplane.audit.sink import write_events
 from trustplane.audit_events import AuditEvent, AuditEventType
+from trustplane.reference.events import Envelope, EventSigner, verify_event
 from trustplane.storage.db import Database
 
 if TYPE_CHECKING:
@@ -89,9 +92,27 @@ def new_mandate(server: LiveServer, client_id: str) -> str:
     return str(created["id"])
 
 
+def trade_events(txn: str) -> list[AuditEvent]:
+    """A settlement service's signed events as the ledger records them (``POST /audit/events``):
+    a trade executed, then a settlement exception still open."""
+    signer = EventSigner("https://execution.example/api", ec.generate_private_key(ec.SECP256R1()))
+    envelope = Envelope(txn, "u_desk_head", "oms", ({"sub": "clearing"},), None, None, ("d-1",))
+    lost = {"mandate": {"usable": False, "reason": "mandate_not_usable"}}
+    out = []
+    for type_, transition, state, data in (
+        ("trade.executed", "execute", "executed", {}),
+        ("settlement.exception", "exception#1", "exception", lost),
+    ):
+        jws = signer.sign(type_, "T-20261202-0042", transition, state, envelope, data)[1]
+        claims = verify_event(jws, signer.jwks(), issuer=signer.issuer)
+        out.append(audit_event(VerifiedEvent(claims), jws, "settlement-svc"))
+    return out
+
+
 def seed_transaction(server: LiveServer, mandate_id: str) -> str:
-    """Ledger entries of one transaction (a consent, a token, an exchange, a decision, a revocation),
-    appended to the server's database; the running server integrates and signs them."""
+    """Ledger entries of one transaction (a consent, a token, an exchange, a decision, a revocation,
+    a trade's transitions and its open settlement exception), appended to the server's database;
+    the running server integrates and signs them."""
     txn = "txn-" + secrets.token_hex(6)
 
     def event(type_: AuditEventType, **fields: Any) -> AuditEvent:
@@ -107,6 +128,7 @@ def seed_transaction(server: LiveServer, mandate_id: str) -> str:
         event(AuditEventType.POLICY_DECISION_ALLOWED, subject="u_desk_head", decision="allow",
               reason="within_limits"),
         event(AuditEventType.TOKEN_REVOKED, subject="u_desk_head", jti="jti-oms-1"),
+        *trade_events(txn),
     ]  # fmt: skip
 
     async def append() -> None:
@@ -210,6 +232,7 @@ def pages(site: Site) -> dict[str, str]:
         "policy": "/console/policy",
         "audit": "/console/audit",
         "transaction": f"/console/transactions/{site.txn}",
+        "exceptions": "/console/exceptions",
         "alerts": "/console/alerts",
         "confirm": f"/console/confirm?action=mandate:revoke&target={site.mandates[1]}",
     }
@@ -247,9 +270,26 @@ def test_transaction_page_shows_the_chain_with_proofs(operator: Page, site: Site
     operator.goto(f"{site.url}/console/transactions/{site.txn}")
     assert "Every entry below was checked" in operator.locator("#checkpoint").inner_text()
     stages = operator.locator(".stage h2").all_inner_texts()
-    assert stages == ["Person", "Mandate", "Tokens", "Exchanges", "Decisions", "Events"]
+    assert stages == [
+        "Person", "Mandate", "Tokens", "Exchanges", "Decisions", "Transitions", "Events"
+    ]  # fmt: skip
     assert operator.locator(".proof.bad").count() == 0
-    assert operator.locator(".proof.ok").count() >= 5
+    assert operator.locator(".proof.ok").count() >= 7
+
+
+def test_the_overview_shows_the_open_settlement_exception(operator: Page, site: Site) -> None:
+    operator.goto(f"{site.url}/console")
+    assert operator.locator("#exceptions-count").inner_text() == "1"
+    row = operator.locator("#exceptions tbody tr")
+    assert row.count() == 1
+    text = row.inner_text()
+    assert "T-20261202-0042.1" in text
+    assert "mandate_not_usable" in text
+    assert "open" in text
+    shoot(operator, "overview-exception")
+    row.locator(f"a[href='/console/transactions/{site.txn}']").click()
+    operator.wait_for_url(f"**/console/transactions/{site.txn}")
+    assert "settlement:exception" in operator.locator("#chain").inner_text()
 
 
 def test_revoke_with_a_reason_and_a_confirmation(operator: Page, site: Site) -> None:

@@ -9,11 +9,20 @@ a token of another transaction is refused at settlement (``trade.transaction``).
 revoked through the management API, the settlement is refused (``trade.mandate_live``), a signed
 ``settlement.exception`` is in the outbox and the deny is in the deployment's ledger under the
 transaction; an operator (``exception:resolve``) re-consents, a desk client may not
-(``exception.operator_only``)."""
+(``exception.operator_only``).
+
+Each service's outbox is then forwarded to the server's ledger (``LedgerForwarder`` in process, and
+``trustplane reference forward --to-ledger`` -> ``POST /audit/events``, the service's own client
+with ``audit:ingest``): the ledger query by the
+transaction shows every transition (the exception and its resolution included) next to the
+decisions, each entry carrying the signed event, which verifies with the service's key; sent again,
+every event is a duplicate and nothing is entered twice."""
 
 from __future__ import annotations
 
+import json
 import secrets
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,7 +32,14 @@ import jwt
 import pytest
 
 from tests.conftest import EXECUTION, KEK, LEI, ClientKit, run_sync, wait_until
-from tests.e2e.conftest import LiveServer, LiveServers, client_credentials_token, register_client
+from tests.e2e.conftest import (
+    LiveServer,
+    LiveServers,
+    client_credentials_token,
+    knows_client,
+    register_client,
+    run_cli,
+)
 from tests.e2e.test_ledger import audit_token
 from tests.e2e.test_mandates import grantee
 from tests.mandates.conftest import GRANTOR, TRADE
@@ -42,7 +58,8 @@ from trustplane.pep import (
 from trustplane.protocol.tokens import issue_access_token
 from trustplane.reference import machine
 from trustplane.reference.entitlement import IntrospectionMandateCheck
-from trustplane.reference.events import EventSigner
+from trustplane.reference.events import EventSigner, verify_event
+from trustplane.reference.ledger_forwarder import LedgerForwarder
 from trustplane.reference.services import Caller, EntitlementLost, Refused, TradeServices
 from trustplane.reference.store import TradeStore
 from trustplane.settings import Settings
@@ -81,6 +98,23 @@ def mint(server: LiveServer, kit: ClientKit, scope: str, extra: dict[str, Any]) 
     return token
 
 
+def service_client(server: LiveServer, signer: EventSigner) -> ClientKit:
+    """The settlement service's client, registered by the operator: resource server for the
+    services' audience (introspection, and the ``iss`` of its events), ``audit:ingest`` for the
+    ledger, and one key (the event key, also its private_key_jwt key) in its JWKS."""
+    jwks_file = Path(server.env["TRUSTPLANE_DATA_DIR"]) / f"svc-jwks-{time.monotonic_ns()}.json"
+    jwks_file.write_text(json.dumps(signer.jwks()))
+    body = server.cli_json(
+        "clients", "add", "--lei", LEI, "--jwks-file", str(jwks_file), "--name", "settlement",
+        "--scope", "order:create", "--scope", "audit:ingest",
+        "--resource", EXECUTION, "--resource", server.issuer + "/audit",
+        "--resource-server", EXECUTION,
+    )  # fmt: skip
+    kit = ClientKit(body["client_id"], signer.key, server.issuer, kid=signer.kid)
+    wait_until(lambda: knows_client(server, kit), 30, "the server to load the service's client")
+    return kit
+
+
 def test_the_lifecycle_is_decided_by_the_live_pdp_and_a_revoked_mandate_raises_an_exception(
     live_server: LiveServers, tmp_path: Path
 ) -> None:
@@ -90,9 +124,9 @@ def test_the_lifecycle_is_decided_by_the_live_pdp_and_a_revoked_mandate_raises_a
         a, scopes=("mandate:view", "mandate:administer"), resources=(api,),
         introspection_resources=(),
     )  # fmt: skip
-    settlement = register_client(
-        a, scopes=("order:create",), resources=(EXECUTION,), introspection_resources=(EXECUTION,)
-    )
+    # the events' iss: the services' audience; the key file also serves the CLI's forwarder
+    signer = EventSigner.from_file(EXECUTION, tmp_path / "events.pem")
+    settlement = service_client(a, signer)
     kit = grantee(a)
     pdp_kit = register_client(
         a, scopes=("decision:evaluate",), resources=(f"{a.issuer}/access/v1",),
@@ -130,7 +164,7 @@ def test_the_lifecycle_is_decided_by_the_live_pdp_and_a_revoked_mandate_raises_a
         )
         store = TradeStore(
             Database(f"sqlite+aiosqlite:///{tmp_path / f'ref-{revoke_first}.db'}"),
-            EventSigner.generate("https://clearing.example"),
+            signer,
         )
         await store.create_schema()
         services = TradeServices(store, check)
@@ -208,6 +242,17 @@ def test_the_lifecycle_is_decided_by_the_live_pdp_and_a_revoked_mandate_raises_a
             )
             out["resolved"] = resolved.status
             out["state_after"] = (await store.trade(trade.trade_id)).state
+        # the outbox into the server's ledger, as the service's own client (the other lifecycle's
+        # by ``trustplane reference forward --to-ledger``, below)
+        if revoke_first:
+            forwarder = LedgerForwarder(
+                store, a.issuer,
+                PrivateKeyJwt(settlement.client_id, settlement.key, settlement.kid, a.issuer),
+                fetcher,
+            )  # fmt: skip
+            out["forwarded"] = await forwarder.forward_all()
+            out["left"] = await store.undelivered_to_ledger()
+        out["jws"] = [e.jws for e in await store.events_after(0, 1000)]
         await store.db.dispose()
         await validator.aclose()
         await live_pdp.aclose()
@@ -216,6 +261,16 @@ def test_the_lifecycle_is_decided_by_the_live_pdp_and_a_revoked_mandate_raises_a
 
     live = run_sync(lifecycle(revoke_first=False))
     assert live["outcome"] == machine.SETTLED
+    env = {
+        **a.env,
+        "TRUSTPLANE_REFERENCE_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'ref-False.db'}",
+        "TRUSTPLANE_REFERENCE_EVENT_KEY_FILE": str(tmp_path / "events.pem"),
+        "TRUSTPLANE_REFERENCE_ISSUER": EXECUTION,
+    }
+    forward = ("reference", "forward", "--to-ledger", a.issuer, "--client-id",
+               settlement.client_id, "--once", "--allow-loopback", "--json")  # fmt: skip
+    assert json.loads(run_cli(env, *forward)) == {"delivered": len(live["jws"])}
+    assert json.loads(run_cli(env, *forward)) == {"delivered": 0}  # nothing left, nothing again
     foreign = live["foreign"]
     assert (foreign.status, foreign.code) == (403, "denied")
     allowed = [(action, d.reason_ids) for action, d in live["asked"] if d.allowed]
@@ -268,3 +323,45 @@ def test_the_lifecycle_is_decided_by_the_live_pdp_and_a_revoked_mandate_raises_a
     assert entry["payload"]["action"] == "trade:submit_settlement"
     assert entry["payload"]["resource"] == f'Trade::"{outcome.exception.trade_id}"'
     assert entry["inclusion_proof"]  # against the signed checkpoint of the answer
+
+    # the transitions are in the ledger under the transaction, next to the decisions
+    assert (lost["forwarded"], lost["left"]) == (len(lost["jws"]), [])
+    trade_types = [
+        "trade:order:created", "trade:trade:executed", "trade:allocation:proposed",
+        "trade:allocation:approved", "trade:settlement:exception", "trade:exception:resolved",
+    ]  # fmt: skip
+
+    def transitions_in_ledger() -> Any:
+        answer = httpx.get(f"{a.base_url}/audit/transactions/{txn}", headers=audit, timeout=10)
+        found = [e for e in answer.json()["entries"] if e["entry"]["type"].startswith("trade:")]
+        return len(found) == len(trade_types) and answer.json()
+
+    chain = wait_until(transitions_in_ledger, 30, "the transitions in the ledger")
+    types = [e["entry"]["type"] for e in chain["entries"]]
+    assert [t for t in types if t.startswith("trade:")] == trade_types
+    assert "policy:decision:denied" in types
+    (opened,) = [e for e in chain["entries"] if e["entry"]["type"] == "trade:settlement:exception"]
+    assert opened["entry"]["issuer"] == EXECUTION
+    assert opened["entry"]["transaction_id"] == txn
+    assert opened["entry"]["reason"] == "mandate_not_usable"
+    assert opened["entry"]["mandate_id"] == mandate["id"]
+    assert opened["inclusion_proof"]
+    evidence = verify_event(opened["payload"]["jws"], signer.jwks(), issuer=EXECUTION)
+    assert evidence["envelope"]["decision_ids"] == [decision_id]  # names the deny beside it
+    assert opened["payload"]["exception_id"] == outcome.exception.exception_id
+    (resolved,) = [e for e in chain["entries"] if e["entry"]["type"] == "trade:exception:resolved"]
+    assert resolved["payload"]["exception_id"] == outcome.exception.exception_id
+    assert resolved["entry"]["reason"] == "reconsent"
+
+    # sent again (a forwarder that lost the answer): every event a duplicate, nothing entered twice
+    ingest = client_credentials_token(a, settlement, "audit:ingest", a.issuer + "/audit")
+    again = httpx.post(
+        f"{a.base_url}/audit/events", json={"events": lost["jws"]},
+        headers={"Authorization": f"Bearer {ingest}"}, timeout=10,
+    )  # fmt: skip
+    assert again.status_code == 200, again.text
+    assert (again.json()["recorded"], again.json()["duplicates"]) == (0, len(lost["jws"]))
+    recount = httpx.get(f"{a.base_url}/audit/transactions/{txn}", headers=audit, timeout=10)
+    assert (
+        len([e for e in recount.json()["entries"] if e["entry"]["type"].startswith("trade:")]) == 6
+    )

@@ -4,7 +4,9 @@ Public, as transparency logs serve them: ``GET /audit/checkpoint`` (the latest s
 C2SP signed-note) and ``GET /audit/public-key`` (the note verifier key). Everything else (proofs,
 entries, transactions, queries) needs a bearer access token issued by this server for the audience
 ``{issuer}/audit`` with scope ``audit:query``, checked by the one bearer guard
-(``trustplane.bearer_guard``: RFC 6750 §2.1 header only; §3.1 errors).
+(``trustplane.bearer_guard``: RFC 6750 §2.1 header only; §3.1 errors). ``POST /audit/events`` (a
+service's signed settlement events into the ledger, :mod:`trustplane.audit.ingest`) needs the scope
+``audit:ingest`` for the same audience.
 
 JSON shapes follow RFC 6962/9162 where they have one: ``audit_path`` for inclusion, ``consistency``
 for consistency proofs, ``get-entries`` with an inclusive ``end``; hashes are standard base64.
@@ -14,21 +16,26 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import structlog
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from trustplane.audit.ingest import MAX_EVENTS, EventRefused, IngestService
 from trustplane.audit.ledger import MAX_ENTRIES, Ledger, LedgerError, b64, entry_record
 from trustplane.audit.sink import emit_now
 from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.bearer_guard import BearerGuard, Protected
-from trustplane.bearer_guard.http import NO_STORE, answered, authenticated
+from trustplane.bearer_guard.http import NO_STORE, answered, authenticated, caller
+from trustplane.clients.service import ClientRegistry
 from trustplane.errors import (
     ErrorTable,
     InsufficientScopeError,
     InvalidRequestError,
+    InvalidTokenError,
     TemporarilyUnavailableError,
 )
+from trustplane.limits import INGEST_BODY_BYTES, read_body
 from trustplane.protocol.responses import json_response
 from trustplane.protocol.tokens import VerifiedClaims
 from trustplane.settings import Settings
@@ -36,9 +43,16 @@ from trustplane.storage.db import Database
 
 log = structlog.get_logger("trustplane.audit")
 SCOPE = "audit:query"
+INGEST_SCOPE = "audit:ingest"
 MAX_QUERY = 500
 FILTERS = ("subject", "client_id", "partner", "type", "transaction_id")
-ERRORS = ErrorTable("audit", {LedgerError: lambda exc: InvalidRequestError(str(exc))})
+ERRORS = ErrorTable(
+    "audit",
+    {
+        LedgerError: lambda exc: InvalidRequestError(str(exc)),
+        EventRefused: lambda exc: InvalidRequestError(str(exc)),
+    },
+)
 
 
 class AuditAuth:
@@ -106,9 +120,90 @@ def _filters(request: Request) -> dict[str, Any]:
     return out
 
 
-def audit_router(ledger: Ledger, guard: BearerGuard, settings: Settings, db: Database) -> APIRouter:
+def _batch(body: bytes) -> list[Any]:
+    """``{"events": ["<compact JWS>", ...]}``, at most :data:`MAX_EVENTS`."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise InvalidRequestError("the body must be a JSON object") from None
+    events = document.get("events") if isinstance(document, dict) else None
+    if not isinstance(events, list):
+        raise InvalidRequestError('the body must be {"events": [<compact JWS>, ...]}')
+    if len(events) > MAX_EVENTS:
+        raise InvalidRequestError(f"at most {MAX_EVENTS} events per request")
+    return events
+
+
+class IngestEndpoint:
+    """``POST /audit/events``: the guard (scope ``audit:ingest``), then the caller's registration."""
+
+    def __init__(
+        self,
+        service: IngestService,
+        guard: BearerGuard,
+        clients: ClientRegistry,
+        settings: Settings,
+        db: Database,
+    ) -> None:
+        self._service, self._guard, self._clients = service, guard, clients
+        self._settings, self._db = settings, db
+        self.route: Protected = guard.route("audit_ingest", "/audit", INGEST_SCOPE)
+
+    async def __call__(self, request: Request) -> Response:
+        claims = await caller(self._guard, request, self.route)
+        client = self._clients.get(str(claims.get("client_id")))
+        if client is None or not client.active:  # removed since the guard looked
+            raise InvalidTokenError("the access token's client is not active")
+        batch = _batch(await read_body(request, INGEST_BODY_BYTES))
+        try:
+            results = await self._service.ingest(client, batch)
+        except EventRefused as exc:
+            await self._refused(claims, exc)
+            raise
+        recorded = sum(1 for r in results if r.status == "recorded")
+        body = {
+            "results": [r.as_dict() for r in results],
+            "recorded": recorded,
+            "duplicates": len(results) - recorded,
+        }
+        return json_response(body, 200, NO_STORE)
+
+    async def _refused(self, claims: VerifiedClaims, exc: EventRefused) -> None:
+        """A refused event (tampered, foreign key, wrong issuer) is itself recorded: who sent what
+        kind of bad event. Only authenticated callers with the scope reach this."""
+        log.warning("audit_event_refused", client_id=claims.get("client_id"), reason=str(exc))
+        event = AuditEvent(
+            type=AuditEventType.AUDIT_EVENTS_REFUSED,
+            issuer=self._settings.issuer,
+            subject=str(claims.get("sub")),
+            client_id=str(claims.get("client_id")),
+            audience=self.route.audience,
+            jti=str(claims.get("jti")),
+            decision="deny",
+            reason=exc.reason_id,
+            service="trustplane.audit",
+            payload={"position": exc.position, "detail": str(exc)[:512]},
+        )
+        await emit_now(self._db, event)
+
+
+def audit_router(
+    ledger: Ledger,
+    guard: BearerGuard,
+    settings: Settings,
+    db: Database,
+    ingest: IngestEndpoint | None = None,
+) -> APIRouter:
     router = APIRouter(prefix="/audit", tags=["audit ledger"])
     auth = AuditAuth(guard, settings, db)
+
+    if ingest is not None:
+        endpoint = ingest
+
+        @router.post("/events", summary="Record one's own signed settlement events (audit:ingest)")
+        @answered(ERRORS)
+        async def ingest_events(request: Request) -> Response:
+            return await endpoint(request)
 
     @router.get("/checkpoint", summary="The latest signed checkpoint (C2SP tlog-checkpoint)")
     @answered(ERRORS)

@@ -6,6 +6,7 @@
 - ``audit_payloads``: the personal payload and its salt, beside the leaf; purged by retention.
 - ``audit_checkpoints``: every signed checkpoint; ``audit_log_state`` the current size and root.
 - ``audit_log_keys``: the log's Ed25519 key (private part encrypted under the KEK).
+- ``audit_ingested``: the services' events already recorded, by (issuer, ``jti``) (idempotency).
 
 Leaves, tree nodes and checkpoints are append-only: database triggers (migration ``0002_ledger``) refuse
 UPDATE and DELETE; payload rows may only be deleted (the purge), never updated.
@@ -88,6 +89,22 @@ audit_log_keys = Table(
     Column("public_key", LargeBinary, nullable=False),
     Column("private_key", LargeBinary, nullable=False),
     Column("created_at", BigInteger, nullable=False),
+)
+
+#: Events ingested from a service (``POST /audit/events``), one row per (event issuer, ``jti``): the
+#: INSERT ... ON CONFLICT DO NOTHING in the appending transaction makes a re-sent event a duplicate,
+#: never a second entry. ``event_id`` is the ledger entry's.
+audit_ingested = Table(
+    "audit_ingested",
+    metadata,
+    Column("issuer", String(256), primary_key=True),
+    Column("jti", String(128), primary_key=True),
+    Column("event_id", String(32), nullable=False),
+    Column("digest", String(64), nullable=False),  # SHA-256 of the JWS, hex: same jti, same event
+    Column("client_id", String(128), nullable=False),
+    Column("type", String(64), nullable=False),
+    Column("transaction_id", String(128)),
+    Column("ingested_at", BigInteger, nullable=False),
 )
 
 #: Tables whose rows are never updated or deleted (enforced by triggers).

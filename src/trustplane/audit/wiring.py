@@ -8,6 +8,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from trustplane.audit.ingest import IngestService
 from trustplane.audit.ledger import Ledger
 from trustplane.audit.sink import SqlAuditSink
 from trustplane.component import Idle, Routes
@@ -17,6 +18,8 @@ from trustplane.storage.writer import GroupCommitWriter
 
 if TYPE_CHECKING:
     from trustplane.bearer_guard import BearerGuard
+    from trustplane.clients.remote_jwks import RemoteJwksCache
+    from trustplane.clients.service import ClientRegistry
 
 
 @dataclass
@@ -32,12 +35,18 @@ class Audit(Idle):
     settings: Settings
     db: Database
     guard: BearerGuard
+    clients: ClientRegistry
+    remote_jwks: RemoteJwksCache
     name = "audit"
 
     def routes(self) -> Routes:
-        from trustplane.audit.http import audit_router
+        from trustplane.audit.http import IngestEndpoint, audit_router
 
-        return Routes(api=[audit_router(self.ledger, self.guard, self.settings, self.db)])
+        ingest = IngestEndpoint(
+            IngestService(self.db, self.remote_jwks), self.guard, self.clients, self.settings,
+            self.db,
+        )  # fmt: skip
+        return Routes(api=[audit_router(self.ledger, self.guard, self.settings, self.db, ingest)])
 
     async def start(self) -> None:
         await self.ledger.start()
@@ -54,6 +63,14 @@ class Audit(Idle):
 
 
 def build(
-    settings: Settings, db: Database, writer: GroupCommitWriter, kek: bytes, guard: BearerGuard
+    settings: Settings,
+    db: Database,
+    writer: GroupCommitWriter,
+    kek: bytes,
+    guard: BearerGuard,
+    clients: ClientRegistry,
+    remote_jwks: RemoteJwksCache,
 ) -> Audit:
-    return Audit(Ledger(settings, db, kek), SqlAuditSink(writer), settings, db, guard)
+    """``clients`` and ``remote_jwks``: whose keys an ingested event must verify with."""
+    ledger = Ledger(settings, db, kek)
+    return Audit(ledger, SqlAuditSink(writer), settings, db, guard, clients, remote_jwks)

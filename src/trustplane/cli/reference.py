@@ -4,7 +4,9 @@
 with ``trustplane mandates``); each resolution is a signed event in the outbox with the actor
 ``cli:<OS user>``. ``publish`` runs the outbox publisher to NATS JetStream; ``signals`` runs the
 Shared Signals receiver that raises exceptions on the trades in flight when the issuer revokes a
-token or mandate they rest on (beside a service on the same store). Settings: the
+token or mandate they rest on (beside a service on the same store); ``forward --to-ledger`` the
+forwarder to the authorization server's audit ledger; ``jwks`` prints the event key's JWKS for the
+service's client registration. Settings: the
 ``TRUSTPLANE_REFERENCE_*`` variables (docs/settlement.md).
 """
 
@@ -28,7 +30,8 @@ from trustplane.reference.store import TradeStore
 from trustplane.storage.db import Database
 
 reference_app: typer.Typer = typer.Typer(
-    help="Reference settlement services: exceptions, outbox publishing.", no_args_is_help=True
+    help="Reference settlement services: exceptions, outbox publishing and forwarding.",
+    no_args_is_help=True,
 )
 exceptions_app: typer.Typer = typer.Typer(
     help="Settlement exceptions (entitlement lost between execution and settlement).",
@@ -175,3 +178,88 @@ def signals() -> None:
             await services.store.db.dispose()
 
     _run(run())
+
+
+@reference_app.command("jwks")
+def jwks() -> None:
+    """Print the event key's JWKS (register it with ``trustplane clients add --jwks-file``)."""
+    settings = _settings()
+    _emit_json(EventSigner.from_file(settings.issuer, settings.event_key_file).jwks())
+
+
+@reference_app.command("forward")
+def forward(
+    to_ledger: Annotated[
+        str,
+        typer.Option(
+            "--to-ledger",
+            help="The authorization server's issuer URL: events go to {issuer}/audit/events.",
+            envvar="TRUSTPLANE_REFERENCE_LEDGER_ISSUER",
+        ),
+    ],
+    client_id: Annotated[
+        str,
+        typer.Option(
+            help="The service's client (audit:ingest for {issuer}/audit, --resource-server "
+            "for the events' iss).",
+            envvar="TRUSTPLANE_REFERENCE_CLIENT_ID",
+        ),
+    ],
+    client_key_file: Annotated[
+        str | None,
+        typer.Option(
+            help="EC P-256 PEM key of private_key_jwt (default: the event key; kid = its RFC 7638 "
+            "thumbprint).",
+            envvar="TRUSTPLANE_REFERENCE_CLIENT_KEY_FILE",
+        ),
+    ] = None,
+    once: Annotated[bool, typer.Option(help="Forward what is there now, then exit.")] = False,
+    allow_loopback: Annotated[
+        bool, typer.Option(help="Development: the issuer may be http://127.0.0.1.")
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Forward the outbox's signed events to the authorization server's audit ledger (until
+    interrupted; --once: what is there now). Independent of ``publish`` (JetStream)."""
+    from pathlib import Path
+
+    from trustplane.outbound import OutboundFetcher, OutboundPolicy
+    from trustplane.pep.client_auth import PrivateKeyJwt
+    from trustplane.pep.keys import ConfigurationError
+    from trustplane.reference.ledger_forwarder import (
+        LedgerForwarder,
+        LedgerRefused,
+        LedgerUnavailable,
+    )
+
+    settings = _settings()
+    if client_key_file is not None and not Path(client_key_file).is_file():
+        fail(f"no key file {client_key_file}")
+    key_path = Path(client_key_file) if client_key_file else settings.event_key_file
+
+    async def run() -> int:
+        services = await _open(settings)
+        signer = EventSigner.from_file(settings.issuer, key_path)
+        policy = OutboundPolicy.development() if allow_loopback else OutboundPolicy()
+        fetcher = OutboundFetcher(policy)
+        auth = PrivateKeyJwt(client_id, signer.key, signer.kid, to_ledger.rstrip("/"))
+        try:
+            forwarder = LedgerForwarder(services.store, to_ledger, auth, fetcher)
+            if once:
+                return await forwarder.forward_all()
+            await forwarder.run(asyncio.Event())
+            return forwarder.delivered
+        finally:
+            await fetcher.aclose()
+            await services.store.db.dispose()
+
+    try:
+        delivered = _run(run())
+    except ConfigurationError as exc:
+        fail(str(exc))
+    except (LedgerRefused, LedgerUnavailable) as exc:
+        fail(str(exc), 1)
+    if as_json:
+        _emit_json({"delivered": delivered})
+    else:
+        out.print(f"{delivered} event(s) delivered to the ledger", highlight=False)

@@ -1,6 +1,8 @@
 """The Audit explorer: entries from the ledger, each with its RFC 9162 inclusion proof checked here
 against the latest signed checkpoint, and a transaction's chain of authority
-(person -> mandate -> tokens -> exchanges -> decisions -> events).
+(person -> mandate -> tokens -> exchanges -> decisions -> trade transitions -> events). The
+transitions are the settlement services' signed events the ledger ingested (``trade:*`` entries,
+``POST /audit/events``), each naming in its payload the decisions it rests on.
 
 What "verified" means on these pages: the checkpoint's signature checks with this log's key
 (C2SP signed-note), and the entry's bytes, hashed as a leaf, lead through the proof to the
@@ -146,6 +148,7 @@ class AuditView:
         tokens: list[Node] = []
         exchanges: list[Node] = []
         decisions: list[Node] = []
+        transitions: list[Node] = []
         events: list[Node] = []
         for row in found.rows:
             if row.mandate:
@@ -159,6 +162,10 @@ class AuditView:
                 target.append(Node(row.jti or f"entry {row.index}", detail, [row]))
             elif row.type.startswith("policy:decision:"):
                 decisions.append(Node(row.decision or "", row.reason or row.type, [row]))
+            elif row.type.startswith("trade:"):
+                by = f"by {row.subject}" if row.subject else ""
+                detail = ", ".join(x for x in (row.reason, by) if x)
+                transitions.append(Node(row.type.removeprefix("trade:"), detail, [row]))
             else:
                 events.append(Node(row.type, row.reason or row.decision or "", [row]))
             if row.type.startswith(("oauth:consent", "users:")) and row.subject:
@@ -169,6 +176,7 @@ class AuditView:
             ("Tokens", tokens),
             ("Exchanges", exchanges),
             ("Decisions", decisions),
+            ("Transitions", transitions),
             ("Events", events),
         ]
         return Chain(transaction_id, found, stages)

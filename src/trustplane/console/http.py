@@ -165,6 +165,7 @@ class ConsoleHttp:
             Route("/console/audit/checkpoint", page(self.checkpoint), methods=["GET"]),
             Route("/console/transactions/{txn}", page(self.transaction), methods=["GET"]),
             Route("/console/alerts", page(self.alerts), methods=["GET"]),
+            Route("/console/exceptions", page(self.exceptions), methods=["GET"]),
             Route("/console/confirm", page(self.confirm), methods=["GET"]),
             Route(
                 "/console/{kind}/{target}/{verb}", self._post(self.target_action), methods=["POST"]
@@ -322,6 +323,14 @@ class ConsoleHttp:
     async def alerts(self, request: Request, who: Person, session: Session) -> Response:
         return self._view(
             request, who, session, "alerts.html", alerts=await self._overview.alerts()
+        )
+
+    async def exceptions(self, request: Request, who: Person, session: Session) -> Response:
+        """Settlement exceptions from the ledger; every console role reads them, none resolves
+        them here (the service's API or CLI does, and its event closes them)."""
+        found = await self._overview.exceptions.exceptions()
+        return self._view(
+            request, who, session, "exceptions.html", found=found, now=int(time.time())
         )
 
     async def mandates(self, request: Request, who: Person, session: Session) -> Response:

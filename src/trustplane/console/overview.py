@@ -1,5 +1,6 @@
 """What the Overview and Alerts pages show, read from the ledger, the mandate store and the key,
-client and partner registries.
+client and partner registries. The Overview also lists the settlement exceptions not yet resolved
+(:mod:`trustplane.console.exceptions`, from the services' events in the ledger).
 
 Counts come from the ledger's leaf index (``ix_audit_leaves_type_time``): exact, over the window.
 Deny reasons are taken from the newest refusals only (at most :data:`REASON_SAMPLE`), and the page
@@ -23,6 +24,7 @@ from trustplane.audit.ledger import Ledger
 from trustplane.audit.tables import audit_leaves
 from trustplane.audit_events import AuditEventType
 from trustplane.clients.service import ClientService
+from trustplane.console.exceptions import ExceptionsView, SettlementException
 from trustplane.federation.service import FederationService
 from trustplane.keys.service import KeyService
 from trustplane.mandates.model import MandateFilter, MandateStatus
@@ -69,6 +71,9 @@ class Overview:
     reasons_sampled: int
     expiring: list[Expiring]
     alerts: list[Alert] = field(default_factory=list)
+    #: settlement exceptions open or escalated, oldest first
+    exceptions: list[SettlementException] = field(default_factory=list)
+    now: int = 0
 
 
 def _ms(seconds: int) -> int:
@@ -87,6 +92,7 @@ class OverviewService:
         federation: FederationService,
     ) -> None:
         self._settings, self._db, self._ledger = settings, db, ledger
+        self.exceptions = ExceptionsView(db)
         self._mandates, self._keys = mandates, keys
         self._clients, self._federation = clients, federation
 
@@ -125,6 +131,8 @@ class OverviewService:
             sampled,
             await self.expiring(now),
             await self.alerts(now),
+            (await self.exceptions.exceptions()).unresolved,
+            now,
         )
 
     async def _reasons(self, conn: Any, since_ms: int) -> tuple[list[tuple[str, int]], int]:

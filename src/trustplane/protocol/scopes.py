@@ -123,7 +123,10 @@ INTERNAL_APIS = (
     InternalApi(
         "/audit",
         "trustplane audit ledger: queries, entries, proofs and exports",
-        {"audit:query": "Query the audit ledger: entries, proofs, transactions, exports"},
+        {
+            "audit:query": "Query the audit ledger: entries, proofs, transactions, exports",
+            "audit:ingest": "Record one's own signed settlement events in the audit ledger",
+        },
     ),
     InternalApi(
         "/access/v1",

@@ -114,6 +114,8 @@ outbox = Table(
     Column("jws", Text, nullable=False),
     Column("created_at", BigInteger, nullable=False),
     Column("published_at", BigInteger, index=True),
+    # delivered to the authorization server's ledger (ledger_forwarder.py), apart from JetStream
+    Column("ledger_at", BigInteger, index=True),
 )
 
 exceptions = Table(
@@ -344,6 +346,7 @@ class TradeStore:
         async with self.db.engine.begin() as conn:
             await conn.run_sync(metadata.create_all)
             await conn.run_sync(_add_acting_columns)
+            await conn.run_sync(_add_ledger_column)
 
     # ------------------------------------------------------------------ writes
 
@@ -772,6 +775,37 @@ class TradeStore:
                 .where(and_(outbox.c.seq.in_(list(seqs)), outbox.c.published_at.is_(None)))
                 .values(published_at=_ms())
             )
+
+    async def undelivered_to_ledger(self, limit: int = 100) -> list[StoredEvent]:
+        """The oldest rows not yet in the ledger, in commit order (``published`` is JetStream's)."""
+        async with self.db.read() as conn:
+            rows = (
+                await conn.execute(
+                    select(outbox)
+                    .where(outbox.c.ledger_at.is_(None))
+                    .order_by(outbox.c.seq)
+                    .limit(limit)
+                )
+            ).all()
+        return [_stored(r) for r in rows]
+
+    async def mark_delivered_to_ledger(self, seqs: Sequence[int]) -> None:
+        if not seqs:
+            return
+        async with self.db.transaction() as conn:
+            await conn.execute(
+                update(outbox)
+                .where(and_(outbox.c.seq.in_(list(seqs)), outbox.c.ledger_at.is_(None)))
+                .values(ledger_at=_ms())
+            )
+
+
+def _add_ledger_column(conn: Any) -> None:
+    """A store created before the ledger marker gets its column (and index); rows stay undelivered."""
+    if "ledger_at" in {c["name"] for c in inspect(conn).get_columns("ref_outbox")}:
+        return
+    conn.execute(text("ALTER TABLE ref_outbox ADD COLUMN ledger_at BIGINT"))
+    conn.execute(text("CREATE INDEX ix_ref_outbox_ledger_at ON ref_outbox (ledger_at)"))
 
 
 class _Lost(Exception):
