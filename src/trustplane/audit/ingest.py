@@ -53,8 +53,9 @@ from trustplane.audit.tables import audit_ingested
 from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.clients.model import Client
 from trustplane.clients.remote_jwks import RemoteJwksCache, signed_with
+from trustplane.events.formats import TRADE_EVENT_ALG as ALG
+from trustplane.events.formats import TRADE_EVENT_TYP as EVENT_TYP
 from trustplane.jose.jws import JWSError, parse
-from trustplane.reference.events import ALG, EVENT_TYP
 from trustplane.storage.db import Database
 
 #: Most events in one request, and the largest one (a compact JWS).

@@ -25,11 +25,10 @@ import orjson
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from trustplane.events.formats import TRADE_EVENT_ALG as ALG
+from trustplane.events.formats import TRADE_EVENT_TYP as EVENT_TYP
 from trustplane.jose.jwk import JWKError, import_public_jwks, thumbprint
 from trustplane.jose.jws import JWSError, Signer, b64url_encode, parse
-
-EVENT_TYP = "trade-event+jwt"
-ALG = "ES256"
 
 
 class EventRefused(Exception):
