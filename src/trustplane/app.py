@@ -65,6 +65,7 @@ from trustplane.storage import wiring as storage_wiring
 from trustplane.storage.db import Database
 from trustplane.storage.migrate import pending
 from trustplane.storage.writer import GroupCommitWriter
+from trustplane.surveillance import wiring as surveillance_wiring
 from trustplane.tls import CertificateSource
 from trustplane.token_wiring import build_token_endpoint
 from trustplane.tracing import otlp_endpoint
@@ -173,6 +174,8 @@ class Services:
             settings, db, keys.service, revocations.revoked, federation.service.registry, guard,
             mandate_service.events,
         )  # fmt: skip
+        # surveillance signals over the ledger (docs/surveillance.md)
+        surveillance = surveillance_wiring.build(settings, db)
         components: tuple[Component, ...] = (
             keys,
             clients,
@@ -185,6 +188,7 @@ class Services:
             replay,
             endpoints,
             ssf,
+            surveillance,
             storage_wiring.Writer(writer),
         )
         return cls(

@@ -17,6 +17,7 @@ from trustplane.protocol import revocations as _revocations  # noqa: F401
 from trustplane.ssf import tables as _ssf_tables  # noqa: F401
 from trustplane.storage import generations as _generations  # noqa: F401
 from trustplane.storage.metadata import metadata
+from trustplane.surveillance import tables as _surveillance_tables  # noqa: F401
 from trustplane.users import store as _user_store  # noqa: F401
 
 __all__ = ["metadata"]
