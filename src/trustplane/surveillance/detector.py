@@ -27,7 +27,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane.audit_events import AuditEventType
 from trustplane.surveillance.signals import Alert, Observed, Signal, Thresholds
-from trustplane.surveillance.store import Delegation, SurveillanceStore, Window
+from trustplane.surveillance.store import (
+    Delegation,
+    Pair,
+    SurveillanceStore,
+    Window,
+    pair_digest,
+)
 
 ISSUED = AuditEventType.TOKEN_ISSUED.value
 REFUSED = AuditEventType.TOKEN_REFUSED.value
@@ -35,11 +41,13 @@ REFUSED = AuditEventType.TOKEN_REFUSED.value
 
 @dataclass
 class _Batch:
-    """The state one batch touched, read once and written back once at the end."""
+    """The state one batch touches, read in one statement per kind before the entries are looked
+    at and written back once at the end."""
 
     delegations: dict[str, Delegation] = field(default_factory=dict)
-    windows: dict[tuple[Signal, str, int], Window] = field(default_factory=dict)
-    limits: dict[tuple[Signal, str, int], float] = field(default_factory=dict)
+    fresh_pairs: set[Pair] = field(default_factory=set)
+    windows: dict[tuple[str, str, int], Window] = field(default_factory=dict)
+    limits: dict[tuple[str, int], float] = field(default_factory=dict)
 
 
 class Detector:
@@ -47,36 +55,62 @@ class Detector:
         self._store, self._t = store, thresholds
 
     async def detect(self, conn: AsyncConnection, events: list[Observed]) -> list[Alert]:
-        batch, alerts = _Batch(), list[Alert]()
+        exchanges = [e for e in events if e.type == ISSUED and e.client_id and e.actor_chain]
+        issued = [e for e in events if e.type == ISSUED and e.client_id]
+        failures = [e for e in events if e.type == REFUSED and e.partner and self._claim_failed(e)]
+        batch = await self._load(conn, exchanges, issued, failures)
+        alerts: list[Alert] = []
         for event in events:
             if event.type == ISSUED and event.client_id:
                 if event.actor_chain:
-                    alerts += await self._delegation(conn, batch, event, event.client_id)
-                alert = await self._issuance(conn, batch, event, event.client_id)
-                alerts += [alert] if alert else []
+                    alerts += self._delegation(batch, event, event.client_id)
+                alerts += self._issuance(batch, event, event.client_id)
             elif event.type == REFUSED and event.partner and self._claim_failed(event):
-                alert = await self._claim_failure(conn, batch, event, event.partner)
-                alerts += [alert] if alert else []
-        for client_id, delegation in batch.delegations.items():
-            await self._store.save_delegation(conn, client_id, delegation)
-        for (signal, key, bucket), window in batch.windows.items():
-            await self._store.save_window(conn, signal.value, key, bucket, window)
+                alerts += self._claim_failure(batch, event, event.partner)
+        await self._store.save(conn, batch.delegations, batch.windows)
         return alerts
+
+    async def _load(
+        self,
+        conn: AsyncConnection,
+        exchanges: list[Observed],
+        issued: list[Observed],
+        failures: list[Observed],
+    ) -> _Batch:
+        batch = _Batch()
+        clients = {e.client_id for e in exchanges if e.client_id}
+        batch.delegations = await self._store.delegations(conn, clients)
+        pairs = [((str(e.client_id), _pair(e)), e.index) for e in exchanges]
+        batch.fresh_pairs = await self._store.add_pairs(conn, pairs)
+        span = self._t.issuance_baseline_windows
+        for signal, found, length, back in (
+            (Signal.ISSUANCE_SPIKE, issued, self._t.issuance_window_s, span),
+            (Signal.CLAIM_FAILURES, failures, self._t.claim_window_s, 0),
+        ):
+            keys = {
+                str(e.client_id if signal is Signal.ISSUANCE_SPIKE else e.partner) for e in found
+            }
+            if not keys:
+                continue
+            buckets = [e.time_ms // (length * 1000) for e in found]
+            stored = await self._store.windows(
+                conn, signal.value, keys, min(buckets) - back, max(buckets)
+            )
+            batch.windows.update({(signal.value, k, b): w for (k, b), w in stored.items()})
+        return batch
 
     # ------------------------------------------------------------------ delegation
 
-    async def _delegation(
-        self, conn: AsyncConnection, batch: _Batch, event: Observed, client_id: str
-    ) -> list[Alert]:
-        known = batch.delegations.get(client_id)
-        if known is None:
-            known = batch.delegations[client_id] = await self._store.delegation(conn, client_id)
+    def _delegation(self, batch: _Batch, event: Observed, client_id: str) -> list[Alert]:
+        known = batch.delegations.setdefault(client_id, Delegation())
         learned = known.exchanges >= self._t.learning
-        depth, actor = len(event.actor_chain), event.actor_chain[0]
+        depth = len(event.actor_chain)
         alerts: list[Alert] = []
-        fresh = await self._store.add_pair(conn, client_id, event.subject or "", actor, event.index)
-        if fresh and learned:
-            alerts.append(self._alert(Signal.NEW_ACTOR_PAIR, event, 1, 0))
+        pair = (client_id, _pair(event))
+        if pair in batch.fresh_pairs:
+            batch.fresh_pairs.discard(pair)  # new at its first exchange only
+            if learned:
+                alerts.append(self._alert(Signal.NEW_ACTOR_PAIR, event, 1, 0))
         if self._t.max_chain_depth and depth > self._t.max_chain_depth:
             alerts.append(self._alert(Signal.DEEP_CHAIN, event, depth, self._t.max_chain_depth))
         elif learned and depth > known.max_depth:
@@ -102,66 +136,44 @@ class Detector:
     def _claim_failed(self, event: Observed) -> bool:
         return not self._t.claim_reasons.isdisjoint(event.reason_ids)
 
-    async def _claim_failure(
-        self, conn: AsyncConnection, batch: _Batch, event: Observed, partner: str
-    ) -> Alert | None:
+    def _claim_failure(self, batch: _Batch, event: Observed, partner: str) -> list[Alert]:
         signal, length = Signal.CLAIM_FAILURES, self._t.claim_window_s
-        window, bucket = await self._count(conn, batch, signal, partner, event, length)
+        window, bucket = self._count(batch, signal, partner, event, length)
         if window.alerted_index is not None or window.count < self._t.claim_failures:
-            return None
+            return []
         window.alerted_index = event.index
-        return self._window_alert(signal, event, window, self._t.claim_failures, length, bucket)
+        return [self._window_alert(signal, event, window, self._t.claim_failures, length, bucket)]
 
-    async def _issuance(
-        self, conn: AsyncConnection, batch: _Batch, event: Observed, client_id: str
-    ) -> Alert | None:
+    def _issuance(self, batch: _Batch, event: Observed, client_id: str) -> list[Alert]:
         signal, length = Signal.ISSUANCE_SPIKE, self._t.issuance_window_s
-        window, bucket = await self._count(conn, batch, signal, client_id, event, length)
-        limit = batch.limits.get((signal, client_id, bucket))
+        window, bucket = self._count(batch, signal, client_id, event, length)
+        limit = batch.limits.get((client_id, bucket))
         if limit is None:
-            limit = await self._spike_limit(conn, batch, client_id, bucket)
-            batch.limits[(signal, client_id, bucket)] = limit
+            limit = batch.limits[(client_id, bucket)] = self._spike_limit(batch, client_id, bucket)
         if window.alerted_index is not None or window.count <= limit:
-            return None
+            return []
         window.alerted_index = event.index
-        return self._window_alert(signal, event, window, limit, length, bucket)
+        return [self._window_alert(signal, event, window, limit, length, bucket)]
 
-    async def _count(
-        self,
-        conn: AsyncConnection,
-        batch: _Batch,
-        signal: Signal,
-        key: str,
-        event: Observed,
-        length_s: int,
+    def _count(
+        self, batch: _Batch, signal: Signal, key: str, event: Observed, length_s: int
     ) -> tuple[Window, int]:
         """The event's window of ``key``, counted in."""
         bucket = event.time_ms // (length_s * 1000)
-        window = batch.windows.get((signal, key, bucket))
-        if window is None:
-            stored = await self._store.windows(conn, signal.value, key, bucket, bucket)
-            window = stored.get(bucket) or Window(0, event.index)
-            batch.windows[(signal, key, bucket)] = window
+        window = batch.windows.setdefault((signal.value, key, bucket), Window(0, event.index))
         window.count += 1
         return window, bucket
 
-    async def _spike_limit(
-        self, conn: AsyncConnection, batch: _Batch, client_id: str, bucket: int
-    ) -> float:
-        """max(floor, factor x the client's mean count over the windows before ``bucket``)."""
-        span = self._t.issuance_baseline_windows
-        signal = Signal.ISSUANCE_SPIKE
-        counts = {
-            b: w.count
-            for b, w in (
-                await self._store.windows(conn, signal.value, client_id, bucket - span, bucket - 1)
-            ).items()
-        }
-        for (sig, key, b), window in batch.windows.items():  # this batch's counts not saved yet
-            if sig is signal and key == client_id and bucket - span <= b < bucket:
-                counts[b] = window.count
-        baseline = sum(counts.values()) / span
-        return max(float(self._t.issuance_floor), self._t.issuance_factor * baseline)
+    def _spike_limit(self, batch: _Batch, client_id: str, bucket: int) -> float:
+        """max(floor, factor x the client's mean count over the windows before ``bucket``): the
+        batch holds every stored window in that range (loaded) and this batch's own counts."""
+        span, signal = self._t.issuance_baseline_windows, Signal.ISSUANCE_SPIKE.value
+        total = sum(
+            batch.windows[(signal, client_id, b)].count
+            for b in range(bucket - span, bucket)
+            if (signal, client_id, b) in batch.windows
+        )
+        return max(float(self._t.issuance_floor), self._t.issuance_factor * total / span)
 
     def _window_alert(
         self,
@@ -183,3 +195,7 @@ class Detector:
             window_s=length_s,
             window_start_ms=bucket * length_s * 1000,
         )
+
+
+def _pair(event: Observed) -> str:
+    return pair_digest(event.subject or "", event.actor_chain[0])

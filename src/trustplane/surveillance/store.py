@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -26,6 +26,7 @@ from trustplane.surveillance.tables import (
 CURSOR = "ledger"
 #: pg_try_advisory_xact_lock key of the detector: "tp-surv" as an integer.
 DETECTOR_LOCK = int.from_bytes(b"tp-surv", "big")
+_CHUNK = 500
 
 
 class CursorMoved(RuntimeError):
@@ -35,10 +36,12 @@ class CursorMoved(RuntimeError):
 
 @dataclass(slots=True)
 class Delegation:
-    """A client's exchanges so far and the deepest ``act`` chain among them."""
+    """A client's exchanges so far and the deepest ``act`` chain among them; ``stored``: the row
+    exists already."""
 
     exchanges: int = 0
     max_depth: int = 0
+    stored: bool = False
 
 
 @dataclass(slots=True)
@@ -52,7 +55,14 @@ class Window:
     stored: bool = False
 
 
+#: (client_id, pair digest): one (subject, actor) pair of a client (:func:`pair_digest`).
+Pair = tuple[str, str]
+
+
 class SurveillanceStore(Protocol):
+    """The detector reads what a batch needs in one statement per kind and writes it back the same
+    way (a round costs a handful of statements whatever its size)."""
+
     async def claim(self, conn: AsyncConnection) -> int | None:
         """Make this transaction the one detector round (PostgreSQL: a transaction advisory lock,
         None when another process holds it; SQLite: the database write lock, waited for) and return
@@ -63,33 +73,43 @@ class SurveillanceStore(Protocol):
         """Move the cursor from ``old`` to ``new``; :class:`CursorMoved` if it is not at ``old``."""
         ...
 
-    async def delegation(self, conn: AsyncConnection, client_id: str) -> Delegation:
-        """What is known of the client's exchanges (zeros if nothing)."""
+    async def delegations(
+        self, conn: AsyncConnection, client_ids: Collection[str]
+    ) -> dict[str, Delegation]:
+        """What is known of each client's exchanges (a client never seen is absent)."""
         ...
 
-    async def save_delegation(
-        self, conn: AsyncConnection, client_id: str, d: Delegation
-    ) -> None: ...
-
-    async def add_pair(
-        self, conn: AsyncConnection, client_id: str, subject: str, actor: str, index: int
-    ) -> bool:
-        """Remember (subject, actor) for the client; True if it had never been seen."""
+    async def add_pairs(
+        self, conn: AsyncConnection, pairs: Sequence[tuple[Pair, int]]
+    ) -> set[Pair]:
+        """Remember each pair with the leaf index that showed it first; returns those that had never
+        been seen (a pair repeated in ``pairs`` counts once)."""
         ...
 
     async def windows(
-        self, conn: AsyncConnection, signal: str, key: str, first: int, last: int
-    ) -> dict[int, Window]:
-        """The stored windows of ``key`` with ``first <= bucket <= last``."""
+        self, conn: AsyncConnection, signal: str, keys: Collection[str], first: int, last: int
+    ) -> dict[tuple[str, int], Window]:
+        """The stored windows of ``signal`` for ``keys`` with ``first <= bucket <= last``, by
+        (key, bucket)."""
         ...
 
-    async def save_window(
-        self, conn: AsyncConnection, signal: str, key: str, bucket: int, window: Window
-    ) -> None: ...
+    async def save(
+        self,
+        conn: AsyncConnection,
+        delegations: dict[str, Delegation],
+        windows: dict[tuple[str, str, int], Window],
+    ) -> None:
+        """Write back the delegations (by client) and windows (by signal, key, bucket) a batch
+        changed."""
+        ...
 
 
 def pair_digest(subject: str, actor: str) -> str:
     return hashlib.sha256(f"{len(subject)}:{subject}|{actor}".encode()).hexdigest()
+
+
+def _insert(conn: AsyncConnection) -> Any:
+    return pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
 
 
 class SqlSurveillanceStore:
@@ -123,67 +143,115 @@ class SqlSurveillanceStore:
         if result.rowcount != 1:
             raise CursorMoved(f"the surveillance cursor moved from {old} under this round")
 
-    async def delegation(self, conn: AsyncConnection, client_id: str) -> Delegation:
+    async def delegations(
+        self, conn: AsyncConnection, client_ids: Collection[str]
+    ) -> dict[str, Delegation]:
+        if not client_ids:
+            return {}
         t = surveillance_delegation
-        row = (
-            await conn.execute(
-                select(t.c.exchanges, t.c.max_depth).where(t.c.client_id == client_id)
+        rows = await conn.execute(
+            select(t.c.client_id, t.c.exchanges, t.c.max_depth).where(
+                t.c.client_id.in_(list(client_ids))
             )
-        ).first()
-        return Delegation(int(row[0]), int(row[1])) if row else Delegation()
-
-    async def save_delegation(self, conn: AsyncConnection, client_id: str, d: Delegation) -> None:
-        t = surveillance_delegation
-        values = {"exchanges": d.exchanges, "max_depth": d.max_depth}
-        result = await conn.execute(update(t).where(t.c.client_id == client_id).values(values))
-        if result.rowcount == 0:
-            await conn.execute(insert(t).values(client_id=client_id, **values))
-
-    async def add_pair(
-        self, conn: AsyncConnection, client_id: str, subject: str, actor: str, index: int
-    ) -> bool:
-        dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-        result = await conn.execute(
-            dialect_insert(surveillance_actor_pairs)
-            .values(client_id=client_id, pair=pair_digest(subject, actor), first_index=index)
-            .on_conflict_do_nothing(index_elements=["client_id", "pair"])
         )
-        return bool(result.rowcount == 1)
+        return {str(r[0]): Delegation(int(r[1]), int(r[2]), stored=True) for r in rows.all()}
+
+    async def add_pairs(
+        self, conn: AsyncConnection, pairs: Sequence[tuple[Pair, int]]
+    ) -> set[Pair]:
+        first: dict[Pair, int] = {}
+        for pair, index in pairs:
+            first.setdefault(pair, index)
+        t, fresh = surveillance_actor_pairs, set[Pair]()
+        rows = [{"client_id": c, "pair": p, "first_index": i} for (c, p), i in first.items()]
+        for chunk in range(0, len(rows), _CHUNK):
+            inserted = await conn.execute(
+                _insert(conn)(t)
+                .values(rows[chunk : chunk + _CHUNK])
+                .on_conflict_do_nothing(index_elements=["client_id", "pair"])
+                .returning(t.c.client_id, t.c.pair)
+            )
+            fresh.update((str(r[0]), str(r[1])) for r in inserted.all())
+        return fresh
 
     async def windows(
-        self, conn: AsyncConnection, signal: str, key: str, first: int, last: int
-    ) -> dict[int, Window]:
+        self, conn: AsyncConnection, signal: str, keys: Collection[str], first: int, last: int
+    ) -> dict[tuple[str, int], Window]:
+        if not keys:
+            return {}
         t = surveillance_windows
         rows = await conn.execute(
-            select(t.c.bucket, t.c.count, t.c.first_index, t.c.alerted_index).where(
-                t.c.signal == signal, t.c.key == key, t.c.bucket >= first, t.c.bucket <= last
+            select(t.c.key, t.c.bucket, t.c.count, t.c.first_index, t.c.alerted_index).where(
+                t.c.signal == signal,
+                t.c.key.in_(list(keys)),
+                t.c.bucket >= first,
+                t.c.bucket <= last,
             )
         )
         return {
-            int(r[0]): Window(int(r[1]), int(r[2]), _int(r[3]), stored=True) for r in rows.all()
+            (str(r[0]), int(r[1])): Window(int(r[2]), int(r[3]), _int(r[4]), stored=True)
+            for r in rows.all()
         }
 
-    async def save_window(
-        self, conn: AsyncConnection, signal: str, key: str, bucket: int, window: Window
+    async def save(
+        self,
+        conn: AsyncConnection,
+        delegations: dict[str, Delegation],
+        windows: dict[tuple[str, str, int], Window],
     ) -> None:
-        t = surveillance_windows
-        values = {
-            "count": window.count,
-            "first_index": window.first_index,
-            "alerted_index": window.alerted_index,
-        }
-        where = (t.c.signal == signal, t.c.key == key, t.c.bucket == bucket)
-        if window.stored and (await conn.execute(update(t).where(*where).values(values))).rowcount:
-            return
-        await conn.execute(insert(t).values(signal=signal, key=key, bucket=bucket, **values))
-        window.stored = True
+        d = surveillance_delegation
+        rows = [
+            {"c": c, "exchanges": v.exchanges, "max_depth": v.max_depth}
+            for c, v in delegations.items()
+        ]
+        await _write(
+            conn,
+            update(d).where(d.c.client_id == bindparam("c")),
+            insert(d).values(client_id=bindparam("c")),
+            [r for r, v in zip(rows, delegations.values(), strict=True) if v.stored],
+            [r for r, v in zip(rows, delegations.values(), strict=True) if not v.stored],
+        )
+        w = surveillance_windows
+        rows = [
+            {"s": s, "k": k, "b": b, "count": v.count, "first_index": v.first_index,
+             "alerted_index": v.alerted_index}
+            for (s, k, b), v in windows.items()
+        ]  # fmt: skip
+        await _write(
+            conn,
+            update(w).where(
+                w.c.signal == bindparam("s"),
+                w.c.key == bindparam("k"),
+                w.c.bucket == bindparam("b"),
+            ),
+            insert(w).values(signal=bindparam("s"), key=bindparam("k"), bucket=bindparam("b")),
+            [r for r, v in zip(rows, windows.values(), strict=True) if v.stored],
+            [r for r, v in zip(rows, windows.values(), strict=True) if not v.stored],
+        )
+        for delegation in delegations.values():
+            delegation.stored = True
+        for window in windows.values():
+            window.stored = True
+
+
+async def _write(
+    conn: AsyncConnection,
+    update_stmt: Any,
+    insert_stmt: Any,
+    updates: list[dict[str, Any]],
+    inserts: list[dict[str, Any]],
+) -> None:
+    """One executemany UPDATE of the rows that exist, one executemany INSERT of the new ones."""
+    if updates:
+        await conn.execute(update_stmt, updates)
+    if inserts:
+        await conn.execute(insert_stmt, inserts)
 
 
 async def ensure_cursor(conn: AsyncConnection) -> None:
     """The cursor row at 0 if there is none (idempotent: every process starts with it)."""
-    dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
     await conn.execute(
-        dialect_insert(surveillance_cursor)
+        _insert(conn)(surveillance_cursor)
         .values(name=CURSOR, position=0, updated_at=int(time.time()))
         .on_conflict_do_nothing(index_elements=["name"])
     )
