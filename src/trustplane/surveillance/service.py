@@ -67,6 +67,9 @@ class Surveillance:
 
     async def round(self) -> Round | None:
         """One round; None if another detector holds the claim right now."""
+        async with self._db.read() as conn:  # nothing new: no write, no lock (an idle deployment)
+            if not await store.read_leaves(conn, await store.read_cursor(conn), 1):
+                return Round(0, [])
         async with self._db.transaction() as conn:
             cursor = await self._store.claim(conn)
             if cursor is None:
