@@ -169,6 +169,26 @@ SHORT_KEK = base64.urlsafe_b64encode(b"k" * 31).rstrip(b"=").decode()
         ),
         ("TRUSTPLANE_CLIENT_AUTH_METHODS", "private_key_jwt", "must be a JSON array of strings"),
         (
+            "TRUSTPLANE_SURVEILLANCE_ISSUANCE_FACTOR",
+            "0.5",
+            "Input should be greater than or equal to 1",
+        ),
+        (
+            "TRUSTPLANE_SURVEILLANCE_ISSUANCE_FLOOR",
+            "0",
+            "Input should be greater than or equal to 1",
+        ),
+        (
+            "TRUSTPLANE_SURVEILLANCE_CLAIM_FAILURE_WINDOW",
+            "5",
+            "Input should be greater than or equal to 10",
+        ),
+        (
+            "TRUSTPLANE_SURVEILLANCE_CLAIM_FAILURE_REASONS",
+            "[]",
+            "Tuple should have at least 1 item after validation, not 0",
+        ),
+        (
             "TRUSTPLANE_CLIENT_AUTH_METHODS",
             '["none"]',
             "Input should be 'private_key_jwt', 'client_secret_basic', 'client_secret_post', "

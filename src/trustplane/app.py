@@ -66,6 +66,7 @@ from trustplane.storage import wiring as storage_wiring
 from trustplane.storage.db import Database
 from trustplane.storage.migrate import pending
 from trustplane.storage.writer import GroupCommitWriter
+from trustplane.surveillance import wiring as surveillance_wiring
 from trustplane.tls import CertificateSource
 from trustplane.token_wiring import build_token_endpoint
 from trustplane.tracing import otlp_endpoint
@@ -174,6 +175,8 @@ class Services:
             settings, db, keys.service, revocations.revoked, federation.service.registry, guard,
             mandate_service.events,
         )  # fmt: skip
+        # surveillance signals over the ledger (docs/surveillance.md)
+        surveillance = surveillance_wiring.build(settings, db)
         components: tuple[Component, ...] = (
             keys,
             clients,
@@ -187,6 +190,7 @@ class Services:
             endpoints,
             ssf,
             security_events_wiring.build(settings, db, keys.service, guard),
+            surveillance,
             storage_wiring.Writer(writer),
         )
         return cls(

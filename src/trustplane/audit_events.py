@@ -87,6 +87,8 @@ class AuditEventType(StrEnum):
     CONSOLE_SIGNED_OUT = "console:session:ended"
     CONSOLE_ACTION = "console:action:performed"
     CONSOLE_ACTION_REFUSED = "console:action:refused"
+    # surveillance signals over the ledger (docs/surveillance.md): ``reason`` names the signal
+    SURVEILLANCE_ALERT = "surveillance:alert:raised"
 
 
 @dataclass(slots=True, frozen=True)

@@ -18,6 +18,7 @@ from trustplane.security_events import tables as _security_event_tables  # noqa:
 from trustplane.ssf import tables as _ssf_tables  # noqa: F401
 from trustplane.storage import generations as _generations  # noqa: F401
 from trustplane.storage.metadata import metadata
+from trustplane.surveillance import tables as _surveillance_tables  # noqa: F401
 from trustplane.users import store as _user_store  # noqa: F401
 
 __all__ = ["metadata"]

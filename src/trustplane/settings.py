@@ -255,6 +255,36 @@ class Settings(BaseSettings):
         description='Event type (or "*" for the rest) -> days a payload is kept',
     )
 
+    # --- surveillance signals over the ledger (trustplane.surveillance, docs/surveillance.md)
+    surveillance_enabled: bool = True
+    #: Seconds between the detector's rounds (each reads what the ledger integrated since).
+    surveillance_interval: float = Field(default=1.0, gt=0, le=300)
+    #: Most ledger entries one round reads (one transaction; on SQLite it holds the write lock).
+    surveillance_batch: int = Field(default=500, ge=1, le=50_000)
+    #: Exchanges of a client before a new (subject, actor) pair or a deeper chain alerts.
+    surveillance_delegation_learning: int = Field(default=10, ge=0, le=1_000_000)
+    #: An ``act`` chain longer than this alerts whatever the client's history (0: no limit).
+    surveillance_max_chain_depth: int = Field(default=3, ge=0, le=64)
+    #: A partner's assertions refused for a claim requirement this often in one window alert.
+    surveillance_claim_failures: int = Field(default=5, ge=1, le=1_000_000)
+    surveillance_claim_failure_window: int = Field(default=600, ge=10, le=7 * 86400)
+    surveillance_claim_failure_reasons: tuple[str, ...] = Field(
+        default=(
+            "missing_claim",
+            "claim_value",
+            "product_not_allowed",
+            "region_not_allowed",
+            "transaction",
+        ),
+        min_length=1,
+    )
+    #: A client issued more than max(floor, factor x baseline) tokens in one window alerts; the
+    #: baseline is its mean per window over the ``baseline_windows`` windows before.
+    surveillance_issuance_window: int = Field(default=300, ge=10, le=86400)
+    surveillance_issuance_floor: int = Field(default=100, ge=1, le=100_000_000)
+    surveillance_issuance_factor: float = Field(default=5.0, ge=1.0, le=1000.0)
+    surveillance_issuance_baseline_windows: int = Field(default=12, ge=1, le=10_000)
+
     @field_validator("audit_log_origin")
     @classmethod
     def _origin_is_a_key_name(cls, value: str) -> str:

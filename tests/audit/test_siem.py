@@ -163,6 +163,7 @@ def test_a_message_is_rfc5424_with_the_event_in_structured_data_and_msg() -> Non
         ({"decision": "deny"}, 4),
         ({"type": "users:login:failed"}, 4),
         ({"type": "oauth:token:refused"}, 4),
+        ({"type": "surveillance:alert:raised", "reason": "issuance.spike"}, 4),
         ({"type": "policy:decision:allowed", "decision": "allow"}, 5),
     ],
 )

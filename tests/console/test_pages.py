@@ -338,3 +338,42 @@ async def test_overview_lists_client_certificates_that_end_soon(console: Console
     expiring = page.split('id="expiring"', 1)[1].split("</table>", 1)[0]
     assert f"{kit.client_id} cert-soon" in expiring
     assert "cert-later" not in expiring
+
+
+async def test_surveillance_alerts_from_the_ledger_on_alerts_and_overview(
+    console: Console,
+) -> None:
+    """Each ``surveillance:alert:raised`` entry is shown as it is (docs/surveillance.md): the signal,
+    whom it is about, the threshold crossed and the evidence; delegation alerts link to the
+    transaction, window alerts to the client's or partner's alert entries."""
+    await emit(
+        console.services,
+        event(
+            AuditEventType.SURVEILLANCE_ALERT,
+            client_id="c-spiky",
+            reason="issuance.spike",
+            reason_ids=("observed=101", "threshold=100", "window=300s", "sequence=3,104"),
+            service="trustplane.surveillance",
+        ),
+        event(
+            AuditEventType.SURVEILLANCE_ALERT,
+            client_id="c-deleg",
+            subject="alice",
+            actor_chain=("svc-b",),
+            transaction_id="T-surv-1",
+            reason="unusual_delegation.new_actor_pair",
+            reason_ids=("observed=1", "threshold=0", "sequence=42"),
+            service="trustplane.surveillance",
+        ),
+    )
+    agent = console.agents["ada"]
+    page = (await agent.get("/console/alerts")).text
+    table = html.unescape(page.split('id="alerts"', 1)[1].split("</table>", 1)[0])
+    assert "Surveillance: issuance.spike" in table
+    assert "client c-spiky: observed=101 threshold=100 window=300s sequence=3,104" in table
+    assert "/console/audit?type=surveillance%3Aalert%3Araised&client_id=c-spiky" in table
+    assert "Surveillance: unusual_delegation.new_actor_pair" in table
+    assert "/console/transactions/T-surv-1" in table
+    assert 'id="surveillance-rule"' in page
+    overview = html.unescape((await agent.get("/console")).text)
+    assert "Surveillance: issuance.spike" in overview.split('id="alerts-h"', 1)[1]

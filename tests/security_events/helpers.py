@@ -1,5 +1,5 @@
 """Shared by the security-event tests: a subscriber's token, reading the stream, writing ledger
-entries of any type (a surveillance alert is a plain audit event of type ``surveillance.alert``),
+entries of any type (a surveillance alert is a plain audit event of type ``surveillance:alert:raised``),
 and the independent verification of an event with PyJWT."""
 
 from __future__ import annotations
@@ -73,7 +73,12 @@ async def append_raw(db: Database, *bodies: dict[str, Any]) -> None:
 
 def alert(issuer: str, **fields: Any) -> dict[str, Any]:
     base = AuditEvent(type=AuditEventType.TOKEN_REVOKED, issuer=issuer).to_dict()
-    return {**base, "type": "surveillance.alert", "service": "trustplane.surveillance", **fields}
+    return {
+        **base,
+        "type": "surveillance:alert:raised",
+        "service": "trustplane.surveillance",
+        **fields,
+    }
 
 
 async def security_event_ids(db: Database) -> list[str]:

@@ -184,7 +184,7 @@ async def test_a_surveillance_alert_carries_the_transaction_envelope(server: Ser
     )
     await server.services.ledger.integrate_all()
     [event], _ = await drain(server, token, cursor)
-    assert event["type"] == "surveillance.alert"
+    assert event["type"] == "surveillance:alert:raised"
     claims = verify_with_pyjwt(event["jws"], await jwks(server), server.issuer)
     assert claims["envelope"] == {
         "txn": "txn-123",

@@ -154,11 +154,13 @@ async def test_events_reach_verifying_consumers_and_forgeries_are_refused(
     assert await in_stream(js, prefix) == len(ids)
 
     # on the stream: a forged event (payload changed) and an access token of ours (another typ)
-    real = await js.get_last_msg(stream(prefix).name, subject_of(prefix, "surveillance.alert"))
+    real = await js.get_last_msg(
+        stream(prefix).name, subject_of(prefix, "surveillance:alert:raised")
+    )
     head, payload, signature = real.data.decode().split(".")
     flipped = "A" if payload[10] != "A" else "B"
     forged = f"{head}.{payload[:10]}{flipped}{payload[11:]}.{signature}"
-    await js.publish(subject_of(prefix, "surveillance.alert"), forged.encode())
+    await js.publish(subject_of(prefix, "surveillance:alert:raised"), forged.encode())
     access_token = await server.access_token()
     await js.publish(subject_of(prefix, "oauth:token:revoked"), access_token.encode())
 
@@ -171,7 +173,7 @@ async def test_events_reach_verifying_consumers_and_forgeries_are_refused(
     independent = pyjwt_consumer(js, prefix, jwks, server.issuer)
     assert [e["jti"] for e in await consume_all(independent)] == ids
     assert len(independent.refused) == 2
-    assert {e["type"] for e in handled} >= {"oauth:token:revoked", "surveillance.alert"}
+    assert {e["type"] for e in handled} >= {"oauth:token:revoked", "surveillance:alert:raised"}
     await publisher.close()
 
 

@@ -94,7 +94,7 @@ def jsonl(item: StoredEntry) -> bytes:
 
 def _severity(body: dict[str, Any]) -> int:
     refused = body.get("decision") == "deny" or str(body.get("type", "")).endswith(
-        (":refused", ":denied", ":failed", ":reused", ":locked")
+        (":refused", ":denied", ":failed", ":reused", ":locked", ":raised")
     )
     return SEVERITY_WARNING if refused else SEVERITY_NOTICE
 

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import orjson
 from cryptography import x509
@@ -209,6 +210,7 @@ class OverviewService:
                     detail = f"{count} in the last hour (threshold {threshold})"
                     link = f"/console/audit?type={type_.value}&since={now - 3600}"
                     out.append(Alert(name, severity, int(last) // 1000, detail, link))
+            out += await _surveillance_alerts(conn, since)
         lag = self._ledger.progress_age()
         if lag is not None and lag > 60:
             out.append(
@@ -221,6 +223,40 @@ class OverviewService:
                 )
             )
         return sorted(out, key=lambda a: (a.severity != "critical", -a.fired_at))
+
+
+#: Surveillance alerts (docs/surveillance.md) shown per entry, newest first, at most this many.
+SURVEILLANCE_SHOWN = 20
+_SURVEILLANCE_SEVERITY = {"unusual_delegation.new_actor_pair": "info"}
+
+
+async def _surveillance_alerts(conn: Any, since_ms: int) -> list[Alert]:
+    """Each ``surveillance:alert:raised`` entry of the last hour: the detector raised it once, from
+    the ledger, so the page shows what is there (no rule evaluated here)."""
+    leaves = audit_leaves.c
+    query = (
+        select(leaves.entry)
+        .where(leaves.type == AuditEventType.SURVEILLANCE_ALERT.value, leaves.time_ms >= since_ms)
+        .order_by(leaves.idx.desc())
+        .limit(SURVEILLANCE_SHOWN)
+    )
+    out = []
+    for (entry,) in (await conn.execute(query)).all():
+        e = orjson.loads(entry)
+        signal = str(e.get("reason") or "unknown")
+        about = {k: e[k] for k in ("client_id", "partner") if e.get(k)}
+        who = " ".join(f"{k.removesuffix('_id')} {v}" for k, v in about.items())
+        detail = f"{who}: {' '.join(str(r) for r in e.get('reason_ids') or ())}"
+        txn = e.get("transaction_id")
+        link = (
+            f"/console/transactions/{quote(txn, safe='')}"
+            if txn and signal.startswith("unusual_delegation.")
+            else "/console/audit?" + urlencode({"type": e["type"], **about})
+        )
+        severity = _SURVEILLANCE_SEVERITY.get(signal, "warning")
+        name = f"Surveillance: {signal}"
+        out.append(Alert(name, severity, int(e.get("time") or 0) // 1000, detail, link))
+    return out
 
 
 def _certificates(jwks: Any, now: int) -> list[tuple[str, int]]:

@@ -39,8 +39,9 @@ from trustplane.storage.db import Database
 #: Explicit typing (RFC 8725 §3.11). Not RFC 8417's ``secevent+jwt``: a SET verifier refuses these
 #: and our consumers refuse SETs, so neither can be replayed as the other.
 EVENT_TYP = "security-event+jwt"
-#: Emitted by the surveillance component through the audit sink (a plain string: no import).
-SURVEILLANCE_ALERT = "surveillance.alert"
+#: The issue's ``surveillance.alert``, named by the ledger's ``component:subject:action`` rule:
+#: emitted by the surveillance component through the audit sink (docs/surveillance.md).
+SURVEILLANCE_ALERT = T.SURVEILLANCE_ALERT.value
 SECURITY_TYPES: frozenset[str] = frozenset(
     {
         *(

@@ -1,0 +1,155 @@
+"""The surveillance service: tails the ledger by leaf index with a cursor kept in the database and
+runs the detector over what it reads.
+
+One round is one transaction: claim the detector (only one round runs at a time across every
+process and instance on the database), read up to ``batch`` integrated leaves from the cursor, run
+the signals, append each alert as a ``surveillance:alert:raised`` ledger entry through the audit
+sink's append (:func:`trustplane.audit.sink.write_events`, in this transaction), and move the cursor
+past the leaves read. Either all of it commits or none of it does: a crash or a lost race leaves the
+cursor where it was and the next round reads the same leaves again, so no alert is lost and none is
+raised twice. The metric and the log line follow the commit.
+
+Why the ledger and not the sink's observers: an observer runs in the appending process, so its
+state would be per process (or it would need its own locking on every request's write path), and
+what a crashed process observed but did not count would be lost. The ledger is the one ordered,
+durable stream every process writes to; reading it off the request path costs requests nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+
+import orjson
+import structlog
+from prometheus_client import Counter
+
+from trustplane.audit.sink import write_events
+from trustplane.audit_events import AuditEvent, AuditEventType
+from trustplane.settings import Settings
+from trustplane.storage.db import Database
+from trustplane.surveillance import store
+from trustplane.surveillance.detector import Detector
+from trustplane.surveillance.signals import WATCHED, Alert, Observed, Signal, Thresholds
+from trustplane.surveillance.store import SurveillanceStore
+
+log = structlog.get_logger("trustplane.surveillance")
+ALERTS = Counter(
+    "trustplane_surveillance_alerts_total",
+    "Surveillance alerts raised into the ledger, by signal",
+    ["signal"],
+)
+FAILURES = Counter("trustplane_surveillance_failures_total", "Failed surveillance rounds")
+for _signal in Signal:  # every series exists from the start, so increase() sees the first alert
+    ALERTS.labels(signal=_signal.value)
+
+
+@dataclass(frozen=True, slots=True)
+class Round:
+    """One committed round: leaves read (the cursor moved by as many) and alerts raised."""
+
+    read: int
+    alerts: list[Alert]
+
+
+class Surveillance:
+    def __init__(self, settings: Settings, db: Database, state: SurveillanceStore) -> None:
+        self._settings, self._db, self._store = settings, db, state
+        self.thresholds = Thresholds.from_settings(settings)
+        self._detector = Detector(state, self.thresholds)
+        self._batch = settings.surveillance_batch
+
+    async def start(self) -> None:
+        async with self._db.transaction() as conn:
+            await store.ensure_cursor(conn)
+
+    async def round(self) -> Round | None:
+        """One round; None if another detector holds the claim right now."""
+        async with self._db.read() as conn:  # nothing new: no write, no lock (an idle deployment)
+            if not await store.read_leaves(conn, await store.read_cursor(conn), 1):
+                return Round(0, [])
+        async with self._db.transaction() as conn:
+            cursor = await self._store.claim(conn)
+            if cursor is None:
+                return None
+            leaves = await store.read_leaves(conn, cursor, self._batch)
+            if not leaves:
+                return Round(0, [])
+            events = [
+                Observed.from_entry(index, orjson.loads(entry))
+                for index, type_, entry in leaves
+                if type_ in WATCHED
+            ]
+            alerts = await self._detector.detect(conn, events)
+            if alerts:
+                await write_events(conn, [self.event(a) for a in alerts])
+            await self._store.advance(conn, cursor, leaves[-1][0] + 1)
+        for alert in alerts:
+            ALERTS.labels(signal=alert.signal.value).inc()
+            log.warning(
+                "surveillance_alert",
+                signal=alert.signal.value,
+                client_id=alert.client_id,
+                partner=alert.partner,
+                observed=alert.observed,
+                threshold=alert.threshold,
+                evidence=list(alert.evidence),
+                transaction_id=alert.transaction_id,
+            )
+        return Round(len(leaves), alerts)
+
+    async def catch_up(self) -> list[Alert]:
+        """Rounds until the cursor is at the end of the integrated log (or another detector has
+        the claim); the alerts this process raised."""
+        raised: list[Alert] = []
+        while (done := await self.round()) is not None and done.read:
+            raised += done.alerts
+            if done.read < self._batch:
+                break
+        return raised
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Catch up every ``surveillance_interval`` seconds until ``stopping`` is set; a round in
+        progress finishes (never abandoned inside its transaction)."""
+        while not stopping.is_set():
+            try:
+                await self.catch_up()
+            except Exception as exc:  # the cursor did not move: the next round reads it again
+                FAILURES.inc()
+                log.error("surveillance_round_failed", error=repr(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), self._settings.surveillance_interval)
+
+    async def prune(self, now: int | None = None) -> int:
+        """Forget windows no baseline reaches any more (safe in every process at once)."""
+        now_ms = (int(time.time()) if now is None else now) * 1000
+        t = self.thresholds
+        keep = (
+            (Signal.ISSUANCE_SPIKE, t.issuance_window_s, t.issuance_baseline_windows + 2),
+            (Signal.CLAIM_FAILURES, t.claim_window_s, 2),
+        )
+        pruned = 0
+        async with self._db.transaction() as conn:
+            for signal, length_s, windows in keep:
+                before = now_ms // (length_s * 1000) - windows
+                pruned += await store.prune_windows(conn, signal.value, before)
+        return pruned
+
+    def event(self, alert: Alert) -> AuditEvent:
+        """The ledger entry of an alert: the signal in ``reason``, what crossed which threshold and
+        the evidence's leaf indices in ``reason_ids`` (identifiers, kept when payloads are purged)."""
+        return AuditEvent(
+            type=AuditEventType.SURVEILLANCE_ALERT,
+            issuer=self._settings.issuer,
+            subject=alert.subject,
+            client_id=alert.client_id,
+            actor_chain=alert.actor_chain,
+            partner=alert.partner,
+            transaction_id=alert.transaction_id,
+            reason=alert.signal.value,
+            reason_ids=alert.reason_ids(),
+            service="trustplane.surveillance",
+            payload=alert.payload(),
+        )

@@ -1,0 +1,292 @@
+"""The detector's state store: a Protocol (what the detector needs, semantics in the docstrings) and
+its SQLAlchemy implementation. Stores never commit: every method runs in the caller's transaction,
+which :meth:`SurveillanceStore.claim` makes the only detector round on the database until it ends."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sqlalchemy import bindparam, delete, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from trustplane.audit.tables import audit_leaves
+from trustplane.surveillance.tables import (
+    surveillance_actor_pairs,
+    surveillance_cursor,
+    surveillance_delegation,
+    surveillance_windows,
+)
+
+CURSOR = "ledger"
+#: pg_try_advisory_xact_lock key of the detector: "tp-surv" as an integer.
+DETECTOR_LOCK = int.from_bytes(b"tp-surv", "big")
+_CHUNK = 500
+
+
+class CursorMoved(RuntimeError):
+    """The cursor is not where this round read it: another detector advanced it (the round's
+    transaction is rolled back, so nothing it raised is kept)."""
+
+
+@dataclass(slots=True)
+class Delegation:
+    """A client's exchanges so far and the deepest ``act`` chain among them; ``stored``: the row
+    exists already."""
+
+    exchanges: int = 0
+    max_depth: int = 0
+    stored: bool = False
+
+
+@dataclass(slots=True)
+class Window:
+    """One fixed window of one key: ``count`` entries, the first at ``first_index``; the alert, if
+    raised, at ``alerted_index``. ``stored``: the row exists already."""
+
+    count: int
+    first_index: int
+    alerted_index: int | None = None
+    stored: bool = False
+
+
+#: (client_id, pair digest): one (subject, actor) pair of a client (:func:`pair_digest`).
+Pair = tuple[str, str]
+
+
+class SurveillanceStore(Protocol):
+    """The detector reads what a batch needs in one statement per kind and writes it back the same
+    way (a round costs a handful of statements whatever its size)."""
+
+    async def claim(self, conn: AsyncConnection) -> int | None:
+        """Make this transaction the one detector round (PostgreSQL: a transaction advisory lock,
+        None when another process holds it; SQLite: the database write lock, waited for) and return
+        the cursor: the index of the next ledger leaf to read (0 on a new database)."""
+        ...
+
+    async def advance(self, conn: AsyncConnection, old: int, new: int) -> None:
+        """Move the cursor from ``old`` to ``new``; :class:`CursorMoved` if it is not at ``old``."""
+        ...
+
+    async def delegations(
+        self, conn: AsyncConnection, client_ids: Collection[str]
+    ) -> dict[str, Delegation]:
+        """What is known of each client's exchanges (a client never seen is absent)."""
+        ...
+
+    async def add_pairs(
+        self, conn: AsyncConnection, pairs: Sequence[tuple[Pair, int]]
+    ) -> set[Pair]:
+        """Remember each pair with the leaf index that showed it first; returns those that had never
+        been seen (a pair repeated in ``pairs`` counts once)."""
+        ...
+
+    async def windows(
+        self, conn: AsyncConnection, signal: str, keys: Collection[str], first: int, last: int
+    ) -> dict[tuple[str, int], Window]:
+        """The stored windows of ``signal`` for ``keys`` with ``first <= bucket <= last``, by
+        (key, bucket)."""
+        ...
+
+    async def save(
+        self,
+        conn: AsyncConnection,
+        delegations: dict[str, Delegation],
+        windows: dict[tuple[str, str, int], Window],
+    ) -> None:
+        """Write back the delegations (by client) and windows (by signal, key, bucket) a batch
+        changed."""
+        ...
+
+
+def pair_digest(subject: str, actor: str) -> str:
+    return hashlib.sha256(f"{len(subject)}:{subject}|{actor}".encode()).hexdigest()
+
+
+def _insert(conn: AsyncConnection) -> Any:
+    return pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+
+
+class SqlSurveillanceStore:
+    async def claim(self, conn: AsyncConnection) -> int | None:
+        if conn.dialect.name == "postgresql":
+            got = await conn.exec_driver_sql(f"SELECT pg_try_advisory_xact_lock({DETECTOR_LOCK})")
+            if not got.scalar():
+                return None
+        else:  # a write first: the transaction holds SQLite's write lock from here on
+            await conn.execute(
+                update(surveillance_cursor)
+                .where(surveillance_cursor.c.name == CURSOR)
+                .values(updated_at=surveillance_cursor.c.updated_at)
+            )
+        position = (
+            await conn.execute(
+                select(surveillance_cursor.c.position).where(surveillance_cursor.c.name == CURSOR)
+            )
+        ).scalar()
+        if position is None:
+            await ensure_cursor(conn)
+            return 0
+        return int(position)
+
+    async def advance(self, conn: AsyncConnection, old: int, new: int) -> None:
+        result = await conn.execute(
+            update(surveillance_cursor)
+            .where(surveillance_cursor.c.name == CURSOR, surveillance_cursor.c.position == old)
+            .values(position=new, updated_at=int(time.time()))
+        )
+        if result.rowcount != 1:
+            raise CursorMoved(f"the surveillance cursor moved from {old} under this round")
+
+    async def delegations(
+        self, conn: AsyncConnection, client_ids: Collection[str]
+    ) -> dict[str, Delegation]:
+        if not client_ids:
+            return {}
+        t = surveillance_delegation
+        rows = await conn.execute(
+            select(t.c.client_id, t.c.exchanges, t.c.max_depth).where(
+                t.c.client_id.in_(list(client_ids))
+            )
+        )
+        return {str(r[0]): Delegation(int(r[1]), int(r[2]), stored=True) for r in rows.all()}
+
+    async def add_pairs(
+        self, conn: AsyncConnection, pairs: Sequence[tuple[Pair, int]]
+    ) -> set[Pair]:
+        first: dict[Pair, int] = {}
+        for pair, index in pairs:
+            first.setdefault(pair, index)
+        t, fresh = surveillance_actor_pairs, set[Pair]()
+        rows = [{"client_id": c, "pair": p, "first_index": i} for (c, p), i in first.items()]
+        for chunk in range(0, len(rows), _CHUNK):
+            inserted = await conn.execute(
+                _insert(conn)(t)
+                .values(rows[chunk : chunk + _CHUNK])
+                .on_conflict_do_nothing(index_elements=["client_id", "pair"])
+                .returning(t.c.client_id, t.c.pair)
+            )
+            fresh.update((str(r[0]), str(r[1])) for r in inserted.all())
+        return fresh
+
+    async def windows(
+        self, conn: AsyncConnection, signal: str, keys: Collection[str], first: int, last: int
+    ) -> dict[tuple[str, int], Window]:
+        if not keys:
+            return {}
+        t = surveillance_windows
+        rows = await conn.execute(
+            select(t.c.key, t.c.bucket, t.c.count, t.c.first_index, t.c.alerted_index).where(
+                t.c.signal == signal,
+                t.c.key.in_(list(keys)),
+                t.c.bucket >= first,
+                t.c.bucket <= last,
+            )
+        )
+        return {
+            (str(r[0]), int(r[1])): Window(int(r[2]), int(r[3]), _int(r[4]), stored=True)
+            for r in rows.all()
+        }
+
+    async def save(
+        self,
+        conn: AsyncConnection,
+        delegations: dict[str, Delegation],
+        windows: dict[tuple[str, str, int], Window],
+    ) -> None:
+        d = surveillance_delegation
+        rows = [
+            {"c": c, "exchanges": v.exchanges, "max_depth": v.max_depth}
+            for c, v in delegations.items()
+        ]
+        await _write(
+            conn,
+            update(d).where(d.c.client_id == bindparam("c")),
+            insert(d).values(client_id=bindparam("c")),
+            [r for r, v in zip(rows, delegations.values(), strict=True) if v.stored],
+            [r for r, v in zip(rows, delegations.values(), strict=True) if not v.stored],
+        )
+        w = surveillance_windows
+        rows = [
+            {"s": s, "k": k, "b": b, "count": v.count, "first_index": v.first_index,
+             "alerted_index": v.alerted_index}
+            for (s, k, b), v in windows.items()
+        ]  # fmt: skip
+        await _write(
+            conn,
+            update(w).where(
+                w.c.signal == bindparam("s"),
+                w.c.key == bindparam("k"),
+                w.c.bucket == bindparam("b"),
+            ),
+            insert(w).values(signal=bindparam("s"), key=bindparam("k"), bucket=bindparam("b")),
+            [r for r, v in zip(rows, windows.values(), strict=True) if v.stored],
+            [r for r, v in zip(rows, windows.values(), strict=True) if not v.stored],
+        )
+        for delegation in delegations.values():
+            delegation.stored = True
+        for window in windows.values():
+            window.stored = True
+
+
+async def _write(
+    conn: AsyncConnection,
+    update_stmt: Any,
+    insert_stmt: Any,
+    updates: list[dict[str, Any]],
+    inserts: list[dict[str, Any]],
+) -> None:
+    """One executemany UPDATE of the rows that exist, one executemany INSERT of the new ones."""
+    if updates:
+        await conn.execute(update_stmt, updates)
+    if inserts:
+        await conn.execute(insert_stmt, inserts)
+
+
+async def ensure_cursor(conn: AsyncConnection) -> None:
+    """The cursor row at 0 if there is none (idempotent: every process starts with it)."""
+    await conn.execute(
+        _insert(conn)(surveillance_cursor)
+        .values(name=CURSOR, position=0, updated_at=int(time.time()))
+        .on_conflict_do_nothing(index_elements=["name"])
+    )
+
+
+async def read_cursor(conn: AsyncConnection) -> int:
+    position = (
+        await conn.execute(
+            select(surveillance_cursor.c.position).where(surveillance_cursor.c.name == CURSOR)
+        )
+    ).scalar()
+    return int(position or 0)
+
+
+async def read_leaves(
+    conn: AsyncConnection, start: int, limit: int
+) -> Sequence[tuple[int, str, str]]:
+    """(index, type, entry) of the integrated leaves from ``start``, in index order. The sequencer
+    gives indices without gaps and commits them in order, so what is read is a prefix of the log."""
+    leaves = audit_leaves.c
+    rows = await conn.execute(
+        select(leaves.idx, leaves.type, leaves.entry)
+        .where(leaves.idx >= start)
+        .order_by(leaves.idx)
+        .limit(limit)
+    )
+    return [(int(r[0]), str(r[1]), str(r[2])) for r in rows.all()]
+
+
+async def prune_windows(conn: AsyncConnection, signal: str, before_bucket: int) -> int:
+    """Forget the windows of ``signal`` before ``before_bucket`` (no longer any baseline's)."""
+    t = surveillance_windows
+    result = await conn.execute(delete(t).where(t.c.signal == signal, t.c.bucket < before_bucket))
+    return int(result.rowcount or 0)
+
+
+def _int(value: object) -> int | None:
+    return int(value) if isinstance(value, int) else None

@@ -1,0 +1,269 @@
+"""The surveillance signals over a real ledger on SQLite and PostgreSQL: each signal's threshold
+exactly met and exceeded, window rollover and the trailing baseline, the learning period, alerts
+as ledger entries with their evidence, and the cursor: a restarted or failed detector resumes
+without losing or doubling an alert."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from tests.surveillance.rig import T0, Rig, issued, refused
+from trustplane.surveillance import store as surveillance_store
+from trustplane.surveillance.store import CursorMoved, SqlSurveillanceStore
+
+MINUTE = 60_000
+
+
+@pytest.fixture
+async def rig(db_url: str, tmp_path: Path) -> AsyncIterator[Rig]:
+    opened = await Rig.open(
+        db_url,
+        tmp_path,
+        surveillance_issuance_window=60,
+        surveillance_issuance_floor=3,
+        surveillance_issuance_factor=3.0,
+        surveillance_issuance_baseline_windows=3,
+        surveillance_claim_failures=3,
+        surveillance_claim_failure_window=60,
+        surveillance_delegation_learning=2,
+        surveillance_max_chain_depth=3,
+    )
+    yield opened
+    await opened.close()
+
+
+def signals(alerts: list[dict[str, object]]) -> list[object]:
+    return [a["reason"] for a in alerts]
+
+
+async def delegation_alerts(rig: Rig) -> list[dict[str, Any]]:
+    """The unusual_delegation alerts (the exchanges also count as issuance)."""
+    return [a for a in await rig.alerts() if a["reason"].startswith("unusual_delegation.")]
+
+
+# --------------------------------------------------------------------------- issuance.spike
+
+
+async def test_issuance_at_the_floor_is_quiet_one_more_alerts_once(rig: Rig) -> None:
+    detector = rig.detector()
+    first = await rig.append(*(issued("c-1", T0 + i) for i in range(3)))
+    await detector.catch_up()
+    assert await rig.alerts() == []  # 3 = the floor: not exceeded
+
+    crossing = await rig.append(issued("c-1", T0 + 10, txn="txn-4"), issued("c-1", T0 + 11))
+    raised = await detector.catch_up()
+    [alert] = await rig.alerts()
+    assert [a.signal.value for a in raised] == ["issuance.spike"]
+    assert alert["reason"] == "issuance.spike"
+    assert alert["client_id"] == "c-1"
+    assert alert["service"] == "trustplane.surveillance"
+    assert alert["transaction_id"] == "txn-4"
+    assert alert["reason_ids"] == [
+        "observed=4",
+        "threshold=3",
+        "window=60s",
+        f"sequence={first[0]},{crossing[0]}",
+    ]
+    assert alert["payload"]["evidence"]["sequence"] == [first[0], crossing[0]]
+    assert alert["payload"]["window_start_ms"] == T0
+    assert alert["payload"]["threshold"] == 3.0
+
+
+async def test_a_new_window_counts_afresh_against_the_trailing_baseline(rig: Rig) -> None:
+    detector = rig.detector()
+    await rig.append(*(issued("c-1", T0 + i) for i in range(5)))  # window 0: 5, alerts at 4
+    # window 1: baseline 5 / 3 windows, x3 = 5 > the floor: 5 is quiet, the 6th alerts
+    await rig.append(*(issued("c-1", T0 + MINUTE + i) for i in range(5)))
+    await detector.catch_up()
+    assert len(await rig.alerts()) == 1
+    sixth = await rig.append(issued("c-1", T0 + MINUTE + 9))
+    await detector.catch_up()
+    second = (await rig.alerts())[-1]
+    assert second["reason_ids"][:2] == ["observed=6", "threshold=5"]
+    assert second["reason_ids"][-1].endswith(f",{sixth[0]}")
+    # window 5: windows 2-4 were empty, the baseline is 0 again and the floor rules
+    await rig.append(*(issued("c-1", T0 + 5 * MINUTE + i) for i in range(4)))
+    await detector.catch_up()
+    assert [a["reason_ids"][:2] for a in await rig.alerts()][-1] == ["observed=4", "threshold=3"]
+    assert len(await rig.alerts()) == 3
+
+
+async def test_clients_are_counted_apart(rig: Rig) -> None:
+    await rig.append(*(issued(f"c-{i % 2}", T0 + i) for i in range(8)))  # 4 each
+    await rig.detector().catch_up()
+    assert sorted(a["client_id"] for a in await rig.alerts()) == ["c-0", "c-1"]
+
+
+async def test_a_spike_split_over_small_batches_alerts_as_in_one(
+    db_url: str, tmp_path: Path
+) -> None:
+    rig = await Rig.open(
+        db_url, tmp_path, surveillance_batch=2, surveillance_issuance_window=60,
+        surveillance_issuance_floor=3,
+    )  # fmt: skip
+    try:
+        await rig.append(*(issued("c-1", T0 + i) for i in range(7)))
+        await rig.detector().catch_up()
+        assert signals(await rig.alerts()) == ["issuance.spike"]
+    finally:
+        await rig.close()
+
+
+# --------------------------------------------------------------------------- partner.claim_failures
+
+
+async def test_claim_failures_alert_when_n_is_reached(rig: Rig) -> None:
+    detector = rig.detector()
+    await rig.append(refused("p-1", T0), refused("p-1", T0 + 1, "claim_value"))
+    await rig.append(refused("p-1", T0 + 2, "signature"), refused("p-2", T0 + 3))  # not counted
+    await detector.catch_up()
+    assert await rig.alerts() == []
+    third = await rig.append(refused("p-1", T0 + 4, "transaction"), refused("p-1", T0 + 5))
+    await detector.catch_up()
+    [alert] = await rig.alerts()
+    assert alert["reason"] == "partner.claim_failures"
+    assert alert["partner"] == "p-1"
+    assert alert["client_id"] is None
+    assert alert["reason_ids"][:3] == ["observed=3", "threshold=3", "window=60s"]
+    assert alert["reason_ids"][-1].endswith(f",{third[0]}")
+
+
+async def test_claim_failures_do_not_add_up_across_windows(rig: Rig) -> None:
+    await rig.append(refused("p-1", T0 + MINUTE - 2), refused("p-1", T0 + MINUTE - 1))
+    await rig.append(refused("p-1", T0 + MINUTE), refused("p-1", T0 + MINUTE + 1))
+    await rig.detector().catch_up()
+    assert await rig.alerts() == []
+
+
+# --------------------------------------------------------------------------- unusual delegation
+
+
+async def test_a_new_actor_pair_alerts_after_the_learning_period(rig: Rig) -> None:
+    detector = rig.detector()
+    await rig.append(
+        issued("c-x", T0, actors=("svc-a",), subject="alice"),
+        issued("c-x", T0 + 1, actors=("svc-a",), subject="bob"),
+    )
+    await detector.catch_up()
+    assert await delegation_alerts(rig) == []  # learned
+    seen = await rig.append(
+        issued("c-x", T0 + 2, actors=("svc-a",), subject="alice"),  # known pair
+        issued("c-x", T0 + 3, actors=("svc-b",), subject="alice", txn="T-1"),  # new pair
+        issued("c-y", T0 + 4, actors=("svc-b",), subject="alice"),  # another client: learning
+    )
+    await detector.catch_up()
+    [alert] = await delegation_alerts(rig)
+    assert alert["reason"] == "unusual_delegation.new_actor_pair"
+    assert alert["client_id"] == "c-x"
+    assert alert["subject"] == "alice"
+    assert alert["actor_chain"] == ["svc-b"]
+    assert alert["transaction_id"] == "T-1"
+    assert alert["reason_ids"] == ["observed=1", "threshold=0", f"sequence={seen[1]}"]
+
+
+async def test_a_chain_deeper_than_the_clients_maximum_alerts(rig: Rig) -> None:
+    await rig.append(
+        issued("c-x", T0, actors=("svc-a",), subject="alice"),
+        issued("c-x", T0 + 1, actors=("svc-a", "svc-0"), subject="alice"),
+        issued("c-x", T0 + 2, actors=("svc-a", "svc-0"), subject="alice"),  # 2 = the maximum
+        issued("c-x", T0 + 3, actors=("svc-a", "svc-1", "svc-0"), subject="alice"),
+    )
+    await rig.detector().catch_up()
+    [alert] = await delegation_alerts(rig)
+    assert alert["reason"] == "unusual_delegation.deep_chain"
+    assert alert["reason_ids"][:2] == ["observed=3", "threshold=2"]
+
+
+async def test_a_chain_beyond_the_absolute_depth_alerts_even_while_learning(rig: Rig) -> None:
+    await rig.append(
+        issued("c-new", T0, actors=("a", "b", "c"), subject="alice"),  # 3 = the limit
+        issued("c-new", T0 + 1, actors=("a", "b", "c", "d"), subject="alice"),
+    )
+    await rig.detector().catch_up()
+    [alert] = await delegation_alerts(rig)
+    assert alert["reason"] == "unusual_delegation.deep_chain"
+    assert alert["reason_ids"][:2] == ["observed=4", "threshold=3"]
+
+
+# --------------------------------------------------------------------------- the cursor
+
+
+async def test_a_restarted_detector_resumes_from_the_cursor(rig: Rig) -> None:
+    await rig.append(*(issued("c-1", T0 + i) for i in range(4)))
+    assert len(await rig.detector().catch_up()) == 1
+    restarted = rig.detector(own_db=True)  # another process, nothing in memory
+    assert await restarted.catch_up() == []
+    await rig.append(issued("c-1", T0 + 10), *(issued("c-2", T0 + i) for i in range(4)))
+    assert [a.client_id for a in await restarted.catch_up()] == ["c-2"]
+    assert sorted(a["client_id"] for a in await rig.alerts()) == ["c-1", "c-2"]
+    async with rig.db.read() as conn:
+        cursor = await surveillance_store.read_cursor(conn)
+    assert cursor == await _tree_size(rig) - 1  # the c-2 alert was appended after the last read
+
+
+class _FailsOnce(SqlSurveillanceStore):
+    """The round fails at its last step, as a crash or a lost race would."""
+
+    def __init__(self) -> None:
+        self.failed = False
+
+    async def advance(self, conn: AsyncConnection, old: int, new: int) -> None:
+        if not self.failed:
+            self.failed = True
+            raise CursorMoved("injected")
+        await super().advance(conn, old, new)
+
+
+async def test_a_failed_round_keeps_nothing_and_the_next_raises_the_alert_once(rig: Rig) -> None:
+    await rig.append(*(issued("c-1", T0 + i) for i in range(4)))
+    detector = rig.detector(_FailsOnce())
+    with pytest.raises(CursorMoved):
+        await detector.round()
+    assert await rig.alerts() == []
+    assert len(await detector.catch_up()) == 1
+    assert signals(await rig.alerts()) == ["issuance.spike"]
+
+
+async def test_two_detectors_racing_raise_each_alert_once(rig: Rig) -> None:
+    one, two = rig.detector(own_db=True), rig.detector(own_db=True)
+    for round_ in range(4):
+        base = T0 + round_ * 10 * MINUTE
+        await rig.append(
+            *(issued(f"c-{n}", base + i) for n in range(3) for i in range(4)),
+            *(refused("p-1", base + i) for i in range(3)),
+        )
+        await asyncio.gather(*(d.catch_up() for d in (one, two, one, two)))
+    await asyncio.gather(one.catch_up(), two.catch_up())
+    alerts = await rig.alerts()
+    assert len(alerts) == 4 * 4  # per round: three clients and one partner, once each
+    keys = {
+        (a["reason"], a["client_id"], a["partner"], a["payload"]["window_start_ms"]) for a in alerts
+    }
+    assert len(keys) == len(alerts)
+
+
+async def test_each_alert_counts_in_the_metric(rig: Rig) -> None:
+    def value() -> float:
+        sample = REGISTRY.get_sample_value(
+            "trustplane_surveillance_alerts_total", {"signal": "partner.claim_failures"}
+        )
+        return sample or 0.0
+
+    before = value()
+    await rig.append(*(refused("p-9", T0 + i) for i in range(3)))
+    await rig.detector().catch_up()
+    assert value() == before + 1
+
+
+async def _tree_size(rig: Rig) -> int:
+    await rig.ledger.integrate_all()
+    checkpoint = await rig.ledger.checkpoint()
+    assert checkpoint is not None
+    return checkpoint.size
