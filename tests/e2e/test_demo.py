@@ -49,9 +49,19 @@ def branch(tree: dict[str, Any], kind: str, starts: str) -> dict[str, Any]:
 
 
 def port_free(port: int) -> bool:
+    """Nobody listens on ``port``: a connection is refused and a listener can bind it again
+    (SO_REUSEADDR: the connections the stopped server closed may linger in TIME_WAIT)."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        pass
+    else:
+        return False
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
+            s.listen()
         except OSError:
             return False
     return True

@@ -57,6 +57,10 @@ def demo(
         raise typer.Exit(1)
 
 
+def _short(value: str) -> str:
+    return value[:8] + "…" if len(value) > 9 else value
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -79,16 +83,13 @@ def _print_summary(console: Console, summary: dict[str, Any]) -> None:
     trade, exception = summary["trade"], summary["exception"]
     events = summary.get("events", {})
     nats = summary.get("nats")
-    console.print(f"[green]settled[/]    trade {trade['trade_id']} (txn {trade['txn']})")
+    console.print(f"[green]settled[/]    trade {_short(trade['trade_id'])}, txn {trade['txn']}")
     console.print(
-        f"[red]exception[/]  trade {exception['trade_id']}: {exception['code']} "
-        f"({exception['reason']}), deny in the clearing's ledger, operator: cancel"
+        f"[red]exception[/]  trade {_short(exception['trade_id'])}: {exception['code']} "
+        f"({exception['reason']}); deny in the clearing's ledger; cancelled by an operator"
     )
-    console.print(
-        f"events     {events.get('count')} signed, all verified"
-        + (f"; {events.get('published_to_nats')} acknowledged by NATS at {nats}" if nats else
-           "; NATS not used (the outbox, GET /events)")
-    )  # fmt: skip
+    where = f"acknowledged by NATS ({events.get('published_to_nats')})" if nats else "outbox only"
+    console.print(f"events     {events.get('count')} signed and verified; {where}")
     ledgers = ", ".join(f"{n} {r['entries']}" for n, r in summary.get("ledgers", {}).items())
     console.print(f"ledgers    verified offline: {ledgers} entries")
     stopped = summary["stopped"]

@@ -3,6 +3,7 @@ services, each outcome checked; :func:`run` returns the machine-readable summary
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
@@ -33,6 +34,7 @@ from trustplane.demo.parties import (
     TRADE,
     VOCABULARY,
     Party,
+    Pending,
     claims_of,
     consent,
     new_key,
@@ -45,7 +47,10 @@ from trustplane.demo.processes import (
     ReferenceService,
     expect,
 )
-from trustplane.pep import PrivateKeyJwt
+from trustplane.pep import PrivateKeyJwt, SqlIdempotencyStore
+from trustplane.reference.events import EventSigner
+from trustplane.reference.store import TradeStore
+from trustplane.storage.db import Database
 
 ORDER = {"account": "ACC-1", "instrument": "XS0000000001", "side": "buy",
          "quantity": "1000", "amount": "1000000", "currency": "EUR"}  # fmt: skip
@@ -125,7 +130,7 @@ def run(options: Options, state: Run, processes: Processes) -> None:
     deployments = {n: Deployment(n, workdir, VOCABULARY[n], options.log_level) for n in names}
     a, b, c = (Party(deployments[n]) for n in names)
     store_dir = workdir / "reference"
-    with state.step("0", "three deployments on the embedded default (SQLite, keys on first start)"):
+    with state.step("0", "three deployments on the embedded default (SQLite, keys made at start)"):
         for d in deployments.values():
             processes.add(d.start())
             assert d.operator is not None
@@ -135,7 +140,7 @@ def run(options: Options, state: Run, processes: Processes) -> None:
             state.show(d.name, d.issuer)
         state.facts["deployments"] = {d.name: d.issuer for d in deployments.values()}
 
-    with state.step("0", "federation: clients, trust profiles with SSF, reference services"):
+    with state.step("0", "federation: clients, trust profiles with SSF; reference services"):
         wiring = _wire(a, b, c, store_dir, options, processes, state)
     _lifecycle(state, a, b, c, wiring)
 
@@ -167,8 +172,8 @@ def _wire(
     store_dir.mkdir(parents=True)
     broker_key, clearing_key = new_key(), new_key()
 
-    alice = {"op": "user", "username": "alice", "name": "Alice Trader", "lei": NORTHWIND,
-             "password": ALICE_PASSWORD}  # fmt: skip
+    alice = Pending(a, {"op": "user", "username": "alice", "name": "Alice Trader",
+                        "lei": NORTHWIND, "password": ALICE_PASSWORD})  # fmt: skip
     orders = a.client(
         "Arranger order service", SCOPES, ARRANGER_ORDERS, BROKER_EXECUTION,
         grant_types=["authorization_code", EXCHANGE], redirect_uris=[REDIRECT_URI],
@@ -200,30 +205,15 @@ def _wire(
     clearing_pdp = c.client("clearing reference services", "decision:evaluate", "/access/v1",
                             key=clearing_key)  # fmt: skip
     c_auditor = c.client("compliance", "audit:query", "/audit")
-    batches = {
+    batches: dict[Party, list[Pending]] = {
         a: [alice, orders, broker_in, a_auditor, admin],
         b: [execution, desk, supervisor, broker_pdp, clearing_in, b_auditor],
         c: [ops, clearing_pdp, c_auditor],
     }
-    subscriptions = {a: a.subscription_client(b), b: b.subscription_client(c)}
-    answers = parallel(
-        *(
-            lambda p=p, made=made: p.d.operate(
-                [m if isinstance(m, dict) else m[0] for m in made]
-                + ([subscriptions[p]] if p in subscriptions else []),
-            )
-            for p, made in batches.items()
-        )
-    )
-    ids: dict[int, PrivateKeyJwt] = {}
-    for (party, made), answer in zip(batches.items(), answers, strict=True):
-        for item, result in zip(made, answer, strict=False):
-            if isinstance(item, tuple):
-                ids[id(item)] = PrivateKeyJwt(result["client_id"], item[1], "k1", party.issuer)
-    b_at_a, c_at_b = answers[0][-1]["client_id"], answers[1][-1]["client_id"]
-
-    def made(item: tuple[dict[str, Any], Any]) -> PrivateKeyJwt:
-        return ids[id(item)]
+    b_at_a, c_at_b = a.subscription_client(b), b.subscription_client(c)
+    batches[a].append(b_at_a)
+    batches[b].append(c_at_b)
+    parallel(*(lambda p=p, batch=batch: p.operate(batch) for p, batch in batches.items()))
 
     # the broker accepts the arranger's tokens to exchange them for the clearing, settlement only
     settlement_only = {
@@ -231,8 +221,8 @@ def _wire(
         "allowed_audiences": [CLEARING_SETTLEMENT],
     }
     parallel(
-        lambda: b.d.operate([b.trust(a, ARRANGER, b_at_a, **settlement_only)]),
-        lambda: c.d.operate([c.trust(b, BROKER, c_at_b, **settlement_only)]),
+        lambda: b.d.operate([b.trust(a, ARRANGER, b_at_a.client_id, **settlement_only)]),
+        lambda: c.d.operate([c.trust(b, BROKER, c_at_b.client_id, **settlement_only)]),
     )
     common = {
         "database_url": f"sqlite+aiosqlite:///{store_dir / 'trades.db'}",
@@ -245,8 +235,8 @@ def _wire(
             "event_key_file": str(store_dir / "broker-events.pem"),
             "audience": BROKER_EXECUTION,
             "trusted_issuers": f"{a.issuer} {b.issuer}",
-            "pdp": b.issuer, "pdp_client_id": made(broker_pdp).client_id,
-            "introspection": a.issuer, "introspection_client_id": made(broker_in).client_id,
+            "pdp": b.issuer, "pdp_client_id": broker_pdp.client_id,
+            "introspection": a.issuer, "introspection_client_id": broker_in.client_id,
             "client_key_file": str(write_key(broker_key, store_dir / "broker-client.pem")),
         }, options.log_level,
     )  # fmt: skip
@@ -257,17 +247,20 @@ def _wire(
             "event_key_file": str(store_dir / "clearing-events.pem"),
             "audience": CLEARING_SETTLEMENT,
             "trusted_issuers": f"{b.issuer} {c.issuer}",
-            "pdp": c.issuer, "pdp_client_id": made(clearing_pdp).client_id,
-            "introspection": b.issuer, "introspection_client_id": made(clearing_in).client_id,
+            "pdp": c.issuer, "pdp_client_id": clearing_pdp.client_id,
+            "introspection": b.issuer, "introspection_client_id": clearing_in.client_id,
             "client_key_file": str(write_key(clearing_key, store_dir / "clearing-client.pem")),
             **({"nats_url": options.nats_url, "nats_prefix": "tpdemo"} if options.nats_url else {}),
         }, options.log_level,
     )  # fmt: skip
+    # the two services share the trade store: make its schema once, before either starts (two
+    # processes creating the same tables at once race on SQLite)
+    asyncio.run(_trade_store_schema(common["database_url"]))
     for service in (broker_ref, clearing_ref):
         processes.add(service.start())
     for service in (broker_ref, clearing_ref):
         service.wait_ready()
-    state.show("arranger", f"Alice (Northwind AM); order service {made(orders).client_id}")
+    state.show("arranger", f"Alice (Northwind AM); order service {orders.client_id}")
     state.show("broker", "execution service, middle office, supervisor; trusts the arranger (SSF)")
     state.show("clearing", "operations; trusts the broker (SSF)")
     state.show("broker reference services", f"{broker_ref.url} (execution, allocation)")
@@ -280,11 +273,20 @@ def _wire(
     )
     state.facts["services"] = {"broker": broker_ref.url, "clearing": clearing_ref.url}
     return Wiring(
-        made(orders), made(execution), made(desk), made(supervisor), made(ops), made(admin),
-        made(broker_in), made(clearing_in),
-        {"arranger": made(a_auditor), "broker": made(b_auditor), "clearing": made(c_auditor)},
+        orders.auth(), execution.auth(), desk.auth(), supervisor.auth(), ops.auth(), admin.auth(),
+        broker_in.auth(), clearing_in.auth(),
+        {"arranger": a_auditor.auth(), "broker": b_auditor.auth(), "clearing": c_auditor.auth()},
         broker_ref, clearing_ref,
     )  # fmt: skip
+
+
+async def _trade_store_schema(url: str) -> None:
+    store = TradeStore(Database(url), EventSigner.generate("https://reference.invalid"))
+    try:
+        await store.create_schema()
+        await SqlIdempotencyStore(store.db).create_schema()
+    finally:
+        await store.db.dispose()
 
 
 def _trade_to_approval(
@@ -324,7 +326,7 @@ def _token_refusal(party: Party, client: PrivateKeyJwt, scope: str) -> str:
 
 def _lifecycle(state: Run, a: Party, b: Party, c: Party, w: Wiring) -> None:
     facts = state.facts
-    with state.step("1", "Alice authorises the arranger (code + PKCE + consent) -> mandate M"):
+    with state.step("1", "Alice consents at the arranger (code + PKCE) -> mandate M"):
         alice = consent(a, w.orders)["access_token"]
         mandate = claims_of(alice).get("mandate")
         expect(isinstance(mandate, dict), "Alice's token rests on no mandate")
@@ -362,7 +364,7 @@ def _lifecycle(state: Run, a: Party, b: Party, c: Party, w: Wiring) -> None:
         trade_id = _trade_to_approval(state, b, w, t1, four_eyes=True)
         state.show("trade", f"{trade_id} allocation_approved")
 
-    with state.step("4", "exchange at the broker (act broker -> arranger); settlement at clearing"):
+    with state.step("4", "exchange at the broker (act broker -> arranger), settlement"):
         t2 = to_clearing(t1)
         c2 = claims_of(t2)
         expect(c2["txn"] == txn and c2["prv"]["jti"] == c1["jti"], "the chain did not travel")
@@ -384,10 +386,10 @@ def _lifecycle(state: Run, a: Party, b: Party, c: Party, w: Wiring) -> None:
         facts["trade"] = {"trade_id": trade_id, "state": report["state"], "txn": txn}
         state.show("trade", f"{trade_id} [green]settled[/]")
 
-    with state.step("5", "a second trade; mandate M revoked at the arranger before settlement"):
+    with state.step("5", "second trade: mandate M revoked before settlement"):
         facts["exception"] = _step5(state, a, b, c, w, delegate, mandate)
 
-    with state.step("6", "chain of authority of the first transaction, per deployment"):
+    with state.step("6", "the chain of authority of the first transaction"):
         parties = {"arranger": a, "broker": b, "clearing": c}
         chain = {
             name: poll_ledger(p, w.auditors[name], txn, want)

@@ -98,7 +98,7 @@ class Party:
         *resources: str,
         key: ec.EllipticCurvePrivateKey | None = None,
         **metadata: Any,
-    ) -> tuple[dict[str, Any], ec.EllipticCurvePrivateKey]:
+    ) -> Pending:
         """An operator's ``client`` action (what ``trustplane clients add`` registers): a
         private_key_jwt client with ``key``'s public key; ``resources``: absolute audiences, or
         paths of this deployment (its own APIs). Only the operator may grant trustplane's own APIs
@@ -115,9 +115,9 @@ class Party:
             "jwks": {"keys": [jwk]},
             **metadata,
         }
-        return {"op": "client", "metadata": raw}, key
+        return Pending(self, {"op": "client", "metadata": raw}, key)
 
-    def subscription_client(self, downstream: Party) -> dict[str, Any]:
+    def subscription_client(self, downstream: Party) -> Pending:
         """``downstream``'s SSF client here: it authenticates with its own signing key (our
         operator registers its ``jwks_uri``) and may manage its streams (``ssf:stream``)."""
         raw = {
@@ -129,7 +129,12 @@ class Party:
             "grant_types": ["client_credentials"],
             "jwks_uri": f"{downstream.issuer}/jwks",
         }
-        return {"op": "client", "metadata": raw}
+        return Pending(self, {"op": "client", "metadata": raw})
+
+    def operate(self, batch: list[Pending]) -> None:
+        """Run ``batch`` in this deployment's operator process; each item gets its result."""
+        for item, result in zip(batch, self.d.operate([i.action for i in batch]), strict=True):
+            item.result = result
 
     def trust(self, upstream: Party, lei: str, ssf_client: str, **profile: Any) -> dict[str, Any]:
         """A ``partner`` action: a trust profile for ``upstream`` with its issuer, its keys inline
@@ -194,6 +199,27 @@ class Party:
         """How many SSF streams partners have made here (read from the sandbox's own database)."""
         with sqlite3.connect(self.d.data_dir / "trustplane.db") as db:
             return int(db.execute("SELECT count(*) FROM ssf_streams").fetchone()[0])
+
+
+@dataclass(eq=False)
+class Pending:
+    """An operator's action at ``party`` and, once :meth:`Party.operate` ran it, its result."""
+
+    party: Party
+    action: dict[str, Any]
+    key: ec.EllipticCurvePrivateKey | None = None
+    result: dict[str, Any] | None = None
+
+    @property
+    def client_id(self) -> str:
+        if self.result is None:
+            raise DemoFailed(f"{self.action['op']} at {self.party.name} has not run")
+        return str(self.result["client_id"])
+
+    def auth(self) -> PrivateKeyJwt:
+        """The made client's private_key_jwt credentials."""
+        assert self.key is not None
+        return PrivateKeyJwt(self.client_id, self.key, "k1", self.party.issuer)
 
 
 def pkce_pair() -> tuple[str, str]:

@@ -49,7 +49,7 @@ from trustplane.pep import (
     TrustedIssuer,
 )
 from trustplane.pep.http import Pep
-from trustplane.reference.entitlement import IntrospectionMandateCheck, MandateStatus
+from trustplane.reference.entitlement import IntrospectionMandateCheck, MandateCheck, MandateStatus
 from trustplane.reference.events import EventSigner
 from trustplane.reference.http import build_app
 from trustplane.reference.jetstream import OutboxPublisher
@@ -115,7 +115,7 @@ class ProvenanceMandateCheck:
     provenance's, and the partner's introspection still decides liveness: a partner revokes the
     tokens it derived from a revoked mandate (SSF, docs/ssf.md)."""
 
-    def __init__(self, inner: IntrospectionMandateCheck) -> None:
+    def __init__(self, inner: MandateCheck) -> None:
         self._inner = inner
 
     async def check(
