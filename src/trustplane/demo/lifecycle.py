@@ -417,6 +417,7 @@ def _lifecycle(state: Run, a: Party, b: Party, c: Party, w: Wiring) -> None:
         facts["tree"] = tree
         state.console.print()
         state.console.print(ledgers.rich_tree(tree))
+        state.console.print("   [dim]✓ = with its inclusion proof against the signed checkpoint[/]")
 
     with state.step("7", "each ledger exported and verified offline"):
         facts["ledgers"] = dict(
