@@ -1,10 +1,11 @@
-# `make serve` runs trustplane on the embedded default, `make test` runs every check, `make fast` every
-# check but the end-to-end tests (the edit loop).
+# `make demo` runs the reference lifecycle across three local deployments, `make serve` runs
+# trustplane on the embedded default, `make test` runs every check, `make fast` every check but the
+# end-to-end tests (the edit loop).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test fast lint types unit unit-fast venv clean bench
+.PHONY: demo serve test fast lint types unit unit-fast venv clean bench
 
 $(BIN)/trustplane: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +17,9 @@ venv: $(BIN)/trustplane
 
 # one worker per core on the embedded default (docs/operations.md "Several workers on SQLite")
 WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
+
+demo: venv
+	$(BIN)/trustplane demo
 
 serve: venv
 	$(BIN)/trustplane serve --workers $(WORKERS)

@@ -52,7 +52,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -79,6 +78,8 @@ from services import (
     settlement_api,
 )
 
+from trustplane.demo.parties import claims_of, pkce_pair
+from trustplane.demo.processes import free_port, scopes_toml
 from trustplane.jose.jwk import thumbprint
 from trustplane.keys.crypto import public_jwk
 from trustplane.logging import configure_logging
@@ -217,31 +218,6 @@ def show(label: str, value: Any) -> None:
 def expect(condition: bool, what: str) -> None:
     if not condition:
         raise StepFailed(what)
-
-
-def claims_of(token: str) -> dict[str, Any]:
-    """The payload of a JWT, for display (every token is validated by a PEP before it is relied on)."""
-    payload = token.split(".")[1]
-    return dict(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def scopes_toml(vocabulary: dict[str, str]) -> str:
-    lines: list[str] = []
-    by_scope: dict[str, list[str]] = {}
-    for resource, scopes in vocabulary.items():
-        lines += [f'[resources."{resource}"]', f'description = "{resource}"', ""]
-        for scope in scopes.split():
-            by_scope.setdefault(scope, []).append(resource)
-    for scope, resources in by_scope.items():
-        lines += [f'[scopes."{scope}"]', f'description = "{scope}"']
-        lines += ["resources = [" + ", ".join(f'"{r}"' for r in resources) + "]", ""]
-    return "\n".join(lines)
 
 
 @dataclass
@@ -446,12 +422,6 @@ class Deployment:
         path = self.data_dir / f"partner-{partner_id}.json"
         path.write_text(json.dumps(document))
         self.cli("partners", "add", str(path))
-
-
-def pkce_pair() -> tuple[str, str]:
-    verifier = secrets.token_urlsafe(48)
-    digest = hashlib.sha256(verifier.encode()).digest()
-    return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
 def hidden_fields(page: str) -> dict[str, str]:

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from trustplane.cli import common, server
+from trustplane.cli import common, demo, reference_serve, server
 from trustplane.cli.audit import audit_app
 from trustplane.cli.clients import clients_app, regtoken_app
 from trustplane.cli.dev import dev_app
@@ -63,8 +63,10 @@ app.add_typer(users_app, name="users")
 app.add_typer(mandates_app, name="mandates")
 app.add_typer(entities_app, name="entities")
 app.add_typer(dev_app, name="dev")
+reference_app.command("serve")(reference_serve.serve)
 app.add_typer(reference_app, name="reference")
 app.add_typer(events_app, name="events")
+app.command()(demo.demo)
 
 
 def main() -> None:
