@@ -12,14 +12,19 @@ runs) on pre-filled pending entries: entries/s and CPU per entry (this process +
 backend) at a few batch sizes, and the fit t(b) = fixed + b * per_entry of one integration.
 
 ``backlog``: the scaled-down verification. The integrator runs continuously with its batch cut to
-``--batch`` entries, so the model predicts its ceiling C = b / t(b) from the fit just measured;
-a producer process appends at 0.7 C and then at 1.4 C. The model says the pending backlog stays
+``--batch`` entries, so the model predicts its ceiling C = b / t(b), t(b) measured just before at
+that b; a producer process appends at 0.5 C and then at 2 C. The model says the pending backlog stays
 flat in the first phase and grows at (rate - C)/s in the second: both are printed beside the
 measured slope.
+
+``model``: the market-wide figures (docs/scaling.md) from what ``costs`` and ``sequencer`` wrote
+with ``--json``: each measured cost per token times the peak rate (cores at a target utilisation),
+the ledger's entries/s against the sequencer's ceiling, storage over the years kept.
 
   python bench/capacity.py costs
   python bench/capacity.py sequencer --entries 100000
   python bench/capacity.py backlog --batch 16
+  python bench/capacity.py model --json results.jsonl   # the market-wide table from costs + sequencer
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import multiprocessing as mp
 import os
 import secrets
@@ -82,6 +88,8 @@ def _snapshot(cluster: cl.Cluster, proxy: CountingProxy) -> dict[str, Any]:
         "to_pg": proxy.bytes_up,
         "from_pg": proxy.bytes_down,
         "leaves": int(cl.psql(cluster.db, "SELECT count(*) FROM audit_leaves")),
+        # cluster-wide: includes whatever the others wrote meanwhile (an upper bound)
+        "wal": int(float(cl.psql(cluster.db, "SELECT pg_current_wal_lsn() - '0/0'"))),
         **cl.pg_counters(cluster.db),
     }
 
@@ -130,6 +138,7 @@ def measure_op(
         "rows_inserted": d["tup_inserted"] / n,
         "ledger_entries": d["leaves"] / n,
         "db_bytes": sum(growth.values()),
+        "wal_bytes_upper_bound": d["wal"] / n,
         "ledger_bytes_per_entry": sum(growth.get(t, 0) for t in LEDGER_TABLES)
         * n
         / max(1, d["leaves"]),
@@ -145,9 +154,10 @@ def costs(args: argparse.Namespace) -> None:
     proxy = CountingProxy(cl.PG_HOST, cl.PG_PORT, args.port_base + 50).start()
     db = f"capacity_{uuid.uuid4().hex[:8]}"
     url = f"postgresql://{cl.PG_USER}@127.0.0.1:{args.port_base + 50}/{db}"
-    cluster = cl.Cluster(1, work, args.port_base, haproxy=False, database_url=url, db=db).start()
-    rows = []
+    cluster = cl.Cluster(1, work, args.port_base, haproxy=False, database_url=url, db=db)
+    rows, idle = [], 0.0
     try:
+        cluster.start()
         token_url = f"{cluster.issuer}/token"
 
         def tokens(seconds: int) -> Any:
@@ -176,6 +186,12 @@ def costs(args: argparse.Namespace) -> None:
             url = f"{cluster.issuer}/access/v1/evaluation"
             return lambda: _wrk(url, "authzen.lua", args.connections, seconds, str(body), token)
 
+        # the background loops (sequencer poll, cache refresh, health) cost CPU with no load at all
+        inst = [p for pids in cluster.instance_pids() for p in pids]
+        idle0 = cl.ticks(inst)
+        time.sleep(10)
+        idle = (cl.ticks(inst) - idle0) / cl.TICK / 10
+        print(f"idle instance: {idle:.3f} cores", flush=True)
         for name, run in (("token", tokens), ("exchange", exchanges), ("decision", decisions)):
             rows.append(measure_op(cluster, proxy, name, run, args.seconds))
     finally:
@@ -193,7 +209,7 @@ def costs(args: argparse.Namespace) -> None:
               f"{r['db_bytes']:.0f} | {r['ledger_bytes_per_entry']:.0f} |")  # fmt: skip
     if args.json:
         with args.json.open("a") as handle:
-            handle.write(json.dumps({"mode": "costs", "rows": rows}) + "\n")
+            handle.write(json.dumps({"mode": "costs", "rows": rows, "idle_cores": idle}) + "\n")
 
 
 # --------------------------------------------------------------------------- the sequencer
@@ -325,9 +341,11 @@ def _producer(db_name: str, rate: float, seconds: float, counter: Any) -> None:
 
 async def _backlog(args: argparse.Namespace, db_name: str, fit: dict[str, Any]) -> list[str]:
     db, ledger = await _ledger(db_name, args.batch)
-    ceiling = args.batch / (fit["fixed_s"] + args.batch * fit["per_entry_s"])
+    # the model at this batch size: one integration of b entries takes t(b), measured just before
+    # at this very b (the straight-line fit is for large batches, where the fixed part is noise)
+    ceiling = args.batch / dict(fit["points"])[args.batch]
     print(f"integrator limited to {args.batch} entries per integration: model ceiling "
-          f"{ceiling:,.0f} entries/s")  # fmt: skip
+          f"{ceiling:,.0f} entries/s (= {args.batch} / t({args.batch}))")  # fmt: skip
     lines = []
     try:
         for factor in args.factors:
@@ -365,8 +383,11 @@ async def _backlog(args: argparse.Namespace, db_name: str, fit: dict[str, Any]) 
 
 
 def backlog(args: argparse.Namespace) -> None:
-    args.batches = [args.batch, args.batch * 8, args.batch * 64]
-    fit = sequencer(args)
+    fit = sequencer(
+        argparse.Namespace(
+            **{**vars(args), "json": None, "batches": [args.batch, args.batch * 8, args.batch * 64]}
+        )
+    )
     db_name = f"capacity_{uuid.uuid4().hex[:8]}"
     cl.psql("postgres", f'CREATE DATABASE "{db_name}"')
     try:
@@ -378,13 +399,108 @@ def backlog(args: argparse.Namespace) -> None:
             handle.write(json.dumps({"mode": "backlog", "lines": lines}) + "\n")
 
 
+# --------------------------------------------------------------------------- the model
+
+
+def model(args: argparse.Namespace) -> None:
+    """The market-wide arithmetic of docs/scaling.md from the JSON lines ``costs`` and
+    ``sequencer`` wrote (``--json``): every figure is a measured cost times the load."""
+    found: dict[str, Any] = {}
+    for line in args.json.read_text().splitlines():
+        record = json.loads(line)
+        found[record["mode"]] = record
+    token = next(r for r in found["costs"]["rows"] if r["op"] == "token")
+    seq = found["sequencer"]
+    peak, u = args.peak, args.utilisation
+    mean = peak / args.peak_to_mean
+    tokens = mean * 86_400 * 365.25 * args.years
+    entries = token["ledger_entries"]
+    ceiling = 1 / seq["per_entry_s"]
+    growth = token["growth_by_table"]
+    ledger_bytes = sum(growth.get(t, 0) for t in LEDGER_TABLES)
+    payload_bytes = growth.get("audit_payloads", 0)
+
+    def out(what: str, measured: str, figure: str) -> None:
+        print(f"| {what} | {measured} | {figure} |")
+
+    print(f"peak {peak:,.0f} tokens/s, mean {mean:,.0f}/s (peak/{args.peak_to_mean:g}), "
+          f"{args.years:g} years = {tokens:.3g} tokens; cores sized for {u:.0%} at peak\n")  # fmt: skip
+    print("| quantity | measured per token | market-wide |\n|---|---|---|")
+    out(
+        "trustplane CPU",
+        f"{token['server_cpu_ms']:.2f} ms",
+        f"{peak * token['server_cpu_ms'] / 1000 / u:,.0f} cores (one process each)",
+    )
+    out(
+        "PostgreSQL CPU",
+        f"{token['pg_cpu_ms']:.2f} ms",
+        f"{peak * token['pg_cpu_ms'] / 1000 / u:,.0f} cores",
+    )
+    out(
+        "Redis CPU (jti claim)",
+        f"{token['redis_cpu_ms']:.3f} ms",
+        f"{peak * token['redis_cpu_ms'] / 1000 / u:,.1f} cores",
+    )
+    out(
+        "round trips to PostgreSQL",
+        f"{token['round_trips']:.2f}",
+        f"{peak * token['round_trips']:,.0f}/s",
+    )
+    out("commits", f"{token['commits']:.3f}", f"{peak * token['commits']:,.0f}/s")
+    out(
+        "bytes to / from PostgreSQL",
+        f"{token['bytes_to_pg']:,.0f} / {token['bytes_from_pg']:,.0f}",
+        f"{peak * token['bytes_to_pg'] * 8 / 1e9:,.2f} / {peak * token['bytes_from_pg'] * 8 / 1e9:,.2f} Gbit/s",
+    )
+    out(
+        "WAL (upper bound)",
+        f"{token['wal_bytes_upper_bound']:,.0f} B",
+        f"{peak * token['wal_bytes_upper_bound'] / 1e6:,.0f} MB/s",
+    )
+    out("ledger entries", f"{entries:.2f}", f"{peak * entries:,.0f}/s at peak")
+    out(
+        "single sequencer",
+        f"ceiling {ceiling:,.0f} entries/s",
+        f"{peak * entries / ceiling:.1f} x its ceiling: at least "
+        f"{math.ceil(peak * entries / (u * ceiling))} logs at {u:.0%}",
+    )
+    out(
+        "ledger storage",
+        f"{ledger_bytes:,.0f} B ({ledger_bytes / max(entries, 1e-9):,.0f} B per entry)",
+        f"{tokens * ledger_bytes / 1e15:,.2f} PB over {args.years:g} years "
+        f"({tokens * (ledger_bytes - payload_bytes) / 1e15:,.2f} PB once payloads are purged)",
+    )
+    day = mean * 86_400
+    out(
+        "ledger growth per day at the mean rate",
+        f"{ledger_bytes:,.0f} B",
+        f"{day * ledger_bytes / 1e12:,.1f} TB/day: one log per day needs "
+        f"{math.ceil(peak * entries / (u * ceiling))} partitions at peak",
+    )
+    if args.export_bytes:
+        out(
+            "archived export (JSONL, gzip)",
+            f"{args.export_bytes:,.0f} B per entry",
+            f"{tokens * entries * args.export_bytes / 1e15:,.2f} PB of object storage over "
+            f"{args.years:g} years",
+        )
+    decisions = growth.get("policy_decisions", 0)
+    out(
+        f"policy_decisions (kept {args.decision_days} days)",
+        f"{decisions:,.0f} B",
+        f"{day * args.decision_days * decisions / 1e12:,.1f} TB",
+    )
+    redis_cores = peak * token["redis_cpu_ms"] / 1000 / u
+    out("Redis shards (single-threaded)", "", f"{math.ceil(redis_cores)} at {u:.0%}")
+
+
 def main() -> None:
     from trustplane.logging import configure_logging
 
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("mode", choices=("costs", "sequencer", "backlog"))
+    ap.add_argument("mode", choices=("costs", "sequencer", "backlog", "model"))
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--entries", type=int, default=50_000)
@@ -393,14 +509,26 @@ def main() -> None:
     )
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument(
-        "--factors", type=lambda s: [float(x) for x in s.split(",")], default=[0.7, 1.4]
+        "--factors", type=lambda s: [float(x) for x in s.split(",")], default=[0.5, 2.0]
     )
-    ap.add_argument("--phase", type=float, default=10.0, help="seconds per producer rate")
+    ap.add_argument("--phase", type=float, default=15.0, help="seconds per producer rate")
     ap.add_argument("--port-base", type=int, default=27100)
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--json", type=Path, help="append results here (model: read them from here)")
+    ap.add_argument("--peak", type=float, default=50_000.0, help="model: tokens/s at peak")
+    ap.add_argument(
+        "--peak-to-mean",
+        type=float,
+        default=8.7,
+        help="model: peak / mean rate (40%% of peak for 10 h on 252 days a year: 8.7)",
+    )
+    ap.add_argument("--decision-days", type=int, default=90, help="model: policy_decisions kept")
+    ap.add_argument("--export-bytes", type=float, default=0.0, help="model: archived B per entry")
+    ap.add_argument("--years", type=float, default=7.0, help="model: evidence kept")
+    ap.add_argument("--utilisation", type=float, default=0.7, help="model: target at peak")
     args = ap.parse_args()
     configure_logging("error", "console")
-    {"costs": costs, "sequencer": sequencer, "backlog": backlog}[args.mode](args)
+    modes = {"costs": costs, "sequencer": sequencer, "backlog": backlog, "model": model}
+    modes[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -61,9 +61,9 @@ def closed_loop(cluster: cl.Cluster, connections: int, seconds: int, work: Path)
     proxy = cl.tree(cluster.proxy.pid) if cluster.proxy else []
     redis = cl.pids_named("redis-server")  # shared with the others, but busy with us in this run
     before = [cl.ticks(inst), cl.ticks(pg), cl.ticks(proxy), cl.ticks(redis), *cl.machine_ticks()]
-    own0 = os.times()
+    own0, t0 = os.times(), time.monotonic()
     result = te.run_wrk(f"{cluster.issuer}/token", bodies, connections, seconds, os.getpid())
-    own1 = os.times()
+    own1, wall = os.times(), time.monotonic() - t0  # wall > seconds: wrk loads the bodies first
     after = [cl.ticks(inst), cl.ticks(pg), cl.ticks(proxy), cl.ticks(redis), *cl.machine_ticks()]
     bodies.unlink()
     d = [(a - b) / cl.TICK for a, b in zip(after, before, strict=True)]
@@ -90,7 +90,7 @@ def closed_loop(cluster: cl.Cluster, connections: int, seconds: int, work: Path)
         },
         # CPU-seconds per second used by processes not ours (other engineers, Redis, NATS, PG's
         # own background processes) during the run
-        "others_cores": max(0.0, (machine_busy - ours) / seconds),
+        "others_cores": max(0.0, (machine_busy - ours) / wall),
         "load": cl.loadavg(),
     }
 
@@ -137,9 +137,10 @@ class RssSampler(threading.Thread):
 
 def soak(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="tp-soak-"))
-    cluster = cl.Cluster(args.instances, work, args.port_base).start()
+    cluster = cl.Cluster(args.instances, work, args.port_base)
     failures: list[str] = []
     try:
+        cluster.start()
         print(
             f"soak: {args.instances} instances behind HAProxy on 127.0.0.1:{cluster.front}, "
             f"database {cluster.db}, {CORES} cores, load {cl.loadavg()}",
@@ -157,15 +158,28 @@ def soak(args: argparse.Namespace) -> int:
             "127.0.0.1", cluster.front, rate, cluster.pem, cluster.client_id, cluster.issuer,
             cl.RESOURCE,
         )  # fmt: skip
+        servers = [pid for pids in cluster.instance_pids() for pid in pids]
+        pg = cl.pg_backends(cluster.db)
         sampler.start()
-        own0, t0 = os.times(), time.monotonic()
+        own0, t0, busy0 = os.times(), time.monotonic(), cl.machine_ticks()[0]
+        cpu0 = (cl.ticks(servers), cl.ticks(pg))
         asyncio.run(load.run(args.minutes * 60))
         wall, own1 = time.monotonic() - t0, os.times()
+        cpu = [
+            (b - a) / cl.TICK for a, b in zip(cpu0, (cl.ticks(servers), cl.ticks(pg)), strict=True)
+        ]
+        busy = (cl.machine_ticks()[0] - busy0) / cl.TICK
         sampler.stopping.set()
         sampler.join()
-        failures += report_soak(
-            args, load, sampler, wall, own1.user + own1.system - own0.user - own0.system
+        gen = sum(
+            getattr(own1, f) - getattr(own0, f)
+            for f in ("user", "system", "children_user", "children_system")
         )
+        n = max(1, len(load.samples))
+        print(f"\nduring the soak: instances {cpu[0] / wall:.2f} cores ({1000 * cpu[0] / n:.3f} ms "
+              f"per request), PostgreSQL backends {cpu[1] / wall:.2f} cores ({1000 * cpu[1] / n:.3f} ms), "
+              f"whole machine busy {busy / wall:.2f} of {CORES} cores")  # fmt: skip
+        failures += report_soak(args, load, sampler, wall, gen)
         failures += verify_ledger(cluster, work, sum(1 for s in load.samples if s.status == 200))
         if bad := cluster.tracebacks():
             failures.append(f"tracebacks in {bad}")
@@ -256,8 +270,9 @@ def instances(args: argparse.Namespace) -> int:
     base: dict[str, Any] | None = None
     for n in (1, 2, 3):
         work = Path(tempfile.mkdtemp(prefix=f"tp-inst{n}-"))
-        cluster = cl.Cluster(n, work, args.port_base).start()
+        cluster = cl.Cluster(n, work, args.port_base)
         try:
+            cluster.start()
             capacity, runs = measure_capacity(cluster, args.steps, args.ramp_seconds, work)
         finally:
             cluster.stop()
@@ -278,7 +293,7 @@ def instances(args: argparse.Namespace) -> int:
               f"others used {best['others_cores']:.2f} cores; load {best['load']}", flush=True)  # fmt: skip
     print(
         "\n| instances | measured tokens/s | predicted | per machine core | per instance CPU-s "
-        "| instances / PG / HAProxy / wrk CPU ms per token | others' cores | p99 ms |"
+        "| instances / PG / HAProxy / Redis / wrk CPU ms per token | others' cores | p99 ms |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for n, capacity, predicted, best, per_core in rows:
