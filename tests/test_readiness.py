@@ -4,6 +4,7 @@ and PostgreSQL) and fails on its own fault; the answer is cached for a second.""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,32 @@ async def test_failing_integrations_stop_the_progress_clock(
     await asyncio.wait_for(failures.get(), 30)
     await asyncio.wait_for(failures.get(), 30)
     assert running.ledger._last_progress == last_success  # two failed rounds moved nothing
+
+
+async def test_a_sequencer_that_never_empties_the_queue_is_making_progress(
+    running: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under sustained load every round integrates and more is pending again: the loop's
+    ``integrate_all`` never returns, yet each integration is progress (a saturated instance seen
+    as not ready was taken out of the load balancer, turning overload into 503s)."""
+    from trustplane.audit.ledger import Integration
+
+    integrated = asyncio.Queue[None]()
+
+    async def always_more() -> Integration:
+        await asyncio.sleep(0.01)
+        integrated.put_nowait(None)
+        return Integration(0, 1, 1, b"", 0.01)
+
+    monkeypatch.setattr(running.ledger, "integrate", always_more)
+    await asyncio.wait_for(integrated.get(), 30)  # the loop is inside integrate_all now
+    running.ledger._last_progress = time.monotonic() - 600
+    for _ in range(3):
+        await asyncio.wait_for(integrated.get(), 30)
+    age = running.ledger.progress_age()
+    assert age is not None
+    assert age < 60
+    assert (await ReadinessProbe(running).evaluate()).checks["ledger"]["ok"] is True
 
 
 async def test_no_signing_key_is_not_ready(

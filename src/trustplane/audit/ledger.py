@@ -223,6 +223,8 @@ class Ledger:
         total = 0
         while (done := await self.integrate()) is not None:
             total += done.count
+            if self._last_progress is not None:  # under sustained load the queue never empties:
+                self._last_progress = time.monotonic()  # each integration is progress (readiness)
         return total
 
     async def run(self, stopping: asyncio.Event | None = None) -> None:
