@@ -28,6 +28,7 @@ def test_the_lifecycle_bench_runs_with_tiny_parameters(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     summary = json.loads(out.read_text())
 
+    assert set(summary["idle_cpu_ms_per_s"]) >= {"auth", "pdp", "publisher", "postgres"}
     phases = summary["phases"]
     assert [p["concurrency"] for p in phases] == [1, 2]
     for result in phases:
