@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo serve test fast lint types unit unit-fast venv clean bench
+.PHONY: demo serve test fast lint types unit unit-fast venv clean bench bench-lifecycle
 
 $(BIN)/trustplane: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ fast: lint types unit-fast
 
 bench: venv
 	$(BIN)/python bench/token_endpoint.py
+
+# every service on this machine: PostgreSQL and NATS on 127.0.0.1 (docs/settlement.md "Numbers")
+bench-lifecycle: venv
+	$(BIN)/python bench/lifecycle.py
 
 clean:
 	rm -rf $(VENV) .trustplane .pytest_cache .mypy_cache .ruff_cache

@@ -159,24 +159,38 @@ class JetStreamPublisher:
             return claim.acked
 
     async def run(
-        self, stopping: asyncio.Event, *, idle: float = 0.2, max_backoff: float = 5.0
+        self,
+        stopping: asyncio.Event,
+        *,
+        idle: float = 0.2,
+        max_backoff: float = 5.0,
+        eager: float = 0.01,
     ) -> None:
-        """Drain until ``stopping`` is set; back off (up to ``max_backoff``) while NATS is down."""
-        backoff = idle
+        """Drain until ``stopping`` is set; back off (up to ``max_backoff``) while NATS is down.
+
+        With nothing to publish, the outbox is read again after ``eager`` seconds, then after
+        twice as long each time, up to ``idle``: events come in bursts (a trade lifecycle commits
+        one per step), so the next one is read soon after its commit rather than up to ``idle``
+        later, while a quiet outbox still costs one query per ``idle``."""
+        backoff, pause = idle, eager
         while not stopping.is_set():
             try:
                 published = await self.drain_once()
-                backoff = idle
             except Exception as exc:  # NATS down or timing out: retry, the outbox keeps the rows
                 PUBLISH_FAILURES.labels(outbox=self._name).inc()
                 log.warning(
                     "outbox_publish_failed", outbox=self._name, error=f"{type(exc).__name__}: {exc}"
                 )
                 await self.close()
-                published, self._more, backoff = 0, False, min(backoff * 2, max_backoff)
-            if published == 0 and not self._more:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stopping.wait(), backoff)
+                self._more, backoff = False, min(backoff * 2, max_backoff)
+                await _wait(stopping, backoff)
+                continue
+            backoff = idle
+            if published or self._more:
+                pause = eager
+            else:
+                await _wait(stopping, pause)
+                pause = min(pause * 2, idle)
 
     async def close(self) -> None:
         if self._nc is not None:
@@ -243,3 +257,8 @@ class VerifyingConsumer:
             await message.ack()
             handled += 1
         return handled
+
+
+async def _wait(stopping: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stopping.wait(), seconds)

@@ -1,0 +1,737 @@
+#!/usr/bin/env python3
+"""Complete trade lifecycles through every service on one machine (issue 14's benchmark).
+
+Everything is real and on loopback: two ``trustplane serve`` processes of one deployment (one
+database, one issuer): the authorization server (token endpoint: exchange and client credentials;
+RFC 7662 introspection) and the AuthZEN PDP; the reference services as three uvicorn processes
+(``bench/lifecycle_app.py``: ``build_app`` around the PEP SDK), execution
+(``https://execution.example/api``), allocation and settlement (``https://clearing.example/api``),
+each accepting only tokens for its own audience and sharing one trade store; the outbox publisher to
+NATS JetStream. PostgreSQL holds the deployment's database and the trade store (two fresh databases,
+dropped at the end).
+
+One lifecycle, from a subject token that rests on a mandate (alice's, as the code grant issues it;
+minted with the deployment's key before the timed part, one per lifecycle, each with its own
+``txn``): three token exchanges (RFC 8693, one per service audience, the mandate re-checked and the
+exchange decided at each) and the approver's client-credentials token, concurrently; then
+``POST /orders`` -> execute -> allocation proposed -> approved by the approver (four eyes) ->
+settlement submitted (introspection of the mandate at event time) -> settled. Every service call
+carries a fresh ``Idempotency-Key``, is authorized by the PDP over AuthZEN and is a transition with a
+signed event in the outbox.
+
+Reported per concurrency: complete lifecycles/s, lifecycle p50/p99, p50/p99 of each step (settlement
+submit is the idempotent write on PostgreSQL), the CPU milliseconds per lifecycle of each process
+(from /proc: the authorization server, the PDP, each service, the publisher, the PostgreSQL backends
+of our two databases, this driver), commit -> JetStream ack p50/p99. Then, on three other
+deployments linked by token exchange and SSF push (``tests/e2e/ssf_chain.py``, as
+``tests/e2e/test_ssf.py``): revocation at A -> the derived token inactive at B and at C, p50/p99.
+The load average is printed with every result: the machine may be shared.
+
+  python bench/lifecycle.py                          # concurrency 1, 4, 16; 200 lifecycles each
+  python bench/lifecycle.py --lifecycles 5 --quick   # the smoke run (tests/e2e/test_bench_lifecycle.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' live servers, SSF chain
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, token_endpoint, lifecycle_app
+from _common import free_port, wait_ready
+from token_endpoint import TICK, _create_pg_database, process_tree_ticks
+
+from tests.conftest import EXECUTION, KEK, LEI, ClientKit, run_sync, wait_until
+from tests.e2e.conftest import (
+    PROPAGATION_TIMEOUT,
+    LiveServer,
+    _die_with_parent,
+    client_credentials_token,
+    knows_client,
+    register_client,
+    running_servers,
+)
+from tests.e2e.ssf_chain import EXCHANGE, operator_client, percentile, start_chain
+from tests.mandates.conftest import GRANTOR, TRADE
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+ALLOCATION, CLEARING = "https://allocation.example/api", "https://clearing.example/api"
+ACCESS = "urn:ietf:params:oauth:token-type:access_token"
+#: The service processes: name -> the audience its PEP accepts.
+SERVICES = {"execution": EXECUTION, "allocation": ALLOCATION, "settlement": CLEARING}
+#: The desk's tokens: one exchange per service, narrowed to that service's scopes.
+DESK = {
+    "execution": "order:create trade:execute",
+    "allocation": "allocation:propose",
+    "settlement": "settlement:submit settlement:confirm",
+}
+STEPS = (
+    "exchange_execution", "exchange_allocation", "exchange_settlement", "approver_token",
+    "create", "execute", "propose", "approve", "submit", "confirm",
+)  # fmt: skip
+ORDER = {"account": "ACC-1", "instrument": "US0378331005", "side": "buy", "quantity": "1000",
+         "amount": "1000000", "currency": "EUR"}  # fmt: skip
+
+
+def load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def ms_stats(seconds: list[float]) -> dict[str, float]:
+    if not seconds:
+        return {"n": 0}
+    return {
+        "n": len(seconds),
+        "p50_ms": round(1000 * statistics.median(seconds), 1),
+        "p99_ms": round(1000 * percentile(seconds, 0.99), 1),
+        "max_ms": round(1000 * max(seconds), 1),
+    }
+
+
+# --------------------------------------------------------------------------- the deployment
+
+
+@dataclass
+class Deployment:
+    auth: LiveServer  # token endpoint, introspection
+    pdp: LiveServer  # AuthZEN
+    desk: ClientKit
+    approver: ClientKit
+    mandate: dict[str, Any]
+    services: dict[str, str] = field(default_factory=dict)  # name -> base URL
+    pids: dict[str, int] = field(default_factory=dict)  # process name -> pid
+
+
+def setup_clients(a: LiveServer, pdp: LiveServer, work: Path) -> dict[str, Any]:
+    """The desk (the mandate's grantee, exchanges its subject tokens), the approver, the services'
+    PDP and introspection clients, and the mandate (created through the management API)."""
+    api = a.issuer + "/mandates"
+    admin = register_client(
+        a, scopes=("mandate:view", "mandate:administer"), resources=(api,),
+        introspection_resources=(),
+    )  # fmt: skip
+    scopes = [s for group in DESK.values() for s in group.split()]
+    desk = operator_client(
+        a, "desk", *(x for s in scopes for x in ("--scope", s)),
+        *(x for r in SERVICES.values() for x in ("--resource", r)),
+        "--authorization-details-type", "trade_instruction", "--grant-type", EXCHANGE,
+    )  # fmt: skip
+    approver = operator_client(
+        a, "approver", "--scope", "allocation:approve", "--resource", ALLOCATION,
+        "--grant-type", "client_credentials",
+    )  # fmt: skip
+    pdp_client = register_client(
+        a, pdp, scopes=("decision:evaluate",), resources=(f"{a.issuer}/access/v1",),
+        introspection_resources=(),
+    )  # fmt: skip
+    introspection = register_client(
+        a, scopes=("order:create",), resources=(EXECUTION,), introspection_resources=(CLEARING,)
+    )
+    for kit in (desk, approver):
+        wait_until(lambda kit=kit: knows_client(a, kit), PROPAGATION_TIMEOUT, kit.client_id)
+    token = client_credentials_token(a, admin, "mandate:view mandate:administer", api)
+    created = httpx.post(
+        api,
+        json={"grantor_lei": GRANTOR, "grantor_person": "alice", "grantee_client_id": desk.client_id,
+              "scopes": scopes, "authorization_details": [TRADE], "accepted_by": "alice"},
+        headers={"Authorization": f"Bearer {token}"}, timeout=10,
+    )  # fmt: skip
+    if created.status_code != 201:
+        raise SystemExit(f"the mandate was not created: {created.status_code} {created.text}")
+    (work / "clients.json").write_text(
+        json.dumps({name: {"client_id": kit.client_id, "kid": kit.kid, "pem": kit.pem.decode()}
+                    for name, kit in (("pdp", pdp_client), ("introspection", introspection))})
+    )  # fmt: skip
+    return {"desk": desk, "approver": approver, "mandate": created.json()}
+
+
+def subject_tokens(a: LiveServer, desk: ClientKit, mandate: dict[str, Any], n: int) -> list[str]:
+    """``n`` tokens as the code grant issues them (the deployment's key, alice, the mandate), each
+    with its own ``txn``: the transaction of one lifecycle."""
+    from trustplane.app import Services
+    from trustplane.protocol.tokens import issue_access_token
+    from trustplane.settings import Settings
+
+    async def mint() -> list[str]:
+        settings = Settings(
+            database_url=a.env["TRUSTPLANE_DATABASE_URL"], key_encryption_key=KEK,
+            data_dir=Path(a.env["TRUSTPLANE_DATA_DIR"]), issuer=a.issuer,
+        )  # fmt: skip
+        svc = Services.build(settings)
+        try:
+            ring = await svc.keys.load()
+            ref = {"id": mandate["id"], "version": mandate.get("version", 1)}
+            return [
+                issue_access_token(
+                    ring, issuer=a.issuer, subject="alice", client_id=desk.client_id,
+                    audience=EXECUTION, scopes=tuple(" ".join(DESK.values()).split()),
+                    lifetime=3600, extra={"lei": LEI, "mandate": ref, "txn": f"txn-lc-{uuid.uuid4()}",
+                                          "authorization_details": [TRADE]},
+                ).token
+                for _ in range(n)
+            ]  # fmt: skip
+        finally:
+            await svc.db.dispose()
+
+    tokens: list[str] = run_sync(mint())
+    return tokens
+
+
+async def create_schemas(ref_url: str, key_file: Path) -> None:
+    from lifecycle_app import EVENT_ISSUER
+
+    from trustplane.pep import SqlIdempotencyStore
+    from trustplane.reference.events import EventSigner
+    from trustplane.reference.store import TradeStore
+    from trustplane.storage.db import Database
+
+    store = TradeStore(Database(ref_url), EventSigner.from_file(EVENT_ISSUER, key_file))
+    await store.create_schema()
+    await SqlIdempotencyStore(store.db).create_schema()
+    await store.db.dispose()
+
+
+def launch(
+    name: str, command: list[str], env: dict[str, str], work: Path
+) -> subprocess.Popen[bytes]:
+    log = (work / f"{name}.log").open("wb")
+    return subprocess.Popen(
+        command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=work,
+        preexec_fn=_die_with_parent,
+    )  # fmt: skip
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(15)
+
+
+@contextmanager
+def services(
+    deployment: Deployment, ref_url: str, nats: dict[str, str], work: Path
+) -> Iterator[None]:
+    """The three service processes and (``nats`` given) the publisher, stopped on exit."""
+    base = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+        "LC_ISSUER": deployment.auth.issuer,
+        "LC_PDP": deployment.pdp.base_url,
+        "LC_DATABASE_URL": ref_url,
+        "LC_EVENT_KEY": str(work / "events.pem"),
+        "LC_CLIENTS": str(work / "clients.json"),
+    }
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        for name, audience in SERVICES.items():
+            port = free_port()
+            command = [str(BIN / "uvicorn"), "--factory", "lifecycle_app:app_from_env"]
+            command += ["--port", str(port), "--log-level", "warning", "--no-access-log"]
+            command += ["--timeout-keep-alive", "60"]  # no stale connection between phases
+            env = {**base, "LC_AUDIENCE": audience}
+            processes.append(launch(name, command, env, work))
+            deployment.pids[name] = processes[-1].pid
+            deployment.services[name] = f"http://127.0.0.1:{port}"
+        if nats:
+            command = [sys.executable, str(HERE / "lifecycle_app.py"), "publish"]
+            processes.append(launch("publisher", command, {**base, **nats}, work))
+            deployment.pids["publisher"] = processes[-1].pid
+        for url in deployment.services.values():
+            wait_ready(f"{url}/healthz", timeout=180)  # a loaded machine imports slowly
+        yield
+    finally:
+        for process in processes:
+            stop(process)
+
+
+# --------------------------------------------------------------------------- one lifecycle
+
+
+class StepFailed(Exception):
+    def __init__(self, step: str, response: httpx.Response) -> None:
+        super().__init__(f"{step}: {response.status_code} {response.text[:300]}")
+        self.step = step
+
+
+@dataclass
+class Driver:
+    deployment: Deployment
+    http: httpx.AsyncClient
+    steps: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in STEPS})
+
+    async def _call(self, step: str, method: str, url: str, expect: int, **kw: Any) -> Any:
+        started = time.monotonic()
+        response = await self.http.request(method, url, **kw)
+        self.steps[step].append(time.monotonic() - started)
+        if response.status_code != expect:
+            raise StepFailed(step, response)
+        return response.json()
+
+    async def _token(self, step: str, kit: ClientKit, form: dict[str, str]) -> str:
+        url = f"{self.deployment.auth.base_url}/token"
+        body = await self._call(step, "POST", url, 200, data={**form, **kit.auth()})
+        return str(body["access_token"])
+
+    async def tokens(self, subject: str) -> dict[str, str]:
+        d = self.deployment
+
+        def exchange(name: str) -> Any:
+            form = {"grant_type": EXCHANGE, "subject_token": subject, "subject_token_type": ACCESS,
+                    "resource": SERVICES[name], "scope": DESK[name]}  # fmt: skip
+            return self._token(f"exchange_{name}", d.desk, form)
+
+        approver = {"grant_type": "client_credentials", "scope": "allocation:approve"}
+        approver["resource"] = ALLOCATION
+        got = await asyncio.gather(
+            *(exchange(name) for name in SERVICES),
+            self._token("approver_token", d.approver, approver),
+        )
+        return dict(zip([*SERVICES, "approver"], got, strict=True))
+
+    async def _post(self, step: str, service: str, path: str, token: str, **kw: Any) -> Any:
+        headers = {"Authorization": f"Bearer {token}", "Idempotency-Key": f'"{uuid.uuid4()}"'}
+        url = self.deployment.services[service] + path
+        return await self._call(step, "POST", url, 201 if step == "create" else 200,
+                                headers=headers, **kw)  # fmt: skip
+
+    async def lifecycle(self, subject: str) -> str:
+        """One complete lifecycle; the trade id."""
+        t = await self.tokens(subject)
+        trade = await self._post("create", "execution", "/orders", t["execution"], json=ORDER)
+        path = f"/trades/{trade['trade_id']}"
+        await self._post("execute", "execution", f"{path}/execute", t["execution"])
+        allocations = {"allocations": [{"account": "SUB-1", "quantity": "1000"}]}
+        await self._post("propose", "allocation", f"{path}/allocation", t["allocation"],
+                         json=allocations)  # fmt: skip
+        await self._post("approve", "allocation", f"{path}/allocation/approve", t["approver"])
+        await self._post("submit", "settlement", f"{path}/settlement", t["settlement"],
+                         json={"instructions": {"ssi": "DAKVDEFF", "method": "dvp"}})  # fmt: skip
+        done = await self._post("confirm", "settlement", f"{path}/settlement/confirm",
+                                t["settlement"], json={"outcome": "settled"})  # fmt: skip
+        if done["to"] != "settled":
+            raise RuntimeError(f"trade {trade['trade_id']} ended {done}")
+        return str(trade["trade_id"])
+
+
+async def check_replay(driver: Driver, subject: str) -> None:
+    """The idempotency keys are real: a submit re-sent with its key is replayed, not re-run."""
+    t = await driver.tokens(subject)
+    trade = await driver._post("create", "execution", "/orders", t["execution"], json=ORDER)
+    headers = {"Authorization": f"Bearer {t['execution']}", "Idempotency-Key": '"replay-check"'}
+    url = f"{driver.deployment.services['execution']}/trades/{trade['trade_id']}/execute"
+    first = await driver.http.post(url, headers=headers)
+    again = await driver.http.post(url, headers=headers)
+    if (first.status_code, again.status_code) != (200, 200) or again.headers.get(
+        "idempotency-replayed"
+    ) != "true":
+        raise SystemExit(f"idempotency replay check failed: {first.text} / {again.text}")
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+async def pg_backend_ticks(admin_url: str, databases: list[str]) -> dict[int, int]:
+    """CPU ticks of the PostgreSQL backends serving ``databases`` (other databases' are not ours)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(admin_url.replace("+asyncpg", ""))
+    try:
+        rows = await conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = ANY($1::text[]) AND pid <> "
+            "pg_backend_pid()",
+            databases,
+        )
+    finally:
+        await conn.close()
+    return {pid: ticks for pid in (row["pid"] for row in rows) if (ticks := _ticks(pid)) >= 0}
+
+
+def _ticks(pid: int) -> int:
+    """utime + stime of one process, -1 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return -1
+    return int(fields[11]) + int(fields[12])
+
+
+@dataclass
+class Meter:
+    """CPU of every process of the deployment over a phase."""
+
+    pids: dict[str, int]
+    admin_url: str
+    databases: list[str]
+
+    async def snapshot(self) -> dict[str, Any]:
+        return {
+            "procs": {name: process_tree_ticks(pid) for name, pid in self.pids.items()},
+            "pg": await pg_backend_ticks(self.admin_url, self.databases),
+            "driver": time.process_time(),
+        }
+
+    @staticmethod
+    def per_lifecycle(before: dict[str, Any], after: dict[str, Any], n: int) -> dict[str, float]:
+        cpu = {
+            name: (after["procs"][name] - ticks) / TICK for name, ticks in before["procs"].items()
+        }
+        cpu["postgres"] = sum(t - before["pg"].get(pid, 0) for pid, t in after["pg"].items()) / TICK
+        cpu["driver"] = after["driver"] - before["driver"]
+        cpu["total"] = sum(cpu.values())
+        return {name: round(1000 * seconds / max(n, 1), 2) for name, seconds in cpu.items()}
+
+
+async def outbox_drained(ref_url: str) -> int:
+    from sqlalchemy import func, select
+
+    from trustplane.reference.store import outbox
+    from trustplane.storage.db import Database
+
+    db = Database(ref_url)
+    try:
+        async with db.read() as conn:
+            query = select(func.count()).select_from(outbox).where(outbox.c.published_at.is_(None))
+            return int((await conn.execute(query)).scalar_one())
+    finally:
+        await db.dispose()
+
+
+async def ack_latencies(deployment: Deployment, ref_url: str, acks: Path) -> list[float]:
+    """Wait until the outbox is published, then collect the publisher's latencies since last time."""
+    deadline = time.monotonic() + 60
+    while await outbox_drained(ref_url):
+        if time.monotonic() > deadline:
+            raise SystemExit("the publisher did not drain the outbox in 60 s")
+        await asyncio.sleep(0.2)
+    seen = len(_lines(acks))
+    os.kill(deployment.pids["publisher"], signal.SIGUSR1)
+    for _ in range(600):  # the publisher answers at its next turn of the event loop
+        if len(lines := _lines(acks)) > seen:
+            latencies: list[float] = json.loads(lines[-1])
+            return latencies
+        await asyncio.sleep(0.05)
+    raise SystemExit("the publisher did not report its ack latencies")
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+async def idle_cpu(meter: Meter, seconds: float) -> dict[str, float]:
+    """What each process spends with no request at all (its timers and polls), per second."""
+    before = await meter.snapshot()
+    await asyncio.sleep(seconds)
+    after = await meter.snapshot()
+    per_second = Meter.per_lifecycle(before, after, 1)
+    per_second["total"] -= per_second.pop("driver")  # the bench itself, asleep
+    return {name: round(ms / seconds, 1) for name, ms in per_second.items()}
+
+
+async def phase(
+    driver: Driver, meter: Meter, subjects: list[str], concurrency: int
+) -> dict[str, Any]:
+    queue = list(reversed(subjects))
+    durations: list[float] = []
+    failures: dict[str, int] = {}
+    for steps in driver.steps.values():
+        steps.clear()
+
+    async def worker() -> None:
+        while queue:
+            subject = queue.pop()
+            started = time.monotonic()
+            try:
+                await driver.lifecycle(subject)
+            except (StepFailed, httpx.HTTPError) as exc:  # counted, and the run goes on
+                step = getattr(exc, "step", type(exc).__name__)
+                failures[step] = failures.get(step, 0) + 1
+                if sum(failures.values()) == 1:
+                    print(f"    first failure: {type(exc).__name__}: {exc}", flush=True)
+                continue
+            durations.append(time.monotonic() - started)
+
+    load_before, before = load(), await meter.snapshot()
+    started = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.monotonic() - started
+    after = await meter.snapshot()
+    return {
+        "concurrency": concurrency,
+        "lifecycles": len(durations),
+        "failed": failures,
+        "wall_s": round(wall, 2),
+        "lifecycles_per_s": round(len(durations) / wall, 1),
+        "lifecycle": ms_stats(durations),
+        "steps": {step: ms_stats(values) for step, values in driver.steps.items()},
+        "cpu_ms_per_lifecycle": Meter.per_lifecycle(before, after, len(durations)),
+        "load_avg_before": load_before,
+        "load_avg_after": load(),
+    }
+
+
+# --------------------------------------------------------------------------- output
+
+
+def print_phase(result: dict[str, Any]) -> None:
+    life, steps = result["lifecycle"], result["steps"]
+    print(
+        f"  concurrency {result['concurrency']:>3}: {result['lifecycles']:>5} lifecycles in "
+        f"{result['wall_s']:6.1f} s = {result['lifecycles_per_s']:6.1f}/s  lifecycle p50 "
+        f"{_ms(life, 'p50_ms')} ms p99 {_ms(life, 'p99_ms')} ms  failed "
+        f"{sum(result['failed'].values())}  load {' '.join(map(str, result['load_avg_after']))}",
+        flush=True,
+    )
+    print("    step p50/p99 ms: " + ", ".join(
+        f"{s} {_ms(v, 'p50_ms')}/{_ms(v, 'p99_ms')}" for s, v in steps.items()
+    ))  # fmt: skip
+    cpu = result["cpu_ms_per_lifecycle"]
+    print("    CPU ms/lifecycle: " + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items()))
+    if "jetstream_ack" in result:
+        ack = result["jetstream_ack"]
+        print(f"    commit -> JetStream ack over {ack['n']} events: p50 {ack.get('p50_ms')} ms, "
+              f"p99 {ack.get('p99_ms')} ms")  # fmt: skip
+
+
+def _ms(stats: dict[str, float], key: str) -> str:
+    return f"{stats[key]:.0f}" if key in stats else "-"
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    print("\nlifecycle bench (all processes on this machine; load average = 1/5/15 min)")
+    head = f"{'conc':>4} {'life/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'submit p50/p99':>15} "
+    head += f"{'ack p50/p99':>12} {'CPU ms/life':>11}  top hops (CPU ms)            load"
+    print(head)
+    for r in summary["phases"]:
+        cpu = r["cpu_ms_per_lifecycle"]
+        top = sorted((k for k in cpu if k != "total"), key=lambda k: -cpu[k])[:3]
+        life, sub, ack = r["lifecycle"], r["steps"]["submit"], r.get("jetstream_ack", {})
+        print(
+            f"{r['concurrency']:>4} {r['lifecycles_per_s']:>7.1f} {_ms(life, 'p50_ms'):>7} "
+            f"{_ms(life, 'p99_ms'):>7} {_ms(sub, 'p50_ms'):>7}/{_ms(sub, 'p99_ms'):<7} "
+            f"{_ms(ack, 'p50_ms'):>5}/{_ms(ack, 'p99_ms'):<6} {cpu['total']:>11.1f}  "
+            + ", ".join(f"{k} {cpu[k]:.0f}" for k in top).ljust(28)
+            + f"  {' '.join(map(str, r['load_avg_after']))}"
+        )
+    for name, stats in summary.get("revocation", {}).items():
+        if isinstance(stats, dict) and "p50_ms" in stats:
+            print(f"revocation at A -> derived token inactive at {name[-1].upper()} over "
+                  f"{stats['n']} rounds: p50 {stats['p50_ms']:.0f} ms, p99 {stats['p99_ms']:.0f} ms,"
+                  f" max {stats['max_ms']:.0f} ms (load {' '.join(map(str, summary['revocation']['load_avg']))})")  # fmt: skip
+
+
+# --------------------------------------------------------------------------- main
+
+
+async def drive(
+    deployment: Deployment, subjects: list[str], args: argparse.Namespace, ctx: dict[str, Any]
+) -> list[dict[str, Any]]:
+    limit = max(args.concurrency) * 5
+    limits = httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
+    meter = Meter(
+        {"auth": deployment.auth.process.pid, "pdp": deployment.pdp.process.pid,  # type: ignore[union-attr]
+         **deployment.pids}, args.database_url, ctx["databases"],
+    )  # fmt: skip
+    results = []
+    async with httpx.AsyncClient(timeout=30, limits=limits) as http:
+        driver = Driver(deployment, http)
+        await check_replay(driver, subjects.pop())
+        for _ in range(args.warmup):
+            await driver.lifecycle(subjects.pop())
+        ctx["idle_cpu_ms_per_s"] = await idle_cpu(meter, args.idle)
+        print(f"  idle CPU ms/s over {args.idle:g} s (timers, polling; included in the per-lifecycle "
+              f"figures): {ctx['idle_cpu_ms_per_s']}", flush=True)  # fmt: skip
+        for concurrency in args.concurrency:
+            batch, subjects[:] = subjects[: args.lifecycles], subjects[args.lifecycles :]
+            await asyncio.sleep(args.rest)
+            result = await phase(driver, meter, batch, concurrency)
+            if ctx["nats"]:
+                result["jetstream_ack"] = ms_stats(
+                    await ack_latencies(deployment, ctx["ref_url"], ctx["acks"])
+                )
+            print_phase(result)
+            results.append(result)
+    return results
+
+
+async def stream_counts(nats_url: str, prefix: str, delete: bool = False) -> dict[str, int]:
+    """Messages in each of our streams (``delete``: then the streams are deleted)."""
+    import nats
+    from nats.js.errors import NotFoundError
+
+    from trustplane.reference.jetstream import DOMAINS, stream_name
+
+    nc = await nats.connect(nats_url)
+    counts = {}
+    try:
+        js = nc.jetstream()
+        for domain in DOMAINS:
+            name = stream_name(prefix, domain)
+            try:
+                counts[domain] = (await js.stream_info(name)).state.messages
+                if delete:
+                    await js.delete_stream(name)
+            except NotFoundError:  # no event of this domain was published
+                counts[domain] = 0
+    finally:
+        await nc.close()
+    return counts
+
+
+async def outbox_rows(ref_url: str) -> int:
+    from sqlalchemy import func, select
+
+    from trustplane.reference.store import outbox
+    from trustplane.storage.db import Database
+
+    db = Database(ref_url)
+    try:
+        async with db.read() as conn:
+            return int((await conn.execute(select(func.count()).select_from(outbox))).scalar_one())
+    finally:
+        await db.dispose()
+
+
+def _patient_servers() -> None:
+    """The tests' live servers must be healthy within 45 s; on a machine shared with other jobs a
+    bench gives them longer."""
+    import tests.e2e.conftest as live
+
+    live.START_TIMEOUT = max(live.START_TIMEOUT, 180.0)
+
+
+def run_lifecycles(args: argparse.Namespace, work: Path, tag: str) -> dict[str, Any]:
+    from trustplane.storage.db import Database
+    from trustplane.storage.migrate import upgrade
+
+    names = [f"tp_bench_lc_{tag}", f"tp_bench_lc_{tag}_ref"]
+    server_url = args.database_url.rsplit("/", 1)[0]
+    as_url, ref_url = (f"{server_url}/{name}" for name in names)
+    prefix = f"tp_bench_lc_{tag}"
+    nats = {} if args.no_nats else {
+        "LC_NATS_URL": args.nats_url, "LC_NATS_PREFIX": prefix,
+        "LC_ACKS_FILE": str(work / "acks.jsonl"),
+    }  # fmt: skip
+    with ExitStack() as cleanup:
+        for name in names:
+            asyncio.run(_create_pg_database(args.database_url, name))
+            cleanup.callback(
+                lambda name=name: asyncio.run(_create_pg_database(args.database_url, name, True))
+            )
+
+        async def migrate() -> None:
+            db = Database(as_url)
+            await upgrade(db)
+            await db.dispose()
+
+        if nats:
+            cleanup.callback(lambda: asyncio.run(stream_counts(args.nats_url, prefix, delete=True)))
+        run_sync(migrate())
+        run_sync(create_schemas(ref_url, work / "events.pem"))
+        servers = cleanup.enter_context(running_servers(work / "servers"))
+        # the cache refresh interval at its default (the tests' live servers poll every 0.2 s)
+        auth, pdp = servers.start_cluster(2, as_url, cache_refresh_interval="1")
+        made = setup_clients(auth, pdp, work)
+        deployment = Deployment(auth, pdp, made["desk"], made["approver"], made["mandate"])
+        total = 1 + args.warmup + args.lifecycles * len(args.concurrency)
+        subjects = subject_tokens(auth, deployment.desk, deployment.mandate, total)
+        cleanup.enter_context(services(deployment, ref_url, nats, work))
+        print(
+            f"lifecycle: 2 trustplane serve (token endpoint + introspection; AuthZEN PDP) on "
+            f"PostgreSQL, 3 services (uvicorn, 1 worker each) on PostgreSQL, publisher "
+            f"{'to ' + args.nats_url if nats else 'off'}; {os.cpu_count()} CPUs, load average "
+            f"{' '.join(map(str, load()))}",
+            flush=True,
+        )
+        ctx = {"databases": names, "nats": bool(nats), "ref_url": ref_url,
+               "acks": work / "acks.jsonl"}  # fmt: skip
+        phases = asyncio.run(drive(deployment, subjects, args, ctx))
+        summary: dict[str, Any] = {"idle_cpu_ms_per_s": ctx["idle_cpu_ms_per_s"], "phases": phases}
+        rows = asyncio.run(outbox_rows(ref_url))
+        summary["outbox_rows"] = rows
+        if nats:
+            messages = sum(asyncio.run(stream_counts(args.nats_url, prefix)).values())
+            summary["jetstream"] = {"messages": messages, "outbox_rows": rows}
+            if messages != rows:
+                print(f"WARNING: {messages} messages in JetStream, {rows} outbox rows")
+    return summary
+
+
+def run_revocation(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    with running_servers(work / "ssf") as servers:
+        linked = start_chain(servers)
+        print(f"revocation: 3 deployments linked by SSF push, {args.ssf_rounds} rounds, "
+              f"load average {' '.join(map(str, load()))}", flush=True)  # fmt: skip
+        at_b, at_c = linked.revocation_latencies(args.ssf_rounds)
+    return {"at_b": ms_stats(at_b), "at_c": ms_stats(at_c), "load_avg": load()}
+
+
+def arguments() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/test",
+                    help="a PostgreSQL URL: two fresh databases are made on its server")  # fmt: skip
+    ap.add_argument("--nats-url", default="nats://127.0.0.1:4222")
+    ap.add_argument("--no-nats", action="store_true", help="no publisher (no ack latencies)")
+    ap.add_argument("--lifecycles", type=int, default=200, help="per concurrency")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--warmup", type=int, default=5, help="lifecycles before the first phase")
+    ap.add_argument("--idle", type=float, default=5.0, help="seconds of idle CPU measured")
+    ap.add_argument("--rest", type=float, default=1.0, help="seconds between phases")
+    ap.add_argument("--ssf-rounds", type=int, default=50, help="0: no revocation part")
+    ap.add_argument("--quick", action="store_true",
+                    help="concurrency 1 and 2, 1 warm-up, 3 revocation rounds")  # fmt: skip
+    ap.add_argument("--json", type=Path, help="append the summary as one JSON line to this file")
+    args = ap.parse_args()
+    if args.quick:
+        args.concurrency, args.warmup, args.rest, args.idle = [1, 2], 1, 0.0, 1.0
+        args.ssf_rounds = min(args.ssf_rounds, 3)
+    return args
+
+
+def main() -> None:
+    args = arguments()
+    _patient_servers()
+    work = Path(tempfile.mkdtemp(prefix="tp-bench-lifecycle-"))
+    summary: dict[str, Any] = {"cpus": os.cpu_count(), "load_avg_start": load()}
+    try:
+        summary.update(run_lifecycles(args, work, uuid.uuid4().hex[:8]))
+        if args.ssf_rounds:
+            summary["revocation"] = run_revocation(args, work)
+    except BaseException:
+        for log in sorted(work.rglob("*.log")):
+            print(f"--- {log.relative_to(work)} (tail)", *log.read_text().splitlines()[-15:],
+                  sep="\n")  # fmt: skip
+        raise
+    print_table(summary)
+    if args.json:
+        with args.json.open("a") as handle:
+            handle.write(json.dumps(summary) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
