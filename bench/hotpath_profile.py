@@ -33,27 +33,44 @@ from hotpath import OURS, Target, setup
 from token_endpoint import _create_pg_database, make_bodies, run_wrk, stop
 
 LINE = re.compile(r":\d+\)")
+#: Where a sample's time belongs: the first of these found on its stack.
+PARTS = (
+    ("pool checkout ping (pool_pre_ping)", "AsyncAdapt_asyncpg_connection._async_ping"),
+    ("request handler", "RequestResponseCycle.run_asgi"),
+    ("group-commit writer", "GroupCommitWriter._run"),
+    ("ledger sequencer", "Ledger.run"),
+    ("aiosqlite thread (SQLite calls, fsync)", "_connection_worker_thread"),
+)
 
 
-def top(collapsed: Path, limit: int) -> tuple[int, list[tuple[str, int]], list[tuple[str, int]]]:
-    """(samples, top self, top cumulative) from py-spy's raw (collapsed) output; a frame is
-    ``function (file)``, line numbers merged; the process frame py-spy puts first is dropped."""
+Counts = list[tuple[str, int]]
+
+
+def top(collapsed: Path, limit: int) -> tuple[int, Counts, Counts, Counts]:
+    """(samples, top self, top cumulative, parts) from py-spy's raw (collapsed) output; a frame is
+    ``function (file)``, line numbers merged; the process frames py-spy puts first are dropped, and
+    so are frames under which nearly every sample sits (the worker's bootstrap and event loop)."""
     own: collections.Counter[str] = collections.Counter()
     cumulative: collections.Counter[str] = collections.Counter()
+    parts: collections.Counter[str] = collections.Counter()
     total = 0
     for line in collapsed.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack:
             continue
         n = int(count)
-        frames = [LINE.sub(")", f) for f in stack.split(";") if not f.startswith("process ")]
+        frames = [LINE.sub(")", f) for f in stack.split(";") if "process " not in f[:9]]
+        frames = [f for f in frames if "spawn_main(" not in f]
         if not frames:
             continue
         total += n
         own[frames[-1]] += n
         for frame in set(frames):
             cumulative[frame] += n
-    return total, own.most_common(limit), cumulative.most_common(limit)
+        names = [f.split(" (")[0] for f in frames]
+        parts[next((label for label, fn in PARTS if fn in names), "other")] += n
+    busy = [(f, c) for f, c in cumulative.most_common() if c < 0.8 * total]
+    return total, own.most_common(limit), busy[:limit], parts.most_common()
 
 
 def short(frame: str) -> str:
@@ -65,6 +82,17 @@ def short(frame: str) -> str:
             where = where.split(marker, 1)[1]
             break
     return f"{name} ({where})"
+
+
+def report(collapsed: Path, limit: int) -> None:
+    total, own, cumulative, parts = top(collapsed, limit)
+    print(f"{total} non-idle samples\n\n%       part")
+    for label, n in parts:
+        print(f"{100 * n / total:6.1f}   {label}")
+    for title, rows in (("self", own), ("cumulative", cumulative)):
+        print(f"\n{title} %   function")
+        for frame, n in rows:
+            print(f"{100 * n / total:6.1f}   {short(frame)}")
 
 
 def main() -> None:
@@ -83,7 +111,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="keep the collapsed stacks here")
     ap.add_argument("--port-base", type=int, default=26300)
     ap.add_argument("--tree", type=Path, default=OURS, help="the source tree to run (has src/)")
+    ap.add_argument("--report", type=Path, help="only summarise these collapsed stacks")
     args = ap.parse_args()
+    if args.report:
+        report(args.report, args.top)
+        return
     args.reps, args.warmup = 1, 3
     root = Path(tempfile.mkdtemp(prefix="tp-profile-"))
     target: Target | None = None
@@ -109,17 +141,11 @@ def main() -> None:
         time.sleep(0.5)
         result = run_wrk(url, bodies, args.connections, args.duration + 2, target.proc.pid)
         spy.wait(timeout=60)
-        total, own, cumulative = top(collapsed, args.top)
         print(
             f"{args.store}, {args.workers} workers, c={args.connections}: "
-            f"{result['rps']:.0f} tokens/s under py-spy ({args.rate} Hz), {total} samples"
+            f"{result['rps']:.0f} tokens/s under py-spy ({args.rate} Hz)"
         )
-        print("\nself %   function")
-        for frame, n in own:
-            print(f"{100 * n / total:6.1f}   {short(frame)}")
-        print("\ncumulative %   function")
-        for frame, n in cumulative:
-            print(f"{100 * n / total:6.1f}   {short(frame)}")
+        report(collapsed, args.top)
     finally:
         if target is not None:
             if target.proc is not None:
