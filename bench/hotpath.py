@@ -97,7 +97,11 @@ def setup(tree: str, src: Path, store: str, args: argparse.Namespace, root: Path
     target.proc = start(
         [str(BIN / "trustplane"), "serve", "--workers", str(args.workers)], env, work / "server.log"
     )
-    wait_ready(f"{target.issuer}/healthz", timeout=240.0)
+    try:
+        wait_ready(f"{target.issuer}/healthz", timeout=240.0)
+    except SystemExit:
+        stop(target.proc)
+        raise
     return target
 
 
