@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator, Sequence
+from contextlib import closing
 from typing import Any
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane.storage import generations
-from trustplane.storage.db import Database
+from trustplane.storage.db import Database, sqlite_path
 from trustplane.storage.writer import GroupCommitWriter, WriterUnavailable
 
 
@@ -189,6 +191,100 @@ async def test_a_poison_item_fails_alone_and_the_rest_of_its_batch_commits(
     good = [(k, p, o) for (k, p), o in zip(submissions, outcomes, strict=True) if k != "doomed"]
     assert [o for _, _, o in good] == [f"{k}:{p}" for k, p, _ in good]
     assert {f"{k}-{p}" for k, p, _ in good} <= state.keys()
+
+
+async def test_no_submitter_is_answered_before_its_commit(sqlite_url: str) -> None:
+    """The answer to a write comes only after the COMMIT of the batch that holds it: each submitter,
+    the moment it is answered and before it yields to the event loop again, finds its row through
+    another connection (plain ``sqlite3``, synchronous, so nothing can commit in between)."""
+    db = Database(sqlite_url)
+    writer = GroupCommitWriter(db)
+    writer.register("row", Recorder("row", []))
+    writer.start()
+    path = sqlite_path(sqlite_url)
+    assert path is not None
+
+    async def submit_then_look(i: int) -> Any:
+        await writer.submit("row", i)
+        with closing(sqlite3.connect(path)) as other:
+            sql = "SELECT generation FROM cache_generations WHERE name = ?"
+            return other.execute(sql, (f"row-{i}",)).fetchone()
+
+    try:
+        seen = await asyncio.gather(*(submit_then_look(i) for i in range(64)))
+    finally:
+        await writer.stop()
+        await db.dispose()
+
+    assert seen == [(1,)] * 64
+    assert writer.batches < 64  # they did share commits
+
+
+@pytest.mark.postgres
+async def test_a_batch_whose_connection_died_runs_again_on_a_fresh_one(pg_url: str) -> None:
+    """The writer's connection is killed under the batch (the handler's first call terminates its
+    own backend, before anything is committed): the batch runs once more on a new connection and
+    every submitter gets its result."""
+    db = Database(pg_url)
+    writer = GroupCommitWriter(db)
+    calls: list[list[Any]] = []
+
+    async def dies_once(conn: AsyncConnection, payloads: Sequence[Any]) -> list[str]:
+        calls.append(list(payloads))
+        if len(calls) == 1:
+            await conn.exec_driver_sql("SELECT pg_terminate_backend(pg_backend_pid())")
+        for payload in payloads:
+            await generations.bump(conn, f"row-{payload}")
+        return [f"row:{p}" for p in payloads]
+
+    writer.register("row", dies_once)
+    writer.start()
+    try:
+        assert await writer.submit("row", 1) == "row:1"
+        assert await writer.submit("row", 2) == "row:2"
+        state = await committed(db)
+    finally:
+        await writer.stop()
+        await db.dispose()
+
+    assert calls == [[1], [1], [2]]
+    assert (state["row-1"], state["row-2"]) == (1, 1)
+    assert writer.batches == 2
+
+
+@pytest.mark.postgres
+async def test_connections_the_server_closed_are_replaced_without_a_ping(pg_url: str) -> None:
+    """No ``pool_pre_ping``: after every backend of the pool and of the writer is terminated
+    (``pg_terminate_backend``), the next unit of work and the next write still succeed."""
+    db = Database(pg_url)
+    writer = GroupCommitWriter(db)
+    writer.register("row", Recorder("row", []))
+    writer.start()
+    try:
+        assert await writer.submit("row", 1) == "row:1"
+        async with db.transaction() as conn:  # a second pooled connection, idle afterwards
+            await generations.bump(conn, "before")
+        killer = Database(pg_url)
+        try:
+            async with killer.transaction() as conn:
+                # the timeout makes each call wait until its backend has exited
+                killed = await conn.exec_driver_sql(
+                    "SELECT count(pg_terminate_backend(pid, 10000)) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+                assert killed.scalar_one() >= 2
+        finally:
+            await killer.dispose()
+        await settle(1)  # a few loop turns: the driver reads the closed sockets
+
+        async with db.transaction() as conn:
+            await generations.bump(conn, "after")
+        assert await writer.submit("row", 2) == "row:2"
+        state = await committed(db)
+    finally:
+        await writer.stop()
+        await db.dispose()
+    assert {"before", "after", "row-1", "row-2"} <= state.keys()
 
 
 async def test_submit_while_stopping_is_refused(writer: GroupCommitWriter) -> None:

@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from trustplane.audit.sink import write_events
 from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.errors import OAuth2Error
-from trustplane.policy.recorder import DecisionRecord, write_decisions
+from trustplane.policy.recorder import DecisionRecord, write_inputs
 from trustplane.protocol.replay import ReplayUse, consume_batch
 from trustplane.protocol.revocations import revoked_among
 from trustplane.storage.writer import GroupCommitWriter
@@ -80,16 +80,14 @@ async def record_batch(
     jtis = {c.key for o in outcomes for c in o.conditions if isinstance(c, NotRevoked)}
     revoked = await revoked_among(conn, jtis) if jtis else set()
     failed = [_first_failed(o, won, revoked) for o in outcomes]
-    await write_events(
-        conn,
-        [
-            o.event if f is None else o.refused(f.error)
-            for o, f in zip(outcomes, failed, strict=True)
-        ],
-    )
+    events = [
+        o.event if f is None else o.refused(f.error) for o, f in zip(outcomes, failed, strict=True)
+    ]
     decisions = [d for o in outcomes for d in o.decisions]
+    # one ledger insert for the outcomes and their decisions, then the decisions' inputs
+    await write_events(conn, events + [d.event for d in decisions])
     if decisions:
-        await write_decisions(conn, decisions)
+        await write_inputs(conn, decisions)
     return failed
 
 

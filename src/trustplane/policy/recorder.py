@@ -17,23 +17,25 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane.audit.sink import write_events
 from trustplane.audit_events import AuditEvent
-from trustplane.storage.driver_sql import values_clause
+from trustplane.storage.driver_sql import by_column, unnest_insert, values_clause
 from trustplane.storage.writer import GroupCommitWriter
 
 KIND = "policy_decision"
-_COLUMNS = (
-    "decision_id",
-    "time_ms",
-    "bundle_version",
-    "action",
-    "principal",
-    "resource",
-    "allowed",
-    "reason_ids",
-    "latency_us",
-    "correlation_id",
-    "inputs",
+#: (column, PostgreSQL type) in the order of :meth:`DecisionRecord.row`.
+_TYPED = (
+    ("decision_id", "text"),
+    ("time_ms", "bigint"),
+    ("bundle_version", "text"),
+    ("action", "text"),
+    ("principal", "text"),
+    ("resource", "text"),
+    ("allowed", "boolean"),
+    ("reason_ids", "text"),
+    ("latency_us", "integer"),
+    ("correlation_id", "text"),
+    ("inputs", "text"),
 )
+_COLUMNS = tuple(name for name, _ in _TYPED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +77,19 @@ async def write_decisions(conn: AsyncConnection, records: Sequence[DecisionRecor
     """Write audit events and decision inputs in the caller's transaction (and batch handler)."""
     if records:
         await write_events(conn, [r.event for r in records])
-        await conn.exec_driver_sql(_insert_sql(conn.dialect.name), [r.row() for r in records])
+        await write_inputs(conn, records)
     return [None] * len(records)
+
+
+async def write_inputs(conn: AsyncConnection, records: Sequence[DecisionRecord]) -> None:
+    """Only the ``policy_decisions`` rows, for a caller that appends the records' audit events
+    with its own (``oauth.outcomes``: one ledger insert per batch)."""
+    rows = [r.row() for r in records]
+    if conn.dialect.name == "postgresql":
+        sql = unnest_insert("policy_decisions", _TYPED)
+        await conn.exec_driver_sql(sql, by_column(rows, len(_TYPED)))
+    else:
+        await conn.exec_driver_sql(_insert_sql(conn.dialect.name), rows)
 
 
 async def _write_batches(

@@ -62,9 +62,19 @@ class ReplayCache(Protocol):
         """True exactly once per (issuer, jti) until ``expires_at``; durable when it returns True."""
 
 
+#: PostgreSQL: one statement text for every batch size (three arrays and the time), prepared once
+#: per connection by asyncpg.
+_PG_UPSERT = (
+    "INSERT INTO used_jtis (issuer, jti, expires_at) "
+    "SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[]) "
+    "ON CONFLICT (issuer, jti) DO UPDATE SET expires_at = excluded.expires_at "
+    "WHERE used_jtis.expires_at < $4 RETURNING issuer, jti"
+)
+
+
 @functools.lru_cache(maxsize=256)
 def _upsert(dialect: str, n: int) -> str:
-    """One statement per batch size and dialect: claim each (issuer, jti) unless a live row holds it."""
+    """SQLite: one statement per batch size: claim each (issuer, jti) unless a live row holds it."""
     return (
         f"INSERT INTO used_jtis (issuer, jti, expires_at) VALUES {values_clause(dialect, 3, n)} "  # noqa: S608 - placeholders only
         "ON CONFLICT (issuer, jti) DO UPDATE SET expires_at = excluded.expires_at "
@@ -80,13 +90,22 @@ async def consume_batch(conn: AsyncConnection, uses: Sequence[ReplayUse]) -> lis
         first.setdefault((use.issuer, use.jti), i)
     # Sorted, so that two processes upserting overlapping batches lock rows in the same order and
     # cannot deadlock on PostgreSQL.
-    params: list[object] = []
-    for key in sorted(first):
-        use = uses[first[key]]
-        params += (use.issuer, use.jti, use.expires_at)
-    params.append(int(time.time()))
-    sql = _upsert(conn.dialect.name, len(first))
-    rows: Any = await conn.exec_driver_sql(sql, tuple(params))
+    claims = [uses[first[key]] for key in sorted(first)]
+    now = int(time.time())
+    rows: Any
+    if conn.dialect.name == "postgresql":
+        columns = (
+            [u.issuer for u in claims],
+            [u.jti for u in claims],
+            [u.expires_at for u in claims],
+        )
+        rows = await conn.exec_driver_sql(_PG_UPSERT, (*columns, now))
+    else:
+        params: list[object] = []
+        for use in claims:
+            params += (use.issuer, use.jti, use.expires_at)
+        params.append(now)
+        rows = await conn.exec_driver_sql(_upsert(conn.dialect.name, len(claims)), tuple(params))
     won = {(str(issuer), str(jti)) for issuer, jti in rows}
     return [first[(u.issuer, u.jti)] == i and (u.issuer, u.jti) in won for i, u in enumerate(uses)]
 

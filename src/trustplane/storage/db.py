@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
@@ -27,6 +27,10 @@ _DRIVERS = {
 
 #: How long a start-up check waits for the database before it gives up.
 PROBE_TIMEOUT = 5.0
+
+#: PostgreSQL connections older than this (seconds) are replaced at their next checkout, before a
+#: server-side idle timeout or a NAT table forgets them (checkouts are not pre-pinged).
+POOL_RECYCLE = 1800
 
 
 class DatabaseUnavailable(Exception):
@@ -54,8 +58,7 @@ class Database:
         self._pool_size = pool_size
         self._autocommit: AsyncEngine | None = None
         self.engine: AsyncEngine = self._create_engine(
-            {"pool_size": pool_size, "max_overflow": pool_size, "pool_pre_ping": True},
-            sqlite_file_pool=False,
+            {"pool_size": pool_size, "max_overflow": pool_size}, sqlite_file_pool=False
         )
 
     def _create_engine(
@@ -74,10 +77,12 @@ class Database:
                 kwargs.update(pool)
             kwargs["connect_args"] = {"timeout": 30}
         else:
-            kwargs.update(pool)
+            kwargs.update(pool, pool_recycle=POOL_RECYCLE)
         engine = create_async_engine(self.url, **kwargs)
         if self.is_sqlite:
             event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        else:
+            event.listen(engine.sync_engine, "checkout", _refuse_closed)
         return engine
 
     @property
@@ -132,6 +137,29 @@ class Database:
         await self.engine.dispose()
         if self._autocommit is not None:
             await self._autocommit.dispose()
+
+
+def _refuse_closed(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
+    """Checkout without a round trip (instead of ``pool_pre_ping``, which costs ``BEGIN``, ``;``,
+    ``ROLLBACK`` per checkout on asyncpg): a connection the driver already knows is closed (the
+    server terminated it: ``pg_terminate_backend``, a restart, a failover) is discarded and the pool
+    hands out a fresh one (SQLAlchemy's ``DisconnectionError`` protocol, up to three attempts).
+    A death not yet noticed surfaces as ``DBAPIError.connection_invalidated`` on the first
+    statement, which callers on the hot path retry once (:func:`is_disconnect`)."""
+    if connection_closed(dbapi_conn):
+        raise DisconnectionError("the server closed this connection")
+
+
+def connection_closed(dbapi_conn: Any) -> bool:
+    """True if the driver already knows the connection is closed (asyncpg: no round trip);
+    always False on SQLite (an in-process file does not disconnect)."""
+    is_closed = getattr(getattr(dbapi_conn, "driver_connection", None), "is_closed", None)
+    return bool(is_closed()) if callable(is_closed) else False
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """A statement failed because its connection was dead (SQLAlchemy invalidated it)."""
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

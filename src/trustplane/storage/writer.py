@@ -8,6 +8,14 @@ multi-row statement per kind), commits, and only then resolves the futures. Nobo
 their write is durable. If a batch's transaction fails, its items are retried one by one, so a single
 poison item (a value the database refuses) fails alone instead of failing unrelated requests; an item
 whose own transaction fails is told ``WriterUnavailable`` (fail closed) and nothing of it is committed.
+
+The writer holds one connection. One the server closed (``pg_terminate_backend``, a restart) is
+replaced before the batch if the driver already knows (no round trip), and a batch whose statements
+fail because the connection was dead runs once more on a fresh one; a failure of the ``COMMIT``
+itself is never retried as a whole (whether it committed is unknown).
+
+``trustplane_group_commit_batch_size`` counts the writes per commit; on the token endpoint each
+request is one write, so it is the number of requests that share a commit.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane import metrics
-from trustplane.storage.db import Database
+from trustplane.storage.db import Database, connection_closed, is_disconnect
 from trustplane.storage.turn import WriterTurn
 
 log = structlog.get_logger(__name__)
@@ -53,6 +61,7 @@ class GroupCommitWriter:
         self._max_batch = max_batch
         self._task: asyncio.Task[None] | None = None
         self._conn: AsyncConnection | None = None
+        self._raw: Any = None  # the pool's proxy of the driver connection under ``_conn``
         self._stopping = False
         self._turn = WriterTurn.for_database(db)  # SQLite: worker processes take turns (turn.py)
         self.batches = 0
@@ -105,13 +114,16 @@ class GroupCommitWriter:
 
     async def _connection(self) -> AsyncConnection:
         """The writer keeps one connection: no pool checkout or reset round trip per batch."""
+        if self._conn is not None and connection_closed(self._raw):
+            await self._drop_connection()
         if self._conn is None:
             self._conn = await self._db.engine.connect()
+            self._raw = await self._conn.get_raw_connection()
         return self._conn
 
     async def _drop_connection(self) -> None:
         """After a failure the connection may be broken; the next batch opens a fresh one."""
-        conn, self._conn = self._conn, None
+        conn, self._conn, self._raw = self._conn, None, None
         if conn is not None:
             with contextlib.suppress(Exception):
                 await conn.close()
@@ -119,25 +131,34 @@ class GroupCommitWriter:
     def _my_turn(self) -> contextlib.AbstractAsyncContextManager[None]:
         return self._turn.hold() if self._turn is not None else contextlib.nullcontext()
 
-    async def _flush(self, batch: list[_Item]) -> None:
+    async def _flush(self, batch: list[_Item], *, reconnected: bool = False) -> None:
         by_kind: dict[str, list[_Item]] = {}
         for item in batch:
             by_kind.setdefault(item.kind, []).append(item)
         results: list[tuple[_Item, Any]] = []
+        committing = False
         try:
             conn = await self._connection()
-            async with self._my_turn(), conn.begin():
+            async with self._my_turn():  # SQLite: the workers' turn, around the transaction
+                transaction = await conn.begin()
                 for kind in self._order:
                     items = by_kind.get(kind)
                     if items:
                         out = await self._handlers[kind](conn, [i.payload for i in items])
                         results.extend(zip(items, out, strict=True))
+                committing = True
+                await transaction.commit()
         except Exception as exc:  # fail closed: nobody in the failed transaction is told "done"
-            log.error("group_commit_failed", error=repr(exc), batch=len(batch))
             await self._drop_connection()
+            if is_disconnect(exc) and not committing and not reconnected:
+                # the connection was dead before anything was committed: same batch, fresh one
+                log.warning("group_commit_reconnect", error=repr(exc), batch=len(batch))
+                await self._flush(batch, reconnected=True)
+                return
+            log.error("group_commit_failed", error=repr(exc), batch=len(batch))
             if len(batch) > 1:  # isolate a poison item: retry one by one so only it fails
                 for item in batch:
-                    await self._flush([item])
+                    await self._flush([item], reconnected=True)
                 return
             for item in batch:
                 if not item.future.done():
@@ -146,6 +167,7 @@ class GroupCommitWriter:
         self.batches += 1
         self.items += len(batch)
         metrics.WRITER_BATCH.observe(len(batch))
+        # Only now, after COMMIT returned, is anybody answered.
         for item, result in results:
             if not item.future.done():
                 item.future.set_result(result)

@@ -1,0 +1,272 @@
+#!/usr/bin/env python3
+"""The token hot path, this tree against a baseline tree, alternated in one run.
+
+Both trees run as ``trustplane serve --workers N`` from the same virtualenv, each with its own
+sources first on ``PYTHONPATH`` (the baseline: a ``git worktree`` of an earlier commit, e.g.
+``git worktree add --detach ../hotpath-base b0f15a1``), each on its own SQLite file or fresh
+PostgreSQL database. Load as in ``bench/token_endpoint.py``: client_credentials with a fresh ES256
+private_key_jwt assertion per request, wrk on loopback. Per store the two servers run side by side
+and the measured runs alternate (ours, base, base, ours, ...), after each run waiting until both
+servers are idle again (the ledger's sequencer integrates what the run appended), so that one
+server's background work is not charged to the other.
+
+Per run: tokens/s, p50/p99, server CPU per token (the server's process tree), PostgreSQL CPU per
+token (the backends connected to that server's database), requests per commit (the group-commit
+writer's ``trustplane_group_commit_batch_size`` histogram, scraped from /metrics before and after),
+and the 1-minute load average. Medians per (store, tree, connections) at the end, and one JSON line
+per run with ``--json``.
+
+  python bench/hotpath.py --base ../hotpath-base --database-url postgresql://postgres@127.0.0.1:5432/test
+  python bench/hotpath.py --base ../hotpath-base --stores sqlite --connections 1 8 32 64 --reps 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import wait_ready
+from token_endpoint import (
+    BIN,
+    RESOURCE,
+    TICK,
+    _create_pg_database,
+    cli,
+    make_bodies,
+    process_tree_ticks,
+    run_wrk,
+    server_env,
+    start,
+    stop,
+)
+
+HERE = Path(__file__).resolve().parent
+OURS = HERE.parent
+
+
+@dataclass
+class Target:
+    """One running server: a tree on a store."""
+
+    tree: str
+    store: str
+    env: dict[str, str]
+    work: Path
+    pg_name: str
+    issuer: str = ""
+    client_id: str = ""
+    pem: bytes = b""
+    proc: Any = None
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ops(self) -> str:
+        return f"http://127.0.0.1:{self.env['TRUSTPLANE_OPS_PORT']}"
+
+
+def setup(tree: str, src: Path, store: str, args: argparse.Namespace, root: Path) -> Target:
+    work = root / f"{tree}-{store}"
+    work.mkdir()
+    port = int(args.port_base) + len(list(root.iterdir()))
+    env, pg_name = server_env(work, port, args.database_url if store == "postgresql" else "")
+    env["PYTHONPATH"] = str(src)
+    target = Target(tree, store, env, work, pg_name, issuer=f"http://127.0.0.1:{port}")
+    cli("migrate", env=env)
+    cli("clients", "keygen", "--out", str(work / "client"), "--kid", "bench-key", env=env)
+    client = json.loads(
+        cli(
+            "clients", "add", "--lei", "5493001KJTIIGC8Y1R12", "--scope", "order:create",
+            "--resource", RESOURCE, "--jwks-file", str(work / "client" / "jwks.json"),
+            "--name", "bench", "--json", env=env,
+        )
+    )  # fmt: skip
+    target.client_id, target.pem = client["client_id"], (work / "client" / "key.pem").read_bytes()
+    target.proc = start(
+        [str(BIN / "trustplane"), "serve", "--workers", str(args.workers)], env, work / "server.log"
+    )
+    try:
+        wait_ready(f"{target.issuer}/healthz", timeout=240.0)
+    except SystemExit:
+        stop(target.proc)
+        raise
+    return target
+
+
+def batch_histogram(target: Target) -> tuple[float, float]:
+    """(sum, count) of the group-commit batch-size histogram, over all workers."""
+    with urllib.request.urlopen(f"{target.ops}/metrics", timeout=10) as response:  # noqa: S310
+        text = response.read().decode()
+    total = re.search(r"^trustplane_group_commit_batch_size_sum (\S+)$", text, re.M)
+    count = re.search(r"^trustplane_group_commit_batch_size_count (\S+)$", text, re.M)
+    return (float(total.group(1)) if total else 0.0, float(count.group(1)) if count else 0.0)
+
+
+def pg_backends(admin_url: str, name: str) -> list[int]:
+    async def query() -> list[int]:
+        from sqlalchemy import text
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        from trustplane.storage.db import async_url
+
+        engine = create_async_engine(async_url(admin_url))
+        async with engine.connect() as conn:
+            rows = await conn.execute(
+                text("SELECT pid FROM pg_stat_activity WHERE datname = :n"), {"n": name}
+            )
+            pids = [int(r[0]) for r in rows]
+        await engine.dispose()
+        return pids
+
+    return asyncio.run(query())
+
+
+def ticks(pids: list[int]) -> dict[int, int]:
+    out = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            out[pid] = int(fields[11]) + int(fields[12])
+        except OSError:
+            continue
+    return out
+
+
+def wait_idle(targets: list[Target], cap: float) -> None:
+    """Until every server's process tree used under 5% of a core over half a second (at most
+    ``cap`` seconds)."""
+    deadline = time.monotonic() + cap
+    while time.monotonic() < deadline:
+        before = [process_tree_ticks(t.proc.pid) for t in targets]
+        time.sleep(0.5)
+        after = [process_tree_ticks(t.proc.pid) for t in targets]
+        if all((a - b) / TICK < 0.025 for a, b in zip(after, before, strict=True)):
+            return
+
+
+def measure(target: Target, connections: int, args: argparse.Namespace, rep: int) -> None:
+    bodies = target.work / "run.bodies"
+    n = max(2000, int(args.expect_rps * args.duration * 1.6))
+    make_bodies(bodies, n, target.pem, target.client_id, target.issuer)
+    pids = pg_backends(args.database_url, target.pg_name) if target.pg_name else []
+    pg_before = ticks(pids)
+    hist_before = batch_histogram(target)
+    load = os.getloadavg()[0]
+    result: dict[str, Any] = dict(
+        run_wrk(f"{target.issuer}/token", bodies, connections, args.duration, target.proc.pid)
+    )
+    hist_after = batch_histogram(target)
+    pg_after = ticks(pids)
+    bodies.unlink()
+    commits = hist_after[1] - hist_before[1]
+    result.update(
+        tree=target.tree,
+        store=target.store,
+        connections=connections,
+        rep=rep,
+        load1=load,
+        commits=commits,
+        requests_per_commit=(hist_after[0] - hist_before[0]) / commits if commits else 0.0,
+        pg_cpu_ms_per_req=1000.0
+        * sum(pg_after[p] - pg_before.get(p, pg_after[p]) for p in pg_after)
+        / TICK
+        / max(result["requests"], 1),
+    )
+    target.runs.append(result)
+    print(
+        f"  {target.store:<10} {target.tree:<4} c={connections:<3} rep {rep}: "
+        f"{result['rps']:7.0f}/s  p50 {result['p50_ms']:6.1f}  p99 {result['p99_ms']:6.1f} ms  "
+        f"cpu {result['cpu_ms_per_req']:.3f}  pg {result['pg_cpu_ms_per_req']:.3f} ms/tok  "
+        f"req/commit {result['requests_per_commit']:5.1f}  non-2xx {result['non_2xx']:.0f}  "
+        f"load {load:.2f}",
+        flush=True,
+    )
+    if args.json:
+        with args.json.open("a") as handle:
+            handle.write(json.dumps(result) + "\n")
+
+
+def summarise(targets: list[Target]) -> None:
+    keys = ("rps", "p50_ms", "p99_ms", "cpu_ms_per_req", "pg_cpu_ms_per_req")
+    keys += ("requests_per_commit", "load1")
+    print("\nmedians: store tree c | tokens/s p50 p99 | cpu/tok pg/tok | req/commit | load1 | n")
+    for target in targets:
+        for c in sorted({r["connections"] for r in target.runs}):
+            runs = [r for r in target.runs if r["connections"] == c]
+            m = {k: statistics.median(r[k] for r in runs) for k in keys}
+            print(
+                f"{target.store:<10} {target.tree:<4} c={c:<3} | {m['rps']:6.0f} "
+                f"{m['p50_ms']:6.1f} {m['p99_ms']:6.1f} | {m['cpu_ms_per_req']:.3f} "
+                f"{m['pg_cpu_ms_per_req']:.3f} | {m['requests_per_commit']:5.1f} | "
+                f"{m['load1']:.2f} | {len(runs)}  (non-2xx {sum(r['non_2xx'] for r in runs):.0f})"
+            )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--base", type=Path, required=True, help="the baseline tree (has src/)")
+    ap.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/test")
+    ap.add_argument("--stores", nargs="+", default=["sqlite", "postgresql"])
+    ap.add_argument("--connections", nargs="+", type=int, default=[32, 64])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--duration", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--expect-rps", type=float, default=3500, help="sizes the pre-made bodies")
+    ap.add_argument("--idle-cap", type=float, default=20.0)
+    ap.add_argument("--port-base", type=int, default=int(os.environ.get("BENCH_PORT", "26100")))
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is required (apt-get install wrk)")
+    trees = {"ours": OURS / "src", "base": args.base.resolve() / "src"}
+    root = Path(tempfile.mkdtemp(prefix="tp-hotpath-"))
+    every: list[Target] = []
+    try:
+        for store in args.stores:
+            targets = [setup(t, src, store, args, root) for t, src in trees.items()]
+            every += targets
+            for target in targets:  # warm-up, discarded
+                w = target.work / "warm.bodies"
+                make_bodies(w, int(args.expect_rps * args.warmup * 1.6), target.pem,
+                            target.client_id, target.issuer)  # fmt: skip
+                run_wrk(f"{target.issuer}/token", w, max(args.connections), args.warmup,
+                        target.proc.pid)  # fmt: skip
+                w.unlink()
+            print(f"{store}: {args.workers} workers, {args.duration}s runs", flush=True)
+            for rep in range(1, args.reps + 1):
+                for c in args.connections:
+                    order = targets if (rep + c) % 2 else targets[::-1]
+                    for target in order:
+                        wait_idle(targets, args.idle_cap)
+                        measure(target, c, args, rep)
+            for target in targets:
+                stop(target.proc)
+                target.proc = None
+        summarise(every)
+    finally:
+        for target in every:
+            if target.proc is not None:
+                stop(target.proc)
+            if target.pg_name:
+                asyncio.run(_create_pg_database(args.database_url, target.pg_name, drop=True))
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
