@@ -45,10 +45,7 @@ import argparse
 import base64
 import contextlib
 import hashlib
-import html
 import json
-import os
-import re
 import secrets
 import shutil
 import signal
@@ -78,8 +75,24 @@ from services import (
     settlement_api,
 )
 
-from trustplane.demo.parties import claims_of, pkce_pair
-from trustplane.demo.processes import free_port, scopes_toml
+from trustplane.demo.parties import (
+    ACCESS_TOKEN,
+    ALICE_PASSWORD,
+    ARRANGER,
+    ARRANGER_ORDERS,
+    BROKER,
+    BROKER_EXECUTION,
+    CLEARING_SETTLEMENT,
+    EXCHANGE,
+    NORTHWIND,
+    REDIRECT_URI,
+    SCOPES,
+    TRADE,
+    authorize,
+    claims_of,
+    trust_profile,
+)
+from trustplane.demo.processes import DemoFailed, clean_env, expect, free_port, scopes_toml
 from trustplane.jose.jwk import thumbprint
 from trustplane.keys.crypto import public_jwk
 from trustplane.logging import configure_logging
@@ -87,44 +100,19 @@ from trustplane.pep import PrivateKeyJwt
 from trustplane.tls import certificate_thumbprint, dev_ca
 
 TRUSTPLANE = shutil.which("trustplane") or str(Path(sys.executable).with_name("trustplane"))
-EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
-ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"
-REDIRECT_URI = "https://orders.arranger.example/callback"
-#: Audiences (RFC 8707 resources) of the three parties' APIs.
-ARRANGER_ORDERS = "https://orders.arranger.example/api"
-BROKER_EXECUTION = "https://execution.broker.example/api"
-CLEARING_SETTLEMENT = "https://settlement.clearing.example/api"
-#: ISO 17442 LEIs with valid check digits (example entities).
-NORTHWIND = "529900T8BM49AURSDO55"
-ARRANGER = "5493001KJTIIGC8Y1R12"
-BROKER = "213800BROKERCLR10051"
 CLEARING_ACCOUNT = "CLR-BRK-001"  # the broker's account at the clearing broker
 BOND = "XS0000000001"
-ALICE_PASSWORD = "correct horse battery staple 42"
-TRADE = {
-    "type": "trade_instruction",
-    "actions": ["create_order"],
-    "accounts": ["ACC-1"],
-    "instrument_classes": ["bond"],
-    "max_notional": {"amount": 500_000_000, "currency": "EUR", "minor_units": 2},
-}
 #: Step 2 narrows the consented details to this one order's notional.
 ORDER = {**TRADE, "max_notional": {"amount": 120_000_000, "currency": "EUR", "minor_units": 2}}
 #: The order the broker executes (1m EUR of a bond on ACC-1), and its settlement instruction.
 ORDER_IN = {"account": "ACC-1", "instrument": BOND, "side": "buy", "amount_minor": 100_000_000,
             "currency": "EUR"}  # fmt: skip
-SCOPES = "order:create settlement:submit"
 #: Each deployment's scope vocabulary: business verbs bound to the audiences that accept them.
 VOCABULARY = {
     "arranger": {ARRANGER_ORDERS: SCOPES, BROKER_EXECUTION: SCOPES},
     "broker": {BROKER_EXECUTION: SCOPES, CLEARING_SETTLEMENT: "settlement:submit"},
     "clearing": {CLEARING_SETTLEMENT: "settlement:submit"},
 }
-_HIDDEN = re.compile(r'<input type="hidden" name="(\w+)" value="([^"]*)">')
-
-
-class StepFailed(Exception):
-    pass
 
 
 @dataclass(frozen=True)
@@ -215,11 +203,6 @@ def show(label: str, value: Any) -> None:
     print(f"    {label}: " + rendered.replace("\n", "\n    "), flush=True)
 
 
-def expect(condition: bool, what: str) -> None:
-    if not condition:
-        raise StepFailed(what)
-
-
 @dataclass
 class Deployment:
     name: str
@@ -238,7 +221,7 @@ class Deployment:
 
     @property
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TRUSTPLANE_")}
+        env = clean_env()
         env.update(
             TRUSTPLANE_DATA_DIR=str(self.data_dir),
             TRUSTPLANE_DATABASE_URL=f"sqlite+aiosqlite:///{self.data_dir / 'trustplane.db'}",
@@ -263,12 +246,12 @@ class Deployment:
             text=True, timeout=120, check=False,
         )  # fmt: skip
         if proc.returncode != 0:
-            raise StepFailed(f"{self.name}: trustplane {' '.join(args)}: {proc.stderr.strip()}")
+            raise DemoFailed(f"{self.name}: trustplane {' '.join(args)}: {proc.stderr.strip()}")
         return json.loads(proc.stdout)
 
     def start(self) -> None:
         if self.data_dir.exists():
-            raise StepFailed(f"{self.data_dir} already exists: give an empty --workdir")
+            raise DemoFailed(f"{self.data_dir} already exists: give an empty --workdir")
         self.data_dir.mkdir(parents=True)
         self.pki.server(self.name)
         (self.data_dir / "scopes.toml").write_text(scopes_toml(VOCABULARY[self.name]))
@@ -282,12 +265,12 @@ class Deployment:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
-                raise StepFailed(f"{self.name} exited early:\n{self.log()[-3000:]}")
+                raise DemoFailed(f"{self.name} exited early:\n{self.log()[-3000:]}")
             with contextlib.suppress(httpx.TransportError), self.pki.http(timeout=1) as http:
                 if http.get(f"{self.issuer}/healthz").status_code == 200:
                     return
             time.sleep(0.1)
-        raise StepFailed(f"{self.name} not healthy within {timeout:g} s")
+        raise DemoFailed(f"{self.name} not healthy within {timeout:g} s")
 
     def log(self) -> str:
         path = self.data_dir / "server.log"
@@ -408,24 +391,10 @@ class Deployment:
         """A trust profile for ``partner``: its issuer and its current public keys, inline."""
         with self.pki.http() as http:
             jwks = http.get(f"{partner.issuer}/jwks").json()
-        document = {
-            "partner_id": partner_id,
-            "name": partner.name,
-            "lei": lei,
-            "issuers": [partner.issuer],
-            "keys": {"jwks": {"keys": [k for k in jwks["keys"] if k.get("alg") == "ES256"]}},
-            "algorithms": ["ES256"],
-            "max_assertion_lifetime": 900,
-            "accepted_token_types": [ACCESS_TOKEN],
-            **profile,
-        }
+        document = trust_profile(partner_id, partner.name, partner.issuer, jwks, lei, **profile)
         path = self.data_dir / f"partner-{partner_id}.json"
         path.write_text(json.dumps(document))
         self.cli("partners", "add", str(path))
-
-
-def hidden_fields(page: str) -> dict[str, str]:
-    return {name: html.unescape(value) for name, value in _HIDDEN.findall(page)}
 
 
 def consent(
@@ -434,40 +403,14 @@ def consent(
     """Step 1: Alice's browser (httpx) logs in and approves; the order service redeems the code
     over mutual TLS with a DPoP proof of Alice's session key (the code is bound to that key by
     ``dpop_jkt``, RFC 9449 §10), so her token is DPoP-bound."""
-    verifier, challenge = pkce_pair()
-    params = {
-        "response_type": "code",
-        "client_id": client.client_id,
-        "redirect_uri": REDIRECT_URI,
-        "scope": SCOPES,
-        "resource": ARRANGER_ORDERS,
-        "state": secrets.token_urlsafe(16),
-        "code_challenge": challenge,
-        "code_challenge_method": "S256",
-        "authorization_details": json.dumps([TRADE]),
-        "dpop_jkt": session.jkt,
-    }
     with arranger.pki.http(base_url=arranger.issuer, follow_redirects=False, timeout=30) as browser:
-        login = browser.get("/authorize", params=params)
-        expect(login.status_code == 200, f"authorize page: {login.status_code} {login.text[:300]}")
-        login_form = {**hidden_fields(login.text), "username": "alice", "password": ALICE_PASSWORD}
-        after_login = browser.post("/authorize/login", data=login_form)
-        expect(after_login.status_code == 303, f"login: {after_login.status_code}")
-        page = browser.get(after_login.headers["location"])
-        expect('action="/authorize/consent"' in page.text, "no consent page after login")
-        approved = browser.post(
-            "/authorize/consent", data={**hidden_fields(page.text), "decision": "approve"}
-        )
-        expect(approved.status_code in (302, 303), f"consent: {approved.status_code}")
-    callback = httpx.URL(approved.headers["location"])
-    expect(str(callback).startswith(REDIRECT_URI), f"redirected to {callback}")
-    expect(callback.params.get("state") == params["state"], "state mismatch")
+        code, verifier = authorize(browser, client.client_id, dpop_jkt=session.jkt)
     return arranger.token(
         client,
         identity,
         session,
         grant_type="authorization_code",
-        code=callback.params["code"],
+        code=code,
         redirect_uri=REDIRECT_URI,
         code_verifier=verifier,
     )
@@ -510,7 +453,7 @@ def decided(entry: dict[str, Any]) -> str:
 def run(workdir: Path) -> None:
     for name in ("arranger", "broker", "clearing", "pki"):  # before the CA is made
         if (workdir / name).exists():
-            raise StepFailed(f"{workdir / name} already exists: give an empty --workdir")
+            raise DemoFailed(f"{workdir / name} already exists: give an empty --workdir")
     pki = Pki.create(workdir / "pki")
     arranger = Deployment("arranger", workdir, pki)
     broker = Deployment("broker", workdir, pki)
@@ -847,7 +790,7 @@ def main() -> int:
     with workspace(args.workdir, args.keep) as workdir:
         try:
             run(workdir)
-        except StepFailed as exc:
+        except DemoFailed as exc:
             print(f"\nFAILED: {exc}", file=sys.stderr)
             return 1
     return 0

@@ -4,8 +4,6 @@ the client. Used by the in-process suites and by the e2e tests against a real se
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import html
 import re
 import secrets
@@ -16,15 +14,10 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import orjson
 
+from trustplane.demo.parties import TRADE, pkce_pair
+
 REDIRECT_URI = "https://client.example/cb"
 PASSWORD = "correct horse battery staple"
-TRADE = {
-    "type": "trade_instruction",
-    "actions": ["create_order"],
-    "accounts": ["ACC-1"],
-    "instrument_classes": ["bond"],
-    "max_notional": {"amount": 500_000_000, "currency": "EUR", "minor_units": 2},
-}
 _INPUT = re.compile(r'<input type="hidden" name="(\w+)" value="([^"]*)">')
 
 
@@ -32,12 +25,6 @@ def hidden_fields(page: str) -> dict[str, str]:
     """The hidden fields of the page's first form (the one-time-code page has a second one)."""
     first = page.split("</form>", 1)[0]
     return {name: html.unescape(value) for name, value in _INPUT.findall(first)}
-
-
-def pkce_pair() -> tuple[str, str]:
-    verifier = secrets.token_urlsafe(48)
-    digest = hashlib.sha256(verifier.encode()).digest()
-    return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
 def query_of(location: str) -> dict[str, str]:

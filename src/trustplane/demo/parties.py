@@ -140,21 +140,12 @@ class Party:
         """A ``partner`` action: a trust profile for ``upstream`` with its issuer, its keys inline
         and its SSF transmitter with our client there, so our receiver subscribes by itself."""
         jwks = httpx.get(f"{upstream.issuer}/jwks", timeout=10).json()
-        document = {
-            "partner_id": upstream.name,
-            "name": upstream.name,
-            "lei": lei,
-            "issuers": [upstream.issuer],
-            "keys": {"jwks": {"keys": [k for k in jwks["keys"] if k.get("alg") == "ES256"]}},
-            "algorithms": ["ES256"],
-            "max_assertion_lifetime": 900,
-            "accepted_token_types": [ACCESS_TOKEN],
-            "ssf": {
-                "configuration_url": f"{upstream.issuer}/.well-known/ssf-configuration",
-                "client_id": ssf_client,
-            },
-            **profile,
+        ssf = {
+            "configuration_url": f"{upstream.issuer}/.well-known/ssf-configuration",
+            "client_id": ssf_client,
         }
+        document = trust_profile(upstream.name, upstream.name, upstream.issuer, jwks, lei, ssf=ssf)
+        document.update(profile)
         return {"op": "partner", "document": document}
 
     def token(self, client: PrivateKeyJwt, **form: str) -> dict[str, Any]:
@@ -232,13 +223,33 @@ def _hidden(page: str) -> dict[str, str]:
     return {name: html.unescape(value) for name, value in _HIDDEN.findall(page)}
 
 
-def consent(arranger: Party, client: PrivateKeyJwt) -> dict[str, Any]:
-    """Step 1: Alice's browser logs in at the arranger and approves the order service (code +
-    PKCE + consent, RFC 6749 §4.1, RFC 7636, RFC 9396); the consent becomes mandate M v1."""
+def trust_profile(
+    partner_id: str, name: str, issuer: str, jwks: dict[str, Any], lei: str, **profile: Any
+) -> dict[str, Any]:
+    """A trust profile document for the partner at ``issuer``: its ES256 keys from ``jwks``
+    inline, exchanged access tokens of at most 15 minutes, and ``profile``'s other members."""
+    return {
+        "partner_id": partner_id,
+        "name": name,
+        "lei": lei,
+        "issuers": [issuer],
+        "keys": {"jwks": {"keys": [k for k in jwks["keys"] if k.get("alg") == "ES256"]}},
+        "algorithms": ["ES256"],
+        "max_assertion_lifetime": 900,
+        "accepted_token_types": [ACCESS_TOKEN],
+        **profile,
+    }
+
+
+def authorize(browser: httpx.Client, client_id: str, **params: str) -> tuple[str, str]:
+    """Alice's browser (``browser``: based at the arranger, no redirects followed) logs in at
+    ``/authorize`` and approves ``client_id``'s request for the trade (code + PKCE + consent,
+    RFC 6749 §4.1, RFC 7636, RFC 9396; ``params``: more request parameters). Returns the code and
+    the PKCE verifier to redeem it with."""
     verifier, challenge = pkce_pair()
-    params = {
+    request = {
         "response_type": "code",
-        "client_id": client.client_id,
+        "client_id": client_id,
         "redirect_uri": REDIRECT_URI,
         "scope": SCOPES,
         "resource": ARRANGER_ORDERS,
@@ -246,27 +257,36 @@ def consent(arranger: Party, client: PrivateKeyJwt) -> dict[str, Any]:
         "code_challenge": challenge,
         "code_challenge_method": "S256",
         "authorization_details": json.dumps([TRADE]),
+        **params,
     }
-    with httpx.Client(base_url=arranger.issuer, follow_redirects=False, timeout=30) as browser:
-        login = browser.get("/authorize", params=params)
-        expect(login.status_code == 200, f"authorize page: {login.status_code}")
-        form = {**_hidden(login.text), "username": "alice", "password": ALICE_PASSWORD}
-        after_login = browser.post("/authorize/login", data=form)
-        expect(after_login.status_code == 303, f"login: {after_login.status_code}")
-        page = browser.get(after_login.headers["location"])
-        expect('action="/authorize/consent"' in page.text, "no consent page after login")
-        approved = browser.post(
-            "/authorize/consent", data={**_hidden(page.text), "decision": "approve"}
-        )
-        expect(approved.status_code in (302, 303), f"consent: {approved.status_code}")
+    login = browser.get("/authorize", params=request)
+    expect(login.status_code == 200, f"authorize page: {login.status_code} {login.text[:300]}")
+    form = {**_hidden(login.text), "username": "alice", "password": ALICE_PASSWORD}
+    after_login = browser.post("/authorize/login", data=form)
+    expect(after_login.status_code == 303, f"login: {after_login.status_code}")
+    page = browser.get(after_login.headers["location"])
+    expect('action="/authorize/consent"' in page.text, "no consent page after login")
+    approved = browser.post(
+        "/authorize/consent", data={**_hidden(page.text), "decision": "approve"}
+    )
+    expect(approved.status_code in (302, 303), f"consent: {approved.status_code}")
     callback = httpx.URL(approved.headers["location"])
-    expect(callback.params.get("state") == params["state"], "state mismatch")
+    expect(str(callback).startswith(REDIRECT_URI), f"redirected to {callback}")
+    expect(callback.params.get("state") == request["state"], "state mismatch")
     if "code" not in callback.params:
         raise DemoFailed(f"no code in the redirect: {callback}")
+    return callback.params["code"], verifier
+
+
+def consent(arranger: Party, client: PrivateKeyJwt) -> dict[str, Any]:
+    """Step 1: Alice approves the order service at the arranger; the consent becomes mandate M v1
+    and the code is redeemed for her token."""
+    with httpx.Client(base_url=arranger.issuer, follow_redirects=False, timeout=30) as browser:
+        code, verifier = authorize(browser, client.client_id)
     return arranger.token(
         client,
         grant_type="authorization_code",
-        code=callback.params["code"],
+        code=code,
         redirect_uri=REDIRECT_URI,
         code_verifier=verifier,
     )

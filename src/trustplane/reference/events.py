@@ -27,8 +27,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from trustplane.events.formats import TRADE_EVENT_ALG as ALG
 from trustplane.events.formats import TRADE_EVENT_TYP as EVENT_TYP
-from trustplane.jose.jwk import JWKError, import_public_jwks, thumbprint
-from trustplane.jose.jws import JWSError, Signer, b64url_encode, parse
+from trustplane.events.signed import verified_claims
+from trustplane.jose.jwk import thumbprint
+from trustplane.jose.jws import Signer, b64url_encode
 
 
 class EventRefused(Exception):
@@ -182,24 +183,7 @@ class EventSigner:
 def verify_event(compact: str, jwks: Any, *, issuer: str) -> dict[str, Any]:
     """The payload of a verified event, or :class:`EventRefused`: ES256 only, ``typ`` must be
     ``trade-event+jwt``, the key is the JWKS entry named by ``kid``, ``iss`` must be ``issuer``."""
-    try:
-        parsed = parse(compact)
-    except JWSError as exc:
-        raise EventRefused(f"not a compact JWS: {exc}") from None
-    header = parsed.header
-    if header.get("alg") != ALG or header.get("typ") != EVENT_TYP:
-        raise EventRefused("wrong alg or typ")
-    try:
-        published = import_public_jwks(jwks)
-    except JWKError as exc:
-        raise EventRefused(f"unusable JWKS: {exc}") from None
-    keys = [key for kid, alg, key in published if kid == header.get("kid") and alg == ALG]
-    if not keys or not any(parsed.verify(key) for key in keys):
-        raise EventRefused("the signature does not verify with the publisher's keys")
-    try:
-        claims = parsed.claims()
-    except JWSError as exc:
-        raise EventRefused(str(exc)) from None
+    claims = verified_claims(compact, jwks, typ=EVENT_TYP, alg=ALG, refused=EventRefused)
     if claims.get("iss") != issuer or not isinstance(claims.get("jti"), str):
         raise EventRefused("wrong issuer or no event id")
     return claims

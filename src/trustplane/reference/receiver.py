@@ -33,7 +33,7 @@ from prometheus_client import Counter
 
 from trustplane.jose.jwk import thumbprint
 from trustplane.jose.jws import b64url_encode
-from trustplane.outbound import OutboundError, OutboundFetcher, OutboundPolicy
+from trustplane.outbound import OutboundFetcher, OutboundPolicy
 from trustplane.pep.client_auth import ClientAuth, PrivateKeyJwt
 from trustplane.pep.keys import IssuerKeys, TrustedIssuer, check_url, metadata_url
 from trustplane.reference.services import TradeServices
@@ -48,6 +48,7 @@ from trustplane.reference.signals import (
     issuer_of,
     signals_of,
 )
+from trustplane.ssf.client import find_or_create_stream, request_json
 from trustplane.ssf.receiver import SetRefused
 from trustplane.ssf.transmitter import POLL
 
@@ -70,6 +71,7 @@ MAX_EVENTS = 50
 MAX_POLL_BYTES = 256 * 1024
 #: Longer than the transmitter's longest poll wait (``ssf_poll_wait`` is at most 60 s).
 POLL_TIMEOUT = 70.0
+PURPOSE = "reference_signals"
 
 
 def _dict(value: Any, what: str) -> dict[str, Any]:
@@ -154,23 +156,17 @@ class SignalReceiver:
         return self.subscription
 
     async def _stream(self, issuer: str, token_endpoint: str, endpoint: str) -> Any:
-        bearer = await self._bearer(issuer, token_endpoint)
-        streams = await self._json("GET", endpoint, headers=bearer)
-        for stream in streams if isinstance(streams, list) else []:
-            delivery = stream.get("delivery") if isinstance(stream, dict) else None
-            if (
-                isinstance(delivery, dict)
-                and delivery.get("method") == POLL
-                and stream.get("description") == DESCRIPTION
-            ):
-                return stream
         body = {"delivery": {"method": POLL}, "events_requested": REQUESTED}
-        return await self._json(
-            "POST",
+        return await find_or_create_stream(
+            self._fetcher,
             endpoint,
-            headers={**bearer, "Content-Type": "application/json"},
-            content=orjson.dumps({**body, "description": DESCRIPTION}),
-            expect=(200, 201),
+            await self._bearer(issuer, token_endpoint),
+            matches=lambda stream, delivery: (
+                delivery.get("method") == POLL and stream.get("description") == DESCRIPTION
+            ),
+            body={**body, "description": DESCRIPTION},
+            purpose=PURPOSE,
+            error=SignalError,
         )
 
     async def _bearer(self, issuer: str, token_endpoint: str) -> dict[str, str]:
@@ -281,37 +277,11 @@ class SignalReceiver:
         if _origin(url) != _origin(issuer):
             raise SignalError(f"{url[:200]} is not on the transmitter's origin")
 
-    async def _json(
-        self,
-        method: str,
-        url: str,
-        *,
-        headers: dict[str, str] | None = None,
-        content: bytes | None = None,
-        data: dict[str, str] | None = None,
-        max_bytes: int | None = None,
-        expect: tuple[int, ...] = (200,),
-    ) -> Any:
-        try:
-            answer = await self._fetcher.request(
-                method,
-                url,
-                purpose="reference_signals",
-                headers={"Accept": "application/json", **(headers or {})},
-                content=content,
-                data=data,
-                max_bytes=max_bytes,
-            )
-        except OutboundError as exc:
-            raise SignalError(f"{url[:200]}: {exc.outcome}: {exc.reason}") from None
-        if answer.status not in expect:
-            raise SignalError(f"{url[:200]}: HTTP {answer.status} {answer.body[:200]!r}")
-        if answer.status == 401:
-            return None
-        try:
-            return answer.json()
-        except OutboundError:
-            raise SignalError(f"{url[:200]}: not JSON") from None
+    async def _json(self, method: str, url: str, **request: Any) -> Any:
+        """The JSON answer, or :class:`SignalError`; None for a 401 when ``expect`` allows it."""
+        return await request_json(
+            self._fetcher, method, url, purpose=PURPOSE, error=SignalError, **request
+        )
 
 
 # ---------------------------------------------------------------------- from the settings

@@ -11,8 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from trustplane.events.jetstream import Refused
-from trustplane.jose.jwk import JWKError, import_public_jwks
-from trustplane.jose.jws import JWSError, parse
+from trustplane.events.signed import verified_claims
 from trustplane.security_events.stream import EVENT_TYP
 
 
@@ -22,24 +21,7 @@ class EventRefused(Refused):
 
 def verify_event(compact: str | bytes, jwks: Any, *, issuer: str) -> dict[str, Any]:
     """The claims of a verified event, or :class:`EventRefused`."""
-    try:
-        parsed = parse(compact.decode("ascii") if isinstance(compact, bytes) else compact)
-    except (JWSError, UnicodeDecodeError) as exc:
-        raise EventRefused(f"not a compact JWS: {exc}") from None
-    header = parsed.header
-    if header.get("typ") != EVENT_TYP:
-        raise EventRefused(f"typ must be {EVENT_TYP}")
-    try:
-        published = import_public_jwks(jwks)
-    except JWKError as exc:
-        raise EventRefused(f"unusable JWKS: {exc}") from None
-    keys = [key for kid, alg, key in published if kid == header.get("kid") and alg == parsed.alg]
-    if not keys or not any(parsed.verify(key) for key in keys):
-        raise EventRefused("the signature does not verify with the publisher's keys")
-    try:
-        claims = parsed.claims()
-    except JWSError as exc:
-        raise EventRefused(str(exc)) from None
+    claims = verified_claims(compact, jwks, typ=EVENT_TYP, alg=None, refused=EventRefused)
     if claims.get("iss") != issuer:
         raise EventRefused("wrong issuer")
     if not isinstance(claims.get("jti"), str) or not isinstance(claims.get("type"), str):

@@ -22,18 +22,19 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 import structlog
 
 from trustplane.federation.profile import TrustProfile
 from trustplane.federation.registry import PartnerRegistry
 from trustplane.keys.service import KeyService
-from trustplane.outbound import OutboundError, OutboundFetcher
+from trustplane.outbound import OutboundFetcher
+from trustplane.ssf.client import find_or_create_stream, request_json
 from trustplane.ssf.transmitter import PUSH, SESSION_REVOKED, TOKEN_CLAIMS_CHANGE
 
 log = structlog.get_logger("trustplane.ssf")
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 REQUESTED = [SESSION_REVOKED, TOKEN_CLAIMS_CHANGE]
+PURPOSE = "ssf_subscribe"
 
 
 class SubscriptionError(Exception):
@@ -117,27 +118,23 @@ class Subscriber:
         if not isinstance(token_endpoint, str):
             raise SubscriptionError("the partner's metadata has no token_endpoint")
         token = await self._token(str(issuer), token_endpoint, partner.ssf_client_id)
-        bearer = {"Authorization": f"Bearer {token}"}
-        streams = await self._json("GET", endpoint, headers=bearer, expect=(200,))
-        for stream in streams if isinstance(streams, list) else []:
-            delivery = stream.get("delivery") if isinstance(stream, dict) else None
-            if isinstance(delivery, dict) and delivery.get("endpoint_url") == self._endpoint:
-                return str(stream.get("stream_id"))
         body = {
             "delivery": {"method": PUSH, "endpoint_url": self._endpoint},
             "events_requested": REQUESTED,
             "description": f"trustplane receiver {self._issuer}"[:256],
         }
-        created = await self._json(
-            "POST",
+        stream = await find_or_create_stream(
+            self._fetcher,
             endpoint,
-            headers={**bearer, "Content-Type": "application/json"},
-            content=orjson.dumps(body),
-            expect=(200, 201),
+            {"Authorization": f"Bearer {token}"},
+            matches=lambda _, delivery: delivery.get("endpoint_url") == self._endpoint,
+            body=body,
+            purpose=PURPOSE,
+            error=SubscriptionError,
         )
-        stream_id = created.get("stream_id") if isinstance(created, dict) else None
+        stream_id = stream.get("stream_id") if isinstance(stream, dict) else None
         if not isinstance(stream_id, str):
-            raise SubscriptionError("the transmitter answered the stream creation without an id")
+            raise SubscriptionError("the transmitter's stream has no id")
         return stream_id
 
     async def _token(self, issuer: str, token_endpoint: str, client_id: str) -> str:
@@ -169,30 +166,7 @@ class Subscriber:
             raise SubscriptionError("the token endpoint answered without an access_token")
         return token
 
-    async def _json(
-        self,
-        method: str,
-        url: str,
-        *,
-        headers: dict[str, str] | None = None,
-        content: bytes | None = None,
-        data: dict[str, str] | None = None,
-        expect: tuple[int, ...] = (200,),
-    ) -> Any:
-        try:
-            answer = await self._fetcher.request(
-                method,
-                url,
-                purpose="ssf_subscribe",
-                headers={"Accept": "application/json", **(headers or {})},
-                content=content,
-                data=data,
-            )
-        except OutboundError as exc:
-            raise SubscriptionError(f"{url[:200]}: {exc.outcome}: {exc.reason}") from None
-        if answer.status not in expect:
-            raise SubscriptionError(f"{url[:200]}: HTTP {answer.status} {answer.body[:200]!r}")
-        try:
-            return answer.json()
-        except OutboundError:
-            raise SubscriptionError(f"{url[:200]}: not JSON") from None
+    async def _json(self, method: str, url: str, **request: Any) -> Any:
+        return await request_json(
+            self._fetcher, method, url, purpose=PURPOSE, error=SubscriptionError, **request
+        )
