@@ -1,6 +1,8 @@
 """``bench/lifecycle.py`` runs end to end with tiny parameters, so that the benchmark cannot rot: every
-lifecycle completes through the real servers, each outbox row reaches JetStream once, the revocation
-rounds finish. Numbers are printed by the bench, never asserted here."""
+lifecycle completes through the real servers, each outbox row reaches JetStream once. The revocation
+part (``--ssf-rounds``) is left out: it is ``tests/e2e/ssf_chain.py``, which ``test_ssf.py`` runs on
+the same three deployments, and three more servers here cost the suite half a minute. Numbers are
+printed by the bench, never asserted here."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ def test_the_lifecycle_bench_runs_with_tiny_parameters(tmp_path: Path) -> None:
     require_service("NATS", "127.0.0.1", 4222)
     out = tmp_path / "summary.jsonl"
     command = [sys.executable, str(BENCH), "--lifecycles", str(LIFECYCLES), "--quick"]
+    command += ["--ssf-rounds", "0"]
     command += ["--database-url", PG_ADMIN_URL, "--json", str(out)]
     run = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
@@ -42,5 +45,4 @@ def test_the_lifecycle_bench_runs_with_tiny_parameters(tmp_path: Path) -> None:
     rows = 2 + 6 * (1 + 2 * LIFECYCLES)
     assert summary["outbox_rows"] == rows
     assert summary["jetstream"] == {"messages": rows, "outbox_rows": rows}
-    revocation = summary["revocation"]
-    assert revocation["at_b"]["n"] == revocation["at_c"]["n"] == 3
+    assert "revocation" not in summary
