@@ -66,7 +66,7 @@ def _serve(env: dict[str, str]) -> Callable[[], None]:
     def run() -> None:
         port, ops = free_port(), free_port()
         url = f"http://127.0.0.1:{ops}/healthz"
-        proc = subprocess.Popen(  # noqa: S603 - the venv's own script
+        proc = subprocess.Popen(
             [TRUSTPLANE, "serve", "--port", str(port)],
             env={**env, "TRUSTPLANE_OPS_PORT": str(ops)},
             stdout=subprocess.DEVNULL,
@@ -76,7 +76,7 @@ def _serve(env: dict[str, str]) -> Callable[[], None]:
             deadline = time.monotonic() + 60
             while True:
                 try:
-                    with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 - loopback
+                    with urllib.request.urlopen(url, timeout=1) as response:
                         if response.status == 200:
                             return
                 except OSError:

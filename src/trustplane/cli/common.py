@@ -13,8 +13,8 @@ and ``serve`` create a deployment; every other command opens an existing one and
 
 from __future__ import annotations
 
-import asyncio
 import json
+import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -25,11 +25,10 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from trustplane.settings import Settings, SettingsError, load_settings
-
 if TYPE_CHECKING:
     from trustplane.app import Services
     from trustplane.protocol.scopes import Vocabulary
+    from trustplane.settings import Settings, SettingsError
     from trustplane.storage.db import Database
 
 T = TypeVar("T")
@@ -56,13 +55,21 @@ class OneLineErrors(TyperGroup):
     def invoke(self, ctx: typer.Context) -> object:  # type: ignore[override]  # typer vendors click
         try:
             return super().invoke(ctx)
-        except SettingsError as exc:
-            fail(str(exc))
+        except Exception as exc:
+            # the settings module is imported by the commands that read settings (``--help`` and
+            # the commands that need none do not pay for pydantic-settings): if it is not loaded,
+            # nothing raised a SettingsError
+            settings = sys.modules.get("trustplane.settings")
+            if settings is not None and isinstance(exc, settings.SettingsError):
+                fail(str(exc))
+            raise
 
 
 def _settings(**overrides: object) -> Settings:
     """The deployment's settings; ``overrides`` (command-line options, ``None`` = not given) win.
     A wrong option is reported as the option (``--port``), not as its variable."""
+    from trustplane.settings import SettingsError, load_settings
+
     given = {k: v for k, v in {**global_options, **overrides}.items() if v is not None}
     try:
         return load_settings(**given)
@@ -74,6 +81,10 @@ def _settings(**overrides: object) -> Settings:
 
 
 def _run(coro: Coroutine[object, object, T]) -> T:
+    import asyncio
+
+    from trustplane.settings import SettingsError
+
     try:
         return asyncio.run(coro)
     except SettingsError as exc:
@@ -89,6 +100,7 @@ async def open_database(settings: Settings, *, create: bool) -> Database:
     """The deployment's database, checked before use: a SQLite file that exists (``create=False``:
     nothing is created, not even its directory) or can be made (``create=True``: ``migrate`` and
     ``serve``), or a PostgreSQL server that answers within a few seconds."""
+    from trustplane.settings import SettingsError
     from trustplane.storage.db import (
         Database,
         DatabaseMissing,
@@ -151,6 +163,7 @@ def _check_kek_file(settings: Settings) -> None:
     """An existing embedded deployment keeps its key-encryption key beside the database: without
     the file, a command would make a new key that decrypts nothing."""
     from trustplane.keys.crypto import KEK_FILE
+    from trustplane.settings import SettingsError
 
     kek = (settings.data_dir / KEK_FILE).absolute()
     if settings.key_encryption_key is None and settings.is_embedded and not kek.is_file():
@@ -183,6 +196,8 @@ def vocabulary(settings: Settings) -> Vocabulary:
 
 
 def _scopes_error(settings: Settings, exc: Exception) -> SettingsError:
+    from trustplane.settings import SettingsError
+
     where = f"{settings.scopes_file}: " if str(settings.scopes_file) not in str(exc) else ""
     return SettingsError(f"invalid setting TRUSTPLANE_SCOPES_FILE: {where}{exc}", "scopes_file")
 
