@@ -1,6 +1,6 @@
 """What expires soon and how far the ledger lags, as gauges for the alert rules (``deploy/prometheus``).
 
-Set by the maintenance task (every minute, :meth:`trustplane.app.Services.maintenance`), never on a
+Set by the maintenance task (every minute, :meth:`trustplane.services.Services.maintenance`), never on a
 request. Expiries are Unix timestamps, not "seconds left": a timestamp stays right between updates,
 and the rule computes ``value - time()`` at evaluation (the node exporter's and blackbox exporter's
 convention, e.g. ``probe_ssl_earliest_cert_expiry``). A kind with nothing that expires is ``+Inf``.
@@ -31,7 +31,7 @@ from trustplane.mandates.model import MandateStatus
 from trustplane.mandates.tables import mandates
 
 if TYPE_CHECKING:
-    from trustplane.app import Services
+    from trustplane.services import Services
 
 EARLIEST_EXPIRY = Gauge(
     "trustplane_earliest_expiry_timestamp_seconds",

@@ -33,7 +33,7 @@ from sqlalchemy.engine import make_url
 from trustplane.storage import generations
 
 if TYPE_CHECKING:
-    from trustplane.app import Services
+    from trustplane.services import Services
 
 log = structlog.get_logger("trustplane.readiness")
 

@@ -44,7 +44,7 @@ from trustplane.cli import common as base
 from trustplane.cli.common import JsonFlag, err, out
 
 if TYPE_CHECKING:
-    from trustplane.app import Services
+    from trustplane.services import Services
 
 T = TypeVar("T")
 #: Fetches a consistency proof between two tree sizes (from the server or the local database).

@@ -14,9 +14,9 @@ from rich.table import Table
 from trustplane.cli.common import JsonFlag, _emit_json, _run, _settings, _with_services, err, out
 
 if TYPE_CHECKING:
-    from trustplane.app import Services
     from trustplane.clients.model import Client
     from trustplane.clients.service import Registration
+    from trustplane.services import Services
 
 clients_app = typer.Typer(help="Registered clients.", no_args_is_help=True)
 regtoken_app = typer.Typer(

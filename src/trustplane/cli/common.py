@@ -26,8 +26,8 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 if TYPE_CHECKING:
-    from trustplane.app import Services
     from trustplane.protocol.scopes import Vocabulary
+    from trustplane.services import Services
     from trustplane.settings import Settings, SettingsError
     from trustplane.storage.db import Database
 
@@ -176,8 +176,8 @@ def _check_kek_file(settings: Settings) -> None:
 
 def build_services(settings: Settings, db: Database) -> Services:
     """``Services.build`` with a configuration file's error named by its setting."""
-    from trustplane.app import Services
     from trustplane.protocol.scopes import VocabularyError
+    from trustplane.services import Services
 
     try:
         return Services.build(settings, db)

@@ -12,7 +12,7 @@ import typer
 from trustplane.cli.common import _run, _settings, _with_services, fail
 
 if TYPE_CHECKING:
-    from trustplane.app import Services
+    from trustplane.services import Services
 
 log = structlog.get_logger("trustplane.events")
 KEY_RELOAD = 10.0

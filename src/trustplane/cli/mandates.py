@@ -32,7 +32,7 @@ from trustplane.mandates.model import (
 from trustplane.mandates.service import MandateService, cli_actor
 
 if TYPE_CHECKING:
-    from trustplane.app import Services
+    from trustplane.services import Services
 
 T = TypeVar("T")
 mandates_app: typer.Typer = typer.Typer(

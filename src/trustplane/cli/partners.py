@@ -17,8 +17,8 @@ from trustplane.cli import common
 from trustplane.federation.profile import ProfileError, TrustProfile, parse_document
 
 if TYPE_CHECKING:
-    from trustplane.app import Services
     from trustplane.federation.store import StoredProfile
+    from trustplane.services import Services
 
 T = TypeVar("T")
 

@@ -17,7 +17,7 @@ from rich.table import Table
 from trustplane.cli.common import JsonFlag, _emit_json, _run, _settings, _with_services, err, out
 
 if TYPE_CHECKING:
-    from trustplane.app import Services
+    from trustplane.services import Services
 
 T = TypeVar("T")
 

@@ -18,7 +18,7 @@ from trustplane.protocol.scopes import Vocabulary
 from trustplane.settings import Settings
 
 if TYPE_CHECKING:
-    from trustplane.app import Services
+    from trustplane.services import Services
 
 
 def vocabulary(settings: Settings, base: Vocabulary) -> Vocabulary:
