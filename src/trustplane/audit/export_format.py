@@ -32,12 +32,14 @@ import io
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from trustplane.audit.canonical import SALT_BYTES
-from trustplane.audit.store import StoredEntry
+
+if TYPE_CHECKING:  # the offline verifier (`trustplane audit verify`) needs no database driver
+    from trustplane.audit.store import StoredEntry
 
 
 def _member(name: str) -> bytes:

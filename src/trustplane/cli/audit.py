@@ -23,27 +23,16 @@ import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from trustplane.audit.export_format import export_line
-from trustplane.audit.ledger import Ledger, SignedCheckpoint, b64
-from trustplane.audit.monitor import check_consistency
-from trustplane.audit.parallel_verify import verify_export_file
-from trustplane.audit.report import Report
-from trustplane.audit.siem import (
-    Cursor,
-    Destination,
-    SiemError,
-    StreamDestination,
-    SyslogDestination,
-    Tail,
-    jsonl,
-    parse_syslog_url,
-    syslog,
-)
-from trustplane.audit.store import StoredEntry
 from trustplane.cli import common as base
 from trustplane.cli.common import JsonFlag, err, out
 
+# each command imports the parts of the ledger it uses: `audit verify` (offline) needs neither the
+# database nor the services
 if TYPE_CHECKING:
+    from trustplane.audit.ledger import Ledger, SignedCheckpoint
+    from trustplane.audit.report import Report
+    from trustplane.audit.siem import Destination
+    from trustplane.audit.store import StoredEntry
     from trustplane.services import Services
 
 T = TypeVar("T")
@@ -198,6 +187,8 @@ async def _write(
     fmt: str,
     handle: TextIO,
 ) -> int:
+    from trustplane.audit.export_format import export_line
+
     writer = csv.DictWriter(handle, CSV_COLUMNS) if fmt == "csv" else None
     if writer is not None:
         writer.writeheader()
@@ -243,6 +234,8 @@ async def _records(
 
 def _csv_row(item: StoredEntry, proof: list[bytes] | None) -> dict[str, Any]:
     """One CSV row: a few envelope fields for reading, then the entry and payload verbatim."""
+    from trustplane.audit.ledger import b64
+
     entry = orjson.loads(item.entry)
     return {
         "index": item.index,
@@ -294,6 +287,17 @@ def tail(
 ) -> None:
     """Stream audit events in ledger order to stdout or a syslog receiver (SIEM export). With a
     cursor file, a restarted tail goes on where the last delivered batch ended: nothing skipped."""
+    from trustplane.audit.siem import (
+        Cursor,
+        SiemError,
+        StreamDestination,
+        SyslogDestination,
+        Tail,
+        jsonl,
+        parse_syslog_url,
+        syslog,
+    )
+
     fmt = fmt or ("syslog" if syslog_url else "jsonl")
     try:
         if fmt not in ("jsonl", "syslog"):
@@ -339,6 +343,8 @@ def tail(
 
 
 def _tls_context(ca: Path | None) -> ssl.SSLContext | None:
+    from trustplane.audit.siem import SiemError
+
     if ca is None:
         return None
     try:
@@ -369,6 +375,8 @@ def verify(
     except OSError as exc:
         err.print(f"[red]trustplane:[/red] {exc}")
         raise typer.Exit(2) from None
+    from trustplane.audit.parallel_verify import verify_export_file
+
     started = time.perf_counter()
     try:
         report = verify_export_file(
@@ -399,6 +407,8 @@ def monitor(
 ) -> None:
     """Fetch the latest checkpoint and prove it consistent with the last one seen (catches truncation
     and rewriting). Run it from cron; exit 1 on inconsistency (the state file is then kept)."""
+    from trustplane.audit.monitor import check_consistency
+
     verifier_key = _key_text(key)
     old = state.read_text(encoding="utf-8") if state.exists() else None
     if url:

@@ -12,6 +12,7 @@ name and the ``Host`` header is unchanged.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 from collections.abc import Iterable
 
@@ -89,14 +90,27 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         await self._inner.sleep(seconds)
 
 
+@functools.cache
+def verified_context() -> ssl.SSLContext:
+    """The TLS context of every verified outbound connection (certifi's CA bundle; ``SSL_CERT_*`` from
+    the environment ignored), made once per process: loading the bundle costs about 60 ms of CPU,
+    and each of the server's fetchers would otherwise load it twice at start."""
+    return httpx.create_ssl_context(verify=True, trust_env=False)
+
+
 class GuardedTransport(httpx.AsyncHTTPTransport):
     """httpx's own transport (request/response mapping, exception mapping), on a connection pool whose
     every connection goes through :class:`GuardedBackend`; no proxy from the environment, no retry."""
 
     def __init__(self, backend: GuardedBackend, verify: ssl.SSLContext | str | bool = True) -> None:
-        super().__init__(verify=verify, trust_env=False, retries=0)
+        context = (
+            verified_context()
+            if verify is True
+            else httpx.create_ssl_context(verify=verify, trust_env=False)
+        )
+        super().__init__(verify=context, trust_env=False, retries=0)
         self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(verify=verify, trust_env=False),
+            ssl_context=context,
             max_connections=100,  # httpx's defaults: the PEP calls its PDP on the hot path
             max_keepalive_connections=20,
             keepalive_expiry=5.0,
