@@ -42,6 +42,7 @@ from trustplane.dependencies import warn_unreachable
 from trustplane.limits import REQUESTS_REFUSED, RequestLimits, refusal, request_limits
 from trustplane.logging import configure_logging
 from trustplane.settings import Settings, SettingsError, load_settings
+from trustplane.startup import quiet_gc
 from trustplane.tls.context import cipher_ids, server_context, tls_extension
 
 WORKER_HEALTHCHECK_TIMEOUT = 60
@@ -188,7 +189,8 @@ class Listeners:
 
 def listeners_from_env() -> Listeners:
     """uvicorn factory (each worker process): settings from the environment."""
-    from trustplane.app import create_app, create_ops_app
+    with quiet_gc():
+        from trustplane.app import create_app, create_ops_app
 
     settings = load_settings()
     BoundedHttpToolsProtocol.limits = request_limits(settings)

@@ -23,6 +23,7 @@ from typer.main import get_command_from_info, get_group_from_info
 from typer.models import CommandInfo, TyperInfo
 
 from trustplane.cli import common
+from trustplane.startup import quiet_gc
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,8 @@ def load(name: str) -> typer.Typer | Callable[..., None]:
     """Import the command ``name``: its Typer app or its function (once per process)."""
     if name not in _loaded:
         module, _, attribute = COMMANDS[name].target.partition(":")
-        target = getattr(importlib.import_module(module), attribute)
+        with quiet_gc():  # trustplane.startup: the collector would walk every new module meanwhile
+            target = getattr(importlib.import_module(module), attribute)
         if name == "reference":  # the services' server lives in its own module
             from trustplane.cli import reference_serve
 

@@ -25,6 +25,8 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
+from trustplane.startup import quiet_gc
+
 if TYPE_CHECKING:
     from trustplane.protocol.scopes import Vocabulary
     from trustplane.services import Services
@@ -68,7 +70,8 @@ class OneLineErrors(TyperGroup):
 def _settings(**overrides: object) -> Settings:
     """The deployment's settings; ``overrides`` (command-line options, ``None`` = not given) win.
     A wrong option is reported as the option (``--port``), not as its variable."""
-    from trustplane.settings import SettingsError, load_settings
+    with quiet_gc():
+        from trustplane.settings import SettingsError, load_settings
 
     given = {k: v for k, v in {**global_options, **overrides}.items() if v is not None}
     try:
@@ -100,14 +103,15 @@ async def open_database(settings: Settings, *, create: bool) -> Database:
     """The deployment's database, checked before use: a SQLite file that exists (``create=False``:
     nothing is created, not even its directory) or can be made (``create=True``: ``migrate`` and
     ``serve``), or a PostgreSQL server that answers within a few seconds."""
-    from trustplane.settings import SettingsError
-    from trustplane.storage.db import (
-        Database,
-        DatabaseMissing,
-        DatabaseUnavailable,
-        check_sqlite_file,
-        sqlite_path,
-    )
+    with quiet_gc():
+        from trustplane.settings import SettingsError
+        from trustplane.storage.db import (
+            Database,
+            DatabaseMissing,
+            DatabaseUnavailable,
+            check_sqlite_file,
+            sqlite_path,
+        )
 
     setting = database_setting(settings)
     path = sqlite_path(settings.effective_database_url)
@@ -176,8 +180,9 @@ def _check_kek_file(settings: Settings) -> None:
 
 def build_services(settings: Settings, db: Database) -> Services:
     """``Services.build`` with a configuration file's error named by its setting."""
-    from trustplane.protocol.scopes import VocabularyError
-    from trustplane.services import Services
+    with quiet_gc():
+        from trustplane.protocol.scopes import VocabularyError
+        from trustplane.services import Services
 
     try:
         return Services.build(settings, db)
@@ -204,8 +209,9 @@ def _scopes_error(settings: Settings, exc: Exception) -> SettingsError:
 
 async def check_schema(settings: Settings, db: Database) -> None:
     """Commands other than ``migrate`` need the current schema; say which database is behind."""
-    from trustplane.storage.db import describe
-    from trustplane.storage.migrate import pending
+    with quiet_gc():
+        from trustplane.storage.db import describe
+        from trustplane.storage.migrate import pending
 
     if await pending(db):
         fail(

@@ -18,6 +18,7 @@ from trustplane.cli.common import (
     vocabulary,
 )
 from trustplane.settings import Settings
+from trustplane.startup import quiet_gc
 
 
 def version() -> None:
@@ -65,7 +66,8 @@ def serve(
     ] = None,
 ) -> None:
     """Run the server. First start: migrates the database and generates the signing keys."""
-    from trustplane import server
+    with quiet_gc():
+        from trustplane import server
 
     overrides = {"host": host, "port": port, "workers": workers}
     settings = _settings(**overrides)
