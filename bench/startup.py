@@ -14,6 +14,7 @@ that variable set and no byte code, every start compiles the modules again (see 
 
   python bench/startup.py              # 5 runs each
   python bench/startup.py --runs 3
+  python bench/startup.py --src /tmp/before/src   # another commit's sources, same machine and load
 
 Numbers from a shared, loaded 2-vCPU machine are indicative only; CPU seconds vary less than wall.
 """
@@ -45,10 +46,10 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _environment(data_dir: Path) -> dict[str, str]:
+def _environment(data_dir: Path, src: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRUSTPLANE_")}
     env.update(
-        PYTHONPATH=str(SRC),
+        PYTHONPATH=str(src),
         TRUSTPLANE_DATA_DIR=str(data_dir),
         TRUSTPLANE_LOG_LEVEL="warning",
     )
@@ -107,14 +108,22 @@ def measure(run: Callable[[], None], runs: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--src",
+        type=Path,
+        default=SRC,
+        help="The sources to measure (default: this checkout's src; e.g. an older commit's, "
+        "`git archive COMMIT src | tar -x -C DIR`, for a before/after in the same conditions).",
+    )
     args = parser.parse_args()
-    bytecode = any((SRC / "trustplane").glob("__pycache__/*.pyc"))
+    print(f"sources: {args.src}")
+    bytecode = any((args.src / "trustplane").glob("__pycache__/*.pyc"))
     print(f"byte code under src/trustplane: {'yes' if bytecode else 'no'}")
     print(f"PYTHONDONTWRITEBYTECODE: {os.environ.get('PYTHONDONTWRITEBYTECODE', '(unset)')}")
     print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     with tempfile.TemporaryDirectory(prefix="trustplane-startup-") as tmp:
         data_dir = Path(tmp) / "data"
-        env = _environment(data_dir)
+        env = _environment(data_dir, args.src)
         setup = _command(env, "migrate")
         setup()
         _command(env, "clients", "keygen", "--out", tmp)()
