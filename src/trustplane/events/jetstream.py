@@ -21,15 +21,16 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import nats
 import structlog
-from nats.aio.client import Client
-from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
-from nats.js.client import JetStreamContext
-from nats.js.errors import BadRequestError
 from prometheus_client import Counter
+
+# nats-py is imported where a connection, a stream or a consumer is made: a deployment without
+# JetStream (and every CLI command) does not pay for it at start-up
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+    from nats.js.client import JetStreamContext
 
 log = structlog.get_logger("trustplane.events")
 DUPLICATE_WINDOW = 600.0
@@ -85,6 +86,9 @@ class Stream:
 
 async def ensure_streams(js: JetStreamContext, streams: Sequence[Stream]) -> None:
     """Create the streams if they do not exist (idempotent, every process may do it)."""
+    from nats.js.api import StreamConfig
+    from nats.js.errors import BadRequestError
+
     for stream in streams:
         config = StreamConfig(
             name=stream.name,
@@ -119,6 +123,8 @@ class JetStreamPublisher:
         self.ack_latencies: deque[float] = deque(maxlen=10_000)
 
     async def _connect(self) -> JetStreamContext:
+        import nats
+
         if self._js is None or self._nc is None or not self._nc.is_connected:
             await self.close()
             # nats-py retries a refused first connection for ever: bound it ourselves
@@ -229,6 +235,8 @@ class VerifyingConsumer:
 
     async def consume(self, handler: Handler, *, batch: int = 100, wait: float = 1.0) -> int:
         """Fetch one batch, hand each verified event to ``handler``; the number handled."""
+        from nats.js.api import AckPolicy, ConsumerConfig
+
         sub = await self.js.pull_subscribe(
             self.subject,
             durable=self.durable,
