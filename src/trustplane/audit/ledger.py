@@ -163,9 +163,17 @@ class Ledger:
 
     async def integrate(self, max_batch: int | None = None) -> Integration | None:
         """Integrate up to ``max_batch`` pending entries; None if there were none or another process
-        is the sequencer right now."""
+        is the sequencer right now.
+
+        Whether anything is pending is read first, outside any write transaction: an empty round
+        takes no lock. On SQLite the sequencer's lock is the database write lock, which every
+        request's group commit needs too, and an empty round used to take it, write the state row
+        and fsync the commit for nothing (docs/operations.md, "The sequencer and the write lock")."""
         signer = await self.signer()
         limit = max_batch or self._settings.audit_integrate_batch
+        async with self._db.read() as conn:
+            if not await store.has_pending(conn):
+                return None
         started = time.perf_counter()
         async with self._lock, self._db.transaction() as conn:
             if not await store.lock_sequencer(conn):
@@ -219,12 +227,21 @@ class Ledger:
         return Integration(size, len(rows), new_size, root, seconds)
 
     async def integrate_all(self) -> int:
-        """Integrate until nothing is pending (or another process holds the sequencer lock)."""
-        total = 0
+        """Integrate what is pending now: until an integration takes less than a full batch (it took
+        everything there was), nothing is pending, or another process holds the sequencer lock.
+
+        Entries appended while it runs wait for the next round. Under sustained load something is
+        always pending again by the time an integration commits; chasing it would run small
+        integrations back to back, each taking (on SQLite) the write lock the requests' group
+        commit needs, so the loop (:meth:`run`) comes back every ``audit_integrate_interval``
+        instead and each integration takes a larger batch."""
+        total, limit = 0, self._settings.audit_integrate_batch
         while (done := await self.integrate()) is not None:
             total += done.count
-            if self._last_progress is not None:  # under sustained load the queue never empties:
+            if self._last_progress is not None:  # a backlog larger than one batch:
                 self._last_progress = time.monotonic()  # each integration is progress (readiness)
+            if done.count < limit:
+                break
         return total
 
     async def run(self, stopping: asyncio.Event | None = None) -> None:

@@ -132,6 +132,12 @@ async def drop_pending(conn: AsyncConnection, ids: Sequence[int]) -> int:
     return dropped
 
 
+async def has_pending(conn: AsyncConnection) -> bool:
+    """Whether any entry waits for the sequencer (a read: takes no lock, on SQLite either)."""
+    result = await conn.exec_driver_sql("SELECT 1 FROM audit_pending LIMIT 1")
+    return result.first() is not None
+
+
 async def count_pending(conn: AsyncConnection) -> int:
     return int((await conn.exec_driver_sql("SELECT count(*) FROM audit_pending")).scalar() or 0)
 
