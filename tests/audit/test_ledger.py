@@ -432,3 +432,56 @@ async def test_integrate_all_takes_what_is_pending_and_does_not_chase_new_arriva
     assert taken == [5, 10, 10, 5]
     records, note = await export(services.ledger)
     assert verify_export(records, note, await services.ledger.verifier_key()).ok
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_on_sqlite_the_write_lock_is_held_only_to_write(services: Services) -> None:
+    """The batch is read and its tree and checkpoint computed before the write transaction; the
+    transaction's first statement is the state's move (it takes the write lock), and after it come
+    only writes: a round holds the lock every request's group commit needs for the writes alone."""
+    ledger = services.ledger
+    await ledger.integrate_all()  # what start-up wrote
+    await append(services.db, [event(i) for i in range(12)])
+    statements = _statements(services.db)
+    done = await ledger.integrate()
+    assert done is not None
+    assert done.count == 12
+    writes = [i for i, s in enumerate(statements) if not s.upper().startswith("SELECT")]
+    first = statements[writes[0]]
+    assert first.startswith("UPDATE audit_log_state SET tree_size=")
+    assert "audit_log_state.tree_size = ?" in first  # conditional: from the size that was read
+    assert writes == list(range(writes[0], len(statements)))  # no read inside the transaction
+    assert any("FROM audit_pending ORDER BY id" in s for s in statements[: writes[0]])
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_a_batch_prepared_before_another_sequencer_integrated_is_dropped(
+    services: Services,
+) -> None:
+    """Two processes' sequencers read the same pending entries; the second to write finds the tree
+    moved and writes nothing: every entry once, the log contiguous and verifiable."""
+    await services.ledger.integrate_all()  # what start-up wrote
+    other_db = Database(services.db.url)
+    other = Ledger(services.settings, other_db, services.ledger._kek)
+    await append(services.db, [event(i) for i in range(7)])
+    prepare = services.ledger._prepare
+
+    async def prepared_then_overtaken(*args: Any) -> Any:
+        batch = await prepare(*args)
+        done = await other.integrate()  # the other process writes first
+        assert done is not None
+        assert done.count == 7
+        return batch
+
+    services.ledger._prepare = prepared_then_overtaken  # type: ignore[method-assign]
+    try:
+        assert await services.ledger.integrate() is None
+    finally:
+        del services.ledger._prepare
+        await other_db.dispose()
+    assert await services.ledger.integrate() is None  # nothing left
+    records, note = await export(services.ledger)
+    ids = [r["entry"]["event_id"] for r in records]
+    assert len(ids) == len(set(ids))
+    assert [r["index"] for r in records] == list(range(len(records)))
+    assert verify_export(records, note, await services.ledger.verifier_key()).ok

@@ -65,6 +65,21 @@ class Integration:
 
 
 @dataclass(frozen=True, slots=True)
+class _Batch:
+    """One integration, computed: the tree grows from ``size`` to ``new_size``."""
+
+    size: int
+    new_size: int
+    root: bytes
+    note: str
+    now: int
+    leaves: list[tuple[Any, ...]]
+    nodes: list[tuple[int, bytes]]
+    payloads: list[tuple[int, str, bytes]]
+    pending_ids: list[int]
+
+
+@dataclass(frozen=True, slots=True)
 class SignedCheckpoint:
     size: int
     root: bytes
@@ -165,66 +180,89 @@ class Ledger:
         """Integrate up to ``max_batch`` pending entries; None if there were none or another process
         is the sequencer right now.
 
-        Whether anything is pending is read first, outside any write transaction: an empty round
-        takes no lock. On SQLite the sequencer's lock is the database write lock, which every
-        request's group commit needs too, and an empty round used to take it, write the state row
-        and fsync the commit for nothing (docs/operations.md, "The sequencer and the write lock")."""
+        On SQLite the sequencer's lock is the database write lock, which every request's group
+        commit needs too, so the round holds it only to write (docs/operations.md, "The sequencer
+        and the write lock"): whether anything is pending is read first (an empty round takes no
+        lock), then the batch is read and its leaves, tree nodes and signed checkpoint computed under
+        a read snapshot, and only then the write transaction runs, its first statement moving the
+        state from the size that was read (if another process integrated meanwhile, nothing is
+        written and the next round starts over). PostgreSQL holds its advisory lock for the whole
+        round (it blocks no other writer)."""
         signer = await self.signer()
         limit = max_batch or self._settings.audit_integrate_batch
         async with self._db.read() as conn:
             if not await store.has_pending(conn):
                 return None
+            state = await store.read_state(conn) if self._db.is_sqlite else None
+            batch = None if state is None else await self._prepare(conn, signer, state, limit)
         started = time.perf_counter()
         async with self._lock, self._db.transaction() as conn:
-            if not await store.lock_sequencer(conn):
-                return None
-            state = await store.read_state(conn)
-            now = _now()
-            if state is None:  # a new log: the empty tree gets its checkpoint too
-                state = (0, merkle.EMPTY_ROOT)
-                await store.write_state(conn, 0, merkle.EMPTY_ROOT, now, new=True)
-                note = signer.sign(Checkpoint(self.origin, 0, merkle.EMPTY_ROOT).body())
-                await store.add_checkpoint(conn, 0, merkle.EMPTY_ROOT, note, now)
-            size = state[0]
-            rows = await store.take_pending(conn, limit)
-            if not rows:
-                return None
-            frontier = await store.read_nodes(conn, merkle.frontier_ids(size))
-            builder = merkle.TreeBuilder(size, frontier)
-            leaves, nodes, payloads = [], [], []
-            for offset, (_id, entry, payload, salt) in enumerate(rows):
-                index = size + offset
-                e = orjson.loads(entry)
-                leaves.append(
-                    (
-                        index,
-                        entry,
-                        e["event_id"],
-                        e["type"],
-                        e["time"],
-                        e.get("subject"),
-                        e.get("client_id"),
-                        e.get("partner"),
-                        e.get("transaction_id"),
-                        now,
-                    )
-                )
-                nodes.extend(builder.append(merkle.leaf_hash(entry.encode())))
-                payloads.append((index, payload, salt))
-            await store.insert_integrated(conn, leaves, nodes, payloads)
-            if await store.drop_pending(conn, [r[0] for r in rows]) != len(rows):
+            if batch is not None:  # SQLite: prepared under the snapshot above
+                if not await store.advance_state(
+                    conn, batch.size, batch.new_size, batch.root, batch.now
+                ):
+                    return None  # another sequencer integrated since: this batch is stale
+            else:
+                if not await store.lock_sequencer(conn):
+                    return None
+                state = await store.read_state(conn)
+                if state is None:  # a new log: the empty tree gets its checkpoint too
+                    state = (0, merkle.EMPTY_ROOT)
+                    now = _now()
+                    await store.write_state(conn, 0, merkle.EMPTY_ROOT, now, new=True)
+                    note = signer.sign(Checkpoint(self.origin, 0, merkle.EMPTY_ROOT).body())
+                    await store.add_checkpoint(conn, 0, merkle.EMPTY_ROOT, note, now)
+                batch = await self._prepare(conn, signer, state, limit)
+                if batch is None:
+                    return None
+                await store.write_state(conn, batch.new_size, batch.root, batch.now, new=False)
+            await store.insert_integrated(conn, batch.leaves, batch.nodes, batch.payloads)
+            if await store.drop_pending(conn, batch.pending_ids) != len(batch.pending_ids):
                 raise RuntimeError("pending entries changed under the sequencer lock")
-            root = builder.root()
-            new_size = builder.size
-            note = signer.sign(Checkpoint(self.origin, new_size, root).body())
-            await store.write_state(conn, new_size, root, now, new=False)
-            await store.add_checkpoint(conn, new_size, root, note, now)
+            await store.add_checkpoint(conn, batch.new_size, batch.root, batch.note, batch.now)
         seconds = time.perf_counter() - started
-        self._known_size = max(self._known_size, new_size)
-        INTEGRATED.inc(len(rows))
-        TREE_SIZE.set(new_size)
+        count = len(batch.pending_ids)
+        self._known_size = max(self._known_size, batch.new_size)
+        INTEGRATED.inc(count)
+        TREE_SIZE.set(batch.new_size)
         INTEGRATION_SECONDS.observe(seconds)
-        return Integration(size, len(rows), new_size, root, seconds)
+        return Integration(batch.size, count, batch.new_size, batch.root, seconds)
+
+    async def _prepare(
+        self, conn: Any, signer: Signer, state: tuple[int, bytes], limit: int
+    ) -> _Batch | None:
+        """The next ``limit`` pending entries as leaves appended to the tree of ``state``: rows,
+        tree nodes and the signed checkpoint of the new size (reads only; None: nothing pending)."""
+        size, now = state[0], _now()
+        rows = await store.take_pending(conn, limit)
+        if not rows:
+            return None
+        frontier = await store.read_nodes(conn, merkle.frontier_ids(size))
+        builder = merkle.TreeBuilder(size, frontier)
+        leaves, nodes, payloads = [], [], []
+        for offset, (_id, entry, payload, salt) in enumerate(rows):
+            index = size + offset
+            e = orjson.loads(entry)
+            leaves.append(
+                (
+                    index,
+                    entry,
+                    e["event_id"],
+                    e["type"],
+                    e["time"],
+                    e.get("subject"),
+                    e.get("client_id"),
+                    e.get("partner"),
+                    e.get("transaction_id"),
+                    now,
+                )
+            )
+            nodes.extend(builder.append(merkle.leaf_hash(entry.encode())))
+            payloads.append((index, payload, salt))
+        root, new_size = builder.root(), builder.size
+        note = signer.sign(Checkpoint(self.origin, new_size, root).body())
+        ids = [r[0] for r in rows]
+        return _Batch(size, new_size, root, note, now, leaves, nodes, payloads, ids)
 
     async def integrate_all(self) -> int:
         """Integrate what is pending now: until an integration takes less than a full batch (it took
