@@ -190,36 +190,33 @@ class Ledger:
         round (it blocks no other writer)."""
         signer = await self.signer()
         limit = max_batch or self._settings.audit_integrate_batch
-        async with self._db.read() as conn:
-            if not await store.has_pending(conn):
-                return None
-            state = await store.read_state(conn) if self._db.is_sqlite else None
-            batch = None if state is None else await self._prepare(conn, signer, state, limit)
-        started = time.perf_counter()
-        async with self._lock, self._db.transaction() as conn:
-            if batch is not None:  # SQLite: prepared under the snapshot above
-                if not await store.advance_state(
-                    conn, batch.size, batch.new_size, batch.root, batch.now
-                ):
-                    return None  # another sequencer integrated since: this batch is stale
-            else:
-                if not await store.lock_sequencer(conn):
-                    return None
-                state = await store.read_state(conn)
-                if state is None:  # a new log: the empty tree gets its checkpoint too
-                    state = (0, merkle.EMPTY_ROOT)
-                    now = _now()
-                    await store.write_state(conn, 0, merkle.EMPTY_ROOT, now, new=True)
-                    note = signer.sign(Checkpoint(self.origin, 0, merkle.EMPTY_ROOT).body())
-                    await store.add_checkpoint(conn, 0, merkle.EMPTY_ROOT, note, now)
-                batch = await self._prepare(conn, signer, state, limit)
-                if batch is None:
-                    return None
-                await store.write_state(conn, batch.new_size, batch.root, batch.now, new=False)
-            await store.insert_integrated(conn, batch.leaves, batch.nodes, batch.payloads)
-            if await store.drop_pending(conn, batch.pending_ids) != len(batch.pending_ids):
-                raise RuntimeError("pending entries changed under the sequencer lock")
-            await store.add_checkpoint(conn, batch.new_size, batch.root, batch.note, batch.now)
+        async with self._lock:  # one round at a time in this process
+            while True:
+                async with self._db.read() as conn:
+                    if not await store.has_pending(conn):
+                        return None
+                    state = await store.read_state(conn) if self._db.is_sqlite else None
+                    batch = (
+                        None if state is None else await self._prepare(conn, signer, state, limit)
+                    )
+                started = time.perf_counter()
+                async with self._db.transaction() as conn:
+                    if batch is not None:  # SQLite: prepared under the snapshot above
+                        if not await store.advance_state(
+                            conn, batch.size, batch.new_size, batch.root, batch.now
+                        ):
+                            continue  # another process integrated since: this batch is stale
+                    else:
+                        batch = await self._locked_batch(conn, signer, limit)
+                        if batch is None:
+                            return None
+                    await store.insert_integrated(conn, batch.leaves, batch.nodes, batch.payloads)
+                    if await store.drop_pending(conn, batch.pending_ids) != len(batch.pending_ids):
+                        raise RuntimeError("pending entries changed under the sequencer lock")
+                    await store.add_checkpoint(
+                        conn, batch.new_size, batch.root, batch.note, batch.now
+                    )
+                break
         seconds = time.perf_counter() - started
         count = len(batch.pending_ids)
         self._known_size = max(self._known_size, batch.new_size)
@@ -227,6 +224,24 @@ class Ledger:
         TREE_SIZE.set(batch.new_size)
         INTEGRATION_SECONDS.observe(seconds)
         return Integration(batch.size, count, batch.new_size, batch.root, seconds)
+
+    async def _locked_batch(self, conn: Any, signer: Signer, limit: int) -> _Batch | None:
+        """The round in one transaction: become the sequencer, read and compute, move the state
+        (PostgreSQL, and a new log's first round on SQLite). None: another process is the
+        sequencer, or nothing is pending."""
+        if not await store.lock_sequencer(conn):
+            return None
+        state = await store.read_state(conn)
+        if state is None:  # a new log: the empty tree gets its checkpoint too
+            state = (0, merkle.EMPTY_ROOT)
+            now = _now()
+            await store.write_state(conn, 0, merkle.EMPTY_ROOT, now, new=True)
+            note = signer.sign(Checkpoint(self.origin, 0, merkle.EMPTY_ROOT).body())
+            await store.add_checkpoint(conn, 0, merkle.EMPTY_ROOT, note, now)
+        batch = await self._prepare(conn, signer, state, limit)
+        if batch is not None:
+            await store.write_state(conn, batch.new_size, batch.root, batch.now, new=False)
+        return batch
 
     async def _prepare(
         self, conn: Any, signer: Signer, state: tuple[int, bytes], limit: int
