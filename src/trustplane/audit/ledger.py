@@ -186,7 +186,7 @@ class Ledger:
         lock), then the batch is read and its leaves, tree nodes and signed checkpoint computed under
         a read snapshot, and only then the write transaction runs, its first statement moving the
         state from the size that was read (if another process integrated meanwhile, nothing is
-        written and the next round starts over). PostgreSQL holds its advisory lock for the whole
+        written and the batch is prepared afresh). PostgreSQL holds its advisory lock for the whole
         round (it blocks no other writer)."""
         signer = await self.signer()
         limit = max_batch or self._settings.audit_integrate_batch
