@@ -366,3 +366,122 @@ async def test_concurrent_sequencers_leave_no_gap_and_no_duplicate(services: Ser
     assert len(ids) == len(set(ids))
     assert set(appended) <= set(ids)
     assert verify_export(records, note, await services.ledger.verifier_key()).ok
+
+
+# --------------------------------------------------------------------------- the write lock
+
+
+def _statements(db: Database) -> list[str]:
+    """Every statement the engine runs from now on (first word upper-cased, then the rest)."""
+    from sqlalchemy import event as sa_event
+
+    seen: list[str] = []
+
+    def record(*args: Any) -> None:
+        seen.append(" ".join(str(args[2]).split()))
+
+    sa_event.listen(db.engine.sync_engine, "before_cursor_execute", record)
+    return seen
+
+
+async def test_a_round_with_nothing_pending_takes_no_lock_and_writes_nothing(
+    services: Services,
+) -> None:
+    """An empty round only reads: on SQLite the sequencer's lock is the database write lock the
+    requests' group commit needs, and taking it (plus a state-row write and an fsync'd commit) for
+    nothing was half of the sequencer's write transactions under load (docs/operations.md)."""
+    ledger = services.ledger
+    await ledger.integrate_all()  # what start-up wrote
+    statements = _statements(services.db)
+    assert await ledger.integrate() is None
+    assert await ledger.integrate_all() == 0
+    assert statements  # it did look
+    assert not [s for s in statements if not s.upper().startswith("SELECT")]
+    assert not [s for s in statements if "pg_try_advisory_xact_lock" in s]
+
+
+async def test_integrate_all_takes_what_is_pending_and_does_not_chase_new_arrivals(
+    services: Services,
+) -> None:
+    """Full batches while there is a backlog, then stop after the batch that took the rest: entries
+    appended meanwhile (sustained load) wait for the next round of the loop instead of being
+    integrated a few at a time back to back, each integration taking the write lock."""
+    await services.ledger.integrate_all()  # what start-up wrote
+    settings = services.settings.model_copy(update={"audit_integrate_batch": 10})
+    ledger = Ledger(settings, services.db, services.ledger._kek)
+    plain = ledger.integrate
+    taken: list[int] = []
+    arrivals = iter(range(100, 130, 3))
+
+    async def integrate_under_load(max_batch: int | None = None) -> Any:
+        done = await plain(max_batch)
+        if done is not None:
+            taken.append(done.count)
+        n = next(arrivals, None)
+        if n is not None:  # three more requests committed while that integration ran
+            await append(services.db, [event(n + i) for i in range(3)])
+        return done
+
+    ledger.integrate = integrate_under_load  # type: ignore[method-assign]
+    await append(services.db, [event(i) for i in range(5)])
+    assert await ledger.integrate_all() == 5  # it took everything there was: the round ends
+    assert taken == [5]
+    arrivals = iter(())
+    await append(services.db, [event(i) for i in range(22)])
+    assert await ledger.integrate_all() == 3 + 22  # a backlog: full batches, then the rest
+    assert taken == [5, 10, 10, 5]
+    records, note = await export(services.ledger)
+    assert verify_export(records, note, await services.ledger.verifier_key()).ok
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_on_sqlite_the_write_lock_is_held_only_to_write(services: Services) -> None:
+    """The batch is read and its tree and checkpoint computed before the write transaction; the
+    transaction's first statement is the state's move (it takes the write lock), and after it come
+    only writes: a round holds the lock every request's group commit needs for the writes alone."""
+    ledger = services.ledger
+    await ledger.integrate_all()  # what start-up wrote
+    await append(services.db, [event(i) for i in range(12)])
+    statements = _statements(services.db)
+    done = await ledger.integrate()
+    assert done is not None
+    assert done.count == 12
+    writes = [i for i, s in enumerate(statements) if not s.upper().startswith("SELECT")]
+    first = statements[writes[0]]
+    assert first.startswith("UPDATE audit_log_state SET tree_size=")
+    assert "audit_log_state.tree_size = ?" in first  # conditional: from the size that was read
+    assert writes == list(range(writes[0], len(statements)))  # no read inside the transaction
+    assert any("FROM audit_pending ORDER BY id" in s for s in statements[: writes[0]])
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_a_batch_prepared_before_another_sequencer_integrated_is_dropped(
+    services: Services,
+) -> None:
+    """Two processes' sequencers read the same pending entries; the second to write finds the tree
+    moved and writes nothing: every entry once, the log contiguous and verifiable."""
+    await services.ledger.integrate_all()  # what start-up wrote
+    other_db = Database(services.db.url)
+    other = Ledger(services.settings, other_db, services.ledger._kek)
+    await append(services.db, [event(i) for i in range(7)])
+    prepare = services.ledger._prepare
+
+    async def prepared_then_overtaken(*args: Any) -> Any:
+        batch = await prepare(*args)
+        done = await other.integrate()  # the other process writes first
+        assert done is not None
+        assert done.count == 7
+        return batch
+
+    services.ledger._prepare = prepared_then_overtaken  # type: ignore[method-assign]
+    try:
+        assert await services.ledger.integrate() is None
+    finally:
+        del services.ledger._prepare
+        await other_db.dispose()
+    assert await services.ledger.integrate() is None  # nothing left
+    records, note = await export(services.ledger)
+    ids = [r["entry"]["event_id"] for r in records]
+    assert len(ids) == len(set(ids))
+    assert [r["index"] for r in records] == list(range(len(records)))
+    assert verify_export(records, note, await services.ledger.verifier_key()).ok

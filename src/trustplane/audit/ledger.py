@@ -65,6 +65,21 @@ class Integration:
 
 
 @dataclass(frozen=True, slots=True)
+class _Batch:
+    """One integration, computed: the tree grows from ``size`` to ``new_size``."""
+
+    size: int
+    new_size: int
+    root: bytes
+    note: str
+    now: int
+    leaves: list[tuple[Any, ...]]
+    nodes: list[tuple[int, bytes]]
+    payloads: list[tuple[int, str, bytes]]
+    pending_ids: list[int]
+
+
+@dataclass(frozen=True, slots=True)
 class SignedCheckpoint:
     size: int
     root: bytes
@@ -163,68 +178,123 @@ class Ledger:
 
     async def integrate(self, max_batch: int | None = None) -> Integration | None:
         """Integrate up to ``max_batch`` pending entries; None if there were none or another process
-        is the sequencer right now."""
+        is the sequencer right now.
+
+        On SQLite the sequencer's lock is the database write lock, which every request's group
+        commit needs too, so the round holds it only to write (docs/operations.md, "The sequencer
+        and the write lock"): whether anything is pending is read first (an empty round takes no
+        lock), then the batch is read and its leaves, tree nodes and signed checkpoint computed under
+        a read snapshot, and only then the write transaction runs, its first statement moving the
+        state from the size that was read (if another process integrated meanwhile, nothing is
+        written and the batch is prepared afresh). PostgreSQL holds its advisory lock for the whole
+        round (it blocks no other writer)."""
         signer = await self.signer()
         limit = max_batch or self._settings.audit_integrate_batch
-        started = time.perf_counter()
-        async with self._lock, self._db.transaction() as conn:
-            if not await store.lock_sequencer(conn):
-                return None
-            state = await store.read_state(conn)
-            now = _now()
-            if state is None:  # a new log: the empty tree gets its checkpoint too
-                state = (0, merkle.EMPTY_ROOT)
-                await store.write_state(conn, 0, merkle.EMPTY_ROOT, now, new=True)
-                note = signer.sign(Checkpoint(self.origin, 0, merkle.EMPTY_ROOT).body())
-                await store.add_checkpoint(conn, 0, merkle.EMPTY_ROOT, note, now)
-            size = state[0]
-            rows = await store.take_pending(conn, limit)
-            if not rows:
-                return None
-            frontier = await store.read_nodes(conn, merkle.frontier_ids(size))
-            builder = merkle.TreeBuilder(size, frontier)
-            leaves, nodes, payloads = [], [], []
-            for offset, (_id, entry, payload, salt) in enumerate(rows):
-                index = size + offset
-                e = orjson.loads(entry)
-                leaves.append(
-                    (
-                        index,
-                        entry,
-                        e["event_id"],
-                        e["type"],
-                        e["time"],
-                        e.get("subject"),
-                        e.get("client_id"),
-                        e.get("partner"),
-                        e.get("transaction_id"),
-                        now,
+        async with self._lock:  # one round at a time in this process
+            while True:
+                async with self._db.read() as conn:
+                    if not await store.has_pending(conn):
+                        return None
+                    state = await store.read_state(conn) if self._db.is_sqlite else None
+                    batch = (
+                        None if state is None else await self._prepare(conn, signer, state, limit)
                     )
-                )
-                nodes.extend(builder.append(merkle.leaf_hash(entry.encode())))
-                payloads.append((index, payload, salt))
-            await store.insert_integrated(conn, leaves, nodes, payloads)
-            if await store.drop_pending(conn, [r[0] for r in rows]) != len(rows):
-                raise RuntimeError("pending entries changed under the sequencer lock")
-            root = builder.root()
-            new_size = builder.size
-            note = signer.sign(Checkpoint(self.origin, new_size, root).body())
-            await store.write_state(conn, new_size, root, now, new=False)
-            await store.add_checkpoint(conn, new_size, root, note, now)
+                started = time.perf_counter()
+                async with self._db.transaction() as conn:
+                    if batch is not None:  # SQLite: prepared under the snapshot above
+                        if not await store.advance_state(
+                            conn, batch.size, batch.new_size, batch.root, batch.now
+                        ):
+                            continue  # another process integrated since: this batch is stale
+                    else:
+                        batch = await self._locked_batch(conn, signer, limit)
+                        if batch is None:
+                            return None
+                    await store.insert_integrated(conn, batch.leaves, batch.nodes, batch.payloads)
+                    if await store.drop_pending(conn, batch.pending_ids) != len(batch.pending_ids):
+                        raise RuntimeError("pending entries changed under the sequencer lock")
+                    await store.add_checkpoint(
+                        conn, batch.new_size, batch.root, batch.note, batch.now
+                    )
+                break
         seconds = time.perf_counter() - started
-        self._known_size = max(self._known_size, new_size)
-        INTEGRATED.inc(len(rows))
-        TREE_SIZE.set(new_size)
+        count = len(batch.pending_ids)
+        self._known_size = max(self._known_size, batch.new_size)
+        INTEGRATED.inc(count)
+        TREE_SIZE.set(batch.new_size)
         INTEGRATION_SECONDS.observe(seconds)
-        return Integration(size, len(rows), new_size, root, seconds)
+        return Integration(batch.size, count, batch.new_size, batch.root, seconds)
+
+    async def _locked_batch(self, conn: Any, signer: Signer, limit: int) -> _Batch | None:
+        """The round in one transaction: become the sequencer, read and compute, move the state
+        (PostgreSQL, and a new log's first round on SQLite). None: another process is the
+        sequencer, or nothing is pending."""
+        if not await store.lock_sequencer(conn):
+            return None
+        state = await store.read_state(conn)
+        if state is None:  # a new log: the empty tree gets its checkpoint too
+            state = (0, merkle.EMPTY_ROOT)
+            now = _now()
+            await store.write_state(conn, 0, merkle.EMPTY_ROOT, now, new=True)
+            note = signer.sign(Checkpoint(self.origin, 0, merkle.EMPTY_ROOT).body())
+            await store.add_checkpoint(conn, 0, merkle.EMPTY_ROOT, note, now)
+        batch = await self._prepare(conn, signer, state, limit)
+        if batch is not None:
+            await store.write_state(conn, batch.new_size, batch.root, batch.now, new=False)
+        return batch
+
+    async def _prepare(
+        self, conn: Any, signer: Signer, state: tuple[int, bytes], limit: int
+    ) -> _Batch | None:
+        """The next ``limit`` pending entries as leaves appended to the tree of ``state``: rows,
+        tree nodes and the signed checkpoint of the new size (reads only; None: nothing pending)."""
+        size, now = state[0], _now()
+        rows = await store.take_pending(conn, limit)
+        if not rows:
+            return None
+        frontier = await store.read_nodes(conn, merkle.frontier_ids(size))
+        builder = merkle.TreeBuilder(size, frontier)
+        leaves, nodes, payloads = [], [], []
+        for offset, (_id, entry, payload, salt) in enumerate(rows):
+            index = size + offset
+            e = orjson.loads(entry)
+            leaves.append(
+                (
+                    index,
+                    entry,
+                    e["event_id"],
+                    e["type"],
+                    e["time"],
+                    e.get("subject"),
+                    e.get("client_id"),
+                    e.get("partner"),
+                    e.get("transaction_id"),
+                    now,
+                )
+            )
+            nodes.extend(builder.append(merkle.leaf_hash(entry.encode())))
+            payloads.append((index, payload, salt))
+        root, new_size = builder.root(), builder.size
+        note = signer.sign(Checkpoint(self.origin, new_size, root).body())
+        ids = [r[0] for r in rows]
+        return _Batch(size, new_size, root, note, now, leaves, nodes, payloads, ids)
 
     async def integrate_all(self) -> int:
-        """Integrate until nothing is pending (or another process holds the sequencer lock)."""
-        total = 0
+        """Integrate what is pending now: until an integration takes less than a full batch (it took
+        everything there was), nothing is pending, or another process holds the sequencer lock.
+
+        Entries appended while it runs wait for the next round. Under sustained load something is
+        always pending again by the time an integration commits; chasing it would run small
+        integrations back to back, each taking (on SQLite) the write lock the requests' group
+        commit needs, so the loop (:meth:`run`) comes back every ``audit_integrate_interval``
+        instead and each integration takes a larger batch."""
+        total, limit = 0, self._settings.audit_integrate_batch
         while (done := await self.integrate()) is not None:
             total += done.count
-            if self._last_progress is not None:  # under sustained load the queue never empties:
+            if self._last_progress is not None:  # a backlog larger than one batch:
                 self._last_progress = time.monotonic()  # each integration is progress (readiness)
+            if done.count < limit:
+                break
         return total
 
     async def run(self, stopping: asyncio.Event | None = None) -> None:

@@ -114,6 +114,20 @@ async def write_state(
         )
 
 
+async def advance_state(
+    conn: AsyncConnection, old_size: int, new_size: int, root: bytes, now: int
+) -> bool:
+    """Move the tree from ``old_size`` to ``new_size`` (False, nothing written, if it is not at
+    ``old_size``: another sequencer moved it). On SQLite this first write takes the database write
+    lock, so the check and everything after it in the transaction see no other writer."""
+    result = await conn.execute(
+        audit_log_state.update()
+        .where(audit_log_state.c.id == 1, audit_log_state.c.tree_size == old_size)
+        .values(tree_size=new_size, root=root, updated_at=now)
+    )
+    return bool(result.rowcount == 1)
+
+
 async def take_pending(conn: AsyncConnection, limit: int) -> list[tuple[int, str, str, bytes]]:
     """The oldest pending rows (id, entry, payload, salt); they are deleted by :func:`drop_pending`."""
     result = await conn.exec_driver_sql(
@@ -130,6 +144,12 @@ async def drop_pending(conn: AsyncConnection, ids: Sequence[int]) -> int:
         result = await conn.exec_driver_sql(sql, tuple(chunk))
         dropped += int(result.rowcount or 0)
     return dropped
+
+
+async def has_pending(conn: AsyncConnection) -> bool:
+    """Whether any entry waits for the sequencer (a read: takes no lock, on SQLite either)."""
+    result = await conn.exec_driver_sql("SELECT 1 FROM audit_pending LIMIT 1")
+    return result.first() is not None
 
 
 async def count_pending(conn: AsyncConnection) -> int:
