@@ -32,11 +32,16 @@ types: venv
 	$(BIN)/mypy --strict src/
 
 # --durations: the slowest tests, printed at the end of every run, so that slow ones get noticed.
+# -n: pytest-xdist workers, one per core by default; --dist loadfile keeps each test file on one
+# worker, so that a module's shared server starts once (tests/parallel.py: what runs alone).
+TEST_WORKERS ?= auto
+PYTEST := $(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --durations=15
+
 unit: venv
-	$(BIN)/pytest --durations=15
+	$(PYTEST)
 
 unit-fast: venv
-	$(BIN)/pytest -m "not e2e" --durations=15
+	$(PYTEST) -m "not e2e"
 
 test: lint types unit
 

@@ -35,6 +35,9 @@ from trustplane.settings import Settings
 from trustplane.storage.db import Database
 from trustplane.storage.migrate import upgrade
 
+#: several xdist workers at once, and the ``serial`` marker (tests/parallel.py)
+pytest_plugins = ["tests.parallel"]
+
 IN_CI = os.environ.get("CI", "").lower() == "true"
 PG_ADMIN_URL = os.environ.get(
     "TRUSTPLANE_TEST_PG", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"

@@ -137,6 +137,9 @@ NO_QUERY = "Value error, must be an absolute URL without query or fragment"
 KEK_SIZE = "Value error, must be 32 bytes, base64url-encoded"
 NOT_INT = "Input should be a valid integer, unable to parse string as an integer"
 SHORT_KEK = base64.urlsafe_b64encode(b"k" * 31).rstrip(b"=").decode()
+#: 35 bytes. A fixed value, not the session's random KEK: the test ids are the same in every process
+#: (pytest-xdist workers collect the suite each and must agree on it).
+LONG_KEK = base64.urlsafe_b64encode(b"k" * 35).rstrip(b"=").decode()
 
 
 @pytest.mark.parametrize(
@@ -160,7 +163,7 @@ SHORT_KEK = base64.urlsafe_b64encode(b"k" * 31).rstrip(b"=").decode()
         ("TRUSTPLANE_ISSUER", "https://as.example:99999", "Value error, must be an absolute URL"),
         ("TRUSTPLANE_KEY_ENCRYPTION_KEY", "not-a-key", KEK_SIZE),
         ("TRUSTPLANE_KEY_ENCRYPTION_KEY", SHORT_KEK, KEK_SIZE),
-        ("TRUSTPLANE_KEY_ENCRYPTION_KEY", KEK + "AAAA", KEK_SIZE),
+        ("TRUSTPLANE_KEY_ENCRYPTION_KEY", LONG_KEK, KEK_SIZE),
         ("TRUSTPLANE_PORT", "70000", "Input should be less than or equal to 65535"),
         (
             "TRUSTPLANE_LOG_LEVEL",

@@ -80,11 +80,14 @@ async def test_the_code_page_comes_only_after_the_right_password(setup: Setup) -
     page = await flow.otp(page, wrong_code(seed))
     assert 'role="alert"' in page.text
     assert 'name="otp"' in page.text
-    page = await flow.otp(page, totp.now_code(seed))
+    code = totp.now_code(seed)
+    page = await flow.otp(page, code)
     assert 'action="/authorize/consent"' in page.text
-    replayed = setup.flow()  # the same code again, in another browser: refused
+    # the same code again, in another browser: refused (the code itself, not a fresh now_code(),
+    # which is another code once the 30 s step has turned on a slow machine)
+    replayed = setup.flow()
     again = await replayed.login(await replayed.start(), "olga")
-    again = await replayed.otp(again, totp.now_code(seed))
+    again = await replayed.otp(again, code)
     assert 'id="login-failed"' in again.text
 
 

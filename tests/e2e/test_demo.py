@@ -81,6 +81,9 @@ def processes_in(directory: Path) -> list[int]:
     return found
 
 
+# serial: its five ports must be free after the stop, and another worker's servers and client
+# connections take ephemeral ports of their own (tests/parallel.py)
+@pytest.mark.serial
 def test_the_demo_runs_the_lifecycle_and_leaves_nothing_running(tmp_path: Path) -> None:
     workdir = tmp_path / "demo"
     proc = demo("--json", "--workdir", str(workdir))
