@@ -8,6 +8,10 @@ arrives; an exception raised at settlement stops the upstream owners' next step 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import jwt
@@ -290,3 +294,37 @@ async def test_a_creation_that_lost_the_race_is_tried_again() -> None:
 
     with pytest.raises(OperationalError, match="disk I/O"):
         await create_safely(broken)
+
+
+SCHEMA_SCRIPT = """
+import asyncio, sys, time
+from trustplane.reference.events import EventSigner
+from trustplane.reference.store import TradeStore
+from trustplane.storage.db import Database
+
+async def main() -> None:
+    store = TradeStore(Database(sys.argv[1]), EventSigner.generate("https://x.example"))
+    await asyncio.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # all start together
+    await store.create_schema()
+    await store.db.dispose()
+
+asyncio.run(main())
+"""
+
+
+def test_processes_starting_at_once_on_one_file_all_make_the_schema(tmp_path: Path) -> None:
+    """Two service processes started together on one store file (the demo does): every one
+    finishes, none fails with ``table ... already exists``."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    start_at = str(time.time() + 3)  # after every interpreter has imported
+    command = [sys.executable, "-c", SCHEMA_SCRIPT, url, start_at]
+    racers = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for _ in range(4)
+    ]
+    outputs = [(p.wait(60), p.stdout.read().decode() if p.stdout else "") for p in racers]
+    for process in racers:
+        if process.stdout:
+            process.stdout.close()
+    assert [code for code, _ in outputs] == [0, 0, 0, 0], outputs
