@@ -1,7 +1,7 @@
 """Serving the reference services as a process: the app built from settings, around the PEP SDK.
 
-``trustplane reference serve`` reads the services' store settings (:mod:`.settings`) and these,
-all ``TRUSTPLANE_REFERENCE_*`` as well:
+``trustplane reference serve`` reads the services' store settings (:mod:`.settings`: one store per
+service) and these, all ``TRUSTPLANE_REFERENCE_*`` as well:
 
 =============================================  ===============================================
 ``TRUSTPLANE_REFERENCE_AUDIENCE``              the services' audience (RFC 8707 resource); required
