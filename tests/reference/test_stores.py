@@ -328,3 +328,27 @@ def test_processes_starting_at_once_on_one_file_all_make_the_schema(tmp_path: Pa
         if process.stdout:
             process.stdout.close()
     assert [code for code, _ in outputs] == [0, 0, 0, 0], outputs
+
+
+async def test_the_sweep_hands_off_what_another_process_committed(split: SplitWorld) -> None:
+    """``Dispatcher.run``'s sweep: what was committed without a hand-off (another process's
+    service) reaches the other stores; an outbox that did not grow is not read again."""
+    plain = type(split.services)(split.stores, split.mandates)
+    trade = await plain.create_order(caller("alice", split.pdp), ORDER, "k")
+    assert await split.dispatcher.sweep() == 3  # the order, to the three other stores
+    assert await split.dispatcher.sweep() == 0
+    await plain.execute(caller("b", split.pdp), trade.trade_id, "k")
+    assert await split.dispatcher.sweep() == 3
+    assert (await split.stores.reporting.trade(trade.trade_id)).state == machine.EXECUTED
+    stopping = asyncio.Event()
+    sweeping = asyncio.create_task(split.dispatcher.run(stopping, interval=0.01))
+    await plain.propose_allocation(caller("a", split.pdp), trade.trade_id, ALLOC, "k")
+    for _ in range(500):
+        if (await split.stores.settlement.trade(trade.trade_id)).allocation == ALLOC:
+            break
+        await asyncio.sleep(0.01)
+    stopping.set()
+    await sweeping
+    assert (await split.stores.settlement.trade(trade.trade_id)).state == (
+        machine.ALLOCATION_PROPOSED
+    )

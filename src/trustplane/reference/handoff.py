@@ -115,6 +115,8 @@ class Dispatcher:
         self.routes = list(routes)
         self.batch = batch
         self._lock = asyncio.Lock()
+        #: per upstream: the outbox ``seq`` every route from it had handed off at the last sweep
+        self._swept: dict[str, int] = {}
 
     @classmethod
     def between(
@@ -169,12 +171,25 @@ class Dispatcher:
             if len(events) < self.batch:
                 return applied
 
+    async def sweep(self) -> int:
+        """:meth:`hand_off` for the upstreams whose outbox grew since the last sweep (one
+        ``max(seq)`` query each when nothing happened)."""
+        applied = 0
+        for service in dict.fromkeys(r.upstream.service for r in self.routes):
+            store = next(r.upstream.store for r in self.routes if r.upstream.service == service)
+            latest = await store.last_seq()
+            if latest <= self._swept.get(service, -1):
+                continue
+            applied += await self.hand_off(service)
+            self._swept[service] = latest  # every route from it went past ``latest``
+        return applied
+
     async def run(self, stopping: asyncio.Event, interval: float = 0.25) -> None:
         """Sweep every ``interval`` seconds until ``stopping`` (what other processes committed);
         a failure is logged and the next sweep tries again."""
         while not stopping.is_set():
             try:
-                await self.hand_off()
+                await self.sweep()
             except Exception as exc:  # the sweep must survive a database hiccup
                 log.error("reference_handoff_failed", error=str(exc))
             with contextlib.suppress(TimeoutError):

@@ -32,6 +32,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     and_,
+    func,
     insert,
     inspect,
     select,
@@ -1087,6 +1088,12 @@ class TradeStore:
         async with self.db.read() as conn:
             rows = (await conn.execute(query)).all()
         return [_exception(r) for r in rows]
+
+    async def last_seq(self) -> int:
+        """The outbox's highest ``seq`` (0: empty)."""
+        async with self.db.read() as conn:
+            found = (await conn.execute(select(func.max(outbox.c.seq)))).scalar()
+        return int(found or 0)
 
     async def events_after(self, after: int, limit: int = 100) -> list[StoredEvent]:
         async with self.db.read() as conn:
