@@ -6,9 +6,10 @@ database, one issuer): the authorization server (token endpoint: exchange and cl
 RFC 7662 introspection) and the AuthZEN PDP; the reference services as three uvicorn processes
 (``bench/lifecycle_app.py``: ``build_app`` around the PEP SDK), execution
 (``https://execution.example/api``), allocation and settlement (``https://clearing.example/api``),
-each accepting only tokens for its own audience and sharing one trade store; the outbox publisher to
-NATS JetStream. PostgreSQL holds the deployment's database and the trade store (two fresh databases,
-dropped at the end).
+each accepting only tokens for its own audience, each service with its own store (docs/settlement.md,
+"Stores": each process hands its owner's events to the other stores before it answers); the outbox
+publishers to NATS JetStream (one per owner, in one process). PostgreSQL holds the deployment's
+database and the four stores (five fresh databases, dropped at the end).
 
 One lifecycle, from a subject token that rests on a mandate (alice's, as the code grant issues it;
 minted with the deployment's key before the timed part, one per lifecycle, each with its own
@@ -22,7 +23,7 @@ signed event in the outbox.
 Reported per concurrency: complete lifecycles/s, lifecycle p50/p99, p50/p99 of each step (settlement
 submit is the idempotent write on PostgreSQL), the CPU milliseconds per lifecycle of each process
 (from /proc: the authorization server, the PDP, each service, the publisher, the PostgreSQL backends
-of our two databases, this driver), commit -> JetStream ack p50/p99. Then, on three other
+of our five databases, this driver), commit -> JetStream ack p50/p99. Then, on three other
 deployments linked by token exchange and SSF push (``tests/e2e/ssf_chain.py``, as
 ``tests/e2e/test_ssf.py``): revocation at A -> the derived token inactive at B and at C, p50/p99.
 The load average is printed with every result: the machine may be shared.
@@ -195,18 +196,23 @@ def subject_tokens(a: LiveServer, desk: ClientKit, mandate: dict[str, Any], n: i
     return tokens
 
 
-async def create_schemas(ref_url: str, key_file: Path) -> None:
-    from lifecycle_app import EVENT_ISSUER
+def store_env(ref_urls: dict[str, str], key_file: Path) -> dict[str, str]:
+    return {
+        **{f"LC_DATABASE_URL_{s.upper()}": url for s, url in ref_urls.items()},
+        "LC_EVENT_KEY": str(key_file),
+    }
 
-    from trustplane.pep import SqlIdempotencyStore
-    from trustplane.reference.events import EventSigner
-    from trustplane.reference.store import TradeStore
-    from trustplane.storage.db import Database
 
-    store = TradeStore(Database(ref_url), EventSigner.from_file(EVENT_ISSUER, key_file))
-    await store.create_schema()
-    await SqlIdempotencyStore(store.db).create_schema()
-    await store.db.dispose()
+async def create_schemas(ref_urls: dict[str, str], key_file: Path) -> None:
+    """Each service's store (and its Idempotency-Key table), its event key made once here."""
+    from trustplane.reference import serve
+
+    os.environ.update(store_env(ref_urls, key_file))
+    from lifecycle_app import store_settings
+
+    stores = serve.open_stores(store_settings())
+    await serve.create_schemas(stores)
+    await serve.dispose(stores)
 
 
 def launch(
@@ -231,7 +237,7 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 @contextmanager
 def services(
-    deployment: Deployment, ref_url: str, nats: dict[str, str], work: Path
+    deployment: Deployment, ref_urls: dict[str, str], nats: dict[str, str], work: Path
 ) -> Iterator[None]:
     """The three service processes and (``nats`` given) the publisher, stopped on exit."""
     base = {
@@ -239,8 +245,7 @@ def services(
         "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
         "LC_ISSUER": deployment.auth.issuer,
         "LC_PDP": deployment.pdp.base_url,
-        "LC_DATABASE_URL": ref_url,
-        "LC_EVENT_KEY": str(work / "events.pem"),
+        **store_env(ref_urls, work / "events.pem"),
         "LC_CLIENTS": str(work / "clients.json"),
     }
     processes: list[subprocess.Popen[bytes]] = []
@@ -250,7 +255,7 @@ def services(
             command = [str(BIN / "uvicorn"), "--factory", "lifecycle_app:app_from_env"]
             command += ["--port", str(port), "--log-level", "warning", "--no-access-log"]
             command += ["--timeout-keep-alive", "60"]  # no stale connection between phases
-            env = {**base, "LC_AUDIENCE": audience}
+            env = {**base, "LC_AUDIENCE": audience, "LC_SERVICE": name}
             processes.append(launch(name, command, env, work))
             deployment.pids[name] = processes[-1].pid
             deployment.services[name] = f"http://127.0.0.1:{port}"
@@ -404,25 +409,35 @@ class Meter:
         return {name: round(1000 * seconds / max(n, 1), 2) for name, seconds in cpu.items()}
 
 
-async def outbox_drained(ref_url: str) -> int:
+async def outbox_drained(ref_urls: dict[str, str]) -> int:
+    """The rows not yet published, over the owners' outboxes."""
     from sqlalchemy import func, select
 
+    from trustplane.reference.machine import OWNERS
     from trustplane.reference.store import outbox
     from trustplane.storage.db import Database
 
-    db = Database(ref_url)
-    try:
-        async with db.read() as conn:
-            query = select(func.count()).select_from(outbox).where(outbox.c.published_at.is_(None))
-            return int((await conn.execute(query)).scalar_one())
-    finally:
-        await db.dispose()
+    left = 0
+    for owner in OWNERS:
+        db = Database(ref_urls[owner])
+        try:
+            async with db.read() as conn:
+                query = (
+                    select(func.count()).select_from(outbox).where(outbox.c.published_at.is_(None))
+                )
+                left += int((await conn.execute(query)).scalar_one())
+        finally:
+            await db.dispose()
+    return left
 
 
-async def ack_latencies(deployment: Deployment, ref_url: str, acks: Path) -> list[float]:
-    """Wait until the outbox is published, then collect the publisher's latencies since last time."""
+async def ack_latencies(
+    deployment: Deployment, ref_urls: dict[str, str], acks: Path
+) -> list[float]:
+    """Wait until the outboxes are published, then collect the publishers' latencies since last
+    time."""
     deadline = time.monotonic() + 60
-    while await outbox_drained(ref_url):
+    while await outbox_drained(ref_urls):
         if time.monotonic() > deadline:
             raise SystemExit("the publisher did not drain the outbox in 60 s")
         await asyncio.sleep(0.2)
@@ -569,7 +584,7 @@ async def drive(
             result = await phase(driver, meter, batch, concurrency)
             if ctx["nats"]:
                 result["jetstream_ack"] = ms_stats(
-                    await ack_latencies(deployment, ctx["ref_url"], ctx["acks"])
+                    await ack_latencies(deployment, ctx["ref_urls"], ctx["acks"])
                 )
             print_phase(result)
             results.append(result)
@@ -600,18 +615,24 @@ async def stream_counts(nats_url: str, prefix: str, delete: bool = False) -> dic
     return counts
 
 
-async def outbox_rows(ref_url: str) -> int:
+async def outbox_rows(ref_urls: dict[str, str]) -> int:
+    """The events written, over the owners' outboxes (one per owned transition)."""
     from sqlalchemy import func, select
 
+    from trustplane.reference.machine import OWNERS
     from trustplane.reference.store import outbox
     from trustplane.storage.db import Database
 
-    db = Database(ref_url)
-    try:
-        async with db.read() as conn:
-            return int((await conn.execute(select(func.count()).select_from(outbox))).scalar_one())
-    finally:
-        await db.dispose()
+    rows = 0
+    for owner in OWNERS:
+        db = Database(ref_urls[owner])
+        try:
+            async with db.read() as conn:
+                query = select(func.count()).select_from(outbox)
+                rows += int((await conn.execute(query)).scalar_one())
+        finally:
+            await db.dispose()
+    return rows
 
 
 def _patient_servers() -> None:
@@ -623,12 +644,14 @@ def _patient_servers() -> None:
 
 
 def run_lifecycles(args: argparse.Namespace, work: Path, tag: str) -> dict[str, Any]:
+    from trustplane.reference.machine import SERVICES as STORES
     from trustplane.storage.db import Database
     from trustplane.storage.migrate import upgrade
 
-    names = [f"tp_bench_lc_{tag}", f"tp_bench_lc_{tag}_ref"]
+    names = [f"tp_bench_lc_{tag}", *(f"tp_bench_lc_{tag}_{s}" for s in STORES)]
     server_url = args.database_url.rsplit("/", 1)[0]
-    as_url, ref_url = (f"{server_url}/{name}" for name in names)
+    as_url = f"{server_url}/{names[0]}"
+    ref_urls = {s: f"{server_url}/tp_bench_lc_{tag}_{s}" for s in STORES}
     prefix = f"tp_bench_lc_{tag}"
     nats = {} if args.no_nats else {
         "LC_NATS_URL": args.nats_url, "LC_NATS_PREFIX": prefix,
@@ -649,7 +672,7 @@ def run_lifecycles(args: argparse.Namespace, work: Path, tag: str) -> dict[str, 
         if nats:
             cleanup.callback(lambda: asyncio.run(stream_counts(args.nats_url, prefix, delete=True)))
         run_sync(migrate())
-        run_sync(create_schemas(ref_url, work / "events.pem"))
+        run_sync(create_schemas(ref_urls, work / "events.pem"))
         servers = cleanup.enter_context(running_servers(work / "servers"))
         # the cache refresh interval at its default (the tests' live servers poll every 0.2 s)
         auth, pdp = servers.start_cluster(2, as_url, cache_refresh_interval="1")
@@ -657,19 +680,19 @@ def run_lifecycles(args: argparse.Namespace, work: Path, tag: str) -> dict[str, 
         deployment = Deployment(auth, pdp, made["desk"], made["approver"], made["mandate"])
         total = 1 + args.warmup + args.lifecycles * len(args.concurrency)
         subjects = subject_tokens(auth, deployment.desk, deployment.mandate, total)
-        cleanup.enter_context(services(deployment, ref_url, nats, work))
+        cleanup.enter_context(services(deployment, ref_urls, nats, work))
         print(
             f"lifecycle: 2 trustplane serve (token endpoint + introspection; AuthZEN PDP) on "
-            f"PostgreSQL, 3 services (uvicorn, 1 worker each) on PostgreSQL, publisher "
+            f"PostgreSQL, 3 services (uvicorn, 1 worker each) with 4 stores on PostgreSQL, publisher "
             f"{'to ' + args.nats_url if nats else 'off'}; {os.cpu_count()} CPUs, load average "
             f"{' '.join(map(str, load()))}",
             flush=True,
         )
-        ctx = {"databases": names, "nats": bool(nats), "ref_url": ref_url,
+        ctx = {"databases": names, "nats": bool(nats), "ref_urls": ref_urls,
                "acks": work / "acks.jsonl"}  # fmt: skip
         phases = asyncio.run(drive(deployment, subjects, args, ctx))
         summary: dict[str, Any] = {"idle_cpu_ms_per_s": ctx["idle_cpu_ms_per_s"], "phases": phases}
-        rows = asyncio.run(outbox_rows(ref_url))
+        rows = asyncio.run(outbox_rows(ref_urls))
         summary["outbox_rows"] = rows
         if nats:
             messages = sum(asyncio.run(stream_counts(args.nats_url, prefix)).values())
@@ -693,7 +716,7 @@ def arguments() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/test",
-                    help="a PostgreSQL URL: two fresh databases are made on its server")  # fmt: skip
+                    help="a PostgreSQL URL: five fresh databases are made on its server")  # fmt: skip
     ap.add_argument("--nats-url", default="nats://127.0.0.1:4222")
     ap.add_argument("--no-nats", action="store_true", help="no publisher (no ack latencies)")
     ap.add_argument("--lifecycles", type=int, default=200, help="per concurrency")

@@ -1,15 +1,18 @@
 """The processes bench/lifecycle.py starts beside the authorization server: one reference service
 (``build_app`` around its PEP, as docs/settlement.md "Running the services" shows), and the outbox
-publisher to NATS JetStream.
+publishers to NATS JetStream.
 
-A service: ``uvicorn --factory lifecycle_app:app_from_env`` with ``LC_AUDIENCE`` (the service's
-audience: its PEP accepts only tokens for it), ``LC_ISSUER`` (the authorization server: JWKS, token
-endpoint, introspection), ``LC_PDP`` (the AuthZEN PDP's base URL), ``LC_DATABASE_URL`` (the trade
-store all services share; its schema made by the bench beforehand), ``LC_EVENT_KEY`` and
-``LC_CLIENTS`` (a JSON file: the ``pdp`` and ``introspection`` clients' ids, kids and PEM keys).
+A service: ``uvicorn --factory lifecycle_app:app_from_env`` with ``LC_SERVICE`` (``execution``,
+``allocation`` or ``settlement``: the owner this process runs, whose events it hands to the other
+stores after each commit), ``LC_AUDIENCE`` (the service's audience: its PEP accepts only tokens for
+it), ``LC_ISSUER`` (the authorization server: JWKS, token endpoint, introspection), ``LC_PDP`` (the
+AuthZEN PDP's base URL), ``LC_DATABASE_URL_<SERVICE>`` (each service's own store, the four of
+them; their schemas made by the bench beforehand), ``LC_EVENT_KEY`` (the base name of the owners'
+event keys) and ``LC_CLIENTS`` (a JSON file: the ``pdp`` and ``introspection`` clients' ids, kids
+and PEM keys).
 
-The publisher: ``python lifecycle_app.py publish`` with ``LC_DATABASE_URL``, ``LC_EVENT_KEY``,
-``LC_NATS_URL``, ``LC_NATS_PREFIX`` and ``LC_ACKS_FILE``: runs ``OutboxPublisher``; on SIGUSR1 it
+The publisher: ``python lifecycle_app.py publish`` with the same store settings, ``LC_NATS_URL``,
+``LC_NATS_PREFIX`` and ``LC_ACKS_FILE``: runs an ``OutboxPublisher`` per owner; on SIGUSR1 it
 appends the commit -> JetStream ack latencies since the last SIGUSR1 (one JSON list per line) to
 ``LC_ACKS_FILE``; SIGTERM stops it.
 """
@@ -38,12 +41,12 @@ from trustplane.pep import (
     TrustedIssuer,
 )
 from trustplane.pep.http import Pep
+from trustplane.reference import machine
 from trustplane.reference.entitlement import IntrospectionMandateCheck
-from trustplane.reference.events import EventSigner
 from trustplane.reference.http import build_app
-from trustplane.reference.services import TradeServices
-from trustplane.reference.store import TradeStore
-from trustplane.storage.db import Database
+from trustplane.reference.serve import dispatcher_of, dispose, open_stores
+from trustplane.reference.services import ServiceStores, TradeServices
+from trustplane.reference.settings import ReferenceSettings
 
 EVENT_ISSUER = "https://reference.bench.invalid"
 
@@ -53,9 +56,18 @@ def _auth(entry: dict[str, Any], issuer: str) -> PrivateKeyJwt:
     return PrivateKeyJwt(entry["client_id"], key, entry["kid"], issuer)  # type: ignore[arg-type]
 
 
-def _store() -> TradeStore:
-    signer = EventSigner.from_file(EVENT_ISSUER, Path(os.environ["LC_EVENT_KEY"]))
-    return TradeStore(Database(os.environ["LC_DATABASE_URL"]), signer)
+def store_settings(services: tuple[str, ...] = machine.SERVICES) -> ReferenceSettings:
+    """Each service's store from ``LC_DATABASE_URL_<SERVICE>``; ``services``: those run here."""
+    urls = tuple((s, os.environ[f"LC_DATABASE_URL_{s.upper()}"]) for s in machine.SERVICES)
+    return ReferenceSettings(
+        event_key_file=Path(os.environ["LC_EVENT_KEY"]), issuer=EVENT_ISSUER,
+        service_database_urls=urls, services=services,
+    )  # fmt: skip
+
+
+def _stores(services: tuple[str, ...]) -> tuple[ServiceStores, ReferenceSettings]:
+    settings = store_settings(services)
+    return open_stores(settings), settings
 
 
 def app_from_env() -> FastAPI:
@@ -75,11 +87,14 @@ def app_from_env() -> FastAPI:
     mandates = IntrospectionMandateCheck(
         f"{issuer}/introspect", _auth(clients["introspection"], issuer), fetcher
     )
-    store = _store()
+    stores, settings = _stores((os.environ["LC_SERVICE"],))
     pep = Pep(PolicyEnforcer(validator, decisions, realm=os.environ["LC_AUDIENCE"]))
-    app = build_app(
-        TradeServices(store, mandates), pep, IdempotencyService(SqlIdempotencyStore(store.db))
-    )
+    idempotency = {
+        s: IdempotencyService(SqlIdempotencyStore(stores.by_service()[s].db))
+        for s in machine.OWNERS
+    }
+    handoff = dispatcher_of(stores, settings.services)
+    app = build_app(TradeServices(stores, mandates, handoff=handoff), pep, idempotency)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -91,16 +106,19 @@ def app_from_env() -> FastAPI:
 async def publish() -> None:
     from trustplane.reference.jetstream import OutboxPublisher
 
-    store = _store()
-    publisher = OutboxPublisher(
-        store, os.environ["LC_NATS_URL"], prefix=os.environ["LC_NATS_PREFIX"]
-    )
+    stores, _settings = _stores(machine.OWNERS)
+    nats_url, prefix = os.environ["LC_NATS_URL"], os.environ["LC_NATS_PREFIX"]
+    publishers = [
+        OutboxPublisher(stores.by_service()[owner], nats_url, prefix=prefix)
+        for owner in machine.OWNERS
+    ]
     acks = Path(os.environ["LC_ACKS_FILE"])
     stopping = asyncio.Event()
 
     def dump() -> None:
-        latencies = list(publisher.ack_latencies)
-        publisher.ack_latencies.clear()
+        latencies = [x for p in publishers for x in p.ack_latencies]
+        for p in publishers:
+            p.ack_latencies.clear()
         with acks.open("a") as handle:
             handle.write(json.dumps(latencies) + "\n")
 
@@ -108,10 +126,11 @@ async def publish() -> None:
     loop.add_signal_handler(signal.SIGUSR1, dump)
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
     try:
-        await publisher.run(stopping)
+        await asyncio.gather(*(p.run(stopping) for p in publishers))
     finally:
-        await publisher.close()
-        await store.db.dispose()
+        for p in publishers:
+            await p.close()
+        await dispose(stores)
 
 
 if __name__ == "__main__":

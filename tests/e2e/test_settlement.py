@@ -60,10 +60,10 @@ from trustplane.reference import machine
 from trustplane.reference.entitlement import IntrospectionMandateCheck
 from trustplane.reference.events import EventSigner, verify_event
 from trustplane.reference.ledger_forwarder import LedgerForwarder
+from trustplane.reference.serve import create_schemas, dispatcher_of, dispose, open_stores
 from trustplane.reference.services import Caller, EntitlementLost, Refused, TradeServices
-from trustplane.reference.store import TradeStore
+from trustplane.reference.settings import ReferenceSettings
 from trustplane.settings import Settings
-from trustplane.storage.db import Database
 
 pytestmark = pytest.mark.e2e
 
@@ -98,12 +98,15 @@ def mint(server: LiveServer, kit: ClientKit, scope: str, extra: dict[str, Any]) 
     return token
 
 
-def service_client(server: LiveServer, signer: EventSigner) -> ClientKit:
+def service_client(
+    server: LiveServer, signer: EventSigner, jwks: dict[str, Any] | None = None
+) -> ClientKit:
     """The settlement service's client, registered by the operator: resource server for the
     services' audience (introspection, and the ``iss`` of its events), ``audit:ingest`` for the
-    ledger, and one key (the event key, also its private_key_jwt key) in its JWKS."""
+    ledger, and the event keys (``jwks``, default the signer's; the signer's key is also its
+    private_key_jwt key) in its JWKS."""
     jwks_file = Path(server.env["TRUSTPLANE_DATA_DIR"]) / f"svc-jwks-{time.monotonic_ns()}.json"
-    jwks_file.write_text(json.dumps(signer.jwks()))
+    jwks_file.write_text(json.dumps(jwks or signer.jwks()))
     body = server.cli_json(
         "clients", "add", "--lei", LEI, "--jwks-file", str(jwks_file), "--name", "settlement",
         "--scope", "order:create", "--scope", "audit:ingest",
@@ -124,9 +127,19 @@ def test_the_lifecycle_is_decided_by_the_live_pdp_and_a_revoked_mandate_raises_a
         a, scopes=("mandate:view", "mandate:administer"), resources=(api,),
         introspection_resources=(),
     )  # fmt: skip
-    # the events' iss: the services' audience; the key file also serves the CLI's forwarder
-    signer = EventSigner.from_file(EXECUTION, tmp_path / "events.pem")
-    settlement = service_client(a, signer)
+
+    # each service its own store and key (as the CLI opens them from the same settings); the
+    # events' iss: the services' audience; the settlement's key also serves the CLI's forwarder
+    def reference_env(flag: bool) -> dict[str, str]:
+        return {
+            "TRUSTPLANE_REFERENCE_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / f'ref-{flag}.db'}",
+            "TRUSTPLANE_REFERENCE_EVENT_KEY_FILE": str(tmp_path / "events.pem"),
+            "TRUSTPLANE_REFERENCE_ISSUER": EXECUTION,
+        }
+
+    owners = open_stores(ReferenceSettings.from_env(reference_env(False)))
+    signer, all_keys = owners.settlement.signer, owners.jwks()
+    settlement = service_client(a, signer, all_keys)
     kit = grantee(a)
     pdp_kit = register_client(
         a, scopes=("decision:evaluate",), resources=(f"{a.issuer}/access/v1",),
@@ -162,12 +175,10 @@ def test_the_lifecycle_is_decided_by_the_live_pdp_and_a_revoked_mandate_raises_a
             PrivateKeyJwt(settlement.client_id, settlement.key, settlement.kid, a.issuer),
             fetcher,
         )
-        store = TradeStore(
-            Database(f"sqlite+aiosqlite:///{tmp_path / f'ref-{revoke_first}.db'}"),
-            signer,
-        )
-        await store.create_schema()
-        services = TradeServices(store, check)
+        stores = open_stores(ReferenceSettings.from_env(reference_env(revoke_first)))
+        await create_schemas(stores)
+        store = stores.settlement
+        services = TradeServices(stores, check, handoff=dispatcher_of(stores, machine.SERVICES))
         live_pdp = AuthzenClient(
             a.issuer,
             token_endpoint=f"{a.issuer}/token",
@@ -222,7 +233,7 @@ def test_the_lifecycle_is_decided_by_the_live_pdp_and_a_revoked_mandate_raises_a
             await services.confirm_settlement(
                 await caller("clearing", desk), trade.trade_id, "settled", "k7"
             )
-            out["outcome"] = (await store.trade(trade.trade_id)).state
+            out["outcome"] = (await stores.reporting.trade(trade.trade_id)).state
         except EntitlementLost as lost:
             out["outcome"] = lost
             events = await store.events_after(0)
@@ -244,16 +255,16 @@ def test_the_lifecycle_is_decided_by_the_live_pdp_and_a_revoked_mandate_raises_a
             out["state_after"] = (await store.trade(trade.trade_id)).state
         # the outbox into the server's ledger, as the service's own client (the other lifecycle's
         # by ``trustplane reference forward --to-ledger``, below)
-        if revoke_first:
-            forwarder = LedgerForwarder(
-                store, a.issuer,
-                PrivateKeyJwt(settlement.client_id, settlement.key, settlement.kid, a.issuer),
-                fetcher,
-            )  # fmt: skip
-            out["forwarded"] = await forwarder.forward_all()
-            out["left"] = await store.undelivered_to_ledger()
-        out["jws"] = [e.jws for e in await store.events_after(0, 1000)]
-        await store.db.dispose()
+        owned = [stores.by_service()[o] for o in machine.OWNERS]
+        if revoke_first:  # each owner's outbox, in the machine's order
+            own = PrivateKeyJwt(settlement.client_id, settlement.key, settlement.kid, a.issuer)
+            out["forwarded"], out["left"] = 0, []
+            for owner in owned:
+                forwarder = LedgerForwarder(owner, a.issuer, own, fetcher)
+                out["forwarded"] += await forwarder.forward_all()
+                out["left"] += await owner.undelivered_to_ledger()
+        out["jws"] = [e.jws for owner in owned for e in await owner.events_after(0, 1000)]
+        await dispose(stores)
         await validator.aclose()
         await live_pdp.aclose()
         await fetcher.aclose()
@@ -261,12 +272,7 @@ def test_the_lifecycle_is_decided_by_the_live_pdp_and_a_revoked_mandate_raises_a
 
     live = run_sync(lifecycle(revoke_first=False))
     assert live["outcome"] == machine.SETTLED
-    env = {
-        **a.env,
-        "TRUSTPLANE_REFERENCE_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'ref-False.db'}",
-        "TRUSTPLANE_REFERENCE_EVENT_KEY_FILE": str(tmp_path / "events.pem"),
-        "TRUSTPLANE_REFERENCE_ISSUER": EXECUTION,
-    }
+    env = {**a.env, **reference_env(False)}
     forward = ("reference", "forward", "--to-ledger", a.issuer, "--client-id",
                settlement.client_id, "--once", "--allow-loopback", "--json")  # fmt: skip
     assert json.loads(run_cli(env, *forward)) == {"delivered": len(live["jws"])}
@@ -346,7 +352,7 @@ def test_the_lifecycle_is_decided_by_the_live_pdp_and_a_revoked_mandate_raises_a
     assert opened["entry"]["reason"] == "mandate_not_usable"
     assert opened["entry"]["mandate_id"] == mandate["id"]
     assert opened["inclusion_proof"]
-    evidence = verify_event(opened["payload"]["jws"], signer.jwks(), issuer=EXECUTION)
+    evidence = verify_event(opened["payload"]["jws"], all_keys, issuer=EXECUTION)
     assert evidence["envelope"]["decision_ids"] == [decision_id]  # names the deny beside it
     assert opened["payload"]["exception_id"] == outcome.exception.exception_id
     (resolved,) = [e for e in chain["entries"] if e["entry"]["type"] == "trade:exception:resolved"]

@@ -39,12 +39,11 @@ from tests.reference.conftest import ORDER, Mandates, RecordingPdp
 from trustplane.outbound import OutboundFetcher, OutboundPolicy
 from trustplane.pep import PrivateKeyJwt, TokenValidator, TrustedIssuer
 from trustplane.reference import machine
-from trustplane.reference.events import EventSigner
 from trustplane.reference.receiver import SignalReceiver
+from trustplane.reference.serve import create_schemas, dispatcher_of, dispose, open_stores
 from trustplane.reference.services import Caller, TradeServices
+from trustplane.reference.settings import ReferenceSettings
 from trustplane.reference.signals import SignalError
-from trustplane.reference.store import TradeStore
-from trustplane.storage.db import Database
 
 pytestmark = pytest.mark.e2e
 ROUNDS = 5
@@ -92,9 +91,8 @@ def test_a_revocation_at_the_issuer_moves_the_trade_in_flight_to_exception(
     }
     (tmp_path / "signals-client.pem").write_bytes(signals_kit.pem)
     env = receiver_env(a, tmp_path, signals_kit.client_id, signals_kit.kid)
-    url = env["TRUSTPLANE_REFERENCE_DATABASE_URL"]
-    signer = EventSigner.from_file("https://settlement.example", tmp_path / "events.pem")
-    run_sync(_schema(url, signer))
+    settings = ReferenceSettings.from_env(env)
+    run_sync(_schema(settings))
 
     log_path = tmp_path / "signals.log"
     with log_path.open("wb") as log:
@@ -134,7 +132,7 @@ def test_a_revocation_at_the_issuer_moves_the_trade_in_flight_to_exception(
             for m in mandates
         ]  # fmt: skip
         out = run_sync(
-            _rounds(a, url, signer, desk, signals_kit, admin_auth, mandates, mandate_tokens)
+            _rounds(a, settings, desk, signals_kit, admin_auth, mandates, mandate_tokens)
         )
         assert receiver.poll() is None, log_path.read_text(errors="replace")
     finally:
@@ -164,16 +162,15 @@ def test_a_revocation_at_the_issuer_moves_the_trade_in_flight_to_exception(
     assert out["settled"] == machine.SETTLED
 
 
-async def _schema(url: str, signer: EventSigner) -> None:
-    store = TradeStore(Database(url), signer)
-    await store.create_schema()
-    await store.db.dispose()
+async def _schema(settings: ReferenceSettings) -> None:
+    stores = open_stores(settings)
+    await create_schemas(stores)
+    await dispose(stores)
 
 
 async def _rounds(
     a: LiveServer,
-    url: str,
-    signer: EventSigner,
+    settings: ReferenceSettings,
     desk: Any,
     signals_kit: Any,
     admin_auth: dict[str, str],
@@ -184,9 +181,12 @@ async def _rounds(
     validator = TokenValidator(
         audience=EXECUTION, issuers=[TrustedIssuer(a.issuer)], fetcher=fetcher
     )
-    store = TradeStore(Database(url), signer)
+    # each service its own store, as the receiver process opens them from the same settings; the
+    # receiver raises the exception on the settlement's and hands it to the others
+    stores = open_stores(settings)
+    store, signer = stores.settlement, stores.settlement.signer
     pdp = RecordingPdp()
-    services = TradeServices(store, Mandates())
+    services = TradeServices(stores, Mandates(), handoff=dispatcher_of(stores, machine.SERVICES))
     out: dict[str, Any] = {"token": [], "mandate": [], "token_events": [], "mandate_events": []}
 
     async def in_flight(raw: str, *, settle: bool = False) -> str:
@@ -254,7 +254,8 @@ async def _rounds(
             out["mandate_events"].append(await evidence(trade_id))
     out["control"] = (await store.trade(control)).state
     out["settled"] = (await store.trade(settled)).state
-    await store.db.dispose()
+    assert (await stores.allocation.trade(control)).state == out["control"]
+    await dispose(stores)
     await validator.aclose()
     await fetcher.aclose()
     return out

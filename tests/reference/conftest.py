@@ -4,8 +4,10 @@ tests/e2e/test_settlement.py), and callers."""
 
 from __future__ import annotations
 
+import os
+import secrets
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,11 +15,14 @@ from typing import Any
 import pytest
 from sqlalchemy import delete
 
+from tests.conftest import PG_ADMIN_URL, pg_admin, require_service, run_sync
 from trustplane.authzen.model import Decision, Entity
+from trustplane.reference import machine
 from trustplane.reference import store as store_module
 from trustplane.reference.entitlement import MandateStatus
 from trustplane.reference.events import EventSigner
-from trustplane.reference.services import Caller, TradeServices
+from trustplane.reference.handoff import Dispatcher, Upstream
+from trustplane.reference.services import Caller, ServiceStores, TradeServices
 from trustplane.reference.store import TradeStore
 from trustplane.storage.db import Database
 
@@ -113,3 +118,73 @@ async def world(ref_url: str) -> AsyncIterator[World]:
     pdp, mandates = RecordingPdp(), Mandates()
     yield World(store, TradeServices(store, mandates), pdp, mandates)
     await store.db.dispose()
+
+
+#: The deployment's issuer of the services' events (each owner signs with its own key).
+EVENTS_ISSUER = "https://settle.example"
+
+
+async def split_stores(urls: Mapping[str, str]) -> ServiceStores:
+    """One store per service on ``urls`` (emptied), each owner with its own event key."""
+    stores: dict[str, TradeStore] = {}
+    for service in machine.SERVICES:
+        signer = EventSigner.generate(EVENTS_ISSUER) if service in machine.OWNERS else None
+        store = TradeStore(Database(urls[service]), signer, service=service)
+        await store.create_schema()
+        async with store.db.transaction() as conn:
+            for table in reversed(store_module.metadata.sorted_tables):
+                await conn.execute(delete(table))
+        stores[service] = store
+    return ServiceStores(**stores)
+
+
+def upstreams(stores: ServiceStores) -> list[Upstream]:
+    owners = stores.by_service()
+    return [Upstream(s, owners[s], EVENTS_ISSUER, owners[s].signer.jwks()) for s in machine.OWNERS]
+
+
+@pytest.fixture(scope="session")
+def pg_service_databases() -> Iterator[dict[str, str]]:
+    """One throw-away PostgreSQL database per service for this session (the reference tables are
+    made by the stores themselves)."""
+    require_service("PostgreSQL", "127.0.0.1", 5432)
+    base = f"tp_ref_{os.getpid()}_{secrets.token_hex(3)}"
+    urls = {}
+    for service in machine.SERVICES:
+        run_sync(pg_admin(f'CREATE DATABASE "{base}_{service}"'))
+        urls[service] = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{base}_{service}"
+    yield urls
+    for service in machine.SERVICES:
+        run_sync(pg_admin(f'DROP DATABASE IF EXISTS "{base}_{service}" WITH (FORCE)'))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def split_urls(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
+    if request.param == "sqlite":
+        return {
+            s: f"sqlite+aiosqlite:///{tmp_path / f'reference-{s}.db'}" for s in machine.SERVICES
+        }
+    urls: dict[str, str] = request.getfixturevalue("pg_service_databases")
+    return urls
+
+
+@dataclass
+class SplitWorld:
+    """The four services, each on its own store, and the embedded hand-off between them."""
+
+    stores: ServiceStores
+    services: TradeServices
+    dispatcher: Dispatcher
+    pdp: RecordingPdp
+    mandates: Mandates
+
+
+@pytest.fixture
+async def split(split_urls: dict[str, str]) -> AsyncIterator[SplitWorld]:
+    stores = await split_stores(split_urls)
+    dispatcher = Dispatcher.between(stores.by_service(), upstreams(stores))
+    pdp, mandates = RecordingPdp(), Mandates()
+    services = TradeServices(stores, mandates, handoff=dispatcher)
+    yield SplitWorld(stores, services, dispatcher, pdp, mandates)
+    for store in stores.distinct():
+        await store.db.dispose()

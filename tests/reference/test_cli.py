@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
@@ -15,18 +16,27 @@ from typer.testing import CliRunner
 from tests.conftest import run_sync
 from tests.reference.conftest import ORDER, Mandates, RecordingPdp, caller
 from trustplane.cli import app
-from trustplane.reference.events import EventSigner
+from trustplane.reference import machine
+from trustplane.reference.serve import create_schemas, dispatcher_of, dispose, open_stores
 from trustplane.reference.services import EntitlementLost, TradeServices
 from trustplane.reference.settings import ReferenceSettings, ReferenceSettingsError
-from trustplane.reference.store import TradeStore
-from trustplane.storage.db import Database
+
+
+def environment(url: str, key: Path) -> dict[str, str]:
+    return {
+        "TRUSTPLANE_REFERENCE_DATABASE_URL": url,
+        "TRUSTPLANE_REFERENCE_EVENT_KEY_FILE": str(key),
+        "TRUSTPLANE_REFERENCE_ISSUER": "https://ref.example",
+    }
 
 
 async def an_exception(url: str, key: Path) -> str:
-    store = TradeStore(Database(url), EventSigner.from_file("https://ref.example", key))
-    await store.create_schema()
+    """A trade through the four services (each store its own file, as the settings derive them
+    from the URL) to a lost entitlement at settlement."""
+    stores = open_stores(ReferenceSettings.from_env(environment(url, key)))
+    await create_schemas(stores)
     pdp, mandates = RecordingPdp(), Mandates()
-    s = TradeServices(store, mandates)
+    s = TradeServices(stores, mandates, handoff=dispatcher_of(stores, machine.SERVICES))
     trade = await s.create_order(caller("alice", pdp), ORDER, "k")
     await s.execute(caller("b", pdp), trade.trade_id, "k")
     await s.propose_allocation(
@@ -36,19 +46,14 @@ async def an_exception(url: str, key: Path) -> str:
     mandates.revoked.add("M-1")
     with pytest.raises(EntitlementLost) as lost:
         await s.submit_settlement(caller("c", pdp), trade.trade_id, {}, "k")
-    await store.db.dispose()
+    await dispose(stores)
     return lost.value.exception.exception_id
 
 
 def test_operators_list_and_resolve_exceptions(tmp_path: Path) -> None:
     url, key = f"sqlite+aiosqlite:///{tmp_path / 'ref.db'}", tmp_path / "events.pem"
     exception_id = run_sync(an_exception(url, key))
-    env = {
-        "TRUSTPLANE_REFERENCE_DATABASE_URL": url,
-        "TRUSTPLANE_REFERENCE_EVENT_KEY_FILE": str(key),
-        "TRUSTPLANE_REFERENCE_ISSUER": "https://ref.example",
-        "COLUMNS": "200",
-    }
+    env = {**environment(url, key), "COLUMNS": "200"}
     runner = CliRunner()
     listed = runner.invoke(app, ["reference", "exceptions", "list", "--json"], env=env)
     assert listed.exit_code == 0, listed.output
@@ -80,17 +85,21 @@ def test_operators_list_and_resolve_exceptions(tmp_path: Path) -> None:
     status = runner.invoke(app, ["reference", "exceptions", "list", "--status", "x"], env=env)
     assert status.exit_code == 2
 
-    async def last_events() -> list[dict[str, object]]:
-        store = TradeStore(Database(url), EventSigner.from_file("https://ref.example", key))
-        events = await store.events_after(0)
-        await store.db.dispose()
-        public = store.signer.jwks()["keys"][0]
-        return [jwt.decode(e.jws, jwt.PyJWK(public).key, algorithms=["ES256"]) for e in events]
+    async def last_events() -> tuple[list[dict[str, Any]], list[str]]:
+        stores = open_stores(ReferenceSettings.from_env(environment(url, key)))
+        events = await stores.settlement.events_after(0)
+        learned = await stores.allocation.history(exception_id.split(".")[0])
+        await dispose(stores)
+        public = stores.settlement.signer.jwks()["keys"][0]
+        found = [jwt.decode(e.jws, jwt.PyJWK(public).key, algorithms=["ES256"]) for e in events]
+        return found, [r.transition for r in learned]
 
-    claims = asyncio.run(last_events())[-2:]
-    assert [c["type"] for c in claims] == ["exception.escalated", "exception.resolved"]
-    assert claims[1]["envelope"]["sub"].startswith("cli:")
-    assert claims[1]["envelope"]["policy_bundle_version"] == "cli"
+    claims, allocation = asyncio.run(last_events())
+    assert [c["type"] for c in claims[-2:]] == ["exception.escalated", "exception.resolved"]
+    assert claims[-1]["envelope"]["sub"].startswith("cli:")
+    assert claims[-1]["envelope"]["policy_bundle_version"] == "cli"
+    # the settlement's events (signed with its own key) were handed to the other stores
+    assert allocation[-2:] == ["exception#1", "cancel"]
 
 
 def test_settings_refuse_what_cannot_work() -> None:

@@ -16,7 +16,14 @@ import pytest
 from sqlalchemy import delete
 
 from tests.pep.conftest import AUDIENCE, ISSUER, FakeIssuer
-from tests.reference.conftest import MANDATE, ORDER, Mandates, RecordingPdp, fresh_store
+from tests.reference.conftest import (
+    MANDATE,
+    ORDER,
+    Mandates,
+    RecordingPdp,
+    SplitWorld,
+    fresh_store,
+)
 from trustplane.authzen.model import Decision, Entity
 from trustplane.pep import (
     IdempotencyService,
@@ -28,6 +35,7 @@ from trustplane.pep import (
 )
 from trustplane.pep.http import Pep
 from trustplane.pep.idempotency_store import idempotency_keys
+from trustplane.reference import machine
 from trustplane.reference.http import build_app
 from trustplane.reference.services import TradeServices
 from trustplane.reference.store import TradeStore
@@ -262,3 +270,72 @@ async def test_exception_api_refusals(harness: Harness) -> None:
     assert status.status_code == 400
     cursor = await h.client.get("/events?after=-1", headers=h.headers())
     assert cursor.status_code == 400
+
+
+async def test_the_split_services_over_http(split: SplitWorld) -> None:
+    """Each service on its own store behind one app: every route on its owner's store (its
+    Idempotency-Keys there too), the hand-off before each answer (a sequential client finds its
+    step downstream at once), ``GET /events`` the reporting store's feed of every owner's events,
+    each verified with ``GET /jwks`` (the three owners' keys), a duplicate refused for ever."""
+    issuer, stores = FakeIssuer(), split.stores
+    idempotency = {}
+    for owner in machine.OWNERS:
+        keys = SqlIdempotencyStore(stores.by_service()[owner].db)
+        await keys.create_schema()
+        async with stores.by_service()[owner].db.transaction() as conn:
+            await conn.execute(delete(idempotency_keys))
+        idempotency[owner] = IdempotencyService(keys)
+    validator = TokenValidator(
+        audience=AUDIENCE, issuers=[TrustedIssuer(ISSUER)], fetcher=issuer.fetcher()
+    )
+    pep = Pep(PolicyEnforcer(validator, AuthzenShape(split.pdp), realm="settlement"))
+    app = build_app(split.services, pep, idempotency)
+
+    def headers(sub: str, key: str | None = None) -> dict[str, str]:
+        token = issuer.token(sub=sub, scope=SCOPES, txn="txn-9", mandate=MANDATE)
+        found = {"Authorization": f"Bearer {token}"}
+        if key is not None:
+            found["Idempotency-Key"] = serialize_key(key)
+        return found
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://ref.test") as client:
+        created = await client.post("/orders", json=ORDER, headers=headers("alice", "o"))
+        trade_id = created.json()["trade_id"]
+        steps = [
+            ("execute", None, "broker"),
+            ("allocation", {"allocations": [{"account": "S", "quantity": "1000"}]}, "alice"),
+            ("allocation/approve", None, "bob"),
+            ("settlement", {"instructions": {"ssi": "X"}}, "clearing"),
+            ("settlement/confirm", {"outcome": "settled"}, "clearing"),
+        ]
+        for path, body, sub in steps:
+            moved = await client.post(
+                f"/trades/{trade_id}/{path}", json=body, headers=headers(sub, path)
+            )
+            assert moved.status_code == 200, (path, moved.text)
+        dup = await client.post(f"/trades/{trade_id}/execute", headers=headers("x", "new"))
+        assert dup.status_code == 409
+        assert dup.json()["transition"]["idempotency_key"] == "execute"
+        report = (await client.get(f"/trades/{trade_id}", headers=headers("auditor"))).json()
+        assert report["state"] == machine.SETTLED
+        feed = (await client.get("/events?after=0", headers=headers("auditor"))).json()
+        jwks = (await client.get("/jwks")).json()
+    assert len(jwks["keys"]) == 3
+    keys = {k["kid"]: jwt.PyJWK(k).key for k in jwks["keys"]}
+    types = []
+    for event in feed["events"]:
+        kid = jwt.get_unverified_header(event["jws"])["kid"]
+        types.append(jwt.decode(event["jws"], keys[kid], algorithms=["ES256"])["type"])
+    assert types == [
+        "order.created", "trade.executed", "allocation.proposed", "allocation.approved",
+        "settlement.submitted", "settlement.settled",
+    ]  # fmt: skip
+    for owner, operations in (
+        (machine.EXECUTION, 3),  # order, execute, and the duplicate's 409 under its new key
+        (machine.ALLOCATION, 2),
+        (machine.SETTLEMENT, 2),
+    ):
+        async with stores.by_service()[owner].db.read() as conn:
+            rows = (await conn.execute(idempotency_keys.select())).all()
+        assert len(rows) == operations, owner

@@ -21,15 +21,26 @@ import pytest
 from sqlalchemy import func, select, update
 
 from tests.conftest import free_port, require_service
-from tests.reference.conftest import ORDER
+from tests.reference.conftest import (
+    ORDER,
+    Mandates,
+    RecordingPdp,
+    caller,
+    split_stores,
+    upstreams,
+)
+from trustplane.reference import machine
 from trustplane.reference.events import Envelope, EventSigner
+from trustplane.reference.handoff import learn_verified
 from trustplane.reference.jetstream import (
     DOMAINS,
     OutboxPublisher,
     VerifyingConsumer,
+    learning_consumers,
     stream_name,
 )
-from trustplane.reference.store import TradeStore, outbox
+from trustplane.reference.services import TradeServices
+from trustplane.reference.store import KNOWN, PENDING, TradeStore, outbox
 from trustplane.storage.db import Database
 
 NATS = "nats://127.0.0.1:4222"
@@ -207,3 +218,67 @@ async def test_a_failing_handler_gets_the_event_again(tmp_path: Path, prefix: st
     assert await consumer.consume(flaky, wait=0.5) == 0
     await publisher.close()
     await store.db.dispose()
+
+
+async def test_the_hand_off_over_jetstream_learns_each_event_once_in_order(
+    tmp_path: Path, prefix: str, js: Any
+) -> None:
+    """Each owner's outbox published by its own publisher; the settlement's learning consumers:
+    the allocation's event ahead of the execution's is nak'ed (pending) and applied on its
+    redelivery once the trade was learned; a forged event is terminated, never applied."""
+    urls = {s: f"sqlite+aiosqlite:///{tmp_path / f'{s}.db'}" for s in machine.SERVICES}
+    stores = await split_stores(urls)
+    try:
+        pdp = RecordingPdp()
+        plain = TradeServices(stores, Mandates())  # no embedded hand-off: JetStream only
+        trade = await plain.create_order(caller("alice", pdp), ORDER, "k")
+        await plain.execute(caller("b", pdp), trade.trade_id, "k")
+        ups = {u.service: u for u in upstreams(stores)}
+        for event in await stores.execution.events_after(0):  # allocation learns by hand here
+            await learn_verified(stores.allocation, event.jws, ups[machine.EXECUTION])
+        await plain.propose_allocation(
+            caller("a", pdp), trade.trade_id, [{"account": "S", "quantity": "1000"}], "k"
+        )
+        for owner in (machine.EXECUTION, machine.ALLOCATION):
+            publisher = OutboxPublisher(stores.by_service()[owner], NATS, prefix=prefix)
+            try:
+                assert await publisher.drain_once()
+            finally:
+                await publisher.close()
+        real = (await stores.execution.events_after(0))[0].jws
+        head, payload, sig = real.split(".")
+        await js.publish(f"{prefix}.order.created", f"{head}.{payload}x.{sig}".encode())
+
+        settlement = stores.settlement
+        consumers = {
+            c.domain: c
+            for c in learning_consumers(
+                js, {"settlement": settlement}, list(ups.values()), prefix=prefix
+            )
+        }
+        assert sorted(consumers) == ["allocation", "order", "trade"]  # never its own domains
+        assert await consumers["allocation"].consume(wait=2) == 0
+        assert consumers["allocation"].outcomes == [PENDING]
+        assert await settlement.pending() != []
+        assert await consumers["trade"].consume(wait=2) == 0  # trade.executed: pending too
+        assert (
+            await consumers["order"].consume(wait=2) == 1
+        )  # the order (and the kept ones with it)
+        assert len(consumers["order"].refused) == 1  # the forged one, terminated
+        history = await settlement.history(trade.trade_id)
+        assert [r.transition for r in history] == ["create", "execute", "propose_allocation"]
+        assert await settlement.pending() == []
+
+        async def redelivered() -> None:  # the nak'ed ones come back: known, acked
+            while not (
+                KNOWN in consumers["allocation"].outcomes[1:]
+                and KNOWN in consumers["trade"].outcomes[1:]
+            ):
+                await consumers["allocation"].consume(wait=0.5)
+                await consumers["trade"].consume(wait=0.5)
+
+        await asyncio.wait_for(redelivered(), 15)
+        assert len(await settlement.history(trade.trade_id)) == 3
+    finally:
+        for store in stores.distinct():
+            await store.db.dispose()

@@ -1,10 +1,9 @@
 """``trustplane.reference.serve``: the settings a serving process needs (a missing one is named),
-the mandate found in a derived token's provenance, and the app built from settings (its lifespan
-makes the store; the routes are behind the PEP)."""
+the mandate found in a derived token's provenance (the entitlement check's own), and the app built
+from settings (its lifespan makes each service's store; the routes are behind the PEP)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +13,17 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.conftest import run_sync
-from trustplane.reference.entitlement import MandateStatus
-from trustplane.reference.serve import (
-    ProvenanceMandateCheck,
-    ServeSettings,
-    create_reference_app,
+from trustplane.outbound import OutboundFetcher, OutboundPolicy
+from trustplane.pep.client_auth import ClientAuth
+from trustplane.reference import machine
+from trustplane.reference.entitlement import (
+    EntitlementUnavailable,
+    IntrospectionMandateCheck,
+    held_mandate,
     provenance_mandate,
 )
-from trustplane.reference.settings import ReferenceSettingsError
+from trustplane.reference.serve import ServeSettings, create_reference_app
+from trustplane.reference.settings import ReferenceSettings, ReferenceSettingsError
 
 MANDATE = {"id": "mdt_1", "version": 1}
 
@@ -88,27 +90,66 @@ def test_the_mandate_down_the_provenance_chain() -> None:
     assert provenance_mandate(deep) is None  # bounded: at most four levels
 
 
-class Recording:
-    def __init__(self) -> None:
-        self.seen: list[Mapping[str, Any]] = []
+class NoAuth:
+    client_id = "c-introspect"
 
-    async def check(
-        self, token: str | None, claims: Mapping[str, Any], trade_envelope: Mapping[str, Any]
-    ) -> MandateStatus:
-        self.seen.append(claims)
-        return MandateStatus(True, "active", "")
+    def apply(self, form: dict[str, str], headers: dict[str, str]) -> None:
+        form["client_id"] = self.client_id
 
 
 def test_a_derived_token_is_checked_against_its_provenance_mandate() -> None:
-    inner = Recording()
-    check = ProvenanceMandateCheck(inner)
+    """A token derived at a partner names the mandate in ``prv.mandate``: the introspection check
+    takes it as the token's mandate (no ``mandate_mismatch``) and asks the issuer about liveness;
+    a token's own ``mandate`` wins over its provenance's."""
     derived = {"txn": "t", "prv": {"iss": "a", "mandate": MANDATE}}
     own = {"mandate": {"id": "mdt_2", "version": 3}, "prv": {"mandate": MANDATE}}
-    for claims in (derived, own, {"txn": "t"}):
-        run_sync(check.check("tok", claims, {"mandate": MANDATE}))
-    assert inner.seen[0]["mandate"] == MANDATE  # taken from prv
-    assert inner.seen[1]["mandate"] == {"id": "mdt_2", "version": 3}  # its own kept
-    assert "mandate" not in inner.seen[2]  # nothing invented: the inner check says mismatch
+    assert held_mandate(derived) == MANDATE
+    assert held_mandate(own) == {"id": "mdt_2", "version": 3}
+    assert held_mandate({"txn": "t"}) is None
+    fetcher = OutboundFetcher(OutboundPolicy.development())
+    auth: ClientAuth = NoAuth()
+    check = IntrospectionMandateCheck("http://127.0.0.1:9/introspect", auth, fetcher)
+
+    async def scenario() -> list[Any]:
+        found: list[Any] = []
+        for claims in (own, {"txn": "t"}):
+            found.append(await check.check("tok", claims, {"mandate": MANDATE}))
+        try:  # the derived token matches: the issuer is asked (and here cannot be)
+            await check.check("tok", derived, {"mandate": MANDATE})
+        except EntitlementUnavailable as exc:
+            found.append(exc)
+        await fetcher.aclose()
+        return found
+
+    another, nothing, asked = run_sync(scenario())
+    assert (another.reason, another.detail) == (
+        "mandate_mismatch",
+        "the acting token rests on another mandate",
+    )
+    assert nothing.reason == "mandate_mismatch"
+    assert isinstance(asked, EntitlementUnavailable)
+
+
+def test_each_service_has_its_own_database_and_key() -> None:
+    settings = ReferenceSettings.from_env({})
+    assert settings.database_url_of("execution") == (
+        "sqlite+aiosqlite:///.trustplane/reference-execution.db"
+    )
+    assert str(settings.event_key_file_of("settlement")) == (
+        ".trustplane/reference-events-settlement.pem"
+    )
+    env = {
+        "TRUSTPLANE_REFERENCE_DATABASE_URL": "postgresql+asyncpg://db/ref",
+        "TRUSTPLANE_REFERENCE_SETTLEMENT_DATABASE_URL": "postgresql+asyncpg://db/settlement",
+        "TRUSTPLANE_REFERENCE_SERVICES": "settlement, reporting",
+    }
+    pg = ReferenceSettings.from_env(env)
+    assert pg.database_url_of("settlement") == "postgresql+asyncpg://db/settlement"
+    assert pg.services == ("settlement", "reporting")
+    with pytest.raises(ReferenceSettingsError, match="EXECUTION_DATABASE_URL is required"):
+        pg.database_url_of("execution")
+    with pytest.raises(ReferenceSettingsError, match="unknown service clearing"):
+        ReferenceSettings.from_env({"TRUSTPLANE_REFERENCE_SERVICES": "clearing"})
 
 
 def test_the_app_makes_its_store_and_guards_its_routes(tmp_path: Path) -> None:
@@ -126,7 +167,13 @@ def test_the_app_makes_its_store_and_guards_its_routes(tmp_path: Path) -> None:
 
     jwks, refused = run_sync(scenario())
     assert jwks.status_code == 200
-    assert jwks.json()["keys"][0]["alg"] == "ES256"
+    keys = jwks.json()["keys"]
+    assert [k["alg"] for k in keys] == ["ES256"] * 3  # one event key per owner
+    assert len({k["kid"] for k in keys}) == 3
     assert refused.status_code == 401
     assert refused.headers["www-authenticate"].startswith("Bearer")
-    assert (tmp_path / "trades.db").exists()
+    for service in machine.SERVICES:  # each service's own database
+        assert (tmp_path / f"trades-{service}.db").exists()
+    assert not (tmp_path / "trades.db").exists()
+    for service in machine.OWNERS:
+        assert (tmp_path / f"events-{service}.pem").exists()

@@ -1,13 +1,15 @@
 """``trustplane reference ...``: the reference settlement services' operators' commands.
 
-``exceptions list`` / ``exceptions resolve`` act on the services' store directly (you hold it, as
-with ``trustplane mandates``); each resolution is a signed event in the outbox with the actor
-``cli:<OS user>``. ``publish`` runs the outbox publisher to NATS JetStream; ``signals`` runs the
-Shared Signals receiver that raises exceptions on the trades in flight when the issuer revokes a
-token or mandate they rest on (beside a service on the same store); ``forward --to-ledger`` the
-forwarder to the authorization server's audit ledger; ``jwks`` prints the event key's JWKS for the
-service's client registration. Settings: the
-``TRUSTPLANE_REFERENCE_*`` variables (docs/settlement.md).
+Each service has its own store (docs/settlement.md, "Stores"). ``exceptions list`` /
+``exceptions resolve`` act on the settlement's store directly (you hold it, as with ``trustplane
+mandates``); each resolution is a signed event in the settlement's outbox with the actor
+``cli:<OS user>``, handed to the other stores before the command returns. ``publish`` runs the
+outbox publishers of the owners this deployment runs (``TRUSTPLANE_REFERENCE_SERVICES``) to NATS
+JetStream; ``signals`` runs the Shared Signals receiver, the settlement's: it raises exceptions on
+the trades in flight when the issuer revokes a token or mandate they rest on; ``forward
+--to-ledger`` forwards the owners' outboxes (``--service``, default all three) to the authorization
+server's audit ledger; ``jwks`` prints the owners' event keys as one JWKS for the services' client
+registration. Settings: the ``TRUSTPLANE_REFERENCE_*`` variables (docs/settlement.md).
 """
 
 from __future__ import annotations
@@ -22,12 +24,10 @@ import typer
 
 from trustplane.authzen.model import Decision, Entity
 from trustplane.cli.common import JsonFlag, _emit_json, _run, err, fail, out
+from trustplane.reference import machine
 from trustplane.reference.entitlement import EntitlementUnavailable, MandateStatus
-from trustplane.reference.events import EventSigner
 from trustplane.reference.services import Caller, Refused, TradeServices
 from trustplane.reference.settings import ReferenceSettings, ReferenceSettingsError
-from trustplane.reference.store import TradeStore
-from trustplane.storage.db import Database
 
 reference_app: typer.Typer = typer.Typer(
     help="Reference settlement services: exceptions, outbox publishing and forwarding.",
@@ -57,10 +57,21 @@ def _settings() -> ReferenceSettings:
 
 
 async def _open(settings: ReferenceSettings) -> TradeServices:
-    signer = EventSigner.from_file(settings.issuer, settings.event_key_file)
-    store = TradeStore(Database(settings.database_url), signer)
-    await store.create_schema()
-    return TradeServices(store, _NoSettlement())
+    """Every service's store, and the hand-off from the settlement's (what the command changes
+    there, the other stores learn before it returns)."""
+    from trustplane.reference.serve import create_schemas, dispatcher_of, open_stores
+
+    stores = open_stores(settings)
+    await create_schemas(stores)
+    return TradeServices(
+        stores, _NoSettlement(), handoff=dispatcher_of(stores, (machine.SETTLEMENT,))
+    )
+
+
+async def _close(services: TradeServices) -> None:
+    from trustplane.reference.serve import dispose
+
+    await dispose(services.stores)
 
 
 def _operator() -> Caller:
@@ -90,7 +101,7 @@ def list_exceptions(
         try:
             return [e.as_dict() for e in await services.list_exceptions(status)]
         finally:
-            await services.store.db.dispose()
+            await _close(services)
 
     found = _run(run())
     if as_json:
@@ -120,7 +131,7 @@ def resolve(
             record = await services.resolve_exception(_operator(), exception_id, action, note)
             return record.as_dict()
         finally:
-            await services.store.db.dispose()
+            await _close(services)
 
     try:
         record = _run(run())
@@ -134,7 +145,8 @@ def resolve(
 
 @reference_app.command("publish")
 def publish() -> None:
-    """Publish the outbox to NATS JetStream (TRUSTPLANE_REFERENCE_NATS_URL) until interrupted."""
+    """Publish the outboxes of the owners this deployment runs (TRUSTPLANE_REFERENCE_SERVICES) to
+    NATS JetStream (TRUSTPLANE_REFERENCE_NATS_URL) until interrupted."""
     from trustplane.reference.jetstream import OutboxPublisher
 
     settings = _settings()
@@ -144,12 +156,17 @@ def publish() -> None:
     async def run() -> None:
         services = await _open(settings)
         assert settings.nats_url is not None
-        publisher = OutboxPublisher(services.store, settings.nats_url, prefix=settings.nats_prefix)
+        publishers = [
+            OutboxPublisher(store, settings.nats_url, prefix=settings.nats_prefix)
+            for service, store in services.stores.by_service().items()
+            if service in machine.OWNERS and service in settings.services
+        ]
         try:
-            await publisher.run(asyncio.Event())
+            await asyncio.gather(*(p.run(asyncio.Event()) for p in publishers))
         finally:
-            await publisher.close()
-            await services.store.db.dispose()
+            for publisher in publishers:
+                await publisher.close()
+            await _close(services)
 
     _run(run())
 
@@ -169,22 +186,24 @@ def signals() -> None:
         try:
             receiver, fetcher = build_receiver(settings, services)
         except (ValueError, OSError) as exc:
-            await services.store.db.dispose()
+            await _close(services)
             fail(str(exc))
         try:
             await receiver.run(asyncio.Event())
         finally:
             await fetcher.aclose()
-            await services.store.db.dispose()
+            await _close(services)
 
     _run(run())
 
 
 @reference_app.command("jwks")
 def jwks() -> None:
-    """Print the event key's JWKS (register it with ``trustplane clients add --jwks-file``)."""
-    settings = _settings()
-    _emit_json(EventSigner.from_file(settings.issuer, settings.event_key_file).jwks())
+    """Print the owners' event keys as one JWKS (register it with ``trustplane clients add
+    --jwks-file``: the ledger accepts the events signed by any of them)."""
+    from trustplane.reference.serve import open_stores
+
+    _emit_json(open_stores(_settings()).jwks())
 
 
 @reference_app.command("forward")
@@ -208,24 +227,30 @@ def forward(
     client_key_file: Annotated[
         str | None,
         typer.Option(
-            help="EC P-256 PEM key of private_key_jwt (default: the event key; kid = its RFC 7638 "
-            "thumbprint).",
+            help="EC P-256 PEM key of private_key_jwt (default: the settlement's event key; kid = "
+            "its RFC 7638 thumbprint).",
             envvar="TRUSTPLANE_REFERENCE_CLIENT_KEY_FILE",
         ),
     ] = None,
+    service: Annotated[
+        str,
+        typer.Option(help="Whose outbox: execution, allocation, settlement or all (the three)."),
+    ] = "all",
     once: Annotated[bool, typer.Option(help="Forward what is there now, then exit.")] = False,
     allow_loopback: Annotated[
         bool, typer.Option(help="Development: the issuer may be http://127.0.0.1.")
     ] = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Forward the outbox's signed events to the authorization server's audit ledger (until
-    interrupted; --once: what is there now). Independent of ``publish`` (JetStream)."""
+    """Forward the owners' signed events to the authorization server's audit ledger (each owner's
+    outbox, --service; until interrupted; --once: what is there now). Independent of ``publish``
+    (JetStream)."""
     from pathlib import Path
 
     from trustplane.outbound import OutboundFetcher, OutboundPolicy
     from trustplane.pep.client_auth import PrivateKeyJwt
     from trustplane.pep.keys import ConfigurationError
+    from trustplane.reference.events import EventSigner
     from trustplane.reference.ledger_forwarder import (
         LedgerForwarder,
         LedgerRefused,
@@ -233,9 +258,14 @@ def forward(
     )
 
     settings = _settings()
+    if service not in ("all", *machine.OWNERS):
+        fail("--service is execution, allocation, settlement or all")
     if client_key_file is not None and not Path(client_key_file).is_file():
         fail(f"no key file {client_key_file}")
-    key_path = Path(client_key_file) if client_key_file else settings.event_key_file
+    key_path = (
+        Path(client_key_file) if client_key_file else settings.event_key_file_of(machine.SETTLEMENT)
+    )
+    owners = machine.OWNERS if service == "all" else (service,)
 
     async def run() -> int:
         services = await _open(settings)
@@ -243,15 +273,16 @@ def forward(
         policy = OutboundPolicy.development() if allow_loopback else OutboundPolicy()
         fetcher = OutboundFetcher(policy)
         auth = PrivateKeyJwt(client_id, signer.key, signer.kid, to_ledger.rstrip("/"))
+        stores = services.stores.by_service()
         try:
-            forwarder = LedgerForwarder(services.store, to_ledger, auth, fetcher)
+            forwarders = [LedgerForwarder(stores[o], to_ledger, auth, fetcher) for o in owners]
             if once:
-                return await forwarder.forward_all()
-            await forwarder.run(asyncio.Event())
-            return forwarder.delivered
+                return sum([await f.forward_all() for f in forwarders])
+            await asyncio.gather(*(f.run(asyncio.Event()) for f in forwarders))
+            return sum(f.delivered for f in forwarders)
         finally:
             await fetcher.aclose()
-            await services.store.db.dispose()
+            await _close(services)
 
     try:
         delivered = _run(run())

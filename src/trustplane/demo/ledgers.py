@@ -16,6 +16,7 @@ from trustplane.audit.parallel_verify import verify_export_file
 from trustplane.demo.parties import Party, claims_of
 from trustplane.demo.processes import DemoFailed, Deployment, ReferenceService, expect
 from trustplane.reference.events import EventRefused, verify_event
+from trustplane.reference.machine import OWNERS
 
 Node = dict[str, Any]  # {"label": str, "kind": str, "children": [Node, ...]}
 
@@ -25,8 +26,9 @@ def node(kind: str, label: str, *children: Node) -> Node:
 
 
 def reference_events(token: str, url: str, services: dict[str, str]) -> list[dict[str, Any]]:
-    """Every event in the services' outbox (``GET /events``), each verified with the JWKS of the
-    service named by its ``iss`` (``verify_event``: ES256, ``typ``, ``kid``, ``iss``)."""
+    """Every event of the services (``GET /events``: the reporting store's feed of every owner's
+    events), each verified with the JWKS of the process named by its ``iss`` (``verify_event``:
+    ES256, ``typ``, ``kid``, ``iss``)."""
     answer = httpx.get(
         f"{url}/events", params={"after": 0}, headers={"Authorization": f"Bearer {token}"},
         timeout=15,
@@ -45,17 +47,21 @@ def reference_events(token: str, url: str, services: dict[str, str]) -> list[dic
 
 
 def event_summary(events: list[dict[str, Any]], service: ReferenceService) -> dict[str, Any]:
-    """How many events there are, all verified; with NATS, how many JetStream acknowledged (the
-    publisher marks a row only after the ack), polled until the outbox is drained."""
+    """How many events there are, all verified; with NATS, how many JetStream acknowledged (each
+    owner's publisher marks a row of its outbox only after the ack), polled until the owners'
+    outboxes are drained."""
     summary: dict[str, Any] = {"count": len(events), "verified": len(events)}
     summary["types"] = sorted({str(e["type"]) for e in events})
     if "nats_url" in service.settings:
-        database = service.store_dir / "trades.db"
+        databases = [service.store_dir / f"trades-{owner}.db" for owner in OWNERS]
 
         def published() -> int:
-            with sqlite3.connect(database) as db:
-                query = "SELECT count(*) FROM ref_outbox WHERE published_at IS NOT NULL"
-                return int(db.execute(query).fetchone()[0])
+            query = "SELECT count(*) FROM ref_outbox WHERE published_at IS NOT NULL"
+            total = 0
+            for database in databases:
+                with sqlite3.connect(database) as db:
+                    total += int(db.execute(query).fetchone()[0])
+            return total
 
         deadline = time.monotonic() + 10
         while published() < len(events) and time.monotonic() < deadline:

@@ -3,7 +3,6 @@ services, each outcome checked; :func:`run` returns the machine-readable summary
 
 from __future__ import annotations
 
-import asyncio
 import json
 import secrets
 import time
@@ -47,10 +46,7 @@ from trustplane.demo.processes import (
     ReferenceService,
     expect,
 )
-from trustplane.pep import PrivateKeyJwt, SqlIdempotencyStore
-from trustplane.reference.events import EventSigner
-from trustplane.reference.store import TradeStore
-from trustplane.storage.db import Database
+from trustplane.pep import PrivateKeyJwt
 
 ORDER = {"account": "ACC-1", "instrument": "XS0000000001", "side": "buy",
          "quantity": "1000", "amount": "1000000", "currency": "EUR"}  # fmt: skip
@@ -224,14 +220,19 @@ def _wire(
         lambda: b.d.operate([b.trust(a, ARRANGER, b_at_a.client_id, **settlement_only)]),
         lambda: c.d.operate([c.trust(b, BROKER, c_at_b.client_id, **settlement_only)]),
     )
+    # each service its own store (trades-<service>.db beside this name), shared by the two
+    # processes: the broker's runs execution and allocation, the clearing's settlement and
+    # reporting; each hands its own services' events to the other stores
     common = {
         "database_url": f"sqlite+aiosqlite:///{store_dir / 'trades.db'}",
         "allow_insecure_loopback": "true",
+        **({"nats_url": options.nats_url, "nats_prefix": "tpdemo"} if options.nats_url else {}),
     }
     broker_ref = ReferenceService(
         "broker-reference", store_dir, {
             **common,
             "issuer": f"{b.issuer}/reference",
+            "services": "execution,allocation",
             "event_key_file": str(store_dir / "broker-events.pem"),
             "audience": BROKER_EXECUTION,
             "trusted_issuers": f"{a.issuer} {b.issuer}",
@@ -244,18 +245,16 @@ def _wire(
         "clearing-reference", store_dir, {
             **common,
             "issuer": f"{c.issuer}/reference",
+            "services": "settlement,reporting",
             "event_key_file": str(store_dir / "clearing-events.pem"),
             "audience": CLEARING_SETTLEMENT,
             "trusted_issuers": f"{b.issuer} {c.issuer}",
             "pdp": c.issuer, "pdp_client_id": clearing_pdp.client_id,
             "introspection": b.issuer, "introspection_client_id": clearing_in.client_id,
             "client_key_file": str(write_key(clearing_key, store_dir / "clearing-client.pem")),
-            **({"nats_url": options.nats_url, "nats_prefix": "tpdemo"} if options.nats_url else {}),
         }, options.log_level,
     )  # fmt: skip
-    # the two services share the trade store: make its schema once, before either starts (two
-    # processes creating the same tables at once race on SQLite)
-    asyncio.run(_trade_store_schema(common["database_url"]))
+    # both start at once on the same store files: the schema creation is safe for that
     for service in (broker_ref, clearing_ref):
         processes.add(service.start())
     for service in (broker_ref, clearing_ref):
@@ -278,15 +277,6 @@ def _wire(
         {"arranger": a_auditor.auth(), "broker": b_auditor.auth(), "clearing": c_auditor.auth()},
         broker_ref, clearing_ref,
     )  # fmt: skip
-
-
-async def _trade_store_schema(url: str) -> None:
-    store = TradeStore(Database(url), EventSigner.generate("https://reference.invalid"))
-    try:
-        await store.create_schema()
-        await SqlIdempotencyStore(store.db).create_schema()
-    finally:
-        await store.db.dispose()
 
 
 def _trade_to_approval(

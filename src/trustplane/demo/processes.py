@@ -202,7 +202,7 @@ def scopes_toml(vocabulary: dict[str, str]) -> str:
 @dataclass
 class ReferenceService:
     """``trustplane reference serve`` for one party: its audience, the issuers it trusts, its PDP,
-    the issuer it asks about mandates, over the shared trade store in ``store_dir``."""
+    the issuer it asks about mandates, over the services' stores in ``store_dir`` (one file each)."""
 
     name: str
     store_dir: Path

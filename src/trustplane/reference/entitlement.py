@@ -4,7 +4,11 @@ on it? Asked of the authorization server's RFC 7662 introspection endpoint, whic
 ``trustplane.oauth.introspection``): never cached, since the point is the status *now*.
 
 A trade whose envelope names a mandate needs the acting token to rest on the same mandate; a trade
-and token with no mandate at all have nothing to re-check. An issuer that cannot be asked fails
+and token with no mandate at all have nothing to re-check. A token derived at a partner from a
+token resting on a mandate names that mandate in its provenance (``prv.mandate``, not one of the
+partner's own mandates: docs/token_exchange.md), not in ``mandate``; that reference counts as the
+token's mandate, and the partner's introspection still decides liveness (a partner revokes the
+tokens it derived from a revoked mandate, by SSF: docs/ssf.md). An issuer that cannot be asked fails
 closed (503) and raises no exception: the status is unknown, not lost.
 """
 
@@ -52,11 +56,29 @@ class MandateCheck(Protocol):
     ) -> MandateStatus: ...
 
 
+def provenance_mandate(claims: Mapping[str, Any], depth: int = 4) -> dict[str, Any] | None:
+    """The first mandate reference down the ``prv`` chain (at most ``depth`` levels)."""
+    node = claims.get("prv")
+    for _ in range(depth):
+        if not isinstance(node, dict):
+            return None
+        if isinstance(node.get("mandate"), dict):
+            return dict(node["mandate"])
+        node = node.get("prv")
+    return None
+
+
+def held_mandate(claims: Mapping[str, Any]) -> Any:
+    """The mandate the acting token rests on: its own ``mandate``, else its provenance's."""
+    own = claims.get("mandate")
+    return own if isinstance(own, dict) else provenance_mandate(claims)
+
+
 def _same_mandate(
     claims: Mapping[str, Any], trade_envelope: Mapping[str, Any]
 ) -> MandateStatus | None:
     """The answer that needs no introspection, or None."""
-    traded, held = trade_envelope.get("mandate"), claims.get("mandate")
+    traded, held = trade_envelope.get("mandate"), held_mandate(claims)
     if traded is None and held is None:
         return MandateStatus(True, "no_mandate", "the trade rests on no mandate")
     if not isinstance(traded, dict) or not isinstance(held, dict):

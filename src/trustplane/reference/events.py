@@ -163,8 +163,13 @@ class EventSigner:
         data: Mapping[str, Any] | None = None,
         *,
         now: float | None = None,
+        source: str | None = None,
+        acting: Mapping[str, Any] | None = None,
     ) -> tuple[str, str]:
-        """A new event: (event id, compact JWS)."""
+        """A new event: (event id, compact JWS). ``source``: the state the trade left (``from``;
+        None for ``create``), which a downstream store's compare-and-set needs to learn the event;
+        ``acting``: the acting token's ``iss``, ``jti`` and mandate id, what the trade rests on
+        (a downstream settlement store finds the trades in flight by it on a revocation)."""
         event_id = str(uuid.uuid4())
         payload = {
             "jti": event_id,
@@ -177,6 +182,10 @@ class EventSigner:
             "envelope": envelope.as_dict(),
             "data": dict(data or {}),
         }
+        if source is not None:
+            payload["from"] = source
+        if acting:
+            payload["acting"] = dict(acting)
         return event_id, self._signer.sign(payload)
 
 

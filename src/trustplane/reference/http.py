@@ -15,8 +15,8 @@ POST /trades/{id}/settlement/confirm        settlement:confirm     settle | fail
 GET  /trades/{id}                           report:view            the trade and its transitions
 GET  /exceptions                            exception:view         open / escalated / resolved
 POST /exceptions/{id}/resolve               exception:resolve      reconsent | cancel | escalate
-GET  /events?after=<seq>&wait=<s>           event:subscribe        long-poll of the outbox
-GET  /jwks                                  (public)               the event signing key
+GET  /events?after=<seq>&wait=<s>           event:subscribe        long-poll of the events
+GET  /jwks                                  (public)               the event signing keys
 ==========================================  =====================  ===============================
 
 Refusals are RFC 9457 problems (``type`` ends with the code): 400 ``invalid-request``, 403
@@ -44,6 +44,7 @@ from trustplane.pep.http import Pep
 from trustplane.pep.http import Refused as TokenRefused
 from trustplane.pep.idempotency import IdempotencyService
 from trustplane.pep.idempotency_http import HEADER, IdempotentOperation
+from trustplane.reference import machine
 from trustplane.reference.services import Caller, Refused, TradeServices
 from trustplane.reference.store import DuplicateTransition, NotFound, OutOfOrder
 
@@ -89,21 +90,37 @@ def _json(status: int, body: Any) -> Response:
     return Response(orjson.dumps(body), status, {"Cache-Control": "no-store"}, "application/json")
 
 
+#: The service whose store keeps each operation's Idempotency-Keys (the route's owner).
+OPERATION_SERVICE = {
+    "order:create": machine.EXECUTION,
+    "trade:execute": machine.EXECUTION,
+    "allocation:propose": machine.ALLOCATION,
+    "allocation:approve": machine.ALLOCATION,
+}
+
+
 def build_app(
     services: TradeServices,
     pep: Pep,
-    idempotency: IdempotencyService,
+    idempotency: IdempotencyService | Mapping[str, IdempotencyService],
     *,
     subject: SubjectMapper = client_subject,
     title: str = "trustplane reference services",
 ) -> FastAPI:
+    """``idempotency``: one service for every route, or one per service (``execution``,
+    ``allocation``, ``settlement``: each route's keys in its owner's store)."""
     app = FastAPI(title=title, openapi_url=None, docs_url=None, redoc_url=None)
     pep.install(app)
     operations: dict[str, IdempotentOperation] = {}
 
     def operation(name: str) -> IdempotentOperation:
         if name not in operations:
-            operations[name] = IdempotentOperation(idempotency, operation=name)
+            keys = (
+                idempotency
+                if isinstance(idempotency, IdempotencyService)
+                else idempotency[OPERATION_SERVICE.get(name, machine.SETTLEMENT)]
+            )
+            operations[name] = IdempotentOperation(keys, operation=name)
         return operations[name]
 
     async def caller_of(request: Request, scope: str) -> tuple[AccessToken, Caller]:
@@ -264,7 +281,7 @@ def build_app(
         await caller_of(request, "event:subscribe")
         if after < 0 or not 0 <= wait <= MAX_TIMEOUT:
             return problem(400, "invalid-request", f"after >= 0, 0 <= wait <= {MAX_TIMEOUT:g}")
-        found = await services.store.wait_events(after, wait)
+        found = await services.events(after, wait)
         return _json(
             200,
             {
@@ -278,7 +295,7 @@ def build_app(
     @app.get("/jwks")
     async def jwks() -> Response:
         return Response(
-            orjson.dumps(services.store.signer.jwks()),
+            orjson.dumps(services.stores.jwks()),
             200,
             {"Cache-Control": "max-age=300"},
             "application/jwk-set+json",

@@ -39,11 +39,26 @@ from trustplane.events.jetstream import (
 )
 from trustplane.events.jetstream import VerifyingConsumer as _Consumer
 from trustplane.events.jetstream import ensure_streams as _ensure
+from trustplane.reference import machine
 from trustplane.reference.events import EventRefused, verify_event
-from trustplane.reference.store import TradeStore
+from trustplane.reference.handoff import Upstream, learn_verified
+from trustplane.reference.store import APPLIED, KNOWN, TradeStore
 
 DOMAINS = ("order", "trade", "allocation", "settlement", "exception")
-__all__ = ["DOMAINS", "DUPLICATE_WINDOW", "Handler", "OutboxPublisher", "VerifyingConsumer"]
+#: The domains (streams) each owner's events go to.
+OWNER_DOMAINS = {
+    machine.EXECUTION: ("order", "trade"),
+    machine.ALLOCATION: ("allocation",),
+    machine.SETTLEMENT: ("settlement", "exception"),
+}
+__all__ = [
+    "DOMAINS",
+    "DUPLICATE_WINDOW",
+    "Handler",
+    "LearningConsumer",
+    "OutboxPublisher",
+    "VerifyingConsumer",
+]
 
 
 def stream_name(prefix: str, domain: str) -> str:
@@ -126,6 +141,94 @@ class VerifyingConsumer(_Consumer):
             (EventRefused,), ack_wait,
         )  # fmt: skip
         self.domain, self.prefix, self.jwks, self.issuer = domain, prefix, jwks, issuer
+
+
+class LearningConsumer:
+    """The hand-off over JetStream: a durable pull consumer (explicit ack) per (``downstream``
+    store, one of ``upstream``'s domains), learning each event (:func:`learn_verified`: verified
+    with the upstream's JWKS and issuer, then :meth:`TradeStore.learn`). Learned (or known
+    already): acked. Pending (its predecessor, from another owner, has not arrived): nak'ed with
+    ``retry`` seconds of delay, redelivered until it applies. Refused (tampered, another issuer or
+    key, a transition the upstream does not own): terminated, never applied. Messages are handled
+    one by one, so a pending one holds up nothing behind it."""
+
+    def __init__(
+        self,
+        js: Any,
+        downstream: TradeStore,
+        upstream: Upstream,
+        domain: str,
+        *,
+        prefix: str = "tp",
+        ack_wait: float = 30.0,
+        retry: float = 0.2,
+    ) -> None:
+        if domain not in OWNER_DOMAINS[upstream.service]:
+            raise ValueError(f"{upstream.service} publishes no {domain} events")
+        self.js, self.downstream, self.upstream, self.domain = js, downstream, upstream, domain
+        self.prefix, self.ack_wait, self.retry = prefix, ack_wait, retry
+        self.durable = f"learn-{downstream.service}-{upstream.service}-{domain}"
+        self.refused: list[str] = []
+        self.outcomes: list[str] = []
+
+    async def consume(self, *, batch: int = 100, wait: float = 1.0) -> int:
+        """Fetch one batch and handle it; the number applied now."""
+        from nats.js.api import AckPolicy, ConsumerConfig
+
+        sub = await self.js.pull_subscribe(
+            f"{self.prefix}.{self.domain}.>",
+            durable=self.durable,
+            stream=stream_name(self.prefix, self.domain),
+            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=self.ack_wait),
+        )
+        try:
+            messages = await sub.fetch(batch, timeout=wait)
+        except TimeoutError:
+            return 0
+        applied = 0
+        for message in messages:
+            jws = message.data.decode("ascii", "replace")
+            try:
+                outcome = await learn_verified(self.downstream, jws, self.upstream)
+            except EventRefused as exc:
+                self.refused.append(str(exc))
+                await message.term()
+                continue
+            self.outcomes.append(outcome)
+            if outcome in (APPLIED, KNOWN):
+                await message.ack()
+                applied += outcome == APPLIED
+            else:
+                await message.nak(delay=self.retry)
+        return applied
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Consume until ``stopping``; a failure (NATS, the store) is logged and retried."""
+        import structlog
+
+        log = structlog.get_logger("trustplane.reference")
+        while not stopping.is_set():
+            try:
+                await self.consume()
+            except Exception as exc:  # NATS or the store down: try again shortly
+                log.error("reference_learning_failed", durable=self.durable, error=str(exc))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), 1.0)
+
+
+def learning_consumers(
+    js: Any, stores: dict[str, TradeStore], upstreams: list[Upstream], *, prefix: str = "tp"
+) -> list[LearningConsumer]:
+    """One consumer per (store that learns from an upstream, that upstream's domain)."""
+    from trustplane.reference.handoff import LEARNS_FROM
+
+    return [
+        LearningConsumer(js, store, upstream, domain, prefix=prefix)
+        for upstream in upstreams
+        for service, store in stores.items()
+        if upstream.service in LEARNS_FROM[service] and store is not upstream.store
+        for domain in OWNER_DOMAINS[upstream.service]
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:

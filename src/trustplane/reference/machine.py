@@ -97,3 +97,22 @@ def reconsent_transition(back_to: str, number: int) -> Transition:
 
 
 CANCEL = Transition("cancel", EXCEPTION, CANCELLED, "exception.resolved")
+
+#: The services that own transitions (reporting owns none: a read model that learns them all).
+EXECUTION, ALLOCATION, SETTLEMENT, REPORTING = "execution", "allocation", "settlement", "reporting"
+OWNERS = (EXECUTION, ALLOCATION, SETTLEMENT)
+SERVICES = (EXECUTION, ALLOCATION, SETTLEMENT, REPORTING)
+_OWNED = {
+    "create": EXECUTION,
+    EXECUTE.name: EXECUTION,
+    PROPOSE.name: ALLOCATION,
+    APPROVE.name: ALLOCATION,
+}
+
+
+def owner(transition: str) -> str:
+    """The service whose store decides ``transition`` (its compare-and-set and unique constraint):
+    execution ``create``, ``execute``; allocation ``propose_allocation``, ``approve_allocation``;
+    settlement everything else (submit, amend#n, cancel_settlement, settle, fail, exception#n,
+    reconsent#n, cancel, and the escalations)."""
+    return _OWNED.get(transition, SETTLEMENT)

@@ -1,7 +1,7 @@
 """Serving the reference services as a process: the app built from settings, around the PEP SDK.
 
-``trustplane reference serve`` reads the services' store settings (:mod:`.settings`) and these,
-all ``TRUSTPLANE_REFERENCE_*`` as well:
+``trustplane reference serve`` reads the services' store settings (:mod:`.settings`: one store per
+service) and these, all ``TRUSTPLANE_REFERENCE_*`` as well:
 
 =============================================  ===============================================
 ``TRUSTPLANE_REFERENCE_AUDIENCE``              the services' audience (RFC 8707 resource); required
@@ -17,9 +17,21 @@ all ``TRUSTPLANE_REFERENCE_*`` as well:
                                                (private_key_jwt, ``kid`` ``k1``)
 ``TRUSTPLANE_REFERENCE_ALLOW_INSECURE_LOOPBACK``  ``true``: the guarded fetcher may reach loopback
                                                issuers over http (development and the demo only)
+``TRUSTPLANE_REFERENCE_<SERVICE>_DATABASE_URL``  each service's own store (``EXECUTION``,
+                                               ``ALLOCATION``, ``SETTLEMENT``, ``REPORTING``;
+                                               default ``.trustplane/reference-<service>.db``,
+                                               beside ``TRUSTPLANE_REFERENCE_DATABASE_URL``'s
+                                               SQLite file; :mod:`.settings`)
+``TRUSTPLANE_REFERENCE_<SERVICE>_EVENT_KEY_FILE``  each owner's event key (default
+                                               ``EVENT_KEY_FILE``'s name with ``-<service>``)
+``TRUSTPLANE_REFERENCE_SERVICES``              the services whose events this process hands off
+                                               and publishes (default all four)
 =============================================  ===============================================
 
-With ``TRUSTPLANE_REFERENCE_NATS_URL`` the process also runs the outbox publisher (JetStream).
+The process serves every route; each route acts on its owner's store, and the embedded dispatcher
+(:mod:`.handoff`) hands the owners' events (of ``SERVICES``) to the other stores before the call
+returns, and sweeps every 0.25 s. With ``TRUSTPLANE_REFERENCE_NATS_URL`` the process also runs
+an outbox publisher (JetStream) per owner it runs.
 Every outbound call (JWKS, PDP, introspection) goes through one guarded ``OutboundFetcher``.
 """
 
@@ -49,13 +61,15 @@ from trustplane.pep import (
     TrustedIssuer,
 )
 from trustplane.pep.http import Pep
-from trustplane.reference.entitlement import IntrospectionMandateCheck, MandateCheck, MandateStatus
+from trustplane.reference import machine
+from trustplane.reference.entitlement import IntrospectionMandateCheck
 from trustplane.reference.events import EventSigner
+from trustplane.reference.handoff import Dispatcher, Upstream
 from trustplane.reference.http import build_app
 from trustplane.reference.jetstream import OutboxPublisher
-from trustplane.reference.services import TradeServices
+from trustplane.reference.services import ServiceStores, TradeServices
 from trustplane.reference.settings import PREFIX, ReferenceSettings, ReferenceSettingsError
-from trustplane.reference.store import TradeStore
+from trustplane.reference.store import TradeStore, create_safely
 from trustplane.storage.db import Database
 
 _LIST = re.compile(r"[\s,]+")
@@ -108,57 +122,62 @@ def _client_key(path: Path) -> ec.EllipticCurvePrivateKey:
     return key
 
 
-class ProvenanceMandateCheck:
-    """A token derived at a partner from a token resting on a mandate carries that mandate's
-    reference in its provenance (``prv.mandate``: not one of the partner's own mandates, so it is
-    not re-checked there), not in ``mandate``. The trade's mandate is then matched against the
-    provenance's, and the partner's introspection still decides liveness: a partner revokes the
-    tokens it derived from a revoked mandate (SSF, docs/ssf.md)."""
-
-    def __init__(self, inner: MandateCheck) -> None:
-        self._inner = inner
-
-    async def check(
-        self, token: str | None, claims: Mapping[str, Any], trade_envelope: Mapping[str, Any]
-    ) -> MandateStatus:
-        if not isinstance(claims.get("mandate"), dict):
-            found = provenance_mandate(claims)
-            if found is not None:
-                claims = {**claims, "mandate": found}
-        return await self._inner.check(token, claims, trade_envelope)
+def open_stores(settings: ReferenceSettings) -> ServiceStores:
+    """Each service's own store (docs/settlement.md, "Stores"): its database
+    (:meth:`ReferenceSettings.database_url_of`) and, for the owners, its event key. Nothing is
+    connected before first use."""
+    stores: dict[str, TradeStore] = {}
+    for service in machine.SERVICES:
+        signer = (
+            EventSigner.from_file(settings.issuer, settings.event_key_file_of(service))
+            if service in machine.OWNERS
+            else None
+        )
+        db = Database(settings.database_url_of(service))
+        stores[service] = TradeStore(db, signer, service=service)
+    return ServiceStores(**stores)
 
 
-def provenance_mandate(claims: Mapping[str, Any], depth: int = 4) -> dict[str, Any] | None:
-    """The first mandate reference down the ``prv`` chain (at most ``depth`` levels)."""
-    node = claims.get("prv")
-    for _ in range(depth):
-        if not isinstance(node, dict):
-            return None
-        if isinstance(node.get("mandate"), dict):
-            return dict(node["mandate"])
-        node = node.get("prv")
-    return None
+def dispatcher_of(stores: ServiceStores, served: tuple[str, ...]) -> Dispatcher:
+    """The embedded hand-off from the owners this process runs (``served``) to every store that
+    learns from them, each event verified with its owner's key and the deployment's issuer."""
+    upstreams = [
+        Upstream(service, store, store.signer.issuer, store.signer.jwks())
+        for service, store in stores.by_service().items()
+        if service in machine.OWNERS and service in served
+    ]
+    return Dispatcher.between(stores.by_service(), upstreams)
+
+
+async def create_schemas(stores: ServiceStores) -> None:
+    """Every store's tables and its Idempotency-Key table (safe when processes start at once)."""
+    for store in stores.distinct():
+        await store.create_schema()
+        await create_safely(SqlIdempotencyStore(store.db).create_schema)
+
+
+async def dispose(stores: ServiceStores) -> None:
+    for store in stores.distinct():
+        await store.db.dispose()
 
 
 def create_reference_app(settings: ServeSettings) -> FastAPI:
-    """The reference services' app (docs/settlement.md): store, signer, PEP (token validation and
-    the PDP), event-time entitlement by introspection, idempotency keys; the outbox publisher when
-    NATS is configured. Nothing is opened before the app starts."""
+    """The reference services' app (docs/settlement.md): each service's store and event key, the
+    embedded hand-off between them, PEP (token validation and the PDP), event-time entitlement by
+    introspection, idempotency keys in each route's owner's store; the outbox publishers when NATS
+    is configured. Nothing is opened before the app starts."""
     fetcher = OutboundFetcher(
         OutboundPolicy.development() if settings.allow_insecure_loopback else OutboundPolicy()
     )
     key = _client_key(settings.client_key_file)
     store_settings = settings.store
-    store = TradeStore(
-        Database(store_settings.database_url),
-        EventSigner.from_file(store_settings.issuer, store_settings.event_key_file),
-    )
-    idempotency_store = SqlIdempotencyStore(store.db)
+    stores = open_stores(store_settings)
+    handoff = dispatcher_of(stores, store_settings.services)
     introspection = PrivateKeyJwt(
         settings.introspection_client_id, key, "k1", settings.introspection
     )
-    mandates = ProvenanceMandateCheck(
-        IntrospectionMandateCheck(f"{settings.introspection}/introspect", introspection, fetcher)
+    mandates = IntrospectionMandateCheck(
+        f"{settings.introspection}/introspect", introspection, fetcher
     )
     validator = TokenValidator(
         audience=settings.audience,
@@ -172,36 +191,47 @@ def create_reference_app(settings: ServeSettings) -> FastAPI:
         fetcher=fetcher,
     )
     pep = Pep(PolicyEnforcer(validator, pdp, realm="reference"))
-    app = build_app(TradeServices(store, mandates), pep, IdempotencyService(idempotency_store))
-    app.router.lifespan_context = _lifespan(store, idempotency_store, store_settings, fetcher)
+    idempotency = {
+        service: IdempotencyService(SqlIdempotencyStore(store.db))
+        for service, store in stores.by_service().items()
+        if service in machine.OWNERS
+    }
+    services = TradeServices(stores, mandates, handoff=handoff)
+    app = build_app(services, pep, idempotency)
+    app.router.lifespan_context = _lifespan(stores, handoff, store_settings, fetcher)
     return app
 
 
 def _lifespan(
-    store: TradeStore,
-    idempotency: SqlIdempotencyStore,
+    stores: ServiceStores,
+    handoff: Dispatcher,
     settings: ReferenceSettings,
     fetcher: OutboundFetcher,
 ) -> Any:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await store.create_schema()
-        await idempotency.create_schema()
+        await create_schemas(stores)
         stop = asyncio.Event()
-        publisher: OutboxPublisher | None = None
-        task: asyncio.Task[None] | None = None
+        publishers: list[OutboxPublisher] = []
+        tasks = [asyncio.create_task(handoff.run(stop))]
         if settings.nats_url is not None:
-            publisher = OutboxPublisher(store, settings.nats_url, prefix=settings.nats_prefix)
-            task = asyncio.create_task(publisher.run(stop))
+            for service, store in stores.by_service().items():
+                if service in machine.OWNERS and service in settings.services:
+                    publisher = OutboxPublisher(
+                        store, settings.nats_url, prefix=settings.nats_prefix
+                    )
+                    publishers.append(publisher)
+                    tasks.append(asyncio.create_task(publisher.run(stop)))
         try:
             yield
         finally:
             stop.set()
-            if task is not None and publisher is not None:
+            for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await asyncio.wait_for(task, 5)
+            for publisher in publishers:
                 await publisher.close()
             await fetcher.aclose()
-            await store.db.dispose()
+            await dispose(stores)
 
     return lifespan

@@ -20,12 +20,14 @@ from trustplane.authzen.model import Decision, Entity
 from trustplane.reference import machine
 from trustplane.reference.entitlement import EntitlementUnavailable, MandateCheck, MandateStatus
 from trustplane.reference.events import Envelope
+from trustplane.reference.handoff import Dispatcher
 from trustplane.reference.store import (
     Acting,
     DuplicateTransition,
     ExceptionRecord,
     NotFound,
     OutOfOrder,
+    StoredEvent,
     Trade,
     TradeStore,
     TransitionRecord,
@@ -152,11 +154,78 @@ def _text(order: Mapping[str, Any], name: str, limit: int) -> str:
     return value
 
 
-class TradeServices:
-    """The four services over one trade store (see docs/settlement.md, "Stores")."""
+@dataclass(frozen=True)
+class ServiceStores:
+    """Each service's store (docs/settlement.md, "Stores"): execution, allocation and settlement
+    own their transitions; reporting learns them all. :meth:`shared`: one store for all four (the
+    compact configuration: one compare-and-set, nothing to hand off)."""
 
-    def __init__(self, store: TradeStore, mandates: MandateCheck) -> None:
-        self.store, self.mandates = store, mandates
+    execution: TradeStore
+    allocation: TradeStore
+    settlement: TradeStore
+    reporting: TradeStore
+
+    @classmethod
+    def shared(cls, store: TradeStore) -> ServiceStores:
+        return cls(store, store, store, store)
+
+    @property
+    def split(self) -> bool:
+        return self.execution is not self.settlement
+
+    def by_service(self) -> dict[str, TradeStore]:
+        return {
+            machine.EXECUTION: self.execution,
+            machine.ALLOCATION: self.allocation,
+            machine.SETTLEMENT: self.settlement,
+            machine.REPORTING: self.reporting,
+        }
+
+    def distinct(self) -> list[TradeStore]:
+        found: list[TradeStore] = []
+        for store in self.by_service().values():
+            if all(store is not f for f in found):
+                found.append(store)
+        return found
+
+    def jwks(self) -> dict[str, Any]:
+        """The event keys of every owner (one JWKS; ``kid``: each key's thumbprint)."""
+        keys: dict[str, Any] = {}
+        for store in self.distinct():
+            if store.signs:
+                for key in store.signer.jwks()["keys"]:
+                    keys[key["kid"]] = key
+        return {"keys": list(keys.values())}
+
+
+class TradeServices:
+    """The four services, each on its own store (``stores``; a single :class:`TradeStore` is the
+    compact configuration, all four on it). ``handoff``: the embedded dispatcher that hands an
+    owner's events to the other stores before a call returns (None: someone else delivers them,
+    e.g. JetStream consumers, or a test deciding when)."""
+
+    def __init__(
+        self,
+        stores: TradeStore | ServiceStores,
+        mandates: MandateCheck,
+        *,
+        handoff: Dispatcher | None = None,
+    ) -> None:
+        self.stores = stores if isinstance(stores, ServiceStores) else ServiceStores.shared(stores)
+        self.mandates, self.handoff = mandates, handoff
+        #: the settlement's store: exceptions, signals (and, compact, everything)
+        self.store = self.stores.settlement
+
+    async def _handed(self, service: str) -> None:
+        """After ``service``'s commit: its events to the other stores, before the call returns.
+        The transition is committed whatever happens here: a downstream store that cannot be
+        reached is logged and left to the dispatcher's sweep (the cursor did not move)."""
+        if self.handoff is None:
+            return
+        try:
+            await self.handoff.hand_off(service)
+        except Exception as exc:  # the owner's commit stands; the sweep delivers later
+            log.error("reference_handoff_deferred", service=service, error=str(exc))
 
     async def _authorize(
         self, caller: Caller, action: str, trade: Trade, transition: str, **context: Any
@@ -181,18 +250,23 @@ class TradeServices:
             bundle_version=decision.bundle_version,
         )
 
-    async def _trade(self, trade_id: str) -> Trade:
+    def _owner(self, transition: str) -> TradeStore:
+        return self.stores.by_service()[machine.owner(transition)]
+
+    async def _trade(self, trade_id: str, store: TradeStore | None = None) -> Trade:
         try:
-            return await self.store.trade(trade_id)
+            return await (store or self.store).trade(trade_id)
         except NotFound:
             raise Refused(404, "not-found", f"no trade {trade_id}") from None
 
     async def _in_state(self, trade_id: str, transition: machine.Transition) -> Trade:
-        """The trade, if it is in the transition's source state; else the store's own answer
-        (done: 409 duplicate-transition, elsewhere: 409 out-of-order) before the PDP is asked."""
-        trade = await self._trade(trade_id)
+        """The trade as its owner's store knows it, if it is in the transition's source state;
+        else that store's own answer (done: 409 duplicate-transition, elsewhere, including
+        ``exception`` learned from settlement: 409 out-of-order) before the PDP is asked."""
+        store = self._owner(transition.name)
+        trade = await self._trade(trade_id, store)
         if trade.state != transition.source:
-            raise await self.store.why(trade_id, transition)
+            raise await store.why(trade_id, transition)
         return trade
 
     async def _move(
@@ -206,7 +280,7 @@ class TradeServices:
     ) -> TransitionRecord:
         trade = await self._in_state(trade_id, transition)
         decision = await self._authorize(caller, action, trade, transition.name)
-        return await self.store.apply(
+        record = await self._owner(transition.name).apply(
             trade_id,
             transition,
             caller.subject,
@@ -215,6 +289,8 @@ class TradeServices:
             acting=Acting.from_claims(caller.claims),
             **kwargs,
         )
+        await self._handed(machine.owner(transition.name))
+        return record
 
     # ----------------------------------------------------------------- execution
 
@@ -242,9 +318,10 @@ class TradeServices:
         )  # fmt: skip
         decision = await self._authorize(caller, CREATE, draft, "create", amount=fields["amount"])
         envelope = self._envelope(caller, decision)
-        trade, _record = await self.store.create(
+        trade, _record = await self.stores.execution.create(
             trade_id, fields, caller.subject, envelope, key, Acting.from_claims(caller.claims)
         )
+        await self._handed(machine.EXECUTION)
         return trade
 
     async def execute(self, caller: Caller, trade_id: str, key: str | None) -> TransitionRecord:
@@ -255,7 +332,8 @@ class TradeServices:
     async def propose_allocation(
         self, caller: Caller, trade_id: str, allocations: Any, key: str | None
     ) -> TransitionRecord:
-        trade = await self._trade(trade_id)
+        store = self.stores.allocation
+        trade = await self._trade(trade_id, store)
         if not isinstance(allocations, list) or not 0 < len(allocations) <= 100:
             raise Refused(400, "invalid-request", "allocations must be a list of 1 to 100 items")
         total = Decimal(0)
@@ -267,9 +345,9 @@ class TradeServices:
         if total != Decimal(trade.quantity):
             raise Refused(400, "invalid-request", "the allocations must add up to the quantity")
         if trade.state != machine.PROPOSE.source:
-            raise await self.store.why(trade_id, machine.PROPOSE)
+            raise await store.why(trade_id, machine.PROPOSE)
         decision = await self._authorize(caller, PROPOSE, trade, machine.PROPOSE.name)
-        return await self.store.apply(
+        record = await store.apply(
             trade_id,
             machine.PROPOSE,
             caller.subject,
@@ -279,6 +357,8 @@ class TradeServices:
             updates={"allocation": allocations, "proposer": caller.subject},
             acting=Acting.from_claims(caller.claims),
         )
+        await self._handed(machine.ALLOCATION)
+        return record
 
     async def approve_allocation(
         self, caller: Caller, trade_id: str, key: str | None
@@ -293,7 +373,7 @@ class TradeServices:
         decision = await self._authorize(
             caller, APPROVE, trade, machine.APPROVE.name, proposer=trade.proposer
         )
-        return await self.store.apply(
+        record = await self.stores.allocation.apply(
             trade_id,
             machine.APPROVE,
             caller.subject,
@@ -301,6 +381,8 @@ class TradeServices:
             key,
             acting=Acting.from_claims(caller.claims),
         )
+        await self._handed(machine.ALLOCATION)
+        return record
 
     # ----------------------------------------------------------------- settlement
 
@@ -382,7 +464,7 @@ class TradeServices:
                 f"{SUBMIT} denied by policy (decision {decision.decision_id})",
                 decision_id=decision.decision_id,
             )
-        return await self.store.apply(
+        record = await self.store.apply(
             trade.trade_id,
             transition,
             caller.subject,
@@ -392,6 +474,8 @@ class TradeServices:
             updates={"settlement": instructions},
             acting=Acting.from_claims(caller.claims),
         )
+        await self._handed(machine.SETTLEMENT)
+        return record
 
     async def _exception(
         self, caller: Caller, trade: Trade, status: MandateStatus, decision: Decision
@@ -419,6 +503,7 @@ class TradeServices:
             exception=record,
             acting=Acting.from_claims(caller.claims),
         )
+        await self._handed(machine.SETTLEMENT)
         log.warning(
             "reference_settlement_exception",
             trade_id=trade.trade_id,
@@ -442,9 +527,17 @@ class TradeServices:
     # ----------------------------------------------------------------- reporting
 
     async def report(self, trade_id: str) -> dict[str, Any]:
-        trade = await self._trade(trade_id)
-        history = await self.store.history(trade_id)
+        """The trade and its history as the reporting store learned them."""
+        trade = await self._trade(trade_id, self.stores.reporting)
+        history = await self.stores.reporting.history(trade_id)
         return {**trade.as_dict(), "transitions": [r.as_dict() for r in history]}
+
+    async def events(self, after: int, wait: float) -> list[StoredEvent]:
+        """``GET /events``: compact, the outbox; split, the reporting store's feed (every owner's
+        events, verified and learned, in the order reporting received them; its own cursor)."""
+        if self.stores.split:
+            return await self.stores.reporting.wait_events(after, wait, feed=True)
+        return await self.store.wait_events(after, wait)
 
     # ----------------------------------------------------------------- exceptions
 
@@ -471,7 +564,9 @@ class TradeServices:
         )
         envelope = self._envelope(operator, decision)
         if action == "escalate":
-            return await self.store.escalate(exception_id, operator.subject, envelope, note)
+            escalated = await self.store.escalate(exception_id, operator.subject, envelope, note)
+            await self._handed(machine.SETTLEMENT)
+            return escalated
         transition = (
             machine.reconsent_transition(record.from_state, record.number)
             if action == "reconsent"
@@ -487,6 +582,7 @@ class TradeServices:
             resolve=(exception_id, action),
             acting=Acting.from_claims(operator.claims),
         )
+        await self._handed(machine.SETTLEMENT)
         return await self.store.exception(exception_id)
 
     # ----------------------------------------------------------------- the issuer's signals
@@ -541,6 +637,7 @@ class TradeServices:
             except (DuplicateTransition, OutOfOrder):
                 trade = await self.store.trade(trade.trade_id)  # it moved meanwhile: look again
                 continue
+            await self._handed(machine.SETTLEMENT)
             log.warning(
                 "reference_signal_exception",
                 trade_id=trade.trade_id,

@@ -1,12 +1,24 @@
 """The reference services' own settings (not the authorization server's), from the environment:
 
 ================================================  ==========================================
-``TRUSTPLANE_REFERENCE_DATABASE_URL``             the services' store (default: SQLite file
-                                                  ``.trustplane/reference.db``)
-``TRUSTPLANE_REFERENCE_EVENT_KEY_FILE``           the ES256 event key, PEM, created on first
-                                                  use (default ``.trustplane/reference-events.pem``)
+``TRUSTPLANE_REFERENCE_<SERVICE>_DATABASE_URL``   the store of ``EXECUTION``, ``ALLOCATION``,
+                                                  ``SETTLEMENT``, ``REPORTING`` (default: the
+                                                  SQLite file beside ``DATABASE_URL``'s,
+                                                  ``.trustplane/reference-<service>.db``)
+``TRUSTPLANE_REFERENCE_DATABASE_URL``             the base of those defaults (SQLite: the
+                                                  directory and the name they derive from,
+                                                  default ``.trustplane/reference.db``; another
+                                                  database: the four URLs above are required)
+``TRUSTPLANE_REFERENCE_<SERVICE>_EVENT_KEY_FILE`` an owner's ES256 event key, PEM, created on
+                                                  first use (default: ``EVENT_KEY_FILE``'s name
+                                                  with ``-<service>``)
+``TRUSTPLANE_REFERENCE_EVENT_KEY_FILE``           the base of those (default
+                                                  ``.trustplane/reference-events.pem``)
 ``TRUSTPLANE_REFERENCE_ISSUER``                   ``iss`` of the events (default
                                                   ``https://reference.invalid``)
+``TRUSTPLANE_REFERENCE_SERVICES``                 the services this process runs (hands off
+                                                  and publishes their events; default all
+                                                  four, comma separated)
 ``TRUSTPLANE_REFERENCE_NATS_URL``                 publish the outbox to JetStream (unset: only
                                                   ``GET /events``)
 ``TRUSTPLANE_REFERENCE_NATS_PREFIX``              subject and stream prefix (default ``tp``)
@@ -30,6 +42,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from trustplane.reference import machine
+
 PREFIX = "TRUSTPLANE_REFERENCE_"
 _NATS_PREFIX = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
@@ -50,6 +64,33 @@ class ReferenceSettings:
     ssf_client_key_file: Path | None = None
     ssf_client_kid: str | None = None
     ssf_allow_insecure_loopback: bool = False
+    #: per-service overrides of the database URL and event key file (``<SERVICE>_...``)
+    service_database_urls: tuple[tuple[str, str], ...] = ()
+    service_event_key_files: tuple[tuple[str, Path], ...] = ()
+    services: tuple[str, ...] = machine.SERVICES
+
+    def database_url_of(self, service: str) -> str:
+        """The database of ``service``'s own store (docs/settlement.md, "Stores")."""
+        found = dict(self.service_database_urls).get(service)
+        if found is not None:
+            return found
+        base = self.database_url
+        if not base.startswith("sqlite"):
+            raise ReferenceSettingsError(
+                f"{PREFIX}{service.upper()}_DATABASE_URL is required: each service has its own "
+                f"database ({PREFIX}DATABASE_URL names one only for SQLite files)"
+            )
+        head, _, path = base.rpartition("/")
+        stem, dot, suffix = path.rpartition(".")
+        name = f"{stem}-{service}.{suffix}" if dot else f"{path}-{service}"
+        return f"{head}/{name}"
+
+    def event_key_file_of(self, service: str) -> Path:
+        found = dict(self.service_event_key_files).get(service)
+        if found is not None:
+            return found
+        base = self.event_key_file
+        return base.with_name(f"{base.stem}-{service}{base.suffix}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ReferenceSettings:
@@ -86,7 +127,27 @@ class ReferenceSettings:
             raise ReferenceSettingsError(
                 f"{PREFIX}SSF_ALLOW_INSECURE_LOOPBACK must be true or false"
             )
+        urls = tuple(
+            (service, url)
+            for service in machine.SERVICES
+            if (url := get(f"{service}_database_url")) is not None
+        )
+        keys = tuple(
+            (service, Path(key))
+            for service in machine.OWNERS
+            if (key := get(f"{service}_event_key_file")) is not None
+        )
+        served = tuple(s for s in re.split(r"[\s,]+", get("services") or "") if s)
+        unknown = sorted(set(served) - set(machine.SERVICES))
+        if unknown:
+            raise ReferenceSettingsError(
+                f"{PREFIX}SERVICES: unknown service {unknown[0]} (execution, allocation, "
+                "settlement, reporting)"
+            )
         return cls(
+            service_database_urls=urls,
+            service_event_key_files=keys,
+            services=served or defaults.services,
             database_url=get("database_url") or defaults.database_url,
             event_key_file=Path(key_file) if key_file else defaults.event_key_file,
             issuer=get("issuer") or defaults.issuer,

@@ -14,9 +14,10 @@ which transition already happened (when, by whom, under which Idempotency-Key).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,13 +32,14 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     and_,
+    func,
     insert,
     inspect,
     select,
     text,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane.reference import machine
@@ -134,6 +136,57 @@ exceptions = Table(
 )
 
 
+inbox = Table(
+    "ref_inbox",
+    metadata,
+    # the order this store learned events in: the reporting service's feed (``GET /events``)
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    # an upstream event is learned at most once, however often it is delivered
+    Column("event_id", String(64), nullable=False, unique=True),
+    Column("issuer", String(512), nullable=False),
+    Column("type", String(64), nullable=False),
+    Column("trade_id", String(64), nullable=False, index=True),
+    Column("transition", String(64), nullable=False),
+    Column("jws", Text, nullable=False),
+    Column("received_at", BigInteger, nullable=False),
+    # None: its predecessor has not been learned yet (kept, applied when it is)
+    Column("applied_at", BigInteger, index=True),
+)
+
+cursors = Table(
+    "ref_cursors",
+    metadata,
+    # one per (this store, upstream outbox): the last upstream ``seq`` handed to this store
+    Column("consumer", String(300), primary_key=True),
+    Column("seq", Integer, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+
+#: How often a schema creation that lost a race with another process is tried again.
+SCHEMA_ATTEMPTS = 5
+
+
+def _lost_creation_race(exc: Exception) -> bool:
+    text_ = str(exc).lower()
+    return any(m in text_ for m in ("already exists", "duplicate", "unique", "database is locked"))
+
+
+async def create_safely(create: Callable[[], Awaitable[None]]) -> None:
+    """Run a ``CREATE ... IF NOT EXISTS``-style schema creation that another process may be running
+    at the same moment: ``create_all`` checks, then creates, so the loser of a race fails with
+    ``already exists`` (SQLite; PostgreSQL: a duplicate relation or type). It is tried again (up
+    to :data:`SCHEMA_ATTEMPTS` times) and then finds the tables made."""
+    for attempt in range(SCHEMA_ATTEMPTS):
+        try:
+            await create()
+            return
+        except (OperationalError, ProgrammingError, IntegrityError) as exc:
+            if attempt + 1 == SCHEMA_ATTEMPTS or not _lost_creation_race(exc):
+                raise
+            await asyncio.sleep(0.05 * (attempt + 1))
+
+
 def _ms(now: float | None = None) -> int:
     return int((now if now is not None else time.time()) * 1000)
 
@@ -154,6 +207,24 @@ class Acting:
     def from_claims(cls, claims: Mapping[str, Any]) -> Acting:
         iss, jti, mandate = claims.get("iss"), claims.get("jti"), claims.get("mandate")
         mandate_id = mandate.get("id") if isinstance(mandate, dict) else None
+        return cls(
+            iss[:512] if isinstance(iss, str) else None,
+            jti[:256] if isinstance(jti, str) else None,
+            mandate_id[:128] if isinstance(mandate_id, str) else None,
+        )
+
+    def as_dict(self) -> dict[str, str]:
+        """The members that are set (an event's ``acting``)."""
+        pairs = (("iss", self.token_iss), ("jti", self.token_jti), ("mandate_id", self.mandate_id))
+        return {k: v for k, v in pairs if v is not None}
+
+    @classmethod
+    def from_event(cls, claims: Mapping[str, Any]) -> Acting:
+        """What a learned event's transition was made with (its ``acting`` member)."""
+        acting = claims.get("acting")
+        if not isinstance(acting, dict):
+            return NO_TOKEN
+        iss, jti, mandate_id = acting.get("iss"), acting.get("jti"), acting.get("mandate_id")
         return cls(
             iss[:512] if isinstance(iss, str) else None,
             jti[:256] if isinstance(jti, str) else None,
@@ -186,6 +257,21 @@ class TransitionRecord:
             "event_id": self.event_id,
             "at": self.at,
         }
+
+
+class NotOwned(Exception):
+    """The transition belongs to another service's store: it is not decided here (a routing error,
+    never a client's: each route goes to the owner, docs/settlement.md "Stores")."""
+
+    def __init__(self, service: str, transition: str) -> None:
+        super().__init__(
+            f"the {service} store does not own {transition} (owner: {machine.owner(transition)})"
+        )
+        self.service, self.transition = service, transition
+
+
+#: What :meth:`TradeStore.learn` did with an upstream event.
+APPLIED, KNOWN, PENDING = "applied", "known", "pending"
 
 
 class DuplicateTransition(Exception):
@@ -336,17 +422,52 @@ def _exception(row: Any) -> ExceptionRecord:
 
 
 class TradeStore:
-    """One service's store. ``signer`` signs the outbox events; ``appended`` wakes long-polls."""
+    """One service's store. ``signer`` signs the outbox events (None for the reporting store,
+    which writes none); ``appended`` wakes long-polls. ``service``: the service whose transitions
+    this store decides (:func:`machine.owner`): ``execution``, ``allocation``, ``settlement`` or
+    ``reporting`` (none: a read model); None: all four services on this one store (the compact
+    configuration, one compare-and-set for the whole machine)."""
 
-    def __init__(self, db: Database, signer: EventSigner) -> None:
-        self.db, self.signer = db, signer
+    def __init__(
+        self, db: Database, signer: EventSigner | None, *, service: str | None = None
+    ) -> None:
+        if service is not None and service not in machine.SERVICES:
+            raise ValueError(f"unknown service {service}")
+        if signer is None and service != machine.REPORTING:
+            raise ValueError("a store that owns transitions needs an event signer")
+        self.db, self._signer, self.service = db, signer, service
         self._appended = asyncio.Event()
 
+    @property
+    def signer(self) -> EventSigner:
+        if self._signer is None:
+            raise NotOwned(self.service or "", "any event")
+        return self._signer
+
+    @property
+    def signs(self) -> bool:
+        return self._signer is not None
+
+    def owns(self, transition: str) -> bool:
+        """Whether this store decides ``transition`` (else it only learns it)."""
+        return self.service is None or machine.owner(transition) == self.service
+
+    def _owned(self, transition: str) -> None:
+        if not self.owns(transition):
+            raise NotOwned(self.service or "", transition)
+
     async def create_schema(self) -> None:
-        async with self.db.engine.begin() as conn:
-            await conn.run_sync(metadata.create_all)
-            await conn.run_sync(_add_acting_columns)
-            await conn.run_sync(_add_ledger_column)
+        """Create the tables (and upgrade older ones). Safe when several processes start at once
+        on one database: a creation that loses the race (``table ... already exists`` on SQLite,
+        a duplicate type or relation on PostgreSQL) is retried, and then finds the tables."""
+
+        async def create() -> None:
+            async with self.db.engine.begin() as conn:
+                await conn.run_sync(metadata.create_all)
+                await conn.run_sync(_add_acting_columns)
+                await conn.run_sync(_add_ledger_column)
+
+        await create_safely(create)
 
     # ------------------------------------------------------------------ writes
 
@@ -361,6 +482,7 @@ class TradeStore:
     ) -> tuple[Trade, TransitionRecord]:
         """A new trade in state ``created``, its ``create`` transition and ``order.created``;
         ``acting``: the token it was made with."""
+        self._owned("create")
         now = time.time()
         try:
             async with self.db.transaction() as conn:
@@ -422,6 +544,7 @@ class TradeStore:
         (exception_id, resolution) that a re-consent or cancel closes; ``acting``: the token the
         transition is made with; ``signal``: (iss, jti) of the Security Event Token that caused
         it, recorded so that the same SET never moves this trade again (:meth:`signalled`)."""
+        self._owned(transition.name)
         now = time.time()
         values: dict[str, Any] = {
             "state": transition.target,
@@ -494,6 +617,7 @@ class TradeStore:
         self, exception_id: str, actor: str, envelope: Envelope, note: str
     ) -> ExceptionRecord:
         """Mark an open exception escalated (the trade stays in ``exception``), with its event."""
+        self._owned("escalate")
         now = time.time()
         async with self.db.transaction() as conn:
             found = (
@@ -520,6 +644,7 @@ class TradeStore:
                 envelope,
                 {"exception_id": exception_id, "actor": actor, "note": note},
                 now,
+                machine.EXCEPTION,
             )
         self._notify()
         return await self.exception(exception_id)
@@ -567,7 +692,9 @@ class TradeStore:
         now: float,
         acting: Acting,
     ) -> TransitionRecord:
-        event_id = await self._event(conn, event_type, trade_id, name, target, envelope, data, now)
+        event_id = await self._event(
+            conn, event_type, trade_id, name, target, envelope, data, now, source, acting
+        )
         await conn.execute(
             insert(transitions).values(
                 trade_id=trade_id,
@@ -597,8 +724,13 @@ class TradeStore:
         envelope: Envelope,
         data: Mapping[str, Any],
         now: float,
+        source: str | None = None,
+        acting: Acting = NO_TOKEN,
     ) -> str:
-        event_id, jws = self.signer.sign(event_type, trade_id, name, state, envelope, data, now=now)
+        event_id, jws = self.signer.sign(
+            event_type, trade_id, name, state, envelope, data, now=now, source=source,
+            acting=acting.as_dict(),
+        )  # fmt: skip
         await conn.execute(
             insert(outbox).values(
                 event_id=event_id,
@@ -649,6 +781,231 @@ class TradeStore:
     def _notify(self) -> None:
         self._appended.set()
         self._appended = asyncio.Event()
+
+    # ------------------------------------------------------------------ learning upstream state
+
+    async def learn(self, claims: Mapping[str, Any], jws: str) -> str:
+        """Apply a VERIFIED upstream event (``verify_event`` with the upstream's JWKS and issuer;
+        :mod:`.handoff` does it) as a *learned* transition: the inbox row (unique event id), the
+        same compare-and-set on the trade's state (the event's ``from``) and the same
+        ``(trade_id, transition)`` constraint as an owned transition, actor ``event:<iss>``, no
+        outbox row. One transaction. Returns :data:`APPLIED`; :data:`KNOWN` for an event (or a
+        transition) learned before, a no-op; :data:`PENDING` when the trade is not in the event's
+        source state yet (its predecessor, from another upstream, has not arrived): the event is
+        kept in the inbox and applied as soon as the predecessor is (:meth:`_retry_pending`).
+        A store never learns a transition it owns (:class:`NotOwned`)."""
+        name = str(claims.get("transition"))
+        if self.service is None or self.owns(name):
+            raise NotOwned(self.service or "all", f"learning {name}")
+        outcome = await self._learn_one(claims, jws)
+        if outcome != KNOWN:
+            # applied: what waited for it may apply now; kept: a racing delivery may have applied
+            # its predecessor before this row committed (and not seen it), so look again
+            await self._retry_pending(str(claims["trade_id"]))
+            if outcome == PENDING and await self._applied(str(claims["jti"])):
+                outcome = APPLIED
+        return outcome
+
+    async def _applied(self, event_id: str) -> bool:
+        async with self.db.read() as conn:
+            row = (
+                await conn.execute(select(inbox.c.applied_at).where(inbox.c.event_id == event_id))
+            ).first()
+        return row is not None and row.applied_at is not None
+
+    async def _learn_one(self, claims: Mapping[str, Any], jws: str) -> str:
+        now = time.time()
+        event_id, trade_id = str(claims["jti"]), str(claims["trade_id"])
+        try:
+            async with self.db.transaction() as conn:
+                seen = (
+                    await conn.execute(
+                        select(inbox.c.applied_at).where(inbox.c.event_id == event_id)
+                    )
+                ).first()
+                if seen is not None and seen.applied_at is not None:
+                    return KNOWN
+                if seen is None:
+                    await conn.execute(
+                        insert(inbox).values(
+                            event_id=event_id[:64],
+                            issuer=str(claims.get("iss"))[:512],
+                            type=str(claims.get("type"))[:64],
+                            trade_id=trade_id[:64],
+                            transition=str(claims.get("transition"))[:64],
+                            jws=jws,
+                            received_at=_ms(now),
+                        )
+                    )
+                applied = await self._apply_learned(conn, claims, now)
+                if applied:
+                    await conn.execute(
+                        update(inbox)
+                        .where(inbox.c.event_id == event_id)
+                        .values(applied_at=_ms(now))
+                    )
+        except IntegrityError:
+            # a racing delivery of the same event committed first (inbox), or the transition is
+            # already recorded here: nothing to do
+            return KNOWN
+        self._notify()
+        return APPLIED if applied else PENDING
+
+    async def _apply_learned(
+        self, conn: AsyncConnection, claims: Mapping[str, Any], now: float
+    ) -> bool:
+        """The learned transition's move; False when the trade is not (yet) in its source state."""
+        name, target, source = claims["transition"], claims.get("state"), claims.get("from")
+        trade_id, event_type = str(claims["trade_id"]), claims.get("type")
+        raw_data, raw_envelope = claims.get("data"), claims.get("envelope")
+        data: dict[str, Any] = raw_data if isinstance(raw_data, dict) else {}
+        envelope: dict[str, Any] = raw_envelope if isinstance(raw_envelope, dict) else {}
+        if event_type == "exception.escalated":
+            return True  # the exception's status, kept by its owner: no move to learn
+        done = (
+            await conn.execute(
+                select(transitions.c.id).where(
+                    and_(transitions.c.trade_id == trade_id, transitions.c.transition == name)
+                )
+            )
+        ).first()
+        if done is not None:
+            return True
+        if not isinstance(target, str):
+            return False
+        if name == "create":
+            txn = envelope.get("txn")
+            await conn.execute(
+                insert(trades).values(
+                    trade_id=trade_id,
+                    state=target,
+                    **{f: str(data.get(f, ""))[:64] for f in ORDER_FIELDS},
+                    txn=txn[:256] if isinstance(txn, str) else None,
+                    envelope=orjson.dumps(envelope).decode(),
+                    exceptions=0,
+                    version=1,
+                    created_at=_ms(now),
+                    updated_at=_ms(now),
+                )
+            )
+        else:
+            if not isinstance(source, str):
+                return False
+            values: dict[str, Any] = {
+                "state": target,
+                "version": trades.c.version + 1,
+                "updated_at": _ms(now),
+            }
+            if event_type == "allocation.proposed":
+                proposer = envelope.get("sub") or envelope.get("client_id")
+                values["allocation"] = orjson.dumps(data.get("allocations")).decode()
+                values["proposer"] = str(proposer)[:256] if proposer is not None else None
+            elif event_type in ("settlement.submitted", "settlement.amended"):
+                values["settlement"] = orjson.dumps(data.get("instructions")).decode()
+            elif event_type == "settlement.exception":
+                values["exceptions"] = trades.c.exceptions + 1
+            moved = await conn.execute(
+                update(trades)
+                .where(and_(trades.c.trade_id == trade_id, trades.c.state == source))
+                .values(**values)
+            )
+            if moved.rowcount != 1:
+                return False
+        acting = Acting.from_event(claims)
+        await conn.execute(
+            insert(transitions).values(
+                trade_id=trade_id,
+                transition=str(name)[:64],
+                source=source if isinstance(source, str) else None,
+                target=target,
+                actor=f"event:{claims.get('iss')}"[:256],
+                idempotency_key=None,
+                event_id=str(claims["jti"])[:36],
+                at=_ms(now),
+                token_iss=acting.token_iss,
+                token_jti=acting.token_jti,
+                mandate_id=acting.mandate_id,
+            )
+        )
+        return True
+
+    async def _retry_pending(self, trade_id: str) -> None:
+        """Apply the trade's kept events whose predecessor has now been learned, in arrival order,
+        until none moves (each was verified when it arrived)."""
+        while True:
+            async with self.db.read() as conn:
+                rows = (
+                    await conn.execute(
+                        select(inbox.c.jws)
+                        .where(and_(inbox.c.trade_id == trade_id, inbox.c.applied_at.is_(None)))
+                        .order_by(inbox.c.seq)
+                    )
+                ).all()
+            progressed = False
+            for row in rows:
+                if await self._learn_one(_payload(row.jws), row.jws) == APPLIED:
+                    progressed = True
+            if not progressed:
+                return
+
+    async def pending(self) -> list[str]:
+        """The event ids kept in the inbox, not applied (their predecessor has not arrived)."""
+        async with self.db.read() as conn:
+            rows = (
+                await conn.execute(
+                    select(inbox.c.event_id)
+                    .where(inbox.c.applied_at.is_(None))
+                    .order_by(inbox.c.seq)
+                )
+            ).all()
+        return [r.event_id for r in rows]
+
+    async def cursor(self, consumer: str) -> int:
+        """The last upstream outbox ``seq`` handed to this store by ``consumer`` (0: none)."""
+        async with self.db.read() as conn:
+            row = (
+                await conn.execute(select(cursors.c.seq).where(cursors.c.consumer == consumer))
+            ).first()
+        return int(row.seq) if row is not None else 0
+
+    async def advance(self, consumer: str, seq: int) -> None:
+        """Move ``consumer``'s cursor forward to ``seq`` (never back: racing dispatchers)."""
+        for _ in range(2):
+            try:
+                async with self.db.transaction() as conn:
+                    moved = await conn.execute(
+                        update(cursors)
+                        .where(and_(cursors.c.consumer == consumer, cursors.c.seq < seq))
+                        .values(seq=seq, updated_at=_ms())
+                    )
+                    if moved.rowcount == 1:
+                        return
+                    found = (
+                        await conn.execute(
+                            select(cursors.c.seq).where(cursors.c.consumer == consumer)
+                        )
+                    ).first()
+                    if found is None:
+                        await conn.execute(
+                            insert(cursors).values(consumer=consumer, seq=seq, updated_at=_ms())
+                        )
+                return
+            except IntegrityError:
+                continue  # another dispatcher inserted it first: move it forward
+
+    async def feed_after(self, after: int, limit: int = 100) -> list[StoredEvent]:
+        """The upstream events this store learned (applied or kept), in the order it received
+        them, after its inbox ``seq`` ``after``: the reporting service's feed."""
+        async with self.db.read() as conn:
+            rows = (
+                await conn.execute(
+                    select(inbox).where(inbox.c.seq > after).order_by(inbox.c.seq).limit(limit)
+                )
+            ).all()
+        return [
+            StoredEvent(r.seq, r.event_id, r.type, r.trade_id, r.jws, False, r.received_at / 1000)
+            for r in rows
+        ]
 
     # ------------------------------------------------------------------ reads
 
@@ -732,6 +1089,12 @@ class TradeStore:
             rows = (await conn.execute(query)).all()
         return [_exception(r) for r in rows]
 
+    async def last_seq(self) -> int:
+        """The outbox's highest ``seq`` (0: empty)."""
+        async with self.db.read() as conn:
+            found = (await conn.execute(select(func.max(outbox.c.seq)))).scalar()
+        return int(found or 0)
+
     async def events_after(self, after: int, limit: int = 100) -> list[StoredEvent]:
         async with self.db.read() as conn:
             rows = (
@@ -741,12 +1104,16 @@ class TradeStore:
             ).all()
         return [_stored(r) for r in rows]
 
-    async def wait_events(self, after: int, wait: float, limit: int = 100) -> list[StoredEvent]:
+    async def wait_events(
+        self, after: int, wait: float, limit: int = 100, *, feed: bool = False
+    ) -> list[StoredEvent]:
         """Long-poll: the events after ``after``, waiting up to ``wait`` seconds for one. Events
-        committed by another process are seen within the poll step (0.25 s)."""
+        committed by another process are seen within the poll step (0.25 s). ``feed``: the
+        learned events (:meth:`feed_after`) rather than the outbox."""
         deadline = time.monotonic() + wait
+        read = self.feed_after if feed else self.events_after
         while True:
-            found = await self.events_after(after, limit)
+            found = await read(after, limit)
             left = deadline - time.monotonic()
             if found or left <= 0:
                 return found
@@ -798,6 +1165,16 @@ class TradeStore:
                 .where(and_(outbox.c.seq.in_(list(seqs)), outbox.c.ledger_at.is_(None)))
                 .values(ledger_at=_ms())
             )
+
+
+ORDER_FIELDS = ("account", "instrument", "side", "quantity", "amount", "currency")
+
+
+def _payload(jws: str) -> dict[str, Any]:
+    """The payload of a JWS this store verified before keeping it (its inbox)."""
+    part = jws.split(".")[1]
+    value = orjson.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+    return value if isinstance(value, dict) else {}
 
 
 def _add_ledger_column(conn: Any) -> None:
