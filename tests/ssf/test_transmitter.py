@@ -375,6 +375,8 @@ async def outbox_rows(server: Server, stream_id: str) -> list[Any]:
         return list(rows.all())
 
 
+# serial: it watches each retry of a 20 ms poll; another worker's load can hide one
+@pytest.mark.serial
 async def test_push_with_the_receiver_down_is_retried_with_backoff_and_nothing_lost(
     server: Server,
 ) -> None:
