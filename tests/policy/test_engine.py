@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -15,7 +17,7 @@ from trustplane.audit.sink import recent_events
 from trustplane.authzen.model import DecisionRequest, Entity
 from trustplane.policy import engine as engine_module
 from trustplane.policy.bundle import BundleSource, CompiledBundle, compile_bundle
-from trustplane.policy.engine import PolicyEngine
+from trustplane.policy.engine import PolicyEngine, cedar_input
 from trustplane.policy.tables import policy_decisions
 
 
@@ -69,6 +71,107 @@ async def test_served_regions_come_from_the_deployment(default_compiled: Compile
     spoofed = trade(served_regions=["eu"])
     decision = await us_only.decide(client(), "order:create", order(), spoofed)
     assert (decision.allowed, decision.reason_ids) == (False, ("residency.region_served",))
+
+
+class Tagged(Entity):
+    """A subclass of ``Entity``: converted like one (the engine's exact-type fast path must not
+    pass it through as an unknown value)."""
+
+    __slots__ = ()
+
+
+def test_cedar_input_documents_of_every_value_kind() -> None:
+    lei = Entity("LegalEntity", "L1")
+    desk = Tagged("Desk", "D1", {}, (lei,))
+    subject = Entity("User", "u1", {"legal_entity": lei}, (desk, lei))
+    resource = Entity(
+        "Report",
+        "r1",
+        {"owner": Tagged("LegalEntity", "L2"), "tags": frozenset({"b", "a"}), "ids": (1, 2)},
+    )
+    context = {
+        "nested": MappingProxyType({"who": desk, "n": 3}),
+        "desks": [desk, Entity("Desk", "D2", {}, (lei,))],
+        "levels": frozenset({30, 4}),
+        "flag": True,
+    }
+    cedar = cedar_input(DecisionRequest(subject, "report:view", resource, context), ("eu",))
+    assert cedar.request == {
+        "principal": {"type": "User", "id": "u1"},
+        "action": {"type": "Action", "id": "report:view"},
+        "resource": {"type": "Report", "id": "r1"},
+        "context": {
+            "nested": {"who": {"__entity": {"type": "Desk", "id": "D1"}}, "n": 3},
+            "desks": [
+                {"__entity": {"type": "Desk", "id": "D1"}},
+                {"__entity": {"type": "Desk", "id": "D2"}},
+            ],
+            "levels": [30, 4],  # a set sorts by its items' JSON text
+            "flag": True,
+            "served_regions": ["eu"],
+        },
+    }
+    lei_uid = {"type": "LegalEntity", "id": "L1"}
+    assert list(cedar.entities.values()) == [
+        {"uid": {"type": "Desk", "id": "D1"}, "attrs": {}, "parents": [lei_uid]},
+        {
+            "uid": {"type": "User", "id": "u1"},
+            "attrs": {"legal_entity": {"__entity": lei_uid}},
+            "parents": [{"type": "Desk", "id": "D1"}, lei_uid],
+        },
+        {
+            "uid": {"type": "Report", "id": "r1"},
+            "attrs": {
+                "owner": {"__entity": {"type": "LegalEntity", "id": "L2"}},
+                "tags": ["a", "b"],
+                "ids": [1, 2],
+            },
+            "parents": [],
+        },
+        {"uid": {"type": "Desk", "id": "D2"}, "attrs": {}, "parents": [lei_uid]},
+    ]
+
+
+async def test_one_request_is_decided_alone_as_in_a_batch(default_compiled: CompiledBundle) -> None:
+    """A single request takes a shorter path than a batch; the answer and the recorded inputs are
+    the same, with or without a recorder."""
+    engine = _engine(default_compiled)
+    requests = [
+        order_request(),
+        order_request(resource=order(restricted=True)),
+        order_request(subject=client("arr-oms", ARR)),
+        order_request(amount_minor=2_000_000_000),
+        order_request(data_region="us"),
+        order_request(amount_minor=1.5),
+    ]
+    in_batch = engine.evaluate(requests)
+    for request, (decision, record) in zip(requests, in_batch, strict=True):
+        [(alone, alone_record)] = engine.evaluate([request])
+        [decided] = await engine.decide_many([request])
+        expected = (decision.allowed, decision.reason_ids)
+        assert (
+            (alone.allowed, alone.reason_ids) == (decided.allowed, decided.reason_ids) == expected
+        )
+        assert alone_record.inputs == record.inputs
+    assert [d.reason_ids for d, _ in in_batch][-1] == ("invalid_request",)
+
+
+async def test_without_a_recorder_decide_builds_no_record(
+    default_compiled: CompiledBundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_record(*_args: object) -> None:
+        raise AssertionError("a record was built that nothing would write")
+
+    monkeypatch.setattr(PolicyEngine, "_record", no_record)
+    decision = await _engine(default_compiled).decide(client(), "order:create", order(), trade())
+    assert decision.allowed
+
+
+async def test_without_a_bundle_an_unbuildable_request_is_still_invalid() -> None:
+    decision = await _engine(None).decide(
+        client(), "order:create", order(), trade(amount_minor=1.5)
+    )
+    assert decision.reason_ids == ("invalid_request",)
 
 
 # --------------------------------------------------------------------------- fail closed

@@ -66,8 +66,19 @@ _PLAIN = frozenset({str, int, bool})
 
 
 def _value(value: Any, out: dict[tuple[str, str], dict[str, Any]]) -> Any:
-    if value.__class__ in _PLAIN:  # the common case first: this runs for every attribute
+    cls = value.__class__  # exact types first: this runs for every attribute of every request
+    if cls in _PLAIN:
         return value
+    if cls is Entity:
+        if value.attributes or value.parents:  # a bare reference adds nothing to the set
+            _add(value, out)
+        return {"__entity": {"type": value.type, "id": value.id}}
+    if cls is list or cls is tuple:
+        return [v if v.__class__ is str else _value(v, out) for v in value]
+    return _value_of_any_type(value, out)
+
+
+def _value_of_any_type(value: Any, out: dict[tuple[str, str], dict[str, Any]]) -> Any:
     if isinstance(value, Entity):
         _add(value, out)
         return {"__entity": _uid(value)}
@@ -85,20 +96,29 @@ def _value(value: Any, out: dict[tuple[str, str], dict[str, Any]]) -> Any:
     raise TypeError(f"unsupported attribute value of type {type(value).__name__}")
 
 
+def _attrs(values: Mapping[str, Any], out: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
+    return {
+        k if k.__class__ is str else str(k): v if v.__class__ in _PLAIN else _value(v, out)
+        for k, v in values.items()
+    }
+
+
 def _add(entity: Entity, out: dict[tuple[str, str], dict[str, Any]]) -> None:
     """Add an entity (with its attributes and parents) to the request's entity set. An entity that
     appears twice must say the same thing both times; a bare reference adds nothing."""
-    if not entity.attributes and not entity.parents:
+    parents = entity.parents
+    if not entity.attributes and not parents:
         return
     doc = {
-        "uid": _uid(entity),
-        "attrs": {str(k): _value(v, out) for k, v in entity.attributes.items()},
-        "parents": [_uid(p) for p in entity.parents],
+        "uid": {"type": entity.type, "id": entity.id},
+        "attrs": _attrs(entity.attributes, out),
+        "parents": [{"type": p.type, "id": p.id} for p in parents],
     }
-    for parent in entity.parents:
-        _add(parent, out)
-    key = (entity.type, entity.id)
-    if out.setdefault(key, doc) != doc:
+    for parent in parents:
+        if parent.attributes or parent.parents:
+            _add(parent, out)
+    found = out.setdefault((entity.type, entity.id), doc)
+    if found is not doc and found != doc:
         raise ValueError(f"entity {entity.uid} appears twice with different attributes")
 
 
@@ -107,15 +127,16 @@ def cedar_input(request: DecisionRequest, served_regions: Sequence[str] | None) 
     but ``token:obtain``/``token:exchange`` gets the deployment's regions there (a fact of this PDP, not of the caller:
     it overrides whatever the caller sent)."""
     entities: dict[tuple[str, str], dict[str, Any]] = {}
-    _add(request.subject, entities)
-    _add(request.resource, entities)
-    context = {str(k): _value(v, entities) for k, v in request.context.items()}
+    subject, resource = request.subject, request.resource
+    _add(subject, entities)
+    _add(resource, entities)
+    context = _attrs(request.context, entities)
     if served_regions is not None and request.action not in TOKEN_ACTIONS:
         context["served_regions"] = list(served_regions)
     cedar = {
-        "principal": _uid(request.subject),
+        "principal": {"type": subject.type, "id": subject.id},
         "action": {"type": "Action", "id": request.action},
-        "resource": _uid(request.resource),
+        "resource": {"type": resource.type, "id": resource.id},
         "context": context,
     }
     return CedarInput(cedar, entities)
@@ -189,6 +210,23 @@ def _with_json_context(request: dict[str, Any]) -> dict[str, Any]:
     return {**request, "context": orjson.dumps(request["context"]).decode()}
 
 
+def _evaluate_one(bundle: CompiledBundle | None, cedar: CedarInput) -> Outcome:
+    """One built request, as :func:`evaluate_inputs` would evaluate it, without the batching."""
+    if bundle is None:
+        return failed(FailReason.NO_ACTIVE_BUNDLE)
+    request = cedar.request
+    # The context goes to Cedar as JSON text: orjson here instead of cedarpy's json.dumps.
+    as_json = {**request, "context": orjson.dumps(request["context"]).decode()}
+    entities = orjson.dumps(list(cedar.entities.values())).decode()
+    try:
+        results = cedarpy.is_authorized_batch(
+            [as_json], bundle.policies, entities, schema=bundle.schema
+        )
+        return outcome_of(results[0])
+    except Exception as exc:  # the engine must never turn an error into an allow
+        return failed(FailReason.ENGINE_ERROR, repr(exc))
+
+
 def evaluate_inputs(
     bundle: CompiledBundle, inputs: Sequence[CedarInput | None]
 ) -> list[Outcome | None]:
@@ -244,32 +282,47 @@ class PolicyEngine:
         self, requests: Sequence[DecisionRequest]
     ) -> list[tuple[Decision, DecisionRecord]]:
         """Decide without writing: the decisions and the records that must be made durable."""
+        inputs, outcomes, version, latency_us = self._conclude(requests)
+        return [
+            self.record(r, i, o, version, latency_us)
+            for r, i, o in zip(requests, inputs, outcomes, strict=True)
+        ]
+
+    def _conclude(
+        self, requests: Sequence[DecisionRequest]
+    ) -> tuple[list[CedarInput | None], list[Outcome], str, int]:
+        """Each request's Cedar input (None if it could not be built) and outcome, the bundle
+        version they were decided with, and the latency per request in microseconds."""
         started = time.perf_counter_ns()
         bundle = self.bundle
-        inputs: list[CedarInput | None] = []
-        outcomes: list[Outcome | None] = []
         regions = self._served if bundle is None or bundle.uses_regions else None
+        version = bundle.version if bundle else NO_BUNDLE
+        if len(requests) == 1:  # the PEP's and the AuthZEN single evaluation's case
+            try:
+                built_one = cedar_input(requests[0], regions)
+            except (TypeError, ValueError) as exc:
+                outcome = failed(FailReason.INVALID_REQUEST, str(exc))
+                return [None], [outcome], version, (time.perf_counter_ns() - started) // 1000
+            outcome = _evaluate_one(bundle, built_one)
+            return [built_one], [outcome], version, (time.perf_counter_ns() - started) // 1000
+        inputs: list[CedarInput | None] = []
+        built: list[Outcome | None] = []
         for request in requests:
             try:
                 inputs.append(cedar_input(request, regions))
-                outcomes.append(None)
+                built.append(None)
             except (TypeError, ValueError) as exc:
                 inputs.append(None)
-                outcomes.append(failed(FailReason.INVALID_REQUEST, str(exc)))
+                built.append(failed(FailReason.INVALID_REQUEST, str(exc)))
         if bundle is None:
             evaluated: list[Outcome | None] = [failed(FailReason.NO_ACTIVE_BUNDLE)] * len(inputs)
         else:
             evaluated = evaluate_inputs(bundle, inputs)
         final = [
-            o or e or failed(FailReason.NO_DECISION)
-            for o, e in zip(outcomes, evaluated, strict=True)
+            o or e or failed(FailReason.NO_DECISION) for o, e in zip(built, evaluated, strict=True)
         ]
         latency_us = (time.perf_counter_ns() - started) // 1000 // max(1, len(requests))
-        version = bundle.version if bundle else NO_BUNDLE
-        return [
-            self.record(r, i, o, version, latency_us)
-            for r, i, o in zip(requests, inputs, final, strict=True)
-        ]
+        return inputs, final, version, latency_us
 
     def record(
         self,
@@ -279,12 +332,15 @@ class PolicyEngine:
         version: str,
         latency_us: int,
     ) -> tuple[Decision, DecisionRecord]:
+        decision = self._decision(request, outcome, version)
+        return decision, self._record(request, cedar, decision, outcome, latency_us)
+
+    def _decision(self, request: DecisionRequest, outcome: Outcome, version: str) -> Decision:
         decision_id = os.urandom(16).hex()
         reason_ids = (outcome.failure.value,) if outcome.failure else outcome.reason_ids
-        decision = Decision(outcome.allowed, reason_ids, version, decision_id)
         if self._observe:
             self._observe_outcome(request, outcome, decision_id)
-        return decision, self._record(request, cedar, decision, outcome, latency_us)
+        return Decision(outcome.allowed, reason_ids, version, decision_id)
 
     def _observe_outcome(
         self, request: DecisionRequest, outcome: Outcome, decision_id: str
@@ -360,10 +416,12 @@ class PolicyEngine:
 
     async def decide_many(self, requests: Sequence[DecisionRequest]) -> list[Decision]:
         """Decide and make every decision's record durable before answering; if the records cannot
-        be written, every answer is a deny (a decision that leaves no trace is not given)."""
-        pairs = self.evaluate(requests)
+        be written, every answer is a deny (a decision that leaves no trace is not given).
+        Without a recorder nothing is written, so no record is built."""
         if self._recorder is None:
-            return [d for d, _ in pairs]
+            _, outcomes, version, _ = self._conclude(requests)
+            return [self._decision(r, o, version) for r, o in zip(requests, outcomes, strict=True)]
+        pairs = self.evaluate(requests)
         try:
             await self._recorder.record([r for _, r in pairs])
         except Exception as exc:
