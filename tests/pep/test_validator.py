@@ -11,8 +11,11 @@ import pytest
 
 from tests.pep.conftest import AUDIENCE, ISSUER, FakeIssuer, b64url
 from trustplane.errors import InvalidTokenError
+from trustplane.jose.jwk import PublicKey
+from trustplane.jose.jws import ParsedJWS
 from trustplane.outbound import OutboundFetcher, OutboundPolicy
 from trustplane.pep import ConfigurationError, TokenValidator, TrustedIssuer
+from trustplane.pep import validator as validator_module
 from trustplane.pep.keys import KeySourceError
 
 
@@ -106,6 +109,26 @@ async def test_application_at_jwt_typ_is_accepted(
 ) -> None:
     """RFC 9068 §4: ``at+jwt`` or ``application/at+jwt``."""
     assert (await validator.validate(issuer.token(typ="application/at+jwt"))).jti
+
+
+async def test_verified_tokens_are_remembered_boundedly_oldest_first_out(
+    validator: TokenValidator, issuer: FakeIssuer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A remembered token is not verified again; at capacity the oldest one is dropped."""
+    monkeypatch.setattr(validator_module, "VERIFIED_CACHE_SIZE", 2)
+    verified: list[bytes] = []
+    original = ParsedJWS.verify
+
+    def counting(self: ParsedJWS, key: PublicKey) -> bool:
+        verified.append(self.signing_input)
+        return original(self, key)
+
+    monkeypatch.setattr(ParsedJWS, "verify", counting)
+    a, b, c = issuer.token(), issuer.token(), issuer.token()
+    for token in (a, b, a, c, b, a):
+        await validator.validate(token)
+    first = [t.rsplit(".", 1)[0].encode() for t in (a, b, c, a)]
+    assert verified == first  # a, b verified; a remembered; c drops a; b remembered; a again
 
 
 async def test_keys_come_from_the_issuers_own_metadata(

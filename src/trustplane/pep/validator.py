@@ -19,6 +19,7 @@ reusing its token for its lifetime pays for the signature once; step 8 runs on e
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NewType
@@ -86,7 +87,8 @@ class TokenValidator:
             t.issuer: IssuerKeys(t, self.fetcher, ttl=jwks_ttl, min_refetch=jwks_min_refetch)
             for t in issuers
         }
-        self._verified: dict[str, AccessToken] = {}
+        #: Insertion-ordered: the oldest entry is evicted first, in O(1) (``popitem(last=False)``).
+        self._verified: OrderedDict[str, AccessToken] = OrderedDict()
 
     def issuer_keys(self, issuer: str) -> IssuerKeys | None:
         """The cached key set of a trusted issuer (shared with :mod:`trustplane.pep.txn_token`)."""
@@ -100,7 +102,7 @@ class TokenValidator:
         if access is None or access.expires_at + self.clock_skew <= now:
             access = await self._verify(token, now)
             if len(self._verified) >= VERIFIED_CACHE_SIZE:
-                self._verified.pop(next(iter(self._verified)))
+                self._verified.popitem(last=False)
             self._verified[token] = access
         if self.revocation is not None and not await self.revocation.is_active(
             token, f"{access.issuer} {access.jti}", access.expires_at
