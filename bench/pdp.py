@@ -12,7 +12,8 @@ Sections (each a function returning rows; ``SECTIONS`` lists them in order):
 - ``section_simulation``: --sim-records recorded decisions in SQLite replayed against a candidate
   bundle (``trustplane.policy.simulate``): decisions/s and the projected time for 1M. Target <= 180 s.
 - ``section_pep``: PEP token validation + in-process decide per request, new and reused tokens, with
-  the raw ES256 verify and ``decide`` alone as baselines (``bench/pdp_http.py``). Target p50 <= 350 us.
+  the raw ES256 verify and ``decide`` alone as baselines (``bench/pdp_http.py``). Target p50 <= 250 us
+  with a new token per request (issue 15).
 - ``section_authzen_http``: AuthZEN single and batch evaluations over HTTP against a real
   ``trustplane serve`` with wrk (``bench/pdp_http.py``).
 
