@@ -134,21 +134,23 @@ class Columns:
     proofs: dict[int, list[Any]] = field(default_factory=dict)
 
 
-def read_runs(lines: Iterable[bytes]) -> Iterator[Columns | bytes]:
+def read_runs(lines: Iterable[bytes], *, terminated: bool = False) -> Iterator[Columns | bytes]:
     """The lines in order, as runs of sliced lines (:class:`Columns`) and, between them, each line
     the template does not slice unambiguously, whole (the caller parses it). Empty lines are
-    skipped. Written for throughput: one pass, no parse, no function call for the common line."""
+    skipped. ``terminated``: every line ends with its newline (as a file's ``readlines`` gives
+    them, the last one too), which is not part of the line. Written for throughput: one pass, no
+    parse, no function call for the common line."""
     run = Columns()
     index, entry, leaf, salt, payload, proofs = _lists(run)
     # Locals, not module constants, in the loop: this runs for every line of an export.
-    opening, index_at, search_end, close, null = INDEX, INDEX_AT, LEAF_SEARCH_END, CLOSE, NULL
+    opening, index_at, search_end, null = INDEX, INDEX_AT, LEAF_SEARCH_END, NULL
+    close = CLOSE + b"\n" if terminated else CLOSE
+    last = -len(close)  # where the closing brace is, from the end
     marker, leaf_at, leaf_end = LEAF_HASH, LEAF_AT, LEAF_END
     salt_quote, salt16_at, salt16_end = SALT_QUOTE, SALT16_AT, SALT16_END
     quote_payload, after_quote_payload = QUOTE_PAYLOAD, len(QUOTE_PAYLOAD)
     entry_marker = ENTRY
     for line in lines:
-        if not line:
-            continue
         c = line.find(marker, index_at, search_end)
         s = c + salt16_end
         if (  # the common line first: a 16-byte salt, no proof
@@ -156,11 +158,11 @@ def read_runs(lines: Iterable[bytes]) -> Iterator[Columns | bytes]:
             and line[c + leaf_end : c + salt16_at] == salt_quote
             and line[s : s + after_quote_payload] == quote_payload
             and line[:index_at] == opening
-            and line[-1:] == close
+            and line[last:] == close
             and (digits := line[index_at:c]).isdigit()
         ):
             # ENTRY once after the salt: else one of them is a member inside the payload or entry
-            rest = line[s + after_quote_payload : -1].split(entry_marker)
+            rest = line[s + after_quote_payload : last].split(entry_marker)
             if len(rest) == 2:
                 index.append(int(digits))
                 entry.append(rest[1])
@@ -168,7 +170,9 @@ def read_runs(lines: Iterable[bytes]) -> Iterator[Columns | bytes]:
                 salt.append(line[c + salt16_at : s])
                 payload.append(None if rest[0] == null else rest[0])
                 continue
-        sliced = _slice_other(line, c)
+        if terminated:
+            line = line[:-1] if line[-1:] == b"\n" else line
+        sliced = _slice_other(line, c) if line else None
         if sliced is None:
             if line.strip():
                 if index:
