@@ -6,6 +6,8 @@ back whole, for the verifier's full parse."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import itertools
 import json
 from typing import Any
@@ -15,7 +17,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from trustplane.audit.export_format import ENTRY, Columns, export_line, read_runs
-from trustplane.audit.export_verifier import committed_payload_hash
+from trustplane.audit.export_verifier import ExportVerifier, committed_payload_hash
+from trustplane.audit.note import Checkpoint
+from trustplane.audit.report import Report
 from trustplane.audit.store import StoredEntry
 
 #: Text the reader looks for, placed inside keys and strings where a careless slice would cut.
@@ -111,6 +115,7 @@ def test_what_the_fast_reader_slices_is_what_a_json_parse_gives(
     line = export_line(item, proof).rstrip(b"\n")
     parsed = json.loads(line)
     (got,) = read_runs([line])
+    assert list(read_runs([line + b"\n"], terminated=True)) == [got]  # as a file gives the line
     unambiguous = (
         item.index < 10**17
         and ENTRY not in item.entry.encode()
@@ -136,6 +141,7 @@ def test_runs_keep_every_line_in_order(
     """Sliced runs and lines handed back alternate in file order; blank lines are skipped."""
     lines = [export_line(item, proof).rstrip(b"\n") for item, proof in cases]
     got = list(read_runs([b"", *(x for line in lines for x in (line, b""))]))
+    assert list(read_runs([b"\n", *(x + b"\n" for x in lines)], terminated=True)) == got
     indices = [
         index
         for part in got
@@ -169,6 +175,50 @@ def test_the_committed_payload_hash_is_what_a_json_parse_gives(
     if any(abs(v) >= 2**63 for v in _integers(entry)):
         return  # orjson refuses them, and no entry holds one (canonical.py: within 2**53)
     assert committed_payload_hash(data) == expected
+
+
+SALT, PAYLOAD = b"0123456789abcdef", b'{"grant_type":"client_credentials"}'
+COMMITMENT = hashlib.sha256(SALT + PAYLOAD).hexdigest()
+
+
+def payload_proved(entry: bytes) -> bool:
+    """Whether the verifier counts the payload of one entry as matching its commitment."""
+    verifier = ExportVerifier(Checkpoint("test", 1, bytes(32)), Report())
+    run = Columns([0], [entry], [None], [base64.b64encode(SALT)], [PAYLOAD])
+    verifier.check(run)
+    return verifier.payloads == 1
+
+
+@given(objects, st.sampled_from([COMMITMENT, "0" * 64, COMMITMENT.upper()]), st.integers(0, 6))
+@settings(max_examples=150, deadline=None)
+def test_a_payload_is_proved_exactly_when_a_parse_finds_its_commitment(
+    entry: dict[str, Any], committed: str, position: int
+) -> None:
+    """The check of a whole run at once (the commitments read by their text) proves a payload
+    exactly when the ``payload_hash`` member a parse finds is the salted hash of the payload."""
+    members = list(entry.items())
+    members.insert(min(position, len(members)), ("payload_hash", committed))
+    data = compact(dict(members))
+    if any(abs(v) >= 2**63 for v in _integers(entry)):
+        return  # orjson refuses them, and no entry holds one (canonical.py: within 2**53)
+    assert payload_proved(data) == (json.loads(data).get("payload_hash") == COMMITMENT)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        # the marker again right after the value: not JSON, so no commitment is found
+        b'{"payload_hash":"' + COMMITMENT.encode() + b'"payload_hash":"x"}',
+        b'{"payload_hash":"' + COMMITMENT.encode() + b'","payload_hash":"x"}',
+        b'{"a":{"payload_hash":"' + COMMITMENT.encode() + b'"}}',
+        b'{"payload_hash":"' + COMMITMENT.encode() + b'0"}',
+        b'{"payload_hash":"' + COMMITMENT.encode()[:-1] + b'"}',
+    ],
+    ids=["marker-after-value", "member-twice", "nested", "value-longer", "value-shorter"],
+)
+def test_a_commitment_a_parse_does_not_find_proves_nothing(entry: bytes) -> None:
+    assert not payload_proved(entry)
+    assert payload_proved(b'{"payload_hash":"' + COMMITMENT.encode() + b'"}')
 
 
 def _integers(value: Any) -> list[int]:

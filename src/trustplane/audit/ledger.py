@@ -24,6 +24,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from trustplane.audit import merkle, store
 from trustplane.audit.note import Checkpoint, Signer
+from trustplane.audit.proof_nodes import ProofNodes
 from trustplane.audit.sink import APPENDED, write_events
 from trustplane.audit.store import StoredEntry
 from trustplane.audit_events import AuditEvent, AuditEventType
@@ -119,6 +120,7 @@ class Ledger:
         self._lock = asyncio.Lock()
         #: A tree size known to exist (sizes only grow): proofs up to it skip reading the state.
         self._known_size = 0
+        self._nodes = ProofNodes(db)
         #: ``time.monotonic()`` of the sequencer loop's last successful round (readiness).
         self._last_progress: float | None = None
 
@@ -336,30 +338,26 @@ class Ledger:
             )
         return SignedCheckpoint(*row) if row else None
 
-    async def _size(self, conn: Any, wanted: int = 0) -> int:
-        if wanted and wanted <= self._known_size:
-            return self._known_size
-        state = await store.read_state(conn)
-        self._known_size = max(self._known_size, state[0] if state else 0)
-        return self._known_size
+    async def _has_size(self, size: int) -> bool:
+        """Whether the tree has reached ``size`` (sizes only grow: read only past the known one)."""
+        if size > self._known_size:
+            self._known_size = max(self._known_size, await self._nodes.tree_size())
+        return size <= self._known_size
 
     async def inclusion(self, index: int, size: int) -> list[bytes]:
-        """RFC 9162 §2.1.3.1 inclusion proof of leaf ``index`` in the tree of ``size``."""
-        async with self._db.read() as conn:
-            if size > await self._size(conn, size) or not 0 <= index < size:
-                raise LedgerError(f"no leaf {index} in a tree of size {size} (or size too large)")
-            ranges = merkle.inclusion_ranges(index, size)
-            nodes = await store.read_nodes(conn, list(merkle.needed_nodes(ranges)))
-        return _hashes(ranges, nodes)
+        """RFC 9162 §2.1.3.1 inclusion proof of leaf ``index`` in the tree of ``size``: the nodes
+        not in memory read in one statement (:class:`~trustplane.audit.proof_nodes.ProofNodes`)."""
+        if not 0 <= index < size or not await self._has_size(size):
+            raise LedgerError(f"no leaf {index} in a tree of size {size} (or size too large)")
+        ranges = merkle.inclusion_ranges(index, size)
+        return _hashes(ranges, await self._nodes.read(merkle.needed_nodes(ranges)))
 
     async def consistency(self, first: int, second: int) -> list[bytes]:
         """RFC 9162 §2.1.4.1 consistency proof between the trees of sizes ``first`` <= ``second``."""
-        async with self._db.read() as conn:
-            if second > await self._size(conn, second) or not 0 < first <= second:
-                raise LedgerError(f"no consistency proof from {first} to {second}")
-            ranges = merkle.consistency_ranges(first, second)
-            nodes = await store.read_nodes(conn, list(merkle.needed_nodes(ranges)))
-        return _hashes(ranges, nodes)
+        if not 0 < first <= second or not await self._has_size(second):
+            raise LedgerError(f"no consistency proof from {first} to {second}")
+        ranges = merkle.consistency_ranges(first, second)
+        return _hashes(ranges, await self._nodes.read(merkle.needed_nodes(ranges)))
 
     async def entries(self, start: int, end: int) -> list[StoredEntry]:
         if not 0 <= start < end or end - start > MAX_ENTRIES:
@@ -389,9 +387,10 @@ class Ledger:
             checkpoint = SignedCheckpoint(*row)
             found = await store.entries_where(conn, filters, after, checkpoint.size, limit)
             ranges = [merkle.inclusion_ranges(e.index, checkpoint.size) for e in found]
-            nodes = await store.read_nodes(
-                conn, list(merkle.needed_nodes(r for rs in ranges for r in rs))
-            )
+            nodes, missing = self._nodes.cached(merkle.needed_nodes(r for rs in ranges for r in rs))
+            read = await store.read_nodes(conn, missing)
+        self._nodes.remember(read)
+        nodes.update(read)
         proven = [ProvenEntry(e, _hashes(rs, nodes)) for e, rs in zip(found, ranges, strict=True)]
         return checkpoint, proven
 

@@ -23,38 +23,32 @@ from trustplane.audit.report import MAX_FAILURES_LISTED, MORE_FAILURES, Report, 
 
 #: Below this size a file is verified in one process (starting workers costs more than it saves).
 PARALLEL_MIN_BYTES = 8 << 20
-#: Bytes read at a time; lines are split out of each block in one call.
+#: Bytes of lines verified at a time (a run of the verifier).
 BLOCK_BYTES = 4 << 20
+#: The file's read buffer (the default 8 KiB would cost a system call every ten lines).
+READ_BUFFER = 1 << 20
 
 
 def read_lines(path: Path, start: int, end: int) -> Iterator[list[bytes]]:
-    """Blocks of the lines of a file that begin in the byte range ``[start, end)``, newline-split
-    (a line straddling ``start`` belongs to the range before; one straddling ``end`` to this one).
-    Each block is split as read: only the line straddling two blocks is copied."""
-    with path.open("rb") as handle:
+    """Blocks of about :data:`BLOCK_BYTES` of the lines of a file that begin in the byte range
+    ``[start, end)``, each with its newline (a line straddling ``start`` belongs to the range
+    before; one straddling ``end`` to this one). ``readlines`` finds the newlines with ``memchr``,
+    several times faster than ``bytes.split`` (which tests every byte)."""
+    with path.open("rb", buffering=READ_BUFFER) as handle:
         if start:
             handle.seek(start - 1)
             handle.readline()  # the rest of the line that began before start
-        pos, rest = handle.tell(), b""  # pos: where ``rest`` (the unfinished line) begins
-        while pos < end:
-            block = handle.read(BLOCK_BYTES)
-            if not block:
-                if rest:
-                    yield [rest]
-                return
-            lines = block.split(b"\n")
-            if rest:
-                lines[0] = rest + lines[0]
-            done = pos + len(rest) + len(block) - len(lines[-1])  # after the last newline
-            rest = lines.pop()
-            if done > end:  # the range ends in this block: keep the lines that begin before end
+        pos = handle.tell()  # where the next line begins
+        while pos < end and (lines := handle.readlines(BLOCK_BYTES)):
+            after = handle.tell()
+            if after > end:  # the range ends in this block: keep the lines that begin before end
                 at, keep = pos, 0
                 while at < end:
-                    at += len(lines[keep]) + 1
+                    at += len(lines[keep])
                     keep += 1
                 del lines[keep:]
             yield lines
-            pos = done
+            pos = after
 
 
 def verify_export_file(
@@ -81,7 +75,7 @@ def verify_export_file(
     if workers < 2 or size < PARALLEL_MIN_BYTES:
         verifier = ExportVerifier(checkpoint, report, check_canonical=check_canonical)
         for lines in read_lines(path, 0, size):
-            verifier.scan(lines)
+            verifier.scan(lines, terminated=True)
         return verifier.finish()
     bounds = [size * i // workers for i in range(workers + 1)]
     jobs = [(path, a, b, checkpoint, check_canonical) for a, b in itertools.pairwise(bounds)]
@@ -96,7 +90,7 @@ def _verify_range(job: tuple[Path, int, int, Checkpoint, bool]) -> ExportVerifie
     path, start, end, checkpoint, check_canonical = job
     part = ExportVerifier(checkpoint, Report(), part=True, check_canonical=check_canonical)
     for lines in read_lines(path, start, end):
-        part.scan(lines)
+        part.scan(lines, terminated=True)
     return part
 
 

@@ -200,6 +200,19 @@ async def read_nodes(conn: AsyncConnection, ids: Sequence[int]) -> dict[int, byt
     return out
 
 
+#: The tree size, in one statement (no row before the first integration).
+TREE_SIZE_SQL = "SELECT tree_size FROM audit_log_state WHERE id = 1"
+
+
+def nodes_sql(dialect: str, count: int) -> str:
+    """One statement reading ``count`` tree nodes by id. PostgreSQL: the ids as one array
+    parameter, so the text (and the prepared statement) is the same for any count; SQLite: an
+    ``IN`` list of ``count`` parameters (SQLite allows 32,766)."""
+    if dialect == "postgresql":
+        return "SELECT id, hash FROM audit_tree WHERE id = ANY($1::bigint[])"
+    return f"SELECT id, hash FROM audit_tree WHERE id IN ({_in_list(dialect, count)})"  # noqa: S608
+
+
 async def add_checkpoint(
     conn: AsyncConnection, size: int, root: bytes, note: str, now: int
 ) -> None:
