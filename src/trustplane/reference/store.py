@@ -5,10 +5,12 @@ tables are not part of trustplane's migrations: ``await store.create_schema()`` 
 Every state change is one transaction that (1) moves the trade with a compare-and-set on its state
 (``UPDATE ... WHERE state = <source>``), (2) inserts the transition, which a unique constraint on
 (trade_id, transition) makes happen at most once for ever, and (3) inserts the signed event into
-the outbox. Either all three are committed or none: no event without its state change, no state
-change without its event. Racing duplicates: on PostgreSQL the losers' ``UPDATE`` waits for the
-winner's row lock, re-reads the state and matches nothing; SQLite has one writer. A loser is told
-which transition already happened (when, by whom, under which Idempotency-Key).
+the outbox, as its last statement (:func:`append`: commit order is the outbox's ``seq`` order,
+which the hand-off's cursors rely on). Either all three are committed or none: no event without
+its state change, no state change without its event. Racing duplicates: on PostgreSQL the
+losers' ``UPDATE`` waits for the winner's row lock, re-reads the state and matches nothing; SQLite
+has one writer. A loser is told which transition already happened (when, by whom, under which
+Idempotency-Key).
 """
 
 from __future__ import annotations
@@ -185,6 +187,32 @@ async def create_safely(create: Callable[[], Awaitable[None]]) -> None:
             if attempt + 1 == SCHEMA_ATTEMPTS or not _lost_creation_race(exc):
                 raise
             await asyncio.sleep(0.05 * (attempt + 1))
+
+
+#: ``pg_advisory_xact_lock`` keys of the tables whose ``seq`` readers follow with a cursor (the
+#: outbox: the dispatcher; the inbox: the reporting feed), as 64-bit integers. Advisory locks are
+#: per database, and each store has its own.
+APPEND_LOCKS = {
+    "ref_outbox": int.from_bytes(b"tp-rfout", "big") & 0x7FFF_FFFF_FFFF_FFFF,
+    "ref_inbox": int.from_bytes(b"tp-rfinb", "big") & 0x7FFF_FFFF_FFFF_FFFF,
+}
+
+
+async def append(conn: AsyncConnection, table: Table, row: Mapping[str, Any]) -> None:
+    """Insert ``row`` into ``table`` (:data:`APPEND_LOCKS`), as the LAST statement of its
+    transaction, so that the tables' ``seq`` order is their commit order and a reader that saw
+    ``seq`` n has seen (or will never see: rolled back) every row below n.
+
+    PostgreSQL takes ``seq`` from a sequence at the insert, and transactions commit in another
+    order than they took their numbers: a reader could see n + 1 committed while n is still in
+    flight, move its cursor past n, and never read it. Here the insert first takes the table's
+    transaction-scoped advisory lock, released after the commit is visible: the next writer takes
+    its number only then. Appends to one table serialize over their insert and commit (nothing
+    else runs under the lock: the insert cannot wait on another transaction's row, as only holders
+    of the lock insert). SQLite has one writer, from its first write to its commit: nothing to do."""
+    if conn.dialect.name == "postgresql":
+        await conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({APPEND_LOCKS[table.name]})")
+    await conn.execute(insert(table).values(**row))
 
 
 def _ms(now: float | None = None) -> int:
@@ -504,7 +532,7 @@ class TradeStore:
                         updated_at=_ms(now),
                     )
                 )
-                record = await self._record(
+                record, event = await self._record(
                     conn,
                     trade_id,
                     "create",
@@ -518,6 +546,7 @@ class TradeStore:
                     now,
                     acting,
                 )
+                await append(conn, outbox, event)
         except IntegrityError:
             raise DuplicateTransition(await self._existing(trade_id, "create")) from None
         self._notify()
@@ -568,7 +597,7 @@ class TradeStore:
                 )
                 if moved.rowcount != 1:
                     raise _Lost()
-                record = await self._record(
+                record, event = await self._record(
                     conn,
                     trade_id,
                     transition.name,
@@ -608,6 +637,7 @@ class TradeStore:
                     )
                 if resolve is not None:
                     await self._close_exception(conn, resolve[0], resolve[1], now)
+                await append(conn, outbox, event)
         except (_Lost, IntegrityError):
             raise await self.why(trade_id, transition) from None
         self._notify()
@@ -635,8 +665,7 @@ class TradeStore:
                 .where(exceptions.c.exception_id == exception_id)
                 .values(status="escalated", updated_at=_ms(now))
             )
-            await self._event(
-                conn,
+            event = self._event(
                 "exception.escalated",
                 record.trade_id,
                 f"escalate#{record.number}",
@@ -646,6 +675,7 @@ class TradeStore:
                 now,
                 machine.EXCEPTION,
             )
+            await append(conn, outbox, event)
         self._notify()
         return await self.exception(exception_id)
 
@@ -691,10 +721,11 @@ class TradeStore:
         data: Mapping[str, Any],
         now: float,
         acting: Acting,
-    ) -> TransitionRecord:
-        event_id = await self._event(
-            conn, event_type, trade_id, name, target, envelope, data, now, source, acting
-        )
+    ) -> tuple[TransitionRecord, dict[str, Any]]:
+        """The transition's row, inserted, and its signed event's outbox row, to be appended by
+        the caller as the transaction's last statement (:func:`append`)."""
+        event = self._event(event_type, trade_id, name, target, envelope, data, now, source, acting)
+        event_id = event["event_id"]
         await conn.execute(
             insert(transitions).values(
                 trade_id=trade_id,
@@ -710,13 +741,13 @@ class TradeStore:
                 mandate_id=acting.mandate_id,
             )
         )
-        return TransitionRecord(
+        record = TransitionRecord(
             trade_id, name, source, target, actor, idempotency_key, event_id, _ms(now) / 1000
         )
+        return record, event
 
-    async def _event(
+    def _event(
         self,
-        conn: AsyncConnection,
         event_type: str,
         trade_id: str,
         name: str,
@@ -726,22 +757,20 @@ class TradeStore:
         now: float,
         source: str | None = None,
         acting: Acting = NO_TOKEN,
-    ) -> str:
+    ) -> dict[str, Any]:
+        """The signed event's outbox row."""
         event_id, jws = self.signer.sign(
             event_type, trade_id, name, state, envelope, data, now=now, source=source,
             acting=acting.as_dict(),
         )  # fmt: skip
-        await conn.execute(
-            insert(outbox).values(
-                event_id=event_id,
-                type=event_type,
-                trade_id=trade_id,
-                txn=envelope.txn,
-                jws=jws,
-                created_at=_ms(now),
-            )
-        )
-        return event_id
+        return {
+            "event_id": event_id,
+            "type": event_type,
+            "trade_id": trade_id,
+            "txn": envelope.txn,
+            "jws": jws,
+            "created_at": _ms(now),
+        }
 
     async def why(self, trade_id: str, transition: machine.Transition) -> Exception:
         """Why a transition did not apply: it already happened, the trade is elsewhere, or none."""
@@ -825,20 +854,20 @@ class TradeStore:
                 ).first()
                 if seen is not None and seen.applied_at is not None:
                     return KNOWN
-                if seen is None:
-                    await conn.execute(
-                        insert(inbox).values(
-                            event_id=event_id[:64],
-                            issuer=str(claims.get("iss"))[:512],
-                            type=str(claims.get("type"))[:64],
-                            trade_id=trade_id[:64],
-                            transition=str(claims.get("transition"))[:64],
-                            jws=jws,
-                            received_at=_ms(now),
-                        )
-                    )
                 applied = await self._apply_learned(conn, claims, now)
-                if applied:
+                if seen is None:  # the inbox row last: it takes the feed's next ``seq``
+                    row = {
+                        "event_id": event_id[:64],
+                        "issuer": str(claims.get("iss"))[:512],
+                        "type": str(claims.get("type"))[:64],
+                        "trade_id": trade_id[:64],
+                        "transition": str(claims.get("transition"))[:64],
+                        "jws": jws,
+                        "received_at": _ms(now),
+                        "applied_at": _ms(now) if applied else None,
+                    }
+                    await append(conn, inbox, row)
+                elif applied:
                     await conn.execute(
                         update(inbox)
                         .where(inbox.c.event_id == event_id)
