@@ -208,11 +208,43 @@ async def append(conn: AsyncConnection, table: Table, row: Mapping[str, Any]) ->
     flight, move its cursor past n, and never read it. Here the insert first takes the table's
     transaction-scoped advisory lock, released after the commit is visible: the next writer takes
     its number only then. Appends to one table serialize over their insert and commit (nothing
-    else runs under the lock: the insert cannot wait on another transaction's row, as only holders
-    of the lock insert). SQLite has one writer, from its first write to its commit: nothing to do."""
+    else runs under the lock but a read: the insert cannot wait on another transaction's row, as
+    only holders of the lock insert). SQLite has one writer, from its first write to its commit: nothing to do."""
+    await lock_appends(conn, table)
+    await conn.execute(insert(table).values(**row))
+
+
+async def lock_appends(conn: AsyncConnection, table: Table) -> None:
+    """Take ``table``'s append lock until the transaction ends (PostgreSQL; SQLite: its single
+    writer)."""
     if conn.dialect.name == "postgresql":
         await conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({APPEND_LOCKS[table.name]})")
-    await conn.execute(insert(table).values(**row))
+
+
+async def _kept(conn: AsyncConnection, trade_id: str, event_id: str) -> bool:
+    """Whether another event of the trade is kept in the inbox (its predecessor not applied)."""
+    found = await conn.execute(
+        select(inbox.c.seq)
+        .where(
+            and_(
+                inbox.c.trade_id == trade_id,
+                inbox.c.applied_at.is_(None),
+                inbox.c.event_id != event_id,
+            )
+        )
+        .limit(1)
+    )
+    return found.first() is not None
+
+
+async def _forward(conn: AsyncConnection, consumer: str, seq: int) -> bool:
+    """Move an existing cursor forward to ``seq``; False if it has no row or is there already."""
+    moved = await conn.execute(
+        update(cursors)
+        .where(and_(cursors.c.consumer == consumer, cursors.c.seq < seq))
+        .values(seq=seq, updated_at=_ms())
+    )
+    return bool(moved.rowcount == 1)
 
 
 def _ms(now: float | None = None) -> int:
@@ -823,17 +855,36 @@ class TradeStore:
         source state yet (its predecessor, from another upstream, has not arrived): the event is
         kept in the inbox and applied as soon as the predecessor is (:meth:`_retry_pending`).
         A store never learns a transition it owns (:class:`NotOwned`)."""
+        outcome, _moved = await self._learn(claims, jws, None)
+        return outcome
+
+    async def learn_through(
+        self, claims: Mapping[str, Any], jws: str, consumer: str, seq: int
+    ) -> tuple[str, int]:
+        """:meth:`learn`, and ``consumer``'s cursor moved forward to ``seq`` in the same
+        transaction (the hand-off of a batch's last event: one commit for both; the cursor
+        never passes an event whose learning rolled back); or on its own right after, when that
+        transaction could not move it (no row yet, a racing delivery, or another dispatcher moved
+        it further). The outcome and the cursor now (:meth:`advance`)."""
+        outcome, moved = await self._learn(claims, jws, (consumer, seq))
+        return outcome, seq if moved else await self.advance(consumer, seq)
+
+    async def _learn(
+        self, claims: Mapping[str, Any], jws: str, cursor: tuple[str, int] | None
+    ) -> tuple[str, bool]:
         name = str(claims.get("transition"))
         if self.service is None or self.owns(name):
             raise NotOwned(self.service or "all", f"learning {name}")
-        outcome = await self._learn_one(claims, jws)
-        if outcome != KNOWN:
-            # applied: what waited for it may apply now; kept: a racing delivery may have applied
-            # its predecessor before this row committed (and not seen it), so look again
+        outcome, moved, waiting = await self._learn_one(claims, jws, cursor)
+        if outcome == APPLIED and waiting:  # what waited for it may apply now
             await self._retry_pending(str(claims["trade_id"]))
-            if outcome == PENDING and await self._applied(str(claims["jti"])):
+        elif outcome == PENDING:
+            # a racing delivery may have applied its predecessor before this row committed (and
+            # not seen it), so look again
+            await self._retry_pending(str(claims["trade_id"]))
+            if await self._applied(str(claims["jti"])):
                 outcome = APPLIED
-        return outcome
+        return outcome, moved
 
     async def _applied(self, event_id: str) -> bool:
         async with self.db.read() as conn:
@@ -842,7 +893,18 @@ class TradeStore:
             ).first()
         return row is not None and row.applied_at is not None
 
-    async def _learn_one(self, claims: Mapping[str, Any], jws: str) -> str:
+    async def _learn_one(
+        self, claims: Mapping[str, Any], jws: str, cursor: tuple[str, int] | None = None
+    ) -> tuple[str, bool, bool]:
+        """One learning transaction (``cursor``: moved in it too); the outcome, whether the cursor
+        moved, and whether other events of the trade wait in the inbox (when applied).
+
+        That last look is the transaction's last statement, under the inbox's append lock, so
+        that a kept event is never forgotten: a delivery that keeps its event (its predecessor
+        not applied when it looked) either committed before this look, which sees it and has it
+        retried after the commit, or appends after this commit (the lock) and retries itself
+        after its own commit, finding the predecessor applied. (Had it looked for its predecessor
+        after an ``UPDATE`` of this transaction, it waited for the row lock and applied.)"""
         now = time.time()
         event_id, trade_id = str(claims["jti"]), str(claims["trade_id"])
         try:
@@ -852,9 +914,11 @@ class TradeStore:
                         select(inbox.c.applied_at).where(inbox.c.event_id == event_id)
                     )
                 ).first()
-                if seen is not None and seen.applied_at is not None:
-                    return KNOWN
-                applied = await self._apply_learned(conn, claims, now)
+                known = seen is not None and seen.applied_at is not None
+                applied = known or await self._apply_learned(conn, claims, now)
+                moved = cursor is not None and await _forward(conn, *cursor)
+                if known:
+                    return KNOWN, moved, False
                 if seen is None:  # the inbox row last: it takes the feed's next ``seq``
                     row = {
                         "event_id": event_id[:64],
@@ -873,12 +937,14 @@ class TradeStore:
                         .where(inbox.c.event_id == event_id)
                         .values(applied_at=_ms(now))
                     )
+                    await lock_appends(conn, inbox)
+                waiting = applied and await _kept(conn, trade_id, event_id)
         except IntegrityError:
             # a racing delivery of the same event committed first (inbox), or the transition is
-            # already recorded here: nothing to do
-            return KNOWN
+            # already recorded here: nothing to do (and nothing moved)
+            return KNOWN, False, False
         self._notify()
-        return APPLIED if applied else PENDING
+        return APPLIED if applied else PENDING, moved, waiting
 
     async def _apply_learned(
         self, conn: AsyncConnection, claims: Mapping[str, Any], now: float
@@ -972,7 +1038,7 @@ class TradeStore:
                 ).all()
             progressed = False
             for row in rows:
-                if await self._learn_one(_payload(row.jws), row.jws) == APPLIED:
+                if (await self._learn_one(_payload(row.jws), row.jws))[0] == APPLIED:
                     progressed = True
             if not progressed:
                 return
@@ -997,30 +1063,28 @@ class TradeStore:
             ).first()
         return int(row.seq) if row is not None else 0
 
-    async def advance(self, consumer: str, seq: int) -> None:
-        """Move ``consumer``'s cursor forward to ``seq`` (never back: racing dispatchers)."""
+    async def advance(self, consumer: str, seq: int) -> int:
+        """Move ``consumer``'s cursor forward to ``seq`` (never back: racing dispatchers); the
+        cursor now (beyond ``seq`` when another dispatcher moved it further)."""
         for _ in range(2):
             try:
                 async with self.db.transaction() as conn:
-                    moved = await conn.execute(
-                        update(cursors)
-                        .where(and_(cursors.c.consumer == consumer, cursors.c.seq < seq))
-                        .values(seq=seq, updated_at=_ms())
-                    )
-                    if moved.rowcount == 1:
-                        return
+                    if await _forward(conn, consumer, seq):
+                        return seq
                     found = (
                         await conn.execute(
                             select(cursors.c.seq).where(cursors.c.consumer == consumer)
                         )
                     ).first()
-                    if found is None:
-                        await conn.execute(
-                            insert(cursors).values(consumer=consumer, seq=seq, updated_at=_ms())
-                        )
-                return
+                    if found is not None:
+                        return int(found.seq)
+                    await conn.execute(
+                        insert(cursors).values(consumer=consumer, seq=seq, updated_at=_ms())
+                    )
+                return seq
             except IntegrityError:
                 continue  # another dispatcher inserted it first: move it forward
+        return await self.cursor(consumer)
 
     async def feed_after(self, after: int, limit: int = 100) -> list[StoredEvent]:
         """The upstream events this store learned (applied or kept), in the order it received
