@@ -84,6 +84,11 @@ DESK = {
     "allocation": "allocation:propose",
     "settlement": "settlement:submit settlement:confirm",
 }
+#: Seconds a pooled connection may sit idle before the driver closes it instead of reusing it:
+#: below the servers' keep-alive (``trustplane serve``: uvicorn's 5 s), or the driver races the
+#: server's close with its next request on that connection and gets ``ReadError`` (a reset; at
+#: concurrency 16 a lifecycle lasts ~5 s, so the connections of its token calls sit idle ~5 s).
+CLIENT_IDLE = 2.0
 STEPS = (
     "exchange_execution", "exchange_allocation", "exchange_settlement", "approver_token",
     "create", "execute", "propose", "approve", "submit", "confirm",
@@ -280,6 +285,20 @@ class StepFailed(Exception):
         self.step = step
 
 
+class StepError(Exception):
+    """A step's request got no answer (the connection failed, was closed, timed out): which step,
+    which server, and httpx's error (whose message may be empty: ``ReadError: ``)."""
+
+    def __init__(self, step: str, method: str, url: str, error: httpx.HTTPError) -> None:
+        chain: list[str] = []
+        cause: BaseException | None = error
+        while cause is not None and len(chain) < 6:  # httpx <- httpcore <- anyio <- OSError
+            chain.append(f"{type(cause).__name__}: {cause}".rstrip(": "))
+            cause = cause.__cause__ or cause.__context__
+        super().__init__(f"{step}: {method} {url}: {' <- '.join(chain)}")
+        self.step = step
+
+
 @dataclass
 class Driver:
     deployment: Deployment
@@ -288,7 +307,10 @@ class Driver:
 
     async def _call(self, step: str, method: str, url: str, expect: int, **kw: Any) -> Any:
         started = time.monotonic()
-        response = await self.http.request(method, url, **kw)
+        try:
+            response = await self.http.request(method, url, **kw)
+        except httpx.HTTPError as exc:
+            raise StepError(step, method, url, exc) from exc
         self.steps[step].append(time.monotonic() - started)
         if response.status_code != expect:
             raise StepFailed(step, response)
@@ -480,11 +502,11 @@ async def phase(
             started = time.monotonic()
             try:
                 await driver.lifecycle(subject)
-            except (StepFailed, httpx.HTTPError) as exc:  # counted, and the run goes on
-                step = getattr(exc, "step", type(exc).__name__)
-                failures[step] = failures.get(step, 0) + 1
-                if sum(failures.values()) == 1:
-                    print(f"    first failure: {type(exc).__name__}: {exc}", flush=True)
+            except (StepFailed, StepError) as exc:  # counted, and the run goes on
+                failures[exc.step] = failures.get(exc.step, 0) + 1
+                if sum(failures.values()) <= 3:
+                    print(f"    failure at {time.strftime('%H:%M:%S')}: {type(exc).__name__}: "
+                          f"{exc}", flush=True)  # fmt: skip
                 continue
             durations.append(time.monotonic() - started)
 
@@ -564,7 +586,9 @@ async def drive(
     deployment: Deployment, subjects: list[str], args: argparse.Namespace, ctx: dict[str, Any]
 ) -> list[dict[str, Any]]:
     limit = max(args.concurrency) * 5
-    limits = httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
+    limits = httpx.Limits(
+        max_connections=limit, max_keepalive_connections=limit, keepalive_expiry=CLIENT_IDLE
+    )
     meter = Meter(
         {"auth": deployment.auth.process.pid, "pdp": deployment.pdp.process.pid,  # type: ignore[union-attr]
          **deployment.pids}, args.database_url, ctx["databases"],
@@ -753,7 +777,10 @@ def main() -> None:
     if args.json:
         with args.json.open("a") as handle:
             handle.write(json.dumps(summary) + "\n")
-    shutil.rmtree(work, ignore_errors=True)
+    if any(p["failed"] for p in summary["phases"]):  # the processes' logs say why
+        print(f"lifecycles failed: the processes' logs are kept in {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -7,10 +7,12 @@ signed events (:meth:`TradeStore.learn`): each owner learns the other two owners
 all three, so every store holds the whole history of the trades it knows.
 
 Embedded default: a :class:`Dispatcher` reads an upstream owner's outbox after the commit
-(``events_after`` from a cursor per (downstream, upstream), persisted in the downstream store),
-verifies every event with the upstream's JWKS and issuer (:func:`verify_event`: a tampered event,
-or one of another issuer, is refused, counted and never applied) and hands it to the downstream
-store. The services call :meth:`Dispatcher.hand_off` before they answer, so a sequential client
+(``events_after`` from a cursor per (downstream, upstream), persisted in the downstream store and
+kept in memory by the process that read or moved it; one read per upstream for all its routes),
+verifies every event with the upstream's JWKS and issuer (:func:`verify_event`, once per event
+for all the routes: a tampered event, or one of another issuer, is refused, counted and never
+applied) and hands it to the downstream store, the cursor moved in the transaction that learns
+the route's last event. The services call :meth:`Dispatcher.hand_off` before they answer, so a sequential client
 finds its step downstream at once; :meth:`Dispatcher.run` also sweeps every 0.25 s (what another
 process committed). An event whose predecessor (from another upstream) has not arrived is kept in
 the downstream inbox and applied when the predecessor is; the cursor moves past it.
@@ -33,7 +35,7 @@ from prometheus_client import Counter
 
 from trustplane.reference import machine
 from trustplane.reference.events import EventRefused, verify_event
-from trustplane.reference.store import APPLIED, KNOWN, PENDING, TradeStore
+from trustplane.reference.store import APPLIED, KNOWN, PENDING, StoredEvent, TradeStore
 
 log = structlog.get_logger("trustplane.reference")
 LEARNED = Counter(
@@ -75,18 +77,35 @@ class Pending(Exception):
     """The event's predecessor has not been learned yet (JetStream: nak, redelivered)."""
 
 
+def verified(jws: str, upstream: Upstream) -> dict[str, Any]:
+    """The claims of ``jws`` verified as ``upstream``'s event (its JWKS, its issuer, a transition it
+    owns), or :class:`EventRefused` (tampered, another issuer, another key, another's transition)."""
+    claims = verify_event(jws, upstream.jwks, issuer=upstream.issuer)
+    if machine.owner(str(claims.get("transition"))) != upstream.service:
+        raise EventRefused(f"{upstream.service} does not own {claims.get('transition')}")
+    return claims
+
+
+#: An outbox event's verified claims, or why it was refused.
+Checked = dict[str, Any] | EventRefused
+
+
+def _checked(jws: str, upstream: Upstream) -> Checked:
+    try:
+        return verified(jws, upstream)
+    except EventRefused as exc:
+        return exc
+
+
 async def learn_verified(downstream: TradeStore, jws: str, upstream: Upstream) -> str:
     """Verify ``jws`` as ``upstream``'s event and learn it: :data:`APPLIED`, :data:`KNOWN`,
     :data:`PENDING`, or :class:`EventRefused` (tampered, another issuer, another key): never
     applied, nothing written."""
     try:
-        claims = verify_event(jws, upstream.jwks, issuer=upstream.issuer)
+        claims = verified(jws, upstream)
     except EventRefused:
         LEARNED.labels(downstream.service or "all", "refused").inc()
         raise
-    if machine.owner(str(claims.get("transition"))) != upstream.service:
-        LEARNED.labels(downstream.service or "all", "refused").inc()
-        raise EventRefused(f"{upstream.service} does not own {claims.get('transition')}")
     outcome = await downstream.learn(claims, jws)
     LEARNED.labels(downstream.service or "all", outcome).inc()
     return outcome
@@ -109,7 +128,17 @@ def learner(
 
 
 class Dispatcher:
-    """The embedded hand-off over ``routes`` (one per (upstream, downstream) pair)."""
+    """The embedded hand-off over ``routes`` (one per (upstream, downstream) pair).
+
+    What one hand-off costs (it runs before the service answers): per upstream, one read of its
+    outbox after the lowest of its routes' cursors, and one verification per event whatever the
+    number of routes; per route and event, the store's learning transaction, which also moves the
+    route's cursor when it learns the route's last event (no transaction of its own). A route's
+    cursor is kept in memory once read or moved here; the downstream store's row is the truth: it
+    never moves back, and when another process moved it further (several processes handing off
+    one upstream) this one finds out at its next learn (a redelivery, :data:`KNOWN`, or a cursor
+    that would not move) and takes the store's value: it may re-read what another process handed
+    off, never skip an event."""
 
     def __init__(self, routes: Iterable[Route], *, batch: int = 100) -> None:
         self.routes = list(routes)
@@ -117,6 +146,12 @@ class Dispatcher:
         self._lock = asyncio.Lock()
         #: per upstream: the outbox ``seq`` every route from it had handed off at the last sweep
         self._swept: dict[str, int] = {}
+        #: per route (its index): its cursor as this process last read or moved it
+        self._cursors: dict[int, int] = {}
+        #: the routes from each upstream (by identity: its outbox is read once for all of them)
+        self._groups: dict[int, list[int]] = {}
+        for i, route in enumerate(self.routes):
+            self._groups.setdefault(id(route.upstream), []).append(i)
 
     @classmethod
     def between(
@@ -136,40 +171,70 @@ class Dispatcher:
         routes from ``upstream`` if given); the number learned (applied now)."""
         applied = 0
         async with self._lock:
-            for route in self.routes:
-                if upstream is None or route.upstream.service == upstream:
-                    applied += await self._route(route)
+            for group in self._groups.values():
+                if upstream is None or self.routes[group[0]].upstream.service == upstream:
+                    applied += await self._hand_off(group)
         return applied
 
-    async def _route(self, route: Route) -> int:
+    async def _hand_off(self, group: list[int]) -> int:
+        """The routes of ``group`` (one upstream): its outbox read once after their lowest
+        cursor, each event verified once, then learned by each route from its own cursor."""
+        upstream = self.routes[group[0]].upstream
         applied = 0
         while True:
-            after = await route.downstream.cursor(route.consumer)
-            events = await route.upstream.store.events_after(after, self.batch)
+            cursors = {i: await self._cursor(i) for i in group}
+            events = await upstream.store.events_after(min(cursors.values()), self.batch)
             if not events:
                 return applied
-            for event in events:
-                try:
-                    outcome = await learn_verified(route.downstream, event.jws, route.upstream)
-                except EventRefused as exc:
-                    log.error(
-                        "reference_event_refused",
-                        upstream=route.upstream.service,
-                        downstream=route.downstream.service,
-                        event_id=event.event_id,
-                        error=str(exc),
-                    )
-                    continue
-                applied += outcome == APPLIED
-                if outcome not in (APPLIED, KNOWN):
-                    log.info(
-                        "reference_event_kept",
-                        downstream=route.downstream.service,
-                        event_id=event.event_id,
-                    )
-            await route.downstream.advance(route.consumer, events[-1].seq)
+            checked = [(event, _checked(event.jws, upstream)) for event in events]
+            for i in group:
+                todo = [(event, claims) for event, claims in checked if event.seq > cursors[i]]
+                if todo:
+                    applied += await self._deliver(i, todo)
             if len(events) < self.batch:
                 return applied
+
+    async def _cursor(self, i: int) -> int:
+        if i not in self._cursors:
+            route = self.routes[i]
+            self._cursors[i] = await route.downstream.cursor(route.consumer)
+        return self._cursors[i]
+
+    async def _deliver(self, i: int, events: list[tuple[StoredEvent, Checked]]) -> int:
+        """Learn ``events`` (verified, or refused) into route ``i``'s store; its cursor moved past
+        the last one in the last one's learning transaction (or on its own if that did not)."""
+        route, applied, last = self.routes[i], 0, events[-1][0].seq
+        downstream, name = route.downstream, route.downstream.service or "all"
+        moved = False
+        for event, claims in events:
+            if event.seq <= self._cursors[i]:
+                continue  # another process handed it off (we found out below)
+            if isinstance(claims, EventRefused):
+                LEARNED.labels(name, "refused").inc()
+                log.error(
+                    "reference_event_refused",
+                    upstream=route.upstream.service,
+                    downstream=downstream.service,
+                    event_id=event.event_id,
+                    error=str(claims),
+                )
+                continue
+            if event.seq == last:
+                outcome, self._cursors[i] = await downstream.learn_through(
+                    claims, event.jws, route.consumer, last
+                )
+                moved = True
+            else:
+                outcome = await downstream.learn(claims, event.jws)
+                if outcome == KNOWN:  # perhaps another process handed these off: catch up
+                    self._cursors[i] = await downstream.cursor(route.consumer)
+            LEARNED.labels(name, outcome).inc()
+            applied += outcome == APPLIED
+            if outcome == PENDING:
+                log.info("reference_event_kept", downstream=name, event_id=event.event_id)
+        if not moved:
+            self._cursors[i] = await downstream.advance(route.consumer, last)
+        return applied
 
     async def sweep(self) -> int:
         """:meth:`hand_off` for the upstreams whose outbox grew since the last sweep (one

@@ -5,10 +5,12 @@ tables are not part of trustplane's migrations: ``await store.create_schema()`` 
 Every state change is one transaction that (1) moves the trade with a compare-and-set on its state
 (``UPDATE ... WHERE state = <source>``), (2) inserts the transition, which a unique constraint on
 (trade_id, transition) makes happen at most once for ever, and (3) inserts the signed event into
-the outbox. Either all three are committed or none: no event without its state change, no state
-change without its event. Racing duplicates: on PostgreSQL the losers' ``UPDATE`` waits for the
-winner's row lock, re-reads the state and matches nothing; SQLite has one writer. A loser is told
-which transition already happened (when, by whom, under which Idempotency-Key).
+the outbox, as its last statement (:func:`append`: commit order is the outbox's ``seq`` order,
+which the hand-off's cursors rely on). Either all three are committed or none: no event without
+its state change, no state change without its event. Racing duplicates: on PostgreSQL the
+losers' ``UPDATE`` waits for the winner's row lock, re-reads the state and matches nothing; SQLite
+has one writer. A loser is told which transition already happened (when, by whom, under which
+Idempotency-Key).
 """
 
 from __future__ import annotations
@@ -185,6 +187,64 @@ async def create_safely(create: Callable[[], Awaitable[None]]) -> None:
             if attempt + 1 == SCHEMA_ATTEMPTS or not _lost_creation_race(exc):
                 raise
             await asyncio.sleep(0.05 * (attempt + 1))
+
+
+#: ``pg_advisory_xact_lock`` keys of the tables whose ``seq`` readers follow with a cursor (the
+#: outbox: the dispatcher; the inbox: the reporting feed), as 64-bit integers. Advisory locks are
+#: per database, and each store has its own.
+APPEND_LOCKS = {
+    "ref_outbox": int.from_bytes(b"tp-rfout", "big") & 0x7FFF_FFFF_FFFF_FFFF,
+    "ref_inbox": int.from_bytes(b"tp-rfinb", "big") & 0x7FFF_FFFF_FFFF_FFFF,
+}
+
+
+async def append(conn: AsyncConnection, table: Table, row: Mapping[str, Any]) -> None:
+    """Insert ``row`` into ``table`` (:data:`APPEND_LOCKS`), as the LAST statement of its
+    transaction, so that the tables' ``seq`` order is their commit order and a reader that saw
+    ``seq`` n has seen (or will never see: rolled back) every row below n.
+
+    PostgreSQL takes ``seq`` from a sequence at the insert, and transactions commit in another
+    order than they took their numbers: a reader could see n + 1 committed while n is still in
+    flight, move its cursor past n, and never read it. Here the insert first takes the table's
+    transaction-scoped advisory lock, released after the commit is visible: the next writer takes
+    its number only then. Appends to one table serialize over their insert and commit (nothing
+    else runs under the lock but a read: the insert cannot wait on another transaction's row, as
+    only holders of the lock insert). SQLite has one writer, from its first write to its commit: nothing to do."""
+    await lock_appends(conn, table)
+    await conn.execute(insert(table).values(**row))
+
+
+async def lock_appends(conn: AsyncConnection, table: Table) -> None:
+    """Take ``table``'s append lock until the transaction ends (PostgreSQL; SQLite: its single
+    writer)."""
+    if conn.dialect.name == "postgresql":
+        await conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({APPEND_LOCKS[table.name]})")
+
+
+async def _kept(conn: AsyncConnection, trade_id: str, event_id: str) -> bool:
+    """Whether another event of the trade is kept in the inbox (its predecessor not applied)."""
+    found = await conn.execute(
+        select(inbox.c.seq)
+        .where(
+            and_(
+                inbox.c.trade_id == trade_id,
+                inbox.c.applied_at.is_(None),
+                inbox.c.event_id != event_id,
+            )
+        )
+        .limit(1)
+    )
+    return found.first() is not None
+
+
+async def _forward(conn: AsyncConnection, consumer: str, seq: int) -> bool:
+    """Move an existing cursor forward to ``seq``; False if it has no row or is there already."""
+    moved = await conn.execute(
+        update(cursors)
+        .where(and_(cursors.c.consumer == consumer, cursors.c.seq < seq))
+        .values(seq=seq, updated_at=_ms())
+    )
+    return bool(moved.rowcount == 1)
 
 
 def _ms(now: float | None = None) -> int:
@@ -504,7 +564,7 @@ class TradeStore:
                         updated_at=_ms(now),
                     )
                 )
-                record = await self._record(
+                record, event = await self._record(
                     conn,
                     trade_id,
                     "create",
@@ -518,6 +578,7 @@ class TradeStore:
                     now,
                     acting,
                 )
+                await append(conn, outbox, event)
         except IntegrityError:
             raise DuplicateTransition(await self._existing(trade_id, "create")) from None
         self._notify()
@@ -568,7 +629,7 @@ class TradeStore:
                 )
                 if moved.rowcount != 1:
                     raise _Lost()
-                record = await self._record(
+                record, event = await self._record(
                     conn,
                     trade_id,
                     transition.name,
@@ -608,6 +669,7 @@ class TradeStore:
                     )
                 if resolve is not None:
                     await self._close_exception(conn, resolve[0], resolve[1], now)
+                await append(conn, outbox, event)
         except (_Lost, IntegrityError):
             raise await self.why(trade_id, transition) from None
         self._notify()
@@ -635,8 +697,7 @@ class TradeStore:
                 .where(exceptions.c.exception_id == exception_id)
                 .values(status="escalated", updated_at=_ms(now))
             )
-            await self._event(
-                conn,
+            event = self._event(
                 "exception.escalated",
                 record.trade_id,
                 f"escalate#{record.number}",
@@ -646,6 +707,7 @@ class TradeStore:
                 now,
                 machine.EXCEPTION,
             )
+            await append(conn, outbox, event)
         self._notify()
         return await self.exception(exception_id)
 
@@ -691,10 +753,11 @@ class TradeStore:
         data: Mapping[str, Any],
         now: float,
         acting: Acting,
-    ) -> TransitionRecord:
-        event_id = await self._event(
-            conn, event_type, trade_id, name, target, envelope, data, now, source, acting
-        )
+    ) -> tuple[TransitionRecord, dict[str, Any]]:
+        """The transition's row, inserted, and its signed event's outbox row, to be appended by
+        the caller as the transaction's last statement (:func:`append`)."""
+        event = self._event(event_type, trade_id, name, target, envelope, data, now, source, acting)
+        event_id = event["event_id"]
         await conn.execute(
             insert(transitions).values(
                 trade_id=trade_id,
@@ -710,13 +773,13 @@ class TradeStore:
                 mandate_id=acting.mandate_id,
             )
         )
-        return TransitionRecord(
+        record = TransitionRecord(
             trade_id, name, source, target, actor, idempotency_key, event_id, _ms(now) / 1000
         )
+        return record, event
 
-    async def _event(
+    def _event(
         self,
-        conn: AsyncConnection,
         event_type: str,
         trade_id: str,
         name: str,
@@ -726,22 +789,20 @@ class TradeStore:
         now: float,
         source: str | None = None,
         acting: Acting = NO_TOKEN,
-    ) -> str:
+    ) -> dict[str, Any]:
+        """The signed event's outbox row."""
         event_id, jws = self.signer.sign(
             event_type, trade_id, name, state, envelope, data, now=now, source=source,
             acting=acting.as_dict(),
         )  # fmt: skip
-        await conn.execute(
-            insert(outbox).values(
-                event_id=event_id,
-                type=event_type,
-                trade_id=trade_id,
-                txn=envelope.txn,
-                jws=jws,
-                created_at=_ms(now),
-            )
-        )
-        return event_id
+        return {
+            "event_id": event_id,
+            "type": event_type,
+            "trade_id": trade_id,
+            "txn": envelope.txn,
+            "jws": jws,
+            "created_at": _ms(now),
+        }
 
     async def why(self, trade_id: str, transition: machine.Transition) -> Exception:
         """Why a transition did not apply: it already happened, the trade is elsewhere, or none."""
@@ -794,17 +855,36 @@ class TradeStore:
         source state yet (its predecessor, from another upstream, has not arrived): the event is
         kept in the inbox and applied as soon as the predecessor is (:meth:`_retry_pending`).
         A store never learns a transition it owns (:class:`NotOwned`)."""
+        outcome, _moved = await self._learn(claims, jws, None)
+        return outcome
+
+    async def learn_through(
+        self, claims: Mapping[str, Any], jws: str, consumer: str, seq: int
+    ) -> tuple[str, int]:
+        """:meth:`learn`, and ``consumer``'s cursor moved forward to ``seq`` in the same
+        transaction (the hand-off of a batch's last event: one commit for both; the cursor
+        never passes an event whose learning rolled back); or on its own right after, when that
+        transaction could not move it (no row yet, a racing delivery, or another dispatcher moved
+        it further). The outcome and the cursor now (:meth:`advance`)."""
+        outcome, moved = await self._learn(claims, jws, (consumer, seq))
+        return outcome, seq if moved else await self.advance(consumer, seq)
+
+    async def _learn(
+        self, claims: Mapping[str, Any], jws: str, cursor: tuple[str, int] | None
+    ) -> tuple[str, bool]:
         name = str(claims.get("transition"))
         if self.service is None or self.owns(name):
             raise NotOwned(self.service or "all", f"learning {name}")
-        outcome = await self._learn_one(claims, jws)
-        if outcome != KNOWN:
-            # applied: what waited for it may apply now; kept: a racing delivery may have applied
-            # its predecessor before this row committed (and not seen it), so look again
+        outcome, moved, waiting = await self._learn_one(claims, jws, cursor)
+        if outcome == APPLIED and waiting:  # what waited for it may apply now
             await self._retry_pending(str(claims["trade_id"]))
-            if outcome == PENDING and await self._applied(str(claims["jti"])):
+        elif outcome == PENDING:
+            # a racing delivery may have applied its predecessor before this row committed (and
+            # not seen it), so look again
+            await self._retry_pending(str(claims["trade_id"]))
+            if await self._applied(str(claims["jti"])):
                 outcome = APPLIED
-        return outcome
+        return outcome, moved
 
     async def _applied(self, event_id: str) -> bool:
         async with self.db.read() as conn:
@@ -813,7 +893,18 @@ class TradeStore:
             ).first()
         return row is not None and row.applied_at is not None
 
-    async def _learn_one(self, claims: Mapping[str, Any], jws: str) -> str:
+    async def _learn_one(
+        self, claims: Mapping[str, Any], jws: str, cursor: tuple[str, int] | None = None
+    ) -> tuple[str, bool, bool]:
+        """One learning transaction (``cursor``: moved in it too); the outcome, whether the cursor
+        moved, and whether other events of the trade wait in the inbox (when applied).
+
+        That last look is the transaction's last statement, under the inbox's append lock, so
+        that a kept event is never forgotten: a delivery that keeps its event (its predecessor
+        not applied when it looked) either committed before this look, which sees it and has it
+        retried after the commit, or appends after this commit (the lock) and retries itself
+        after its own commit, finding the predecessor applied. (Had it looked for its predecessor
+        after an ``UPDATE`` of this transaction, it waited for the row lock and applied.)"""
         now = time.time()
         event_id, trade_id = str(claims["jti"]), str(claims["trade_id"])
         try:
@@ -823,33 +914,37 @@ class TradeStore:
                         select(inbox.c.applied_at).where(inbox.c.event_id == event_id)
                     )
                 ).first()
-                if seen is not None and seen.applied_at is not None:
-                    return KNOWN
-                if seen is None:
-                    await conn.execute(
-                        insert(inbox).values(
-                            event_id=event_id[:64],
-                            issuer=str(claims.get("iss"))[:512],
-                            type=str(claims.get("type"))[:64],
-                            trade_id=trade_id[:64],
-                            transition=str(claims.get("transition"))[:64],
-                            jws=jws,
-                            received_at=_ms(now),
-                        )
-                    )
-                applied = await self._apply_learned(conn, claims, now)
-                if applied:
+                known = seen is not None and seen.applied_at is not None
+                applied = known or await self._apply_learned(conn, claims, now)
+                moved = cursor is not None and await _forward(conn, *cursor)
+                if known:
+                    return KNOWN, moved, False
+                if seen is None:  # the inbox row last: it takes the feed's next ``seq``
+                    row = {
+                        "event_id": event_id[:64],
+                        "issuer": str(claims.get("iss"))[:512],
+                        "type": str(claims.get("type"))[:64],
+                        "trade_id": trade_id[:64],
+                        "transition": str(claims.get("transition"))[:64],
+                        "jws": jws,
+                        "received_at": _ms(now),
+                        "applied_at": _ms(now) if applied else None,
+                    }
+                    await append(conn, inbox, row)
+                elif applied:
                     await conn.execute(
                         update(inbox)
                         .where(inbox.c.event_id == event_id)
                         .values(applied_at=_ms(now))
                     )
+                    await lock_appends(conn, inbox)
+                waiting = applied and await _kept(conn, trade_id, event_id)
         except IntegrityError:
             # a racing delivery of the same event committed first (inbox), or the transition is
-            # already recorded here: nothing to do
-            return KNOWN
+            # already recorded here: nothing to do (and nothing moved)
+            return KNOWN, False, False
         self._notify()
-        return APPLIED if applied else PENDING
+        return APPLIED if applied else PENDING, moved, waiting
 
     async def _apply_learned(
         self, conn: AsyncConnection, claims: Mapping[str, Any], now: float
@@ -943,7 +1038,7 @@ class TradeStore:
                 ).all()
             progressed = False
             for row in rows:
-                if await self._learn_one(_payload(row.jws), row.jws) == APPLIED:
+                if (await self._learn_one(_payload(row.jws), row.jws))[0] == APPLIED:
                     progressed = True
             if not progressed:
                 return
@@ -968,30 +1063,28 @@ class TradeStore:
             ).first()
         return int(row.seq) if row is not None else 0
 
-    async def advance(self, consumer: str, seq: int) -> None:
-        """Move ``consumer``'s cursor forward to ``seq`` (never back: racing dispatchers)."""
+    async def advance(self, consumer: str, seq: int) -> int:
+        """Move ``consumer``'s cursor forward to ``seq`` (never back: racing dispatchers); the
+        cursor now (beyond ``seq`` when another dispatcher moved it further)."""
         for _ in range(2):
             try:
                 async with self.db.transaction() as conn:
-                    moved = await conn.execute(
-                        update(cursors)
-                        .where(and_(cursors.c.consumer == consumer, cursors.c.seq < seq))
-                        .values(seq=seq, updated_at=_ms())
-                    )
-                    if moved.rowcount == 1:
-                        return
+                    if await _forward(conn, consumer, seq):
+                        return seq
                     found = (
                         await conn.execute(
                             select(cursors.c.seq).where(cursors.c.consumer == consumer)
                         )
                     ).first()
-                    if found is None:
-                        await conn.execute(
-                            insert(cursors).values(consumer=consumer, seq=seq, updated_at=_ms())
-                        )
-                return
+                    if found is not None:
+                        return int(found.seq)
+                    await conn.execute(
+                        insert(cursors).values(consumer=consumer, seq=seq, updated_at=_ms())
+                    )
+                return seq
             except IntegrityError:
                 continue  # another dispatcher inserted it first: move it forward
+        return await self.cursor(consumer)
 
     async def feed_after(self, after: int, limit: int = 100) -> list[StoredEvent]:
         """The upstream events this store learned (applied or kept), in the order it received
