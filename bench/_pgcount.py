@@ -5,21 +5,30 @@ A round trip is a frontend message the client must wait on: ``Sync`` (the end of
 exchange: Parse/Bind/Execute... Sync, one wait for ReadyForQuery) or ``Query`` (simple protocol).
 SSL and GSS encryption requests are refused by the proxy itself (the client falls back to plaintext,
 as libpq's and asyncpg's default ``prefer`` does), so the stream stays readable.
+
+``messages`` counts every frontend message by type: ``Execute`` (one statement run through the
+extended protocol), ``Parse`` (a statement prepared: with asyncpg's statement cache, only the first
+time a text is seen on a connection, or an unnamed one-off), ``Query`` (a simple-protocol statement:
+``BEGIN``, ``COMMIT``...).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import struct
 import threading
 
 SSL_REQUEST, GSS_REQUEST = 80877103, 80877104
+#: The frontend message types worth counting (PostgreSQL protocol 3, "Message Formats").
+MESSAGES = {b"P": "parse", b"B": "bind", b"E": "execute", b"Q": "query", b"S": "sync"}
 
 
 class CountingProxy:
     def __init__(self, host: str, port: int, listen_port: int) -> None:
         self.host, self.port, self.listen_port = host, port, listen_port
         self.round_trips = self.bytes_up = self.bytes_down = 0
+        self.messages: collections.Counter[str] = collections.Counter()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -28,6 +37,12 @@ class CountingProxy:
         self._thread.start()
         self._ready.wait(10)
         return self
+
+    def snapshot(self) -> dict[str, int]:
+        """Round trips, the counted messages and the bytes each way, so far."""
+        counts = {name: self.messages[name] for name in MESSAGES.values()}
+        return {"round_trips": self.round_trips, **counts, "bytes_up": self.bytes_up,
+                "bytes_down": self.bytes_down}  # fmt: skip
 
     def stop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -70,6 +85,9 @@ class CountingProxy:
                 body = await reader.readexactly(length - 4)
                 if kind in (b"S", b"Q"):
                     self.round_trips += 1
+                name = MESSAGES.get(kind)
+                if name is not None:
+                    self.messages[name] += 1
                 self.bytes_up += 5 + len(body)
                 upstream.write(head + body)
         except (asyncio.IncompleteReadError, ConnectionError):

@@ -16,8 +16,16 @@ writer's ``trustplane_group_commit_batch_size`` histogram, scraped from /metrics
 and the 1-minute load average. Medians per (store, tree, connections) at the end, and one JSON line
 per run with ``--json``.
 
+``--pg-count``: each PostgreSQL server reaches its database through a counting proxy
+(bench/_pgcount.py), and each run also reports per token the round trips, statements executed
+(extended-protocol ``Execute``), statements prepared (``Parse``) and simple queries (``BEGIN``,
+``COMMIT``...), during the run and until the server is idle again (the ledger's sequencer
+integrates after the requests were answered). The proxy costs CPU of its own on the same cores:
+compare CPU figures only between runs made alike.
+
   python bench/hotpath.py --base ../hotpath-base --database-url postgresql://postgres@127.0.0.1:5432/test
   python bench/hotpath.py --base ../hotpath-base --stores sqlite --connections 1 8 32 64 --reps 1
+  python bench/hotpath.py --base ../hotpath-base --stores postgresql --pg-count --reps 1
 """
 
 from __future__ import annotations
@@ -36,9 +44,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import wait_ready
+from _common import free_port, wait_ready
+from _pgcount import CountingProxy
 from token_endpoint import (
     BIN,
     RESOURCE,
@@ -70,6 +80,7 @@ class Target:
     client_id: str = ""
     pem: bytes = b""
     proc: Any = None
+    proxy: CountingProxy | None = None
     runs: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -84,6 +95,8 @@ def setup(tree: str, src: Path, store: str, args: argparse.Namespace, root: Path
     env, pg_name = server_env(work, port, args.database_url if store == "postgresql" else "")
     env["PYTHONPATH"] = str(src)
     target = Target(tree, store, env, work, pg_name, issuer=f"http://127.0.0.1:{port}")
+    if pg_name and getattr(args, "pg_count", False):
+        target.proxy = counted(env, pg_name)
     cli("migrate", env=env)
     cli("clients", "keygen", "--out", str(work / "client"), "--kid", "bench-key", env=env)
     client = json.loads(
@@ -103,6 +116,20 @@ def setup(tree: str, src: Path, store: str, args: argparse.Namespace, root: Path
         stop(target.proc)
         raise
     return target
+
+
+def counted(env: dict[str, str], pg_name: str) -> CountingProxy:
+    """Point the server at its database through a new counting proxy."""
+    url = urlsplit(env["TRUSTPLANE_DATABASE_URL"])
+    proxy = CountingProxy(url.hostname or "127.0.0.1", url.port or 5432, free_port()).start()
+    user = f"{url.username}@" if url.username else ""
+    netloc = f"{user}127.0.0.1:{proxy.listen_port}"
+    env["TRUSTPLANE_DATABASE_URL"] = urlunsplit(url._replace(netloc=netloc))
+    return proxy
+
+
+def per_token(before: dict[str, int], after: dict[str, int], requests: float) -> dict[str, float]:
+    return {k: (after[k] - before[k]) / max(requests, 1) for k in after}
 
 
 def batch_histogram(target: Target) -> tuple[float, float]:
@@ -165,13 +192,24 @@ def measure(target: Target, connections: int, args: argparse.Namespace, rep: int
     pg_before = ticks(pids)
     hist_before = batch_histogram(target)
     load = os.getloadavg()[0]
+    counts_before = target.proxy.snapshot() if target.proxy else {}
     result: dict[str, Any] = dict(
         run_wrk(f"{target.issuer}/token", bodies, connections, args.duration, target.proc.pid)
     )
     hist_after = batch_histogram(target)
     pg_after = ticks(pids)
-    bodies.unlink()
     commits = hist_after[1] - hist_before[1]
+    if target.proxy is not None:
+        during = per_token(counts_before, target.proxy.snapshot(), result["requests"])
+        wait_idle([target], args.idle_cap)
+        until_idle = per_token(counts_before, target.proxy.snapshot(), result["requests"])
+        result.update({f"pg_{k}": v for k, v in during.items()})
+        # per commit of the writer: what a batch costs whatever its size (the sequencer's share too)
+        result["pg_round_trips_per_commit"] = (
+            during["round_trips"] * result["requests"] / max(commits, 1)
+        )
+        result.update({f"pg_{k}_until_idle": v for k, v in until_idle.items()})
+    bodies.unlink()
     result.update(
         tree=target.tree,
         store=target.store,
@@ -194,6 +232,11 @@ def measure(target: Target, connections: int, args: argparse.Namespace, rep: int
         f"load {load:.2f}",
         flush=True,
     )
+    if target.proxy is not None:
+        print("    per token, in the run / until idle: " + "  ".join(
+            f"{k} {result[f'pg_{k}']:.2f}/{result[f'pg_{k}_until_idle']:.2f}"
+            for k in ("round_trips", "execute", "parse", "query", "bytes_up", "bytes_down")
+        ) + f"  round trips per commit {result['pg_round_trips_per_commit']:.1f}", flush=True)  # fmt: skip
     if args.json:
         with args.json.open("a") as handle:
             handle.write(json.dumps(result) + "\n")
@@ -202,6 +245,8 @@ def measure(target: Target, connections: int, args: argparse.Namespace, rep: int
 def summarise(targets: list[Target]) -> None:
     keys = ("rps", "p50_ms", "p99_ms", "cpu_ms_per_req", "pg_cpu_ms_per_req")
     keys += ("requests_per_commit", "load1")
+    statements = ("pg_round_trips", "pg_execute", "pg_parse", "pg_query")
+    statements += ("pg_round_trips_per_commit",)
     print("\nmedians: store tree c | tokens/s p50 p99 | cpu/tok pg/tok | req/commit | load1 | n")
     for target in targets:
         for c in sorted({r["connections"] for r in target.runs}):
@@ -213,6 +258,11 @@ def summarise(targets: list[Target]) -> None:
                 f"{m['pg_cpu_ms_per_req']:.3f} | {m['requests_per_commit']:5.1f} | "
                 f"{m['load1']:.2f} | {len(runs)}  (non-2xx {sum(r['non_2xx'] for r in runs):.0f})"
             )
+            if target.proxy is not None:
+                print("    per token (until idle): " + "  ".join(
+                    f"{k[3:]} {statistics.median(r.get(k + '_until_idle', r[k]) for r in runs):.2f}"
+                    for k in statements
+                ))  # fmt: skip
 
 
 def main() -> None:
@@ -231,6 +281,7 @@ def main() -> None:
     ap.add_argument("--idle-cap", type=float, default=20.0)
     ap.add_argument("--port-base", type=int, default=int(os.environ.get("BENCH_PORT", "26100")))
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--pg-count", action="store_true", help="count PostgreSQL round trips")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is required (apt-get install wrk)")
@@ -263,6 +314,8 @@ def main() -> None:
         for target in every:
             if target.proc is not None:
                 stop(target.proc)
+            if target.proxy is not None:
+                target.proxy.stop()
             if target.pg_name:
                 asyncio.run(_create_pg_database(args.database_url, target.pg_name, drop=True))
         shutil.rmtree(root, ignore_errors=True)

@@ -173,3 +173,49 @@ async def test_a_revoked_token_the_grant_rests_on_refuses_with_its_condition_err
     refused = await recent_events(services.db, type_="oauth:token:refused")
     assert [e["jti"] for e in issued] == ["t0"]
     assert [e["jti"] for e in refused] == ["r1"]
+
+
+async def test_the_outcome_is_not_visible_before_the_batch_commits(services: Services) -> None:
+    """The jti, the decision row (on PostgreSQL both sent straight to the driver, in one
+    statement) and the ledger entry are written in the batch's transaction: a handler that runs
+    after them in the same batch, looking through another connection, sees none of them; after
+    the commit all are there."""
+    from sqlalchemy import text
+
+    from trustplane.policy.recorder import DecisionRecord
+
+    decision = AuditEvent(
+        type=AuditEventType.POLICY_DECISION_ALLOWED,
+        issuer="http://127.0.0.1:8000",
+        client_id="c",
+        decision="allow",
+    )
+    outcome = Outcome(
+        event=_event(AuditEventType.TOKEN_ISSUED, "t-visible"),
+        refused=_refused("r-visible"),
+        conditions=(ConsumeJti(ReplayUse("client-v", "jti-v", 2**40), InvalidClientError("x")),),
+        decisions=(DecisionRecord(decision, "token:obtain", "order:create", 0, "{}"),),
+    )
+    probe = text(
+        "SELECT (SELECT count(*) FROM used_jtis WHERE jti = 'jti-v'),"
+        " (SELECT count(*) FROM policy_decisions WHERE decision_id = :decision)"
+    ).bindparams(decision=decision.event_id)
+
+    async def seen() -> tuple[int, int]:
+        async with services.db.read() as conn:
+            row = (await conn.execute(probe)).one()
+        return int(row[0]), int(row[1])
+
+    async def look(_conn: AsyncConnection, payloads: list[object]) -> list[tuple[int, int]]:
+        return [await seen() for _ in payloads]
+
+    services.writer.register("look", look)
+    failed, during = await asyncio.gather(
+        services.writer.submit("token_outcome", outcome), services.writer.submit("look", None)
+    )
+
+    assert failed is None
+    assert during == (0, 0)
+    assert await seen() == (1, 1)
+    issued = await recent_events(services.db, type_="oauth:token:issued")
+    assert [e["jti"] for e in issued] == ["t-visible"]

@@ -7,7 +7,10 @@ error to answer if it fails: the client assertion's ``jti`` (and a grant's own s
 assertion, e.g. a partner's JWT-bearer assertion) not used before (:class:`ConsumeJti`), the token a
 grant rests on (a token exchange's subject token) not revoked (:class:`NotRevoked`). They are
 evaluated in the writer's batch: one replay upsert for every ``jti`` of the batch, one revocation
-query for every token the batch rests on, then one insert for the chosen events.
+query for every token the batch rests on, then one insert for the chosen events. On PostgreSQL the
+policy decisions' inputs are inserted by the upsert's own statement (a data-modifying CTE: the
+decisions are recorded whatever the upsert finds), so a batch of token requests is ``BEGIN``, the
+upsert, the ledger insert and ``COMMIT``: four round trips whatever its size.
 
 Either all are durable or none is, and a request pays for one round trip to the writer instead of
 several. Every ``jti`` is consumed whatever the decision (an assertion is single-use even when the
@@ -27,9 +30,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from trustplane.audit.sink import write_events
 from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.errors import OAuth2Error
-from trustplane.policy.recorder import DecisionRecord, write_inputs
-from trustplane.protocol.replay import ReplayUse, consume_batch
+from trustplane.policy.recorder import DecisionRecord, pg_inputs_insert, write_inputs
+from trustplane.protocol.replay import ReplayUse, consume_batch, consume_on_driver
 from trustplane.protocol.revocations import revoked_among
+from trustplane.storage.driver_sql import in_transaction
 from trustplane.storage.writer import GroupCommitWriter
 
 log = structlog.get_logger("trustplane.audit")
@@ -76,17 +80,25 @@ async def record_batch(
     """Batch handler: the first failed condition of each outcome (None: all hold). Every ``jti``
     is consumed, also those of an outcome whose earlier condition failed."""
     uses = [c.key for o in outcomes for c in o.conditions if isinstance(c, ConsumeJti)]
-    won = iter(await consume_batch(conn, uses) if uses else [])
+    decisions = [d for o in outcomes for d in o.decisions]
+    driver = await in_transaction(conn) if uses else None
+    if driver is not None:  # PostgreSQL: the decisions' inputs ride in the upsert's statement
+        alongside = pg_inputs_insert(decisions, first=5) if decisions else None
+        won = iter(await consume_on_driver(driver, uses, alongside))
+        inputs_pending = False
+    else:
+        won = iter(await consume_batch(conn, uses) if uses else [])
+        inputs_pending = bool(decisions)
     jtis = {c.key for o in outcomes for c in o.conditions if isinstance(c, NotRevoked)}
     revoked = await revoked_among(conn, jtis) if jtis else set()
     failed = [_first_failed(o, won, revoked) for o in outcomes]
     events = [
         o.event if f is None else o.refused(f.error) for o, f in zip(outcomes, failed, strict=True)
     ]
-    decisions = [d for o in outcomes for d in o.decisions]
-    # one ledger insert for the outcomes and their decisions, then the decisions' inputs
+    # one ledger insert for the outcomes and their decisions (and the decisions' inputs if they
+    # did not ride with the upsert)
     await write_events(conn, events + [d.event for d in decisions])
-    if decisions:
+    if inputs_pending:
         await write_inputs(conn, decisions)
     return failed
 

@@ -18,12 +18,14 @@ write; with Redis it is consumed at verification.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import replace
 from functools import partial
 from typing import Any
 
 from cryptography import x509
+from prometheus_client import Counter
 
 from trustplane import metrics
 from trustplane.audit.sink import AuditSink
@@ -150,9 +152,8 @@ class TokenEndpoint:
             await self._audit.emit(self._issued(granted, grant_type))
         else:
             await self._record_issue(granted, conditions, form, client, grant_type)
-        metrics.TOKENS_ISSUED.labels(grant_type=grant_type).inc()
-        metrics.TOKENS_ISSUED_BY_CLIENT.labels(client_id=client.client.client_id).inc()
-        metrics.TOKENS_ISSUED_BY_BINDING.labels(binding=binding.kind).inc()
+        for counter in _issued_counters(grant_type, client.client.client_id, binding.kind):
+            counter.inc()
         body: dict[str, Any] = {
             "access_token": granted.token.token,
             "token_type": binding.token_type,
@@ -300,6 +301,17 @@ def _count_binding_refusal(exc: OAuth2Error) -> None:
         metrics.TOKEN_BINDING_REFUSED.labels(reason=exc.debug or exc.error).inc()
     elif exc.reason_id == "sender_constraint_required":
         metrics.TOKEN_BINDING_REFUSED.labels(reason=exc.reason_id).inc()
+
+
+@functools.lru_cache(maxsize=4096)
+def _issued_counters(grant_type: str, client_id: str, binding: str) -> tuple[Counter, ...]:
+    """The issuance counters' series for these labels, looked up once: in multiprocess mode a
+    ``labels()`` lookup costs twice the increment itself."""
+    return (
+        metrics.TOKENS_ISSUED.labels(grant_type=grant_type),
+        metrics.TOKENS_ISSUED_BY_CLIENT.labels(client_id=client_id),
+        metrics.TOKENS_ISSUED_BY_BINDING.labels(binding=binding),
+    )
 
 
 def _client_conditions(client: AuthenticatedClient) -> tuple[Condition, ...]:

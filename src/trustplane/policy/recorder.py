@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane.audit.sink import write_events
 from trustplane.audit_events import AuditEvent
-from trustplane.storage.driver_sql import by_column, unnest_insert, values_clause
+from trustplane.storage.driver_sql import by_column, in_transaction, unnest_insert, values_clause
 from trustplane.storage.writer import GroupCommitWriter
 
 KIND = "policy_decision"
@@ -87,9 +87,23 @@ async def write_inputs(conn: AsyncConnection, records: Sequence[DecisionRecord])
     rows = [r.row() for r in records]
     if conn.dialect.name == "postgresql":
         sql = unnest_insert("policy_decisions", _TYPED)
-        await conn.exec_driver_sql(sql, by_column(rows, len(_TYPED)))
+        driver = await in_transaction(conn)
+        if driver is not None:
+            await driver.execute(sql, *by_column(rows, len(_TYPED)))
+        else:
+            await conn.exec_driver_sql(sql, by_column(rows, len(_TYPED)))
     else:
         await conn.exec_driver_sql(_insert_sql(conn.dialect.name), rows)
+
+
+def pg_inputs_insert(
+    records: Sequence[DecisionRecord], first: int
+) -> tuple[str, tuple[list[Any], ...]]:
+    """PostgreSQL: :func:`write_inputs`'s insert and its parameters, numbered from ``first``, for
+    a caller that runs it inside a statement of its own (``oauth.outcomes``: as a CTE of the
+    replay upsert, one execution for both)."""
+    sql = unnest_insert("policy_decisions", _TYPED, first=first)
+    return sql, by_column([r.row() for r in records], len(_TYPED))
 
 
 async def _write_batches(

@@ -6,6 +6,7 @@ be included more than once (``resource`` is the exception, RFC 8707 §2).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from typing import Protocol
 from urllib.parse import unquote_plus
@@ -37,7 +38,20 @@ def _pairs(text: str) -> list[tuple[str, str]]:
 
 
 def _unquote(text: str) -> str:
-    return unquote_plus(text, errors="strict") if "%" in text or "+" in text else text
+    if "%" not in text and "+" not in text:
+        return text
+    return _unquote_short(text) if len(text) <= _SHORT else unquote_plus(text, errors="strict")
+
+
+#: Up to this length an escaped field is decoded once and remembered: what a client sends on every
+#: request (``scope``, ``resource``, ``client_assertion_type``) repeats, and ``unquote_plus`` costs
+#: a few microseconds per field. Bounded (LRU) so that varied input only costs the decode again.
+_SHORT = 256
+
+
+@functools.lru_cache(maxsize=1024)
+def _unquote_short(text: str) -> str:
+    return unquote_plus(text, errors="strict")
 
 
 class _Request(Protocol):

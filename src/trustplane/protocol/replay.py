@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane.dependencies import unavailable
 from trustplane.storage.db import Database
-from trustplane.storage.driver_sql import placeholder, values_clause
+from trustplane.storage.driver_sql import in_transaction, placeholder, values_clause
 from trustplane.storage.metadata import metadata
 from trustplane.storage.writer import GroupCommitWriter
 
@@ -85,27 +85,60 @@ def _upsert(dialect: str, n: int) -> str:
 async def consume_batch(conn: AsyncConnection, uses: Sequence[ReplayUse]) -> list[bool]:
     """One upsert for the whole batch. A row is (re)claimed only if absent or already expired; the
     first of several identical uses within a batch wins, the rest lose without touching the database."""
-    first: dict[tuple[str, str], int] = {}
-    for i, use in enumerate(uses):
-        first.setdefault((use.issuer, use.jti), i)
-    # Sorted, so that two processes upserting overlapping batches lock rows in the same order and
-    # cannot deadlock on PostgreSQL.
-    claims = [uses[first[key]] for key in sorted(first)]
+    first, claims = _claims(uses)
     now = int(time.time())
     rows: Any
     if conn.dialect.name == "postgresql":
-        columns = (
-            [u.issuer for u in claims],
-            [u.jti for u in claims],
-            [u.expires_at for u in claims],
-        )
-        rows = await conn.exec_driver_sql(_PG_UPSERT, (*columns, now))
+        driver = await in_transaction(conn)
+        if driver is not None:
+            return await consume_on_driver(driver, uses)
+        rows = await conn.exec_driver_sql(_PG_UPSERT, (*_columns(claims), now))
     else:
         params: list[object] = []
         for use in claims:
             params += (use.issuer, use.jti, use.expires_at)
         params.append(now)
         rows = await conn.exec_driver_sql(_upsert(conn.dialect.name, len(claims)), tuple(params))
+    return _won(uses, first, rows)
+
+
+async def consume_on_driver(
+    driver: Any, uses: Sequence[ReplayUse], alongside: tuple[str, Sequence[Any]] | None = None
+) -> list[bool]:
+    """:func:`consume_batch` on PostgreSQL, sent to asyncpg directly: ``driver`` is the connection
+    :func:`~trustplane.storage.driver_sql.in_transaction` returned (a transaction is open on it).
+    ``alongside``: an ``INSERT`` (its parameters numbered from ``$5``) and its parameters, run as a
+    data-modifying CTE of the upsert itself: both in one execution and one round trip."""
+    first, claims = _claims(uses)
+    now = int(time.time())
+    if alongside is None:
+        rows = await driver.fetch(_PG_UPSERT, *_columns(claims), now)
+    else:
+        insert, params = alongside
+        rows = await driver.fetch(_with(insert), *_columns(claims), now, *params)
+    return _won(uses, first, rows)
+
+
+@functools.lru_cache(maxsize=16)
+def _with(insert: str) -> str:
+    return f"WITH alongside AS ({insert}) {_PG_UPSERT}"
+
+
+def _claims(uses: Sequence[ReplayUse]) -> tuple[dict[tuple[str, str], int], list[ReplayUse]]:
+    """The index of each (issuer, jti)'s first use, and the distinct uses to claim, sorted so that
+    two processes upserting overlapping batches lock rows in the same order and cannot deadlock on
+    PostgreSQL."""
+    first: dict[tuple[str, str], int] = {}
+    for i, use in enumerate(uses):
+        first.setdefault((use.issuer, use.jti), i)
+    return first, [uses[first[key]] for key in sorted(first)]
+
+
+def _columns(claims: Sequence[ReplayUse]) -> tuple[list[str], list[str], list[int]]:
+    return [u.issuer for u in claims], [u.jti for u in claims], [u.expires_at for u in claims]
+
+
+def _won(uses: Sequence[ReplayUse], first: dict[tuple[str, str], int], rows: Any) -> list[bool]:
     won = {(str(issuer), str(jti)) for issuer, jti in rows}
     return [first[(u.issuer, u.jti)] == i and (u.issuer, u.jti) in won for i, u in enumerate(uses)]
 

@@ -14,6 +14,14 @@ replaced before the batch if the driver already knows (no round trip), and a bat
 fail because the connection was dead runs once more on a fresh one; a failure of the ``COMMIT``
 itself is never retried as a whole (whether it committed is unknown).
 
+On PostgreSQL the writer's connection comes from the autocommit engine and the writer opens and
+commits each batch's transaction on the driver connection itself (asyncpg's ``BEGIN``/``COMMIT``):
+SQLAlchemy's own transaction adds nothing a batch needs, and with it out of the way a handler may run
+its statement straight on the driver (:func:`~trustplane.storage.driver_sql.in_transaction`),
+without SQLAlchemy's execution layers. Handlers written against SQLAlchemy run unchanged, inside the
+same transaction. A connection whose batch failed is invalidated (closed, never back in the pool
+with a transaction open).
+
 ``trustplane_group_commit_batch_size`` counts the writes per commit; on the token endpoint each
 request is one write, so it is the number of requests that share a commit.
 """
@@ -24,7 +32,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -37,6 +45,10 @@ log = structlog.get_logger(__name__)
 
 #: Writes one kind's payloads in one go; returns one result per payload, in order.
 BatchHandler = Callable[[AsyncConnection, Sequence[Any]], Awaitable[Sequence[Any]]]
+
+
+class _Transaction(Protocol):
+    async def commit(self) -> None: ...
 
 
 class WriterUnavailable(Exception):
@@ -117,15 +129,28 @@ class GroupCommitWriter:
         if self._conn is not None and connection_closed(self._raw):
             await self._drop_connection()
         if self._conn is None:
-            self._conn = await self._db.engine.connect()
+            engine = self._db.engine if self._db.is_sqlite else self._db.autocommit_engine
+            self._conn = await engine.connect()
             self._raw = await self._conn.get_raw_connection()
         return self._conn
 
-    async def _drop_connection(self) -> None:
-        """After a failure the connection may be broken; the next batch opens a fresh one."""
+    async def _begin(self, conn: AsyncConnection) -> _Transaction:
+        """SQLite: SQLAlchemy's transaction. PostgreSQL: the driver's, on an autocommit connection
+        (one ``BEGIN`` round trip, as before, minus SQLAlchemy's layers)."""
+        if self._db.is_sqlite:
+            return await conn.begin()
+        transaction = self._raw.driver_connection.transaction()
+        await transaction.start()
+        return transaction  # type: ignore[no-any-return]
+
+    async def _drop_connection(self, *, broken: bool = False) -> None:
+        """After a failure the connection may be broken (or, on PostgreSQL, still in the failed
+        batch's transaction): it is invalidated and the next batch opens a fresh one."""
         conn, self._conn, self._raw = self._conn, None, None
         if conn is not None:
             with contextlib.suppress(Exception):
+                if broken:
+                    await conn.invalidate()
                 await conn.close()
 
     def _my_turn(self) -> contextlib.AbstractAsyncContextManager[None]:
@@ -140,7 +165,7 @@ class GroupCommitWriter:
         try:
             conn = await self._connection()
             async with self._my_turn():  # SQLite: the workers' turn, around the transaction
-                transaction = await conn.begin()
+                transaction = await self._begin(conn)
                 for kind in self._order:
                     items = by_kind.get(kind)
                     if items:
@@ -149,8 +174,11 @@ class GroupCommitWriter:
                 committing = True
                 await transaction.commit()
         except Exception as exc:  # fail closed: nobody in the failed transaction is told "done"
-            await self._drop_connection()
-            if is_disconnect(exc) and not committing and not reconnected:
+            # a statement sent straight to the driver fails with the driver's own error: the
+            # connection was dead if the driver now knows it is closed
+            dead = is_disconnect(exc) or connection_closed(self._raw)
+            await self._drop_connection(broken=True)
+            if dead and not committing and not reconnected:
                 # the connection was dead before anything was committed: same batch, fresh one
                 log.warning("group_commit_reconnect", error=repr(exc), batch=len(batch))
                 await self._flush(batch, reconnected=True)
