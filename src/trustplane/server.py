@@ -110,6 +110,7 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
         access_log=False,
         proxy_headers=False,
         server_header=False,
+        timeout_keep_alive=settings.keep_alive,  # docs/operations.md "Listeners"
         # a spawned worker answers the supervisor's health pings only once it has imported
         # everything; on a loaded host that takes longer than uvicorn's 5 s, and the supervisor
         # would kill and respawn workers forever

@@ -117,6 +117,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     workers: int = Field(default=1, ge=1, le=64)
+    #: Seconds an idle HTTP/1.1 keep-alive connection stays open. Longer than every client's idle
+    #: expiry (our outbound clients: 2 s; HAProxy's ``timeout http-keep-alive``, a cloud load
+    #: balancer's idle timeout, often 60 s): the client must close first, or a request sent as the
+    #: server closes meets a reset connection.
+    keep_alive: int = Field(default=75, ge=1, le=3600)
     #: The operations listener (/metrics, /readyz, /healthz, /openapi.json, /docs); port 0 disables it.
     ops_host: str = "127.0.0.1"
     ops_port: int = Field(default=9464, ge=0, le=65535)

@@ -20,6 +20,10 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8100,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    keep_alive: Annotated[
+        int,
+        typer.Option(min=1, max=3600, help="Seconds an idle keep-alive connection stays open."),
+    ] = 75,
 ) -> None:
     """Serve the reference services (orders, execution, allocation, settlement, exceptions,
     events) behind the PEP SDK; with TRUSTPLANE_REFERENCE_NATS_URL, also publish the outbox."""
@@ -31,5 +35,5 @@ def serve(
     configure_logging(log_level, "console")
     uvicorn.run(
         app, host=host, port=port, log_level=log_level, http=BoundedHttpToolsProtocol,
-        access_log=log_level == "debug",
+        access_log=log_level == "debug", timeout_keep_alive=keep_alive,
     )  # fmt: skip

@@ -23,6 +23,10 @@ from trustplane.outbound import addresses
 from trustplane.outbound.addresses import Resolver, literal_address, refusal
 from trustplane.outbound.errors import OutboundRefused
 
+#: Seconds an idle outbound connection is kept for reuse: well below the 5 s keep-alive of uvicorn's
+#: and Node's defaults, so that we close first and never send on a connection the server is closing.
+KEEPALIVE_EXPIRY = 2.0
+
 
 class GuardedBackend(httpcore.AsyncNetworkBackend):
     def __init__(
@@ -113,6 +117,8 @@ class GuardedTransport(httpx.AsyncHTTPTransport):
             ssl_context=context,
             max_connections=100,  # httpx's defaults: the PEP calls its PDP on the hot path
             max_keepalive_connections=20,
-            keepalive_expiry=5.0,
+            # below every server's keep-alive (uvicorn's and Node's default: 5 s): a connection
+            # reused as the server closes it fails with a reset (seen as a spurious PDP deny)
+            keepalive_expiry=KEEPALIVE_EXPIRY,
             network_backend=backend,
         )

@@ -1,0 +1,55 @@
+"""Log lines: JSON by default, and an exception logged with ``exc_info`` carries its traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import structlog
+
+from trustplane.logging import configure_logging
+
+
+@pytest.fixture(autouse=True)
+def restore_structlog() -> object:
+    yield
+    structlog.reset_defaults()
+
+
+def _fail() -> None:
+    raise LookupError("the mandate's issuer cannot be asked")
+
+
+def test_a_json_line_carries_the_traceback_of_exc_info(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("info", "json")
+    try:
+        _fail()
+    except LookupError:
+        structlog.get_logger("t").error("introspection_failed", exc_info=True)
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["event"] == "introspection_failed"
+    assert "exc_info" not in line
+    assert line["exception"].startswith("Traceback (most recent call last):")
+    assert "in _fail" in line["exception"]
+    assert line["exception"].rstrip().endswith("LookupError: the mandate's issuer cannot be asked")
+
+
+def test_a_line_without_exception_has_none(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("info", "json")
+    structlog.get_logger("t").info("started", port=8000)
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["event"] == "started"
+    assert line["port"] == 8000
+    assert "exception" not in line
+
+
+def test_the_console_renders_the_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("info", "console")
+    try:
+        _fail()
+    except LookupError:
+        structlog.get_logger("t").error("introspection_failed", exc_info=True)
+    out = capsys.readouterr().out
+    assert "introspection_failed" in out
+    assert "LookupError" in out
+    assert "the mandate's issuer cannot be asked" in out
