@@ -12,6 +12,14 @@ removes the duplicates by ``Nats-Msg-Id``: nothing is lost, nothing is delivered
 stream, as long as the restart comes within ``duplicate_window`` (default 10 minutes). NATS down:
 the rows stay unpublished (the outbox grows) and the publisher retries with a capped backoff.
 
+When it reads: on PostgreSQL, a statement trigger on the outbox (made by the publisher at start,
+:func:`notify_on_commit`) sends ``NOTIFY`` on :data:`OUTBOX_CHANNEL` with every insert, delivered
+when the writing transaction commits; the publisher ``LISTEN``s on one connection per store and
+reads the outbox once per wake-up, and every :data:`FALLBACK` seconds whatever happens (a lost
+notification, the listening connection down, a trigger it may not create). In the serving process
+the services' own commits wake it too (``TradeServices.on_commit``). On SQLite, without such a
+wake-up, it polls: soon after a publish, then less often, up to every 0.2 s.
+
 Consumers: a durable pull consumer with explicit ack per domain; :class:`VerifyingConsumer` acks
 an event only after its JWS verified against the publisher's JWKS (a tampered event is terminated
 and never handed to the handler) and the handler returned; a handler that raises gets the message
@@ -29,6 +37,8 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import structlog
+
 from trustplane.events.jetstream import (
     DUPLICATE_WINDOW,
     Claim,
@@ -43,6 +53,24 @@ from trustplane.reference import machine
 from trustplane.reference.events import EventRefused, verify_event
 from trustplane.reference.handoff import Upstream, learn_verified
 from trustplane.reference.store import APPLIED, KNOWN, TradeStore
+from trustplane.storage.notify import GenerationListener
+
+log = structlog.get_logger("trustplane.reference")
+#: The channel the outbox trigger notifies (payload empty) and the publishers listen on.
+OUTBOX_CHANNEL = "trustplane_reference_outbox"
+#: Seconds between two reads of an outbox with a wake-up (notifications, in-process commits).
+FALLBACK = 1.0
+# the trigger's SQL, constants only: the channel is OUTBOX_CHANNEL, the table store.outbox
+_LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtext('trustplane_outbox_notify'))"
+_FOUND_SQL = (
+    "SELECT 1 FROM pg_trigger WHERE tgname = 'trustplane_outbox_notify' "
+    "AND tgrelid = to_regclass('ref_outbox')"
+)
+_FUNCTION_SQL = """CREATE OR REPLACE FUNCTION trustplane_outbox_notify() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_notify('trustplane_reference_outbox', ''); RETURN NULL; END $$"""
+_TRIGGER_SQL = """CREATE TRIGGER trustplane_outbox_notify AFTER INSERT ON ref_outbox
+FOR EACH STATEMENT EXECUTE FUNCTION trustplane_outbox_notify()"""
 
 DOMAINS = ("order", "trade", "allocation", "settlement", "exception")
 #: The domains (streams) each owner's events go to.
@@ -117,6 +145,58 @@ class OutboxPublisher(JetStreamPublisher):
             connect_timeout=connect_timeout, name="reference",
         )  # fmt: skip
         self.store, self.prefix = store, prefix
+
+    async def run(
+        self,
+        stopping: asyncio.Event,
+        *,
+        idle: float | None = None,
+        max_backoff: float = 5.0,
+        eager: float = 0.01,
+        wake: asyncio.Event | None = None,
+    ) -> None:
+        """Drain until ``stopping``: on PostgreSQL woken by the outbox's notifications (and by
+        ``wake``, the in-process commits), read every ``idle`` seconds (default :data:`FALLBACK`)
+        besides; on SQLite woken by ``wake`` only, polling as the generic publisher does without
+        it."""
+        listener = None
+        if not self.store.db.is_sqlite and await notify_on_commit(self.store):
+            wake = wake if wake is not None else asyncio.Event()
+            listener = GenerationListener(self.store.db.url, OUTBOX_CHANNEL, wake)
+        if wake is None:
+            await super().run(
+                stopping, idle=idle or 0.2, max_backoff=max_backoff, eager=eager, wake=None
+            )
+            return
+        listening = asyncio.create_task(listener.run(stopping)) if listener is not None else None
+        try:
+            await super().run(
+                stopping, idle=idle or FALLBACK, max_backoff=max_backoff, eager=eager, wake=wake
+            )
+        finally:
+            if listening is not None:
+                listening.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await listening
+
+
+async def notify_on_commit(store: TradeStore) -> bool:
+    """Make the outbox's notifying trigger on PostgreSQL if it is missing (several processes may
+    start at once: under an advisory lock); False on SQLite, or when it cannot be made (logged: the
+    publisher then polls)."""
+    if store.db.is_sqlite:
+        return False
+    try:
+        async with store.db.engine.begin() as conn:
+            await conn.exec_driver_sql(_LOCK_SQL)
+            found = await conn.exec_driver_sql(_FOUND_SQL)
+            if found.first() is None:
+                await conn.exec_driver_sql(_FUNCTION_SQL)
+                await conn.exec_driver_sql(_TRIGGER_SQL)
+    except Exception as exc:  # no right to make it: the fallback poll still publishes everything
+        log.warning("reference_outbox_trigger_failed", error=f"{type(exc).__name__}: {exc}")
+        return False
+    return True
 
 
 class VerifyingConsumer(_Consumer):
@@ -204,9 +284,6 @@ class LearningConsumer:
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Consume until ``stopping``; a failure (NATS, the store) is logged and retried."""
-        import structlog
-
-        log = structlog.get_logger("trustplane.reference")
         while not stopping.is_set():
             try:
                 await self.consume()
