@@ -34,10 +34,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import structlog
+from sqlalchemy import bindparam, select, update
+from sqlalchemy.exc import DBAPIError
 
 from trustplane.events.jetstream import (
     DUPLICATE_WINDOW,
@@ -52,7 +55,8 @@ from trustplane.events.jetstream import ensure_streams as _ensure
 from trustplane.reference import machine
 from trustplane.reference.events import EventRefused, verify_event
 from trustplane.reference.handoff import Upstream, learn_verified
-from trustplane.reference.store import APPLIED, KNOWN, TradeStore
+from trustplane.reference.store import APPLIED, KNOWN, TradeStore, outbox
+from trustplane.storage.db import is_disconnect
 from trustplane.storage.notify import GenerationListener
 
 log = structlog.get_logger("trustplane.reference")
@@ -106,26 +110,72 @@ async def ensure_streams(js: Any, prefix: str, duplicate_window: float = DUPLICA
     await _ensure(js, streams(prefix, duplicate_window))
 
 
+#: The outbox's oldest unpublished rows, and their mark: built once (PostgreSQL path).
+_UNPUBLISHED = (
+    select(outbox.c.seq, outbox.c.event_id, outbox.c.type, outbox.c.jws, outbox.c.created_at)
+    .where(outbox.c.published_at.is_(None))
+    .order_by(outbox.c.seq)
+    .limit(bindparam("limit"))
+)
+_MARK = (
+    update(outbox)
+    .where(outbox.c.seq.in_(bindparam("seqs", expanding=True)), outbox.c.published_at.is_(None))
+    .values(published_at=bindparam("now"))
+)
+
+
 class _TradeOutbox:
-    """The outbox table as the generic publisher's :class:`~trustplane.events.jetstream.Outbox`."""
+    """The outbox table as the generic publisher's :class:`~trustplane.events.jetstream.Outbox`.
+    On PostgreSQL the read and the mark are one statement each on the autocommit engine (no
+    ``BEGIN``/``ROLLBACK`` around a single statement: one round trip each, not three); the mark
+    stays conditional on ``published_at IS NULL``, so it is the same single-row-set update as
+    :meth:`TradeStore.mark_published`. SQLite: the store's own methods."""
 
     def __init__(self, store: TradeStore, prefix: str) -> None:
         self.store, self.prefix = store, prefix
+        self._single = not store.db.is_sqlite
+
+    async def _unpublished(self, limit: int) -> list[tuple[int, str, str, str, float]]:
+        """(seq, type, jws, event id, commit epoch seconds) of the oldest unpublished rows."""
+        if not self._single:
+            stored = await self.store.unpublished(limit)
+            return [(r.seq, r.type, r.jws, r.event_id, r.created_at) for r in stored]
+        rows = await self._once(_UNPUBLISHED, {"limit": limit})
+        return [(r.seq, r.type, r.jws, r.event_id, r.created_at / 1000) for r in rows]
+
+    async def _mark(self, seqs: list[int]) -> None:
+        if not seqs:
+            return
+        if not self._single:
+            await self.store.mark_published(seqs)
+            return
+        await self._once(_MARK, {"seqs": seqs, "now": int(time.time() * 1000)})
+
+    async def _once(self, statement: Any, params: dict[str, Any]) -> list[Any]:
+        """One statement on the autocommit engine, again once if its connection was dead."""
+        for attempt in (1, 2):
+            try:
+                async with self.store.db.autocommit_engine.connect() as conn:
+                    result = await conn.execute(statement, params)
+                    return list(result.all()) if result.returns_rows else []
+            except DBAPIError as exc:
+                if attempt == 2 or not is_disconnect(exc):
+                    raise
+        raise AssertionError("unreachable")
 
     @contextlib.asynccontextmanager
     async def claim(self, limit: int) -> AsyncIterator[Claim]:
-        rows = await self.store.unpublished(limit)
+        rows = await self._unpublished(limit)
         claim = Claim(
             [
-                Outgoing(subject_of(self.prefix, r.type), r.jws.encode("ascii"), r.event_id,
-                         r.created_at)
-                for r in rows
+                Outgoing(subject_of(self.prefix, kind), jws.encode("ascii"), event_id, created)
+                for _seq, kind, jws, event_id, created in rows
             ]
-        )  # fmt: skip
+        )
         try:
             yield claim
         finally:  # what JetStream acked, even on a failure
-            await self.store.mark_published([r.seq for r in rows[: claim.acked]])
+            await self._mark([row[0] for row in rows[: claim.acked]])
 
 
 class OutboxPublisher(JetStreamPublisher):
