@@ -26,6 +26,7 @@ from tests.reference.conftest import (
     Mandates,
     RecordingPdp,
     caller,
+    fresh_store,
     split_stores,
     upstreams,
 )
@@ -282,3 +283,59 @@ async def test_the_hand_off_over_jetstream_learns_each_event_once_in_order(
     finally:
         for store in stores.distinct():
             await store.db.dispose()
+
+
+async def test_a_woken_publisher_reads_once_per_commit_not_on_a_timer(
+    ref_url: str, prefix: str, js: Any
+) -> None:
+    """On PostgreSQL the outbox's trigger notifies the publisher at each commit; on SQLite the
+    serving process's commits wake it (``TradeServices.on_commit``). Quiet, it does not read the
+    outbox again before its fallback (an hour here); a commit gets it published."""
+    store = await fresh_store(ref_url)
+    pdp, wake = RecordingPdp(), asyncio.Event()
+    services = TradeServices(store, Mandates())
+    if store.db.is_sqlite:
+        services.on_commit.append(lambda _owner: wake.set())
+    publisher = OutboxPublisher(store, NATS, prefix=prefix)
+    reads = 0
+    unpublished_rows = store.unpublished
+
+    async def counted(limit: int = 100) -> list[Any]:
+        nonlocal reads
+        reads += 1
+        return await unpublished_rows(limit)
+
+    store.unpublished = counted  # type: ignore[method-assign]
+    stopping = asyncio.Event()
+    task = asyncio.create_task(
+        publisher.run(stopping, idle=3600, wake=wake if store.db.is_sqlite else None)
+    )
+    try:
+        for _ in range(200):  # the first read, at start (PostgreSQL: once listening)
+            if reads and (store.db.is_sqlite or await _listening(store)):
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        quiet = reads
+        assert quiet <= 2  # the start, and (PostgreSQL) the catch-up when the listener connected
+        await services.create_order(caller("alice", pdp), dict(ORDER), "k-1")
+        for _ in range(200):
+            if await unpublished(store) == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert await unpublished(store) == 0
+        assert await in_streams(js, prefix) == 1
+        assert reads <= quiet + 2
+    finally:
+        stopping.set()
+        await asyncio.wait_for(task, 10)
+        await publisher.close()
+        await store.db.dispose()
+
+
+async def _listening(store: TradeStore) -> bool:
+    async with store.db.read() as conn:
+        found = await conn.exec_driver_sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN %'"
+        )
+        return bool(found.scalar())

@@ -20,6 +20,7 @@ from sqlalchemy import delete, select
 from tests.conftest import EXECUTION, LEI, free_port, register_kit, wait_until
 from tests.mandates.conftest import grantee, terms
 from tests.protocol_server import DATABASES, Server, running_server
+from trustplane.outbound import OutboundFetcher, OutboundPolicy
 from trustplane.protocol.tokens import issue_access_token
 from trustplane.ssf.tables import ssf_outbox, ssf_streams
 from trustplane.ssf.transmitter import (
@@ -29,6 +30,7 @@ from trustplane.ssf.transmitter import (
     STREAM_UPDATED,
     TOKEN_CLAIMS_CHANGE,
     VERIFICATION,
+    Transmitter,
 )
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -521,3 +523,49 @@ async def test_mandate_events_are_relayed_to_the_streams_that_asked(server: Serv
     assert [
         next(iter(jwt.decode(t, options={"verify_signature": False})["events"])) for t in only
     ] == [SESSION_REVOKED]
+
+
+async def test_a_set_queued_by_another_process_wakes_the_deliverer_at_its_commit(
+    server: Server,
+) -> None:
+    """PostgreSQL: the queuing transaction announces the SET, so every process's deliverer looks
+    at once rather than at its next poll (an hour here); SQLite polls (nothing to hear)."""
+    if server.services.db.is_sqlite:
+        pytest.skip("SQLite has no notifications: the deliverer polls")
+    settings = server.services.settings.model_copy(update={"ssf_push_interval": 3600.0})
+    other = Transmitter(
+        settings, server.services.db, server.services.keys, OutboundFetcher(OutboundPolicy())
+    )
+    rounds: list[float] = []
+
+    async def deliver_due() -> int:
+        rounds.append(time.monotonic())
+        return 1  # one round per wake-up
+
+    other.deliver_due = deliver_due  # type: ignore[method-assign]
+    stopping = asyncio.Event()
+    running = asyncio.create_task(other.run(stopping))
+    try:
+        for _ in range(500):  # the listener connects, and looks once to catch up
+            if rounds:
+                break
+            await asyncio.sleep(0.02)
+        assert len(rounds) == 1
+        url = f"http://127.0.0.1:{free_port()}/events"
+        await create(
+            server,
+            {
+                "delivery": {"method": PUSH, "endpoint_url": url},
+                "events_requested": [SESSION_REVOKED],
+            },
+        )
+        await revoke_one(server)  # queued in this server's revoking transaction
+        for _ in range(500):
+            if len(rounds) > 1:
+                break
+            await asyncio.sleep(0.02)
+        assert len(rounds) >= 2
+    finally:
+        stopping.set()
+        other.wake.set()
+        await asyncio.wait_for(running, 10)

@@ -171,15 +171,21 @@ class JetStreamPublisher:
         idle: float = 0.2,
         max_backoff: float = 5.0,
         eager: float = 0.01,
+        wake: asyncio.Event | None = None,
     ) -> None:
         """Drain until ``stopping`` is set; back off (up to ``max_backoff``) while NATS is down.
 
-        With nothing to publish, the outbox is read again after ``eager`` seconds, then after
+        ``wake``: set when something was committed to the outbox (in-process, or a notification
+        from the database): the outbox is read once per wake-up (again at once only after a full
+        batch), and otherwise every ``idle`` seconds (the fallback for a missed or lost
+        notification). Without it, the outbox is read again after ``eager`` seconds, then after
         twice as long each time, up to ``idle``: events come in bursts (a trade lifecycle commits
         one per step), so the next one is read soon after its commit rather than up to ``idle``
         later, while a quiet outbox still costs one query per ``idle``."""
         backoff, pause = idle, eager
         while not stopping.is_set():
+            if wake is not None:  # cleared before the read: a commit after it wakes us again
+                wake.clear()
             try:
                 published = await self.drain_once()
             except Exception as exc:  # NATS down or timing out: retry, the outbox keeps the rows
@@ -192,7 +198,10 @@ class JetStreamPublisher:
                 await _wait(stopping, backoff)
                 continue
             backoff = idle
-            if published or self._more:
+            if wake is not None:  # a short batch was all there was: the next commit wakes us
+                if published < self.batch and not self._more:
+                    await _wait(stopping, idle, wake)
+            elif published or self._more:
                 pause = eager
             else:
                 await _wait(stopping, pause)
@@ -267,6 +276,17 @@ class VerifyingConsumer:
         return handled
 
 
-async def _wait(stopping: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stopping.wait(), seconds)
+async def _wait(stopping: asyncio.Event, seconds: float, wake: asyncio.Event | None = None) -> None:
+    """Up to ``seconds``, or until ``stopping`` (or ``wake``) is set."""
+    if wake is None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), seconds)
+        return
+    if wake.is_set():
+        return
+    waits = [asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(wake.wait())]
+    try:
+        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiting in waits:
+            waiting.cancel()

@@ -12,6 +12,14 @@ removes the duplicates by ``Nats-Msg-Id``: nothing is lost, nothing is delivered
 stream, as long as the restart comes within ``duplicate_window`` (default 10 minutes). NATS down:
 the rows stay unpublished (the outbox grows) and the publisher retries with a capped backoff.
 
+When it reads: on PostgreSQL, a statement trigger on the outbox (made by the publisher at start,
+:func:`notify_on_commit`) sends ``NOTIFY`` on :data:`OUTBOX_CHANNEL` with every insert, delivered
+when the writing transaction commits; the publisher ``LISTEN``s on one connection per store and
+reads the outbox once per wake-up, and every :data:`FALLBACK` seconds whatever happens (a lost
+notification, the listening connection down, a trigger it may not create). In the serving process
+the services' own commits wake it too (``TradeServices.on_commit``). On SQLite, without such a
+wake-up, it polls: soon after a publish, then less often, up to every 0.2 s.
+
 Consumers: a durable pull consumer with explicit ack per domain; :class:`VerifyingConsumer` acks
 an event only after its JWS verified against the publisher's JWKS (a tampered event is terminated
 and never handed to the handler) and the handler returned; a handler that raises gets the message
@@ -26,8 +34,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
+
+import structlog
+from sqlalchemy import bindparam, select, update
+from sqlalchemy.exc import DBAPIError
 
 from trustplane.events.jetstream import (
     DUPLICATE_WINDOW,
@@ -42,7 +55,26 @@ from trustplane.events.jetstream import ensure_streams as _ensure
 from trustplane.reference import machine
 from trustplane.reference.events import EventRefused, verify_event
 from trustplane.reference.handoff import Upstream, learn_verified
-from trustplane.reference.store import APPLIED, KNOWN, TradeStore
+from trustplane.reference.store import APPLIED, KNOWN, TradeStore, outbox
+from trustplane.storage.db import is_disconnect
+from trustplane.storage.notify import GenerationListener
+
+log = structlog.get_logger("trustplane.reference")
+#: The channel the outbox trigger notifies (payload empty) and the publishers listen on.
+OUTBOX_CHANNEL = "trustplane_reference_outbox"
+#: Seconds between two reads of an outbox with a wake-up (notifications, in-process commits).
+FALLBACK = 1.0
+# the trigger's SQL, constants only: the channel is OUTBOX_CHANNEL, the table store.outbox
+_LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtext('trustplane_outbox_notify'))"
+_FOUND_SQL = (
+    "SELECT 1 FROM pg_trigger WHERE tgname = 'trustplane_outbox_notify' "
+    "AND tgrelid = to_regclass('ref_outbox')"
+)
+_FUNCTION_SQL = """CREATE OR REPLACE FUNCTION trustplane_outbox_notify() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_notify('trustplane_reference_outbox', ''); RETURN NULL; END $$"""
+_TRIGGER_SQL = """CREATE TRIGGER trustplane_outbox_notify AFTER INSERT ON ref_outbox
+FOR EACH STATEMENT EXECUTE FUNCTION trustplane_outbox_notify()"""
 
 DOMAINS = ("order", "trade", "allocation", "settlement", "exception")
 #: The domains (streams) each owner's events go to.
@@ -78,26 +110,72 @@ async def ensure_streams(js: Any, prefix: str, duplicate_window: float = DUPLICA
     await _ensure(js, streams(prefix, duplicate_window))
 
 
+#: The outbox's oldest unpublished rows, and their mark: built once (PostgreSQL path).
+_UNPUBLISHED = (
+    select(outbox.c.seq, outbox.c.event_id, outbox.c.type, outbox.c.jws, outbox.c.created_at)
+    .where(outbox.c.published_at.is_(None))
+    .order_by(outbox.c.seq)
+    .limit(bindparam("limit"))
+)
+_MARK = (
+    update(outbox)
+    .where(outbox.c.seq.in_(bindparam("seqs", expanding=True)), outbox.c.published_at.is_(None))
+    .values(published_at=bindparam("now"))
+)
+
+
 class _TradeOutbox:
-    """The outbox table as the generic publisher's :class:`~trustplane.events.jetstream.Outbox`."""
+    """The outbox table as the generic publisher's :class:`~trustplane.events.jetstream.Outbox`.
+    On PostgreSQL the read and the mark are one statement each on the autocommit engine (no
+    ``BEGIN``/``ROLLBACK`` around a single statement: one round trip each, not three); the mark
+    stays conditional on ``published_at IS NULL``, so it is the same single-row-set update as
+    :meth:`TradeStore.mark_published`. SQLite: the store's own methods."""
 
     def __init__(self, store: TradeStore, prefix: str) -> None:
         self.store, self.prefix = store, prefix
+        self._single = not store.db.is_sqlite
+
+    async def _unpublished(self, limit: int) -> list[tuple[int, str, str, str, float]]:
+        """(seq, type, jws, event id, commit epoch seconds) of the oldest unpublished rows."""
+        if not self._single:
+            stored = await self.store.unpublished(limit)
+            return [(r.seq, r.type, r.jws, r.event_id, r.created_at) for r in stored]
+        rows = await self._once(_UNPUBLISHED, {"limit": limit})
+        return [(r.seq, r.type, r.jws, r.event_id, r.created_at / 1000) for r in rows]
+
+    async def _mark(self, seqs: list[int]) -> None:
+        if not seqs:
+            return
+        if not self._single:
+            await self.store.mark_published(seqs)
+            return
+        await self._once(_MARK, {"seqs": seqs, "now": int(time.time() * 1000)})
+
+    async def _once(self, statement: Any, params: dict[str, Any]) -> list[Any]:
+        """One statement on the autocommit engine, again once if its connection was dead."""
+        for attempt in (1, 2):
+            try:
+                async with self.store.db.autocommit_engine.connect() as conn:
+                    result = await conn.execute(statement, params)
+                    return list(result.all()) if result.returns_rows else []
+            except DBAPIError as exc:
+                if attempt == 2 or not is_disconnect(exc):
+                    raise
+        raise AssertionError("unreachable")
 
     @contextlib.asynccontextmanager
     async def claim(self, limit: int) -> AsyncIterator[Claim]:
-        rows = await self.store.unpublished(limit)
+        rows = await self._unpublished(limit)
         claim = Claim(
             [
-                Outgoing(subject_of(self.prefix, r.type), r.jws.encode("ascii"), r.event_id,
-                         r.created_at)
-                for r in rows
+                Outgoing(subject_of(self.prefix, kind), jws.encode("ascii"), event_id, created)
+                for _seq, kind, jws, event_id, created in rows
             ]
-        )  # fmt: skip
+        )
         try:
             yield claim
         finally:  # what JetStream acked, even on a failure
-            await self.store.mark_published([r.seq for r in rows[: claim.acked]])
+            await self._mark([row[0] for row in rows[: claim.acked]])
 
 
 class OutboxPublisher(JetStreamPublisher):
@@ -117,6 +195,58 @@ class OutboxPublisher(JetStreamPublisher):
             connect_timeout=connect_timeout, name="reference",
         )  # fmt: skip
         self.store, self.prefix = store, prefix
+
+    async def run(
+        self,
+        stopping: asyncio.Event,
+        *,
+        idle: float | None = None,
+        max_backoff: float = 5.0,
+        eager: float = 0.01,
+        wake: asyncio.Event | None = None,
+    ) -> None:
+        """Drain until ``stopping``: on PostgreSQL woken by the outbox's notifications (and by
+        ``wake``, the in-process commits), read every ``idle`` seconds (default :data:`FALLBACK`)
+        besides; on SQLite woken by ``wake`` only, polling as the generic publisher does without
+        it."""
+        listener = None
+        if not self.store.db.is_sqlite and await notify_on_commit(self.store):
+            wake = wake if wake is not None else asyncio.Event()
+            listener = GenerationListener(self.store.db.url, OUTBOX_CHANNEL, wake)
+        if wake is None:
+            await super().run(
+                stopping, idle=idle or 0.2, max_backoff=max_backoff, eager=eager, wake=None
+            )
+            return
+        listening = asyncio.create_task(listener.run(stopping)) if listener is not None else None
+        try:
+            await super().run(
+                stopping, idle=idle or FALLBACK, max_backoff=max_backoff, eager=eager, wake=wake
+            )
+        finally:
+            if listening is not None:
+                listening.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await listening
+
+
+async def notify_on_commit(store: TradeStore) -> bool:
+    """Make the outbox's notifying trigger on PostgreSQL if it is missing (several processes may
+    start at once: under an advisory lock); False on SQLite, or when it cannot be made (logged: the
+    publisher then polls)."""
+    if store.db.is_sqlite:
+        return False
+    try:
+        async with store.db.engine.begin() as conn:
+            await conn.exec_driver_sql(_LOCK_SQL)
+            found = await conn.exec_driver_sql(_FOUND_SQL)
+            if found.first() is None:
+                await conn.exec_driver_sql(_FUNCTION_SQL)
+                await conn.exec_driver_sql(_TRIGGER_SQL)
+    except Exception as exc:  # no right to make it: the fallback poll still publishes everything
+        log.warning("reference_outbox_trigger_failed", error=f"{type(exc).__name__}: {exc}")
+        return False
+    return True
 
 
 class VerifyingConsumer(_Consumer):
@@ -204,9 +334,6 @@ class LearningConsumer:
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Consume until ``stopping``; a failure (NATS, the store) is logged and retried."""
-        import structlog
-
-        log = structlog.get_logger("trustplane.reference")
         while not stopping.is_set():
             try:
                 await self.consume()

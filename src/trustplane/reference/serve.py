@@ -31,7 +31,8 @@ service) and these, all ``TRUSTPLANE_REFERENCE_*`` as well:
 The process serves every route; each route acts on its owner's store, and the embedded dispatcher
 (:mod:`.handoff`) hands the owners' events (of ``SERVICES``) to the other stores before the call
 returns, and sweeps every 0.25 s. With ``TRUSTPLANE_REFERENCE_NATS_URL`` the process also runs
-an outbox publisher (JetStream) per owner it runs.
+an outbox publisher (JetStream) per owner it runs, woken by that owner's commits (and, on
+PostgreSQL, by the outbox's notifications: :mod:`.jetstream`), reading every second besides.
 Every outbound call (JWKS, PDP, introspection) goes through one guarded ``OutboundFetcher``.
 """
 
@@ -198,16 +199,18 @@ def create_reference_app(settings: ServeSettings) -> FastAPI:
     }
     services = TradeServices(stores, mandates, handoff=handoff)
     app = build_app(services, pep, idempotency)
-    app.router.lifespan_context = _lifespan(stores, handoff, store_settings, fetcher)
+    app.router.lifespan_context = _lifespan(services, handoff, store_settings, fetcher)
     return app
 
 
 def _lifespan(
-    stores: ServiceStores,
+    services: TradeServices,
     handoff: Dispatcher,
     settings: ReferenceSettings,
     fetcher: OutboundFetcher,
 ) -> Any:
+    stores = services.stores
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await create_schemas(stores)
@@ -215,13 +218,16 @@ def _lifespan(
         publishers: list[OutboxPublisher] = []
         tasks = [asyncio.create_task(handoff.run(stop))]
         if settings.nats_url is not None:
+            wakes: dict[str, asyncio.Event] = {}  # each owner's publisher, woken by its commits
+            services.on_commit.append(lambda owner: wakes[owner].set() if owner in wakes else None)
             for service, store in stores.by_service().items():
                 if service in machine.OWNERS and service in settings.services:
                     publisher = OutboxPublisher(
                         store, settings.nats_url, prefix=settings.nats_prefix
                     )
                     publishers.append(publisher)
-                    tasks.append(asyncio.create_task(publisher.run(stop)))
+                    wakes[service] = asyncio.Event()
+                    tasks.append(asyncio.create_task(publisher.run(stop, wake=wakes[service])))
         try:
             yield
         finally:

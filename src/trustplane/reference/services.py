@@ -215,11 +215,16 @@ class TradeServices:
         self.mandates, self.handoff = mandates, handoff
         #: the settlement's store: exceptions, signals (and, compact, everything)
         self.store = self.stores.settlement
+        #: called with the owner after each commit of its events (the serving process wakes its
+        #: outbox publisher with it: serve.py)
+        self.on_commit: list[Callable[[str], None]] = []
 
     async def _handed(self, service: str) -> None:
         """After ``service``'s commit: its events to the other stores, before the call returns.
         The transition is committed whatever happens here: a downstream store that cannot be
         reached is logged and left to the dispatcher's sweep (the cursor did not move)."""
+        for committed in self.on_commit:
+            committed(service)
         if self.handoff is None:
             return
         try:

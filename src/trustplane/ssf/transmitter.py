@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 import structlog
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane.jose.jws import parse
@@ -32,6 +32,7 @@ from trustplane.outbound import OutboundError, OutboundFetcher
 from trustplane.settings import Settings
 from trustplane.ssf.tables import ssf_outbox, ssf_streams
 from trustplane.storage.db import Database
+from trustplane.storage.notify import GenerationListener
 
 log = structlog.get_logger("trustplane.ssf")
 
@@ -55,6 +56,12 @@ CLAIM_LEASE_MS = 30_000
 PUSH_BATCH = 100
 #: After a wake: look at once, then again after these pauses until something was due (seconds).
 WAKE_RETRIES = (0.0, 0.005, 0.01, 0.02, 0.04, 0.08)
+#: PostgreSQL: a queued SET is announced on this channel, delivered to every process's deliverer
+#: when the queuing transaction commits.
+CHANNEL = "trustplane_ssf_outbox"
+#: Seconds between two looks at the outbox while the announcements are heard (the fallback for a
+#: lost one, or a claim left by a crashed process); else ``ssf_push_interval``.
+NOTIFIED_FALLBACK = 5.0
 
 
 class StreamError(ValueError):
@@ -300,29 +307,46 @@ class Transmitter:
                 last_error=None,
             )
         )
+        if conn.dialect.name == "postgresql":  # every process's deliverer, at the commit
+            await conn.execute(select(func.pg_notify(CHANNEL, "")))
         return jti
 
     # ------------------------------------------------------------------ push (RFC 8935)
 
     async def run(self, stopping: asyncio.Event) -> None:
-        """The push deliverer: every ``ssf_push_interval`` or when a SET was queued here."""
-        while not stopping.is_set():
-            woken = False
-            with contextlib.suppress(TimeoutError):
-                woken = await asyncio.wait_for(self.wake.wait(), self._settings.ssf_push_interval)
-            self.wake.clear()
-            if stopping.is_set():
-                return
-            # A wake comes from inside the queuing transaction, before its commit: if the round
-            # finds nothing yet, look again shortly rather than a whole interval later.
-            for pause in WAKE_RETRIES if woken else (0.0,):
-                await asyncio.sleep(pause)
-                try:
-                    if await self.deliver_due():
+        """The push deliverer: when a SET was queued here, or (PostgreSQL) announced by any
+        process at its commit, and when a retry falls due; besides, every ``ssf_push_interval``
+        (every :data:`NOTIFIED_FALLBACK` seconds while the announcements are heard)."""
+        listener = (
+            None if self._db.is_sqlite else GenerationListener(self._db.url, CHANNEL, self.wake)
+        )
+        listening = asyncio.create_task(listener.run(stopping)) if listener is not None else None
+        try:
+            while not stopping.is_set():
+                interval = self._settings.ssf_push_interval
+                if listener is not None and listener.connected.is_set():
+                    interval = max(interval, NOTIFIED_FALLBACK)
+                woken = False
+                with contextlib.suppress(TimeoutError):
+                    woken = await asyncio.wait_for(self.wake.wait(), interval)
+                self.wake.clear()
+                if stopping.is_set():
+                    return
+                # A wake comes from inside the queuing transaction, before its commit: if the
+                # round finds nothing yet, look again shortly rather than a whole interval later.
+                for pause in WAKE_RETRIES if woken else (0.0,):
+                    await asyncio.sleep(pause)
+                    try:
+                        if await self.deliver_due():
+                            break
+                    except Exception as exc:  # logged; the rows stay and are retried
+                        log.error("ssf_push_round_failed", error=repr(exc))
                         break
-                except Exception as exc:  # logged; the rows stay and are retried
-                    log.error("ssf_push_round_failed", error=repr(exc))
-                    break
+        finally:
+            if listening is not None:
+                listening.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await listening
 
     async def deliver_due(self) -> int:
         """Post every due SET of an enabled push stream once; returns how many it attempted."""
@@ -407,6 +431,7 @@ class Transmitter:
                 )
             )
         self.failed_pushes += 1
+        asyncio.get_running_loop().call_later(delay, self.wake.set)  # not a poll's worth later
         log.info("ssf_push_retry", jti=row.jti, attempts=attempts, delay=delay, error=error[:200])
 
     # ------------------------------------------------------------------ poll (RFC 8936)

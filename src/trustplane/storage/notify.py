@@ -41,12 +41,16 @@ async def announce(conn: AsyncConnection, name: str) -> None:
 
 class GenerationListener:
     """One ``LISTEN`` connection per process; :attr:`changed` is set on every notification and after
-    every (re)connect."""
+    every (re)connect. ``channel``: another channel than the generations' (the reference services'
+    outbox: ``trustplane.reference.jetstream``); ``changed``: an event of the caller's to set."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(
+        self, url: str, channel: str = CHANNEL, changed: asyncio.Event | None = None
+    ) -> None:
         parsed = make_url(url)
         self._dsn = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
-        self.changed = asyncio.Event()
+        self.channel = channel
+        self.changed = changed if changed is not None else asyncio.Event()
         self.connected = asyncio.Event()
 
     def _notified(self, *_args: Any) -> None:
@@ -60,12 +64,12 @@ class GenerationListener:
                 conn = await asyncpg.connect(self._dsn, timeout=5)
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
-                await conn.add_listener(CHANNEL, self._notified)
+                await conn.add_listener(self.channel, self._notified)
                 self.connected.set()
                 self.changed.set()  # what changed while nobody listened is read now
                 await _first(stopping.wait(), lost.wait())
                 if not stopping.is_set():
-                    log.warning("cache_listener_lost", channel=CHANNEL)
+                    log.warning("cache_listener_lost", channel=self.channel)
             except Exception as exc:  # the poll covers the gap; try again shortly
                 log.warning("cache_listener_failed", error=repr(exc))
             finally:
