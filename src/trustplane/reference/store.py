@@ -41,12 +41,14 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.engine import Row
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql import Executable
 
 from trustplane.reference import machine
 from trustplane.reference.events import Envelope, EventSigner
-from trustplane.storage.db import Database
+from trustplane.storage.db import Database, is_disconnect
 
 metadata = MetaData()
 
@@ -432,7 +434,10 @@ def _loads(raw: str | None) -> Any:
 
 
 def _trade(row: Any) -> Trade:
-    m = row._mapping
+    return _trade_of(row._mapping)
+
+
+def _trade_of(m: Mapping[str, Any]) -> Trade:
     return Trade(
         m["trade_id"],
         m["state"],
@@ -544,26 +549,23 @@ class TradeStore:
         ``acting``: the token it was made with."""
         self._owned("create")
         now = time.time()
+        row = {
+            "trade_id": trade_id,
+            "state": machine.CREATED,
+            **{f: order[f] for f in ORDER_FIELDS},
+            "txn": envelope.txn,
+            "envelope": orjson.dumps(envelope.as_dict()).decode(),
+            "proposer": None,
+            "allocation": None,
+            "settlement": None,
+            "exceptions": 0,
+            "version": 1,
+            "created_at": _ms(now),
+            "updated_at": _ms(now),
+        }
         try:
             async with self.db.transaction() as conn:
-                await conn.execute(
-                    insert(trades).values(
-                        trade_id=trade_id,
-                        state=machine.CREATED,
-                        account=order["account"],
-                        instrument=order["instrument"],
-                        side=order["side"],
-                        quantity=order["quantity"],
-                        amount=order["amount"],
-                        currency=order["currency"],
-                        txn=envelope.txn,
-                        envelope=orjson.dumps(envelope.as_dict()).decode(),
-                        exceptions=0,
-                        version=1,
-                        created_at=_ms(now),
-                        updated_at=_ms(now),
-                    )
-                )
+                await conn.execute(insert(trades).values(**row))
                 record, event = await self._record(
                     conn,
                     trade_id,
@@ -582,7 +584,8 @@ class TradeStore:
         except IntegrityError:
             raise DuplicateTransition(await self._existing(trade_id, "create")) from None
         self._notify()
-        return await self.trade(trade_id), record
+        # the row as inserted (the envelope through the same JSON): what reading it back would give
+        return _trade_of(row), record
 
     async def apply(
         self,
@@ -806,38 +809,56 @@ class TradeStore:
 
     async def why(self, trade_id: str, transition: machine.Transition) -> Exception:
         """Why a transition did not apply: it already happened, the trade is elsewhere, or none."""
-        async with self.db.read() as conn:
-            done = (
-                await conn.execute(
-                    select(transitions).where(
-                        and_(
-                            transitions.c.trade_id == trade_id,
-                            transitions.c.transition == transition.name,
-                        )
-                    )
+        done = await self._first(
+            select(transitions).where(
+                and_(
+                    transitions.c.trade_id == trade_id,
+                    transitions.c.transition == transition.name,
                 )
-            ).first()
-            if done is not None:
-                return DuplicateTransition(_transition(done))
-            row = (
-                await conn.execute(select(trades.c.state).where(trades.c.trade_id == trade_id))
-            ).first()
+            )
+        )
+        if done is not None:
+            return DuplicateTransition(_transition(done))
+        row = await self._first(select(trades.c.state).where(trades.c.trade_id == trade_id))
         if row is None:
             return NotFound(trade_id)
         return OutOfOrder(trade_id, transition.name, row.state, transition.source)
 
     async def _existing(self, trade_id: str, name: str) -> TransitionRecord:
-        async with self.db.read() as conn:
-            row = (
-                await conn.execute(
-                    select(transitions).where(
-                        and_(transitions.c.trade_id == trade_id, transitions.c.transition == name)
-                    )
-                )
-            ).first()
+        row = await self._first(
+            select(transitions).where(
+                and_(transitions.c.trade_id == trade_id, transitions.c.transition == name)
+            )
+        )
         if row is None:
             raise NotFound(trade_id)
         return _transition(row)
+
+    async def _all(self, query: Executable) -> Sequence[Row[Any]]:
+        """The rows of one read-only statement. PostgreSQL: on the autocommit engine, one round
+        trip (a transaction around it adds ``BEGIN`` and ``ROLLBACK``, two more, and at READ
+        COMMITTED each statement has its own snapshot anyway), again once if the connection was
+        dead; SQLite: :meth:`Database.read`. A read whose statements must share one snapshot
+        keeps a transaction."""
+        if self.db.is_sqlite:
+            async with self.db.read() as conn:
+                return (await conn.execute(query)).all()
+        for attempt in (1, 2):
+            try:
+                async with self.db.autocommit_engine.connect() as conn:
+                    return (await conn.execute(query)).all()
+            except DBAPIError as exc:
+                if attempt == 2 or not is_disconnect(exc):
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _first(self, query: Executable) -> Row[Any] | None:
+        rows = await self._all(query)
+        return rows[0] if rows else None
+
+    async def _scalar(self, query: Executable) -> Any:
+        row = await self._first(query)
+        return row[0] if row is not None else None
 
     def _notify(self) -> None:
         self._appended.set()
@@ -887,10 +908,7 @@ class TradeStore:
         return outcome, moved
 
     async def _applied(self, event_id: str) -> bool:
-        async with self.db.read() as conn:
-            row = (
-                await conn.execute(select(inbox.c.applied_at).where(inbox.c.event_id == event_id))
-            ).first()
+        row = await self._first(select(inbox.c.applied_at).where(inbox.c.event_id == event_id))
         return row is not None and row.applied_at is not None
 
     async def _learn_one(
@@ -1028,14 +1046,11 @@ class TradeStore:
         """Apply the trade's kept events whose predecessor has now been learned, in arrival order,
         until none moves (each was verified when it arrived)."""
         while True:
-            async with self.db.read() as conn:
-                rows = (
-                    await conn.execute(
-                        select(inbox.c.jws)
-                        .where(and_(inbox.c.trade_id == trade_id, inbox.c.applied_at.is_(None)))
-                        .order_by(inbox.c.seq)
-                    )
-                ).all()
+            rows = await self._all(
+                select(inbox.c.jws)
+                .where(and_(inbox.c.trade_id == trade_id, inbox.c.applied_at.is_(None)))
+                .order_by(inbox.c.seq)
+            )
             progressed = False
             for row in rows:
                 if (await self._learn_one(_payload(row.jws), row.jws))[0] == APPLIED:
@@ -1045,22 +1060,14 @@ class TradeStore:
 
     async def pending(self) -> list[str]:
         """The event ids kept in the inbox, not applied (their predecessor has not arrived)."""
-        async with self.db.read() as conn:
-            rows = (
-                await conn.execute(
-                    select(inbox.c.event_id)
-                    .where(inbox.c.applied_at.is_(None))
-                    .order_by(inbox.c.seq)
-                )
-            ).all()
+        rows = await self._all(
+            select(inbox.c.event_id).where(inbox.c.applied_at.is_(None)).order_by(inbox.c.seq)
+        )
         return [r.event_id for r in rows]
 
     async def cursor(self, consumer: str) -> int:
         """The last upstream outbox ``seq`` handed to this store by ``consumer`` (0: none)."""
-        async with self.db.read() as conn:
-            row = (
-                await conn.execute(select(cursors.c.seq).where(cursors.c.consumer == consumer))
-            ).first()
+        row = await self._first(select(cursors.c.seq).where(cursors.c.consumer == consumer))
         return int(row.seq) if row is not None else 0
 
     async def advance(self, consumer: str, seq: int) -> int:
@@ -1089,12 +1096,9 @@ class TradeStore:
     async def feed_after(self, after: int, limit: int = 100) -> list[StoredEvent]:
         """The upstream events this store learned (applied or kept), in the order it received
         them, after its inbox ``seq`` ``after``: the reporting service's feed."""
-        async with self.db.read() as conn:
-            rows = (
-                await conn.execute(
-                    select(inbox).where(inbox.c.seq > after).order_by(inbox.c.seq).limit(limit)
-                )
-            ).all()
+        rows = await self._all(
+            select(inbox).where(inbox.c.seq > after).order_by(inbox.c.seq).limit(limit)
+        )
         return [
             StoredEvent(r.seq, r.event_id, r.type, r.trade_id, r.jws, False, r.received_at / 1000)
             for r in rows
@@ -1103,8 +1107,7 @@ class TradeStore:
     # ------------------------------------------------------------------ reads
 
     async def trade(self, trade_id: str) -> Trade:
-        async with self.db.read() as conn:
-            row = (await conn.execute(select(trades).where(trades.c.trade_id == trade_id))).first()
+        row = await self._first(select(trades).where(trades.c.trade_id == trade_id))
         if row is None:
             raise NotFound(trade_id)
         return _trade(row)
@@ -1132,44 +1135,30 @@ class TradeStore:
             .where(and_(trades.c.trade_id.in_(ids), trades.c.state.in_(sorted(machine.IN_FLIGHT))))
             .order_by(trades.c.created_at)
         )
-        async with self.db.read() as conn:
-            rows = (await conn.execute(query)).all()
+        rows = await self._all(query)
         return [_trade(r) for r in rows]
 
     async def signalled(self, iss: str, jti: str, trade_id: str) -> bool:
         """Whether the Security Event Token (``iss``, ``jti``) already raised an exception on it."""
-        async with self.db.read() as conn:
-            row = (
-                await conn.execute(
-                    select(signals.c.id).where(
-                        and_(
-                            signals.c.iss == iss[:512],
-                            signals.c.jti == jti[:256],
-                            signals.c.trade_id == trade_id,
-                        )
-                    )
+        row = await self._first(
+            select(signals.c.id).where(
+                and_(
+                    signals.c.iss == iss[:512],
+                    signals.c.jti == jti[:256],
+                    signals.c.trade_id == trade_id,
                 )
-            ).first()
+            )
+        )
         return row is not None
 
     async def history(self, trade_id: str) -> list[TransitionRecord]:
-        async with self.db.read() as conn:
-            rows = (
-                await conn.execute(
-                    select(transitions)
-                    .where(transitions.c.trade_id == trade_id)
-                    .order_by(transitions.c.id)
-                )
-            ).all()
+        rows = await self._all(
+            select(transitions).where(transitions.c.trade_id == trade_id).order_by(transitions.c.id)
+        )
         return [_transition(r) for r in rows]
 
     async def exception(self, exception_id: str) -> ExceptionRecord:
-        async with self.db.read() as conn:
-            row = (
-                await conn.execute(
-                    select(exceptions).where(exceptions.c.exception_id == exception_id)
-                )
-            ).first()
+        row = await self._first(select(exceptions).where(exceptions.c.exception_id == exception_id))
         if row is None:
             raise NotFound(exception_id)
         return _exception(row)
@@ -1178,23 +1167,18 @@ class TradeStore:
         query = select(exceptions).order_by(exceptions.c.created_at)
         if status is not None:
             query = query.where(exceptions.c.status == status)
-        async with self.db.read() as conn:
-            rows = (await conn.execute(query)).all()
+        rows = await self._all(query)
         return [_exception(r) for r in rows]
 
     async def last_seq(self) -> int:
         """The outbox's highest ``seq`` (0: empty)."""
-        async with self.db.read() as conn:
-            found = (await conn.execute(select(func.max(outbox.c.seq)))).scalar()
+        found = await self._scalar(select(func.max(outbox.c.seq)))
         return int(found or 0)
 
     async def events_after(self, after: int, limit: int = 100) -> list[StoredEvent]:
-        async with self.db.read() as conn:
-            rows = (
-                await conn.execute(
-                    select(outbox).where(outbox.c.seq > after).order_by(outbox.c.seq).limit(limit)
-                )
-            ).all()
+        rows = await self._all(
+            select(outbox).where(outbox.c.seq > after).order_by(outbox.c.seq).limit(limit)
+        )
         return [_stored(r) for r in rows]
 
     async def wait_events(
@@ -1215,15 +1199,12 @@ class TradeStore:
                 await asyncio.wait_for(waiter.wait(), min(left, 0.25))
 
     async def unpublished(self, limit: int = 100) -> list[StoredEvent]:
-        async with self.db.read() as conn:
-            rows = (
-                await conn.execute(
-                    select(outbox)
-                    .where(outbox.c.published_at.is_(None))
-                    .order_by(outbox.c.seq)
-                    .limit(limit)
-                )
-            ).all()
+        rows = await self._all(
+            select(outbox)
+            .where(outbox.c.published_at.is_(None))
+            .order_by(outbox.c.seq)
+            .limit(limit)
+        )
         return [_stored(r) for r in rows]
 
     async def mark_published(self, seqs: Sequence[int]) -> None:
@@ -1238,15 +1219,9 @@ class TradeStore:
 
     async def undelivered_to_ledger(self, limit: int = 100) -> list[StoredEvent]:
         """The oldest rows not yet in the ledger, in commit order (``published`` is JetStream's)."""
-        async with self.db.read() as conn:
-            rows = (
-                await conn.execute(
-                    select(outbox)
-                    .where(outbox.c.ledger_at.is_(None))
-                    .order_by(outbox.c.seq)
-                    .limit(limit)
-                )
-            ).all()
+        rows = await self._all(
+            select(outbox).where(outbox.c.ledger_at.is_(None)).order_by(outbox.c.seq).limit(limit)
+        )
         return [_stored(r) for r in rows]
 
     async def mark_delivered_to_ledger(self, seqs: Sequence[int]) -> None:

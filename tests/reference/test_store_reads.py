@@ -1,0 +1,98 @@
+"""The store's single-statement reads on PostgreSQL: one statement each on the wire, no
+transaction around it (``BEGIN`` and ``ROLLBACK`` would be two more round trips)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import event
+
+from tests.reference.conftest import ORDER, fresh_store
+from trustplane.reference import machine
+from trustplane.reference.events import Envelope
+from trustplane.reference.store import TradeStore
+from trustplane.storage.db import Database
+
+
+def _wire(db: Database) -> list[str]:
+    """Every statement sent from now on, on either engine (its first 40 characters, upper-cased):
+    SQLAlchemy's statements, and what asyncpg sends on its own (its query logger on the new
+    connections): ``BEGIN`` and ``ROLLBACK``, which SQLAlchemy's cursor events do not see."""
+    sent: list[str] = []
+
+    def log(query: str) -> None:
+        sent.append(" ".join(query.split()).upper()[:40])
+
+    def connected(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.driver_connection.add_query_logger(lambda record: log(record.query))
+
+    def executed(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        log(statement)
+
+    for engine in (db.engine, db.autocommit_engine):
+        event.listen(engine.sync_engine, "connect", connected)
+        event.listen(engine.sync_engine, "before_cursor_execute", executed)
+    return sent
+
+
+def _envelope() -> Envelope:
+    return Envelope(
+        "txn-1", "alice", "desk-app", ({"sub": "arranger-svc"},), {"id": "M-1", "version": 1},
+        "digest", ("d-1",), "bundle-7",
+    )  # fmt: skip
+
+
+async def _counted_store(pg_database: str) -> tuple[TradeStore, list[str]]:
+    store = await fresh_store(pg_database)
+    await store.db.dispose()  # the pools start empty: every connection from here is logged
+    return store, _wire(store.db)
+
+
+def _words(sent: list[str]) -> list[str]:
+    return [s.split()[0].rstrip(";") for s in sent]
+
+
+@pytest.mark.postgres
+async def test_a_single_statement_read_is_one_statement_without_a_transaction(
+    pg_database: str,
+) -> None:
+    store, sent = await _counted_store(pg_database)
+    try:
+        await store.create("T-1", ORDER, "alice", _envelope(), None)
+        for read in (
+            lambda: store.trade("T-1"),
+            lambda: store.history("T-1"),
+            lambda: store.events_after(0),
+            lambda: store.unpublished(),
+            lambda: store.cursor("upstream"),
+            lambda: store.last_seq(),
+        ):
+            sent.clear()
+            await read()
+            assert _words(sent) == ["SELECT"]
+    finally:
+        await store.db.dispose()
+
+
+@pytest.mark.postgres
+async def test_a_creation_does_not_read_the_trade_back(pg_database: str) -> None:
+    store, sent = await _counted_store(pg_database)
+    try:
+        await store.create("T-1", ORDER, "alice", _envelope(), None)
+        assert not any("FROM REF_TRADES" in s for s in sent)
+        assert _words(sent)[-1] == "COMMIT"  # nothing after it
+    finally:
+        await store.db.dispose()
+
+
+async def test_the_created_trade_is_the_stored_one(ref_url: str) -> None:
+    """What :meth:`TradeStore.create` returns, built from what it inserted, equals a read."""
+    store = await fresh_store(ref_url)
+    try:
+        created, _record = await store.create("T-1", ORDER, "alice", _envelope(), None)
+        assert created == await store.trade("T-1")
+        assert created.state == machine.CREATED
+        assert created.envelope["act"] == [{"sub": "arranger-svc"}]
+    finally:
+        await store.db.dispose()
