@@ -29,7 +29,7 @@ from trustplane.audit.export_verifier import verify_export
 from trustplane.audit.ledger import Ledger, LedgerError
 from trustplane.audit.monitor import check_consistency
 from trustplane.audit.note import Checkpoint, Signer, Verifier, open_checkpoint
-from trustplane.audit.sink import recent_events
+from trustplane.audit.sink import recent_events, write_events
 from trustplane.audit_events import AuditEventType
 from trustplane.settings import Settings
 from trustplane.storage.db import Database
@@ -485,3 +485,144 @@ async def test_a_batch_prepared_before_another_sequencer_integrated_is_dropped(
     assert len(ids) == len(set(ids))
     assert [r["index"] for r in records] == list(range(len(records)))
     assert verify_export(records, note, await services.ledger.verifier_key()).ok
+
+
+# --------------------------------------------------------------------------- the sequencer loop
+
+
+class _Rounds:
+    """Counts the loop's rounds (``integrate_all`` calls) begun and ended; ``hold``: the next round
+    waits for it."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.count, self.ended, self.hold = 0, 0, asyncio.Event()
+        self.hold.set()
+        self._plain = ledger.integrate_all
+        ledger.integrate_all = self  # type: ignore[method-assign]
+
+    async def __call__(self) -> int:
+        self.count += 1
+        await self.hold.wait()
+        try:
+            return await self._plain()
+        finally:
+            self.ended += 1
+
+
+async def _until(check: Callable[[], Any], seconds: float = 30.0) -> None:
+    """Poll ``check`` (awaited) until it is true; fail after ``seconds`` (a deadline, not a speed)."""
+    deadline = time.monotonic() + seconds
+    while not await check():
+        assert time.monotonic() < deadline, "not integrated"
+        await asyncio.sleep(0.01)
+
+
+async def _integrated(ledger: Ledger, size: int) -> bool:
+    latest = await ledger.checkpoint()
+    return latest is not None and latest.size >= size
+
+
+async def test_a_local_append_wakes_the_sequencer_without_a_poll(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Neither the interval nor the idle poll comes round within the test (an hour each): the
+    append itself wakes the loop, which integrates the entry."""
+    from trustplane.audit import ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "IDLE_POLL", 3600.0, raising=False)
+    settings = services.settings.model_copy(update={"audit_integrate_interval": 3600.0})
+    ledger = Ledger(settings, services.db, services.ledger._kek)
+    await ledger.integrate_all()  # what start-up wrote
+    size = (await checkpoint_of(ledger)).size
+    rounds = _Rounds(ledger)
+    rounds.hold.clear()  # the round reads once the append has committed (see the next test)
+    stopping = asyncio.Event()
+    task = asyncio.create_task(ledger.run(stopping))
+    try:
+        await asyncio.sleep(0.05)
+        assert rounds.count == 0  # idle: no round
+        await append(services.db, [event(1)])
+        rounds.hold.set()
+        await _until(lambda: _integrated(ledger, size + 1))
+        assert rounds.count == 1
+    finally:
+        stopping.set()
+        rounds.hold.set()
+        await task
+
+
+async def test_a_round_woken_before_the_append_committed_is_followed_by_another(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An append wakes the loop from inside its transaction: a round that read before the commit
+    found nothing, so one more runs an interval later (not at the hour-long idle poll)."""
+    from trustplane.audit import ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "IDLE_POLL", 3600.0, raising=False)
+    settings = services.settings.model_copy(update={"audit_integrate_interval": 0.05})
+    ledger = Ledger(settings, services.db, services.ledger._kek)
+    await ledger.integrate_all()  # what start-up wrote
+    size = (await checkpoint_of(ledger)).size
+    rounds = _Rounds(ledger)
+    stopping = asyncio.Event()
+    task = asyncio.create_task(ledger.run(stopping))
+    try:
+        async with services.db.transaction() as conn:
+            await write_events(conn, [event(1)])
+            await _until(lambda: _ended(rounds, 1))  # the woken round ran before the commit
+        await _until(lambda: _integrated(ledger, size + 1))
+        assert rounds.count == 2
+        await asyncio.sleep(0.3)  # six intervals: the loop is idle again
+        assert rounds.count == 2
+    finally:
+        stopping.set()
+        await task
+
+
+async def _ended(rounds: _Rounds, n: int) -> bool:
+    return rounds.ended >= n
+
+
+async def test_an_idle_sequencer_does_not_spin(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing appended: over half a second with a 10 ms interval the loop runs no round (it ran
+    one every interval, and woke every 20 ms to look at a counter); only the idle poll (here an
+    hour) looks for other processes' entries."""
+    from trustplane.audit import ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "IDLE_POLL", 3600.0, raising=False)
+    settings = services.settings.model_copy(update={"audit_integrate_interval": 0.01})
+    ledger = Ledger(settings, services.db, services.ledger._kek)
+    await ledger.integrate_all()  # what start-up wrote
+    rounds = _Rounds(ledger)
+    stopping = asyncio.Event()
+    task = asyncio.create_task(ledger.run(stopping))
+    await asyncio.sleep(0.5)
+    stopping.set()
+    await task
+    assert rounds.count == 0
+
+
+async def test_the_idle_poll_integrates_what_other_processes_appended(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An entry appended where no sequencer runs (the CLI, another worker that lost it) wakes no
+    loop here: the idle poll finds it."""
+    from trustplane.audit import ledger as ledger_module
+    from trustplane.audit import sink
+
+    monkeypatch.setattr(ledger_module, "IDLE_POLL", 0.05)
+    ledger = Ledger(services.settings, services.db, services.ledger._kek)
+    await ledger.integrate_all()  # what start-up wrote
+    size = (await checkpoint_of(ledger)).size
+    stopping = asyncio.Event()
+    task = asyncio.create_task(ledger.run(stopping))
+    try:
+        await asyncio.sleep(0)  # the loop registered its wake-up
+        monkeypatch.setattr(sink, "APPEND_WAKES", set())  # as if another process appended
+        await append(services.db, [event(1)])
+        await _until(lambda: _integrated(ledger, size + 1))
+    finally:
+        stopping.set()
+        await task

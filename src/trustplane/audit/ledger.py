@@ -25,7 +25,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from trustplane.audit import merkle, store
 from trustplane.audit.note import Checkpoint, Signer
 from trustplane.audit.proof_nodes import ProofNodes
-from trustplane.audit.sink import APPENDED, write_events
+from trustplane.audit.sink import APPEND_WAKES, APPENDED, write_events
 from trustplane.audit.store import StoredEntry
 from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.keys.crypto import decrypt_private_key, encrypt_private_key
@@ -33,7 +33,9 @@ from trustplane.settings import Settings
 from trustplane.storage.db import Database
 
 log = structlog.get_logger("trustplane.audit")
-POLL = 0.02
+#: Seconds between the sequencer's rounds when this process appends nothing: how soon entries that
+#: only other processes appended (and did not integrate) are integrated.
+IDLE_POLL = 1.0
 MAX_ENTRIES = 1000
 
 INTEGRATED = Counter("trustplane_audit_integrated_total", "Ledger entries integrated into the tree")
@@ -123,6 +125,8 @@ class Ledger:
         self._nodes = ProofNodes(db)
         #: ``time.monotonic()`` of the sequencer loop's last successful round (readiness).
         self._last_progress: float | None = None
+        #: A round found another process holding the sequencer lock (PostgreSQL).
+        self._contended = False
 
     # ------------------------------------------------------------------ the log key
 
@@ -232,6 +236,7 @@ class Ledger:
         (PostgreSQL, and a new log's first round on SQLite). None: another process is the
         sequencer, or nothing is pending."""
         if not await store.lock_sequencer(conn):
+            self._contended = True
             return None
         state = await store.read_state(conn)
         if state is None:  # a new log: the empty tree gets its checkpoint too
@@ -299,27 +304,54 @@ class Ledger:
                 break
         return total
 
-    async def run(self, stopping: asyncio.Event | None = None) -> None:
-        """The background sequencer: integrate every ``audit_integrate_interval`` seconds, or sooner
-        when this process has appended half a batch since the last integration. Returns once
-        ``stopping`` is set, between rounds: a round is never abandoned inside its transaction
-        (on SQLite a connection dropped mid-write can keep the write lock until it is collected)."""
+    async def run(self, stopping: asyncio.Event | None = None, idle: float | None = None) -> None:
+        """The background sequencer, woken by this process's appends (``sink.APPEND_WAKES``): a round
+        runs ``audit_integrate_interval`` seconds after the last one (at once if that long has
+        passed), or sooner when this process has appended half a batch since. With no local append
+        it sleeps: only a poll every ``idle`` seconds (:data:`IDLE_POLL`; at least the interval) finds entries appended
+        by other processes that no sequencer integrated (the CLI's; on PostgreSQL a sequencer that
+        found another holding the lock retries after one interval).
+
+        An append wakes the loop from inside its transaction, so the round may read before that
+        commits: every round that had local appends (or lost the lock) is followed by one more an
+        interval later. Returns once ``stopping`` is set, between rounds: a round is never abandoned
+        inside its transaction (on SQLite a connection dropped mid-write can keep the write lock
+        until it is collected)."""
         interval = self._settings.audit_integrate_interval
+        idle = max(IDLE_POLL if idle is None else idle, interval)
         threshold = max(1, self._settings.audit_integrate_batch // 2)
-        seen, last = APPENDED[0], time.monotonic()
-        self._last_progress = last
-        while stopping is None or not stopping.is_set():
-            await asyncio.sleep(POLL)
-            if APPENDED[0] - seen < threshold and time.monotonic() - last < interval:
-                continue
-            seen, last = APPENDED[0], time.monotonic()
-            try:
-                await self.integrate_all()
-            except Exception as exc:  # keep sequencing; the entries stay pending and durable
-                SEQUENCER_FAILURES.inc()
-                log.error("audit_integration_failed", error=repr(exc))
-            else:
-                self._last_progress = time.monotonic()
+        stopping = stopping if stopping is not None else asyncio.Event()
+        wake = asyncio.Event()
+        APPEND_WAKES.add(wake)
+        seen, last, again = APPENDED[0], time.monotonic(), False
+        self._last_progress, early = last, last  # start() integrated: an append may go at once
+        try:
+            while not stopping.is_set():
+                now = time.monotonic()
+                if APPENDED[0] - seen >= threshold:
+                    due = now
+                elif APPENDED[0] != seen or again:
+                    due = early
+                else:
+                    due = last + idle
+                if due > now:  # no await since APPENDED was read: no append is missed
+                    wake.clear()
+                    await _wait(wake, stopping, due - now)
+                    continue
+                fresh = APPENDED[0] != seen
+                seen, last, early, self._contended = APPENDED[0], now, now + interval, False
+                try:
+                    await self.integrate_all()
+                except Exception as exc:  # keep sequencing; the entries stay pending and durable
+                    SEQUENCER_FAILURES.inc()
+                    log.error("audit_integration_failed", error=repr(exc))
+                else:
+                    self._last_progress = time.monotonic()
+                # appends whose transaction had not committed when this round read, or entries the
+                # sequencer holding the lock may have taken before they committed: one more round
+                again = fresh or self._contended
+        finally:
+            APPEND_WAKES.discard(wake)
 
     def progress_age(self) -> float | None:
         """Seconds since the sequencer loop last completed a round without error (a round where
@@ -454,6 +486,16 @@ def _hashes(ranges: list[merkle.Range], nodes: dict[int, bytes]) -> list[bytes]:
         raise LedgerError(
             "tree nodes needed for this proof are missing from the database"
         ) from None
+
+
+async def _wait(wake: asyncio.Event, stopping: asyncio.Event, seconds: float) -> None:
+    """Until ``wake`` or ``stopping`` is set, or ``seconds`` have passed."""
+    waits = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stopping.wait())]
+    try:
+        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in waits:
+            task.cancel()
 
 
 def _now() -> int:

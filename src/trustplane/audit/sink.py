@@ -8,6 +8,7 @@ the Merkle tree, off the request path.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
@@ -23,8 +24,11 @@ from trustplane.storage.writer import GroupCommitWriter
 
 log = structlog.get_logger("trustplane.audit")
 KIND = "audit"
-#: Entries this process appended (the sequencer polls it to integrate early when many are waiting).
+#: Entries this process appended (the sequencer integrates early when half a batch is waiting).
 APPENDED = [0]
+#: Set on every append: each running sequencer's event (:meth:`trustplane.audit.ledger.Ledger.run`
+#: adds its own while it runs), so a local append wakes it instead of a poll finding it.
+APPEND_WAKES: set[asyncio.Event] = set()
 #: Called in the appending transaction with the events appended (the shared-signals receiver indexes
 #: tokens issued from a partner's token here: trustplane.ssf). Each filters on its own issuer.
 EventObserver = Callable[[AsyncConnection, Sequence[AuditEvent]], Awaitable[None]]
@@ -50,6 +54,8 @@ async def write_events(conn: AsyncConnection, events: Sequence[AuditEvent]) -> l
     for observer in OBSERVERS:
         await observer(conn, events)
     APPENDED[0] += len(events)
+    for wake in APPEND_WAKES:
+        wake.set()
     return [None] * len(events)
 
 
