@@ -355,3 +355,30 @@ async def test_the_sweep_hands_off_what_another_process_committed(split: SplitWo
     assert (await split.stores.settlement.trade(trade.trade_id)).state == (
         machine.ALLOCATION_PROPOSED
     )
+
+
+async def test_an_escalation_racing_a_resolution_never_reopens_it(split: SplitWorld) -> None:
+    """``escalate`` and ``cancel`` of one exception, racing: a cancelled trade's exception stays
+    ``resolved`` (an escalation that read it open before the cancel committed must not overwrite
+    it), and an escalation after the resolution is refused, naming the resolving transition."""
+    s, pdp, stores = split.services, split.pdp, split.stores
+    for round_ in range(8):
+        trade = await s.create_order(caller("alice", pdp), ORDER, f"k{round_}")
+        await s.execute(caller("broker", pdp), trade.trade_id, f"k{round_}")
+        signal = Signal(
+            ISSUER, f"set-race-{round_}", "session-revoked", "mandate_revoked", "", mandate_id="M-1"
+        )
+        (raised,) = [r for r in await s.raise_on_signal(signal) if r.trade_id == trade.trade_id]
+        ops = caller("ops", pdp)
+        outcomes = await asyncio.gather(
+            s.resolve_exception(ops, raised.exception_id, "escalate", "ask the desk"),
+            s.resolve_exception(ops, raised.exception_id, "cancel"),
+            return_exceptions=True,
+        )
+        escalation, cancel = outcomes
+        assert not isinstance(cancel, BaseException), cancel
+        if isinstance(escalation, BaseException):
+            assert isinstance(escalation, DuplicateTransition), escalation
+            assert escalation.record.transition == "cancel"
+        final = await stores.settlement.exception(raised.exception_id)
+        assert final.status == "resolved", f"round {round_}: a cancelled exception is {final.status}"

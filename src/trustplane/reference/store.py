@@ -695,11 +695,21 @@ class TradeStore:
             record = _exception(found)
             if record.status == "resolved":
                 raise DuplicateTransition(await self._existing_in(conn, record))
-            await conn.execute(
+            # conditional: a resolution that committed after the read above wins (the UPDATE
+            # waits for its row lock and re-checks), and the escalation is refused, never
+            # written over it
+            escalated = await conn.execute(
                 update(exceptions)
-                .where(exceptions.c.exception_id == exception_id)
+                .where(
+                    and_(
+                        exceptions.c.exception_id == exception_id,
+                        exceptions.c.status != "resolved",
+                    )
+                )
                 .values(status="escalated", updated_at=_ms(now))
             )
+            if escalated.rowcount != 1:
+                raise DuplicateTransition(await self._existing_in(conn, record))
             event = self._event(
                 "exception.escalated",
                 record.trade_id,
