@@ -12,6 +12,9 @@ from trustplane.logging import configure_logging
 
 @pytest.fixture(autouse=True)
 def restore_structlog() -> object:
+    """From structlog's defaults: ``configure_logging`` keeps the logger factory that an earlier
+    command set (the CLI's log to stderr), so a test run after one would find stdout empty."""
+    structlog.reset_defaults()
     yield
     structlog.reset_defaults()
 
