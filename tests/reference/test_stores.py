@@ -381,4 +381,6 @@ async def test_an_escalation_racing_a_resolution_never_reopens_it(split: SplitWo
             assert isinstance(escalation, DuplicateTransition), escalation
             assert escalation.record.transition == "cancel"
         final = await stores.settlement.exception(raised.exception_id)
-        assert final.status == "resolved", f"round {round_}: a cancelled exception is {final.status}"
+        assert final.status == "resolved", (
+            f"round {round_}: a cancelled exception is {final.status}"
+        )
