@@ -39,7 +39,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import structlog
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, update
 from sqlalchemy.exc import DBAPIError
 
 from trustplane.events.jetstream import (
@@ -111,12 +111,6 @@ async def ensure_streams(js: Any, prefix: str, duplicate_window: float = DUPLICA
 
 
 #: The outbox's oldest unpublished rows, and their mark: built once (PostgreSQL path).
-_UNPUBLISHED = (
-    select(outbox.c.seq, outbox.c.event_id, outbox.c.type, outbox.c.jws, outbox.c.created_at)
-    .where(outbox.c.published_at.is_(None))
-    .order_by(outbox.c.seq)
-    .limit(bindparam("limit"))
-)
 _MARK = (
     update(outbox)
     .where(outbox.c.seq.in_(bindparam("seqs", expanding=True)), outbox.c.published_at.is_(None))
@@ -126,10 +120,11 @@ _MARK = (
 
 class _TradeOutbox:
     """The outbox table as the generic publisher's :class:`~trustplane.events.jetstream.Outbox`.
-    On PostgreSQL the read and the mark are one statement each on the autocommit engine (no
-    ``BEGIN``/``ROLLBACK`` around a single statement: one round trip each, not three); the mark
-    stays conditional on ``published_at IS NULL``, so it is the same single-row-set update as
-    :meth:`TradeStore.mark_published`. SQLite: the store's own methods."""
+    The read is :meth:`TradeStore.unpublished` (one statement on PostgreSQL's autocommit engine).
+    On PostgreSQL the mark is one statement on the autocommit engine too (no ``BEGIN``/``COMMIT``
+    around a single statement: one round trip, not three); it stays conditional on
+    ``published_at IS NULL``, so it is the same single-row-set update as
+    :meth:`TradeStore.mark_published`. SQLite: the store's own method."""
 
     def __init__(self, store: TradeStore, prefix: str) -> None:
         self.store, self.prefix = store, prefix
@@ -137,11 +132,8 @@ class _TradeOutbox:
 
     async def _unpublished(self, limit: int) -> list[tuple[int, str, str, str, float]]:
         """(seq, type, jws, event id, commit epoch seconds) of the oldest unpublished rows."""
-        if not self._single:
-            stored = await self.store.unpublished(limit)
-            return [(r.seq, r.type, r.jws, r.event_id, r.created_at) for r in stored]
-        rows = await self._once(_UNPUBLISHED, {"limit": limit})
-        return [(r.seq, r.type, r.jws, r.event_id, r.created_at / 1000) for r in rows]
+        stored = await self.store.unpublished(limit)  # one statement on PostgreSQL's autocommit
+        return [(r.seq, r.type, r.jws, r.event_id, r.created_at) for r in stored]
 
     async def _mark(self, seqs: list[int]) -> None:
         if not seqs:
