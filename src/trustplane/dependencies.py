@@ -77,10 +77,25 @@ def unavailable(
     )
 
 
+#: SQLSTATEs of a PostgreSQL server that cannot serve now, whatever the query: class 08
+#: (connection exception), class 53 (insufficient resources: 53300 too many connections, disk
+#: full, out of memory), 57P01-57P03 (shutting down, crashed, cannot connect now: start-up or
+#: recovery). asyncpg's errors reach SQLAlchemy as a plain ``DBAPIError`` carrying the code.
+_UNAVAILABLE_CLASSES = ("08", "53")
+_UNAVAILABLE_STATES = frozenset({"57P01", "57P02", "57P03"})
+
+
 def database_failure(error: BaseException) -> bool:
-    """True for a lost or unreachable database (as opposed to a query the database refused)."""
-    if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:
-        return True
+    """True for a lost, unreachable or exhausted database (as opposed to a query the database
+    refused): the request is answered 503 with ``Retry-After``, never 500."""
+    if isinstance(error, sa_exc.DBAPIError):
+        if error.connection_invalidated:
+            return True
+        state = getattr(error.orig, "sqlstate", None) or getattr(error.orig, "pgcode", None)
+        if isinstance(state, str) and (
+            state[:2] in _UNAVAILABLE_CLASSES or state in _UNAVAILABLE_STATES
+        ):
+            return True
     return isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.TimeoutError)
 
 
