@@ -19,21 +19,22 @@ def restore_structlog() -> object:
     structlog.reset_defaults()
 
 
-def _fail() -> None:
-    raise LookupError("the mandate's issuer cannot be asked")
+def _log_a_failure() -> None:
+    """Log a caught exception with ``exc_info``, as the protocol endpoints do."""
+    try:
+        raise LookupError("the mandate's issuer cannot be asked")
+    except LookupError:
+        structlog.get_logger("t").error("introspection_failed", exc_info=True)
 
 
 def test_a_json_line_carries_the_traceback_of_exc_info(capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging("info", "json")
-    try:
-        _fail()
-    except LookupError:
-        structlog.get_logger("t").error("introspection_failed", exc_info=True)
+    _log_a_failure()
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["event"] == "introspection_failed"
     assert "exc_info" not in line
     assert line["exception"].startswith("Traceback (most recent call last):")
-    assert "in _fail" in line["exception"]
+    assert "in _log_a_failure" in line["exception"]
     assert line["exception"].rstrip().endswith("LookupError: the mandate's issuer cannot be asked")
 
 
@@ -48,10 +49,7 @@ def test_a_line_without_exception_has_none(capsys: pytest.CaptureFixture[str]) -
 
 def test_the_console_renders_the_traceback(capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging("info", "console")
-    try:
-        _fail()
-    except LookupError:
-        structlog.get_logger("t").error("introspection_failed", exc_info=True)
+    _log_a_failure()
     out = capsys.readouterr().out
     assert "introspection_failed" in out
     assert "LookupError" in out
