@@ -17,6 +17,7 @@ from uvicorn.config import Config
 from uvicorn.server import ServerState
 
 from tests.conftest import _Started, free_port, make_settings
+from trustplane import server as server_module
 from trustplane.app import Services, TrustplaneApp, create_app, create_ops_app
 from trustplane.limits import RequestLimits
 from trustplane.server import BoundedHttpToolsProtocol, Listeners, bind
@@ -268,6 +269,42 @@ async def test_listeners_dispatch_by_local_port(apps: tuple[TrustplaneApp, Any, 
         }  # fmt: skip
         await both(scope, receive, send)
     assert seen == [200, 404]
+
+
+async def test_a_worker_freezes_its_long_lived_objects_when_its_lifespan_has_started(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """trustplane.startup.freeze_after_start runs once, after the app's start-up and before uvicorn
+    hears ``lifespan.startup.complete`` (so before the first request); nothing else freezes."""
+    events: list[str] = []
+    monkeypatch.setattr(server_module, "freeze_after_start", lambda: events.append("freeze"))
+
+    async def lifespan_app(scope: Any, receive: Any, send: Any) -> None:
+        assert scope["type"] == "lifespan"
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                events.append("started")
+                await send({"type": "lifespan.startup.complete"})
+            else:
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    incoming = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+
+    async def receive() -> Any:
+        return next(incoming)
+
+    async def send(message: Any) -> None:
+        events.append(message["type"])
+
+    await Listeners(lifespan_app, None, 9464)({"type": "lifespan"}, receive, send)
+    assert events == [
+        "started",
+        "freeze",
+        "lifespan.startup.complete",
+        "lifespan.shutdown.complete",
+    ]
 
 
 # --------------------------------------------------------------------------- settings

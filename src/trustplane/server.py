@@ -31,6 +31,7 @@ import errno
 import socket
 import ssl
 import sys
+from collections.abc import MutableMapping
 from typing import Any, ClassVar
 
 import httptools
@@ -42,7 +43,7 @@ from trustplane.dependencies import warn_unreachable
 from trustplane.limits import REQUESTS_REFUSED, RequestLimits, refusal, request_limits
 from trustplane.logging import configure_logging
 from trustplane.settings import Settings, SettingsError, load_settings
-from trustplane.startup import quiet_gc
+from trustplane.startup import freeze_after_start, quiet_gc
 from trustplane.tls.context import cipher_ids, server_context, tls_extension
 
 WORKER_HEALTHCHECK_TIMEOUT = 60
@@ -180,12 +181,27 @@ class Listeners:
         self.public, self.ops, self.ops_port = public, ops, ops_port
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.public(scope, receive, _freezing_when_started(send))
+            return
         if self.ops is not None and scope["type"] == "http":
             local = scope.get("server")
             if local is not None and local[1] == self.ops_port:
                 await self.ops(scope, receive, send)
                 return
         await self.public(scope, receive, send)
+
+
+def _freezing_when_started(send: Send) -> Send:
+    """The worker's long-lived objects leave the collector's walks once it has started
+    (:func:`trustplane.startup.freeze_after_start`): just before uvicorn is told so."""
+
+    async def sending(message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "lifespan.startup.complete":
+            freeze_after_start()
+        await send(message)
+
+    return sending
 
 
 def listeners_from_env() -> Listeners:
