@@ -253,3 +253,28 @@ async def test_a_failing_proof_statement_fails_every_proof_sharing_it_as_sqlalch
     assert all(isinstance(e, sa_exc.ProgrammingError) for e in failed), failed
     monkeypatch.setattr(proof_nodes, "_PG_NODES_SQL", sql)
     assert await ledger.inclusion(1, size) == path(1, leaves)
+
+
+async def test_the_right_edge_of_a_size_proved_is_kept(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every proof at a size shares its right edge: after one proof, the edge nodes below
+    MIN_LEVEL it needed are in memory, and at another size the proofs still equal the RFC's."""
+    await append(services.db, [event(i) for i in range(37)])
+    await services.ledger.integrate_all()
+    leaves = await leaf_hashes(services.ledger)
+    size = len(leaves)
+    ledger = Ledger(services.settings, services.db, services.ledger._kek)
+    edge = [i for i in merkle.frontier_ids(size) if i >> merkle.LEVEL_SHIFT < proof_nodes.MIN_LEVEL]
+    assert len(edge) > 1
+    assert ledger._nodes.cached(edge)[1] == sorted(edge)
+    assert await ledger.inclusion(0, size) == path(0, leaves)
+    needed = merkle.needed_nodes(merkle.inclusion_ranges(0, size))
+    kept = [i for i in edge if i in needed]
+    assert kept
+    assert ledger._nodes.cached(kept)[1] == []
+    assert ledger._nodes.cached([merkle.node_id(0, 1)])[1] == [merkle.node_id(0, 1)]  # not edge
+    monkeypatch.setattr(proof_nodes, "MAX_EDGE", 1)  # emptied when full
+    for index in range(size - 5):
+        assert await ledger.inclusion(index, size - 5) == path(index, leaves[: size - 5])
+    assert len(ledger._nodes._edge) <= 1

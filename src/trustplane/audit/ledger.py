@@ -388,17 +388,17 @@ class Ledger:
         not in memory read in one statement (:class:`~trustplane.audit.proof_nodes.ProofNodes`)."""
         if not 0 <= index < size or not await self._has_size(size):
             raise LedgerError(f"no leaf {index} in a tree of size {size} (or size too large)")
-        return await self._hashes(merkle.inclusion_ranges(index, size))
+        return await self._hashes(merkle.inclusion_ranges(index, size), size)
 
     async def consistency(self, first: int, second: int) -> list[bytes]:
         """RFC 9162 §2.1.4.1 consistency proof between the trees of sizes ``first`` <= ``second``."""
         if not 0 < first <= second or not await self._has_size(second):
             raise LedgerError(f"no consistency proof from {first} to {second}")
-        return await self._hashes(merkle.consistency_ranges(first, second))
+        return await self._hashes(merkle.consistency_ranges(first, second), second)
 
-    async def _hashes(self, ranges: list[merkle.Range]) -> list[bytes]:
+    async def _hashes(self, ranges: list[merkle.Range], size: int) -> list[bytes]:
         try:
-            return await self._nodes.range_hashes(ranges)
+            return await self._nodes.range_hashes(ranges, size)
         except KeyError:
             raise _nodes_missing(ranges) from None
 

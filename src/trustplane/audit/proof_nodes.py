@@ -14,8 +14,10 @@ every proof (there are few of them), the lower ones are nearly all different. So
 like the others). :meth:`ProofNodes.load_upper` reads them all in one statement (a range of ids:
 ``level << 48 | index`` puts every upper node above ``MIN_LEVEL << 48``) when a server starts;
 nodes completed later enter as the sequencer commits them, or when a proof first reads them. The
-rest (``MIN_LEVEL`` nodes per proof, and the lowest right-edge subtrees) are read in one statement,
-with no transaction around it (a single statement needs none, and nodes do not change).
+right edge of a tree size (its perfect subtrees below ``MIN_LEVEL``, one per set bit) is in nearly
+every proof at that size, so the edges of the sizes recently proved are kept too (at most
+:data:`MAX_EDGE` nodes). The rest (``MIN_LEVEL`` nodes per proof) are read in one statement, with
+no transaction around it (a single statement needs none, and nodes do not change).
 
 On a SQLite file that statement runs on the calling thread, one per proof: a primary-key lookup of
 a few rows costs less than the hops to aiosqlite's thread and back, and it never yields to the event
@@ -48,6 +50,9 @@ from trustplane.storage.db import Database, connection_closed, is_disconnect
 MIN_LEVEL = 8
 #: At most this many nodes are kept (about 130 bytes each in a dict): once full, no more are added.
 MAX_CACHED = 1 << 18
+#: At most this many right-edge nodes below MIN_LEVEL are kept (emptied when full: the sizes
+#: proved move on with every integration).
+MAX_EDGE = 1024
 #: PostgreSQL: proof statements in flight at once (each on one pooled connection) by default.
 FLIGHTS = 2
 
@@ -67,6 +72,8 @@ class ProofNodes:
         self._waiting: list[_Waiter] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._cached: dict[int, bytes] = {}
+        self._edge: dict[int, bytes] = {}
+        self._edge_size, self._edge_ids = 0, tuple[int, ...]()
         self._min_id = merkle.node_id(MIN_LEVEL, 0)  # the ids of levels >= MIN_LEVEL are above it
         self._pg = db.dialect == "postgresql"
         #: SQLite file: the connection for reads on the calling thread, opened at the first read
@@ -79,7 +86,7 @@ class ProofNodes:
         found: dict[int, bytes] = {}
         missing = []
         for i in ids:
-            h = self._cached.get(i)
+            h = self._cached.get(i) or self._edge.get(i)
             if h is None:
                 missing.append(i)
             else:
@@ -104,14 +111,27 @@ class ProofNodes:
         self.remember((int(i), bytes(h)) for i, h in rows)
         return len(self._cached)
 
-    async def range_hashes(self, ranges: Sequence[merkle.Range]) -> list[bytes]:
-        """The hash of each range (KeyError if a node it needs does not exist): the node ids are
-        worked out once, for the read and for the fold."""
+    async def range_hashes(self, ranges: Sequence[merkle.Range], size: int) -> list[bytes]:
+        """The hash of each range of a proof at tree ``size`` (KeyError if a node it needs does not
+        exist): the node ids are worked out once, for the read and for the fold."""
         plan = [
             [merkle.node_id(level, i) for level, i in merkle.perfect_nodes(a, b)] for a, b in ranges
         ]
         nodes = await self.read({i for ids in plan for i in ids})
+        self._keep_edge(size, nodes)
         return [merkle.fold([nodes[i] for i in ids]) for ids in plan]
+
+    def _keep_edge(self, size: int, nodes: dict[int, bytes]) -> None:
+        """Keep the right-edge nodes below MIN_LEVEL of ``size`` among ``nodes``."""
+        if size != self._edge_size:
+            low = (i for i in merkle.frontier_ids(size) if i < self._min_id)
+            self._edge_size, self._edge_ids = size, tuple(low)
+        for i in self._edge_ids:
+            h = nodes.get(i)
+            if h is not None and i not in self._edge:
+                if len(self._edge) >= MAX_EDGE:
+                    self._edge.clear()
+                self._edge[i] = h
 
     async def read(self, ids: Iterable[int]) -> dict[int, bytes]:
         """The nodes with ``ids`` that exist (a missing id is absent from the answer)."""
