@@ -12,7 +12,10 @@
    (PostgreSQL), one signed checkpoint at the end. Said so in the output.
 4. Inclusion proof time at that size (random leaves: the nodes of the upper levels from memory, the
    rest in one statement), one after another and from 16 concurrent tasks, with the load average
-   and a control (a fixed 0.1 ms CPU step: its p99 is what the load alone adds); and the extrapolation to 10M (proof length grows with log2 n; the B-tree gains at most one level).
+   and a control (a fixed 0.1 ms CPU step: its p99 is what the load alone adds), the CPU of this
+   process per proof (PostgreSQL's own excluded; less sensitive to other load than the wall
+   figures); and the extrapolation to 10M (proof length grows with log2 n; the B-tree gains at
+   most one level). The upper nodes are read into memory first, as a starting server does.
 5. Export (entries -> JSONL file, the format of `trustplane audit export`) and offline verify
    (signature, every leaf hashed from the entry bytes as exported, root, payload commitments)
    throughput in leaves/s, in one process and in one per CPU (as the CLI), with the load average and
