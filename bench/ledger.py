@@ -12,7 +12,10 @@
    (PostgreSQL), one signed checkpoint at the end. Said so in the output.
 4. Inclusion proof time at that size (random leaves: the nodes of the upper levels from memory, the
    rest in one statement), one after another and from 16 concurrent tasks, with the load average
-   and a control (a fixed 0.1 ms CPU step: its p99 is what the load alone adds); and the extrapolation to 10M (proof length grows with log2 n; the B-tree gains at most one level).
+   and a control (a fixed 0.1 ms CPU step: its p99 is what the load alone adds), the CPU of this
+   process per proof (PostgreSQL's own excluded; less sensitive to other load than the wall
+   figures); and the extrapolation to 10M (proof length grows with log2 n; the B-tree gains at
+   most one level). The upper nodes are read into memory first, as a starting server does.
 5. Export (entries -> JSONL file, the format of `trustplane audit export`) and offline verify
    (signature, every leaf hashed from the entry bytes as exported, root, payload commitments)
    throughput in leaves/s, in one process and in one per CPU (as the CLI), with the load average and
@@ -23,6 +26,11 @@
 
   python bench/ledger.py                          # both databases, 1M entries
   python bench/ledger.py --db sqlite --entries 200000 --seconds 5
+  python bench/ledger.py --db postgresql --keep /tmp/tp-ledger --pg-name tp_x_ledger
+      # builds the log once and keeps it (the SQLite file, or the PostgreSQL database, and the
+      # key-encryption key in /tmp/tp-ledger/<db>.json); the same command again skips 1-3 and
+      # measures on the kept log. Drop the kept database yourself (DROP DATABASE tp_x_ledger).
+  python bench/ledger.py --db postgresql --keep /tmp/tp-ledger --skip 5   # proofs and queries only
 
 Numbers from a shared, loaded 2-vCPU machine are indicative only.
 """
@@ -94,12 +102,12 @@ def make_event(n: int, txn: str | None = None) -> AuditEvent:
 # --------------------------------------------------------------------------- databases
 
 
-async def fresh_database(kind: str, tmp: Path) -> tuple[str, Any]:
+async def fresh_database(kind: str, tmp: Path, pg_name: str | None = None) -> tuple[str, Any]:
     if kind == "sqlite":
         url = f"sqlite+aiosqlite:///{tmp / 'ledger.db'}"
         drop = None
     else:
-        name = f"tp_bench_{os.getpid()}_{secrets.token_hex(3)}"
+        name = pg_name or f"tp_bench_{os.getpid()}_{secrets.token_hex(3)}"
         admin = create_async_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
         async with admin.connect() as conn:
             await conn.execute(text(f'CREATE DATABASE "{name}"'))
@@ -116,12 +124,12 @@ async def fresh_database(kind: str, tmp: Path) -> tuple[str, Any]:
     return url, drop
 
 
-def settings_for(url: str, tmp: Path) -> Settings:
+def settings_for(url: str, tmp: Path, kek: str | None = None) -> Settings:
     return Settings(
         issuer="https://as.northwind.example",
         database_url=url,
         data_dir=tmp,
-        key_encryption_key=new_kek_text(),
+        key_encryption_key=kek or new_kek_text(),
         log_level="error",
         audit_integrate_interval=0.2,
     )
@@ -261,6 +269,7 @@ async def bulk_build(svc: Services, entries: int) -> None:
         )
         if svc.db.dialect == "postgresql":
             await conn.execute(text("ANALYZE"))
+    await ledger.warm()  # what a server started on this log does first
     print(
         f"\r  built {entries:,} entries through the BULK PATH (not the sequencer) in "
         f"{time.perf_counter() - started:.0f} s; tree size {builder.size:,}"
@@ -282,17 +291,21 @@ async def _bulk_insert(conn: Any, leaves: list[Any], nodes: list[Any], payloads:
 # --------------------------------------------------------------------------- 4, 5, 6
 
 
-async def proofs_and_queries(svc: Services, tmp: Path, samples: int) -> None:
+async def proofs_and_queries(
+    svc: Services, tmp: Path, samples: int, skip: frozenset[int] = frozenset()
+) -> None:
     ledger = svc.ledger
     latest = await ledger.checkpoint()
     assert latest is not None
     size = latest.size
     times = []
+    cpu0 = time.process_time()
     for _ in range(samples):
         index = random.randrange(size)
         t0 = time.perf_counter()
         await ledger.inclusion(index, size)
         times.append(time.perf_counter() - t0)
+    single_cpu = (time.process_time() - cpu0) / samples
     p50, p99 = pct(times, 0.5) * 1e3, pct(times, 0.99) * 1e3
     factor = (10_000_000 - 1).bit_length() / max(1, (size - 1).bit_length())
     print(f"at {size:,} entries:")
@@ -307,11 +320,18 @@ async def proofs_and_queries(svc: Services, tmp: Path, samples: int) -> None:
         f"{pct(control, 0.5) * 1e3:.2f} / {pct(control, 0.99) * 1e3:.2f} ms",
         "(what the load alone adds)",
     )
+    cpu0 = time.process_time()
     concurrent, rate = await concurrent_proofs(ledger, size, samples)
+    concurrent_cpu = (time.process_time() - cpu0) / len(concurrent)
     row(
         "  16 concurrent: p50 / p99, proofs/s",
         f"{pct(concurrent, 0.5) * 1e3:.2f} / {pct(concurrent, 0.99) * 1e3:.2f} ms, {rate:,.0f}",
         f"(load {os.getloadavg()[0]:.1f})",
+    )
+    row(
+        "  CPU of this process per proof: 1 / 16 at once",
+        f"{single_cpu * 1e6:.0f} / {concurrent_cpu * 1e6:.0f} us",
+        "(less sensitive to the load; not the server's)",
     )
     row(
         "extrapolated to 10M (x log2 ratio)",
@@ -319,6 +339,13 @@ async def proofs_and_queries(svc: Services, tmp: Path, samples: int) -> None:
         "<= 2 ms (estimate)",
     )
 
+    if 6 not in skip:
+        await transaction_queries(ledger, size, samples)
+    if 5 not in skip:
+        await export_and_verify(ledger, tmp, latest, size)
+
+
+async def transaction_queries(ledger: Any, size: int, samples: int) -> None:
     txn_times = []
     for _ in range(samples):
         txn = f"txn-{random.randrange(size // TXN_SIZE)}"
@@ -331,6 +358,8 @@ async def proofs_and_queries(svc: Services, tmp: Path, samples: int) -> None:
         "p99 <= 20 ms",
     )
 
+
+async def export_and_verify(ledger: Any, tmp: Path, latest: Any, size: int) -> None:
     export = tmp / "export.jsonl"
     t0 = time.perf_counter()
     with export.open("wb") as handle:
@@ -409,15 +438,29 @@ def timed_verify(
 
 async def run(kind: str, args: argparse.Namespace) -> None:
     print(f"\n=== {kind} ===")
+    skip = frozenset(args.skip)
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        url, drop = await fresh_database(kind, tmp)
-        svc = Services.build(settings_for(url, tmp))
+        kept = args.keep / f"{kind}.json" if args.keep else None
+        if kept is not None and kept.is_file():  # a log kept by an earlier run: 4-6 only
+            saved = orjson.loads(kept.read_bytes())
+            url, kek, drop, build = saved["url"], saved["kek"], None, False
+            print(f"  reusing the log kept in {kept} ({saved['entries']:,} bulk entries)")
+        else:
+            where = args.keep if kept is not None else tmp
+            url, drop = await fresh_database(kind, where, args.pg_name)
+            kek, build = new_kek_text(), True
+        svc = Services.build(settings_for(url, tmp, kek))
         await svc.start()
         try:
-            await sustained_appends(svc, args.writers, args.seconds)
-            await bulk_build(svc, args.entries)
-            await proofs_and_queries(svc, tmp, args.samples)
+            if build:
+                await sustained_appends(svc, args.writers, args.seconds)
+                await bulk_build(svc, args.entries)
+                if kept is not None:
+                    saved = {"url": url, "kek": kek, "entries": args.entries}
+                    kept.write_bytes(orjson.dumps(saved))
+                    drop = None
+            await proofs_and_queries(svc, tmp, args.samples, skip)
         finally:
             await svc.stop()
             if drop is not None:
@@ -433,7 +476,22 @@ def main() -> None:
     parser.add_argument("--writers", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        help="directory: keep the built log there (SQLite file; PostgreSQL database name and the "
+        "KEK in <db>.json) and reuse it on the next run (sections 1-3 skipped)",
+    )
+    parser.add_argument(
+        "--pg-name", help="name of the PostgreSQL database to create (default tp_bench_<pid>_<hex>)"
+    )
+    parser.add_argument(
+        "--skip", type=int, action="append", default=[], choices=[5, 6], help="skip section 5 or 6"
+    )
     args = parser.parse_args()
+    if args.keep:
+        args.keep = args.keep.resolve()
+        args.keep.mkdir(parents=True, exist_ok=True)
     configure_logging("error", "console")
     print(f"ledger benchmark: {os.cpu_count()} CPUs (shared and loaded: numbers are indicative)")
     for kind in ["sqlite", "postgresql"] if args.db == "both" else [args.db]:

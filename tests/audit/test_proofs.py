@@ -1,18 +1,29 @@
 """Proofs served from the database (and from the nodes kept in memory) against an independent
 recomputation: RFC 9162 §2.1.3.1 PATH and §2.1.4.1 PROOF written as the RFC states them, recursively
-over the leaf hashes, at every index and every size the log passes through while it grows."""
+over the leaf hashes, at every index and every size the log passes through while it grows; and, on
+PostgreSQL, concurrent proofs sharing statements, each verified against the signed checkpoint."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
+from sqlalchemy import event as sa_event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from tests.audit.ledger_helpers import append, event, export
+from tests.conftest import make_settings
 from trustplane.app import Services
-from trustplane.audit import proof_nodes
+from trustplane.audit import merkle, proof_nodes
 from trustplane.audit.ledger import Ledger
+from trustplane.audit.note import Verifier, open_checkpoint
+from trustplane.storage.db import async_url
 
 
 def mth(leaves: list[bytes]) -> bytes:
@@ -70,3 +81,200 @@ async def test_proofs_equal_the_rfc_recomputation_while_the_log_grows(
             for index in range(0, old, 3):
                 assert await ledger.inclusion(index, old) == path(index, leaves[:old])
             assert await ledger.consistency(old, size) == subproof(old, leaves, True), (old, size)
+
+
+async def leaf_hashes(ledger: Ledger) -> list[bytes]:
+    records, _ = await export(ledger)
+    return [
+        hashlib.sha256(b"\x00" + orjson.dumps(r["entry"], option=orjson.OPT_SORT_KEYS)).digest()
+        for r in records
+    ]
+
+
+@pytest.fixture
+async def pg_log(pg_url: str, tmp_path: Path) -> AsyncIterator[tuple[Services, list[bytes]]]:
+    """A PostgreSQL log of 37 integrated entries, and their leaf hashes."""
+    svc = Services.build(make_settings(pg_url, tmp_path))
+    await svc.start()
+    try:
+        await append(svc.db, [event(i) for i in range(37)])
+        await svc.ledger.integrate_all()
+        yield svc, await leaf_hashes(svc.ledger)
+    finally:
+        await svc.stop()
+
+
+async def signed_root(svc: Services, size: int) -> bytes:
+    """The root in the signed checkpoint note of ``size``, its signature checked."""
+    checkpoint = await svc.ledger.checkpoint(size)
+    assert checkpoint is not None
+    verifier = Verifier.parse(await svc.ledger.verifier_key())
+    opened = open_checkpoint(checkpoint.note, verifier, svc.ledger.origin)
+    assert opened.size == size
+    return opened.root
+
+
+@pytest.mark.postgres
+async def test_concurrent_proofs_on_postgresql_share_statements(
+    pg_log: tuple[Services, list[bytes]],
+) -> None:
+    """Every leaf's proof asked at once: one pooled connection per statement in flight, not one
+    per proof (old code: 37 checkouts), and each proof equal to the RFC's and verifying against
+    the signed root."""
+    svc, leaves = pg_log
+    size = len(leaves)
+    root = await signed_root(svc, size)
+    ledger = Ledger(svc.settings, svc.db, svc.ledger._kek)  # nothing in memory
+    await ledger.inclusion(0, size)  # it learns the tree size
+    checkouts: list[Any] = []
+
+    def checkout(*args: Any) -> None:
+        checkouts.append(args)
+
+    engine = svc.db.autocommit_engine.sync_engine
+    sa_event.listen(engine, "checkout", checkout)
+    try:
+        proofs = await asyncio.gather(*(ledger.inclusion(i, size) for i in range(size)))
+    finally:
+        sa_event.remove(engine, "checkout", checkout)
+    assert len(checkouts) <= proof_nodes.FLIGHTS
+    for index, proof in enumerate(proofs):
+        assert proof == path(index, leaves), index
+        assert merkle.verify_inclusion(index, size, leaves[index], proof, root), index
+
+
+@pytest.mark.postgres
+async def test_a_cancelled_proof_does_not_cancel_the_others_sharing_its_statement(
+    pg_log: tuple[Services, list[bytes]],
+) -> None:
+    svc, leaves = pg_log
+    size = len(leaves)
+    ledger = Ledger(svc.settings, svc.db, svc.ledger._kek)
+    await ledger.inclusion(0, size)
+    tasks = [asyncio.create_task(ledger.inclusion(i, size)) for i in range(8)]
+    await asyncio.sleep(0)  # every one waits for the shared statement
+    tasks[0].cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[0], asyncio.CancelledError)
+    assert results[1:] == [path(i, leaves) for i in range(1, 8)]
+    assert await ledger.inclusion(0, size) == path(0, leaves)  # and the next ones are served
+
+
+@pytest.mark.postgres
+async def test_proofs_survive_their_pooled_connections_being_terminated(
+    pg_log: tuple[Services, list[bytes]],
+) -> None:
+    svc, leaves = pg_log
+    size = len(leaves)
+    ledger = Ledger(svc.settings, svc.db, svc.ledger._kek)
+    assert await ledger.inclusion(3, size) == path(3, leaves)  # a pooled connection now exists
+    admin = create_async_engine(async_url(svc.settings.effective_database_url))
+    async with admin.connect() as conn:
+        await conn.exec_driver_sql(
+            "SELECT count(pg_terminate_backend(pid, 10000)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    await admin.dispose()
+    proofs = await asyncio.gather(*(ledger.inclusion(i, size) for i in range(size)))
+    assert proofs == [path(i, leaves) for i in range(size)]
+
+
+def upper_nodes(leaves: list[bytes], min_level: int) -> dict[int, bytes]:
+    """Every node of ``min_level`` and above in the tree of ``leaves``, independently built."""
+    tree = merkle.MemoryTree(leaves)
+    return {i: h for i, h in tree.nodes.items() if i >> merkle.LEVEL_SHIFT >= min_level}
+
+
+async def test_the_upper_nodes_are_read_at_once_and_proofs_still_equal_the_rfc(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(proof_nodes, "MIN_LEVEL", 2)
+    await append(services.db, [event(i) for i in range(37)])
+    await services.ledger.integrate_all()
+    leaves = await leaf_hashes(services.ledger)
+    size, upper = len(leaves), upper_nodes(leaves, 2)
+    root = await signed_root(services, size)
+    ledger = Ledger(services.settings, services.db, services.ledger._kek)
+    assert len(upper) > 8  # (37 leaves and the log key's creation: levels 2-5)
+    assert await ledger.warm() == len(upper)
+    assert ledger._nodes.cached(upper) == (upper, [])
+    assert ledger._nodes.cached([merkle.node_id(1, 0)])[1] == [merkle.node_id(1, 0)]
+    for index in range(size):
+        proof = await ledger.inclusion(index, size)
+        assert proof == path(index, leaves), index
+        assert merkle.verify_inclusion(index, size, leaves[index], proof, root), index
+
+
+async def test_the_upper_nodes_kept_are_bounded_highest_first(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(proof_nodes, "MIN_LEVEL", 2)
+    monkeypatch.setattr(proof_nodes, "MAX_CACHED", 5)
+    await append(services.db, [event(i) for i in range(37)])
+    await services.ledger.integrate_all()
+    leaves = await leaf_hashes(services.ledger)
+    ledger = Ledger(services.settings, services.db, services.ledger._kek)
+    assert await ledger.warm() == 5
+    top = dict(sorted(upper_nodes(leaves, 2).items())[-5:])
+    assert ledger._nodes.cached(top) == (top, [])
+    await ledger.inclusion(0, len(leaves))  # reads lower nodes: none is kept past the bound
+    assert len(ledger._nodes.cached(upper_nodes(leaves, 2))[0]) == 5
+    assert await ledger.inclusion(3, len(leaves)) == path(3, leaves)
+
+
+async def test_the_sequencer_keeps_the_upper_nodes_it_commits(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(proof_nodes, "MIN_LEVEL", 2)
+    ledger = Ledger(services.settings, services.db, services.ledger._kek)
+    await ledger.integrate_all()
+    await append(services.db, [event(i) for i in range(37)])
+    await ledger.integrate_all()
+    leaves = await leaf_hashes(ledger)
+    upper = upper_nodes(leaves, 2)
+    assert ledger._nodes.cached(upper) == (upper, [])
+
+
+@pytest.mark.postgres
+async def test_a_failing_proof_statement_fails_every_proof_sharing_it_as_sqlalchemy_error(
+    pg_log: tuple[Services, list[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The error each waiting proof gets is SQLAlchemy's (what the API maps to 503 when the
+    database is lost), not asyncpg's own; the proofs after it are served."""
+    svc, leaves = pg_log
+    size = len(leaves)
+    ledger = Ledger(svc.settings, svc.db, svc.ledger._kek)
+    await ledger.inclusion(0, size)
+    sql = proof_nodes._PG_NODES_SQL
+    monkeypatch.setattr(proof_nodes, "_PG_NODES_SQL", sql.replace("audit_tree", "no_such_table"))
+    failed = await asyncio.gather(
+        *(ledger.inclusion(i, size) for i in range(4)), return_exceptions=True
+    )
+    assert all(isinstance(e, sa_exc.ProgrammingError) for e in failed), failed
+    monkeypatch.setattr(proof_nodes, "_PG_NODES_SQL", sql)
+    assert await ledger.inclusion(1, size) == path(1, leaves)
+
+
+async def test_the_right_edge_of_a_size_proved_is_kept(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every proof at a size shares its right edge: after one proof, the edge nodes below
+    MIN_LEVEL it needed are in memory, and at another size the proofs still equal the RFC's."""
+    await append(services.db, [event(i) for i in range(37)])
+    await services.ledger.integrate_all()
+    leaves = await leaf_hashes(services.ledger)
+    size = len(leaves)
+    ledger = Ledger(services.settings, services.db, services.ledger._kek)
+    edge = [i for i in merkle.frontier_ids(size) if i >> merkle.LEVEL_SHIFT < proof_nodes.MIN_LEVEL]
+    assert len(edge) > 1
+    assert ledger._nodes.cached(edge)[1] == sorted(edge)
+    assert await ledger.inclusion(0, size) == path(0, leaves)
+    needed = merkle.needed_nodes(merkle.inclusion_ranges(0, size))
+    kept = [i for i in edge if i in needed]
+    assert kept
+    assert ledger._nodes.cached(kept)[1] == []
+    assert ledger._nodes.cached([merkle.node_id(0, 1)])[1] == [merkle.node_id(0, 1)]  # not edge
+    monkeypatch.setattr(proof_nodes, "MAX_EDGE", 1)  # emptied when full
+    for index in range(size - 5):
+        assert await ledger.inclusion(index, size - 5) == path(index, leaves[: size - 5])
+    assert len(ledger._nodes._edge) <= 1

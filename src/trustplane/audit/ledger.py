@@ -181,6 +181,12 @@ class Ledger:
     async def start(self) -> None:
         await self.signer()
         await self.integrate_all()
+        await self.warm()
+
+    async def warm(self) -> int:
+        """Read the upper tree nodes that every proof shares into memory (one statement; see
+        :mod:`~trustplane.audit.proof_nodes`); returns how many are kept."""
+        return await self._nodes.load_upper()
 
     async def integrate(self, max_batch: int | None = None) -> Integration | None:
         """Integrate up to ``max_batch`` pending entries; None if there were none or another process
@@ -224,6 +230,7 @@ class Ledger:
                     )
                 break
         seconds = time.perf_counter() - started
+        self._nodes.remember(batch.nodes)  # committed: the upper ones serve this process's proofs
         count = len(batch.pending_ids)
         self._known_size = max(self._known_size, batch.new_size)
         INTEGRATED.inc(count)
@@ -381,15 +388,19 @@ class Ledger:
         not in memory read in one statement (:class:`~trustplane.audit.proof_nodes.ProofNodes`)."""
         if not 0 <= index < size or not await self._has_size(size):
             raise LedgerError(f"no leaf {index} in a tree of size {size} (or size too large)")
-        ranges = merkle.inclusion_ranges(index, size)
-        return _hashes(ranges, await self._nodes.read(merkle.needed_nodes(ranges)))
+        return await self._hashes(merkle.inclusion_ranges(index, size), size)
 
     async def consistency(self, first: int, second: int) -> list[bytes]:
         """RFC 9162 §2.1.4.1 consistency proof between the trees of sizes ``first`` <= ``second``."""
         if not 0 < first <= second or not await self._has_size(second):
             raise LedgerError(f"no consistency proof from {first} to {second}")
-        ranges = merkle.consistency_ranges(first, second)
-        return _hashes(ranges, await self._nodes.read(merkle.needed_nodes(ranges)))
+        return await self._hashes(merkle.consistency_ranges(first, second), second)
+
+    async def _hashes(self, ranges: list[merkle.Range], size: int) -> list[bytes]:
+        try:
+            return await self._nodes.range_hashes(ranges, size)
+        except KeyError:
+            raise _nodes_missing(ranges) from None
 
     async def entries(self, start: int, end: int) -> list[StoredEntry]:
         if not 0 <= start < end or end - start > MAX_ENTRIES:
@@ -421,7 +432,7 @@ class Ledger:
             ranges = [merkle.inclusion_ranges(e.index, checkpoint.size) for e in found]
             nodes, missing = self._nodes.cached(merkle.needed_nodes(r for rs in ranges for r in rs))
             read = await store.read_nodes(conn, missing)
-        self._nodes.remember(read)
+        self._nodes.remember(read.items())
         nodes.update(read)
         proven = [ProvenEntry(e, _hashes(rs, nodes)) for e, rs in zip(found, ranges, strict=True)]
         return checkpoint, proven
@@ -482,10 +493,12 @@ def _hashes(ranges: list[merkle.Range], nodes: dict[int, bytes]) -> list[bytes]:
     try:
         return merkle.range_hashes(ranges, nodes)
     except KeyError:
-        log.error("audit_tree_nodes_missing", ranges=len(ranges))
-        raise LedgerError(
-            "tree nodes needed for this proof are missing from the database"
-        ) from None
+        raise _nodes_missing(ranges) from None
+
+
+def _nodes_missing(ranges: list[merkle.Range]) -> LedgerError:
+    log.error("audit_tree_nodes_missing", ranges=len(ranges))
+    return LedgerError("tree nodes needed for this proof are missing from the database")
 
 
 async def _wait(wake: asyncio.Event, stopping: asyncio.Event, seconds: float) -> None:

@@ -3,20 +3,38 @@
 A node is the hash of a perfect subtree (:mod:`trustplane.audit.merkle`): it is written once, by the
 integration that completes its subtree, and never changed (``audit_tree`` is append-only: triggers
 refuse UPDATE and DELETE). So a node read once holds for every later proof at every later tree
-size: the tree grows by adding nodes, never by changing one, and the cache has nothing to
-invalidate. Only nodes read from committed rows enter it.
+size: the tree grows by adding nodes, never by changing one, and the memory has nothing to
+invalidate, in this process or across workers. Only nodes read from committed rows (or committed by
+this process's sequencer) enter it.
 
 A proof at size ``n`` needs about ``log2 n`` nodes, one per level; the upper levels are shared by
-every proof (there are few of them), the lower ones are nearly all different. So nodes from
-:data:`MIN_LEVEL` up are kept, at most :data:`MAX_CACHED` of them (emptied when full: a bound, not a
-policy), and the rest are read: one statement per proof, on the autocommit engine (no ``BEGIN`` /
-``ROLLBACK`` round trips; a single statement needs no transaction, and nodes do not change), and on
-a SQLite file on the calling thread (a primary-key lookup of a few rows costs less than the hops to
-aiosqlite's thread and back).
+every proof (there are few of them), the lower ones are nearly all different. So the nodes from
+:data:`MIN_LEVEL` up are kept: about ``2n / 2**MIN_LEVEL`` of them (7,800 per million entries, about
+1 MB), at most :data:`MAX_CACHED` (about 34 MB; past 33M entries the lowest kept levels are read
+like the others). :meth:`ProofNodes.load_upper` reads them all in one statement (a range of ids:
+``level << 48 | index`` puts every upper node above ``MIN_LEVEL << 48``) when a server starts;
+nodes completed later enter as the sequencer commits them, or when a proof first reads them. The
+right edge of a tree size (its perfect subtrees below ``MIN_LEVEL``, one per set bit) is in nearly
+every proof at that size, so the edges of the sizes recently proved are kept too (at most
+:data:`MAX_EDGE` nodes). The rest (``MIN_LEVEL`` nodes per proof) are read in one statement, with
+no transaction around it (a single statement needs none, and nodes do not change).
+
+On a SQLite file that statement runs on the calling thread, one per proof: a primary-key lookup of
+a few rows costs less than the hops to aiosqlite's thread and back, and it never yields to the event
+loop, so concurrent proofs do not wait for each other.
+
+On PostgreSQL each statement is a round trip, and one per proof made concurrent proofs queue: for
+the pool's connections, and for this process's CPU, which spent more on SQLAlchemy's checkout and
+execution layers per statement (about 0.5 ms) than the server spent on the lookup. So the proofs
+asked while a statement is in flight wait for it and then share the next one (one ``= ANY($1)``
+over all their ids): at most ``flights`` statements at once, each on a pooled connection of the
+autocommit engine held for that statement only, and sent straight to asyncpg (prepared once per
+connection by its statement cache).
 """
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import weakref
 from collections.abc import Iterable, Sequence
@@ -26,20 +44,36 @@ from typing import Any
 from sqlalchemy.engine import make_url
 
 from trustplane.audit import merkle, store
-from trustplane.storage.db import Database, is_disconnect
+from trustplane.storage.db import Database, connection_closed, is_disconnect
 
 #: Nodes of this level and above are kept (a subtree of 256 leaves or more).
 MIN_LEVEL = 8
-#: At most this many nodes are kept (a few MB).
-MAX_CACHED = 1 << 16
+#: At most this many nodes are kept (about 130 bytes each in a dict): once full, no more are added.
+MAX_CACHED = 1 << 18
+#: At most this many right-edge nodes below MIN_LEVEL are kept (emptied when full: the sizes
+#: proved move on with every integration).
+MAX_EDGE = 1024
+#: PostgreSQL: proof statements in flight at once (each on one pooled connection) by default.
+FLIGHTS = 2
+
+_PG_NODES_SQL = store.nodes_sql("postgresql", 0)
+
+_Waiter = tuple[list[int], asyncio.Future[dict[int, bytes]]]
 
 
 class ProofNodes:
     """Tree nodes by id for proofs, and the tree size, each in one statement."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, flights: int = FLIGHTS) -> None:
         self._db = db
+        self._flights = flights
+        self._flying = 0
+        #: PostgreSQL: the ids each waiting proof needs, for the next statement
+        self._waiting: list[_Waiter] = []
+        self._tasks: set[asyncio.Task[None]] = set()
         self._cached: dict[int, bytes] = {}
+        self._edge: dict[int, bytes] = {}
+        self._edge_size, self._edge_ids = 0, tuple[int, ...]()
         self._min_id = merkle.node_id(MIN_LEVEL, 0)  # the ids of levels >= MIN_LEVEL are above it
         self._pg = db.dialect == "postgresql"
         #: SQLite file: the connection for reads on the calling thread, opened at the first read
@@ -52,7 +86,7 @@ class ProofNodes:
         found: dict[int, bytes] = {}
         missing = []
         for i in ids:
-            h = self._cached.get(i)
+            h = self._cached.get(i) or self._edge.get(i)
             if h is None:
                 missing.append(i)
             else:
@@ -60,38 +94,123 @@ class ProofNodes:
         missing.sort()
         return found, missing
 
-    def remember(self, nodes: dict[int, bytes]) -> None:
-        """Keep the upper nodes among ``nodes`` (read from committed rows)."""
-        if len(self._cached) >= MAX_CACHED:
-            self._cached.clear()
-        for i, h in nodes.items():
-            if i >= self._min_id:
+    def remember(self, nodes: Iterable[tuple[int, bytes]]) -> None:
+        """Keep the upper nodes among ``nodes`` (committed), while there is room."""
+        room = MAX_CACHED - len(self._cached)
+        for i, h in nodes:
+            if i >= self._min_id and room > 0 and i not in self._cached:
                 self._cached[i] = h
+                room -= 1
+
+    async def load_upper(self) -> int:
+        """Read every node of level :data:`MIN_LEVEL` and above (the highest first, at most
+        :data:`MAX_CACHED`) in one statement; returns how many are kept."""
+        sql = store.upper_nodes_sql(self._db.dialect)
+        args = (self._min_id, MAX_CACHED)
+        rows = await (self._driver_rows(sql, *args) if self._pg else self._rows(sql, args))
+        self.remember((int(i), bytes(h)) for i, h in rows)
+        return len(self._cached)
+
+    async def range_hashes(self, ranges: Sequence[merkle.Range], size: int) -> list[bytes]:
+        """The hash of each range of a proof at tree ``size`` (KeyError if a node it needs does not
+        exist): the node ids are worked out once, for the read and for the fold."""
+        plan = [
+            [merkle.node_id(level, i) for level, i in merkle.perfect_nodes(a, b)] for a, b in ranges
+        ]
+        nodes = await self.read({i for ids in plan for i in ids})
+        self._keep_edge(size, nodes)
+        return [merkle.fold([nodes[i] for i in ids]) for ids in plan]
+
+    def _keep_edge(self, size: int, nodes: dict[int, bytes]) -> None:
+        """Keep the right-edge nodes below MIN_LEVEL of ``size`` among ``nodes``."""
+        if size != self._edge_size:
+            low = (i for i in merkle.frontier_ids(size) if i < self._min_id)
+            self._edge_size, self._edge_ids = size, tuple(low)
+        for i in self._edge_ids:
+            h = nodes.get(i)
+            if h is not None and i not in self._edge:
+                if len(self._edge) >= MAX_EDGE:
+                    self._edge.clear()
+                self._edge[i] = h
 
     async def read(self, ids: Iterable[int]) -> dict[int, bytes]:
         """The nodes with ``ids`` that exist (a missing id is absent from the answer)."""
         found, missing = self.cached(ids)
-        if missing:
-            sql = store.nodes_sql(self._db.dialect, len(missing))
-            rows = await self._rows(sql, (missing,) if self._pg else tuple(missing))
+        if missing and self._pg:
+            shared = await self._shared(missing)
+            found.update((i, shared[i]) for i in missing if i in shared)
+        elif missing:
+            rows = await self._rows(store.nodes_sql(self._db.dialect, len(missing)), tuple(missing))
             read = {int(i): bytes(h) for i, h in rows}
-            self.remember(read)
+            self.remember(read.items())
             found.update(read)
         return found
+
+    async def _shared(self, ids: list[int]) -> dict[int, bytes]:
+        """PostgreSQL: the nodes read by the next statement, which every proof waiting for one
+        shares (the answer holds theirs too)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[dict[int, bytes]] = loop.create_future()
+        self._waiting.append((ids, future))
+        if self._flying < self._flights:
+            self._flying += 1
+            task = loop.create_task(self._fly(), name="proof-nodes")
+            self._tasks.add(task)  # a reference until it ends (the loop keeps only a weak one)
+            task.add_done_callback(self._tasks.discard)
+        return await future
+
+    async def _fly(self) -> None:
+        """Statements until no proof waits: each reads what every proof waiting then needs. Its
+        own task, so that a proof abandoned by its caller does not abandon the others."""
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                ids = sorted({i for wanted, _ in batch for i in wanted})
+                try:
+                    rows = await self._driver_rows(_PG_NODES_SQL, ids)
+                except Exception as exc:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                except BaseException:  # cancelled (the loop is closing): nobody answers them
+                    for _, future in batch:
+                        future.cancel()
+                    raise
+                nodes = {int(i): bytes(h) for i, h in rows}
+                self.remember(nodes.items())
+                for _, future in batch:
+                    if not future.done():
+                        future.set_result(nodes)
+        finally:
+            self._flying -= 1
+            if not self._flying:  # only after a cancellation: nobody is left to serve them
+                for _, future in self._waiting:
+                    future.cancel()
+                self._waiting = []
 
     async def tree_size(self) -> int:
         """The current tree size (0 before the first integration)."""
         rows = await self._rows(store.TREE_SIZE_SQL, ())
         return int(rows[0][0]) if rows else 0
 
-    async def _rows(self, sql: str, params: Sequence[Any]) -> Sequence[Any]:
-        if not self._inline_opened:
-            self._inline, self._inline_opened = _inline_reader(self._db), True
-        if self._inline is not None:
+    async def _driver_rows(self, sql: str, *args: Any) -> Sequence[Any]:
+        """PostgreSQL: one statement straight on asyncpg, on a pooled connection held for that
+        statement. If it fails, it runs once more through SQLAlchemy on another connection (the
+        first one thrown away if it was dead), so a failure that repeats reaches the caller as
+        SQLAlchemy's error: a lost or exhausted database is answered 503, not 500."""
+        async with self._db.autocommit_engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            driver: Any = raw.driver_connection
             try:
-                return self._inline.execute(sql, params).fetchall()
-            except sqlite3.OperationalError:  # it would wait for a lock: take the thread instead
-                pass
+                rows: Sequence[Any] = await driver.fetch(sql, *args)
+                return rows
+            except Exception:
+                if connection_closed(raw):
+                    await conn.invalidate()  # not back into the pool
+        return await self._engine_rows(sql, args)
+
+    async def _engine_rows(self, sql: str, params: Sequence[Any]) -> Sequence[Any]:
         for attempt in (1, 2):
             async with self._db.autocommit_engine.connect() as conn:
                 try:
@@ -101,6 +220,16 @@ class ProofNodes:
                     if attempt == 2 or not is_disconnect(exc):
                         raise
         raise AssertionError("unreachable")
+
+    async def _rows(self, sql: str, params: Sequence[Any]) -> Sequence[Any]:
+        if not self._inline_opened:
+            self._inline, self._inline_opened = _inline_reader(self._db), True
+        if self._inline is not None:
+            try:
+                return self._inline.execute(sql, params).fetchall()
+            except sqlite3.OperationalError:  # it would wait for a lock: take the thread instead
+                pass
+        return await self._engine_rows(sql, params)
 
 
 def _inline_reader(db: Database) -> sqlite3.Connection | None:

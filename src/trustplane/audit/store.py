@@ -213,6 +213,13 @@ def nodes_sql(dialect: str, count: int) -> str:
     return f"SELECT id, hash FROM audit_tree WHERE id IN ({_in_list(dialect, count)})"  # noqa: S608
 
 
+def upper_nodes_sql(dialect: str) -> str:
+    """The nodes with an id of at least the first parameter, the highest first, at most the second
+    parameter of them: with ``id = level << 48 | index``, every node of a level and above."""
+    p = _in_list(dialect, 2).split(", ")
+    return f"SELECT id, hash FROM audit_tree WHERE id >= {p[0]} ORDER BY id DESC LIMIT {p[1]}"  # noqa: S608 - constants
+
+
 async def add_checkpoint(
     conn: AsyncConnection, size: int, root: bytes, note: str, now: int
 ) -> None:
