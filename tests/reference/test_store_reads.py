@@ -13,7 +13,7 @@ from sqlalchemy import event
 from tests.reference.conftest import EVENTS_ISSUER, ORDER, fresh_store, split_stores
 from trustplane.reference import machine
 from trustplane.reference.events import Envelope, verify_event
-from trustplane.reference.store import APPLIED, KNOWN, DuplicateTransition, TradeStore
+from trustplane.reference.store import APPLIED, KNOWN, DuplicateTransition, NotFound, TradeStore
 from trustplane.storage.db import Database
 
 
@@ -151,5 +151,36 @@ async def test_the_created_trade_is_the_stored_one(ref_url: str) -> None:
         assert created == await store.trade("T-1")
         assert created.state == machine.CREATED
         assert created.envelope["act"] == [{"sub": "arranger-svc"}]
+    finally:
+        await store.db.dispose()
+
+
+@pytest.mark.postgres
+async def test_the_hot_reads_go_straight_to_asyncpg(pg_database: str) -> None:
+    """The trade read before every step and the outbox read after every commit (the hand-off):
+    one statement on the wire, none through SQLAlchemy's compilation and cursor layers."""
+    store, sent = await _counted_store(pg_database)
+    compiled: list[str] = []
+
+    def executed(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        compiled.append(statement)
+
+    event.listen(store.db.autocommit_engine.sync_engine, "before_cursor_execute", executed)
+    try:
+        created, _record = await store.create("T-1", ORDER, "alice", _envelope(), None)
+        for read, expected in (
+            (lambda: store.trade("T-1"), created),
+            (lambda: store.events_after(0, 10), None),
+        ):
+            sent.clear()
+            found = await read()
+            assert (_words(sent), compiled) == (["SELECT"], [])
+            if expected is not None:
+                assert found == expected
+        (stored,) = await store.events_after(0, 10)
+        assert (stored.type, stored.trade_id, stored.published) == ("order.created", "T-1", False)
+        assert await store.events_after(stored.seq) == []
+        with pytest.raises(NotFound):
+            await store.trade("T-2")
     finally:
         await store.db.dispose()

@@ -1208,6 +1208,11 @@ class TradeStore:
     # ------------------------------------------------------------------ reads
 
     async def trade(self, trade_id: str) -> Trade:
+        if not self.db.is_sqlite:  # before every step: asyncpg's own statement (``store_pg``)
+            found = await store_pg.fetch(self.db, store_pg.TRADE, (trade_id,))
+            if not found:
+                raise NotFound(trade_id)
+            return _trade_of(found[0])
         row = await self._first(select(trades).where(trades.c.trade_id == trade_id))
         if row is None:
             raise NotFound(trade_id)
@@ -1277,6 +1282,9 @@ class TradeStore:
         return int(found or 0)
 
     async def events_after(self, after: int, limit: int = 100) -> list[StoredEvent]:
+        if not self.db.is_sqlite:  # after every commit (the hand-off): asyncpg's own statement
+            found = await store_pg.fetch(self.db, store_pg.EVENTS_AFTER, (after, limit))
+            return [_stored_of(r) for r in found]
         rows = await self._all(
             select(outbox).where(outbox.c.seq > after).order_by(outbox.c.seq).limit(limit)
         )
@@ -1443,7 +1451,10 @@ def _add_acting_columns(sync_conn: Any) -> None:
 
 
 def _stored(row: Any) -> StoredEvent:
-    m = row._mapping
+    return _stored_of(row._mapping)
+
+
+def _stored_of(m: Mapping[str, Any]) -> StoredEvent:
     return StoredEvent(
         m["seq"],
         m["event_id"],

@@ -17,6 +17,7 @@ claims, once, exactly as for SQLite.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -199,14 +200,30 @@ async def apply(db: Database, params: tuple[Any, ...]) -> bool:
     return bool((await _fetchrow(db, _CALL_APPLY, params))[0])
 
 
+#: The hot reads: the trade before each step (its state for the PDP), and the outbox after each
+#: commit (the hand-off), as the SQLAlchemy selects of ``TradeStore.trade`` and ``events_after``.
+TRADE = "SELECT * FROM ref_trades WHERE trade_id = $1"
+EVENTS_AFTER = "SELECT * FROM ref_outbox WHERE seq > $1 ORDER BY seq LIMIT $2"
+
+
+async def fetch(db: Database, sql: str, params: tuple[Any, ...]) -> list[Any]:
+    """The rows (asyncpg records: mappings by column name) of one read on the autocommit engine."""
+    return list(await _on_driver(db, lambda driver: driver.fetch(sql, *params)))
+
+
 async def _fetchrow(db: Database, sql: str, params: tuple[Any, ...]) -> Any:
+    """The one row of a function's call."""
+    return await _on_driver(db, lambda driver: driver.fetchrow(sql, *params))
+
+
+async def _on_driver(db: Database, call: Callable[[Any], Awaitable[Any]]) -> Any:
     """One statement on the autocommit engine's asyncpg connection (no ``BEGIN``/``COMMIT``, no
     statement compilation); once more on a fresh connection if the pooled one was dead."""
     for attempt in (1, 2):
         async with db.autocommit_engine.connect() as conn:
             driver: Any = (await conn.get_raw_connection()).driver_connection
             try:
-                return await driver.fetchrow(sql, *params)
+                return await call(driver)
             except asyncpg.exceptions.UniqueViolationError:
                 raise Duplicate() from None
             except _DISCONNECTS:
