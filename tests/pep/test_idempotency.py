@@ -458,3 +458,30 @@ async def test_sqlite_group_commit_fails_a_failing_write_alone(tmp_path: Path) -
         assert all([await store.get(SCOPE, f"k{i}") for i in range(8)])
     finally:
         await database.dispose()
+
+
+async def test_a_new_key_is_claimed_without_a_read_where_reads_cost_a_round_trip(
+    idempotency_store: SqlIdempotencyStore, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL: a new key is one statement (the claim); a replay, a refusal and a takeover
+    read as before. SQLite reads first (its read is inline, its claim a write)."""
+    service = IdempotencyService(idempotency_store, lease=LEASE, retention=RETENTION, clock=clock)
+    reads: list[str] = []
+    get = idempotency_store.get
+
+    async def counted_get(scope: str, key: str) -> Any:
+        reads.append(key)
+        return await get(scope, key)
+
+    monkeypatch.setattr(idempotency_store, "get", counted_get)
+    first = await service.begin(SCOPE, ['"k1"'], PRINT)
+    assert isinstance(first, Execute)
+    assert reads == ([] if idempotency_store.db.dialect == "postgresql" else ["k1"])
+    with pytest.raises(RequestOutstandingError):
+        await service.begin(SCOPE, ['"k1"'], PRINT)
+    with pytest.raises(KeyReusedError):
+        await service.begin(SCOPE, ['"k1"'], "another payload")
+    await service.complete(first.claim, CREATED)
+    assert await service.begin(SCOPE, ['"k1"'], PRINT) == Replay(CREATED)
+    clock.advance(RETENTION)
+    assert isinstance(await service.begin(SCOPE, ['"k1"'], "another payload"), Execute)

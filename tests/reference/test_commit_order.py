@@ -13,12 +13,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import asyncpg
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tests.reference.conftest import ORDER, SplitWorld, split_stores, upstreams
-from trustplane.reference import machine
+from trustplane.reference import machine, store_pg
 from trustplane.reference.events import Envelope
 from trustplane.reference.handoff import Dispatcher, learn_verified
 from trustplane.reference.services import ServiceStores
@@ -62,6 +63,25 @@ def slow_commits(db: Database, seed: int) -> None:
             await asyncio.sleep(rng.random() * 0.005)
 
     db.transaction = slow  # type: ignore[method-assign]
+
+
+async def _in_a_transaction(db: Database, sql: str, params: tuple[Any, ...]) -> Any:
+    """``store_pg``'s one statement (an owner's transition, a learn) in ``db.transaction()``: the
+    function's own statements, lock and insert, held open or slowed before the commit like the
+    SQLAlchemy transactions above (the statement alone commits as soon as it ran)."""
+    async with db.transaction() as conn:
+        await conn.exec_driver_sql("SELECT 1")  # the transaction begins (SQLAlchemy is lazy)
+        driver: Any = (await conn.get_raw_connection()).driver_connection
+        try:
+            return await driver.fetchrow(sql, *params)
+        except asyncpg.exceptions.UniqueViolationError:
+            raise store_pg.Duplicate() from None
+
+
+@pytest.fixture(autouse=True)
+def statements_held_with_transactions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """:class:`HeldOpen` and :func:`slow_commits` reach the one-statement writes too."""
+    monkeypatch.setattr(store_pg, "_fetchrow", _in_a_transaction)
 
 
 @pytest.fixture

@@ -13,7 +13,10 @@ from typing import Any
 import pytest
 
 from tests.reference.conftest import EVENTS_ISSUER, ORDER, SplitWorld, upstreams
-from tests.reference.test_commit_order import slow_commits
+from tests.reference.test_commit_order import (  # the fixture: slowed commits reach store_pg too
+    slow_commits,
+    statements_held_with_transactions,  # noqa: F401
+)
 from trustplane.reference import handoff, machine
 from trustplane.reference.events import Envelope, EventSigner
 from trustplane.reference.handoff import Dispatcher, Upstream, learn_verified

@@ -1,5 +1,7 @@
-"""The store's single-statement reads on PostgreSQL: one statement each on the wire, no
-transaction around it (``BEGIN`` and ``ROLLBACK`` would be two more round trips)."""
+"""The store's statements on PostgreSQL: a single-statement read is one statement on the wire, with
+no transaction around it (``BEGIN`` and ``ROLLBACK`` would be two more round trips); an owner's
+transition (or creation) and the learning of an upstream event are one statement each too
+(``reference/store_pg.py``: eleven round trips per learn and six per transition before)."""
 
 from __future__ import annotations
 
@@ -8,10 +10,10 @@ from typing import Any
 import pytest
 from sqlalchemy import event
 
-from tests.reference.conftest import ORDER, fresh_store
+from tests.reference.conftest import EVENTS_ISSUER, ORDER, fresh_store, split_stores
 from trustplane.reference import machine
-from trustplane.reference.events import Envelope
-from trustplane.reference.store import TradeStore
+from trustplane.reference.events import Envelope, verify_event
+from trustplane.reference.store import APPLIED, KNOWN, DuplicateTransition, NotFound, TradeStore
 from trustplane.storage.db import Database
 
 
@@ -76,14 +78,69 @@ async def test_a_single_statement_read_is_one_statement_without_a_transaction(
 
 
 @pytest.mark.postgres
-async def test_a_creation_does_not_read_the_trade_back(pg_database: str) -> None:
+async def test_a_creation_is_one_statement_and_does_not_read_the_trade_back(
+    pg_database: str,
+) -> None:
     store, sent = await _counted_store(pg_database)
     try:
         await store.create("T-1", ORDER, "alice", _envelope(), None)
         assert not any("FROM REF_TRADES" in s for s in sent)
-        assert _words(sent)[-1] == "COMMIT"  # nothing after it
+        assert _words(sent) == ["SELECT"]
     finally:
         await store.db.dispose()
+
+
+@pytest.mark.postgres
+async def test_an_owner_s_transition_is_one_statement(pg_database: str) -> None:
+    """The compare-and-set, the transition row and the outbox row (under its append lock) in one
+    statement; a duplicate is that statement and the read of what happened, and names it."""
+    store, sent = await _counted_store(pg_database)
+    try:
+        await store.create("T-1", ORDER, "alice", _envelope(), None)
+        sent.clear()
+        await store.apply("T-1", machine.EXECUTE, "alice", _envelope(), "k-1")
+        assert _words(sent) == ["SELECT"]
+        sent.clear()
+        with pytest.raises(DuplicateTransition) as refused:
+            await store.apply("T-1", machine.EXECUTE, "bob", _envelope(), "k-2")
+        assert _words(sent) == ["SELECT", "SELECT"]
+        assert (refused.value.record.actor, refused.value.record.idempotency_key) == (
+            "alice",
+            "k-1",
+        )
+        history = await store.history("T-1")
+        assert [t.transition for t in history] == ["create", "execute"]
+        assert [e.type for e in await store.events_after(0)] == ["order.created", "trade.executed"]
+    finally:
+        await store.db.dispose()
+
+
+@pytest.mark.postgres
+async def test_learning_an_event_is_one_statement(pg_service_databases: dict[str, str]) -> None:
+    """Applied with the cursor moved, then redelivered (known): one statement each."""
+    stores = await split_stores(pg_service_databases)
+    owner, downstream = stores.execution, stores.allocation
+    try:
+        await owner.create("T-1", ORDER, "alice", _envelope(), None)
+        (event,) = await owner.events_after(0)
+        claims = verify_event(event.jws, owner.signer.jwks(), issuer=EVENTS_ISSUER)
+        await downstream.advance("execution", 0)
+        await downstream.db.dispose()
+        sent = _wire(downstream.db)
+        assert await downstream.learn_through(claims, event.jws, "execution", event.seq) == (
+            APPLIED,
+            event.seq,
+        )
+        assert _words(sent) == ["SELECT"]
+        sent.clear()
+        assert await downstream.learn(claims, event.jws) == KNOWN
+        assert _words(sent) == ["SELECT"]
+        assert (await downstream.trade("T-1")).state == machine.CREATED
+        assert [e.event_id for e in await downstream.feed_after(0)] == [event.event_id]
+        assert await downstream.cursor("execution") == event.seq
+    finally:
+        for store in stores.distinct():
+            await store.db.dispose()
 
 
 async def test_the_created_trade_is_the_stored_one(ref_url: str) -> None:
@@ -94,5 +151,36 @@ async def test_the_created_trade_is_the_stored_one(ref_url: str) -> None:
         assert created == await store.trade("T-1")
         assert created.state == machine.CREATED
         assert created.envelope["act"] == [{"sub": "arranger-svc"}]
+    finally:
+        await store.db.dispose()
+
+
+@pytest.mark.postgres
+async def test_the_hot_reads_go_straight_to_asyncpg(pg_database: str) -> None:
+    """The trade read before every step and the outbox read after every commit (the hand-off):
+    one statement on the wire, none through SQLAlchemy's compilation and cursor layers."""
+    store, sent = await _counted_store(pg_database)
+    compiled: list[str] = []
+
+    def executed(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        compiled.append(statement)
+
+    event.listen(store.db.autocommit_engine.sync_engine, "before_cursor_execute", executed)
+    try:
+        created, _record = await store.create("T-1", ORDER, "alice", _envelope(), None)
+        for read, expected in (
+            (lambda: store.trade("T-1"), created),
+            (lambda: store.events_after(0, 10), None),
+        ):
+            sent.clear()
+            found = await read()
+            assert (_words(sent), compiled) == (["SELECT"], [])
+            if expected is not None:
+                assert found == expected
+        (stored,) = await store.events_after(0, 10)
+        assert (stored.type, stored.trade_id, stored.published) == ("order.created", "T-1", False)
+        assert await store.events_after(stored.seq) == []
+        with pytest.raises(NotFound):
+            await store.trade("T-2")
     finally:
         await store.db.dispose()

@@ -197,7 +197,9 @@ class Replay:
 class IdempotencyStore(Protocol):
     """Where keys live. Each method is atomic on its own and durable when it returns: a claim must
     be visible to concurrent requests before the operation runs, so it cannot share the
-    operation's transaction."""
+    operation's transaction. A store whose read costs as much as its claim may say
+    ``claims_first = True``: :meth:`IdempotencyService.begin` then tries the claim before reading
+    (a new key, the common case, is one statement; a replay or a refusal one more)."""
 
     async def claim(
         self, claim: Claim, *, now: float, lease_until: float, expires_at: float
@@ -252,6 +254,8 @@ class IdempotencyService:
         ``scope`` or replay its stored response; raise an :class:`IdempotencyError` otherwise."""
         key = self._key(scope, header_values)
         claim = Claim(scope, key, fingerprint, secrets.token_urlsafe(18))
+        if getattr(self.store, "claims_first", False) and await self._claim(claim):
+            return Execute(claim)
         # Read first: a replay or a refusal is one read and no write. The claim itself stays an
         # atomic statement; losing it to a concurrent claimer means reading again.
         for _attempt in range(3):
@@ -259,13 +263,17 @@ class IdempotencyService:
             record = await self.store.get(scope, key)
             if record is not None and not _claimable(record, fingerprint, now):
                 return self._answer(claim, record)
-            lease_until, expires_at = now + self.lease, now + self.retention
-            if await self.store.claim(
-                claim, now=now, lease_until=lease_until, expires_at=expires_at
-            ):
-                metrics.PEP_IDEMPOTENCY.labels(outcome="executed").inc()
+            if await self._claim(claim, now):
                 return Execute(claim)
         raise self._refuse(RequestOutstandingError("the key is changing hands, retry"), scope, key)
+
+    async def _claim(self, claim: Claim, now: float | None = None) -> bool:
+        now = self._clock() if now is None else now
+        lease_until, expires_at = now + self.lease, now + self.retention
+        if await self.store.claim(claim, now=now, lease_until=lease_until, expires_at=expires_at):
+            metrics.PEP_IDEMPOTENCY.labels(outcome="executed").inc()
+            return True
+        return False
 
     async def complete(self, claim: Claim, response: StoredResponse) -> bool:
         """Store a 2xx or 4xx response for replays; release the claim on anything else. True if

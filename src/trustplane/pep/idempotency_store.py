@@ -100,6 +100,10 @@ class SqlIdempotencyStore:
     def __init__(self, database: Database) -> None:
         self.db = database
         self._pg = database.dialect == "postgresql"
+        #: PostgreSQL: a read is a round trip like the claim, so a new key is claimed without one
+        #: (:class:`~trustplane.pep.idempotency.IdempotencyStore`); SQLite reads on the calling
+        #: thread in tens of microseconds, and a claim is a (group-committed) write
+        self.claims_first = self._pg
         self._writes = None if self._pg else _GroupCommit(lambda: database.autocommit_engine)
         self._reader = None if self._pg else _inline_reader(database)
         self._sql = {

@@ -10,7 +10,8 @@ which the hand-off's cursors rely on). Either all three are committed or none: n
 its state change, no state change without its event. Racing duplicates: on PostgreSQL the
 losers' ``UPDATE`` waits for the winner's row lock, re-reads the state and matches nothing; SQLite
 has one writer. A loser is told which transition already happened (when, by whom, under which
-Idempotency-Key).
+Idempotency-Key). On PostgreSQL an owner's plain transition and the learning of an upstream event
+are each one statement, a function running the same steps (:mod:`.store_pg`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, Program
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import Executable
 
-from trustplane.reference import machine
+from trustplane.reference import machine, store_pg
 from trustplane.reference.events import Envelope, EventSigner
 from trustplane.storage.db import Database, is_disconnect
 
@@ -531,6 +532,8 @@ class TradeStore:
                 await conn.run_sync(metadata.create_all)
                 await conn.run_sync(_add_acting_columns)
                 await conn.run_sync(_add_ledger_column)
+                if conn.dialect.name == "postgresql":
+                    await store_pg.create_functions(conn)
 
         await create_safely(create)
 
@@ -563,6 +566,8 @@ class TradeStore:
             "created_at": _ms(now),
             "updated_at": _ms(now),
         }
+        if not self.db.is_sqlite:
+            return await self._create_pg(row, actor, idempotency_key, envelope, order, now, acting)
         try:
             async with self.db.transaction() as conn:
                 await conn.execute(insert(trades).values(**row))
@@ -623,6 +628,10 @@ class TradeStore:
             )
         if exception is not None:
             values["exceptions"] = trades.c.exceptions + 1
+        if _one_statement(self.db, updates, exception, resolve, signal):
+            return await self._apply_pg(
+                trade_id, transition, actor, envelope, idempotency_key, data, values, now, acting
+            )
         try:
             async with self.db.transaction() as conn:
                 moved = await conn.execute(
@@ -677,6 +686,78 @@ class TradeStore:
             raise await self.why(trade_id, transition) from None
         self._notify()
         return record
+
+    async def _create_pg(
+        self,
+        row: Mapping[str, Any],
+        actor: str,
+        idempotency_key: str | None,
+        envelope: Envelope,
+        order: Mapping[str, str],
+        now: float,
+        acting: Acting,
+    ) -> tuple[Trade, TransitionRecord]:
+        """:meth:`create` on PostgreSQL: one statement (``store_pg``)."""
+        trade_id = str(row["trade_id"])
+        event = self._event(
+            "order.created", trade_id, "create", machine.CREATED, envelope, dict(order), now,
+            None, acting,
+        )  # fmt: skip
+        fields = [str(row[f]) for f in ORDER_FIELDS]
+        params = (
+            trade_id, None, machine.CREATED, fields, row["envelope"], None, None, "create",
+            actor, idempotency_key, event["event_id"], acting.token_iss, acting.token_jti,
+            acting.mandate_id, event["type"], envelope.txn, event["jws"], _ms(now),
+            APPEND_LOCKS["ref_outbox"],
+        )  # fmt: skip
+        try:
+            await store_pg.apply(self.db, params)
+        except store_pg.Duplicate:
+            raise DuplicateTransition(await self._existing(trade_id, "create")) from None
+        self._notify()
+        record = TransitionRecord(
+            trade_id, "create", None, machine.CREATED, actor, idempotency_key,
+            event["event_id"], _ms(now) / 1000,
+        )  # fmt: skip
+        return _trade_of(row), record
+
+    async def _apply_pg(
+        self,
+        trade_id: str,
+        transition: machine.Transition,
+        actor: str,
+        envelope: Envelope,
+        idempotency_key: str | None,
+        data: Mapping[str, Any] | None,
+        values: Mapping[str, Any],
+        now: float,
+        acting: Acting,
+    ) -> TransitionRecord:
+        """:meth:`apply` of a plain transition on PostgreSQL: one statement (``store_pg``)."""
+        name, source, target = transition.name, transition.source, transition.target
+        event = self._event(
+            transition.event, trade_id, name, target, envelope, dict(data or {}), now, source,
+            acting,
+        )  # fmt: skip
+        allocation = [values["allocation"], values["proposer"]] if "allocation" in values else None
+        settlement = [values["settlement"]] if "settlement" in values else None
+        params = (
+            trade_id, source, target, None, None, allocation, settlement, name, actor,
+            idempotency_key, event["event_id"], acting.token_iss, acting.token_jti,
+            acting.mandate_id, event["type"], envelope.txn, event["jws"], _ms(now),
+            APPEND_LOCKS["ref_outbox"],
+        )  # fmt: skip
+        try:
+            moved = await store_pg.apply(self.db, params)
+        except store_pg.Duplicate:
+            moved = False
+        if not moved:
+            raise await self.why(trade_id, transition)
+        self._notify()
+        return TransitionRecord(
+            trade_id, name, source, target, actor, idempotency_key, event["event_id"],
+            _ms(now) / 1000,
+        )  # fmt: skip
 
     async def escalate(
         self, exception_id: str, actor: str, envelope: Envelope, note: str
@@ -935,6 +1016,16 @@ class TradeStore:
         after an ``UPDATE`` of this transaction, it waited for the row lock and applied.)"""
         now = time.time()
         event_id, trade_id = str(claims["jti"]), str(claims["trade_id"])
+        if not self.db.is_sqlite:
+            try:
+                outcome, moved, waiting = await store_pg.learn(
+                    self.db, _learning(claims, jws, now, cursor)
+                )
+            except store_pg.Duplicate:
+                return KNOWN, False, False
+            if outcome != KNOWN:
+                self._notify()
+            return outcome, moved, waiting
         try:
             async with self.db.transaction() as conn:
                 seen = (
@@ -1117,6 +1208,11 @@ class TradeStore:
     # ------------------------------------------------------------------ reads
 
     async def trade(self, trade_id: str) -> Trade:
+        if not self.db.is_sqlite:  # before every step: asyncpg's own statement (``store_pg``)
+            found = await store_pg.fetch(self.db, store_pg.TRADE, (trade_id,))
+            if not found:
+                raise NotFound(trade_id)
+            return _trade_of(found[0])
         row = await self._first(select(trades).where(trades.c.trade_id == trade_id))
         if row is None:
             raise NotFound(trade_id)
@@ -1186,6 +1282,9 @@ class TradeStore:
         return int(found or 0)
 
     async def events_after(self, after: int, limit: int = 100) -> list[StoredEvent]:
+        if not self.db.is_sqlite:  # after every commit (the hand-off): asyncpg's own statement
+            found = await store_pg.fetch(self.db, store_pg.EVENTS_AFTER, (after, limit))
+            return [_stored_of(r) for r in found]
         rows = await self._all(
             select(outbox).where(outbox.c.seq > after).order_by(outbox.c.seq).limit(limit)
         )
@@ -1248,6 +1347,70 @@ class TradeStore:
 ORDER_FIELDS = ("account", "instrument", "side", "quantity", "amount", "currency")
 
 
+#: The trade columns a transition of PostgreSQL's one-statement path may set (``store_pg``).
+_ONE_STATEMENT_UPDATES: tuple[frozenset[str], ...] = (
+    frozenset(),
+    frozenset({"allocation", "proposer"}),
+    frozenset({"settlement"}),
+)
+
+
+def _one_statement(
+    db: Database,
+    updates: Mapping[str, Any] | None,
+    *others: object,
+) -> bool:
+    """Whether :meth:`TradeStore.apply` runs as one statement (``store_pg``): on PostgreSQL, for a
+    transition that opens no exception, closes none and records no signal (the service's steps);
+    the others keep their transaction."""
+    return (
+        not db.is_sqlite
+        and all(other is None for other in others)
+        and frozenset(updates or {}) in _ONE_STATEMENT_UPDATES
+    )
+
+
+def _learning(
+    claims: Mapping[str, Any], jws: str, now: float, cursor: tuple[str, int] | None
+) -> tuple[Any, ...]:
+    """The parameters of PostgreSQL's learning function (``store_pg``): what
+    :meth:`TradeStore._apply_learned` and :meth:`TradeStore._learn_one` compute from the claims,
+    in the same way."""
+    name, target, source = claims["transition"], claims.get("state"), claims.get("from")
+    event_type = claims.get("type")
+    raw_data, raw_envelope = claims.get("data"), claims.get("envelope")
+    data: dict[str, Any] = raw_data if isinstance(raw_data, dict) else {}
+    envelope: dict[str, Any] = raw_envelope if isinstance(raw_envelope, dict) else {}
+    mode = "move"
+    order, txn, envelope_json = None, None, None
+    if event_type == "exception.escalated":
+        mode = "escalated"
+    elif name == "create":
+        mode = "create"
+        order = [str(data.get(f, ""))[:64] for f in ORDER_FIELDS]
+        raw_txn = envelope.get("txn")
+        txn = raw_txn[:256] if isinstance(raw_txn, str) else None
+        envelope_json = orjson.dumps(envelope).decode()
+    sets, allocation, proposer, settlement = None, None, None, None
+    if event_type == "allocation.proposed":
+        who = envelope.get("sub") or envelope.get("client_id")
+        sets, allocation = "allocation", orjson.dumps(data.get("allocations")).decode()
+        proposer = str(who)[:256] if who is not None else None
+    elif event_type in ("settlement.submitted", "settlement.amended"):
+        sets, settlement = "settlement", orjson.dumps(data.get("instructions")).decode()
+    elif event_type == "settlement.exception":
+        sets = "exception"
+    acting = Acting.from_event(claims)
+    return (
+        str(claims["jti"]), str(claims["trade_id"]), str(name),
+        source if isinstance(source, str) else None, target if isinstance(target, str) else None,
+        mode, order, txn, envelope_json, sets, allocation, proposer, settlement,
+        f"event:{claims.get('iss')}"[:256], acting.token_iss, acting.token_jti, acting.mandate_id,
+        str(claims.get("iss"))[:512], str(claims.get("type"))[:64], jws, _ms(now),
+        cursor[0] if cursor else None, cursor[1] if cursor else 0, APPEND_LOCKS["ref_inbox"],
+    )  # fmt: skip
+
+
 def _payload(jws: str) -> dict[str, Any]:
     """The payload of a JWS this store verified before keeping it (its inbox)."""
     part = jws.split(".")[1]
@@ -1288,7 +1451,10 @@ def _add_acting_columns(sync_conn: Any) -> None:
 
 
 def _stored(row: Any) -> StoredEvent:
-    m = row._mapping
+    return _stored_of(row._mapping)
+
+
+def _stored_of(m: Mapping[str, Any]) -> StoredEvent:
     return StoredEvent(
         m["seq"],
         m["event_id"],

@@ -1,0 +1,233 @@
+"""The learning transaction on PostgreSQL in one round trip: a PL/pgSQL function, ``ref_learn``,
+that the store creates with its tables and calls as one statement on the autocommit engine.
+
+Python (:meth:`TradeStore._learn_one`) is the reference of what the transaction does; on SQLite it
+runs as written. On PostgreSQL those nine statements and ``BEGIN``/``COMMIT`` were eleven round
+trips per (event, downstream store), each through SQLAlchemy's compilation and cursor layers: most
+of a service's CPU per request went into handing its event to the three other stores. The
+function runs the same statements, in the same order, in the statement's own transaction: each
+statement of a ``VOLATILE`` function takes a fresh snapshot (READ COMMITTED), so the look for
+kept events after the inbox's append lock sees what committed before the lock was granted, as
+the Python transaction's separate statement does. A unique violation (a racing delivery of the
+event, or a transition already recorded) aborts the whole statement, as it rolled back the
+Python transaction. The branch-specific values (the order's fields of a ``create``, the
+allocation, the instructions, the exception count) are computed in Python from the verified
+claims, once, exactly as for SQLite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from trustplane.storage.db import Database
+
+#: Bumped with any change of the function's text: the name carries it, so that processes of two
+#: versions running at once on one database each call their own.
+LEARN_FUNCTION = "ref_learn_v1"
+
+_LEARN = f"""\
+CREATE OR REPLACE FUNCTION {LEARN_FUNCTION}(
+    p_event_id text, p_trade_id text, p_transition text, p_source text, p_target text,
+    p_mode text, p_order text[], p_txn text, p_envelope text,
+    p_set text, p_allocation text, p_proposer text, p_settlement text,
+    p_actor text, p_token_iss text, p_token_jti text, p_mandate_id text,
+    p_issuer text, p_type text, p_jws text, p_now bigint,
+    p_consumer text, p_seq integer, p_lock bigint
+) RETURNS TABLE (outcome text, moved boolean, waiting boolean)
+LANGUAGE plpgsql VOLATILE AS $fn$
+DECLARE
+    v_seen boolean;
+    v_applied_at bigint;
+    v_applied boolean := false;
+    v_moved boolean := false;
+    v_waiting boolean := false;
+BEGIN
+    SELECT true, i.applied_at INTO v_seen, v_applied_at
+        FROM ref_inbox i WHERE i.event_id = p_event_id;
+    IF v_seen AND v_applied_at IS NOT NULL THEN
+        v_applied := true;
+    ELSIF p_mode = 'escalated' THEN
+        v_applied := true;
+    ELSIF EXISTS (SELECT 1 FROM ref_transitions t
+                  WHERE t.trade_id = p_trade_id AND t.transition = p_transition) THEN
+        v_applied := true;
+    ELSIF p_target IS NOT NULL AND (p_mode = 'create' OR p_source IS NOT NULL) THEN
+        IF p_mode = 'create' THEN
+            INSERT INTO ref_trades (trade_id, state, account, instrument, side, quantity, amount,
+                currency, txn, envelope, exceptions, version, created_at, updated_at)
+            VALUES (p_trade_id, p_target, p_order[1], p_order[2], p_order[3], p_order[4],
+                p_order[5], p_order[6], p_txn, p_envelope, 0, 1, p_now, p_now);
+            v_applied := true;
+        ELSE
+            UPDATE ref_trades t SET state = p_target, version = t.version + 1,
+                updated_at = p_now,
+                allocation = CASE WHEN p_set = 'allocation' THEN p_allocation
+                                  ELSE t.allocation END,
+                proposer = CASE WHEN p_set = 'allocation' THEN p_proposer ELSE t.proposer END,
+                settlement = CASE WHEN p_set = 'settlement' THEN p_settlement
+                                  ELSE t.settlement END,
+                exceptions = t.exceptions + CASE WHEN p_set = 'exception' THEN 1 ELSE 0 END
+            WHERE t.trade_id = p_trade_id AND t.state = p_source;
+            v_applied := FOUND;
+        END IF;
+        IF v_applied THEN
+            INSERT INTO ref_transitions (trade_id, transition, source, target, actor,
+                idempotency_key, event_id, at, token_iss, token_jti, mandate_id)
+            VALUES (p_trade_id, left(p_transition, 64), p_source, p_target, p_actor, NULL,
+                left(p_event_id, 36), p_now, p_token_iss, p_token_jti, p_mandate_id);
+        END IF;
+    END IF;
+    IF p_consumer IS NOT NULL THEN
+        UPDATE ref_cursors c SET seq = p_seq, updated_at = p_now
+            WHERE c.consumer = p_consumer AND c.seq < p_seq;
+        v_moved := FOUND;
+    END IF;
+    IF v_seen AND v_applied_at IS NOT NULL THEN
+        RETURN QUERY SELECT 'known'::text, v_moved, false;
+        RETURN;
+    END IF;
+    IF v_seen IS NULL THEN
+        PERFORM pg_advisory_xact_lock(p_lock);
+        INSERT INTO ref_inbox (event_id, issuer, type, trade_id, transition, jws, received_at,
+            applied_at)
+        VALUES (left(p_event_id, 64), p_issuer, p_type, left(p_trade_id, 64),
+            left(p_transition, 64), p_jws, p_now, CASE WHEN v_applied THEN p_now END);
+    ELSIF v_applied THEN
+        UPDATE ref_inbox i SET applied_at = p_now WHERE i.event_id = p_event_id;
+        PERFORM pg_advisory_xact_lock(p_lock);
+    END IF;
+    IF v_applied THEN
+        v_waiting := EXISTS (SELECT 1 FROM ref_inbox i WHERE i.trade_id = p_trade_id
+            AND i.applied_at IS NULL AND i.event_id <> p_event_id);
+    END IF;
+    RETURN QUERY SELECT CASE WHEN v_applied THEN 'applied' ELSE 'pending' END, v_moved,
+        v_waiting;
+END
+$fn$"""  # noqa: S608 - constants
+
+#: The owner's transition (or creation), its transition row and its outbox row, in one
+#: statement: the same compare-and-set, the same unique (trade_id, transition), the outbox row
+#: last under its append lock. False when the compare-and-set matched nothing (nothing written).
+APPLY_FUNCTION = "ref_apply_v1"
+
+_APPLY = f"""\
+CREATE OR REPLACE FUNCTION {APPLY_FUNCTION}(
+    p_trade_id text, p_source text, p_target text, p_order text[], p_envelope text,
+    p_allocation text[], p_settlement text[],
+    p_transition text, p_actor text, p_key text, p_event_id text,
+    p_token_iss text, p_token_jti text, p_mandate_id text,
+    p_type text, p_txn text, p_jws text, p_now bigint, p_lock bigint
+) RETURNS boolean
+LANGUAGE plpgsql VOLATILE AS $fn$
+BEGIN
+    IF p_order IS NOT NULL THEN
+        INSERT INTO ref_trades (trade_id, state, account, instrument, side, quantity, amount,
+            currency, txn, envelope, exceptions, version, created_at, updated_at)
+        VALUES (p_trade_id, p_target, p_order[1], p_order[2], p_order[3], p_order[4],
+            p_order[5], p_order[6], p_txn, p_envelope, 0, 1, p_now, p_now);
+    ELSE
+        UPDATE ref_trades t SET state = p_target, version = t.version + 1, updated_at = p_now,
+            allocation = CASE WHEN p_allocation IS NULL THEN t.allocation
+                              ELSE p_allocation[1] END,
+            proposer = CASE WHEN p_allocation IS NULL THEN t.proposer ELSE p_allocation[2] END,
+            settlement = CASE WHEN p_settlement IS NULL THEN t.settlement
+                              ELSE p_settlement[1] END
+        WHERE t.trade_id = p_trade_id AND t.state = p_source;
+        IF NOT FOUND THEN
+            RETURN false;
+        END IF;
+    END IF;
+    INSERT INTO ref_transitions (trade_id, transition, source, target, actor, idempotency_key,
+        event_id, at, token_iss, token_jti, mandate_id)
+    VALUES (p_trade_id, p_transition, p_source, p_target, p_actor, p_key, p_event_id, p_now,
+        p_token_iss, p_token_jti, p_mandate_id);
+    PERFORM pg_advisory_xact_lock(p_lock);
+    INSERT INTO ref_outbox (event_id, type, trade_id, txn, jws, created_at)
+    VALUES (p_event_id, p_type, p_trade_id, p_txn, p_jws, p_now);
+    RETURN true;
+END
+$fn$"""  # noqa: S608 - constants
+
+
+def _call(function: str, columns: str, count: int) -> str:
+    parameters = ", ".join(f"${i}" for i in range(1, count + 1))
+    return f"SELECT {columns} FROM {function}({parameters})"  # noqa: S608 - constants
+
+
+_CALL = _call(LEARN_FUNCTION, "outcome, moved, waiting", 24)
+_CALL_APPLY = _call(APPLY_FUNCTION, "*", 19)
+
+#: Serializes the creation of the function by processes starting at once on one database
+#: (``CREATE OR REPLACE FUNCTION`` racing itself fails with "tuple concurrently updated").
+_CREATE_LOCK = int.from_bytes(b"tp-rflrn", "big") & 0x7FFF_FFFF_FFFF_FFFF
+
+# A pooled connection the server (or the network) dropped fails with one of these (as in
+# ``pep/idempotency_store.py``): the call is tried once more on a fresh connection.
+_DISCONNECTS = (
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.InternalClientError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.AdminShutdownError,
+    OSError,
+)
+
+
+async def create_functions(conn: AsyncConnection) -> None:
+    """Create (or replace) the functions, in the schema's transaction."""
+    await conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_CREATE_LOCK})")
+    await conn.exec_driver_sql(_LEARN)
+    await conn.exec_driver_sql(_APPLY)
+
+
+class Duplicate(Exception):
+    """The statement hit a unique constraint: a racing delivery of the event, or the transition
+    recorded already, or the trade created already (the statement rolled back: nothing written)."""
+
+
+async def learn(db: Database, params: tuple[Any, ...]) -> tuple[str, bool, bool]:
+    """One call of the learning function, committed on its own: (outcome, moved, waiting)."""
+    row = await _fetchrow(db, _CALL, params)
+    return str(row[0]), bool(row[1]), bool(row[2])
+
+
+async def apply(db: Database, params: tuple[Any, ...]) -> bool:
+    """One call of the owner's transition function, committed on its own: whether it moved."""
+    return bool((await _fetchrow(db, _CALL_APPLY, params))[0])
+
+
+#: The hot reads: the trade before each step (its state for the PDP), and the outbox after each
+#: commit (the hand-off), as the SQLAlchemy selects of ``TradeStore.trade`` and ``events_after``.
+TRADE = "SELECT * FROM ref_trades WHERE trade_id = $1"
+EVENTS_AFTER = "SELECT * FROM ref_outbox WHERE seq > $1 ORDER BY seq LIMIT $2"
+
+
+async def fetch(db: Database, sql: str, params: tuple[Any, ...]) -> list[Any]:
+    """The rows (asyncpg records: mappings by column name) of one read on the autocommit engine."""
+    return list(await _on_driver(db, lambda driver: driver.fetch(sql, *params)))
+
+
+async def _fetchrow(db: Database, sql: str, params: tuple[Any, ...]) -> Any:
+    """The one row of a function's call."""
+    return await _on_driver(db, lambda driver: driver.fetchrow(sql, *params))
+
+
+async def _on_driver(db: Database, call: Callable[[Any], Awaitable[Any]]) -> Any:
+    """One statement on the autocommit engine's asyncpg connection (no ``BEGIN``/``COMMIT``, no
+    statement compilation); once more on a fresh connection if the pooled one was dead."""
+    for attempt in (1, 2):
+        async with db.autocommit_engine.connect() as conn:
+            driver: Any = (await conn.get_raw_connection()).driver_connection
+            try:
+                return await call(driver)
+            except asyncpg.exceptions.UniqueViolationError:
+                raise Duplicate() from None
+            except _DISCONNECTS:
+                if attempt == 2:
+                    raise
+                await conn.invalidate()
+    raise AssertionError("unreachable")
