@@ -26,7 +26,7 @@ from trustplane.mandates.errors import MandateUnusableError
 from trustplane.mandates.model import Mandate
 from trustplane.mandates.service import MandateService
 from trustplane.oauth.exchange.rights import own_token_right, partner_token_audience
-from trustplane.protocol.tokens import read_access_token
+from trustplane.oauth.exchange.verified import VerifiedOwnTokens
 
 ACCESS_TOKEN_TYPES = frozenset({"at+jwt", "application/at+jwt"})
 #: Token types RFC 8693 §3 defines that we never accept as a subject or actor token.
@@ -83,6 +83,7 @@ class SubjectTokens:
     ) -> None:
         self._issuer, self._keys, self._clients = issuer, keys, clients
         self._mandates, self._partners = mandates, partners
+        self.verified = VerifiedOwnTokens(lambda: keys.ring, issuer)
 
     async def verify(self, token: str, token_type: str, client: Client, now: int) -> Subject:
         if token_type not in (TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT):
@@ -144,7 +145,7 @@ class SubjectTokens:
         )  # fmt: skip
 
     async def _own(self, token: str, aud: object, client: Client, now: int) -> Subject:
-        claims = read_access_token(self._keys.ring, token, issuer=self._issuer, now=0)
+        claims = self.verified.read(token, now)
         if claims is None:
             raise unacceptable(
                 "the subject_token is not a valid access token of this server", "signature"
