@@ -2,7 +2,8 @@
 
 ``urn:ietf:params:oauth:token-type:access_token``: one of OUR access tokens (``typ: at+jwt``,
 ``iss`` = our issuer, signed by our keys, not expired, its client active, its mandate usable now;
-revocation is checked with the outcome, in the same transaction), or a trusted partner's access
+revocation is checked with the outcome, in the same transaction; the signature check of a token
+presented again is remembered: ``oauth.exchange.verified``), or a trusted partner's access
 token (``typ: at+jwt``, verified with that partner's keys only). ``urn:...:jwt``: a partner
 assertion (``typ`` absent or ``JWT``), whose ``jti`` is single-use. Anything else is
 ``invalid_request`` (§2.2.2), as is a token whose ``typ`` contradicts the declared type or whose
