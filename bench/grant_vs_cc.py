@@ -26,7 +26,10 @@ Setup = Callable[[dict[str, str], Path], tuple[str, Any]]
 WriteBodies = Callable[[Path, int, str, dict[str, Any]], None]
 
 
-def arguments(description: str | None) -> argparse.Namespace:
+def arguments(
+    description: str | None, extra: Callable[[argparse.ArgumentParser], None] | None = None
+) -> argparse.Namespace:
+    """The common options; ``extra`` adds a bench's own."""
     ap = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -39,6 +42,8 @@ def arguments(description: str | None) -> argparse.Namespace:
     ap.add_argument("--rest", type=float, default=1.0)
     ap.add_argument("--bodies", type=int, default=40000, help="pre-generated requests per rep")
     ap.add_argument("--json", type=Path, help="append a JSON summary line to this file")
+    if extra is not None:
+        extra(ap)
     args = ap.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is required (apt-get install wrk)")

@@ -12,10 +12,17 @@ Reports exchanges/s, p50/p99, CPU per request. Target: >= 800 exchanges/s on one
 
   python bench/token_exchange.py                     # SQLite, 1 worker, 32 connections
   python bench/token_exchange.py --database-url postgresql://postgres@127.0.0.1:5432/test
+  python bench/token_exchange.py --subject-tokens 6000   # (nearly) every subject token new
+
+Subject tokens are used in turn (request i presents token i mod --subject-tokens): with the default
+256 each is presented many times in a repetition, so the server's verified subject-token cache
+(oauth/exchange/verified.py) answers nearly every signature check after the first 256; with more
+tokens than a repetition's requests every exchange verifies its subject token in full.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import multiprocessing as mp
 import os
@@ -33,7 +40,7 @@ import token_endpoint as te
 
 EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"
-SUBJECT_TOKENS = 256
+SUBJECT_TOKENS = [256]
 _SIGNERS: dict[str, object] = {}
 _ARGS: dict[str, str] = {}
 _SUBJECTS: list[str] = []
@@ -63,23 +70,26 @@ def _body(i: int) -> str:
 
 def subject_tokens(pem: bytes, client_id: str, issuer: str, n: int) -> list[str]:
     """Fresh subject tokens, minted by the server (client_credentials) before the timed part."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import httpx
 
     from trustplane.pep import PrivateKeyJwt
 
     key = serialization.load_pem_private_key(pem, password=None)
     auth = PrivateKeyJwt(client_id, key, "bench-key", issuer)  # type: ignore[arg-type]
-    tokens = []
-    with httpx.Client(timeout=10) as http:
-        for _ in range(n):
-            form = {"grant_type": "client_credentials", "scope": "order:create"}
-            form["resource"] = te.RESOURCE
-            headers: dict[str, str] = {}
-            auth.apply(form, headers)
-            response = http.post(f"{issuer}/token", data=form, headers=headers)
-            response.raise_for_status()
-            tokens.append(response.json()["access_token"])
-    return tokens
+
+    def mint(http: httpx.Client) -> str:
+        form = {"grant_type": "client_credentials", "scope": "order:create"}
+        form["resource"] = te.RESOURCE
+        headers: dict[str, str] = {}
+        auth.apply(form, headers)
+        response = http.post(f"{issuer}/token", data=form, headers=headers)
+        response.raise_for_status()
+        return str(response.json()["access_token"])
+
+    with httpx.Client(timeout=30) as http, ThreadPoolExecutor(8) as pool:
+        return list(pool.map(lambda _: mint(http), range(n)))
 
 
 def make_bodies(path: Path, n: int, pem: bytes, args: dict[str, str], subjects: list[str]) -> None:
@@ -94,7 +104,7 @@ def write_bodies(path: Path, n: int, grant_type: str, ctx: dict[str, Any]) -> No
     args = {"client_id": ctx["client_id"], "issuer": ctx["issuer"], "grant_type": grant_type}
     pem = ctx["secrets"]
     subjects = (
-        subject_tokens(pem, args["client_id"], args["issuer"], SUBJECT_TOKENS)
+        subject_tokens(pem, args["client_id"], args["issuer"], SUBJECT_TOKENS[0])
         if grant_type == EXCHANGE
         else []
     )
@@ -116,8 +126,13 @@ def setup(env: dict[str, str], work: Path) -> tuple[str, bytes]:
 
 
 def main() -> None:
+    def extra(ap: argparse.ArgumentParser) -> None:
+        ap.add_argument("--subject-tokens", type=int, default=SUBJECT_TOKENS[0])
+
+    args = gvc.arguments(__doc__, extra)
+    SUBJECT_TOKENS[0] = args.subject_tokens
     gvc.run(
-        gvc.arguments(__doc__),
+        args,
         name="token_exchange",
         grant_type=EXCHANGE,
         setup=setup,

@@ -4,6 +4,7 @@ per refusal with the exact status and error code AND the deny record in the audi
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -23,7 +24,10 @@ from tests.protocol_server import Server, running_server
 from tests.rar.test_registry import TRADE
 from trustplane.audit.sink import recent_events
 from trustplane.clients.remote_jwks import RemoteJwksCache
+from trustplane.errors import InvalidRequestError
 from trustplane.oauth.exchange import TOKEN_EXCHANGE
+from trustplane.oauth.exchange.grant import TokenExchangeGrant
+from trustplane.oauth.exchange.subject import SubjectTokens
 from trustplane.policy.bundle import BundleSource, default_bundle
 from trustplane.protocol.tokens import issue_access_token
 
@@ -440,6 +444,69 @@ async def test_revoked_subject_token_is_invalid_request(ex: Exchange) -> None:
     response, client_jti = await ex.post(subject)
     assert error_of(response) == (400, "invalid_request")
     assert (await ex.refusal(client_jti))["reason_ids"] == ["revoked"]
+
+
+def subject_tokens(ex: Exchange) -> SubjectTokens:
+    grant = ex.server.services.token_endpoint._grants[TOKEN_EXCHANGE]
+    assert isinstance(grant, TokenExchangeGrant)
+    return grant._subjects
+
+
+async def test_a_cached_subject_token_that_was_revoked_is_still_refused(ex: Exchange) -> None:
+    """The verified-token cache keeps the signature check only: revocation is checked with each
+    outcome, so the exchange after the revocation is refused although the token is cached."""
+    cache = subject_tokens(ex).verified
+    subject = ex.own(scopes=("order:create", "settlement:submit"))
+    first, _ = await ex.post(subject)
+    hits = cache.hits
+    again, _ = await ex.post(subject, resource=CLEARING, scope="settlement:submit")
+    assert (first.status_code, again.status_code) == (200, 200), again.text
+    assert cache.hits == hits + 1  # the second exchange was served from the cache
+    revoke = await ex.server.http.post("/revoke", data={"token": subject, **ex.kit.auth()})
+    assert revoke.status_code == 200, revoke.text
+    response, client_jti = await ex.post(subject)
+    assert error_of(response) == (400, "invalid_request")
+    assert (await ex.refusal(client_jti))["reason_ids"] == ["revoked"]
+    assert cache.hits == hits + 2  # refused although the signature check came from the cache
+
+
+async def test_a_cached_subject_token_is_refused_from_its_exp(ex: Exchange) -> None:
+    subjects, token = subject_tokens(ex), ex.own(lifetime=300, scopes=("order:create",))
+    exp = claims_of(token)["exp"]
+    client = await ex.server.services.clients.get(ex.kit.client_id)
+    assert client is not None
+    await subjects.verify(token, ACCESS, client, exp - 1)
+    hits = subjects.verified.hits
+    assert (await subjects.verify(token, ACCESS, client, exp - 1)).jti == claims_of(token)["jti"]
+    assert subjects.verified.hits == hits + 1
+    for now in (exp, exp + 1):
+        with pytest.raises(InvalidRequestError) as refused:
+            await subjects.verify(token, ACCESS, client, now)
+        assert refused.value.reason_id == "expired"
+    assert subjects.verified.hits == hits + 1  # the expired entry was dropped, not served
+
+
+@pytest.mark.parametrize("part", ["signature", "payload"])
+async def test_a_token_differing_from_a_cached_one_is_verified_in_full(
+    ex: Exchange, part: str
+) -> None:
+    subjects, token = subject_tokens(ex), ex.own()
+    client = await ex.server.services.clients.get(ex.kit.client_id)
+    assert client is not None
+    now = int(time.time())
+    await subjects.verify(token, ACCESS, client, now)  # cached
+    header, payload, signature = token.split(".")
+    if part == "signature":  # a character in the middle: other signature bytes
+        i = len(signature) // 2
+        signature = signature[:i] + ("A" if signature[i] != "A" else "B") + signature[i + 1 :]
+    else:  # the same signature over other claims (a wider scope)
+        claims = {**claims_of(token), "scope": "order:create order:cancel settlement:submit"}
+        payload = base64.urlsafe_b64encode(orjson.dumps(claims)).rstrip(b"=").decode()
+    misses = subjects.verified.misses
+    with pytest.raises(InvalidRequestError) as refused:
+        await subjects.verify(f"{header}.{payload}.{signature}", ACCESS, client, now)
+    assert refused.value.reason_id == "signature"
+    assert subjects.verified.misses == misses + 1
 
 
 @pytest.mark.parametrize("header", ["jku", "x5u", "jwk", "x5c"])

@@ -2,7 +2,8 @@
 
 ``urn:ietf:params:oauth:token-type:access_token``: one of OUR access tokens (``typ: at+jwt``,
 ``iss`` = our issuer, signed by our keys, not expired, its client active, its mandate usable now;
-revocation is checked with the outcome, in the same transaction), or a trusted partner's access
+revocation is checked with the outcome, in the same transaction; the signature check of a token
+presented again is remembered: ``oauth.exchange.verified``), or a trusted partner's access
 token (``typ: at+jwt``, verified with that partner's keys only). ``urn:...:jwt``: a partner
 assertion (``typ`` absent or ``JWT``), whose ``jti`` is single-use. Anything else is
 ``invalid_request`` (§2.2.2), as is a token whose ``typ`` contradicts the declared type or whose
@@ -26,7 +27,7 @@ from trustplane.mandates.errors import MandateUnusableError
 from trustplane.mandates.model import Mandate
 from trustplane.mandates.service import MandateService
 from trustplane.oauth.exchange.rights import own_token_right, partner_token_audience
-from trustplane.protocol.tokens import read_access_token
+from trustplane.oauth.exchange.verified import VerifiedOwnTokens
 
 ACCESS_TOKEN_TYPES = frozenset({"at+jwt", "application/at+jwt"})
 #: Token types RFC 8693 §3 defines that we never accept as a subject or actor token.
@@ -83,6 +84,7 @@ class SubjectTokens:
     ) -> None:
         self._issuer, self._keys, self._clients = issuer, keys, clients
         self._mandates, self._partners = mandates, partners
+        self.verified = VerifiedOwnTokens(lambda: keys.ring, issuer)
 
     async def verify(self, token: str, token_type: str, client: Client, now: int) -> Subject:
         if token_type not in (TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT):
@@ -144,7 +146,7 @@ class SubjectTokens:
         )  # fmt: skip
 
     async def _own(self, token: str, aud: object, client: Client, now: int) -> Subject:
-        claims = read_access_token(self._keys.ring, token, issuer=self._issuer, now=0)
+        claims = self.verified.read(token, now)
         if claims is None:
             raise unacceptable(
                 "the subject_token is not a valid access token of this server", "signature"

@@ -1,0 +1,84 @@
+"""Our own access tokens presented as subject tokens, verified once per process.
+
+One subject token is commonly exchanged several times: the reference lifecycle exchanges Alice's
+token for each audience it needs (broker, then clearing), and a service that calls several APIs on a
+user's behalf does the same. The signature check (ES256 verification, the token's parse) is the
+same work every time for the same bytes, so its result is kept:
+
+- keyed by the exact token text: any other byte (a re-encoded signature, a changed claim) is
+  another key, verified in full;
+- used only while the token's ``exp`` is in the future (an entry at or past it is dropped) and
+  while the key that verified it is still in the key ring under the same ``kid`` (a ring reloaded
+  after a rotation or a retirement verifies again);
+- bounded (:data:`MAX_VERIFIED` entries, the oldest out first), and only tokens whose signature
+  verified with our keys get in, so no caller can fill it with junk.
+
+Only the signature check is kept. Everything else about a subject token is checked on every
+exchange (``oauth.exchange.subject``): its expiry, the exchanging client's right, its client still
+active, its mandate usable now, and its revocation with the outcome (a ``NotRevoked`` condition in
+the group commit that records the exchange).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import orjson
+
+from trustplane.jose.jwk import PublicKey
+from trustplane.jose.jws import b64url_decode
+from trustplane.keys.service import KeyRing
+from trustplane.protocol.tokens import VerifiedClaims, read_access_token
+
+#: ~1-2 kB per entry (our tokens, their claims): a few MB at most.
+MAX_VERIFIED = 2048
+
+
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    claims: VerifiedClaims
+    kid: str
+    key: PublicKey
+    exp: int
+
+
+class VerifiedOwnTokens:
+    """``read`` is :func:`~trustplane.protocol.tokens.read_access_token` (without its expiry
+    check: the caller refuses an expired token with its own error), remembered per token."""
+
+    def __init__(
+        self, ring: Callable[[], KeyRing], issuer: str, max_entries: int = MAX_VERIFIED
+    ) -> None:
+        self._ring, self._issuer, self._max = ring, issuer, max_entries
+        #: Insertion-ordered: the oldest entry is evicted first, in O(1).
+        self._entries: OrderedDict[str, _Verified] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def read(self, token: str, now: int) -> VerifiedClaims | None:
+        """The token's verified claims (possibly expired), or None if it is not a valid access
+        token of ours (foreign, forged, malformed, signed by a key no longer in the ring)."""
+        ring = self._ring()
+        entry = self._entries.get(token)
+        if entry is not None:
+            current = ring.verify_keys.get(entry.kid)
+            if entry.exp > now and current is not None and current[1] is entry.key:
+                self.hits += 1
+                return entry.claims
+            del self._entries[token]
+        self.misses += 1
+        claims = read_access_token(ring, token, issuer=self._issuer, now=0)
+        if claims is not None and claims["exp"] > now:
+            self._remember(ring, token, claims)
+        return claims
+
+    def _remember(self, ring: KeyRing, token: str, claims: VerifiedClaims) -> None:
+        # read_access_token verified it with the ring's key under the header's kid: that one
+        kid = str(orjson.loads(b64url_decode(token.partition(".")[0])).get("kid"))
+        if len(self._entries) >= self._max:
+            self._entries.popitem(last=False)
+        self._entries[token] = _Verified(claims, kid, ring.verify_keys[kid][1], int(claims["exp"]))
