@@ -5,6 +5,7 @@ export` writes (entry and payload verbatim); older lines (entry as a parsed obje
 from __future__ import annotations
 
 import base64
+import hashlib
 import itertools
 from pathlib import Path
 
@@ -65,10 +66,17 @@ def older_lines(stored_and_note: tuple[list[StoredEntry], str]) -> list[bytes]:
     ]
 
 
-@pytest.fixture(params=[1, 3], ids=["one-process", "three-processes"])
+@pytest.fixture(
+    params=[1, 3, "one-block"], ids=["one-process", "three-processes", "one-process-one-block"]
+)
 def workers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Small blocks (lines straddle blocks and ranges; a block of common lines is sliced as a
+    whole, others line by line), or the whole file as one block (one run of N entries: the
+    checks of a run at once meet the altered line among thousands of intact ones)."""
+    if request.param == "one-block":
+        return 1
     monkeypatch.setattr(parallel_verify, "PARALLEL_MIN_BYTES", 1)
-    monkeypatch.setattr(parallel_verify, "BLOCK_BYTES", 1000)  # lines straddle blocks and ranges
+    monkeypatch.setattr(parallel_verify, "BLOCK_BYTES", 1000)
     return int(request.param)
 
 
@@ -210,6 +218,85 @@ def test_one_byte_changed_in_the_verbatim_bytes_is_named(
     else:  # the leaf is intact: the log is proved, the payload is not
         assert report.failures == [failure]
         assert any("exactly the log" in line for line in report.proved)
+
+
+def test_one_byte_changed_in_the_commitment_is_named(
+    tmp_path: Path, lines_and_note: tuple[list[bytes], str], signer: Signer, workers: int
+) -> None:
+    """The commitment is inside the entry: its leaf, its payload check and the root all fail."""
+    lines, note = lines_and_note
+    line = lines[2345]
+    at = line.index(b'"payload_hash":"') + len(b'"payload_hash":"')
+    digit = b"1" if line[at : at + 1] == b"0" else b"0"
+    tampered = line[:at] + digit + line[at + 1 :]
+    altered = [*lines[:2345], tampered, *lines[2346:]]
+    report = verify_export_file(
+        write(tmp_path / "e.jsonl", altered), note, signer.verifier_key, workers
+    )
+    assert report.failed_indices == [2345]
+    assert report.failures == [
+        "entry 2345: its content does not hash to the leaf recorded for index 2345 "
+        "(the entry was altered or moved)",
+        "entry 2345: payload does not match its committed hash",
+        "the root recomputed from the export differs from the signed root",
+    ]
+
+
+def test_a_checkpoint_with_another_root_is_not_the_export(
+    tmp_path: Path, lines_and_note: tuple[list[bytes], str], signer: Signer, workers: int
+) -> None:
+    """Signed by the right key, one bit of the root changed: every leaf and payload checks, the
+    root does not."""
+    lines, note = lines_and_note
+    checkpoint = Checkpoint.parse(note.split("\n\n")[0] + "\n")
+    root = bytes([checkpoint.root[0] ^ 1]) + checkpoint.root[1:]
+    other = signer.sign(Checkpoint(checkpoint.origin, N, root).body())
+    report = verify_export_file(
+        write(tmp_path / "e.jsonl", lines), other, signer.verifier_key, workers
+    )
+    assert report.failures == ["the root recomputed from the export differs from the signed root"]
+    assert f"{N} payloads match their salted commitments" in report.proved
+
+
+@pytest.mark.parametrize(
+    ("members", "proved"),
+    [
+        (b'"payload_hash":"{good}","payload_hash":"{bad}"', False),  # a parse keeps the last
+        (b'"payload_hash":"{bad}","payload_hash":"{good}"', True),
+        (b'"a":{{"payload_hash":"{good}"}},"payload_hash":"{bad}"', False),  # nested: not it
+        (b'"a":{{"payload_hash":"{bad}"}},"payload_hash":"{good}"', True),
+    ],
+    ids=["twice-first-good", "twice-last-good", "nested-good", "nested-bad"],
+)
+def test_the_commitment_is_the_member_a_parse_finds_among_intact_entries(
+    tmp_path: Path,
+    stored_and_note: tuple[list[StoredEntry], str],
+    signer: Signer,
+    members: bytes,
+    proved: bool,
+) -> None:
+    """An entry whose text holds the marker twice, or once inside a nested object, among N intact
+    entries in one block: the check of the whole run at once must not take the first marker's
+    value for the commitment (a parse finds the last member, at the top level)."""
+    stored, _ = stored_and_note
+    item = stored[500]
+    assert item.salt is not None
+    assert item.payload is not None
+    good = hashlib.sha256(item.salt + item.payload.encode()).hexdigest().encode()
+    text = b"{" + members.replace(b"{good}", good).replace(b"{bad}", b"0" * 64) + b"}"
+    text = text.replace(b"{{", b"{").replace(b"}}", b"}")
+    odd = StoredEntry(500, text.decode(), merkle.leaf_hash(text), item.payload, item.salt)
+    entries = [*stored[:500], odd, *stored[501:]]
+    note = signer.sign(
+        Checkpoint(signer.name, N, merkle.MemoryTree(e.leaf_hash for e in entries).root()).body()
+    )
+    path = write(tmp_path / "e.jsonl", [export_line(e).rstrip(b"\n") for e in entries])
+    report = verify_export_file(path, note, signer.verifier_key, 1)
+    if proved:
+        assert report.ok, report.failures
+    else:
+        assert report.failures == ["entry 500: payload does not match its committed hash"]
+    assert any("exactly the log" in line for line in report.proved)
 
 
 def test_a_tampered_entry_with_its_recorded_leaf_hash_still_fails_at_the_root(
