@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
-from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 from trustplane.outbound import OutboundFetcher, OutboundPolicy
 from trustplane.pep import (
@@ -47,6 +47,7 @@ from trustplane.reference.http import build_app
 from trustplane.reference.serve import dispatcher_of, dispose, open_stores
 from trustplane.reference.services import ServiceStores, TradeServices
 from trustplane.reference.settings import ReferenceSettings
+from trustplane.server import freezing_when_started
 
 EVENT_ISSUER = "https://reference.bench.invalid"
 
@@ -70,7 +71,7 @@ def _stores(services: tuple[str, ...]) -> tuple[ServiceStores, ReferenceSettings
     return open_stores(settings), settings
 
 
-def app_from_env() -> FastAPI:
+def app_from_env() -> ASGIApp:
     issuer, pdp = os.environ["LC_ISSUER"], os.environ["LC_PDP"]
     clients = json.loads(Path(os.environ["LC_CLIENTS"]).read_text())
     fetcher = OutboundFetcher(OutboundPolicy.development())
@@ -100,7 +101,7 @@ def app_from_env() -> FastAPI:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    return app
+    return freezing_when_started(app)  # as `trustplane reference serve` runs it
 
 
 async def publish() -> None:

@@ -20,7 +20,12 @@ from tests.conftest import _Started, free_port, make_settings
 from trustplane import server as server_module
 from trustplane.app import Services, TrustplaneApp, create_app, create_ops_app
 from trustplane.limits import RequestLimits
-from trustplane.server import BoundedHttpToolsProtocol, Listeners, bind
+from trustplane.server import (
+    BoundedHttpToolsProtocol,
+    Listeners,
+    bind,
+    freezing_when_started,
+)
 from trustplane.settings import SettingsError
 
 TRUSTPLANE = str(Path(sys.executable).with_name("trustplane"))
@@ -271,11 +276,14 @@ async def test_listeners_dispatch_by_local_port(apps: tuple[TrustplaneApp, Any, 
     assert seen == [200, 404]
 
 
+@pytest.mark.parametrize("kind", ["serve", "reference serve"])
 async def test_a_worker_freezes_its_long_lived_objects_when_its_lifespan_has_started(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
     """trustplane.startup.freeze_after_start runs once, after the app's start-up and before uvicorn
-    hears ``lifespan.startup.complete`` (so before the first request); nothing else freezes."""
+    hears ``lifespan.startup.complete`` (so before the first request); nothing else freezes.
+    ``trustplane serve`` (:class:`Listeners`) and ``trustplane reference serve``
+    (:func:`freezing_when_started`) alike."""
     events: list[str] = []
     monkeypatch.setattr(server_module, "freeze_after_start", lambda: events.append("freeze"))
 
@@ -298,7 +306,12 @@ async def test_a_worker_freezes_its_long_lived_objects_when_its_lifespan_has_sta
     async def send(message: Any) -> None:
         events.append(message["type"])
 
-    await Listeners(lifespan_app, None, 9464)({"type": "lifespan"}, receive, send)
+    wrap = (
+        Listeners(lifespan_app, None, 9464)
+        if kind == "serve"
+        else freezing_when_started(lifespan_app)
+    )
+    await wrap({"type": "lifespan"}, receive, send)
     assert events == [
         "started",
         "freeze",

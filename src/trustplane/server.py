@@ -182,7 +182,7 @@ class Listeners:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await self.public(scope, receive, _freezing_when_started(send))
+            await self.public(scope, receive, _freezing_on_start(send))
             return
         if self.ops is not None and scope["type"] == "http":
             local = scope.get("server")
@@ -192,7 +192,20 @@ class Listeners:
         await self.public(scope, receive, send)
 
 
-def _freezing_when_started(send: Send) -> Send:
+def freezing_when_started(app: ASGIApp) -> ASGIApp:
+    """``app`` as a server process runs it (``trustplane reference serve``): its long-lived
+    objects frozen out of the collector's walks once its lifespan has started, as
+    :class:`Listeners` does for ``trustplane serve``."""
+
+    async def frozen(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            send = _freezing_on_start(send)
+        await app(scope, receive, send)
+
+    return frozen
+
+
+def _freezing_on_start(send: Send) -> Send:
     """The worker's long-lived objects leave the collector's walks once it has started
     (:func:`trustplane.startup.freeze_after_start`): just before uvicorn is told so."""
 

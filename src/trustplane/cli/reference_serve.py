@@ -13,7 +13,7 @@ from trustplane.cli.common import fail
 from trustplane.logging import configure_logging
 from trustplane.reference.serve import ServeSettings, create_reference_app
 from trustplane.reference.settings import ReferenceSettingsError
-from trustplane.server import BoundedHttpToolsProtocol
+from trustplane.server import BoundedHttpToolsProtocol, freezing_when_started
 
 
 def serve(
@@ -34,6 +34,6 @@ def serve(
         fail(str(exc))
     configure_logging(log_level, "console")
     uvicorn.run(
-        app, host=host, port=port, log_level=log_level, http=BoundedHttpToolsProtocol,
+        freezing_when_started(app), host=host, port=port, log_level=log_level, http=BoundedHttpToolsProtocol,
         access_log=log_level == "debug", timeout_keep_alive=keep_alive,
     )  # fmt: skip
