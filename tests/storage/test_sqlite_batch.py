@@ -208,3 +208,42 @@ async def test_the_writers_connection_is_durable_before_it_answers(db: Database)
     with closing(sqlite_batch.connect(path_of(db))) as raw:
         assert raw.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
         assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+async def test_the_sequencer_writes_inside_the_workers_turn(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ledger's write transaction holds the turn, so the writers queue behind it in the kernel
+    (not in SQLite's polling busy handler): while it inserts the leaves, no other descriptor can
+    take the flock."""
+    from trustplane.audit import store
+    from trustplane.audit.ledger import Ledger
+    from trustplane.audit.sink import write_events
+    from trustplane.audit_events import AuditEvent, AuditEventType
+    from trustplane.settings import Settings
+
+    path, seen = path_of(db), []
+    insert_integrated = store.insert_integrated
+
+    async def looking(*args: Any) -> None:
+        fd = os.open(f"{path}.writer-lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            seen.append("free")
+        except BlockingIOError:
+            seen.append("held")
+        finally:
+            os.close(fd)
+        await insert_integrated(*args)
+
+    monkeypatch.setattr(store, "insert_integrated", looking)
+    settings = Settings(issuer="http://127.0.0.1:8000", data_dir=tmp_path)
+    ledger = Ledger(settings, db, os.urandom(32))
+    event = AuditEvent(type=AuditEventType.TOKEN_ISSUED, issuer=settings.issuer, decision="allow")
+    async with db.transaction() as conn:
+        await write_events(conn, [event])
+
+    await ledger.integrate_all()
+
+    assert seen
+    assert set(seen) == {"held"}
