@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.keys.crypto import decrypt_private_key, encrypt_private_key
 from trustplane.settings import Settings
 from trustplane.storage.db import Database
+from trustplane.storage.turn import WriterTurn
 
 log = structlog.get_logger("trustplane.audit")
 #: Seconds between the sequencer's rounds when this process appends nothing: how soon entries that
@@ -127,6 +130,9 @@ class Ledger:
         self._last_progress: float | None = None
         #: A round found another process holding the sequencer lock (PostgreSQL).
         self._contended = False
+        #: SQLite file: the workers' turn (storage.turn), taken around the write transaction so that
+        #: the group-commit writers queue behind it in the kernel, not in SQLite's polling busy handler
+        self._writer_turn = WriterTurn.for_database(db)
 
     # ------------------------------------------------------------------ the log key
 
@@ -212,7 +218,7 @@ class Ledger:
                         None if state is None else await self._prepare(conn, signer, state, limit)
                     )
                 started = time.perf_counter()
-                async with self._db.transaction() as conn:
+                async with self._turn(), self._db.transaction() as conn:
                     if batch is not None:  # SQLite: prepared under the snapshot above
                         if not await store.advance_state(
                             conn, batch.size, batch.new_size, batch.root, batch.now
@@ -237,6 +243,11 @@ class Ledger:
         TREE_SIZE.set(batch.new_size)
         INTEGRATION_SECONDS.observe(seconds)
         return Integration(batch.size, count, batch.new_size, batch.root, seconds)
+
+    def _turn(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return (
+            self._writer_turn.hold() if self._writer_turn is not None else contextlib.nullcontext()
+        )
 
     async def _locked_batch(self, conn: Any, signer: Signer, limit: int) -> _Batch | None:
         """The round in one transaction: become the sequencer, read and compute, move the state
@@ -329,7 +340,9 @@ class Ledger:
         threshold = max(1, self._settings.audit_integrate_batch // 2)
         stopping = stopping if stopping is not None else asyncio.Event()
         wake = asyncio.Event()
-        APPEND_WAKES.add(wake)
+        # an append may run in the group-commit writer's SQLite thread (storage.sqlite_batch)
+        wake_up = functools.partial(asyncio.get_running_loop().call_soon_threadsafe, wake.set)
+        APPEND_WAKES.add(wake_up)
         seen, last, again = APPENDED[0], time.monotonic(), False
         self._last_progress, early = last, last  # start() integrated: an append may go at once
         try:
@@ -358,7 +371,7 @@ class Ledger:
                 # sequencer holding the lock may have taken before they committed: one more round
                 again = fresh or self._contended
         finally:
-            APPEND_WAKES.discard(wake)
+            APPEND_WAKES.discard(wake_up)
 
     def progress_age(self) -> float | None:
         """Seconds since the sequencer loop last completed a round without error (a round where

@@ -8,7 +8,7 @@ the Merkle tree, off the request path.
 
 from __future__ import annotations
 
-import asyncio
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
@@ -26,11 +26,15 @@ log = structlog.get_logger("trustplane.audit")
 KIND = "audit"
 #: Entries this process appended (the sequencer integrates early when half a batch is waiting).
 APPENDED = [0]
-#: Set on every append: each running sequencer's event (:meth:`trustplane.audit.ledger.Ledger.run`
-#: adds its own while it runs), so a local append wakes it instead of a poll finding it.
-APPEND_WAKES: set[asyncio.Event] = set()
+_COUNTING = threading.Lock()  # appends also run in the group-commit writer's SQLite thread
+#: Called on every append: each running sequencer's wake-up (:meth:`trustplane.audit.ledger.Ledger.run`
+#: adds its own while it runs), so a local append wakes it instead of a poll finding it. Safe to call
+#: from any thread.
+APPEND_WAKES: set[Callable[[], object]] = set()
 #: Called in the appending transaction with the events appended (the shared-signals receiver indexes
 #: tokens issued from a partner's token here: trustplane.ssf). Each filters on its own issuer.
+#: An observer runs statements on the connection only (it may run in the group-commit writer's
+#: SQLite thread: storage.sqlite_batch).
 EventObserver = Callable[[AsyncConnection, Sequence[AuditEvent]], Awaitable[None]]
 OBSERVERS: list[EventObserver] = []
 
@@ -53,9 +57,10 @@ async def write_events(conn: AsyncConnection, events: Sequence[AuditEvent]) -> l
     await store.append_pending(conn, [pending_row(e) for e in events])
     for observer in OBSERVERS:
         await observer(conn, events)
-    APPENDED[0] += len(events)
+    with _COUNTING:
+        APPENDED[0] += len(events)
     for wake in APPEND_WAKES:
-        wake.set()
+        wake()
     return [None] * len(events)
 
 
@@ -64,7 +69,7 @@ class SqlAuditSink:
 
     def __init__(self, writer: GroupCommitWriter) -> None:
         self._writer = writer
-        writer.register(KIND, write_events)
+        writer.register(KIND, write_events, statements_only=True)
 
     async def emit(self, event: AuditEvent) -> None:
         await self._writer.submit(KIND, event)

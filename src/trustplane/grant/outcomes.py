@@ -116,7 +116,7 @@ def _first_failed(outcome: Outcome, won: Iterator[bool], revoked: set[str]) -> C
 class OutcomeRecorder:
     def __init__(self, writer: GroupCommitWriter) -> None:
         self._writer = writer
-        writer.register(KIND, record_batch)
+        writer.register(KIND, record_batch, statements_only=True)
 
     async def record(self, outcome: Outcome) -> Condition | None:
         """Durably record the outcome; return the condition that failed, if one did."""

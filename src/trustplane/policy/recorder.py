@@ -118,7 +118,7 @@ class DecisionRecorder:
 
     def __init__(self, writer: GroupCommitWriter) -> None:
         self._writer = writer
-        writer.register(KIND, _write_batches)
+        writer.register(KIND, _write_batches, statements_only=True)
 
     async def record(self, records: Sequence[DecisionRecord]) -> None:
         await self._writer.submit(KIND, list(records))

@@ -148,7 +148,7 @@ class SqlReplayCache:
 
     def __init__(self, writer: GroupCommitWriter, db: Database) -> None:
         self._writer, self._db = writer, db
-        writer.register(KIND, consume_batch)
+        writer.register(KIND, consume_batch, statements_only=True)
 
     async def consume(self, issuer: str, jti: str, expires_at: int) -> bool:
         return bool(await self._writer.submit(KIND, ReplayUse(issuer, jti, expires_at)))

@@ -162,15 +162,14 @@ def is_disconnect(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
+#: Every connection to a SQLite file: WAL for concurrent readers; FULL sync so that a commit is
+#: durable before anyone is answered.
+SQLITE_PRAGMAS = ("journal_mode=WAL", "synchronous=FULL", "foreign_keys=ON", "busy_timeout=30000")
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    """WAL for concurrent readers; FULL sync so that a commit is durable before we answer."""
     cursor = dbapi_conn.cursor()
-    for pragma in (
-        "journal_mode=WAL",
-        "synchronous=FULL",
-        "foreign_keys=ON",
-        "busy_timeout=30000",
-    ):
+    for pragma in SQLITE_PRAGMAS:
         cursor.execute(f"PRAGMA {pragma}")
     cursor.close()
 

@@ -5,8 +5,9 @@ want the file, the loser waits in SQLite's busy handler, which polls by sleeping
 100 ms between attempts): the lock is often free long before the loser looks again, so throughput
 drops and the slowest answers take hundreds of milliseconds while the cores idle. An exclusive
 ``flock`` on a lock file next to the database is a queue the kernel keeps instead: the next waiter
-is woken the moment the holder lets go. The writers take it around each batch's transaction;
-everything else that writes (the ledger sequencer, the CLI) still meets them in SQLite's own lock,
+is woken the moment the holder lets go. The writers take it around each batch's transaction, and
+the ledger's sequencer around its write transaction; everything else that writes (the CLI, the
+occasional administrative change) still meets them in SQLite's own lock,
 so the file stays correct with or without this: the turn decides who goes first, not what is safe.
 
 PostgreSQL needs none of this (row locks, many writers), so the turn is only made for a SQLite file.
@@ -18,7 +19,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 from trustplane.storage.db import Database, sqlite_path
@@ -55,6 +56,16 @@ class WriterTurn:
                     await waiting
                 fcntl.flock(fd, fcntl.LOCK_UN)
                 raise
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """The same turn, for a thread that may block (the writer's SQLite thread: ``sqlite_batch``)."""
+        fd = self._descriptor()
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             yield
         finally:

@@ -22,6 +22,13 @@ without SQLAlchemy's execution layers. Handlers written against SQLAlchemy run u
 same transaction. A connection whose batch failed is invalidated (closed, never back in the pool
 with a transaction open).
 
+On a SQLite file the batch's whole transaction runs in one call to the writer's own thread, on a
+plain ``sqlite3`` connection (:mod:`trustplane.storage.sqlite_batch`): the turn, ``BEGIN
+IMMEDIATE``, every handler, ``COMMIT``, then one wake-up of the event loop, instead of a trip to
+aiosqlite's thread for every statement. The handlers are the same coroutines, registered with
+``statements_only=True``; a batch with a kind not so registered (or whose handler turns out to wait
+for something) runs through aiosqlite instead, as every batch does on an in-memory database.
+
 ``trustplane_group_commit_batch_size`` counts the writes per commit; on the token endpoint each
 request is one write, so it is the number of requests that share a commit.
 """
@@ -30,7 +37,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -38,7 +47,8 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane import metrics
-from trustplane.storage.db import Database, connection_closed, is_disconnect
+from trustplane.storage import sqlite_batch
+from trustplane.storage.db import Database, connection_closed, is_disconnect, sqlite_path
 from trustplane.storage.turn import WriterTurn
 
 log = structlog.get_logger(__name__)
@@ -75,14 +85,28 @@ class GroupCommitWriter:
         self._conn: AsyncConnection | None = None
         self._raw: Any = None  # the pool's proxy of the driver connection under ``_conn``
         self._stopping = False
+        self._committing = False  # the failed batch had reached its COMMIT (not retried whole)
         self._turn = WriterTurn.for_database(db)  # SQLite: worker processes take turns (turn.py)
+        #: SQLite file: the thread that runs whole batches, its connection, and the kinds that
+        #: cannot run there (their handler waited for something: sqlite_batch.Suspended)
+        self._file = sqlite_path(db.url)
+        self._thread: ThreadPoolExecutor | None = None
+        self._sqlite: sqlite3.Connection | None = None
+        self._on_loop: set[str] = set()
         self.batches = 0
         self.items = 0
 
-    def register(self, kind: str, handler: BatchHandler) -> None:
-        """Kinds run in registration order inside a batch (replay rows before audit rows)."""
+    def register(self, kind: str, handler: BatchHandler, *, statements_only: bool = False) -> None:
+        """Kinds run in registration order inside a batch (replay rows before audit rows).
+
+        ``statements_only``: the handler awaits nothing but statements on the connection it is
+        given (and touches no event-loop object), so on a SQLite file it runs in the writer's thread
+        (:mod:`~trustplane.storage.sqlite_batch`); a batch with any other kind in it runs on the
+        loop, through aiosqlite."""
         self._handlers[kind] = handler
         self._order.append(kind)
+        if not statements_only:
+            self._on_loop.add(kind)
 
     def start(self) -> None:
         if self._task is None:
@@ -100,6 +124,7 @@ class GroupCommitWriter:
         self._task = None
         self._stopping = False
         await self._drop_connection()
+        await self._close_thread()
         if self._turn is not None:
             self._turn.close()
 
@@ -156,29 +181,75 @@ class GroupCommitWriter:
     def _my_turn(self) -> contextlib.AbstractAsyncContextManager[None]:
         return self._turn.hold() if self._turn is not None else contextlib.nullcontext()
 
+    async def _in_thread(self, by_kind: dict[str, list[_Item]]) -> list[tuple[_Item, Any]]:
+        """SQLite file: the whole transaction in one call to the writer's thread."""
+        kinds = [kind for kind in self._order if kind in by_kind]
+        steps = [(self._handlers[k], [i.payload for i in by_kind[k]]) for k in kinds]
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="group-commit")
+        loop = asyncio.get_running_loop()
+        try:
+            outs = await loop.run_in_executor(self._thread, self._transact, steps)
+        except sqlite_batch.Suspended as exc:  # rolled back: that kind runs on the loop from now on
+            self._on_loop.add(kinds[exc.step])
+            log.warning("group_commit_handler_waits", kind=kinds[exc.step], awaited=str(exc))
+            return await self._on_the_loop(by_kind)
+        return [
+            pair
+            for kind, out in zip(kinds, outs, strict=True)
+            for pair in zip(by_kind[kind], out, strict=True)
+        ]
+
+    def _transact(self, steps: list[tuple[BatchHandler, list[Any]]]) -> list[Sequence[Any]]:
+        """In the writer's thread: the workers' turn around ``sqlite_batch.transact``."""
+        if self._sqlite is None:
+            assert self._file is not None
+            self._sqlite = sqlite_batch.connect(self._file)
+        conn = sqlite_batch.SyncConnection(self._sqlite)
+        if self._turn is None:
+            return sqlite_batch.transact(self._sqlite, steps, conn)
+        with self._turn.held():
+            return sqlite_batch.transact(self._sqlite, steps, conn)
+
+    async def _close_thread(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            raw, self._sqlite = self._sqlite, None
+            if raw is not None:
+                await asyncio.get_running_loop().run_in_executor(thread, raw.close)
+            thread.shutdown(wait=False)
+
+    async def _on_the_loop(self, by_kind: dict[str, list[_Item]]) -> list[tuple[_Item, Any]]:
+        """Through the pool's connection (aiosqlite or asyncpg), a statement at a time."""
+        results: list[tuple[_Item, Any]] = []
+        conn = await self._connection()
+        async with self._my_turn():  # SQLite: the workers' turn, around the transaction
+            transaction = await self._begin(conn)
+            for kind in self._order:
+                items = by_kind.get(kind)
+                if items:
+                    out = await self._handlers[kind](conn, [i.payload for i in items])
+                    results.extend(zip(items, out, strict=True))
+            self._committing = True
+            await transaction.commit()
+        return results
+
     async def _flush(self, batch: list[_Item], *, reconnected: bool = False) -> None:
         by_kind: dict[str, list[_Item]] = {}
         for item in batch:
             by_kind.setdefault(item.kind, []).append(item)
-        results: list[tuple[_Item, Any]] = []
-        committing = False
+        self._committing = False
         try:
-            conn = await self._connection()
-            async with self._my_turn():  # SQLite: the workers' turn, around the transaction
-                transaction = await self._begin(conn)
-                for kind in self._order:
-                    items = by_kind.get(kind)
-                    if items:
-                        out = await self._handlers[kind](conn, [i.payload for i in items])
-                        results.extend(zip(items, out, strict=True))
-                committing = True
-                await transaction.commit()
+            if self._file is not None and not self._on_loop.intersection(by_kind):
+                results = await self._in_thread(by_kind)
+            else:
+                results = await self._on_the_loop(by_kind)
         except Exception as exc:  # fail closed: nobody in the failed transaction is told "done"
             # a statement sent straight to the driver fails with the driver's own error: the
             # connection was dead if the driver now knows it is closed
             dead = is_disconnect(exc) or connection_closed(self._raw)
             await self._drop_connection(broken=True)
-            if dead and not committing and not reconnected:
+            if dead and not self._committing and not reconnected:
                 # the connection was dead before anything was committed: same batch, fresh one
                 log.warning("group_commit_reconnect", error=repr(exc), batch=len(batch))
                 await self._flush(batch, reconnected=True)
