@@ -46,6 +46,12 @@ MAX_REQUEST_ID = 256
 AUTHZEN_DECISIONS = Counter(
     "trustplane_authzen_decisions_total", "AuthZEN decisions answered", ["endpoint", "decision"]
 )
+#: The counter's children, looked up once (``labels`` takes a lock and builds a key per call).
+_COUNTED = {
+    (endpoint, allowed): AUTHZEN_DECISIONS.labels(endpoint, "allow" if allowed else "deny")
+    for endpoint in ("evaluation", "evaluations")
+    for allowed in (True, False)
+}
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -160,7 +166,7 @@ def _answer(body: dict[str, Any]) -> Response:
 
 def _count(endpoint: str, decisions: Sequence[Decision]) -> None:
     for decision in decisions:
-        AUTHZEN_DECISIONS.labels(endpoint, "allow" if decision.allowed else "deny").inc()
+        _COUNTED[endpoint, decision.allowed].inc()
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
