@@ -13,10 +13,18 @@ does not record): the HTTP layer's own cost per decision, to compare with ``deci
 
 ``bench_authzen_http``: a real ``trustplane serve`` (SQLite, one worker) on loopback, driven by wrk
 with a valid bearer token: single evaluations, and batches of 10; every decision is recorded durably
-by the decision point before the answer. Reports decisions/s and request latency p50/p99.
+by the decision point before the answer. Reports decisions/s, request latency p50/p99 and the
+server's CPU milliseconds per decision (its process tree, from /proc, over the timed run), also
+without its idle CPU (the background loops, measured for 5 s before the runs): on a shared machine
+the rate, and with it the idle share per decision, moves from run to run.
+
+``bench_authzen_client``: the PEP side, :class:`trustplane.pep.authzen.AuthzenClient` asking the
+same server, sequentially from one process: decisions/s, latency, and this process's CPU per
+decision (what a service pays to ask; the server's share is in the row above).
 
   python bench/pdp_http.py                # both
   python bench/pdp_http.py --only pep     # in-process only (no wrk needed)
+  python bench/pdp_http.py --only http -c 4 --duration 10   # the server under wrk, and the client
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +60,7 @@ from trustplane.policy.engine import PolicyEngine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import free_port, wait_ready
+from token_endpoint import TICK, process_tree_ticks
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -57,6 +68,7 @@ ISSUER = "https://as.bench"
 AUDIENCE = "https://execution.example/api"
 LEI = "5493001KJTIIGC8Y1R12"
 Row = dict[str, Any]
+IDLE_SECONDS = 5.0
 WRK = ("wrk", "-t1", "--latency", "-s", str(HERE / "authzen.lua"))
 
 
@@ -264,10 +276,10 @@ def _evaluation_json() -> dict[str, Any]:
     return request_to_json(DecisionRequest(subject, "order:create", order, context))
 
 
-def bench_authzen_http(duration: int = 10, connections: int = 16, batch: int = 10) -> list[Row]:
-    if not shutil.which("wrk"):
-        raise SystemExit("wrk is required for the AuthZEN HTTP benchmark (apt-get install wrk)")
-    rows: list[Row] = []
+@contextmanager
+def _served() -> Iterator[tuple[str, int, str, dict[str, Any], Path]]:
+    """A ``trustplane serve`` (SQLite, one worker) with a PEP client registered: its issuer, pid,
+    an access token for the PDP, the client and the working directory."""
     with tempfile.TemporaryDirectory(prefix="tp-bench-authzen-") as tmp:
         work = Path(tmp)
         port = free_port()
@@ -312,34 +324,101 @@ def bench_authzen_http(duration: int = 10, connections: int = 16, batch: int = 1
             token = _access_token(
                 issuer, client["client_id"], (work / "client" / "key.pem").read_bytes(), "bench-pep"
             )
-            single = _evaluation_json()
-            many = {**single, "evaluations": [{} for _ in range(batch)]}
-            for label, path, body, per_request in (
-                ("single evaluation", "evaluation", single, 1),
-                (f"batch of {batch}", "evaluations", many, batch),
-            ):
-                body_file = work / f"{path}.json"
-                body_file.write_text(json.dumps(body))
-                url = f"{issuer}/access/v1/{path}"
-                check = httpx.post(
-                    url, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=10
-                )
-                assert check.status_code == 200, check.text
-                _wrk(url, body_file, token, connections, 2)  # warm-up, discarded
-                result = _wrk(url, body_file, token, connections, duration)
-                rows.append(
-                    {
-                        "name": f"AuthZEN over HTTP, {label}",
-                        "ops_s": result["rps"] * per_request,
-                        "p50_us": result["p50_ms"] * 1000,
-                        "p99_us": result["p99_ms"] * 1000,
-                        "note": f"{result['rps']:.0f} req/s, non-2xx {result['non_2xx']}",
-                    }
-                )
+            yield issuer, server.pid, token, client, work
         finally:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=15)
             log.close()
+
+
+def _wrk_rows(
+    issuer: str, pid: int, token: str, work: Path, duration: int, connections: int, batch: int
+) -> list[Row]:
+    rows: list[Row] = []
+    single = _evaluation_json()
+    many = {**single, "evaluations": [{} for _ in range(batch)]}
+    # The server's background loops (ledger, surveillance, caches) cost CPU whatever the load:
+    # measured idle first, so that the figure per decision can be given without them too.
+    before, started = process_tree_ticks(pid), time.monotonic()
+    time.sleep(IDLE_SECONDS)
+    idle_per_s = (process_tree_ticks(pid) - before) / TICK / (time.monotonic() - started)
+    for label, path, body, per_request in (
+        ("single evaluation", "evaluation", single, 1),
+        (f"batch of {batch}", "evaluations", many, batch),
+    ):
+        body_file = work / f"{path}.json"
+        body_file.write_text(json.dumps(body))
+        url = f"{issuer}/access/v1/{path}"
+        check = httpx.post(url, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        assert check.status_code == 200, check.text
+        _wrk(url, body_file, token, connections, 2)  # warm-up, discarded
+        before = process_tree_ticks(pid)
+        result = _wrk(url, body_file, token, connections, duration)
+        cpu_s = (process_tree_ticks(pid) - before) / TICK
+        decisions = max(result["rps"] * duration * per_request, 1)
+        rows.append(
+            {
+                "name": f"AuthZEN over HTTP, {label}",
+                "ops_s": result["rps"] * per_request,
+                "p50_us": result["p50_ms"] * 1000,
+                "p99_us": result["p99_ms"] * 1000,
+                "note": f"{result['rps']:.0f} req/s, server CPU "
+                f"{1000 * cpu_s / decisions:.3f} ms/decision "
+                f"({1000 * (cpu_s - idle_per_s * duration) / decisions:.3f} without the idle "
+                f"{1000 * idle_per_s:.0f} ms/s), non-2xx {result['non_2xx']}",
+            }
+        )
+    return rows
+
+
+async def _client_rows(issuer: str, client: dict[str, Any], work: Path, n: int) -> list[Row]:
+    """The PEP's side: AuthzenClient.decide against the live server, one at a time."""
+    from trustplane.outbound import OutboundPolicy
+    from trustplane.pep import AuthzenClient, PrivateKeyJwt
+
+    key = serialization.load_pem_private_key(
+        (work / "client" / "key.pem").read_bytes(), password=None
+    )
+    fetcher = OutboundFetcher(OutboundPolicy.development())
+    pdp = AuthzenClient(
+        issuer,
+        token_endpoint=f"{issuer}/token",
+        auth=PrivateKeyJwt(client["client_id"], key, "bench-pep", issuer),  # type: ignore[arg-type]
+        fetcher=fetcher,
+    )
+    order, context = order_request()
+    owner = Entity("LegalEntity", LEI)
+    subject = Entity("Client", "c-1", {"legal_entity": owner, "scopes": ["order:create"]}, (owner,))
+    try:
+        for _ in range(200):  # warm-up: the client-credentials token, the connection
+            decision = await pdp.decide(subject, "order:create", order, context)
+            assert decision.allowed, decision
+        samples = []
+        cpu = time.process_time()
+        for _ in range(n):
+            started = time.perf_counter_ns()
+            await pdp.decide(subject, "order:create", order, context, correlation_id="bench")
+            samples.append(time.perf_counter_ns() - started)
+        cpu = time.process_time() - cpu
+    finally:
+        await fetcher.aclose()
+    return [
+        {
+            "name": "AuthzenClient.decide, sequential",
+            **percentiles(samples),
+            "note": f"client CPU {1000 * cpu / n:.3f} ms/decision",
+        }
+    ]
+
+
+def bench_authzen_http(
+    duration: int = 10, connections: int = 16, batch: int = 10, client_n: int = 2000
+) -> list[Row]:
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is required for the AuthZEN HTTP benchmark (apt-get install wrk)")
+    with _served() as (issuer, pid, token, client, work):
+        rows = _wrk_rows(issuer, pid, token, work, duration, connections, batch)
+        rows += asyncio.run(_client_rows(issuer, client, work, client_n))
     return rows
 
 
@@ -445,17 +524,23 @@ def print_rows(rows: list[Row]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=["pep", "authzen"])
+    parser.add_argument(
+        "--only",
+        choices=["pep", "authzen", "http"],
+        help="pep: in process; authzen: the handler and HTTP; http: HTTP only (server and client)",
+    )
     parser.add_argument("-n", type=int, default=5000, help="PEP requests per measurement")
     parser.add_argument("--duration", type=int, default=10, help="wrk seconds per AuthZEN run")
-    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("-c", "--connections", type=int, default=16)
     args = parser.parse_args()
     rows: list[Row] = []
     if args.only in (None, "pep"):
         rows += bench_pep_validate_decide(args.n)
     if args.only in (None, "authzen"):
         rows += bench_authzen_handler(args.n)
-        rows += bench_authzen_http(args.duration, args.connections)
+    if args.only in (None, "authzen", "http"):
+        rows += bench_authzen_http(args.duration, args.connections, client_n=args.n)
+    print(f"load average {Path('/proc/loadavg').read_text().split()[:3]}, {os.cpu_count()} CPUs")
     print_rows(rows)
 
 

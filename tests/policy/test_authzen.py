@@ -289,6 +289,11 @@ BAD_BODIES: list[tuple[str, Any, str]] = [
     ("action without name", evaluation(action={"properties": {}}), "action.name"),
     ("properties an array", evaluation(subject={**client(), "properties": []}), "properties"),
     ("context an array", evaluation(context=[1]), "context must be a JSON object"),
+    (
+        "context an entity reference",
+        evaluation(context={"__entity": {"type": "A", "id": "b"}}),
+        "context must be a JSON object of attributes",
+    ),
     ("parents not an array", evaluation(subject={**client(), "parents": {}}), "parents"),
     ("bad entity ref", evaluation(context={"x": {"__entity": {"type": "A"}}}), "__entity.id"),
     ("too deep", evaluation(context={"x": nested(40)}), "nest"),

@@ -28,6 +28,7 @@ from prometheus_client import Counter
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from trustplane.authzen.model import Decision, DecisionPoint, DecisionRequest
 from trustplane.authzen.wire import (
@@ -38,7 +39,6 @@ from trustplane.authzen.wire import (
 from trustplane.bearer_guard import BearerGuard, Protected
 from trustplane.bearer_guard.http import answered, caller
 from trustplane.errors import ErrorTable, InvalidRequestError
-from trustplane.protocol.responses import json_response
 
 SCOPE = "decision:evaluate"
 MAX_BODY = 256 * 1024
@@ -46,9 +46,15 @@ MAX_REQUEST_ID = 256
 AUTHZEN_DECISIONS = Counter(
     "trustplane_authzen_decisions_total", "AuthZEN decisions answered", ["endpoint", "decision"]
 )
+#: The counter's children, looked up once (``labels`` takes a lock and builds a key per call).
+_COUNTED = {
+    (endpoint, allowed): AUTHZEN_DECISIONS.labels(endpoint, "allow" if allowed else "deny")
+    for endpoint in ("evaluation", "evaluations")
+    for allowed in (True, False)
+}
 
 
-Handler = Callable[[Request], Awaitable[Response]]
+Handler = Callable[[Request], Awaitable["Response | Decided"]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,24 +82,26 @@ class AuthzenHttp:
             "access_evaluations_endpoint": f"{self.audience}/evaluations",
         }
 
-    async def evaluation(self, request: Request) -> Response:
+    async def evaluation(self, request: Request) -> Decided:
         await caller(self.guard, request, self.route)
         body = await _json_body(request)
-        decision = await self._decide(request_from_json(body, "", _request_id(request)))
+        request_id = request.headers.get("x-request-id")
+        decision = await self._decide(request_from_json(body, "", _correlation(request_id)))
         _count("evaluation", [decision])
-        return _answer(decision_to_json(decision))
+        return Decided(decision_to_json(decision), request_id)
 
-    async def evaluations(self, request: Request) -> Response:
+    async def evaluations(self, request: Request) -> Decided:
         await caller(self.guard, request, self.route)
         body = await _json_body(request)
-        batch = evaluations_from_json(body, _request_id(request))
+        request_id = request.headers.get("x-request-id")
+        batch = evaluations_from_json(body, _correlation(request_id))
         if batch is None:  # §7.1: no evaluations array, the single-evaluation behaviour
-            decision = await self._decide(request_from_json(body, "", _request_id(request)))
+            decision = await self._decide(request_from_json(body, "", _correlation(request_id)))
             _count("evaluations", [decision])
-            return _answer(decision_to_json(decision))
+            return Decided(decision_to_json(decision), request_id)
         decisions = await self._batch(*batch)
         _count("evaluations", decisions)
-        return _answer({"evaluations": [decision_to_json(d) for d in decisions]})
+        return Decided({"evaluations": [decision_to_json(d) for d in decisions]}, request_id)
 
     async def _decide(self, one: DecisionRequest) -> Decision:
         return await self.pdp.decide(
@@ -135,32 +143,51 @@ class AuthzenHttp:
         ]
 
 
+class Decided:
+    """The 200 answer, sent as two raw ASGI messages (the success path needs none of Starlette's
+    header machinery): JSON, ``Cache-Control: no-store``, ``X-Request-ID`` echoed (§12.1.4)."""
+
+    __slots__ = ("body", "request_id")
+
+    def __init__(self, body: dict[str, Any], request_id: str | None) -> None:
+        self.body = orjson.dumps(body)
+        self.request_id = request_id
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"cache-control", b"no-store"),
+            (b"content-length", str(len(self.body)).encode()),
+        ]
+        if self.request_id is not None:  # Starlette's headers are latin-1 both ways
+            headers.append((b"x-request-id", self.request_id.encode("latin-1")))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": self.body})
+
+
 def _endpoint(name: str, fn: Handler) -> Handler:
-    """The one error renderer, plus the ``X-Request-ID`` echo on every answer (§12.1.4)."""
+    """The one error renderer, plus the ``X-Request-ID`` echo on every answer (§12.1.4): the
+    handlers' own answers carry it, the error renderer's get it here."""
     inner = answered(ErrorTable(name))(fn)
 
-    async def handler(request: Request) -> Response:
+    async def handler(request: Request) -> Response | Decided:
         response = await inner(request)
-        request_id = request.headers.get("x-request-id")
-        if request_id is not None:
-            response.headers["X-Request-ID"] = request_id
+        if isinstance(response, Response):
+            request_id = request.headers.get("x-request-id")
+            if request_id is not None:
+                response.headers["X-Request-ID"] = request_id
         return response
 
     return handler
 
 
-def _request_id(request: Request) -> str | None:
-    value = request.headers.get("x-request-id")
-    return value[:MAX_REQUEST_ID] if value else None
-
-
-def _answer(body: dict[str, Any]) -> Response:
-    return json_response(body, 200, {"Cache-Control": "no-store"})
+def _correlation(request_id: str | None) -> str | None:
+    return request_id[:MAX_REQUEST_ID] if request_id else None
 
 
 def _count(endpoint: str, decisions: Sequence[Decision]) -> None:
     for decision in decisions:
-        AUTHZEN_DECISIONS.labels(endpoint, "allow" if decision.allowed else "deny").inc()
+        _COUNTED[endpoint, decision.allowed].inc()
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
