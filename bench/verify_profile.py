@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import secrets
 import statistics
 import subprocess
 import sys
@@ -26,31 +25,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from ledger import make_event  # bench/ledger.py's bulk-log event (same fields and sizes)
 
 from trustplane.audit import merkle
 from trustplane.audit.canonical import entry_parts
 from trustplane.audit.export_format import export_line
 from trustplane.audit.note import Checkpoint, Signer
 from trustplane.audit.store import StoredEntry
-from trustplane.audit_events import AuditEvent, AuditEventType
-
-TXN_SIZE = 8
-
-
-def make_event(n: int) -> AuditEvent:
-    """The event of ``bench/ledger.py``'s bulk log (same fields and sizes)."""
-    return AuditEvent(
-        type=AuditEventType.TOKEN_ISSUED,
-        issuer="https://as.northwind.example",
-        subject=f"client-{n % 997}",
-        client_id=f"client-{n % 997}",
-        audience="https://execution.example/api",
-        scopes=("order:create",),
-        jti=secrets.token_urlsafe(16),
-        transaction_id=f"txn-{n // TXN_SIZE}",
-        decision="allow",
-        payload={"grant_type": "client_credentials", "exp": 1_900_000_000 + n},
-    )
 
 
 def build(directory: Path, entries: int) -> tuple[Path, str, str]:
