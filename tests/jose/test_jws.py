@@ -262,6 +262,49 @@ def test_standard_base64_alphabet_is_refused(keys: dict[str, PrivateKey]) -> Non
         parse(f"{head}.{body}.{swapped}")
 
 
+_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def _respellings(segment: str) -> list[str]:
+    """The other texts that a lenient base64url decoder reads as the same bytes: the last character
+    with different unused low bits (4 bits at length 2 mod 4, 2 bits at length 3 mod 4)."""
+    unused = {2: 4, 3: 2}[len(segment) % 4]
+    value = _ALPHABET.index(segment[-1])
+    same = [value - value % (1 << unused) + low for low in range(1 << unused)]
+    return [segment[:-1] + _ALPHABET[v] for v in same if v != value]
+
+
+def test_es256_signature_with_non_zero_unused_bits_is_refused(keys: dict[str, PrivateKey]) -> None:
+    """RFC 4648 §3.5: an 86-character ES256 signature ends in 4 unused bits; a decoder that ignored
+    them would accept 15 more spellings of one signature (anything keyed on the token text, such as
+    a revocation or replay entry, would see a new token)."""
+    head, body, sig = _valid(keys)
+    others = _respellings(sig)
+
+    assert len(sig) == 86
+    assert len(others) == 15
+    assert all(
+        base64.urlsafe_b64decode(o + "==") == base64.urlsafe_b64decode(sig + "==") for o in others
+    )
+    assert parse(f"{head}.{body}.{sig}").verify(keys["ES256"].public_key()) is True
+    for other in others:
+        with pytest.raises(JWSError, match=r"^non-canonical base64url$"):
+            parse(f"{head}.{body}.{other}")
+
+
+@pytest.mark.parametrize("segment", [0, 1, 2])
+def test_any_segment_with_non_zero_unused_bits_is_refused(
+    keys: dict[str, PrivateKey], segment: int
+) -> None:
+    parts = _unaligned(keys)
+    parse(".".join(parts))  # the canonical spelling parses
+    for other in _respellings(parts[segment]):
+        changed = list(parts)
+        changed[segment] = other
+        with pytest.raises(JWSError, match=r"^non-canonical base64url$"):
+            parse(".".join(changed))
+
+
 @pytest.mark.parametrize(
     ("header", "message"),
     [

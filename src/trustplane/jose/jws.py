@@ -32,6 +32,10 @@ _PSS = padding.PSS(mgf=padding.MGF1(_SHA256), salt_length=32)
 _ECDSA = ec.ECDSA(_SHA256)
 #: RFC 7515 §2: the URL-safe alphabet only (the decoder would silently accept or skip anything else).
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
+#: RFC 4648 §3.5: the bits after the last whole byte must be zero, else one value has several spellings
+#: (an ES256 signature of 86 characters ends in 4 such bits: 16 texts, one signature). The last
+#: character of a segment of length 2 or 3 (mod 4) must be one whose unused low bits are 0.
+_CANONICAL_LAST = {2: frozenset("AQgw"), 3: frozenset("AEIMQUYcgkosw048")}
 
 
 class JWSError(ValueError):
@@ -45,8 +49,11 @@ def b64url_encode(data: bytes) -> str:
 def b64url_decode(text: str) -> bytes:
     if "=" in text:
         raise JWSError("base64url must not be padded")
-    if not _BASE64URL.fullmatch(text) or len(text) % 4 == 1:
+    tail = len(text) % 4
+    if not _BASE64URL.fullmatch(text) or tail == 1:
         raise JWSError("invalid base64url")
+    if tail and text[-1] not in _CANONICAL_LAST[tail]:
+        raise JWSError("non-canonical base64url")
     try:
         return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError) as exc:
