@@ -88,12 +88,23 @@ class Target:
         return f"http://127.0.0.1:{self.env['TRUSTPLANE_OPS_PORT']}"
 
 
-def setup(tree: str, src: Path, store: str, args: argparse.Namespace, root: Path) -> Target:
+def setup(
+    tree: str,
+    src: Path,
+    store: str,
+    args: argparse.Namespace,
+    root: Path,
+    extra: dict[str, str] | None = None,
+    first: Path | None = None,
+) -> Target:
+    """A server of ``tree`` (sources ``src``) on ``store``, started; ``extra``: more environment,
+    ``first``: a directory put before ``src`` on its ``PYTHONPATH`` (a diagnostic probe)."""
     work = root / f"{tree}-{store}"
     work.mkdir()
     port = int(args.port_base) + len(list(root.iterdir()))
     env, pg_name = server_env(work, port, args.database_url if store == "postgresql" else "")
-    env["PYTHONPATH"] = str(src)
+    env["PYTHONPATH"] = f"{first}{os.pathsep}{src}" if first else str(src)
+    env.update(extra or {})
     target = Target(tree, store, env, work, pg_name, issuer=f"http://127.0.0.1:{port}")
     if pg_name and getattr(args, "pg_count", False):
         target.proxy = counted(env, pg_name)
