@@ -42,6 +42,12 @@ uvicorn.run(app, port=int(__import__("sys").argv[1]), http=BoundedHttpToolsProto
 """
 
 
+def write_calls(pid: int) -> int:
+    """The process's write system calls so far (``syscw``: uvloop writes a socket with ``write``)."""
+    with open(f"/proc/{pid}/io") as handle:
+        return int(next(line for line in handle if line.startswith("syscw:")).split()[1])
+
+
 def wrk(port: int, connections: int, duration: int) -> int:
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", f"http://127.0.0.1:{port}/token"],
@@ -72,19 +78,24 @@ def main() -> None:
             wrk(port, args.connections, 1)  # warm-up
             servers[name] = (port, proc)
         results: dict[str, list[float]] = {name: [] for name in servers}
+        writes: dict[str, list[float]] = {name: [] for name in servers}
         for rep in range(args.reps):
             for name in list(servers) if rep % 2 else list(servers)[::-1]:
                 port, proc = servers[name]
                 time.sleep(0.5)
                 before, load = process_tree_ticks(proc.pid), os.getloadavg()[0]
+                calls = write_calls(proc.pid)
                 n = wrk(port, args.connections, args.duration)
                 us = 1e6 * (process_tree_ticks(proc.pid) - before) / TICK / n
                 results[name].append(us)
+                writes[name].append((write_calls(proc.pid) - calls) / n)
                 print(f"  {name} rep {rep + 1}: {n / args.duration:8.0f} responses/s  "
-                      f"{us:6.1f} us CPU per response  load {load:.2f}", flush=True)  # fmt: skip
+                      f"{us:6.1f} us CPU per response  {writes[name][-1]:.2f} write calls "
+                      f"per response  load {load:.2f}", flush=True)  # fmt: skip
         for name, values in results.items():
             print(f"{name}: median {statistics.median(values):.1f} us CPU per response "
-                  f"({', '.join(f'{v:.1f}' for v in values)})")  # fmt: skip
+                  f"({', '.join(f'{v:.1f}' for v in values)}), "
+                  f"{statistics.median(writes[name]):.2f} write calls per response")  # fmt: skip
     finally:
         for _, proc in servers.values():
             stop(proc)
