@@ -11,7 +11,8 @@ servers are idle again (the ledger's sequencer integrates what the run appended)
 server's background work is not charged to the other.
 
 Per run: tokens/s, p50/p99, server CPU per token (the server's process tree), PostgreSQL CPU per
-token (the backends connected to that server's database), requests per commit (the group-commit
+token (the backends connected to that server's database), the server's ``write`` system calls per
+token (responses and statements; ``/proc/<pid>/io``), requests per commit (the group-commit
 writer's ``trustplane_group_commit_batch_size`` histogram, scraped from /metrics before and after),
 and the 1-minute load average. Medians per (store, tree, connections) at the end, and one JSON line
 per run with ``--json``.
@@ -88,12 +89,23 @@ class Target:
         return f"http://127.0.0.1:{self.env['TRUSTPLANE_OPS_PORT']}"
 
 
-def setup(tree: str, src: Path, store: str, args: argparse.Namespace, root: Path) -> Target:
+def setup(
+    tree: str,
+    src: Path,
+    store: str,
+    args: argparse.Namespace,
+    root: Path,
+    extra: dict[str, str] | None = None,
+    first: Path | None = None,
+) -> Target:
+    """A server of ``tree`` (sources ``src``) on ``store``, started; ``extra``: more environment,
+    ``first``: a directory put before ``src`` on its ``PYTHONPATH`` (a diagnostic probe)."""
     work = root / f"{tree}-{store}"
     work.mkdir()
     port = int(args.port_base) + len(list(root.iterdir()))
     env, pg_name = server_env(work, port, args.database_url if store == "postgresql" else "")
-    env["PYTHONPATH"] = str(src)
+    env["PYTHONPATH"] = f"{first}{os.pathsep}{src}" if first else str(src)
+    env.update(extra or {})
     target = Target(tree, store, env, work, pg_name, issuer=f"http://127.0.0.1:{port}")
     if pg_name and getattr(args, "pg_count", False):
         target.proxy = counted(env, pg_name)
@@ -172,6 +184,30 @@ def ticks(pids: list[int]) -> dict[int, int]:
     return out
 
 
+def tree_write_calls(root: int) -> int:
+    """The ``write`` system calls of a process tree so far (``/proc/<pid>/io`` ``syscw``; uvloop
+    writes sockets with ``write``: responses, and statements to PostgreSQL)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        try:
+            with open(f"/proc/{pid}/io") as handle:
+                total += int(next(x for x in handle if x.startswith("syscw:")).split()[1])
+        except (OSError, StopIteration):
+            continue
+    return total
+
+
 def wait_idle(targets: list[Target], cap: float) -> None:
     """Until every server's process tree used under 5% of a core over half a second (at most
     ``cap`` seconds)."""
@@ -193,8 +229,12 @@ def measure(target: Target, connections: int, args: argparse.Namespace, rep: int
     hist_before = batch_histogram(target)
     load = os.getloadavg()[0]
     counts_before = target.proxy.snapshot() if target.proxy else {}
+    writes_before = tree_write_calls(target.proc.pid)
     result: dict[str, Any] = dict(
         run_wrk(f"{target.issuer}/token", bodies, connections, args.duration, target.proc.pid)
+    )
+    result["writes_per_req"] = (tree_write_calls(target.proc.pid) - writes_before) / max(
+        result["requests"], 1
     )
     hist_after = batch_histogram(target)
     pg_after = ticks(pids)
@@ -228,7 +268,8 @@ def measure(target: Target, connections: int, args: argparse.Namespace, rep: int
         f"  {target.store:<10} {target.tree:<4} c={connections:<3} rep {rep}: "
         f"{result['rps']:7.0f}/s  p50 {result['p50_ms']:6.1f}  p99 {result['p99_ms']:6.1f} ms  "
         f"cpu {result['cpu_ms_per_req']:.3f}  pg {result['pg_cpu_ms_per_req']:.3f} ms/tok  "
-        f"req/commit {result['requests_per_commit']:5.1f}  non-2xx {result['non_2xx']:.0f}  "
+        f"req/commit {result['requests_per_commit']:5.1f}  writes {result['writes_per_req']:.2f}  "
+        f"non-2xx {result['non_2xx']:.0f}  "
         f"load {load:.2f}",
         flush=True,
     )
@@ -244,10 +285,11 @@ def measure(target: Target, connections: int, args: argparse.Namespace, rep: int
 
 def summarise(targets: list[Target]) -> None:
     keys = ("rps", "p50_ms", "p99_ms", "cpu_ms_per_req", "pg_cpu_ms_per_req")
-    keys += ("requests_per_commit", "load1")
+    keys += ("requests_per_commit", "writes_per_req", "load1")
     statements = ("pg_round_trips", "pg_execute", "pg_parse", "pg_query")
     statements += ("pg_round_trips_per_commit",)
-    print("\nmedians: store tree c | tokens/s p50 p99 | cpu/tok pg/tok | req/commit | load1 | n")
+    print("\nmedians: store tree c | tokens/s p50 p99 | cpu/tok pg/tok | req/commit writes/tok | "
+          "load1 | n")  # fmt: skip
     for target in targets:
         for c in sorted({r["connections"] for r in target.runs}):
             runs = [r for r in target.runs if r["connections"] == c]
@@ -255,7 +297,8 @@ def summarise(targets: list[Target]) -> None:
             print(
                 f"{target.store:<10} {target.tree:<4} c={c:<3} | {m['rps']:6.0f} "
                 f"{m['p50_ms']:6.1f} {m['p99_ms']:6.1f} | {m['cpu_ms_per_req']:.3f} "
-                f"{m['pg_cpu_ms_per_req']:.3f} | {m['requests_per_commit']:5.1f} | "
+                f"{m['pg_cpu_ms_per_req']:.3f} | {m['requests_per_commit']:5.1f} "
+                f"{m['writes_per_req']:.2f} | "
                 f"{m['load1']:.2f} | {len(runs)}  (non-2xx {sum(r['non_2xx'] for r in runs):.0f})"
             )
             if target.proxy is not None:

@@ -113,6 +113,7 @@ def test_serve_on_a_taken_port_prints_one_line_and_exits_2(
 class FakeTransport:
     def __init__(self) -> None:
         self.written = b""
+        self.writes: list[bytes] = []
         self.closed = False
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
@@ -120,6 +121,7 @@ class FakeTransport:
 
     def write(self, data: bytes) -> None:
         self.written += data
+        self.writes.append(data)
 
     def close(self) -> None:
         self.closed = True
@@ -198,6 +200,75 @@ async def test_a_malformed_request_is_still_400(
     proto, transport = protocol
     proto.data_received(b"NOT HTTP AT ALL\r\n\r\n")
     assert _status(transport) == b"HTTP/1.1 400 Bad Request"
+
+
+def _answering(body: bytes) -> Any:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+async def _served(app: Any, *requests: bytes) -> FakeTransport:
+    """The bytes ``app`` answered ``requests`` with, through the server's protocol."""
+    config = Config(app, http=BoundedHttpToolsProtocol, log_level="warning")
+    config.load()
+    proto = BoundedHttpToolsProtocol(
+        config=config, server_state=ServerState(), app_state={}, _loop=asyncio.get_running_loop()
+    )
+    transport = FakeTransport()
+    proto.connection_made(transport)  # type: ignore[arg-type]
+    for request in requests:
+        proto.data_received(request)
+        for _ in range(20):
+            await asyncio.sleep(0)
+    return transport
+
+
+async def test_a_response_goes_out_in_one_write() -> None:
+    transport = await _served(
+        _answering(b'{"access_token":"t"}'),
+        b"POST /token HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\na=b",
+        b"POST /token HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\na=c",
+    )
+    assert len(transport.writes) == 2  # one per response: head and body together
+    for write in transport.writes:
+        assert write.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert write.endswith(b'\r\n\r\n{"access_token":"t"}')
+
+
+async def test_a_head_response_without_a_body_write_still_sends_its_head() -> None:
+    transport = await _served(_answering(b"12345"), b"HEAD /x HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.writes == [transport.written]
+    assert transport.written.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"content-length: 5\r\n" in transport.written
+    assert transport.written.endswith(b"\r\n\r\n")
+
+
+async def test_100_continue_is_not_held_back_for_the_response() -> None:
+    transport = await _served(
+        _answering(b"ok"),
+        b"POST /x HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
+        b"a=b",
+    )
+    # the client waits for it before sending its body: it went out alone, before the response
+    assert transport.writes[0] == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert len(transport.writes) == 2
+    assert transport.writes[1].startswith(b"HTTP/1.1 200 OK\r\n")
+    assert transport.writes[1].endswith(b"\r\n\r\nok")
+
+
+async def test_a_connection_close_response_is_complete_before_the_close() -> None:
+    transport = await _served(
+        _answering(b"ok"), b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert transport.closed
+    assert len(transport.writes) == 1
+    assert transport.written.endswith(b"\r\n\r\nok")
 
 
 # --------------------------------------------------------------------------- listeners

@@ -22,6 +22,12 @@ TLS (``TRUSTPLANE_TLS_CERTIFICATE``/``TRUSTPLANE_TLS_KEY``, :mod:`trustplane.tls
 listeners speak HTTPS only. uvicorn does not provide the ASGI ``tls`` extension, so our protocol class
 adds it (:meth:`BoundedHttpToolsProtocol.connection_made`): ``scope["extensions"]["tls"]`` carries the
 verified client certificate of the connection, which :func:`trustplane.tls.client_certificate` reads.
+
+One write per response: uvicorn writes a response's head (``http.response.start``) and its body as
+two ``transport.write`` calls, two ``send`` system calls and two TCP segments for every token. The
+protocol holds the head (:class:`_HeadWithBody`) and sends it with the body's first write, or when
+the response completes or the connection closes without one (``HEAD``, an empty body). A
+``100 Continue`` is written before the response starts and is never held.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from typing import Any, ClassVar
 import httptools
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from trustplane.dependencies import warn_unreachable
 from trustplane.limits import REQUESTS_REFUSED, RequestLimits, refusal, request_limits
@@ -304,6 +310,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         super().on_headers_complete()
+        if self.cycle is not None and not isinstance(self.cycle.transport, _HeadWithBody):
+            _HeadWithBody(self.cycle)  # not an upgrade's early return: a new cycle
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn answers every parser error 400; a limit raised by our callbacks is a 431."""
@@ -322,3 +330,52 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         head += [name + b": " + value + b"\r\n" for name, value in headers]
         self.transport.write(b"".join([*head, b"\r\n", body]))
         self.transport.close()
+
+
+class _HeadWithBody:
+    """A response cycle's transport that sends the response head together with the body.
+
+    uvicorn's cycle writes the head when the app sends ``http.response.start``, then each body
+    chunk; before the head it may only have written ``100 Continue`` (which the client waits for,
+    so it is never held). The head is held and goes out with the next write, in one ``write`` (one
+    system call, one TCP segment). A head still held when the response completes without a body
+    write (``HEAD``) or the connection is closed is sent then. Installs itself on ``cycle``; every
+    other attribute is the connection's transport's. It keeps no reference to the cycle: a cycle
+    between the two would leave every response's objects to the garbage collector."""
+
+    __slots__ = ("_completed", "_head", "_held", "_transport")
+
+    def __init__(self, cycle: RequestResponseCycle) -> None:
+        self._transport: asyncio.Transport = cycle.transport
+        self._head = b""
+        self._held = False  # the head has been written (held or sent)
+        self._completed = cycle.on_response
+        cycle.transport = self  # type: ignore[assignment]
+        cycle.on_response = self._on_response
+
+    def write(self, data: bytes) -> None:
+        if not self._held and data != _CONTINUE:
+            self._held, self._head = True, data
+            return
+        head, self._head = self._head, b""
+        self._transport.write(head + data if head else data)
+
+    def flush(self) -> None:
+        head, self._head = self._head, b""
+        if head:
+            self._transport.write(head)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def _on_response(self) -> None:
+        self.flush()
+        self._completed()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+#: What uvicorn writes before the response when a request expects it (RFC 9110 §10.1.1).
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"

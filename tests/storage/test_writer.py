@@ -253,6 +253,40 @@ async def test_a_batch_whose_connection_died_runs_again_on_a_fresh_one(pg_url: s
 
 
 @pytest.mark.postgres
+async def test_a_batch_whose_transaction_failed_is_not_reported_committed(pg_url: str) -> None:
+    """A handler that catches a statement's error leaves the transaction failed; PostgreSQL then
+    answers ``COMMIT`` with ``ROLLBACK`` and no error. Nothing was committed, so the submitter is
+    told ``WriterUnavailable`` (it was told its write was durable), and the next batch commits."""
+    import asyncpg
+
+    db = Database(pg_url)
+    writer = GroupCommitWriter(db)
+
+    async def swallows(conn: AsyncConnection, payloads: Sequence[Any]) -> list[str]:
+        for payload in payloads:
+            await generations.bump(conn, f"row-{payload}")
+            if payload == "bad":
+                driver = (await conn.get_raw_connection()).driver_connection
+                assert driver is not None
+                with pytest.raises(asyncpg.DivisionByZeroError):
+                    await driver.execute("SELECT 1 / 0")
+        return [f"row:{p}" for p in payloads]
+
+    writer.register("row", swallows)
+    writer.start()
+    try:
+        with pytest.raises(WriterUnavailable, match="ROLLBACK"):
+            await writer.submit("row", "bad")
+        assert await writer.submit("row", "good") == "row:good"
+        state = await committed(db)
+    finally:
+        await writer.stop()
+        await db.dispose()
+    assert "row-bad" not in state
+    assert state["row-good"] == 1
+
+
+@pytest.mark.postgres
 async def test_connections_the_server_closed_are_replaced_without_a_ping(pg_url: str) -> None:
     """No ``pool_pre_ping``: after every backend of the pool and of the writer is terminated
     (``pg_terminate_backend``), the next unit of work and the next write still succeed."""

@@ -65,6 +65,29 @@ class WriterUnavailable(Exception):
     """The batch could not be committed; nothing in it is durable."""
 
 
+class RolledBack(Exception):
+    """PostgreSQL answered the batch's ``COMMIT`` with ``ROLLBACK``: its transaction had failed
+    (a statement error that a handler caught), so nothing of it is durable."""
+
+
+class _DriverTransaction:
+    """A batch's transaction opened with a plain ``BEGIN`` on the asyncpg connection: asyncpg's
+    ``Transaction`` object adds only bookkeeping (~20-30 us of client CPU per batch), and unlike it
+    this one reads ``COMMIT``'s answer: in a transaction that has failed, PostgreSQL answers
+    ``COMMIT`` with the command tag ``ROLLBACK`` and no error, and the batch must not be reported
+    as committed."""
+
+    __slots__ = ("_driver",)
+
+    def __init__(self, driver: Any) -> None:
+        self._driver = driver
+
+    async def commit(self) -> None:
+        tag = await self._driver.execute("COMMIT")
+        if tag != "COMMIT":
+            raise RolledBack(f"COMMIT answered {tag!r}")
+
+
 @dataclass(slots=True)
 class _Item:
     kind: str
@@ -160,13 +183,13 @@ class GroupCommitWriter:
         return self._conn
 
     async def _begin(self, conn: AsyncConnection) -> _Transaction:
-        """SQLite: SQLAlchemy's transaction. PostgreSQL: the driver's, on an autocommit connection
-        (one ``BEGIN`` round trip, as before, minus SQLAlchemy's layers)."""
+        """SQLite: SQLAlchemy's transaction. PostgreSQL: ``BEGIN`` sent on the driver connection
+        of an autocommit connection (:class:`_DriverTransaction`)."""
         if self._db.is_sqlite:
             return await conn.begin()
-        transaction = self._raw.driver_connection.transaction()
-        await transaction.start()
-        return transaction  # type: ignore[no-any-return]
+        driver = self._raw.driver_connection
+        await driver.execute("BEGIN")
+        return _DriverTransaction(driver)
 
     async def _drop_connection(self, *, broken: bool = False) -> None:
         """After a failure the connection may be broken (or, on PostgreSQL, still in the failed
