@@ -44,7 +44,8 @@ from typing import Any
 from sqlalchemy.engine import make_url
 
 from trustplane.audit import merkle, store
-from trustplane.storage.db import Database, connection_closed, is_disconnect
+from trustplane.audit.held_connections import HeldConnections
+from trustplane.storage.db import Database, is_disconnect
 
 #: Nodes of this level and above are kept (a subtree of 256 leaves or more).
 MIN_LEVEL = 8
@@ -76,6 +77,7 @@ class ProofNodes:
         self._edge_size, self._edge_ids = 0, tuple[int, ...]()
         self._min_id = merkle.node_id(MIN_LEVEL, 0)  # the ids of levels >= MIN_LEVEL are above it
         self._pg = db.dialect == "postgresql"
+        self._held = HeldConnections(db, flights) if self._pg else None
         #: SQLite file: the connection for reads on the calling thread, opened at the first read
         #: (when the file exists): None on PostgreSQL and in-memory SQLite.
         self._inline: sqlite3.Connection | None = None
@@ -137,8 +139,9 @@ class ProofNodes:
         """The nodes with ``ids`` that exist (a missing id is absent from the answer)."""
         found, missing = self.cached(ids)
         if missing and self._pg:
-            shared = await self._shared(missing)
-            found.update((i, shared[i]) for i in missing if i in shared)
+            alone = self._flying < self._flights and not self._waiting
+            nodes = await (self._alone(missing) if alone else self._shared(missing))
+            found.update((i, nodes[i]) for i in missing if i in nodes)
         elif missing:
             rows = await self._rows(store.nodes_sql(self._db.dialect, len(missing)), tuple(missing))
             read = {int(i): bytes(h) for i, h in rows}
@@ -146,17 +149,34 @@ class ProofNodes:
             found.update(read)
         return found
 
+    async def _alone(self, ids: list[int]) -> dict[int, bytes]:
+        """PostgreSQL, a statement free to fly: this proof's own, on the caller's task (no task
+        or future to make). Proofs that ask meanwhile share the next statement."""
+        self._flying += 1
+        try:
+            nodes: dict[int, bytes] = dict(await self._driver_rows(_PG_NODES_SQL, ids))
+        finally:
+            self._flying -= 1
+            if self._waiting:
+                self._launch()
+        self.remember(nodes.items())
+        return nodes
+
+    def _launch(self) -> None:
+        """A statement for the proofs waiting (its own task), if one may fly."""
+        if self._flying < self._flights:
+            self._flying += 1
+            task = asyncio.get_running_loop().create_task(self._fly(), name="proof-nodes")
+            self._tasks.add(task)  # a reference until it ends (the loop keeps only a weak one)
+            task.add_done_callback(self._tasks.discard)
+
     async def _shared(self, ids: list[int]) -> dict[int, bytes]:
         """PostgreSQL: the nodes read by the next statement, which every proof waiting for one
         shares (the answer holds theirs too)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[dict[int, bytes]] = loop.create_future()
         self._waiting.append((ids, future))
-        if self._flying < self._flights:
-            self._flying += 1
-            task = loop.create_task(self._fly(), name="proof-nodes")
-            self._tasks.add(task)  # a reference until it ends (the loop keeps only a weak one)
-            task.add_done_callback(self._tasks.discard)
+        self._launch()
         return await future
 
     async def _fly(self) -> None:
@@ -177,7 +197,7 @@ class ProofNodes:
                     for _, future in batch:
                         future.cancel()
                     raise
-                nodes = {int(i): bytes(h) for i, h in rows}
+                nodes: dict[int, bytes] = dict(rows)
                 self.remember(nodes.items())
                 for _, future in batch:
                     if not future.done():
@@ -191,23 +211,20 @@ class ProofNodes:
 
     async def tree_size(self) -> int:
         """The current tree size (0 before the first integration)."""
-        rows = await self._rows(store.TREE_SIZE_SQL, ())
+        sql = store.TREE_SIZE_SQL
+        rows = await (self._driver_rows(sql) if self._pg else self._rows(sql, ()))
         return int(rows[0][0]) if rows else 0
 
     async def _driver_rows(self, sql: str, *args: Any) -> Sequence[Any]:
-        """PostgreSQL: one statement straight on asyncpg, on a pooled connection held for that
-        statement. If it fails, it runs once more through SQLAlchemy on another connection (the
-        first one thrown away if it was dead), so a failure that repeats reaches the caller as
+        """PostgreSQL: one statement on a held driver connection
+        (:class:`~trustplane.audit.held_connections.HeldConnections`). If it fails, it runs once
+        more through SQLAlchemy's pool, so a failure that repeats reaches the caller as
         SQLAlchemy's error: a lost or exhausted database is answered 503, not 500."""
-        async with self._db.autocommit_engine.connect() as conn:
-            raw = await conn.get_raw_connection()
-            driver: Any = raw.driver_connection
+        if self._held is not None:
             try:
-                rows: Sequence[Any] = await driver.fetch(sql, *args)
-                return rows
-            except Exception:
-                if connection_closed(raw):
-                    await conn.invalidate()  # not back into the pool
+                return await self._held.fetch(sql, *args)
+            except Exception:  # once more, through SQLAlchemy
+                pass
         return await self._engine_rows(sql, args)
 
     async def _engine_rows(self, sql: str, params: Sequence[Any]) -> Sequence[Any]:
