@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import random
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -56,6 +57,29 @@ def subproof(m: int, leaves: list[bytes], whole: bool) -> list[bytes]:
     if m <= k:
         return [*subproof(m, leaves[:k], whole), mth(leaves[k:])]
     return [*subproof(m - k, leaves[k:], False), mth(leaves[:k])]
+
+
+def test_inclusion_node_ids_fold_to_the_rfc_path_at_every_index_and_size() -> None:
+    leaves = [hashlib.sha256(bytes([i])).digest() for i in range(70)]
+    tree = merkle.MemoryTree(leaves)
+    for size in range(1, len(leaves) + 1):
+        for index in range(size):
+            plan = merkle.inclusion_nodes(index, size)
+            hashes = [merkle.fold([tree.nodes[i] for i in ids]) for ids in plan]
+            assert hashes == path(index, leaves[:size]), (index, size)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_inclusion_node_ids_equal_the_ranges_decomposed_at_large_sizes(seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(500):
+        size = rng.randrange(1, 1 << 47)
+        index = rng.choice([0, size - 1, rng.randrange(size)])
+        ranges = merkle.inclusion_ranges(index, size)
+        expected = [[merkle.node_id(*n) for n in merkle.perfect_nodes(a, b)] for a, b in ranges]
+        assert merkle.inclusion_nodes(index, size) == expected, (index, size)
+    with pytest.raises(ValueError, match="not in a tree"):
+        merkle.inclusion_nodes(5, 5)
 
 
 @pytest.mark.parametrize("cached_from_level", [0, proof_nodes.MIN_LEVEL])
@@ -234,14 +258,16 @@ async def test_a_proof_cancelled_mid_statement_drops_its_connection(
     ledger = Ledger(svc.settings, svc.db, svc.ledger._kek)
     await ledger.inclusion(0, size)
     held = ledger._nodes._held
-    assert held is not None and held.open_count == 1
+    assert held is not None
+    assert held.open_count == 1
     (conn,) = held._open
     task = asyncio.create_task(ledger.inclusion(9, size))
     await asyncio.sleep(0)  # its statement is sent
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert conn.is_closed() and held.open_count == 0
+    assert conn.is_closed()
+    assert held.open_count == 0
     assert await ledger.inclusion(9, size) == path(9, leaves)  # on a new one
     assert held.open_count == 1
 
@@ -258,7 +284,8 @@ async def test_disposing_of_the_database_closes_the_held_connections(
     assert held is not None
     (conn,) = held._open
     await svc.db.dispose()
-    assert conn.is_closed() and held.open_count == 0
+    assert conn.is_closed()
+    assert held.open_count == 0
     assert await ledger.consistency(3, size) == subproof(3, leaves, True)  # reopened
 
 
@@ -278,7 +305,8 @@ async def test_proofs_on_an_exhausted_database_fail_as_a_database_failure(
         with pytest.raises(sa_exc.DBAPIError) as caught:
             await ledger.inclusion(0, 37)
         assert database_failure(caught.value)
-        assert ledger._nodes._held is not None and ledger._nodes._held.open_count == 0
+        assert ledger._nodes._held is not None
+        assert ledger._nodes._held.open_count == 0
     finally:
         await db.dispose()
         await pg_admin(f"DROP ROLE IF EXISTS {role}")

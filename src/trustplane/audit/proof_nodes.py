@@ -35,6 +35,7 @@ connection by its statement cache).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import weakref
 from collections.abc import Iterable, Sequence
@@ -87,8 +88,9 @@ class ProofNodes:
         """The nodes among ``ids`` held in memory, and the ids still to read (sorted)."""
         found: dict[int, bytes] = {}
         missing = []
+        cached, edge = self._cached, self._edge
         for i in ids:
-            h = self._cached.get(i) or self._edge.get(i)
+            h = cached.get(i) or edge.get(i)
             if h is None:
                 missing.append(i)
             else:
@@ -115,13 +117,20 @@ class ProofNodes:
 
     async def range_hashes(self, ranges: Sequence[merkle.Range], size: int) -> list[bytes]:
         """The hash of each range of a proof at tree ``size`` (KeyError if a node it needs does not
-        exist): the node ids are worked out once, for the read and for the fold."""
+        exist)."""
         plan = [
             [merkle.node_id(level, i) for level, i in merkle.perfect_nodes(a, b)] for a, b in ranges
         ]
+        return await self.proof(plan, size)
+
+    async def proof(self, plan: Sequence[Sequence[int]], size: int) -> list[bytes]:
+        """The hashes of a proof at tree ``size`` given, for each, the ids of the nodes it folds
+        (:func:`merkle.inclusion_nodes`): KeyError if a node does not exist."""
         nodes = await self.read({i for ids in plan for i in ids})
         self._keep_edge(size, nodes)
-        return [merkle.fold([nodes[i] for i in ids]) for ids in plan]
+        return [
+            nodes[ids[0]] if len(ids) == 1 else merkle.fold([nodes[i] for i in ids]) for ids in plan
+        ]
 
     def _keep_edge(self, size: int, nodes: dict[int, bytes]) -> None:
         """Keep the right-edge nodes below MIN_LEVEL of ``size`` among ``nodes``."""
@@ -221,10 +230,8 @@ class ProofNodes:
         more through SQLAlchemy's pool, so a failure that repeats reaches the caller as
         SQLAlchemy's error: a lost or exhausted database is answered 503, not 500."""
         if self._held is not None:
-            try:
+            with contextlib.suppress(Exception):  # else once more, through SQLAlchemy
                 return await self._held.fetch(sql, *args)
-            except Exception:  # once more, through SQLAlchemy
-                pass
         return await self._engine_rows(sql, args)
 
     async def _engine_rows(self, sql: str, params: Sequence[Any]) -> Sequence[Any]:
