@@ -445,13 +445,13 @@ class Ledger:
                 raise LedgerError("the log has no checkpoint yet")
             checkpoint = SignedCheckpoint(*row)
             found = await store.entries_where(conn, filters, after, checkpoint.size, limit)
-            ranges = [merkle.inclusion_ranges(e.index, checkpoint.size) for e in found]
-            nodes, missing = self._nodes.cached(merkle.needed_nodes(r for rs in ranges for r in rs))
-            read = await store.read_nodes(conn, missing)
-        self._nodes.remember(read.items())
-        nodes.update(read)
-        proven = [ProvenEntry(e, _hashes(rs, nodes)) for e, rs in zip(found, ranges, strict=True)]
-        return checkpoint, proven
+        # the nodes in one statement, as concurrent proofs read theirs (and sharing with them)
+        plans = [merkle.inclusion_nodes(e.index, checkpoint.size) for e in found]
+        try:
+            proofs = await self._nodes.proofs(plans, checkpoint.size) if found else []
+        except KeyError:
+            raise _nodes_missing() from None
+        return checkpoint, [ProvenEntry(e, p) for e, p in zip(found, proofs, strict=True)]
 
     # ------------------------------------------------------------------ retention
 
@@ -503,13 +503,6 @@ class Ledger:
             reason_ids=tuple(f"{t}={n}" for t, n in sorted(purged.items())),
             payload={"purged": purged, "retention_days": self.retention()},
         )
-
-
-def _hashes(ranges: list[merkle.Range], nodes: dict[int, bytes]) -> list[bytes]:
-    try:
-        return merkle.range_hashes(ranges, nodes)
-    except KeyError:
-        raise _nodes_missing() from None
 
 
 def _nodes_missing() -> LedgerError:
