@@ -2,8 +2,9 @@
 
 A proof's statement is a primary-key lookup of a few rows; taking a connection from SQLAlchemy's
 pool for it and giving it back cost this process more CPU than the statement itself (measured on
-the 1M-entry log: about 0.42-0.59 ms per statement through an ``AsyncConnection`` checkout, 0.34
-ms through a bare pool checkout, 0.15-0.18 ms on a connection held open). So proofs keep asyncpg
+the 1M-entry log, the same fetch of 8 node ids interleaved in one process: 254-361 us of CPU per
+statement inside an ``AsyncConnection`` checkout of the autocommit engine, 76-155 us on a
+connection held open; in an earlier run a bare pool checkout, 334-343 us). So proofs keep asyncpg
 connections of their own, opened at the first statement (the database URL as a DSN, as the cache
 listener of :mod:`trustplane.storage.notify` does), outside both pools: PostgreSQL sees at most
 ``size`` more connections per process. Each runs one statement at a time, with no transaction
