@@ -401,7 +401,10 @@ class Ledger:
         not in memory read in one statement (:class:`~trustplane.audit.proof_nodes.ProofNodes`)."""
         if not 0 <= index < size or not await self._has_size(size):
             raise LedgerError(f"no leaf {index} in a tree of size {size} (or size too large)")
-        return await self._hashes(merkle.inclusion_ranges(index, size), size)
+        try:
+            return await self._nodes.proof(merkle.inclusion_nodes(index, size), size)
+        except KeyError:
+            raise _nodes_missing() from None
 
     async def consistency(self, first: int, second: int) -> list[bytes]:
         """RFC 9162 §2.1.4.1 consistency proof between the trees of sizes ``first`` <= ``second``."""
@@ -413,7 +416,7 @@ class Ledger:
         try:
             return await self._nodes.range_hashes(ranges, size)
         except KeyError:
-            raise _nodes_missing(ranges) from None
+            raise _nodes_missing() from None
 
     async def entries(self, start: int, end: int) -> list[StoredEntry]:
         if not 0 <= start < end or end - start > MAX_ENTRIES:
@@ -442,13 +445,13 @@ class Ledger:
                 raise LedgerError("the log has no checkpoint yet")
             checkpoint = SignedCheckpoint(*row)
             found = await store.entries_where(conn, filters, after, checkpoint.size, limit)
-            ranges = [merkle.inclusion_ranges(e.index, checkpoint.size) for e in found]
-            nodes, missing = self._nodes.cached(merkle.needed_nodes(r for rs in ranges for r in rs))
-            read = await store.read_nodes(conn, missing)
-        self._nodes.remember(read.items())
-        nodes.update(read)
-        proven = [ProvenEntry(e, _hashes(rs, nodes)) for e, rs in zip(found, ranges, strict=True)]
-        return checkpoint, proven
+        # the nodes in one statement, as concurrent proofs read theirs (and sharing with them)
+        plans = [merkle.inclusion_nodes(e.index, checkpoint.size) for e in found]
+        try:
+            proofs = await self._nodes.proofs(plans, checkpoint.size) if found else []
+        except KeyError:
+            raise _nodes_missing() from None
+        return checkpoint, [ProvenEntry(e, p) for e, p in zip(found, proofs, strict=True)]
 
     # ------------------------------------------------------------------ retention
 
@@ -502,15 +505,8 @@ class Ledger:
         )
 
 
-def _hashes(ranges: list[merkle.Range], nodes: dict[int, bytes]) -> list[bytes]:
-    try:
-        return merkle.range_hashes(ranges, nodes)
-    except KeyError:
-        raise _nodes_missing(ranges) from None
-
-
-def _nodes_missing(ranges: list[merkle.Range]) -> LedgerError:
-    log.error("audit_tree_nodes_missing", ranges=len(ranges))
+def _nodes_missing() -> LedgerError:
+    log.error("audit_tree_nodes_missing")
     return LedgerError("tree nodes needed for this proof are missing from the database")
 
 

@@ -81,6 +81,43 @@ def inclusion_ranges(index: int, size: int) -> list[Range]:
     return out
 
 
+def inclusion_nodes(index: int, size: int) -> list[list[int]]:
+    """The proof of :func:`inclusion_ranges` as node ids, bottom-up: each range is one perfect
+    subtree (one id), or the tree's right edge (its perfect subtrees, left to right, to
+    :func:`fold`). Worked out level by level, without the ranges (a proof's CPU is mostly this).
+
+    At level ``L`` the leaf's ancestor is ``index >> L``; its sibling covers leaves from
+    ``s << L`` up to ``(s + 1) << L`` or the end of the tree, and is in the proof if it starts
+    inside the tree (RFC 9162's left-balanced split puts every sibling at such a boundary)."""
+    if not 0 <= index < size:
+        raise ValueError(f"index {index} is not in a tree of size {size}")
+    out: list[list[int]] = []
+    level = 0
+    while (1 << level) < size:
+        sibling = (index >> level) ^ 1
+        start = sibling << level
+        if start < size:
+            if start + (1 << level) <= size:
+                out.append([(level << LEVEL_SHIFT) | sibling])
+            else:
+                out.append(_edge_ids(start, size))
+        level += 1
+    return out
+
+
+def _edge_ids(start: int, end: int) -> list[int]:
+    """The perfect subtrees of ``[start, end)`` where ``start`` is aligned to a power of two at
+    least ``end - start``: one per set bit of the length, the largest first."""
+    ids = []
+    rest = end - start
+    while rest:
+        level = rest.bit_length() - 1
+        ids.append((level << LEVEL_SHIFT) | (start >> level))
+        start += 1 << level
+        rest -= 1 << level
+    return ids
+
+
 def consistency_ranges(first: int, second: int) -> list[Range]:
     """RFC 9162 §2.1.4.1 PROOF(m, D[n]) = SUBPROOF(m, D[n], true), as ranges."""
     if not 0 < first <= second:
