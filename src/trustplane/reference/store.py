@@ -1352,6 +1352,10 @@ class TradeStore:
                 await asyncio.wait_for(waiter.wait(), min(left, 0.25))
 
     async def unpublished(self, limit: int = 100) -> list[StoredEvent]:
+        if not self.db.is_sqlite:  # each publisher round: asyncpg's own statement
+            return [
+                _stored_of(r) for r in await store_pg.fetch(self.db, store_pg.UNPUBLISHED, (limit,))
+            ]
         rows = await self._all(
             select(outbox)
             .where(outbox.c.published_at.is_(None))
@@ -1361,7 +1365,12 @@ class TradeStore:
         return [_stored(r) for r in rows]
 
     async def mark_published(self, seqs: Sequence[int]) -> None:
+        """Mark ``seqs`` published (those not marked yet). PostgreSQL: one statement on the
+        autocommit engine, straight to asyncpg (no ``BEGIN``/``COMMIT``, no compilation)."""
         if not seqs:
+            return
+        if not self.db.is_sqlite:
+            await store_pg.execute(self.db, store_pg.MARK_PUBLISHED, (list(seqs), _ms()))
             return
         async with self.db.transaction() as conn:
             await conn.execute(

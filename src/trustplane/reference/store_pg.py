@@ -257,11 +257,23 @@ async def apply(db: Database, params: tuple[Any, ...]) -> tuple[bool, Sequence[A
 #: commit (the hand-off), as the SQLAlchemy selects of ``TradeStore.trade`` and ``events_after``.
 TRADE = "SELECT * FROM ref_trades WHERE trade_id = $1"
 EVENTS_AFTER = "SELECT * FROM ref_outbox WHERE seq > $1 ORDER BY seq LIMIT $2"
+#: The publisher's round: the oldest unpublished rows, then the mark of those JetStream acked
+#: (conditional, as ``TradeStore.mark_published``), as the SQLAlchemy statements did.
+UNPUBLISHED = "SELECT * FROM ref_outbox WHERE published_at IS NULL ORDER BY seq LIMIT $1"
+MARK_PUBLISHED = (
+    "UPDATE ref_outbox SET published_at = $2 WHERE seq = ANY($1::integer[]) "
+    "AND published_at IS NULL"
+)
 
 
 async def fetch(db: Database, sql: str, params: tuple[Any, ...]) -> list[Any]:
     """The rows (asyncpg records: mappings by column name) of one read on the autocommit engine."""
     return list(await _on_driver(db, lambda driver: driver.fetch(sql, *params)))
+
+
+async def execute(db: Database, sql: str, params: tuple[Any, ...]) -> None:
+    """One write without rows on the autocommit engine (its own transaction)."""
+    await _on_driver(db, lambda driver: driver.execute(sql, *params))
 
 
 async def _fetchrow(db: Database, sql: str, params: tuple[Any, ...]) -> Any:
