@@ -485,3 +485,92 @@ async def test_a_new_key_is_claimed_without_a_read_where_reads_cost_a_round_trip
     assert await service.begin(SCOPE, ['"k1"'], PRINT) == Replay(CREATED)
     clock.advance(RETENTION)
     assert isinstance(await service.begin(SCOPE, ['"k1"'], "another payload"), Execute)
+
+
+# --------------------------------------------------------------------------- a retry after commit
+
+
+async def test_store_a_claim_retried_after_its_commit_is_still_its_own(
+    idempotency_store: SqlIdempotencyStore,
+) -> None:
+    """The store runs a statement once more when its connection dropped; if the first run had
+    committed, the second meets its own claim (same token) and must not report it lost (which
+    made the request's own claim look outstanding: 409)."""
+    assert await claim(idempotency_store, claim_of(), 1000.0)
+    assert await claim(idempotency_store, claim_of(), 1000.0)
+    assert not await claim(idempotency_store, claim_of(token="t2"), 1000.0)
+
+
+# --------------------------------------------------------------------------- in the operation's
+# transaction (InTransaction): the key's answer stored without a claim
+
+
+def pending_of(service: IdempotencyService, fp: str = PRINT, key: str = "k1") -> Any:
+    return service.in_transaction(SCOPE, [serialize_key(key)], fp)
+
+
+async def test_service_in_transaction_parses_without_a_statement(
+    service: IdempotencyService, clock: FakeClock
+) -> None:
+    pending = pending_of(service)
+    assert (pending.scope, pending.key, pending.fingerprint) == (SCOPE, "k1", PRINT)
+    assert pending.expires_at == clock.now + RETENTION
+    assert not pending.stored
+    assert await service.store.get(SCOPE, "k1") is None  # nothing claimed
+    with pytest.raises(MissingKeyError):
+        service.in_transaction(SCOPE, [], PRINT)
+    with pytest.raises(MalformedKeyError):
+        service.in_transaction(SCOPE, ["k1"], PRINT)
+
+
+async def test_service_settle_stores_a_refusal_then_replays_it(
+    service: IdempotencyService,
+) -> None:
+    refused = StoredResponse(409, b'{"title": "out-of-order"}', "application/problem+json")
+    assert await service.settle(pending_of(service), refused) is None
+    record = await service.store.get(SCOPE, "k1")
+    assert record is not None
+    assert record.response == refused
+    # the same request again: its operation refuses again, and the first answer is replayed
+    again = StoredResponse(409, b'{"title": "other"}', "application/problem+json")
+    assert await service.settle(pending_of(service), again) == Replay(refused)
+    with pytest.raises(KeyReusedError):
+        await service.settle(pending_of(service, OTHER_PRINT), again)
+
+
+async def test_service_settle_leaves_a_5xx_unstored_and_a_stored_key_alone(
+    service: IdempotencyService,
+) -> None:
+    pending = pending_of(service)
+    assert await service.settle(pending, StoredResponse(503, b"")) is None
+    assert await service.store.get(SCOPE, "k1") is None
+    pending.stored = True  # the operation's transaction stored it: nothing more to write
+    assert await service.settle(pending, CREATED) is None
+    assert await service.store.get(SCOPE, "k1") is None
+
+
+async def test_service_answer_taken_follows_the_holder(service: IdempotencyService) -> None:
+    first = await service.begin(SCOPE, ['"k1"'], PRINT)
+    assert isinstance(first, Execute)
+    held = await service.store.get(SCOPE, "k1")
+    assert held is not None
+    with pytest.raises(RequestOutstandingError):
+        service.answer_taken(pending_of(service), held)
+    assert await service.complete(first.claim, CREATED)
+    held = await service.store.get(SCOPE, "k1")
+    assert held is not None
+    assert service.answer_taken(pending_of(service), held) == Replay(CREATED)
+    with pytest.raises(KeyReusedError):
+        service.answer_taken(pending_of(service, OTHER_PRINT), held)
+
+
+async def test_store_put_takes_an_expired_key_and_its_own_retry(
+    idempotency_store: SqlIdempotencyStore, clock: FakeClock
+) -> None:
+    service = IdempotencyService(idempotency_store, lease=LEASE, retention=RETENTION, clock=clock)
+    pending = pending_of(service)
+    assert await idempotency_store.put(pending, CREATED)
+    assert await idempotency_store.put(pending, CREATED)  # its own retry after the commit
+    assert not await idempotency_store.put(pending_of(service), CREATED)  # another request
+    clock.advance(RETENTION)
+    assert await idempotency_store.put(pending_of(service, OTHER_PRINT), CREATED)

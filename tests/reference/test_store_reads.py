@@ -184,3 +184,37 @@ async def test_the_hot_reads_go_straight_to_asyncpg(pg_database: str) -> None:
             await store.trade("T-2")
     finally:
         await store.db.dispose()
+
+
+@pytest.mark.postgres
+async def test_the_publisher_s_round_goes_straight_to_asyncpg(pg_database: str) -> None:
+    """Each publisher round reads the unpublished rows and marks what JetStream acked: one
+    statement each on the wire (the mark had ``BEGIN`` and ``COMMIT`` around it), none through
+    SQLAlchemy's compilation and cursor layers; the mark stays conditional."""
+    store, sent = await _counted_store(pg_database)
+    compiled: list[str] = []
+
+    def executed(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        compiled.append(statement)
+
+    for engine in (store.db.engine, store.db.autocommit_engine):
+        event.listen(engine.sync_engine, "before_cursor_execute", executed)
+    try:
+        await store.create("T-1", ORDER, "alice", _envelope(), None)
+        await store.apply("T-1", machine.EXECUTE, "alice", _envelope(), None)
+        await store.mark_published([10**6])  # asyncpg's first look at the array type, once
+        sent.clear()
+        compiled.clear()
+        found = await store.unpublished(10)
+        assert [e.type for e in found] == ["order.created", "trade.executed"]
+        assert (_words(sent), compiled) == (["SELECT"], [])
+        sent.clear()
+        await store.mark_published([found[0].seq])
+        assert (_words(sent), compiled) == (["UPDATE"], [])
+        first = (await store.events_after(0))[0]
+        assert first.published
+        await store.mark_published([found[0].seq, found[1].seq])  # the first stays as marked
+        assert [e.event_id for e in await store.unpublished(10)] == []
+        assert (await store.events_after(0))[0] == first
+    finally:
+        await store.db.dispose()

@@ -26,7 +26,7 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, cast
 
 import structlog
 
@@ -180,6 +180,35 @@ class IdempotencyRecord:
     response: StoredResponse | None
 
 
+@dataclass(slots=True)
+class InTransaction:
+    """A key the operation stores in its own database transaction instead of claiming it first:
+    that transaction inserts the completed response for (scope, key) unless a live row holds the
+    key, and when one does it writes nothing and the operation is not performed (the caller raises
+    :class:`KeyTaken` with that row). One statement instead of claim, operation and complete; of
+    concurrent requests with one key, the key's primary key lets one transaction commit. Only for
+    an operation whose every effect is in that transaction, on the key store's database
+    (``SqlIdempotencyStore.in_transaction_sql`` is the statement). ``stored``: set by the
+    operation's store once its transaction committed the response."""
+
+    scope: str
+    key: str
+    fingerprint: str
+    token: str
+    now: float
+    expires_at: float
+    stored: bool = False
+
+
+class KeyTaken(Exception):
+    """The operation's transaction found its key held (completed, in progress, or another
+    payload's) and rolled back: ``record`` is the row that holds it."""
+
+    def __init__(self, record: IdempotencyRecord) -> None:
+        super().__init__("the Idempotency-Key is held")
+        self.record = record
+
+
 @dataclass(frozen=True, slots=True)
 class Execute:
     """The caller owns the claim: run the operation, then ``complete`` (or ``release``) it."""
@@ -227,6 +256,17 @@ class IdempotencyStore(Protocol):
 
     async def purge(self, before: float) -> int:
         """Delete every row whose key expired at or before ``before``; the number deleted."""
+        ...
+
+
+class InTransactionStore(IdempotencyStore, Protocol):
+    """A store whose keys an operation may store in its own transaction (:class:`InTransaction`)."""
+
+    async def put(self, pending: InTransaction, response: StoredResponse) -> bool:
+        """Store ``response`` as the completed answer of ``pending``'s key, under the conditions
+        of :meth:`IdempotencyStore.claim` (no row, an expired one, or an abandoned claim of the
+        same payload); True if stored. For an answer the operation's transaction did not store
+        (a refusal decided before it)."""
         ...
 
 
@@ -285,6 +325,46 @@ class IdempotencyService:
         if not stored:
             log.warning("pep_idempotency_claim_lost", scope=claim.scope, key=claim.key)
         return stored
+
+    def in_transaction(
+        self, scope: str, header_values: Sequence[str], fingerprint: str
+    ) -> InTransaction:
+        """The key in ``header_values`` for an operation that stores it in its own transaction
+        (:class:`InTransaction`); raise an :class:`IdempotencyError` for a missing or malformed
+        key. No statement: the store is asked only by the operation's transaction."""
+        key, now, token = self._key(scope, header_values), self._clock(), secrets.token_urlsafe(18)
+        return InTransaction(scope, key, fingerprint, token, now, now + self.retention)
+
+    def answer_taken(self, pending: InTransaction, record: IdempotencyRecord) -> Replay:
+        """What a request whose key is held by ``record`` gets: the stored response (same payload,
+        completed), or an :class:`IdempotencyError` raised (another payload: 422; in progress:
+        409)."""
+        claim = Claim(pending.scope, pending.key, pending.fingerprint, "")
+        return self._answer(claim, record)
+
+    async def settle(self, pending: InTransaction, response: StoredResponse) -> Replay | None:
+        """After the operation: None if its transaction stored ``pending``. Otherwise (it refused,
+        or wrote nothing) store a 2xx or 4xx ``response`` on its own: None when stored (or not
+        storable: 5xx), else the answer of the row that holds the key (:meth:`answer_taken`)."""
+        if pending.stored:
+            metrics.PEP_IDEMPOTENCY.labels(outcome="executed").inc()
+            return None
+        if response.status // 100 not in (2, 4):
+            return None
+        store = cast(InTransactionStore, self.store)
+        if await store.put(pending, response):
+            metrics.PEP_IDEMPOTENCY.labels(outcome="executed").inc()
+            return None
+        for _attempt in range(3):
+            record = await self.store.get(pending.scope, pending.key)
+            if record is not None:
+                return self.answer_taken(pending, record)
+            if await store.put(pending, response):  # the holder was released meanwhile
+                metrics.PEP_IDEMPOTENCY.labels(outcome="executed").inc()
+                return None
+        raise self._refuse(
+            RequestOutstandingError("the key is changing hands, retry"), pending.scope, pending.key
+        )
 
     async def release(self, claim: Claim) -> None:
         """Forget an unfinished claim (the operation failed): a retry executes again."""

@@ -28,6 +28,8 @@ from trustplane.pep.idempotency import (
     Execute,
     IdempotencyError,
     IdempotencyService,
+    InTransaction,
+    KeyTaken,
     StoredResponse,
     fingerprint,
 )
@@ -37,6 +39,7 @@ REPLAYED = "Idempotency-Replayed"  # not standardised: tells a client (and its l
 PROBLEM = "application/problem+json"
 HandlerResult = Response | tuple[int, Any]
 Handler = Callable[[], HandlerResult | Awaitable[HandlerResult]]
+TransactionHandler = Callable[[InTransaction], Awaitable[Response]]
 
 
 def problem_response(error: IdempotencyError) -> Response:
@@ -89,6 +92,31 @@ class IdempotentOperation:
             raise
         await self.service.complete(outcome.claim, stored)
         return response
+
+    async def run_in_transaction(
+        self, request: Request, *, scope: str, handler: TransactionHandler
+    ) -> Response:
+        """As :meth:`run`, for a ``handler`` whose operation stores the key in its own
+        transaction (:class:`~trustplane.pep.idempotency.InTransaction`, one statement instead
+        of claim, operation and complete): it passes the key to that transaction, raises
+        :class:`~trustplane.pep.idempotency.KeyTaken` when the transaction found the key held
+        (nothing done: the holder's answer is returned), or returns a response its transaction
+        did not store (a refusal decided before it), which is stored here, or replaced by the
+        holder's answer if the key is held by then. A concurrent request with the same key runs
+        the handler too, up to its transaction, where one of them wins the key."""
+        payload = fingerprint(request.method, request.url.path, await request.body())
+        try:
+            pending = self.service.in_transaction(
+                f"{self.operation} {scope}", request.headers.getlist(HEADER), payload
+            )
+            try:
+                response = await handler(pending)
+            except KeyTaken as taken:
+                return replay_response(self.service.answer_taken(pending, taken.record).response)
+            held = await self.service.settle(pending, _stored(response))
+        except IdempotencyError as exc:
+            return problem_response(exc)
+        return response if held is None else replay_response(held.response)
 
 
 async def _call(handler: Handler) -> Response:

@@ -30,7 +30,7 @@ from sqlalchemy import BigInteger, Column, Integer, LargeBinary, MetaData, Strin
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from trustplane.pep.idempotency import Claim, IdempotencyRecord, StoredResponse
+from trustplane.pep.idempotency import Claim, IdempotencyRecord, InTransaction, StoredResponse
 from trustplane.storage.db import Database
 
 IN_PROGRESS, COMPLETED = "in_progress", "completed"
@@ -64,6 +64,22 @@ ON CONFLICT (scope, "key") DO UPDATE SET
     status = NULL, content_type = NULL, location = NULL, body = NULL
 WHERE t.expires_at <= $7
     OR (t.state = 'in_progress' AND t.lease_until <= $7 AND t.fingerprint = excluded.fingerprint)
+    OR (t.state = 'in_progress' AND t.claim_token = excluded.claim_token)
+RETURNING 1"""
+#: The completed answer of a key stored without a claim (``InTransaction``): the claim's
+#: conditions, and (a retry of this very statement after its commit) the same token.
+_PUT = """\
+INSERT INTO pep_idempotency_keys AS t (scope, "key", fingerprint, state, claim_token,
+    lease_until, expires_at, status, body, content_type, location)
+VALUES ($1, $2, $3, 'completed', $4, $5, $6, $7, $8, $9, $10)
+ON CONFLICT (scope, "key") DO UPDATE SET
+    fingerprint = excluded.fingerprint, state = 'completed', claim_token = excluded.claim_token,
+    lease_until = excluded.lease_until, expires_at = excluded.expires_at,
+    status = excluded.status, content_type = excluded.content_type,
+    location = excluded.location, body = excluded.body
+WHERE t.expires_at <= $5
+    OR (t.state = 'in_progress' AND t.lease_until <= $5 AND t.fingerprint = excluded.fingerprint)
+    OR t.claim_token = excluded.claim_token
 RETURNING 1"""
 _GET = """\
 SELECT fingerprint, state, lease_until, expires_at, status, body, content_type, location
@@ -113,6 +129,7 @@ class SqlIdempotencyStore:
                 ("get", _GET),
                 ("complete", _COMPLETE),
                 ("release", _RELEASE),
+                ("put", _PUT),
                 ("purge", _PURGE),
             ]
         }
@@ -143,6 +160,22 @@ class SqlIdempotencyStore:
             *(response.status, response.body, response.content_type, response.location),
         )
         return bool(await self._fetch("complete", params))
+
+    async def put(self, pending: InTransaction, response: StoredResponse) -> bool:
+        params = (
+            *(pending.scope, pending.key, pending.fingerprint, pending.token),
+            *(_ms(pending.now), _ms(pending.expires_at), response.status, response.body),
+            *(response.content_type, response.location),
+        )
+        return bool(await self._fetch("put", params))
+
+    def in_transaction_on(self, database: Database) -> bool:
+        """Whether an operation's statements on ``database`` may store this store's keys in their
+        own transaction (:class:`~trustplane.pep.idempotency.InTransaction`): on PostgreSQL,
+        when the keys are in that database. The operation's transaction then runs this store's
+        ``put`` statement (``_PUT``: the same conditions) and writes nothing else if it stores
+        no row."""
+        return self._pg and database is self.db
 
     async def release(self, claim: Claim) -> bool:
         return bool(await self._fetch("release", (claim.scope, claim.key, claim.token)))
@@ -260,6 +293,12 @@ def _inline_reader(database: Database) -> sqlite3.Connection | None:
     reader.execute("PRAGMA query_only = 1")
     weakref.finalize(database, reader.close)  # closed with the database object, not before
     return reader
+
+
+def record_of(row: Sequence[Any]) -> IdempotencyRecord:
+    """The record of a row's ``fingerprint, state, lease_until, expires_at, status, body,
+    content_type, location`` (an operation's statement that found its key held returns them)."""
+    return _record(row)
 
 
 def _record(row: Sequence[Any]) -> IdempotencyRecord:

@@ -42,11 +42,12 @@ from trustplane.pep.bearer import with_challenge
 from trustplane.pep.enforcer import transaction_of
 from trustplane.pep.http import Pep
 from trustplane.pep.http import Refused as TokenRefused
-from trustplane.pep.idempotency import IdempotencyService
+from trustplane.pep.idempotency import IdempotencyService, StoredResponse
 from trustplane.pep.idempotency_http import HEADER, IdempotentOperation
+from trustplane.pep.idempotency_store import SqlIdempotencyStore
 from trustplane.reference import machine
 from trustplane.reference.services import Caller, Refused, TradeServices
-from trustplane.reference.store import DuplicateTransition, NotFound, OutOfOrder
+from trustplane.reference.store import DuplicateTransition, Key, KeyedAnswer, NotFound, OutOfOrder
 
 PROBLEM_BASE = "https://trustplane.dev/problems/reference"
 MAX_TIMEOUT = 30.0
@@ -111,16 +112,21 @@ def build_app(
     ``allocation``, ``settlement``: each route's keys in its owner's store)."""
     app = FastAPI(title=title, openapi_url=None, docs_url=None, redoc_url=None)
     pep.install(app)
-    operations: dict[str, IdempotentOperation] = {}
+    operations: dict[str, tuple[IdempotentOperation, bool]] = {}
 
-    def operation(name: str) -> IdempotentOperation:
+    def operation(name: str) -> tuple[IdempotentOperation, bool]:
+        """The operation's keys, and whether they are stored in its transition's own statement
+        (the owner's store on PostgreSQL, the keys in its database: ``KeyedAnswer``)."""
         if name not in operations:
+            owner = OPERATION_SERVICE.get(name, machine.SETTLEMENT)
             keys = (
-                idempotency
-                if isinstance(idempotency, IdempotencyService)
-                else idempotency[OPERATION_SERVICE.get(name, machine.SETTLEMENT)]
+                idempotency if isinstance(idempotency, IdempotencyService) else idempotency[owner]
             )
-            operations[name] = IdempotentOperation(keys, operation=name)
+            store = keys.store
+            in_transaction = isinstance(store, SqlIdempotencyStore) and store.in_transaction_on(
+                services.stores.by_service()[owner].db
+            )
+            operations[name] = (IdempotentOperation(keys, operation=name), in_transaction)
         return operations[name]
 
     async def caller_of(request: Request, scope: str) -> tuple[AccessToken, Caller]:
@@ -157,15 +163,14 @@ def build_app(
     async def transition(
         request: Request,
         scope: str,
-        call: Callable[[Caller, dict[str, Any], str], Awaitable[Any]],
+        call: Callable[[Caller, dict[str, Any], Key], Awaitable[Any]],
         status: int = 200,
         name: str | None = None,
     ) -> Response:
         """``name``: the operation the Idempotency-Key is scoped to (default: the scope)."""
         token, caller = await caller_of(request, scope)
 
-        async def handler() -> Response:
-            key = parse_key(request.headers[HEADER])
+        async def answer(key: Key) -> Response:
             try:
                 result = await call(caller, await body_of(request), key)
             except (Refused, DuplicateTransition, OutOfOrder, NotFound) as exc:
@@ -174,9 +179,21 @@ def build_app(
                 return refusal(exc)
             return _json(status, result.as_dict())
 
+        def render(result: Any) -> StoredResponse:
+            return StoredResponse(status, orjson.dumps(result.as_dict()), "application/json")
+
+        idem, in_transaction = operation(name or scope)
         try:
-            return await operation(name or scope).run(
-                request, scope=token.client_id, handler=handler
+            if in_transaction:
+                return await idem.run_in_transaction(
+                    request,
+                    scope=token.client_id,
+                    handler=lambda pending: answer(KeyedAnswer(pending, render)),
+                )
+            return await idem.run(
+                request,
+                scope=token.client_id,
+                handler=lambda: answer(parse_key(request.headers[HEADER])),
             )
         except _Unavailable as exc:
             return refusal(exc.refused)

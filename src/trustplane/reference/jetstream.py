@@ -34,13 +34,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import structlog
-from sqlalchemy import bindparam, update
-from sqlalchemy.exc import DBAPIError
 
 from trustplane.events.jetstream import (
     DUPLICATE_WINDOW,
@@ -55,8 +52,7 @@ from trustplane.events.jetstream import ensure_streams as _ensure
 from trustplane.reference import machine
 from trustplane.reference.events import EventRefused, verify_event
 from trustplane.reference.handoff import Upstream, learn_verified
-from trustplane.reference.store import APPLIED, KNOWN, TradeStore, outbox
-from trustplane.storage.db import is_disconnect
+from trustplane.reference.store import APPLIED, KNOWN, TradeStore
 from trustplane.storage.notify import GenerationListener
 
 log = structlog.get_logger("trustplane.reference")
@@ -111,24 +107,13 @@ async def ensure_streams(js: Any, prefix: str, duplicate_window: float = DUPLICA
 
 
 #: The outbox's oldest unpublished rows, and their mark: built once (PostgreSQL path).
-_MARK = (
-    update(outbox)
-    .where(outbox.c.seq.in_(bindparam("seqs", expanding=True)), outbox.c.published_at.is_(None))
-    .values(published_at=bindparam("now"))
-)
-
-
 class _TradeOutbox:
-    """The outbox table as the generic publisher's :class:`~trustplane.events.jetstream.Outbox`.
-    The read is :meth:`TradeStore.unpublished` (one statement on PostgreSQL's autocommit engine).
-    On PostgreSQL the mark is one statement on the autocommit engine too (no ``BEGIN``/``COMMIT``
-    around a single statement: one round trip, not three); it stays conditional on
-    ``published_at IS NULL``, so it is the same single-row-set update as
-    :meth:`TradeStore.mark_published`. SQLite: the store's own method."""
+    """The outbox table as the generic publisher's :class:`~trustplane.events.jetstream.Outbox`:
+    :meth:`TradeStore.unpublished` and :meth:`TradeStore.mark_published` (on PostgreSQL each one
+    statement straight to asyncpg on the autocommit engine: one round trip, no compilation)."""
 
     def __init__(self, store: TradeStore, prefix: str) -> None:
         self.store, self.prefix = store, prefix
-        self._single = not store.db.is_sqlite
 
     async def _unpublished(self, limit: int) -> list[tuple[int, str, str, str, float]]:
         """(seq, type, jws, event id, commit epoch seconds) of the oldest unpublished rows."""
@@ -136,24 +121,7 @@ class _TradeOutbox:
         return [(r.seq, r.type, r.jws, r.event_id, r.created_at) for r in stored]
 
     async def _mark(self, seqs: list[int]) -> None:
-        if not seqs:
-            return
-        if not self._single:
-            await self.store.mark_published(seqs)
-            return
-        await self._once(_MARK, {"seqs": seqs, "now": int(time.time() * 1000)})
-
-    async def _once(self, statement: Any, params: dict[str, Any]) -> list[Any]:
-        """One statement on the autocommit engine, again once if its connection was dead."""
-        for attempt in (1, 2):
-            try:
-                async with self.store.db.autocommit_engine.connect() as conn:
-                    result = await conn.execute(statement, params)
-                    return list(result.all()) if result.returns_rows else []
-            except DBAPIError as exc:
-                if attempt == 2 or not is_disconnect(exc):
-                    raise
-        raise AssertionError("unreachable")
+        await self.store.mark_published(seqs)
 
     @contextlib.asynccontextmanager
     async def claim(self, limit: int) -> AsyncIterator[Claim]:

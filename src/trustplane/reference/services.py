@@ -25,6 +25,7 @@ from trustplane.reference.store import (
     Acting,
     DuplicateTransition,
     ExceptionRecord,
+    Key,
     NotFound,
     OutOfOrder,
     StoredEvent,
@@ -280,7 +281,7 @@ class TradeServices:
         action: str,
         trade_id: str,
         transition: machine.Transition,
-        key: str | None,
+        key: Key,
         **kwargs: Any,
     ) -> TransitionRecord:
         trade = await self._in_state(trade_id, transition)
@@ -299,9 +300,7 @@ class TradeServices:
 
     # ----------------------------------------------------------------- execution
 
-    async def create_order(
-        self, caller: Caller, order: Mapping[str, Any], key: str | None
-    ) -> Trade:
+    async def create_order(self, caller: Caller, order: Mapping[str, Any], key: Key) -> Trade:
         side = order.get("side")
         if side not in SIDES:
             raise Refused(400, "invalid-request", "side must be buy or sell")
@@ -329,13 +328,13 @@ class TradeServices:
         await self._handed(machine.EXECUTION)
         return trade
 
-    async def execute(self, caller: Caller, trade_id: str, key: str | None) -> TransitionRecord:
+    async def execute(self, caller: Caller, trade_id: str, key: Key) -> TransitionRecord:
         return await self._move(caller, EXECUTE, trade_id, machine.EXECUTE, key)
 
     # ----------------------------------------------------------------- allocation
 
     async def propose_allocation(
-        self, caller: Caller, trade_id: str, allocations: Any, key: str | None
+        self, caller: Caller, trade_id: str, allocations: Any, key: Key
     ) -> TransitionRecord:
         store = self.stores.allocation
         trade = await self._trade(trade_id, store)
@@ -365,9 +364,7 @@ class TradeServices:
         await self._handed(machine.ALLOCATION)
         return record
 
-    async def approve_allocation(
-        self, caller: Caller, trade_id: str, key: str | None
-    ) -> TransitionRecord:
+    async def approve_allocation(self, caller: Caller, trade_id: str, key: Key) -> TransitionRecord:
         trade = await self._in_state(trade_id, machine.APPROVE)
         if trade.proposer is not None and trade.proposer == caller.subject:
             raise Refused(
@@ -392,7 +389,7 @@ class TradeServices:
     # ----------------------------------------------------------------- settlement
 
     async def submit_settlement(
-        self, caller: Caller, trade_id: str, instructions: Any, key: str | None
+        self, caller: Caller, trade_id: str, instructions: Any, key: Key
     ) -> TransitionRecord:
         """Submit the settlement of an approved allocation, after the event-time entitlement
         check (:meth:`_entitled_step`)."""
@@ -402,7 +399,7 @@ class TradeServices:
         )
 
     async def amend_settlement(
-        self, caller: Caller, trade_id: str, instructions: Any, key: str | None
+        self, caller: Caller, trade_id: str, instructions: Any, key: Key
     ) -> TransitionRecord:
         """Replace the instructions of a submitted settlement (transition ``amend#n``, event
         ``settlement.amended``); the mandate is re-checked as for the submission."""
@@ -414,9 +411,7 @@ class TradeServices:
             instructions, key,
         )  # fmt: skip
 
-    async def cancel_settlement(
-        self, caller: Caller, trade_id: str, key: str | None
-    ) -> TransitionRecord:
+    async def cancel_settlement(self, caller: Caller, trade_id: str, key: Key) -> TransitionRecord:
         """Withdraw a submitted settlement: the trade ends ``cancelled``."""
         return await self._move(caller, CANCEL, trade_id, machine.CANCEL_SETTLEMENT, key)
 
@@ -427,7 +422,7 @@ class TradeServices:
         transition: machine.Transition,
         acting_on: str,
         instructions: Any,
-        key: str | None,
+        key: Key,
     ) -> TransitionRecord:
         """Event-time entitlement: the mandate's status now (introspection at the issuer) and a PDP
         decision with the event acted on as context. Entitlement lost: the trade goes to
@@ -520,7 +515,7 @@ class TradeServices:
         )
 
     async def confirm_settlement(
-        self, caller: Caller, trade_id: str, outcome: Any, key: str | None
+        self, caller: Caller, trade_id: str, outcome: Any, key: Key
     ) -> TransitionRecord:
         if outcome not in ("settled", "failed"):
             raise Refused(400, "invalid-request", "outcome must be settled or failed")

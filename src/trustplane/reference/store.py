@@ -47,6 +47,8 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, Program
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import Executable
 
+from trustplane.pep.idempotency import InTransaction, KeyTaken, StoredResponse
+from trustplane.pep.idempotency_store import record_of
 from trustplane.reference import machine, store_pg
 from trustplane.reference.events import Envelope, EventSigner
 from trustplane.storage.db import Database, is_disconnect
@@ -299,6 +301,31 @@ NO_TOKEN = Acting()
 
 
 @dataclass(frozen=True, slots=True)
+class KeyedAnswer:
+    """A request's Idempotency-Key stored with the transition it answers, in the transition's own
+    statement (PostgreSQL, ``store_pg``): ``pending`` is the SDK's unclaimed key, ``render`` the
+    response the transition's result (its :class:`TransitionRecord`, or the :class:`Trade` of a
+    creation) makes. Given to the one write whose result is the request's answer; elsewhere (on
+    SQLite, or a transition that keeps its transaction) only ``pending.key`` is recorded and the
+    caller stores the answer after the commit."""
+
+    pending: InTransaction
+    render: Callable[[Any], StoredResponse]
+
+    @property
+    def key(self) -> str:
+        return self.pending.key
+
+
+#: An Idempotency-Key as the services pass it to their store: its text, or a :class:`KeyedAnswer`.
+Key = str | KeyedAnswer | None
+
+
+def _key_text(key: Key) -> str | None:
+    return key.key if isinstance(key, KeyedAnswer) else key
+
+
+@dataclass(frozen=True, slots=True)
 class TransitionRecord:
     trade_id: str
     transition: str
@@ -545,12 +572,13 @@ class TradeStore:
         order: Mapping[str, str],
         actor: str,
         envelope: Envelope,
-        idempotency_key: str | None,
+        key: Key,
         acting: Acting = NO_TOKEN,
     ) -> tuple[Trade, TransitionRecord]:
         """A new trade in state ``created``, its ``create`` transition and ``order.created``;
         ``acting``: the token it was made with."""
         self._owned("create")
+        idempotency_key = _key_text(key)
         now = time.time()
         row = {
             "trade_id": trade_id,
@@ -567,7 +595,7 @@ class TradeStore:
             "updated_at": _ms(now),
         }
         if not self.db.is_sqlite:
-            return await self._create_pg(row, actor, idempotency_key, envelope, order, now, acting)
+            return await self._create_pg(row, actor, key, envelope, order, now, acting)
         try:
             async with self.db.transaction() as conn:
                 await conn.execute(insert(trades).values(**row))
@@ -598,7 +626,7 @@ class TradeStore:
         transition: machine.Transition,
         actor: str,
         envelope: Envelope,
-        idempotency_key: str | None,
+        key: Key,
         *,
         data: Mapping[str, Any] | None = None,
         updates: Mapping[str, Any] | None = None,
@@ -612,8 +640,11 @@ class TradeStore:
         ``exception``: the exception row an ``exception#n`` transition opens; ``resolve``:
         (exception_id, resolution) that a re-consent or cancel closes; ``acting``: the token the
         transition is made with; ``signal``: (iss, jti) of the Security Event Token that caused
-        it, recorded so that the same SET never moves this trade again (:meth:`signalled`)."""
+        it, recorded so that the same SET never moves this trade again (:meth:`signalled`).
+        ``key``: the request's Idempotency-Key (:class:`KeyedAnswer`: stored with the transition
+        on PostgreSQL; :class:`~trustplane.pep.idempotency.KeyTaken` if a live row holds it)."""
         self._owned(transition.name)
+        idempotency_key = _key_text(key)
         now = time.time()
         values: dict[str, Any] = {
             "state": transition.target,
@@ -630,7 +661,7 @@ class TradeStore:
             values["exceptions"] = trades.c.exceptions + 1
         if _one_statement(self.db, updates, exception, resolve, signal):
             return await self._apply_pg(
-                trade_id, transition, actor, envelope, idempotency_key, data, values, now, acting
+                trade_id, transition, actor, envelope, key, data, values, now, acting
             )
         try:
             async with self.db.transaction() as conn:
@@ -691,35 +722,36 @@ class TradeStore:
         self,
         row: Mapping[str, Any],
         actor: str,
-        idempotency_key: str | None,
+        key: Key,
         envelope: Envelope,
         order: Mapping[str, str],
         now: float,
         acting: Acting,
     ) -> tuple[Trade, TransitionRecord]:
         """:meth:`create` on PostgreSQL: one statement (``store_pg``)."""
-        trade_id = str(row["trade_id"])
+        trade_id, idempotency_key = str(row["trade_id"]), _key_text(key)
         event = self._event(
             "order.created", trade_id, "create", machine.CREATED, envelope, dict(order), now,
             None, acting,
+        )  # fmt: skip
+        trade = _trade_of(row)
+        record = TransitionRecord(
+            trade_id, "create", None, machine.CREATED, actor, idempotency_key,
+            event["event_id"], _ms(now) / 1000,
         )  # fmt: skip
         fields = [str(row[f]) for f in ORDER_FIELDS]
         params = (
             trade_id, None, machine.CREATED, fields, row["envelope"], None, None, "create",
             actor, idempotency_key, event["event_id"], acting.token_iss, acting.token_jti,
             acting.mandate_id, event["type"], envelope.txn, event["jws"], _ms(now),
-            APPEND_LOCKS["ref_outbox"],
+            APPEND_LOCKS["ref_outbox"], *_answer_params(key, trade),
         )  # fmt: skip
         try:
-            await store_pg.apply(self.db, params)
+            await self._apply_call(params, key)
         except store_pg.Duplicate:
             raise DuplicateTransition(await self._existing(trade_id, "create")) from None
         self._notify()
-        record = TransitionRecord(
-            trade_id, "create", None, machine.CREATED, actor, idempotency_key,
-            event["event_id"], _ms(now) / 1000,
-        )  # fmt: skip
-        return _trade_of(row), record
+        return trade, record
 
     async def _apply_pg(
         self,
@@ -727,7 +759,7 @@ class TradeStore:
         transition: machine.Transition,
         actor: str,
         envelope: Envelope,
-        idempotency_key: str | None,
+        key: Key,
         data: Mapping[str, Any] | None,
         values: Mapping[str, Any],
         now: float,
@@ -735,9 +767,14 @@ class TradeStore:
     ) -> TransitionRecord:
         """:meth:`apply` of a plain transition on PostgreSQL: one statement (``store_pg``)."""
         name, source, target = transition.name, transition.source, transition.target
+        idempotency_key = _key_text(key)
         event = self._event(
             transition.event, trade_id, name, target, envelope, dict(data or {}), now, source,
             acting,
+        )  # fmt: skip
+        record = TransitionRecord(
+            trade_id, name, source, target, actor, idempotency_key, event["event_id"],
+            _ms(now) / 1000,
         )  # fmt: skip
         allocation = [values["allocation"], values["proposer"]] if "allocation" in values else None
         settlement = [values["settlement"]] if "settlement" in values else None
@@ -745,19 +782,26 @@ class TradeStore:
             trade_id, source, target, None, None, allocation, settlement, name, actor,
             idempotency_key, event["event_id"], acting.token_iss, acting.token_jti,
             acting.mandate_id, event["type"], envelope.txn, event["jws"], _ms(now),
-            APPEND_LOCKS["ref_outbox"],
+            APPEND_LOCKS["ref_outbox"], *_answer_params(key, record),
         )  # fmt: skip
         try:
-            moved = await store_pg.apply(self.db, params)
+            moved = await self._apply_call(params, key)
         except store_pg.Duplicate:
             moved = False
         if not moved:
             raise await self.why(trade_id, transition)
         self._notify()
-        return TransitionRecord(
-            trade_id, name, source, target, actor, idempotency_key, event["event_id"],
-            _ms(now) / 1000,
-        )  # fmt: skip
+        return record
+
+    async def _apply_call(self, params: tuple[Any, ...], key: Key) -> bool:
+        """One call of ``store_pg.apply``: whether it moved; :class:`KeyTaken` when the request's
+        key was held (nothing written). A stored key is marked on its ``pending``."""
+        moved, held = await store_pg.apply(self.db, params)
+        if held is not None:
+            raise KeyTaken(record_of(held))
+        if moved and isinstance(key, KeyedAnswer):
+            key.pending.stored = True
+        return moved
 
     async def escalate(
         self, exception_id: str, actor: str, envelope: Envelope, note: str
@@ -1308,6 +1352,10 @@ class TradeStore:
                 await asyncio.wait_for(waiter.wait(), min(left, 0.25))
 
     async def unpublished(self, limit: int = 100) -> list[StoredEvent]:
+        if not self.db.is_sqlite:  # each publisher round: asyncpg's own statement
+            return [
+                _stored_of(r) for r in await store_pg.fetch(self.db, store_pg.UNPUBLISHED, (limit,))
+            ]
         rows = await self._all(
             select(outbox)
             .where(outbox.c.published_at.is_(None))
@@ -1317,7 +1365,12 @@ class TradeStore:
         return [_stored(r) for r in rows]
 
     async def mark_published(self, seqs: Sequence[int]) -> None:
+        """Mark ``seqs`` published (those not marked yet). PostgreSQL: one statement on the
+        autocommit engine, straight to asyncpg (no ``BEGIN``/``COMMIT``, no compilation)."""
         if not seqs:
+            return
+        if not self.db.is_sqlite:
+            await store_pg.execute(self.db, store_pg.MARK_PUBLISHED, (list(seqs), _ms()))
             return
         async with self.db.transaction() as conn:
             await conn.execute(
@@ -1353,6 +1406,19 @@ _ONE_STATEMENT_UPDATES: tuple[frozenset[str], ...] = (
     frozenset({"allocation", "proposer"}),
     frozenset({"settlement"}),
 )
+
+
+def _answer_params(key: Key, result: Any) -> tuple[Any, ...]:
+    """The Idempotency-Key parameters of ``store_pg``'s transition function: the key's scope,
+    fingerprint, token, expiry and the answer ``result`` makes (all None without a
+    :class:`KeyedAnswer`: the key is only recorded on the transition)."""
+    if not isinstance(key, KeyedAnswer):
+        return (None,) * 8
+    pending, answer = key.pending, key.render(result)
+    return (
+        pending.scope, pending.fingerprint, pending.token, _ms(pending.expires_at),
+        answer.status, answer.body, answer.content_type, answer.location,
+    )  # fmt: skip
 
 
 def _one_statement(

@@ -17,7 +17,7 @@ claims, once, exactly as for SQLite.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import asyncpg
@@ -109,10 +109,21 @@ BEGIN
 END
 $fn$"""  # noqa: S608 - constants
 
-#: The owner's transition (or creation), its transition row and its outbox row, in one
-#: statement: the same compare-and-set, the same unique (trade_id, transition), the outbox row
-#: last under its append lock. False when the compare-and-set matched nothing (nothing written).
-APPLY_FUNCTION = "ref_apply_v1"
+#: The owner's transition (or creation), its transition row, its outbox row and, for a request
+#: with an Idempotency-Key stored in the transaction (``pep.idempotency.InTransaction``), the
+#: key's completed answer, in one statement: the same compare-and-set, the same unique
+#: (trade_id, transition), the outbox row last under its append lock.
+#:
+#: - The key first (the SDK's ``put``, same conditions: no row, an expired one, an abandoned
+#:   claim of the same payload, or this call's own token): held by a live row, nothing is written
+#:   and the row is returned (the caller answers with it: a replay, 422 or 409). Of concurrent
+#:   requests with one key, the second waits on the first's row and then finds it held.
+#: - The compare-and-set matched nothing: the key's row is deleted again (nothing written) and
+#:   ``moved`` is false (the caller reads why).
+#: - A call whose transition is already recorded with this call's event id is a retry of this
+#:   very call after its commit (the connection dropped before the answer): ``moved``, as the
+#:   first attempt answered, and nothing written again.
+APPLY_FUNCTION = "ref_apply_v2"
 
 _APPLY = f"""\
 CREATE OR REPLACE FUNCTION {APPLY_FUNCTION}(
@@ -120,10 +131,41 @@ CREATE OR REPLACE FUNCTION {APPLY_FUNCTION}(
     p_allocation text[], p_settlement text[],
     p_transition text, p_actor text, p_key text, p_event_id text,
     p_token_iss text, p_token_jti text, p_mandate_id text,
-    p_type text, p_txn text, p_jws text, p_now bigint, p_lock bigint
-) RETURNS boolean
+    p_type text, p_txn text, p_jws text, p_now bigint, p_lock bigint,
+    p_scope text, p_fingerprint text, p_claim text, p_expires bigint,
+    p_status integer, p_body bytea, p_content_type text, p_location text
+) RETURNS TABLE (moved boolean, k_fingerprint text, k_state text, k_lease_until bigint,
+    k_expires_at bigint, k_status integer, k_body bytea, k_content_type text, k_location text)
 LANGUAGE plpgsql VOLATILE AS $fn$
 BEGIN
+    IF EXISTS (SELECT 1 FROM ref_transitions t WHERE t.trade_id = p_trade_id
+               AND t.transition = p_transition AND t.event_id = p_event_id) THEN
+        RETURN QUERY SELECT true, NULL::text, NULL::text, NULL::bigint, NULL::bigint,
+            NULL::integer, NULL::bytea, NULL::text, NULL::text;
+        RETURN;
+    END IF;
+    IF p_scope IS NOT NULL THEN
+        INSERT INTO pep_idempotency_keys AS k (scope, "key", fingerprint, state, claim_token,
+            lease_until, expires_at, status, body, content_type, location)
+        VALUES (p_scope, p_key, p_fingerprint, 'completed', p_claim, p_now, p_expires,
+            p_status, p_body, p_content_type, p_location)
+        ON CONFLICT (scope, "key") DO UPDATE SET
+            fingerprint = excluded.fingerprint, state = 'completed',
+            claim_token = excluded.claim_token, lease_until = excluded.lease_until,
+            expires_at = excluded.expires_at, status = excluded.status,
+            content_type = excluded.content_type, location = excluded.location,
+            body = excluded.body
+        WHERE k.expires_at <= p_now
+            OR (k.state = 'in_progress' AND k.lease_until <= p_now
+                AND k.fingerprint = excluded.fingerprint)
+            OR k.claim_token = excluded.claim_token;
+        IF NOT FOUND THEN
+            RETURN QUERY SELECT false, k.fingerprint::text, k.state::text, k.lease_until,
+                k.expires_at, k.status, k.body, k.content_type::text, k.location
+                FROM pep_idempotency_keys k WHERE k.scope = p_scope AND k."key" = p_key;
+            RETURN;
+        END IF;
+    END IF;
     IF p_order IS NOT NULL THEN
         INSERT INTO ref_trades (trade_id, state, account, instrument, side, quantity, amount,
             currency, txn, envelope, exceptions, version, created_at, updated_at)
@@ -138,7 +180,12 @@ BEGIN
                               ELSE p_settlement[1] END
         WHERE t.trade_id = p_trade_id AND t.state = p_source;
         IF NOT FOUND THEN
-            RETURN false;
+            IF p_scope IS NOT NULL THEN
+                DELETE FROM pep_idempotency_keys k WHERE k.scope = p_scope AND k."key" = p_key;
+            END IF;
+            RETURN QUERY SELECT false, NULL::text, NULL::text, NULL::bigint, NULL::bigint,
+                NULL::integer, NULL::bytea, NULL::text, NULL::text;
+            RETURN;
         END IF;
     END IF;
     INSERT INTO ref_transitions (trade_id, transition, source, target, actor, idempotency_key,
@@ -148,7 +195,8 @@ BEGIN
     PERFORM pg_advisory_xact_lock(p_lock);
     INSERT INTO ref_outbox (event_id, type, trade_id, txn, jws, created_at)
     VALUES (p_event_id, p_type, p_trade_id, p_txn, p_jws, p_now);
-    RETURN true;
+    RETURN QUERY SELECT true, NULL::text, NULL::text, NULL::bigint, NULL::bigint,
+        NULL::integer, NULL::bytea, NULL::text, NULL::text;
 END
 $fn$"""  # noqa: S608 - constants
 
@@ -159,7 +207,7 @@ def _call(function: str, columns: str, count: int) -> str:
 
 
 _CALL = _call(LEARN_FUNCTION, "outcome, moved, waiting", 24)
-_CALL_APPLY = _call(APPLY_FUNCTION, "*", 19)
+_CALL_APPLY = _call(APPLY_FUNCTION, "*", 27)
 
 #: Serializes the creation of the function by processes starting at once on one database
 #: (``CREATE OR REPLACE FUNCTION`` racing itself fails with "tuple concurrently updated").
@@ -195,20 +243,37 @@ async def learn(db: Database, params: tuple[Any, ...]) -> tuple[str, bool, bool]
     return str(row[0]), bool(row[1]), bool(row[2])
 
 
-async def apply(db: Database, params: tuple[Any, ...]) -> bool:
-    """One call of the owner's transition function, committed on its own: whether it moved."""
-    return bool((await _fetchrow(db, _CALL_APPLY, params))[0])
+async def apply(db: Database, params: tuple[Any, ...]) -> tuple[bool, Sequence[Any] | None]:
+    """One call of the owner's transition function, committed on its own: whether it moved, and
+    the row holding the request's Idempotency-Key when that stopped it (``fingerprint, state,
+    lease_until, expires_at, status, body, content_type, location``; None otherwise)."""
+    row = await _fetchrow(db, _CALL_APPLY, params)
+    if row is None:  # the key's holder was deleted between the conflict and the read
+        return False, None
+    return bool(row[0]), (tuple(row[1:]) if row[1] is not None else None)
 
 
 #: The hot reads: the trade before each step (its state for the PDP), and the outbox after each
 #: commit (the hand-off), as the SQLAlchemy selects of ``TradeStore.trade`` and ``events_after``.
 TRADE = "SELECT * FROM ref_trades WHERE trade_id = $1"
 EVENTS_AFTER = "SELECT * FROM ref_outbox WHERE seq > $1 ORDER BY seq LIMIT $2"
+#: The publisher's round: the oldest unpublished rows, then the mark of those JetStream acked
+#: (conditional, as ``TradeStore.mark_published``), as the SQLAlchemy statements did.
+UNPUBLISHED = "SELECT * FROM ref_outbox WHERE published_at IS NULL ORDER BY seq LIMIT $1"
+MARK_PUBLISHED = (
+    "UPDATE ref_outbox SET published_at = $2 WHERE seq = ANY($1::integer[]) "
+    "AND published_at IS NULL"
+)
 
 
 async def fetch(db: Database, sql: str, params: tuple[Any, ...]) -> list[Any]:
     """The rows (asyncpg records: mappings by column name) of one read on the autocommit engine."""
     return list(await _on_driver(db, lambda driver: driver.fetch(sql, *params)))
+
+
+async def execute(db: Database, sql: str, params: tuple[Any, ...]) -> None:
+    """One write without rows on the autocommit engine (its own transaction)."""
+    await _on_driver(db, lambda driver: driver.execute(sql, *params))
 
 
 async def _fetchrow(db: Database, sql: str, params: tuple[Any, ...]) -> Any:
