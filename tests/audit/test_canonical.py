@@ -15,6 +15,7 @@ from trustplane.audit.canonical import (
     MAX_SAFE_INTEGER,
     EntryError,
     canonical_bytes,
+    commit_payload,
     entry_parts,
     payload_matches,
 )
@@ -96,3 +97,33 @@ def test_each_entry_gets_its_own_salt() -> None:
     assert s1 != s2
     assert e1 != e2
     assert b"alice" not in e1
+
+
+@given(events)
+@settings(max_examples=300)
+def test_the_entry_is_the_canonical_form_of_the_events_dict(event: AuditEvent) -> None:
+    """``entry_parts`` reads the event's fields directly; its bytes are those of the plain dict
+    envelope (``to_dict`` with the payload replaced by its commitment), so old entries and new ones
+    are built the same way."""
+    salt = bytes(range(16))
+    envelope = event.to_dict()
+    payload, envelope["payload_hash"] = commit_payload(envelope.pop("payload"), salt)
+    assert entry_parts(event, salt) == (canonical_bytes(envelope), payload, salt)
+
+
+def test_an_event_time_outside_the_jcs_domain_is_refused() -> None:
+    event = AuditEvent(type=AuditEventType.TOKEN_ISSUED, issuer="i", time=MAX_SAFE_INTEGER + 1)
+    with pytest.raises(EntryError):
+        entry_parts(event)
+
+
+def test_a_lone_surrogate_in_an_event_is_recorded_replaced() -> None:
+    event = AuditEvent(
+        type=AuditEventType.TOKEN_ISSUED, issuer="i", subject="a\udc00", scopes=("\ud800",)
+    )
+    body = orjson.loads(entry_parts(event)[0])
+    assert (body["subject"], body["scopes"], body["type"]) == (
+        "a\ufffd",
+        ["\ufffd"],
+        "oauth:token:issued",
+    )

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from dataclasses import fields
 from typing import Any
 
 import orjson
@@ -82,12 +83,22 @@ def payload_matches(entry: dict[str, Any], payload: bytes, salt: bytes) -> bool:
     return hashlib.sha256(salt + payload).hexdigest() == entry.get("payload_hash")
 
 
-def entry_parts(event: AuditEvent) -> tuple[bytes, bytes, bytes]:
-    """(entry bytes, payload bytes, salt) for one event: the hot-path cost of an append."""
-    envelope = event.to_dict()
-    salt = os.urandom(SALT_BYTES)
-    payload, envelope["payload_hash"] = commit_payload(envelope.pop("payload"), salt)
+def entry_parts(event: AuditEvent, salt: bytes | None = None) -> tuple[bytes, bytes, bytes]:
+    """(entry bytes, payload bytes, salt) for one event: the hot-path cost of an append.
+
+    The envelope is read straight off the event's fields (the lists stay tuples, the type stays its
+    enum: orjson writes both as the same JSON), without :meth:`AuditEvent.to_dict`'s copy.
+    ``salt``: a fresh random one unless given (tests)."""
+    salt = os.urandom(SALT_BYTES) if salt is None else salt
+    payload, digest = commit_payload(event.payload, salt)
+    envelope = {name: getattr(event, name) for name in _ENVELOPE}
+    envelope["payload_hash"] = digest
     return canonical_bytes(envelope), payload, salt
+
+
+#: The event's fields that go into its entry as they are: all but the payload (replaced by its
+#: commitment, ``payload_hash``).
+_ENVELOPE = tuple(f.name for f in fields(AuditEvent) if f.name != "payload")
 
 
 def dict_entry_parts(body: dict[str, Any]) -> tuple[bytes, bytes, bytes]:

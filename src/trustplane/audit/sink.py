@@ -8,6 +8,7 @@ the Merkle tree, off the request path.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
@@ -20,6 +21,7 @@ from trustplane.audit import store
 from trustplane.audit.canonical import entry_parts
 from trustplane.audit_events import AuditEvent
 from trustplane.storage.db import Database
+from trustplane.storage.driver_sql import by_column, in_transaction, unnest_insert
 from trustplane.storage.writer import GroupCommitWriter
 
 log = structlog.get_logger("trustplane.audit")
@@ -51,17 +53,55 @@ def pending_row(event: AuditEvent) -> tuple[str, str, bytes]:
     return entry.decode(), payload.decode(), salt
 
 
-async def write_events(conn: AsyncConnection, events: Sequence[AuditEvent]) -> list[None]:
+async def write_events(
+    conn: AsyncConnection,
+    events: Sequence[AuditEvent],
+    *,
+    alongside: tuple[str, Sequence[Any]] | None = None,
+) -> list[None]:
     """Append events in the caller's transaction (and batch handler for the group-commit writer):
-    one driver-level multi-row insert into the ledger's pending table."""
-    await store.append_pending(conn, [pending_row(e) for e in events])
+    one driver-level multi-row insert into the ledger's pending table.
+
+    PostgreSQL, inside a transaction: the insert goes to asyncpg directly (no SQLAlchemy execution
+    layers), and ``alongside`` (an ``INSERT`` whose parameters are numbered from ``$4``, and its
+    parameters) runs as a data-modifying CTE of the same statement: both rows in one execution and
+    one round trip (the policy decisions' replay inputs: ``policy.recorder``). Elsewhere
+    ``alongside`` must be None (the caller runs its insert itself)."""
+    rows = [pending_row(e) for e in events]
+    driver = await in_transaction(conn)
+    if driver is not None:
+        params = by_column(rows, len(_PENDING))
+        if alongside is None:
+            await driver.execute(_pg_append(None), *params)
+        else:
+            await driver.execute(_pg_append(alongside[0]), *params, *alongside[1])
+    else:
+        if alongside is not None:
+            raise ValueError("alongside needs a PostgreSQL transaction")
+        await store.append_pending(conn, rows)
+    await appended(conn, events)
+    return [None] * len(events)
+
+
+#: The pending table's columns as :func:`trustplane.audit.store.append_pending` inserts them.
+_PENDING = store._PENDING
+
+
+@functools.lru_cache(maxsize=16)
+def _pg_append(alongside: str | None) -> str:
+    """The ordered ``unnest`` insert of :func:`store.append_pending`, with ``alongside`` as a CTE."""
+    insert = unnest_insert("audit_pending", _PENDING, ordered=True)
+    return insert if alongside is None else f"WITH alongside AS ({alongside}) {insert}"
+
+
+async def appended(conn: AsyncConnection, events: Sequence[AuditEvent]) -> None:
+    """What follows every append in its transaction: the observers, the count, the wake-ups."""
     for observer in OBSERVERS:
         await observer(conn, events)
     with _COUNTING:
         APPENDED[0] += len(events)
     for wake in APPEND_WAKES:
         wake()
-    return [None] * len(events)
 
 
 class SqlAuditSink:

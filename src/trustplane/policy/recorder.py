@@ -74,10 +74,16 @@ def _insert_sql(dialect: str) -> str:
 
 
 async def write_decisions(conn: AsyncConnection, records: Sequence[DecisionRecord]) -> list[None]:
-    """Write audit events and decision inputs in the caller's transaction (and batch handler)."""
+    """Write audit events and decision inputs in the caller's transaction (and batch handler).
+    PostgreSQL, in a transaction: one statement for both (the inputs' insert as a CTE of the
+    ledger's, sent to asyncpg directly); SQLite: two ``executemany``."""
     if records:
-        await write_events(conn, [r.event for r in records])
-        await write_inputs(conn, records)
+        events = [r.event for r in records]
+        if await in_transaction(conn) is not None:
+            await write_events(conn, events, alongside=pg_inputs_insert(records, first=4))
+        else:
+            await write_events(conn, events)
+            await write_inputs(conn, records)
     return [None] * len(records)
 
 
