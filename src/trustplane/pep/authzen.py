@@ -3,16 +3,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import structlog
 
 from trustplane.authzen.model import Decision, DecisionRequest, Entity, FailReason
-from trustplane.authzen.wire import decision_from_json, request_to_json
+from trustplane.authzen.wire import MAX_CORRELATION_ID, decision_from_json, request_to_json
 from trustplane.outbound import OutboundError, OutboundFetcher, OutboundPolicy
 from trustplane.pep import metrics
 from trustplane.pep.client_auth import ClientAuth
@@ -22,6 +26,21 @@ from trustplane.tracing.spans import inject_headers
 log = structlog.get_logger("trustplane.pep")
 #: A batch answer of MAX_EVALUATIONS decisions is far below this.
 MAX_ANSWER_BYTES = 256 * 1024
+#: Concurrent decisions sent together in one ``/evaluations`` request: at most this many, and at most
+#: this many bytes of evaluations (the PDP refuses bodies over 256 KiB; the rest wait for the next).
+MAX_BATCH = 32
+MAX_BATCH_BYTES = 128 * 1024
+
+
+@dataclass(slots=True)
+class _Waiter:
+    """One queued decision: its evaluation's JSON, its correlation id, the W3C trace headers of the
+    caller's span (a batch carries its first waiter's), the caller's answer."""
+
+    evaluation: bytes
+    correlation_id: str | None
+    trace: dict[str, str]
+    answer: asyncio.Future[Decision]
 
 
 # --------------------------------------------------------------------------- remote client
@@ -35,6 +54,13 @@ class AuthzenClient:
     Like every decision point it never raises: a PDP that cannot be reached, or answers anything but a
     decision, gives a deny with reason ``pdp_unreachable`` (fail closed) and increments
     ``trustplane_pep_pdp_unavailable_total``. Decisions are recorded by the PDP, not here.
+
+    Concurrent :meth:`decide` calls are coalesced: one request to the PDP is in flight at a time,
+    and the decisions asked meanwhile go together in the next one, an AuthZEN ``/evaluations``
+    batch of at most ``MAX_BATCH`` (a decision asked while nothing is in flight goes at once, alone,
+    to ``/evaluation``). Each evaluation carries its own ``correlation_id`` member, so the PDP records
+    every decision under its caller's id. The requests run in a task of their own: a caller that is
+    cancelled only gives up its answer (or its place in the queue), never the others' request.
     """
 
     def __init__(
@@ -56,6 +82,8 @@ class AuthzenClient:
         self._auth, self._scope = auth, scope
         self._audience = audience or f"{self.pdp}/access/v1"
         self._token: tuple[str, float] | None = None
+        self._queue: deque[_Waiter] = deque()
+        self._sender: asyncio.Task[None] | None = None
 
     async def decide(
         self,
@@ -70,31 +98,107 @@ class AuthzenClient:
         request = DecisionRequest(
             subject, action, resource, context, correlation_id, transaction_id
         )
-        body = await self._post("/access/v1/evaluation", request_to_json(request), correlation_id)
-        try:
-            return decision_from_json(body)
-        except ValueError as exc:
-            return self._unreachable(repr(exc))
+        answer: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
+        trace: dict[str, str] = {}
+        inject_headers(trace)  # the caller's span, taken now: the request is sent by another task
+        self._queue.append(_Waiter(_evaluation(request), correlation_id, trace, answer))
+        if self._sender is None or self._sender.done():  # done: its event loop has ended
+            self._start_sender()
+        return await answer
 
     async def decide_many(self, requests: Sequence[DecisionRequest]) -> list[Decision]:
+        """The caller's own batch, sent as it is (not merged with coalesced decisions)."""
         if not requests:
             return []
-        payload = {"evaluations": [request_to_json(r) for r in requests]}
-        body = await self._post("/access/v1/evaluations", payload, requests[0].correlation_id)
+        evaluations = [_evaluation(r) for r in requests]
+        trace: dict[str, str] = {}
+        inject_headers(trace)
+        return await self._ask_many(evaluations, [r.correlation_id for r in requests], trace)
+
+    # ----------------------------------------------------------------------- coalescing
+
+    async def _send_queued(self) -> None:
+        """Send the queue, one request at a time, until it is empty. Every waiter taken gets an
+        answer, a fail-closed deny if anything at all goes wrong (this task cancelled included)."""
+        batch: list[_Waiter] = []
+        try:
+            while self._queue:
+                batch = self._take()
+                if batch:
+                    _answer(batch, await self._ask_queued(batch))
+                    batch = []
+        except BaseException as exc:
+            _answer(batch, [self._unreachable(repr(exc)) for _ in batch])
+            if not isinstance(exc, Exception):
+                waiting = list(self._queue)  # cancelled: nobody would send these any more
+                self._queue.clear()
+                _answer(waiting, [self._unreachable(repr(exc)) for _ in waiting])
+                raise
+            log.exception("pdp_batch_failed")
+        finally:
+            self._sender = None
+            if self._queue:  # only after an unexpected error: the queue is served by a new task
+                self._start_sender()
+
+    def _start_sender(self) -> None:
+        # A context of its own: the sender serves many callers, so it carries none of the first
+        # one's context variables (its log bindings, its span).
+        self._sender = asyncio.create_task(self._send_queued(), context=contextvars.Context())
+
+    def _take(self) -> list[_Waiter]:
+        """The next batch: the oldest waiters still waiting, within ``MAX_BATCH`` and
+        ``MAX_BATCH_BYTES`` (one waiter always, whatever its size)."""
+        batch: list[_Waiter] = []
+        size = 0
+        while self._queue and len(batch) < MAX_BATCH:
+            waiter = self._queue[0]
+            if waiter.answer.done():  # its caller was cancelled before it was sent
+                self._queue.popleft()
+                continue
+            size += len(waiter.evaluation)
+            if batch and size > MAX_BATCH_BYTES:
+                break
+            batch.append(self._queue.popleft())
+        return batch
+
+    async def _ask_queued(self, batch: list[_Waiter]) -> list[Decision]:
+        if len(batch) > 1:
+            evaluations, ids = [w.evaluation for w in batch], [w.correlation_id for w in batch]
+            return await self._ask_many(evaluations, ids, batch[0].trace)
+        one = batch[0]
+        body = await self._post(
+            "/access/v1/evaluation", one.evaluation, one.correlation_id, one.trace
+        )
+        try:
+            return [decision_from_json(body)]
+        except ValueError as exc:
+            return [self._unreachable(repr(exc))]
+
+    async def _ask_many(
+        self, evaluations: list[bytes], correlation_ids: list[str | None], trace: dict[str, str]
+    ) -> list[Decision]:
+        """One ``/evaluations`` request; ``X-Request-ID`` only when every evaluation shares it (each
+        one's own id is in its ``correlation_id`` member)."""
+        content = b'{"evaluations":[' + b",".join(evaluations) + b"]}"
+        shared = set(correlation_ids)
+        request_id = shared.pop() if len(shared) == 1 else None
+        body = await self._post("/access/v1/evaluations", content, request_id, trace)
         answers = body.get("evaluations") if isinstance(body, dict) else None
         try:
-            if not isinstance(answers, list) or len(answers) != len(requests):
+            if not isinstance(answers, list) or len(answers) != len(evaluations):
                 raise ValueError("the PDP answered a different number of evaluations")
             return [decision_from_json(a) for a in answers]
         except ValueError as exc:
-            return [self._unreachable(repr(exc)) for _ in requests]
+            return [self._unreachable(repr(exc)) for _ in evaluations]
 
-    async def _post(self, path: str, payload: object, correlation_id: str | None) -> object:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    # ----------------------------------------------------------------------- HTTP
+
+    async def _post(
+        self, path: str, content: bytes, correlation_id: str | None, trace: dict[str, str]
+    ) -> object:
+        headers = {"Content-Type": "application/json", "Accept": "application/json", **trace}
         if correlation_id:
             headers["X-Request-ID"] = correlation_id
-        inject_headers(headers)  # W3C traceparent of the caller's span, if any
-        content = orjson.dumps(payload)
         try:
             for attempt in (1, 2):
                 headers["Authorization"] = f"Bearer {await self._access_token()}"
@@ -139,3 +243,18 @@ class AuthzenClient:
     async def aclose(self) -> None:
         if self._own_fetcher:
             await self._fetcher.aclose()
+
+
+def _evaluation(request: DecisionRequest) -> bytes:
+    """The evaluation's JSON, made in the caller's task; its correlation id as trustplane's extension
+    member ``correlation_id`` (at most ``MAX_CORRELATION_ID`` characters, as the PDP requires)."""
+    body = request_to_json(request)
+    if request.correlation_id:
+        body["correlation_id"] = request.correlation_id[:MAX_CORRELATION_ID]
+    return orjson.dumps(body)
+
+
+def _answer(waiters: Iterable[_Waiter], decisions: Iterable[Decision]) -> None:
+    for waiter, decision in zip(waiters, decisions, strict=True):
+        if not waiter.answer.done():  # a cancelled caller's answer is dropped
+            waiter.answer.set_result(decision)
