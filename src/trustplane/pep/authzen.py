@@ -201,7 +201,7 @@ class AuthzenClient:
             headers["X-Request-ID"] = correlation_id
         try:
             for attempt in (1, 2):
-                headers["Authorization"] = f"Bearer {await self._access_token()}"
+                headers["Authorization"] = f"Bearer {await self._access_token(trace)}"
                 response = await self._fetcher.request(
                     "POST", self.pdp + path, purpose="pep_pdp", content=content,
                     headers=headers, max_bytes=MAX_ANSWER_BYTES,
@@ -215,14 +215,13 @@ class AuthzenClient:
         except (OutboundError, ValueError) as exc:
             return {"error": repr(exc)}
 
-    async def _access_token(self) -> str:
+    async def _access_token(self, trace: dict[str, str]) -> str:
         if self._token is not None and self._token[1] > time.monotonic():
             return self._token[0]
         form = {"grant_type": "client_credentials", "scope": self._scope}
         form["resource"] = self._audience
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": "application/json", **trace}
         self._auth.apply(form, headers)
-        inject_headers(headers)
         response = await self._fetcher.request(
             "POST", self._token_endpoint, purpose="pep_token", data=form, headers=headers
         )
