@@ -59,8 +59,9 @@ class AuthzenClient:
     and the decisions asked meanwhile go together in the next one, an AuthZEN ``/evaluations``
     batch of at most ``MAX_BATCH`` (a decision asked while nothing is in flight goes at once, alone,
     to ``/evaluation``). Each evaluation carries its own ``correlation_id`` member, so the PDP records
-    every decision under its caller's id. The requests run in a task of their own: a caller that is
-    cancelled only gives up its answer (or its place in the queue), never the others' request.
+    every decision under its caller's id. A lone decision is sent by its caller; batches are sent by
+    a task of the client, so a queued caller that is cancelled only gives up its answer (or its place
+    in the queue), never the others' request.
     """
 
     def __init__(
@@ -84,6 +85,9 @@ class AuthzenClient:
         self._token: tuple[str, float] | None = None
         self._queue: deque[_Waiter] = deque()
         self._sender: asyncio.Task[None] | None = None
+        #: The event loop on which a request is in flight (None: none is). A loop, not a flag, so that
+        #: a loop that ended mid-request leaves no client waiting for ever on the next one.
+        self._busy_on: asyncio.AbstractEventLoop | None = None
 
     async def decide(
         self,
@@ -98,24 +102,43 @@ class AuthzenClient:
         request = DecisionRequest(
             subject, action, resource, context, correlation_id, transaction_id
         )
-        answer: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
-        trace: dict[str, str] = {}
-        inject_headers(trace)  # the caller's span, taken now: the request is sent by another task
-        self._queue.append(_Waiter(_evaluation(request), correlation_id, trace, answer))
-        if self._sender is None or self._sender.done():  # done: its event loop has ended
-            self._start_sender()
-        return await answer
+        evaluation, trace = _evaluation(request), _trace()
+        loop = asyncio.get_running_loop()
+        if self._busy_on is loop:  # a request is in flight: this decision goes with the next one
+            answer: asyncio.Future[Decision] = loop.create_future()
+            self._queue.append(_Waiter(evaluation, correlation_id, trace, answer))
+            return await answer
+        return await self._alone(loop, evaluation, correlation_id, trace)
 
     async def decide_many(self, requests: Sequence[DecisionRequest]) -> list[Decision]:
         """The caller's own batch, sent as it is (not merged with coalesced decisions)."""
         if not requests:
             return []
         evaluations = [_evaluation(r) for r in requests]
-        trace: dict[str, str] = {}
-        inject_headers(trace)
-        return await self._ask_many(evaluations, [r.correlation_id for r in requests], trace)
+        return await self._ask_many(evaluations, [r.correlation_id for r in requests], _trace())
 
     # ----------------------------------------------------------------------- coalescing
+
+    async def _alone(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        evaluation: bytes,
+        correlation_id: str | None,
+        trace: dict[str, str],
+    ) -> Decision:
+        """Nothing in flight: the caller sends its own request at once, in its own task (no task
+        to start, no hand-over). Decisions asked meanwhile queue; when this one is answered, or its
+        caller cancelled, a sender task takes the queue."""
+        self._busy_on = loop
+        try:
+            return await self._ask_one(evaluation, correlation_id, trace)
+        except Exception as exc:  # _ask_one fails closed itself; this is a last guard
+            log.exception("pdp_request_failed")
+            return self._unreachable(repr(exc))
+        finally:
+            self._busy_on = None
+            if self._queue:
+                self._start_sender()
 
     async def _send_queued(self) -> None:
         """Send the queue, one request at a time, until it is empty. Every waiter taken gets an
@@ -134,15 +157,16 @@ class AuthzenClient:
                 self._queue.clear()
                 _answer(waiting, [self._unreachable(repr(exc)) for _ in waiting])
                 raise
-            log.exception("pdp_batch_failed")
+            log.exception("pdp_request_failed")
         finally:
-            self._sender = None
+            self._sender, self._busy_on = None, None
             if self._queue:  # only after an unexpected error: the queue is served by a new task
                 self._start_sender()
 
     def _start_sender(self) -> None:
         # A context of its own: the sender serves many callers, so it carries none of the first
         # one's context variables (its log bindings, its span).
+        self._busy_on = asyncio.get_running_loop()
         self._sender = asyncio.create_task(self._send_queued(), context=contextvars.Context())
 
     def _take(self) -> list[_Waiter]:
@@ -152,8 +176,8 @@ class AuthzenClient:
         size = 0
         while self._queue and len(batch) < MAX_BATCH:
             waiter = self._queue[0]
-            if waiter.answer.done():  # its caller was cancelled before it was sent
-                self._queue.popleft()
+            if waiter.answer.done() or waiter.answer.get_loop() is not self._busy_on:
+                self._queue.popleft()  # its caller was cancelled before it was sent (or its loop ended)
                 continue
             size += len(waiter.evaluation)
             if batch and size > MAX_BATCH_BYTES:
@@ -166,13 +190,16 @@ class AuthzenClient:
             evaluations, ids = [w.evaluation for w in batch], [w.correlation_id for w in batch]
             return await self._ask_many(evaluations, ids, batch[0].trace)
         one = batch[0]
-        body = await self._post(
-            "/access/v1/evaluation", one.evaluation, one.correlation_id, one.trace
-        )
+        return [await self._ask_one(one.evaluation, one.correlation_id, one.trace)]
+
+    async def _ask_one(
+        self, evaluation: bytes, correlation_id: str | None, trace: dict[str, str]
+    ) -> Decision:
+        body = await self._post("/access/v1/evaluation", evaluation, correlation_id, trace)
         try:
-            return [decision_from_json(body)]
+            return decision_from_json(body)
         except ValueError as exc:
-            return [self._unreachable(repr(exc))]
+            return self._unreachable(repr(exc))
 
     async def _ask_many(
         self, evaluations: list[bytes], correlation_ids: list[str | None], trace: dict[str, str]
@@ -251,6 +278,13 @@ def _evaluation(request: DecisionRequest) -> bytes:
     if request.correlation_id:
         body["correlation_id"] = request.correlation_id[:MAX_CORRELATION_ID]
     return orjson.dumps(body)
+
+
+def _trace() -> dict[str, str]:
+    """The W3C trace headers of the caller's span, taken in its task (a batch is sent by another)."""
+    trace: dict[str, str] = {}
+    inject_headers(trace)
+    return trace
 
 
 def _answer(waiters: Iterable[_Waiter], decisions: Iterable[Decision]) -> None:
