@@ -123,7 +123,8 @@ async def test_concurrent_pep_decisions_share_a_request_and_keep_their_ids(serve
         await fetcher.aclose()
 
     assert [d.allowed for d in decisions] == [owner is None for owner in owners]
-    assert paths == ["/token", "/access/v1/evaluations"]  # asked at once: one batch
+    # asked at once: the first goes alone at once, the four asked meanwhile share the next request
+    assert paths == ["/token", "/access/v1/evaluation", "/access/v1/evaluations"]
     records = await recorded(server, [d.decision_id for d in decisions])
     assert [records[d.decision_id] for d in decisions] == [
         (owner is None, f"pep-{i}") for i, owner in enumerate(owners)
