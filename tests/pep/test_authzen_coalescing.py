@@ -30,11 +30,14 @@ class HeldPdp:
     broken: dict[int, int | Exception] = field(default_factory=dict)
     requests: list[httpx.Request] = field(default_factory=list)
     answered: int = 0
+    tokens: int = 0
     arrivals: asyncio.Queue[int] = field(default_factory=asyncio.Queue)
     releases: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(0))
 
     async def handler(self, request: httpx.Request) -> httpx.Response:
         if request.url.path == "/token":
+            self.tokens += 1
+            await asyncio.sleep(0)  # requests side by side would each ask here
             return httpx.Response(200, json={"access_token": "tok", "expires_in": 300})
         number = len(self.requests)
         self.requests.append(request)
@@ -53,12 +56,14 @@ class HeldPdp:
             return httpx.Response(200, json={"evaluations": answers})
         return httpx.Response(200, json=_answer(body, request_id))
 
-    def client(self) -> AuthzenClient:
+    def client(self, max_in_flight: int = 1) -> AuthzenClient:
+        """One request in flight unless told: what queues is then decided by one held request."""
         return AuthzenClient(
             PDP,
             token_endpoint=f"{PDP}/token",
             auth=ClientSecretBasic("rs", "secret"),
             fetcher=OutboundFetcher(transport=httpx.MockTransport(self.handler)),
+            max_in_flight=max_in_flight,
         )
 
     def release(self, n: int = 1) -> None:
@@ -119,6 +124,42 @@ async def test_concurrent_decisions_share_one_request_and_each_gets_its_own_answ
         (False, "id-deny-3"),
         (True, "id-allow-4"),
     ]
+
+
+async def test_by_default_two_requests_go_side_by_side_and_the_third_decision_queues() -> None:
+    """The default limit, 2: a pair of overlapping decisions is not serialised (each alone, at once);
+    decisions asked while two are in flight go together in the next request."""
+    pdp = HeldPdp()
+    client = AuthzenClient(
+        PDP,
+        token_endpoint=f"{PDP}/token",
+        auth=ClientSecretBasic("rs", "secret"),
+        fetcher=OutboundFetcher(transport=httpx.MockTransport(pdp.handler)),
+    )
+    first, second = ask(client, "allow-0"), ask(client, "deny-1")
+    assert {await pdp.arrivals.get(), await pdp.arrivals.get()} == {0, 1}
+    waiting = await queued(client, ["allow-2", "deny-3", "allow-4"])
+    assert len(pdp.requests) == 2  # the third, fourth and fifth wait
+    assert pdp.tokens == 1  # the pair fetched one access token, not one each
+
+    pdp.release(3)
+    decisions = await asyncio.gather(first, second, *waiting)
+
+    paths = [r.url.path for r in pdp.requests]
+    assert paths == ["/access/v1/evaluation"] * 2 + ["/access/v1/evaluations"]
+    assert pdp.sent(2) == ["id-allow-2", "id-deny-3", "id-allow-4"]
+    assert [(d.allowed, d.decision_id) for d in decisions] == [
+        (True, "id-allow-0"),
+        (False, "id-deny-1"),
+        (True, "id-allow-2"),
+        (False, "id-deny-3"),
+        (True, "id-allow-4"),
+    ]
+
+
+def test_max_in_flight_must_be_at_least_one() -> None:
+    with pytest.raises(ValueError, match=r"^max_in_flight must be at least 1$"):
+        HeldPdp().client(max_in_flight=0)
 
 
 async def test_a_lone_decision_goes_alone_with_its_request_id() -> None:

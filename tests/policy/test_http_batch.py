@@ -113,6 +113,7 @@ async def test_concurrent_pep_decisions_share_a_request_and_keep_their_ids(serve
         token_endpoint=f"{server.issuer}/token",
         auth=PrivateKeyJwt(kit.client_id, kit.key, kit.kid, server.issuer),
         fetcher=fetcher,
+        max_in_flight=1,  # the first alone, the other four queued behind it
     )
     owners = [None, OTHER_LEI, None, OTHER_LEI, None]
     try:

@@ -55,10 +55,12 @@ class AuthzenClient:
     decision, gives a deny with reason ``pdp_unreachable`` (fail closed) and increments
     ``trustplane_pep_pdp_unavailable_total``. Decisions are recorded by the PDP, not here.
 
-    Concurrent :meth:`decide` calls are coalesced: one request to the PDP is in flight at a time,
-    and the decisions asked meanwhile go together in the next one, an AuthZEN ``/evaluations``
-    batch of at most ``MAX_BATCH`` (a decision asked while nothing is in flight goes at once, alone,
-    to ``/evaluation``). Each evaluation carries its own ``correlation_id`` member, so the PDP records
+    Concurrent :meth:`decide` calls are coalesced: up to ``max_in_flight`` requests to the PDP are in
+    flight at a time, each decision asked then going at once, alone, to ``/evaluation``; the
+    decisions asked while that many are in flight go together in the next request, an AuthZEN
+    ``/evaluations`` batch of at most ``MAX_BATCH``. (With one in flight, two decisions that overlap
+    would be sent one after the other, each alone, for no saving: the default, 2, lets a pair go
+    side by side, and batches form from the third.) Each evaluation carries its own ``correlation_id`` member, so the PDP records
     every decision under its caller's id. A lone decision is sent by its caller; batches are sent by
     a task of the client, so a queued caller that is cancelled only gives up its answer (or its place
     in the queue), never the others' request.
@@ -74,7 +76,10 @@ class AuthzenClient:
         scope: str = "decision:evaluate",
         fetcher: OutboundFetcher | None = None,
         timeout: float = 2.0,
+        max_in_flight: int = 2,
     ) -> None:
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
         self._own_fetcher = fetcher is None
         policy = OutboundPolicy(read_timeout=timeout, total_timeout=2 * timeout)
         self._fetcher = fetcher or OutboundFetcher(policy)
@@ -83,11 +88,17 @@ class AuthzenClient:
         self._auth, self._scope = auth, scope
         self._audience = audience or f"{self.pdp}/access/v1"
         self._token: tuple[str, float] | None = None
+        self._token_lock: tuple[asyncio.AbstractEventLoop | None, asyncio.Lock] = (
+            None,
+            asyncio.Lock(),
+        )
         self._queue: deque[_Waiter] = deque()
         self._sender: asyncio.Task[None] | None = None
-        #: The event loop on which a request is in flight (None: none is). A loop, not a flag, so that
-        #: a loop that ended mid-request leaves no client waiting for ever on the next one.
-        self._busy_on: asyncio.AbstractEventLoop | None = None
+        self._max_in_flight = max_in_flight
+        #: Requests in flight on the event loop ``_loop``. Counted per loop, so that a loop that ended
+        #: mid-request leaves no client waiting for ever on the next one.
+        self._in_flight = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def decide(
         self,
@@ -104,7 +115,11 @@ class AuthzenClient:
         )
         evaluation, trace = _evaluation(request), _trace()
         loop = asyncio.get_running_loop()
-        if self._busy_on is loop:  # a request is in flight: this decision goes with the next one
+        if (
+            self._loop is not loop
+        ):  # first use, or the earlier loop ended: nothing is in flight here
+            self._loop, self._in_flight, self._sender = loop, 0, None
+        if self._in_flight >= self._max_in_flight:  # this decision goes with the next request
             answer: asyncio.Future[Decision] = loop.create_future()
             self._queue.append(_Waiter(evaluation, correlation_id, trace, answer))
             return await answer
@@ -126,19 +141,20 @@ class AuthzenClient:
         correlation_id: str | None,
         trace: dict[str, str],
     ) -> Decision:
-        """Nothing in flight: the caller sends its own request at once, in its own task (no task
-        to start, no hand-over). Decisions asked meanwhile queue; when this one is answered, or its
-        caller cancelled, a sender task takes the queue."""
-        self._busy_on = loop
+        """Fewer than ``max_in_flight`` in flight: the caller sends its own request at once, in its
+        own task (no task to start, no hand-over). Decisions asked while the limit is reached queue;
+        when this one is answered, or its caller cancelled, a sender task takes the queue."""
+        self._in_flight += 1
         try:
             return await self._ask_one(evaluation, correlation_id, trace)
         except Exception as exc:  # _ask_one fails closed itself; this is a last guard
             log.exception("pdp_request_failed")
             return self._unreachable(repr(exc))
         finally:
-            self._busy_on = None
-            if self._queue:
-                self._start_sender()
+            if self._loop is loop:
+                self._in_flight -= 1
+                if self._queue and self._sender is None:
+                    self._start_sender()
 
     async def _send_queued(self) -> None:
         """Send the queue, one request at a time, until it is empty. Every waiter taken gets an
@@ -148,7 +164,12 @@ class AuthzenClient:
             while self._queue:
                 batch = self._take()
                 if batch:
-                    _answer(batch, await self._ask_queued(batch))
+                    self._in_flight += 1
+                    try:
+                        decisions = await self._ask_queued(batch)
+                    finally:
+                        self._in_flight -= 1
+                    _answer(batch, decisions)
                     batch = []
                 if not self._queue:  # the callers just answered may ask again at once: one
                     await asyncio.sleep(0)  # turn of the loop lets them join the next batch
@@ -161,14 +182,13 @@ class AuthzenClient:
                 raise
             log.exception("pdp_request_failed")
         finally:
-            self._sender, self._busy_on = None, None
+            self._sender = None
             if self._queue:  # only after an unexpected error: the queue is served by a new task
                 self._start_sender()
 
     def _start_sender(self) -> None:
         # A context of its own: the sender serves many callers, so it carries none of the first
         # one's context variables (its log bindings, its span).
-        self._busy_on = asyncio.get_running_loop()
         self._sender = asyncio.create_task(self._send_queued(), context=contextvars.Context())
 
     def _take(self) -> list[_Waiter]:
@@ -178,7 +198,7 @@ class AuthzenClient:
         size = 0
         while self._queue and len(batch) < MAX_BATCH:
             waiter = self._queue[0]
-            if waiter.answer.done() or waiter.answer.get_loop() is not self._busy_on:
+            if waiter.answer.done() or waiter.answer.get_loop() is not self._loop:
                 self._queue.popleft()  # its caller was cancelled before it was sent (or its loop ended)
                 continue
             size += len(waiter.evaluation)
@@ -247,6 +267,15 @@ class AuthzenClient:
     async def _access_token(self, trace: dict[str, str]) -> str:
         if self._token is not None and self._token[1] > time.monotonic():
             return self._token[0]
+        loop = asyncio.get_running_loop()
+        if self._token_lock[0] is not loop:  # a lock belongs to one event loop
+            self._token_lock = (loop, asyncio.Lock())
+        async with self._token_lock[1]:  # requests side by side fetch one token, not one each
+            if self._token is not None and self._token[1] > time.monotonic():
+                return self._token[0]
+            return await self._fetch_token(trace)
+
+    async def _fetch_token(self, trace: dict[str, str]) -> str:
         form = {"grant_type": "client_credentials", "scope": self._scope}
         form["resource"] = self._audience
         headers = {"Accept": "application/json", **trace}
