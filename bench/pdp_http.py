@@ -22,9 +22,15 @@ the rate, and with it the idle share per decision, moves from run to run.
 same server, sequentially from one process: decisions/s, latency, and this process's CPU per
 decision (what a service pays to ask; the server's share is in the row above).
 
+``bench_authzen_callers``: ``AuthzenClient.decide`` from 1, 4, 16 ... concurrent callers in one process
+(one client, as a resource server has), against a fresh server: decisions/s, decision latency, the
+client's and the server's CPU per decision (the server's also without its idle CPU), and HTTP
+requests per decision (concurrent decisions coalesce into ``/evaluations`` batches).
+
   python bench/pdp_http.py                # both
   python bench/pdp_http.py --only pep     # in-process only (no wrk needed)
   python bench/pdp_http.py --only http -c 4 --duration 10   # the server under wrk, and the client
+  python bench/pdp_http.py --only callers --callers 1,4,16 -n 2000   # concurrent PEP callers
 """
 
 from __future__ import annotations
@@ -411,6 +417,77 @@ async def _client_rows(issuer: str, client: dict[str, Any], work: Path, n: int) 
     ]
 
 
+async def _callers_rows(
+    issuer: str, pid: int, client: dict[str, Any], work: Path, callers: list[int], n: int
+) -> list[Row]:
+    """``n`` decisions per row from ``c`` concurrent callers sharing one ``AuthzenClient``."""
+    from prometheus_client import REGISTRY
+
+    from trustplane.outbound import OutboundPolicy
+    from trustplane.pep import AuthzenClient, PrivateKeyJwt
+
+    key = serialization.load_pem_private_key(
+        (work / "client" / "key.pem").read_bytes(), password=None
+    )
+    fetcher = OutboundFetcher(OutboundPolicy.development())
+    pdp = AuthzenClient(
+        issuer,
+        token_endpoint=f"{issuer}/token",
+        auth=PrivateKeyJwt(client["client_id"], key, "bench-pep", issuer),  # type: ignore[arg-type]
+        fetcher=fetcher,
+    )
+    order, context = order_request()
+    owner = Entity("LegalEntity", LEI)
+    subject = Entity("Client", "c-1", {"legal_entity": owner, "scopes": ["order:create"]}, (owner,))
+    sent = {"purpose": "pep_pdp", "outcome": "ok"}
+
+    async def caller(quota: int, samples: list[int]) -> None:
+        for i in range(quota):
+            started = time.perf_counter_ns()
+            decision = await pdp.decide(
+                subject, "order:create", order, context, correlation_id=f"bench-{i}"
+            )
+            samples.append(time.perf_counter_ns() - started)
+            assert decision.allowed, decision
+
+    rows: list[Row] = []
+    try:
+        await asyncio.gather(*(caller(50, []) for _ in range(4)))  # warm-up: token, connections
+        before, started = process_tree_ticks(pid), time.monotonic()
+        await asyncio.sleep(IDLE_SECONDS)
+        idle_per_s = (process_tree_ticks(pid) - before) / TICK / (time.monotonic() - started)
+        for c in callers:
+            samples: list[int] = []
+            requests = REGISTRY.get_sample_value("trustplane_outbound_fetch_total", sent) or 0.0
+            server, cpu, wall = process_tree_ticks(pid), time.process_time(), time.monotonic()
+            await asyncio.gather(*(caller(n // c, samples) for _ in range(c)))
+            wall, cpu = time.monotonic() - wall, time.process_time() - cpu
+            server_s = (process_tree_ticks(pid) - server) / TICK
+            requests = (
+                REGISTRY.get_sample_value("trustplane_outbound_fetch_total", sent) or 0.0
+            ) - requests
+            done = len(samples)
+            rows.append(
+                {
+                    "name": f"AuthzenClient.decide, {c} concurrent callers",
+                    **percentiles(samples),
+                    "ops_s": done / wall,
+                    "note": f"client CPU {1000 * cpu / done:.3f} ms/decision, server CPU "
+                    f"{1000 * server_s / done:.3f} ms/decision "
+                    f"({1000 * (server_s - idle_per_s * wall) / done:.3f} without the idle "
+                    f"{1000 * idle_per_s:.0f} ms/s), {done / max(requests, 1):.1f} decisions/request",
+                }
+            )
+    finally:
+        await fetcher.aclose()
+    return rows
+
+
+def bench_authzen_callers(callers: list[int], n: int = 2000) -> list[Row]:
+    with _served() as (issuer, pid, _token, client, work):
+        return asyncio.run(_callers_rows(issuer, pid, client, work, callers, n))
+
+
 def bench_authzen_http(
     duration: int = 10, connections: int = 16, batch: int = 10, client_n: int = 2000
 ) -> list[Row]:
@@ -526,8 +603,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--only",
-        choices=["pep", "authzen", "http"],
-        help="pep: in process; authzen: the handler and HTTP; http: HTTP only (server and client)",
+        choices=["pep", "authzen", "http", "callers"],
+        help="pep: in process; authzen: the handler and HTTP; http: HTTP only (server and client); "
+        "callers: concurrent AuthzenClient callers",
+    )
+    parser.add_argument(
+        "--callers", default="1,4,16", help="concurrent callers per row of --only callers"
     )
     parser.add_argument("-n", type=int, default=5000, help="PEP requests per measurement")
     parser.add_argument("--duration", type=int, default=10, help="wrk seconds per AuthZEN run")
@@ -540,6 +621,8 @@ def main() -> None:
         rows += bench_authzen_handler(args.n)
     if args.only in (None, "authzen", "http"):
         rows += bench_authzen_http(args.duration, args.connections, client_n=args.n)
+    if args.only == "callers":
+        rows += bench_authzen_callers([int(c) for c in args.callers.split(",")], args.n)
     print(f"load average {Path('/proc/loadavg').read_text().split()[:3]}, {os.cpu_count()} CPUs")
     print_rows(rows)
 

@@ -9,7 +9,10 @@ as unknown fields (§12.1.1 "receivers MUST ignore unknown fields"):
 - an entity may carry ``"parents": [entity, ...]`` (Cedar membership, e.g. a client's legal entity);
 - a property value ``{"__entity": {"type": T, "id": I}}`` is a reference to another entity (the
   Cedar JSON escape); it may carry that entity's own ``properties`` and ``parents`` (an order's
-  instrument and whether it is restricted, say).
+  instrument and whether it is restricted, say);
+- an evaluation may carry ``"transaction_id"`` (the business transaction, a token's ``txn``) and
+  ``"correlation_id"`` (the id its decision is recorded under; without it, the request's
+  ``X-Request-ID``): a batch of questions from different callers keeps each caller's id.
 
 Values nest at most ``MAX_DEPTH`` levels: deeper input is a 400, not a recursion error.
 
@@ -28,6 +31,8 @@ MAX_EVALUATIONS = 100
 MAX_PARENTS = 16
 MAX_ID_LENGTH = 512
 MAX_DEPTH = 16
+#: The longest correlation id (a longer ``X-Request-ID`` is cut to this by the HTTP PDP).
+MAX_CORRELATION_ID = 256
 SEMANTICS = ("execute_all", "deny_on_first_deny", "permit_on_first_permit")
 
 
@@ -103,7 +108,16 @@ def request_from_json(
     """One evaluation (§6.1); a missing subject, action or resource is a 400 (§12.1.1).
 
     Well-formed input takes :func:`_parsed_request`, which builds no error text; anything it does not
-    accept is parsed again by :func:`_checked_request`, which says where the problem is."""
+    accept is parsed again by :func:`_checked_request`, which says where the problem is.
+    ``correlation_id`` is the request's (its ``X-Request-ID``); the evaluation's own
+    ``correlation_id`` member, if any, replaces it."""
+    own = raw.get("correlation_id")
+    if own is not None:
+        if type(own) is not str or not own or len(own) > MAX_CORRELATION_ID:
+            raise InvalidRequestError(
+                f"{where}correlation_id must be a string of 1 to {MAX_CORRELATION_ID} characters"
+            )
+        correlation_id = own
     try:
         return _parsed_request(raw, correlation_id)
     except _Malformed:
@@ -241,7 +255,7 @@ def evaluations_from_json(
         raise InvalidRequestError(
             f"options.evaluations_semantic must be one of {', '.join(SEMANTICS)}"
         )
-    keys = ("subject", "action", "resource", "context", "transaction_id")
+    keys = ("subject", "action", "resource", "context", "transaction_id", "correlation_id")
     defaults = {k: body[k] for k in keys if k in body}
     requests = [
         request_from_json(

@@ -11,7 +11,9 @@ Callers authenticate with a bearer access token this server issued for the audie
 (``trustplane.bearer_guard``: revocation, client, mandate and scope on every call; RFC 6750 errors). A deny
 is a 200 with ``"decision": false`` (§12.1.3); 400 is for bodies that are not the information model,
 with a JSON error naming the field. ``X-Request-ID`` is echoed (§12.1.4) and becomes the decisions'
-correlation id. Decisions are recorded by the decision point; these handlers only translate.
+correlation id, unless an evaluation names its own in trustplane's extension member
+``correlation_id`` (a PEP batching several callers' questions does). Decisions are recorded by the
+decision point; these handlers only translate.
 
 Thin Starlette handlers mounted as fast routes (no FastAPI middleware): the body is read once,
 parsed with orjson, and the answer written directly.
@@ -32,6 +34,7 @@ from starlette.types import Receive, Scope, Send
 
 from trustplane.authzen.model import Decision, DecisionPoint, DecisionRequest
 from trustplane.authzen.wire import (
+    MAX_CORRELATION_ID,
     decision_to_json,
     evaluations_from_json,
     request_from_json,
@@ -42,7 +45,7 @@ from trustplane.errors import ErrorTable, InvalidRequestError
 
 SCOPE = "decision:evaluate"
 MAX_BODY = 256 * 1024
-MAX_REQUEST_ID = 256
+MAX_REQUEST_ID = MAX_CORRELATION_ID
 AUTHZEN_DECISIONS = Counter(
     "trustplane_authzen_decisions_total", "AuthZEN decisions answered", ["endpoint", "decision"]
 )
