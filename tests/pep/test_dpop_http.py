@@ -224,7 +224,7 @@ CASES = [
     # §4.3 step 1, 2
     Case("no-proof", lambda lv: (lv.bound_token(), [])),
     Case("two-proofs", two_proofs),
-    Case("not-a-jwt", lambda lv: (lv.bound_token(), ["not.a.jwt"])),
+    Case("not-a-jwt", lambda lv: (lv.bound_token(), ["nota.a.jwt"])),
     # step 3
     Case("no-jti", lambda lv: bound(lv, jti=None)),
     Case("no-iat", lambda lv: bound(lv, iat=None)),
