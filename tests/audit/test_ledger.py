@@ -372,7 +372,8 @@ async def test_concurrent_sequencers_leave_no_gap_and_no_duplicate(services: Ser
 
 
 def _statements(db: Database) -> list[str]:
-    """Every statement the engine runs from now on (first word upper-cased, then the rest)."""
+    """Every statement either engine runs from now on (first word upper-cased, then the rest):
+    on PostgreSQL the sequencer's poll runs on the autocommit engine."""
     from sqlalchemy import event as sa_event
 
     seen: list[str] = []
@@ -380,7 +381,8 @@ def _statements(db: Database) -> list[str]:
     def record(*args: Any) -> None:
         seen.append(" ".join(str(args[2]).split()))
 
-    sa_event.listen(db.engine.sync_engine, "before_cursor_execute", record)
+    for engine in (db.engine, db.autocommit_engine):
+        sa_event.listen(engine.sync_engine, "before_cursor_execute", record)
     return seen
 
 

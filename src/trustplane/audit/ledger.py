@@ -32,7 +32,7 @@ from trustplane.audit.store import StoredEntry
 from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.keys.crypto import decrypt_private_key, encrypt_private_key
 from trustplane.settings import Settings
-from trustplane.storage.db import Database
+from trustplane.storage.db import Database, is_disconnect
 from trustplane.storage.turn import WriterTurn
 
 log = structlog.get_logger("trustplane.audit")
@@ -210,13 +210,20 @@ class Ledger:
         limit = max_batch or self._settings.audit_integrate_batch
         async with self._lock:  # one round at a time in this process
             while True:
-                async with self._db.read() as conn:
-                    if not await store.has_pending(conn):
+                if not self._db.is_sqlite:  # the round's transaction reads the batch
+                    if not await self._any_pending():
                         return None
-                    state = await store.read_state(conn) if self._db.is_sqlite else None
-                    batch = (
-                        None if state is None else await self._prepare(conn, signer, state, limit)
-                    )
+                    batch = None
+                else:
+                    async with self._db.read() as conn:
+                        if not await store.has_pending(conn):
+                            return None
+                        state = await store.read_state(conn)
+                        batch = (
+                            None
+                            if state is None
+                            else await self._prepare(conn, signer, state, limit)
+                        )
                 started = time.perf_counter()
                 async with self._turn(), self._db.transaction() as conn:
                     if batch is not None:  # SQLite: prepared under the snapshot above
@@ -243,6 +250,19 @@ class Ledger:
         TREE_SIZE.set(batch.new_size)
         INTEGRATION_SECONDS.observe(seconds)
         return Integration(batch.size, count, batch.new_size, batch.root, seconds)
+
+    async def _any_pending(self) -> bool:
+        """PostgreSQL: whether anything is pending, in one statement on the autocommit engine (one
+        round trip; a pooled connection would add ``BEGIN`` and ``ROLLBACK``), once more on a
+        fresh connection if the pooled one turns out to be dead (checkouts are not pre-pinged)."""
+        for attempt in (1, 2):
+            async with self._db.autocommit_engine.connect() as conn:
+                try:
+                    return await store.has_pending(conn)
+                except Exception as exc:
+                    if attempt == 2 or not is_disconnect(exc):
+                        raise
+        raise AssertionError("unreachable")
 
     def _turn(self) -> contextlib.AbstractAsyncContextManager[None]:
         return (

@@ -77,6 +77,17 @@ async def append_pending(conn: AsyncConnection, rows: Sequence[tuple[str, str, b
     await conn.exec_driver_sql(sql, list(rows))
 
 
+def pg_pending_insert(
+    rows: Sequence[tuple[str, str, bytes]], first: int
+) -> tuple[str, tuple[list[Any], ...]]:
+    """PostgreSQL: :func:`append_pending`'s insert (rows in order) and its parameters, numbered
+    from ``first``, for a caller that runs it inside a statement of its own
+    (``grant.outcomes``: as a data-modifying CTE of the ``jti`` upsert, a token batch's one
+    statement)."""
+    sql = unnest_insert("audit_pending", _PENDING, ordered=True, first=first)
+    return sql, by_column(rows, len(_PENDING))
+
+
 async def lock_sequencer(conn: AsyncConnection) -> bool:
     """Become the one sequencer for this transaction. PostgreSQL: a transaction-level advisory lock
     (False if another process holds it). SQLite: the first statement is a write, which takes the

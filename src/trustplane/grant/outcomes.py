@@ -7,10 +7,18 @@ error to answer if it fails: the client assertion's ``jti`` (and a grant's own s
 assertion, e.g. a partner's JWT-bearer assertion) not used before (:class:`ConsumeJti`), the token a
 grant rests on (a token exchange's subject token) not revoked (:class:`NotRevoked`). They are
 evaluated in the writer's batch: one replay upsert for every ``jti`` of the batch, one revocation
-query for every token the batch rests on, then one insert for the chosen events. On PostgreSQL the
-policy decisions' inputs are inserted by the upsert's own statement (a data-modifying CTE: the
-decisions are recorded whatever the upsert finds), so a batch of token requests is ``BEGIN``, the
-upsert, the ledger insert and ``COMMIT``: four round trips whatever its size.
+query for every token the batch rests on, then one insert for the chosen events.
+
+On PostgreSQL the common batch is one statement (:func:`record_alone`), sent on the writer's
+autocommit connection with no ``BEGIN`` or ``COMMIT``: the ``jti`` upsert with the decisions'
+inputs and the ledger's pending rows of the "issued" events as data-modifying CTEs, and a last step
+that fails the statement unless every ``jti`` was fresh. One round trip, atomic and durable when it
+returns (``synchronous_commit`` on). A batch with a ``jti`` already used writes nothing there and
+runs the transactional way (:func:`record_batch`), which records the refusals; so does a batch
+with a revocation condition (token exchange), or one whose events an audit-sink observer would
+write for. That way (SQLite's too) a batch is ``BEGIN``, the upsert (the decisions' inputs riding
+in its statement on PostgreSQL: they are recorded whatever the upsert finds), the revocation
+query if any, the ledger insert and ``COMMIT``.
 
 Either all are durable or none is, and a request pays for one round trip to the writer instead of
 several. Every ``jti`` is consumed whatever the decision (an assertion is single-use even when the
@@ -22,16 +30,23 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, NoReturn, cast
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from trustplane.audit.sink import write_events
+from trustplane.audit.sink import APPEND_WAKES, APPENDED, OBSERVERS, pending_row, write_events
+from trustplane.audit.store import pg_pending_insert
 from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.errors import OAuth2Error
 from trustplane.policy.recorder import DecisionRecord, pg_inputs_insert, write_inputs
-from trustplane.protocol.replay import ReplayUse, consume_batch, consume_on_driver
+from trustplane.protocol.replay import (
+    Replayed,
+    ReplayUse,
+    claim_all,
+    consume_batch,
+    consume_on_driver,
+)
 from trustplane.protocol.revocations import revoked_among
 from trustplane.storage.driver_sql import in_transaction
 from trustplane.storage.writer import GroupCommitWriter
@@ -103,6 +118,76 @@ async def record_batch(
     return failed
 
 
+async def record_alone(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> list[None] | None:
+    """The writer's single-statement handler (PostgreSQL, a batch of token outcomes alone, on its
+    autocommit connection): every ``jti`` claimed, the decisions' inputs and the ledger's pending
+    rows of the outcomes' events and the decisions' in one statement, committed when it returns
+    (every condition held). None, with nothing written: the batch runs in a transaction
+    (:func:`record_batch`), because an outcome rests on a token that may be revoked, an audit-sink
+    observer would write for these events, or a ``jti`` was not fresh."""
+    uses: list[ReplayUse] = []
+    for outcome in outcomes:
+        for condition in outcome.conditions:
+            if not isinstance(condition, ConsumeJti):
+                return None
+            uses.append(condition.key)
+    decisions = [d for o in outcomes for d in o.decisions]
+    events = [o.event for o in outcomes] + [d.event for d in decisions]
+    if not await _observers_write_nothing(events):
+        return None
+    alongside: list[tuple[str, Sequence[Any]]] = []
+    first = 5  # the upsert's own parameters are $1-$4
+    if decisions:
+        alongside.append(inputs := pg_inputs_insert(decisions, first=first))
+        first += len(inputs[1])
+    alongside.append(pg_pending_insert([pending_row(e) for e in events], first=first))
+    try:
+        await claim_all((await conn.get_raw_connection()).driver_connection, uses, alongside)
+    except Replayed:
+        return None
+    _appended(len(events))
+    return [None] * len(outcomes)
+
+
+def _appended(count: int) -> None:
+    """What :func:`~trustplane.audit.sink.write_events` does after its insert: count the entries
+    and wake the sequencers. On PostgreSQL every append of a process runs on its event loop (only
+    a SQLite file's writer has a thread of its own), so the count needs no lock here."""
+    APPENDED[0] += count
+    for wake in APPEND_WAKES:
+        wake()
+
+
+class _Touched(Exception):
+    pass
+
+
+class _NoConnection:
+    """Handed to an audit-sink observer in place of a connection: any use of it means that the
+    observer would run a statement for the events it was given."""
+
+    touched = False
+
+    def __getattr__(self, name: str) -> NoReturn:
+        self.touched = True
+        raise _Touched(name)
+
+
+async def _observers_write_nothing(events: Sequence[AuditEvent]) -> bool:
+    """Whether every registered observer leaves the connection alone for ``events`` (the SSF
+    derivation index writes only for tokens issued from another token: none of a client
+    credentials batch)."""
+    for observer in OBSERVERS:
+        probe = _NoConnection()
+        try:
+            await observer(cast(AsyncConnection, probe), events)
+        except _Touched:
+            return False
+        if probe.touched:  # the observer caught what using the connection raised
+            return False
+    return True
+
+
 def _first_failed(outcome: Outcome, won: Iterator[bool], revoked: set[str]) -> Condition | None:
     first: Condition | None = None
     for condition in outcome.conditions:
@@ -116,7 +201,7 @@ def _first_failed(outcome: Outcome, won: Iterator[bool], revoked: set[str]) -> C
 class OutcomeRecorder:
     def __init__(self, writer: GroupCommitWriter) -> None:
         self._writer = writer
-        writer.register(KIND, record_batch, statements_only=True)
+        writer.register(KIND, record_batch, statements_only=True, alone=record_alone)
 
     async def record(self, outcome: Outcome) -> Condition | None:
         """Durably record the outcome; return the condition that failed, if one did."""

@@ -124,6 +124,45 @@ def _with(insert: str) -> str:
     return f"WITH alongside AS ({insert}) {_PG_UPSERT}"
 
 
+class Replayed(Exception):
+    """A use given to :func:`claim_all` was not fresh: its statement failed as a whole and wrote
+    nothing."""
+
+
+#: :func:`claim_all`'s last step: a division by zero unless every claim was won, so that a batch
+#: with one use already claimed fails as a whole, its other inserts included.
+_ALL_WON = "SELECT 1 / (count(*) = cardinality($1::text[]))::int FROM claimed"
+_DIVISION_BY_ZERO = "22012"
+
+
+@functools.lru_cache(maxsize=16)
+def _all_or_nothing(inserts: tuple[str, ...]) -> str:
+    ctes = "".join(f"a{i} AS ({insert}), " for i, insert in enumerate(inserts))
+    return f"WITH {ctes}claimed AS ({_PG_UPSERT}) {_ALL_WON}"
+
+
+async def claim_all(
+    driver: Any, uses: Sequence[ReplayUse], alongside: Sequence[tuple[str, Sequence[Any]]]
+) -> None:
+    """PostgreSQL, on an asyncpg connection with no transaction open: claim every one of ``uses``
+    and run the ``alongside`` inserts (their parameters numbered from ``$5`` on, one insert's
+    after the other's) in one statement, which commits on its own: one round trip, durable when
+    it returns (``synchronous_commit`` on). All or nothing: if any use is not fresh (already
+    claimed and not expired, or twice in ``uses``), nothing of it is written and
+    :class:`Replayed` is raised (twice in ``uses``: without a round trip)."""
+    _, claims = _claims(uses)
+    if len(claims) != len(uses):
+        raise Replayed("the same jti twice in one batch")
+    sql = _all_or_nothing(tuple(insert for insert, _ in alongside))
+    params = [param for _, values in alongside for param in values]
+    try:
+        await driver.execute(sql, *_columns(claims), int(time.time()), *params)
+    except Exception as exc:
+        if getattr(exc, "sqlstate", None) == _DIVISION_BY_ZERO:
+            raise Replayed("a jti of the batch was already used") from exc
+        raise
+
+
 def _claims(uses: Sequence[ReplayUse]) -> tuple[dict[tuple[str, str], int], list[ReplayUse]]:
     """The index of each (issuer, jti)'s first use, and the distinct uses to claim, sorted so that
     two processes upserting overlapping batches lock rows in the same order and cannot deadlock on

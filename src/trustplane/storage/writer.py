@@ -22,6 +22,15 @@ without SQLAlchemy's execution layers. Handlers written against SQLAlchemy run u
 same transaction. A connection whose batch failed is invalidated (closed, never back in the pool
 with a transaction open).
 
+A kind may also have a single-statement handler (``register(..., alone=...)``), run on PostgreSQL
+when a batch holds that kind only, on the autocommit connection with no transaction open: it
+writes the whole batch in one statement, which commits on its own (one round trip instead of
+``BEGIN``, the statements and ``COMMIT``), or writes nothing and returns None, and the batch then
+runs in a transaction as any other. A dead connection found by that statement is treated as one
+found before a ``COMMIT``: the batch runs once more on a fresh connection. If the statement had
+committed before the connection died, the retry finds its single-use rows taken and the handler
+sends the batch the transactional way, which refuses those requests: nothing is granted twice.
+
 On a SQLite file the batch's whole transaction runs in one call to the writer's own thread, on a
 plain ``sqlite3`` connection (:mod:`trustplane.storage.sqlite_batch`): the turn, ``BEGIN
 IMMEDIATE``, every handler, ``COMMIT``, then one wake-up of the event loop, instead of a trip to
@@ -55,6 +64,8 @@ log = structlog.get_logger(__name__)
 
 #: Writes one kind's payloads in one go; returns one result per payload, in order.
 BatchHandler = Callable[[AsyncConnection, Sequence[Any]], Awaitable[Sequence[Any]]]
+#: The same in one statement committed on its own, or nothing written and None.
+AloneHandler = Callable[[AsyncConnection, Sequence[Any]], Awaitable[Sequence[Any] | None]]
 
 
 class _Transaction(Protocol):
@@ -101,6 +112,7 @@ class GroupCommitWriter:
     def __init__(self, db: Database, *, max_batch: int = 512) -> None:
         self._db = db
         self._handlers: dict[str, BatchHandler] = {}
+        self._alone: dict[str, AloneHandler] = {}
         self._order: list[str] = []
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._max_batch = max_batch
@@ -119,17 +131,31 @@ class GroupCommitWriter:
         self.batches = 0
         self.items = 0
 
-    def register(self, kind: str, handler: BatchHandler, *, statements_only: bool = False) -> None:
+    def register(
+        self,
+        kind: str,
+        handler: BatchHandler,
+        *,
+        statements_only: bool = False,
+        alone: AloneHandler | None = None,
+    ) -> None:
         """Kinds run in registration order inside a batch (replay rows before audit rows).
 
         ``statements_only``: the handler awaits nothing but statements on the connection it is
         given (and touches no event-loop object), so on a SQLite file it runs in the writer's thread
         (:mod:`~trustplane.storage.sqlite_batch`); a batch with any other kind in it runs on the
-        loop, through aiosqlite."""
+        loop, through aiosqlite.
+
+        ``alone``: PostgreSQL, a batch of this kind only: tried first, on the autocommit connection
+        outside any transaction; it must write the batch in one statement (its results, as the
+        handler's) or write nothing and return None (the batch then goes to ``handler`` in a
+        transaction)."""
         self._handlers[kind] = handler
         self._order.append(kind)
         if not statements_only:
             self._on_loop.add(kind)
+        if alone is not None:
+            self._alone[kind] = alone
 
     def start(self) -> None:
         if self._task is None:
@@ -246,6 +272,10 @@ class GroupCommitWriter:
         """Through the pool's connection (aiosqlite or asyncpg), a statement at a time."""
         results: list[tuple[_Item, Any]] = []
         conn = await self._connection()
+        if len(by_kind) == 1 and not self._db.is_sqlite:
+            alone = await self._alone_batch(conn, by_kind)
+            if alone is not None:
+                return alone
         async with self._my_turn():  # SQLite: the workers' turn, around the transaction
             transaction = await self._begin(conn)
             for kind in self._order:
@@ -256,6 +286,18 @@ class GroupCommitWriter:
             self._committing = True
             await transaction.commit()
         return results
+
+    async def _alone_batch(
+        self, conn: AsyncConnection, by_kind: dict[str, list[_Item]]
+    ) -> list[tuple[_Item, Any]] | None:
+        """The batch's one kind's single-statement handler, if it has one (PostgreSQL); None:
+        nothing was written."""
+        ((kind, items),) = by_kind.items()
+        handler = self._alone.get(kind)
+        if handler is None:
+            return None
+        out = await handler(conn, [i.payload for i in items])
+        return None if out is None else list(zip(items, out, strict=True))
 
     async def _flush(self, batch: list[_Item], *, reconnected: bool = False) -> None:
         by_kind: dict[str, list[_Item]] = {}
