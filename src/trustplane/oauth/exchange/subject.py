@@ -98,9 +98,9 @@ class SubjectTokens:
         if token_type == TOKEN_TYPE_ACCESS_TOKEN:
             # presented before and verified then: its header and claims were read and checked
             # (ours: typ at+jwt, our iss, no key in the header), so it is not read again
-            known = self.verified.known(token, now)
-            if known is not None:
-                return await self._own(known, known.get("aud"), client, now)
+            seen = self.verified.known(token, now)
+            if seen is not None:
+                return await self._own(seen, seen.get("aud"), client, now)
         try:
             jws = parse(token)
             unverified = jws.claims()
