@@ -82,3 +82,21 @@ def test_the_oldest_entry_goes_first_and_an_expired_token_never_enters() -> None
     assert claims is not None
     assert claims["exp"] < now
     assert expired not in cache._entries
+
+
+def test_known_serves_only_what_read_verified_and_still_holds() -> None:
+    """``known`` never verifies: an unseen token is None, a verified one is served until its exp
+    or until its key leaves the ring (then dropped, for ``read`` to verify again)."""
+    rings = Rings(ring_with(ec.generate_private_key(ec.SECP256R1())))
+    cache, t, now = VerifiedOwnTokens(rings, ISSUER), token(rings.current), int(time.time())
+    assert cache.known(t, now) is None
+    assert cache.misses == 0  # nothing was verified by asking
+    claims = cache.read(t, now)
+    assert claims is not None
+    assert cache.known(t, now) == claims
+    assert cache.known(t, claims["exp"]) is None  # at its exp: dropped
+    assert len(cache) == 0
+    assert cache.read(t, now) == claims
+    rings.current = ring_with(ec.generate_private_key(ec.SECP256R1()), kid="k2")
+    assert cache.known(t, now) is None
+    assert len(cache) == 0

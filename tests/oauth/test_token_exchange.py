@@ -7,7 +7,7 @@ import asyncio
 import base64
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -484,6 +484,29 @@ async def test_a_cached_subject_token_is_refused_from_its_exp(ex: Exchange) -> N
             await subjects.verify(token, ACCESS, client, now)
         assert refused.value.reason_id == "expired"
     assert subjects.verified.hits == hits + 1  # the expired entry was dropped, not served
+
+
+async def test_a_cached_subject_token_is_not_read_again(
+    ex: Exchange, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Presented again, one of our verified tokens is served from the cache without parsing its
+    text again; every other check still runs (here: the exchanging client's right)."""
+    subjects, token = subject_tokens(ex), ex.own()
+    client = await ex.server.services.clients.get(ex.kit.client_id)
+    assert client is not None
+    now = int(time.time())
+    first = await subjects.verify(token, ACCESS, client, now)
+
+    def unread(text: str) -> None:
+        raise AssertionError("the subject token was parsed again")
+
+    monkeypatch.setattr("trustplane.oauth.exchange.subject.parse", unread)
+    again = await subjects.verify(token, ACCESS, client, now)
+    assert (again.jti, again.right, again.scopes) == (first.jti, first.right, first.scopes)
+    elsewhere = replace(client, metadata={**client.metadata, "allowed_resources": []})
+    with pytest.raises(InvalidRequestError) as refused:  # the right is checked from the claims
+        await subjects.verify(token, ACCESS, elsewhere, now)
+    assert refused.value.reason_id == "audience"
 
 
 @pytest.mark.parametrize("part", ["signature", "payload"])

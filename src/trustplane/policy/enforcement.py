@@ -185,14 +185,12 @@ class TokenPolicy:
             audience,
             *inputs,
         )
-        found = self._decide(
+        records = self._decide(
             engine,
             key,
             lambda: scope_requests(client, EXCHANGE_ACTION, scopes, audience, context),
             cache=True,
-        )
-        records = tuple(
-            replace(r, event=replace(r.event, transaction_id=transaction_id)) for r in found
+            transaction_id=transaction_id,
         )
         denied = [decision_of(r) for r in records if r.event.decision != "allow"]
         if denied:
@@ -206,18 +204,24 @@ class TokenPolicy:
         requests: Callable[[], list[DecisionRequest]],
         *,
         cache: bool,
+        transaction_id: str | None = None,
     ) -> tuple[DecisionRecord, ...]:
         """Cedar is a pure function of its request: the records of an earlier evaluation of the
-        same key are reused (each recorded again as its own decision)."""
+        same key are reused (each recorded again as its own decision). ``transaction_id``: what
+        the records name (the decision does not depend on it)."""
         cached = self._cache.get(key) if cache else None
         if cached is not None:
             _CACHE_HIT.inc()
-            records = tuple(fresh_record(r) for r in cached)
+            records = tuple(fresh_record(r, transaction_id) for r in cached)
             for r in records:
                 (_ALLOWED if r.event.decision == "allow" else _DENIED).inc()
             return records
         _CACHE_MISS.inc()
         records = tuple(r for _, r in engine.evaluate(requests()))
+        if transaction_id is not None:
+            records = tuple(
+                replace(r, event=replace(r.event, transaction_id=transaction_id)) for r in records
+            )
         if cache and cacheable(records, engine.version):
             self._remember(key, records)
         return records
@@ -237,14 +241,16 @@ def cacheable(records: Sequence[DecisionRecord], version: str) -> bool:
     return all(r.event.reason is None and r.event.policy_bundle_version == version for r in records)
 
 
-def fresh_record(record: DecisionRecord) -> DecisionRecord:
-    """The same decision, recorded again as its own event (own id and time)."""
+def fresh_record(record: DecisionRecord, transaction_id: str | None = None) -> DecisionRecord:
+    """The same decision, recorded again as its own event (own id and time), naming
+    ``transaction_id``."""
     e = record.event
     event = AuditEvent(
         type=e.type,
         issuer=e.issuer,
         subject=e.subject,
         client_id=e.client_id,
+        transaction_id=transaction_id,
         correlation_id=e.correlation_id,
         decision=e.decision,
         reason=e.reason,

@@ -9,6 +9,7 @@ any component of this process is refused by the bearer guard at once."""
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Protocol
 
@@ -18,6 +19,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane.storage import generations
+from trustplane.storage.driver_sql import in_transaction
 from trustplane.storage.metadata import metadata
 
 GENERATION = "revocations"
@@ -82,6 +84,24 @@ class SqlRevocationStore:
 
 
 async def revoked_among(conn: AsyncConnection, jtis: set[str]) -> set[str]:
-    """Which of ``jtis`` are revoked (one query; the token endpoint's outcome batch uses it)."""
-    rows = await conn.execute(select(revoked_tokens.c.jti).where(revoked_tokens.c.jti.in_(jtis)))
+    """Which of ``jtis`` are revoked (one query; the token endpoint's outcome batch uses it, once
+    per batch of exchanges). Driver-level SQL (``storage.driver_sql``): the Core ``IN`` was
+    compiled and its parameters processed anew for every batch, ~20 us of writer CPU per exchange
+    on SQLite. PostgreSQL: one array parameter, sent on the writer's open transaction when there is
+    one; SQLite: one placeholder per ``jti``."""
+    if conn.dialect.name == "postgresql":
+        driver = await in_transaction(conn)
+        if driver is not None:
+            return {row[0] for row in await driver.fetch(_PG_REVOKED, list(jtis))}
+        rows = await conn.exec_driver_sql(_PG_REVOKED, (list(jtis),))
+    else:
+        rows = await conn.exec_driver_sql(_sqlite_revoked(len(jtis)), tuple(jtis))
     return {row[0] for row in rows}
+
+
+_PG_REVOKED = "SELECT jti FROM revoked_tokens WHERE jti = ANY($1::text[])"
+
+
+@functools.lru_cache(maxsize=64)
+def _sqlite_revoked(count: int) -> str:
+    return f"SELECT jti FROM revoked_tokens WHERE jti IN ({', '.join('?' * count)})"  # noqa: S608 - placeholders only

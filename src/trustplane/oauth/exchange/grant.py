@@ -4,11 +4,13 @@ docstring for the rules and docs/token_exchange.md for the whole picture."""
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import structlog
+from prometheus_client import Counter
 
 from trustplane import metrics
 from trustplane.authzen.model import Entity
@@ -122,10 +124,7 @@ class TokenExchangeGrant:
             extra=token_claims(subject, act, req.txn, req.details),
             not_after=subject.exp,
         )
-        mode = IMPERSONATION if req.impersonation else DELEGATION
-        metrics.TOKEN_EXCHANGES.labels(
-            subject_token_type=_short(subject.token_type), mode=mode
-        ).inc()
+        _exchanges(subject.token_type, req.impersonation).inc()
         metrics.EXCHANGE_CHAIN_DEPTH.observe(len(req.chain))
         return Granted(
             token=issued,
@@ -296,5 +295,11 @@ def _impersonation(form: Form, subject: Subject) -> bool:
     return True
 
 
-def _short(token_type: str) -> str:
-    return token_type.rsplit(":", 1)[-1]
+@functools.lru_cache(maxsize=16)
+def _exchanges(token_type: str, impersonation: bool) -> Counter:
+    """The exchange counter's series for these labels, looked up once (a ``labels()`` lookup costs
+    more than the increment; two token types by two modes)."""
+    mode = IMPERSONATION if impersonation else DELEGATION
+    return metrics.TOKEN_EXCHANGES.labels(
+        subject_token_type=token_type.rsplit(":", 1)[-1], mode=mode
+    )

@@ -28,6 +28,7 @@ from trustplane.mandates.model import Mandate
 from trustplane.mandates.service import MandateService
 from trustplane.oauth.exchange.rights import own_token_right, partner_token_audience
 from trustplane.oauth.exchange.verified import VerifiedOwnTokens
+from trustplane.protocol.tokens import VerifiedClaims
 
 ACCESS_TOKEN_TYPES = frozenset({"at+jwt", "application/at+jwt"})
 #: Token types RFC 8693 §3 defines that we never accept as a subject or actor token.
@@ -94,6 +95,12 @@ class SubjectTokens:
                 + ("" if known else " (unknown token type)"),
                 "token_type",
             )
+        if token_type == TOKEN_TYPE_ACCESS_TOKEN:
+            # presented before and verified then: its header and claims were read and checked
+            # (ours: typ at+jwt, our iss, no key in the header), so it is not read again
+            seen = self.verified.known(token, now)
+            if seen is not None:
+                return await self._own(seen, seen.get("aud"), client, now)
         try:
             jws = parse(token)
             unverified = jws.claims()
@@ -118,7 +125,12 @@ class SubjectTokens:
         if unverified.get("iss") == self._issuer:
             if not is_access:
                 raise unacceptable("only our access tokens can be exchanged here", "token_type")
-            return await self._own(token, aud, client, now)
+            claims = self.verified.read(token, now)
+            if claims is None:
+                raise unacceptable(
+                    "the subject_token is not a valid access token of this server", "signature"
+                )
+            return await self._own(claims, aud, client, now)
         return await self._partner(token, token_type, is_access, aud, client, now)
 
     async def _partner(
@@ -145,12 +157,9 @@ class SubjectTokens:
             scopes, claims, verified, right=right,
         )  # fmt: skip
 
-    async def _own(self, token: str, aud: object, client: Client, now: int) -> Subject:
-        claims = self.verified.read(token, now)
-        if claims is None:
-            raise unacceptable(
-                "the subject_token is not a valid access token of this server", "signature"
-            )
+    async def _own(self, claims: VerifiedClaims, aud: object, client: Client, now: int) -> Subject:
+        """Everything but the signature, checked at every exchange: expiry, the client's right,
+        the token's client still active, its mandate usable now."""
         if claims["exp"] <= now:
             raise unacceptable("the subject_token has expired", "expired")
         right = own_token_right(claims, aud, client, self._issuer)

@@ -59,17 +59,27 @@ class VerifiedOwnTokens:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def known(self, token: str, now: int) -> VerifiedClaims | None:
+        """The claims of a token verified before, if its entry still holds at ``now`` (not expired,
+        its key still in the ring); None otherwise, without reading the token (an entry that no
+        longer holds is dropped: :meth:`read` verifies the token again)."""
+        entry = self._entries.get(token)
+        if entry is None:
+            return None
+        current = self._ring().verify_keys.get(entry.kid)
+        if entry.exp > now and current is not None and current[1] is entry.key:
+            self.hits += 1
+            return entry.claims
+        del self._entries[token]
+        return None
+
     def read(self, token: str, now: int) -> VerifiedClaims | None:
         """The token's verified claims (possibly expired), or None if it is not a valid access
         token of ours (foreign, forged, malformed, signed by a key no longer in the ring)."""
+        claims = self.known(token, now)
+        if claims is not None:
+            return claims
         ring = self._ring()
-        entry = self._entries.get(token)
-        if entry is not None:
-            current = ring.verify_keys.get(entry.kid)
-            if entry.exp > now and current is not None and current[1] is entry.key:
-                self.hits += 1
-                return entry.claims
-            del self._entries[token]
         self.misses += 1
         claims = read_access_token(ring, token, issuer=self._issuer, now=0)
         if claims is not None and claims["exp"] > now:
