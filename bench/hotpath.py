@@ -48,6 +48,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cluster import tree
 from _common import free_port, wait_ready
 from _pgcount import CountingProxy
 from token_endpoint import (
@@ -187,19 +188,8 @@ def ticks(pids: list[int]) -> dict[int, int]:
 def tree_write_calls(root: int) -> int:
     """The ``write`` system calls of a process tree so far (``/proc/<pid>/io`` ``syscw``; uvloop
     writes sockets with ``write``: responses, and statements to PostgreSQL)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        todo.extend(children.get(pid, []))
+    total = 0
+    for pid in tree(root):
         try:
             with open(f"/proc/{pid}/io") as handle:
                 total += int(next(x for x in handle if x.startswith("syscw:")).split()[1])

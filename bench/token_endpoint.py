@@ -35,6 +35,7 @@ from urllib.parse import urlencode
 from cryptography.hazmat.primitives import serialization
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cluster import ticks, tree
 from _common import free_port, wait_ready
 
 HERE = Path(__file__).resolve().parent
@@ -56,26 +57,8 @@ def wait_port(port: int, timeout: float = 30.0) -> None:
 
 
 def process_tree_ticks(root: int) -> int:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        todo.extend(children.get(pid, []))
-        try:
-            with open(f"/proc/{pid}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-        except OSError:
-            continue
-    return total
+    """utime + stime so far of ``root`` and every process under it."""
+    return ticks(tree(root))
 
 
 _KEY = None
