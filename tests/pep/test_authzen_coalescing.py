@@ -56,14 +56,16 @@ class HeldPdp:
             return httpx.Response(200, json={"evaluations": answers})
         return httpx.Response(200, json=_answer(body, request_id))
 
-    def client(self, max_in_flight: int = 1) -> AuthzenClient:
-        """One request in flight unless told: what queues is then decided by one held request."""
+    def client(self, max_in_flight: int | None = 1) -> AuthzenClient:
+        """One request in flight unless told (None: the client's default): what queues is then
+        decided by one held request."""
+        limit = {} if max_in_flight is None else {"max_in_flight": max_in_flight}
         return AuthzenClient(
             PDP,
             token_endpoint=f"{PDP}/token",
             auth=ClientSecretBasic("rs", "secret"),
             fetcher=OutboundFetcher(transport=httpx.MockTransport(self.handler)),
-            max_in_flight=max_in_flight,
+            **limit,
         )
 
     def release(self, n: int = 1) -> None:
@@ -130,12 +132,7 @@ async def test_by_default_two_requests_go_side_by_side_and_the_third_decision_qu
     """The default limit, 2: a pair of overlapping decisions is not serialised (each alone, at once);
     decisions asked while two are in flight go together in the next request."""
     pdp = HeldPdp()
-    client = AuthzenClient(
-        PDP,
-        token_endpoint=f"{PDP}/token",
-        auth=ClientSecretBasic("rs", "secret"),
-        fetcher=OutboundFetcher(transport=httpx.MockTransport(pdp.handler)),
-    )
+    client = pdp.client(max_in_flight=None)
     first, second = ask(client, "allow-0"), ask(client, "deny-1")
     assert {await pdp.arrivals.get(), await pdp.arrivals.get()} == {0, 1}
     waiting = await queued(client, ["allow-2", "deny-3", "allow-4"])
