@@ -12,8 +12,17 @@ py-spy is not a dependency of trustplane: ``pip install py-spy`` (any environmen
 ``--py-spy PATH``). It needs ptrace rights over the server (root, or the same user with
 ``kernel.yama.ptrace_scope=0``).
 
+py-spy samples wall time: a worker that is runnable but waiting for a core counts as busy in the
+frame it was preempted in, and on a loaded machine that is most often a system call that woke
+another process (the response's ``write`` waking wrk, a statement's waking a PostgreSQL backend),
+so those frames are overweighted. ``--perf FILE`` records the workers with ``perf`` instead
+(on-CPU samples only, kernel included; Python code shows as the interpreter, C libraries by
+name): the split between Python, OpenSSL, the kernel and the C extensions.
+
   python bench/hotpath_profile.py --workers 2 --connections 32
   python bench/hotpath_profile.py --workers 2 --store postgresql
+  python bench/hotpath_profile.py --store postgresql --perf /tmp/workers.perf
+  perf report -i /tmp/workers.perf --no-children --sort dso
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cluster import tree
 from hotpath import OURS, Target, setup
 from token_endpoint import _create_pg_database, make_bodies, run_wrk, stop
 
@@ -112,6 +122,15 @@ def main() -> None:
     ap.add_argument("--port-base", type=int, default=26300)
     ap.add_argument("--tree", type=Path, default=OURS, help="the source tree to run (has src/)")
     ap.add_argument("--report", type=Path, help="only summarise these collapsed stacks")
+    ap.add_argument(
+        "--perf",
+        type=Path,
+        help="record the workers with perf instead (on-CPU samples only, kernel and C libraries "
+        "included, no Python frames) into this file; read it with perf report --sort dso,sym",
+    )
+    ap.add_argument(
+        "--native", action="store_true", help="py-spy --native: C frames (uvloop, asyncpg, OpenSSL)"
+    )
     args = ap.parse_args()
     if args.report:
         report(args.report, args.top)
@@ -129,12 +148,19 @@ def main() -> None:
         n = int(args.expect_rps * (args.duration + 4) * 1.5)
         make_bodies(bodies, n, target.pem, target.client_id, target.issuer)
         collapsed = args.out or root / "stacks.txt"
-        spy = subprocess.Popen(
-            [
+        workers = ",".join(str(pid) for pid in tree(target.proc.pid)[1:])
+        command = [
+            "perf", "record", "-g", "-F", str(args.rate), "-o", str(args.perf), "-p", workers,
+            "--", "sleep", str(args.duration),
+        ] if args.perf else [
                 args.py_spy, "record", "--pid", str(target.proc.pid), "--subprocesses",
-                "--nonblocking", "--rate", str(args.rate), "--format", "raw",
+                *([] if args.native else ["--nonblocking"]),
+                "--rate", str(args.rate), "--format", "raw",
                 "--duration", str(args.duration), "--output", str(collapsed),
-            ],
+                *(["--native"] if args.native else []),
+            ]  # fmt: skip
+        spy = subprocess.Popen(
+            command,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
@@ -143,9 +169,10 @@ def main() -> None:
         spy.wait(timeout=60)
         print(
             f"{args.store}, {args.workers} workers, c={args.connections}: "
-            f"{result['rps']:.0f} tokens/s under py-spy ({args.rate} Hz)"
+            f"{result['rps']:.0f} tokens/s under {'perf' if args.perf else 'py-spy'} ({args.rate} Hz)"
         )
-        report(collapsed, args.top)
+        if not args.perf:
+            report(collapsed, args.top)
     finally:
         if target is not None:
             if target.proc is not None:

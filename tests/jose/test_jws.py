@@ -398,3 +398,29 @@ def test_es256_signature_of_the_wrong_length_does_not_verify(keys: dict[str, Pri
     assert len(raw) == 64
     assert parse(f"{head}.{body}.{short}").verify(keys["ES256"].public_key()) is False
     assert parse(f"{head}.{body}.{long}").verify(keys["ES256"].public_key()) is False
+
+
+# --------------------------------------------------------------------------- base64url itself
+
+
+@pytest.mark.parametrize("length", range(70))
+def test_base64url_matches_the_standard_library_at_every_length(length: int) -> None:
+    """The encoder and decoder call ``binascii`` directly; they must agree with RFC 4648 §5 as the
+    standard library spells it, for every remainder and for the bytes that map to ``-`` and ``_``."""
+    from trustplane.jose.jws import b64url_decode
+
+    for data in (bytes(range(256))[length : length * 2 + 1], b"\xfb\xff\xbf" * length):
+        data = data[:length] if len(data) >= length else data
+        text = b64url_encode(data)
+        assert text == _b64(data)
+        assert b64url_decode(text) == data
+
+
+def test_base64url_decode_refuses_what_the_standard_library_would_skip() -> None:
+    """``binascii`` ignores characters outside the alphabet unless told otherwise: the alphabet
+    check in front of it is what refuses them."""
+    from trustplane.jose.jws import b64url_decode
+
+    for text in ("ab+c", "ab/c", "ab c", "ab\nc", "abé", "ab=c"):
+        with pytest.raises(JWSError):
+            b64url_decode(text)

@@ -6,7 +6,7 @@ Every token has exactly one audience (RFC 8707 ``resource``), ``typ: at+jwt``, a
 
 from __future__ import annotations
 
-import secrets
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, NewType
@@ -26,7 +26,7 @@ class IssuedToken:
 
 
 def new_jti() -> str:
-    return b64url_encode(secrets.token_bytes(16))
+    return b64url_encode(os.urandom(16))
 
 
 def issue_access_token(
