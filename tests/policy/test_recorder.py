@@ -129,9 +129,7 @@ async def test_a_batch_of_decisions_commits_on_its_own_on_postgresql(
 ) -> None:
     """No ``BEGIN`` and ``COMMIT`` around the batch's one statement (before: three round trips a
     batch); the statement's rows are durable, the ledger's entries there."""
-    statements, stored, batches = await _driver_statements(
-        pg_url, default_compiled, monkeypatch, 6
-    )
+    statements, stored, batches = await _driver_statements(pg_url, default_compiled, monkeypatch, 6)
     assert len(stored) == 6
     assert not [s for s in statements if s.startswith(("BEGIN", "COMMIT"))], statements
     assert len(statements) == batches
@@ -153,5 +151,5 @@ async def test_decisions_an_observer_writes_for_are_recorded_in_a_transaction(
 
     monkeypatch.setattr(sink, "OBSERVERS", [observer])
     statements, stored, _ = await _driver_statements(pg_url, default_compiled, monkeypatch, 3)
-    assert len(stored) == 3 and sum(seen) == 3
+    assert (len(stored), sum(seen)) == (3, 3)
     assert any(s.startswith("BEGIN") for s in statements), statements
