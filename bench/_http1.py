@@ -105,6 +105,8 @@ class _Connection(asyncio.Protocol):
                 self._need = self._head_end + int(lower[at + 17 : stop if stop > 0 else None])
             elif b"\r\ntransfer-encoding: chunked" in lower:
                 self._need = -2
+            elif lower[9:12] in (b"204", b"304"):  # no body (RFC 9112 section 6.3)
+                self._need = self._head_end
             else:
                 raise HttpError("an answer with neither Content-Length nor chunked encoding")
             if b"\r\nconnection: close" in lower:

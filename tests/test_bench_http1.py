@@ -88,6 +88,20 @@ async def test_a_chunked_answer(pool: Pool) -> None:
     server.close()
 
 
+async def test_an_answer_without_a_body_and_a_closing_server(pool: Pool) -> None:
+    """A 204 has no body and no length; after ``Connection: close`` the next request takes a new
+    connection."""
+    closing = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+    answers = iter([[b"HTTP/1.1 204 No Content\r\n\r\n"], [closing], [closing]])
+    server, connections = await _serve(lambda _: next(answers))
+    request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert (await pool.request(_origin(server), request)).status == 204
+    assert (await pool.request(_origin(server), request)).body == b"ok"
+    assert (await pool.request(_origin(server), request)).body == b"ok"
+    assert len(connections) == 2
+    server.close()
+
+
 async def test_a_connection_idle_too_long_is_replaced() -> None:
     ok = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
     server, connections = await _serve(lambda _: [ok])
