@@ -28,6 +28,17 @@ deployments linked by token exchange and SSF push (``tests/e2e/ssf_chain.py``, a
 ``tests/e2e/test_ssf.py``): revocation at A -> the derived token inactive at B and at C, p50/p99.
 The load average is printed with every result: the machine may be shared.
 
+The driver (this process) is the load generator and runs on the same cores as everything it
+measures, so its CPU is taken from the servers: the timed part does nothing per request but send it
+and read the answer. Each lifecycle's four token requests (form bodies with their signed client
+assertions) and six Idempotency-Keys are made before the timed part (``Driver.prepare``), the steps'
+JSON bodies once; the requests go as prepared bytes on pooled keep-alive HTTP/1.1 connections
+(``bench/_http1.py``, a small client on asyncio protocols: no TLS, redirects or retries, nothing
+parsed but the status line, the length and the body), on uvloop when installed; an answer's JSON is
+parsed only where the lifecycle needs a value (orjson). httpx, which this driver used before, spent
+about 10 times the CPU per request (its models, pool and anyio layers): the peer benchmark drives its
+servers with wrk for the same reason. The setup still uses httpx (a few untimed calls).
+
   python bench/lifecycle.py                          # concurrency 1, 4, 16; 200 lifecycles each
   python bench/lifecycle.py --lifecycles 5 --quick   # the smoke run (tests/e2e/test_bench_lifecycle.py)
 """
@@ -46,17 +57,20 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
-import httpx
+import httpx  # the setup's few calls; the timed part uses _http1
+import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' live servers, SSF chain
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, token_endpoint, lifecycle_app
 from _common import free_port, wait_ready
+from _http1 import Answer, HttpError, Pool, origin_of, post
 from token_endpoint import TICK, _create_pg_database, process_tree_ticks
 
 from tests.conftest import EXECUTION, KEK, LEI, ClientKit, run_sync, wait_until
@@ -95,6 +109,13 @@ STEPS = (
 )  # fmt: skip
 ORDER = {"account": "ACC-1", "instrument": "US0378331005", "side": "buy", "quantity": "1000",
          "amount": "1000000", "currency": "EUR"}  # fmt: skip
+#: The steps' JSON bodies, serialised once.
+ORDER_BODY = orjson.dumps(ORDER)
+ALLOCATIONS_BODY = orjson.dumps({"allocations": [{"account": "SUB-1", "quantity": "1000"}]})
+INSTRUCTIONS_BODY = orjson.dumps({"instructions": {"ssi": "DAKVDEFF", "method": "dvp"}})
+SETTLED_BODY = orjson.dumps({"outcome": "settled"})
+#: Seconds a prepared lifecycle's client assertions are valid (the server accepts at most 300).
+ASSERTION_LIFETIME = 240
 
 
 def load() -> list[float]:
@@ -280,83 +301,125 @@ def services(
 
 
 class StepFailed(Exception):
-    def __init__(self, step: str, response: httpx.Response) -> None:
-        super().__init__(f"{step}: {response.status_code} {response.text[:300]}")
+    def __init__(self, step: str, answer: Answer) -> None:
+        super().__init__(f"{step}: {answer.status} {answer.text[:300]}")
         self.step = step
 
 
 class StepError(Exception):
     """A step's request got no answer (the connection failed, was closed, timed out): which step,
-    which server, and httpx's error (whose message may be empty: ``ReadError: ``)."""
+    which request to which server, and the error's chain."""
 
-    def __init__(self, step: str, method: str, url: str, error: httpx.HTTPError) -> None:
+    def __init__(
+        self, step: str, origin: tuple[str, int], request: bytes, error: Exception
+    ) -> None:
         chain: list[str] = []
         cause: BaseException | None = error
-        while cause is not None and len(chain) < 6:  # httpx <- httpcore <- anyio <- OSError
+        while cause is not None and len(chain) < 6:  # HttpError <- OSError
             chain.append(f"{type(cause).__name__}: {cause}".rstrip(": "))
             cause = cause.__cause__ or cause.__context__
-        super().__init__(f"{step}: {method} {url}: {' <- '.join(chain)}")
+        line = request[: request.find(b" HTTP/1.1")].decode("latin-1")
+        super().__init__(f"{step}: {line} at http://{origin[0]}:{origin[1]}: {' <- '.join(chain)}")
         self.step = step
 
 
 @dataclass
+class Prepared:
+    """One lifecycle's work done before the timed part: its four token requests (form bodies with
+    their signed client assertions) and its six Idempotency-Keys. ``made``: when the assertions were
+    signed (they expire; :meth:`Driver.lifecycle` signs again if they are close to it)."""
+
+    subject: str
+    tokens: list[tuple[str, bytes]]  # (step, the complete request)
+    keys: list[str]
+    made: float
+
+
+@dataclass
 class Driver:
+    """The load generator: each request is prepared bytes on a pooled keep-alive connection
+    (``_http1``), the answer's body parsed with orjson only where the lifecycle needs a value."""
+
     deployment: Deployment
-    http: httpx.AsyncClient
+    http: Pool
     steps: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in STEPS})
 
-    async def _call(self, step: str, method: str, url: str, expect: int, **kw: Any) -> Any:
+    def __post_init__(self) -> None:
+        self.auth, self.auth_host, _ = origin_of(self.deployment.auth.base_url)
+        self.origins = {name: origin_of(url)[:2] for name, url in self.deployment.services.items()}
+
+    def prepare(self, subject: str) -> Prepared:
+        """The lifecycle's token requests and keys (outside the timed part)."""
+        d = self.deployment
+        exp = {"exp": int(time.time()) + ASSERTION_LIFETIME}
+        requests = []
+        for name in SERVICES:
+            form = {"grant_type": EXCHANGE, "subject_token": subject, "subject_token_type": ACCESS,
+                    "resource": SERVICES[name], "scope": DESK[name], **d.desk.auth(**exp)}  # fmt: skip
+            requests.append((f"exchange_{name}", self._form(form)))
+        approver = {"grant_type": "client_credentials", "scope": "allocation:approve",
+                    "resource": ALLOCATION, **d.approver.auth(**exp)}  # fmt: skip
+        requests.append(("approver_token", self._form(approver)))
+        keys = [f'"{uuid.uuid4()}"' for _ in range(6)]
+        return Prepared(subject, requests, keys, time.monotonic())
+
+    def _form(self, form: dict[str, str]) -> bytes:
+        body = urlencode(form).encode()
+        return post(self.auth_host, "/token", "", body, "application/x-www-form-urlencoded")
+
+    async def _call(
+        self, step: str, origin: tuple[str, int], request: bytes, expect: int
+    ) -> dict[str, Any]:
         started = time.monotonic()
         try:
-            response = await self.http.request(method, url, **kw)
-        except httpx.HTTPError as exc:
-            raise StepError(step, method, url, exc) from exc
+            answer = await self.http.request(origin, request)
+        except HttpError as exc:
+            raise StepError(step, origin, request, exc) from exc
         self.steps[step].append(time.monotonic() - started)
-        if response.status_code != expect:
-            raise StepFailed(step, response)
-        return response.json()
+        if answer.status != expect:
+            raise StepFailed(step, answer)
+        body: dict[str, Any] = orjson.loads(answer.body)
+        return body
 
-    async def _token(self, step: str, kit: ClientKit, form: dict[str, str]) -> str:
-        url = f"{self.deployment.auth.base_url}/token"
-        body = await self._call(step, "POST", url, 200, data={**form, **kit.auth()})
-        return str(body["access_token"])
+    async def _token(self, step: str, request: bytes) -> str:
+        return str((await self._call(step, self.auth, request, 200))["access_token"])
 
-    async def tokens(self, subject: str) -> dict[str, str]:
-        d = self.deployment
-
-        def exchange(name: str) -> Any:
-            form = {"grant_type": EXCHANGE, "subject_token": subject, "subject_token_type": ACCESS,
-                    "resource": SERVICES[name], "scope": DESK[name]}  # fmt: skip
-            return self._token(f"exchange_{name}", d.desk, form)
-
-        approver = {"grant_type": "client_credentials", "scope": "allocation:approve"}
-        approver["resource"] = ALLOCATION
-        got = await asyncio.gather(
-            *(exchange(name) for name in SERVICES),
-            self._token("approver_token", d.approver, approver),
-        )
+    async def tokens(self, prepared: Prepared) -> dict[str, str]:
+        got = await asyncio.gather(*(self._token(step, req) for step, req in prepared.tokens))
         return dict(zip([*SERVICES, "approver"], got, strict=True))
 
-    async def _post(self, step: str, service: str, path: str, token: str, **kw: Any) -> Any:
-        headers = {"Authorization": f"Bearer {token}", "Idempotency-Key": f'"{uuid.uuid4()}"'}
-        url = self.deployment.services[service] + path
-        return await self._call(step, "POST", url, 201 if step == "create" else 200,
-                                headers=headers, **kw)  # fmt: skip
+    def request(self, service: str, path: str, token: str, key: str, body: bytes = b"") -> bytes:
+        host = self.origins[service][1]
+        headers = f"Authorization: Bearer {token}\r\nIdempotency-Key: {key}\r\n"
+        if not body:
+            head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{headers}Content-Length: 0\r\n\r\n"
+            return head.encode("latin-1")
+        return post(host, path, headers, body, "application/json")
 
-    async def lifecycle(self, subject: str) -> str:
+    async def _post(
+        self, step: str, service: str, path: str, token: str, key: str, body: bytes = b""
+    ) -> dict[str, Any]:
+        request = self.request(service, path, token, key, body)
+        return await self._call(
+            step, self.origins[service][0], request, 201 if step == "create" else 200
+        )
+
+    async def lifecycle(self, prepared: Prepared) -> str:
         """One complete lifecycle; the trade id."""
-        t = await self.tokens(subject)
-        trade = await self._post("create", "execution", "/orders", t["execution"], json=ORDER)
+        if time.monotonic() - prepared.made > ASSERTION_LIFETIME - 60:  # a long phase: re-sign
+            prepared = self.prepare(prepared.subject)
+        t = await self.tokens(prepared)
+        k = prepared.keys
+        trade = await self._post("create", "execution", "/orders", t["execution"], k[0], ORDER_BODY)
         path = f"/trades/{trade['trade_id']}"
-        await self._post("execute", "execution", f"{path}/execute", t["execution"])
-        allocations = {"allocations": [{"account": "SUB-1", "quantity": "1000"}]}
-        await self._post("propose", "allocation", f"{path}/allocation", t["allocation"],
-                         json=allocations)  # fmt: skip
-        await self._post("approve", "allocation", f"{path}/allocation/approve", t["approver"])
-        await self._post("submit", "settlement", f"{path}/settlement", t["settlement"],
-                         json={"instructions": {"ssi": "DAKVDEFF", "method": "dvp"}})  # fmt: skip
+        await self._post("execute", "execution", f"{path}/execute", t["execution"], k[1])
+        await self._post("propose", "allocation", f"{path}/allocation", t["allocation"], k[2],
+                         ALLOCATIONS_BODY)  # fmt: skip
+        await self._post("approve", "allocation", f"{path}/allocation/approve", t["approver"], k[3])
+        await self._post("submit", "settlement", f"{path}/settlement", t["settlement"], k[4],
+                         INSTRUCTIONS_BODY)  # fmt: skip
         done = await self._post("confirm", "settlement", f"{path}/settlement/confirm",
-                                t["settlement"], json={"outcome": "settled"})  # fmt: skip
+                                t["settlement"], k[5], SETTLED_BODY)  # fmt: skip
         if done["to"] != "settled":
             raise RuntimeError(f"trade {trade['trade_id']} ended {done}")
         return str(trade["trade_id"])
@@ -364,34 +427,29 @@ class Driver:
 
 async def check_replay(driver: Driver, subject: str) -> None:
     """The idempotency keys are real: a submit re-sent with its key is replayed, not re-run."""
-    t = await driver.tokens(subject)
-    trade = await driver._post("create", "execution", "/orders", t["execution"], json=ORDER)
-    headers = {"Authorization": f"Bearer {t['execution']}", "Idempotency-Key": '"replay-check"'}
-    url = f"{driver.deployment.services['execution']}/trades/{trade['trade_id']}/execute"
-    first = await driver.http.post(url, headers=headers)
-    again = await driver.http.post(url, headers=headers)
-    if (first.status_code, again.status_code) != (200, 200) or again.headers.get(
-        "idempotency-replayed"
-    ) != "true":
+    prepared = driver.prepare(subject)
+    t = await driver.tokens(prepared)
+    trade = await driver._post("create", "execution", "/orders", t["execution"], prepared.keys[0],
+                               ORDER_BODY)  # fmt: skip
+    path = f"/trades/{trade['trade_id']}/execute"
+    request = driver.request("execution", path, t["execution"], '"replay-check"')
+    origin = driver.origins["execution"][0]
+    first = await driver.http.request(origin, request)
+    again = await driver.http.request(origin, request)
+    if (first.status, again.status) != (200, 200) or again.header("idempotency-replayed") != "true":
         raise SystemExit(f"idempotency replay check failed: {first.text} / {again.text}")
 
 
 # --------------------------------------------------------------------------- measuring
 
 
-async def pg_backend_ticks(admin_url: str, databases: list[str]) -> dict[int, int]:
+async def pg_backend_ticks(conn: Any, databases: list[str]) -> dict[int, int]:
     """CPU ticks of the PostgreSQL backends serving ``databases`` (other databases' are not ours)."""
-    import asyncpg
-
-    conn = await asyncpg.connect(admin_url.replace("+asyncpg", ""))
-    try:
-        rows = await conn.fetch(
-            "SELECT pid FROM pg_stat_activity WHERE datname = ANY($1::text[]) AND pid <> "
-            "pg_backend_pid()",
-            databases,
-        )
-    finally:
-        await conn.close()
+    rows = await conn.fetch(
+        "SELECT pid FROM pg_stat_activity WHERE datname = ANY($1::text[]) AND pid <> "
+        "pg_backend_pid()",
+        databases,
+    )
     return {pid: ticks for pid in (row["pid"] for row in rows) if (ticks := _ticks(pid)) >= 0}
 
 
@@ -412,13 +470,27 @@ class Meter:
     pids: dict[str, int]
     admin_url: str
     databases: list[str]
+    #: One connection for the whole run, opened at the first snapshot: on a machine where other
+    #: benches fill PostgreSQL's ``max_connections``, a connection per snapshot may be refused.
+    conn: Any = None
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            await self.conn.close()
 
     async def snapshot(self) -> dict[str, Any]:
         return {
             "procs": {name: process_tree_ticks(pid) for name, pid in self.pids.items()},
-            "pg": await pg_backend_ticks(self.admin_url, self.databases),
+            "pg": await pg_backend_ticks(await self._conn(), self.databases),
             "driver": time.process_time(),
         }
+
+    async def _conn(self) -> Any:
+        if self.conn is None:
+            import asyncpg
+
+            self.conn = await asyncpg.connect(self.admin_url.replace("+asyncpg", ""))
+        return self.conn
 
     @staticmethod
     def per_lifecycle(before: dict[str, Any], after: dict[str, Any], n: int) -> dict[str, float]:
@@ -488,9 +560,9 @@ async def idle_cpu(meter: Meter, seconds: float) -> dict[str, float]:
 
 
 async def phase(
-    driver: Driver, meter: Meter, subjects: list[str], concurrency: int
+    driver: Driver, meter: Meter, lifecycles: list[Prepared], concurrency: int
 ) -> dict[str, Any]:
-    queue = list(reversed(subjects))
+    queue = list(reversed(lifecycles))
     durations: list[float] = []
     failures: dict[str, int] = {}
     for steps in driver.steps.values():
@@ -498,10 +570,10 @@ async def phase(
 
     async def worker() -> None:
         while queue:
-            subject = queue.pop()
+            prepared = queue.pop()
             started = time.monotonic()
             try:
-                await driver.lifecycle(subject)
+                await driver.lifecycle(prepared)
             except (StepFailed, StepError) as exc:  # counted, and the run goes on
                 failures[exc.step] = failures.get(exc.step, 0) + 1
                 if sum(failures.values()) <= 3:
@@ -582,36 +654,48 @@ def print_table(summary: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- main
 
 
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop for the driver's event loop when installed (it is with uvicorn's extras): less of the
+    driver's CPU per request than asyncio's own loop; asyncio's otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 async def drive(
     deployment: Deployment, subjects: list[str], args: argparse.Namespace, ctx: dict[str, Any]
 ) -> list[dict[str, Any]]:
-    limit = max(args.concurrency) * 5
-    limits = httpx.Limits(
-        max_connections=limit, max_keepalive_connections=limit, keepalive_expiry=CLIENT_IDLE
-    )
     meter = Meter(
         {"auth": deployment.auth.process.pid, "pdp": deployment.pdp.process.pid,  # type: ignore[union-attr]
          **deployment.pids}, args.database_url, ctx["databases"],
     )  # fmt: skip
     results = []
-    async with httpx.AsyncClient(timeout=30, limits=limits) as http:
+    http = Pool(idle=CLIENT_IDLE, timeout=30)
+    try:
+        await meter.snapshot()  # its connection, before the phases
         driver = Driver(deployment, http)
         await check_replay(driver, subjects.pop())
         for _ in range(args.warmup):
-            await driver.lifecycle(subjects.pop())
+            await driver.lifecycle(driver.prepare(subjects.pop()))
         ctx["idle_cpu_ms_per_s"] = await idle_cpu(meter, args.idle)
         print(f"  idle CPU ms/s over {args.idle:g} s (timers, polling; included in the per-lifecycle "
               f"figures): {ctx['idle_cpu_ms_per_s']}", flush=True)  # fmt: skip
         for concurrency in args.concurrency:
             batch, subjects[:] = subjects[: args.lifecycles], subjects[args.lifecycles :]
+            prepared = [driver.prepare(subject) for subject in batch]  # before the timed part
             await asyncio.sleep(args.rest)
-            result = await phase(driver, meter, batch, concurrency)
+            result = await phase(driver, meter, prepared, concurrency)
             if ctx["nats"]:
                 result["jetstream_ack"] = ms_stats(
                     await ack_latencies(deployment, ctx["ref_urls"], ctx["acks"])
                 )
             print_phase(result)
             results.append(result)
+    finally:
+        http.close()
+        await meter.close()
     return results
 
 
@@ -714,7 +798,8 @@ def run_lifecycles(args: argparse.Namespace, work: Path, tag: str) -> dict[str, 
         )
         ctx = {"databases": names, "nats": bool(nats), "ref_urls": ref_urls,
                "acks": work / "acks.jsonl"}  # fmt: skip
-        phases = asyncio.run(drive(deployment, subjects, args, ctx))
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            phases = runner.run(drive(deployment, subjects, args, ctx))
         summary: dict[str, Any] = {"idle_cpu_ms_per_s": ctx["idle_cpu_ms_per_s"], "phases": phases}
         rows = asyncio.run(outbox_rows(ref_urls))
         summary["outbox_rows"] = rows

@@ -96,3 +96,60 @@ async def test_a_batch_of_decisions_is_one_statement_on_postgresql(
     assert sorted(stored) == sorted(ids)
     assert len(inserts) == batches  # one per batch, however many decisions it holds
     assert all("policy_decisions" in s and "audit_pending" in s for s in inserts), inserts
+
+
+async def _driver_statements(
+    pg_url: str, bundle: CompiledBundle, monkeypatch: pytest.MonkeyPatch, n: int
+) -> tuple[list[str], list[str], int]:
+    """Every statement sent to asyncpg while ``n`` decisions are recorded, the decision ids stored,
+    and the writer's batches."""
+    db = Database(pg_url)
+    statements: list[str] = []
+    original = asyncpg.Connection.execute
+
+    async def on_the_driver(self: asyncpg.Connection, query: str, *args: Any, **kw: Any) -> str:
+        statements.append(query.strip().upper()[:60])
+        return await original(self, query, *args, **kw)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(asyncpg.Connection, "execute", on_the_driver)
+    try:
+        ids, batches = await decide_concurrently(db, bundle, n)
+    finally:
+        monkeypatch.undo()
+    async with db.read() as conn:
+        stored = (await conn.execute(select(policy_decisions.c.decision_id))).scalars().all()
+    await db.dispose()
+    assert sorted(stored) == sorted(ids)
+    return statements, list(stored), batches
+
+
+@pytest.mark.postgres
+async def test_a_batch_of_decisions_commits_on_its_own_on_postgresql(
+    pg_url: str, default_compiled: CompiledBundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No ``BEGIN`` and ``COMMIT`` around the batch's one statement (before: three round trips a
+    batch); the statement's rows are durable, the ledger's entries there."""
+    statements, stored, batches = await _driver_statements(pg_url, default_compiled, monkeypatch, 6)
+    assert len(stored) == 6
+    assert not [s for s in statements if s.startswith(("BEGIN", "COMMIT"))], statements
+    assert len(statements) == batches
+
+
+@pytest.mark.postgres
+async def test_decisions_an_observer_writes_for_are_recorded_in_a_transaction(
+    pg_url: str, default_compiled: CompiledBundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An audit-sink observer that writes for the decisions' events (none does today: the SSF
+    index writes for issued tokens) gets the transaction the decisions are written in."""
+    from trustplane.audit import sink
+
+    seen: list[int] = []
+
+    async def observer(conn: Any, events: Any) -> None:
+        await conn.exec_driver_sql("SELECT 1")
+        seen.append(len(events))
+
+    monkeypatch.setattr(sink, "OBSERVERS", [observer])
+    statements, stored, _ = await _driver_statements(pg_url, default_compiled, monkeypatch, 3)
+    assert (len(stored), sum(seen)) == (3, 3)
+    assert any(s.startswith("BEGIN") for s in statements), statements

@@ -4,6 +4,12 @@ simulation needs to replay the decision (the Cedar request and the entities it w
 Both are written in one transaction: through the group-commit writer for :meth:`PolicyEngine.decide`,
 or inside the token endpoint's own outcome transaction (``oauth.outcomes``), so a token request pays
 for no extra write.
+
+On PostgreSQL a writer batch of decisions alone (the PDP's common case) is one statement on the
+writer's autocommit connection (:func:`write_alone`): the ``policy_decisions`` insert as a
+data-modifying CTE of the ledger's pending insert, atomic and durable when it returns
+(``synchronous_commit`` on), one round trip instead of ``BEGIN``, the statement and ``COMMIT``. A
+batch whose events an audit-sink observer would write for runs the transactional way.
 """
 
 from __future__ import annotations
@@ -11,11 +17,13 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn, cast
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from trustplane.audit.sink import write_events
+from trustplane.audit import sink
+from trustplane.audit.sink import pending_row, write_events
+from trustplane.audit.store import pg_pending_insert
 from trustplane.audit_events import AuditEvent
 from trustplane.storage.driver_sql import by_column, in_transaction, unnest_insert, values_clause
 from trustplane.storage.writer import GroupCommitWriter
@@ -119,12 +127,72 @@ async def _write_batches(
     return [None] * len(batches)
 
 
+@functools.lru_cache(maxsize=1)
+def _alone_sql() -> str:
+    inputs = unnest_insert("policy_decisions", _TYPED)
+    pending, _ = pg_pending_insert([], first=len(_TYPED) + 1)
+    return f"WITH inputs AS ({inputs}) {pending}"
+
+
+async def write_alone(
+    conn: AsyncConnection, batches: Sequence[Sequence[DecisionRecord]]
+) -> list[None] | None:
+    """The writer's single-statement handler (PostgreSQL, a batch of decision records alone, on
+    its autocommit connection): the replay inputs and the ledger's pending rows in one statement,
+    committed when it returns. None, with nothing written: an audit-sink observer would write for
+    these events (in the transaction :func:`_write_batches` opens)."""
+    records = [r for batch in batches for r in batch]
+    events = [r.event for r in records]
+    if sink.OBSERVERS and not await _observers_write_nothing(events):
+        return None
+    params = by_column([r.row() for r in records], len(_TYPED))
+    _, pending = pg_pending_insert([pending_row(e) for e in events], first=len(_TYPED) + 1)
+    driver = (await conn.get_raw_connection()).driver_connection
+    assert driver is not None  # the writer's connection is open
+    await driver.execute(_alone_sql(), *params, *pending)
+    # what write_events does after its insert: count, wake the sequencers (on PostgreSQL every
+    # append of a process runs on its event loop, so the count needs no lock here)
+    sink.APPENDED[0] += len(events)
+    for wake in sink.APPEND_WAKES:
+        wake()
+    return [None] * len(batches)
+
+
+class _Touched(Exception):
+    pass
+
+
+class _NoConnection:
+    """Handed to an audit-sink observer in place of a connection: any use of it means that the
+    observer would run a statement for the events it was given."""
+
+    touched = False
+
+    def __getattr__(self, name: str) -> NoReturn:
+        self.touched = True
+        raise _Touched(name)
+
+
+async def _observers_write_nothing(events: Sequence[AuditEvent]) -> bool:
+    """Whether every registered observer leaves the connection alone for ``events`` (the SSF
+    derivation index writes only for issued tokens, never for a decision)."""
+    for observer in sink.OBSERVERS:
+        probe = _NoConnection()
+        try:
+            await observer(cast(AsyncConnection, probe), events)
+        except _Touched:
+            return False
+        if probe.touched:  # the observer caught what using the connection raised
+            return False
+    return True
+
+
 class DecisionRecorder:
     """Makes decision records durable through the group-commit writer."""
 
     def __init__(self, writer: GroupCommitWriter) -> None:
         self._writer = writer
-        writer.register(KIND, _write_batches, statements_only=True)
+        writer.register(KIND, _write_batches, statements_only=True, alone=write_alone)
 
     async def record(self, records: Sequence[DecisionRecord]) -> None:
         await self._writer.submit(KIND, list(records))
