@@ -22,7 +22,7 @@ from trustplane.audit.tables import (
     audit_payloads,
     audit_tree,
 )
-from trustplane.storage.driver_sql import by_column, unnest_insert, values_clause
+from trustplane.storage.driver_sql import by_column, in_transaction, unnest_insert, values_clause
 
 #: pg_try_advisory_xact_lock key of the sequencer: "tp-audit" as a 64-bit integer.
 SEQUENCER_LOCK = int.from_bytes(b"tp-audit", "big") & 0x7FFF_FFFF_FFFF_FFFF
@@ -139,12 +139,16 @@ async def advance_state(
     return bool(result.rowcount == 1)
 
 
-async def take_pending(conn: AsyncConnection, limit: int) -> list[tuple[int, str, str, bytes]]:
-    """The oldest pending rows (id, entry, payload, salt); they are deleted by :func:`drop_pending`."""
-    result = await conn.exec_driver_sql(
-        f"SELECT id, entry, payload, salt FROM audit_pending ORDER BY id LIMIT {int(limit)}"  # noqa: S608
-    )
-    return [(int(r[0]), r[1], r[2], bytes(r[3])) for r in _rows(result)]
+async def take_pending(conn: AsyncConnection, limit: int) -> Sequence[Any]:
+    """The oldest pending rows (id, entry, payload, salt) as the driver gives them (the caller
+    converts each as it goes: 1 us a row, which for a whole batch at once would hold the event
+    loop 2 ms); they are deleted by :func:`drop_pending`."""
+    sql = f"SELECT id, entry, payload, salt FROM audit_pending ORDER BY id LIMIT {int(limit)}"  # noqa: S608
+    driver = await in_transaction(conn)
+    if driver is not None:  # PostgreSQL: the records as asyncpg decodes them, no result layers
+        records: Sequence[Any] = await driver.fetch(sql)
+        return records
+    return _rows(await conn.exec_driver_sql(sql))
 
 
 async def drop_pending(conn: AsyncConnection, ids: Sequence[int]) -> int:
@@ -177,16 +181,33 @@ _TYPED: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 
+#: PostgreSQL: leaves per insert of an integration (their nodes, about two per leaf, go twice as many
+#: at a time). asyncpg encodes a statement's parameters on the event loop in one go: about 2 us
+#: per leaf with its node and payload rows, so a slice holds the loop about 0.25 ms (the
+#: 2,048-leaf batch inserted at once held it 4-8 ms; docs/ledger.md, "Proofs during an
+#: integration").
+INSERT_SLICE = 128
+
+
 async def insert_integrated(
     conn: AsyncConnection,
     leaves: Sequence[tuple[Any, ...]],
     nodes: Sequence[tuple[int, bytes]],
     payloads: Sequence[tuple[int, str, bytes]],
 ) -> None:
-    await _insert_rows(conn, "audit_leaves", leaves)
-    await _insert_rows(conn, "audit_tree", nodes)
-    if payloads:
-        await _insert_rows(conn, "audit_payloads", payloads)
+    """The rows of an integration. PostgreSQL: one ``unnest`` insert per table for every
+    :data:`INSERT_SLICE` leaves, the loop free between them; SQLite: one ``executemany`` per
+    table, in the driver's thread (the write lock is held meanwhile: no more statements than
+    that)."""
+    pg = conn.dialect.name == "postgresql"
+    for table, rows, per_leaf in (
+        ("audit_leaves", leaves, 1),
+        ("audit_tree", nodes, 2),
+        ("audit_payloads", payloads, 1),
+    ):
+        step = INSERT_SLICE * per_leaf if pg else max(1, len(rows))
+        for first in range(0, len(rows), step):
+            await _insert_rows(conn, table, rows[first : first + step])
 
 
 async def _insert_rows(conn: AsyncConnection, table: str, rows: Sequence[Sequence[Any]]) -> None:
