@@ -16,7 +16,7 @@ from sqlalchemy import select
 from tests.reference import test_http
 from tests.reference.conftest import ORDER
 from tests.reference.test_http import Harness
-from tests.reference.test_store_reads import _envelope, _wire, _words
+from tests.reference.test_store_reads import _clear, _envelope, _wire, _words
 from trustplane.pep.idempotency import InTransaction, KeyTaken, StoredResponse
 from trustplane.pep.idempotency_store import idempotency_keys
 from trustplane.reference import machine, store_pg
@@ -59,17 +59,17 @@ async def test_a_keyed_transition_is_the_trade_read_and_one_statement(harness: H
     sent = _wire(h.store.db)
     first = await h.client.post(f"/trades/{trade_id}/execute", headers=h.headers("b", key="e1"))
     assert first.status_code == 200, first.text
-    assert _words(sent) == ["SELECT", "SELECT"]  # before: INSERT, SELECT, SELECT, UPDATE
+    assert await _words(sent) == ["SELECT", "SELECT"]  # before: INSERT, SELECT, SELECT, UPDATE
     (row,) = [k for k in await _keys(h.store) if k.key == "e1"]
     assert (row.state, row.status, bytes(row.body)) == ("completed", 200, first.content)
     assert row.content_type == "application/json"
 
-    sent.clear()
+    await _clear(sent)
     replay = await h.client.post(f"/trades/{trade_id}/execute", headers=h.headers("b", key="e1"))
     assert (replay.status_code, replay.content) == (200, first.content)
     assert replay.headers["Idempotency-Replayed"] == "true"
     # the read, the transition's own answer (done), the key's put that changes nothing, its read
-    assert _words(sent) == ["SELECT", "SELECT", "INSERT", "SELECT"]
+    assert await _words(sent) == ["SELECT", "SELECT", "INSERT", "SELECT"]
     (again,) = [k for k in await _keys(h.store) if k.key == "e1"]
     assert again.claim_token == row.claim_token
 

@@ -35,7 +35,7 @@ from prometheus_client import Counter
 
 from trustplane.reference import machine
 from trustplane.reference.events import EventRefused, verify_event
-from trustplane.reference.store import APPLIED, KNOWN, PENDING, StoredEvent, TradeStore
+from trustplane.reference.store import APPLIED, KNOWN, PENDING, StoredEvent, TradeStore, payload_of
 
 log = structlog.get_logger("trustplane.reference")
 LEARNED = Counter(
@@ -75,6 +75,18 @@ class Route:
 
 class Pending(Exception):
     """The event's predecessor has not been learned yet (JetStream: nak, redelivered)."""
+
+
+def _signs_for(upstream: Upstream) -> bool:
+    """Whether ``upstream``'s store signs its events as ``upstream`` says they are signed: its
+    issuer, and a key its JWKS publishes (the events it commits in this process need no
+    verification before they are learned here)."""
+    store = upstream.store
+    if not store.signs or store.signer.issuer != upstream.issuer:
+        return False
+    jwks = upstream.jwks if isinstance(upstream.jwks, dict) else {}
+    keys = jwks.get("keys")
+    return isinstance(keys, list) and store.signer.public_jwk() in keys
 
 
 def verified(jws: str, upstream: Upstream) -> dict[str, Any]:
@@ -152,6 +164,14 @@ class Dispatcher:
         self._groups: dict[int, list[int]] = {}
         for i, route in enumerate(self.routes):
             self._groups.setdefault(id(route.upstream), []).append(i)
+        #: the upstreams (by identity) whose own commits in this process are handed off from
+        #: memory: their store signs with a key of their JWKS, for their issuer
+        self._own: set[int] = set()
+        for group in self._groups.values():
+            upstream = self.routes[group[0]].upstream
+            if _signs_for(upstream):
+                upstream.store.keep_committed()
+                self._own.add(id(upstream))
 
     @classmethod
     def between(
@@ -166,14 +186,44 @@ class Dispatcher:
         ]
         return cls(routes, **kwargs)
 
-    async def hand_off(self, upstream: str | None = None) -> int:
+    async def hand_off(self, upstream: str | None = None, *, event_id: str | None = None) -> int:
         """Hand every event committed since each route's cursor to its downstream store (only the
-        routes from ``upstream`` if given); the number learned (applied now)."""
+        routes from ``upstream`` if given); the number learned (applied now).
+
+        ``event_id``: an event ``upstream``'s store committed in this process (the caller's own
+        step): what must be handed off is everything up to it. When every route is past it,
+        nothing is done; when the store kept every event between the routes' cursors and it (its
+        own commits, contiguous in ``seq``), they are handed off from memory: no outbox read,
+        and no verification (this process signed them and they never left it). Otherwise the
+        outbox is read as without it."""
         applied = 0
         async with self._lock:
             for group in self._groups.values():
                 if upstream is None or self.routes[group[0]].upstream.service == upstream:
-                    applied += await self._hand_off(group)
+                    done = None if event_id is None else await self._from_memory(group, event_id)
+                    applied += await self._hand_off(group) if done is None else done
+        return applied
+
+    async def _from_memory(self, group: list[int], event_id: str) -> int | None:
+        """The hand-off of ``group`` up to ``event_id`` from the events its upstream's store kept
+        (the number applied), or None when they are not all there (read the outbox)."""
+        upstream = self.routes[group[0]].upstream
+        store = upstream.store
+        seq = store.committed_seq(event_id) if id(upstream) in self._own else None
+        if seq is None:
+            return None
+        cursors = {i: await self._cursor(i) for i in group}
+        low = min(cursors.values())
+        kept = store.committed_through(low, seq) if low < seq else []
+        if kept is None:
+            return None
+        applied = 0
+        checked: list[tuple[StoredEvent, Checked]] = [(e, payload_of(e.jws)) for e in kept]
+        for i in group:
+            todo = [(event, claims) for event, claims in checked if event.seq > cursors[i]]
+            if todo:
+                applied += await self._deliver(i, todo)
+        store.forget_committed(min(self._cursors[i] for i in group))
         return applied
 
     async def _hand_off(self, group: list[int]) -> int:

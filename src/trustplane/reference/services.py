@@ -220,16 +220,18 @@ class TradeServices:
         #: outbox publisher with it: serve.py)
         self.on_commit: list[Callable[[str], None]] = []
 
-    async def _handed(self, service: str) -> None:
-        """After ``service``'s commit: its events to the other stores, before the call returns.
-        The transition is committed whatever happens here: a downstream store that cannot be
-        reached is logged and left to the dispatcher's sweep (the cursor did not move)."""
+    async def _handed(self, service: str, event_id: str | None = None) -> None:
+        """After ``service``'s commit: its events to the other stores, before the call returns
+        (``event_id``: the call's own event, everything up to which must be handed off; the
+        dispatcher takes it from memory when it can). The transition is committed whatever
+        happens here: a downstream store that cannot be reached is logged and left to the
+        dispatcher's sweep (the cursor did not move)."""
         for committed in self.on_commit:
             committed(service)
         if self.handoff is None:
             return
         try:
-            await self.handoff.hand_off(service)
+            await self.handoff.hand_off(service, event_id=event_id)
         except Exception as exc:  # the owner's commit stands; the sweep delivers later
             log.error("reference_handoff_deferred", service=service, error=str(exc))
 
@@ -295,7 +297,7 @@ class TradeServices:
             acting=Acting.from_claims(caller.claims),
             **kwargs,
         )
-        await self._handed(machine.owner(transition.name))
+        await self._handed(machine.owner(transition.name), record.event_id)
         return record
 
     # ----------------------------------------------------------------- execution
@@ -322,10 +324,10 @@ class TradeServices:
         )  # fmt: skip
         decision = await self._authorize(caller, CREATE, draft, "create", amount=fields["amount"])
         envelope = self._envelope(caller, decision)
-        trade, _record = await self.stores.execution.create(
+        trade, record = await self.stores.execution.create(
             trade_id, fields, caller.subject, envelope, key, Acting.from_claims(caller.claims)
         )
-        await self._handed(machine.EXECUTION)
+        await self._handed(machine.EXECUTION, record.event_id)
         return trade
 
     async def execute(self, caller: Caller, trade_id: str, key: Key) -> TransitionRecord:
@@ -361,7 +363,7 @@ class TradeServices:
             updates={"allocation": allocations, "proposer": caller.subject},
             acting=Acting.from_claims(caller.claims),
         )
-        await self._handed(machine.ALLOCATION)
+        await self._handed(machine.ALLOCATION, record.event_id)
         return record
 
     async def approve_allocation(self, caller: Caller, trade_id: str, key: Key) -> TransitionRecord:
@@ -383,7 +385,7 @@ class TradeServices:
             key,
             acting=Acting.from_claims(caller.claims),
         )
-        await self._handed(machine.ALLOCATION)
+        await self._handed(machine.ALLOCATION, record.event_id)
         return record
 
     # ----------------------------------------------------------------- settlement
@@ -474,7 +476,7 @@ class TradeServices:
             updates={"settlement": instructions},
             acting=Acting.from_claims(caller.claims),
         )
-        await self._handed(machine.SETTLEMENT)
+        await self._handed(machine.SETTLEMENT, record.event_id)
         return record
 
     async def _exception(

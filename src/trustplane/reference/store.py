@@ -530,6 +530,12 @@ class TradeStore:
             raise ValueError("a store that owns transitions needs an event signer")
         self.db, self._signer, self.service = db, signer, service
         self._appended = asyncio.Event()
+        #: The events this store object committed through PostgreSQL's one-statement path, by
+        #: outbox ``seq`` (and their ``seq`` by event id), while :meth:`keep_committed` is on: the
+        #: embedded hand-off of this process takes them from here rather than reading them back
+        #: (``handoff.Dispatcher``). At most :data:`KEPT_COMMITTED`, the oldest out first.
+        self._committed: dict[int, StoredEvent] | None = None
+        self._committed_seq: dict[str, int] = {}
 
     @property
     def signer(self) -> EventSigner:
@@ -548,6 +554,54 @@ class TradeStore:
     def _owned(self, transition: str) -> None:
         if not self.owns(transition):
             raise NotOwned(self.service or "", transition)
+
+    def keep_committed(self) -> None:
+        """Keep the events this object commits (PostgreSQL's one-statement path) for the embedded
+        hand-off of this process (:meth:`committed_through`)."""
+        if self._committed is None:
+            self._committed = {}
+
+    def _kept(self, seq: int | None, event: Mapping[str, Any]) -> None:
+        if self._committed is None or seq is None:
+            return
+        while len(self._committed) >= KEPT_COMMITTED:
+            del self._committed[next(iter(self._committed))]
+        while len(self._committed_seq) >= KEPT_COMMITTED:
+            del self._committed_seq[next(iter(self._committed_seq))]
+        self._committed[seq] = StoredEvent(
+            seq, event["event_id"], event["type"], event["trade_id"], event["jws"], False,
+            event["created_at"] / 1000,
+        )  # fmt: skip
+        self._committed_seq[event["event_id"]] = seq
+
+    def committed_seq(self, event_id: str) -> int | None:
+        """The outbox ``seq`` of one of the last :data:`KEPT_COMMITTED` events this object
+        committed (kept or already forgotten), else None."""
+        return self._committed_seq.get(event_id)
+
+    def committed_through(self, after: int, seq: int) -> list[StoredEvent] | None:
+        """The outbox's events after ``after`` up to ``seq``, if this object committed and keeps
+        every one of them (``seq`` order is commit order: ``append``); None if any is missing (a
+        gap, another process's commit, one forgotten): read the outbox then."""
+        kept = self._committed
+        if kept is None:
+            return None
+        found = []
+        for number in range(after + 1, seq + 1):
+            event = kept.get(number)
+            if event is None:
+                return None
+            found.append(event)
+        return found
+
+    def forget_committed(self, through: int) -> None:
+        """Drop the kept events up to ``through`` (handed off to every route; their ``seq`` by
+        event id stays known: :meth:`committed_seq`)."""
+        kept = self._committed
+        if not kept:
+            return
+        for number in [n for n in kept if n <= through]:
+            del kept[number]
 
     async def create_schema(self) -> None:
         """Create the tables (and upgrade older ones). Safe when several processes start at once
@@ -747,9 +801,10 @@ class TradeStore:
             APPEND_LOCKS["ref_outbox"], *_answer_params(key, trade),
         )  # fmt: skip
         try:
-            await self._apply_call(params, key)
+            _moved, seq = await self._apply_call(params, key)
         except store_pg.Duplicate:
             raise DuplicateTransition(await self._existing(trade_id, "create")) from None
+        self._kept(seq, event)
         self._notify()
         return trade, record
 
@@ -785,23 +840,25 @@ class TradeStore:
             APPEND_LOCKS["ref_outbox"], *_answer_params(key, record),
         )  # fmt: skip
         try:
-            moved = await self._apply_call(params, key)
+            moved, seq = await self._apply_call(params, key)
         except store_pg.Duplicate:
-            moved = False
+            moved, seq = False, None
         if not moved:
             raise await self.why(trade_id, transition)
+        self._kept(seq, event)
         self._notify()
         return record
 
-    async def _apply_call(self, params: tuple[Any, ...], key: Key) -> bool:
-        """One call of ``store_pg.apply``: whether it moved; :class:`KeyTaken` when the request's
-        key was held (nothing written). A stored key is marked on its ``pending``."""
-        moved, held = await store_pg.apply(self.db, params)
+    async def _apply_call(self, params: tuple[Any, ...], key: Key) -> tuple[bool, int | None]:
+        """One call of ``store_pg.applied``: whether it moved and its event's outbox ``seq``;
+        :class:`KeyTaken` when the request's key was held (nothing written). A stored key is
+        marked on its ``pending``."""
+        moved, held, seq = await store_pg.applied(self.db, params)
         if held is not None:
             raise KeyTaken(record_of(held))
         if moved and isinstance(key, KeyedAnswer):
             key.pending.stored = True
-        return moved
+        return moved, seq
 
     async def escalate(
         self, exception_id: str, actor: str, envelope: Envelope, note: str
@@ -1198,7 +1255,7 @@ class TradeStore:
             )
             progressed = False
             for row in rows:
-                if (await self._learn_one(_payload(row.jws), row.jws))[0] == APPLIED:
+                if (await self._learn_one(payload_of(row.jws), row.jws))[0] == APPLIED:
                     progressed = True
             if not progressed:
                 return
@@ -1398,6 +1455,8 @@ class TradeStore:
 
 
 ORDER_FIELDS = ("account", "instrument", "side", "quantity", "amount", "currency")
+#: How many committed events a store keeps for the hand-off of its process (``keep_committed``).
+KEPT_COMMITTED = 1024
 
 
 #: The trade columns a transition of PostgreSQL's one-statement path may set (``store_pg``).
@@ -1477,8 +1536,9 @@ def _learning(
     )  # fmt: skip
 
 
-def _payload(jws: str) -> dict[str, Any]:
-    """The payload of a JWS this store verified before keeping it (its inbox)."""
+def payload_of(jws: str) -> dict[str, Any]:
+    """The payload of a JWS this store verified before keeping it (its inbox), or that a store of
+    this process signed (the hand-off from memory)."""
     part = jws.split(".")[1]
     value = orjson.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
     return value if isinstance(value, dict) else {}
