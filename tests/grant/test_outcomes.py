@@ -128,7 +128,9 @@ async def test_the_first_failed_condition_decides_and_every_jti_is_still_consume
         await revoke(conn, "subject-jti")
     await services.writer.submit("replay", client_use)
     client_replay = ConsumeJti(client_use, InvalidClientError("client assertion was already used"))
-    revoked = NotRevoked("subject-jti", InvalidGrantError("the subject_token has been revoked"))
+    revoked = NotRevoked(
+        "subject-jti", lambda: InvalidGrantError("the subject_token has been revoked")
+    )
     outcome = Outcome(
         event=_event(AuditEventType.TOKEN_ISSUED, "t"),
         refused=_refused("refused"),
@@ -157,7 +159,16 @@ async def test_a_revoked_token_the_grant_rests_on_refuses_with_its_condition_err
 ) -> None:
     async with services.db.transaction() as conn:
         await revoke(conn, "gone")
-    live, gone = (NotRevoked(jti, InvalidGrantError("revoked")) for jti in ("live", "gone"))
+    built: list[str] = []
+
+    def refusal(jti: str) -> Callable[[], InvalidGrantError]:
+        def build() -> InvalidGrantError:
+            built.append(jti)
+            return InvalidGrantError(f"{jti} revoked")
+
+        return build
+
+    live, gone = (NotRevoked(jti, refusal(jti)) for jti in ("live", "gone"))
     outcomes = [
         Outcome(
             event=_event(AuditEventType.TOKEN_ISSUED, f"t{i}"),
@@ -169,10 +180,14 @@ async def test_a_revoked_token_the_grant_rests_on_refuses_with_its_condition_err
     failed = await asyncio.gather(*(services.writer.submit("token_outcome", o) for o in outcomes))
 
     assert failed == [None, gone]
+    # the refusal is built only for the revoked token, once, and is the error the outcome names
+    assert built == ["gone"]
+    assert gone.error is gone.error
+    assert gone.error.description == "gone revoked"
     issued = await recent_events(services.db, type_="oauth:token:issued")
     refused = await recent_events(services.db, type_="oauth:token:refused")
     assert [e["jti"] for e in issued] == ["t0"]
-    assert [e["jti"] for e in refused] == ["r1"]
+    assert [(e["jti"], e["reason"]) for e in refused] == [("r1", "invalid_grant")]
 
 
 async def test_the_outcome_is_not_visible_before_the_batch_commits(services: Services) -> None:

@@ -6,6 +6,7 @@ group-commit writer's case on PostgreSQL)."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -76,3 +77,32 @@ async def test_a_batch_with_nothing_to_index_writes_nothing(db: Database) -> Non
     async with db.transaction() as conn:
         await Derivations(ISSUER).observe(conn, [issued("plain", {"exp": 5})])
     assert await rows(db) == set()
+
+
+@pytest.mark.parametrize("size", [40, 600], ids=["one-statement", "two-statements"])
+async def test_sqlite_indexes_a_batch_in_one_statement_per_512_rows(
+    sqlite_url: str, size: int
+) -> None:
+    """In the group-commit writer's thread (``storage.sqlite_batch``) a batch's rows go in one
+    multi-row insert, not one statement step per row (each step lets go of the GIL): 40 rows are one
+    execution of the insert, 600 are two; every row is there, a duplicate jti still ignored."""
+    import sqlite3
+
+    from trustplane.storage import sqlite_batch
+
+    path = sqlite_url.split("///", 1)[1]
+    raw = sqlite_batch.connect(Path(path))
+    inserts: list[str] = []
+    raw.set_trace_callback(
+        lambda sql: inserts.append(sql) if sql.startswith("INSERT INTO ssf_derivations") else None
+    )
+    batch = [exchanged(f"d{i}", f"s{i}") for i in range(size)] + [exchanged("d0", "again")]
+    conn = sqlite_batch.SyncConnection(raw)
+    sqlite_batch.transact(raw, [(Derivations(ISSUER).observe, batch)], conn)
+    raw.close()
+
+    assert len(inserts) == (1 if size <= 512 else 2)
+    check = sqlite3.connect(path)
+    got = dict(check.execute("SELECT jti, origin_jti FROM ssf_derivations").fetchall())
+    check.close()
+    assert got == {f"d{i}": f"s{i}" for i in range(size)}

@@ -29,7 +29,7 @@ condition's error, and the refusal, not the original decision, is what the audit
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, NoReturn, cast
 
 import structlog
@@ -66,11 +66,24 @@ class ConsumeJti:
 
 @dataclass(frozen=True, slots=True)
 class NotRevoked:
-    """One of our tokens (by ``jti``) the grant rests on: holds if it is not revoked (RFC 7009)."""
+    """One of our tokens (by ``jti``) the grant rests on: holds if it is not revoked (RFC 7009).
+
+    ``refusal`` builds the error to answer if it is revoked, only then (:attr:`error`, once): an
+    exception and its attributes built for every exchange, to be dropped unused by nearly all of
+    them, were two more container objects alive per request in flight (``docs/token_exchange.md``)."""
 
     kind: ClassVar[str] = "not_revoked"
     key: str
-    error: OAuth2Error
+    refusal: Callable[[], OAuth2Error]
+    _error: OAuth2Error | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def error(self) -> OAuth2Error:
+        error = self._error
+        if error is None:
+            error = self.refusal()
+            object.__setattr__(self, "_error", error)  # frozen: set once, on first use
+        return error
 
 
 Condition = ConsumeJti | NotRevoked

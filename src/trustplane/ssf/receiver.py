@@ -18,6 +18,7 @@ revocation travels down a chain of issuers.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -122,10 +123,12 @@ _CONFLICT = " ON CONFLICT (jti) DO NOTHING"
 
 async def insert_derivations(conn: AsyncConnection, rows: Sequence[tuple[Any, ...]]) -> None:
     """The rows, in the caller's transaction (an exchange batch of the group-commit writer), as
-    statements whose text does not depend on the number of rows: a multi-row ``VALUES`` built with
-    SQLAlchemy Core was compiled anew for every batch (~150-400 us of CPU per exchange on SQLite).
-    PostgreSQL: one ``unnest`` insert, on the writer's open transaction directly when there is one;
-    SQLite: ``executemany`` of one prepared statement."""
+    driver-level statements: a multi-row ``VALUES`` built with SQLAlchemy Core was compiled anew for
+    every batch (~150-400 us of CPU per exchange on SQLite). PostgreSQL: one ``unnest`` insert, on
+    the writer's open transaction directly when there is one. SQLite: one multi-row insert, its text
+    kept per row count (``executemany`` steps its statement once per row, and every step lets go of
+    the GIL, which the event loop, busy with the next batch's requests, may then hold for up to a
+    switch interval while the writer thread waits)."""
     if conn.dialect.name == "postgresql":
         sql = unnest_insert("ssf_derivations", _DERIVED) + _CONFLICT
         driver = await in_transaction(conn)
@@ -134,13 +137,21 @@ async def insert_derivations(conn: AsyncConnection, rows: Sequence[tuple[Any, ..
         else:
             await conn.exec_driver_sql(sql, by_column(rows, len(_DERIVED)))
         return
-    await conn.exec_driver_sql(_SQLITE_INSERT, list(rows))
+    for start in range(0, len(rows), _SQLITE_ROWS):  # bound the statement's parameters
+        chunk = rows[start : start + _SQLITE_ROWS]
+        await conn.exec_driver_sql(_sqlite_insert(len(chunk)), tuple(v for r in chunk for v in r))
 
 
-_SQLITE_INSERT = (
-    f"INSERT INTO ssf_derivations ({', '.join(name for name, _ in _DERIVED)}) "  # noqa: S608 - constants
-    f"VALUES ({values_clause('sqlite', len(_DERIVED), 1)[1:-1]}){_CONFLICT}"
-)
+#: Rows per SQLite insert: 7 parameters each, far below SQLite's bound on a statement's (32,766).
+_SQLITE_ROWS = 512
+
+
+@functools.lru_cache(maxsize=64)
+def _sqlite_insert(count: int) -> str:
+    return (
+        f"INSERT INTO ssf_derivations ({', '.join(name for name, _ in _DERIVED)}) "  # noqa: S608 - constants
+        f"VALUES {values_clause('sqlite', len(_DERIVED), count)}{_CONFLICT}"
+    )
 
 
 class Receiver:

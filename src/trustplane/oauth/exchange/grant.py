@@ -35,7 +35,7 @@ from trustplane.grant.outcomes import Condition, NotRevoked
 from trustplane.oauth.exchange import TOKEN_EXCHANGE
 from trustplane.oauth.exchange.actor import Actor, ActorTokens, check_may_act
 from trustplane.oauth.exchange.claims import act_claim, chain, token_claims
-from trustplane.oauth.exchange.subject import Subject, SubjectTokens, unacceptable
+from trustplane.oauth.exchange.subject import Subject, SubjectTokens, revoked, unacceptable
 from trustplane.oauth.exchange.txn_token import TOKEN_TYPE_TXN_TOKEN, TxnTokenService
 from trustplane.policy.enforcement import ScopeDenied, TokenPolicy
 from trustplane.policy.recorder import DecisionRecord
@@ -214,7 +214,6 @@ class TokenExchangeGrant:
         """Our own subject token must not be revoked; a partner assertion (``jwt``) is single-use
         (an access token is not: RFC 6750 bearer)."""
         if subject.partner is None:
-            revoked = unacceptable("the subject_token has been revoked", "revoked")
             return (NotRevoked(subject.jti, revoked),)
         if subject.token_type != TOKEN_TYPE_JWT:
             return ()

@@ -49,6 +49,12 @@ def unacceptable(
     return InvalidRequestError(description, debug=debug, reason_id=reason_id, partner=partner)
 
 
+def revoked() -> InvalidRequestError:
+    """The refusal of a revoked subject token, built only when the outcome's transaction finds it
+    revoked (the ``refusal`` of a :class:`~trustplane.grant.outcomes.NotRevoked`)."""
+    return unacceptable("the subject_token has been revoked", "revoked")
+
+
 @dataclass(frozen=True, slots=True)
 class Subject:
     """A verified subject token: whose authority, from which issuer, carrying what."""

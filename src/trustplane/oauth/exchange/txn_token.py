@@ -50,7 +50,7 @@ from trustplane.grant.contract import Granted
 from trustplane.grant.outcomes import Condition, NotRevoked
 from trustplane.jose.jws import JWSError, parse
 from trustplane.keys.service import KeyService
-from trustplane.oauth.exchange.subject import Subject, SubjectTokens, unacceptable
+from trustplane.oauth.exchange.subject import Subject, SubjectTokens, revoked, unacceptable
 from trustplane.protocol.form import Form
 from trustplane.protocol.tokens import IssuedToken, new_jti
 from trustplane.rar.registry import AuthorizationDetailsRegistry
@@ -187,7 +187,6 @@ class TxnTokenService:
         rctx: dict[str, Any] = {"client_id": subject.claims.get("client_id")}
         if isinstance(subject.claims.get("lei"), str):
             rctx["lei"] = subject.claims["lei"]
-        revoked = unacceptable("the subject_token has been revoked", "revoked")
         return TxnSubject(
             sub=subject.subject,
             txn=txn if isinstance(txn, str) and txn else new_jti(),
