@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol, cast
 
 import orjson
 import structlog
@@ -153,3 +153,34 @@ async def recent_events(
             if body["event_id"] not in seen:
                 out.append(body)
     return out[:limit]
+
+
+class _Touched(Exception):
+    pass
+
+
+class _NoConnection:
+    """Handed to an audit-sink observer in place of a connection: any use of it means that the
+    observer would run a statement for the events it was given."""
+
+    touched = False
+
+    def __getattr__(self, name: str) -> NoReturn:
+        self.touched = True
+        raise _Touched(name)
+
+
+async def observers_write_nothing(events: Sequence[AuditEvent]) -> bool:
+    """Whether every registered observer leaves the connection alone for ``events``, so that a
+    batch may be written as one autocommit statement instead of a transaction (the SSF derivation
+    index writes only for tokens issued from another token: none of a client credentials batch,
+    never for a decision)."""
+    for observer in OBSERVERS:
+        probe = _NoConnection()
+        try:
+            await observer(cast(AsyncConnection, probe), events)
+        except _Touched:
+            return False
+        if probe.touched:  # the observer caught what using the connection raised
+            return False
+    return True

@@ -30,12 +30,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NoReturn, cast
+from typing import Any, ClassVar
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from trustplane.audit.sink import APPEND_WAKES, APPENDED, OBSERVERS, pending_row, write_events
+from trustplane.audit.sink import (
+    APPEND_WAKES,
+    APPENDED,
+    observers_write_nothing,
+    pending_row,
+    write_events,
+)
 from trustplane.audit.store import pg_pending_insert
 from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.errors import OAuth2Error
@@ -146,7 +152,7 @@ async def record_alone(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> li
             uses.append(condition.key)
     decisions = [d for o in outcomes for d in o.decisions]
     events = [o.event for o in outcomes] + [d.event for d in decisions]
-    if not await _observers_write_nothing(events):
+    if not await observers_write_nothing(events):
         return None
     alongside: list[tuple[str, Sequence[Any]]] = []
     first = 5  # the upsert's own parameters are $1-$4
@@ -169,36 +175,6 @@ def _appended(count: int) -> None:
     APPENDED[0] += count
     for wake in APPEND_WAKES:
         wake()
-
-
-class _Touched(Exception):
-    pass
-
-
-class _NoConnection:
-    """Handed to an audit-sink observer in place of a connection: any use of it means that the
-    observer would run a statement for the events it was given."""
-
-    touched = False
-
-    def __getattr__(self, name: str) -> NoReturn:
-        self.touched = True
-        raise _Touched(name)
-
-
-async def _observers_write_nothing(events: Sequence[AuditEvent]) -> bool:
-    """Whether every registered observer leaves the connection alone for ``events`` (the SSF
-    derivation index writes only for tokens issued from another token: none of a client
-    credentials batch)."""
-    for observer in OBSERVERS:
-        probe = _NoConnection()
-        try:
-            await observer(cast(AsyncConnection, probe), events)
-        except _Touched:
-            return False
-        if probe.touched:  # the observer caught what using the connection raised
-            return False
-    return True
 
 
 def _first_failed(outcome: Outcome, won: Iterator[bool], revoked: set[str]) -> Condition | None:

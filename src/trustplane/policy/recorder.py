@@ -17,12 +17,12 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn, cast
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane.audit import sink
-from trustplane.audit.sink import pending_row, write_events
+from trustplane.audit.sink import observers_write_nothing, pending_row, write_events
 from trustplane.audit.store import pg_pending_insert
 from trustplane.audit_events import AuditEvent
 from trustplane.storage.driver_sql import by_column, in_transaction, unnest_insert, values_clause
@@ -143,7 +143,7 @@ async def write_alone(
     these events (in the transaction :func:`_write_batches` opens)."""
     records = [r for batch in batches for r in batch]
     events = [r.event for r in records]
-    if sink.OBSERVERS and not await _observers_write_nothing(events):
+    if sink.OBSERVERS and not await observers_write_nothing(events):
         return None
     params = by_column([r.row() for r in records], len(_TYPED))
     _, pending = pg_pending_insert([pending_row(e) for e in events], first=len(_TYPED) + 1)
@@ -156,35 +156,6 @@ async def write_alone(
     for wake in sink.APPEND_WAKES:
         wake()
     return [None] * len(batches)
-
-
-class _Touched(Exception):
-    pass
-
-
-class _NoConnection:
-    """Handed to an audit-sink observer in place of a connection: any use of it means that the
-    observer would run a statement for the events it was given."""
-
-    touched = False
-
-    def __getattr__(self, name: str) -> NoReturn:
-        self.touched = True
-        raise _Touched(name)
-
-
-async def _observers_write_nothing(events: Sequence[AuditEvent]) -> bool:
-    """Whether every registered observer leaves the connection alone for ``events`` (the SSF
-    derivation index writes only for issued tokens, never for a decision)."""
-    for observer in sink.OBSERVERS:
-        probe = _NoConnection()
-        try:
-            await observer(cast(AsyncConnection, probe), events)
-        except _Touched:
-            return False
-        if probe.touched:  # the observer caught what using the connection raised
-            return False
-    return True
 
 
 class DecisionRecorder:
