@@ -234,3 +234,33 @@ async def test_the_outcome_is_not_visible_before_the_batch_commits(services: Ser
     assert await seen() == (1, 1)
     issued = await recent_events(services.db, type_="oauth:token:issued")
     assert [e["jti"] for e in issued] == ["t-visible"]
+
+
+async def test_a_consumed_jti_builds_its_refusal_only_when_it_was_used_before(
+    services: Services,
+) -> None:
+    """The token endpoint consumes a client assertion's jti on every request: its refusal is built
+    only for the replay, once, and is the error recorded and answered; a first use builds none."""
+    built: list[str] = []
+
+    def refusal() -> InvalidClientError:
+        built.append("replay")
+        return InvalidClientError("client assertion was already used")
+
+    first, again = (ConsumeJti(ReplayUse("client-l", "lazy-jti", 2**40), refusal) for _ in "ab")
+    outcomes = [
+        Outcome(
+            event=_event(AuditEventType.TOKEN_ISSUED, f"l{i}"),
+            refused=_refused(f"lr{i}"),
+            conditions=(condition,),
+        )
+        for i, condition in enumerate((first, again))
+    ]
+    assert await services.writer.submit("token_outcome", outcomes[0]) is None
+    assert built == []
+    assert await services.writer.submit("token_outcome", outcomes[1]) is again
+    assert built == ["replay"]
+    assert again.error is again.error
+    assert again.error.description == "client assertion was already used"
+    refused = await recent_events(services.db, type_="oauth:token:refused")
+    assert [(e["jti"], e["reason"]) for e in refused] == [("lr1", "invalid_client")]

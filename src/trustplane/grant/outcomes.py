@@ -63,11 +63,25 @@ KIND = "token_outcome"
 
 @dataclass(frozen=True, slots=True)
 class ConsumeJti:
-    """An assertion's ``jti`` (RFC 7523 §3 item 7): holds if this is its first use."""
+    """An assertion's ``jti`` (RFC 7523 §3 item 7): holds if this is its first use.
+
+    ``refusal`` is the error to answer if it was used before, or a function that builds it, called
+    only then (:attr:`error`, once): the token endpoint's client assertion is consumed on every
+    request, and an error built per request only to be dropped is allocation and collector work."""
 
     kind: ClassVar[str] = "consume_jti"
     key: ReplayUse
-    error: OAuth2Error
+    refusal: OAuth2Error | Callable[[], OAuth2Error]
+    _error: OAuth2Error | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def error(self) -> OAuth2Error:
+        error = self._error
+        if error is None:
+            refusal = self.refusal
+            error = refusal if isinstance(refusal, OAuth2Error) else refusal()
+            object.__setattr__(self, "_error", error)  # frozen: set once, on first use
+        return error
 
 
 @dataclass(frozen=True, slots=True)

@@ -186,7 +186,7 @@ class TokenEndpoint:
             use = ReplayUse(
                 self._dpop.replay_key(proof), proof.jti, self._dpop.replay_expiry(proof)
             )
-            conditions = (ConsumeJti(use, proof_replayed()),)
+            conditions = (ConsumeJti(use, proof_replayed),)
         return Binding(cnf={**(cnf or {}), "jkt": proof.jkt}, proof=proof, conditions=conditions)
 
     async def _record_issue(
@@ -318,7 +318,7 @@ def _client_conditions(client: AuthenticatedClient) -> tuple[Condition, ...]:
     """The client assertion's jti, when the authenticator left it to consume with the outcome."""
     if client.pending_use is None:
         return ()
-    return (ConsumeJti(client.pending_use, replayed()),)
+    return (ConsumeJti(client.pending_use, replayed),)
 
 
 def _origin(claims: dict[str, Any]) -> dict[str, Any]:
