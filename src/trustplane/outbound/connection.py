@@ -7,6 +7,10 @@ address to the check and 127.0.0.1 to the connect) has no second answer to explo
 resolution, here. TLS still runs against the host name: ``httpcore`` calls ``start_tls`` on the
 returned stream with ``server_hostname`` = the URL's host, so SNI and certificate verification use the
 name and the ``Host`` header is unchanged.
+
+Each stream it returns (:class:`CoalescingStream`) holds what httpcore writes until it first reads:
+httpcore's HTTP/1.1 writes a request's head and its body separately, and the two become one socket
+write (one TCP segment, one TLS record) instead of two, the receiving side reading one.
 """
 
 from __future__ import annotations
@@ -50,9 +54,10 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         failure: Exception = httpcore.ConnectError(f"no address for {host}")
         for address in await self.vetted(host, port, timeout):
             try:
-                return await self._inner.connect_tcp(
+                stream = await self._inner.connect_tcp(
                     address, port, timeout, local_address, socket_options
                 )
+                return CoalescingStream(stream)
             except httpcore.ConnectError as exc:  # try the next vetted address
                 failure = exc
         raise failure
@@ -92,6 +97,66 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
 
     async def sleep(self, seconds: float) -> None:
         await self._inner.sleep(seconds)
+
+
+#: Bytes held before they are written anyway: a request's head and a PDP batch (at most 128 KiB of
+#: evaluations) are far below; a larger body goes out in writes of this size.
+COALESCE_BYTES = 256 * 1024
+
+
+class CoalescingStream(httpcore.AsyncNetworkStream):
+    """A network stream whose writes are held until the next read (or until ``COALESCE_BYTES`` are
+    held), then sent as one write. HTTP/1.1 never needs its request on the wire before it reads the
+    answer, so nothing waits on the hold; a request that is abandoned before reading is not sent.
+
+    As in httpcore, a failed write of the request does not stop the read: a server that hangs up
+    early may still have answered (its error status), and a connection that is gone fails the read.
+    """
+
+    __slots__ = ("_held", "_inner", "_timeout")
+
+    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
+        self._inner = inner
+        self._held: list[bytes] = []
+        self._timeout: float | None = None
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        if not buffer:
+            return
+        self._held.append(buffer)
+        self._timeout = timeout
+        if sum(map(len, self._held)) >= COALESCE_BYTES:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        held, self._held = self._held, []
+        await self._inner.write(held[0] if len(held) == 1 else b"".join(held), self._timeout)
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+        if self._held:
+            try:
+                await self._flush()
+            except httpcore.WriteError:
+                pass  # httpcore's own rule: read what the server may have answered
+        return await self._inner.read(max_bytes, timeout)
+
+    async def aclose(self) -> None:
+        self._held = []
+        await self._inner.aclose()
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+    ) -> httpcore.AsyncNetworkStream:
+        if self._held:
+            await self._flush()
+        tls = await self._inner.start_tls(ssl_context, server_hostname, timeout)
+        return CoalescingStream(tls)
+
+    def get_extra_info(self, info: str) -> object:
+        return self._inner.get_extra_info(info)
 
 
 @functools.cache
