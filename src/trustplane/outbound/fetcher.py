@@ -29,8 +29,9 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
+import httpcore
 import httpx
 import orjson
 import structlog
@@ -58,6 +59,13 @@ DEFAULT_HEADERS = {
     "User-Agent": f"python-httpx/{httpx.__version__}",
 }
 T = TypeVar("T")
+#: httpcore's transport and protocol errors (what httpx maps to its ``HTTPError``), timeouts apart.
+HTTPCORE_ERRORS = (
+    httpcore.NetworkError,
+    httpcore.ProtocolError,
+    httpcore.UnsupportedProtocol,
+    httpcore.ProxyError,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +145,18 @@ class Fetched:
             raise OutboundError("invalid", "not JSON") from None
 
 
+def _check_answer(status: int, headers: httpx.Headers, cap: int) -> None:
+    """Refuse a redirect, a compressed body, a declared length above ``cap``, before reading."""
+    if 300 <= status < 400:
+        raise OutboundRefused("redirect", f"answered HTTP {status}: redirects are not followed")
+    encoding = headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise OutboundRefused("invalid", f"a {encoding}-encoded body is not accepted")
+    declared = headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > cap:
+        raise OutboundRefused("too_large", f"larger than {cap} bytes")
+
+
 class OutboundFetcher:
     """``transport`` replaces the network in tests (httpx's mock transport); every rule above except
     the address check of the connection (there is no connection) still applies to it."""
@@ -165,8 +185,10 @@ class OutboundFetcher:
         # of a request): no redirect is followed, no proxy, no cookie kept, no retry; the timeouts
         # go with each request as the client would send them.
         self._transport = transport
+        #: Our own transport: requests go straight to its httpcore pool (:meth:`_send_core`).
+        self._pool = transport._pool if isinstance(transport, GuardedTransport) else None
         self._timeouts = timeout.as_dict()
-        self._checked: dict[str, tuple[str, httpx.URL]] = {}
+        self._checked: dict[str, tuple[str, httpx.URL, httpcore.URL]] = {}
         self._counters: dict[tuple[str, str], Any] = {}
 
     def url_problem(self, url: str) -> str | None:
@@ -243,9 +265,12 @@ class OutboundFetcher:
         data: Mapping[str, str] | None,
         max_bytes: int | None,
     ) -> Fetched:
-        host, target = self._checked_url(url)
+        host, target, core_url = self._checked_url(url)
         if self._limited and not self._limiter.allow(host):
             raise OutboundRefused("rate_limited", f"more than the per-host rate to {host}")
+        cap = max_bytes or self.policy.max_bytes
+        if self._pool is not None:
+            return await self._send_core(method, target, core_url, headers, content, data, cap)
         request = httpx.Request(
             method,
             target,
@@ -254,9 +279,9 @@ class OutboundFetcher:
             data=data,
             extensions={"timeout": self._timeouts},
         )
-        return await self._send(request, max_bytes or self.policy.max_bytes)
+        return await self._send(request, cap)
 
-    def _checked_url(self, url: str) -> tuple[str, httpx.URL]:
+    def _checked_url(self, url: str) -> tuple[str, httpx.URL, httpcore.URL]:
         """:meth:`_check_url`'s answer for a URL that passed, remembered (it depends on the URL and
         the policy alone; the address check is made at every connection)."""
         checked = self._checked.get(url)
@@ -264,7 +289,14 @@ class OutboundFetcher:
             host = self._check_url(url)
             if len(self._checked) >= MAX_CHECKED_URLS:
                 self._checked.clear()
-            checked = self._checked[url] = (host, httpx.URL(url))
+            target = httpx.URL(url)
+            core = httpcore.URL(
+                scheme=target.raw_scheme,
+                host=target.raw_host,
+                port=target.port,
+                target=target.raw_path,
+            )
+            checked = self._checked[url] = (host, target, core)
         return checked
 
     def _check_url(self, url: str) -> str:
@@ -288,21 +320,60 @@ class OutboundFetcher:
             raise OutboundRefused("refused_url", problem)
         return host
 
+    async def _send_core(
+        self,
+        method: str,
+        target: httpx.URL,
+        url: httpcore.URL,
+        headers: Mapping[str, str] | None,
+        content: bytes | None,
+        data: Mapping[str, str] | None,
+        cap: int,
+    ) -> Fetched:
+        """The request as httpx would send it (same head: ``Host``, ``Content-Length``, the
+        client's default headers), handed to the guarded pool without httpx's request and response
+        objects; httpcore's errors become the outcomes httpx's would have."""
+        assert self._pool is not None
+        fields = {**DEFAULT_HEADERS, **(headers or {}), "Accept-Encoding": "identity"}
+        if data is not None:
+            content = urlencode(list(data.items()), doseq=True).encode()
+            fields.setdefault("Content-Type", "application/x-www-form-urlencoded")
+        head = [(b"Host", target.netloc)]
+        if content is not None or method in ("POST", "PUT", "PATCH"):
+            head.append((b"Content-Length", b"%d" % len(content or b"")))
+        head += [(k.encode("ascii"), v.encode("ascii")) for k, v in fields.items()]
+        request = httpcore.Request(
+            method.encode("ascii"),
+            url,
+            headers=head,
+            content=content or b"",
+            extensions={"timeout": self._timeouts},
+        )
+        try:
+            response = await self._pool.handle_async_request(request)
+            try:
+                status = response.status
+                answer = httpx.Headers(response.headers)
+                _check_answer(status, answer, cap)
+                body = b""
+                async for chunk in response.aiter_stream():  # identity only: the raw bytes
+                    body += chunk
+                    if len(body) > cap:
+                        raise OutboundRefused("too_large", f"larger than {cap} bytes")
+                return Fetched(status, answer, body)
+            finally:
+                await response.aclose()
+        except httpcore.TimeoutException as exc:
+            raise OutboundError("timeout", type(exc).__name__) from None
+        except HTTPCORE_ERRORS as exc:
+            raise OutboundError("error", f"{type(exc).__name__}: {exc}") from None
+
     async def _send(self, request: httpx.Request, cap: int) -> Fetched:
         response = await self._transport.handle_async_request(request)
         stream = response.stream
         assert isinstance(stream, httpx.AsyncByteStream)
         try:
-            if 300 <= response.status_code < 400:
-                raise OutboundRefused(
-                    "redirect", f"answered HTTP {response.status_code}: redirects are not followed"
-                )
-            encoding = response.headers.get("content-encoding", "identity").strip().lower()
-            if encoding != "identity":
-                raise OutboundRefused("invalid", f"a {encoding}-encoded body is not accepted")
-            declared = response.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > cap:
-                raise OutboundRefused("too_large", f"larger than {cap} bytes")
+            _check_answer(response.status_code, response.headers, cap)
             body = b""
             async for chunk in stream:  # identity only: the raw bytes
                 body += chunk
