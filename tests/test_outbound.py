@@ -499,6 +499,22 @@ async def test_tls_runs_against_the_name_while_the_vetted_address_is_connected(
     assert server.connections == 1
 
 
+async def test_connect_failures_are_errors_with_their_cause(
+    loopback: Callable[..., Awaitable[Loopback]], tmp_path: Path
+) -> None:
+    """The network backend's failures keep httpx's names: an untrusted certificate and a closed
+    port are ``ConnectError``, outcome ``error``."""
+    server_tls, _, _ = _tls_for("keys.partner.test", tmp_path)
+    server = await loopback(answer(b"{}"), tls=server_tls)
+    fetcher = OutboundFetcher(OutboundPolicy.development(), resolver=Resolver(["127.0.0.1"]))
+    for url in [f"https://keys.partner.test:{server.port}/jwks", "http://127.0.0.1:1/jwks"]:
+        with pytest.raises(OutboundError) as failed:
+            await fetcher.get_json(url, purpose="t")
+        assert failed.value.outcome == "error"
+        assert failed.value.reason.startswith("ConnectError: "), failed.value.reason
+    await fetcher.aclose()
+
+
 # --------------------------------------------------------------------------- answers
 
 
