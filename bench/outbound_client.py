@@ -54,7 +54,9 @@ async def serve(port: int) -> None:
                 if length:
                     await reader.readexactly(length)
                 path = line.split(b" ")[1]
-                body = TOKEN if path == b"/token" else ACTIVE if path == b"/introspect" else DECISION
+                body = (
+                    TOKEN if path == b"/token" else ACTIVE if path == b"/introspect" else DECISION
+                )
                 writer.write(
                     b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
                     b"content-length: %d\r\n\r\n%s" % (len(body), body)

@@ -16,6 +16,7 @@ write (one TCP segment, one TLS record) instead of two, the receiving side readi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import ssl
 from collections.abc import Iterable
@@ -135,10 +136,9 @@ class CoalescingStream(httpcore.AsyncNetworkStream):
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
         if self._held:
-            try:
+            # httpcore's own rule: after a failed write, read what the server may have answered
+            with contextlib.suppress(httpcore.WriteError):
                 await self._flush()
-            except httpcore.WriteError:
-                pass  # httpcore's own rule: read what the server may have answered
         return await self._inner.read(max_bytes, timeout)
 
     async def aclose(self) -> None:
