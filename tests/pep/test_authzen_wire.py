@@ -85,8 +85,11 @@ async def test_decisions_over_the_guarded_connection_one_write_each(
     )
     subject, resource = Entity("Client", "c-1"), Entity("Order", "O-1")
     for i in range(3):
-        decision = await client.decide(subject, "order:create", resource, {}, correlation_id=f"r{i}")
-        assert decision.allowed and decision.decision_id == "d-1"
+        decision = await client.decide(
+            subject, "order:create", resource, {}, correlation_id=f"r{i}"
+        )
+        assert decision.allowed
+        assert decision.decision_id == "d-1"
     await fetcher.aclose()
 
     assert wire.connections == 1
