@@ -318,6 +318,69 @@ class RecordingBackend(httpcore.AsyncNetworkBackend):
         raise httpcore.ConnectError("recording backend: not connecting")
 
 
+class WireBackend(httpcore.AnyIOBackend):
+    """The real socket layer, recording every write made on the streams it opens."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    async def connect_tcp(self, *args: Any, **kw: Any) -> httpcore.AsyncNetworkStream:
+        stream = await super().connect_tcp(*args, **kw)
+        writes = self.writes
+
+        class Recorded(httpcore.AsyncNetworkStream):
+            async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
+                writes.append(buffer)
+                await stream.write(buffer, timeout)
+
+            async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+                return await stream.read(max_bytes, timeout)
+
+            async def aclose(self) -> None:
+                await stream.aclose()
+
+            def get_extra_info(self, info: str) -> Any:
+                return stream.get_extra_info(info)
+
+        return Recorded()
+
+
+async def test_a_request_head_and_body_go_out_in_one_write(
+    loopback: Callable[..., Awaitable[Loopback]],
+) -> None:
+    """httpcore writes the head, then the body; the guarded stream holds them until it reads the
+    answer and sends them together: one socket write (one segment) per small request."""
+    server = await loopback(answer(b'{"decision": true}'))
+    wire = WireBackend()
+    backend = GuardedBackend(allow_loopback=True, inner=wire)
+    fetcher = OutboundFetcher(OutboundPolicy.development(), backend=backend)
+    body = b'{"subject": {"type": "Client", "id": "c-1"}}'
+    fetched = await fetcher.request(
+        "POST", server.url, purpose="t", content=body, headers={"Content-Type": "application/json"}
+    )
+    await fetcher.aclose()
+    assert fetched.json() == {"decision": True}
+    assert len(wire.writes) == 1, wire.writes
+    assert wire.writes[0].startswith(b"POST /doc HTTP/1.1\r\n")
+    assert wire.writes[0].endswith(b"\r\n\r\n" + body)
+    assert server.heads[0] + body == wire.writes[0]
+
+
+async def test_no_cookie_is_kept_between_requests() -> None:
+    """A cookie one answer sets is not sent with the next request (to that host or another)."""
+    cookies: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        cookies.append(request.headers.get("cookie"))
+        return httpx.Response(200, json={}, headers={"set-cookie": "session=abc; Path=/"})
+
+    fetcher = OutboundFetcher(transport=httpx.MockTransport(handler))
+    for _ in range(2):
+        assert await fetcher.get_json("https://keys.example/jwks", purpose="t") == {}
+    await fetcher.aclose()
+    assert cookies == [None, None]
+
+
 @pytest.mark.parametrize(
     "answer_",
     [
@@ -434,6 +497,22 @@ async def test_tls_runs_against_the_name_while_the_vetted_address_is_connected(
     strict = OutboundFetcher(OutboundPolicy(verify=client_tls), resolver=Resolver(["127.0.0.1"]))
     assert await outcome_of(strict, url) == "refused_address"
     assert server.connections == 1
+
+
+async def test_connect_failures_are_errors_with_their_cause(
+    loopback: Callable[..., Awaitable[Loopback]], tmp_path: Path
+) -> None:
+    """The network backend's failures keep httpx's names: an untrusted certificate and a closed
+    port are ``ConnectError``, outcome ``error``."""
+    server_tls, _, _ = _tls_for("keys.partner.test", tmp_path)
+    server = await loopback(answer(b"{}"), tls=server_tls)
+    fetcher = OutboundFetcher(OutboundPolicy.development(), resolver=Resolver(["127.0.0.1"]))
+    for url in [f"https://keys.partner.test:{server.port}/jwks", "http://127.0.0.1:1/jwks"]:
+        with pytest.raises(OutboundError) as failed:
+            await fetcher.get_json(url, purpose="t")
+        assert failed.value.outcome == "error"
+        assert failed.value.reason.startswith("ConnectError: "), failed.value.reason
+    await fetcher.aclose()
 
 
 # --------------------------------------------------------------------------- answers
