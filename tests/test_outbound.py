@@ -651,3 +651,30 @@ def test_the_http_client_finds_its_event_loop_without_a_failed_import() -> None:
 
     assert asyncio.run(ask()) == "asyncio"
     assert "sniffio" in sys.modules, "sniffio is not importable: every ask was a failed import"
+
+
+async def test_a_kept_alive_connection_the_server_closed_is_not_reused(
+    loopback: Callable[..., Awaitable[Loopback]],
+) -> None:
+    """The server answers with keep-alive, then closes the idle connection (a keep-alive timeout):
+    the next request sees the connection readable (its close) and opens another, instead of writing
+    to a dead one and failing."""
+    closed = asyncio.Event()
+
+    async def keep_alive_then_close(writer: asyncio.StreamWriter, state: Loopback) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        closed.set()
+
+    server = await loopback(keep_alive_then_close)
+    fetcher = OutboundFetcher(OutboundPolicy.development())
+    try:
+        assert await fetcher.get_json(server.url, purpose="t") == {}
+        await asyncio.wait_for(closed.wait(), 5)
+        closed.clear()
+        assert await fetcher.get_json(server.url, purpose="t") == {}
+    finally:
+        await fetcher.aclose()
+    assert server.connections == 2

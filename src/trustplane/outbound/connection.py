@@ -18,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import select
+import socket
 import ssl
 from collections.abc import Iterable
 
 import httpcore
 import httpx
-from httpcore._utils import is_socket_readable
 
 from trustplane.outbound import addresses
 from trustplane.outbound.addresses import Resolver, literal_address, refusal
@@ -255,9 +256,20 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
             return extra("peername")
         if info == "socket":
             return extra("socket")
-        if info == "is_readable":
-            return is_socket_readable(extra("socket"))
+        if info == "is_readable":  # httpcore: an idle connection that is readable is not reused
+            return self._reader.at_eof() or _readable(extra("socket"))
         return None
+
+
+def _readable(sock: socket.socket | None) -> bool:
+    """Whether a read on ``sock`` would return at once (data the peer sent while the connection was
+    idle, or its close): a socket that is gone counts as readable, so it is never reused."""
+    fd = -1 if sock is None else sock.fileno()
+    if fd < 0:
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 @functools.cache
