@@ -62,6 +62,8 @@ ssf_derivations = Table(
     # partial (migration 0011_partial_indexes): the receiver asks origin_iss = ? AND <column> = ?
     # (or IN), never for NULL, and most derived tokens name no mandate
     Index("ix_ssf_derivations_jti", "origin_iss", "origin_jti", **_not_null("origin_jti")),
-    Index("ix_ssf_derivations_mandate", "origin_iss", "origin_mandate", **_not_null("origin_mandate")),
+    Index(
+        "ix_ssf_derivations_mandate", "origin_iss", "origin_mandate", **_not_null("origin_mandate")
+    ),
     Index("ix_ssf_derivations_sub", "origin_iss", "origin_sub", **_not_null("origin_sub")),
 )
