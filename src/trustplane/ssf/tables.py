@@ -3,9 +3,17 @@ waiting for delivery or acknowledgement, and the index of tokens derived from a 
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Index, Integer, String, Table, Text
+from typing import Any
+
+from sqlalchemy import BigInteger, Column, Index, Integer, String, Table, Text, text
 
 from trustplane.storage.metadata import metadata
+
+
+def _not_null(column: str) -> dict[str, Any]:
+    where = text(f"{column} IS NOT NULL")
+    return {"postgresql_where": where, "sqlite_where": where}
+
 
 ssf_streams = Table(
     "ssf_streams",
@@ -51,7 +59,11 @@ ssf_derivations = Table(
     Column("origin_sub", String(512)),
     #: the mandate the origin token rested on (its issuer's mandate id), if it named one
     Column("origin_mandate", String(128)),
-    Index("ix_ssf_derivations_jti", "origin_iss", "origin_jti"),
-    Index("ix_ssf_derivations_mandate", "origin_iss", "origin_mandate"),
-    Index("ix_ssf_derivations_sub", "origin_iss", "origin_sub"),
+    # partial (migration 0011_partial_indexes): the receiver asks origin_iss = ? AND <column> = ?
+    # (or IN), never for NULL, and most derived tokens name no mandate
+    Index("ix_ssf_derivations_jti", "origin_iss", "origin_jti", **_not_null("origin_jti")),
+    Index(
+        "ix_ssf_derivations_mandate", "origin_iss", "origin_mandate", **_not_null("origin_mandate")
+    ),
+    Index("ix_ssf_derivations_sub", "origin_iss", "origin_sub", **_not_null("origin_sub")),
 )
