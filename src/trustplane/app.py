@@ -167,9 +167,12 @@ def create_app(
         # pushed invalidation on PostgreSQL (LISTEN/NOTIFY), the poll as fallback: storage/notify.py
         listener = notify.listener_for(svc.db)
         wake = listener.changed if listener is not None else None
+        connected = listener.connected if listener is not None else None
         tasks = [
             asyncio.create_task(
-                notify.refresh_loop(settings.cache_refresh_interval, refresh, stopping, wake),
+                notify.refresh_loop(
+                    settings.cache_refresh_interval, refresh, stopping, wake, connected
+                ),
                 name="cache",
             ),
             *(

@@ -10,7 +10,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sqlalchemy import bindparam, delete, insert, select, update
+from sqlalchemy import bindparam, delete, exists, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -264,6 +264,20 @@ async def read_cursor(conn: AsyncConnection) -> int:
         )
     ).scalar()
     return int(position or 0)
+
+
+async def has_unread(conn: AsyncConnection) -> bool:
+    """Whether an integrated leaf lies at or past the cursor, in one statement (an idle detector's
+    whole round)."""
+    cursor = (
+        select(surveillance_cursor.c.position)
+        .where(surveillance_cursor.c.name == CURSOR)
+        .scalar_subquery()
+    )
+    found = await conn.execute(
+        select(exists().where(audit_leaves.c.idx >= func.coalesce(cursor, 0)))
+    )
+    return bool(found.scalar())
 
 
 async def read_leaves(
