@@ -57,13 +57,14 @@ async def test_listener_reconnects_after_the_connection_is_killed(pg_url: str) -
     task = asyncio.create_task(listener.run(stopping))
     try:
         await asyncio.wait_for(listener.connected.wait(), 10)
+        await asyncio.wait_for(listener.changed.wait(), 10)  # the connect's own wake-up
+        listener.changed.clear()
         async with db.transaction() as conn:
             await conn.exec_driver_sql(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                 "WHERE query LIKE $1 AND datname = current_database()",
                 (f"LISTEN%{notify.CHANNEL}%",),
             )
-        listener.changed.clear()
         # lost: a refresh at once, with ``connected`` cleared (the refresh loop polls again)
         await asyncio.wait_for(listener.changed.wait(), 10)
         assert not listener.connected.is_set()
