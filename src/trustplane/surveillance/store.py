@@ -266,18 +266,25 @@ async def read_cursor(conn: AsyncConnection) -> int:
     return int(position or 0)
 
 
+#: Whether an integrated leaf lies at or past the cursor. Built once: an idle detector runs it every
+#: round, and a statement object reused keeps its cache key (nothing is built or keyed per round).
+_UNREAD = select(
+    exists().where(
+        audit_leaves.c.idx
+        >= func.coalesce(
+            select(surveillance_cursor.c.position)
+            .where(surveillance_cursor.c.name == CURSOR)
+            .scalar_subquery(),
+            0,
+        )
+    )
+)
+
+
 async def has_unread(conn: AsyncConnection) -> bool:
     """Whether an integrated leaf lies at or past the cursor, in one statement (an idle detector's
     whole round)."""
-    cursor = (
-        select(surveillance_cursor.c.position)
-        .where(surveillance_cursor.c.name == CURSOR)
-        .scalar_subquery()
-    )
-    found = await conn.execute(
-        select(exists().where(audit_leaves.c.idx >= func.coalesce(cursor, 0)))
-    )
-    return bool(found.scalar())
+    return bool((await conn.execute(_UNREAD)).scalar())
 
 
 async def read_leaves(
