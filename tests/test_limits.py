@@ -339,3 +339,56 @@ async def test_a_failing_audit_hook_does_not_change_the_refusal() -> None:
     app = BoundedRequests(_reading_app(), RequestLimits(max_body=CAP), {"/upload": broken})
     client = await call(app, "/upload", [(b"content-length", b"99999999")])
     assert client.status == 413
+
+
+# --------------------------------------------------------------------------- the hot paths' body
+
+
+def _fast_app(seen: list[tuple[bytes, int]]) -> TrustplaneApp:
+    """A hot-path route that reads its body through Starlette (``seen``: the body and how many
+    ``receive`` calls the handler itself made)."""
+
+    async def echo(request: Request) -> Response:
+        calls = 0
+        inner = request.receive
+
+        async def counted() -> Any:
+            nonlocal calls
+            calls += 1
+            return await inner()
+
+        request._receive = counted
+        body = await request.body()
+        seen.append((body, calls))
+        return Response(b"ok")
+
+    return TrustplaneApp(FastAPI(), [Route("/echo", echo, methods=["POST"])], RequestLimits())
+
+
+async def test_a_declared_body_the_server_holds_whole_reaches_the_handler_read() -> None:
+    """Content-Length within the cap, the body in one message: the entry receives it and the
+    handler's ``body()`` needs no ``receive`` of its own (Starlette's generator skipped)."""
+    seen: list[tuple[bytes, int]] = []
+    client = await call(_fast_app(seen), "/echo", [(b"content-length", b"5000")], body_size=5000)
+    assert client.status == 200
+    assert seen == [(b"a" * 5000, 0)]
+    assert client.pulled == 5000
+
+
+async def test_a_declared_body_still_arriving_is_read_whole_by_the_handler() -> None:
+    """A body the server delivers in pieces (``more_body``): the first piece, already received at
+    the entry, is handed back first; the handler reads the rest as before."""
+    seen: list[tuple[bytes, int]] = []
+    size = 3 * CHUNK + 10
+    client = await call(
+        _fast_app(seen), "/echo", [(b"content-length", str(size).encode())], body_size=size
+    )
+    assert client.status == 200
+    assert seen == [(b"a" * size, 4)]  # the replayed first piece, then three more
+
+
+async def test_a_streamed_body_is_left_to_the_handler() -> None:
+    seen: list[tuple[bytes, int]] = []
+    client = await call(_fast_app(seen), "/echo", [CHUNKED], body_size=2 * CHUNK)
+    assert client.status == 200
+    assert seen == [(b"a" * 2 * CHUNK, 2)]

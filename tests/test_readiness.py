@@ -57,6 +57,26 @@ async def test_the_database_check_commits_a_write(running: Services) -> None:
     assert await heartbeat(running.db) == before + 1
 
 
+async def test_the_heartbeat_wakes_no_other_process(
+    running: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The heartbeat is committed without ``NOTIFY``: no cache depends on it, so a probe must not
+    wake every process of the deployment to read the counters."""
+    announced: list[str] = []
+
+    async def announce(_conn: Any, name: str) -> None:
+        announced.append(name)
+
+    monkeypatch.setattr(generations, "announce", announce)
+    before = await heartbeat(running.db)
+    await ReadinessProbe(running).evaluate()
+    assert await heartbeat(running.db) == before + 1
+    assert announced == []
+    async with running.db.transaction() as conn:  # any other counter still announces
+        await generations.bump(conn, "clients")
+    assert announced == ["clients"]
+
+
 async def test_the_answer_is_cached_for_a_second(running: Services) -> None:
     clock = Clock()
     probe = ReadinessProbe(running, clock)

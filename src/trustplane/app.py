@@ -21,13 +21,19 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from trustplane import __version__, metrics
 from trustplane.bearer_guard import BearerGuard
 from trustplane.console import wiring as console_wiring
 from trustplane.keys import wiring as keys_wiring
-from trustplane.limits import BoundedRequests, RefusalHook, RequestLimits, request_limits
+from trustplane.limits import (
+    DECLARED_BODY,
+    BoundedRequests,
+    RefusalHook,
+    RequestLimits,
+    request_limits,
+)
 from trustplane.logging import configure_logging
 from trustplane.oauth.openapi import protocol_paths
 from trustplane.policy.http import authzen_paths
@@ -129,11 +135,47 @@ class TrustplaneApp:
 
 
 def _asgi(endpoint: Callable[[Request], Awaitable[ASGIApp]]) -> ASGIApp:
+    """A hot-path endpoint as an ASGI app. A body the entry found declared within its cap
+    (``limits.DECLARED_BODY``) is read here with one ``receive`` when the server has it whole, and
+    handed over as the request's body: Starlette's ``Request.body`` would read the same message
+    through an async generator and ``aclosing`` on every request. Anything else (no declared length,
+    a body still arriving, a disconnect) is left to the handler's own reads, the message already
+    received handed back first."""
+
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        response = await endpoint(Request(scope, receive))
+        request: Request
+        if scope.get(DECLARED_BODY):
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                request = _ReadRequest(scope, receive, message.get("body", b""))
+            else:
+                request = Request(scope, _replaying(message, receive))
+        else:
+            request = Request(scope, receive)
+        response = await endpoint(request)
         await response(scope, receive, send)
 
     return app
+
+
+class _ReadRequest(Request):
+    """A request whose body was received whole before its handler ran: ``body()`` and ``stream()``
+    answer it without another ``receive`` (Starlette's own cache of the body, filled in)."""
+
+    def __init__(self, scope: Scope, receive: Receive, body: bytes) -> None:
+        super().__init__(scope, receive)
+        self._body = body
+        self._stream_consumed = True
+
+
+def _replaying(first: Message, receive: Receive) -> Receive:
+    """``receive`` that answers ``first`` once before the server's next messages."""
+    held: list[Message] = [first]
+
+    async def replay() -> Message:
+        return held.pop() if held else await receive()
+
+    return replay
 
 
 def create_app(
@@ -167,9 +209,12 @@ def create_app(
         # pushed invalidation on PostgreSQL (LISTEN/NOTIFY), the poll as fallback: storage/notify.py
         listener = notify.listener_for(svc.db)
         wake = listener.changed if listener is not None else None
+        connected = listener.connected if listener is not None else None
         tasks = [
             asyncio.create_task(
-                notify.refresh_loop(settings.cache_refresh_interval, refresh, stopping, wake),
+                notify.refresh_loop(
+                    settings.cache_refresh_interval, refresh, stopping, wake, connected
+                ),
                 name="cache",
             ),
             *(

@@ -12,6 +12,8 @@ Every request body and header is bounded before it is read (BRIEF, "Trust bounda
   so the server drops the connection instead of draining an unread (possibly huge) body. A body
   with a ``Content-Length`` within the cap is passed through untouched: the HTTP server's framing
   delivers at most that many bytes (the hot paths pay one pass over the header fields, no more).
+  Such a request is marked in its scope (:data:`DECLARED_BODY`), so that the app's hot-path adapter
+  may read the body whole before its handler runs (``trustplane.app``).
 
 The error shape follows the route: routes whose errors are RFC 6749 §5.2 JSON (every API of
 trustplane: ``OAUTH_SHAPED_PREFIXES``) answer ``{"error": "invalid_request", ...}``; everything else
@@ -71,6 +73,11 @@ class RequestHeadersTooLarge(InvalidRequestError):
 #: its refusals, unparsed bodies included); a failing hook is logged, the refusal still sent.
 RefusalHook = Callable[[InvalidRequestError], Awaitable[None]]
 
+
+#: Scope key of a request whose body has a ``Content-Length`` within its route's cap and no
+#: ``Transfer-Encoding`` (the value: that length): its body is at most that long whatever the client
+#: sends, so reading it whole is bounded.
+DECLARED_BODY = "trustplane.declared_body"
 
 #: The body cap of ``POST /audit/events`` (at most 100 events; the forwarder sends under 512 KiB).
 INGEST_BODY_BYTES = 1024 * 1024
@@ -213,6 +220,7 @@ class BoundedRequests:
                 return
             # within the cap: the HTTP server's framing delivers at most Content-Length bytes, and
             # an unread rest is small enough to drain
+            scope[DECLARED_BODY] = head.length
             await self.app(scope, receive, send)
             return
         await _Exchange(self.app, cap, path, head.chunked).run(scope, receive, send)

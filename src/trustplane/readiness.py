@@ -2,9 +2,10 @@
 
 Liveness (``/healthz``) only says the process answers. Readiness checks, each with a bounded time:
 
-* ``database``: a committed write (a heartbeat counter in ``cache_generations``), which proves the
-  database accepts writes now, not only reads; for SQLite also that the data directory is writable
-  and has at least ``MIN_FREE_BYTES`` free (a full disk fails commits that need new pages).
+* ``database``: a committed write (a heartbeat counter in ``cache_generations``, bumped without
+  notifying the other processes: no cache depends on it), which proves the database accepts writes
+  now, not only reads; for SQLite also that the data directory is writable and has at least
+  ``MIN_FREE_BYTES`` free (a full disk fails commits that need new pages).
 * ``keys``: an active signing key is loaded.
 * ``ledger``: the audit ledger's sequencer loop made progress recently (``Ledger.last_progress``).
 * ``redis`` (only with ``TRUSTPLANE_REDIS_URL``): the replay cache answers ``PING``.
@@ -105,7 +106,7 @@ class ReadinessProbe:
                 _check_sqlite_directory(Path(path))
         try:
             async with db.transaction() as conn:
-                await generations.bump(conn, HEARTBEAT)
+                await generations.bump(conn, HEARTBEAT, notify=False)  # nothing to reload
         except Exception as exc:
             log.warning("readiness_database_not_writable", error=f"{type(exc).__name__}: {exc}")
             raise NotReady("the database does not accept writes") from None

@@ -57,14 +57,19 @@ async def test_listener_reconnects_after_the_connection_is_killed(pg_url: str) -
     task = asyncio.create_task(listener.run(stopping))
     try:
         await asyncio.wait_for(listener.connected.wait(), 10)
+        await asyncio.wait_for(listener.changed.wait(), 10)  # the connect's own wake-up
+        listener.changed.clear()
         async with db.transaction() as conn:
             await conn.exec_driver_sql(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                 "WHERE query LIKE $1 AND datname = current_database()",
                 (f"LISTEN%{notify.CHANNEL}%",),
             )
+        # lost: a refresh at once, with ``connected`` cleared (the refresh loop polls again)
+        await asyncio.wait_for(listener.changed.wait(), 10)
+        assert not listener.connected.is_set()
         listener.changed.clear()
-        # lost, then connected again after RECONNECT_DELAY; the reconnect itself wakes a refresh
+        # connected again after RECONNECT_DELAY; the reconnect itself wakes a refresh
         await asyncio.wait_for(listener.changed.wait(), notify.RECONNECT_DELAY + 10)
         assert listener.connected.is_set()
         listener.changed.clear()
@@ -101,6 +106,32 @@ async def test_refresh_loop(woken: bool) -> None:
         assert not wake.is_set()
     else:
         assert len(calls) >= 3
+
+
+async def test_refresh_loop_polls_rarely_while_the_push_is_connected() -> None:
+    """While the listener is connected the fallback poll is every NOTIFIED_FALLBACK seconds, not
+    every ``interval`` (an idle process read the counters every second); a wake still refreshes at
+    once, and once the connection is lost (``connected`` cleared, ``wake`` set) the interval
+    applies again."""
+    calls: list[float] = []
+    stopping, wake, connected = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    connected.set()
+
+    async def refresh() -> None:
+        calls.append(asyncio.get_running_loop().time())
+
+    task = asyncio.create_task(notify.refresh_loop(0.02, refresh, stopping, wake, connected))
+    await asyncio.sleep(0.3)
+    assert calls == []  # 15 intervals, no poll
+    wake.set()
+    await asyncio.sleep(0.1)
+    assert len(calls) == 1
+    connected.clear()
+    wake.set()  # the listener's loss
+    await asyncio.sleep(0.3)
+    stopping.set()
+    await asyncio.wait_for(task, 2)
+    assert len(calls) >= 4  # the loss's refresh, then the interval's polls
 
 
 async def test_sqlite_has_no_listener_and_bump_still_counts(sqlite_url: str) -> None:

@@ -12,10 +12,12 @@ from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tests.surveillance.rig import T0, Rig, issued, refused
 from trustplane.surveillance import store as surveillance_store
+from trustplane.surveillance.service import Round
 from trustplane.surveillance.store import CursorMoved, SqlSurveillanceStore
 
 MINUTE = 60_000
@@ -267,3 +269,33 @@ async def _tree_size(rig: Rig) -> int:
     checkpoint = await rig.ledger.checkpoint()
     assert checkpoint is not None
     return checkpoint.size
+
+
+# --------------------------------------------------------------------------- an idle round
+
+
+async def test_an_idle_round_is_one_statement(rig: Rig) -> None:
+    """With the cursor at the end of the log, a round reads one statement and writes nothing (it
+    runs every ``surveillance_interval`` in every process of an idle deployment; it was two)."""
+    detector = rig.detector()
+    await rig.append(issued("c-idle", T0))
+    await detector.catch_up()
+    statements: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    engines = [rig.db.engine.sync_engine]
+    if not rig.db.is_sqlite:
+        engines.append(rig.db.autocommit_engine.sync_engine)
+    for engine in engines:
+        event.listen(engine, "before_cursor_execute", seen)
+    try:
+        assert await detector.round() == Round(0, [])
+        await rig.append(issued("c-idle", T0 + 1))
+        assert (await detector.round()) == Round(1, [])  # a new leaf is read and passed
+    finally:
+        for engine in engines:
+            event.remove(engine, "before_cursor_execute", seen)
+    assert statements[0].lstrip().upper().startswith("SELECT EXISTS")
+    assert not statements[1].lstrip().upper().startswith("SELECT EXISTS")  # the first is all

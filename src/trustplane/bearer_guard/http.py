@@ -36,11 +36,20 @@ R = TypeVar("R")
 
 
 def bearer_request(request: Request) -> BearerRequest:
-    headers = request.headers
+    """The ``Authorization`` fields in one pass over the raw header list (ASGI field names are
+    lower-case), read as Starlette's ``headers.get`` and ``getlist`` would: the first value, decoded
+    as Latin-1, and how many there are. Starlette's ``getlist`` decoded every field of the request."""
+    value: bytes | None = None
+    count = 0
+    for name, field in request.scope["headers"]:
+        if name == b"authorization":
+            count += 1
+            if value is None:
+                value = field
     query: bytes = request.scope.get("query_string", b"")  # parsed only when it may hold a token
     return BearerRequest(
-        headers.get("authorization"),
-        len(headers.getlist("authorization")),
+        None if value is None else value.decode("latin-1"),
+        count,
         b"access_token" in query and "access_token" in request.query_params,
     )
 

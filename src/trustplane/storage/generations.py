@@ -23,9 +23,10 @@ cache_generations = Table(
 )
 
 
-async def bump(conn: AsyncConnection, name: str) -> None:
+async def bump(conn: AsyncConnection, name: str, *, notify: bool = True) -> None:
     """Increment ``name``'s generation inside the caller's transaction; on PostgreSQL the other
-    processes are notified when it commits."""
+    processes are notified when it commits. ``notify=False``: a counter no process caches anything
+    by (the readiness heartbeat), so no process is woken to read the counters for it."""
     result = await conn.execute(
         update(cache_generations)
         .where(cache_generations.c.name == name)
@@ -40,7 +41,8 @@ async def bump(conn: AsyncConnection, name: str) -> None:
                 index_elements=["name"], set_={"generation": cache_generations.c.generation + 1}
             )
         )
-    await announce(conn, name)
+    if notify:
+        await announce(conn, name)
 
 
 async def read_all(conn: AsyncConnection) -> dict[str, int]:

@@ -4,9 +4,11 @@
 transaction; PostgreSQL delivers it to every listener when (and only if) that transaction commits.
 Each process keeps one asyncpg connection that ``LISTEN``s (:class:`GenerationListener`) and wakes its
 refresh loop (:func:`refresh_loop`), which then reads the counters and reloads what moved, as the poll
-does. Polling every ``cache_refresh_interval`` seconds stays: it is the fallback while the listening
-connection is down (and after a reconnect a refresh runs at once, for what was missed), and the only
-mechanism on SQLite, which has no notifications.
+does. Polling stays as the fallback: every ``cache_refresh_interval`` seconds while the listening
+connection is down (a refresh runs at once when it is lost and again after a reconnect, for what was
+missed), every :data:`NOTIFIED_FALLBACK` seconds while it is up (the bound on staleness should a
+notification be lost on a connection that looks alive), and it is the only mechanism on SQLite,
+which has no notifications.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ log = structlog.get_logger(__name__)
 CHANNEL = "trustplane_generations"
 #: How long to wait before opening the listening connection again after it failed or was lost.
 RECONNECT_DELAY = 1.0
+#: Seconds between the fallback polls of :func:`refresh_loop` while the listener is connected (the
+#: push carries every change; an idle process read the counters every second for nothing).
+NOTIFIED_FALLBACK = 10.0
 
 
 async def announce(conn: AsyncConnection, name: str) -> None:
@@ -40,8 +45,9 @@ async def announce(conn: AsyncConnection, name: str) -> None:
 
 
 class GenerationListener:
-    """One ``LISTEN`` connection per process; :attr:`changed` is set on every notification and after
-    every (re)connect. ``channel``: another channel than the generations' (the reference services'
+    """One ``LISTEN`` connection per process; :attr:`changed` is set on every notification, after
+    every (re)connect and when the connection is lost (:attr:`connected` cleared first, so that a
+    waiter woken by the loss sees it). ``channel``: another channel than the generations' (the reference services'
     outbox: ``trustplane.reference.jetstream``); ``changed``: an event of the caller's to set."""
 
     def __init__(
@@ -73,7 +79,9 @@ class GenerationListener:
             except Exception as exc:  # the poll covers the gap; try again shortly
                 log.warning("cache_listener_failed", error=repr(exc))
             finally:
-                self.connected.clear()
+                if self.connected.is_set():  # the push stops: the poll takes over from now
+                    self.connected.clear()
+                    self.changed.set()
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(conn.close(), 2)
@@ -91,13 +99,19 @@ async def refresh_loop(
     refresh: Callable[[], Awaitable[None]],
     stopping: asyncio.Event,
     wake: asyncio.Event | None,
+    connected: asyncio.Event | None = None,
 ) -> None:
     """Call ``refresh`` every ``interval`` seconds, and at once whenever ``wake`` is set (notifications
-    arriving during a refresh cause one more), until ``stopping`` is set."""
+    arriving during a refresh cause one more), until ``stopping`` is set. While ``connected`` (the
+    listener's) is set, the poll is every :data:`NOTIFIED_FALLBACK` seconds instead (at least
+    ``interval``): the notifications wake the loop, and the listener sets ``wake`` when it is lost."""
     while True:
         waits = [stopping.wait()] + ([wake.wait()] if wake is not None else [])
+        pushed = connected is not None and connected.is_set()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(_first(*waits), interval)
+            await asyncio.wait_for(
+                _first(*waits), max(interval, NOTIFIED_FALLBACK) if pushed else interval
+            )
         if stopping.is_set():
             return
         if wake is not None:

@@ -29,7 +29,7 @@ from prometheus_client import Counter
 from trustplane.audit.sink import write_events
 from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.settings import Settings
-from trustplane.storage.db import Database
+from trustplane.storage.db import Database, is_disconnect
 from trustplane.surveillance import store
 from trustplane.surveillance.detector import Detector
 from trustplane.surveillance.signals import WATCHED, Alert, Observed, Signal, Thresholds
@@ -67,9 +67,8 @@ class Surveillance:
 
     async def round(self) -> Round | None:
         """One round; None if another detector holds the claim right now."""
-        async with self._db.read() as conn:  # nothing new: no write, no lock (an idle deployment)
-            if not await store.read_leaves(conn, await store.read_cursor(conn), 1):
-                return Round(0, [])
+        if not await self._unread():  # nothing new: no write, no lock (an idle deployment)
+            return Round(0, [])
         async with self._db.transaction() as conn:
             cursor = await self._store.claim(conn)
             if cursor is None:
@@ -99,6 +98,23 @@ class Surveillance:
                 transaction_id=alert.transaction_id,
             )
         return Round(len(leaves), alerts)
+
+    async def _unread(self) -> bool:
+        """Whether the log has leaves the cursor has not passed: one statement, on PostgreSQL on the
+        autocommit engine (one round trip where a pooled connection adds ``BEGIN`` and ``ROLLBACK``;
+        once more on a fresh connection if the pooled one turns out to be dead: checkouts are not
+        pre-pinged)."""
+        if self._db.is_sqlite:
+            async with self._db.read() as conn:
+                return await store.has_unread(conn)
+        for attempt in (1, 2):
+            async with self._db.autocommit_engine.connect() as conn:
+                try:
+                    return await store.has_unread(conn)
+                except Exception as exc:
+                    if attempt == 2 or not is_disconnect(exc):
+                        raise
+        raise AssertionError("unreachable")
 
     async def catch_up(self) -> list[Alert]:
         """Rounds until the cursor is at the end of the integrated log (or another detector has

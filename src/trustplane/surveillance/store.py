@@ -10,7 +10,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sqlalchemy import bindparam, delete, insert, select, update
+from sqlalchemy import bindparam, delete, exists, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -264,6 +264,27 @@ async def read_cursor(conn: AsyncConnection) -> int:
         )
     ).scalar()
     return int(position or 0)
+
+
+#: Whether an integrated leaf lies at or past the cursor. Built once: an idle detector runs it every
+#: round, and a statement object reused keeps its cache key (nothing is built or keyed per round).
+_UNREAD = select(
+    exists().where(
+        audit_leaves.c.idx
+        >= func.coalesce(
+            select(surveillance_cursor.c.position)
+            .where(surveillance_cursor.c.name == CURSOR)
+            .scalar_subquery(),
+            0,
+        )
+    )
+)
+
+
+async def has_unread(conn: AsyncConnection) -> bool:
+    """Whether an integrated leaf lies at or past the cursor, in one statement (an idle detector's
+    whole round)."""
+    return bool((await conn.execute(_UNREAD)).scalar())
 
 
 async def read_leaves(
