@@ -416,8 +416,8 @@ async def test_integrate_all_takes_what_is_pending_and_does_not_chase_new_arriva
     taken: list[int] = []
     arrivals = iter(range(100, 130, 3))
 
-    async def integrate_under_load(max_batch: int | None = None) -> Any:
-        done = await plain(max_batch)
+    async def integrate_under_load(max_batch: int | None = None, *, pending: bool = False) -> Any:
+        done = await plain(max_batch, pending=pending)
         if done is not None:
             taken.append(done.count)
         n = next(arrivals, None)
@@ -677,10 +677,10 @@ async def test_an_integration_gives_the_event_loop_a_turn_every_slice(
 async def test_on_postgresql_an_integration_inserts_its_rows_a_slice_at_a_time(
     services: Services, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """asyncpg encodes a statement's parameters on the event loop in one go: PostgreSQL gets the
-    leaves, nodes and payloads of a batch in inserts of INSERT_SLICE leaves (and their nodes), all
-    in the one transaction; SQLite keeps one executemany per table (it runs in the driver's
-    thread, under the write lock)."""
+    """PostgreSQL moves a batch's pending rows into leaves and payloads, with their tree nodes, in
+    one statement per INSERT_SLICE leaves (and their nodes), all in the one transaction;
+    SQLite keeps one executemany per table (it runs in the driver's thread, under the write
+    lock)."""
     from trustplane.audit import store
 
     ledger = services.ledger
@@ -689,12 +689,20 @@ async def test_on_postgresql_an_integration_inserts_its_rows_a_slice_at_a_time(
     await append(services.db, [event(n) for n in range(count)])
     inserts: list[tuple[str, int]] = []
     insert_rows = store._insert_rows
+    move_slice = store.pg_move_slice
 
     async def recording(conn: Any, table: str, rows: Any) -> None:
         inserts.append((table, len(rows)))
         await insert_rows(conn, table, rows)
 
+    async def moving(driver: Any, ids: Any, first: int, now: int, nodes: Any) -> int:
+        inserts.append(("audit_leaves", len(ids)))
+        inserts.append(("audit_tree", len(nodes)))
+        inserts.append(("audit_payloads", len(ids)))
+        return await move_slice(driver, ids, first, now, nodes)
+
     monkeypatch.setattr(store, "_insert_rows", recording)
+    monkeypatch.setattr(store, "pg_move_slice", moving)
     done = await ledger.integrate()
     assert done is not None
     assert done.count == count

@@ -33,6 +33,7 @@ from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.keys.crypto import decrypt_private_key, encrypt_private_key
 from trustplane.settings import Settings
 from trustplane.storage.db import Database, is_disconnect
+from trustplane.storage.driver_sql import in_transaction
 from trustplane.storage.turn import WriterTurn
 
 log = structlog.get_logger("trustplane.audit")
@@ -199,9 +200,13 @@ class Ledger:
         :mod:`~trustplane.audit.proof_nodes`); returns how many are kept."""
         return await self._nodes.load_upper()
 
-    async def integrate(self, max_batch: int | None = None) -> Integration | None:
+    async def integrate(
+        self, max_batch: int | None = None, *, pending: bool = False
+    ) -> Integration | None:
         """Integrate up to ``max_batch`` pending entries; None if there were none or another process
-        is the sequencer right now.
+        is the sequencer right now. ``pending``: the caller knows entries are pending (the last
+        batch was full), so the "anything pending?" read is skipped (PostgreSQL; the round's
+        transaction still finds out, and writes nothing, if there is nothing).
 
         On SQLite the sequencer's lock is the database write lock, which every request's group
         commit needs too, so the round holds it only to write (docs/operations.md, "The sequencer
@@ -216,12 +221,12 @@ class Ledger:
         async with self._lock:  # one round at a time in this process
             while True:
                 if not self._db.is_sqlite:  # the round's transaction reads the batch
-                    if not await self._any_pending():
+                    if not pending and not await self._any_pending():
                         return None
                     batch = None
                 else:
                     async with self._db.read() as conn:
-                        if not await store.has_pending(conn):
+                        if not pending and not await store.has_pending(conn):
                             return None
                         state = await store.read_state(conn)
                         batch = (
@@ -229,6 +234,8 @@ class Ledger:
                             if state is None
                             else await self._prepare(conn, signer, state, limit)
                         )
+                    if batch is None and state is not None:
+                        return None  # nothing pending: no write lock taken
                 started = time.perf_counter()
                 async with self._turn(), self._db.transaction() as conn:
                     if batch is not None:  # SQLite: prepared under the snapshot above
@@ -236,6 +243,11 @@ class Ledger:
                             conn, batch.size, batch.new_size, batch.root, batch.now
                         ):
                             continue  # another process integrated since: this batch is stale
+                    elif not self._db.is_sqlite:  # PostgreSQL: all of it in this transaction
+                        batch = await self._pg_batch(conn, signer, limit)
+                        if batch is None:
+                            return None
+                        break
                     else:
                         batch = await self._locked_batch(conn, signer, limit)
                         if batch is None:
@@ -294,6 +306,61 @@ class Ledger:
             await store.write_state(conn, batch.new_size, batch.root, batch.now, new=False)
         return batch
 
+    async def _pg_batch(self, conn: Any, signer: Signer, limit: int) -> _Batch | None:
+        """PostgreSQL: the round in the open transaction ``conn``, on its asyncpg connection
+        (no SQLAlchemy layers after the lock): become the sequencer, read the state, the oldest
+        ``limit`` pending (id, entry) rows and the tree's frontier; hash the entries
+        :data:`SLICE` at a time (the loop's turn between slices) and every
+        :data:`~trustplane.audit.store.INSERT_SLICE` entries move those pending rows into the
+        leaves and payloads and insert the slice's nodes, in one statement
+        (:func:`~trustplane.audit.store.pg_move_slice`: the entries, payloads and salts are not
+        sent back to the server); finally the new state and the signed checkpoint, in one
+        statement. None: another process is the sequencer, or nothing is pending (nothing
+        written)."""
+        if not await store.lock_sequencer(conn):  # through SQLAlchemy: it begins the transaction
+            self._contended = True
+            return None
+        driver = await in_transaction(conn)
+        if driver is None:
+            raise RuntimeError("the sequencer's transaction is not open")
+        state = await store.pg_read_state(driver)
+        if state is None:  # a new log: the empty tree gets its checkpoint too
+            state = (0, merkle.EMPTY_ROOT)
+            now = _now()
+            await store.write_state(conn, 0, merkle.EMPTY_ROOT, now, new=True)
+            note = signer.sign(Checkpoint(self.origin, 0, merkle.EMPTY_ROOT).body())
+            await store.add_checkpoint(conn, 0, merkle.EMPTY_ROOT, note, now)
+        size, now = state[0], _now()
+        rows = await store.pg_take_pending(driver, limit)
+        if not rows:
+            return None
+        builder = merkle.TreeBuilder(
+            size, await store.pg_read_nodes(driver, merkle.frontier_ids(size))
+        )
+        nodes: list[tuple[int, bytes]] = []
+        ids: list[int] = []
+        moved, flushed, step = 0, 0, store.INSERT_SLICE
+        leaf_hash = merkle.leaf_hash
+        for offset, row in enumerate(rows):
+            if offset and not offset % step:  # the last slice's rows and nodes, one statement
+                first = offset - step
+                moved += await store.pg_move_slice(
+                    driver, ids[first:], size + first, now, nodes[flushed:]
+                )
+                flushed = len(nodes)
+            if offset and not offset % SLICE:
+                await asyncio.sleep(0)  # the loop's turn: the proofs and requests waiting run
+            ids.append(row[0])
+            nodes.extend(builder.append(leaf_hash(row[1].encode())))
+        first = (len(ids) - 1) // step * step
+        moved += await store.pg_move_slice(driver, ids[first:], size + first, now, nodes[flushed:])
+        if moved != len(ids):
+            raise RuntimeError("pending entries changed under the sequencer lock")
+        root, new_size = builder.root(), builder.size
+        note = signer.sign(Checkpoint(self.origin, new_size, root).body())
+        await store.pg_advance(driver, new_size, root, note, now)
+        return _Batch(size, new_size, root, note, now, [], nodes, [], ids)
+
     async def _prepare(
         self, conn: Any, signer: Signer, state: tuple[int, bytes], limit: int
     ) -> _Batch | None:
@@ -344,8 +411,10 @@ class Ledger:
         commit needs, so the loop (:meth:`run`) comes back every ``audit_integrate_interval``
         instead and each integration takes a larger batch."""
         total, limit = 0, self._settings.audit_integrate_batch
-        while (done := await self.integrate()) is not None:
+        full = False  # the last batch was full: read the next one without asking first
+        while (done := await self.integrate(pending=full)) is not None:
             total += done.count
+            full = done.count >= limit
             if self._last_progress is not None:  # a backlog larger than one batch:
                 self._last_progress = time.monotonic()  # each integration is progress (readiness)
             if done.count < limit:
