@@ -374,16 +374,25 @@ async def test_concurrent_sequencers_leave_no_gap_and_no_duplicate(services: Ser
 
 def _statements(db: Database) -> list[str]:
     """Every statement either engine runs from now on (first word upper-cased, then the rest):
-    on PostgreSQL the sequencer's poll runs on the autocommit engine."""
+    on PostgreSQL the sequencer's poll runs on the autocommit engine's asyncpg connection (seen
+    by asyncpg's query logger, added at checkout)."""
     from sqlalchemy import event as sa_event
 
     seen: list[str] = []
+    logged: set[int] = set()
 
     def record(*args: Any) -> None:
         seen.append(" ".join(str(args[2]).split()))
 
+    def checkout(dbapi_conn: Any, *_args: Any) -> None:
+        driver = getattr(dbapi_conn, "driver_connection", None)
+        if db.dialect == "postgresql" and driver is not None and id(driver) not in logged:
+            logged.add(id(driver))
+            driver.add_query_logger(lambda r: seen.append(" ".join(r.query.split())))
+
     for engine in (db.engine, db.autocommit_engine):
         sa_event.listen(engine.sync_engine, "before_cursor_execute", record)
+        sa_event.listen(engine.sync_engine, "checkout", checkout)
     return seen
 
 

@@ -23,13 +23,23 @@ from trustplane.storage.db import Database
 def _pending_reads(db: Database) -> list[str]:
     """The "anything pending?" reads either engine runs from now on."""
     seen: list[str] = []
+    logged: set[int] = set()
 
     def record(*args: Any) -> None:
         if "FROM audit_pending LIMIT 1" in str(args[2]):
             seen.append(str(args[2]))
 
+    def checkout(dbapi_conn: Any, *_args: Any) -> None:  # PostgreSQL: the poll is on asyncpg
+        driver = getattr(dbapi_conn, "driver_connection", None)
+        if db.dialect == "postgresql" and driver is not None and id(driver) not in logged:
+            logged.add(id(driver))
+            driver.add_query_logger(
+                lambda r: seen.append(r.query) if "FROM audit_pending LIMIT 1" in r.query else None
+            )
+
     for engine in (db.engine, db.autocommit_engine):
         sa_event.listen(engine.sync_engine, "before_cursor_execute", record)
+        sa_event.listen(engine.sync_engine, "checkout", checkout)
     return seen
 
 

@@ -276,7 +276,7 @@ class Ledger:
         for attempt in (1, 2):
             async with self._db.autocommit_engine.connect() as conn:
                 try:
-                    return await store.has_pending(conn)
+                    return await store.pg_has_pending(conn)
                 except Exception as exc:
                     if attempt == 2 or not is_disconnect(exc):
                         raise

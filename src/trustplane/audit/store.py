@@ -167,6 +167,13 @@ async def has_pending(conn: AsyncConnection) -> bool:
     return result.first() is not None
 
 
+async def pg_has_pending(conn: AsyncConnection) -> bool:
+    """PostgreSQL: :func:`has_pending` on the connection's asyncpg connection (no SQLAlchemy
+    execution context and result: of the idle sequencer's poll, about a third of its CPU)."""
+    driver = (await conn.get_raw_connection()).driver_connection
+    return await driver.fetchval("SELECT 1 FROM audit_pending LIMIT 1") is not None
+
+
 async def count_pending(conn: AsyncConnection) -> int:
     return int((await conn.exec_driver_sql("SELECT count(*) FROM audit_pending")).scalar() or 0)
 
