@@ -170,7 +170,7 @@ async def has_pending(conn: AsyncConnection) -> bool:
 async def pg_has_pending(conn: AsyncConnection) -> bool:
     """PostgreSQL: :func:`has_pending` on the connection's asyncpg connection (no SQLAlchemy
     execution context and result: of the idle sequencer's poll, about a third of its CPU)."""
-    driver = (await conn.get_raw_connection()).driver_connection
+    driver: Any = (await conn.get_raw_connection()).driver_connection
     return await driver.fetchval("SELECT 1 FROM audit_pending LIMIT 1") is not None
 
 
