@@ -139,6 +139,11 @@ class Ledger:
         #: SQLite file: the workers' turn (storage.turn), taken around the write transaction so that
         #: the group-commit writers queue behind it in the kernel, not in SQLite's polling busy handler
         self._writer_turn = WriterTurn.for_database(db)
+        #: PostgreSQL: (size, nodes) of the right edge of the tree this process's last batch
+        #: committed (nodes never change: the next batch from that size needs no read of them);
+        #: ``_next_frontier`` is the one of the batch in flight, kept once it has committed.
+        self._frontier: tuple[int, dict[int, bytes]] | None = None
+        self._next_frontier: tuple[int, dict[int, bytes]] | None = None
 
     # ------------------------------------------------------------------ the log key
 
@@ -261,6 +266,7 @@ class Ledger:
                 break
         seconds = time.perf_counter() - started
         self._nodes.remember(batch.nodes)  # committed: the upper ones serve this process's proofs
+        self._frontier, self._next_frontier = self._next_frontier, None
         count = len(batch.pending_ids)
         self._known_size = max(self._known_size, batch.new_size)
         INTEGRATED.inc(count)
@@ -317,26 +323,31 @@ class Ledger:
         sent back to the server); finally the new state and the signed checkpoint, in one
         statement. None: another process is the sequencer, or nothing is pending (nothing
         written)."""
+        self._next_frontier = None
         if not await store.lock_sequencer(conn):  # through SQLAlchemy: it begins the transaction
             self._contended = True
             return None
         driver = await in_transaction(conn)
         if driver is None:
             raise RuntimeError("the sequencer's transaction is not open")
-        state = await store.pg_read_state(driver)
+        state, rows = await store.pg_state_and_pending(driver, limit)
         if state is None:  # a new log: the empty tree gets its checkpoint too
             state = (0, merkle.EMPTY_ROOT)
             now = _now()
             await store.write_state(conn, 0, merkle.EMPTY_ROOT, now, new=True)
             note = signer.sign(Checkpoint(self.origin, 0, merkle.EMPTY_ROOT).body())
             await store.add_checkpoint(conn, 0, merkle.EMPTY_ROOT, note, now)
+            rows = list(await store.pg_take_pending(driver, limit))
         size, now = state[0], _now()
-        rows = await store.pg_take_pending(driver, limit)
         if not rows:
             return None
-        builder = merkle.TreeBuilder(
-            size, await store.pg_read_nodes(driver, merkle.frontier_ids(size))
+        known = self._frontier
+        frontier = (
+            known[1]  # this process's last batch ended at this size: its right edge, unchanged
+            if known is not None and known[0] == size
+            else await store.pg_read_nodes(driver, merkle.frontier_ids(size))
         )
+        builder = merkle.TreeBuilder(size, frontier)
         nodes: list[tuple[int, bytes]] = []
         ids: list[int] = []
         moved, flushed, step = 0, 0, store.INSERT_SLICE
@@ -359,6 +370,12 @@ class Ledger:
         root, new_size = builder.root(), builder.size
         note = signer.sign(Checkpoint(self.origin, new_size, root).body())
         await store.pg_advance(driver, new_size, root, note, now)
+        edge = set(merkle.frontier_ids(new_size))  # the next batch's frontier, once committed
+        self._next_frontier = (
+            new_size,
+            {i: h for i, h in frontier.items() if i in edge}
+            | {i: h for i, h in nodes if i in edge},
+        )
         return _Batch(size, new_size, root, note, now, [], nodes, [], ids)
 
     async def _prepare(

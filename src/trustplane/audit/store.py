@@ -304,6 +304,23 @@ async def pg_read_state(driver: Any) -> tuple[int, bytes] | None:
     return (int(row[0]), bytes(row[1])) if row else None
 
 
+async def pg_state_and_pending(
+    driver: Any, limit: int
+) -> tuple[tuple[int, bytes] | None, list[tuple[int, str]]]:
+    """PostgreSQL, in one statement: the state (None: a new log) and the oldest ``limit`` pending
+    (id, entry) rows (the payloads stay on the server: :func:`pg_move_slice` copies them)."""
+    rows = await driver.fetch(
+        "SELECT s.tree_size, s.root, p.id, p.entry FROM audit_log_state s "
+        "LEFT JOIN LATERAL (SELECT id, entry FROM audit_pending ORDER BY id LIMIT $1) p ON true "
+        "WHERE s.id = 1 ORDER BY p.id",
+        limit,
+    )
+    if not rows:
+        return None, []
+    state = (int(rows[0][0]), bytes(rows[0][1]))
+    return state, [(r[2], r[3]) for r in rows if r[2] is not None]
+
+
 async def pg_take_pending(driver: Any, limit: int) -> Sequence[Any]:
     """PostgreSQL: the oldest pending (id, entry) rows; the payloads stay on the server
     (:func:`pg_move_slice` copies them)."""
