@@ -425,8 +425,8 @@ async def test_integrate_all_takes_what_is_pending_and_does_not_chase_new_arriva
     taken: list[int] = []
     arrivals = iter(range(100, 130, 3))
 
-    async def integrate_under_load(max_batch: int | None = None, *, pending: bool = False) -> Any:
-        done = await plain(max_batch, pending=pending)
+    async def integrate_under_load(max_batch: int | None = None) -> Any:
+        done = await plain(max_batch)
         if done is not None:
             taken.append(done.count)
         n = next(arrivals, None)

@@ -144,6 +144,8 @@ class Ledger:
         #: ``_next_frontier`` is the one of the batch in flight, kept once it has committed.
         self._frontier: tuple[int, dict[int, bytes]] | None = None
         self._next_frontier: tuple[int, dict[int, bytes]] | None = None
+        #: :meth:`integrate_all`'s last batch was full: the next :meth:`integrate` reads at once
+        self._backlog = False
 
     # ------------------------------------------------------------------ the log key
 
@@ -205,13 +207,11 @@ class Ledger:
         :mod:`~trustplane.audit.proof_nodes`); returns how many are kept."""
         return await self._nodes.load_upper()
 
-    async def integrate(
-        self, max_batch: int | None = None, *, pending: bool = False
-    ) -> Integration | None:
+    async def integrate(self, max_batch: int | None = None) -> Integration | None:
         """Integrate up to ``max_batch`` pending entries; None if there were none or another process
-        is the sequencer right now. ``pending``: the caller knows entries are pending (the last
-        batch was full), so the "anything pending?" read is skipped (PostgreSQL; the round's
-        transaction still finds out, and writes nothing, if there is nothing).
+        is the sequencer right now. Called by :meth:`integrate_all` right after a full batch
+        (``_backlog``), it skips the "anything pending?" read (the batch read finds out, and
+        nothing is written, if there is nothing).
 
         On SQLite the sequencer's lock is the database write lock, which every request's group
         commit needs too, so the round holds it only to write (docs/operations.md, "The sequencer
@@ -221,6 +221,7 @@ class Ledger:
         state from the size that was read (if another process integrated meanwhile, nothing is
         written and the batch is prepared afresh). PostgreSQL holds its advisory lock for the whole
         round (it blocks no other writer)."""
+        pending, self._backlog = self._backlog, False  # before any await: this call's alone
         signer = await self.signer()
         limit = max_batch or self._settings.audit_integrate_batch
         async with self._lock:  # one round at a time in this process
@@ -428,14 +429,16 @@ class Ledger:
         commit needs, so the loop (:meth:`run`) comes back every ``audit_integrate_interval``
         instead and each integration takes a larger batch."""
         total, limit = 0, self._settings.audit_integrate_batch
-        full = False  # the last batch was full: read the next one without asking first
-        while (done := await self.integrate(pending=full)) is not None:
+        while (done := await self.integrate()) is not None:
             total += done.count
-            full = done.count >= limit
+            # a full batch: more is pending, the next one is read without asking first (the flag
+            # is set and read with no await between: no other caller's integrate() sees it)
+            self._backlog = done.count >= limit
             if self._last_progress is not None:  # a backlog larger than one batch:
                 self._last_progress = time.monotonic()  # each integration is progress (readiness)
             if done.count < limit:
                 break
+        self._backlog = False
         return total
 
     async def run(self, stopping: asyncio.Event | None = None, idle: float | None = None) -> None:
