@@ -33,6 +33,7 @@ from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.keys.crypto import decrypt_private_key, encrypt_private_key
 from trustplane.settings import Settings
 from trustplane.storage.db import Database, is_disconnect
+from trustplane.storage.driver_sql import in_transaction
 from trustplane.storage.turn import WriterTurn
 
 log = structlog.get_logger("trustplane.audit")
@@ -138,6 +139,13 @@ class Ledger:
         #: SQLite file: the workers' turn (storage.turn), taken around the write transaction so that
         #: the group-commit writers queue behind it in the kernel, not in SQLite's polling busy handler
         self._writer_turn = WriterTurn.for_database(db)
+        #: PostgreSQL: (size, nodes) of the right edge of the tree this process's last batch
+        #: committed (nodes never change: the next batch from that size needs no read of them);
+        #: ``_next_frontier`` is the one of the batch in flight, kept once it has committed.
+        self._frontier: tuple[int, dict[int, bytes]] | None = None
+        self._next_frontier: tuple[int, dict[int, bytes]] | None = None
+        #: :meth:`integrate_all`'s last batch was full: the next :meth:`integrate` reads at once
+        self._backlog = False
 
     # ------------------------------------------------------------------ the log key
 
@@ -201,7 +209,9 @@ class Ledger:
 
     async def integrate(self, max_batch: int | None = None) -> Integration | None:
         """Integrate up to ``max_batch`` pending entries; None if there were none or another process
-        is the sequencer right now.
+        is the sequencer right now. Called by :meth:`integrate_all` right after a full batch
+        (``_backlog``), it skips the "anything pending?" read (the batch read finds out, and
+        nothing is written, if there is nothing).
 
         On SQLite the sequencer's lock is the database write lock, which every request's group
         commit needs too, so the round holds it only to write (docs/operations.md, "The sequencer
@@ -211,17 +221,18 @@ class Ledger:
         state from the size that was read (if another process integrated meanwhile, nothing is
         written and the batch is prepared afresh). PostgreSQL holds its advisory lock for the whole
         round (it blocks no other writer)."""
+        pending, self._backlog = self._backlog, False  # before any await: this call's alone
         signer = await self.signer()
         limit = max_batch or self._settings.audit_integrate_batch
         async with self._lock:  # one round at a time in this process
             while True:
                 if not self._db.is_sqlite:  # the round's transaction reads the batch
-                    if not await self._any_pending():
+                    if not pending and not await self._any_pending():
                         return None
                     batch = None
                 else:
                     async with self._db.read() as conn:
-                        if not await store.has_pending(conn):
+                        if not pending and not await store.has_pending(conn):
                             return None
                         state = await store.read_state(conn)
                         batch = (
@@ -229,6 +240,8 @@ class Ledger:
                             if state is None
                             else await self._prepare(conn, signer, state, limit)
                         )
+                    if batch is None and state is not None:
+                        return None  # nothing pending: no write lock taken
                 started = time.perf_counter()
                 async with self._turn(), self._db.transaction() as conn:
                     if batch is not None:  # SQLite: prepared under the snapshot above
@@ -236,6 +249,11 @@ class Ledger:
                             conn, batch.size, batch.new_size, batch.root, batch.now
                         ):
                             continue  # another process integrated since: this batch is stale
+                    elif not self._db.is_sqlite:  # PostgreSQL: all of it in this transaction
+                        batch = await self._pg_batch(conn, signer, limit)
+                        if batch is None:
+                            return None
+                        break
                     else:
                         batch = await self._locked_batch(conn, signer, limit)
                         if batch is None:
@@ -249,6 +267,7 @@ class Ledger:
                 break
         seconds = time.perf_counter() - started
         self._nodes.remember(batch.nodes)  # committed: the upper ones serve this process's proofs
+        self._frontier, self._next_frontier = self._next_frontier, None
         count = len(batch.pending_ids)
         self._known_size = max(self._known_size, batch.new_size)
         INTEGRATED.inc(count)
@@ -264,7 +283,7 @@ class Ledger:
         for attempt in (1, 2):
             async with self._db.autocommit_engine.connect() as conn:
                 try:
-                    return await store.has_pending(conn)
+                    return await store.pg_has_pending(conn)
                 except Exception as exc:
                     if attempt == 2 or not is_disconnect(exc):
                         raise
@@ -293,6 +312,72 @@ class Ledger:
         if batch is not None:
             await store.write_state(conn, batch.new_size, batch.root, batch.now, new=False)
         return batch
+
+    async def _pg_batch(self, conn: Any, signer: Signer, limit: int) -> _Batch | None:
+        """PostgreSQL: the round in the open transaction ``conn``, on its asyncpg connection
+        (no SQLAlchemy layers after the lock): become the sequencer, read the state, the oldest
+        ``limit`` pending (id, entry) rows and the tree's frontier; hash the entries
+        :data:`SLICE` at a time (the loop's turn between slices) and every
+        :data:`~trustplane.audit.store.INSERT_SLICE` entries move those pending rows into the
+        leaves and payloads and insert the slice's nodes, in one statement
+        (:func:`~trustplane.audit.store.pg_move_slice`: the entries, payloads and salts are not
+        sent back to the server); finally the new state and the signed checkpoint, in one
+        statement. None: another process is the sequencer, or nothing is pending (nothing
+        written)."""
+        self._next_frontier = None
+        if not await store.lock_sequencer(conn):  # through SQLAlchemy: it begins the transaction
+            self._contended = True
+            return None
+        driver = await in_transaction(conn)
+        if driver is None:
+            raise RuntimeError("the sequencer's transaction is not open")
+        state, rows = await store.pg_state_and_pending(driver, limit)
+        if state is None:  # a new log: the empty tree gets its checkpoint too
+            state = (0, merkle.EMPTY_ROOT)
+            now = _now()
+            await store.write_state(conn, 0, merkle.EMPTY_ROOT, now, new=True)
+            note = signer.sign(Checkpoint(self.origin, 0, merkle.EMPTY_ROOT).body())
+            await store.add_checkpoint(conn, 0, merkle.EMPTY_ROOT, note, now)
+            rows = list(await store.pg_take_pending(driver, limit))
+        size, now = state[0], _now()
+        if not rows:
+            return None
+        known = self._frontier
+        frontier = (
+            known[1]  # this process's last batch ended at this size: its right edge, unchanged
+            if known is not None and known[0] == size
+            else await store.pg_read_nodes(driver, merkle.frontier_ids(size))
+        )
+        builder = merkle.TreeBuilder(size, frontier)
+        nodes: list[tuple[int, bytes]] = []
+        ids: list[int] = []
+        moved, flushed, step = 0, 0, store.INSERT_SLICE
+        leaf_hash = merkle.leaf_hash
+        for offset, row in enumerate(rows):
+            if offset and not offset % step:  # the last slice's rows and nodes, one statement
+                first = offset - step
+                moved += await store.pg_move_slice(
+                    driver, ids[first:], size + first, now, nodes[flushed:]
+                )
+                flushed = len(nodes)
+            if offset and not offset % SLICE:
+                await asyncio.sleep(0)  # the loop's turn: the proofs and requests waiting run
+            ids.append(row[0])
+            nodes.extend(builder.append(leaf_hash(row[1].encode())))
+        first = (len(ids) - 1) // step * step
+        moved += await store.pg_move_slice(driver, ids[first:], size + first, now, nodes[flushed:])
+        if moved != len(ids):
+            raise RuntimeError("pending entries changed under the sequencer lock")
+        root, new_size = builder.root(), builder.size
+        note = signer.sign(Checkpoint(self.origin, new_size, root).body())
+        await store.pg_advance(driver, new_size, root, note, now)
+        edge = set(merkle.frontier_ids(new_size))  # the next batch's frontier, once committed
+        self._next_frontier = (
+            new_size,
+            {i: h for i, h in frontier.items() if i in edge}
+            | {i: h for i, h in nodes if i in edge},
+        )
+        return _Batch(size, new_size, root, note, now, [], nodes, [], ids)
 
     async def _prepare(
         self, conn: Any, signer: Signer, state: tuple[int, bytes], limit: int
@@ -346,10 +431,14 @@ class Ledger:
         total, limit = 0, self._settings.audit_integrate_batch
         while (done := await self.integrate()) is not None:
             total += done.count
+            # a full batch: more is pending, the next one is read without asking first (the flag
+            # is set and read with no await between: no other caller's integrate() sees it)
+            self._backlog = done.count >= limit
             if self._last_progress is not None:  # a backlog larger than one batch:
                 self._last_progress = time.monotonic()  # each integration is progress (readiness)
             if done.count < limit:
                 break
+        self._backlog = False
         return total
 
     async def run(self, stopping: asyncio.Event | None = None, idle: float | None = None) -> None:
