@@ -11,6 +11,7 @@ import asyncpg.connection
 import asyncpg.prepared_stmt
 import pytest
 from sqlalchemy import event as sa_event
+from sqlalchemy import text
 
 from tests.audit.ledger_helpers import append, event, export
 from trustplane.app import Services
@@ -166,3 +167,43 @@ async def test_a_batch_after_another_process_integrated_reads_the_tree_edge_afre
     assert latest is not None
     leaf_hashes = [base64.b64decode(r["leaf_hash"]) for r in records]
     assert merkle.root_of(leaf_hashes) == (latest.size, latest.root)
+
+
+async def test_an_entry_holding_a_nul_character_is_integrated(services: Services) -> None:
+    """A NUL character that reached an event (a request's field, escaped ``\\u0000`` in the
+    canonical entry) does not stop the sequencer: PostgreSQL's JSON types refuse that escape, so
+    the leaf columns taken from such an entry on the server hold U+FFFD in its place (a text
+    column cannot hold NUL at all); the entry itself, hashed and proved, is unchanged. Before, the
+    round failed and was retried for ever, and nothing after that entry was integrated."""
+    ledger = services.ledger
+    await ledger.integrate_all()  # what start-up wrote
+    before = await ledger.checkpoint()
+    assert before is not None
+    odd = [
+        event(1, subject="desk\x00one", transaction_id="txn-\x00"),
+        event(2, jti="jti-\x00-2"),  # in a field that is no leaf column
+        event(3, subject="back\\u0000slash"),  # the escape's text itself, not a NUL
+    ]
+    await append(services.db, [event(0), *odd, event(4)])
+    assert await ledger.integrate_all() == 5
+    records, note = await export(ledger)
+    assert verify_export(records, note, await ledger.verifier_key()).ok
+    entries = [r["entry"] for r in records[before.size :]]
+    assert [e["subject"] for e in entries[1:4]] == ["desk\x00one", "client-2", "back\\u0000slash"]
+    async with services.db.read() as conn:
+        rows = (
+            await conn.execute(
+                text(
+                    "SELECT subject, transaction_id FROM audit_leaves WHERE idx >= :n ORDER BY idx"
+                ),
+                {"n": before.size},
+            )
+        ).all()
+    nul = "\ufffd" if services.db.dialect == "postgresql" else "\x00"
+    assert [tuple(r) for r in rows] == [
+        ("client-0", "txn-0"),
+        (f"desk{nul}one", f"txn-{nul}"),
+        ("client-2", "txn-2"),
+        ("back\\u0000slash", "txn-3"),
+        ("client-4", "txn-4"),
+    ]

@@ -236,12 +236,17 @@ async def _insert_rows(conn: AsyncConnection, table: str, rows: Sequence[Sequenc
 #: node hashes as one ``bytea``: no per-row parameter encoding (asyncpg's array encoder checks
 #: every element against ``collections.abc``: a third of the integration's CPU). It answers how
 #: many pending rows it moved (the caller checks it is all of them).
+#: An entry holding a NUL character (a request's field, ``\u0000`` in the canonical JSON: no text
+#: column can hold it and PostgreSQL's JSON types refuse the escape) has its leaf columns taken
+#: with U+FFFD in the NUL's place (only an escape, not a backslash's ``\\u0000``); the entry
+#: itself is stored, hashed and proved as it is.
 PG_SLICE_SQL = (
     "WITH r AS (SELECT * FROM unnest($1::text::bigint[]) WITH ORDINALITY AS r(pid, o)), "
     "d AS (DELETE FROM audit_pending p USING r WHERE p.id = r.pid "
     "RETURNING r.o, p.entry, p.payload, p.salt), "
-    "j AS (SELECT $2::bigint + d.o - 1 AS idx, d.entry, d.entry::jsonb AS e, d.payload, d.salt "
-    "FROM d), "
+    "j AS (SELECT $2::bigint + d.o - 1 AS idx, d.entry, (CASE WHEN strpos(d.entry, '\\u0000') = 0 "
+    "THEN d.entry ELSE regexp_replace(d.entry, '(?<!\\\\)((?:\\\\\\\\)*)\\\\u0000', "
+    "'\\1\\\\ufffd', 'g') END)::jsonb AS e, d.payload, d.salt FROM d), "
     "l AS (INSERT INTO audit_leaves (idx, entry, event_id, type, time_ms, subject, client_id, "
     "partner, transaction_id, integrated_at) "
     "SELECT idx, entry, e->>'event_id', e->>'type', (e->>'time')::bigint, e->>'subject', "
