@@ -303,15 +303,20 @@ class Ledger:
             return None
         state = await store.read_state(conn)
         if state is None:  # a new log: the empty tree gets its checkpoint too
-            state = (0, merkle.EMPTY_ROOT)
-            now = _now()
-            await store.write_state(conn, 0, merkle.EMPTY_ROOT, now, new=True)
-            note = signer.sign(Checkpoint(self.origin, 0, merkle.EMPTY_ROOT).body())
-            await store.add_checkpoint(conn, 0, merkle.EMPTY_ROOT, note, now)
+            state = await self._start_log(conn, signer)
         batch = await self._prepare(conn, signer, state, limit)
         if batch is not None:
             await store.write_state(conn, batch.new_size, batch.root, batch.now, new=False)
         return batch
+
+    async def _start_log(self, conn: Any, signer: Signer) -> tuple[int, bytes]:
+        """A new log's state: the empty tree, with its signed checkpoint (in ``conn``'s open
+        transaction)."""
+        now = _now()
+        await store.write_state(conn, 0, merkle.EMPTY_ROOT, now, new=True)
+        note = signer.sign(Checkpoint(self.origin, 0, merkle.EMPTY_ROOT).body())
+        await store.add_checkpoint(conn, 0, merkle.EMPTY_ROOT, note, now)
+        return (0, merkle.EMPTY_ROOT)
 
     async def _pg_batch(self, conn: Any, signer: Signer, limit: int) -> _Batch | None:
         """PostgreSQL: the round in the open transaction ``conn``, on its asyncpg connection
@@ -333,11 +338,7 @@ class Ledger:
             raise RuntimeError("the sequencer's transaction is not open")
         state, rows = await store.pg_state_and_pending(driver, limit)
         if state is None:  # a new log: the empty tree gets its checkpoint too
-            state = (0, merkle.EMPTY_ROOT)
-            now = _now()
-            await store.write_state(conn, 0, merkle.EMPTY_ROOT, now, new=True)
-            note = signer.sign(Checkpoint(self.origin, 0, merkle.EMPTY_ROOT).body())
-            await store.add_checkpoint(conn, 0, merkle.EMPTY_ROOT, note, now)
+            state = await self._start_log(conn, signer)
             rows = list(await store.pg_take_pending(driver, limit))
         size, now = state[0], _now()
         if not rows:

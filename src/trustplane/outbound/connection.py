@@ -35,7 +35,19 @@ from trustplane.outbound.errors import OutboundRefused
 KEEPALIVE_EXPIRY = 2.0
 
 
-class GuardedBackend(httpcore.AsyncNetworkBackend):
+class _TcpOnly(httpcore.AsyncNetworkBackend):
+    """A backend that connects TCP only: a unix socket is never connected."""
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise OutboundRefused("refused_address", "unix sockets are never connected")
+
+
+class GuardedBackend(_TcpOnly):
     def __init__(
         self,
         resolver: Resolver | None = None,
@@ -89,14 +101,6 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
             if reason is not None:
                 raise OutboundRefused("refused_address", f"{host} resolves to {answer}: {reason}")
         return answers
-
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        raise OutboundRefused("refused_address", "unix sockets are never connected")
 
     async def sleep(self, seconds: float) -> None:
         await self._inner.sleep(seconds)
@@ -161,7 +165,7 @@ class CoalescingStream(httpcore.AsyncNetworkStream):
         return self._inner.get_extra_info(info)
 
 
-class AsyncioBackend(httpcore.AsyncNetworkBackend):
+class AsyncioBackend(_TcpOnly):
     """httpcore's network backend on asyncio's own streams (TCP_NODELAY, as asyncio sets it), in
     place of its anyio one: the same errors (``ConnectError``, ``ReadTimeout``...), without anyio's
     cancel scope per read and write and its checkpoints (each one more turn of the event loop)."""
@@ -186,14 +190,6 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         for option in socket_options or ():
             sock.setsockopt(*option)
         return AsyncioStream(reader, writer)
-
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        raise OutboundRefused("refused_address", "unix sockets are never connected")
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
