@@ -40,13 +40,21 @@ def arguments(
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--rest", type=float, default=1.0)
-    ap.add_argument("--bodies", type=int, default=40000, help="pre-generated requests per rep")
+    ap.add_argument(
+        "--bodies",
+        type=int,
+        help="pre-generated single-use requests per rep (default: 10,000 per second of --duration, "
+        "above what a 2-core machine serves: a body sent twice is refused as a replay, and those "
+        "quick refusals would count as throughput)",
+    )
     ap.add_argument("--json", type=Path, help="append a JSON summary line to this file")
     if extra is not None:
         extra(ap)
     args = ap.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is required (apt-get install wrk)")
+    if args.bodies is None:
+        args.bodies = 10_000 * max(args.duration, args.warmup)
     return args
 
 
