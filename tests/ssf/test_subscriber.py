@@ -4,6 +4,8 @@ that it reuses a stream it already has, and that a transmitter claiming another 
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from trustplane.ssf.subscriber import ASSERTION_TYPE, REQUESTED, Subscriber
 from trustplane.ssf.transmitter import PUSH
 from trustplane.storage.migrate import upgrade
 
+wall_clock = time.time
 PARTNER = "https://idp.partner-a.example"
 RECEIVER = "http://127.0.0.1:8000/ssf/receiver"
 
@@ -122,3 +125,46 @@ async def test_a_transmitter_claiming_another_issuer_is_refused(services: Servic
     assert state.stream_id is None
     assert state.error == "the transmitter's issuer is not one of the partner's issuers"
     assert [r.url.path for r in seen] == ["/.well-known/ssf-configuration"]  # no token asked
+
+
+async def test_the_loop_sleeps_until_a_reload_or_its_interval(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After its first round the subscriber looks again only when the registry reloads (a new
+    profile version subscribes again at once) or its interval passes: no short poll of the
+    registry in between (the old loop looked five times a second)."""
+    from trustplane.ssf import subscriber as module
+
+    looks: list[float] = []
+
+    class Clock:
+        time = staticmethod(wall_clock)
+
+        @staticmethod
+        def monotonic() -> float:
+            looks.append(time.monotonic())
+            return time.monotonic()
+
+    monkeypatch.setattr(module, "time", Clock)
+    made, profile = subscriber(services, transmitter([], []))
+    stopping = asyncio.Event()
+    running = asyncio.create_task(made.run(stopping))
+
+    async def until(what: Callable[[], bool]) -> None:
+        for _ in range(500):
+            if what():
+                return
+            await asyncio.sleep(0.01)
+        pytest.fail("timed out")
+
+    try:
+        await until(lambda: "partner-a" in made.subscriptions)
+        settled = len(looks)
+        await asyncio.sleep(0.6)  # idle: three looks of the old loop
+        assert len(looks) == settled
+        newer = build_profile(profile.document, [], version=2)
+        services.federation.registry.replace_all([newer])
+        await until(lambda: made.subscriptions["partner-a"].version == 2)
+    finally:
+        stopping.set()
+        await asyncio.wait_for(running, 5)

@@ -19,6 +19,7 @@ jwt-bearer grant (RFC 7523 §2.1, §3) and for token exchange (RFC 8693 ``subjec
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any, NewType, TypeGuard
@@ -138,6 +139,9 @@ class PartnerRegistry:
         self._by_issuer: dict[str, TrustProfile] = {}
         self._remote_ok: dict[str, bool] = {}
         self.generation = 0
+        #: set at every reload (the SSF subscriber waits on it instead of polling ``generation``);
+        #: a waiter clears it before it looks at the profiles
+        self.reloaded = asyncio.Event()
 
     def replace_all(self, profiles: list[TrustProfile]) -> None:
         self._by_id = {p.partner_id: p for p in profiles}
@@ -148,6 +152,7 @@ class PartnerRegistry:
             if p.jwks_uri
         }
         self.generation += 1
+        self.reloaded.set()
 
     def get(self, partner_id: str) -> TrustProfile | None:
         return self._by_id.get(partner_id)

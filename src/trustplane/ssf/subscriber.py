@@ -16,7 +16,6 @@ interval``); a new or changed profile is picked up when the registry reloads.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import time
 from dataclasses import dataclass
@@ -66,16 +65,27 @@ class Subscriber:
         self.subscriptions: dict[str, Subscription] = {}
 
     async def run(self, stopping: asyncio.Event) -> None:
+        """A round at start, at every registry reload and every ``interval`` seconds; asleep
+        in between (it waits on the reload, not on a short poll of the registry)."""
         seen = -1
         next_round = 0.0
+        reloaded = self._partners.reloaded
         while not stopping.is_set():
+            reloaded.clear()  # before the look: a reload from here on wakes the wait below
             now = time.monotonic()
             if self._partners.generation != seen or now >= next_round:
                 seen = self._partners.generation
                 next_round = now + self._interval
                 await self.round()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), 0.2)
+                continue  # a reload during the round is seen by the next look
+            waits = [asyncio.ensure_future(e.wait()) for e in (stopping, reloaded)]
+            try:
+                await asyncio.wait(
+                    waits, timeout=next_round - now, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                for waiting in waits:
+                    waiting.cancel()
 
     async def round(self) -> None:
         """Subscribe where a profile asks for it and no stream is known for its version."""
