@@ -8,6 +8,7 @@ import os
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,12 +180,21 @@ class SplitWorld:
     mandates: Mandates
 
 
-@pytest.fixture
-async def split(split_urls: dict[str, str]) -> AsyncIterator[SplitWorld]:
-    stores = await split_stores(split_urls)
+@asynccontextmanager
+async def split_world(urls: Mapping[str, str]) -> AsyncIterator[SplitWorld]:
+    """The four owners' stores on ``urls`` with the hand-off between them (disposed after)."""
+    stores = await split_stores(urls)
     dispatcher = Dispatcher.between(stores.by_service(), upstreams(stores))
     pdp, mandates = RecordingPdp(), Mandates()
     services = TradeServices(stores, mandates, handoff=dispatcher)
-    yield SplitWorld(stores, services, dispatcher, pdp, mandates)
-    for store in stores.distinct():
-        await store.db.dispose()
+    try:
+        yield SplitWorld(stores, services, dispatcher, pdp, mandates)
+    finally:
+        for store in stores.distinct():
+            await store.db.dispose()
+
+
+@pytest.fixture
+async def split(split_urls: dict[str, str]) -> AsyncIterator[SplitWorld]:
+    async with split_world(split_urls) as world:
+        yield world

@@ -16,18 +16,14 @@ import pytest
 from tests.reference.conftest import (
     EVENTS_ISSUER,
     ORDER,
-    Mandates,
-    RecordingPdp,
     SplitWorld,
     caller,
-    split_stores,
-    upstreams,
+    split_world,
 )
 from tests.reference.test_handoff import Calls
 from trustplane.reference import handoff, machine
 from trustplane.reference.events import Envelope, EventSigner
 from trustplane.reference.handoff import Dispatcher, Upstream
-from trustplane.reference.services import TradeServices
 from trustplane.reference.store import TradeStore
 from trustplane.storage.db import Database
 
@@ -39,13 +35,8 @@ ALLOC = [{"account": "SUB-1", "quantity": "1000"}]
 
 @pytest.fixture
 async def pg_split(pg_service_databases: dict[str, str]) -> AsyncIterator[SplitWorld]:
-    stores = await split_stores(pg_service_databases)
-    dispatcher = Dispatcher.between(stores.by_service(), upstreams(stores))
-    pdp, mandates = RecordingPdp(), Mandates()
-    services = TradeServices(stores, mandates, handoff=dispatcher)
-    yield SplitWorld(stores, services, dispatcher, pdp, mandates)
-    for store in stores.distinct():
-        await store.db.dispose()
+    async with split_world(pg_service_databases) as world:
+        yield world
 
 
 def count_reads(split: SplitWorld, monkeypatch: pytest.MonkeyPatch) -> Calls:
