@@ -139,6 +139,31 @@ def _target(settings: Settings, name: str) -> str:
     return f"{parts.hostname or ''}:{parts.port or ''}"
 
 
+#: Tables whose rows are deleted about as fast as they are inserted (the ledger's pending entries,
+#: expired single-use ``jti`` values, codes and revocations, published SSF outbox rows): without
+#: vacuum their dead rows grow with the traffic and every read goes through them.
+CHURN_TABLES = (
+    "audit_pending",
+    "used_jtis",
+    "authorization_codes",
+    "revoked_tokens",
+    "ssf_outbox",
+)
+#: Dead rows in one churn table above which the start-up check warns (autovacuum's default trigger
+#: for a near-empty table is 50 dead rows: this many means vacuum is not keeping up).
+DEAD_ROWS_WARNING = 100_000
+
+_VACUUM_STATE = """
+SELECT c.relname, COALESCE(s.n_dead_tup, 0),
+       COALESCE('autovacuum_enabled=false' = ANY (c.reloptions), false)
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = current_schema()
+LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
+WHERE c.relkind = 'r' AND c.relname = ANY (:tables)
+ORDER BY c.relname
+"""
+
+
 async def _postgresql(settings: Settings) -> None:
     from sqlalchemy import text
     from sqlalchemy.ext.asyncio import create_async_engine
@@ -149,9 +174,40 @@ async def _postgresql(settings: Settings) -> None:
     engine = create_async_engine(async_url(settings.effective_database_url), poolclass=NullPool)
     try:
         async with engine.connect() as conn:
-            await conn.execute(text("SELECT 1"))
+            server_on = (await conn.execute(text("SELECT current_setting('autovacuum')"))).scalar()
+            tables = (await conn.execute(text(_VACUUM_STATE), {"tables": list(CHURN_TABLES)})).all()
     finally:
         await engine.dispose()
+    warn_vacuum(server_on == "on", [(str(t[0]), int(t[1]), bool(t[2])) for t in tables])
+
+
+def warn_vacuum(server_on: bool, tables: list[tuple[str, int, bool]]) -> list[str]:
+    """Warn at start when PostgreSQL will not vacuum the churn tables (``autovacuum`` off on the
+    server, or ``autovacuum_enabled = false`` on a table) or when one already holds more than
+    :data:`DEAD_ROWS_WARNING` dead rows (docs/operations.md "Backups"). ``tables``: (name, dead
+    rows, autovacuum disabled on the table). Returns the events logged."""
+    log = structlog.get_logger(LOGGER)
+    events = []
+    off = [name for name, _dead, disabled in tables if disabled or not server_on]
+    if off:
+        events.append("database_autovacuum_off")
+        log.warning(
+            "database_autovacuum_off",
+            scope="server" if not server_on else "table",
+            tables=off,
+            consequence="dead rows of these tables grow with the traffic; run VACUUM or turn "
+            "autovacuum on (docs/operations.md, Backups)",
+        )
+    bloated = {name: dead for name, dead, _disabled in tables if dead > DEAD_ROWS_WARNING}
+    if bloated:
+        events.append("database_dead_rows")
+        log.warning(
+            "database_dead_rows",
+            dead_rows=bloated,
+            threshold=DEAD_ROWS_WARNING,
+            consequence="reads of these tables slow down; run VACUUM (docs/operations.md, Backups)",
+        )
+    return events
 
 
 async def _redis(settings: Settings) -> None:
