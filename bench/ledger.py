@@ -557,7 +557,13 @@ async def run(kind: str, args: argparse.Namespace) -> None:
             url, drop = await fresh_database(kind, where, args.pg_name)
             kek, build = new_kek_text(), True
         svc = Services.build(settings_for(url, tmp, kek))
+        started = time.perf_counter()
         await svc.start()
+        if not build:  # a server started on this log: it reads the nodes it keeps for proofs
+            row(
+                "server start (the tree nodes kept read into memory)",
+                f"{time.perf_counter() - started:.2f} s",
+            )
         freeze_after_start()  # as a server process does once started (trustplane.startup)
         try:
             if build:
