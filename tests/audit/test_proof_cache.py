@@ -103,6 +103,24 @@ async def test_once_warm_every_proof_is_served_from_memory(
         assert await ledger.consistency(old, size) == subproof(old, leaves, True), old
 
 
+async def test_a_starting_server_reads_the_lower_levels_in_the_background(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await append(services.db, [event(i) for i in range(40)])
+    await services.ledger.integrate_all()
+    leaves = await leaf_hashes(services.ledger)
+    size = len(leaves)
+    ledger = Ledger(services.settings, services.db, services.ledger._kek)
+    await ledger.start()
+    filling = ledger._nodes._filling
+    assert filling is not None
+    await ledger.warm()  # waits for it, then reads what is left (nothing)
+    assert filling.done()
+    no_reads(ledger, monkeypatch)
+    for index in range(size):
+        assert await ledger.inclusion(index, size) == path(index, leaves), index
+
+
 async def test_the_sequencer_keeps_the_lower_nodes_it_commits(
     services: Services, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -140,6 +140,9 @@ class ProofNodes:
         """Read into memory the lower levels' nodes of the tree of ``size`` (which exists) that
         are not there yet, each level's missing run in statements of :data:`FILL_CHUNK` nodes;
         returns how many were read. A level whose run comes back incomplete stays as it was."""
+        running = self._filling
+        if running is not None and running is not asyncio.current_task():
+            await asyncio.wait([running])  # its end (not cancelled if this caller is)
         lower, read = self._lower, 0
         lower.grown(size)
         for level in range(lower.levels - 1, lower.floor - 1, -1):  # the smallest levels first
@@ -166,6 +169,10 @@ class ProofNodes:
             rows = await self._rows(store.nodes_run_sql(self._db.dialect), (start, end))
             n, blob = len(rows), b"".join(bytes(r[0]) for r in rows)
         return blob if n == count and len(blob) == 32 * count else None
+
+    def fill_later(self, size: int) -> None:
+        """:meth:`fill` up to ``size`` (which exists) in a task of its own (one at a time)."""
+        self._catch_up(size)
 
     def _catch_up(self, size: int) -> None:
         """Start filling the lower levels up to ``size`` in a task of its own (one at a time), if
