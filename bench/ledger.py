@@ -28,7 +28,8 @@
    runs it) integrates them, first with no proof asked (the sequencer's own rate), then (after a
    second backlog) while proofs against the checkpoint of before are asked one at a time, and then
    (a third) from 16 tasks. The provers ask back to back, so proofs that need no database take the
-   loop's CPU from the sequencer: compare its rates at the same proof count, or its rate alone.
+   loop's CPU from the sequencer: compare its rate alone, or at the same proofs per second
+   (``--proof-rate R``: at most R proofs/s in all, each task on its own schedule).
    Beside them, in the same window: the control
    step, the event loop's lag (a task sleeping 1 ms and timing its overshoot: how long the loop was
    kept from the proof's answer; its worst is the longest the loop was held), the CPU the loop's
@@ -433,8 +434,9 @@ async def loop_lag(until: asyncio.Future[Any], lags: list[float]) -> None:
         lags.append(time.perf_counter() - t0 - 0.001)
 
 
-async def during_integration(svc: Services, backlog: int) -> None:
-    print(f"proofs while the sequencer integrates a backlog of {backlog:,} entries:")
+async def during_integration(svc: Services, backlog: int, rate: float = 0) -> None:
+    paced = f", at most {rate:,.0f} proofs/s" if rate else ""
+    print(f"proofs while the sequencer integrates a backlog of {backlog:,} entries{paced}:")
     for tasks in (0, 1, 16):
         if svc.db.dialect == "postgresql":
             # what autovacuum does (it is off on the development server): without it the
@@ -443,11 +445,12 @@ async def during_integration(svc: Services, backlog: int) -> None:
             async with svc.db.autocommit_engine.connect() as conn:
                 await conn.exec_driver_sql("VACUUM audit_pending")
         await fill_backlog(svc, backlog)
-        await _during_one(svc.ledger, tasks)
+        await _during_one(svc.ledger, tasks, rate)
 
 
-async def _during_one(ledger: Any, tasks: int) -> None:
-    """Proofs from ``tasks`` tasks while ``integrate_all`` runs; one line of figures each."""
+async def _during_one(ledger: Any, tasks: int, rate: float = 0) -> None:
+    """Proofs from ``tasks`` tasks while ``integrate_all`` runs (``rate``: at most that many
+    proofs per second in all, each task on its own schedule); one line of figures each."""
     latest = await ledger.checkpoint()
     assert latest is not None
     size = latest.size
@@ -461,7 +464,11 @@ async def _during_one(ledger: Any, tasks: int) -> None:
     lag = asyncio.ensure_future(loop_lag(seq, lags))
 
     async def prover() -> None:
+        due = time.perf_counter()
         while not seq.done():
+            if rate:  # on schedule: the time a proof waits for its slot is not counted
+                due += tasks / rate
+                await asyncio.sleep(max(0.0, due - time.perf_counter()))
             t0, c0 = time.perf_counter(), time.thread_time()
             await ledger.inclusion(random.randrange(size), size)
             times.append(time.perf_counter() - t0)
@@ -584,7 +591,7 @@ async def run(kind: str, args: argparse.Namespace) -> None:
                     drop = None
             await proofs_and_queries(svc, tmp, args.samples, skip)
             if args.backlog:
-                await during_integration(svc, args.backlog)
+                await during_integration(svc, args.backlog, args.proof_rate)
         finally:
             await svc.stop()
             if drop is not None:
@@ -613,11 +620,18 @@ def main() -> None:
         "--skip", type=int, action="append", default=[], choices=[5, 6], help="skip section 5 or 6"
     )
     parser.add_argument(
+        "--proof-rate",
+        type=float,
+        default=0,
+        help="section 7: at most this many proofs per second in all (0, default: back to back); "
+        "compare the sequencer's rate at the same proofs served",
+    )
+    parser.add_argument(
         "--backlog",
         type=int,
         default=0,
         help="section 7: proofs while the sequencer integrates this many pending entries "
-        "(twice: one proof at a time, then 16 at once); 0 (default) leaves it out",
+        "(three times: no proof, one at a time, then 16 at once); 0 (default) leaves it out",
     )
     args = parser.parse_args()
     if args.keep:
