@@ -1,4 +1,5 @@
-"""The tree nodes a proof needs, read in one statement, and the upper nodes kept in memory.
+"""The tree nodes a proof needs: kept in memory (the upper levels, and the lower ones as far as a
+budget allows), the rest read in one statement.
 
 A node is the hash of a perfect subtree (:mod:`trustplane.audit.merkle`): it is written once, by the
 integration that completes its subtree, and never changed (``audit_tree`` is append-only: triggers
@@ -11,12 +12,15 @@ A proof at size ``n`` needs about ``log2 n`` nodes, one per level; the upper lev
 every proof (there are few of them), the lower ones are nearly all different. So the nodes from
 :data:`MIN_LEVEL` up are kept: about ``2n / 2**MIN_LEVEL`` of them (7,800 per million entries, about
 1 MB), at most :data:`MAX_CACHED` (about 34 MB; past 33M entries the lowest kept levels are read
-like the others). :meth:`ProofNodes.load_upper` reads them all in one statement (a range of ids:
+like the others). The levels below are kept too, as dense prefixes bounded by
+``audit_proof_cache_mb`` (:class:`LowerLevels`; about 64 bytes per entry for all of them): once
+they reach a tree size, a proof at that size reads nothing. :meth:`ProofNodes.load_upper` reads
+the upper nodes in one statement (a range of ids:
 ``level << 48 | index`` puts every upper node above ``MIN_LEVEL << 48``) when a server starts;
 nodes completed later enter as the sequencer commits them, or when a proof first reads them. The
 right edge of a tree size (its perfect subtrees below ``MIN_LEVEL``, one per set bit) is in nearly
 every proof at that size, so the edges of the sizes recently proved are kept too (at most
-:data:`MAX_EDGE` nodes). The rest (``MIN_LEVEL`` nodes per proof) are read in one statement, with
+:data:`MAX_EDGE` nodes). The rest (at most ``MIN_LEVEL`` nodes per proof) are read in one statement, with
 no transaction around it (a single statement needs none, and nodes do not change).
 
 On a SQLite file that statement runs on the calling thread, one per proof: a primary-key lookup of
@@ -61,7 +65,8 @@ FLIGHTS = 2
 #: Bytes of the lower levels' hashes kept by default (``audit_proof_cache_mb``: 128 MiB holds
 #: every node of a tree of 2M entries).
 CACHE_BYTES = 128 << 20
-#: Nodes one statement of :meth:`ProofNodes.fill` reads (one ``bytea`` of 512 KiB on PostgreSQL).
+#: Nodes one statement of :meth:`ProofNodes.fill` reads (one ``bytea`` of 512 KiB on PostgreSQL;
+#: on a SQLite file a quarter: its rows are read on the loop's thread, about 2 ms).
 FILL_CHUNK = 16_384
 _MASK = (1 << merkle.LEVEL_SHIFT) - 1
 
@@ -150,7 +155,7 @@ class ProofNodes:
             while (have := lower.count(level)) < want:
                 if level < lower.floor:  # the tree grew meanwhile: this level left the budget
                     break
-                end = min(want, have + FILL_CHUNK)
+                end = min(want, have + (FILL_CHUNK if self._pg else FILL_CHUNK // 4))
                 blob = await self._run(merkle.node_id(level, have), merkle.node_id(level, end))
                 if blob is None or not lower.extend(level, have, blob):
                     break
