@@ -25,8 +25,12 @@
    event, as ``GET /audit/transactions/{txn}`` does.
 7. Proofs during integration (``--backlog N``, 0 leaves it out): N entries are put in the pending
    table (not timed), then the sequencer's round (``Ledger.integrate_all``, as the background loop
-   runs it) integrates them while proofs against the checkpoint of before are asked, one at a time
-   and then (after a second backlog) from 16 tasks. Beside them, in the same window: the control
+   runs it) integrates them, first with no proof asked (the sequencer's own rate), then (after a
+   second backlog) while proofs against the checkpoint of before are asked one at a time, and then
+   (a third) from 16 tasks. The provers ask back to back, so proofs that need no database take the
+   loop's CPU from the sequencer: compare its rate alone, or at the same proofs per second
+   (``--proof-rate R``: at most R proofs/s in all, each task on its own schedule).
+   Beside them, in the same window: the control
    step, the event loop's lag (a task sleeping 1 ms and timing its overshoot: how long the loop was
    kept from the proof's answer; its worst is the longest the loop was held), the CPU the loop's
    thread spent while each lone proof was asked (the proof's own and whatever ran meanwhile: a
@@ -42,7 +46,7 @@
       # measures on the kept log. Drop the kept database yourself (DROP DATABASE tp_x_ledger).
   python bench/ledger.py --db postgresql --keep /tmp/tp-ledger --skip 5   # proofs and queries only
   python bench/ledger.py --db postgresql --keep /tmp/tp-ledger --skip 5 --skip 6 --backlog 50000
-      # proofs while the sequencer integrates a backlog of 50,000 entries (the log grows by 100k)
+      # proofs while the sequencer integrates a backlog of 50,000 entries (the log grows by 150k)
 
 Numbers from a shared, loaded 2-vCPU machine are indicative only.
 """
@@ -430,9 +434,10 @@ async def loop_lag(until: asyncio.Future[Any], lags: list[float]) -> None:
         lags.append(time.perf_counter() - t0 - 0.001)
 
 
-async def during_integration(svc: Services, backlog: int) -> None:
-    print(f"proofs while the sequencer integrates a backlog of {backlog:,} entries:")
-    for tasks in (1, 16):
+async def during_integration(svc: Services, backlog: int, rate: float = 0) -> None:
+    paced = f", at most {rate:,.0f} proofs/s" if rate else ""
+    print(f"proofs while the sequencer integrates a backlog of {backlog:,} entries{paced}:")
+    for tasks in (0, 1, 16):
         if svc.db.dialect == "postgresql":
             # what autovacuum does (it is off on the development server): without it the
             # pending table's dead rows of earlier runs (millions) make every read of it walk
@@ -440,11 +445,12 @@ async def during_integration(svc: Services, backlog: int) -> None:
             async with svc.db.autocommit_engine.connect() as conn:
                 await conn.exec_driver_sql("VACUUM audit_pending")
         await fill_backlog(svc, backlog)
-        await _during_one(svc.ledger, tasks)
+        await _during_one(svc.ledger, tasks, rate)
 
 
-async def _during_one(ledger: Any, tasks: int) -> None:
-    """Proofs from ``tasks`` tasks while ``integrate_all`` runs; one line of figures each."""
+async def _during_one(ledger: Any, tasks: int, rate: float = 0) -> None:
+    """Proofs from ``tasks`` tasks while ``integrate_all`` runs (``rate``: at most that many
+    proofs per second in all, each task on its own schedule); one line of figures each."""
     latest = await ledger.checkpoint()
     assert latest is not None
     size = latest.size
@@ -458,7 +464,11 @@ async def _during_one(ledger: Any, tasks: int) -> None:
     lag = asyncio.ensure_future(loop_lag(seq, lags))
 
     async def prover() -> None:
+        due = time.perf_counter()
         while not seq.done():
+            if rate:  # on schedule: the time a proof waits for its slot is not counted
+                due += tasks / rate
+                await asyncio.sleep(max(0.0, due - time.perf_counter()))
             t0, c0 = time.perf_counter(), time.thread_time()
             await ledger.inclusion(random.randrange(size), size)
             times.append(time.perf_counter() - t0)
@@ -472,12 +482,15 @@ async def _during_one(ledger: Any, tasks: int) -> None:
     integrated = await seq
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     await lag
-    label = "one at a time" if tasks == 1 else "16 concurrent"
-    row(
-        f"  {label}: proofs, p50 / p99",
-        f"{len(times):,}, {pct(times, 0.5) * 1e3:.2f} / {pct(times, 0.99) * 1e3:.2f} ms",
-        f"<= 2 ms   (load {os.getloadavg()[0]:.1f})",
-    )
+    if tasks:
+        label = "one at a time" if tasks == 1 else f"{tasks} concurrent"
+        row(
+            f"  {label}: proofs, p50 / p99",
+            f"{len(times):,}, {pct(times, 0.5) * 1e3:.2f} / {pct(times, 0.99) * 1e3:.2f} ms",
+            f"<= 2 ms   (load {os.getloadavg()[0]:.1f})",
+        )
+    else:
+        row("  no proofs (the sequencer alone)", "", f"(load {os.getloadavg()[0]:.1f})")
     if control:
         row(
             "    control step in the same window p50 / p99",
@@ -557,7 +570,16 @@ async def run(kind: str, args: argparse.Namespace) -> None:
             url, drop = await fresh_database(kind, where, args.pg_name)
             kek, build = new_kek_text(), True
         svc = Services.build(settings_for(url, tmp, kek))
+        started = time.perf_counter()
         await svc.start()
+        if not build:  # a server started on this log: it reads the nodes it keeps for proofs
+            row("server start", f"{time.perf_counter() - started:.2f} s")
+            started = time.perf_counter()
+            await svc.ledger.warm()  # the lower levels a server reads after it started
+            row(
+                "  then the tree nodes kept read into memory",
+                f"{time.perf_counter() - started:.2f} s",
+            )
         freeze_after_start()  # as a server process does once started (trustplane.startup)
         try:
             if build:
@@ -569,7 +591,7 @@ async def run(kind: str, args: argparse.Namespace) -> None:
                     drop = None
             await proofs_and_queries(svc, tmp, args.samples, skip)
             if args.backlog:
-                await during_integration(svc, args.backlog)
+                await during_integration(svc, args.backlog, args.proof_rate)
         finally:
             await svc.stop()
             if drop is not None:
@@ -598,11 +620,18 @@ def main() -> None:
         "--skip", type=int, action="append", default=[], choices=[5, 6], help="skip section 5 or 6"
     )
     parser.add_argument(
+        "--proof-rate",
+        type=float,
+        default=0,
+        help="section 7: at most this many proofs per second in all (0, default: back to back); "
+        "compare the sequencer's rate at the same proofs served",
+    )
+    parser.add_argument(
         "--backlog",
         type=int,
         default=0,
         help="section 7: proofs while the sequencer integrates this many pending entries "
-        "(twice: one proof at a time, then 16 at once); 0 (default) leaves it out",
+        "(three times: no proof, one at a time, then 16 at once); 0 (default) leaves it out",
     )
     args = parser.parse_args()
     if args.keep:

@@ -255,6 +255,8 @@ class Settings(BaseSettings):
     )
     audit_integrate_interval: float = Field(default=0.2, gt=0, le=10)
     audit_integrate_batch: int = Field(default=2048, ge=1, le=50_000)
+    #: MiB of the lower tree levels' hashes each process keeps for proofs (docs/ledger.md).
+    audit_proof_cache_mb: int = Field(default=128, ge=0, le=65_536)
     audit_retention_days: dict[str, int] = Field(
         default_factory=dict,
         description='Event type (or "*" for the rest) -> days a payload is kept',

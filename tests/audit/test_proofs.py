@@ -27,7 +27,14 @@ from trustplane.audit import merkle, proof_nodes
 from trustplane.audit.ledger import Ledger
 from trustplane.audit.note import Verifier, open_checkpoint
 from trustplane.dependencies import database_failure
+from trustplane.settings import Settings
 from trustplane.storage.db import Database, async_url
+
+
+def uncached(settings: Settings) -> Settings:
+    """``settings`` with no lower level kept in memory: the proofs read those nodes from the
+    database (the path these tests look at)."""
+    return settings.model_copy(update={"audit_proof_cache_mb": 0})
 
 
 def mth(leaves: list[bytes]) -> bytes:
@@ -83,13 +90,17 @@ def test_inclusion_node_ids_equal_the_ranges_decomposed_at_large_sizes(seed: int
 
 
 @pytest.mark.parametrize("cached_from_level", [0, proof_nodes.MIN_LEVEL])
+@pytest.mark.parametrize("cache_mb", [0, 1])
 async def test_proofs_equal_the_rfc_recomputation_while_the_log_grows(
-    services: Services, monkeypatch: pytest.MonkeyPatch, cached_from_level: int
+    services: Services, monkeypatch: pytest.MonkeyPatch, cached_from_level: int, cache_mb: int
 ) -> None:
     """Level 0: every node read is kept, so each size after the first is proved partly from nodes
-    read at smaller sizes (a stale node would show here)."""
+    read at smaller sizes (a stale node would show here); ``cache_mb`` 1: the lower levels are
+    kept too, filled in the background as proofs miss them (served from memory or the database,
+    whichever has them first)."""
     monkeypatch.setattr(proof_nodes, "MIN_LEVEL", cached_from_level)
-    ledger = Ledger(services.settings, services.db, services.ledger._kek)
+    settings = services.settings.model_copy(update={"audit_proof_cache_mb": cache_mb})
+    ledger = Ledger(settings, services.db, services.ledger._kek)
     await services.ledger.integrate_all()
     sizes: list[int] = []
     for n, batch in enumerate([1, 1, 2, 3, 9, 16, 33]):
@@ -151,7 +162,7 @@ async def test_concurrent_proofs_on_postgresql_share_statements(
     svc, leaves = pg_log
     size = len(leaves)
     root = await signed_root(svc, size)
-    ledger = Ledger(svc.settings, svc.db, svc.ledger._kek)  # nothing in memory
+    ledger = Ledger(uncached(svc.settings), svc.db, svc.ledger._kek)  # nothing in memory
     await ledger.inclusion(0, size)  # it learns the tree size
     with counted_checkouts(svc) as checkouts:
         proofs = await asyncio.gather(*(ledger.inclusion(i, size) for i in range(size)))
@@ -169,7 +180,7 @@ async def test_a_cancelled_proof_does_not_cancel_the_others_sharing_its_statemen
 ) -> None:
     svc, leaves = pg_log
     size = len(leaves)
-    ledger = Ledger(svc.settings, svc.db, svc.ledger._kek)
+    ledger = Ledger(uncached(svc.settings), svc.db, svc.ledger._kek)
     await ledger.inclusion(0, size)
     tasks = [asyncio.create_task(ledger.inclusion(i, size)) for i in range(8)]
     await asyncio.sleep(0)  # every one waits for the shared statement
@@ -186,7 +197,7 @@ async def test_proofs_survive_their_pooled_connections_being_terminated(
 ) -> None:
     svc, leaves = pg_log
     size = len(leaves)
-    ledger = Ledger(svc.settings, svc.db, svc.ledger._kek)
+    ledger = Ledger(uncached(svc.settings), svc.db, svc.ledger._kek)
     assert await ledger.inclusion(3, size) == path(3, leaves)  # a pooled connection now exists
     admin = create_async_engine(async_url(svc.settings.effective_database_url))
     async with admin.connect() as conn:
@@ -236,7 +247,7 @@ async def test_a_lone_proof_is_one_statement_on_a_held_connection_without_sqlalc
     svc, leaves = pg_log
     size = len(leaves)
     root = await signed_root(svc, size)
-    ledger = Ledger(svc.settings, svc.db, svc.ledger._kek)
+    ledger = Ledger(uncached(svc.settings), svc.db, svc.ledger._kek)
     await ledger.inclusion(0, size)  # it learns the tree size, and opens a connection
     statements = held_statements(ledger)
     for index in (5, 22, 17):
@@ -255,7 +266,7 @@ async def test_a_proof_cancelled_mid_statement_drops_its_connection(
 ) -> None:
     svc, leaves = pg_log
     size = len(leaves)
-    ledger = Ledger(svc.settings, svc.db, svc.ledger._kek)
+    ledger = Ledger(uncached(svc.settings), svc.db, svc.ledger._kek)
     await ledger.inclusion(0, size)
     held = ledger._nodes._held
     assert held is not None
@@ -278,7 +289,7 @@ async def test_disposing_of_the_database_closes_the_held_connections(
 ) -> None:
     svc, leaves = pg_log
     size = len(leaves)
-    ledger = Ledger(svc.settings, svc.db, svc.ledger._kek)
+    ledger = Ledger(uncached(svc.settings), svc.db, svc.ledger._kek)
     assert await ledger.inclusion(2, size) == path(2, leaves)
     held = ledger._nodes._held
     assert held is not None
@@ -301,7 +312,7 @@ async def test_proofs_on_an_exhausted_database_fail_as_a_database_failure(
     url = svc.settings.effective_database_url.replace("postgres@", f"{role}@", 1)
     db = Database(url)
     try:
-        ledger = Ledger(svc.settings, db, svc.ledger._kek)
+        ledger = Ledger(uncached(svc.settings), db, svc.ledger._kek)
         with pytest.raises(sa_exc.DBAPIError) as caught:
             await ledger.inclusion(0, 37)
         assert database_failure(caught.value)
@@ -327,7 +338,7 @@ async def test_the_upper_nodes_are_read_at_once_and_proofs_still_equal_the_rfc(
     leaves = await leaf_hashes(services.ledger)
     size, upper = len(leaves), upper_nodes(leaves, 2)
     root = await signed_root(services, size)
-    ledger = Ledger(services.settings, services.db, services.ledger._kek)
+    ledger = Ledger(uncached(services.settings), services.db, services.ledger._kek)
     assert len(upper) > 8  # (37 leaves and the log key's creation: levels 2-5)
     assert await ledger.warm() == len(upper)
     assert ledger._nodes.cached(upper) == (upper, [])
@@ -346,7 +357,7 @@ async def test_the_upper_nodes_kept_are_bounded_highest_first(
     await append(services.db, [event(i) for i in range(37)])
     await services.ledger.integrate_all()
     leaves = await leaf_hashes(services.ledger)
-    ledger = Ledger(services.settings, services.db, services.ledger._kek)
+    ledger = Ledger(uncached(services.settings), services.db, services.ledger._kek)
     assert await ledger.warm() == 5
     top = dict(sorted(upper_nodes(leaves, 2).items())[-5:])
     assert ledger._nodes.cached(top) == (top, [])
@@ -359,7 +370,7 @@ async def test_the_sequencer_keeps_the_upper_nodes_it_commits(
     services: Services, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(proof_nodes, "MIN_LEVEL", 2)
-    ledger = Ledger(services.settings, services.db, services.ledger._kek)
+    ledger = Ledger(uncached(services.settings), services.db, services.ledger._kek)
     await ledger.integrate_all()
     await append(services.db, [event(i) for i in range(37)])
     await ledger.integrate_all()
@@ -376,7 +387,7 @@ async def test_a_failing_proof_statement_fails_every_proof_sharing_it_as_sqlalch
     database is lost), not asyncpg's own; the proofs after it are served."""
     svc, leaves = pg_log
     size = len(leaves)
-    ledger = Ledger(svc.settings, svc.db, svc.ledger._kek)
+    ledger = Ledger(uncached(svc.settings), svc.db, svc.ledger._kek)
     await ledger.inclusion(0, size)
     assert ledger._nodes._held is not None
     before = set(ledger._nodes._held._open)
@@ -400,7 +411,7 @@ async def test_the_right_edge_of_a_size_proved_is_kept(
     await services.ledger.integrate_all()
     leaves = await leaf_hashes(services.ledger)
     size = len(leaves)
-    ledger = Ledger(services.settings, services.db, services.ledger._kek)
+    ledger = Ledger(uncached(services.settings), services.db, services.ledger._kek)
     edge = [i for i in merkle.frontier_ids(size) if i >> merkle.LEVEL_SHIFT < proof_nodes.MIN_LEVEL]
     assert len(edge) > 1
     assert ledger._nodes.cached(edge)[1] == sorted(edge)

@@ -1,4 +1,5 @@
-"""The tree nodes a proof needs, read in one statement, and the upper nodes kept in memory.
+"""The tree nodes a proof needs: kept in memory (the upper levels, and the lower ones as far as a
+budget allows), the rest read in one statement.
 
 A node is the hash of a perfect subtree (:mod:`trustplane.audit.merkle`): it is written once, by the
 integration that completes its subtree, and never changed (``audit_tree`` is append-only: triggers
@@ -11,12 +12,15 @@ A proof at size ``n`` needs about ``log2 n`` nodes, one per level; the upper lev
 every proof (there are few of them), the lower ones are nearly all different. So the nodes from
 :data:`MIN_LEVEL` up are kept: about ``2n / 2**MIN_LEVEL`` of them (7,800 per million entries, about
 1 MB), at most :data:`MAX_CACHED` (about 34 MB; past 33M entries the lowest kept levels are read
-like the others). :meth:`ProofNodes.load_upper` reads them all in one statement (a range of ids:
+like the others). The levels below are kept too, as dense prefixes bounded by
+``audit_proof_cache_mb`` (:class:`LowerLevels`; about 64 bytes per entry for all of them): once
+they reach a tree size, a proof at that size reads nothing. :meth:`ProofNodes.load_upper` reads
+the upper nodes in one statement (a range of ids:
 ``level << 48 | index`` puts every upper node above ``MIN_LEVEL << 48``) when a server starts;
 nodes completed later enter as the sequencer commits them, or when a proof first reads them. The
 right edge of a tree size (its perfect subtrees below ``MIN_LEVEL``, one per set bit) is in nearly
 every proof at that size, so the edges of the sizes recently proved are kept too (at most
-:data:`MAX_EDGE` nodes). The rest (``MIN_LEVEL`` nodes per proof) are read in one statement, with
+:data:`MAX_EDGE` nodes). The rest (at most ``MIN_LEVEL`` nodes per proof) are read in one statement, with
 no transaction around it (a single statement needs none, and nodes do not change).
 
 On a SQLite file that statement runs on the calling thread, one per proof: a primary-key lookup of
@@ -58,6 +62,16 @@ MAX_CACHED = 1 << 18
 MAX_EDGE = 1024
 #: PostgreSQL: proof statements in flight at once (each on one pooled connection) by default.
 FLIGHTS = 2
+#: Bytes of the lower levels' hashes kept by default (``audit_proof_cache_mb``: 128 MiB holds
+#: every node of a tree of 2M entries).
+CACHE_BYTES = 128 << 20
+#: Nodes one statement of :meth:`ProofNodes.fill` reads (one ``bytea`` of 512 KiB on PostgreSQL;
+#: on a SQLite file a quarter: its rows are read on the loop's thread, about 2 ms).
+FILL_CHUNK = 16_384
+_MASK = (1 << merkle.LEVEL_SHIFT) - 1
+
+#: Nodes :meth:`ProofNodes.remember_committed` keeps between two turns of the event loop.
+SLICE_NODES = 512
 
 _PG_NODES_SQL = store.nodes_sql("postgresql", 0)
 
@@ -67,8 +81,12 @@ _Waiter = tuple[list[int], asyncio.Future[dict[int, bytes]]]
 class ProofNodes:
     """Tree nodes by id for proofs, and the tree size, each in one statement."""
 
-    def __init__(self, db: Database, *, flights: int = FLIGHTS) -> None:
+    def __init__(
+        self, db: Database, *, flights: int = FLIGHTS, cache_bytes: int = CACHE_BYTES
+    ) -> None:
         self._db = db
+        self._lower = LowerLevels(cache_bytes)
+        self._filling: asyncio.Task[None] | None = None
         self._flights = flights
         self._flying = 0
         #: PostgreSQL: the ids each waiting proof needs, for the next statement
@@ -89,9 +107,10 @@ class ProofNodes:
         """The nodes among ``ids`` held in memory, and the ids still to read (sorted)."""
         found: dict[int, bytes] = {}
         missing = []
-        cached, edge, upper = self._cached, self._edge, self._min_id
+        cached, edge, upper, lower = self._cached, self._edge, self._min_id, self._lower.get
         for i in ids:
-            h = (cached if i >= upper else edge).get(i)  # the edge kept is below MIN_LEVEL only
+            # below MIN_LEVEL: the dense prefixes of the lower levels, else the edge kept
+            h = cached.get(i) if i >= upper else lower(i) or edge.get(i)
             if h is None:
                 missing.append(i)
             else:
@@ -100,12 +119,76 @@ class ProofNodes:
         return found, missing
 
     def remember(self, nodes: Iterable[tuple[int, bytes]]) -> None:
-        """Keep the upper nodes among ``nodes`` (committed), while there is room."""
+        """Keep the upper nodes among ``nodes`` (committed), while there is room, and the lower
+        ones that extend a level's prefix (:class:`LowerLevels`)."""
         room, upper = MAX_CACHED - len(self._cached), self._min_id
-        for i, h in [node for node in nodes if node[0] >= upper]:  # 1 in 128: skip the rest fast
-            if room > 0 and i not in self._cached:
+        extend = self._lower.extend_one
+        for i, h in nodes:
+            if i < upper:
+                extend(i, h)
+            elif room > 0 and i not in self._cached:
                 self._cached[i] = h
                 room -= 1
+
+    async def remember_committed(self, nodes: Sequence[tuple[int, bytes]], size: int) -> None:
+        """:meth:`remember` the nodes a batch of this process's sequencer committed (the tree is
+        now at least ``size``), :data:`SLICE_NODES` at a time with the loop's turn between."""
+        self._lower.grown(size)
+        for first in range(0, len(nodes), SLICE_NODES):
+            if first:
+                await asyncio.sleep(0)
+            self.remember(nodes[first : first + SLICE_NODES])
+        if self._lower.lagging(size):  # another process integrated before this batch
+            self._catch_up(size)
+
+    async def fill(self, size: int) -> int:
+        """Read into memory the lower levels' nodes of the tree of ``size`` (which exists) that
+        are not there yet, each level's missing run in statements of :data:`FILL_CHUNK` nodes;
+        returns how many were read. A level whose run comes back incomplete stays as it was."""
+        running = self._filling
+        if running is not None and running is not asyncio.current_task():
+            await asyncio.wait([running])  # its end (not cancelled if this caller is)
+        lower, read = self._lower, 0
+        lower.grown(size)
+        for level in range(lower.levels - 1, lower.floor - 1, -1):  # the smallest levels first
+            want = size >> level
+            while (have := lower.count(level)) < want:
+                if level < lower.floor:  # the tree grew meanwhile: this level left the budget
+                    break
+                end = min(want, have + (FILL_CHUNK if self._pg else FILL_CHUNK // 4))
+                blob = await self._run(merkle.node_id(level, have), merkle.node_id(level, end))
+                if blob is None or not lower.extend(level, have, blob):
+                    break
+                read += end - have
+        return read
+
+    async def _run(self, start: int, end: int) -> bytes | None:
+        """The hashes of the nodes with ids ``start`` to ``end`` - 1, concatenated in id order;
+        None if any of them is missing."""
+        count = end - start
+        if self._pg:  # one bytea: no row to decode per node; SQLAlchemy's pool, not the proofs'
+            sql = store.PG_NODE_RUN_SQL
+            rows = await self._engine_rows(sql, (start, end))
+            n, blob = (int(rows[0][0]), bytes(rows[0][1] or b"")) if rows else (0, b"")
+        else:
+            rows = await self._rows(store.nodes_run_sql(self._db.dialect), (start, end))
+            n, blob = len(rows), b"".join(bytes(r[0]) for r in rows)
+        return blob if n == count and len(blob) == 32 * count else None
+
+    def fill_later(self, size: int) -> None:
+        """:meth:`fill` up to ``size`` (which exists) in a task of its own (one at a time)."""
+        self._catch_up(size)
+
+    def _catch_up(self, size: int) -> None:
+        """Start filling the lower levels up to ``size`` in a task of its own (one at a time), if
+        a proof at that size missed a node they should hold."""
+        if self._filling is None or self._filling.done():
+            task = asyncio.get_running_loop().create_task(self._fill_quietly(size), name="fill")
+            self._filling = task
+
+    async def _fill_quietly(self, size: int) -> None:
+        with contextlib.suppress(Exception):  # the proofs read from the database meanwhile
+            await self.fill(size)
 
     async def load_upper(self) -> int:
         """Read every node of level :data:`MIN_LEVEL` and above (the highest first, at most
@@ -133,7 +216,7 @@ class ProofNodes:
         self, plans: Sequence[Sequence[Sequence[int]]], size: int
     ) -> list[list[bytes]]:
         """Several proofs at tree ``size`` (:meth:`proof`), their nodes read together."""
-        nodes = await self.read({i for plan in plans for ids in plan for i in ids})
+        nodes = await self.read({i for plan in plans for ids in plan for i in ids}, size)
         self._keep_edge(size, nodes)
         fold = merkle.fold
         return [
@@ -153,9 +236,13 @@ class ProofNodes:
                     self._edge.clear()
                 self._edge[i] = h
 
-    async def read(self, ids: Iterable[int]) -> dict[int, bytes]:
-        """The nodes with ``ids`` that exist (a missing id is absent from the answer)."""
+    async def read(self, ids: Iterable[int], size: int = 0) -> dict[int, bytes]:
+        """The nodes with ``ids`` that exist (a missing id is absent from the answer); ``size``:
+        a tree size that exists, whose nodes these are (the lower levels are filled up to it in
+        the background if some of them were not in memory)."""
         found, missing = self.cached(ids)
+        if missing and size and self._lower.behind(missing):
+            self._catch_up(size)
         if missing and self._pg:
             alone = self._flying < self._flights and not self._waiting
             nodes = await (self._alone(missing) if alone else self._shared(missing))
@@ -263,6 +350,82 @@ class ProofNodes:
             except sqlite3.OperationalError:  # it would wait for a lock: take the thread instead
                 pass
         return await self._engine_rows(sql, params)
+
+
+class LowerLevels:
+    """The nodes of the levels below :data:`MIN_LEVEL`, each level a dense prefix: the hashes of
+    its nodes ``0 .. k-1``, 32 bytes each, in one ``bytearray`` (no object per node). A prefix only
+    grows by the node that follows it, so it never holds a gap, and since only nodes of complete
+    subtrees exist (and never change) every byte of it holds for every later tree size.
+
+    ``budget`` bounds the bytes kept: at a tree of ``n`` entries level ``L`` has ``n >> L`` nodes,
+    and the levels kept are the highest ones whose nodes fit in it together (all of them, about
+    ``64 n`` bytes, up to ``budget / 64`` entries). As the tree grows past that, the lowest level
+    kept is let go (its nodes are read from the database again): :attr:`floor` only rises."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.levels = MIN_LEVEL
+        #: The lowest level kept (``levels``: none, until a tree size is known).
+        self.floor = MIN_LEVEL
+        self._data = [bytearray() for _ in range(MIN_LEVEL)]
+        self._size = 0
+
+    def grown(self, size: int) -> None:
+        """The tree has reached ``size``: the levels that no longer fit the budget are dropped."""
+        if size <= self._size:
+            return
+        first, self._size = self._size == 0, size
+        floor, total = self.levels, 0
+        while floor > 0 and total + 32 * (size >> (floor - 1)) <= self.budget:
+            floor -= 1
+            total += 32 * (size >> floor)
+        floor = floor if first else max(self.floor, floor)
+        for level in range(min(floor, self.levels)):
+            self._data[level] = bytearray()
+        self.floor = floor
+
+    def count(self, level: int) -> int:
+        """How many nodes of ``level`` are kept (its prefix)."""
+        return len(self._data[level]) // 32
+
+    def get(self, i: int) -> bytes | None:
+        """The hash of node id ``i`` (below ``MIN_LEVEL``) if kept."""
+        data = self._data[i >> merkle.LEVEL_SHIFT]
+        at = (i & _MASK) * 32
+        return bytes(data[at : at + 32]) if at < len(data) else None
+
+    def extend_one(self, i: int, h: bytes) -> None:
+        """Keep node id ``i`` (below ``MIN_LEVEL``, committed) if it is the next of its level."""
+        level = i >> merkle.LEVEL_SHIFT
+        data = self._data[level]
+        if level >= self.floor and len(data) == (i & _MASK) * 32 and len(h) == 32:
+            data += h
+
+    def extend(self, level: int, start: int, blob: bytes) -> bool:
+        """Keep the committed nodes ``start ..`` of ``level`` (``blob``: their hashes in order)
+        beyond the prefix; False if they would leave a gap or the level is not kept."""
+        data = self._data[level]
+        have = len(data) // 32
+        if level < self.floor or start > have or len(blob) % 32:
+            return False
+        skip = (have - start) * 32
+        if skip < len(blob):
+            data += memoryview(blob)[skip:]
+        return True
+
+    def behind(self, ids: Iterable[int]) -> bool:
+        """Whether any of ``ids`` is of a level kept (it was missed: the prefix is behind)."""
+        floor, levels, shift = self.floor, self.levels, merkle.LEVEL_SHIFT
+        return any(floor <= i >> shift < levels for i in ids)
+
+    def lagging(self, size: int) -> bool:
+        """Whether a level kept holds fewer nodes than the tree of ``size`` has."""
+        return any(self.count(level) < size >> level for level in range(self.floor, self.levels))
+
+    @property
+    def bytes_kept(self) -> int:
+        return sum(len(data) for data in self._data)
 
 
 def _inline_reader(db: Database) -> sqlite3.Connection | None:

@@ -369,6 +369,21 @@ def nodes_sql(dialect: str, count: int) -> str:
     return f"SELECT id, hash FROM audit_tree WHERE id IN ({_in_list(dialect, count)})"  # noqa: S608
 
 
+#: PostgreSQL: how many nodes have an id from ``$1`` to ``$2`` - 1, and their hashes concatenated
+#: in id order (one ``bytea``: nothing decoded per node).
+PG_NODE_RUN_SQL = (
+    "SELECT count(*), string_agg(hash, ''::bytea ORDER BY id) FROM audit_tree "
+    "WHERE id >= $1 AND id < $2"
+)
+
+
+def nodes_run_sql(dialect: str) -> str:
+    """The hashes of the nodes with an id from the first parameter to the second (excluded), in
+    id order."""
+    p = _in_list(dialect, 2).split(", ")
+    return f"SELECT hash FROM audit_tree WHERE id >= {p[0]} AND id < {p[1]} ORDER BY id"  # noqa: S608 - constants
+
+
 def upper_nodes_sql(dialect: str) -> str:
     """The nodes with an id of at least the first parameter, the highest first, at most the second
     parameter of them: with ``id = level << 48 | index``, every node of a level and above."""
