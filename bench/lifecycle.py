@@ -62,7 +62,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import httpx  # the setup's few calls; the timed part uses _http1
 import orjson
@@ -71,6 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' live 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, token_endpoint, lifecycle_app
 from _common import free_port, wait_ready
 from _http1 import Answer, HttpError, Pool, origin_of, post
+from _pgcount import CountingProxy
 from token_endpoint import TICK, _create_pg_database, process_tree_ticks
 
 from tests.conftest import EXECUTION, KEK, LEI, ClientKit, run_sync, wait_until
@@ -503,6 +504,61 @@ class Meter:
         return {name: round(1000 * seconds / max(n, 1), 2) for name, seconds in cpu.items()}
 
 
+#: Seconds an idle PostgreSQL 15 backend may keep its statistics before it reports them (its
+#: ``PGSTAT_IDLE_INTERVAL``, 10 s): ``--count-pg`` waits this long before each snapshot.
+PGSTAT_FLUSH = 11.0
+
+
+def through_proxy(url: str) -> tuple[str, CountingProxy]:
+    """``url`` pointed at a new counting proxy in front of its server (bench/_pgcount.py)."""
+    parts = urlsplit(url)
+    proxy = CountingProxy(parts.hostname or "127.0.0.1", parts.port or 5432, free_port()).start()
+    user = f"{parts.username}@" if parts.username else ""
+    return urlunsplit(parts._replace(netloc=f"{user}127.0.0.1:{proxy.listen_port}")), proxy
+
+
+async def pg_counts(
+    conn: Any, proxies: dict[str, tuple[str, CountingProxy]], tables: Any
+) -> dict[str, Any]:
+    """Per database (by its label): the proxy's counts, and PostgreSQL's committed transactions and
+    rows written (``pg_stat_database``; read after ``PGSTAT_FLUSH``); ``tables``: a connection to
+    the deployment's database, whose rows written are also counted per table."""
+    await asyncio.sleep(PGSTAT_FLUSH)
+    await conn.execute("SELECT pg_stat_clear_snapshot()")
+    rows = await conn.fetch(
+        "SELECT datname, xact_commit, tup_inserted + tup_updated + tup_deleted AS written "
+        "FROM pg_stat_database WHERE datname = ANY($1::text[])",
+        [name for name, _ in proxies.values()],
+    )
+    stats = {row["datname"]: (row["xact_commit"], row["written"]) for row in rows}
+    found: dict[str, Any] = {
+        label: {**proxy.snapshot(), "commits": stats[name][0], "rows_written": stats[name][1]}
+        for label, (name, proxy) in proxies.items()
+    }
+    written = await tables.fetch(
+        "SELECT relname, n_tup_ins + n_tup_upd + n_tup_del AS written FROM pg_stat_user_tables"
+    )
+    found["tables"] = {row["relname"]: row["written"] for row in written}
+    return found
+
+
+def pg_per_lifecycle(before: dict[str, Any], after: dict[str, Any], n: int) -> dict[str, Any]:
+    keys = ("round_trips", "execute", "query", "commits", "rows_written")
+    n = max(n, 1)
+    found: dict[str, Any] = {
+        label: {k: round((after[label][k] - counts[k]) / n, 1) for k in keys}
+        for label, counts in before.items()
+        if label != "tables"
+    }
+    found["total"] = {k: round(sum(v[k] for v in found.values()), 1) for k in keys}
+    tables = {
+        name: round((rows - before["tables"].get(name, 0)) / n, 1)
+        for name, rows in after["tables"].items()
+    }
+    found["deployment_tables"] = {k: v for k, v in sorted(tables.items()) if v}
+    return found
+
+
 async def outbox_drained(ref_urls: dict[str, str]) -> int:
     """The rows not yet published, over the owners' outboxes."""
     from sqlalchemy import func, select
@@ -618,6 +674,14 @@ def print_phase(result: dict[str, Any]) -> None:
     ))  # fmt: skip
     cpu = result["cpu_ms_per_lifecycle"]
     print("    CPU ms/lifecycle: " + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items()))
+    for label, c in result.get("pg_per_lifecycle", {}).items():
+        if label == "deployment_tables":
+            print("    rows written per lifecycle in the deployment's database, by table: "
+                  + ", ".join(f"{table} {rows:g}" for table, rows in c.items()))  # fmt: skip
+            continue
+        print(f"    PostgreSQL per lifecycle, {label}: {c['execute']:.1f} statements (Execute) + "
+              f"{c['query']:.1f} simple queries, {c['round_trips']:.1f} round trips, "
+              f"{c['commits']:.1f} commits, {c['rows_written']:.1f} rows written")  # fmt: skip
     if "jetstream_ack" in result:
         ack = result["jetstream_ack"]
         print(f"    commit -> JetStream ack over {ack['n']} events: p50 {ack.get('p50_ms')} ms, "
@@ -675,6 +739,10 @@ async def drive(
     http = Pool(idle=CLIENT_IDLE, timeout=30)
     try:
         await meter.snapshot()  # its connection, before the phases
+        if ctx["proxies"]:  # the deployment's tables (pg_stat_user_tables is per database)
+            import asyncpg
+
+            ctx["tables"] = await asyncpg.connect(ctx["deployment_url"].replace("+asyncpg", ""))
         driver = Driver(deployment, http)
         await check_replay(driver, subjects.pop())
         for _ in range(args.warmup):
@@ -686,7 +754,12 @@ async def drive(
             batch, subjects[:] = subjects[: args.lifecycles], subjects[args.lifecycles :]
             prepared = [driver.prepare(subject) for subject in batch]  # before the timed part
             await asyncio.sleep(args.rest)
+            proxies, tables = ctx["proxies"], ctx.get("tables")
+            counts = await pg_counts(await meter._conn(), proxies, tables) if tables else None
             result = await phase(driver, meter, prepared, concurrency)
+            if tables and counts:
+                after = await pg_counts(await meter._conn(), proxies, tables)
+                result["pg_per_lifecycle"] = pg_per_lifecycle(counts, after, result["lifecycles"])
             if ctx["nats"]:
                 result["jetstream_ack"] = ms_stats(
                     await ack_latencies(deployment, ctx["ref_urls"], ctx["acks"])
@@ -696,6 +769,8 @@ async def drive(
     finally:
         http.close()
         await meter.close()
+        if ctx.get("tables") is not None:
+            await ctx["tables"].close()
     return results
 
 
@@ -781,14 +856,24 @@ def run_lifecycles(args: argparse.Namespace, work: Path, tag: str) -> dict[str, 
             cleanup.callback(lambda: asyncio.run(stream_counts(args.nats_url, prefix, delete=True)))
         run_sync(migrate())
         run_sync(create_schemas(ref_urls, work / "events.pem"))
+        proxies: dict[str, tuple[str, CountingProxy]] = {}
+        served_as, served_ref = as_url, dict(ref_urls)
+        if args.count_pg:  # every process's connections through a counting proxy per database
+            served_as, proxy = through_proxy(as_url)
+            proxies["deployment"] = (names[0], proxy)
+            for s in STORES:
+                served_ref[s], proxy = through_proxy(ref_urls[s])
+                proxies[s] = (f"tp_bench_lc_{tag}_{s}", proxy)
+            for _, proxy in proxies.values():
+                cleanup.callback(proxy.stop)
         servers = cleanup.enter_context(running_servers(work / "servers"))
         # the cache refresh interval at its default (the tests' live servers poll every 0.2 s)
-        auth, pdp = servers.start_cluster(2, as_url, cache_refresh_interval="1")
+        auth, pdp = servers.start_cluster(2, served_as, cache_refresh_interval="1")
         made = setup_clients(auth, pdp, work)
         deployment = Deployment(auth, pdp, made["desk"], made["approver"], made["mandate"])
         total = 1 + args.warmup + args.lifecycles * len(args.concurrency)
         subjects = subject_tokens(auth, deployment.desk, deployment.mandate, total)
-        cleanup.enter_context(services(deployment, ref_urls, nats, work))
+        cleanup.enter_context(services(deployment, served_ref, nats, work))
         print(
             f"lifecycle: 2 trustplane serve (token endpoint + introspection; AuthZEN PDP) on "
             f"PostgreSQL, 3 services (uvicorn, 1 worker each) with 4 stores on PostgreSQL, publisher "
@@ -797,7 +882,7 @@ def run_lifecycles(args: argparse.Namespace, work: Path, tag: str) -> dict[str, 
             flush=True,
         )
         ctx = {"databases": names, "nats": bool(nats), "ref_urls": ref_urls,
-               "acks": work / "acks.jsonl"}  # fmt: skip
+               "acks": work / "acks.jsonl", "proxies": proxies, "deployment_url": as_url}  # fmt: skip
         with asyncio.Runner(loop_factory=loop_factory()) as runner:
             phases = runner.run(drive(deployment, subjects, args, ctx))
         summary: dict[str, Any] = {"idle_cpu_ms_per_s": ctx["idle_cpu_ms_per_s"], "phases": phases}
@@ -836,6 +921,10 @@ def arguments() -> argparse.Namespace:
     ap.add_argument("--ssf-rounds", type=int, default=50, help="0: no revocation part")
     ap.add_argument("--quick", action="store_true",
                     help="concurrency 1 and 2, 1 warm-up, 3 revocation rounds")  # fmt: skip
+    ap.add_argument("--count-pg", action="store_true",
+                    help="count PostgreSQL statements, round trips, commits and rows written per "
+                         "lifecycle and database (a proxy in this process: its CPU is the driver's; "
+                         "11 s of waiting around each phase for PostgreSQL's statistics)")  # fmt: skip
     ap.add_argument("--json", type=Path, help="append the summary as one JSON line to this file")
     args = ap.parse_args()
     if args.quick:

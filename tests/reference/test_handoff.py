@@ -89,6 +89,72 @@ async def test_one_read_and_one_verification_per_event_for_every_route(
         assert [r.transition for r in await store.history("t-3")] == ["create"]
 
 
+def learning_side_by_side(
+    stores: dict[str, TradeStore], monkeypatch: pytest.MonkeyPatch
+) -> list[int]:
+    """Wrap the downstream stores' learns: each yields once to the loop inside; the returned list
+    gets the number of learns in flight at each entry."""
+    in_flight, seen = [0], []
+    for store in stores.values():
+        for name in ("learn", "learn_through"):
+            original = getattr(store, name)
+
+            async def learning(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+                in_flight[0] += 1
+                seen.append(in_flight[0])
+                try:
+                    await asyncio.sleep(0)
+                    return await _original(*args, **kwargs)
+                finally:
+                    in_flight[0] -= 1
+
+            monkeypatch.setattr(store, name, learning)
+    return seen
+
+
+async def test_the_routes_to_different_stores_learn_side_by_side(
+    split: SplitWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step waits for the slowest of its three learns, not for their sum: the routes to the
+    three downstream stores are in flight together (one after the other before: at most one)."""
+    stores, dispatcher = split.stores, from_execution(split)
+    downstream = {s: stores.by_service()[s] for s in DOWNSTREAM}
+    seen = learning_side_by_side(downstream, monkeypatch)
+    await create(stores.execution, "t-1")
+    assert await dispatcher.hand_off(machine.EXECUTION) == 3
+    assert max(seen) == 3
+    for store in downstream.values():
+        assert [r.transition for r in await store.history("t-1")] == ["create"]
+
+
+async def test_a_store_that_fails_holds_up_only_its_own_route(
+    split: SplitWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One downstream store failing: the others learn the event all the same, the failure is
+    raised after them (the service logs it; its cursor did not move, so the sweep delivers it)."""
+    stores, dispatcher = split.stores, from_execution(split)
+    consumer = f"execution@{EVENTS_ISSUER}"
+
+    async def down(*_args: Any, **_kwargs: Any) -> Any:
+        raise ConnectionError("the allocation store is down")
+
+    monkeypatch.setattr(stores.allocation, "learn_through", down)
+    await create(stores.execution, "t-1")
+    with pytest.raises(ConnectionError):
+        await dispatcher.hand_off(machine.EXECUTION)
+    for service in (machine.SETTLEMENT, machine.REPORTING):
+        store = stores.by_service()[service]
+        assert [r.transition for r in await store.history("t-1")] == ["create"], service
+    with pytest.raises(NotFound):
+        await stores.allocation.trade("t-1")
+    monkeypatch.undo()
+    assert await dispatcher.hand_off(machine.EXECUTION) == 1  # the sweep's retry: allocation only
+    assert [r.transition for r in await stores.allocation.history("t-1")] == ["create"]
+    last = (await stores.execution.events_after(0))[-1].seq
+    for service in DOWNSTREAM:
+        assert await stores.by_service()[service].cursor(consumer) == last, service
+
+
 async def test_the_store_s_cursor_is_the_truth_when_another_dispatcher_moved_it(
     split: SplitWorld, monkeypatch: pytest.MonkeyPatch
 ) -> None:

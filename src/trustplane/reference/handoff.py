@@ -217,12 +217,8 @@ class Dispatcher:
         kept = store.committed_through(low, seq) if low < seq else []
         if kept is None:
             return None
-        applied = 0
         checked: list[tuple[StoredEvent, Checked]] = [(e, payload_of(e.jws)) for e in kept]
-        for i in group:
-            todo = [(event, claims) for event, claims in checked if event.seq > cursors[i]]
-            if todo:
-                applied += await self._deliver(i, todo)
+        applied = await self._deliver_all(group, cursors, checked)
         store.forget_committed(min(self._cursors[i] for i in group))
         return applied
 
@@ -237,12 +233,37 @@ class Dispatcher:
             if not events:
                 return applied
             checked = [(event, _checked(event.jws, upstream)) for event in events]
-            for i in group:
-                todo = [(event, claims) for event, claims in checked if event.seq > cursors[i]]
-                if todo:
-                    applied += await self._deliver(i, todo)
+            applied += await self._deliver_all(group, cursors, checked)
             if len(events) < self.batch:
                 return applied
+
+    async def _deliver_all(
+        self, group: list[int], cursors: dict[int, int], checked: list[tuple[StoredEvent, Checked]]
+    ) -> int:
+        """Each route of ``group`` learns the events after its cursor; the routes to different
+        downstream stores side by side (each store its own database, its own connection: a step
+        waits for the slowest learn, not for the sum of the three), those to one store one after
+        the other. Every route runs to its end whatever happens to another (a store that cannot
+        be reached holds up only its own routes); the first failure is raised after all ended
+        (the caller logs it, the sweep delivers later). The number applied."""
+        chains: dict[int, list[tuple[int, list[tuple[StoredEvent, Checked]]]]] = {}
+        for i in group:
+            todo = [(event, claims) for event, claims in checked if event.seq > cursors[i]]
+            if todo:
+                chains.setdefault(id(self.routes[i].downstream), []).append((i, todo))
+
+        async def chain(routes: list[tuple[int, list[tuple[StoredEvent, Checked]]]]) -> int:
+            return sum([await self._deliver(i, todo) for i, todo in routes])
+
+        if len(chains) <= 1:
+            return sum([await chain(routes) for routes in chains.values()])
+        outcomes = await asyncio.gather(
+            *(chain(routes) for routes in chains.values()), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return sum(o for o in outcomes if isinstance(o, int))
 
     async def _cursor(self, i: int) -> int:
         if i not in self._cursors:
