@@ -48,6 +48,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pg_index_entries
 from _cluster import tree
 from _common import free_port, wait_ready
 from _pgcount import CountingProxy
@@ -83,6 +84,7 @@ class Target:
     pem: bytes = b""
     proc: Any = None
     proxy: CountingProxy | None = None
+    db_oid: int = 0
     runs: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -111,6 +113,14 @@ def setup(
     if pg_name and getattr(args, "pg_count", False):
         target.proxy = counted(env, pg_name)
     cli("migrate", env=env)
+    if pg_name and getattr(args, "wal", False):
+        target.db_oid = int(
+            admin_query(
+                env["TRUSTPLANE_DATABASE_URL"],
+                "CREATE EXTENSION IF NOT EXISTS pg_walinspect; "
+                "SELECT oid FROM pg_database WHERE datname = current_database()",
+            )[0][0]
+        )
     cli("clients", "keygen", "--out", str(work / "client"), "--kid", "bench-key", env=env)
     client = json.loads(
         cli(
@@ -154,23 +164,64 @@ def batch_histogram(target: Target) -> tuple[float, float]:
     return (float(total.group(1)) if total else 0.0, float(count.group(1)) if count else 0.0)
 
 
-def pg_backends(admin_url: str, name: str) -> list[int]:
-    async def query() -> list[int]:
-        from sqlalchemy import text
-        from sqlalchemy.ext.asyncio import create_async_engine
+def admin_query(url: str, sql: str, *params: Any) -> list[Any]:
+    """Rows of ``sql`` (its last statement if several, with no parameters then) on a new
+    connection to ``url``, retried for a while if the server has no connection to give (other
+    benches on the same server)."""
 
-        from trustplane.storage.db import async_url
+    async def query() -> list[Any]:
+        import asyncpg  # type: ignore[import-untyped]
 
-        engine = create_async_engine(async_url(admin_url))
-        async with engine.connect() as conn:
-            rows = await conn.execute(
-                text("SELECT pid FROM pg_stat_activity WHERE datname = :n"), {"n": name}
-            )
-            pids = [int(r[0]) for r in rows]
-        await engine.dispose()
-        return pids
+        for attempt in range(20):
+            try:
+                conn = await asyncpg.connect(url)
+                break
+            except asyncpg.exceptions.TooManyConnectionsError:
+                if attempt == 19:
+                    raise
+                await asyncio.sleep(0.5)
+        try:
+            if params or ";" not in sql:
+                return list(await conn.fetch(sql, *params))
+            *first, last = sql.split("; ")
+            for statement in first:
+                await conn.execute(statement)
+            return list(await conn.fetch(last))
+        finally:
+            await conn.close()
 
     return asyncio.run(query())
+
+
+def pg_backends(admin_url: str, name: str) -> list[int]:
+    sql = "SELECT pid FROM pg_stat_activity WHERE datname = $1"
+    return [int(r[0]) for r in admin_query(admin_url, sql, name)]
+
+
+def wal_lsn(admin_url: str) -> str:
+    return str(admin_query(admin_url, "SELECT pg_current_wal_lsn()::text")[0][0])
+
+
+def wal_bytes(url: str, oid: int, start: str, end: str) -> tuple[int, int] | None:
+    """(bytes, of which full-page images) of the WAL between ``start`` and ``end`` that touch the
+    relations of the database ``oid`` (``pg_walinspect``, installed in the database of ``url``;
+    other databases' WAL left out, and so are commit records, which name no relation). None if a
+    checkpoint has recycled the segments since ``start`` (other tenants' WAL)."""
+    import asyncpg
+
+    try:
+        row = admin_query(
+            url,
+            "SELECT coalesce(sum(record_length), 0), coalesce(sum(fpi_length), 0) "
+            "FROM pg_get_wal_records_info($1::text::pg_lsn, $2::text::pg_lsn) "
+            "WHERE block_ref LIKE $3",
+            start,
+            end,
+            f"%rel %/{oid}/%",
+        )[0]
+    except asyncpg.exceptions.UndefinedFileError:
+        return None
+    return int(row[0]), int(row[1])
 
 
 def ticks(pids: list[int]) -> dict[int, int]:
@@ -219,7 +270,9 @@ def measure(target: Target, connections: int, args: argparse.Namespace, rep: int
     hist_before = batch_histogram(target)
     load = os.getloadavg()[0]
     counts_before = target.proxy.snapshot() if target.proxy else {}
+    lsn_before = wal_lsn(args.database_url) if target.db_oid else ""
     writes_before = tree_write_calls(target.proc.pid)
+    server_before = process_tree_ticks(target.proc.pid)
     result: dict[str, Any] = dict(
         run_wrk(f"{target.issuer}/token", bodies, connections, args.duration, target.proc.pid)
     )
@@ -239,8 +292,25 @@ def measure(target: Target, connections: int, args: argparse.Namespace, rep: int
             during["round_trips"] * result["requests"] / max(commits, 1)
         )
         result.update({f"pg_{k}_until_idle": v for k, v in until_idle.items()})
+    wait_idle([target], args.idle_cap)  # the sequencer integrates what the run appended
+    pg_idle = ticks(pids)
+    server_idle = process_tree_ticks(target.proc.pid)
+    if target.db_oid:
+        own = args.database_url.rsplit("/", 1)[0] + f"/{target.pg_name}"  # has pg_walinspect
+        wal = wal_bytes(own, target.db_oid, lsn_before, wal_lsn(args.database_url))
+        if wal is not None:
+            result["wal_bytes_per_req"] = wal[0] / max(result["requests"], 1)
+            result["wal_fpi_bytes_per_req"] = wal[1] / max(result["requests"], 1)
     bodies.unlink()
     result.update(
+        cpu_ms_per_req_until_idle=1000.0
+        * (server_idle - server_before)
+        / TICK
+        / max(result["requests"], 1),
+        pg_cpu_ms_per_req_until_idle=1000.0
+        * sum(pg_idle[p] - pg_before.get(p, pg_idle[p]) for p in pg_idle)
+        / TICK
+        / max(result["requests"], 1),
         tree=target.tree,
         store=target.store,
         connections=connections,
@@ -259,7 +329,14 @@ def measure(target: Target, connections: int, args: argparse.Namespace, rep: int
         f"{result['rps']:7.0f}/s  p50 {result['p50_ms']:6.1f}  p99 {result['p99_ms']:6.1f} ms  "
         f"cpu {result['cpu_ms_per_req']:.3f}  pg {result['pg_cpu_ms_per_req']:.3f} ms/tok  "
         f"req/commit {result['requests_per_commit']:5.1f}  writes {result['writes_per_req']:.2f}  "
-        f"non-2xx {result['non_2xx']:.0f}  "
+        f"until idle: cpu {result['cpu_ms_per_req_until_idle']:.3f} "
+        f"pg {result['pg_cpu_ms_per_req_until_idle']:.3f}  "
+        + (
+            f"wal {result['wal_bytes_per_req']:.0f} B/tok  "
+            if "wal_bytes_per_req" in result
+            else ""
+        )
+        + f"non-2xx {result['non_2xx']:.0f}  "
         f"load {load:.2f}",
         flush=True,
     )
@@ -276,6 +353,7 @@ def measure(target: Target, connections: int, args: argparse.Namespace, rep: int
 def summarise(targets: list[Target]) -> None:
     keys = ("rps", "p50_ms", "p99_ms", "cpu_ms_per_req", "pg_cpu_ms_per_req")
     keys += ("requests_per_commit", "writes_per_req", "load1")
+    keys += ("cpu_ms_per_req_until_idle", "pg_cpu_ms_per_req_until_idle")
     statements = ("pg_round_trips", "pg_execute", "pg_parse", "pg_query")
     statements += ("pg_round_trips_per_commit",)
     print("\nmedians: store tree c | tokens/s p50 p99 | cpu/tok pg/tok | req/commit writes/tok | "
@@ -290,6 +368,21 @@ def summarise(targets: list[Target]) -> None:
                 f"{m['pg_cpu_ms_per_req']:.3f} | {m['requests_per_commit']:5.1f} "
                 f"{m['writes_per_req']:.2f} | "
                 f"{m['load1']:.2f} | {len(runs)}  (non-2xx {sum(r['non_2xx'] for r in runs):.0f})"
+            )
+            idle_total = m["cpu_ms_per_req_until_idle"] + m["pg_cpu_ms_per_req_until_idle"]
+            wal = [
+                r["wal_bytes_per_req"] - r["wal_fpi_bytes_per_req"]
+                for r in runs
+                if "wal_bytes_per_req" in r
+            ]
+            print(
+                f"    until idle: cpu/tok {m['cpu_ms_per_req_until_idle']:.3f} "
+                f"pg/tok {m['pg_cpu_ms_per_req_until_idle']:.3f} sum {idle_total:.3f}"
+                + (
+                    f"  WAL without full-page images {statistics.median(wal):.0f} B/tok"
+                    if wal
+                    else ""
+                )
             )
             if target.proxy is not None:
                 print("    per token (until idle): " + "  ".join(
@@ -315,6 +408,9 @@ def main() -> None:
     ap.add_argument("--port-base", type=int, default=int(os.environ.get("BENCH_PORT", "26100")))
     ap.add_argument("--json", type=Path)
     ap.add_argument("--pg-count", action="store_true", help="count PostgreSQL round trips")
+    ap.add_argument(
+        "--wal", action="store_true", help="WAL bytes per token (pg_walinspect), index entries"
+    )
     args = ap.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is required (apt-get install wrk)")
@@ -349,6 +445,10 @@ def main() -> None:
                 stop(target.proc)
             if target.proxy is not None:
                 target.proxy.stop()
+            if target.pg_name and target.db_oid:
+                print(f"\nindex entries, {target.tree}:", flush=True)
+                url = args.database_url.rsplit("/", 1)[0] + f"/{target.pg_name}"
+                asyncio.run(pg_index_entries.main(url))
             if target.pg_name:
                 asyncio.run(_create_pg_database(args.database_url, target.pg_name, drop=True))
         shutil.rmtree(root, ignore_errors=True)

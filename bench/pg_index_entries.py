@@ -4,7 +4,8 @@
 
 Per table, the rows written since the statistics were reset (``pg_stat_user_tables``: inserts plus
 the updates that were not HOT, each of which adds an entry to every index); per index, that many
-entries, times the fraction of the table's current rows its predicate admits for a partial index.
+entries, times the fraction of the table's current rows its predicate admits for a partial index
+(a BRIN index counts none: it holds one summary per block range, not an entry per row).
 Divided by the tokens: the client assertions consumed (``used_jtis`` inserts, one per
 client_credentials token). Run it on the database of a ``bench/hotpath.py`` server while it still
 exists (the bench drops it at the end).
@@ -31,8 +32,9 @@ async def main(url: str) -> None:
         if not tokens:
             raise SystemExit("no used_jtis rows: no tokens issued here")
         indexes = await conn.fetch(
-            "SELECT c.relname AS tbl, i.relname AS idx, pg_get_expr(x.indpred, x.indrelid) AS pred "
-            "FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid "
+            "SELECT c.relname AS tbl, i.relname AS idx, pg_get_expr(x.indpred, x.indrelid) AS pred, "
+            "a.amname AS am FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid "
+            "JOIN pg_am a ON a.oid = i.relam "
             "JOIN pg_class c ON c.oid = x.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
             "WHERE n.nspname = 'public' ORDER BY 1, 2"
         )
@@ -41,6 +43,9 @@ async def main(url: str) -> None:
         for r in indexes:
             written = tables.get(r["tbl"], 0)
             if not written:
+                continue
+            if r["am"] == "brin":  # one summary per block range, no entry per row
+                print(f"{r['tbl']:20} {r['idx']:36}   0.00  (BRIN: per block range)")
                 continue
             fraction = 1.0
             if r["pred"]:

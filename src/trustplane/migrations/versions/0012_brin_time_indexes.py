@@ -1,0 +1,50 @@
+"""block-range (BRIN) indexes on PostgreSQL for two columns that follow the insertion order: the
+ledger's ``audit_leaves.time_ms`` and the replay cache's ``used_jtis.expires_at`` (docs/operations.md)
+
+Each was a B-tree that every token wrote into (two ledger leaves and one ``jti`` per
+client_credentials token: 3 of its 22 index entries), and each is read only by ranges: the console's
+and retention's windows by time, the replay cache's prune of what expired. A BRIN index keeps one
+summary per block range instead of one entry per row: an insert into a summarized range touches it
+only if the row widens the range's bounds, an insert into the new tail touches nothing until the
+range is summarized (by autovacuum: ``autosummarize``; a query scans unsummarized ranges whole,
+so results never depend on it). SQLite keeps its B-trees (no BRIN there; ``postgresql_using``).
+
+Revision ID: 0012_brin_time_indexes
+Revises: 0011_partial_indexes
+Create Date: 2026-12-04 19:10:00
+"""
+
+from alembic import op
+
+revision = "0012_brin_time_indexes"
+down_revision = "0011_partial_indexes"
+branch_labels = None
+depends_on = None
+
+#: (table, index, column)
+_BRIN = (
+    ("audit_leaves", "ix_audit_leaves_time", "time_ms"),
+    ("used_jtis", "ix_used_jtis_expires_at", "expires_at"),
+)
+
+
+def upgrade() -> None:
+    if op.get_bind().dialect.name != "postgresql":
+        return
+    for table, name, column in _BRIN:
+        op.drop_index(name, table_name=table)
+        op.create_index(
+            name,
+            table,
+            [column],
+            postgresql_using="brin",
+            postgresql_with={"autosummarize": "on"},
+        )
+
+
+def downgrade() -> None:
+    if op.get_bind().dialect.name != "postgresql":
+        return
+    for table, name, column in _BRIN:
+        op.drop_index(name, table_name=table)
+        op.create_index(name, table, [column])
