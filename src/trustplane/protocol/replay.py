@@ -19,7 +19,6 @@ from typing import Any, Protocol
 from sqlalchemy import (
     BigInteger,
     Column,
-    Index,
     PrimaryKeyConstraint,
     String,
     Table,
@@ -40,15 +39,8 @@ used_jtis = Table(
     metadata,
     Column("issuer", String(256), nullable=False),
     Column("jti", String(256), nullable=False),
-    Column("expires_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=False, index=True),
     PrimaryKeyConstraint("issuer", "jti"),
-    # PostgreSQL: a block-range index (read only by the prune's range): migration 0012
-    Index(
-        "ix_used_jtis_expires_at",
-        "expires_at",
-        postgresql_using="brin",
-        postgresql_with={"autosummarize": "on"},
-    ),
 )
 
 

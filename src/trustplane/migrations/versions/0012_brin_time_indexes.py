@@ -1,9 +1,8 @@
-"""block-range (BRIN) indexes on PostgreSQL for two columns that follow the insertion order: the
-ledger's ``audit_leaves.time_ms`` and the replay cache's ``used_jtis.expires_at`` (docs/operations.md)
+"""a block-range (BRIN) index on PostgreSQL for the ledger's ``audit_leaves.time_ms``, which follows
+the insertion order of an append-only table (docs/operations.md)
 
-Each was a B-tree that every token wrote into (two ledger leaves and one ``jti`` per
-client_credentials token: 3 of its 22 index entries), and each is read only by ranges: the console's
-and retention's windows by time, the replay cache's prune of what expired. A BRIN index keeps one
+It was a B-tree that every token wrote into (two ledger leaves per client_credentials token: 2 of its
+22 index entries), read only by ranges: the console's and retention's windows by time. A BRIN index keeps one
 summary per block range instead of one entry per row: an insert into a summarized range touches it
 only if the row widens the range's bounds, an insert into the new tail touches nothing until the
 range is summarized (by autovacuum: ``autosummarize``; a query scans unsummarized ranges whole,
@@ -22,10 +21,7 @@ branch_labels = None
 depends_on = None
 
 #: (table, index, column)
-_BRIN = (
-    ("audit_leaves", "ix_audit_leaves_time", "time_ms"),
-    ("used_jtis", "ix_used_jtis_expires_at", "expires_at"),
-)
+_BRIN = (("audit_leaves", "ix_audit_leaves_time", "time_ms"),)
 
 
 def upgrade() -> None:
