@@ -2,8 +2,10 @@
 """Token exchange against client_credentials in process: ``TokenEndpoint.handle`` called directly
 (no HTTP, no wrk), ``--concurrency`` requests in flight, the two grants alternated in blocks in the
 same process. Per block: CPU per request (``time.process_time``: this process's threads, the
-group-commit writer's included; not PostgreSQL's), and the cyclic collector's collections and
-pause per request by generation (``gc.callbacks``).
+group-commit writer's included), on PostgreSQL also the CPU of the database's server processes
+serving this bench's database (``pg``: their ``/proc/<pid>/stat`` utime + stime; PostgreSQL must
+run on this machine), and the cyclic collector's collections and pause per request by generation
+(``gc.callbacks``).
 
 Diagnosis modes (one block of each grant, then exit):
 
@@ -75,6 +77,29 @@ async def _database(admin: str) -> tuple[str, str | None]:
     await upgrade(db)
     await db.dispose()
     return url, name
+
+
+async def _pg_seconds(admin: str, name: str | None) -> float:
+    """CPU seconds used so far by the PostgreSQL backends connected to database ``name`` (0 on
+    SQLite, or if their ``/proc`` entries cannot be read: PostgreSQL elsewhere)."""
+    if not name:
+        return 0.0
+    conn = await asyncpg.connect(admin)
+    try:
+        rows = await conn.fetch("SELECT pid FROM pg_stat_activity WHERE datname = $1", name)
+    finally:
+        await conn.close()
+    return sum(_ticks(row["pid"]) for row in rows) / os.sysconf("SC_CLK_TCK")
+
+
+def _ticks(pid: int) -> int:
+    """utime + stime of a process (fields 14 and 15 of ``/proc/<pid>/stat``); 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])
 
 
 async def _drop(admin: str, name: str | None) -> None:
@@ -335,15 +360,17 @@ async def main() -> None:
                 order.reverse()
             for label, grant in order:
                 forms = _forms(kit, grant, args.requests, subjects)
+                pg = await _pg_seconds(args.database_url, name)
                 cpu, n = await _block(services, forms, args.concurrency)
+                pg = await _pg_seconds(args.database_url, name) - pg
                 counts = [len(GC_CALLS[g]) for g in range(3)]
                 pause = [sum(GC_CALLS[g]) for g in range(3)]
                 row = (cpu / n * 1e6, *(c / n * 1000 for c in counts), sum(pause) / n * 1e6)
-                rows[label].append(row)
+                rows[label].append((*row, pg / n * 1e6))
                 print(
-                    f"block {block} {label:<18} cpu {row[0]:7.0f} us/req  gc per 1000 req "
-                    f"gen0 {row[1]:5.1f} gen1 {row[2]:4.1f} gen2 {row[3]:4.2f}  "
-                    f"gc pause {row[4]:5.1f} us/req  load {os.getloadavg()[0]:.2f}",
+                    f"block {block} {label:<18} cpu {row[0]:7.0f} us/req  pg {pg / n * 1e6:5.0f} "
+                    f"us/req  gc per 1000 req gen0 {row[1]:5.1f} gen1 {row[2]:4.1f} gen2 "
+                    f"{row[3]:4.2f}  gc pause {row[4]:5.1f} us/req  load {os.getloadavg()[0]:.2f}",
                     flush=True,
                 )
         print("medians:")
@@ -351,8 +378,10 @@ async def main() -> None:
             cpu = statistics.median(r[0] for r in values)
             g0 = statistics.median(r[1] for r in values)
             pause = statistics.median(r[4] for r in values)
+            pg = statistics.median(r[5] for r in values)
             print(
-                f"  {label:<18} cpu {cpu:7.0f} us/req  gen0/1000 {g0:5.1f}  gc {pause:5.1f} us/req"
+                f"  {label:<18} cpu {cpu:7.0f} us/req  pg {pg:5.0f} us/req  gen0/1000 {g0:5.1f}  "
+                f"gc {pause:5.1f} us/req"
             )
         ex = statistics.median(r[0] for r in rows["exchange"])
         cc = statistics.median(r[0] for r in rows["client_credentials"])

@@ -4,7 +4,9 @@
 A bench supplies ``setup(env, work) -> (client_id, secrets)`` (register what the grant needs, before
 the server starts) and ``write_bodies(path, n, grant_type, ctx)`` (pre-generate ``n`` single-use
 request bodies for ``grant_type``); this module starts the server, runs warm-up plus ``--reps``
-repetitions of each grant with wrk, and prints and returns the summary with the ratio.
+repetitions of each grant with wrk, the two grants alternated (A B, B A, ...), and prints and
+returns the summary with the ratio (medians; ``ratios``: each repetition's pair, the rate ratio of
+the grant to the client_credentials run beside it).
 """
 
 from __future__ import annotations
@@ -58,30 +60,49 @@ def arguments(
     return args
 
 
-def _reps(
+def _rep(
     label: str,
     grant_type: str,
+    rep: int,
     pid: int,
     args: argparse.Namespace,
     ctx: dict[str, Any],
     write_bodies: WriteBodies,
-) -> list[dict[str, float]]:
-    results = []
+) -> dict[str, float] | None:
+    """One repetition of ``grant_type`` (rep 0 warms up and is discarded: None)."""
+    bodies = Path(ctx["work"]) / f"{label}-{rep}.bodies"
+    write_bodies(bodies, args.bodies, grant_type, ctx)
+    time.sleep(args.rest)
+    duration = args.warmup if rep == 0 else args.duration
+    result = te.run_wrk(f"{ctx['issuer']}/token", bodies, args.connections, duration, pid)
+    bodies.unlink()
+    if not rep:
+        return None
+    print(
+        f"  {label:<18} rep {rep}: {result['rps']:8.0f} req/s  p50 {result['p50_ms']:6.1f} ms"
+        f"  p99 {result['p99_ms']:6.1f} ms  cpu {result['cpu_ms_per_req']:.3f} ms/req"
+        f"  non-2xx {result['non_2xx']:.0f}",
+        flush=True,
+    )
+    return result
+
+
+def _alternated(
+    grants: list[tuple[str, str]],
+    pid: int,
+    args: argparse.Namespace,
+    ctx: dict[str, Any],
+    write_bodies: WriteBodies,
+) -> dict[str, list[dict[str, float]]]:
+    """Every repetition runs each grant once, in turn, the order reversed every other repetition
+    (A B, B A, ...): a load that drifts during the run (other processes on the machine) weighs on
+    both grants alike instead of on whichever ran last."""
+    results: dict[str, list[dict[str, float]]] = {label: [] for label, _ in grants}
     for rep in range(args.reps + 1):  # rep 0 warms up and is discarded
-        bodies = Path(ctx["work"]) / f"{label}-{rep}.bodies"
-        write_bodies(bodies, args.bodies, grant_type, ctx)
-        time.sleep(args.rest)
-        duration = args.warmup if rep == 0 else args.duration
-        result = te.run_wrk(f"{ctx['issuer']}/token", bodies, args.connections, duration, pid)
-        bodies.unlink()
-        if rep:
-            results.append(result)
-            print(
-                f"  {label:<18} rep {rep}: {result['rps']:8.0f} req/s  p50 {result['p50_ms']:6.1f} ms"
-                f"  p99 {result['p99_ms']:6.1f} ms  cpu {result['cpu_ms_per_req']:.3f} ms/req"
-                f"  non-2xx {result['non_2xx']:.0f}",
-                flush=True,
-            )
+        for label, grant_type in grants if rep % 2 == 0 else grants[::-1]:
+            result = _rep(label, grant_type, rep, pid, args, ctx, write_bodies)
+            if result is not None:
+                results[label].append(result)
     return results
 
 
@@ -114,8 +135,9 @@ def run(
             flush=True,
         )
         ctx = {"work": work, "issuer": issuer, "client_id": client_id, "secrets": secrets}
-        cc = _reps("client_credentials", "client_credentials", server.pid, args, ctx, write_bodies)
-        grant = _reps(name, grant_type, server.pid, args, ctx, write_bodies)
+        grants = [("client_credentials", "client_credentials"), (name, grant_type)]
+        measured = _alternated(grants, server.pid, args, ctx, write_bodies)
+        cc, grant = measured["client_credentials"], measured[name]
         summary: dict[str, Any] = {
             "store": store,
             "workers": args.workers,
@@ -133,6 +155,8 @@ def run(
         summary["ratio_to_client_credentials"] = (
             summary[f"{name}_per_s"] / summary["client_credentials_per_s"]
         )
+        summary["ratios"] = [round(g["rps"] / c["rps"], 3) for g, c in zip(grant, cc, strict=True)]
+        summary["cpu_ratio"] = summary[f"{name}_cpu_ms"] / summary["client_credentials_cpu_ms"]
         print(json.dumps(summary, indent=2))
         if summary["non_2xx"]:
             keep = True

@@ -258,11 +258,12 @@ async def test_a_poison_request_fails_alone_and_its_batch_mates_are_issued(db: D
     assert (len(pending), len(decisions)) == (4, 2)
 
 
-async def test_events_an_observer_writes_for_go_the_transactional_way(
+async def test_rows_the_derivation_index_writes_for_ride_in_the_statement(
     db: Database, observed: Any
 ) -> None:
     """A token issued from a partner's assertion (a jwt-bearer grant: only fresh jtis as
-    conditions) is indexed by the SSF observer, in the same transaction as its record."""
+    conditions) is indexed by the SSF observer in the batch's one statement. Fails on the old
+    code: ``BEGIN``, the upsert, the ledger insert, the observer's insert, ``COMMIT``."""
     origin = {"origin": {"iss": "https://idp.example", "sub": "alice"}, "exp": 2**31}
     outcome = Outcome(
         event=_issued(0, origin),
@@ -275,11 +276,35 @@ async def test_events_an_observer_writes_for_go_the_transactional_way(
     finally:
         await writer.stop()
 
-    # BEGIN, the upsert, the ledger insert, the observer's insert, COMMIT
-    assert sorted(sent) == sorted(["BEGIN", "INSERT", "INSERT", "INSERT", "COMMIT"])
+    assert sent == ["WITH"]
     pending, _, used, derived = await _stored(db)
     assert (len(pending), len(used)) == (3, 2)  # the warm-up's issuance and decision too
     assert derived == [("t0", "https://idp.example", "alice")]
+
+
+async def test_events_another_observer_writes_for_go_the_transactional_way(db: Database) -> None:
+    """An observer that writes with the connection itself (no ``pg_insert``): the batch runs as a
+    transaction, the observer's insert in it."""
+    written: list[str] = []
+
+    async def observer(conn: AsyncConnection, events: Sequence[AuditEvent]) -> None:
+        for e in events:
+            if e.jti == "t0":
+                await conn.exec_driver_sql("SELECT 1")
+                written.append(e.jti)
+
+    outcome = _outcomes(["j0"])[0]
+    writer, sent = await _counted(db)
+    sink.OBSERVERS.append(observer)
+    try:
+        assert await writer.submit("token_outcome", outcome) is None
+    finally:
+        sink.OBSERVERS.remove(observer)
+        await writer.stop()
+
+    assert "BEGIN" in sent
+    assert "COMMIT" in sent
+    assert written == ["t0"]
 
 
 async def test_of_two_workers_racing_with_one_jti_exactly_one_issues(pg_url: str) -> None:

@@ -446,6 +446,71 @@ async def test_revoked_subject_token_is_invalid_request(ex: Exchange) -> None:
     assert (await ex.refusal(client_jti))["reason_ids"] == ["revoked"]
 
 
+async def test_a_revocation_landing_while_the_exchange_waits_for_its_write_refuses_it(
+    ex: Exchange, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The subject token passed every check of the grant, then is revoked before the exchange's
+    outcome is written: the write reads the revocation and the exchange is refused (PostgreSQL:
+    in the batch's one statement)."""
+    subject = ex.own()
+    endpoint = ex.server.services.token_endpoint
+    record, waiting, go = endpoint._outcomes.record, asyncio.Event(), asyncio.Event()
+
+    async def held(outcome: Any) -> Any:
+        waiting.set()
+        await go.wait()
+        return await record(outcome)
+
+    monkeypatch.setattr(endpoint._outcomes, "record", held)
+    exchange = asyncio.ensure_future(ex.post(subject))
+    await waiting.wait()
+    monkeypatch.setattr(endpoint._outcomes, "record", record)  # the revocation's own writes
+    revoke = await ex.server.http.post("/revoke", data={"token": subject, **ex.kit.auth()})
+    assert revoke.status_code == 200, revoke.text
+    go.set()
+    response, client_jti = await exchange
+
+    assert error_of(response) == (400, "invalid_request")
+    assert (await ex.refusal(client_jti))["reason_ids"] == ["revoked"]
+
+
+async def test_exchanges_racing_a_revocation_are_issued_or_refused_whole(ex: Exchange) -> None:
+    """Exchanges of one subject token in flight while it is revoked: each is either issued (its
+    ledger entry and its derivation row written) or refused as revoked (its refusal written, no
+    derivation row); every exchange sent after the revocation answered is refused."""
+    subject = ex.own()
+    db = ex.server.services.db
+
+    async def revoke() -> httpx.Response:
+        await asyncio.sleep(0)
+        return await ex.server.http.post("/revoke", data={"token": subject, **ex.kit.auth()})
+
+    *racing, revoked = await asyncio.gather(*(ex.post(subject) for _ in range(24)), revoke())
+    assert revoked.status_code == 200, revoked.text
+    after = await asyncio.gather(*(ex.post(subject) for _ in range(4)))
+
+    async with db.read() as conn:
+        rows = await conn.exec_driver_sql(
+            "SELECT jti FROM ssf_derivations WHERE origin_jti = ?"
+            if conn.dialect.name == "sqlite"
+            else "SELECT jti FROM ssf_derivations WHERE origin_jti = $1",
+            (claims_of(subject)["jti"],),
+        )
+        derived = [row[0] for row in rows]
+    issued = [r for r, _ in racing + after if r.status_code == 200]
+    assert len(derived) == len(issued)  # none for a refused exchange
+    for response, client_jti in racing + after:
+        if response.status_code == 200:
+            jti = claims_of(response.json()["access_token"])["jti"]
+            assert jti in derived
+            events = await recent_events(db, 200, "oauth:token:issued")
+            assert [e for e in events if e["jti"] == jti]
+        else:
+            assert error_of(response) == (400, "invalid_request"), response.text
+            assert (await ex.refusal(client_jti))["reason_ids"] == ["revoked"]
+    assert [error_of(r) for r, _ in after] == [(400, "invalid_request")] * 4
+
+
 def subject_tokens(ex: Exchange) -> SubjectTokens:
     grant = ex.server.services.token_endpoint._grants[TOKEN_EXCHANGE]
     assert isinstance(grant, TokenExchangeGrant)

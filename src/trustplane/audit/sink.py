@@ -184,3 +184,30 @@ async def observers_write_nothing(events: Sequence[AuditEvent]) -> bool:
         if probe.touched:  # the observer caught what using the connection raised
             return False
     return True
+
+
+async def observer_inserts(
+    events: Sequence[AuditEvent], first: int
+) -> list[tuple[str, Sequence[Any]]] | None:
+    """PostgreSQL: what the registered observers would write for ``events``, as inserts to ride in
+    a statement of the caller's (their parameters numbered from ``first``, one's after the
+    other's): an observer with a ``pg_insert(events, first)`` gives its insert (or None: nothing
+    to write); any other must leave the connection alone (:func:`observers_write_nothing`). None
+    if one would write otherwise: the batch then runs as a transaction."""
+    inserts: list[tuple[str, Sequence[Any]]] = []
+    for observer in OBSERVERS:
+        as_insert = getattr(observer, "pg_insert", None)
+        if as_insert is None:
+            probe = _NoConnection()
+            try:
+                await observer(cast(AsyncConnection, probe), events)
+            except _Touched:
+                return None
+            if probe.touched:
+                return None
+            continue
+        insert = as_insert(events, first)
+        if insert is not None:
+            inserts.append(insert)
+            first += len(insert[1])
+    return inserts

@@ -11,14 +11,16 @@ query for every token the batch rests on, then one insert for the chosen events.
 
 On PostgreSQL the common batch is one statement (:func:`record_alone`), sent on the writer's
 autocommit connection with no ``BEGIN`` or ``COMMIT``: the ``jti`` upsert with the decisions'
-inputs and the ledger's pending rows of the "issued" events as data-modifying CTEs, and a last step
-that fails the statement unless every ``jti`` was fresh. One round trip, atomic and durable when it
-returns (``synchronous_commit`` on). A batch with a ``jti`` already used writes nothing there and
-runs the transactional way (:func:`record_batch`), which records the refusals; so does a batch
-with a revocation condition (token exchange), or one whose events an audit-sink observer would
-write for. That way (SQLite's too) a batch is ``BEGIN``, the upsert (the decisions' inputs riding
-in its statement on PostgreSQL: they are recorded whatever the upsert finds), the revocation
-query if any, the ledger insert and ``COMMIT``.
+inputs, the ledger's pending rows of the "issued" events and the audit-sink observers' rows (the
+SSF derivation index of a token exchange) as data-modifying CTEs, and a last step that fails the
+statement unless every ``jti`` was fresh and no token the batch rests on is revoked (read in the
+statement's snapshot). One round trip, atomic and durable when it returns (``synchronous_commit``
+on). A batch with a ``jti`` already used or a revoked token writes nothing there and runs the
+transactional way (:func:`record_batch`), which records the refusals; so does one whose events an
+observer would write for other than as such an insert. That way (SQLite's too) a batch is
+``BEGIN``, the upsert (the decisions' inputs riding in its statement on PostgreSQL: they are
+recorded whatever the upsert finds), the revocation query if any, the ledger insert and
+``COMMIT``.
 
 Either all are durable or none is, and a request pays for one round trip to the writer instead of
 several. Every ``jti`` is consumed whatever the decision (an assertion is single-use even when the
@@ -38,7 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from trustplane.audit.sink import (
     APPEND_WAKES,
     APPENDED,
-    observers_write_nothing,
+    observer_inserts,
     pending_row,
     write_events,
 )
@@ -153,29 +155,37 @@ async def record_batch(
 
 async def record_alone(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> list[None] | None:
     """The writer's single-statement handler (PostgreSQL, a batch of token outcomes alone, on its
-    autocommit connection): every ``jti`` claimed, the decisions' inputs and the ledger's pending
-    rows of the outcomes' events and the decisions' in one statement, committed when it returns
-    (every condition held). None, with nothing written: the batch runs in a transaction
-    (:func:`record_batch`), because an outcome rests on a token that may be revoked, an audit-sink
-    observer would write for these events, or a ``jti`` was not fresh."""
+    autocommit connection): every ``jti`` claimed, the decisions' inputs, the ledger's pending
+    rows of the outcomes' events and the decisions', and what the audit-sink observers index for
+    them (the SSF derivation rows of a token exchange) in one statement, whose last step also
+    checks that none of the tokens the batch rests on (:class:`NotRevoked`) is revoked; committed
+    when it returns (every condition held). None, with nothing written: the batch runs in a
+    transaction (:func:`record_batch`), because a ``jti`` was not fresh, a token it rests on is
+    revoked, or an observer would write for these events other than as an insert of the
+    statement."""
     uses: list[ReplayUse] = []
+    unrevoked: list[str] = []
     for outcome in outcomes:
         for condition in outcome.conditions:
-            if not isinstance(condition, ConsumeJti):
-                return None
-            uses.append(condition.key)
+            if isinstance(condition, ConsumeJti):
+                uses.append(condition.key)
+            else:
+                unrevoked.append(condition.key)
     decisions = [d for o in outcomes for d in o.decisions]
     events = [o.event for o in outcomes] + [d.event for d in decisions]
-    if not await observers_write_nothing(events):
-        return None
     alongside: list[tuple[str, Sequence[Any]]] = []
     first = 5  # the upsert's own parameters are $1-$4
     if decisions:
         alongside.append(inputs := pg_inputs_insert(decisions, first=first))
         first += len(inputs[1])
-    alongside.append(pg_pending_insert([pending_row(e) for e in events], first=first))
+    alongside.append(pending := pg_pending_insert([pending_row(e) for e in events], first=first))
+    observed = await observer_inserts(events, first + len(pending[1]))
+    if observed is None:
+        return None
+    alongside += observed
     try:
-        await claim_all((await conn.get_raw_connection()).driver_connection, uses, alongside)
+        driver = (await conn.get_raw_connection()).driver_connection
+        await claim_all(driver, uses, alongside, unrevoked)
     except Replayed:
         return None
     _appended(len(events))

@@ -125,41 +125,59 @@ def _with(insert: str) -> str:
 
 
 class Replayed(Exception):
-    """A use given to :func:`claim_all` was not fresh: its statement failed as a whole and wrote
-    nothing."""
+    """A use given to :func:`claim_all` was not fresh, or a token it was told to check is revoked:
+    its statement failed as a whole and wrote nothing."""
 
 
 #: :func:`claim_all`'s last step: a division by zero unless every claim was won, so that a batch
 #: with one use already claimed fails as a whole, its other inserts included.
 _ALL_WON = "SELECT 1 / (count(*) = cardinality($1::text[]))::int FROM claimed"
+#: The same with the tokens the batch rests on not revoked (RFC 7009), read in the statement's
+#: snapshot: a revocation committed before the statement began is seen, and fails it as a whole.
+_ALL_WON_UNREVOKED = (
+    "SELECT 1 / ((count(*) = cardinality($1::text[])) AND NOT EXISTS "
+    "(SELECT 1 FROM revoked_tokens WHERE jti = ANY(${n}::text[])))::int FROM claimed"
+)
 _DIVISION_BY_ZERO = "22012"
 
 
-@functools.lru_cache(maxsize=16)
-def _all_or_nothing(inserts: tuple[str, ...]) -> str:
+@functools.lru_cache(maxsize=32)
+def _all_or_nothing(inserts: tuple[str, ...], unrevoked_at: int = 0) -> str:
     ctes = "".join(f"a{i} AS ({insert}), " for i, insert in enumerate(inserts))
-    return f"WITH {ctes}claimed AS ({_PG_UPSERT}) {_ALL_WON}"
+    last = _ALL_WON_UNREVOKED.format(n=unrevoked_at) if unrevoked_at else _ALL_WON
+    return f"WITH {ctes}claimed AS ({_PG_UPSERT}) {last}"
 
 
 async def claim_all(
-    driver: Any, uses: Sequence[ReplayUse], alongside: Sequence[tuple[str, Sequence[Any]]]
+    driver: Any,
+    uses: Sequence[ReplayUse],
+    alongside: Sequence[tuple[str, Sequence[Any]]],
+    unrevoked: Sequence[str] = (),
 ) -> None:
     """PostgreSQL, on an asyncpg connection with no transaction open: claim every one of ``uses``
     and run the ``alongside`` inserts (their parameters numbered from ``$5`` on, one insert's
     after the other's) in one statement, which commits on its own: one round trip, durable when
     it returns (``synchronous_commit`` on). All or nothing: if any use is not fresh (already
-    claimed and not expired, or twice in ``uses``), nothing of it is written and
-    :class:`Replayed` is raised (twice in ``uses``: without a round trip)."""
+    claimed and not expired, or twice in ``uses``), or any ``jti`` of ``unrevoked`` (our tokens the
+    batch rests on: a token exchange's subject tokens) is revoked, nothing of it is written and
+    :class:`Replayed` is raised (twice in ``uses``: without a round trip). The revocations are read
+    in the statement's own snapshot, as the transactional path's query read them in its own: one
+    committed before the statement began fails it."""
     _, claims = _claims(uses)
     if len(claims) != len(uses):
         raise Replayed("the same jti twice in one batch")
-    sql = _all_or_nothing(tuple(insert for insert, _ in alongside))
     params = [param for _, values in alongside for param in values]
+    at = 5 + len(params) if unrevoked else 0
+    sql = _all_or_nothing(tuple(insert for insert, _ in alongside), at)
+    if unrevoked:
+        params.append(list(unrevoked))
     try:
         await driver.execute(sql, *_columns(claims), int(time.time()), *params)
     except Exception as exc:
         if getattr(exc, "sqlstate", None) == _DIVISION_BY_ZERO:
-            raise Replayed("a jti of the batch was already used") from exc
+            raise Replayed(
+                "a jti of the batch was already used or a token it rests on revoked"
+            ) from exc
         raise
 
 

@@ -63,13 +63,21 @@ class Derivations:
 
     def __init__(self, issuer: str) -> None:
         self.issuer = issuer
+        #: The audit sink observer (``sink.OBSERVERS``): one object, so that it is found and
+        #: removed again by identity.
+        self.observe = _Observer(self)
 
-    async def observe(self, conn: AsyncConnection, events: Sequence[AuditEvent]) -> None:
-        """Audit sink observer: index the issued tokens that rest on another token."""
+    def pg_insert(
+        self, events: Sequence[AuditEvent], first: int
+    ) -> tuple[str, tuple[list[Any], ...]] | None:
+        """PostgreSQL: the index rows of ``events`` as one insert and its parameters (numbered
+        from ``first``), for a caller that runs it inside a statement of its own (the token
+        endpoint's one-statement batch: ``grant.outcomes``); None if there is nothing to index."""
         rows = [row for e in events if (row := self._row(e)) is not None]
         if not rows:
-            return
-        await insert_derivations(conn, rows)
+            return None
+        sql = unnest_insert("ssf_derivations", _DERIVED, first=first) + _CONFLICT
+        return sql, by_column(rows, len(_DERIVED))
 
     def _row(self, event: AuditEvent) -> tuple[Any, ...] | None:
         if event.type is not AuditEventType.TOKEN_ISSUED or event.issuer != self.issuer:
@@ -152,6 +160,27 @@ def _sqlite_insert(count: int) -> str:
         f"INSERT INTO ssf_derivations ({', '.join(name for name, _ in _DERIVED)}) "  # noqa: S608 - constants
         f"VALUES {values_clause('sqlite', len(_DERIVED), count)}{_CONFLICT}"
     )
+
+
+class _Observer:
+    """:class:`Derivations`' audit sink observer: called in the appending transaction, it indexes
+    the issued tokens that rest on another token; ``pg_insert`` gives the same rows as an insert
+    to ride in a statement of the caller's (``trustplane.audit.sink.observer_inserts``)."""
+
+    __slots__ = ("_derivations",)
+
+    def __init__(self, derivations: Derivations) -> None:
+        self._derivations = derivations
+
+    async def __call__(self, conn: AsyncConnection, events: Sequence[AuditEvent]) -> None:
+        rows = [row for e in events if (row := self._derivations._row(e)) is not None]
+        if rows:
+            await insert_derivations(conn, rows)
+
+    def pg_insert(
+        self, events: Sequence[AuditEvent], first: int
+    ) -> tuple[str, tuple[list[Any], ...]] | None:
+        return self._derivations.pg_insert(events, first)
 
 
 class Receiver:
