@@ -176,14 +176,19 @@ async def observers_write_nothing(events: Sequence[AuditEvent]) -> bool:
     index writes only for tokens issued from another token: none of a client credentials batch,
     never for a decision)."""
     for observer in OBSERVERS:
-        probe = _NoConnection()
-        try:
-            await observer(cast(AsyncConnection, probe), events)
-        except _Touched:
-            return False
-        if probe.touched:  # the observer caught what using the connection raised
+        if not await _writes_nothing(observer, events):
             return False
     return True
+
+
+async def _writes_nothing(observer: EventObserver, events: Sequence[AuditEvent]) -> bool:
+    """Whether ``observer``, called with ``events``, leaves its connection alone."""
+    probe = _NoConnection()
+    try:
+        await observer(cast(AsyncConnection, probe), events)
+    except _Touched:
+        return False
+    return not probe.touched  # touched: the observer caught what using the connection raised
 
 
 async def observer_inserts(
@@ -198,12 +203,7 @@ async def observer_inserts(
     for observer in OBSERVERS:
         as_insert = getattr(observer, "pg_insert", None)
         if as_insert is None:
-            probe = _NoConnection()
-            try:
-                await observer(cast(AsyncConnection, probe), events)
-            except _Touched:
-                return None
-            if probe.touched:
+            if not await _writes_nothing(observer, events):
                 return None
             continue
         insert = as_insert(events, first)
