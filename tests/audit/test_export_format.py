@@ -103,10 +103,16 @@ def as_parsed(run: Columns) -> dict[str, Any]:
 
 #: A member named like the marker inside the entry: the last ``,"entry":`` is not the separator.
 NESTED_ENTRY = (StoredEntry(3, '{"a":1,"entry":2}', bytes(32), "{}", bytes(16)), None)
+#: ... inside the payload: the first ``,"entry":`` after the salt is not the separator.
+PAYLOAD_ENTRY = (StoredEntry(4, '{"b":1}', bytes(32), '{"a":1,"entry":2}', bytes(16)), None)
+#: ... in both.
+BOTH_ENTRY = (StoredEntry(5, '{"a":1,"entry":2}', bytes(32), '{"a":1,"entry":2}', bytes(16)), None)
 
 
 @given(stored_entries())
 @example(NESTED_ENTRY)
+@example(PAYLOAD_ENTRY)
+@example(BOTH_ENTRY)
 @settings(max_examples=200, deadline=None)
 def test_what_the_fast_reader_slices_is_what_a_json_parse_gives(
     case: tuple[StoredEntry, list[bytes] | None],
