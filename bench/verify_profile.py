@@ -7,8 +7,13 @@ meet the same load. Prints leaves/s per run, the medians and the load average.
 
   python bench/verify_profile.py --entries 1090000 --runs 5 --baseline /tmp/base/src
   python bench/verify_profile.py --once            # one verify (for py-spy / callgrind)
+  python bench/verify_profile.py --entries 100000 --instructions --baseline /tmp/base/src
 
-Numbers from a shared, loaded 2-vCPU machine are indicative only.
+Numbers from a shared, loaded 2-vCPU machine are indicative only. ``--instructions`` counts
+instructions per leaf under valgrind instead (the difference between an export of ``--entries``
+and one of half as many, so start-up cancels): independent of the load, but valgrind hides SHA-NI
+(the SHA-256 compression weighs far more than on the CPU) and memory traffic (a copy is a few
+instructions): a tie-breaker for small changes, not a substitute for the timed pairs.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -74,6 +80,27 @@ def one_run(src: str, path: Path, canonical: bool) -> tuple[float, float]:
     return float(wall), float(cpu)
 
 
+def _code(src: str, path: Path, canonical: bool) -> str:
+    return (
+        "import sys; from pathlib import Path; "
+        f"sys.path.insert(0, {src!r}); "
+        "from trustplane.audit.parallel_verify import verify_export_file as v; "
+        f"p = Path({str(path)!r}); note = open({str(path.with_suffix('.note'))!r}).read(); "
+        f"key = open({str(path.with_suffix('.key'))!r}).read(); "
+        f"r = v(p, note, key, 1, check_canonical={canonical}); assert r.ok, r.failures"
+    )
+
+
+def instructions(src: str, path: Path, canonical: bool) -> int:
+    """Instructions of one verify (a fresh interpreter under valgrind's callgrind)."""
+    valgrind = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
+    command = [*valgrind, sys.executable, "-c", _code(src, path, canonical)]
+    out = subprocess.run(command, check=True, capture_output=True, text=True)
+    found = re.search(r"Collected : (\d+)", out.stderr)
+    assert found, out.stderr[-2000:]
+    return int(found.group(1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--entries", type=int, default=1_090_000)
@@ -85,6 +112,9 @@ def main() -> None:
     parser.add_argument("--tree", help="the src/ directory measured (default: this checkout's)")
     parser.add_argument("--check-canonical", action="store_true")
     parser.add_argument("--once", action="store_true", help="one in-process verify, no timing")
+    parser.add_argument(
+        "--instructions", action="store_true", help="instructions per leaf under valgrind"
+    )
     args = parser.parse_args()
     path, note, key = build(args.dir, args.entries)
     if args.once:
@@ -94,6 +124,16 @@ def main() -> None:
         return
     here = args.tree or str(Path(__file__).resolve().parents[1] / "src")
     trees = {"this tree": here} | ({"baseline": args.baseline} if args.baseline else {})
+    if args.instructions:
+        half = args.entries // 2
+        small, _, _ = build(args.dir, half)
+        for name, src in trees.items():
+            ir = instructions(src, path, args.check_canonical)
+            ir_small = instructions(src, small, args.check_canonical)
+            print(
+                f"{name:<10} {(ir - ir_small) / (args.entries - half):>10,.0f} instructions per leaf"
+            )
+        return
     rates: dict[str, list[float]] = {name: [] for name in trees}
     cpu_rates: dict[str, list[float]] = {name: [] for name in trees}
     for run in range(args.runs):
