@@ -831,11 +831,11 @@ def run_lifecycles(args: argparse.Namespace, work: Path, tag: str) -> dict[str, 
     from trustplane.storage.db import Database
     from trustplane.storage.migrate import upgrade
 
-    names = [f"tp_bench_lc_{tag}", *(f"tp_bench_lc_{tag}_{s}" for s in STORES)]
+    prefix = f"{args.db_prefix}_{tag}"
+    names = [prefix, *(f"{prefix}_{s}" for s in STORES)]
     server_url = args.database_url.rsplit("/", 1)[0]
     as_url = f"{server_url}/{names[0]}"
-    ref_urls = {s: f"{server_url}/tp_bench_lc_{tag}_{s}" for s in STORES}
-    prefix = f"tp_bench_lc_{tag}"
+    ref_urls = {s: f"{server_url}/{prefix}_{s}" for s in STORES}
     nats = {} if args.no_nats else {
         "LC_NATS_URL": args.nats_url, "LC_NATS_PREFIX": prefix,
         "LC_ACKS_FILE": str(work / "acks.jsonl"),
@@ -863,7 +863,7 @@ def run_lifecycles(args: argparse.Namespace, work: Path, tag: str) -> dict[str, 
             proxies["deployment"] = (names[0], proxy)
             for s in STORES:
                 served_ref[s], proxy = through_proxy(ref_urls[s])
-                proxies[s] = (f"tp_bench_lc_{tag}_{s}", proxy)
+                proxies[s] = (f"{prefix}_{s}", proxy)
             for _, proxy in proxies.values():
                 cleanup.callback(proxy.stop)
         servers = cleanup.enter_context(running_servers(work / "servers"))
@@ -911,6 +911,8 @@ def arguments() -> argparse.Namespace:
     )
     ap.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/test",
                     help="a PostgreSQL URL: five fresh databases are made on its server")  # fmt: skip
+    ap.add_argument("--db-prefix", default="tp_bench_lc",
+                    help="the five databases' names start with it (then a random tag)")  # fmt: skip
     ap.add_argument("--nats-url", default="nats://127.0.0.1:4222")
     ap.add_argument("--no-nats", action="store_true", help="no publisher (no ack latencies)")
     ap.add_argument("--lifecycles", type=int, default=200, help="per concurrency")

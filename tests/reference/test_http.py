@@ -339,3 +339,26 @@ async def test_the_split_services_over_http(split: SplitWorld) -> None:
         async with stores.by_service()[owner].db.read() as conn:
             rows = (await conn.execute(idempotency_keys.select())).all()
         assert len(rows) == operations, owner
+
+
+async def test_the_transitions_are_starlette_routes_without_fastapi_s_parameter_solving(
+    ref_url: str,
+) -> None:
+    """Every POST route (a transition: the hot path) is Starlette's own ``Route``: its handler
+    reads the request itself, so FastAPI's dependency and parameter solving is not run per step."""
+    from fastapi.routing import APIRoute
+    from starlette.routing import Route
+
+    store = await fresh_store(ref_url)
+    validator = TokenValidator(audience=AUDIENCE, issuers=[TrustedIssuer(ISSUER)])
+    pep = Pep(PolicyEnforcer(validator, AuthzenShape(RecordingPdp()), realm="settlement"))
+    idempotency = IdempotencyService(SqlIdempotencyStore(store.db))
+    app = build_app(TradeServices(store, Mandates()), pep, idempotency)
+    posts = [r for r in app.routes if isinstance(r, Route) and "POST" in (r.methods or ())]
+    paths = {r.path for r in posts if not isinstance(r, APIRoute)}
+    assert "/orders" in paths
+    assert "/trades/{trade_id}/settlement" in paths
+    assert {r.path for r in posts if isinstance(r, APIRoute)} == {
+        "/exceptions/{exception_id}/resolve"
+    }
+    await store.db.dispose()

@@ -339,3 +339,67 @@ async def _listening(store: TradeStore) -> bool:
             "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN %'"
         )
         return bool(found.scalar())
+
+
+@pytest.mark.postgres
+async def test_a_woken_publisher_marks_a_round_with_the_next_read(
+    pg_database: str, prefix: str, js: Any
+) -> None:
+    """On PostgreSQL a woken publisher's round is one statement: the last round's mark goes with
+    the next read (``TradeStore.mark_then_unpublished``); a quiet outbox gets its mark alone after
+    ``linger`` seconds, and a stopping publisher marks what it carries."""
+    store = await fresh_store(pg_database)
+    publisher = OutboxPublisher(store, NATS, prefix=prefix)
+    publisher.linger = 3600.0  # nothing marked alone while the test commits
+    alone: list[list[int]] = []
+    mark_alone = store.mark_published
+
+    async def counted(seqs: Any) -> None:
+        alone.append(list(seqs))
+        await mark_alone(seqs)
+
+    store.mark_published = counted  # type: ignore[method-assign]
+    stopping = asyncio.Event()
+    task = asyncio.create_task(publisher.run(stopping, idle=3600))
+
+    async def published(n: int) -> None:
+        for _ in range(200):
+            if await in_streams(js, prefix) == n:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{n} events not published")
+
+    try:
+        for _ in range(200):
+            if await _listening(store):
+                break
+            await asyncio.sleep(0.05)
+        await orders(store, 1)
+        await published(1)
+        assert await unpublished(store) == 1  # acked, its mark carried
+        await orders(store, 1)
+        await published(2)
+        assert await unpublished(store) == 1  # the first marked by the read of the second
+        assert alone == []
+    finally:
+        stopping.set()
+        await asyncio.wait_for(task, 10)
+    assert await unpublished(store) == 0  # the stopping publisher marked the second
+    assert len(alone) == 1
+
+    publisher.linger = 0.05  # quiet: marked alone after linger seconds
+    stopping = asyncio.Event()
+    task = asyncio.create_task(publisher.run(stopping, idle=3600))
+    try:
+        await orders(store, 1)
+        await published(3)
+        for _ in range(100):
+            if await unpublished(store) == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert await unpublished(store) == 0  # alone, or with a read (the listener's catch-up)
+    finally:
+        stopping.set()
+        await asyncio.wait_for(task, 10)
+        await publisher.close()
+        await store.db.dispose()

@@ -232,6 +232,33 @@ async def test_the_publisher_s_round_goes_straight_to_asyncpg(pg_database: str) 
 
 
 @pytest.mark.postgres
+async def test_the_last_round_s_mark_goes_with_the_next_read_in_one_statement(
+    pg_database: str,
+) -> None:
+    """A woken publisher's round marks what the last one published and reads what is left: one
+    statement (``WITH ... UPDATE`` then ``SELECT``), one commit; the rows it marks are not read
+    again (the SELECT sees the snapshot before the UPDATE), and the mark stays conditional."""
+    store, sent = await _counted_store(pg_database)
+    try:
+        await store.create("T-1", ORDER, "alice", _envelope(), None)
+        await store.apply("T-1", machine.EXECUTE, "alice", _envelope(), None)
+        await store.mark_published([10**6])  # asyncpg's first look at the array type, once
+        first, second = await store.unpublished(10)
+        await store.mark_published([first.seq])
+        marked = (await store.events_after(0))[0]
+        await _clear(sent)
+        assert [e.seq for e in await store.mark_then_unpublished([second.seq], 10)] == []
+        assert await _words(sent) == ["WITH"]
+        assert [e.published for e in await store.events_after(0)] == [True, True]
+        assert (await store.events_after(0))[0] == marked  # already marked: left as it was
+        await store.apply("T-1", machine.PROPOSE, "alice", _envelope(), None)
+        found = await store.mark_then_unpublished([], 10)
+        assert [e.type for e in found] == ["allocation.proposed"]
+    finally:
+        await store.db.dispose()
+
+
+@pytest.mark.postgres
 async def test_a_one_statement_call_takes_the_pool_s_connection_without_an_async_connection(
     pg_database: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -200,12 +200,16 @@ class JetStreamPublisher:
             backoff = idle
             if wake is not None:  # a short batch was all there was: the next commit wakes us
                 if published < self.batch and not self._more:
-                    await _wait(stopping, idle, wake)
+                    await self._rest(stopping, idle, wake)
             elif published or self._more:
                 pause = eager
             else:
                 await _wait(stopping, pause)
                 pause = min(pause * 2, idle)
+
+    async def _rest(self, stopping: asyncio.Event, idle: float, wake: asyncio.Event) -> None:
+        """Between two woken rounds: until the next wake-up, at most ``idle`` seconds."""
+        await _wait(stopping, idle, wake)
 
     async def close(self) -> None:
         if self._nc is not None:

@@ -10,7 +10,11 @@ for JetStream's ack, and only then marks the rows published (one transaction per
 (``kill -9``) between the ack and the mark, it re-publishes those rows on restart and JetStream
 removes the duplicates by ``Nats-Msg-Id``: nothing is lost, nothing is delivered twice into the
 stream, as long as the restart comes within ``duplicate_window`` (default 10 minutes). NATS down:
-the rows stay unpublished (the outbox grows) and the publisher retries with a capped backoff.
+the rows stay unpublished (the outbox grows) and the publisher retries with a capped backoff. A
+woken publisher on PostgreSQL makes a round's mark with the next round's read, one statement
+(``TradeStore.mark_then_unpublished``), or alone when no commit comes within :data:`LINGER`
+seconds: the mark is later, never before the ack, and a publisher killed before it re-publishes
+those rows as above.
 
 When it reads: on PostgreSQL, a statement trigger on the outbox (made by the publisher at start,
 :func:`notify_on_commit`) sends ``NOTIFY`` on :data:`OUTBOX_CHANNEL` with every insert, delivered
@@ -46,6 +50,7 @@ from trustplane.events.jetstream import (
     JetStreamPublisher,
     Outgoing,
     Stream,
+    _wait,
 )
 from trustplane.events.jetstream import VerifyingConsumer as _Consumer
 from trustplane.events.jetstream import ensure_streams as _ensure
@@ -60,6 +65,9 @@ log = structlog.get_logger("trustplane.reference")
 OUTBOX_CHANNEL = "trustplane_reference_outbox"
 #: Seconds between two reads of an outbox with a wake-up (notifications, in-process commits).
 FALLBACK = 1.0
+#: Seconds a woken publisher keeps a round's mark for the next round's read (one statement for
+#: both on PostgreSQL) before it makes it alone: a lifecycle's commits come a few milliseconds apart.
+LINGER = 0.05
 # the trigger's SQL, constants only: the channel is OUTBOX_CHANNEL, the table store.outbox
 _LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtext('trustplane_outbox_notify'))"
 _FOUND_SQL = (
@@ -114,14 +122,26 @@ class _TradeOutbox:
 
     def __init__(self, store: TradeStore, prefix: str) -> None:
         self.store, self.prefix = store, prefix
+        #: Whether a round's mark waits for the next round's read (:meth:`claim`).
+        self.carry = False
+        #: The acked ``seq``s not marked yet: the next read marks them, or :meth:`flush`.
+        self.carried: list[int] = []
 
     async def _unpublished(self, limit: int) -> list[tuple[int, str, str, str, float]]:
-        """(seq, type, jws, event id, commit epoch seconds) of the oldest unpublished rows."""
-        stored = await self.store.unpublished(limit)  # one statement on PostgreSQL's autocommit
+        """(seq, type, jws, event id, commit epoch seconds) of the oldest unpublished rows, the
+        carried mark made first (one statement on PostgreSQL's autocommit engine)."""
+        stored = await self.store.mark_then_unpublished(self.carried, limit)
+        self.carried = []
         return [(r.seq, r.type, r.jws, r.event_id, r.created_at) for r in stored]
 
     async def _mark(self, seqs: list[int]) -> None:
         await self.store.mark_published(seqs)
+
+    async def flush(self) -> None:
+        """Mark what was carried (the outbox quiet: no read to carry it)."""
+        if self.carried:
+            await self._mark(self.carried)
+            self.carried = []
 
     @contextlib.asynccontextmanager
     async def claim(self, limit: int) -> AsyncIterator[Claim]:
@@ -134,8 +154,12 @@ class _TradeOutbox:
         )
         try:
             yield claim
-        finally:  # what JetStream acked, even on a failure
-            await self._mark([row[0] for row in rows[: claim.acked]])
+        finally:  # what JetStream acked, even on a failure: now, or with the next read
+            acked = [row[0] for row in rows[: claim.acked]]
+            if self.carry:
+                self.carried = acked
+            else:
+                await self._mark(acked)
 
 
 class OutboxPublisher(JetStreamPublisher):
@@ -150,11 +174,15 @@ class OutboxPublisher(JetStreamPublisher):
         batch: int = 100,
         connect_timeout: float = 2.0,
     ) -> None:
+        self._outbox = _TradeOutbox(store, prefix)
         super().__init__(
-            _TradeOutbox(store, prefix), nats_url, streams(prefix), batch=batch,
+            self._outbox, nats_url, streams(prefix), batch=batch,
             connect_timeout=connect_timeout, name="reference",
         )  # fmt: skip
         self.store, self.prefix = store, prefix
+        #: Seconds a woken publisher waits for the next commit before it marks the last round
+        #: alone (:meth:`_rest`).
+        self.linger = LINGER
 
     async def run(
         self,
@@ -168,7 +196,35 @@ class OutboxPublisher(JetStreamPublisher):
         """Drain until ``stopping``: on PostgreSQL woken by the outbox's notifications (and by
         ``wake``, the in-process commits), read every ``idle`` seconds (default :data:`FALLBACK`)
         besides; on SQLite woken by ``wake`` only, polling as the generic publisher does without
-        it."""
+        it. Woken, a round's mark goes with the next round's read (:data:`LINGER`)."""
+        try:
+            await self._run(stopping, idle, max_backoff, eager, wake)
+        finally:
+            self._outbox.carry = False
+            with contextlib.suppress(Exception):  # what is left unmarked is published again
+                await self._outbox.flush()
+
+    async def _rest(self, stopping: asyncio.Event, idle: float, wake: asyncio.Event) -> None:
+        """Wait for the next commit; a round's mark still carried after :attr:`linger` seconds is
+        made alone, so that a quiet outbox shows everything JetStream acked as published."""
+        if self._outbox.carried:
+            await _wait(stopping, self.linger, wake)
+            if wake.is_set() or stopping.is_set():
+                return
+            try:
+                await self._outbox.flush()
+            except Exception as exc:  # the database away: the next read carries the mark
+                log.warning("outbox_mark_failed", error=f"{type(exc).__name__}: {exc}")
+        await _wait(stopping, idle, wake)
+
+    async def _run(
+        self,
+        stopping: asyncio.Event,
+        idle: float | None,
+        max_backoff: float,
+        eager: float,
+        wake: asyncio.Event | None,
+    ) -> None:
         listener = None
         if not self.store.db.is_sqlite and await notify_on_commit(self.store):
             wake = wake if wake is not None else asyncio.Event()
@@ -179,6 +235,7 @@ class OutboxPublisher(JetStreamPublisher):
             )
             return
         listening = asyncio.create_task(listener.run(stopping)) if listener is not None else None
+        self._outbox.carry = not self.store.db.is_sqlite  # one statement for both: PostgreSQL
         try:
             await super().run(
                 stopping, idle=idle or FALLBACK, max_backoff=max_backoff, eager=eager, wake=wake

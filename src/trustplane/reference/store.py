@@ -1436,6 +1436,20 @@ class TradeStore:
                 .values(published_at=_ms())
             )
 
+    async def mark_then_unpublished(
+        self, seqs: Sequence[int], limit: int = 100
+    ) -> list[StoredEvent]:
+        """:meth:`mark_published` of ``seqs``, then :meth:`unpublished`: on PostgreSQL one statement
+        (one round trip and one commit where the two took two of each)."""
+        if not seqs:
+            return await self.unpublished(limit)
+        if self.db.is_sqlite:
+            await self.mark_published(seqs)
+            return await self.unpublished(limit)
+        params = (limit, list(seqs), _ms())
+        rows = await store_pg.fetch(self.db, store_pg.MARK_THEN_UNPUBLISHED, params)
+        return [_stored_of(r) for r in rows]
+
     async def undelivered_to_ledger(self, limit: int = 100) -> list[StoredEvent]:
         """The oldest rows not yet in the ledger, in commit order (``published`` is JetStream's)."""
         rows = await self._all(

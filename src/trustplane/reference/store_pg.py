@@ -280,6 +280,15 @@ MARK_PUBLISHED = (
     "UPDATE ref_outbox SET published_at = $2 WHERE seq = ANY($1::integer[]) "
     "AND published_at IS NULL"
 )
+#: The last round's mark and this round's read in one statement (the publisher of a woken outbox):
+#: the SELECT sees the snapshot before the CTE's UPDATE, so the rows being marked are left out by
+#: their ``seq``; both happen or neither (one autocommit transaction).
+MARK_THEN_UNPUBLISHED = (
+    "WITH marked AS (UPDATE ref_outbox SET published_at = $3 WHERE seq = ANY($2::integer[]) "
+    "AND published_at IS NULL) "
+    "SELECT * FROM ref_outbox WHERE published_at IS NULL AND seq <> ALL($2::integer[]) "
+    "ORDER BY seq LIMIT $1"
+)
 
 
 async def fetch(db: Database, sql: str, params: tuple[Any, ...]) -> list[Any]:
