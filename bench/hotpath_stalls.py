@@ -80,8 +80,9 @@ def attribute(data: dict[int, dict[str, Any]], reqs: dict[int, Any], t0: float, 
         "gc gen >= 1": [(t - p, t) for t, g, p in d["gc"] if g >= 1],
         "gc pause > 5 ms": [(t - p, t) for t, _, p in d["gc"] if p > 0.005],
     } for pid, d in data.items()}  # fmt: skip
+    marks = checkpoints(data)
     for pid in spans:
-        spans[pid]["checkpoint"] = checkpoints(data)
+        spans[pid]["checkpoint"] = marks
         spans[pid]["other's round"] = [
             s for other in spans if other != pid for s in spans[other]["own round"]
         ]
