@@ -175,12 +175,12 @@ def admin_query(url: str, sql: str, *params: Any) -> list[Any]:
     async def query() -> list[Any]:
         import asyncpg  # type: ignore[import-untyped]
 
-        for attempt in range(20):
+        for attempt in range(120):  # a minute: other helpers' servers can hold every slot that long
             try:
                 conn = await asyncpg.connect(url)
                 break
             except asyncpg.exceptions.TooManyConnectionsError:
-                if attempt == 19:
+                if attempt == 119:
                     raise
                 await asyncio.sleep(0.5)
         try:
