@@ -27,6 +27,9 @@ compare CPU figures only between runs made alike.
   python bench/hotpath.py --base ../hotpath-base --database-url postgresql://postgres@127.0.0.1:5432/test
   python bench/hotpath.py --base ../hotpath-base --stores sqlite --connections 1 8 32 64 --reps 1
   python bench/hotpath.py --base ../hotpath-base --stores postgresql --pg-count --reps 1
+
+``--ours-env`` / ``--base-env KEY=VALUE ...``: settings for one of the two servers only, e.g. a
+setting A/B on one tree (``--base .`` and ``--ours-env TRUSTPLANE_AUDIT_PROOF_CACHE_MB=0``).
 """
 
 from __future__ import annotations
@@ -172,12 +175,12 @@ def admin_query(url: str, sql: str, *params: Any) -> list[Any]:
     async def query() -> list[Any]:
         import asyncpg  # type: ignore[import-untyped]
 
-        for attempt in range(20):
+        for attempt in range(120):  # a minute: other helpers' servers can hold every slot that long
             try:
                 conn = await asyncpg.connect(url)
                 break
             except asyncpg.exceptions.TooManyConnectionsError:
-                if attempt == 19:
+                if attempt == 119:
                     raise
                 await asyncio.sleep(0.5)
         try:
@@ -411,6 +414,8 @@ def main() -> None:
     ap.add_argument(
         "--wal", action="store_true", help="WAL bytes per token (pg_walinspect), index entries"
     )
+    ap.add_argument("--ours-env", nargs="*", default=[], help="KEY=VALUE for this tree's server")
+    ap.add_argument("--base-env", nargs="*", default=[], help="KEY=VALUE for the base's server")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is required (apt-get install wrk)")
@@ -419,7 +424,11 @@ def main() -> None:
     every: list[Target] = []
     try:
         for store in args.stores:
-            targets = [setup(t, src, store, args, root) for t, src in trees.items()]
+            envs = {"ours": args.ours_env, "base": args.base_env}
+            targets = [
+                setup(t, src, store, args, root, extra=dict(kv.split("=", 1) for kv in envs[t]))
+                for t, src in trees.items()
+            ]
             every += targets
             for target in targets:  # warm-up, discarded
                 w = target.work / "warm.bodies"

@@ -170,7 +170,8 @@ def server_env(work: Path, port: int, database_url: str) -> tuple[dict[str, str]
     env["TRUSTPLANE_KEY_ENCRYPTION_KEY"] = cli("keys", "new-kek", env=env).strip()
     pg_name = ""
     if database_url:
-        pg_name = f"tp_bench_{uuid.uuid4().hex[:8]}"
+        # BENCH_PG_PREFIX: helpers sharing one PostgreSQL name their scratch databases apart
+        pg_name = f"{os.environ.get('BENCH_PG_PREFIX', 'tp_bench')}_{uuid.uuid4().hex[:8]}"
         asyncio.run(_create_pg_database(database_url, pg_name))
         env["TRUSTPLANE_DATABASE_URL"] = database_url.rsplit("/", 1)[0] + f"/{pg_name}"
     return env, pg_name

@@ -5,14 +5,20 @@ started with this directory first on ``PYTHONPATH``. In every process that runs 
 * event-loop lag: a task sleeps 5 ms and notes how much later than that it woke (a callback or
   coroutine step that held the loop, or the process waiting for a core);
 * cyclic garbage collections: generation and pause;
-* the group-commit writer's batches (``GroupCommitWriter._flush``: start, end, size) and the
-  ledger sequencer's rounds (``Ledger.integrate_all``: start, end), on the same clock.
+* the group-commit writer's batches (``GroupCommitWriter._flush``: start, end, size), the
+  ledger sequencer's rounds (``Ledger.integrate_all``: start, end) and the proof cache's fills of
+  its lower levels (``ProofNodes.fill``: start, end, nodes read), the sequencer's writing
+  statements on PostgreSQL (``store.pg_move_slice``, ``store.pg_advance``), on the same clock
+  (``clock``: one monotonic / wall pair, to place PostgreSQL's logged checkpoints);
+* every public HTTP request's time in the ASGI app (start, end), to ``<pid>.req`` as raw doubles
+  (an array written whole: a JSON dump of tens of thousands of them would itself stall the loop).
 
 Not part of trustplane; nothing here changes what the server does.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
 import gc
 import json
@@ -20,7 +26,16 @@ import os
 import time
 
 _DIR = os.environ.get("TP_STALL_DIR", "")
-_DATA: dict[str, list[list[float]]] = {"lag": [], "gc": [], "flush": [], "integrate": []}
+_DATA: dict[str, list[list[float]]] = {
+    "lag": [],
+    "gc": [],
+    "flush": [],
+    "integrate": [],
+    "fill": [],
+    "move": [],
+    "clock": [],
+}
+_REQUESTS = array.array("d")
 _GC_START = [0.0]
 
 
@@ -36,6 +51,8 @@ def _gc(phase: str, info: dict[str, int]) -> None:
 def _dump() -> None:
     with open(os.path.join(_DIR, f"{os.getpid()}.json"), "w") as handle:
         json.dump(_DATA, handle)
+    with open(os.path.join(_DIR, f"{os.getpid()}.req"), "wb") as raw:
+        _REQUESTS.tofile(raw)
 
 
 async def _monitor() -> None:
@@ -55,13 +72,49 @@ def _timed(cls: type, name: str, key: str, size: bool) -> None:
 
     async def wrapper(self: object, *args: object, **kwargs: object) -> object:
         started = time.monotonic()
+        result = None
         try:
-            return await original(self, *args, **kwargs)
+            result = await original(self, *args, **kwargs)
+            return result
         finally:
-            n = float(len(args[0])) if size and args else 0.0  # type: ignore[arg-type]
+            if key == "fill":
+                n = float(result or 0)
+            else:
+                n = float(len(args[0])) if size and args else 0.0  # type: ignore[arg-type]
             _DATA[key].append([started, time.monotonic(), n])
 
     setattr(cls, name, wrapper)
+
+
+def _statement_timed(module: object, name: str, key: str) -> None:
+    original = getattr(module, name)
+
+    async def wrapper(*args: object, **kwargs: object) -> object:
+        started = time.monotonic()
+        try:
+            return await original(*args, **kwargs)
+        finally:
+            _DATA[key].append([started, time.monotonic(), 0.0])
+
+    setattr(module, name, wrapper)
+
+
+def _requests_timed() -> None:
+    from trustplane.server import Listeners
+
+    original = Listeners.__call__
+
+    async def wrapper(self: object, scope: dict, receive: object, send: object) -> None:
+        if scope["type"] != "http" or scope.get("path") != "/token":
+            await original(self, scope, receive, send)  # type: ignore[arg-type]
+            return
+        started = time.monotonic()
+        try:
+            await original(self, scope, receive, send)  # type: ignore[arg-type]
+        finally:
+            _REQUESTS.extend((started, time.monotonic()))
+
+    Listeners.__call__ = wrapper  # type: ignore[method-assign]
 
 
 def _install() -> None:
@@ -71,10 +124,19 @@ def _install() -> None:
 
     async def serving(self: object, *args: object, **kwargs: object) -> None:
         from trustplane.audit.ledger import Ledger
+        from trustplane.audit.proof_nodes import ProofNodes
         from trustplane.storage.writer import GroupCommitWriter
 
         _timed(GroupCommitWriter, "_flush", "flush", True)
         _timed(Ledger, "integrate_all", "integrate", False)
+        _timed(ProofNodes, "fill", "fill", False)
+        _requests_timed()
+        from trustplane.audit import store
+
+        # the sequencer's statements that write (PostgreSQL): the leaves' slices and the new state
+        _statement_timed(store, "pg_move_slice", "move")
+        _statement_timed(store, "pg_advance", "move")
+        _DATA["clock"].append([time.monotonic(), time.time(), 0.0])
         gc.callbacks.append(_gc)
         task = asyncio.get_running_loop().create_task(_monitor())
         try:
