@@ -446,6 +446,53 @@ async def test_revoked_subject_token_is_invalid_request(ex: Exchange) -> None:
     assert (await ex.refusal(client_jti))["reason_ids"] == ["revoked"]
 
 
+async def test_revoking_a_subject_token_revokes_the_tokens_exchanged_from_it(ex: Exchange) -> None:
+    """RFC 7009 revocation of one of our tokens reaches every token exchanged here from it, and
+    from those (two hops): introspection says inactive, the bearer guard's list has them, each
+    has its ledger entry naming the token it came from; an unrelated exchange stays active."""
+    subject, other = ex.own(), ex.own()
+    first, _ = await ex.post(subject)
+    hop1 = first.json()["access_token"]
+    second, _ = await ex.post(hop1)
+    hop2 = second.json()["access_token"]
+    bystander = (await ex.post(other))[0].json()["access_token"]
+    jti1, jti2 = claims_of(hop1)["jti"], claims_of(hop2)["jti"]
+
+    revoke = await ex.server.http.post("/revoke", data={"token": subject, **ex.kit.auth()})
+    assert revoke.status_code == 200, revoke.text
+
+    async def active(token: str) -> bool:
+        form = {"token": token, **ex.kit.auth()}
+        response = await ex.server.http.post("/introspect", data=form)
+        assert response.status_code == 200, response.text
+        return bool(response.json()["active"])
+
+    assert not await active(hop1)
+    assert not await active(hop2)
+    assert await active(bystander)
+    revoked = ex.server.services.revoked
+    assert jti1 in revoked
+    assert jti2 in revoked
+    assert claims_of(bystander)["jti"] not in revoked
+    events = await recent_events(ex.server.services.db, 20, "oauth:token:revoked")
+    cascaded = {e["jti"]: e for e in events if e["reason"] == "derived_from_revoked"}
+    assert set(cascaded) == {jti1, jti2}
+    root = claims_of(subject)["jti"]
+    assert cascaded[jti2]["payload"]["derived_from"] == jti1
+    assert cascaded[jti1]["payload"]["derived_from"] == root
+    assert {e["payload"]["revoked_with"] for e in cascaded.values()} == {root}
+
+
+async def test_revoking_a_token_nothing_was_exchanged_from_writes_one_entry(ex: Exchange) -> None:
+    token = ex.own()
+    revoke = await ex.server.http.post("/revoke", data={"token": token, **ex.kit.auth()})
+    assert revoke.status_code == 200, revoke.text
+    events = await recent_events(ex.server.services.db, 20, "oauth:token:revoked")
+    mine = [e for e in events if e["jti"] == claims_of(token)["jti"]]
+    assert [e["reason"] for e in mine] == [None]
+    assert not [e for e in events if (e["payload"] or {}).get("revoked_with") == mine[0]["jti"]]
+
+
 async def test_a_revocation_landing_while_the_exchange_waits_for_its_write_refuses_it(
     ex: Exchange, monkeypatch: pytest.MonkeyPatch
 ) -> None:

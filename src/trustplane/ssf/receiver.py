@@ -14,6 +14,10 @@ another issuer's tokens). Then, in one transaction, every local token derived fr
 every local token derived from those, transitively) is revoked: the bearer guard and introspection
 refuse it, and our own transmitter tells our receivers in turn (the revocation observer), so a
 revocation travels down a chain of issuers.
+
+A revocation of one of our own tokens made here (``POST /revoke``, a reused code or refresh token)
+follows the same index: :meth:`Receiver.on_revoked`, also a revocation observer, revokes every token
+exchanged here from it, transitively, in the revoking transaction, each with its ledger entry.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +33,7 @@ import structlog
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from trustplane.audit.sink import write_events
 from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.bearer_guard import RevokedTokens
 from trustplane.federation.registry import PartnerRegistry, PartnerTokenError
@@ -40,6 +46,9 @@ log = structlog.get_logger("trustplane.ssf")
 #: How deep a local chain of exchanges is followed (our exchanges are bounded far below this).
 MAX_CHAIN = 16
 ACTED_ON = (SESSION_REVOKED, TOKEN_CLAIMS_CHANGE)
+#: Set while this task follows derivations itself (a SET's revocation, a local cascade): the
+#: revocations it makes along the way do not start cascades of their own.
+_FOLLOWING: ContextVar[bool] = ContextVar("trustplane_ssf_following", default=False)
 
 
 class SetRefused(Exception):
@@ -254,7 +263,6 @@ class Receiver:
             return []  # a subject format we index nothing by: accepted, nothing matches
         if not isinstance(key, str) or not key:
             raise SetRefused("invalid_request", f"a {fmt} subject needs its identifier")
-        revoked: list[str] = []
         async with self._db.transaction() as conn:
             rows = (
                 await conn.execute(
@@ -263,24 +271,67 @@ class Receiver:
                     )
                 )
             ).all()
-            now = int(time.time())
-            depth = 0
-            while rows and depth < MAX_CHAIN:
-                for row in rows:
-                    if row.expires_at >= now:
-                        await self._revoked.revoke(conn, row.jti, row.client_id, row.expires_at)
-                    revoked.append(row.jti)
-                jtis = [r.jti for r in rows]
-                rows = (  # tokens exchanged here from the ones just revoked
-                    await conn.execute(
-                        select(ssf_derivations).where(
-                            ssf_derivations.c.origin_iss == self.issuer,
-                            ssf_derivations.c.origin_jti.in_(jtis),
-                        )
-                    )
-                ).all()
-                depth += 1
+            following = _FOLLOWING.set(True)
+            try:
+                return [row.jti for row in await self._follow(conn, rows)]
+            finally:
+                _FOLLOWING.reset(following)
+
+    async def on_revoked(self, conn: AsyncConnection, jti: str, client_id: str, exp: int) -> None:
+        """The revocation hook (``RevokedTokens.observers``), in the revoking transaction: one of
+        our tokens was revoked here (``POST /revoke``, a reused code or refresh token), so every
+        token exchanged here from it, and from those in turn, is revoked with it, each with its
+        ledger entry. Without this, RFC 7009 revocation of a subject token left the tokens derived
+        from it active until their expiry. A revocation made while a cascade is being followed
+        starts none of its own (the outer one reaches its derivations)."""
+        if _FOLLOWING.get():
+            return
+        following = _FOLLOWING.set(True)
+        try:
+            derived = await self._follow(conn, await self._derived_from(conn, [jti]))
+            if derived:
+                await write_events(conn, [self._cascade_event(jti, row) for row in derived])
+                log.info("ssf_derived_tokens_revoked", jti=jti[:64], revoked=len(derived))
+        finally:
+            _FOLLOWING.reset(following)
+
+    async def _derived_from(self, conn: AsyncConnection, jtis: list[str]) -> Sequence[Any]:
+        """The index rows of the tokens exchanged here from ``jtis`` (our own tokens)."""
+        return (
+            await conn.execute(
+                select(ssf_derivations).where(
+                    ssf_derivations.c.origin_iss == self.issuer,
+                    ssf_derivations.c.origin_jti.in_(jtis),
+                )
+            )
+        ).all()
+
+    async def _follow(self, conn: AsyncConnection, rows: Sequence[Any]) -> list[Any]:
+        """Revoke the tokens of ``rows`` (those not expired) and, level by level, the tokens
+        exchanged here from them, :data:`MAX_CHAIN` levels deep; the index row of every token
+        reached, in the order reached."""
+        now, revoked, depth = int(time.time()), [], 0
+        while rows and depth < MAX_CHAIN:
+            for row in rows:
+                if row.expires_at >= now:
+                    await self._revoked.revoke(conn, row.jti, row.client_id, row.expires_at)
+                revoked.append(row)
+            rows = await self._derived_from(conn, [r.jti for r in rows])
+            depth += 1
         return revoked
+
+    def _cascade_event(self, root: str, row: Any) -> AuditEvent:
+        """The ledger entry of a token revoked because the token it was exchanged from was: its
+        own ``jti`` and client, the token it came from and the revocation that started it."""
+        return AuditEvent(
+            type=AuditEventType.TOKEN_REVOKED,
+            issuer=self.issuer,
+            client_id=row.client_id,
+            jti=row.jti,
+            reason="derived_from_revoked",
+            service="trustplane.ssf",
+            payload={"exp": row.expires_at, "derived_from": row.origin_jti, "revoked_with": root},
+        )
 
 
 def check_set_claims(

@@ -1,7 +1,8 @@
 """The shared-signals component: the SSF transmitter (every deployment) and receiver, their routes,
-the push deliverer as its background loop, and the two in-transaction hooks: the revocation
-observer (a revoked token's SETs go into the outbox with the revocation) and the audit-sink
-observer (tokens issued from another token are indexed with their issuance record)."""
+the push deliverer as its background loop, and the in-transaction hooks: the revocation observers
+(a revoked token's SETs go into the outbox with the revocation; the tokens exchanged here from it are
+revoked with it) and the audit-sink observer (tokens issued from another token are indexed with
+their issuance record)."""
 
 from __future__ import annotations
 
@@ -82,6 +83,7 @@ def build(
     revoked.observers.append(transmitter.on_revoked)
     mandate_events.observers.append(transmitter.on_mandate_event)
     receiver = Receiver(db, settings.issuer, partners, revoked, settings.clock_skew)
+    revoked.observers.append(receiver.on_revoked)  # a local revocation reaches derived tokens
     derivations = Derivations(settings.issuer)
     # subscriptions: partners' issuers (http on loopback only as federation allows it)
     partner_fetcher = OutboundFetcher(
