@@ -145,18 +145,48 @@ async def test_the_sequencer_keeps_the_lower_nodes_it_commits(
 async def test_a_sequencer_behind_another_catches_up_after_its_batch(
     services: Services, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Its batch did not follow its prefixes (another process integrated before it): it starts
-    the fill up to its new size."""
+    """Its batch did not follow its prefixes (another process integrated before it) and proofs
+    are being asked: it starts the fill up to its new size."""
+    ledger = Ledger(services.settings, services.db, services.ledger._kek)
+    await ledger.warm()
+    await append(services.db, [event(i) for i in range(11)])
+    await services.ledger.integrate_all()  # another sequencer
+    await ledger.inclusion(0, 11)  # a proof, served meanwhile (it starts a fill of its own)
+    first = ledger._nodes._filling
+    if first is not None:
+        await first
+    await append(services.db, [event(100 + i) for i in range(6)])
+    await services.ledger.integrate_all()  # the other sequencer again: this one lags
+    await append(services.db, [event(200 + i) for i in range(5)])
+    await ledger.integrate_all()
+    filling = ledger._nodes._filling
+    assert filling is not None
+    assert filling is not first
+    await filling
+    leaves = await leaf_hashes(ledger)
+    no_reads(ledger, monkeypatch)
+    for index in range(len(leaves)):
+        assert await ledger.inclusion(index, len(leaves)) == path(index, leaves), index
+
+
+async def test_a_sequencer_behind_another_fills_nothing_while_no_proof_is_asked(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No proof asked (a token workload): a batch that did not follow the prefixes starts no fill
+    (it read the other process's nodes after nearly every batch before); the first proof then
+    reads from the database, starts the fill, and is right."""
     ledger = Ledger(services.settings, services.db, services.ledger._kek)
     await ledger.warm()
     await append(services.db, [event(i) for i in range(11)])
     await services.ledger.integrate_all()  # another sequencer
     await append(services.db, [event(100 + i) for i in range(6)])
     await ledger.integrate_all()
+    assert ledger._nodes._filling is None
+    leaves = await leaf_hashes(ledger)
+    assert await ledger.inclusion(2, len(leaves)) == path(2, leaves)
     filling = ledger._nodes._filling
     assert filling is not None
     await filling
-    leaves = await leaf_hashes(ledger)
     no_reads(ledger, monkeypatch)
     for index in range(len(leaves)):
         assert await ledger.inclusion(index, len(leaves)) == path(index, leaves), index
