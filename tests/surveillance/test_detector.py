@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tests.surveillance.rig import T0, Rig, issued, refused
 from trustplane.surveillance import store as surveillance_store
-from trustplane.surveillance.service import Round
+from trustplane.surveillance.service import Round, Surveillance
 from trustplane.surveillance.store import CursorMoved, SqlSurveillanceStore
 
 MINUTE = 60_000
@@ -249,6 +249,57 @@ async def test_two_detectors_racing_raise_each_alert_once(rig: Rig) -> None:
         (a["reason"], a["client_id"], a["partner"], a["payload"]["window_start_ms"]) for a in alerts
     }
     assert len(keys) == len(alerts)
+
+
+class _Overtaken(SqlSurveillanceStore):
+    """Another detector moves the cursor between this round's read of the leaves and its claim."""
+
+    def __init__(self, detector: Surveillance) -> None:
+        self.other, self.claims = detector, 0
+
+    async def claim(self, conn: AsyncConnection) -> int | None:
+        self.claims += 1
+        if self.claims == 1:
+            assert (await self.other.round()) is not None  # it commits before this claim
+        return await super().claim(conn)
+
+
+async def test_a_round_overtaken_between_its_read_and_its_claim_keeps_nothing(rig: Rig) -> None:
+    """The leaves are read before the claim (outside the write lock): if another detector moved the
+    cursor meanwhile, the round answers None and writes nothing; each alert is raised once."""
+    await rig.append(*(issued("c-1", T0 + i) for i in range(4)))
+    overtaken = _Overtaken(rig.detector(own_db=True))
+    detector = rig.detector(overtaken)
+    assert await detector.round() is None
+    assert signals(await rig.alerts()) == ["issuance.spike"]
+    assert await detector.catch_up() == []
+    assert signals(await rig.alerts()) == ["issuance.spike"]
+
+
+async def test_the_leaves_are_read_before_the_claim(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The leaves (and their parse) are not inside the round's transaction, which on SQLite holds
+    the write lock every token request's commit waits for."""
+    claimed: list[bool] = []
+
+    class Recording(SqlSurveillanceStore):
+        async def claim(self, conn: AsyncConnection) -> int | None:
+            claimed.append(True)
+            return await super().claim(conn)
+
+    read = surveillance_store.read_leaves
+    reads_after_claim: list[bool] = []
+
+    async def recorded(conn: Any, start: int, limit: int) -> Any:
+        reads_after_claim.append(bool(claimed))
+        return await read(conn, start, limit)
+
+    monkeypatch.setattr(surveillance_store, "read_leaves", recorded)
+    await rig.append(*(issued("c-1", T0 + i) for i in range(4)))
+    assert len(await rig.detector(Recording()).catch_up()) == 1
+    assert reads_after_claim
+    assert not any(reads_after_claim)
 
 
 async def test_each_alert_counts_in_the_metric(rig: Rig) -> None:

@@ -1,8 +1,9 @@
 """The surveillance service: tails the ledger by leaf index with a cursor kept in the database and
 runs the detector over what it reads.
 
-One round is one transaction: claim the detector (only one round runs at a time across every
-process and instance on the database), read up to ``batch`` integrated leaves from the cursor, run
+One round reads up to ``batch`` integrated leaves from the cursor (outside any write: leaves never
+change), then in one transaction claims the detector (only one round runs at a time across every
+process and instance on the database) and checks that the cursor is still where it read from, runs
 the signals, append each alert as a ``surveillance:alert:raised`` ledger entry through the audit
 sink's append (:func:`trustplane.audit.sink.write_events`, in this transaction), and move the cursor
 past the leaves read. Either all of it commits or none of it does: a crash or a lost race leaves the
@@ -66,21 +67,28 @@ class Surveillance:
             await store.ensure_cursor(conn)
 
     async def round(self) -> Round | None:
-        """One round; None if another detector holds the claim right now."""
+        """One round; None if another detector holds the claim right now, or moved the cursor
+        since this round read the leaves (the next round reads from where it is)."""
         if not await self._unread():  # nothing new: no write, no lock (an idle deployment)
             return Round(0, [])
+        # the leaves are read and parsed before the claim, outside the round's transaction:
+        # integrated leaves never change, and the claim checks that the cursor is still where
+        # they were read from. On SQLite the claim takes the database's write lock, which every
+        # token request's commit waits for; it is now held for the detection's few statements only
+        async with self._db.read() as conn:
+            start = await store.read_cursor(conn)
+            leaves = await store.read_leaves(conn, start, self._batch)
+        if not leaves:
+            return Round(0, [])
+        events = [
+            Observed.from_entry(index, orjson.loads(entry))
+            for index, type_, entry in leaves
+            if type_ in WATCHED
+        ]
         async with self._db.transaction() as conn:
             cursor = await self._store.claim(conn)
-            if cursor is None:
+            if cursor != start:  # another detector holds the claim, or has moved the cursor
                 return None
-            leaves = await store.read_leaves(conn, cursor, self._batch)
-            if not leaves:
-                return Round(0, [])
-            events = [
-                Observed.from_entry(index, orjson.loads(entry))
-                for index, type_, entry in leaves
-                if type_ in WATCHED
-            ]
             alerts = await self._detector.detect(conn, events)
             if alerts:
                 await write_events(conn, [self.event(a) for a in alerts])
