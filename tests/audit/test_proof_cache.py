@@ -142,6 +142,21 @@ async def test_the_sequencer_keeps_the_lower_nodes_it_commits(
                 assert await ledger.inclusion(index, size) == path(index, leaves[:size])
 
 
+async def served_from_memory(
+    ledger: Ledger,
+    filling: asyncio.Task[None] | None,
+    leaves: list[bytes],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fill that was started ends; then every proof at the size of ``leaves`` is folded from
+    memory alone (no statement) and is right."""
+    assert filling is not None
+    await filling
+    no_reads(ledger, monkeypatch)
+    for index in range(len(leaves)):
+        assert await ledger.inclusion(index, len(leaves)) == path(index, leaves), index
+
+
 async def test_a_sequencer_behind_another_catches_up_after_its_batch(
     services: Services, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -160,13 +175,8 @@ async def test_a_sequencer_behind_another_catches_up_after_its_batch(
     await append(services.db, [event(200 + i) for i in range(5)])
     await ledger.integrate_all()
     filling = ledger._nodes._filling
-    assert filling is not None
     assert filling is not first
-    await filling
-    leaves = await leaf_hashes(ledger)
-    no_reads(ledger, monkeypatch)
-    for index in range(len(leaves)):
-        assert await ledger.inclusion(index, len(leaves)) == path(index, leaves), index
+    await served_from_memory(ledger, filling, await leaf_hashes(ledger), monkeypatch)
 
 
 async def test_a_sequencer_behind_another_fills_nothing_while_no_proof_is_asked(
@@ -184,12 +194,7 @@ async def test_a_sequencer_behind_another_fills_nothing_while_no_proof_is_asked(
     assert ledger._nodes._filling is None
     leaves = await leaf_hashes(ledger)
     assert await ledger.inclusion(2, len(leaves)) == path(2, leaves)
-    filling = ledger._nodes._filling
-    assert filling is not None
-    await filling
-    no_reads(ledger, monkeypatch)
-    for index in range(len(leaves)):
-        assert await ledger.inclusion(index, len(leaves)) == path(index, leaves), index
+    await served_from_memory(ledger, ledger._nodes._filling, leaves, monkeypatch)
 
 
 async def test_a_reader_catches_up_with_what_another_process_integrated(
@@ -206,12 +211,7 @@ async def test_a_reader_catches_up_with_what_another_process_integrated(
     leaves = await leaf_hashes(services.ledger)
     size = len(leaves)
     assert await reader.inclusion(3, size) == path(3, leaves)
-    filling = reader._nodes._filling
-    assert filling is not None
-    await filling
-    no_reads(reader, monkeypatch)
-    for index in range(size):
-        assert await reader.inclusion(index, size) == path(index, leaves), index
+    await served_from_memory(reader, reader._nodes._filling, leaves, monkeypatch)
 
 
 async def test_a_fill_never_keeps_a_node_the_tree_does_not_have(services: Services) -> None:
