@@ -15,9 +15,12 @@ from prometheus_client import REGISTRY
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from tests.surveillance.rig import T0, Rig, issued, refused
+from tests.surveillance.rig import ISSUER, T0, Rig, issued, refused
+from trustplane.audit.canonical import entry_parts
+from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.surveillance import store as surveillance_store
 from trustplane.surveillance.service import Round, Surveillance
+from trustplane.surveillance.signals import Observed
 from trustplane.surveillance.store import CursorMoved, SqlSurveillanceStore
 
 MINUTE = 60_000
@@ -300,6 +303,50 @@ async def test_the_leaves_are_read_before_the_claim(
     assert len(await rig.detector(Recording()).catch_up()) == 1
     assert reads_after_claim
     assert not any(reads_after_claim)
+
+
+async def test_only_the_entries_the_detector_needs_are_read(rig: Rig) -> None:
+    """A leaf comes with its columns; its entry text only for an exchange (the ``act`` chain) or a
+    refusal (``reason_ids``): a client-credentials issuance and every unwatched entry (the
+    decisions) cost no text and no parse. What is read still gives the detector every field."""
+    decision = AuditEvent(
+        type=AuditEventType.POLICY_DECISION_ALLOWED, issuer=ISSUER, client_id="c-1", time=T0
+    )
+    await rig.append(
+        issued("c-1", T0, txn="t-1"),
+        decision,
+        issued("c-2", T0 + 1, actors=("svc-a", "svc-b"), subject="alice"),
+        refused("p-1", T0 + 2, reason="claim_value"),
+    )
+    async with rig.db.read() as conn:
+        leaves = await surveillance_store.read_leaves(conn, 0, 100)
+    by_type = [(leaf[1], leaf[7] is not None) for leaf in leaves[-4:]]
+    assert by_type == [
+        (AuditEventType.TOKEN_ISSUED.value, False),
+        (AuditEventType.POLICY_DECISION_ALLOWED.value, False),
+        (AuditEventType.TOKEN_ISSUED.value, True),
+        (AuditEventType.TOKEN_REFUSED.value, True),
+    ]
+    cc, _, exchange, refusal = (Observed.from_leaf(leaf) for leaf in leaves[-4:])
+    assert (cc.client_id, cc.subject, cc.transaction_id, cc.time_ms, cc.actor_chain) == (
+        "c-1",
+        "c-1",
+        "t-1",
+        T0,
+        (),
+    )
+    assert (exchange.subject, exchange.actor_chain) == ("alice", ("svc-a", "svc-b"))
+    assert (refusal.partner, refusal.reason_ids) == ("p-1", ("claim_value",))
+
+
+def test_an_empty_chain_begins_every_canonical_entry_that_has_one() -> None:
+    """The read skips an issuance's entry only on this prefix: if the canonical form ever put
+    something before an empty ``actor_chain``, every entry would be read again (correct, slower),
+    and this test says so."""
+    entry, _, _ = entry_parts(issued("c-1", T0))
+    assert entry.decode().startswith(surveillance_store.NO_CHAIN)
+    chained, _, _ = entry_parts(issued("c-1", T0, actors=("svc-a",)))
+    assert not chained.decode().startswith(surveillance_store.NO_CHAIN)
 
 
 async def test_each_alert_counts_in_the_metric(rig: Rig) -> None:

@@ -25,8 +25,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from trustplane.audit_events import AuditEventType
-from trustplane.surveillance.signals import Alert, Observed, Signal, Thresholds
+from trustplane.surveillance.signals import ISSUED, REFUSED, Alert, Observed, Signal, Thresholds
 from trustplane.surveillance.store import (
     Delegation,
     Pair,
@@ -34,9 +33,6 @@ from trustplane.surveillance.store import (
     Window,
     pair_digest,
 )
-
-ISSUED = AuditEventType.TOKEN_ISSUED.value
-REFUSED = AuditEventType.TOKEN_REFUSED.value
 
 
 @dataclass

@@ -23,7 +23,6 @@ import contextlib
 import time
 from dataclasses import dataclass
 
-import orjson
 import structlog
 from prometheus_client import Counter
 
@@ -80,11 +79,7 @@ class Surveillance:
             leaves = await store.read_leaves(conn, start, self._batch)
         if not leaves:
             return Round(0, [])
-        events = [
-            Observed.from_entry(index, orjson.loads(entry))
-            for index, type_, entry in leaves
-            if type_ in WATCHED
-        ]
+        events = [Observed.from_leaf(leaf) for leaf in leaves if leaf[1] in WATCHED]
         async with self._db.transaction() as conn:
             cursor = await self._store.claim(conn)
             if cursor != start:  # another detector holds the claim, or has moved the cursor
@@ -92,7 +87,7 @@ class Surveillance:
             alerts = await self._detector.detect(conn, events)
             if alerts:
                 await write_events(conn, [self.event(a) for a in alerts])
-            await self._store.advance(conn, cursor, leaves[-1][0] + 1)
+            await self._store.advance(conn, cursor, int(leaves[-1][0]) + 1)
         for alert in alerts:
             ALERTS.labels(signal=alert.signal.value).inc()
             log.warning(

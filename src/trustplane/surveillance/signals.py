@@ -3,9 +3,12 @@ the thresholds it compares with (:class:`Thresholds`, from the ``surveillance_*`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
+
+import orjson
 
 from trustplane.audit_events import AuditEventType
 from trustplane.settings import Settings
@@ -21,8 +24,10 @@ class Signal(StrEnum):
     ISSUANCE_SPIKE = "issuance.spike"
 
 
+ISSUED = AuditEventType.TOKEN_ISSUED.value
+REFUSED = AuditEventType.TOKEN_REFUSED.value
 #: The ledger entry types the detector looks at; every other entry only moves the cursor.
-WATCHED = frozenset({AuditEventType.TOKEN_ISSUED.value, AuditEventType.TOKEN_REFUSED.value})
+WATCHED = frozenset({ISSUED, REFUSED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,22 +79,27 @@ class Observed:
     transaction_id: str | None = None
 
     @classmethod
-    def from_entry(cls, index: int, entry: dict[str, Any]) -> Observed:
+    def from_leaf(cls, leaf: Sequence[Any]) -> Observed:
+        """From a row of :func:`trustplane.surveillance.store.read_leaves`: the leaf's columns, and
+        the entry text only where a list it holds matters (else None: nothing is parsed)."""
+        index, type_, time_ms, client_id, subject, partner, transaction_id, entry = leaf
+        chain: tuple[str, ...] = ()
+        reasons: tuple[str, ...] = ()
+        if entry is not None:
+            parsed = orjson.loads(entry)
+            chain = tuple(str(a) for a in parsed.get("actor_chain") or ())
+            reasons = tuple(str(r) for r in parsed.get("reason_ids") or ())
         return cls(
-            index=index,
-            type=str(entry.get("type")),
-            time_ms=int(entry.get("time") or 0),
-            client_id=_text(entry.get("client_id")),
-            subject=_text(entry.get("subject")),
-            partner=_text(entry.get("partner")),
-            actor_chain=tuple(str(a) for a in entry.get("actor_chain") or ()),
-            reason_ids=tuple(str(r) for r in entry.get("reason_ids") or ()),
-            transaction_id=_text(entry.get("transaction_id")),
+            int(index),
+            str(type_),
+            int(time_ms),
+            client_id,
+            subject,
+            partner,
+            chain,
+            reasons,
+            transaction_id,
         )
-
-
-def _text(value: Any) -> str | None:
-    return str(value) if value is not None else None
 
 
 @dataclass(frozen=True, slots=True)

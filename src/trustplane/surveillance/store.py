@@ -10,12 +10,13 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sqlalchemy import bindparam, delete, exists, func, insert, select, update
+from sqlalchemy import and_, bindparam, case, delete, exists, func, insert, null, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane.audit.tables import audit_leaves
+from trustplane.surveillance.signals import ISSUED, REFUSED
 from trustplane.surveillance.tables import (
     surveillance_actor_pairs,
     surveillance_cursor,
@@ -287,19 +288,44 @@ async def has_unread(conn: AsyncConnection) -> bool:
     return bool((await conn.execute(_UNREAD)).scalar())
 
 
-async def read_leaves(
-    conn: AsyncConnection, start: int, limit: int
-) -> Sequence[tuple[int, str, str]]:
-    """(index, type, entry) of the integrated leaves from ``start``, in index order. The sequencer
-    gives indices without gaps and commits them in order, so what is read is a prefix of the log."""
-    leaves = audit_leaves.c
-    rows = await conn.execute(
-        select(leaves.idx, leaves.type, leaves.entry)
-        .where(leaves.idx >= start)
-        .order_by(leaves.idx)
-        .limit(limit)
-    )
-    return [(int(r[0]), str(r[1]), str(r[2])) for r in rows.all()]
+#: How an entry whose ``actor_chain`` is empty begins: the canonical form (RFC 8785) sorts the
+#: envelope's keys, and ``actor_chain`` sorts first. An entry that begins otherwise (a chain, or a
+#: key that some day sorts before it) is read and parsed: the test can skip a parse, never a chain.
+NO_CHAIN = '{"actor_chain":[],'
+
+_c = audit_leaves.c
+#: The entry text where the detector needs a list only the entry holds: a refusal's ``reason_ids``,
+#: an issuance's ``actor_chain`` unless it begins empty (:data:`NO_CHAIN`); else NULL. Most leaves
+#: of a token load (client credentials, every decision) then cost their columns alone: no entry
+#: text is sent or parsed.
+_ENTRY_IF_NEEDED = case(
+    (_c.type == REFUSED, _c.entry),
+    (
+        and_(_c.type == ISSUED, func.substr(_c.entry, 1, len(NO_CHAIN)) != NO_CHAIN),
+        _c.entry,
+    ),
+    else_=null(),
+)
+_LEAVES = select(
+    _c.idx,
+    _c.type,
+    _c.time_ms,
+    _c.client_id,
+    _c.subject,
+    _c.partner,
+    _c.transaction_id,
+    _ENTRY_IF_NEEDED,
+)
+
+
+async def read_leaves(conn: AsyncConnection, start: int, limit: int) -> Sequence[Sequence[Any]]:
+    """The integrated leaves from ``start``, in index order, as :meth:`Observed.from_leaf` reads
+    them: (index, type, time in ms, client_id, subject, partner, transaction_id, the entry text or
+    None), the envelope fields from the leaf's own columns (the sequencer copied them from the
+    entry). The sequencer gives indices without gaps and commits them in order, so what is read is a
+    prefix of the log."""
+    rows = await conn.execute(_LEAVES.where(_c.idx >= start).order_by(_c.idx).limit(limit))
+    return rows.all()
 
 
 async def prune_windows(conn: AsyncConnection, signal: str, before_bucket: int) -> int:
