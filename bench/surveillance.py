@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """How fast the surveillance detector reads the ledger: --entries integrated ``oauth:token:issued``
-entries spread over --clients clients (a tenth of them token exchanges with an actor chain), then
-the detector catches up from leaf 0 in rounds of --batch; prints leaves/s and ms per round.
+entries spread over --clients clients (one in --exchange-every a token exchange with an actor
+chain; 0: none), each followed by a ``policy:decision:allowed`` entry with --decisions (as a token
+request appends them), then the detector catches up from leaf 0 in rounds of --batch; prints
+leaves/s, ms per round and this process's CPU per leaf (the database's own CPU not included).
 
   python bench/surveillance.py                                     # SQLite in a temp dir
   python bench/surveillance.py --database postgresql://postgres@127.0.0.1:5432/mydb   # migrated
@@ -19,7 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.conftest import truncate_all
-from tests.surveillance.rig import T0, Rig, issued
+from tests.surveillance.rig import ISSUER, T0, Rig, issued
+from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.storage.db import Database
 from trustplane.storage.migrate import upgrade
 
@@ -35,31 +38,51 @@ async def main(args: argparse.Namespace) -> None:
             await db.dispose()
         rig = await Rig.open(url, Path(tmp), surveillance_batch=args.batch)
         try:
+            every = args.exchange_every
             for start in range(0, args.entries, 5000):
                 await rig.append(
                     *(
-                        issued(
-                            f"c-{n % args.clients}",
-                            T0 + n * 10,
-                            actors=(f"svc-{n % 7}",) if n % 10 == 0 else (),
-                            subject=f"s-{n % 13}",
-                        )
+                        event
                         for n in range(start, min(args.entries, start + 5000))
+                        for event in _token(n, args.clients, every and n % every == 0, args)
                     )
                 )
             detector = rig.detector()
-            rounds, started = 0, time.perf_counter()
+            leaves = args.entries * (2 if args.decisions else 1)
+            rounds, started, cpu = 0, time.perf_counter(), time.process_time()
             while (done := await detector.round()) is not None and done.read:
                 rounds += 1
-            seconds = time.perf_counter() - started
+            seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
             kind = "PostgreSQL" if args.database else "SQLite"
             print(
-                f"{kind}: {args.entries} entries, {args.clients} clients, batch {args.batch}: "
-                f"{seconds:.2f} s, {args.entries / seconds:,.0f} leaves/s, "
-                f"{1000 * seconds / max(rounds, 1):.1f} ms per round ({rounds} rounds)"
+                f"{kind}: {leaves} leaves, {args.clients} clients, batch {args.batch}: "
+                f"{seconds:.2f} s, {leaves / seconds:,.0f} leaves/s, "
+                f"{1000 * seconds / max(rounds, 1):.1f} ms per round ({rounds} rounds), "
+                f"CPU {1e6 * cpu / leaves:.1f} us per leaf"
             )
         finally:
             await rig.close()
+
+
+def _token(n: int, clients: int, exchange: bool, args: argparse.Namespace) -> list[AuditEvent]:
+    client = f"c-{n % clients}"
+    token = issued(
+        client,
+        T0 + n * 10,
+        actors=(f"svc-{n % 7}",) if exchange else (),
+        subject=f"s-{n % 13}",
+    )
+    if not args.decisions:
+        return [token]
+    decision = AuditEvent(
+        type=AuditEventType.POLICY_DECISION_ALLOWED,
+        issuer=ISSUER,
+        client_id=client,
+        decision="allow",
+        reason_ids=("token.registered_scope",),
+        time=T0 + n * 10,
+    )
+    return [token, decision]
 
 
 if __name__ == "__main__":
@@ -68,4 +91,6 @@ if __name__ == "__main__":
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--database", default="")
+    parser.add_argument("--exchange-every", type=int, default=10)
+    parser.add_argument("--decisions", action="store_true", help="a decision entry per token")
     asyncio.run(main(parser.parse_args()))

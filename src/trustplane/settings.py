@@ -266,8 +266,9 @@ class Settings(BaseSettings):
     surveillance_enabled: bool = True
     #: Seconds between the detector's rounds (each reads what the ledger integrated since).
     surveillance_interval: float = Field(default=1.0, gt=0, le=300)
-    #: Most ledger entries one round reads (one transaction; on SQLite it holds the write lock).
-    surveillance_batch: int = Field(default=500, ge=1, le=50_000)
+    #: Most ledger entries one round reads (one transaction; on SQLite it holds the write lock);
+    #: unset: 2,000 on SQLite, 5,000 on PostgreSQL (trustplane.surveillance.service).
+    surveillance_batch: int | None = Field(default=None, ge=1, le=50_000)
     #: Exchanges of a client before a new (subject, actor) pair or a deeper chain alerts.
     surveillance_delegation_learning: int = Field(default=10, ge=0, le=1_000_000)
     #: An ``act`` chain longer than this alerts whatever the client's history (0: no limit).

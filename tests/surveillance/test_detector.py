@@ -15,6 +15,7 @@ from prometheus_client import REGISTRY
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from tests.conftest import make_settings
 from tests.surveillance.rig import ISSUER, T0, Rig, issued, refused
 from trustplane.audit.canonical import entry_parts
 from trustplane.audit_events import AuditEvent, AuditEventType
@@ -267,23 +268,26 @@ class _Overtaken(SqlSurveillanceStore):
         return await super().claim(conn)
 
 
-async def test_a_round_overtaken_between_its_read_and_its_claim_keeps_nothing(rig: Rig) -> None:
-    """The leaves are read before the claim (outside the write lock): if another detector moved the
-    cursor meanwhile, the round answers None and writes nothing; each alert is raised once."""
+async def test_a_round_overtaken_before_its_claim_keeps_nothing(rig: Rig) -> None:
+    """Another detector commits a round just before this one claims. SQLite: the leaves were read
+    before the claim (outside the write lock) from the old cursor, so the round answers None and
+    writes nothing. PostgreSQL: the leaves are read under the claim, from where the other round
+    left the cursor (nothing more here). Either way each alert is raised once."""
     await rig.append(*(issued("c-1", T0 + i) for i in range(4)))
     overtaken = _Overtaken(rig.detector(own_db=True))
     detector = rig.detector(overtaken)
-    assert await detector.round() is None
+    assert await detector.round() == (None if rig.db.is_sqlite else Round(0, []))
     assert signals(await rig.alerts()) == ["issuance.spike"]
     assert await detector.catch_up() == []
     assert signals(await rig.alerts()) == ["issuance.spike"]
 
 
-async def test_the_leaves_are_read_before_the_claim(
+async def test_the_leaves_are_read_outside_sqlites_write_lock_and_under_postgresqls_claim(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The leaves (and their parse) are not inside the round's transaction, which on SQLite holds
-    the write lock every token request's commit waits for."""
+    """SQLite: the leaves (and their parse) are not inside the round's transaction, whose claim is
+    the write lock every token request's commit waits for. PostgreSQL: the claim is an advisory
+    lock no request takes, and the leaves are read after it (a process losing it reads none)."""
     claimed: list[bool] = []
 
     class Recording(SqlSurveillanceStore):
@@ -302,7 +306,61 @@ async def test_the_leaves_are_read_before_the_claim(
     await rig.append(*(issued("c-1", T0 + i) for i in range(4)))
     assert len(await rig.detector(Recording()).catch_up()) == 1
     assert reads_after_claim
-    assert not any(reads_after_claim)
+    assert set(reads_after_claim) == {not rig.db.is_sqlite}
+
+
+async def test_a_detector_losing_the_claim_on_postgresql_reads_no_leaves(
+    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers (or instances) catch up at once: the one without the advisory lock answers None
+    without reading a leaf, so larger rounds are not read twice."""
+    rig = await Rig.open(pg_url, tmp_path)
+    try:
+        await rig.append(*(issued("c-1", T0 + i) for i in range(4)))
+        reads: list[int] = []
+        read = surveillance_store.read_leaves
+
+        async def recorded(conn: Any, start: int, limit: int) -> Any:
+            reads.append(start)
+            return await read(conn, start, limit)
+
+        monkeypatch.setattr(surveillance_store, "read_leaves", recorded)
+        async with rig.db.transaction() as holder:  # another process's round, in progress
+            lock = surveillance_store.DETECTOR_LOCK
+            await holder.exec_driver_sql(f"SELECT pg_advisory_xact_lock({lock})")
+            assert await rig.detector(own_db=True).round() is None
+        assert reads == []
+        done = await rig.detector().round()
+        assert done is not None
+        assert done.read > 0
+        assert reads == [0]
+    finally:
+        await rig.close()
+
+
+async def test_a_round_reads_2000_leaves_on_sqlite_and_5000_on_postgresql_unless_set(
+    db_url: str, tmp_path: Path
+) -> None:
+    """SQLite keeps rounds shorter (the claim is the write lock); PostgreSQL's rounds are larger (a
+    round's fixed cost is about ten statements, and its claim blocks no request)."""
+    rig = await Rig.open(db_url, tmp_path)
+    try:
+        await rig.append(*(issued(f"c-{i % 7}", T0 + i) for i in range(2100)))
+        first = await rig.detector().round()
+        assert first is not None
+        if rig.db.is_sqlite:
+            assert first.read == 2000
+        else:  # every leaf: the 2,100 and the ledger's own first entries
+            assert 2100 < first.read < 5000
+        set_to = Surveillance(
+            make_settings(db_url, tmp_path, surveillance_batch=50), rig.db, SqlSurveillanceStore()
+        )
+        await rig.append(*(issued("c-1", T0 + 1000 + i) for i in range(100)))
+        second = await set_to.round()
+        assert second is not None
+        assert second.read == 50
+    finally:
+        await rig.close()
 
 
 async def test_only_the_entries_the_detector_needs_are_read(rig: Rig) -> None:
