@@ -20,8 +20,9 @@ from tests.surveillance.rig import ISSUER, T0, Rig, issued, refused
 from trustplane.audit.canonical import entry_parts
 from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.surveillance import store as surveillance_store
+from trustplane.surveillance.detector import Detector
 from trustplane.surveillance.service import Round, Surveillance
-from trustplane.surveillance.signals import Observed
+from trustplane.surveillance.signals import SLICE, Observed
 from trustplane.surveillance.store import CursorMoved, SqlSurveillanceStore
 
 MINUTE = 60_000
@@ -361,6 +362,42 @@ async def test_a_round_reads_2000_leaves_on_sqlite_and_5000_on_postgresql_unless
         assert second.read == 50
     finally:
         await rig.close()
+
+
+async def test_a_large_round_gives_the_event_loop_its_turns(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Thousands of leaves are turned into observations and counted a slice at a time, with other
+    tasks (a server process's requests) running between slices."""
+    ticks = [0]
+
+    async def other_task() -> None:
+        while True:
+            ticks[0] += 1
+            await asyncio.sleep(0)
+
+    seen: dict[str, list[int]] = {"observed": [], "counted": []}
+    from_leaf, count = Observed.from_leaf, Detector._issuance
+
+    def observed(leaf: Any) -> Observed:
+        seen["observed"].append(ticks[0])
+        return from_leaf(leaf)
+
+    def counted(self: Detector, *args: Any) -> list[Any]:
+        seen["counted"].append(ticks[0])
+        return count(self, *args)
+
+    monkeypatch.setattr(Observed, "from_leaf", staticmethod(observed))
+    monkeypatch.setattr(Detector, "_issuance", counted)
+    await rig.append(*(issued(f"c-{i % 5}", T0 + i) for i in range(3 * SLICE)))
+    task = asyncio.create_task(other_task())
+    try:
+        await rig.detector().catch_up()
+    finally:
+        task.cancel()
+    for step, at in seen.items():
+        assert len(at) >= 3 * SLICE, step
+        assert at[0] < at[SLICE] < at[2 * SLICE], step  # the other task ran between slices
 
 
 async def test_only_the_entries_the_detector_needs_are_read(rig: Rig) -> None:

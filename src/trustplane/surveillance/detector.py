@@ -21,11 +21,20 @@ exactly at the spike threshold does not alert (it must exceed it), a partner's c
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from trustplane.surveillance.signals import ISSUED, REFUSED, Alert, Observed, Signal, Thresholds
+from trustplane.surveillance.signals import (
+    ISSUED,
+    REFUSED,
+    SLICE,
+    Alert,
+    Observed,
+    Signal,
+    Thresholds,
+)
 from trustplane.surveillance.store import (
     Delegation,
     Pair,
@@ -56,7 +65,9 @@ class Detector:
         failures = [e for e in events if e.type == REFUSED and e.partner and self._claim_failed(e)]
         batch = await self._load(conn, exchanges, issued, failures)
         alerts: list[Alert] = []
-        for event in events:
+        for offset, event in enumerate(events):
+            if offset and not offset % SLICE:
+                await asyncio.sleep(0)  # the loop's turn: the requests waiting run
             if event.type == ISSUED and event.client_id:
                 if event.actor_chain:
                     alerts += self._delegation(batch, event, event.client_id)

@@ -26,6 +26,9 @@ class Signal(StrEnum):
 
 ISSUED = AuditEventType.TOKEN_ISSUED.value
 REFUSED = AuditEventType.TOKEN_REFUSED.value
+#: Leaves a round handles between two turns of the event loop (~1-2 ms; a round of thousands in
+#: one go would hold up every request of its process for tens of milliseconds).
+SLICE = 256
 #: The ledger entry types the detector looks at; every other entry only moves the cursor.
 WATCHED = frozenset({ISSUED, REFUSED})
 

@@ -318,14 +318,23 @@ _LEAVES = select(
 )
 
 
+#: Leaves fetched per round trip by :func:`read_leaves` (the event loop's turn between them).
+READ_PARTITION = 500
+
+
 async def read_leaves(conn: AsyncConnection, start: int, limit: int) -> Sequence[Sequence[Any]]:
     """The integrated leaves from ``start``, in index order, as :meth:`Observed.from_leaf` reads
     them: (index, type, time in ms, client_id, subject, partner, transaction_id, the entry text or
     None), the envelope fields from the leaf's own columns (the sequencer copied them from the
     entry). The sequencer gives indices without gaps and commits them in order, so what is read is a
     prefix of the log."""
-    rows = await conn.execute(_LEAVES.where(_c.idx >= start).order_by(_c.idx).limit(limit))
-    return rows.all()
+    rows: list[Sequence[Any]] = []
+    # streamed (a server-side cursor on PostgreSQL), a partition per round trip: thousands of rows
+    # turned into rows at once would hold up the event loop for ~2 us each
+    result = await conn.stream(_LEAVES.where(_c.idx >= start).order_by(_c.idx).limit(limit))
+    async for partition in result.partitions(READ_PARTITION):
+        rows += partition
+    return rows
 
 
 async def prune_windows(conn: AsyncConnection, signal: str, before_bucket: int) -> int:
