@@ -283,31 +283,44 @@ async def test_a_round_overtaken_before_its_claim_keeps_nothing(rig: Rig) -> Non
     assert signals(await rig.alerts()) == ["issuance.spike"]
 
 
-async def test_the_leaves_are_read_outside_sqlites_write_lock_and_under_postgresqls_claim(
+async def test_sqlites_write_lock_is_held_for_the_writes_alone_postgresql_reads_under_its_claim(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """SQLite: the leaves (and their parse) are not inside the round's transaction, whose claim is
-    the write lock every token request's commit waits for. PostgreSQL: the claim is an advisory
-    lock no request takes, and the leaves are read after it (a process losing it reads none)."""
+    """SQLite: the leaves, their parse and the detection's reads of its state all come before the
+    claim, which is the write lock every token request's commit waits for; the claim covers only
+    the writes. PostgreSQL: the claim is an advisory lock no request takes, and everything is read
+    after it (a process losing it reads nothing)."""
     claimed: list[bool] = []
+    after_claim: dict[str, list[bool]] = {"leaves": [], "windows": [], "pairs": []}
 
     class Recording(SqlSurveillanceStore):
         async def claim(self, conn: AsyncConnection) -> int | None:
             claimed.append(True)
             return await super().claim(conn)
 
+        async def windows(self, conn: AsyncConnection, *args: Any) -> Any:
+            after_claim["windows"].append(bool(claimed))
+            return await super().windows(conn, *args)
+
+        async def known_pairs(self, conn: AsyncConnection, pairs: Any) -> Any:
+            after_claim["pairs"].append(bool(claimed))
+            return await super().known_pairs(conn, pairs)
+
     read = surveillance_store.read_leaves
-    reads_after_claim: list[bool] = []
 
     async def recorded(conn: Any, start: int, limit: int) -> Any:
-        reads_after_claim.append(bool(claimed))
+        after_claim["leaves"].append(bool(claimed))
         return await read(conn, start, limit)
 
     monkeypatch.setattr(surveillance_store, "read_leaves", recorded)
-    await rig.append(*(issued("c-1", T0 + i) for i in range(4)))
+    await rig.append(
+        *(issued("c-1", T0 + i) for i in range(4)),
+        issued("c-2", T0 + 5, actors=("svc-a",), subject="alice"),
+    )
     assert len(await rig.detector(Recording()).catch_up()) == 1
-    assert reads_after_claim
-    assert set(reads_after_claim) == {not rig.db.is_sqlite}
+    for step, seen in after_claim.items():
+        assert seen, step
+        assert set(seen) == {not rig.db.is_sqlite}, step
 
 
 async def test_a_detector_losing_the_claim_on_postgresql_reads_no_leaves(

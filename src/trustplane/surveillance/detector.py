@@ -50,16 +50,33 @@ class _Batch:
     at and written back once at the end."""
 
     delegations: dict[str, Delegation] = field(default_factory=dict)
+    new_pairs: list[tuple[Pair, int]] = field(default_factory=list)
     fresh_pairs: set[Pair] = field(default_factory=set)
     windows: dict[tuple[str, str, int], Window] = field(default_factory=dict)
     limits: dict[tuple[str, int], float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Detection:
+    """What a batch raised and the state it changed: worked out by :meth:`Detector.prepare` from
+    reads alone, written by :meth:`Detector.write` in the round's claimed transaction."""
+
+    alerts: list[Alert]
+    new_pairs: list[tuple[Pair, int]]
+    delegations: dict[str, Delegation]
+    windows: dict[tuple[str, str, int], Window]
 
 
 class Detector:
     def __init__(self, store: SurveillanceStore, thresholds: Thresholds) -> None:
         self._store, self._t = store, thresholds
 
-    async def detect(self, conn: AsyncConnection, events: list[Observed]) -> list[Alert]:
+    async def prepare(self, conn: AsyncConnection, events: list[Observed]) -> Detection:
+        """The batch's alerts and state changes, from the state as ``conn`` reads it (reads only).
+
+        Valid for the cursor position the batch was read from: every change of the state is made
+        by a round that also moves the cursor, in one transaction, so if the cursor has not moved
+        when the round claims, nothing this read has changed since (the caller checks)."""
         exchanges = [e for e in events if e.type == ISSUED and e.client_id and e.actor_chain]
         issued = [e for e in events if e.type == ISSUED and e.client_id]
         failures = [e for e in events if e.type == REFUSED and e.partner and self._claim_failed(e)]
@@ -74,8 +91,13 @@ class Detector:
                 alerts += self._issuance(batch, event, event.client_id)
             elif event.type == REFUSED and event.partner and self._claim_failed(event):
                 alerts += self._claim_failure(batch, event, event.partner)
-        await self._store.save(conn, batch.delegations, batch.windows)
-        return alerts
+        return Detection(alerts, batch.new_pairs, batch.delegations, batch.windows)
+
+    async def write(self, conn: AsyncConnection, detection: Detection) -> None:
+        """Store what :meth:`prepare` worked out, in the round's claimed transaction."""
+        if detection.new_pairs:
+            await self._store.add_pairs(conn, detection.new_pairs)
+        await self._store.save(conn, detection.delegations, detection.windows)
 
     async def _load(
         self,
@@ -87,8 +109,12 @@ class Detector:
         batch = _Batch()
         clients = {e.client_id for e in exchanges if e.client_id}
         batch.delegations = await self._store.delegations(conn, clients)
-        pairs = [((str(e.client_id), _pair(e)), e.index) for e in exchanges]
-        batch.fresh_pairs = await self._store.add_pairs(conn, pairs)
+        first: dict[Pair, int] = {}  # each pair with the leaf that shows it first in the batch
+        for event in exchanges:
+            first.setdefault((str(event.client_id), _pair(event)), event.index)
+        known = await self._store.known_pairs(conn, list(first)) if first else set()
+        batch.new_pairs = [(pair, index) for pair, index in first.items() if pair not in known]
+        batch.fresh_pairs = {pair for pair, _ in batch.new_pairs}
         span = self._t.issuance_baseline_windows
         for signal, found, length, back in (
             (Signal.ISSUANCE_SPIKE, issued, self._t.issuance_window_s, span),
