@@ -9,7 +9,10 @@ On PostgreSQL a writer batch of decisions alone (the PDP's common case) is one s
 writer's autocommit connection (:func:`write_alone`): the ``policy_decisions`` insert as a
 data-modifying CTE of the ledger's pending insert, atomic and durable when it returns
 (``synchronous_commit`` on), one round trip instead of ``BEGIN``, the statement and ``COMMIT``. A
-batch whose events an audit-sink observer would write for runs the transactional way.
+batch whose events an audit-sink observer would write for runs the transactional way. A batch of
+one decision (a PDP asked one question at a time: the lifecycle's case) binds scalar parameters
+(``VALUES``) instead of one array per column: neither asyncpg nor the server then packs, unpacks and
+unnests fourteen one-element arrays.
 """
 
 from __future__ import annotations
@@ -110,14 +113,21 @@ async def write_inputs(conn: AsyncConnection, records: Sequence[DecisionRecord])
         await conn.exec_driver_sql(_insert_sql(conn.dialect.name), rows)
 
 
-def pg_inputs_insert(
-    records: Sequence[DecisionRecord], first: int
-) -> tuple[str, tuple[list[Any], ...]]:
+def pg_inputs_insert(records: Sequence[DecisionRecord], first: int) -> tuple[str, Sequence[Any]]:
     """PostgreSQL: :func:`write_inputs`'s insert and its parameters, numbered from ``first``, for
     a caller that runs it inside a statement of its own (``oauth.outcomes``: as a CTE of the
-    replay upsert, one execution for both)."""
+    replay upsert, one execution for both). One record: a ``VALUES`` row of scalar parameters;
+    more: one array per column, unnested (one statement text whatever their number)."""
+    if len(records) == 1:
+        return _one_row_insert(first), records[0].row()
     sql = unnest_insert("policy_decisions", _TYPED, first=first)
     return sql, by_column([r.row() for r in records], len(_TYPED))
+
+
+@functools.lru_cache(maxsize=16)
+def _one_row_insert(first: int) -> str:
+    values = ", ".join(f"${i}::{kind}" for i, (_, kind) in enumerate(_TYPED, first))
+    return f"INSERT INTO policy_decisions ({', '.join(_COLUMNS)}) VALUES ({values})"  # noqa: S608 - constants
 
 
 async def _write_batches(
@@ -127,10 +137,8 @@ async def _write_batches(
     return [None] * len(batches)
 
 
-@functools.lru_cache(maxsize=1)
-def _alone_sql() -> str:
-    inputs = unnest_insert("policy_decisions", _TYPED)
-    pending, _ = pg_pending_insert([], first=len(_TYPED) + 1)
+@functools.lru_cache(maxsize=4)
+def _alone_sql(inputs: str, pending: str) -> str:
     return f"WITH inputs AS ({inputs}) {pending}"
 
 
@@ -145,11 +153,11 @@ async def write_alone(
     events = [r.event for r in records]
     if sink.OBSERVERS and not await observers_write_nothing(events):
         return None
-    params = by_column([r.row() for r in records], len(_TYPED))
-    _, pending = pg_pending_insert([pending_row(e) for e in events], first=len(_TYPED) + 1)
+    inputs, values = pg_inputs_insert(records, first=1)
+    pending, rows = pg_pending_insert([pending_row(e) for e in events], first=len(values) + 1)
     driver = (await conn.get_raw_connection()).driver_connection
     assert driver is not None  # the writer's connection is open
-    await driver.execute(_alone_sql(), *params, *pending)
+    await driver.execute(_alone_sql(inputs, pending), *values, *rows)
     # what write_events does after its insert: count, wake the sequencers (on PostgreSQL every
     # append of a process runs on its event loop, so the count needs no lock here)
     sink.APPENDED[0] += len(events)
