@@ -79,19 +79,20 @@ async def append_pending(conn: AsyncConnection, rows: Sequence[tuple[str, str, b
 
 def pg_pending_insert(
     rows: Sequence[tuple[str, str, bytes]], first: int
-) -> tuple[str, Sequence[Any]]:
+) -> tuple[str, tuple[list[Any], ...]]:
     """PostgreSQL: :func:`append_pending`'s insert (rows in order) and its parameters, numbered
     from ``first``, for a caller that runs it inside a statement of its own
     (``grant.outcomes``: as a data-modifying CTE of the ``jti`` upsert, a token batch's one
-    statement). One row: a ``VALUES`` row of scalar parameters (no arrays to pack and unnest)."""
-    if len(rows) == 1:
-        return _pending_one_row(first), rows[0]
+    statement)."""
     sql = unnest_insert("audit_pending", _PENDING, ordered=True, first=first)
     return sql, by_column(rows, len(_PENDING))
 
 
 @functools.lru_cache(maxsize=16)
-def _pending_one_row(first: int) -> str:
+def pg_pending_row_insert(first: int) -> str:
+    """PostgreSQL: the same insert for exactly one row, its (entry, payload, salt) as scalar
+    parameters numbered from ``first``: nothing for the driver to pack into arrays or for the
+    server to unnest (``policy.recorder``: a decision recorded alone)."""
     values = ", ".join(f"${i}::{kind}" for i, (_, kind) in enumerate(_PENDING, first))
     names = ", ".join(name for name, _ in _PENDING)
     return f"INSERT INTO audit_pending ({names}) VALUES ({values})"  # noqa: S608 - constants

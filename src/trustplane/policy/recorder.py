@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane.audit import sink
 from trustplane.audit.sink import observers_write_nothing, pending_row, write_events
-from trustplane.audit.store import pg_pending_insert
+from trustplane.audit.store import pg_pending_insert, pg_pending_row_insert
 from trustplane.audit_events import AuditEvent
 from trustplane.storage.driver_sql import by_column, in_transaction, unnest_insert, values_clause
 from trustplane.storage.writer import GroupCommitWriter
@@ -113,21 +113,14 @@ async def write_inputs(conn: AsyncConnection, records: Sequence[DecisionRecord])
         await conn.exec_driver_sql(_insert_sql(conn.dialect.name), rows)
 
 
-def pg_inputs_insert(records: Sequence[DecisionRecord], first: int) -> tuple[str, Sequence[Any]]:
+def pg_inputs_insert(
+    records: Sequence[DecisionRecord], first: int
+) -> tuple[str, tuple[list[Any], ...]]:
     """PostgreSQL: :func:`write_inputs`'s insert and its parameters, numbered from ``first``, for
     a caller that runs it inside a statement of its own (``oauth.outcomes``: as a CTE of the
-    replay upsert, one execution for both). One record: a ``VALUES`` row of scalar parameters;
-    more: one array per column, unnested (one statement text whatever their number)."""
-    if len(records) == 1:
-        return _one_row_insert(first), records[0].row()
+    replay upsert, one execution for both)."""
     sql = unnest_insert("policy_decisions", _TYPED, first=first)
     return sql, by_column([r.row() for r in records], len(_TYPED))
-
-
-@functools.lru_cache(maxsize=16)
-def _one_row_insert(first: int) -> str:
-    values = ", ".join(f"${i}::{kind}" for i, (_, kind) in enumerate(_TYPED, first))
-    return f"INSERT INTO policy_decisions ({', '.join(_COLUMNS)}) VALUES ({values})"  # noqa: S608 - constants
 
 
 async def _write_batches(
@@ -137,9 +130,19 @@ async def _write_batches(
     return [None] * len(batches)
 
 
-@functools.lru_cache(maxsize=4)
-def _alone_sql(inputs: str, pending: str) -> str:
+@functools.lru_cache(maxsize=1)
+def _alone_sql() -> str:
+    inputs = unnest_insert("policy_decisions", _TYPED)
+    pending, _ = pg_pending_insert([], first=len(_TYPED) + 1)
     return f"WITH inputs AS ({inputs}) {pending}"
+
+
+@functools.lru_cache(maxsize=1)
+def _alone_one_sql() -> str:
+    """:func:`_alone_sql` for exactly one record: scalar parameters, a ``VALUES`` row each."""
+    values = ", ".join(f"${i}::{kind}" for i, (_, kind) in enumerate(_TYPED, 1))
+    inputs = f"INSERT INTO policy_decisions ({', '.join(_COLUMNS)}) VALUES ({values})"  # noqa: S608 - constants
+    return f"WITH inputs AS ({inputs}) {pg_pending_row_insert(len(_TYPED) + 1)}"
 
 
 async def write_alone(
@@ -153,11 +156,14 @@ async def write_alone(
     events = [r.event for r in records]
     if sink.OBSERVERS and not await observers_write_nothing(events):
         return None
-    inputs, values = pg_inputs_insert(records, first=1)
-    pending, rows = pg_pending_insert([pending_row(e) for e in events], first=len(values) + 1)
     driver = (await conn.get_raw_connection()).driver_connection
     assert driver is not None  # the writer's connection is open
-    await driver.execute(_alone_sql(inputs, pending), *values, *rows)
+    if len(records) == 1:  # a PDP asked one question at a time: no arrays to pack and unnest
+        await driver.execute(_alone_one_sql(), *records[0].row(), *pending_row(events[0]))
+    else:
+        params = by_column([r.row() for r in records], len(_TYPED))
+        _, pending = pg_pending_insert([pending_row(e) for e in events], first=len(_TYPED) + 1)
+        await driver.execute(_alone_sql(), *params, *pending)
     # what write_events does after its insert: count, wake the sequencers (on PostgreSQL every
     # append of a process runs on its event loop, so the count needs no lock here)
     sink.APPENDED[0] += len(events)
