@@ -20,7 +20,8 @@ profiled run are not comparable).
 ``--inproc``: the recording alone, in one process per run (the tree's ``src`` on its path): records
 built beforehand by the engine (the Cedar evaluation is not timed), then ``--records`` of them
 made durable through a group-commit writer and ``DecisionRecorder`` with ``-c`` in flight; the
-process CPU per recorded decision. No HTTP, no ledger sequencer.
+process CPU per recorded decision (and, on PostgreSQL, its database backends'). No HTTP, no
+ledger sequencer.
 """
 
 from __future__ import annotations
@@ -233,9 +234,11 @@ async def _inproc(db: str, records: int, concurrency: int) -> dict[str, Any]:
             gc.collect()  # as the server does after its warm-up (trustplane.startup): the records
             gc.freeze()  # made beforehand are not traversed by every collection of the run
             batches = writer.batches
+            db_ticks = _backend_ticks(database) if database else 0
             cpu, wall = time.process_time(), time.perf_counter()
             await run(todo)
             cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+            db_s = (_backend_ticks(database) - db_ticks) / TICK if database else 0.0
             batches = writer.batches - batches
             await writer.stop()
             await database_.dispose()
@@ -244,6 +247,7 @@ async def _inproc(db: str, records: int, concurrency: int) -> dict[str, Any]:
                 _psql(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
     return {
         "cpu_us": 1e6 * cpu / records,
+        "db_us": 1e6 * db_s / records,
         "per_s": records / wall,
         "batch": records / max(batches, 1),
         "load": os.getloadavg()[0],
@@ -253,6 +257,7 @@ async def _inproc(db: str, records: int, concurrency: int) -> dict[str, Any]:
 def inproc_rows(args: argparse.Namespace, trees: list[Path]) -> None:
     print(f"recording alone, in process, {args.db}, {args.connections} in flight, {args.records}")
     rows: dict[Path, list[float]] = {src: [] for src in trees}
+    db_rows: dict[Path, list[float]] = {src: [] for src in trees}
     for _ in range(args.reps):
         for src in trees:
             env = {**os.environ, "PYTHONPATH": f"{src.resolve()}"}
@@ -268,13 +273,18 @@ def inproc_rows(args: argparse.Namespace, trees: list[Path]) -> None:
             ).stdout
             r = json.loads(out.strip().splitlines()[-1])
             rows[src].append(r["cpu_us"])
+            db_rows[src].append(r["db_us"])
             print(
-                f"  {str(src)[-28:]:<28} CPU {r['cpu_us']:6.1f} us/decision, "
+                f"  {str(src)[-28:]:<28} CPU {r['cpu_us']:6.1f} us/decision "
+                f"(database backends {r['db_us']:6.1f}), "
                 f"{r['per_s']:6.0f}/s, {r['batch']:4.1f} per commit, load {r['load']:.1f}",
                 flush=True,
             )
     for src, values in rows.items():
-        print(f"  median {str(src)[-28:]:<28} {statistics.median(values):6.1f} us/decision")
+        print(
+            f"  median {str(src)[-28:]:<28} {statistics.median(values):6.1f} us/decision "
+            f"(database backends {statistics.median(db_rows[src]):6.1f})"
+        )
 
 
 def main() -> None:

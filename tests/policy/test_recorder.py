@@ -13,10 +13,12 @@ import pytest
 from sqlalchemy import event, select
 
 from tests.policy.conftest import order_request
+from trustplane.audit.canonical import entry_parts
 from trustplane.audit.sink import recent_events
+from trustplane.audit.tables import audit_pending
 from trustplane.policy.bundle import CompiledBundle
 from trustplane.policy.engine import PolicyEngine
-from trustplane.policy.recorder import DecisionRecorder
+from trustplane.policy.recorder import DecisionRecord, DecisionRecorder, write_alone
 from trustplane.policy.tables import policy_decisions
 from trustplane.storage.db import Database
 from trustplane.storage.writer import GroupCommitWriter
@@ -153,3 +155,74 @@ async def test_decisions_an_observer_writes_for_are_recorded_in_a_transaction(
     statements, stored, _ = await _driver_statements(pg_url, default_compiled, monkeypatch, 3)
     assert (len(stored), sum(seen)) == (3, 3)
     assert any(s.startswith("BEGIN") for s in statements), statements
+
+
+def _records(bundle: CompiledBundle, n: int) -> list[DecisionRecord]:
+    engine = PolicyEngine(issuer="https://as.test", served_regions=["eu"])
+    engine.activate(bundle)
+    return [record for _, record in engine.evaluate([order_request() for _ in range(n)])]
+
+
+@pytest.mark.postgres
+async def test_a_decision_alone_is_written_without_arrays_on_postgresql(
+    pg_url: str, default_compiled: CompiledBundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One decision a batch (a PDP asked one question at a time) binds scalar parameters: no
+    array per column for asyncpg to pack and the server to unnest (before: fourteen one-element
+    arrays); a larger batch still binds one array per column."""
+    db = Database(pg_url)
+    sent: list[tuple[str, tuple[Any, ...]]] = []
+    original = asyncpg.Connection.execute
+
+    async def on_the_driver(self: asyncpg.Connection, query: str, *args: Any, **kw: Any) -> str:
+        sent.append((query, args))
+        return await original(self, query, *args, **kw)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(asyncpg.Connection, "execute", on_the_driver)
+    try:
+        await decide_concurrently(db, default_compiled, 1)
+        await decide_concurrently(db, default_compiled, 1)
+        alone = list(sent)
+        sent.clear()
+        async with db.autocommit_engine.connect() as conn:
+            await write_alone(conn, [_records(default_compiled, 2)])
+    finally:
+        monkeypatch.undo()
+        await db.dispose()
+    assert len(alone) == 2, alone
+    for query, args in alone:
+        assert "unnest" not in query, query
+        assert not [a for a in args if isinstance(a, list)], args
+    ((query, args),) = sent
+    assert "unnest" in query, query
+    assert all(isinstance(a, list) and len(a) == 2 for a in args), args
+
+
+@pytest.mark.postgres
+async def test_a_decision_alone_and_a_batch_write_the_same_rows_on_postgresql(
+    pg_url: str, default_compiled: CompiledBundle
+) -> None:
+    """Whichever statement carries them, the rows are the records': the replay inputs column by
+    column, the ledger's pending (entry, payload, salt) in the order appended, each entry the
+    one its event makes with the stored salt."""
+    records = _records(default_compiled, 3)
+    db = Database(pg_url)
+    try:
+        async with db.autocommit_engine.connect() as conn:
+            await write_alone(conn, [[records[0]]])
+            await write_alone(conn, [records[1:]])
+        async with db.read() as conn:
+            stored = (await conn.execute(select(policy_decisions))).all()
+            pending = (
+                await conn.execute(
+                    select(
+                        audit_pending.c.entry, audit_pending.c.payload, audit_pending.c.salt
+                    ).order_by(audit_pending.c.id)
+                )
+            ).all()
+    finally:
+        await db.dispose()
+    assert sorted(tuple(row) for row in stored) == sorted(r.row() for r in records)
+    assert [
+        (entry.encode(), payload.encode(), bytes(salt)) for entry, payload, salt in pending
+    ] == [entry_parts(r.event, bytes(row[2])) for r, row in zip(records, pending, strict=True)]

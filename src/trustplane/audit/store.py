@@ -88,6 +88,16 @@ def pg_pending_insert(
     return sql, by_column(rows, len(_PENDING))
 
 
+@functools.lru_cache(maxsize=16)
+def pg_pending_row_insert(first: int) -> str:
+    """PostgreSQL: the same insert for exactly one row, its (entry, payload, salt) as scalar
+    parameters numbered from ``first``: nothing for the driver to pack into arrays or for the
+    server to unnest (``policy.recorder``: a decision recorded alone)."""
+    values = ", ".join(f"${i}::{kind}" for i, (_, kind) in enumerate(_PENDING, first))
+    names = ", ".join(name for name, _ in _PENDING)
+    return f"INSERT INTO audit_pending ({names}) VALUES ({values})"  # noqa: S608 - constants
+
+
 async def lock_sequencer(conn: AsyncConnection) -> bool:
     """Become the one sequencer for this transaction. PostgreSQL: a transaction-level advisory lock
     (False if another process holds it). SQLite: the first statement is a write, which takes the

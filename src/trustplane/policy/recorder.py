@@ -9,7 +9,10 @@ On PostgreSQL a writer batch of decisions alone (the PDP's common case) is one s
 writer's autocommit connection (:func:`write_alone`): the ``policy_decisions`` insert as a
 data-modifying CTE of the ledger's pending insert, atomic and durable when it returns
 (``synchronous_commit`` on), one round trip instead of ``BEGIN``, the statement and ``COMMIT``. A
-batch whose events an audit-sink observer would write for runs the transactional way.
+batch whose events an audit-sink observer would write for runs the transactional way. A batch of
+one decision (a PDP asked one question at a time: the lifecycle's case) binds scalar parameters
+(``VALUES``) instead of one array per column: neither asyncpg nor the server then packs, unpacks and
+unnests fourteen one-element arrays.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane.audit import sink
 from trustplane.audit.sink import observers_write_nothing, pending_row, write_events
-from trustplane.audit.store import pg_pending_insert
+from trustplane.audit.store import pg_pending_insert, pg_pending_row_insert
 from trustplane.audit_events import AuditEvent
 from trustplane.storage.driver_sql import by_column, in_transaction, unnest_insert, values_clause
 from trustplane.storage.writer import GroupCommitWriter
@@ -134,6 +137,14 @@ def _alone_sql() -> str:
     return f"WITH inputs AS ({inputs}) {pending}"
 
 
+@functools.lru_cache(maxsize=1)
+def _alone_one_sql() -> str:
+    """:func:`_alone_sql` for exactly one record: scalar parameters, a ``VALUES`` row each."""
+    values = ", ".join(f"${i}::{kind}" for i, (_, kind) in enumerate(_TYPED, 1))
+    inputs = f"INSERT INTO policy_decisions ({', '.join(_COLUMNS)}) VALUES ({values})"  # noqa: S608 - constants
+    return f"WITH inputs AS ({inputs}) {pg_pending_row_insert(len(_TYPED) + 1)}"
+
+
 async def write_alone(
     conn: AsyncConnection, batches: Sequence[Sequence[DecisionRecord]]
 ) -> list[None] | None:
@@ -145,11 +156,14 @@ async def write_alone(
     events = [r.event for r in records]
     if sink.OBSERVERS and not await observers_write_nothing(events):
         return None
-    params = by_column([r.row() for r in records], len(_TYPED))
-    _, pending = pg_pending_insert([pending_row(e) for e in events], first=len(_TYPED) + 1)
     driver = (await conn.get_raw_connection()).driver_connection
     assert driver is not None  # the writer's connection is open
-    await driver.execute(_alone_sql(), *params, *pending)
+    if len(records) == 1:  # a PDP asked one question at a time: no arrays to pack and unnest
+        await driver.execute(_alone_one_sql(), *records[0].row(), *pending_row(events[0]))
+    else:
+        params = by_column([r.row() for r in records], len(_TYPED))
+        _, pending = pg_pending_insert([pending_row(e) for e in events], first=len(_TYPED) + 1)
+        await driver.execute(_alone_sql(), *params, *pending)
     # what write_events does after its insert: count, wake the sequencers (on PostgreSQL every
     # append of a process runs on its event loop, so the count needs no lock here)
     sink.APPENDED[0] += len(events)
