@@ -360,8 +360,25 @@ class NotOwned(Exception):
         self.service, self.transition = service, transition
 
 
-#: What :meth:`TradeStore.learn` did with an upstream event.
-APPLIED, KNOWN, PENDING = "applied", "known", "pending"
+#: What :meth:`TradeStore.learn` did with an upstream event (:data:`SKIPPED`: nothing, the event
+#: does not concern this store: :func:`machine.concerns`).
+APPLIED, KNOWN, PENDING, SKIPPED = "applied", "known", "pending", "skipped"
+
+
+def concerns(service: str | None, claims: Mapping[str, Any]) -> bool:
+    """Whether the store of ``service`` learns the upstream event of ``claims``
+    (:func:`machine.concerns`, from the event's transition, ``from``, ``state`` and, for a
+    ``cancel`` or an escalation, ``data.from_state``)."""
+    data = claims.get("data")
+    left = data.get("from_state") if isinstance(data, dict) else None
+    source, target = claims.get("from"), claims.get("state")
+    return machine.concerns(
+        service,
+        str(claims.get("transition")),
+        source if isinstance(source, str) else None,
+        target if isinstance(target, str) else None,
+        left if isinstance(left, str) else None,
+    )
 
 
 class DuplicateTransition(Exception):
@@ -898,7 +915,12 @@ class TradeStore:
                 f"escalate#{record.number}",
                 machine.EXCEPTION,
                 envelope,
-                {"exception_id": exception_id, "actor": actor, "note": note},
+                {
+                    "exception_id": exception_id,
+                    "actor": actor,
+                    "note": note,
+                    "from_state": record.from_state,
+                },
                 now,
                 machine.EXCEPTION,
             )
@@ -1066,7 +1088,9 @@ class TradeStore:
         outbox row. One transaction. Returns :data:`APPLIED`; :data:`KNOWN` for an event (or a
         transition) learned before, a no-op; :data:`PENDING` when the trade is not in the event's
         source state yet (its predecessor, from another upstream, has not arrived): the event is
-        kept in the inbox and applied as soon as the predecessor is (:meth:`_retry_pending`).
+        kept in the inbox and applied as soon as the predecessor is (:meth:`_retry_pending`);
+        :data:`SKIPPED`, nothing written, for an event that does not concern this store (a
+        transition made after this owner's last step: :func:`concerns`).
         A store never learns a transition it owns (:class:`NotOwned`)."""
         outcome, _moved = await self._learn(claims, jws, None)
         return outcome
@@ -1088,6 +1112,8 @@ class TradeStore:
         name = str(claims.get("transition"))
         if self.service is None or self.owns(name):
             raise NotOwned(self.service or "all", f"learning {name}")
+        if not concerns(self.service, claims):
+            return SKIPPED, False
         outcome, moved, waiting = await self._learn_one(claims, jws, cursor)
         if outcome == APPLIED and waiting:  # what waited for it may apply now
             await self._retry_pending(str(claims["trade_id"]))
