@@ -40,7 +40,6 @@ from trustplane.reference import machine
 from trustplane.reference.events import EventRefused, verify_event
 from trustplane.reference.store import (
     APPLIED,
-    KNOWN,
     PENDING,
     SKIPPED,
     StoredEvent,
@@ -235,6 +234,9 @@ class Dispatcher:
         kept = store.committed_through(low, seq) if low < seq else []
         if kept is None:
             return None
+        # and what this process committed since (requests waiting for the lock): one commit per
+        # store for all of them, and nothing left for those requests to do
+        kept += store.committed_after(max(seq, low))
         checked: list[tuple[StoredEvent, Checked]] = [(e, payload_of(e.jws)) for e in kept]
         applied = await self._deliver_all(group, cursors, checked)
         store.forget_committed(min(self._cursors[i] for i in group))
@@ -291,9 +293,9 @@ class Dispatcher:
         return self._cursors[i]
 
     async def _deliver(self, i: int, events: list[tuple[StoredEvent, Checked]]) -> int:
-        """Learn ``events`` (verified, or refused) into route ``i``'s store; its cursor moved past
-        the last one in the transaction that learns the last event the store needs (or on its
-        own if that did not move it, or an event was refused).
+        """Learn ``events`` (verified, or refused) into route ``i``'s store, in one transaction
+        (:meth:`TradeStore.learn_all`) that also moves the route's cursor past the last of them
+        (or on its own when that did not move it, or when none was learned but one was refused).
 
         An event that does not concern the store (:func:`concerns`: a transition after its
         owner's last step) is passed over with nothing written. When none of the events is
@@ -301,14 +303,13 @@ class Dispatcher:
         :attr:`batch` behind: the store's cursor is never ahead of what it learned, and another
         process (or this one after a restart) re-reads at most that many events and passes over
         them again."""
-        route, applied, last = self.routes[i], 0, events[-1][0].seq
+        route, last = self.routes[i], events[-1][0].seq
         downstream, name = route.downstream, route.downstream.service or "all"
-        needed = [e.seq for e, c in events if not isinstance(c, EventRefused) and self._needs(i, c)]
-        through = needed[-1] if needed else None
-        moved = refused = False
+        needed: list[tuple[StoredEvent, dict[str, Any]]] = []
+        refused = False
         for event, claims in events:
             if event.seq <= self._cursors[i]:
-                continue  # another process handed it off (we found out below)
+                continue  # another process handed it off
             if isinstance(claims, EventRefused):
                 refused = True
                 LEARNED.labels(name, "refused").inc()
@@ -319,31 +320,25 @@ class Dispatcher:
                     event_id=event.event_id,
                     error=str(claims),
                 )
-                continue
-            if not self._needs(i, claims):
-                LEARNED.labels(name, SKIPPED).inc()
-                continue
-            if event.seq == through:
-                outcome, self._cursors[i] = await downstream.learn_through(
-                    claims, event.jws, route.consumer, last
-                )
-                self._stored[i], moved = self._cursors[i], True
+            elif self._needs(i, claims):
+                needed.append((event, claims))
             else:
-                outcome = await downstream.learn(claims, event.jws)
-                if outcome == KNOWN:  # perhaps another process handed these off: catch up
-                    self._cursors[i] = await downstream.cursor(route.consumer)
-                    self._stored[i] = self._cursors[i]
-            LEARNED.labels(name, outcome).inc()
-            applied += outcome == APPLIED
-            if outcome == PENDING:
-                log.info("reference_event_kept", downstream=name, event_id=event.event_id)
-        if not moved:
+                LEARNED.labels(name, SKIPPED).inc()
+        if not needed:
             if refused or last - self._stored[i] >= self.batch:
                 self._cursors[i] = await downstream.advance(route.consumer, last)
                 self._stored[i] = self._cursors[i]
             else:
                 self._cursors[i] = max(self._cursors[i], last)
-        return applied
+            return 0
+        learning = [(claims, event.jws) for event, claims in needed]
+        outcomes, self._cursors[i] = await downstream.learn_all(learning, route.consumer, last)
+        self._stored[i] = self._cursors[i]
+        for (event, _claims), outcome in zip(needed, outcomes, strict=True):
+            LEARNED.labels(name, outcome).inc()
+            if outcome == PENDING:
+                log.info("reference_event_kept", downstream=name, event_id=event.event_id)
+        return outcomes.count(APPLIED)
 
     def _needs(self, i: int, claims: dict[str, Any]) -> bool:
         return concerns(self.routes[i].downstream.service, claims)

@@ -611,6 +611,14 @@ class TradeStore:
             found.append(event)
         return found
 
+    def committed_after(self, seq: int) -> list[StoredEvent]:
+        """The kept events right after ``seq``, as far as they are contiguous."""
+        kept = self._committed or {}
+        found: list[StoredEvent] = []
+        while (event := kept.get(seq + 1 + len(found))) is not None:
+            found.append(event)
+        return found
+
     def forget_committed(self, through: int) -> None:
         """Drop the kept events up to ``through`` (handed off to every route; their ``seq`` by
         event id stays known: :meth:`committed_seq`)."""
@@ -1106,6 +1114,61 @@ class TradeStore:
         outcome, moved = await self._learn(claims, jws, (consumer, seq))
         return outcome, seq if moved else await self.advance(consumer, seq)
 
+    async def learn_all(
+        self, events: Sequence[tuple[Mapping[str, Any], str]], consumer: str, seq: int
+    ) -> tuple[list[str], int]:
+        """:meth:`learn` of each of ``events`` (claims, JWS), in order, and ``consumer``'s cursor
+        moved forward to ``seq`` with the last one (:meth:`learn_through`): each outcome, and the
+        cursor now. On PostgreSQL in one statement (one transaction, one commit for all:
+        :func:`store_pg.learn_all`); when it hits a unique constraint (a racing delivery of one of
+        them), nothing of it was written and they are learned one by one, as on SQLite."""
+        if not events:
+            return [], await self.advance(consumer, seq)
+        if self.db.is_sqlite or len(events) == 1:
+            return await self._learn_each(events, consumer, seq)
+        for claims, _jws in events:
+            if self.service is None or self.owns(str(claims.get("transition"))):
+                raise NotOwned(self.service or "all", f"learning {claims.get('transition')}")
+        todo = [(c, j) for c, j in events if concerns(self.service, c)]
+        if not todo:
+            return [SKIPPED] * len(events), await self.advance(consumer, seq)
+        now, last = time.time(), len(todo) - 1
+        calls = [
+            _learning(c, j, now, (consumer, seq) if n == last else None)
+            for n, (c, j) in enumerate(todo)
+        ]
+        try:
+            results = await store_pg.learn_all(self.db, calls)
+        except store_pg.Duplicate:
+            return await self._learn_each(events, consumer, seq)
+        found: dict[str, str] = {}
+        for (claims, _jws), (outcome, _moved, waiting) in zip(todo, results, strict=True):
+            found[str(claims["jti"])] = await self._after_learning(claims, outcome, waiting)
+        if any(o != KNOWN for o in found.values()):
+            self._notify()
+        outcomes = [found.get(str(c["jti"]), SKIPPED) for c, _j in events]
+        return outcomes, seq if results[-1][1] else await self.advance(consumer, seq)
+
+    async def _learn_each(
+        self, events: Sequence[tuple[Mapping[str, Any], str]], consumer: str, seq: int
+    ) -> tuple[list[str], int]:
+        outcomes = [await self.learn(claims, jws) for claims, jws in events[:-1]]
+        outcome, cursor = await self.learn_through(*events[-1], consumer, seq)
+        return [*outcomes, outcome], cursor
+
+    async def _after_learning(self, claims: Mapping[str, Any], outcome: str, waiting: bool) -> str:
+        """What follows a learning transaction's commit: the trade's kept events retried when it
+        applied and some wait; when it kept its event, a look again (a racing delivery may have
+        applied the predecessor before this commit, and not seen it). The outcome then."""
+        trade_id = str(claims["trade_id"])
+        if outcome == APPLIED and waiting:
+            await self._retry_pending(trade_id)
+        elif outcome == PENDING:
+            await self._retry_pending(trade_id)
+            if await self._applied(str(claims["jti"])):
+                return APPLIED
+        return outcome
+
     async def _learn(
         self, claims: Mapping[str, Any], jws: str, cursor: tuple[str, int] | None
     ) -> tuple[str, bool]:
@@ -1115,15 +1178,7 @@ class TradeStore:
         if not concerns(self.service, claims):
             return SKIPPED, False
         outcome, moved, waiting = await self._learn_one(claims, jws, cursor)
-        if outcome == APPLIED and waiting:  # what waited for it may apply now
-            await self._retry_pending(str(claims["trade_id"]))
-        elif outcome == PENDING:
-            # a racing delivery may have applied its predecessor before this row committed (and
-            # not seen it), so look again
-            await self._retry_pending(str(claims["trade_id"]))
-            if await self._applied(str(claims["jti"])):
-                outcome = APPLIED
-        return outcome, moved
+        return await self._after_learning(claims, outcome, waiting), moved
 
     async def _applied(self, event_id: str) -> bool:
         row = await self._first(select(inbox.c.applied_at).where(inbox.c.event_id == event_id))
