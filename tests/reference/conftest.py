@@ -123,6 +123,15 @@ async def world(ref_url: str) -> AsyncIterator[World]:
 
 #: The deployment's issuer of the services' events (each owner signs with its own key).
 EVENTS_ISSUER = "https://settle.example"
+#: The last step through which each upstream owner's store learns a trade's history: what its
+#: own decisions read (``machine.concerns``); settlement and reporting learn all of it.
+LAST_STEP = {machine.EXECUTION: "execute", machine.ALLOCATION: "approve_allocation"}
+
+
+def held(service: str, names: list[str]) -> list[str]:
+    """What ``service``'s store holds of a history along the path (``names``, in order)."""
+    last = LAST_STEP.get(service)
+    return names if last is None or last not in names else names[: names.index(last) + 1]
 
 
 async def split_stores(urls: Mapping[str, str]) -> ServiceStores:

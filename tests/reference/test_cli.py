@@ -88,18 +88,18 @@ def test_operators_list_and_resolve_exceptions(tmp_path: Path) -> None:
     async def last_events() -> tuple[list[dict[str, Any]], list[str]]:
         stores = open_stores(ReferenceSettings.from_env(environment(url, key)))
         events = await stores.settlement.events_after(0)
-        learned = await stores.allocation.history(exception_id.split(".")[0])
+        learned = await stores.reporting.history(exception_id.split(".")[0])
         await dispose(stores)
         public = stores.settlement.signer.jwks()["keys"][0]
         found = [jwt.decode(e.jws, jwt.PyJWK(public).key, algorithms=["ES256"]) for e in events]
         return found, [r.transition for r in learned]
 
-    claims, allocation = asyncio.run(last_events())
+    claims, reporting = asyncio.run(last_events())
     assert [c["type"] for c in claims[-2:]] == ["exception.escalated", "exception.resolved"]
     assert claims[-1]["envelope"]["sub"].startswith("cli:")
     assert claims[-1]["envelope"]["policy_bundle_version"] == "cli"
-    # the settlement's events (signed with its own key) were handed to the other stores
-    assert allocation[-2:] == ["exception#1", "cancel"]
+    # the settlement's events (signed with its own key) were handed to the stores that learn them
+    assert reporting[-2:] == ["exception#1", "cancel"]
 
 
 def test_settings_refuse_what_cannot_work() -> None:

@@ -169,9 +169,9 @@ async def test_the_store_s_cursor_is_the_truth_when_another_dispatcher_moved_it(
     assert await second.hand_off() == 3  # first's memory is now behind the stores' cursors
     await create(stores.execution, "t-3")
     calls = Calls(monkeypatch)
-    calls.count(stores.reporting, "learn", "learn")
+    calls.count(stores.reporting, "learn_all", "learn")
     assert await first.hand_off() == 3  # t-3; t-2 was known, not applied again
-    assert calls.take() == {"learn": 1}  # t-2, known; t-3 with the cursor (learn_through)
+    assert calls.take() == {"learn": 1}  # t-2, known, and t-3 with the cursor: together
     assert await first.hand_off() == 0
     assert await second.hand_off() == 0  # t-3 is known everywhere: nothing applied twice
     consumer = f"execution@{EVENTS_ISSUER}"

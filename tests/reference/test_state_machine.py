@@ -139,7 +139,7 @@ class TradeMachine(RuleBasedStateMachine):
     )
     def deliver(self, upstream: int, downstream: str, pick: int) -> None:
         """One event of an owner's outbox, any of them (delayed, repeated, ahead of its
-        predecessor), to a store that learns from that owner."""
+        predecessor), to any other store (one it does not concern skips it: ``concerns``)."""
         source = self.upstreams[upstream]
         if downstream == source.service:
             return

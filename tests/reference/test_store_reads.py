@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import event
 
 from tests.reference.conftest import EVENTS_ISSUER, ORDER, fresh_store, split_stores
-from trustplane.reference import machine
+from trustplane.reference import machine, store_pg
 from trustplane.reference.events import Envelope, verify_event
 from trustplane.reference.store import APPLIED, KNOWN, DuplicateTransition, NotFound, TradeStore
 from trustplane.storage.db import Database
@@ -149,6 +149,67 @@ async def test_learning_an_event_is_one_statement(pg_service_databases: dict[str
         assert (await downstream.trade("T-1")).state == machine.CREATED
         assert [e.event_id for e in await downstream.feed_after(0)] == [event.event_id]
         assert await downstream.cursor("execution") == event.seq
+    finally:
+        for store in stores.distinct():
+            await store.db.dispose()
+
+
+@pytest.mark.postgres
+async def test_learning_several_events_is_one_statement(
+    pg_service_databases: dict[str, str],
+) -> None:
+    """A creation and the step after it, with the cursor moved past both: one statement (one
+    commit), each outcome as if learned one by one; again: known, one statement."""
+    stores = await split_stores(pg_service_databases)
+    owner, downstream = stores.execution, stores.allocation
+    try:
+        await owner.create("T-1", ORDER, "alice", _envelope(), None)
+        await owner.apply("T-1", machine.EXECUTE, "broker", _envelope(), None)
+        events = await owner.events_after(0)
+        jwks = owner.signer.jwks()
+        learning = [(verify_event(e.jws, jwks, issuer=EVENTS_ISSUER), e.jws) for e in events]
+        await downstream.advance("execution", 0)
+        await downstream.db.dispose()
+        sent = _wire(downstream.db)
+        last = events[-1].seq
+        assert await downstream.learn_all(learning, "execution", last) == ([APPLIED] * 2, last)
+        assert await _words(sent) == ["SELECT"]
+        # redelivered (the cursor there already: it looks on its own, as learn_through does)
+        assert await downstream.learn_all(learning, "execution", last) == ([KNOWN] * 2, last)
+        assert (await downstream.trade("T-1")).state == machine.EXECUTED
+        history = [r.transition for r in await downstream.history("T-1")]
+        assert history == ["create", "execute"]
+        assert [e.event_id for e in await downstream.feed_after(0)] == [e.event_id for e in events]
+        assert await downstream.cursor("execution") == last
+    finally:
+        for store in stores.distinct():
+            await store.db.dispose()
+
+
+@pytest.mark.postgres
+async def test_several_events_racing_a_delivery_are_learned_one_by_one(
+    pg_service_databases: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The statement for several events hit a unique constraint (a racing delivery): nothing of
+    it was written, and each is learned on its own, with the same outcomes."""
+    stores = await split_stores(pg_service_databases)
+    owner, downstream = stores.execution, stores.settlement
+    try:
+        await owner.create("T-1", ORDER, "alice", _envelope(), None)
+        await owner.apply("T-1", machine.EXECUTE, "broker", _envelope(), None)
+        events = await owner.events_after(0)
+        jwks = owner.signer.jwks()
+        learning = [(verify_event(e.jws, jwks, issuer=EVENTS_ISSUER), e.jws) for e in events]
+        assert await downstream.learn(*learning[0]) == APPLIED  # the racing delivery
+
+        async def raced(*_args: Any) -> Any:
+            raise store_pg.Duplicate()
+
+        monkeypatch.setattr(store_pg, "learn_all", raced)
+        last = events[-1].seq
+        assert await downstream.learn_all(learning, "execution", last) == ([KNOWN, APPLIED], last)
+        assert (await downstream.trade("T-1")).state == machine.EXECUTED
+        assert await downstream.cursor("execution") == last
     finally:
         for store in stores.distinct():
             await store.db.dispose()

@@ -3,8 +3,11 @@
 Every service has its own store (docs/settlement.md, "Stores"): execution decides ``create`` and
 ``execute``, allocation the allocation, settlement everything from the submission on (and the
 exceptions); reporting decides nothing. A store learns the other owners' transitions from their
-signed events (:meth:`TradeStore.learn`): each owner learns the other two owners, reporting learns
-all three, so every store holds the whole history of the trades it knows.
+signed events (:meth:`TradeStore.learn`): settlement and reporting learn every other owner's, so
+they hold the whole history of the trades they know; execution and allocation learn what their
+own decisions read, the history up to their last step (:func:`concerns`: execution only
+settlement's exceptions before the execution, allocation the execution's events and settlement's
+exceptions before the approval).
 
 Embedded default: a :class:`Dispatcher` reads an upstream owner's outbox after the commit
 (``events_after`` from a cursor per (downstream, upstream), persisted in the downstream store and
@@ -35,7 +38,15 @@ from prometheus_client import Counter
 
 from trustplane.reference import machine
 from trustplane.reference.events import EventRefused, verify_event
-from trustplane.reference.store import APPLIED, KNOWN, PENDING, StoredEvent, TradeStore, payload_of
+from trustplane.reference.store import (
+    APPLIED,
+    PENDING,
+    SKIPPED,
+    StoredEvent,
+    TradeStore,
+    concerns,
+    payload_of,
+)
 
 log = structlog.get_logger("trustplane.reference")
 LEARNED = Counter(
@@ -43,9 +54,12 @@ LEARNED = Counter(
     "Upstream events handed to a downstream store, by outcome (applied, known, pending, refused)",
     ["downstream", "outcome"],
 )
-#: Which owners each store learns from (reporting: every owner).
+#: Which owners each store learns from (reporting: every owner). Execution acts only on a
+#: ``created`` trade, so no transition of allocation's ever concerns it
+#: (:func:`~trustplane.reference.store.concerns`): of settlement's, only the exceptions raised
+#: before the execution; allocation needs settlement's only up to the approval.
 LEARNS_FROM = {
-    machine.EXECUTION: (machine.ALLOCATION, machine.SETTLEMENT),
+    machine.EXECUTION: (machine.SETTLEMENT,),
     machine.ALLOCATION: (machine.EXECUTION, machine.SETTLEMENT),
     machine.SETTLEMENT: (machine.EXECUTION, machine.ALLOCATION),
     machine.REPORTING: machine.OWNERS,
@@ -160,6 +174,9 @@ class Dispatcher:
         self._swept: dict[str, int] = {}
         #: per route (its index): its cursor as this process last read or moved it
         self._cursors: dict[int, int] = {}
+        #: per route: its cursor in the downstream store as last read or moved here (behind
+        #: ``_cursors`` while only events the store does not need went past)
+        self._stored: dict[int, int] = {}
         #: the routes from each upstream (by identity: its outbox is read once for all of them)
         self._groups: dict[int, list[int]] = {}
         for i, route in enumerate(self.routes):
@@ -217,6 +234,9 @@ class Dispatcher:
         kept = store.committed_through(low, seq) if low < seq else []
         if kept is None:
             return None
+        # and what this process committed since (requests waiting for the lock): one commit per
+        # store for all of them, and nothing left for those requests to do
+        kept += store.committed_after(max(seq, low))
         checked: list[tuple[StoredEvent, Checked]] = [(e, payload_of(e.jws)) for e in kept]
         applied = await self._deliver_all(group, cursors, checked)
         store.forget_committed(min(self._cursors[i] for i in group))
@@ -269,18 +289,29 @@ class Dispatcher:
         if i not in self._cursors:
             route = self.routes[i]
             self._cursors[i] = await route.downstream.cursor(route.consumer)
+            self._stored[i] = self._cursors[i]
         return self._cursors[i]
 
     async def _deliver(self, i: int, events: list[tuple[StoredEvent, Checked]]) -> int:
-        """Learn ``events`` (verified, or refused) into route ``i``'s store; its cursor moved past
-        the last one in the last one's learning transaction (or on its own if that did not)."""
-        route, applied, last = self.routes[i], 0, events[-1][0].seq
+        """Learn ``events`` (verified, or refused) into route ``i``'s store, in one transaction
+        (:meth:`TradeStore.learn_all`) that also moves the route's cursor past the last of them
+        (or on its own when that did not move it, or when none was learned but one was refused).
+
+        An event that does not concern the store (:func:`concerns`: a transition after its
+        owner's last step) is passed over with nothing written. When none of the events is
+        learned, the cursor moves in this process's memory only, and in the store once it is
+        :attr:`batch` behind: the store's cursor is never ahead of what it learned, and another
+        process (or this one after a restart) re-reads at most that many events and passes over
+        them again."""
+        route, last = self.routes[i], events[-1][0].seq
         downstream, name = route.downstream, route.downstream.service or "all"
-        moved = False
+        needed: list[tuple[StoredEvent, dict[str, Any]]] = []
+        refused = False
         for event, claims in events:
             if event.seq <= self._cursors[i]:
-                continue  # another process handed it off (we found out below)
+                continue  # another process handed it off
             if isinstance(claims, EventRefused):
+                refused = True
                 LEARNED.labels(name, "refused").inc()
                 log.error(
                     "reference_event_refused",
@@ -289,23 +320,28 @@ class Dispatcher:
                     event_id=event.event_id,
                     error=str(claims),
                 )
-                continue
-            if event.seq == last:
-                outcome, self._cursors[i] = await downstream.learn_through(
-                    claims, event.jws, route.consumer, last
-                )
-                moved = True
+            elif self._needs(i, claims):
+                needed.append((event, claims))
             else:
-                outcome = await downstream.learn(claims, event.jws)
-                if outcome == KNOWN:  # perhaps another process handed these off: catch up
-                    self._cursors[i] = await downstream.cursor(route.consumer)
+                LEARNED.labels(name, SKIPPED).inc()
+        if not needed:
+            if refused or last - self._stored[i] >= self.batch:
+                self._cursors[i] = await downstream.advance(route.consumer, last)
+                self._stored[i] = self._cursors[i]
+            else:
+                self._cursors[i] = max(self._cursors[i], last)
+            return 0
+        learning = [(claims, event.jws) for event, claims in needed]
+        outcomes, self._cursors[i] = await downstream.learn_all(learning, route.consumer, last)
+        self._stored[i] = self._cursors[i]
+        for (event, _claims), outcome in zip(needed, outcomes, strict=True):
             LEARNED.labels(name, outcome).inc()
-            applied += outcome == APPLIED
             if outcome == PENDING:
                 log.info("reference_event_kept", downstream=name, event_id=event.event_id)
-        if not moved:
-            self._cursors[i] = await downstream.advance(route.consumer, last)
-        return applied
+        return outcomes.count(APPLIED)
+
+    def _needs(self, i: int, claims: dict[str, Any]) -> bool:
+        return concerns(self.routes[i].downstream.service, claims)
 
     async def sweep(self) -> int:
         """:meth:`hand_off` for the upstreams whose outbox grew since the last sweep (one

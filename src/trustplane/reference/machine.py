@@ -116,3 +116,54 @@ def owner(transition: str) -> str:
     settlement everything else (submit, amend#n, cancel_settlement, settle, fail, exception#n,
     reconsent#n, cancel, and the escalations)."""
     return _OWNED.get(transition, SETTLEMENT)
+
+
+#: The path's states in order: where a trade stands, exceptions aside (an exception keeps the state
+#: it left, and a re-consent returns to it).
+_POSITION = {
+    state: i
+    for i, state in enumerate(
+        (CREATED, EXECUTED, ALLOCATION_PROPOSED, ALLOCATION_APPROVED, SETTLEMENT_SUBMITTED)
+    )
+}
+#: The last path state each upstream owner acts from (execution: ``execute``; allocation:
+#: ``approve_allocation``). Settlement and reporting act on, or show, everything.
+_ACTS_UNTIL = {EXECUTION: CREATED, ALLOCATION: ALLOCATION_PROPOSED}
+
+
+def concerns(
+    service: str | None,
+    transition: str,
+    source: str | None,
+    target: str | None,
+    left: str | None = None,
+) -> bool:
+    """Whether ``service``'s store must learn another owner's ``transition`` (``source`` ->
+    ``target``; ``left``: for a ``cancel`` or an escalation, the state the exception left, when
+    the event says).
+
+    A store learns what its own decisions read: execution decides only from ``created``,
+    allocation only up to ``allocation_proposed``. Where a trade stands on the path never goes
+    back (an exception keeps the state it left, a re-consent returns to it, the rest moves
+    forward), and leaving an owner's last state takes the owner's own transition (``execute``,
+    ``approve_allocation``), recorded in its store for ever. So a transition made beyond that
+    state can change none of the owner's answers (its steps are done: 409
+    ``duplicate-transition``), and its store need not learn it: the events it learns are a prefix
+    of the trade's history, in order. Settlement and reporting learn everything; an event whose
+    position is unknown (an older event without ``left``) is learned."""
+    until = _ACTS_UNTIL.get(service or "")
+    if until is None:
+        return True
+    at = _at(transition, source, target, left)
+    return at is None or _POSITION[at] <= _POSITION[until]
+
+
+def _at(transition: str, source: str | None, target: str | None, left: str | None) -> str | None:
+    """Where on the path the trade stood when ``transition`` happened (None: unknown)."""
+    if transition.startswith("reconsent#"):
+        at = target
+    elif transition == CANCEL.name or transition.startswith("escalate#"):
+        at = left
+    else:  # the path's steps, the amendments, the exceptions (from the state they leave)
+        at = source
+    return at if at in _POSITION else None

@@ -580,7 +580,12 @@ class TradeServices:
             operator.subject,
             envelope,
             None,
-            data={"exception_id": exception_id, "resolution": action, "note": note},
+            data={
+                "exception_id": exception_id,
+                "resolution": action,
+                "note": note,
+                "from_state": record.from_state,  # where a cancel leaves the path (concerns)
+            },
             resolve=(exception_id, action),
             acting=Acting.from_claims(operator.claims),
         )

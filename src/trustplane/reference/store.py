@@ -360,8 +360,25 @@ class NotOwned(Exception):
         self.service, self.transition = service, transition
 
 
-#: What :meth:`TradeStore.learn` did with an upstream event.
-APPLIED, KNOWN, PENDING = "applied", "known", "pending"
+#: What :meth:`TradeStore.learn` did with an upstream event (:data:`SKIPPED`: nothing, the event
+#: does not concern this store: :func:`machine.concerns`).
+APPLIED, KNOWN, PENDING, SKIPPED = "applied", "known", "pending", "skipped"
+
+
+def concerns(service: str | None, claims: Mapping[str, Any]) -> bool:
+    """Whether the store of ``service`` learns the upstream event of ``claims``
+    (:func:`machine.concerns`, from the event's transition, ``from``, ``state`` and, for a
+    ``cancel`` or an escalation, ``data.from_state``)."""
+    data = claims.get("data")
+    left = data.get("from_state") if isinstance(data, dict) else None
+    source, target = claims.get("from"), claims.get("state")
+    return machine.concerns(
+        service,
+        str(claims.get("transition")),
+        source if isinstance(source, str) else None,
+        target if isinstance(target, str) else None,
+        left if isinstance(left, str) else None,
+    )
 
 
 class DuplicateTransition(Exception):
@@ -591,6 +608,14 @@ class TradeStore:
             event = kept.get(number)
             if event is None:
                 return None
+            found.append(event)
+        return found
+
+    def committed_after(self, seq: int) -> list[StoredEvent]:
+        """The kept events right after ``seq``, as far as they are contiguous."""
+        kept = self._committed or {}
+        found: list[StoredEvent] = []
+        while (event := kept.get(seq + 1 + len(found))) is not None:
             found.append(event)
         return found
 
@@ -898,7 +923,12 @@ class TradeStore:
                 f"escalate#{record.number}",
                 machine.EXCEPTION,
                 envelope,
-                {"exception_id": exception_id, "actor": actor, "note": note},
+                {
+                    "exception_id": exception_id,
+                    "actor": actor,
+                    "note": note,
+                    "from_state": record.from_state,
+                },
                 now,
                 machine.EXCEPTION,
             )
@@ -1066,7 +1096,9 @@ class TradeStore:
         outbox row. One transaction. Returns :data:`APPLIED`; :data:`KNOWN` for an event (or a
         transition) learned before, a no-op; :data:`PENDING` when the trade is not in the event's
         source state yet (its predecessor, from another upstream, has not arrived): the event is
-        kept in the inbox and applied as soon as the predecessor is (:meth:`_retry_pending`).
+        kept in the inbox and applied as soon as the predecessor is (:meth:`_retry_pending`);
+        :data:`SKIPPED`, nothing written, for an event that does not concern this store (a
+        transition made after this owner's last step: :func:`concerns`).
         A store never learns a transition it owns (:class:`NotOwned`)."""
         outcome, _moved = await self._learn(claims, jws, None)
         return outcome
@@ -1082,22 +1114,71 @@ class TradeStore:
         outcome, moved = await self._learn(claims, jws, (consumer, seq))
         return outcome, seq if moved else await self.advance(consumer, seq)
 
+    async def learn_all(
+        self, events: Sequence[tuple[Mapping[str, Any], str]], consumer: str, seq: int
+    ) -> tuple[list[str], int]:
+        """:meth:`learn` of each of ``events`` (claims, JWS), in order, and ``consumer``'s cursor
+        moved forward to ``seq`` with the last one (:meth:`learn_through`): each outcome, and the
+        cursor now. On PostgreSQL in one statement (one transaction, one commit for all:
+        :func:`store_pg.learn_all`); when it hits a unique constraint (a racing delivery of one of
+        them), nothing of it was written and they are learned one by one, as on SQLite."""
+        if not events:
+            return [], await self.advance(consumer, seq)
+        if self.db.is_sqlite or len(events) == 1:
+            return await self._learn_each(events, consumer, seq)
+        for claims, _jws in events:
+            if self.service is None or self.owns(str(claims.get("transition"))):
+                raise NotOwned(self.service or "all", f"learning {claims.get('transition')}")
+        todo = [(c, j) for c, j in events if concerns(self.service, c)]
+        if not todo:
+            return [SKIPPED] * len(events), await self.advance(consumer, seq)
+        now, last = time.time(), len(todo) - 1
+        calls = [
+            _learning(c, j, now, (consumer, seq) if n == last else None)
+            for n, (c, j) in enumerate(todo)
+        ]
+        try:
+            results = await store_pg.learn_all(self.db, calls)
+        except store_pg.Duplicate:
+            return await self._learn_each(events, consumer, seq)
+        found: dict[str, str] = {}
+        for (claims, _jws), (outcome, _moved, waiting) in zip(todo, results, strict=True):
+            found[str(claims["jti"])] = await self._after_learning(claims, outcome, waiting)
+        if any(o != KNOWN for o in found.values()):
+            self._notify()
+        outcomes = [found.get(str(c["jti"]), SKIPPED) for c, _j in events]
+        return outcomes, seq if results[-1][1] else await self.advance(consumer, seq)
+
+    async def _learn_each(
+        self, events: Sequence[tuple[Mapping[str, Any], str]], consumer: str, seq: int
+    ) -> tuple[list[str], int]:
+        outcomes = [await self.learn(claims, jws) for claims, jws in events[:-1]]
+        outcome, cursor = await self.learn_through(*events[-1], consumer, seq)
+        return [*outcomes, outcome], cursor
+
+    async def _after_learning(self, claims: Mapping[str, Any], outcome: str, waiting: bool) -> str:
+        """What follows a learning transaction's commit: the trade's kept events retried when it
+        applied and some wait; when it kept its event, a look again (a racing delivery may have
+        applied the predecessor before this commit, and not seen it). The outcome then."""
+        trade_id = str(claims["trade_id"])
+        if outcome == APPLIED and waiting:
+            await self._retry_pending(trade_id)
+        elif outcome == PENDING:
+            await self._retry_pending(trade_id)
+            if await self._applied(str(claims["jti"])):
+                return APPLIED
+        return outcome
+
     async def _learn(
         self, claims: Mapping[str, Any], jws: str, cursor: tuple[str, int] | None
     ) -> tuple[str, bool]:
         name = str(claims.get("transition"))
         if self.service is None or self.owns(name):
             raise NotOwned(self.service or "all", f"learning {name}")
+        if not concerns(self.service, claims):
+            return SKIPPED, False
         outcome, moved, waiting = await self._learn_one(claims, jws, cursor)
-        if outcome == APPLIED and waiting:  # what waited for it may apply now
-            await self._retry_pending(str(claims["trade_id"]))
-        elif outcome == PENDING:
-            # a racing delivery may have applied its predecessor before this row committed (and
-            # not seen it), so look again
-            await self._retry_pending(str(claims["trade_id"]))
-            if await self._applied(str(claims["jti"])):
-                outcome = APPLIED
-        return outcome, moved
+        return await self._after_learning(claims, outcome, waiting), moved
 
     async def _applied(self, event_id: str) -> bool:
         row = await self._first(select(inbox.c.applied_at).where(inbox.c.event_id == event_id))

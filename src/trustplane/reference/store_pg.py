@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import asyncpg
+import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.util import greenlet_spawn
 
@@ -107,6 +108,34 @@ BEGIN
     END IF;
     RETURN QUERY SELECT CASE WHEN v_applied THEN 'applied' ELSE 'pending' END, v_moved,
         v_waiting;
+END
+$fn$"""  # noqa: S608 - constants
+
+#: Several events learned by one store in one statement (one transaction, one commit): the
+#: learning function called for each, in order (the parameters of each call a JSON array, in the
+#: function's order; the cursor's only in the last), each call's statements seeing the ones before
+#: (a creation, then the step that follows it). A unique violation anywhere aborts all of it, as
+#: for one call: the caller learns them one by one then.
+LEARN_ALL_FUNCTION = "ref_learn_all_v1"
+
+_LEARN_ALL = f"""\
+CREATE OR REPLACE FUNCTION {LEARN_ALL_FUNCTION}(p_events jsonb)
+RETURNS TABLE (outcome text, moved boolean, waiting boolean)
+LANGUAGE plpgsql VOLATILE AS $fn$
+DECLARE
+    e jsonb;
+BEGIN
+    FOR e IN SELECT x.value FROM jsonb_array_elements(p_events) WITH ORDINALITY AS x(value, n)
+             ORDER BY x.n LOOP
+        RETURN QUERY SELECT * FROM {LEARN_FUNCTION}(
+            e->>0, e->>1, e->>2, e->>3, e->>4, e->>5,
+            CASE WHEN jsonb_typeof(e->6) = 'array' THEN ARRAY(
+                SELECT o.value FROM jsonb_array_elements_text(e->6) WITH ORDINALITY AS o(value, n)
+                ORDER BY o.n) END,
+            e->>7, e->>8, e->>9, e->>10, e->>11, e->>12, e->>13, e->>14, e->>15, e->>16,
+            e->>17, e->>18, e->>19, (e->>20)::bigint, e->>21, (e->>22)::integer,
+            (e->>23)::bigint);
+    END LOOP;
 END
 $fn$"""  # noqa: S608 - constants
 
@@ -214,6 +243,7 @@ def _call(function: str, columns: str, count: int) -> str:
 
 
 _CALL = _call(LEARN_FUNCTION, "outcome, moved, waiting", 24)
+_CALL_ALL = _call(LEARN_ALL_FUNCTION, "outcome, moved, waiting", 1)
 _CALL_APPLY = _call(APPLY_FUNCTION, "*", 27)
 
 #: Serializes the creation of the function by processes starting at once on one database
@@ -236,6 +266,7 @@ async def create_functions(conn: AsyncConnection) -> None:
     """Create (or replace) the functions, in the schema's transaction."""
     await conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_CREATE_LOCK})")
     await conn.exec_driver_sql(_LEARN)
+    await conn.exec_driver_sql(_LEARN_ALL)
     await conn.exec_driver_sql(_APPLY)
 
 
@@ -248,6 +279,14 @@ async def learn(db: Database, params: tuple[Any, ...]) -> tuple[str, bool, bool]
     """One call of the learning function, committed on its own: (outcome, moved, waiting)."""
     row = await _fetchrow(db, _CALL, params)
     return str(row[0]), bool(row[1]), bool(row[2])
+
+
+async def learn_all(db: Database, calls: Sequence[tuple[Any, ...]]) -> list[tuple[str, bool, bool]]:
+    """The learning function's ``calls``, in order, in one statement committed on its own: each
+    call's (outcome, moved, waiting)."""
+    events = orjson.dumps(list(calls)).decode()
+    rows = await _on_driver(db, lambda driver: driver.fetch(_CALL_ALL, events))
+    return [(str(r[0]), bool(r[1]), bool(r[2])) for r in rows]
 
 
 async def apply(db: Database, params: tuple[Any, ...]) -> tuple[bool, Sequence[Any] | None]:
