@@ -18,12 +18,17 @@ import asyncio
 import os
 import resource
 import secrets
+import sys
 import time
 import uuid
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import asyncpg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _cluster
+from _cluster import ticks as process_ticks
 
 from trustplane.authzen.model import Decision, Entity
 from trustplane.reference import machine
@@ -82,18 +87,6 @@ async def phase(s: TradeServices, count: int, concurrency: int, start: int) -> N
     await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
-def backend_ticks(pids: list[int]) -> int:
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-        except FileNotFoundError:
-            continue
-    return total
-
-
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lifecycles", type=int, default=300)
@@ -123,7 +116,7 @@ async def main() -> None:
             )
             pids = [r["pid"] for r in rows]
             ticks, cpu, wall = (
-                backend_ticks(pids),
+                process_ticks(pids),
                 resource.getrusage(resource.RUSAGE_SELF),
                 time.perf_counter(),
             )
@@ -135,7 +128,7 @@ async def main() -> None:
                 "SELECT pid FROM pg_stat_activity WHERE datname = ANY($1::text[])",
                 list(names.values()),
             )
-            pg = (backend_ticks([r["pid"] for r in rows]) - ticks) / TICK
+            pg = (process_ticks([r["pid"] for r in rows]) - ticks) / TICK
             own = after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime
             per = 1000 / args.lifecycles
             print(

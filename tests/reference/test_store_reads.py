@@ -46,6 +46,16 @@ def _envelope() -> Envelope:
     )  # fmt: skip
 
 
+async def _created_and_executed(owner: TradeStore) -> tuple[list[Any], list[tuple[Any, str]]]:
+    """T-1 created and executed at its owner: the owner's events, and each verified with its JWS
+    (what a learning store is handed)."""
+    await owner.create("T-1", ORDER, "alice", _envelope(), None)
+    await owner.apply("T-1", machine.EXECUTE, "broker", _envelope(), None)
+    events = await owner.events_after(0)
+    jwks = owner.signer.jwks()
+    return events, [(verify_event(e.jws, jwks, issuer=EVENTS_ISSUER), e.jws) for e in events]
+
+
 async def _counted_store(pg_database: str) -> tuple[TradeStore, list[str]]:
     store = await fresh_store(pg_database)
     await store.db.dispose()  # the pools start empty: every connection from here is logged
@@ -163,11 +173,7 @@ async def test_learning_several_events_is_one_statement(
     stores = await split_stores(pg_service_databases)
     owner, downstream = stores.execution, stores.allocation
     try:
-        await owner.create("T-1", ORDER, "alice", _envelope(), None)
-        await owner.apply("T-1", machine.EXECUTE, "broker", _envelope(), None)
-        events = await owner.events_after(0)
-        jwks = owner.signer.jwks()
-        learning = [(verify_event(e.jws, jwks, issuer=EVENTS_ISSUER), e.jws) for e in events]
+        events, learning = await _created_and_executed(owner)
         await downstream.advance("execution", 0)
         await downstream.db.dispose()
         sent = _wire(downstream.db)
@@ -195,11 +201,7 @@ async def test_several_events_racing_a_delivery_are_learned_one_by_one(
     stores = await split_stores(pg_service_databases)
     owner, downstream = stores.execution, stores.settlement
     try:
-        await owner.create("T-1", ORDER, "alice", _envelope(), None)
-        await owner.apply("T-1", machine.EXECUTE, "broker", _envelope(), None)
-        events = await owner.events_after(0)
-        jwks = owner.signer.jwks()
-        learning = [(verify_event(e.jws, jwks, issuer=EVENTS_ISSUER), e.jws) for e in events]
+        events, learning = await _created_and_executed(owner)
         assert await downstream.learn(*learning[0]) == APPLIED  # the racing delivery
 
         async def raced(*_args: Any) -> Any:
