@@ -563,6 +563,57 @@ async def test_a_local_append_wakes_the_sequencer_without_a_poll(
         await task
 
 
+async def test_appends_do_not_wake_a_sequencer_already_due_at_its_interval(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a round the loop waits out its interval (an hour here): the group commits meanwhile
+    do not wake it (each used to send it through its wait again), until they reach half a batch,
+    which wakes it for a round at once."""
+    from trustplane.audit import ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "IDLE_POLL", 3600.0, raising=False)
+    waits = [0]
+    plain_wait = ledger_module._wait
+
+    async def counted(*args: Any) -> None:
+        waits[0] += 1
+        await plain_wait(*args)
+
+    monkeypatch.setattr(ledger_module, "_wait", counted)
+    settings = services.settings.model_copy(
+        update={"audit_integrate_interval": 3600.0, "audit_integrate_batch": 8}
+    )
+    ledger = Ledger(settings, services.db, services.ledger._kek)
+    await ledger.integrate_all()  # what start-up wrote
+    size = (await checkpoint_of(ledger)).size
+    rounds = _Rounds(ledger)
+    stopping = asyncio.Event()
+    task = asyncio.create_task(ledger.run(stopping))
+    try:
+        await asyncio.sleep(0.05)
+        rounds.hold.clear()  # a woken round reads once the append has committed
+        await append(services.db, [event(1)])  # wakes the idle loop: a round at once
+        rounds.hold.set()
+        await _until(lambda: _integrated(ledger, size + 1))
+        await _until(lambda: _ended(rounds, 1))
+        await asyncio.sleep(0.05)  # back in its wait, due in an hour
+        before = waits[0]
+        for n in range(2, 5):  # three entries since the round: below half a batch (4)
+            await append(services.db, [event(n)])
+        await asyncio.sleep(0.05)
+        assert waits[0] == before
+        assert rounds.count == 1
+        rounds.hold.clear()
+        await append(services.db, [event(5)])  # the fourth: half a batch
+        rounds.hold.set()
+        await _until(lambda: _integrated(ledger, size + 5))
+        assert rounds.count == 2
+    finally:
+        stopping.set()
+        rounds.hold.set()
+        await task
+
+
 async def test_a_round_woken_before_the_append_committed_is_followed_by_another(
     services: Services, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import functools
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -475,25 +474,37 @@ class Ledger:
         threshold = max(1, self._settings.audit_integrate_batch // 2)
         stopping = stopping if stopping is not None else asyncio.Event()
         wake = asyncio.Event()
-        # an append may run in the group-commit writer's SQLite thread (storage.sqlite_batch)
-        wake_up = functools.partial(asyncio.get_running_loop().call_soon_threadsafe, wake.set)
-        APPEND_WAKES.add(wake_up)
+        loop = asyncio.get_running_loop()
         seen, last, again = APPENDED[0], time.monotonic(), False
+        idle_wait = False  # the loop sleeps for the idle poll: no append seen since its round
+
+        def wake_up() -> None:
+            """An append (on the loop, or in the group-commit writer's SQLite thread: hence
+            ``call_soon_threadsafe``, which sets the event on the loop after it cleared it). Only
+            a loop sleeping for the idle poll, or appends reaching half a batch, need waking: a
+            loop already due an interval after its last round would only pass through its wait
+            again (two tasks made, waited on and cancelled) at every group commit."""
+            if idle_wait or APPENDED[0] - seen >= threshold:
+                loop.call_soon_threadsafe(wake.set)
+
+        APPEND_WAKES.add(wake_up)
         self._last_progress, early = last, last  # start() integrated: an append may go at once
         try:
             while not stopping.is_set():
+                # set before APPENDED is read: an append from another thread after the read wakes
+                idle_wait = True
                 now = time.monotonic()
                 if APPENDED[0] - seen >= threshold:
                     due = now
                 elif APPENDED[0] != seen or again:
-                    due = early
+                    due, idle_wait = early, False
                 else:
                     due = last + idle
                 if due > now:  # no await since APPENDED was read: no append is missed
                     wake.clear()
                     await _wait(wake, stopping, due - now)
                     continue
-                fresh = APPENDED[0] != seen
+                idle_wait, fresh = False, APPENDED[0] != seen
                 seen, last, early, self._contended = APPENDED[0], now, now + interval, False
                 try:
                     await self.integrate_all()
