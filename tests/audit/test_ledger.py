@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator, Callable
@@ -534,33 +535,46 @@ async def _integrated(ledger: Ledger, size: int) -> bool:
     return latest is not None and latest.size >= size
 
 
+@contextlib.asynccontextmanager
+async def _sequencer_loop(
+    services: Services, monkeypatch: pytest.MonkeyPatch, **settings: Any
+) -> AsyncIterator[tuple[Ledger, int, _Rounds]]:
+    """A sequencer loop of its own (``Ledger.run``) with these settings and an hour-long idle poll,
+    after start-up's entries were integrated: the ledger, the tree size then, its rounds counted.
+    Stopped (its rounds released) on the way out."""
+    from trustplane.audit import ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "IDLE_POLL", 3600.0, raising=False)
+    ledger = Ledger(
+        services.settings.model_copy(update=settings), services.db, services.ledger._kek
+    )
+    await ledger.integrate_all()  # what start-up wrote
+    size = (await checkpoint_of(ledger)).size
+    rounds = _Rounds(ledger)
+    stopping = asyncio.Event()
+    task = asyncio.create_task(ledger.run(stopping))
+    try:
+        yield ledger, size, rounds
+    finally:
+        stopping.set()
+        rounds.hold.set()
+        await task
+
+
 async def test_a_local_append_wakes_the_sequencer_without_a_poll(
     services: Services, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Neither the interval nor the idle poll comes round within the test (an hour each): the
     append itself wakes the loop, which integrates the entry."""
-    from trustplane.audit import ledger as ledger_module
-
-    monkeypatch.setattr(ledger_module, "IDLE_POLL", 3600.0, raising=False)
-    settings = services.settings.model_copy(update={"audit_integrate_interval": 3600.0})
-    ledger = Ledger(settings, services.db, services.ledger._kek)
-    await ledger.integrate_all()  # what start-up wrote
-    size = (await checkpoint_of(ledger)).size
-    rounds = _Rounds(ledger)
-    rounds.hold.clear()  # the round reads once the append has committed (see the next test)
-    stopping = asyncio.Event()
-    task = asyncio.create_task(ledger.run(stopping))
-    try:
+    loop = _sequencer_loop(services, monkeypatch, audit_integrate_interval=3600.0)
+    async with loop as (ledger, size, rounds):
+        rounds.hold.clear()  # the round reads once the append has committed (see the next test)
         await asyncio.sleep(0.05)
         assert rounds.count == 0  # idle: no round
         await append(services.db, [event(1)])
         rounds.hold.set()
         await _until(lambda: _integrated(ledger, size + 1))
         assert rounds.count == 1
-    finally:
-        stopping.set()
-        rounds.hold.set()
-        await task
 
 
 async def test_appends_do_not_wake_a_sequencer_already_due_at_its_interval(
@@ -571,7 +585,6 @@ async def test_appends_do_not_wake_a_sequencer_already_due_at_its_interval(
     which wakes it for a round at once."""
     from trustplane.audit import ledger as ledger_module
 
-    monkeypatch.setattr(ledger_module, "IDLE_POLL", 3600.0, raising=False)
     waits = [0]
     plain_wait = ledger_module._wait
 
@@ -580,16 +593,10 @@ async def test_appends_do_not_wake_a_sequencer_already_due_at_its_interval(
         await plain_wait(*args)
 
     monkeypatch.setattr(ledger_module, "_wait", counted)
-    settings = services.settings.model_copy(
-        update={"audit_integrate_interval": 3600.0, "audit_integrate_batch": 8}
+    loop = _sequencer_loop(
+        services, monkeypatch, audit_integrate_interval=3600.0, audit_integrate_batch=8
     )
-    ledger = Ledger(settings, services.db, services.ledger._kek)
-    await ledger.integrate_all()  # what start-up wrote
-    size = (await checkpoint_of(ledger)).size
-    rounds = _Rounds(ledger)
-    stopping = asyncio.Event()
-    task = asyncio.create_task(ledger.run(stopping))
-    try:
+    async with loop as (ledger, size, rounds):
         await asyncio.sleep(0.05)
         rounds.hold.clear()  # a woken round reads once the append has committed
         await append(services.db, [event(1)])  # wakes the idle loop: a round at once
@@ -608,10 +615,6 @@ async def test_appends_do_not_wake_a_sequencer_already_due_at_its_interval(
         rounds.hold.set()
         await _until(lambda: _integrated(ledger, size + 5))
         assert rounds.count == 2
-    finally:
-        stopping.set()
-        rounds.hold.set()
-        await task
 
 
 async def test_a_round_woken_before_the_append_committed_is_followed_by_another(
@@ -622,17 +625,8 @@ async def test_a_round_woken_before_the_append_committed_is_followed_by_another(
     round waits for the commit (``hold``): on a loaded machine the commit can come more than an
     interval after the first round, and a second round reading before it would leave the entry
     to the idle poll (as designed: docs/ledger.md), failing the test (it did, once)."""
-    from trustplane.audit import ledger as ledger_module
-
-    monkeypatch.setattr(ledger_module, "IDLE_POLL", 3600.0, raising=False)
-    settings = services.settings.model_copy(update={"audit_integrate_interval": 0.05})
-    ledger = Ledger(settings, services.db, services.ledger._kek)
-    await ledger.integrate_all()  # what start-up wrote
-    size = (await checkpoint_of(ledger)).size
-    rounds = _Rounds(ledger)
-    stopping = asyncio.Event()
-    task = asyncio.create_task(ledger.run(stopping))
-    try:
+    loop = _sequencer_loop(services, monkeypatch, audit_integrate_interval=0.05)
+    async with loop as (ledger, size, rounds):
         async with services.db.transaction() as conn:
             await write_events(conn, [event(1)])
             await _until(lambda: _ended(rounds, 1))  # the woken round ran before the commit
@@ -642,9 +636,6 @@ async def test_a_round_woken_before_the_append_committed_is_followed_by_another(
         assert rounds.count == 2
         await asyncio.sleep(0.3)  # six intervals: the loop is idle again
         assert rounds.count == 2
-    finally:
-        stopping.set()
-        await task
 
 
 async def _ended(rounds: _Rounds, n: int) -> bool:
