@@ -1,7 +1,8 @@
 """The signals, framework-free: given a batch of ledger entries (in index order) and the store,
-decide what to raise. State lives in the store (the database), not in the process, and the caller
-runs :meth:`Detector.detect` inside the transaction that also appends the alerts and moves the
-cursor, so a batch is either wholly seen (alerts and state) or not at all.
+decide what to raise. State lives in the store (the database), not in the process.
+:meth:`Detector.prepare` works a batch out from reads alone; the caller runs :meth:`Detector.write`
+in the transaction that also appends the alerts and moves the cursor (compare-and-set), so a batch
+is either wholly seen (alerts and state) or not at all.
 
 - ``unusual_delegation.new_actor_pair``: a token exchange issued a token whose (subject, current
   actor) pair the exchanging client had never produced, once the client is past its learning

@@ -41,7 +41,6 @@ from trustplane.surveillance.tables import (
 CURSOR = "ledger"
 #: pg_try_advisory_xact_lock key of the detector: "tp-surv" as an integer.
 DETECTOR_LOCK = int.from_bytes(b"tp-surv", "big")
-_CHUNK = 500
 
 
 class CursorMoved(RuntimeError):
@@ -125,8 +124,8 @@ def pair_digest(subject: str, actor: str) -> str:
     return hashlib.sha256(f"{len(subject)}:{subject}|{actor}".encode()).hexdigest()
 
 
-def _insert(conn: AsyncConnection) -> Any:
-    return pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+def _insert(dialect: str) -> Any:
+    return pg_insert if dialect == "postgresql" else sqlite_insert
 
 
 _KNOWN_PG = text(
@@ -142,10 +141,9 @@ _KNOWN_SQLITE = text(
 
 @functools.cache
 def _add_pair(dialect: str) -> Any:
-    insert_ = pg_insert if dialect == "postgresql" else sqlite_insert
     t = surveillance_actor_pairs
     return (
-        insert_(t)
+        _insert(dialect)(t)
         .values(client_id=bindparam("c"), pair=bindparam("p"), first_index=bindparam("i"))
         .on_conflict_do_nothing(index_elements=["client_id", "pair"])
     )
@@ -290,7 +288,7 @@ async def _write(
 async def ensure_cursor(conn: AsyncConnection) -> None:
     """The cursor row at 0 if there is none (idempotent: every process starts with it)."""
     await conn.execute(
-        _insert(conn)(surveillance_cursor)
+        _insert(conn.dialect.name)(surveillance_cursor)
         .values(name=CURSOR, position=0, updated_at=int(time.time()))
         .on_conflict_do_nothing(index_elements=["name"])
     )
