@@ -270,8 +270,17 @@ class TradeServices:
     async def _in_state(self, trade_id: str, transition: machine.Transition) -> Trade:
         """The trade as its owner's store knows it, if it is in the transition's source state;
         else that store's own answer (done: 409 duplicate-transition, elsewhere, including
-        ``exception`` learned from settlement: 409 out-of-order) before the PDP is asked."""
+        ``exception`` learned from settlement: 409 out-of-order) before the PDP is asked.
+
+        The trade as this process's store object last read or moved it, when that shows the
+        source state (the owner's previous step here: execute after create, approve after
+        propose, confirm after submit), saves the read: the transition's compare-and-set
+        decides in any case, and a trade moved meanwhile by another process ends there with the
+        same 409 (after a PDP decision the read would have spared)."""
         store = self._owner(transition.name)
+        trade = store.last_known(trade_id)
+        if trade is not None and trade.state == transition.source:
+            return trade
         trade = await self._trade(trade_id, store)
         if trade.state != transition.source:
             raise await store.why(trade_id, transition)

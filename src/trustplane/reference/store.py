@@ -21,7 +21,7 @@ import base64
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -553,6 +553,10 @@ class TradeStore:
         #: (``handoff.Dispatcher``). At most :data:`KEPT_COMMITTED`, the oldest out first.
         self._committed: dict[int, StoredEvent] | None = None
         self._committed_seq: dict[str, int] = {}
+        #: The trades as this object last read or moved them, by id (at most :data:`KEPT_TRADES`,
+        #: the oldest out first): :meth:`last_known`. Its own transition updates an entry; any
+        #: other write of it to a trade (a learned event, an exception, an escalation) drops it.
+        self._known: dict[str, Trade] = {}
 
     @property
     def signer(self) -> EventSigner:
@@ -571,6 +575,36 @@ class TradeStore:
     def _owned(self, transition: str) -> None:
         if not self.owns(transition):
             raise NotOwned(self.service or "", transition)
+
+    def last_known(self, trade_id: str) -> Trade | None:
+        """The trade as this object last read it or moved it along one of its own transitions
+        (None: not known here). Possibly stale: another process (or another store object) may
+        have moved it since. Good for the pre-check and the PDP's context of a step whose source
+        state it shows, since the transition's compare-and-set is what decides (a stale entry
+        ends there with the store's own answer: duplicate or out of order); anything else reads
+        the store (:meth:`trade`)."""
+        return self._known.get(trade_id)
+
+    def _remember(self, trade: Trade) -> None:
+        known = self._known
+        known.pop(trade.trade_id, None)
+        if len(known) >= KEPT_TRADES:
+            del known[next(iter(known))]
+        known[trade.trade_id] = trade
+
+    def _moved(
+        self, trade_id: str, transition: machine.Transition, updates: Mapping[str, Any]
+    ) -> None:
+        """Update the known trade (if any) as this object's transition just moved it (an entry
+        in another state than the source is dropped: something else moved the trade meanwhile)."""
+        before = self._known.get(trade_id)
+        if before is None or before.state != transition.source:
+            self._known.pop(trade_id, None)
+            return
+        fields: dict[str, Any] = {k: v for k, v in updates.items() if k in _MOVED_FIELDS}
+        self._remember(
+            replace(before, state=transition.target, version=before.version + 1, **fields)
+        )
 
     def keep_committed(self) -> None:
         """Keep the events this object commits (PostgreSQL's one-statement path) for the embedded
@@ -697,7 +731,9 @@ class TradeStore:
             raise DuplicateTransition(await self._existing(trade_id, "create")) from None
         self._notify()
         # the row as inserted (the envelope through the same JSON): what reading it back would give
-        return _trade_of(row), record
+        trade = _trade_of(row)
+        self._remember(trade)
+        return trade, record
 
     async def apply(
         self,
@@ -725,23 +761,28 @@ class TradeStore:
         self._owned(transition.name)
         idempotency_key = _key_text(key)
         now = time.time()
+        columns = {
+            name: orjson.dumps(value).decode()
+            if name in ("allocation", "settlement") and value is not None
+            else value
+            for name, value in (updates or {}).items()
+        }
+        if _one_statement(self.db, updates, exception, resolve, signal):
+            record = await self._apply_pg(
+                trade_id, transition, actor, envelope, key, data, columns, now, acting
+            )
+            self._moved(trade_id, transition, updates or {})
+            return record
+        # the SQL expressions only here: building them costs more than the one-statement call's
+        # Python (about 35 us each)
         values: dict[str, Any] = {
             "state": transition.target,
             "version": trades.c.version + 1,
             "updated_at": _ms(now),
+            **columns,
         }
-        for name, value in (updates or {}).items():
-            values[name] = (
-                orjson.dumps(value).decode()
-                if name in ("allocation", "settlement") and value is not None
-                else value
-            )
         if exception is not None:
             values["exceptions"] = trades.c.exceptions + 1
-        if _one_statement(self.db, updates, exception, resolve, signal):
-            return await self._apply_pg(
-                trade_id, transition, actor, envelope, key, data, values, now, acting
-            )
         try:
             async with self.db.transaction() as conn:
                 moved = await conn.execute(
@@ -792,8 +833,15 @@ class TradeStore:
                 if resolve is not None:
                     await self._close_exception(conn, resolve[0], resolve[1], now)
                 await append(conn, outbox, event)
-        except (_Lost, IntegrityError):
-            raise await self.why(trade_id, transition) from None
+        except BaseException as exc:
+            self._known.pop(trade_id, None)
+            if isinstance(exc, _Lost | IntegrityError):
+                raise await self.why(trade_id, transition) from None
+            raise
+        if exception is None and resolve is None and signal is None:
+            self._moved(trade_id, transition, updates or {})
+        else:
+            self._known.pop(trade_id, None)
         self._notify()
         return record
 
@@ -831,6 +879,7 @@ class TradeStore:
             raise DuplicateTransition(await self._existing(trade_id, "create")) from None
         self._kept(seq, event)
         self._notify()
+        self._remember(trade)
         return trade, record
 
     async def _apply_pg(
@@ -841,11 +890,12 @@ class TradeStore:
         envelope: Envelope,
         key: Key,
         data: Mapping[str, Any] | None,
-        values: Mapping[str, Any],
+        columns: Mapping[str, Any],
         now: float,
         acting: Acting,
     ) -> TransitionRecord:
-        """:meth:`apply` of a plain transition on PostgreSQL: one statement (``store_pg``)."""
+        """:meth:`apply` of a plain transition on PostgreSQL: one statement (``store_pg``);
+        ``columns``: the trade columns it sets besides the state (JSON columns as text)."""
         name, source, target = transition.name, transition.source, transition.target
         idempotency_key = _key_text(key)
         event = self._event(
@@ -856,8 +906,10 @@ class TradeStore:
             trade_id, name, source, target, actor, idempotency_key, event["event_id"],
             _ms(now) / 1000,
         )  # fmt: skip
-        allocation = [values["allocation"], values["proposer"]] if "allocation" in values else None
-        settlement = [values["settlement"]] if "settlement" in values else None
+        allocation = (
+            [columns["allocation"], columns["proposer"]] if "allocation" in columns else None
+        )
+        settlement = [columns["settlement"]] if "settlement" in columns else None
         params = (
             trade_id, source, target, None, None, allocation, settlement, name, actor,
             idempotency_key, event["event_id"], acting.token_iss, acting.token_jti,
@@ -868,7 +920,11 @@ class TradeStore:
             moved, seq = await self._apply_call(params, key)
         except store_pg.Duplicate:
             moved, seq = False, None
+        except BaseException:
+            self._known.pop(trade_id, None)
+            raise
         if not moved:
+            self._known.pop(trade_id, None)
             raise await self.why(trade_id, transition)
         self._kept(seq, event)
         self._notify()
@@ -900,6 +956,7 @@ class TradeStore:
             if found is None:
                 raise NotFound(exception_id)
             record = _exception(found)
+            self._known.pop(record.trade_id, None)
             if record.status == "resolved":
                 raise DuplicateTransition(await self._existing_in(conn, record))
             # conditional: a resolution that committed after the read above wins (the UPDATE
@@ -1132,6 +1189,8 @@ class TradeStore:
         todo = [(c, j) for c, j in events if concerns(self.service, c)]
         if not todo:
             return [SKIPPED] * len(events), await self.advance(consumer, seq)
+        for claims, _jws in todo:
+            self._known.pop(str(claims["trade_id"]), None)
         now, last = time.time(), len(todo) - 1
         calls = [
             _learning(c, j, now, (consumer, seq) if n == last else None)
@@ -1198,6 +1257,7 @@ class TradeStore:
         after an ``UPDATE`` of this transaction, it waited for the row lock and applied.)"""
         now = time.time()
         event_id, trade_id = str(claims["jti"]), str(claims["trade_id"])
+        self._known.pop(trade_id, None)
         if not self.db.is_sqlite:
             try:
                 outcome, moved, waiting = await store_pg.learn(
@@ -1394,11 +1454,14 @@ class TradeStore:
             found = await store_pg.fetch(self.db, store_pg.TRADE, (trade_id,))
             if not found:
                 raise NotFound(trade_id)
-            return _trade_of(found[0])
-        row = await self._first(select(trades).where(trades.c.trade_id == trade_id))
-        if row is None:
-            raise NotFound(trade_id)
-        return _trade(row)
+            trade = _trade_of(found[0])
+        else:
+            row = await self._first(select(trades).where(trades.c.trade_id == trade_id))
+            if row is None:
+                raise NotFound(trade_id)
+            trade = _trade(row)
+        self._remember(trade)
+        return trade
 
     async def resting_on(
         self, token_iss: str, *, token_jti: str | None = None, mandate_id: str | None = None
@@ -1552,6 +1615,10 @@ class TradeStore:
 ORDER_FIELDS = ("account", "instrument", "side", "quantity", "amount", "currency")
 #: How many committed events a store keeps for the hand-off of its process (``keep_committed``).
 KEPT_COMMITTED = 1024
+#: How many trades a store keeps as it last read or moved them (:meth:`TradeStore.last_known`).
+KEPT_TRADES = 4096
+#: The trade fields a transition's ``updates`` set, as :class:`Trade` holds them.
+_MOVED_FIELDS = frozenset({"allocation", "proposer", "settlement"})
 
 
 #: The trade columns a transition of PostgreSQL's one-statement path may set (``store_pg``).
