@@ -8,7 +8,8 @@ measures every process).
 
     PYTHONPATH=src python bench/lifecycle_stores.py --lifecycles 300 --concurrency 1 4
 
-The four databases (``tp_lcstore_<tag>_<service>``) are made fresh and dropped at the end.
+The four databases (``<--db-prefix>_<tag>_<service>``, default ``tp_lcstore``) are made fresh and
+dropped at the end.
 """
 
 from __future__ import annotations
@@ -91,8 +92,9 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lifecycles", type=int, default=300)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--db-prefix", default="tp_lcstore", help="of the four databases' names")
     args = parser.parse_args()
-    tag = f"tp_lcstore_{secrets.token_hex(3)}"
+    tag = f"{args.db_prefix}_{secrets.token_hex(3)}"
     admin = await asyncpg.connect(ADMIN)
     names = {s: f"{tag}_{s}" for s in machine.SERVICES}
     for name in names.values():
