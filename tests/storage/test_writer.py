@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane.storage import generations
 from trustplane.storage.db import Database, sqlite_path
-from trustplane.storage.writer import GroupCommitWriter, WriterUnavailable
+from trustplane.storage.writer import GATHER_TURNS, GroupCommitWriter, WriterUnavailable
 
 
 class Recorder:
@@ -94,6 +94,28 @@ async def test_concurrent_submissions_share_a_batch(
     assert results == [f"row:{i}" for i in range(30)]
     assert [batch for _, batch in log] == [[0], list(range(1, 30))]
     assert (writer.batches, writer.items) == (2, 30)
+
+
+async def test_writes_a_few_loop_turns_behind_the_first_join_its_commit(
+    writer: GroupCommitWriter,
+) -> None:
+    """A request is a turn or two of the event loop from its write (its bytes parsed, its handler
+    run): the writer lets GATHER_TURNS turns pass before it drains the queue, so writes that
+    arrive that close behind the first share its commit instead of waiting for the next one."""
+    log: list[tuple[str, list[Any]]] = []
+    writer.register("row", Recorder("row", log))
+    writer.start()
+
+    async def after(turns: int, payload: int) -> str:
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        return str(await writer.submit("row", payload))
+
+    results = await asyncio.gather(*(after(turns, turns) for turns in range(GATHER_TURNS)))
+
+    assert results == [f"row:{i}" for i in range(GATHER_TURNS)]
+    assert [batch for _, batch in log] == [list(range(GATHER_TURNS))]
+    assert (writer.batches, writer.items) == (1, GATHER_TURNS)
 
 
 async def test_kinds_run_in_registration_order_within_a_batch(writer: GroupCommitWriter) -> None:
