@@ -13,7 +13,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane.storage import generations
 from trustplane.storage.db import Database, sqlite_path
-from trustplane.storage.writer import GATHER_TURNS, GroupCommitWriter, WriterUnavailable
+from trustplane.storage.writer import (
+    GATHER_ENOUGH,
+    GATHER_TURNS,
+    GroupCommitWriter,
+    WriterUnavailable,
+)
 
 
 class Recorder:
@@ -116,6 +121,24 @@ async def test_writes_a_few_loop_turns_behind_the_first_join_its_commit(
     assert results == [f"row:{i}" for i in range(GATHER_TURNS)]
     assert [batch for _, batch in log] == [list(range(GATHER_TURNS))]
     assert (writer.batches, writer.items) == (1, GATHER_TURNS)
+
+
+async def test_the_turns_end_once_enough_writes_are_queued(writer: GroupCommitWriter) -> None:
+    """With GATHER_ENOUGH writes queued the writer drains at once: a write one turn behind them
+    goes into the next commit (a far larger batch only makes everyone wait for one commit)."""
+    log: list[tuple[str, list[Any]]] = []
+    writer.register("row", Recorder("row", log))
+    writer.start()
+
+    async def after(turns: int, payload: int) -> str:
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        return str(await writer.submit("row", payload))
+
+    queued = [after(0, i) for i in range(GATHER_ENOUGH)]
+    await asyncio.gather(*queued, after(1, GATHER_ENOUGH))
+
+    assert [batch for _, batch in log] == [list(range(GATHER_ENOUGH)), [GATHER_ENOUGH]]
 
 
 async def test_kinds_run_in_registration_order_within_a_batch(writer: GroupCommitWriter) -> None:

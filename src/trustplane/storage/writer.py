@@ -38,14 +38,17 @@ aiosqlite's thread for every statement. The handlers are the same coroutines, re
 ``statements_only=True``; a batch with a kind not so registered (or whose handler turns out to wait
 for something) runs through aiosqlite instead, as every batch does on an in-memory database.
 
-Before it drains the queue the writer lets the event loop take :data:`GATHER_TURNS` turns (a
-``sleep(0)`` each): a request whose bytes have arrived, or whose handler is ready to run, reaches
-its ``submit`` within a turn or two, and joins this commit instead of waiting for the next one.
-Under load that is what amortises a commit's fixed cost (the statement's execution, the ``COMMIT``
-and its WAL flush): on PostgreSQL with two workers at 32 connections, 7-9 requests shared a commit
-without the turns and 15 with three of them. An idle loop's turn is a few microseconds, so a
-lone request is not held back; PostgreSQL's own ``commit_delay`` is the same idea in time instead
-of turns.
+Before it drains the queue the writer lets the event loop take up to :data:`GATHER_TURNS` turns
+(a ``sleep(0)`` each), fewer once :data:`GATHER_ENOUGH` writes are queued: a request whose bytes
+have arrived, or whose handler is ready to run, reaches its ``submit`` within a turn or two and
+joins this commit instead of waiting for the next one. Under load that spreads a commit's fixed
+cost (the statement's execution, the ``COMMIT`` and its WAL flush) over more requests: PostgreSQL,
+two workers, 32 connections, 7-9 requests per commit without the turns, 15 with them. The turns
+stop at 16 queued because a batch far larger only makes the requests wait together for one
+commit while the process has nothing else to do (at 64 connections, three turns without that
+limit gave batches of 30 and fewer tokens a second than one turn). An idle loop's turn takes a
+few microseconds, so a lone request is not held back. PostgreSQL's ``commit_delay`` is the same
+idea, in time instead of turns.
 
 ``trustplane_group_commit_batch_size`` counts the writes per commit; on the token endpoint each
 request is one write, so it is the number of requests that share a commit.
@@ -73,6 +76,8 @@ log = structlog.get_logger(__name__)
 
 #: Event-loop turns the writer lets pass between its first queued write and draining the queue.
 GATHER_TURNS = 3
+#: Writes queued that end the turns early: a commit's fixed cost is spread thin enough over them.
+GATHER_ENOUGH = 16
 
 #: Writes one kind's payloads in one go; returns one result per payload, in order.
 BatchHandler = Callable[[AsyncConnection, Sequence[Any]], Awaitable[Sequence[Any]]]
@@ -205,7 +210,9 @@ class GroupCommitWriter:
     async def _run(self) -> None:
         while True:
             batch = [await self._queue.get()]
-            for _ in range(self._gather_turns):  # the writes that are a turn or two away join
+            for _ in range(self._gather_turns):  # the writes a turn or two away join this commit
+                if self._queue.qsize() + 1 >= GATHER_ENOUGH:
+                    break
                 await asyncio.sleep(0)
             while len(batch) < self._max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
