@@ -21,13 +21,19 @@ from trustplane.audit.ledger import Ledger
 from trustplane.storage.db import Database
 
 
+def _is_pending_read(query: str) -> bool:
+    """SQLite's ``SELECT 1 FROM audit_pending LIMIT 1``, PostgreSQL's through the key (``ORDER BY
+    id LIMIT 1``)."""
+    return query.startswith("SELECT 1 FROM audit_pending") and query.endswith("LIMIT 1")
+
+
 def _pending_reads(db: Database) -> list[str]:
     """The "anything pending?" reads either engine runs from now on."""
     seen: list[str] = []
     logged: set[int] = set()
 
     def record(*args: Any) -> None:
-        if "FROM audit_pending LIMIT 1" in str(args[2]):
+        if _is_pending_read(str(args[2])):
             seen.append(str(args[2]))
 
     def checkout(dbapi_conn: Any, *_args: Any) -> None:  # PostgreSQL: the poll is on asyncpg
@@ -35,7 +41,7 @@ def _pending_reads(db: Database) -> list[str]:
         if db.dialect == "postgresql" and driver is not None and id(driver) not in logged:
             logged.add(id(driver))
             driver.add_query_logger(
-                lambda r: seen.append(r.query) if "FROM audit_pending LIMIT 1" in r.query else None
+                lambda r: seen.append(r.query) if _is_pending_read(r.query) else None
             )
 
     for engine in (db.engine, db.autocommit_engine):

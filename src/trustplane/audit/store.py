@@ -179,9 +179,25 @@ async def has_pending(conn: AsyncConnection) -> bool:
 
 async def pg_has_pending(conn: AsyncConnection) -> bool:
     """PostgreSQL: :func:`has_pending` on the connection's asyncpg connection (no SQLAlchemy
-    execution context and result: of the idle sequencer's poll, about a third of its CPU)."""
+    execution context and result: of the idle sequencer's poll, about a third of its CPU),
+    through the primary key (:data:`PG_HAS_PENDING_SQL`)."""
     driver: Any = (await conn.get_raw_connection()).driver_connection
-    return await driver.fetchval("SELECT 1 FROM audit_pending LIMIT 1") is not None
+    return await driver.fetchval(PG_HAS_PENDING_SQL) is not None
+
+
+#: Whether anything is pending, read through the primary key: the table is a queue (every row
+#: inserted is deleted when integrated), so until a vacuum its heap starts with the dead rows of
+#: everything integrated since, which a sequential scan (what ``LIMIT 1`` alone gets) reads
+#: through before it finds a live row: 45 ms after 230,000 entries, growing with the load.
+PG_HAS_PENDING_SQL = "SELECT 1 FROM audit_pending ORDER BY id LIMIT 1"
+
+
+async def pg_vacuum_pending(conn: AsyncConnection) -> None:
+    """PostgreSQL, on an autocommit connection: ``VACUUM audit_pending`` (:meth:`Ledger.integrate
+    <trustplane.audit.ledger.Ledger.integrate>` after every :data:`~trustplane.audit.ledger.VACUUM_EVERY`
+    entries it moved). Takes no lock that blocks the appends or the sequencer's deletes."""
+    driver: Any = (await conn.get_raw_connection()).driver_connection
+    await driver.execute("VACUUM audit_pending")
 
 
 async def count_pending(conn: AsyncConnection) -> int:
