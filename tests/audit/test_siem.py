@@ -323,6 +323,14 @@ async def _add(services: Services, first: int, count: int) -> int:
     return before
 
 
+def _saved(cursor: Path) -> int | None:
+    """The cursor file's next index (None: not written yet, or caught mid-replace)."""
+    try:
+        return int(orjson.loads(cursor.read_bytes())["next_index"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 async def _until(predicate: Any, what: str, limit: float = 30.0) -> None:
     deadline = time.monotonic() + limit
     while not predicate():
@@ -352,6 +360,8 @@ async def test_a_killed_follow_resumes_from_its_cursor_without_gap_or_duplicate(
         await _until(lambda: len(receiver.frames) >= 700, "the entries after the restart")
         await _add(services, 700, 10)
         await _until(lambda: len(receiver.frames) >= 710, "the last entries")
+        # the cursor is saved after the batch is sent: the receiver may have it first
+        await _until(lambda: _saved(cursor) == base + 710, "the cursor after the last entries")
     finally:
         tail.kill()
         tail.wait(10)
