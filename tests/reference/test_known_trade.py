@@ -13,7 +13,7 @@ import pytest
 from tests.reference.conftest import ORDER, Mandates, World, caller
 from trustplane.reference import machine
 from trustplane.reference.services import TradeServices
-from trustplane.reference.store import DuplicateTransition, TradeStore
+from trustplane.reference.store import DuplicateTransition, Trade, TradeStore
 
 ALLOC = [{"account": "SUB-1", "quantity": "1000"}]
 
@@ -23,7 +23,7 @@ def _counting_reads(store: TradeStore) -> list[str]:
     asked: list[str] = []
     read = store.trade
 
-    async def counted(trade_id: str) -> object:
+    async def counted(trade_id: str) -> Trade:
         asked.append(trade_id)
         return await read(trade_id)
 
@@ -68,12 +68,20 @@ async def test_four_eyes_holds_on_the_known_trade(world: World) -> None:
         await s.approve_allocation(caller("alice", pdp), trade.trade_id, "k-appr")
 
 
+async def _created_here_executed_there(world: World, other: TradeServices, key: str) -> Trade:
+    """A trade created through ``world`` (known there as created), then executed by ``other``
+    (another worker: ``world``'s remembered trade is now stale)."""
+    pdp = world.pdp
+    trade = await world.services.create_order(caller("alice", pdp), ORDER, "k-order")
+    await other.execute(caller("broker", pdp), trade.trade_id, key)
+    return trade
+
+
 async def test_a_trade_moved_by_another_worker_is_refused_by_the_compare_and_set(
     world: World, other: TradeServices
 ) -> None:
     s, pdp = world.services, world.pdp
-    trade = await s.create_order(caller("alice", pdp), ORDER, "k-order")  # known here: created
-    await other.execute(caller("broker", pdp), trade.trade_id, "k-exec-1")
+    trade = await _created_here_executed_there(world, other, "k-exec-1")
     with pytest.raises(DuplicateTransition) as refused:
         await s.execute(caller("broker2", pdp), trade.trade_id, "k-exec-2")
     assert refused.value.record.actor == "broker"  # names the first, as a read would have
@@ -85,8 +93,7 @@ async def test_a_known_state_that_is_not_the_source_reads_the_store(
     world: World, other: TradeServices
 ) -> None:
     s, pdp = world.services, world.pdp
-    trade = await s.create_order(caller("alice", pdp), ORDER, "k-order")  # known here: created
-    await other.execute(caller("broker", pdp), trade.trade_id, "k-exec")
+    trade = await _created_here_executed_there(world, other, "k-exec")
     await other.propose_allocation(caller("alice", pdp), trade.trade_id, ALLOC, "k-prop")
     record = await s.approve_allocation(caller("bob", pdp), trade.trade_id, "k-appr")
     assert record.target == machine.ALLOCATION_APPROVED

@@ -101,6 +101,13 @@ async def test_concurrent_submissions_share_a_batch(
     assert (writer.batches, writer.items) == (2, 30)
 
 
+async def _submit_after(writer: GroupCommitWriter, turns: int, payload: int) -> str:
+    """Submit ``payload`` after ``turns`` turns of the event loop."""
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    return str(await writer.submit("row", payload))
+
+
 async def test_writes_a_few_loop_turns_behind_the_first_join_its_commit(
     writer: GroupCommitWriter,
 ) -> None:
@@ -111,12 +118,9 @@ async def test_writes_a_few_loop_turns_behind_the_first_join_its_commit(
     writer.register("row", Recorder("row", log))
     writer.start()
 
-    async def after(turns: int, payload: int) -> str:
-        for _ in range(turns):
-            await asyncio.sleep(0)
-        return str(await writer.submit("row", payload))
-
-    results = await asyncio.gather(*(after(turns, turns) for turns in range(GATHER_TURNS)))
+    results = await asyncio.gather(
+        *(_submit_after(writer, turns, turns) for turns in range(GATHER_TURNS))
+    )
 
     assert results == [f"row:{i}" for i in range(GATHER_TURNS)]
     assert [batch for _, batch in log] == [list(range(GATHER_TURNS))]
@@ -130,13 +134,8 @@ async def test_the_turns_end_once_enough_writes_are_queued(writer: GroupCommitWr
     writer.register("row", Recorder("row", log))
     writer.start()
 
-    async def after(turns: int, payload: int) -> str:
-        for _ in range(turns):
-            await asyncio.sleep(0)
-        return str(await writer.submit("row", payload))
-
-    queued = [after(0, i) for i in range(GATHER_ENOUGH)]
-    await asyncio.gather(*queued, after(1, GATHER_ENOUGH))
+    queued = [_submit_after(writer, 0, i) for i in range(GATHER_ENOUGH)]
+    await asyncio.gather(*queued, _submit_after(writer, 1, GATHER_ENOUGH))
 
     assert [batch for _, batch in log] == [list(range(GATHER_ENOUGH)), [GATHER_ENOUGH]]
 
