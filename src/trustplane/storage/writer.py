@@ -126,11 +126,8 @@ class _Item:
 class GroupCommitWriter:
     """Single background task that commits queued writes in batches of up to ``max_batch``."""
 
-    def __init__(
-        self, db: Database, *, max_batch: int = 512, gather_turns: int = GATHER_TURNS
-    ) -> None:
+    def __init__(self, db: Database, *, max_batch: int = 512) -> None:
         self._db = db
-        self._gather_turns = gather_turns
         self._handlers: dict[str, BatchHandler] = {}
         self._alone: dict[str, AloneHandler] = {}
         self._order: list[str] = []
@@ -210,7 +207,7 @@ class GroupCommitWriter:
     async def _run(self) -> None:
         while True:
             batch = [await self._queue.get()]
-            for _ in range(self._gather_turns):  # the writes a turn or two away join this commit
+            for _ in range(GATHER_TURNS):  # the writes a turn or two away join this commit
                 if self._queue.qsize() + 1 >= GATHER_ENOUGH:
                     break
                 await asyncio.sleep(0)
