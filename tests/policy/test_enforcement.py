@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import httpx
@@ -123,6 +124,8 @@ async def test_cached_decisions_are_still_recorded_and_a_bundle_switch_misses(
     rows = await decisions(services)
     assert len(rows) == 3
     assert len({r.decision_id for r in rows}) == 3
+    # a cached decision recorded again gets a time-ordered id of its own too (UUIDv7)
+    assert {uuid.UUID(hex=r.decision_id).version for r in rows} == {7}
 
     v1 = (await services.policy.publish(variant(1), "CR-1", "alice")).record.version
     await services.policy.activate(v1, "alice", "CR-1")

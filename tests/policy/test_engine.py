@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from types import MappingProxyType
 
 import orjson
@@ -63,6 +64,8 @@ async def test_decide_many_keeps_order_and_separates_entity_sets(
         (False, ("order.large_ticket_approval",)),
     ]
     assert len({d.decision_id for d in decisions}) == 4
+    # time-ordered ids (UUIDv7): policy_decisions, keyed by them, grows at its right edge
+    assert {uuid.UUID(hex=d.decision_id).version for d in decisions} == {7}
 
 
 async def test_served_regions_come_from_the_deployment(default_compiled: CompiledBundle) -> None:

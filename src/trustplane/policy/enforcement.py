@@ -19,7 +19,6 @@ from. One cache, one set of metrics (``trustplane_policy_token_cache_total``,
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 import structlog
 
 from trustplane import metrics
-from trustplane.audit_events import AuditEvent
+from trustplane.audit_events import AuditEvent, new_event_id
 from trustplane.authzen.model import Decision, DecisionRequest, Entity
 from trustplane.clients.model import Client
 from trustplane.errors import InvalidScopeError
@@ -258,7 +257,7 @@ def fresh_record(record: DecisionRecord, transaction_id: str | None = None) -> D
         policy_bundle_version=e.policy_bundle_version,
         service=e.service,
         payload={**e.payload, "cached": True},
-        event_id=os.urandom(16).hex(),
+        event_id=new_event_id(),
     )
     return DecisionRecord(event, record.action, record.resource, 0, record.inputs)
 

@@ -13,7 +13,6 @@ the engine, or no active bundle all give a deny whose reason id says which, and 
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ import orjson
 import structlog
 
 from trustplane import metrics
-from trustplane.audit_events import AuditEvent, AuditEventType
+from trustplane.audit_events import AuditEvent, AuditEventType, new_event_id
 from trustplane.authzen.model import Decision, DecisionRequest, Entity, FailReason
 from trustplane.policy.bundle import CompiledBundle
 from trustplane.policy.recorder import DecisionRecord, DecisionRecorder
@@ -336,7 +335,7 @@ class PolicyEngine:
         return decision, self._record(request, cedar, decision, outcome, latency_us)
 
     def _decision(self, request: DecisionRequest, outcome: Outcome, version: str) -> Decision:
-        decision_id = os.urandom(16).hex()
+        decision_id = new_event_id()
         reason_ids = (outcome.failure.value,) if outcome.failure else outcome.reason_ids
         if self._observe:
             self._observe_outcome(request, outcome, decision_id)
