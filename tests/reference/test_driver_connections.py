@@ -15,7 +15,7 @@ from sqlalchemy.engine import make_url
 
 from tests.reference.conftest import ORDER, fresh_store
 from trustplane.reference import driver_connections, machine, store_pg
-from trustplane.reference.driver_connections import connections_of
+from trustplane.reference.driver_connections import DriverConnections, connections_of
 from trustplane.reference.events import Envelope
 from trustplane.reference.store import DuplicateTransition, TradeStore
 
@@ -136,21 +136,60 @@ async def test_a_refused_statement_leaves_its_connection_held(pg_database: str) 
         await store.db.dispose()
 
 
-async def test_statements_beyond_the_held_connections_take_the_pool_s(
+async def test_statements_beyond_the_held_connections_wait_for_one(
     pg_database: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With every held connection lent, a statement waits for the autocommit pool's (bounded as
-    before) rather than opening more."""
+    """With every held connection lent, a statement waits for one given back, as a checkout
+    waited for the pool's: never more connections than the pool's bound (a first version went to
+    the pool at once, twice the connections, and met PostgreSQL's ``max_connections``)."""
     monkeypatch.setattr(driver_connections, "HELD", 2)
     store = await fresh_store(pg_database)
     try:
         await store_pg.fetch(store.db, "SELECT 1", ())
         seen = _checkouts(store)
         rows: list[Any] = await asyncio.gather(
-            *(store_pg.fetch(store.db, "SELECT $1::int, pg_sleep(0.2)", (i,)) for i in range(5))
+            *(store_pg.fetch(store.db, "SELECT $1::int, pg_sleep(0.1)", (i,)) for i in range(5))
         )
         assert [r[0][0] for r in rows] == [0, 1, 2, 3, 4]
         assert connections_of(store.db).open_count == 2
-        assert seen == ["autocommit"] * 3
+        assert seen == []
+    finally:
+        await store.db.dispose()
+
+
+async def test_a_connection_handed_to_a_cancelled_waiter_goes_to_the_next(
+    pg_database: str,
+) -> None:
+    store = await fresh_store(pg_database)
+    held = DriverConnections(store.db, 1)
+    try:
+        lent = await held.take()
+        first = asyncio.create_task(held.take())
+        second = asyncio.create_task(held.take())
+        await asyncio.sleep(0)  # both wait
+        assert lent is not None
+        held.give(lent)  # handed to the first waiter...
+        first.cancel()  # ...cancelled before it could run
+        assert await second is lent
+        assert first.cancelled()
+        assert held.open_count == 1
+    finally:
+        await store.db.dispose()
+
+
+async def test_the_engine_s_disposal_lets_the_waiting_statements_go_on(pg_database: str) -> None:
+    store = await fresh_store(pg_database)
+    held = DriverConnections(store.db, 1)
+    try:
+        lent = await held.take()
+        waiting = asyncio.create_task(held.take())
+        await asyncio.sleep(0)
+        await store.db.dispose()  # terminates the lent one, frees its slot
+        fresh = await waiting
+        assert lent is not None
+        assert lent.is_closed()
+        assert fresh is not None
+        assert fresh is not lent
+        assert await fresh.fetchval("SELECT 1") == 1
     finally:
         await store.db.dispose()

@@ -11,9 +11,12 @@ store's statements take connections of their own, as the ledger's proofs do
 SQLAlchemy pools, each lent to one statement at a time (autocommit: asyncpg runs a statement
 outside a transaction).
 
-At most ``size`` are open per store and process; a statement that finds all of them lent goes
-through the autocommit pool as before (bounded by the pool), so a burst waits for a connection
-rather than opening more. A connection is dropped (terminated: no round trip), and the next
+At most ``size`` are open per store and process, the autocommit pool's own bound: a statement
+that finds all of them lent waits for the first one given back (handed over in the order the
+statements came), as a checkout waited for the pool's; after :data:`WAIT_TIMEOUT` it goes
+through the pool. (A first version sent it to the pool at once: up to twice the pool's
+connections per store and process, and the lifecycle bench at concurrency 16 met PostgreSQL's
+``max_connections``.) A connection is dropped (terminated: no round trip), and the next
 statement opens another, when the driver knows it closed (the server terminated it, a restart), a
 statement on it failed other than by the server refusing the statement (a protocol state not to be
 trusted), or was cancelled mid-flight, or it is older than the pools' ``POOL_RECYCLE``. A
@@ -28,6 +31,7 @@ import asyncio
 import contextlib
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable
 
 import asyncpg
@@ -40,6 +44,9 @@ from trustplane.storage.db import POOL_RECYCLE, Database
 HELD = 10
 #: Seconds to wait for a new connection before the statement goes through the pool instead.
 CONNECT_TIMEOUT = 5.0
+#: Seconds a statement waits for a held connection while all are lent before it goes through the
+#: pool instead (the pool's own wait, ``pool_timeout``, is 30 s).
+WAIT_TIMEOUT = 30.0
 
 
 class DriverConnections:
@@ -53,27 +60,63 @@ class DriverConnections:
         #: every open connection, idle or lent: when it was opened (time.monotonic()) and its loop
         self._open: dict[asyncpg.Connection, tuple[float, asyncio.AbstractEventLoop]] = {}
         self._connecting = 0
+        #: callers waiting for a connection while ``size`` are lent, the longest waiting first
+        self._waiters: deque[asyncio.Future[asyncpg.Connection | None]] = deque()
         #: called with each connection opened (tests log what goes on the wire)
         self.opened: list[Callable[[asyncpg.Connection], None]] = []
         # the listener holds the connections, not this object, so that they are terminated with
         # the engine even when the store that used them was dropped first
-        event.listen(db.engine.sync_engine, "engine_disposed", _Terminate(self._open, self._idle))
+        event.listen(
+            db.engine.sync_engine,
+            "engine_disposed",
+            _Terminate(self._open, self._idle, self._waiters),
+        )
 
     @property
     def open_count(self) -> int:
         return len(self._open)
 
     async def take(self, *, fresh: bool = False) -> asyncpg.Connection | None:
-        """An idle connection (``fresh``: a new one), or None when ``size`` are open already or
-        none could be opened (the caller then takes the pool's)."""
+        """An idle connection (``fresh``: not an idle one), or, while ``size`` are lent, the first
+        one given back (or a slot freed); None when none could be opened or none came back within
+        :data:`WAIT_TIMEOUT` (the caller then takes the pool's)."""
         loop = asyncio.get_running_loop()
-        while self._idle and not fresh:
-            conn = self._idle.pop()
-            if not conn.is_closed() and self._open.get(conn, (0.0, None))[1] is loop:
-                return conn
+        while True:
+            while self._idle and not fresh:
+                conn = self._idle.pop()
+                if self._usable(conn, loop):
+                    return conn
+                self.drop(conn)
+            if len(self._open) + self._connecting < self._size:
+                return await self._connect(loop)
+            try:
+                handed = await self._wait(loop)
+            except TimeoutError:
+                return None
+            if handed is not None:
+                if self._usable(handed, loop):
+                    return handed
+                self.drop(handed)
+
+    def give(self, conn: asyncpg.Connection) -> None:
+        """Back after a statement that ended normally (or that the server refused): to the
+        longest waiting caller, or to the idle ones; dropped if old or closed."""
+        born = self._open.get(conn)
+        young = born is not None and time.monotonic() - born[0] < POOL_RECYCLE
+        if not young or conn.is_closed():
             self.drop(conn)
-        if len(self._open) + self._connecting >= self._size:
-            return None
+        elif not self._hand(conn):
+            self._idle.append(conn)
+
+    def drop(self, conn: asyncpg.Connection) -> None:
+        if self._open.pop(conn, None) is not None:
+            self._hand(None)  # a slot is free: a waiting caller opens one
+        _terminate(conn)
+
+    def _usable(self, conn: asyncpg.Connection, loop: asyncio.AbstractEventLoop) -> bool:
+        return not conn.is_closed() and self._open.get(conn, (0.0, None))[1] is loop
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> asyncpg.Connection | None:
         self._connecting += 1
         try:
             conn = await asyncpg.connect(self._dsn, timeout=CONNECT_TIMEOUT)
@@ -86,19 +129,37 @@ class DriverConnections:
             opened(conn)
         return conn
 
-    def give(self, conn: asyncpg.Connection) -> None:
-        """Back to the idle ones after a statement that ended normally (or that the server
-        refused): kept if young and open, dropped otherwise."""
-        born = self._open.get(conn)
-        young = born is not None and time.monotonic() - born[0] < POOL_RECYCLE
-        if young and not conn.is_closed() and len(self._idle) < self._size:
-            self._idle.append(conn)
-        else:
-            self.drop(conn)
+    async def _wait(self, loop: asyncio.AbstractEventLoop) -> asyncpg.Connection | None:
+        """A connection handed over, or None: a slot freed. Raises TimeoutError after
+        :data:`WAIT_TIMEOUT` seconds. What this caller was handed but cannot take (cancelled,
+        timed out at that moment) is passed on."""
+        waiter: asyncio.Future[asyncpg.Connection | None] = loop.create_future()
+        self._waiters.append(waiter)
+        taken = False
+        try:
+            async with asyncio.timeout(WAIT_TIMEOUT):
+                handed = await waiter
+            taken = True
+            return handed
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
+            if not taken and waiter.done() and not waiter.cancelled():
+                passed = waiter.result()
+                if passed is None:
+                    self._hand(None)
+                else:
+                    self.give(passed)
 
-    def drop(self, conn: asyncpg.Connection) -> None:
-        self._open.pop(conn, None)
-        _terminate(conn)
+    def _hand(self, conn: asyncpg.Connection | None) -> bool:
+        """``conn`` (None: a free slot) to the longest waiting caller still waiting; False if
+        nobody waits."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return True
+        return False
 
 
 class _Terminate:
@@ -109,14 +170,20 @@ class _Terminate:
         self,
         connections: dict[asyncpg.Connection, tuple[float, asyncio.AbstractEventLoop]],
         idle: list[asyncpg.Connection],
+        waiters: deque[asyncio.Future[asyncpg.Connection | None]],
     ) -> None:
-        self._connections, self._idle = connections, idle
+        self._connections, self._idle, self._waiters = connections, idle, waiters
 
     def __call__(self, _engine: object) -> None:
         for conn in list(self._connections):
             _terminate(conn)
         self._connections.clear()
         self._idle.clear()
+        while self._waiters:  # every slot is free: let them all look again
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                with contextlib.suppress(RuntimeError):  # a closed loop's future
+                    waiter.set_result(None)
 
 
 def _terminate(conn: asyncpg.Connection) -> None:
