@@ -334,11 +334,18 @@ async def test_a_woken_publisher_reads_once_per_commit_not_on_a_timer(
 
 
 async def _listening(store: TradeStore) -> bool:
+    """Whether a session of the store's database listens (other processes on the server may).
+    Once it does, the listener wakes the publisher for a catch-up read: callers let that read end
+    before they commit, or it may find their commit and the commit's own wake-up read again."""
     async with store.db.read() as conn:
         found = await conn.exec_driver_sql(
-            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN %'"
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND query LIKE 'LISTEN %'"
         )
-        return bool(found.scalar())
+        listening = bool(found.scalar())
+    if listening:
+        await asyncio.sleep(0.2)  # the catch-up read
+    return listening
 
 
 @pytest.mark.postgres

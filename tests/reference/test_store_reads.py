@@ -13,15 +13,17 @@ from sqlalchemy import event
 
 from tests.reference.conftest import EVENTS_ISSUER, ORDER, fresh_store, split_stores
 from trustplane.reference import machine, store_pg
+from trustplane.reference.driver_connections import connections_of
 from trustplane.reference.events import Envelope, verify_event
 from trustplane.reference.store import APPLIED, KNOWN, DuplicateTransition, NotFound, TradeStore
 from trustplane.storage.db import Database
 
 
 def _wire(db: Database) -> list[str]:
-    """Every statement sent from now on, on either engine (its first 40 characters, upper-cased):
-    SQLAlchemy's statements, and what asyncpg sends on its own (its query logger on the new
-    connections): ``BEGIN`` and ``ROLLBACK``, which SQLAlchemy's cursor events do not see."""
+    """Every statement sent from now on, on either engine and on the connections the store holds
+    for its one-statement calls (its first 40 characters, upper-cased): SQLAlchemy's statements,
+    and what asyncpg sends on its own (its query logger on the new connections): ``BEGIN`` and
+    ``ROLLBACK``, which SQLAlchemy's cursor events do not see."""
     sent: list[str] = []
 
     def log(query: str) -> None:
@@ -36,6 +38,7 @@ def _wire(db: Database) -> list[str]:
     for engine in (db.engine, db.autocommit_engine):
         event.listen(engine.sync_engine, "connect", connected)
         event.listen(engine.sync_engine, "before_cursor_execute", executed)
+    connections_of(db).opened.append(lambda conn: conn.add_query_logger(lambda r: log(r.query)))
     return sent
 
 

@@ -25,6 +25,7 @@ import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.util import greenlet_spawn
 
+from trustplane.reference.driver_connections import connections_of
 from trustplane.storage.db import Database
 
 #: Bumped with any change of the function's text: the name carries it, so that processes of two
@@ -346,8 +347,39 @@ async def _fetchrow(db: Database, sql: str, params: tuple[Any, ...]) -> Any:
 
 
 async def _on_driver(db: Database, call: Callable[[Any], Awaitable[Any]]) -> Any:
-    """One statement on the autocommit engine's asyncpg connection (no ``BEGIN``/``COMMIT``, no
-    statement compilation); once more on a fresh connection if the pooled one was dead.
+    """One statement on an asyncpg connection this process holds for ``db``
+    (:mod:`~trustplane.reference.driver_connections`: no ``BEGIN``/``COMMIT``, no statement
+    compilation, no pool checkout); once more on a fresh connection if that one was dead. When all
+    the held connections are lent, on the autocommit pool's (:func:`_on_pool`)."""
+    held = connections_of(db)
+    for attempt in (1, 2):
+        conn = await held.take(fresh=attempt == 2)
+        if conn is None:
+            return await _on_pool(db, call)
+        try:
+            result = await call(conn)
+        except asyncpg.exceptions.UniqueViolationError:
+            held.give(conn)
+            raise Duplicate() from None
+        except _DISCONNECTS:
+            held.drop(conn)
+            if attempt == 2:
+                raise
+            continue
+        except asyncpg.PostgresError:  # refused by the server: the connection itself is fine
+            held.give(conn)
+            raise
+        except BaseException:  # cancelled mid-statement, or a client-side failure
+            held.drop(conn)
+            raise
+        held.give(conn)
+        return result
+    raise AssertionError("unreachable")
+
+
+async def _on_pool(db: Database, call: Callable[[Any], Awaitable[Any]]) -> Any:
+    """One statement on the autocommit engine's asyncpg connection, once more on a fresh
+    connection if the pooled one was dead.
 
     The connection is the pool's own (``raw_connection``: the same pool, checkout events and
     connections), without the ``AsyncConnection`` and ``Connection`` SQLAlchemy builds around a
