@@ -28,6 +28,15 @@ compare CPU figures only between runs made alike.
   python bench/hotpath.py --base ../hotpath-base --stores sqlite --connections 1 8 32 64 --reps 1
   python bench/hotpath.py --base ../hotpath-base --stores postgresql --pg-count --reps 1
 
+``--pg-roles``: PostgreSQL's CPU per token split by what each backend of the server's database
+does, from the run's start until the server is idle again: ``writer`` (the group-commit writer's
+statement: the ``jti`` claim, the decisions' inputs, the ledger's pending rows), ``sequencer`` (the
+ledger's integration and its polls: pending rows moved into leaves, payloads and tree nodes, the
+checkpoint),
+``other`` (reads, surveillance, the cache's notifications). A backend's role is read off the statements
+``pg_stat_activity`` shows it running, sampled every 50 ms during the run (the most frequent one
+other than ``BEGIN``/``COMMIT``/``ROLLBACK``).
+
 ``--ours-env`` / ``--base-env KEY=VALUE ...``: settings for one of the two servers only, e.g. a
 setting A/B on one tree (``--base .`` and ``--ours-env TRUSTPLANE_AUDIT_PROOF_CACHE_MB=0``).
 """
@@ -36,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -43,6 +53,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -264,6 +275,66 @@ def wait_idle(targets: list[Target], cap: float) -> None:
             return
 
 
+#: (role, marks): a backend whose most frequent statement contains a mark has that role; the
+#: sequencer's first (its move statement names ``audit_pending`` too).
+ROLES = (
+    (
+        "sequencer",
+        ("WITH r AS", "audit_leaves", "audit_tree", "audit_log_state", "audit_pending ORDER"),
+    ),
+    ("writer", ("used_jtis", "policy_decisions", "INSERT INTO audit_pending")),
+)
+IDLE_STATEMENTS = {"BEGIN", "BEGIN;", "COMMIT", "COMMIT;", "ROLLBACK", "ROLLBACK;", ";", ""}
+
+
+class RoleSampler:
+    """Samples ``pg_stat_activity`` for one database while a run goes on (``--pg-roles``): what
+    statements each backend shows, to tell which part of the server it serves."""
+
+    def __init__(self, admin_url: str, name: str) -> None:
+        self.admin_url, self.name = admin_url, name
+        self.seen: dict[int, dict[str, int]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> RoleSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        import asyncpg
+
+        async def sample() -> None:
+            conn = await asyncpg.connect(self.admin_url)
+            try:
+                while not self._stop.is_set():
+                    rows = await conn.fetch(
+                        "SELECT pid, left(query, 400) AS q FROM pg_stat_activity "
+                        "WHERE datname = $1",
+                        self.name,
+                    )
+                    for row in rows:
+                        text = " ".join(str(row["q"]).split())
+                        counts = self.seen.setdefault(int(row["pid"]), {})
+                        counts[text] = counts.get(text, 0) + 1
+                    await asyncio.sleep(0.05)
+            finally:
+                await conn.close()
+
+        asyncio.run(sample())
+
+    def role(self, pid: int) -> str:
+        counts = {q: n for q, n in self.seen.get(pid, {}).items() if q not in IDLE_STATEMENTS}
+        if not counts:
+            return "other"
+        top = max(counts, key=lambda q: counts[q])
+        return next((r for r, marks in ROLES if any(m in top for m in marks)), "other")
+
+
 def measure(target: Target, connections: int, args: argparse.Namespace, rep: int) -> None:
     bodies = target.work / "run.bodies"
     n = max(2000, int(args.expect_rps * args.duration * 1.6))
@@ -276,9 +347,11 @@ def measure(target: Target, connections: int, args: argparse.Namespace, rep: int
     lsn_before = wal_lsn(args.database_url) if target.db_oid else ""
     writes_before = tree_write_calls(target.proc.pid)
     server_before = process_tree_ticks(target.proc.pid)
-    result: dict[str, Any] = dict(
-        run_wrk(f"{target.issuer}/token", bodies, connections, args.duration, target.proc.pid)
-    )
+    sampler = RoleSampler(args.database_url, target.pg_name) if args.pg_roles else None
+    with sampler or contextlib.nullcontext():
+        result: dict[str, Any] = dict(
+            run_wrk(f"{target.issuer}/token", bodies, connections, args.duration, target.proc.pid)
+        )
     result["writes_per_req"] = (tree_write_calls(target.proc.pid) - writes_before) / max(
         result["requests"], 1
     )
@@ -297,6 +370,14 @@ def measure(target: Target, connections: int, args: argparse.Namespace, rep: int
         result.update({f"pg_{k}_until_idle": v for k, v in until_idle.items()})
     wait_idle([target], args.idle_cap)  # the sequencer integrates what the run appended
     pg_idle = ticks(pids)
+    if sampler is not None:
+        for role, _ in (*ROLES, ("other", ())):
+            used = sum(
+                pg_idle[p] - pg_before.get(p, pg_idle[p])
+                for p in pg_idle
+                if sampler.role(p) == role
+            )
+            result[f"pg_{role}_ms_per_req"] = 1000.0 * used / TICK / max(result["requests"], 1)
     server_idle = process_tree_ticks(target.proc.pid)
     if target.db_oid:
         own = args.database_url.rsplit("/", 1)[0] + f"/{target.pg_name}"  # has pg_walinspect
@@ -343,6 +424,10 @@ def measure(target: Target, connections: int, args: argparse.Namespace, rep: int
         f"load {load:.2f}",
         flush=True,
     )
+    if sampler is not None:
+        print("    PostgreSQL ms per token until idle: " + "  ".join(
+            f"{role} {result[f'pg_{role}_ms_per_req']:.3f}" for role in ("writer", "sequencer", "other")
+        ), flush=True)  # fmt: skip
     if target.proxy is not None:
         print("    per token, in the run / until idle: " + "  ".join(
             f"{k} {result[f'pg_{k}']:.2f}/{result[f'pg_{k}_until_idle']:.2f}"
@@ -387,6 +472,11 @@ def summarise(targets: list[Target]) -> None:
                     else ""
                 )
             )
+            if "pg_writer_ms_per_req" in runs[0]:
+                print("    PostgreSQL ms per token until idle: " + "  ".join(
+                    f"{role} {statistics.median(r[f'pg_{role}_ms_per_req'] for r in runs):.3f}"
+                    for role in ("writer", "sequencer", "other")
+                ))  # fmt: skip
             if target.proxy is not None:
                 print("    per token (until idle): " + "  ".join(
                     f"{k[3:]} {statistics.median(r.get(k + '_until_idle', r[k]) for r in runs):.2f}"
@@ -413,6 +503,9 @@ def main() -> None:
     ap.add_argument("--pg-count", action="store_true", help="count PostgreSQL round trips")
     ap.add_argument(
         "--wal", action="store_true", help="WAL bytes per token (pg_walinspect), index entries"
+    )
+    ap.add_argument(
+        "--pg-roles", action="store_true", help="PostgreSQL CPU per token by backend role"
     )
     ap.add_argument("--ours-env", nargs="*", default=[], help="KEY=VALUE for this tree's server")
     ap.add_argument("--base-env", nargs="*", default=[], help="KEY=VALUE for the base's server")

@@ -10,12 +10,13 @@ on the ledger (``trustplane.audit``), which sits above the bearer guard.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
+
+from trustplane.ids import uuid7_hex
 
 #: Set by ``trustplane.tracing`` when tracing is on: the current trace id (None outside a request).
 #: An event made without a correlation id of its own takes it, where it is made: in the request.
@@ -92,20 +93,9 @@ class AuditEventType(StrEnum):
 
 
 def new_event_id() -> str:
-    """A new event (and policy decision) id: a UUIDv7 (RFC 9562 §5.7) as 32 lowercase hex digits,
-    the form ids always had here.
-
-    48 bits of Unix milliseconds first, then the version and variant bits and 74 random bits
-    (``os.urandom``): unique and unguessable as before, and in time order, so an index on the id
-    grows at its right edge. ``policy_decisions`` is keyed by it and keeps 90 days of decisions:
-    with 16 random bytes every insert landed on a random page of an index larger than the
-    database's buffers, a page read and, after every checkpoint, a full-page image in the WAL
-    per decision (``bench/decision_ids.py``, docs/scaling.md)."""
-    raw = bytearray((time.time_ns() // 1_000_000).to_bytes(6, "big"))
-    raw += os.urandom(10)
-    raw[6] = 0x70 | raw[6] & 0x0F  # version 7, then rand_a
-    raw[8] = 0x80 | raw[8] & 0x3F  # variant 0b10, then rand_b
-    return raw.hex()
+    """A new event (and policy decision) id: a UUIDv7 as 32 lowercase hex digits, the form ids
+    always had here, in time order (:mod:`trustplane.ids`). ``policy_decisions`` is keyed by it."""
+    return uuid7_hex()
 
 
 @dataclass(slots=True, frozen=True)

@@ -751,11 +751,11 @@ async def test_on_postgresql_an_integration_inserts_its_rows_a_slice_at_a_time(
         inserts.append((table, len(rows)))
         await insert_rows(conn, table, rows)
 
-    async def moving(driver: Any, ids: Any, first: int, now: int, nodes: Any) -> int:
+    async def moving(driver: Any, ids: Any, first: int, now: int, nodes: Any, **kw: Any) -> int:
         inserts.append(("audit_leaves", len(ids)))
         inserts.append(("audit_tree", len(nodes)))
         inserts.append(("audit_payloads", len(ids)))
-        return await move_slice(driver, ids, first, now, nodes)
+        return await move_slice(driver, ids, first, now, nodes, **kw)
 
     monkeypatch.setattr(store, "_insert_rows", recording)
     monkeypatch.setattr(store, "pg_move_slice", moving)

@@ -175,6 +175,33 @@ async def test_a_batch_after_another_process_integrated_reads_the_tree_edge_afre
     assert merkle.root_of(leaf_hashes) == (latest.size, latest.root)
 
 
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_on_postgresql_only_a_slice_holding_a_nul_escape_is_searched_for_it(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sequencer sees the entries while it hashes them: a slice none of whose entries holds
+    the text ``\\u0000`` is moved with the statement that parses each entry as it is; only a
+    slice that holds one gets the statement that searches each entry for NUL escapes on the
+    server (``strpos``, ~2.8 us of PostgreSQL's CPU per entry) and replaces them."""
+    from trustplane.audit import store
+
+    ledger = services.ledger
+    await ledger.integrate_all()  # what start-up wrote
+    plain = [event(i) for i in range(store.INSERT_SLICE)]
+    odd = [event(store.INSERT_SLICE, subject="desk\x00one"), event(store.INSERT_SLICE + 1)]
+    await append(services.db, [*plain, *odd])
+    async with services.db.transaction() as conn:  # the pool's connection, logged from here on
+        await conn.exec_driver_sql("SELECT 1")
+    sent = _Sent(services.db, monkeypatch)
+    assert await ledger.integrate_all() == store.INSERT_SLICE + 2
+    moves = [q for q, _ in sent.sent if "INSERT INTO audit_leaves" in q]
+    assert moves == [store.PG_SLICE_SQL, store.PG_SLICE_NUL_SQL]
+    assert "strpos" not in store.PG_SLICE_SQL
+    records, note = await export(ledger)
+    assert verify_export(records, note, await ledger.verifier_key()).ok
+    assert records[-2]["entry"]["subject"] == "desk\x00one"
+
+
 async def test_an_entry_holding_a_nul_character_is_integrated(services: Services) -> None:
     """A NUL character that reached an event (a request's field, escaped ``\\u0000`` in the
     canonical entry) does not stop the sequencer: PostgreSQL's JSON types refuse that escape, so

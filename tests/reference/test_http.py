@@ -6,6 +6,7 @@ long-poll resumable by cursor, and the JWKS a consumer verifies with."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -114,6 +115,9 @@ async def test_lifecycle_replay_and_duplicate_over_http(harness: Harness) -> Non
     created = await h.client.post("/orders", json=ORDER, headers=h.headers(key="o1"))
     assert created.status_code == 201, created.text
     trade_id = created.json()["trade_id"]
+    assert (
+        uuid.UUID(trade_id).version == 7
+    )  # time-ordered: the stores' keys grow at their right edge
     again = await h.client.post("/orders", json=ORDER, headers=h.headers(key="o1"))
     assert again.status_code == 201
     assert again.json()["trade_id"] == trade_id

@@ -401,20 +401,25 @@ class Ledger:
         nodes: list[tuple[int, bytes]] = []
         ids: list[int] = []
         moved, flushed, step = 0, 0, store.INSERT_SLICE
-        leaf_hash = merkle.leaf_hash
+        leaf_hash, nul_escape, nul = merkle.leaf_hash, store.NUL_ESCAPE, False
         for offset, row in enumerate(rows):
             if offset and not offset % step:  # the last slice's rows and nodes, one statement
                 first = offset - step
                 moved += await store.pg_move_slice(
-                    driver, ids[first:], size + first, now, nodes[flushed:]
+                    driver, ids[first:], size + first, now, nodes[flushed:], nul=nul
                 )
-                flushed = len(nodes)
+                flushed, nul = len(nodes), False
             if offset and not offset % SLICE:
                 await asyncio.sleep(0)  # the loop's turn: the proofs and requests waiting run
             ids.append(row[0])
-            nodes.extend(builder.append(leaf_hash(row[1].encode())))
+            entry: str = row[1]
+            if "\\" in entry and nul_escape in entry:  # memchr first: a backslash is rare
+                nul = True  # the rare slice the server must parse with care
+            nodes.extend(builder.append(leaf_hash(entry.encode())))
         first = (len(ids) - 1) // step * step
-        moved += await store.pg_move_slice(driver, ids[first:], size + first, now, nodes[flushed:])
+        moved += await store.pg_move_slice(
+            driver, ids[first:], size + first, now, nodes[flushed:], nul=nul
+        )
         if moved != len(ids):
             raise RuntimeError("pending entries changed under the sequencer lock")
         root, new_size = builder.root(), builder.size

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from trustplane.events.formats import TRADE_EVENT_ALG as ALG
 from trustplane.events.formats import TRADE_EVENT_TYP as EVENT_TYP
 from trustplane.events.signed import verified_claims
+from trustplane.ids import uuid7
 from trustplane.jose.jwk import thumbprint
 from trustplane.jose.jws import Signer, b64url_encode
 
@@ -170,7 +170,7 @@ class EventSigner:
         None for ``create``), which a downstream store's compare-and-set needs to learn the event;
         ``acting``: the acting token's ``iss``, ``jti`` and mandate id, what the trade rests on
         (a downstream settlement store finds the trades in flight by it on a revocation)."""
-        event_id = str(uuid.uuid4())
+        event_id = uuid7()  # time-ordered: the stores' unique indexes grow at their right edge
         payload = {
             "jti": event_id,
             "iss": self.issuer,

@@ -7,7 +7,6 @@ with the trade's current state in the context, right before the compare-and-set.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -17,6 +16,7 @@ import orjson
 import structlog
 
 from trustplane.authzen.model import Decision, Entity
+from trustplane.ids import uuid7
 from trustplane.reference import machine
 from trustplane.reference.entitlement import EntitlementUnavailable, MandateCheck, MandateStatus
 from trustplane.reference.events import Envelope
@@ -326,7 +326,7 @@ class TradeServices:
             "amount": _amount(order.get("amount"), "amount"),
             "currency": currency,
         }
-        trade_id = str(uuid.uuid4())
+        trade_id = uuid7()  # time-ordered: the stores' unique indexes grow at their right edge
         draft = Trade(
             trade_id, "none", fields["account"], fields["instrument"], fields["side"],
             fields["quantity"], fields["amount"], currency, None, {}, None, None, None, 0, 0,

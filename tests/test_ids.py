@@ -1,6 +1,8 @@
-"""Event and decision ids (``trustplane.audit_events.new_event_id``): UUIDv7 (RFC 9562 §5.7) in the
-32-hex-digit form ids always had, unique, and in time order, so that the indexes keyed by them
-(``policy_decisions``) grow at their right edge (``bench/decision_ids.py``)."""
+"""Time-ordered ids (``trustplane.ids``): UUIDv7 (RFC 9562 §5.7), unique, and in time order, so that
+the indexes keyed by them (``policy_decisions``, the reference stores' trades and events) grow at
+their right edge (``bench/decision_ids.py``). Event and decision ids keep the 32-hex-digit form
+they always had (``trustplane.audit_events.new_event_id``); trade and trade event ids the canonical
+36-character form."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import time
 import uuid
 
 from trustplane.audit_events import AuditEvent, AuditEventType, new_event_id
+from trustplane.ids import uuid7
+from trustplane.reference.events import Envelope, EventSigner
 
 
 def _millis(event_id: str) -> int:
@@ -49,3 +53,21 @@ def test_an_audit_event_gets_a_time_ordered_id_by_default() -> None:
     assert uuid.UUID(hex=first.event_id).version == 7
     assert first.event_id < second.event_id
     assert abs(_millis(first.event_id) - first.time) <= 5
+
+
+def test_a_trade_or_event_id_is_a_uuid7_in_its_canonical_form() -> None:
+    first = uuid7()
+    assert str(uuid.UUID(first)) == first  # 36 characters, lowercase, hyphenated
+    assert uuid.UUID(first).version == 7
+    time.sleep(0.002)
+    assert first < uuid7()
+
+
+def test_a_signed_trade_event_has_a_time_ordered_id() -> None:
+    signer = EventSigner.generate("https://execution.example")
+    envelope = Envelope("x", "s", "c")
+    first, _ = signer.sign("trade.executed", "t-1", "execute", "executed", envelope)
+    time.sleep(0.002)
+    second, _ = signer.sign("trade.executed", "t-1", "execute", "executed", envelope)
+    assert uuid.UUID(first).version == 7
+    assert first < second
