@@ -4,8 +4,9 @@
 same process. Per block: CPU per request (``time.process_time``: this process's threads, the
 group-commit writer's included), on PostgreSQL also the CPU of the database's server processes
 serving this bench's database (``pg``: their ``/proc/<pid>/stat`` utime + stime; PostgreSQL must
-run on this machine), and the cyclic collector's collections and pause per request by generation
-(``gc.callbacks``).
+run on this machine), the bytes this process wrote (``written``: ``wchar`` of ``/proc/self/io``, on
+SQLite the WAL frames and checkpoints), and the cyclic collector's collections and pause per request
+by generation (``gc.callbacks``).
 
 Diagnosis modes (one block of each grant, then exit):
 
