@@ -4,8 +4,9 @@
 same process. Per block: CPU per request (``time.process_time``: this process's threads, the
 group-commit writer's included), on PostgreSQL also the CPU of the database's server processes
 serving this bench's database (``pg``: their ``/proc/<pid>/stat`` utime + stime; PostgreSQL must
-run on this machine), and the cyclic collector's collections and pause per request by generation
-(``gc.callbacks``).
+run on this machine), the bytes this process wrote (``written``: ``wchar`` of ``/proc/self/io``, on
+SQLite the WAL frames and checkpoints), and the cyclic collector's collections and pause per request
+by generation (``gc.callbacks``).
 
 Diagnosis modes (one block of each grant, then exit):
 
@@ -100,6 +101,17 @@ def _ticks(pid: int) -> int:
     except OSError:
         return 0
     return int(fields[11]) + int(fields[12])
+
+
+def _written() -> int:
+    """Bytes this process has passed to ``write()`` so far (``wchar`` of ``/proc/self/io``: the
+    SQLite file's WAL frames and checkpoints; 0 where it cannot be read)."""
+    try:
+        with open("/proc/self/io") as io:
+            fields = dict(line.split(": ", 1) for line in io.read().splitlines())
+    except OSError:
+        return 0
+    return int(fields.get("wchar", 0))
 
 
 async def _drop(admin: str, name: str | None) -> None:
@@ -361,15 +373,17 @@ async def main() -> None:
             for label, grant in order:
                 forms = _forms(kit, grant, args.requests, subjects)
                 pg = await _pg_seconds(args.database_url, name)
+                written = _written()
                 cpu, n = await _block(services, forms, args.concurrency)
+                written = _written() - written
                 pg = await _pg_seconds(args.database_url, name) - pg
                 counts = [len(GC_CALLS[g]) for g in range(3)]
                 pause = [sum(GC_CALLS[g]) for g in range(3)]
                 row = (cpu / n * 1e6, *(c / n * 1000 for c in counts), sum(pause) / n * 1e6)
-                rows[label].append((*row, pg / n * 1e6))
+                rows[label].append((*row, pg / n * 1e6, written / n / 1024))
                 print(
                     f"block {block} {label:<18} cpu {row[0]:7.0f} us/req  pg {pg / n * 1e6:5.0f} "
-                    f"us/req  gc per 1000 req gen0 {row[1]:5.1f} gen1 {row[2]:4.1f} gen2 "
+                    f"us/req  written {written / n / 1024:5.1f} KB/req  gc per 1000 req gen0 {row[1]:5.1f} gen1 {row[2]:4.1f} gen2 "
                     f"{row[3]:4.2f}  gc pause {row[4]:5.1f} us/req  load {os.getloadavg()[0]:.2f}",
                     flush=True,
                 )
@@ -379,9 +393,10 @@ async def main() -> None:
             g0 = statistics.median(r[1] for r in values)
             pause = statistics.median(r[4] for r in values)
             pg = statistics.median(r[5] for r in values)
+            kb = statistics.median(r[6] for r in values)
             print(
-                f"  {label:<18} cpu {cpu:7.0f} us/req  pg {pg:5.0f} us/req  gen0/1000 {g0:5.1f}  "
-                f"gc {pause:5.1f} us/req"
+                f"  {label:<18} cpu {cpu:7.0f} us/req  pg {pg:5.0f} us/req  written {kb:5.1f} KB/req  "
+                f"gen0/1000 {g0:5.1f}  gc {pause:5.1f} us/req"
             )
         ex = statistics.median(r[0] for r in rows["exchange"])
         cc = statistics.median(r[0] for r in rows["client_credentials"])
