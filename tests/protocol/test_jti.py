@@ -9,8 +9,8 @@ import re
 
 import pytest
 
-from trustplane.protocol import tokens
-from trustplane.protocol.tokens import new_jti
+from trustplane import ids
+from trustplane.ids import new_jti
 
 _ORDERED = "-0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz"
 _BASE64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
@@ -24,7 +24,7 @@ def _bytes(jti: str) -> bytes:
 
 
 def _at(monkeypatch: pytest.MonkeyPatch, millis: int) -> None:
-    monkeypatch.setattr(tokens.time, "time_ns", lambda: millis * 1_000_000 + 999_999)
+    monkeypatch.setattr(ids.time, "time_ns", lambda: millis * 1_000_000 + 999_999)
 
 
 def test_shape_url_safe_22_characters_128_bits() -> None:
@@ -68,7 +68,7 @@ def test_the_other_80_bits_are_fresh_random_bytes(monkeypatch: pytest.MonkeyPatc
         drawn.append(real(n))
         return drawn[-1]
 
-    monkeypatch.setattr(tokens.os, "urandom", urandom)
+    monkeypatch.setattr(ids.os, "urandom", urandom)
     _at(monkeypatch, 1_764_979_200_123)
     jtis = [new_jti() for _ in range(2000)]
     assert len(drawn) == len(jtis)

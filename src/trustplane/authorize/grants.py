@@ -49,13 +49,14 @@ from trustplane.errors import (
 )
 from trustplane.grant.binding import current_binding
 from trustplane.grant.contract import Granted, TokenIssuer
+from trustplane.ids import new_jti
 from trustplane.mandates.errors import MandateUnusableError
 from trustplane.mandates.service import MandateService
 from trustplane.policy.enforcement import TokenPolicy
 from trustplane.policy.recorder import DecisionRecord
 from trustplane.profile import rotates_refresh_tokens
 from trustplane.protocol.form import Form
-from trustplane.protocol.tokens import IssuedToken, new_jti
+from trustplane.protocol.tokens import IssuedToken
 from trustplane.rar.registry import AuthorizationDetailsRegistry
 from trustplane.settings import Settings
 from trustplane.storage.db import Database

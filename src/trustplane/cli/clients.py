@@ -302,8 +302,8 @@ def clients_assertion(
     """Print a fresh private_key_jwt client assertion (for curl and tests; never reuse one)."""
     from cryptography.hazmat.primitives import serialization
 
+    from trustplane.ids import new_jti
     from trustplane.jose.jws import Signer
-    from trustplane.protocol.tokens import new_jti
 
     settings = _settings()
     private = serialization.load_pem_private_key(key.read_bytes(), password=None)

@@ -23,11 +23,11 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane import metrics
+from trustplane.ids import new_jti
 from trustplane.jose.jws import Signer
 from trustplane.keys.service import KeyService
 from trustplane.mandates.model import Mandate
 from trustplane.mandates.tables import security_events
-from trustplane.protocol.tokens import new_jti
 from trustplane.settings import Settings
 from trustplane.storage.db import Database
 

@@ -32,6 +32,7 @@ from trustplane.federation.partner_assertions import (
 from trustplane.federation.profile import TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT
 from trustplane.grant.contract import Granted, TokenIssuer
 from trustplane.grant.outcomes import Condition, NotRevoked
+from trustplane.ids import new_jti
 from trustplane.oauth.exchange import TOKEN_EXCHANGE
 from trustplane.oauth.exchange.actor import Actor, ActorTokens, check_may_act
 from trustplane.oauth.exchange.claims import act_claim, chain, token_claims
@@ -41,7 +42,6 @@ from trustplane.policy.enforcement import ScopeDenied, TokenPolicy
 from trustplane.policy.recorder import DecisionRecord
 from trustplane.protocol.form import Form
 from trustplane.protocol.scopes import Vocabulary
-from trustplane.protocol.tokens import new_jti
 from trustplane.rar.registry import AuthorizationDetailsRegistry
 
 log = structlog.get_logger("trustplane.exchange")

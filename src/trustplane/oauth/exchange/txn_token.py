@@ -48,11 +48,12 @@ from trustplane.errors import (
 )
 from trustplane.grant.contract import Granted
 from trustplane.grant.outcomes import Condition, NotRevoked
+from trustplane.ids import new_jti
 from trustplane.jose.jws import JWSError, parse
 from trustplane.keys.service import KeyService
 from trustplane.oauth.exchange.subject import Subject, SubjectTokens, revoked, unacceptable
 from trustplane.protocol.form import Form
-from trustplane.protocol.tokens import IssuedToken, new_jti
+from trustplane.protocol.tokens import IssuedToken
 from trustplane.rar.registry import AuthorizationDetailsRegistry
 from trustplane.settings import Settings
 
