@@ -215,15 +215,15 @@ async def test_a_fail_closed_deny_is_not_cached(
     from trustplane.policy import engine as engine_module
 
     kit = await register_kit(services)
-    real = engine_module.cedarpy.is_authorized_batch
+    real = engine_module.authorize_batch
 
     def broken(*_args: object, **_kwargs: object) -> None:
         raise RuntimeError("engine crashed")
 
-    monkeypatch.setattr(engine_module.cedarpy, "is_authorized_batch", broken)
+    monkeypatch.setattr(engine_module, "authorize_batch", broken)
     refused = await token(http, kit, "order:create", EXECUTION)
     assert (refused.status_code, refused.json()["error"]) == (400, "invalid_scope")
-    monkeypatch.setattr(engine_module.cedarpy, "is_authorized_batch", real)
+    monkeypatch.setattr(engine_module, "authorize_batch", real)
     assert (await token(http, kit, "order:create", EXECUTION)).status_code == 200
     denied = await recent_events(services.db, 5, "policy:decision:denied")
     assert denied[0]["reason_ids"] == ["engine_error"]

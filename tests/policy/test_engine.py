@@ -177,16 +177,96 @@ async def test_without_a_bundle_an_unbuildable_request_is_still_invalid() -> Non
     assert decision.reason_ids == ("invalid_request",)
 
 
+def test_decisions_call_the_extension_and_agree_with_the_public_call(
+    default_compiled: CompiledBundle,
+) -> None:
+    """The engine calls cedarpy's extension directly (its answers read with orjson) when it answers
+    the probe as the public call does; the outcomes are the public call's, errors included."""
+    assert engine_module._NATIVE_BATCH is not None
+    requests = [
+        order_request(),
+        order_request(resource=order(restricted=True)),
+        order_request(subject=client("arr-oms", ARR)),
+        order_request(amount_minor=2_000_000_000),
+        order_request(data_region="us"),
+        DecisionRequest(client(), "order:create", order(), {"data_region": "eu"}),
+        DecisionRequest(
+            client(),
+            "order:create",
+            Entity("Order", "o", {**order().attributes, "instrument": Entity("Instrument", "X")}),
+            trade(),
+        ),
+    ]
+    inputs = [cedar_input(r, ("eu",)) for r in requests]
+    policies, schema = default_compiled.policies, default_compiled.schema
+    outcomes = []
+    for item in inputs:
+        request = {**item.request, "context": orjson.dumps(item.request["context"]).decode()}
+        entities = orjson.dumps(list(item.entities.values())).decode()
+        native = engine_module.authorize_batch([request], policies, entities, schema)
+        assert native == engine_module._public_batch([request], policies, entities, schema)
+        outcomes.extend(native)
+    assert [(o.allowed, o.failure) for o in outcomes] == [
+        (True, None),
+        (False, None),
+        (False, None),
+        (False, None),
+        (False, None),
+        (False, "missing_attribute"),
+        (False, "missing_attribute"),
+    ]
+    assert outcomes[0].reason_ids == ("entity.own",)
+
+
+async def test_without_the_extension_decisions_take_the_public_call(
+    default_compiled: CompiledBundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine_module, "_NATIVE_BATCH", None)
+    engine = _engine(default_compiled)
+    decision = await engine.decide(client(), "order:create", order(), trade())
+    assert (decision.allowed, decision.reason_ids) == (True, ("entity.own",))
+    [many] = await engine.decide_many([order_request(resource=order(restricted=True))])
+    assert not many.allowed
+
+
+def test_an_extension_that_answers_otherwise_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe checks the extension's answers against Cedar's known outcomes: a wrong answer or
+    an exception (another calling convention) means the public call is used."""
+    from cedarpy import _internal
+
+    real = _internal.is_authorized_batch
+
+    def always_allow(requests: list[object], *args: object) -> list[str]:
+        return ['{"decision":"Allow","diagnostics":{"reason":[],"errors":[]}}' for _ in requests]
+
+    def other_convention(*args: object) -> list[str]:
+        if len(args) != 4:
+            raise TypeError("takes 4 positional arguments")
+        return list(real(*args, False))
+
+    monkeypatch.setattr(_internal, "is_authorized_batch", always_allow)
+    assert engine_module._native_batch_or_none() is None
+    monkeypatch.setattr(_internal, "is_authorized_batch", other_convention)
+    assert engine_module._native_batch_or_none() is None
+    monkeypatch.setattr(_internal, "is_authorized_batch", real)
+    assert engine_module._native_batch_or_none() is real
+
+
 # --------------------------------------------------------------------------- fail closed
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["extension", "public"])
 async def test_engine_error_is_a_deny_with_reason_and_metric(
-    default_compiled: CompiledBundle, monkeypatch: pytest.MonkeyPatch
+    default_compiled: CompiledBundle, monkeypatch: pytest.MonkeyPatch, native: bool
 ) -> None:
     def broken(*_args: object, **_kwargs: object) -> None:
         raise RuntimeError("engine crashed")
 
-    monkeypatch.setattr(engine_module.cedarpy, "is_authorized_batch", broken)
+    if native:
+        monkeypatch.setattr(engine_module, "_NATIVE_BATCH", broken)
+    else:
+        monkeypatch.setattr(engine_module, "_NATIVE_BATCH", None)
+        monkeypatch.setattr(engine_module.cedarpy, "is_authorized_batch", broken)
     before = _fail_count("engine_error")
     decision = await _engine(default_compiled).decide(client(), "order:create", order(), trade())
     assert (decision.allowed, decision.reason_ids) == (False, ("engine_error",))
