@@ -287,6 +287,9 @@ class GuardedTransport(httpx.AsyncHTTPTransport):
             else httpx.create_ssl_context(verify=verify, trust_env=False)
         )
         super().__init__(verify=context, trust_env=False, retries=0)
+        #: what :class:`~trustplane.outbound.http1.Http1Pool` connects with (the fetcher's GET
+        #: and POST): the same guarded backend and TLS context as this transport's pool
+        self.backend, self.ssl_context = backend, context
         self._pool = httpcore.AsyncConnectionPool(
             ssl_context=context,
             max_connections=100,  # httpx's defaults: the PEP calls its PDP on the hot path

@@ -40,6 +40,7 @@ from prometheus_client import Counter
 from trustplane.outbound.addresses import Resolver, host_problem
 from trustplane.outbound.connection import GuardedBackend, GuardedTransport
 from trustplane.outbound.errors import OutboundError, OutboundRefused
+from trustplane.outbound.http1 import Http1Pool, request_head
 from trustplane.settings import Settings, is_loopback_host
 
 log = structlog.get_logger("trustplane.outbound")
@@ -131,6 +132,17 @@ class HostRateLimiter:
 
 
 @dataclass(frozen=True, slots=True)
+class Checked:
+    """A URL that passed the checks: its host, httpx's and httpcore's parse of it, and its origin
+    (scheme, host, port) as the connection pools key it."""
+
+    host: str
+    target: httpx.URL
+    core: httpcore.URL
+    origin: tuple[bytes, str, int]
+
+
+@dataclass(frozen=True, slots=True)
 class Fetched:
     """A complete answer (never a redirect), its body within the size cap."""
 
@@ -189,10 +201,14 @@ class OutboundFetcher:
         # of a request): no redirect is followed, no proxy, no cookie kept, no retry; the timeouts
         # go with each request as the client would send them.
         self._transport = transport
-        #: Our own transport: requests go straight to its httpcore pool (:meth:`_send_core`).
-        self._pool = transport._pool if isinstance(transport, GuardedTransport) else None
+        #: Our own transport: GET and POST go to our HTTP/1.1 pool on its guarded backend
+        #: (:meth:`_send_http1`), anything else straight to its httpcore pool (:meth:`_send_core`).
+        self._pool = self._http1 = None
+        if isinstance(transport, GuardedTransport):
+            self._pool = transport._pool
+            self._http1 = Http1Pool(transport.backend, transport.ssl_context)
         self._timeouts = timeout.as_dict()
-        self._checked: dict[str, tuple[str, httpx.URL, httpcore.URL]] = {}
+        self._checked: dict[str, Checked] = {}
         self._counters: dict[tuple[str, str], Any] = {}
 
     def url_problem(self, url: str) -> str | None:
@@ -269,10 +285,13 @@ class OutboundFetcher:
         data: Mapping[str, str] | None,
         max_bytes: int | None,
     ) -> Fetched:
-        host, target, core_url = self._checked_url(url)
+        checked = self._checked_url(url)
+        host, target, core_url = checked.host, checked.target, checked.core
         if self._limited and not self._limiter.allow(host):
             raise OutboundRefused("rate_limited", f"more than the per-host rate to {host}")
         cap = max_bytes or self.policy.max_bytes
+        if self._http1 is not None and method in ("GET", "POST"):
+            return await self._send_http1(method, checked, headers, content, data, cap)
         if self._pool is not None:
             return await self._send_core(method, target, core_url, headers, content, data, cap)
         request = httpx.Request(
@@ -285,7 +304,7 @@ class OutboundFetcher:
         )
         return await self._send(request, cap)
 
-    def _checked_url(self, url: str) -> tuple[str, httpx.URL, httpcore.URL]:
+    def _checked_url(self, url: str) -> Checked:
         """:meth:`_check_url`'s answer for a URL that passed, remembered (it depends on the URL and
         the policy alone; the address check is made at every connection)."""
         checked = self._checked.get(url)
@@ -300,7 +319,10 @@ class OutboundFetcher:
                 port=target.port,
                 target=target.raw_path,
             )
-            checked = self._checked[url] = (host, target, core)
+            scheme = target.raw_scheme
+            port = target.port or (443 if scheme == b"https" else 80)
+            origin = (scheme, target.raw_host.decode("ascii"), port)
+            checked = self._checked[url] = Checked(host, target, core, origin)
         return checked
 
     def _check_url(self, url: str) -> str:
@@ -323,6 +345,40 @@ class OutboundFetcher:
         if problem is not None:
             raise OutboundRefused("refused_url", problem)
         return host
+
+    async def _send_http1(
+        self,
+        method: str,
+        checked: Checked,
+        headers: Mapping[str, str] | None,
+        content: bytes | None,
+        data: Mapping[str, str] | None,
+        cap: int,
+    ) -> Fetched:
+        """The request as :meth:`_send_core` sends it (the same head, byte for byte), on
+        :class:`~trustplane.outbound.http1.Http1Pool`; httpcore's errors become the same outcomes."""
+        assert self._http1 is not None
+        fields = {**DEFAULT_HEADERS, **(headers or {}), "Accept-Encoding": "identity"}
+        if data is not None:
+            content = urlencode(list(data.items()), doseq=True).encode()
+            fields.setdefault("Content-Type", "application/x-www-form-urlencoded")
+        length = len(content or b"") if content is not None or method == "POST" else None
+        target = checked.target
+        try:
+            head = request_head(method, target.raw_path, target.netloc, fields.items(), length)
+            status, raw, body = await self._http1.send(
+                checked.origin,
+                head + content if content else head,
+                cap=cap,
+                check=lambda status, raw: _check_answer(status, httpx.Headers(raw), cap),
+                connect_timeout=self.policy.connect_timeout,
+                read_timeout=self.policy.read_timeout,
+            )
+        except httpcore.TimeoutException as exc:
+            raise OutboundError("timeout", type(exc).__name__) from None
+        except HTTPCORE_ERRORS as exc:
+            raise OutboundError("error", f"{type(exc).__name__}: {exc}") from None
+        return Fetched(status, httpx.Headers(raw), body)
 
     async def _send_core(
         self,
@@ -399,4 +455,6 @@ class OutboundFetcher:
         return exc
 
     async def aclose(self) -> None:
+        if self._http1 is not None:
+            await self._http1.aclose()
         await self._transport.aclose()

@@ -1,0 +1,188 @@
+"""The guarded fetcher's own HTTP/1.1 client (``trustplane.outbound.http1``): framing of answers
+(length, chunked, until close, informational answers), when a connection is kept and when it is
+not, and the head it writes. Each server here is a scripted loopback socket: it reads a request
+and writes the bytes the test gives it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from trustplane.outbound import OutboundError, OutboundFetcher, OutboundPolicy, OutboundRefused
+from trustplane.outbound.http1 import request_head
+
+
+@dataclass
+class Scripted:
+    """Answers the n-th request of the server with ``answers[n]``; closes after it if the answer
+    is in ``close_after``."""
+
+    answers: list[bytes]
+    close_after: set[int] = field(default_factory=set)
+    connections: int = 0
+    requests: list[bytes] = field(default_factory=list)
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/doc"
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[Callable[..., Awaitable[Scripted]]]:
+    servers: list[asyncio.Server] = []
+
+    async def start(answers: list[bytes], close_after: set[int] | None = None) -> Scripted:
+        state = Scripted(answers, close_after or set())
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            state.connections += 1
+            try:
+                while len(state.requests) < len(state.answers):
+                    state.requests.append(await reader.readuntil(b"\r\n\r\n"))
+                    n = len(state.requests) - 1
+                    writer.write(state.answers[n])
+                    await writer.drain()
+                    if n in state.close_after:
+                        break
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        servers.append(server)
+        state.port = server.sockets[0].getsockname()[1]
+        return state
+
+    yield start
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+def fetcher() -> OutboundFetcher:
+    return OutboundFetcher(OutboundPolicy.development(max_bytes=1024))
+
+
+OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"
+
+
+async def test_a_chunked_answer_is_read_whole(scripted: Callable[..., Awaitable[Scripted]]) -> None:
+    body = (
+        b'HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\n{"a":\r\n2\r\n1}\r\n0\r\n\r\n'
+    )
+    server = await scripted([body, OK])
+    client = fetcher()
+    assert await client.get_json(server.url, purpose="t") == {"a": 1}
+    assert await client.get_json(server.url, purpose="t") == {}
+    await client.aclose()
+    assert server.connections == 1  # kept alive after a chunked answer
+
+
+async def test_a_body_without_length_ends_with_the_connection(
+    scripted: Callable[..., Awaitable[Scripted]],
+) -> None:
+    server = await scripted([b'HTTP/1.1 200 OK\r\n\r\n{"b": 2}', OK], close_after={0})
+    client = fetcher()
+    assert await client.get_json(server.url, purpose="t") == {"b": 2}
+    assert await client.get_json(server.url, purpose="t") == {}
+    await client.aclose()
+    assert server.connections == 2
+
+
+async def test_an_informational_answer_is_skipped(
+    scripted: Callable[..., Awaitable[Scripted]],
+) -> None:
+    early = b"HTTP/1.1 103 Early Hints\r\nlink: </a>; rel=preload\r\n\r\n"
+    server = await scripted([early + OK])
+    client = fetcher()
+    fetched = await client.request("POST", server.url, purpose="t", content=b"x")
+    await client.aclose()
+    assert (fetched.status, fetched.body) == (200, b"{}")
+
+
+async def test_connection_close_is_honoured(scripted: Callable[..., Awaitable[Scripted]]) -> None:
+    closing = b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\n{}"
+    server = await scripted([closing, OK], close_after={0})
+    client = fetcher()
+    for _ in range(2):
+        assert await client.get_json(server.url, purpose="t") == {}
+    await client.aclose()
+    assert server.connections == 2
+
+
+async def test_a_connection_the_server_closed_while_idle_is_not_reused(
+    scripted: Callable[..., Awaitable[Scripted]],
+) -> None:
+    """No ``Connection: close``, but the server hangs up after answering: the next request opens
+    a new connection instead of failing on the closed one."""
+    server = await scripted([OK, OK], close_after={0})
+    client = fetcher()
+    assert await client.get_json(server.url, purpose="t") == {}
+    await asyncio.sleep(0.05)  # the close arrives while the connection is idle
+    assert await client.get_json(server.url, purpose="t") == {}
+    await client.aclose()
+    assert server.connections == 2
+
+
+async def test_bytes_after_an_answer_close_the_connection(
+    scripted: Callable[..., Awaitable[Scripted]],
+) -> None:
+    """An answer followed by more than it (a second, unasked answer) is never reused: the extra
+    bytes would be taken for the next request's answer."""
+    server = await scripted([OK + OK, OK])
+    client = fetcher()
+    for _ in range(2):
+        assert await client.get_json(server.url, purpose="t") == {}
+    await client.aclose()
+    assert server.connections == 2
+
+
+async def test_a_chunked_body_is_abandoned_past_the_cap(
+    scripted: Callable[..., Awaitable[Scripted]],
+) -> None:
+    chunk = b"400\r\n" + b" " * 1024 + b"\r\n"
+    server = await scripted([b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + chunk * 3])
+    client = fetcher()
+    with pytest.raises(OutboundRefused) as refused:
+        await client.get_json(server.url, purpose="t")
+    await client.aclose()
+    assert refused.value.outcome == "too_large"
+
+
+async def test_a_malformed_answer_is_an_error(
+    scripted: Callable[..., Awaitable[Scripted]],
+) -> None:
+    server = await scripted([b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n{}"])
+    client = fetcher()
+    with pytest.raises(OutboundError) as failed:
+        await client.get_json(server.url, purpose="t")
+    await client.aclose()
+    assert failed.value.outcome == "error"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("X-Id", "a\r\nX-Injected: 1"), ("X-Id", "a\nb"), ("X-Id", "a\x00"), ("X Id", "a"), ("", "a")],
+)
+async def test_a_header_that_would_break_the_head_is_refused_before_sending(
+    scripted: Callable[..., Awaitable[Scripted]], name: str, value: str
+) -> None:
+    server = await scripted([OK])
+    client = fetcher()
+    with pytest.raises(OutboundError) as failed:
+        await client.request("GET", server.url, purpose="t", headers={name: value})
+    await client.aclose()
+    assert failed.value.outcome == "error"
+    assert server.requests == []
+
+
+def test_the_head_is_written_as_h11_writes_it() -> None:
+    head = request_head("POST", b"/a?b=1", b"pdp.example", [("Accept", "*/*")], 3)
+    assert head == (
+        b"POST /a?b=1 HTTP/1.1\r\nHost: pdp.example\r\nContent-Length: 3\r\nAccept: */*\r\n\r\n"
+    )
