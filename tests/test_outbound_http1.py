@@ -186,3 +186,26 @@ def test_the_head_is_written_as_h11_writes_it() -> None:
     assert head == (
         b"POST /a?b=1 HTTP/1.1\r\nHost: pdp.example\r\nContent-Length: 3\r\nAccept: */*\r\n\r\n"
     )
+
+
+async def test_idle_connections_past_their_expiry_are_closed(
+    scripted: Callable[..., Awaitable[Scripted]],
+) -> None:
+    """Two connections opened at once (A, B); B reused later, so that A expires while B does
+    not: the request on B closes A (the server sees it end) rather than leaving it open until the
+    pool would reach it."""
+    server = await scripted([OK, OK, OK, OK])
+    client = fetcher()
+    pool = client._http1
+    assert pool is not None
+    pool.keepalive_expiry = 1.0
+    await asyncio.gather(*(client.get_json(server.url, purpose="t") for _ in range(2)))
+    idle = pool._idle[(b"http", "127.0.0.1", server.port)]
+    _first, second = idle
+    await asyncio.sleep(0.6)
+    assert await client.get_json(server.url, purpose="t") == {}  # on B: B kept until ~1.6 s
+    await asyncio.sleep(0.6)  # A (expired at ~1.0 s) is idle; B is not expired
+    assert await client.get_json(server.url, purpose="t") == {}
+    assert idle == [second]
+    assert server.connections == 2
+    await client.aclose()

@@ -173,6 +173,7 @@ class Http1Pool:
             finally:
                 if not (reusable and self._kept(origin, connection)):
                     await connection.stream.aclose()
+                await self._close_expired(origin)
         finally:
             self._slots.release()
         return answer.status, answer.headers, b"".join(answer.body)
@@ -203,6 +204,13 @@ class Http1Pool:
         connection.expires = time.monotonic() + self.keepalive_expiry
         idle.append(connection)
         return True
+
+    async def _close_expired(self, origin: tuple[bytes, str, int]) -> None:
+        """Close the origin's idle connections past their expiry (the oldest are first), as
+        httpcore's pool did at each request: none is left open on our side for long."""
+        idle, now = self._idle.get(origin), time.monotonic()
+        while idle and idle[0].expires <= now:
+            await idle.pop(0).stream.aclose()
 
     async def _exchange(
         self,
