@@ -166,6 +166,39 @@ async def test_a_malformed_answer_is_an_error(
 
 
 @pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nx-long: " + b"a" * 200_000 + b"\r\ncontent-length: 2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\n" + b"x-many: a\r\n" * 20_000 + b"content-length: 2\r\n\r\n{}",
+        b"HTTP/1.1 100 Continue\r\n" + b"x-info: a\r\n" * 20_000 + b"\r\n" + OK,
+    ],
+    ids=["long-field", "many-fields", "informational"],
+)
+async def test_an_answer_head_past_the_bound_is_an_error(
+    scripted: Callable[..., Awaitable[Scripted]], head: bytes
+) -> None:
+    """httptools keeps a header's pieces without limit: the client stops reading a head past
+    MAX_HEAD_BYTES (as h11 did at 16 KiB) instead of holding whatever the peer sends."""
+    server = await scripted([head])
+    client = fetcher()
+    with pytest.raises(OutboundError) as failed:
+        await client.get_json(server.url, purpose="t")
+    await client.aclose()
+    assert failed.value.outcome == "error"
+    assert "without a complete answer head" in str(failed.value)
+
+
+async def test_a_head_within_the_bound_is_read(
+    scripted: Callable[..., Awaitable[Scripted]],
+) -> None:
+    head = b"HTTP/1.1 200 OK\r\nx-long: " + b"a" * 40_000 + b"\r\ncontent-length: 2\r\n\r\n{}"
+    server = await scripted([head])
+    client = fetcher()
+    assert await client.get_json(server.url, purpose="t") == {}
+    await client.aclose()
+
+
+@pytest.mark.parametrize(
     ("name", "value"),
     [("X-Id", "a\r\nX-Injected: 1"), ("X-Id", "a\nb"), ("X-Id", "a\x00"), ("X Id", "a"), ("", "a")],
 )

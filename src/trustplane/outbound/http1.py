@@ -37,6 +37,13 @@ from trustplane.outbound.errors import OutboundRefused
 
 #: Bytes asked of the stream per read.
 READ_SIZE = 64 * 1024
+#: The most bytes read without a complete answer head (status line and header fields,
+#: informational answers included). httptools keeps a header's pieces until the field is whole and
+#: has no limit of its own (the server side bounds it the same way: ``trustplane.server``), so a
+#: peer sending an endless header would otherwise grow this process's memory; h11, which this
+#: client replaced, refused a head over 16 KiB. 64 KiB allows long ``WWW-Authenticate`` or
+#: ``Link`` fields and still bounds what a hostile peer can make us hold.
+MAX_HEAD_BYTES = 64 * 1024
 #: A header name is an RFC 9110 token; a value has no CR, LF or NUL (no header or request smuggled
 #: into the head).
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -225,7 +232,7 @@ class Http1Pool:
         with contextlib.suppress(httpcore.WriteError):
             await stream.write(request, timeout)
         answer = _Answer(cap)
-        parser, checked = answer.parser, False
+        parser, checked, head_bytes = answer.parser, False, 0
         while not answer.complete:
             data = await stream.read(READ_SIZE, timeout)
             if not data:
@@ -240,6 +247,12 @@ class Http1Pool:
                 if not answer.complete:
                     raise httpcore.RemoteProtocolError(f"invalid answer: {exc}") from None
                 answer.extra = True  # the answer is whole; what follows it is not ours
+            if not answer.heads:
+                head_bytes += len(data)
+                if head_bytes > MAX_HEAD_BYTES:
+                    raise httpcore.RemoteProtocolError(
+                        f"more than {MAX_HEAD_BYTES} bytes without a complete answer head"
+                    )
             if answer.heads and not checked:
                 check(answer.status, answer.headers)
                 checked = True
