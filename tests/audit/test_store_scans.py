@@ -75,8 +75,7 @@ async def test_the_leaf_types_read_no_leaf_twice_on_postgresql(pg_url: str) -> N
         (sql,) = [s for s in statements if "audit_leaves" in s]
         async with db.read() as conn:
             plan = "\n".join(
-                row[0]
-                for row in (await conn.exec_driver_sql(f"EXPLAIN (ANALYZE) {sql}")).all()
+                row[0] for row in (await conn.exec_driver_sql(f"EXPLAIN (ANALYZE) {sql}")).all()
             )
     finally:
         await db.dispose()

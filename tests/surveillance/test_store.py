@@ -79,9 +79,7 @@ async def test_the_idle_check_reads_no_leaf_it_has_read_on_postgresql(pg_url: st
         async with db.read() as conn:
             plan = "\n".join(
                 row[0]
-                for row in (
-                    await conn.exec_driver_sql(f"EXPLAIN (ANALYZE, BUFFERS) {sql}")
-                ).all()
+                for row in (await conn.exec_driver_sql(f"EXPLAIN (ANALYZE, BUFFERS) {sql}")).all()
             )
         assert not await _unread(db)
     finally:
