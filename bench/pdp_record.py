@@ -53,6 +53,8 @@ from token_endpoint import TICK, process_tree_ticks
 BIN = Path(sys.executable).parent
 PG = "postgresql://postgres@127.0.0.1:5432"
 PY_SPY = os.environ.get("PY_SPY", "py-spy")  # COMMON.md puts it in /tmp/tools/bin
+#: The scratch PostgreSQL databases' name prefix (``--db-prefix``).
+DB_PREFIX = ["tp_record"]
 
 
 def _psql(sql: str, db: str = "test") -> str:
@@ -100,7 +102,7 @@ def served(db: str, src: Path) -> Iterator[tuple[str, int, str, Path, str | None
         )
         database = None
         if db == "postgresql":
-            database = f"tp_record_{secrets.token_hex(4)}"
+            database = f"{DB_PREFIX[0]}_{secrets.token_hex(4)}"
             _psql(f'CREATE DATABASE "{database}"')
             env["TRUSTPLANE_DATABASE_URL"] = f"postgresql+asyncpg://postgres@127.0.0.1/{database}"
             env["TRUSTPLANE_KEY_ENCRYPTION_KEY"] = _cli(env, "keys", "new-kek").strip()
@@ -210,7 +212,7 @@ async def _inproc(db: str, records: int, concurrency: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="tp-bench-record-") as tmp:
         database = None
         if db == "postgresql":
-            database = f"tp_record_{secrets.token_hex(4)}"
+            database = f"{DB_PREFIX[0]}_{secrets.token_hex(4)}"
             _psql(f'CREATE DATABASE "{database}"')
             url = f"postgresql+asyncpg://postgres@127.0.0.1/{database}"
         else:
@@ -263,7 +265,15 @@ def inproc_rows(args: argparse.Namespace, trees: list[Path]) -> None:
             env = {**os.environ, "PYTHONPATH": f"{src.resolve()}"}
             out = subprocess.run(
                 [
-                    *(sys.executable, __file__, "--inproc-child", "--db", args.db),
+                    *(
+                        sys.executable,
+                        __file__,
+                        "--inproc-child",
+                        "--db",
+                        args.db,
+                        "--db-prefix",
+                        args.db_prefix,
+                    ),
                     *("-c", str(args.connections), "--records", str(args.records)),
                 ],
                 env=env,
@@ -298,7 +308,9 @@ def main() -> None:
     parser.add_argument("--inproc", action="store_true", help="the recording alone, in process")
     parser.add_argument("--records", type=int, default=8000, help="--inproc: decisions recorded")
     parser.add_argument("--inproc-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--db-prefix", default="tp_record", help="scratch database name prefix")
     args = parser.parse_args()
+    DB_PREFIX[0] = args.db_prefix
     trees = args.src or [Path(__file__).resolve().parents[1] / "src"]
     if args.inproc_child:
         print(json.dumps(asyncio.run(_inproc(args.db, args.records, args.connections))))
