@@ -32,11 +32,9 @@ from trustplane.storage.db import Database
 #: versions running at once on one database each call their own.
 LEARN_FUNCTION = "ref_learn_v2"
 
-# v2 (2026-12-06): four statements fewer per call (each statement's executor start and plan
-# check were the largest part of the function's own CPU): the inbox look and the transition's
-# look in one (one snapshot: as if the second ran at once after the first); the move and its
-# transition row in one (a data-modifying WITH); the look for kept events in the inbox insert's
-# RETURNING; the result row by ``RETURN NEXT``, no query.
+# v2 (2026-12-06): the inbox look and the transition's look in one statement (one snapshot: as if
+# the second ran at once after the first), and the result row returned with ``RETURN NEXT``
+# (no query): two executor starts fewer per call, the largest part of the function's own CPU.
 _LEARN = f"""\
 CREATE OR REPLACE FUNCTION {LEARN_FUNCTION}(
     p_event_id text, p_trade_id text, p_transition text, p_source text, p_target text,
@@ -67,38 +65,30 @@ BEGIN
     ELSIF v_done THEN
         v_applied := true;
     ELSIF p_target IS NOT NULL AND (p_mode = 'create' OR p_source IS NOT NULL) THEN
-        -- the move (or the creation) and its transition row in one statement: the row is
-        -- written when the move matched, and a unique violation aborts both as before
         IF p_mode = 'create' THEN
-            WITH step AS (
-                INSERT INTO ref_trades (trade_id, state, account, instrument, side, quantity,
-                    amount, currency, txn, envelope, exceptions, version, created_at, updated_at)
-                VALUES (p_trade_id, p_target, p_order[1], p_order[2], p_order[3], p_order[4],
-                    p_order[5], p_order[6], p_txn, p_envelope, 0, 1, p_now, p_now)
-                RETURNING 1)
-            INSERT INTO ref_transitions (trade_id, transition, source, target, actor,
-                idempotency_key, event_id, at, token_iss, token_jti, mandate_id)
-            SELECT p_trade_id, left(p_transition, 64), p_source, p_target, p_actor, NULL,
-                left(p_event_id, 36), p_now, p_token_iss, p_token_jti, p_mandate_id FROM step;
+            INSERT INTO ref_trades (trade_id, state, account, instrument, side, quantity, amount,
+                currency, txn, envelope, exceptions, version, created_at, updated_at)
+            VALUES (p_trade_id, p_target, p_order[1], p_order[2], p_order[3], p_order[4],
+                p_order[5], p_order[6], p_txn, p_envelope, 0, 1, p_now, p_now);
+            v_applied := true;
         ELSE
-            WITH step AS (
-                UPDATE ref_trades t SET state = p_target, version = t.version + 1,
-                    updated_at = p_now,
-                    allocation = CASE WHEN p_set = 'allocation' THEN p_allocation
-                                      ELSE t.allocation END,
-                    proposer = CASE WHEN p_set = 'allocation' THEN p_proposer
-                                    ELSE t.proposer END,
-                    settlement = CASE WHEN p_set = 'settlement' THEN p_settlement
-                                      ELSE t.settlement END,
-                    exceptions = t.exceptions + CASE WHEN p_set = 'exception' THEN 1 ELSE 0 END
-                WHERE t.trade_id = p_trade_id AND t.state = p_source
-                RETURNING 1)
+            UPDATE ref_trades t SET state = p_target, version = t.version + 1,
+                updated_at = p_now,
+                allocation = CASE WHEN p_set = 'allocation' THEN p_allocation
+                                  ELSE t.allocation END,
+                proposer = CASE WHEN p_set = 'allocation' THEN p_proposer ELSE t.proposer END,
+                settlement = CASE WHEN p_set = 'settlement' THEN p_settlement
+                                  ELSE t.settlement END,
+                exceptions = t.exceptions + CASE WHEN p_set = 'exception' THEN 1 ELSE 0 END
+            WHERE t.trade_id = p_trade_id AND t.state = p_source;
+            v_applied := FOUND;
+        END IF;
+        IF v_applied THEN
             INSERT INTO ref_transitions (trade_id, transition, source, target, actor,
                 idempotency_key, event_id, at, token_iss, token_jti, mandate_id)
-            SELECT p_trade_id, left(p_transition, 64), p_source, p_target, p_actor, NULL,
-                left(p_event_id, 36), p_now, p_token_iss, p_token_jti, p_mandate_id FROM step;
+            VALUES (p_trade_id, left(p_transition, 64), p_source, p_target, p_actor, NULL,
+                left(p_event_id, 36), p_now, p_token_iss, p_token_jti, p_mandate_id);
         END IF;
-        v_applied := FOUND;
     END IF;
     IF p_consumer IS NOT NULL THEN
         UPDATE ref_cursors c SET seq = p_seq, updated_at = p_now
@@ -112,18 +102,15 @@ BEGIN
     END IF;
     IF NOT v_seen THEN
         PERFORM pg_advisory_xact_lock(p_lock);
-        -- the look for kept events in the insert's own RETURNING: its snapshot is taken after
-        -- the lock was granted, as the separate statement's was
         INSERT INTO ref_inbox (event_id, issuer, type, trade_id, transition, jws, received_at,
             applied_at)
         VALUES (left(p_event_id, 64), p_issuer, p_type, left(p_trade_id, 64),
-            left(p_transition, 64), p_jws, p_now, CASE WHEN v_applied THEN p_now END)
-        RETURNING v_applied AND EXISTS (SELECT 1 FROM ref_inbox i
-            WHERE i.trade_id = p_trade_id AND i.applied_at IS NULL
-            AND i.event_id <> p_event_id) INTO waiting;
+            left(p_transition, 64), p_jws, p_now, CASE WHEN v_applied THEN p_now END);
     ELSIF v_applied THEN
         UPDATE ref_inbox i SET applied_at = p_now WHERE i.event_id = p_event_id;
         PERFORM pg_advisory_xact_lock(p_lock);
+    END IF;
+    IF v_applied THEN
         waiting := EXISTS (SELECT 1 FROM ref_inbox i WHERE i.trade_id = p_trade_id
             AND i.applied_at IS NULL AND i.event_id <> p_event_id);
     END IF;
@@ -180,8 +167,8 @@ APPLY_FUNCTION = "ref_apply_v4"
 
 # v4 (2026-12-06): the look for this call's own committed transition only where a retry needs it
 # (before a creation's insert or a move onto its own state; after any other move's compare-and-set
-# matched nothing, before the key is deleted), not before every call; the move and its transition
-# row in one statement (a data-modifying WITH); the result row by ``RETURN NEXT``, no query.
+# matched nothing, before the key is deleted), not before every call, and the result row returned
+# with ``RETURN NEXT`` (no query).
 _APPLY = f"""\
 CREATE OR REPLACE FUNCTION {APPLY_FUNCTION}(
     p_trade_id text, p_source text, p_target text, p_order text[], p_envelope text,
@@ -233,35 +220,19 @@ BEGIN
             RETURN;
         END IF;
     END IF;
-    -- the creation or the compare-and-set, and its transition row, in one statement (a
-    -- data-modifying WITH): the row is written when the move matched
     IF p_order IS NOT NULL THEN
-        WITH step AS (
-            INSERT INTO ref_trades (trade_id, state, account, instrument, side, quantity, amount,
-                currency, txn, envelope, exceptions, version, created_at, updated_at)
-            VALUES (p_trade_id, p_target, p_order[1], p_order[2], p_order[3], p_order[4],
-                p_order[5], p_order[6], p_txn, p_envelope, 0, 1, p_now, p_now)
-            RETURNING 1)
-        INSERT INTO ref_transitions (trade_id, transition, source, target, actor,
-            idempotency_key, event_id, at, token_iss, token_jti, mandate_id)
-        SELECT p_trade_id, p_transition, p_source, p_target, p_actor, p_key, p_event_id, p_now,
-            p_token_iss, p_token_jti, p_mandate_id FROM step;
+        INSERT INTO ref_trades (trade_id, state, account, instrument, side, quantity, amount,
+            currency, txn, envelope, exceptions, version, created_at, updated_at)
+        VALUES (p_trade_id, p_target, p_order[1], p_order[2], p_order[3], p_order[4],
+            p_order[5], p_order[6], p_txn, p_envelope, 0, 1, p_now, p_now);
     ELSE
-        WITH step AS (
-            UPDATE ref_trades t SET state = p_target, version = t.version + 1,
-                updated_at = p_now,
-                allocation = CASE WHEN p_allocation IS NULL THEN t.allocation
-                                  ELSE p_allocation[1] END,
-                proposer = CASE WHEN p_allocation IS NULL THEN t.proposer
-                                ELSE p_allocation[2] END,
-                settlement = CASE WHEN p_settlement IS NULL THEN t.settlement
-                                  ELSE p_settlement[1] END
-            WHERE t.trade_id = p_trade_id AND t.state = p_source
-            RETURNING 1)
-        INSERT INTO ref_transitions (trade_id, transition, source, target, actor,
-            idempotency_key, event_id, at, token_iss, token_jti, mandate_id)
-        SELECT p_trade_id, p_transition, p_source, p_target, p_actor, p_key, p_event_id, p_now,
-            p_token_iss, p_token_jti, p_mandate_id FROM step;
+        UPDATE ref_trades t SET state = p_target, version = t.version + 1, updated_at = p_now,
+            allocation = CASE WHEN p_allocation IS NULL THEN t.allocation
+                              ELSE p_allocation[1] END,
+            proposer = CASE WHEN p_allocation IS NULL THEN t.proposer ELSE p_allocation[2] END,
+            settlement = CASE WHEN p_settlement IS NULL THEN t.settlement
+                              ELSE p_settlement[1] END
+        WHERE t.trade_id = p_trade_id AND t.state = p_source;
         IF NOT FOUND THEN
             -- a retry of this very call after its commit (its key, if any, was rewritten with
             -- the same values by its own token above): moved, as the first run answered
@@ -278,6 +249,10 @@ BEGIN
             RETURN;
         END IF;
     END IF;
+    INSERT INTO ref_transitions (trade_id, transition, source, target, actor, idempotency_key,
+        event_id, at, token_iss, token_jti, mandate_id)
+    VALUES (p_trade_id, p_transition, p_source, p_target, p_actor, p_key, p_event_id, p_now,
+        p_token_iss, p_token_jti, p_mandate_id);
     PERFORM pg_advisory_xact_lock(p_lock);
     INSERT INTO ref_outbox (event_id, type, trade_id, txn, jws, created_at)
     VALUES (p_event_id, p_type, p_trade_id, p_txn, p_jws, p_now)
