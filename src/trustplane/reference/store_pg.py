@@ -30,12 +30,8 @@ from trustplane.storage.db import Database
 
 #: Bumped with any change of the function's text: the name carries it, so that processes of two
 #: versions running at once on one database each call their own.
-LEARN_FUNCTION = "ref_learn_v2"
+LEARN_FUNCTION = "ref_learn_v1"
 
-# v2 (2026-12-06): the inbox look and the transition's look in one statement (one snapshot: as if
-# the second ran at once after the first), and the result row returned with ``RETURN NEXT``
-# (no query): two statements fewer per call (each statement's executor start was about a third of
-# the function's CPU in a perf profile).
 _LEARN = f"""\
 CREATE OR REPLACE FUNCTION {LEARN_FUNCTION}(
     p_event_id text, p_trade_id text, p_transition text, p_source text, p_target text,
@@ -49,21 +45,18 @@ LANGUAGE plpgsql VOLATILE AS $fn$
 DECLARE
     v_seen boolean;
     v_applied_at bigint;
-    v_done boolean;
     v_applied boolean := false;
+    v_moved boolean := false;
+    v_waiting boolean := false;
 BEGIN
-    moved := false;
-    waiting := false;
-    SELECT i.event_id IS NOT NULL, i.applied_at,
-           EXISTS (SELECT 1 FROM ref_transitions t
-                   WHERE t.trade_id = p_trade_id AND t.transition = p_transition)
-        INTO v_seen, v_applied_at, v_done
-        FROM (SELECT 1) AS one LEFT JOIN ref_inbox i ON i.event_id = p_event_id;
+    SELECT true, i.applied_at INTO v_seen, v_applied_at
+        FROM ref_inbox i WHERE i.event_id = p_event_id;
     IF v_seen AND v_applied_at IS NOT NULL THEN
         v_applied := true;
     ELSIF p_mode = 'escalated' THEN
         v_applied := true;
-    ELSIF v_done THEN
+    ELSIF EXISTS (SELECT 1 FROM ref_transitions t
+                  WHERE t.trade_id = p_trade_id AND t.transition = p_transition) THEN
         v_applied := true;
     ELSIF p_target IS NOT NULL AND (p_mode = 'create' OR p_source IS NOT NULL) THEN
         IF p_mode = 'create' THEN
@@ -94,14 +87,13 @@ BEGIN
     IF p_consumer IS NOT NULL THEN
         UPDATE ref_cursors c SET seq = p_seq, updated_at = p_now
             WHERE c.consumer = p_consumer AND c.seq < p_seq;
-        moved := FOUND;
+        v_moved := FOUND;
     END IF;
     IF v_seen AND v_applied_at IS NOT NULL THEN
-        outcome := 'known';
-        RETURN NEXT;
+        RETURN QUERY SELECT 'known'::text, v_moved, false;
         RETURN;
     END IF;
-    IF NOT v_seen THEN
+    IF v_seen IS NULL THEN
         PERFORM pg_advisory_xact_lock(p_lock);
         INSERT INTO ref_inbox (event_id, issuer, type, trade_id, transition, jws, received_at,
             applied_at)
@@ -112,11 +104,11 @@ BEGIN
         PERFORM pg_advisory_xact_lock(p_lock);
     END IF;
     IF v_applied THEN
-        waiting := EXISTS (SELECT 1 FROM ref_inbox i WHERE i.trade_id = p_trade_id
+        v_waiting := EXISTS (SELECT 1 FROM ref_inbox i WHERE i.trade_id = p_trade_id
             AND i.applied_at IS NULL AND i.event_id <> p_event_id);
     END IF;
-    outcome := CASE WHEN v_applied THEN 'applied' ELSE 'pending' END;
-    RETURN NEXT;
+    RETURN QUERY SELECT CASE WHEN v_applied THEN 'applied' ELSE 'pending' END, v_moved,
+        v_waiting;
 END
 $fn$"""  # noqa: S608 - constants
 
@@ -125,7 +117,7 @@ $fn$"""  # noqa: S608 - constants
 #: function's order; the cursor's only in the last), each call's statements seeing the ones before
 #: (a creation, then the step that follows it). A unique violation anywhere aborts all of it, as
 #: for one call: the caller learns them one by one then.
-LEARN_ALL_FUNCTION = "ref_learn_all_v2"  # v2: calls ref_learn_v2
+LEARN_ALL_FUNCTION = "ref_learn_all_v1"
 
 _LEARN_ALL = f"""\
 CREATE OR REPLACE FUNCTION {LEARN_ALL_FUNCTION}(p_events jsonb)
