@@ -28,6 +28,7 @@ import orjson
 from sqlalchemy import (
     BigInteger,
     Column,
+    Index,
     Integer,
     MetaData,
     String,
@@ -118,8 +119,10 @@ outbox = Table(
     Column("seq", Integer, primary_key=True, autoincrement=True),
     Column("event_id", String(36), nullable=False, unique=True),
     Column("type", String(64), nullable=False),
-    Column("trade_id", String(64), nullable=False, index=True),
-    Column("txn", String(256), index=True),
+    # no index on trade_id or txn: no query reads the outbox by them (two index entries per event
+    # written for nothing, the txn's on a random key; stores made before lose them: UNUSED_INDEXES)
+    Column("trade_id", String(64), nullable=False),
+    Column("txn", String(256)),
     Column("jws", Text, nullable=False),
     Column("created_at", BigInteger, nullable=False),
     Column("published_at", BigInteger, index=True),
@@ -152,12 +155,24 @@ inbox = Table(
     Column("event_id", String(64), nullable=False, unique=True),
     Column("issuer", String(512), nullable=False),
     Column("type", String(64), nullable=False),
-    Column("trade_id", String(64), nullable=False, index=True),
+    Column("trade_id", String(64), nullable=False),
     Column("transition", String(64), nullable=False),
     Column("jws", Text, nullable=False),
     Column("received_at", BigInteger, nullable=False),
     # None: its predecessor has not been learned yet (kept, applied when it is)
-    Column("applied_at", BigInteger, index=True),
+    Column("applied_at", BigInteger),
+)
+#: The kept events (not applied), by trade in arrival order: the only reads of the inbox by trade
+#: or by ``applied_at`` (the look for kept events, their retry, :meth:`TradeStore.pending`). A
+#: partial index: an event applied when it arrives (nearly all) writes no entry in it, where the
+#: full indexes on ``trade_id`` and ``applied_at`` of stores made before took two
+#: (:data:`UNUSED_INDEXES`).
+KEPT_INDEX = Index(
+    "ix_ref_inbox_kept",
+    inbox.c.trade_id,
+    inbox.c.seq,
+    postgresql_where=inbox.c.applied_at.is_(None),
+    sqlite_where=inbox.c.applied_at.is_(None),
 )
 
 cursors = Table(
@@ -669,9 +684,14 @@ class TradeStore:
 
         async def create() -> None:
             async with self.db.engine.begin() as conn:
+                if conn.dialect.name == "postgresql":
+                    # processes starting at once on one database create and upgrade one at a
+                    # time (dropping an index while another creates one could deadlock)
+                    await store_pg.lock_schema(conn)
                 await conn.run_sync(metadata.create_all)
                 await conn.run_sync(_add_acting_columns)
                 await conn.run_sync(_add_ledger_column)
+                await conn.run_sync(_upgrade_indexes)
                 if conn.dialect.name == "postgresql":
                     await store_pg.create_functions(conn)
 
@@ -1712,6 +1732,25 @@ def _add_ledger_column(conn: Any) -> None:
         return
     conn.execute(text("ALTER TABLE ref_outbox ADD COLUMN ledger_at BIGINT"))
     conn.execute(text("CREATE INDEX ix_ref_outbox_ledger_at ON ref_outbox (ledger_at)"))
+
+
+#: Indexes of stores made before 2026-12-06 that no query needs (dropped by ``create_schema``): the
+#: outbox's by trade and by txn, and the inbox's by trade and by ``applied_at`` (replaced by
+#: :data:`KEPT_INDEX`).
+UNUSED_INDEXES = (
+    "ix_ref_outbox_trade_id",
+    "ix_ref_outbox_txn",
+    "ix_ref_inbox_trade_id",
+    "ix_ref_inbox_applied_at",
+)
+
+
+def _upgrade_indexes(sync_conn: Any) -> None:
+    """A store made before :data:`KEPT_INDEX` gets it (an inbox's kept events are found by it)
+    and loses :data:`UNUSED_INDEXES`; a no-op on a current store (``IF [NOT] EXISTS``)."""
+    KEPT_INDEX.create(sync_conn, checkfirst=True)
+    for name in UNUSED_INDEXES:
+        sync_conn.execute(text(f"DROP INDEX IF EXISTS {name}"))
 
 
 class _Lost(Exception):

@@ -156,8 +156,12 @@ $fn$"""  # noqa: S608 - constants
 #:   first attempt answered, and nothing written again.
 #: - ``o_seq``: the outbox ``seq`` the event took (None when nothing was written by this call),
 #:   so that the process can hand its own event off without reading it back (``handoff.py``).
-APPLY_FUNCTION = "ref_apply_v3"
+APPLY_FUNCTION = "ref_apply_v4"
 
+# v4 (2026-12-06): the look for this call's own committed transition only where a retry needs it
+# (before a creation's insert or a move onto its own state; after any other move's compare-and-set
+# matched nothing, before the key is deleted), not before every call, and the result row returned
+# with ``RETURN NEXT`` (no query).
 _APPLY = f"""\
 CREATE OR REPLACE FUNCTION {APPLY_FUNCTION}(
     p_trade_id text, p_source text, p_target text, p_order text[], p_envelope text,
@@ -171,14 +175,18 @@ CREATE OR REPLACE FUNCTION {APPLY_FUNCTION}(
     k_expires_at bigint, k_status integer, k_body bytea, k_content_type text, k_location text,
     o_seq integer)
 LANGUAGE plpgsql VOLATILE AS $fn$
-DECLARE
-    v_seq integer;
 BEGIN
-    IF EXISTS (SELECT 1 FROM ref_transitions t WHERE t.trade_id = p_trade_id
-               AND t.transition = p_transition AND t.event_id = p_event_id) THEN
-        RETURN QUERY SELECT true, NULL::text, NULL::text, NULL::bigint, NULL::bigint,
-            NULL::integer, NULL::bytea, NULL::text, NULL::text, NULL::integer;
-        RETURN;
+    moved := true;
+    -- a creation's insert, or a move onto its own state (amend#n), would succeed or fail again
+    -- on a retry: look first; any other move's compare-and-set matches nothing after its commit
+    -- (the condition apart from the look: with it in one expression, the custom plans left the
+    -- look out and looked cheaper than the generic one, so each call was planned again)
+    IF p_order IS NOT NULL OR p_source = p_target THEN
+        IF EXISTS (SELECT 1 FROM ref_transitions t WHERE t.trade_id = p_trade_id
+                   AND t.transition = p_transition AND t.event_id = p_event_id) THEN
+            RETURN NEXT;
+            RETURN;
+        END IF;
     END IF;
     IF p_scope IS NOT NULL THEN
         INSERT INTO pep_idempotency_keys AS k (scope, "key", fingerprint, state, claim_token,
@@ -196,9 +204,15 @@ BEGIN
                 AND k.fingerprint = excluded.fingerprint)
             OR k.claim_token = excluded.claim_token;
         IF NOT FOUND THEN
-            RETURN QUERY SELECT false, k.fingerprint::text, k.state::text, k.lease_until,
-                k.expires_at, k.status, k.body, k.content_type::text, k.location, NULL::integer
+            moved := false;
+            SELECT k.fingerprint::text, k.state::text, k.lease_until, k.expires_at, k.status,
+                    k.body, k.content_type::text, k.location
+                INTO k_fingerprint, k_state, k_lease_until, k_expires_at, k_status, k_body,
+                    k_content_type, k_location
                 FROM pep_idempotency_keys k WHERE k.scope = p_scope AND k."key" = p_key;
+            IF FOUND THEN
+                RETURN NEXT;
+            END IF;
             RETURN;
         END IF;
     END IF;
@@ -216,11 +230,18 @@ BEGIN
                               ELSE p_settlement[1] END
         WHERE t.trade_id = p_trade_id AND t.state = p_source;
         IF NOT FOUND THEN
+            -- a retry of this very call after its commit (its key, if any, was rewritten with
+            -- the same values by its own token above): moved, as the first run answered
+            IF EXISTS (SELECT 1 FROM ref_transitions t WHERE t.trade_id = p_trade_id
+                       AND t.transition = p_transition AND t.event_id = p_event_id) THEN
+                RETURN NEXT;
+                RETURN;
+            END IF;
             IF p_scope IS NOT NULL THEN
                 DELETE FROM pep_idempotency_keys k WHERE k.scope = p_scope AND k."key" = p_key;
             END IF;
-            RETURN QUERY SELECT false, NULL::text, NULL::text, NULL::bigint, NULL::bigint,
-                NULL::integer, NULL::bytea, NULL::text, NULL::text, NULL::integer;
+            moved := false;
+            RETURN NEXT;
             RETURN;
         END IF;
     END IF;
@@ -231,9 +252,8 @@ BEGIN
     PERFORM pg_advisory_xact_lock(p_lock);
     INSERT INTO ref_outbox (event_id, type, trade_id, txn, jws, created_at)
     VALUES (p_event_id, p_type, p_trade_id, p_txn, p_jws, p_now)
-    RETURNING seq INTO v_seq;
-    RETURN QUERY SELECT true, NULL::text, NULL::text, NULL::bigint, NULL::bigint,
-        NULL::integer, NULL::bytea, NULL::text, NULL::text, v_seq;
+    RETURNING seq INTO o_seq;
+    RETURN NEXT;
 END
 $fn$"""  # noqa: S608 - constants
 
@@ -263,9 +283,15 @@ _DISCONNECTS = (
 )
 
 
+async def lock_schema(conn: AsyncConnection) -> None:
+    """Hold the schema's creation lock until the transaction ends (taken again, harmlessly, by
+    :func:`create_functions`)."""
+    await conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_CREATE_LOCK})")
+
+
 async def create_functions(conn: AsyncConnection) -> None:
     """Create (or replace) the functions, in the schema's transaction."""
-    await conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_CREATE_LOCK})")
+    await lock_schema(conn)
     await conn.exec_driver_sql(_LEARN)
     await conn.exec_driver_sql(_LEARN_ALL)
     await conn.exec_driver_sql(_APPLY)

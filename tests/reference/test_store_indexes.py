@@ -1,0 +1,132 @@
+"""What the stores write per event, and what an older store is upgraded to: no index that no query
+reads (the outbox's by trade and by txn), the inbox's kept events found by a partial index that an
+event applied on arrival writes nothing into; and the PostgreSQL transition function's look for a
+retry of its own committed call kept where a retry can succeed or fail again (a creation, a move
+onto its own state: ``amend#n``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import inspect, select, text
+
+from tests.reference.conftest import ORDER, fresh_store
+from tests.reference.test_store_reads import _envelope
+from trustplane.reference import machine, store_pg
+from trustplane.reference.store import APPEND_LOCKS, TradeStore, outbox
+from trustplane.storage.db import Database
+
+#: The indexes of a store made before 2026-12-06 (``create_all`` of that schema).
+OLD_INDEXES = {
+    "ix_ref_outbox_trade_id": "ref_outbox (trade_id)",
+    "ix_ref_outbox_txn": "ref_outbox (txn)",
+    "ix_ref_inbox_trade_id": "ref_inbox (trade_id)",
+    "ix_ref_inbox_applied_at": "ref_inbox (applied_at)",
+}
+KEPT = "ix_ref_inbox_kept"
+
+
+async def _indexes(store: TradeStore, table: str) -> set[str]:
+    async with store.db.read() as conn:
+        found = await conn.run_sync(lambda c: inspect(c).get_indexes(table))
+    return {str(i["name"]) for i in found}
+
+
+async def test_a_store_indexes_only_what_its_queries_read(ref_url: str) -> None:
+    store = await fresh_store(ref_url)
+    try:
+        assert await _indexes(store, "ref_outbox") == {
+            "ix_ref_outbox_published_at",
+            "ix_ref_outbox_ledger_at",
+        } | ({"ref_outbox_event_id_key"} if not store.db.is_sqlite else set())
+        assert KEPT in await _indexes(store, "ref_inbox")
+        assert not set(OLD_INDEXES) & (
+            await _indexes(store, "ref_inbox") | await _indexes(store, "ref_outbox")
+        )
+    finally:
+        await store.db.dispose()
+
+
+async def test_an_older_store_loses_the_unused_indexes_and_gets_the_kept_one(ref_url: str) -> None:
+    store = await fresh_store(ref_url)
+    async with store.db.transaction() as conn:  # the indexes as a store made before had them
+        await conn.execute(text(f"DROP INDEX IF EXISTS {KEPT}"))
+        for name, on in OLD_INDEXES.items():
+            await conn.execute(text(f"CREATE INDEX IF NOT EXISTS {name} ON {on}"))
+    await store.db.dispose()
+    upgraded = TradeStore(Database(ref_url), store.signer)
+    try:
+        await upgraded.create_schema()
+        await upgraded.create_schema()  # twice: nothing left to do
+        inbox_indexes = await _indexes(upgraded, "ref_inbox")
+        outbox_indexes = await _indexes(upgraded, "ref_outbox")
+        assert KEPT in inbox_indexes
+        assert not set(OLD_INDEXES) & (inbox_indexes | outbox_indexes)
+        if not upgraded.db.is_sqlite:  # the kept events' reads use it
+            async with upgraded.db.read() as conn:
+                plan = (
+                    await conn.execute(
+                        text(
+                            "EXPLAIN SELECT seq FROM ref_inbox WHERE trade_id = 't' "
+                            "AND applied_at IS NULL ORDER BY seq"
+                        )
+                    )
+                ).all()
+            assert KEPT in " ".join(str(r[0]) for r in plan)
+    finally:
+        await upgraded.db.dispose()
+
+
+def _params(store: TradeStore, trade_id: str, transition: machine.Transition | None) -> Any:
+    """The transition function's parameters for a creation (``None``) or ``transition``."""
+    if transition is None:
+        event = store._event("order.created", trade_id, "create", machine.CREATED, _envelope(),
+                             dict(ORDER), 1.0)  # fmt: skip
+        fields = [ORDER[f] for f in ("account", "instrument", "side", "quantity", "amount",
+                                     "currency")]  # fmt: skip
+        head: tuple[Any, ...] = (trade_id, None, machine.CREATED, fields, "{}", None, None,
+                                 "create", "alice")  # fmt: skip
+    else:
+        event = store._event(transition.event, trade_id, transition.name, transition.target,
+                             _envelope(), {}, 1.0, transition.source)  # fmt: skip
+        head = (trade_id, transition.source, transition.target, None, None, None,
+                ['{"ssi": "Y"}'], transition.name, "clearing")  # fmt: skip
+    return (*head, "k", event["event_id"], None, None, None, event["type"], "txn-1",
+            event["jws"], 1000, APPEND_LOCKS["ref_outbox"], *(None,) * 8)  # fmt: skip
+
+
+async def _outbox(store: TradeStore) -> int:
+    async with store.db.transaction() as conn:
+        return len((await conn.execute(select(outbox))).all())
+
+
+@pytest.mark.postgres
+async def test_a_creation_or_an_amendment_called_again_after_its_commit_is_one_transition(
+    pg_database: str,
+) -> None:
+    """The function called twice with the same parameters (a retry after the first committed and
+    its answer was lost): both answer moved, one transition, one event; for a creation (its
+    insert would fail on the trade) and a move onto its own state (its compare-and-set would
+    match again)."""
+    store = await fresh_store(pg_database)
+    try:
+        await _called_twice(store)
+    finally:
+        await store.db.dispose()
+
+
+async def _called_twice(store: TradeStore) -> None:
+    create = _params(store, "T-1", None)
+    assert await store_pg.apply(store.db, create) == (True, None)
+    assert await store_pg.apply(store.db, create) == (True, None)
+    for step in machine.PATH[:-1]:  # to settlement_submitted
+        await store.apply("T-1", step, "b", _envelope(), None)
+    amend = _params(store, "T-1", machine.amend_transition(1))
+    assert await store_pg.apply(store.db, amend) == (True, None)
+    assert await store_pg.apply(store.db, amend) == (True, None)
+    names = [t.transition for t in await store.history("T-1")]
+    assert names == ["create", "execute", "propose_allocation", "approve_allocation",
+                     "submit_settlement", "amend#1"]  # fmt: skip
+    assert await _outbox(store) == 6
+    assert (await store.trade("T-1")).settlement == {"ssi": "Y"}
