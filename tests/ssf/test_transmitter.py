@@ -26,6 +26,7 @@ from trustplane.ssf.tables import ssf_outbox, ssf_streams
 from trustplane.ssf.transmitter import (
     POLL,
     PUSH,
+    PUSH_BATCH,
     SESSION_REVOKED,
     STREAM_UPDATED,
     TOKEN_CLAIMS_CHANGE,
@@ -468,6 +469,40 @@ async def test_a_receiver_refusal_is_not_retried(server: Server) -> None:
     finally:
         refusing.close()
         await refusing.wait_closed()
+
+
+async def test_unpolled_sets_of_a_poll_stream_do_not_hold_back_a_push_stream(
+    server: Server,
+) -> None:
+    """The push deliverer reads the due rows in id order, ``PUSH_BATCH`` at a time. A poll stream's
+    SETs were queued due (``next_attempt_ms`` 0) like a push stream's: once its receiver left
+    ``PUSH_BATCH`` of them unpolled, every round read those and skipped them, and no push SET
+    queued after them was delivered. They are never due for the push deliverer now."""
+    polled = await create(server, {"events_requested": [SESSION_REVOKED]})
+    for _ in range(PUSH_BATCH + 1):
+        await revoke_one(server)
+    assert len(await outbox_rows(server, polled["stream_id"])) == PUSH_BATCH + 1
+    port = free_port()
+    receiver = Receiver(port)
+    await receiver.start()
+    try:
+        pushed = await create(
+            server,
+            {
+                "delivery": {"method": PUSH, "endpoint_url": f"http://127.0.0.1:{port}/e"},
+                "events_requested": [SESSION_REVOKED],
+            },
+        )
+        jti = await revoke_one(server)
+        await asyncio.to_thread(
+            wait_until, lambda: len(receiver.received) == 1, 15, "the push SET delivered"
+        )
+    finally:
+        await receiver.stop()
+    got = decode_set(server, receiver.received[0][1], f"http://127.0.0.1:{port}/e")
+    assert got["sub_id"]["jti"] == jti
+    assert len(await outbox_rows(server, polled["stream_id"])) == PUSH_BATCH + 2
+    assert pushed["stream_id"] != polled["stream_id"]
 
 
 async def test_no_set_without_a_committed_revocation(server: Server) -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import orjson
-from sqlalchemy import BigInteger, Column, String, Table, Text, delete, insert, select, update
+from sqlalchemy import BigInteger, Column, String, Table, Text, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane.authorize.request import AuthorizationRequest
@@ -33,6 +33,7 @@ from trustplane.errors import OAuth2Error
 from trustplane.settings import Settings
 from trustplane.storage.db import Database
 from trustplane.storage.metadata import metadata
+from trustplane.storage.prune import delete_expired
 
 #: RFC 9126 §2.2: the ``request_uri`` is a URN of this form (the handle is ours, base64url).
 REQUEST_URI_PREFIX = "urn:ietf:params:oauth:request_uri:"
@@ -115,8 +116,7 @@ class SqlPushedRequestStore:
 
     async def prune(self, conn: AsyncConnection, before: int) -> int:
         t = pushed_authorization_requests
-        result = await conn.execute(delete(t).where(t.c.expires_at < before))
-        return int(result.rowcount or 0)
+        return await delete_expired(conn, t, t.c.expires_at, before)
 
 
 class PushedRequests:

@@ -28,7 +28,6 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    delete,
     insert,
     select,
     update,
@@ -37,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.storage.metadata import metadata
+from trustplane.storage.prune import delete_expired
 
 
 def new_secret_value() -> str:
@@ -329,10 +329,9 @@ class SqlCodeStore:
     async def prune(self, conn: AsyncConnection, before: int) -> int:
         """Delete codes that expired before ``before`` (kept a while after expiry so that a late
         replay is still recognised as reuse)."""
-        result = await conn.execute(
-            delete(authorization_codes).where(authorization_codes.c.expires_at < before)
+        return await delete_expired(
+            conn, authorization_codes, authorization_codes.c.expires_at, before
         )
-        return int(result.rowcount or 0)
 
 
 class SqlRefreshStore:
@@ -397,7 +396,4 @@ class SqlRefreshStore:
         return [(r.access_jti, r.access_exp, r.client_id) for r in rows]
 
     async def prune(self, conn: AsyncConnection, before: int) -> int:
-        result = await conn.execute(
-            delete(refresh_tokens).where(refresh_tokens.c.expires_at < before)
-        )
-        return int(result.rowcount or 0)
+        return await delete_expired(conn, refresh_tokens, refresh_tokens.c.expires_at, before)

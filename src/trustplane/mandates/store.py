@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
-from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy import and_, insert, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane.mandates.model import (
@@ -22,7 +22,7 @@ from trustplane.mandates.model import (
     MandateFilter,
     MandateStatus,
 )
-from trustplane.mandates.tables import mandate_changes, mandate_versions, mandates
+from trustplane.mandates.tables import EXPIRY_DUE, mandate_changes, mandate_versions, mandates
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,11 +209,7 @@ class SqlMandateStore:
         c = mandates.c
         rows = await conn.execute(
             select(c.id)
-            .where(
-                c.effective_until <= now,
-                c.expiry_notified_at.is_(None),
-                c.status.in_([MandateStatus.ACTIVE.value, MandateStatus.SUSPENDED.value]),
-            )
+            .where(c.effective_until <= now, text(EXPIRY_DUE))  # ix_mandates_expiry_due's rows
             .order_by(c.effective_until)
             .limit(limit)
         )

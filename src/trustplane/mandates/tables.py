@@ -7,11 +7,14 @@
 ``security_events``   outbox of signed RFC 8417 SETs, published to NATS when configured.
 """
 
-from sqlalchemy import BigInteger, Column, Index, Integer, String, Table, Text
+from sqlalchemy import BigInteger, Column, Index, Integer, String, Table, Text, text
 
 from trustplane.storage.metadata import metadata
 
 _SEQ = Integer().with_variant(BigInteger(), "postgresql")
+#: The mandates whose expiry event may still be due (``SqlMandateStore.expired_unnotified`` repeats
+#: it word for word: a partial index is used only by a query whose conditions imply its predicate).
+EXPIRY_DUE = "expiry_notified_at IS NULL AND status IN ('active', 'suspended')"
 
 mandates = Table(
     "mandates",
@@ -31,6 +34,12 @@ mandates = Table(
     Index("ix_mandates_grantor_grantee_status", "grantor_lei", "grantee_client_id", "status"),
     Index("ix_mandates_grantee_client_id", "grantee_client_id"),
     Index("ix_mandates_effective_until", "effective_until"),
+    Index(
+        "ix_mandates_expiry_due",
+        "effective_until",
+        postgresql_where=text(EXPIRY_DUE),
+        sqlite_where=text(EXPIRY_DUE),
+    ),
 )
 
 mandate_versions = Table(

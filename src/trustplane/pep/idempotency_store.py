@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from trustplane.pep.idempotency import Claim, IdempotencyRecord, InTransaction, StoredResponse
 from trustplane.storage.db import Database
+from trustplane.storage.prune import delete_expired
 
 IN_PROGRESS, COMPLETED = "in_progress", "completed"
 
@@ -93,7 +94,6 @@ _RELEASE = """\
 DELETE FROM pep_idempotency_keys
 WHERE scope = $1 AND "key" = $2 AND claim_token = $3 AND state = 'in_progress'
 RETURNING 1"""
-_PURGE = "DELETE FROM pep_idempotency_keys WHERE expires_at <= $1"
 
 # A pooled asyncpg connection that the server (or the network) dropped fails with one of these;
 # InternalClientError ("cannot switch to state ...") when the server's FATAL message was waiting
@@ -130,7 +130,6 @@ class SqlIdempotencyStore:
                 ("complete", _COMPLETE),
                 ("release", _RELEASE),
                 ("put", _PUT),
-                ("purge", _PURGE),
             ]
         }
 
@@ -182,8 +181,8 @@ class SqlIdempotencyStore:
 
     async def purge(self, before: float) -> int:
         async with self.db.transaction() as conn:  # not on the hot path: the ordinary engine
-            result = await conn.exec_driver_sql(self._sql["purge"], (_ms(before),))
-            return int(result.rowcount or 0)
+            c = idempotency_keys.c  # expires_at <= before: below the next millisecond
+            return await delete_expired(conn, idempotency_keys, c.expires_at, _ms(before) + 1)
 
     async def _fetch(self, name: str, params: tuple[Any, ...]) -> list[Sequence[Any]]:
         """Run one statement, committed on its own, on the driver's own connection object: one

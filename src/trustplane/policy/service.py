@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass
 
 import structlog
-from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane.audit.sink import write_events
@@ -40,6 +39,7 @@ from trustplane.policy.testing import CaseResult, run_cases
 from trustplane.settings import Settings
 from trustplane.storage import generations
 from trustplane.storage.db import Database
+from trustplane.storage.prune import delete_expired
 from trustplane.storage.writer import GroupCommitWriter
 
 log = structlog.get_logger("trustplane.policy")
@@ -189,10 +189,7 @@ class PolicyService:
         now_ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
         cutoff = now_ms - self._retention_ms
         async with self.db.transaction() as conn:
-            result = await conn.execute(
-                delete(policy_decisions).where(policy_decisions.c.time_ms < cutoff)
-            )
-        return int(result.rowcount or 0)
+            return await delete_expired(conn, policy_decisions, policy_decisions.c.time_ms, cutoff)
 
     async def list(self) -> tuple[list[BundleRecord], list[Activation]]:
         async with self.db.read() as conn:

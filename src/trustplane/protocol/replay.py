@@ -22,7 +22,6 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     String,
     Table,
-    delete,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -30,6 +29,7 @@ from trustplane.dependencies import unavailable
 from trustplane.storage.db import Database
 from trustplane.storage.driver_sql import in_transaction, placeholder, values_clause
 from trustplane.storage.metadata import metadata
+from trustplane.storage.prune import delete_expired
 from trustplane.storage.writer import GroupCommitWriter
 
 KIND = "replay"
@@ -213,10 +213,7 @@ class SqlReplayCache:
     async def prune(self) -> int:
         """Forget jtis whose assertions have expired (they would be refused on ``exp`` anyway)."""
         async with self._db.transaction() as conn:
-            result = await conn.execute(
-                delete(used_jtis).where(used_jtis.c.expires_at < time.time())
-            )
-        return int(result.rowcount or 0)
+            return await delete_expired(conn, used_jtis, used_jtis.c.expires_at, int(time.time()))
 
 
 #: Bounds on one Redis call, so that a hung Redis costs a request seconds, not minutes.

@@ -13,7 +13,7 @@ import functools
 import time
 from typing import Protocol
 
-from sqlalchemy import BigInteger, Column, String, Table, delete, select
+from sqlalchemy import BigInteger, Column, String, Table, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from trustplane.storage import generations
 from trustplane.storage.driver_sql import in_transaction
 from trustplane.storage.metadata import metadata
+from trustplane.storage.prune import delete_expired
 
 GENERATION = "revocations"
 
@@ -79,8 +80,7 @@ class SqlRevocationStore:
         return row.first() is not None
 
     async def prune(self, conn: AsyncConnection, now: int) -> int:
-        result = await conn.execute(delete(revoked_tokens).where(revoked_tokens.c.expires_at < now))
-        return int(result.rowcount or 0)
+        return await delete_expired(conn, revoked_tokens, revoked_tokens.c.expires_at, now)
 
 
 async def revoked_among(conn: AsyncConnection, jtis: set[str]) -> set[str]:

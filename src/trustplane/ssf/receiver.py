@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from sqlalchemy import delete, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane.audit.sink import write_events
@@ -41,6 +41,7 @@ from trustplane.ssf.tables import ssf_derivations
 from trustplane.ssf.transmitter import SESSION_REVOKED, SET_TYPE, TOKEN_CLAIMS_CHANGE
 from trustplane.storage.db import Database
 from trustplane.storage.driver_sql import by_column, in_transaction, unnest_insert, values_clause
+from trustplane.storage.prune import delete_expired
 
 log = structlog.get_logger("trustplane.ssf")
 #: How deep a local chain of exchanges is followed (our exchanges are bounded far below this).
@@ -119,10 +120,7 @@ class Derivations:
         )
 
     async def prune(self, conn: AsyncConnection, now: int) -> int:
-        result = await conn.execute(
-            delete(ssf_derivations).where(ssf_derivations.c.expires_at < now)
-        )
-        return int(result.rowcount or 0)
+        return await delete_expired(conn, ssf_derivations, ssf_derivations.c.expires_at, now)
 
 
 #: ``ssf_derivations``' columns in :meth:`Derivations._row`'s order, with their PostgreSQL types.

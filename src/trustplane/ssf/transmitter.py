@@ -54,6 +54,11 @@ MAX_DESCRIPTION = 256
 MAX_EVENTS = 1000
 CLAIM_LEASE_MS = 30_000
 PUSH_BATCH = 100
+#: ``next_attempt_ms`` of a SET queued for a poll stream (RFC 8936): never due for the push
+#: deliverer, which reads the due rows in id order, ``PUSH_BATCH`` at a time. Queued at 0 like a
+#: push SET, a poll stream's unacknowledged SETs were the first due rows of every round, and once a
+#: receiver left ``PUSH_BATCH`` of them unpolled no push SET behind them was ever delivered.
+POLLED = 2**63 - 1
 #: After a wake: look at once, then again after these pauses until something was due (seconds).
 WAKE_RETRIES = (0.0, 0.005, 0.01, 0.02, 0.04, 0.08)
 #: PostgreSQL: a queued SET is announced on this channel, delivered to every process's deliverer
@@ -303,7 +308,7 @@ class Transmitter:
                 token=token,
                 created_at=now,
                 attempts=0,
-                next_attempt_ms=0,
+                next_attempt_ms=0 if stream.method == PUSH else POLLED,
                 last_error=None,
             )
         )
