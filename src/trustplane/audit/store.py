@@ -582,29 +582,30 @@ async def _late(
 ) -> dict[str, list[int]]:
     """By type, the leaves integrated since their type's mark (index in (mark idx, ``top``]) whose
     time is before both the mark's cutoff and the type's (the leaves the aged range misses: a late
-    leaf with an old time). Reads the new leaves once for every type, a primary-key range a page at
-    a time; a type without a mark needs none (its aged range has no lower bound)."""
-    marked = [marks[t][1] for t in cutoffs if t in marks]
+    leaf with an old time). One primary-key range for every type, a page at a time, which returns
+    only the leaves old enough for some type (late ones: rare); a type without a mark needs none
+    (its aged range has no lower bound)."""
+    marked = {t: marks[t] for t in cutoffs if t in marks}
     if not marked:
         return {}
-    after = min(marked)
+    after = min(idx for _cutoff, idx in marked.values())
+    bound = max(min(cutoffs[t], cutoff) for t, (cutoff, _idx) in marked.items())
     found: dict[str, list[int]] = {}
     c = audit_leaves.c
     while after < top:
         query = (
             select(c.idx, c.type, c.time_ms)
-            .where(c.idx > after, c.idx <= top)
+            .where(c.idx > after, c.idx <= top, c.time_ms < bound)
             .order_by(c.idx)
             .limit(_LATE_PAGE)
         )
         rows = (await conn.execute(query)).all()
-        if not rows:
-            break
         for idx, type_, time_ms in rows:
-            mark = marks.get(type_)
-            cutoff = cutoffs.get(type_)
-            if mark and cutoff is not None and idx > mark[1] and time_ms < min(cutoff, mark[0]):
+            mark = marked.get(type_)
+            if mark and idx > mark[1] and time_ms < min(cutoffs[type_], mark[0]):
                 found.setdefault(str(type_), []).append(int(idx))
+        if len(rows) < _LATE_PAGE:
+            break
         after = int(rows[-1][0])
     return found
 
