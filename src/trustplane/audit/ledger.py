@@ -647,29 +647,23 @@ class Ledger:
         """Payloads past their retention period, by configured type."""
         now_ms = now_ms or _now_ms()
         async with self._db.read() as conn:
-            return {
-                str(t): await store.due_payloads(conn, t, now_ms - days * 86_400_000)
-                for t, days in await self._periods(conn)
-            }
+            return await store.due_payloads(conn, await self._cutoffs(conn, now_ms))
 
-    async def _periods(self, conn: Any) -> list[tuple[str | None, int]]:
+    async def _cutoffs(self, conn: Any, now_ms: int) -> dict[str, int]:
+        """Type -> the time before which its payloads are due (``"*"``: every type the log holds
+        without a period of its own)."""
         periods = self.retention()
         default = periods.pop("*", None)
-        out: list[tuple[str | None, int]] = list(periods.items())
         if default is not None:
-            out += [(t, default) for t in await store.leaf_types(conn) if t not in periods]
-        return out
+            periods |= {t: default for t in await store.leaf_types(conn) if t not in periods}
+        return {t: now_ms - days * 86_400_000 for t, days in periods.items()}
 
     async def purge(self, now_ms: int | None = None) -> dict[str, int]:
         """Delete the payloads past retention (their leaves stay, so every proof still verifies) and
         record the purge itself as an audit event, in the same transaction."""
         now_ms = now_ms or _now_ms()
-        purged: dict[str, int] = {}
         async with self._db.transaction() as conn:
-            for type_, days in await self._periods(conn):
-                count = await store.purge_payloads(conn, type_, now_ms - days * 86_400_000)
-                if count:
-                    purged[str(type_)] = count
+            purged = await store.purge_payloads(conn, await self._cutoffs(conn, now_ms))
             if purged:
                 await write_events(conn, [self._purge_event(purged)])
         for type_, count in purged.items():

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane.audit.tables import (
@@ -20,6 +20,7 @@ from trustplane.audit.tables import (
     audit_log_keys,
     audit_log_state,
     audit_payloads,
+    audit_purge_marks,
     audit_tree,
 )
 from trustplane.storage.driver_sql import by_column, in_transaction, unnest_insert, values_clause
@@ -550,24 +551,132 @@ async def pending_bodies(conn: AsyncConnection, limit: int) -> list[tuple[str, s
     return [(r[0], r[1]) for r in _rows(result)]
 
 
-async def purge_payloads(conn: AsyncConnection, type_: str | None, cutoff_ms: int) -> int:
-    """Delete the payloads of leaves of ``type_`` (None: every type) older than ``cutoff_ms``."""
-    leaves = select(audit_leaves.c.idx).where(audit_leaves.c.time_ms < cutoff_ms)
-    if type_ is not None:
-        leaves = leaves.where(audit_leaves.c.type == type_)
-    result = await conn.execute(audit_payloads.delete().where(audit_payloads.c.idx.in_(leaves)))
-    return int(result.rowcount or 0)
+#: Leaves read per statement when looking for late leaves among those integrated since a mark.
+_LATE_PAGE = 5000
+
+_MARK_SQL = text(
+    "INSERT INTO audit_purge_marks (type, cutoff_ms, idx) VALUES (:type, :cutoff_ms, :idx) "
+    "ON CONFLICT (type) DO UPDATE SET cutoff_ms = excluded.cutoff_ms, idx = excluded.idx"
+)
 
 
-async def due_payloads(conn: AsyncConnection, type_: str | None, cutoff_ms: int) -> int:
-    query = (
-        select(text("count(*)"))
-        .select_from(audit_payloads.join(audit_leaves, audit_leaves.c.idx == audit_payloads.c.idx))
-        .where(audit_leaves.c.time_ms < cutoff_ms)
-    )
-    if type_ is not None:
-        query = query.where(audit_leaves.c.type == type_)
-    return int((await conn.execute(query)).scalar() or 0)
+async def _purge_marks(conn: AsyncConnection) -> dict[str, tuple[int, int]]:
+    """type -> (cutoff_ms, idx) of :data:`~trustplane.audit.tables.audit_purge_marks` (one row a type)."""
+    rows = (await conn.execute(select(audit_purge_marks))).all()
+    return {str(r.type): (int(r.cutoff_ms), int(r.idx)) for r in rows}
+
+
+def _aged(type_: str, mark: tuple[int, int] | None, cutoff_ms: int) -> Any:
+    """The leaves of ``type_`` with a time in [the mark's cutoff, ``cutoff_ms``): a range of
+    ``ix_audit_leaves_type_time`` (no mark: every leaf of the type older than ``cutoff_ms``)."""
+    c = audit_leaves.c
+    query = select(c.idx).where(c.type == type_, c.time_ms < cutoff_ms)
+    return query if mark is None else query.where(c.time_ms >= mark[0])
+
+
+async def _late(
+    conn: AsyncConnection,
+    cutoffs: dict[str, int],
+    marks: dict[str, tuple[int, int]],
+    top: int,
+) -> dict[str, list[int]]:
+    """By type, the leaves integrated since their type's mark (index in (mark idx, ``top``]) whose
+    time is before both the mark's cutoff and the type's (the leaves the aged range misses: a late
+    leaf with an old time). One primary-key range for every type, a page at a time, which returns
+    only the leaves old enough for some type (late ones: rare); a type without a mark needs none
+    (its aged range has no lower bound)."""
+    marked = {t: marks[t] for t in cutoffs if t in marks}
+    if not marked:
+        return {}
+    after = min(idx for _cutoff, idx in marked.values())
+    bound = max(min(cutoffs[t], cutoff) for t, (cutoff, _idx) in marked.items())
+    found: dict[str, list[int]] = {}
+    c = audit_leaves.c
+    while after < top:
+        query = (
+            select(c.idx, c.type, c.time_ms)
+            .where(c.idx > after, c.idx <= top, c.time_ms < bound)
+            .order_by(c.idx)
+            .limit(_LATE_PAGE)
+        )
+        rows = (await conn.execute(query)).all()
+        for idx, type_, time_ms in rows:
+            mark = marked.get(type_)
+            if mark and idx > mark[1] and time_ms < min(cutoffs[type_], mark[0]):
+                found.setdefault(str(type_), []).append(int(idx))
+        if len(rows) < _LATE_PAGE:
+            break
+        after = int(rows[-1][0])
+    return found
+
+
+async def _top(conn: AsyncConnection) -> int:
+    """The largest leaf index (-1: none). The sequencer commits leaves in index order (one at a
+    time, under its lock), so every leaf up to it is visible to this and every later statement."""
+    result = await conn.execute(select(func.max(audit_leaves.c.idx)))
+    value = result.scalar()
+    return -1 if value is None else int(value)
+
+
+async def purge_payloads(conn: AsyncConnection, cutoffs: dict[str, int]) -> dict[str, int]:
+    """Delete the payloads of the leaves of each type older than its cutoff (``cutoffs``: type ->
+    ms); the count deleted by type.
+
+    Its cost follows what is newly due, not the ledger's history. It read every leaf of the type
+    older than the cutoff, those purged years ago included (the leaves stay). A mark per type
+    (``audit_purge_marks``: every leaf of the type up to ``idx`` older than ``cutoff_ms`` has no
+    payload) bounds each round to two ranges: the leaves of the type between the mark's cutoff and
+    the new one (``ix_audit_leaves_type_time``), and the leaves integrated since the mark's index
+    (the primary key, read once for every type) whose time is before the mark's cutoff: a leaf
+    integrated late with an old time is purged at the next round like any other. The round then
+    marks (cutoff, largest index read before it): true of the rows whatever happens next, since a
+    payload is only written with its leaf (at a larger index) and never restored, and whatever the
+    settings (a longer period moves a cutoff back: the round marks the smaller cutoff). Why not the
+    alternatives: a DELETE driven from ``audit_payloads`` reads every payload still kept (the whole
+    table with a ten-year ``"*"``); an index making the due rows a range would need the leaf's type
+    and time copied into ``audit_payloads`` (every row rewritten by the migration). Concurrent
+    purgers each delete their ranges (PostgreSQL: one waits on the other's row locks, then skips the
+    rows gone) and each writes a mark true of what it saw; the last one wins, either is correct."""
+    top = await _top(conn)
+    marks = await _purge_marks(conn)
+    counts: dict[str, int] = {}
+    for type_, cutoff in cutoffs.items():
+        aged = _aged(type_, marks.get(type_), cutoff)
+        result = await conn.execute(audit_payloads.delete().where(audit_payloads.c.idx.in_(aged)))
+        counts[type_] = int(result.rowcount or 0)
+    for type_, ids in (await _late(conn, cutoffs, marks, top)).items():
+        for i in range(0, len(ids), _CHUNK):
+            chunk = ids[i : i + _CHUNK]
+            result = await conn.execute(
+                audit_payloads.delete().where(audit_payloads.c.idx.in_(chunk))
+            )
+            counts[type_] += int(result.rowcount or 0)
+    if cutoffs:
+        await conn.execute(
+            _MARK_SQL,
+            [{"type": t, "cutoff_ms": c, "idx": top} for t, c in cutoffs.items()],
+        )
+    return {t: n for t, n in counts.items() if n}
+
+
+async def due_payloads(conn: AsyncConnection, cutoffs: dict[str, int]) -> dict[str, int]:
+    """The payloads :func:`purge_payloads` would delete now, by type (the same ranges; read only)."""
+    top = await _top(conn)
+    marks = await _purge_marks(conn)
+    late = await _late(conn, cutoffs, marks, top)
+    due: dict[str, int] = {}
+    for type_, cutoff in cutoffs.items():
+        aged = _aged(type_, marks.get(type_), cutoff).subquery()
+        query = select(func.count()).select_from(
+            aged.join(audit_payloads, audit_payloads.c.idx == aged.c.idx)
+        )
+        count = int((await conn.execute(query)).scalar() or 0)
+        ids = late.get(type_, [])
+        for i in range(0, len(ids), _CHUNK):
+            query = select(func.count()).where(audit_payloads.c.idx.in_(ids[i : i + _CHUNK]))
+            count += int((await conn.execute(query)).scalar() or 0)
+        due[type_] = count
+    return due
 
 
 #: The leaf types in order, one index probe each through ``ix_audit_leaves_type_time`` (the next

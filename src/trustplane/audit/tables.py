@@ -7,6 +7,7 @@
 - ``audit_checkpoints``: every signed checkpoint; ``audit_log_state`` the current size and root.
 - ``audit_log_keys``: the log's Ed25519 key (private part encrypted under the KEK).
 - ``audit_ingested``: the services' events already recorded, by (issuer, ``jti``) (idempotency).
+- ``audit_purge_marks``: how far retention's purge has gone, per type (migration ``0014``).
 
 Leaves, tree nodes and checkpoints are append-only: database triggers (migration ``0002_ledger``) refuse
 UPDATE and DELETE; payload rows may only be deleted (the purge), never updated.
@@ -125,6 +126,18 @@ audit_ingested = Table(
     Column("type", String(64), nullable=False),
     Column("transaction_id", String(128)),
     Column("ingested_at", BigInteger, nullable=False),
+)
+
+#: How far the retention purge has gone, one row per event type: every leaf of ``type`` with an index
+#: up to ``idx`` and a time before ``cutoff_ms`` has no payload left (``store.purge_payloads``). A
+#: fact about the rows, whatever the retention settings: payloads are only ever written with their
+#: leaf and only ever deleted. Migration ``0014_audit_purge_marks``.
+audit_purge_marks = Table(
+    "audit_purge_marks",
+    metadata,
+    Column("type", String(64), primary_key=True),
+    Column("cutoff_ms", BigInteger, nullable=False),
+    Column("idx", BigInteger, nullable=False),
 )
 
 #: Tables whose rows are never updated or deleted (enforced by triggers).
