@@ -135,18 +135,22 @@ def test_cedar_input_documents_of_every_value_kind() -> None:
     ]
 
 
-async def test_one_request_is_decided_alone_as_in_a_batch(default_compiled: CompiledBundle) -> None:
-    """A single request takes a shorter path than a batch; the answer and the recorded inputs are
-    the same, with or without a recorder."""
-    engine = _engine(default_compiled)
-    requests = [
+def _varied_requests() -> list[DecisionRequest]:
+    """An allow, a forbid, another legal entity, an amount over the limit, another region."""
+    return [
         order_request(),
         order_request(resource=order(restricted=True)),
         order_request(subject=client("arr-oms", ARR)),
         order_request(amount_minor=2_000_000_000),
         order_request(data_region="us"),
-        order_request(amount_minor=1.5),
     ]
+
+
+async def test_one_request_is_decided_alone_as_in_a_batch(default_compiled: CompiledBundle) -> None:
+    """A single request takes a shorter path than a batch; the answer and the recorded inputs are
+    the same, with or without a recorder."""
+    engine = _engine(default_compiled)
+    requests = [*_varied_requests(), order_request(amount_minor=1.5)]
     in_batch = engine.evaluate(requests)
     for request, (decision, record) in zip(requests, in_batch, strict=True):
         [(alone, alone_record)] = engine.evaluate([request])
@@ -180,15 +184,12 @@ async def test_without_a_bundle_an_unbuildable_request_is_still_invalid() -> Non
 def test_decisions_call_the_extension_and_agree_with_the_public_call(
     default_compiled: CompiledBundle,
 ) -> None:
-    """The engine calls cedarpy's extension directly (its answers read with orjson) when it answers
-    the probe as the public call does; the outcomes are the public call's, errors included."""
+    """The engine calls cedarpy's extension directly (its answers read with orjson), since it
+    answered the import-time probe as Cedar must; its outcomes are the public call's, errors
+    included."""
     assert engine_module._NATIVE_BATCH is not None
     requests = [
-        order_request(),
-        order_request(resource=order(restricted=True)),
-        order_request(subject=client("arr-oms", ARR)),
-        order_request(amount_minor=2_000_000_000),
-        order_request(data_region="us"),
+        *_varied_requests(),
         DecisionRequest(client(), "order:create", order(), {"data_region": "eu"}),
         DecisionRequest(
             client(),
