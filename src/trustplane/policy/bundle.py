@@ -11,13 +11,22 @@ with the SHA-256 of its bytes), so the same content always has the same version 
 directory, file order or time. Compiling a bundle parses the schema and the policies once, validates
 the policies against the schema (Cedar's strict validator) and checks the ``@id`` rule; the handles it
 returns are what the engine evaluates with, for as long as the bundle is active.
+
+Compiling also slices the policies by action (:func:`policies_by_action`): a request for
+``Action::"trade:execute"`` is evaluated against the policies whose action scope can match it, not
+against all of them. A policy whose scope names other actions only is never satisfied by that request
+(Cedar checks the scope before the conditions, so it cannot raise an error either), so the answer,
+its reasons and its errors are the same; the evaluation costs less (the default bundle: 2 to 8 of its
+21 policies per request). Whatever the slicer does not recognise keeps every policy.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources as pkg_resources
 from pathlib import Path
 
@@ -69,6 +78,12 @@ class CompiledBundle:
     policies: cedarpy.PolicySet
     schema: cedarpy.Schema
     policy_ids: tuple[str, ...]
+    #: the policies each action of the schema can match (:func:`policies_by_action`); an action
+    #: not in it is evaluated against ``policies``
+    by_action: Mapping[str, cedarpy.PolicySet] = field(default_factory=dict)
+
+    def policies_for(self, action: str) -> cedarpy.PolicySet:
+        return self.by_action.get(action, self.policies)
 
     @property
     def uses_regions(self) -> bool:
@@ -134,7 +149,90 @@ def compile_bundle(source: BundleSource) -> CompiledBundle:
     if problems:
         raise BundleError(problems)
     policies = cedarpy.PolicySet.from_str(source.policy_text)
-    return CompiledBundle(source, source.version, policies, schema, tuple(ids))
+    by_action = policies_by_action(schema, source.policy_text)
+    return CompiledBundle(source, source.version, policies, schema, tuple(ids), by_action)
+
+
+# One action declaration as Cedar renders a parsed schema (``str(cedarpy.Schema)``): one per line,
+# its parents (if any) as ``Action::"..."`` references in a list.
+_ACTION_LINE = re.compile(r'action "((?:[^"\\]|\\.)*)"(?: in \[([^\]]*)\])?(?: appliesTo \{|;)$')
+_PARENT = re.compile(r'^Action::"((?:[^"\\]|\\.)*)"$')
+
+
+def action_ancestors(schema: cedarpy.Schema) -> dict[str, frozenset[str]] | None:
+    """Each action of the schema with the action groups it is in, transitively; ``None`` when the
+    schema's rendering has anything the slicer does not read (a namespace, an escaped name, a form
+    it does not know), so that nothing is sliced on a guess."""
+    rendered = str(schema)
+    if "namespace " in rendered:
+        return None
+    parents: dict[str, list[str]] = {}
+    for line in rendered.splitlines():
+        if not line.startswith("action"):
+            continue
+        found = _ACTION_LINE.match(line)
+        if found is None or "\\" in found.group(1):
+            return None
+        names: list[str] = []
+        for ref in filter(None, (r.strip() for r in (found.group(2) or "").split(","))):
+            parent = _PARENT.match(ref)
+            if parent is None or "\\" in parent.group(1):
+                return None
+            names.append(parent.group(1))
+        parents[found.group(1)] = names
+    closure: dict[str, frozenset[str]] = {}
+    for action in parents:
+        seen: set[str] = set()
+        todo = list(parents[action])
+        while todo:
+            group = todo.pop()
+            if group not in seen:
+                seen.add(group)
+                todo.extend(parents.get(group, ()))
+        closure[action] = frozenset(seen)
+    return closure
+
+
+def _scope_may_match(scope: Mapping[str, object], action: str, groups: frozenset[str]) -> bool:
+    """Whether a policy's action scope (Cedar's JSON policy format) can match ``action``, a member
+    of ``groups``. Any form but ``==`` / ``in`` on ``Action`` entities is taken to match."""
+    op = scope.get("op")
+    refs: object = [scope["entity"]] if "entity" in scope else scope.get("entities")
+    if op not in ("==", "in") or not isinstance(refs, list) or not refs:
+        return True
+    ids: list[object] = []
+    for ref in refs:
+        if not isinstance(ref, Mapping) or ref.get("type") != "Action":
+            return True
+        ids.append(ref.get("id"))
+    if op == "==":
+        return action in ids
+    return action in ids or not groups.isdisjoint(i for i in ids if isinstance(i, str))
+
+
+def policies_by_action(schema: cedarpy.Schema, policy_text: str) -> dict[str, cedarpy.PolicySet]:
+    """For each action of the schema, the policies whose action scope can match it, as one handle
+    (actions with the same policies share it). Empty (no slicing: every request is evaluated
+    against every policy) when the schema is not read (:func:`action_ancestors`) or the bundle has
+    templates."""
+    ancestors = action_ancestors(schema)
+    if not ancestors:
+        return {}
+    parsed = json.loads(cedarpy.policies_to_json_str(policy_text))
+    static = parsed.get("staticPolicies")
+    if not isinstance(static, dict) or parsed.get("templates") or parsed.get("templateLinks"):
+        return {}
+    handles: dict[tuple[str, ...], cedarpy.PolicySet] = {}
+    out: dict[str, cedarpy.PolicySet] = {}
+    for action, groups in ancestors.items():
+        keep = tuple(k for k, p in static.items() if _scope_may_match(p["action"], action, groups))
+        if keep not in handles:
+            subset = {"staticPolicies": {k: static[k] for k in keep}, "templates": {}}
+            handles[keep] = cedarpy.PolicySet.from_json_str(
+                json.dumps({**subset, "templateLinks": []})
+            )
+        out[action] = handles[keep]
+    return out
 
 
 def _check_file(name: str, text: str, schema: cedarpy.Schema, ids: list[str]) -> list[str]:

@@ -308,9 +308,24 @@ def _evaluate_one(bundle: CompiledBundle | None, cedar: CedarInput) -> Outcome:
     as_json = {**request, "context": orjson.dumps(request["context"]).decode()}
     entities = orjson.dumps(list(cedar.entities.values())).decode()
     try:
-        return authorize_batch([as_json], bundle.policies, entities, bundle.schema)[0]
+        policies = bundle.policies_for(request["action"]["id"])
+        return authorize_batch([as_json], policies, entities, bundle.schema)[0]
     except Exception as exc:  # the engine must never turn an error into an allow
         return failed(FailReason.ENGINE_ERROR, repr(exc))
+
+
+def _by_action(
+    inputs: Sequence[CedarInput | None], indices: list[int]
+) -> Iterable[tuple[str, list[int]]]:
+    """``indices`` split by their request's action (one batch call per action: each evaluated
+    against that action's policies only), in first-seen order."""
+    actions = [_present(inputs[i]).request["action"]["id"] for i in indices]
+    if len(set(actions)) == 1:
+        return [(actions[0], indices)]
+    split: dict[str, list[int]] = {}
+    for i, action in zip(indices, actions, strict=True):
+        split.setdefault(action, []).append(i)
+    return split.items()
 
 
 def evaluate_inputs(
@@ -324,16 +339,18 @@ def evaluate_inputs(
     else:
         groups = group_by_entities(inputs)
     for indices, entities in groups:
-        # The context goes to Cedar as JSON text: orjson here instead of cedarpy's json.dumps.
-        requests = [_with_json_context(_present(inputs[i]).request) for i in indices]
-        try:
-            batch = authorize_batch(
-                requests, bundle.policies, orjson.dumps(entities).decode(), bundle.schema
-            )
-        except Exception as exc:  # the engine must never turn an error into an allow
-            batch = [failed(FailReason.ENGINE_ERROR, repr(exc))] * len(indices)
-        for i, outcome in zip(indices, batch, strict=True):
-            outcomes[i] = outcome
+        entities_json = orjson.dumps(entities).decode()
+        for action, members in _by_action(inputs, indices):
+            # The context goes to Cedar as JSON text: orjson here instead of cedarpy's json.dumps.
+            requests = [_with_json_context(_present(inputs[i]).request) for i in members]
+            try:
+                batch = authorize_batch(
+                    requests, bundle.policies_for(action), entities_json, bundle.schema
+                )
+            except Exception as exc:  # the engine must never turn an error into an allow
+                batch = [failed(FailReason.ENGINE_ERROR, repr(exc))] * len(members)
+            for i, outcome in zip(members, batch, strict=True):
+                outcomes[i] = outcome
     return outcomes
 
 
