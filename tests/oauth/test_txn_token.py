@@ -10,6 +10,7 @@ import hashlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -18,6 +19,7 @@ import jwt
 import orjson
 import pytest
 import pytest_asyncio
+from pydantic import ValidationError
 
 from tests.conftest import (
     EXECUTION,
@@ -25,6 +27,7 @@ from tests.conftest import (
     PROTOCOL_DATABASES,
     ClientKit,
     jwks_for,
+    make_settings,
     new_ec_key,
     register_kit,
 )
@@ -120,7 +123,7 @@ class Txn:
                 algorithms=[header["alg"]],
                 audience=audience or self.server.issuer,
                 issuer=self.server.issuer,
-                options={"require": ["exp", "iat", "aud", "txn", "sub"]},
+                options={"require": ["exp", "iat", "aud", "txn", "sub", "scope", "req_wl"]},
             )
         )
 
@@ -514,8 +517,18 @@ async def test_expired_subject_token(tx: Txn, lifetime: int) -> None:
 
 
 async def test_subject_token_signature_is_verified(tx: Txn) -> None:
-    """§11.3: the subject_token's signature is verified."""
+    """§11.3: the subject_token's signature is verified; a token of another issuer (so another
+    ``sub`` namespace, §9.2) is no subject here."""
     response = await tx.post(forged(tx.access(), sub="mallory"))
+    assert error_of(response) == (400, "invalid_request")
+    claims = jwt.decode(tx.access(), options={"verify_signature": False})
+    foreign = jwt.encode(
+        {**claims, "iss": "https://other-as.example"},
+        new_ec_key(),
+        algorithm="ES256",
+        headers={"typ": "at+jwt", "kid": "k1"},
+    )
+    response = await tx.post(foreign)
     assert error_of(response) == (400, "invalid_request")
 
 
@@ -559,6 +572,13 @@ async def test_txn_token_cannot_become_an_access_token(tx: Txn) -> None:
             },
         )
         assert error_of(response) == (400, "invalid_request")
+
+
+@pytest.mark.parametrize("lifetime", [4, 301, 3600])
+async def test_lifetime_is_kept_short(tmp_path: Path, lifetime: int) -> None:
+    """§13.1: a Txn-Token's lifetime MUST be kept short: the setting is bounded to 5..300 s."""
+    with pytest.raises(ValidationError, match="txn_token_lifetime"):
+        make_settings("sqlite+aiosqlite:///:memory:", tmp_path, txn_token_lifetime=lifetime)
 
 
 async def test_txn_tokens_are_not_logged_verbatim(tx: Txn) -> None:

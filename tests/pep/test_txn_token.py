@@ -206,6 +206,7 @@ async def test_optional_route_still_refuses_a_bad_header(harness: Harness) -> No
             "Txn-Token: aud is not this trust domain",
         ),
         (lambda i: txn_token(i, aud=AUDIENCE), "Txn-Token: aud is not this trust domain"),
+        (lambda i: txn_token(i, aud=None), "Txn-Token: aud is not this trust domain"),
         (lambda i: txn_token(i, txn="txn-2"), "Txn-Token: txn differs from the access token's txn"),
         (
             lambda i: txn_token(i, sub="mallory"),
@@ -340,6 +341,26 @@ async def test_txn_token_alone_authenticates_nobody(harness: Harness) -> None:
     assert "error" not in response.json()
     assert harness.handled == []
     assert harness.pdp.contexts == []
+
+
+async def test_txn_tokens_are_not_logged(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Draft §15.2: a complete Txn-Token is never logged, whether accepted or refused."""
+    from trustplane.pep import enforcer as enforcer_module
+
+    logged: list[tuple[str, str, dict[str, Any]]] = []
+
+    class Recorder:
+        def __getattr__(self, level: str) -> Any:
+            return lambda event, **fields: logged.append((level, event, fields))
+
+    monkeypatch.setattr(enforcer_module, "log", Recorder())
+    good, foreign = txn_token(harness.issuer), txn_token(harness.issuer, aud="https://x.example")
+    await harness.call("/orders", good)
+    await harness.call("/orders", foreign)
+    await harness.client.post("/orders", headers={"Authorization": f"Bearer {good}"})
+    assert [event for _, event, _ in logged] == ["pep_refused"]  # the Bearer Txn-Token
+    for token in (good, foreign):
+        assert token.split(".")[2] not in repr(logged)
 
 
 async def test_two_headers_are_refused(harness: Harness) -> None:
