@@ -475,6 +475,15 @@ async def test_audience_is_required(tx: Txn) -> None:
     assert error_of(response) == (400, "invalid_request")
 
 
+@pytest.mark.parametrize(
+    "extra", [{"actor_token": "x", "actor_token_type": ACCESS}, {"exchange_mode": "impersonation"}]
+)
+async def test_no_actor_or_impersonation(tx: Txn, extra: dict[str, str]) -> None:
+    """A Txn-Token names its requester in req_wl: an actor token or impersonation has no place."""
+    response = await tx.post(tx.access(), **extra)
+    assert error_of(response) == (400, "invalid_request")
+
+
 @pytest.mark.parametrize("missing", ["subject_token", "subject_token_type"])
 async def test_subject_token_is_required(tx: Txn, missing: str) -> None:
     form: dict[str, Any] = {"subject_token": tx.access(), "subject_token_type": ACCESS}
