@@ -97,6 +97,7 @@ def test_txn_token_from_issue_to_pep(live_server: LiveServers) -> None:
             f"{a.base_url}/token",
             data={"grant_type": TOKEN_EXCHANGE, "requested_token_type": TXN_TOKEN,
                   "subject_token": access, "subject_token_type": ACCESS,
+                  "audience": a.issuer, "scope": "order:create",
                   "request_details": b64(ORDER), "request_context": b64({"req_ip": "192.0.2.9"}),
                   **kit.auth()},
             timeout=10,
@@ -108,6 +109,8 @@ def test_txn_token_from_issue_to_pep(live_server: LiveServers) -> None:
     response = exchange(gateway)
     assert response.status_code == 200, response.text
     assert response.json()["issued_token_type"] == TXN_TOKEN
+    assert response.json()["token_type"] == "N_A"
+    assert "refresh_token" not in response.json()
     txn_token = response.json()["access_token"]
 
     async def call_resource_server() -> tuple[list[httpx.Response], RecordingPdp]:
@@ -131,7 +134,8 @@ def test_txn_token_from_issue_to_pep(live_server: LiveServers) -> None:
             grant: Grant = Depends(pep.require("order:create", resource=order, txn_token=True)),
         ) -> dict[str, Any]:
             assert grant.txn_token is not None
-            return {"txn": grant.txn_token.txn, "tctx": grant.txn_token.tctx}
+            txn = grant.txn_token
+            return {"txn": txn.txn, "tctx": txn.tctx, "req_wl": list(txn.req_wl)}
 
         transport = httpx.ASGITransport(app=rs)
         async with httpx.AsyncClient(transport=transport, base_url="http://rs.test") as client:
@@ -148,6 +152,7 @@ def test_txn_token_from_issue_to_pep(live_server: LiveServers) -> None:
     assert ok.status_code == 200, ok.text
     assert ok.json()["tctx"]["order_id"] == "ORD-9"
     assert ok.json()["tctx"]["authorization_details_digest"]
+    assert ok.json()["req_wl"] == [gateway.client_id]
     assert pdp.contexts == [{"tctx": ok.json()["tctx"]}]
     for refused_call in (missing, wrong_typ):
         assert refused_call.status_code == 401

@@ -5,6 +5,8 @@ status, ``error`` and description, and the PDP must see ``tctx`` in the decision
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -28,6 +30,7 @@ from trustplane.pep import (
 from trustplane.pep.http import Grant, Pep
 
 TRUST_DOMAIN = "https://as.example"
+CHAIN = "Txn-Token: req_wl_chain must list strings, ending with req_wl"
 TCTX = {"type": "trade_instruction", "action": "create_order", "account": "ACC-1",
         "quantity": 10, "authorization_details_digest": "ab" * 32}  # fmt: skip
 
@@ -55,7 +58,7 @@ class RecordingPdp:
         raise NotImplementedError
 
 
-def txn_token(issuer: FakeIssuer, *, typ: str = "txntoken+jwt", **overrides: Any) -> str:
+def txn_token(issuer: FakeIssuer, *, typ: str | None = "txntoken+jwt", **overrides: Any) -> str:
     now = int(time.time())
     claims: dict[str, Any] = {
         "iss": ISSUER,
@@ -77,6 +80,22 @@ def txn_token(issuer: FakeIssuer, *, typ: str = "txntoken+jwt", **overrides: Any
     return jwt.encode(
         claims, issuer.keys["k1"], algorithm="ES256", headers={"typ": typ, "kid": "k1"}
     )
+
+
+def nested(depth: int) -> Any:
+    value: Any = "x"
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+def unsigned(payload: bytes) -> str:
+    """A compact JWS with a raw payload and a junk signature (never verified: parsing refuses it)."""
+    header = b'{"alg":"ES256","typ":"txntoken+jwt","kid":"k1"}'
+    parts = [
+        base64.urlsafe_b64encode(p).rstrip(b"=").decode() for p in (header, payload, b"s" * 64)
+    ]
+    return ".".join(parts)
 
 
 @dataclass
@@ -143,12 +162,15 @@ def refusal(response: httpx.Response) -> tuple[int, str, str]:
 
 
 async def test_valid_txn_token_reaches_handler_and_pdp(harness: Harness) -> None:
-    response = await harness.call("/orders", txn_token(harness.issuer))
+    header = txn_token(harness.issuer)
+    response = await harness.call("/orders", header)
     assert response.status_code == 200, response.text
     assert response.json() == {"tctx": TCTX, "txn": "txn-1"}
     assert harness.pdp.contexts[-1] == {"data_region": "eu", "tctx": TCTX}
     grant = harness.handled[-1]
     assert grant.txn_token is not None
+    # draft §12.2: outbound calls carry the Txn-Token as received, unmodified
+    assert grant.txn_token.token == header
     assert grant.txn_token.req_wl == ("gateway",)
     assert grant.txn_token.rctx == {"req_ip": "192.0.2.1"}
 
@@ -184,6 +206,7 @@ async def test_optional_route_still_refuses_a_bad_header(harness: Harness) -> No
             "Txn-Token: aud is not this trust domain",
         ),
         (lambda i: txn_token(i, aud=AUDIENCE), "Txn-Token: aud is not this trust domain"),
+        (lambda i: txn_token(i, aud=None), "Txn-Token: aud is not this trust domain"),
         (lambda i: txn_token(i, txn="txn-2"), "Txn-Token: txn differs from the access token's txn"),
         (
             lambda i: txn_token(i, sub="mallory"),
@@ -199,7 +222,43 @@ async def test_optional_route_still_refuses_a_bad_header(harness: Harness) -> No
             "Txn-Token: not issued by the access token's issuer",
         ),
         (lambda i: txn_token(i, tctx=[1]), "Txn-Token: tctx and rctx must be JSON objects"),
+        (lambda i: txn_token(i, rctx="ip"), "Txn-Token: tctx and rctx must be JSON objects"),
         (lambda i: "not.a.jws", None),
+        # draft §9.1: typ MUST be present
+        (lambda i: txn_token(i, typ=None), "Txn-Token: typ must be txntoken+jwt"),
+        # draft §9.2: iat, exp, sub, scope and req_wl are REQUIRED (scope and req_wl: strings)
+        (lambda i: txn_token(i, iat=None), "Txn-Token: exp and iat must be numeric dates"),
+        (lambda i: txn_token(i, exp=None), "Txn-Token: exp and iat must be numeric dates"),
+        (lambda i: txn_token(i, exp="never"), "Txn-Token: exp and iat must be numeric dates"),
+        (lambda i: txn_token(i, sub=None), "Txn-Token: txn and sub are required"),
+        (lambda i: txn_token(i, txn=7), "Txn-Token: txn and sub are required"),
+        (lambda i: txn_token(i, scope=None), "Txn-Token: scope is required"),
+        (lambda i: txn_token(i, scope=""), "Txn-Token: scope is required"),
+        (lambda i: txn_token(i, scope=["order:create"]), "Txn-Token: scope is required"),
+        (lambda i: txn_token(i, req_wl=None), "Txn-Token: req_wl is required (a string)"),
+        (lambda i: txn_token(i, req_wl=["gw", "svc"]), "Txn-Token: req_wl is required (a string)"),
+        (lambda i: txn_token(i, req_wl_chain="gw"), CHAIN),
+        (lambda i: txn_token(i, req_wl_chain=["gateway", "other"]), CHAIN),
+        # bounded: a signed but deeply nested tctx never reaches the PDP
+        (lambda i: txn_token(i, tctx=nested(40)), "Txn-Token: tctx and rctx nest too deeply"),
+        (lambda i: txn_token(i, rctx=nested(40)), "Txn-Token: tctx and rctx nest too deeply"),
+        # draft §12.1: exactly one Txn-Token in the header
+        (lambda i: f"{txn_token(i)},{txn_token(i)}", "Txn-Token: malformed: not a compact JWS"),
+        # media type registration: the signature is verified; alg none never is
+        (
+            lambda i: jwt.encode(
+                jwt.decode(txn_token(i), options={"verify_signature": False}),
+                None,
+                algorithm="none",
+                headers={"typ": "txntoken+jwt"},
+            ),
+            "Txn-Token: malformed: algorithm 'none' is not allowed",
+        ),
+        (
+            lambda i: unsigned(b"[" * 5000 + b"]" * 5000),
+            "Txn-Token: malformed: payload is not JSON",
+        ),
+        (lambda i: unsigned(b"[1]"), "Txn-Token: malformed: payload is not a JSON object"),
     ],
 )
 async def test_bad_txn_token_is_invalid_token(
@@ -227,6 +286,81 @@ async def test_signature_by_another_key(harness: Harness) -> None:
     )
     response = await harness.call("/orders", forged)
     assert refusal(response) == (401, "invalid_token", "Txn-Token: the signature does not verify")
+
+
+async def test_tampered_tctx_does_not_verify(harness: Harness) -> None:
+    """A workload widening the tctx of the token it received (quantity 10 -> 10,000) keeps the
+    signature of the original: refused."""
+    good = txn_token(harness.issuer)
+    header, _payload, signature = good.split(".")
+    claims = jwt.decode(good, options={"verify_signature": False})
+    claims["tctx"] = {**claims["tctx"], "quantity": 10_000}
+    forged_payload = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=")
+    forged = f"{header}.{forged_payload.decode()}.{signature}"
+    response = await harness.call("/orders", forged)
+    assert refusal(response) == (401, "invalid_token", "Txn-Token: the signature does not verify")
+    assert harness.pdp.contexts == []
+
+
+async def test_unknown_claims_are_ignored(harness: Harness) -> None:
+    """Draft §9.2: recipients MUST ignore claims they do not understand."""
+    token = txn_token(harness.issuer, x_vendor={"anything": [1, 2]}, azd="legacy")
+    response = await harness.call("/orders", token)
+    assert response.status_code == 200, response.text
+
+
+async def test_replacement_chain_is_read(harness: Harness) -> None:
+    token = txn_token(harness.issuer, req_wl="svc", req_wl_chain=["gateway", "svc"])
+    response = await harness.call("/orders", token)
+    assert response.status_code == 200, response.text
+    grant = harness.handled[-1]
+    assert grant.txn_token is not None
+    assert grant.txn_token.req_wl == ("gateway", "svc")
+
+
+async def test_txn_token_is_not_an_access_token(harness: Harness) -> None:
+    """Draft §12 and §13.13: a Txn-Token never travels in Authorization, and is no access token."""
+    token = txn_token(harness.issuer)
+    response = await harness.client.post("/orders", headers={"Authorization": f"Bearer {token}"})
+    assert refusal(response) == (
+        401,
+        "invalid_token",
+        "the token is not an access token (typ must be at+jwt)",
+    )
+    assert harness.handled == []
+
+
+async def test_txn_token_alone_authenticates_nobody(harness: Harness) -> None:
+    """Draft §13.12: a Txn-Token is no authentication credential: without an access token the
+    request is unauthenticated (RFC 6750 §3.1: 401, a bare challenge)."""
+    response = await harness.client.post(
+        "/orders", headers={"Txn-Token": txn_token(harness.issuer)}
+    )
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == 'Bearer realm="execution"'
+    assert "error" not in response.json()
+    assert harness.handled == []
+    assert harness.pdp.contexts == []
+
+
+async def test_txn_tokens_are_not_logged(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Draft §15.2: a complete Txn-Token is never logged, whether accepted or refused."""
+    from trustplane.pep import enforcer as enforcer_module
+
+    logged: list[tuple[str, str, dict[str, Any]]] = []
+
+    class Recorder:
+        def __getattr__(self, level: str) -> Any:
+            return lambda event, **fields: logged.append((level, event, fields))
+
+    monkeypatch.setattr(enforcer_module, "log", Recorder())
+    good, foreign = txn_token(harness.issuer), txn_token(harness.issuer, aud="https://x.example")
+    await harness.call("/orders", good)
+    await harness.call("/orders", foreign)
+    await harness.client.post("/orders", headers={"Authorization": f"Bearer {good}"})
+    assert [event for _, event, _ in logged] == ["pep_refused"]  # the Bearer Txn-Token
+    for token in (good, foreign):
+        assert token.split(".")[2] not in repr(logged)
 
 
 async def test_two_headers_are_refused(harness: Harness) -> None:

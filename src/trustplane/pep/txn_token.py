@@ -1,17 +1,21 @@
 """Validation of a Transaction Token (draft-ietf-oauth-transaction-tokens-10) beside the access
 token, at a resource server. Framework-free; :class:`trustplane.pep.http.Pep` reads the ``Txn-Token``
-header and calls it.
+header (draft §12.1: exactly one) and calls it.
 
-What a Txn-Token must be to pass, in order:
-1. a compact JWS whose header ``typ`` is ``txntoken+jwt``;
+What a Txn-Token must be to pass, in order (draft §9 and §12.2):
+1. a compact JWS whose header ``typ`` is ``txntoken+jwt`` (§9.1);
 2. ``iss`` is the access token's issuer (trusted by the :class:`TokenValidator`), the algorithm one
    that issuer may use, and the signature verifies with that issuer's JWKS (the keys the validator
-   already fetched and caches);
+   already fetched and caches). The draft makes ``iss`` optional; this profile requires it, as the
+   claim that names the keys (§13.16);
 3. ``aud`` is exactly the trust domain this resource server belongs to;
 4. ``exp`` and ``iat`` hold with ``clock_skew`` seconds of tolerance;
-5. ``txn`` and ``sub`` are present; ``txn`` equals the access token's ``txn`` when that has one;
-   ``sub`` equals the access token's ``sub``; ``scope`` is within the access token's scopes;
-6. ``tctx`` and ``rctx``, when present, are JSON objects.
+5. the REQUIRED claims are there (§9.2): ``txn``, ``sub`` and ``scope`` non-empty strings, ``req_wl``
+   a string (the workload that requested this token; on a replacement the issuer's
+   ``req_wl_chain`` lists the workloads in order); ``txn`` equals the access token's ``txn`` when
+   that has one, ``sub`` equals the access token's ``sub``, ``scope`` is within its scopes;
+6. ``tctx`` and ``rctx``, when present, are JSON objects nested at most ``MAX_CONTEXT_DEPTH`` deep
+   (they go to the PDP). Any other claim is ignored (§9.2).
 
 Any failure is ``invalid_token`` (RFC 6750 §3.1, 401) with a description naming the Txn-Token.
 """
@@ -31,6 +35,9 @@ DRAFT = "draft-ietf-oauth-transaction-tokens-10"
 TXN_TOKEN_TYP = "txntoken+jwt"
 #: The HTTP header that carries the Txn-Token between workloads (draft §8).
 TXN_TOKEN_HEADER = "txn-token"
+#: How deep ``tctx`` and ``rctx`` may nest: the draft's examples nest two levels, trustplane's own
+#: issuer two; a deeper one is refused before it reaches the PDP (bounded input, fail closed).
+MAX_CONTEXT_DEPTH = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +61,35 @@ def bad_txn_token(description: str, reason: str) -> InvalidTokenError:
 
 def _number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _text(value: object) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
+def _depth(value: object, limit: int) -> bool:
+    """True if ``value`` nests at most ``limit`` objects or arrays deep (iterative: no recursion)."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            if level > limit:
+                return False
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, level + 1) for child in children)
+    return True
+
+
+def _workloads(claims: dict[str, Any]) -> tuple[str, ...]:
+    """``req_wl`` (REQUIRED, a string, draft §9.2), or the replacement chain that ends with it."""
+    wl, chain = claims.get("req_wl"), claims.get("req_wl_chain")
+    if not _text(wl):
+        raise bad_txn_token("req_wl is required (a string)", "malformed")
+    if chain is None:
+        return (str(wl),)
+    if not isinstance(chain, list) or not all(_text(w) for w in chain) or chain[-1:] != [wl]:
+        raise bad_txn_token("req_wl_chain must list strings, ending with req_wl", "malformed")
+    return tuple(chain)
 
 
 class TxnTokenValidator:
@@ -97,25 +133,28 @@ class TxnTokenValidator:
             raise bad_txn_token("expired", "expired")
         if iat - skew > now:  # type: ignore[operator]
             raise bad_txn_token("issued in the future", "not_yet_valid")
-        txn, sub, scope = claims.get("txn"), claims.get("sub"), claims.get("scope", "")
-        if not isinstance(txn, str) or not txn or not isinstance(sub, str) or not sub:
+        txn, sub, scope = claims.get("txn"), claims.get("sub"), claims.get("scope")
+        if not _text(txn) or not _text(sub):
             raise bad_txn_token("txn and sub are required", "malformed")
+        if not isinstance(scope, str) or not scope.split():
+            raise bad_txn_token("scope is required", "malformed")
         own_txn = access.claims.get("txn")
         if isinstance(own_txn, str) and own_txn != txn:
             raise bad_txn_token("txn differs from the access token's txn", "txn_mismatch")
         if sub != access.subject:
             raise bad_txn_token("sub differs from the access token's sub", "sub_mismatch")
-        if not isinstance(scope, str) or not set(scope.split()) <= access.scopes:
+        if not set(scope.split()) <= access.scopes:
             raise bad_txn_token("scope exceeds the access token's scope", "scope")
         tctx, rctx = claims.get("tctx", {}), claims.get("rctx", {})
         if not isinstance(tctx, dict) or not isinstance(rctx, dict):
             raise bad_txn_token("tctx and rctx must be JSON objects", "malformed")
-        wl = claims.get("req_wl")
-        workloads = tuple(str(w) for w in wl) if isinstance(wl, list) else (str(wl),) if wl else ()
+        if not _depth(tctx, MAX_CONTEXT_DEPTH) or not _depth(rctx, MAX_CONTEXT_DEPTH):
+            raise bad_txn_token("tctx and rctx nest too deeply", "malformed")
+        workloads = _workloads(claims)
         return TxnToken(
             raw,
-            txn,
-            sub,
+            str(txn),
+            str(sub),
             frozenset(scope.split()),
             tctx,
             rctx,

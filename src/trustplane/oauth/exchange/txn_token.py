@@ -1,15 +1,19 @@
-"""Transaction Tokens (draft-ietf-oauth-transaction-tokens-10): the Txn-Token service, a mode of
-the token-exchange grant (draft §7, a profile of RFC 8693).
+"""Transaction Tokens (draft-ietf-oauth-transaction-tokens-10): the Txn-Token service (TTS), a mode
+of the token-exchange grant (draft §11, a profile of RFC 8693).
 
-A request with ``requested_token_type=urn:ietf:params:oauth:token-type:txn_token`` is answered with
-a Txn-Token: a JWS with header ``typ: txntoken+jwt`` and the draft's claims
+A request with ``requested_token_type=urn:ietf:params:oauth:token-type:txn_token`` (§11.1: also
+``audience`` = the trust domain and ``scope``, both REQUIRED, a missing ``audience`` is
+``invalid_request``, a missing ``scope`` ``invalid_scope`` as RFC 6749 §3.3 says) is answered with a
+Txn-Token: a JWS with header ``typ: txntoken+jwt`` and the draft's claims (§9.2)
 
 - ``iss``, ``iat``, ``exp`` (``txn_token_lifetime``, default 60 s, never after the subject token),
   ``aud`` = the trust domain (``trust_domain``, default the issuer), ``jti``;
-- ``txn``: the subject token's ``txn``, or a new one;
-- ``sub``: the subject token's subject; ``scope``: requested scopes, only ever narrower;
-- ``req_wl``: the requesting workload (the client id of the requester; on a replacement the
-  previous workloads stay in front, draft §7.4);
+- ``txn``: the subject token's ``txn`` (trustplane's transaction id), or a new one;
+- ``sub``: the subject token's subject; ``scope``: the requested scopes, only ever narrower (§13.6;
+  a subject token without scopes bounds nothing and is refused, §13.14);
+- ``req_wl``: a string, the requesting workload (the requester's client id); on a replacement
+  ``req_wl_chain`` lists the workloads that requested each token of the chain, oldest first and
+  ending with ``req_wl`` (§13.15: the call chain is kept; the draft leaves the mechanism open);
 - ``tctx`` (transaction context) from the ``request_details`` parameter: the trade (ids, side,
   quantity, amount, instrument, venue, account, action, approval state, ``origin`` ``auto`` or
   ``manual``), checked against the subject token's ``authorization_details`` (the tctx can never
@@ -17,16 +21,18 @@ a Txn-Token: a JWS with header ``typ: txntoken+jwt`` and the draft's claims
 - ``rctx`` (request context) from the ``request_context`` parameter (``req_ip``, ``authn``) plus
   the external client (``client_id``) and its legal entity (``lei``) from the subject token.
 
-``request_details`` and ``request_context`` are JSON objects, base64url-encoded (draft §7.1); a
-raw JSON object is accepted as well.
+``request_details`` and ``request_context`` are JSON objects (§11.1), at most ``MAX_PARAMETER``
+characters, sent as JSON or base64url-encoded JSON; any other shape is ``invalid_request``.
 
-A replacement Txn-Token (``subject_token_type`` = the txn_token URN, draft §7.4) keeps ``txn``,
-``sub``, ``rctx`` and the digest, never ends after the token it replaces, and can only narrow
-``scope`` and ``tctx``: every member must be present in the old ``tctx`` with the same value, or (for
-``quantity`` and ``amount``) a smaller one; anything else is ``invalid_request``.
+A replacement Txn-Token (``subject_token_type`` = the txn_token URN, §13.15) keeps ``txn``,
+``sub``, ``aud``, ``rctx`` and the digest, never ends after the token it replaces (so never comes
+from an expired one), and can only narrow ``scope`` and ``tctx``: every member must be present in
+the old ``tctx`` with the same value, or (for ``quantity`` and ``amount``) a smaller one; anything
+else is ``invalid_request``.
 
 Only a client the operator made a Txn-Token requester (``txn_token_requester``, operator-only, like
-``resource_server_for``) may ask: anyone else is ``unauthorized_client``.
+``resource_server_for``) may ask (§11.3, §13.10): anyone else is ``unauthorized_client``; the
+subject access token must moreover be one the requester may exchange (``oauth.exchange.rights``).
 """
 
 from __future__ import annotations
@@ -120,11 +126,7 @@ class TxnTokenService:
         token, token_type = form.get("subject_token"), form.get("subject_token_type")
         if not token or not token_type:
             raise InvalidRequestError("subject_token and subject_token_type are required")
-        targets = form.get_all("audience") + form.get_all("resource")
-        if any(target != self.trust_domain for target in targets):
-            raise InvalidTargetError(
-                "a Txn-Token's audience is the trust domain: audience, when sent, must name it"
-            )
+        self._check_audience(form)
         now = int(time.time())
         if token_type == TOKEN_TYPE_TXN_TOKEN:
             base = self._replaced(token, now)
@@ -157,7 +159,8 @@ class TxnTokenService:
             "txn": base.txn,
             "sub": base.sub,
             "scope": " ".join(scopes),
-            "req_wl": _workloads(base.req_wl, client.client_id),
+            "req_wl": client.client_id,
+            **_chain(base.req_wl, client.client_id),
             "tctx": tctx,
             "rctx": rctx,
             "client_id": client.client_id,
@@ -177,6 +180,14 @@ class TxnTokenService:
                 }
             },
         )
+
+    def _check_audience(self, form: Form) -> None:
+        """§11.1: ``audience`` is REQUIRED and is the trust domain (``resource``, if sent, too)."""
+        audiences = form.get_all("audience")
+        if not audiences:
+            raise InvalidRequestError("audience is required: the trust domain of the Txn-Token")
+        if any(target != self.trust_domain for target in audiences + form.get_all("resource")):
+            raise InvalidTargetError("a Txn-Token's audience is the trust domain: name it")
 
     async def _access(self, token: str, client: Client, now: int) -> TxnSubject:
         subject: Subject = await self._subjects.verify(token, TOKEN_TYPE_ACCESS_TOKEN, client, now)
@@ -209,7 +220,7 @@ class TxnTokenService:
                 "the subject_token is not a valid, unexpired Txn-Token of this trust domain",
                 "invalid_txn_token",
             )
-        wl = claims.get("req_wl")
+        chain = claims.get("req_wl_chain")
         return TxnSubject(
             sub=claims["sub"],
             txn=claims["txn"],
@@ -217,7 +228,7 @@ class TxnTokenService:
             exp=claims["exp"],
             tctx=dict(claims.get("tctx") or {}),
             rctx=dict(claims.get("rctx") or {}),
-            req_wl=tuple(wl) if isinstance(wl, list) else (str(wl),),
+            req_wl=tuple(chain) if isinstance(chain, list) else (str(claims.get("req_wl")),),
             details=(),
             conditions=(),
             subject_jti=str(claims.get("jti")),
@@ -256,11 +267,13 @@ def read_txn_token(
         return None
     if not isinstance(claims.get("exp"), int) or not isinstance(claims.get("txn"), str):
         return None
+    if not isinstance(claims.get("sub"), str) or not isinstance(claims.get("scope"), str):
+        return None
     return claims
 
 
 def _object(raw: str | None, name: str) -> dict[str, Any] | None:
-    """A draft §7.1 parameter: a JSON object, base64url-encoded (or sent as raw JSON)."""
+    """A draft §11.1 parameter: a JSON object, sent as JSON or base64url-encoded JSON."""
     if raw is None:
         return None
     if len(raw) > MAX_PARAMETER:
@@ -394,9 +407,11 @@ def _widened(name: str) -> InvalidRequestError:
 
 
 def _narrow_scopes(requested: str | None, held: tuple[str, ...]) -> tuple[str, ...]:
-    if requested is None:
-        return held
-    scopes = tuple(dict.fromkeys(requested.split()))
+    """§11.1: ``scope`` is REQUIRED; §13.6: within the subject token's scopes (so a subject token
+    without scopes allows none, §13.14)."""
+    scopes = tuple(dict.fromkeys((requested or "").split()))
+    if not scopes:
+        raise InvalidScopeError("scope is required: the purpose of the transaction")
     wider = [s for s in scopes if s not in held]
     if wider:
         raise InvalidScopeError(
@@ -405,8 +420,7 @@ def _narrow_scopes(requested: str | None, held: tuple[str, ...]) -> tuple[str, .
     return scopes
 
 
-def _workloads(previous: tuple[str, ...], client_id: str) -> str | list[str]:
-    """``req_wl``: one workload as a string; on a replacement the list of workloads in order."""
-    if not previous:
-        return client_id
-    return [*previous, client_id]
+def _chain(previous: tuple[str, ...], client_id: str) -> dict[str, list[str]]:
+    """On a replacement, ``req_wl_chain``: the workloads that requested each token of the chain,
+    oldest first, ending with this requester (``req_wl`` itself stays a string, §9.2)."""
+    return {"req_wl_chain": [*previous, client_id]} if previous else {}
