@@ -4,7 +4,8 @@
 - ``/ssf/stream`` (POST create, GET read, PATCH update, PUT replace, DELETE), ``/ssf/status`` (GET,
   POST), ``/ssf/verify`` (POST) and ``/ssf/poll/{stream_id}`` (RFC 8936): behind the one bearer
   guard, audience ``{issuer}/ssf``, scope ``ssf:stream``; a client sees only its own streams.
-  Errors are rendered from :data:`ERRORS` (``{"error", "error_description"}``).
+  Errors are rendered from :data:`ERRORS` (``{"error", "error_description"}``); a refused poll
+  request also carries RFC 8936 §2.4.4's ``{"err", "description"}``.
 - ``POST /ssf/receiver``: our push receiver (RFC 8935). The SET's signature by a trusted partner is
   its authentication; the answer is 202, or 400 with RFC 8935 §2.3's ``{"err", "description"}``.
 """
@@ -22,7 +23,12 @@ from trustplane.bearer_guard import BearerGuard
 from trustplane.bearer_guard.http import NO_STORE, answered, caller
 from trustplane.protocol.responses import json_response
 from trustplane.ssf.receiver import Receiver, SetRefused
-from trustplane.ssf.transmitter import StreamError, StreamNotFoundError, Transmitter
+from trustplane.ssf.transmitter import (
+    StreamConflictError,
+    StreamError,
+    StreamNotFoundError,
+    Transmitter,
+)
 
 API_PATH = "/ssf"
 SCOPE = "ssf:stream"
@@ -31,6 +37,7 @@ ERRORS = errors.ErrorTable(
     "ssf",
     {
         StreamError: lambda exc: errors.InvalidRequestError(str(exc)[:500]),
+        StreamConflictError: lambda exc: errors.ConflictError(str(exc)[:500]),
         StreamNotFoundError: lambda exc: errors.NotFoundError("no such stream"),
     },
 )
@@ -118,7 +125,14 @@ def ssf_router(transmitter: Transmitter, receiver: Receiver, guard: BearerGuard)
     @answered(ERRORS)
     async def poll(stream_id: str, request: Request) -> Response:
         claims = await caller(guard, request, route)
-        body = await transmitter.poll(claims["client_id"], stream_id, await _json(request))
+        try:
+            body = await transmitter.poll(claims["client_id"], stream_id, await _json(request))
+        except StreamError as exc:
+            # RFC 8936 §2.4.4: the poll error names its code in ``err`` (RFC 8935 §2.3's members);
+            # ``error`` as on every other endpoint of this API
+            wire = ERRORS.to_wire(exc) or errors.InvalidRequestError(str(exc)[:500])
+            answer = {**wire.body(), "err": wire.error, "description": wire.description}
+            return json_response(answer, wire.status_code, NO_STORE)
         return json_response(body, 200, NO_STORE)
 
     @router.post("/ssf/receiver", status_code=202, summary="Push receiver (RFC 8935)")
