@@ -11,8 +11,10 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
 import pytest_asyncio
+from fastapi import FastAPI
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import delete
@@ -20,6 +22,7 @@ from sqlalchemy import delete
 from tests.conftest import free_port, register_kit
 from tests.protocol_server import DATABASES, Server, running_server
 from tests.ssf.test_transmitter import auth, create, decode_set, outbox_rows, poll, revoke_one
+from trustplane.ssf.http import ssf_router
 from trustplane.ssf.tables import ssf_outbox, ssf_streams
 from trustplane.ssf.transmitter import (
     MAX_STREAMS_PER_CLIENT,
@@ -29,6 +32,7 @@ from trustplane.ssf.transmitter import (
     STREAM_UPDATED,
     TOKEN_CLAIMS_CHANGE,
     Transmitter,
+    configuration_url,
 )
 from trustplane.ssf.wiring import SharedSignals
 
@@ -63,10 +67,14 @@ async def read(server: Server, stream_id: str) -> dict[str, Any]:
     return dict(answer.json())
 
 
-def transmitter(server: Server) -> Transmitter:
+def component(server: Server) -> SharedSignals:
     ssf = next(c for c in server.services.components if c.name == "ssf")
     assert isinstance(ssf, SharedSignals)
-    return ssf.transmitter
+    return ssf
+
+
+def transmitter(server: Server) -> Transmitter:
+    return component(server).transmitter
 
 
 def assert_error(answer: Any, status: int, error: str) -> None:
@@ -89,6 +97,36 @@ async def test_configuration_is_a_json_object_without_empty_claims(server: Serve
     assert all(value not in ([], {}, "") for value in doc.values()), doc
     assert doc["issuer"] == server.issuer
     assert doc["default_subjects"] in ("ALL", "NONE")
+
+
+async def test_an_issuer_with_a_path_has_its_configuration_before_the_path(server: Server) -> None:
+    """§7.2: for an issuer with a path, the document MUST be at ``/.well-known/ssf-configuration``
+    inserted between the host and the path (it was served only at the root of the app, where a
+    receiver following the spec finds nothing)."""
+    issuer = "http://127.0.0.1:8000/tenant-1"
+    assert (
+        configuration_url(issuer) == "http://127.0.0.1:8000/.well-known/ssf-configuration/tenant-1"
+    )
+    assert configuration_url(issuer + "/") == configuration_url(issuer)
+    settings = server.services.settings.model_copy(update={"issuer": issuer})
+    ssf = component(server)
+    app = FastAPI()
+    app.include_router(
+        ssf_router(
+            Transmitter(settings, server.services.db, server.services.keys, ssf.fetchers[0]),
+            ssf.receiver,
+            ssf.guard,
+        )
+    )
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000") as http:
+        answer = await http.get("/.well-known/ssf-configuration/tenant-1")
+        assert answer.status_code == 200
+        assert answer.headers["content-type"] == "application/json"
+        assert answer.json()["issuer"] == issuer
+        assert answer.json()["configuration_endpoint"] == issuer + "/ssf/stream"
+        other = await http.get("/.well-known/ssf-configuration/tenant-2")
+        assert other.status_code == 404
 
 
 # ---------------------------------------------------------------- authorization (SSF 1.0 §8)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 from fastapi import APIRouter, Request
@@ -28,6 +29,7 @@ from trustplane.ssf.transmitter import (
     StreamError,
     StreamNotFoundError,
     Transmitter,
+    configuration_url,
 )
 
 API_PATH = "/ssf"
@@ -58,9 +60,16 @@ def ssf_router(transmitter: Transmitter, receiver: Receiver, guard: BearerGuard)
     route = guard.route("ssf", API_PATH, SCOPE)
     configuration = orjson.dumps(transmitter.configuration())
 
-    @router.get("/.well-known/ssf-configuration", summary="SSF transmitter configuration")
     async def ssf_configuration() -> Response:
         return Response(configuration, media_type="application/json")
+
+    # SSF 1.0 §7.2: between the issuer's host and its path; also at the root of the app (the same
+    # URL for an issuer without a path; a deployment mounted under its issuer's path serves it there)
+    well_known = urlsplit(configuration_url(transmitter.issuer)).path
+    for path in sorted({"/.well-known/ssf-configuration", well_known}):
+        router.add_api_route(
+            path, ssf_configuration, methods=["GET"], summary="SSF transmitter configuration"
+        )
 
     @router.post("/ssf/stream", status_code=201, summary="Create a stream (SSF 1.0 §8.1.1.1)")
     @answered(ERRORS)

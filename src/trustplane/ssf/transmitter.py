@@ -21,6 +21,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import structlog
@@ -610,6 +611,33 @@ class Transmitter:
     def _poll_url(self, stream_id: str) -> str:
         """A poll stream's endpoint: ours, one per stream (SSF 1.0 §6.1.2)."""
         return f"{self.issuer.rstrip('/')}/ssf/poll/{stream_id}"
+
+
+def configuration_url(issuer: str) -> str:
+    """SSF 1.0 §7.2: the transmitter configuration of ``issuer`` is at
+    ``/.well-known/ssf-configuration`` inserted between its host and its path."""
+    parts = urlsplit(issuer)
+    path = "/.well-known/ssf-configuration" + parts.path.rstrip("/")
+    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+def issuers_of_configuration(url: str) -> tuple[str, ...]:
+    """The issuers whose configuration may be at ``url`` (SSF 1.0 §7.2.4: the document's
+    ``issuer`` MUST be the one the URL was formed from): the well-known suffix inserted between
+    host and path, or appended to the issuer (the same URL for an issuer without a path; for one
+    with a path, where a deployment mounted under that path serves it)."""
+    parts = urlsplit(url)
+    well_known = "/.well-known/ssf-configuration"
+    found = []
+    if parts.path == well_known or parts.path.startswith(well_known + "/"):
+        found.append(
+            urlunsplit((parts.scheme, parts.netloc, parts.path[len(well_known) :], "", ""))
+        )
+    if parts.path.endswith(well_known) and parts.path != well_known:
+        found.append(
+            urlunsplit((parts.scheme, parts.netloc, parts.path[: -len(well_known)], "", ""))
+        )
+    return tuple(found)
 
 
 def _object(body: Any) -> dict[str, Any]:
