@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 from sqlalchemy import delete
 
 from tests.conftest import free_port, register_kit
+from tests.mandates.conftest import grantee, terms
 from tests.protocol_server import DATABASES, Server, running_server
 from tests.ssf.test_transmitter import auth, create, decode_set, outbox_rows, poll, revoke_one
 from trustplane.ssf.http import ssf_router
@@ -563,6 +565,58 @@ async def test_poll_ignores_acknowledgements_that_name_no_set(server: Server) ->
     errs = {"x\x00y": {"err": "invalid_request"}, second: {"err": "invalid_key"}}
     answer = await poll(server, stream, ack=[first, "a\x00b", "nope"], setErrs=errs)
     assert answer == {"sets": {}, "moreAvailable": False}
+
+
+async def test_a_receiver_cannot_acknowledge_another_streams_sets(server: Server) -> None:
+    """SSF 1.0 §8: only the receiver a stream belongs to may act on it. A jti of another stream
+    (another client's) in ``ack`` or ``setErrs`` removes nothing there."""
+    theirs_client = await register_kit(server.services)
+    theirs = await create(server, {"events_requested": [SESSION_REVOKED]}, theirs_client.client_id)
+    mine = await create(server, {"events_requested": [SESSION_REVOKED]})
+    await revoke_one(server)
+    [their_jti] = [r.jti for r in await outbox_rows(server, theirs["stream_id"])]
+    errs = {their_jti: {"err": "invalid_request"}}
+    await poll(server, mine, ack=[their_jti], setErrs=errs)
+    assert [r.jti for r in await outbox_rows(server, theirs["stream_id"])] == [their_jti]
+
+
+# ---------------------------------------------------------------- CAEP 1.0 event bodies
+
+
+async def test_caep_event_bodies_are_well_formed(server: Server) -> None:
+    """CAEP 1.0 (Optional Event Claims): ``initiating_entity`` MUST be admin, user, policy or
+    system; ``reason_admin`` MUST hold one or more language-tag keys; ``event_timestamp`` is the
+    time of the change; ``token-claims-change`` MUST carry a non-empty ``claims`` object. Our SETs:
+    a token revocation and a mandate suspended and revoked. SSF 1.0: ``sub_id`` always, no
+    ``sub``, no ``exp``, ``typ`` ``secevent+jwt`` (decode_set)."""
+    stream = await create(server, {"events_requested": [SESSION_REVOKED, TOKEN_CLAIMS_CHANGE]})
+    svc = server.services
+    client = await grantee(svc)
+    mandate = await svc.mandates.create(terms(client.client_id), actor="test", accepted_by="alice")
+    started = int(time.time())
+    await revoke_one(server)
+    await svc.mandates.suspend(mandate.id, actor="test", reason="review")
+    await svc.mandates.revoke(mandate.id, actor="test", reason="ended")
+    sets = [
+        decode_set(server, t, server.kit.client_id)
+        for t in (await poll(server, stream, maxEvents=10))["sets"].values()
+    ]
+    kinds = [next(iter(c["events"])) for c in sets]
+    assert sorted(kinds) == sorted([SESSION_REVOKED, TOKEN_CLAIMS_CHANGE, SESSION_REVOKED])
+    for claims in sets:
+        assert isinstance(claims["sub_id"], dict)
+        assert claims["sub_id"]["format"]
+        [(kind, body)] = claims["events"].items()
+        assert body["initiating_entity"] in ("admin", "user", "policy", "system")
+        assert started - 1 <= body["event_timestamp"] <= int(time.time()) + 1
+        if "reason_admin" in body:
+            reason = body["reason_admin"]
+            assert isinstance(reason, dict)
+            assert reason
+            assert all(isinstance(v, str) for v in reason.values())
+        if kind == TOKEN_CLAIMS_CHANGE:
+            assert isinstance(body["claims"], dict)
+            assert body["claims"]
 
 
 # ---------------------------------------------------------------- no 500, no partial write
