@@ -211,6 +211,49 @@ async def test_a_stream_id_no_stream_can_have_is_404_not_500(
     assert_error(answer, 404, "not_found")
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("PATCH", "/ssf/stream", {"description": "x"}),
+        ("PUT", "/ssf/stream", {"stream_id": 7}),
+        ("GET", "/ssf/status", None),
+        ("POST", "/ssf/status", {"status": "paused"}),
+        ("POST", "/ssf/verify", {"stream_id": ""}),
+    ],
+)
+async def test_a_request_without_its_stream_id_is_400(
+    server: Server, method: str, path: str, body: Any
+) -> None:
+    """§8.1.1.3 (the stream_id MUST be present), §8.1.1.4, §8.1.2 and §8.1.4.2 (REQUIRED)."""
+    content = None if body is None else json.dumps(body).encode()
+    answer = await server.http.request(
+        method, path, content=content, headers={**auth(server), **JSON}
+    )
+    assert_error(answer, 400, "invalid_request")
+    assert answer.json()["error_description"] == "stream_id is required"
+
+
+@pytest.mark.parametrize("path", ["/ssf/stream", "/ssf/receiver"])
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_a_body_over_the_cap_is_413_and_writes_nothing(
+    server: Server, path: str, chunked: bool
+) -> None:
+    """Every body is bounded before it is read (64 KiB): a declared length over the cap is
+    refused unread, a streamed one at the chunk that crosses it; 413, never a 500, no stream."""
+    big = b'{"description": "' + b"x" * 70_000 + b'"}'
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(big), 8192):
+            yield big[start : start + 8192]
+
+    kind = "application/json" if path == "/ssf/stream" else "application/secevent+jwt"
+    answer = await server.http.post(
+        path, content=chunks() if chunked else big, headers={**auth(server), "Content-Type": kind}
+    )
+    assert answer.status_code == 413, answer.text
+    assert (await server.http.get("/ssf/stream", headers=auth(server))).json() == []
+
+
 # ---------------------------------------------------------------- create / read (§8.1.1.1-2)
 
 
@@ -422,9 +465,13 @@ async def test_a_paused_push_stream_transmits_nothing_until_enabled(server: Serv
     finally:
         listening.close()
         await listening.wait_closed()
-    assert [r.get("sub_id", {}).get("jti") for r in received if SESSION_REVOKED in r["events"]] == [
-        jti
+    # §8.1.2.1: held events are transmitted in the order they were generated
+    assert [next(iter(r["events"])) for r in received] == [
+        STREAM_UPDATED,
+        SESSION_REVOKED,
+        STREAM_UPDATED,
     ]
+    assert received[1]["sub_id"]["jti"] == jti
     updates = [r for r in received if STREAM_UPDATED in r["events"]]
     assert [u["events"][STREAM_UPDATED]["status"] for u in updates] == ["paused", "enabled"]
     assert all(u["sub_id"] == {"format": "opaque", "id": sid} for u in updates)
