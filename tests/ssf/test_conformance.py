@@ -91,7 +91,8 @@ def assert_error(answer: Any, status: int, error: str) -> None:
 
 async def test_configuration_is_a_json_object_without_empty_claims(server: Server) -> None:
     """§7.2: the document MUST be returned as application/json; claims with zero elements
-    MUST be omitted (Transmitter Configuration Response); §7.1: ``issuer`` MUST be the SETs' ``iss`` (decode_set checks it)."""
+    MUST be omitted (Transmitter Configuration Response); §7.1: ``issuer`` MUST be the SETs'
+    ``iss`` (decode_set checks it)."""
     answer = await server.http.get("/.well-known/ssf-configuration")
     assert answer.status_code == 200
     assert answer.headers["content-type"].split(";")[0] == "application/json"

@@ -64,7 +64,8 @@ def ssf_router(transmitter: Transmitter, receiver: Receiver, guard: BearerGuard)
         return Response(configuration, media_type="application/json")
 
     # SSF 1.0 §7.2: between the issuer's host and its path; also at the root of the app (the same
-    # URL for an issuer without a path; a deployment mounted under its issuer's path serves it there)
+    # URL for an issuer without a path; a deployment mounted under its issuer's path serves it
+    # there)
     well_known = urlsplit(configuration_url(transmitter.issuer)).path
     for path in sorted({"/.well-known/ssf-configuration", well_known}):
         router.add_api_route(

@@ -577,7 +577,7 @@ class Transmitter:
             ours = self._poll_url(stream.stream_id)
             if "endpoint_url" in raw and raw["endpoint_url"] != ours:
                 raise StreamError(
-                    "delivery.endpoint_url of a poll stream is supplied by the transmitter and does not match"
+                    "delivery.endpoint_url is supplied by the transmitter and differs"
                 )
             return {"method": POLL, "endpoint_url": ours}
         raise StreamError(f"delivery method must be {PUSH} or {POLL}")
