@@ -200,6 +200,7 @@ REFUSALS: dict[str, tuple[Any, str]] = {
     "partner without ssf": (lambda w: (w.set_for(w.b, revoked_event(), {"format": "jwt_id", "iss": w.b.issuer, "jti": "j"}), SET_TYPE), "access_denied"),
     "another issuer's subject": (lambda w: (w.set_for(w.a, revoked_event(), {"format": "jwt_id", "iss": w.b.issuer, "jti": "j"}), SET_TYPE), "access_denied"),
     "no events": (lambda w: (w.set_for(w.a, {}, _subject(w)), SET_TYPE), "invalid_request"),
+    "with sub": (lambda w: (w.set_for(w.a, revoked_event(), _subject(w), sub="trader-7"), SET_TYPE), "invalid_request"),
     "with exp": (lambda w: (w.set_for(w.a, revoked_event(), _subject(w), exp=int(time.time()) + 60), SET_TYPE), "invalid_request"),
     "iat in the future": (lambda w: (w.set_for(w.a, revoked_event(), _subject(w), iat=int(time.time()) + 3600), SET_TYPE), "invalid_request"),
     "no subject": (lambda w: (w.set_for(w.a, revoked_event(), None), SET_TYPE), "invalid_request"),
@@ -213,6 +214,7 @@ async def test_refusals(world: World, case: str) -> None:
     token, content_type = make(world)
     answer = await world.push(token, content_type)
     assert answer.status_code == 400, answer.text
+    assert answer.headers["content-type"] == "application/json"  # RFC 8935 §2.3: MUST
     assert answer.json()["err"] == err
     assert answer.json()["description"]
 

@@ -30,12 +30,15 @@ RECEIVER = "http://127.0.0.1:8000/ssf/receiver"
 
 
 def transmitter(
-    seen: list[httpx.Request], streams: list[dict[str, Any]], issuer: str = PARTNER
+    seen: list[httpx.Request],
+    streams: list[dict[str, Any]],
+    issuer: str = PARTNER,
+    stream_iss: str = PARTNER,
 ) -> Callable[[httpx.Request], httpx.Response]:
     def answer(request: httpx.Request) -> httpx.Response:
         seen.append(request)
         path = request.url.path
-        if path == "/.well-known/ssf-configuration":
+        if path.startswith("/.well-known/ssf-configuration"):
             return httpx.Response(200, json={
                 "issuer": issuer, "delivery_methods_supported": [PUSH],
                 "configuration_endpoint": f"{PARTNER}/ssf/stream",
@@ -47,7 +50,8 @@ def transmitter(
         if path == "/ssf/stream" and request.method == "GET":
             return httpx.Response(200, json=streams)
         if path == "/ssf/stream" and request.method == "POST":
-            return httpx.Response(201, json={"stream_id": "s-new", **orjson.loads(request.content)})
+            created = {"stream_id": "s-new", "iss": stream_iss, **orjson.loads(request.content)}
+            return httpx.Response(201, json=created)
         return httpx.Response(404)
 
     return answer
@@ -63,11 +67,13 @@ async def services(tmp_path: Path) -> Any:
     await svc.db.dispose()
 
 
-def subscriber(services: Services, handler: Callable[[httpx.Request], httpx.Response]) -> Any:
+def subscriber(
+    services: Services,
+    handler: Callable[[httpx.Request], httpx.Response],
+    configuration_url: str = f"{PARTNER}/.well-known/ssf-configuration",
+) -> Any:
     partner = Partner("partner-a", PARTNER, "x")
-    doc = partner.profile(
-        ssf={"configuration_url": f"{PARTNER}/.well-known/ssf-configuration", "client_id": "c-9"}
-    )
+    doc = partner.profile(ssf={"configuration_url": configuration_url, "client_id": "c-9"})
     profile = build_profile(doc, [], version=1)
     services.federation.registry.replace_all([profile])
     fetcher = OutboundFetcher(transport=httpx.MockTransport(handler))
@@ -110,7 +116,13 @@ async def test_a_push_stream_is_created_with_our_signed_client_assertion(
 
 async def test_an_existing_stream_to_our_receiver_is_reused(services: Services) -> None:
     seen: list[httpx.Request] = []
-    existing = [{"stream_id": "s-old", "delivery": {"method": PUSH, "endpoint_url": RECEIVER}}]
+    existing = [
+        {
+            "stream_id": "s-old",
+            "iss": PARTNER,
+            "delivery": {"method": PUSH, "endpoint_url": RECEIVER},
+        }
+    ]
     made, _ = subscriber(services, transmitter(seen, existing))
     await made.round()
     assert made.subscriptions["partner-a"].stream_id == "s-old"
@@ -125,6 +137,34 @@ async def test_a_transmitter_claiming_another_issuer_is_refused(services: Servic
     assert state.stream_id is None
     assert state.error == "the transmitter's issuer is not one of the partner's issuers"
     assert [r.url.path for r in seen] == ["/.well-known/ssf-configuration"]  # no token asked
+
+
+async def test_a_configuration_for_another_issuer_than_its_url_names_is_refused(
+    services: Services,
+) -> None:
+    """SSF 1.0 §7.2.4: the document's ``issuer`` MUST be the issuer the URL was formed from
+    (``/.well-known/ssf-configuration/t1`` is issuer ``{host}/t1``'s), else its data MUST NOT be
+    used. Only "one of the partner's issuers" was checked."""
+    seen: list[httpx.Request] = []
+    made, _ = subscriber(
+        services, transmitter(seen, []), f"{PARTNER}/.well-known/ssf-configuration/t1"
+    )
+    await made.round()
+    state = made.subscriptions["partner-a"]
+    assert state.stream_id is None
+    assert state.error == "the transmitter's issuer is not the one its URL names"
+    assert len(seen) == 1  # nothing else asked
+
+
+async def test_a_stream_naming_another_iss_is_refused(services: Services) -> None:
+    """SSF 1.0 §8.1.1.1-2: the receiver MUST check that the stream's ``iss`` is the issuer it got
+    the configuration from (it was not looked at)."""
+    seen: list[httpx.Request] = []
+    made, _ = subscriber(services, transmitter(seen, [], stream_iss="https://idp.other.example"))
+    await made.round()
+    state = made.subscriptions["partner-a"]
+    assert state.stream_id is None
+    assert state.error == "the transmitter's stream names another iss"
 
 
 async def test_the_loop_sleeps_until_a_reload_or_its_interval(

@@ -4,7 +4,8 @@
 - ``/ssf/stream`` (POST create, GET read, PATCH update, PUT replace, DELETE), ``/ssf/status`` (GET,
   POST), ``/ssf/verify`` (POST) and ``/ssf/poll/{stream_id}`` (RFC 8936): behind the one bearer
   guard, audience ``{issuer}/ssf``, scope ``ssf:stream``; a client sees only its own streams.
-  Errors are rendered from :data:`ERRORS` (``{"error", "error_description"}``).
+  Errors are rendered from :data:`ERRORS` (``{"error", "error_description"}``); a refused poll
+  request also carries RFC 8936 §2.4.4's ``{"err", "description"}``.
 - ``POST /ssf/receiver``: our push receiver (RFC 8935). The SET's signature by a trusted partner is
   its authentication; the answer is 202, or 400 with RFC 8935 §2.3's ``{"err", "description"}``.
 """
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 from fastapi import APIRouter, Request
@@ -22,7 +24,13 @@ from trustplane.bearer_guard import BearerGuard
 from trustplane.bearer_guard.http import NO_STORE, answered, caller
 from trustplane.protocol.responses import json_response
 from trustplane.ssf.receiver import Receiver, SetRefused
-from trustplane.ssf.transmitter import StreamError, StreamNotFoundError, Transmitter
+from trustplane.ssf.transmitter import (
+    StreamConflictError,
+    StreamError,
+    StreamNotFoundError,
+    Transmitter,
+    configuration_url,
+)
 
 API_PATH = "/ssf"
 SCOPE = "ssf:stream"
@@ -31,6 +39,7 @@ ERRORS = errors.ErrorTable(
     "ssf",
     {
         StreamError: lambda exc: errors.InvalidRequestError(str(exc)[:500]),
+        StreamConflictError: lambda exc: errors.ConflictError(str(exc)[:500]),
         StreamNotFoundError: lambda exc: errors.NotFoundError("no such stream"),
     },
 )
@@ -51,9 +60,17 @@ def ssf_router(transmitter: Transmitter, receiver: Receiver, guard: BearerGuard)
     route = guard.route("ssf", API_PATH, SCOPE)
     configuration = orjson.dumps(transmitter.configuration())
 
-    @router.get("/.well-known/ssf-configuration", summary="SSF transmitter configuration")
     async def ssf_configuration() -> Response:
         return Response(configuration, media_type="application/json")
+
+    # SSF 1.0 §7.2: between the issuer's host and its path; also at the root of the app (the same
+    # URL for an issuer without a path; a deployment mounted under its issuer's path serves it
+    # there)
+    well_known = urlsplit(configuration_url(transmitter.issuer)).path
+    for path in sorted({"/.well-known/ssf-configuration", well_known}):
+        router.add_api_route(
+            path, ssf_configuration, methods=["GET"], summary="SSF transmitter configuration"
+        )
 
     @router.post("/ssf/stream", status_code=201, summary="Create a stream (SSF 1.0 §8.1.1.1)")
     @answered(ERRORS)
@@ -118,7 +135,14 @@ def ssf_router(transmitter: Transmitter, receiver: Receiver, guard: BearerGuard)
     @answered(ERRORS)
     async def poll(stream_id: str, request: Request) -> Response:
         claims = await caller(guard, request, route)
-        body = await transmitter.poll(claims["client_id"], stream_id, await _json(request))
+        try:
+            body = await transmitter.poll(claims["client_id"], stream_id, await _json(request))
+        except StreamError as exc:
+            # RFC 8936 §2.4.4: the poll error names its code in ``err`` (RFC 8935 §2.3's members);
+            # ``error`` as on every other endpoint of this API
+            wire = ERRORS.to_wire(exc) or errors.InvalidRequestError(str(exc)[:500])
+            answer = {**wire.body(), "err": wire.error, "description": wire.description}
+            return json_response(answer, wire.status_code, NO_STORE)
         return json_response(body, 200, NO_STORE)
 
     @router.post("/ssf/receiver", status_code=202, summary="Push receiver (RFC 8935)")

@@ -337,7 +337,8 @@ def check_set_claims(
 ) -> tuple[str, dict[str, Any]]:
     """The claims every SET we act on must have (RFC 8417 §2.2, SSF 1.0 §10), after its signature
     verified: ``aud`` names ``audience``, ``jti``, a non-empty ``events`` object, ``iat`` not in
-    the future beyond ``skew`` seconds, no ``exp``. Returns (jti, events) or raises
+    the future beyond ``skew`` seconds, no ``exp`` and no ``sub`` (SSF 1.0, "Distinguishing SETs
+    from other Kinds of JWTs"). Returns (jti, events) or raises
     :class:`SetRefused`. Also used by the reference services' poll receiver."""
     aud = claims.get("aud")
     audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
@@ -348,8 +349,10 @@ def check_set_claims(
         raise SetRefused("invalid_request", "a SET needs jti and a non-empty events object")
     if not isinstance(iat, int) or iat > int(time.time()) + skew:
         raise SetRefused("invalid_request", "iat is missing or in the future")
-    if "exp" in claims:  # RFC 8417 §2.2: a SET SHOULD NOT carry exp (it is not an access token)
+    if "exp" in claims:  # SSF 1.0 "The exp Claim": MUST NOT be used in SETs
         raise SetRefused("invalid_request", "a SET must not carry exp")
+    if "sub" in claims:  # SSF 1.0 "SSF Event Subject": sub MUST NOT be present
+        raise SetRefused("invalid_request", "a SET must not carry sub (its subject is sub_id)")
     return jti, events
 
 

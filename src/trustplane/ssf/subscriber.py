@@ -28,7 +28,12 @@ from trustplane.federation.registry import PartnerRegistry
 from trustplane.keys.service import KeyService
 from trustplane.outbound import OutboundFetcher
 from trustplane.ssf.client import find_or_create_stream, request_json
-from trustplane.ssf.transmitter import PUSH, SESSION_REVOKED, TOKEN_CLAIMS_CHANGE
+from trustplane.ssf.transmitter import (
+    PUSH,
+    SESSION_REVOKED,
+    TOKEN_CLAIMS_CHANGE,
+    issuers_of_configuration,
+)
 
 log = structlog.get_logger("trustplane.ssf")
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -116,6 +121,9 @@ class Subscriber:
         issuer = config.get("issuer")
         if issuer not in partner.issuers:
             raise SubscriptionError("the transmitter's issuer is not one of the partner's issuers")
+        if issuer not in issuers_of_configuration(partner.ssf_configuration):
+            # SSF 1.0 §7.2.4: MUST be the issuer the configuration URL was formed from
+            raise SubscriptionError("the transmitter's issuer is not the one its URL names")
         if PUSH not in (config.get("delivery_methods_supported") or []):
             raise SubscriptionError("the transmitter does not deliver by push")
         endpoint = config.get("configuration_endpoint")
@@ -145,6 +153,8 @@ class Subscriber:
         stream_id = stream.get("stream_id") if isinstance(stream, dict) else None
         if not isinstance(stream_id, str):
             raise SubscriptionError("the transmitter's stream has no id")
+        if stream.get("iss") != issuer:  # SSF 1.0 §8.1.1.1-2: the receiver MUST check it
+            raise SubscriptionError("the transmitter's stream names another iss")
         return stream_id
 
     async def _token(self, issuer: str, token_endpoint: str, client_id: str) -> str:

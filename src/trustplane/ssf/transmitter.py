@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import structlog
@@ -69,12 +71,36 @@ CHANNEL = "trustplane_ssf_outbox"
 NOTIFIED_FALLBACK = 5.0
 
 
+#: A stream id we may have issued (``secrets.token_urlsafe``: RFC 3986 unreserved characters, as
+#: SSF 1.0 §8.1.1 recommends). Any other string names no stream and is answered 404 before it
+#: reaches a query: a NUL made PostgreSQL refuse the comparison, and every endpoint answered 500.
+STREAM_ID = re.compile(r"[A-Za-z0-9._~-]{1,64}")
+#: A jti an ``ack`` or ``setErrs`` member can name (ours are 32 hex digits): anything else names no
+#: SET and is ignored (a NUL made the poll's delete fail with 500 on PostgreSQL).
+SET_JTI = re.compile(r"[\x21-\x7e]{1,64}")
+MAX_ENDPOINT_URL = 2048
+#: Members of a stream's configuration that the transmitter supplies (SSF 1.0 §8.1.1): a PATCH or
+#: PUT may carry them, but each MUST match its value before the update (§8.1.1.3, §8.1.1.4).
+TRANSMITTER_SUPPLIED = (
+    "iss",
+    "aud",
+    "events_supported",
+    "events_delivered",
+    "min_verification_interval",
+)
+_MISSING: Any = object()
+
+
 class StreamError(ValueError):
     """A stream request the transmitter refuses (400 invalid_request)."""
 
 
 class StreamNotFoundError(LookupError):
     """No such stream for this client (404 not_found; another client's stream is not revealed)."""
+
+
+class StreamConflictError(StreamError):
+    """The client has as many streams as it may have (SSF 1.0 §8.1.1.1: 409 Conflict)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +155,7 @@ class Transmitter:
 
     async def create(self, client_id: str, body: Any) -> dict[str, Any]:
         request = _object(body)
-        delivery = self._delivery(request.get("delivery"), None)
+        delivery = self._delivery(request.get("delivery", _MISSING), None)
         stream_id = secrets.token_urlsafe(16)
         config = self._config(stream_id, client_id, request, delivery)
         now = int(time.time())
@@ -138,7 +164,10 @@ class Transmitter:
                 select(ssf_streams.c.stream_id).where(ssf_streams.c.client_id == client_id)
             )
             if len(count.all()) >= MAX_STREAMS_PER_CLIENT:
-                raise StreamError(f"a client may have at most {MAX_STREAMS_PER_CLIENT} streams")
+                raise StreamConflictError(
+                    f"a client may have at most {MAX_STREAMS_PER_CLIENT} streams: update or"
+                    " delete one of them"
+                )
             await conn.execute(
                 ssf_streams.insert().values(
                     stream_id=stream_id,
@@ -157,7 +186,7 @@ class Transmitter:
         async with self._db.read() as conn:
             query = select(ssf_streams).where(ssf_streams.c.client_id == client_id)
             if stream_id is not None:
-                query = query.where(ssf_streams.c.stream_id == stream_id)
+                query = query.where(ssf_streams.c.stream_id == _stream_id(stream_id))
             rows = (await conn.execute(query.order_by(ssf_streams.c.created_at))).all()
         if stream_id is not None and not rows:
             raise StreamNotFoundError(stream_id)
@@ -165,13 +194,16 @@ class Transmitter:
 
     async def update(self, client_id: str, body: Any, *, replace: bool) -> dict[str, Any]:
         """PATCH (``replace`` False: only the receiver-supplied members given) or PUT (all of them;
-        an omitted optional member goes back to its default)."""
+        an omitted optional member goes back to its default). Transmitter-supplied members may be
+        present but must match (SSF 1.0 §8.1.1.3-4). Everything is checked before the one update,
+        in one transaction: a refused request leaves the stream and its queue as they were."""
         request = _object(body)
         stream_id = _stream_id(request.get("stream_id"))
         async with self._db.transaction() as conn:
             stream = await self._owned(conn, client_id, stream_id, lock=True)
+            self._check_supplied(request, stream)
             merged = dict(request) if replace else {**stream.config, **request}
-            delivery = self._delivery(merged.get("delivery"), stream)
+            delivery = self._delivery(merged.get("delivery", _MISSING), stream)
             config = self._config(stream_id, client_id, merged, delivery)
             await conn.execute(
                 update(ssf_streams)
@@ -204,9 +236,7 @@ class Transmitter:
         status = request.get("status")
         if status not in STATUSES:
             raise StreamError(f"status must be one of {', '.join(STATUSES)}")
-        reason = request.get("reason")
-        if reason is not None and (not isinstance(reason, str) or len(reason) > MAX_DESCRIPTION):
-            raise StreamError(f"reason must be a string of at most {MAX_DESCRIPTION} characters")
+        reason = _text(request.get("reason"), "reason")
         async with self._db.transaction() as conn:
             stream = await self._owned(conn, client_id, sid, lock=True)
             await conn.execute(
@@ -229,9 +259,7 @@ class Transmitter:
         """SSF 1.0 §8.1.4.2: queue a verification SET carrying the receiver's ``state``."""
         request = _object(body)
         sid = _stream_id(request.get("stream_id"))
-        state = request.get("state")
-        if state is not None and (not isinstance(state, str) or len(state) > MAX_DESCRIPTION):
-            raise StreamError(f"state must be a string of at most {MAX_DESCRIPTION} characters")
+        state = _text(request.get("state"), "state")
         async with self._db.transaction() as conn:
             stream = await self._owned(conn, client_id, sid)
             if stream.status == "disabled":
@@ -457,7 +485,9 @@ class Transmitter:
             isinstance(v, dict) and isinstance(v.get("err"), str) for v in errs.values()
         ):
             raise StreamError('setErrs must map SET jtis to {"err", "description"} objects')
-        done = [*acks, *errs]
+        # a jti we cannot have issued names no SET: ignored, like any unknown one (RFC 8936 §2.2)
+        done = [jti for jti in (*acks, *errs) if SET_JTI.fullmatch(jti)]
+        stream_id = _stream_id(stream_id)
         async with self._db.transaction() as conn:
             stream = await self._owned(conn, client_id, stream_id)
             if stream.method != POLL:
@@ -508,8 +538,17 @@ class Transmitter:
             raise StreamNotFoundError(stream_id)
         return _stream(row)
 
+    def _check_supplied(self, request: dict[str, Any], stream: Stream) -> None:
+        """SSF 1.0 §8.1.1.3-4: a transmitter-supplied member in a PATCH or PUT MUST match its
+        value before the update (they were ignored: a receiver believed it had changed them)."""
+        for name in TRANSMITTER_SUPPLIED:
+            if name in request and not _same(request[name], stream.config.get(name)):
+                raise StreamError(f"{name} is supplied by the transmitter and does not match")
+
     def _delivery(self, raw: Any, stream: Stream | None) -> dict[str, Any]:
-        if raw is None:
+        """``raw`` is ``_MISSING`` when the request has no ``delivery``: poll (SSF 1.0 §8.1.1.1).
+        A poll ``endpoint_url`` is ours: in an update, one that is given must be the stream's."""
+        if raw is _MISSING:
             raw = {"method": POLL}
         if not isinstance(raw, dict):
             raise StreamError("delivery must be an object")
@@ -518,6 +557,10 @@ class Transmitter:
             url = raw.get("endpoint_url")
             if not isinstance(url, str) or not url:
                 raise StreamError("push delivery needs an endpoint_url")
+            if len(url) > MAX_ENDPOINT_URL:
+                raise StreamError(f"endpoint_url must be at most {MAX_ENDPOINT_URL} characters")
+            if any(c <= " " or c == "\x7f" for c in url):
+                raise StreamError("endpoint_url must not contain spaces or control characters")
             problem = self._fetcher.url_problem(url)
             if problem is not None:
                 raise StreamError(f"endpoint_url is not acceptable: {problem}")
@@ -529,9 +572,14 @@ class Transmitter:
                 out["authorization_header"] = auth
             return out
         if method == POLL:
-            if stream is not None and stream.method == POLL:
-                return {"method": POLL, "endpoint_url": stream.config["delivery"]["endpoint_url"]}
-            return {"method": POLL}  # the endpoint is ours: filled in by _config
+            if stream is None:
+                return {"method": POLL}  # the endpoint is ours: filled in by _config
+            ours = self._poll_url(stream.stream_id)
+            if "endpoint_url" in raw and raw["endpoint_url"] != ours:
+                raise StreamError(
+                    "delivery.endpoint_url is supplied by the transmitter and differs"
+                )
+            return {"method": POLL, "endpoint_url": ours}
         raise StreamError(f"delivery method must be {PUSH} or {POLL}")
 
     def _config(
@@ -540,16 +588,9 @@ class Transmitter:
         requested = request.get("events_requested", [])
         if not isinstance(requested, list) or not all(isinstance(e, str) for e in requested):
             raise StreamError("events_requested must be an array of event type URIs")
-        description = request.get("description")
-        if description is not None and (
-            not isinstance(description, str) or len(description) > MAX_DESCRIPTION
-        ):
-            raise StreamError(f"description must be a string of at most {MAX_DESCRIPTION} chars")
+        description = _text(request.get("description"), "description")
         if delivery["method"] == POLL and "endpoint_url" not in delivery:
-            delivery = {
-                **delivery,
-                "endpoint_url": f"{self.issuer.rstrip('/')}/ssf/poll/{stream_id}",
-            }
+            delivery = {**delivery, "endpoint_url": self._poll_url(stream_id)}
         # push: the SET is addressed to the endpoint it is posted to, so a receiver can check that
         # it was meant for it; poll: to the receiver's client id
         aud = delivery["endpoint_url"] if delivery["method"] == PUSH else client_id
@@ -567,6 +608,37 @@ class Transmitter:
             config["description"] = description
         return config
 
+    def _poll_url(self, stream_id: str) -> str:
+        """A poll stream's endpoint: ours, one per stream (SSF 1.0 §6.1.2)."""
+        return f"{self.issuer.rstrip('/')}/ssf/poll/{stream_id}"
+
+
+def configuration_url(issuer: str) -> str:
+    """SSF 1.0 §7.2: the transmitter configuration of ``issuer`` is at
+    ``/.well-known/ssf-configuration`` inserted between its host and its path."""
+    parts = urlsplit(issuer)
+    path = "/.well-known/ssf-configuration" + parts.path.rstrip("/")
+    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+def issuers_of_configuration(url: str) -> tuple[str, ...]:
+    """The issuers whose configuration may be at ``url`` (SSF 1.0 §7.2.4: the document's
+    ``issuer`` MUST be the one the URL was formed from): the well-known suffix inserted between
+    host and path, or appended to the issuer (the same URL for an issuer without a path; for one
+    with a path, where a deployment mounted under that path serves it)."""
+    parts = urlsplit(url)
+    well_known = "/.well-known/ssf-configuration"
+    found = []
+    if parts.path == well_known or parts.path.startswith(well_known + "/"):
+        found.append(
+            urlunsplit((parts.scheme, parts.netloc, parts.path[len(well_known) :], "", ""))
+        )
+    if parts.path.endswith(well_known) and parts.path != well_known:
+        found.append(
+            urlunsplit((parts.scheme, parts.netloc, parts.path[: -len(well_known)], "", ""))
+        )
+    return tuple(found)
+
 
 def _object(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
@@ -575,9 +647,36 @@ def _object(body: Any) -> dict[str, Any]:
 
 
 def _stream_id(value: Any) -> str:
-    if not isinstance(value, str) or not value or len(value) > 64:
+    """A request's ``stream_id``: 400 without one; 404 for a string no stream of ours can have."""
+    if not isinstance(value, str) or not value:
         raise StreamError("stream_id is required")
+    if STREAM_ID.fullmatch(value) is None:
+        raise StreamNotFoundError(value[:64])
     return value
+
+
+def _text(value: Any, name: str) -> str | None:
+    """An optional short text member (``description``, ``reason``, ``state``): no NUL (PostgreSQL
+    refuses one in a text column: a ``reason`` with one answered 500)."""
+    if value is not None and (
+        not isinstance(value, str) or len(value) > MAX_DESCRIPTION or "\x00" in value
+    ):
+        raise StreamError(f"{name} must be a string of at most {MAX_DESCRIPTION} characters")
+    return value
+
+
+def _same(given: Any, expected: Any) -> bool:
+    """Whether a transmitter-supplied member a receiver sent matches ours: the same value; an
+    array as a set (order is not meaningful); ``aud`` as a string or a one-element array."""
+    if isinstance(expected, list):
+        return (
+            isinstance(given, list)
+            and all(isinstance(v, str) for v in given)
+            and sorted(set(given)) == sorted(set(expected))
+        )
+    if isinstance(expected, str) and isinstance(given, list):
+        return given == [expected]
+    return type(given) is type(expected) and bool(given == expected)
 
 
 def _stream_subject(stream_id: str) -> dict[str, Any]:
