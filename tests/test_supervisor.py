@@ -1,6 +1,6 @@
 """``trustplane serve --workers 2`` leaves no process behind (``trustplane.supervisor``): the workers
-end when their supervisor is killed, a stop while a worker is being replaced ends every worker at
-once, a worker that dies while the supervisor waits for its answer is replaced at once, and the
+end when their supervisor is killed (one still starting as well), a stop while a worker is being
+replaced ends every worker at once, a worker that dies while the supervisor waits for its answer is replaced at once, and the
 live-server teardown ends a server that does not stop by itself. Real processes; every wait polls
 with a bound."""
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -67,6 +68,29 @@ def test_killing_the_supervisor_ends_every_worker(servers: LiveServers) -> None:
     server.process.wait()
     wait_until(lambda: not processes_of(_data_dir(server)), GONE_TIMEOUT, "every worker to end")
     assert server.log().count('"event": "worker_supervisor_gone"') == 2, server.log()
+
+
+def test_a_worker_still_starting_when_the_supervisor_dies_ends_too(servers: LiveServers) -> None:
+    server, workers = _two_workers(servers)
+    assert server.process is not None
+    os.kill(min(workers), signal.SIGKILL)
+    replacement = _replacement(server, workers)
+    os.kill(replacement, signal.SIGSTOP)  # still importing: it has not asked the kernel yet
+    # a member of the server's process group whose parent (this test) is outside it: without it,
+    # the supervisor's death orphans the group, and the kernel ends its stopped member with SIGHUP
+    # (POSIX job control) before the replacement can find out by itself
+    with subprocess.Popen(["sleep", "60"], process_group=server.process.pid) as anchor:
+        try:
+            server.process.kill()
+            server.process.wait()
+            os.kill(replacement, signal.SIGCONT)  # it finds its supervisor gone (getppid), ends
+            wait_until(
+                lambda: not processes_of(_data_dir(server)), GONE_TIMEOUT, "every worker to end"
+            )
+        finally:
+            anchor.kill()
+    assert server.log().count('"noticed": "at start"') == 1, server.log()
+    assert server.log().count('"noticed": "signal"') == 1, server.log()
 
 
 def test_a_stop_while_a_worker_is_replaced_ends_every_worker(servers: LiveServers) -> None:

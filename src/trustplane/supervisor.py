@@ -190,7 +190,7 @@ def follow_supervisor(settings: Settings) -> None:
         return
     if os.getppid() != supervisor:  # gone before the kernel was asked: no signal will come
         configure_logging(settings.log_level, settings.log_format)
-        log.warning("worker_supervisor_gone", supervisor=supervisor, started=False)
+        log.warning("worker_supervisor_gone", supervisor=supervisor, noticed="at start")
         sys.exit(0)
 
 
@@ -199,7 +199,9 @@ def _supervisor_gone(supervisor: int) -> None:
     safe): stop as on SIGTERM, and be ended if that stop takes longer than :data:`STOP_GRACE`."""
     if os.getppid() == supervisor:
         return  # someone else sent it: the supervisor is alive
-    log.warning("worker_supervisor_gone", supervisor=supervisor, stop_grace=STOP_GRACE)
+    log.warning(
+        "worker_supervisor_gone", supervisor=supervisor, noticed="signal", stop_grace=STOP_GRACE
+    )
     signal.alarm(STOP_GRACE)  # SIGALRM's default action ends the process
     signal.raise_signal(signal.SIGTERM)  # uvicorn's graceful stop
 
