@@ -11,7 +11,8 @@ app per process (:class:`Listeners`) dispatches by the local port a connection c
 ``workers > 1`` the metrics are kept in Prometheus multiprocess mode (:mod:`trustplane.metrics`): the
 supervisor prepares a fresh directory for the run before spawning the workers, marks each worker that
 exits as dead (its live gauges stop counting), and removes the directory at the end; a ``/metrics``
-scrape answers the sum over the workers, whichever one takes the connection.
+scrape answers the sum over the workers, whichever one takes the connection. The supervisor and the
+workers' tie to it (a worker ends when its supervisor is gone): :mod:`trustplane.supervisor`.
 
 Header limits are applied while the request head is parsed (:class:`BoundedHttpToolsProtocol`): the
 ``httptools`` parser that uvicorn uses by default has no limit of its own (``h11_max_incomplete_event_size``
@@ -50,6 +51,7 @@ from trustplane.limits import REQUESTS_REFUSED, RequestLimits, refusal, request_
 from trustplane.logging import configure_logging
 from trustplane.settings import Settings, SettingsError, load_settings
 from trustplane.startup import freeze_after_start, quiet_gc
+from trustplane.supervisor import follow_supervisor, supervise
 from trustplane.tls.context import cipher_ids, server_context, tls_extension
 
 WORKER_HEALTHCHECK_TIMEOUT = 60
@@ -139,44 +141,12 @@ def run(settings: Settings, sockets: list[socket.socket] | None = None) -> None:
     asyncio.run(warn_unreachable(settings))
     config = uvicorn_config(settings)
     if settings.workers > 1:
-        _supervise(config, sockets, settings)
+        supervise(config, sockets, settings)
         return
     server = uvicorn.Server(config)
     server.run(sockets=sockets)
     if not server.started:
         sys.exit(3)  # the app failed to start; uvicorn logged why
-
-
-def _supervise(config: uvicorn.Config, sockets: list[socket.socket], settings: Settings) -> None:
-    """uvicorn's supervisor, with the multiprocess metrics directory set up around it."""
-    from uvicorn.supervisors import Multiprocess
-
-    from trustplane import metrics
-
-    path, owned = metrics.prepare_multiprocess(settings.data_dir)
-
-    class Supervisor(Multiprocess):
-        """Marks every worker it replaced (died, or SIGHUP restart) as dead for the live gauges."""
-
-        def keep_subprocess_alive(self) -> None:
-            before = {p.pid for p in self.processes}
-            super().keep_subprocess_alive()
-            self._mark_gone(before)
-
-        def restart_all(self) -> None:
-            before = {p.pid for p in self.processes}
-            super().restart_all()
-            self._mark_gone(before)
-
-        def _mark_gone(self, before: set[int | None]) -> None:
-            for pid in before - {p.pid for p in self.processes}:
-                if pid is not None:
-                    metrics.worker_exited(pid, path)
-
-    try:
-        Supervisor(config, sockets=sockets).run()
-    finally:
-        metrics.finish_multiprocess(path, owned)
 
 
 class Listeners:
@@ -224,11 +194,13 @@ def _freezing_on_start(send: Send) -> Send:
 
 
 def listeners_from_env() -> Listeners:
-    """uvicorn factory (each worker process): settings from the environment."""
+    """uvicorn factory (each worker process): settings from the environment. A worker of
+    ``--workers N`` first ties itself to its supervisor (:func:`follow_supervisor`)."""
+    settings = load_settings()
+    follow_supervisor(settings)
     with quiet_gc():
         from trustplane.app import create_app, create_ops_app
 
-    settings = load_settings()
     BoundedHttpToolsProtocol.limits = request_limits(settings)
     public = create_app(settings)
     ops = create_ops_app(public.state.services, public.openapi) if settings.ops_port else None

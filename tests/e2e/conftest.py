@@ -2,8 +2,9 @@
 
 ``live_server`` is a factory: ``live_server.start(db_url)`` runs one server with its own data directory;
 ``live_server.start_cluster(2, pg_url)`` runs several that share one database, one KEK and one issuer
-(as behind a load balancer). Every server is stopped when the test ends (SIGTERM, then SIGKILL), and a
-server whose log shows a traceback fails the test. Every wait here is bounded.
+(as behind a load balancer). Every server is stopped when the test ends (SIGTERM, then SIGKILL to its
+whole process group: the supervisor and every worker), and a server whose log shows a traceback, or
+that left a process behind, fails the test. Every wait here is bounded.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ from tests.conftest import (
 TRUSTPLANE = str(Path(sys.executable).with_name("trustplane"))
 START_TIMEOUT = 45.0
 STOP_TIMEOUT = 10.0
+#: How long a stopped server's processes (workers, multiprocessing's resource tracker) may take to go.
+LEFTOVER_TIMEOUT = 5.0
 CLI_TIMEOUT = 60.0
 #: How often the servers poll for keys and clients changed by another process (the CLI).
 REFRESH_INTERVAL = 0.2
@@ -74,6 +77,26 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def processes_of(data_dir: str) -> dict[int, str]:
+    """The live processes (pid -> command line) whose environment names ``data_dir`` as
+    ``TRUSTPLANE_DATA_DIR``: a server's supervisor, its workers and their helpers, re-parented or
+    not. Linux only (``/proc``); empty elsewhere."""
+    marker = f"\0TRUSTPLANE_DATA_DIR={data_dir}\0".encode()
+    found: dict[int, str] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+            if stat.rsplit(")", 1)[1].split()[0] == "Z" or marker not in (
+                b"\0" + (entry / "environ").read_bytes()
+            ):
+                continue
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+        found[int(entry.name)] = command[:160]
+    return found
+
+
 def run_cli(env: dict[str, str], *args: str) -> str:
     """Run ``trustplane ARGS`` with ``env``; return stdout, fail the test on a non-zero exit."""
     proc = subprocess.run(
@@ -98,6 +121,8 @@ class LiveServer:
     env: dict[str, str]
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
+    #: Processes found alive after a stop (then killed): the teardown fails naming them.
+    leftovers: list[str] = field(default_factory=list)
 
     @property
     def base_url(self) -> str:
@@ -126,6 +151,7 @@ class LiveServer:
                 stderr=subprocess.STDOUT,
                 cwd=self.env["TRUSTPLANE_DATA_DIR"],
                 preexec_fn=_die_with_parent,
+                process_group=0,  # its own group: the supervisor and its workers, for stop()
             )
 
     def wait_ready(self, deadline: float, relaunches: int = 3) -> None:
@@ -159,15 +185,31 @@ class LiveServer:
             self.issuer = self.base_url
 
     def stop(self) -> None:
+        """SIGTERM, and SIGKILL to the whole process group if the server has not exited within
+        ``STOP_TIMEOUT``; then any process of the server still alive is killed and recorded in
+        ``leftovers``."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
+        if process is None:
             return
-        process.terminate()
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(STOP_TIMEOUT)
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(STOP_TIMEOUT)
+        self._reap_leftovers()
+
+    def _reap_leftovers(self) -> None:
+        data_dir = self.env["TRUSTPLANE_DATA_DIR"]
+        deadline = time.monotonic() + LEFTOVER_TIMEOUT
+        while (left := processes_of(data_dir)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid, command in left.items():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            self.leftovers.append(f"pid {pid}: {command}")
 
 
 @dataclass
@@ -211,12 +253,15 @@ class LiveServers:
         return cluster
 
     def close(self) -> list[str]:
-        """Stop everything; return the logs that show a crash."""
+        """Stop everything; return the logs that show a crash, and the processes left behind."""
         crashed = []
         for server in reversed(self.servers):
             server.stop()
             if "Traceback" in server.log():
                 crashed.append(f"server on port {server.port}:\n{server.log()[-4000:]}")
+            if server.leftovers:
+                left = "\n".join(server.leftovers)
+                crashed.append(f"server on port {server.port} left processes behind:\n{left}")
         return crashed
 
 
@@ -229,7 +274,7 @@ def running_servers(tmp_path: Path) -> Iterator[LiveServers]:
     finally:
         crashed = servers.close()
     if crashed:
-        pytest.fail("a live server logged a traceback:\n" + "\n".join(crashed))
+        pytest.fail("a live server crashed or left processes:\n" + "\n".join(crashed))
 
 
 @pytest.fixture
