@@ -15,7 +15,7 @@ schema the tree's own code makes (trustplane's migrations, the reference store's
 with ``--prefill`` rows already published (and in the ledger) and never ANALYZEd: ``--events`` rows
 appended, marked published (the publisher's statement, 100 a batch) and, for ``ref_outbox``, marked
 delivered to the ledger (the forwarder's); ``security_events`` marked one by one as its publisher
-does. Per event and phase: the WAL the statements wrote (``EXPLAIN (ANALYZE, WAL)``: this session's
+does; ``ref_transitions`` rows as a learning (reporting) store records them. Per event and phase: the WAL the statements wrote (``EXPLAIN (ANALYZE, WAL)``: this session's
 records alone, whatever else the server runs; the bytes also without the statements that logged a
 full-page image, which depend on when the server last checkpointed), and the index entries (rows written, the updates
 that were not HOT, from ``pg_stat_user_tables``, times the indexes whose predicate the new row
@@ -37,6 +37,8 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped]
 
 PG = "postgresql://postgres@127.0.0.1:5432"
+#: The tables' ordering key, where it is not ``seq``.
+KEYS = {"ref_transitions": "id"}
 
 
 async def main(url: str) -> None:
@@ -107,13 +109,14 @@ async def _entries(conn: Any, table: str, first: int, writes: int) -> tuple[floa
         "JOIN pg_class i ON i.oid = x.indexrelid WHERE x.indrelid = $1::regclass ORDER BY 1",
         table,
     )
-    rows = await conn.fetchval(f"SELECT count(*) FROM {table} WHERE seq >= $1", first)  # noqa: S608
+    key = KEYS.get(table, "seq")
+    rows = await conn.fetchval(f"SELECT count(*) FROM {table} WHERE {key} >= $1", first)  # noqa: S608
     total, taken = 0.0, []
     for r in indexes:
         kept = rows
         if r["pred"]:
             kept = await conn.fetchval(
-                f"SELECT count(*) FROM {table} WHERE seq >= $1 AND {r['pred']}",  # noqa: S608
+                f"SELECT count(*) FROM {table} WHERE {key} >= $1 AND {r['pred']}",  # noqa: S608
                 first,
             )
         if kept:
@@ -135,7 +138,8 @@ async def _phase(
             clean_events += len(params[0]) if isinstance(params[0], list) else 1
     await writer.execute("SELECT pg_stat_force_next_flush()")
     ins1, upd1 = await _written(reader, table)
-    events = await reader.fetchval(f"SELECT count(*) FROM {table} WHERE seq >= $1", first)  # noqa: S608
+    key = KEYS.get(table, "seq")
+    events = await reader.fetchval(f"SELECT count(*) FROM {table} WHERE {key} >= $1", first)  # noqa: S608
     entries, indexes = await _entries(reader, table, first, (ins1 - ins0) + (upd1 - upd0))
     clean = clean_bytes / clean_events if clean_events else float("nan")
     print(f"  {table} {name:9}: {records / events:5.2f} WAL records, {size / events:7.1f} WAL "
@@ -180,7 +184,9 @@ async def outbox(prefill: int, events: int) -> None:
     writer = reader = None
     try:
         await upgrade(db)
-        await TradeStore(db, EventSigner.generate("https://bench.example")).create_schema()
+        # a learning store's (the acting token's indexes are the settlement's alone)
+        signer = EventSigner.generate("https://bench.example")
+        await TradeStore(db, signer, service="reporting").create_schema()
         await db.dispose()
         writer, reader = (
             await asyncpg.connect(f"{PG}/{name}"),
@@ -197,7 +203,7 @@ async def outbox(prefill: int, events: int) -> None:
             "created_at, published_at) SELECT md5(i::text), 't', 'm' || i, 1, $1, 1, 2 "
             "FROM generate_series(1, $2) i", jws, prefill // 5,
         )  # fmt: skip
-        print(f"{prefill} ref_outbox rows and {prefill // 5} security_events published, "
+        print(f"{prefill} ref_outbox rows (and transitions), {prefill // 5} security_events, "
               f"{events} events appended and marked, no statistics")  # fmt: skip
         first = prefill + 1
         append = [("INSERT INTO ref_outbox (event_id, type, trade_id, txn, jws, created_at) "
@@ -228,6 +234,19 @@ async def outbox(prefill: int, events: int) -> None:
             total = [total[0] + r, total[1] + b]
         print(f"  security_events over its life: {total[0] / events:.2f} WAL records, "
               f"{total[1]:.1f} WAL bytes per event without full-page images")  # fmt: skip
+        await writer.execute(
+            "INSERT INTO ref_transitions (trade_id, transition, source, target, actor, event_id, "
+            "at, token_iss, token_jti, mandate_id) SELECT 'P-' || i, 'execute', 'created', "
+            "'executed', 'svc', md5(i::text), 1, 'https://as.example', md5('j' || i), 'm-' || i % 50 "
+            "FROM generate_series(1, $1) i", prefill,
+        )  # fmt: skip
+        tfirst = prefill + 1
+        learned = [("INSERT INTO ref_transitions (trade_id, transition, source, target, actor, "
+                    "event_id, at, token_iss, token_jti, mandate_id) VALUES ($1, 'execute', "
+                    "'created', 'executed', 'svc', $2, 5, 'https://as.example', $3, $4)",
+                    (f"T-{i}", uuid.uuid4().hex[:36], uuid.uuid4().hex, f"m-{i % 50}"))
+                   for i in range(events)]  # fmt: skip
+        await _phase(writer, reader, "ref_transitions", tfirst, "learned", learned)
         for i in range(5):  # a few pending
             await writer.execute(append[0][0], uuid.uuid4().hex, f"P-{i}", None, jws)
             await writer.execute(sets[0][0], uuid.uuid4().hex, f"p-{i}", jws)

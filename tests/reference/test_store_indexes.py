@@ -153,3 +153,47 @@ async def _called_twice(store: TradeStore) -> None:
                      "submit_settlement", "amend#1"]  # fmt: skip
     assert await _outbox(store) == 6
     assert (await store.trade("T-1")).settlement == {"ssi": "Y"}
+
+
+#: The transitions by acting token and by mandate (``resting_on``), as stores made before had them.
+RESTING_INDEXES = {
+    "ix_ref_transitions_token_jti": "token_jti",
+    "ix_ref_transitions_mandate_id": "mandate_id",
+}
+RESTING = set(RESTING_INDEXES)
+
+
+@pytest.mark.parametrize(
+    "service",
+    [None, machine.SETTLEMENT, machine.EXECUTION, machine.ALLOCATION, machine.REPORTING],
+    ids=["shared", *(s for s in (machine.SETTLEMENT, machine.EXECUTION, machine.ALLOCATION,
+                                 machine.REPORTING))],
+)  # fmt: skip
+async def test_only_the_settlements_store_indexes_the_acting_tokens(
+    ref_url: str, service: str | None
+) -> None:
+    """Every store records its transitions' acting token; only the settlement's looks trades up by
+    it (an issuer's signal, ``resting_on``). The others, made before with both indexes (two entries
+    per transition that nothing read), lose them; the settlement's (or a shared store) keeps them
+    and its look reads them. Twice: idempotent."""
+    store = await fresh_store(ref_url)
+    async with store.db.transaction() as conn:  # as a store made before had them
+        for name, column in RESTING_INDEXES.items():
+            await conn.execute(
+                text(f"CREATE INDEX IF NOT EXISTS {name} ON ref_transitions ({column})")
+            )
+    await store.db.dispose()
+    upgraded = TradeStore(Database(ref_url), store.signer, service=service)
+    try:
+        for _ in range(2):
+            await upgraded.create_schema()
+            found = await _indexes(upgraded, "ref_transitions") & RESTING
+            assert found == (RESTING if service in (None, machine.SETTLEMENT) else set())
+        if found:
+            for name, column in RESTING_INDEXES.items():
+                where = f"token_iss = 'i' AND {column} = 'x'"
+                sql = f"SELECT trade_id FROM ref_transitions WHERE {where}"  # noqa: S608
+                assert name in await _plan(upgraded, sql)
+    finally:
+        await upgraded.db.dispose()
+    await (await fresh_store(ref_url)).db.dispose()  # the shared test database as it was

@@ -93,12 +93,21 @@ transitions = Table(
     # the acting token (None for the CLI and for signals): what the trade rests on, so that the
     # issuer's revocation of the token or its mandate finds the trades in flight (signals.py)
     Column("token_iss", String(512)),
-    Column("token_jti", String(256), index=True),
-    Column("mandate_id", String(128), index=True),
+    Column("token_jti", String(256)),
+    Column("mandate_id", String(128)),
     UniqueConstraint("trade_id", "transition", name="uq_ref_transition_once"),
 )
 #: Added after the first release: ``create_schema`` adds them to an older ``ref_transitions``.
 ACTING_COLUMNS = ("token_iss", "token_jti", "mandate_id")
+#: The transitions by acting token and by mandate: read only by :meth:`TradeStore.resting_on`, the
+#: settlement's look for the trades an issuer's signal withdraws (``signals.py``). Every store
+#: records the acting token of its transitions, so ``create_schema`` makes these in the
+#: settlement's store (and a store shared by all services) only, and drops them from the others,
+#: where they cost two index entries per transition that nothing reads.
+RESTING_INDEXES = {
+    "ix_ref_transitions_token_jti": "token_jti",
+    "ix_ref_transitions_mandate_id": "mandate_id",
+}
 
 signals = Table(
     "ref_signals",
@@ -709,7 +718,7 @@ class TradeStore:
                 await conn.run_sync(metadata.create_all)
                 await conn.run_sync(_add_acting_columns)
                 await conn.run_sync(_add_ledger_column)
-                await conn.run_sync(_upgrade_indexes)
+                await conn.run_sync(_upgrade_indexes, self.service in (None, machine.SETTLEMENT))
                 if conn.dialect.name == "postgresql":
                     await store_pg.create_functions(conn)
 
@@ -1768,12 +1777,19 @@ UNUSED_INDEXES = (
 PARTIAL_INDEXES = (KEPT_INDEX, UNPUBLISHED_INDEX, UNDELIVERED_INDEX)
 
 
-def _upgrade_indexes(sync_conn: Any) -> None:
+def _upgrade_indexes(sync_conn: Any, resting: bool) -> None:
     """A store made before :data:`PARTIAL_INDEXES` gets them (the inbox's kept events, the outbox's
     rows not yet published or in the ledger are found by them) and loses :data:`UNUSED_INDEXES`;
-    a no-op on a current store (``IF [NOT] EXISTS``)."""
+    the :data:`RESTING_INDEXES` are made where ``resting`` (the settlement's store) and dropped
+    elsewhere; a no-op on a current store (``IF [NOT] EXISTS``)."""
     for index in PARTIAL_INDEXES:
         index.create(sync_conn, checkfirst=True)
+    for name, column in RESTING_INDEXES.items():
+        sync_conn.execute(
+            text(f"CREATE INDEX IF NOT EXISTS {name} ON ref_transitions ({column})")
+            if resting
+            else text(f"DROP INDEX IF EXISTS {name}")
+        )
     for name in UNUSED_INDEXES:
         sync_conn.execute(text(f"DROP INDEX IF EXISTS {name}"))
 
@@ -1793,13 +1809,6 @@ def _add_acting_columns(sync_conn: Any) -> None:
             # PostgreSQL: two services upgrading at once must not fail (SQLite has one writer)
             guard = "IF NOT EXISTS " if sync_conn.dialect.name == "postgresql" else ""
             sync_conn.execute(text(f"ALTER TABLE ref_transitions ADD COLUMN {guard}{name} {kind}"))
-            if column.index:
-                sync_conn.execute(
-                    text(
-                        f"CREATE INDEX IF NOT EXISTS ix_ref_transitions_{name} "
-                        f"ON ref_transitions ({name})"
-                    )
-                )
 
 
 def _stored(row: Any) -> StoredEvent:
