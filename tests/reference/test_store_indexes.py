@@ -1,6 +1,8 @@
 """What the stores write per event, and what an older store is upgraded to: no index that no query
 reads (the outbox's by trade and by txn), the inbox's kept events found by a partial index that an
-event applied on arrival writes nothing into; and the PostgreSQL transition function's look for a
+event applied on arrival writes nothing into, the outbox's rows not yet published or in the ledger
+by partial indexes that a row leaves when it is marked (the full indexes on ``published_at`` and
+``ledger_at`` took an entry for every row version); and the PostgreSQL transition function's look for a
 retry of its own committed call kept where a retry can succeed or fail again (a creation, a move
 onto its own state: ``amend#n``)."""
 
@@ -23,8 +25,17 @@ OLD_INDEXES = {
     "ix_ref_outbox_txn": "ref_outbox (txn)",
     "ix_ref_inbox_trade_id": "ref_inbox (trade_id)",
     "ix_ref_inbox_applied_at": "ref_inbox (applied_at)",
+    "ix_ref_outbox_published_at": "ref_outbox (published_at)",
+    "ix_ref_outbox_ledger_at": "ref_outbox (ledger_at)",
 }
 KEPT = "ix_ref_inbox_kept"
+PENDING = {"ix_ref_outbox_unpublished", "ix_ref_outbox_undelivered"}
+#: The publisher's and the ledger forwarder's reads, and the partial index each must read.
+PENDING_READS = {
+    "ix_ref_outbox_unpublished": store_pg.UNPUBLISHED.replace("$1", "100"),
+    "ix_ref_outbox_undelivered": "SELECT * FROM ref_outbox WHERE ledger_at IS NULL ORDER BY seq "
+    "LIMIT 100",
+}
 
 
 async def _indexes(store: TradeStore, table: str) -> set[str]:
@@ -36,10 +47,9 @@ async def _indexes(store: TradeStore, table: str) -> set[str]:
 async def test_a_store_indexes_only_what_its_queries_read(ref_url: str) -> None:
     store = await fresh_store(ref_url)
     try:
-        assert await _indexes(store, "ref_outbox") == {
-            "ix_ref_outbox_published_at",
-            "ix_ref_outbox_ledger_at",
-        } | ({"ref_outbox_event_id_key"} if not store.db.is_sqlite else set())
+        assert await _indexes(store, "ref_outbox") == PENDING | (
+            {"ref_outbox_event_id_key"} if not store.db.is_sqlite else set()
+        )
         assert KEPT in await _indexes(store, "ref_inbox")
         assert not set(OLD_INDEXES) & (
             await _indexes(store, "ref_inbox") | await _indexes(store, "ref_outbox")
@@ -48,12 +58,29 @@ async def test_a_store_indexes_only_what_its_queries_read(ref_url: str) -> None:
         await store.db.dispose()
 
 
-async def test_an_older_store_loses_the_unused_indexes_and_gets_the_kept_one(ref_url: str) -> None:
+async def _plan(store: TradeStore, sql: str) -> str:
+    explain = "EXPLAIN QUERY PLAN" if store.db.is_sqlite else "EXPLAIN"
+    async with store.db.read() as conn:
+        rows = (await conn.execute(text(f"{explain} {sql}"))).all()
+    return " ".join(str(r[-1]) for r in rows)
+
+
+@pytest.mark.parametrize("before_ledger", [False, True], ids=["older", "before-ledger"])
+async def test_an_older_store_loses_the_unused_indexes_and_gets_the_partial_ones(
+    ref_url: str, before_ledger: bool
+) -> None:
+    """A store made before (the full indexes, no partial one; or before the ledger column, which
+    came with its full index) is upgraded by ``create_schema``, idempotently; the kept events',
+    the publisher's and the ledger forwarder's reads then use the partial indexes."""
     store = await fresh_store(ref_url)
     async with store.db.transaction() as conn:  # the indexes as a store made before had them
-        await conn.execute(text(f"DROP INDEX IF EXISTS {KEPT}"))
+        for name in (KEPT, *PENDING):
+            await conn.execute(text(f"DROP INDEX IF EXISTS {name}"))
         for name, on in OLD_INDEXES.items():
             await conn.execute(text(f"CREATE INDEX IF NOT EXISTS {name} ON {on}"))
+        if before_ledger:
+            await conn.execute(text("DROP INDEX ix_ref_outbox_ledger_at"))
+            await conn.execute(text("ALTER TABLE ref_outbox DROP COLUMN ledger_at"))
     await store.db.dispose()
     upgraded = TradeStore(Database(ref_url), store.signer)
     try:
@@ -62,18 +89,14 @@ async def test_an_older_store_loses_the_unused_indexes_and_gets_the_kept_one(ref
         inbox_indexes = await _indexes(upgraded, "ref_inbox")
         outbox_indexes = await _indexes(upgraded, "ref_outbox")
         assert KEPT in inbox_indexes
+        assert outbox_indexes >= PENDING
         assert not set(OLD_INDEXES) & (inbox_indexes | outbox_indexes)
-        if not upgraded.db.is_sqlite:  # the kept events' reads use it
-            async with upgraded.db.read() as conn:
-                plan = (
-                    await conn.execute(
-                        text(
-                            "EXPLAIN SELECT seq FROM ref_inbox WHERE trade_id = 't' "
-                            "AND applied_at IS NULL ORDER BY seq"
-                        )
-                    )
-                ).all()
-            assert KEPT in " ".join(str(r[0]) for r in plan)
+        kept = "SELECT seq FROM ref_inbox WHERE trade_id = 't' AND applied_at IS NULL ORDER BY seq"
+        assert KEPT in await _plan(upgraded, kept)
+        for index, sql in PENDING_READS.items():
+            plan = await _plan(upgraded, sql)
+            assert index in plan, plan
+            assert "Seq Scan" not in plan, plan
     finally:
         await upgraded.db.dispose()
 
@@ -130,3 +153,47 @@ async def _called_twice(store: TradeStore) -> None:
                      "submit_settlement", "amend#1"]  # fmt: skip
     assert await _outbox(store) == 6
     assert (await store.trade("T-1")).settlement == {"ssi": "Y"}
+
+
+#: The transitions by acting token and by mandate (``resting_on``), as stores made before had them.
+RESTING_INDEXES = {
+    "ix_ref_transitions_token_jti": "token_jti",
+    "ix_ref_transitions_mandate_id": "mandate_id",
+}
+RESTING = set(RESTING_INDEXES)
+
+
+@pytest.mark.parametrize(
+    "service",
+    [None, machine.SETTLEMENT, machine.EXECUTION, machine.ALLOCATION, machine.REPORTING],
+    ids=["shared", *(s for s in (machine.SETTLEMENT, machine.EXECUTION, machine.ALLOCATION,
+                                 machine.REPORTING))],
+)  # fmt: skip
+async def test_only_the_settlements_store_indexes_the_acting_tokens(
+    ref_url: str, service: str | None
+) -> None:
+    """Every store records its transitions' acting token; only the settlement's looks trades up by
+    it (an issuer's signal, ``resting_on``). The others, made before with both indexes (two entries
+    per transition that nothing read), lose them; the settlement's (or a shared store) keeps them
+    and its look reads them. Twice: idempotent."""
+    store = await fresh_store(ref_url)
+    async with store.db.transaction() as conn:  # as a store made before had them
+        for name, column in RESTING_INDEXES.items():
+            await conn.execute(
+                text(f"CREATE INDEX IF NOT EXISTS {name} ON ref_transitions ({column})")
+            )
+    await store.db.dispose()
+    upgraded = TradeStore(Database(ref_url), store.signer, service=service)
+    try:
+        for _ in range(2):
+            await upgraded.create_schema()
+            found = await _indexes(upgraded, "ref_transitions") & RESTING
+            assert found == (RESTING if service in (None, machine.SETTLEMENT) else set())
+        if found:
+            for name, column in RESTING_INDEXES.items():
+                where = f"token_iss = 'i' AND {column} = 'x'"
+                sql = f"SELECT trade_id FROM ref_transitions WHERE {where}"  # noqa: S608
+                assert name in await _plan(upgraded, sql)
+    finally:
+        await upgraded.db.dispose()
+    await (await fresh_store(ref_url)).db.dispose()  # the shared test database as it was

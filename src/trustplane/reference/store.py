@@ -93,12 +93,21 @@ transitions = Table(
     # the acting token (None for the CLI and for signals): what the trade rests on, so that the
     # issuer's revocation of the token or its mandate finds the trades in flight (signals.py)
     Column("token_iss", String(512)),
-    Column("token_jti", String(256), index=True),
-    Column("mandate_id", String(128), index=True),
+    Column("token_jti", String(256)),
+    Column("mandate_id", String(128)),
     UniqueConstraint("trade_id", "transition", name="uq_ref_transition_once"),
 )
 #: Added after the first release: ``create_schema`` adds them to an older ``ref_transitions``.
 ACTING_COLUMNS = ("token_iss", "token_jti", "mandate_id")
+#: The transitions by acting token and by mandate: read only by :meth:`TradeStore.resting_on`, the
+#: settlement's look for the trades an issuer's signal withdraws (``signals.py``). Every store
+#: records the acting token of its transitions, so ``create_schema`` makes these in the
+#: settlement's store (and a store shared by all services) only, and drops them from the others,
+#: where they cost two index entries per transition that nothing reads.
+RESTING_INDEXES = {
+    "ix_ref_transitions_token_jti": "token_jti",
+    "ix_ref_transitions_mandate_id": "mandate_id",
+}
 
 signals = Table(
     "ref_signals",
@@ -125,9 +134,27 @@ outbox = Table(
     Column("txn", String(256)),
     Column("jws", Text, nullable=False),
     Column("created_at", BigInteger, nullable=False),
-    Column("published_at", BigInteger, index=True),
+    Column("published_at", BigInteger),
     # delivered to the authorization server's ledger (ledger_forwarder.py), apart from JetStream
-    Column("ledger_at", BigInteger, index=True),
+    Column("ledger_at", BigInteger),
+)
+#: The rows not yet published and not yet in the ledger, by ``seq``: what the publisher and the
+#: ledger forwarder read (``... IS NULL ORDER BY seq LIMIT n``: an index scan in order, no sort).
+#: Partial indexes: a row leaves each when it is marked. The full indexes on ``published_at`` and
+#: ``ledger_at`` of stores made before held every row version (each mark is an update that is not
+#: HOT, its column being indexed): 12 index entries per event over its life against 9
+#: (:data:`UNUSED_INDEXES`; docs/settlement.md).
+UNPUBLISHED_INDEX = Index(
+    "ix_ref_outbox_unpublished",
+    outbox.c.seq,
+    postgresql_where=outbox.c.published_at.is_(None),
+    sqlite_where=outbox.c.published_at.is_(None),
+)
+UNDELIVERED_INDEX = Index(
+    "ix_ref_outbox_undelivered",
+    outbox.c.seq,
+    postgresql_where=outbox.c.ledger_at.is_(None),
+    sqlite_where=outbox.c.ledger_at.is_(None),
 )
 
 exceptions = Table(
@@ -691,7 +718,7 @@ class TradeStore:
                 await conn.run_sync(metadata.create_all)
                 await conn.run_sync(_add_acting_columns)
                 await conn.run_sync(_add_ledger_column)
-                await conn.run_sync(_upgrade_indexes)
+                await conn.run_sync(_upgrade_indexes, self.service in (None, machine.SETTLEMENT))
                 if conn.dialect.name == "postgresql":
                     await store_pg.create_functions(conn)
 
@@ -1727,28 +1754,42 @@ def payload_of(jws: str) -> dict[str, Any]:
 
 
 def _add_ledger_column(conn: Any) -> None:
-    """A store created before the ledger marker gets its column (and index); rows stay undelivered."""
+    """A store created before the ledger marker gets its column (its index: :func:`_upgrade_indexes`);
+    rows stay undelivered."""
     if "ledger_at" in {c["name"] for c in inspect(conn).get_columns("ref_outbox")}:
         return
     conn.execute(text("ALTER TABLE ref_outbox ADD COLUMN ledger_at BIGINT"))
-    conn.execute(text("CREATE INDEX ix_ref_outbox_ledger_at ON ref_outbox (ledger_at)"))
 
 
 #: Indexes of stores made before 2026-12-06 that no query needs (dropped by ``create_schema``): the
 #: outbox's by trade and by txn, and the inbox's by trade and by ``applied_at`` (replaced by
-#: :data:`KEPT_INDEX`).
+#: :data:`KEPT_INDEX`); the outbox's full indexes on ``published_at`` and ``ledger_at`` (replaced
+#: by :data:`UNPUBLISHED_INDEX` and :data:`UNDELIVERED_INDEX`).
 UNUSED_INDEXES = (
     "ix_ref_outbox_trade_id",
     "ix_ref_outbox_txn",
     "ix_ref_inbox_trade_id",
     "ix_ref_inbox_applied_at",
+    "ix_ref_outbox_published_at",
+    "ix_ref_outbox_ledger_at",
 )
+#: The partial indexes a store made before them gets (checked first: a no-op once they exist).
+PARTIAL_INDEXES = (KEPT_INDEX, UNPUBLISHED_INDEX, UNDELIVERED_INDEX)
 
 
-def _upgrade_indexes(sync_conn: Any) -> None:
-    """A store made before :data:`KEPT_INDEX` gets it (an inbox's kept events are found by it)
-    and loses :data:`UNUSED_INDEXES`; a no-op on a current store (``IF [NOT] EXISTS``)."""
-    KEPT_INDEX.create(sync_conn, checkfirst=True)
+def _upgrade_indexes(sync_conn: Any, resting: bool) -> None:
+    """A store made before :data:`PARTIAL_INDEXES` gets them (the inbox's kept events, the outbox's
+    rows not yet published or in the ledger are found by them) and loses :data:`UNUSED_INDEXES`;
+    the :data:`RESTING_INDEXES` are made where ``resting`` (the settlement's store) and dropped
+    elsewhere; a no-op on a current store (``IF [NOT] EXISTS``)."""
+    for index in PARTIAL_INDEXES:
+        index.create(sync_conn, checkfirst=True)
+    for name, column in RESTING_INDEXES.items():
+        sync_conn.execute(
+            text(f"CREATE INDEX IF NOT EXISTS {name} ON ref_transitions ({column})")
+            if resting
+            else text(f"DROP INDEX IF EXISTS {name}")
+        )
     for name in UNUSED_INDEXES:
         sync_conn.execute(text(f"DROP INDEX IF EXISTS {name}"))
 
@@ -1768,13 +1809,6 @@ def _add_acting_columns(sync_conn: Any) -> None:
             # PostgreSQL: two services upgrading at once must not fail (SQLite has one writer)
             guard = "IF NOT EXISTS " if sync_conn.dialect.name == "postgresql" else ""
             sync_conn.execute(text(f"ALTER TABLE ref_transitions ADD COLUMN {guard}{name} {kind}"))
-            if column.index:
-                sync_conn.execute(
-                    text(
-                        f"CREATE INDEX IF NOT EXISTS ix_ref_transitions_{name} "
-                        f"ON ref_transitions ({name})"
-                    )
-                )
 
 
 def _stored(row: Any) -> StoredEvent:

@@ -376,9 +376,21 @@ async def read_leaves(conn: AsyncConnection, start: int, limit: int) -> Sequence
 
 
 async def prune_windows(conn: AsyncConnection, signal: str, before_bucket: int) -> int:
-    """Forget the windows of ``signal`` before ``before_bucket`` (no longer any baseline's)."""
+    """Forget the windows of ``signal`` before ``before_bucket`` (no longer any baseline's).
+
+    Every process runs it each minute, so it reads the windows it deletes and no others: a range of
+    ``ix_surveillance_windows_signal_bucket``, closed below at the signal's oldest bucket (one probe
+    of the index) as :mod:`trustplane.storage.prune` closes the expiry prunes. Through the primary
+    key (signal, key, bucket) the bucket bound is no range, and every window of the signal was
+    read (a bitmap of the key's whole part, or, ANALYZEd, a sequential scan: ~10-27 ms a round at
+    200,000 windows); an open range alone is planned on statistics, stale ones included (autovacuum
+    off: an old ``ANALYZE`` whose buckets all lie below the bound puts every window in range),
+    while a bound known only at run time takes the planner's default small range either way."""
     t = surveillance_windows
-    result = await conn.execute(delete(t).where(t.c.signal == signal, t.c.bucket < before_bucket))
+    oldest = select(func.min(t.c.bucket)).where(t.c.signal == signal).scalar_subquery()
+    result = await conn.execute(
+        delete(t).where(t.c.signal == signal, t.c.bucket >= oldest, t.c.bucket < before_bucket)
+    )
     return int(result.rowcount or 0)
 
 

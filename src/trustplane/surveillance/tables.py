@@ -5,10 +5,12 @@
 - ``surveillance_actor_pairs``: per client, every (subject, actor) pair seen, by a SHA-256 of the
   two (bounded width whatever the identifiers), with the leaf index that first showed it.
 - ``surveillance_windows``: per signal and key (client or partner), the count in each fixed window
-  and the leaf index that raised its alert (NULL: none yet), so that a window alerts once.
+  and the leaf index that raised its alert (NULL: none yet), so that a window alerts once; indexed
+  by (signal, bucket) too (``0015_periodic_reads``): the minute's prune deletes a signal's oldest
+  buckets, which the primary key holds scattered among every key's windows.
 """
 
-from sqlalchemy import BigInteger, Column, Integer, PrimaryKeyConstraint, String, Table
+from sqlalchemy import BigInteger, Column, Index, Integer, PrimaryKeyConstraint, String, Table
 
 from trustplane.storage.metadata import metadata
 
@@ -47,4 +49,5 @@ surveillance_windows = Table(
     Column("first_index", BigInteger, nullable=False),
     Column("alerted_index", BigInteger),
     PrimaryKeyConstraint("signal", "key", "bucket"),
+    Index("ix_surveillance_windows_signal_bucket", "signal", "bucket"),
 )
