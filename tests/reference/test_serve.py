@@ -150,6 +150,17 @@ def test_each_service_has_its_own_database_and_key() -> None:
         pg.database_url_of("execution")
     with pytest.raises(ReferenceSettingsError, match="unknown service clearing"):
         ReferenceSettings.from_env({"TRUSTPLANE_REFERENCE_SERVICES": "clearing"})
+    shared = {
+        "TRUSTPLANE_REFERENCE_EXECUTION_DATABASE_URL": "postgresql+asyncpg://db/trades",
+        "TRUSTPLANE_REFERENCE_ALLOCATION_DATABASE_URL": "postgresql+asyncpg://db/allocation",
+        "TRUSTPLANE_REFERENCE_SETTLEMENT_DATABASE_URL": " postgresql+asyncpg://db/trades ",
+    }
+    with pytest.raises(
+        ReferenceSettingsError,
+        match="EXECUTION_DATABASE_URL and TRUSTPLANE_REFERENCE_SETTLEMENT_DATABASE_URL name the "
+        "same database",
+    ):
+        ReferenceSettings.from_env(shared)
 
 
 def test_the_app_makes_its_store_and_guards_its_routes(tmp_path: Path) -> None:

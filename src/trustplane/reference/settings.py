@@ -132,6 +132,15 @@ class ReferenceSettings:
             for service in machine.SERVICES
             if (url := get(f"{service}_database_url")) is not None
         )
+        for i, (service, url) in enumerate(urls):
+            for other, same in urls[i + 1 :]:
+                if same == url:
+                    # one database is one set of tables: two services on it would read each
+                    # other's trades as their own, and each store's indexes are its service's
+                    raise ReferenceSettingsError(
+                        f"{PREFIX}{service.upper()}_DATABASE_URL and {PREFIX}{other.upper()}_"
+                        "DATABASE_URL name the same database: each service has its own"
+                    )
         keys = tuple(
             (service, Path(key))
             for service in machine.OWNERS
