@@ -307,6 +307,37 @@ async def test_a_subject_that_cannot_be_acted_on_is_refused(
     assert refused.value.err == err, case
 
 
+CRITICAL_REFUSED = [
+    ("a critical user", {"format": "complex", "session": {"format": "opaque", "id": "M-7"},
+                         "user": {"format": "opaque", "id": "u-1"}}),
+    ("a critical session that is not opaque", {"format": "complex",
+                                               "session": {"format": "email", "email": "a@b.c"}}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("case", "subject"), CRITICAL_REFUSED, ids=[c[0] for c in CRITICAL_REFUSED]
+)
+async def test_a_set_with_a_critical_member_it_cannot_process_is_refused(
+    case: str, subject: Any
+) -> None:
+    """SSF 1.0 "Receiver Subject Processing": an event whose subject has a member of the
+    transmitter's ``critical_subject_members`` that we cannot process (we process an ``opaque``
+    ``session``) MUST be discarded: refused with ``invalid_request``, in ``sub_id`` or in the
+    event (CAEP drafts). A member that is not critical is ignored (best effort)."""
+    verifier = SetVerifier(ISSUER, AUDIENCE, TRANSMITTER, critical=frozenset({"user", "session"}))
+    in_event = {SESSION_REVOKED: {"subject": subject}}
+    for token in (signed(a_set(sub_id=subject)), signed(a_set(sub_id=None, events=in_event))):
+        with pytest.raises(SetRefused) as refused:
+            await verifier.verify(token)
+        assert refused.value.err == "invalid_request", case
+        assert "critical member" in refused.value.description
+    device = {"format": "complex", "session": {"format": "opaque", "id": "M-7"},
+              "device": {"format": "opaque", "id": "d-1"}}  # fmt: skip
+    (signal,) = signals_of(await verifier.verify(signed(a_set(sub_id=device))))
+    assert signal.mandate_id == "M-7"
+
+
 def test_the_configuration_url_is_formed_from_the_issuer() -> None:
     assert configuration_url("https://as.example") == (
         "https://as.example/.well-known/ssf-configuration"

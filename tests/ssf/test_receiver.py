@@ -246,3 +246,78 @@ async def test_a_partner_mandate_event_revokes_the_tokens_resting_on_it(world: W
     assert suspended.status_code == 202, suspended.text
     assert not await world.active(on_m1)
     assert await world.active(on_m2)
+
+
+def ssf_receiver(world: World) -> Any:
+    return next(c for c in world.server.services.components if c.name == "ssf").receiver
+
+
+def profile_a(world: World) -> Any:
+    return next(
+        p
+        for p in world.server.services.federation.registry.profiles()
+        if p.partner_id == "partner-a"
+    )
+
+
+async def test_a_set_with_a_critical_subject_member_we_cannot_process_is_discarded(
+    world: World,
+) -> None:
+    """SSF 1.0 "Receiver Subject Processing": a receiver MUST discard an event whose subject has a
+    member the transmitter's ``critical_subject_members`` (§7.1) names and it cannot process
+    (400 ``invalid_request``); a member that is not critical is processed as well as we can (the
+    session). Before, the subject's other members were ignored and the session's tokens revoked
+    whatever the critical member restricted the event to."""
+    receiver = ssf_receiver(world)
+    on_m3 = await world.exchange(world.partner_access(world.a, mandate={"id": "m-3", "version": 1}))
+    session = {"format": "opaque", "id": "m-3"}
+    user = {"format": "iss_sub", "iss": world.a.issuer, "sub": "trader-9"}
+    receiver.learn_configuration(
+        profile_a(world), {"critical_subject_members": ["user", "session"]}
+    )
+    for sub_id in (
+        {"format": "complex", "session": session, "user": user},  # critical, not processed
+        {"format": "complex", "session": {"format": "email", "email": "a@b.example"}},
+    ):
+        answer = await world.push(world.set_for(world.a, revoked_event(), sub_id))
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["err"] == "invalid_request"
+        assert "critical member" in answer.json()["description"]
+        assert await world.active(on_m3)  # discarded: nothing acted on
+    # the same member where the event carries it (CAEP drafts), not in sub_id
+    in_event = {
+        SESSION_REVOKED: {"subject": {"format": "complex", "session": session, "user": user}}
+    }
+    answer = await world.push(world.set_for(world.a, in_event, None))
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["err"] == "invalid_request"
+    assert await world.active(on_m3)
+    # not critical: the event is acted on by the member we process
+    sub_id = {"format": "complex", "session": session, "device": {"format": "opaque", "id": "d"}}
+    answer = await world.push(world.set_for(world.a, revoked_event(), sub_id))
+    assert answer.status_code == 202, answer.text
+    assert not await world.active(on_m3)
+
+
+async def test_unknown_critical_members_discard_every_member_we_cannot_process(
+    world: World,
+) -> None:
+    """Until the subscriber has read the transmitter's configuration (or when its
+    ``critical_subject_members`` cannot be read), every member but the session is taken as critical:
+    what we cannot be sure we understand is not acted on."""
+    receiver = ssf_receiver(world)
+    on_m4 = await world.exchange(world.partner_access(world.a, mandate={"id": "m-4", "version": 1}))
+    sub_id = {"format": "complex", "session": {"format": "opaque", "id": "m-4"}, "device": {"format": "opaque", "id": "d"}}  # fmt: skip
+    for config in ({"critical_subject_members": "user"}, {"critical_subject_members": [7]}, None):
+        if config is None:
+            receiver._critical.clear()  # not learned in this process
+        else:
+            receiver.learn_configuration(profile_a(world), config)
+        answer = await world.push(world.set_for(world.a, revoked_event(), sub_id))
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["err"] == "invalid_request"
+        assert await world.active(on_m4)
+    only_session = {"format": "complex", "session": {"format": "opaque", "id": "m-4"}}
+    answer = await world.push(world.set_for(world.a, revoked_event(), only_session))
+    assert answer.status_code == 202, answer.text
+    assert not await world.active(on_m4)

@@ -20,6 +20,7 @@ from tests.federation.partners import Partner
 from trustplane.app import Services
 from trustplane.federation.profile import build_profile
 from trustplane.outbound import OutboundFetcher
+from trustplane.ssf.receiver import Receiver, SetRefused, check_critical_members
 from trustplane.ssf.subscriber import ASSERTION_TYPE, REQUESTED, Subscriber
 from trustplane.ssf.transmitter import PUSH
 from trustplane.storage.migrate import upgrade
@@ -34,6 +35,7 @@ def transmitter(
     streams: list[dict[str, Any]],
     issuer: str = PARTNER,
     stream_iss: str = PARTNER,
+    **extra: Any,
 ) -> Callable[[httpx.Request], httpx.Response]:
     def answer(request: httpx.Request) -> httpx.Response:
         seen.append(request)
@@ -41,7 +43,7 @@ def transmitter(
         if path.startswith("/.well-known/ssf-configuration"):
             return httpx.Response(200, json={
                 "issuer": issuer, "delivery_methods_supported": [PUSH],
-                "configuration_endpoint": f"{PARTNER}/ssf/stream",
+                "configuration_endpoint": f"{PARTNER}/ssf/stream", **extra,
             })  # fmt: skip
         if path == "/.well-known/oauth-authorization-server":
             return httpx.Response(200, json={"token_endpoint": f"{PARTNER}/token"})
@@ -71,6 +73,7 @@ def subscriber(
     services: Services,
     handler: Callable[[httpx.Request], httpx.Response],
     configuration_url: str = f"{PARTNER}/.well-known/ssf-configuration",
+    receiver: Receiver | None = None,
 ) -> Any:
     partner = Partner("partner-a", PARTNER, "x")
     doc = partner.profile(ssf={"configuration_url": configuration_url, "client_id": "c-9"})
@@ -78,7 +81,13 @@ def subscriber(
     services.federation.registry.replace_all([profile])
     fetcher = OutboundFetcher(transport=httpx.MockTransport(handler))
     made = Subscriber(
-        services.settings.issuer, RECEIVER, services.federation.registry, services.keys, fetcher, 60
+        services.settings.issuer,
+        RECEIVER,
+        services.federation.registry,
+        services.keys,
+        fetcher,
+        60,
+        learned=receiver.learn_configuration if receiver is not None else None,
     )
     return made, profile
 
@@ -165,6 +174,25 @@ async def test_a_stream_naming_another_iss_is_refused(services: Services) -> Non
     state = made.subscriptions["partner-a"]
     assert state.stream_id is None
     assert state.error == "the transmitter's stream names another iss"
+
+
+async def test_the_transmitters_critical_subject_members_reach_the_receiver(
+    services: Services,
+) -> None:
+    """SSF 1.0 §7.1: ``critical_subject_members`` of the configuration the subscriber fetched
+    and checked are what the receiver holds the partner's subjects to (they were not kept)."""
+    receiver = next(c for c in services.components if c.name == "ssf").receiver
+    handler = transmitter([], [], critical_subject_members=["user"])
+    made, profile = subscriber(services, handler, receiver=receiver)
+    await made.round()
+    assert made.subscriptions["partner-a"].stream_id == "s-new"
+    critical = receiver._critical_of(profile)
+    assert critical == frozenset({"user"})
+    session = {"format": "opaque", "id": "m-1"}
+    check_critical_members({"format": "complex", "session": session, "device": {}}, critical)
+    with pytest.raises(SetRefused) as refused:
+        check_critical_members({"format": "complex", "session": session, "user": {}}, critical)
+    assert refused.value.err == "invalid_request"
 
 
 async def test_the_loop_sleeps_until_a_reload_or_its_interval(

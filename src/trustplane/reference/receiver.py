@@ -7,7 +7,8 @@ issuer's origin (the bearer token goes nowhere else). The token endpoint comes f
 RFC 8414 metadata (whose ``issuer`` must match too); the token is a client-credentials token for
 ``{issuer}/ssf`` with scope ``ssf:stream`` (``auth``: ``private_key_jwt``). The stream
 (``events_requested``: CAEP ``session-revoked`` and ``token-claims-change``) is found among the
-client's streams by its description, or created. Every request goes through the guarded fetcher.
+client's streams by its description, or created, and its ``iss`` must be the issuer (SSF 1.0
+§8.1.1.1-2). Every request goes through the guarded fetcher.
 
 Polling acknowledges each round's SETs in the next request. A SET is acknowledged only after what
 it caused committed: a crash in between redelivers it, and the store makes the second delivery
@@ -49,7 +50,7 @@ from trustplane.reference.signals import (
     signals_of,
 )
 from trustplane.ssf.client import find_or_create_stream, request_json
-from trustplane.ssf.receiver import SetRefused
+from trustplane.ssf.receiver import SetRefused, critical_members
 from trustplane.ssf.transmitter import POLL
 
 log = structlog.get_logger("trustplane.reference")
@@ -143,6 +144,8 @@ class SignalReceiver:
         stream_id = stream.get("stream_id") if isinstance(stream, dict) else None
         if not isinstance(poll_url, str) or not isinstance(stream_id, str):
             raise SignalError("the stream has no id or poll endpoint")
+        if stream.get("iss") != issuer:  # SSF 1.0 §8.1.1.1-2: the receiver MUST check it
+            raise SignalError("the transmitter's stream names another iss")
         self._same_origin(poll_url, issuer)
         if self._keys is None:
             try:
@@ -150,7 +153,9 @@ class SignalReceiver:
             except ValueError as exc:
                 raise SignalError(str(exc)) from None
             self._keys = IssuerKeys(trusted, self._fetcher)
-        self.verifier = SetVerifier(issuer, self._auth.client_id, self._keys)
+        self.verifier = SetVerifier(
+            issuer, self._auth.client_id, self._keys, critical=critical_members(config)
+        )
         self.subscription = Subscription(issuer, token_endpoint, endpoint, stream_id, poll_url)
         log.info("reference_signals_subscribed", issuer=issuer, stream_id=stream_id)
         return self.subscription

@@ -8,7 +8,10 @@ A SET is verified before anything is done with it (RFC 8417, SSF 1.0 §10): a co
 allowed algorithm, no key named in its header, ``typ: secevent+jwt``, signed by a key of the
 issuer's JWKS (the configuration's ``jwks_uri``, cached and refetched on an unknown ``kid`` as the
 PEP does), ``iss`` the issuer, ``aud`` our client id (a poll stream's audience), ``jti``, ``iat``
-not in the future, non-empty ``events``, no ``exp`` (:func:`trustplane.ssf.receiver.check_set_claims`).
+not in the future, non-empty ``events``, no ``exp``, no ``sub``
+(:func:`trustplane.ssf.receiver.check_set_claims`), and no subject with a member the transmitter's
+configuration calls critical (``critical_subject_members``) that we cannot process: only an
+``opaque`` ``session`` of a complex subject is (:func:`~trustplane.ssf.receiver.check_critical_members`).
 A refused SET goes back in ``setErrs`` with its RFC 8935 error code (the transmitter logs and drops
 it); an unreachable JWKS leaves it unacknowledged (delivered again).
 
@@ -31,7 +34,12 @@ from trustplane.jose.jwk import PublicKey
 from trustplane.jose.jws import JWSError, parse
 from trustplane.pep.keys import KeySourceError
 from trustplane.reference.services import Signal
-from trustplane.ssf.receiver import SetRefused, check_set_claims, restores
+from trustplane.ssf.receiver import (
+    SetRefused,
+    check_critical_members,
+    check_set_claims,
+    restores,
+)
 from trustplane.ssf.transmitter import SESSION_REVOKED, SET_TYPE, TOKEN_CLAIMS_CHANGE
 
 log = structlog.get_logger("trustplane.reference")
@@ -61,8 +69,17 @@ class SetVerifier:
     ``audience``; raises :class:`SetRefused` (RFC 8935 §2.3 codes) or, when the keys cannot be
     fetched, :class:`SignalError` (not the SET's fault: it stays unacknowledged)."""
 
-    def __init__(self, issuer: str, audience: str, keys: KeySource, skew: int = CLOCK_SKEW):
+    def __init__(
+        self,
+        issuer: str,
+        audience: str,
+        keys: KeySource,
+        skew: int = CLOCK_SKEW,
+        critical: frozenset[str] = frozenset(),
+    ):
+        """``critical``: the transmitter configuration's ``critical_subject_members``."""
         self.issuer, self.audience, self._keys, self._skew = issuer, audience, keys, skew
+        self.critical = critical
 
     async def verify(self, token: str) -> dict[str, Any]:
         try:
@@ -84,7 +101,12 @@ class SetVerifier:
             raise SetRefused("invalid_key", "the signature does not verify with the issuer's keys")
         if claims.get("iss") != self.issuer:
             raise SetRefused("invalid_issuer", "the SET is not from the subscribed transmitter")
-        check_set_claims(claims, self.audience, self._skew)
+        _, events = check_set_claims(claims, self.audience, self._skew)
+        for body in events.values():
+            subject = claims.get("sub_id")
+            if subject is None and isinstance(body, dict):
+                subject = body.get("subject")
+            check_critical_members(subject, self.critical)
         return claims
 
 

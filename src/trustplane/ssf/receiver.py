@@ -36,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from trustplane.audit.sink import write_events
 from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.bearer_guard import RevokedTokens
+from trustplane.federation.profile import TrustProfile
 from trustplane.federation.registry import PartnerRegistry, PartnerTokenError
 from trustplane.ssf.tables import ssf_derivations
 from trustplane.ssf.transmitter import SESSION_REVOKED, SET_TYPE, TOKEN_CLAIMS_CHANGE
@@ -47,6 +48,8 @@ log = structlog.get_logger("trustplane.ssf")
 #: How deep a local chain of exchanges is followed (our exchanges are bounded far below this).
 MAX_CHAIN = 16
 ACTED_ON = (SESSION_REVOKED, TOKEN_CLAIMS_CHANGE)
+#: Bounds on a transmitter's ``critical_subject_members`` (SSF 1.0 §7.1): names, and their length.
+MAX_CRITICAL_MEMBERS, MAX_MEMBER_NAME = 32, 64
 #: Set while this task follows derivations itself (a SET's revocation, a local cascade): the
 #: revocations it makes along the way do not start cascades of their own.
 _FOLLOWING: ContextVar[bool] = ContextVar("trustplane_ssf_following", default=False)
@@ -204,6 +207,19 @@ class Receiver:
         self.endpoint = f"{issuer.rstrip('/')}/ssf/receiver"
         self._skew = clock_skew
         self.received = 0
+        #: each partner's transmitter's ``critical_subject_members``, by partner id and profile
+        #: version, learned by the subscriber from the transmitter configuration it fetched
+        self._critical: dict[str, tuple[int, frozenset[str]]] = {}
+
+    def learn_configuration(self, partner: TrustProfile, config: Any) -> None:
+        """The transmitter configuration of ``partner`` (fetched and checked by the subscriber):
+        keep its ``critical_subject_members``."""
+        self._critical[partner.partner_id] = (partner.version, critical_members(config))
+
+    def _critical_of(self, partner: TrustProfile) -> frozenset[str] | None:
+        """None when not learned for this profile version (this process has not subscribed yet)."""
+        known = self._critical.get(partner.partner_id)
+        return known[1] if known is not None and known[0] == partner.version else None
 
     async def receive(self, token: str) -> Received:
         """Verify one SET and act on it, or raise :class:`SetRefused`."""
@@ -219,15 +235,17 @@ class Receiver:
             )
         jti, events = check_set_claims(claims, self.endpoint, self._skew)
         issuer = str(claims["iss"])
+        critical = self._critical_of(partner)
         revoked: list[str] = []
         for event_type, body in events.items():
+            subject = claims.get("sub_id")
+            if subject is None and isinstance(body, dict):
+                subject = body.get("subject")  # CAEP drafts put the subject in the event
+            check_critical_members(subject, critical)
             if event_type not in ACTED_ON:
                 continue  # verification, stream-updated and others: accepted, nothing to do
             if restores(event_type, body):
                 continue  # a resumed mandate: nothing derived from it needs to go
-            subject = claims.get("sub_id")
-            if subject is None and isinstance(body, dict):
-                subject = body.get("subject")  # CAEP drafts put the subject in the event
             revoked.extend(await self._revoke(issuer, subject))
         self.received += 1
         log.info(
@@ -354,6 +372,46 @@ def check_set_claims(
     if "sub" in claims:  # SSF 1.0 "SSF Event Subject": sub MUST NOT be present
         raise SetRefused("invalid_request", "a SET must not carry sub (its subject is sub_id)")
     return jti, events
+
+
+def critical_members(config: Any) -> frozenset[str]:
+    """A transmitter configuration's ``critical_subject_members`` (SSF 1.0 §7.1: the members of
+    a complex subject a receiver MUST interpret); empty if absent. A malformed value counts as
+    "every member critical" (``*``): what cannot be read is not taken to allow anything."""
+    names = config.get("critical_subject_members") if isinstance(config, dict) else None
+    if names is None:
+        return frozenset()
+    if (
+        not isinstance(names, list)
+        or len(names) > MAX_CRITICAL_MEMBERS
+        or not all(isinstance(n, str) and 0 < len(n) <= MAX_MEMBER_NAME for n in names)
+    ):
+        return frozenset({"*"})
+    return frozenset(names)
+
+
+def check_critical_members(subject: Any, critical: frozenset[str] | None) -> None:
+    """SSF 1.0 "Receiver Subject Processing": a receiver MUST discard an event whose subject has a
+    critical member it is unable to process. The one complex-subject member we process is an
+    ``opaque`` ``session`` (a mandate); any other member present and critical, or any member but
+    that one when the transmitter's ``critical_subject_members`` are not known (``critical``
+    None), refuses the SET (RFC 8935 §2.4 has no closer code than ``invalid_request``: the event
+    does not conform to what this receiver can act on)."""
+    if not isinstance(subject, dict) or subject.get("format") != "complex":
+        return
+    session = subject.get("session")
+    understood = {"format"}
+    if isinstance(session, dict) and session.get("format") == "opaque":
+        understood.add("session")
+    for member in subject:
+        if member in understood:
+            continue
+        if critical is None or "*" in critical or member in critical:
+            raise SetRefused(
+                "invalid_request",
+                f"the subject's critical member {member[:MAX_MEMBER_NAME]!r} cannot be processed"
+                " by this receiver",
+            )
 
 
 def restores(event_type: str, body: Any) -> bool:

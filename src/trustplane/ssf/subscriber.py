@@ -8,7 +8,8 @@ get an access token for ``{issuer}/ssf`` with scope ``ssf:stream`` by client cre
 authenticating with ``private_key_jwt`` signed by our deployment's active signing key (the partner
 registered our client with our ``jwks_uri``, so our key rotation needs nothing from them); list our
 streams there and create a push stream (RFC 8935) for ``session-revoked`` and
-``token-claims-change`` to ``{our issuer}/ssf/receiver`` unless one exists. Every request goes
+``token-claims-change`` to ``{our issuer}/ssf/receiver`` unless one exists. The configuration's
+``critical_subject_members`` go to the receiver (``learned``). Every request goes
 through the guarded fetcher. A partner that fails is retried at the next round (``ssf_subscribe_
 interval``); a new or changed profile is picked up when the registry reloads.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,10 +65,15 @@ class Subscriber:
         keys: KeyService,
         fetcher: OutboundFetcher,
         interval: float,
+        *,
+        learned: Callable[[TrustProfile, Any], None] | None = None,
     ) -> None:
+        """``learned``: told each partner's transmitter configuration once checked (the receiver
+        keeps its ``critical_subject_members``)."""
         self._issuer, self._endpoint = issuer, receiver_endpoint
         self._partners, self._keys, self._fetcher = partners, keys, fetcher
         self._interval = interval
+        self._learned = learned
         self.subscriptions: dict[str, Subscription] = {}
 
     async def run(self, stopping: asyncio.Event) -> None:
@@ -124,6 +131,8 @@ class Subscriber:
         if issuer not in issuers_of_configuration(partner.ssf_configuration):
             # SSF 1.0 §7.2.4: MUST be the issuer the configuration URL was formed from
             raise SubscriptionError("the transmitter's issuer is not the one its URL names")
+        if self._learned is not None:
+            self._learned(partner, config)
         if PUSH not in (config.get("delivery_methods_supported") or []):
             raise SubscriptionError("the transmitter does not deliver by push")
         endpoint = config.get("configuration_endpoint")

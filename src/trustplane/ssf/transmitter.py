@@ -52,6 +52,8 @@ EVENTS_SUPPORTED = (SESSION_REVOKED, TOKEN_CLAIMS_CHANGE)
 ALWAYS_DELIVERED = (VERIFICATION, STREAM_UPDATED)
 STATUSES = ("enabled", "paused", "disabled")
 MAX_STREAMS_PER_CLIENT = 10
+#: First key of the PostgreSQL advisory lock that serialises one client's stream creations ("ssf1").
+STREAM_CREATION_LOCK = 0x73736631
 MAX_DESCRIPTION = 256
 MAX_EVENTS = 1000
 CLAIM_LEASE_MS = 30_000
@@ -119,6 +121,21 @@ class Stream:
         return event_type in ALWAYS_DELIVERED or event_type in self.config["events_delivered"]
 
 
+async def _serialise_creations(conn: AsyncConnection, client_id: str) -> None:
+    """Make this transaction the client's only stream creation until it ends, so that the count
+    after its insert sees every stream committed before (SSF 1.0 §8.1.1.1: the cap holds under
+    racing creations; a count before the insert let them all see the same streams and pass).
+    PostgreSQL: a transaction-level advisory lock on the client (two-key form, its own key space:
+    :data:`STREAM_CREATION_LOCK` and the client id's hash; two clients sharing a hash only wait
+    for each other). SQLite: nothing to take here: the insert, the transaction's first statement,
+    takes the database's one write lock until the commit, and the count then reads the latest
+    snapshot."""
+    if conn.dialect.name == "postgresql":
+        await conn.execute(
+            select(func.pg_advisory_xact_lock(STREAM_CREATION_LOCK, func.hashtext(client_id)))
+        )
+
+
 def _stream(row: Any) -> Stream:
     return Stream(row.stream_id, row.client_id, orjson.loads(row.config), row.status, row.reason)
 
@@ -160,14 +177,7 @@ class Transmitter:
         config = self._config(stream_id, client_id, request, delivery)
         now = int(time.time())
         async with self._db.transaction() as conn:
-            count = await conn.execute(
-                select(ssf_streams.c.stream_id).where(ssf_streams.c.client_id == client_id)
-            )
-            if len(count.all()) >= MAX_STREAMS_PER_CLIENT:
-                raise StreamConflictError(
-                    f"a client may have at most {MAX_STREAMS_PER_CLIENT} streams: update or"
-                    " delete one of them"
-                )
+            await _serialise_creations(conn, client_id)
             await conn.execute(
                 ssf_streams.insert().values(
                     stream_id=stream_id,
@@ -179,6 +189,18 @@ class Transmitter:
                     updated_at=now,
                 )
             )
+            # counted after the insert, under the lock: the new stream and every one committed
+            # before it; over the cap, the transaction rolls back and nothing was written
+            count = await conn.scalar(
+                select(func.count())
+                .select_from(ssf_streams)
+                .where(ssf_streams.c.client_id == client_id)
+            )
+            if (count or 0) > MAX_STREAMS_PER_CLIENT:
+                raise StreamConflictError(
+                    f"a client may have at most {MAX_STREAMS_PER_CLIENT} streams: update or"
+                    " delete one of them"
+                )
         log.info("ssf_stream_created", stream_id=stream_id, client_id=client_id)
         return config
 

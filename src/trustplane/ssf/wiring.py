@@ -98,6 +98,7 @@ def build(
         keys,
         partner_fetcher,
         settings.ssf_subscribe_interval,
+        learned=receiver.learn_configuration,
     )
     return SharedSignals(
         transmitter, receiver, derivations, subscriber, guard, db, (fetcher, partner_fetcher)
