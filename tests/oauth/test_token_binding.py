@@ -141,6 +141,9 @@ def _table() -> list[Any]:
         ("jwk_missing", lambda k, u: k.proof(htu=u, drop_headers=("jwk",))),
         ("signature", lambda k, u: k.proof(htu=u)[:-8] + "AAAAAAAA"),
         ("jti_missing", lambda k, u: k.proof(htu=u, jti=None)),
+        # a jti no database column can hold (a NUL, a lone surrogate): refused, never a 500
+        ("jti_nul", lambda k, u: k.proof(htu=u, jti="a\x00b")),
+        ("jti_lone_surrogate", lambda k, u: k.proof(htu=u, jti="a\ud800b")),
         ("htm_get", lambda k, u: k.proof(htu=u, htm="GET")),
         ("htm_lowercase", lambda k, u: k.proof(htu=u, htm="post")),
         ("htu_other_endpoint", lambda k, u: k.proof(htu=u.replace("/token", "/par"))),

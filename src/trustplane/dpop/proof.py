@@ -10,7 +10,8 @@ Every check of §4.3, in the order made here (the RFC allows any order); each fa
 5. ``jwk`` is present, a public key of the kind ``alg`` needs, with no private member
    (``d``, ``p``, ``q``, ``dp``, ``dq``, ``qi``, ``oth``, ``k``);
 6. the signature verifies with that ``jwk``;
-7. ``jti`` (a string of at most :data:`MAX_JTI_LENGTH` characters), ``htm``, ``htu`` and a numeric
+7. ``jti`` (a string of at most :data:`MAX_JTI_LENGTH` printable characters: PostgreSQL refuses a
+   NUL, which would fail the replay cache's write, never the proof), ``htm``, ``htu`` and a numeric
    ``iat`` are present;
 8. ``htm`` equals the request method (case-sensitive, RFC 9110 §9.1);
 9. ``htu`` equals the request URI without query and fragment, after RFC 3986 normalization
@@ -251,6 +252,8 @@ class DpopVerifier:
             raise refused("the DPoP proof must carry a jti", "jti")
         if len(jti) > MAX_JTI_LENGTH:
             raise refused(f"the DPoP proof jti is longer than {MAX_JTI_LENGTH}", "jti")
+        if not jti.isprintable():  # a NUL, a control character: no replay store may refuse it
+            raise refused("the DPoP proof jti must be printable characters", "jti")
         if not isinstance(htm, str) or not isinstance(htu, str) or not _number(iat):
             raise refused("the DPoP proof must carry htm, htu and a numeric iat", "claims")
         if len(htm) > MAX_METHOD_LENGTH or htm != method:
