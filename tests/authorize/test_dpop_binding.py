@@ -20,6 +20,7 @@ import pytest_asyncio
 
 from tests.authorize.conftest import USER_LEI, Setup, register_code_client
 from tests.authorize.flow import PASSWORD, REDIRECT_URI, Flow, query_of
+from tests.conftest import ClientKit
 from tests.dpop.conftest import ProofKey
 from tests.protocol_server import running_server
 
@@ -226,3 +227,34 @@ async def test_par_refuses_a_foreign_nonce_with_a_fresh_one(nonced: Setup) -> No
     response = await push(nonced, nonced.flow(), {"DPoP": proof})
     assert (response.status_code, response.json()["error"]) == (400, "use_dpop_nonce")
     assert response.headers["dpop-nonce"] != "A" * 32
+
+
+# --------------------------------------------------------------------------- dpop_bound_access_tokens
+
+
+async def test_a_dpop_bound_client_needs_a_proof_for_the_code_and_the_refresh(
+    setup: Setup,
+) -> None:
+    """RFC 9449 §5.2: a client registered with ``dpop_bound_access_tokens`` gets no token of any
+    grant without a ``DPoP`` header: 400 ``invalid_dpop_proof``; the code and the refresh token
+    are not spent by the refused requests."""
+    kit = await register_code_client(setup.server, dpop_bound_access_tokens=True)
+    key = ProofKey.generate()
+    flow = setup.flow(kit)
+    code = await flow.code("alice")
+    refused = await setup.token(flow.redeem_form(code), kit)
+    assert (refused.status_code, refused.json()["error"]) == (400, "invalid_dpop_proof")
+    issued = await redeem_as(setup, kit, flow.redeem_form(code), proof_for(setup, key))
+    assert issued.status_code == 200, issued.text
+    refresh = {"grant_type": "refresh_token", "refresh_token": issued.json()["refresh_token"]}
+    refused = await setup.token(refresh, kit)
+    assert (refused.status_code, refused.json()["error"]) == (400, "invalid_dpop_proof")
+    refreshed = await redeem_as(setup, kit, refresh, proof_for(setup, key))
+    assert refreshed.status_code == 200, refreshed.text
+    assert refreshed.json()["token_type"] == "DPoP"
+
+
+async def redeem_as(
+    setup: Setup, kit: ClientKit, form: dict[str, str], headers: dict[str, str]
+) -> httpx.Response:
+    return await setup.server.http.post("/token", data={**form, **kit.auth()}, headers=headers)
