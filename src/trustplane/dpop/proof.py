@@ -5,7 +5,7 @@ Every check of §4.3, in the order made here (the RFC allows any order); each fa
 
 1. exactly one ``DPoP`` header value;
 2. it is one compact JWS (at most :data:`MAX_PROOF_LENGTH` characters);
-3. ``typ`` is ``dpop+jwt``;
+3. ``typ`` is ``dpop+jwt`` (RFC 7515 §4.1.9: in any case, or as ``application/dpop+jwt``);
 4. ``alg`` is ES256, EdDSA or PS256 (``none``, HS* and RS256 are refused) and allowed by policy;
 5. ``jwk`` is present, a public key of the kind ``alg`` needs, with no private member
    (``d``, ``p``, ``q``, ``dp``, ``dq``, ``qi``, ``oth``, ``k``);
@@ -54,6 +54,8 @@ from trustplane.jose.jws import JWSError, ParsedJWS, b64url_encode, parse
 
 ALGORITHMS = ("ES256", "EdDSA", "PS256")
 PROOF_TYPE = "dpop+jwt"
+#: RFC 7515 §4.1.9: media types compare case-insensitively, and "application/" is implied.
+PROOF_TYPES = frozenset({PROOF_TYPE, "application/" + PROOF_TYPE})
 #: A proof carries a public key in its header: a 4096-bit RSA key is about 700 characters of it.
 MAX_PROOF_LENGTH = 8 * 1024
 MAX_JTI_LENGTH = 128
@@ -219,7 +221,7 @@ class DpopVerifier:
         if cached is not None:
             return cached
         typ = jws.header.get("typ")
-        if not isinstance(typ, str) or typ.lower() != PROOF_TYPE:
+        if not isinstance(typ, str) or typ.lower() not in PROOF_TYPES:
             raise refused("the DPoP proof typ must be dpop+jwt", "typ")
         if jws.alg not in self.algorithms:
             raise refused(f"the DPoP proof algorithm {jws.alg} is not accepted", "algorithm")
