@@ -140,7 +140,16 @@ def _table() -> list[Any]:
         ("jwk_private", lambda k, u: k.proof(htu=u, headers={"jwk": {**k.jwk, "d": "AAAA"}})),
         ("jwk_missing", lambda k, u: k.proof(htu=u, drop_headers=("jwk",))),
         ("signature", lambda k, u: k.proof(htu=u)[:-8] + "AAAAAAAA"),
+        ("two_jwts_in_one_value", lambda k, u: f"{k.proof(htu=u)}, {k.proof(htu=u)}"),
+        ("typ_absent", lambda k, u: k.proof(htu=u, drop_headers=("typ",))),
+        ("alg_rs256", lambda k, u: ProofKey.generate("PS256").proof(htu=u, alg="RS256")),
+        (
+            "jwk_symmetric",
+            lambda k, u: k.proof(htu=u, headers={"jwk": {"kty": "oct", "k": "c2Vj"}}),
+        ),
         ("jti_missing", lambda k, u: k.proof(htu=u, jti=None)),
+        ("htm_missing", lambda k, u: k.proof(htu=u, htm=None)),
+        ("htu_missing", lambda k, u: k.proof(htu=None)),
         # a jti no database column can hold (a NUL, a lone surrogate): refused, never a 500
         ("jti_nul", lambda k, u: k.proof(htu=u, jti="a\x00b")),
         ("jti_lone_surrogate", lambda k, u: k.proof(htu=u, jti="a\ud800b")),
