@@ -9,15 +9,20 @@ Proofs are built with PyJWT (tests/dpop/conftest.py)."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import jwt
 import pytest
+import pytest_asyncio
 
-from tests.authorize.conftest import Setup
-from tests.authorize.flow import REDIRECT_URI, Flow, query_of
+from tests.authorize.conftest import USER_LEI, Setup, register_code_client
+from tests.authorize.flow import PASSWORD, REDIRECT_URI, Flow, query_of
+from tests.conftest import ClientKit
 from tests.dpop.conftest import ProofKey
+from tests.protocol_server import running_server
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -160,3 +165,96 @@ async def test_an_invalid_proof_at_par_is_refused(setup: Setup, case: str) -> No
         assert first.status_code == 201, first.text
     response = await push(setup, setup.flow(), {"DPoP": proof})
     assert (response.status_code, response.json()["error"]) == (400, "invalid_dpop_proof")
+
+
+async def test_a_proof_naming_another_key_than_dpop_jkt_at_par_spends_nothing(setup: Setup) -> None:
+    # RFC 9449 §10.1: the refused push must not leave a request_uri behind
+    key = ProofKey.generate()
+    flow = setup.flow()
+    response = await push(setup, flow, proof_for(setup, key, "/par"), dpop_jkt="A" * 43)
+    assert (response.status_code, response.json()["error"]) == (400, "invalid_dpop_proof")
+    assert "request_uri" not in response.json()
+
+
+@pytest.mark.postgres
+async def test_racing_one_proof_at_par_exactly_one_push_wins(setup: Setup) -> None:
+    """RFC 9449 §11.1: 20 pushes carrying one proof, concurrently. On PostgreSQL the proof ``jti``
+    is consumed once (``used_jtis``' primary key), so exactly one gets a ``request_uri``."""
+    if setup.server.services.settings.database_url.startswith("sqlite"):
+        pytest.skip("the race is a PostgreSQL property")
+    key = ProofKey.generate()
+    headers = proof_for(setup, key, "/par")
+    responses = await asyncio.gather(*(push(setup, setup.flow(), headers) for _ in range(20)))
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses.count(201) == 1, statuses
+    assert {r.json()["error"] for r in responses if r.status_code != 201} == {"invalid_dpop_proof"}
+
+
+# --------------------------------------------------------------------------- nonces at /par (§8)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def nonced(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Setup]:
+    async with running_server(
+        request, tmp_path_factory, "sqlite", dpop_nonce_required=True
+    ) as server:
+        kit = await register_code_client(server)
+        user = await server.services.authorization.users.add(
+            "alice", "Alice Trader", USER_LEI, PASSWORD
+        )
+        yield Setup(server, kit, user)
+
+
+async def test_par_asks_for_a_nonce_then_accepts_it(nonced: Setup) -> None:
+    """RFC 9449 §8 at PAR (§10.1): 400 ``use_dpop_nonce`` with exactly one ``DPoP-Nonce`` header
+    (not cacheable), then the retry with a new proof carrying that nonce is pushed."""
+    key = ProofKey.generate()
+    first = await push(nonced, nonced.flow(), proof_for(nonced, key, "/par"))
+    assert (first.status_code, first.json()["error"]) == (400, "use_dpop_nonce"), first.text
+    assert len(first.headers.get_list("dpop-nonce")) == 1
+    assert first.headers["cache-control"] == "no-store"
+    nonce = first.headers["dpop-nonce"]
+    proof = key.proof(htu=nonced.server.issuer + "/par", nonce=nonce)
+    retried = await push(nonced, nonced.flow(), {"DPoP": proof})
+    assert retried.status_code == 201, retried.text
+
+
+async def test_par_refuses_a_foreign_nonce_with_a_fresh_one(nonced: Setup) -> None:
+    key = ProofKey.generate()
+    proof = key.proof(htu=nonced.server.issuer + "/par", nonce="A" * 32)
+    response = await push(nonced, nonced.flow(), {"DPoP": proof})
+    assert (response.status_code, response.json()["error"]) == (400, "use_dpop_nonce")
+    assert response.headers["dpop-nonce"] != "A" * 32
+
+
+# --------------------------------------------------------------------------- dpop_bound_access_tokens
+
+
+async def test_a_dpop_bound_client_needs_a_proof_for_the_code_and_the_refresh(
+    setup: Setup,
+) -> None:
+    """RFC 9449 §5.2: a client registered with ``dpop_bound_access_tokens`` gets no token of any
+    grant without a ``DPoP`` header: 400 ``invalid_dpop_proof``; the code and the refresh token
+    are not spent by the refused requests."""
+    kit = await register_code_client(setup.server, dpop_bound_access_tokens=True)
+    key = ProofKey.generate()
+    flow = setup.flow(kit)
+    code = await flow.code("alice")
+    refused = await setup.token(flow.redeem_form(code), kit)
+    assert (refused.status_code, refused.json()["error"]) == (400, "invalid_dpop_proof")
+    issued = await redeem_as(setup, kit, flow.redeem_form(code), proof_for(setup, key))
+    assert issued.status_code == 200, issued.text
+    refresh = {"grant_type": "refresh_token", "refresh_token": issued.json()["refresh_token"]}
+    refused = await setup.token(refresh, kit)
+    assert (refused.status_code, refused.json()["error"]) == (400, "invalid_dpop_proof")
+    refreshed = await redeem_as(setup, kit, refresh, proof_for(setup, key))
+    assert refreshed.status_code == 200, refreshed.text
+    assert refreshed.json()["token_type"] == "DPoP"
+
+
+async def redeem_as(
+    setup: Setup, kit: ClientKit, form: dict[str, str], headers: dict[str, str]
+) -> httpx.Response:
+    return await setup.server.http.post("/token", data={**form, **kit.auth()}, headers=headers)

@@ -50,6 +50,17 @@ async def test_a_proof_built_by_pyjwt_verifies_and_names_its_key(alg: str) -> No
     assert (proof.htm, proof.htu) == ("POST", URL)
 
 
+@pytest.mark.parametrize("typ", ["dpop+jwt", "DPoP+JWT", "application/dpop+jwt"])
+async def test_typ_is_the_media_type_in_any_spelling(es256: ProofKey, typ: str) -> None:
+    """RFC 7515 §4.1.9: media types compare case-insensitively, and a ``typ`` without "/" is read
+    with "application/" in front, so ``application/dpop+jwt`` is the same type (RFC 9449 §4.2)."""
+    value = es256.proof(headers={"typ": typ})
+
+    proof = await verifier().verify_for_token_endpoint([value], "POST", URL)
+
+    assert proof.jkt == es256.jkt
+
+
 async def test_a_resource_proof_with_ath_and_the_bound_key_verifies(es256: ProofKey) -> None:
     value = es256.proof(htm="GET", htu="https://rs.example/orders", ath=ath_of(ACCESS_TOKEN))
 
@@ -101,6 +112,8 @@ CASES = [
     Case("no-jti", lambda k: [k.proof(jti=None)]),
     Case("empty-jti", lambda k: [k.proof(jti="")]),
     Case("jti-too-long", lambda k: [k.proof(jti="j" * 129)]),
+    Case("jti-nul", lambda k: [k.proof(jti="a\x00b")]),
+    Case("jti-control", lambda k: [k.proof(jti="a\nb")]),
     Case("no-htm", lambda k: [k.proof(htm=None)]),
     Case("no-htu", lambda k: [k.proof(htu=None)]),
     Case("no-iat", lambda k: [k.proof(iat=None)]),
@@ -112,6 +125,8 @@ CASES = [
     Case("no-typ", lambda k: [k.proof(drop_headers=("typ",))]),
     Case("typ-jwt", lambda k: [k.proof(headers={"typ": "JWT"})]),
     Case("typ-at+jwt", lambda k: [k.proof(headers={"typ": "at+jwt"})]),
+    Case("typ-other-prefix", lambda k: [k.proof(headers={"typ": "text/dpop+jwt"})]),
+    Case("typ-not-a-string", lambda k: [k.proof(headers={"typ": ["dpop+jwt"]})]),
     # step 5: an asymmetric algorithm we support (never none, HS*, RS256)
     Case("alg-none", none_alg),
     Case("alg-hs256", lambda k: [hs256_proof(k, b"k" * 32)]),
@@ -152,6 +167,8 @@ REASONS = {
     "no-jti": "dpop_jti",
     "empty-jti": "dpop_jti",
     "jti-too-long": "dpop_jti",
+    "jti-nul": "dpop_jti",
+    "jti-control": "dpop_jti",
     "no-htm": "dpop_claims",
     "no-htu": "dpop_claims",
     "no-iat": "dpop_claims",
@@ -162,6 +179,8 @@ REASONS = {
     "no-typ": "dpop_typ",
     "typ-jwt": "dpop_typ",
     "typ-at+jwt": "dpop_typ",
+    "typ-other-prefix": "dpop_typ",
+    "typ-not-a-string": "dpop_typ",
     "alg-none": "dpop_malformed",
     "alg-hs256": "dpop_malformed",
     "alg-rs256": "dpop_malformed",

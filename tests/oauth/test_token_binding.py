@@ -19,7 +19,11 @@ import pytest
 import pytest_asyncio
 from fastapi import Depends, FastAPI
 
-from tests.conftest import EXECUTION, register_kit
+from tests.bearer_guard.test_guarded_routes import APIS as GUARDED_APIS
+from tests.bearer_guard.test_guarded_routes import call as call_guarded
+from tests.bearer_guard.test_guarded_routes import challenge as guard_challenge
+from tests.bearer_guard.test_guarded_routes import mint
+from tests.conftest import EXECUTION, LEI, register_kit
 from tests.dpop.conftest import ProofKey, ath_of, hs256_proof
 from tests.protocol_server import Server, running_server
 from trustplane import metrics
@@ -136,7 +140,19 @@ def _table() -> list[Any]:
         ("jwk_private", lambda k, u: k.proof(htu=u, headers={"jwk": {**k.jwk, "d": "AAAA"}})),
         ("jwk_missing", lambda k, u: k.proof(htu=u, drop_headers=("jwk",))),
         ("signature", lambda k, u: k.proof(htu=u)[:-8] + "AAAAAAAA"),
+        ("two_jwts_in_one_value", lambda k, u: f"{k.proof(htu=u)}, {k.proof(htu=u)}"),
+        ("typ_absent", lambda k, u: k.proof(htu=u, drop_headers=("typ",))),
+        ("alg_rs256", lambda k, u: ProofKey.generate("PS256").proof(htu=u, alg="RS256")),
+        (
+            "jwk_symmetric",
+            lambda k, u: k.proof(htu=u, headers={"jwk": {"kty": "oct", "k": "c2Vj"}}),
+        ),
         ("jti_missing", lambda k, u: k.proof(htu=u, jti=None)),
+        ("htm_missing", lambda k, u: k.proof(htu=u, htm=None)),
+        ("htu_missing", lambda k, u: k.proof(htu=None)),
+        # a jti no database column can hold (a NUL, a lone surrogate): refused, never a 500
+        ("jti_nul", lambda k, u: k.proof(htu=u, jti="a\x00b")),
+        ("jti_lone_surrogate", lambda k, u: k.proof(htu=u, jti="a\ud800b")),
         ("htm_get", lambda k, u: k.proof(htu=u, htm="GET")),
         ("htm_lowercase", lambda k, u: k.proof(htu=u, htm="post")),
         ("htu_other_endpoint", lambda k, u: k.proof(htu=u.replace("/token", "/par"))),
@@ -257,6 +273,24 @@ async def test_a_bound_token_is_accepted_with_its_proof_and_refused_as_bearer(
             "/orders/1", headers={"Authorization": f"DPoP {token}", "DPoP": wrong_key}
         )
         assert stolen.status_code == 401
+
+
+@pytest.mark.parametrize("api", GUARDED_APIS, ids=[a.name for a in GUARDED_APIS])
+@pytest.mark.parametrize("cnf", ["jkt", "malformed"])
+async def test_our_own_apis_refuse_a_dpop_bound_token_as_bearer(
+    server: Server, api: Any, cnf: str
+) -> None:
+    """RFC 9449 §7.2: trustplane's own bearer-protected APIs (one guard) take only the Bearer
+    scheme, so they cannot check a DPoP proof: a DPoP-bound token sent there as a bearer token is
+    refused (else a stolen bound token would work as a bearer token), and so is a ``cnf`` that is
+    not an object (a malformed binding must not pass as none)."""
+    binding = {"jkt": ProofKey.generate().jkt} if cnf == "jkt" else "jkt"
+    token = mint(server, api, extra={"lei": LEI, "cnf": binding})
+    response = await call_guarded(server, api, [("Authorization", f"Bearer {token}")])
+    assert response.status_code == 401, response.text
+    assert response.json()["error"] == "invalid_token"
+    assert guard_challenge(response)["error"] == "invalid_token"
+    assert response.headers["cache-control"] == "no-store"
 
 
 async def test_a_second_client_gets_its_own_binding(server: Server) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 import uvicorn
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -235,7 +236,23 @@ CASES = [
         "alg-hs256",
         lambda lv: with_proof_of(lv, lambda k, t: hs256_proof(k, b"s" * 32, ath=ath_of(t))),
     ),
+    Case(
+        "alg-none",
+        lambda lv: with_proof_of(
+            lv,
+            lambda k, t: jwt.encode(
+                k.claims(htu=f"{lv.base_url}/orders", ath=ath_of(t)),
+                None,
+                algorithm="none",
+                headers={"typ": "dpop+jwt", "jwk": k.jwk},
+            ),
+        ),
+    ),
+    # step 3
+    Case("no-htm", lambda lv: bound(lv, htm=None)),
+    Case("no-htu", lambda lv: with_proof_of(lv, lambda k, t: k.proof(htu=None, ath=ath_of(t)))),
     # step 6, 7
+    Case("jwk-symmetric", lambda lv: bound(lv, headers={"jwk": {"kty": "oct", "k": "c2Vj"}})),
     Case(
         "signed-by-another-key",
         lambda lv: bound(lv, key=ec.generate_private_key(ec.SECP256R1())),
@@ -275,6 +292,10 @@ SAID = {
     "no-jwk": "the DPoP proof header must carry the public key (jwk)",
     "typ-jwt": "the DPoP proof typ must be dpop+jwt",
     "alg-hs256": "the DPoP header is not a well-formed JWT: algorithm 'HS256' is not allowed",
+    "alg-none": "the DPoP header is not a well-formed JWT: algorithm 'none' is not allowed",
+    "no-htm": "the DPoP proof must carry htm, htu and a numeric iat",
+    "no-htu": "the DPoP proof must carry htm, htu and a numeric iat",
+    "jwk-symmetric": "the DPoP proof jwk must not contain a private key",
     "signed-by-another-key": "the DPoP proof signature does not verify",
     "private-jwk": "the DPoP proof jwk must not contain a private key",
     "htm-get-for-post": "the DPoP proof htm does not match the request method",

@@ -10,6 +10,7 @@ checks, in order (the first that fails answers):
 2. RFC 9068 §4: ``typ`` is ``at+jwt`` (or ``application/at+jwt``); the signature verifies with a key
    of our key ring, under the algorithm that key is registered for; ``iss`` is our issuer; the
    claims RFC 9068 §2.2 requires are present and well typed (``jti`` non-empty: revocation is by it).
+   RFC 9449 §7.2: a DPoP-bound token (``cnf.jkt``) is refused: no DPoP proof is checked here.
 3. RFC 7519 §4.1.4/§4.1.5: ``exp`` is in the future (no leeway: our own clock set it), ``nbf`` and
    ``iat`` are not later than now plus ``clock_skew`` (another process of ours may run a little ahead).
 4. RFC 7519 §4.1.3 with RFC 9068 §4: ``aud`` identifies this route's API. A string and a one-element
@@ -125,6 +126,7 @@ class BearerGuard:
         """Every check but the scope (steps 1-7): our live token, meant for this API."""
         try:
             claims = self._verified_claims(_token(request))
+            _check_not_dpop_bound(claims)
             self._check_time(claims)
             self._check_audience(claims, route.audience)
             self._check_client(claims)
@@ -219,6 +221,18 @@ def challenge(exc: OAuth2Error, scopes: tuple[str, ...] = ()) -> str:
         if scopes and isinstance(exc, InsufficientScopeError):
             parts.append(f'scope="{_safe(" ".join(scopes))}"')
     return ", ".join(parts)
+
+
+def _check_not_dpop_bound(claims: VerifiedClaims) -> None:
+    """RFC 9449 §7.2: these routes take only the Bearer scheme, so no DPoP proof can be checked
+    here; a DPoP-bound token (``cnf.jkt``) presented as a bearer token is refused, as is a ``cnf``
+    that is not an object (a malformed binding must not pass for none)."""
+    cnf = claims.get("cnf")
+    if cnf is not None and (not isinstance(cnf, dict) or "jkt" in cnf):
+        raise InvalidTokenError(
+            "the access token is DPoP-bound; this API accepts bearer tokens only",
+            reason_id="dpop_bound",
+        )
 
 
 def _token(request: BearerRequest) -> str:

@@ -5,12 +5,13 @@ Every check of §4.3, in the order made here (the RFC allows any order); each fa
 
 1. exactly one ``DPoP`` header value;
 2. it is one compact JWS (at most :data:`MAX_PROOF_LENGTH` characters);
-3. ``typ`` is ``dpop+jwt``;
+3. ``typ`` is ``dpop+jwt`` (RFC 7515 §4.1.9: in any case, or as ``application/dpop+jwt``);
 4. ``alg`` is ES256, EdDSA or PS256 (``none``, HS* and RS256 are refused) and allowed by policy;
 5. ``jwk`` is present, a public key of the kind ``alg`` needs, with no private member
    (``d``, ``p``, ``q``, ``dp``, ``dq``, ``qi``, ``oth``, ``k``);
 6. the signature verifies with that ``jwk``;
-7. ``jti`` (a string of at most :data:`MAX_JTI_LENGTH` characters), ``htm``, ``htu`` and a numeric
+7. ``jti`` (a string of at most :data:`MAX_JTI_LENGTH` printable characters: PostgreSQL refuses a
+   NUL, which would fail the replay cache's write, never the proof), ``htm``, ``htu`` and a numeric
    ``iat`` are present;
 8. ``htm`` equals the request method (case-sensitive, RFC 9110 §9.1);
 9. ``htu`` equals the request URI without query and fragment, after RFC 3986 normalization
@@ -53,6 +54,8 @@ from trustplane.jose.jws import JWSError, ParsedJWS, b64url_encode, parse
 
 ALGORITHMS = ("ES256", "EdDSA", "PS256")
 PROOF_TYPE = "dpop+jwt"
+#: RFC 7515 §4.1.9: media types compare case-insensitively, and "application/" is implied.
+PROOF_TYPES = frozenset({PROOF_TYPE, "application/" + PROOF_TYPE})
 #: A proof carries a public key in its header: a 4096-bit RSA key is about 700 characters of it.
 MAX_PROOF_LENGTH = 8 * 1024
 MAX_JTI_LENGTH = 128
@@ -218,7 +221,7 @@ class DpopVerifier:
         if cached is not None:
             return cached
         typ = jws.header.get("typ")
-        if not isinstance(typ, str) or typ.lower() != PROOF_TYPE:
+        if not isinstance(typ, str) or typ.lower() not in PROOF_TYPES:
             raise refused("the DPoP proof typ must be dpop+jwt", "typ")
         if jws.alg not in self.algorithms:
             raise refused(f"the DPoP proof algorithm {jws.alg} is not accepted", "algorithm")
@@ -251,6 +254,8 @@ class DpopVerifier:
             raise refused("the DPoP proof must carry a jti", "jti")
         if len(jti) > MAX_JTI_LENGTH:
             raise refused(f"the DPoP proof jti is longer than {MAX_JTI_LENGTH}", "jti")
+        if not jti.isprintable():  # a NUL, a control character: no replay store may refuse it
+            raise refused("the DPoP proof jti must be printable characters", "jti")
         if not isinstance(htm, str) or not isinstance(htu, str) or not _number(iat):
             raise refused("the DPoP proof must carry htm, htu and a numeric iat", "claims")
         if len(htm) > MAX_METHOD_LENGTH or htm != method:
