@@ -13,9 +13,10 @@ import pytest
 from sqlalchemy import func, select
 
 from tests.reference import test_http
-from tests.reference.conftest import ORDER
+from tests.reference.conftest import ORDER, SplitWorld, caller
 from tests.reference.test_http import Harness
 from trustplane.reference import store as store_module
+from trustplane.reference.services import Refused
 
 harness = test_http.harness  # the fixture: real tokens, the PEP, the SDK's idempotency keys
 
@@ -247,6 +248,18 @@ async def test_the_last_cursor_given_out_resumes_one_past_it_is_400(harness: Har
     assert code(future) == (400, "invalid-request")
 
 
+async def test_the_split_feed_refuses_a_cursor_past_its_last_event(split: SplitWorld) -> None:
+    """One store per service: ``GET /events`` is the reporting store's feed, its own cursor."""
+    s = split.services
+    trade = await s.create_order(caller("alice", split.pdp), ORDER, "k")
+    feed = await s.events(0, 0)
+    assert [e.trade_id for e in feed] == [trade.trade_id]
+    assert await s.events(feed[-1].seq, 0) == []
+    with pytest.raises(Refused) as refused:
+        await s.events(feed[-1].seq + 1, 0)
+    assert (refused.value.status, refused.value.code) == (400, "invalid-request")
+
+
 @pytest.mark.postgres
 async def test_racing_requests_with_one_key_execute_once(harness: Harness, ref_url: str) -> None:
     """Draft §2.6: the same key while the first is in progress is 409, or (our stores keep the
@@ -336,3 +349,31 @@ async def test_every_resolve_step_is_an_audited_event_and_a_second_resolve_is_40
     assert (await h.client.get(f"/trades/{two}", headers=h.headers())).json()[
         "state"
     ] == "allocation_approved"
+
+
+async def test_racing_resolutions_of_one_exception_one_wins_the_other_409(
+    harness: Harness,
+) -> None:
+    """``reconsent`` and ``cancel`` of one exception, racing over HTTP (PostgreSQL: concurrent
+    transactions): one resolves it, the other is 409 naming what happened; one event."""
+    h = harness
+    trade_id, exception_id = await exception_of(h, "race")
+    cursor = (await h.client.get("/events", headers=h.headers())).json()["next"]
+    answers = await asyncio.gather(
+        *(
+            h.client.post(
+                f"/exceptions/{exception_id}/resolve",
+                json={"action": action},
+                headers=h.headers(f"ops-{i}"),
+            )
+            for i, action in enumerate(("reconsent", "cancel") * 3)
+        )
+    )
+    assert sorted(a.status_code for a in answers) == [200] + [409] * 5, [a.text for a in answers]
+    for answer in answers:
+        if answer.status_code == 409:
+            assert code(answer)[1] in ("already-resolved", "duplicate-transition", "out-of-order")
+    events = (await h.client.get(f"/events?after={cursor}", headers=h.headers())).json()["events"]
+    assert [e["type"] for e in events] == ["exception.resolved"]
+    state = (await h.client.get(f"/trades/{trade_id}", headers=h.headers())).json()["state"]
+    assert state in ("allocation_approved", "cancelled")
