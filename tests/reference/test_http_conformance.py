@@ -120,6 +120,29 @@ async def test_nul_in_a_step_s_body_is_400_on_every_route(harness: Harness) -> N
     assert await counts(h) == before
 
 
+@pytest.mark.parametrize(
+    "claims",
+    [{"sub": f"a{NUL}"}, {"txn": f"t{NUL}"}, {"mandate": {"id": f"M{NUL}", "version": 1}}],
+    ids=["sub", "txn", "mandate"],
+)
+async def test_a_token_whose_stored_claims_hold_nul_is_401(
+    harness: Harness, claims: dict[str, Any]
+) -> None:
+    """A validly signed token, but the actor or envelope it would write cannot be stored
+    (PostgreSQL): refused as the bearer token it is (RFC 6750 ``invalid_token``), not a 500."""
+    h = harness
+    fields = {"sub": "alice", "txn": "txn-9", "mandate": {"id": "M-1", "version": 1}} | claims
+    token = h.issuer.token(scope=test_http.SCOPES, **fields)
+    answer = await h.client.post(
+        "/orders",
+        json=ORDER,
+        headers={"Authorization": f"Bearer {token}", "Idempotency-Key": '"t"'},
+    )
+    assert (answer.status_code, answer.json()["error"]) == (401, "invalid_token")
+    assert answer.headers["www-authenticate"].startswith("Bearer")
+    assert await counts(h) == (0, 0, 0)
+
+
 async def test_an_allocation_too_large_to_add_up_is_400(harness: Harness) -> None:
     h = harness
     trade_id = await created(h)

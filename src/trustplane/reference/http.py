@@ -39,7 +39,7 @@ from fastapi import FastAPI, Request
 from starlette.responses import Response
 
 from trustplane.authzen.model import Decision, Entity
-from trustplane.errors import InsufficientScopeError
+from trustplane.errors import InsufficientScopeError, InvalidTokenError
 from trustplane.pep import AccessToken, client_subject, parse_key
 from trustplane.pep.bearer import with_challenge
 from trustplane.pep.enforcer import transaction_of
@@ -138,6 +138,9 @@ def build_app(
         if scope not in token.scopes:
             error = InsufficientScopeError(f"the token lacks scope {scope}")
             raise TokenRefused(with_challenge(error, pep.enforcer.realm, scope))
+        if _has_nul([token.claims.get(name) for name in STORED_CLAIMS]):
+            refused = InvalidTokenError("the token's sub, txn, act or mandate holds a NUL")
+            raise TokenRefused(with_challenge(refused, pep.enforcer.realm))
         pdp, correlation = pep.enforcer.pdp, request.headers.get("x-request-id")
 
         async def decide(action: str, resource: Entity, context: Mapping[str, Any]) -> Decision:
@@ -369,6 +372,9 @@ def _has_nul(value: Any) -> bool:
     return False
 
 
+#: The claims of a caller's token that the stores keep (the actor, the envelope, what the trade
+#: rests on): a NUL in one cannot be stored on PostgreSQL, so such a token is refused (401).
+STORED_CLAIMS = ("sub", "client_id", "iss", "jti", "txn", "act", "mandate", "acting")
 #: ``GET /events``' parameters; a cursor is a decimal ``seq`` this server gave out (<= 18 digits).
 EVENTS_PARAMETERS = frozenset({"after", "wait"})
 
