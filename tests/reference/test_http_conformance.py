@@ -283,12 +283,10 @@ async def test_the_split_feed_refuses_a_cursor_past_its_last_event(split: SplitW
     assert (refused.value.status, refused.value.code) == (400, "invalid-request")
 
 
-@pytest.mark.postgres
-async def test_racing_requests_with_one_key_execute_once(harness: Harness, ref_url: str) -> None:
+async def test_racing_requests_with_one_key_execute_once(harness: Harness) -> None:
     """Draft §2.6: the same key while the first is in progress is 409, or (our stores keep the
-    key in the transition's own transaction) the first's answer; never a second execution."""
-    if ref_url.startswith("sqlite"):
-        pytest.skip("the race is proven on PostgreSQL")
+    key in the transition's own transaction) the first's answer; never a second execution
+    (PostgreSQL: concurrent transactions; SQLite: its one writer)."""
     h = harness
     orders = await asyncio.gather(
         *(h.client.post("/orders", json=ORDER, headers=h.headers(key="same")) for _ in range(8))
