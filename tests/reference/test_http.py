@@ -196,7 +196,11 @@ async def test_refusals(harness: Harness) -> None:
     )
     assert no_scope.status_code == 403
     assert no_scope.json()["error"] == "insufficient_scope"
-    bad = await h.client.post("/orders", content=b"[1]", headers=h.headers(key="k2"))
+    bad = await h.client.post(
+        "/orders",
+        content=b"[1]",
+        headers={**h.headers(key="k2"), "Content-Type": "application/json"},
+    )
     assert bad.status_code == 400
     assert bad.json()["type"].endswith("/invalid-request")
     missing = await h.client.post("/trades/nope/execute", headers=h.headers(key="k3"))

@@ -19,7 +19,9 @@ GET  /events?after=<seq>&wait=<s>           event:subscribe        long-poll of 
 GET  /jwks                                  (public)               the event signing keys
 ==========================================  =====================  ===============================
 
-Refusals are RFC 9457 problems (``type`` ends with the code): 400 ``invalid-request``, 403
+Refusals are RFC 9457 problems (``type`` ends with the code): 400 ``invalid-request`` (also a
+NUL in any string of a body, which PostgreSQL cannot store), 415 ``unsupported-media-type`` (a
+body not declared JSON), 403
 ``denied`` / ``four-eyes`` / ``settlement-exception``, 404 ``not-found``, 409
 ``duplicate-transition`` (names the transition that happened: when, by whom, which key) /
 ``out-of-order`` / ``already-resolved``, 503 ``unavailable``. Token refusals are the PEP's RFC 6750
@@ -28,6 +30,7 @@ answers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -36,7 +39,7 @@ from fastapi import FastAPI, Request
 from starlette.responses import Response
 
 from trustplane.authzen.model import Decision, Entity
-from trustplane.errors import InsufficientScopeError
+from trustplane.errors import InsufficientScopeError, InvalidTokenError
 from trustplane.pep import AccessToken, client_subject, parse_key
 from trustplane.pep.bearer import with_challenge
 from trustplane.pep.enforcer import transaction_of
@@ -135,6 +138,9 @@ def build_app(
         if scope not in token.scopes:
             error = InsufficientScopeError(f"the token lacks scope {scope}")
             raise TokenRefused(with_challenge(error, pep.enforcer.realm, scope))
+        if _has_nul([token.claims.get(name) for name in STORED_CLAIMS]):
+            refused = InvalidTokenError("the token's sub, txn, act or mandate holds a NUL")
+            raise TokenRefused(with_challenge(refused, pep.enforcer.realm))
         pdp, correlation = pep.enforcer.pdp, request.headers.get("x-request-id")
 
         async def decide(action: str, resource: Entity, context: Mapping[str, Any]) -> Decision:
@@ -153,13 +159,7 @@ def build_app(
         raw = await request.body()
         if not raw:
             return {}
-        try:
-            value = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise Refused(400, "invalid-request", "the body is not JSON") from None
-        if not isinstance(value, dict):
-            raise Refused(400, "invalid-request", "the body must be a JSON object")
-        return value
+        return json_object(raw, request.headers.get("content-type"))
 
     async def transition(
         request: Request,
@@ -313,11 +313,13 @@ def build_app(
         return _json(200, record.as_dict())
 
     @app.get("/events")
-    async def events(request: Request, after: int = 0, wait: float = 0.0) -> Response:
+    async def events(request: Request) -> Response:
         await caller_of(request, "event:subscribe")
-        if after < 0 or not 0 <= wait <= MAX_TIMEOUT:
-            return problem(400, "invalid-request", f"after >= 0, 0 <= wait <= {MAX_TIMEOUT:g}")
-        found = await services.events(after, wait)
+        try:
+            after, wait = events_query(request.query_params)
+            found = await services.events(after, wait)
+        except Refused as exc:
+            return refusal(exc)
         return _json(
             200,
             {
@@ -338,6 +340,61 @@ def build_app(
         )
 
     return app
+
+
+def json_object(raw: bytes, content_type: str | None) -> dict[str, Any]:
+    """A request body: declared JSON (RFC 9110 §15.5.16: anything else is 415), a JSON object,
+    without NUL in any string (PostgreSQL's text and jsonb cannot hold one: refused here, 400,
+    rather than by the database, 500)."""
+    media = (content_type or "").partition(";")[0].strip().lower()
+    if media != "application/json" and not (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        raise Refused(415, "unsupported-media-type", "the body must be application/json")
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise Refused(400, "invalid-request", "the body is not JSON") from None
+    if not isinstance(value, dict):
+        raise Refused(400, "invalid-request", "the body must be a JSON object")
+    if b"\\u0000" in raw and _has_nul(value):  # the only way JSON carries a NUL
+        raise Refused(400, "invalid-request", "the body's strings must not contain NUL (U+0000)")
+    return value
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any("\x00" in k or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+#: The claims of a caller's token that the stores keep (the actor, the envelope, what the trade
+#: rests on): a NUL in one cannot be stored on PostgreSQL, so such a token is refused (401).
+STORED_CLAIMS = ("sub", "client_id", "iss", "jti", "txn", "act", "mandate", "acting")
+#: ``GET /events``' parameters; a cursor is a decimal ``seq`` this server gave out (<= 18 digits).
+EVENTS_PARAMETERS = frozenset({"after", "wait"})
+
+
+def events_query(params: Mapping[str, str]) -> tuple[int, float]:
+    """``after`` and ``wait`` of ``GET /events``, or 400 ``invalid-request`` (an unknown
+    parameter, a cursor that is not a decimal integer, a wait outside 0..30 s)."""
+    unknown = set(params) - EVENTS_PARAMETERS
+    if unknown:
+        raise Refused(400, "invalid-request", f"unknown parameter(s): {', '.join(sorted(unknown))}")
+    raw_after, raw_wait = params.get("after", "0"), params.get("wait", "0")
+    if not (raw_after.isascii() and raw_after.isdigit() and len(raw_after) <= 18):
+        raise Refused(400, "invalid-request", "after must be a cursor (next) this server gave out")
+    try:
+        wait = float(raw_wait)
+    except ValueError:
+        wait = math.nan
+    if not 0 <= wait <= MAX_TIMEOUT:  # NaN fails both comparisons
+        raise Refused(400, "invalid-request", f"wait must be a number from 0 to {MAX_TIMEOUT:g}")
+    return int(raw_after), wait
 
 
 class _Unavailable(Exception):

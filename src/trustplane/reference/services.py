@@ -42,6 +42,8 @@ SIDES = ("buy", "sell")
 CREATE, EXECUTE, PROPOSE = "trade:create", "trade:execute", "trade:propose_allocation"
 APPROVE, SUBMIT = "trade:approve_allocation", "trade:submit_settlement"
 CANCEL, CONFIRM = "trade:cancel_settlement", "trade:confirm_settlement"
+#: An amount's or quantity's bounds: below 10**MAX_DIGITS, at most MAX_DECIMALS decimals.
+MAX_DIGITS, MAX_DECIMALS = 30, 18
 #: How often a signal's exception is retried on a trade that moved meanwhile (each retry re-reads it).
 SIGNAL_ATTEMPTS = 5
 
@@ -145,6 +147,14 @@ def _amount(value: Any, what: str) -> str:
         raise Refused(400, "invalid-request", f"{what} must be a decimal number") from None
     if not number.is_finite() or number <= 0 or len(str(value)) > 40:
         raise Refused(400, "invalid-request", f"{what} must be a positive decimal number")
+    # bounded far inside the decimal context (Emax 999999), so sums of them cannot overflow
+    exponent = number.as_tuple().exponent
+    if number.adjusted() >= MAX_DIGITS or (isinstance(exponent, int) and -exponent > MAX_DECIMALS):
+        raise Refused(
+            400,
+            "invalid-request",
+            f"{what} must be below 1E{MAX_DIGITS}, with at most {MAX_DECIMALS} decimals",
+        )
     return str(number)
 
 
@@ -262,6 +272,8 @@ class TradeServices:
         return self.stores.by_service()[machine.owner(transition)]
 
     async def _trade(self, trade_id: str, store: TradeStore | None = None) -> Trade:
+        if "\x00" in trade_id:  # never stored (PostgreSQL's text cannot hold it): not asked
+            raise Refused(404, "not-found", "no such trade (the id holds a NUL)")
         try:
             return await (store or self.store).trade(trade_id)
         except NotFound:
@@ -546,9 +558,13 @@ class TradeServices:
     async def events(self, after: int, wait: float) -> list[StoredEvent]:
         """``GET /events``: compact, the outbox; split, the reporting store's feed (every owner's
         events, verified and learned, in the order reporting received them; its own cursor)."""
-        if self.stores.split:
-            return await self.stores.reporting.wait_events(after, wait, feed=True)
-        return await self.store.wait_events(after, wait)
+        store, feed = (self.stores.reporting, True) if self.stores.split else (self.store, False)
+        read = store.feed_after if feed else store.events_after
+        if after > 0 and not await read(after - 1, 1):  # no event at or past the cursor
+            raise Refused(
+                400, "invalid-request", f"the cursor {after} is beyond the last event: not ours"
+            )
+        return await store.wait_events(after, wait, feed=feed)
 
     # ----------------------------------------------------------------- exceptions
 
@@ -564,6 +580,8 @@ class TradeServices:
         if action not in ("reconsent", "cancel", "escalate"):
             raise Refused(400, "invalid-request", "action must be reconsent, cancel or escalate")
         try:
+            if "\x00" in exception_id:  # never stored, as for a trade id
+                raise NotFound(exception_id)
             record = await self.store.exception(exception_id)
         except NotFound:
             raise Refused(404, "not-found", f"no exception {exception_id}") from None
