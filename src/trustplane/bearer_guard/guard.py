@@ -11,6 +11,9 @@ checks, in order (the first that fails answers):
    of our key ring, under the algorithm that key is registered for; ``iss`` is our issuer; the
    claims RFC 9068 §2.2 requires are present and well typed (``jti`` non-empty: revocation is by it).
    RFC 9449 §7.2: a DPoP-bound token (``cnf.jkt``) is refused: no DPoP proof is checked here.
+   RFC 8705 §3: a certificate-bound token (``cnf.x5t#S256``) is accepted only with the client
+   certificate it is bound to (the TLS connection's, or a trusted proxy's header): none, another, or a
+   malformed binding is ``invalid_token``.
 3. RFC 7519 §4.1.4/§4.1.5: ``exp`` is in the future (no leeway: our own clock set it), ``nbf`` and
    ``iat`` are not later than now plus ``clock_skew`` (another process of ours may run a little ahead).
 4. RFC 7519 §4.1.3 with RFC 9068 §4: ``aud`` identifies this route's API. A string and a one-element
@@ -34,12 +37,15 @@ Every refusal increments ``trustplane_bearer_refused_total{api, error, reason}``
 
 from __future__ import annotations
 
+import hmac
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
+from cryptography import x509
 
 from trustplane import metrics
 from trustplane.bearer_guard.revoked import RevokedTokens
@@ -55,6 +61,7 @@ from trustplane.jose.jws import JWSError, parse
 from trustplane.keys.service import KeyRing, KeyService
 from trustplane.protocol.scopes import internal_audience
 from trustplane.protocol.tokens import VerifiedClaims
+from trustplane.tls import CertificateSource, certificate_thumbprint
 
 log = structlog.get_logger("trustplane.bearer_guard")
 REALM = "trustplane"
@@ -94,6 +101,8 @@ class BearerRequest:
     authorization: str | None
     header_count: int = 1
     token_in_query: bool = False
+    #: the request's client certificate, read only for a certificate-bound token
+    certificate: Callable[[], x509.Certificate | None] = lambda: None
 
 
 class BearerGuard:
@@ -106,8 +115,12 @@ class BearerGuard:
         clients: ClientRegistry,
         revoked: RevokedTokens,
         mandates: MandateLiveness | None,
+        certificates: CertificateSource | None = None,
     ) -> None:
+        """``certificates``: where the HTTP adapter reads a request's client certificate (for
+        certificate-bound tokens; without it no certificate is ever presented)."""
         self.issuer, self._skew = issuer, clock_skew
+        self.certificates = certificates
         self._keys, self._clients, self._revoked, self._mandates = keys, clients, revoked, mandates
         self._verified: dict[str, VerifiedClaims] = {}
         self._ring: KeyRing | None = None
@@ -126,7 +139,7 @@ class BearerGuard:
         """Every check but the scope (steps 1-7): our live token, meant for this API."""
         try:
             claims = self._verified_claims(_token(request))
-            _check_not_dpop_bound(claims)
+            _check_binding(claims, request)
             self._check_time(claims)
             self._check_audience(claims, route.audience)
             self._check_client(claims)
@@ -223,15 +236,35 @@ def challenge(exc: OAuth2Error, scopes: tuple[str, ...] = ()) -> str:
     return ", ".join(parts)
 
 
-def _check_not_dpop_bound(claims: VerifiedClaims) -> None:
-    """RFC 9449 §7.2: these routes take only the Bearer scheme, so no DPoP proof can be checked
-    here; a DPoP-bound token (``cnf.jkt``) presented as a bearer token is refused, as is a ``cnf``
-    that is not an object (a malformed binding must not pass for none)."""
+def _check_binding(claims: VerifiedClaims, request: BearerRequest) -> None:
+    """The token's ``cnf``, if any. RFC 9449 §7.2: these routes take only the Bearer scheme, so no
+    DPoP proof can be checked here; a DPoP-bound token (``cnf.jkt``) presented as a bearer token is
+    refused. RFC 8705 §3: a certificate-bound token (``cnf.x5t#S256``) must come with that
+    certificate. A ``cnf`` that is not an object, or a malformed thumbprint, is refused too (a
+    malformed binding must not pass for none)."""
     cnf = claims.get("cnf")
-    if cnf is not None and (not isinstance(cnf, dict) or "jkt" in cnf):
+    if cnf is None:
+        return
+    if not isinstance(cnf, dict) or "jkt" in cnf:
         raise InvalidTokenError(
             "the access token is DPoP-bound; this API accepts bearer tokens only",
             reason_id="dpop_bound",
+        )
+    bound = cnf.get("x5t#S256")
+    if bound is None:
+        return
+    if not isinstance(bound, str) or not bound:
+        raise InvalidTokenError("the token's cnf x5t#S256 is malformed", reason_id="cnf_malformed")
+    certificate = request.certificate()
+    if certificate is None:
+        raise InvalidTokenError(
+            "the access token is bound to a client certificate; none was presented",
+            reason_id="certificate_missing",
+        )
+    if not hmac.compare_digest(certificate_thumbprint(certificate), bound):
+        raise InvalidTokenError(
+            "the access token is bound to another client certificate",
+            reason_id="certificate_mismatch",
         )
 
 

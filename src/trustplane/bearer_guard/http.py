@@ -27,6 +27,7 @@ from trustplane.errors import ErrorTable, ServerError, TemporarilyUnavailableErr
 from trustplane.keys.service import NoActiveKeyError
 from trustplane.protocol.tokens import VerifiedClaims
 from trustplane.storage.writer import WriterUnavailable
+from trustplane.tls import CertificateSource, client_certificate
 
 log = structlog.get_logger("trustplane.bearer_guard")
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
@@ -35,10 +36,14 @@ DEPENDENCY_FAILURES = (WriterUnavailable, NoActiveKeyError, ConnectionError, OSE
 R = TypeVar("R")
 
 
-def bearer_request(request: Request) -> BearerRequest:
+def bearer_request(
+    request: Request, certificates: CertificateSource | None = None
+) -> BearerRequest:
     """The ``Authorization`` fields in one pass over the raw header list (ASGI field names are
     lower-case), read as Starlette's ``headers.get`` and ``getlist`` would: the first value, decoded
-    as Latin-1, and how many there are. Starlette's ``getlist`` decoded every field of the request."""
+    as Latin-1, and how many there are. Starlette's ``getlist`` decoded every field of the request.
+    The client certificate (``certificates``: the TLS connection's, or a trusted proxy's header) is
+    read only if the guard asks, for a certificate-bound token."""
     value: bytes | None = None
     count = 0
     for name, field in request.scope["headers"]:
@@ -47,21 +52,24 @@ def bearer_request(request: Request) -> BearerRequest:
             if value is None:
                 value = field
     query: bytes = request.scope.get("query_string", b"")  # parsed only when it may hold a token
+    token_in_query = b"access_token" in query and "access_token" in request.query_params
+    authorization = None if value is None else value.decode("latin-1")
+    if certificates is None:
+        return BearerRequest(authorization, count, token_in_query)
+    source = certificates
     return BearerRequest(
-        None if value is None else value.decode("latin-1"),
-        count,
-        b"access_token" in query and "access_token" in request.query_params,
+        authorization, count, token_in_query, lambda: client_certificate(request.scope, source)
     )
 
 
 async def caller(guard: BearerGuard, request: Request, route: Protected) -> VerifiedClaims:
     """The claims of the request's bearer token, checked for ``route`` (scopes included)."""
-    return await guard.check(bearer_request(request), route)
+    return await guard.check(bearer_request(request, guard.certificates), route)
 
 
 async def authenticated(guard: BearerGuard, request: Request, route: Protected) -> VerifiedClaims:
     """Every check but the scopes (for an API that records who was refused a scope)."""
-    return await guard.authenticate(bearer_request(request), route)
+    return await guard.authenticate(bearer_request(request, guard.certificates), route)
 
 
 def render_error(exc: Exception, table: ErrorTable) -> Response:

@@ -15,6 +15,7 @@ from trustplane.keys.service import KeyService
 from trustplane.protocol.revocations import GENERATION
 from trustplane.settings import Settings
 from trustplane.storage.db import Database
+from trustplane.tls import CertificateSource
 
 
 @dataclass
@@ -53,5 +54,6 @@ def build(
         clients=clients,
         revoked=revoked,
         mandates=mandates,
+        certificates=CertificateSource.from_settings(settings),
     )
     return Revocations(revoked, guard, db)
