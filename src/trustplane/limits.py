@@ -65,6 +65,7 @@ OAUTH_SHAPED_PREFIXES = (
     "/federation",
     "/mandates",
     "/audit",
+    "/events",
     "/ssf",
 )
 
@@ -439,7 +440,9 @@ class _Exchange:
 
     async def _send_refusal(self, send: Send, refused: InvalidRequestError) -> None:
         headers, body = refusal(refused.status_code, refused.description, self._path)
-        await send({"type": "http.response.start", "status": refused.status_code, "headers": headers})
+        await send(
+            {"type": "http.response.start", "status": refused.status_code, "headers": headers}
+        )
         await send({"type": "http.response.body", "body": body})
 
 
