@@ -18,7 +18,7 @@ from starlette.routing import Route
 
 from tests.conftest import _Started, make_settings
 from trustplane.app import Services, TrustplaneApp, create_app
-from trustplane.limits import BoundedRequests, RequestLimits, request_limits
+from trustplane.limits import BoundedRequests, RequestLimits, json_text_problem, request_limits
 
 CHUNK = 16 * 1024
 CAP = 64 * 1024
@@ -392,3 +392,29 @@ async def test_a_streamed_body_is_left_to_the_handler() -> None:
     client = await call(_fast_app(seen), "/echo", [CHUNKED], body_size=2 * CHUNK)
     assert client.status == 200
     assert seen == [(b"a" * 2 * CHUNK, 2)]
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (b'{"a": "b"}', None),
+        (b'{"a": "\\u00e9 \xc3\xa9"}', None),
+        (b'{"a": "\\\\u0000"}', None),  # a backslash and the text u0000
+        (b'{"a": "\\ud83d\\ude00"}', None),  # a pair
+        (b'{"a": "\\uD83D\\uDE00"}', None),
+        (b'{"a": "\\u0000"}', "NUL"),
+        (b'{"\\u0000": 1}', "NUL"),
+        (b'{"a": "\\\\\\u0000"}', "NUL"),  # an escaped backslash, then the escape
+        (b'{"a": "\\ud83d"}', "surrogate"),
+        (b'{"a": "\\ude00"}', "surrogate"),
+        (b'{"a": "\\ud83dx\\ude00"}', "surrogate"),
+        (b'{"a": "\\ud83d\\\\\\ude00"}', "surrogate"),  # not adjacent: a backslash between
+        (b'{"a": "\\ud83d\\u0041"}', "surrogate"),
+        (b'{"a": "\xff"}', "UTF-8"),
+    ],
+)
+def test_json_text_problem(body: bytes, problem: str | None) -> None:
+    """The JSON body check of the entry: a NUL or an unpaired surrogate escape, or bytes that are
+    not UTF-8; an escaped backslash before ``u0000`` is text, not an escape."""
+    found = json_text_problem(body)
+    assert found is None if problem is None else problem in (found or ""), found

@@ -1,4 +1,4 @@
-"""Request size limits, enforced at the ASGI entry before any handler runs.
+r"""Request size limits, enforced at the ASGI entry before any handler runs.
 
 Every request body and header is bounded before it is read (BRIEF, "Trust boundaries"):
 
@@ -14,14 +14,25 @@ Every request body and header is bounded before it is read (BRIEF, "Trust bounda
   delivers at most that many bytes (the hot paths pay one pass over the header fields, no more).
   Such a request is marked in its scope (:data:`DECLARED_BODY`), so that the app's hot-path adapter
   may read the body whole before its handler runs (``trustplane.app``).
+* text (docs/architecture.md, "Input rules"): PostgreSQL's ``text`` cannot hold a NUL character, so a
+  NUL in the path (``%00``), the query string or a header field is answered 400 before any handler
+  runs; a JSON body (``application/json``, ``*+json``) is checked when its handler has read it
+  whole: a ``\u0000`` escape, an unpaired surrogate escape (UTF-8 cannot encode it, so no driver can
+  send it) or bytes that are not UTF-8 raise :class:`UnstorableText` from ``receive``, which
+  the handler answers in its own shape (a handler that answers it with anything but a 4xx has its
+  answer replaced by the entry's 400). Form bodies are checked by their one parser
+  (``trustplane.protocol.form``). Bodies are not read early for this: an unauthenticated caller is
+  still answered before a byte of its body is read.
 
 The error shape follows the route: routes whose errors are RFC 6749 §5.2 JSON (every API of
-trustplane: ``OAUTH_SHAPED_PREFIXES``) answer ``{"error": "invalid_request", ...}``; everything else
-answers RFC 9457 ``application/problem+json``.
+trustplane: ``OAUTH_SHAPED_PREFIXES``) answer ``{"error": "invalid_request", ...}``; the SSF push
+receiver answers RFC 8935 §2.3's ``{"err", "description"}`` and the RFC 8936 poll endpoint carries
+both (as their handlers do); everything else answers RFC 9457 ``application/problem+json``.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -54,13 +65,26 @@ OAUTH_SHAPED_PREFIXES = (
     "/federation",
     "/mandates",
     "/audit",
+    "/events",
+    "/ssf",
 )
+
+#: RFC 8935 §2.3 (push delivery) errors are ``{"err", "description"}``; the RFC 8936 poll endpoint
+#: answers both that and the ``error`` members of the rest of the SSF API (``trustplane.ssf.http``).
+SET_DELIVERY_PATH = "/ssf/receiver"
+SET_POLL_PREFIX = "/ssf/poll"
 
 
 #: RFC 9110 §15.5.14: the body is larger than this route accepts. Raised by the bounded ``receive``
 #: so that a handler's own ``OAuth2Error`` mapping answers 413 ``invalid_request``; the one class of
 #: that wire error (``errors.ContentTooLargeError``), under the name this module's callers use.
 RequestBodyTooLarge = ContentTooLargeError
+
+
+class UnstorableText(InvalidRequestError):
+    """A string of the request that PostgreSQL's ``text`` cannot hold (module doc): raised from
+    ``receive`` when a JSON body's text is read, so that a handler with its own code for a bad body
+    (RFC 7591 ``invalid_client_metadata``) can answer with it."""
 
 
 class RequestHeadersTooLarge(InvalidRequestError):
@@ -131,8 +155,14 @@ _TITLES = {400: "Bad Request", 413: "Content Too Large", 431: "Request Header Fi
 def refusal(status: int, detail: str, path: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
     """Headers and body of a refusal in the route's error shape. ``Connection: close``: the body (or
     the rest of the headers) was not read, so the connection cannot be reused."""
-    if oauth_shaped(path):
-        body = orjson.dumps({"error": "invalid_request", "error_description": detail})
+    if _matches(path, SET_DELIVERY_PATH):
+        body = orjson.dumps({"err": "invalid_request", "description": detail})
+        kind = b"application/json"
+    elif oauth_shaped(path):
+        error: dict[str, str] = {"error": "invalid_request", "error_description": detail}
+        if _matches(path, SET_POLL_PREFIX):
+            error |= {"err": "invalid_request", "description": detail}
+        body = orjson.dumps(error)
         kind = b"application/json"
     else:
         problem = {"type": "about:blank", "title": _TITLES[status], "status": status}
@@ -164,7 +194,7 @@ _REFUSALS: dict[int, type[InvalidRequestError]] = {
 class _Head:
     """What the entry needs from the header fields, in one pass over them."""
 
-    __slots__ = ("chunked", "length", "problem")
+    __slots__ = ("chunked", "json", "length", "nul", "problem")
 
     def __init__(self, headers: Sequence[tuple[bytes, bytes]], limits: RequestLimits) -> None:
         #: why the head is refused (431), or None
@@ -173,6 +203,10 @@ class _Head:
         #: different values
         self.length: int | None = None
         self.chunked = False
+        #: a header value holds a NUL character (400: no ``text`` column can store it)
+        self.nul = False
+        #: the body is JSON (its text is checked as it is read: :func:`json_text_problem`)
+        self.json = False
         if len(headers) > limits.max_header_count:
             self.problem = f"more than {limits.max_header_count} header fields"
             return
@@ -183,6 +217,10 @@ class _Head:
                 self._length(value)
             elif name == b"transfer-encoding":
                 self.chunked = True
+            elif name == b"content-type":
+                self.json = _is_json(value)
+            if b"\x00" in value:
+                self.nul = True
         if size > limits.max_header_bytes:
             self.problem = f"the header fields are larger than {limits.max_header_bytes} bytes"
 
@@ -190,6 +228,53 @@ class _Head:
         value = value.strip()
         length = int(value) if value.isdigit() else -1
         self.length = length if self.length in (None, length) else -1
+
+
+def _is_json(content_type: bytes) -> bool:
+    kind = content_type.split(b";", 1)[0].strip().lower()
+    return kind == b"application/json" or kind.endswith(b"+json")
+
+
+def _nul_in_target(scope: Scope) -> bool:
+    """A NUL in the path (the server has decoded ``%00``) or in the raw query string."""
+    query: bytes = scope.get("query_string", b"")
+    return "\x00" in scope["path"] or b"%00" in query or b"\x00" in query
+
+
+#: A JSON ``\uXXXX`` escape that is one (preceded by an even number of backslashes: ``\\u0000``
+#: is a backslash and the text ``u0000``).
+_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u([0-9a-fA-F]{4})")
+
+
+def json_text_problem(body: bytes) -> str | None:
+    r"""Why the strings of a JSON body cannot be stored as PostgreSQL ``text``, or None: bytes that
+    are not UTF-8 (RFC 8259 §8.1), a ``\u0000`` escape, a surrogate escape without its other half
+    (RFC 8259 §8.2). The body need not be valid JSON otherwise (its handler says so); the common
+    body, ASCII without a ``\u`` escape, costs two scans."""
+    if not body.isascii():
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError:
+            return "the request body is not UTF-8"
+    if b"\\u" not in body:
+        return None
+    low_due = -1  # where a high surrogate's low half must start
+    for match in _ESCAPE.finditer(body):
+        code, at = int(match[1], 16), match.start(1) - 2
+        if low_due >= 0:
+            if at != low_due or not 0xDC00 <= code <= 0xDFFF:
+                return _UNPAIRED
+            low_due = -1
+        elif code == 0:
+            return "a string in the request body holds a NUL character"
+        elif 0xD800 <= code <= 0xDBFF:
+            low_due = match.end()
+        elif 0xDC00 <= code <= 0xDFFF:
+            return _UNPAIRED
+    return _UNPAIRED if low_due >= 0 else None
+
+
+_UNPAIRED = "a string in the request body holds an unpaired surrogate"
 
 
 class BoundedRequests:
@@ -213,6 +298,9 @@ class BoundedRequests:
         if head.length == -1:
             await self._refuse(send, 400, "malformed Content-Length", path, "content_length")
             return
+        if head.nul or _nul_in_target(scope):
+            await self._refuse(send, 400, _NUL_IN_TARGET, path, "nul")
+            return
         cap = self.limits.body_cap(path)
         if head.length is not None and not head.chunked:
             if head.length > cap:
@@ -221,9 +309,12 @@ class BoundedRequests:
             # within the cap: the HTTP server's framing delivers at most Content-Length bytes, and
             # an unread rest is small enough to drain
             scope[DECLARED_BODY] = head.length
-            await self.app(scope, receive, send)
+            if not head.json:
+                await self.app(scope, receive, send)
+                return
+            await _Exchange(self.app, cap, path, False, True).run(scope, receive, send)
             return
-        await _Exchange(self.app, cap, path, head.chunked).run(scope, receive, send)
+        await _Exchange(self.app, cap, path, head.chunked, head.json).run(scope, receive, send)
 
     async def _refuse(self, send: Send, status: int, detail: str, path: str, reason: str) -> None:
         hook = self._hooks.get(path)
@@ -258,45 +349,56 @@ def _too_large(cap: int) -> str:
     return f"the request body is larger than {cap} bytes"
 
 
+_NUL_IN_TARGET = "the request target or a header field holds a NUL character"
+
+
 class _Exchange:
-    """One request: the body counted while it is read, the response watched for the overflow case."""
+    """One request: the body counted (and a JSON body's text checked) while it is read, the
+    response watched for the refused case."""
 
-    __slots__ = ("_app", "_cap", "_overflow", "_path", "_read", "_replaced", "_started", "_unread")
+    __slots__ = (
+        "_app",
+        "_cap",
+        "_chunks",
+        "_json",
+        "_path",
+        "_read",
+        "_refused",
+        "_replaced",
+        "_started",
+        "_unread",
+    )
 
-    def __init__(self, app: ASGIApp, cap: int, path: str, has_body: bool) -> None:
+    def __init__(self, app: ASGIApp, cap: int, path: str, has_body: bool, json: bool) -> None:
         self._app, self._cap, self._path = app, cap, path
         self._read = 0
-        self._overflow = False
+        #: why the body was refused while it was read (413 too large, 400 its text), or None
+        self._refused: InvalidRequestError | None = None
         self._unread = has_body
+        self._json = json
+        self._chunks: list[bytes] = []
         self._started = False
         self._replaced = False
 
     async def run(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def bounded_receive() -> Message:
-            if self._overflow:
-                raise RequestBodyTooLarge(_too_large(self._cap))
+            if self._refused is not None:
+                raise self._refused
             message = await receive()
             if message["type"] == "http.request":
-                self._read += len(message.get("body", b""))
-                if not message.get("more_body", False):
-                    self._unread = False
-                if self._read > self._cap:
-                    self._overflow = True
-                    REQUESTS_REFUSED.labels(reason="body_streamed").inc()
-                    raise RequestBodyTooLarge(_too_large(self._cap))
+                self._received(message)
             return message
 
         async def watched_send(message: Message) -> None:
+            refused = self._refused
             if message["type"] == "http.response.start":
                 self._started = True
-                if self._overflow and message["status"] != 413:
-                    # the handler mapped the overflow to something else: the answer is still 413
-                    headers, body = refusal(413, _too_large(self._cap), self._path)
-                    await send({"type": "http.response.start", "status": 413, "headers": headers})
-                    await send({"type": "http.response.body", "body": body})
+                if refused is not None and not _answers(refused, message["status"]):
+                    # the handler mapped the refusal to something else: the entry answers it
+                    await self._send_refusal(send, refused)
                     self._replaced = True
                     return
-                if self._unread or self._overflow:
+                if self._unread or refused is not None:
                     message = {**message, "headers": [*message["headers"], _CLOSE]}
             elif self._replaced:
                 return
@@ -304,14 +406,52 @@ class _Exchange:
 
         try:
             await self._app(scope, bounded_receive, watched_send)
-        except RequestBodyTooLarge:
-            if self._replaced:  # a framework answered 500 and re-raised: the 413 is already sent
+        except InvalidRequestError as exc:
+            if exc is not self._refused:
+                raise
+            if self._replaced:  # a framework answered 500 and re-raised: the refusal is sent
                 return
             if self._started:
                 raise
-            headers, body = refusal(413, _too_large(self._cap), self._path)
-            await send({"type": "http.response.start", "status": 413, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
+            await self._send_refusal(send, exc)
+
+    def _received(self, message: Message) -> None:
+        """Count a body message (413 past the cap); a JSON body's text checked at its end."""
+        chunk: bytes = message.get("body", b"")
+        self._read += len(chunk)
+        last = not message.get("more_body", False)
+        if last:
+            self._unread = False
+        if self._read > self._cap:
+            REQUESTS_REFUSED.labels(reason="body_streamed").inc()
+            self._refused = RequestBodyTooLarge(_too_large(self._cap))
+            raise self._refused
+        if not self._json:
+            return
+        if not last:
+            self._chunks.append(chunk)
+            return
+        problem = json_text_problem(b"".join([*self._chunks, chunk]) if self._chunks else chunk)
+        self._chunks = []
+        if problem is not None:
+            REQUESTS_REFUSED.labels(reason="body_text").inc()
+            self._refused = UnstorableText(problem)
+            raise self._refused
+
+    async def _send_refusal(self, send: Send, refused: InvalidRequestError) -> None:
+        headers, body = refusal(refused.status_code, refused.description, self._path)
+        await send(
+            {"type": "http.response.start", "status": refused.status_code, "headers": headers}
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def _answers(refused: InvalidRequestError, status: int) -> bool:
+    """Whether the handler's answer stands for the refusal: 413 for a body too large (whatever the
+    handler made of it), any 4xx of the handler's own for a body's text."""
+    if isinstance(refused, RequestBodyTooLarge):
+        return status == 413
+    return 400 <= status < 500
 
 
 _CLOSE = (b"connection", b"close")

@@ -240,8 +240,8 @@ HOSTILE = [
                 ]
             )
         ),
-        401,
-        "invalid_client",
+        400,
+        "invalid_request",  # a NUL is malformed in any parameter (protocol.form)
         id="NUL-client_id-and-secret",
     ),
     pytest.param(

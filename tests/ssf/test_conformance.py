@@ -185,31 +185,36 @@ async def test_an_unknown_stream_is_404(server: Server, method: str, path: str, 
     assert_error(answer, 404, "not_found")
 
 
+NUL_IS_400 = (400, "invalid_request")  # no string of a request may hold one (trustplane.limits)
+
+
 @pytest.mark.parametrize(
-    ("method", "path", "body"),
+    ("method", "path", "body", "expected"),
     [
-        ("GET", "/ssf/stream?stream_id=a%00b", None),
-        ("PATCH", "/ssf/stream", {"stream_id": "a\x00b", "description": "x"}),
-        ("PUT", "/ssf/stream", {"stream_id": "a\x00b"}),
-        ("DELETE", "/ssf/stream?stream_id=a%00b", None),
-        ("GET", "/ssf/status?stream_id=a%00b", None),
-        ("POST", "/ssf/status", {"stream_id": "a\x00b", "status": "paused"}),
-        ("POST", "/ssf/verify", {"stream_id": "a\x00b"}),
-        ("POST", "/ssf/poll/a%00b", {"returnImmediately": True}),
-        ("GET", "/ssf/stream?stream_id=" + "s" * 65, None),
+        ("GET", "/ssf/stream?stream_id=a%00b", None, NUL_IS_400),
+        ("PATCH", "/ssf/stream", {"stream_id": "a\x00b", "description": "x"}, NUL_IS_400),
+        ("PUT", "/ssf/stream", {"stream_id": "a\x00b"}, NUL_IS_400),
+        ("DELETE", "/ssf/stream?stream_id=a%00b", None, NUL_IS_400),
+        ("GET", "/ssf/status?stream_id=a%00b", None, NUL_IS_400),
+        ("POST", "/ssf/status", {"stream_id": "a\x00b", "status": "paused"}, NUL_IS_400),
+        ("POST", "/ssf/verify", {"stream_id": "a\x00b"}, NUL_IS_400),
+        ("POST", "/ssf/poll/a%00b", {"returnImmediately": True}, NUL_IS_400),
+        ("GET", "/ssf/stream?stream_id=" + "s" * 65, None, (404, "not_found")),
+        ("GET", "/ssf/stream?stream_id=a%20b", None, (404, "not_found")),
     ],
 )
 async def test_a_stream_id_no_stream_can_have_is_404_not_500(
-    server: Server, method: str, path: str, body: Any
+    server: Server, method: str, path: str, body: Any, expected: tuple[int, str]
 ) -> None:
     """A stream id with a NUL reached PostgreSQL's ``text`` comparison, which refuses it: every
-    management endpoint answered 500. Our stream ids are RFC 3986 unreserved characters (§8.1.1
-    SHOULD), so any other string names no stream: 404 before any query."""
+    management endpoint answered 500; a NUL is now refused with 400 before any handler reads it.
+    Our stream ids are RFC 3986 unreserved characters (§8.1.1 SHOULD), so any other string names
+    no stream: 404 before any query."""
     content = None if body is None else json.dumps(body).encode()
     answer = await server.http.request(
         method, path, content=content, headers={**auth(server), **JSON}
     )
-    assert_error(answer, 404, "not_found")
+    assert_error(answer, *expected)
 
 
 @pytest.mark.parametrize(
@@ -287,7 +292,7 @@ async def test_a_client_at_its_stream_cap_gets_409(server: Server) -> None:
     ("delivery", "message"),
     [
         ({"method": PUSH, "endpoint_url": "http://receiver.example/events"}, "endpoint_url is not"),
-        ({"method": PUSH, "endpoint_url": "https://a\x00b.example/x"}, "control characters"),
+        ({"method": PUSH, "endpoint_url": "https://a\x00b.example/x"}, "NUL"),
         ({"method": PUSH, "endpoint_url": "https://receiver.example/a b"}, "control characters"),
         ({"method": PUSH, "endpoint_url": "https://r.example/" + "a" * 2100}, "at most 2048"),
         (None, "delivery must be an object"),
@@ -502,7 +507,7 @@ async def test_a_disabled_stream_holds_nothing(server: Server) -> None:
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ({"status": "paused", "reason": "a\x00b"}, "reason"),
+        ({"status": "paused", "reason": "a\x00b"}, "NUL"),
         ({"status": "paused", "reason": 5}, "reason"),
         ({"status": None}, "status must be"),
         ({}, "status must be"),
@@ -605,13 +610,21 @@ async def test_a_bad_poll_request_is_400_with_rfc8936_err(server: Server, body: 
 async def test_poll_ignores_acknowledgements_that_name_no_set(server: Server) -> None:
     """RFC 8936 §2.2: ``ack``/``setErrs`` name SETs by ``jti``; one that names no SET of the
     stream changes nothing. A jti with a NUL reached PostgreSQL and the poll answered 500 (the
-    acknowledgements of the good jtis in the same request were lost with it)."""
+    acknowledgements of the good jtis in the same request were lost with it): such a request is
+    now refused whole (400, ``trustplane.limits``), nothing acknowledged."""
     stream = await create(server, {"events_requested": [SESSION_REVOKED]})
     await revoke_one(server)
     await revoke_one(server)
     first, second = list((await poll(server, stream))["sets"])
-    errs = {"x\x00y": {"err": "invalid_request"}, second: {"err": "invalid_key"}}
-    answer = await poll(server, stream, ack=[first, "a\x00b", "nope"], setErrs=errs)
+    refused = await server.http.post(
+        f"/ssf/poll/{stream['stream_id']}",
+        json={"returnImmediately": True, "ack": [first, "a\x00b"]},
+        headers=auth(server),
+    )
+    assert_error(refused, 400, "invalid_request")
+    assert set((await poll(server, stream))["sets"]) == {first, second}
+    errs = {"x": {"err": "invalid_request"}, second: {"err": "invalid_key"}}
+    answer = await poll(server, stream, ack=[first, "nope"], setErrs=errs)
     assert answer == {"sets": {}, "moreAvailable": False}
 
 

@@ -19,7 +19,7 @@ from trustplane import metrics
 from trustplane.clients.metadata import ClientMetadataIn
 from trustplane.clients.service import ClientService, Registration
 from trustplane.errors import InvalidClientMetadataError, InvalidTokenError, OAuth2Error
-from trustplane.limits import read_body
+from trustplane.limits import UnstorableText, read_body
 from trustplane.protocol.responses import NO_STORE, error_response, json_response
 
 MAX_BODY = 64 * 1024
@@ -45,7 +45,10 @@ def bearer_token(request: Request) -> str:
 async def json_body(request: Request) -> Any:
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
         raise InvalidClientMetadataError("the body must be application/json")
-    raw = await read_body(request, MAX_BODY)
+    try:
+        raw = await read_body(request, MAX_BODY)
+    except UnstorableText as exc:  # RFC 7591 §3.2.2: a metadata value is invalid
+        raise InvalidClientMetadataError(exc.description) from None
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:

@@ -26,6 +26,7 @@ from trustplane.federation.service import (
     VersionConflictError,
 )
 from trustplane.federation.store import StoredProfile
+from trustplane.limits import UnstorableText
 from trustplane.protocol.responses import json_response
 
 ADMIN_PATH = "/federation"
@@ -72,7 +73,10 @@ async def _document(request: Request) -> Any:
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind not in DOCUMENT_TYPES:
         raise ProfileError([f"the body must be one of {', '.join(DOCUMENT_TYPES)}"])
-    raw = await request.body()
+    try:
+        raw = await request.body()
+    except UnstorableText as exc:  # the document's own refusal code, as for any bad document
+        raise ProfileError([exc.description]) from None
     if len(raw) > MAX_DOCUMENT_BYTES:
         raise ProfileError([f"the document is larger than {MAX_DOCUMENT_BYTES} bytes"])
     if kind == "application/json":

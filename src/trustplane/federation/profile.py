@@ -108,9 +108,36 @@ def parse_document(text: str | bytes) -> Any:
     if len(text) > MAX_DOCUMENT_BYTES:
         raise ProfileError([f"the document is larger than {MAX_DOCUMENT_BYTES} bytes"])
     try:
-        return yaml.safe_load(text)
+        document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ProfileError([f"not valid YAML or JSON: {exc}".replace("\n", " ")]) from None
+    if _unstorable(document):  # a YAML escape (``\0``, ``\ud800``) makes what JSON's gate refuses
+        raise ProfileError(["a string holds a NUL character or an unpaired surrogate"])
+    return document
+
+
+def _unstorable(value: Any, depth: int = 0) -> bool:
+    """A string PostgreSQL's ``text`` cannot hold (NUL) or UTF-8 cannot encode (a surrogate)."""
+    if isinstance(value, str):
+        return "\x00" in value or not _encodable(value)
+    if depth > _MAX_DEPTH:
+        return False  # deeper than any profile: the schema refuses it
+    if isinstance(value, dict):
+        return any(_unstorable(k, depth + 1) or _unstorable(v, depth + 1) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_unstorable(item, depth + 1) for item in value)
+    return False
+
+
+_MAX_DEPTH = 32
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def validate_profile(

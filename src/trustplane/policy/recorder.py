@@ -28,10 +28,13 @@ from trustplane.audit import sink
 from trustplane.audit.sink import observers_write_nothing, pending_row, write_events
 from trustplane.audit.store import pg_pending_insert, pg_pending_row_insert
 from trustplane.audit_events import AuditEvent
+from trustplane.policy.tables import policy_decisions
 from trustplane.storage.driver_sql import by_column, in_transaction, unnest_insert, values_clause
 from trustplane.storage.writer import GroupCommitWriter
 
 KIND = "policy_decision"
+#: ``policy_decisions.correlation_id``'s length (the other columns are cut to theirs in ``row``)
+CORRELATION_ID_CHARS: int = policy_decisions.c.correlation_id.type.length  # type: ignore[attr-defined]
 #: (column, PostgreSQL type) in the order of :meth:`DecisionRecord.row`.
 _TYPED = (
     ("decision_id", "text"),
@@ -73,7 +76,9 @@ class DecisionRecord:
             e.decision == "allow",
             " ".join(e.reason_ids)[:500],
             self.latency_us,
-            e.correlation_id,
+            # the column's length: a longer X-Request-ID or correlation_id (AuthZEN takes 256)
+            # failed the group commit, and every decision of its batch was not recorded
+            e.correlation_id[:CORRELATION_ID_CHARS] if e.correlation_id else None,
             self.inputs,
         )
 

@@ -1,7 +1,9 @@
 """``application/x-www-form-urlencoded`` request bodies, parsed once with the RFC 6749 rules.
 
 RFC 6749 §3.1/§3.2: parameters sent without a value are treated as omitted, and a parameter MUST NOT
-be included more than once (``resource`` is the exception, RFC 8707 §2).
+be included more than once (``resource`` is the exception, RFC 8707 §2). Every name and value is text
+PostgreSQL can store: an escape that is not UTF-8 (a lone surrogate's ``%ED%A0%80`` included) and a
+NUL (``%00``) are ``invalid_request``.
 """
 
 from __future__ import annotations
@@ -85,9 +87,13 @@ class Form:
         if len(body) > MAX_BODY:
             raise RequestBodyTooLarge(f"the request body is larger than {MAX_BODY} bytes")
         try:
-            pairs = _pairs(body.decode("utf-8"))
+            text = body.decode("utf-8")
+            pairs = _pairs(text)
         except (UnicodeDecodeError, ValueError):
             raise InvalidRequestError("the request body is not valid form encoding") from None
+        if "%00" in text or "\x00" in text:
+            # PostgreSQL's text cannot hold it: refused here, not as a 500 from the store
+            raise InvalidRequestError("a parameter holds a NUL character")
         single: dict[str, str] = {}
         multi: dict[str, list[str]] = {}
         for name, value in pairs:
