@@ -40,6 +40,7 @@ from starlette.responses import Response
 
 from trustplane.authzen.model import Decision, Entity
 from trustplane.errors import InsufficientScopeError, InvalidTokenError
+from trustplane.limits import UnstorableText
 from trustplane.pep import AccessToken, client_subject, parse_key
 from trustplane.pep.bearer import with_challenge
 from trustplane.pep.enforcer import transaction_of
@@ -156,7 +157,10 @@ def build_app(
         return token, Caller(token.subject or token.client_id, token.claims, token.token, decide)
 
     async def body_of(request: Request) -> dict[str, Any]:
-        raw = await request.body()
+        try:
+            raw = await request.body()
+        except UnstorableText as exc:  # the entry's check as the body is read (trustplane.limits)
+            raise Refused(400, "invalid-request", exc.description) from None
         if not raw:
             return {}
         return json_object(raw, request.headers.get("content-type"))
@@ -170,6 +174,10 @@ def build_app(
     ) -> Response:
         """``name``: the operation the Idempotency-Key is scoped to (default: the scope)."""
         token, caller = await caller_of(request, scope)
+        try:  # read here, once: the Idempotency-Key's fingerprint reads it too
+            await request.body()
+        except UnstorableText as exc:  # the entry's check as the body is read (trustplane.limits)
+            return refusal(Refused(400, "invalid-request", exc.description))
 
         async def answer(key: Key) -> Response:
             try:
