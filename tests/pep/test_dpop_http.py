@@ -171,6 +171,31 @@ async def test_an_unbound_token_still_works_as_bearer(live: Live) -> None:
     assert response.status_code == 200, response.text
 
 
+async def test_a_policy_refusal_of_a_bound_token_is_challenged_with_dpop(live: Live) -> None:
+    """RFC 9449 §7.1: the 403 of a request made with the DPoP scheme carries a ``DPoP`` challenge
+    (``insufficient_scope``, with ``algs``), not a ``Bearer`` one; a bearer request's 403 keeps
+    ``Bearer``."""
+    token = live.bound_token()
+    restricted = {**ORDER, "restricted": True}
+    response = await live.client.post(
+        "/orders",
+        json=restricted,
+        headers={"Authorization": f"DPoP {token}", "DPoP": live.proof(token)},
+    )
+
+    assert_refused(response, "insufficient_scope", status=403)
+    assert dpop_challenge(response)["scope"] == "order:create"
+
+    bearer = await live.client.post(
+        "/orders",
+        json=restricted,
+        headers={"Authorization": f"Bearer {live.issuer.token()}"},
+    )
+    assert bearer.status_code == 403, bearer.text
+    assert bearer.json()["error"] == "insufficient_scope"
+    assert bearer.headers["www-authenticate"].startswith('Bearer realm="execution", ')
+
+
 async def test_no_authentication_is_challenged_with_both_schemes(live: Live) -> None:
     response = await live.order(None)
 

@@ -32,7 +32,12 @@ from trustplane.dpop.htu import HtuError, normalize_htu
 from trustplane.dpop.nonce import NonceSource
 from trustplane.dpop.proof import ALGORITHMS, DpopProof, DpopVerifier
 from trustplane.dpop.replay import JtiStore, MemoryJtiStore
-from trustplane.errors import InvalidRequestError, InvalidTokenError, OAuth2Error
+from trustplane.errors import (
+    InsufficientScopeError,
+    InvalidRequestError,
+    InvalidTokenError,
+    OAuth2Error,
+)
 from trustplane.pep.bearer import MissingToken, _safe, challenge
 from trustplane.pep.keys import ConfigurationError
 from trustplane.pep.validator import AccessToken
@@ -178,15 +183,27 @@ class DpopBinding:
         exc.headers = {**exc.headers, "WWW-Authenticate": value}
         return exc
 
-    def challenge(self, realm: str, exc: OAuth2Error | None) -> str:
-        """``DPoP realm=..., error=..., error_description=..., algs=...`` (RFC 9449 §7.1)."""
+    def challenge(self, realm: str, exc: OAuth2Error | None, scope: str | None = None) -> str:
+        """``DPoP realm=..., error=..., error_description=..., [scope=...,] algs=...`` (RFC 9449
+        §7.1: the RFC 6750 §3 parameters, and ``algs``)."""
         parts = [f'DPoP realm="{_safe(realm)}"']
         if exc is not None:
             parts.append(f'error="{exc.error}"')
             if exc.description:
                 parts.append(f'error_description="{_safe(exc.description)}"')
+            if scope and isinstance(exc, InsufficientScopeError):
+                parts.append(f'scope="{_safe(scope)}"')
         parts.append(f'algs="{self.verifier.algs}"')
         return ", ".join(parts)
+
+    def refused_for(
+        self, token: AccessToken, exc: OAuth2Error, realm: str, scope: str | None
+    ) -> None:
+        """A refusal after the token was accepted (403 ``insufficient_scope``: scope, chain of
+        authority, policy) of a request made with a DPoP-bound token: the challenge names the scheme
+        the request used, ``DPoP`` (RFC 9449 §7.1), not ``Bearer``."""
+        if isinstance(exc, InsufficientScopeError) and bound_jkt(token) is not None:
+            exc.headers = {**exc.headers, "WWW-Authenticate": self.challenge(realm, exc, scope)}
 
 
 def _origin(value: str) -> str:

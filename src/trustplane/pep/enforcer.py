@@ -120,13 +120,17 @@ class PolicyEnforcer:
         any) goes with the question, so the PDP records the decision in that transaction."""
         if scope is not None and scope not in token.scopes:
             error = InsufficientScopeError(f"the token lacks scope {scope}")
-            raise self._refuse(error, "scope", scope, client_id=token.client_id, action=action)
+            raise self._forbidden(
+                token, error, "scope", scope, client_id=token.client_id, action=action
+            )
         problem = self.chain.problem(token.claims) if self.chain is not None else None
         if problem is not None:
             error = InsufficientScopeError(
                 f"the token's chain of authority is not accepted: {problem}"
             )
-            raise self._refuse(error, "provenance", scope, client_id=token.client_id, action=action)
+            raise self._forbidden(
+                token, error, "provenance", scope, client_id=token.client_id, action=action
+            )
         decision = await self.pdp.decide(
             self._subject(token),
             action,
@@ -151,7 +155,23 @@ class PolicyEnforcer:
             raise self._refuse(unavailable, "pdp_unreachable", **facts)
         description = f"denied by policy (decision {decision.decision_id})"
         reason = decision.reason_ids[0] if decision.reason_ids else "deny"
-        raise self._refuse(InsufficientScopeError(description), reason, scope or action, **facts)
+        raise self._forbidden(
+            token, InsufficientScopeError(description), reason, scope or action, **facts
+        )
+
+    def _forbidden(
+        self,
+        token: AccessToken,
+        exc: OAuth2Error,
+        reason: str,
+        scope: str | None = None,
+        **facts: Any,
+    ) -> OAuth2Error:
+        """A refusal of an accepted token: its challenge uses the scheme the request used (a
+        DPoP-bound token came with the ``DPoP`` scheme, RFC 9449 §7.1)."""
+        if self.dpop is not None:
+            self.dpop.refused_for(token, exc, self.realm, scope)
+        return self._refuse(exc, reason, scope, **facts)
 
     def _refuse(
         self, exc: OAuth2Error, reason: str, scope: str | None = None, **facts: Any
