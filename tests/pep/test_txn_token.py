@@ -201,6 +201,9 @@ async def test_optional_route_still_refuses_a_bad_header(harness: Harness) -> No
         (lambda i: txn_token(i, typ="at+jwt"), "Txn-Token: typ must be txntoken+jwt"),
         (lambda i: txn_token(i, typ="JWT"), "Txn-Token: typ must be txntoken+jwt"),
         (lambda i: txn_token(i, exp=int(time.time()) - 120), "Txn-Token: expired"),
+        # its own tolerance (5 s), not the access token's 60 s: a 60 s token must not live 120 s
+        (lambda i: txn_token(i, exp=int(time.time()) - 30), "Txn-Token: expired"),
+        (lambda i: txn_token(i, iat=int(time.time()) + 30), "Txn-Token: issued in the future"),
         (
             lambda i: txn_token(i, aud="https://other.example"),
             "Txn-Token: aud is not this trust domain",
@@ -273,6 +276,20 @@ async def test_bad_txn_token_is_invalid_token(
         assert text.startswith("Txn-Token: malformed")
     assert harness.handled == []
     assert harness.pdp.contexts == []
+
+
+async def test_a_txn_token_within_its_clock_tolerance_is_accepted(harness: Harness) -> None:
+    now = int(time.time())
+    response = await harness.call("/orders", txn_token(harness.issuer, exp=now - 2, iat=now + 2))
+    assert response.status_code == 200, response.text
+
+
+def test_the_txn_token_tolerance_is_never_the_access_tokens_and_never_negative() -> None:
+    validator = TokenValidator(audience=AUDIENCE, issuers=[TrustedIssuer(ISSUER)], clock_skew=3)
+    assert TxnTokenValidator(validator, trust_domain=TRUST_DOMAIN).clock_skew == 3
+    assert TxnTokenValidator(validator, trust_domain=TRUST_DOMAIN, clock_skew=1).clock_skew == 1
+    with pytest.raises(ConfigurationError, match="clock_skew"):
+        TxnTokenValidator(validator, trust_domain=TRUST_DOMAIN, clock_skew=-1)
 
 
 async def test_signature_by_another_key(harness: Harness) -> None:

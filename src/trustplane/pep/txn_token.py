@@ -9,7 +9,9 @@ What a Txn-Token must be to pass, in order (draft §9 and §12.2):
    already fetched and caches). The draft makes ``iss`` optional; this profile requires it, as the
    claim that names the keys (§13.16);
 3. ``aud`` is exactly the trust domain this resource server belongs to;
-4. ``exp`` and ``iat`` hold with ``clock_skew`` seconds of tolerance;
+4. ``exp`` and ``iat`` hold with ``clock_skew`` seconds of tolerance (its own, default
+   :data:`TXN_CLOCK_SKEW`, at most the access token's: a Txn-Token lives seconds, draft §13.2, and
+   the access token's 60 s tolerance would double a 60 s token's life);
 5. the REQUIRED claims are there (§9.2): ``txn``, ``sub`` and ``scope`` non-empty strings, ``req_wl``
    a string (the workload that requested this token; on a replacement the issuer's
    ``req_wl_chain`` lists the workloads in order); ``txn`` equals the access token's ``txn`` when
@@ -38,6 +40,9 @@ TXN_TOKEN_HEADER = "txn-token"
 #: How deep ``tctx`` and ``rctx`` may nest: the draft's examples nest two levels, trustplane's own
 #: issuer two; a deeper one is refused before it reaches the PDP (bounded input, fail closed).
 MAX_CONTEXT_DEPTH = 8
+#: Seconds of clock tolerance on a Txn-Token's ``exp`` and ``iat`` (the issuing deployment's processes
+#: and this resource server may disagree by this much; a Txn-Token's life is 60 s by default).
+TXN_CLOCK_SKEW = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,12 +99,18 @@ def _workloads(claims: dict[str, Any]) -> tuple[str, ...]:
 
 class TxnTokenValidator:
     """``trust_domain``: the ``aud`` every Txn-Token must carry (the issuing deployment's
-    ``trust_domain`` setting, by default its issuer)."""
+    ``trust_domain`` setting, by default its issuer). ``clock_skew``: seconds of tolerance on ``exp``
+    and ``iat`` (default :data:`TXN_CLOCK_SKEW`; never more than the access token validator's)."""
 
-    def __init__(self, validator: TokenValidator, *, trust_domain: str) -> None:
+    def __init__(
+        self, validator: TokenValidator, *, trust_domain: str, clock_skew: int = TXN_CLOCK_SKEW
+    ) -> None:
         if not trust_domain:
             raise ConfigurationError("trust_domain is required")
+        if clock_skew < 0:
+            raise ConfigurationError("clock_skew must not be negative")
         self.validator, self.trust_domain = validator, trust_domain
+        self.clock_skew = min(clock_skew, validator.clock_skew)
 
     async def validate(self, raw: str, access: AccessToken) -> TxnToken:
         try:
@@ -123,7 +134,7 @@ class TxnTokenValidator:
         return self._check(raw, claims, access, time.time())
 
     def _check(self, raw: str, claims: dict[str, Any], access: AccessToken, now: float) -> TxnToken:
-        skew = self.validator.clock_skew
+        skew = self.clock_skew
         if claims.get("aud") != self.trust_domain:
             raise bad_txn_token("aud is not this trust domain", "audience")
         exp, iat = claims.get("exp"), claims.get("iat")
