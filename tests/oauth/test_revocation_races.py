@@ -19,6 +19,8 @@ from sqlalchemy import text
 
 from tests.authorize.conftest import USER_LEI, Setup, register_code_client
 from tests.authorize.flow import PASSWORD
+from tests.authorize.test_fapi2 import code_flow, one_uri_client
+from tests.authorize.test_fapi2 import token as dpop_token
 from tests.protocol_server import Server, running_server
 from trustplane.audit.sink import recent_events
 from trustplane.authorize.store import SqlRefreshStore
@@ -138,3 +140,31 @@ async def test_concurrent_revocations_of_one_refresh_token_are_one_revocation(
     assert statuses == [200] * 6
     events = await recent_events(setup.server.services.db, 10_000, "oauth:refresh_family:revoked")
     assert len([e for e in events if e["payload"]["family_id"] == stored.family_id]) == 1
+
+
+async def test_refresh_without_rotation_racing_a_revocation_is_refused(setup: Setup) -> None:
+    """A fapi2 client's refresh does not rotate: it records the new access token in the family
+    instead. A revocation of the family is in progress (not committed) when the refresh arrives:
+    the refresh waits for it and is ``invalid_grant``. It used to read the token without a lock,
+    see it unrevoked, and issue an access token the committed revocation never listed (200)."""
+    server = setup.server
+    kit = await one_uri_client(server, profile="fapi2")
+    flow, returned = await code_flow(server, kit)
+    first = await dpop_token(server, kit, flow.redeem_form(returned["code"]))
+    assert first.status_code == 200, first.text
+    refresh = first.json()["refresh_token"]
+    store, db = SqlRefreshStore(), server.services.db
+    async with db.read() as conn:
+        stored = await store.get(conn, refresh)
+    assert stored is not None
+    form = {"grant_type": "refresh_token", "refresh_token": refresh}
+
+    async with db.transaction() as revocation:  # what DelegatedRevocations.revoke does, held open
+        assert (await store.revoke_family(revocation, stored.family_id, int(time.time()))).revoked
+        refreshing = asyncio.create_task(dpop_token(server, kit, form))
+        for _ in range(500):
+            if refreshing.done() or await lock_waiters(setup) >= 1:
+                break
+            await asyncio.sleep(0.01)
+    response = await refreshing
+    assert (response.status_code, response.json().get("error")) == (400, "invalid_grant")

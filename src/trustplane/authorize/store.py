@@ -258,8 +258,12 @@ class RefreshStore(Protocol):
     ) -> None:
         """Store a new token of ``family_id`` with the access token issued alongside it."""
 
-    async def get(self, conn: AsyncConnection, token: str) -> StoredRefresh | None:
-        """The token whatever its state (rotated, revoked, expired); None if unknown."""
+    async def get(
+        self, conn: AsyncConnection, token: str, *, lock: bool = False
+    ) -> StoredRefresh | None:
+        """The token whatever its state (rotated, revoked, expired); None if unknown. ``lock``:
+        hold its row until the caller's transaction ends (PostgreSQL ``FOR UPDATE``), so that a
+        revocation of its family waits for the caller, or the caller for the revocation."""
 
     async def rotate(self, conn: AsyncConnection, token: str, now: int) -> bool:
         """Mark the token rotated; True only for the first caller, and only if it is neither
@@ -368,8 +372,12 @@ class SqlRefreshStore:
             )
         )
 
-    async def get(self, conn: AsyncConnection, token: str) -> StoredRefresh | None:
+    async def get(
+        self, conn: AsyncConnection, token: str, *, lock: bool = False
+    ) -> StoredRefresh | None:
         query = select(refresh_tokens).where(refresh_tokens.c.token_hash == digest(token))
+        if lock:
+            query = query.with_for_update()
         row = (await conn.execute(query)).first()
         if row is None:
             return None
