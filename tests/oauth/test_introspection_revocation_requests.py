@@ -207,3 +207,19 @@ async def test_a_large_unknown_token_is_inactive_and_a_200_no_op(server: Server)
     assert (introspected.status_code, introspected.json()) == (200, {"active": False})
     revoked = await server.http.post("/revoke", data={"token": token, **server.kit.auth()})
     assert (revoked.status_code, revoked.content) == (200, b"")
+
+
+async def test_a_jwt_introspection_response_is_not_offered(server: Server) -> None:
+    """RFC 9701 (JWT introspection responses) is not implemented: a caller asking for one gets
+    the plain RFC 7662 JSON, and the metadata does not advertise signing algorithms for it."""
+    token = await server.access_token()
+    response = await server.http.post(
+        "/introspect",
+        data={"token": token, **server.kit.auth()},
+        headers={"Accept": "application/token-introspection+jwt"},
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["active"] is True
+    metadata = (await server.http.get("/.well-known/oauth-authorization-server")).json()
+    assert "introspection_signing_alg_values_supported" not in metadata
