@@ -9,10 +9,13 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import jwt
 import pytest
+from sqlalchemy.exc import DBAPIError
 
 from tests.conftest import ClientKit, register_kit
 from tests.protocol_server import Server, basic, register_secret_client
+from trustplane.audit.sink import recent_events
 from trustplane.clients.model import ClientStatus
 from trustplane.protocol.form import MAX_BODY
 
@@ -223,3 +226,46 @@ async def test_a_jwt_introspection_response_is_not_offered(server: Server) -> No
     assert response.json()["active"] is True
     metadata = (await server.http.get("/.well-known/oauth-authorization-server")).json()
     assert "introspection_signing_alg_values_supported" not in metadata
+
+
+def _database_gone(*_args: object, **_kwargs: object) -> Any:
+    raise DBAPIError("SELECT 1", {}, ConnectionResetError("gone"), connection_invalidated=True)
+
+
+@pytest.mark.parametrize("path", ENDPOINTS)
+async def test_a_lost_database_is_503_and_fails_closed(
+    server: Server, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Introspection cannot check revocation: 503 ``temporarily_unavailable`` with ``Retry-After``,
+    never ``active: true``. Revocation cannot be recorded: 503 (RFC 7009 §2.2.1: the client must
+    assume the token still exists and retry), and nothing is half-written."""
+    token = await server.access_token()
+    revoked = server.services.revoked
+    monkeypatch.setattr(revoked, "is_revoked", _database_gone)
+    monkeypatch.setattr(revoked, "revoke", _database_gone)
+    response = await server.http.post(path, data={"token": token, **server.kit.auth()})
+    monkeypatch.undo()
+    assert (response.status_code, response.json()["error"]) == (503, "temporarily_unavailable")
+    assert int(response.headers["retry-after"]) > 0
+    assert response.headers["cache-control"] == "no-store"
+    assert await is_active(server, token)
+    jti = jwt.decode(token, options={"verify_signature": False})["jti"]
+    events = await recent_events(server.services.db, 10_000, "oauth:token:revoked")
+    assert [e for e in events if e["jti"] == jti] == []
+
+
+@pytest.mark.parametrize("path", ENDPOINTS)
+@pytest.mark.parametrize(
+    "content_type",
+    ["application/x-www-form-urlencoded; charset=UTF-8", "Application/X-WWW-Form-URLEncoded"],
+)
+async def test_the_form_media_type_with_parameters_or_any_case_is_accepted(
+    server: Server, path: str, content_type: str
+) -> None:
+    token = await server.access_token()
+    pairs = [("token", token), *server.kit.auth().items()]
+    response = await server.http.post(
+        path, content=encoded(pairs), headers={"content-type": content_type}
+    )
+    assert response.status_code == 200, response.text
+    assert await is_active(server, token) is (path == "/introspect")
