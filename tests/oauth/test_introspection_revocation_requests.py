@@ -161,6 +161,8 @@ async def test_refused_request_changes_nothing(
         assert response.json()["error"] == error
         assert response.headers["cache-control"] == "no-store"
         assert "active" not in response.json()
+    if status == 401 and send is not _bearer_authorization:  # form-based: no challenge
+        assert "www-authenticate" not in response.headers
     assert await is_active(server, token)
 
 
