@@ -166,17 +166,40 @@ async def test_refused_request_changes_nothing(
     assert await is_active(server, token)
 
 
+async def _basic_wrong_secret(s: Server) -> dict[str, str]:
+    client_id, _ = await register_secret_client(s.services)
+    return basic(client_id, "wrong")
+
+
+async def _basic_unknown_client(s: Server) -> dict[str, str]:
+    return basic("tp-nobody", "whatever")
+
+
+async def _basic_malformed(s: Server) -> dict[str, str]:
+    return {"Authorization": "Basic not*base64"}
+
+
+async def _basic_for_a_private_key_jwt_client(s: Server) -> dict[str, str]:
+    return basic(s.kit.client_id, "guess")
+
+
+BASIC_FAILURES = [
+    pytest.param(_basic_wrong_secret, id="wrong-secret"),
+    pytest.param(_basic_unknown_client, id="unknown-client"),
+    pytest.param(_basic_malformed, id="malformed"),
+    pytest.param(_basic_for_a_private_key_jwt_client, id="registered-for-another-method"),
+]
+
+
 @pytest.mark.parametrize("path", ENDPOINTS)
-@pytest.mark.parametrize("secret", ["wrong", None], ids=["wrong-secret", "unknown-client"])
+@pytest.mark.parametrize("headers", BASIC_FAILURES)
 async def test_basic_authentication_failure_is_401_with_a_basic_challenge(
-    server: Server, path: str, secret: str | None
+    server: Server, path: str, headers: Callable[[Server], Any]
 ) -> None:
     """RFC 6749 §5.2 (RFC 7009 §2.2.1 and RFC 7662 §2.3 defer to it): a client that authenticated
     with the Authorization header gets 401 and ``WWW-Authenticate`` for the scheme it used."""
-    client_id, _ = await register_secret_client(server.services)
-    headers = basic(client_id if secret else "tp-nobody", secret or "whatever")
     token = await server.access_token()
-    response = await server.http.post(path, data={"token": token}, headers=headers)
+    response = await server.http.post(path, data={"token": token}, headers=await headers(server))
     assert (response.status_code, response.json()["error"]) == (401, "invalid_client")
     assert response.headers["www-authenticate"].startswith("Basic ")
     assert await is_active(server, token)
