@@ -168,3 +168,31 @@ async def test_refresh_without_rotation_racing_a_revocation_is_refused(setup: Se
             await asyncio.sleep(0.01)
     response = await refreshing
     assert (response.status_code, response.json().get("error")) == (400, "invalid_grant")
+
+
+async def test_rotation_racing_a_revocation_in_progress_is_refused(setup: Setup) -> None:
+    """The other order: the revocation holds the family's rows when the refresh rotates. The
+    rotation's conditional update waits, finds the token revoked, and the refresh is
+    ``invalid_grant``; no successor is stored."""
+    first = await code_flow_tokens(setup)
+    store, db = SqlRefreshStore(), setup.server.services.db
+    async with db.read() as conn:
+        stored = await store.get(conn, first["refresh_token"])
+    assert stored is not None
+    form = {"grant_type": "refresh_token", "refresh_token": first["refresh_token"]}
+
+    async with db.transaction() as revocation:
+        assert (await store.revoke_family(revocation, stored.family_id, int(time.time()))).revoked
+        refreshing = asyncio.create_task(setup.token(form))
+        for _ in range(500):
+            if refreshing.done() or await lock_waiters(setup) >= 1:
+                break
+            await asyncio.sleep(0.01)
+    response = await refreshing
+    assert (response.status_code, response.json().get("error")) == (400, "invalid_grant")
+    async with db.read() as conn:
+        family = await conn.execute(
+            text("SELECT count(*) FROM refresh_tokens WHERE family_id = :f"),
+            {"f": stored.family_id},
+        )
+        assert family.scalar_one() == 1
