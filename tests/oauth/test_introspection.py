@@ -3,6 +3,7 @@ anything not currently valid, is exactly ``{"active": false}`` (§2.2), so it ca
 
 from __future__ import annotations
 
+import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -123,7 +124,33 @@ async def _disabled_clients_token(s: Server, o: ClientKit) -> str:
     return token
 
 
+def _ours_valid_from(name: str, delay: int) -> TokenFactory:
+    """A token we signed for the caller whose ``name`` (``nbf``/``iat``) is ``delay`` s ahead."""
+
+    async def make(s: Server, o: ClientKit) -> str:
+        return issue_access_token(
+            s.services.keys.ring,
+            issuer=s.issuer,
+            subject=s.kit.client_id,
+            client_id=s.kit.client_id,
+            audience=EXECUTION,
+            scopes=("order:create",),
+            lifetime=7200,
+            extra={"lei": LEI, name: int(time.time()) + delay},
+        ).token
+
+    return make
+
+
+async def _callers_refresh_token_lookalike(s: Server, o: ClientKit) -> str:
+    """Not a JWT at all: the shape of our refresh tokens (introspected as inactive, see the docs)."""
+    return secrets.token_urlsafe(32)
+
+
 INACTIVE_TOKENS = [
+    pytest.param(_ours_valid_from("nbf", 3600), id="nbf-in-the-future"),
+    pytest.param(_ours_valid_from("iat", 3600), id="iat-in-the-future"),
+    pytest.param(_callers_refresh_token_lookalike, id="opaque-unknown"),
     pytest.param(
         _others_token_for_resource_caller_may_not_introspect, id="other-client-other-resource"
     ),
@@ -135,6 +162,13 @@ INACTIVE_TOKENS = [
     pytest.param(_signed_by_us_for_another_issuer, id="another-issuer"),
     pytest.param(_disabled_clients_token, id="disabled-client"),
 ]
+
+
+async def test_token_valid_from_within_the_clock_skew_is_active(server: Server) -> None:
+    """Another instance whose clock is a few seconds ahead issued it: as the bearer guard, allowed."""
+    for name in ("nbf", "iat"):
+        token = await _ours_valid_from(name, 5)(server, server.kit)
+        assert (await introspect(server, token)).json()["active"] is True, name
 
 
 @pytest.mark.parametrize("make_token", INACTIVE_TOKENS)

@@ -299,7 +299,7 @@ class RefreshTokenGrant(_DelegatedGrant):
         recorded in the family (a row whose token value is never disclosed, marked used) so that
         revoking the family revokes it too; a revocation that committed meanwhile wins."""
         async with self._db.transaction() as conn:
-            current = await self._refresh.get(conn, token)
+            current = await self._refresh.get(conn, token, lock=True)  # a revocation waits
             if current is None or current.revoked_at is not None:
                 raise InvalidGrantError("the refresh token has been revoked")
             record = new_secret_value()

@@ -80,7 +80,9 @@ class DelegatedRevocations:
             raise UnauthorizedClientError("a client may revoke only its own tokens")
         if stored.revoked_at is None:
             async with self._db.transaction() as conn:
-                revoked = await self._revoke_family(conn, stored.family_id, int(time.time()))
+                fresh, revoked = await self._end_family(conn, stored.family_id, int(time.time()))
+                if not fresh:  # a concurrent revocation of the family committed first: audited
+                    return True
                 event = self.event(
                     AuditEventType.REFRESH_FAMILY_REVOKED,
                     stored.grant,
@@ -93,12 +95,19 @@ class DelegatedRevocations:
         return True
 
     async def _revoke_family(self, conn: AsyncConnection, family_id: str, now: int) -> list[str]:
+        return (await self._end_family(conn, family_id, now))[1]
+
+    async def _end_family(
+        self, conn: AsyncConnection, family_id: str, now: int
+    ) -> tuple[int, list[str]]:
+        """How many refresh tokens this call revoked, and the family's access tokens' ``jti``s."""
+        family = await self.refresh.revoke_family(conn, family_id, now)
         jtis = []
-        for jti, exp, client_id in await self.refresh.revoke_family(conn, family_id, now):
+        for jti, exp, client_id in family.access:
             if exp > now:
                 await self._revocations.revoke(conn, jti, client_id, exp)
             jtis.append(jti)
-        return jtis
+        return family.revoked, jtis
 
     def event(
         self,

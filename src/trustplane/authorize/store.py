@@ -192,6 +192,16 @@ class StoredRefresh:
     revoked_at: int | None
 
 
+@dataclass(frozen=True, slots=True)
+class RevokedFamily:
+    """What :meth:`RefreshStore.revoke_family` did."""
+
+    #: Refresh tokens this call revoked (0: a concurrent or earlier revocation already had).
+    revoked: int
+    #: ``(jti, exp, client_id)`` of the access tokens issued alongside the family's tokens.
+    access: list[tuple[str, int, str]]
+
+
 class CodeStore(Protocol):
     """Authorization codes (RFC 6749 §4.1.2), by the hash of their value."""
 
@@ -248,18 +258,21 @@ class RefreshStore(Protocol):
     ) -> None:
         """Store a new token of ``family_id`` with the access token issued alongside it."""
 
-    async def get(self, conn: AsyncConnection, token: str) -> StoredRefresh | None:
-        """The token whatever its state (rotated, revoked, expired); None if unknown."""
+    async def get(
+        self, conn: AsyncConnection, token: str, *, lock: bool = False
+    ) -> StoredRefresh | None:
+        """The token whatever its state (rotated, revoked, expired); None if unknown. ``lock``:
+        hold its row until the caller's transaction ends (PostgreSQL ``FOR UPDATE``), so that a
+        revocation of its family waits for the caller, or the caller for the revocation."""
 
     async def rotate(self, conn: AsyncConnection, token: str, now: int) -> bool:
         """Mark the token rotated; True only for the first caller, and only if it is neither
         rotated nor revoked (a second use is reuse: the caller revokes the family)."""
 
-    async def revoke_family(
-        self, conn: AsyncConnection, family_id: str, now: int
-    ) -> list[tuple[str, int, str]]:
-        """Revoke every token of the family; returns ``(jti, exp, client_id)`` of the access tokens
-        issued alongside them, for the caller to revoke too."""
+    async def revoke_family(self, conn: AsyncConnection, family_id: str, now: int) -> RevokedFamily:
+        """Revoke every token of the family, including a successor a concurrent rotation stores
+        meanwhile; returns how many this call revoked and the access tokens issued alongside them,
+        for the caller to revoke too."""
 
     async def prune(self, conn: AsyncConnection, before: int) -> int:
         """Delete tokens that expired before ``before``; returns how many."""
@@ -359,8 +372,12 @@ class SqlRefreshStore:
             )
         )
 
-    async def get(self, conn: AsyncConnection, token: str) -> StoredRefresh | None:
+    async def get(
+        self, conn: AsyncConnection, token: str, *, lock: bool = False
+    ) -> StoredRefresh | None:
         query = select(refresh_tokens).where(refresh_tokens.c.token_hash == digest(token))
+        if lock:
+            query = query.with_for_update()
         row = (await conn.execute(query)).first()
         if row is None:
             return None
@@ -381,19 +398,24 @@ class SqlRefreshStore:
         )
         return bool(result.rowcount == 1)
 
-    async def revoke_family(
-        self, conn: AsyncConnection, family_id: str, now: int
-    ) -> list[tuple[str, int, str]]:
+    async def revoke_family(self, conn: AsyncConnection, family_id: str, now: int) -> RevokedFamily:
         c = refresh_tokens.c
-        await conn.execute(
+        revoke = (
             update(refresh_tokens)
             .where(c.family_id == family_id, c.revoked_at.is_(None))
             .values(revoked_at=now)
         )
+        # Until nothing is left to revoke: on PostgreSQL an UPDATE that waited for a concurrent
+        # rotation (which locked the token it rotated) does not see the successor that rotation
+        # inserted (its snapshot predates the commit), so one pass would leave that refresh token
+        # alive. The next pass sees it; a pass that changes nothing waited for no one.
+        revoked = 0
+        while changed := (await conn.execute(revoke)).rowcount:
+            revoked += changed
         rows = await conn.execute(
             select(c.access_jti, c.access_exp, c.client_id).where(c.family_id == family_id)
         )
-        return [(r.access_jti, r.access_exp, r.client_id) for r in rows]
+        return RevokedFamily(revoked, [(r.access_jti, r.access_exp, r.client_id) for r in rows])
 
     async def prune(self, conn: AsyncConnection, before: int) -> int:
         return await delete_expired(conn, refresh_tokens, refresh_tokens.c.expires_at, before)

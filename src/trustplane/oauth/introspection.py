@@ -12,6 +12,7 @@ used to probe other parties' tokens; such a refusal of a live token is counted i
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 from cryptography import x509
@@ -149,7 +150,7 @@ class IntrospectionService:
         """Our token, valid now: signature, issuer, expiry, client active, not revoked (read from the
         database, so a revocation by any instance counts at once), mandate usable."""
         claims = read_access_token(self._keys.ring, token, issuer=self._settings.issuer)
-        if claims is None:
+        if claims is None or not self._valid_yet(claims):
             return None
         client = self._registry.get(str(claims.get("client_id")))
         if client is None or not client.active:
@@ -160,6 +161,17 @@ class IntrospectionService:
         if not await self._mandate_usable(claims.get("mandate")):
             return None  # revoked, suspended, expired or superseded mandate: inactive at once
         return claims
+
+    def _valid_yet(self, claims: VerifiedClaims) -> bool:
+        """RFC 7662 §4: a token whose valid period has not started (``nbf``, or an ``iat``, in the
+        future beyond the clock skew the bearer guard allows) is not active; a time that is not an
+        integer is not one we wrote, so not active either."""
+        horizon = int(time.time()) + self._settings.clock_skew
+        for name in ("nbf", "iat"):
+            value = claims.get(name, 0)
+            if type(value) is not int or value > horizon:
+                return False
+        return True
 
     async def _mandate_usable(self, ref: Any) -> bool:
         """A token without a ``mandate`` claim rests on no mandate; one with a claim we cannot
