@@ -3,6 +3,9 @@ each asserting the exact status and error code AND the deny record in the audit 
 
 from __future__ import annotations
 
+import asyncio
+import json
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -12,6 +15,7 @@ import httpx
 import jwt
 import pytest
 import pytest_asyncio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.conftest import (
     CLEARING,
@@ -247,7 +251,60 @@ INVALID_GRANT_CASES = {
         "partner-a",
     ),
     "not a JWT": (lambda f: "not.a.jwt", "malformed", None),
+    "alg none": (lambda f: f.a.assertion(_alg="none", _key=None), "algorithm", None),
+    "alg in the allow-list, not the partner's": (
+        lambda f: f.a.assertion(_alg="EdDSA", _key=Ed25519PrivateKey.generate()),
+        "algorithm",
+        "partner-a",
+    ),
+    "signature altered": (lambda f: _altered(f.a.assertion()), "signature", "partner-a"),
+    "unknown kid": (lambda f: f.a.assertion(_headers={"kid": "p9"}), "signature", "partner-a"),
+    "encrypted (JWE, five parts)": (lambda f: "e30.e30.e30.e30.e30", "malformed", None),
+    "missing iss": (lambda f: f.a.assertion(iss=None), "untrusted_issuer", None),
+    "missing aud": (lambda f: f.a.assertion(aud=None), "audience", "partner-a"),
+    "aud is the token endpoint": (
+        lambda f: f.a.assertion(aud=f"{f.a.audience}/token"),
+        "audience",
+        "partner-a",
+    ),
+    "aud differs in case": (
+        lambda f: f.a.assertion(aud=f.a.audience.upper()),
+        "audience",
+        "partner-a",
+    ),
+    "exp is a string": (
+        lambda f: f.a.assertion(exp=str(int(time.time()) + 60)),
+        "missing_claim",
+        "partner-a",
+    ),
+    "exp is a boolean": (lambda f: f.a.assertion(exp=True), "missing_claim", "partner-a"),
+    "nbf in the future": (
+        lambda f: f.a.assertion(nbf=int(time.time()) + 600, exp=int(time.time()) + 200),
+        "not_yet_valid",
+        "partner-a",
+    ),
+    "iat too old for the profile's lifetime": (
+        lambda f: f.a.assertion(iat=int(time.time()) - 3600),
+        "lifetime",
+        "partner-a",
+    ),
+    "sub not a string": (lambda f: f.a.assertion(sub=42), "missing_claim", "partner-a"),
+    "sub with a NUL": (lambda f: f.a.assertion(sub="trader\x00-42"), "missing_claim", "partner-a"),
+    "sub empty": (lambda f: f.a.assertion(sub=""), "missing_claim", "partner-a"),
+    "jti over 256 characters": (
+        lambda f: f.a.assertion(jti="j" * 257),
+        "missing_claim",
+        "partner-a",
+    ),
+    "jti with a NUL": (lambda f: f.a.assertion(jti="j\x00j"), "missing_claim", "partner-a"),
 }
+
+
+def _altered(token: str) -> str:
+    """The same header and claims under another (valid-looking) signature."""
+    header, payload, signature = token.split(".")
+    flipped = ("B" if signature[0] == "A" else "A") + signature[1:]
+    return f"{header}.{payload}.{flipped}"
 
 
 @pytest.mark.parametrize("case", list(INVALID_GRANT_CASES))
@@ -362,3 +419,89 @@ async def test_unauthenticated_client_is_invalid_client(fed: Federation) -> None
     }
     response = await fed.server.http.post("/token", data=data)
     assert error_of(response) == (401, "invalid_client")
+
+
+# --------------------------------------------------------------------------- typ, wire text, details
+
+
+@pytest.mark.parametrize("typ", ["jwt", "application/jwt", "application/JWT", "Jwt"])
+async def test_typ_is_compared_as_a_media_type(fed: Federation, typ: str) -> None:
+    """RFC 7515 §4.1.9: ``typ`` is a media type, compared case-insensitively, and a value without
+    a ``/`` is the ``application/`` one: each of these is the JWT type a partner assertion has."""
+    response, _ = await fed.grant(fed.a.assertion(_headers={"typ": typ}))
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("typ", ["application/at+jwt", "AT+JWT", "application/jwt; x=1", "jwt "])
+async def test_typ_of_another_media_type_is_still_refused(fed: Federation, typ: str) -> None:
+    response, client_jti = await fed.grant(fed.a.assertion(_headers={"typ": typ}))
+    assert error_of(response) == (400, "invalid_grant"), response.text
+    assert (await fed.refusal(client_jti))["reason_ids"] == ["token_type"]
+
+
+#: RFC 6749 §5.2: error_description uses %x20-21 / %x23-5B / %x5D-7E only.
+WIRE_SAFE = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]+")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda f: f.a.assertion(_headers={"typ": 'x"\\\u00e9'}), id="typ"),
+        pytest.param(lambda f: f.a.assertion(_headers={"typ": "x\x00y"}), id="typ-nul"),
+        pytest.param(lambda f: f.a.assertion(product_class='equity"\\\u00e9'), id="claim-value"),
+    ],
+)
+async def test_error_description_keeps_to_the_rfc6749_character_set(
+    fed: Federation, make: Any
+) -> None:
+    """A refusal that names what the assertion carried shows no quote, backslash or non-ASCII
+    character on the wire (RFC 6749 §5.2)."""
+    response, _ = await fed.grant(make(fed))
+    assert error_of(response) == (400, "invalid_grant"), response.text
+    description = response.json()["error_description"]
+    assert WIRE_SAFE.fullmatch(description), description
+
+
+TRADE = {
+    "type": "trade_instruction",
+    "actions": ["create_order"],
+    "accounts": ["ACC-1"],
+    "instrument_classes": ["bond"],
+    "max_notional": {"amount": 100_000, "currency": "EUR", "minor_units": 2},
+}
+
+
+async def test_authorization_details_are_refused_not_dropped(fed: Federation) -> None:
+    """RFC 9396 §6: the underlying grant decides which details a token may carry; a partner
+    assertion grants none, so details on this grant are invalid_authorization_details (before,
+    they were dropped and a token without them issued with a 200), and the assertion is not used
+    up by the refusal."""
+    kit = await register_kit(
+        fed.server.services,
+        **client_metadata(authorization_details_types=["trade_instruction"]),
+    )
+    assertion = fed.a.assertion()
+    refused, client_jti = await fed.grant(
+        assertion, kit=kit, authorization_details=json.dumps([TRADE])
+    )
+    accepted, _ = await fed.grant(assertion, kit=kit)
+
+    assert error_of(refused) == (400, "invalid_authorization_details"), refused.text
+    event = await fed.refusal(client_jti)
+    assert (event["reason"], event["partner"]) == ("invalid_authorization_details", "partner-a")
+    assert accepted.status_code == 200, accepted.text
+    assert "authorization_details" not in accepted.json()
+
+
+async def test_racing_uses_of_one_assertion_succeed_once(fed: Federation) -> None:
+    """RFC 7523 §3 item 7 with the jti single-use: racing requests with one assertion (on
+    PostgreSQL the group-commit batch and the primary key decide) give exactly one token; every
+    other request is a replay refusal."""
+    assertion = fed.a.assertion()
+    results = await asyncio.gather(*(fed.grant(assertion) for _ in range(8)))
+
+    statuses = sorted(error_of(r) if r.status_code != 200 else (200, "") for r, _ in results)
+    assert statuses == [(200, "")] + [(400, "invalid_grant")] * 7
+    for response, client_jti in results:
+        if response.status_code != 200:
+            assert (await fed.refusal(client_jti))["reason_ids"] == ["replay"]

@@ -79,7 +79,7 @@ async def test_error_description_keeps_to_the_rfc6749_character_set(
         pytest.param(
             details({**TRADE, "max_notional": {**TRADE["max_notional"], "amount": 1.5}}),
             id="wrong-member-type",
-        ),  # fmt: skip
+        ),
     ],
 )
 async def test_bad_details_are_refused_and_nothing_is_issued(
