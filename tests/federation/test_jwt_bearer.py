@@ -25,11 +25,18 @@ from tests.conftest import (
     jwks_for,
     register_kit,
 )
-from tests.federation.partners import JWT_BEARER, PARTNER_LEI, Partner, client_metadata
+from tests.federation.partners import (
+    JWT_BEARER,
+    PARTNER_LEI,
+    TOKEN_TYPE_JWT,
+    Partner,
+    client_metadata,
+)
 from tests.protocol_server import Server, running_server
 from trustplane.audit.sink import recent_events
 from trustplane.clients.remote_jwks import RemoteJwksCache
 from trustplane.federation.registry import REPLAY_NAMESPACE
+from trustplane.oauth.exchange import TOKEN_EXCHANGE
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 REMOTE_HOST = "keys.partner-c.example"
@@ -283,6 +290,8 @@ INVALID_GRANT_CASES = {
         "not_yet_valid",
         "partner-a",
     ),
+    "nbf is a string": (lambda f: f.a.assertion(nbf="0"), "claim_value", "partner-a"),
+    "iat is a list": (lambda f: f.a.assertion(iat=[1]), "claim_value", "partner-a"),
     "iat too old for the profile's lifetime": (
         lambda f: f.a.assertion(iat=int(time.time()) - 3600),
         "lifetime",
@@ -505,3 +514,41 @@ async def test_racing_uses_of_one_assertion_succeed_once(fed: Federation) -> Non
     for response, client_jti in results:
         if response.status_code != 200:
             assert (await fed.refusal(client_jti))["reason_ids"] == ["replay"]
+
+
+async def test_a_partner_assertion_grants_no_authorization_details_by_exchange(
+    fed: Federation,
+) -> None:
+    """The trust profile grants a partner's subjects scopes and audiences, never
+    ``authorization_details`` (a mapped claim may not even be named so): details a partner writes
+    into its assertion are not adopted by a token exchange (RFC 9396 §6: the underlying grant
+    decides; before, they were copied unchecked into the token we issued), and asking for them
+    is invalid_authorization_details."""
+    kit = await register_kit(
+        fed.server.services,
+        **client_metadata(
+            grant_types=["client_credentials", TOKEN_EXCHANGE],
+            authorization_details_types=["trade_instruction"],
+        ),
+    )
+    minted = {**TRADE, "max_notional": {"amount": 10**15, "currency": "EUR", "minor_units": 2}}
+
+    async def exchange(**form: Any) -> httpx.Response:
+        data = {
+            "grant_type": TOKEN_EXCHANGE,
+            "subject_token": fed.a.assertion(authorization_details=[minted]),
+            "subject_token_type": TOKEN_TYPE_JWT,
+            "resource": EXECUTION,
+            "scope": "order:create",
+            **kit.auth(),
+            **form,
+        }
+        return await fed.server.http.post("/token", data=data)
+
+    issued = await exchange()
+    asked = await exchange(authorization_details=json.dumps([TRADE]))
+
+    assert issued.status_code == 200, issued.text
+    claims = jwt.decode(issued.json()["access_token"], options={"verify_signature": False})
+    assert "authorization_details" not in claims
+    assert error_of(asked) == (400, "invalid_authorization_details"), asked.text

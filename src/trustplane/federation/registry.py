@@ -326,7 +326,11 @@ class PartnerRegistry:
         if exp <= now - skew:
             raise PartnerTokenError("expired", "the assertion has expired", partner=pid)
         for name, value in (("iat", iat), ("nbf", nbf)):
-            if value is not None and (not _is_time(value) or value > now + skew):
+            if value is not None and not _is_time(value):
+                raise PartnerTokenError(
+                    "claim_value", f"the assertion {name} must be a NumericDate", partner=pid
+                )
+            if value is not None and value > now + skew:
                 raise PartnerTokenError(
                     "not_yet_valid", f"the assertion {name} is in the future", partner=pid
                 )

@@ -145,7 +145,9 @@ class TokenExchangeGrant:
         check_may_act(subject, req.actor)
         req.resource = self._resource(form, req)
         req.scopes = self._scopes(form, req)
-        granted = tuple(subject.claims.get("authorization_details") or ())
+        # RFC 9396 §6: only our own tokens grant details; a partner's profile grants none
+        own = subject.partner is None
+        granted = tuple(subject.claims.get("authorization_details") or ()) if own else ()
         req.details = self._details.narrow(form.get("authorization_details"), client, granted)
         return req
 
