@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import orjson
 import pytest
 import pytest_asyncio
 
-from tests.conftest import ClientKit, register_kit
+from tests.conftest import EXECUTION, ClientKit, register_kit
 from tests.protocol_server import Server
 from trustplane.audit.sink import recent_events
 from trustplane.rar.registry import MAX_DETAILS, MAX_TEXT
@@ -120,3 +120,69 @@ async def test_granted_details_are_echoed_in_the_token_response(
     response = await server.token(trader, authorization_details=details(TRADE))
     assert response.status_code == 200, response.text
     assert response.json()["authorization_details"] == [TRADE]
+
+
+# --------------------------------------------------------------------------- /authorize and /par
+
+REDIRECT_URI = "https://client.example/cb"
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def arranger(server: Server) -> ClientKit:
+    """A code-flow client registered for trade_instruction."""
+    return await register_kit(
+        server.services,
+        grant_types=["authorization_code", "refresh_token"],
+        redirect_uris=[REDIRECT_URI],
+        scope="order:create order:cancel",
+        allowed_resources=[EXECUTION],
+        authorization_details_types=["trade_instruction"],
+    )
+
+
+def authorization_request(kit: ClientKit, text: str) -> dict[str, str]:
+    return {
+        "response_type": "code",
+        "client_id": kit.client_id,
+        "redirect_uri": REDIRECT_URI,
+        "scope": "order:create",
+        "resource": EXECUTION,
+        "state": "st-1",
+        "code_challenge": "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM",
+        "code_challenge_method": "S256",
+        "authorization_details": text,
+    }
+
+
+REFUSED_AT_AUTHORIZATION = [
+    pytest.param(details({**TRADE, "locations": ["https://rs.example/\u0000x"]}), id="nul"),
+    pytest.param(details({"type": 'wire"transfer\\\u00e9'}), id="hostile-type"),
+    pytest.param(details({**TRADE, "accounts": ['ACC"1\\\u00e9']}), id="hostile-value"),
+]
+
+
+@pytest.mark.parametrize("text", REFUSED_AT_AUTHORIZATION)
+async def test_par_refuses_bad_details_with_a_wire_safe_description(
+    server: Server, arranger: ClientKit, text: str
+) -> None:
+    """RFC 9396 §5 at the pushed authorization request (RFC 9126 §2.3: a 400 error response)."""
+    response = await server.http.post(
+        "/par", data={**authorization_request(arranger, text), **arranger.auth()}
+    )
+    assert error_of(response) == (400, "invalid_authorization_details"), response.text
+    assert DESCRIPTION.fullmatch(response.json()["error_description"])
+
+
+@pytest.mark.parametrize("text", REFUSED_AT_AUTHORIZATION)
+async def test_authorize_redirects_bad_details_with_a_wire_safe_description(
+    server: Server, arranger: ClientKit, text: str
+) -> None:
+    """RFC 9396 §5 at /authorize: the error goes back to the client's redirect URI (RFC 6749
+    §4.1.2.1), its description within RFC 6749's character set."""
+    response = await server.http.get("/authorize", params=authorization_request(arranger, text))
+    assert response.status_code == 302, response.text
+    location = urlsplit(response.headers["location"])
+    params = dict(parse_qsl(location.query))
+    assert f"{location.scheme}://{location.netloc}{location.path}" == REDIRECT_URI
+    assert (params["error"], params["state"]) == ("invalid_authorization_details", "st-1")
+    assert DESCRIPTION.fullmatch(params["error_description"]), params["error_description"]
