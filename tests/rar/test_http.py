@@ -8,13 +8,16 @@ import re
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+import jwt
 import orjson
 import pytest
 import pytest_asyncio
 
-from tests.conftest import EXECUTION, ClientKit, register_kit
+from tests.conftest import EXECUTION, LEI, ClientKit, register_kit
 from tests.protocol_server import Server
 from trustplane.audit.sink import recent_events
+from trustplane.oauth.exchange import TOKEN_EXCHANGE
+from trustplane.protocol.tokens import issue_access_token
 from trustplane.rar.registry import MAX_DETAILS, MAX_TEXT
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -27,6 +30,7 @@ TRADE: dict[str, Any] = {
     "max_notional": {"amount": 100_000, "currency": "EUR", "minor_units": 2},
 }
 #: RFC 6749 §5.2: error_description uses %x20-21 / %x23-5B / %x5D-7E only.
+ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
 DESCRIPTION = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]+")
 
 
@@ -186,3 +190,52 @@ async def test_authorize_redirects_bad_details_with_a_wire_safe_description(
     assert f"{location.scheme}://{location.netloc}{location.path}" == REDIRECT_URI
     assert (params["error"], params["state"]) == ("invalid_authorization_details", "st-1")
     assert DESCRIPTION.fullmatch(params["error_description"]), params["error_description"]
+
+
+# --------------------------------------------------------------------------- token exchange
+
+
+async def test_token_exchange_response_echoes_the_details_of_the_issued_token(
+    server: Server,
+) -> None:
+    """RFC 9396 §7: the token response returns the authorization_details assigned to the access
+    token, on token exchange as on every grant: the subject token's details (absent from the
+    request) and a narrowed subset (in the request). Before, only the token carried them."""
+    kit = await register_kit(
+        server.services,
+        grant_types=["client_credentials", TOKEN_EXCHANGE],
+        authorization_details_types=["trade_instruction"],
+    )
+    narrowed = {**TRADE, "accounts": ["ACC-1"], "sides": ["buy"]}
+
+    async def exchange(**form: str) -> Any:
+        subject = issue_access_token(
+            server.services.keys.ring,
+            issuer=server.issuer,
+            subject="alice",
+            client_id=kit.client_id,
+            audience=EXECUTION,
+            scopes=("order:create",),
+            lifetime=300,
+            extra={"lei": LEI, "authorization_details": [TRADE]},
+        ).token
+        data = {
+            "grant_type": TOKEN_EXCHANGE,
+            "subject_token": subject,
+            "subject_token_type": ACCESS_TOKEN_TYPE,
+            "resource": EXECUTION,
+            "scope": "order:create",
+            **kit.auth(),
+            **form,
+        }
+        return await server.http.post("/token", data=data)
+
+    for form, expected in (
+        ({}, [TRADE]),
+        ({"authorization_details": details(narrowed)}, [narrowed]),
+    ):
+        response = await exchange(**form)
+        assert response.status_code == 200, response.text
+        claims = jwt.decode(response.json()["access_token"], options={"verify_signature": False})
+        assert claims["authorization_details"] == expected
+        assert response.json()["authorization_details"] == expected
