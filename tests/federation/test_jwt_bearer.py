@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import jwt
@@ -266,6 +267,7 @@ INVALID_GRANT_CASES = {
     ),
     "signature altered": (lambda f: _altered(f.a.assertion()), "signature", "partner-a"),
     "unknown kid": (lambda f: f.a.assertion(_headers={"kid": "p9"}), "signature", "partner-a"),
+    "over 16 KiB": (lambda f: f.a.assertion(pad="p" * 17_000), "malformed", None),
     "encrypted (JWE, five parts)": (lambda f: "e30.e30.e30.e30.e30", "malformed", None),
     "missing iss": (lambda f: f.a.assertion(iss=None), "untrusted_issuer", None),
     "missing aud": (lambda f: f.a.assertion(aud=None), "audience", "partner-a"),
@@ -419,6 +421,30 @@ async def test_missing_assertion_is_invalid_request(fed: Federation) -> None:
     assert (await fed.refusal(client_jti))["reason"] == "invalid_request"
 
 
+async def test_two_assertions_are_invalid_request(fed: Federation) -> None:
+    """RFC 7521 §4.1: the assertion parameter MUST contain a single assertion; RFC 6749 §3.2: a
+    parameter MUST NOT be repeated. Neither assertion is used up."""
+    one, two = fed.a.assertion(), fed.a.assertion()
+    auth = fed.kit.auth()
+    pairs = [
+        ("grant_type", JWT_BEARER),
+        ("assertion", one),
+        ("assertion", two),
+        ("scope", "order:create"),
+        ("resource", EXECUTION),
+        *auth.items(),
+    ]
+    response = await fed.server.http.post(
+        "/token",
+        content=urlencode(pairs),
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    assert error_of(response) == (400, "invalid_request"), response.text
+    for assertion in (one, two):
+        accepted, _ = await fed.grant(assertion)
+        assert accepted.status_code == 200, accepted.text
+
+
 async def test_unauthenticated_client_is_invalid_client(fed: Federation) -> None:
     data = {
         "grant_type": JWT_BEARER,
@@ -552,3 +578,28 @@ async def test_a_partner_assertion_grants_no_authorization_details_by_exchange(
     claims = jwt.decode(issued.json()["access_token"], options={"verify_signature": False})
     assert "authorization_details" not in claims
     assert error_of(asked) == (400, "invalid_authorization_details"), asked.text
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        pytest.param({"sub": "s" * 256}, id="sub"),
+        pytest.param({"jti": "\u00e9" * 256}, id="jti"),
+        pytest.param({"txn": "t" * 256}, id="txn"),
+    ],
+)
+async def test_claims_at_their_length_limit_are_issued_and_recorded(
+    fed: Federation, claims: dict[str, str]
+) -> None:
+    """A claim of the longest accepted length (256 characters, non-ASCII for the jti, which the
+    replay store keeps) gives a token and its ledger record on both stores, never a 500."""
+    assertion = fed.a.assertion(**claims)
+    response, _ = await fed.grant(assertion)
+    again, _ = await fed.grant(assertion)
+
+    assert response.status_code == 200, response.text
+    token = jwt.decode(response.json()["access_token"], options={"verify_signature": False})
+    issued = await recent_events(fed.server.services.db, 5, "oauth:token:issued")
+    (event,) = [e for e in issued if e["jti"] == token["jti"]]
+    assert event["partner"] == "partner-a"
+    assert error_of(again) == (400, "invalid_grant")
