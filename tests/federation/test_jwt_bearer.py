@@ -415,8 +415,10 @@ async def test_client_without_the_grant_type_is_unauthorized_client(fed: Federat
     assert (await fed.refusal(client_jti))["reason"] == "unauthorized_client"
 
 
-async def test_missing_assertion_is_invalid_request(fed: Federation) -> None:
-    response, client_jti = await fed.grant(None)  # type: ignore[arg-type]
+@pytest.mark.parametrize("assertion", [None, ""])
+async def test_missing_assertion_is_invalid_request(fed: Federation, assertion: str | None) -> None:
+    """RFC 6749 §3.1: a parameter sent without a value is treated as omitted."""
+    response, client_jti = await fed.grant(assertion)  # type: ignore[arg-type]
     assert error_of(response) == (400, "invalid_request")
     assert (await fed.refusal(client_jti))["reason"] == "invalid_request"
 

@@ -13,7 +13,7 @@ import orjson
 import pytest
 import pytest_asyncio
 
-from tests.conftest import EXECUTION, LEI, ClientKit, register_kit
+from tests.conftest import EXECUTION, LEI, ClientKit, jwks_for, new_ec_key, register_kit
 from tests.protocol_server import Server
 from trustplane.audit.sink import recent_events
 from trustplane.oauth.exchange import TOKEN_EXCHANGE
@@ -239,3 +239,29 @@ async def test_token_exchange_response_echoes_the_details_of_the_issued_token(
         claims = jwt.decode(response.json()["access_token"], options={"verify_signature": False})
         assert claims["authorization_details"] == expected
         assert response.json()["authorization_details"] == expected
+
+
+# --------------------------------------------------------------------------- registration
+
+
+async def test_registration_with_an_unknown_type_is_invalid_client_metadata(
+    server: Server,
+) -> None:
+    """RFC 9396 §10: ``authorization_details_types`` names types this server knows (RFC 7591
+    §3.2.2: else ``invalid_client_metadata``), and nothing is registered."""
+    token = await server.services.clients.create_initial_access_token("tests")
+    before = len(await server.services.clients.list())
+    body = {
+        "client_name": "rar registration",
+        "lei": LEI,
+        "scope": "order:create",
+        "allowed_resources": [EXECUTION],
+        "jwks": jwks_for(new_ec_key()),
+        "authorization_details_types": ["trade_instruction", "wire_transfer"],
+    }
+    response = await server.http.post(
+        "/register", json=body, headers={"Authorization": f"Bearer {token}"}
+    )
+    assert error_of(response) == (400, "invalid_client_metadata"), response.text
+    assert "wire_transfer" in response.json()["error_description"]
+    assert len(await server.services.clients.list()) == before
