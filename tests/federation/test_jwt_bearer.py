@@ -605,3 +605,15 @@ async def test_claims_at_their_length_limit_are_issued_and_recorded(
     (event,) = [e for e in issued if e["jti"] == token["jti"]]
     assert event["partner"] == "partner-a"
     assert error_of(again) == (400, "invalid_grant")
+
+
+async def test_omitted_scope_is_invalid_scope_and_the_assertion_is_kept(fed: Federation) -> None:
+    """RFC 7521 §4.1: scope is OPTIONAL; RFC 6749 §3.3 lets the server fail a request without one
+    (we have no default scope): 400 invalid_scope, and the assertion stays usable."""
+    assertion = fed.a.assertion()
+    refused, client_jti = await fed.grant(assertion, scope=None)
+    accepted, _ = await fed.grant(assertion)
+
+    assert error_of(refused) == (400, "invalid_scope"), refused.text
+    assert (await fed.refusal(client_jti))["partner"] == "partner-a"
+    assert accepted.status_code == 200, accepted.text
