@@ -3,15 +3,20 @@ each asserting the exact status and error code AND the deny record in the audit 
 
 from __future__ import annotations
 
+import asyncio
+import json
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import jwt
 import pytest
 import pytest_asyncio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.conftest import (
     CLEARING,
@@ -21,11 +26,18 @@ from tests.conftest import (
     jwks_for,
     register_kit,
 )
-from tests.federation.partners import JWT_BEARER, PARTNER_LEI, Partner, client_metadata
+from tests.federation.partners import (
+    JWT_BEARER,
+    PARTNER_LEI,
+    TOKEN_TYPE_JWT,
+    Partner,
+    client_metadata,
+)
 from tests.protocol_server import Server, running_server
 from trustplane.audit.sink import recent_events
 from trustplane.clients.remote_jwks import RemoteJwksCache
 from trustplane.federation.registry import REPLAY_NAMESPACE
+from trustplane.oauth.exchange import TOKEN_EXCHANGE
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 REMOTE_HOST = "keys.partner-c.example"
@@ -247,7 +259,63 @@ INVALID_GRANT_CASES = {
         "partner-a",
     ),
     "not a JWT": (lambda f: "not.a.jwt", "malformed", None),
+    "alg none": (lambda f: f.a.assertion(_alg="none", _key=None), "algorithm", None),
+    "alg in the allow-list, not the partner's": (
+        lambda f: f.a.assertion(_alg="EdDSA", _key=Ed25519PrivateKey.generate()),
+        "algorithm",
+        "partner-a",
+    ),
+    "signature altered": (lambda f: _altered(f.a.assertion()), "signature", "partner-a"),
+    "unknown kid": (lambda f: f.a.assertion(_headers={"kid": "p9"}), "signature", "partner-a"),
+    "over 16 KiB": (lambda f: f.a.assertion(pad="p" * 17_000), "malformed", None),
+    "encrypted (JWE, five parts)": (lambda f: "e30.e30.e30.e30.e30", "malformed", None),
+    "missing iss": (lambda f: f.a.assertion(iss=None), "untrusted_issuer", None),
+    "missing aud": (lambda f: f.a.assertion(aud=None), "audience", "partner-a"),
+    "aud is the token endpoint": (
+        lambda f: f.a.assertion(aud=f"{f.a.audience}/token"),
+        "audience",
+        "partner-a",
+    ),
+    "aud differs in case": (
+        lambda f: f.a.assertion(aud=f.a.audience.upper()),
+        "audience",
+        "partner-a",
+    ),
+    "exp is a string": (
+        lambda f: f.a.assertion(exp=str(int(time.time()) + 60)),
+        "missing_claim",
+        "partner-a",
+    ),
+    "exp is a boolean": (lambda f: f.a.assertion(exp=True), "missing_claim", "partner-a"),
+    "nbf in the future": (
+        lambda f: f.a.assertion(nbf=int(time.time()) + 600, exp=int(time.time()) + 200),
+        "not_yet_valid",
+        "partner-a",
+    ),
+    "nbf is a string": (lambda f: f.a.assertion(nbf="0"), "claim_value", "partner-a"),
+    "iat is a list": (lambda f: f.a.assertion(iat=[1]), "claim_value", "partner-a"),
+    "iat too old for the profile's lifetime": (
+        lambda f: f.a.assertion(iat=int(time.time()) - 3600),
+        "lifetime",
+        "partner-a",
+    ),
+    "sub not a string": (lambda f: f.a.assertion(sub=42), "missing_claim", "partner-a"),
+    "sub with a NUL": (lambda f: f.a.assertion(sub="trader\x00-42"), "missing_claim", "partner-a"),
+    "sub empty": (lambda f: f.a.assertion(sub=""), "missing_claim", "partner-a"),
+    "jti over 256 characters": (
+        lambda f: f.a.assertion(jti="j" * 257),
+        "missing_claim",
+        "partner-a",
+    ),
+    "jti with a NUL": (lambda f: f.a.assertion(jti="j\x00j"), "missing_claim", "partner-a"),
 }
+
+
+def _altered(token: str) -> str:
+    """The same header and claims under another (valid-looking) signature."""
+    header, payload, signature = token.split(".")
+    flipped = ("B" if signature[0] == "A" else "A") + signature[1:]
+    return f"{header}.{payload}.{flipped}"
 
 
 @pytest.mark.parametrize("case", list(INVALID_GRANT_CASES))
@@ -347,10 +415,36 @@ async def test_client_without_the_grant_type_is_unauthorized_client(fed: Federat
     assert (await fed.refusal(client_jti))["reason"] == "unauthorized_client"
 
 
-async def test_missing_assertion_is_invalid_request(fed: Federation) -> None:
-    response, client_jti = await fed.grant(None)  # type: ignore[arg-type]
+@pytest.mark.parametrize("assertion", [None, ""])
+async def test_missing_assertion_is_invalid_request(fed: Federation, assertion: str | None) -> None:
+    """RFC 6749 §3.1: a parameter sent without a value is treated as omitted."""
+    response, client_jti = await fed.grant(assertion)  # type: ignore[arg-type]
     assert error_of(response) == (400, "invalid_request")
     assert (await fed.refusal(client_jti))["reason"] == "invalid_request"
+
+
+async def test_two_assertions_are_invalid_request(fed: Federation) -> None:
+    """RFC 7521 §4.1: the assertion parameter MUST contain a single assertion; RFC 6749 §3.2: a
+    parameter MUST NOT be repeated. Neither assertion is used up."""
+    one, two = fed.a.assertion(), fed.a.assertion()
+    auth = fed.kit.auth()
+    pairs = [
+        ("grant_type", JWT_BEARER),
+        ("assertion", one),
+        ("assertion", two),
+        ("scope", "order:create"),
+        ("resource", EXECUTION),
+        *auth.items(),
+    ]
+    response = await fed.server.http.post(
+        "/token",
+        content=urlencode(pairs),
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    assert error_of(response) == (400, "invalid_request"), response.text
+    for assertion in (one, two):
+        accepted, _ = await fed.grant(assertion)
+        assert accepted.status_code == 200, accepted.text
 
 
 async def test_unauthenticated_client_is_invalid_client(fed: Federation) -> None:
@@ -362,3 +456,164 @@ async def test_unauthenticated_client_is_invalid_client(fed: Federation) -> None
     }
     response = await fed.server.http.post("/token", data=data)
     assert error_of(response) == (401, "invalid_client")
+
+
+# --------------------------------------------------------------------------- typ, wire text, details
+
+
+@pytest.mark.parametrize("typ", ["jwt", "application/jwt", "application/JWT", "Jwt"])
+async def test_typ_is_compared_as_a_media_type(fed: Federation, typ: str) -> None:
+    """RFC 7515 §4.1.9: ``typ`` is a media type, compared case-insensitively, and a value without
+    a ``/`` is the ``application/`` one: each of these is the JWT type a partner assertion has."""
+    response, _ = await fed.grant(fed.a.assertion(_headers={"typ": typ}))
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("typ", ["application/at+jwt", "AT+JWT", "application/jwt; x=1", "jwt "])
+async def test_typ_of_another_media_type_is_still_refused(fed: Federation, typ: str) -> None:
+    response, client_jti = await fed.grant(fed.a.assertion(_headers={"typ": typ}))
+    assert error_of(response) == (400, "invalid_grant"), response.text
+    assert (await fed.refusal(client_jti))["reason_ids"] == ["token_type"]
+
+
+#: RFC 6749 §5.2: error_description uses %x20-21 / %x23-5B / %x5D-7E only.
+WIRE_SAFE = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]+")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda f: f.a.assertion(_headers={"typ": 'x"\\\u00e9'}), id="typ"),
+        pytest.param(lambda f: f.a.assertion(_headers={"typ": "x\x00y"}), id="typ-nul"),
+        pytest.param(lambda f: f.a.assertion(product_class='equity"\\\u00e9'), id="claim-value"),
+    ],
+)
+async def test_error_description_keeps_to_the_rfc6749_character_set(
+    fed: Federation, make: Any
+) -> None:
+    """A refusal that names what the assertion carried shows no quote, backslash or non-ASCII
+    character on the wire (RFC 6749 §5.2)."""
+    response, _ = await fed.grant(make(fed))
+    assert error_of(response) == (400, "invalid_grant"), response.text
+    description = response.json()["error_description"]
+    assert WIRE_SAFE.fullmatch(description), description
+
+
+TRADE = {
+    "type": "trade_instruction",
+    "actions": ["create_order"],
+    "accounts": ["ACC-1"],
+    "instrument_classes": ["bond"],
+    "max_notional": {"amount": 100_000, "currency": "EUR", "minor_units": 2},
+}
+
+
+async def test_authorization_details_are_refused_not_dropped(fed: Federation) -> None:
+    """RFC 9396 §6: the underlying grant decides which details a token may carry; a partner
+    assertion grants none, so details on this grant are invalid_authorization_details (before,
+    they were dropped and a token without them issued with a 200), and the assertion is not used
+    up by the refusal."""
+    kit = await register_kit(
+        fed.server.services,
+        **client_metadata(authorization_details_types=["trade_instruction"]),
+    )
+    assertion = fed.a.assertion()
+    refused, client_jti = await fed.grant(
+        assertion, kit=kit, authorization_details=json.dumps([TRADE])
+    )
+    accepted, _ = await fed.grant(assertion, kit=kit)
+
+    assert error_of(refused) == (400, "invalid_authorization_details"), refused.text
+    event = await fed.refusal(client_jti)
+    assert (event["reason"], event["partner"]) == ("invalid_authorization_details", "partner-a")
+    assert accepted.status_code == 200, accepted.text
+    assert "authorization_details" not in accepted.json()
+
+
+async def test_racing_uses_of_one_assertion_succeed_once(fed: Federation) -> None:
+    """RFC 7523 §3 item 7 with the jti single-use: racing requests with one assertion (on
+    PostgreSQL the group-commit batch and the primary key decide) give exactly one token; every
+    other request is a replay refusal."""
+    assertion = fed.a.assertion()
+    results = await asyncio.gather(*(fed.grant(assertion) for _ in range(8)))
+
+    statuses = sorted(error_of(r) if r.status_code != 200 else (200, "") for r, _ in results)
+    assert statuses == [(200, "")] + [(400, "invalid_grant")] * 7
+    for response, client_jti in results:
+        if response.status_code != 200:
+            assert (await fed.refusal(client_jti))["reason_ids"] == ["replay"]
+
+
+async def test_a_partner_assertion_grants_no_authorization_details_by_exchange(
+    fed: Federation,
+) -> None:
+    """The trust profile grants a partner's subjects scopes and audiences, never
+    ``authorization_details`` (a mapped claim may not even be named so): details a partner writes
+    into its assertion are not adopted by a token exchange (RFC 9396 §6: the underlying grant
+    decides; before, they were copied unchecked into the token we issued), and asking for them
+    is invalid_authorization_details."""
+    kit = await register_kit(
+        fed.server.services,
+        **client_metadata(
+            grant_types=["client_credentials", TOKEN_EXCHANGE],
+            authorization_details_types=["trade_instruction"],
+        ),
+    )
+    minted = {**TRADE, "max_notional": {"amount": 10**15, "currency": "EUR", "minor_units": 2}}
+
+    async def exchange(**form: Any) -> httpx.Response:
+        data = {
+            "grant_type": TOKEN_EXCHANGE,
+            "subject_token": fed.a.assertion(authorization_details=[minted]),
+            "subject_token_type": TOKEN_TYPE_JWT,
+            "resource": EXECUTION,
+            "scope": "order:create",
+            **kit.auth(),
+            **form,
+        }
+        return await fed.server.http.post("/token", data=data)
+
+    issued = await exchange()
+    asked = await exchange(authorization_details=json.dumps([TRADE]))
+
+    assert issued.status_code == 200, issued.text
+    claims = jwt.decode(issued.json()["access_token"], options={"verify_signature": False})
+    assert "authorization_details" not in claims
+    assert error_of(asked) == (400, "invalid_authorization_details"), asked.text
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        pytest.param({"sub": "s" * 256}, id="sub"),
+        pytest.param({"jti": "\u00e9" * 256}, id="jti"),
+        pytest.param({"txn": "t" * 256}, id="txn"),
+    ],
+)
+async def test_claims_at_their_length_limit_are_issued_and_recorded(
+    fed: Federation, claims: dict[str, str]
+) -> None:
+    """A claim of the longest accepted length (256 characters, non-ASCII for the jti, which the
+    replay store keeps) gives a token and its ledger record on both stores, never a 500."""
+    assertion = fed.a.assertion(**claims)
+    response, _ = await fed.grant(assertion)
+    again, _ = await fed.grant(assertion)
+
+    assert response.status_code == 200, response.text
+    token = jwt.decode(response.json()["access_token"], options={"verify_signature": False})
+    issued = await recent_events(fed.server.services.db, 5, "oauth:token:issued")
+    (event,) = [e for e in issued if e["jti"] == token["jti"]]
+    assert event["partner"] == "partner-a"
+    assert error_of(again) == (400, "invalid_grant")
+
+
+async def test_omitted_scope_is_invalid_scope_and_the_assertion_is_kept(fed: Federation) -> None:
+    """RFC 7521 §4.1: scope is OPTIONAL; RFC 6749 §3.3 lets the server fail a request without one
+    (we have no default scope): 400 invalid_scope, and the assertion stays usable."""
+    assertion = fed.a.assertion()
+    refused, client_jti = await fed.grant(assertion, scope=None)
+    accepted, _ = await fed.grant(assertion)
+
+    assert error_of(refused) == (400, "invalid_scope"), refused.text
+    assert (await fed.refusal(client_jti))["partner"] == "partner-a"
+    assert accepted.status_code == 200, accepted.text

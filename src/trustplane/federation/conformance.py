@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from trustplane.federation.profile import ALWAYS_REQUIRED, TrustProfile
-from trustplane.federation.registry import KEY_HEADERS, TYP_TOKEN_TYPES
+from trustplane.federation.registry import KEY_HEADERS, token_type_of
 from trustplane.jose.jwk import PRIVATE_MEMBERS, JWKError, PublicKey, import_public_jwk, thumbprint
 from trustplane.jose.jws import JWSError, parse
 from trustplane.outbound import OutboundError, OutboundFetcher, host_problem
@@ -280,7 +280,7 @@ class ConformanceChecker:
         p = self._profile
         named = [h for h in KEY_HEADERS if h in jws.header]
         typ = jws.header.get("typ")
-        token_type = TYP_TOKEN_TYPES.get(typ) if isinstance(typ, str | None) else None
+        token_type = token_type_of(typ)
         exp, iat = _number(claims.get("exp")), _number(claims.get("iat"))
         required = [*ALWAYS_REQUIRED, *p.required_claims]
         missing = [c for c in required if claims.get(c) is None]

@@ -8,7 +8,10 @@ once in Redis), under a namespace of its own so it can never collide with a clie
 (``federation.partner_assertions``, shared with token exchange).
 
 Errors (RFC 7523 §3.1): a bad assertion is ``invalid_grant``; a scope or audience outside the
-profile, the client or the vocabulary is ``invalid_scope`` / ``invalid_target``.
+profile, the client or the vocabulary is ``invalid_scope`` / ``invalid_target``. RFC 9396 §6: the
+underlying grant decides which ``authorization_details`` a token may carry, and a partner
+assertion grants none, so the parameter is ``invalid_authorization_details``, never dropped. Each
+refusal comes before the assertion's ``jti`` is used.
 
 The issued RFC 9068 token keeps the origin: ``sub`` = ``partner:<partner_id>:<sub>``, ``origin`` =
 ``{iss, sub}`` as the partner asserted them, ``partner``, ``lei`` of the partner, the mapped local
@@ -22,7 +25,7 @@ from typing import ClassVar
 from trustplane import metrics
 from trustplane.clients.authentication import AuthenticatedClient
 from trustplane.clients.resources import select_resource, select_scopes
-from trustplane.errors import InvalidGrantError, OAuth2Error
+from trustplane.errors import InvalidAuthorizationDetailsError, InvalidGrantError, OAuth2Error
 from trustplane.federation.partner_assertions import (
     PartnerAssertions,
     check_audience,
@@ -88,6 +91,11 @@ class JwtBearerGrant:
         self, form: Form, auth: AuthenticatedClient, verified: VerifiedPartnerToken
     ) -> tuple[str, tuple[str, ...]]:
         """The audience and scopes: allowed for the client, the vocabulary AND the partner."""
+        if "authorization_details" in form:
+            raise InvalidAuthorizationDetailsError(
+                "the jwt-bearer grant carries no authorization_details: a partner assertion "
+                "grants none (RFC 9396 section 6)"
+            )
         resource = select_resource(form.get_all("resource"), auth.client, self._vocabulary)
         check_audience(verified, resource)
         scopes = select_scopes(form.get("scope"), auth.client, resource, self._vocabulary)

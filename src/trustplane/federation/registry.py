@@ -20,6 +20,7 @@ jwt-bearer grant (RFC 7523 §2.1, §3) and for token exchange (RFC 8693 ``subjec
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, NewType, TypeGuard
@@ -40,13 +41,15 @@ from trustplane.settings import Settings
 
 #: Header parameters that name a key or where to get one (RFC 7515 §4.1.2-4.1.6). Never honoured.
 KEY_HEADERS = ("jku", "x5u", "jwk", "x5c")
-#: ``typ`` value -> RFC 8693 token type. Anything else (id_token, logout+jwt, ...) is refused.
+#: ``typ`` media subtype (see :func:`token_type_of`) -> RFC 8693 token type. Anything else
+#: (id_token, logout+jwt, ...) is refused.
 TYP_TOKEN_TYPES: dict[str | None, str] = {
     None: TOKEN_TYPE_JWT,
-    "JWT": TOKEN_TYPE_JWT,
+    "jwt": TOKEN_TYPE_JWT,
     "at+jwt": TOKEN_TYPE_ACCESS_TOKEN,
-    "application/at+jwt": TOKEN_TYPE_ACCESS_TOKEN,
 }
+#: RFC 6749 §5.2: ``error_description`` is %x20-21 / %x23-5B / %x5D-7E; anything else shows as ``?``.
+_NOT_WIRE_SAFE = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
 #: Replay-cache namespace: partner jtis can never collide with client-assertion jtis (client ids).
 REPLAY_NAMESPACE = "partner-assertion:"
 SUBJECT_PREFIX = "partner:"
@@ -59,14 +62,32 @@ PartnerClaims = NewType("PartnerClaims", dict[str, Any])
 
 class PartnerTokenError(Exception):
     """A partner JWT is refused. ``reason_id`` is stable (metrics, audit ``reason_ids``);
-    ``description`` is safe to send to the caller; ``debug`` is for logs and the audit trail."""
+    ``description`` is safe to send to the caller (what the token carried shows within RFC 6749
+    §5.2's character set); ``debug`` is for logs and the audit trail."""
 
     def __init__(
         self, reason_id: str, description: str, *, debug: str = "", partner: str | None = None
     ) -> None:
-        super().__init__(description)
-        self.reason_id, self.description = reason_id, description
+        shown = _NOT_WIRE_SAFE.sub("?", description)[:300]
+        super().__init__(shown)
+        self.reason_id, self.description = reason_id, shown
         self.debug, self.partner = debug or description, partner
+
+
+def token_type_of(typ: object) -> str | None:
+    """The RFC 8693 token type a JWS ``typ`` header names, None if none we know. RFC 7515 §4.1.9:
+    ``typ`` is a media type, compared case-insensitively, and a value without ``/`` stands for
+    ``application/<value>``: ``JWT``, ``jwt`` and ``application/jwt`` are one type."""
+    if typ is None:
+        return TYP_TOKEN_TYPES[None]
+    if not isinstance(typ, str):
+        return None
+    subtype = typ.lower()
+    if "/" in subtype:
+        kind, _, subtype = subtype.partition("/")
+        if kind != "application":
+            return None
+    return TYP_TOKEN_TYPES.get(subtype)
 
 
 def namespaced_subject(partner_id: str, subject: str) -> str:
@@ -247,7 +268,7 @@ class PartnerRegistry:
                 "algorithm", f"algorithm {jws.alg} is not allowed for this partner", partner=pid
             )
         typ = jws.header.get("typ")
-        token_type = TYP_TOKEN_TYPES.get(typ) if isinstance(typ, str | None) else None
+        token_type = token_type_of(typ)
         if token_type is None or token_type not in accepted:
             raise PartnerTokenError(
                 "token_type", f"a token with typ {typ!r} is not accepted here", partner=pid
@@ -305,7 +326,11 @@ class PartnerRegistry:
         if exp <= now - skew:
             raise PartnerTokenError("expired", "the assertion has expired", partner=pid)
         for name, value in (("iat", iat), ("nbf", nbf)):
-            if value is not None and (not _is_time(value) or value > now + skew):
+            if value is not None and not _is_time(value):
+                raise PartnerTokenError(
+                    "claim_value", f"the assertion {name} must be a NumericDate", partner=pid
+                )
+            if value is not None and value > now + skew:
                 raise PartnerTokenError(
                     "not_yet_valid", f"the assertion {name} is in the future", partner=pid
                 )

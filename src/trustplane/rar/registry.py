@@ -6,7 +6,11 @@ overrides) defines one type: Draft 2020-12 plus the named checks of :mod:`trustp
 and the ``narrowing`` annotation that :meth:`AuthorizationDetailsRegistry.covers` reads.
 
 RFC 9396 §5: malformed details, an unknown type, or a type the client did not register
-(``authorization_details_types``, §10) are refused with ``invalid_authorization_details``.
+(``authorization_details_types``, §10) are refused with ``invalid_authorization_details``. The
+refusal names the problem, but what the client sent is shown only through :func:`_refusal`: RFC 6749
+§5.2 allows no quote, backslash, control or non-ASCII character in ``error_description``. A string
+holding NUL (a ``\u0000`` escape, which the form's own NUL check cannot see) is refused: no type
+allows it and PostgreSQL's ``text`` cannot hold it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from trustplane.rar.formats import TypeValidator, format_checker
 #: Caps applied before any schema work (joserfc style): nothing legitimate is larger.
 MAX_TEXT = 16 * 1024
 MAX_DETAILS = 16
+#: RFC 6749 §5.2: ``error_description`` is %x20-21 / %x23-5B / %x5D-7E; anything else shows as ``?``.
+_NOT_WIRE_SAFE = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
 TYPE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
 
@@ -95,22 +101,18 @@ class AuthorizationDetailsRegistry:
 
     def _check(self, index: int, item: Any, allowed: frozenset[str]) -> dict[str, Any]:
         if not isinstance(item, dict) or not isinstance(item.get("type"), str):
-            raise InvalidAuthorizationDetailsError(
-                f"authorization_details[{index}] must be an object with a string 'type'"
-            )
+            raise _refusal(f"authorization_details[{index}] must be an object with a string 'type'")
         kind = self.types.get(item["type"])
         if kind is None:
-            raise InvalidAuthorizationDetailsError(
-                f"authorization_details[{index}]: unknown type {item['type'][:64]!r}"
-            )
+            raise _refusal(f"authorization_details[{index}]: unknown type {item['type'][:64]!r}")
         if kind.name not in allowed:
-            raise InvalidAuthorizationDetailsError(
+            raise _refusal(
                 f"authorization_details[{index}]: the client is not registered for type {kind.name!r}"
             )
         error = best_match(kind.validator.iter_errors(item))
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path) or "(object)"
-            raise InvalidAuthorizationDetailsError(
+            raise _refusal(
                 f"authorization_details[{index}] ({kind.name}) {where}: {error.message[:200]}"
             )
         return item
@@ -142,7 +144,7 @@ class AuthorizationDetailsRegistry:
             return tuple(granted)
         for index, detail in enumerate(requested):
             if not self.covers(granted, [detail]):
-                raise InvalidAuthorizationDetailsError(
+                raise _refusal(
                     f"authorization_details[{index}] ({detail['type']}) exceeds what was granted"
                 )
         return requested
@@ -169,6 +171,26 @@ class AuthorizationDetailsRegistry:
         return hashlib.sha256(orjson.dumps(list(details), option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
+def _refusal(description: str) -> InvalidAuthorizationDetailsError:
+    return InvalidAuthorizationDetailsError(_NOT_WIRE_SAFE.sub("?", description)[:300])
+
+
+def _holds_nul(value: Any) -> bool:
+    """True if a string anywhere in ``value`` (a member name included) holds NUL."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item)
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
+
+
 def _load_type(name: str, text: str, where: str) -> DetailsType:
     if not TYPE_NAME.match(name):
         raise RegistryConfigError(f"{where}: type name {name!r} must match {TYPE_NAME.pattern}")
@@ -190,21 +212,17 @@ def _load_type(name: str, text: str, where: str) -> DetailsType:
 def _parse(raw: str | Sequence[Any]) -> Sequence[Any]:
     if isinstance(raw, str):
         if len(raw) > MAX_TEXT:
-            raise InvalidAuthorizationDetailsError(
-                f"authorization_details exceeds {MAX_TEXT} bytes"
-            )
+            raise _refusal(f"authorization_details exceeds {MAX_TEXT} characters")
         try:
             raw = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            raise InvalidAuthorizationDetailsError(
-                "authorization_details is not valid JSON"
-            ) from None
+            raise _refusal("authorization_details is not valid JSON") from None
     if not isinstance(raw, list) or not raw:
-        raise InvalidAuthorizationDetailsError(
-            "authorization_details must be a non-empty JSON array of objects"
-        )
+        raise _refusal("authorization_details must be a non-empty JSON array of objects")
     if len(raw) > MAX_DETAILS:
-        raise InvalidAuthorizationDetailsError(f"at most {MAX_DETAILS} authorization_details")
+        raise _refusal(f"at most {MAX_DETAILS} authorization_details")
+    if _holds_nul(raw):
+        raise _refusal("authorization_details must not hold a NUL character")
     return raw
 
 

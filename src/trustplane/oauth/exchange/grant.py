@@ -126,9 +126,12 @@ class TokenExchangeGrant:
         )
         _exchanges(subject.token_type, req.impersonation).inc()
         metrics.EXCHANGE_CHAIN_DEPTH.observe(len(req.chain))
+        response: dict[str, Any] = {"issued_token_type": TOKEN_TYPE_ACCESS_TOKEN}
+        if req.details:  # RFC 9396 §7: the response says what the token carries
+            response["authorization_details"] = list(req.details)
         return Granted(
             token=issued,
-            response={"issued_token_type": TOKEN_TYPE_ACCESS_TOKEN},
+            response=response,
             mandate=subject.mandate,
             details_digest=self._details.digest(req.details),
             decisions=decisions,
@@ -145,7 +148,9 @@ class TokenExchangeGrant:
         check_may_act(subject, req.actor)
         req.resource = self._resource(form, req)
         req.scopes = self._scopes(form, req)
-        granted = tuple(subject.claims.get("authorization_details") or ())
+        # RFC 9396 §6: only our own tokens grant details; a partner's profile grants none
+        own = subject.partner is None
+        granted = tuple(subject.claims.get("authorization_details") or ()) if own else ()
         req.details = self._details.narrow(form.get("authorization_details"), client, granted)
         return req
 
