@@ -37,6 +37,12 @@ checkpoint),
 ``pg_stat_activity`` shows it running, sampled every 50 ms during the run (the most frequent one
 other than ``BEGIN``/``COMMIT``/``ROLLBACK``).
 
+``--pg-stats``: per token, until the server is idle again, from the database's own counters (a
+PostgreSQL cluster of one's own with ``shared_preload_libraries = pg_stat_statements``: the WAL
+counters are the cluster's): statements executed and their execution time, rows, blocks dirtied
+and written (``pg_stat_statements``, this database's entries), commits (``pg_stat_database``), WAL
+records, full-page images and bytes (``pg_stat_wal``); and the statements that cost most.
+
 ``--ours-env`` / ``--base-env KEY=VALUE ...``: settings for one of the two servers only, e.g. a
 setting A/B on one tree (``--base .`` and ``--ours-env TRUSTPLANE_AUDIT_PROOF_CACHE_MB=0``).
 """
@@ -238,6 +244,47 @@ def wal_bytes(url: str, oid: int, start: str, end: str) -> tuple[int, int] | Non
     return int(row[0]), int(row[1])
 
 
+STATEMENTS_SQL = (
+    "SELECT queryid::text, left(regexp_replace(query, '\\s+', ' ', 'g'), 160), calls, "
+    "total_exec_time, rows, shared_blks_dirtied, shared_blks_written, wal_records, wal_bytes "
+    "FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = $1"
+)
+
+
+def pg_stats(admin_url: str, name: str) -> dict[str, Any]:
+    """This database's statement counters (by query id) and commits, the cluster's WAL counters."""
+    rows = admin_query(admin_url, STATEMENTS_SQL, name)
+    commits = admin_query(
+        admin_url, "SELECT xact_commit FROM pg_stat_database WHERE datname = $1", name
+    )[0][0]
+    wal = admin_query(admin_url, "SELECT wal_records, wal_fpi, wal_bytes FROM pg_stat_wal")[0]
+    return {
+        "statements": {r[0]: (r[1], *(float(x) for x in r[2:])) for r in rows},
+        "commits": int(commits),
+        "wal": tuple(int(x) for x in wal),
+    }
+
+
+STAT_COLUMNS = ("calls", "exec_ms", "rows", "dirtied", "written", "wal_records", "wal_bytes")
+
+
+def pg_stats_per_token(before: dict[str, Any], after: dict[str, Any], n: float) -> dict[str, Any]:
+    """Per token: the totals, and each statement's calls, time and blocks (the costliest first)."""
+    each = []
+    for qid, (text, *values) in after["statements"].items():
+        old = before["statements"].get(qid, (text, *([0.0] * len(values))))[1:]
+        delta = [(a - b) / max(n, 1) for a, b in zip(values, old, strict=True)]
+        if delta[0] > 0:
+            each.append((text, dict(zip(STAT_COLUMNS, delta, strict=True))))
+    each.sort(key=lambda e: -e[1]["exec_ms"])
+    out: dict[str, Any] = {f"pgs_{c}": sum(e[1][c] for e in each) for c in STAT_COLUMNS}
+    out["pgs_commits"] = (after["commits"] - before["commits"]) / max(n, 1)
+    for i, key in enumerate(("records", "fpi", "bytes")):
+        out[f"pgs_cluster_wal_{key}"] = (after["wal"][i] - before["wal"][i]) / max(n, 1)
+    out["pgs_top"] = each[:12]
+    return out
+
+
 def ticks(pids: list[int]) -> dict[int, int]:
     out = {}
     for pid in pids:
@@ -348,6 +395,7 @@ def measure(target: Target, connections: int, args: argparse.Namespace, rep: int
     writes_before = tree_write_calls(target.proc.pid)
     server_before = process_tree_ticks(target.proc.pid)
     sampler = RoleSampler(args.database_url, target.pg_name) if args.pg_roles else None
+    stats_before = pg_stats(args.database_url, target.pg_name) if args.pg_stats else None
     with sampler or contextlib.nullcontext():
         result: dict[str, Any] = dict(
             run_wrk(f"{target.issuer}/token", bodies, connections, args.duration, target.proc.pid)
@@ -379,6 +427,10 @@ def measure(target: Target, connections: int, args: argparse.Namespace, rep: int
             )
             result[f"pg_{role}_ms_per_req"] = 1000.0 * used / TICK / max(result["requests"], 1)
     server_idle = process_tree_ticks(target.proc.pid)
+    if stats_before is not None:
+        time.sleep(1.0)  # a backend reports its statistics at most once a second when idle
+        after = pg_stats(args.database_url, target.pg_name)
+        result.update(pg_stats_per_token(stats_before, after, result["requests"]))
     if target.db_oid:
         own = args.database_url.rsplit("/", 1)[0] + f"/{target.pg_name}"  # has pg_walinspect
         wal = wal_bytes(own, target.db_oid, lsn_before, wal_lsn(args.database_url))
@@ -428,6 +480,14 @@ def measure(target: Target, connections: int, args: argparse.Namespace, rep: int
         print("    PostgreSQL ms per token until idle: " + "  ".join(
             f"{role} {result[f'pg_{role}_ms_per_req']:.3f}" for role in ("writer", "sequencer", "other")
         ), flush=True)  # fmt: skip
+    if stats_before is not None:
+        print("    per token until idle: " + "  ".join(
+            f"{k[4:]} {result[k]:.3f}" for k in result if k.startswith("pgs_") and k != "pgs_top"
+        ), flush=True)  # fmt: skip
+        for text, cols in result["pgs_top"]:
+            print(f"      {cols['calls']:.3f} calls {cols['exec_ms'] * 1000:7.1f} us "
+                  f"rows {cols['rows']:.2f} dirtied {cols['dirtied']:.3f} "
+                  f"wal {cols['wal_bytes']:6.0f} B  {text[:110]}", flush=True)  # fmt: skip
     if target.proxy is not None:
         print("    per token, in the run / until idle: " + "  ".join(
             f"{k} {result[f'pg_{k}']:.2f}/{result[f'pg_{k}_until_idle']:.2f}"
@@ -477,6 +537,11 @@ def summarise(targets: list[Target]) -> None:
                     f"{role} {statistics.median(r[f'pg_{role}_ms_per_req'] for r in runs):.3f}"
                     for role in ("writer", "sequencer", "other")
                 ))  # fmt: skip
+            if "pgs_calls" in runs[0]:
+                print("    per token (until idle): " + "  ".join(
+                    f"{k[4:]} {statistics.median(r[k] for r in runs):.3f}"
+                    for k in runs[0] if k.startswith("pgs_") and k != "pgs_top"
+                ))  # fmt: skip
             if target.proxy is not None:
                 print("    per token (until idle): " + "  ".join(
                     f"{k[3:]} {statistics.median(r.get(k + '_until_idle', r[k]) for r in runs):.2f}"
@@ -506,6 +571,9 @@ def main() -> None:
     )
     ap.add_argument(
         "--pg-roles", action="store_true", help="PostgreSQL CPU per token by backend role"
+    )
+    ap.add_argument(
+        "--pg-stats", action="store_true", help="pg_stat_statements / pg_stat_wal per token"
     )
     ap.add_argument("--ours-env", nargs="*", default=[], help="KEY=VALUE for this tree's server")
     ap.add_argument("--base-env", nargs="*", default=[], help="KEY=VALUE for the base's server")

@@ -129,14 +129,24 @@ class Replayed(Exception):
     its statement failed as a whole and wrote nothing."""
 
 
-#: :func:`claim_all`'s last step: a division by zero unless every claim was won, so that a batch
-#: with one use already claimed fails as a whole, its other inserts included.
-_ALL_WON = "SELECT 1 / (count(*) = cardinality($1::text[]))::int FROM claimed"
-#: The same with the tokens the batch rests on not revoked (RFC 7009), read in the statement's
-#: snapshot: a revocation committed before the statement began is seen, and fails it as a whole.
-_ALL_WON_UNREVOKED = (
-    "SELECT 1 / ((count(*) = cardinality($1::text[])) AND NOT EXISTS "
-    "(SELECT 1 FROM revoked_tokens WHERE jti = ANY(${n}::text[])))::int FROM claimed"
+#: :func:`claim_all`'s claim: a plain ``INSERT``. A ``jti`` already in the table (used, or expired
+#: and not yet pruned) violates the primary key and fails the statement as a whole, its other
+#: inserts included; the batch then runs the transactional way (:func:`consume_on_driver`, whose
+#: upsert takes an expired row back). No ``ON CONFLICT`` arbiter: PostgreSQL inserts each row
+#: without the speculative insertion an upsert needs (a look-up of the key before the insert, a
+#: speculative-insertion lock taken and released, and a second WAL record per row to confirm it).
+CLAIM_PARAMETERS = 3
+_PG_CLAIM = (
+    "INSERT INTO used_jtis (issuer, jti, expires_at) "
+    "SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])"
+)
+#: The constraint a ``jti`` already used violates.
+_USED = "pk_used_jtis"
+_UNIQUE_VIOLATION = "23505"
+#: The last step when the batch rests on tokens (a token exchange's subject tokens): a division by
+#: zero if one of them is revoked, read in the statement's snapshot, so that nothing is written.
+_UNREVOKED = (
+    "SELECT 1 / (NOT EXISTS (SELECT 1 FROM revoked_tokens WHERE jti = ANY(${n}::text[])))::int"
 )
 _DIVISION_BY_ZERO = "22012"
 
@@ -144,8 +154,8 @@ _DIVISION_BY_ZERO = "22012"
 @functools.lru_cache(maxsize=32)
 def _all_or_nothing(inserts: tuple[str, ...], unrevoked_at: int = 0) -> str:
     ctes = "".join(f"a{i} AS ({insert}), " for i, insert in enumerate(inserts))
-    last = _ALL_WON_UNREVOKED.format(n=unrevoked_at) if unrevoked_at else _ALL_WON
-    return f"WITH {ctes}claimed AS ({_PG_UPSERT}) {last}"
+    last = _UNREVOKED.format(n=unrevoked_at) if unrevoked_at else "SELECT 1"
+    return f"WITH {ctes}claimed AS ({_PG_CLAIM}) {last}"
 
 
 async def claim_all(
@@ -155,26 +165,31 @@ async def claim_all(
     unrevoked: Sequence[str] = (),
 ) -> None:
     """PostgreSQL, on an asyncpg connection with no transaction open: claim every one of ``uses``
-    and run the ``alongside`` inserts (their parameters numbered from ``$5`` on, one insert's
-    after the other's) in one statement, which commits on its own: one round trip, durable when
-    it returns (``synchronous_commit`` on). All or nothing: if any use is not fresh (already
-    claimed and not expired, or twice in ``uses``), or any ``jti`` of ``unrevoked`` (our tokens the
-    batch rests on: a token exchange's subject tokens) is revoked, nothing of it is written and
-    :class:`Replayed` is raised (twice in ``uses``: without a round trip). The revocations are read
-    in the statement's own snapshot, as the transactional path's query read them in its own: one
-    committed before the statement began fails it."""
+    and run the ``alongside`` inserts (their parameters numbered from ``CLAIM_PARAMETERS + 1`` on,
+    one insert's after the other's) in one statement, which commits on its own: one round trip,
+    durable when it returns (``synchronous_commit`` on). All or nothing: if any use is not fresh
+    (its ``jti`` is in the table, claimed or expired and not yet pruned, or twice in ``uses``), or
+    any ``jti`` of ``unrevoked`` (our tokens the batch rests on: a token exchange's subject tokens)
+    is revoked, nothing of it is written and :class:`Replayed` is raised (twice in ``uses``:
+    without a round trip); the caller then runs the batch in a transaction, where an expired
+    ``jti`` is claimed again. The revocations are read in the statement's own snapshot, as the
+    transactional path's query read them in its own: one committed before the statement began
+    fails it. Two statements racing for one ``jti``: the second waits for the first's commit and
+    then fails on the key."""
     _, claims = _claims(uses)
     if len(claims) != len(uses):
         raise Replayed("the same jti twice in one batch")
     params = [param for _, values in alongside for param in values]
-    at = 5 + len(params) if unrevoked else 0
+    at = CLAIM_PARAMETERS + 1 + len(params) if unrevoked else 0
     sql = _all_or_nothing(tuple(insert for insert, _ in alongside), at)
     if unrevoked:
         params.append(list(unrevoked))
     try:
-        await driver.execute(sql, *_columns(claims), int(time.time()), *params)
+        await driver.execute(sql, *_columns(claims), *params)
     except Exception as exc:
-        if getattr(exc, "sqlstate", None) == _DIVISION_BY_ZERO:
+        state = getattr(exc, "sqlstate", None)
+        used = state == _UNIQUE_VIOLATION and getattr(exc, "constraint_name", None) == _USED
+        if used or state == _DIVISION_BY_ZERO:
             raise Replayed(
                 "a jti of the batch was already used or a token it rests on revoked"
             ) from exc
