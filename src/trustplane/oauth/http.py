@@ -3,6 +3,7 @@ service, return a ``Response`` directly (no request models, no JSON encoder deto
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -19,6 +20,18 @@ from trustplane.oauth.token_endpoint import TokenEndpoint
 from trustplane.protocol.form import read_form
 from trustplane.protocol.responses import NO_STORE, Answer, NoStoreJSON, protocol_endpoint
 from trustplane.tls import CertificateSource, client_certificate
+
+#: RFC 6749 §5.2: ``error_description`` MUST NOT include characters outside
+#: ``%x20-21 / %x23-5B / %x5D-7E`` (no quote, no backslash, ASCII only).
+_NOT_DESCRIPTION = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
+
+
+def wire_description(text: str) -> str:
+    """``text`` in the characters RFC 6749 §5.2 allows: a description often quotes what the
+    request sent (an unknown ``grant_type``, a scope), which may hold anything."""
+    if not _NOT_DESCRIPTION.search(text):
+        return text
+    return _NOT_DESCRIPTION.sub("?", text.replace("§", "section ").replace('"', "'"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,18 +56,24 @@ class OAuthHttp:
 
     async def token(self, request: Request) -> Answer:
         try:
+            return NoStoreJSON(await self._token(request))
+        except OAuth2Error as exc:
+            exc.description = wire_description(exc.description)  # the audit keeps ``debug``
+            raise
+
+    async def _token(self, request: Request) -> dict[str, object]:
+        try:
             form = await read_form(request)
         except OAuth2Error as exc:
             await self.token_endpoint.refuse_unparsed(exc)
             raise
-        body = await self.token_endpoint.handle(
+        return await self.token_endpoint.handle(
             form,
             request.headers.get("authorization"),
             self._certificate(request),
             dpop_proofs=request.headers.getlist("dpop"),
             url=self._token_url(request),
         )
-        return NoStoreJSON(body)
 
     def _token_url(self, request: Request) -> str | None:
         """The public URL of the token endpoint this request was sent to, for a DPoP proof's

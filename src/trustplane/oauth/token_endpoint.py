@@ -19,6 +19,7 @@ write; with Redis it is consumed at verification.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Sequence
 from dataclasses import replace
 from functools import partial
@@ -36,6 +37,7 @@ from trustplane.dpop.proof import DpopVerifier
 from trustplane.errors import (
     InvalidClientError,
     InvalidRequestError,
+    InvalidScopeError,
     OAuth2Error,
     UnauthorizedClientError,
     UnsupportedGrantTypeError,
@@ -49,6 +51,10 @@ from trustplane.profile import client_is_fapi2
 from trustplane.protocol.form import Form
 from trustplane.protocol.replay import ReplayUse
 from trustplane.settings import Settings
+
+#: RFC 6749 §3.3: ``scope-token = 1*( %x21 / %x23-5B / %x5D-7E )``, delimited by spaces (%x20);
+#: a tab, a line break, a quote, a backslash or a non-ASCII character is no part of a scope.
+_SCOPE = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]*")
 
 
 def replayed() -> InvalidClientError:
@@ -123,6 +129,11 @@ class TokenEndpoint:
                 raise UnsupportedGrantTypeError(f"grant_type {grant_type!r} is not supported"[:200])
             if grant_type not in client.client.grant_types:
                 raise UnauthorizedClientError(f"this client may not use the {grant.label} grant")
+            scope = form.get("scope")
+            if scope is not None and not _SCOPE.fullmatch(scope):
+                raise InvalidScopeError(
+                    "scope must be scope tokens delimited by spaces (RFC 6749 section 3.3)"
+                )
             binding = await self._binding(client, dpop_proofs, url)
             if binding.kind == "none" and client_is_fapi2(self._settings, client.client.metadata):
                 # FAPI 2.0 §5.3.2.1: only sender-constrained access tokens (DPoP or mTLS)

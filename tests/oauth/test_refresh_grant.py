@@ -1,0 +1,100 @@
+"""The refresh_token grant at the token endpoint (RFC 6749 §6, RFC 9700 §4.14.2), over HTTP on
+SQLite and PostgreSQL: what the MUSTs of §6 and rotation require beyond tests/authorize's cases.
+
+- §6: a refresh may narrow the scope; the new refresh token keeps the scope of the one presented
+  ("MUST be identical"), so a later refresh without ``scope`` gets the whole grant again;
+- rotation is single use: racing refreshes with one token get exactly one answer, and the others
+  are the reuse they are indistinguishable from (the family ends);
+- a refused refresh consumes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import httpx
+import jwt
+import pytest
+import pytest_asyncio
+
+from tests.authorize.conftest import USER_LEI, Setup, register_code_client
+from tests.authorize.flow import PASSWORD
+from tests.protocol_server import Server
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+BOTH = "order:create order:cancel"
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def setup(server: Server) -> AsyncIterator[Setup]:
+    kit = await register_code_client(server)
+    user = await server.services.authorization.users.add("bob", "Bob Trader", USER_LEI, PASSWORD)
+    yield Setup(server, kit, user)
+
+
+def error_of(response: httpx.Response) -> tuple[int, str]:
+    return response.status_code, response.json().get("error")
+
+
+def scope_of(body: dict[str, str]) -> str:
+    return str(jwt.decode(body["access_token"], options={"verify_signature": False})["scope"])
+
+
+async def tokens(setup: Setup, scope: str = "order:create") -> dict[str, str]:
+    flow = setup.flow()
+    flow.scope = scope
+    response = await setup.token(flow.redeem_form(await flow.code("bob")))
+    assert response.status_code == 200, response.text
+    assert response.json()["scope"] == scope
+    return dict(response.json())
+
+
+def refresh_form(token: str, **extra: str) -> dict[str, str]:
+    return {"grant_type": "refresh_token", "refresh_token": token, **extra}
+
+
+async def test_a_narrowed_refresh_leaves_the_next_refresh_the_whole_grant(setup: Setup) -> None:
+    """RFC 6749 §6: the narrowed request gets a narrower access token; the new refresh token has
+    the scope of the one presented, not the narrowed one."""
+    first = await tokens(setup, BOTH)
+    narrowed = await setup.token(refresh_form(first["refresh_token"], scope="order:cancel"))
+    assert narrowed.status_code == 200, narrowed.text
+    assert narrowed.json()["scope"] == scope_of(narrowed.json()) == "order:cancel"
+    whole = await setup.token(refresh_form(narrowed.json()["refresh_token"]))
+    assert whole.status_code == 200, whole.text
+    assert whole.json()["scope"] == scope_of(whole.json()) == BOTH
+
+
+@pytest.mark.parametrize(
+    "scope",
+    [
+        pytest.param("order:create\torder:cancel", id="tab-delimited"),
+        pytest.param("order:create\u00a0order:cancel", id="no-break-space-delimited"),
+        pytest.param("   ", id="blank"),
+        pytest.param("order:create order:teleport", id="wider"),
+    ],
+)
+async def test_a_refused_narrowing_consumes_nothing(setup: Setup, scope: str) -> None:
+    """RFC 6749 §3.3 syntax and §6 "MUST NOT include any scope not originally granted": 400
+    invalid_scope, and the refresh token is still the live one (no rotation, no family ended)."""
+    first = await tokens(setup, BOTH)
+    refused = await setup.token(refresh_form(first["refresh_token"], scope=scope))
+    assert error_of(refused) == (400, "invalid_scope"), refused.text
+    again = await setup.token(refresh_form(first["refresh_token"]))
+    assert again.status_code == 200, again.text
+    assert again.json()["scope"] == BOTH
+
+
+async def test_racing_refreshes_with_one_token_exactly_one_wins(setup: Setup) -> None:
+    """Rotation (RFC 9700 §4.14.2) is single use: of 8 concurrent refreshes with one token one gets
+    tokens, 7 are 400 invalid_grant; the losers are reuse, so the winner's successor is dead too."""
+    first = await tokens(setup)
+    form = refresh_form(first["refresh_token"])
+    responses = await asyncio.gather(*(setup.token(form) for _ in range(8)))
+    winners = [r for r in responses if r.status_code == 200]
+    assert len(winners) == 1, [r.text for r in responses]
+    assert {error_of(r) for r in responses if r.status_code != 200} == {(400, "invalid_grant")}
+    successor = await setup.token(refresh_form(winners[0].json()["refresh_token"]))
+    assert error_of(successor) == (400, "invalid_grant"), successor.text
