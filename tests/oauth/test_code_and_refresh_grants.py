@@ -1,6 +1,9 @@
-"""The refresh_token grant at the token endpoint (RFC 6749 §6, RFC 9700 §4.14.2), over HTTP on
-SQLite and PostgreSQL: what the MUSTs of §6 and rotation require beyond tests/authorize's cases.
+"""The authorization_code and refresh_token grants at the token endpoint (RFC 6749 §4.1.3, §6,
+RFC 8707 §2.2, RFC 9700 §4.14.2), over HTTP on SQLite and PostgreSQL: what these MUSTs require
+beyond the cases in tests/authorize.
 
+- RFC 8707 §2.2: a ``resource`` sent with the code must be the grant's audience (``invalid_target``,
+  the code stays usable), never ignored;
 - §6: a refresh may narrow the scope; the new refresh token keeps the scope of the one presented
   ("MUST be identical"), so a later refresh without ``scope`` gets the whole grant again;
 - rotation is single use: racing refreshes with one token get exactly one answer, and the others
@@ -20,6 +23,7 @@ import pytest_asyncio
 
 from tests.authorize.conftest import USER_LEI, Setup, register_code_client
 from tests.authorize.flow import PASSWORD
+from tests.conftest import CLEARING, EXECUTION
 from tests.protocol_server import Server
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -53,6 +57,31 @@ async def tokens(setup: Setup, scope: str = "order:create") -> dict[str, str]:
 
 def refresh_form(token: str, **extra: str) -> dict[str, str]:
     return {"grant_type": "refresh_token", "refresh_token": token, **extra}
+
+
+@pytest.mark.parametrize(
+    "resource",
+    [
+        pytest.param(CLEARING, id="another-audience"),
+        pytest.param([EXECUTION, CLEARING], id="the-grants-and-another"),
+        pytest.param(EXECUTION + "#orders", id="fragment"),
+        pytest.param("/api", id="relative"),
+    ],
+)
+async def test_a_code_redeemed_for_another_resource_is_invalid_target(
+    setup: Setup, resource: str | list[str]
+) -> None:
+    """RFC 8707 §2.2: the token request's ``resource`` must be within the grant (here: its one
+    audience); 400 invalid_target, and the code is not consumed (it was answered with a token for
+    the grant's audience, 200, whatever resource was asked for)."""
+    flow = setup.flow()
+    code = await flow.code("bob")
+    refused = await setup.token({**flow.redeem_form(code), "resource": resource})  # type: ignore[dict-item]
+    assert error_of(refused) == (400, "invalid_target"), refused.text
+    redeemed = await setup.token({**flow.redeem_form(code), "resource": EXECUTION})
+    assert redeemed.status_code == 200, redeemed.text
+    claims = jwt.decode(redeemed.json()["access_token"], options={"verify_signature": False})
+    assert claims["aud"] == EXECUTION
 
 
 async def test_a_narrowed_refresh_leaves_the_next_refresh_the_whole_grant(setup: Setup) -> None:
