@@ -391,9 +391,9 @@ REFUSED_SECRETS = [
     ),
     pytest.param(
         lambda s, c: ({"client_id": c.post_id}, basic(c.basic_id, c.basic_secret)),
-        401,
-        "invalid_client",
-        True,
+        400,
+        "invalid_request",
+        False,
         id="basic-with-another-client_id-in-body",  # RFC 6749 §3.2.1: one request, one client
     ),
     pytest.param(

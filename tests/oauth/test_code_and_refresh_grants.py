@@ -14,17 +14,20 @@ beyond the cases in tests/authorize.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import httpx
 import jwt
 import pytest
 import pytest_asyncio
+from sqlalchemy import update
 
 from tests.authorize.conftest import USER_LEI, Setup, register_code_client
 from tests.authorize.flow import PASSWORD
 from tests.conftest import CLEARING, EXECUTION
 from tests.protocol_server import Server
+from trustplane.authorize.store import digest, refresh_tokens
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -127,3 +130,52 @@ async def test_racing_refreshes_with_one_token_exactly_one_wins(setup: Setup) ->
     assert {error_of(r) for r in responses if r.status_code != 200} == {(400, "invalid_grant")}
     successor = await setup.token(refresh_form(winners[0].json()["refresh_token"]))
     assert error_of(successor) == (400, "invalid_grant"), successor.text
+
+
+async def test_a_replayed_assertion_uses_up_no_refresh_token(setup: Setup) -> None:
+    """RFC 7523 §3 item 7: a replayed client assertion is 401 invalid_client, and nothing of the
+    request is written: the refresh token it came with is not rotated (it was: the rotation
+    committed before the assertion's jti was found used, so the rightful client's next refresh
+    was reuse and ended the family)."""
+    used = setup.kit.auth()
+    spent = await setup.server.http.post(
+        "/token", data={**refresh_form((await tokens(setup))["refresh_token"]), **used}
+    )
+    assert spent.status_code == 200, spent.text
+    victim = await tokens(setup)
+    replayed = await setup.server.http.post(
+        "/token", data={**refresh_form(victim["refresh_token"]), **used}
+    )
+    assert error_of(replayed) == (401, "invalid_client"), replayed.text
+    rightful = await setup.token(refresh_form(victim["refresh_token"]))
+    assert rightful.status_code == 200, rightful.text
+
+
+async def test_a_replayed_assertion_uses_up_no_code(setup: Setup) -> None:
+    """The same for a code: refused with the replayed assertion, then redeemed by its client."""
+    used = setup.kit.auth()
+    first, second = setup.flow(), setup.flow()
+    spent_code, victim_code = await first.code("bob"), await second.code("bob")
+    spent = await setup.server.http.post("/token", data={**first.redeem_form(spent_code), **used})
+    assert spent.status_code == 200, spent.text
+    replayed = await setup.server.http.post(
+        "/token", data={**second.redeem_form(victim_code), **used}
+    )
+    assert error_of(replayed) == (401, "invalid_client"), replayed.text
+    rightful = await setup.token(second.redeem_form(victim_code))
+    assert rightful.status_code == 200, rightful.text
+
+
+async def test_an_expired_refresh_token_is_invalid_grant(setup: Setup) -> None:
+    """RFC 6749 §6 / §5.2: an expired refresh token is 400 invalid_grant (the family's absolute
+    expiry, which rotation does not extend)."""
+    first = await tokens(setup)
+    async with setup.server.services.db.transaction() as conn:
+        await conn.execute(
+            update(refresh_tokens)
+            .where(refresh_tokens.c.token_hash == digest(first["refresh_token"]))
+            .values(expires_at=int(time.time()) - 1)
+        )
+    response = await setup.token(refresh_form(first["refresh_token"]))
+    assert error_of(response) == (400, "invalid_grant"), response.text
+    assert response.json()["error_description"] == "the refresh token has expired"

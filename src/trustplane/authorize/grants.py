@@ -155,6 +155,7 @@ class _DelegatedGrant:
 class AuthorizationCodeGrant(_DelegatedGrant):
     grant_type: ClassVar[str] = "authorization_code"
     label: ClassVar[str] = "authorization_code"
+    commits_before_outcome: ClassVar[bool] = True  # the code's redemption (grant.contract)
 
     def __init__(
         self,
@@ -260,6 +261,7 @@ class AuthorizationCodeGrant(_DelegatedGrant):
 class RefreshTokenGrant(_DelegatedGrant):
     grant_type: ClassVar[str] = "refresh_token"
     label: ClassVar[str] = "refresh_token"
+    commits_before_outcome: ClassVar[bool] = True  # the rotation (grant.contract)
 
     async def handle(self, form: Form, auth: AuthenticatedClient) -> Granted:
         client = auth.client

@@ -150,7 +150,7 @@ class ClientAuthenticator:
     def _basic(self, authorization: str, body_client_id: str | None) -> AuthenticatedClient:
         """RFC 6749 §2.3.1: credentials are form-urlencoded, then base64. Failure: 401 + challenge.
         A ``client_id`` in the body must name the same client (RFC 6749 §3.2.1 lets a client send
-        it; one request cannot speak for two clients)."""
+        it; a request naming two clients is malformed: 400 ``invalid_request``, as at /par)."""
         try:
             decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode("utf-8")
             raw_id, raw_secret = decoded.split(":", 1)
@@ -159,12 +159,12 @@ class ClientAuthenticator:
                 "malformed Basic credentials", headers=self._basic_challenge
             ) from None
         client_id = unquote_plus(raw_id)
+        if body_client_id is not None and body_client_id != client_id:
+            raise InvalidRequestError(
+                "client_id does not match the Basic credentials",
+                debug=f"Basic {client_id[:100]}, body client_id {body_client_id[:100]}",
+            )
         try:
-            if body_client_id is not None and body_client_id != client_id:
-                raise InvalidClientError(
-                    "client_id does not match the Basic credentials",
-                    debug=f"Basic {client_id[:100]}, body client_id {body_client_id[:100]}",
-                )
             return self._secret(client_id, unquote_plus(raw_secret), "client_secret_basic")
         except InvalidClientError as exc:
             exc.headers.update(self._basic_challenge)
