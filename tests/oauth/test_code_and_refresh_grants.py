@@ -26,6 +26,7 @@ from sqlalchemy import update
 from tests.authorize.conftest import USER_LEI, Setup, register_code_client
 from tests.authorize.flow import PASSWORD
 from tests.conftest import CLEARING, EXECUTION
+from tests.dpop.conftest import ProofKey
 from tests.protocol_server import Server
 from trustplane.authorize.store import digest, refresh_tokens
 
@@ -179,3 +180,23 @@ async def test_an_expired_refresh_token_is_invalid_grant(setup: Setup) -> None:
     response = await setup.token(refresh_form(first["refresh_token"]))
     assert error_of(response) == (400, "invalid_grant"), response.text
     assert response.json()["error_description"] == "the refresh token has expired"
+
+
+async def test_a_replayed_dpop_proof_uses_up_no_refresh_token(setup: Setup) -> None:
+    """RFC 9449 §11.1: a replayed proof is 400 invalid_dpop_proof, and (as for a replayed
+    assertion) the refresh token it came with is not rotated: its client refreshes next."""
+    kit = await register_code_client(setup.server, dpop_bound_access_tokens=True)
+    key = ProofKey.generate()
+    flow = setup.flow(kit)
+    code = await flow.code("bob")
+    proof = {"DPoP": key.proof(htu=setup.server.issuer + "/token")}
+    issued = await setup.server.http.post(
+        "/token", data={**flow.redeem_form(code), **kit.auth()}, headers=proof
+    )
+    assert issued.status_code == 200, issued.text
+    refresh = refresh_form(issued.json()["refresh_token"])
+    replayed = await setup.server.http.post("/token", data={**refresh, **kit.auth()}, headers=proof)
+    assert error_of(replayed) == (400, "invalid_dpop_proof"), replayed.text
+    fresh = {"DPoP": key.proof(htu=setup.server.issuer + "/token")}
+    rightful = await setup.server.http.post("/token", data={**refresh, **kit.auth()}, headers=fresh)
+    assert rightful.status_code == 200, rightful.text
