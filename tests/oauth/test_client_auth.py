@@ -11,6 +11,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -114,6 +115,9 @@ async def token_request(
     """A client_credentials request carrying exactly the given authentication."""
     form = {"grant_type": "client_credentials", "scope": "order:create", "resource": EXECUTION}
     return await server.http.post("/token", data={**form, **data}, headers=headers)
+
+
+TOKEN_FORM = {"grant_type": "client_credentials", "scope": "order:create", "resource": EXECUTION}
 
 
 def error_of(response: httpx.Response) -> tuple[int, str]:
@@ -527,6 +531,20 @@ async def test_credentials_in_the_query_string_authenticate_nobody(
     response = await server.http.post(f"/token?{query}", data=form)
     assert error_of(response) == (401, "invalid_client"), response.text
     assert "www-authenticate" not in response.headers
+
+
+@pytest.mark.parametrize("endpoint", ["/token", "/introspect", "/revoke"])
+async def test_a_refusal_quoting_the_assertion_keeps_to_the_allowed_characters(
+    server: Server, endpoint: str
+) -> None:
+    """RFC 6749 §5.2 (and RFC 7662 §2.3, RFC 7009 §2.2.1, which answer in its format):
+    ``error_description`` holds only %x20-21 / %x23-5B / %x5D-7E; the description that names the
+    assertion's ``typ`` held a quote, a backslash and non-ASCII as sent."""
+    auth = server.kit.auth(_headers={"typ": 'at"\\é'})
+    response = await server.http.post(endpoint, data={"token": "x", **auth, **TOKEN_FORM})
+    assert error_of(response) == (401, "invalid_client"), response.text
+    description = response.json()["error_description"]
+    assert re.fullmatch(r"[\x20\x21\x23-\x5b\x5d-\x7e]*", description), description
 
 
 async def test_racing_requests_with_one_assertion_exactly_one_wins(server: Server) -> None:

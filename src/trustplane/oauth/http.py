@@ -3,8 +3,9 @@ service, return a ``Response`` directly (no request models, no JSON encoder deto
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -34,6 +35,17 @@ def wire_description(text: str) -> str:
     return _NOT_DESCRIPTION.sub("?", text.replace("§", "section ").replace('"', "'"))
 
 
+@contextlib.contextmanager
+def wire_descriptions() -> Iterator[None]:
+    """Every typed error raised inside leaves with a :func:`wire_description` (the audit record,
+    written before, keeps ``debug``)."""
+    try:
+        yield
+    except OAuth2Error as exc:
+        exc.description = wire_description(exc.description)
+        raise
+
+
 @dataclass(frozen=True, slots=True)
 class OAuthHttp:
     token_endpoint: TokenEndpoint
@@ -55,11 +67,8 @@ class OAuthHttp:
         return client_certificate(request.scope, self.certificates)
 
     async def token(self, request: Request) -> Answer:
-        try:
+        with wire_descriptions():
             return NoStoreJSON(await self._token(request))
-        except OAuth2Error as exc:
-            exc.description = wire_description(exc.description)  # the audit keeps ``debug``
-            raise
 
     async def _token(self, request: Request) -> dict[str, object]:
         try:
@@ -85,18 +94,20 @@ class OAuthHttp:
         return self.mtls_token_url if host and host == self.mtls_host else None
 
     async def introspect(self, request: Request) -> Answer:
-        form = await read_form(request)
-        body = await self.introspection.introspect(
-            form, request.headers.get("authorization"), self._certificate(request)
-        )
-        return NoStoreJSON(body)
+        with wire_descriptions():  # RFC 7662 §2.3 and RFC 7009 §2.2.1 answer as RFC 6749 §5.2
+            form = await read_form(request)
+            body = await self.introspection.introspect(
+                form, request.headers.get("authorization"), self._certificate(request)
+            )
+            return NoStoreJSON(body)
 
     async def revoke(self, request: Request) -> Response:
-        form = await read_form(request)
-        await self.introspection.revoke(
-            form, request.headers.get("authorization"), self._certificate(request)
-        )
-        return Response(b"", 200, headers=NO_STORE)
+        with wire_descriptions():
+            form = await read_form(request)
+            await self.introspection.revoke(
+                form, request.headers.get("authorization"), self._certificate(request)
+            )
+            return Response(b"", 200, headers=NO_STORE)
 
     async def jwks(self, _request: Request) -> Response:
         return Response(
