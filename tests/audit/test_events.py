@@ -114,7 +114,8 @@ REFUSALS = [
     pytest.param(_replayed_assertion, "invalid_client", True, id="invalid_client-replay"),
     pytest.param(_no_client_authentication, "invalid_client", False, id="invalid_client-none"),
     pytest.param(_missing_grant_type, "invalid_request", False, id="invalid_request-grant_type"),
-    pytest.param(_two_auth_methods, "invalid_request", False, id="invalid_request-two-methods"),
+    # RFC 7521 §4.2.1: several methods, one of them an assertion: invalid_client
+    pytest.param(_two_auth_methods, "invalid_client", False, id="invalid_client-two-methods"),
     pytest.param(_json_body, "invalid_request", False, id="invalid_request-json-body"),
     pytest.param(_oversized_body, "invalid_request", False, id="invalid_request-oversized"),
     pytest.param(_unknown_grant_type, "unsupported_grant_type", True, id="unsupported_grant_type"),

@@ -82,6 +82,11 @@ async def test_exchanged_token_is_bound_and_refused_as_bearer(grants: Grants) ->
     }
     exchanged = await grants.post(form, grants.dpop(key))
     assert cnf_of(exchanged) == {"jkt": key.jkt}
+    # RFC 8693 §2.2.1 token_type, RFC 9449 §5: a bound token says so
+    assert (exchanged.json()["token_type"], exchanged.json()["issued_token_type"]) == (
+        "DPoP",
+        ACCESS,
+    )
     token = exchanged.json()["access_token"]
 
     rs_url = "https://rs.example"

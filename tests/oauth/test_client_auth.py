@@ -11,6 +11,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -114,6 +115,9 @@ async def token_request(
     """A client_credentials request carrying exactly the given authentication."""
     form = {"grant_type": "client_credentials", "scope": "order:create", "resource": EXECUTION}
     return await server.http.post("/token", data={**form, **data}, headers=headers)
+
+
+TOKEN_FORM = {"grant_type": "client_credentials", "scope": "order:create", "resource": EXECUTION}
 
 
 def error_of(response: httpx.Response) -> tuple[int, str]:
@@ -390,6 +394,27 @@ REFUSED_SECRETS = [
         id="basic-colon-in-client_id-not-encoded",
     ),
     pytest.param(
+        lambda s, c: ({"client_id": c.post_id}, basic(c.basic_id, c.basic_secret)),
+        400,
+        "invalid_request",
+        False,
+        id="basic-with-another-client_id-in-body",  # RFC 6749 §3.2.1: one request, one client
+    ),
+    pytest.param(
+        lambda s, c: ({}, {"Authorization": "Basic"}),
+        401,
+        "invalid_client",
+        True,
+        id="basic-scheme-without-credentials",  # RFC 6749 §5.2: an attempt at Basic: challenge
+    ),
+    pytest.param(
+        lambda s, c: ({}, {"Authorization": "BASIC"}),
+        401,
+        "invalid_client",
+        True,
+        id="basic-scheme-upper-case-without-credentials",
+    ),
+    pytest.param(
         lambda s, c: ({"client_id": c.post_id, "client_secret": c.post_secret + "x"}, {}),
         401,
         "invalid_client",
@@ -420,19 +445,27 @@ REFUSED_SECRETS = [
         False,
         id="two-methods-basic-and-post",
     ),
+    # RFC 7521 §4.2.1: with a client assertion among them, several methods are invalid_client
     pytest.param(
         lambda s, c: (s.kit.auth(), basic(c.basic_id, c.basic_secret)),
-        400,
-        "invalid_request",
-        False,
+        401,
+        "invalid_client",
+        True,
         id="two-methods-basic-and-assertion",
     ),
     pytest.param(
         lambda s, c: ({**s.kit.auth(), "client_id": c.post_id, "client_secret": c.post_secret}, {}),
-        400,
-        "invalid_request",
+        401,
+        "invalid_client",
         False,
         id="two-methods-post-and-assertion",
+    ),
+    pytest.param(
+        lambda s, c: ({**s.kit.auth(), "client_secret": c.post_secret}, {}),
+        401,
+        "invalid_client",
+        False,
+        id="two-methods-assertion-and-client_secret",
     ),
 ]
 
@@ -456,6 +489,17 @@ async def test_refused_secret_authentication(
 ACCEPTED_SECRETS = [
     pytest.param(lambda s, c: ({}, basic(c.basic_id, c.basic_secret)), id="basic"),
     pytest.param(
+        lambda s, c: ({"client_id": c.basic_id}, basic(c.basic_id, c.basic_secret)),
+        id="basic-with-its-own-client_id-in-body",
+    ),
+    pytest.param(
+        lambda s, c: (
+            {},
+            {"Authorization": "bAsIc " + basic(c.basic_id, c.basic_secret)["Authorization"][6:]},
+        ),
+        id="basic-scheme-case-insensitive",  # RFC 7617 §2 via RFC 9110 §11.1
+    ),
+    pytest.param(
         lambda s, c: ({"client_id": c.post_id, "client_secret": c.post_secret}, {}), id="post"
     ),
     pytest.param(
@@ -475,6 +519,42 @@ async def test_accepted_secret_authentication(
     data, headers = case(server, secret_clients)
     response = await token_request(server, data, headers)
     assert response.status_code == 200, response.text
+
+
+async def test_credentials_in_the_query_string_authenticate_nobody(
+    server: Server, secret_clients: SecretClients
+) -> None:
+    """RFC 6749 §2.3.1: client credentials MUST NOT be in the request URI; there they are not
+    read at all, so the request is unauthenticated."""
+    query = f"client_id={quote(secret_clients.post_id)}&client_secret={quote(secret_clients.post_secret)}"
+    form = {"grant_type": "client_credentials", "scope": "order:create", "resource": EXECUTION}
+    response = await server.http.post(f"/token?{query}", data=form)
+    assert error_of(response) == (401, "invalid_client"), response.text
+    assert "www-authenticate" not in response.headers
+
+
+@pytest.mark.parametrize("endpoint", ["/token", "/introspect", "/revoke"])
+async def test_a_refusal_quoting_the_assertion_keeps_to_the_allowed_characters(
+    server: Server, endpoint: str
+) -> None:
+    """RFC 6749 §5.2 (and RFC 7662 §2.3, RFC 7009 §2.2.1, which answer in its format):
+    ``error_description`` holds only %x20-21 / %x23-5B / %x5D-7E; the description that names the
+    assertion's ``typ`` held a quote, a backslash and non-ASCII as sent."""
+    auth = server.kit.auth(_headers={"typ": 'at"\\é'})
+    response = await server.http.post(endpoint, data={"token": "x", **auth, **TOKEN_FORM})
+    assert error_of(response) == (401, "invalid_client"), response.text
+    description = response.json()["error_description"]
+    assert re.fullmatch(r"[\x20\x21\x23-\x5b\x5d-\x7e]*", description), description
+
+
+async def test_racing_requests_with_one_assertion_exactly_one_wins(server: Server) -> None:
+    """RFC 7523 §3 item 7 (jti single use): 16 concurrent token requests carrying the same
+    assertion get exactly one token; the other 15 are 401 invalid_client (on PostgreSQL the
+    conditional insert of the jti decides, in the outcome's transaction)."""
+    auth = server.kit.auth()
+    responses = await asyncio.gather(*(token_request(server, auth) for _ in range(16)))
+    assert sorted(r.status_code for r in responses) == [200] + [401] * 15
+    assert {error_of(r) for r in responses if r.status_code != 200} == {(401, "invalid_client")}
 
 
 # --------------------------------------------------------------------------- RFC 7591 §2 signing alg

@@ -6,6 +6,7 @@ Every refusal is asserted by status and exact ``error`` code; no input may produ
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode
@@ -43,7 +44,8 @@ def error_of(response: httpx.Response) -> tuple[int, str]:
 async def test_issued_token_response_and_jwt(server: Server) -> None:
     response = await server.token(scope="order:create order:cancel")
     assert response.status_code == 200, response.text
-    assert response.headers["cache-control"] == "no-store"
+    assert response.headers["cache-control"] == "no-store"  # RFC 6749 §5.1
+    assert response.headers["pragma"] == "no-cache"
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
     assert set(body) == {"access_token", "token_type", "expires_in", "scope"}
@@ -190,6 +192,39 @@ async def test_malformed_token_request(
     response = await server.http.post("/token", **case(server.kit))
     assert error_of(response) == (status, error), response.text
     assert response.headers["cache-control"] == "no-store"
+    assert response.headers["pragma"] == "no-cache"
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH"])
+async def test_the_token_endpoint_is_post_only(server: Server, method: str) -> None:
+    """RFC 6749 §3.2: the client MUST use POST; anything else is 405 and names POST."""
+    response = await server.http.request(method, "/token", params=dict(base(server.kit)))
+    assert response.status_code == 405, response.text
+    assert response.headers["allow"] == "POST"
+
+
+#: RFC 6749 §5.2: ``error_description`` is limited to %x20-21 / %x23-5B / %x5D-7E.
+DESCRIPTION = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]*")
+
+ECHOED = [
+    pytest.param({"grant_type": "it's"}, "unsupported_grant_type", id="grant_type-with-apostrophe"),
+    pytest.param({"grant_type": "gr\u00e4nt"}, "unsupported_grant_type", id="grant_type-non-ascii"),
+    pytest.param({"grant_type": 'q"\\'}, "unsupported_grant_type", id="grant_type-quote-backslash"),
+    pytest.param({"scope": 'order:create "x\\'}, "invalid_scope", id="scope-quote-backslash"),
+    pytest.param({"scope": "ord\u00e9r:create"}, "invalid_scope", id="scope-non-ascii"),
+]
+
+
+@pytest.mark.parametrize(("form", "error"), ECHOED)
+async def test_error_description_stays_in_the_allowed_characters(
+    server: Server, form: dict[str, str], error: str
+) -> None:
+    """A description that quotes the request (an unknown grant_type, a scope) still holds only
+    the characters RFC 6749 §5.2 allows; the ``error`` code is unchanged."""
+    response = await server.token(**form)
+    body = response.json()
+    assert (response.status_code, body["error"]) == (400, error), response.text
+    assert DESCRIPTION.fullmatch(body["error_description"]), body["error_description"]
 
 
 HOSTILE = [
@@ -312,6 +347,11 @@ SCOPES = [
     pytest.param("report:view", id="not-allowed-for-client"),
     pytest.param("settlement:submit", id="not-accepted-by-resource"),
     pytest.param("order:create settlement:submit", id="one-not-accepted-by-resource"),
+    # RFC 6749 §3.3: scope tokens are delimited by %x20 only and hold no control, quote, backslash
+    # or non-ASCII character (these two were split on the whitespace and granted)
+    pytest.param("order:create\torder:cancel", id="tab-delimited"),
+    pytest.param("order:create\u2003order:cancel", id="em-space-delimited"),
+    pytest.param("order:create\norder:cancel", id="newline-delimited"),
 ]
 
 

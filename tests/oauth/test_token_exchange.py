@@ -133,8 +133,9 @@ async def test_exchange_of_our_token_narrows_and_records_the_chain(ex: Exchange)
 
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["issued_token_type"] == ACCESS
+    assert body["issued_token_type"] == ACCESS  # RFC 8693 §2.2.1: REQUIRED
     assert (body["token_type"], body["scope"]) == ("Bearer", "order:create")
+    assert "refresh_token" not in body  # §2.2.1 OPTIONAL: never issued by an exchange
     jwks = jwt.PyJWKSet.from_dict((await ex.server.http.get("/jwks")).json())
     header = jwt.get_unverified_header(body["access_token"])
     issued = jwt.decode(
@@ -363,6 +364,26 @@ CASES: dict[str, tuple[Any, dict[str, Any], int, str, str | None]] = {
     ),
     "two targets": (
         lambda ex: ex.own(), {"resource": [EXECUTION, CLEARING]}, 400, "invalid_target", None,
+    ),
+    # RFC 8693 §2.1 / RFC 8707 §2: resource is an absolute URI without a fragment
+    "target with a fragment": (
+        lambda ex: ex.own(), {"resource": EXECUTION + "#orders"}, 400, "invalid_target", None,
+    ),
+    "relative target": (lambda ex: ex.own(), {"resource": "/api"}, 400, "invalid_target", None),
+    "audience and resource naming two targets": (
+        lambda ex: ex.own(), {"audience": CLEARING}, 400, "invalid_target", None,
+    ),
+    "audience the server does not know": (
+        lambda ex: ex.own(), {"resource": None, "audience": "execution-service"},
+        400, "invalid_target", None,
+    ),
+    "empty subject_token (RFC 6749 3.2: a parameter without a value is omitted)": (
+        lambda ex: "", {}, 400, "invalid_request", None,
+    ),
+    "actor_token_type jwt (only our access tokens act)": (
+        lambda ex: ex.own(),
+        {"actor_token": "SERVER_TOKEN", "actor_token_type": TOKEN_TYPE_JWT},
+        400, "invalid_request", "actor_type",
     ),
     "unknown exchange_mode": (
         lambda ex: ex.own(), {"exchange_mode": "proxy"}, 400, "invalid_request", None,

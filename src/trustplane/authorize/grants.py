@@ -86,6 +86,14 @@ class _DelegatedGrant:
         except MandateUnusableError as exc:
             raise exc.to_oauth() from None
 
+    @staticmethod
+    def _check_resource(grant: GrantContext, form: Form) -> None:
+        """RFC 8707 §2.2: a ``resource`` sent with the code or the refresh token must be the one
+        audience the grant is for (``invalid_target``), never ignored."""
+        resources = form.get_all("resource")
+        if resources and resources != [grant.resource]:
+            raise InvalidTargetError("resource must be the audience this grant was issued for")
+
     def _narrow_details(self, grant: GrantContext, form: Form, client: Client) -> GrantContext:
         """RFC 9396 §6: ``authorization_details`` in the token request must be valid, of types the
         client registered, and within what the grant holds; otherwise ``invalid_authorization_details``
@@ -147,6 +155,7 @@ class _DelegatedGrant:
 class AuthorizationCodeGrant(_DelegatedGrant):
     grant_type: ClassVar[str] = "authorization_code"
     label: ClassVar[str] = "authorization_code"
+    commits_before_outcome: ClassVar[bool] = True  # the code's redemption (grant.contract)
 
     def __init__(
         self,
@@ -183,6 +192,7 @@ class AuthorizationCodeGrant(_DelegatedGrant):
             raise InvalidGrantError("the authorization code was already used")
         now = int(time.time())
         self._check_code(stored, form, client.client_id, now)
+        self._check_resource(stored.grant, form)
         grant = self._narrow_details(stored.grant, form, client)
         await self._check_mandate(stored.grant, now)
         decisions = self._decide(client, grant, "authorization_code")
@@ -251,6 +261,7 @@ class AuthorizationCodeGrant(_DelegatedGrant):
 class RefreshTokenGrant(_DelegatedGrant):
     grant_type: ClassVar[str] = "refresh_token"
     label: ClassVar[str] = "refresh_token"
+    commits_before_outcome: ClassVar[bool] = True  # the rotation (grant.contract)
 
     async def handle(self, form: Form, auth: AuthenticatedClient) -> Granted:
         client = auth.client
@@ -318,9 +329,7 @@ class RefreshTokenGrant(_DelegatedGrant):
     def _narrow(self, grant: GrantContext, form: Form) -> GrantContext:
         """RFC 6749 §6: a refresh may ask for fewer scopes, never more; RFC 8707 §2.2: the resource,
         if sent, must be the one audience the grant is for."""
-        resources = form.get_all("resource")
-        if resources and resources != [grant.resource]:
-            raise InvalidTargetError("resource must be the audience this grant was issued for")
+        self._check_resource(grant, form)
         requested = form.get("scope")
         if requested is None:
             return grant

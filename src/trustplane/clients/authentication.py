@@ -112,7 +112,9 @@ class ClientAuthenticator:
         defer_replay: bool,
         certificate: x509.Certificate | None,
     ) -> AuthenticatedClient:
-        basic = authorization is not None and authorization[:6].lower() == "basic "
+        # RFC 7617 §2: the scheme is case-insensitive; "Basic" with no credentials is still an
+        # attempt at Basic (RFC 6749 §5.2: 401 with the challenge), not "no authentication"
+        basic = authorization is not None and authorization.split(" ", 1)[0].lower() == "basic"
         methods = [
             name
             for name, present in (
@@ -123,20 +125,32 @@ class ClientAuthenticator:
             if present
         ]
         if len(methods) > 1:
-            raise InvalidRequestError("use exactly one client authentication method")
+            self._several(methods, basic)
         if not methods:
             return await self._certificate(form, certificate)
         if basic:
             assert authorization is not None
-            return self._basic(authorization)
+            return self._basic(authorization, form.get("client_id"))
         if methods[0] == "client_secret_post":
             return self._secret(
                 form.require("client_id"), form.require("client_secret"), "client_secret_post"
             )
         return await self._private_key_jwt(form, defer_replay)
 
-    def _basic(self, authorization: str) -> AuthenticatedClient:
-        """RFC 6749 §2.3.1: credentials are form-urlencoded, then base64. Failure: 401 + challenge."""
+    def _several(self, methods: list[str], basic: bool) -> None:
+        """More than one method in one request (RFC 6749 §2.3): ``invalid_request`` (§5.2), but
+        ``invalid_client`` when one of them is a client assertion (RFC 7521 §4.2.1: "if more than
+        one client authentication mechanism is used ... MUST be the invalid_client error code")."""
+        description = "use exactly one client authentication method"
+        if "private_key_jwt" not in methods:
+            raise InvalidRequestError(description)
+        headers = dict(self._basic_challenge) if basic else None
+        raise InvalidClientError(description, debug=" + ".join(methods), headers=headers)
+
+    def _basic(self, authorization: str, body_client_id: str | None) -> AuthenticatedClient:
+        """RFC 6749 §2.3.1: credentials are form-urlencoded, then base64. Failure: 401 + challenge.
+        A ``client_id`` in the body must name the same client (RFC 6749 §3.2.1 lets a client send
+        it; a request naming two clients is malformed: 400 ``invalid_request``, as at /par)."""
         try:
             decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode("utf-8")
             raw_id, raw_secret = decoded.split(":", 1)
@@ -144,10 +158,14 @@ class ClientAuthenticator:
             raise InvalidClientError(
                 "malformed Basic credentials", headers=self._basic_challenge
             ) from None
-        try:
-            return self._secret(
-                unquote_plus(raw_id), unquote_plus(raw_secret), "client_secret_basic"
+        client_id = unquote_plus(raw_id)
+        if body_client_id is not None and body_client_id != client_id:
+            raise InvalidRequestError(
+                "client_id does not match the Basic credentials",
+                debug=f"Basic {client_id[:100]}, body client_id {body_client_id[:100]}",
             )
+        try:
+            return self._secret(client_id, unquote_plus(raw_secret), "client_secret_basic")
         except InvalidClientError as exc:
             exc.headers.update(self._basic_challenge)
             raise

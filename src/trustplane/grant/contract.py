@@ -47,6 +47,12 @@ class Granted:
 
 
 class TokenGrant(Protocol):
+    """A grant that commits single-use state of its own before the outcome (an authorization
+    code's redemption, a refresh token's rotation) says so with a class attribute
+    ``commits_before_outcome = True``: the endpoint then consumes the request's own single-use
+    credentials (the client assertion's ``jti``, the DPoP proof's) before calling it, so a replayed
+    one is refused before the code or the token is used up (:func:`commits_before_outcome`)."""
+
     #: The ``grant_type`` value this grant answers (RFC 6749 §4.1.3, §4.4.2, §6; RFC 7523 §2.1;
     #: RFC 8693 §2.1), and its name in ``unauthorized_client`` descriptions.
     grant_type: ClassVar[str]
@@ -56,6 +62,11 @@ class TokenGrant(Protocol):
         """Decide and sign, or raise the typed error. Called only for a client registered for
         :attr:`grant_type`."""
         ...
+
+
+def commits_before_outcome(grant: TokenGrant | None) -> bool:
+    """Whether ``grant`` writes single-use state before the outcome (see :class:`TokenGrant`)."""
+    return bool(getattr(grant, "commits_before_outcome", False))
 
 
 class TokenIssuer:

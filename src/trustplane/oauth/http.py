@@ -3,7 +3,9 @@ service, return a ``Response`` directly (no request models, no JSON encoder deto
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -19,6 +21,29 @@ from trustplane.oauth.token_endpoint import TokenEndpoint
 from trustplane.protocol.form import read_form
 from trustplane.protocol.responses import NO_STORE, Answer, NoStoreJSON, protocol_endpoint
 from trustplane.tls import CertificateSource, client_certificate
+
+#: RFC 6749 §5.2: ``error_description`` MUST NOT include characters outside
+#: ``%x20-21 / %x23-5B / %x5D-7E`` (no quote, no backslash, ASCII only).
+_NOT_DESCRIPTION = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
+
+
+def wire_description(text: str) -> str:
+    """``text`` in the characters RFC 6749 §5.2 allows: a description often quotes what the
+    request sent (an unknown ``grant_type``, a scope), which may hold anything."""
+    if not _NOT_DESCRIPTION.search(text):
+        return text
+    return _NOT_DESCRIPTION.sub("?", text.replace("§", "section ").replace('"', "'"))
+
+
+@contextlib.contextmanager
+def wire_descriptions() -> Iterator[None]:
+    """Every typed error raised inside leaves with a :func:`wire_description` (the audit record,
+    written before, keeps ``debug``)."""
+    try:
+        yield
+    except OAuth2Error as exc:
+        exc.description = wire_description(exc.description)
+        raise
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,19 +67,22 @@ class OAuthHttp:
         return client_certificate(request.scope, self.certificates)
 
     async def token(self, request: Request) -> Answer:
+        with wire_descriptions():
+            return NoStoreJSON(await self._token(request))
+
+    async def _token(self, request: Request) -> dict[str, object]:
         try:
             form = await read_form(request)
         except OAuth2Error as exc:
             await self.token_endpoint.refuse_unparsed(exc)
             raise
-        body = await self.token_endpoint.handle(
+        return await self.token_endpoint.handle(
             form,
             request.headers.get("authorization"),
             self._certificate(request),
             dpop_proofs=request.headers.getlist("dpop"),
             url=self._token_url(request),
         )
-        return NoStoreJSON(body)
 
     def _token_url(self, request: Request) -> str | None:
         """The public URL of the token endpoint this request was sent to, for a DPoP proof's
@@ -66,18 +94,20 @@ class OAuthHttp:
         return self.mtls_token_url if host and host == self.mtls_host else None
 
     async def introspect(self, request: Request) -> Answer:
-        form = await read_form(request)
-        body = await self.introspection.introspect(
-            form, request.headers.get("authorization"), self._certificate(request)
-        )
-        return NoStoreJSON(body)
+        with wire_descriptions():  # RFC 7662 §2.3 and RFC 7009 §2.2.1 answer as RFC 6749 §5.2
+            form = await read_form(request)
+            body = await self.introspection.introspect(
+                form, request.headers.get("authorization"), self._certificate(request)
+            )
+            return NoStoreJSON(body)
 
     async def revoke(self, request: Request) -> Response:
-        form = await read_form(request)
-        await self.introspection.revoke(
-            form, request.headers.get("authorization"), self._certificate(request)
-        )
-        return Response(b"", 200, headers=NO_STORE)
+        with wire_descriptions():
+            form = await read_form(request)
+            await self.introspection.revoke(
+                form, request.headers.get("authorization"), self._certificate(request)
+            )
+            return Response(b"", 200, headers=NO_STORE)
 
     async def jwks(self, _request: Request) -> Response:
         return Response(

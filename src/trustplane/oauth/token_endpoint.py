@@ -13,12 +13,16 @@ request's ``DPoP`` proof (RFC 9449 §5; ``htu`` is this endpoint's public URL) a
 :class:`~trustplane.grant.binding.Binding` is current while the grant runs, so every grant's token
 carries its ``cnf``. The proof's ``jti`` is consumed with the outcome (a ``ConsumeJti`` condition)
 when the replay cache is the database, so a proof, the client assertion and the audit record are one
-write; with Redis it is consumed at verification.
+write; with Redis it is consumed at verification. A grant that uses up a code or a refresh token
+before the outcome (``commits_before_outcome``, :mod:`trustplane.grant.contract`) gets the
+assertion's and the proof's ``jti`` consumed before it runs: a replay refused after the code was
+redeemed would have used it up for nothing.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Sequence
 from dataclasses import replace
 from functools import partial
@@ -36,12 +40,13 @@ from trustplane.dpop.proof import DpopVerifier
 from trustplane.errors import (
     InvalidClientError,
     InvalidRequestError,
+    InvalidScopeError,
     OAuth2Error,
     UnauthorizedClientError,
     UnsupportedGrantTypeError,
 )
 from trustplane.grant.binding import UNBOUND, Binding, bound
-from trustplane.grant.contract import Granted, TokenGrant
+from trustplane.grant.contract import Granted, TokenGrant, commits_before_outcome
 from trustplane.grant.outcomes import Condition, ConsumeJti, Outcome, OutcomeRecorder
 from trustplane.oauth.certificate_binding import certificate_confirmation
 from trustplane.policy.enforcement import ScopeDenied
@@ -49,6 +54,10 @@ from trustplane.profile import client_is_fapi2
 from trustplane.protocol.form import Form
 from trustplane.protocol.replay import ReplayUse
 from trustplane.settings import Settings
+
+#: RFC 6749 §3.3: ``scope-token = 1*( %x21 / %x23-5B / %x5D-7E )``, delimited by spaces (%x20);
+#: a tab, a line break, a quote, a backslash or a non-ASCII character is no part of a scope.
+_SCOPE = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]*")
 
 
 def replayed() -> InvalidClientError:
@@ -115,15 +124,23 @@ class TokenEndpoint:
         try:
             if grant_type is None:
                 raise InvalidRequestError("grant_type is required")
-            client = await self._auth.authenticate(
-                form, authorization, defer_replay=True, certificate=certificate
-            )
             grant = self._grants.get(grant_type)
+            # a grant that uses up a code or a refresh token before the outcome: the request's
+            # assertion and proof jtis are consumed first, so a replay cannot burn either
+            defer = not commits_before_outcome(grant)
+            client = await self._auth.authenticate(
+                form, authorization, defer_replay=defer, certificate=certificate
+            )
             if grant is None:
                 raise UnsupportedGrantTypeError(f"grant_type {grant_type!r} is not supported"[:200])
             if grant_type not in client.client.grant_types:
                 raise UnauthorizedClientError(f"this client may not use the {grant.label} grant")
-            binding = await self._binding(client, dpop_proofs, url)
+            scope = form.get("scope")
+            if scope is not None and not _SCOPE.fullmatch(scope):
+                raise InvalidScopeError(
+                    "scope must be scope tokens delimited by spaces (RFC 6749 section 3.3)"
+                )
+            binding = await self._binding(client, dpop_proofs, url, defer)
             if binding.kind == "none" and client_is_fapi2(self._settings, client.client.metadata):
                 # FAPI 2.0 §5.3.2.1: only sender-constrained access tokens (DPoP or mTLS)
                 raise InvalidRequestError(
@@ -164,11 +181,12 @@ class TokenEndpoint:
         return body
 
     async def _binding(
-        self, client: AuthenticatedClient, proofs: Sequence[str], url: str | None
+        self, client: AuthenticatedClient, proofs: Sequence[str], url: str | None, defer: bool
     ) -> Binding:
         """The request's sender binding: the DPoP proof's key (RFC 9449 §5) and/or the client's
         certificate (RFC 8705 §3); raises ``invalid_dpop_proof``, ``use_dpop_nonce`` or, for a
-        client that must present a certificate and did not, ``invalid_request``."""
+        client that must present a certificate and did not, ``invalid_request``. ``defer``: the
+        proof's ``jti`` may be consumed with the outcome (when the replay cache allows it)."""
         cnf = certificate_confirmation(client)
         if not proofs:
             return UNBOUND if cnf is None else Binding(cnf=cnf)
@@ -177,7 +195,7 @@ class TokenEndpoint:
                 "DPoP is not supported by this server", debug="dpop_unsupported"
             )
         target = url or self._settings.issuer + "/token"
-        defer = self._defer_proof_replay
+        defer = defer and self._defer_proof_replay
         proof = await self._dpop.verify_for_token_endpoint(
             proofs, "POST", target, consume=not defer
         )
