@@ -141,7 +141,8 @@ REFUSED = [
     pytest.param(_unknown_client_assertion, 401, "invalid_client", id="unknown-client"),
     pytest.param(_disabled_caller, 401, "invalid_client", id="disabled-client"),
     pytest.param(_replayed_assertion, 401, "invalid_client", id="replayed-assertion"),
-    pytest.param(_two_authentication_methods, 400, "invalid_request", id="two-auth-methods"),
+    # RFC 7521 §4.2.1: an assertion beside another method is invalid_client
+    pytest.param(_two_authentication_methods, 401, "invalid_client", id="two-auth-methods"),
     pytest.param(_secret_post_wrong, 401, "invalid_client", id="client-secret-post-wrong"),
     pytest.param(_bearer_authorization, 401, "invalid_client", id="bearer-authorization"),
 ]
