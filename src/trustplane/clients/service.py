@@ -18,7 +18,12 @@ from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.clients.metadata import SECRET_METHODS, validate_metadata
 from trustplane.clients.model import Client, ClientStatus, hash_secret, new_secret, secret_matches
 from trustplane.clients.store import ClientStore, SqlInitialAccessTokenStore
-from trustplane.errors import InvalidClientMetadataError, InvalidTokenError
+from trustplane.errors import (
+    AccessDeniedError,
+    InvalidClientMetadataError,
+    InvalidTokenError,
+    OAuth2Error,
+)
 from trustplane.protocol.scopes import Vocabulary
 from trustplane.settings import Settings
 from trustplane.storage import generations
@@ -30,6 +35,22 @@ AuditWriter = Callable[[AsyncConnection, list[AuditEvent]], Awaitable[object]]
 
 class ClientNotFoundError(LookupError):
     """No client with that id."""
+
+
+def _storable_id(client_id: str) -> bool:
+    """Could be a stored client_id (``clients.client_id`` is VARCHAR(128); PostgreSQL refuses a
+    NUL outright): anything else is unknown without a query."""
+    return len(client_id) <= 128 and client_id.isprintable()
+
+
+def _management_refusal(client: Client | None) -> OAuth2Error:
+    """RFC 7592 §2.1-§2.3: 401 for a token that is not this client's or a client that does not
+    exist; 403 for a client that exists but may not change its registration (operator-disabled)."""
+    if client is not None and not client.active:
+        return AccessDeniedError(
+            "the client is disabled by the operator: its registration cannot be changed"
+        )
+    return InvalidTokenError("the registration access token is not valid for this client")
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,17 +172,52 @@ class ClientService:
             if not await self._tokens.usable(conn, hash_secret(token), int(time.time())):
                 raise InvalidTokenError("the initial access token is invalid, expired or used up")
 
-    async def authorize_management(self, client_id: str, registration_token: str) -> Client:
-        """RFC 7592 §2: the registration access token must match this client's."""
-        client = self.registry.get(client_id)
-        if client is None and client_id.isprintable():  # PostgreSQL refuses a NUL outright
-            client = await self._get_or_none(client_id)
+    async def authorize_management(
+        self, client_id: str, registration_token: str, *, change: bool = False
+    ) -> Client:
+        """RFC 7592 §2: the registration access token must be this client's; anything else, an
+        unknown or a deleted client included, is 401 ``invalid_token`` (§2.1-§2.3). The client is
+        read from the database, not the registry: a client another process (the CLI, another
+        worker) deleted or disabled is seen at once. ``change``: a client the operator disabled may
+        read its registration but not change or delete it (403, §2.2, §2.3)."""
+        client = await self._get_or_none(client_id) if _storable_id(client_id) else None
         if client is None or not secret_matches(registration_token, client.registration_token_hash):
-            raise InvalidTokenError("the registration access token is not valid for this client")
+            raise _management_refusal(None)
+        if change and not client.active:
+            raise _management_refusal(client)
         return client
 
     async def update(self, client: Client, raw: Any) -> Client:
-        """RFC 7592 §2.2: full replacement of the metadata; the body must name the same client."""
+        """RFC 7592 §2.2: full replacement of the metadata; the body must name the same client.
+
+        The write is conditional on the token and the status read by :meth:`authorize_management`
+        (one statement, :meth:`ClientStore.replace_metadata`): a client deleted, disabled or given
+        another token meanwhile is refused as such, and the status is never written back."""
+        metadata = self._replacement(client, raw)
+        updated = Client.build(
+            client.client_id,
+            metadata,
+            client.status,
+            secret_hash=client.secret_hash,
+            registration_token_hash=client.registration_token_hash,
+            created_at=client.created_at,
+            updated_at=int(time.time()),
+        )
+        async with self._db.transaction() as conn:
+            if not await self._store.replace_metadata(
+                conn,
+                client.client_id,
+                updated.metadata,
+                updated.updated_at,
+                registration_token_hash=client.registration_token_hash or "",
+            ):
+                raise _management_refusal(await self._store.get(conn, client.client_id))
+            await generations.bump(conn, GENERATION)
+            await self._audit(conn, [self._event(AuditEventType.CLIENT_UPDATED, updated)])
+        await self.load()
+        return updated
+
+    def _replacement(self, client: Client, raw: Any) -> dict[str, Any]:
         if not isinstance(raw, dict) or raw.get("client_id") != client.client_id:
             raise InvalidClientMetadataError("client_id in the body must match the client")
         forbidden = {
@@ -180,17 +236,9 @@ class ClientService:
             raise InvalidClientMetadataError(
                 "token_endpoint_auth_method cannot be changed; register anew"
             )
-        updated = Client.build(
-            client.client_id,
-            metadata,
-            client.status,
-            secret_hash=client.secret_hash,
-            registration_token_hash=client.registration_token_hash,
-            created_at=client.created_at,
-            updated_at=int(time.time()),
-        )
-        await self._write(updated, AuditEventType.CLIENT_UPDATED)
-        return updated
+        if metadata["lei"] != client.lei:  # consents and mandates name the client's legal entity
+            raise InvalidClientMetadataError("lei cannot be changed; register anew")
+        return metadata
 
     async def set_status(self, client_id: str, status: ClientStatus) -> Client:
         client = await self.get(client_id)
@@ -208,6 +256,18 @@ class ClientService:
             client = await self._store.get(conn, client_id)
             if client is None or not await self._store.delete(conn, client_id):
                 raise ClientNotFoundError(client_id)
+            await generations.bump(conn, GENERATION)
+            await self._audit(conn, [self._event(AuditEventType.CLIENT_DELETED, client)])
+        await self.load()
+
+    async def deregister(self, client: Client) -> None:
+        """RFC 7592 §2.3, conditional like :meth:`update`: of two racing deletes one removes the
+        client and the other is answered as for an unknown client (401)."""
+        async with self._db.transaction() as conn:
+            if not await self._store.delete(
+                conn, client.client_id, registration_token_hash=client.registration_token_hash or ""
+            ):
+                raise _management_refusal(await self._store.get(conn, client.client_id))
             await generations.bump(conn, GENERATION)
             await self._audit(conn, [self._event(AuditEventType.CLIENT_DELETED, client)])
         await self.load()

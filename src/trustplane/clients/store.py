@@ -25,8 +25,25 @@ class ClientStore(Protocol):
     async def replace(self, conn: AsyncConnection, client: Client) -> bool:
         """Overwrite metadata/status/hashes of an existing client; False if it does not exist."""
 
-    async def delete(self, conn: AsyncConnection, client_id: str) -> bool:
-        """Remove; False if it did not exist."""
+    async def replace_metadata(
+        self,
+        conn: AsyncConnection,
+        client_id: str,
+        metadata: dict[str, object],
+        updated_at: int,
+        *,
+        registration_token_hash: str,
+    ) -> bool:
+        """RFC 7592 §2.2 in one conditional statement: overwrite the metadata of the client only
+        while it is active and holds this registration access token hash; status and credential
+        hashes are not written, so an operator's concurrent disable is never undone. False
+        (nothing written) if the client is unknown, deleted, disabled or holds another token."""
+
+    async def delete(
+        self, conn: AsyncConnection, client_id: str, *, registration_token_hash: str | None = None
+    ) -> bool:
+        """Remove; False if it did not exist. With ``registration_token_hash`` (RFC 7592 §2.3),
+        only an active client holding that token hash is removed."""
 
 
 def _from_row(row: dict[str, object]) -> Client:
@@ -77,8 +94,38 @@ class SqlClientStore:
         )
         return bool(result.rowcount == 1)
 
-    async def delete(self, conn: AsyncConnection, client_id: str) -> bool:
-        result = await conn.execute(delete(clients).where(clients.c.client_id == client_id))
+    async def replace_metadata(
+        self,
+        conn: AsyncConnection,
+        client_id: str,
+        metadata: dict[str, object],
+        updated_at: int,
+        *,
+        registration_token_hash: str,
+    ) -> bool:
+        c = clients.c
+        result = await conn.execute(
+            update(clients)
+            .where(
+                c.client_id == client_id,
+                c.registration_token_hash == registration_token_hash,
+                c.status == ClientStatus.ACTIVE.value,
+            )
+            .values(metadata=orjson.dumps(metadata).decode(), updated_at=updated_at)
+        )
+        return bool(result.rowcount == 1)
+
+    async def delete(
+        self, conn: AsyncConnection, client_id: str, *, registration_token_hash: str | None = None
+    ) -> bool:
+        c = clients.c
+        statement = delete(clients).where(c.client_id == client_id)
+        if registration_token_hash is not None:
+            statement = statement.where(
+                c.registration_token_hash == registration_token_hash,
+                c.status == ClientStatus.ACTIVE.value,
+            )
+        result = await conn.execute(statement)
         return bool(result.rowcount == 1)
 
 
