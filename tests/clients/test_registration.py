@@ -118,6 +118,59 @@ async def test_registration_without_valid_initial_token(server: Server, case: Au
     assert await client_count(server) == before
 
 
+# --------------------------------------------------------------------------- the token's legal entity
+
+OTHER_LEI = "529900T8BM49AURSDO55"  # valid check digits, not the token's
+
+
+async def test_a_token_bound_to_an_lei_registers_that_legal_entity_only(server: Server) -> None:
+    """Trust boundary: a client's ``lei`` is what policies compare with a resource's owner and a
+    mandate's grantee, so a token the operator bound to one legal entity (``registration-token
+    create --lei``) cannot register a client of another one (400, token not spent, nothing
+    written); without ``lei`` in the body the client gets the token's."""
+    token = await initial_token(server, max_uses=2, lei=LEI)
+    before = await client_count(server)
+
+    other = await server.http.post("/register", json=metadata(lei=OTHER_LEI), headers=bearer(token))
+
+    assert error_of(other) == (400, "invalid_client_metadata"), other.text
+    assert other.json()["error_description"].startswith("lei: this initial access token")
+    assert await client_count(server) == before
+    same = await server.http.post("/register", json=metadata(), headers=bearer(token))
+    assert same.status_code == 201, same.text
+    assert same.json()["lei"] == LEI
+    omitted = await server.http.post("/register", json=metadata(lei=None), headers=bearer(token))
+    assert omitted.status_code == 201, omitted.text
+    assert omitted.json()["lei"] == LEI
+    assert await client_count(server) == before + 2
+
+
+async def test_an_unbound_token_registers_any_legal_entity(server: Server) -> None:
+    """Tokens created without ``--lei`` (and those from before migration 0019) stay unbound."""
+    reg = await registered(server, metadata(lei=OTHER_LEI))
+    assert reg["lei"] == OTHER_LEI
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        pytest.param({"lei": LEI.lower()}, "--lei", id="lei-lower-case"),
+        pytest.param({"lei": "5493001KJTIIGC8Y1R13"}, "--lei", id="lei-check-digits"),
+        pytest.param({"description": "x" * 201}, "--description", id="description-too-long"),
+        pytest.param({"description": ""}, "--description", id="description-empty"),
+        pytest.param({"description": "a\nb"}, "--description", id="description-newline"),
+    ],
+)
+async def test_token_creation_refuses_bad_input(
+    server: Server, kw: dict[str, Any], message: str
+) -> None:
+    """Refused before anything is written (PostgreSQL would refuse a description over its
+    VARCHAR(200) with a driver error; SQLite would store it)."""
+    args = {"description": "tests", **kw}
+    with pytest.raises(ValueError, match=f"^{message}: "):
+        await server.services.clients.create_initial_access_token(**args)
+
+
 # --------------------------------------------------------------------------- RFC 7591: metadata
 
 
@@ -186,6 +239,19 @@ BAD_METADATA = [
     pytest.param(
         body(metadata(client_name=42)), "invalid_client_metadata", id="client_name-number"
     ),
+    *[
+        pytest.param(
+            body(metadata(client_name=f"Northwind{char}Bank")),
+            "invalid_client_metadata",
+            id=f"client_name-{label}",
+        )
+        for label, char in [
+            ("newline", "\n"),
+            ("bidi-override", "\u202e"),
+            ("zero-width", "\u200b"),
+        ]
+    ],
+    pytest.param(body(metadata(client_name="")), "invalid_client_metadata", id="client_name-empty"),
     pytest.param(body([metadata()]), "invalid_client_metadata", id="json-array"),
     pytest.param(
         {"content": b"{not json", "headers": {"content-type": "application/json"}},

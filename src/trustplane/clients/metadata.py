@@ -109,6 +109,12 @@ def validate_metadata(
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "body"
         raise InvalidClientMetadataError(f"{field}: {first['msg']}") from None
+    if meta.client_name is not None and not meta.client_name.isprintable():
+        # shown to people on the login and consent pages: no line breaks, no bidirectional
+        # overrides or other invisible formatting that could make it read as another name
+        raise InvalidClientMetadataError(
+            "client_name: control and formatting characters are not allowed"
+        )
     if not stdnum_lei.is_valid(meta.lei):
         raise InvalidClientMetadataError(
             "lei: not a valid ISO 17442 LEI (length, charset or check digits)"

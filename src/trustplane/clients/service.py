@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
+from stdnum import lei as stdnum_lei
 
 from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.clients.metadata import SECRET_METHODS, validate_metadata
@@ -30,6 +31,8 @@ from trustplane.storage import generations
 from trustplane.storage.db import Database
 
 GENERATION = "clients"
+#: ``initial_access_tokens.description`` is VARCHAR(200) (PostgreSQL refuses longer, SQLite not).
+DESCRIPTION_MAX = 200
 AuditWriter = Callable[[AsyncConnection, list[AuditEvent]], Awaitable[object]]
 
 
@@ -108,22 +111,34 @@ class ClientService:
         return client
 
     async def create_initial_access_token(
-        self, description: str, ttl: int | None = None, max_uses: int | None = None
+        self,
+        description: str,
+        ttl: int | None = None,
+        max_uses: int | None = None,
+        *,
+        lei: str | None = None,
     ) -> str:
-        """RFC 7591 §3: the bearer token that protects the registration endpoint."""
+        """RFC 7591 §3: the bearer token that protects the registration endpoint. ``lei``: it
+        registers clients of that legal entity only (the LEI is what policies and mandates compare,
+        so an unbound token lets its holder register a client of any legal entity)."""
+        if lei is not None and not (stdnum_lei.is_valid(lei) and lei == stdnum_lei.compact(lei)):
+            raise ValueError(f"--lei: not a canonical ISO 17442 LEI: {lei[:40]!r}")
+        if not 0 < len(description) <= DESCRIPTION_MAX or not description.isprintable():
+            raise ValueError(f"--description: 1 to {DESCRIPTION_MAX} printable characters")
         token = secrets.token_urlsafe(32)
         now = int(time.time())
         expires = now + (ttl or self._settings.initial_access_token_lifetime)
         async with self._db.transaction() as conn:
-            await self._tokens.add(conn, hash_secret(token), description, now, expires, max_uses)
-            await self._audit(
-                conn,
-                [
-                    self._event(
-                        AuditEventType.REGISTRATION_TOKEN_CREATED, None, description=description
-                    )
-                ],
+            await self._tokens.add(
+                conn, hash_secret(token), description, now, expires, max_uses, lei
             )
+            event = self._event(
+                AuditEventType.REGISTRATION_TOKEN_CREATED,
+                None,
+                description=description,
+                **({"lei": lei} if lei else {}),
+            )
+            await self._audit(conn, [event])
         return token
 
     async def register(
@@ -134,15 +149,21 @@ class ClientService:
         The token is checked before the metadata, so an unauthenticated caller learns nothing about
         the validation rules; it is consumed only in the transaction that stores the client."""
         now = int(time.time())
+        usable = None
         if initial_access_token is not None:
             async with self._db.read() as conn:
-                if not await self._tokens.usable(conn, hash_secret(initial_access_token), now):
-                    raise InvalidTokenError(
-                        "the initial access token is invalid, expired or used up"
-                    )
+                usable = await self._tokens.usable(conn, hash_secret(initial_access_token), now)
+            if usable is None:
+                raise InvalidTokenError("the initial access token is invalid, expired or used up")
+            if usable.lei is not None and isinstance(raw, dict) and "lei" not in raw:
+                raw = {**raw, "lei": usable.lei}  # RFC 7591 §3.2.1: a value the server provisions
         metadata = validate_metadata(
             raw, self._settings, self._vocabulary, operator=initial_access_token is None
         )
+        if usable is not None and usable.lei is not None and metadata["lei"] != usable.lei:
+            raise InvalidClientMetadataError(
+                "lei: this initial access token registers clients of another legal entity only"
+            )
         secret = new_secret() if metadata["token_endpoint_auth_method"] in SECRET_METHODS else None
         rat = secrets.token_urlsafe(32) if issue_registration_token else None
         client = Client.build(

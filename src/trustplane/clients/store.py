@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import orjson
@@ -129,6 +130,14 @@ class SqlClientStore:
         return bool(result.rowcount == 1)
 
 
+@dataclass(frozen=True, slots=True)
+class UsableToken:
+    """An initial access token that may register a client now."""
+
+    #: The legal entity whose clients it registers; None: any.
+    lei: str | None
+
+
 class SqlInitialAccessTokenStore:
     """Initial access tokens for RFC 7591 registration: hashed, expiring, optionally limited uses."""
 
@@ -140,7 +149,9 @@ class SqlInitialAccessTokenStore:
         now: int,
         expires_at: int,
         max_uses: int | None,
+        lei: str | None = None,
     ) -> None:
+        """``lei``: the one legal entity whose clients the token registers (None: any)."""
         await conn.execute(
             insert(initial_access_tokens).values(
                 token_hash=token_hash,
@@ -149,20 +160,22 @@ class SqlInitialAccessTokenStore:
                 expires_at=expires_at,
                 max_uses=max_uses,
                 uses=0,
+                lei=lei,
             )
         )
 
-    async def usable(self, conn: AsyncConnection, token_hash: str, now: int) -> bool:
+    async def usable(self, conn: AsyncConnection, token_hash: str, now: int) -> UsableToken | None:
         """Read-only check: known, not expired, not used up (``use`` is still the atomic gate)."""
         t = initial_access_tokens.c
         row = await conn.execute(
-            select(t.token_hash).where(
+            select(t.lei).where(
                 t.token_hash == token_hash,
                 t.expires_at > now,
                 (t.max_uses.is_(None)) | (t.uses < t.max_uses),
             )
         )
-        return row.first() is not None
+        found = row.first()
+        return None if found is None else UsableToken(found.lei)
 
     async def use(self, conn: AsyncConnection, token_hash: str, now: int) -> bool:
         """Count one use atomically; False if unknown, expired or used up (nothing written)."""
