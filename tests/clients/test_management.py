@@ -184,6 +184,25 @@ async def test_refused_put_writes_nothing(server: Server, case: Any, kind: str) 
 # --------------------------------------------------------------------------- 401 and 403
 
 
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
+async def test_an_operator_client_is_not_managed_over_rfc7592(server: Server, method: str) -> None:
+    """A client from ``trustplane clients add`` has no registration access token: no token opens
+    its configuration endpoint (another client's, an empty-looking one)."""
+    other = await registered(server)
+    client_id = server.kit.client_id
+    before = await stored(server, client_id)
+    for token in (other["registration_access_token"], "-", client_id):
+        response = await server.http.request(
+            method,
+            f"/register/{client_id}",
+            json=put_body(other, client_id=client_id) if method == "PUT" else None,
+            headers=bearer(token),
+        )
+
+        assert error_of(response) == (401, "invalid_token"), response.text
+    assert await stored(server, client_id) == before
+
+
 async def test_put_does_not_undo_an_operator_disable(server: Server) -> None:
     """Trust boundary: the operator disabled the client (in another process); an update with the
     client's own token must neither re-enable it nor change it (403), however stale the registry."""
@@ -323,3 +342,27 @@ async def test_racing_registrations_spend_a_limited_token_exactly(
     assert statuses == [201] * uses + [401] * (6 - uses), [r.text for r in responses]
     assert {r.json()["error"] for r in responses if r.status_code == 401} == {"invalid_token"}
     assert await client_count(server) == before + uses
+
+
+# --------------------------------------------------------------------------- §2.3: what delete ends
+
+
+async def test_delete_ends_the_clients_access_tokens(server: Server) -> None:
+    """RFC 7592 §2.3 SHOULD: a deleted client's access tokens already issued introspect as
+    inactive (the module's client is the operator-made resource server for the audience)."""
+    key = new_ec_key()
+    reg = await registered(server, metadata(jwks=jwks_for(key)))
+    access_token = await server.access_token(ClientKit(reg["client_id"], key, server.issuer))
+
+    async def active() -> bool:
+        form = {"token": access_token, **server.kit.auth()}
+        response = await server.http.post("/introspect", data=form)
+        assert response.status_code == 200, response.text
+        return bool(response.json()["active"])
+
+    assert await active()
+    deleted = await server.http.delete(
+        reg["registration_client_uri"], headers=bearer(reg["registration_access_token"])
+    )
+    assert deleted.status_code == 204, deleted.text
+    assert not await active()
