@@ -295,6 +295,29 @@ async def test_racing_update_and_delete(server: Server) -> None:
         assert await stored(server, reg["client_id"]) is None
 
 
+async def test_racing_updates_leave_one_whole_replacement(server: Server) -> None:
+    """Two full replacements at once: both succeed and the stored metadata is exactly one of them
+    (never a mix, never the status or another column written back)."""
+    for _ in range(3):
+        reg = await registered(server)
+        uri, headers = reg["registration_client_uri"], bearer(reg["registration_access_token"])
+        bodies = [
+            put_body(reg, client_name="first", scope="order:create"),
+            put_body(reg, client_name="second", scope="order:cancel"),
+        ]
+
+        responses = await asyncio.gather(
+            *(server.http.put(uri, json=b, headers=headers) for b in bodies)
+        )
+
+        assert [r.status_code for r in responses] == [200, 200], [r.text for r in responses]
+        after = await stored(server, reg["client_id"])
+        assert after is not None
+        assert after.status is ClientStatus.ACTIVE
+        named = (after.metadata["client_name"], after.metadata["scope"])
+        assert named in {("first", "order:create"), ("second", "order:cancel")}
+
+
 # --------------------------------------------------------------------------- methods
 
 
