@@ -12,7 +12,9 @@ import asyncio
 from dataclasses import replace
 from typing import Any
 
+import orjson
 import pytest
+from sqlalchemy import update
 
 from tests.clients.test_registration import (
     bearer,
@@ -27,6 +29,7 @@ from tests.conftest import EXECUTION, LEI, ClientKit, jwks_for, new_ec_key
 from tests.protocol_server import Server, basic
 from trustplane.clients.model import Client, ClientStatus
 from trustplane.clients.store import SqlClientStore
+from trustplane.clients.tables import clients
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -389,3 +392,58 @@ async def test_delete_ends_the_clients_access_tokens(server: Server) -> None:
     )
     assert deleted.status_code == 204, deleted.text
     assert not await active()
+
+
+# --------------------------------------------------------------------------- the operator's side
+
+
+class _UpdateLandsFirst:
+    """The service's store, except that an RFC 7592 update of ``client_id`` commits (on its own
+    connection) just before the operator's status write: the race of a PUT with ``clients
+    disable``, made deterministic."""
+
+    def __init__(self, store: Any, server: Server, client_id: str, metadata: dict[str, Any]):
+        self._store, self._server = store, server
+        self._client_id, self._metadata = client_id, metadata
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def _update_first(self) -> None:
+        """What the RFC 7592 update writes: the metadata column (as one plain UPDATE here)."""
+        async with self._server.services.db.transaction() as conn:
+            await conn.execute(
+                update(clients)
+                .where(clients.c.client_id == self._client_id)
+                .values(metadata=orjson.dumps(self._metadata).decode())
+            )
+
+    async def replace(self, conn: Any, client: Client) -> bool:
+        await self._update_first()
+        return bool(await self._store.replace(conn, client))
+
+    async def set_status(self, conn: Any, *args: Any) -> bool:
+        await self._update_first()
+        return bool(await self._store.set_status(conn, *args))
+
+
+async def test_an_operator_disable_keeps_an_update_committed_meanwhile(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``trustplane clients disable`` writes the status alone: an update the client committed
+    between the operator's read and write (answered 200) is not reverted."""
+    reg = await registered(server)
+    client = await stored(server, reg["client_id"])
+    assert client is not None
+    changed = {**client.metadata, "client_name": "committed meanwhile"}
+    service = server.services.clients
+    proxy = _UpdateLandsFirst(service._store, server, reg["client_id"], changed)
+    monkeypatch.setattr(service, "_store", proxy)
+
+    disabled = await service.set_status(reg["client_id"], ClientStatus.DISABLED)
+
+    after = await stored(server, reg["client_id"])
+    assert after is not None
+    assert after.status is ClientStatus.DISABLED
+    assert after.metadata["client_name"] == "committed meanwhile"
+    assert disabled == after

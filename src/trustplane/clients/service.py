@@ -9,7 +9,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -262,14 +262,22 @@ class ClientService:
         return metadata
 
     async def set_status(self, client_id: str, status: ClientStatus) -> Client:
-        client = await self.get(client_id)
-        updated = replace(client, status=status, updated_at=int(time.time()))
+        """The operator's enable/disable: writes the status alone, so an RFC 7592 update committed
+        meanwhile is kept (a whole-row write of what was read before it would revert it)."""
         event = (
             AuditEventType.CLIENT_DISABLED
             if status is ClientStatus.DISABLED
             else AuditEventType.CLIENT_UPDATED
         )
-        await self._write(updated, event)
+        async with self._db.transaction() as conn:
+            if not await self._store.set_status(conn, client_id, status, int(time.time())):
+                raise ClientNotFoundError(client_id)
+            updated = await self._store.get(conn, client_id)
+            if updated is None:  # cannot happen: the row was just updated in this transaction
+                raise ClientNotFoundError(client_id)
+            await generations.bump(conn, GENERATION)
+            await self._audit(conn, [self._event(event, updated)])
+        await self.load()
         return updated
 
     async def delete(self, client_id: str) -> None:
@@ -291,14 +299,6 @@ class ClientService:
                 raise _management_refusal(await self._store.get(conn, client.client_id))
             await generations.bump(conn, GENERATION)
             await self._audit(conn, [self._event(AuditEventType.CLIENT_DELETED, client)])
-        await self.load()
-
-    async def _write(self, client: Client, event: AuditEventType) -> None:
-        async with self._db.transaction() as conn:
-            if not await self._store.replace(conn, client):
-                raise ClientNotFoundError(client.client_id)
-            await generations.bump(conn, GENERATION)
-            await self._audit(conn, [self._event(event, client)])
         await self.load()
 
     async def _get_or_none(self, client_id: str) -> Client | None:

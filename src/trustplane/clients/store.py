@@ -26,6 +26,11 @@ class ClientStore(Protocol):
     async def replace(self, conn: AsyncConnection, client: Client) -> bool:
         """Overwrite metadata/status/hashes of an existing client; False if it does not exist."""
 
+    async def set_status(
+        self, conn: AsyncConnection, client_id: str, status: ClientStatus, updated_at: int
+    ) -> bool:
+        """Write the status alone (the operator's enable/disable); False if the client is unknown."""
+
     async def replace_metadata(
         self,
         conn: AsyncConnection,
@@ -92,6 +97,16 @@ class SqlClientStore:
     async def replace(self, conn: AsyncConnection, client: Client) -> bool:
         result = await conn.execute(
             update(clients).where(clients.c.client_id == client.client_id).values(**_values(client))
+        )
+        return bool(result.rowcount == 1)
+
+    async def set_status(
+        self, conn: AsyncConnection, client_id: str, status: ClientStatus, updated_at: int
+    ) -> bool:
+        result = await conn.execute(
+            update(clients)
+            .where(clients.c.client_id == client_id)
+            .values(status=status.value, updated_at=updated_at)
         )
         return bool(result.rowcount == 1)
 
