@@ -118,6 +118,59 @@ async def test_registration_without_valid_initial_token(server: Server, case: Au
     assert await client_count(server) == before
 
 
+# --------------------------------------------------------------------------- the token's legal entity
+
+OTHER_LEI = "529900T8BM49AURSDO55"  # valid check digits, not the token's
+
+
+async def test_a_token_bound_to_an_lei_registers_that_legal_entity_only(server: Server) -> None:
+    """Trust boundary: a client's ``lei`` is what policies compare with a resource's owner and a
+    mandate's grantee, so a token the operator bound to one legal entity (``registration-token
+    create --lei``) cannot register a client of another one (400, token not spent, nothing
+    written); without ``lei`` in the body the client gets the token's."""
+    token = await initial_token(server, max_uses=2, lei=LEI)
+    before = await client_count(server)
+
+    other = await server.http.post("/register", json=metadata(lei=OTHER_LEI), headers=bearer(token))
+
+    assert error_of(other) == (400, "invalid_client_metadata"), other.text
+    assert other.json()["error_description"].startswith("lei: this initial access token")
+    assert await client_count(server) == before
+    same = await server.http.post("/register", json=metadata(), headers=bearer(token))
+    assert same.status_code == 201, same.text
+    assert same.json()["lei"] == LEI
+    omitted = await server.http.post("/register", json=metadata(lei=None), headers=bearer(token))
+    assert omitted.status_code == 201, omitted.text
+    assert omitted.json()["lei"] == LEI
+    assert await client_count(server) == before + 2
+
+
+async def test_an_unbound_token_registers_any_legal_entity(server: Server) -> None:
+    """Tokens created without ``--lei`` (and those from before migration 0019) stay unbound."""
+    reg = await registered(server, metadata(lei=OTHER_LEI))
+    assert reg["lei"] == OTHER_LEI
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        pytest.param({"lei": LEI.lower()}, "--lei", id="lei-lower-case"),
+        pytest.param({"lei": "5493001KJTIIGC8Y1R13"}, "--lei", id="lei-check-digits"),
+        pytest.param({"description": "x" * 201}, "--description", id="description-too-long"),
+        pytest.param({"description": ""}, "--description", id="description-empty"),
+        pytest.param({"description": "a\nb"}, "--description", id="description-newline"),
+    ],
+)
+async def test_token_creation_refuses_bad_input(
+    server: Server, kw: dict[str, Any], message: str
+) -> None:
+    """Refused before anything is written (PostgreSQL would refuse a description over its
+    VARCHAR(200) with a driver error; SQLite would store it)."""
+    args = {"description": "tests", **kw}
+    with pytest.raises(ValueError, match=f"^{message}: "):
+        await server.services.clients.create_initial_access_token(**args)
+
+
 # --------------------------------------------------------------------------- RFC 7591: metadata
 
 
@@ -186,6 +239,19 @@ BAD_METADATA = [
     pytest.param(
         body(metadata(client_name=42)), "invalid_client_metadata", id="client_name-number"
     ),
+    *[
+        pytest.param(
+            body(metadata(client_name=f"Northwind{char}Bank")),
+            "invalid_client_metadata",
+            id=f"client_name-{label}",
+        )
+        for label, char in [
+            ("newline", "\n"),
+            ("bidi-override", "\u202e"),
+            ("zero-width", "\u200b"),
+        ]
+    ],
+    pytest.param(body(metadata(client_name="")), "invalid_client_metadata", id="client_name-empty"),
     pytest.param(body([metadata()]), "invalid_client_metadata", id="json-array"),
     pytest.param(
         {"content": b"{not json", "headers": {"content-type": "application/json"}},
@@ -220,6 +286,33 @@ BAD_METADATA = [
     ),
     pytest.param(
         body(metadata(redirect_uris=["/cb"])), "invalid_redirect_uri", id="redirect-relative"
+    ),
+    *[
+        pytest.param(
+            body(metadata(redirect_uris=[f"https://client.example/c{char}b"])),
+            "invalid_redirect_uri",
+            id=f"redirect-{label}",
+        )
+        for label, char in [("space", " "), ("tab", "\t"), ("newline", "\n"), ("del", "\x7f")]
+    ],
+    pytest.param(
+        body(metadata(redirect_uris=["https://client.example/cb\r\n"])),
+        "invalid_redirect_uri",
+        id="redirect-trailing-crlf",
+    ),
+    pytest.param(body(metadata(lei=LEI.lower())), "invalid_client_metadata", id="lei-lower-case"),
+    pytest.param(
+        body(metadata(lei=f"{LEI[:4]} {LEI[4:]}")), "invalid_client_metadata", id="lei-spaced"
+    ),
+    pytest.param(
+        body(metadata(grant_types=["authorization_code"], response_types=["token"])),
+        "invalid_client_metadata",
+        id="response-type-token",
+    ),
+    pytest.param(
+        body(metadata(grant_types=["authorization_code"])),
+        "invalid_client_metadata",
+        id="code-grant-without-redirect_uris",
     ),
     # jwks_uri hosts that can never be fetched (trustplane.outbound): refused at registration
     *[
@@ -342,6 +435,77 @@ async def test_registered_secret_client_gets_tokens(server: Server, method: str)
     assert response.status_code == 200, response.text
 
 
+async def test_server_assigned_fields_in_the_request_are_not_taken(server: Server) -> None:
+    """RFC 7591 §3.2.1: the server issues ``client_id`` and the secret; a client cannot choose them
+    (an existing client's id, a secret it knows) nor a registration access token."""
+    other = await registered(server)
+    chosen = {
+        "client_id": other["client_id"],
+        "client_secret": "chosen-by-the-client",
+        "client_secret_expires_at": 1,
+        "client_id_issued_at": 1,
+        "registration_access_token": "chosen-too",
+    }
+
+    reg = await registered(server, secret_metadata(**chosen))
+
+    assert reg["client_id"] not in (other["client_id"], chosen["client_id"])
+    assert reg["client_secret"] != chosen["client_secret"]
+    assert reg["registration_access_token"] != chosen["registration_access_token"]
+    assert reg["client_secret_expires_at"] == 0
+    assert reg["client_id_issued_at"] > 1
+    form = {"grant_type": "client_credentials", "scope": "order:create", "resource": EXECUTION}
+    forged = await server.http.post(
+        "/token", data=form, headers=basic(reg["client_id"], chosen["client_secret"])
+    )
+    assert error_of(forged) == (401, "invalid_client")
+    read = await server.http.get(
+        other["registration_client_uri"], headers=bearer(other["registration_access_token"])
+    )
+    assert read.json()["client_name"] == other["client_name"]
+
+
+@pytest.mark.parametrize("response_types", [None, []])
+async def test_code_grant_registers_the_code_response_type(
+    server: Server, response_types: list[str] | None
+) -> None:
+    """RFC 7591 §2.1: ``authorization_code`` implies ``response_types`` ``code`` (the §2 default);
+    the registration answer says so rather than an empty list the flow contradicts."""
+    sent = metadata(
+        grant_types=["authorization_code"],
+        redirect_uris=["https://client.example/cb"],
+        response_types=response_types,
+    )
+
+    reg = await registered(server, sent)
+
+    assert reg["response_types"] == ["code"]
+
+
+async def test_unknown_and_localized_members_are_ignored(server: Server) -> None:
+    """RFC 7591 §2: metadata the server does not understand is ignored (not stored, not echoed):
+    language-tagged names (§2.2), URIs shown to users (``logo_uri``, ``tos_uri``, ...) and a
+    ``software_statement`` (§2.3: not implemented, so it can neither add nor override metadata)."""
+    sent = metadata(
+        **{
+            "client_name#ja-Jpan-JP": "クライアント名",
+            "logo_uri": "javascript:alert(1)",
+            "tos_uri": "not a uri",
+            "software_statement": "eyJhbGciOiJub25lIn0.eyJzY29wZSI6Im9yZGVyOmNhbmNlbCJ9.",
+            "software_id": "4NRB1-0XZABZI9E6-5SM3R",
+        }
+    )
+
+    reg = await registered(server, sent)
+
+    ignored = {"client_name#ja-Jpan-JP", "logo_uri", "tos_uri", "software_statement", "software_id"}
+    assert ignored & reg.keys() == set()
+    assert reg["scope"] == sent["scope"]
+    client = server.services.clients.registry.get(reg["client_id"])
+    assert client is not None
+    assert ignored & client.metadata.keys() == set()
+
+
 # --------------------------------------------------------------------------- RFC 7592
 
 
@@ -356,8 +520,10 @@ async def test_read_with_registration_access_token(server: Server) -> None:
     assert read["client_id"] == reg["client_id"]
     assert read["registration_client_uri"] == reg["registration_client_uri"]
     assert read["scope"] == reg["scope"]
-    assert "client_secret" not in read
-    assert "registration_access_token" not in read
+    assert "client_secret" not in read  # shown once, stored hashed
+    assert read["client_secret_expires_at"] == 0
+    # RFC 7592 §3: REQUIRED; the token the client presented (it is not rotated)
+    assert read["registration_access_token"] == reg["registration_access_token"]
 
 
 ManagementCase = Callable[[dict[str, Any], dict[str, Any]], tuple[str, dict[str, str]]]

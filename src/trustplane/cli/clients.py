@@ -31,15 +31,26 @@ def registration_token_create(
     uses: Annotated[
         int | None, typer.Option(help="Maximum registrations (default: unlimited).")
     ] = None,
+    lei: Annotated[
+        str | None,
+        typer.Option(help="Register clients of this legal entity (LEI) only (default: any)."),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Create an initial access token for POST /register (RFC 7591 §3). Shown once."""
     settings = _settings()
-    token = _run(
-        _with_services(
-            settings, lambda svc: svc.clients.create_initial_access_token(description, ttl, uses)
+    try:
+        token = _run(
+            _with_services(
+                settings,
+                lambda svc: svc.clients.create_initial_access_token(
+                    description, ttl, uses, lei=lei
+                ),
+            )
         )
-    )
+    except ValueError as exc:
+        err.print(f"[red]trustplane:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
     if as_json:
         _emit_json(
             {"initial_access_token": token, "registration_endpoint": f"{settings.issuer}/register"}

@@ -5,7 +5,12 @@ bad body gets ``invalid_client_metadata`` / ``invalid_redirect_uri`` instead of 
 The bearer token (initial access token, RFC 7591 §3; registration access token, RFC 7592 §2) is
 checked before the body is read: an unauthenticated caller is answered 401 without a byte of its body
 being read (the response then closes the connection, :mod:`trustplane.limits`). The body is read with
-a cap of ``MAX_BODY`` (413 ``invalid_request`` past it)."""
+a cap of ``MAX_BODY`` (413 ``invalid_request`` past it).
+
+Read and update answers carry the registration access token the caller presented (RFC 7592 §3:
+REQUIRED in every client information response; the server keeps only its hash, and does not rotate
+it) and ``client_secret_expires_at`` for a client with a secret (RFC 7591 §3.2.1), never the
+secret itself (stored hashed, shown once)."""
 
 from __future__ import annotations
 
@@ -62,7 +67,9 @@ def registration_router(service: ClientService, issuer: str) -> APIRouter:
         body = reg.client.public_metadata()
         body["registration_client_uri"] = f"{issuer}/register/{reg.client.client_id}"
         if reg.client_secret:
-            body.update(client_secret=reg.client_secret, client_secret_expires_at=0)
+            body["client_secret"] = reg.client_secret
+        if reg.client.secret_hash:  # RFC 7591 §3.2.1: REQUIRED whenever a secret was issued
+            body["client_secret_expires_at"] = 0
         if reg.registration_access_token:
             body["registration_access_token"] = reg.registration_access_token
         return body
@@ -92,10 +99,11 @@ def registration_router(service: ClientService, issuer: str) -> APIRouter:
     @router.get("/register/{client_id}", summary="Read a client's registration (RFC 7592)")
     async def read(client_id: str, request: Request) -> Response:
         try:
-            client = await service.authorize_management(client_id, bearer_token(request))
+            token = bearer_token(request)
+            client = await service.authorize_management(client_id, token)
         except OAuth2Error as exc:
             return failed(exc, "registration")
-        return json_response(response_body(Registration(client, None, None)), 200, NO_STORE)
+        return json_response(response_body(Registration(client, None, token)), 200, NO_STORE)
 
     @router.put(
         "/register/{client_id}",
@@ -104,19 +112,22 @@ def registration_router(service: ClientService, issuer: str) -> APIRouter:
     )
     async def update(client_id: str, request: Request) -> Response:
         try:
-            client = await service.authorize_management(client_id, bearer_token(request))
+            token = bearer_token(request)
+            client = await service.authorize_management(client_id, token, change=True)
             updated = await service.update(client, await json_body(request))
         except OAuth2Error as exc:
             return failed(exc, "registration")
-        return json_response(response_body(Registration(updated, None, None)), 200, NO_STORE)
+        return json_response(response_body(Registration(updated, None, token)), 200, NO_STORE)
 
     @router.delete(
         "/register/{client_id}", status_code=204, summary="Deregister a client (RFC 7592)"
     )
     async def deregister(client_id: str, request: Request) -> Response:
         try:
-            await service.authorize_management(client_id, bearer_token(request))
-            await service.delete(client_id)
+            client = await service.authorize_management(
+                client_id, bearer_token(request), change=True
+            )
+            await service.deregister(client)
         except OAuth2Error as exc:
             return failed(exc, "registration")
         return Response(status_code=204, headers=NO_STORE)

@@ -109,9 +109,19 @@ def validate_metadata(
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "body"
         raise InvalidClientMetadataError(f"{field}: {first['msg']}") from None
+    if meta.client_name is not None and not meta.client_name.isprintable():
+        # shown to people on the login and consent pages: no line breaks, no bidirectional
+        # overrides or other invisible formatting that could make it read as another name
+        raise InvalidClientMetadataError(
+            "client_name: control and formatting characters are not allowed"
+        )
     if not stdnum_lei.is_valid(meta.lei):
         raise InvalidClientMetadataError(
             "lei: not a valid ISO 17442 LEI (length, charset or check digits)"
+        )
+    if meta.lei != stdnum_lei.compact(meta.lei):  # tokens, policies and mandates compare it exactly
+        raise InvalidClientMetadataError(
+            "lei: write it in its canonical form (20 upper-case characters, no separators)"
         )
     if meta.token_endpoint_auth_method not in settings.client_auth_methods:
         raise InvalidClientMetadataError(
@@ -290,6 +300,10 @@ def _check_grants(meta: ClientMetadataIn) -> None:
         raise InvalidClientMetadataError("the authorization_code grant needs redirect_uris")
     if "refresh_token" in meta.grant_types and "authorization_code" not in meta.grant_types:
         raise InvalidClientMetadataError("refresh_token is only issued with authorization_code")
+    if "authorization_code" in meta.grant_types and not meta.response_types:
+        # RFC 7591 §2.1: the code grant implies the ``code`` response type (its default, §2); an
+        # omitted or empty list would register a client whose metadata denies the flow it uses
+        meta.response_types = ["code"]
 
 
 def _check_scopes_and_resources(meta: ClientMetadataIn, vocabulary: Vocabulary) -> None:
@@ -347,7 +361,12 @@ def _check_details_types(meta: ClientMetadataIn, settings: Settings) -> None:
 
 
 def check_redirect_uri(uri: str) -> None:
-    """Exact-match URIs only: absolute, no fragment, no wildcard; https, or http on a loopback IP."""
+    """Exact-match URIs only: absolute, no fragment, no wildcard; https, or http on a loopback IP.
+    No whitespace or control characters (RFC 3986 has none; ``urlsplit`` would strip some)."""
+    if any(c.isspace() or not c.isprintable() for c in uri):
+        raise InvalidRedirectUriError(
+            "redirect_uris must not contain whitespace or control characters"
+        )
     try:
         parts = urlsplit(uri)
         parts.port  # noqa: B018 - raises ValueError on a malformed port

@@ -9,27 +9,51 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
+from stdnum import lei as stdnum_lei
 
 from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.clients.metadata import SECRET_METHODS, validate_metadata
 from trustplane.clients.model import Client, ClientStatus, hash_secret, new_secret, secret_matches
 from trustplane.clients.store import ClientStore, SqlInitialAccessTokenStore
-from trustplane.errors import InvalidClientMetadataError, InvalidTokenError
+from trustplane.errors import (
+    AccessDeniedError,
+    InvalidClientMetadataError,
+    InvalidTokenError,
+    OAuth2Error,
+)
 from trustplane.protocol.scopes import Vocabulary
 from trustplane.settings import Settings
 from trustplane.storage import generations
 from trustplane.storage.db import Database
 
 GENERATION = "clients"
+#: ``initial_access_tokens.description`` is VARCHAR(200) (PostgreSQL refuses longer, SQLite not).
+DESCRIPTION_MAX = 200
 AuditWriter = Callable[[AsyncConnection, list[AuditEvent]], Awaitable[object]]
 
 
 class ClientNotFoundError(LookupError):
     """No client with that id."""
+
+
+def _storable_id(client_id: str) -> bool:
+    """Could be a stored client_id (``clients.client_id`` is VARCHAR(128); PostgreSQL refuses a
+    NUL outright): anything else is unknown without a query."""
+    return len(client_id) <= 128 and client_id.isprintable()
+
+
+def _management_refusal(client: Client | None) -> OAuth2Error:
+    """RFC 7592 §2.1-§2.3: 401 for a token that is not this client's or a client that does not
+    exist; 403 for a client that exists but may not change its registration (operator-disabled)."""
+    if client is not None and not client.active:
+        return AccessDeniedError(
+            "the client is disabled by the operator: its registration cannot be changed"
+        )
+    return InvalidTokenError("the registration access token is not valid for this client")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,22 +111,34 @@ class ClientService:
         return client
 
     async def create_initial_access_token(
-        self, description: str, ttl: int | None = None, max_uses: int | None = None
+        self,
+        description: str,
+        ttl: int | None = None,
+        max_uses: int | None = None,
+        *,
+        lei: str | None = None,
     ) -> str:
-        """RFC 7591 §3: the bearer token that protects the registration endpoint."""
+        """RFC 7591 §3: the bearer token that protects the registration endpoint. ``lei``: it
+        registers clients of that legal entity only (the LEI is what policies and mandates compare,
+        so an unbound token lets its holder register a client of any legal entity)."""
+        if lei is not None and not (stdnum_lei.is_valid(lei) and lei == stdnum_lei.compact(lei)):
+            raise ValueError(f"--lei: not a canonical ISO 17442 LEI: {lei[:40]!r}")
+        if not 0 < len(description) <= DESCRIPTION_MAX or not description.isprintable():
+            raise ValueError(f"--description: 1 to {DESCRIPTION_MAX} printable characters")
         token = secrets.token_urlsafe(32)
         now = int(time.time())
         expires = now + (ttl or self._settings.initial_access_token_lifetime)
         async with self._db.transaction() as conn:
-            await self._tokens.add(conn, hash_secret(token), description, now, expires, max_uses)
-            await self._audit(
-                conn,
-                [
-                    self._event(
-                        AuditEventType.REGISTRATION_TOKEN_CREATED, None, description=description
-                    )
-                ],
+            await self._tokens.add(
+                conn, hash_secret(token), description, now, expires, max_uses, lei
             )
+            event = self._event(
+                AuditEventType.REGISTRATION_TOKEN_CREATED,
+                None,
+                description=description,
+                **({"lei": lei} if lei else {}),
+            )
+            await self._audit(conn, [event])
         return token
 
     async def register(
@@ -113,15 +149,21 @@ class ClientService:
         The token is checked before the metadata, so an unauthenticated caller learns nothing about
         the validation rules; it is consumed only in the transaction that stores the client."""
         now = int(time.time())
+        usable = None
         if initial_access_token is not None:
             async with self._db.read() as conn:
-                if not await self._tokens.usable(conn, hash_secret(initial_access_token), now):
-                    raise InvalidTokenError(
-                        "the initial access token is invalid, expired or used up"
-                    )
+                usable = await self._tokens.usable(conn, hash_secret(initial_access_token), now)
+            if usable is None:
+                raise InvalidTokenError("the initial access token is invalid, expired or used up")
+            if usable.lei is not None and isinstance(raw, dict) and "lei" not in raw:
+                raw = {**raw, "lei": usable.lei}  # RFC 7591 §3.2.1: a value the server provisions
         metadata = validate_metadata(
             raw, self._settings, self._vocabulary, operator=initial_access_token is None
         )
+        if usable is not None and usable.lei is not None and metadata["lei"] != usable.lei:
+            raise InvalidClientMetadataError(
+                "lei: this initial access token registers clients of another legal entity only"
+            )
         secret = new_secret() if metadata["token_endpoint_auth_method"] in SECRET_METHODS else None
         rat = secrets.token_urlsafe(32) if issue_registration_token else None
         client = Client.build(
@@ -151,17 +193,52 @@ class ClientService:
             if not await self._tokens.usable(conn, hash_secret(token), int(time.time())):
                 raise InvalidTokenError("the initial access token is invalid, expired or used up")
 
-    async def authorize_management(self, client_id: str, registration_token: str) -> Client:
-        """RFC 7592 §2: the registration access token must match this client's."""
-        client = self.registry.get(client_id)
-        if client is None and client_id.isprintable():  # PostgreSQL refuses a NUL outright
-            client = await self._get_or_none(client_id)
+    async def authorize_management(
+        self, client_id: str, registration_token: str, *, change: bool = False
+    ) -> Client:
+        """RFC 7592 §2: the registration access token must be this client's; anything else, an
+        unknown or a deleted client included, is 401 ``invalid_token`` (§2.1-§2.3). The client is
+        read from the database, not the registry: a client another process (the CLI, another
+        worker) deleted or disabled is seen at once. ``change``: a client the operator disabled may
+        read its registration but not change or delete it (403, §2.2, §2.3)."""
+        client = await self._get_or_none(client_id) if _storable_id(client_id) else None
         if client is None or not secret_matches(registration_token, client.registration_token_hash):
-            raise InvalidTokenError("the registration access token is not valid for this client")
+            raise _management_refusal(None)
+        if change and not client.active:
+            raise _management_refusal(client)
         return client
 
     async def update(self, client: Client, raw: Any) -> Client:
-        """RFC 7592 §2.2: full replacement of the metadata; the body must name the same client."""
+        """RFC 7592 §2.2: full replacement of the metadata; the body must name the same client.
+
+        The write is conditional on the token and the status read by :meth:`authorize_management`
+        (one statement, :meth:`ClientStore.replace_metadata`): a client deleted, disabled or given
+        another token meanwhile is refused as such, and the status is never written back."""
+        metadata = self._replacement(client, raw)
+        updated = Client.build(
+            client.client_id,
+            metadata,
+            client.status,
+            secret_hash=client.secret_hash,
+            registration_token_hash=client.registration_token_hash,
+            created_at=client.created_at,
+            updated_at=int(time.time()),
+        )
+        async with self._db.transaction() as conn:
+            if not await self._store.replace_metadata(
+                conn,
+                client.client_id,
+                updated.metadata,
+                updated.updated_at,
+                registration_token_hash=client.registration_token_hash or "",
+            ):
+                raise _management_refusal(await self._store.get(conn, client.client_id))
+            await generations.bump(conn, GENERATION)
+            await self._audit(conn, [self._event(AuditEventType.CLIENT_UPDATED, updated)])
+        await self.load()
+        return updated
+
+    def _replacement(self, client: Client, raw: Any) -> dict[str, Any]:
         if not isinstance(raw, dict) or raw.get("client_id") != client.client_id:
             raise InvalidClientMetadataError("client_id in the body must match the client")
         forbidden = {
@@ -180,27 +257,27 @@ class ClientService:
             raise InvalidClientMetadataError(
                 "token_endpoint_auth_method cannot be changed; register anew"
             )
-        updated = Client.build(
-            client.client_id,
-            metadata,
-            client.status,
-            secret_hash=client.secret_hash,
-            registration_token_hash=client.registration_token_hash,
-            created_at=client.created_at,
-            updated_at=int(time.time()),
-        )
-        await self._write(updated, AuditEventType.CLIENT_UPDATED)
-        return updated
+        if metadata["lei"] != client.lei:  # consents and mandates name the client's legal entity
+            raise InvalidClientMetadataError("lei cannot be changed; register anew")
+        return metadata
 
     async def set_status(self, client_id: str, status: ClientStatus) -> Client:
-        client = await self.get(client_id)
-        updated = replace(client, status=status, updated_at=int(time.time()))
+        """The operator's enable/disable: writes the status alone, so an RFC 7592 update committed
+        meanwhile is kept (a whole-row write of what was read before it would revert it)."""
         event = (
             AuditEventType.CLIENT_DISABLED
             if status is ClientStatus.DISABLED
             else AuditEventType.CLIENT_UPDATED
         )
-        await self._write(updated, event)
+        async with self._db.transaction() as conn:
+            if not await self._store.set_status(conn, client_id, status, int(time.time())):
+                raise ClientNotFoundError(client_id)
+            updated = await self._store.get(conn, client_id)
+            if updated is None:  # cannot happen: the row was just updated in this transaction
+                raise ClientNotFoundError(client_id)
+            await generations.bump(conn, GENERATION)
+            await self._audit(conn, [self._event(event, updated)])
+        await self.load()
         return updated
 
     async def delete(self, client_id: str) -> None:
@@ -212,12 +289,16 @@ class ClientService:
             await self._audit(conn, [self._event(AuditEventType.CLIENT_DELETED, client)])
         await self.load()
 
-    async def _write(self, client: Client, event: AuditEventType) -> None:
+    async def deregister(self, client: Client) -> None:
+        """RFC 7592 §2.3, conditional like :meth:`update`: of two racing deletes one removes the
+        client and the other is answered as for an unknown client (401)."""
         async with self._db.transaction() as conn:
-            if not await self._store.replace(conn, client):
-                raise ClientNotFoundError(client.client_id)
+            if not await self._store.delete(
+                conn, client.client_id, registration_token_hash=client.registration_token_hash or ""
+            ):
+                raise _management_refusal(await self._store.get(conn, client.client_id))
             await generations.bump(conn, GENERATION)
-            await self._audit(conn, [self._event(event, client)])
+            await self._audit(conn, [self._event(AuditEventType.CLIENT_DELETED, client)])
         await self.load()
 
     async def _get_or_none(self, client_id: str) -> Client | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import orjson
@@ -25,8 +26,30 @@ class ClientStore(Protocol):
     async def replace(self, conn: AsyncConnection, client: Client) -> bool:
         """Overwrite metadata/status/hashes of an existing client; False if it does not exist."""
 
-    async def delete(self, conn: AsyncConnection, client_id: str) -> bool:
-        """Remove; False if it did not exist."""
+    async def set_status(
+        self, conn: AsyncConnection, client_id: str, status: ClientStatus, updated_at: int
+    ) -> bool:
+        """Write the status alone (the operator's enable/disable); False if the client is unknown."""
+
+    async def replace_metadata(
+        self,
+        conn: AsyncConnection,
+        client_id: str,
+        metadata: dict[str, object],
+        updated_at: int,
+        *,
+        registration_token_hash: str,
+    ) -> bool:
+        """RFC 7592 §2.2 in one conditional statement: overwrite the metadata of the client only
+        while it is active and holds this registration access token hash; status and credential
+        hashes are not written, so an operator's concurrent disable is never undone. False
+        (nothing written) if the client is unknown, deleted, disabled or holds another token."""
+
+    async def delete(
+        self, conn: AsyncConnection, client_id: str, *, registration_token_hash: str | None = None
+    ) -> bool:
+        """Remove; False if it did not exist. With ``registration_token_hash`` (RFC 7592 §2.3),
+        only an active client holding that token hash is removed."""
 
 
 def _from_row(row: dict[str, object]) -> Client:
@@ -77,9 +100,57 @@ class SqlClientStore:
         )
         return bool(result.rowcount == 1)
 
-    async def delete(self, conn: AsyncConnection, client_id: str) -> bool:
-        result = await conn.execute(delete(clients).where(clients.c.client_id == client_id))
+    async def set_status(
+        self, conn: AsyncConnection, client_id: str, status: ClientStatus, updated_at: int
+    ) -> bool:
+        result = await conn.execute(
+            update(clients)
+            .where(clients.c.client_id == client_id)
+            .values(status=status.value, updated_at=updated_at)
+        )
         return bool(result.rowcount == 1)
+
+    async def replace_metadata(
+        self,
+        conn: AsyncConnection,
+        client_id: str,
+        metadata: dict[str, object],
+        updated_at: int,
+        *,
+        registration_token_hash: str,
+    ) -> bool:
+        c = clients.c
+        result = await conn.execute(
+            update(clients)
+            .where(
+                c.client_id == client_id,
+                c.registration_token_hash == registration_token_hash,
+                c.status == ClientStatus.ACTIVE.value,
+            )
+            .values(metadata=orjson.dumps(metadata).decode(), updated_at=updated_at)
+        )
+        return bool(result.rowcount == 1)
+
+    async def delete(
+        self, conn: AsyncConnection, client_id: str, *, registration_token_hash: str | None = None
+    ) -> bool:
+        c = clients.c
+        statement = delete(clients).where(c.client_id == client_id)
+        if registration_token_hash is not None:
+            statement = statement.where(
+                c.registration_token_hash == registration_token_hash,
+                c.status == ClientStatus.ACTIVE.value,
+            )
+        result = await conn.execute(statement)
+        return bool(result.rowcount == 1)
+
+
+@dataclass(frozen=True, slots=True)
+class UsableToken:
+    """An initial access token that may register a client now."""
+
+    #: The legal entity whose clients it registers; None: any.
+    lei: str | None
 
 
 class SqlInitialAccessTokenStore:
@@ -93,7 +164,9 @@ class SqlInitialAccessTokenStore:
         now: int,
         expires_at: int,
         max_uses: int | None,
+        lei: str | None = None,
     ) -> None:
+        """``lei``: the one legal entity whose clients the token registers (None: any)."""
         await conn.execute(
             insert(initial_access_tokens).values(
                 token_hash=token_hash,
@@ -102,20 +175,22 @@ class SqlInitialAccessTokenStore:
                 expires_at=expires_at,
                 max_uses=max_uses,
                 uses=0,
+                lei=lei,
             )
         )
 
-    async def usable(self, conn: AsyncConnection, token_hash: str, now: int) -> bool:
+    async def usable(self, conn: AsyncConnection, token_hash: str, now: int) -> UsableToken | None:
         """Read-only check: known, not expired, not used up (``use`` is still the atomic gate)."""
         t = initial_access_tokens.c
         row = await conn.execute(
-            select(t.token_hash).where(
+            select(t.lei).where(
                 t.token_hash == token_hash,
                 t.expires_at > now,
                 (t.max_uses.is_(None)) | (t.uses < t.max_uses),
             )
         )
-        return row.first() is not None
+        found = row.first()
+        return None if found is None else UsableToken(found.lei)
 
     async def use(self, conn: AsyncConnection, token_hash: str, now: int) -> bool:
         """Count one use atomically; False if unknown, expired or used up (nothing written)."""

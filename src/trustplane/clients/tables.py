@@ -25,4 +25,6 @@ initial_access_tokens = Table(
     Column("expires_at", BigInteger, nullable=False),
     Column("max_uses", Integer),
     Column("uses", Integer, nullable=False, default=0),
+    #: the one legal entity whose clients the token registers; NULL: any (migration 0019)
+    Column("lei", String(20)),
 )
