@@ -6,9 +6,22 @@ description goes on the wire, the debug text only into logs and the audit trail.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+#: RFC 6749 §4.1.2.1 and §5.2: ``error_description`` MUST NOT hold characters outside
+#: %x20-21 / %x23-5B / %x5D-7E (printable ASCII without the double quote and the backslash). A
+#: description may quote what the client sent (a scope, a header value): what falls outside the set
+#: is spelled (section sign, quote, backslash, dashes) or replaced by "?".
+_NOT_IN_DESCRIPTION = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
+_SPELLED = str.maketrans({"\u00a7": "section ", '"': "'", "\\": "/", "\u2014": "-", "\u2013": "-"})
+
+
+def wire_description(text: str) -> str:
+    """``text`` as an ``error_description`` may carry it (RFC 6749 §5.2): in the allowed set."""
+    return _NOT_IN_DESCRIPTION.sub("?", text.translate(_SPELLED))
 
 
 class OAuth2Error(Exception):
@@ -36,7 +49,7 @@ class OAuth2Error(Exception):
     def body(self) -> dict[str, Any]:
         out: dict[str, Any] = {"error": self.error}
         if self.description:
-            out["error_description"] = self.description
+            out["error_description"] = wire_description(self.description)
         return out
 
 

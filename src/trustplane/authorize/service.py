@@ -34,7 +34,12 @@ from trustplane.authorize.store import CodeStore, GrantContext, grant_event, new
 from trustplane.clients.model import Client
 from trustplane.clients.service import ClientRegistry
 from trustplane.entities.service import EntityDirectory
-from trustplane.errors import AccessDeniedError, InvalidRequestError, OAuth2Error
+from trustplane.errors import (
+    AccessDeniedError,
+    InvalidRequestError,
+    OAuth2Error,
+    wire_description,
+)
 from trustplane.mandates.service import MandateService
 from trustplane.profile import client_is_fapi2
 from trustplane.protocol.form import Form
@@ -239,7 +244,7 @@ class AuthorizationService:
             target.redirect_uri,
             {
                 "error": exc.error,
-                "error_description": exc.description or None,
+                "error_description": wire_description(exc.description) or None,
                 "state": target.state,
                 "iss": self._settings.issuer,
             },
