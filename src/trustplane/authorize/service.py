@@ -9,6 +9,7 @@ authorization details, the user and the mandate version.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -196,9 +197,13 @@ class AuthorizationService:
 
         return gate
 
-    async def push(self, form: Form, client: Client) -> tuple[str, int]:
+    async def push(
+        self, form: Form, client: Client, bindings: Sequence[Callable[[Form], None]] = ()
+    ) -> tuple[str, int]:
         """``/par`` (RFC 9126 §2): validate as ``/authorize`` would, store, return the
-        ``request_uri`` and its ``expires_in``. Errors are the RFC 6749 §5.2 JSON ones."""
+        ``request_uri`` and its ``expires_in``. Errors are the RFC 6749 §5.2 JSON ones.
+        ``bindings`` (what the ``/par`` checks proved, e.g. a DPoP proof's key) apply to the
+        parameters that are stored: the request object's when one is sent, not the form beside it."""
         if "request_uri" in form:  # RFC 9126 §2.1
             raise InvalidRequestError(
                 "request_uri must not be sent to the pushed authorization request endpoint"
@@ -212,6 +217,8 @@ class AuthorizationService:
             raise InvalidRequestError("this client must send a signed request object (request)")
         else:
             params = form
+        for bind in bindings:
+            bind(params)
         try:
             request = parse_request(
                 params,
