@@ -246,6 +246,9 @@ class AuthorizeHttp:
                 return await self._error_page(ErrorPage("Choose approve or deny."))
         except ErrorPage as exc:
             return await self._error_page(exc)
+        except RedirectError as exc:  # the registration no longer allows what was asked
+            await self._service.refused(exc.target, exc.error)
+            return _redirect(self._service.error_redirect(exc.target, exc.error))
         except MandateError as exc:  # the terms cannot become a mandate (e.g. scopes changed)
             refused = InvalidRequestError("the mandate could not be recorded", debug=str(exc))
             await self._service.refused(pending.target, refused)
