@@ -187,6 +187,18 @@ async def test_an_empty_parameter_is_treated_as_omitted(setup: Setup) -> None:
     assert error_page(page) == (400, None)
 
 
+async def test_unknown_parameters_are_ignored(setup: Setup) -> None:
+    """RFC 6749 §3.1: the authorization server MUST ignore unrecognised request parameters, at
+    /authorize and at /par alike."""
+    flow = setup.flow()
+    page = await flow.start(unknown_parameter="x", nonce="n", display="page")
+    assert page.status_code == 200, page.text
+    pushed = await push(
+        setup.server, setup.kit, {**setup.flow().params(), "unknown_parameter": "x"}
+    )
+    assert pushed.status_code == 201, pushed.text
+
+
 async def test_par_refuses_a_body_over_its_cap_with_413(setup: Setup) -> None:
     """RFC 9126 §2.3: 413 Payload Too Large, in the RFC 6749 §5.2 shape."""
     data = {**setup.flow().params(), **setup.kit.auth(), "padding": "x" * 70_000}
