@@ -385,3 +385,40 @@ async def test_a_request_without_authorization_details_still_gets_its_code(setup
     response = await setup.token(flow.redeem_form(code))
     assert response.status_code == 200, response.text
     assert "authorization_details" not in response.json()
+
+
+# --------------------------------------------------------------------------- values the store meets
+
+
+async def test_a_nul_inside_a_request_object_state_is_stored_and_returned(setup: Setup) -> None:
+    """A form cannot carry a NUL (refused when parsed: PostgreSQL's text cannot hold it), but a
+    request object's JSON can (``\\u0000``). The pushed request is stored as JSON text, so the
+    escape is what the store holds; the state comes back exactly (RFC 6749 §4.1.2)."""
+    kit = setup.kit
+    flow = setup.flow()
+    signed = request_object(kit, flow.params(state="s\u0000t"))
+    pushed = await push(setup.server, kit, {"request": signed})
+    assert pushed.status_code == 201, pushed.text
+    query = {"client_id": kit.client_id, "request_uri": pushed.json()["request_uri"]}
+    page = await flow.http.get("/authorize", params=query)
+    assert page.status_code == 200, page.text
+    if 'action="/authorize/login"' in page.text:
+        page = await flow.login(page, "alice")
+    answer = await flow.decide(page)
+    assert query_of(answer.headers["location"])["state"] == "s\u0000t"
+
+
+async def test_over_long_values_in_a_request_object_are_refused(setup: Setup) -> None:
+    """A 10,000-character scope inside the object: 400 ``invalid_scope`` with a bounded
+    description; an object over 16 KiB (the JWS parser's cap): ``invalid_request_object``.
+    Nothing stored either way."""
+    kit = setup.kit
+    before = await pushed_count(setup.server)
+    signed = request_object(kit, setup.flow().params(scope="x" * 10_000))
+    response = await push(setup.server, kit, {"request": signed})
+    assert json_error(response) == (400, "invalid_scope")
+    assert len(response.json()["error_description"]) <= 200
+    signed = request_object(kit, setup.flow().params(scope="x" * 20_000))
+    response = await push(setup.server, kit, {"request": signed})
+    assert json_error(response) == (400, "invalid_request_object")
+    assert await pushed_count(setup.server) == before
