@@ -20,7 +20,9 @@ _SPELLED = str.maketrans({"\u00a7": "section ", '"': "'", "\\": "/", "\u2014": "
 
 
 def wire_description(text: str) -> str:
-    """``text`` as an ``error_description`` may carry it (RFC 6749 §5.2): in the allowed set."""
+    """``text`` as an RFC 6749 ``error_description`` may carry it: in the allowed set. Applied
+    where the authorization endpoint and ``/par`` answer (``trustplane.authorize``); the token
+    endpoint's descriptions need it too (one says "RFC 9449 §5.2")."""
     return _NOT_IN_DESCRIPTION.sub("?", text.translate(_SPELLED))
 
 
@@ -49,7 +51,7 @@ class OAuth2Error(Exception):
     def body(self) -> dict[str, Any]:
         out: dict[str, Any] = {"error": self.error}
         if self.description:
-            out["error_description"] = wire_description(self.description)
+            out["error_description"] = self.description
         return out
 
 

@@ -50,7 +50,12 @@ from trustplane.authorize.service import AuthorizationService
 from trustplane.clients.authentication import ClientAuthenticator
 from trustplane.clients.model import Client
 from trustplane.dependencies import unavailable
-from trustplane.errors import InvalidRequestError, OAuth2Error, TemporarilyUnavailableError
+from trustplane.errors import (
+    InvalidRequestError,
+    OAuth2Error,
+    TemporarilyUnavailableError,
+    wire_description,
+)
 from trustplane.mandates.errors import MandateError
 from trustplane.protocol.form import FORM_TYPE, Form, read_form
 from trustplane.protocol.responses import NO_STORE, dependency_of, json_response, protocol_endpoint
@@ -170,6 +175,8 @@ class AuthorizeHttp:
             request_uri, expires_in = await self._service.push(form, auth.client, bindings)
         except OAuth2Error as exc:
             await self._service.refused(None, exc, client_id=client_id and client_id[:128])
+            # RFC 6749 §5.2 (RFC 9126 §2.3): a description may quote what the client sent
+            exc.description = wire_description(exc.description)
             raise
         metrics.AUTHORIZATIONS.labels(outcome="pushed").inc()
         return json_response(
