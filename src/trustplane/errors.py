@@ -6,9 +6,24 @@ description goes on the wire, the debug text only into logs and the audit trail.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+#: RFC 6749 §4.1.2.1 and §5.2: ``error_description`` MUST NOT hold characters outside
+#: %x20-21 / %x23-5B / %x5D-7E (printable ASCII without the double quote and the backslash). A
+#: description may quote what the client sent (a scope, a header value): what falls outside the set
+#: is spelled (section sign, quote, backslash, dashes) or replaced by "?".
+_NOT_IN_DESCRIPTION = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
+_SPELLED = str.maketrans({"\u00a7": "section ", '"': "'", "\\": "/", "\u2014": "-", "\u2013": "-"})
+
+
+def wire_description(text: str) -> str:
+    """``text`` as an RFC 6749 ``error_description`` may carry it: in the allowed set. Applied
+    where the authorization endpoint and ``/par`` answer (``trustplane.authorize``); the token
+    endpoint's descriptions need it too (one says "RFC 9449 §5.2")."""
+    return _NOT_IN_DESCRIPTION.sub("?", text.translate(_SPELLED))
 
 
 class OAuth2Error(Exception):

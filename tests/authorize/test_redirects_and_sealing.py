@@ -35,6 +35,13 @@ REGISTERED = ("https://client.example/cb", "http://127.0.0.1:4711/cb", "http://[
         ("https://client.example/cb/../cb", None),
         ("https://client.example/%63b", None),
         ("HTTPS://client.example/cb", None),
+        # exact comparison: a trailing newline is another URI (a ``$`` anchor let it through)
+        ("http://127.0.0.1:50000/cb\n", None),
+        ("http://127.0.0.1:4711/cb\n", None),
+        ("http://[::1]:6000/cb?app=1\n", None),
+        ("https://client.example/cb\n", None),
+        # the port is ASCII digits (``\\d`` also matches other scripts' digits, which int() reads)
+        ("http://127.0.0.1:\u0664\u0667\u0661\u0661/cb", None),
     ],
 )
 def test_match_redirect_uri(requested: str, expected: str | None) -> None:
@@ -48,6 +55,8 @@ def test_pkce_rfc7636_appendix_b() -> None:
     assert not verifier_matches(verifier + "x", "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM")
     assert not verifier_matches("a" * 42, s256("a" * 42))  # below the 43-character minimum
     assert not verifier_matches("a b" * 20, s256("a b" * 20))  # outside the character set
+    # RFC 7636 §4.1: a trailing newline is outside the character set too (not let through by ``$``)
+    assert not verifier_matches("a" * 43 + "\n", s256("a" * 43 + "\n"))
 
 
 def test_sealed_values_resist_tampering_reuse_and_age() -> None:

@@ -50,7 +50,12 @@ from trustplane.authorize.service import AuthorizationService
 from trustplane.clients.authentication import ClientAuthenticator
 from trustplane.clients.model import Client
 from trustplane.dependencies import unavailable
-from trustplane.errors import InvalidRequestError, OAuth2Error, TemporarilyUnavailableError
+from trustplane.errors import (
+    InvalidRequestError,
+    OAuth2Error,
+    TemporarilyUnavailableError,
+    wire_description,
+)
 from trustplane.mandates.errors import MandateError
 from trustplane.protocol.form import FORM_TYPE, Form, read_form
 from trustplane.protocol.responses import NO_STORE, dependency_of, json_response, protocol_endpoint
@@ -67,11 +72,18 @@ FAILURES = ("1", "expired")
 MAX_USERNAME = 128
 
 
+#: What a :data:`ParCheck` may return: applied to the parameters of the request that is stored
+#: (the form's, or the request object's when ``request`` is sent: RFC 9126 §3, RFC 9101 §5) before
+#: they are validated; it may supply what the request proved and raises an :class:`OAuth2Error` to
+#: refuse. The DPoP check's records the proof's key as ``dpop_jkt`` (RFC 9449 §10.1).
+ParBinding = Callable[[Form], None]
+
 #: A check of a pushed authorization request before it is validated and stored (``POST /par``):
 #: called with the HTTP request, the authenticated client and the parsed form; it raises an
 #: :class:`OAuth2Error` to refuse (answered as RFC 6749 §5.2 JSON and audited like every PAR
-#: refusal). The place for the RFC 9449 §10 DPoP proof check at PAR (``DPoP`` header, ``dpop_jkt``).
-ParCheck = Callable[[Request, Client, Form], Awaitable[None]]
+#: refusal), and returns a :data:`ParBinding` or None. The place for the RFC 9449 §10 DPoP proof
+#: check at PAR (``DPoP`` header, ``dpop_jkt``).
+ParCheck = Callable[[Request, Client, Form], Awaitable[ParBinding | None]]
 
 
 class AuthorizeHttp:
@@ -155,11 +167,16 @@ class AuthorizeHttp:
                 form, request.headers.get("authorization")
             )
             client_id = auth.client.client_id
+            bindings = []
             for check in self.par_checks:
-                await check(request, auth.client, form)
-            request_uri, expires_in = await self._service.push(form, auth.client)
+                binding = await check(request, auth.client, form)
+                if binding is not None:
+                    bindings.append(binding)
+            request_uri, expires_in = await self._service.push(form, auth.client, bindings)
         except OAuth2Error as exc:
             await self._service.refused(None, exc, client_id=client_id and client_id[:128])
+            # RFC 6749 §5.2 (RFC 9126 §2.3): a description may quote what the client sent
+            exc.description = wire_description(exc.description)
             raise
         metrics.AUTHORIZATIONS.labels(outcome="pushed").inc()
         return json_response(
@@ -236,6 +253,9 @@ class AuthorizeHttp:
                 return await self._error_page(ErrorPage("Choose approve or deny."))
         except ErrorPage as exc:
             return await self._error_page(exc)
+        except RedirectError as exc:  # the registration no longer allows what was asked
+            await self._service.refused(exc.target, exc.error)
+            return _redirect(self._service.error_redirect(exc.target, exc.error))
         except MandateError as exc:  # the terms cannot become a mandate (e.g. scopes changed)
             refused = InvalidRequestError("the mandate could not be recorded", debug=str(exc))
             await self._service.refused(pending.target, refused)

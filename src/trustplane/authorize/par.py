@@ -37,7 +37,7 @@ from trustplane.storage.prune import delete_expired
 
 #: RFC 9126 §2.2: the ``request_uri`` is a URN of this form (the handle is ours, base64url).
 REQUEST_URI_PREFIX = "urn:ietf:params:oauth:request_uri:"
-_HANDLE = re.compile(r"^[A-Za-z0-9_-]{43}$")
+_HANDLE = re.compile(r"[A-Za-z0-9_-]{43}")  # fullmatch: ``$`` lets a trailing newline through
 
 pushed_authorization_requests = Table(
     "pushed_authorization_requests",
@@ -145,7 +145,7 @@ class PushedRequests:
     async def redeem(self, request_uri: str, client_id: str) -> AuthorizationRequest:
         """The pushed request, consumed; :class:`InvalidRequestUriError` saying why not."""
         handle = request_uri.removeprefix(REQUEST_URI_PREFIX)
-        if handle == request_uri or not _HANDLE.match(handle):
+        if handle == request_uri or not _HANDLE.fullmatch(handle):
             raise InvalidRequestUriError(
                 "request_uri was not issued by this server (only pushed authorization requests "
                 "are accepted; nothing is fetched)",

@@ -7,10 +7,11 @@ import hashlib
 import hmac
 import re
 
+#: Both are used with ``fullmatch`` (``$`` would let a trailing newline through).
 #: RFC 7636 §4.1: 43-128 characters of [A-Z] / [a-z] / [0-9] / "-" / "." / "_" / "~".
-VERIFIER = re.compile(r"^[A-Za-z0-9\-._~]{43,128}$")
+VERIFIER = re.compile(r"[A-Za-z0-9\-._~]{43,128}")
 #: An S256 challenge is BASE64URL(SHA-256(...)) without padding: exactly 43 characters.
-S256_CHALLENGE = re.compile(r"^[A-Za-z0-9\-_]{43}$")
+S256_CHALLENGE = re.compile(r"[A-Za-z0-9\-_]{43}")
 
 
 def s256(verifier: str) -> str:
@@ -20,6 +21,6 @@ def s256(verifier: str) -> str:
 
 def verifier_matches(verifier: str, challenge: str) -> bool:
     """RFC 7636 §4.6, compared in constant time."""
-    if not VERIFIER.match(verifier):
+    if not VERIFIER.fullmatch(verifier):
         return False
     return hmac.compare_digest(s256(verifier), challenge)

@@ -11,13 +11,14 @@ from __future__ import annotations
 import re
 
 #: scheme, loopback host, optional port, rest (path and query). No userinfo can slip in: the host
-#: must be followed by ``:digits`` or the start of the path, nothing else.
-_LOOPBACK = re.compile(r"^http://(127\.0\.0\.1|\[::1\])(?::(\d{1,5}))?([/?].*)?$")
+#: must be followed by ``:digits`` or the start of the path, nothing else. Used with ``fullmatch``
+#: and DOTALL: ``$`` would let a trailing newline through (``/callback\n`` matching ``/callback``).
+_LOOPBACK = re.compile(r"http://(127\.0\.0\.1|\[::1\])(?::([0-9]{1,5}))?([/?].*)?", re.DOTALL)
 
 
 def _without_port(uri: str) -> tuple[str, str] | None:
     """(host, rest) of a loopback IP http URI; None for anything else."""
-    match = _LOOPBACK.match(uri)
+    match = _LOOPBACK.fullmatch(uri)
     if match is None or "#" in uri:
         return None
     port = match.group(2)

@@ -204,7 +204,7 @@ def _validate(
     granted = details.validate(raw_details, client)
     prompt = (form.get("prompt") or "").split()
     dpop_jkt = form.get("dpop_jkt")
-    if dpop_jkt is not None and not pkce.S256_CHALLENGE.match(dpop_jkt):  # RFC 9449 §10
+    if dpop_jkt is not None and not pkce.S256_CHALLENGE.fullmatch(dpop_jkt):  # RFC 9449 §10
         raise InvalidRequestError("dpop_jkt is not a base64url SHA-256 JWK thumbprint")
     return AuthorizationRequest(
         target,
@@ -226,6 +226,6 @@ def _pkce(form: Form) -> str:
     method = form.get("code_challenge_method")
     if method != "S256":
         raise InvalidRequestError("code_challenge_method must be S256")
-    if not pkce.S256_CHALLENGE.match(challenge):
+    if not pkce.S256_CHALLENGE.fullmatch(challenge):
         raise InvalidRequestError("code_challenge is not a BASE64URL-encoded SHA-256 value")
     return challenge

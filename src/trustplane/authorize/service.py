@@ -9,6 +9,7 @@ authorization details, the user and the mandate version.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -21,6 +22,7 @@ from trustplane.authorize import consent_text
 from trustplane.authorize.consent_text import Instruction, Item, humanise
 from trustplane.authorize.login import Identity
 from trustplane.authorize.par import InvalidRequestUriError, PushedRequests
+from trustplane.authorize.redirects import match_redirect_uri
 from trustplane.authorize.request import (
     AuthorizationRequest,
     ErrorPage,
@@ -32,9 +34,16 @@ from trustplane.authorize.request import (
 from trustplane.authorize.request_object import InvalidRequestObjectError, RequestObjects
 from trustplane.authorize.store import CodeStore, GrantContext, grant_event, new_secret_value
 from trustplane.clients.model import Client
+from trustplane.clients.resources import select_resource, select_scopes
 from trustplane.clients.service import ClientRegistry
 from trustplane.entities.service import EntityDirectory
-from trustplane.errors import AccessDeniedError, InvalidRequestError, OAuth2Error
+from trustplane.errors import (
+    AccessDeniedError,
+    InvalidRequestError,
+    OAuth2Error,
+    UnauthorizedClientError,
+    wire_description,
+)
 from trustplane.mandates.service import MandateService
 from trustplane.profile import client_is_fapi2
 from trustplane.protocol.form import Form
@@ -135,7 +144,7 @@ class AuthorizationService:
                     debug=exc.debug,
                     error=exc.error,
                 ) from None
-            self.client(pending)  # disabled since the push
+            self.still_allowed(pending)  # disabled or its registration changed since the push
             return pending
         assert request_object is not None
         try:
@@ -191,9 +200,13 @@ class AuthorizationService:
 
         return gate
 
-    async def push(self, form: Form, client: Client) -> tuple[str, int]:
+    async def push(
+        self, form: Form, client: Client, bindings: Sequence[Callable[[Form], None]] = ()
+    ) -> tuple[str, int]:
         """``/par`` (RFC 9126 §2): validate as ``/authorize`` would, store, return the
-        ``request_uri`` and its ``expires_in``. Errors are the RFC 6749 §5.2 JSON ones."""
+        ``request_uri`` and its ``expires_in``. Errors are the RFC 6749 §5.2 JSON ones.
+        ``bindings`` (what the ``/par`` checks proved, e.g. a DPoP proof's key) apply to the
+        parameters that are stored: the request object's when one is sent, not the form beside it."""
         if "request_uri" in form:  # RFC 9126 §2.1
             raise InvalidRequestError(
                 "request_uri must not be sent to the pushed authorization request endpoint"
@@ -207,6 +220,8 @@ class AuthorizationService:
             raise InvalidRequestError("this client must send a signed request object (request)")
         else:
             params = form
+        for bind in bindings:
+            bind(params)
         try:
             request = parse_request(
                 params,
@@ -230,6 +245,37 @@ class AuthorizationService:
             raise ErrorPage("The application that sent you here is no longer available.")
         return client
 
+    def still_allowed(self, request: AuthorizationRequest) -> Client:
+        """A request validated earlier (pushed, or waiting on the login or consent page), checked
+        again against the client's registration as it is now (RFC 9126 §4: validation done at the
+        push may be skipped only while the registration has not changed in a way that affects it;
+        RFC 7592 lets the client replace its metadata meanwhile). A redirect URI no longer
+        registered is an :class:`ErrorPage` (RFC 6749 §4.1.2.1: never redirected to); a grant,
+        resource, scope or ``authorization_details`` type no longer allowed is a
+        :class:`RedirectError` with the code ``/authorize`` would have given."""
+        client = self.client(request)
+        target = request.target
+        if (
+            match_redirect_uri(target.redirect_uri, client.metadata.get("redirect_uris", ()))
+            is None
+        ):
+            raise ErrorPage(
+                "The return address of this request is no longer registered for the application.",
+                debug=f"redirect_uri since removed: {target.redirect_uri[:300]!r}",
+            )
+        try:
+            if "authorization_code" not in client.grant_types:
+                raise UnauthorizedClientError(
+                    "this client may not use the authorization_code grant"
+                )
+            select_resource([request.resource], client, self._vocabulary)
+            select_scopes(" ".join(request.scopes), client, request.resource, self._vocabulary)
+            if request.authorization_details:
+                self._details.validate(list(request.authorization_details), client)
+        except OAuth2Error as exc:
+            raise RedirectError(target, exc) from None
+        return client
+
     # ------------------------------------------------------------------ responses
 
     def error_redirect(self, target: Redirect, exc: OAuth2Error) -> str:
@@ -239,7 +285,7 @@ class AuthorizationService:
             target.redirect_uri,
             {
                 "error": exc.error,
-                "error_description": exc.description or None,
+                "error_description": wire_description(exc.description) or None,
                 "state": target.state,
                 "iss": self._settings.issuer,
             },
@@ -313,8 +359,9 @@ class AuthorizationService:
 
     async def approve(self, request: AuthorizationRequest, who: Identity) -> str:
         """Reuse the mandate that covers the request, or create one from this consent; issue the
-        code bound to that mandate version; return the redirect with ``code``, ``state``, ``iss``."""
-        client = self.client(request)
+        code bound to that mandate version; return the redirect with ``code``, ``state``, ``iss``.
+        The request is checked against the registration as it is now (:meth:`still_allowed`)."""
+        client = self.still_allowed(request)
         mandate = await self._covering(request, who)
         reused = mandate is not None
         if mandate is None:
