@@ -8,6 +8,7 @@ onto its own state: ``amend#n``)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -197,3 +198,75 @@ async def test_only_the_settlements_store_indexes_the_acting_tokens(
     finally:
         await upgraded.db.dispose()
     await (await fresh_store(ref_url)).db.dispose()  # the shared test database as it was
+
+
+async def _outbox_scans(url: str, seen: tuple[int, int] | None = None) -> tuple[int, int]:
+    """``ref_outbox``'s (sequential, index) scans as PostgreSQL's statistics count them; with
+    ``seen``: once they moved from it (a backend reports its counts after its statement, at most
+    once a second, 10 s at the latest when idle)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(url.replace("+asyncpg", ""))
+    try:
+        for _ in range(150):
+            await conn.execute("SELECT pg_stat_clear_snapshot()")
+            row = await conn.fetchrow(
+                "SELECT seq_scan, idx_scan FROM pg_stat_user_tables WHERE relname = 'ref_outbox'"
+            )
+            found = (int(row["seq_scan"]), int(row["idx_scan"] or 0))
+            if seen is None or found != seen:
+                return found
+            await asyncio.sleep(0.1)
+        raise AssertionError("the statistics of ref_outbox did not move")
+    finally:
+        await conn.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("with_read", [False, True], ids=["mark", "mark-then-read"])
+async def test_the_publishers_mark_reads_no_whole_outbox_once_it_grew(
+    pg_database: str, with_read: bool
+) -> None:
+    """The publisher's rounds on one held connection while the outbox is a page (as after a start):
+    its statements are planned a few times, then their generic plan is kept; the outbox grows
+    (rows published, as a running publisher leaves them behind). The next mark still finds its row
+    by an index: a plan made on the small table was a sequential scan of the whole outbox, kept
+    for every round after (no ``ANALYZE`` comes to replace it with autovacuum off or not yet
+    run), so each round read every event ever written."""
+    store = await fresh_store(pg_database)
+
+    async def mark(seqs: list[int]) -> None:
+        if with_read:
+            assert await store.mark_then_unpublished(seqs, 10) == []
+        else:
+            await store.mark_published(seqs)
+
+    try:
+        async with store.db.transaction() as conn:  # a new outbox: no page yet
+            await conn.execute(text("TRUNCATE ref_outbox"))
+        for n in range(8):  # past the plan cache's five custom plans
+            await store.create(f"T-{n}", ORDER, "alice", _envelope(), None)
+            (event,) = await store.unpublished(10)
+            await mark([event.seq])
+        async with store.db.transaction() as conn:  # ~100 pages of published events
+            await conn.execute(
+                text(
+                    "INSERT INTO ref_outbox (event_id, type, trade_id, jws, created_at, "
+                    "published_at) SELECT 'e-' || g, 'order.created', 'X-' || g, "
+                    "repeat('x', 1500), 1, 1 FROM generate_series(1, 400) AS g"
+                )
+            )
+        await store.create("T-new", ORDER, "alice", _envelope(), None)
+        (event,) = await store.unpublished(10)
+        await asyncio.sleep(1.1)  # the connection reports what it did so far at its next statement
+        assert await store.unpublished(10) == [event]
+        before = await _outbox_scans(pg_database)
+        await asyncio.sleep(1.1)
+        await mark([event.seq])
+        after = await _outbox_scans(pg_database, before)
+        assert after[0] == before[0], (before, after)  # no sequential scan
+        assert after[1] > before[1]  # an index scan
+        assert await store.unpublished(10) == []
+        assert (await store.events_after(event.seq - 1))[0].published
+    finally:
+        await store.db.dispose()
