@@ -17,7 +17,7 @@ from sqlalchemy import inspect, select, text
 from tests.reference.conftest import ORDER, fresh_store
 from tests.reference.test_store_reads import _envelope
 from trustplane.reference import machine, store_pg
-from trustplane.reference.store import APPEND_LOCKS, TradeStore, outbox
+from trustplane.reference.store import APPEND_LOCKS, DuplicateTransition, TradeStore, outbox
 from trustplane.storage.db import Database
 
 #: The indexes of a store made before 2026-12-06 (``create_all`` of that schema).
@@ -48,9 +48,7 @@ async def _indexes(store: TradeStore, table: str) -> set[str]:
 async def test_a_store_indexes_only_what_its_queries_read(ref_url: str) -> None:
     store = await fresh_store(ref_url)
     try:
-        assert await _indexes(store, "ref_outbox") == PENDING | (
-            {"ref_outbox_event_id_key"} if not store.db.is_sqlite else set()
-        )
+        assert await _indexes(store, "ref_outbox") == PENDING
         assert KEPT in await _indexes(store, "ref_inbox")
         assert not set(OLD_INDEXES) & (
             await _indexes(store, "ref_inbox") | await _indexes(store, "ref_outbox")
@@ -268,5 +266,76 @@ async def test_the_publishers_mark_reads_no_whole_outbox_once_it_grew(
         assert after[1] > before[1]  # an index scan
         assert await store.unpublished(10) == []
         assert (await store.events_after(event.seq - 1))[0].published
+    finally:
+        await store.db.dispose()
+
+
+async def _key(store: TradeStore, table: str) -> list[str]:
+    async with store.db.read() as conn:
+        found = await conn.run_sync(lambda c: inspect(c).get_pk_constraint(table))
+    return [str(c) for c in found["constrained_columns"]]
+
+
+async def _index_names(store: TradeStore, table: str) -> set[str]:
+    """Every index of ``table``, its primary key's and its constraints' included (PostgreSQL)."""
+    async with store.db.read() as conn:
+        rows = await conn.execute(
+            text(
+                "SELECT indexrelid::regclass::text FROM pg_index WHERE indrelid = CAST(:t AS regclass)"
+            ),
+            {"t": table},
+        )
+        return {str(r[0]) for r in rows}
+
+
+@pytest.mark.postgres
+async def test_a_transition_and_an_event_write_only_the_index_entries_a_query_reads(
+    pg_database: str,
+) -> None:
+    """On PostgreSQL a transition row is keyed by its step, ``(trade_id, transition)``: its unique
+    constraint is the primary key, and ``id`` (the history's order, sorted within a trade) has no
+    index of its own; an outbox row is indexed by ``seq`` (and the partial indexes of the rows
+    not yet published or in the ledger), not by its event id. A store made before (a primary key
+    on ``id`` beside the step's constraint, a unique event id) is moved by ``create_schema``,
+    twice a no-op; its rows stay, a duplicate step is still refused."""
+    store = await fresh_store(pg_database)
+    try:
+        assert await _key(store, "ref_transitions") == ["trade_id", "transition"]
+        assert await _index_names(store, "ref_transitions") == {"uq_ref_transition_once"} | RESTING
+        assert await _index_names(store, "ref_outbox") == {"ref_outbox_pkey"} | PENDING
+        await store.create("T-1", ORDER, "alice", _envelope(), None)
+        async with store.db.transaction() as conn:  # as a store made before had them
+            await conn.execute(
+                text(
+                    "ALTER TABLE ref_transitions DROP CONSTRAINT uq_ref_transition_once, "
+                    "ADD CONSTRAINT ref_transitions_pkey PRIMARY KEY (id), "
+                    "ADD CONSTRAINT uq_ref_transition_once UNIQUE (trade_id, transition)"
+                )
+            )
+            await conn.execute(
+                text(
+                    "ALTER TABLE ref_outbox ADD CONSTRAINT ref_outbox_event_id_key "
+                    "UNIQUE (event_id)"
+                )
+            )
+        assert await _key(store, "ref_transitions") == ["id"]
+        await store.db.dispose()
+        upgraded = TradeStore(Database(pg_database), store.signer)
+        for _ in range(2):
+            await upgraded.create_schema()
+            assert await _key(upgraded, "ref_transitions") == ["trade_id", "transition"]
+            assert (
+                await _index_names(upgraded, "ref_transitions")
+                == {"uq_ref_transition_once"} | RESTING
+            )
+            assert await _index_names(upgraded, "ref_outbox") == {"ref_outbox_pkey"} | PENDING
+        await upgraded.apply("T-1", machine.EXECUTE, "b", _envelope(), None)
+        with pytest.raises(DuplicateTransition):
+            await upgraded.apply("T-1", machine.EXECUTE, "b", _envelope(), None)
+        history = [(t.transition, t.source) for t in await upgraded.history("T-1")]
+        assert history == [("create", None), ("execute", machine.CREATED)]
+        assert [e.type for e in await upgraded.events_after(0)] == ["order.created",
+                                                                     "trade.executed"]  # fmt: skip
+        store = upgraded
     finally:
         await store.db.dispose()
