@@ -559,6 +559,128 @@ def pg_per_lifecycle(before: dict[str, Any], after: dict[str, Any], n: int) -> d
     return found
 
 
+#: What ``--pg-statements`` reads per statement (pg_stat_statements 1.10, PostgreSQL 15).
+STATEMENT_COLUMNS = (
+    "calls", "total_exec_time", "rows", "shared_blks_hit", "shared_blks_read",
+    "shared_blks_dirtied", "shared_blks_written", "wal_records", "wal_fpi", "wal_bytes", "plans",
+    "total_plan_time",
+)  # fmt: skip
+
+
+async def pg_statements_reset(conn: Any) -> str:
+    """Before a phase (``--pg-statements``): a checkpoint (so that every phase starts with the same
+    full-page images to write: the first change of each page after it), pg_stat_statements emptied;
+    the WAL position (the server is the bench's own: all of its WAL is ours)."""
+    await conn.execute("CHECKPOINT")
+    await conn.execute("SELECT pg_stat_statements_reset()")
+    return str(await conn.fetchval("SELECT pg_current_wal_lsn()::text"))
+
+
+async def pg_statements(
+    conn: Any, admin_url: str, databases: list[str], wal_before: str, n: int
+) -> dict[str, Any]:
+    """After a phase: every statement of our databases per lifecycle (pg_stat_statements, the
+    top-level ones and, apart, those run inside the stores' functions), the totals per database
+    (top level only: a function's call includes what its statements did), and the WAL written
+    over the whole server (commit records included, which no statement is charged with), from and
+    to which position, and that WAL by record type and relation (:func:`wal_records`)."""
+    wal_after = str(await conn.fetchval("SELECT pg_current_wal_lsn()::text"))
+    diff = "SELECT pg_wal_lsn_diff($1::text::pg_lsn, $2::text::pg_lsn)"
+    wal = float(await conn.fetchval(diff, wal_after, wal_before))
+    labels = {databases[0]: "deployment", **{d: d.rsplit("_", 1)[1] for d in databases[1:]}}
+    columns = ", ".join(f"s.{c}" for c in STATEMENT_COLUMNS)
+    sql = f"SELECT d.datname, s.toplevel, s.query, {columns} FROM pg_stat_statements s "  # noqa: S608 - constants
+    sql += "JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = ANY($1::text[])"
+    rows = await conn.fetch(sql, databases)
+    n = max(n, 1)
+    statements = []
+    for row in rows:
+        found = {c: float(row[c]) / n for c in STATEMENT_COLUMNS}
+        found["mean_exec_ms"] = float(row["total_exec_time"]) / max(row["calls"], 1)
+        query = " ".join(row["query"].split())
+        statements.append({"db": labels[row["datname"]], "toplevel": row["toplevel"],
+                           "query": query, **found})  # fmt: skip
+    statements.sort(key=lambda s: -s["total_exec_time"])
+    totals: dict[str, dict[str, float]] = {}
+    for s in statements:
+        if s["toplevel"]:
+            for key in (s["db"], "all"):
+                t = totals.setdefault(key, dict.fromkeys(STATEMENT_COLUMNS, 0.0))
+                for c in STATEMENT_COLUMNS:
+                    t[c] += s[c]
+    return {"wal_bytes_per_lifecycle": wal / n, "wal": [wal_before, wal_after], "lifecycles": n,
+            "totals": totals, "statements": statements,
+            "wal_records": await wal_records(conn, admin_url, wal_before, wal_after, n)}  # fmt: skip
+
+
+async def wal_records(
+    conn: Any, admin_url: str, start: str, end: str, n: int
+) -> list[dict[str, Any]]:
+    """The WAL between ``start`` and ``end`` per lifecycle, by record type and by the relation of
+    its first block (pg_walinspect, when it is installed beside pg_stat_statements; [] without)."""
+    import asyncpg
+
+    if not await conn.fetchval("SELECT 1 FROM pg_extension WHERE extname = 'pg_walinspect'"):
+        return []
+    rows = await conn.fetch(
+        "SELECT resource_manager || '/' || split_part(record_type, ' ', 1) AS kind, "
+        "substring(block_ref from 'rel [0-9]+/([0-9]+)/[0-9]+') AS db, "
+        "substring(block_ref from 'rel [0-9]+/[0-9]+/([0-9]+)') AS node, count(*) AS records, "
+        "sum(record_length) AS bytes, sum(fpi_length) AS fpi_bytes "
+        "FROM pg_get_wal_records_info($1::text::pg_lsn, $2::text::pg_lsn) GROUP BY 1, 2, 3",
+        start, end,
+    )  # fmt: skip
+    names = {
+        str(r["oid"]): r["datname"]
+        for r in await conn.fetch("SELECT oid, datname FROM pg_database")
+    }
+    relations: dict[tuple[str, str], str] = {}
+    server = admin_url.replace("+asyncpg", "").rsplit("/", 1)[0]
+    for oid in {r["db"] for r in rows if r["db"] in names}:
+        try:
+            other = await asyncpg.connect(f"{server}/{names[oid]}")
+        except (OSError, asyncpg.PostgresError):
+            continue
+        try:
+            for r in await other.fetch("SELECT relfilenode::text AS node, relname FROM pg_class"):
+                relations[(oid, r["node"])] = r["relname"]
+        finally:
+            await other.close()
+    found = []
+    for r in rows:
+        relation = relations.get((r["db"], r["node"]), r["node"] or "-")
+        found.append({"kind": r["kind"], "db": names.get(r["db"] or "", r["db"] or "-"),
+                      "relation": relation, "records": r["records"] / n,
+                      "bytes": float(r["bytes"]) / n, "fpi_bytes": float(r["fpi_bytes"]) / n})  # fmt: skip
+    found.sort(key=lambda x: -(x["bytes"]))
+    return found
+
+
+def print_statements(found: dict[str, Any], path: Path) -> None:
+    """The totals per database and the costliest statements; everything appended to ``path``."""
+    print(f"    pg_stat_statements per lifecycle (WAL over the server "
+          f"{found['wal_bytes_per_lifecycle']:.0f} bytes):")  # fmt: skip
+    head = "calls", "exec ms", "rows", "hit", "dirtied", "WAL rec", "WAL bytes"
+    keys = ("calls", "total_exec_time", "rows", "shared_blks_hit", "shared_blks_dirtied",
+            "wal_records", "wal_bytes")  # fmt: skip
+    print("      " + "".ljust(12) + "".join(h.rjust(10) for h in head))
+    for db, t in sorted(found["totals"].items()):
+        print("      " + db.ljust(12) + "".join(f"{t[k]:10.2f}" for k in keys))
+    print("      the costliest statements (top level; '>' inside a function):")
+    for s in found["statements"][:30]:
+        mark = " " if s["toplevel"] else ">"
+        print(f"      {mark}{s['db'][:10].ljust(11)}" + "".join(f"{s[k]:10.2f}" for k in keys)
+              + f"  {s['query'][:110]}")  # fmt: skip
+    if found["wal_records"]:
+        print("      WAL per lifecycle by record type and relation (records, bytes, of which "
+              "full-page images):")  # fmt: skip
+        for w in found["wal_records"][:25]:
+            print(f"        {w['records']:8.2f} {w['bytes']:9.0f} {w['fpi_bytes']:9.0f}  "
+                  f"{w['kind']:<24} {w['db'][-10:]:<11} {w['relation']}")  # fmt: skip
+    with path.open("a") as handle:
+        handle.write(json.dumps(found) + "\n")
+
+
 async def outbox_drained(ref_urls: dict[str, str]) -> int:
     """The rows not yet published, over the owners' outboxes."""
     from sqlalchemy import func, select
@@ -756,7 +878,17 @@ async def drive(
             await asyncio.sleep(args.rest)
             proxies, tables = ctx["proxies"], ctx.get("tables")
             counts = await pg_counts(await meter._conn(), proxies, tables) if tables else None
+            if args.pg_statements:
+                wal_before = await pg_statements_reset(await meter._conn())
             result = await phase(driver, meter, prepared, concurrency)
+            if args.pg_statements:
+                result["pg_statements"] = await pg_statements(
+                    await meter._conn(),
+                    args.database_url,
+                    ctx["databases"],
+                    wal_before,
+                    result["lifecycles"],
+                )
             if tables and counts:
                 after = await pg_counts(await meter._conn(), proxies, tables)
                 result["pg_per_lifecycle"] = pg_per_lifecycle(counts, after, result["lifecycles"])
@@ -765,6 +897,8 @@ async def drive(
                     await ack_latencies(deployment, ctx["ref_urls"], ctx["acks"])
                 )
             print_phase(result)
+            if "pg_statements" in result:
+                print_statements(result["pg_statements"], args.pg_statements)
             results.append(result)
     finally:
         http.close()
@@ -927,6 +1061,11 @@ def arguments() -> argparse.Namespace:
                     help="count PostgreSQL statements, round trips, commits and rows written per "
                          "lifecycle and database (a proxy in this process: its CPU is the driver's; "
                          "11 s of waiting around each phase for PostgreSQL's statistics)")  # fmt: skip
+    ap.add_argument("--pg-statements", type=Path, metavar="FILE",
+                    help="per phase, each statement's cost per lifecycle from pg_stat_statements, "
+                         "appended to FILE as JSON (the server must be the bench's own, with "
+                         "the extension in --database-url's database: a checkpoint and a reset "
+                         "of its statistics before each phase)")  # fmt: skip
     ap.add_argument("--json", type=Path, help="append the summary as one JSON line to this file")
     args = ap.parse_args()
     if args.quick:

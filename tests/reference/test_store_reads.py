@@ -287,7 +287,7 @@ async def test_the_publisher_s_round_goes_straight_to_asyncpg(pg_database: str) 
         assert (await _words(sent), compiled) == (["SELECT"], [])
         await _clear(sent)
         await store.mark_published([found[0].seq])
-        assert (await _words(sent), compiled) == (["UPDATE"], [])
+        assert (await _words(sent), compiled) == (["SELECT"], [])  # store_pg.MARK_FUNCTION
         first = (await store.events_after(0))[0]
         assert first.published
         await store.mark_published([found[0].seq, found[1].seq])  # the first stays as marked
@@ -302,8 +302,8 @@ async def test_the_last_round_s_mark_goes_with_the_next_read_in_one_statement(
     pg_database: str,
 ) -> None:
     """A woken publisher's round marks what the last one published and reads what is left: one
-    statement (``WITH ... UPDATE`` then ``SELECT``), one commit; the rows it marks are not read
-    again (the SELECT sees the snapshot before the UPDATE), and the mark stays conditional."""
+    statement (the mark's function: its ``UPDATE`` then its ``SELECT``), one commit; the rows it
+    marks are not read again (the SELECT sees the UPDATE), and the mark stays conditional."""
     store, sent = await _counted_store(pg_database)
     try:
         await store.create("T-1", ORDER, "alice", _envelope(), None)
@@ -314,7 +314,7 @@ async def test_the_last_round_s_mark_goes_with_the_next_read_in_one_statement(
         marked = (await store.events_after(0))[0]
         await _clear(sent)
         assert [e.seq for e in await store.mark_then_unpublished([second.seq], 10)] == []
-        assert await _words(sent) == ["WITH"]
+        assert await _words(sent) == ["SELECT"]  # store_pg.MARK_FUNCTION
         assert [e.published for e in await store.events_after(0)] == [True, True]
         assert (await store.events_after(0))[0] == marked  # already marked: left as it was
         await store.apply("T-1", machine.PROPOSE, "alice", _envelope(), None)

@@ -97,6 +97,12 @@ transitions = Table(
     Column("mandate_id", String(128)),
     UniqueConstraint("trade_id", "transition", name="uq_ref_transition_once"),
 )
+#: On PostgreSQL the transitions' primary key is their step, (trade_id, transition), the unique
+#: constraint promoted (same name): ``id`` keeps its numbers (the history's order within a trade,
+#: read through the step's index and sorted) but no index of its own, one entry per transition
+#: that no query read (18 per lifecycle over the four stores). SQLite's ``id`` is the rowid: no
+#: index to save. ``create_schema`` moves a store made before (:func:`_key_transitions_by_step`).
+TRANSITION_KEY = "uq_ref_transition_once"
 #: Added after the first release: ``create_schema`` adds them to an older ``ref_transitions``.
 ACTING_COLUMNS = ("token_iss", "token_jti", "mandate_id")
 #: The transitions by acting token and by mandate: read only by :meth:`TradeStore.resting_on`, the
@@ -126,7 +132,10 @@ outbox = Table(
     "ref_outbox",
     metadata,
     Column("seq", Integer, primary_key=True, autoincrement=True),
-    Column("event_id", String(36), nullable=False, unique=True),
+    # not unique: no query reads the outbox by it, and an event's id is new with its signature (a
+    # transition, unique per trade, has one event); the unique index of stores made before took
+    # an entry per event and another per mark (an update that is not HOT): OUTBOX_EVENT_ID_KEY
+    Column("event_id", String(36), nullable=False),
     Column("type", String(64), nullable=False),
     # no index on trade_id or txn: no query reads the outbox by them (two index entries per event
     # written for nothing, the txn's on a random key; stores made before lose them: UNUSED_INDEXES)
@@ -1777,11 +1786,44 @@ UNUSED_INDEXES = (
 PARTIAL_INDEXES = (KEPT_INDEX, UNPUBLISHED_INDEX, UNDELIVERED_INDEX)
 
 
+#: The outbox's unique index on ``event_id`` of stores made before (PostgreSQL's name for the
+#: constraint ``unique=True`` made): dropped by ``create_schema``. SQLite's, part of the table's
+#: definition, stays (dropping it would mean copying the table).
+OUTBOX_EVENT_ID_KEY = "ref_outbox_event_id_key"
+
+
+def _key_transitions_by_step(sync_conn: Any) -> None:
+    """PostgreSQL: ``ref_transitions``' primary key on ``id`` (``create_all``'s, or a store made
+    before) replaced by the step's unique constraint promoted (:data:`TRANSITION_KEY`); the
+    outbox's :data:`OUTBOX_EVENT_ID_KEY` dropped. A no-op once done."""
+    keyed = sync_conn.execute(
+        text(
+            "SELECT 1 FROM pg_constraint WHERE conrelid = 'ref_transitions'::regclass "
+            "AND contype = 'p' AND conname = :name"
+        ),
+        {"name": TRANSITION_KEY},
+    ).first()
+    if keyed is None:
+        sync_conn.execute(
+            text(
+                "ALTER TABLE ref_transitions DROP CONSTRAINT IF EXISTS ref_transitions_pkey, "
+                f"DROP CONSTRAINT IF EXISTS {TRANSITION_KEY}, "
+                f"ADD CONSTRAINT {TRANSITION_KEY} PRIMARY KEY (trade_id, transition)"
+            )
+        )
+    sync_conn.execute(
+        text(f"ALTER TABLE ref_outbox DROP CONSTRAINT IF EXISTS {OUTBOX_EVENT_ID_KEY}")
+    )
+
+
 def _upgrade_indexes(sync_conn: Any, resting: bool) -> None:
     """A store made before :data:`PARTIAL_INDEXES` gets them (the inbox's kept events, the outbox's
     rows not yet published or in the ledger are found by them) and loses :data:`UNUSED_INDEXES`;
     the :data:`RESTING_INDEXES` are made where ``resting`` (the settlement's store) and dropped
-    elsewhere; a no-op on a current store (``IF [NOT] EXISTS``)."""
+    elsewhere; on PostgreSQL the transitions are keyed by their step
+    (:func:`_key_transitions_by_step`); a no-op on a current store (``IF [NOT] EXISTS``)."""
+    if sync_conn.dialect.name == "postgresql":
+        _key_transitions_by_step(sync_conn)
     for index in PARTIAL_INDEXES:
         index.create(sync_conn, checkfirst=True)
     for name, column in RESTING_INDEXES.items():

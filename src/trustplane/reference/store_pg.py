@@ -258,6 +258,38 @@ END
 $fn$"""  # noqa: S608 - constants
 
 
+#: The publisher's mark of the rows JetStream acked (conditional: a row marked already keeps its
+#: time) and, with ``p_limit`` > 0, its next read of the oldest rows not yet published, in one
+#: statement and one commit. The two statements as the publisher sent them before, with one
+#: difference: they cannot plan a sequential scan (``SET enable_seqscan = off``, for the
+#: function's statements only). Sent as prepared statements, each connection planned them a few
+#: times and then kept a generic plan, made while the outbox was a page or two: a sequential scan,
+#: the cheapest plan then, and never planned again without an ``ANALYZE`` (autovacuum off, or not
+#: yet run). So each round read the whole outbox, which only grows: ~0.9 scans per event, 50-110
+#: blocks per mark in a 200-lifecycle run (docs/settlement.md, "The publisher's marks"). Here the
+#: mark finds its rows by the primary key or the partial index of the unpublished rows, and the
+#: read takes the partial index in order, whatever the table's size when the plan was made. The
+#: read runs after the mark (the function's next statement sees it), so the rows just marked are
+#: not read again.
+MARK_FUNCTION = "ref_mark_published_v1"
+
+_MARK = f"""\
+CREATE OR REPLACE FUNCTION {MARK_FUNCTION}(p_seqs integer[], p_now bigint, p_limit integer)
+RETURNS SETOF ref_outbox
+LANGUAGE plpgsql VOLATILE SET enable_seqscan = off AS $fn$
+BEGIN
+    IF cardinality(p_seqs) > 0 THEN
+        UPDATE ref_outbox o SET published_at = p_now
+            WHERE o.seq = ANY(p_seqs) AND o.published_at IS NULL;
+    END IF;
+    IF p_limit > 0 THEN
+        RETURN QUERY SELECT * FROM ref_outbox o WHERE o.published_at IS NULL
+            ORDER BY o.seq LIMIT p_limit;
+    END IF;
+END
+$fn$"""  # noqa: S608 - constants
+
+
 def _call(function: str, columns: str, count: int) -> str:
     parameters = ", ".join(f"${i}" for i in range(1, count + 1))
     return f"SELECT {columns} FROM {function}({parameters})"  # noqa: S608 - constants
@@ -295,6 +327,7 @@ async def create_functions(conn: AsyncConnection) -> None:
     await conn.exec_driver_sql(_LEARN)
     await conn.exec_driver_sql(_LEARN_ALL)
     await conn.exec_driver_sql(_APPLY)
+    await conn.exec_driver_sql(_MARK)
 
 
 class Duplicate(Exception):
@@ -339,22 +372,14 @@ async def applied(
 #: commit (the hand-off), as the SQLAlchemy selects of ``TradeStore.trade`` and ``events_after``.
 TRADE = "SELECT * FROM ref_trades WHERE trade_id = $1"
 EVENTS_AFTER = "SELECT * FROM ref_outbox WHERE seq > $1 ORDER BY seq LIMIT $2"
-#: The publisher's round: the oldest unpublished rows, then the mark of those JetStream acked
-#: (conditional, as ``TradeStore.mark_published``), as the SQLAlchemy statements did.
+#: The publisher's round: the oldest unpublished rows (the partial index in order, a plan that
+#: stays right as the table grows), then the mark of those JetStream acked (conditional, as
+#: ``TradeStore.mark_published``), alone (``p_limit`` 0) or with the next round's read (the
+#: publisher of a woken outbox): :data:`MARK_FUNCTION`, both or neither (one autocommit
+#: transaction).
 UNPUBLISHED = "SELECT * FROM ref_outbox WHERE published_at IS NULL ORDER BY seq LIMIT $1"
-MARK_PUBLISHED = (
-    "UPDATE ref_outbox SET published_at = $2 WHERE seq = ANY($1::integer[]) "
-    "AND published_at IS NULL"
-)
-#: The last round's mark and this round's read in one statement (the publisher of a woken outbox):
-#: the SELECT sees the snapshot before the CTE's UPDATE, so the rows being marked are left out by
-#: their ``seq``; both happen or neither (one autocommit transaction).
-MARK_THEN_UNPUBLISHED = (
-    "WITH marked AS (UPDATE ref_outbox SET published_at = $3 WHERE seq = ANY($2::integer[]) "
-    "AND published_at IS NULL) "
-    "SELECT * FROM ref_outbox WHERE published_at IS NULL AND seq <> ALL($2::integer[]) "
-    "ORDER BY seq LIMIT $1"
-)
+MARK_PUBLISHED = f"SELECT * FROM {MARK_FUNCTION}($1::integer[], $2, 0)"  # noqa: S608 - constants
+MARK_THEN_UNPUBLISHED = f"SELECT * FROM {MARK_FUNCTION}($2::integer[], $3, $1)"  # noqa: S608
 
 
 async def fetch(db: Database, sql: str, params: tuple[Any, ...]) -> list[Any]:
