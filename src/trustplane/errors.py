@@ -21,8 +21,9 @@ _SPELLED = str.maketrans({"\u00a7": "section ", '"': "'", "\\": "/", "\u2014": "
 
 def wire_description(text: str) -> str:
     """``text`` as an RFC 6749 ``error_description`` may carry it: in the allowed set. Applied
-    where the authorization endpoint and ``/par`` answer (``trustplane.authorize``); the token
-    endpoint's descriptions need it too (one says "RFC 9449 §5.2")."""
+    where the OAuth endpoints answer (``/authorize`` and ``/par`` in ``trustplane.authorize``;
+    ``/token``, ``/introspect``, ``/revoke`` in ``trustplane.oauth.http``) and in the descriptions
+    that quote a client's ``authorization_details`` or a partner's assertion."""
     return _NOT_IN_DESCRIPTION.sub("?", text.translate(_SPELLED))
 
 

@@ -330,7 +330,9 @@ async def test_a_pushed_request_for_a_redirect_uri_since_removed_gets_the_error_
             id="details-type-removed",
         ),
         pytest.param(
-            {"grant_types": ["client_credentials"]}, "unauthorized_client", id="code-grant-removed"
+            {"grant_types": ["client_credentials"], "response_types": []},
+            "unauthorized_client",
+            id="code-grant-removed",
         ),
     ],
 )

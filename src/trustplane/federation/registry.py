@@ -20,7 +20,6 @@ jwt-bearer grant (RFC 7523 §2.1, §3) and for token exchange (RFC 8693 ``subjec
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, NewType, TypeGuard
@@ -28,6 +27,7 @@ from typing import Any, NewType, TypeGuard
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from trustplane.clients.remote_jwks import RemoteJwksCache
+from trustplane.errors import wire_description
 from trustplane.federation.profile import (
     TOKEN_TYPE_ACCESS_TOKEN,
     TOKEN_TYPE_JWT,
@@ -48,8 +48,6 @@ TYP_TOKEN_TYPES: dict[str | None, str] = {
     "jwt": TOKEN_TYPE_JWT,
     "at+jwt": TOKEN_TYPE_ACCESS_TOKEN,
 }
-#: RFC 6749 §5.2: ``error_description`` is %x20-21 / %x23-5B / %x5D-7E; anything else shows as ``?``.
-_NOT_WIRE_SAFE = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
 #: Replay-cache namespace: partner jtis can never collide with client-assertion jtis (client ids).
 REPLAY_NAMESPACE = "partner-assertion:"
 SUBJECT_PREFIX = "partner:"
@@ -68,7 +66,7 @@ class PartnerTokenError(Exception):
     def __init__(
         self, reason_id: str, description: str, *, debug: str = "", partner: str | None = None
     ) -> None:
-        shown = _NOT_WIRE_SAFE.sub("?", description)[:300]
+        shown = wire_description(description)[:300]
         super().__init__(shown)
         self.reason_id, self.description = reason_id, shown
         self.debug, self.partner = debug or description, partner

@@ -4,7 +4,6 @@ service, return a ``Response`` directly (no request models, no JSON encoder deto
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -14,25 +13,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from trustplane.errors import OAuth2Error
+from trustplane.errors import OAuth2Error, wire_description
 from trustplane.keys.service import KeyService
 from trustplane.oauth.introspection import IntrospectionService
 from trustplane.oauth.token_endpoint import TokenEndpoint
 from trustplane.protocol.form import read_form
 from trustplane.protocol.responses import NO_STORE, Answer, NoStoreJSON, protocol_endpoint
 from trustplane.tls import CertificateSource, client_certificate
-
-#: RFC 6749 §5.2: ``error_description`` MUST NOT include characters outside
-#: ``%x20-21 / %x23-5B / %x5D-7E`` (no quote, no backslash, ASCII only).
-_NOT_DESCRIPTION = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
-
-
-def wire_description(text: str) -> str:
-    """``text`` in the characters RFC 6749 §5.2 allows: a description often quotes what the
-    request sent (an unknown ``grant_type``, a scope), which may hold anything."""
-    if not _NOT_DESCRIPTION.search(text):
-        return text
-    return _NOT_DESCRIPTION.sub("?", text.replace("§", "section ").replace('"', "'"))
 
 
 @contextlib.contextmanager

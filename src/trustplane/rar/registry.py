@@ -29,14 +29,12 @@ import orjson
 from jsonschema import SchemaError
 from jsonschema.exceptions import best_match
 
-from trustplane.errors import InvalidAuthorizationDetailsError
+from trustplane.errors import InvalidAuthorizationDetailsError, wire_description
 from trustplane.rar.formats import TypeValidator, format_checker
 
 #: Caps applied before any schema work (joserfc style): nothing legitimate is larger.
 MAX_TEXT = 16 * 1024
 MAX_DETAILS = 16
-#: RFC 6749 §5.2: ``error_description`` is %x20-21 / %x23-5B / %x5D-7E; anything else shows as ``?``.
-_NOT_WIRE_SAFE = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
 TYPE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
 
@@ -172,7 +170,7 @@ class AuthorizationDetailsRegistry:
 
 
 def _refusal(description: str) -> InvalidAuthorizationDetailsError:
-    return InvalidAuthorizationDetailsError(_NOT_WIRE_SAFE.sub("?", description)[:300])
+    return InvalidAuthorizationDetailsError(wire_description(description)[:300])
 
 
 def _holds_nul(value: Any) -> bool:
