@@ -7,6 +7,7 @@ the values a decision's ledger entry must hold (its integration failed on Postgr
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -389,3 +390,98 @@ async def test_the_request_id_is_echoed_on_refusals_at_the_entry(
     assert (large.status_code, large.json()["error"]) == (413, "invalid_request")
     assert (nul.status_code, nul.json()["error"]) == (400, "invalid_request")
     assert large.headers["x-request-id"] == nul.headers["x-request-id"] == "conf-1"
+
+
+# --------------------------------------------------------------------------- JSON text (§10.1.1, §11.5)
+
+DUPLICATED: list[tuple[str, bytes]] = [
+    (
+        "a top-level member",
+        b'{"subject": {"type": "Client", "id": "a"}, "subject": {"type": "Client", "id": "c-1"}}',
+    ),
+    ("an entity member", b'{"subject": {"type": "Client", "id": "a", "id": "c-1"}}'),
+    ("an escaped name", b'{"action": {"name": "order:create", "n\\u0061me": "order:cancel"}}'),
+    ("a batch item's member", b'{"evaluations": [{"context": {}, "context": {"x": 1}}]}'),
+]
+
+
+@pytest.mark.parametrize("raw", [c[1] for c in DUPLICATED], ids=[c[0] for c in DUPLICATED])
+@pytest.mark.parametrize("path", ["evaluation", "evaluations"])
+async def test_a_member_named_twice_is_400(
+    server: Server, token: str, path: str, raw: bytes
+) -> None:
+    """§11.5 (I-JSON, RFC 7493 §2.3): member names are unique. The parser keeps one of two (the
+    last), so a gateway that read the other would have let another request through: refused."""
+    response = await post(server, path, raw, token)
+
+    assert response.status_code == 400, response.text
+    assert response.json() == {
+        "error": "invalid_request",
+        "error_description": "the request body names a member twice in one object",
+    }
+
+
+async def test_the_same_name_in_different_objects_is_not_a_repeat(
+    server: Server, token: str
+) -> None:
+    """``type``/``id`` in every entity, a value holding ``":`` and spaces before a colon: none is a
+    repeated member."""
+    body = evaluation(transaction_id='txn "quoted": value')
+    raw = json.dumps(body).encode().replace(b'"action":', b'"action" :\n ')
+
+    response = await post(server, "evaluation", raw, token)
+
+    assert response.status_code == 200, response.text
+    assert response.json()["decision"] is True
+
+
+async def test_unknown_members_are_ignored(server: Server, token: str) -> None:
+    """§10.1.1: receivers MUST ignore unknown fields (top level, entity, action, options)."""
+    body = {
+        **evaluation(),
+        "future_member": {"x": 1},
+        "action": {"name": "order:create", "future": True},
+        "evaluations": [{"resource": {**order(), "future": [1]}}],
+        "options": {"evaluations_semantic": "execute_all", "another_option": "value"},
+    }
+
+    response = await post(server, "evaluations", body, token)
+
+    assert response.status_code == 200, response.text
+    assert [r["decision"] for r in response.json()["evaluations"]] == [True]
+
+
+UNSTORABLE: list[tuple[str, bytes, str]] = [
+    (
+        "a NUL in an id",
+        b'{"subject": {"type": "Client", "id": "c-1\\u0000"}}',
+        "a string in the request body holds a NUL character",
+    ),
+    (
+        "an unpaired surrogate",
+        b'{"context": {"note": "\\ud800"}}',
+        "a string in the request body holds an unpaired surrogate",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("raw", "description"), [c[1:] for c in UNSTORABLE], ids=[c[0] for c in UNSTORABLE]
+)
+async def test_text_postgresql_cannot_store_is_400_and_nothing_is_recorded(
+    server: Server, token: str, raw: bytes, description: str
+) -> None:
+    """§11.5: UTF-8 without unpaired surrogates; a NUL, which no ``text`` column holds, is refused
+    as the body is read (trustplane.limits), before any decision is made or recorded."""
+    async with server.services.db.read() as conn:
+        before = (await conn.execute(text("SELECT count(*) FROM policy_decisions"))).scalar_one()
+
+    response = await post(server, "evaluation", raw, token, **RID)
+
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "invalid_request"
+    assert description in response.json()["error_description"]
+    assert response.headers["x-request-id"] == "conf-1"
+    async with server.services.db.read() as conn:
+        after = (await conn.execute(text("SELECT count(*) FROM policy_decisions"))).scalar_one()
+    assert after == before

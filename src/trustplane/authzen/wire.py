@@ -27,8 +27,11 @@ Action ``properties`` are not used by trustplane's policies (put request data in
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, TypeGuard
+
+import orjson
 
 from trustplane.authzen.model import Decision, DecisionRequest, Entity
 from trustplane.errors import InvalidRequestError
@@ -48,6 +51,43 @@ SEMANTICS = ("execute_all", "deny_on_first_deny", "permit_on_first_permit")
 
 
 # --------------------------------------------------------------------------- JSON -> model
+
+#: A JSON string token, and (group 1) the ``:`` after it when it is a member name. Outside strings a
+#: JSON text has no quote, so scanning from the left meets every string token from its start.
+_STRING_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"([ \t\n\r]*:)?')
+
+#: A quote and whitespace: perhaps a member name spaced from its colon.
+_SPACED = (b'" ', b'"\n', b'"\t', b'"\r')
+
+
+def repeats_a_member_name(raw: bytes, parsed: object) -> bool:
+    """Whether an object of the JSON text ``raw`` names a member twice (§11.5: I-JSON, RFC 7493
+    §2.3): the parser kept one of them (orjson: the last), so an intermediary that read the other
+    saw another request. Exact: ``parsed`` has fewer members than ``raw`` names only if a name
+    repeats.
+
+    The common text (no backslash, so no escape and every quote delimits a string; no quote
+    followed by whitespace, so no name spaced from its colon) is compared with ``parsed`` serialised again, counting ``":`` in both: each
+    member name gives one, and so does each string opening with a colon. The strings of both are the
+    same bytes (nothing to escape), except those of a member dropped as a repeat, which only lower
+    the second count; so the counts differ exactly when a member was dropped. Any other text is
+    counted token by token."""
+    if b"\\" not in raw and not any(spaced in raw for spaced in _SPACED):
+        return raw.count(b'":') != orjson.dumps(parsed).count(b'":')
+    tokens = _STRING_TOKEN.findall(raw)
+    return len(tokens) - tokens.count(b"") != _members(parsed)
+
+
+def _members(parsed: object) -> int:
+    members, stack = 0, [parsed]
+    while stack:  # no recursion: orjson parses deeper nesting than Python's recursion limit
+        value = stack.pop()
+        if type(value) is dict:
+            members += len(value)
+            stack.extend(v for v in value.values() if type(v) is dict or type(v) is list)
+        elif type(value) is list:
+            stack.extend(v for v in value if type(v) is dict or type(v) is list)
+    return members
 
 
 def _object(value: object, where: str, *, required: bool = True) -> dict[str, Any]:

@@ -44,6 +44,7 @@ from trustplane.authzen.wire import (
     MAX_CORRELATION_ID,
     decision_to_json,
     evaluations_from_json,
+    repeats_a_member_name,
     request_from_json,
 )
 from trustplane.bearer_guard import BearerGuard, Protected
@@ -244,7 +245,8 @@ def _count(endpoint: str, decisions: Sequence[Decision]) -> None:
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
-    """§10.1: ``Content-Type: application/json`` and a JSON object, or a 400 saying what is wrong."""
+    """§10.1: ``Content-Type: application/json`` and a JSON object, or a 400 saying what is wrong;
+    an object naming a member twice is refused too (§11.5, I-JSON)."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != "application/json":
         raise InvalidRequestError("Content-Type must be application/json")
@@ -257,6 +259,8 @@ async def _json_body(request: Request) -> dict[str, Any]:
         raise InvalidRequestError("the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise InvalidRequestError("the request body must be a JSON object")
+    if repeats_a_member_name(raw, body):
+        raise InvalidRequestError("the request body names a member twice in one object")
     return body
 
 
