@@ -69,6 +69,10 @@ OAUTH_SHAPED_PREFIXES = (
     "/ssf",
 )
 
+#: Paths whose refusals echo the request's ``X-Request-ID`` (AuthZEN 1.0 §10.1.3: the PDP MUST answer
+#: a request that carries one with the same identifier, errors included).
+REQUEST_ID_PREFIXES = ("/access/v1/evaluation", "/access/v1/evaluations")
+
 #: RFC 8935 §2.3 (push delivery) errors are ``{"err", "description"}``; the RFC 8936 poll endpoint
 #: answers both that and the ``error`` members of the rest of the SSF API (``trustplane.ssf.http``).
 SET_DELIVERY_PATH = "/ssf/receiver"
@@ -177,9 +181,18 @@ def refusal(status: int, detail: str, path: str) -> tuple[list[tuple[bytes, byte
     return headers, body
 
 
-async def send_refusal(send: Send, status: int, detail: str, path: str, reason: str) -> None:
+async def send_refusal(
+    send: Send,
+    status: int,
+    detail: str,
+    path: str,
+    reason: str,
+    echoed: Sequence[tuple[bytes, bytes]] = (),
+) -> None:
+    """``echoed``: request header fields the answer repeats (:func:`echoed_fields`)."""
     REQUESTS_REFUSED.labels(reason=reason).inc()
     headers, body = refusal(status, detail, path)
+    headers.extend(echoed)
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -293,18 +306,18 @@ class BoundedRequests:
         path: str = scope["path"]
         head = _Head(scope["headers"], self.limits)
         if head.problem is not None:
-            await self._refuse(send, 431, head.problem, path, "headers")
+            await self._refuse(send, 431, head.problem, scope, "headers")
             return
         if head.length == -1:
-            await self._refuse(send, 400, "malformed Content-Length", path, "content_length")
+            await self._refuse(send, 400, "malformed Content-Length", scope, "content_length")
             return
         if head.nul or _nul_in_target(scope):
-            await self._refuse(send, 400, _NUL_IN_TARGET, path, "nul")
+            await self._refuse(send, 400, _NUL_IN_TARGET, scope, "nul")
             return
         cap = self.limits.body_cap(path)
         if head.length is not None and not head.chunked:
             if head.length > cap:
-                await self._refuse(send, 413, _too_large(cap), path, "body_declared")
+                await self._refuse(send, 413, _too_large(cap), scope, "body_declared")
                 return
             # within the cap: the HTTP server's framing delivers at most Content-Length bytes, and
             # an unread rest is small enough to drain
@@ -316,14 +329,30 @@ class BoundedRequests:
             return
         await _Exchange(self.app, cap, path, head.chunked, head.json).run(scope, receive, send)
 
-    async def _refuse(self, send: Send, status: int, detail: str, path: str, reason: str) -> None:
+    async def _refuse(
+        self, send: Send, status: int, detail: str, scope: Scope, reason: str
+    ) -> None:
+        path: str = scope["path"]
         hook = self._hooks.get(path)
         if hook is not None:
             try:
                 await hook(_REFUSALS[status](detail))
             except Exception as exc:  # the refusal stands whatever happens to its record
                 log.error("refusal_hook_failed", path=path, error=repr(exc))
-        await send_refusal(send, status, detail, path, reason)
+        echoed = echoed_fields(scope) if status != 431 else ()
+        await send_refusal(send, status, detail, path, reason, echoed)
+
+
+def echoed_fields(scope: Scope) -> list[tuple[bytes, bytes]]:
+    """The ``X-Request-ID`` a refusal at :data:`REQUEST_ID_PREFIXES` repeats (none for a value
+    holding a NUL: that is what is refused)."""
+    if not any(_matches(scope["path"], prefix) for prefix in REQUEST_ID_PREFIXES):
+        return []
+    return [
+        (b"x-request-id", value)
+        for name, value in scope["headers"]
+        if name == b"x-request-id" and b"\x00" not in value
+    ][:1]
 
 
 class StreamingRequest(Protocol):

@@ -4,8 +4,10 @@ both give the same request; everything else is left to the checked path (and ans
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -53,6 +55,9 @@ LIMITS: list[tuple[str, Any]] = [
         "parents over the limit",
         {"type": "C", "id": "c", "parents": [{"type": "L", "id": "l"}] * 17},
     ),
+    ("a subject id at its limit", {"type": "Client", "id": "x" * wire.MAX_SUBJECT_PART}),
+    ("a subject id over its limit", {"type": "Client", "id": "x" * (wire.MAX_SUBJECT_PART + 1)}),
+    ("a subject type over its limit", {"type": "C" * (wire.MAX_SUBJECT_PART + 1), "id": "c"}),
     ("an empty type", {"type": "", "id": "c"}),
     ("a number id", {"type": "C", "id": 7}),
     ("properties a list", {"type": "C", "id": "c", "properties": []}),
@@ -157,3 +162,53 @@ def test_a_request_survives_the_round_trip_through_json() -> None:
     assert back.resource == request.resource
     assert back.subject == request.subject
     assert back.transaction_id == "txn-9"
+
+
+# --------------------------------------------------------------------------- repeated member names
+
+_NAMES = st.sampled_from(["a", "b", "id", 'q"', "c:", "\\", "\u00e9"])
+_SPACE = st.sampled_from(["", " ", "\n\t "])
+
+
+def _scalar_text(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+json_texts = st.recursive(
+    st.one_of(st.integers(), st.booleans(), st.none(), _NAMES).map(_scalar_text),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4).map(lambda items: "[" + ",".join(items) + "]"),
+        st.lists(st.tuples(_NAMES, _SPACE, inner), max_size=4).map(
+            lambda members: (
+                "{"
+                + ",".join(f"{json.dumps(k)}{space}:{space}{v}" for k, space, v in members)
+                + "}"
+            )
+        ),
+    ),
+    max_leaves=20,
+)
+
+
+def _repeats(raw: str) -> bool:
+    """The reference: the standard library's parser sees every member of every object."""
+    found = False
+
+    def pairs(members: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal found
+        names = [name for name, _ in members]
+        found = found or len(set(names)) != len(names)
+        return dict(members)
+
+    json.loads(raw, object_pairs_hook=pairs)
+    return found
+
+
+@settings(max_examples=500, deadline=None)
+@given(raw=json_texts)
+def test_a_repeated_member_name_is_found_exactly(raw: str) -> None:
+    """``repeats_a_member_name`` (§11.5) against the standard library's view of the same text:
+    names holding quotes, colons, backslashes and non-ASCII, spaces around the colon."""
+    data = raw.encode()
+
+    assert wire.repeats_a_member_name(data, orjson.loads(data)) is _repeats(raw)

@@ -4,7 +4,7 @@ the HTTP PDP (``trustplane.policy.http``) and the remote PDP client a PEP uses
 
 Information model (§5): a subject and a resource are ``{"type", "id", "properties"}``, an action is
 ``{"name", "properties"}``, the context is an object. trustplane's extensions, which other PDPs ignore
-as unknown fields (§12.1.1 "receivers MUST ignore unknown fields"):
+as unknown fields (§10.1.1 "receivers MUST ignore unknown fields"):
 
 - an entity may carry ``"parents": [entity, ...]`` (Cedar membership, e.g. a client's legal entity);
 - a property value ``{"__entity": {"type": T, "id": I}}`` is a reference to another entity (the
@@ -16,13 +16,22 @@ as unknown fields (§12.1.1 "receivers MUST ignore unknown fields"):
 
 Values nest at most ``MAX_DEPTH`` levels: deeper input is a 400, not a recursion error.
 
+Lengths: an entity's ``type`` and ``id`` are at most ``MAX_ID_LENGTH`` characters, but the subject's at
+most ``MAX_SUBJECT_PART`` each and ``transaction_id`` at most ``MAX_TRANSACTION_ID``: every decision is
+recorded in the ledger, whose leaves index the subject (``Type::"id"``, 256 characters), a client's id
+(128) and the transaction (128). A longer value was answered 200, and its ledger entry then failed
+every integration on PostgreSQL (``value too long``): one caller's request stopped the ledger.
+
 Action ``properties`` are not used by trustplane's policies (put request data in ``context``).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, TypeGuard
+
+import orjson
 
 from trustplane.authzen.model import Decision, DecisionRequest, Entity
 from trustplane.errors import InvalidRequestError
@@ -30,6 +39,11 @@ from trustplane.errors import InvalidRequestError
 MAX_EVALUATIONS = 100
 MAX_PARENTS = 16
 MAX_ID_LENGTH = 512
+#: The subject's ``type`` and ``id`` (module doc): ``Type::"id"`` fits the ledger's 256 characters,
+#: and a ``Client``'s id its 128.
+MAX_SUBJECT_PART = 126
+#: trustplane's extension member ``transaction_id`` (module doc): the ledger's 128 characters.
+MAX_TRANSACTION_ID = 128
 MAX_DEPTH = 16
 #: The longest correlation id (a longer ``X-Request-ID`` is cut to this by the HTTP PDP).
 MAX_CORRELATION_ID = 256
@@ -37,6 +51,43 @@ SEMANTICS = ("execute_all", "deny_on_first_deny", "permit_on_first_permit")
 
 
 # --------------------------------------------------------------------------- JSON -> model
+
+#: A JSON string token, and (group 1) the ``:`` after it when it is a member name. Outside strings a
+#: JSON text has no quote, so scanning from the left meets every string token from its start.
+_STRING_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"([ \t\n\r]*:)?')
+
+#: A quote and whitespace: perhaps a member name spaced from its colon.
+_SPACED = (b'" ', b'"\n', b'"\t', b'"\r')
+
+
+def repeats_a_member_name(raw: bytes, parsed: object) -> bool:
+    """Whether an object of the JSON text ``raw`` names a member twice (§11.5: I-JSON, RFC 7493
+    §2.3): the parser kept one of them (orjson: the last), so an intermediary that read the other
+    saw another request. Exact: ``parsed`` has fewer members than ``raw`` names only if a name
+    repeats.
+
+    The common text (no backslash, so no escape and every quote delimits a string; no quote
+    followed by whitespace, so no name spaced from its colon) is compared with ``parsed`` serialised again, counting ``":`` in both: each
+    member name gives one, and so does each string opening with a colon. The strings of both are the
+    same bytes (nothing to escape), except those of a member dropped as a repeat, which only lower
+    the second count; so the counts differ exactly when a member was dropped. Any other text is
+    counted token by token."""
+    if b"\\" not in raw and not any(spaced in raw for spaced in _SPACED):
+        return raw.count(b'":') != orjson.dumps(parsed).count(b'":')
+    tokens = _STRING_TOKEN.findall(raw)
+    return len(tokens) - tokens.count(b"") != _members(parsed)
+
+
+def _members(parsed: object) -> int:
+    members, stack = 0, [parsed]
+    while stack:  # no recursion: orjson parses deeper nesting than Python's recursion limit
+        value = stack.pop()
+        if type(value) is dict:
+            members += len(value)
+            stack.extend(v for v in value.values() if type(v) is dict or type(v) is list)
+        elif type(value) is list:
+            stack.extend(v for v in value if type(v) is dict or type(v) is list)
+    return members
 
 
 def _object(value: object, where: str, *, required: bool = True) -> dict[str, Any]:
@@ -47,10 +98,12 @@ def _object(value: object, where: str, *, required: bool = True) -> dict[str, An
     return value
 
 
-def _text(entity: dict[str, Any], key: str, where: str) -> str:
+def _text(entity: dict[str, Any], key: str, where: str, limit: int = MAX_ID_LENGTH) -> str:
     value = entity.get(key)
-    if type(value) is not str or not value or len(value) > MAX_ID_LENGTH:
+    if type(value) is not str or not value:
         raise InvalidRequestError(f"{where}.{key} must be a non-empty string")
+    if len(value) > limit:
+        raise InvalidRequestError(f"{where}.{key} must be at most {limit} characters")
     return value
 
 
@@ -71,7 +124,10 @@ def _value(value: Any, depth: int = 0) -> Any:
     return [_value(v, depth + 1) for v in value]  # orjson gives nothing else than a list here
 
 
-def entity_from_json(value: object, where: str, *, depth: int = 0) -> Entity:
+def entity_from_json(
+    value: object, where: str, *, depth: int = 0, limit: int = MAX_ID_LENGTH
+) -> Entity:
+    """An entity (§5.1, §5.2); ``limit``: the longest ``type`` and ``id`` (module doc)."""
     if type(value) is not dict:
         raise InvalidRequestError(f"{where} must be a JSON object")
     if depth > MAX_DEPTH:
@@ -93,7 +149,8 @@ def entity_from_json(value: object, where: str, *, depth: int = 0) -> Entity:
         )
     else:
         raise InvalidRequestError(f"{where}.parents must be an array of at most {MAX_PARENTS}")
-    return Entity(_text(value, "type", where), _text(value, "id", where), attributes, members)
+    kind, ident = _text(value, "type", where, limit), _text(value, "id", where, limit)
+    return Entity(kind, ident, attributes, members)
 
 
 def action_from_json(value: object, where: str) -> str:
@@ -105,7 +162,7 @@ def action_from_json(value: object, where: str) -> str:
 def request_from_json(
     raw: Mapping[str, Any], where: str, correlation_id: str | None
 ) -> DecisionRequest:
-    """One evaluation (§6.1); a missing subject, action or resource is a 400 (§12.1.1).
+    """One evaluation (§6.1); a missing subject, action or resource is a 400 (§10.1.1).
 
     Well-formed input takes :func:`_parsed_request`, which builds no error text; anything it does not
     accept is parsed again by :func:`_checked_request`, which says where the problem is.
@@ -131,7 +188,7 @@ def _checked_request(
         if raw.get(key) is None:
             raise InvalidRequestError(f"{where}{key} is required")
     return DecisionRequest(
-        entity_from_json(raw["subject"], f"{where}subject"),
+        entity_from_json(raw["subject"], f"{where}subject", limit=MAX_SUBJECT_PART),
         action_from_json(raw["action"], f"{where}action"),
         entity_from_json(raw["resource"], f"{where}resource"),
         _context(raw.get("context"), f"{where}context"),
@@ -173,10 +230,10 @@ def _parsed_request(raw: Mapping[str, Any], correlation_id: str | None) -> Decis
     else:
         raise _Malformed
     transaction_id = raw.get("transaction_id")
-    if transaction_id is not None and not _is_id(transaction_id):
+    if transaction_id is not None and not _is_id(transaction_id, MAX_TRANSACTION_ID):
         raise _Malformed
     return DecisionRequest(
-        _fast_entity(raw.get("subject"), 0),
+        _fast_entity(raw.get("subject"), 0, MAX_SUBJECT_PART),
         name,
         _fast_entity(raw.get("resource"), 0),
         context,
@@ -185,8 +242,8 @@ def _parsed_request(raw: Mapping[str, Any], correlation_id: str | None) -> Decis
     )
 
 
-def _is_id(value: object) -> TypeGuard[str]:
-    return type(value) is str and 0 < len(value) <= MAX_ID_LENGTH
+def _is_id(value: object, limit: int = MAX_ID_LENGTH) -> TypeGuard[str]:
+    return type(value) is str and 0 < len(value) <= limit
 
 
 def _fast_value(value: Any, depth: int) -> Any:
@@ -202,11 +259,11 @@ def _fast_value(value: Any, depth: int) -> Any:
     return [_fast_value(v, depth + 1) for v in value]
 
 
-def _fast_entity(value: object, depth: int) -> Entity:
+def _fast_entity(value: object, depth: int, limit: int = MAX_ID_LENGTH) -> Entity:
     if type(value) is not dict or depth > MAX_DEPTH:
         raise _Malformed
     kind, ident = value.get("type"), value.get("id")
-    if not (_is_id(kind) and _is_id(ident)):
+    if not (_is_id(kind, limit) and _is_id(ident, limit)):
         raise _Malformed
     properties = value.get("properties")
     if properties is None:
@@ -231,8 +288,12 @@ def _transaction_id(value: object, where: str) -> str | None:
     """trustplane's extension member ``transaction_id`` (a token's ``txn``): optional, a string."""
     if value is None:
         return None
-    if type(value) is not str or not value or len(value) > MAX_ID_LENGTH:
+    if type(value) is not str or not value:
         raise InvalidRequestError(f"{where}transaction_id must be a non-empty string")
+    if len(value) > MAX_TRANSACTION_ID:
+        raise InvalidRequestError(
+            f"{where}transaction_id must be at most {MAX_TRANSACTION_ID} characters"
+        )
     return value
 
 

@@ -4,13 +4,19 @@
 - ``POST /access/v1/evaluations`` (§7): a batch, top-level defaults (§7.1.1) and
   ``options.evaluations_semantic`` (§7.1.2: ``execute_all``, ``deny_on_first_deny``,
   ``permit_on_first_permit``; the short-circuited answer ends with the deciding evaluation);
-- ``GET /.well-known/authzen-configuration`` (§9): the PDP metadata.
+- ``GET /.well-known/authzen-configuration`` (§9): the PDP metadata; for an issuer with a path
+  (``https://host/tp``) also at ``/.well-known/authzen-configuration/tp``, the location §9.2 forms
+  by inserting the well-known string between host and path (the one a PEP fetches).
+
+Not served: the Search APIs (§8): ``/access/v1/search/{subject,resource,action}`` answer 404
+``not_found`` and the metadata names no ``search_*_endpoint`` (§9.1.1: their absence tells the PEP).
+Another method than POST on an evaluation endpoint is a 405 ``invalid_request`` with ``Allow: POST``.
 
 Callers authenticate with a bearer access token this server issued for the audience
 ``{issuer}/access/v1`` with scope ``decision:evaluate``, checked by the one bearer guard
 (``trustplane.bearer_guard``: revocation, client, mandate and scope on every call; RFC 6750 errors). A deny
-is a 200 with ``"decision": false`` (§12.1.3); 400 is for bodies that are not the information model,
-with a JSON error naming the field. ``X-Request-ID`` is echoed (§12.1.4) and becomes the decisions'
+is a 200 with ``"decision": false`` (§10.1.2); 400 is for bodies that are not the information model,
+with a JSON error naming the field. ``X-Request-ID`` is echoed (§10.1.3) and becomes the decisions'
 correlation id, unless an evaluation names its own in trustplane's extension member
 ``correlation_id`` (a PEP batching several callers' questions does). Decisions are recorded by the
 decision point; these handlers only translate.
@@ -24,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 from prometheus_client import Counter
@@ -37,13 +44,19 @@ from trustplane.authzen.wire import (
     MAX_CORRELATION_ID,
     decision_to_json,
     evaluations_from_json,
+    repeats_a_member_name,
     request_from_json,
 )
 from trustplane.bearer_guard import BearerGuard, Protected
 from trustplane.bearer_guard.http import answered, caller
-from trustplane.errors import ErrorTable, InvalidRequestError
+from trustplane.errors import ErrorTable, InvalidRequestError, NotFoundError
 
 SCOPE = "decision:evaluate"
+WELL_KNOWN = "/.well-known/authzen-configuration"
+#: §8's endpoints (their default paths, §10.1): not served.
+SEARCH_PATHS = tuple(f"/access/v1/search/{kind}" for kind in ("subject", "resource", "action"))
+#: Methods answered 405 at the evaluation endpoints (HEAD comes with GET).
+_NOT_POST = ["GET", "PUT", "PATCH", "DELETE"]
 MAX_BODY = 256 * 1024
 MAX_REQUEST_ID = MAX_CORRELATION_ID
 AUTHZEN_DECISIONS = Counter(
@@ -130,7 +143,25 @@ class AuthzenHttp:
     async def configuration(self, _request: Request) -> Response:
         return Response(orjson.dumps(self.metadata()), media_type="application/json")
 
+    def well_known_paths(self) -> list[str]:
+        """§9.2: the well-known string inserted between the issuer's host and its path; and the
+        path-less form (the same for an issuer without a path; for one with a path, where a
+        deployment mounted under that path by a proxy is asked)."""
+        inserted = WELL_KNOWN + urlsplit(self.issuer).path
+        return sorted({WELL_KNOWN, inserted})
+
     def routes(self) -> list[Route]:
+        refused = [
+            Route(path, _endpoint("authzen_refused", _not_post), methods=_NOT_POST)
+            for path in ("/access/v1/evaluation", "/access/v1/evaluations")
+        ]
+        unserved = [
+            Route(path, _endpoint("authzen_refused", _not_served), methods=["POST", *_NOT_POST])
+            for path in SEARCH_PATHS
+        ]
+        metadata = [
+            Route(path, self.configuration, methods=["GET"]) for path in self.well_known_paths()
+        ]
         return [
             Route(
                 "/access/v1/evaluation",
@@ -142,13 +173,33 @@ class AuthzenHttp:
                 _endpoint("authzen_evaluations", self.evaluations),
                 methods=["POST"],
             ),
-            Route("/.well-known/authzen-configuration", self.configuration, methods=["GET"]),
+            *refused,
+            *unserved,
+            *metadata,
         ]
+
+
+class MethodNotAllowedError(InvalidRequestError):
+    """RFC 9110 §15.5.6: the evaluation endpoints take POST only (§10.1); ``Allow`` says so."""
+
+    status_code = 405
+
+
+async def _not_post(request: Request) -> Response:
+    raise MethodNotAllowedError(
+        f"{request.method} is not allowed here: use POST", headers={"Allow": "POST"}
+    )
+
+
+async def _not_served(_request: Request) -> Response:
+    raise NotFoundError(
+        "the AuthZEN Search APIs are not served (the PDP metadata names no search endpoint)"
+    )
 
 
 class Decided:
     """The 200 answer, sent as two raw ASGI messages (the success path needs none of Starlette's
-    header machinery): JSON, ``Cache-Control: no-store``, ``X-Request-ID`` echoed (§12.1.4)."""
+    header machinery): JSON, ``Cache-Control: no-store``, ``X-Request-ID`` echoed (§10.1.3)."""
 
     __slots__ = ("body", "request_id")
 
@@ -169,7 +220,7 @@ class Decided:
 
 
 def _endpoint(name: str, fn: Handler) -> Handler:
-    """The one error renderer, plus the ``X-Request-ID`` echo on every answer (§12.1.4): the
+    """The one error renderer, plus the ``X-Request-ID`` echo on every answer (§10.1.3): the
     handlers' own answers carry it, the error renderer's get it here."""
     inner = answered(ErrorTable(name))(fn)
 
@@ -194,7 +245,8 @@ def _count(endpoint: str, decisions: Sequence[Decision]) -> None:
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
-    """§12.1: ``Content-Type: application/json`` and a JSON object, or a 400 saying what is wrong."""
+    """§10.1: ``Content-Type: application/json`` and a JSON object, or a 400 saying what is wrong;
+    an object naming a member twice is refused too (§11.5, I-JSON)."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != "application/json":
         raise InvalidRequestError("Content-Type must be application/json")
@@ -207,6 +259,8 @@ async def _json_body(request: Request) -> dict[str, Any]:
         raise InvalidRequestError("the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise InvalidRequestError("the request body must be a JSON object")
+    if repeats_a_member_name(raw, body):
+        raise InvalidRequestError("the request body names a member twice in one object")
     return body
 
 
