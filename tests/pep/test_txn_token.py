@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -435,3 +436,17 @@ async def test_default_bundle_accepts_tctx_in_the_context(issuer: FakeIssuer) ->
     await validator.aclose()
     assert response.status_code == 200, response.text
     assert response.json() == {"allowed": True}
+
+
+async def test_a_refusal_quoting_the_token_keeps_to_the_allowed_characters(
+    harness: Harness,
+) -> None:
+    """RFC 6750 §3: ``error_description`` holds %x20-21 / %x23-5B / %x5D-7E only, in the body as in
+    the challenge, though the description quotes what the Txn-Token's header carried."""
+    header = base64.urlsafe_b64encode('{"alg":"\u00e9\\"\\\\","typ":"txntoken+jwt"}'.encode())
+    raw = ".".join([header.rstrip(b"=").decode(), "e30", "c2ln"])
+    response = await harness.call("/orders", raw)
+    status, error, text = refusal(response)
+    assert (status, error) == (401, "invalid_token")
+    assert text.startswith("Txn-Token: malformed: algorithm "), text
+    assert re.fullmatch(r"[\x20\x21\x23-\x5b\x5d-\x7e]+", text), text

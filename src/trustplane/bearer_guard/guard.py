@@ -56,6 +56,7 @@ from trustplane.errors import (
     InvalidTokenError,
     MissingTokenError,
     OAuth2Error,
+    wire_description,
 )
 from trustplane.jose.jws import JWSError, parse
 from trustplane.keys.service import KeyRing, KeyService
@@ -75,7 +76,6 @@ QUERY_TOKEN = (
 #: RFC 6750 §2.1 b64token.
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 #: RFC 6750 §3: error_description and scope use %x20-21 / %x23-5B / %x5D-7E (no quote, no backslash).
-_UNSAFE = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
 
 
 class MandateLiveness(Protocol):
@@ -323,4 +323,4 @@ def _well_formed(claims: dict[str, Any]) -> bool:
 
 
 def _safe(text: str) -> str:
-    return _UNSAFE.sub("?", text)[:300]
+    return wire_description(text)[:300]

@@ -10,12 +10,12 @@ from trustplane.errors import (
     InvalidRequestError,
     InvalidTokenError,
     OAuth2Error,
+    wire_description,
 )
 
 #: RFC 6750 §2.1 b64token.
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 #: RFC 6750 §3: error_description and scope use %x20-21 / %x23-5B / %x5D-7E (no quote, no backslash).
-_UNSAFE = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
 QUERY_OR_FORM_TOKEN = (
     "access tokens are accepted only in the Authorization header (RFC 6750 §2.1), "
     "never in the query string or the request body"
@@ -82,4 +82,4 @@ def with_challenge(exc: OAuth2Error, realm: str, scope: str | None = None) -> OA
 
 
 def _safe(text: str) -> str:
-    return _UNSAFE.sub("?", text)[:300]
+    return wire_description(text)[:300]

@@ -36,7 +36,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from trustplane.authzen.model import Decision, Entity
-from trustplane.errors import OAuth2Error
+from trustplane.errors import OAuth2Error, wire_description
 from trustplane.limits import BoundedRequests, RequestLimits
 from trustplane.pep import metrics
 from trustplane.pep.bearer import with_challenge
@@ -70,8 +70,13 @@ class Refused(Exception):
 
 
 def refusal_response(error: OAuth2Error) -> Response:
+    """The refusal's JSON body; its ``error_description`` within RFC 6750 §3's characters (it may
+    quote a scope, an action or a Txn-Token's claim), like the challenge's."""
     headers = {"Cache-Control": "no-store", **error.headers}
-    return Response(orjson.dumps(error.body()), error.status_code, headers, "application/json")
+    body = error.body()
+    if "error_description" in body:
+        body["error_description"] = wire_description(body["error_description"])
+    return Response(orjson.dumps(body), error.status_code, headers, "application/json")
 
 
 async def _render(_request: Request, exc: Exception) -> Response:
