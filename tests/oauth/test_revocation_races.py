@@ -17,10 +17,11 @@ import pytest
 import pytest_asyncio
 from sqlalchemy import text
 
-from tests.authorize.conftest import USER_LEI, Setup, register_code_client
-from tests.authorize.flow import PASSWORD
+from tests.authorize.conftest import Setup
 from tests.authorize.test_fapi2 import code_flow, one_uri_client
 from tests.authorize.test_fapi2 import token as dpop_token
+from tests.oauth.test_refresh_revocation import code_flow_tokens
+from tests.oauth.test_refresh_revocation import setup as refresh_setup
 from tests.protocol_server import Server, running_server
 from trustplane.audit.sink import recent_events
 from trustplane.authorize.store import SqlRefreshStore
@@ -38,18 +39,7 @@ async def server(
         yield started
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def setup(server: Server) -> Setup:
-    kit = await register_code_client(server)
-    user = await server.services.authorization.users.add("alice", "Alice", USER_LEI, PASSWORD)
-    return Setup(server, kit, user)
-
-
-async def code_flow_tokens(setup: Setup) -> dict[str, str]:
-    flow = setup.flow()
-    response = await setup.token(flow.redeem_form(await flow.code("alice")))
-    assert response.status_code == 200, response.text
-    return dict(response.json())
+setup = refresh_setup
 
 
 async def lock_waiters(setup: Setup) -> int:
