@@ -33,6 +33,7 @@ from tests.federation.partners import (
     Partner,
     client_metadata,
 )
+from tests.oauth.test_token_endpoint import TRADE
 from tests.protocol_server import Server, running_server
 from trustplane.audit.sink import recent_events
 from trustplane.clients.remote_jwks import RemoteJwksCache
@@ -497,15 +498,6 @@ async def test_error_description_keeps_to_the_rfc6749_character_set(
     assert error_of(response) == (400, "invalid_grant"), response.text
     description = response.json()["error_description"]
     assert WIRE_SAFE.fullmatch(description), description
-
-
-TRADE = {
-    "type": "trade_instruction",
-    "actions": ["create_order"],
-    "accounts": ["ACC-1"],
-    "instrument_classes": ["bond"],
-    "max_notional": {"amount": 100_000, "currency": "EUR", "minor_units": 2},
-}
 
 
 async def test_authorization_details_are_refused_not_dropped(fed: Federation) -> None:
