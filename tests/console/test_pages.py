@@ -266,7 +266,8 @@ async def test_partner_page_shows_the_token_binding_and_its_change(console: Cons
     assert '<dd class="code" id="token-binding">bearer</dd>' in page
     v2 = page.split('id="pv2"', 1)[1].split("</section>", 1)[0]
     row = v2.split('<th scope="row">token_binding</th>', 1)[1].split("</tr>", 1)[0]
-    assert ">sender_constrained</td>" in row and ">bearer</td>" in row
+    assert ">sender_constrained</td>" in row
+    assert ">bearer</td>" in row
 
 
 async def test_clients_list_and_registration_history(console: Console) -> None:
