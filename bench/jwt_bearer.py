@@ -95,6 +95,9 @@ def partner_profile(public_jwk: dict[str, object]) -> dict[str, object]:
         "allowed_scopes": ["order:create"],
         "allowed_audiences": [te.RESOURCE],
         "accepted_token_types": ["urn:ietf:params:oauth:token-type:jwt"],
+        # the profile's explicit exception (the default needs a DPoP proof or a certificate): the
+        # bench measures the grant against client_credentials, both without a proof, as before
+        "token_binding": "bearer",
     }
 
 

@@ -253,6 +253,23 @@ async def test_partner_versions_diff_and_last_conformance_run(console: Console) 
     assert "failed" in page.split("Last conformance run", 1)[1].split("<h2>", 1)[0]
 
 
+async def test_partner_page_shows_the_token_binding_and_its_change(console: Console) -> None:
+    from tests.federation.partners import Partner
+
+    svc = console.services
+    partner = Partner("p-binding", "https://p-binding.example", svc.settings.issuer)
+    await svc.federation.add(partner.profile(token_binding=None), changed_by="test")
+    await svc.federation.update(
+        "p-binding", partner.profile(token_binding="bearer"), changed_by="test"
+    )
+    page = (await console.agents["olivia"].get("/console/partners/p-binding")).text
+    assert '<dd class="code" id="token-binding">bearer</dd>' in page
+    v2 = page.split('id="pv2"', 1)[1].split("</section>", 1)[0]
+    row = v2.split('<th scope="row">token_binding</th>', 1)[1].split("</tr>", 1)[0]
+    assert ">sender_constrained</td>" in row
+    assert ">bearer</td>" in row
+
+
 async def test_clients_list_and_registration_history(console: Console) -> None:
     svc = console.services
     client_id = await new_client(svc)

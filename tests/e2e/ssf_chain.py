@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 
 from tests.conftest import EXECUTION, LEI, ClientKit, jwks_for, new_ec_key, wait_until
+from tests.dpop.conftest import ProofKey
 from tests.e2e.conftest import (
     LiveServer,
     LiveServers,
@@ -79,8 +80,13 @@ def trust(b: LiveServer, a: LiveServer, partner_id: str, client_id: str) -> None
     b.cli("partners", "add", str(path))
 
 
-def token(server: LiveServer, kit: ClientKit, **form: str) -> dict[str, Any]:
-    answer = httpx.post(f"{server.base_url}/token", data={**form, **kit.auth()}, timeout=10)
+def token(
+    server: LiveServer, kit: ClientKit, dpop: ProofKey | None = None, **form: str
+) -> dict[str, Any]:
+    """POST /token; with ``dpop``, a DPoP proof of that key (RFC 9449 §5): the token is bound."""
+    headers = {} if dpop is None else {"DPoP": dpop.proof(htu=f"{server.issuer}/token")}
+    data = {**form, **kit.auth()}
+    answer = httpx.post(f"{server.base_url}/token", data=data, headers=headers, timeout=10)
     assert answer.status_code == 200, answer.text
     return dict(answer.json())
 
@@ -103,10 +109,15 @@ def link(upstream: LiveServer, downstream: LiveServer, partner_id: str) -> Clien
     )  # fmt: skip
 
 
+#: the exchanging clients' DPoP key: a partner's token is exchanged only with a proof (the trust
+#: profile's default token_binding, sender_constrained)
+EXCHANGE_KEY = ProofKey.generate()
+
+
 def exchange(server: LiveServer, kit: ClientKit, subject_token: str) -> str:
     return str(
         token(
-            server, kit, grant_type=EXCHANGE, subject_token=subject_token,
+            server, kit, EXCHANGE_KEY, grant_type=EXCHANGE, subject_token=subject_token,
             subject_token_type=ACCESS, resource=EXECUTION, scope="order:create",
         )["access_token"]
     )  # fmt: skip

@@ -41,6 +41,9 @@ class Partner:
             "allowed_audiences": [EXECUTION],
             "allowed_products": ["bond"],
             "accepted_token_types": [TOKEN_TYPE_JWT],
+            # not the default (sender_constrained): tests that are not about binding send no proof;
+            # test_partner_binding.py removes it (token_binding=None) or sets another value
+            "token_binding": "bearer",
         }
         doc.update(overrides)
         return {k: v for k, v in doc.items() if v is not None}

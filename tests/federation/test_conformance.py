@@ -131,8 +131,19 @@ def test_a_conforming_partner_passes_every_check(sandbox: Sandbox, tmp_path: Pat
         "sample: signature verifies with a published key",
         "sample: lifetime within the profile's maximum",
         "sample: required claims present",
+        "profile: token binding",
     } <= names
     assert len(report["checks"]) >= 18
+    (binding,) = [c for c in report["checks"] if c["check"] == "profile: token binding"]
+    assert binding["detail"].startswith("bearer: ")  # the fixture's explicit exception
+    default = conformance(
+        tmp_path, partner.profile(token_binding=None), "--metadata-url", url,
+        "--allow-insecure-loopback", "--json",
+    )  # fmt: skip
+    (binding,) = [
+        c for c in json.loads(default.stdout)["checks"] if c["check"] == "profile: token binding"
+    ]
+    assert binding["detail"].startswith("sender_constrained: ")
 
 
 def _rsa_public(key: rsa.RSAPrivateKey) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from tests.federation.partners import Partner
 from trustplane.federation.profile import (
     ProfileError,
     ProfileStatus,
+    TokenBinding,
     parse_document,
     schema,
     validate_profile,
@@ -215,3 +216,25 @@ def test_loopback_http_only_with_the_explicit_flag(tmp_path: Path) -> None:
     )
     assert _validate(doc, lax).jwks_uri == "http://127.0.0.1:9999/jwks"
     assert EXECUTION in _validate(doc, lax).allowed_audiences
+
+
+def test_token_binding_defaults_to_sender_constrained_and_is_stored(settings: Settings) -> None:
+    doc = Partner("p-doc", "https://idp.p-doc.example", ISSUER).profile(token_binding=None)
+    profile = _validate(doc, settings)
+    assert profile.token_binding is TokenBinding.SENDER_CONSTRAINED
+    # in the stored document, so the version history and its diff show it
+    assert profile.document["token_binding"] == "sender_constrained"
+
+
+@pytest.mark.parametrize("value", ["dpop", "mtls", "bearer", "sender_constrained"])
+def test_token_binding_values(settings: Settings, value: str) -> None:
+    doc = Partner("p-doc", "https://idp.p-doc.example", ISSUER).profile(token_binding=value)
+    assert _validate(doc, settings).token_binding is TokenBinding(value)
+
+
+@pytest.mark.parametrize("value", ["none", "DPoP", "", 1, ["dpop"]])
+def test_an_unknown_token_binding_is_refused(settings: Settings, value: object) -> None:
+    doc = Partner("p-doc", "https://idp.p-doc.example", ISSUER).profile(token_binding=value)
+    with pytest.raises(ProfileError) as raised:
+        _validate(doc, settings)
+    assert [e.split(":")[0] for e in raised.value.errors] == ["$.token_binding"]

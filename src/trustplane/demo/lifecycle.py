@@ -211,10 +211,13 @@ def _wire(
     batches[b].append(c_at_b)
     parallel(*(lambda p=p, batch=batch: p.operate(batch) for p, batch in batches.items()))
 
-    # the broker accepts the arranger's tokens to exchange them for the clearing, settlement only
+    # the broker accepts the arranger's tokens to exchange them for the clearing, settlement only.
+    # token_binding bearer, the profile's explicit exception: the reference services take bearer
+    # tokens (examples/three_party shows the default, sender-constrained, with mTLS and DPoP)
     settlement_only = {
         "allowed_scopes": ["settlement:submit"],
         "allowed_audiences": [CLEARING_SETTLEMENT],
+        "token_binding": "bearer",
     }
     parallel(
         lambda: b.d.operate([b.trust(a, ARRANGER, b_at_a.client_id, **settlement_only)]),

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from trustplane.federation.profile import ALWAYS_REQUIRED, TrustProfile
+from trustplane.federation.profile import ALWAYS_REQUIRED, TokenBinding, TrustProfile
 from trustplane.federation.registry import KEY_HEADERS, token_type_of
 from trustplane.jose.jwk import PRIVATE_MEMBERS, JWKError, PublicKey, import_public_jwk, thumbprint
 from trustplane.jose.jws import JWSError, parse
@@ -46,6 +46,17 @@ class Check:
 
     def as_dict(self) -> dict[str, Any]:
         return {"check": self.name, "ok": self.ok, "detail": self.detail}
+
+
+_BINDING_DETAIL = {
+    TokenBinding.SENDER_CONSTRAINED: "sender_constrained: tokens on this partner's assertions need "
+    "a DPoP proof (RFC 9449) or a client certificate (RFC 8705)",
+    TokenBinding.DPOP: "dpop: tokens on this partner's assertions need a DPoP proof (RFC 9449)",
+    TokenBinding.MTLS: "mtls: tokens on this partner's assertions need a client certificate "
+    "(RFC 8705)",
+    TokenBinding.BEARER: "bearer: the profile's exception, tokens on this partner's assertions may "
+    "be bearer tokens",
+}
 
 
 class FetchError(Exception):
@@ -84,7 +95,14 @@ class ConformanceChecker:
             checks += list(self._jwks_checks(jwks))
         if sample_token is not None:
             checks += self._sample_checks(sample_token, jwks or {"keys": []})
+        checks.append(self._binding_report())
         return checks
+
+    def _binding_report(self) -> Check:
+        """What the partner's clients must present with its assertions (``token_binding``): a
+        report line, not a finding (``bearer`` is an exception the operator wrote down)."""
+        binding = self._profile.token_binding
+        return Check("profile: token binding", True, _BINDING_DETAIL[binding])
 
     async def _fetch(self, url: str) -> dict[str, Any]:
         try:

@@ -11,7 +11,8 @@ Errors (RFC 7523 §3.1): a bad assertion is ``invalid_grant``; a scope or audien
 profile, the client or the vocabulary is ``invalid_scope`` / ``invalid_target``. RFC 9396 §6: the
 underlying grant decides which ``authorization_details`` a token may carry, and a partner
 assertion grants none, so the parameter is ``invalid_authorization_details``, never dropped. Each
-refusal comes before the assertion's ``jti`` is used.
+refusal comes before the assertion's ``jti`` is used, including the profile's ``token_binding``
+(``federation.token_binding``: without the DPoP proof or certificate it requires, no token).
 
 The issued RFC 9068 token keeps the origin: ``sub`` = ``partner:<partner_id>:<sub>``, ``origin`` =
 ``{iss, sub}`` as the partner asserted them, ``partner``, ``lei`` of the partner, the mapped local
@@ -34,6 +35,7 @@ from trustplane.federation.partner_assertions import (
 )
 from trustplane.federation.profile import TOKEN_TYPE_JWT
 from trustplane.federation.registry import VerifiedPartnerToken
+from trustplane.federation.token_binding import require_binding
 from trustplane.grant.contract import Granted, TokenIssuer
 from trustplane.policy.enforcement import TokenPolicy
 from trustplane.protocol.form import Form
@@ -67,6 +69,7 @@ class JwtBearerGrant:
             refusal=InvalidGrantError,
         )
         try:
+            require_binding(verified.partner)  # the profile's token_binding, before the jti is used
             resource, scopes = self._target(form, auth, verified)
         except OAuth2Error as exc:
             exc.partner = verified.partner.partner_id  # the audit record names the partner

@@ -47,6 +47,18 @@ class ProfileStatus(StrEnum):
     DISABLED = "disabled"
 
 
+class TokenBinding(StrEnum):
+    """``token_binding``: what the tokens issued on this partner's assertions must be bound to
+    (BRIEF, trust boundaries: sender-constrained by default, a bearer token only where the profile
+    says so). ``sender_constrained``: a DPoP proof (RFC 9449) or a client certificate (RFC 8705);
+    ``dpop`` / ``mtls``: that one; ``bearer``: unbound tokens allowed (a proof still binds)."""
+
+    SENDER_CONSTRAINED = "sender_constrained"
+    DPOP = "dpop"
+    MTLS = "mtls"
+    BEARER = "bearer"
+
+
 class ProfileError(ValueError):
     """The document is not a valid trust profile; ``errors`` lists every problem found."""
 
@@ -83,6 +95,7 @@ class TrustProfile:
     ssf_client_id: str | None = None
     keys: tuple[tuple[str | None, str, PublicKey], ...] = field(default=(), compare=False)
     version: int = 0
+    token_binding: TokenBinding = TokenBinding.SENDER_CONSTRAINED
 
     @property
     def active(self) -> bool:
@@ -152,6 +165,8 @@ def validate_profile(
     doc: dict[str, Any] = dict(raw)
     doc.setdefault("status", ProfileStatus.ACTIVE.value)
     doc.setdefault("min_rsa_bits", 2048)
+    # stored in the document, so that the versions and their diff show it
+    doc.setdefault("token_binding", TokenBinding.SENDER_CONSTRAINED.value)
     errors: list[str] = []
     keys = _check_keys(doc, settings, errors)
     if "ssf" in doc:
@@ -190,6 +205,8 @@ def build_profile(
         ssf_client_id=doc.get("ssf", {}).get("client_id"),
         keys=tuple(keys),
         version=version,
+        # a profile stored before the setting existed gets the default, as a new one does
+        token_binding=TokenBinding(doc.get("token_binding", TokenBinding.SENDER_CONSTRAINED)),
     )
 
 

@@ -30,6 +30,7 @@ from trustplane.federation.partner_assertions import (
     replayed,
 )
 from trustplane.federation.profile import TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT
+from trustplane.federation.token_binding import require_binding
 from trustplane.grant.contract import Granted, TokenIssuer
 from trustplane.grant.outcomes import Condition, NotRevoked
 from trustplane.ids import new_jti
@@ -102,6 +103,8 @@ class TokenExchangeGrant:
         now = int(time.time())
         subject = await self._subjects.verify(token, token_type, client, now)
         try:
+            if subject.partner is not None:  # the profile's token_binding, before the jti is used
+                require_binding(subject.partner.partner)
             req = await self._request(form, client, subject, now)
         except OAuth2Error as exc:
             exc.partner = exc.partner or subject.partner_id
