@@ -243,9 +243,21 @@ PG_HAS_PENDING_SQL = "SELECT 1 FROM audit_pending ORDER BY id LIMIT 1"
 async def pg_vacuum_pending(conn: AsyncConnection) -> None:
     """PostgreSQL, on an autocommit connection: ``VACUUM audit_pending`` (:meth:`Ledger.integrate
     <trustplane.audit.ledger.Ledger.integrate>` after every :data:`~trustplane.audit.ledger.VACUUM_EVERY`
-    entries it moved). Takes no lock that blocks the appends or the sequencer's deletes."""
+    entries it moved). Takes no lock that blocks the appends or the sequencer's deletes.
+
+    ``TRUNCATE false`` (and the table's ``vacuum_truncate = false``, migration ``0024``, for any
+    other VACUUM): a vacuum that truncated the emptied queue to 0 pages left statistics saying
+    "empty", the reads of the queue prepared on the long-lived connections (this poll, the
+    sequencer's batch read) were planned again on them as sequential scans and kept those
+    generic plans (no ANALYZE with autovacuum off) while the next 20,000 entries' dead rows piled
+    up: every poll and batch read went through all of them (``tests/audit/test_pending_plans.py``).
+    Kept at its size, the heap is reused by the next appends and the plans stay on the key."""
     driver: Any = (await conn.get_raw_connection()).driver_connection
-    await driver.execute("VACUUM audit_pending")
+    await driver.execute(PG_VACUUM_PENDING_SQL)
+
+
+#: See :func:`pg_vacuum_pending`.
+PG_VACUUM_PENDING_SQL = "VACUUM (TRUNCATE false) audit_pending"
 
 
 async def count_pending(conn: AsyncConnection) -> int:
