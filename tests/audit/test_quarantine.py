@@ -222,3 +222,31 @@ async def test_nul_and_unpaired_surrogates_do_not_stop_the_ledger(services: Serv
     _, found = await ledger.search({"subject": "a\x00b\ufffdc"})
     assert [p.entry.index for p in found] == [start]
     await _verified_export(ledger)
+
+
+async def test_two_bad_entries_among_good_ones_are_each_quarantined_in_place(
+    services: Services,
+) -> None:
+    """Each bad entry gets its own placeholder at its own place; every good entry is integrated,
+    in the order appended."""
+    ledger, db = services.ledger, services.db
+    await ledger.integrate_all()
+    start = await _size(ledger)
+    await append(db, [event(n, jti=f"good-{n}") for n in range(3)])
+    await _raw_pending(db, "not json")
+    await append(db, [event(3, jti="good-3")])
+    await _raw_pending(db, "[]")
+    await append(db, [event(n, jti=f"good-{n}") for n in range(4, 7)])
+    assert await ledger.integrate_all() == 9
+    bodies = [orjson.loads(str(r["entry"])) for r in await _leaf_rows(db, start)]
+    kinds = [b["jti"] if b.get("jti") else b["type"] for b in bodies]
+    placeholder = AuditEventType.AUDIT_ENTRY_QUARANTINED.value
+    assert kinds == [
+        *(f"good-{n}" for n in range(3)),
+        placeholder,
+        "good-3",
+        placeholder,
+        *(f"good-{n}" for n in range(4, 7)),
+    ]
+    assert await ledger.quarantined() == 2
+    await _verified_export(ledger, placeholders=2)

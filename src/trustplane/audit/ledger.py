@@ -462,6 +462,8 @@ class Ledger:
             entry, payload, salt = row[1], row[2], bytes(row[3])
             index = size + offset
             e = orjson.loads(entry)
+            if not isinstance(e, dict):
+                raise EntryError(f"pending entry {row[0]} is not a JSON object")
             fit = {c: leaf_value(e.get(c), n) for c, n in LEAF_LIMITS.items()}
             if fit["event_id"] is None or fit["type"] is None or type(e["time"]) is not int:
                 raise EntryError(f"pending entry {row[0]} has no event_id, type or time")
@@ -526,9 +528,10 @@ class Ledger:
         entry it failed on and quarantine it. Smaller and smaller batches from the oldest entry are
         integrated (each a normal integration: the entries before the culprit are integrated, in
         order) until one of a single entry fails, twice: that entry is the culprit and is replaced
-        by its placeholder (:meth:`_quarantine`). Returns the entries integrated or quarantined
-        (the caller integrates on), or None if the failure did not come back alone (the caller
-        raises it: the entries stay pending)."""
+        by its placeholder (:meth:`_quarantine`; the placeholder is counted when integrated).
+        Returns the entries integrated meanwhile (the caller integrates on), or None if nothing
+        was pending any more or another process is the sequencer (the caller raises ``failure``:
+        the entries stay pending)."""
         size = max(1, self._settings.audit_integrate_batch // 2)
         done, failed = 0, 0
         while done < self._settings.audit_integrate_batch:
@@ -538,14 +541,14 @@ class Ledger:
                 if not quarantinable(exc):
                     raise
                 failed, failure = (failed + 1 if size == 1 else 0), exc
-                if failed >= 2:  # the oldest entry, alone, failed twice the same way
+                if failed >= 2:  # the oldest entry, alone, failed twice in a row
                     await self._quarantine(failure)  # its placeholder counts once integrated
                     return done
                 size = max(1, size // 2)
                 continue
             if step is None:
                 return done or None  # nothing pending, or another process is the sequencer
-            done += step.count
+            done, failed = done + step.count, 0  # another entry is the oldest now
         return done  # a run of good batches: the next round goes on
 
     async def _quarantine(self, failure: Exception) -> bool:
