@@ -23,9 +23,12 @@ from trustplane.audit.export_verifier import verify_export
 from trustplane.audit.ledger import QUARANTINED, Ledger
 from trustplane.audit.tables import audit_leaves, audit_quarantine, leaf_value
 from trustplane.audit_events import AuditEventType
+from trustplane.errors import InvalidClientError
+from trustplane.grant.outcomes import ConsumeJti, Outcome
 from trustplane.policy.bundle import compile_bundle, load_dir
 from trustplane.policy.engine import PolicyEngine
 from trustplane.policy.recorder import DecisionRecorder
+from trustplane.protocol.replay import ReplayUse
 from trustplane.storage.db import Database
 from trustplane.storage.writer import GroupCommitWriter
 
@@ -122,6 +125,39 @@ async def test_a_policy_decision_with_an_overlong_subject_does_not_stop_the_ledg
     assert first["client_id"] == leaf_value(LONG_CLIENT * 2, 128)
     assert first["transaction_id"] == leaf_value(LONG_TXN, 128)
     assert orjson.loads(str(second["entry"]))["jti"] == "after-the-decision"
+    await _verified_export(ledger)
+
+
+async def test_a_token_outcome_with_overlong_fields_does_not_stop_the_ledger(
+    services: Services,
+) -> None:
+    """The token endpoint's one durable write (``grant.outcomes``, its own SQL into the pending
+    table: on PostgreSQL a CTE of the ``jti`` upsert) records an issue whose subject, client id and
+    transaction id are longer than the columns; it and the entry after it are integrated."""
+    ledger, db = services.ledger, services.db
+    await ledger.integrate_all()
+    start = await _size(ledger)
+    issued = event(
+        1,
+        subject=LONG_SUBJECT,
+        client_id=LONG_CLIENT,
+        transaction_id=LONG_TXN,
+        jti="overlong-issue",
+    )
+    outcome = Outcome(
+        event=issued,
+        refused=lambda error: event(2, decision="deny", reason=error.error),
+        conditions=(ConsumeJti(ReplayUse(LONG_CLIENT, "a-jti", 2**40), InvalidClientError()),),
+    )
+    assert await services.writer.submit("token_outcome", outcome) is None
+    await append(db, [event(3, jti="after-the-issue")])
+    assert await ledger.integrate_all() == 2
+    first, second = await _leaf_rows(db, start)
+    assert first["event_id"] == issued.event_id
+    assert first["subject"] == leaf_value(LONG_SUBJECT, 256)
+    assert first["client_id"] == leaf_value(LONG_CLIENT, 128)
+    assert first["transaction_id"] == leaf_value(LONG_TXN, 128)
+    assert orjson.loads(str(second["entry"]))["jti"] == "after-the-issue"
     await _verified_export(ledger)
 
 
