@@ -62,6 +62,8 @@ class AuditEventType(StrEnum):
     AUDIT_PAYLOADS_PURGED = "audit:payload:purged"
     AUDIT_LOG_KEY_CREATED = "audit:log_key:created"
     AUDIT_LEDGER_QUERIED = "audit:ledger:queried"
+    #: the placeholder leaf of a pending entry the sequencer could not integrate (docs/ledger.md)
+    AUDIT_ENTRY_QUARANTINED = "audit:entry:quarantined"
     # policy decision point
     POLICY_DECISION_ALLOWED = "policy:decision:allowed"
     POLICY_DECISION_DENIED = "policy:decision:denied"

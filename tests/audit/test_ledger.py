@@ -26,7 +26,7 @@ from tests.audit.ledger_helpers import (
     truncate_log,
 )
 from trustplane.app import Services
-from trustplane.audit import merkle
+from trustplane.audit import merkle, store
 from trustplane.audit.export_verifier import verify_export
 from trustplane.audit.ledger import Ledger, LedgerError
 from trustplane.audit.monitor import check_consistency
@@ -802,7 +802,7 @@ async def test_on_postgresql_the_sequencer_vacuums_its_pending_queue(
         assert await ledger.integrate_all() == 6
     vacuums = [s for s in statements if s.upper().startswith("VACUUM")]
     if services.db.dialect == "postgresql":
-        assert vacuums == ["VACUUM audit_pending"]  # after 12 moved, not after 6 or 18
+        assert vacuums == [store.PG_VACUUM_PENDING_SQL]  # after 12 moved, not after 6 or 18
         assert ledger_module.PENDING_VACUUMS._value.get() == before + 1
         assert ledger._moved_since_vacuum == 6
     else:

@@ -232,7 +232,7 @@ async def test_an_entry_holding_a_nul_character_is_integrated(services: Services
                 {"n": before.size},
             )
         ).all()
-    nul = "\ufffd" if services.db.dialect == "postgresql" else "\x00"
+    nul = "\ufffd"  # on SQLite too (``tables.leaf_value``): the filters map a NUL the same way
     assert [tuple(r) for r in rows] == [
         ("client-0", "txn-0"),
         (f"desk{nul}one", f"txn-{nul}"),

@@ -28,6 +28,7 @@ from trustplane.audit.canonical import EntryError, canonical_bytes
 from trustplane.audit.export_format import Columns, payload_bytes, read_runs
 from trustplane.audit.note import Checkpoint
 from trustplane.audit.report import Report, open_signed
+from trustplane.audit_events import AuditEventType
 
 _sha256 = hashlib.sha256
 
@@ -148,6 +149,11 @@ def _commitment(salt: Any, payload: bytes | None) -> bytes | None:
     return _sha256(key + payload).hexdigest().encode()
 
 
+#: The bytes only a quarantine placeholder's canonical entry holds (in a string value every ``"``
+#: is escaped: no other field can contain them).
+_PLACEHOLDER = b'"type":"' + AuditEventType.AUDIT_ENTRY_QUARANTINED.value.encode() + b'"'
+
+
 class ExportVerifier:
     """Feed entries in export order (:meth:`add` for dict records, :meth:`scan` for JSONL lines);
     :meth:`finish` returns the report."""
@@ -174,6 +180,8 @@ class ExportVerifier:
         self.check_canonical = check_canonical
         self.first: int | None = None
         self.count = self.proofs = self.payloads = self.purged = self.unproved = 0
+        #: Quarantine placeholders among the entries (docs/ledger.md, "Quarantine").
+        self.placeholders = 0
         self._seen: set[int] = set()
 
     def add(self, record: dict[str, Any]) -> None:
@@ -233,6 +241,7 @@ class ExportVerifier:
         start = self._expected
         run = self._follow_sequence(cols.index)
         leaves = _leaf_hashes(cols.entry)
+        self.placeholders += sum(_PLACEHOLDER in e for e in cols.entry)
         if not _same_base64(cols.leaf, leaves):
             for at, recorded, h in zip(cols.index, cols.leaf, leaves, strict=True):
                 if recorded is not None and _safe_b64(recorded) != h:
@@ -371,6 +380,14 @@ class ExportVerifier:
         if self.purged:
             r.not_proved.append(
                 f"{self.purged} payloads are purged (retention): only their commitment remains"
+            )
+        if self.placeholders:
+            r.not_proved.append(
+                f"{self.placeholders} entries are quarantine placeholders "
+                f"({AuditEventType.AUDIT_ENTRY_QUARANTINED.value}): each stands for a pending entry "
+                "the log could not integrate, named by its SHA-256 (reason_ids entry_sha256); the "
+                "entry itself is in the deployment's audit_quarantine table, outside the log "
+                "(docs/ledger.md, Quarantine)"
             )
         if self.check_canonical:
             r.proved.append("every entry is in RFC 8785 canonical form")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -22,12 +23,15 @@ import orjson
 import structlog
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from prometheus_client import Counter, Gauge, Histogram
+from sqlalchemy.exc import DataError, IntegrityError
 
 from trustplane.audit import merkle, store
+from trustplane.audit.canonical import EntryError
 from trustplane.audit.note import Checkpoint, Signer
 from trustplane.audit.proof_nodes import ProofNodes
-from trustplane.audit.sink import APPEND_WAKES, APPENDED, write_events
+from trustplane.audit.sink import APPEND_WAKES, APPENDED, pending_row, write_events
 from trustplane.audit.store import StoredEntry
+from trustplane.audit.tables import LEAF_LIMITS, leaf_value
 from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.keys.crypto import decrypt_private_key, encrypt_private_key
 from trustplane.settings import Settings
@@ -70,6 +74,11 @@ PENDING_VACUUMS = Counter(
 #: sequencer's statements slow down with every round, and the heap only grows. Vacuumed every
 #: 20,000 rows it stays a few megabytes, and each vacuum is a few milliseconds of the database's CPU.
 VACUUM_EVERY = 20_000
+QUARANTINED = Counter(
+    "trustplane_ledger_quarantined_total",
+    "Pending ledger entries the sequencer could not integrate: moved to audit_quarantine, a "
+    "placeholder leaf in their place (docs/ledger.md, Quarantine)",
+)
 PURGED = Counter("trustplane_audit_payloads_purged_total", "Payloads purged by retention", ["type"])
 
 
@@ -453,17 +462,22 @@ class Ledger:
             entry, payload, salt = row[1], row[2], bytes(row[3])
             index = size + offset
             e = orjson.loads(entry)
+            if not isinstance(e, dict):
+                raise EntryError(f"pending entry {row[0]} is not a JSON object")
+            fit = {c: leaf_value(e.get(c), n) for c, n in LEAF_LIMITS.items()}
+            if fit["event_id"] is None or fit["type"] is None or type(e["time"]) is not int:
+                raise EntryError(f"pending entry {row[0]} has no event_id, type or time")
             leaves.append(
                 (
                     index,
                     entry,
-                    e["event_id"],
-                    e["type"],
+                    fit["event_id"],
+                    fit["type"],
                     e["time"],
-                    e.get("subject"),
-                    e.get("client_id"),
-                    e.get("partner"),
-                    e.get("transaction_id"),
+                    fit["subject"],
+                    fit["client_id"],
+                    fit["partner"],
+                    fit["transaction_id"],
                     now,
                 )
             )
@@ -482,6 +496,20 @@ class Ledger:
         integrations back to back, each taking (on SQLite) the write lock the requests' group
         commit needs, so the loop (:meth:`run`) comes back every ``audit_integrate_interval``
         instead and each integration takes a larger batch."""
+        total = 0
+        while True:
+            try:
+                return total + await self._integrate_all()
+            except Exception as exc:
+                if not quarantinable(exc):
+                    raise
+                log.error("audit_integration_failed", error=repr(exc))
+                moved = await self._isolate(exc)
+                if moved is None:
+                    raise
+                total += moved
+
+    async def _integrate_all(self) -> int:
         total, limit = 0, self._settings.audit_integrate_batch
         while (done := await self.integrate()) is not None:
             total += done.count
@@ -494,6 +522,91 @@ class Ledger:
                 break
         self._backlog = False
         return total
+
+    async def _isolate(self, failure: Exception) -> int | None:
+        """After an integration failed with ``failure`` (:func:`quarantinable`): find the pending
+        entry it failed on and quarantine it. Smaller and smaller batches from the oldest entry are
+        integrated (each a normal integration: the entries before the culprit are integrated, in
+        order) until one of a single entry fails, twice: that entry is the culprit and is replaced
+        by its placeholder (:meth:`_quarantine`; the placeholder is counted when integrated).
+        Returns the entries integrated meanwhile (the caller integrates on), or None if nothing
+        was pending any more or another process is the sequencer (the caller raises ``failure``:
+        the entries stay pending)."""
+        size = max(1, self._settings.audit_integrate_batch // 2)
+        done, failed = 0, 0
+        while done < self._settings.audit_integrate_batch:
+            try:
+                step = await self.integrate(size)
+            except Exception as exc:
+                if not quarantinable(exc):
+                    raise
+                failed, failure = (failed + 1 if size == 1 else 0), exc
+                if failed >= 2:  # the oldest entry, alone, failed twice in a row
+                    await self._quarantine(failure)  # its placeholder counts once integrated
+                    return done
+                size = max(1, size // 2)
+                continue
+            if step is None:
+                return done or None  # nothing pending, or another process is the sequencer
+            done, failed = done + step.count, 0  # another entry is the oldest now
+        return done  # a run of good batches: the next round goes on
+
+    async def _quarantine(self, failure: Exception) -> bool:
+        """Move the oldest pending row to ``audit_quarantine`` and put its placeholder in its place
+        in the pending table (the same id, so the same position in the log): an
+        ``audit:entry:quarantined`` entry whose ``reason`` is the error's class and whose
+        ``reason_ids`` hold the raw row's pending id and the SHA-256 of its entry and payload. One
+        transaction, as the sequencer. False: another process is the sequencer, or nothing is
+        pending. A placeholder is never quarantined (``failure`` is raised): the
+        sequencer itself is failing, not an entry."""
+        error = error_name(failure)
+        async with self._turn(), self._db.transaction() as conn:
+            if not await store.lock_sequencer(conn):
+                return False
+            row = await store.oldest_pending(conn)
+            if row is None:
+                return False
+            pending_id, entry, payload, salt = int(row[0]), row[1], row[2], bytes(row[3])
+            if _is_placeholder(entry):
+                raise failure
+            placeholder = self._placeholder(pending_id, entry, payload, error)
+            await store.quarantine_pending(
+                conn,
+                (pending_id, entry, payload, salt, error[:128], repr(failure)),
+                placeholder.event_id,
+                pending_row(placeholder),
+                _now_ms(),
+            )
+        QUARANTINED.inc()
+        log.error(
+            "audit_entry_quarantined",
+            pending_id=pending_id,
+            error=error,
+            detail=repr(failure)[:500],
+            placeholder=placeholder.event_id,
+            entry_sha256=_sha256(entry),
+        )
+        return True
+
+    def _placeholder(self, pending_id: int, entry: str, payload: str, error: str) -> AuditEvent:
+        return AuditEvent(
+            type=AuditEventType.AUDIT_ENTRY_QUARANTINED,
+            issuer=self._settings.issuer,
+            service="trustplane.audit",
+            decision="quarantined",
+            reason=error[:128],
+            reason_ids=(
+                f"pending_id={pending_id}",
+                f"entry_sha256={_sha256(entry)}",
+                f"payload_sha256={_sha256(payload)}",
+            ),
+            payload={"pending_id": pending_id, "error": error},
+        )
+
+    async def quarantined(self) -> int:
+        """How many pending entries were ever quarantined (rows of ``audit_quarantine``)."""
+        async with self._db.read() as conn:
+            return await store.count_quarantined(conn)
 
     async def run(self, stopping: asyncio.Event | None = None, idle: float | None = None) -> None:
         """The background sequencer, woken by this process's appends (``sink.APPEND_WAKES``): a round
@@ -682,6 +795,59 @@ class Ledger:
             reason_ids=tuple(f"{t}={n}" for t, n in sorted(purged.items())),
             payload={"purged": purged, "retention_days": self.retention()},
         )
+
+
+def quarantinable(exc: BaseException) -> bool:
+    """Whether an integration's failure may be an entry's fault, one the sequencer would meet
+    again on every round (an over-long or malformed value: SQLSTATE class 22 "data exception" or 23
+    "integrity constraint violation", or the entry's parse in Python): then
+    :meth:`Ledger._isolate` looks for the entry. A lost connection, a timeout, a lock, a missing
+    table or a bug in the SQL (the other classes) is no entry's fault: the entries stay pending."""
+    if is_disconnect(exc) or isinstance(exc, LedgerError | RuntimeError):
+        return False
+    state = _sqlstate(exc)
+    if state is not None:
+        return state[:2] in ("22", "23")
+    if isinstance(exc, IntegrityError | DataError):  # SQLite: no SQLSTATE
+        return True
+    return isinstance(exc, ValueError | KeyError | TypeError)
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a database error (asyncpg's, or the one SQLAlchemy wraps), if any."""
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if seen is None:
+            return None
+        state = getattr(seen, "sqlstate", None) or getattr(seen, "pgcode", None)
+        if isinstance(state, str):
+            return state
+        seen = getattr(seen, "orig", None) or seen.__cause__
+    return None
+
+
+def error_name(exc: BaseException) -> str:
+    """The class of ``exc`` (of the driver's error SQLAlchemy wraps) and its SQLSTATE, if any."""
+    inner = getattr(exc, "orig", None) or exc
+    inner = (
+        inner.__cause__
+        if type(inner).__name__.startswith("AsyncAdapt") and inner.__cause__
+        else inner
+    )
+    state = _sqlstate(exc)
+    return type(inner).__name__ + (f" ({state})" if state else "")
+
+
+def _sha256(text_: str) -> str:
+    return hashlib.sha256(text_.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _is_placeholder(entry: str) -> bool:
+    try:
+        body = orjson.loads(entry)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(body, dict) and body.get("type") == AuditEventType.AUDIT_ENTRY_QUARANTINED
 
 
 async def _release(*parts: list[Any]) -> None:

@@ -108,6 +108,7 @@ def _merge(
         main.payloads += part.payloads
         main.purged += part.purged
         main.unproved += part.unproved
+        main.placeholders += part.placeholders
         main.count += part.count
         if part.count == 0:
             continue

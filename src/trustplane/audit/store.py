@@ -15,13 +15,17 @@ from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane.audit.tables import (
+    LEAF_LIMITS,
     audit_checkpoints,
     audit_leaves,
     audit_log_keys,
     audit_log_state,
     audit_payloads,
     audit_purge_marks,
+    audit_quarantine,
     audit_tree,
+    leaf_value,
+    pg_leaf_value,
 )
 from trustplane.storage.driver_sql import by_column, in_transaction, unnest_insert, values_clause
 
@@ -172,6 +176,49 @@ async def drop_pending(conn: AsyncConnection, ids: Sequence[int]) -> int:
     return dropped
 
 
+async def oldest_pending(conn: AsyncConnection) -> Any:
+    """The oldest pending row (id, entry, payload, salt), or None."""
+    sql = "SELECT id, entry, payload, salt FROM audit_pending ORDER BY id LIMIT 1"
+    return (await conn.exec_driver_sql(sql)).first()
+
+
+async def quarantine_pending(
+    conn: AsyncConnection,
+    raw: tuple[int, str, str, bytes, str, str],
+    event_id: str,
+    placeholder: tuple[str, str, bytes],
+    now_ms: int,
+) -> None:
+    """The pending row ``raw`` (id, entry, payload, salt, error, detail) into ``audit_quarantine``
+    and, under the same id (its place in the log), ``placeholder`` (entry, payload, salt) into
+    ``audit_pending``: in the sequencer's transaction."""
+    pending_id, entry, payload, salt, error, detail = raw
+    await conn.execute(
+        audit_quarantine.insert().values(
+            pending_id=pending_id,
+            entry=entry,
+            payload=payload,
+            salt=salt,
+            error=error,
+            detail=detail,
+            event_id=event_id,
+            quarantined_at=now_ms,
+        )
+    )
+    sql = _insert_sql(conn.dialect.name, "audit_pending", ("id", "entry", "payload", "salt"))
+    drop = f"DELETE FROM audit_pending WHERE id = {_in_list(conn.dialect.name, 1)}"  # noqa: S608
+    dropped = await conn.exec_driver_sql(drop, (pending_id,))
+    if dropped.rowcount != 1:
+        raise RuntimeError("pending entries changed under the sequencer lock")
+    await conn.exec_driver_sql(sql, (pending_id, *placeholder))
+
+
+async def count_quarantined(conn: AsyncConnection) -> int:
+    return int(
+        (await conn.execute(select(func.count()).select_from(audit_quarantine))).scalar() or 0
+    )
+
+
 async def has_pending(conn: AsyncConnection) -> bool:
     """Whether any entry waits for the sequencer (a read: takes no lock, on SQLite either)."""
     result = await conn.exec_driver_sql("SELECT 1 FROM audit_pending LIMIT 1")
@@ -196,9 +243,21 @@ PG_HAS_PENDING_SQL = "SELECT 1 FROM audit_pending ORDER BY id LIMIT 1"
 async def pg_vacuum_pending(conn: AsyncConnection) -> None:
     """PostgreSQL, on an autocommit connection: ``VACUUM audit_pending`` (:meth:`Ledger.integrate
     <trustplane.audit.ledger.Ledger.integrate>` after every :data:`~trustplane.audit.ledger.VACUUM_EVERY`
-    entries it moved). Takes no lock that blocks the appends or the sequencer's deletes."""
+    entries it moved). Takes no lock that blocks the appends or the sequencer's deletes.
+
+    ``TRUNCATE false`` (and the table's ``vacuum_truncate = false``, migration ``0024``, for any
+    other VACUUM): a vacuum that truncated the emptied queue to 0 pages left statistics saying
+    "empty", the reads of the queue prepared on the long-lived connections (this poll, the
+    sequencer's batch read) were planned again on them as sequential scans and kept those
+    generic plans (no ANALYZE with autovacuum off) while the next 20,000 entries' dead rows piled
+    up: every poll and batch read went through all of them (``tests/audit/test_pending_plans.py``).
+    Kept at its size, the heap is reused by the next appends and the plans stay on the key."""
     driver: Any = (await conn.get_raw_connection()).driver_connection
-    await driver.execute("VACUUM audit_pending")
+    await driver.execute(PG_VACUUM_PENDING_SQL)
+
+
+#: See :func:`pg_vacuum_pending`.
+PG_VACUUM_PENDING_SQL = "VACUUM (TRUNCATE false) audit_pending"
 
 
 async def count_pending(conn: AsyncConnection) -> int:
@@ -274,16 +333,20 @@ _PG_SLICE_SQL = (
     "j AS (SELECT $2::bigint + d.o - 1 AS idx, d.entry, {jsonb} AS e, d.payload, d.salt FROM d), "
     "l AS (INSERT INTO audit_leaves (idx, entry, event_id, type, time_ms, subject, client_id, "
     "partner, transaction_id, integrated_at) "
-    "SELECT idx, entry, e->>'event_id', e->>'type', (e->>'time')::bigint, e->>'subject', "
-    "e->>'client_id', e->>'partner', e->>'transaction_id', $3::bigint FROM j RETURNING 1), "
+    "SELECT idx, entry, {event_id}, {type}, (e->>'time')::bigint, {subject}, "
+    "{client_id}, {partner}, {transaction_id}, $3::bigint FROM j RETURNING 1), "
     "p AS (INSERT INTO audit_payloads (idx, payload, salt) SELECT idx, payload, salt FROM j), "
     "t AS (INSERT INTO audit_tree (id, hash) "
     "SELECT n.i, substring($5::bytea FROM (n.o::int - 1) * 32 + 1 FOR 32) "
     "FROM unnest($4::text::bigint[]) WITH ORDINALITY AS n(i, o)) "
     "SELECT count(*) FROM l"
 )
+#: Each bounded leaf column gets the entry's value only if it fits (``tables.leaf_value``): an
+#: over-long subject, client id or transaction id stopped every integration after it with "value
+#: too long" (the entry keeps the whole value; it is what is hashed and proved).
+_LEAF_COLUMNS_SQL = {c: pg_leaf_value(f"(e->>'{c}')", c) for c in LEAF_LIMITS}
 #: The common slice: no entry holds the text ``\u0000``, so each is parsed as it is.
-PG_SLICE_SQL = _PG_SLICE_SQL.format(jsonb="d.entry::jsonb")
+PG_SLICE_SQL = _PG_SLICE_SQL.format(jsonb="d.entry::jsonb", **_LEAF_COLUMNS_SQL)
 #: A slice with an entry that holds ``\u0000`` (the sequencer looks for it while it hashes the
 #: entries): such entries are parsed with U+FFFD in each NUL escape's place. Searching every entry
 #: on the server for it (``strpos``) cost ~2.8 us of PostgreSQL's CPU per ~700-byte entry, about a
@@ -291,7 +354,8 @@ PG_SLICE_SQL = _PG_SLICE_SQL.format(jsonb="d.entry::jsonb")
 PG_SLICE_NUL_SQL = _PG_SLICE_SQL.format(
     jsonb="(CASE WHEN strpos(d.entry, '\\u0000') = 0 "
     "THEN d.entry ELSE regexp_replace(d.entry, '(?<!\\\\)((?:\\\\\\\\)*)\\\\u0000', "
-    "'\\1\\\\ufffd', 'g') END)::jsonb"
+    "'\\1\\\\ufffd', 'g') END)::jsonb",
+    **_LEAF_COLUMNS_SQL,
 )
 #: The text a NUL escape has in a canonical entry.
 NUL_ESCAPE = "\\u0000"
@@ -522,8 +586,14 @@ async def entries_where(
         elif name == "until":
             query = query.where(leaves.c.time_ms < value)
         else:
-            query = query.where(leaves.c[name] == value)
+            query = query.where(leaves.c[name] == _filter_value(name, value))
     return _entries((await conn.execute(query.order_by(leaves.c.idx).limit(limit))).all())
+
+
+def _filter_value(column: str, value: Any) -> Any:
+    """What a leaf column holds for an entry whose field is ``value`` (``tables.leaf_value``)."""
+    limit = LEAF_LIMITS.get(column)
+    return value if limit is None else leaf_value(value, limit)
 
 
 async def latest_where(
@@ -532,7 +602,7 @@ async def latest_where(
     """The newest leaves matching equality ``filters``, newest first."""
     query = select(audit_leaves.c.idx)
     for name, value in filters.items():
-        query = query.where(audit_leaves.c[name] == value)
+        query = query.where(audit_leaves.c[name] == _filter_value(name, value))
     ids = [
         int(r[0])
         for r in (await conn.execute(query.order_by(audit_leaves.c.idx.desc()).limit(limit))).all()

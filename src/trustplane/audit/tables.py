@@ -8,10 +8,14 @@
 - ``audit_log_keys``: the log's Ed25519 key (private part encrypted under the KEK).
 - ``audit_ingested``: the services' events already recorded, by (issuer, ``jti``) (idempotency).
 - ``audit_purge_marks``: how far retention's purge has gone, per type (migration ``0014``).
+- ``audit_quarantine``: pending rows the sequencer could not integrate, raw, each replaced in the log
+  by a placeholder leaf that commits to its digests (migration ``0024``; docs/ledger.md, "Quarantine").
 
 Leaves, tree nodes and checkpoints are append-only: database triggers (migration ``0002_ledger``) refuse
 UPDATE and DELETE; payload rows may only be deleted (the purge), never updated.
 """
+
+import hashlib
 
 from sqlalchemy import BigInteger, Column, Index, Integer, LargeBinary, String, Table, Text, text
 
@@ -139,6 +143,60 @@ audit_purge_marks = Table(
     Column("cutoff_ms", BigInteger, nullable=False),
     Column("idx", BigInteger, nullable=False),
 )
+
+#: A pending row the sequencer could not integrate (:meth:`trustplane.audit.ledger.Ledger.quarantine`),
+#: as it was, with why: in the log its place is taken by a placeholder leaf (``event_id``, of type
+#: ``audit:entry:quarantined``) whose entry holds this row's ``entry_sha256`` and ``payload_sha256``.
+#: Never deleted by the ledger: an operator's evidence (docs/ledger.md, "Quarantine").
+audit_quarantine = Table(
+    "audit_quarantine",
+    metadata,
+    Column("pending_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("entry", Text, nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("salt", LargeBinary, nullable=False),
+    Column("error", String(128), nullable=False),  # the exception's class, and SQLSTATE if any
+    Column("detail", Text, nullable=False),
+    Column("event_id", String(32), nullable=False),  # the placeholder's
+    Column("quarantined_at", BigInteger, nullable=False),
+)
+
+#: Every bounded leaf column and its length: the sequencer stores the entry's value in it only if
+#: it fits (:func:`leaf_value`).
+LEAF_LIMITS: dict[str, int] = {
+    c.name: int(c.type.length)
+    for c in audit_leaves.columns
+    if isinstance(c.type, String) and c.type.length is not None
+}
+#: What a leaf column holds in place of a value too long for it (``sha256:`` and the hex digest of
+#: its UTF-8, cut to the column's length).
+DIGEST_MARKER = "sha256:"
+
+
+def leaf_value(value: object, limit: int) -> object:
+    """What the leaf column of length ``limit`` holds for the entry's ``value``: the value itself
+    if it fits, else :data:`DIGEST_MARKER` and its SHA-256 (the entry, hashed into the tree, keeps
+    the whole value; the column is only an index for the filters, which map the value they look
+    for the same way). A NUL is U+FFFD here, as PostgreSQL's parse of the entry has it
+    (``store.PG_SLICE_NUL_SQL``); :func:`pg_leaf_value` is the same in SQL."""
+    if not isinstance(value, str):
+        return value
+    value = value.replace("\x00", "\ufffd")
+    if len(value) <= limit:
+        return value
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+    return (DIGEST_MARKER + digest)[:limit]
+
+
+def pg_leaf_value(expr: str, column: str) -> str:
+    """PostgreSQL: :func:`leaf_value` of the text ``expr`` for ``column`` (lengths in characters,
+    as ``varchar(n)`` counts them)."""
+    limit = LEAF_LIMITS[column]
+    digest = (
+        f"left('{DIGEST_MARKER}' || encode(sha256(convert_to({expr}, 'UTF8')), 'hex'), {limit})"
+    )
+    return f"CASE WHEN length({expr}) <= {limit} THEN {expr} ELSE {digest} END"
+
 
 #: Tables whose rows are never updated or deleted (enforced by triggers).
 APPEND_ONLY = ("audit_leaves", "audit_tree", "audit_checkpoints")
