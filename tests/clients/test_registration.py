@@ -296,6 +296,11 @@ BAD_METADATA = [
         for label, char in [("space", " "), ("tab", "\t"), ("newline", "\n"), ("del", "\x7f")]
     ],
     pytest.param(
+        body(metadata(redirect_uris=["https://client.example/cb?state=fixed"])),
+        "invalid_redirect_uri",
+        id="redirect-query-holds-state",
+    ),
+    pytest.param(
         body(metadata(redirect_uris=["https://client.example/cb\r\n"])),
         "invalid_redirect_uri",
         id="redirect-trailing-crlf",
