@@ -76,7 +76,7 @@ async def _provision(settings: Settings) -> tuple[tuple[str, str], tuple[str, st
             {**base, "token_endpoint_auth_method": "client_secret_basic"},
             initial_access_token=None,
         )
-        token = await svc.clients.create_initial_access_token("fuzz")
+        token = await svc.clients.create_initial_access_token("fuzz", lei=LEI)
     finally:
         await svc.stop()
     assert secret.client_secret

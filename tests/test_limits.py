@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tests.conftest import _Started, make_settings
+from tests.conftest import LEI, _Started, make_settings
 from trustplane.app import Services, TrustplaneApp, create_app
 from trustplane.limits import BoundedRequests, RequestLimits, json_text_problem, request_limits
 
@@ -160,7 +160,7 @@ async def test_register_with_a_wrong_token_is_refused_without_reading(app: Trust
 async def test_register_with_a_good_token_and_a_streamed_big_body_is_413(
     app: TrustplaneApp, started: Services
 ) -> None:
-    token = await started.clients.create_initial_access_token("limits test", max_uses=1)
+    token = await started.clients.create_initial_access_token("limits test", max_uses=1, lei=LEI)
     headers = [
         (b"content-type", b"application/json"),
         (b"authorization", b"Bearer " + token.encode()),

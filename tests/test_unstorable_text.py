@@ -380,7 +380,7 @@ async def bearer(server: Server, endpoint: Endpoint) -> dict[str, str]:
     if endpoint.api is None:
         return {}
     if endpoint.api == "register":
-        token = await server.services.clients.create_initial_access_token("tests")
+        token = await server.services.clients.create_initial_access_token("tests", lei=LEI)
         return {"Authorization": f"Bearer {token}"}
     token = issue_access_token(
         server.services.keys.ring,

@@ -287,7 +287,9 @@ class Deployment:
 
     def register(self, **metadata: Any) -> PrivateKeyJwt:
         """A private_key_jwt client, registered over RFC 7591 with an initial access token."""
-        token = self.cli("registration-token", "create", "--uses", "1")["initial_access_token"]
+        token = self.cli("registration-token", "create", "--uses", "1", "--lei", ARRANGER)[
+            "initial_access_token"
+        ]
         key = ec.generate_private_key(ec.SECP256R1())
         jwk = {**public_jwk(key), "kid": "k1", "alg": "ES256", "use": "sig"}
         body = {"lei": ARRANGER, "jwks": {"keys": [jwk]}, **metadata}

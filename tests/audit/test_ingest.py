@@ -308,7 +308,7 @@ async def test_the_guard_answers_401_and_403(server: Server) -> None:
 
 async def test_only_an_operator_registration_grants_audit_ingest(server: Server) -> None:
     """Dynamic registration (RFC 7591) refuses the ledger's internal scope."""
-    token = await server.services.clients.create_initial_access_token("tests")
+    token = await server.services.clients.create_initial_access_token("tests", lei=LEI)
     answer = await server.http.post(
         "/register",
         json={"client_name": "self", "lei": LEI, "scope": "audit:ingest",

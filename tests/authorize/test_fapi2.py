@@ -357,7 +357,7 @@ async def test_registration_cannot_opt_out_or_use_a_secret(fapi2: Server) -> Non
 
 async def test_dynamic_registration_refusal_is_invalid_client_metadata(fapi2: Server) -> None:
     """The HTTP answer of the opt-out refusal (RFC 7591 §3.2.2): 400 invalid_client_metadata."""
-    initial = await fapi2.services.clients.create_initial_access_token("tests")
+    initial = await fapi2.services.clients.create_initial_access_token("tests", lei=LEI)
     response = await fapi2.http.post(
         "/register",
         json={

@@ -81,6 +81,12 @@ REFUSALS: list[tuple[str, dict[str, Any], dict[str, Any], type[OAuth2Error], str
     ("redirect-no-host", {"redirect_uris": ["https:///cb"]}, {}, REDIRECT, "^redirect_uris must be absolute URIs$"),
     ("redirect-port-too-large", {"redirect_uris": ["https://client.example:65536/cb"]}, {}, REDIRECT, "^redirect_uris must be valid absolute URIs$"),
     ("redirect-port-not-numeric", {"redirect_uris": ["https://client.example:https/cb"]}, {}, REDIRECT, "^redirect_uris must be valid absolute URIs$"),
+    ("redirect-query-code", {"redirect_uris": ["https://client.example/cb?code=1"]}, {}, REDIRECT, "^redirect_uris: the query must not hold code: the authorization response adds it$"),
+    ("redirect-query-state-empty", {"redirect_uris": ["https://client.example/cb?tenant=a&state="]}, {}, REDIRECT, "^redirect_uris: the query must not hold state: "),
+    ("redirect-query-iss-encoded", {"redirect_uris": ["https://client.example/cb?%69ss=x"]}, {}, REDIRECT, "^redirect_uris: the query must not hold iss: "),
+    ("redirect-query-error-two", {"redirect_uris": ["https://client.example/cb?error_description=x&error"]}, {}, REDIRECT, "^redirect_uris: the query must not hold error, error_description: "),
+    ("redirect-query-error-uri", {"redirect_uris": ["http://127.0.0.1:8080/cb?a=1&error_uri=x"]}, {}, REDIRECT, "^redirect_uris: the query must not hold error_uri: "),
+    ("redirect-trailing-newline", {"redirect_uris": ["https://client.example/cb\n"]}, {}, REDIRECT, "^redirect_uris must not contain whitespace or control characters$"),
     ("redirect-second-of-two-bad", {"redirect_uris": ["https://client.example/cb", "http://client.example/cb"]}, {}, REDIRECT, "^redirect_uris must use https"),
     # LEI
     ("lei-bad-check-digits", {"lei": LEI[:-2] + "13"}, {}, META, "^lei: not a valid ISO 17442 LEI"),
@@ -188,6 +194,7 @@ def test_full_metadata_is_kept(vocabulary: Vocabulary) -> None:
         allowed_resources=[EXECUTION, CLEARING],
         redirect_uris=[
             "https://client.example/cb?x=1",
+            "https://client.example/cb?Code=1&states=2&codes",  # not what the response adds
             "http://127.0.0.1:8080/cb",
             "http://[::1]/cb",
             "https://client.example:8443/cb",

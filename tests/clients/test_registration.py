@@ -7,14 +7,18 @@ access token; anything else is ``invalid_token`` (RFC 7592 §3).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import func, select, update
 
 from tests.conftest import EXECUTION, LEI, ClientKit, jwks_for, new_ec_key, register_kit
 from tests.protocol_server import Server, basic
+from trustplane.clients.model import hash_secret
+from trustplane.clients.tables import initial_access_tokens
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -41,7 +45,9 @@ def bearer(token: str) -> dict[str, str]:
 
 
 async def initial_token(server: Server, **kw: Any) -> str:
-    return await server.services.clients.create_initial_access_token("tests", **kw)
+    """A token bound to ``LEI`` (the LEI ``metadata()`` registers) unless ``kw`` says otherwise."""
+    bound = {} if "any_lei" in kw else {"lei": LEI}
+    return await server.services.clients.create_initial_access_token("tests", **bound, **kw)
 
 
 async def client_count(server: Server) -> int:
@@ -128,7 +134,7 @@ async def test_a_token_bound_to_an_lei_registers_that_legal_entity_only(server: 
     mandate's grantee, so a token the operator bound to one legal entity (``registration-token
     create --lei``) cannot register a client of another one (400, token not spent, nothing
     written); without ``lei`` in the body the client gets the token's."""
-    token = await initial_token(server, max_uses=2, lei=LEI)
+    token = await initial_token(server, max_uses=2)
     before = await client_count(server)
 
     other = await server.http.post("/register", json=metadata(lei=OTHER_LEI), headers=bearer(token))
@@ -145,30 +151,94 @@ async def test_a_token_bound_to_an_lei_registers_that_legal_entity_only(server: 
     assert await client_count(server) == before + 2
 
 
-async def test_an_unbound_token_registers_any_legal_entity(server: Server) -> None:
-    """Tokens created without ``--lei`` (and those from before migration 0019) stay unbound."""
-    reg = await registered(server, metadata(lei=OTHER_LEI))
-    assert reg["lei"] == OTHER_LEI
+async def test_an_explicitly_unbound_token_registers_any_legal_entity(server: Server) -> None:
+    """``registration-token create --any-lei``: the operator's explicit choice."""
+    token = await initial_token(server, any_lei=True)
+    response = await server.http.post(
+        "/register", json=metadata(lei=OTHER_LEI), headers=bearer(token)
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["lei"] == OTHER_LEI
+
+
+async def test_a_token_unbound_by_default_before_migration_0025_registers_nothing(
+    server: Server,
+) -> None:
+    """Before migration 0025 a token created without ``--lei`` was unbound although nobody had
+    asked for that: such a row (no ``lei``, ``any_lei`` false) is 401 like an unknown token,
+    before the body is read, and is not spent."""
+    token = await initial_token(server, max_uses=1)
+    async with server.services.db.transaction() as conn:
+        await conn.execute(
+            update(initial_access_tokens)
+            .where(initial_access_tokens.c.token_hash == hash_secret(token))
+            .values(lei=None, any_lei=False)
+        )
+    before = await client_count(server)
+
+    for body in (metadata(), metadata(lei=None)):
+        response = await server.http.post("/register", json=body, headers=bearer(token))
+        assert error_of(response) == (401, "invalid_token"), response.text
+    assert await client_count(server) == before
+    async with server.services.db.read() as conn:
+        uses = await conn.scalar(
+            select(initial_access_tokens.c.uses).where(
+                initial_access_tokens.c.token_hash == hash_secret(token)
+            )
+        )
+    assert uses == 0
+
+
+async def test_an_unbound_token_needs_the_lei_in_the_body(server: Server) -> None:
+    """Only a bound token fills the ``lei`` in; with an ``--any-lei`` token it is required."""
+    token = await initial_token(server, any_lei=True, max_uses=1)
+    before = await client_count(server)
+    response = await server.http.post("/register", json=metadata(lei=None), headers=bearer(token))
+    assert error_of(response) == (400, "invalid_client_metadata"), response.text
+    assert response.json()["error_description"].startswith("lei: ")
+    assert await client_count(server) == before
+
+
+NEITHER = (
+    "name the legal entity the token registers (--lei LEI), or pass --any-lei for a token that "
+    "registers any legal entity"
+)
 
 
 @pytest.mark.parametrize(
     ("kw", "message"),
     [
-        pytest.param({"lei": LEI.lower()}, "--lei", id="lei-lower-case"),
-        pytest.param({"lei": "5493001KJTIIGC8Y1R13"}, "--lei", id="lei-check-digits"),
-        pytest.param({"description": "x" * 201}, "--description", id="description-too-long"),
-        pytest.param({"description": ""}, "--description", id="description-empty"),
-        pytest.param({"description": "a\nb"}, "--description", id="description-newline"),
+        pytest.param({}, f"^{re.escape(NEITHER)}$", id="neither-lei-nor-any-lei"),
+        pytest.param({"any_lei": False}, f"^{re.escape(NEITHER)}$", id="any-lei-false"),
+        pytest.param(
+            {"lei": LEI, "any_lei": True}, "^--lei and --any-lei exclude each other$", id="both"
+        ),
+        pytest.param({"lei": LEI.lower()}, "^--lei: ", id="lei-lower-case"),
+        pytest.param({"lei": "5493001KJTIIGC8Y1R13"}, "^--lei: ", id="lei-check-digits"),
+        pytest.param(
+            {"lei": LEI, "description": "x" * 201}, "^--description: ", id="description-too-long"
+        ),
+        pytest.param({"lei": LEI, "description": ""}, "^--description: ", id="description-empty"),
+        pytest.param(
+            {"any_lei": True, "description": "a\nb"}, "^--description: ", id="description-newline"
+        ),
     ],
 )
 async def test_token_creation_refuses_bad_input(
     server: Server, kw: dict[str, Any], message: str
 ) -> None:
     """Refused before anything is written (PostgreSQL would refuse a description over its
-    VARCHAR(200) with a driver error; SQLite would store it)."""
+    VARCHAR(200) with a driver error; SQLite would store it). An initial access token names the
+    legal entity it registers, or is unbound by the operator's explicit choice: neither is an
+    error, not an unbound token."""
     args = {"description": "tests", **kw}
-    with pytest.raises(ValueError, match=f"^{message}: "):
+    async with server.services.db.read() as conn:
+        before = await conn.scalar(select(func.count()).select_from(initial_access_tokens))
+    with pytest.raises(ValueError, match=message):
         await server.services.clients.create_initial_access_token(**args)
+    async with server.services.db.read() as conn:
+        after = await conn.scalar(select(func.count()).select_from(initial_access_tokens))
+    assert after == before
 
 
 # --------------------------------------------------------------------------- RFC 7591: metadata
@@ -219,7 +289,6 @@ BAD_METADATA = [
         body(metadata(lei="5493001KJTIIGC8Y1R13")), "invalid_client_metadata", id="lei-check-digits"
     ),
     pytest.param(body(metadata(lei="not-a-lei")), "invalid_client_metadata", id="lei-malformed"),
-    pytest.param(body(metadata(lei=None)), "invalid_client_metadata", id="lei-missing"),
     pytest.param(
         body(metadata(scope="order:teleport")), "invalid_client_metadata", id="unknown-scope"
     ),
@@ -295,6 +364,11 @@ BAD_METADATA = [
         )
         for label, char in [("space", " "), ("tab", "\t"), ("newline", "\n"), ("del", "\x7f")]
     ],
+    pytest.param(
+        body(metadata(redirect_uris=["https://client.example/cb?state=fixed"])),
+        "invalid_redirect_uri",
+        id="redirect-query-holds-state",
+    ),
     pytest.param(
         body(metadata(redirect_uris=["https://client.example/cb\r\n"])),
         "invalid_redirect_uri",

@@ -120,6 +120,79 @@ async def test_unusable_answers_give_no_keys(
     assert await cache.keys(jwks_server.url, "a") == []
 
 
+FAILED_REFETCHES = [
+    pytest.param(500, b'{"keys": []}', id="server-error"),
+    pytest.param(503, b"", id="unavailable"),
+    pytest.param(200, b"not json", id="not-json"),
+    pytest.param(200, b'{"keys": "nope"}', id="wrong-shape"),
+    pytest.param(200, b"[" + b" " * MAX_JWKS_BYTES + b"]", id="oversized"),
+]
+
+
+@pytest.mark.parametrize(("status", "body"), FAILED_REFETCHES)
+async def test_a_failed_refetch_keeps_the_last_good_keys(
+    jwks_server: JwksServer, status: int, body: bytes
+) -> None:
+    """An outage of the key server (or an answer that is not a JWK Set) must not refuse every
+    assertion of the client until the next good fetch: the keys fetched last time stay usable,
+    for a known kid after the ttl and for an unknown one alike, and the failed URI is tried
+    again only after ``min_refetch``."""
+    remote = loopback_cache(ttl=0.0, min_refetch=0.0)
+    jwks_server.serve(jwks_for(new_ec_key(), kid="a"))
+    good = await remote.keys(jwks_server.url, "a")
+    jwks_server.status, jwks_server.body = status, body
+
+    assert await remote.keys(jwks_server.url, "a") == good  # ttl over: refetched, failed
+    assert await remote.keys(jwks_server.url, "rotated") == good
+    assert jwks_server.hits == 3
+    await remote.aclose()
+
+
+async def test_an_unreachable_key_server_keeps_the_last_good_keys(jwks_server: JwksServer) -> None:
+    remote = loopback_cache(ttl=0.0, min_refetch=0.0)
+    jwks_server.serve(jwks_for(new_ec_key(), kid="a"))
+    good = await remote.keys(jwks_server.url, "a")
+    jwks_server.close()  # connection refused from now on
+
+    assert await remote.keys(jwks_server.url, "a") == good
+    await remote.aclose()
+
+
+async def test_a_failed_fetch_is_retried_after_min_refetch_only(jwks_server: JwksServer) -> None:
+    remote = loopback_cache(ttl=0.0)
+    jwks_server.serve(jwks_for(new_ec_key(), kid="a"))
+    jwks_server.status = 500
+    for _ in range(5):
+        assert await remote.keys(jwks_server.url, "a") == []
+    assert jwks_server.hits == 1
+    await remote.aclose()
+
+
+async def test_a_good_refetch_drops_the_keys_it_no_longer_lists(jwks_server: JwksServer) -> None:
+    remote = loopback_cache(ttl=0.0, min_refetch=0.0)
+    old, new = new_ec_key(), new_ec_key()
+    both = {"keys": [jwks_for(old, kid="old")["keys"][0], jwks_for(new, kid="new")["keys"][0]]}
+    jwks_server.serve(both)
+    assert [k for k, _, _ in await remote.keys(jwks_server.url, "old")] == ["old", "new"]
+    jwks_server.serve(jwks_for(new, kid="new"))
+
+    assert [k for k, _, _ in await remote.keys(jwks_server.url, "old")] == ["new"]
+    await remote.aclose()
+
+
+async def test_a_refetch_with_private_members_drops_every_key(jwks_server: JwksServer) -> None:
+    """The owner published private key material: its signatures prove nothing any more."""
+    remote = loopback_cache(ttl=0.0, min_refetch=0.0)
+    jwks_server.serve(jwks_for(new_ec_key(), kid="a"))
+    assert len(await remote.keys(jwks_server.url, "a")) == 1
+    exposed = jwks_for(new_ec_key(), kid="a")
+    exposed["keys"][0]["d"] = "c2VjcmV0"
+    jwks_server.serve(exposed)
+
+    assert await remote.keys(jwks_server.url, "a") == []
+    await remote.aclose()
+
+
 async def test_private_members_in_a_remote_jwks_give_no_keys(
     jwks_server: JwksServer, cache: RemoteJwksCache
 ) -> None:

@@ -174,7 +174,7 @@ async def test_store_does_not_commit(db: Database) -> None:
 async def _add_token(db: Database, token: str, expires_at: int, max_uses: int | None) -> None:
     async with db.transaction() as conn:
         await SqlInitialAccessTokenStore().add(
-            conn, hash_secret(token), "test", NOW, expires_at, max_uses
+            conn, hash_secret(token), "test", NOW, expires_at, max_uses, lei=LEI
         )
 
 
@@ -358,7 +358,7 @@ async def test_set_status_of_unknown_client(services: Services) -> None:
 
 
 async def test_registration_with_an_initial_access_token(services: Services) -> None:
-    token = await services.clients.create_initial_access_token("ops", ttl=600, max_uses=1)
+    token = await services.clients.create_initial_access_token("ops", ttl=600, max_uses=1, lei=LEI)
     before = await _generation(services)
 
     reg = await services.clients.register(_raw(), initial_access_token=token)

@@ -59,7 +59,7 @@ def add_user(server: LiveServer, username: str) -> dict[str, Any]:
 
 def register_code_client(server: LiveServer) -> ClientKit:
     """Dynamic registration (RFC 7591) with an initial access token from the CLI."""
-    token = server.cli_json("registration-token", "create")["initial_access_token"]
+    token = server.cli_json("registration-token", "create", "--lei", LEI)["initial_access_token"]
     key = new_ec_key()
     metadata = {
         "client_name": "Arranger Order Service",

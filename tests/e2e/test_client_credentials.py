@@ -127,7 +127,9 @@ def test_authlib_default_audience_is_refused(server: LiveServer, client_kit: Cli
 
 def test_registration_token_introspection_revocation_walkthrough(server: LiveServer) -> None:
     """What an operator and a client would do with the CLI and curl."""
-    created = server.cli_json("registration-token", "create", "--uses", "1", "--description", "e2e")
+    created = server.cli_json(
+        "registration-token", "create", "--lei", LEI, "--uses", "1", "--description", "e2e"
+    )
     assert created["registration_endpoint"] == f"{server.issuer}/register"
 
     key = new_ec_key()

@@ -43,7 +43,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 
 
 def register(server: LiveServer, **extra: Any) -> httpx.Response:
-    token = server.cli_json("registration-token", "create")["initial_access_token"]
+    token = server.cli_json("registration-token", "create", "--lei", LEI)["initial_access_token"]
     body = {
         "client_name": "Arranger Order Service",
         "lei": LEI,

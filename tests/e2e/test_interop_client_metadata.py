@@ -110,7 +110,7 @@ def test_without_the_flag_a_proof_stays_optional(server: LiveServer) -> None:
 
 
 def register(server: LiveServer, **extra: Any) -> httpx.Response:
-    initial = server.cli_json("registration-token", "create")["initial_access_token"]
+    initial = server.cli_json("registration-token", "create", "--lei", LEI)["initial_access_token"]
     body = {
         "client_name": "foreign client",
         "lei": LEI,

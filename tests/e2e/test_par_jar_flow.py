@@ -84,7 +84,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServers]:
 
 def register(server: LiveServer, key: Any, **metadata: Any) -> ClientKit:
     """Dynamic registration (RFC 7591) of a code client that must use PAR and request objects."""
-    token = server.cli_json("registration-token", "create")["initial_access_token"]
+    token = server.cli_json("registration-token", "create", "--lei", LEI)["initial_access_token"]
     body = {
         "client_name": "Arranger Order Service",
         "lei": LEI,

@@ -93,7 +93,7 @@ def test_one_assertion_wins_once_across_servers(cluster: list[LiveServer]) -> No
 
 @pytest.mark.parametrize("cluster", ["sql-replay"], indirect=True)
 def test_single_use_registration_token_registers_once(cluster: list[LiveServer]) -> None:
-    created = cluster[0].cli_json("registration-token", "create", "--uses", "1")
+    created = cluster[0].cli_json("registration-token", "create", "--lei", LEI, "--uses", "1")
     name = f"registration race {uuid.uuid4().hex}"
     metadata = {
         "client_name": name,

@@ -69,7 +69,7 @@ class Rights:
     async def dcr(self, **metadata: Any) -> tuple[ClientKit, dict[str, Any]]:
         """A client registered by RFC 7591 with an initial access token, as anyone holding one."""
         key = new_ec_key()
-        token = await self.server.services.clients.create_initial_access_token("tests")
+        token = await self.server.services.clients.create_initial_access_token("tests", lei=LEI)
         body = {"lei": LEI, "jwks": jwks_for(key), **EXCHANGER, **metadata}
         response = await self.server.http.post(
             "/register", json=body, headers={"Authorization": f"Bearer {token}"}

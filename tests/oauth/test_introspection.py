@@ -222,7 +222,7 @@ async def test_refused_introspection_request(
 async def _registered_over_http(server: Server) -> ClientKit:
     """A client registered by RFC 7591 (initial access token), as anyone holding one may."""
     key = new_ec_key()
-    token = await server.services.clients.create_initial_access_token("tests")
+    token = await server.services.clients.create_initial_access_token("tests", lei=LEI)
     body = {"lei": LEI, "scope": "order:create", "allowed_resources": [EXECUTION],
             "jwks": jwks_for(key)}  # fmt: skip
     response = await server.http.post(

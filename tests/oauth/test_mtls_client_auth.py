@@ -246,7 +246,7 @@ async def test_registration_stores_the_binding_flag(env: Env) -> None:
 async def test_dynamic_registration_of_a_tls_client_auth_client(env: Env) -> None:
     """RFC 7591 over HTTP: the RFC 8705 members are accepted, stored and echoed; a second subject
     member is ``invalid_client_metadata``; the registered client then authenticates by certificate."""
-    iat = await env.services.clients.create_initial_access_token("mtls test")
+    iat = await env.services.clients.create_initial_access_token("mtls test", lei=LEI)
     body = base_metadata(
         token_endpoint_auth_method="tls_client_auth",
         tls_client_auth_san_uri=CLIENT_URI,

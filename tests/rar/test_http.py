@@ -249,7 +249,7 @@ async def test_registration_with_an_unknown_type_is_invalid_client_metadata(
 ) -> None:
     """RFC 9396 §10: ``authorization_details_types`` names types this server knows (RFC 7591
     §3.2.2: else ``invalid_client_metadata``), and nothing is registered."""
-    token = await server.services.clients.create_initial_access_token("tests")
+    token = await server.services.clients.create_initial_access_token("tests", lei=LEI)
     before = len(await server.services.clients.list())
     body = {
         "client_name": "rar registration",

@@ -24,6 +24,13 @@ regtoken_app = typer.Typer(
 )
 
 
+#: Printed (stderr) when the operator asks for an unbound token.
+ANY_LEI_WARNING = (
+    "trustplane: warning: --any-lei: whoever holds this token can register a client of ANY legal "
+    "entity and act for it; prefer --lei"
+)
+
+
 @regtoken_app.command("create")
 def registration_token_create(
     description: Annotated[str, typer.Option(help="Who or what the token is for.")] = "cli",
@@ -33,28 +40,39 @@ def registration_token_create(
     ] = None,
     lei: Annotated[
         str | None,
-        typer.Option(help="Register clients of this legal entity (LEI) only (default: any)."),
+        typer.Option(help="Register clients of this legal entity (LEI) only."),
     ] = None,
+    any_lei: Annotated[
+        bool,
+        typer.Option(
+            "--any-lei",
+            help="Instead of --lei: register clients of any legal entity (its holder can act for "
+            "any of them).",
+        ),
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Create an initial access token for POST /register (RFC 7591 §3). Shown once."""
+    """Create an initial access token for POST /register (RFC 7591 §3), bound to one legal entity
+    (--lei) or, explicitly, to none (--any-lei). Shown once."""
     settings = _settings()
     try:
         token = _run(
             _with_services(
                 settings,
                 lambda svc: svc.clients.create_initial_access_token(
-                    description, ttl, uses, lei=lei
+                    description, ttl, uses, lei=lei, any_lei=any_lei
                 ),
             )
         )
     except ValueError as exc:
         err.print(f"[red]trustplane:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
+    if any_lei:
+        err.print(ANY_LEI_WARNING, highlight=False, markup=False)
     if as_json:
-        _emit_json(
-            {"initial_access_token": token, "registration_endpoint": f"{settings.issuer}/register"}
-        )
+        bound: dict[str, object] = {"lei": lei} if lei else {"any_lei": True}
+        endpoint = f"{settings.issuer}/register"
+        _emit_json({"initial_access_token": token, "registration_endpoint": endpoint, **bound})
     else:
         out.print(token, highlight=False)
 

@@ -91,8 +91,8 @@ def serve(
         out.print(f"client certs  {_client_certificates(settings)}")
     if created:
         out.print("signing keys  generated (active + next)")
-    out.print("register      `trustplane registration-token create` prints an initial access token")
-    out.print(f"              for POST {settings.issuer}/register")
+    out.print("register      `trustplane registration-token create --lei LEI` prints a token")
+    out.print(f"              for POST {settings.issuer}/register (clients of that LEI only)")
     server.run(settings, sockets)
 
 

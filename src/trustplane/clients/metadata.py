@@ -16,7 +16,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from stdnum import lei as stdnum_lei
@@ -360,9 +360,15 @@ def _check_details_types(meta: ClientMetadataIn, settings: Settings) -> None:
         )
 
 
+#: What the authorization response adds to the redirect URI (RFC 6749 §4.1.2, §4.1.2.1, RFC 9207
+#: §2): a registered query keeps its parameters (§3.1.2), so one of these would arrive twice.
+RESPONSE_PARAMETERS = frozenset({"code", "state", "error", "error_description", "error_uri", "iss"})
+
+
 def check_redirect_uri(uri: str) -> None:
     """Exact-match URIs only: absolute, no fragment, no wildcard; https, or http on a loopback IP.
-    No whitespace or control characters (RFC 3986 has none; ``urlsplit`` would strip some)."""
+    No whitespace or control characters (RFC 3986 has none; ``urlsplit`` would strip some), no
+    query parameter the authorization response adds."""
     if any(c.isspace() or not c.isprintable() for c in uri):
         raise InvalidRedirectUriError(
             "redirect_uris must not contain whitespace or control characters"
@@ -378,6 +384,12 @@ def check_redirect_uri(uri: str) -> None:
         raise InvalidRedirectUriError("redirect_uris must not contain a fragment")
     if not parts.scheme or not parts.hostname:
         raise InvalidRedirectUriError("redirect_uris must be absolute URIs")
+    taken = RESPONSE_PARAMETERS.intersection(k for k, _ in parse_qsl(parts.query, True))
+    if taken:
+        raise InvalidRedirectUriError(
+            f"redirect_uris: the query must not hold {', '.join(sorted(taken))}: the "
+            "authorization response adds it"
+        )
     if parts.scheme == "https":
         return
     if parts.scheme == "http" and parts.hostname in ("127.0.0.1", "::1"):

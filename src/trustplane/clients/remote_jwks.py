@@ -4,19 +4,27 @@ token header).
 Fetched through the guarded outbound fetcher (:mod:`trustplane.outbound`: public addresses only,
 https, no redirects, timeouts, a 64 KiB cap enforced while reading, a per-host rate limit), cached for
 ``ttl`` seconds, refetched on an unknown ``kid`` at most once per ``min_refetch`` seconds per URI so a
-flood of bogus kids cannot turn us into a traffic amplifier. A fetch that fails or is refused gives no
-keys: the assertion it was for fails ``invalid_client``.
+flood of bogus kids cannot turn us into a traffic amplifier (a failed fetch too).
+
+A fetch that fails or is refused (network error, timeout, a status other than 200, not JSON, not a
+JWK Set) keeps the last good keys: they were valid, and an outage of the client's or partner's key
+server must not refuse every one of its assertions. A successful fetch replaces the set whole, so a
+key the owner dropped is gone. A set with private key members gives no keys (the owner published
+its private key: its signatures prove nothing). With no good fetch yet, a failure gives no keys and
+the assertion fails ``invalid_client``.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import httpx
 import structlog
 
-from trustplane.jose.jwk import JWKError, PublicKey, import_public_jwks
+from trustplane.jose.jwk import JWKError, PublicKey, has_private_members, import_public_jwks
 from trustplane.jose.jws import ParsedJWS
 from trustplane.outbound import HostRateLimiter, OutboundError, OutboundFetcher, OutboundPolicy
 from trustplane.settings import Settings
@@ -26,6 +34,15 @@ MAX_JWKS_BYTES = 64 * 1024
 #: One registered key: its ``kid`` (if any), its JWS algorithm, the key.
 KeyEntry = tuple[str | None, str, PublicKey]
 KeyList = list[KeyEntry]
+
+
+@dataclass(frozen=True, slots=True)
+class _Cached:
+    """The last good key set of one URI, when it was fetched, and when a fetch was last tried."""
+
+    keys: KeyList
+    fetched_at: float
+    tried_at: float
 
 
 class RemoteJwksCache:
@@ -44,33 +61,51 @@ class RemoteJwksCache:
         self._ttl, self._min_refetch, self._purpose = ttl, min_refetch, purpose
         policy = OutboundPolicy(max_bytes=MAX_JWKS_BYTES)
         self._fetcher = fetcher or OutboundFetcher(policy, transport=transport)
-        self._cache: dict[str, tuple[float, KeyList]] = {}
+        self._cache: dict[str, _Cached] = {}
 
     async def keys(self, uri: str, kid: str | None) -> KeyList:
         now = time.monotonic()
         cached = self._cache.get(uri)
         if cached is not None:
-            fetched_at, keys = cached
-            fresh = now - fetched_at < self._ttl
-            known = kid is None or any(k == kid for k, _, _ in keys)
-            if (fresh and known) or now - fetched_at < self._min_refetch:
-                return keys
-        keys = await self._fetch(uri)
-        self._cache[uri] = (now, keys)
-        return keys
+            fresh = now - cached.fetched_at < self._ttl
+            known = kid is None or any(k == kid for k, _, _ in cached.keys)
+            if (fresh and known) or now - cached.tried_at < self._min_refetch:
+                return cached.keys
+        fetched = await self._fetch(uri)
+        if fetched is None:  # keep the last good keys; try again after min_refetch
+            kept = cached.keys if cached else []
+            self._cache[uri] = _Cached(kept, cached.fetched_at if cached else -math.inf, now)
+            return kept
+        self._cache[uri] = _Cached(fetched, now, now)
+        return fetched
 
-    async def _fetch(self, uri: str) -> KeyList:
+    async def _fetch(self, uri: str) -> KeyList | None:
+        """The key set at ``uri``; None if the fetch failed or the answer is not a JWK Set."""
         try:
             jwks = await self._fetcher.get_json(
                 uri, purpose=self._purpose, max_bytes=MAX_JWKS_BYTES
             )
-            return import_public_jwks(jwks)
-        except (OutboundError, JWKError) as exc:
+        except OutboundError as exc:
             log.warning("jwks_uri_fetch_failed", uri=uri, error=str(exc))
+            return None
+        if _exposes_private_keys(jwks):
+            log.warning("jwks_uri_private_keys", uri=uri)
             return []
+        try:
+            return import_public_jwks(jwks)
+        except JWKError as exc:
+            log.warning("jwks_uri_fetch_failed", uri=uri, error=str(exc))
+            return None
 
     async def aclose(self) -> None:
         await self._fetcher.aclose()
+
+
+def _exposes_private_keys(jwks: object) -> bool:
+    keys = jwks.get("keys") if isinstance(jwks, dict) else None
+    return isinstance(keys, list) and any(
+        isinstance(jwk, dict) and has_private_members(jwk) for jwk in keys
+    )
 
 
 async def signed_with(

@@ -117,10 +117,20 @@ class ClientService:
         max_uses: int | None = None,
         *,
         lei: str | None = None,
+        any_lei: bool = False,
     ) -> str:
-        """RFC 7591 §3: the bearer token that protects the registration endpoint. ``lei``: it
-        registers clients of that legal entity only (the LEI is what policies and mandates compare,
-        so an unbound token lets its holder register a client of any legal entity)."""
+        """RFC 7591 §3: the bearer token that protects the registration endpoint. It registers
+        clients of legal entity ``lei`` only: the LEI is what policies and mandates compare, and
+        rights come from the operator, never from what a client writes in its own registration.
+        ``any_lei=True`` instead: the operator's explicit choice of a token whose holder may
+        register a client of any legal entity. Exactly one of the two (else ``ValueError``)."""
+        if (lei is None) != any_lei:
+            raise ValueError(
+                "name the legal entity the token registers (--lei LEI), or pass --any-lei for a "
+                "token that registers any legal entity"
+                if lei is None
+                else "--lei and --any-lei exclude each other"
+            )
         if lei is not None and not (stdnum_lei.is_valid(lei) and lei == stdnum_lei.compact(lei)):
             raise ValueError(f"--lei: not a canonical ISO 17442 LEI: {lei[:40]!r}")
         if not 0 < len(description) <= DESCRIPTION_MAX or not description.isprintable():
@@ -130,13 +140,11 @@ class ClientService:
         expires = now + (ttl or self._settings.initial_access_token_lifetime)
         async with self._db.transaction() as conn:
             await self._tokens.add(
-                conn, hash_secret(token), description, now, expires, max_uses, lei
+                conn, hash_secret(token), description, now, expires, max_uses, lei=lei
             )
+            bound: dict[str, Any] = {"lei": lei} if lei else {"any_lei": True}
             event = self._event(
-                AuditEventType.REGISTRATION_TOKEN_CREATED,
-                None,
-                description=description,
-                **({"lei": lei} if lei else {}),
+                AuditEventType.REGISTRATION_TOKEN_CREATED, None, description=description, **bound
             )
             await self._audit(conn, [event])
         return token

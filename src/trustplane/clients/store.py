@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import orjson
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import ColumnElement, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane.clients.model import Client, ClientStatus
@@ -145,16 +145,29 @@ class SqlClientStore:
         return bool(result.rowcount == 1)
 
 
+def _usable(token_hash: str, now: int) -> tuple[ColumnElement[bool], ...]:
+    """Known, not expired, not used up, and bound to an LEI or unbound by the operator's choice (a
+    token with neither was created unbound by default before migration 0025: it registers nothing)."""
+    t = initial_access_tokens.c
+    return (
+        t.token_hash == token_hash,
+        t.expires_at > now,
+        t.max_uses.is_(None) | (t.uses < t.max_uses),
+        t.lei.is_not(None) | t.any_lei,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class UsableToken:
     """An initial access token that may register a client now."""
 
-    #: The legal entity whose clients it registers; None: any.
+    #: The legal entity whose clients it registers; None: any (the operator's explicit choice).
     lei: str | None
 
 
 class SqlInitialAccessTokenStore:
-    """Initial access tokens for RFC 7591 registration: hashed, expiring, optionally limited uses."""
+    """Initial access tokens for RFC 7591 registration: hashed, expiring, optionally limited uses,
+    bound to one legal entity unless the operator asked for an unbound one."""
 
     async def add(
         self,
@@ -164,9 +177,11 @@ class SqlInitialAccessTokenStore:
         now: int,
         expires_at: int,
         max_uses: int | None,
-        lei: str | None = None,
+        *,
+        lei: str | None,
     ) -> None:
-        """``lei``: the one legal entity whose clients the token registers (None: any)."""
+        """``lei``: the one legal entity whose clients the token registers; None: any (the
+        operator asked for an unbound token explicitly; the service checks that)."""
         await conn.execute(
             insert(initial_access_tokens).values(
                 token_hash=token_hash,
@@ -176,32 +191,23 @@ class SqlInitialAccessTokenStore:
                 max_uses=max_uses,
                 uses=0,
                 lei=lei,
+                any_lei=lei is None,
             )
         )
 
     async def usable(self, conn: AsyncConnection, token_hash: str, now: int) -> UsableToken | None:
-        """Read-only check: known, not expired, not used up (``use`` is still the atomic gate)."""
-        t = initial_access_tokens.c
+        """Read-only check: known, not expired, not used up, bound to an LEI or explicitly unbound
+        (``use`` is still the atomic gate)."""
         row = await conn.execute(
-            select(t.lei).where(
-                t.token_hash == token_hash,
-                t.expires_at > now,
-                (t.max_uses.is_(None)) | (t.uses < t.max_uses),
-            )
+            select(initial_access_tokens.c.lei).where(*_usable(token_hash, now))
         )
         found = row.first()
         return None if found is None else UsableToken(found.lei)
 
     async def use(self, conn: AsyncConnection, token_hash: str, now: int) -> bool:
-        """Count one use atomically; False if unknown, expired or used up (nothing written)."""
+        """Count one use atomically; False if ``usable`` would say None (nothing written)."""
         t = initial_access_tokens.c
         result = await conn.execute(
-            update(initial_access_tokens)
-            .where(
-                t.token_hash == token_hash,
-                t.expires_at > now,
-                (t.max_uses.is_(None)) | (t.uses < t.max_uses),
-            )
-            .values(uses=t.uses + 1)
+            update(initial_access_tokens).where(*_usable(token_hash, now)).values(uses=t.uses + 1)
         )
         return bool(result.rowcount == 1)

@@ -1,6 +1,6 @@
 """Registered clients and the initial access tokens that allow registering them. Secrets are hashed."""
 
-from sqlalchemy import BigInteger, Column, Integer, String, Table, Text
+from sqlalchemy import BigInteger, Boolean, Column, Integer, String, Table, Text, false
 
 from trustplane.storage.metadata import metadata
 
@@ -25,6 +25,9 @@ initial_access_tokens = Table(
     Column("expires_at", BigInteger, nullable=False),
     Column("max_uses", Integer),
     Column("uses", Integer, nullable=False, default=0),
-    #: the one legal entity whose clients the token registers; NULL: any (migration 0019)
+    #: the one legal entity whose clients the token registers (migration 0019)
     Column("lei", String(20)),
+    #: no ``lei``, by the operator's explicit choice: any legal entity (migration 0025). A token with
+    #: neither (created unbound by default before 0025) registers nothing.
+    Column("any_lei", Boolean, nullable=False, server_default=false()),
 )
