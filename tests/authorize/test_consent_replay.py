@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from time import time as _real_time
 
 import httpx
 import pytest
@@ -21,6 +22,8 @@ from tests.authorize.conftest import Setup
 from tests.authorize.flow import PASSWORD, Flow, hidden_fields, query_of
 from tests.authorize.test_par_jar import error_page
 from trustplane.audit.sink import recent_events
+from trustplane.authorize import http as authorize_http
+from trustplane.authorize import sealing
 from trustplane.authorize.store import authorization_codes
 from trustplane.mandates.tables import mandate_versions
 from trustplane.users.model import User
@@ -165,3 +168,31 @@ async def test_a_replayed_login_form_does_not_answer_the_request_again(setup: Se
         answered(await attacker.post("/authorize/consent", data=data), flow, "approve")
     refused(await flow.decide(page, "approve"))
     assert await written(setup, user) == APPROVED
+
+
+class _TwoMinutesLater:
+    """The clock of the sealing and page modules, two minutes on (a person slow to log in)."""
+
+    @staticmethod
+    def time() -> float:
+        return _real_time() + 120
+
+
+async def test_the_pending_request_keeps_its_deadline_through_login(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The answered id is remembered until the request's deadline, so no form carrying it may
+    outlive that: the login page's form and the consent page's after login expire together. The
+    old code sealed the form again with a new 600 s at every page."""
+    user = await fresh_user(setup, "slow")
+    flow = setup.flow()
+    login_page = await flow.start()
+    monkeypatch.setattr(sealing, "time", _TwoMinutesLater)
+    monkeypatch.setattr(authorize_http, "time", _TwoMinutesLater)
+    page = await flow.login(login_page, user.username)
+    sealer = setup.server.services.authorization.http._sealer
+    before = sealer.open("request", hidden_fields(login_page.text)["request"])
+    after = sealer.open("request", hidden_fields(page.text)["request"])
+    assert before is not None
+    assert after is not None
+    assert after["_exp"] == before["_exp"]

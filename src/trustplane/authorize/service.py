@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
@@ -160,7 +160,7 @@ class AuthorizationService:
                 debug=exc.debug,
                 error=exc.error,
             ) from None
-        return parse_request(
+        request = parse_request(
             params,
             self._registry,
             self._vocabulary,
@@ -168,6 +168,7 @@ class AuthorizationService:
             client_id=client.client_id,
             gate=self._gate(True),
         )
+        return replace(request, signed=True)
 
     def _named_client(self, form: Form) -> Client:
         """RFC 9101 §5 / RFC 9126 §4: ``client_id`` is sent beside ``request``/``request_uri``."""
@@ -242,7 +243,7 @@ class AuthorizationService:
         if not request.redirect_uri_given and client_is_fapi2(self._settings, client.metadata):
             # FAPI 2.0 Security Profile §5.3.2.2: redirect_uri is required in the pushed request
             raise InvalidRequestError("redirect_uri is required under the fapi2 profile")
-        return await self._pushed.push(request)
+        return await self._pushed.push(replace(request, signed=raw is not None))
 
     def client(self, request: AuthorizationRequest) -> Client:
         client = self._registry.get(request.client_id)
@@ -257,7 +258,9 @@ class AuthorizationService:
         RFC 7592 lets the client replace its metadata meanwhile). A redirect URI no longer
         registered is an :class:`ErrorPage` (RFC 6749 §4.1.2.1: never redirected to); a grant,
         resource, scope or ``authorization_details`` type no longer allowed is a
-        :class:`RedirectError` with the code ``/authorize`` would have given."""
+        :class:`RedirectError` with the code ``/authorize`` would have given, also for a request
+        that was not signed when signed request objects are now required (RFC 9101 §10.5, the
+        deployment's or the client's ``require_signed_request_object``)."""
         client = self.client(request)
         target = request.target
         if (
@@ -277,6 +280,8 @@ class AuthorizationService:
             select_scopes(" ".join(request.scopes), client, request.resource, self._vocabulary)
             if request.authorization_details:
                 self._details.validate(list(request.authorization_details), client)
+            if not request.signed and self._objects.required(client):
+                raise InvalidRequestError("this client must send a signed request object")
         except OAuth2Error as exc:
             raise RedirectError(target, exc) from None
         return client
