@@ -4,6 +4,7 @@ A top-level module that nothing in a component imports: ``storage`` stays below 
 tables it would otherwise have to know (docs/architecture.md, "Layers")."""
 
 from trustplane.audit import tables as _audit_tables  # noqa: F401
+from trustplane.authorize import answers as _authorize_answers  # noqa: F401
 from trustplane.authorize import par as _authorize_par  # noqa: F401
 from trustplane.authorize import store as _authorize_store  # noqa: F401
 from trustplane.clients import tables as _client_tables  # noqa: F401

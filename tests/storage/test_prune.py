@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import event, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from trustplane.authorize.answers import SqlAnswerStore
 from trustplane.authorize.par import SqlPushedRequestStore
 from trustplane.authorize.store import SqlCodeStore, SqlRefreshStore
 from trustplane.policy.service import PolicyService
@@ -46,6 +47,10 @@ CASES: dict[str, tuple[str, Prune]] = {
         " {now} + (i - 500) * 60 + 30, NULL, NULL, md5(i::text), {now}",
         lambda db, conn: SqlRefreshStore().prune(conn, NOW),
     ),
+    "authorization_answers": (
+        "md5(i::text), {now} + (i - 500) * 60 + 30",
+        lambda db, conn: SqlAnswerStore().prune(conn, NOW),
+    ),
     "pushed_authorization_requests": (
         "md5(i::text), 'c', '{{}}', {now} + (i - 500) * 60 + 30, NULL",
         lambda db, conn: SqlPushedRequestStore().prune(conn, NOW),
@@ -69,6 +74,7 @@ INDEXES = {
     "authorization_codes": "ix_authorization_codes_expires_at",
     "refresh_tokens": "ix_refresh_tokens_expires_at",
     "pushed_authorization_requests": "ix_pushed_authorization_requests_expires_at",
+    "authorization_answers": "ix_authorization_answers_expires_at",
     "ssf_derivations": "ix_ssf_derivations_expires_at",
     "policy_decisions": "ix_policy_decisions_time",
 }

@@ -17,6 +17,10 @@ nothing. Every POST answers 303.
 The session cookie (``__Host-`` prefixed when the issuer is https) is sealed, ``HttpOnly``,
 ``SameSite=Lax``, ``Secure`` unless the issuer is plain http on loopback. The pending request rides
 in a sealed hidden field bound to the session id, so any process of a deployment can continue it.
+The field also carries the request's id and its deadline (``REQUEST_LIFETIME`` after it entered
+``/authorize``), both kept when it is sealed again: approving or denying claims the id once
+(:mod:`trustplane.authorize.answers`), so a consent form posted twice, double-submitted or
+replayed, is an error page the second time and writes nothing.
 
 Login takes one or two pages: the password, then, only for users who enrolled an authenticator and
 only after the password was right, the one-time code (kept in the session cookie for
@@ -43,6 +47,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from trustplane import metrics
+from trustplane.authorize.answers import Answer
 from trustplane.authorize.login import Identity, LoginFailedError, LoginStep, NextStep
 from trustplane.authorize.request import AuthorizationRequest, ErrorPage, RedirectError
 from trustplane.authorize.sealing import Sealer
@@ -62,7 +67,8 @@ from trustplane.protocol.responses import NO_STORE, dependency_of, json_response
 from trustplane.settings import Settings
 
 log = structlog.get_logger("trustplane.authorize")
-#: How long a user has to log in and decide.
+#: How long a user has to log in and decide, from the request's arrival at ``/authorize`` (not
+#: renewed by the pages that follow: the one-shot answer of a request is remembered this long).
 REQUEST_LIFETIME = 600
 #: How long the one-time-code page stays usable after a right password.
 LOGIN_STEP_LIFETIME = 300
@@ -152,7 +158,8 @@ class AuthorizeHttp:
                 raise
             return self._unavailable_page(unavailable(dependency, exc, endpoint="authorization"))
         session, fresh = self._session(request)
-        return await self._page(parsed, session, fresh, failed="")
+        answer = Answer(secrets.token_urlsafe(16), int(time.time()) + REQUEST_LIFETIME)
+        return await self._page(parsed, answer, session, fresh, failed="")
 
     async def par(self, request: Request) -> Response:
         """RFC 9126 §2: authenticate the client (as at ``/token``; an assertion's ``jti`` is
@@ -190,14 +197,14 @@ class AuthorizeHttp:
             return await self._error_page(_expired())
         failed = request.query_params.get("failed")
         return await self._page(
-            pending, session, fresh, failed=failed if failed in FAILURES else ""
+            *pending, session, fresh, failed=failed if failed in FAILURES else ""
         )
 
     async def login(self, request: Request) -> Response:
         checked = await self._checked_post(request)
         if isinstance(checked, Response):
             return checked
-        form, session, pending, blob = checked
+        form, session, (pending, answer), blob = checked
         stage = form.get("stage")
         step = _login_step(session) if stage == "otp" else None
         if stage == "restart":  # "use another account"
@@ -222,7 +229,7 @@ class AuthorizeHttp:
         metrics.LOGINS.labels(outcome="succeeded").inc()
         # a new session id at login (no session fixation); the pending request moves with it
         session = {"sid": secrets.token_urlsafe(32), "who": _identity_dict(result)}
-        moved = self._seal_request(replace(pending, force_login=False), session["sid"])
+        moved = self._seal_request(replace(pending, force_login=False), answer, session["sid"])
         response = _redirect(f"/authorize/continue?request={quote(moved)}")
         self._set_cookie(response, session)
         return response
@@ -239,16 +246,16 @@ class AuthorizeHttp:
         checked = await self._checked_post(request)
         if isinstance(checked, Response):
             return checked
-        form, session, pending, blob = checked
+        form, session, (pending, answer), blob = checked
         who = await self._identity(session)
         if who is None:  # logged out, expired, or disabled meanwhile: log in again
             return _redirect(f"/authorize/continue?request={quote(blob)}")
         try:
             decision = form.get("decision")
             if decision == "approve":
-                target = await self._service.approve(pending, who)
+                target = await self._service.approve(pending, who, answer)
             elif decision == "deny":
-                target = await self._service.deny(pending, who)
+                target = await self._service.deny(pending, who, answer)
             else:
                 return await self._error_page(ErrorPage("Choose approve or deny."))
         except ErrorPage as exc:
@@ -266,7 +273,7 @@ class AuthorizeHttp:
 
     async def _checked_post(
         self, request: Request
-    ) -> Response | tuple[Form, dict[str, Any], AuthorizationRequest, str]:
+    ) -> Response | tuple[Form, dict[str, Any], tuple[AuthorizationRequest, Answer], str]:
         """A form POST with a valid CSRF token and a pending request of this session."""
         try:
             form = Form.parse(await request.body(), request.headers.get("content-type"))
@@ -289,10 +296,16 @@ class AuthorizeHttp:
         return form, session, pending, blob
 
     async def _page(
-        self, pending: AuthorizationRequest, session: dict[str, Any], fresh: bool, *, failed: str
+        self,
+        pending: AuthorizationRequest,
+        answer: Answer,
+        session: dict[str, Any],
+        fresh: bool,
+        *,
+        failed: str,
     ) -> Response:
         try:
-            html = await self._page_html(pending, session, failed=failed)
+            html = await self._page_html(pending, answer, session, failed=failed)
         except ErrorPage as exc:  # e.g. the client was disabled while the person was on the page
             return await self._error_page(exc)
         response = _html(html)
@@ -301,12 +314,12 @@ class AuthorizeHttp:
         return response
 
     async def _page_html(
-        self, pending: AuthorizationRequest, session: dict[str, Any], *, failed: str
+        self, pending: AuthorizationRequest, answer: Answer, session: dict[str, Any], *, failed: str
     ) -> str:
         who = None if pending.force_login else await self._identity(session)
         common = {
             "csrf": self._sealer.csrf_token(session["sid"]),
-            "request": self._seal_request(pending, session["sid"]),
+            "request": self._seal_request(pending, answer, session["sid"]),
             "failed": failed,
         }
         if who is not None:
@@ -335,16 +348,24 @@ class AuthorizeHttp:
             return None
         return await self._login.still_valid(Identity(**raw))
 
-    def _pending(self, blob: str | None, session: dict[str, Any]) -> AuthorizationRequest | None:
+    def _pending(
+        self, blob: str | None, session: dict[str, Any]
+    ) -> tuple[AuthorizationRequest, Answer] | None:
+        """The pending request of this session and what answering it claims; None if expired,
+        of another session, or sealed before requests had ids."""
         data = self._sealer.open("request", blob)
-        if data is None or data.get("sid") != session["sid"]:
+        if (
+            data is None
+            or data.get("sid") != session["sid"]
+            or not isinstance(data.get("rid"), str)
+        ):
             return None
-        return AuthorizationRequest.from_dict(data["req"])
+        return AuthorizationRequest.from_dict(data["req"]), Answer(data["rid"], data["_exp"])
 
-    def _seal_request(self, pending: AuthorizationRequest, sid: str) -> str:
-        return self._sealer.seal(
-            "request", {"sid": sid, "req": pending.to_dict()}, REQUEST_LIFETIME
-        )
+    def _seal_request(self, pending: AuthorizationRequest, answer: Answer, sid: str) -> str:
+        """The hidden field: bound to the session, with the request's id and its deadline."""
+        body = {"sid": sid, "req": pending.to_dict(), "rid": answer.request_id}
+        return self._sealer.seal_until("request", body, answer.expires_at)
 
     def _set_cookie(self, response: Response, session: dict[str, Any]) -> None:
         lifetime = self._settings.session_lifetime

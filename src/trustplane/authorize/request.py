@@ -77,6 +77,9 @@ class AuthorizationRequest:
     extra: dict[str, Any] = field(default_factory=dict)
     #: RFC 9449 §10: the DPoP key the code is bound to (``dpop_jkt``, or the key of a PAR proof).
     dpop_jkt: str | None = None
+    #: RFC 9101: the parameters came in a verified request object (at ``/par`` or ``/authorize``),
+    #: so that ``require_signed_request_object`` turned on since can be checked again (RFC 9126 §4).
+    signed: bool = False
 
     @property
     def client_id(self) -> str:
@@ -95,6 +98,7 @@ class AuthorizationRequest:
             "ad": list(self.authorization_details),
             "fl": self.force_login,
             "dj": self.dpop_jkt,
+            "sg": self.signed,
         }
 
     @classmethod
@@ -108,6 +112,7 @@ class AuthorizationRequest:
             tuple(d["ad"]),
             bool(d.get("fl")),
             dpop_jkt=d.get("dj"),
+            signed=bool(d.get("sg")),  # absent (stored before it was recorded): not signed
         )
 
 

@@ -38,7 +38,11 @@ class Sealer:
         return _b64(hmac.new(self._key, f"{purpose}.{body}".encode(), hashlib.sha256).digest())
 
     def seal(self, purpose: str, data: dict[str, Any], lifetime: int) -> str:
-        body = _b64(orjson.dumps({**data, "_exp": int(time.time()) + lifetime}))
+        return self.seal_until(purpose, data, int(time.time()) + lifetime)
+
+    def seal_until(self, purpose: str, data: dict[str, Any], expires_at: int) -> str:
+        """Sealed to be opened until ``expires_at`` (seconds since the epoch) and not after."""
+        body = _b64(orjson.dumps({**data, "_exp": expires_at}))
         return f"{body}.{self._mac(purpose, body)}"
 
     def open(self, purpose: str, sealed: str | None) -> dict[str, Any] | None:

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
+
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane import metrics
 from trustplane.audit.sink import AuditSink, write_events
 from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.authorize import consent_text
+from trustplane.authorize.answers import Answer, AnswerStore
 from trustplane.authorize.consent_text import Instruction, Item, humanise
 from trustplane.authorize.login import Identity
 from trustplane.authorize.par import InvalidRequestUriError, PushedRequests
@@ -44,6 +47,7 @@ from trustplane.errors import (
     UnauthorizedClientError,
     wire_description,
 )
+from trustplane.mandates.model import Mandate
 from trustplane.mandates.service import MandateService
 from trustplane.profile import client_is_fapi2
 from trustplane.protocol.form import Form
@@ -103,11 +107,12 @@ class AuthorizationService:
         entities: EntityDirectory,
         pushed: PushedRequests,
         objects: RequestObjects,
+        answers: AnswerStore,
     ) -> None:
         self._settings, self._db, self._registry = settings, db, registry
         self._vocabulary, self._details, self._mandates = vocabulary, details, mandates
         self._codes, self._audit, self._entities = codes, audit, entities
-        self._pushed, self._objects = pushed, objects
+        self._pushed, self._objects, self._answers = pushed, objects, answers
 
     def parse(self, form: Form) -> AuthorizationRequest:
         """Plain parameters only (no ``request``/``request_uri``); see :meth:`resolve`."""
@@ -155,7 +160,7 @@ class AuthorizationService:
                 debug=exc.debug,
                 error=exc.error,
             ) from None
-        return parse_request(
+        request = parse_request(
             params,
             self._registry,
             self._vocabulary,
@@ -163,6 +168,7 @@ class AuthorizationService:
             client_id=client.client_id,
             gate=self._gate(True),
         )
+        return replace(request, signed=True)
 
     def _named_client(self, form: Form) -> Client:
         """RFC 9101 §5 / RFC 9126 §4: ``client_id`` is sent beside ``request``/``request_uri``."""
@@ -237,7 +243,7 @@ class AuthorizationService:
         if not request.redirect_uri_given and client_is_fapi2(self._settings, client.metadata):
             # FAPI 2.0 Security Profile §5.3.2.2: redirect_uri is required in the pushed request
             raise InvalidRequestError("redirect_uri is required under the fapi2 profile")
-        return await self._pushed.push(request)
+        return await self._pushed.push(replace(request, signed=raw is not None))
 
     def client(self, request: AuthorizationRequest) -> Client:
         client = self._registry.get(request.client_id)
@@ -252,7 +258,9 @@ class AuthorizationService:
         RFC 7592 lets the client replace its metadata meanwhile). A redirect URI no longer
         registered is an :class:`ErrorPage` (RFC 6749 §4.1.2.1: never redirected to); a grant,
         resource, scope or ``authorization_details`` type no longer allowed is a
-        :class:`RedirectError` with the code ``/authorize`` would have given."""
+        :class:`RedirectError` with the code ``/authorize`` would have given, also for a request
+        that was not signed when signed request objects are now required (RFC 9101 §10.5, the
+        deployment's or the client's ``require_signed_request_object``)."""
         client = self.client(request)
         target = request.target
         if (
@@ -272,6 +280,8 @@ class AuthorizationService:
             select_scopes(" ".join(request.scopes), client, request.resource, self._vocabulary)
             if request.authorization_details:
                 self._details.validate(list(request.authorization_details), client)
+            if not request.signed and self._objects.required(client):
+                raise InvalidRequestError("this client must send a signed request object")
         except OAuth2Error as exc:
             raise RedirectError(target, exc) from None
         return client
@@ -357,15 +367,19 @@ class AuthorizationService:
             grantor_person=who.user_id,
         )
 
-    async def approve(self, request: AuthorizationRequest, who: Identity) -> str:
+    async def approve(self, request: AuthorizationRequest, who: Identity, answer: Answer) -> str:
         """Reuse the mandate that covers the request, or create one from this consent; issue the
         code bound to that mandate version; return the redirect with ``code``, ``state``, ``iss``.
-        The request is checked against the registration as it is now (:meth:`still_allowed`)."""
+        The request is checked against the registration as it is now (:meth:`still_allowed`).
+
+        One transaction: the claim of ``answer`` (first: :class:`ErrorPage` if the request was
+        already answered, see :mod:`trustplane.authorize.answers`), the new mandate, the code and
+        its audit events; a refused or failed approval writes none of them."""
         client = self.still_allowed(request)
-        mandate = await self._covering(request, who)
-        reused = mandate is not None
-        if mandate is None:
-            mandate = await self._mandates.create_from_consent(
+        covering = await self._covering(request, who)
+        async with self._db.transaction() as conn:
+            await self._claim(conn, answer)
+            mandate = covering or await self._mandates.create_from_consent(
                 grantor_lei=who.lei,
                 grantor_person=who.user_id,
                 client=client,
@@ -373,7 +387,35 @@ class AuthorizationService:
                 authorization_details=request.authorization_details,
                 accepted_by=who.user_id,
                 effective_until=self._default_until(int(time.time())),
+                conn=conn,
             )
+            code = await self._issue(conn, request, who, client, mandate, covering is not None)
+        metrics.AUTHORIZATIONS.labels(outcome="approved").inc()
+        return with_params(
+            request.target.redirect_uri,
+            {"code": code, "state": request.target.state, "iss": self._settings.issuer},
+        )
+
+    async def _claim(self, conn: AsyncConnection, answer: Answer) -> None:
+        """RFC 6749 §4.1.2.1 leaves no second answer: the one authorization response of this
+        request was sent (or is being sent) already, so a second is refused with the page an
+        expired request gets, not a second response to the client with the same ``state``."""
+        if not await self._answers.claim(conn, answer.request_id, answer.expires_at):
+            raise ErrorPage(
+                "This request was already answered. Start again from the application.",
+                debug=f"consent form posted again (request {answer.request_id})",
+            )
+
+    async def _issue(
+        self,
+        conn: AsyncConnection,
+        request: AuthorizationRequest,
+        who: Identity,
+        client: Client,
+        mandate: Mandate,
+        reused: bool,
+    ) -> str:
+        """The code bound to ``mandate`` and its two audit events, in the caller's transaction."""
         grant = GrantContext(
             client.client_id,
             who.user_id,
@@ -389,38 +431,36 @@ class AuthorizationService:
         code = new_secret_value()
         now = int(time.time())
         event = self._event(AuditEventType.CONSENT_GRANTED, grant, reused_mandate=reused)
-        async with self._db.transaction() as conn:
-            await self._codes.create(
-                conn,
-                code,
-                grant,
-                redirect_uri=request.target.redirect_uri,
-                redirect_uri_given=request.redirect_uri_given,
-                code_challenge=request.code_challenge,
-                expires_at=now + self._settings.authorization_code_lifetime,
-                dpop_jkt=request.dpop_jkt,  # RFC 9449 §10
-            )
-            await write_events(conn, [event, self._event(AuditEventType.CODE_ISSUED, grant)])
-        metrics.AUTHORIZATIONS.labels(outcome="approved").inc()
-        return with_params(
-            request.target.redirect_uri,
-            {"code": code, "state": request.target.state, "iss": self._settings.issuer},
+        await self._codes.create(
+            conn,
+            code,
+            grant,
+            redirect_uri=request.target.redirect_uri,
+            redirect_uri_given=request.redirect_uri_given,
+            code_challenge=request.code_challenge,
+            expires_at=now + self._settings.authorization_code_lifetime,
+            dpop_jkt=request.dpop_jkt,  # RFC 9449 §10
         )
+        await write_events(conn, [event, self._event(AuditEventType.CODE_ISSUED, grant)])
+        return code
 
-    async def deny(self, request: AuthorizationRequest, who: Identity) -> str:
-        await self._audit.emit(
-            AuditEvent(
-                type=AuditEventType.CONSENT_DENIED,
-                issuer=self._settings.issuer,
-                subject=who.user_id,
-                client_id=request.client_id,
-                audience=request.resource,
-                scopes=request.scopes,
-                authorization_details_digest=self._details.digest(request.authorization_details),
-                decision="deny",
-                reason="access_denied",
-            )
+    async def deny(self, request: AuthorizationRequest, who: Identity, answer: Answer) -> str:
+        """The ``access_denied`` redirect; the claim of ``answer`` and the audit event in one
+        transaction (a second answer of the same request is refused: :meth:`_claim`)."""
+        event = AuditEvent(
+            type=AuditEventType.CONSENT_DENIED,
+            issuer=self._settings.issuer,
+            subject=who.user_id,
+            client_id=request.client_id,
+            audience=request.resource,
+            scopes=request.scopes,
+            authorization_details_digest=self._details.digest(request.authorization_details),
+            decision="deny",
+            reason="access_denied",
         )
+        async with self._db.transaction() as conn:
+            await self._claim(conn, answer)
+            await write_events(conn, [event])
         metrics.AUTHORIZATIONS.labels(outcome="denied").inc()
         denied = AccessDeniedError("the resource owner denied the request")
         return self.error_redirect(request.target, denied)

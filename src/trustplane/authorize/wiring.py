@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 
 from trustplane.audit.sink import AuditSink, write_events
+from trustplane.authorize.answers import SqlAnswerStore
 from trustplane.authorize.http import AuthorizeHttp
 from trustplane.authorize.login import LocalLogin
 from trustplane.authorize.par import PushedRequests, SqlPushedRequestStore
@@ -55,12 +56,14 @@ class Authorization(Idle):
 
     async def prune(self) -> int:
         """Delete codes and refresh tokens expired for more than a day (kept that long so that a
-        late replay is still recognised as reuse and revokes what it should)."""
+        late replay is still recognised as reuse and revokes what it should), and the answered
+        requests' ids a day after no consent form carrying them can be opened."""
         before = int(time.time()) - 86400
         async with self.db.transaction() as conn:
             codes = await self.codes.prune(conn, before)
             pushed = await SqlPushedRequestStore().prune(conn, before)  # PAR request_uris
-            return codes + pushed + await self.refresh.prune(conn, before)
+            answered = await SqlAnswerStore().prune(conn, before)
+            return codes + pushed + answered + await self.refresh.prune(conn, before)
 
 
 def build(
@@ -88,7 +91,7 @@ def build(
     objects = RequestObjects(settings, remote_jwks, replay)
     service = AuthorizationService(
         settings, db, registry, vocabulary, details, mandates, codes, audit, entities,
-        pushed, objects,
+        pushed, objects, SqlAnswerStore(),
     )  # fmt: skip
     delegated = DelegatedRevocations(
         settings=settings, db=db, refresh=refresh, revocations=revocations, details=details

@@ -251,8 +251,10 @@ class MandateService:
         effective_from: int | None = None,
         legal_basis: LegalBasis = LegalBasis.MANDATE,
         document_ref: str | None = None,
+        conn: AsyncConnection | None = None,
     ) -> Mandate:
-        """A person approved a consent page: the mandate is accepted and active at once."""
+        """A person approved a consent page: the mandate is accepted and active at once (``conn``:
+        see :meth:`create`)."""
         now = now_s()
         until = effective_until or now + self._settings.mandate_default_lifetime
         terms = MandateTerms(
@@ -266,13 +268,22 @@ class MandateService:
             document_ref=document_ref,
             grantor_person=grantor_person,
         )
-        return await self.create(terms, actor=f"user:{accepted_by}", accepted_by=accepted_by)
+        return await self.create(
+            terms, actor=f"user:{accepted_by}", accepted_by=accepted_by, conn=conn
+        )
 
     async def create(
-        self, terms: MandateTerms, *, actor: str, accepted_by: str | None = None
+        self,
+        terms: MandateTerms,
+        *,
+        actor: str,
+        accepted_by: str | None = None,
+        conn: AsyncConnection | None = None,
     ) -> Mandate:
         """A new mandate, version 1: active if ``accepted_by`` is given, else proposed (waiting for
-        :meth:`accept`)."""
+        :meth:`accept`). ``conn``: written in the caller's transaction (the consent page's, with
+        the code it backs), which commits it; this process's cache then reads its head on first
+        use instead of being told before the commit."""
         now = now_s()
         check_text(actor=actor, accepted_by=accepted_by)
         mandate_id = "mdt_" + secrets.token_hex(12)
@@ -285,10 +296,15 @@ class MandateService:
             version.effective_from, version.effective_until, now, now,
         )  # fmt: skip
         change = MandateChange(mandate_id, 1, MandateAction.CREATED, status, actor, None, now)
-        async with self._db.transaction() as conn:
+        event = audit_event(self._settings.issuer, version, change)
+        if conn is not None:
             await self._store.save(conn, head, version, change)
-            await write_events(conn, [audit_event(self._settings.issuer, version, change)])
-        self._remember_head(head)
+            await write_events(conn, [event])
+        else:
+            async with self._db.transaction() as own:
+                await self._store.save(own, head, version, change)
+                await write_events(own, [event])
+            self._remember_head(head)
         metrics.MANDATE_CHANGES.labels(action=MandateAction.CREATED.value).inc()
         log.info("mandate_created", mandate_id=mandate_id, status=status.value)
         return as_mandate(version, head, now)
