@@ -469,3 +469,66 @@ async def test_the_publishers_position_skips_no_unpublished_row(ref_url: str) ->
         assert all(e.published for e in await store.events_after(0, 100) if e.trade_id != "T-4")
     finally:
         await store.db.dispose()
+
+
+async def _columns(store: TradeStore, table: str) -> list[str]:
+    async with store.db.read() as conn:
+        rows = await conn.execute(
+            text(
+                "SELECT attname FROM pg_attribute WHERE attrelid = CAST(:t AS regclass) "
+                "AND attnum > 0 AND NOT attisdropped ORDER BY attnum"
+            ),
+            {"t": table},
+        )
+        return [str(r[0]) for r in rows]
+
+
+#: ``ref_trades`` as a store made before 2026-12-06 had it: the envelope between the columns a
+#: step changes (``state`` before it, ``proposer`` to ``updated_at`` after it).
+OLD_TRADES = (
+    "CREATE TABLE ref_trades (trade_id VARCHAR(64) NOT NULL, state VARCHAR(32) NOT NULL, "
+    "account VARCHAR(64) NOT NULL, instrument VARCHAR(64) NOT NULL, side VARCHAR(8) NOT NULL, "
+    "quantity VARCHAR(40) NOT NULL, amount VARCHAR(40) NOT NULL, currency VARCHAR(3) NOT NULL, "
+    "txn VARCHAR(256), envelope TEXT NOT NULL, proposer VARCHAR(256), allocation TEXT, "
+    "settlement TEXT, exceptions INTEGER NOT NULL, version INTEGER NOT NULL, "
+    "created_at BIGINT NOT NULL, updated_at BIGINT NOT NULL, "
+    "CONSTRAINT ref_trades_pkey PRIMARY KEY (trade_id))"
+)
+#: The columns no step changes, the envelope last of them: PostgreSQL's WAL record of a HOT
+#: update leaves out the prefix the two versions share.
+UNCHANGED = ["trade_id", "account", "instrument", "side", "quantity", "amount", "currency", "txn",
+             "created_at", "envelope"]  # fmt: skip
+CHANGED = ["state", "proposer", "allocation", "settlement", "exceptions", "version", "updated_at"]
+
+
+@pytest.mark.postgres
+async def test_a_trades_envelope_comes_before_the_columns_its_steps_change(
+    pg_database: str,
+) -> None:
+    """A step's update rewrites ``state``, ``version``, ``updated_at`` (and the allocation, the
+    settlement, the exception count), never the order's fields or its envelope: those come first,
+    so that the WAL record of each (HOT) update leaves them out as the prefix both versions
+    share. A store made before (the envelope between ``state`` and ``updated_at``) is made anew
+    in this order by ``create_schema``, its trades kept; twice a no-op."""
+    store = await fresh_store(pg_database)
+    try:
+        assert await _columns(store, "ref_trades") == [*UNCHANGED, *CHANGED]
+        async with store.db.transaction() as conn:  # a store made before, with a trade
+            await conn.execute(text("DROP TABLE ref_trades"))
+            await conn.execute(text(OLD_TRADES))
+        await store.create("T-1", ORDER, "alice", _envelope(), None)
+        trade = await store.trade("T-1")
+        await store.db.dispose()
+        store = TradeStore(Database(pg_database), store.signer)
+        for _ in range(2):
+            await store.create_schema()
+            assert await _columns(store, "ref_trades") == [*UNCHANGED, *CHANGED]
+            assert await _index_names(store, "ref_trades") == {"ref_trades_pkey"}
+        assert await store.trade("T-1") == trade
+        await store.apply("T-1", machine.EXECUTE, "b", _envelope(), None)
+        moved = await store.trade("T-1")
+        assert (moved.state, moved.version, moved.envelope) == (
+            machine.EXECUTE.target, 2, trade.envelope,
+        )  # fmt: skip
+    finally:
+        await store.db.dispose()
