@@ -253,7 +253,7 @@ async def outbox(prefill: int, events: int) -> None:
         for attempt in ("first", "again"):  # the first walks the marked rows' dead entries
             print(f"  reads with 5 pending ({attempt}):")
             await _reads(reader, {
-                "publisher": store_pg.UNPUBLISHED.replace("$1", "100"),
+                "publisher": store_pg.UNPUBLISHED.replace("$1", "100").replace("$2", "0"),
                 "forwarder": "SELECT * FROM ref_outbox WHERE ledger_at IS NULL ORDER BY seq "
                 "LIMIT 100",
                 "SET publisher": "SELECT seq, jti, event_type, token FROM security_events "

@@ -17,7 +17,13 @@ from sqlalchemy import inspect, select, text
 from tests.reference.conftest import ORDER, fresh_store
 from tests.reference.test_store_reads import _envelope
 from trustplane.reference import machine, store_pg
-from trustplane.reference.store import APPEND_LOCKS, DuplicateTransition, TradeStore, outbox
+from trustplane.reference.store import (
+    APPEND_LOCKS,
+    INBOX_KEY,
+    DuplicateTransition,
+    TradeStore,
+    outbox,
+)
 from trustplane.storage.db import Database
 
 #: The indexes of a store made before 2026-12-06 (``create_all`` of that schema).
@@ -28,12 +34,13 @@ OLD_INDEXES = {
     "ix_ref_inbox_applied_at": "ref_inbox (applied_at)",
     "ix_ref_outbox_published_at": "ref_outbox (published_at)",
     "ix_ref_outbox_ledger_at": "ref_outbox (ledger_at)",
+    # the rows not yet published (until 2026-12-06: the publisher reads from its position since)
+    "ix_ref_outbox_unpublished": "ref_outbox (seq) WHERE published_at IS NULL",
 }
 KEPT = "ix_ref_inbox_kept"
-PENDING = {"ix_ref_outbox_unpublished", "ix_ref_outbox_undelivered"}
-#: The publisher's and the ledger forwarder's reads, and the partial index each must read.
+PENDING = {"ix_ref_outbox_undelivered"}
+#: The ledger forwarder's read, and the partial index it must read.
 PENDING_READS = {
-    "ix_ref_outbox_unpublished": store_pg.UNPUBLISHED.replace("$1", "100"),
     "ix_ref_outbox_undelivered": "SELECT * FROM ref_outbox WHERE ledger_at IS NULL ORDER BY seq "
     "LIMIT 100",
 }
@@ -337,5 +344,191 @@ async def test_a_transition_and_an_event_write_only_the_index_entries_a_query_re
         assert [e.type for e in await upgraded.events_after(0)] == ["order.created",
                                                                      "trade.executed"]  # fmt: skip
         store = upgraded
+    finally:
+        await store.db.dispose()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    "service",
+    [None, machine.SETTLEMENT, machine.EXECUTION, machine.ALLOCATION, machine.REPORTING],
+    ids=["shared", *(s for s in (machine.SETTLEMENT, machine.EXECUTION, machine.ALLOCATION,
+                                 machine.REPORTING))],
+)  # fmt: skip
+async def test_only_the_reporting_store_keys_its_inbox_by_seq(
+    pg_database: str, service: str | None
+) -> None:
+    """The inbox's primary key on ``seq`` is read by the reporting feed only (``seq > n ORDER BY
+    seq``): the reporting store (and a shared one) keeps it; the owners'
+    stores, made before with it (an entry per learned event that nothing read), lose it and
+    learn by the event id's unique index. Twice: idempotent; and back where a feed needs it."""
+    store = await fresh_store(pg_database)  # a shared store: keyed by seq, as every store was
+    assert await _key(store, "ref_inbox") == ["seq"]
+    await store.db.dispose()
+    signer = None if service == machine.REPORTING else store.signer
+    upgraded = TradeStore(Database(pg_database), signer, service=service)
+    feed = service in (None, machine.REPORTING)
+    try:
+        for _ in range(2):
+            await upgraded.create_schema()
+            assert await _key(upgraded, "ref_inbox") == (["seq"] if feed else [])
+            assert await _index_names(upgraded, "ref_inbox") == (
+                {"ref_inbox_event_id_key", KEPT} | ({INBOX_KEY} if feed else set())
+            )
+    finally:
+        await upgraded.db.dispose()
+    again = await fresh_store(pg_database)  # the shared test database as it was
+    try:
+        assert await _key(again, "ref_inbox") == ["seq"]
+    finally:
+        await again.db.dispose()
+
+
+async def _outbox_updates(url: str, at_least: int) -> tuple[int, int]:
+    """``ref_outbox``'s (updates, HOT updates) as PostgreSQL's statistics count them, once the
+    updates reached ``at_least`` (a backend reports its counts after its statement, at most once
+    a second, 10 s at the latest when idle)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(url.replace("+asyncpg", ""))
+    try:
+        for _ in range(150):
+            await conn.execute("SELECT pg_stat_clear_snapshot()")
+            row = await conn.fetchrow(
+                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables "
+                "WHERE relname = 'ref_outbox'"
+            )
+            found = (int(row["n_tup_upd"]), int(row["n_tup_hot_upd"]))
+            if found[0] >= at_least:
+                return found
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"ref_outbox's updates did not reach {at_least}")
+    finally:
+        await conn.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("with_read", [False, True], ids=["mark", "mark-then-read"])
+async def test_the_publishers_mark_is_an_in_place_update(pg_database: str, with_read: bool) -> None:
+    """No index of the outbox holds ``published_at`` or has it in its predicate, and the outbox's
+    pages keep room for a new version of a row: the publisher's mark is a HOT update (no index
+    entry written), every one of them, for events written one by one (each marked after its own
+    commit) and in a batch. Before: the partial index of the unpublished rows made each mark an
+    update that wrote an entry in every index. A store made before gets the fillfactor."""
+    store = await fresh_store(pg_database)
+    try:
+        async with store.db.transaction() as conn:  # a store made before: full pages
+            await conn.execute(text("ALTER TABLE ref_outbox RESET (fillfactor)"))
+            await conn.execute(text("TRUNCATE ref_outbox"))
+        await store.db.dispose()
+        store = TradeStore(Database(pg_database), store.signer)
+        await store.create_schema()
+        before = await _outbox_updates(pg_database, 0)
+        for n in range(12):
+            await store.create(f"T-{n}", ORDER, "alice", _envelope(), None)
+            (event,) = await store.unpublished(10)
+            if with_read:
+                assert await store.mark_then_unpublished([event.seq], 10) == []
+            else:
+                await store.mark_published([event.seq])
+        for n in range(12, 24):
+            await store.create(f"T-{n}", ORDER, "alice", _envelope(), None)
+        batch = await store.unpublished(100)
+        assert len(batch) == 12
+        await store.mark_published([e.seq for e in batch])
+        updates, hot = await _outbox_updates(pg_database, before[0] + 24)
+        assert (updates - before[0], hot - before[1]) == (24, 24)
+        assert await store.unpublished(100) == []
+        assert all(e.published for e in await store.events_after(0, 100))
+    finally:
+        await store.db.dispose()
+
+
+async def test_the_publishers_position_skips_no_unpublished_row(ref_url: str) -> None:
+    """The publisher reads from its position (every row up to it published) by the primary key:
+    a row marked out of order (another publisher, a partial ack) does not move the position past
+    an unpublished one before it; a store object made anew (a restart) finds the oldest
+    unpublished row; a read that finds none moves past what was marked before it."""
+    store = await fresh_store(ref_url)
+    try:
+        for n in range(4):
+            await store.create(f"T-{n}", ORDER, "alice", _envelope(), None)
+        first = await store.unpublished(10)
+        seqs = [e.seq for e in first]
+        assert len(seqs) == 4
+        await store.mark_published([seqs[1]])
+        assert [e.seq for e in await store.unpublished(10)] == [seqs[0], *seqs[2:]]
+        again = TradeStore(store.db, store.signer)  # a restart: position 0
+        assert [e.seq for e in await again.mark_then_unpublished([seqs[0]], 10)] == seqs[2:]
+        assert await store.mark_then_unpublished(seqs[2:], 1) == []
+        assert store._published_through == seqs[3]
+        await store.create("T-4", ORDER, "alice", _envelope(), None)
+        (last,) = await store.unpublished(10)
+        assert (last.trade_id, store._published_through) == ("T-4", seqs[3])
+        assert [e.trade_id for e in await again.unpublished(10)] == ["T-4"]
+        assert all(e.published for e in await store.events_after(0, 100) if e.trade_id != "T-4")
+    finally:
+        await store.db.dispose()
+
+
+async def _columns(store: TradeStore, table: str) -> list[str]:
+    async with store.db.read() as conn:
+        rows = await conn.execute(
+            text(
+                "SELECT attname FROM pg_attribute WHERE attrelid = CAST(:t AS regclass) "
+                "AND attnum > 0 AND NOT attisdropped ORDER BY attnum"
+            ),
+            {"t": table},
+        )
+        return [str(r[0]) for r in rows]
+
+
+#: ``ref_trades`` as a store made before 2026-12-06 had it: the envelope between the columns a
+#: step changes (``state`` before it, ``proposer`` to ``updated_at`` after it).
+OLD_TRADES = (
+    "CREATE TABLE ref_trades (trade_id VARCHAR(64) NOT NULL, state VARCHAR(32) NOT NULL, "
+    "account VARCHAR(64) NOT NULL, instrument VARCHAR(64) NOT NULL, side VARCHAR(8) NOT NULL, "
+    "quantity VARCHAR(40) NOT NULL, amount VARCHAR(40) NOT NULL, currency VARCHAR(3) NOT NULL, "
+    "txn VARCHAR(256), envelope TEXT NOT NULL, proposer VARCHAR(256), allocation TEXT, "
+    "settlement TEXT, exceptions INTEGER NOT NULL, version INTEGER NOT NULL, "
+    "created_at BIGINT NOT NULL, updated_at BIGINT NOT NULL, "
+    "CONSTRAINT ref_trades_pkey PRIMARY KEY (trade_id))"
+)
+#: The columns no step changes, the envelope last of them: PostgreSQL's WAL record of a HOT
+#: update leaves out the prefix the two versions share.
+UNCHANGED = ["trade_id", "account", "instrument", "side", "quantity", "amount", "currency", "txn",
+             "created_at", "envelope"]  # fmt: skip
+CHANGED = ["state", "proposer", "allocation", "settlement", "exceptions", "version", "updated_at"]
+
+
+@pytest.mark.postgres
+async def test_a_trades_envelope_comes_before_the_columns_its_steps_change(
+    pg_database: str,
+) -> None:
+    """A step's update rewrites ``state``, ``version``, ``updated_at`` (and the allocation, the
+    settlement, the exception count), never the order's fields or its envelope: those come first,
+    so that the WAL record of each (HOT) update leaves them out as the prefix both versions
+    share. A store made before (the envelope between ``state`` and ``updated_at``) is made anew
+    in this order by ``create_schema``, its trades kept; twice a no-op."""
+    store = await fresh_store(pg_database)
+    try:
+        assert await _columns(store, "ref_trades") == [*UNCHANGED, *CHANGED]
+        async with store.db.transaction() as conn:  # a store made before, with a trade
+            await conn.execute(text("DROP TABLE ref_trades"))
+            await conn.execute(text(OLD_TRADES))
+        await store.create("T-1", ORDER, "alice", _envelope(), None)
+        trade = await store.trade("T-1")
+        await store.db.dispose()
+        store = TradeStore(Database(pg_database), store.signer)
+        for _ in range(2):
+            await store.create_schema()
+            assert await _columns(store, "ref_trades") == [*UNCHANGED, *CHANGED]
+            assert await _index_names(store, "ref_trades") == {"ref_trades_pkey"}
+        assert await store.trade("T-1") == trade
+        await store.apply("T-1", machine.EXECUTE, "b", _envelope(), None)
+        moved = await store.trade("T-1")
+        assert (moved.state, moved.version, moved.envelope) == (
+            machine.EXECUTE.target, 2, trade.envelope,
+        )  # fmt: skip
     finally:
         await store.db.dispose()

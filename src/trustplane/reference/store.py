@@ -56,11 +56,16 @@ from trustplane.storage.db import Database, is_disconnect
 
 metadata = MetaData()
 
+#: The columns a trade's steps never change first, then those they change: PostgreSQL logs an
+#: update whose new version stays on the old one's page (a HOT update: every step's) without the
+#: bytes the two versions share at their start and end, so the order's envelope (~700 bytes) in
+#: that prefix is not written to the WAL again by each of the 14 updates of a lifecycle over the
+#: four stores; between ``state`` and ``updated_at`` it was. ``create_schema`` moves a
+#: PostgreSQL store made before (:func:`_order_trades`).
 trades = Table(
     "ref_trades",
     metadata,
     Column("trade_id", String(64), primary_key=True),
-    Column("state", String(32), nullable=False),
     Column("account", String(64), nullable=False),
     Column("instrument", String(64), nullable=False),
     Column("side", String(8), nullable=False),
@@ -68,13 +73,14 @@ trades = Table(
     Column("amount", String(40), nullable=False),
     Column("currency", String(3), nullable=False),
     Column("txn", String(256)),
+    Column("created_at", BigInteger, nullable=False),
     Column("envelope", Text, nullable=False),  # JSON: the envelope of the order
+    Column("state", String(32), nullable=False),
     Column("proposer", String(256)),  # who proposed the allocation (four-eyes)
     Column("allocation", Text),  # JSON
     Column("settlement", Text),  # JSON: the submitted instructions
     Column("exceptions", Integer, nullable=False, default=0),
     Column("version", Integer, nullable=False, default=1),
-    Column("created_at", BigInteger, nullable=False),
     Column("updated_at", BigInteger, nullable=False),
 )
 
@@ -147,18 +153,13 @@ outbox = Table(
     # delivered to the authorization server's ledger (ledger_forwarder.py), apart from JetStream
     Column("ledger_at", BigInteger),
 )
-#: The rows not yet published and not yet in the ledger, by ``seq``: what the publisher and the
-#: ledger forwarder read (``... IS NULL ORDER BY seq LIMIT n``: an index scan in order, no sort).
-#: Partial indexes: a row leaves each when it is marked. The full indexes on ``published_at`` and
-#: ``ledger_at`` of stores made before held every row version (each mark is an update that is not
-#: HOT, its column being indexed): 12 index entries per event over its life against 9
-#: (:data:`UNUSED_INDEXES`; docs/settlement.md).
-UNPUBLISHED_INDEX = Index(
-    "ix_ref_outbox_unpublished",
-    outbox.c.seq,
-    postgresql_where=outbox.c.published_at.is_(None),
-    sqlite_where=outbox.c.published_at.is_(None),
-)
+#: The rows not yet in the ledger, by ``seq``: what the ledger forwarder reads (``ledger_at IS NULL
+#: ORDER BY seq LIMIT n``: an index scan in order, no sort). A partial index: a row leaves it when
+#: it is marked. The full indexes on ``published_at`` and ``ledger_at`` of stores made before held
+#: every row version (each mark an update that was not HOT, its column being indexed)
+#: (:data:`UNUSED_INDEXES`; docs/settlement.md). The publisher reads from its position by the
+#: primary key instead (:meth:`TradeStore.unpublished`): no index names ``published_at``, so its
+#: mark is an in-place (HOT) update on PostgreSQL.
 UNDELIVERED_INDEX = Index(
     "ix_ref_outbox_undelivered",
     outbox.c.seq,
@@ -608,6 +609,13 @@ class TradeStore:
         #: the oldest out first): :meth:`last_known`. Its own transition updates an entry; any
         #: other write of it to a trade (a learned event, an exception, an escalation) drops it.
         self._known: dict[str, Trade] = {}
+        #: The publisher's position in the outbox: every row up to this ``seq`` is published
+        #: (:meth:`unpublished` reads after it, by the primary key). 0 at start: the first read
+        #: finds the oldest unpublished row. Moved by reads only: to just before the first row a
+        #: read found (none published before it, in commit order: ``append``), or, when a read
+        #: found none, to the highest ``seq`` marked before it (:attr:`_marked`).
+        self._published_through = 0
+        self._marked = 0
 
     @property
     def signer(self) -> EventSigner:
@@ -728,6 +736,8 @@ class TradeStore:
                 await conn.run_sync(_add_acting_columns)
                 await conn.run_sync(_add_ledger_column)
                 await conn.run_sync(_upgrade_indexes, self.service in (None, machine.SETTLEMENT))
+                if conn.dialect.name == "postgresql":
+                    await conn.run_sync(_key_inbox, self.service in (None, machine.REPORTING))
                 if conn.dialect.name == "postgresql":
                     await store_pg.create_functions(conn)
 
@@ -1609,17 +1619,29 @@ class TradeStore:
                 await asyncio.wait_for(waiter.wait(), min(left, 0.25))
 
     async def unpublished(self, limit: int = 100) -> list[StoredEvent]:
+        """The oldest rows not yet published (at most ``limit``), in commit order."""
+        after, marked = self._published_through, self._marked
         if not self.db.is_sqlite:  # each publisher round: asyncpg's own statement
-            return [
-                _stored_of(r) for r in await store_pg.fetch(self.db, store_pg.UNPUBLISHED, (limit,))
-            ]
-        rows = await self._all(
+            rows = await store_pg.fetch(self.db, store_pg.UNPUBLISHED, (limit, after))
+            return self._read_from(after, marked, [_stored_of(r) for r in rows])
+        found = await self._all(
             select(outbox)
-            .where(outbox.c.published_at.is_(None))
+            .where(and_(outbox.c.seq > after, outbox.c.published_at.is_(None)))
             .order_by(outbox.c.seq)
             .limit(limit)
         )
-        return [_stored(r) for r in rows]
+        return self._read_from(after, marked, [_stored(r) for r in found])
+
+    def _read_from(self, after: int, marked: int, found: list[StoredEvent]) -> list[StoredEvent]:
+        """The position moved by a read from ``after`` that found ``found``, the highest ``seq``
+        marked before it being ``marked``: every row before the first found is published (the
+        read saw every row committed before it: ``seq`` order is commit order), and with none
+        found every row up to the marked ones (which existed before the read)."""
+        through = found[0].seq - 1 if found else marked
+        self._published_through = max(self._published_through, after, through)
+        if self._marked == marked:
+            self._marked = 0
+        return found
 
     async def mark_published(self, seqs: Sequence[int]) -> None:
         """Mark ``seqs`` published (those not marked yet). PostgreSQL: one statement on the
@@ -1628,13 +1650,14 @@ class TradeStore:
             return
         if not self.db.is_sqlite:
             await store_pg.execute(self.db, store_pg.MARK_PUBLISHED, (list(seqs), _ms()))
-            return
-        async with self.db.transaction() as conn:
-            await conn.execute(
-                update(outbox)
-                .where(and_(outbox.c.seq.in_(list(seqs)), outbox.c.published_at.is_(None)))
-                .values(published_at=_ms())
-            )
+        else:
+            async with self.db.transaction() as conn:
+                await conn.execute(
+                    update(outbox)
+                    .where(and_(outbox.c.seq.in_(list(seqs)), outbox.c.published_at.is_(None)))
+                    .values(published_at=_ms())
+                )
+        self._marked = max(self._marked, *seqs)
 
     async def mark_then_unpublished(
         self, seqs: Sequence[int], limit: int = 100
@@ -1646,9 +1669,10 @@ class TradeStore:
         if self.db.is_sqlite:
             await self.mark_published(seqs)
             return await self.unpublished(limit)
-        params = (limit, list(seqs), _ms())
+        after, marked = self._published_through, max(self._marked, *seqs)
+        params = (limit, list(seqs), _ms(), after)
         rows = await store_pg.fetch(self.db, store_pg.MARK_THEN_UNPUBLISHED, params)
-        return [_stored_of(r) for r in rows]
+        return self._read_from(after, marked, [_stored_of(r) for r in rows])
 
     async def undelivered_to_ledger(self, limit: int = 100) -> list[StoredEvent]:
         """The oldest rows not yet in the ledger, in commit order (``published`` is JetStream's)."""
@@ -1770,6 +1794,13 @@ def _add_ledger_column(conn: Any) -> None:
     conn.execute(text("ALTER TABLE ref_outbox ADD COLUMN ledger_at BIGINT"))
 
 
+#: The outbox's pages are filled to this percentage by inserts (PostgreSQL; ``create_schema`` sets
+#: it on a store made before, for its pages to come): the rest is room for the publisher's mark,
+#: a new version of the row (~1.5 kB, its signed event) that PostgreSQL writes in place (HOT: no
+#: index entry) only when it fits on the row's page. Full pages, the mark moved the row to another
+#: page and wrote an entry in each index.
+OUTBOX_FILLFACTOR = 50
+
 #: Indexes of stores made before 2026-12-06 that no query needs (dropped by ``create_schema``): the
 #: outbox's by trade and by txn, and the inbox's by trade and by ``applied_at`` (replaced by
 #: :data:`KEPT_INDEX`); the outbox's full indexes on ``published_at`` and ``ledger_at`` (replaced
@@ -1781,15 +1812,83 @@ UNUSED_INDEXES = (
     "ix_ref_inbox_applied_at",
     "ix_ref_outbox_published_at",
     "ix_ref_outbox_ledger_at",
+    # the rows not yet published, by ``seq`` (partial): the publisher reads from its position by
+    # the primary key since (its predicate on ``published_at`` made every mark a non-HOT update)
+    "ix_ref_outbox_unpublished",
 )
 #: The partial indexes a store made before them gets (checked first: a no-op once they exist).
-PARTIAL_INDEXES = (KEPT_INDEX, UNPUBLISHED_INDEX, UNDELIVERED_INDEX)
+PARTIAL_INDEXES = (KEPT_INDEX, UNDELIVERED_INDEX)
 
 
 #: The outbox's unique index on ``event_id`` of stores made before (PostgreSQL's name for the
 #: constraint ``unique=True`` made): dropped by ``create_schema``. SQLite's, part of the table's
 #: definition, stays (dropping it would mean copying the table).
 OUTBOX_EVENT_ID_KEY = "ref_outbox_event_id_key"
+
+
+#: The inbox's primary key on ``seq`` (``create_all``'s): read only by the reporting service's feed
+#: (``feed_after``: ``seq > n ORDER BY seq``), kept in the reporting store (and a store shared by
+#: all services). The other stores learn by ``event_id`` (its unique index) and find their kept
+#: events by :data:`KEPT_INDEX`: an entry per learned event that nothing read (6 per lifecycle
+#: over the execution, allocation and settlement stores), dropped there by ``create_schema``
+#: (PostgreSQL; ``seq`` keeps its numbers, from its sequence). SQLite's ``seq`` is the rowid.
+INBOX_KEY = "ref_inbox_pkey"
+
+
+def _key_inbox(sync_conn: Any, feed: bool) -> None:
+    """PostgreSQL: the inbox's :data:`INBOX_KEY` made where ``feed`` (the reporting store's, or a
+    shared one) and dropped elsewhere; a no-op once so."""
+    keyed = sync_conn.execute(
+        text(
+            "SELECT 1 FROM pg_constraint WHERE conrelid = 'ref_inbox'::regclass "
+            "AND contype = 'p' AND conname = :name"
+        ),
+        {"name": INBOX_KEY},
+    ).first()
+    if feed and keyed is None:
+        sync_conn.execute(
+            text(f"ALTER TABLE ref_inbox ADD CONSTRAINT {INBOX_KEY} PRIMARY KEY (seq)")
+        )
+    elif not feed and keyed is not None:
+        sync_conn.execute(text(f"ALTER TABLE ref_inbox DROP CONSTRAINT {INBOX_KEY}"))
+
+
+def _order_trades(sync_conn: Any) -> None:
+    """PostgreSQL: a ``ref_trades`` whose columns are not in :data:`trades`' order (a store made
+    before: the envelope after ``state``) is made anew in it, its rows copied, in the schema's
+    transaction (under its lock); a no-op once done."""
+    present = [
+        str(r[0])
+        for r in sync_conn.execute(
+            text(
+                "SELECT attname FROM pg_attribute WHERE attrelid = 'ref_trades'::regclass "
+                "AND attnum > 0 AND NOT attisdropped ORDER BY attnum"
+            )
+        )
+    ]
+    if present == list(trades.c.keys()):
+        return
+    sync_conn.execute(text("ALTER TABLE ref_trades RENAME TO ref_trades_before"))
+    sync_conn.execute(
+        text(
+            "ALTER TABLE ref_trades_before RENAME CONSTRAINT ref_trades_pkey TO ref_trades_before_pkey"
+        )
+    )
+    trades.create(sync_conn)
+    columns = ", ".join(trades.c.keys())
+    sync_conn.execute(
+        text(f"INSERT INTO ref_trades ({columns}) SELECT {columns} FROM ref_trades_before")  # noqa: S608 - constants
+    )
+    sync_conn.execute(text("DROP TABLE ref_trades_before"))
+
+
+def _fill_outbox(sync_conn: Any) -> None:
+    """PostgreSQL: the outbox's :data:`OUTBOX_FILLFACTOR` (a no-op once set)."""
+    options = sync_conn.execute(
+        text("SELECT reloptions FROM pg_class WHERE oid = 'ref_outbox'::regclass")
+    ).scalar()
+    if f"fillfactor={OUTBOX_FILLFACTOR}" not in (options or []):
+        sync_conn.execute(text(f"ALTER TABLE ref_outbox SET (fillfactor = {OUTBOX_FILLFACTOR})"))
 
 
 def _key_transitions_by_step(sync_conn: Any) -> None:
@@ -1824,6 +1923,8 @@ def _upgrade_indexes(sync_conn: Any, resting: bool) -> None:
     (:func:`_key_transitions_by_step`); a no-op on a current store (``IF [NOT] EXISTS``)."""
     if sync_conn.dialect.name == "postgresql":
         _key_transitions_by_step(sync_conn)
+        _fill_outbox(sync_conn)
+        _order_trades(sync_conn)
     for index in PARTIAL_INDEXES:
         index.create(sync_conn, checkfirst=True)
     for name, column in RESTING_INDEXES.items():

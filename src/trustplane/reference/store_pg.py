@@ -259,22 +259,25 @@ $fn$"""  # noqa: S608 - constants
 
 
 #: The publisher's mark of the rows JetStream acked (conditional: a row marked already keeps its
-#: time) and, with ``p_limit`` > 0, its next read of the oldest rows not yet published, in one
-#: statement and one commit. The two statements as the publisher sent them before, with one
-#: difference: they cannot plan a sequential scan (``SET enable_seqscan = off``, for the
-#: function's statements only). Sent as prepared statements, each connection planned them a few
-#: times and then kept a generic plan, made while the outbox was a page or two: a sequential scan,
-#: the cheapest plan then, and never planned again without an ``ANALYZE`` (autovacuum off, or not
-#: yet run). So each round read the whole outbox, which only grows: ~0.9 scans per event, 50-110
-#: blocks per mark in a 200-lifecycle run (docs/settlement.md, "The publisher's marks"). Here the
-#: mark finds its rows by the primary key or the partial index of the unpublished rows, and the
-#: read takes the partial index in order, whatever the table's size when the plan was made. The
-#: read runs after the mark (the function's next statement sees it), so the rows just marked are
-#: not read again.
-MARK_FUNCTION = "ref_mark_published_v1"
+#: time) and, with ``p_limit`` > 0, its next read of the oldest rows not yet published after
+#: ``p_after`` (the store's position: every row up to it is published), in one statement and one
+#: commit. Both find their rows by the primary key on ``seq``, and cannot plan a sequential scan
+#: (``SET enable_seqscan = off``, for the function's statements only): sent as prepared
+#: statements, each connection planned them a few times and then kept a generic plan, made while
+#: the outbox was a page or two: a sequential scan, never planned again without an ``ANALYZE``
+#: (docs/settlement.md, "The publisher's marks"). No index holds ``published_at`` (nor has it in a
+#: predicate), so the mark is an in-place (HOT) update on the row's page (the outbox's
+#: :data:`~trustplane.reference.store.OUTBOX_FILLFACTOR` leaves it the room): no index entry, and
+#: about a third of the WAL of an update that writes every index anew. The read runs after the
+#: mark (the function's next statement sees it), so the rows just marked are not read again.
+MARK_FUNCTION = "ref_mark_published_v2"
 
+# v2 (2026-12-06): the read from the caller's position by the primary key (``p_after``), not by
+# the partial index of the unpublished rows (dropped: its predicate made every mark an update that
+# wrote all the outbox's indexes).
 _MARK = f"""\
-CREATE OR REPLACE FUNCTION {MARK_FUNCTION}(p_seqs integer[], p_now bigint, p_limit integer)
+CREATE OR REPLACE FUNCTION {MARK_FUNCTION}(p_seqs integer[], p_now bigint, p_limit integer,
+    p_after integer)
 RETURNS SETOF ref_outbox
 LANGUAGE plpgsql VOLATILE SET enable_seqscan = off AS $fn$
 BEGIN
@@ -283,7 +286,7 @@ BEGIN
             WHERE o.seq = ANY(p_seqs) AND o.published_at IS NULL;
     END IF;
     IF p_limit > 0 THEN
-        RETURN QUERY SELECT * FROM ref_outbox o WHERE o.published_at IS NULL
+        RETURN QUERY SELECT * FROM ref_outbox o WHERE o.seq > p_after AND o.published_at IS NULL
             ORDER BY o.seq LIMIT p_limit;
     END IF;
 END
@@ -372,14 +375,13 @@ async def applied(
 #: commit (the hand-off), as the SQLAlchemy selects of ``TradeStore.trade`` and ``events_after``.
 TRADE = "SELECT * FROM ref_trades WHERE trade_id = $1"
 EVENTS_AFTER = "SELECT * FROM ref_outbox WHERE seq > $1 ORDER BY seq LIMIT $2"
-#: The publisher's round: the oldest unpublished rows (the partial index in order, a plan that
-#: stays right as the table grows), then the mark of those JetStream acked (conditional, as
-#: ``TradeStore.mark_published``), alone (``p_limit`` 0) or with the next round's read (the
-#: publisher of a woken outbox): :data:`MARK_FUNCTION`, both or neither (one autocommit
-#: transaction).
-UNPUBLISHED = "SELECT * FROM ref_outbox WHERE published_at IS NULL ORDER BY seq LIMIT $1"
-MARK_PUBLISHED = f"SELECT * FROM {MARK_FUNCTION}($1::integer[], $2, 0)"  # noqa: S608 - constants
-MARK_THEN_UNPUBLISHED = f"SELECT * FROM {MARK_FUNCTION}($2::integer[], $3, $1)"  # noqa: S608
+#: The publisher's round: the oldest unpublished rows after the store's position, then the mark of
+#: those JetStream acked (conditional, as ``TradeStore.mark_published``), alone (``p_limit`` 0) or
+#: with the next round's read (the publisher of a woken outbox): :data:`MARK_FUNCTION`, the read
+#: alone (no ``seq``), the mark alone, or both (one autocommit transaction).
+UNPUBLISHED = f"SELECT * FROM {MARK_FUNCTION}('{{}}'::integer[], 0, $1, $2)"  # noqa: S608 - constants
+MARK_PUBLISHED = f"SELECT * FROM {MARK_FUNCTION}($1::integer[], $2, 0, 0)"  # noqa: S608 - constants
+MARK_THEN_UNPUBLISHED = f"SELECT * FROM {MARK_FUNCTION}($2::integer[], $3, $1, $4)"  # noqa: S608
 
 
 async def fetch(db: Database, sql: str, params: tuple[Any, ...]) -> list[Any]:
