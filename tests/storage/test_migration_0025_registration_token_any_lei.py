@@ -12,7 +12,7 @@ from tests.storage.test_migrations import _current, _diffs, empty_db  # noqa: F4
 from trustplane.storage.db import Database
 from trustplane.storage.migrate import upgrade
 
-BEFORE, AFTER = "0019_initial_access_token_lei", "0025_registration_token_any_lei"
+BEFORE, AFTER = "0024_audit_quarantine", "0025_registration_token_any_lei"
 LEI = "5493001KJTIIGC8Y1R12"
 
 

@@ -11,7 +11,7 @@ from tests.storage.test_migrations import _current, _diffs, empty_db  # noqa: F4
 from trustplane.storage.db import Database
 from trustplane.storage.migrate import upgrade
 
-BEFORE, AFTER = "0019_initial_access_token_lei", "0027_authorization_answers"
+BEFORE, AFTER = "0025_registration_token_any_lei", "0027_authorization_answers"
 
 
 async def _tables(db: Database) -> set[str]:

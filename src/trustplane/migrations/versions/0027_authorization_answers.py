@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0027_authorization_answers"
-down_revision = "0019_initial_access_token_lei"
+down_revision = "0025_registration_token_any_lei"
 branch_labels = None
 depends_on = None
 
