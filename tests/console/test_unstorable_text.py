@@ -53,9 +53,9 @@ INPUTS = [
     ("policy-version", "POST", "/console/policy/activate", "reason=r&version=@", "carl"),
     ("conformance-url", "POST", "/console/partners/p/conformance", "metadata_url=@", "olivia"),
 ]
-#: written by a signed-in person's request whatever it asks (the session's last use) or on purpose
-#: (the ledger records refusals)
-ALWAYS_WRITTEN = ("audit", "console_sessions")
+#: written whatever the request asks: by the request on purpose (the ledger records refusals, the
+#: session its last use) or by the server's own rounds meanwhile (surveillance reads the ledger)
+ALWAYS_WRITTEN = ("audit", "console_sessions", "surveillance")
 
 
 async def row_counts(console: Console) -> dict[str, int]:
