@@ -167,14 +167,15 @@ RESTING_INDEXES = {
     "ix_ref_transitions_mandate_id": "mandate_id",
 }
 RESTING = set(RESTING_INDEXES)
-
-
-@pytest.mark.parametrize(
+#: Each kind of store: a shared one (None) and each service's own.
+EVERY_STORE = pytest.mark.parametrize(
     "service",
     [None, machine.SETTLEMENT, machine.EXECUTION, machine.ALLOCATION, machine.REPORTING],
-    ids=["shared", *(s for s in (machine.SETTLEMENT, machine.EXECUTION, machine.ALLOCATION,
-                                 machine.REPORTING))],
-)  # fmt: skip
+    ids=["shared", machine.SETTLEMENT, machine.EXECUTION, machine.ALLOCATION, machine.REPORTING],
+)
+
+
+@EVERY_STORE
 async def test_only_the_settlements_store_indexes_the_acting_tokens(
     ref_url: str, service: str | None
 ) -> None:
@@ -349,12 +350,7 @@ async def test_a_transition_and_an_event_write_only_the_index_entries_a_query_re
 
 
 @pytest.mark.postgres
-@pytest.mark.parametrize(
-    "service",
-    [None, machine.SETTLEMENT, machine.EXECUTION, machine.ALLOCATION, machine.REPORTING],
-    ids=["shared", *(s for s in (machine.SETTLEMENT, machine.EXECUTION, machine.ALLOCATION,
-                                 machine.REPORTING))],
-)  # fmt: skip
+@EVERY_STORE
 async def test_only_the_reporting_store_keys_its_inbox_by_seq(
     pg_database: str, service: str | None
 ) -> None:
