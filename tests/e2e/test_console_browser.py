@@ -28,7 +28,9 @@ from tests.authorize.flow import PASSWORD
 from tests.conftest import IN_CI, LEI, run_sync
 from tests.e2e.conftest import LiveServer, running_servers
 from tests.e2e.test_authorization_flow import USER_LEI, register_code_client
+from tests.e2e.test_federation import add_partner
 from tests.e2e.test_pages_browser import CHROMIUM, SCREENSHOTS, _require_browser
+from tests.federation.partners import Partner
 from trustplane.audit.ingest import VerifiedEvent, audit_event
 from trustplane.audit.sink import write_events
 from trustplane.audit_events import AuditEvent, AuditEventType
@@ -61,6 +63,7 @@ class Site:
     client_id: str
     mandates: list[str]
     txn: str
+    partner_id: str
     csp_errors: list[str] = field(default_factory=list)
 
     @property
@@ -156,7 +159,10 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         mandates = [new_mandate(server, client_id) for _ in range(4)]
         server.cli("mandates", "amend", mandates[0], "--scope", "order:create",
                    "--scope", "order:cancel", "--accepted-by", "desk-head")  # fmt: skip
-        yield Site(server, client_id, mandates, seed_transaction(server, mandates[0]))
+        partner = Partner("northbridge-arranger", "https://arranger.example", server.base_url)
+        add_partner(server, partner)
+        txn = seed_transaction(server, mandates[0])
+        yield Site(server, client_id, mandates, txn, partner.partner_id)
 
 
 @pytest.fixture(scope="module")
@@ -228,6 +234,7 @@ def pages(site: Site) -> dict[str, str]:
         "clients": "/console/clients",
         "client": f"/console/clients/{site.client_id}",
         "partners": "/console/partners",
+        "partner": f"/console/partners/{site.partner_id}",
         "keys": "/console/keys",
         "policy": "/console/policy",
         "audit": "/console/audit",
