@@ -33,6 +33,7 @@ class AuditEventType(StrEnum):
     CLIENT_DELETED = "oauth:client:deleted"
     CLIENT_REGISTRATION_REFUSED = "oauth:client:refused"
     REGISTRATION_TOKEN_CREATED = "oauth:registration_token:created"
+    REGISTRATION_TOKEN_REVOKED = "oauth:registration_token:revoked"
     KEY_CREATED = "keys:key:created"
     KEY_ACTIVATED = "keys:key:activated"
     KEY_RETIRED = "keys:key:retired"

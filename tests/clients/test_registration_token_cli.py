@@ -4,8 +4,10 @@ input, is one line on stderr, exit 2, nothing stored."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,8 @@ from tests.cli.conftest import invoke, one_line
 from tests.conftest import LEI
 from trustplane.cli.clients import ANY_LEI_WARNING
 from trustplane.clients.model import hash_secret
+from trustplane.errors import InvalidTokenError
+from trustplane.services import Services
 
 
 def _tokens(tmp_path: Path) -> list[tuple[str, str | None, int]]:
@@ -103,3 +107,112 @@ def test_bad_input_is_one_line_and_stores_nothing(
     assert one_line(refused) == message
     assert _tokens(deployment) == []
     assert _created_events(deployment) == []
+
+
+def _events(tmp_path: Path, type_: str) -> list[dict[str, object]]:
+    with sqlite3.connect(tmp_path / ".trustplane" / "trustplane.db") as conn:
+        rows = list(conn.execute("SELECT entry, payload FROM audit_pending"))
+    return [json.loads(p) for e, p in rows if json.loads(e)["type"] == type_]
+
+
+def _list(deployment: Path, monkeypatch: pytest.MonkeyPatch, *args: str) -> list[dict[str, object]]:
+    listed = invoke(
+        deployment, "registration-token", "list", "--json", *args, monkeypatch=monkeypatch
+    )
+    assert listed.returncode == 0, listed.stderr
+    body: list[dict[str, object]] = json.loads(listed.stdout)
+    return body
+
+
+def test_list_and_revoke(deployment: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``list`` names each token by its hash's first 16 hex digits (never the token); ``revoke``
+    ends it for registration, audited once; a second revoke, an unknown id and a malformed one are
+    one stderr line each (exit 1, 1, 2) and write nothing."""
+    created = invoke(
+        deployment, "registration-token", "create", "--lei", LEI, "--uses", "3",
+        "--description", "desk onboarding", "--json", monkeypatch=monkeypatch,
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    made = json.loads(created.stdout)
+    token, id_ = made["initial_access_token"], made["id"]
+    assert id_ == hash_secret(token)[:16]
+
+    listed = _list(deployment, monkeypatch)
+    assert [(t["id"], t["state"], t["lei"], t["uses"], t["max_uses"]) for t in listed] == [
+        (id_, "active", LEI, 0, 3)
+    ]
+    assert token not in json.dumps(listed)
+    table = invoke(deployment, "registration-token", "list", monkeypatch=monkeypatch)
+    assert id_ in table.stdout  # whole, on one line, whatever the terminal's width
+    assert "desk" in table.stdout
+
+    revoked = invoke(deployment, "registration-token", "revoke", id_, monkeypatch=monkeypatch)
+    assert revoked.returncode == 0, revoked.stderr
+    assert revoked.stdout.strip() == f"revoked {id_} (desk onboarding, 0 uses)"
+    assert _list(deployment, monkeypatch) == []  # active ones only by default
+    [gone] = _list(deployment, monkeypatch, "--all")
+    assert (gone["id"], gone["state"]) == (id_, "revoked")
+    assert isinstance(gone["revoked_at"], int)
+    events = _events(deployment, "oauth:registration_token:revoked")
+    assert [(e["token_id"], e["lei"], e["uses"]) for e in events] == [(id_, LEI, 0)]
+
+    again = invoke(deployment, "registration-token", "revoke", id_, monkeypatch=monkeypatch)
+    assert (again.returncode, again.stdout) == (1, "")
+    assert (
+        again.stderr == f"trustplane: no initial access token {id_} that is not revoked already\n"
+    )
+    unknown = invoke(
+        deployment, "registration-token", "revoke", "0123456789abcdef", monkeypatch=monkeypatch
+    )
+    assert unknown.returncode == 1
+    for bad in (id_.upper(), id_[:15], id_ + "\n", token):
+        malformed = invoke(
+            deployment, "registration-token", "revoke", "--", bad, monkeypatch=monkeypatch
+        )
+        assert malformed.returncode == 2, bad
+        assert one_line(malformed).startswith(
+            "trustplane: not a token id (16 lowercase hex digits)"
+        )
+    assert len(_events(deployment, "oauth:registration_token:revoked")) == 1
+
+
+async def test_a_revoked_token_registers_nothing(services: Services) -> None:
+    """The registration endpoint's gate (``check_initial_access_token`` and the atomic use inside
+    ``register``) refuses a revoked token; the client store is untouched."""
+    token = await services.clients.create_initial_access_token("t", lei=LEI)
+    await services.clients.check_initial_access_token(token)  # usable before
+    [info] = await services.clients.initial_access_tokens()
+    await services.clients.revoke_initial_access_token(info.id)
+
+    with pytest.raises(InvalidTokenError):
+        await services.clients.check_initial_access_token(token)
+    before = len(await services.clients.list())
+    with pytest.raises(InvalidTokenError):
+        await services.clients.register(
+            {"client_name": "x", "lei": LEI, "grant_types": ["client_credentials"],
+             "token_endpoint_auth_method": "private_key_jwt", "jwks": {"keys": []}},
+            initial_access_token=token,
+        )  # fmt: skip
+    assert len(await services.clients.list()) == before
+    with pytest.raises(LookupError):
+        await services.clients.revoke_initial_access_token(info.id)
+
+
+async def test_racing_revocations_one_wins(services: Services) -> None:
+    """Eight revocations of one token at once (on PostgreSQL: eight connections): exactly one
+    revokes it, the rest are told it is revoked already."""
+    await services.clients.create_initial_access_token("raced", lei=LEI)
+    [info] = await services.clients.initial_access_tokens()
+
+    async def revoke() -> bool:
+        try:
+            await services.clients.revoke_initial_access_token(info.id)
+        except LookupError:
+            return False
+        return True
+
+    outcomes = await asyncio.gather(*(revoke() for _ in range(8)))
+
+    assert sorted(outcomes) == [False] * 7 + [True]
+    [after] = await services.clients.initial_access_tokens()
+    assert after.state(int(time.time())) == "revoked"

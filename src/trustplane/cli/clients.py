@@ -9,9 +9,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich import box
 from rich.table import Table
 
 from trustplane.cli.common import JsonFlag, _emit_json, _run, _settings, _with_services, err, out
+from trustplane.clients.model import hash_secret
+from trustplane.clients.store import token_id
 
 if TYPE_CHECKING:
     from trustplane.clients.model import Client
@@ -72,9 +75,89 @@ def registration_token_create(
     if as_json:
         bound: dict[str, object] = {"lei": lei} if lei else {"any_lei": True}
         endpoint = f"{settings.issuer}/register"
-        _emit_json({"initial_access_token": token, "registration_endpoint": endpoint, **bound})
+        _emit_json(
+            {
+                "initial_access_token": token,
+                "id": token_id(hash_secret(token)),
+                "registration_endpoint": endpoint,
+                **bound,
+            }
+        )
     else:
         out.print(token, highlight=False)
+
+
+def _when(epoch: int | None) -> str:
+    return "" if epoch is None else time.strftime("%Y-%m-%d", time.gmtime(epoch))
+
+
+@regtoken_app.command("list")
+def registration_token_list(
+    all_: Annotated[
+        bool, typer.Option("--all", help="Also the revoked, expired and used-up tokens.")
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """List the initial access tokens, newest first: id (for revoke), state, legal entity, uses,
+    expiry. The tokens themselves are not stored and cannot be shown."""
+    tokens = _run(_with_services(_settings(), lambda svc: svc.clients.initial_access_tokens()))
+    now = int(time.time())
+    shown = [t for t in tokens if all_ or t.state(now) == "active"]
+    if as_json:
+        _emit_json(
+            [
+                {
+                    "id": t.id,
+                    "state": t.state(now),
+                    "description": t.description,
+                    "lei": t.lei,
+                    "any_lei": t.any_lei,
+                    "uses": t.uses,
+                    "max_uses": t.max_uses,
+                    "created_at": t.created_at,
+                    "expires_at": t.expires_at,
+                    "revoked_at": t.revoked_at,
+                }
+                for t in shown
+            ]
+        )
+        return
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)  # fits 80 columns
+    for column in ("id", "state", "lei", "uses", "expires"):
+        table.add_column(column, no_wrap=True)  # an id to copy, whole
+    table.add_column("description", min_width=12)
+    for t in shown:
+        uses = f"{t.uses}/{t.max_uses}" if t.max_uses is not None else str(t.uses)
+        table.add_row(
+            t.id,
+            t.state(now),
+            t.lei or ("any" if t.any_lei else ""),
+            uses,
+            _when(t.expires_at),
+            t.description,
+        )
+    out.print(table)
+
+
+@regtoken_app.command("revoke")
+def registration_token_revoke(
+    token: Annotated[
+        str, typer.Argument(metavar="ID", help="The id `registration-token list` shows.")
+    ],
+) -> None:
+    """Revoke an initial access token: it registers nothing from now on (the clients it registered
+    stay: `clients disable` them apart). Audited (`oauth:registration_token:revoked`)."""
+    try:
+        revoked = _run(
+            _with_services(_settings(), lambda svc: svc.clients.revoke_initial_access_token(token))
+        )
+    except ValueError as exc:
+        err.print(f"trustplane: {exc}", highlight=False, markup=False)
+        raise typer.Exit(2) from None
+    except LookupError as exc:
+        err.print(f"trustplane: {exc.args[0]}", highlight=False, markup=False)
+        raise typer.Exit(1) from None
+    out.print(f"revoked {revoked.id} ({revoked.description}, {revoked.uses} uses)", highlight=False)
 
 
 @clients_app.command("add")

@@ -6,9 +6,10 @@ processes notice the bumped generation within ``cache_refresh_interval`` seconds
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,12 @@ from stdnum import lei as stdnum_lei
 from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.clients.metadata import SECRET_METHODS, validate_metadata
 from trustplane.clients.model import Client, ClientStatus, hash_secret, new_secret, secret_matches
-from trustplane.clients.store import ClientStore, SqlInitialAccessTokenStore
+from trustplane.clients.store import (
+    TOKEN_ID_LENGTH,
+    ClientStore,
+    InitialAccessTokenInfo,
+    SqlInitialAccessTokenStore,
+)
 from trustplane.errors import (
     AccessDeniedError,
     InvalidClientMetadataError,
@@ -31,6 +37,9 @@ from trustplane.storage import generations
 from trustplane.storage.db import Database
 
 GENERATION = "clients"
+#: ``registration-token list``'s id of a token: its hash's first hex digits (clients/store.py).
+TOKEN_ID = re.compile(f"[0-9a-f]{{{TOKEN_ID_LENGTH}}}")
+
 #: ``initial_access_tokens.description`` is VARCHAR(200) (PostgreSQL refuses longer, SQLite not).
 DESCRIPTION_MAX = 200
 AuditWriter = Callable[[AsyncConnection, list[AuditEvent]], Awaitable[object]]
@@ -148,6 +157,37 @@ class ClientService:
             )
             await self._audit(conn, [event])
         return token
+
+    async def initial_access_tokens(self) -> Sequence[InitialAccessTokenInfo]:
+        """Every stored initial access token, newest first, as ``registration-token list`` shows
+        them (ids, never the tokens: only their hashes are stored)."""
+        async with self._db.read() as conn:
+            return await self._tokens.all(conn)
+
+    async def revoke_initial_access_token(self, id_: str) -> InitialAccessTokenInfo:
+        """Revoke the initial access token named ``id_`` (``registration-token list``'s id): it
+        registers nothing from now on; the clients it registered stay (disable them apart). One
+        audit event, in the same transaction. ``ValueError``: not an id; ``LookupError``: no such
+        token, or it is revoked already (nothing written)."""
+        if not TOKEN_ID.fullmatch(id_):
+            raise ValueError(
+                f"not a token id ({TOKEN_ID_LENGTH} lowercase hex digits): {id_[:40]!r}"
+            )
+        async with self._db.transaction() as conn:
+            revoked = await self._tokens.revoke(conn, id_, int(time.time()))
+            if revoked is None:
+                raise LookupError(f"no initial access token {id_} that is not revoked already")
+            bound: dict[str, Any] = {"lei": revoked.lei} if revoked.lei else {}
+            event = self._event(
+                AuditEventType.REGISTRATION_TOKEN_REVOKED,
+                None,
+                token_id=id_,
+                description=revoked.description,
+                uses=revoked.uses,
+                **bound,
+            )
+            await self._audit(conn, [event])
+        return revoked
 
     async def register(
         self, raw: Any, *, initial_access_token: str | None, issue_registration_token: bool = True

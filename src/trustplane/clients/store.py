@@ -146,15 +146,55 @@ class SqlClientStore:
 
 
 def _usable(token_hash: str, now: int) -> tuple[ColumnElement[bool], ...]:
-    """Known, not expired, not used up, and bound to an LEI or unbound by the operator's choice (a
-    token with neither was created unbound by default before migration 0025: it registers nothing)."""
+    """Known, not revoked, not expired, not used up, and bound to an LEI or unbound by the
+    operator's choice (a token with neither was created unbound by default before migration 0025:
+    it registers nothing)."""
     t = initial_access_tokens.c
     return (
         t.token_hash == token_hash,
+        t.revoked_at.is_(None),
         t.expires_at > now,
         t.max_uses.is_(None) | (t.uses < t.max_uses),
         t.lei.is_not(None) | t.any_lei,
     )
+
+
+#: Hex digits of a token's SHA-256 hash that name it to the operator (``registration-token list``
+#: and ``revoke``): 64 bits, never the token itself, and nothing an attacker could use to register.
+TOKEN_ID_LENGTH = 16
+
+
+def token_id(token_hash: str) -> str:
+    """The operator's name for a stored initial access token: its hash's first 16 hex digits."""
+    return token_hash[:TOKEN_ID_LENGTH]
+
+
+@dataclass(frozen=True, slots=True)
+class InitialAccessTokenInfo:
+    """A stored initial access token as the operator sees it (``registration-token list``)."""
+
+    id: str
+    description: str
+    created_at: int
+    expires_at: int
+    max_uses: int | None
+    uses: int
+    lei: str | None
+    any_lei: bool
+    revoked_at: int | None
+
+    def state(self, now: int) -> str:
+        """``active``, or why it registers nothing: ``revoked``, ``expired``, ``used up``, or
+        ``unbound`` (created unbound by default before migration 0025)."""
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at <= now:
+            return "expired"
+        if self.max_uses is not None and self.uses >= self.max_uses:
+            return "used up"
+        if self.lei is None and not self.any_lei:
+            return "unbound"
+        return "active"
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +243,47 @@ class SqlInitialAccessTokenStore:
         )
         found = row.first()
         return None if found is None else UsableToken(found.lei)
+
+    async def all(self, conn: AsyncConnection) -> list[InitialAccessTokenInfo]:
+        """Every stored token, newest first (the hashes shortened to their ids)."""
+        t = initial_access_tokens.c
+        rows = await conn.execute(
+            select(
+                t.token_hash, t.description, t.created_at, t.expires_at, t.max_uses, t.uses,
+                t.lei, t.any_lei, t.revoked_at,
+            ).order_by(t.created_at.desc(), t.token_hash)
+        )  # fmt: skip
+        return [
+            InitialAccessTokenInfo(
+                token_id(r.token_hash),
+                r.description,
+                r.created_at,
+                r.expires_at,
+                r.max_uses,
+                r.uses,
+                r.lei,
+                bool(r.any_lei),
+                r.revoked_at,
+            )
+            for r in rows
+        ]
+
+    async def revoke(
+        self, conn: AsyncConnection, id_: str, now: int
+    ) -> InitialAccessTokenInfo | None:
+        """Revoke the one token whose id is ``id_`` (16 lowercase hex digits; the caller checks the
+        form) and that is not revoked yet; the token as it was, or None (no such token, or already
+        revoked: nothing written)."""
+        t = initial_access_tokens.c
+        found = [info for info in await self.all(conn) if info.id == id_]
+        if len(found) != 1 or found[0].revoked_at is not None:
+            return None
+        result = await conn.execute(
+            update(initial_access_tokens)
+            .where(t.token_hash.startswith(id_, autoescape=True), t.revoked_at.is_(None))
+            .values(revoked_at=now)
+        )
+        return found[0] if result.rowcount == 1 else None
 
     async def use(self, conn: AsyncConnection, token_hash: str, now: int) -> bool:
         """Count one use atomically; False if ``usable`` would say None (nothing written)."""

@@ -30,4 +30,6 @@ initial_access_tokens = Table(
     #: no ``lei``, by the operator's explicit choice: any legal entity (migration 0025). A token with
     #: neither (created unbound by default before 0025) registers nothing.
     Column("any_lei", Boolean, nullable=False, server_default=false()),
+    #: when the operator revoked it (``registration-token revoke``, migration 0030); None: not revoked
+    Column("revoked_at", BigInteger),
 )
