@@ -148,6 +148,9 @@ class Settings(BaseSettings):
     cache_refresh_interval: float = Field(default=1.0, gt=0, le=60)
     initial_access_token_lifetime: int = Field(default=86400, ge=60)
     allow_insecure_loopback_jwks_uri: bool = False
+    #: Seconds a client's or partner's ``jwks_uri`` keys stay usable after their last good fetch
+    #: while every refetch fails (the key server down); then none (clients/remote_jwks.py).
+    jwks_max_stale: float = Field(default=86400.0, ge=0, le=30 * 86400)
 
     # --- federation: partner trust registry and the jwt-bearer grant (trustplane.federation)
     #: Hosts a partner's ``jwks_uri`` may point at (https only); nothing else is ever fetched.

@@ -7,6 +7,7 @@ The JWKS servers here are on loopback, so the caches under test use the developm
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from collections.abc import Callable, Iterator
@@ -18,7 +19,12 @@ import pytest
 
 from tests.conftest import EXECUTION, LEI, ClientKit, jwks_for, new_ec_key
 from trustplane.app import Services
-from trustplane.clients.remote_jwks import MAX_JWKS_BYTES, RemoteJwksCache, client_jwks_cache
+from trustplane.clients.remote_jwks import (
+    MAX_JWKS_BYTES,
+    RemoteJwksCache,
+    client_jwks_cache,
+    partner_jwks_cache,
+)
 from trustplane.outbound import OutboundFetcher, OutboundPolicy
 from trustplane.outbound import addresses as outbound_addresses
 
@@ -277,3 +283,33 @@ def _form(data: dict[str, str]) -> Any:
     return Form.parse(
         httpx.QueryParams(data).__str__().encode(), "application/x-www-form-urlencoded"
     )
+
+
+async def test_kept_keys_expire_after_max_stale(jwks_server: JwksServer) -> None:
+    """The last good keys outlive a failed refetch for ``max_stale`` seconds after their fetch, not
+    for ever: a key its owner withdrew behind a key server that stays down stops verifying. A good
+    fetch afterwards gives keys again."""
+    remote = RemoteJwksCache(
+        OutboundFetcher(OutboundPolicy.development(max_bytes=MAX_JWKS_BYTES)),
+        ttl=0.0,
+        min_refetch=0.0,
+        max_stale=0.3,
+    )
+    jwks_server.serve(jwks_for(new_ec_key(), kid="a"))
+    good = await remote.keys(jwks_server.url, "a")
+    jwks_server.status = 503
+
+    assert await remote.keys(jwks_server.url, "a") == good  # within max_stale: kept
+    await asyncio.sleep(0.35)
+    assert await remote.keys(jwks_server.url, "a") == []  # past it: none
+    assert await remote.keys(jwks_server.url, "a") == []  # and not brought back by a retry
+    jwks_server.status = 200
+    assert await remote.keys(jwks_server.url, "a") == good
+    await remote.aclose()
+
+
+def test_the_caches_take_max_stale_from_the_settings(settings_factory: Any) -> None:
+    settings = settings_factory(jwks_max_stale=120.0)
+    assert client_jwks_cache(settings)._max_stale == 120.0
+    assert partner_jwks_cache(settings)._max_stale == 120.0
+    assert settings_factory().jwks_max_stale == 86400.0

@@ -8,7 +8,10 @@ flood of bogus kids cannot turn us into a traffic amplifier (a failed fetch too)
 
 A fetch that fails or is refused (network error, timeout, a status other than 200, not JSON, not a
 JWK Set) keeps the last good keys: they were valid, and an outage of the client's or partner's key
-server must not refuse every one of its assertions. A successful fetch replaces the set whole, so a
+server must not refuse every one of its assertions. For at most ``max_stale`` seconds after their
+last good fetch (``jwks_max_stale``, default a day): a key its owner revoked by taking it off a key
+server that stays down must not verify for ever. Past that, a failed fetch gives no keys
+(``invalid_client``) and logs ``jwks_uri_keys_expired`` until a fetch succeeds. A successful fetch replaces the set whole, so a
 key the owner dropped is gone. A set with private key members gives no keys (the owner published
 its private key: its signatures prove nothing). With no good fetch yet, a failure gives no keys and
 the assertion fails ``invalid_client``.
@@ -56,9 +59,11 @@ class RemoteJwksCache:
         purpose: str = "client_jwks",
         ttl: float = 300.0,
         min_refetch: float = 60.0,
+        max_stale: float = 86400.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._ttl, self._min_refetch, self._purpose = ttl, min_refetch, purpose
+        self._max_stale = max_stale
         policy = OutboundPolicy(max_bytes=MAX_JWKS_BYTES)
         self._fetcher = fetcher or OutboundFetcher(policy, transport=transport)
         self._cache: dict[str, _Cached] = {}
@@ -72,9 +77,15 @@ class RemoteJwksCache:
             if (fresh and known) or now - cached.tried_at < self._min_refetch:
                 return cached.keys
         fetched = await self._fetch(uri)
-        if fetched is None:  # keep the last good keys; try again after min_refetch
+        if fetched is None:  # keep the last good keys a while; try again after min_refetch
             kept = cached.keys if cached else []
-            self._cache[uri] = _Cached(kept, cached.fetched_at if cached else -math.inf, now)
+            fetched_at = cached.fetched_at if cached else -math.inf
+            if kept and now - fetched_at > self._max_stale:
+                log.warning(
+                    "jwks_uri_keys_expired", uri=uri, age_s=round(now - fetched_at), keys=len(kept)
+                )
+                kept = []
+            self._cache[uri] = _Cached(kept, fetched_at, now)
             return kept
         self._cache[uri] = _Cached(fetched, now, now)
         return fetched
@@ -133,7 +144,7 @@ def client_jwks_cache(
         settings, allow_loopback=settings.allow_insecure_loopback_jwks_uri, max_bytes=MAX_JWKS_BYTES
     )
     fetcher = OutboundFetcher(policy, rate_limiter=limiter)
-    return RemoteJwksCache(fetcher, purpose="client_jwks")
+    return RemoteJwksCache(fetcher, purpose="client_jwks", max_stale=settings.jwks_max_stale)
 
 
 def partner_jwks_cache(
@@ -152,4 +163,5 @@ def partner_jwks_cache(
         purpose="partner_jwks",
         ttl=settings.federation_jwks_ttl,
         min_refetch=settings.federation_jwks_min_refetch,
+        max_stale=settings.jwks_max_stale,
     )
