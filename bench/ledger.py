@@ -77,7 +77,7 @@ from trustplane.audit.canonical import entry_parts
 from trustplane.audit.export_format import export_line
 from trustplane.audit.note import Checkpoint
 from trustplane.audit.parallel_verify import verify_export_file
-from trustplane.audit.sink import SqlAuditSink
+from trustplane.audit.sink import SqlAuditSink, pending_row
 from trustplane.audit.store import LEAF_COLUMNS, append_pending, insert_integrated
 from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.keys.crypto import new_kek_text
@@ -419,8 +419,7 @@ async def fill_backlog(svc: Services, count: int) -> None:
     for first in range(0, count, 5000):
         rows = []
         for n in range(first, min(count, first + 5000)):
-            entry, payload, salt = entry_parts(make_event(n))
-            rows.append((entry.decode(), payload.decode(), salt))
+            rows.append(pending_row(make_event(n)))  # as the append writes it
         async with svc.db.transaction() as conn:
             await append_pending(conn, rows)
 

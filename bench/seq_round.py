@@ -31,7 +31,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from trustplane.app import Services
-from trustplane.audit.canonical import entry_parts
+from trustplane.audit.sink import pending_row
 from trustplane.audit.store import append_pending
 from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.keys.crypto import new_kek_text
@@ -85,8 +85,7 @@ async def backends_cpu(db: Database, name: str) -> float:
 async def fill(db: Database, count: int, base: int) -> None:
     rows = []
     for n in range(base, base + count):
-        entry, payload, salt = entry_parts(make_event(n))
-        rows.append((entry.decode(), payload.decode(), salt))
+        rows.append(pending_row(make_event(n)))  # as the append writes it
     async with db.transaction() as conn:
         await append_pending(conn, rows)
 

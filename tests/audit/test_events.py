@@ -165,7 +165,7 @@ async def test_the_stored_entry_is_the_envelope_with_the_payload_committed() -> 
         actor_chain=("x",),
         payload={"k": 1},
     )
-    entry, payload, salt = pending_row(event)
+    entry, payload, salt, *_ = pending_row(event)
     body = orjson.loads(entry)
     expected = event.to_dict()
     del expected["payload"]

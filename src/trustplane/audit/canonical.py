@@ -35,7 +35,7 @@ from trustplane.audit_events import AuditEvent
 MAX_SAFE_INTEGER = 2**53 - 1
 SALT_BYTES = 16
 _SORTED = orjson.OPT_SORT_KEYS
-_SURROGATE = re.compile("[\ud800-\udfff]")
+SURROGATE = re.compile("[\ud800-\udfff]")
 #: Envelope fields that hold integers (everything else is a string, null or a list of strings).
 _INT_FIELDS = ("time", "mandate_version")
 
@@ -62,7 +62,7 @@ def canonical_bytes(envelope: dict[str, Any]) -> bytes:
 
 def _replace_surrogates(value: Any) -> Any:
     if isinstance(value, str):
-        return _SURROGATE.sub("\ufffd", value)
+        return SURROGATE.sub("\ufffd", value)
     if isinstance(value, list | tuple):
         return [_replace_surrogates(v) for v in value]
     if isinstance(value, dict):

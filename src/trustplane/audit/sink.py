@@ -18,7 +18,8 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane.audit import store
-from trustplane.audit.canonical import entry_parts
+from trustplane.audit.canonical import SURROGATE, entry_parts
+from trustplane.audit.tables import LEAF_LIMITS, leaf_value
 from trustplane.audit_events import AuditEvent
 from trustplane.storage.db import Database
 from trustplane.storage.driver_sql import by_column, in_transaction, unnest_insert
@@ -47,10 +48,49 @@ class AuditSink(Protocol):
     async def emit(self, event: AuditEvent) -> None: ...
 
 
-def pending_row(event: AuditEvent) -> tuple[str, str, bytes]:
-    """(canonical entry, payload, salt) as stored in the pending table."""
+def entry_row(event: AuditEvent) -> tuple[str, str, bytes]:
+    """(canonical entry, payload, salt): the pending row without its leaf columns (SQLite, whose
+    sequencer parses every entry in Python)."""
     entry, payload, salt = entry_parts(event)
     return entry.decode(), payload.decode(), salt
+
+
+def pending_row(event: AuditEvent) -> store.PendingRow:
+    """(canonical entry, payload, salt, the leaf columns: :func:`leaf_columns`) as stored in the
+    pending table on PostgreSQL."""
+    entry, payload, salt = entry_parts(event)
+    return entry.decode(), payload.decode(), salt, *leaf_columns(event)
+
+
+#: The leaf's text columns, in the order of the pending row, with their lengths.
+_TEXT_LEAF = tuple(
+    (c, LEAF_LIMITS[c])
+    for c in ("event_id", "type", "subject", "client_id", "partner", "transaction_id")
+)
+#: The leaf columns of an event whose fields are not all strings (or None): the sequencer parses
+#: its entry for them, as it does a row written before migration 0028.
+UNMAPPED: tuple[None, ...] = (None,) * 7
+
+
+def leaf_columns(event: AuditEvent) -> tuple[Any, ...]:
+    """(event_id, type, time_ms, subject, client_id, partner, transaction_id) of ``event``'s leaf,
+    as the sequencer would take them from its entry (``tables.leaf_value``: a value too long for
+    its column is ``sha256:`` and its digest; a NUL is U+FFFD, as is a lone surrogate, which the
+    entry records replaced). :data:`UNMAPPED` if a field is neither a string nor None."""
+    out: list[str | None] = []
+    for name, limit in _TEXT_LEAF:
+        value = getattr(event, name)
+        if value is not None:
+            if not isinstance(value, str):
+                return UNMAPPED
+            value = str(value)  # a StrEnum member (the type) as its plain value
+            if not value.isascii():
+                value = SURROGATE.sub("\ufffd", value)
+            if len(value) > limit or "\x00" in value:
+                value = leaf_value(value, limit)
+        out.append(value)
+    event_id, type_, subject, client_id, partner, transaction_id = out
+    return event_id, type_, event.time, subject, client_id, partner, transaction_id
 
 
 async def write_events(
@@ -63,14 +103,14 @@ async def write_events(
     one driver-level multi-row insert into the ledger's pending table.
 
     PostgreSQL, inside a transaction: the insert goes to asyncpg directly (no SQLAlchemy execution
-    layers), and ``alongside`` (an ``INSERT`` whose parameters are numbered from ``$4``, and its
-    parameters) runs as a data-modifying CTE of the same statement: both rows in one execution and
-    one round trip (the policy decisions' replay inputs: ``policy.recorder``). Elsewhere
-    ``alongside`` must be None (the caller runs its insert itself)."""
-    rows = [pending_row(e) for e in events]
+    layers), and ``alongside`` (an ``INSERT`` whose parameters are numbered from
+    :data:`PENDING_PARAMETERS` + 1, and its parameters) runs as a data-modifying CTE of the same
+    statement: both rows in one execution and one round trip (the policy decisions' replay
+    inputs: ``policy.recorder``). Elsewhere ``alongside`` must be None (the caller runs its insert
+    itself)."""
     driver = await in_transaction(conn)
     if driver is not None:
-        params = by_column(rows, len(_PENDING))
+        params = by_column([pending_row(e) for e in events], len(_PENDING))
         if alongside is None:
             await driver.execute(_pg_append(None), *params)
         else:
@@ -78,13 +118,17 @@ async def write_events(
     else:
         if alongside is not None:
             raise ValueError("alongside needs a PostgreSQL transaction")
-        await store.append_pending(conn, rows)
+        row = pending_row if conn.dialect.name == "postgresql" else entry_row
+        await store.append_pending(conn, [row(e) for e in events])
     await appended(conn, events)
     return [None] * len(events)
 
 
 #: The pending table's columns as :func:`trustplane.audit.store.append_pending` inserts them.
 _PENDING = store._PENDING
+#: The parameters of :func:`write_events`' PostgreSQL insert (one array per pending column): an
+#: ``alongside`` insert numbers its own from the next.
+PENDING_PARAMETERS = len(_PENDING)
 
 
 @functools.lru_cache(maxsize=16)

@@ -67,24 +67,41 @@ def _in_list(dialect: str, count: int, first: int = 1) -> str:
     return ", ".join("?" * count)
 
 
-_PENDING = (("entry", "text"), ("payload", "text"), ("salt", "bytea"))
+#: A pending row as the append writes it: (entry, payload, salt), then on PostgreSQL the leaf's
+#: index columns as the sequencer stores them (event_id, type, time_ms, subject, client_id,
+#: partner, transaction_id: ``audit.sink.leaf_columns``), which its slice copies instead of
+#: parsing the entry (:data:`PG_SLICE_SQL`). A row of three (SQLite, whose sequencer parses every
+#: entry in Python) leaves them NULL, as do the rows written before migration 0028.
+PendingRow = tuple[Any, ...]
+_PENDING = (
+    ("entry", "text"),
+    ("payload", "text"),
+    ("salt", "bytea"),
+    ("event_id", "text"),
+    ("type", "text"),
+    ("time_ms", "bigint"),
+    ("subject", "text"),
+    ("client_id", "text"),
+    ("partner", "text"),
+    ("transaction_id", "text"),
+)
 
 
-async def append_pending(conn: AsyncConnection, rows: Sequence[tuple[str, str, bytes]]) -> None:
-    """(entry, payload, salt) rows into ``audit_pending``, in order: durable once the caller
-    commits. PostgreSQL: one ``unnest`` insert (one execution, prepared once per connection);
-    SQLite: ``executemany`` of one prepared statement (in-process, no round trips to save)."""
+async def append_pending(conn: AsyncConnection, rows: Sequence[PendingRow]) -> None:
+    """Pending rows (:data:`PendingRow`, all of one width) into ``audit_pending``, in order:
+    durable once the caller commits. PostgreSQL: one ``unnest`` insert (one execution, prepared
+    once per connection); SQLite: ``executemany`` of one prepared statement (in-process, no round
+    trips to save)."""
+    columns = _PENDING[: len(rows[0])] if rows else _PENDING
     if conn.dialect.name == "postgresql":
-        sql = unnest_insert("audit_pending", _PENDING, ordered=True)
-        await conn.exec_driver_sql(sql, by_column(rows, len(_PENDING)))
+        sql = unnest_insert("audit_pending", columns, ordered=True)
+        await conn.exec_driver_sql(sql, by_column(rows, len(columns)))
         return
-    sql = _insert_sql(conn.dialect.name, "audit_pending", ("entry", "payload", "salt"))
+    sql = _insert_sql(conn.dialect.name, "audit_pending", tuple(name for name, _ in columns))
     await conn.exec_driver_sql(sql, list(rows))
 
 
-def pg_pending_insert(
-    rows: Sequence[tuple[str, str, bytes]], first: int
-) -> tuple[str, tuple[list[Any], ...]]:
+def pg_pending_insert(rows: Sequence[PendingRow], first: int) -> tuple[str, tuple[list[Any], ...]]:
     """PostgreSQL: :func:`append_pending`'s insert (rows in order) and its parameters, numbered
     from ``first``, for a caller that runs it inside a statement of its own
     (``grant.outcomes``: as a data-modifying CTE of the ``jti`` upsert, a token batch's one
@@ -95,9 +112,9 @@ def pg_pending_insert(
 
 @functools.lru_cache(maxsize=16)
 def pg_pending_row_insert(first: int) -> str:
-    """PostgreSQL: the same insert for exactly one row, its (entry, payload, salt) as scalar
-    parameters numbered from ``first``: nothing for the driver to pack into arrays or for the
-    server to unnest (``policy.recorder``: a decision recorded alone)."""
+    """PostgreSQL: the same insert for exactly one row, its columns (:data:`PendingRow`, all
+    ten) as scalar parameters numbered from ``first``: nothing for the driver to pack into arrays
+    or for the server to unnest (``policy.recorder``: a decision recorded alone)."""
     values = ", ".join(f"${i}::{kind}" for i, (_, kind) in enumerate(_PENDING, first))
     names = ", ".join(name for name, _ in _PENDING)
     return f"INSERT INTO audit_pending ({names}) VALUES ({values})"  # noqa: S608 - constants
@@ -186,12 +203,13 @@ async def quarantine_pending(
     conn: AsyncConnection,
     raw: tuple[int, str, str, bytes, str, str],
     event_id: str,
-    placeholder: tuple[str, str, bytes],
+    placeholder: PendingRow,
     now_ms: int,
 ) -> None:
     """The pending row ``raw`` (id, entry, payload, salt, error, detail) into ``audit_quarantine``
-    and, under the same id (its place in the log), ``placeholder`` (entry, payload, salt) into
-    ``audit_pending``: in the sequencer's transaction."""
+    and, under the same id (its place in the log), ``placeholder`` (a :data:`PendingRow`) into
+    ``audit_pending``: in the sequencer's transaction. The raw row's leaf columns, if it had
+    any, are not kept: they are what its entry gives (``audit.sink.leaf_columns``)."""
     pending_id, entry, payload, salt, error, detail = raw
     await conn.execute(
         audit_quarantine.insert().values(
@@ -205,7 +223,8 @@ async def quarantine_pending(
             quarantined_at=now_ms,
         )
     )
-    sql = _insert_sql(conn.dialect.name, "audit_pending", ("id", "entry", "payload", "salt"))
+    names = tuple(name for name, _ in _PENDING[: len(placeholder)])
+    sql = _insert_sql(conn.dialect.name, "audit_pending", ("id", *names))
     drop = f"DELETE FROM audit_pending WHERE id = {_in_list(conn.dialect.name, 1)}"  # noqa: S608
     dropped = await conn.exec_driver_sql(drop, (pending_id,))
     if dropped.rowcount != 1:
@@ -317,8 +336,9 @@ async def _insert_rows(conn: AsyncConnection, table: str, rows: Sequence[Sequenc
 #: PostgreSQL: one statement per slice of an integration. The leaves' entries, payloads and salts
 #: are already on the server, in the pending rows: the statement deletes the slice's pending rows
 #: (by id) and inserts them as leaves ``first, first + 1, ...`` in the order of the ids given, the
-#: leaf columns taken from the entry's JSON (the fields the sequencer used to parse and send back),
-#: their payloads, and the slice's tree nodes. What the client sends is the ids as text and the
+#: leaf columns copied from the pending row (written by the append, already mapped by
+#: ``tables.leaf_value``: migration 0028) or, for a row without them (``time_ms`` NULL: written
+#: before that migration or past the append path), taken from the entry's JSON, their payloads, and the slice's tree nodes. What the client sends is the ids as text and the
 #: node hashes as one ``bytea``: no per-row parameter encoding (asyncpg's array encoder checks
 #: every element against ``collections.abc``: a third of the integration's CPU). It answers how
 #: many pending rows it moved (the caller checks it is all of them).
@@ -329,23 +349,36 @@ async def _insert_rows(conn: AsyncConnection, table: str, rows: Sequence[Sequenc
 _PG_SLICE_SQL = (
     "WITH r AS (SELECT * FROM unnest($1::text::bigint[]) WITH ORDINALITY AS r(pid, o)), "
     "d AS (DELETE FROM audit_pending p USING r WHERE p.id = r.pid "
-    "RETURNING r.o, p.entry, p.payload, p.salt), "
-    "j AS (SELECT $2::bigint + d.o - 1 AS idx, d.entry, {jsonb} AS e, d.payload, d.salt FROM d), "
+    "RETURNING r.o, p.entry, p.payload, p.salt, p.event_id AS c_event_id, p.type AS c_type, "
+    "p.time_ms AS c_time_ms, p.subject AS c_subject, p.client_id AS c_client_id, "
+    "p.partner AS c_partner, p.transaction_id AS c_transaction_id), "
+    "j AS (SELECT $2::bigint + d.o - 1 AS idx, d.*, "
+    "CASE WHEN d.c_time_ms IS NULL THEN {jsonb} END AS e FROM d), "
     "l AS (INSERT INTO audit_leaves (idx, entry, event_id, type, time_ms, subject, client_id, "
     "partner, transaction_id, integrated_at) "
-    "SELECT idx, entry, {event_id}, {type}, (e->>'time')::bigint, {subject}, "
-    "{client_id}, {partner}, {transaction_id}, $3::bigint FROM j RETURNING 1), "
+    "SELECT idx, entry, {event_id}, {type}, COALESCE(c_time_ms, (e->>'time')::bigint), "
+    "{subject}, {client_id}, {partner}, {transaction_id}, $3::bigint FROM j RETURNING 1), "
     "p AS (INSERT INTO audit_payloads (idx, payload, salt) SELECT idx, payload, salt FROM j), "
     "t AS (INSERT INTO audit_tree (id, hash) "
     "SELECT n.i, substring($5::bytea FROM (n.o::int - 1) * 32 + 1 FOR 32) "
     "FROM unnest($4::text::bigint[]) WITH ORDINALITY AS n(i, o)) "
     "SELECT count(*) FROM l"
 )
-#: Each bounded leaf column gets the entry's value only if it fits (``tables.leaf_value``): an
-#: over-long subject, client id or transaction id stopped every integration after it with "value
-#: too long" (the entry keeps the whole value; it is what is hashed and proved).
-_LEAF_COLUMNS_SQL = {c: pg_leaf_value(f"(e->>'{c}')", c) for c in LEAF_LIMITS}
-#: The common slice: no entry holds the text ``\u0000``, so each is parsed as it is.
+
+
+def _leaf_column_sql(column: str) -> str:
+    """The leaf's ``column``: the pending row's, copied, if it has its leaf columns (``c_time_ms``
+    not NULL), else the entry's value as :func:`pg_leaf_value` maps it. Each bounded leaf column
+    gets the entry's value only if it fits (``tables.leaf_value``): an over-long subject, client
+    id or transaction id stopped every integration after it with "value too long" (the entry
+    keeps the whole value; it is what is hashed and proved)."""
+    parsed = pg_leaf_value(f"(e->>'{column}')", column)
+    return f"CASE WHEN c_time_ms IS NULL THEN {parsed} ELSE c_{column} END"
+
+
+_LEAF_COLUMNS_SQL = {c: _leaf_column_sql(c) for c in LEAF_LIMITS}
+#: The common slice: no entry without leaf columns holds the text ``\u0000``, so each is parsed
+#: as it is (an entry that has its columns is not parsed: the append mapped a NUL to U+FFFD).
 PG_SLICE_SQL = _PG_SLICE_SQL.format(jsonb="d.entry::jsonb", **_LEAF_COLUMNS_SQL)
 #: A slice with an entry that holds ``\u0000`` (the sequencer looks for it while it hashes the
 #: entries): such entries are parsed with U+FFFD in each NUL escape's place. Searching every entry

@@ -48,6 +48,17 @@ audit_pending = Table(
     Column("entry", Text, nullable=False),
     Column("payload", Text, nullable=False),
     Column("salt", LargeBinary, nullable=False),
+    # The leaf's index columns, as the sequencer stores them (``leaf_value``), written by the
+    # append on PostgreSQL so that the sequencer's slice copies them instead of parsing the entry;
+    # NULL in a row written before migration 0028 or past the append path (``time_ms`` NULL: the
+    # entry is parsed) and on SQLite, whose sequencer parses every entry in Python.
+    Column("event_id", Text),
+    Column("type", Text),
+    Column("time_ms", BigInteger),
+    Column("subject", Text),
+    Column("client_id", Text),
+    Column("partner", Text),
+    Column("transaction_id", Text),
 )
 
 audit_leaves = Table(

@@ -25,7 +25,12 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane.audit import sink
-from trustplane.audit.sink import observers_write_nothing, pending_row, write_events
+from trustplane.audit.sink import (
+    PENDING_PARAMETERS,
+    observers_write_nothing,
+    pending_row,
+    write_events,
+)
 from trustplane.audit.store import pg_pending_insert, pg_pending_row_insert
 from trustplane.audit_events import AuditEvent
 from trustplane.policy.tables import policy_decisions
@@ -96,7 +101,9 @@ async def write_decisions(conn: AsyncConnection, records: Sequence[DecisionRecor
     if records:
         events = [r.event for r in records]
         if await in_transaction(conn) is not None:
-            await write_events(conn, events, alongside=pg_inputs_insert(records, first=4))
+            await write_events(
+                conn, events, alongside=pg_inputs_insert(records, first=PENDING_PARAMETERS + 1)
+            )
         else:
             await write_events(conn, events)
             await write_inputs(conn, records)
