@@ -12,7 +12,7 @@ from tests.storage.test_migrations import _current, _diffs, empty_db  # noqa: F4
 from trustplane.storage.db import Database
 from trustplane.storage.migrate import upgrade
 
-BEFORE, AFTER = "0027_authorization_answers", "0030_registration_token_revoked"
+BEFORE, AFTER = "0028_audit_pending_leaf_columns", "0030_registration_token_revoked"
 LEI = "5493001KJTIIGC8Y1R12"
 FAR = 4_000_000_000
 

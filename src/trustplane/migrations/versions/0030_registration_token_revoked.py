@@ -5,7 +5,7 @@ Downgrading drops the column: a revoked token that has not yet expired would be 
 downgrade also ends such tokens (``expires_at`` set to the revocation's instant).
 
 Revision ID: 0030_registration_token_revoked
-Revises: 0027_authorization_answers
+Revises: 0028_audit_pending_leaf_columns
 Create Date: 2026-12-06 12:30:00
 """
 
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0030_registration_token_revoked"
-down_revision = "0027_authorization_answers"
+down_revision = "0028_audit_pending_leaf_columns"
 branch_labels = None
 depends_on = None
 
