@@ -11,6 +11,11 @@ them; their schemas made by the bench beforehand), ``LC_EVENT_KEY`` (the base na
 event keys) and ``LC_CLIENTS`` (a JSON file: the ``pdp`` and ``introspection`` clients' ids, kids
 and PEM keys).
 
+``LC_PROFILE=<dir>`` (any process): cProfile on the process's CPU clock, dumped to
+``<dir>/<service>.prof`` (``publisher.prof``) when it stops (docs/settlement.md, "Where a service
+call's CPU goes"); the profiler slows a process about three times, so its run's rates and CPU
+figures are not the bench's.
+
 The publisher: ``python lifecycle_app.py publish`` with the same store settings, ``LC_NATS_URL``,
 ``LC_NATS_PREFIX`` and ``LC_ACKS_FILE``: runs an ``OutboxPublisher`` per owner, on uvloop; on SIGUSR1 it
 appends the commit -> JetStream ack latencies since the last SIGUSR1 (one JSON list per line) to
@@ -20,15 +25,18 @@ appends the commit -> JetStream ack latencies since the last SIGUSR1 (one JSON l
 from __future__ import annotations
 
 import asyncio
+import cProfile
 import json
 import os
 import signal
 import sys
+import time
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from trustplane.outbound import OutboundFetcher, OutboundPolicy
 from trustplane.pep import (
@@ -71,6 +79,39 @@ def _stores(services: tuple[str, ...]) -> tuple[ServiceStores, ReferenceSettings
     return open_stores(settings), settings
 
 
+def _profile() -> cProfile.Profile | None:
+    """``LC_PROFILE`` set: cProfile on the process's CPU clock, started (a measuring aid: it
+    slows the process several times)."""
+    if not os.environ.get("LC_PROFILE"):
+        return None
+    profile = cProfile.Profile(time.process_time)
+    profile.enable()
+    return profile
+
+
+def _profiled(app: ASGIApp) -> ASGIApp:
+    """``LC_PROFILE=<dir>``: cProfile on the process's CPU clock from start to the lifespan's
+    shutdown, dumped to ``<dir>/<service>.prof`` (a measuring aid: it slows the process)."""
+    profile = _profile()
+    if profile is None:
+        return app
+    path = Path(os.environ["LC_PROFILE"]) / f"{os.environ['LC_SERVICE']}.prof"
+
+    async def profiled(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            return await app(scope, receive, send)
+
+        async def sending(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "lifespan.shutdown.complete":
+                profile.disable()
+                profile.dump_stats(str(path))
+            await send(message)
+
+        await app(scope, receive, sending)
+
+    return profiled
+
+
 def app_from_env() -> ASGIApp:
     issuer, pdp = os.environ["LC_ISSUER"], os.environ["LC_PDP"]
     clients = json.loads(Path(os.environ["LC_CLIENTS"]).read_text())
@@ -101,7 +142,7 @@ def app_from_env() -> ASGIApp:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    return freezing_when_started(app)  # as `trustplane reference serve` runs it
+    return _profiled(freezing_when_started(app))  # as `trustplane reference serve` runs it
 
 
 async def publish() -> None:
@@ -113,6 +154,7 @@ async def publish() -> None:
         OutboxPublisher(stores.by_service()[owner], nats_url, prefix=prefix)
         for owner in machine.OWNERS
     ]
+    profile = _profile()
     acks = Path(os.environ["LC_ACKS_FILE"])
     stopping = asyncio.Event()
 
@@ -132,6 +174,9 @@ async def publish() -> None:
         for p in publishers:
             await p.close()
         await dispose(stores)
+        if profile is not None:
+            profile.disable()
+            profile.dump_stats(str(Path(os.environ["LC_PROFILE"]) / "publisher.prof"))
 
 
 if __name__ == "__main__":
