@@ -41,7 +41,8 @@ other than ``BEGIN``/``COMMIT``/``ROLLBACK``).
 PostgreSQL cluster of one's own with ``shared_preload_libraries = pg_stat_statements``: the WAL
 counters are the cluster's): statements executed and their execution time, rows, blocks dirtied
 and written (``pg_stat_statements``, this database's entries), commits (``pg_stat_database``), WAL
-records, full-page images and bytes (``pg_stat_wal``); and the statements that cost most.
+records, full-page images and bytes (``pg_stat_wal``); and the statements that cost most, each with
+the shared blocks it touched per call (hit or read: a plan that reads a whole table shows here).
 
 ``--ours-env`` / ``--base-env KEY=VALUE ...``: settings for one of the two servers only, e.g. a
 setting A/B on one tree (``--base .`` and ``--ours-env TRUSTPLANE_AUDIT_PROOF_CACHE_MB=0``).
@@ -246,7 +247,8 @@ def wal_bytes(url: str, oid: int, start: str, end: str) -> tuple[int, int] | Non
 
 STATEMENTS_SQL = (
     "SELECT queryid::text, left(regexp_replace(query, '\\s+', ' ', 'g'), 160), calls, "
-    "total_exec_time, rows, shared_blks_dirtied, shared_blks_written, wal_records, wal_bytes "
+    "total_exec_time, rows, shared_blks_dirtied, shared_blks_written, wal_records, wal_bytes, "
+    "shared_blks_hit + shared_blks_read "
     "FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = $1"
 )
 
@@ -265,7 +267,9 @@ def pg_stats(admin_url: str, name: str) -> dict[str, Any]:
     }
 
 
-STAT_COLUMNS = ("calls", "exec_ms", "rows", "dirtied", "written", "wal_records", "wal_bytes")
+STAT_COLUMNS = (
+    "calls", "exec_ms", "rows", "dirtied", "written", "wal_records", "wal_bytes", "blocks"
+)  # fmt: skip
 
 
 def pg_stats_per_token(before: dict[str, Any], after: dict[str, Any], n: float) -> dict[str, Any]:
@@ -487,7 +491,8 @@ def measure(target: Target, connections: int, args: argparse.Namespace, rep: int
         for text, cols in result["pgs_top"]:
             print(f"      {cols['calls']:.3f} calls {cols['exec_ms'] * 1000:7.1f} us "
                   f"rows {cols['rows']:.2f} dirtied {cols['dirtied']:.3f} "
-                  f"wal {cols['wal_bytes']:6.0f} B  {text[:110]}", flush=True)  # fmt: skip
+                  f"wal {cols['wal_bytes']:6.0f} B blocks/call "
+                  f"{cols['blocks'] / max(cols['calls'], 1e-9):7.1f}  {text[:110]}", flush=True)  # fmt: skip
     if target.proxy is not None:
         print("    per token, in the run / until idle: " + "  ".join(
             f"{k} {result[f'pg_{k}']:.2f}/{result[f'pg_{k}_until_idle']:.2f}"
