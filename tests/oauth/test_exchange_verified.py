@@ -7,7 +7,7 @@ import time
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from trustplane.jose.jws import Signer
+from trustplane.jose.jws import Signer, parse
 from trustplane.keys.service import KeyRing
 from trustplane.oauth.exchange.verified import VerifiedOwnTokens
 from trustplane.protocol.tokens import issue_access_token
@@ -100,3 +100,35 @@ def test_known_serves_only_what_read_verified_and_still_holds() -> None:
     rings.current = ring_with(ec.generate_private_key(ec.SECP256R1()), kid="k2")
     assert cache.known(t, now) is None
     assert len(cache) == 0
+
+
+def _refused_tokens(ring: KeyRing) -> dict[str, str]:
+    other = ring_with(ec.generate_private_key(ec.SECP256R1()))
+    base = {"iss": ISSUER, "sub": "alice", "exp": int(time.time()) + 300, "jti": "j"}
+    return {
+        "typ JWT": ring.require_signer().with_typ("JWT").sign(base),
+        "another key under our kid": other.require_signer().sign(base),
+        "another issuer": ring.require_signer().sign({**base, "iss": "https://other.example"}),
+        "exp not an integer": ring.require_signer().sign({**base, "exp": "soon"}),
+        "unknown kid": Signer(
+            ec.generate_private_key(ec.SECP256R1()), "ES256", "k9", typ="at+jwt"
+        ).sign(base),
+    }
+
+
+def test_verify_of_a_parsed_token_refuses_what_read_access_token_refuses() -> None:
+    """``verify`` (the caller's parse reused) keeps every check of ``read``: type, key, signature,
+    issuer, an integer ``exp``; nothing refused enters the cache."""
+    rings = Rings(ring_with(ec.generate_private_key(ec.SECP256R1())))
+    now = int(time.time())
+    for case, text in _refused_tokens(rings.current).items():
+        cache = VerifiedOwnTokens(rings, ISSUER)
+        jws = parse(text)
+        assert cache.verify(text, jws, jws.claims(), now) is None, case
+        assert cache.read(text, now) is None, case
+        assert len(cache) == 0, case
+    cache, t = VerifiedOwnTokens(rings, ISSUER), token(rings.current)
+    jws = parse(t)
+    claims = cache.verify(t, jws, jws.claims(), now)
+    assert claims is not None
+    assert cache.known(t, now) == claims

@@ -25,6 +25,7 @@ from tests.rar.test_registry import TRADE
 from trustplane.audit.sink import recent_events
 from trustplane.clients.remote_jwks import RemoteJwksCache
 from trustplane.errors import InvalidRequestError
+from trustplane.jose.jws import ParsedJWS
 from trustplane.oauth.exchange import TOKEN_EXCHANGE
 from trustplane.oauth.exchange.grant import TokenExchangeGrant
 from trustplane.oauth.exchange.subject import SubjectTokens
@@ -640,6 +641,30 @@ async def test_a_cached_subject_token_is_not_read_again(
     with pytest.raises(InvalidRequestError) as refused:  # the right is checked from the claims
         await subjects.verify(token, ACCESS, elsewhere, now)
     assert refused.value.reason_id == "audience"
+
+
+async def test_a_new_subject_token_is_parsed_once(
+    ex: Exchange, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A subject token not seen before is split and decoded once: the signature is verified over
+    that parse (not over a second one of the same text), and the result is remembered."""
+    subjects, token = subject_tokens(ex), ex.own()
+    client = await ex.server.services.clients.get(ex.kit.client_id)
+    assert client is not None
+    parsed: list[str] = []
+    init = ParsedJWS.__init__
+
+    def counted(self: ParsedJWS, text: str) -> None:
+        parsed.append(text)
+        init(self, text)
+
+    monkeypatch.setattr(ParsedJWS, "__init__", counted)
+    misses = subjects.verified.misses
+    subject = await subjects.verify(token, ACCESS, client, int(time.time()))
+    assert parsed == [token]
+    assert subject.jti == claims_of(token)["jti"]
+    assert (subjects.verified.misses, len(parsed)) == (misses + 1, 1)
+    assert subjects.verified.known(token, int(time.time())) is not None
 
 
 @pytest.mark.parametrize("part", ["signature", "payload"])

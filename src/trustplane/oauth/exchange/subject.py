@@ -131,7 +131,8 @@ class SubjectTokens:
         if unverified.get("iss") == self._issuer:
             if not is_access:
                 raise unacceptable("only our access tokens can be exchanged here", "token_type")
-            claims = self.verified.read(token, now)
+            # parsed once: the cache verifies the signature over the same split and decode
+            claims = self.verified.verify(token, jws, unverified, now)
             if claims is None:
                 raise unacceptable(
                     "the subject_token is not a valid access token of this server", "signature"

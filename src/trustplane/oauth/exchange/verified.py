@@ -24,13 +24,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import orjson
+from typing import Any
 
 from trustplane.jose.jwk import PublicKey
-from trustplane.jose.jws import b64url_decode
+from trustplane.jose.jws import JWSError, ParsedJWS, parse
 from trustplane.keys.service import KeyRing
-from trustplane.protocol.tokens import VerifiedClaims, read_access_token
+from trustplane.protocol.tokens import VerifiedClaims
 
 #: ~1-2 kB per entry (our tokens, their claims): a few MB at most.
 MAX_VERIFIED = 2048
@@ -46,7 +45,8 @@ class _Verified:
 
 class VerifiedOwnTokens:
     """``read`` is :func:`~trustplane.protocol.tokens.read_access_token` (without its expiry
-    check: the caller refuses an expired token with its own error), remembered per token."""
+    check: the caller refuses an expired token with its own error), remembered per token;
+    ``verify`` is the same for a token its caller has parsed already (one parse per miss)."""
 
     def __init__(
         self, ring: Callable[[], KeyRing], issuer: str, max_entries: int = MAX_VERIFIED
@@ -79,16 +79,40 @@ class VerifiedOwnTokens:
         claims = self.known(token, now)
         if claims is not None:
             return claims
+        try:
+            jws = parse(token)
+            unverified = jws.claims()
+        except JWSError:
+            return None
+        return self.verify(token, jws, unverified, now)
+
+    def verify(
+        self, token: str, jws: ParsedJWS, unverified: dict[str, Any], now: int
+    ) -> VerifiedClaims | None:
+        """:meth:`read` for a token the caller has parsed already (``jws``, its ``unverified``
+        claims) and found not :meth:`known`: the checks of
+        :func:`~trustplane.protocol.tokens.read_access_token` (``typ: at+jwt``, the ring's key
+        and algorithm under the header's ``kid``, the signature, our ``iss``, an integer ``exp``;
+        no expiry check) without decoding the token again."""
         ring = self._ring()
         self.misses += 1
-        claims = read_access_token(ring, token, issuer=self._issuer, now=0)
-        if claims is not None and claims["exp"] > now:
-            self._remember(ring, token, claims)
+        kid = str(jws.header.get("kid"))
+        entry = ring.verify_keys.get(kid)
+        if jws.header.get("typ") != "at+jwt" or entry is None or entry[0] != jws.alg:
+            return None
+        if not jws.verify(entry[1]):
+            return None
+        exp = unverified.get("exp")
+        if unverified.get("iss") != self._issuer or not isinstance(exp, int):
+            return None
+        claims = VerifiedClaims(unverified)
+        if exp > now:
+            self._remember(token, claims, kid, entry[1], exp)
         return claims
 
-    def _remember(self, ring: KeyRing, token: str, claims: VerifiedClaims) -> None:
-        # read_access_token verified it with the ring's key under the header's kid: that one
-        kid = str(orjson.loads(b64url_decode(token.partition(".")[0])).get("kid"))
+    def _remember(
+        self, token: str, claims: VerifiedClaims, kid: str, key: PublicKey, exp: int
+    ) -> None:
         if len(self._entries) >= self._max:
             self._entries.popitem(last=False)
-        self._entries[token] = _Verified(claims, kid, ring.verify_keys[kid][1], int(claims["exp"]))
+        self._entries[token] = _Verified(claims, kid, key, exp)
