@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Any, NewType
 
 from trustplane.ids import new_jti
-from trustplane.jose.jws import JWSError, parse
+from trustplane.jose.jwk import PublicKey
+from trustplane.jose.jws import JWSError, ParsedJWS, parse
 from trustplane.keys.service import KeyRing
 
 #: Claims of a token whose signature, issuer, type and expiry have been checked.
@@ -69,17 +70,34 @@ def read_access_token(
         jws = parse(token)
     except JWSError:
         return None
+    checked = check_access_token(ring, jws, None, issuer=issuer)
+    if checked is None:
+        return None
+    claims = checked[0]
+    current = int(time.time()) if now is None else now
+    return claims if claims["exp"] > current else None
+
+
+def check_access_token(
+    ring: KeyRing, jws: ParsedJWS, claims: dict[str, Any] | None, *, issuer: str
+) -> tuple[VerifiedClaims, str, PublicKey] | None:
+    """What makes a parsed JWS one of our access tokens, but for its expiry (the caller's, with its
+    own error): ``typ: at+jwt``, the ring's key and algorithm under the header's ``kid``, the
+    signature, our ``iss``, an integer ``exp``. The claims, the ``kid`` and the key that verified
+    it; None for anything else. ``claims``: the payload if the caller decoded it already (it is
+    read only after the signature verified), else decoded here. The one copy of these checks
+    (:func:`read_access_token`, the exchange's verified-token cache)."""
     if jws.header.get("typ") != "at+jwt":
         return None
-    entry = ring.verify_keys.get(str(jws.header.get("kid")))
+    kid = str(jws.header.get("kid"))
+    entry = ring.verify_keys.get(kid)
     if entry is None or entry[0] != jws.alg or not jws.verify(entry[1]):
         return None
-    try:
-        claims = jws.claims()
-    except JWSError:
+    if claims is None:
+        try:
+            claims = jws.claims()
+        except JWSError:
+            return None
+    if claims.get("iss") != issuer or not isinstance(claims.get("exp"), int):
         return None
-    exp = claims.get("exp")
-    current = int(time.time()) if now is None else now
-    if claims.get("iss") != issuer or not isinstance(exp, int) or exp <= current:
-        return None
-    return VerifiedClaims(claims)
+    return VerifiedClaims(claims), kid, entry[1]

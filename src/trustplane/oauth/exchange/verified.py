@@ -29,7 +29,7 @@ from typing import Any
 from trustplane.jose.jwk import PublicKey
 from trustplane.jose.jws import JWSError, ParsedJWS, parse
 from trustplane.keys.service import KeyRing
-from trustplane.protocol.tokens import VerifiedClaims
+from trustplane.protocol.tokens import VerifiedClaims, check_access_token
 
 #: ~1-2 kB per entry (our tokens, their claims): a few MB at most.
 MAX_VERIFIED = 2048
@@ -90,24 +90,17 @@ class VerifiedOwnTokens:
         self, token: str, jws: ParsedJWS, unverified: dict[str, Any], now: int
     ) -> VerifiedClaims | None:
         """:meth:`read` for a token the caller has parsed already (``jws``, its ``unverified``
-        claims) and found not :meth:`known`: the checks of
-        :func:`~trustplane.protocol.tokens.read_access_token` (``typ: at+jwt``, the ring's key
-        and algorithm under the header's ``kid``, the signature, our ``iss``, an integer ``exp``;
-        no expiry check) without decoding the token again."""
-        ring = self._ring()
+        claims) and found not :meth:`known`: :func:`~trustplane.protocol.tokens.check_access_token`,
+        the checks :func:`~trustplane.protocol.tokens.read_access_token` makes too (no expiry
+        check here), without decoding the token again."""
         self.misses += 1
-        kid = str(jws.header.get("kid"))
-        entry = ring.verify_keys.get(kid)
-        if jws.header.get("typ") != "at+jwt" or entry is None or entry[0] != jws.alg:
+        checked = check_access_token(self._ring(), jws, unverified, issuer=self._issuer)
+        if checked is None:
             return None
-        if not jws.verify(entry[1]):
-            return None
-        exp = unverified.get("exp")
-        if unverified.get("iss") != self._issuer or not isinstance(exp, int):
-            return None
-        claims = VerifiedClaims(unverified)
+        claims, kid, key = checked
+        exp = int(claims["exp"])
         if exp > now:
-            self._remember(token, claims, kid, entry[1], exp)
+            self._remember(token, claims, kid, key, exp)
         return claims
 
     def _remember(
