@@ -139,6 +139,35 @@ def test_integrating_in_batches_builds_the_same_tree(batches: list[int]) -> None
     assert nodes == merkle.MemoryTree(_leaves(total)).nodes
 
 
+@given(st.integers(0, 300), st.lists(st.integers(1, 70), min_size=1, max_size=6))
+def test_a_batch_built_at_once_gives_its_nodes_per_level_and_the_next_frontier(
+    size: int, batches: list[int]
+) -> None:
+    """The sequencer's batch path (``extend`` over a slice, the per-level runs the proof cache
+    takes, the frontier the next batch starts from) gives the nodes of the whole-tree build."""
+    total = size + sum(batches)
+    whole = merkle.MemoryTree(_leaves(total))
+    frontier = {i: whole.nodes[i] for i in merkle.frontier_ids(size)}
+    for batch in batches:
+        builder = merkle.TreeBuilder(size, frontier, runs=True)
+        made = builder.extend(_leaves(size + batch)[size:])
+        assert dict(made) == {i: h for i, h in whole.nodes.items() if i in dict(made)}
+        before, after = (merkle.MemoryTree(_leaves(n)).nodes for n in (size, size + batch))
+        assert set(dict(made)) == set(after) - set(before)
+        for level, first, blob in builder.runs():
+            ids = [merkle.node_id(level, first + k) for k in range(len(blob) // 32)]
+            assert blob == b"".join(whole.nodes[i] for i in ids)
+            assert set(ids) == {i for i in dict(made) if i >> merkle.LEVEL_SHIFT == level}
+        assert builder.root() == whole.root(size + batch)
+        size, frontier = builder.size, builder.frontier()
+        assert frontier == {i: whole.nodes[i] for i in merkle.frontier_ids(size)}
+
+
+def test_leaf_hashes_are_the_leaf_hash_of_each_entry_utf8() -> None:
+    entries = ['{"a":"b"}', '{"subject":"ünïcode \u0000"}', ""]
+    assert merkle.leaf_hashes(entries) == [merkle.leaf_hash(e.encode()) for e in entries]
+
+
 def test_proof_arguments_out_of_range_are_refused() -> None:
     with pytest.raises(ValueError, match="not in a tree"):
         merkle.inclusion_ranges(5, 5)

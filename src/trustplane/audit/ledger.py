@@ -14,6 +14,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import math
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -108,6 +109,8 @@ class _Batch:
     nodes: list[tuple[int, bytes]]
     payloads: list[tuple[int, str, bytes]]
     pending_ids: list[int]
+    #: the new nodes per level, for this process's proof cache (``merkle.TreeBuilder.runs``)
+    runs: list[tuple[int, int, bytes]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,8 +303,8 @@ class Ledger:
                     )
                 break
         seconds = time.perf_counter() - started
-        # committed: they serve this process's proofs (a slice at a time, the loop free between)
-        await self._nodes.remember_committed(batch.nodes, batch.new_size)
+        # committed: they serve this process's proofs (one step per level of the tree)
+        await self._nodes.remember_committed(batch.runs, batch.new_size)
         self._frontier, self._next_frontier = self._next_frontier, None
         count = len(batch.pending_ids)
         self._known_size = max(self._known_size, batch.new_size)
@@ -406,41 +409,34 @@ class Ledger:
             if known is not None and known[0] == size
             else await store.pg_read_nodes(driver, merkle.frontier_ids(size))
         )
-        builder = merkle.TreeBuilder(size, frontier)
+        builder = merkle.TreeBuilder(size, frontier, runs=True)
         nodes: list[tuple[int, bytes]] = []
         ids: list[int] = []
-        moved, flushed, step = 0, 0, store.INSERT_SLICE
-        leaf_hash, nul_escape, nul = merkle.leaf_hash, store.NUL_ESCAPE, False
-        for offset, row in enumerate(rows):
-            if offset and not offset % step:  # the last slice's rows and nodes, one statement
-                first = offset - step
+        moved, step, nul_escape, nul = 0, store.INSERT_SLICE, store.NUL_ESCAPE, False
+        chunk = math.gcd(SLICE, step)  # a turn every SLICE entries, a statement every step
+        for first in range(0, len(rows), chunk):
+            if first and not first % step:  # the last step's rows and nodes, one statement
                 moved += await store.pg_move_slice(
-                    driver, ids[first:], size + first, now, nodes[flushed:], nul=nul
+                    driver, ids[first - step :], size + first - step, now, nodes, nul=nul
                 )
-                flushed, nul = len(nodes), False
-            if offset and not offset % SLICE:
+                nodes, nul = [], False
+            if first and not first % SLICE:
                 await asyncio.sleep(0)  # the loop's turn: the proofs and requests waiting run
-            ids.append(row[0])
-            entry: str = row[1]
-            if "\\" in entry and nul_escape in entry:  # memchr first: a backslash is rare
-                nul = True  # the rare slice the server must parse with care
-            nodes.extend(builder.append(leaf_hash(entry.encode())))
-        first = (len(ids) - 1) // step * step
-        moved += await store.pg_move_slice(
-            driver, ids[first:], size + first, now, nodes[flushed:], nul=nul
-        )
+            part = rows[first : first + chunk]
+            entries: list[str] = [row[1] for row in part]
+            ids += [row[0] for row in part]
+            # memchr for a backslash first (rare): the slice the server must parse with care
+            nul = nul or any(nul_escape in e for e in entries if "\\" in e)
+            nodes += builder.extend(merkle.leaf_hashes(entries))
+        last = (len(ids) - 1) // step * step
+        moved += await store.pg_move_slice(driver, ids[last:], size + last, now, nodes, nul=nul)
         if moved != len(ids):
             raise RuntimeError("pending entries changed under the sequencer lock")
         root, new_size = builder.root(), builder.size
         note = signer.sign(Checkpoint(self.origin, new_size, root).body())
         await store.pg_advance(driver, new_size, root, note, now)
-        edge = set(merkle.frontier_ids(new_size))  # the next batch's frontier, once committed
-        self._next_frontier = (
-            new_size,
-            {i: h for i, h in frontier.items() if i in edge}
-            | {i: h for i, h in nodes if i in edge},
-        )
-        return _Batch(size, new_size, root, note, now, [], nodes, [], ids)
+        self._next_frontier = (new_size, builder.frontier())  # the next batch's, once committed
+        return _Batch(size, new_size, root, note, now, [], [], [], ids, builder.runs())
 
     async def _prepare(
         self, conn: Any, signer: Signer, state: tuple[int, bytes], limit: int
@@ -452,7 +448,7 @@ class Ledger:
         if not rows:
             return None
         frontier = await store.read_nodes(conn, merkle.frontier_ids(size))
-        builder = merkle.TreeBuilder(size, frontier)
+        builder = merkle.TreeBuilder(size, frontier, runs=True)
         leaves, nodes, payloads = [], [], []
         ids = []
         for offset, row in enumerate(rows):
@@ -485,7 +481,7 @@ class Ledger:
             payloads.append((index, payload, salt))
         root, new_size = builder.root(), builder.size
         note = signer.sign(Checkpoint(self.origin, new_size, root).body())
-        return _Batch(size, new_size, root, note, now, leaves, nodes, payloads, ids)
+        return _Batch(size, new_size, root, note, now, leaves, nodes, payloads, ids, builder.runs())
 
     async def integrate_all(self) -> int:
         """Integrate what is pending now: until an integration takes less than a full batch (it took
@@ -658,6 +654,10 @@ class Ledger:
                     continue
                 idle_wait, fresh = False, APPENDED[0] != seen
                 seen, last, early, self._contended = APPENDED[0], now, now + interval, False
+                # this process appended since its last round: the round reads its batch at once,
+                # without asking first whether anything is pending (under load every round, one
+                # statement fewer; if another process took it all, the batch read finds nothing)
+                self._backlog = self._backlog or fresh
                 try:
                     await self.integrate_all()
                 except Exception as exc:  # keep sequencing; the entries stay pending and durable

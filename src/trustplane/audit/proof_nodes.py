@@ -71,8 +71,6 @@ CACHE_BYTES = 128 << 20
 FILL_CHUNK = 16_384
 _MASK = (1 << merkle.LEVEL_SHIFT) - 1
 
-#: Nodes :meth:`ProofNodes.remember_committed` keeps between two turns of the event loop.
-SLICE_NODES = 512
 #: Seconds after a proof during which a sequencer whose batch did not follow the lower levels'
 #: prefixes (another process integrated in between) fills them at once; past it, the next proof
 #: that misses starts the fill (:meth:`ProofNodes.read`).
@@ -137,16 +135,22 @@ class ProofNodes:
                 self._cached[i] = h
                 room -= 1
 
-    async def remember_committed(self, nodes: Sequence[tuple[int, bytes]], size: int) -> None:
-        """:meth:`remember` the nodes a batch of this process's sequencer committed (the tree is
-        now at least ``size``), :data:`SLICE_NODES` at a time with the loop's turn between; if
-        the lower levels' prefixes lag behind ``size`` and a proof was asked in the last
-        :data:`RECENT_PROOF_S` seconds, start filling them."""
-        self._lower.grown(size)
-        for first in range(0, len(nodes), SLICE_NODES):
-            if first:
-                await asyncio.sleep(0)
-            self.remember(nodes[first : first + SLICE_NODES])
+    async def remember_committed(self, runs: Sequence[tuple[int, int, bytes]], size: int) -> None:
+        """Keep the nodes a batch of this process's sequencer committed (the tree is now at least
+        ``size``), given per level (``merkle.TreeBuilder.runs``: level, first index, hashes): a
+        lower level's run extends its prefix in one step if it follows it, the upper nodes are kept
+        while there is room. If the lower levels' prefixes lag behind ``size`` and a proof was
+        asked in the last :data:`RECENT_PROOF_S` seconds, start filling them."""
+        lower = self._lower
+        lower.grown(size)
+        for level, first, blob in runs:
+            if level < MIN_LEVEL:
+                lower.extend(level, first, blob)  # refused if it would leave a gap
+            else:  # few: one node per 2**MIN_LEVEL leaves
+                self.remember(
+                    (merkle.node_id(level, first + k), blob[32 * k : 32 * k + 32])
+                    for k in range(len(blob) // 32)
+                )
         # another process integrated before this batch: fill now if proofs are being asked, else
         # leave it to the next proof that misses (with two workers integrating in turn, an eager
         # fill ran after nearly every batch: about 3 % of a token's server + database CPU, for
