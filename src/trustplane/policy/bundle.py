@@ -17,7 +17,9 @@ Compiling also slices the policies by action (:func:`policies_by_action`): a req
 against all of them. A policy whose scope names other actions only is never satisfied by that request
 (Cedar checks the scope before the conditions, so it cannot raise an error either), so the answer,
 its reasons and its errors are the same; the evaluation costs less (the default bundle: 2 to 8 of its
-21 policies per request). Whatever the slicer does not recognise keeps every policy.
+21 policies per request). Whatever the slicer does not recognise keeps every policy. Each slice
+also gets an attribute plan (:mod:`trustplane.policy.attribute_slice`): a request is sent to Cedar
+with only the attributes the slice's policies can read.
 """
 
 from __future__ import annotations
