@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.policy.conftest import client, order, order_request
+from tests.policy.conftest import NWAM, client, order, order_request
 from trustplane.authzen.model import DecisionRequest, Entity
 from trustplane.policy import engine as engine_module
 from trustplane.policy.attribute_slice import policy_reads
@@ -231,6 +231,13 @@ def test_random_requests_decide_as_the_whole_request_against_the_default_bundle(
     _same_as_whole(default_compiled, batch)
 
 
+def _order_with_account(attrs: dict[str, Any]) -> Entity:
+    """An order whose account (which no order policy reads) is an entity with data."""
+    base = order()
+    account = Entity("Account", "ACC-1", attrs, (NWAM,))
+    return Entity("Order", base.id, {**base.attributes, "account": account})
+
+
 @pytest.mark.parametrize(
     "request_",
     [
@@ -250,8 +257,24 @@ def test_random_requests_decide_as_the_whole_request_against_the_default_bundle(
         order_request(tctx={"amount": {"amount": 1}}),  # a required member missing, unread
         order_request(unknown=1),  # an undeclared context member
         DecisionRequest(client(), "order:create", order(), {"data_region": "eu"}),
+        order_request(
+            resource=_order_with_account({"owner": NWAM})
+        ),  # an entity only the dropped Order.account names
+        order_request(resource=_order_with_account({"owner": "NWAM"})),  # malformed
+        order_request(resource=_order_with_account({})),  # a required attribute missing
     ],
-    ids=["plain", "mandate", "wrong-type", "unwritable", "missing-member", "undeclared", "missing"],
+    ids=[
+        "plain",
+        "mandate",
+        "wrong-type",
+        "unwritable",
+        "missing-member",
+        "undeclared",
+        "missing",
+        "unreached-entity",
+        "unreached-malformed",
+        "unreached-incomplete",
+    ],
 )
 def test_chosen_requests_decide_as_the_whole_request(
     default_compiled: CompiledBundle, request_: DecisionRequest
@@ -272,7 +295,7 @@ def test_cedar_gets_only_what_the_order_policies_read(
     monkeypatch.setattr(engine_module, "authorize_batch", spy)
     engine = PolicyEngine(issuer="x", served_regions=("eu",), observe=False)
     engine.activate(default_compiled)
-    request = order_request(tctx={"type": "order"})
+    request = order_request(tctx={"type": "order"}, resource=_order_with_account({"owner": NWAM}))
     [(decision, record)] = engine.evaluate([request])
     assert decision.allowed
     [(context, docs)] = seen
@@ -282,6 +305,7 @@ def test_cedar_gets_only_what_the_order_policies_read(
     attrs = {d["uid"]["type"]: d["attrs"] for d in docs}
     assert set(attrs["Client"]) == {"legal_entity"}  # scopes: no order policy reads them
     assert set(attrs["Order"]) == {"owner", "instrument"}
+    assert attrs["Account"] == {"owner": {"__entity": {"type": "LegalEntity", "id": NWAM.id}}}
     assert all(
         d["parents"] == [{"type": "LegalEntity", "id": client().attributes["legal_entity"].id}]
         for d in docs
