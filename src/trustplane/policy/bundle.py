@@ -17,7 +17,9 @@ Compiling also slices the policies by action (:func:`policies_by_action`): a req
 against all of them. A policy whose scope names other actions only is never satisfied by that request
 (Cedar checks the scope before the conditions, so it cannot raise an error either), so the answer,
 its reasons and its errors are the same; the evaluation costs less (the default bundle: 2 to 8 of its
-21 policies per request). Whatever the slicer does not recognise keeps every policy.
+21 policies per request). Whatever the slicer does not recognise keeps every policy. Each slice
+also gets an attribute plan (:mod:`trustplane.policy.attribute_slice`): a request is sent to Cedar
+with only the attributes the slice's policies can read.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from importlib import resources as pkg_resources
 from pathlib import Path
 
 import cedarpy
+
+from trustplane.policy.attribute_slice import AttributePlan, attribute_plans
 
 SCHEMA_FILE = "schema.cedarschema"
 TEST_SUFFIXES = (".yaml", ".yml", ".json")
@@ -81,6 +85,9 @@ class CompiledBundle:
     #: the policies each action of the schema can match (:func:`policies_by_action`); an action
     #: not in it is evaluated against ``policies``
     by_action: Mapping[str, cedarpy.PolicySet] = field(default_factory=dict)
+    #: per action, its slice's attribute plan (:mod:`trustplane.policy.attribute_slice`): what
+    #: Cedar is sent of a request; an action not in it is sent whole
+    plans: Mapping[str, AttributePlan] = field(default_factory=dict)
 
     def policies_for(self, action: str) -> cedarpy.PolicySet:
         return self.by_action.get(action, self.policies)
@@ -150,7 +157,8 @@ def compile_bundle(source: BundleSource) -> CompiledBundle:
         raise BundleError(problems)
     policies = cedarpy.PolicySet.from_str(source.policy_text)
     by_action = policies_by_action(schema, source.policy_text)
-    return CompiledBundle(source, source.version, policies, schema, tuple(ids), by_action)
+    plans = plans_by_action(schema, source.policy_text)
+    return CompiledBundle(source, source.version, policies, schema, tuple(ids), by_action, plans)
 
 
 # One action declaration as Cedar renders a parsed schema (``str(cedarpy.Schema)``): one per line,
@@ -210,22 +218,38 @@ def _scope_may_match(scope: Mapping[str, object], action: str, groups: frozenset
     return action in ids or not groups.isdisjoint(i for i in ids if isinstance(i, str))
 
 
+def _slices(
+    schema: cedarpy.Schema, policy_text: str
+) -> tuple[dict[str, object], dict[str, tuple[str, ...]]] | None:
+    """The static policies (Cedar's JSON format) and, for each action of the schema, the ids of
+    those whose action scope can match it; None when the schema is not read
+    (:func:`action_ancestors`) or the bundle has templates."""
+    ancestors = action_ancestors(schema)
+    if not ancestors:
+        return None
+    parsed = json.loads(cedarpy.policies_to_json_str(policy_text))
+    static = parsed.get("staticPolicies")
+    if not isinstance(static, dict) or parsed.get("templates") or parsed.get("templateLinks"):
+        return None
+    slices = {
+        action: tuple(k for k, p in static.items() if _scope_may_match(p["action"], action, groups))
+        for action, groups in ancestors.items()
+    }
+    return static, slices
+
+
 def policies_by_action(schema: cedarpy.Schema, policy_text: str) -> dict[str, cedarpy.PolicySet]:
     """For each action of the schema, the policies whose action scope can match it, as one handle
     (actions with the same policies share it). Empty (no slicing: every request is evaluated
     against every policy) when the schema is not read (:func:`action_ancestors`) or the bundle has
     templates."""
-    ancestors = action_ancestors(schema)
-    if not ancestors:
+    found = _slices(schema, policy_text)
+    if found is None:
         return {}
-    parsed = json.loads(cedarpy.policies_to_json_str(policy_text))
-    static = parsed.get("staticPolicies")
-    if not isinstance(static, dict) or parsed.get("templates") or parsed.get("templateLinks"):
-        return {}
+    static, slices = found
     handles: dict[tuple[str, ...], cedarpy.PolicySet] = {}
     out: dict[str, cedarpy.PolicySet] = {}
-    for action, groups in ancestors.items():
-        keep = tuple(k for k, p in static.items() if _scope_may_match(p["action"], action, groups))
+    for action, keep in slices.items():
         if keep not in handles:
             subset = {"staticPolicies": {k: static[k] for k in keep}, "templates": {}}
             handles[keep] = cedarpy.PolicySet.from_json_str(
@@ -233,6 +257,17 @@ def policies_by_action(schema: cedarpy.Schema, policy_text: str) -> dict[str, ce
             )
         out[action] = handles[keep]
     return out
+
+
+def plans_by_action(schema: cedarpy.Schema, policy_text: str) -> dict[str, AttributePlan]:
+    """For each action whose slice can be sliced by attribute, its plan (actions with the same
+    policies share it); empty when the policies are not sliced by action."""
+    found = _slices(schema, policy_text)
+    if found is None:
+        return {}
+    static, slices = found
+    plans = attribute_plans(schema, static, slices)
+    return {a: plan for a, keep in slices.items() if (plan := plans.get(keep)) is not None}
 
 
 def _check_file(name: str, text: str, schema: cedarpy.Schema, ids: list[str]) -> list[str]:

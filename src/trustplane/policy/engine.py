@@ -25,6 +25,7 @@ import structlog
 from trustplane import metrics
 from trustplane.audit_events import AuditEvent, AuditEventType, new_event_id
 from trustplane.authzen.model import Decision, DecisionRequest, Entity, FailReason
+from trustplane.policy.attribute_slice import AttributePlan
 from trustplane.policy.bundle import CompiledBundle
 from trustplane.policy.recorder import DecisionRecord, DecisionRecorder
 
@@ -304,14 +305,54 @@ def _evaluate_one(bundle: CompiledBundle | None, cedar: CedarInput) -> Outcome:
     if bundle is None:
         return failed(FailReason.NO_ACTIVE_BUNDLE)
     request = cedar.request
-    # The context goes to Cedar as JSON text: orjson here instead of cedarpy's json.dumps.
-    as_json = {**request, "context": orjson.dumps(request["context"]).decode()}
-    entities = orjson.dumps(list(cedar.entities.values())).decode()
+    return _authorize(bundle, request["action"]["id"], [request], list(cedar.entities.values()))[0]
+
+
+def _authorize(
+    bundle: CompiledBundle,
+    action: str,
+    requests: list[dict[str, Any]],
+    entities: list[dict[str, Any]],
+) -> list[Outcome]:
+    """Cedar's outcomes for requests of one action over one entity set: sent with only the
+    attributes the action's policies can read when the bundle has a plan for it and the sliced
+    evaluation ends without an error (:mod:`trustplane.policy.attribute_slice`), else whole."""
+    plan = bundle.plans.get(action)
+    if plan is not None:
+        sliced = _sliced(plan, action, requests, entities)
+        if sliced is not None:
+            return sliced
     try:
-        policies = bundle.policies_for(request["action"]["id"])
-        return authorize_batch([as_json], policies, entities, bundle.schema)[0]
+        # The context goes to Cedar as JSON text: orjson here instead of cedarpy's json.dumps.
+        whole = [_with_json_context(r) for r in requests]
+        entities_json = orjson.dumps(entities).decode()
+        return authorize_batch(whole, bundle.policies_for(action), entities_json, bundle.schema)
     except Exception as exc:  # the engine must never turn an error into an allow
-        return failed(FailReason.ENGINE_ERROR, repr(exc))
+        return [failed(FailReason.ENGINE_ERROR, repr(exc))] * len(requests)
+
+
+def _sliced(
+    plan: AttributePlan,
+    action: str,
+    requests: list[dict[str, Any]],
+    entities: list[dict[str, Any]],
+) -> list[Outcome] | None:
+    """The outcomes with only what the policies read sent; None when a value left out is not
+    certainly valid, or any outcome is an error (the caller then sends the requests whole, so an
+    error is always the whole request's)."""
+    try:
+        docs = plan.entity_docs(entities)
+        contexts = [plan.context(action, r["context"]) for r in requests]
+        if docs is None or any(c is None for c in contexts):
+            return None
+        batch = [
+            {**r, "context": orjson.dumps(c).decode()}
+            for r, c in zip(requests, contexts, strict=True)
+        ]
+        outcomes = authorize_batch(batch, plan.policies, orjson.dumps(docs).decode(), plan.schema)
+    except Exception:  # whatever it is, the whole request meets it again
+        return None
+    return None if any(o.failure is not None for o in outcomes) else outcomes
 
 
 def _by_action(
@@ -339,16 +380,9 @@ def evaluate_inputs(
     else:
         groups = group_by_entities(inputs)
     for indices, entities in groups:
-        entities_json = orjson.dumps(entities).decode()
         for action, members in _by_action(inputs, indices):
-            # The context goes to Cedar as JSON text: orjson here instead of cedarpy's json.dumps.
-            requests = [_with_json_context(_present(inputs[i]).request) for i in members]
-            try:
-                batch = authorize_batch(
-                    requests, bundle.policies_for(action), entities_json, bundle.schema
-                )
-            except Exception as exc:  # the engine must never turn an error into an allow
-                batch = [failed(FailReason.ENGINE_ERROR, repr(exc))] * len(members)
+            requests = [_present(inputs[i]).request for i in members]
+            batch = _authorize(bundle, action, requests, entities)
             for i, outcome in zip(members, batch, strict=True):
                 outcomes[i] = outcome
     return outcomes
