@@ -582,6 +582,51 @@ async def test_a_status_or_body_the_caller_cannot_use(
         assert await outcome_of(dev(), server.url) == outcome
 
 
+def _check_through_httpx(status: int, raw: list[tuple[bytes, bytes]], cap: int) -> None:
+    """The head checks as they were written on ``httpx.Headers`` (built twice per request)."""
+    headers = httpx.Headers(raw)
+    if 300 <= status < 400:
+        raise OutboundRefused("redirect", f"answered HTTP {status}: redirects are not followed")
+    encoding = headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise OutboundRefused("invalid", f"a {encoding}-encoded body is not accepted")
+    declared = headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > cap:
+        raise OutboundRefused("too_large", f"larger than {cap} bytes")
+
+
+@pytest.mark.parametrize(
+    ("status", "raw"),
+    [
+        (200, []),
+        (200, [(b"Content-Length", b"10")]),
+        (200, [(b"content-length", b"100")]),
+        (200, [(b"content-length", b"100 ")]),
+        (200, [(b"content-length", b"10"), (b"Content-Length", b"10")]),
+        (200, [(b"content-encoding", b"gzip")]),
+        (200, [(b"Content-Encoding", b" Identity\t")]),
+        (200, [(b"content-encoding", b"identity"), (b"CONTENT-ENCODING", b"identity")]),
+        (200, [(b"content-encoding", b"")]),
+        (200, [(b"content-encoding", b"identity\xc2\x85")]),  # UTF-8: NEL, stripped as space
+        (200, [(b"content-encoding", b"identity\xa0"), (b"x", b"\xff")]),  # Latin-1: NBSP
+        (200, [(b"content-encoding", b"br\xe9")]),
+        (200, [(b"content-length", b"\xd9\xa1\xd9\xa0\xd9\xa0")]),  # Arabic-Indic "100"
+        (301, [(b"location", b"https://elsewhere.example/")]),
+    ],
+)
+def test_the_head_checks_read_the_fields_as_httpx_headers_did(
+    status: int, raw: list[tuple[bytes, bytes]]
+) -> None:
+    def outcome(check: Callable[[int, list[tuple[bytes, bytes]], int], None]) -> Any:
+        try:
+            check(status, raw, 64)
+        except OutboundRefused as exc:
+            return exc.outcome, exc.reason
+        return None
+
+    assert outcome(fetcher_module._check_answer) == outcome(_check_through_httpx)
+
+
 # --------------------------------------------------------------------------- rate limit, signals
 
 

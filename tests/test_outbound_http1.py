@@ -8,10 +8,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+import httpcore
 import pytest
 
 from trustplane.outbound import OutboundError, OutboundFetcher, OutboundPolicy, OutboundRefused
+from trustplane.outbound.connection import AsyncioBackend, GuardedBackend
 from trustplane.outbound.http1 import request_head
 
 
@@ -242,3 +245,158 @@ async def test_idle_connections_past_their_expiry_are_closed(
     assert idle == [second]
     assert server.connections == 2
     await client.aclose()
+
+
+# --------------------------------------------------------------------------- one timer per request
+# The client bounds a request with one timer (http1.Deadline), moved from phase to phase; each
+# test below fails on a timer that is not moved where it must be.
+
+
+@pytest.fixture
+async def paced() -> AsyncIterator[Callable[..., Awaitable[Scripted]]]:
+    """A server that answers each request with ``pieces``, sleeping ``gap`` seconds before each."""
+    servers: list[asyncio.Server] = []
+
+    async def start(pieces: list[bytes], gap: float) -> Scripted:
+        state = Scripted([b"".join(pieces)])
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            state.connections += 1
+            try:
+                while True:
+                    state.requests.append(await reader.readuntil(b"\r\n\r\n"))
+                    for piece in pieces:
+                        await asyncio.sleep(gap)
+                        writer.write(piece)
+                        await writer.drain()
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        servers.append(server)
+        state.port = server.sockets[0].getsockname()[1]
+        return state
+
+    yield start
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+def _failure(policy: OutboundPolicy, **kw: Any) -> Callable[[str], Awaitable[tuple[str, str]]]:
+    async def fetch(url: str) -> tuple[str, str]:
+        client = OutboundFetcher(policy, **kw)
+        try:
+            await client.get_json(url, purpose="t")
+        except OutboundError as exc:
+            return exc.outcome, exc.reason
+        finally:
+            await client.aclose()
+        return "ok", ""
+
+    return fetch
+
+
+async def test_the_read_timeout_bounds_each_read_not_the_whole_answer(
+    paced: Callable[..., Awaitable[Scripted]],
+) -> None:
+    """The answer in 5-byte pieces 0.1 s apart (0.8 s in all) under a 0.4 s read timeout: every
+    read is quick, and the total (10 s) is far."""
+    pieces = [OK[i : i + 5] for i in range(0, len(OK), 5)]
+    assert len(pieces) == 8
+    server = await paced(pieces, 0.1)
+    policy = OutboundPolicy.development(read_timeout=0.4, total_timeout=10.0)
+    assert await _failure(policy)(server.url) == ("ok", "")
+
+
+async def test_the_read_timeout_and_the_total_each_name_themselves(
+    paced: Callable[..., Awaitable[Scripted]],
+) -> None:
+    slow = await paced([OK], 5.0)
+    read = OutboundPolicy.development(read_timeout=0.2, total_timeout=10.0)
+    assert await _failure(read)(slow.url) == ("timeout", "ReadTimeout")
+    total = OutboundPolicy.development(read_timeout=5.0, total_timeout=0.2)
+    assert await _failure(total)(slow.url) == ("timeout", "no answer in time")
+    # each piece within the read timeout, the whole past the total
+    trickle = await paced([OK[i : i + 1] for i in range(len(OK))], 0.05)
+    both = OutboundPolicy.development(read_timeout=0.3, total_timeout=0.5)
+    assert await _failure(both)(trickle.url) == ("timeout", "no answer in time")
+
+
+class _SlowConnect(AsyncioBackend):
+    """Connects after ``delay`` seconds, or raises ``ConnectTimeout`` when its timeout is shorter."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+        *args: Any,
+        **kw: Any,
+    ) -> httpcore.AsyncNetworkStream:
+        if timeout is not None and timeout < self.delay:
+            await asyncio.sleep(timeout)
+            raise httpcore.ConnectTimeout("connect timed out")
+        await asyncio.sleep(self.delay)
+        return await super().connect_tcp(host, port, timeout, *args, **kw)
+
+
+class _HangingResolver:
+    async def __call__(self, host: str, port: int) -> list[str]:
+        await asyncio.Event().wait()
+        return []
+
+
+async def test_a_connect_longer_than_the_read_timeout_is_not_a_read_timeout(
+    scripted: Callable[..., Awaitable[Scripted]],
+) -> None:
+    """The connect runs under its own timeout (and the total), not the read's."""
+    server = await scripted([OK])
+    policy = OutboundPolicy.development(read_timeout=0.1, connect_timeout=3.0)
+    backend = GuardedBackend(allow_loopback=True, inner=_SlowConnect(0.4))
+    assert await _failure(policy, backend=backend)(server.url) == ("ok", "")
+
+
+async def test_a_connect_timeout_names_itself() -> None:
+    """A name that does not resolve in time: ``ConnectTimeout``, even with a shorter read
+    timeout and a longer total."""
+    policy = OutboundPolicy(read_timeout=0.05, connect_timeout=0.3, total_timeout=10.0)
+    backend = GuardedBackend(_HangingResolver())
+    fetch = _failure(policy, backend=backend)
+    assert await fetch("https://pdp.partner.test/evaluation") == ("timeout", "ConnectTimeout")
+
+
+async def test_the_wait_for_a_free_connection_is_bounded_by_the_connect_timeout(
+    paced: Callable[..., Awaitable[Scripted]],
+) -> None:
+    """One connection allowed; the first request holds it 1 s (the server's pause), and the
+    second, sent 0.05 s later, waits for it under the connect timeout, then reads under the read
+    timeout (1.5 s): its wait and its read together (about 2 s) are not one read."""
+    server = await paced([OK], 1.0)
+
+    async def two(connect_timeout: float) -> list[tuple[str, str]]:
+        policy = OutboundPolicy.development(read_timeout=1.5, connect_timeout=connect_timeout)
+        client = OutboundFetcher(policy)
+        assert client._http1 is not None
+        client._http1._slots = asyncio.Semaphore(1)
+        outcomes: list[tuple[str, str]] = []
+
+        async def one(delay: float) -> None:
+            await asyncio.sleep(delay)
+            try:
+                await client.get_json(server.url, purpose="t")
+                outcomes.append(("ok", ""))
+            except OutboundError as exc:
+                outcomes.append((exc.outcome, exc.reason))
+
+        await asyncio.gather(one(0.0), one(0.05))
+        await client.aclose()
+        return outcomes
+
+    assert await two(3.0) == [("ok", ""), ("ok", "")]
+    assert await two(0.3) == [("timeout", "PoolTimeout"), ("ok", "")]

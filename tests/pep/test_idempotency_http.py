@@ -31,7 +31,8 @@ from trustplane.pep import (
     TrustedIssuer,
 )
 from trustplane.pep.http import Pep
-from trustplane.pep.idempotency_http import IdempotentOperation
+from trustplane.pep.idempotency import fingerprint
+from trustplane.pep.idempotency_http import IdempotentOperation, request_path
 
 pytestmark = pytest.mark.e2e
 KEY = '"8e03978e-40d5-43e8-bc93-6894a57f9324"'
@@ -253,3 +254,48 @@ async def test_a_tuple_result_and_a_raw_body(live: Live) -> None:
     assert (retry.status_code, retry.json()) == (200, {"ok": 1})
     assert retry.headers["idempotency-replayed"] == "true"
     assert_problem(other_path, KeyReusedError)
+
+
+# --------------------------------------------------------------------------- the fingerprint's path
+
+PATHS = [
+    "/settlements",
+    "/trades/T-1/confirm",
+    "/a b/é/\u65e5/\udcff",  # decoded bytes, non-ASCII, a lone surrogate (undecodable bytes)
+    "/a%3Fb;c=d:e@f!$&'()*+,",
+    "/a?b",
+    "/a#b",
+    "/a\\b",
+    "/a\tb/c\r\nd",
+    "//double",
+    "/",
+    "",
+    "relative",
+]
+HOSTS: list[tuple[list[tuple[bytes, bytes]], tuple[str, int] | None]] = [
+    ([(b"host", b"svc.example:8443")], None),
+    ([], ("127.0.0.1", 8000)),
+    ([], ("::1", 443)),
+    ([], None),  # no host at all: Starlette's URL is the path alone
+    ([(b"host", b"not a host/")], ("10.0.0.1", 80)),  # an invalid Host: the server's address
+]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(("headers", "server"), HOSTS)
+def test_the_fingerprint_path_is_starlettes_url_path(
+    path: str, headers: list[tuple[bytes, bytes]], server: tuple[str, int] | None
+) -> None:
+    """The fingerprint hashes ``request.url.path`` as it always did; ``request_path`` skips
+    building the URL only where the answer is the same (same fingerprint bytes for the same
+    request: a key stored before the change still matches its retry)."""
+    scope = {
+        "type": "http", "method": "POST", "scheme": "https", "path": path, "query_string": b"x=1",
+        "headers": headers, "server": server, "root_path": "",
+    }  # fmt: skip
+    expected = Request(scope).url.path
+    assert request_path(Request(scope)) == expected
+    body = b'{"trade": "T-1"}'
+    assert fingerprint("POST", request_path(Request(scope)), body) == fingerprint(
+        "POST", expected, body
+    )

@@ -201,8 +201,13 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader, self._writer = reader, writer
 
+    # ``timeout`` None: no timer of its own (the fetcher's HTTP/1.1 client bounds the request
+    # with one timer: trustplane.outbound.http1.Deadline); ``asyncio.timeout(None)`` still costs.
+
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
         try:
+            if timeout is None:
+                return await self._reader.read(max_bytes)
             async with asyncio.timeout(timeout):
                 return await self._reader.read(max_bytes)
         except TimeoutError:
@@ -215,6 +220,9 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
             return
         try:
             self._writer.write(buffer)
+            if timeout is None:
+                await self._writer.drain()
+                return
             async with asyncio.timeout(timeout):
                 await self._writer.drain()
         except TimeoutError:

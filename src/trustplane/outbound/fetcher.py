@@ -26,7 +26,7 @@ import asyncio
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlencode, urlsplit
@@ -142,13 +142,23 @@ class Checked:
     origin: tuple[bytes, str, int]
 
 
+#: An answer's header fields as received: (name, value) pairs, in order.
+RawHeaders = Sequence[tuple[bytes, bytes]]
+
+
 @dataclass(frozen=True, slots=True)
 class Fetched:
     """A complete answer (never a redirect), its body within the size cap."""
 
     status: int
-    headers: httpx.Headers
+    raw_headers: RawHeaders
     body: bytes
+
+    @property
+    def headers(self) -> httpx.Headers:
+        """The header fields as ``httpx.Headers`` (built when asked: no caller on the request
+        path needs them)."""
+        return httpx.Headers(self.raw_headers)
 
     def json(self) -> Any:
         try:
@@ -157,16 +167,35 @@ class Fetched:
             raise OutboundError("invalid", "not JSON") from None
 
 
-def _check_answer(status: int, headers: httpx.Headers, cap: int) -> None:
+def _check_answer(status: int, raw: RawHeaders, cap: int) -> None:
     """Refuse a redirect, a compressed body, a declared length above ``cap``, before reading."""
     if 300 <= status < 400:
         raise OutboundRefused("redirect", f"answered HTTP {status}: redirects are not followed")
-    encoding = headers.get("content-encoding", "identity").strip().lower()
-    if encoding != "identity":
-        raise OutboundRefused("invalid", f"a {encoding}-encoded body is not accepted")
-    declared = headers.get("content-length", "")
+    encodings, lengths = [], []
+    for name, value in raw:
+        key = name.lower()
+        if key == b"content-length":
+            lengths.append(value)
+        elif key == b"content-encoding":
+            encodings.append(value)
+    if encodings:
+        encoding = _joined(encodings, raw, "content-encoding").strip().lower()
+        if encoding != "identity":
+            raise OutboundRefused("invalid", f"a {encoding}-encoded body is not accepted")
+    declared = _joined(lengths, raw, "content-length") if lengths else ""
     if declared.isdigit() and int(declared) > cap:
         raise OutboundRefused("too_large", f"larger than {cap} bytes")
+
+
+def _joined(values: list[bytes], raw: RawHeaders, name: str) -> str:
+    """What ``httpx.Headers(raw)[name]`` reads for a field present ``values`` times: the values
+    joined with ", ". The ``Headers`` are built only for a value that is not ASCII (httpx then
+    picks the decoding from all the fields)."""
+    joined = b", ".join(values)
+    if joined.isascii():
+        return joined.decode("ascii")
+    value: str = httpx.Headers(raw)[name]
+    return value
 
 
 class OutboundFetcher:
@@ -242,9 +271,10 @@ class OutboundFetcher:
         return await self._counted(purpose, url, work)
 
     async def _counted(self, purpose: str, url: str, work: Awaitable[T]) -> T:
+        """``work``'s result, counted; its failures counted, logged and mapped to outcomes. The
+        total timeout is ``work``'s (:meth:`_request`): :class:`TimeoutError` when it passed."""
         try:
-            async with asyncio.timeout(self.policy.total_timeout):
-                result = await work
+            result = await work
         except TimeoutError:
             raise self._failed(
                 purpose, url, OutboundError("timeout", "no answer in time")
@@ -291,18 +321,20 @@ class OutboundFetcher:
             raise OutboundRefused("rate_limited", f"more than the per-host rate to {host}")
         cap = max_bytes or self.policy.max_bytes
         if self._http1 is not None and method in ("GET", "POST"):
+            # the total is on the client's one timer per request (http1.Deadline)
             return await self._send_http1(method, checked, headers, content, data, cap)
-        if self._pool is not None:
-            return await self._send_core(method, target, core_url, headers, content, data, cap)
-        request = httpx.Request(
-            method,
-            target,
-            headers={**DEFAULT_HEADERS, **(headers or {}), "Accept-Encoding": "identity"},
-            content=content,
-            data=data,
-            extensions={"timeout": self._timeouts},
-        )
-        return await self._send(request, cap)
+        async with asyncio.timeout(self.policy.total_timeout):
+            if self._pool is not None:
+                return await self._send_core(method, target, core_url, headers, content, data, cap)
+            request = httpx.Request(
+                method,
+                target,
+                headers={**DEFAULT_HEADERS, **(headers or {}), "Accept-Encoding": "identity"},
+                content=content,
+                data=data,
+                extensions={"timeout": self._timeouts},
+            )
+            return await self._send(request, cap)
 
     def _checked_url(self, url: str) -> Checked:
         """:meth:`_check_url`'s answer for a URL that passed, remembered (it depends on the URL and
@@ -370,15 +402,16 @@ class OutboundFetcher:
                 checked.origin,
                 head + content if content else head,
                 cap=cap,
-                check=lambda status, raw: _check_answer(status, httpx.Headers(raw), cap),
+                check=lambda status, raw: _check_answer(status, raw, cap),
                 connect_timeout=self.policy.connect_timeout,
                 read_timeout=self.policy.read_timeout,
+                total_timeout=self.policy.total_timeout,
             )
         except httpcore.TimeoutException as exc:
             raise OutboundError("timeout", type(exc).__name__) from None
         except HTTPCORE_ERRORS as exc:
             raise OutboundError("error", f"{type(exc).__name__}: {exc}") from None
-        return Fetched(status, httpx.Headers(raw), body)
+        return Fetched(status, raw, body)
 
     async def _send_core(
         self,
@@ -412,8 +445,7 @@ class OutboundFetcher:
         try:
             response = await self._pool.handle_async_request(request)
             try:
-                status = response.status
-                answer = httpx.Headers(response.headers)
+                status, answer = response.status, response.headers
                 _check_answer(status, answer, cap)
                 body = b""
                 async for chunk in response.aiter_stream():  # identity only: the raw bytes
@@ -433,13 +465,14 @@ class OutboundFetcher:
         stream = response.stream
         assert isinstance(stream, httpx.AsyncByteStream)
         try:
-            _check_answer(response.status_code, response.headers, cap)
+            raw = response.headers.raw
+            _check_answer(response.status_code, raw, cap)
             body = b""
             async for chunk in stream:  # identity only: the raw bytes
                 body += chunk
                 if len(body) > cap:
                     raise OutboundRefused("too_large", f"larger than {cap} bytes")
-            return Fetched(response.status_code, response.headers, body)
+            return Fetched(response.status_code, raw, body)
         finally:
             await stream.aclose()
 

@@ -16,6 +16,7 @@ first request must not get it.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -40,6 +41,20 @@ PROBLEM = "application/problem+json"
 HandlerResult = Response | tuple[int, Any]
 Handler = Callable[[], HandlerResult | Awaitable[HandlerResult]]
 TransactionHandler = Callable[[InTransaction], Awaitable[Response]]
+#: What Starlette's ``request.url`` changes in a path: it escapes ``?``, ``#`` and ``\``, and the
+#: ``urlsplit`` that reads its path back drops tab, CR and LF.
+_REWRITTEN = re.compile(r"[?#\\\t\r\n]")
+
+
+def request_path(request: Request) -> str:
+    """``request.url.path``, the path a key's fingerprint has always hashed, without building the
+    URL (a ``urlunsplit`` and a ``urlsplit`` per request) when it is the ASGI path as is: one that
+    starts with a single ``/`` (without a host, ``//`` is rewritten) and has none of the
+    characters the URL rewrites."""
+    path: str = request.scope["path"]
+    if path[:1] == "/" and path[1:2] != "/" and _REWRITTEN.search(path) is None:
+        return path
+    return request.url.path
 
 
 def problem_response(error: IdempotencyError) -> Response:
@@ -74,7 +89,7 @@ class IdempotentOperation:
         is the authenticated caller (its ``client_id``). ``handler`` returns a Starlette
         ``Response`` or ``(status, json_body)``; if it raises, the claim is released and the
         exception propagates, so a retry executes again."""
-        payload = fingerprint(request.method, request.url.path, await request.body())
+        payload = fingerprint(request.method, request_path(request), await request.body())
         try:
             outcome = await self.service.begin(
                 f"{self.operation} {scope}", request.headers.getlist(HEADER), payload
@@ -104,7 +119,7 @@ class IdempotentOperation:
         did not store (a refusal decided before it), which is stored here, or replaced by the
         holder's answer if the key is held by then. A concurrent request with the same key runs
         the handler too, up to its transaction, where one of them wins the key."""
-        payload = fingerprint(request.method, request.url.path, await request.body())
+        payload = fingerprint(request.method, request_path(request), await request.body())
         try:
             pending = self.service.in_transaction(
                 f"{self.operation} {scope}", request.headers.getlist(HEADER), payload
