@@ -204,12 +204,23 @@ async def test_token_outside_the_header_is_refused(
     assert harness.handled == []
 
 
-async def test_token_in_query_is_refused_even_with_a_valid_header(harness: Harness) -> None:
+@pytest.mark.parametrize(
+    "query",
+    ["access_token={t}", "a=1&access_token={t}", "access%5Ftoken={t}", "%61ccess_token={t}"],
+)
+async def test_token_in_query_is_refused_even_with_a_valid_header(
+    harness: Harness, query: str
+) -> None:
+    """RFC 6750 §2.3: refused however the field's name is spelled (the check reads the raw query
+    first and parses it only if the name could be in it, spelled out or percent-encoded)."""
     token = harness.issuer.token()
-    response = await harness.order(token, params={"access_token": token})
+    response = await harness.client.post(
+        f"/orders?{query.format(t=token)}", json={}, headers={"authorization": f"Bearer {token}"}
+    )
 
     assert response.status_code == 400
     assert response.json()["error"] == "invalid_request"
+    assert harness.handled == []
 
 
 @pytest.mark.parametrize(

@@ -209,7 +209,13 @@ def _dpop_request(binding: DpopBinding | None, request: Request) -> DpopRequest 
 async def _token_elsewhere(request: Request) -> bool:
     """RFC 6750 §2.2/§2.3 methods, which this PEP refuses: an ``access_token`` query parameter, or
     an ``access_token`` field in a form-encoded body."""
-    if "access_token" in request.query_params:
+    query: bytes = request.scope.get("query_string", b"")
+    # parsed only if it could name the field: spelled out, or percent-encoded (``access%5Ftoken``)
+    if (
+        query
+        and (b"access_token" in query or b"%" in query)
+        and "access_token" in request.query_params
+    ):
         return True
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != FORM:
         return False
