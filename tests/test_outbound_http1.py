@@ -34,9 +34,32 @@ class Scripted:
         return f"http://127.0.0.1:{self.port}/doc"
 
 
+class _Servers:
+    """The loopback servers a fixture started: each on a free port (set on its state), all closed
+    at the end of the test."""
+
+    def __init__(self) -> None:
+        self._servers: list[asyncio.Server] = []
+
+    async def listen(
+        self,
+        state: Scripted,
+        handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    ) -> Scripted:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        self._servers.append(server)
+        state.port = server.sockets[0].getsockname()[1]
+        return state
+
+    async def close(self) -> None:
+        for server in self._servers:
+            server.close()
+            await server.wait_closed()
+
+
 @pytest.fixture
 async def scripted() -> AsyncIterator[Callable[..., Awaitable[Scripted]]]:
-    servers: list[asyncio.Server] = []
+    servers = _Servers()
 
     async def start(answers: list[bytes], close_after: set[int] | None = None) -> Scripted:
         state = Scripted(answers, close_after or set())
@@ -56,15 +79,10 @@ async def scripted() -> AsyncIterator[Callable[..., Awaitable[Scripted]]]:
             finally:
                 writer.close()
 
-        server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        servers.append(server)
-        state.port = server.sockets[0].getsockname()[1]
-        return state
+        return await servers.listen(state, handle)
 
     yield start
-    for server in servers:
-        server.close()
-        await server.wait_closed()
+    await servers.close()
 
 
 def fetcher() -> OutboundFetcher:
@@ -255,7 +273,7 @@ async def test_idle_connections_past_their_expiry_are_closed(
 @pytest.fixture
 async def paced() -> AsyncIterator[Callable[..., Awaitable[Scripted]]]:
     """A server that answers each request with ``pieces``, sleeping ``gap`` seconds before each."""
-    servers: list[asyncio.Server] = []
+    servers = _Servers()
 
     async def start(pieces: list[bytes], gap: float) -> Scripted:
         state = Scripted([b"".join(pieces)])
@@ -274,15 +292,10 @@ async def paced() -> AsyncIterator[Callable[..., Awaitable[Scripted]]]:
             finally:
                 writer.close()
 
-        server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        servers.append(server)
-        state.port = server.sockets[0].getsockname()[1]
-        return state
+        return await servers.listen(state, handle)
 
     yield start
-    for server in servers:
-        server.close()
-        await server.wait_closed()
+    await servers.close()
 
 
 def _failure(policy: OutboundPolicy, **kw: Any) -> Callable[[str], Awaitable[tuple[str, str]]]:
