@@ -194,7 +194,10 @@ inbox = Table(
     Column("type", String(64), nullable=False),
     Column("trade_id", String(64), nullable=False),
     Column("transition", String(64), nullable=False),
-    Column("jws", Text, nullable=False),
+    # the signed event; on PostgreSQL a store that serves no feed (an owner's) keeps it only while
+    # the event waits for its predecessor (its retry reads it): None once applied on arrival
+    # (:func:`_free_inbox_jws`)
+    Column("jws", Text),
     Column("received_at", BigInteger, nullable=False),
     # None: its predecessor has not been learned yet (kept, applied when it is)
     Column("applied_at", BigInteger),
@@ -618,6 +621,13 @@ class TradeStore:
         self._marked = 0
 
     @property
+    def feeds(self) -> bool:
+        """Whether this store serves the events feed (``GET /events``, :meth:`feed_after`): the
+        reporting store, or one shared by all services. Only such a store keys its inbox by
+        ``seq`` and, on PostgreSQL, keeps the signed event of every learned event."""
+        return self.service in (None, machine.REPORTING)
+
+    @property
     def signer(self) -> EventSigner:
         if self._signer is None:
             raise NotOwned(self.service or "", "any event")
@@ -737,7 +747,8 @@ class TradeStore:
                 await conn.run_sync(_add_ledger_column)
                 await conn.run_sync(_upgrade_indexes, self.service in (None, machine.SETTLEMENT))
                 if conn.dialect.name == "postgresql":
-                    await conn.run_sync(_key_inbox, self.service in (None, machine.REPORTING))
+                    await conn.run_sync(_key_inbox, self.feeds)
+                    await conn.run_sync(_free_inbox_jws)
                 if conn.dialect.name == "postgresql":
                     await store_pg.create_functions(conn)
 
@@ -1259,7 +1270,7 @@ class TradeStore:
             self._known.pop(str(claims["trade_id"]), None)
         now, last = time.time(), len(todo) - 1
         calls = [
-            _learning(c, j, now, (consumer, seq) if n == last else None)
+            _learning(c, j, now, (consumer, seq) if n == last else None, self.feeds)
             for n, (c, j) in enumerate(todo)
         ]
         try:
@@ -1327,7 +1338,7 @@ class TradeStore:
         if not self.db.is_sqlite:
             try:
                 outcome, moved, waiting = await store_pg.learn(
-                    self.db, _learning(claims, jws, now, cursor)
+                    self.db, _learning(claims, jws, now, cursor, self.feeds)
                 )
             except store_pg.Duplicate:
                 return KNOWN, False, False
@@ -1504,12 +1515,16 @@ class TradeStore:
 
     async def feed_after(self, after: int, limit: int = 100) -> list[StoredEvent]:
         """The upstream events this store learned (applied or kept), in the order it received
-        them, after its inbox ``seq`` ``after``: the reporting service's feed."""
+        them, after its inbox ``seq`` ``after``: the reporting service's feed. A store that
+        serves none (:attr:`feeds`) keeps on PostgreSQL no signed event of those it applied on
+        arrival (:func:`_free_inbox_jws`): their ``jws`` is empty here."""
         rows = await self._all(
             select(inbox).where(inbox.c.seq > after).order_by(inbox.c.seq).limit(limit)
         )
         return [
-            StoredEvent(r.seq, r.event_id, r.type, r.trade_id, r.jws, False, r.received_at / 1000)
+            StoredEvent(
+                r.seq, r.event_id, r.type, r.trade_id, r.jws or "", False, r.received_at / 1000
+            )
             for r in rows
         ]
 
@@ -1738,11 +1753,16 @@ def _one_statement(
 
 
 def _learning(
-    claims: Mapping[str, Any], jws: str, now: float, cursor: tuple[str, int] | None
+    claims: Mapping[str, Any],
+    jws: str,
+    now: float,
+    cursor: tuple[str, int] | None,
+    feeds: bool,
 ) -> tuple[Any, ...]:
     """The parameters of PostgreSQL's learning function (``store_pg``): what
     :meth:`TradeStore._apply_learned` and :meth:`TradeStore._learn_one` compute from the claims,
-    in the same way."""
+    in the same way; ``feeds``: the inbox keeps the signed event of one applied on arrival
+    (:func:`_free_inbox_jws`)."""
     name, target, source = claims["transition"], claims.get("state"), claims.get("from")
     event_type = claims.get("type")
     raw_data, raw_envelope = claims.get("data"), claims.get("envelope")
@@ -1775,6 +1795,7 @@ def _learning(
         f"event:{claims.get('iss')}"[:256], acting.token_iss, acting.token_jti, acting.mandate_id,
         str(claims.get("iss"))[:512], str(claims.get("type"))[:64], jws, _ms(now),
         cursor[0] if cursor else None, cursor[1] if cursor else 0, APPEND_LOCKS["ref_inbox"],
+        feeds,
     )  # fmt: skip
 
 
@@ -1851,6 +1872,28 @@ def _key_inbox(sync_conn: Any, feed: bool) -> None:
         )
     elif not feed and keyed is not None:
         sync_conn.execute(text(f"ALTER TABLE ref_inbox DROP CONSTRAINT {INBOX_KEY}"))
+
+
+def _free_inbox_jws(sync_conn: Any) -> None:
+    """PostgreSQL: the inbox's ``jws`` made nullable in a store made before (a no-op once so:
+    looked up first, so that a current store takes no table lock).
+
+    The inbox rows of a store that serves no feed (execution, allocation, settlement:
+    :attr:`TradeStore.feeds`) hold the signed event only while it waits for its predecessor
+    (:meth:`TradeStore._retry_pending` reads it then); an event applied on arrival (nearly all)
+    is recorded by its id, issuer, type, trade and transition, and by its transition row (actor
+    ``event:<iss>``, the event id), without it: nothing of such a store reads it again (its one
+    reader is the reporting feed, :meth:`TradeStore.feed_after`), and it was most of the store's
+    WAL per learned event. The signed event stays in its owner's outbox, in JetStream and in the
+    reporting store. SQLite keeps it (the column is ``NOT NULL`` in stores made before)."""
+    required = sync_conn.execute(
+        text(
+            "SELECT attnotnull FROM pg_attribute WHERE attrelid = 'ref_inbox'::regclass "
+            "AND attname = 'jws'"
+        )
+    ).scalar()
+    if required:
+        sync_conn.execute(text("ALTER TABLE ref_inbox ALTER COLUMN jws DROP NOT NULL"))
 
 
 def _order_trades(sync_conn: Any) -> None:

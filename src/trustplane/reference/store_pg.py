@@ -30,7 +30,11 @@ from trustplane.storage.db import Database
 
 #: Bumped with any change of the function's text: the name carries it, so that processes of two
 #: versions running at once on one database each call their own.
-LEARN_FUNCTION = "ref_learn_v1"
+LEARN_FUNCTION = "ref_learn_v2"
+
+# v2 (2026-12-06): ``p_keep_jws``: a store that does not serve the feed (an owner's) keeps the
+# signed event in its inbox row only while the event waits for its predecessor (its retry reads
+# it); an event applied on arrival gets a row without it (docs/settlement.md, "Stores").
 
 _LEARN = f"""\
 CREATE OR REPLACE FUNCTION {LEARN_FUNCTION}(
@@ -39,7 +43,7 @@ CREATE OR REPLACE FUNCTION {LEARN_FUNCTION}(
     p_set text, p_allocation text, p_proposer text, p_settlement text,
     p_actor text, p_token_iss text, p_token_jti text, p_mandate_id text,
     p_issuer text, p_type text, p_jws text, p_now bigint,
-    p_consumer text, p_seq integer, p_lock bigint
+    p_consumer text, p_seq integer, p_lock bigint, p_keep_jws boolean
 ) RETURNS TABLE (outcome text, moved boolean, waiting boolean)
 LANGUAGE plpgsql VOLATILE AS $fn$
 DECLARE
@@ -98,7 +102,8 @@ BEGIN
         INSERT INTO ref_inbox (event_id, issuer, type, trade_id, transition, jws, received_at,
             applied_at)
         VALUES (left(p_event_id, 64), p_issuer, p_type, left(p_trade_id, 64),
-            left(p_transition, 64), p_jws, p_now, CASE WHEN v_applied THEN p_now END);
+            left(p_transition, 64), CASE WHEN p_keep_jws OR NOT v_applied THEN p_jws END,
+            p_now, CASE WHEN v_applied THEN p_now END);
     ELSIF v_applied THEN
         UPDATE ref_inbox i SET applied_at = p_now WHERE i.event_id = p_event_id;
         PERFORM pg_advisory_xact_lock(p_lock);
@@ -117,7 +122,7 @@ $fn$"""  # noqa: S608 - constants
 #: function's order; the cursor's only in the last), each call's statements seeing the ones before
 #: (a creation, then the step that follows it). A unique violation anywhere aborts all of it, as
 #: for one call: the caller learns them one by one then.
-LEARN_ALL_FUNCTION = "ref_learn_all_v1"
+LEARN_ALL_FUNCTION = "ref_learn_all_v2"  # v2: calls ref_learn_v2
 
 _LEARN_ALL = f"""\
 CREATE OR REPLACE FUNCTION {LEARN_ALL_FUNCTION}(p_events jsonb)
@@ -135,7 +140,7 @@ BEGIN
                 ORDER BY o.n) END,
             e->>7, e->>8, e->>9, e->>10, e->>11, e->>12, e->>13, e->>14, e->>15, e->>16,
             e->>17, e->>18, e->>19, (e->>20)::bigint, e->>21, (e->>22)::integer,
-            (e->>23)::bigint);
+            (e->>23)::bigint, (e->>24)::boolean);
     END LOOP;
 END
 $fn$"""  # noqa: S608 - constants
@@ -298,7 +303,7 @@ def _call(function: str, columns: str, count: int) -> str:
     return f"SELECT {columns} FROM {function}({parameters})"  # noqa: S608 - constants
 
 
-_CALL = _call(LEARN_FUNCTION, "outcome, moved, waiting", 24)
+_CALL = _call(LEARN_FUNCTION, "outcome, moved, waiting", 25)
 _CALL_ALL = _call(LEARN_ALL_FUNCTION, "outcome, moved, waiting", 1)
 _CALL_APPLY = _call(APPLY_FUNCTION, "*", 27)
 
