@@ -45,7 +45,9 @@ from trustplane.security_events.tables import security_event_cursors
 
 NATS = "nats://127.0.0.1:4222"
 TRUSTPLANE = str(Path(sys.executable).with_name("trustplane"))
-BATCH = 50
+#: A round long enough to be killed inside: the publisher sends a round's events without waiting
+#: (IN_FLIGHT at a time) and awaits their acks together, so a round of 50 went by between two looks.
+BATCH = 500
 
 
 @pytest.fixture

@@ -10,12 +10,20 @@ those acks. Killed between an ack and that record, the next round publishes the 
 and JetStream drops them as duplicates within the stream's ``duplicate_window``: nothing lost,
 nothing twice in the stream. NATS down: nothing is acknowledged, the outbox keeps everything and the
 loop retries with a capped backoff.
+
+Pipelined: a round sends its messages (at most ``in_flight`` at a time) without waiting, each with
+its own reply subject on one inbox per connection, then waits for their acks together (at most the
+publish timeout after the last one was sent). Only the acknowledged prefix, in outbox order, counts:
+from the first message without an ack (none in time, an error, the connection closed) on, nothing
+counts, even what JetStream acked after it; those are published again in a later round and the
+stream drops the repeats by ``Nats-Msg-Id``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -30,10 +38,13 @@ from prometheus_client import Counter
 # JetStream (and every CLI command) does not pay for it at start-up
 if TYPE_CHECKING:
     from nats.aio.client import Client
+    from nats.aio.msg import Msg
     from nats.js.client import JetStreamContext
 
 log = structlog.get_logger("trustplane.events")
 DUPLICATE_WINDOW = 600.0
+#: Messages a publisher sends before it waits for their acks (a round's claim is cut in such windows).
+IN_FLIGHT = 128
 PUBLISHED = Counter(
     "trustplane_outbox_published_total", "Events JetStream acknowledged", ["outbox"]
 )
@@ -101,6 +112,45 @@ async def ensure_streams(js: JetStreamContext, streams: Sequence[Stream]) -> Non
             await js.update_stream(config)
 
 
+class PublishFailed(Exception):
+    """JetStream did not acknowledge every message of a round (the acked prefix still counts)."""
+
+
+class _Window:
+    """The acks awaited for up to ``in_flight`` messages of a round: message ``i`` is answered
+    on ``<inbox>.<first + i>``; ``done`` resolves once each has an answer (or the connection
+    closed). ``acks[i]``: None unanswered, True acked, False refused (``error`` says why)."""
+
+    __slots__ = ("acks", "done", "error", "first", "left")
+
+    def __init__(self, first: int, size: int) -> None:
+        self.first, self.left = first, size
+        self.acks: list[bool | None] = [None] * size
+        self.error = ""
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def answer(self, index: int, refusal: str | None) -> None:
+        if not 0 <= index < len(self.acks) or self.acks[index] is not None:
+            return  # not this window's, or answered already
+        self.acks[index] = refusal is None
+        if refusal is not None and not self.error:
+            self.error = refusal
+        self.left -= 1
+        if not self.left:
+            self.finish()
+
+    def finish(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def prefix(self, sent: int) -> int:
+        """How many of the first ``sent`` messages were acked before the first that was not."""
+        for index in range(sent):
+            if not self.acks[index]:
+                return index
+        return sent
+
+
 class JetStreamPublisher:
     """Drains an :class:`Outbox` into JetStream at ``nats_url``."""
 
@@ -113,16 +163,21 @@ class JetStreamPublisher:
         batch: int = 100,
         connect_timeout: float = 2.0,
         name: str = "events",
+        in_flight: int = IN_FLIGHT,
     ) -> None:
         self.outbox, self.nats_url, self.streams, self.batch = outbox, nats_url, streams, batch
-        self._timeout, self._name = connect_timeout, name
+        self._timeout, self._name, self.in_flight = connect_timeout, name, max(1, in_flight)
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._more = False
+        #: the acks' inbox (``<inbox>.<number>``, one subscription per connection), the next
+        #: message's number, and the window whose acks are awaited
+        self._inbox, self._number = "", 0
+        self._window: _Window | None = None
         #: seconds from the message's commit to JetStream's ack, for the last 10,000 messages
         self.ack_latencies: deque[float] = deque(maxlen=10_000)
 
-    async def _connect(self) -> JetStreamContext:
+    async def _connect(self) -> Client:
         import nats
 
         if self._js is None or self._nc is None or not self._nc.is_connected:
@@ -135,12 +190,16 @@ class JetStreamPublisher:
                     max_reconnect_attempts=0,
                     allow_reconnect=False,
                     error_cb=_quiet,
+                    disconnected_cb=self._lost,
+                    closed_cb=self._lost,
                 ),
                 self._timeout * 2,
             )
             self._js = self._nc.jetstream()
             await ensure_streams(self._js, self.streams)
-        return self._js
+            self._inbox = self._nc.new_inbox() + "."
+            await self._nc.subscribe(self._inbox + "*", cb=self._answered)
+        return self._nc
 
     async def drain_once(self) -> int:
         """Publish one claim; the number JetStream acked (0 when nothing was waiting). Raises when
@@ -149,20 +208,67 @@ class JetStreamPublisher:
             self._more = claim.more
             if not claim.messages:
                 return 0
-            js = await self._connect()
+            nc = await self._connect()
             try:
-                for message in claim.messages:
-                    await js.publish(
-                        message.subject,
-                        message.data,
-                        timeout=self._timeout * 2,
-                        headers={"Nats-Msg-Id": message.msg_id},
-                    )
-                    claim.acked += 1
-                    self.ack_latencies.append(time.time() - message.created_at)
+                messages, step = claim.messages, self.in_flight
+                for start in range(0, len(messages), step):
+                    await self._publish(nc, claim, messages[start : start + step])
             finally:
                 PUBLISHED.labels(outbox=self._name).inc(claim.acked)
             return claim.acked
+
+    async def _publish(self, nc: Client, claim: Claim, messages: Sequence[Outgoing]) -> None:
+        """Send ``messages`` without waiting, then wait for their acks together; count the acked
+        prefix in ``claim.acked``. Raises unless every one was acked."""
+        window = self._window = _Window(self._number, len(messages))
+        self._number += len(messages)
+        sent, failure = 0, None
+        try:
+            for message in messages:
+                await nc.publish(
+                    message.subject,
+                    message.data,
+                    reply=f"{self._inbox}{window.first + sent}",
+                    headers={"Nats-Msg-Id": message.msg_id},
+                )
+                sent += 1
+        except Exception as exc:  # the connection lost: the acks of those sent may still count
+            failure = exc
+            window.left -= len(messages) - sent
+            if not window.left:
+                window.finish()
+        try:
+            await asyncio.wait_for(window.done, self._timeout * 2)
+        except TimeoutError:
+            pass
+        finally:
+            self._window = None
+        acked = window.prefix(sent)
+        claim.acked += acked
+        now = time.time()
+        self.ack_latencies.extend(now - message.created_at for message in messages[:acked])
+        if failure is not None:
+            raise failure
+        if acked < len(messages):
+            raise PublishFailed(
+                f"JetStream acked {acked} of {len(messages)} in order: {window.error or 'no ack'}"
+            )
+
+    async def _answered(self, msg: Msg) -> None:
+        """An ack (or a refusal) on the inbox: JetStream's answer to one message."""
+        window = self._window
+        if window is None:
+            return  # a late answer to a window given up on: its message is published again
+        try:
+            number = int(msg.subject[len(self._inbox) :])
+        except ValueError:
+            return
+        window.answer(number - window.first, _refusal(msg))
+
+    async def _lost(self) -> None:
+        """The connection closed: no more acks will come for the window awaited."""
+        if self._window is not None:
+            self._window.finish()
 
     async def run(
         self,
@@ -216,6 +322,20 @@ class JetStreamPublisher:
             with contextlib.suppress(Exception):
                 await self._nc.close()
         self._nc, self._js = None, None
+
+
+def _refusal(msg: Msg) -> str | None:
+    """None for JetStream's ack (``{"stream": ..., "seq": ...}``), else why it is none: an API
+    error, or no stream for the subject (a 503 status with no body)."""
+    try:
+        answer = json.loads(msg.data)
+    except ValueError:
+        status = (msg.headers or {}).get("Status", "")
+        return f"no JetStream answer (status {status})" if status else "not an ack"
+    if not isinstance(answer, dict) or "error" in answer or "seq" not in answer:
+        error = answer.get("error") if isinstance(answer, dict) else None
+        return f"JetStream refused: {error}"
+    return None
 
 
 async def _quiet(exc: Exception) -> None:

@@ -5,8 +5,9 @@ Streams per domain: ``<prefix>_ORDER`` (subjects ``<prefix>.order.>``), ``_TRADE
 subject ``<prefix>.settlement.submitted``. Each message carries ``Nats-Msg-Id`` = the event id, so
 JetStream drops a re-publish within the stream's ``duplicate_window``.
 
-Delivery guarantee: the publisher reads unpublished outbox rows in order, publishes each and waits
-for JetStream's ack, and only then marks the rows published (one transaction per batch). Killed
+Delivery guarantee: the publisher reads unpublished outbox rows in order, publishes them (pipelined:
+:mod:`trustplane.events.jetstream`) and waits for JetStream's acks, and only then marks the acked
+prefix published (one transaction per batch). Killed
 (``kill -9``) between the ack and the mark, it re-publishes those rows on restart and JetStream
 removes the duplicates by ``Nats-Msg-Id``: nothing is lost, nothing is delivered twice into the
 stream, as long as the restart comes within ``duplicate_window`` (default 10 minutes). NATS down:
