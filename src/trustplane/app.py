@@ -18,6 +18,7 @@ import orjson
 import structlog
 from fastapi import APIRouter, FastAPI
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -35,6 +36,7 @@ from trustplane.limits import (
     request_limits,
 )
 from trustplane.logging import configure_logging
+from trustplane.oauth import http as oauth_http
 from trustplane.oauth.openapi import protocol_paths
 from trustplane.policy.http import authzen_paths
 from trustplane.services import (
@@ -247,6 +249,8 @@ def create_app(
         redoc_url=None,
     )
     app.state.services = svc
+    # unknown paths and wrong methods in the protocol's error shape, not FastAPI's {"detail"}
+    app.add_exception_handler(HTTPException, oauth_http.routing_error)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     # a token request refused at the entry is audited like one refused by the endpoint
     hooks = {"/token": svc.token_endpoint.refuse_unparsed}

@@ -418,14 +418,58 @@ async def test_code_redemption_errors_are_invalid_grant(
     assert (response.status_code, response.json()["error"]) == (400, "invalid_grant")
 
 
-async def test_code_from_another_client_is_invalid_grant(setup: Setup) -> None:
+async def test_code_from_another_client_is_invalid_grant_and_spends_the_code(
+    setup: Setup,
+) -> None:
+    """RFC 6749 §4.1.3, §10.5: a code another client holds has leaked. Refused, and spent: the
+    rightful client's redemption after that is ``invalid_grant`` too (it was 200: the foreign
+    attempt left the code as it was)."""
     other = await register_code_client(setup.server)
     flow = setup.flow()
     code = await flow.code("alice")
     response = await setup.token(flow.redeem_form(code), kit=other)
     assert (response.status_code, response.json()["error"]) == (400, "invalid_grant")
-    # and the rightful client can still redeem it: a foreign attempt does not burn the code
-    assert (await setup.token(flow.redeem_form(code))).status_code == 200
+    assert response.json()["error_description"] == (
+        "the authorization code was issued to another client"
+    )
+    rightful = await setup.token(flow.redeem_form(code))
+    assert (rightful.status_code, rightful.json()["error"]) == (400, "invalid_grant")
+    assert rightful.json()["error_description"] == "the authorization code was already used"
+
+
+async def test_code_from_another_client_after_redemption_revokes_what_it_issued(
+    setup: Setup,
+) -> None:
+    """RFC 6749 §10.5: "SHOULD attempt to revoke all access tokens already granted based on the
+    compromised authorization code": the access token and the refresh family of the rightful
+    redemption end when another client presents the code (they stayed valid)."""
+    other = await register_code_client(setup.server)
+    flow = setup.flow()
+    code = await flow.code("alice")
+    first = await setup.token(flow.redeem_form(code))
+    assert first.status_code == 200, first.text
+    assert (await introspect(setup, first.json()["access_token"]))["active"] is True
+    response = await setup.token(flow.redeem_form(code), kit=other)
+    assert (response.status_code, response.json()["error"]) == (400, "invalid_grant")
+    assert (await introspect(setup, first.json()["access_token"]))["active"] is False
+    refresh = {"grant_type": "refresh_token", "refresh_token": first.json()["refresh_token"]}
+    refused = await setup.token(refresh)
+    assert (refused.status_code, refused.json()["error"]) == (400, "invalid_grant")
+
+
+async def test_an_expired_code_from_another_client_is_invalid_grant_and_changes_nothing(
+    setup: Setup,
+) -> None:
+    other = await register_code_client(setup.server)
+    flow = setup.flow()
+    code = await flow.code("alice")
+    await alter_code(setup, code, expires_at=int(time.time()) - 1)
+    response = await setup.token(flow.redeem_form(code), kit=other)
+    assert (response.status_code, response.json()["error"]) == (400, "invalid_grant")
+    async with setup.server.services.db.read() as conn:
+        stored = await SqlCodeStore().get(conn, code)
+    assert stored is not None
+    assert stored.used_at is None  # not spent: an expired code cannot be redeemed anyway
 
 
 async def test_expired_code_is_invalid_grant(setup: Setup) -> None:

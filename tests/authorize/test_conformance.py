@@ -140,6 +140,32 @@ async def test_racing_redemptions_of_one_code_exactly_one_wins_and_is_revoked(
     assert (refused.status_code, refused.json()["error"]) == (400, "invalid_grant")
 
 
+async def test_a_code_raced_by_its_client_and_another_leaves_no_token_active(
+    setup: Setup,
+) -> None:
+    """RFC 6749 §10.5 under a race: the rightful client and another one present a code at once
+    (one each, eight codes). The other client's attempt spends the code or, having lost the
+    conditional UPDATE to the redemption, revokes what it issued; whichever order they take, no
+    token issued from the code stays active and the foreign attempt is ``invalid_grant``."""
+    other = await register_code_client(setup.server)
+    for _ in range(8):
+        flow = setup.flow()
+        code = await flow.code("alice")
+        form = flow.redeem_form(code)
+        rightful, foreign = await asyncio.gather(setup.token(form), setup.token(form, kit=other))
+        assert (foreign.status_code, foreign.json()["error"]) == (400, "invalid_grant")
+        if rightful.status_code != 200:
+            assert rightful.json()["error"] == "invalid_grant", rightful.text
+        for answer in [rightful] if rightful.status_code == 200 else []:
+            assert (await introspect(setup, answer.json()["access_token"]))["active"] is False
+            refresh = {
+                "grant_type": "refresh_token",
+                "refresh_token": answer.json()["refresh_token"],
+            }
+            refused = await setup.token(refresh)
+            assert (refused.status_code, refused.json()["error"]) == (400, "invalid_grant")
+
+
 async def test_racing_uses_of_one_request_uri_exactly_one_gets_the_page(setup: Setup) -> None:
     """RFC 9126 §4: a ``request_uri`` is used once. Ten user agents open it at once: one login
     page, nine error pages ``invalid_request_uri``."""

@@ -99,6 +99,9 @@ def test_the_demo_runs_the_lifecycle_and_leaves_nothing_running(tmp_path: Path) 
     mandate, txn = summary["mandate"], summary["txn"]
     assert mandate["version"] == 1
     assert summary["trade"] == {**summary["trade"], "state": "settled", "txn": txn}
+    # the partner profiles' default binding: the clearing's token, exchanged from the arranger's,
+    # is DPoP-bound (cnf.jkt) and settles with proofs (it was a bearer token, token_binding bearer)
+    assert summary["clearing_token_binding"] == ["jkt"]
 
     # step 5: the mandate revoked between execution and settlement
     exception = summary["exception"]

@@ -533,6 +533,33 @@ async def test_credentials_in_the_query_string_authenticate_nobody(
     assert "www-authenticate" not in response.headers
 
 
+OTHER_SCHEMES = ["Bearer abc", "bearer abc", "DPoP abc", 'Digest username="x"', "Bearer", "N\u00e9"]
+
+
+@pytest.mark.parametrize("endpoint", ["/token", "/introspect", "/revoke", "/par"])
+@pytest.mark.parametrize("authorization", OTHER_SCHEMES)
+@pytest.mark.parametrize("with_assertion", [False, True], ids=["alone", "with-assertion"])
+async def test_an_authorization_header_of_another_scheme_is_401_with_a_basic_challenge(
+    server: Server, endpoint: str, authorization: str, with_assertion: bool
+) -> None:
+    """RFC 6749 §5.2: "If the client attempted to authenticate via the Authorization request
+    header field, the authorization server MUST respond with an HTTP 401 (Unauthorized) status
+    code and include the WWW-Authenticate response header field". A ``Bearer`` (or any non-Basic)
+    header is such an attempt; it was answered 401 without a challenge, and with a valid
+    assertion beside it the request was accepted (two methods in one request, §2.3). The
+    challenge is Basic: the one scheme that authenticates a client here."""
+    auth = server.kit.auth() if with_assertion else {"client_id": server.kit.client_id}
+    form = {"token": "x", "response_type": "code", **auth, **TOKEN_FORM}
+    response = await server.http.post(
+        endpoint, data=form, headers={"Authorization": authorization.encode("latin-1")}
+    )
+    assert error_of(response) == (401, "invalid_client"), response.text
+    assert response.headers["www-authenticate"] == 'Basic realm="trustplane", charset="UTF-8"'
+    description = response.json()["error_description"]
+    assert "does not authenticate a client here" in description, description
+    assert re.fullmatch(r"[\x20\x21\x23-\x5b\x5d-\x7e]*", description), description
+
+
 @pytest.mark.parametrize("endpoint", ["/token", "/introspect", "/revoke"])
 async def test_a_refusal_quoting_the_assertion_keeps_to_the_allowed_characters(
     server: Server, endpoint: str

@@ -164,6 +164,8 @@ async def test_refused_request_changes_nothing(
         assert "active" not in response.json()
     if status == 401 and send is not _bearer_authorization:  # form-based: no challenge
         assert "www-authenticate" not in response.headers
+    if send is _bearer_authorization:  # RFC 6749 §5.2: an attempt via the header: a challenge
+        assert response.headers["www-authenticate"].startswith("Basic ")
     assert await is_active(server, token)
 
 

@@ -417,3 +417,43 @@ async def test_racing_resolutions_of_one_exception_one_wins_the_other_409(
     assert [e["type"] for e in events] == ["exception.resolved"]
     state = (await h.client.get(f"/trades/{trade_id}", headers=h.headers())).json()["state"]
     assert state in ("allocation_approved", "cancelled")
+
+
+ROUTING: list[tuple[str, str, int, str, str | None]] = [
+    ("GET", "/nope", 404, "not-found", None),
+    ("POST", "/trades/t1/nope", 404, "not-found", None),
+    ("GET", "/orders", 405, "method-not-allowed", "POST"),
+    ("DELETE", "/trades/t1/execute", 405, "method-not-allowed", "POST"),
+    ("POST", "/jwks", 405, "method-not-allowed", "GET"),
+    ("PUT", "/exceptions", 405, "method-not-allowed", "GET"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ROUTING, ids=[f"{c[0]} {c[1]}" for c in ROUTING])
+async def test_an_unknown_path_or_method_is_a_problem_like_every_other_refusal(
+    harness: Harness, case: tuple[str, str, int, str, str | None]
+) -> None:
+    """FastAPI's defaults (``{"detail": "Not Found"}``, ``{"detail": "Method Not Allowed"}``)
+    were the only refusals of the API not in its RFC 9457 shape."""
+    method, path, status, problem_type, allow = case
+    answer = await harness.client.request(method, path, headers=harness.headers())
+    assert code(answer) == (status, problem_type), answer.text
+    assert answer.json()["status"] == status
+    assert answer.headers["cache-control"] == "no-store"
+    assert answer.headers.get("allow") == allow
+
+
+async def test_an_unreadable_parameter_is_invalid_request_not_fastapis_422(
+    harness: Harness,
+) -> None:
+    """A route that lets FastAPI read a typed parameter (as ``build_app``'s users may add, the
+    bench adds ``/healthz``) answers a bad one in the API's shape too."""
+    app = harness.client._transport.app  # type: ignore[attr-defined]
+
+    @app.get("/typed")
+    async def typed(n: int) -> dict[str, int]:
+        return {"n": n}
+
+    answer = await harness.client.get("/typed", params={"n": "x"})
+    assert code(answer) == (400, "invalid-request"), answer.text
+    assert "n" in answer.json()["detail"]

@@ -183,6 +183,9 @@ def test_the_app_makes_its_store_and_guards_its_routes(tmp_path: Path) -> None:
     assert len({k["kid"] for k in keys}) == 3
     assert refused.status_code == 401
     assert refused.headers["www-authenticate"].startswith("Bearer")
+    # DPoP-bound tokens (partners' default binding) are taken too: the challenge offers DPoP
+    # (RFC 9449 §7.1); before, such a token was refused and no DPoP challenge was sent
+    assert 'DPoP realm="reference", algs=' in refused.headers["www-authenticate"]
     for service in machine.SERVICES:  # each service's own database
         assert (tmp_path / f"trades-{service}.db").exists()
     assert not (tmp_path / "trades.db").exists()

@@ -4,7 +4,9 @@ grants, served by :class:`trustplane.oauth.token_endpoint.TokenEndpoint` (``oaut
 Codes: single use, at most 60 s, bound to the client, the redirect URI and the PKCE challenge. A
 second redemption (also a concurrent one: the loser of the conditional UPDATE) is ``invalid_grant``
 and revokes what the first one issued (RFC 6749 §4.1.2, RFC 9700 §4.5): its access token (by jti)
-and its refresh family.
+and its refresh family. A code presented by another client is ``invalid_grant`` and spends the
+code (its own client's redemption after that is a reuse), or, if it was already redeemed, revokes
+what it issued: the code has leaked (RFC 6749 §10.5).
 
 Refresh tokens: rotated on every use (RFC 9700 §4.14.2); presenting a rotated token again is
 ``invalid_grant`` and revokes the whole family and the access tokens issued from it. Racing refreshes
@@ -187,11 +189,17 @@ class AuthorizationCodeGrant(_DelegatedGrant):
             stored = await self._codes.get(conn, code)
         if stored is None:
             raise InvalidGrantError("the authorization code is invalid")
+        if stored.grant.client_id != client.client_id:
+            await self._spend_leaked(code, stored)
+            raise InvalidGrantError(
+                "the authorization code was issued to another client",
+                debug=f"code of {stored.grant.client_id} presented by {client.client_id}",
+            )
         if stored.used_at is not None:
             await self._revocations.code_reused(stored)
             raise InvalidGrantError("the authorization code was already used")
         now = int(time.time())
-        self._check_code(stored, form, client.client_id, now)
+        self._check_code(stored, form, now)
         self._check_resource(stored.grant, form)
         grant = self._narrow_details(stored.grant, form, client)
         await self._check_mandate(stored.grant, now)
@@ -229,12 +237,29 @@ class AuthorizationCodeGrant(_DelegatedGrant):
             raise InvalidGrantError("the authorization code has expired")
         return self._granted(issued, grant, refresh, decisions)
 
-    def _check_code(self, stored: StoredCode, form: Form, client_id: str, now: int) -> None:
-        if stored.grant.client_id != client_id:
-            raise InvalidGrantError(
-                "the authorization code was issued to another client",
-                debug=f"code of {stored.grant.client_id} presented by {client_id}",
-            )
+    async def _spend_leaked(self, code: str, stored: StoredCode) -> None:
+        """A code presented by another client than its own has leaked (RFC 6749 §4.1.3: it must
+        have been "issued to the authenticated confidential client"; §10.5: "If the authorization
+        server observes multiple attempts to exchange an authorization code ... SHOULD attempt to
+        revoke all access tokens already granted based on the compromised authorization code").
+        It is spent, unredeemed, by the same conditional UPDATE as a redemption (its own client's
+        later redemption is then ``invalid_grant``, as a reuse), and what it already produced (its
+        client redeemed it first, or won the race) is revoked as on a reuse."""
+        if stored.used_at is None:
+            async with self._db.transaction() as conn:
+                spent = await self._codes.consume(
+                    conn, code, int(time.time()), access_jti=None, access_exp=None, family_id=None
+                )
+            if spent:
+                return
+            async with self._db.read() as conn:  # lost to a redemption, or expired
+                latest = await self._codes.get(conn, code)
+            if latest is None or latest.used_at is None:
+                return
+            stored = latest
+        await self._revocations.code_reused(stored)
+
+    def _check_code(self, stored: StoredCode, form: Form, now: int) -> None:
         if stored.expires_at <= now:
             raise InvalidGrantError("the authorization code has expired")
         if stored.dpop_jkt is not None and current_binding().jkt != stored.dpop_jkt:

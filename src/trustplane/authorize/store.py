@@ -229,12 +229,13 @@ class CodeStore(Protocol):
         code: str,
         now: int,
         *,
-        access_jti: str,
-        access_exp: int,
+        access_jti: str | None,
+        access_exp: int | None,
         family_id: str | None,
     ) -> bool:
-        """Mark the code used and record what it produced; True only for the first caller, and
-        only before expiry (RFC 6749 §4.1.2: a code is used once)."""
+        """Mark the code used and record what it produced (nothing: the code is spent unredeemed,
+        as when another client presents it); True only for the first caller, and only before
+        expiry (RFC 6749 §4.1.2: a code is used once)."""
 
     async def prune(self, conn: AsyncConnection, before: int) -> int:
         """Delete codes that expired before ``before``; returns how many."""
@@ -327,8 +328,8 @@ class SqlCodeStore:
         code: str,
         now: int,
         *,
-        access_jti: str,
-        access_exp: int,
+        access_jti: str | None,
+        access_exp: int | None,
         family_id: str | None,
     ) -> bool:
         c = authorization_codes.c

@@ -12,7 +12,9 @@
 ``tls_client_auth`` / ``self_signed_tls_client_auth`` (RFC 8705 §2): the request carries only
 ``client_id``; the client certificate of the request (:func:`trustplane.tls.client_certificate`) is
 checked per :mod:`trustplane.tls.verification`. A missing or wrong certificate is ``invalid_client``.
-Exactly one method per request (RFC 6749 §2.3). A client under the fapi2 profile authenticates with
+Exactly one method per request (RFC 6749 §2.3); an ``Authorization`` header of another scheme
+(``Bearer``, ``DPoP``, ...) is a failed attempt at client authentication: 401 ``invalid_client``
+with a ``Basic`` challenge (RFC 6749 §5.2). A client under the fapi2 profile authenticates with
 ``private_key_jwt`` or a certificate only (FAPI 2.0 Security Profile §5.3.2.1).
 """
 
@@ -51,6 +53,9 @@ ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 #: ``typ`` values that say "this is a client assertion" (or say nothing specific).
 ASSERTION_TYPS = frozenset({"JWT", "client-authentication+jwt"})
 MAX_JTI = 256
+_TOKEN_CHARS = frozenset(
+    "!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +120,8 @@ class ClientAuthenticator:
         # RFC 7617 §2: the scheme is case-insensitive; "Basic" with no credentials is still an
         # attempt at Basic (RFC 6749 §5.2: 401 with the challenge), not "no authentication"
         basic = authorization is not None and authorization.split(" ", 1)[0].lower() == "basic"
+        if authorization is not None and not basic:
+            self._other_scheme(authorization)
         methods = [
             name
             for name, present in (
@@ -136,6 +143,23 @@ class ClientAuthenticator:
                 form.require("client_id"), form.require("client_secret"), "client_secret_post"
             )
         return await self._private_key_jwt(form, defer_replay)
+
+    def _other_scheme(self, authorization: str) -> None:
+        """An ``Authorization`` header of another scheme than Basic (``Bearer``, ``DPoP``, ...):
+        the client attempted to authenticate with the header, so RFC 6749 §5.2 applies: 401
+        ``invalid_client`` with a ``WWW-Authenticate`` challenge. The challenge is Basic, the one
+        scheme that authenticates a client here (RFC 9110 §11.6.1: a 401's challenge is one
+        "applicable to the target resource"; a ``Bearer`` one would invite an access token). The
+        header is refused whatever the body carries: one method per request (RFC 6749 §2.3)."""
+        scheme = authorization.split(" ", 1)[0][:32]
+        if not scheme or not set(scheme) <= _TOKEN_CHARS:  # RFC 9110 §5.6.2 token, echoed back
+            scheme = "(malformed)"
+        raise InvalidClientError(
+            f"the Authorization scheme {scheme} does not authenticate a client here: use Basic"
+            " (client_secret_basic) or a method of token_endpoint_auth_methods_supported",
+            debug=f"Authorization scheme {scheme}",
+            headers=dict(self._basic_challenge),
+        )
 
     def _several(self, methods: list[str], basic: bool) -> None:
         """More than one method in one request (RFC 6749 §2.3): ``invalid_request`` (§5.2), but

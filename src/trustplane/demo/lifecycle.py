@@ -32,6 +32,7 @@ from trustplane.demo.parties import (
     SCOPES,
     TRADE,
     VOCABULARY,
+    DpopKey,
     Party,
     Pending,
     claims_of,
@@ -90,8 +91,18 @@ def _key() -> str:
     return f'"{secrets.token_hex(12)}"'  # an RFC 8941 sf-string
 
 
-def call(url: str, token: str, body: Any = None, key: str | None = None) -> httpx.Response:
+def call(
+    url: str, token: str, body: Any = None, key: str | None = None, dpop: DpopKey | None = None
+) -> httpx.Response:
+    """``dpop``: the token is DPoP-bound to that key: ``Authorization: DPoP`` and a fresh proof
+    of the request (RFC 9449 §7.1; ``htu`` without the query, §4.3)."""
     headers = {"Authorization": f"Bearer {token}"}
+    if dpop is not None:
+        method = "GET" if body is None and key is None else "POST"
+        headers = {
+            "Authorization": f"DPoP {token}",
+            "DPoP": dpop.proof(method, url.partition("?")[0], token),
+        }
     if key is not None:
         headers["Idempotency-Key"] = key
     if body is None and key is None:
@@ -154,6 +165,9 @@ class Wiring:
     auditors: dict[str, PrivateKeyJwt]
     broker_ref: ReferenceService
     clearing_ref: ReferenceService
+    #: The broker execution service's DPoP key: the clearing's tokens it gets by exchanging a
+    #: partner's (the arranger's) token are bound to it (the trust profile's default binding).
+    dpop: DpopKey = field(default_factory=DpopKey)
 
 
 def _wire(
@@ -212,12 +226,12 @@ def _wire(
     parallel(*(lambda p=p, batch=batch: p.operate(batch) for p, batch in batches.items()))
 
     # the broker accepts the arranger's tokens to exchange them for the clearing, settlement only.
-    # token_binding bearer, the profile's explicit exception: the reference services take bearer
-    # tokens (examples/three_party shows the default, sender-constrained, with mTLS and DPoP)
+    # token_binding: the default (sender_constrained): the execution service exchanges with a DPoP
+    # proof and presents the clearing's token with proofs of that key (the reference services
+    # verify them); examples/three_party shows mTLS binding as well
     settlement_only = {
         "allowed_scopes": ["settlement:submit"],
         "allowed_audiences": [CLEARING_SETTLEMENT],
-        "token_binding": "bearer",
     }
     parallel(
         lambda: b.d.operate([b.trust(a, ARRANGER, b_at_a.client_id, **settlement_only)]),
@@ -335,7 +349,7 @@ def _lifecycle(state: Run, a: Party, b: Party, c: Party, w: Wiring) -> None:
 
     def to_clearing(token: str) -> str:
         return b.exchange(
-            w.execution, token, resource=CLEARING_SETTLEMENT, scope="settlement:submit"
+            w.execution, token, w.dpop, resource=CLEARING_SETTLEMENT, scope="settlement:submit"
         )
 
     def delegate() -> tuple[str, str]:
@@ -362,12 +376,16 @@ def _lifecycle(state: Run, a: Party, b: Party, c: Party, w: Wiring) -> None:
         c2 = claims_of(t2)
         expect(c2["txn"] == txn and c2["prv"]["jti"] == c1["jti"], "the chain did not travel")
         expect(c2["scope"] == "settlement:submit", "the clearing token is not narrowed")
-        state.show("clearing token", "settlement:submit only, act broker -> arranger, same txn")
+        expect(c2.get("cnf", {}).get("jkt") == w.dpop.jkt, "the clearing token is not DPoP-bound")
+        facts["clearing_token_binding"] = sorted(c2["cnf"])
+        state.show("clearing token", "settlement:submit only, act broker -> arranger, same txn,"
+                   " DPoP-bound (cnf.jkt)")  # fmt: skip
         url = w.clearing_ref.url
         key = _key()
         body = {"instructions": INSTRUCTIONS}
-        submitted = ok(call(f"{url}/trades/{trade_id}/settlement", t2, body, key), 200, "submit")
-        retry = call(f"{url}/trades/{trade_id}/settlement", t2, body, key)
+        settle = f"{url}/trades/{trade_id}/settlement"
+        submitted = ok(call(settle, t2, body, key, w.dpop), 200, "submit")
+        retry = call(settle, t2, body, key, w.dpop)
         expect(retry.headers.get("idempotency-replayed") == "true", "the retry was not a replay")
         expect(retry.json() == submitted, "the retry did not return the stored result")
         state.show("retry with the same Idempotency-Key", "the stored result (replayed)")
@@ -464,7 +482,7 @@ def _step5(
     state.show("derived tokens", f"inactive at the arranger and, by SSF, at the broker ({ssf} s)")
     url = w.clearing_ref.url
     body = {"instructions": INSTRUCTIONS}
-    refused = call(f"{url}/trades/{trade_id}/settlement", t2, body, _key())
+    refused = call(f"{url}/trades/{trade_id}/settlement", t2, body, _key(), w.dpop)
     problem = refused.json()
     expect(
         refused.status_code == 403 and problem.get("title") == "settlement-exception",

@@ -10,15 +10,19 @@ import json
 import re
 import secrets
 import sqlite3
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from trustplane.demo.processes import DemoFailed, Deployment, expect
+from trustplane.jose.jwk import thumbprint
+from trustplane.jose.jws import b64url_encode
 from trustplane.keys.crypto import public_jwk
 from trustplane.pep import PrivateKeyJwt
 
@@ -75,6 +79,30 @@ def write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> Path:
     path.write_bytes(pem)
     path.chmod(0o600)
     return path
+
+
+class DpopKey:
+    """A client's DPoP key (RFC 9449): a fresh proof per request (§4.2), ``ath`` when it goes with
+    an access token (§7.1)."""
+
+    def __init__(self) -> None:
+        self.key = new_key()
+        self.jwk = public_jwk(self.key)
+        self.jkt = thumbprint(self.jwk)
+
+    def proof(self, htm: str, htu: str, access_token: str | None = None) -> str:
+        claims: dict[str, Any] = {
+            "jti": secrets.token_urlsafe(16), "htm": htm, "htu": htu, "iat": int(time.time()),
+        }  # fmt: skip
+        if access_token is not None:
+            claims["ath"] = b64url_encode(hashlib.sha256(access_token.encode("ascii")).digest())
+        header = {"typ": "dpop+jwt", "alg": "ES256", "jwk": self.jwk}
+        signing_input = ".".join(b64url_encode(json.dumps(p).encode()) for p in (header, claims))
+        r, s = decode_dss_signature(
+            self.key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))
+        )
+        signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+        return f"{signing_input}.{b64url_encode(signature)}"
 
 
 @dataclass(eq=False)
@@ -148,9 +176,14 @@ class Party:
         document.update(profile)
         return {"op": "partner", "document": document}
 
-    def token(self, client: PrivateKeyJwt, **form: str) -> dict[str, Any]:
+    def token(
+        self, client: PrivateKeyJwt, dpop: DpopKey | None = None, **form: str
+    ) -> dict[str, Any]:
+        """``dpop``: with a proof of that key, for a DPoP-bound token (RFC 9449 §5)."""
         data, headers = dict(form), dict[str, str]()
         client.apply(data, headers)
+        if dpop is not None:
+            headers["DPoP"] = dpop.proof("POST", f"{self.issuer}/token")
         response = httpx.post(f"{self.issuer}/token", data=data, headers=headers, timeout=10)
         expect(response.status_code == 200, f"{self.name} /token: {response.text}")
         return dict(response.json())
@@ -160,9 +193,11 @@ class Party:
         answer = self.token(client, grant_type="client_credentials", scope=scope, resource=audience)
         return str(answer["access_token"])
 
-    def exchange(self, client: PrivateKeyJwt, subject_token: str, **form: str) -> str:
+    def exchange(
+        self, client: PrivateKeyJwt, subject_token: str, dpop: DpopKey | None = None, **form: str
+    ) -> str:
         answer = self.token(
-            client, grant_type=EXCHANGE, subject_token=subject_token,
+            client, dpop, grant_type=EXCHANGE, subject_token=subject_token,
             subject_token_type=ACCESS_TOKEN, **form,
         )  # fmt: skip
         return str(answer["access_token"])

@@ -9,16 +9,24 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from cryptography import x509
+from fastapi.exception_handlers import http_exception_handler
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from trustplane.errors import OAuth2Error, wire_description
+from trustplane.errors import InvalidRequestError, NotFoundError, OAuth2Error, wire_description
 from trustplane.keys.service import KeyService
 from trustplane.oauth.introspection import IntrospectionService
 from trustplane.oauth.token_endpoint import TokenEndpoint
 from trustplane.protocol.form import read_form
-from trustplane.protocol.responses import NO_STORE, Answer, NoStoreJSON, protocol_endpoint
+from trustplane.protocol.responses import (
+    NO_STORE,
+    Answer,
+    NoStoreJSON,
+    error_response,
+    protocol_endpoint,
+)
 from trustplane.tls import CertificateSource, client_certificate
 
 
@@ -116,3 +124,30 @@ class OAuthHttp:
             Route("/jwks", self.jwks, methods=["GET"]),
             Route("/.well-known/oauth-authorization-server", self.server_metadata, methods=["GET"]),
         ]
+
+
+class MethodNotAllowedError(InvalidRequestError):
+    """RFC 9110 §15.5.6: the route takes other methods; ``Allow`` names them. 405."""
+
+    status_code = 405
+
+
+async def routing_error(request: Request, exc: Exception) -> Response:
+    """The router's own refusals in the server's RFC 6749 §5.2 shape (FastAPI's default is
+    ``{"detail": ...}``): a path that is no route is 404 ``not_found`` (as the admin APIs answer a
+    missing object), a method the route does not take is 405 ``invalid_request`` with ``Allow``
+    (as the AuthZEN endpoints answer one)."""
+    assert isinstance(exc, HTTPException)
+    error: OAuth2Error
+    if exc.status_code == 404:
+        error = NotFoundError("no such endpoint")
+    elif exc.status_code == 405:
+        allow = (exc.headers or {}).get("Allow", "")
+        error = MethodNotAllowedError(
+            f"{request.method} is not allowed here: use {allow}", headers={"Allow": allow}
+        )
+    elif exc.status_code == 400:
+        error = InvalidRequestError(str(exc.detail))
+    else:  # no route raises another: FastAPI's own answer
+        return await http_exception_handler(request, exc)
+    return error_response(error, "routing")

@@ -22,8 +22,8 @@ GET  /jwks                                  (public)               the event sig
 Refusals are RFC 9457 problems (``type`` ends with the code): 400 ``invalid-request`` (also a
 NUL in any string of a body, which PostgreSQL cannot store), 415 ``unsupported-media-type`` (a
 body not declared JSON), 403
-``denied`` / ``four-eyes`` / ``settlement-exception``, 404 ``not-found``, 409
-``duplicate-transition`` (names the transition that happened: when, by whom, which key) /
+``denied`` / ``four-eyes`` / ``settlement-exception``, 404 ``not-found`` (also a path that is no
+route), 405 ``method-not-allowed`` (with ``Allow``), 409 ``duplicate-transition`` (names the transition that happened: when, by whom, which key) /
 ``out-of-order`` / ``already-resolved``, 503 ``unavailable``. Token refusals are the PEP's RFC 6750
 answers.
 """
@@ -36,6 +36,8 @@ from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from trustplane.authzen.model import Decision, Entity
@@ -117,6 +119,7 @@ def build_app(
     ``allocation``, ``settlement``: each route's keys in its owner's store)."""
     app = FastAPI(title=title, openapi_url=None, docs_url=None, redoc_url=None)
     pep.install(app)
+    install_routing_problems(app)
     operations: dict[str, tuple[IdempotentOperation, bool]] = {}
 
     def operation(name: str) -> tuple[IdempotentOperation, bool]:
@@ -348,6 +351,35 @@ def build_app(
         )
 
     return app
+
+
+async def _routing_problem(_request: Request, exc: Exception) -> Response:
+    """The router's own refusals in the API's problem shape (FastAPI's default is
+    ``{"detail": ...}``): 404 ``not-found`` for a path that is no route, 405
+    ``method-not-allowed`` with the route's ``Allow`` (RFC 9110 §15.5.6), any other status it
+    raises as ``invalid-request``."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return problem(404, "not-found", "no such resource")
+    if exc.status_code == 405:
+        response = problem(405, "method-not-allowed", "the method is not allowed here")
+        response.headers["Allow"] = (exc.headers or {}).get("Allow", "")
+        return response
+    return problem(exc.status_code, "invalid-request", str(exc.detail))
+
+
+async def _invalid_parameters(_request: Request, exc: Exception) -> Response:
+    """A parameter FastAPI could not read (its default: 422 ``{"detail": [...]}``): 400
+    ``invalid-request``, like every other bad input of the API."""
+    assert isinstance(exc, RequestValidationError)
+    names = sorted({".".join(str(p) for p in e.get("loc", ())) for e in exc.errors()})
+    return problem(400, "invalid-request", f"invalid parameter(s): {', '.join(names)}")
+
+
+def install_routing_problems(app: FastAPI) -> None:
+    """Unknown paths, wrong methods and unreadable parameters answered as RFC 9457 problems."""
+    app.add_exception_handler(HTTPException, _routing_problem)
+    app.add_exception_handler(RequestValidationError, _invalid_parameters)
 
 
 def json_object(raw: bytes, content_type: str | None) -> dict[str, Any]:

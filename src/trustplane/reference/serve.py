@@ -33,7 +33,8 @@ The process serves every route; each route acts on its owner's store, and the em
 returns, and sweeps every 0.25 s. With ``TRUSTPLANE_REFERENCE_NATS_URL`` the process also runs
 an outbox publisher (JetStream) per owner it runs, woken by that owner's commits (and, on
 PostgreSQL, by the outbox's notifications: :mod:`.jetstream`), reading every second besides.
-Every outbound call (JWKS, PDP, introspection) goes through one guarded ``OutboundFetcher``.
+Every outbound call (JWKS, PDP, introspection) goes through one guarded ``OutboundFetcher``. The
+PEP takes bearer and DPoP-bound tokens (RFC 9449; proof ``jti``s remembered per process).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from trustplane.pep import (
     TokenValidator,
     TrustedIssuer,
 )
+from trustplane.pep.dpop import DpopBinding
 from trustplane.pep.http import Pep
 from trustplane.reference import machine
 from trustplane.reference.entitlement import IntrospectionMandateCheck
@@ -191,7 +193,9 @@ def create_reference_app(settings: ServeSettings) -> FastAPI:
         auth=PrivateKeyJwt(settings.pdp_client_id, key, "k1", settings.pdp),
         fetcher=fetcher,
     )
-    pep = Pep(PolicyEnforcer(validator, pdp, realm="reference"))
+    # DPoP-bound tokens (RFC 9449; a partner's default binding) are accepted with a proof of their
+    # key; proof jtis are remembered by this process for the proof's 60 s window
+    pep = Pep(PolicyEnforcer(validator, pdp, realm="reference", dpop=DpopBinding()))
     idempotency = {
         service: IdempotencyService(SqlIdempotencyStore(store.db))
         for service, store in stores.by_service().items()
