@@ -11,8 +11,10 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
 from fastapi import Depends, FastAPI
 from prometheus_client import REGISTRY
+from starlette.types import Receive, Scope, Send
 
 from tests.pep.conftest import AUDIENCE, ISSUER, FakeIssuer
 from tests.pep.test_http import CountingPdp, engine
@@ -153,3 +155,57 @@ async def test_refusals(
     assert params["error_description"]
     assert refused(reason) == before + 1
     assert rs.handled == []
+
+
+def ignored_headers() -> float:
+    value = REGISTRY.get_sample_value(
+        "trustplane_client_cert_header_ignored_total", {"reason": "untrusted_peer"}
+    )
+    return value or 0.0
+
+
+async def test_an_untrusted_peers_certificate_header_is_counted_with_an_unbound_token(
+    rs: Rs, pki: Pki
+) -> None:
+    """The PEP looks for the certificate only when it can matter; a configured proxy header is
+    one such case whatever the token: a non-proxy sending it is counted."""
+    before = ignored_headers()
+    response = await rs.get(rs.issuer.token(), pki.client, via=rs.direct)
+
+    assert response.status_code == 200
+    assert ignored_headers() == before + 1
+
+
+@pytest.mark.parametrize(("over_tls", "status"), [(False, 401), (True, 200)])
+async def test_without_a_proxy_header_a_bound_token_needs_the_connections_certificate(
+    issuer: FakeIssuer, pki: Pki, over_tls: bool, status: int
+) -> None:
+    """The default source (the TLS connection, no header): a ``cnf`` token is checked against the
+    connection's certificate, and refused without one."""
+    validator = TokenValidator(
+        audience=AUDIENCE, issuers=[TrustedIssuer(ISSUER)], fetcher=issuer.fetcher()
+    )
+    pep = Pep(PolicyEnforcer(validator, CountingPdp(engine()), realm="execution"))
+    app = FastAPI()
+    pep.install(app)
+
+    @app.get("/positions")
+    async def positions(token: AccessToken = Depends(pep.token)) -> dict[str, str]:
+        return {"client_id": token.client_id}
+
+    pem = pki.client.certificate.public_bytes(Encoding.PEM).decode("ascii")
+
+    async def with_tls(scope: Scope, receive: Receive, send: Send) -> None:
+        if over_tls:
+            scope = {**scope, "extensions": {"tls": {"client_cert_chain": [pem]}}}
+        await app(scope, receive, send)
+
+    bound = {"x5t#S256": certificate_thumbprint(pki.client.certificate)}
+    transport = httpx.ASGITransport(app=with_tls)
+    async with httpx.AsyncClient(transport=transport, base_url="https://rs.test") as client:
+        headers = {"Authorization": f"Bearer {issuer.token(cnf=bound)}"}
+        response = await client.get("/positions", headers=headers)
+
+    assert response.status_code == status
+    if status == 401:
+        assert challenge(response)["error"] == "invalid_token"

@@ -51,6 +51,7 @@ from trustplane.tls import CertificateSource, client_certificate
 ResourceFn = Callable[[Request], Entity | Awaitable[Entity]]
 ContextFn = Callable[[Request, AccessToken], Mapping[str, Any] | Awaitable[Mapping[str, Any]]]
 FORM = "application/x-www-form-urlencoded"
+_TXN_TOKEN_KEY = TXN_TOKEN_HEADER.encode("latin-1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,19 +119,26 @@ class Pep:
 
     async def token(self, request: Request) -> AccessToken:
         """Dependency: only the validated token (for handlers that decide nothing themselves)."""
+        raw = request.headers.raw
+        authorization = header_values(raw, b"authorization")
         try:
             token = await self.enforcer.authenticate(
-                request.headers.get("authorization"),
-                header_count=len(request.headers.getlist("authorization")),
-                token_elsewhere=await _token_elsewhere(request),
+                authorization[0] if authorization else None,
+                header_count=len(authorization),
+                token_elsewhere=await _token_elsewhere(request, raw),
                 dpop=_dpop_request(self.enforcer.dpop, request),
             )
         except OAuth2Error as exc:
             raise Refused(exc) from None
-        try:  # RFC 8705 §3 (trustplane.pep.binding)
-            check_certificate_binding(token, client_certificate(request.scope, self.certificates))
-        except OAuth2Error as exc:
-            raise Refused(with_challenge(exc, self.enforcer.realm)) from None
+        # RFC 8705 §3 (trustplane.pep.binding). The certificate is looked for only when it can
+        # matter: a token with ``cnf``, or a proxy header whose presence from an untrusted peer is
+        # counted. Otherwise the check would return without reading it.
+        if "cnf" in token.claims or self.certificates.header:
+            try:
+                certificate = client_certificate(request.scope, self.certificates)
+                check_certificate_binding(token, certificate)
+            except OAuth2Error as exc:
+                raise Refused(with_challenge(exc, self.enforcer.realm)) from None
         return token
 
     def require(
@@ -177,7 +185,7 @@ class Pep:
     ) -> TxnToken | None:
         """The request's validated ``Txn-Token`` (one header at most), None when it has none and
         none is ``required``; a missing required or a bad one is 401 ``invalid_token``."""
-        values = request.headers.getlist(TXN_TOKEN_HEADER)
+        values = header_values(request.headers.raw, _TXN_TOKEN_KEY)
         try:
             if not values:
                 if required:
@@ -206,7 +214,14 @@ def _dpop_request(binding: DpopBinding | None, request: Request) -> DpopRequest 
     return DpopRequest(request.method, url, tuple(request.headers.getlist("dpop")))
 
 
-async def _token_elsewhere(request: Request) -> bool:
+def header_values(raw: list[tuple[bytes, bytes]], name: bytes) -> list[str]:
+    """The values of header ``name`` (lower case, as ASGI servers give names), as Starlette's
+    ``Headers.getlist`` reads them, in one pass over the raw list (``get`` and ``getlist`` of the
+    same name were two)."""
+    return [value.decode("latin-1") for key, value in raw if key == name]
+
+
+async def _token_elsewhere(request: Request, raw: list[tuple[bytes, bytes]]) -> bool:
     """RFC 6750 §2.2/§2.3 methods, which this PEP refuses: an ``access_token`` query parameter, or
     an ``access_token`` field in a form-encoded body."""
     query: bytes = request.scope.get("query_string", b"")
@@ -217,7 +232,8 @@ async def _token_elsewhere(request: Request) -> bool:
         and "access_token" in request.query_params
     ):
         return True
-    if request.headers.get("content-type", "").split(";")[0].strip().lower() != FORM:
+    content_type = next((value for key, value in raw if key == b"content-type"), b"")
+    if content_type.decode("latin-1").split(";")[0].strip().lower() != FORM:
         return False
     body = await request.body()
     return b"access_token" in body and any(

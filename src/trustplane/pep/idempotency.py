@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +38,9 @@ log = structlog.get_logger("trustplane.pep")
 MAX_KEY_LENGTH = 255
 _MAX_FIELD_LENGTH = 2 * MAX_KEY_LENGTH + 2  # every character escaped, plus the quotes
 PROBLEM_BASE = "https://trustplane.dev/problems/idempotency-key"
+#: An sf-string without escapes: printable ASCII but ``"`` and ``\\`` between the quotes. Nearly
+#: every key is one; anything else goes through the character walk, which names what is wrong.
+_PLAIN_KEY = re.compile(r'"([\x20\x21\x23-\x5b\x5d-\x7e]*)"')
 
 
 class IdempotencyError(Exception):
@@ -100,6 +104,9 @@ def parse_key(field_value: str) -> str:
     value = field_value.strip(" ")
     if len(value) > _MAX_FIELD_LENGTH:
         raise MalformedKeyError(f"the key is longer than {MAX_KEY_LENGTH} characters")
+    plain = _PLAIN_KEY.fullmatch(value)
+    if plain is not None:
+        return _checked(plain.group(1))
     if not value.startswith('"'):
         raise MalformedKeyError('the key must be a quoted string, e.g. Idempotency-Key: "8e03978e"')
     chars: list[str] = []
@@ -311,7 +318,7 @@ class IdempotencyService:
         now = self._clock() if now is None else now
         lease_until, expires_at = now + self.lease, now + self.retention
         if await self.store.claim(claim, now=now, lease_until=lease_until, expires_at=expires_at):
-            metrics.PEP_IDEMPOTENCY.labels(outcome="executed").inc()
+            metrics.IDEMPOTENCY_EXECUTED.inc()
             return True
         return False
 
@@ -347,20 +354,20 @@ class IdempotencyService:
         or wrote nothing) store a 2xx or 4xx ``response`` on its own: None when stored (or not
         storable: 5xx), else the answer of the row that holds the key (:meth:`answer_taken`)."""
         if pending.stored:
-            metrics.PEP_IDEMPOTENCY.labels(outcome="executed").inc()
+            metrics.IDEMPOTENCY_EXECUTED.inc()
             return None
         if response.status // 100 not in (2, 4):
             return None
         store = cast(InTransactionStore, self.store)
         if await store.put(pending, response):
-            metrics.PEP_IDEMPOTENCY.labels(outcome="executed").inc()
+            metrics.IDEMPOTENCY_EXECUTED.inc()
             return None
         for _attempt in range(3):
             record = await self.store.get(pending.scope, pending.key)
             if record is not None:
                 return self.answer_taken(pending, record)
             if await store.put(pending, response):  # the holder was released meanwhile
-                metrics.PEP_IDEMPOTENCY.labels(outcome="executed").inc()
+                metrics.IDEMPOTENCY_EXECUTED.inc()
                 return None
         raise self._refuse(
             RequestOutstandingError("the key is changing hands, retry"), pending.scope, pending.key
@@ -369,7 +376,7 @@ class IdempotencyService:
     async def release(self, claim: Claim) -> None:
         """Forget an unfinished claim (the operation failed): a retry executes again."""
         await self.store.release(claim)
-        metrics.PEP_IDEMPOTENCY.labels(outcome="released").inc()
+        metrics.IDEMPOTENCY_RELEASED.inc()
 
     async def purge(self) -> int:
         """Delete the keys whose retention ended."""
@@ -396,7 +403,7 @@ class IdempotencyService:
         if record.response is None:
             detail = "a request with this key is being processed; retry later"
             raise self._refuse(RequestOutstandingError(detail), claim.scope, claim.key)
-        metrics.PEP_IDEMPOTENCY.labels(outcome="replayed").inc()
+        metrics.IDEMPOTENCY_REPLAYED.inc()
         return Replay(record.response)
 
     @staticmethod

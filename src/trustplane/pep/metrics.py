@@ -23,3 +23,8 @@ PEP_IDEMPOTENCY = Counter(
     "(in_progress, mismatch, missing, malformed)",
     ["outcome"],
 )
+#: The children the success paths increment, looked up once: ``labels()`` takes the metric's lock
+#: and builds a key per call (refusals still look theirs up: their labels vary and they are rare).
+IDEMPOTENCY_EXECUTED = PEP_IDEMPOTENCY.labels(outcome="executed")
+IDEMPOTENCY_REPLAYED = PEP_IDEMPOTENCY.labels(outcome="replayed")
+IDEMPOTENCY_RELEASED = PEP_IDEMPOTENCY.labels(outcome="released")

@@ -56,8 +56,8 @@ def refused(description: str, reason: str) -> InvalidTokenError:
     return InvalidTokenError(description, debug=reason)
 
 
-def _number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+#: JSON numbers as orjson gives them (``type(True)`` is ``bool``, so a boolean is not a date).
+_NUMBER_TYPES = frozenset({int, float})
 
 
 class TokenValidator:
@@ -116,19 +116,20 @@ class TokenValidator:
             claims = jws.claims()
         except JWSError as exc:
             raise refused(f"malformed access token: {exc}", "malformed") from None
-        typ = jws.header.get("typ")
+        header, alg = jws.header, jws.alg
+        typ = header.get("typ")
         if not isinstance(typ, str) or typ.lower() not in ACCESS_TOKEN_TYPES:
             raise refused("the token is not an access token (typ must be at+jwt)", "typ")
         iss = claims.get("iss")
         keys = self._issuers.get(iss) if isinstance(iss, str) else None
         if keys is None:
             raise refused("the token's issuer is not trusted here", "untrusted_issuer")
-        if jws.alg not in keys.trusted.algorithms:
-            raise refused(f"algorithm {jws.alg} is not accepted from this issuer", "algorithm")
-        kid = jws.header.get("kid")
+        if alg not in keys.trusted.algorithms:
+            raise refused(f"algorithm {alg} is not accepted from this issuer", "algorithm")
+        kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise refused("kid must be a string", "malformed")
-        candidates = await keys.candidates(kid, jws.alg)
+        candidates = await keys.candidates(kid, alg)
         if not any(jws.verify(key) for key in candidates):
             raise refused("the token signature does not verify", "signature")
         return self._check_claims(token, VerifiedClaims(claims), now)
@@ -138,26 +139,35 @@ class TokenValidator:
         if aud != self.audience and aud != [self.audience]:
             raise refused("the token is not meant for this resource server", "audience")
         exp, nbf, iat = claims.get("exp"), claims.get("nbf", 0), claims.get("iat")
-        if not _number(exp) or not _number(nbf) or not _number(iat):
+        numbers = _NUMBER_TYPES
+        if type(exp) not in numbers or type(nbf) not in numbers or type(iat) not in numbers:
             raise refused("exp, iat and nbf must be numeric dates", "malformed")
-        if exp + self.clock_skew <= now:  # type: ignore[operator]
+        skew = self.clock_skew
+        if exp + skew <= now:  # type: ignore[operator]
             raise refused("the access token has expired", "expired")
-        if nbf - self.clock_skew > now or iat - self.clock_skew > now:  # type: ignore[operator]
+        if nbf - skew > now or iat - skew > now:  # type: ignore[operator]
             raise refused("the access token is not valid yet", "not_yet_valid")
         sub, client_id, jti = claims.get("sub"), claims.get("client_id"), claims.get("jti")
         scope = claims.get("scope", "")
-        if not all(isinstance(v, str) and v for v in (sub, client_id, jti)):
+        if not (
+            sub
+            and client_id
+            and jti
+            and isinstance(sub, str)
+            and isinstance(client_id, str)
+            and isinstance(jti, str)
+        ):
             raise refused("sub, client_id and jti are required", "malformed")
         if not isinstance(scope, str):
             raise refused("scope must be a string", "malformed")
         return AccessToken(
             token,
             claims["iss"],
-            str(sub),
-            str(client_id),
+            sub,
+            client_id,
             self.audience,
             frozenset(scope.split()),
-            str(jti),
+            jti,
             int(exp),  # type: ignore[arg-type]
             claims,
         )
