@@ -14,6 +14,7 @@ process bumps the ``mandates`` generation counter and every process drops its ca
 
 from __future__ import annotations
 
+import functools
 import getpass
 import re
 import secrets
@@ -24,6 +25,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
+from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane import metrics
@@ -88,6 +90,14 @@ def _unusable_reason(head: Head | None, version: int, now: int) -> str | None:
     return "not_yet_effective" if now < head.effective_from else None
 
 
+@functools.lru_cache(maxsize=16)
+def _checks(outcome: str) -> Counter:
+    """The usability counter's series for ``outcome``, looked up once (a ``labels()`` lookup costs
+    more than the increment; the outcomes are the few :class:`MandateStatus` values and
+    ``not_found``, ``not_yet_effective``, ``usable``)."""
+    return metrics.MANDATE_CHECKS.labels(outcome=outcome)
+
+
 def cli_actor() -> str:
     return f"cli:{getpass.getuser()}"
 
@@ -123,19 +133,31 @@ class MandateService:
         """The mandate version, if it can back a token at ``now``; else :class:`MandateUnusableError`
         (``.to_oauth()`` is the ``invalid_grant`` to answer with)."""
         now = now_s() if now is None else now
-        head = await self._head(mandate_id)
-        reason = _unusable_reason(head, version, now)
-        metrics.MANDATE_CHECKS.labels(outcome=reason or "usable").inc()
-        if head is None or reason is not None:
-            raise MandateUnusableError(mandate_id, version, reason or "not_found")
-        return as_mandate(await self._version(mandate_id, version), head, now)
+        terms, head = await self._usable(mandate_id, version, now)
+        return as_mandate(terms, head, now)
+
+    async def usable_terms(self, mandate_id: str, version: int, now: int | None = None) -> Version:
+        """:meth:`check_usable`'s check, answering with the version's immutable terms (the cached
+        :class:`~trustplane.mandates.store.Version`) instead of a :class:`Mandate` built for the
+        caller: for a caller that reads the parties, not the status (token exchange)."""
+        return (await self._usable(mandate_id, version, now_s() if now is None else now))[0]
 
     async def is_usable(self, mandate_id: str, version: int, now: int | None = None) -> bool:
         try:
-            await self.check_usable(mandate_id, version, now)
+            await self._usable(mandate_id, version, now_s() if now is None else now)
         except MandateUnusableError:
             return False
         return True
+
+    async def _usable(self, mandate_id: str, version: int, now: int) -> tuple[Version, Head]:
+        """The one usability check (counted by outcome): the version and the head it was checked
+        against, or :class:`MandateUnusableError`."""
+        head = await self._head(mandate_id)
+        reason = _unusable_reason(head, version, now)
+        _checks(reason or "usable").inc()
+        if head is None or reason is not None:
+            raise MandateUnusableError(mandate_id, version, reason or "not_found")
+        return await self._version(mandate_id, version), head
 
     def invalidate(self) -> None:
         """Another process changed a mandate: forget cached heads (versions never change)."""

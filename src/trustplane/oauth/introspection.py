@@ -24,6 +24,7 @@ from trustplane.clients.authentication import ClientAuthenticator
 from trustplane.clients.service import ClientRegistry
 from trustplane.errors import UnauthorizedClientError
 from trustplane.keys.service import KeyService
+from trustplane.oauth.exchange.verified import VerifiedOwnTokens
 from trustplane.protocol.form import Form
 from trustplane.protocol.revocations import RevocationStore
 from trustplane.protocol.tokens import VerifiedClaims, read_access_token
@@ -78,6 +79,10 @@ class IntrospectionService:
         self._settings, self._db, self._auth, self._keys = settings, db, authenticator, keys
         self._registry, self._revocations, self._audit = registry, revocations, audit
         self._mandates = mandates
+        #: The signature checks of tokens introspected before (a resource server commonly asks
+        #: about the same token on each of its calls): only the signature is remembered, the rest
+        #: of :meth:`_live_claims` runs on every request (``oauth.exchange.verified``).
+        self._verified = VerifiedOwnTokens(lambda: keys.ring, settings.issuer)
         #: Revokes refresh tokens (RFC 7009 MUST; ``authorize.grants.DelegatedRevocations``).
         self._refresh_tokens = refresh_tokens
 
@@ -149,8 +154,9 @@ class IntrospectionService:
     async def _live_claims(self, token: str) -> VerifiedClaims | None:
         """Our token, valid now: signature, issuer, expiry, client active, not revoked (read from the
         database, so a revocation by any instance counts at once), mandate usable."""
-        claims = read_access_token(self._keys.ring, token, issuer=self._settings.issuer)
-        if claims is None or not self._valid_yet(claims):
+        now = int(time.time())
+        claims = self._verified.read(token, now)  # read_access_token, its signature remembered
+        if claims is None or claims["exp"] <= now or not self._valid_yet(claims):
             return None
         client = self._registry.get(str(claims.get("client_id")))
         if client is None or not client.active:

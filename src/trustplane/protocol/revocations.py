@@ -13,7 +13,7 @@ import functools
 import time
 from typing import Protocol
 
-from sqlalchemy import BigInteger, Column, String, Table, select
+from sqlalchemy import BigInteger, Column, String, Table
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -76,8 +76,14 @@ class SqlRevocationStore:
         return fresh
 
     async def is_revoked(self, conn: AsyncConnection, jti: str) -> bool:
-        row = await conn.execute(select(revoked_tokens.c.jti).where(revoked_tokens.c.jti == jti))
-        return row.first() is not None
+        """Driver-level SQL (``storage.driver_sql``): introspection asks this once per request, and
+        the Core ``select`` cost more client CPU (its cache key, parameter processing and result
+        wrapping) than the primary-key lookup it sends."""
+        if conn.dialect.name == "postgresql":
+            rows = await conn.exec_driver_sql(_PG_IS_REVOKED, (jti,))
+        else:
+            rows = await conn.exec_driver_sql(_SQLITE_IS_REVOKED, (jti,))
+        return rows.first() is not None
 
     async def prune(self, conn: AsyncConnection, now: int) -> int:
         return await delete_expired(conn, revoked_tokens, revoked_tokens.c.expires_at, now)
@@ -99,6 +105,8 @@ async def revoked_among(conn: AsyncConnection, jtis: set[str]) -> set[str]:
     return {row[0] for row in rows}
 
 
+_PG_IS_REVOKED = "SELECT 1 FROM revoked_tokens WHERE jti = $1"
+_SQLITE_IS_REVOKED = "SELECT 1 FROM revoked_tokens WHERE jti = ?"
 _PG_REVOKED = "SELECT jti FROM revoked_tokens WHERE jti = ANY($1::text[])"
 
 

@@ -269,7 +269,7 @@ def exchange_context(req: _Request) -> dict[str, Any]:
     terms = subject.terms
     if terms is not None:
         context["mandate"] = {
-            "id": terms.id,
+            "id": terms.mandate_id,
             "version": terms.version,
             "grantor": Entity("LegalEntity", terms.grantor_lei),
             "grantee": Entity("LegalEntity", terms.grantee_lei),

@@ -24,8 +24,8 @@ from trustplane.federation.registry import KEY_HEADERS, VerifiedPartnerToken
 from trustplane.jose.jws import JWSError, parse
 from trustplane.keys.service import KeyService
 from trustplane.mandates.errors import MandateUnusableError
-from trustplane.mandates.model import Mandate
 from trustplane.mandates.service import MandateService
+from trustplane.mandates.store import Version
 from trustplane.oauth.exchange.rights import own_token_right, partner_token_audience
 from trustplane.oauth.exchange.verified import VerifiedOwnTokens
 from trustplane.protocol.tokens import VerifiedClaims
@@ -71,8 +71,9 @@ class Subject:
     #: How the exchanging client may exchange this token: ``subject_client``, ``may_act``,
     #: ``resource_server`` or ``partner`` (``oauth.exchange.rights``).
     right: str = ""
-    #: The mandate version behind the token (our own mandates), for the PDP's grantee relation.
-    terms: Mandate | None = None
+    #: The mandate version's terms behind the token (our own mandates), for the PDP's grantee
+    #: relation.
+    terms: Version | None = None
 
     @property
     def partner_id(self) -> str | None:
@@ -178,10 +179,10 @@ class SubjectTokens:
         return Subject(
             TOKEN_TYPE_ACCESS_TOKEN, self._issuer, str(claims["sub"]),
             str(claims["jti"]), int(claims["exp"]), tuple(str(claims["scope"]).split()),
-            dict(claims), None, (terms.id, terms.version) if terms else None, right, terms,
+            dict(claims), None, (terms.mandate_id, terms.version) if terms else None, right, terms,
         )  # fmt: skip
 
-    async def _mandate(self, ref: object, now: int) -> Mandate | None:
+    async def _mandate(self, ref: object, now: int) -> Version | None:
         if ref is None:
             return None
         if not isinstance(ref, dict):
@@ -190,7 +191,7 @@ class SubjectTokens:
         if not isinstance(mandate_id, str) or not isinstance(version, int):
             raise unacceptable("the subject_token's mandate reference is malformed", "mandate")
         try:
-            return await self._mandates.check_usable(mandate_id, version, now)
+            return await self._mandates.usable_terms(mandate_id, version, now)
         except MandateUnusableError as exc:
             raise unacceptable(
                 "the mandate behind the subject_token is no longer usable",
