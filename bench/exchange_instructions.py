@@ -33,7 +33,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import asyncpg
+from exchange_inproc import _database, _drop  # the same scratch database, made and dropped
 
 from tests.conftest import CLEARING, EXECUTION, LEI, ClientKit, make_settings, register_kit
 from tests.mandates.conftest import DETAILS_TYPES, TRADE, terms
@@ -41,8 +41,6 @@ from trustplane.oauth.exchange import TOKEN_EXCHANGE
 from trustplane.protocol.form import Form
 from trustplane.protocol.tokens import issue_access_token
 from trustplane.services import Services
-from trustplane.storage.db import Database
-from trustplane.storage.migrate import upgrade
 
 ACCESS = "urn:ietf:params:oauth:token-type:access_token"
 ALLOCATION = "https://allocation.example/api"
@@ -55,29 +53,6 @@ DESK = {
 SCOPES = " ".join(DESK.values())
 #: The blocks: introspection of one token again and again, introspection_new of a new one each time.
 KINDS = ("exchange", "client_credentials", "introspection", "introspection_new")
-
-
-async def _database(admin: str) -> tuple[str, str | None]:
-    if not admin:
-        path = Path(tempfile.mkdtemp(prefix="tp-exchi-")) / "trustplane.db"
-        url, name = f"sqlite+aiosqlite:///{path}", None
-    else:
-        name = f"tp_exchi_{os.getpid()}"
-        conn = await asyncpg.connect(admin)
-        await conn.execute(f'CREATE DATABASE "{name}"')
-        await conn.close()
-        url = "postgresql+asyncpg://" + admin.split("://", 1)[1].rsplit("/", 1)[0] + f"/{name}"
-    db = Database(url)
-    await upgrade(db)
-    await db.dispose()
-    return url, name
-
-
-async def _drop(admin: str, name: str | None) -> None:
-    if name:
-        conn = await asyncpg.connect(admin)
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await conn.close()
 
 
 class Bench:
