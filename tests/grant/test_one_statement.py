@@ -9,6 +9,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
+import asyncpg
 import orjson
 import pytest
 from sqlalchemy import event
@@ -28,6 +29,7 @@ from trustplane.policy.recorder import DecisionRecord
 from trustplane.protocol.replay import ReplayUse
 from trustplane.ssf.receiver import Derivations
 from trustplane.storage.db import Database
+from trustplane.storage.driver_sql import VALUES_ROWS
 from trustplane.storage.writer import GroupCommitWriter, WriterUnavailable
 
 pytestmark = pytest.mark.postgres
@@ -43,6 +45,8 @@ def _wire(db: Database) -> list[str]:
     sent: list[str] = []
 
     def log(query: str) -> None:
+        if "typeinfo_tree" in query or "set_config('jit'" in query:
+            return  # asyncpg's look-up of a type (an array's) once per connection, and its JIT off/on
         sent.append(query.split()[0].upper().rstrip(";"))
 
     def connected(dbapi_conn: Any, _record: Any) -> None:
@@ -204,6 +208,39 @@ async def test_a_batch_of_fresh_token_requests_is_one_statement(
         await writer.stop()
     assert await _stored(db) == reference
     assert reference[3] == []  # the observer had nothing to index
+
+
+@pytest.mark.parametrize("n", [1, 2, VALUES_ROWS // 2, VALUES_ROWS // 2 + 1, VALUES_ROWS + 1, 60])
+async def test_a_batch_binds_scalars_up_to_the_bound_and_writes_what_the_transaction_writes(
+    db: Database, observed: Any, monkeypatch: pytest.MonkeyPatch, n: int
+) -> None:
+    """Each insert of the statement (the decisions' n rows, the ledger's 2n, the claim's n) binds
+    a scalar per value up to ``VALUES_ROWS`` rows, an array per column above; the rows written,
+    the ledger's in order, are those of the transactional path. Fails on the old code for every
+    n: arrays only."""
+    sent: list[tuple[Any, ...]] = []
+    original = asyncpg.Connection.execute
+
+    async def on_the_driver(self: asyncpg.Connection, query: str, *args: Any, **kw: Any) -> str:
+        sent.append(args)
+        return await original(self, query, *args, **kw)  # type: ignore[no-any-return]
+
+    outcomes = _outcomes([f"j{i:03}" for i in range(n)])
+    expected, reference = await _reference(db, outcomes)
+    monkeypatch.setattr(asyncpg.Connection, "execute", on_the_driver)
+    async with db.autocommit_engine.connect() as conn:
+        assert await record_alone(conn, outcomes) == expected == [None] * n
+    monkeypatch.undo()
+
+    (args,) = sent
+    arrays = [len(a) for a in args if isinstance(a, list)]
+    inputs = [n] * 11 if n > VALUES_ROWS else []
+    pending = [2 * n] * 10 if 2 * n > VALUES_ROWS else []
+    claim = [n] * 3 if n > VALUES_ROWS else []
+    assert arrays == inputs + pending + claim
+    scalars = (11 + 3) * n * (n <= VALUES_ROWS) + 20 * n * (2 * n <= VALUES_ROWS)
+    assert len(args) - len(arrays) == scalars
+    assert await _stored(db) == reference
 
 
 async def test_a_replayed_jti_is_refused_and_the_batch_records_what_the_transaction_records(

@@ -21,6 +21,7 @@ from trustplane.policy.engine import PolicyEngine
 from trustplane.policy.recorder import DecisionRecord, DecisionRecorder, write_alone
 from trustplane.policy.tables import policy_decisions
 from trustplane.storage.db import Database
+from trustplane.storage.driver_sql import VALUES_ROWS
 from trustplane.storage.writer import GroupCommitWriter
 
 
@@ -169,7 +170,8 @@ async def test_a_decision_alone_is_written_without_arrays_on_postgresql(
 ) -> None:
     """One decision a batch (a PDP asked one question at a time) binds scalar parameters: no
     array per column for asyncpg to pack and the server to unnest (before: fourteen one-element
-    arrays); a larger batch still binds one array per column."""
+    arrays); so does a batch of two (before: arrays) and of ``VALUES_ROWS``; a larger batch binds
+    one array per column."""
     db = Database(pg_url)
     sent: list[tuple[str, tuple[Any, ...]]] = []
     original = asyncpg.Connection.execute
@@ -185,17 +187,19 @@ async def test_a_decision_alone_is_written_without_arrays_on_postgresql(
         alone = list(sent)
         sent.clear()
         async with db.autocommit_engine.connect() as conn:
-            await write_alone(conn, [_records(default_compiled, 2)])
+            for n in (2, VALUES_ROWS, VALUES_ROWS + 1):
+                await write_alone(conn, [_records(default_compiled, n)])
     finally:
         monkeypatch.undo()
         await db.dispose()
     assert len(alone) == 2, alone
-    for query, args in alone:
+    for query, args in [*alone, *sent[:2]]:
         assert "unnest" not in query, query
         assert not [a for a in args if isinstance(a, list)], args
-    ((query, args),) = sent
+    assert [len(args) for _, args in sent[:2]] == [2 * 21, VALUES_ROWS * 21]
+    query, args = sent[2]
     assert "unnest" in query, query
-    assert all(isinstance(a, list) and len(a) == 2 for a in args), args
+    assert all(isinstance(a, list) and len(a) == VALUES_ROWS + 1 for a in args), args
 
 
 @pytest.mark.postgres

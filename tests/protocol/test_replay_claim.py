@@ -96,7 +96,7 @@ async def test_a_used_jti_fails_the_claim_and_writes_nothing(db: Database) -> No
     async with db.autocommit_engine.connect() as conn:
         driver = (await conn.get_raw_connection()).driver_connection
         await claim_all(driver, _uses("j1"), ())
-        alongside = ("INSERT INTO audit_tree (id, hash) VALUES ($4, '\\x00')", [7])
+        alongside = ("INSERT INTO audit_tree (id, hash) VALUES ($1, '\\x00')", [7])
         with pytest.raises(Replayed):
             await claim_all(driver, _uses("j0", "j1"), [alongside])
         assert await driver.fetchval("SELECT count(*) FROM audit_tree") == 0
@@ -111,7 +111,7 @@ async def test_another_key_violated_is_not_taken_for_a_replay(db: Database) -> N
 
     async with db.autocommit_engine.connect() as conn:
         driver = (await conn.get_raw_connection()).driver_connection
-        alongside = ("INSERT INTO audit_tree (id, hash) VALUES ($4, '\\x00'), ($4, '\\x01')", [7])
+        alongside = ("INSERT INTO audit_tree (id, hash) VALUES ($1, '\\x00'), ($1, '\\x01')", [7])
         with pytest.raises(asyncpg.UniqueViolationError) as raised:
             await claim_all(driver, _uses("j0"), [alongside])
 

@@ -22,7 +22,7 @@ from trustplane.audit.canonical import SURROGATE, entry_parts
 from trustplane.audit.tables import LEAF_LIMITS, leaf_value
 from trustplane.audit_events import AuditEvent
 from trustplane.storage.db import Database
-from trustplane.storage.driver_sql import by_column, in_transaction, unnest_insert
+from trustplane.storage.driver_sql import in_transaction
 from trustplane.storage.writer import GroupCommitWriter
 
 log = structlog.get_logger("trustplane.audit")
@@ -103,18 +103,21 @@ async def write_events(
     one driver-level multi-row insert into the ledger's pending table.
 
     PostgreSQL, inside a transaction: the insert goes to asyncpg directly (no SQLAlchemy execution
-    layers), and ``alongside`` (an ``INSERT`` whose parameters are numbered from
-    :data:`PENDING_PARAMETERS` + 1, and its parameters) runs as a data-modifying CTE of the same
+    layers), and ``alongside`` (an ``INSERT`` whose parameters are numbered from 1, and its
+    parameters; the pending insert's own follow) runs as a data-modifying CTE of the same
     statement: both rows in one execution and one round trip (the policy decisions' replay
     inputs: ``policy.recorder``). Elsewhere ``alongside`` must be None (the caller runs its insert
     itself)."""
     driver = await in_transaction(conn)
     if driver is not None:
-        params = by_column([pending_row(e) for e in events], len(_PENDING))
+        rows = [pending_row(e) for e in events]
         if alongside is None:
-            await driver.execute(_pg_append(None), *params)
+            insert, params = store.pg_pending_insert(rows, first=1)
+            await driver.execute(insert, *params)
         else:
-            await driver.execute(_pg_append(alongside[0]), *params, *alongside[1])
+            before = alongside[1]
+            insert, params = store.pg_pending_insert(rows, first=len(before) + 1)
+            await driver.execute(_pg_append(insert, alongside[0]), *before, *params)
     else:
         if alongside is not None:
             raise ValueError("alongside needs a PostgreSQL transaction")
@@ -124,18 +127,11 @@ async def write_events(
     return [None] * len(events)
 
 
-#: The pending table's columns as :func:`trustplane.audit.store.append_pending` inserts them.
-_PENDING = store._PENDING
-#: The parameters of :func:`write_events`' PostgreSQL insert (one array per pending column): an
-#: ``alongside`` insert numbers its own from the next.
-PENDING_PARAMETERS = len(_PENDING)
-
-
-@functools.lru_cache(maxsize=16)
-def _pg_append(alongside: str | None) -> str:
-    """The ordered ``unnest`` insert of :func:`store.append_pending`, with ``alongside`` as a CTE."""
-    insert = unnest_insert("audit_pending", _PENDING, ordered=True)
-    return insert if alongside is None else f"WITH alongside AS ({alongside}) {insert}"
+@functools.lru_cache(maxsize=128)
+def _pg_append(insert: str, alongside: str) -> str:
+    """The pending rows' ``insert`` (:func:`store.pg_pending_insert`) with ``alongside`` as a CTE:
+    a text per pair of batch sizes (up to ``VALUES_ROWS`` rows each: one per size)."""
+    return f"WITH alongside AS ({alongside}) {insert}"
 
 
 async def appended(conn: AsyncConnection, events: Sequence[AuditEvent]) -> None:

@@ -27,7 +27,13 @@ from trustplane.audit.tables import (
     leaf_value,
     pg_leaf_value,
 )
-from trustplane.storage.driver_sql import by_column, in_transaction, unnest_insert, values_clause
+from trustplane.storage.driver_sql import (
+    by_column,
+    in_transaction,
+    insert_rows,
+    unnest_insert,
+    values_clause,
+)
 
 #: pg_try_advisory_xact_lock key of the sequencer: "tp-audit" as a 64-bit integer.
 SEQUENCER_LOCK = int.from_bytes(b"tp-audit", "big") & 0x7FFF_FFFF_FFFF_FFFF
@@ -89,35 +95,24 @@ _PENDING = (
 
 async def append_pending(conn: AsyncConnection, rows: Sequence[PendingRow]) -> None:
     """Pending rows (:data:`PendingRow`, all of one width) into ``audit_pending``, in order:
-    durable once the caller commits. PostgreSQL: one ``unnest`` insert (one execution, prepared
-    once per connection); SQLite: ``executemany`` of one prepared statement (in-process, no round
-    trips to save)."""
+    durable once the caller commits. PostgreSQL: one insert, one execution (a multi-row ``VALUES``
+    or an ``unnest``: :func:`~trustplane.storage.driver_sql.insert_rows`); SQLite: ``executemany``
+    of one prepared statement (in-process, no round trips to save)."""
     columns = _PENDING[: len(rows[0])] if rows else _PENDING
     if conn.dialect.name == "postgresql":
-        sql = unnest_insert("audit_pending", columns, ordered=True)
-        await conn.exec_driver_sql(sql, by_column(rows, len(columns)))
+        sql, params = insert_rows("audit_pending", columns, rows, ordered=True)
+        await conn.exec_driver_sql(sql, tuple(params))
         return
     sql = _insert_sql(conn.dialect.name, "audit_pending", tuple(name for name, _ in columns))
     await conn.exec_driver_sql(sql, list(rows))
 
 
-def pg_pending_insert(rows: Sequence[PendingRow], first: int) -> tuple[str, tuple[list[Any], ...]]:
-    """PostgreSQL: :func:`append_pending`'s insert (rows in order) and its parameters, numbered
-    from ``first``, for a caller that runs it inside a statement of its own
-    (``grant.outcomes``: as a data-modifying CTE of the ``jti`` upsert, a token batch's one
+def pg_pending_insert(rows: Sequence[PendingRow], first: int) -> tuple[str, Sequence[Any]]:
+    """PostgreSQL: :func:`append_pending`'s insert (rows in order, all ten columns) and its
+    parameters, numbered from ``first``, for a caller that runs it inside a statement of its own
+    (``grant.outcomes``: as a data-modifying CTE of the ``jti`` claim, a token batch's one
     statement)."""
-    sql = unnest_insert("audit_pending", _PENDING, ordered=True, first=first)
-    return sql, by_column(rows, len(_PENDING))
-
-
-@functools.lru_cache(maxsize=16)
-def pg_pending_row_insert(first: int) -> str:
-    """PostgreSQL: the same insert for exactly one row, its columns (:data:`PendingRow`, all
-    ten) as scalar parameters numbered from ``first``: nothing for the driver to pack into arrays
-    or for the server to unnest (``policy.recorder``: a decision recorded alone)."""
-    values = ", ".join(f"${i}::{kind}" for i, (_, kind) in enumerate(_PENDING, first))
-    names = ", ".join(name for name, _ in _PENDING)
-    return f"INSERT INTO audit_pending ({names}) VALUES ({values})"  # noqa: S608 - constants
+    return insert_rows("audit_pending", _PENDING, rows, ordered=True, first=first)
 
 
 async def lock_sequencer(conn: AsyncConnection) -> bool:

@@ -49,7 +49,6 @@ from trustplane.audit_events import AuditEvent, AuditEventType
 from trustplane.errors import OAuth2Error
 from trustplane.policy.recorder import DecisionRecord, pg_inputs_insert, write_inputs
 from trustplane.protocol.replay import (
-    CLAIM_PARAMETERS,
     Replayed,
     ReplayUse,
     claim_all,
@@ -175,7 +174,7 @@ async def record_alone(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> li
     decisions = [d for o in outcomes for d in o.decisions]
     events = [o.event for o in outcomes] + [d.event for d in decisions]
     alongside: list[tuple[str, Sequence[Any]]] = []
-    first = CLAIM_PARAMETERS + 1  # the claim's own parameters come first
+    first = 1  # claim_all numbers the claim's own parameters after these inserts
     if decisions:
         alongside.append(inputs := pg_inputs_insert(decisions, first=first))
         first += len(inputs[1])

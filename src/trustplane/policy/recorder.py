@@ -10,9 +10,9 @@ writer's autocommit connection (:func:`write_alone`): the ``policy_decisions`` i
 data-modifying CTE of the ledger's pending insert, atomic and durable when it returns
 (``synchronous_commit`` on), one round trip instead of ``BEGIN``, the statement and ``COMMIT``. A
 batch whose events an audit-sink observer would write for runs the transactional way. A batch of
-one decision (a PDP asked one question at a time: the lifecycle's case) binds scalar parameters
-(``VALUES``) instead of one array per column: neither asyncpg nor the server then packs, unpacks and
-unnests fourteen one-element arrays.
+one decision (a PDP asked one question at a time: the lifecycle's case), as every batch of up to
+``storage.driver_sql.VALUES_ROWS``, binds scalar parameters (``VALUES``) instead of one array per
+column: neither asyncpg nor the server then packs, unpacks and unnests one-element arrays.
 """
 
 from __future__ import annotations
@@ -26,15 +26,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane.audit import sink
 from trustplane.audit.sink import (
-    PENDING_PARAMETERS,
     observers_write_nothing,
     pending_row,
     write_events,
 )
-from trustplane.audit.store import pg_pending_insert, pg_pending_row_insert
+from trustplane.audit.store import pg_pending_insert
 from trustplane.audit_events import AuditEvent
 from trustplane.policy.tables import policy_decisions
-from trustplane.storage.driver_sql import by_column, in_transaction, unnest_insert, values_clause
+from trustplane.storage.driver_sql import in_transaction, insert_rows, values_clause
 from trustplane.storage.writer import GroupCommitWriter
 
 KIND = "policy_decision"
@@ -101,9 +100,7 @@ async def write_decisions(conn: AsyncConnection, records: Sequence[DecisionRecor
     if records:
         events = [r.event for r in records]
         if await in_transaction(conn) is not None:
-            await write_events(
-                conn, events, alongside=pg_inputs_insert(records, first=PENDING_PARAMETERS + 1)
-            )
+            await write_events(conn, events, alongside=pg_inputs_insert(records, first=1))
         else:
             await write_events(conn, events)
             await write_inputs(conn, records)
@@ -115,24 +112,21 @@ async def write_inputs(conn: AsyncConnection, records: Sequence[DecisionRecord])
     with its own (``oauth.outcomes``: one ledger insert per batch)."""
     rows = [r.row() for r in records]
     if conn.dialect.name == "postgresql":
-        sql = unnest_insert("policy_decisions", _TYPED)
+        sql, params = insert_rows("policy_decisions", _TYPED, rows)
         driver = await in_transaction(conn)
         if driver is not None:
-            await driver.execute(sql, *by_column(rows, len(_TYPED)))
+            await driver.execute(sql, *params)
         else:
-            await conn.exec_driver_sql(sql, by_column(rows, len(_TYPED)))
+            await conn.exec_driver_sql(sql, tuple(params))
     else:
         await conn.exec_driver_sql(_insert_sql(conn.dialect.name), rows)
 
 
-def pg_inputs_insert(
-    records: Sequence[DecisionRecord], first: int
-) -> tuple[str, tuple[list[Any], ...]]:
+def pg_inputs_insert(records: Sequence[DecisionRecord], first: int) -> tuple[str, Sequence[Any]]:
     """PostgreSQL: :func:`write_inputs`'s insert and its parameters, numbered from ``first``, for
-    a caller that runs it inside a statement of its own (``oauth.outcomes``: as a CTE of the
+    a caller that runs it inside a statement of its own (``grant.outcomes``: as a CTE of the
     replay upsert, one execution for both)."""
-    sql = unnest_insert("policy_decisions", _TYPED, first=first)
-    return sql, by_column([r.row() for r in records], len(_TYPED))
+    return insert_rows("policy_decisions", _TYPED, [r.row() for r in records], first=first)
 
 
 async def _write_batches(
@@ -142,19 +136,10 @@ async def _write_batches(
     return [None] * len(batches)
 
 
-@functools.lru_cache(maxsize=1)
-def _alone_sql() -> str:
-    inputs = unnest_insert("policy_decisions", _TYPED)
-    pending, _ = pg_pending_insert([], first=len(_TYPED) + 1)
+@functools.lru_cache(maxsize=64)
+def _alone_sql(inputs: str, pending: str) -> str:
+    """A text per batch size (up to ``VALUES_ROWS`` decisions, then one for every larger)."""
     return f"WITH inputs AS ({inputs}) {pending}"
-
-
-@functools.lru_cache(maxsize=1)
-def _alone_one_sql() -> str:
-    """:func:`_alone_sql` for exactly one record: scalar parameters, a ``VALUES`` row each."""
-    values = ", ".join(f"${i}::{kind}" for i, (_, kind) in enumerate(_TYPED, 1))
-    inputs = f"INSERT INTO policy_decisions ({', '.join(_COLUMNS)}) VALUES ({values})"  # noqa: S608 - constants
-    return f"WITH inputs AS ({inputs}) {pg_pending_row_insert(len(_TYPED) + 1)}"
 
 
 async def write_alone(
@@ -170,12 +155,9 @@ async def write_alone(
         return None
     driver = (await conn.get_raw_connection()).driver_connection
     assert driver is not None  # the writer's connection is open
-    if len(records) == 1:  # a PDP asked one question at a time: no arrays to pack and unnest
-        await driver.execute(_alone_one_sql(), *records[0].row(), *pending_row(events[0]))
-    else:
-        params = by_column([r.row() for r in records], len(_TYPED))
-        _, pending = pg_pending_insert([pending_row(e) for e in events], first=len(_TYPED) + 1)
-        await driver.execute(_alone_sql(), *params, *pending)
+    inputs, params = pg_inputs_insert(records, first=1)
+    pending, after = pg_pending_insert([pending_row(e) for e in events], first=len(params) + 1)
+    await driver.execute(_alone_sql(inputs, pending), *params, *after)
     # what write_events does after its insert: count, wake the sequencers (on PostgreSQL every
     # append of a process runs on its event loop, so the count needs no lock here)
     sink.APPENDED[0] += len(events)

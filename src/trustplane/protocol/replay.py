@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from trustplane.dependencies import unavailable
 from trustplane.storage.db import Database
-from trustplane.storage.driver_sql import in_transaction, placeholder, values_clause
+from trustplane.storage.driver_sql import in_transaction, insert_rows, placeholder, values_clause
 from trustplane.storage.metadata import metadata
 from trustplane.storage.prune import delete_expired
 from trustplane.storage.writer import GroupCommitWriter
@@ -119,7 +119,7 @@ async def consume_on_driver(
     return _won(uses, first, rows)
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=64)
 def _with(insert: str) -> str:
     return f"WITH alongside AS ({insert}) {_PG_UPSERT}"
 
@@ -135,11 +135,9 @@ class Replayed(Exception):
 #: upsert takes an expired row back). No ``ON CONFLICT`` arbiter: PostgreSQL inserts each row
 #: without the speculative insertion an upsert needs (a look-up of the key before the insert, a
 #: speculative-insertion lock taken and released, and a second WAL record per row to confirm it).
-CLAIM_PARAMETERS = 3
-_PG_CLAIM = (
-    "INSERT INTO used_jtis (issuer, jti, expires_at) "
-    "SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])"
-)
+#: Its parameters follow those of the ``alongside`` inserts (:func:`insert_rows`: a scalar per
+#: value for a batch of up to ``VALUES_ROWS`` uses, an array per column above).
+_CLAIM_COLUMNS = (("issuer", "text"), ("jti", "text"), ("expires_at", "bigint"))
 #: The constraint a ``jti`` already used violates.
 _USED = "pk_used_jtis"
 _UNIQUE_VIOLATION = "23505"
@@ -151,11 +149,14 @@ _UNREVOKED = (
 _DIVISION_BY_ZERO = "22012"
 
 
-@functools.lru_cache(maxsize=32)
-def _all_or_nothing(inserts: tuple[str, ...], unrevoked_at: int = 0) -> str:
+@functools.lru_cache(maxsize=256)
+def _all_or_nothing(inserts: tuple[str, ...], claim: str, unrevoked_at: int = 0) -> str:
+    """One text per shape of batch: with :data:`~trustplane.storage.driver_sql.VALUES_ROWS` at
+    32, a client_credentials batch of n tokens is one of 33 (n = 1..32 and above), held with the
+    writer's other statements in asyncpg's cache of 100 a connection."""
     ctes = "".join(f"a{i} AS ({insert}), " for i, insert in enumerate(inserts))
     last = _UNREVOKED.format(n=unrevoked_at) if unrevoked_at else "SELECT 1"
-    return f"WITH {ctes}claimed AS ({_PG_CLAIM}) {last}"
+    return f"WITH {ctes}claimed AS ({claim}) {last}"
 
 
 async def claim_all(
@@ -165,8 +166,8 @@ async def claim_all(
     unrevoked: Sequence[str] = (),
 ) -> None:
     """PostgreSQL, on an asyncpg connection with no transaction open: claim every one of ``uses``
-    and run the ``alongside`` inserts (their parameters numbered from ``CLAIM_PARAMETERS + 1`` on,
-    one insert's after the other's) in one statement, which commits on its own: one round trip,
+    and run the ``alongside`` inserts (their parameters numbered from 1 on, one insert's after the
+    other's; the claim's own follow) in one statement, which commits on its own: one round trip,
     durable when it returns (``synchronous_commit`` on). All or nothing: if any use is not fresh
     (its ``jti`` is in the table, claimed or expired and not yet pruned, or twice in ``uses``), or
     any ``jti`` of ``unrevoked`` (our tokens the batch rests on: a token exchange's subject tokens)
@@ -180,12 +181,15 @@ async def claim_all(
     if len(claims) != len(uses):
         raise Replayed("the same jti twice in one batch")
     params = [param for _, values in alongside for param in values]
-    at = CLAIM_PARAMETERS + 1 + len(params) if unrevoked else 0
-    sql = _all_or_nothing(tuple(insert for insert, _ in alongside), at)
+    rows = [(u.issuer, u.jti, u.expires_at) for u in claims]
+    claim, claimed = insert_rows("used_jtis", _CLAIM_COLUMNS, rows, first=len(params) + 1)
+    params += claimed
+    at = len(params) + 1 if unrevoked else 0
+    sql = _all_or_nothing(tuple(insert for insert, _ in alongside), claim, at)
     if unrevoked:
         params.append(list(unrevoked))
     try:
-        await driver.execute(sql, *_columns(claims), *params)
+        await driver.execute(sql, *params)
     except Exception as exc:
         state = getattr(exc, "sqlstate", None)
         used = state == _UNIQUE_VIOLATION and getattr(exc, "constraint_name", None) == _USED
