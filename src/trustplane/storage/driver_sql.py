@@ -43,9 +43,10 @@ def unnest_insert(
     asyncpg prepares it once per connection and the server plans and executes it once per batch
     (a multi-row ``VALUES`` is a new statement for each batch size; ``executemany`` executes once
     per row). The hot path's inserts take it above :data:`VALUES_ROWS` rows only
-    (:func:`insert_rows`): asyncpg encodes an array element by element. ``columns``: (name, PostgreSQL type) pairs. ``ordered``: rows are inserted in the
-    arrays' order (so a serial key follows it). ``first``: the number of the first parameter (the
-    insert is part of a larger statement whose own parameters come first)."""
+    (:func:`insert_rows`): asyncpg encodes an array element by element. ``columns``: (name,
+    PostgreSQL type) pairs. ``ordered``: rows are inserted in the arrays' order (so a serial key
+    follows it). ``first``: the number of the first parameter (the insert is part of a larger
+    statement whose own parameters come first)."""
     names = ", ".join(name for name, _ in columns)
     arrays = ", ".join(f"${i}::{kind}[]" for i, (_, kind) in enumerate(columns, first))
     if not ordered:
